@@ -1,0 +1,1 @@
+"""Compensa: a saga orchestrator for gRPC services."""

@@ -1,0 +1,65 @@
+"""Domain errors, and the one place that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class CompensaError(Exception):
+    """Root of every error Compensa raises on purpose."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(CompensaError):
+    """The request is malformed; the message names the field and what to fix."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(CompensaError):
+    """The named saga, definition or step does not exist."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(CompensaError):
+    """A resource with this id exists with different content."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(CompensaError):
+    """The saga is not in a state that allows the action."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class StoreUnavailable(CompensaError):
+    """The database cannot be reached; the caller may retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DefinitionError(InvalidArgument):
+    """A saga definition is invalid.
+
+    The message names the source (file), the step and the field at fault.
+    """
+
+    def __init__(self, problem: str, *, source: str = "", step: str = "", field: str = "") -> None:
+        where = ", ".join(
+            part for part in (source, f"step {step!r}" if step else "", f"field {field!r}" if field else "") if part
+        )
+        super().__init__(f"{where}: {problem}" if where else problem)
+        self.problem = problem
+        self.source = source
+        self.step = step
+        self.field = field
+
+
+def grpc_status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message a handler answers for `error`."""
+    if isinstance(error, CompensaError):
+        return error.code, str(error)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"

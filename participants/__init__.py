@@ -1,0 +1,1 @@
+"""Participant SDK and the checkout example participants."""
