@@ -27,6 +27,7 @@ class _StepKind:
 class _StepKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     STEP_KIND_UNSPECIFIED: _StepKind.ValueType  # 0
+    """Read as STEP_KIND_COMPENSABLE, the common case."""
     STEP_KIND_COMPENSABLE: _StepKind.ValueType  # 1
     """Has a Compensate that undoes it (reserve stock -> release it)."""
     STEP_KIND_PIVOT: _StepKind.ValueType  # 2
@@ -38,6 +39,7 @@ class StepKind(_StepKind, metaclass=_StepKindEnumTypeWrapper):
     """How a step may be undone, after the saga literature."""
 
 STEP_KIND_UNSPECIFIED: StepKind.ValueType  # 0
+"""Read as STEP_KIND_COMPENSABLE, the common case."""
 STEP_KIND_COMPENSABLE: StepKind.ValueType  # 1
 """Has a Compensate that undoes it (reserve stock -> release it)."""
 STEP_KIND_PIVOT: StepKind.ValueType  # 2
@@ -125,11 +127,11 @@ class StepDefinition(_message.Message):
     """May Execute answer EXECUTE_RESULT_PENDING and report later?"""
     @_builtins.property
     def execute_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Execute call."""
+        """Deadline of each Execute call; 10s when unset."""
 
     @_builtins.property
     def compensate_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Compensate call."""
+        """Deadline of each Compensate call; 10s when unset."""
 
     @_builtins.property
     def step_timeout(self) -> _duration_pb2.Duration:
@@ -139,7 +141,9 @@ class StepDefinition(_message.Message):
 
     @_builtins.property
     def retry(self) -> Global___RetryPolicy:
-        """Retries of Execute on transient errors."""
+        """Retries of Execute on transient errors. Unset: 3 attempts, 200ms initial
+        backoff, multiplier 2, at most 10s.
+        """
 
     @_builtins.property
     def compensate_retry(self) -> Global___RetryPolicy:
