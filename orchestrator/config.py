@@ -1,0 +1,48 @@
+"""Configuration of an orchestrator process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from orchestrator.payloads import DEFAULT_PROTO_MODULES
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"
+
+
+def _replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `compensa serve` needs.
+
+    `database_url` is a SQLAlchemy URL; None means the embedded SQLite store at
+    `DEFAULT_SQLITE_PATH`. `participants` maps logical participant names used in
+    definitions to HOST:PORT addresses.
+    """
+
+    listen: str = DEFAULT_LISTEN
+    database_url: str | None = None
+    definition_paths: tuple[Path, ...] = ()
+    participants: Mapping[str, str] = field(default_factory=dict)
+    proto_modules: tuple[str, ...] = DEFAULT_PROTO_MODULES
+    replica_id: str = field(default_factory=_replica_id)
+    # How long a replica owns a saga without renewing; a crashed replica's
+    # sagas are taken over after at most this long.
+    lease_seconds: float = 5.0
+    # Largest accepted request (saga input, step output), in bytes.
+    max_payload_bytes: int = 1024 * 1024
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL to use, the embedded SQLite file by default."""
+        if self.database_url:
+            return self.database_url
+        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"
