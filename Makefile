@@ -1,0 +1,50 @@
+# Everything runs from the project's own virtualenv in .venv, created on first use,
+# so a fresh machine needs only Python 3.11+ and make.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Inside the venv, so that a recreated venv is always reinstalled.
+INSTALLED := $(VENV)/.compensa-installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test proto typecheck bench
+
+help:
+	@echo "make demo       run the checkout saga demo"
+	@echo "make test       run the whole test suite (PYTEST_ARGS=... passes through)"
+	@echo "make proto      regenerate generated/ from protos/"
+	@echo "make typecheck  mypy --strict over orchestrator/ and participants/"
+	@echo "make bench      run the benchmarks"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $@
+
+venv: $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(BIN)/compensa demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# protoc-gen-mypy and protoc-gen-mypy_grpc are scripts in the venv, hence PATH.
+# Old outputs go first so that a deleted proto leaves nothing behind; the
+# __init__.py files under generated/ are ours, not protoc's, and stay.
+proto: $(INSTALLED)
+	find generated \( -name '*_pb2.py' -o -name '*_pb2.pyi' -o -name '*_pb2_grpc.py' -o -name '*_pb2_grpc.pyi' \) -delete
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc --proto_path=protos \
+		--python_out=generated --grpc_python_out=generated \
+		--mypy_out=generated --mypy_grpc_out=generated \
+		$$(find protos -name '*.proto' | LC_ALL=C sort)
+
+typecheck: $(INSTALLED)
+	$(BIN)/mypy
+
+bench: $(INSTALLED)
+	$(BIN)/python bench/run.py
