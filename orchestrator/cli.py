@@ -1,0 +1,515 @@
+"""The `compensa` command: run the orchestrator, its example participants, and operate sagas.
+
+Exit codes: 0 success; 1 a saga followed with `start --wait` ended COMPENSATED
+or FAILED (or the demo failed); 2 a usage error, a malformed input, or an
+error answered by the orchestrator (printed as ``error: CODE: details``);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import getpass
+import json
+import logging
+import os
+import re
+import socket
+import sys
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from orchestrator import payloads, timeline
+from orchestrator.config import DEFAULT_LISTEN
+from orchestrator.errors import CompensaError
+
+__all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+EXIT_OK = 0
+EXIT_SAGA_ENDED_BADLY = 1
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+_FINAL_STATES = frozenset(
+    {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
+)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `compensa` command line and returns its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    command: _Command = args.command
+    try:
+        return command(args)
+    except grpc.RpcError as error:
+        print(f"error: {_rpc_error_text(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except CompensaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `compensa` with every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="compensa",
+        description="Compensa: a saga orchestrator for gRPC services.",
+        epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
+        "or FAILED; 2 usage error or an error answered by the orchestrator.",
+    )
+    _add_common_options(parser, suppress_defaults=False)
+    common = argparse.ArgumentParser(add_help=False)
+    # Common options are accepted after the subcommand too; SUPPRESS keeps the
+    # subcommand from overwriting a value given before it.
+    _add_common_options(common, suppress_defaults=True)
+    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def add(name: str, command: _Command, help_text: str) -> argparse.ArgumentParser:
+        subparser = subcommands.add_parser(name, parents=[common], help=help_text, description=help_text)
+        subparser.set_defaults(command=command)
+        return subparser
+
+    _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM."))
+    _add_participant(add("participant", _participant, "Run one of the example checkout participants."))
+    add("demo", _demo, "Run a checkout that succeeds and one that compensates, all in this process.")
+    _add_start(add("start", _start, "Start a saga; with --wait follow it to its end."))
+    _add_get(add("get", _get, "Show a saga and its steps."))
+    _add_list(add("list", _list, "List sagas, newest first."))
+    _add_watch(add("watch", _watch, "Stream one saga's events, or every saga's with --all."))
+    _add_cancel(add("cancel", _cancel, "Ask a running saga to stop and compensate."))
+    _add_retry(add("retry", _retry, "Run the failed compensations of a FAILED saga again."))
+    _add_resolve(add("resolve", _resolve, "Mark a FAILED saga as resolved by hand."))
+    return parser
+
+
+def parse_saga_state(text: str) -> saga_pb2.SagaState.ValueType:
+    """A saga state from its short name ("compensated") or full name, in any case."""
+    name = text.strip().upper()
+    if not name.startswith("SAGA_STATE_"):
+        name = "SAGA_STATE_" + name
+    if name in saga_pb2.SagaState.keys() and name != "SAGA_STATE_UNSPECIFIED":
+        return saga_pb2.SagaState.Value(name)
+    valid = ", ".join(
+        timeline.saga_state_name(value).lower()
+        for value in saga_pb2.SagaState.values()
+        if value != saga_pb2.SAGA_STATE_UNSPECIFIED
+    )
+    raise argparse.ArgumentTypeError(f"invalid saga state {text!r}; valid states: {valid}")
+
+
+def parse_duration(text: str) -> duration_pb2.Duration:
+    """A duration such as "10m", "90s", "1h30m" or "250ms"."""
+    compact = text.strip().lower()
+    if not compact or _DURATION_PART.sub("", compact):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 30s, 10m, 1h30m, 250ms")
+    seconds = sum(
+        float(amount) * _DURATION_UNIT_SECONDS[unit] for amount, unit in _DURATION_PART.findall(compact)
+    )
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+def _parse_participant(text: str) -> tuple[str, str]:
+    name, separator, address = text.partition("=")
+    if not separator or not name or ":" not in address:
+        raise argparse.ArgumentTypeError(f"invalid participant {text!r}; use NAME=HOST:PORT")
+    return name, address
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, suppress_defaults: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress_defaults else value
+
+    parser.add_argument(
+        "--address",
+        default=default(os.environ.get("COMPENSA_ADDRESS", DEFAULT_ADDRESS)),
+        help="orchestrator HOST:PORT for client commands "
+        f"(default: $COMPENSA_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=default(DEFAULT_TIMEOUT_SECONDS),
+        help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
+        "streams have none",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=default(0),
+        help="log more (repeat for debug)",
+    )
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})")
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("COMPENSA_DATABASE_URL"),
+        metavar="URL",
+        help="SQLAlchemy database URL (default: $COMPENSA_DATABASE_URL, else embedded SQLite)",
+    )
+    parser.add_argument(
+        "--definitions",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="definition file or directory, repeatable (default: ./definitions if it exists)",
+    )
+    parser.add_argument(
+        "--participant",
+        action="append",
+        type=_parse_participant,
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="address of a logical participant named in definitions, repeatable",
+    )
+    parser.add_argument(
+        "--proto-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
+    )
+    parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
+    parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
+
+
+def _add_participant(parser: argparse.ArgumentParser) -> None:
+    from participants.server import PARTICIPANT_KINDS
+
+    parser.add_argument("kind", choices=PARTICIPANT_KINDS, help="which participant to run")
+    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
+    parser.add_argument(
+        "--faults", metavar="SPEC", help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"'
+    )
+
+
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print protobuf JSON (one object per line for lists and streams)"
+    )
+
+
+def _add_actor_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--actor", default=_default_actor(), help="who acts, recorded in the saga's log (default: USER@host)")
+
+
+def _add_start(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", help="definition name")
+    parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
+    parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
+    parser.add_argument("--version", type=int, default=0, metavar="N", help="definition version (default: latest)")
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the saga to its end and print its timeline; exit 1 unless it SUCCEEDED",
+    )
+    parser.add_argument(
+        "--proto-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="generated _pb2 module defining the input type, repeatable; added to the defaults",
+    )
+    _add_json_option(parser)
+
+
+def _add_get(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    _add_json_option(parser)
+
+
+def _add_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", type=parse_saga_state, help="only sagas in this state, e.g. compensated")
+    parser.add_argument("--definition", metavar="NAME", default="", help="only sagas of this definition")
+    parser.add_argument(
+        "--stuck", type=parse_duration, metavar="DURATION", help="only unfinished sagas unchanged for this long, e.g. 10m"
+    )
+    parser.add_argument("--page-size", type=int, default=0, metavar="N", help="sagas per page (server default 50)")
+    parser.add_argument("--all", action="store_true", help="follow every page")
+    _add_json_option(parser)
+
+
+def _add_watch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID", nargs="?", help="the saga to watch (omit with --all)")
+    parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
+    parser.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="N",
+        help="resume after this sequence (one saga) or log position (--all)",
+    )
+    parser.add_argument("--definition", metavar="NAME", default="", help="with --all: only sagas of this definition")
+    _add_json_option(parser)
+
+
+def _add_cancel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--reason", default="", help="why, recorded in the saga's log")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+def _add_retry(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--reason", default="", help="why, recorded in the saga's log")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+def _add_resolve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--note", required=True, help="what was done by hand")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from orchestrator.config import ServerConfig
+    from orchestrator.server import serve
+
+    definition_paths: list[Path] = args.definitions or ([Path("definitions")] if Path("definitions").is_dir() else [])
+    participants: list[tuple[str, str]] = args.participant
+    config = ServerConfig(
+        listen=args.listen,
+        database_url=args.db,
+        definition_paths=tuple(definition_paths),
+        participants=dict(participants),
+        proto_modules=_with_default_modules(args.proto_module),
+    )
+    if args.lease_seconds is not None:
+        config = dataclasses.replace(config, lease_seconds=args.lease_seconds)
+    if args.replica_id:
+        config = dataclasses.replace(config, replica_id=args.replica_id)
+    asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def _participant(args: argparse.Namespace) -> int:
+    from participants.faults import FaultPlan
+    from participants.server import serve_participant
+
+    faults = FaultPlan.parse(args.faults) if args.faults else None
+    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=faults))
+    return EXIT_OK
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from orchestrator.demo import run_demo
+
+    return asyncio.run(run_demo())
+
+
+def _start(args: argparse.Namespace) -> int:
+    payloads.import_proto_modules(_with_default_modules(args.proto_module))
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        definition = stub.GetDefinition(
+            orchestrator_pb2.GetDefinitionRequest(name=args.definition, version=args.version),
+            timeout=args.timeout,
+        ).definition
+        saga_input = payloads.pack_json(definition.input_type, args.input)
+        saga_id: str = args.saga_id or str(uuid.uuid4())
+        response = stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(
+                saga_id=saga_id,
+                definition_name=definition.name,
+                definition_version=definition.version,
+                input=saga_input,
+            ),
+            timeout=args.timeout,
+        )
+        if not args.wait:
+            _print_result(args, response.saga, saga_id)
+            return EXIT_OK
+        if not args.json:
+            created = "started" if response.created else "already existed"
+            print(f"saga {saga_id} {created}")
+        _print_events(args, stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)))
+        saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=args.timeout).saga
+        if not args.json:
+            print(timeline.format_saga(saga, color=_use_color()))
+        return EXIT_OK if saga.state == saga_pb2.SAGA_STATE_SUCCEEDED else EXIT_SAGA_ENDED_BADLY
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
+        _print_result(args, saga)
+    return EXIT_OK
+
+
+def _list(args: argparse.Namespace) -> int:
+    request = orchestrator_pb2.ListSagasRequest(
+        state=args.state or saga_pb2.SAGA_STATE_UNSPECIFIED,
+        definition_name=args.definition,
+        page_size=args.page_size,
+        stuck_for=args.stuck,
+    )
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        while True:
+            response = stub.ListSagas(request, timeout=args.timeout)
+            for saga in response.sagas:
+                print(_json_line(saga) if args.json else _saga_row(saga))
+            if not args.all or not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+        if response.next_page_token and not args.json:
+            print(f"(more: --all, or page token {response.next_page_token})", file=sys.stderr)
+    return EXIT_OK
+
+
+def _watch(args: argparse.Namespace) -> int:
+    if args.all == bool(args.saga_id):
+        print("error: give a saga ID or --all, not both", file=sys.stderr)
+        return EXIT_ERROR
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.all:
+            _print_events(
+                args,
+                stub.WatchSagas(
+                    orchestrator_pb2.WatchSagasRequest(definition_name=args.definition, after_position=args.after)
+                ),
+                with_saga_id=True,
+            )
+        else:
+            _print_events(
+                args,
+                stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=args.saga_id, after_sequence=args.after)),
+            )
+    return EXIT_OK
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.CancelSagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
+        _print_result(args, stub.CancelSaga(request, timeout=args.timeout).saga)
+    return EXIT_OK
+
+
+def _retry(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.RetrySagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
+        _print_result(args, stub.RetrySaga(request, timeout=args.timeout).saga)
+    return EXIT_OK
+
+
+def _resolve(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        request = orchestrator_pb2.ResolveSagaRequest(saga_id=args.saga_id, note=args.note, actor=args.actor)
+        _print_result(args, stub.ResolveSaga(request, timeout=args.timeout).saga)
+    return EXIT_OK
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    return grpc.insecure_channel(args.address)
+
+
+def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None) -> None:
+    if args.json:
+        print(json_format.MessageToJson(saga, preserving_proto_field_name=True))
+    elif saga_id is not None:
+        print(saga_id)
+    else:
+        print(timeline.format_saga(saga, color=_use_color()))
+
+
+def _print_events(
+    args: argparse.Namespace,
+    responses: Iterable[orchestrator_pb2.WatchSagaResponse | orchestrator_pb2.WatchSagasResponse],
+    *,
+    with_saga_id: bool = False,
+) -> None:
+    color = _use_color()
+    for response in responses:
+        event = response.event
+        if args.json:
+            print(_json_line(event), flush=True)
+        elif with_saga_id:
+            print(f"@{event.position:<6} {event.saga_id}{timeline.format_event(event, color=color)}", flush=True)
+        else:
+            print(timeline.format_event(event, color=color), flush=True)
+        if not with_saga_id and event.saga_state in _FINAL_STATES and _is_final_event(event):
+            break
+
+
+def _is_final_event(event: saga_pb2.SagaEvent) -> bool:
+    return event.type in (
+        saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED,
+        saga_pb2.EVENT_TYPE_SAGA_COMPENSATED,
+        saga_pb2.EVENT_TYPE_SAGA_FAILED,
+    )
+
+
+def _saga_row(saga: saga_pb2.Saga) -> str:
+    updated = saga.update_time.ToJsonString() if saga.HasField("update_time") else ""
+    state = timeline.saga_state_name(saga.state)
+    return f"{saga.saga_id}  {saga.definition_name}@{saga.definition_version}  {state:<12}  seq {saga.sequence:<4}  {updated}"
+
+
+def _json_line(message: Message) -> str:
+    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return json.dumps(as_dict, separators=(",", ":"))
+
+
+def _rpc_error_text(error: grpc.RpcError) -> str:
+    if isinstance(error, grpc.Call):
+        return f"{error.code().name}: {error.details()}"
+    return str(error)
+
+
+def _with_default_modules(extra: Sequence[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys([*payloads.DEFAULT_PROTO_MODULES, *extra]))
+
+
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _use_color() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    server_command = args.command in (_serve, _participant, _demo)
+    base = logging.INFO if server_command else logging.WARNING
+    level = max(logging.DEBUG, base - 10 * args.verbose)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
