@@ -1,0 +1,26 @@
+# One image for every Compensa process: the orchestrator and the example participants.
+# docker-compose.yml chooses the role with the `compensa ...` command.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /app
+
+# Only what `pip install .` reads (the build context may hold a .venv and caches).
+COPY pyproject.toml README.md ./
+COPY orchestrator/ orchestrator/
+COPY participants/ participants/
+COPY generated/ generated/
+RUN pip install . && rm -rf build
+
+# Saga definitions, read by `compensa serve --definitions /app/definitions`.
+COPY definitions/ definitions/
+
+# Run as an unprivileged user; nothing here writes to the image.
+RUN useradd --system --no-create-home compensa
+USER compensa
+
+CMD ["compensa", "--help"]
