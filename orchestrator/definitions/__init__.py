@@ -1,0 +1,62 @@
+"""Saga definitions: loading them from files, validating and normalizing them, and their graph.
+
+A definition is a `compensa.v1.SagaDefinition`; files hold it as YAML or JSON in the
+proto3 JSON mapping, so the proto is the schema. Every error is a `DefinitionError`
+naming the file, the step and the field.
+
+Validation rules (`validate_definition`):
+
+- `name` and every step name match `NAME_PATTERN`; step names are unique; there is at
+  least one step; every step has a participant.
+- `input_type` resolves to an imported message class.
+- Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`.
+- Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
+  max_backoff >= initial_backoff.
+- `depends_on` names existing steps, never the step itself, and has no cycle.
+- Pivot rule (the strict form from the saga literature): at most one PIVOT step; every
+  step that depends on it, directly or not, is RETRIABLE; every other step is among its
+  dependencies, directly or not, so nothing can run concurrently with it. A pivot cannot
+  be undone, so once it has succeeded the saga must be able to finish going forward.
+
+Normalization fills, per step: kind UNSPECIFIED -> COMPENSABLE; execute_timeout and
+compensate_timeout 10s; retry 3 attempts / 200ms / x2 / 10s; compensate_retry 10 attempts /
+500ms / x2 / 30s; and `depends_on`, so the normalized definition lists every dependency.
+
+"No dependencies" (parallel starts): in proto3 an empty `depends_on` cannot be told from
+an absent one, and the proto defines it as "the step before". A file says "none" with an
+explicit `depends_on: []`, which the loader sees before parsing. A `SagaDefinition` built
+in code cannot say it: only its first step has no dependencies. A normalized definition
+that has such steps is therefore not a valid *input* to `validate_definition` again (their
+empty lists would read as "the step before"); reading it through `DefinitionGraph` is
+always right. A proto field would close that gap (see the report to the lead).
+"""
+
+from orchestrator.definitions._durations import backoff_seconds, duration_seconds
+from orchestrator.definitions._files import DEFINITION_SUFFIXES, load_definition_file, load_definitions
+from orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
+from orchestrator.definitions._validation import (
+    MAX_ATTEMPTS_LIMIT,
+    NAME_PATTERN,
+    default_compensate_retry_policy,
+    default_retry_policy,
+    definition_fingerprint,
+    validate_definition,
+)
+
+__all__ = [
+    "DEFINITION_SUFFIXES",
+    "MAX_ATTEMPTS_LIMIT",
+    "NAME_PATTERN",
+    "DefinitionGraph",
+    "ancestors",
+    "backoff_seconds",
+    "default_compensate_retry_policy",
+    "default_retry_policy",
+    "definition_fingerprint",
+    "definition_graph",
+    "duration_seconds",
+    "load_definition_file",
+    "load_definitions",
+    "step_order",
+    "validate_definition",
+]

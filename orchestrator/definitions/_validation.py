@@ -1,0 +1,261 @@
+"""Validation and normalization of saga definitions, whatever their origin."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Set
+
+from google.protobuf import duration_pb2
+
+from compensa.v1 import definition_pb2
+from orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
+from orchestrator.definitions._graph import DefinitionGraph, find_cycle
+from orchestrator.errors import DefinitionError, InvalidArgument
+from orchestrator.payloads import message_class
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+"""What definition and step names must match."""
+
+MAX_ATTEMPTS_LIMIT = 1000
+"""The largest `max_attempts` a retry policy may ask for."""
+
+_DEFAULT_TIMEOUT = "10s"
+
+StepKind = definition_pb2.StepKind
+RetryPolicy = definition_pb2.RetryPolicy
+
+
+def default_retry_policy() -> RetryPolicy:
+    """The Execute retry policy of a step that sets none: 3 attempts, 200ms, x2, at most 10s."""
+    return RetryPolicy(
+        max_attempts=3,
+        initial_backoff=duration_of("200ms"),
+        backoff_multiplier=2.0,
+        max_backoff=duration_of("10s"),
+    )
+
+
+def default_compensate_retry_policy() -> RetryPolicy:
+    """The Compensate retry policy of a step that sets none: 10 attempts, 500ms, x2, at most 30s.
+
+    Larger than the Execute default: a compensation that gives up leaves the saga stuck.
+    """
+    return RetryPolicy(
+        max_attempts=10,
+        initial_backoff=duration_of("500ms"),
+        backoff_multiplier=2.0,
+        max_backoff=duration_of("30s"),
+    )
+
+
+def validate_definition(definition: definition_pb2.SagaDefinition, *, source: str = "") -> definition_pb2.SagaDefinition:
+    """A validated, normalized copy of `definition`; DefinitionError naming `source`, step and field if invalid.
+
+    `definition` itself is never modified. The copy has every default filled in: each step's
+    kind (UNSPECIFIED -> COMPENSABLE), both timeouts, both retry policies and its
+    `depends_on` (an empty list becomes the previous step), so downstream code reads the
+    copy as written. Any `version` is accepted here; the file loaders reject non-zero ones.
+    The rules are listed in the `orchestrator.definitions` docstring.
+    """
+    return normalize_definition(definition, source=source, independent=frozenset())
+
+
+def normalize_definition(
+    definition: definition_pb2.SagaDefinition, *, source: str, independent: Set[str]
+) -> definition_pb2.SagaDefinition:
+    """`validate_definition`, where the steps named in `independent` have no dependencies.
+
+    For loaders that saw `depends_on: []` written out, which a proto cannot carry.
+    """
+    result = definition_pb2.SagaDefinition()
+    result.CopyFrom(definition)
+
+    _check_name(result.name, source=source, step="", field="name", what="definition")
+    if not result.input_type:
+        raise DefinitionError("required: the full name of the saga's input message", source=source, field="input_type")
+    try:
+        message_class(result.input_type)
+    except InvalidArgument as error:
+        raise DefinitionError(str(error), source=source, field="input_type") from None
+    if result.HasField("saga_timeout"):
+        _check_positive(result.saga_timeout, source=source, step="", field="saga_timeout")
+    if not result.steps:
+        raise DefinitionError("a definition needs at least one step", source=source, field="steps")
+
+    seen: set[str] = set()
+    for index, step in enumerate(result.steps):
+        label = step.name or f"#{index + 1}"
+        _check_name(step.name, source=source, step=label, field="name", what="step")
+        if step.name in seen:
+            raise DefinitionError("two steps have this name; step names must be unique", source=source, step=label, field="name")
+        seen.add(step.name)
+        _normalize_step(step, source=source)
+
+    _normalize_dependencies(result, source=source, independent=independent)
+    _check_pivot(result, DefinitionGraph.of(result), source=source)
+    return result
+
+
+def definition_fingerprint(definition: definition_pb2.SagaDefinition) -> str:
+    """The sha256 hex digest of `definition` without its `version`.
+
+    Pass a normalized definition: two definitions with the same content then have the same
+    fingerprint however they were written, which makes registration idempotent.
+    """
+    unversioned = definition_pb2.SagaDefinition()
+    unversioned.CopyFrom(definition)
+    unversioned.ClearField("version")
+    return hashlib.sha256(unversioned.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _check_name(name: str, *, source: str, step: str, field: str, what: str) -> None:
+    if not name:
+        raise DefinitionError(f"required: every {what} needs a name", source=source, step=step, field=field)
+    if not NAME_PATTERN.match(name):
+        raise DefinitionError(
+            f"{name!r} is not a valid {what} name: use 1-63 lowercase letters, digits, '-' and '_', "
+            "starting with a letter",
+            source=source,
+            step=step,
+            field=field,
+        )
+
+
+def _check_positive(duration: duration_pb2.Duration, *, source: str, step: str, field: str) -> None:
+    if duration_seconds(duration) <= 0:
+        raise DefinitionError(f"must be positive, got {duration_text(duration)}", source=source, step=step, field=field)
+
+
+def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None:
+    if not step.participant.strip():
+        raise DefinitionError(
+            "required: a logical participant name or HOST:PORT", source=source, step=step.name, field="participant"
+        )
+    if step.kind == StepKind.STEP_KIND_UNSPECIFIED:
+        step.kind = StepKind.STEP_KIND_COMPENSABLE
+    elif step.kind not in StepKind.values():
+        raise DefinitionError(f"unknown step kind {step.kind}", source=source, step=step.name, field="kind")
+
+    if step.HasField("execute_timeout"):
+        _check_positive(step.execute_timeout, source=source, step=step.name, field="execute_timeout")
+    else:
+        step.execute_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
+    if step.HasField("compensate_timeout"):
+        _check_positive(step.compensate_timeout, source=source, step=step.name, field="compensate_timeout")
+    else:
+        step.compensate_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
+    if step.HasField("step_timeout"):
+        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout")
+        if duration_seconds(step.step_timeout) < duration_seconds(step.execute_timeout):
+            raise DefinitionError(
+                f"must be at least execute_timeout ({duration_text(step.execute_timeout)}), "
+                f"got {duration_text(step.step_timeout)}",
+                source=source,
+                step=step.name,
+                field="step_timeout",
+            )
+
+    def fail(field: str) -> Callable[[str], DefinitionError]:
+        return lambda problem: DefinitionError(problem, source=source, step=step.name, field=field)
+
+    if not step.HasField("retry"):
+        step.retry.CopyFrom(default_retry_policy())
+    else:
+        _normalize_policy(step.retry, default_retry_policy(), fail, "retry")
+    if not step.HasField("compensate_retry"):
+        step.compensate_retry.CopyFrom(default_compensate_retry_policy())
+    else:
+        _normalize_policy(step.compensate_retry, default_compensate_retry_policy(), fail, "compensate_retry")
+
+
+def _normalize_policy(
+    policy: RetryPolicy, default: RetryPolicy, fail: Callable[[str], Callable[[str], DefinitionError]], name: str
+) -> None:
+    # A partly written policy inherits what it leaves out, except max_attempts: proto3 cannot
+    # tell an omitted 0 from a written one, and silently turning "0 attempts" into 3 would hide
+    # a mistake. backoff_multiplier 0 is never valid, so reading it as "omitted" hides nothing.
+    if not policy.HasField("initial_backoff"):
+        policy.initial_backoff.CopyFrom(default.initial_backoff)
+    if not policy.HasField("max_backoff"):
+        policy.max_backoff.CopyFrom(default.max_backoff)
+    if policy.backoff_multiplier == 0:
+        policy.backoff_multiplier = default.backoff_multiplier
+
+    if not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise fail(f"{name}.max_attempts")(
+            f"must be between 1 and {MAX_ATTEMPTS_LIMIT} (attempts in total, the first included), "
+            f"got {policy.max_attempts}"
+        )
+    if duration_seconds(policy.initial_backoff) < 0:
+        raise fail(f"{name}.initial_backoff")(f"must not be negative, got {duration_text(policy.initial_backoff)}")
+    if not policy.backoff_multiplier >= 1.0:  # also rejects NaN
+        raise fail(f"{name}.backoff_multiplier")(f"must be at least 1.0, got {policy.backoff_multiplier}")
+    if duration_seconds(policy.max_backoff) < duration_seconds(policy.initial_backoff):
+        raise fail(f"{name}.max_backoff")(
+            f"must be at least initial_backoff ({duration_text(policy.initial_backoff)}), "
+            f"got {duration_text(policy.max_backoff)}"
+        )
+
+
+def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source: str, independent: Set[str]) -> None:
+    names = {step.name for step in definition.steps}
+    previous = ""
+    for step in definition.steps:
+        if not step.depends_on and previous and step.name not in independent:
+            step.depends_on.append(previous)
+        previous = step.name
+        listed: set[str] = set()
+        for dependency in step.depends_on:
+            if dependency == step.name:
+                raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
+            if dependency not in names:
+                raise DefinitionError(f"unknown step {dependency!r}", source=source, step=step.name, field="depends_on")
+            if dependency in listed:
+                raise DefinitionError(f"{dependency!r} is listed twice", source=source, step=step.name, field="depends_on")
+            listed.add(dependency)
+    cycle = find_cycle(
+        [step.name for step in definition.steps],
+        {step.name: frozenset(step.depends_on) for step in definition.steps},
+    )
+    if cycle:
+        raise DefinitionError(
+            "dependency cycle: " + " -> ".join(cycle) + " (each depends on the next)",
+            source=source,
+            step=cycle[0],
+            field="depends_on",
+        )
+
+
+def _check_pivot(definition: definition_pb2.SagaDefinition, graph: DefinitionGraph, *, source: str) -> None:
+    pivots = [step.name for step in definition.steps if step.kind == StepKind.STEP_KIND_PIVOT]
+    if not pivots:
+        return
+    pivot = pivots[0]
+    if len(pivots) > 1:
+        raise DefinitionError(
+            f"a definition has at most one PIVOT step, and {pivot!r} is one already",
+            source=source,
+            step=pivots[1],
+            field="kind",
+        )
+    for step in definition.steps:
+        if step.name == pivot:
+            continue
+        if step.name in graph.descendants[pivot]:
+            if step.kind != StepKind.STEP_KIND_RETRIABLE:
+                raise DefinitionError(
+                    f"runs after the pivot {pivot!r}, so it must be RETRIABLE: once the pivot succeeds "
+                    f"the saga only goes forward, got {StepKind.Name(step.kind).removeprefix('STEP_KIND_')}",
+                    source=source,
+                    step=step.name,
+                    field="kind",
+                )
+        elif step.name not in graph.ancestors[pivot]:
+            raise DefinitionError(
+                f"may run concurrently with the pivot {pivot!r}: every other step must run before it "
+                "(be among its dependencies) or after it (depend on it)",
+                source=source,
+                step=step.name,
+                field="depends_on",
+            )
