@@ -2,8 +2,9 @@
 
 Starts the three example participants and an orchestrator on embedded SQLite
 in a fresh directory, runs a checkout that succeeds and one whose payment is
-declined, prints their timelines and what each participant did, and checks
-that the declined checkout was undone.
+declined (the payment participant also fails each first attempt, so both sagas
+show a retry), prints their timelines and what each participant did, and
+checks that the declined checkout was undone.
 """
 
 from __future__ import annotations
@@ -19,26 +20,32 @@ from pathlib import Path
 
 import grpc
 import sqlalchemy
+from google.protobuf import any_pb2
+from sqlalchemy.ext.asyncio import create_async_engine
+
 from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from google.protobuf import any_pb2
-
 from orchestrator import timeline
 from orchestrator.config import ServerConfig
 from orchestrator.server import start_orchestrator
+from participants.faults import FaultPlan
+from participants.inventory import RESERVATIONS
+from participants.payment import CHARGES, REFUNDS
 from participants.server import PARTICIPANT_KINDS, start_participant
+from participants.shipping import SHIPMENTS
 
 __all__ = ["DEFINITIONS_DIR", "run_demo"]
 
 #: The example definitions shipped with the repository.
 DEFINITIONS_DIR = Path(__file__).resolve().parents[1] / "definitions"
 
+#: Every first charge attempt fails as if the payment service were briefly down.
+_PAYMENT_FAULTS = FaultPlan(unavailable_attempts=1)
 _SAGA_DEADLINE_SECONDS = 60.0
 _CALL_TIMEOUT_SECONDS = 10.0
 _FINAL_EVENT_TYPES = frozenset(
     {saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED, saga_pb2.EVENT_TYPE_SAGA_COMPENSATED, saga_pb2.EVENT_TYPE_SAGA_FAILED}
 )
-_STATUS_COLUMNS = ("status", "state")
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ async def run_demo(workdir: Path | None = None) -> int:
         if workdir is None:
             workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="compensa-demo-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        return await _run_demo_in(workdir)
+        return await _run_demo_in(workdir.resolve())
 
 
 async def _run_demo_in(workdir: Path) -> int:
@@ -81,10 +88,12 @@ async def _run_demo_in(workdir: Path) -> int:
     async with contextlib.AsyncExitStack() as stack:
         participant_addresses: dict[str, str] = {}
         for kind in PARTICIPANT_KINDS:
-            participant = await start_participant(kind, _sqlite_url(workdir / f"{kind}.db"))
+            faults = _PAYMENT_FAULTS if kind == "payment" else None
+            participant = await start_participant(kind, _sqlite_url(workdir / f"{kind}.db"), faults=faults)
             stack.push_async_callback(participant.stop)
             participant_addresses[kind] = participant.address
-            print(f"participant {kind} listening on {participant.address}")
+            injected = " (answers UNAVAILABLE to every first attempt, to show retries)" if faults else ""
+            print(f"participant {kind} listening on {participant.address}{injected}")
         orchestrator = await start_orchestrator(
             ServerConfig(
                 listen="127.0.0.1:0",
@@ -103,12 +112,13 @@ async def _run_demo_in(workdir: Path) -> int:
             )
             outcomes = [await _run_checkout(stub, checkout) for checkout in checkouts]
 
+    effects = await _read_effects(workdir, [checkout.saga_id for checkout in checkouts])
     print("summary")
     for checkout, saga in zip(checkouts, outcomes):
         print(f"  {checkout.title:<36} {saga.saga_id}  {timeline.saga_state_name(saga.state)}")
+        print(f"    participants: {effects[saga.saga_id].describe()}")
     print()
-    _print_participant_effects(workdir)
-    problems = _problems(checkouts, outcomes)
+    problems = _problems(checkouts, outcomes, effects)
     for problem in problems:
         print(f"demo FAILED: {problem}")
     if not problems:
@@ -152,51 +162,73 @@ async def _run_checkout(stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
     return saga
 
 
-def _problems(checkouts: list[_Checkout], outcomes: list[saga_pb2.Saga]) -> list[str]:
+@dataclass(frozen=True)
+class _SagaEffects:
+    """What the participants' own tables say one saga did."""
+
+    reservation_statuses: tuple[str, ...]
+    charge_statuses: tuple[str, ...]
+    refunds: int
+    tracking_numbers: tuple[str, ...]
+
+    def describe(self) -> str:
+        """One line: reservation and charge statuses, refunds, tracking numbers."""
+        return "; ".join(
+            [
+                "reservations: " + (", ".join(self.reservation_statuses) or "none"),
+                "charges: " + (", ".join(self.charge_statuses) or "none"),
+                f"refunds: {self.refunds}",
+                "shipments: " + (", ".join(self.tracking_numbers) or "none"),
+            ]
+        )
+
+
+async def _read_effects(workdir: Path, saga_ids: list[str]) -> dict[str, _SagaEffects]:
+    """Each saga's effects, read from the participants' SQLite files after they stopped."""
+    inventory = create_async_engine(_sqlite_url(workdir / "inventory.db"))
+    payment = create_async_engine(_sqlite_url(workdir / "payment.db"))
+    shipping = create_async_engine(_sqlite_url(workdir / "shipping.db"))
+    try:
+        effects: dict[str, _SagaEffects] = {}
+        async with inventory.connect() as stock, payment.connect() as cards, shipping.connect() as parcels:
+            for saga_id in saga_ids:
+                reservations = await stock.scalars(
+                    sqlalchemy.select(RESERVATIONS.c.status).where(RESERVATIONS.c.saga_id == saga_id)
+                )
+                charges = await cards.scalars(sqlalchemy.select(CHARGES.c.status).where(CHARGES.c.saga_id == saga_id))
+                refunds = await cards.scalar(
+                    sqlalchemy.select(sqlalchemy.func.count()).select_from(REFUNDS).where(REFUNDS.c.saga_id == saga_id)
+                )
+                shipments = await parcels.scalars(
+                    sqlalchemy.select(SHIPMENTS.c.tracking_number).where(SHIPMENTS.c.saga_id == saga_id)
+                )
+                effects[saga_id] = _SagaEffects(
+                    reservation_statuses=tuple(reservations),
+                    charge_statuses=tuple(charges),
+                    refunds=refunds or 0,
+                    tracking_numbers=tuple(shipments),
+                )
+        return effects
+    finally:
+        for engine in (inventory, payment, shipping):
+            await engine.dispose()
+
+
+def _problems(
+    checkouts: list[_Checkout], outcomes: list[saga_pb2.Saga], effects: Mapping[str, _SagaEffects]
+) -> list[str]:
     problems = [
         f"{checkout.title} ended {timeline.saga_state_name(saga.state)}, "
         f"expected {timeline.saga_state_name(checkout.expected_state)}"
         for checkout, saga in zip(checkouts, outcomes)
         if saga.state != checkout.expected_state
     ]
-    declined = {step.name: step.state for step in outcomes[1].steps}
-    if declined.get("reserve_stock") != saga_pb2.STEP_STATE_COMPENSATED:
-        problems.append("the declined checkout's stock reservation was not released")
-    if declined.get("charge_card") in (saga_pb2.STEP_STATE_SUCCEEDED, saga_pb2.STEP_STATE_COMPENSATED):
-        problems.append("the declined checkout's card was charged")
+    declined = effects[checkouts[1].saga_id]
+    if not declined.reservation_statuses or set(declined.reservation_statuses) != {"released"}:
+        problems.append(f"the declined checkout's stock was not released ({declined.describe()})")
+    if declined.charge_statuses:
+        problems.append(f"the declined checkout's card was charged ({declined.describe()})")
     return problems
-
-
-def _print_participant_effects(workdir: Path) -> None:
-    print("participant effects")
-    for kind in PARTICIPANT_KINDS:
-        for table, counts in _table_summaries(workdir / f"{kind}.db").items():
-            described = ", ".join(f"{value}: {count}" for value, count in counts.items()) or "empty"
-            print(f"  {kind:<10} {table:<20} {described}")
-    print()
-
-
-def _table_summaries(database: Path) -> dict[str, Mapping[str, int]]:
-    """Rows per table, broken down by the table's status column if it has one."""
-    engine = sqlalchemy.create_engine(f"sqlite:///{database}")
-    try:
-        metadata = sqlalchemy.MetaData()
-        metadata.reflect(engine)
-        summaries: dict[str, Mapping[str, int]] = {}
-        with engine.connect() as connection:
-            for table in metadata.sorted_tables:
-                status = next((table.c[name] for name in _STATUS_COLUMNS if name in table.c), None)
-                if status is None:
-                    total = connection.execute(sqlalchemy.select(sqlalchemy.func.count()).select_from(table)).scalar_one()
-                    summaries[table.name] = {"rows": total}
-                else:
-                    rows = connection.execute(
-                        sqlalchemy.select(status, sqlalchemy.func.count()).group_by(status).order_by(status)
-                    )
-                    summaries[table.name] = {str(value): count for value, count in rows}
-        return summaries
-    finally:
-        engine.dispose()
 
 
 def _sqlite_url(path: Path) -> str:

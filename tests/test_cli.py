@@ -1,0 +1,286 @@
+"""The `compensa` command line, its timeline rendering, and the demo, against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from google.protobuf import timestamp_pb2
+
+from compensa.v1 import saga_pb2
+from orchestrator import timeline
+from orchestrator.cli import parse_duration
+
+COMPENSA = Path(sys.executable).parent / "compensa"
+REPO = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ("serve", "participant", "demo", "start", "get", "list", "watch", "cancel", "retry", "resolve")
+CHECKOUT_INPUT = {
+    "order_id": "order-cli-1",
+    "sku": "sku-widget",
+    "quantity": 1,
+    "amount_cents": 1_000,
+    "card_token": "card-ok",
+    "shipping_address": "1 Saga Street",
+}
+# Generous: a subprocess that hangs must fail the test, not the suite.
+COMMAND_TIMEOUT_SECONDS = 120.0
+
+
+def _servers_importable() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("orchestrator.server", "participants.server"))
+
+
+needs_servers = pytest.mark.skipif(
+    not _servers_importable(),
+    reason="orchestrator.server or participants.server has not landed yet",
+)
+
+
+@dataclass(frozen=True)
+class _Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _compensa(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(COMPENSA), *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, cwd=cwd
+    )
+
+
+async def _compensa_async(*args: str, cwd: Path | None = None) -> _Completed:
+    """Runs `compensa` without blocking the event loop that serves the in-process servers."""
+    process = await asyncio.create_subprocess_exec(
+        str(COMPENSA), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cwd
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_SECONDS)
+    assert process.returncode is not None
+    return _Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+def _timestamp(seconds: int, nanos: int = 0) -> timestamp_pb2.Timestamp:
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
+
+
+# --- help and argument errors ---------------------------------------------------------
+
+
+def test_help_exits_zero() -> None:
+    result = _compensa("--help")
+    assert result.returncode == 0, result.stderr
+    for subcommand in SUBCOMMANDS:
+        assert subcommand in result.stdout
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMANDS)
+def test_subcommand_help_exits_zero(subcommand: str) -> None:
+    result = _compensa(subcommand, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"compensa {subcommand}" in result.stdout
+
+
+def test_list_with_unknown_state_exits_2_naming_valid_states() -> None:
+    result = _compensa("list", "--state", "bogus")
+    assert result.returncode == 2
+    assert "bogus" in result.stderr
+    for state in ("running", "compensating", "succeeded", "compensated", "failed"):
+        assert state in result.stderr
+
+
+def test_list_with_malformed_duration_exits_2() -> None:
+    result = _compensa("list", "--stuck", "ten minutes")
+    assert result.returncode == 2
+    assert "invalid duration" in result.stderr
+
+
+def test_unreachable_orchestrator_exits_2_with_status_code() -> None:
+    # Port 1 is never an orchestrator; the deadline bounds the wait.
+    result = _compensa("--address", "127.0.0.1:1", "get", "some-saga", "--timeout", "2")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+
+
+def test_durations_parse() -> None:
+    assert parse_duration("10m").ToSeconds() == 600
+    assert parse_duration("1h30m").ToSeconds() == 5400
+    assert parse_duration("250ms").ToMilliseconds() == 250
+
+
+# --- timeline rendering ---------------------------------------------------------------
+
+
+def test_format_event_shows_sequence_step_attempt_and_states() -> None:
+    event = saga_pb2.SagaEvent(
+        saga_id="saga-1",
+        sequence=3,
+        type=saga_pb2.EVENT_TYPE_STEP_SUCCEEDED,
+        time=_timestamp(43_201, 234_000_000),
+        saga_state=saga_pb2.SAGA_STATE_RUNNING,
+        step_name="charge_card",
+        step_state=saga_pb2.STEP_STATE_SUCCEEDED,
+        attempt=1,
+    )
+    line = timeline.format_event(event)
+    assert "#3" in line
+    assert "12:00:01.234" in line
+    assert "STEP SUCCEEDED" in line
+    assert "charge_card" in line
+    assert "attempt 1" in line
+    assert "saga RUNNING" in line
+    assert "\n" not in line
+    assert "\033[" not in line
+
+
+def test_format_event_shows_reason_and_actor() -> None:
+    event = saga_pb2.SagaEvent(
+        sequence=5,
+        type=saga_pb2.EVENT_TYPE_STEP_COMPENSATING,
+        saga_state=saga_pb2.SAGA_STATE_COMPENSATING,
+        step_name="reserve_stock",
+        message="payment declined",
+        actor="ops@host",
+    )
+    line = timeline.format_event(event)
+    assert "#5" in line
+    assert "STEP COMPENSATING" in line
+    assert "reserve_stock" in line
+    assert "reason: payment declined" in line
+    assert "by ops@host" in line
+
+
+def test_format_event_colours_only_when_asked() -> None:
+    event = saga_pb2.SagaEvent(
+        sequence=9, type=saga_pb2.EVENT_TYPE_SAGA_COMPENSATED, saga_state=saga_pb2.SAGA_STATE_COMPENSATED
+    )
+    assert "\033[" in timeline.format_event(event, color=True)
+    assert "\033[" not in timeline.format_event(event)
+
+
+def test_format_saga_shows_header_and_one_line_per_step() -> None:
+    saga = saga_pb2.Saga(
+        saga_id="saga-2",
+        definition_name="checkout",
+        definition_version=4,
+        state=saga_pb2.SAGA_STATE_COMPENSATED,
+        sequence=11,
+        failure_reason="charge_card: card declined",
+        steps=[
+            saga_pb2.Step(name="reserve_stock", state=saga_pb2.STEP_STATE_COMPENSATED, attempts=1, compensate_attempts=1),
+            saga_pb2.Step(name="charge_card", state=saga_pb2.STEP_STATE_FAILED, attempts=2, last_error="card declined"),
+            saga_pb2.Step(name="ship_order", state=saga_pb2.STEP_STATE_PENDING),
+        ],
+    )
+    header, *rest = timeline.format_saga(saga).splitlines()
+    assert "saga-2" in header
+    assert "checkout@4" in header
+    assert "COMPENSATED" in header
+    assert "11" in header
+    step_lines = [line for line in rest if line.strip().split()[0] in {"reserve_stock", "charge_card", "ship_order"}]
+    assert len(step_lines) == 3
+    reserve, charge, ship = step_lines
+    assert "COMPENSATED" in reserve and "attempts 1" in reserve
+    assert "FAILED" in charge and "attempts 2" in charge and "card declined" in charge
+    assert "PENDING" in ship
+
+
+# --- against real servers -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Deployment:
+    address: str
+
+
+@pytest.fixture
+async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
+    """The three example participants and an orchestrator, on SQLite files in tmp_path."""
+    from orchestrator.config import ServerConfig
+    from orchestrator.server import start_orchestrator
+    from participants.server import PARTICIPANT_KINDS, start_participant
+
+    participants = [
+        await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db") for kind in PARTICIPANT_KINDS
+    ]
+    orchestrator = await start_orchestrator(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            definition_paths=(REPO / "definitions" / "checkout.yaml",),
+            participants={kind: running.address for kind, running in zip(PARTICIPANT_KINDS, participants)},
+        )
+    )
+    try:
+        yield _Deployment(address=orchestrator.address)
+    finally:
+        await orchestrator.stop()
+        for participant in participants:
+            await participant.stop()
+
+
+@needs_servers
+async def test_start_with_malformed_json_exits_2(deployment: _Deployment) -> None:
+    result = await _compensa_async("--address", deployment.address, "start", "checkout", "--input", "{not json")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "CheckoutInput" in result.stderr
+
+
+@needs_servers
+async def test_start_unknown_definition_exits_2_with_not_found(deployment: _Deployment) -> None:
+    result = await _compensa_async("--address", deployment.address, "start", "no-such-flow", "--input", "{}")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: NOT_FOUND: ")
+
+
+@needs_servers
+async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
+    address = ("--address", deployment.address)
+    succeeded = await _compensa_async(
+        *address, "start", "checkout", "--input", json.dumps(CHECKOUT_INPUT), "--saga-id", "cli-ok", "--wait"
+    )
+    assert succeeded.returncode == 0, succeeded.stdout + succeeded.stderr
+    assert "SAGA SUCCEEDED" in succeeded.stdout
+    assert "charge_card" in succeeded.stdout
+
+    declined_input = json.dumps({**CHECKOUT_INPUT, "order_id": "order-cli-2", "card_token": "flagged-card"})
+    declined = await _compensa_async(
+        *address, "start", "checkout", "--input", declined_input, "--saga-id", "cli-declined", "--wait"
+    )
+    assert declined.returncode == 1, declined.stdout + declined.stderr
+    assert "SAGA COMPENSATED" in declined.stdout
+
+    shown = await _compensa_async(*address, "get", "cli-declined", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["state"] == "SAGA_STATE_COMPENSATED"
+
+    listed = await _compensa_async(*address, "list", "--state", "compensated", "--all", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [json.loads(line)["saga_id"] for line in listed.stdout.splitlines()] == ["cli-declined"]
+
+    watched = await _compensa_async(*address, "watch", "cli-ok", "--json")
+    assert watched.returncode == 0, watched.stderr
+    events = [json.loads(line) for line in watched.stdout.splitlines()]
+    assert [event["sequence"] for event in events] == [str(n) for n in range(1, len(events) + 1)]
+    assert events[-1]["type"] == "EVENT_TYPE_SAGA_SUCCEEDED"
+
+    not_allowed = await _compensa_async(*address, "resolve", "cli-ok", "--note", "nothing to do")
+    assert not_allowed.returncode == 2
+    assert not_allowed.stderr.startswith("error: FAILED_PRECONDITION: ")
+
+
+@needs_servers
+def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
+    result = _compensa("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCEEDED" in result.stdout
+    assert "COMPENSATED" in result.stdout
+    assert "demo OK" in result.stdout
