@@ -20,7 +20,8 @@ DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 """The file name endings `load_definitions` picks up in a directory."""
 
 _DURATION = "google.protobuf.Duration"
-_PARSE_FIELD = re.compile(r"Failed to parse (\w+) field")
+_PARSE_FIELD = re.compile(r"Failed to parse (\w+) field: ")
+_PARSE_LOCATION = re.compile(r"\.? at [\w.\[\]\"]+\.*$")
 
 
 def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
@@ -123,8 +124,8 @@ def _parse(value: dict[str, Any], target: message.Message, source: str, step: st
         json_format.ParseDict(value, target)
     except json_format.ParseError as error:
         field = ".".join(_PARSE_FIELD.findall(str(error)))
-        problem = str(error).split(": ")[-1] if field else str(error)
-        raise DefinitionError(problem.rstrip("."), source=source, step=step, field=field) from None
+        problem = _PARSE_LOCATION.sub("", _PARSE_FIELD.sub("", str(error))).rstrip(".")
+        raise DefinitionError(problem, source=source, step=step, field=field) from None
 
 
 def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source: str, step: str, prefix: str = "") -> dict[str, Any]:
