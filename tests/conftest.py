@@ -25,7 +25,7 @@ import pg  # tests/ has no __init__.py, so pytest puts it on sys.path (prepend i
 _POSTGRES_FIXTURES = frozenset({"postgres_url", "make_postgres_url", "admin_postgres_url"})
 _NOT_FOUND_BANNER = "POSTGRESQL NOT FOUND: the PostgreSQL suite was SKIPPED"
 
-# What discovery concluded, for the terminal summary; None until a PostgreSQL test asks.
+# Discovery's verdict ("origin" or "missing") for the terminal summary; empty until a test needs it.
 _outcome: dict[str, str] = {}
 
 
