@@ -28,8 +28,9 @@ from google.protobuf.message import Message
 
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from orchestrator import payloads, timeline
-from orchestrator.config import DEFAULT_LISTEN
+from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.errors import CompensaError
+from participants.faults import FaultPlan
 
 __all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
 
@@ -76,21 +77,33 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
         "or FAILED; 2 usage error or an error answered by the orchestrator.",
     )
-    _add_common_options(parser, suppress_defaults=False)
-    common = argparse.ArgumentParser(add_help=False)
-    # Common options are accepted after the subcommand too; SUPPRESS keeps the
+    _add_verbose_option(parser, suppress_default=False)
+    _add_client_options(parser, suppress_default=False)
+    # Global options are accepted after the subcommand too; SUPPRESS keeps the
     # subcommand from overwriting a value given before it.
-    _add_common_options(common, suppress_defaults=True)
+    verbose_option = argparse.ArgumentParser(add_help=False)
+    _add_verbose_option(verbose_option, suppress_default=True)
+    client_options = argparse.ArgumentParser(add_help=False)
+    _add_verbose_option(client_options, suppress_default=True)
+    _add_client_options(client_options, suppress_default=True)
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    def add(name: str, command: _Command, help_text: str) -> argparse.ArgumentParser:
-        subparser = subcommands.add_parser(name, parents=[common], help=help_text, description=help_text)
+    def add(name: str, command: _Command, help_text: str, *, client: bool = True) -> argparse.ArgumentParser:
+        parents = [client_options if client else verbose_option]
+        subparser = subcommands.add_parser(name, parents=parents, help=help_text, description=help_text)
         subparser.set_defaults(command=command)
         return subparser
 
-    _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM."))
-    _add_participant(add("participant", _participant, "Run one of the example checkout participants."))
-    add("demo", _demo, "Run a checkout that succeeds and one that compensates, all in this process.")
+    _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
+    _add_participant(
+        add("participant", _participant, "Run one of the example checkout participants.", client=False)
+    )
+    add(
+        "demo",
+        _demo,
+        "Run a checkout that succeeds and one that compensates, all in this process.",
+        client=False,
+    )
     _add_start(add("start", _start, "Start a saga; with --wait follow it to its end."))
     _add_get(add("get", _get, "Show a saga and its steps."))
     _add_list(add("list", _list, "List sagas, newest first."))
@@ -136,9 +149,26 @@ def _parse_participant(text: str) -> tuple[str, str]:
     return name, address
 
 
-def _add_common_options(parser: argparse.ArgumentParser, *, suppress_defaults: bool) -> None:
+def _parse_fault_plan(text: str) -> FaultPlan:
+    try:
+        return FaultPlan.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _add_verbose_option(parser: argparse.ArgumentParser, *, suppress_default: bool) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS if suppress_default else 0,
+        help="log more (repeat for debug)",
+    )
+
+
+def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bool) -> None:
     def default(value: object) -> object:
-        return argparse.SUPPRESS if suppress_defaults else value
+        return argparse.SUPPRESS if suppress_default else value
 
     parser.add_argument(
         "--address",
@@ -152,13 +182,6 @@ def _add_common_options(parser: argparse.ArgumentParser, *, suppress_defaults: b
         default=default(DEFAULT_TIMEOUT_SECONDS),
         help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
         "streams have none",
-    )
-    parser.add_argument(
-        "-v",
-        "--verbose",
-        action="count",
-        default=default(0),
-        help="log more (repeat for debug)",
     )
 
 
@@ -203,7 +226,10 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
     parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
     parser.add_argument(
-        "--faults", metavar="SPEC", help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"'
+        "--faults",
+        type=_parse_fault_plan,
+        metavar="SPEC",
+        help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
 
 
@@ -289,7 +315,6 @@ def _add_resolve(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from orchestrator.config import ServerConfig
     from orchestrator.server import serve
 
     definition_paths: list[Path] = args.definitions or ([Path("definitions")] if Path("definitions").is_dir() else [])
@@ -310,11 +335,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _participant(args: argparse.Namespace) -> int:
-    from participants.faults import FaultPlan
     from participants.server import serve_participant
 
-    faults = FaultPlan.parse(args.faults) if args.faults else None
-    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=faults))
+    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults))
     return EXIT_OK
 
 
