@@ -1,0 +1,351 @@
+"""The participant SDK's barrier and the checkout participants, over real gRPC and real databases.
+
+Every test runs on PostgreSQL and on SQLite. Tests on one engine share a
+database; each uses its own saga ids, orders and SKUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from compensa.checkout.v1 import checkout_pb2
+from compensa.v1 import participant_pb2
+from participant_helpers import Connected, StepCall, serving, status_of
+from participants import inventory, payment, shipping
+from participants.faults import FaultPlan
+from participants.sdk import unpack_as
+from participants.server import PARTICIPANT_KINDS, build_participant, create_engine
+
+INITIAL_STOCK = 1000  # InventoryParticipant's default for a SKU it has never seen
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A participant database URL: the run's PostgreSQL database, or a fresh SQLite file."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return f"sqlite+aiosqlite:///{tmp_path / 'participant.db'}"
+
+
+async def available(inv: Connected, sku: str) -> int | None:
+    rows = await inv.rows(inventory.STOCK, sku=sku)
+    return rows[0].available if rows else None
+
+
+# --- Execute -----------------------------------------------------------------
+
+
+async def test_execute_reserves_stock_and_returns_the_reservation(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=3)
+    async with serving("inventory", database_url) as inv:
+        response = await inv.stub.Execute(step.execute())
+
+        assert response.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+        reservation = unpack_as(response.output, checkout_pb2.Reservation)
+        assert (reservation.sku, reservation.quantity) == (step.order.sku, 3)
+        rows = await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)
+        assert [(r.reservation_id, r.status, r.quantity) for r in rows] == [
+            (reservation.reservation_id, "reserved", 3)
+        ]
+        assert await available(inv, step.order.sku) == INITIAL_STOCK - 3
+
+
+async def test_duplicate_execute_returns_the_stored_response_and_applies_once(database_url: str) -> None:
+    step = StepCall.new("charge", amount_cents=1_234)
+    async with serving("payment", database_url) as pay:
+        first = await pay.stub.Execute(step.execute(attempt=1))
+        second = await pay.stub.Execute(step.execute(attempt=2))
+
+        assert second == first
+        charges = await pay.rows(payment.CHARGES, saga_id=step.saga_id)
+        assert len(charges) == 1
+        assert charges[0].charge_id == unpack_as(first.output, checkout_pb2.Charge).charge_id
+        assert charges[0].amount_cents == 1_234
+
+
+async def test_concurrent_duplicate_executes_apply_once(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=1)
+    async with serving("inventory", database_url) as inv:
+        responses = await asyncio.gather(*(inv.stub.Execute(step.execute(attempt=1)) for _ in range(10)))
+
+        assert all(r.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED for r in responses)
+        assert len({r.SerializeToString(deterministic=True) for r in responses}) == 1
+        assert len(await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)) == 1
+        assert await available(inv, step.order.sku) == INITIAL_STOCK - 1
+
+
+async def test_shipping_execute_records_one_shipment(database_url: str) -> None:
+    step = StepCall.new("ship")
+    async with serving("shipping", database_url) as ship:
+        first = await ship.stub.Execute(step.execute())
+        again = await ship.stub.Execute(step.execute(attempt=2))
+
+        shipment = unpack_as(first.output, checkout_pb2.Shipment)
+        assert again == first
+        rows = await ship.rows(shipping.SHIPMENTS, saga_id=step.saga_id)
+        assert [(r.tracking_number, r.address) for r in rows] == [
+            (shipment.tracking_number, step.order.shipping_address)
+        ]
+
+
+# --- Business failures --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"amount_cents": 100_001}, "over the limit"),
+        ({"card_token": "flagged-4242"}, "flagged"),
+    ],
+)
+async def test_declined_card_answers_aborted_and_a_retry_answers_the_same(
+    database_url: str, overrides: dict[str, object], reason: str
+) -> None:
+    step = StepCall.new("charge", **overrides)
+    async with serving("payment", database_url) as pay:
+        first = await status_of(pay.stub.Execute(step.execute(attempt=1)))
+        retry = await status_of(pay.stub.Execute(step.execute(attempt=2)))
+
+        assert first[0] == grpc.StatusCode.ABORTED
+        assert reason in first[1]
+        assert retry == first
+        assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
+
+
+async def test_out_of_stock_answers_aborted_without_touching_stock(database_url: str) -> None:
+    taken = StepCall.new("reserve", quantity=10)
+    too_many = StepCall(order=checkout_pb2.CheckoutInput(), step_name="reserve", saga_id=taken.saga_id + "-2")
+    too_many.order.CopyFrom(taken.order)
+    too_many.order.quantity = INITIAL_STOCK  # only INITIAL_STOCK - 10 are left
+    async with serving("inventory", database_url) as inv:
+        await inv.stub.Execute(taken.execute())
+
+        first = await status_of(inv.stub.Execute(too_many.execute(attempt=1)))
+        retry = await status_of(inv.stub.Execute(too_many.execute(attempt=2)))
+
+        assert first == (grpc.StatusCode.ABORTED, "out of stock")
+        assert retry == first
+        assert await inv.rows(inventory.RESERVATIONS, saga_id=too_many.saga_id) == []
+        assert await available(inv, taken.order.sku) == INITIAL_STOCK - 10
+
+
+async def test_execute_with_a_saga_input_of_the_wrong_type_is_a_business_failure(database_url: str) -> None:
+    step = StepCall.new("ship")
+    request = step.execute()
+    request.saga_input.Pack(checkout_pb2.Shipment(tracking_number="not an order"))
+    async with serving("shipping", database_url) as ship:
+        code, details = await status_of(ship.stub.Execute(request))
+
+        assert code == grpc.StatusCode.ABORTED
+        assert "compensa.checkout.v1.CheckoutInput" in details
+        assert await ship.rows(shipping.SHIPMENTS, saga_id=step.saga_id) == []
+
+
+# --- Compensate ---------------------------------------------------------------
+
+
+async def test_compensate_after_execute_releases_the_reservation(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=4)
+    async with serving("inventory", database_url) as inv:
+        executed = await inv.stub.Execute(step.execute())
+        compensated = await inv.stub.Compensate(step.compensate(execute_output=executed.output))
+
+        reservation = unpack_as(executed.output, checkout_pb2.Reservation)
+        assert unpack_as(compensated.output, checkout_pb2.Release).reservation_id == reservation.reservation_id
+        rows = await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)
+        assert [r.status for r in rows] == ["released"]
+        assert rows[0].released_at is not None
+        assert await available(inv, step.order.sku) == INITIAL_STOCK
+
+
+async def test_duplicate_compensates_refund_once(database_url: str) -> None:
+    step = StepCall.new("charge", amount_cents=5_000)
+    async with serving("payment", database_url) as pay:
+        executed = await pay.stub.Execute(step.execute())
+        first = await pay.stub.Compensate(step.compensate(attempt=1, execute_output=executed.output))
+        concurrent = await asyncio.gather(
+            *(pay.stub.Compensate(step.compensate(attempt=2, execute_output=executed.output)) for _ in range(5))
+        )
+
+        assert all(response == first for response in concurrent)
+        charge = unpack_as(executed.output, checkout_pb2.Charge)
+        refund = unpack_as(first.output, checkout_pb2.Refund)
+        assert refund.charge_id == charge.charge_id
+        refunds = await pay.rows(payment.REFUNDS, charge_id=charge.charge_id)
+        assert [(r.refund_id, r.amount_cents) for r in refunds] == [(refund.refund_id, 5_000)]
+        assert [c.status for c in await pay.rows(payment.CHARGES, saga_id=step.saga_id)] == ["refunded"]
+
+
+async def test_compensate_uses_the_recorded_output_when_the_execute_answer_was_lost(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=6)
+    async with serving("inventory", database_url) as inv:
+        executed = await inv.stub.Execute(step.execute())
+        # The orchestrator never saw Execute's answer, so it sends no execute_output.
+        compensated = await inv.stub.Compensate(step.compensate())
+
+        reservation = unpack_as(executed.output, checkout_pb2.Reservation)
+        assert unpack_as(compensated.output, checkout_pb2.Release).reservation_id == reservation.reservation_id
+        assert await available(inv, step.order.sku) == INITIAL_STOCK
+
+
+async def test_compensate_after_a_business_failure_has_nothing_to_undo(database_url: str) -> None:
+    step = StepCall.new("charge", card_token="flagged-1")
+    async with serving("payment", database_url) as pay:
+        code, _ = await status_of(pay.stub.Execute(step.execute()))
+        compensated = await pay.stub.Compensate(step.compensate())
+
+        assert code == grpc.StatusCode.ABORTED
+        assert not compensated.HasField("output")
+        assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
+        assert await pay.rows(payment.REFUNDS, saga_id=step.saga_id) == []
+
+
+async def test_null_compensation_succeeds_and_a_hanging_execute_is_refused(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=5)
+    async with serving("inventory", database_url) as inv:
+        compensated = await inv.stub.Compensate(step.compensate())
+        hanging = await status_of(inv.stub.Execute(step.execute(attempt=1)))
+        hanging_again = await status_of(inv.stub.Execute(step.execute(attempt=2)))
+        compensated_again = await inv.stub.Compensate(step.compensate(attempt=2))
+
+        assert not compensated.HasField("output")
+        assert compensated_again == compensated
+        assert hanging == (grpc.StatusCode.ABORTED, "compensated before it executed")
+        assert hanging_again == hanging
+        assert await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id) == []
+        assert await available(inv, step.order.sku) is None
+
+
+async def test_shipping_cannot_be_compensated(database_url: str) -> None:
+    step = StepCall.new("ship")
+    async with serving("shipping", database_url) as ship:
+        executed = await ship.stub.Execute(step.execute())
+        code, details = await status_of(ship.stub.Compensate(step.compensate(execute_output=executed.output)))
+
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "cannot be compensated" in details
+        assert len(await ship.rows(shipping.SHIPMENTS, saga_id=step.saga_id)) == 1
+
+
+# --- Fault injection ----------------------------------------------------------
+
+
+async def test_unavailable_attempts_answer_unavailable_then_succeed_once(database_url: str) -> None:
+    step = StepCall.new("charge")
+    async with serving("payment", database_url, FaultPlan(unavailable_attempts=2)) as pay:
+        first = await status_of(pay.stub.Execute(step.execute(attempt=1)))
+        second = await status_of(pay.stub.Execute(step.execute(attempt=2)))
+        assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
+
+        third = await pay.stub.Execute(step.execute(attempt=3))
+
+        assert first[0] == second[0] == grpc.StatusCode.UNAVAILABLE
+        assert third.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+        assert len(await pay.rows(payment.CHARGES, saga_id=step.saga_id)) == 1
+
+
+async def test_answer_lost_after_commit_then_a_retry_returns_the_stored_result(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=7)
+    async with serving("inventory", database_url, FaultPlan(fail_after_commit_rate=1.0)) as inv:
+        lost = await status_of(inv.stub.Execute(step.execute(attempt=1)))
+        rows_after_lost = await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)
+
+        retried = await inv.stub.Execute(step.execute(attempt=2))
+
+        assert lost[0] == grpc.StatusCode.UNAVAILABLE
+        assert len(rows_after_lost) == 1
+        reservation = unpack_as(retried.output, checkout_pb2.Reservation)
+        assert reservation.reservation_id == rows_after_lost[0].reservation_id
+        assert len(await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)) == 1
+        assert await available(inv, step.order.sku) == INITIAL_STOCK - 7
+
+
+async def test_delay_provokes_deadline_exceeded_and_the_retry_applies_once(database_url: str) -> None:
+    step = StepCall.new("charge")
+    async with serving("payment", database_url, FaultPlan(delay_seconds=30.0, delay_attempts=1)) as pay:
+        timed_out = await status_of(pay.stub.Execute(step.execute(attempt=1), timeout=0.2))
+        retried = await pay.stub.Execute(step.execute(attempt=2), timeout=10)
+
+        assert timed_out[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert retried.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+        assert len(await pay.rows(payment.CHARGES, saga_id=step.saga_id)) == 1
+
+
+async def test_faults_apply_to_compensate_too(database_url: str) -> None:
+    step = StepCall.new("reserve")
+    async with serving("inventory", database_url, FaultPlan(unavailable_attempts=1)) as inv:
+        executed = await inv.stub.Execute(step.execute(attempt=2))
+        refused = await status_of(inv.stub.Compensate(step.compensate(attempt=1)))
+        assert await available(inv, step.order.sku) == INITIAL_STOCK - 2
+
+        await inv.stub.Compensate(step.compensate(attempt=2, execute_output=executed.output))
+
+        assert refused[0] == grpc.StatusCode.UNAVAILABLE
+        assert await available(inv, step.order.sku) == INITIAL_STOCK
+
+
+# --- Serving ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", PARTICIPANT_KINDS)
+async def test_health_reports_serving(database_url: str, kind: str) -> None:
+    async with serving(kind, database_url) as running:
+        health = health_pb2_grpc.HealthStub(running.channel)
+        for service in ("", "compensa.v1.ParticipantService"):
+            answer = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_build_participant_rejects_an_unknown_kind(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    with pytest.raises(ValueError, match="unknown participant kind 'billing'"):
+        build_participant("billing", engine)
+
+
+# --- FaultPlan.parse ------------------------------------------------------------
+
+
+def test_fault_plan_parses_a_cli_spec() -> None:
+    plan = FaultPlan.parse("unavailable_rate=0.2, delay_seconds=1.5,unavailable_attempts=2,seed=7")
+
+    assert plan == FaultPlan(unavailable_rate=0.2, delay_seconds=1.5, unavailable_attempts=2, seed=7)
+    assert FaultPlan.parse(plan.describe()) == plan
+    assert FaultPlan.parse("") == FaultPlan()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("explode=1", "unknown key 'explode'"),
+        ("unavailable_rate", "expected key=value"),
+        ("delay_seconds=soon", "delay_seconds must be a number"),
+        ("unavailable_rate=1.5", "between 0 and 1"),
+    ],
+)
+def test_fault_plan_rejects_a_bad_spec(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FaultPlan.parse(spec)
+
+
+async def test_seeded_fault_plans_fail_the_same_attempts() -> None:
+    async def outcomes(plan: FaultPlan) -> list[bool]:
+        results: list[bool] = []
+        for attempt in range(1, 50):
+            try:
+                await plan.before_call(attempt)
+                results.append(True)
+            except Exception:
+                results.append(False)
+        return results
+
+    first = await outcomes(FaultPlan(unavailable_rate=0.5, seed=3))
+    second = await outcomes(FaultPlan(unavailable_rate=0.5, seed=3))
+
+    assert first == second
+    assert True in first and False in first
