@@ -116,6 +116,7 @@ class StepDefinition(_message.Message):
     COMPENSATE_RETRY_FIELD_NUMBER: _builtins.int
     DEPENDS_ON_FIELD_NUMBER: _builtins.int
     LONG_RUNNING_FIELD_NUMBER: _builtins.int
+    INDEPENDENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique within the definition; part of every idempotency key."""
     participant: _builtins.str
@@ -125,6 +126,11 @@ class StepDefinition(_message.Message):
     kind: Global___StepKind.ValueType
     long_running: _builtins.bool
     """May Execute answer EXECUTE_RESULT_PENDING and report later?"""
+    independent: _builtins.bool
+    """Runs at the start, with no dependencies; depends_on must then be empty.
+    (proto3 cannot tell an empty depends_on from an absent one, and an absent
+    one means "the step before".) A file may write `depends_on: []` instead.
+    """
     @_builtins.property
     def execute_timeout(self) -> _duration_pb2.Duration:
         """Deadline of each Execute call; 10s when unset."""
@@ -147,7 +153,9 @@ class StepDefinition(_message.Message):
 
     @_builtins.property
     def compensate_retry(self) -> Global___RetryPolicy:
-        """Retries of Compensate; defaults to `retry` when unset."""
+        """Retries of Compensate. Unset: 10 attempts, 500ms initial backoff,
+        multiplier 2, at most 30s (compensations must try harder).
+        """
 
     @_builtins.property
     def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -168,10 +176,11 @@ class StepDefinition(_message.Message):
         compensate_retry: Global___RetryPolicy | None = ...,
         depends_on: _abc.Iterable[_builtins.str] | None = ...,
         long_running: _builtins.bool = ...,
+        independent: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compensate_retry", b"compensate_retry", "compensate_timeout", b"compensate_timeout", "execute_timeout", b"execute_timeout", "retry", b"retry", "step_timeout", b"step_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensate_retry", b"compensate_retry", "compensate_timeout", b"compensate_timeout", "depends_on", b"depends_on", "execute_timeout", b"execute_timeout", "kind", b"kind", "long_running", b"long_running", "name", b"name", "participant", b"participant", "retry", b"retry", "step_timeout", b"step_timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compensate_retry", b"compensate_retry", "compensate_timeout", b"compensate_timeout", "depends_on", b"depends_on", "execute_timeout", b"execute_timeout", "independent", b"independent", "kind", b"kind", "long_running", b"long_running", "name", b"name", "participant", b"participant", "retry", b"retry", "step_timeout", b"step_timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
