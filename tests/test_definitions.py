@@ -80,6 +80,7 @@ def test_checkout_example_loads() -> None:
     assert duration_seconds(charge.step_timeout) == 1800
     assert duration_seconds(reserve.execute_timeout) == 2
     assert [list(s.depends_on) for s in definition.steps] == [[], ["reserve_stock"], ["charge_card"]]
+    assert [s.independent for s in definition.steps] == [True, False, False]
 
 
 def test_parallel_example_loads_with_two_starting_steps() -> None:
@@ -98,6 +99,79 @@ def test_parallel_example_loads_with_two_starting_steps() -> None:
     graph = DefinitionGraph.of(definition)
     assert graph.dependents["reserve_stock"] == {"charge_card"}
     assert graph.descendants["fraud_check"] == {"charge_card", "ship_order"}
+    assert {s.name for s in definition.steps if s.independent} == {"reserve_stock", "fraud_check"}
+
+
+@pytest.mark.parametrize("file", ["checkout.yaml", "checkout-parallel.yaml"])
+def test_normalization_is_idempotent(file: str) -> None:
+    normalized = load_definition_file(DEFINITIONS / file)
+    again = validate_definition(normalized)
+    assert again == normalized
+    assert again.SerializeToString(deterministic=True) == normalized.SerializeToString(deterministic=True)
+    assert definition_fingerprint(again) == definition_fingerprint(normalized)
+    assert DefinitionGraph.of(again) == DefinitionGraph.of(normalized)
+    # What RegisterDefinition receives: the bytes of a normalized definition.
+    received = definition_pb2.SagaDefinition.FromString(normalized.SerializeToString())
+    assert validate_definition(received) == normalized
+
+
+def parallel_proto() -> definition_pb2.SagaDefinition:
+    """checkout-parallel built in code, as a RegisterDefinition caller would, with `independent`."""
+    step = definition_pb2.StepDefinition
+    return definition_pb2.SagaDefinition(
+        name="parallel",
+        input_type="compensa.checkout.v1.CheckoutInput",
+        steps=[
+            step(name="reserve", participant="inventory"),
+            step(name="fraud", participant="fraud", independent=True),
+            step(name="charge", participant="payment", depends_on=["reserve", "fraud"]),
+            step(name="ship", participant="shipping", kind=PIVOT),
+        ],
+    )
+
+
+def test_proto_built_definition_with_independent_steps() -> None:
+    request = definition_pb2.SagaDefinition.FromString(parallel_proto().SerializeToString())
+    definition = validate_definition(request)
+    assert {s.name: list(s.depends_on) for s in definition.steps} == {
+        "reserve": [],
+        "fraud": [],
+        "charge": ["reserve", "fraud"],
+        "ship": ["charge"],
+    }
+    assert [s.independent for s in definition.steps] == [True, True, False, False]
+    graph = DefinitionGraph.of(definition)
+    assert graph.order == ("reserve", "fraud", "charge", "ship")
+    assert graph.dependencies["fraud"] == frozenset()
+    assert graph.ancestors["ship"] == {"reserve", "fraud", "charge"}
+    assert validate_definition(definition) == definition
+    # The graph reads the proto's meaning whether or not the definition is normalized.
+    assert DefinitionGraph.of(request) == graph
+
+
+def test_independent_step_in_a_file_matches_depends_on_empty(tmp_path: Path) -> None:
+    flagged = write(tmp_path, edited(steps={1: {"independent": True}, 2: {"kind": "COMPENSABLE"}}), "a.yaml")
+    listed = write(tmp_path, edited(steps={1: {"depends_on": []}, 2: {"kind": "COMPENSABLE"}}), "b.yaml")
+    assert load_definition_file(flagged) == load_definition_file(listed)
+    assert list(load_definition_file(flagged).steps[2].depends_on) == ["charge"]
+    assert load_definition_file(listed).steps[1].independent
+
+
+def test_independent_step_with_dependencies(tmp_path: Path) -> None:
+    error = load_error(tmp_path, edited(steps={1: {"independent": True, "depends_on": ["reserve"]}}))
+    assert (error.step, error.field) == ("charge", "independent")
+    definition = parallel_proto()
+    definition.steps[1].depends_on.append("reserve")
+    with pytest.raises(DefinitionError) as caught:
+        validate_definition(definition, source="RegisterDefinition")
+    assert (caught.value.step, caught.value.field) == ("fraud", "independent")
+    with pytest.raises(ValueError, match="independent"):
+        DefinitionGraph.of(definition)
+
+
+def test_empty_depends_on_with_independent_false(tmp_path: Path) -> None:
+    error = load_error(tmp_path, edited(steps={1: {"independent": False, "depends_on": []}}))
+    assert (error.step, error.field) == ("charge", "independent")
 
 
 def test_load_definitions_reads_a_directory_sorted() -> None:

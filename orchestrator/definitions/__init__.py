@@ -20,15 +20,15 @@ Validation rules (`validate_definition`):
 
 Normalization fills, per step: kind UNSPECIFIED -> COMPENSABLE; execute_timeout and
 compensate_timeout 10s; retry 3 attempts / 200ms / x2 / 10s; compensate_retry 10 attempts /
-500ms / x2 / 30s; and `depends_on`, so the normalized definition lists every dependency.
+500ms / x2 / 30s; `depends_on`, so the normalized definition lists every dependency; and
+`independent`, true exactly on the steps with no dependencies (the first step included).
 
 "No dependencies" (parallel starts): in proto3 an empty `depends_on` cannot be told from
-an absent one, and the proto defines it as "the step before". A file says "none" with an
-explicit `depends_on: []`, which the loader sees before parsing. A `SagaDefinition` built
-in code cannot say it: only its first step has no dependencies. A normalized definition
-that has such steps is therefore not a valid *input* to `validate_definition` again (their
-empty lists would read as "the step before"); reading it through `DefinitionGraph` is
-always right. A proto field would close that gap (see the report to the lead).
+an absent one, and the proto defines it as "the step before". A step says "none" with
+`independent: true` (then `depends_on` must be empty, else a DefinitionError); a file may
+write `depends_on: []` instead, which the loader sees before parsing and maps onto
+`independent: true`. Normalization is idempotent: a normalized definition is a valid input
+to `validate_definition` again, which returns an equal definition.
 """
 
 from orchestrator.definitions._durations import backoff_seconds, duration_seconds

@@ -13,7 +13,7 @@ from google.protobuf import descriptor, json_format, message
 
 from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import shorthand_to_json
-from orchestrator.definitions._validation import normalize_definition
+from orchestrator.definitions._validation import validate_definition
 from orchestrator.errors import DefinitionError
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
@@ -31,7 +31,8 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
     the file cannot be read or parsed, has a field the proto does not, sets `version`, or
     fails `validate_definition`. Durations may be written "500ms", "10s", "1.5s", "30m",
     "2h" or "1d"; enum values by their short name (`kind: PIVOT`); and `depends_on: []`
-    means "no dependencies" rather than "the previous step".
+    means "no dependencies" rather than "the previous step": the loader reads it as
+    `independent: true`.
     """
     source = str(path)
     raw = _read(path, source)
@@ -50,7 +51,6 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
             source=source,
             field="version",
         )
-    independent: set[str] = set()
     for index, raw_step in enumerate(steps):
         label = _label(raw_step, index)
         if not isinstance(raw_step, dict):
@@ -58,8 +58,15 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
         step = definition.steps.add()
         _parse(_friendly(raw_step, step.DESCRIPTOR, source, label), step, source, label)
         if _lists_no_dependencies(raw_step):
-            independent.add(step.name)
-    return normalize_definition(definition, source=source, independent=independent)
+            if _says_not_independent(raw_step):
+                raise DefinitionError(
+                    "`depends_on: []` makes the step independent; drop `independent: false`",
+                    source=source,
+                    step=label,
+                    field="independent",
+                )
+            step.independent = True
+    return validate_definition(definition, source=source)
 
 
 def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinition]:
@@ -93,8 +100,6 @@ def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinitio
     return definitions
 
 
-
-
 def _read(path: Path, source: str) -> object:
     if path.suffix not in DEFINITION_SUFFIXES:
         raise DefinitionError(f"a definition file must end in {', '.join(DEFINITION_SUFFIXES)}", source=source)
@@ -117,6 +122,10 @@ def _label(raw_step: object, index: int) -> str:
 
 def _lists_no_dependencies(raw_step: Mapping[str, Any]) -> bool:
     return any(key in raw_step and raw_step[key] == [] for key in ("depends_on", "dependsOn"))
+
+
+def _says_not_independent(raw_step: Mapping[str, Any]) -> bool:
+    return "independent" in raw_step and raw_step["independent"] is False
 
 
 def _parse(value: dict[str, Any], target: message.Message, source: str, step: str) -> None:

@@ -14,8 +14,11 @@ from compensa.v1 import definition_pb2
 class DefinitionGraph:
     """The steps of a normalized definition as a DAG.
 
-    Built from `depends_on` as written: a normalized definition (see `validate_definition`)
-    lists every dependency explicitly. Every mapping has an entry for every step.
+    Read with the proto's meaning: an `independent` step has no dependencies; a non-empty
+    `depends_on` is the step's dependencies; an empty one on a step that is not independent
+    means the step before (none for the first step). A normalized definition (see
+    `validate_definition`) spells all of this out, so there the graph is `depends_on` as
+    written; an unnormalized one gets the same graph. Every mapping has an entry for every step.
     """
 
     #: Step names in topological order; among steps that could go in either order, definition order.
@@ -31,13 +34,14 @@ class DefinitionGraph:
 
     @classmethod
     def of(cls, definition: definition_pb2.SagaDefinition) -> DefinitionGraph:
-        """The graph of `definition`; ValueError on an unknown dependency or a cycle.
+        """The graph of `definition`; ValueError on an unknown dependency, a cycle, or an
+        `independent` step with a non-empty `depends_on`.
 
         `validate_definition` reports those as DefinitionErrors first, so a validated
-        definition always has a graph.
+        definition always has a graph. Cheap enough to build once per (name, version) and keep.
         """
         names = [step.name for step in definition.steps]
-        dependencies = {step.name: frozenset(step.depends_on) for step in definition.steps}
+        dependencies = step_dependencies(definition)
         for name, deps in dependencies.items():
             unknown = sorted(deps - dependencies.keys())
             if unknown:
@@ -63,6 +67,23 @@ class DefinitionGraph:
             ancestors=MappingProxyType(ancestors),
             descendants=MappingProxyType(descendants),
         )
+
+
+def step_dependencies(definition: definition_pb2.SagaDefinition) -> dict[str, frozenset[str]]:
+    """The direct dependencies of each step of `definition`, read as `DefinitionGraph` reads them."""
+    dependencies: dict[str, frozenset[str]] = {}
+    previous = ""
+    for step in definition.steps:
+        if step.independent:
+            if step.depends_on:
+                raise ValueError(f"step {step.name!r} is independent but depends on {list(step.depends_on)!r}")
+            dependencies[step.name] = frozenset()
+        elif step.depends_on:
+            dependencies[step.name] = frozenset(step.depends_on)
+        else:
+            dependencies[step.name] = frozenset({previous}) if previous else frozenset()
+        previous = step.name
+    return dependencies
 
 
 def find_cycle(names: Sequence[str], dependencies: Mapping[str, frozenset[str]]) -> list[str]:

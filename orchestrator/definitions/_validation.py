@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Set
+from collections.abc import Callable
 
 from google.protobuf import duration_pb2
 
@@ -53,20 +53,13 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
     """A validated, normalized copy of `definition`; DefinitionError naming `source`, step and field if invalid.
 
     `definition` itself is never modified. The copy has every default filled in: each step's
-    kind (UNSPECIFIED -> COMPENSABLE), both timeouts, both retry policies and its
-    `depends_on` (an empty list becomes the previous step), so downstream code reads the
-    copy as written. Any `version` is accepted here; the file loaders reject non-zero ones.
-    The rules are listed in the `orchestrator.definitions` docstring.
-    """
-    return normalize_definition(definition, source=source, independent=frozenset())
-
-
-def normalize_definition(
-    definition: definition_pb2.SagaDefinition, *, source: str, independent: Set[str]
-) -> definition_pb2.SagaDefinition:
-    """`validate_definition`, where the steps named in `independent` have no dependencies.
-
-    For loaders that saw `depends_on: []` written out, which a proto cannot carry.
+    kind (UNSPECIFIED -> COMPENSABLE), both timeouts, both retry policies, its `depends_on`
+    (an empty list on a step that is not `independent` becomes the previous step) and
+    `independent` (true exactly on the steps left with no dependencies, the first included),
+    so downstream code reads the copy as written. Normalization is idempotent: the copy is a
+    valid input again, and validating it returns an equal copy. Any `version` is accepted
+    here; the file loaders reject non-zero ones. The rules are listed in the
+    `orchestrator.definitions` docstring.
     """
     result = definition_pb2.SagaDefinition()
     result.CopyFrom(definition)
@@ -92,7 +85,7 @@ def normalize_definition(
         seen.add(step.name)
         _normalize_step(step, source=source)
 
-    _normalize_dependencies(result, source=source, independent=independent)
+    _normalize_dependencies(result, source=source)
     _check_pivot(result, DefinitionGraph.of(result), source=source)
     return result
 
@@ -198,12 +191,22 @@ def _normalize_policy(
         )
 
 
-def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source: str, independent: Set[str]) -> None:
+def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source: str) -> None:
     names = {step.name for step in definition.steps}
     previous = ""
     for step in definition.steps:
-        if not step.depends_on and previous and step.name not in independent:
+        if step.independent and step.depends_on:
+            raise DefinitionError(
+                "an independent step has no dependencies, so depends_on must be empty, got "
+                + ", ".join(repr(d) for d in step.depends_on),
+                source=source,
+                step=step.name,
+                field="independent",
+            )
+        if not step.depends_on and not step.independent and previous:
             step.depends_on.append(previous)
+        if not step.depends_on:
+            step.independent = True
         previous = step.name
         listed: set[str] = set()
         for dependency in step.depends_on:
