@@ -8,7 +8,7 @@ inserts a row keyed by (idempotency_key, operation) with ON CONFLICT DO NOTHING
 and stores the answer with it. Inserting first, instead of checking first, is
 what makes concurrent duplicates safe: on PostgreSQL the second insert waits on
 the unique index until the first transaction ends; on SQLite writers are
-serialised by the database lock (see `participants.server.create_engine`).
+serialised by the database lock (see `participants.server.create_participant_engine`).
 
 Outcomes, for both RPCs:
   - OK: done (or a duplicate of a call that was done; the stored answer).
@@ -151,10 +151,10 @@ def _barrier_table(name: str) -> sqlalchemy.Table:
     return sqlalchemy.Table(
         name,
         sqlalchemy.MetaData(),
-        sqlalchemy.Column("idempotency_key", sqlalchemy.String(512), primary_key=True),
+        sqlalchemy.Column("idempotency_key", sqlalchemy.String, primary_key=True),
         sqlalchemy.Column("operation", sqlalchemy.String(16), primary_key=True),
-        sqlalchemy.Column("saga_id", sqlalchemy.String(256), nullable=False),
-        sqlalchemy.Column("step_name", sqlalchemy.String(256), nullable=False),
+        sqlalchemy.Column("saga_id", sqlalchemy.String, nullable=False),
+        sqlalchemy.Column("step_name", sqlalchemy.String, nullable=False),
         # NULL only while the inserting transaction is still running.
         sqlalchemy.Column("outcome", sqlalchemy.String(32)),
         # The serialized ExecuteResponse or CompensateResponse answered.
@@ -188,6 +188,13 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     async def create_schema(self) -> None:
         """Creates the barrier table and the subclass's tables if they do not exist."""
         async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL when
+                # replicas of a participant start together.
+                await conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_xact_lock(hashtext(:name))"),
+                    {"name": self.barrier_table_name},
+                )
             await conn.run_sync(self.barrier.metadata.create_all)
             await conn.run_sync(self.metadata.create_all)
 

@@ -25,9 +25,10 @@ __all__ = [
     "PARTICIPANT_KINDS",
     "RunningParticipant",
     "build_participant",
-    "create_engine",
+    "create_participant_engine",
     "serve_participant",
     "start_participant",
+    "start_server",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantSer
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_engine(database_url: str) -> AsyncEngine:
+def create_participant_engine(database_url: str) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
 
     SQLite connections use WAL and a busy timeout, and every transaction starts
@@ -105,17 +106,29 @@ class RunningParticipant:
 async def start_participant(
     kind: str, database_url: str, *, listen: str = "127.0.0.1:0", faults: FaultPlan | None = None
 ) -> RunningParticipant:
-    """Creates the schema and starts serving participant `kind` on `listen`.
-
-    Returns once the server listens. Port 0 picks a free port, reported in the
-    result. Health (grpc.health.v1) answers SERVING for "" and for
-    compensa.v1.ParticipantService; server reflection is enabled.
-    """
-    engine = create_engine(database_url)
+    """Creates the schema and starts serving participant `kind` (one of
+    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`."""
+    engine = create_participant_engine(database_url)
     try:
         participant = build_participant(kind, engine, faults=faults)
+    except BaseException:
+        await engine.dispose()
+        raise
+    return await start_server(participant, listen=listen)
+
+
+async def start_server(participant: Participant, *, listen: str = "127.0.0.1:0") -> RunningParticipant:
+    """Creates `participant`'s schema and serves it on `listen`; returns once listening.
+
+    Port 0 picks a free port, reported in the result. Health (grpc.health.v1)
+    answers SERVING for "" and for compensa.v1.ParticipantService; server
+    reflection is enabled. The participant's engine is disposed of when the
+    result is stopped, or here if the server cannot start.
+    """
+    engine = participant.engine
+    server = grpc.aio.server()
+    try:
         await participant.create_schema()
-        server = grpc.aio.server()
         participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -130,13 +143,16 @@ async def start_participant(
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
     except BaseException:
+        await server.stop(None)
         await engine.dispose()
         raise
     host = listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         host = "127.0.0.1"
     address = f"{host}:{port}"
-    logger.info("%s participant listening on %s (faults: %s)", kind, address, (faults or FaultPlan()).describe() or "none")
+    logger.info(
+        "%s listening on %s (faults: %s)", type(participant).__name__, address, participant.faults.describe() or "none"
+    )
     return RunningParticipant(
         participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer
     )

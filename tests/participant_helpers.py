@@ -14,8 +14,8 @@ import sqlalchemy
 from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 from participants.faults import FaultPlan
-from participants.sdk import pack
-from participants.server import RunningParticipant, start_participant
+from participants.sdk import Participant, pack
+from participants.server import RunningParticipant, start_participant, start_server
 
 if TYPE_CHECKING:
     from compensa.v1.participant_pb2_grpc import ParticipantServiceAsyncStub
@@ -96,7 +96,19 @@ class Connected:
 @asynccontextmanager
 async def serving(kind: str, database_url: str, faults: FaultPlan | None = None) -> AsyncIterator[Connected]:
     """Starts participant `kind` on port 0 and yields it with a connected stub; stops it after."""
-    running = await start_participant(kind, database_url, faults=faults)
+    async with connected(await start_participant(kind, database_url, faults=faults)) as participant:
+        yield participant
+
+
+@asynccontextmanager
+async def serving_participant(participant: Participant) -> AsyncIterator[Connected]:
+    """Serves `participant` on port 0 and yields it with a connected stub; stops it after."""
+    async with connected(await start_server(participant)) as served:
+        yield served
+
+
+@asynccontextmanager
+async def connected(running: RunningParticipant) -> AsyncIterator[Connected]:
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
             # grpc has no type stubs, so mypy cannot pick the stub's aio overload itself.

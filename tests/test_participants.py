@@ -11,15 +11,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import participant_pb2
-from participant_helpers import Connected, StepCall, serving, status_of
+from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
 from participants import inventory, payment, shipping
 from participants.faults import FaultPlan
-from participants.sdk import unpack_as
-from participants.server import PARTICIPANT_KINDS, build_participant, create_engine
+from participants.sdk import Participant, TransientError, unpack_as
+from participants.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
 
 INITIAL_STOCK = 1000  # InventoryParticipant's default for a SKU it has never seen
 
@@ -135,6 +137,16 @@ async def test_out_of_stock_answers_aborted_without_touching_stock(database_url:
         assert await available(inv, taken.order.sku) == INITIAL_STOCK - 10
 
 
+async def test_a_business_failure_rolls_back_the_steps_partial_effects(database_url: str) -> None:
+    step = StepCall.new("reserve", quantity=INITIAL_STOCK + 1)
+    async with serving("inventory", database_url) as inv:
+        code, _ = await status_of(inv.stub.Execute(step.execute()))
+
+        assert code == grpc.StatusCode.ABORTED
+        # The step created the SKU's stock row before finding it too small.
+        assert await available(inv, step.order.sku) is None
+
+
 async def test_execute_with_a_saga_input_of_the_wrong_type_is_a_business_failure(database_url: str) -> None:
     step = StepCall.new("ship")
     request = step.execute()
@@ -233,6 +245,77 @@ async def test_shipping_cannot_be_compensated(database_url: str) -> None:
         assert len(await ship.rows(shipping.SHIPMENTS, saga_id=step.saga_id)) == 1
 
 
+async def test_racing_execute_and_compensate_agree_on_what_happened(database_url: str) -> None:
+    async with serving("inventory", database_url) as inv:
+        steps = [StepCall.new("reserve", quantity=3) for _ in range(8)]
+
+        async def race(step: StepCall) -> tuple[tuple[grpc.StatusCode, str], participant_pb2.CompensateResponse]:
+            executed, compensated = await asyncio.gather(
+                status_of(inv.stub.Execute(step.execute())), inv.stub.Compensate(step.compensate())
+            )
+            return executed, compensated
+
+        outcomes = await asyncio.gather(*(race(step) for step in steps))
+
+        for step, (executed, compensated) in zip(steps, outcomes, strict=True):
+            reservations = [r.status for r in await inv.rows(inventory.RESERVATIONS, saga_id=step.saga_id)]
+            if executed[0] == grpc.StatusCode.OK:
+                assert reservations == ["released"]
+                assert compensated.HasField("output")
+                assert await available(inv, step.order.sku) == INITIAL_STOCK
+            else:
+                assert executed == (grpc.StatusCode.ABORTED, "compensated before it executed")
+                assert reservations == []
+                assert not compensated.HasField("output")
+
+
+# --- The SDK's handling of unexpected errors ------------------------------------
+
+_ledger = sqlalchemy.MetaData()
+_ENTRIES = sqlalchemy.Table(
+    "sdk_test_entries",
+    _ledger,
+    sqlalchemy.Column("id", sqlalchemy.Integer, primary_key=True, autoincrement=True),
+    sqlalchemy.Column("idempotency_key", sqlalchemy.String, nullable=False),
+    sqlalchemy.Column("attempt", sqlalchemy.Integer, nullable=False),
+)
+
+
+class _FlakyParticipant(Participant):
+    """Writes an entry, then fails transiently on attempt 1 and with a bug on attempt 2."""
+
+    metadata = _ledger
+    barrier_table_name = "sdk_test_barrier"
+
+    async def execute_step(
+        self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
+    ) -> checkout_pb2.Shipment:
+        attempt = request.context.attempt
+        await conn.execute(_ENTRIES.insert().values(idempotency_key=request.context.idempotency_key, attempt=attempt))
+        if attempt == 1:
+            raise TransientError("the warehouse is busy")
+        if attempt == 2:
+            raise ZeroDivisionError("a bug")
+        return checkout_pb2.Shipment(tracking_number=f"attempt-{attempt}")
+
+
+async def test_transient_errors_and_bugs_record_nothing_so_a_retry_runs_again(database_url: str) -> None:
+    step = StepCall.new("flaky")
+    async with serving_participant(_FlakyParticipant(create_participant_engine(database_url))) as flaky:
+        transient = await status_of(flaky.stub.Execute(step.execute(attempt=1)))
+        bug = await status_of(flaky.stub.Execute(step.execute(attempt=2)))
+        assert await flaky.rows(_ENTRIES, idempotency_key=step.key) == []
+
+        succeeded = await flaky.stub.Execute(step.execute(attempt=3))
+        duplicate = await flaky.stub.Execute(step.execute(attempt=4))
+
+        assert transient == (grpc.StatusCode.UNAVAILABLE, "the warehouse is busy")
+        assert bug == (grpc.StatusCode.INTERNAL, "internal error: ZeroDivisionError")
+        assert unpack_as(succeeded.output, checkout_pb2.Shipment).tracking_number == "attempt-3"
+        assert duplicate == succeeded
+        assert [r.attempt for r in await flaky.rows(_ENTRIES, idempotency_key=step.key)] == [3]
+
+
 # --- Fault injection ----------------------------------------------------------
 
 
@@ -303,7 +386,7 @@ async def test_health_reports_serving(database_url: str, kind: str) -> None:
 
 
 def test_build_participant_rejects_an_unknown_kind(tmp_path: Path) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    engine = create_participant_engine(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
     with pytest.raises(ValueError, match="unknown participant kind 'billing'"):
         build_participant("billing", engine)
 
