@@ -23,6 +23,7 @@ Outcomes, for both RPCs:
 
 from __future__ import annotations
 
+import abc
 import datetime
 import logging
 from collections.abc import Mapping
@@ -198,6 +199,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             await conn.run_sync(self.barrier.metadata.create_all)
             await conn.run_sync(self.metadata.create_all)
 
+    @abc.abstractmethod
     async def execute_step(self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest) -> message.Message:
         """Applies the step's effect through `conn` and returns its output message.
 
@@ -205,7 +207,6 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         for a business failure (its effects are rolled back and it is recorded)
         and TransientError for a retryable one (nothing is recorded).
         """
-        raise NotImplementedError
 
     async def compensate_step(
         self, conn: AsyncConnection, request: participant_pb2.CompensateRequest
@@ -223,7 +224,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.ExecuteResponse:
         """Performs the step once per idempotency key; see the module docstring for statuses."""
-        outcome = "none"
+        outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
             await self.faults.before_call(request.context.attempt)
@@ -244,7 +245,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.CompensateResponse:
         """Undoes the step once per idempotency key; see the module docstring for statuses."""
-        outcome = "none"
+        outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
             await self.faults.before_call(request.context.attempt)
