@@ -1,0 +1,420 @@
+"""The engine: drives sagas by running the machine's decisions against the
+store and the participants.
+
+Order of effects, which is what makes a crash at any instant recoverable:
+a transition is committed (state + events, guarded by sequence and epoch)
+before any call it asks for is made, and a call's answer is only acted on
+after it is committed. A saga that waits with nothing in flight is released
+(no owner, `due_at` set) and holds no memory; the scheduler claims it when it
+is due, and claims the sagas of a replica whose lease expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from compensa.v1 import participant_pb2
+from google.protobuf import any_pb2, timestamp_pb2
+
+from orchestrator import machine
+from orchestrator.config import ServerConfig
+from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.participant_client import ParticipantClient
+from orchestrator.store import SagaStore, SagaWrite, WriteResult
+
+log = logging.getLogger("compensa.engine")
+
+# How often the scheduler looks for due sagas when nothing told it sooner.
+_POLL_SECONDS = 1.0
+_CLAIM_BATCH = 200
+
+
+def completion_token(saga_id: str, step: str) -> str:
+    """The token a long-running step reports its outcome with."""
+    raw = json.dumps([saga_id, step], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_completion_token(token: str) -> tuple[str, str]:
+    """(saga id, step name) of a completion token; ValueError if malformed."""
+    padded = token + "=" * (-len(token) % 4)
+    saga_id, step = json.loads(base64.urlsafe_b64decode(padded.encode()))
+    if not isinstance(saga_id, str) or not isinstance(step, str):
+        raise ValueError("malformed completion token")
+    return saga_id, step
+
+
+class ChangeSignal:
+    """In-process wake-ups for log readers: a hint to re-read, never the data."""
+
+    def __init__(self) -> None:
+        self._by_saga: dict[str, set[asyncio.Event]] = {}
+        self._all: set[asyncio.Event] = set()
+
+    @contextlib.contextmanager
+    def subscribe(self, saga_id: str | None) -> Iterator[asyncio.Event]:
+        event = asyncio.Event()
+        bucket = self._all if saga_id is None else self._by_saga.setdefault(saga_id, set())
+        bucket.add(event)
+        try:
+            yield event
+        finally:
+            bucket.discard(event)
+            if saga_id is not None and not bucket:
+                self._by_saga.pop(saga_id, None)
+
+    def notify(self, saga_ids: list[str]) -> None:
+        for saga_id in saga_ids:
+            for event in self._by_saga.get(saga_id, ()):
+                event.set()
+        if saga_ids:
+            for event in self._all:
+                event.set()
+
+
+class TransitionWriter:
+    """Group commit: transitions submitted while a flush runs go in the next
+    one, so many sagas share one transaction without any added delay."""
+
+    def __init__(self, store: SagaStore, on_commit: Callable[[list[str]], None], max_batch: int = 256) -> None:
+        self._store = store
+        self._on_commit = on_commit
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="compensa-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def submit(self, write: SagaWrite) -> WriteResult:
+        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put((write, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await self._store.commit([write for write, _ in batch])
+            except Exception as error:  # the callers decide how to retry
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            self._on_commit([write.saga.saga_id for (write, _), result in zip(batch, results) if result.ok])
+            for (_, future), result in zip(batch, results):
+                if not future.done():
+                    future.set_result(result)
+
+
+@dataclass
+class _Driving:
+    epoch: int
+    task: asyncio.Task[None]
+
+
+class SagaEngine:
+    """Owns sagas through leases and drives each one in its own task."""
+
+    def __init__(self, store: SagaStore, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.owner = config.replica_id
+        self.changes = ChangeSignal()
+        self.client = ParticipantClient(dict(config.participants), max_message_bytes=config.max_payload_bytes * 2)
+        self.writer = TransitionWriter(store, self.changes.notify)
+        self._plans: dict[tuple[str, int], machine.Plan] = {}
+        self._driving: dict[str, _Driving] = {}
+        self._scheduler_wake = asyncio.Event()
+        self._next_due = float("inf")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self.writer.start()
+        self._tasks = [
+            asyncio.create_task(self._schedule(), name="compensa-scheduler"),
+            asyncio.create_task(self._renew_leases(), name="compensa-leases"),
+        ]
+
+    async def stop(self) -> None:
+        """Stops driving and gives up every lease so others take over at once."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        drivers = [driving.task for driving in self._driving.values()]
+        for task in drivers:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *drivers, return_exceptions=True)
+        await self.writer.stop()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_all(self.owner, time.time())
+        await self.client.close()
+
+    # -- plans
+
+    async def plan_for(self, name: str, version: int) -> machine.Plan:
+        key = (name, version)
+        plan = self._plans.get(key)
+        if plan is None:
+            definition = await self.store.get_definition(name, version)
+            if definition is None:
+                raise NotFound(f"definition {name!r} version {version} not found")
+            plan = self._plans[key] = machine.Plan.of(definition)
+        return plan
+
+    # -- writes
+
+    def _write_for(
+        self, plan: machine.Plan, transition: machine.Transition, expected: int, epoch: int | None,
+        in_flight: set[str], now: float,
+    ) -> SagaWrite:
+        """The guarded write of a transition; it releases the saga when it
+        ends or waits with nothing in flight."""
+        saga = transition.saga
+        if saga.is_final:
+            release, due_at = True, None
+        elif in_flight or machine.due_calls(plan, saga, now):
+            release, due_at = False, now
+        else:
+            release, due_at = True, machine.wake_at(plan, saga)
+        return SagaWrite(
+            saga=saga,
+            events=transition.events,
+            expected_sequence=expected,
+            owner=self.owner,
+            epoch=epoch,
+            release=release,
+            due_at=due_at,
+            lease_until=now + self.config.lease_seconds,
+            changed_steps=transition.changed_steps,
+        )
+
+    def _wake_scheduler(self, due_at: float | None) -> None:
+        """Tells the scheduler a saga this replica released is due at `due_at`."""
+        if due_at is not None and due_at < self._next_due:
+            self._next_due = due_at
+            self._scheduler_wake.set()
+
+    # -- starting and external events
+
+    async def create(
+        self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str
+    ) -> tuple[machine.SagaRecord, bool, str]:
+        now = time.time()
+        transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
+        write = self._write_for(plan, transition, 0, 1, set(), now)
+        saga, created, fingerprint = await self.store.create_saga(write, request_fingerprint)
+        if created:
+            self.changes.notify([saga_id])
+            if not write.release:
+                self._drive(saga, 1)
+            else:
+                self._wake_scheduler(write.due_at)
+        return saga, created, fingerprint
+
+    async def apply_external(self, saga_id: str, event: machine.Event) -> machine.SagaRecord:
+        """Applies an operator action or a step completion, taking the saga
+        over from whichever replica held it (its writes are fenced)."""
+        for _ in range(20):
+            saga = await self.store.load_saga(saga_id)
+            if saga is None:
+                raise NotFound(f"saga {saga_id!r} not found")
+            plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            now = time.time()
+            try:
+                transition = machine.decide(plan, saga, event, now)
+            except machine.IllegalTransition as error:
+                raise FailedPrecondition(str(error)) from error
+            if not transition.changed:
+                return saga
+            write = self._write_for(plan, transition, saga.sequence, None, set(), now)
+            result = await self.writer.submit(write)
+            if result.ok:
+                if not write.release:
+                    self._drive(transition.saga, result.epoch)
+                else:
+                    self._wake_scheduler(write.due_at)
+                return transition.saga
+        raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    # -- driving
+
+    def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
+        if self._stopping:
+            return
+        task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
+        self._driving[saga.saga_id] = _Driving(epoch, task)
+
+    async def _run_saga(self, saga: machine.SagaRecord, epoch: int) -> None:
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        answers: asyncio.Queue[machine.Event] = asyncio.Queue()
+        try:
+            plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            while True:
+                now = time.time()
+                deadline = machine.deadline_at(plan, saga)
+                event: machine.Event | None = None
+                if deadline is not None and deadline <= now:
+                    event = machine.TimerFired()
+                else:
+                    for call in machine.due_calls(plan, saga, now):
+                        if call.step not in in_flight:
+                            in_flight[call.step] = asyncio.create_task(self._call(plan, saga, call, answers))
+                    if not in_flight:
+                        return  # final or released: the last write said so
+                    later = [
+                        at for at in (deadline, *(step.next_attempt_at for step in saga.steps))
+                        if at is not None and at > now
+                    ]
+                    timeout = min(later) - now if later else None
+                    try:
+                        event = await asyncio.wait_for(answers.get(), timeout)
+                    except TimeoutError:
+                        continue
+                    in_flight.pop(getattr(event, "step"), None)
+                transition = machine.decide(plan, saga, event, time.time())
+                if not transition.changed:
+                    if isinstance(event, machine.TimerFired):
+                        raise AssertionError(f"deadline {deadline} passed but changed nothing")
+                    continue
+                committed = await self._commit(plan, saga, transition, epoch, set(in_flight))
+                if committed is None:
+                    log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
+                    return
+                saga = committed
+                for event_row in transition.events:
+                    if event_row.type == machine.E.EVENT_TYPE_ALERT_RAISED:
+                        log.error("ALERT saga %s: %s", saga.saga_id, event_row.message)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("saga %s: driver crashed; it will be picked up again when its lease expires", saga.saga_id)
+        finally:
+            for task in in_flight.values():
+                task.cancel()
+            current = self._driving.get(saga.saga_id)
+            if current is not None and current.epoch == epoch:
+                del self._driving[saga.saga_id]
+
+    async def _commit(
+        self, plan: machine.Plan, saga: machine.SagaRecord, transition: machine.Transition, epoch: int,
+        in_flight: set[str],
+    ) -> machine.SagaRecord | None:
+        """Persists a transition, retrying while the database is away.
+        None when the saga is no longer ours."""
+        delay = 0.05
+        while True:
+            now = time.time()
+            write = self._write_for(plan, transition, saga.sequence, epoch, in_flight, now)
+            try:
+                result = await self.writer.submit(write)
+            except StoreUnavailable as error:
+                log.warning("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if result.ok:
+                if write.release:
+                    self._wake_scheduler(write.due_at)
+                return transition.saga
+            # The guard failed. If an earlier try of this very write landed
+            # (its commit's answer was lost), the saga is still ours.
+            try:
+                current = await self.store.load_owned(saga.saga_id, self.owner, epoch)
+            except StoreUnavailable:
+                await asyncio.sleep(delay)
+                continue
+            if current is not None and current.sequence == transition.saga.sequence:
+                return current
+            return None
+
+    async def _call(
+        self, plan: machine.Plan, saga: machine.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
+    ) -> None:
+        step = plan.steps[call.step]
+        context = participant_pb2.StepContext(
+            saga_id=saga.saga_id,
+            step_name=call.step,
+            idempotency_key=f"{saga.saga_id}/{call.step}",
+            attempt=call.attempt,
+            definition_name=saga.definition_name,
+            definition_version=saga.definition_version,
+            deadline=timestamp_pb2.Timestamp(
+                seconds=int(time.time() + call.timeout), nanos=0
+            ),
+        )
+        saga_input = any_pb2.Any.FromString(saga.input)
+        outputs = {
+            name: any_pb2.Any.FromString(record.output)
+            for name in plan.ancestors[call.step]
+            if (record := saga.step(name)).output is not None
+        }
+        if isinstance(call, machine.CallExecute):
+            request = participant_pb2.ExecuteRequest(
+                context=context, saga_input=saga_input, step_outputs=outputs,
+                completion_token=completion_token(saga.saga_id, call.step) if step.long_running else "",
+            )
+            answer = await self.client.execute(step.participant, request, call.timeout)
+        else:
+            own = saga.step(call.step).output
+            compensate = participant_pb2.CompensateRequest(
+                context=context, saga_input=saga_input, step_outputs=outputs, reason=saga.failure_reason,
+            )
+            if own is not None:
+                compensate.execute_output.CopyFrom(any_pb2.Any.FromString(own))
+            answer = await self.client.compensate(step.participant, compensate, call.timeout)
+        await answers.put(answer)
+
+    # -- ownership
+
+    async def _schedule(self) -> None:
+        while True:
+            try:
+                now = time.time()
+                claimed = await self.store.claim_due(
+                    self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
+                )
+            except StoreUnavailable as error:
+                log.warning("scheduler: %s", error)
+                claimed = []
+            for item in claimed:
+                self._drive(item.saga, item.epoch)
+            if len(claimed) == _CLAIM_BATCH:
+                continue
+            if self._next_due <= now:
+                self._next_due = float("inf")
+            self._scheduler_wake.clear()
+            wait = min(_POLL_SECONDS, max(0.0, self._next_due - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._scheduler_wake.wait(), wait)
+            # Woken for a later due time: sleep on until then.
+            while (delay := self._next_due - time.time()) > 0.001 and delay < _POLL_SECONDS:
+                self._scheduler_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._scheduler_wake.wait(), delay)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_seconds / 3)
+            try:
+                await self.store.renew_leases(self.owner, time.time() + self.config.lease_seconds)
+            except StoreUnavailable as error:
+                log.warning("lease renewal: %s", error)

@@ -1,0 +1,72 @@
+"""Calls to participants: one channel per target, a deadline on every call,
+and the outcome contract of participant.proto turned into machine events."""
+
+from __future__ import annotations
+
+import grpc
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+
+from orchestrator import machine
+
+_BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+
+
+class ParticipantClient:
+    """Keeps one grpc.aio channel per participant address."""
+
+    def __init__(self, addresses: dict[str, str], *, max_message_bytes: int) -> None:
+        self._addresses = dict(addresses)
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def address_of(self, participant: str) -> str:
+        """A logical name resolved from configuration, else the name as HOST:PORT."""
+        return self._addresses.get(participant, participant)
+
+    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
+        address = self.address_of(participant)
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels.append(channel)
+            stub = self._stubs[address] = participant_pb2_grpc.ParticipantServiceStub(channel)
+        return stub
+
+    async def execute(
+        self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float
+    ) -> machine.Event:
+        step = request.context.step_name
+        try:
+            response: participant_pb2.ExecuteResponse = await self._stub(participant).Execute(
+                request, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == _BUSINESS_FAILURE:
+                return machine.ExecuteFailed(step, error.details() or "aborted by participant")
+            return machine.ExecuteErrored(step, f"{error.code().name}: {error.details()}")
+        if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
+            return machine.ExecuteFailed(step, response.failure_reason or "failed by participant")
+        if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
+            return machine.ExecutePending(step)
+        output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
+        return machine.ExecuteSucceeded(step, output)
+
+    async def compensate(
+        self, participant: str, request: participant_pb2.CompensateRequest, timeout: float
+    ) -> machine.Event:
+        step = request.context.step_name
+        try:
+            await self._stub(participant).Compensate(request, timeout=timeout)
+        except grpc.aio.AioRpcError as error:
+            return machine.CompensateErrored(step, f"{error.code().name}: {error.details()}")
+        return machine.CompensateSucceeded(step)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()

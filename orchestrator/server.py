@@ -1,0 +1,116 @@
+"""The orchestrator process: gRPC server, health, reflection and the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from orchestrator import payloads
+from orchestrator.config import ServerConfig
+from orchestrator.definitions import load_definitions
+from orchestrator.engine import SagaEngine
+from orchestrator.errors import StoreUnavailable
+from orchestrator.service import OrchestratorService, register_definition
+from orchestrator.store import open_store
+
+log = logging.getLogger("compensa.server")
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+@dataclass
+class RunningOrchestrator:
+    """A started orchestrator; `address` is where clients connect."""
+
+    config: ServerConfig
+    server: grpc.aio.Server
+    engine: SagaEngine
+    health: health.aio.HealthServicer
+    port: int
+    address: str
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stops taking calls, stops driving sagas and releases their leases."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await self.engine.stop()
+        await self.engine.store.close()
+
+
+async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def _wait_for_database(running: RunningOrchestrator, definitions: list) -> None:  # type: ignore[type-arg]
+    """Creates the schema and registers definitions once the database answers,
+    then reports SERVING and starts driving sagas."""
+    delay = 0.2
+    while True:
+        try:
+            await running.engine.store.create_schema()
+            for definition in definitions:
+                stored, created = await register_definition(running.engine, definition, source="definitions")
+                if created:
+                    log.info("registered definition %s version %d", stored.name, stored.version)
+            break
+        except StoreUnavailable as error:
+            log.warning("database not reachable (%s); retrying in %.1fs", error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    running.engine.start()
+    await _set_serving(running.health, health_pb2.HealthCheckResponse.SERVING)
+    log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
+
+
+async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -> RunningOrchestrator:
+    """Starts listening at once (health NOT_SERVING), then becomes SERVING
+    when the database is reachable. Definition files are validated first:
+    a bad file raises DefinitionError before anything starts."""
+    payloads.import_proto_modules(config.proto_modules)
+    definitions = load_definitions(config.definition_paths) if config.definition_paths else []
+    store = open_store(config.resolved_database_url())
+    engine = SagaEngine(store, config)
+    limit = config.max_payload_bytes * 4
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    )
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorService(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen}")
+    await server.start()
+    host = config.listen.rpartition(":")[0]
+    address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
+    running = RunningOrchestrator(config, server, engine, health_servicer, port, address)
+    ready = asyncio.ensure_future(_wait_for_database(running, definitions))
+    if wait_ready:
+        await ready
+    return running
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs an orchestrator until SIGINT or SIGTERM."""
+    running = await start_orchestrator(config, wait_ready=False)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await running.stop()

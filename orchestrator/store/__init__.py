@@ -1,0 +1,17 @@
+"""Durable state: the store interface and its SQL implementations."""
+
+from orchestrator.store.base import Claimed, SagaPage, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store.sql import PostgresSagaStore, SqliteSagaStore, SqlSagaStore, open_store
+
+__all__ = [
+    "Claimed",
+    "PostgresSagaStore",
+    "SagaPage",
+    "SagaStore",
+    "SagaWrite",
+    "SqlSagaStore",
+    "SqliteSagaStore",
+    "StoredEvent",
+    "WriteResult",
+    "open_store",
+]

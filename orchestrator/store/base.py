@@ -1,0 +1,163 @@
+"""The store interface the engine and the API depend on."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from compensa.v1 import definition_pb2
+
+from orchestrator.machine import LogEvent, SagaRecord
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A log entry as read back, with its saga and global position."""
+
+    saga_id: str
+    definition_name: str
+    position: int
+    event: LogEvent
+
+
+@dataclass(frozen=True)
+class SagaWrite:
+    """One transition to persist, guarded by the saga's sequence (and epoch).
+
+    `epoch` None means an operator write that takes the saga over: it bumps
+    the epoch and makes `owner` the owner. `release` gives the saga up until
+    `due_at` (a wait with nothing in flight), so no replica holds it in memory.
+    """
+
+    saga: SagaRecord
+    events: tuple[LogEvent, ...]
+    expected_sequence: int
+    owner: str
+    epoch: int | None
+    release: bool
+    due_at: float | None
+    lease_until: float
+    changed_steps: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Whether a guarded write landed, and the epoch the writer now holds."""
+
+    ok: bool
+    epoch: int = 0
+    positions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    saga: SagaRecord
+    epoch: int
+
+
+@dataclass(frozen=True)
+class SagaPage:
+    sagas: list[SagaRecord]
+    next_page_token: str
+
+
+class SagaStore(abc.ABC):
+    """Durable state of sagas, definitions and the event log.
+
+    Every method is one transaction. Implementations keep all SQL.
+    """
+
+    @abc.abstractmethod
+    async def create_schema(self) -> None:
+        """Creates missing tables; safe to run at every start-up."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # Definitions
+
+    @abc.abstractmethod
+    async def register_definition(
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Stores a new version unless identical content exists; returns the
+        stored definition (with its version) and whether it was created."""
+
+    @abc.abstractmethod
+    async def get_definition(self, name: str, version: int = 0) -> definition_pb2.SagaDefinition | None:
+        """A version of a definition; 0 means the latest."""
+
+    @abc.abstractmethod
+    async def list_definitions(
+        self, page_size: int, after_name: str
+    ) -> list[definition_pb2.SagaDefinition]:
+        """Latest version of each definition, by name, after `after_name`."""
+
+    # Sagas
+
+    @abc.abstractmethod
+    async def create_saga(
+        self, write: SagaWrite, request_fingerprint: str
+    ) -> tuple[SagaRecord, bool, str]:
+        """Inserts a new saga with its steps and first events.
+
+        If the id exists, nothing is written and the existing saga is returned
+        with created False and its request fingerprint.
+        """
+
+    @abc.abstractmethod
+    async def load_saga(self, saga_id: str) -> SagaRecord | None: ...
+
+    @abc.abstractmethod
+    async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
+        """The saga if `owner` still holds it at `epoch`, else None."""
+
+    @abc.abstractmethod
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Persists many transitions in one transaction (group commit).
+
+        Each write lands only if its guard holds; the others are skipped.
+        """
+
+    @abc.abstractmethod
+    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        """Takes over sagas that are due and not held under a live lease."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        """Extends the lease of every saga `owner` holds."""
+
+    @abc.abstractmethod
+    async def release_all(self, owner: str, now: float) -> None:
+        """Gives up every saga `owner` holds (clean shutdown)."""
+
+    @abc.abstractmethod
+    async def list_sagas(
+        self,
+        *,
+        state: int,
+        definition_name: str,
+        updated_before: float | None,
+        page_size: int,
+        after: tuple[float, str] | None,
+    ) -> list[SagaRecord]:
+        """Sagas newest first, filtered; `after` is (created_at, saga_id) of
+        the last saga of the previous page."""
+
+    # The event log
+
+    @abc.abstractmethod
+    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]: ...
+
+    @abc.abstractmethod
+    async def read_log(
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+    ) -> list[StoredEvent]: ...
+
+    @abc.abstractmethod
+    async def head_position(self) -> int: ...

@@ -1,0 +1,107 @@
+"""The orchestrator's tables, as SQLAlchemy Core objects: the one schema.
+
+Times are seconds since the epoch (float): the same on PostgreSQL and SQLite,
+compared as plain numbers in guards and due-time queries.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+definitions = Table(
+    "compensa_definitions",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("body", LargeBinary, nullable=False),  # serialized SagaDefinition
+    Column("created_at", Float, nullable=False),
+    UniqueConstraint("name", "fingerprint", name="compensa_definitions_content"),
+)
+
+sagas = Table(
+    "compensa_sagas",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("definition_name", String(64), nullable=False),
+    Column("definition_version", Integer, nullable=False),
+    Column("state", Integer, nullable=False),
+    # Sequence number of the latest event: every transition is guarded on it.
+    Column("sequence", BigInteger, nullable=False),
+    Column("input", LargeBinary, nullable=False),  # serialized google.protobuf.Any
+    # Identifies the StartSaga request, so a repeat is told from a conflict.
+    Column("request_fingerprint", String(64), nullable=False),
+    Column("failure_reason", Text, nullable=False, default=""),
+    Column("resolution_note", Text, nullable=False, default=""),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    # When an unowned saga next needs a replica; NULL once final.
+    Column("due_at", Float, nullable=True),
+    # The replica driving the saga, until lease_until; epoch is bumped on
+    # every takeover and fences writes of a replica that lost the saga.
+    Column("owner", String(128), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("epoch", BigInteger, nullable=False, default=1),
+)
+Index("compensa_sagas_due", sagas.c.due_at)
+Index("compensa_sagas_list", sagas.c.created_at, sagas.c.saga_id)
+Index("compensa_sagas_owner", sagas.c.owner)
+
+saga_steps = Table(
+    "compensa_saga_steps",
+    metadata,
+    Column("saga_id", String(128), ForeignKey("compensa_sagas.saga_id"), primary_key=True),
+    Column("step_name", String(64), primary_key=True),
+    Column("position", Integer, nullable=False),
+    Column("state", Integer, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("compensate_attempts", Integer, nullable=False),
+    Column("output", LargeBinary, nullable=True),  # serialized google.protobuf.Any
+    Column("last_error", Text, nullable=False),
+    Column("effect_uncertain", Boolean, nullable=False),
+    Column("started_at", Float, nullable=True),
+    Column("finished_at", Float, nullable=True),
+    Column("next_attempt_at", Float, nullable=True),
+)
+
+saga_events = Table(
+    "compensa_saga_events",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("sequence", BigInteger, primary_key=True),
+    # Global position: assigned under the log_head row lock, so positions
+    # follow commit order and a reader never skips a late commit.
+    Column("position", BigInteger, nullable=False, unique=True),
+    Column("type", Integer, nullable=False),
+    Column("time", Float, nullable=False),
+    Column("saga_state", Integer, nullable=False),
+    Column("step_name", String(64), nullable=False),
+    Column("step_state", Integer, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("actor", String(256), nullable=False),
+    Column("definition_name", String(64), nullable=False),
+)
+
+log_head = Table(
+    "compensa_log_head",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("position", BigInteger, nullable=False),
+)
