@@ -1,0 +1,150 @@
+"""A real checkout stack for tests: three participants and an orchestrator,
+in this process, on port 0, with their own databases."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from compensa.checkout.v1 import checkout_pb2
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf import any_pb2
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from orchestrator.config import ServerConfig
+from orchestrator.server import RunningOrchestrator, start_orchestrator
+from participants.faults import FaultPlan
+from participants.server import RunningParticipant, start_participant
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKOUT = REPO / "definitions" / "checkout.yaml"
+FINAL = {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
+
+
+def checkout_input(**overrides: Any) -> any_pb2.Any:
+    """A packed CheckoutInput with a unique order and SKU."""
+    unique = uuid.uuid4().hex[:10]
+    values: dict[str, Any] = {
+        "order_id": f"order-{unique}",
+        "sku": f"sku-{unique}",
+        "quantity": 2,
+        "amount_cents": 4_200,
+        "card_token": "tok_visa",
+        "shipping_address": "1 Saga Street",
+    }
+    values.update(overrides)
+    packed = any_pb2.Any()
+    packed.Pack(checkout_pb2.CheckoutInput(**values))
+    return packed
+
+
+@dataclass
+class Stack:
+    orchestrator: RunningOrchestrator
+    participants: dict[str, RunningParticipant]
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub
+    channel: grpc.aio.Channel
+    orchestrator_url: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def start(self, saga_id: str | None = None, definition: str = "checkout", **input_values: Any) -> str:
+        saga_id = saga_id or f"saga-{uuid.uuid4().hex[:12]}"
+        await self.stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(
+                saga_id=saga_id, definition_name=definition, input=checkout_input(**input_values)
+            )
+        )
+        return saga_id
+
+    async def wait_final(self, saga_id: str, timeout: float = 30.0) -> saga_pb2.Saga:
+        """Follows WatchSaga until the final event, then returns the saga."""
+        async def follow() -> None:
+            async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)):
+                if response.event.saga_state in FINAL:
+                    pass
+        await asyncio.wait_for(follow(), timeout)
+        return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+
+    async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
+        out: list[saga_pb2.SagaEvent] = []
+        async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)):
+            out.append(response.event)
+        return out
+
+    def engine_of(self, kind: str) -> AsyncEngine:
+        return self.participants[kind].engine
+
+    async def rows(self, kind: str, table: str, **where: Any) -> list[sa.Row[Any]]:
+        """Rows of a participant's own table, optionally filtered by columns."""
+        engine = self.engine_of(kind)
+        async with engine.connect() as conn:
+            meta = sa.MetaData()
+            await conn.run_sync(lambda sync: meta.reflect(sync, only=[table]))
+            t = meta.tables[table]
+            query = sa.select(t).where(*(t.c[k] == v for k, v in where.items()))
+            return list((await conn.execute(query)).all())
+
+
+async def poll_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Calls `check` (sync or async) until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)  # ok-sleep: polling interval with a deadline
+
+
+@asynccontextmanager
+async def checkout_stack(
+    make_url: Callable[[], str],
+    *,
+    faults: Mapping[str, FaultPlan] | None = None,
+    definition_paths: tuple[Path, ...] = (CHECKOUT,),
+    lease_seconds: float = 5.0,
+    max_payload_bytes: int = 1024 * 1024,
+) -> AsyncIterator[Stack]:
+    """Starts inventory, payment and shipping (each on its own database from
+    `make_url`) and an orchestrator on another, all on port 0."""
+    faults = faults or {}
+    participants: dict[str, RunningParticipant] = {}
+    for kind in ("inventory", "payment", "shipping"):
+        participants[kind] = await start_participant(kind, make_url(), faults=faults.get(kind))
+    orchestrator_url = make_url()
+    orchestrator = await start_orchestrator(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            database_url=orchestrator_url,
+            definition_paths=definition_paths,
+            participants={kind: p.address for kind, p in participants.items()},
+            lease_seconds=lease_seconds,
+            max_payload_bytes=max_payload_bytes,
+        )
+    )
+    channel = grpc.aio.insecure_channel(orchestrator.address)
+    stack = Stack(
+        orchestrator=orchestrator,
+        participants=participants,
+        stub=orchestrator_pb2_grpc.OrchestratorServiceStub(channel),
+        channel=channel,
+        orchestrator_url=orchestrator_url,
+    )
+    try:
+        yield stack
+    finally:
+        await channel.close()
+        await orchestrator.stop(0)
+        for participant in participants.values():
+            await participant.stop(0)
