@@ -39,6 +39,9 @@ class ServerConfig:
     lease_seconds: float = 5.0
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
+    # Watch streams re-read the log this often even without a wake-up; a
+    # safety net under LISTEN/NOTIFY and in-process notifications.
+    watch_reread_seconds: float = 5.0
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

@@ -70,11 +70,17 @@ class ChangeSignal:
             if saga_id is not None and not bucket:
                 self._by_saga.pop(saga_id, None)
 
-    def notify(self, saga_ids: list[str]) -> None:
-        for saga_id in saga_ids:
-            for event in self._by_saga.get(saga_id, ()):
-                event.set()
-        if saga_ids:
+    def notify(self, saga_ids: list[str] | None) -> None:
+        """Wakes the readers of these sagas; None wakes every reader."""
+        if saga_ids is None:
+            for bucket in self._by_saga.values():
+                for event in bucket:
+                    event.set()
+        else:
+            for saga_id in saga_ids:
+                for event in self._by_saga.get(saga_id, ()):
+                    event.set()
+        if saga_ids is None or saga_ids:
             for event in self._all:
                 event.set()
 
@@ -152,6 +158,9 @@ class SagaEngine:
         self._tasks = [
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
             asyncio.create_task(self._renew_leases(), name="compensa-leases"),
+            asyncio.create_task(
+                self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
+            ),
         ]
 
     async def stop(self) -> None:

@@ -77,7 +77,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     a bad file raises DefinitionError before anything starts."""
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
-    store = open_store(config.resolved_database_url())
+    store = open_store(config.resolved_database_url(), notifier=config.replica_id)
     engine = SagaEngine(store, config)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(

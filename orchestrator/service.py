@@ -41,8 +41,6 @@ SAGA_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 _LOG_BATCH = 500
-# Without a wake-up (another replica wrote), a watcher re-reads this often.
-_WATCH_REREAD_SECONDS = 1.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -125,6 +123,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._engine = engine
         self._store = engine.store
         self._max_payload = engine.config.max_payload_bytes
+        self._reread_seconds = engine.config.watch_reread_seconds
 
     async def _saga_view(self, saga: machine.SagaRecord) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
@@ -304,7 +303,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 if len(events) == _LOG_BATCH:
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), _WATCH_REREAD_SECONDS)
+                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
 
     async def _finished(self, saga_id: str, sequence: int) -> bool:
         """True if the saga is final at this sequence (an operator retry can
@@ -331,7 +330,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 if len(events) == _LOG_BATCH:
                     continue
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), _WATCH_REREAD_SECONDS)
+                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
 
     # -- definitions
 

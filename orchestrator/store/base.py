@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from compensa.v1 import definition_pb2
@@ -161,3 +162,9 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def head_position(self) -> int: ...
+
+    async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
+        """Calls `on_change(saga_ids)` whenever another process commits events
+        (None: anything may have changed, re-read everything). Runs until
+        cancelled. The default, for a single-process store, never calls it."""
+        await asyncio.Event().wait()

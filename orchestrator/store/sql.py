@@ -7,14 +7,18 @@ set-up) are in the two small subclasses at the end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from compensa.v1 import definition_pb2
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.errors import StoreUnavailable
@@ -22,13 +26,18 @@ from orchestrator.machine import FINAL_SAGA_STATES, LogEvent, SagaRecord, StepRe
 from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas
 
+log = logging.getLogger("compensa.store")
+
 _ACTIVE_STATES = tuple(sorted({1, 2, 3, 4, 5} - FINAL_SAGA_STATES))
 
 
-def open_store(url: str) -> SqlSagaStore:
-    """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///..."""
+def open_store(url: str, *, notifier: str = "") -> SqlSagaStore:
+    """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
+
+    `notifier` names this process in change notifications, so it can ignore
+    its own."""
     if url.startswith("postgresql"):
-        return PostgresSagaStore(url)
+        return PostgresSagaStore(url, notifier=notifier)
     if url.startswith("sqlite"):
         return SqliteSagaStore(url)
     raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
@@ -281,6 +290,7 @@ class SqlSagaStore(SagaStore):
                 [_step_row(saga.saga_id, position, step) for position, step in enumerate(saga.steps)],
             )
             await self._append_events(conn, [(saga, write.events)])
+            await self._announce(conn, [saga.saga_id])
         return saga, True, request_fingerprint
 
     async def _load(self, conn: AsyncConnection, saga_id: str) -> SagaRecord | None:
@@ -314,6 +324,9 @@ class SqlSagaStore(SagaStore):
                 )
             ).one_or_none()
             return None if held is None else await self._load(conn, saga_id)
+
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        """Tells other processes, on commit, which sagas changed."""
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         results: list[WriteResult] = []
@@ -353,6 +366,7 @@ class SqlSagaStore(SagaStore):
                     )
                 landed.append((saga, write.events))
             positions_out = await self._append_events(conn, landed)
+            await self._announce(conn, [saga.saga_id for saga, _ in landed])
         landed_index = 0
         for index, result in enumerate(results):
             if result.ok:
@@ -482,11 +496,47 @@ class SqlSagaStore(SagaStore):
             return int((await conn.execute(sa.select(log_head.c.position).where(log_head.c.id == 1))).scalar_one())
 
 
+_CHANNEL = "compensa_changes"
+# NOTIFY payloads must stay under 8000 bytes; past this, say "anything".
+_MAX_PAYLOAD = 7000
+
+
 class PostgresSagaStore(SqlSagaStore):
     """The production store: several replicas share one PostgreSQL."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, notifier: str = "") -> None:
         super().__init__(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        self.notifier = notifier
+
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        if not saga_ids:
+            return
+        payload = self.notifier + "|" + ",".join(saga_ids)
+        if len(payload) > _MAX_PAYLOAD:
+            payload = self.notifier + "|*"
+        # Delivered at commit, never for a rolled-back transaction.
+        await conn.execute(sa.select(sa.func.pg_notify(_CHANNEL, payload)))
+
+    async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
+        conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        delay = 0.1
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {_CHANNEL}")
+                    delay = 0.1
+                    # Anything committed while we were not listening is found
+                    # by re-reading: a lost notification costs latency only.
+                    on_change(None)
+                    async for notice in conn.notifies():
+                        sender, _, ids = notice.payload.partition("|")
+                        if sender == ignore_from:
+                            continue
+                        on_change(None if ids == "*" else ids.split(","))
+            except (psycopg.OperationalError, OSError) as error:
+                log.warning("change listener lost its connection (%s); reconnecting in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
