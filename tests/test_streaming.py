@@ -1,0 +1,149 @@
+"""WatchSaga and WatchSagas: gap-free, duplicate-free, resumable, across processes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import grpc
+import pytest
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+
+from harness import CHECKOUT, checkout_stack
+from orchestrator.config import ServerConfig
+from orchestrator.server import start_orchestrator
+from participants.faults import FaultPlan
+
+S = saga_pb2
+
+
+async def _collect(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, saga_id: str, after: int = 0) -> list[int]:
+    return [
+        response.event.sequence
+        async for response in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=after))
+    ]
+
+
+async def test_watch_replays_the_log_and_resumes_from_any_sequence(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        saga_id = await stack.start(card_token="flagged")
+        saga = await stack.wait_final(saga_id)
+        full = await _collect(stack.stub, saga_id)
+        assert full == list(range(1, saga.sequence + 1))
+        for after in (1, 4, saga.sequence - 1):
+            assert await _collect(stack.stub, saga_id, after) == list(range(after + 1, saga.sequence + 1))
+
+
+async def test_a_subscriber_that_disconnects_and_resumes_misses_nothing(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    # Slow steps, so the saga is still running when the subscriber drops.
+    faults = {kind: FaultPlan(delay_seconds=0.2) for kind in ("inventory", "payment", "shipping")}
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        saga_id = await stack.start()
+        seen: list[int] = []
+        call = stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))
+        async for response in call:
+            seen.append(response.event.sequence)
+            if len(seen) == 3:
+                call.cancel()
+                break
+        assert seen == [1, 2, 3]
+        seen += await _collect(stack.stub, saga_id, after=seen[-1])
+        saga = await stack.wait_final(saga_id)
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        assert seen == list(range(1, saga.sequence + 1))
+
+
+async def test_a_change_made_by_one_orchestrator_reaches_a_watcher_on_another(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    faults = {"payment": FaultPlan(delay_seconds=0.3)}
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        # A second orchestrator on the same database. Its watchers never
+        # re-read on their own, so only LISTEN/NOTIFY can wake them.
+        other = await start_orchestrator(
+            ServerConfig(
+                listen="127.0.0.1:0",
+                database_url=stack.orchestrator_url,
+                definition_paths=(CHECKOUT,),
+                participants={kind: p.address for kind, p in stack.participants.items()},
+                watch_reread_seconds=3600,
+            )
+        )
+        try:
+            async with grpc.aio.insecure_channel(other.address) as channel:
+                other_stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+                saga_id = "cross-1"
+                await stack.start(saga_id=saga_id)
+                sequences = await asyncio.wait_for(_collect(other_stub, saga_id), 30)
+                saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+                assert saga.state == S.SAGA_STATE_SUCCEEDED
+                assert sequences == list(range(1, saga.sequence + 1))
+        finally:
+            await other.stop(0)
+
+
+async def test_watch_all_sagas_in_log_order_resumable_by_position(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        ids = [await stack.start(saga_id=f"all-{i}", card_token="flagged" if i % 2 else "ok") for i in range(6)]
+        finals = {saga_id: await stack.wait_final(saga_id) for saga_id in ids}
+        total = sum(saga.sequence for saga in finals.values())
+        events: list[saga_pb2.SagaEvent] = []
+        call = stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest())
+        async for response in call:
+            events.append(response.event)
+            if len(events) == total:
+                call.cancel()
+                break
+        positions = [event.position for event in events]
+        assert positions == sorted(positions) and len(set(positions)) == total
+        for saga_id, saga in finals.items():
+            assert [e.sequence for e in events if e.saga_id == saga_id] == list(range(1, saga.sequence + 1))
+        # Resume from the middle: exactly the rest, nothing twice.
+        middle = positions[total // 2 - 1]
+        rest: list[int] = []
+        call = stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(after_position=middle))
+        async for response in call:
+            rest.append(response.event.position)
+            if len(rest) == total - total // 2:
+                call.cancel()
+                break
+        assert rest == positions[total // 2 :]
+        # The filter keeps only what was asked for.
+        finished: list[saga_pb2.SagaEvent] = []
+        call = stack.stub.WatchSagas(
+            orchestrator_pb2.WatchSagasRequest(definition_name="checkout", saga_state=S.SAGA_STATE_COMPENSATED)
+        )
+        async for response in call:
+            finished.append(response.event)
+            if len(finished) == 3:
+                call.cancel()
+                break
+        assert {e.saga_id for e in finished} == {"all-1", "all-3", "all-5"}
+        assert all(e.type == S.EVENT_TYPE_SAGA_COMPENSATED for e in finished)
+
+
+async def test_watch_bad_input(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _collect(stack.stub, "no-such-saga")
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        saga_id = await stack.start()
+        saga = await stack.wait_final(saga_id)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await _collect(stack.stub, saga_id, after=-1)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for _ in stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(after_position=-5)):
+                pass
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        # A sequence beyond the latest is the future: the stream waits.
+        received: list[int] = []
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            async for response in stack.stub.WatchSaga(
+                orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=saga.sequence + 10), timeout=0.5
+            ):
+                received.append(response.event.sequence)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert received == []
