@@ -1,0 +1,311 @@
+"""Long-running steps, durable timeouts, operator actions and stuck sagas."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from harness import FINAL, checkout_input, poll_until
+from orchestrator.config import ServerConfig
+from orchestrator.server import RunningOrchestrator, start_orchestrator
+from scripted_participant import ScriptedParticipant, serve_scripted
+
+S = saga_pb2
+
+FLOW = """
+name: flow
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - name: reserve
+    participant: scripted
+    execute_timeout: 1s
+    compensate_timeout: 1s
+    compensate_retry: {{max_attempts: 3, initial_backoff: 20ms, backoff_multiplier: 1, max_backoff: 20ms}}
+  - name: hold
+    participant: scripted
+    long_running: true
+    execute_timeout: 1s
+    step_timeout: {hold_timeout}
+    compensate_retry: {{max_attempts: 3, initial_backoff: 20ms, backoff_multiplier: 1, max_backoff: 20ms}}
+  - name: finish
+    participant: scripted
+    kind: PIVOT
+    execute_timeout: 1s
+"""
+
+
+@dataclass
+class Rig:
+    participant: ScriptedParticipant
+    address: str
+    database_url: str
+    definition: Path
+    orchestrator: RunningOrchestrator | None = None
+    channel: grpc.aio.Channel | None = None
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
+
+    async def start(self) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
+        self.orchestrator = await start_orchestrator(
+            ServerConfig(
+                listen="127.0.0.1:0",
+                database_url=self.database_url,
+                definition_paths=(self.definition,),
+                participants={"scripted": self.address},
+                lease_seconds=1.0,
+            )
+        )
+        self.channel = grpc.aio.insecure_channel(self.orchestrator.address)
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self.channel)
+        return self.stub
+
+    async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        if self.orchestrator is not None:
+            await self.orchestrator.stop(0)
+        self.orchestrator = self.channel = self.stub = None
+
+    async def saga(self, saga_id: str) -> saga_pb2.Saga:
+        assert self.stub is not None
+        return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+
+    async def until(self, saga_id: str, predicate: Callable[[saga_pb2.Saga], bool], timeout: float = 15) -> saga_pb2.Saga:
+        async def check() -> saga_pb2.Saga | None:
+            saga = await self.saga(saga_id)
+            return saga if predicate(saga) else None
+
+        result: saga_pb2.Saga = await poll_until(check, timeout)
+        return result
+
+    async def final(self, saga_id: str, timeout: float = 15) -> saga_pb2.Saga:
+        return await self.until(saga_id, lambda saga: saga.state in FINAL, timeout)
+
+    async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
+        assert self.stub is not None
+        return [r.event async for r in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))]
+
+    async def begin(self, saga_id: str) -> None:
+        assert self.stub is not None
+        await self.stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(saga_id=saga_id, definition_name="flow", input=checkout_input())
+        )
+
+
+@asynccontextmanager
+async def rig(tmp_path: Path, make_postgres_url: Callable[[], str], hold_timeout: str = "30m") -> AsyncIterator[Rig]:
+    participant = ScriptedParticipant()
+    server, address = await serve_scripted(participant)
+    definition = tmp_path / "flow.yaml"
+    definition.write_text(FLOW.format(hold_timeout=hold_timeout))
+    setup = Rig(participant, address, make_postgres_url(), definition)
+    await setup.start()
+    try:
+        yield setup
+    finally:
+        await setup.stop()
+        await server.stop(0)
+
+
+def _step(saga: saga_pb2.Saga, name: str) -> saga_pb2.Step:
+    return next(step for step in saga.steps if step.name == name)
+
+
+def _waiting(saga: saga_pb2.Saga) -> bool:
+    return _step(saga, "hold").state == S.STEP_STATE_WAITING
+
+
+async def test_long_running_step_waits_without_holding_anything_then_completes(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("long-1")
+        await r.until("long-1", _waiting)
+        assert r.orchestrator is not None and r.stub is not None
+        # Waiting is a row, not a task: the engine drives nothing.
+        await poll_until(lambda: not r.orchestrator.engine._driving)  # type: ignore[union-attr]
+        token = r.participant.of("execute", "hold")[0].token
+        assert token
+        output = any_pb2.Any()
+        output.Pack(wrappers_pb2.StringValue(value="approved"))
+        request = orchestrator_pb2.CompleteStepRequest(
+            completion_token=token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED, output=output
+        )
+        await r.stub.CompleteStep(request)
+        saga = await r.final("long-1")
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        assert _step(saga, "hold").output == output
+        # The same report again is fine; a contradicting one is not.
+        again = await r.stub.CompleteStep(request)
+        assert again.saga.state == S.SAGA_STATE_SUCCEEDED
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.CompleteStep(
+                orchestrator_pb2.CompleteStepRequest(
+                    completion_token=token, result=orchestrator_pb2.COMPLETION_RESULT_FAILED
+                )
+            )
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(completion_token="!!", result=1))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(r.participant.of("execute", "finish")) == 1
+
+
+async def test_a_wait_survives_an_orchestrator_restart(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("long-2")
+        await r.until("long-2", _waiting)
+        token = r.participant.of("execute", "hold")[0].token
+        await r.stop()
+        stub = await r.start()
+        await stub.CompleteStep(
+            orchestrator_pb2.CompleteStepRequest(
+                completion_token=token, result=orchestrator_pb2.COMPLETION_RESULT_FAILED, failure_reason="rejected"
+            )
+        )
+        saga = await r.final("long-2")
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        assert "rejected" in saga.failure_reason
+        assert [c.step for c in r.participant.of("compensate")] == ["reserve"]
+
+
+async def test_step_timeout_is_durable_and_fires_once_across_a_restart(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url, hold_timeout="1500ms") as r:
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("timeout-1")
+        await r.until("timeout-1", _waiting)
+        await r.stop()  # nobody runs while the deadline passes
+        await r.start()
+        saga = await r.final("timeout-1", timeout=20)
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        assert saga.failure_reason == "step 'hold' failed: step timed out"
+        events = await r.events("timeout-1")
+        assert [e.step_name for e in events if e.type == S.EVENT_TYPE_STEP_FAILED] == ["hold"]
+        # The step's outcome was unknown, so it was compensated too, in reverse order.
+        assert [c.step for c in r.participant.of("compensate")] == ["hold", "reserve"]
+
+
+async def test_cancel_compensates_what_was_done_and_records_who(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        assert r.stub is not None
+        r.participant.script("execute", "hold", "pending", "pending")
+        await r.begin("cancel-1")
+        await r.until("cancel-1", _waiting)
+        response = await r.stub.CancelSaga(
+            orchestrator_pb2.CancelSagaRequest(saga_id="cancel-1", actor="alice", reason="customer changed mind")
+        )
+        assert response.saga.state in (S.SAGA_STATE_COMPENSATING, S.SAGA_STATE_COMPENSATED)
+        saga = await r.final("cancel-1")
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        cancel = [e for e in await r.events("cancel-1") if e.type == S.EVENT_TYPE_CANCEL_REQUESTED]
+        assert [(e.actor, e.message) for e in cancel] == [("alice", "customer changed mind")]
+        assert [c.step for c in r.participant.of("compensate")] == ["hold", "reserve"]
+        # Cancelling again is a no-op; unknown and finished sagas are refused.
+        again = await r.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="cancel-1"))
+        assert again.saga.sequence == saga.sequence
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="nope"))
+        assert error.value.code() == grpc.StatusCode.NOT_FOUND
+        await r.begin("cancel-2")
+        await r.until("cancel-2", _waiting)
+        for call in r.participant.of("execute", "hold"):
+            if call.saga_id == "cancel-2":
+                await r.stub.CompleteStep(
+                    orchestrator_pb2.CompleteStepRequest(
+                        completion_token=call.token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+                    )
+                )
+        assert (await r.final("cancel-2")).state == S.SAGA_STATE_SUCCEEDED
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="cancel-2"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        assert r.stub is not None
+        r.participant.script("execute", "hold", "fail")
+        r.participant.script("compensate", "reserve", "fail", "fail", "fail")
+        await r.begin("comp-1")
+        saga = await r.final("comp-1")
+        assert saga.state == S.SAGA_STATE_FAILED
+        assert _step(saga, "reserve").state == S.STEP_STATE_COMPENSATION_FAILED
+        events = await r.events("comp-1")
+        alerts = [e for e in events if e.type == S.EVENT_TYPE_ALERT_RAISED]
+        assert len(alerts) == 1 and "reserve" in alerts[0].message
+        # A person fixed the participant; retry runs the compensation again.
+        retried = await r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="comp-1", actor="bob"))
+        assert retried.saga.state == S.SAGA_STATE_COMPENSATING
+        saga = await r.final("comp-1")
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        assert len(r.participant.of("compensate", "reserve")) == 4
+        retry_events = [e for e in await r.events("comp-1") if e.type == S.EVENT_TYPE_OPERATOR_RETRIED]
+        assert [e.actor for e in retry_events] == ["bob"]
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="comp-1"))
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_operator_resolves_a_failed_saga_by_hand(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        assert r.stub is not None
+        r.participant.script("execute", "hold", "fail")
+        r.participant.script("compensate", "reserve", "fail", "fail", "fail")
+        await r.begin("resolve-1")
+        assert (await r.final("resolve-1")).state == S.SAGA_STATE_FAILED
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", note=" "))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        resolved = await r.stub.ResolveSaga(
+            orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", actor="carol", note="released stock by hand")
+        )
+        assert resolved.saga.resolution_note == "released stock by hand"
+        resolved_events = [e for e in await r.events("resolve-1") if e.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
+        assert [(e.actor, e.message) for e in resolved_events] == [("carol", "released stock by hand")]
+        for action in (
+            r.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", note="again")),
+            r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="resolve-1")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await action
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_stuck_sagas_are_listed(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        assert r.stub is not None
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("stuck-1")
+        await r.until("stuck-1", _waiting)
+        await r.begin("done-1")
+        for call in r.participant.of("execute", "hold"):
+            if call.saga_id == "done-1":
+                await r.stub.CompleteStep(
+                    orchestrator_pb2.CompleteStepRequest(
+                        completion_token=call.token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+                    )
+                )
+        await r.final("done-1")
+        stub = r.stub
+
+        async def stuck() -> list[str]:
+            page = await stub.ListSagas(
+                orchestrator_pb2.ListSagasRequest(stuck_for=duration_pb2.Duration(nanos=300_000_000))
+            )
+            return [saga.saga_id for saga in page.sagas]
+
+        assert await poll_until(stuck) == ["stuck-1"]
