@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import subprocess
 import sys
@@ -31,16 +30,6 @@ CHECKOUT_INPUT = {
 }
 # Generous: a subprocess that hangs must fail the test, not the suite.
 COMMAND_TIMEOUT_SECONDS = 120.0
-
-
-def _servers_importable() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("orchestrator.server", "participants.server"))
-
-
-needs_servers = pytest.mark.skipif(
-    not _servers_importable(),
-    reason="orchestrator.server or participants.server has not landed yet",
-)
 
 
 @dataclass(frozen=True)
@@ -226,7 +215,6 @@ async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
             await participant.stop()
 
 
-@needs_servers
 async def test_start_with_malformed_json_exits_2(deployment: _Deployment) -> None:
     result = await _compensa_async("--address", deployment.address, "start", "checkout", "--input", "{not json")
     assert result.returncode == 2
@@ -234,14 +222,12 @@ async def test_start_with_malformed_json_exits_2(deployment: _Deployment) -> Non
     assert "CheckoutInput" in result.stderr
 
 
-@needs_servers
 async def test_start_unknown_definition_exits_2_with_not_found(deployment: _Deployment) -> None:
     result = await _compensa_async("--address", deployment.address, "start", "no-such-flow", "--input", "{}")
     assert result.returncode == 2
     assert result.stderr.startswith("error: NOT_FOUND: ")
 
 
-@needs_servers
 async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     address = ("--address", deployment.address)
     succeeded = await _compensa_async(
@@ -277,7 +263,6 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     assert not_allowed.stderr.startswith("error: FAILED_PRECONDITION: ")
 
 
-@needs_servers
 def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
     result = _compensa("demo", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
