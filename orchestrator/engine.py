@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from compensa.v1 import participant_pb2
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 
 from orchestrator import machine
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import SagaStore, SagaWrite, WriteResult
+from orchestrator.views import timestamp
 
 log = logging.getLogger("compensa.engine")
 
@@ -366,9 +367,7 @@ class SagaEngine:
             attempt=call.attempt,
             definition_name=saga.definition_name,
             definition_version=saga.definition_version,
-            deadline=timestamp_pb2.Timestamp(
-                seconds=int(time.time() + call.timeout), nanos=0
-            ),
+            deadline=timestamp(time.time() + call.timeout),
         )
         saga_input = any_pb2.Any.FromString(saga.input)
         outputs = {
@@ -423,7 +422,12 @@ class SagaEngine:
     async def _renew_leases(self) -> None:
         while True:
             await asyncio.sleep(self.config.lease_seconds / 3)
+            # Only sagas a live driver holds: a saga whose driver died lets
+            # its lease lapse and is claimed again.
+            driven = list(self._driving)
+            if not driven:
+                continue
             try:
-                await self.store.renew_leases(self.owner, time.time() + self.config.lease_seconds)
+                await self.store.renew_leases(self.owner, driven, time.time() + self.config.lease_seconds)
             except StoreUnavailable as error:
                 log.warning("lease renewal: %s", error)

@@ -130,8 +130,8 @@ class SagaStore(abc.ABC):
         """Takes over sagas that are due and not held under a live lease."""
 
     @abc.abstractmethod
-    async def renew_leases(self, owner: str, lease_until: float) -> int:
-        """Extends the lease of every saga `owner` holds."""
+    async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
+        """Extends `owner`'s lease on these sagas (those it still holds)."""
 
     @abc.abstractmethod
     async def release_all(self, owner: str, now: float) -> None:

@@ -28,6 +28,9 @@ from orchestrator.store.schema import definitions, log_head, metadata, saga_even
 
 log = logging.getLogger("compensa.store")
 
+# Ids per IN list, well under the drivers' bound-parameter limits.
+_ID_CHUNK = 900
+
 _ACTIVE_STATES = tuple(sorted({1, 2, 3, 4, 5} - FINAL_SAGA_STATES))
 
 
@@ -425,12 +428,17 @@ class SqlSagaStore(SagaStore):
             loaded = await self._load_many(conn, rows)
         return [Claimed(saga=saga, epoch=row.epoch) for saga, row in zip(loaded, rows)]
 
-    async def renew_leases(self, owner: str, lease_until: float) -> int:
+    async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
+        renewed = 0
         async with self._transaction() as conn:
-            result = await conn.execute(
-                sa.update(sagas).where(sagas.c.owner == owner).values(lease_until=lease_until)
-            )
-            return int(result.rowcount)
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                result = await conn.execute(
+                    sa.update(sagas)
+                    .where(sagas.c.owner == owner, sagas.c.saga_id.in_(saga_ids[start : start + _ID_CHUNK]))
+                    .values(lease_until=lease_until)
+                )
+                renewed += int(result.rowcount)
+        return renewed
 
     async def release_all(self, owner: str, now: float) -> None:
         async with self._transaction() as conn:
