@@ -31,13 +31,15 @@ from orchestrator.server import start_orchestrator
 from participants.faults import FaultPlan
 from participants.inventory import RESERVATIONS
 from participants.payment import CHARGES, REFUNDS
-from participants.server import PARTICIPANT_KINDS, start_participant
+from participants.server import start_participant
 from participants.shipping import SHIPMENTS
 
-__all__ = ["DEFINITIONS_DIR", "run_demo"]
+__all__ = ["CHECKOUT_PARTICIPANTS", "DEFINITIONS_DIR", "run_demo"]
 
 #: The example definitions shipped with the repository.
 DEFINITIONS_DIR = Path(__file__).resolve().parents[1] / "definitions"
+#: The participants definitions/checkout.yaml calls.
+CHECKOUT_PARTICIPANTS = ("inventory", "payment", "shipping")
 
 #: Every first charge attempt fails as if the payment service were briefly down.
 _PAYMENT_FAULTS = FaultPlan(unavailable_attempts=1)
@@ -87,7 +89,7 @@ async def _run_demo_in(workdir: Path) -> int:
     ]
     async with contextlib.AsyncExitStack() as stack:
         participant_addresses: dict[str, str] = {}
-        for kind in PARTICIPANT_KINDS:
+        for kind in CHECKOUT_PARTICIPANTS:
             faults = _PAYMENT_FAULTS if kind == "payment" else None
             participant = await start_participant(kind, _sqlite_url(workdir / f"{kind}.db"), faults=faults)
             stack.push_async_callback(participant.stop)

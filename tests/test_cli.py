@@ -16,9 +16,9 @@ from google.protobuf import timestamp_pb2
 from compensa.v1 import saga_pb2
 from orchestrator import timeline
 from orchestrator.cli import parse_duration
+from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
-REPO = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ("serve", "participant", "demo", "start", "get", "list", "watch", "cancel", "retry", "resolve")
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
@@ -194,17 +194,17 @@ async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
     """The three example participants and an orchestrator, on SQLite files in tmp_path."""
     from orchestrator.config import ServerConfig
     from orchestrator.server import start_orchestrator
-    from participants.server import PARTICIPANT_KINDS, start_participant
+    from participants.server import start_participant
 
     participants = [
-        await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db") for kind in PARTICIPANT_KINDS
+        await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db") for kind in CHECKOUT_PARTICIPANTS
     ]
     orchestrator = await start_orchestrator(
         ServerConfig(
             listen="127.0.0.1:0",
             database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
-            definition_paths=(REPO / "definitions" / "checkout.yaml",),
-            participants={kind: running.address for kind, running in zip(PARTICIPANT_KINDS, participants)},
+            definition_paths=(DEFINITIONS_DIR / "checkout.yaml",),
+            participants={kind: running.address for kind, running in zip(CHECKOUT_PARTICIPANTS, participants)},
         )
     )
     try:
