@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 from participants.faults import FaultPlan
+from participants.fraud import FraudParticipant
 from participants.inventory import InventoryParticipant
 from participants.payment import PaymentParticipant
 from participants.sdk import Participant
@@ -34,7 +35,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The kinds of participant `build_participant` knows.
-PARTICIPANT_KINDS = ("inventory", "payment", "shipping")
+PARTICIPANT_KINDS = ("inventory", "fraud", "payment", "shipping")
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
 
@@ -77,6 +78,8 @@ def build_participant(kind: str, engine: AsyncEngine, *, faults: FaultPlan | Non
     """
     if kind == "inventory":
         return InventoryParticipant(engine, faults=faults)
+    if kind == "fraud":
+        return FraudParticipant(engine, faults=faults)
     if kind == "payment":
         return PaymentParticipant(engine, faults=faults)
     if kind == "shipping":
