@@ -1,0 +1,92 @@
+"""The null driver: the floor that gRPC alone sets on this machine.
+
+Per saga it makes the three Execute calls to the no-op participant, one after
+the other, exactly as the orchestrator would (same request contents, one
+channel, a deadline on each call), with no start call and no persistence: the
+methodology of the issue's reference figures. Its own CPU is what the bench
+reports as "CPU per saga" for this row.
+
+Speaks the run protocol of bench/common.py on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import grpc
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+from google.protobuf import timestamp_pb2
+
+from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
+
+_TIMEOUT_SECONDS = 30.0
+
+
+def execute_request(saga_id: str, step: str, definition_name: str) -> participant_pb2.ExecuteRequest:
+    """The ExecuteRequest the orchestrator sends for `step` of a bench saga."""
+    return participant_pb2.ExecuteRequest(
+        context=participant_pb2.StepContext(
+            saga_id=saga_id, step_name=step, idempotency_key=f"{saga_id}/{step}", attempt=1,
+            definition_name=definition_name, definition_version=1,
+            deadline=timestamp_pb2.Timestamp(seconds=int(time.time() + _TIMEOUT_SECONDS)),
+        ),
+        saga_input=saga_input(),
+    )
+
+
+class NullDriver:
+    """Runs sagas that are nothing but their three participant calls."""
+
+    def __init__(self, participant: str) -> None:
+        self._channel = grpc.aio.insecure_channel(participant)
+        self._stub = participant_pb2_grpc.ParticipantServiceStub(self._channel)
+
+    async def _saga(self, saga_id: str) -> None:
+        for step in STEP_NAMES:
+            response = await self._stub.Execute(execute_request(saga_id, step, "bench"), timeout=_TIMEOUT_SECONDS)
+            if response.result not in (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED):
+                raise RuntimeError(f"step {step} answered {response.result}")
+
+    async def run(self, command: dict[str, Any]) -> str:
+        total, concurrency = int(command["sagas"]), int(command["concurrency"])
+        prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
+        latencies: list[float] = []
+        errors: list[str] = []
+        next_index = 0
+
+        async def worker() -> None:
+            nonlocal next_index
+            while next_index < total:
+                index, next_index = next_index, next_index + 1
+                started = time.perf_counter()
+                try:
+                    await self._saga(f"{prefix}-{index}")
+                except (grpc.aio.AioRpcError, RuntimeError) as error:
+                    errors.append(str(error))
+                    continue
+                latencies.append((time.perf_counter() - started) * 1000)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+        seconds = time.perf_counter() - began
+        return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+
+
+async def main_async(participant: str) -> None:
+    driver = NullDriver(participant)
+    await serve_commands(driver.run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--participant", required=True, help="HOST:PORT of the no-op participant")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.participant))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,646 @@
+"""Compensa benchmark: the orchestrator against a gRPC-only floor and a naive durable loop.
+
+Starts, on this machine: a no-op participant; for each concurrency level a
+PostgreSQL-backed `compensa serve` on a fresh database driven by a separate
+load client, a null driver (gRPC calls only) and a naive durable loop (psycopg,
+one commit per transition, its own fresh database); then a fresh orchestrator
+to measure the memory of many waiting sagas. Prints a table of medians and, as
+the last line, the summary the issue asks for. Exits 1 if any saga failed, 130
+when interrupted; processes and databases are cleaned up either way.
+
+See bench/README.md for the methodology.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import grpc
+import psycopg
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import STEP_NAMES, WAITING_STEP, cpu_seconds, memory_kib, percentile
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+PYTHON = sys.executable
+COMPENSA = str(Path(PYTHON).with_name("compensa"))
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
+PG_HOST = "127.0.0.1:5432"
+WARMUP_SAGAS = 500
+STEP_WAITING = 3  # saga_pb2.STEP_STATE_WAITING
+
+BENCH_DEFINITION = """\
+# Written by bench/run.py: three compensable steps on the no-op participant.
+name: bench
+description: Benchmark saga, three no-op steps.
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+{steps}"""
+_STEP = """\
+  - name: {name}
+    participant: noop
+    kind: COMPENSABLE
+    execute_timeout: 30s
+    compensate_timeout: 30s
+    retry: {{max_attempts: 3, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}}
+    compensate_retry: {{max_attempts: 3, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}}
+"""
+WAITING_DEFINITION = """\
+# Written by bench/run.py: the first step is long-running and the no-op
+# participant answers PENDING, so every saga parks in WAITING.
+name: bench-waiting
+description: Benchmark saga that waits on a long-running step.
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - name: {waiting}
+    participant: noop
+    kind: COMPENSABLE
+    execute_timeout: 30s
+    compensate_timeout: 30s
+    step_timeout: 24h
+    long_running: true
+    retry: {{max_attempts: 3, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}}
+    compensate_retry: {{max_attempts: 3, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}}
+  - name: after
+    participant: noop
+    kind: COMPENSABLE
+    execute_timeout: 30s
+    compensate_timeout: 30s
+"""
+
+
+class BenchFailed(Exception):
+    """Something the bench depends on did not work; the message says what."""
+
+
+# -- processes and databases
+
+
+@dataclass
+class Child:
+    """A process the bench started, with its log file."""
+
+    name: str
+    process: subprocess.Popen[str]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_tail(self, lines: int = 30) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def read_line(self) -> str:
+        """The child's next stdout line; BenchFailed if it exited."""
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(5)
+            raise BenchFailed(f"{self.name} exited ({self.process.returncode}):\n{self.log_tail()}")
+        return line.strip()
+
+
+class Lab:
+    """Owns every process, database and file the bench creates, and removes them."""
+
+    def __init__(self, keep_logs: bool) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="compensa-bench-"))
+        self._keep_logs = keep_logs
+        self._children: list[Child] = []
+        self._databases: list[str] = []
+        self._suffix = uuid.uuid4().hex[:8]
+
+    def spawn(self, name: str, argv: Sequence[str], *, pipes: bool = True) -> Child:
+        log = self.dir / f"{name}.log"
+        with open(log, "w") as stderr:
+            process = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else subprocess.DEVNULL,
+                stderr=stderr,
+                text=True,
+                bufsize=1,
+                # Own session: a Ctrl-C reaches only the bench, which stops
+                # the children itself, in order.
+                start_new_session=True,
+            )
+        child = Child(name, process, log)
+        self._children.append(child)
+        return child
+
+    def stop(self, child: Child, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` seconds."""
+        process = child.process
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+        if child in self._children:
+            self._children.remove(child)
+
+    def create_database(self, role: str) -> str:
+        name = f"compensa_bench_{role}_{self._suffix}"
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            admin.execute(f'CREATE DATABASE "{name}"')
+        self._databases.append(name)
+        return name
+
+    def drop_database(self, name: str) -> None:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if name in self._databases:
+            self._databases.remove(name)
+
+    def close(self, failed: bool) -> None:
+        for child in reversed(list(self._children)):
+            self.stop(child, timeout=5.0)
+        for name in list(self._databases):
+            try:
+                self.drop_database(name)
+            except psycopg.Error as error:
+                print(f"bench: could not drop database {name}: {error}", file=sys.stderr)
+        if failed or self._keep_logs:
+            print(f"bench: logs kept in {self.dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# -- workloads
+
+
+@dataclass
+class Measurement:
+    """One measured run: client-side timings plus the measured process's CPU."""
+
+    sagas: int
+    failed: int
+    seconds: float
+    cpu_seconds: float
+    latencies_ms: list[float]
+    first_error: str
+
+    @property
+    def per_second(self) -> float:
+        return (self.sagas - self.failed) / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_saga(self) -> float:
+        return 1000 * self.cpu_seconds / self.sagas if self.sagas else 0.0
+
+
+class Workload:
+    """A process speaking the run protocol (bench/common.py), and the pid whose CPU counts."""
+
+    def __init__(self, client: Child, measured_pid: int) -> None:
+        self.client = client
+        self.measured_pid = measured_pid
+        ready = client.read_line()
+        if ready != "ready":
+            raise BenchFailed(f"{client.name} said {ready!r} instead of ready")
+
+    def command(self, **command: Any) -> Measurement:
+        assert self.client.process.stdin is not None
+        before = cpu_seconds(self.measured_pid)
+        self.client.process.stdin.write(json.dumps(command) + "\n")
+        self.client.process.stdin.flush()
+        answer = json.loads(self.client.read_line())
+        after = cpu_seconds(self.measured_pid)
+        if not answer.get("ok"):
+            raise BenchFailed(f"{self.client.name}: {answer.get('error')}\n{self.client.log_tail()}")
+        return Measurement(
+            sagas=answer["sagas"], failed=answer["failed"], seconds=answer["seconds"], cpu_seconds=after - before,
+            latencies_ms=sorted(answer["latencies_ms"]), first_error=answer["first_error"],
+        )
+
+
+@dataclass
+class Row:
+    """The medians of one system at one concurrency."""
+
+    system: str
+    concurrency: int
+    runs: list[Measurement]
+    peak_rss_kib: int
+    failed: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.failed = sum(run.failed for run in self.runs)
+
+    def median(self, metric: str) -> float:
+        values: list[float] = []
+        for run in self.runs:
+            if metric == "per_second":
+                values.append(run.per_second)
+            elif metric == "cpu":
+                values.append(run.cpu_ms_per_saga)
+            elif metric == "p50":
+                values.append(percentile(run.latencies_ms, 0.50))
+            elif metric == "p99":
+                values.append(percentile(run.latencies_ms, 0.99))
+            else:
+                raise ValueError(metric)
+        return statistics.median(values)
+
+
+def measure(
+    name: str, workload: Workload, sagas: int, concurrency: int, runs: int,
+    after_warmup: Callable[[], None] | None = None,
+) -> list[Measurement]:
+    """A warm-up run (not counted), then `runs` measured runs, each printed."""
+    warmup = workload.command(cmd="run", sagas=min(WARMUP_SAGAS, sagas), concurrency=concurrency, tag="warmup")
+    if warmup.failed:
+        raise BenchFailed(f"{name} c={concurrency}: {warmup.failed} warm-up sagas failed: {warmup.first_error}")
+    if after_warmup is not None:
+        after_warmup()
+    measured = []
+    for index in range(runs):
+        run = workload.command(cmd="run", sagas=sagas, concurrency=concurrency, tag=f"r{index}")
+        print(
+            f"  {name:<12} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
+            f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
+            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
+            flush=True,
+        )
+        measured.append(run)
+    return measured
+
+
+@dataclass
+class Bench:
+    """The whole benchmark, configured by the command line."""
+
+    lab: Lab
+    args: argparse.Namespace
+    participant: str = ""
+
+    def write_definitions(self) -> tuple[Path, Path]:
+        bench_dir, waiting_dir = self.lab.dir / "definitions", self.lab.dir / "waiting-definitions"
+        bench_dir.mkdir()
+        waiting_dir.mkdir()
+        steps = "".join(_STEP.format(name=name) for name in STEP_NAMES)
+        (bench_dir / "bench.yaml").write_text(BENCH_DEFINITION.format(steps=steps))
+        (waiting_dir / "bench-waiting.yaml").write_text(WAITING_DEFINITION.format(waiting=WAITING_STEP))
+        return bench_dir, waiting_dir
+
+    def start_participant(self) -> None:
+        child = self.lab.spawn("participant", [PYTHON, str(BENCH_DIR / "noop_participant.py")])
+        ready = child.read_line()
+        if not ready.startswith("ready "):
+            raise BenchFailed(f"participant said {ready!r}")
+        self.participant = ready.split()[1]
+
+    def start_orchestrator(self, database: str, definitions: Path, name: str) -> tuple[Child, str]:
+        address = f"127.0.0.1:{free_port()}"
+        child = self.lab.spawn(
+            name,
+            [
+                COMPENSA, "serve", "--listen", address,
+                "--db", f"postgresql+psycopg://postgres@{PG_HOST}/{database}",
+                "--definitions", str(definitions), "--participant", f"noop={self.participant}",
+            ],
+            pipes=False,
+        )
+        deadline = time.monotonic() + 60
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if child.process.poll() is not None:
+                    raise BenchFailed(f"{name} exited ({child.process.returncode}):\n{child.log_tail()}")
+                with contextlib.suppress(grpc.RpcError):
+                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return child, address
+                if time.monotonic() > deadline:
+                    raise BenchFailed(f"{name} not SERVING after 60s:\n{child.log_tail()}")
+                time.sleep(0.1)
+
+    def load_client(self, address: str, definition: str, name: str) -> Child:
+        return self.lab.spawn(
+            name,
+            [PYTHON, str(BENCH_DIR / "load_client.py"), "--address", address, "--definition", definition,
+             "--wait", self.args.wait, "--poll-ms", str(self.args.poll_ms)],
+        )
+
+    def sagas_at(self, concurrency: int) -> int:
+        return int(self.args.c1_sagas if concurrency == 1 else self.args.sagas)
+
+    # -- the three systems
+
+    def run_null(self, concurrency: int) -> Row:
+        child = self.lab.spawn(f"null-c{concurrency}", [PYTHON, str(BENCH_DIR / "null_driver.py"), "--participant", self.participant])
+        try:
+            workload = Workload(child, child.pid)
+            runs = measure("null", workload, self.sagas_at(concurrency), concurrency, self.args.runs)
+            return Row("null driver", concurrency, runs, memory_kib(child.pid)["VmHWM"])
+        finally:
+            self.lab.stop(child)
+
+    def run_naive(self, concurrency: int) -> Row:
+        database = self.lab.create_database(f"naive_c{concurrency}")
+        child = self.lab.spawn(
+            f"naive-c{concurrency}",
+            [PYTHON, str(BENCH_DIR / "naive_loop.py"), "--participant", self.participant,
+             "--dsn", f"{PG_ADMIN_DSN.replace('dbname=postgres', f'dbname={database}')}"],
+        )
+        try:
+            workload = Workload(child, child.pid)
+            runs = measure("naive", workload, self.sagas_at(concurrency), concurrency, self.args.runs)
+            return Row("naive loop", concurrency, runs, memory_kib(child.pid)["VmHWM"])
+        finally:
+            self.lab.stop(child)
+            self.lab.drop_database(database)
+
+    def run_orchestrator(self, concurrency: int, definitions: Path, profile: bool) -> Row:
+        database = self.lab.create_database(f"orch_c{concurrency}")
+        serve, address = self.start_orchestrator(database, definitions, f"serve-c{concurrency}")
+        client = self.load_client(address, "bench", f"client-c{concurrency}")
+        profiler: Child | None = None
+        try:
+            workload = Workload(client, serve.pid)
+
+            def start_profiler() -> None:
+                nonlocal profiler
+                if profile:
+                    profiler = self.lab.spawn(
+                        "py-spy",
+                        [str(Path(PYTHON).with_name("py-spy")), "record", "--pid", str(serve.pid), "--rate", "100",
+                         "--format", "raw", "--output", str(self.args.profile), "--nonblocking"],
+                        pipes=False,
+                    )
+                    time.sleep(1.0)
+
+            runs = measure("orchestrator", workload, self.sagas_at(concurrency), concurrency, self.args.runs, start_profiler)
+            if profiler is not None:
+                profiler.process.send_signal(signal.SIGINT)
+                profiler.process.wait(60)
+                print(f"  py-spy profile of the orchestrator at c={concurrency}: {self.args.profile}", flush=True)
+            return Row("orchestrator", concurrency, runs, memory_kib(serve.pid)["VmHWM"])
+        finally:
+            if profiler is not None:
+                self.lab.stop(profiler)
+            self.lab.stop(client)
+            self.lab.stop(serve)
+            self.lab.drop_database(database)
+
+    # -- memory of waiting sagas
+
+    def run_waiting(self, definitions: Path) -> tuple[int, int, int, float]:
+        """(waiting sagas, RSS before KiB, RSS after KiB, seconds to start them)."""
+        database = self.lab.create_database("waiting")
+        serve, address = self.start_orchestrator(database, definitions, "serve-waiting")
+        client = self.load_client(address, "bench-waiting", "client-waiting")
+        dsn = PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}")
+        try:
+            workload = Workload(client, serve.pid)
+            warmup = min(1000, self.args.waiting)
+            self._start_waiting(workload, warmup, "warmup")
+            self._await_waiting(dsn, warmup)
+            time.sleep(1.0)
+            before = memory_kib(serve.pid)["VmRSS"]
+            began = time.perf_counter()
+            self._start_waiting(workload, self.args.waiting, "waiting")
+            self._await_waiting(dsn, warmup + self.args.waiting)
+            seconds = time.perf_counter() - began
+            time.sleep(1.0)
+            after = memory_kib(serve.pid)["VmRSS"]
+            return self.args.waiting, before, after, seconds
+        finally:
+            self.lab.stop(client)
+            self.lab.stop(serve)
+            self.lab.drop_database(database)
+
+    @staticmethod
+    def _start_waiting(workload: Workload, count: int, tag: str) -> None:
+        started = workload.command(cmd="start", definition="bench-waiting", sagas=count, concurrency=256, tag=tag)
+        if started.failed:
+            raise BenchFailed(f"{started.failed} waiting sagas failed to start: {started.first_error}")
+
+    @staticmethod
+    def _await_waiting(dsn: str, count: int, timeout: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout
+        query = "SELECT count(*) FROM compensa_saga_steps WHERE step_name = %s AND state = %s"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            while True:
+                row = conn.execute(query, (WAITING_STEP, STEP_WAITING)).fetchone()
+                waiting = int(row[0]) if row else 0
+                if waiting >= count:
+                    return
+                if time.monotonic() > deadline:
+                    raise BenchFailed(f"only {waiting} of {count} sagas WAITING after {timeout:.0f}s")
+                time.sleep(0.5)
+
+
+# -- reporting
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    try:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+            version = str(admin.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+            fsync = str(admin.execute("SHOW fsync").fetchone()[0])  # type: ignore[index]
+            sync = str(admin.execute("SHOW synchronous_commit").fetchone()[0])  # type: ignore[index]
+    except psycopg.Error as error:
+        raise BenchFailed(f"PostgreSQL at {PG_HOST} is not reachable as postgres: {error}") from error
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+        f"PostgreSQL {version} (fsync={fsync}, synchronous_commit={sync})"
+    )
+
+
+def warn_if_busy(when: str) -> None:
+    """Says so when other work competes for the CPUs: every figure then reads low."""
+    load1, _, _ = os.getloadavg()
+    cpus = os.cpu_count() or 1
+    note = "  WARNING: the machine is busy, figures are not trustworthy" if load1 > 0.5 * cpus else ""
+    print(f"bench: load average at {when}: {load1:.2f} on {cpus} CPUs{note}", flush=True)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else float("nan")
+
+
+def print_table(rows: list[Row], runs: int, out: IO[str] = sys.stdout) -> None:
+    header = f"{'system':<13} {'c':>4} {'sagas/s':>8} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/saga':>11} {'peak RSS MB':>11}"
+    print(f"\nmedians of {runs} run(s):", file=out)
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        rates = [run.per_second for run in row.runs]
+        spread = f"({min(rates):.0f}-{max(rates):.0f})"
+        print(
+            f"{row.system:<13} {row.concurrency:>4} {row.median('per_second'):>8.0f} {spread:>13}"
+            f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f} {row.peak_rss_kib / 1024:>11.1f}",
+            file=out,
+        )
+
+
+def find(rows: list[Row], system: str, concurrency: int) -> Row | None:
+    return next((row for row in rows if row.system == system and row.concurrency == concurrency), None)
+
+
+# -- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sagas", type=int, default=5000, help="sagas per measured run at c>1 (default 5000)")
+    parser.add_argument("--c1-sagas", type=int, default=1000, help="sagas per measured run at c=1 (default 1000)")
+    parser.add_argument("--runs", type=int, default=3, help="measured runs per figure; the table shows medians (default 3)")
+    parser.add_argument("--concurrency", default="1,64,256", help="comma-separated concurrency levels (default 1,64,256)")
+    parser.add_argument("--waiting", type=int, default=100_000, help="waiting sagas for the memory figure; 0 skips it")
+    parser.add_argument("--wait", choices=("watch-all", "watch", "poll"), default="watch-all",
+                        help="how the load client waits for a saga's end (default watch-all; see README)")
+    parser.add_argument("--poll-ms", type=float, default=10.0, help="GetSaga interval with --wait poll")
+    parser.add_argument("--systems", default="null,naive,orchestrator", help="which systems to measure")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="record the orchestrator with py-spy (raw collapsed stacks) during the runs at the highest concurrency")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 500 sagas (200 at c=1), 1 run, 3,000 waiting")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs in the temp dir")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sagas, args.c1_sagas, args.runs = min(args.sagas, 500), min(args.c1_sagas, 200), 1
+        args.waiting = min(args.waiting, 3000)
+    args.levels = [int(level) for level in args.concurrency.split(",")]
+    args.system_names = set(args.systems.split(","))
+    return args
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    lab = Lab(keep_logs=args.keep_logs)
+    failed = True
+    began = time.monotonic()
+    try:
+        print(f"bench: {machine_description()}", flush=True)
+        warn_if_busy("start")
+        print(
+            f"bench: {args.sagas} sagas per run ({args.c1_sagas} at c=1), {args.runs} run(s), "
+            f"concurrency {args.levels}, load client waits by {args.wait}", flush=True,
+        )
+        bench = Bench(lab, args)
+        definitions, waiting_definitions = bench.write_definitions()
+        bench.start_participant()
+        rows: list[Row] = []
+        for concurrency in args.levels:
+            if "null" in args.system_names:
+                rows.append(bench.run_null(concurrency))
+            if "naive" in args.system_names:
+                rows.append(bench.run_naive(concurrency))
+            if "orchestrator" in args.system_names:
+                profile = args.profile is not None and concurrency == max(args.levels)
+                rows.append(bench.run_orchestrator(concurrency, definitions, profile))
+        waiting_mb = float("nan")
+        if args.waiting and "orchestrator" in args.system_names:
+            count, before, after, seconds = bench.run_waiting(waiting_definitions)
+            waiting_mb = (after - before) / 1024
+        print_table(rows, args.runs)
+        if args.waiting and "orchestrator" in args.system_names:
+            print(
+                f"\nwaiting sagas: {count} started in {seconds:.1f}s ({count / seconds:.0f}/s);"
+                f" orchestrator RSS {before / 1024:.1f} MB before, {after / 1024:.1f} MB after:"
+                f" +{waiting_mb:.1f} MB (target <= 50 MB: {'ok' if waiting_mb <= 50 else 'MISSED'})"
+            )
+        summary = report_ratios(rows, args.levels)
+        total_failed = sum(row.failed for row in rows)
+        print(f"\nbench: took {time.monotonic() - began:.0f}s; {total_failed} saga(s) failed")
+        c256 = find(rows, "orchestrator", 256)
+        c1 = find(rows, "orchestrator", 1)
+        print(
+            f"bench: sagas_per_s={c256.median('per_second') if c256 else float('nan'):.0f}"
+            f" vs_naive={summary.get('vs_naive', float('nan')):.2f} vs_null={summary.get('vs_null', float('nan')):.2f}"
+            f" p50_c1_ms={c1.median('p50') if c1 else float('nan'):.2f} waiting_rss_mb={waiting_mb:.1f}"
+        )
+        failed = total_failed > 0
+        return 1 if failed else 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; cleaning up", file=sys.stderr)
+        return 130
+    except BenchFailed as error:
+        print(f"bench: FAILED: {error}", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        lab.close(failed)
+
+
+def report_ratios(rows: list[Row], levels: Sequence[int]) -> dict[str, float]:
+    """Prints the orchestrator's ratios to the references and the targets; the c=256 ratios."""
+    summary: dict[str, float] = {}
+    print("\norchestrator vs references (throughput ratios of medians):")
+    for concurrency in levels:
+        orchestrator = find(rows, "orchestrator", concurrency)
+        naive, null = find(rows, "naive loop", concurrency), find(rows, "null driver", concurrency)
+        if orchestrator is None:
+            continue
+        rate = orchestrator.median("per_second")
+        vs_naive = ratio(rate, naive.median("per_second")) if naive else float("nan")
+        vs_null = ratio(rate, null.median("per_second")) if null else float("nan")
+        print(f"  c={concurrency:<4} {vs_naive:5.2f}x naive  {vs_null:5.2f}x null"
+              + (f"   p50 {orchestrator.median('p50'):.2f} ms vs naive {naive.median('p50'):.2f} ms" if naive else ""))
+        if concurrency == 256:
+            summary["vs_naive"], summary["vs_null"] = vs_naive, vs_null
+        targets: list[tuple[str, bool]] = []
+        if concurrency == 256:
+            targets += [(">= 2.5x naive", vs_naive >= 2.5), (">= 0.7x null", vs_null >= 0.7)]
+        if concurrency == 64:
+            targets.append((">= 2x naive", vs_naive >= 2.0))
+        if concurrency == 1 and naive is not None:
+            targets.append(("p50 below naive's", orchestrator.median("p50") < naive.median("p50")))
+        for name, met in targets:
+            print(f"         target {name}: {'met' if met else 'MISSED'}")
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(main())
