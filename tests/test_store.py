@@ -214,26 +214,28 @@ async def test_a_write_that_fails_its_guard_writes_nothing(store: SqlSagaStore, 
 
 async def test_one_commit_lands_the_writes_whose_guards_hold_and_skips_the_others(store: SqlSagaStore) -> None:
     plan = await _plan(store)
-    one, two, three = [await _create(store, plan, name) for name in ("s1", "s2", "s3")]
+    one, two, three, four = [await _create(store, plan, name) for name in ("s1", "s2", "s3", "s4")]
     succeed_three = _succeed_first(plan, three, T0 + 1)
     cancel_three = machine.decide(plan, three, machine.CancelRequested("ops", "x"), T0 + 1)
     writes = [
         _write(_succeed_first(plan, one, T0 + 1), one.sequence, epoch=1),
         _write(_succeed_first(plan, two, T0 + 1), two.sequence - 1, epoch=1),  # stale
+        _write(_succeed_first(plan, four, T0 + 1), four.sequence, epoch=2),  # fenced
         # Two transitions of s3 from the same sequence, as when an operator
         # action and a driver's answer meet in one group commit: one lands.
         _write(succeed_three, three.sequence, epoch=1),
         _write(cancel_three, three.sequence, epoch=None, owner="replica-ops"),
     ]
     results = await store.commit(writes)
-    assert [r.ok for r in results[:2]] == [True, False]
-    assert results[2].ok != results[3].ok, results
-    winner = writes[2] if results[2].ok else writes[3]
-    assert results[0].positions == (7, 8)
+    assert [r.ok for r in results[:3]] == [True, False, False]
+    assert results[3].ok != results[4].ok, results
+    winner = writes[3] if results[3].ok else writes[4]
+    assert results[0].positions == (9, 10)
     landed_positions = [p for r in results if r.ok for p in r.positions]
-    assert landed_positions == list(range(7, 7 + len(landed_positions)))
-    assert await store.load_saga("s2") == two
-    assert len(await _all_events(store, "s2")) == 2
+    assert landed_positions == list(range(9, 9 + len(landed_positions)))
+    for refused in (two, four):
+        assert await store.load_saga(refused.saga_id) == refused
+        assert len(await _all_events(store, refused.saga_id)) == 2
     assert await store.load_saga("s3") == winner.saga
     assert [e.event for e in await _all_events(store, "s3")][2:] == list(winner.events)
     log = await store.read_log(0, 100)
