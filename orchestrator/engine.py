@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -230,15 +231,20 @@ class SagaEngine:
     ) -> tuple[machine.SagaRecord, bool, str]:
         now = time.time()
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
-        write = self._write_for(plan, transition, 0, 1, set(), now)
-        saga, created, fingerprint = await self.store.create_saga(write, request_fingerprint)
-        if created:
-            self.changes.notify([saga_id])
-            if not write.release:
-                self._drive(saga, 1)
-            else:
-                self._wake_scheduler(write.due_at)
-        return saga, created, fingerprint
+        write = dataclasses.replace(
+            self._write_for(plan, transition, 0, 1, set(), now), request_fingerprint=request_fingerprint
+        )
+        result = await self.writer.submit(write)
+        if not result.ok:
+            existing = await self.store.load_start(saga_id)
+            if existing is None:
+                raise StoreUnavailable(f"saga {saga_id!r} could not be created; retry")
+            return existing[0], False, existing[1]
+        if write.release:
+            self._wake_scheduler(write.due_at)
+        else:
+            self._drive(transition.saga, 1)
+        return transition.saga, True, request_fingerprint
 
     async def apply_external(self, saga_id: str, event: machine.Event) -> machine.SagaRecord:
         """Applies an operator action or a step completion, taking the saga
@@ -270,6 +276,11 @@ class SagaEngine:
     def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
         if self._stopping:
             return
+        previous = self._driving.get(saga.saga_id)
+        if previous is not None:
+            # Our own older driver lost its lease (a stall): it is fenced
+            # anyway, so stop it before it makes more calls.
+            previous.task.cancel()
         task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
         self._driving[saga.saga_id] = _Driving(epoch, task)
 

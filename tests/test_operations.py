@@ -58,7 +58,6 @@ class Rig:
                 database_url=self.database_url,
                 definition_paths=(self.definition,),
                 participants={"scripted": self.address},
-                lease_seconds=1.0,
             )
         )
         self.channel = grpc.aio.insecure_channel(self.orchestrator.address)

@@ -40,6 +40,9 @@ class SagaWrite:
     due_at: float | None
     lease_until: float
     changed_steps: tuple[str, ...]
+    # Set for the first write of a new saga: it inserts instead of updating,
+    # and lands only if the id is free.
+    request_fingerprint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,10 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def load_saga(self, saga_id: str) -> SagaRecord | None: ...
+
+    @abc.abstractmethod
+    async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
+        """The saga and the fingerprint of the StartSaga request that made it."""
 
     @abc.abstractmethod
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:

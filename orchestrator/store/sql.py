@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -255,46 +256,25 @@ class SqlSagaStore(SagaStore):
     # -- sagas
 
     async def create_saga(self, write: SagaWrite, request_fingerprint: str) -> tuple[SagaRecord, bool, str]:
-        saga = write.saga
+        write = dataclasses.replace(write, request_fingerprint=request_fingerprint)
+        (result,) = await self.commit([write])
+        if result.ok:
+            return write.saga, True, request_fingerprint
+        existing = await self.load_start(write.saga.saga_id)
+        if existing is None:  # deleted in between: impossible, sagas are never deleted
+            raise StoreUnavailable(f"saga {write.saga.saga_id!r} vanished; retry")
+        return existing[0], False, existing[1]
+
+    async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
         async with self._transaction() as conn:
-            inserted = await conn.execute(
-                self._insert(sagas)
-                .values(
-                    saga_id=saga.saga_id,
-                    definition_name=saga.definition_name,
-                    definition_version=saga.definition_version,
-                    state=saga.state,
-                    sequence=saga.sequence,
-                    input=saga.input,
-                    request_fingerprint=request_fingerprint,
-                    failure_reason=saga.failure_reason,
-                    resolution_note=saga.resolution_note,
-                    created_at=saga.created_at,
-                    updated_at=saga.updated_at,
-                    due_at=write.due_at,
-                    owner=None if write.release else write.owner,
-                    lease_until=None if write.release else write.lease_until,
-                    epoch=1,
-                )
-                .on_conflict_do_nothing()
-                .returning(sagas.c.saga_id)
-            )
-            if inserted.first() is None:
-                fingerprint = (
-                    await conn.execute(
-                        sa.select(sagas.c.request_fingerprint).where(sagas.c.saga_id == saga.saga_id)
-                    )
-                ).scalar_one()
-                existing = await self._load(conn, saga.saga_id)
-                assert existing is not None
-                return existing, False, fingerprint
-            await conn.execute(
-                saga_steps.insert(),
-                [_step_row(saga.saga_id, position, step) for position, step in enumerate(saga.steps)],
-            )
-            await self._append_events(conn, [(saga, write.events)])
-            await self._announce(conn, [saga.saga_id])
-        return saga, True, request_fingerprint
+            fingerprint = (
+                await conn.execute(sa.select(sagas.c.request_fingerprint).where(sagas.c.saga_id == saga_id))
+            ).scalar_one_or_none()
+            if fingerprint is None:
+                return None
+            saga = await self._load(conn, saga_id)
+            assert saga is not None
+            return saga, fingerprint
 
     async def _load(self, conn: AsyncConnection, saga_id: str) -> SagaRecord | None:
         row = (await conn.execute(sa.select(*_SAGA_COLUMNS).where(sagas.c.saga_id == saga_id))).one_or_none()
@@ -332,50 +312,120 @@ class SqlSagaStore(SagaStore):
         """Tells other processes, on commit, which sagas changed."""
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
-        results: list[WriteResult] = []
-        landed: list[tuple[SagaRecord, tuple[LogEvent, ...]]] = []
+        creates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is not None]
+        updates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is None]
         async with self._transaction() as conn:
-            for write in writes:
-                saga = write.saga
-                guard = [sagas.c.saga_id == saga.saga_id, sagas.c.sequence == write.expected_sequence]
-                values: dict[str, Any] = {
-                    "state": saga.state,
-                    "sequence": saga.sequence,
-                    "updated_at": saga.updated_at,
-                    "failure_reason": saga.failure_reason,
-                    "resolution_note": saga.resolution_note,
-                    "due_at": write.due_at,
-                    "owner": None if write.release else write.owner,
-                    "lease_until": None if write.release else write.lease_until,
+            epochs = await self._insert_sagas(conn, creates) if creates else {}
+            if updates:
+                updated = await self._update_sagas(conn, updates)
+                epochs.update(updated)
+                await self._update_steps(conn, [write for index, write in updates if index in updated])
+            landed = sorted(epochs)
+            positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+            await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        by_index = dict(zip(landed, positions))
+        return [
+            WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
+            else WriteResult(ok=False)
+            for index in range(len(writes))
+        ]
+
+    @staticmethod
+    def _saga_values(write: SagaWrite) -> dict[str, Any]:
+        saga = write.saga
+        return {
+            "state": saga.state,
+            "sequence": saga.sequence,
+            "updated_at": saga.updated_at,
+            "failure_reason": saga.failure_reason,
+            "resolution_note": saga.resolution_note,
+            "due_at": write.due_at,
+            "owner": None if write.release else write.owner,
+            "lease_until": None if write.release else write.lease_until,
+        }
+
+    async def _insert_sagas(
+        self, conn: AsyncConnection, creates: Sequence[tuple[int, SagaWrite]]
+    ) -> dict[int, int]:
+        """Inserts new sagas whose id is free, with their steps; returns
+        {write index: epoch} of those inserted."""
+        rows = [
+            {
+                **self._saga_values(write),
+                "saga_id": write.saga.saga_id,
+                "definition_name": write.saga.definition_name,
+                "definition_version": write.saga.definition_version,
+                "input": write.saga.input,
+                "request_fingerprint": write.request_fingerprint,
+                "created_at": write.saga.created_at,
+                "epoch": 1,
+            }
+            for _, write in creates
+        ]
+        inserted = set(
+            (
+                await conn.execute(
+                    self._insert(sagas).on_conflict_do_nothing().returning(sagas.c.saga_id), rows
+                )
+            ).scalars()
+        )
+        landed: dict[int, int] = {}
+        step_rows: list[dict[str, Any]] = []
+        for index, write in creates:
+            if write.saga.saga_id in inserted:
+                inserted.discard(write.saga.saga_id)  # a duplicate id within the batch lands once
+                landed[index] = 1
+                step_rows += [
+                    _step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
+                ]
+        if step_rows:
+            await conn.execute(saga_steps.insert(), step_rows)
+        return landed
+
+    async def _update_sagas(
+        self, conn: AsyncConnection, updates: Sequence[tuple[int, SagaWrite]]
+    ) -> dict[int, int]:
+        """Guarded updates, one statement each; returns {write index: epoch}
+        of those whose guard held."""
+        landed: dict[int, int] = {}
+        for index, write in updates:
+            guard = [sagas.c.saga_id == write.saga.saga_id, sagas.c.sequence == write.expected_sequence]
+            values = self._saga_values(write)
+            if write.epoch is None:
+                values["epoch"] = sagas.c.epoch + 1
+            else:
+                guard.append(sagas.c.epoch == write.epoch)
+            epoch = (
+                await conn.execute(sa.update(sagas).where(*guard).values(**values).returning(sagas.c.epoch))
+            ).scalar_one_or_none()
+            if epoch is not None:
+                landed[index] = epoch
+        return landed
+
+    async def _update_steps(self, conn: AsyncConnection, writes: Sequence[SagaWrite]) -> None:
+        rows = []
+        for write in writes:
+            positions = {step.name: index for index, step in enumerate(write.saga.steps)}
+            for name in write.changed_steps:
+                row = _step_row(write.saga.saga_id, positions[name], write.saga.step(name))
+                rows.append({"b_" + key: value for key, value in row.items()})
+        if not rows:
+            return
+        await conn.execute(
+            sa.update(saga_steps)
+            .where(
+                saga_steps.c.saga_id == sa.bindparam("b_saga_id"),
+                saga_steps.c.step_name == sa.bindparam("b_step_name"),
+            )
+            .values(
+                {
+                    column: sa.bindparam("b_" + column.name)
+                    for column in saga_steps.columns
+                    if column.name not in ("saga_id", "step_name")
                 }
-                if write.epoch is None:
-                    values["epoch"] = sagas.c.epoch + 1
-                else:
-                    guard.append(sagas.c.epoch == write.epoch)
-                epoch = (
-                    await conn.execute(sa.update(sagas).where(*guard).values(**values).returning(sagas.c.epoch))
-                ).scalar_one_or_none()
-                if epoch is None:
-                    results.append(WriteResult(ok=False))
-                    continue
-                results.append(WriteResult(ok=True, epoch=epoch))
-                positions = {step.name: index for index, step in enumerate(saga.steps)}
-                for name in write.changed_steps:
-                    row = _step_row(saga.saga_id, positions[name], saga.step(name))
-                    await conn.execute(
-                        sa.update(saga_steps)
-                        .where(saga_steps.c.saga_id == saga.saga_id, saga_steps.c.step_name == name)
-                        .values(**{k: v for k, v in row.items() if k not in ("saga_id", "step_name")})
-                    )
-                landed.append((saga, write.events))
-            positions_out = await self._append_events(conn, landed)
-            await self._announce(conn, [saga.saga_id for saga, _ in landed])
-        landed_index = 0
-        for index, result in enumerate(results):
-            if result.ok:
-                results[index] = WriteResult(ok=True, epoch=result.epoch, positions=positions_out[landed_index])
-                landed_index += 1
-        return results
+            ),
+            rows,
+        )
 
     async def _append_events(
         self, conn: AsyncConnection, batch: Sequence[tuple[SagaRecord, tuple[LogEvent, ...]]]
@@ -548,6 +598,56 @@ class PostgresSagaStore(SqlSagaStore):
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
+
+    async def _update_sagas(
+        self, conn: AsyncConnection, updates: Sequence[tuple[int, SagaWrite]]
+    ) -> dict[int, int]:
+        """All guarded updates of a flush in one UPDATE ... FROM (VALUES ...)."""
+        if len(updates) == 1:
+            return await super()._update_sagas(conn, updates)
+        v = sa.values(
+            sa.column("idx", sa.Integer),
+            sa.column("saga_id", sa.String),
+            sa.column("expected", sa.BigInteger),
+            sa.column("epoch", sa.BigInteger),
+            sa.column("state", sa.Integer),
+            sa.column("sequence", sa.BigInteger),
+            sa.column("updated_at", sa.Float),
+            sa.column("failure_reason", sa.Text),
+            sa.column("resolution_note", sa.Text),
+            sa.column("due_at", sa.Float),
+            sa.column("owner", sa.String),
+            sa.column("lease_until", sa.Float),
+            name="v",
+        ).data(
+            [
+                (index, write.saga.saga_id, write.expected_sequence, write.epoch, *self._saga_values(write).values())
+                for index, write in updates
+            ]
+        )
+        # A column that is NULL in every row would be read as text: cast.
+        epoch = sa.cast(v.c.epoch, sa.BigInteger)
+        statement = (
+            sa.update(sagas)
+            .where(
+                sagas.c.saga_id == v.c.saga_id,
+                sagas.c.sequence == v.c.expected,
+                sa.or_(epoch.is_(None), sagas.c.epoch == epoch),
+            )
+            .values(
+                state=v.c.state,
+                sequence=v.c.sequence,
+                updated_at=v.c.updated_at,
+                failure_reason=v.c.failure_reason,
+                resolution_note=v.c.resolution_note,
+                due_at=sa.cast(v.c.due_at, sa.Float),
+                owner=sa.cast(v.c.owner, sa.String),
+                lease_until=sa.cast(v.c.lease_until, sa.Float),
+                epoch=sa.case((epoch.is_(None), sagas.c.epoch + 1), else_=sagas.c.epoch),
+            )
+            .returning(v.c.idx, sagas.c.epoch)
+        )
+        return {row.idx: row.epoch for row in (await conn.execute(statement)).all()}
 
     def _lock_due(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
