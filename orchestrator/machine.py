@@ -21,7 +21,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compensa.v1 import definition_pb2, saga_pb2
@@ -317,6 +317,20 @@ def due_calls(plan: Plan, saga: SagaRecord, now: float) -> list[Call]:
     return calls
 
 
+def pivot_in_effect(plan: Plan, steps: Iterable[StepRecord]) -> StepRecord | None:
+    """The pivot, if it may have taken effect: it succeeded, is in flight or
+    waiting, or failed with its outcome unknown. From then on the saga can
+    only go forward."""
+    for step in steps:
+        if plan.steps[step.name].kind != definition_pb2.STEP_KIND_PIVOT:
+            continue
+        if step.state in (STEP_SUCCEEDED, STEP_RUNNING, STEP_WAITING) or (
+            step.state == STEP_FAILED and step.effect_uncertain
+        ):
+            return step
+    return None
+
+
 def deadline_at(plan: Plan, saga: SagaRecord) -> float | None:
     """The earliest step or saga timeout still ahead of a RUNNING saga; when
     it passes, TimerFired changes the saga."""
@@ -328,7 +342,7 @@ def deadline_at(plan: Plan, saga: SagaRecord) -> float | None:
             deadline = _step_deadline(plan, step)
             if deadline is not None:
                 times.append(deadline)
-    if plan.saga_timeout is not None:
+    if plan.saga_timeout is not None and pivot_in_effect(plan, saga.steps) is None:
         times.append(saga.created_at + plan.saga_timeout)
     return min(times) if times else None
 
@@ -410,13 +424,7 @@ class _Builder:
         return Transition(saga, tuple(self.events), tuple(self.touched))
 
     def past_pivot(self) -> StepRecord | None:
-        """A non-compensable step that may have taken effect, if any."""
-        for step in self.steps.values():
-            if self.plan.compensable(step.name):
-                continue
-            if step.state == STEP_SUCCEEDED or (step.state == STEP_FAILED and step.effect_uncertain):
-                return step
-        return None
+        return pivot_in_effect(self.plan, self.steps.values())
 
     # -- events
 
@@ -516,7 +524,13 @@ class _Builder:
     def expire_deadlines(self) -> None:
         if self.state != RUNNING:
             return
-        if self.plan.saga_timeout is not None and self.now >= self.original.created_at + self.plan.saga_timeout:
+        # The saga timeout bounds the part that can still be undone; past the
+        # pivot only step limits apply, so the flow can finish going forward.
+        if (
+            self.plan.saga_timeout is not None
+            and self.now >= self.original.created_at + self.plan.saga_timeout
+            and self.past_pivot() is None
+        ):
             self.stop_forward("saga timed out")
             return
         for name in self.plan.order:
@@ -558,7 +572,9 @@ class _Builder:
             raise IllegalTransition(f"saga is {state_name(self.state)}; only a running saga can be cancelled")
         pivot = self.past_pivot()
         if pivot is not None:
-            raise IllegalTransition(f"step {pivot.name!r} cannot be undone and has run; the saga can only go forward")
+            raise IllegalTransition(
+                f"step {pivot.name!r} cannot be undone and has run or is running; the saga can only go forward"
+            )
         message = f"cancelled: {reason}" if reason else "cancelled"
         self.log(E.EVENT_TYPE_CANCEL_REQUESTED, message=reason, actor=actor)
         self.stop_forward(message)

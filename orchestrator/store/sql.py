@@ -465,12 +465,18 @@ class SqlSagaStore(SagaStore):
             sagas.c.state.in_(_ACTIVE_STATES),
             sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now),
         )
-        due = self._lock_due(sa.select(sagas.c.saga_id).where(claimable).order_by(sagas.c.due_at).limit(limit))
+        # MATERIALIZED: the locking query runs once. Inlined as a semi-join,
+        # PostgreSQL re-runs it per row and claims more than `limit`.
+        due = (
+            self._lock_due(sa.select(sagas.c.saga_id).where(claimable).order_by(sagas.c.due_at).limit(limit))
+            .cte("due")
+            .prefix_with("MATERIALIZED")
+        )
         async with self._transaction() as conn:
             rows = (
                 await conn.execute(
                     sa.update(sagas)
-                    .where(sagas.c.saga_id.in_(due.scalar_subquery()), claimable)
+                    .where(sagas.c.saga_id == due.c.saga_id, claimable)
                     .values(owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1)
                     .returning(*_SAGA_COLUMNS, sagas.c.epoch)
                 )
