@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         return subparser
 
     _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
+    _add_migrate(
+        add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
+            client=False)
+    )
     _add_participant(
         add("participant", _participant, "Run one of the example checkout participants.", client=False)
     )
@@ -331,6 +335,30 @@ def _serve(args: argparse.Namespace) -> int:
     if args.replica_id:
         config = dataclasses.replace(config, replica_id=args.replica_id)
     asyncio.run(serve(config))
+    return EXIT_OK
+
+
+def _add_migrate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("COMPENSA_DATABASE_URL"),
+        metavar="URL",
+        help="SQLAlchemy database URL (default: $COMPENSA_DATABASE_URL, else embedded SQLite)",
+    )
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from orchestrator.store import open_store
+
+    async def migrate() -> None:
+        store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
+        try:
+            await store.create_schema()
+        finally:
+            await store.close()
+
+    asyncio.run(migrate())
+    print("schema up to date")
     return EXIT_OK
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import asyncio
 import json
 import subprocess
@@ -19,7 +21,7 @@ from orchestrator.cli import parse_duration
 from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
-SUBCOMMANDS = ("serve", "participant", "demo", "start", "get", "list", "watch", "cancel", "retry", "resolve")
+SUBCOMMANDS = ("serve", "migrate", "participant", "demo", "start", "get", "list", "watch", "cancel", "retry", "resolve")
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
     "sku": "sku-widget",
@@ -269,3 +271,19 @@ def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
     assert "SUCCEEDED" in result.stdout
     assert "COMPENSATED" in result.stdout
     assert "demo OK" in result.stdout
+
+
+def test_migrate_creates_the_schema_and_is_repeatable(make_postgres_url: Callable[[], str]) -> None:
+    import sqlalchemy as sa
+
+    url = make_postgres_url()
+    for _ in range(2):
+        result = _compensa("migrate", "--db", url)
+        assert result.returncode == 0, result.stderr
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            tables = set(sa.inspect(conn).get_table_names())
+    finally:
+        engine.dispose()
+    assert {"compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions"} <= tables
