@@ -110,16 +110,19 @@ class ManagedProcess:
         self.start()
         await self.wait_serving(timeout)
 
-    def kill(self) -> None:
-        """SIGKILL, then reap: nothing of the process survives, not even its socket."""
+    def kill(self, *, cleanup: bool = False) -> None:
+        """SIGKILL, then reap: nothing of the process survives, not even its socket.
+        `cleanup` kills are not counted in `kills`."""
         process = self._process
         if process is None or process.poll() is not None:
             return
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
-        self.kills += 1
+        if not cleanup:
+            self.kills += 1
+        what = "cleanup" if cleanup else f"#{self.kills}"
         with self.log_path.open("ab") as log:
-            log.write(f"===== SIGKILL #{self.kills} of {self.name} (pid {process.pid})\n".encode())
+            log.write(f"===== SIGKILL {what} of {self.name} (pid {process.pid})\n".encode())
 
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM and wait up to `grace` seconds, then SIGKILL."""
@@ -168,7 +171,7 @@ class ProcessSet:
                 self.print_tails()
         finally:
             for process in self.processes.values():
-                process.kill()
+                process.kill(cleanup=True)
 
     def add(self, name: str, args: Sequence[str], address: str) -> ManagedProcess:
         if name in self.processes:
