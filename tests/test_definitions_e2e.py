@@ -123,7 +123,9 @@ class Rig:
     stub: orchestrator_pb2_grpc.OrchestratorServiceStub
 
     async def register(self, definition: D.SagaDefinition) -> orchestrator_pb2.RegisterDefinitionResponse:
-        return await self.stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=definition))
+        request = orchestrator_pb2.RegisterDefinitionRequest(definition=definition)
+        response: orchestrator_pb2.RegisterDefinitionResponse = await self.stub.RegisterDefinition(request)
+        return response
 
     async def start(self, definition_name: str, *, version: int = 0) -> saga_pb2.Saga:
         request = orchestrator_pb2.StartSagaRequest(
@@ -132,12 +134,15 @@ class Rig:
             definition_version=version,
             input=checkout_input(),
         )
-        response = await self.stub.StartSaga(request)
+        response: orchestrator_pb2.StartSagaResponse = await self.stub.StartSaga(request)
         assert response.created
         return response.saga
 
     async def saga(self, saga_id: str) -> saga_pb2.Saga:
-        return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+        response: orchestrator_pb2.GetSagaResponse = await self.stub.GetSaga(
+            orchestrator_pb2.GetSagaRequest(saga_id=saga_id)
+        )
+        return response.saga
 
     async def wait_final(self, saga_id: str, timeout: float = 20.0) -> saga_pb2.Saga:
         async def final() -> saga_pb2.Saga | None:
@@ -197,14 +202,16 @@ async def test_independent_steps_overlap_and_their_join_waits_for_both(make_post
     slow = StepBehaviour(execute_seconds=0.5)
     async with recording_rig(make_postgres_url, {"left": slow, "right": slow}) as rig:
         await rig.register(
-            _definition("fan-in", _step("left", after=()), _step("right", after=()), _step("join", after=["left", "right"]))
+            _definition(
+                "fan-in", _step("left", after=()), _step("right", after=()), _step("join", after=["left", "right"])
+            )
         )
         saga, calls = await rig.run("fan-in")
 
     assert saga.state == S.SAGA_STATE_SUCCEEDED, saga.failure_reason
     left, right, join = (_one(calls, name, EXECUTE) for name in ("left", "right", "join"))
     for branch in (left, right):
-        assert (branch.finished_at - branch.started_at).total_seconds() >= 0.5
+        assert (branch.finished_at - branch.started_at).total_seconds() >= 0.45
     assert left.overlaps(right), (left, right)
     assert join.started_at >= max(left.finished_at, right.finished_at)
 
@@ -218,10 +225,11 @@ async def test_independent_steps_overlap_and_their_join_waits_for_both(make_post
 
 
 async def test_a_step_receives_the_outputs_of_its_ancestors_only(make_postgres_url: Callable[[], str]) -> None:
-    # a -> c -> d      (c is slow, so the other branch has finished before d runs)
+    # a -> c -> d      (c waits until the other branch has finished, so its outputs exist when d runs)
     # b -> e
     # d, e -> f
-    async with recording_rig(make_postgres_url, {"c": StepBehaviour(execute_seconds=0.3)}) as rig:
+    gate = asyncio.Event()
+    async with recording_rig(make_postgres_url, {"c": StepBehaviour(gate=gate)}) as rig:
         await rig.register(
             _definition(
                 "branches",
@@ -233,11 +241,20 @@ async def test_a_step_receives_the_outputs_of_its_ancestors_only(make_postgres_u
                 _step("f", after=["d", "e"]),
             )
         )
-        saga, calls = await rig.run("branches")
+        saga_id = (await rig.start("branches")).saga_id
+
+        async def other_branch_done() -> bool:
+            return _saga_step(await rig.saga(saga_id), "e").state == S.STEP_STATE_SUCCEEDED
+
+        await poll_until(other_branch_done)
+        gate.set()
+        saga = await rig.wait_final(saga_id)
+        calls = await rig.recorder.calls(saga_id)
 
     assert saga.state == S.SAGA_STATE_SUCCEEDED, saga.failure_reason
     # The unrelated branch's outputs existed when d ran, so leaving them out was a choice.
     assert _one(calls, "e", EXECUTE).finished_at < _one(calls, "d", EXECUTE).started_at
+    assert _one(calls, "e", EXECUTE).finished_at < _one(calls, "c", EXECUTE).finished_at
     received = {call.step_name: set(call.step_output_keys) for call in calls if call.operation == EXECUTE}
     assert received == {
         "a": set(),
@@ -348,8 +365,9 @@ async def test_a_retriable_step_after_the_pivot_is_retried_until_it_succeeds(
 async def test_past_the_pivot_a_failure_raises_an_alert_and_an_operator_retry_finishes_the_saga(
     make_postgres_url: Callable[[], str],
 ) -> None:
-    # Slow attempts keep the saga running past the pivot long enough to try cancelling it.
-    failing = StepBehaviour(transient_failures=FAILS_FOR_GOOD.transient_failures, execute_seconds=0.2)
+    # notify's first attempt waits at the gate: the saga is running past the pivot while we cancel.
+    gate = asyncio.Event()
+    failing = StepBehaviour(transient_failures=FAILS_FOR_GOOD.transient_failures, gate=gate)
     async with recording_rig(make_postgres_url, {"notify": failing}) as rig:
         await rig.register(PIVOTED)
         saga_id = (await rig.start("pivoted")).saga_id
@@ -362,6 +380,7 @@ async def test_past_the_pivot_a_failure_raises_an_alert_and_an_operator_retry_fi
         refused = await _rpc_error(rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id=saga_id)))
         assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "cannot be undone" in (refused.details() or "")
+        gate.set()
 
         failed = await rig.wait_final(saga_id)
         assert failed.state == S.SAGA_STATE_FAILED
@@ -429,6 +448,34 @@ async def test_an_operator_resolves_a_failed_saga_once_and_only_with_a_note(
     assert stored.resolution_note == note
     resolutions = [(e.actor, e.message) for e in events if e.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
     assert resolutions == [("alice", note)]
+
+
+async def test_cancel_while_the_pivot_is_in_flight_is_refused(make_postgres_url: Callable[[], str]) -> None:
+    # A pivot whose Execute is in flight may have taken effect: compensating the steps
+    # before it would leave the order shipped with its stock released.
+    gate = asyncio.Event()
+    async with recording_rig(make_postgres_url, {"ship": StepBehaviour(gate=gate)}) as rig:
+        await rig.register(PIVOTED)
+        saga_id = (await rig.start("pivoted")).saga_id
+
+        async def pivot_in_flight() -> bool:
+            return _saga_step(await rig.saga(saga_id), "ship").state == S.STEP_STATE_RUNNING
+
+        await poll_until(pivot_in_flight)
+        cancel_code = grpc.StatusCode.OK
+        try:
+            await rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id=saga_id, reason="changed my mind"))
+        except grpc.aio.AioRpcError as error:
+            cancel_code = error.code()
+        gate.set()  # the parcel leaves: the pivot's Execute completes at the participant
+        saga = await rig.wait_final(saga_id)
+        calls = await rig.recorder.calls(saga_id)
+
+    assert [call.outcome for call in _calls_of(calls, "ship", EXECUTE)] == ["succeeded"]
+    # What must never happen: the order shipped and the steps before it undone.
+    assert _compensated_steps(calls) == []
+    assert cancel_code == grpc.StatusCode.FAILED_PRECONDITION
+    assert saga.state == S.SAGA_STATE_SUCCEEDED, saga.failure_reason
 
 
 # --- 5. Versioning -------------------------------------------------------------
