@@ -217,6 +217,7 @@ class Measurement:
     cpu_seconds: float
     latencies_ms: list[float]
     first_error: str
+    db_transactions: int | None = None
 
     @property
     def per_second(self) -> float:
@@ -226,19 +227,40 @@ class Measurement:
     def cpu_ms_per_saga(self) -> float:
         return 1000 * self.cpu_seconds / self.sagas if self.sagas else 0.0
 
+    @property
+    def transactions_per_saga(self) -> float:
+        if self.db_transactions is None or not self.sagas:
+            return float("nan")
+        return self.db_transactions / self.sagas
+
+
+def committed_transactions(database: str) -> int:
+    """Transactions committed in `database` so far (pg_stat_database.xact_commit).
+
+    Backends report their counters at most once a second, hence the wait
+    before reading after a run."""
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
+        row = admin.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)).fetchone()
+    return int(row[0]) if row else 0
+
 
 class Workload:
     """A process speaking the run protocol (bench/common.py), and the pid whose CPU counts."""
 
-    def __init__(self, client: Child, measured_pid: int) -> None:
+    def __init__(self, client: Child, measured_pid: int, database: str | None = None) -> None:
         self.client = client
         self.measured_pid = measured_pid
+        self.database = database
+        self._transactions: int | None = None
         ready = client.read_line()
         if ready != "ready":
             raise BenchFailed(f"{client.name} said {ready!r} instead of ready")
 
     def command(self, **command: Any) -> Measurement:
         assert self.client.process.stdin is not None
+        if self.database and self._transactions is None:
+            time.sleep(1.2)
+            self._transactions = committed_transactions(self.database)
         before = cpu_seconds(self.measured_pid)
         self.client.process.stdin.write(json.dumps(command) + "\n")
         self.client.process.stdin.flush()
@@ -246,9 +268,15 @@ class Workload:
         after = cpu_seconds(self.measured_pid)
         if not answer.get("ok"):
             raise BenchFailed(f"{self.client.name}: {answer.get('error')}\n{self.client.log_tail()}")
+        transactions = 0
+        if self.database:
+            time.sleep(1.2)
+            previous, self._transactions = self._transactions or 0, committed_transactions(self.database)
+            transactions = self._transactions - previous
         return Measurement(
             sagas=answer["sagas"], failed=answer["failed"], seconds=answer["seconds"], cpu_seconds=after - before,
             latencies_ms=sorted(answer["latencies_ms"]), first_error=answer["first_error"],
+            db_transactions=transactions if self.database else None,
         )
 
 
@@ -272,6 +300,8 @@ class Row:
                 values.append(run.per_second)
             elif metric == "cpu":
                 values.append(run.cpu_ms_per_saga)
+            elif metric == "transactions":
+                values.append(run.transactions_per_saga)
             elif metric == "p50":
                 values.append(percentile(run.latencies_ms, 0.50))
             elif metric == "p99":
@@ -297,7 +327,7 @@ def measure(
         print(
             f"  {name:<12} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
             f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
-            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
+            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {run.transactions_per_saga:5.2f} xacts/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
             flush=True,
         )
         measured.append(run)
@@ -382,7 +412,7 @@ class Bench:
              "--dsn", f"{PG_ADMIN_DSN.replace('dbname=postgres', f'dbname={database}')}"],
         )
         try:
-            workload = Workload(child, child.pid)
+            workload = Workload(child, child.pid, database)
             runs = measure("naive", workload, self.sagas_at(concurrency), concurrency, self.args.runs)
             return Row("naive loop", concurrency, runs, memory_kib(child.pid)["VmHWM"])
         finally:
@@ -395,7 +425,7 @@ class Bench:
         client = self.load_client(address, "bench", f"client-c{concurrency}")
         profiler: Child | None = None
         try:
-            workload = Workload(client, serve.pid)
+            workload = Workload(client, serve.pid, database)
 
             def start_profiler() -> None:
                 nonlocal profiler
@@ -505,7 +535,10 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def print_table(rows: list[Row], runs: int, out: IO[str] = sys.stdout) -> None:
-    header = f"{'system':<13} {'c':>4} {'sagas/s':>8} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/saga':>11} {'peak RSS MB':>11}"
+    header = (
+        f"{'system':<13} {'c':>4} {'sagas/s':>8} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8}"
+        f" {'CPU ms/saga':>11} {'peak RSS MB':>11} {'DB xacts/saga':>13}"
+    )
     print(f"\nmedians of {runs} run(s):", file=out)
     print(header, file=out)
     print("-" * len(header), file=out)
@@ -514,9 +547,14 @@ def print_table(rows: list[Row], runs: int, out: IO[str] = sys.stdout) -> None:
         spread = f"({min(rates):.0f}-{max(rates):.0f})"
         print(
             f"{row.system:<13} {row.concurrency:>4} {row.median('per_second'):>8.0f} {spread:>13}"
-            f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f} {row.peak_rss_kib / 1024:>11.1f}",
+            f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f} {row.peak_rss_kib / 1024:>11.1f}"
+            f" {_figure(row.median('transactions')):>13}",
             file=out,
         )
+
+
+def _figure(value: float) -> str:
+    return "-" if value != value else f"{value:.2f}"  # NaN: not measured for this system
 
 
 def find(rows: list[Row], system: str, concurrency: int) -> Row | None:
