@@ -42,6 +42,9 @@ class ServerConfig:
     # Watch streams re-read the log this often even without a wake-up; a
     # safety net under LISTEN/NOTIFY and in-process notifications.
     watch_reread_seconds: float = 5.0
+    # Events buffered per watch stream; a subscriber further behind reads
+    # the log itself until it catches up.
+    watch_buffer_events: int = 1000
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

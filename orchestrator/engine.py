@@ -316,14 +316,18 @@ class SagaEngine:
                     if isinstance(event, machine.TimerFired):
                         raise AssertionError(f"deadline {deadline} passed but changed nothing")
                     continue
-                committed = await self._commit(plan, saga, transition, epoch, set(in_flight))
-                if committed is None:
+                write = await self._commit(plan, saga, transition, epoch, set(in_flight))
+                if write is None:
                     log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
                     return
-                saga = committed
+                saga = write.saga
                 for event_row in transition.events:
                     if event_row.type == machine.E.EVENT_TYPE_ALERT_RAISED:
                         log.error("ALERT saga %s: %s", saga.saga_id, event_row.message)
+                if write.release:
+                    # Given up in the database: from now on the scheduler
+                    # hands it out, and driving on would race that.
+                    return
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -338,9 +342,9 @@ class SagaEngine:
     async def _commit(
         self, plan: machine.Plan, saga: machine.SagaRecord, transition: machine.Transition, epoch: int,
         in_flight: set[str],
-    ) -> machine.SagaRecord | None:
-        """Persists a transition, retrying while the database is away.
-        None when the saga is no longer ours."""
+    ) -> SagaWrite | None:
+        """Persists a transition, retrying while the database is away; the
+        write that landed, or None when the saga is no longer ours."""
         delay = 0.05
         while True:
             now = time.time()
@@ -355,7 +359,7 @@ class SagaEngine:
             if result.ok:
                 if write.release:
                     self._wake_scheduler(write.due_at)
-                return transition.saga
+                return write
             # The guard failed. If an earlier try of this very write landed
             # (its commit's answer was lost), the saga is still ours.
             try:
@@ -364,7 +368,7 @@ class SagaEngine:
                 await asyncio.sleep(delay)
                 continue
             if current is not None and current.sequence == transition.saga.sequence:
-                return current
+                return write
             return None
 
     async def _call(

@@ -443,6 +443,11 @@ class _Builder:
                 step = self.steps[name]
                 if step.state != STEP_RUNNING:
                     return
+                if not self.plan.steps[name].long_running:
+                    # Nobody could report its outcome (it got no completion
+                    # token): a protocol error, retried like a transient one.
+                    self.execute_errored(step, "answered PENDING but the step is not long_running")
+                    return
                 step = self.set_step(step, state=STEP_WAITING, next_attempt_at=None)
                 self.log(E.EVENT_TYPE_STEP_WAITING, step, attempt=step.attempts + 1)
             case ExecuteFailed(step=name, reason=reason):

@@ -33,6 +33,7 @@ class RunningOrchestrator:
     config: ServerConfig
     server: grpc.aio.Server
     engine: SagaEngine
+    service: OrchestratorService
     health: health.aio.HealthServicer
     port: int
     address: str
@@ -41,6 +42,7 @@ class RunningOrchestrator:
         """Stops taking calls, stops driving sagas and releases their leases."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.service.stop()
         await self.engine.stop()
         await self.engine.store.close()
 
@@ -83,7 +85,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(OrchestratorService(engine), server)
+    service = OrchestratorService(engine)
+    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -96,7 +99,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
-    running = RunningOrchestrator(config, server, engine, health_servicer, port, address)
+    running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address)
     ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
         await ready

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import hashlib
 import json
@@ -33,6 +32,8 @@ from orchestrator.errors import (
     NotFound,
     grpc_status_of,
 )
+from orchestrator.store import StoredEvent
+from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.views import event_message, saga_message
 
 log = logging.getLogger("compensa.service")
@@ -40,7 +41,6 @@ log = logging.getLogger("compensa.service")
 SAGA_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_LOG_BATCH = 500
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -123,7 +123,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._engine = engine
         self._store = engine.store
         self._max_payload = engine.config.max_payload_bytes
-        self._reread_seconds = engine.config.watch_reread_seconds
+        self._tail = LogTail(
+            engine.store,
+            engine.changes,
+            buffer_size=engine.config.watch_buffer_events,
+            reread_seconds=engine.config.watch_reread_seconds,
+        )
+
+    async def stop(self) -> None:
+        """Stops the log reader behind the watch streams."""
+        await self._tail.stop()
 
     async def _saga_view(self, saga: machine.SagaRecord) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
@@ -288,22 +297,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> AsyncIterator[orchestrator_pb2.WatchSagaResponse]:
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
-        await self._existing(request.saga_id)
-        last = request.after_sequence
-        with self._engine.changes.subscribe(request.saga_id) as changed:
-            while True:
-                changed.clear()
-                events = await self._store.read_saga_events(request.saga_id, last, _LOG_BATCH)
-                for stored in events:
-                    last = stored.event.sequence
-                    yield orchestrator_pb2.WatchSagaResponse(event=event_message(stored))
-                    if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
-                        if await self._finished(request.saga_id, last):
-                            return
-                if len(events) == _LOG_BATCH:
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
+        saga_id = request.saga_id
+        await self._existing(saga_id)
+        async for stored in self._tail.follow(
+            request.after_sequence,
+            key=lambda stored: stored.event.sequence,
+            wants=lambda stored: stored.saga_id == saga_id,
+            read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
+        ):
+            yield orchestrator_pb2.WatchSagaResponse(event=event_message(stored))
+            if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
+                if await self._finished(saga_id, stored.event.sequence):
+                    return
 
     async def _finished(self, saga_id: str, sequence: int) -> bool:
         """True if the saga is final at this sequence (an operator retry can
@@ -317,20 +322,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
         if request.after_position < 0:
             raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
-        last = request.after_position
-        with self._engine.changes.subscribe(None) as changed:
-            while True:
-                changed.clear()
-                events = await self._store.read_log(
-                    last, _LOG_BATCH, definition_name=request.definition_name, saga_state=request.saga_state
-                )
-                for stored in events:
-                    last = stored.position
-                    yield orchestrator_pb2.WatchSagasResponse(event=event_message(stored))
-                if len(events) == _LOG_BATCH:
-                    continue
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
+        definition_name, saga_state = request.definition_name, request.saga_state
+
+        def wants(stored: StoredEvent) -> bool:
+            return (not definition_name or stored.definition_name == definition_name) and (
+                not saga_state or stored.event.saga_state == saga_state
+            )
+
+        async for stored in self._tail.follow(
+            request.after_position,
+            key=lambda stored: stored.position,
+            wants=wants,
+            read=lambda after: self._store.read_log(
+                after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
+            ),
+        ):
+            yield orchestrator_pb2.WatchSagasResponse(event=event_message(stored))
 
     # -- definitions
 

@@ -511,3 +511,15 @@ def test_step_order_follows_a_forward_reference() -> None:
 def test_empty_depends_on_in_a_proto_means_the_step_before() -> None:
     with pytest.raises(DefinitionError, match="cycle: b -> a -> b"):
         steps_of(("b", ["a"]), ("a", []))
+
+
+def test_a_long_running_step_needs_a_step_timeout() -> None:
+    definition = definition_pb2.SagaDefinition(
+        name="hold",
+        input_type="compensa.checkout.v1.CheckoutInput",
+        steps=[definition_pb2.StepDefinition(name="wait", participant="payment", long_running=True)],
+    )
+    with pytest.raises(DefinitionError) as error:
+        validate_definition(definition, source="hold.yaml")
+    message = str(error.value)
+    assert "hold.yaml" in message and "'wait'" in message and "step_timeout" in message

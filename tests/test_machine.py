@@ -400,12 +400,12 @@ def test_saga_timeout_abandons_running_steps_and_compensates() -> None:
 
 
 def test_pending_step_waits_then_succeeds() -> None:
-    run = Run.start(_plan(_step("a", long_running=True), _step("b")))
+    run = Run.start(_plan(_step("a", long_running=True, step_timeout=3600.0), _step("b")))
     transition = run.send(ExecutePending("a"), T0 + 1)
     assert _types(transition) == [(S.EVENT_TYPE_STEP_WAITING, "a")]
     assert run.state("a") == S.STEP_STATE_WAITING
     assert run.calls(T0 + 1_000) == []  # nobody calls a waiting step again
-    assert machine.wake_at(run.plan, run.saga) is None
+    assert machine.wake_at(run.plan, run.saga) == T0 + 3600  # only its timeout wakes it
     run.send(ExecuteSucceeded("a", b"done"), T0 + 500)
     assert run.state("a") == S.STEP_STATE_SUCCEEDED
     assert run.state("b") == S.STEP_STATE_RUNNING
@@ -423,25 +423,17 @@ def test_step_timeout_while_waiting_fails_the_step() -> None:
     assert not run.send(ExecuteSucceeded("a", b"late"), T0 + 1801).changed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: machine.py _Builder.apply (case ExecutePending) moves ANY step to WAITING, though only a "
-        "long_running step gets a completion token (engine.py _call); a step without long_running and "
-        "without step_timeout that answers PENDING leaves the saga RUNNING with nothing due and "
-        "wake_at None, so it is released with due_at NULL and never moves again. Expected: treat it as "
-        "a protocol error (e.g. a transient error, retried with the same key)"
-    ),
-)
 def test_pending_from_a_step_that_is_not_long_running_does_not_strand_the_saga() -> None:
     run = Run.start(_plan(_step("a")))
     run.send(ExecutePending("a"), T0 + 1)
     stranded = not run.calls(T0 + 1) and machine.wake_at(run.plan, run.saga) is None and not run.saga.is_final
     assert not stranded, run.saga
+    assert run.state("a") == S.STEP_STATE_RUNNING
+    assert run.log[-1].type == S.EVENT_TYPE_STEP_RETRY_SCHEDULED
 
 
 def test_waiting_step_can_report_a_business_failure() -> None:
-    run = Run.start(_plan(_step("a", long_running=True)))
+    run = Run.start(_plan(_step("a", long_running=True, step_timeout=3600.0)))
     run.send(ExecutePending("a"), T0 + 1)
     run.send(ExecuteFailed("a", "held and refused"), T0 + 2)
     assert run.saga.state == machine.COMPENSATED

@@ -9,7 +9,8 @@ Validation rules (`validate_definition`):
 - `name` and every step name match `NAME_PATTERN`; step names are unique; there is at
   least one step; every step has a participant.
 - `input_type` resolves to an imported message class.
-- Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`.
+- Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
+  `long_running` step must have one.
 - Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
   max_backoff >= initial_backoff.
 - `depends_on` names existing steps, never the step itself, and has no cycle.

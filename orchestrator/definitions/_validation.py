@@ -149,6 +149,15 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
                 field="step_timeout",
             )
 
+    elif step.long_running:
+        # Without it a report that never comes would leave the saga waiting forever.
+        raise DefinitionError(
+            "a long_running step needs a step_timeout: how long to wait for CompleteStep",
+            source=source,
+            step=step.name,
+            field="step_timeout",
+        )
+
     def fail(field: str) -> Callable[[str], DefinitionError]:
         return lambda problem: DefinitionError(problem, source=source, step=step.name, field=field)
 

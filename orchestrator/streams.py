@@ -1,0 +1,146 @@
+"""Fan-out of the event log to watch streams.
+
+One `LogTail` per process reads the log once per change and pushes the new
+entries to every subscriber's bounded buffer, so a thousand subscribers cost
+one read, not a thousand. A subscriber that falls behind is dropped from the
+fan-out and serves itself from the log (catch-up) until it is back at the
+tail: a slow reader holds no more than its buffer and never slows the engine.
+
+Ordering: positions are handed out in commit order (see store/sql.py), so a
+reader that delivers strictly increasing positions misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from orchestrator.engine import ChangeSignal
+from orchestrator.store import SagaStore, StoredEvent
+
+log = logging.getLogger("compensa.streams")
+
+#: Events per read of the log; `read` callbacks must use it as their limit.
+READ_BATCH = 500
+
+
+@dataclass(eq=False)
+class _Subscriber:
+    wants: Callable[[StoredEvent], bool]
+    buffer: asyncio.Queue[StoredEvent]
+    overflowed: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class LogTail:
+    """Reads the global log as it grows and fans it out to subscribers."""
+
+    def __init__(self, store: SagaStore, changes: ChangeSignal, *, buffer_size: int, reread_seconds: float) -> None:
+        self._store = store
+        self._changes = changes
+        self._buffer_size = buffer_size
+        self._reread_seconds = reread_seconds
+        self._subscribers: set[_Subscriber] = set()
+        self._position: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _ensure_running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="compensa-log-tail")
+        await self._started.wait()
+
+    async def _run(self) -> None:
+        with self._changes.subscribe(None) as changed:
+            while True:
+                try:
+                    if self._position is None:
+                        self._position = await self._store.head_position()
+                        self._started.set()
+                    changed.clear()
+                    events = await self._store.read_log(self._position, READ_BATCH)
+                except Exception as error:  # the store comes back; subscribers catch up
+                    log.warning("log tail: %s", error)
+                    await asyncio.sleep(1.0)
+                    continue
+                if events:
+                    self._position = events[-1].position
+                    self._fan_out(events)
+                    if len(events) == READ_BATCH:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
+
+    def _fan_out(self, events: list[StoredEvent]) -> None:
+        for subscriber in list(self._subscribers):
+            for event in events:
+                if not subscriber.wants(event):
+                    continue
+                try:
+                    subscriber.buffer.put_nowait(event)
+                except asyncio.QueueFull:
+                    subscriber.overflowed = True
+                    self._subscribers.discard(subscriber)
+                    break
+            subscriber.wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self, wants: Callable[[StoredEvent], bool]) -> AsyncIterator[_Subscriber]:
+        await self._ensure_running()
+        subscriber = _Subscriber(wants, asyncio.Queue(self._buffer_size))
+        self._subscribers.add(subscriber)
+        try:
+            yield subscriber
+        finally:
+            self._subscribers.discard(subscriber)
+
+    async def follow(
+        self,
+        after: int,
+        *,
+        key: Callable[[StoredEvent], int],
+        wants: Callable[[StoredEvent], bool],
+        read: Callable[[int], Awaitable[list[StoredEvent]]],
+    ) -> AsyncIterator[StoredEvent]:
+        """Every wanted event with key > `after`, in key order, forever.
+
+        `key` is the sequence (one saga) or the position (all sagas); `read(k)`
+        reads a batch with key > k from the store, for catch-up.
+        """
+        last = after
+        while True:
+            async with self._subscription(wants) as subscriber:
+                # Catch up from the log; the buffer collects what commits meanwhile.
+                while True:
+                    batch = await read(last)
+                    for event in batch:
+                        last = key(event)
+                        yield event
+                    if len(batch) < READ_BATCH:
+                        break
+                # Then live, from the buffer, skipping what catch-up already sent.
+                while not subscriber.overflowed:
+                    while not subscriber.buffer.empty():
+                        event = subscriber.buffer.get_nowait()
+                        if key(event) > last:
+                            last = key(event)
+                            yield event
+                    if subscriber.overflowed:
+                        break
+                    subscriber.wake.clear()
+                    if subscriber.buffer.empty():
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(subscriber.wake.wait(), self._reread_seconds)
+                        if subscriber.buffer.empty() and not subscriber.overflowed:
+                            # Nothing pushed for a while: check the log directly, in
+                            # case the tail missed a wake-up.
+                            break
