@@ -115,6 +115,7 @@ async def checkout_stack(
     definition_paths: tuple[Path, ...] = (CHECKOUT,),
     lease_seconds: float = 5.0,
     max_payload_bytes: int = 1024 * 1024,
+    orchestrator_url: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Starts inventory, payment and shipping (each on its own database from
     `make_url`) and an orchestrator on another, all on port 0."""
@@ -122,7 +123,7 @@ async def checkout_stack(
     participants: dict[str, RunningParticipant] = {}
     for kind in ("inventory", "payment", "shipping"):
         participants[kind] = await start_participant(kind, make_url(), faults=faults.get(kind))
-    orchestrator_url = make_url()
+    orchestrator_url = orchestrator_url or make_url()
     orchestrator = await start_orchestrator(
         ServerConfig(
             listen="127.0.0.1:0",

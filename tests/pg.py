@@ -51,6 +51,13 @@ class PostgresServer:
     admin_url: URL
     origin: str
     _cleanup: Callable[[], None] | None = field(default=None, repr=False)
+    _restart: Callable[[], None] | None = field(default=None, repr=False)
+
+    def restart(self) -> None:
+        """Crash-restarts a server we started (`pg_ctl restart -m immediate`)."""
+        if self._restart is None:
+            raise RuntimeError(f"cannot restart {self.origin}: we did not start it")
+        self._restart()
 
     def admin_conninfo(self) -> str:
         """The admin URL as a libpq connection string, for psycopg."""
@@ -151,8 +158,13 @@ def start_throwaway_cluster(bindir: Path) -> PostgresServer:
         subprocess.run(_as_user(stop, as_user), check=False, capture_output=True, cwd="/")
         shutil.rmtree(workdir, ignore_errors=True)
 
+    def restart() -> None:
+        _run([pg_ctl, "-D", str(datadir), "-l", str(logfile), "-o", options, "-m", "immediate", "-w", "restart"], as_user)
+
     url = URL.create("postgresql+psycopg", username=_ADMIN_USER, host="127.0.0.1", port=port, database="postgres")
-    return PostgresServer(url, origin=f"throwaway cluster from {bindir} at 127.0.0.1:{port}", _cleanup=cleanup)
+    return PostgresServer(
+        url, origin=f"throwaway cluster from {bindir} at 127.0.0.1:{port}", _cleanup=cleanup, _restart=restart
+    )
 
 
 class DatabaseFactory:

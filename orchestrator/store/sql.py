@@ -157,6 +157,7 @@ class SqlSagaStore(SagaStore):
         raise NotImplementedError
 
     def _lock_due(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """Locks the selected rows, skipping those another transaction holds."""
         return query
 
     # -- plumbing
@@ -488,12 +489,25 @@ class SqlSagaStore(SagaStore):
         renewed = 0
         async with self._transaction() as conn:
             for start in range(0, len(saga_ids), _ID_CHUNK):
+                # Rows a transition is writing right now are skipped, not
+                # waited for: that write renews the lease itself, and waiting
+                # could deadlock with it.
+                held = (
+                    self._lock_due(
+                        sa.select(sagas.c.saga_id).where(
+                            sagas.c.owner == owner, sagas.c.saga_id.in_(saga_ids[start : start + _ID_CHUNK])
+                        )
+                    )
+                    .cte("held")
+                    .prefix_with("MATERIALIZED")
+                )
                 result = await conn.execute(
                     sa.update(sagas)
-                    .where(sagas.c.owner == owner, sagas.c.saga_id.in_(saga_ids[start : start + _ID_CHUNK]))
+                    .where(sagas.c.saga_id == held.c.saga_id)
                     .values(lease_until=lease_until)
+                    .returning(sagas.c.saga_id)
                 )
-                renewed += int(result.rowcount)
+                renewed += len(result.all())
         return renewed
 
     async def release_all(self, owner: str, now: float) -> None:
