@@ -152,16 +152,27 @@ class OrchestratorServiceServicer:
 
     def WatchSaga(self, request, context):
         """Streams one saga's events in sequence order: first those after
-        `after_sequence` from the log, then live ones. Ends after the final event
-        unless `follow_after_end` is set.
+        `after_sequence` from the log, then live ones as they commit. Ends after
+        the final event unless `follow_after_end` is set. Every event is durable
+        before it is sent. A client that reconnects with the last sequence it
+        received misses nothing and receives nothing twice. A sequence beyond the
+        latest is the future: the stream waits for it. Errors: NOT_FOUND (unknown
+        saga), INVALID_ARGUMENT (negative sequence), UNAVAILABLE (the orchestrator
+        is stopping or lost its database: reconnect, to any replica).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchSagas(self, request, context):
-        """Streams every saga's events in the commit order of the log, resumable
-        from a position.
+        """Streams every saga's events, resumable from a position (SagaEvent.position,
+        a durable cursor into the global log, not a time).
+        Ordering: per saga, strict sequence order; across sagas, the commit order
+        of the log: positions are handed out in the order the transactions that
+        wrote them commit, and are sent strictly increasing, so resuming at
+        "position > N" never skips an event that committed later. Positions may
+        have gaps when a filter is set (filtered events are skipped), never
+        otherwise. Errors as for WatchSaga.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

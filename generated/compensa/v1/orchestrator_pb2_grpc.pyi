@@ -57,12 +57,23 @@ class OrchestratorServiceStub:
     """
     WatchSaga: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagaRequest, _orchestrator_pb2.WatchSagaResponse]
     """Streams one saga's events in sequence order: first those after
-    `after_sequence` from the log, then live ones. Ends after the final event
-    unless `follow_after_end` is set.
+    `after_sequence` from the log, then live ones as they commit. Ends after
+    the final event unless `follow_after_end` is set. Every event is durable
+    before it is sent. A client that reconnects with the last sequence it
+    received misses nothing and receives nothing twice. A sequence beyond the
+    latest is the future: the stream waits for it. Errors: NOT_FOUND (unknown
+    saga), INVALID_ARGUMENT (negative sequence), UNAVAILABLE (the orchestrator
+    is stopping or lost its database: reconnect, to any replica).
     """
     WatchSagas: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagasRequest, _orchestrator_pb2.WatchSagasResponse]
-    """Streams every saga's events in the commit order of the log, resumable
-    from a position.
+    """Streams every saga's events, resumable from a position (SagaEvent.position,
+    a durable cursor into the global log, not a time).
+    Ordering: per saga, strict sequence order; across sagas, the commit order
+    of the log: positions are handed out in the order the transactions that
+    wrote them commit, and are sent strictly increasing, so resuming at
+    "position > N" never skips an event that committed later. Positions may
+    have gaps when a filter is set (filtered events are skipped), never
+    otherwise. Errors as for WatchSaga.
     """
     CompleteStep: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -106,12 +117,23 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     WatchSaga: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagaRequest, _orchestrator_pb2.WatchSagaResponse]  # type: ignore[assignment]
     """Streams one saga's events in sequence order: first those after
-    `after_sequence` from the log, then live ones. Ends after the final event
-    unless `follow_after_end` is set.
+    `after_sequence` from the log, then live ones as they commit. Ends after
+    the final event unless `follow_after_end` is set. Every event is durable
+    before it is sent. A client that reconnects with the last sequence it
+    received misses nothing and receives nothing twice. A sequence beyond the
+    latest is the future: the stream waits for it. Errors: NOT_FOUND (unknown
+    saga), INVALID_ARGUMENT (negative sequence), UNAVAILABLE (the orchestrator
+    is stopping or lost its database: reconnect, to any replica).
     """
     WatchSagas: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagasRequest, _orchestrator_pb2.WatchSagasResponse]  # type: ignore[assignment]
-    """Streams every saga's events in the commit order of the log, resumable
-    from a position.
+    """Streams every saga's events, resumable from a position (SagaEvent.position,
+    a durable cursor into the global log, not a time).
+    Ordering: per saga, strict sequence order; across sagas, the commit order
+    of the log: positions are handed out in the order the transactions that
+    wrote them commit, and are sent strictly increasing, so resuming at
+    "position > N" never skips an event that committed later. Positions may
+    have gaps when a filter is set (filtered events are skipped), never
+    otherwise. Errors as for WatchSaga.
     """
     CompleteStep: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]  # type: ignore[assignment]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -182,8 +204,13 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchSagaResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchSagaResponse]]:
         """Streams one saga's events in sequence order: first those after
-        `after_sequence` from the log, then live ones. Ends after the final event
-        unless `follow_after_end` is set.
+        `after_sequence` from the log, then live ones as they commit. Ends after
+        the final event unless `follow_after_end` is set. Every event is durable
+        before it is sent. A client that reconnects with the last sequence it
+        received misses nothing and receives nothing twice. A sequence beyond the
+        latest is the future: the stream waits for it. Errors: NOT_FOUND (unknown
+        saga), INVALID_ARGUMENT (negative sequence), UNAVAILABLE (the orchestrator
+        is stopping or lost its database: reconnect, to any replica).
         """
 
     @_abc_1.abstractmethod
@@ -192,8 +219,14 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.WatchSagasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchSagasResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchSagasResponse]]:
-        """Streams every saga's events in the commit order of the log, resumable
-        from a position.
+        """Streams every saga's events, resumable from a position (SagaEvent.position,
+        a durable cursor into the global log, not a time).
+        Ordering: per saga, strict sequence order; across sagas, the commit order
+        of the log: positions are handed out in the order the transactions that
+        wrote them commit, and are sent strictly increasing, so resuming at
+        "position > N" never skips an event that committed later. Positions may
+        have gaps when a filter is set (filtered events are skipped), never
+        otherwise. Errors as for WatchSaga.
         """
 
     @_abc_1.abstractmethod
