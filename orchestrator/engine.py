@@ -57,33 +57,22 @@ class ChangeSignal:
     """In-process wake-ups for log readers: a hint to re-read, never the data."""
 
     def __init__(self) -> None:
-        self._by_saga: dict[str, set[asyncio.Event]] = {}
-        self._all: set[asyncio.Event] = set()
+        self._listeners: set[asyncio.Event] = set()
 
     @contextlib.contextmanager
-    def subscribe(self, saga_id: str | None) -> Iterator[asyncio.Event]:
+    def subscribe(self) -> Iterator[asyncio.Event]:
+        """An event set whenever sagas change; clear it before re-reading."""
         event = asyncio.Event()
-        bucket = self._all if saga_id is None else self._by_saga.setdefault(saga_id, set())
-        bucket.add(event)
+        self._listeners.add(event)
         try:
             yield event
         finally:
-            bucket.discard(event)
-            if saga_id is not None and not bucket:
-                self._by_saga.pop(saga_id, None)
+            self._listeners.discard(event)
 
     def notify(self, saga_ids: list[str] | None) -> None:
-        """Wakes the readers of these sagas; None wakes every reader."""
-        if saga_ids is None:
-            for bucket in self._by_saga.values():
-                for event in bucket:
-                    event.set()
-        else:
-            for saga_id in saga_ids:
-                for event in self._by_saga.get(saga_id, ()):
-                    event.set()
+        """Sagas changed (None: anything may have)."""
         if saga_ids is None or saga_ids:
-            for event in self._all:
+            for event in self._listeners:
                 event.set()
 
 

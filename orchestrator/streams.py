@@ -60,7 +60,7 @@ class LogTail:
         await self._started.wait()
 
     async def _run(self) -> None:
-        with self._changes.subscribe(None) as changed:
+        with self._changes.subscribe() as changed:
             while True:
                 try:
                     if self._position is None:
