@@ -301,8 +301,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         await self._existing(saga_id)
         async for stored in self._tail.follow(
             request.after_sequence,
+            saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
-            wants=lambda stored: stored.saga_id == saga_id,
+            wants=lambda stored: True,
             read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
         ):
             yield orchestrator_pb2.WatchSagaResponse(event=event_message(stored))
@@ -331,6 +332,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
         async for stored in self._tail.follow(
             request.after_position,
+            saga_id=None,
             key=lambda stored: stored.position,
             wants=wants,
             read=lambda after: self._store.read_log(

@@ -29,6 +29,7 @@ READ_BATCH = 500
 
 @dataclass(eq=False)
 class _Subscriber:
+    saga_id: str | None  # None: every saga's events, through `wants`
     wants: Callable[[StoredEvent], bool]
     buffer: asyncio.Queue[StoredEvent]
     overflowed: bool = False
@@ -43,7 +44,8 @@ class LogTail:
         self._changes = changes
         self._buffer_size = buffer_size
         self._reread_seconds = reread_seconds
-        self._subscribers: set[_Subscriber] = set()
+        self._of_saga: dict[str, set[_Subscriber]] = {}
+        self._of_all: set[_Subscriber] = set()
         self._position: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -81,44 +83,63 @@ class LogTail:
                     await asyncio.wait_for(changed.wait(), self._reread_seconds)
 
     def _fan_out(self, events: list[StoredEvent]) -> None:
-        for subscriber in list(self._subscribers):
-            for event in events:
-                if not subscriber.wants(event):
+        woken: set[_Subscriber] = set()
+        for event in events:
+            for subscriber in (*self._of_saga.get(event.saga_id, ()), *self._of_all):
+                if subscriber.overflowed or not subscriber.wants(event):
                     continue
                 try:
                     subscriber.buffer.put_nowait(event)
                 except asyncio.QueueFull:
                     subscriber.overflowed = True
-                    self._subscribers.discard(subscriber)
-                    break
+                    self._remove(subscriber)
+                woken.add(subscriber)
+        for subscriber in woken:
             subscriber.wake.set()
 
+    def _remove(self, subscriber: _Subscriber) -> None:
+        if subscriber.saga_id is None:
+            self._of_all.discard(subscriber)
+            return
+        bucket = self._of_saga.get(subscriber.saga_id)
+        if bucket is not None:
+            bucket.discard(subscriber)
+            if not bucket:
+                del self._of_saga[subscriber.saga_id]
+
     @contextlib.asynccontextmanager
-    async def _subscription(self, wants: Callable[[StoredEvent], bool]) -> AsyncIterator[_Subscriber]:
+    async def _subscription(
+        self, saga_id: str | None, wants: Callable[[StoredEvent], bool]
+    ) -> AsyncIterator[_Subscriber]:
         await self._ensure_running()
-        subscriber = _Subscriber(wants, asyncio.Queue(self._buffer_size))
-        self._subscribers.add(subscriber)
+        subscriber = _Subscriber(saga_id, wants, asyncio.Queue(self._buffer_size))
+        if saga_id is None:
+            self._of_all.add(subscriber)
+        else:
+            self._of_saga.setdefault(saga_id, set()).add(subscriber)
         try:
             yield subscriber
         finally:
-            self._subscribers.discard(subscriber)
+            self._remove(subscriber)
 
     async def follow(
         self,
         after: int,
         *,
+        saga_id: str | None,
         key: Callable[[StoredEvent], int],
         wants: Callable[[StoredEvent], bool],
         read: Callable[[int], Awaitable[list[StoredEvent]]],
     ) -> AsyncIterator[StoredEvent]:
-        """Every wanted event with key > `after`, in key order, forever.
+        """Every wanted event of `saga_id` (None: of every saga) with key >
+        `after`, in key order, forever.
 
         `key` is the sequence (one saga) or the position (all sagas); `read(k)`
         reads a batch with key > k from the store, for catch-up.
         """
         last = after
         while True:
-            async with self._subscription(wants) as subscriber:
+            async with self._subscription(saga_id, wants) as subscriber:
                 # Catch up from the log; the buffer collects what commits meanwhile.
                 while True:
                     batch = await read(last)
