@@ -327,7 +327,7 @@ def measure(
         print(
             f"  {name:<12} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
             f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
-            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {run.transactions_per_saga:5.2f} xacts/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
+            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {_figure(run.transactions_per_saga):>5} xacts/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
             flush=True,
         )
         measured.append(run)
