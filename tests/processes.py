@@ -212,3 +212,58 @@ class ProcessSet:
         for process in self.processes.values():
             print(f"----- last {lines} lines of {process.log_path}")
             print(process.tail(lines))
+
+
+# --- process introspection (for tests that measure or attribute work) ---------
+
+
+def vm_rss_kib(pid: int) -> int:
+    """The resident set size of process `pid` in KiB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def _tcp_inodes(local_port: int, remote_port: int) -> set[str]:
+    """Socket inodes of TCP connections from `local_port` to `remote_port` (IPv4 and IPv6)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if int(local.rsplit(":", 1)[1], 16) == local_port and int(remote.rsplit(":", 1)[1], 16) == remote_port:
+                inodes.add(inode)
+    return inodes
+
+
+def owner_of_connection(peer: str, server_port: int, processes: Sequence[ManagedProcess]) -> str | None:
+    """Which of `processes` holds the client end of the TCP connection that a
+    server on `server_port` sees as `peer` (grpc's context.peer(), e.g.
+    "ipv4:127.0.0.1:54321"); None if none of them (or it is gone)."""
+    try:
+        client_port = int(peer.rsplit(":", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    wanted = {f"socket:[{inode}]" for inode in _tcp_inodes(client_port, server_port)}
+    if not wanted:
+        return None
+    for process in processes:
+        pid = process.pid
+        if pid is None or not process.running():
+            continue
+        fd_dir = Path(f"/proc/{pid}/fd")
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    if os.readlink(fd) in wanted:
+                        return process.name
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return None
