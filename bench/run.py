@@ -594,6 +594,9 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    # Explicitly: a parent that ignores SIGINT (a background job of a
+    # script) would otherwise leave the bench deaf to it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     lab = Lab(keep_logs=args.keep_logs)
     failed = True
