@@ -466,6 +466,7 @@ class Bench:
             self._await_waiting(dsn, warmup)
             time.sleep(1.0)
             before = memory_kib(serve.pid)["VmRSS"]
+            print(f"  waiting sagas: starting {self.args.waiting} (RSS {before / 1024:.1f} MB)", flush=True)
             began = time.perf_counter()
             self._start_waiting(workload, self.args.waiting, "waiting")
             self._await_waiting(dsn, warmup + self.args.waiting)
