@@ -36,6 +36,7 @@ log = logging.getLogger("compensa.engine")
 # How often the scheduler looks for due sagas when nothing told it sooner.
 _POLL_SECONDS = 1.0
 _CLAIM_BATCH = 200
+_LATEST_SECONDS = 1.0
 
 
 def completion_token(saga_id: str, step: str) -> str:
@@ -136,6 +137,7 @@ class SagaEngine:
         self.client = ParticipantClient(dict(config.participants), max_message_bytes=config.max_payload_bytes * 2)
         self.writer = TransitionWriter(store, self.changes.notify)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
+        self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
         self._scheduler_wake = asyncio.Event()
         self._next_due = float("inf")
@@ -171,14 +173,36 @@ class SagaEngine:
     # -- plans
 
     async def plan_for(self, name: str, version: int) -> machine.Plan:
-        key = (name, version)
-        plan = self._plans.get(key)
+        """The plan of a registered version; versions never change, so it is cached."""
+        plan = await self.find_plan(name, version)
+        if plan is None:
+            raise NotFound(f"definition {name!r} version {version} not found")
+        return plan
+
+    async def find_plan(self, name: str, version: int = 0) -> machine.Plan | None:
+        """The plan of `name` at `version`, 0 meaning the latest; None if unknown.
+
+        Which version is the latest is remembered for `_LATEST_SECONDS`: a
+        version registered through another replica is used by this one after
+        at most that long (at once when registered here).
+        """
+        if version == 0:
+            known = self._latest.get(name)
+            if known is not None and known[1] > time.monotonic():
+                version = known[0]
+        plan = self._plans.get((name, version)) if version else None
         if plan is None:
             definition = await self.store.get_definition(name, version)
             if definition is None:
-                raise NotFound(f"definition {name!r} version {version} not found")
-            plan = self._plans[key] = machine.Plan.of(definition)
+                return None
+            plan = self._plans[(name, definition.version)] = machine.Plan.of(definition)
+            if version == 0:
+                self._latest[name] = (definition.version, time.monotonic() + _LATEST_SECONDS)
         return plan
+
+    def forget_latest(self, name: str) -> None:
+        """A new version of `name` was registered here."""
+        self._latest.pop(name, None)
 
     # -- writes
 

@@ -160,10 +160,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("definition_name is required")
         if request.definition_version < 0:
             raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
-        definition = await self._store.get_definition(request.definition_name, request.definition_version)
-        if definition is None:
+        plan = await self._engine.find_plan(request.definition_name, request.definition_version)
+        if plan is None:
             version = f" version {request.definition_version}" if request.definition_version else ""
             raise NotFound(f"definition {request.definition_name!r}{version} not found; register it first")
+        definition = plan.definition
         if not request.HasField("input") or not request.input.type_url:
             raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
         size = request.input.ByteSize()
@@ -173,7 +174,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if given != definition.input_type:
             raise InvalidArgument(f"input must be a {definition.input_type}, got {given or request.input.type_url!r}")
         payloads.unpack(request.input)
-        plan = await self._engine.plan_for(definition.name, definition.version)
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
             plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint
@@ -385,4 +385,9 @@ async def register_definition(
     """Validates and stores a definition; identical content keeps its version."""
     normalized = validate_definition(definition, source=source)
     normalized.version = 0
-    return await engine.store.register_definition(normalized, definition_fingerprint(normalized), time.time())
+    stored, created = await engine.store.register_definition(
+        normalized, definition_fingerprint(normalized), time.time()
+    )
+    if created:
+        engine.forget_latest(stored.name)
+    return stored, created

@@ -583,7 +583,10 @@ class PostgresSagaStore(SqlSagaStore):
     """The production store: several replicas share one PostgreSQL."""
 
     def __init__(self, url: str, *, notifier: str = "") -> None:
-        super().__init__(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+        # No pre-ping: it costs a round trip per transaction. A dead
+        # connection fails its transaction, SQLAlchemy drops it from the pool,
+        # and the caller retries (StoreUnavailable).
+        super().__init__(url, pool_size=10, max_overflow=10)
         self.notifier = notifier
 
     async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
@@ -619,55 +622,46 @@ class PostgresSagaStore(SqlSagaStore):
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
 
-    async def _update_sagas(
-        self, conn: AsyncConnection, updates: Sequence[tuple[int, SagaWrite]]
-    ) -> dict[int, int]:
-        """All guarded updates of a flush in one UPDATE ... FROM (VALUES ...)."""
-        if len(updates) == 1:
-            return await super()._update_sagas(conn, updates)
-        v = sa.values(
-            sa.column("idx", sa.Integer),
-            sa.column("saga_id", sa.String),
-            sa.column("expected", sa.BigInteger),
-            sa.column("epoch", sa.BigInteger),
-            sa.column("state", sa.Integer),
-            sa.column("sequence", sa.BigInteger),
-            sa.column("updated_at", sa.Float),
-            sa.column("failure_reason", sa.Text),
-            sa.column("resolution_note", sa.Text),
-            sa.column("due_at", sa.Float),
-            sa.column("owner", sa.String),
-            sa.column("lease_until", sa.Float),
-            name="v",
-        ).data(
-            [
-                (index, write.saga.saga_id, write.expected_sequence, write.epoch, *self._saga_values(write).values())
-                for index, write in updates
-            ]
-        )
-        # A column that is NULL in every row would be read as text: cast.
-        epoch = sa.cast(v.c.epoch, sa.BigInteger)
-        statement = (
-            sa.update(sagas)
-            .where(
-                sagas.c.saga_id == v.c.saga_id,
-                sagas.c.sequence == v.c.expected,
-                sa.or_(epoch.is_(None), sagas.c.epoch == epoch),
-            )
-            .values(
-                state=v.c.state,
-                sequence=v.c.sequence,
-                updated_at=v.c.updated_at,
-                failure_reason=v.c.failure_reason,
-                resolution_note=v.c.resolution_note,
-                due_at=sa.cast(v.c.due_at, sa.Float),
-                owner=sa.cast(v.c.owner, sa.String),
-                lease_until=sa.cast(v.c.lease_until, sa.Float),
-                epoch=sa.case((epoch.is_(None), sagas.c.epoch + 1), else_=sagas.c.epoch),
-            )
-            .returning(v.c.idx, sagas.c.epoch)
-        )
-        return {row.idx: row.epoch for row in (await conn.execute(statement)).all()}
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Group commit in two statements of fixed text (arrays + unnest), so
+        psycopg prepares them once and a flush of any size costs two round
+        trips: the sagas and their steps, then the events."""
+        creates: dict[str, int] = {}
+        for index, write in enumerate(writes):
+            if write.request_fingerprint is not None:
+                creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
+        updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
+        async with self._transaction() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None
+            async with driver.cursor() as cursor:
+                epochs: dict[int, int] = {}
+                if creates:
+                    await cursor.execute(_FAST_CREATE, _create_params(writes, list(creates.values())))
+                    epochs.update((row[0], 1) for row in await cursor.fetchall())
+                if updates:
+                    await cursor.execute(_FAST_UPDATE, _update_params(writes, updates))
+                    epochs.update((row[0], row[1]) for row in await cursor.fetchall())
+                landed = sorted(epochs)
+                events = [(writes[i].saga, event) for i in landed for event in writes[i].events]
+                base = 0
+                if events:
+                    payload = self.notifier + "|" + ",".join(writes[i].saga.saga_id for i in landed)
+                    if len(payload) > _MAX_PAYLOAD:
+                        payload = self.notifier + "|*"
+                    await cursor.execute(_FAST_EVENTS, _event_params(events, _CHANNEL, payload))
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    base = row[0]
+        results: list[WriteResult] = []
+        for index, write in enumerate(writes):
+            if index in epochs:
+                positions = tuple(range(base + 1, base + 1 + len(write.events)))
+                base += len(write.events)
+                results.append(WriteResult(ok=True, epoch=epochs[index], positions=positions))
+            else:
+                results.append(WriteResult(ok=False))
+        return results
 
     def _lock_due(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
@@ -689,3 +683,153 @@ class SqliteSagaStore(SqlSagaStore):
 
     def _insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
+
+
+# --- the PostgreSQL group-commit statements --------------------------------
+
+_STEP_COLUMNS = (
+    ("position", "int"),
+    ("state", "int"),
+    ("attempts", "int"),
+    ("compensate_attempts", "int"),
+    ("output", "bytea"),
+    ("last_error", "text"),
+    ("effect_uncertain", "bool"),
+    ("started_at", "float8"),
+    ("finished_at", "float8"),
+    ("next_attempt_at", "float8"),
+)
+_STEPS_UNNEST = "unnest(%(s_idx)b::int[], %(s_saga_id)b::text[], %(s_step_name)b::text[], " + ", ".join(
+    f"%(s_{name})b::{kind}[]" for name, kind in _STEP_COLUMNS
+) + ") AS w(idx, saga_id, step_name, " + ", ".join(name for name, _ in _STEP_COLUMNS) + ")"
+
+_FAST_UPDATE = f"""
+WITH v AS (
+    SELECT * FROM unnest(
+        %(idx)b::int[], %(saga_id)b::text[], %(expected)b::bigint[], %(epoch)b::bigint[], %(state)b::int[],
+        %(sequence)b::bigint[], %(updated_at)b::float8[], %(failure_reason)b::text[], %(resolution_note)b::text[],
+        %(due_at)b::float8[], %(owner)b::text[], %(lease_until)b::float8[]
+    ) AS v(idx, saga_id, expected, epoch, state, sequence, updated_at, failure_reason, resolution_note,
+           due_at, owner, lease_until)
+), landed AS (
+    UPDATE compensa_sagas AS s SET
+        state = v.state, sequence = v.sequence, updated_at = v.updated_at, failure_reason = v.failure_reason,
+        resolution_note = v.resolution_note, due_at = v.due_at, owner = v.owner, lease_until = v.lease_until,
+        epoch = CASE WHEN v.epoch IS NULL THEN s.epoch + 1 ELSE s.epoch END
+    FROM v
+    WHERE s.saga_id = v.saga_id AND s.sequence = v.expected AND (v.epoch IS NULL OR s.epoch = v.epoch)
+    RETURNING v.idx, s.epoch
+), steps AS (
+    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = w.{name}" for name, _ in _STEP_COLUMNS)}
+    FROM {_STEPS_UNNEST} JOIN landed ON landed.idx = w.idx
+    WHERE t.saga_id = w.saga_id AND t.step_name = w.step_name
+)
+SELECT idx, epoch FROM landed
+"""
+
+_FAST_CREATE = f"""
+WITH v AS (
+    SELECT * FROM unnest(
+        %(idx)b::int[], %(saga_id)b::text[], %(definition_name)b::text[], %(definition_version)b::int[],
+        %(state)b::int[], %(sequence)b::bigint[], %(input)b::bytea[], %(request_fingerprint)b::text[],
+        %(failure_reason)b::text[], %(resolution_note)b::text[], %(created_at)b::float8[], %(updated_at)b::float8[],
+        %(due_at)b::float8[], %(owner)b::text[], %(lease_until)b::float8[]
+    ) AS v(idx, saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
+           failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until)
+), inserted AS (
+    INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
+        request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch)
+    SELECT saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
+        failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, 1
+    FROM v
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING saga_id
+), steps AS (
+    INSERT INTO compensa_saga_steps (saga_id, step_name, {", ".join(name for name, _ in _STEP_COLUMNS)})
+    SELECT w.saga_id, w.step_name, {", ".join(f"w.{name}" for name, _ in _STEP_COLUMNS)}
+    FROM {_STEPS_UNNEST} JOIN inserted ON inserted.saga_id = w.saga_id
+)
+SELECT v.idx FROM v JOIN inserted ON inserted.saga_id = v.saga_id
+"""
+
+# The log_head row lock is taken here, last in the transaction, and held to
+# commit: positions follow commit order. NOTIFY is delivered at commit.
+_FAST_EVENTS = """
+WITH head AS (
+    UPDATE compensa_log_head SET position = position + %(count)b::bigint WHERE id = 1
+    RETURNING position - %(count)b::bigint AS base
+), inserted AS (
+    INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
+        attempt, message, actor, definition_name)
+    SELECT e.saga_id, e.sequence, head.base + e.n, e.type, e.time, e.saga_state, e.step_name, e.step_state,
+        e.attempt, e.message, e.actor, e.definition_name
+    FROM head, unnest(
+        %(saga_id)b::text[], %(sequence)b::bigint[], %(type)b::int[], %(time)b::float8[], %(saga_state)b::int[],
+        %(step_name)b::text[], %(step_state)b::int[], %(attempt)b::int[], %(message)b::text[], %(actor)b::text[],
+        %(definition_name)b::text[]
+    ) WITH ORDINALITY AS e(saga_id, sequence, type, time, saga_state, step_name, step_state, attempt, message,
+                           actor, definition_name, n)
+)
+SELECT base, pg_notify(%(channel)b::text, %(payload)b::text) FROM head
+"""
+
+
+def _step_params(writes: Sequence[SagaWrite], chosen: Sequence[int], *, all_steps: bool) -> dict[str, list[Any]]:
+    params: dict[str, list[Any]] = {"s_idx": [], "s_saga_id": [], "s_step_name": []}
+    params.update({f"s_{name}": [] for name, _ in _STEP_COLUMNS})
+    for index in chosen:
+        saga = writes[index].saga
+        names = [step.name for step in saga.steps] if all_steps else writes[index].changed_steps
+        positions = {step.name: position for position, step in enumerate(saga.steps)}
+        for name in names:
+            row = _step_row(saga.saga_id, positions[name], saga.step(name))
+            params["s_idx"].append(index)
+            for key, value in row.items():
+                params[f"s_{key}"].append(value)
+    return params
+
+
+def _update_params(writes: Sequence[SagaWrite], chosen: Sequence[int]) -> dict[str, list[Any]]:
+    params: dict[str, list[Any]] = {key: [] for key in ("idx", "saga_id", "expected", "epoch")}
+    for index in chosen:
+        write = writes[index]
+        params["idx"].append(index)
+        params["saga_id"].append(write.saga.saga_id)
+        params["expected"].append(write.expected_sequence)
+        params["epoch"].append(write.epoch)
+        for key, value in SqlSagaStore._saga_values(write).items():
+            params.setdefault(key, []).append(value)
+    params.update(_step_params(writes, chosen, all_steps=False))
+    return params
+
+
+def _create_params(writes: Sequence[SagaWrite], chosen: Sequence[int]) -> dict[str, list[Any]]:
+    params: dict[str, list[Any]] = {}
+    for index in chosen:
+        write, saga = writes[index], writes[index].saga
+        row = {
+            "idx": index,
+            "saga_id": saga.saga_id,
+            "definition_name": saga.definition_name,
+            "definition_version": saga.definition_version,
+            "input": saga.input,
+            "request_fingerprint": write.request_fingerprint,
+            "created_at": saga.created_at,
+            **SqlSagaStore._saga_values(write),
+        }
+        for key, value in row.items():
+            params.setdefault(key, []).append(value)
+    params.update(_step_params(writes, chosen, all_steps=True))
+    return params
+
+
+def _event_params(
+    events: Sequence[tuple[SagaRecord, LogEvent]], channel: str, payload: str
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"count": len(events), "channel": channel, "payload": payload}
+    for saga, event in events:
+        row = _event_row(saga, event, 0)
+        del row["position"]
+        for key, value in row.items():
+            params.setdefault(key, []).append(value)
+    return params
