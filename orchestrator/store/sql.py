@@ -588,6 +588,32 @@ class PostgresSagaStore(SqlSagaStore):
         # and the caller retries (StoreUnavailable).
         super().__init__(url, pool_size=10, max_overflow=10)
         self.notifier = notifier
+        self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # Group commit has one connection of its own, outside SQLAlchemy's
+        # pool: the hot path is two prepared statements and a COMMIT.
+        self._writer: psycopg.AsyncConnection[Any] | None = None
+        self._writer_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._writer_lock:
+            try:
+                if self._writer is None or self._writer.closed:
+                    self._writer = await psycopg.AsyncConnection.connect(
+                        self._conninfo, autocommit=True, prepare_threshold=0
+                    )
+                yield self._writer
+            except (psycopg.OperationalError, OSError) as error:
+                if self._writer is not None:
+                    await self._writer.close()
+                self._writer = None
+                raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        await super().close()
 
     async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
         if not saga_ids:
@@ -599,7 +625,7 @@ class PostgresSagaStore(SqlSagaStore):
         await conn.execute(sa.select(sa.func.pg_notify(_CHANNEL, payload)))
 
     async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
-        conninfo = make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        conninfo = self._conninfo
         delay = 0.1
         while True:
             try:
@@ -623,36 +649,24 @@ class PostgresSagaStore(SqlSagaStore):
         return postgresql.insert(table)
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
-        """Group commit in two statements of fixed text (arrays + unnest), so
-        psycopg prepares them once and a flush of any size costs two round
-        trips: the sagas and their steps, then the events."""
+        """Group commit as ONE statement of fixed text (arrays + unnest, data-
+        modifying CTEs), prepared once and run in autocommit: a flush of any
+        size is one round trip and one atomic transaction."""
         creates: dict[str, int] = {}
         for index, write in enumerate(writes):
             if write.request_fingerprint is not None:
                 creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
         updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
-        async with self._transaction() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
-            assert driver is not None
+        payload = self.notifier + "|" + ",".join(dict.fromkeys(write.saga.saga_id for write in writes))
+        if len(payload) > _MAX_PAYLOAD:
+            payload = self.notifier + "|*"
+        params = _flush_params(writes, list(creates.values()), updates, payload)
+        async with self._writing() as driver:
             async with driver.cursor() as cursor:
-                epochs: dict[int, int] = {}
-                if creates:
-                    await cursor.execute(_FAST_CREATE, _create_params(writes, list(creates.values())))
-                    epochs.update((row[0], 1) for row in await cursor.fetchall())
-                if updates:
-                    await cursor.execute(_FAST_UPDATE, _update_params(writes, updates))
-                    epochs.update((row[0], row[1]) for row in await cursor.fetchall())
-                landed = sorted(epochs)
-                events = [(writes[i].saga, event) for i in landed for event in writes[i].events]
-                base = 0
-                if events:
-                    payload = self.notifier + "|" + ",".join(writes[i].saga.saga_id for i in landed)
-                    if len(payload) > _MAX_PAYLOAD:
-                        payload = self.notifier + "|*"
-                    await cursor.execute(_FAST_EVENTS, _event_params(events, _CHANNEL, payload))
-                    row = await cursor.fetchone()
-                    assert row is not None
-                    base = row[0]
+                await cursor.execute(_FLUSH, params)
+                rows = await cursor.fetchall()
+        epochs = {row[0]: row[1] for row in rows}
+        base = rows[0][2] if rows else 0
         results: list[WriteResult] = []
         for index, write in enumerate(writes):
             if index in epochs:
@@ -703,15 +717,23 @@ _STEPS_UNNEST = "unnest(%(s_idx)b::int[], %(s_saga_id)b::text[], %(s_step_name)b
     f"%(s_{name})b::{kind}[]" for name, kind in _STEP_COLUMNS
 ) + ") AS w(idx, saga_id, step_name, " + ", ".join(name for name, _ in _STEP_COLUMNS) + ")"
 
-_FAST_UPDATE = f"""
+_FLUSH = f"""
 WITH v AS (
     SELECT * FROM unnest(
-        %(idx)b::int[], %(saga_id)b::text[], %(expected)b::bigint[], %(epoch)b::bigint[], %(state)b::int[],
-        %(sequence)b::bigint[], %(updated_at)b::float8[], %(failure_reason)b::text[], %(resolution_note)b::text[],
-        %(due_at)b::float8[], %(owner)b::text[], %(lease_until)b::float8[]
+        %(u_idx)b::int[], %(u_saga_id)b::text[], %(u_expected)b::bigint[], %(u_epoch)b::bigint[], %(u_state)b::int[],
+        %(u_sequence)b::bigint[], %(u_updated_at)b::float8[], %(u_failure_reason)b::text[],
+        %(u_resolution_note)b::text[], %(u_due_at)b::float8[], %(u_owner)b::text[], %(u_lease_until)b::float8[]
     ) AS v(idx, saga_id, expected, epoch, state, sequence, updated_at, failure_reason, resolution_note,
            due_at, owner, lease_until)
-), landed AS (
+), c AS (
+    SELECT * FROM unnest(
+        %(c_idx)b::int[], %(c_saga_id)b::text[], %(c_definition_name)b::text[], %(c_definition_version)b::int[],
+        %(c_state)b::int[], %(c_sequence)b::bigint[], %(c_input)b::bytea[], %(c_request_fingerprint)b::text[],
+        %(c_failure_reason)b::text[], %(c_resolution_note)b::text[], %(c_created_at)b::float8[],
+        %(c_updated_at)b::float8[], %(c_due_at)b::float8[], %(c_owner)b::text[], %(c_lease_until)b::float8[]
+    ) AS c(idx, saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
+           failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until)
+), updated AS (
     UPDATE compensa_sagas AS s SET
         state = v.state, sequence = v.sequence, updated_at = v.updated_at, failure_reason = v.failure_reason,
         resolution_note = v.resolution_note, due_at = v.due_at, owner = v.owner, lease_until = v.lease_until,
@@ -719,58 +741,48 @@ WITH v AS (
     FROM v
     WHERE s.saga_id = v.saga_id AND s.sequence = v.expected AND (v.epoch IS NULL OR s.epoch = v.epoch)
     RETURNING v.idx, s.epoch
-), steps AS (
-    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = w.{name}" for name, _ in _STEP_COLUMNS)}
-    FROM {_STEPS_UNNEST} JOIN landed ON landed.idx = w.idx
-    WHERE t.saga_id = w.saga_id AND t.step_name = w.step_name
-)
-SELECT idx, epoch FROM landed
-"""
-
-_FAST_CREATE = f"""
-WITH v AS (
-    SELECT * FROM unnest(
-        %(idx)b::int[], %(saga_id)b::text[], %(definition_name)b::text[], %(definition_version)b::int[],
-        %(state)b::int[], %(sequence)b::bigint[], %(input)b::bytea[], %(request_fingerprint)b::text[],
-        %(failure_reason)b::text[], %(resolution_note)b::text[], %(created_at)b::float8[], %(updated_at)b::float8[],
-        %(due_at)b::float8[], %(owner)b::text[], %(lease_until)b::float8[]
-    ) AS v(idx, saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
-           failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until)
 ), inserted AS (
     INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
         request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch)
     SELECT saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
         failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, 1
-    FROM v
+    FROM c
     ON CONFLICT (saga_id) DO NOTHING
     RETURNING saga_id
-), steps AS (
+), created AS (
+    SELECT c.idx, 1::bigint AS epoch FROM c JOIN inserted ON inserted.saga_id = c.saga_id
+), landed AS (
+    SELECT idx, epoch FROM updated UNION ALL SELECT idx, epoch FROM created
+), step_updates AS (
+    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = w.{name}" for name, _ in _STEP_COLUMNS)}
+    FROM {_STEPS_UNNEST.replace("%(s_", "%(su_")} JOIN updated ON updated.idx = w.idx
+    WHERE t.saga_id = w.saga_id AND t.step_name = w.step_name
+), step_inserts AS (
     INSERT INTO compensa_saga_steps (saga_id, step_name, {", ".join(name for name, _ in _STEP_COLUMNS)})
     SELECT w.saga_id, w.step_name, {", ".join(f"w.{name}" for name, _ in _STEP_COLUMNS)}
-    FROM {_STEPS_UNNEST} JOIN inserted ON inserted.saga_id = w.saga_id
-)
-SELECT v.idx FROM v JOIN inserted ON inserted.saga_id = v.saga_id
-"""
-
-# The log_head row lock is taken here, last in the transaction, and held to
-# commit: positions follow commit order. NOTIFY is delivered at commit.
-_FAST_EVENTS = """
-WITH head AS (
-    UPDATE compensa_log_head SET position = position + %(count)b::bigint WHERE id = 1
-    RETURNING position - %(count)b::bigint AS base
-), inserted AS (
+    FROM {_STEPS_UNNEST.replace("%(s_", "%(si_")} JOIN created ON created.idx = w.idx
+), ev AS (
+    SELECT e.*, row_number() OVER (ORDER BY e.n) AS k
+    FROM unnest(
+        %(e_idx)b::int[], %(e_saga_id)b::text[], %(e_sequence)b::bigint[], %(e_type)b::int[], %(e_time)b::float8[],
+        %(e_saga_state)b::int[], %(e_step_name)b::text[], %(e_step_state)b::int[], %(e_attempt)b::int[],
+        %(e_message)b::text[], %(e_actor)b::text[], %(e_definition_name)b::text[]
+    ) WITH ORDINALITY AS e(idx, saga_id, sequence, type, time, saga_state, step_name, step_state, attempt, message,
+                           actor, definition_name, n)
+    JOIN landed ON landed.idx = e.idx
+), head AS (
+    -- The log_head row lock is held to commit: positions follow commit order.
+    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM ev) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM ev) AS base
+), events AS (
     INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
         attempt, message, actor, definition_name)
-    SELECT e.saga_id, e.sequence, head.base + e.n, e.type, e.time, e.saga_state, e.step_name, e.step_state,
-        e.attempt, e.message, e.actor, e.definition_name
-    FROM head, unnest(
-        %(saga_id)b::text[], %(sequence)b::bigint[], %(type)b::int[], %(time)b::float8[], %(saga_state)b::int[],
-        %(step_name)b::text[], %(step_state)b::int[], %(attempt)b::int[], %(message)b::text[], %(actor)b::text[],
-        %(definition_name)b::text[]
-    ) WITH ORDINALITY AS e(saga_id, sequence, type, time, saga_state, step_name, step_state, attempt, message,
-                           actor, definition_name, n)
+    SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.type, ev.time, ev.saga_state, ev.step_name, ev.step_state,
+        ev.attempt, ev.message, ev.actor, ev.definition_name
+    FROM ev, head
 )
-SELECT base, pg_notify(%(channel)b::text, %(payload)b::text) FROM head
+-- NOTIFY is delivered at commit, never for a failed statement.
+SELECT landed.idx, landed.epoch, head.base, pg_notify(%(channel)b::text, %(payload)b::text) FROM landed, head
 """
 
 
@@ -789,47 +801,45 @@ def _step_params(writes: Sequence[SagaWrite], chosen: Sequence[int], *, all_step
     return params
 
 
-def _update_params(writes: Sequence[SagaWrite], chosen: Sequence[int]) -> dict[str, list[Any]]:
-    params: dict[str, list[Any]] = {key: [] for key in ("idx", "saga_id", "expected", "epoch")}
-    for index in chosen:
-        write = writes[index]
-        params["idx"].append(index)
-        params["saga_id"].append(write.saga.saga_id)
-        params["expected"].append(write.expected_sequence)
-        params["epoch"].append(write.epoch)
-        for key, value in SqlSagaStore._saga_values(write).items():
-            params.setdefault(key, []).append(value)
-    params.update(_step_params(writes, chosen, all_steps=False))
-    return params
-
-
-def _create_params(writes: Sequence[SagaWrite], chosen: Sequence[int]) -> dict[str, list[Any]]:
-    params: dict[str, list[Any]] = {}
-    for index in chosen:
-        write, saga = writes[index], writes[index].saga
-        row = {
-            "idx": index,
-            "saga_id": saga.saga_id,
-            "definition_name": saga.definition_name,
-            "definition_version": saga.definition_version,
-            "input": saga.input,
-            "request_fingerprint": write.request_fingerprint,
-            "created_at": saga.created_at,
-            **SqlSagaStore._saga_values(write),
-        }
-        for key, value in row.items():
-            params.setdefault(key, []).append(value)
-    params.update(_step_params(writes, chosen, all_steps=True))
-    return params
-
-
-def _event_params(
-    events: Sequence[tuple[SagaRecord, LogEvent]], channel: str, payload: str
+def _flush_params(
+    writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int], payload: str
 ) -> dict[str, Any]:
-    params: dict[str, Any] = {"count": len(events), "channel": channel, "payload": payload}
-    for saga, event in events:
-        row = _event_row(saga, event, 0)
-        del row["position"]
-        for key, value in row.items():
-            params.setdefault(key, []).append(value)
+    params: dict[str, Any] = {"channel": _CHANNEL, "payload": payload}
+    update_keys = ("idx", "saga_id", "expected", "epoch", "state", "sequence", "updated_at", "failure_reason",
+                   "resolution_note", "due_at", "owner", "lease_until")
+    create_keys = ("idx", "saga_id", "definition_name", "definition_version", "state", "sequence", "input",
+                   "request_fingerprint", "failure_reason", "resolution_note", "created_at", "updated_at", "due_at",
+                   "owner", "lease_until")
+    event_keys = ("idx", "saga_id", "sequence", "type", "time", "saga_state", "step_name", "step_state", "attempt",
+                  "message", "actor", "definition_name")
+    for key in update_keys:
+        params["u_" + key] = []
+    for key in create_keys:
+        params["c_" + key] = []
+    for key in event_keys:
+        params["e_" + key] = []
+    for index in updates:
+        write = writes[index]
+        row = {"idx": index, "saga_id": write.saga.saga_id, "expected": write.expected_sequence,
+               "epoch": write.epoch, **SqlSagaStore._saga_values(write)}
+        for key in update_keys:
+            params["u_" + key].append(row[key])
+    for index in creates:
+        write, saga = writes[index], writes[index].saga
+        row = {"idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
+               "definition_version": saga.definition_version, "input": saga.input,
+               "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
+               **SqlSagaStore._saga_values(write)}
+        for key in create_keys:
+            params["c_" + key].append(row[key])
+    for prefix, chosen, all_steps in (("su_", updates, False), ("si_", creates, True)):
+        for key, values in _step_params(writes, chosen, all_steps=all_steps).items():
+            params[prefix + key.removeprefix("s_")] = values
+    for index in sorted((*updates, *creates)):  # positions are handed out in write order
+        saga = writes[index].saga
+        for event in writes[index].events:
+            row = _event_row(saga, event, 0)
+            params["e_idx"].append(index)
+            for key in event_keys[1:]:
+                params["e_" + key].append(row[key])
     return params
