@@ -28,7 +28,7 @@ from orchestrator import machine
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import SagaStore, SagaWrite, WriteResult
+from orchestrator.store import SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
 
 log = logging.getLogger("compensa.engine")
@@ -76,12 +76,30 @@ class ChangeSignal:
             for event in self._listeners:
                 event.set()
 
+    #: Takes events this process just committed, in position order; returns
+    #: False when it cannot use them (then readers are woken to re-read).
+    take_committed: Callable[[list[StoredEvent]], bool] | None = None
+
+    def wants_committed(self) -> bool:
+        return self.take_committed is not None
+
+    def committed(self, events: list[StoredEvent]) -> None:
+        """Events this process just committed: handed over without a re-read
+        when the taker can use them, else a plain wake-up."""
+        if self.take_committed is None or not self.take_committed(events):
+            self.notify(None)
+
 
 class TransitionWriter:
     """Group commit: transitions submitted while a flush runs go in the next
     one, so many sagas share one transaction without any added delay."""
 
-    def __init__(self, store: SagaStore, on_commit: Callable[[list[str]], None], max_batch: int = 256) -> None:
+    def __init__(
+        self,
+        store: SagaStore,
+        on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
+        max_batch: int = 256,
+    ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._max_batch = max_batch
@@ -114,7 +132,7 @@ class TransitionWriter:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self._on_commit([write.saga.saga_id for (write, _), result in zip(batch, results) if result.ok])
+            self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
             for (_, future), result in zip(batch, results):
                 if not future.done():
                     future.set_result(result)
@@ -135,7 +153,7 @@ class SagaEngine:
         self.owner = config.replica_id
         self.changes = ChangeSignal()
         self.client = ParticipantClient(dict(config.participants), max_message_bytes=config.max_payload_bytes * 2)
-        self.writer = TransitionWriter(store, self.changes.notify)
+        self.writer = TransitionWriter(store, self._committed)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
@@ -169,6 +187,20 @@ class SagaEngine:
         with contextlib.suppress(StoreUnavailable):
             await self.store.release_all(self.owner, time.time())
         await self.client.close()
+
+    def _committed(self, landed: list[tuple[SagaWrite, WriteResult]]) -> None:
+        if not landed:
+            return
+        if not self.changes.wants_committed():
+            self.changes.notify([write.saga.saga_id for write, _ in landed])
+            return
+        events = [
+            StoredEvent(write.saga.saga_id, write.saga.definition_name, position, event)
+            for write, result in landed
+            for event, position in zip(write.events, result.positions)
+        ]
+        events.sort(key=lambda stored: stored.position)
+        self.changes.committed(events)
 
     # -- plans
 

@@ -49,6 +49,16 @@ class LogTail:
         self._position: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
+        changes.take_committed = self._take_committed
+
+    def _take_committed(self, events: list[StoredEvent]) -> bool:
+        """This process's own commits, without reading them back: usable
+        when they follow on from what the tail has, else it re-reads."""
+        if self._position is None or not events or events[0].position != self._position + 1:
+            return False
+        self._position = events[-1].position
+        self._fan_out(events)
+        return True
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -74,11 +84,13 @@ class LogTail:
                     log.warning("log tail: %s", error)
                     await asyncio.sleep(1.0)
                     continue
-                if events:
-                    self._position = events[-1].position
-                    self._fan_out(events)
-                    if len(events) == READ_BATCH:
-                        continue
+                # Commits of this process may have been handed over meanwhile.
+                fresh = [event for event in events if event.position > self._position]
+                if fresh:
+                    self._position = fresh[-1].position
+                    self._fan_out(fresh)
+                if len(events) == READ_BATCH:
+                    continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), self._reread_seconds)
 
