@@ -432,7 +432,7 @@ class Bench:
                 if profile:
                     profiler = self.lab.spawn(
                         "py-spy",
-                        [str(Path(PYTHON).with_name("py-spy")), "record", "--pid", str(serve.pid), "--rate", "100",
+                        [str(Path(PYTHON).with_name("py-spy")), "record", "--pid", str(serve.pid), "--rate", "250",
                          "--format", "raw", "--output", str(self.args.profile), "--nonblocking"],
                         pipes=False,
                     )
