@@ -32,7 +32,6 @@ from orchestrator.errors import (
     NotFound,
     grpc_status_of,
 )
-from orchestrator.store import StoredEvent
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.views import event_message, saga_message
 
@@ -97,6 +96,11 @@ def _decode_token(token: str, what: str) -> Any:
         raise InvalidArgument(f"{what} is malformed: pass back the next_page_token of a previous response") from None
 
 
+def _require_saga_id(saga_id: str) -> None:
+    if not saga_id:
+        raise InvalidArgument("saga_id is required")
+
+
 def _page_size(requested: int) -> int:
     if requested < 0:
         raise InvalidArgument(f"page_size must be 0 (default {DEFAULT_PAGE_SIZE}) or positive, got {requested}")
@@ -139,8 +143,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return saga_message(saga, plan)
 
     async def _existing(self, saga_id: str) -> machine.SagaRecord:
-        if not saga_id:
-            raise InvalidArgument("saga_id is required")
+        _require_saga_id(saga_id)
         saga = await self._store.load_saga(saga_id)
         if saga is None:
             raise NotFound(f"saga {saga_id!r} not found")
@@ -229,7 +232,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelSaga(
         self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelSagaResponse:
-        await self._existing(request.saga_id)
+        _require_saga_id(request.saga_id)
         saga = await self._engine.apply_external(
             request.saga_id, machine.CancelRequested(actor=request.actor, reason=request.reason)
         )
@@ -239,7 +242,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
-        await self._existing(request.saga_id)
+        _require_saga_id(request.saga_id)
         saga = await self._engine.apply_external(
             request.saga_id, machine.RetryRequested(actor=request.actor, reason=request.reason)
         )
@@ -251,7 +254,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.ResolveSagaResponse:
         if not request.note.strip():
             raise InvalidArgument("note is required: say what was done to repair the flow")
-        await self._existing(request.saga_id)
+        _require_saga_id(request.saga_id)
         saga = await self._engine.apply_external(
             request.saga_id, machine.ResolveRequested(actor=request.actor, note=request.note)
         )
@@ -303,7 +306,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             request.after_sequence,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
-            wants=lambda stored: True,
             read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
         ):
             yield orchestrator_pb2.WatchSagaResponse(event=event_message(stored))
@@ -324,17 +326,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_position < 0:
             raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
         definition_name, saga_state = request.definition_name, request.saga_state
-
-        def wants(stored: StoredEvent) -> bool:
-            return (not definition_name or stored.definition_name == definition_name) and (
-                not saga_state or stored.event.saga_state == saga_state
-            )
-
         async for stored in self._tail.follow(
             request.after_position,
             saga_id=None,
+            wanted=(definition_name, saga_state),
             key=lambda stored: stored.position,
-            wants=wants,
             read=lambda after: self._store.read_log(
                 after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
             ),

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from orchestrator.engine import ChangeSignal
@@ -27,13 +28,24 @@ log = logging.getLogger("compensa.streams")
 READ_BATCH = 500
 
 
+#: (definition_name, saga_state) a subscriber to every saga filters on; "" and 0 mean any.
+Filter = tuple[str, int]
+
+
 @dataclass(eq=False)
 class _Subscriber:
-    saga_id: str | None  # None: every saga's events, through `wants`
-    wants: Callable[[StoredEvent], bool]
+    saga_id: str | None  # None: every saga's events that pass `filter`
+    filter: Filter
     buffer: asyncio.Queue[StoredEvent]
     overflowed: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _passes(event: StoredEvent, wanted: Filter) -> bool:
+    definition_name, saga_state = wanted
+    return (not definition_name or event.definition_name == definition_name) and (
+        not saga_state or event.event.saga_state == saga_state
+    )
 
 
 class LogTail:
@@ -45,7 +57,9 @@ class LogTail:
         self._buffer_size = buffer_size
         self._reread_seconds = reread_seconds
         self._of_saga: dict[str, set[_Subscriber]] = {}
-        self._of_all: set[_Subscriber] = set()
+        # Subscribers to every saga, grouped by filter: an event is checked
+        # once per distinct filter, however many dashboards share it.
+        self._of_all: dict[Filter, set[_Subscriber]] = {}
         self._position: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -97,36 +111,47 @@ class LogTail:
     def _fan_out(self, events: list[StoredEvent]) -> None:
         woken: set[_Subscriber] = set()
         for event in events:
-            for subscriber in (*self._of_saga.get(event.saga_id, ()), *self._of_all):
-                if subscriber.overflowed or not subscriber.wants(event):
-                    continue
-                try:
-                    subscriber.buffer.put_nowait(event)
-                except asyncio.QueueFull:
-                    subscriber.overflowed = True
-                    self._remove(subscriber)
-                woken.add(subscriber)
+            for subscriber in self._of_saga.get(event.saga_id, ()):
+                self._push(subscriber, event, woken)
+            for wanted, subscribers in self._of_all.items():
+                if _passes(event, wanted):
+                    for subscriber in subscribers:
+                        self._push(subscriber, event, woken)
         for subscriber in woken:
             subscriber.wake.set()
+        # Dropped while iterating above; removed now.
+        for subscriber in [s for s in woken if s.overflowed]:
+            self._remove(subscriber)
+
+    @staticmethod
+    def _push(subscriber: _Subscriber, event: StoredEvent, woken: set[_Subscriber]) -> None:
+        if subscriber.overflowed:
+            return
+        try:
+            subscriber.buffer.put_nowait(event)
+        except asyncio.QueueFull:
+            subscriber.overflowed = True
+        woken.add(subscriber)
 
     def _remove(self, subscriber: _Subscriber) -> None:
+        index: dict[Any, set[_Subscriber]]
+        key: Any
         if subscriber.saga_id is None:
-            self._of_all.discard(subscriber)
-            return
-        bucket = self._of_saga.get(subscriber.saga_id)
+            index, key = self._of_all, subscriber.filter
+        else:
+            index, key = self._of_saga, subscriber.saga_id
+        bucket = index.get(key)
         if bucket is not None:
             bucket.discard(subscriber)
             if not bucket:
-                del self._of_saga[subscriber.saga_id]
+                del index[key]
 
     @contextlib.asynccontextmanager
-    async def _subscription(
-        self, saga_id: str | None, wants: Callable[[StoredEvent], bool]
-    ) -> AsyncIterator[_Subscriber]:
+    async def _subscription(self, saga_id: str | None, wanted: Filter) -> AsyncIterator[_Subscriber]:
         await self._ensure_running()
-        subscriber = _Subscriber(saga_id, wants, asyncio.Queue(self._buffer_size))
+        subscriber = _Subscriber(saga_id, wanted, asyncio.Queue(self._buffer_size))
         if saga_id is None:
-            self._of_all.add(subscriber)
+            self._of_all.setdefault(wanted, set()).add(subscriber)
         else:
             self._of_saga.setdefault(saga_id, set()).add(subscriber)
         try:
@@ -140,18 +165,18 @@ class LogTail:
         *,
         saga_id: str | None,
         key: Callable[[StoredEvent], int],
-        wants: Callable[[StoredEvent], bool],
         read: Callable[[int], Awaitable[list[StoredEvent]]],
+        wanted: Filter = ("", 0),
     ) -> AsyncIterator[StoredEvent]:
-        """Every wanted event of `saga_id` (None: of every saga) with key >
-        `after`, in key order, forever.
+        """Every event of `saga_id` (None: of every saga, passing `wanted`)
+        with key > `after`, in key order, forever.
 
         `key` is the sequence (one saga) or the position (all sagas); `read(k)`
         reads a batch with key > k from the store, for catch-up.
         """
         last = after
         while True:
-            async with self._subscription(saga_id, wants) as subscriber:
+            async with self._subscription(saga_id, wanted) as subscriber:
                 # Catch up from the log; the buffer collects what commits meanwhile.
                 while True:
                     batch = await read(last)
