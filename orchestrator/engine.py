@@ -55,7 +55,9 @@ def parse_completion_token(token: str) -> tuple[str, str]:
 
 
 class ChangeSignal:
-    """In-process wake-ups for log readers: a hint to re-read, never the data."""
+    """Tells log readers that sagas changed. A wake-up is a hint to re-read
+    the log; only this process's own commits may be handed over as data, and
+    only to a taker that can prove it misses nothing (`take_committed`)."""
 
     def __init__(self) -> None:
         self._listeners: set[asyncio.Event] = set()
