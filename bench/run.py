@@ -351,6 +351,15 @@ class Bench:
         (waiting_dir / "bench-waiting.yaml").write_text(WAITING_DEFINITION.format(waiting=WAITING_STEP))
         return bench_dir, waiting_dir
 
+    def write_both_definitions(self) -> Path:
+        """A definitions dir with both `bench` and `bench-waiting` (subscriber section)."""
+        both = self.lab.dir / "both-definitions"
+        both.mkdir(exist_ok=True)
+        steps = "".join(_STEP.format(name=name) for name in STEP_NAMES)
+        (both / "bench.yaml").write_text(BENCH_DEFINITION.format(steps=steps))
+        (both / "bench-waiting.yaml").write_text(WAITING_DEFINITION.format(waiting=WAITING_STEP))
+        return both
+
     def start_participant(self) -> None:
         child = self.lab.spawn("participant", [PYTHON, str(BENCH_DIR / "noop_participant.py")])
         ready = child.read_line()
@@ -500,6 +509,157 @@ class Bench:
                 time.sleep(0.5)
 
 
+    # -- subscribers (issue "Status streaming")
+
+    def run_subscriber_case(self, case: SubscriberCase, definitions: Path, concurrency: int) -> SubscriberResult:
+        """The main orchestrator row's measurement at `concurrency`, on a fresh
+        serve + database, with `case`'s waiting sagas and subscribers in place."""
+        slug = case.slug
+        database = self.lab.create_database(f"subs_{slug.replace('-', '_')}")
+        serve, address = self.start_orchestrator(database, definitions, f"serve-{slug}")
+        client = self.load_client(address, "bench", f"client-{slug}")
+        subscribers: Child | None = None
+        try:
+            workload = Workload(client, serve.pid, database)
+            saga_ids: list[str] = []
+            if case.waiting:
+                dsn = PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}")
+                self._start_waiting(workload, case.waiting, f"{slug}-waiting")
+                self._await_waiting(dsn, case.waiting)
+                with psycopg.connect(dsn, autocommit=True) as conn:
+                    saga_ids = [str(row[0]) for row in conn.execute(
+                        "SELECT saga_id FROM compensa_sagas WHERE definition_name = 'bench-waiting' ORDER BY saga_id"
+                    ).fetchall()]
+            if case.kind:
+                argv = [PYTHON, str(BENCH_DIR / "subscribers.py"), "--address", address, "--kind", case.kind,
+                        "--count", str(case.count), "--settle", str(self.args.settle_seconds)]
+                if case.saga_state:
+                    argv += ["--saga-state", case.saga_state]
+                if case.kind == "watch-saga":
+                    ids_file = self.lab.dir / f"{slug}-saga-ids.txt"
+                    ids_file.write_text("\n".join(saga_ids) + "\n")
+                    argv += ["--saga-ids", str(ids_file)]
+                subscribers = self.lab.spawn(f"subscribers-{slug}", argv)
+                opened = time.monotonic()
+                ready = subscribers.read_line()
+                if ready != f"ready {case.count}":
+                    raise BenchFailed(f"subscribers said {ready!r} instead of 'ready {case.count}'")
+                print(f"  {slug}: {case.count} {case.kind} streams open in {time.monotonic() - opened:.1f}s", flush=True)
+            window: dict[str, float] = {}
+
+            def start_window() -> None:
+                if subscribers is not None:
+                    window["events"] = float(self._subscriber_stats(subscribers)["events"])
+                    window["cpu"] = cpu_seconds(subscribers.pid)
+                window["time"] = time.monotonic()
+
+            runs = measure(slug, workload, self.args.sagas, concurrency, self.args.runs, start_window)
+            result = SubscriberResult(case, runs)
+            if subscribers is not None:
+                seconds = time.monotonic() - window["time"]
+                stats = self._subscriber_stats(subscribers)
+                result.events_per_s = (stats["events"] - window["events"]) / seconds
+                result.subscriber_cpu_pct = 100 * (cpu_seconds(subscribers.pid) - window["cpu"]) / seconds
+                result.open_after, result.stream_error = int(stats["open"]), str(stats["first_error"])
+            return result
+        finally:
+            if subscribers is not None:
+                self.lab.stop(subscribers)
+            self.lab.stop(client)
+            self.lab.stop(serve)
+            self.lab.drop_database(database)
+
+    @staticmethod
+    def _subscriber_stats(subscribers: Child) -> dict[str, Any]:
+        assert subscribers.process.stdin is not None
+        subscribers.process.stdin.write("stats\n")
+        subscribers.process.stdin.flush()
+        return dict(json.loads(subscribers.read_line()))
+
+
+@dataclass
+class SubscriberCase:
+    """One configuration of the subscriber section."""
+
+    slug: str
+    label: str
+    kind: str = ""  # "" (none), "watch-sagas" or "watch-saga"; see subscribers.py
+    count: int = 0
+    saga_state: str = ""
+    waiting: int = 0  # bench-waiting sagas started (and WAITING) before the runs
+    verdict: bool = True  # judged against the 10% target (not the baseline, not the control)
+
+
+@dataclass
+class SubscriberResult:
+    case: SubscriberCase
+    runs: list[Measurement]
+    events_per_s: float = float("nan")
+    subscriber_cpu_pct: float = float("nan")
+    open_after: int = 0
+    stream_error: str = ""
+
+    @property
+    def row(self) -> Row:
+        return Row(self.case.slug, 0, self.runs, 0)
+
+
+def subscriber_cases(subscribers: int, fanout: int) -> list[SubscriberCase]:
+    cases = [
+        SubscriberCase("base", "baseline: no subscribers", verdict=False),
+        SubscriberCase("dashboards", f"{subscribers} WatchSagas saga_state=FAILED", "watch-sagas", subscribers,
+                       saga_state="SAGA_STATE_FAILED"),
+        SubscriberCase("waiting-only", f"control: {subscribers} waiting sagas, no subscribers",
+                       waiting=subscribers, verdict=False),
+        SubscriberCase("per-saga", f"{subscribers} WatchSaga on {subscribers} waiting sagas", "watch-saga",
+                       subscribers, waiting=subscribers),
+    ]
+    if fanout:
+        cases.append(SubscriberCase("full-feed", f"{fanout} WatchSagas unfiltered (full feed)", "watch-sagas", fanout))
+    return cases
+
+
+def print_subscribers(results: list[SubscriberResult], concurrency: int, sagas: int, runs: int) -> None:
+    print(
+        f"\nsubscribers (issue \"Status streaming\"): orchestrator at c={concurrency}, {sagas} sagas x {runs} run(s),"
+        " medians; each case on a fresh serve + database"
+    )
+    header = (
+        f"{'case':<44} {'sagas/s':>8} {'(min-max)':>13} {'vs base':>7} {'CPU ms/saga':>11}"
+        f" {'DB xacts/saga':>13} {'sub CPU %':>9} {'events/s':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    base = results[0].row.median("per_second")
+    control = next((r.row.median("per_second") for r in results if r.case.slug == "waiting-only"), float("nan"))
+    for result in results:
+        row = result.row
+        rates = [run.per_second for run in row.runs]
+        spread = f"({min(rates):.0f}-{max(rates):.0f})"
+        sub_cpu = "-" if result.subscriber_cpu_pct != result.subscriber_cpu_pct else f"{result.subscriber_cpu_pct:.0f}"
+        events = "-" if result.events_per_s != result.events_per_s else f"{result.events_per_s:.0f}"
+        print(
+            f"{result.case.label:<44} {row.median('per_second'):>8.0f} {spread:>13}"
+            f" {ratio(row.median('per_second'), base):>7.2f} {row.median('cpu'):>11.3f}"
+            f" {_figure(row.median('transactions')):>13} {sub_cpu:>9} {events:>9}"
+        )
+    for result in results:
+        if result.case.kind and result.open_after != result.case.count:
+            print(f"  WARNING {result.case.slug}: only {result.open_after} of {result.case.count} streams still open"
+                  f" after the runs: {result.stream_error}")
+    for result in results:
+        if not result.case.verdict:
+            continue
+        vs_base = ratio(result.row.median("per_second"), base)
+        extra = ""
+        if result.case.slug == "per-saga" and control == control:
+            extra = f" ({ratio(result.row.median('per_second'), control):.2f}x the waiting-only control)"
+        print(
+            f"  target <= 10% slowdown, {result.case.label}: {vs_base:.2f}x baseline,"
+            f" slowdown {100 * (1 - vs_base):.0f}%{extra}: {'MET' if vs_base >= 0.9 else 'MISSED'}"
+        )
+
+
 # -- reporting
 
 
@@ -580,6 +740,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="record the orchestrator with py-spy (raw collapsed stacks) during the runs at the highest concurrency")
     parser.add_argument("--quick", action="store_true", help="smoke run: 500 sagas (200 at c=1), 1 run, 3,000 waiting")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs in the temp dir")
+    parser.add_argument("--subscribers", type=int, default=1000,
+                        help="watch subscribers for the subscriber section (default 1000; 0 skips its N cases)")
+    parser.add_argument("--fanout-subscribers", type=int, default=100,
+                        help="unfiltered WatchSagas subscribers of the full-feed case (default 100; 0 skips it)")
+    parser.add_argument("--subscribers-concurrency", type=int, default=256,
+                        help="concurrency of the subscriber section (default 256)")
+    parser.add_argument("--settle-seconds", type=float, default=2.0,
+                        help="settle delay after opening filtered WatchSagas streams (default 2)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sagas, args.c1_sagas, args.runs = min(args.sagas, 500), min(args.c1_sagas, 200), 1
@@ -634,6 +802,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         summary = report_ratios(rows, args.levels)
         total_failed = sum(row.failed for row in rows)
+        if "orchestrator" in args.system_names and args.subscribers:
+            both_definitions = bench.write_both_definitions()
+            print(f"\nbench: subscriber section at c={args.subscribers_concurrency}", flush=True)
+            results = [
+                bench.run_subscriber_case(case, both_definitions, args.subscribers_concurrency)
+                for case in subscriber_cases(args.subscribers, args.fanout_subscribers)
+            ]
+            print_subscribers(results, args.subscribers_concurrency, args.sagas, args.runs)
+            total_failed += sum(result.row.failed for result in results)
         print(f"\nbench: took {time.monotonic() - began:.0f}s; {total_failed} saga(s) failed")
         c256 = find(rows, "orchestrator", 256)
         c1 = find(rows, "orchestrator", 1)
