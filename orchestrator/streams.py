@@ -195,10 +195,9 @@ class LogTail:
                     if subscriber.overflowed:
                         break
                     subscriber.wake.clear()
-                    if subscriber.buffer.empty():
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(subscriber.wake.wait(), self._reread_seconds)
-                        if subscriber.buffer.empty() and not subscriber.overflowed:
-                            # Nothing pushed for a while: check the log directly, in
-                            # case the tail missed a wake-up.
-                            break
+                    if subscriber.buffer.empty() and not subscriber.overflowed:
+                        # No timeout: subscribed before catching up, so every
+                        # later event reaches the buffer; a missed wake-up is
+                        # the tail's to recover (it re-reads on its own), once
+                        # for all subscribers.
+                        await subscriber.wake.wait()
