@@ -55,9 +55,11 @@ SCHEDULER_POLL_SECONDS = 1.0  # orchestrator/engine.py _POLL_SECONDS
 #: the scheduler notices within a poll; the margin covers the slow step the
 #: new owner calls again before it writes (WORK_SECONDS) and a busy 2-core machine.
 TAKEOVER_BOUND = LEASE_SECONDS + 3.0
-SAGA_COUNT = 180
+SAGA_COUNT = 270
 LOAD_SECONDS = 3.0
 KILL_AFTER = 1.6
+#: The kill waits (up to a second) for the victim to have this many calls in progress.
+KILL_WHEN_BUSY = 4
 #: Short on purpose: the participant serves PARTICIPANT_CONCURRENCY calls at a
 #: time, so the burst of taken-over sagas queues there for about
 #: n * WORK_SECONDS / PARTICIPANT_CONCURRENCY; with 0.4s that queueing (up to
@@ -109,6 +111,8 @@ class AttributingRecorder(RecordingParticipant):
         self.calls: list[Call] = []
         self._slots = asyncio.Semaphore(PARTICIPANT_CONCURRENCY)
         self._peers: dict[str, str | None] = {}
+        #: Calls each replica has at the participant right now.
+        self.busy: collections.Counter[str | None] = collections.Counter()
 
     def _replica(self, peer: str) -> str | None:
         if peer not in self._peers or self._peers[peer] is None:
@@ -119,6 +123,7 @@ class AttributingRecorder(RecordingParticipant):
         async with self._slots:
             replica = self._replica(context.peer())
             started, ended = time.time(), "ok"
+            self.busy[replica] += 1
             try:
                 return await call(request, context)
             except asyncio.CancelledError:
@@ -128,6 +133,7 @@ class AttributingRecorder(RecordingParticipant):
                 ended = type(error).__name__
                 raise
             finally:
+                self.busy[replica] -= 1
                 step = request.context
                 self.calls.append(Call(step.saga_id, step.step_name, operation, replica, started, time.time(), ended))
 
@@ -245,6 +251,12 @@ async def run_scenario(
     async def kill() -> None:
         nonlocal killed_at
         await asyncio.sleep(KILL_AFTER)  # ok-sleep: the moment of the kill, with work in flight on every replica
+        # Then the first moment the victim has several calls at the participant.
+        name = replicas[victim].name
+        for _ in range(100):
+            if recorder.busy[name] >= KILL_WHEN_BUSY:
+                break
+            await asyncio.sleep(0.01)  # ok-sleep: polling interval, bounded by the loop
         killed_at = time.time()
         replicas[victim].kill()
 

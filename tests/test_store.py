@@ -547,3 +547,14 @@ async def test_definitions_are_versioned_by_content(store: SqlSagaStore) -> None
     assert [(d.name, d.version) for d in listed] == [("checkout", 2), ("checkout-parallel", 1)]
     assert [(d.name, d.version) for d in await store.list_definitions(1, "checkout")] == [("checkout-parallel", 1)]
     assert [d.name for d in await store.list_definitions(1, "")] == ["checkout"]
+
+
+def test_the_flush_statement_stays_short_enough_for_psycopg_to_cache_its_parse() -> None:
+    # Longer texts, or more parameters, are re-parsed on every flush (psycopg caches up to these limits).
+    from psycopg import _queries
+
+    from orchestrator.store.sql import _FLUSH, _FLUSH_PARAMS, _FLUSH_SENT
+
+    assert len(_FLUSH_SENT.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
+    assert len(_FLUSH_PARAMS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
+    assert _FLUSH_SENT.count("%b") == len(_FLUSH_PARAMS) == _FLUSH.count(")b::")
