@@ -47,6 +47,7 @@ PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_HOST = "127.0.0.1:5432"
 WARMUP_SAGAS = 500
 STEP_WAITING = 3  # saga_pb2.STEP_STATE_WAITING
+FEED_BATCH = 500  # max_events_per_message of the batched full-feed case
 
 BENCH_DEFINITION = """\
 # Written by bench/run.py: three compensable steps on the no-op participant.
@@ -535,6 +536,8 @@ class Bench:
                         "--count", str(case.count), "--settle", str(self.args.settle_seconds)]
                 if case.saga_state:
                     argv += ["--saga-state", case.saga_state]
+                if case.batch:
+                    argv += ["--batch", str(case.batch)]
                 if case.kind == "watch-saga":
                     ids_file = self.lab.dir / f"{slug}-saga-ids.txt"
                     ids_file.write_text("\n".join(saga_ids) + "\n")
@@ -586,6 +589,7 @@ class SubscriberCase:
     kind: str = ""  # "" (none), "watch-sagas" or "watch-saga"; see subscribers.py
     count: int = 0
     saga_state: str = ""
+    batch: int = 0  # watch-sagas: max_events_per_message (0: one event per message)
     waiting: int = 0  # bench-waiting sagas started (and WAITING) before the runs
     verdict: bool = True  # judged against the 10% target (not the baseline, not the control)
 
@@ -616,6 +620,8 @@ def subscriber_cases(subscribers: int, fanout: int) -> list[SubscriberCase]:
     ]
     if fanout:
         cases.append(SubscriberCase("full-feed", f"{fanout} WatchSagas unfiltered (full feed)", "watch-sagas", fanout))
+        cases.append(SubscriberCase("full-batched", f"{fanout} WatchSagas full feed, <= {FEED_BATCH} events/message",
+                                    "watch-sagas", fanout, batch=FEED_BATCH))
     return cases
 
 

@@ -7,11 +7,13 @@ keeps them open, consuming and counting whatever arrives:
   watch-sagas  N WatchSagas streams, optionally filtered (--definition,
                --saga-state); the "alerting dashboard" (filter FAILED) and
                the full feed (no filter) cases.
+               With --batch B, up to B events per message (the batched full feed).
   watch-saga   N WatchSaga streams with follow_after_end, one per saga id of
-               --saga-ids (a file, one id a line, at least N of them).
+               --saga-ids (a file, one id a line, at least N of them); each
+               starts with a snapshot of its saga.
 
 Prints "ready N" once all N are open: for watch-saga when every stream has
-received its first event (the saga's history arrives at once, so the server
+received its first message (the saga's snapshot, sent at once, so the server
 has accepted it); for watch-sagas a filtered stream may receive nothing, so
 every request has been sent and one Health round trip per channel (on the
 same connection, after the streams' requests) has come back, the process sleeps --settle seconds, a
@@ -63,13 +65,15 @@ class Subscribers:
         if self._args.kind == "watch-saga":
             return stub.WatchSaga, orchestrator_pb2.WatchSagaRequest(saga_id=saga_ids[index], follow_after_end=True)
         state = saga_pb2.SagaState.Value(self._args.saga_state or "SAGA_STATE_UNSPECIFIED")
-        return stub.WatchSagas, orchestrator_pb2.WatchSagasRequest(definition_name=self._args.definition, saga_state=state)
+        return stub.WatchSagas, orchestrator_pb2.WatchSagasRequest(
+            definition_name=self._args.definition, saga_state=state, max_events_per_message=self._args.batch
+        )
 
     async def _consume(self, call: Any, first: asyncio.Future[None]) -> None:
         self.open += 1
         try:
-            async for _ in call:
-                self.events += 1
+            async for response in call:
+                self.events += len(response.events) if self._args.kind == "watch-sagas" and self._args.batch > 1 else 1
                 if not first.done():
                     first.set_result(None)
         except grpc.aio.AioRpcError as error:
@@ -148,6 +152,8 @@ def main() -> None:
     parser.add_argument("--saga-state", default="", help="watch-sagas: saga_state filter, e.g. SAGA_STATE_FAILED")
     parser.add_argument("--saga-ids", help="watch-saga: file with one saga id a line")
     parser.add_argument("--per-channel", type=int, default=100, help="streams per channel/connection (default 100)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="watch-sagas: max_events_per_message (default 0: one event per message)")
     parser.add_argument("--settle", type=float, default=2.0, help="watch-sagas: settle delay in seconds (default 2)")
     asyncio.run(main_async(parser.parse_args()))
 

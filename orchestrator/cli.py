@@ -400,7 +400,7 @@ def _start(args: argparse.Namespace) -> int:
         if not args.json:
             created = "started" if response.created else "already existed"
             print(f"saga {saga_id} {created}")
-        _print_events(args, stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)))
+        _print_events(args, stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)))
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=args.timeout).saga
         if not args.json:
             print(timeline.format_saga(saga, color=_use_color()))
@@ -453,7 +453,9 @@ def _watch(args: argparse.Namespace) -> int:
         else:
             _print_events(
                 args,
-                stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=args.saga_id, after_sequence=args.after)),
+                stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                    saga_id=args.saga_id, after_sequence=args.after, replay_history=True
+                )),
             )
     return EXIT_OK
 

@@ -149,7 +149,9 @@ async def _run_checkout(stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub
     )
     try:
         async with asyncio.timeout(_SAGA_DEADLINE_SECONDS):
-            async for update in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=checkout.saga_id)):
+            async for update in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                saga_id=checkout.saga_id, replay_history=True
+            )):
                 print(timeline.format_event(update.event))
                 if update.event.type in _FINAL_EVENT_TYPES:
                     break

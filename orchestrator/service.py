@@ -33,13 +33,15 @@ from orchestrator.errors import (
     grpc_status_of,
 )
 from orchestrator.streams import READ_BATCH, LogTail
-from orchestrator.views import event_message, saga_message
+from orchestrator.views import EventViews, saga_message
 
 log = logging.getLogger("compensa.service")
 
 SAGA_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
+#: The most events one WatchSagas message may carry (max_events_per_message).
+MAX_EVENTS_PER_MESSAGE = 1000
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -133,6 +135,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             buffer_size=engine.config.watch_buffer_events,
             reread_seconds=engine.config.watch_reread_seconds,
         )
+        self._event_views = EventViews()
 
     async def stop(self) -> None:
         """Stops the log reader behind the watch streams."""
@@ -301,14 +304,20 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
         saga_id = request.saga_id
-        await self._existing(saga_id)
+        saga = await self._existing(saga_id)
+        after = request.after_sequence
+        if after == 0 and not request.replay_history:
+            yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
+            if saga.is_final and not request.follow_after_end:
+                return
+            after = saga.sequence
         async for stored in self._tail.follow(
-            request.after_sequence,
+            after,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
             read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
         ):
-            yield orchestrator_pb2.WatchSagaResponse(event=event_message(stored))
+            yield orchestrator_pb2.WatchSagaResponse(event=self._event_views.of(stored))
             if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
                 if await self._finished(saga_id, stored.event.sequence):
                     return
@@ -325,8 +334,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
         if request.after_position < 0:
             raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        if not 0 <= request.max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
+            raise InvalidArgument(
+                f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
+                f"got {request.max_events_per_message}"
+            )
         definition_name, saga_state = request.definition_name, request.saga_state
-        async for stored in self._tail.follow(
+        batched = request.max_events_per_message > 1
+        async for batch in self._tail.follow_batches(
             request.after_position,
             saga_id=None,
             wanted=(definition_name, saga_state),
@@ -334,8 +349,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             read=lambda after: self._store.read_log(
                 after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
             ),
+            max_batch=request.max_events_per_message if batched else 1,
         ):
-            yield orchestrator_pb2.WatchSagasResponse(event=event_message(stored))
+            if batched:
+                yield orchestrator_pb2.WatchSagasResponse(events=[self._event_views.of(stored) for stored in batch])
+            else:
+                yield orchestrator_pb2.WatchSagasResponse(event=self._event_views.of(batch[0]))
 
     # -- definitions
 

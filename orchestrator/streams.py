@@ -168,8 +168,24 @@ class LogTail:
         read: Callable[[int], Awaitable[list[StoredEvent]]],
         wanted: Filter = ("", 0),
     ) -> AsyncIterator[StoredEvent]:
+        """`follow_batches`, one event at a time."""
+        async for batch in self.follow_batches(after, saga_id=saga_id, key=key, read=read, wanted=wanted):
+            for event in batch:
+                yield event
+
+    async def follow_batches(
+        self,
+        after: int,
+        *,
+        saga_id: str | None,
+        key: Callable[[StoredEvent], int],
+        read: Callable[[int], Awaitable[list[StoredEvent]]],
+        wanted: Filter = ("", 0),
+        max_batch: int = READ_BATCH,
+    ) -> AsyncIterator[list[StoredEvent]]:
         """Every event of `saga_id` (None: of every saga, passing `wanted`)
-        with key > `after`, in key order, forever.
+        with key > `after`, in key order, forever, in batches of at most
+        `max_batch`: whatever is ready, never waiting for more.
 
         `key` is the sequence (one saga) or the position (all sagas); `read(k)`
         reads a batch with key > k from the store, for catch-up.
@@ -180,18 +196,25 @@ class LogTail:
                 # Catch up from the log; the buffer collects what commits meanwhile.
                 while True:
                     batch = await read(last)
-                    for event in batch:
-                        last = key(event)
-                        yield event
+                    for start in range(0, len(batch), max_batch):
+                        chunk = batch[start:start + max_batch]
+                        last = key(chunk[-1])
+                        yield chunk
                     if len(batch) < READ_BATCH:
                         break
                 # Then live, from the buffer, skipping what catch-up already sent.
                 while not subscriber.overflowed:
+                    ready: list[StoredEvent] = []
                     while not subscriber.buffer.empty():
                         event = subscriber.buffer.get_nowait()
                         if key(event) > last:
                             last = key(event)
-                            yield event
+                            ready.append(event)
+                            if len(ready) == max_batch:
+                                yield ready
+                                ready = []
+                    if ready:
+                        yield ready
                     if subscriber.overflowed:
                         break
                     subscriber.wake.clear()

@@ -72,3 +72,23 @@ def event_message(stored: StoredEvent) -> saga_pb2.SagaEvent:
         definition_name=stored.definition_name,
         position=stored.position,
     )
+
+
+class EventViews:
+    """API views of log events, each built once however many streams send it.
+
+    Keyed by log position, which names one event forever; the oldest views
+    are dropped first.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        self._size = size
+        self._views: dict[int, saga_pb2.SagaEvent] = {}
+
+    def of(self, stored: StoredEvent) -> saga_pb2.SagaEvent:
+        view = self._views.get(stored.position)
+        if view is None:
+            if len(self._views) >= self._size:
+                del self._views[next(iter(self._views))]
+            view = self._views[stored.position] = event_message(stored)
+        return view

@@ -67,7 +67,9 @@ class Stack:
     async def wait_final(self, saga_id: str, timeout: float = 30.0) -> saga_pb2.Saga:
         """Follows WatchSaga until the final event, then returns the saga."""
         async def follow() -> None:
-            async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)):
+            async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                saga_id=saga_id, replay_history=True
+            )):
                 if response.event.saga_state in FINAL:
                     pass
         await asyncio.wait_for(follow(), timeout)
@@ -75,7 +77,9 @@ class Stack:
 
     async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
         out: list[saga_pb2.SagaEvent] = []
-        async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id)):
+        async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+            saga_id=saga_id, replay_history=True
+        )):
             out.append(response.event)
         return out
 

@@ -293,7 +293,9 @@ async def read_event_logs(
     async def check(saga: saga_pb2.Saga) -> None:
         async with gate:
             events = logs[saga.saga_id] = []
-            stream = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga.saga_id, after_sequence=0))
+            stream = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                saga_id=saga.saga_id, after_sequence=0, replay_history=True
+            ))
             async for response in stream:
                 events.append(response.event)
         sequences = [event.sequence for event in events]

@@ -161,7 +161,9 @@ class Rig:
     async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
         return [
             response.event
-            async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))
+            async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                saga_id=saga_id, replay_history=True
+            ))
         ]
 
     async def definitions(self, page_size: int = 50) -> list[list[D.SagaDefinition]]:

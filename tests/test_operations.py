@@ -88,7 +88,9 @@ class Rig:
 
     async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
         assert self.stub is not None
-        return [r.event async for r in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))]
+        return [r.event async for r in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+            saga_id=saga_id, replay_history=True
+        ))]
 
     async def begin(self, saga_id: str) -> None:
         assert self.stub is not None

@@ -168,7 +168,7 @@ async def list_all(stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> dict[
 
 
 async def watch(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, saga_id: str) -> list[saga_pb2.SagaEvent]:
-    call = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id), timeout=20.0)
+    call = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True), timeout=20.0)
     return [response.event async for response in call]
 
 

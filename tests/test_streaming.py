@@ -20,7 +20,9 @@ S = saga_pb2
 async def _collect(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, saga_id: str, after: int = 0) -> list[int]:
     return [
         response.event.sequence
-        async for response in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=after))
+        async for response in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+            saga_id=saga_id, after_sequence=after, replay_history=True
+        ))
     ]
 
 
@@ -42,7 +44,7 @@ async def test_a_subscriber_that_disconnects_and_resumes_misses_nothing(
     async with checkout_stack(make_postgres_url, faults=faults) as stack:
         saga_id = await stack.start()
         seen: list[int] = []
-        call = stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))
+        call = stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True))
         async for response in call:
             seen.append(response.event.sequence)
             if len(seen) == 3:
@@ -138,6 +140,14 @@ async def test_watch_bad_input(make_postgres_url: Callable[[], str]) -> None:
             async for _ in stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(after_position=-5)):
                 pass
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for too_many in (-1, 1001):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in stack.stub.WatchSagas(
+                    orchestrator_pb2.WatchSagasRequest(max_events_per_message=too_many)
+                ):
+                    pass
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "max_events_per_message must be from 0 to 1000" in (error.value.details() or "")
         # A sequence beyond the latest is the future: the stream waits.
         received: list[int] = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -147,3 +157,86 @@ async def test_watch_bad_input(make_postgres_url: Callable[[], str]) -> None:
                 received.append(response.event.sequence)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert received == []
+
+
+async def test_watch_from_zero_starts_with_a_snapshot_then_the_events_after_it(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    faults = {kind: FaultPlan(delay_seconds=0.2) for kind in ("inventory", "payment", "shipping")}
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        saga_id = await stack.start()
+        # Wait until the saga is a few events in, so the snapshot is not its start.
+        first = stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True))
+        async for response in first:
+            if response.event.sequence == 3:
+                first.cancel()
+                break
+        responses = [
+            response async for response in stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))
+        ]
+        assert responses[0].WhichOneof("update") == "snapshot"
+        snapshot = responses[0].snapshot
+        assert snapshot.saga_id == saga_id and snapshot.state == S.SAGA_STATE_RUNNING and snapshot.sequence >= 3
+        assert all(response.WhichOneof("update") == "event" for response in responses[1:])
+        saga = await stack.wait_final(saga_id)
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        # The events after the snapshot, every one, ending at the final event.
+        assert [r.event.sequence for r in responses[1:]] == list(range(snapshot.sequence + 1, saga.sequence + 1))
+        # The snapshot agrees with the log up to its sequence: replaying the
+        # log to that point gives the same step states.
+        replay = [
+            r.event async for r in stack.stub.WatchSaga(
+                orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)
+            )
+        ]
+        step_states = {}
+        for event in replay[: snapshot.sequence]:
+            if event.step_name:
+                step_states[event.step_name] = event.step_state
+        assert {step.name: step.state for step in snapshot.steps if step.name in step_states} == step_states
+        # A final saga: the snapshot alone, and the stream ends.
+        responses = [
+            response async for response in stack.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id))
+        ]
+        assert len(responses) == 1 and responses[0].snapshot.state == S.SAGA_STATE_SUCCEEDED
+        assert responses[0].snapshot.sequence == saga.sequence
+
+
+async def test_watch_all_in_batches_sends_the_same_events_fewer_messages(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        ids = [await stack.start(saga_id=f"batch-{i}") for i in range(5)]
+        total = sum([(await stack.wait_final(saga_id)).sequence for saga_id in ids])
+        singles: list[int] = []
+        call = stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest())
+        async for response in call:
+            assert not response.events
+            singles.append(response.event.position)
+            if len(singles) == total:
+                call.cancel()
+                break
+        batches: list[list[int]] = []
+        call = stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(max_events_per_message=7))
+        async for response in call:
+            assert not response.HasField("event") and 1 <= len(response.events) <= 7
+            batches.append([event.position for event in response.events])
+            if sum(map(len, batches)) == total:
+                call.cancel()
+                break
+        assert [position for batch in batches for position in batch] == singles
+        assert len(batches) == -(-total // 7)  # the log was there already: full batches, then the rest
+        # Live events arrive batched too, and a resumed stream goes on from its cursor.
+        call = stack.stub.WatchSagas(
+            orchestrator_pb2.WatchSagasRequest(after_position=singles[-1], max_events_per_message=50)
+        )
+        live_id = await stack.start(saga_id="batch-live")
+        live_total = (await stack.wait_final(live_id)).sequence
+        live: list[saga_pb2.SagaEvent] = []
+        async for response in call:
+            live.extend(response.events)
+            if len(live) >= live_total:
+                call.cancel()
+                break
+        assert [event.sequence for event in live] == list(range(1, live_total + 1))
+        assert {event.saga_id for event in live} == {live_id}

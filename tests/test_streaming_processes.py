@@ -184,7 +184,7 @@ async def watch_saga(
     stub: orchestrator_pb2_grpc.OrchestratorServiceStub, saga_id: str, after: int = 0, timeout: float = 30.0
 ) -> list[saga_pb2.SagaEvent]:
     """WatchSaga to its natural end (the saga's final event)."""
-    request = orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=after)
+    request = orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=after, replay_history=True)
     return [response.event async for response in stub.WatchSaga(request, timeout=timeout)]
 
 
@@ -327,7 +327,9 @@ async def test_subscriber_resumes_on_another_process_after_sigkill(
             long_id = f"long-{uuid.uuid4().hex[:8]}"
             await stub_b.StartSaga(start_request("relay-long", long_id), timeout=10.0)
             long_task = asyncio.create_task(
-                consume(stub_a.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=long_id)), long_events, long_error)
+                consume(stub_a.WatchSaga(orchestrator_pb2.WatchSagaRequest(
+                    saga_id=long_id, replay_history=True
+                )), long_events, long_error)
             )
             # Load on both: A's sagas are taken over by B when A's leases expire.
             ids = [long_id]

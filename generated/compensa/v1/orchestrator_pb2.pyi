@@ -255,21 +255,30 @@ class WatchSagaRequest(_message.Message):
     SAGA_ID_FIELD_NUMBER: _builtins.int
     AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
     FOLLOW_AFTER_END_FIELD_NUMBER: _builtins.int
+    REPLAY_HISTORY_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     after_sequence: _builtins.int
-    """Send events with a greater sequence; 0 sends the whole log."""
+    """Send events with a greater sequence. 0: first a snapshot of the saga as
+    it is now, then the events after the snapshot's sequence (to resume, pass
+    the last sequence received, the snapshot's included).
+    """
     follow_after_end: _builtins.bool
     """Keep the stream open after the saga's final event."""
+    replay_history: _builtins.bool
+    """With after_sequence 0: send the whole log from the saga's first event
+    instead of a snapshot (audit trails, timelines).
+    """
     def __init__(
         self,
         *,
         saga_id: _builtins.str = ...,
         after_sequence: _builtins.int = ...,
         follow_after_end: _builtins.bool = ...,
+        replay_history: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "follow_after_end", b"follow_after_end", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "follow_after_end", b"follow_after_end", "replay_history", b"replay_history", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -280,18 +289,28 @@ class WatchSagaResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def event(self) -> _saga_pb2.SagaEvent: ...
+    @_builtins.property
+    def snapshot(self) -> _saga_pb2.Saga:
+        """Only as the first message of a stream opened with after_sequence 0 and
+        without replay_history; `snapshot.sequence` is the sequence it reflects.
+        """
+
     def __init__(
         self,
         *,
         event: _saga_pb2.SagaEvent | None = ...,
+        snapshot: _saga_pb2.Saga | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "snapshot", b"snapshot", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "snapshot", b"snapshot", "update", b"update"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_update: _TypeAlias = _typing.Literal["event", "snapshot"]  # noqa: Y015
+    _WhichOneofArgType_update: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_update) -> _WhichOneofReturnType_update | None: ...
 
 Global___WatchSagaResponse: _TypeAlias = WatchSagaResponse  # noqa: Y015
 
@@ -302,22 +321,31 @@ class WatchSagasRequest(_message.Message):
     DEFINITION_NAME_FIELD_NUMBER: _builtins.int
     SAGA_STATE_FIELD_NUMBER: _builtins.int
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     definition_name: _builtins.str
     """Only events of sagas of this definition; empty means all."""
     saga_state: _saga_pb2.SagaState.ValueType
     """Only events whose saga_state is this; unspecified means all."""
     after_position: _builtins.int
     """Send events whose position is greater; 0 from the beginning."""
+    max_events_per_message: _builtins.int
+    """0 or 1: one event per message, in `event`. From 2 to 1000: up to that
+    many events per message, in `events`: whatever is ready when a message
+    is sent (a message never waits to fill up), so a consumer that keeps up
+    still sees each event as it commits, and one that falls behind costs a
+    message per batch rather than per event.
+    """
     def __init__(
         self,
         *,
         definition_name: _builtins.str = ...,
         saga_state: _saga_pb2.SagaState.ValueType = ...,
         after_position: _builtins.int = ...,
+        max_events_per_message: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "definition_name", b"definition_name", "saga_state", b"saga_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "definition_name", b"definition_name", "max_events_per_message", b"max_events_per_message", "saga_state", b"saga_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -328,16 +356,24 @@ class WatchSagasResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> _saga_pb2.SagaEvent: ...
+    def event(self) -> _saga_pb2.SagaEvent:
+        """Set when the request's max_events_per_message is 0 or 1."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.SagaEvent]:
+        """Set otherwise: consecutive events in log order, never empty."""
+
     def __init__(
         self,
         *,
         event: _saga_pb2.SagaEvent | None = ...,
+        events: _abc.Iterable[_saga_pb2.SagaEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

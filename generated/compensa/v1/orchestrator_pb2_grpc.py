@@ -152,7 +152,9 @@ class OrchestratorServiceServicer:
 
     def WatchSaga(self, request, context):
         """Streams one saga's events in sequence order: first those after
-        `after_sequence` from the log, then live ones as they commit. Ends after
+        `after_sequence` from the log (with 0: a snapshot of the saga as it is
+        now, or with `replay_history` its whole log), then live ones as they
+        commit. Ends after
         the final event unless `follow_after_end` is set. Every event is durable
         before it is sent. A client that reconnects with the last sequence it
         received misses nothing and receives nothing twice. A sequence beyond the
@@ -172,7 +174,9 @@ class OrchestratorServiceServicer:
         wrote them commit, and are sent strictly increasing, so resuming at
         "position > N" never skips an event that committed later. Positions may
         have gaps when a filter is set (filtered events are skipped), never
-        otherwise. Errors as for WatchSaga.
+        otherwise. A high-volume consumer (a dashboard of every saga) asks for
+        several events per message with `max_events_per_message`. Errors as for
+        WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

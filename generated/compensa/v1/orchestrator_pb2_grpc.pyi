@@ -57,7 +57,9 @@ class OrchestratorServiceStub:
     """
     WatchSaga: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagaRequest, _orchestrator_pb2.WatchSagaResponse]
     """Streams one saga's events in sequence order: first those after
-    `after_sequence` from the log, then live ones as they commit. Ends after
+    `after_sequence` from the log (with 0: a snapshot of the saga as it is
+    now, or with `replay_history` its whole log), then live ones as they
+    commit. Ends after
     the final event unless `follow_after_end` is set. Every event is durable
     before it is sent. A client that reconnects with the last sequence it
     received misses nothing and receives nothing twice. A sequence beyond the
@@ -73,7 +75,9 @@ class OrchestratorServiceStub:
     wrote them commit, and are sent strictly increasing, so resuming at
     "position > N" never skips an event that committed later. Positions may
     have gaps when a filter is set (filtered events are skipped), never
-    otherwise. Errors as for WatchSaga.
+    otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    several events per message with `max_events_per_message`. Errors as for
+    WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
     CompleteStep: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -117,7 +121,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     WatchSaga: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagaRequest, _orchestrator_pb2.WatchSagaResponse]  # type: ignore[assignment]
     """Streams one saga's events in sequence order: first those after
-    `after_sequence` from the log, then live ones as they commit. Ends after
+    `after_sequence` from the log (with 0: a snapshot of the saga as it is
+    now, or with `replay_history` its whole log), then live ones as they
+    commit. Ends after
     the final event unless `follow_after_end` is set. Every event is durable
     before it is sent. A client that reconnects with the last sequence it
     received misses nothing and receives nothing twice. A sequence beyond the
@@ -133,7 +139,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     wrote them commit, and are sent strictly increasing, so resuming at
     "position > N" never skips an event that committed later. Positions may
     have gaps when a filter is set (filtered events are skipped), never
-    otherwise. Errors as for WatchSaga.
+    otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    several events per message with `max_events_per_message`. Errors as for
+    WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
     CompleteStep: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]  # type: ignore[assignment]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -204,7 +212,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchSagaResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchSagaResponse]]:
         """Streams one saga's events in sequence order: first those after
-        `after_sequence` from the log, then live ones as they commit. Ends after
+        `after_sequence` from the log (with 0: a snapshot of the saga as it is
+        now, or with `replay_history` its whole log), then live ones as they
+        commit. Ends after
         the final event unless `follow_after_end` is set. Every event is durable
         before it is sent. A client that reconnects with the last sequence it
         received misses nothing and receives nothing twice. A sequence beyond the
@@ -226,7 +236,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         wrote them commit, and are sent strictly increasing, so resuming at
         "position > N" never skips an event that committed later. Positions may
         have gaps when a filter is set (filtered events are skipped), never
-        otherwise. Errors as for WatchSaga.
+        otherwise. A high-volume consumer (a dashboard of every saga) asks for
+        several events per message with `max_events_per_message`. Errors as for
+        WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
         """
 
     @_abc_1.abstractmethod
