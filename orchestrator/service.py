@@ -311,16 +311,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if saga.is_final and not request.follow_after_end:
                 return
             after = saga.sequence
-        async for stored in self._tail.follow(
+        async for batch in self._tail.follow_batches(
             after,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
             read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
         ):
-            yield orchestrator_pb2.WatchSagaResponse(event=self._event_views.of(stored))
-            if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
-                if await self._finished(saga_id, stored.event.sequence):
-                    return
+            for stored in batch:
+                yield orchestrator_pb2.WatchSagaResponse(event=self._event_views.of(stored))
+                if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
+                    if await self._finished(saga_id, stored.event.sequence):
+                        return
 
     async def _finished(self, saga_id: str, sequence: int) -> bool:
         """True if the saga is final at this sequence (an operator retry can

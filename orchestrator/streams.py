@@ -159,20 +159,6 @@ class LogTail:
         finally:
             self._remove(subscriber)
 
-    async def follow(
-        self,
-        after: int,
-        *,
-        saga_id: str | None,
-        key: Callable[[StoredEvent], int],
-        read: Callable[[int], Awaitable[list[StoredEvent]]],
-        wanted: Filter = ("", 0),
-    ) -> AsyncIterator[StoredEvent]:
-        """`follow_batches`, one event at a time."""
-        async for batch in self.follow_batches(after, saga_id=saga_id, key=key, read=read, wanted=wanted):
-            for event in batch:
-                yield event
-
     async def follow_batches(
         self,
         after: int,
