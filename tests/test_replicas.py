@@ -58,6 +58,10 @@ TAKEOVER_BOUND = LEASE_SECONDS + 3.0
 SAGA_COUNT = 270
 LOAD_SECONDS = 3.0
 KILL_AFTER = 1.6
+#: A request the victim sent just before SIGKILL can still be in the socket
+#: buffers and reach the participant just after it: calls by the victim that
+#: start later than this after the kill are the violation.
+DELIVERY_GRACE = 0.5
 #: The kill waits (up to a second) for the victim to have this many calls in progress.
 KILL_WHEN_BUSY = 4
 #: Short on purpose: the participant serves PARTICIPANT_CONCURRENCY calls at a
@@ -92,7 +96,8 @@ class Call:
     step: str
     operation: str
     replica: str | None
-    started: float  # time.time() when the call reached the participant
+    arrived: float  # time.time() when the call reached the participant
+    started: float  # when the participant began working on it (it serves a few at a time)
     finished: float  # when it answered, failed or was cancelled
     ended: str
 
@@ -120,6 +125,7 @@ class AttributingRecorder(RecordingParticipant):
         return self._peers[peer]
 
     async def _recorded(self, operation: str, request, context, call):  # type: ignore[no-untyped-def]
+        arrived = time.time()
         async with self._slots:
             replica = self._replica(context.peer())
             started, ended = time.time(), "ok"
@@ -135,7 +141,7 @@ class AttributingRecorder(RecordingParticipant):
             finally:
                 self.busy[replica] -= 1
                 step = request.context
-                self.calls.append(Call(step.saga_id, step.step_name, operation, replica, started, time.time(), ended))
+                self.calls.append(Call(step.saga_id, step.step_name, operation, replica, arrived, started, time.time(), ended))
 
     async def Execute(self, request, context):  # type: ignore[no-untyped-def]
         return await self._recorded("execute", request, context, super().Execute)
@@ -225,13 +231,16 @@ async def run_scenario(
     killed_at = 0.0
 
     async def start(n: int, saga_id: str) -> None:
-        # Round-robin; a start refused because its replica is dead goes to the next one.
+        # Round-robin; a start refused because its replica is dead goes to the
+        # next one, with the very same request (its input is random), so that a
+        # start that landed before the kill is acknowledged, not ALREADY_EXISTS.
+        request = start_request(orders[saga_id], saga_id)
         for attempt in range(len(replicas) * 3):
             index = (n + attempt) % len(replicas)
             if not replicas[index].running():
                 continue
             try:
-                await stubs[index].StartSaga(start_request(orders[saga_id], saga_id), timeout=10.0)
+                await stubs[index].StartSaga(request, timeout=10.0)
             except grpc.aio.AioRpcError as error:
                 if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                         grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -303,13 +312,16 @@ async def run_scenario(
             # Only the killed replica's call in flight at the kill may overlap another.
             if victim_name in (first.replica, second.replica):
                 killed_call = first if first.replica == victim_name else second
-                assert killed_call.started <= killed_at, f"a call by the killed replica after the kill: {killed_call}"
+                assert killed_call.arrived <= killed_at + DELIVERY_GRACE, (
+                    f"a call by the killed replica after the kill: {killed_call}"
+                )
                 tolerated.append((first, second))
             else:
                 overlaps.append((first, second))
     assert not overlaps, f"{len(overlaps)} overlapping calls by live replicas, e.g. {overlaps[:3]}"
-    after_kill = [c for c in calls if c.started > killed_at]
-    assert all(c.replica != victim_name for c in after_kill)
+    after_kill = [c for c in calls if c.arrived > killed_at + DELIVERY_GRACE]
+    late = [c for c in after_kill if c.replica == victim_name]
+    assert not late, f"{len(late)} calls by the killed replica after the kill, e.g. {late[:3]}"
 
     # 4. Takeover within the lease: the sagas the victim was driving at the kill.
     total = sum(saga.sequence for saga in sagas.values())
