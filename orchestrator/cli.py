@@ -19,7 +19,7 @@ import re
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -45,6 +45,9 @@ EXIT_INTERRUPTED = 130
 _FINAL_STATES = frozenset(
     {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
 )
+#: `compensa watch --all` asks for up to this many events per message: a busy
+#: system costs the server one message per batch, not per event.
+_WATCH_ALL_BATCH = 100
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -445,9 +448,12 @@ def _watch(args: argparse.Namespace) -> int:
         if args.all:
             _print_events(
                 args,
-                stub.WatchSagas(
-                    orchestrator_pb2.WatchSagasRequest(definition_name=args.definition, after_position=args.after)
-                ),
+                _each_event(stub.WatchSagas(
+                    orchestrator_pb2.WatchSagasRequest(
+                        definition_name=args.definition, after_position=args.after,
+                        max_events_per_message=_WATCH_ALL_BATCH,
+                    )
+                )),
                 with_saga_id=True,
             )
         else:
@@ -495,6 +501,15 @@ def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | 
         print(saga_id)
     else:
         print(timeline.format_saga(saga, color=_use_color()))
+
+
+def _each_event(
+    responses: Iterable[orchestrator_pb2.WatchSagasResponse],
+) -> Iterator[orchestrator_pb2.WatchSagasResponse]:
+    """One response per event out of batched WatchSagas responses."""
+    for response in responses:
+        for event in response.events:
+            yield orchestrator_pb2.WatchSagasResponse(event=event)
 
 
 def _print_events(

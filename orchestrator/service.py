@@ -135,7 +135,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             buffer_size=engine.config.watch_buffer_events,
             reread_seconds=engine.config.watch_reread_seconds,
         )
-        self._event_views = EventViews()
+        # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
+        self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
 
     async def stop(self) -> None:
         """Stops the log reader behind the watch streams."""

@@ -81,7 +81,7 @@ class EventViews:
     are dropped first.
     """
 
-    def __init__(self, size: int = 8192) -> None:
+    def __init__(self, size: int) -> None:
         self._size = size
         self._views: dict[int, saga_pb2.SagaEvent] = {}
 
