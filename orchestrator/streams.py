@@ -1,10 +1,12 @@
 """Fan-out of the event log to watch streams.
 
-One `LogTail` per process reads the log once per change and pushes the new
-entries to every subscriber's bounded buffer, so a thousand subscribers cost
-one read, not a thousand. A subscriber that falls behind is dropped from the
-fan-out and serves itself from the log (catch-up) until it is back at the
-tail: a slow reader holds no more than its buffer and never slows the engine.
+One `LogTail` per process reads the log once per change and appends the new
+entries to a bounded feed per saga watched and per filter of the all-saga
+watchers. Subscribers of one feed share it, each with its own cursor, so a
+thousand subscribers cost one read and one append per event, not a thousand.
+A subscriber that falls more than a buffer behind its feed serves itself from
+the log (catch-up) until it is back at the tail: a slow reader holds no memory
+and never slows the engine.
 
 Ordering: positions are handed out in commit order (see store/sql.py), so a
 reader that delivers strictly increasing positions misses nothing.
@@ -16,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 from dataclasses import dataclass, field
 
 from orchestrator.engine import ChangeSignal
@@ -33,11 +34,44 @@ Filter = tuple[str, int]
 
 
 @dataclass(eq=False)
-class _Subscriber:
-    saga_id: str | None  # None: every saga's events that pass `filter`
-    filter: Filter
-    buffer: asyncio.Queue[StoredEvent]
-    overflowed: bool = False
+class _Feed:
+    """The recent events of one saga, or of every saga passing one filter.
+
+    Holds between `capacity` and twice that many events, so that a reader at
+    most `capacity` behind always finds its next event here.
+    """
+
+    capacity: int
+    events: list[StoredEvent] = field(default_factory=list)
+    start: int = 0  # the feed index of events[0]
+    readers: set[_Reader] = field(default_factory=set)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.events)
+
+    def append(self, event: StoredEvent) -> None:
+        self.events.append(event)
+        if len(self.events) > 2 * self.capacity:
+            dropped = len(self.events) - self.capacity
+            del self.events[:dropped]
+            self.start += dropped
+
+    def read(self, reader: _Reader, limit: int) -> list[StoredEvent] | None:
+        """Up to `limit` events after the reader's cursor, moving it on;
+        None when it fell more than `capacity` behind."""
+        if self.end - reader.next > self.capacity:
+            return None
+        offset = reader.next - self.start
+        batch = self.events[offset:offset + limit]
+        reader.next += len(batch)
+        return batch
+
+
+@dataclass(eq=False)
+class _Reader:
+    feed: _Feed
+    next: int  # the feed index of the next event to read
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -56,10 +90,11 @@ class LogTail:
         self._changes = changes
         self._buffer_size = buffer_size
         self._reread_seconds = reread_seconds
-        self._of_saga: dict[str, set[_Subscriber]] = {}
-        # Subscribers to every saga, grouped by filter: an event is checked
-        # once per distinct filter, however many dashboards share it.
-        self._of_all: dict[Filter, set[_Subscriber]] = {}
+        self._of_saga: dict[str, _Feed] = {}
+        # Subscribers to every saga share a feed per filter: an event is
+        # checked and appended once per distinct filter, however many
+        # dashboards share it.
+        self._of_all: dict[Filter, _Feed] = {}
         self._position: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
@@ -109,55 +144,41 @@ class LogTail:
                     await asyncio.wait_for(changed.wait(), self._reread_seconds)
 
     def _fan_out(self, events: list[StoredEvent]) -> None:
-        woken: set[_Subscriber] = set()
+        touched: set[_Feed] = set()
         for event in events:
-            for subscriber in self._of_saga.get(event.saga_id, ()):
-                self._push(subscriber, event, woken)
-            for wanted, subscribers in self._of_all.items():
+            feed = self._of_saga.get(event.saga_id)
+            if feed is not None:
+                feed.append(event)
+                touched.add(feed)
+            for wanted, feed in self._of_all.items():
                 if _passes(event, wanted):
-                    for subscriber in subscribers:
-                        self._push(subscriber, event, woken)
-        for subscriber in woken:
-            subscriber.wake.set()
-        # Dropped while iterating above; removed now.
-        for subscriber in [s for s in woken if s.overflowed]:
-            self._remove(subscriber)
-
-    @staticmethod
-    def _push(subscriber: _Subscriber, event: StoredEvent, woken: set[_Subscriber]) -> None:
-        if subscriber.overflowed:
-            return
-        try:
-            subscriber.buffer.put_nowait(event)
-        except asyncio.QueueFull:
-            subscriber.overflowed = True
-        woken.add(subscriber)
-
-    def _remove(self, subscriber: _Subscriber) -> None:
-        index: dict[Any, set[_Subscriber]]
-        key: Any
-        if subscriber.saga_id is None:
-            index, key = self._of_all, subscriber.filter
-        else:
-            index, key = self._of_saga, subscriber.saga_id
-        bucket = index.get(key)
-        if bucket is not None:
-            bucket.discard(subscriber)
-            if not bucket:
-                del index[key]
+                    feed.append(event)
+                    touched.add(feed)
+        for feed in touched:
+            for reader in feed.readers:
+                reader.wake.set()
 
     @contextlib.asynccontextmanager
-    async def _subscription(self, saga_id: str | None, wanted: Filter) -> AsyncIterator[_Subscriber]:
+    async def _subscription(self, saga_id: str | None, wanted: Filter) -> AsyncIterator[_Reader]:
+        """A reader positioned at the end of its feed: it gets every event
+        the tail fans out from now on."""
         await self._ensure_running()
-        subscriber = _Subscriber(saga_id, wanted, asyncio.Queue(self._buffer_size))
         if saga_id is None:
-            self._of_all.setdefault(wanted, set()).add(subscriber)
+            feed = self._of_all.setdefault(wanted, _Feed(self._buffer_size))
         else:
-            self._of_saga.setdefault(saga_id, set()).add(subscriber)
+            feed = self._of_saga.setdefault(saga_id, _Feed(self._buffer_size))
+        reader = _Reader(feed, feed.end)
+        feed.readers.add(reader)
         try:
-            yield subscriber
+            yield reader
         finally:
-            self._remove(subscriber)
+            # A feed with readers is never dropped, so the entry is still this one.
+            feed.readers.discard(reader)
+            if not feed.readers:
+                if saga_id is None:
+                    del self._of_all[wanted]
+                else:
+                    del self._of_saga[saga_id]
 
     async def follow_batches(
         self,
@@ -178,8 +199,8 @@ class LogTail:
         """
         last = after
         while True:
-            async with self._subscription(saga_id, wanted) as subscriber:
-                # Catch up from the log; the buffer collects what commits meanwhile.
+            async with self._subscription(saga_id, wanted) as reader:
+                # Catch up from the log; the feed collects what commits meanwhile.
                 while True:
                     batch = await read(last)
                     for start in range(0, len(batch), max_batch):
@@ -188,25 +209,19 @@ class LogTail:
                         yield chunk
                     if len(batch) < READ_BATCH:
                         break
-                # Then live, from the buffer, skipping what catch-up already sent.
-                while not subscriber.overflowed:
-                    ready: list[StoredEvent] = []
-                    while not subscriber.buffer.empty():
-                        event = subscriber.buffer.get_nowait()
-                        if key(event) > last:
-                            last = key(event)
-                            ready.append(event)
-                            if len(ready) == max_batch:
-                                yield ready
-                                ready = []
+                # Then live, from the feed, skipping what catch-up already sent.
+                while True:
+                    reader.wake.clear()
+                    live = reader.feed.read(reader, max_batch)
+                    if live is None:
+                        break  # fell behind: catch up from the log again
+                    ready = [event for event in live if key(event) > last]
                     if ready:
+                        last = key(ready[-1])
                         yield ready
-                    if subscriber.overflowed:
-                        break
-                    subscriber.wake.clear()
-                    if subscriber.buffer.empty() and not subscriber.overflowed:
+                    elif not live:
                         # No timeout: subscribed before catching up, so every
-                        # later event reaches the buffer; a missed wake-up is
+                        # later event reaches the feed; a missed wake-up is
                         # the tail's to recover (it re-reads on its own), once
                         # for all subscribers.
-                        await subscriber.wake.wait()
+                        await reader.wake.wait()

@@ -1,0 +1,40 @@
+"""The shared feed behind the watch streams: bounded, one cursor per reader."""
+
+from __future__ import annotations
+
+from compensa.v1 import saga_pb2
+
+from orchestrator.machine import LogEvent
+from orchestrator.store import StoredEvent
+from orchestrator.streams import _Feed, _Reader
+
+
+def _event(position: int) -> StoredEvent:
+    return StoredEvent("saga", "def", position, LogEvent(position, saga_pb2.EVENT_TYPE_SAGA_STARTED, 0.0, 1))
+
+
+def test_readers_share_a_feed_each_at_its_own_cursor() -> None:
+    feed = _Feed(capacity=4)
+    early = _Reader(feed, feed.end)
+    for position in (1, 2, 3):
+        feed.append(_event(position))
+    late = _Reader(feed, feed.end)
+    feed.append(_event(4))
+    assert [e.position for e in feed.read(early, 2) or []] == [1, 2]
+    assert [e.position for e in feed.read(early, 10) or []] == [3, 4]
+    assert feed.read(early, 10) == []
+    assert [e.position for e in feed.read(late, 10) or []] == [4]
+
+
+def test_a_reader_more_than_capacity_behind_is_told_to_catch_up_and_memory_stays_bounded() -> None:
+    feed = _Feed(capacity=3)
+    slow = _Reader(feed, feed.end)
+    keeping_up = _Reader(feed, feed.end)
+    for position in range(1, 101):
+        feed.append(_event(position))
+        assert [e.position for e in feed.read(keeping_up, 10) or []] == [position]
+        assert len(feed.events) <= 2 * feed.capacity
+    assert feed.read(slow, 10) is None
+    # Exactly `capacity` behind is still served, from the events kept.
+    at_edge = _Reader(feed, feed.end - feed.capacity)
+    assert [e.position for e in feed.read(at_edge, 10) or []] == [98, 99, 100]
