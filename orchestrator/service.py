@@ -42,6 +42,8 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 #: The most events one WatchSagas message may carry (max_events_per_message).
 MAX_EVENTS_PER_MESSAGE = 1000
+#: The longest a WatchSagas message may wait for more events (batch_window).
+MAX_BATCH_WINDOW_SECONDS = 1.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -341,8 +343,13 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
                 f"got {request.max_events_per_message}"
             )
-        definition_name, saga_state = request.definition_name, request.saga_state
         batched = request.max_events_per_message > 1
+        window = duration_seconds(request.batch_window) if request.HasField("batch_window") else 0.0
+        if not 0 <= window <= MAX_BATCH_WINDOW_SECONDS:
+            raise InvalidArgument(f"batch_window must be from 0 to {MAX_BATCH_WINDOW_SECONDS:g}s, got {window:g}s")
+        if window and not batched:
+            raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
+        definition_name, saga_state = request.definition_name, request.saga_state
         async for batch in self._tail.follow_batches(
             request.after_position,
             saga_id=None,
@@ -352,6 +359,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
             ),
             max_batch=request.max_events_per_message if batched else 1,
+            window=window,
         ):
             if batched:
                 yield orchestrator_pb2.WatchSagasResponse(events=[self._event_views.of(stored) for stored in batch])

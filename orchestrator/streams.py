@@ -189,10 +189,12 @@ class LogTail:
         read: Callable[[int], Awaitable[list[StoredEvent]]],
         wanted: Filter = ("", 0),
         max_batch: int = READ_BATCH,
+        window: float = 0.0,
     ) -> AsyncIterator[list[StoredEvent]]:
         """Every event of `saga_id` (None: of every saga, passing `wanted`)
         with key > `after`, in key order, forever, in batches of at most
-        `max_batch`: whatever is ready, never waiting for more.
+        `max_batch`: whatever is ready, or, with a `window` (seconds), what
+        is ready that long after the first live event of a batch.
 
         `key` is the sequence (one saga) or the position (all sagas); `read(k)`
         reads a batch with key > k from the store, for catch-up.
@@ -215,6 +217,12 @@ class LogTail:
                     live = reader.feed.read(reader, max_batch)
                     if live is None:
                         break  # fell behind: catch up from the log again
+                    if window and live and len(live) < max_batch:
+                        await asyncio.sleep(window)
+                        more = reader.feed.read(reader, max_batch - len(live))
+                        if more is None:
+                            break  # fell behind while waiting: the log has it all
+                        live += more
                     ready = [event for event in live if key(event) > last]
                     if ready:
                         last = key(ready[-1])

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import grpc
 import pytest
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf.duration_pb2 import Duration
 
 from harness import CHECKOUT, checkout_stack
 from orchestrator.config import ServerConfig
@@ -148,6 +149,18 @@ async def test_watch_bad_input(make_postgres_url: Callable[[], str]) -> None:
                     pass
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "max_events_per_message must be from 0 to 1000" in (error.value.details() or "")
+        for bad_window, max_events, complaint in (
+            (Duration(seconds=-1), 10, "batch_window must be from 0 to 1s"),
+            (Duration(seconds=2), 10, "batch_window must be from 0 to 1s"),
+            (Duration(nanos=100_000_000), 0, "batch_window needs max_events_per_message"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                async for _ in stack.stub.WatchSagas(
+                    orchestrator_pb2.WatchSagasRequest(max_events_per_message=max_events, batch_window=bad_window)
+                ):
+                    pass
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert complaint in (error.value.details() or "")
         # A sequence beyond the latest is the future: the stream waits.
         received: list[int] = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -240,3 +253,27 @@ async def test_watch_all_in_batches_sends_the_same_events_fewer_messages(
                 break
         assert [event.sequence for event in live] == list(range(1, live_total + 1))
         assert {event.saga_id for event in live} == {live_id}
+
+
+async def test_a_batch_window_gathers_live_events_into_fewer_messages(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        call = stack.stub.WatchSagas(
+            orchestrator_pb2.WatchSagasRequest(max_events_per_message=100, batch_window=Duration(seconds=1))
+        )
+        stream = aiter(call)
+        # A first saga, seen through the stream: from then on the stream is live.
+        warm_id = await stack.start(saga_id="warm-up")
+        warm_total = (await stack.wait_final(warm_id)).sequence
+        seen = 0
+        while seen < warm_total:
+            seen += len((await anext(stream)).events)
+        # Then a saga whose four commits are four messages without a window.
+        saga_id = await stack.start(saga_id="windowed")
+        total = (await stack.wait_final(saga_id)).sequence
+        messages: list[list[int]] = []
+        while sum(map(len, messages)) < total:
+            messages.append([event.sequence for event in (await anext(stream)).events])
+        call.cancel()
+        assert [sequence for message in messages for sequence in message] == list(range(1, total + 1))
+        # The saga runs well within the window after its first event.
+        assert len(messages) <= 2, f"no batching within the window: {messages}"

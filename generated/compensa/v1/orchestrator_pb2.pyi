@@ -322,6 +322,7 @@ class WatchSagasRequest(_message.Message):
     SAGA_STATE_FIELD_NUMBER: _builtins.int
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
+    BATCH_WINDOW_FIELD_NUMBER: _builtins.int
     definition_name: _builtins.str
     """Only events of sagas of this definition; empty means all."""
     saga_state: _saga_pb2.SagaState.ValueType
@@ -331,10 +332,18 @@ class WatchSagasRequest(_message.Message):
     max_events_per_message: _builtins.int
     """0 or 1: one event per message, in `event`. From 2 to 1000: up to that
     many events per message, in `events`: whatever is ready when a message
-    is sent (a message never waits to fill up), so a consumer that keeps up
-    still sees each event as it commits, and one that falls behind costs a
-    message per batch rather than per event.
+    is sent, so a consumer that keeps up still sees each event as it
+    commits, and one that falls behind costs a message per batch rather than
+    per event.
     """
+    @_builtins.property
+    def batch_window(self) -> _duration_pb2.Duration:
+        """With max_events_per_message above 1: after the first event of a message
+        is ready, wait up to this long (at most 1s) for more before sending. A
+        dashboard trades this much latency for far fewer messages. Unset or 0:
+        send what is ready at once.
+        """
+
     def __init__(
         self,
         *,
@@ -342,10 +351,11 @@ class WatchSagasRequest(_message.Message):
         saga_state: _saga_pb2.SagaState.ValueType = ...,
         after_position: _builtins.int = ...,
         max_events_per_message: _builtins.int = ...,
+        batch_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch_window", b"batch_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "definition_name", b"definition_name", "max_events_per_message", b"max_events_per_message", "saga_state", b"saga_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "batch_window", b"batch_window", "definition_name", b"definition_name", "max_events_per_message", b"max_events_per_message", "saga_state", b"saga_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
