@@ -47,7 +47,8 @@ PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 PG_HOST = "127.0.0.1:5432"
 WARMUP_SAGAS = 500
 STEP_WAITING = 3  # saga_pb2.STEP_STATE_WAITING
-FEED_BATCH = 500  # max_events_per_message of the batched full-feed case
+FEED_BATCH = 500  # max_events_per_message of the batched full-feed cases
+FEED_WINDOW_MS = 100  # batch_window of the last full-feed case: a dashboard refreshing 10 times a second
 
 BENCH_DEFINITION = """\
 # Written by bench/run.py: three compensable steps on the no-op participant.
@@ -538,6 +539,8 @@ class Bench:
                     argv += ["--saga-state", case.saga_state]
                 if case.batch:
                     argv += ["--batch", str(case.batch)]
+                if case.window_ms:
+                    argv += ["--window-ms", str(case.window_ms)]
                 if case.kind == "watch-saga":
                     ids_file = self.lab.dir / f"{slug}-saga-ids.txt"
                     ids_file.write_text("\n".join(saga_ids) + "\n")
@@ -590,6 +593,7 @@ class SubscriberCase:
     count: int = 0
     saga_state: str = ""
     batch: int = 0  # watch-sagas: max_events_per_message (0: one event per message)
+    window_ms: int = 0  # watch-sagas: batch_window
     waiting: int = 0  # bench-waiting sagas started (and WAITING) before the runs
     verdict: bool = True  # judged against the 10% target (not the baseline, not the control)
 
@@ -622,6 +626,8 @@ def subscriber_cases(subscribers: int, fanout: int) -> list[SubscriberCase]:
         cases.append(SubscriberCase("full-feed", f"{fanout} WatchSagas unfiltered (full feed)", "watch-sagas", fanout))
         cases.append(SubscriberCase("full-batched", f"{fanout} WatchSagas full feed, <= {FEED_BATCH} events/message",
                                     "watch-sagas", fanout, batch=FEED_BATCH))
+        cases.append(SubscriberCase("full-window", f"{fanout} WatchSagas full feed, batched, {FEED_WINDOW_MS} ms window",
+                                    "watch-sagas", fanout, batch=FEED_BATCH, window_ms=FEED_WINDOW_MS))
     return cases
 
 

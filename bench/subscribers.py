@@ -7,7 +7,8 @@ keeps them open, consuming and counting whatever arrives:
   watch-sagas  N WatchSagas streams, optionally filtered (--definition,
                --saga-state); the "alerting dashboard" (filter FAILED) and
                the full feed (no filter) cases.
-               With --batch B, up to B events per message (the batched full feed).
+               With --batch B, up to B events per message (the batched full
+               feed), and with --window-ms W a batch_window of W ms.
   watch-saga   N WatchSaga streams with follow_after_end, one per saga id of
                --saga-ids (a file, one id a line, at least N of them); each
                starts with a snapshot of its saga.
@@ -65,9 +66,12 @@ class Subscribers:
         if self._args.kind == "watch-saga":
             return stub.WatchSaga, orchestrator_pb2.WatchSagaRequest(saga_id=saga_ids[index], follow_after_end=True)
         state = saga_pb2.SagaState.Value(self._args.saga_state or "SAGA_STATE_UNSPECIFIED")
-        return stub.WatchSagas, orchestrator_pb2.WatchSagasRequest(
+        request = orchestrator_pb2.WatchSagasRequest(
             definition_name=self._args.definition, saga_state=state, max_events_per_message=self._args.batch
         )
+        if self._args.window_ms:
+            request.batch_window.FromMilliseconds(self._args.window_ms)
+        return stub.WatchSagas, request
 
     async def _consume(self, call: Any, first: asyncio.Future[None]) -> None:
         self.open += 1
@@ -154,6 +158,7 @@ def main() -> None:
     parser.add_argument("--per-channel", type=int, default=100, help="streams per channel/connection (default 100)")
     parser.add_argument("--batch", type=int, default=0,
                         help="watch-sagas: max_events_per_message (default 0: one event per message)")
+    parser.add_argument("--window-ms", type=int, default=0, help="watch-sagas with --batch: batch_window in ms")
     parser.add_argument("--settle", type=float, default=2.0, help="watch-sagas: settle delay in seconds (default 2)")
     asyncio.run(main_async(parser.parse_args()))
 
