@@ -120,6 +120,7 @@ async def checkout_stack(
     lease_seconds: float = 5.0,
     max_payload_bytes: int = 1024 * 1024,
     orchestrator_url: str | None = None,
+    watch_reread_seconds: float = 5.0,
 ) -> AsyncIterator[Stack]:
     """Starts inventory, payment and shipping (each on its own database from
     `make_url`) and an orchestrator on another, all on port 0."""
@@ -136,6 +137,7 @@ async def checkout_stack(
             participants={kind: p.address for kind, p in participants.items()},
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
+            watch_reread_seconds=watch_reread_seconds,
         )
     )
     channel = grpc.aio.insecure_channel(orchestrator.address)
