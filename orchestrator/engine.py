@@ -15,6 +15,8 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import hashlib
+import hmac
 import json
 import logging
 import time
@@ -39,19 +41,32 @@ _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
 
 
-def completion_token(saga_id: str, step: str) -> str:
-    """The token a long-running step reports its outcome with."""
-    raw = json.dumps([saga_id, step], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def completion_token(key: bytes, saga_id: str, step: str) -> str:
+    """The token a long-running step reports its outcome with: the saga and
+    the step, signed with the deployment's key so that only whoever received
+    the ExecuteRequest can complete that step."""
+    payload = _b64(json.dumps([saga_id, step], separators=(",", ":")).encode())
+    return f"{payload}.{_token_mac(key, payload)}"
 
 
-def parse_completion_token(token: str) -> tuple[str, str]:
-    """(saga id, step name) of a completion token; ValueError if malformed."""
-    padded = token + "=" * (-len(token) % 4)
-    saga_id, step = json.loads(base64.urlsafe_b64decode(padded.encode()))
+def parse_completion_token(key: bytes, token: str) -> tuple[str, str]:
+    """(saga id, step name) of a completion token; ValueError if it is
+    malformed or was not signed with `key`."""
+    payload, dot, mac = token.rpartition(".")
+    if not dot or not hmac.compare_digest(mac, _token_mac(key, payload)):
+        raise ValueError("completion token not issued by this deployment")
+    saga_id, step = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     if not isinstance(saga_id, str) or not isinstance(step, str):
         raise ValueError("malformed completion token")
     return saga_id, step
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _token_mac(key: bytes, payload: str) -> str:
+    return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest()[:16])
 
 
 class ChangeSignal:
@@ -163,8 +178,19 @@ class SagaEngine:
         self._next_due = float("inf")
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._token_key: bytes | None = None
 
     # -- lifecycle
+
+    async def load_secrets(self) -> None:
+        """Reads (or makes) the deployment's key for completion tokens."""
+        self._token_key = await self.store.secret("completion_token")
+
+    @property
+    def token_key(self) -> bytes:
+        if self._token_key is None:
+            raise StoreUnavailable("the orchestrator is starting: its database is not reachable yet")
+        return self._token_key
 
     def start(self) -> None:
         self.writer.start()
@@ -438,9 +464,9 @@ class SagaEngine:
             if (record := saga.step(name)).output is not None
         }
         if isinstance(call, machine.CallExecute):
+            token = completion_token(self.token_key, saga.saga_id, call.step) if step.long_running else ""
             request = participant_pb2.ExecuteRequest(
-                context=context, saga_input=saga_input, step_outputs=outputs,
-                completion_token=completion_token(saga.saga_id, call.step) if step.long_running else "",
+                context=context, saga_input=saga_input, step_outputs=outputs, completion_token=token
             )
             answer = await self.client.execute(step.participant, request, call.timeout)
         else:

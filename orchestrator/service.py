@@ -271,9 +271,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.CompleteStepRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CompleteStepResponse:
         try:
-            saga_id, step_name = parse_completion_token(request.completion_token)
+            saga_id, step_name = parse_completion_token(self._engine.token_key, request.completion_token)
         except (ValueError, TypeError):
-            raise InvalidArgument("completion_token is malformed: pass the token of the ExecuteRequest") from None
+            raise InvalidArgument(
+                "completion_token is malformed or was not issued by this deployment: "
+                "pass the completion_token of the ExecuteRequest unchanged"
+            ) from None
         event: machine.Event
         if request.result == orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED:
             if request.output.ByteSize() > self._max_payload:

@@ -14,6 +14,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from harness import FINAL, checkout_input, poll_until
 from orchestrator.config import ServerConfig
+from orchestrator.engine import completion_token
 from orchestrator.server import RunningOrchestrator, start_orchestrator
 from scripted_participant import ScriptedParticipant, serve_scripted
 
@@ -157,6 +158,28 @@ async def test_long_running_step_waits_without_holding_anything_then_completes(
             await r.stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(completion_token="!!", result=1))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert len(r.participant.of("execute", "finish")) == 1
+        # Tokens are signed: one made up for another waiting saga is refused
+        # and changes nothing.
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("long-2")
+        await r.until("long-2", _waiting)
+        signed_elsewhere = completion_token(b"another deployment's key".ljust(32), "long-2", "hold")
+        payload, _, mac = token.rpartition(".")
+        for forged in (
+            signed_elsewhere,
+            signed_elsewhere.rpartition(".")[0],  # unsigned
+            f"{payload}.{mac[::-1]}",  # long-1's own token, tampered
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await r.stub.CompleteStep(
+                    orchestrator_pb2.CompleteStepRequest(
+                        completion_token=forged, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+                    )
+                )
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not issued by this deployment" in (error.value.details() or "")
+        waiting = (await r.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="long-2"))).saga
+        assert _step(waiting, "hold").state == S.STEP_STATE_WAITING
 
 
 async def test_a_wait_survives_an_orchestrator_restart(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:

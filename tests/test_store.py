@@ -558,3 +558,15 @@ def test_the_flush_statement_stays_short_enough_for_psycopg_to_cache_its_parse()
     assert len(_FLUSH_SENT.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(_FLUSH_PARAMS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
     assert _FLUSH_SENT.count("%b") == len(_FLUSH_PARAMS) == _FLUSH.count(")b::")
+
+
+async def test_a_secret_is_made_once_and_shared_by_every_replica(make_postgres_url: Callable[[], str]) -> None:
+    stores = await _postgres_stores(make_postgres_url, 3)
+    try:
+        # Replicas starting together: one insert wins, all read its value.
+        values = await asyncio.gather(*(opened.secret("completion_token") for opened in stores))
+        assert len(values[0]) == 32 and values.count(values[0]) == 3
+        assert await stores[1].secret("completion_token") == values[0]
+        assert await stores[2].secret("another") not in (values[0], b"")
+    finally:
+        await _close(stores)

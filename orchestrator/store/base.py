@@ -77,6 +77,11 @@ class SagaStore(abc.ABC):
         """Creates missing tables; safe to run at every start-up."""
 
     @abc.abstractmethod
+    async def secret(self, name: str) -> bytes:
+        """The deployment's secret `name`: 32 random bytes made on first use,
+        the same for every replica and across restarts."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raises StoreUnavailable unless the database answers."""
 

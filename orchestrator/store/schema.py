@@ -105,3 +105,11 @@ log_head = Table(
     Column("id", Integer, primary_key=True),
     Column("position", BigInteger, nullable=False),
 )
+
+#: Keys the replicas of one deployment share, each made at random on first use.
+secrets = Table(
+    "compensa_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from orchestrator.errors import StoreUnavailable
 from orchestrator.machine import FINAL_SAGA_STATES, RUNNING, LogEvent, SagaRecord, StepRecord
 from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StoredEvent, WriteResult
-from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas
+from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
 
@@ -179,6 +180,15 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             await conn.run_sync(metadata.create_all)
             await conn.execute(self._insert(log_head).values(id=1, position=0).on_conflict_do_nothing())
+
+    async def secret(self, name: str) -> bytes:
+        async with self._transaction() as conn:
+            # Replicas starting together all try; the first insert wins.
+            await conn.execute(
+                self._insert(secrets).values(name=name, value=os.urandom(32)).on_conflict_do_nothing()
+            )
+            value = (await conn.execute(sa.select(secrets.c.value).where(secrets.c.name == name))).scalar_one()
+        return bytes(value)
 
     async def ping(self) -> None:
         async with self._transaction() as conn:

@@ -140,7 +140,8 @@ class ExecuteRequest(_message.Message):
     completion_token: _builtins.str
     """Set when the step may answer EXECUTE_RESULT_PENDING: the participant
     later reports the outcome with OrchestratorService.CompleteStep and this
-    token.
+    token. Opaque and signed with a key of the deployment: it names this saga
+    and step, stays valid across restarts and replicas, and cannot be made up.
     """
     @_builtins.property
     def context(self) -> Global___StepContext: ...
