@@ -26,10 +26,9 @@ from pathlib import Path
 import grpc
 import psycopg
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from common import STEP_NAMES, saga_input
-from run import BENCH_DEFINITION, PG_ADMIN_DSN, PG_HOST, _STEP, free_port
+from run import BENCH_DEFINITION, PG_ADMIN_DSN, PG_HOST, _STEP, free_port, wait_serving
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -78,24 +77,6 @@ async def run_sagas(address: str, count: int) -> list[tuple[str, float, float]]:
         return rows
 
 
-def wait_serving(address: str, serve: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    with grpc.insecure_channel(address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if serve.poll() is not None:
-                raise SystemExit("compensa serve exited")
-            try:
-                answer = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("compensa serve did not become SERVING within 60s")
-            time.sleep(0.1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sagas", type=int, default=300, help="sagas to run (default 300)")
@@ -120,7 +101,9 @@ def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             processes.append(serve)
-            wait_serving(address, serve)
+            problem = wait_serving(address, serve)
+            if problem:
+                raise SystemExit(f"compensa serve {problem}")
             rows = asyncio.run(run_sagas(address, args.sagas))[args.skip:]
         with psycopg.connect(PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}")) as conn:
             decided: dict[tuple[str, int], float] = {

@@ -200,6 +200,24 @@ class Lab:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def wait_serving(address: str, process: subprocess.Popen[Any], seconds: float = 60) -> str:
+    """Waits until the orchestrator at `address` reports SERVING; "" then,
+    else what went wrong."""
+    deadline = time.monotonic() + seconds
+    with grpc.insecure_channel(address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if process.poll() is not None:
+                return f"exited ({process.returncode})"
+            with contextlib.suppress(grpc.RpcError):
+                status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return ""
+            if time.monotonic() > deadline:
+                return f"not SERVING after {seconds:g}s"
+            time.sleep(0.1)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -380,19 +398,10 @@ class Bench:
             ],
             pipes=False,
         )
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if child.process.poll() is not None:
-                    raise BenchFailed(f"{name} exited ({child.process.returncode}):\n{child.log_tail()}")
-                with contextlib.suppress(grpc.RpcError):
-                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status
-                    if status == health_pb2.HealthCheckResponse.SERVING:
-                        return child, address
-                if time.monotonic() > deadline:
-                    raise BenchFailed(f"{name} not SERVING after 60s:\n{child.log_tail()}")
-                time.sleep(0.1)
+        problem = wait_serving(address, child.process)
+        if problem:
+            raise BenchFailed(f"{name} {problem}:\n{child.log_tail()}")
+        return child, address
 
     def load_client(self, address: str, definition: str, name: str) -> Child:
         return self.lab.spawn(

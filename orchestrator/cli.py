@@ -19,7 +19,7 @@ import re
 import socket
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import grpc
@@ -403,7 +403,8 @@ def _start(args: argparse.Namespace) -> int:
         if not args.json:
             created = "started" if response.created else "already existed"
             print(f"saga {saga_id} {created}")
-        _print_events(args, stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)))
+        watch = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True))
+        _print_events(args, (response.event for response in watch))
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=args.timeout).saga
         if not args.json:
             print(timeline.format_saga(saga, color=_use_color()))
@@ -446,23 +447,18 @@ def _watch(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         if args.all:
-            _print_events(
-                args,
-                _each_event(stub.WatchSagas(
-                    orchestrator_pb2.WatchSagasRequest(
-                        definition_name=args.definition, after_position=args.after,
-                        max_events_per_message=_WATCH_ALL_BATCH,
-                    )
-                )),
-                with_saga_id=True,
+            batches = stub.WatchSagas(
+                orchestrator_pb2.WatchSagasRequest(
+                    definition_name=args.definition, after_position=args.after,
+                    max_events_per_message=_WATCH_ALL_BATCH,
+                )
             )
+            _print_events(args, (event for batch in batches for event in batch.events), with_saga_id=True)
         else:
-            _print_events(
-                args,
-                stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
-                    saga_id=args.saga_id, after_sequence=args.after, replay_history=True
-                )),
+            watch = stub.WatchSaga(
+                orchestrator_pb2.WatchSagaRequest(saga_id=args.saga_id, after_sequence=args.after, replay_history=True)
             )
+            _print_events(args, (response.event for response in watch))
     return EXIT_OK
 
 
@@ -503,24 +499,14 @@ def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | 
         print(timeline.format_saga(saga, color=_use_color()))
 
 
-def _each_event(
-    responses: Iterable[orchestrator_pb2.WatchSagasResponse],
-) -> Iterator[orchestrator_pb2.WatchSagasResponse]:
-    """One response per event out of batched WatchSagas responses."""
-    for response in responses:
-        for event in response.events:
-            yield orchestrator_pb2.WatchSagasResponse(event=event)
-
-
 def _print_events(
     args: argparse.Namespace,
-    responses: Iterable[orchestrator_pb2.WatchSagaResponse | orchestrator_pb2.WatchSagasResponse],
+    events: Iterable[saga_pb2.SagaEvent],
     *,
     with_saga_id: bool = False,
 ) -> None:
     color = _use_color()
-    for response in responses:
-        event = response.event
+    for event in events:
         if args.json:
             print(_json_line(event), flush=True)
         elif with_saga_id:

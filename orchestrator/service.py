@@ -317,7 +317,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if saga.is_final and not request.follow_after_end:
                 return
             after = saga.sequence
-        async for batch in self._tail.follow_batches(
+        async for batch in self._tail.follow(
             after,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
@@ -353,7 +353,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if window and not batched:
             raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
         definition_name, saga_state = request.definition_name, request.saga_state
-        async for batch in self._tail.follow_batches(
+        async for batch in self._tail.follow(
             request.after_position,
             saga_id=None,
             wanted=(definition_name, saga_state),

@@ -180,7 +180,7 @@ class LogTail:
                 else:
                     del self._of_saga[saga_id]
 
-    async def follow_batches(
+    async def follow(
         self,
         after: int,
         *,
