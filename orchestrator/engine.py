@@ -27,6 +27,7 @@ from compensa.v1 import participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import machine
+from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from orchestrator.participant_client import ParticipantClient
@@ -39,6 +40,8 @@ log = logging.getLogger("compensa.engine")
 _POLL_SECONDS = 1.0
 _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
+# How often the offset to the database's clock is measured again.
+_CLOCK_SYNC_SECONDS = 30.0
 
 
 def completion_token(key: bytes, saga_id: str, step: str) -> str:
@@ -168,6 +171,8 @@ class SagaEngine:
         self.store = store
         self.config = config
         self.owner = config.replica_id
+        # Every time this engine writes or compares is on the database's clock.
+        self.clock = SharedClock()
         self.changes = ChangeSignal()
         self.client = ParticipantClient(dict(config.participants), max_message_bytes=config.max_payload_bytes * 2)
         self.writer = TransitionWriter(store, self._committed)
@@ -186,6 +191,12 @@ class SagaEngine:
         """Reads (or makes) the deployment's key for completion tokens."""
         self._token_key = await self.store.secret("completion_token")
 
+    async def sync_clock(self) -> None:
+        """Measures this replica's offset to the database's clock."""
+        await self.clock.sync(self.store.clock)
+        if abs(self.clock.offset) > 1.0:
+            log.warning("this machine's clock is %.3fs off the database's; using the database's", -self.clock.offset)
+
     @property
     def token_key(self) -> bytes:
         if self._token_key is None:
@@ -197,6 +208,7 @@ class SagaEngine:
         self._tasks = [
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
             asyncio.create_task(self._renew_leases(), name="compensa-leases"),
+            asyncio.create_task(self._sync_clock(), name="compensa-clock"),
             asyncio.create_task(
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
@@ -213,7 +225,7 @@ class SagaEngine:
         await asyncio.gather(*self._tasks, *drivers, return_exceptions=True)
         await self.writer.stop()
         with contextlib.suppress(StoreUnavailable):
-            await self.store.release_all(self.owner, time.time())
+            await self.store.release_all(self.owner, self.clock.now())
         await self.client.close()
 
     def _committed(self, landed: list[tuple[SagaWrite, WriteResult]]) -> None:
@@ -302,7 +314,7 @@ class SagaEngine:
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str
     ) -> tuple[machine.SagaRecord, bool, str]:
-        now = time.time()
+        now = self.clock.now()
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
         write = dataclasses.replace(
             self._write_for(plan, transition, 0, 1, set(), now), request_fingerprint=request_fingerprint
@@ -327,7 +339,7 @@ class SagaEngine:
             if saga is None:
                 raise NotFound(f"saga {saga_id!r} not found")
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
-            now = time.time()
+            now = self.clock.now()
             try:
                 transition = machine.decide(plan, saga, event, now)
             except machine.IllegalTransition as error:
@@ -363,7 +375,7 @@ class SagaEngine:
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             while True:
-                now = time.time()
+                now = self.clock.now()
                 deadline = machine.deadline_at(plan, saga)
                 event: machine.Event | None = None
                 if deadline is not None and deadline <= now:
@@ -384,7 +396,7 @@ class SagaEngine:
                     except TimeoutError:
                         continue
                     in_flight.pop(getattr(event, "step"), None)
-                transition = machine.decide(plan, saga, event, time.time())
+                transition = machine.decide(plan, saga, event, self.clock.now())
                 if not transition.changed:
                     if isinstance(event, machine.TimerFired):
                         raise AssertionError(f"deadline {deadline} passed but changed nothing")
@@ -420,7 +432,7 @@ class SagaEngine:
         write that landed, or None when the saga is no longer ours."""
         delay = 0.05
         while True:
-            now = time.time()
+            now = self.clock.now()
             write = self._write_for(plan, transition, saga.sequence, epoch, in_flight, now)
             try:
                 result = await self.writer.submit(write)
@@ -455,7 +467,7 @@ class SagaEngine:
             attempt=call.attempt,
             definition_name=saga.definition_name,
             definition_version=saga.definition_version,
-            deadline=timestamp(time.time() + call.timeout),
+            deadline=timestamp(self.clock.now() + call.timeout),
         )
         saga_input = any_pb2.Any.FromString(saga.input)
         outputs = {
@@ -484,7 +496,7 @@ class SagaEngine:
     async def _schedule(self) -> None:
         while True:
             try:
-                now = time.time()
+                now = self.clock.now()
                 claimed = await self.store.claim_due(
                     self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
                 )
@@ -498,14 +510,22 @@ class SagaEngine:
             if self._next_due <= now:
                 self._next_due = float("inf")
             self._scheduler_wake.clear()
-            wait = min(_POLL_SECONDS, max(0.0, self._next_due - time.time()))
+            wait = min(_POLL_SECONDS, max(0.0, self._next_due - self.clock.now()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._scheduler_wake.wait(), wait)
             # Woken for a later due time: sleep on until then.
-            while (delay := self._next_due - time.time()) > 0.001 and delay < _POLL_SECONDS:
+            while (delay := self._next_due - self.clock.now()) > 0.001 and delay < _POLL_SECONDS:
                 self._scheduler_wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._scheduler_wake.wait(), delay)
+
+    async def _sync_clock(self) -> None:
+        while True:
+            await asyncio.sleep(_CLOCK_SYNC_SECONDS)
+            try:
+                await self.sync_clock()
+            except StoreUnavailable as error:
+                log.warning("clock sync: %s", error)
 
     async def _renew_leases(self) -> None:
         while True:
@@ -516,6 +536,6 @@ class SagaEngine:
             if not driven:
                 continue
             try:
-                await self.store.renew_leases(self.owner, driven, time.time() + self.config.lease_seconds)
+                await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
                 log.warning("lease renewal: %s", error)

@@ -60,6 +60,7 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
     while True:
         try:
             await running.engine.store.create_schema()
+            await running.engine.sync_clock()
             await running.engine.load_secrets()
             for definition in definitions:
                 stored, created = await register_definition(running.engine, definition, source="definitions")

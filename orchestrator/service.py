@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -216,7 +215,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             stuck = duration_seconds(request.stuck_for)
             if stuck <= 0:
                 raise InvalidArgument("stuck_for must be positive")
-            updated_before = time.time() - stuck
+            updated_before = self._engine.clock.now() - stuck
         if request.state and request.state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"state {request.state} is not a SagaState")
         sagas = await self._store.list_sagas(
@@ -414,7 +413,7 @@ async def register_definition(
     normalized = validate_definition(definition, source=source)
     normalized.version = 0
     stored, created = await engine.store.register_definition(
-        normalized, definition_fingerprint(normalized), time.time()
+        normalized, definition_fingerprint(normalized), engine.clock.now()
     )
     if created:
         engine.forget_latest(stored.name)

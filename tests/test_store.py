@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -570,3 +571,11 @@ async def test_a_secret_is_made_once_and_shared_by_every_replica(make_postgres_u
         assert await stores[2].secret("another") not in (values[0], b"")
     finally:
         await _close(stores)
+
+
+async def test_clock_reads_the_databases_wall_clock_in_seconds(store: SqlSagaStore) -> None:
+    before = time.time()
+    reading = await store.clock()
+    after = time.time()
+    # Same machine: the database's clock is this one, within the query's time.
+    assert before - 0.5 <= reading <= after + 0.5

@@ -82,6 +82,11 @@ class SagaStore(abc.ABC):
         the same for every replica and across restarts."""
 
     @abc.abstractmethod
+    async def clock(self) -> float:
+        """The database's wall clock, in seconds since the epoch: the time
+        base every replica reads leases and due times on."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Raises StoreUnavailable unless the database answers."""
 

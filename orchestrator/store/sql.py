@@ -162,6 +162,9 @@ class SqlSagaStore(SagaStore):
         """Locks the selected rows, skipping those another transaction holds."""
         return query
 
+    # Reads the database's wall clock in seconds since the epoch.
+    _CLOCK_QUERY: str
+
     # -- plumbing
 
     @contextlib.asynccontextmanager
@@ -189,6 +192,10 @@ class SqlSagaStore(SagaStore):
             )
             value = (await conn.execute(sa.select(secrets.c.value).where(secrets.c.name == name))).scalar_one()
         return bytes(value)
+
+    async def clock(self) -> float:
+        async with self._transaction() as conn:
+            return float((await conn.execute(sa.text(self._CLOCK_QUERY))).scalar_one())
 
     async def ping(self) -> None:
         async with self._transaction() as conn:
@@ -593,6 +600,10 @@ _MAX_PAYLOAD = 7000
 class PostgresSagaStore(SqlSagaStore):
     """The production store: several replicas share one PostgreSQL."""
 
+    # clock_timestamp(), not now(): the time of the reading, not of the
+    # transaction's start.
+    _CLOCK_QUERY = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
     def __init__(self, url: str, *, notifier: str = "") -> None:
         # No pre-ping: it costs a round trip per transaction. A dead
         # connection fails its transaction, SQLAlchemy drops it from the pool,
@@ -694,6 +705,8 @@ class PostgresSagaStore(SqlSagaStore):
 
 class SqliteSagaStore(SqlSagaStore):
     """The embedded default: one process, one file, WAL mode."""
+
+    _CLOCK_QUERY = "SELECT (julianday('now') - 2440587.5) * 86400.0"
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
