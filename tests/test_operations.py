@@ -23,7 +23,7 @@ S = saga_pb2
 FLOW = """
 name: flow
 input_type: compensa.checkout.v1.CheckoutInput
-steps:
+{saga_timeout}steps:
   - name: reserve
     participant: scripted
     execute_timeout: 1s
@@ -101,11 +101,15 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(tmp_path: Path, make_postgres_url: Callable[[], str], hold_timeout: str = "30m") -> AsyncIterator[Rig]:
+async def rig(
+    tmp_path: Path, make_postgres_url: Callable[[], str], hold_timeout: str = "30m", saga_timeout: str = ""
+) -> AsyncIterator[Rig]:
     participant = ScriptedParticipant()
     server, address = await serve_scripted(participant)
     definition = tmp_path / "flow.yaml"
-    definition.write_text(FLOW.format(hold_timeout=hold_timeout))
+    definition.write_text(
+        FLOW.format(hold_timeout=hold_timeout, saga_timeout=f"saga_timeout: {saga_timeout}\n" if saga_timeout else "")
+    )
     setup = Rig(participant, address, make_postgres_url(), definition)
     await setup.start()
     try:
@@ -217,6 +221,36 @@ async def test_step_timeout_is_durable_and_fires_once_across_a_restart(
         assert [e.step_name for e in events if e.type == S.EVENT_TYPE_STEP_FAILED] == ["hold"]
         # The step's outcome was unknown, so it was compensated too, in reverse order.
         assert [c.step for c in r.participant.of("compensate")] == ["hold", "reserve"]
+
+
+async def test_saga_timeout_is_durable_and_compensates_across_a_restart(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    # The whole saga gets 2 s; its long-running step alone would wait 30 minutes.
+    async with rig(tmp_path, make_postgres_url, saga_timeout="2s") as r:
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("saga-timeout-1")
+        waiting = await r.until("saga-timeout-1", _waiting)
+        token = r.participant.of("execute", "hold")[0].token
+        await r.stop()  # nobody runs while the saga's deadline passes
+        await r.start()
+        saga = await r.final("saga-timeout-1", timeout=20)
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        assert saga.failure_reason == "saga timed out"
+        assert saga.update_time.ToMilliseconds() >= waiting.create_time.ToMilliseconds() + 2000
+        # The waiting step's outcome was unknown: compensated too, in reverse order, once.
+        assert [c.step for c in r.participant.of("compensate")] == ["hold", "reserve"]
+        assert r.participant.of("execute", "finish") == []
+        # The participant's late answer no longer changes anything.
+        assert r.stub is not None
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await r.stub.CompleteStep(
+                orchestrator_pb2.CompleteStepRequest(
+                    completion_token=token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+                )
+            )
+        assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (await r.saga("saga-timeout-1")).sequence == saga.sequence
 
 
 async def test_cancel_compensates_what_was_done_and_records_who(
