@@ -48,6 +48,8 @@ _FINAL_STATES = frozenset(
 #: `compensa watch --all` asks for up to this many events per message: a busy
 #: system costs the server one message per batch, not per event.
 _WATCH_ALL_BATCH = 100
+#: Saga states that can be stuck (`compensa status`).
+_UNFINISHED = frozenset({saga_pb2.SAGA_STATE_RUNNING, saga_pb2.SAGA_STATE_COMPENSATING})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_start(add("start", _start, "Start a saga; with --wait follow it to its end."))
     _add_get(add("get", _get, "Show a saga and its steps."))
     _add_list(add("list", _list, "List sagas, newest first."))
+    _add_status(add("status", _status, "Count sagas by definition and state: stuck, awaiting a person, oldest."))
     _add_watch(add("watch", _watch, "Stream one saga's events, or every saga's with --all."))
     _add_cancel(add("cancel", _cancel, "Ask a running saga to stop and compensate."))
     _add_retry(add("retry", _retry, "Run the failed compensations of a FAILED saga again."))
@@ -286,6 +289,15 @@ def _add_list(parser: argparse.ArgumentParser) -> None:
     _add_json_option(parser)
 
 
+def _add_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--definition", metavar="NAME", default="", help="only sagas of this definition")
+    parser.add_argument(
+        "--stuck", type=parse_duration, metavar="DURATION",
+        help="count unfinished sagas unchanged for this long as stuck (server default 10m)",
+    )
+    _add_json_option(parser)
+
+
 def _add_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saga_id", metavar="ID", nargs="?", help="the saga to watch (omit with --all)")
     parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
@@ -438,6 +450,48 @@ def _list(args: argparse.Namespace) -> int:
         if response.next_page_token and not args.json:
             print(f"(more: --all, or page token {response.next_page_token})", file=sys.stderr)
     return EXIT_OK
+
+
+def _status(args: argparse.Namespace) -> int:
+    request = orchestrator_pb2.SummarizeSagasRequest(definition_name=args.definition, stuck_for=args.stuck)
+    with _channel(args) as channel:
+        response = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).SummarizeSagas(request, timeout=args.timeout)
+    if args.json:
+        print(_json_line(response))
+        return EXIT_OK
+    if not response.states:
+        print("(no sagas)")
+        return EXIT_OK
+    read_at = response.read_time.ToNanoseconds() / 1e9
+    rows = [("DEFINITION", "STATE", "SAGAS", "STUCK", "UNRESOLVED", "OLDEST CHANGE")]
+    for summary in response.states:
+        age = read_at - summary.oldest_update_time.ToNanoseconds() / 1e9
+        rows.append((
+            summary.definition_name,
+            timeline.saga_state_name(summary.state),
+            str(summary.count),
+            str(summary.stuck) if summary.state in _UNFINISHED else "-",
+            str(summary.unresolved) if summary.state == saga_pb2.SAGA_STATE_FAILED else "-",
+            f"{_short_duration(max(age, 0.0))} ago",
+        ))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
+                        for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+    stuck_for = response.stuck_for.ToNanoseconds() / 1e9
+    print(f"stuck: unfinished and unchanged for {_short_duration(stuck_for)} (compensa list --stuck"
+          f" {_short_duration(stuck_for)} lists them); unresolved: FAILED, waiting for retry or resolve")
+    return EXIT_OK
+
+
+def _short_duration(seconds: float) -> str:
+    """90.5 -> "1m30s": the two largest units, for people."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    parts = [(whole // 86400, "d"), (whole % 86400 // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    shown = [f"{amount}{unit}" for amount, unit in parts if amount]
+    return "".join(shown[:2])
 
 
 def _watch(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import grpc
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf import duration_pb2
 
 from orchestrator import machine, payloads
 from orchestrator.definitions import definition_fingerprint, duration_seconds, validate_definition
@@ -32,7 +33,7 @@ from orchestrator.errors import (
     grpc_status_of,
 )
 from orchestrator.streams import READ_BATCH, LogTail
-from orchestrator.views import EventViews, saga_message
+from orchestrator.views import EventViews, saga_message, timestamp
 
 log = logging.getLogger("compensa.service")
 
@@ -43,6 +44,8 @@ MAX_PAGE_SIZE = 1000
 MAX_EVENTS_PER_MESSAGE = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
+#: SummarizeSagas counts an unfinished saga as stuck after this long without a change.
+DEFAULT_STUCK_SECONDS = 600.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -102,6 +105,13 @@ def _decode_token(token: str, what: str) -> Any:
 def _require_saga_id(saga_id: str) -> None:
     if not saga_id:
         raise InvalidArgument("saga_id is required")
+
+
+def _stuck_seconds(stuck_for: duration_pb2.Duration) -> float:
+    seconds = duration_seconds(stuck_for)
+    if seconds <= 0:
+        raise InvalidArgument("stuck_for must be positive, e.g. 600s")
+    return seconds
 
 
 def _page_size(requested: int) -> int:
@@ -212,10 +222,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             after = (float(token[0]), str(token[1]))
         updated_before = None
         if request.HasField("stuck_for"):
-            stuck = duration_seconds(request.stuck_for)
-            if stuck <= 0:
-                raise InvalidArgument("stuck_for must be positive")
-            updated_before = self._engine.clock.now() - stuck
+            updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
         if request.state and request.state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"state {request.state} is not a SagaState")
         sagas = await self._store.list_sagas(
@@ -231,6 +238,32 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             sagas=[await self._saga_view(saga) for saga in sagas],
             next_page_token=_encode_token([sagas[-1].created_at, sagas[-1].saga_id]) if more else "",
         )
+        return response
+
+    @_answer_errors
+    async def SummarizeSagas(
+        self, request: orchestrator_pb2.SummarizeSagasRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SummarizeSagasResponse:
+        stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
+        now = self._engine.clock.now()
+        summaries = await self._store.summarize_sagas(
+            definition_name=request.definition_name, stuck_before=now - stuck
+        )
+        response = orchestrator_pb2.SummarizeSagasResponse(
+            states=[
+                orchestrator_pb2.SagaStateSummary(
+                    definition_name=summary.definition_name,
+                    state=saga_pb2.SagaState.ValueType(summary.state),
+                    count=summary.count,
+                    stuck=summary.stuck,
+                    unresolved=summary.unresolved,
+                    oldest_update_time=timestamp(summary.oldest_updated_at),
+                )
+                for summary in summaries
+            ],
+            read_time=timestamp(now),
+        )
+        response.stuck_for.FromNanoseconds(round(stuck * 1e9))
         return response
 
     @_answer_errors

@@ -21,7 +21,9 @@ from orchestrator.cli import parse_duration
 from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
-SUBCOMMANDS = ("serve", "migrate", "participant", "demo", "start", "get", "list", "watch", "cancel", "retry", "resolve")
+SUBCOMMANDS = (
+    "serve", "migrate", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry", "resolve"
+)
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
     "sku": "sku-widget",
@@ -259,6 +261,21 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     events = [json.loads(line) for line in watched.stdout.splitlines()]
     assert [event["sequence"] for event in events] == [str(n) for n in range(1, len(events) + 1)]
     assert events[-1]["type"] == "EVENT_TYPE_SAGA_SUCCEEDED"
+
+    status = await _compensa_async(*address, "status")
+    assert status.returncode == 0, status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()]
+    assert rows[0] == ["DEFINITION", "STATE", "SAGAS", "STUCK", "UNRESOLVED", "OLDEST", "CHANGE"]
+    assert [row[:5] for row in rows[1:3]] == [
+        ["checkout", "SUCCEEDED", "1", "-", "-"],
+        ["checkout", "COMPENSATED", "1", "-", "-"],
+    ]
+    assert "unchanged for 10m" in status.stdout
+    summary = json.loads((await _compensa_async(*address, "status", "--json", "--stuck", "90s")).stdout)
+    assert [(entry["state"], entry["count"]) for entry in summary["states"]] == [
+        ("SAGA_STATE_SUCCEEDED", "1"), ("SAGA_STATE_COMPENSATED", "1"),
+    ]
+    assert summary["stuck_for"] == "90s"
 
     not_allowed = await _compensa_async(*address, "resolve", "cli-ok", "--note", "nothing to do")
     assert not_allowed.returncode == 2

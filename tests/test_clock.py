@@ -46,7 +46,8 @@ async def test_a_replica_whose_clock_runs_an_hour_ahead_takes_nothing_over(
     # that its replica renews: a replica reading leases on its own clock, an
     # hour ahead, would see every one of them expired at its first poll (1 s).
     slow = FaultPlan(delay_seconds=1.5)
-    async with checkout_stack(make_postgres_url, faults={"inventory": slow, "shipping": slow}, lease_seconds=2.0) as stack:
+    faults = {"inventory": slow, "shipping": slow}
+    async with checkout_stack(make_postgres_url, faults=faults, lease_seconds=2.0) as stack:
         ahead = await start_orchestrator(
             ServerConfig(
                 listen="127.0.0.1:0",

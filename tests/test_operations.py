@@ -367,3 +367,51 @@ async def test_stuck_sagas_are_listed(tmp_path: Path, make_postgres_url: Callabl
             return [saga.saga_id for saga in page.sagas]
 
         assert await poll_until(stuck) == ["stuck-1"]
+
+
+async def test_summary_counts_states_stuck_and_unresolved(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        assert r.stub is not None
+        stub = r.stub
+        r.participant.script("execute", "hold", "pending")
+        await r.begin("waits-1")
+        await r.until("waits-1", _waiting)
+        r.participant.script("execute", "hold", "fail")
+        r.participant.script("compensate", "reserve", "fail", "fail", "fail")
+        await r.begin("failed-1")
+        assert (await r.final("failed-1")).state == S.SAGA_STATE_FAILED
+        r.participant.script("execute", "hold", "fail")
+        await r.begin("undone-1")
+        assert (await r.final("undone-1")).state == S.SAGA_STATE_COMPENSATED
+
+        async def summary(stuck_seconds: float = 0.3, definition: str = "") -> list[tuple[str, int, int, int, int]]:
+            request = orchestrator_pb2.SummarizeSagasRequest(definition_name=definition)
+            request.stuck_for.FromNanoseconds(int(stuck_seconds * 1e9))
+            response = await stub.SummarizeSagas(request)
+            assert response.stuck_for.ToNanoseconds() == int(stuck_seconds * 1e9)
+            for entry in response.states:
+                assert entry.oldest_update_time.ToNanoseconds() <= response.read_time.ToNanoseconds()
+            return [(e.definition_name, e.state, e.count, e.stuck, e.unresolved) for e in response.states]
+
+        expected = [
+            ("flow", S.SAGA_STATE_RUNNING, 1, 1, 0),
+            ("flow", S.SAGA_STATE_COMPENSATED, 1, 0, 0),
+            ("flow", S.SAGA_STATE_FAILED, 1, 0, 1),
+        ]
+        # The waiting saga is stuck once it has not changed for 0.3 s; not for a day.
+
+        async def as_expected() -> bool:
+            return await summary() == expected
+
+        await poll_until(as_expected)
+        assert (await summary(86400))[0] == ("flow", S.SAGA_STATE_RUNNING, 1, 0, 0)
+        assert await summary(definition="other") == []
+        await stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="failed-1", note="refunded by hand"))
+        assert (await summary())[2] == ("flow", S.SAGA_STATE_FAILED, 1, 0, 0)
+        for bad in (duration_pb2.Duration(seconds=0), duration_pb2.Duration(seconds=-5)):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.SummarizeSagas(orchestrator_pb2.SummarizeSagasRequest(stuck_for=bad))
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "stuck_for must be positive" in (error.value.details() or "")
+        default = await stub.SummarizeSagas(orchestrator_pb2.SummarizeSagasRequest())
+        assert default.stuck_for.ToSeconds() == 600

@@ -1,6 +1,14 @@
 """Durable state: the store interface and its SQL implementations."""
 
-from orchestrator.store.base import Claimed, SagaPage, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store.base import (
+    Claimed,
+    SagaPage,
+    SagaStore,
+    SagaWrite,
+    StateSummary,
+    StoredEvent,
+    WriteResult,
+)
 from orchestrator.store.sql import PostgresSagaStore, SqliteSagaStore, SqlSagaStore, open_store
 
 __all__ = [
@@ -11,6 +19,7 @@ __all__ = [
     "SagaWrite",
     "SqlSagaStore",
     "SqliteSagaStore",
+    "StateSummary",
     "StoredEvent",
     "WriteResult",
     "open_store",

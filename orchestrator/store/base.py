@@ -61,6 +61,18 @@ class Claimed:
 
 
 @dataclass(frozen=True)
+class StateSummary:
+    """The sagas of one definition in one state (SummarizeSagas)."""
+
+    definition_name: str
+    state: int
+    count: int
+    stuck: int
+    unresolved: int
+    oldest_updated_at: float
+
+
+@dataclass(frozen=True)
 class SagaPage:
     sagas: list[SagaRecord]
     next_page_token: str
@@ -166,6 +178,11 @@ class SagaStore(abc.ABC):
     ) -> list[SagaRecord]:
         """Sagas newest first, filtered; `after` is (created_at, saga_id) of
         the last saga of the previous page."""
+
+    @abc.abstractmethod
+    async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
+        """Counts by definition and state, by definition name then state;
+        unfinished sagas last changed before `stuck_before` count as stuck."""
 
     # The event log
 

@@ -25,8 +25,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.errors import StoreUnavailable
-from orchestrator.machine import FINAL_SAGA_STATES, RUNNING, LogEvent, SagaRecord, StepRecord
-from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.machine import FAILED, FINAL_SAGA_STATES, RUNNING, LogEvent, SagaRecord, StepRecord
+from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
 from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
@@ -562,6 +562,25 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).all()
             return await self._load_many(conn, rows)
+
+    async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
+        def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
+            return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+        query = sa.select(
+            sagas.c.definition_name,
+            sagas.c.state,
+            sa.func.count(),
+            how_many(sa.and_(sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before)),
+            how_many(sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")),
+            sa.func.min(sagas.c.updated_at),
+        ).group_by(sagas.c.definition_name, sagas.c.state).order_by(sagas.c.definition_name, sagas.c.state)
+        if definition_name:
+            query = query.where(sagas.c.definition_name == definition_name)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [StateSummary(name, state, count, int(stuck), int(unresolved), oldest)
+                for name, state, count, stuck, unresolved, oldest in rows]
 
     # -- the event log
 

@@ -24,11 +24,12 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from compensa.v1 import definition_pb2 as compensa_dot_v1_dot_definition__pb2
 from compensa.v1 import saga_pb2 as compensa_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63ompensa/v1/orchestrator.proto\x12\x0b\x63ompensa.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1c\x63ompensa/v1/definition.proto\x1a\x16\x63ompensa/v1/saga.proto\"}\n\x10StartSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\x05\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"E\n\x11StartSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"2\n\x0fGetSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"\xa7\x01\n\x10ListSagasRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.compensa.v1.SagaState\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12,\n\tstuck_for\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x11ListSagasResponse\x12 \n\x05sagas\x18\x01 \x03(\x0b\x32\x11.compensa.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x11\x43\x61ncelSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"5\n\x12\x43\x61ncelSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"m\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x18\n\x10\x66ollow_after_end\x18\x03 \x01(\x08\x12\x16\n\x0ereplay_history\x18\x04 \x01(\x08\"m\n\x11WatchSagaResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.compensa.v1.SagaEventH\x00\x12%\n\x08snapshot\x18\x02 \x01(\x0b\x32\x11.compensa.v1.SagaH\x00\x42\x08\n\x06update\"\xc1\x01\n\x11WatchSagasRequest\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12*\n\nsaga_state\x18\x02 \x01(\x0e\x32\x16.compensa.v1.SagaState\x12\x16\n\x0e\x61\x66ter_position\x18\x03 \x01(\x03\x12\x1e\n\x16max_events_per_message\x18\x04 \x01(\x05\x12/\n\x0c\x62\x61tch_window\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"c\n\x12WatchSagasResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.compensa.v1.SagaEvent\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.compensa.v1.SagaEvent\"\x9c\x01\n\x13\x43ompleteStepRequest\x12\x18\n\x10\x63ompletion_token\x18\x01 \x01(\t\x12-\n\x06result\x18\x02 \x01(\x0e\x32\x1d.compensa.v1.CompletionResult\x12$\n\x06output\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x16\n\x0e\x66\x61ilure_reason\x18\x04 \x01(\t\"7\n\x14\x43ompleteStepResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"B\n\x10RetrySagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"4\n\x11RetrySagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"B\n\x12ResolveSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"6\n\x13ResolveSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"L\n\x19RegisterDefinitionRequest\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\"^\n\x1aRegisterDefinitionResponse\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"5\n\x14GetDefinitionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"H\n\x15GetDefinitionResponse\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\"?\n\x16ListDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x17ListDefinitionsResponse\x12\x30\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1b.compensa.v1.SagaDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*t\n\x10\x43ompletionResult\x12!\n\x1d\x43OMPLETION_RESULT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMPLETION_RESULT_SUCCEEDED\x10\x01\x12\x1c\n\x18\x43OMPLETION_RESULT_FAILED\x10\x02\x32\xf1\x07\n\x13OrchestratorService\x12J\n\tStartSaga\x12\x1d.compensa.v1.StartSagaRequest\x1a\x1e.compensa.v1.StartSagaResponse\x12\x44\n\x07GetSaga\x12\x1b.compensa.v1.GetSagaRequest\x1a\x1c.compensa.v1.GetSagaResponse\x12J\n\tListSagas\x12\x1d.compensa.v1.ListSagasRequest\x1a\x1e.compensa.v1.ListSagasResponse\x12M\n\nCancelSaga\x12\x1e.compensa.v1.CancelSagaRequest\x1a\x1f.compensa.v1.CancelSagaResponse\x12L\n\tWatchSaga\x12\x1d.compensa.v1.WatchSagaRequest\x1a\x1e.compensa.v1.WatchSagaResponse0\x01\x12O\n\nWatchSagas\x12\x1e.compensa.v1.WatchSagasRequest\x1a\x1f.compensa.v1.WatchSagasResponse0\x01\x12S\n\x0c\x43ompleteStep\x12 .compensa.v1.CompleteStepRequest\x1a!.compensa.v1.CompleteStepResponse\x12J\n\tRetrySaga\x12\x1d.compensa.v1.RetrySagaRequest\x1a\x1e.compensa.v1.RetrySagaResponse\x12P\n\x0bResolveSaga\x12\x1f.compensa.v1.ResolveSagaRequest\x1a .compensa.v1.ResolveSagaResponse\x12\x65\n\x12RegisterDefinition\x12&.compensa.v1.RegisterDefinitionRequest\x1a\'.compensa.v1.RegisterDefinitionResponse\x12V\n\rGetDefinition\x12!.compensa.v1.GetDefinitionRequest\x1a\".compensa.v1.GetDefinitionResponse\x12\\\n\x0fListDefinitions\x12#.compensa.v1.ListDefinitionsRequest\x1a$.compensa.v1.ListDefinitionsResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x63ompensa/v1/orchestrator.proto\x12\x0b\x63ompensa.v1\x1a\x19google/protobuf/any.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1c\x63ompensa/v1/definition.proto\x1a\x16\x63ompensa/v1/saga.proto\"}\n\x10StartSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x03 \x01(\x05\x12#\n\x05input\x18\x04 \x01(\x0b\x32\x14.google.protobuf.Any\"E\n\x11StartSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"!\n\x0eGetSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\"2\n\x0fGetSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"\xa7\x01\n\x10ListSagasRequest\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.compensa.v1.SagaState\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12,\n\tstuck_for\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"N\n\x11ListSagasResponse\x12 \n\x05sagas\x18\x01 \x03(\x0b\x32\x11.compensa.v1.Saga\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"^\n\x15SummarizeSagasRequest\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12,\n\tstuck_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xbc\x01\n\x10SagaStateSummary\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.compensa.v1.SagaState\x12\r\n\x05\x63ount\x18\x03 \x01(\x03\x12\r\n\x05stuck\x18\x04 \x01(\x03\x12\x12\n\nunresolved\x18\x05 \x01(\x03\x12\x36\n\x12oldest_update_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa4\x01\n\x16SummarizeSagasResponse\x12-\n\x06states\x18\x01 \x03(\x0b\x32\x1d.compensa.v1.SagaStateSummary\x12,\n\tstuck_for\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tread_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"C\n\x11\x43\x61ncelSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"5\n\x12\x43\x61ncelSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"m\n\x10WatchSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\x12\x18\n\x10\x66ollow_after_end\x18\x03 \x01(\x08\x12\x16\n\x0ereplay_history\x18\x04 \x01(\x08\"m\n\x11WatchSagaResponse\x12\'\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.compensa.v1.SagaEventH\x00\x12%\n\x08snapshot\x18\x02 \x01(\x0b\x32\x11.compensa.v1.SagaH\x00\x42\x08\n\x06update\"\xc1\x01\n\x11WatchSagasRequest\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12*\n\nsaga_state\x18\x02 \x01(\x0e\x32\x16.compensa.v1.SagaState\x12\x16\n\x0e\x61\x66ter_position\x18\x03 \x01(\x03\x12\x1e\n\x16max_events_per_message\x18\x04 \x01(\x05\x12/\n\x0c\x62\x61tch_window\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\"c\n\x12WatchSagasResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.compensa.v1.SagaEvent\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.compensa.v1.SagaEvent\"\x9c\x01\n\x13\x43ompleteStepRequest\x12\x18\n\x10\x63ompletion_token\x18\x01 \x01(\t\x12-\n\x06result\x18\x02 \x01(\x0e\x32\x1d.compensa.v1.CompletionResult\x12$\n\x06output\x18\x03 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x16\n\x0e\x66\x61ilure_reason\x18\x04 \x01(\t\"7\n\x14\x43ompleteStepResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"B\n\x10RetrySagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"4\n\x11RetrySagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"B\n\x12ResolveSagaRequest\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\"6\n\x13ResolveSagaResponse\x12\x1f\n\x04saga\x18\x01 \x01(\x0b\x32\x11.compensa.v1.Saga\"L\n\x19RegisterDefinitionRequest\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\"^\n\x1aRegisterDefinitionResponse\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"5\n\x14GetDefinitionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"H\n\x15GetDefinitionResponse\x12/\n\ndefinition\x18\x01 \x01(\x0b\x32\x1b.compensa.v1.SagaDefinition\"?\n\x16ListDefinitionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"d\n\x17ListDefinitionsResponse\x12\x30\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1b.compensa.v1.SagaDefinition\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*t\n\x10\x43ompletionResult\x12!\n\x1d\x43OMPLETION_RESULT_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43OMPLETION_RESULT_SUCCEEDED\x10\x01\x12\x1c\n\x18\x43OMPLETION_RESULT_FAILED\x10\x02\x32\xcc\x08\n\x13OrchestratorService\x12J\n\tStartSaga\x12\x1d.compensa.v1.StartSagaRequest\x1a\x1e.compensa.v1.StartSagaResponse\x12\x44\n\x07GetSaga\x12\x1b.compensa.v1.GetSagaRequest\x1a\x1c.compensa.v1.GetSagaResponse\x12J\n\tListSagas\x12\x1d.compensa.v1.ListSagasRequest\x1a\x1e.compensa.v1.ListSagasResponse\x12Y\n\x0eSummarizeSagas\x12\".compensa.v1.SummarizeSagasRequest\x1a#.compensa.v1.SummarizeSagasResponse\x12M\n\nCancelSaga\x12\x1e.compensa.v1.CancelSagaRequest\x1a\x1f.compensa.v1.CancelSagaResponse\x12L\n\tWatchSaga\x12\x1d.compensa.v1.WatchSagaRequest\x1a\x1e.compensa.v1.WatchSagaResponse0\x01\x12O\n\nWatchSagas\x12\x1e.compensa.v1.WatchSagasRequest\x1a\x1f.compensa.v1.WatchSagasResponse0\x01\x12S\n\x0c\x43ompleteStep\x12 .compensa.v1.CompleteStepRequest\x1a!.compensa.v1.CompleteStepResponse\x12J\n\tRetrySaga\x12\x1d.compensa.v1.RetrySagaRequest\x1a\x1e.compensa.v1.RetrySagaResponse\x12P\n\x0bResolveSaga\x12\x1f.compensa.v1.ResolveSagaRequest\x1a .compensa.v1.ResolveSagaResponse\x12\x65\n\x12RegisterDefinition\x12&.compensa.v1.RegisterDefinitionRequest\x1a\'.compensa.v1.RegisterDefinitionResponse\x12V\n\rGetDefinition\x12!.compensa.v1.GetDefinitionRequest\x1a\".compensa.v1.GetDefinitionResponse\x12\\\n\x0fListDefinitions\x12#.compensa.v1.ListDefinitionsRequest\x1a$.compensa.v1.ListDefinitionsResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,56 +37,62 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'compensa.v1.orchestrator_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_COMPLETIONRESULT']._serialized_start=2270
-  _globals['_COMPLETIONRESULT']._serialized_end=2386
-  _globals['_STARTSAGAREQUEST']._serialized_start=160
-  _globals['_STARTSAGAREQUEST']._serialized_end=285
-  _globals['_STARTSAGARESPONSE']._serialized_start=287
-  _globals['_STARTSAGARESPONSE']._serialized_end=356
-  _globals['_GETSAGAREQUEST']._serialized_start=358
-  _globals['_GETSAGAREQUEST']._serialized_end=391
-  _globals['_GETSAGARESPONSE']._serialized_start=393
-  _globals['_GETSAGARESPONSE']._serialized_end=443
-  _globals['_LISTSAGASREQUEST']._serialized_start=446
-  _globals['_LISTSAGASREQUEST']._serialized_end=613
-  _globals['_LISTSAGASRESPONSE']._serialized_start=615
-  _globals['_LISTSAGASRESPONSE']._serialized_end=693
-  _globals['_CANCELSAGAREQUEST']._serialized_start=695
-  _globals['_CANCELSAGAREQUEST']._serialized_end=762
-  _globals['_CANCELSAGARESPONSE']._serialized_start=764
-  _globals['_CANCELSAGARESPONSE']._serialized_end=817
-  _globals['_WATCHSAGAREQUEST']._serialized_start=819
-  _globals['_WATCHSAGAREQUEST']._serialized_end=928
-  _globals['_WATCHSAGARESPONSE']._serialized_start=930
-  _globals['_WATCHSAGARESPONSE']._serialized_end=1039
-  _globals['_WATCHSAGASREQUEST']._serialized_start=1042
-  _globals['_WATCHSAGASREQUEST']._serialized_end=1235
-  _globals['_WATCHSAGASRESPONSE']._serialized_start=1237
-  _globals['_WATCHSAGASRESPONSE']._serialized_end=1336
-  _globals['_COMPLETESTEPREQUEST']._serialized_start=1339
-  _globals['_COMPLETESTEPREQUEST']._serialized_end=1495
-  _globals['_COMPLETESTEPRESPONSE']._serialized_start=1497
-  _globals['_COMPLETESTEPRESPONSE']._serialized_end=1552
-  _globals['_RETRYSAGAREQUEST']._serialized_start=1554
-  _globals['_RETRYSAGAREQUEST']._serialized_end=1620
-  _globals['_RETRYSAGARESPONSE']._serialized_start=1622
-  _globals['_RETRYSAGARESPONSE']._serialized_end=1674
-  _globals['_RESOLVESAGAREQUEST']._serialized_start=1676
-  _globals['_RESOLVESAGAREQUEST']._serialized_end=1742
-  _globals['_RESOLVESAGARESPONSE']._serialized_start=1744
-  _globals['_RESOLVESAGARESPONSE']._serialized_end=1798
-  _globals['_REGISTERDEFINITIONREQUEST']._serialized_start=1800
-  _globals['_REGISTERDEFINITIONREQUEST']._serialized_end=1876
-  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_start=1878
-  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_end=1972
-  _globals['_GETDEFINITIONREQUEST']._serialized_start=1974
-  _globals['_GETDEFINITIONREQUEST']._serialized_end=2027
-  _globals['_GETDEFINITIONRESPONSE']._serialized_start=2029
-  _globals['_GETDEFINITIONRESPONSE']._serialized_end=2101
-  _globals['_LISTDEFINITIONSREQUEST']._serialized_start=2103
-  _globals['_LISTDEFINITIONSREQUEST']._serialized_end=2166
-  _globals['_LISTDEFINITIONSRESPONSE']._serialized_start=2168
-  _globals['_LISTDEFINITIONSRESPONSE']._serialized_end=2268
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2389
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=3398
+  _globals['_COMPLETIONRESULT']._serialized_start=2757
+  _globals['_COMPLETIONRESULT']._serialized_end=2873
+  _globals['_STARTSAGAREQUEST']._serialized_start=193
+  _globals['_STARTSAGAREQUEST']._serialized_end=318
+  _globals['_STARTSAGARESPONSE']._serialized_start=320
+  _globals['_STARTSAGARESPONSE']._serialized_end=389
+  _globals['_GETSAGAREQUEST']._serialized_start=391
+  _globals['_GETSAGAREQUEST']._serialized_end=424
+  _globals['_GETSAGARESPONSE']._serialized_start=426
+  _globals['_GETSAGARESPONSE']._serialized_end=476
+  _globals['_LISTSAGASREQUEST']._serialized_start=479
+  _globals['_LISTSAGASREQUEST']._serialized_end=646
+  _globals['_LISTSAGASRESPONSE']._serialized_start=648
+  _globals['_LISTSAGASRESPONSE']._serialized_end=726
+  _globals['_SUMMARIZESAGASREQUEST']._serialized_start=728
+  _globals['_SUMMARIZESAGASREQUEST']._serialized_end=822
+  _globals['_SAGASTATESUMMARY']._serialized_start=825
+  _globals['_SAGASTATESUMMARY']._serialized_end=1013
+  _globals['_SUMMARIZESAGASRESPONSE']._serialized_start=1016
+  _globals['_SUMMARIZESAGASRESPONSE']._serialized_end=1180
+  _globals['_CANCELSAGAREQUEST']._serialized_start=1182
+  _globals['_CANCELSAGAREQUEST']._serialized_end=1249
+  _globals['_CANCELSAGARESPONSE']._serialized_start=1251
+  _globals['_CANCELSAGARESPONSE']._serialized_end=1304
+  _globals['_WATCHSAGAREQUEST']._serialized_start=1306
+  _globals['_WATCHSAGAREQUEST']._serialized_end=1415
+  _globals['_WATCHSAGARESPONSE']._serialized_start=1417
+  _globals['_WATCHSAGARESPONSE']._serialized_end=1526
+  _globals['_WATCHSAGASREQUEST']._serialized_start=1529
+  _globals['_WATCHSAGASREQUEST']._serialized_end=1722
+  _globals['_WATCHSAGASRESPONSE']._serialized_start=1724
+  _globals['_WATCHSAGASRESPONSE']._serialized_end=1823
+  _globals['_COMPLETESTEPREQUEST']._serialized_start=1826
+  _globals['_COMPLETESTEPREQUEST']._serialized_end=1982
+  _globals['_COMPLETESTEPRESPONSE']._serialized_start=1984
+  _globals['_COMPLETESTEPRESPONSE']._serialized_end=2039
+  _globals['_RETRYSAGAREQUEST']._serialized_start=2041
+  _globals['_RETRYSAGAREQUEST']._serialized_end=2107
+  _globals['_RETRYSAGARESPONSE']._serialized_start=2109
+  _globals['_RETRYSAGARESPONSE']._serialized_end=2161
+  _globals['_RESOLVESAGAREQUEST']._serialized_start=2163
+  _globals['_RESOLVESAGAREQUEST']._serialized_end=2229
+  _globals['_RESOLVESAGARESPONSE']._serialized_start=2231
+  _globals['_RESOLVESAGARESPONSE']._serialized_end=2285
+  _globals['_REGISTERDEFINITIONREQUEST']._serialized_start=2287
+  _globals['_REGISTERDEFINITIONREQUEST']._serialized_end=2363
+  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_start=2365
+  _globals['_REGISTERDEFINITIONRESPONSE']._serialized_end=2459
+  _globals['_GETDEFINITIONREQUEST']._serialized_start=2461
+  _globals['_GETDEFINITIONREQUEST']._serialized_end=2514
+  _globals['_GETDEFINITIONRESPONSE']._serialized_start=2516
+  _globals['_GETDEFINITIONRESPONSE']._serialized_end=2588
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_start=2590
+  _globals['_LISTDEFINITIONSREQUEST']._serialized_end=2653
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_start=2655
+  _globals['_LISTDEFINITIONSRESPONSE']._serialized_end=2755
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2876
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3976
 # @@protoc_insertion_point(module_scope)

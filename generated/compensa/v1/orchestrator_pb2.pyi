@@ -10,6 +10,7 @@ from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -201,6 +202,113 @@ class ListSagasResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSagasResponse: _TypeAlias = ListSagasResponse  # noqa: Y015
+
+@_typing.final
+class SummarizeSagasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    STUCK_FOR_FIELD_NUMBER: _builtins.int
+    definition_name: _builtins.str
+    """Only sagas of this definition; empty means all."""
+    @_builtins.property
+    def stuck_for(self) -> _duration_pb2.Duration:
+        """An unfinished saga (RUNNING or COMPENSATING) unchanged for at least this
+        long counts as stuck. Default 10 minutes.
+        """
+
+    def __init__(
+        self,
+        *,
+        definition_name: _builtins.str = ...,
+        stuck_for: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stuck_for", b"stuck_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "stuck_for", b"stuck_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeSagasRequest: _TypeAlias = SummarizeSagasRequest  # noqa: Y015
+
+@_typing.final
+class SagaStateSummary(_message.Message):
+    """The sagas of one definition in one state."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    STUCK_FIELD_NUMBER: _builtins.int
+    UNRESOLVED_FIELD_NUMBER: _builtins.int
+    OLDEST_UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    definition_name: _builtins.str
+    state: _saga_pb2.SagaState.ValueType
+    count: _builtins.int
+    stuck: _builtins.int
+    """Of `count`: unfinished sagas unchanged for at least stuck_for (ListSagas
+    with the same stuck_for lists them).
+    """
+    unresolved: _builtins.int
+    """Of `count`: FAILED sagas that no operator has resolved yet."""
+    @_builtins.property
+    def oldest_update_time(self) -> _timestamp_pb2.Timestamp:
+        """The least recent update_time among them."""
+
+    def __init__(
+        self,
+        *,
+        definition_name: _builtins.str = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        count: _builtins.int = ...,
+        stuck: _builtins.int = ...,
+        unresolved: _builtins.int = ...,
+        oldest_update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_update_time", b"oldest_update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "definition_name", b"definition_name", "oldest_update_time", b"oldest_update_time", "state", b"state", "stuck", b"stuck", "unresolved", b"unresolved"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaStateSummary: _TypeAlias = SagaStateSummary  # noqa: Y015
+
+@_typing.final
+class SummarizeSagasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    STUCK_FOR_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def states(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaStateSummary]:
+        """One entry per definition and state that has sagas, by definition name
+        then state.
+        """
+
+    @_builtins.property
+    def stuck_for(self) -> _duration_pb2.Duration:
+        """The threshold `stuck` was counted with."""
+
+    @_builtins.property
+    def read_time(self) -> _timestamp_pb2.Timestamp:
+        """When the counts were read."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[Global___SagaStateSummary] | None = ...,
+        stuck_for: _duration_pb2.Duration | None = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "stuck_for", b"stuck_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time", "states", b"states", "stuck_for", b"stuck_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SummarizeSagasResponse: _TypeAlias = SummarizeSagasResponse  # noqa: Y015
 
 @_typing.final
 class CancelSagaRequest(_message.Message):

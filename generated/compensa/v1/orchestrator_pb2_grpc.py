@@ -60,6 +60,11 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListSagasRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListSagasResponse.FromString,
                 _registered_method=True)
+        self.SummarizeSagas = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/SummarizeSagas',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
+                _registered_method=True)
         self.CancelSaga = channel.unary_unary(
                 '/compensa.v1.OrchestratorService/CancelSaga',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.CancelSagaRequest.SerializeToString,
@@ -137,6 +142,18 @@ class OrchestratorServiceServicer:
 
     def ListSagas(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SummarizeSagas(self, request, context):
+        """A dashboard of states: how many sagas of each definition are in each
+        state, how many unfinished ones look stuck, how many FAILED ones still wait
+        for a person, and how long the least recently changed one has been there.
+        It counts every saga (one scan of the sagas table): meant for people and
+        for monitoring every few seconds, not for every request. Errors:
+        INVALID_ARGUMENT (stuck_for not positive).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -240,6 +257,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListSagas,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListSagasRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListSagasResponse.SerializeToString,
+            ),
+            'SummarizeSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.SummarizeSagas,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.SerializeToString,
             ),
             'CancelSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSaga,
@@ -379,6 +401,33 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListSagas',
             compensa_dot_v1_dot_orchestrator__pb2.ListSagasRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListSagasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SummarizeSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/SummarizeSagas',
+            compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,14 @@ class OrchestratorServiceStub:
     """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]
     ListSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]
+    SummarizeSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SummarizeSagasRequest, _orchestrator_pb2.SummarizeSagasResponse]
+    """A dashboard of states: how many sagas of each definition are in each
+    state, how many unfinished ones look stuck, how many FAILED ones still wait
+    for a person, and how long the least recently changed one has been there.
+    It counts every saga (one scan of the sagas table): meant for people and
+    for monitoring every few seconds, not for every request. Errors:
+    INVALID_ARGUMENT (stuck_for not positive).
+    """
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
     saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -114,6 +122,14 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     GetSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]  # type: ignore[assignment]
     ListSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]  # type: ignore[assignment]
+    SummarizeSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SummarizeSagasRequest, _orchestrator_pb2.SummarizeSagasResponse]  # type: ignore[assignment]
+    """A dashboard of states: how many sagas of each definition are in each
+    state, how many unfinished ones look stuck, how many FAILED ones still wait
+    for a person, and how long the least recently changed one has been there.
+    It counts every saga (one scan of the sagas table): meant for people and
+    for monitoring every few seconds, not for every request. Errors:
+    INVALID_ARGUMENT (stuck_for not positive).
+    """
     CancelSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
     saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -193,6 +209,20 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListSagasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListSagasResponse, _abc.Awaitable[_orchestrator_pb2.ListSagasResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SummarizeSagas(
+        self,
+        request: _orchestrator_pb2.SummarizeSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SummarizeSagasResponse, _abc.Awaitable[_orchestrator_pb2.SummarizeSagasResponse]]:
+        """A dashboard of states: how many sagas of each definition are in each
+        state, how many unfinished ones look stuck, how many FAILED ones still wait
+        for a person, and how long the least recently changed one has been there.
+        It counts every saga (one scan of the sagas table): meant for people and
+        for monitoring every few seconds, not for every request. Errors:
+        INVALID_ARGUMENT (stuck_for not positive).
+        """
 
     @_abc_1.abstractmethod
     def CancelSaga(
