@@ -390,9 +390,10 @@ class SagaEngine:
                         at for at in (deadline, *(step.next_attempt_at for step in saga.steps))
                         if at is not None and at > now
                     ]
-                    timeout = min(later) - now if later else None
                     try:
-                        event = await asyncio.wait_for(answers.get(), timeout)
+                        # asyncio.timeout, not wait_for: no task per wait.
+                        async with asyncio.timeout(min(later) - now if later else None):
+                            event = await answers.get()
                     except TimeoutError:
                         continue
                     in_flight.pop(getattr(event, "step"), None)
