@@ -345,7 +345,7 @@ def measure(
     for index in range(runs):
         run = workload.command(cmd="run", sagas=sagas, concurrency=concurrency, tag=f"r{index}")
         print(
-            f"  {name:<12} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
+            f"  {name:<17} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
             f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
             f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {_figure(run.transactions_per_saga):>5} xacts/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
             flush=True,
@@ -423,6 +423,24 @@ class Bench:
             return Row("null driver", concurrency, runs, memory_kib(child.pid)["VmHWM"])
         finally:
             self.lab.stop(child)
+
+    def run_null_orchestrator(self, concurrency: int) -> Row:
+        address = f"127.0.0.1:{free_port()}"
+        server = self.lab.spawn(
+            f"null-orchestrator-c{concurrency}",
+            [PYTHON, str(BENCH_DIR / "null_orchestrator.py"), "--participant", self.participant, "--listen", address],
+        )
+        ready = server.read_line()
+        if not ready.startswith("ready "):
+            raise BenchFailed(f"null orchestrator said {ready!r}:\n{server.log_tail()}")
+        client = self.load_client(address, "bench", f"null-orchestrator-client-c{concurrency}")
+        try:
+            workload = Workload(client, server.pid)
+            runs = measure("null-orchestrator", workload, self.sagas_at(concurrency), concurrency, self.args.runs)
+            return Row("null orchestrator", concurrency, runs, memory_kib(server.pid)["VmHWM"])
+        finally:
+            self.lab.stop(client)
+            self.lab.stop(server)
 
     def run_naive(self, concurrency: int) -> Row:
         database = self.lab.create_database(f"naive_c{concurrency}")
@@ -718,7 +736,7 @@ def ratio(numerator: float, denominator: float) -> float:
 
 def print_table(rows: list[Row], runs: int, out: IO[str] = sys.stdout) -> None:
     header = (
-        f"{'system':<13} {'c':>4} {'sagas/s':>8} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'system':<17} {'c':>4} {'sagas/s':>8} {'(min-max)':>13} {'p50 ms':>8} {'p99 ms':>8}"
         f" {'CPU ms/saga':>11} {'peak RSS MB':>11} {'DB xacts/saga':>13}"
     )
     print(f"\nmedians of {runs} run(s):", file=out)
@@ -728,7 +746,7 @@ def print_table(rows: list[Row], runs: int, out: IO[str] = sys.stdout) -> None:
         rates = [run.per_second for run in row.runs]
         spread = f"({min(rates):.0f}-{max(rates):.0f})"
         print(
-            f"{row.system:<13} {row.concurrency:>4} {row.median('per_second'):>8.0f} {spread:>13}"
+            f"{row.system:<17} {row.concurrency:>4} {row.median('per_second'):>8.0f} {spread:>13}"
             f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f} {row.peak_rss_kib / 1024:>11.1f}"
             f" {_figure(row.median('transactions')):>13}",
             file=out,
@@ -756,7 +774,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait", choices=("watch-all", "watch", "poll"), default="watch-all",
                         help="how the load client waits for a saga's end (default watch-all; see README)")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="GetSaga interval with --wait poll")
-    parser.add_argument("--systems", default="null,naive,orchestrator", help="which systems to measure")
+    parser.add_argument(
+        "--systems", default="null,naive,null-orchestrator,orchestrator",
+        help="which systems to measure (comma-separated; default all four)",
+    )
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="record the orchestrator with py-spy (raw collapsed stacks) during the runs at the highest concurrency")
     parser.add_argument("--quick", action="store_true", help="smoke run: 500 sagas (200 at c=1), 1 run, 3,000 waiting")
@@ -807,6 +828,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(bench.run_null(concurrency))
             if "naive" in args.system_names:
                 rows.append(bench.run_naive(concurrency))
+            if "null-orchestrator" in args.system_names:
+                rows.append(bench.run_null_orchestrator(concurrency))
             if "orchestrator" in args.system_names:
                 profile = args.profile is not None and concurrency == max(args.levels)
                 rows.append(bench.run_orchestrator(concurrency, definitions, profile))
@@ -879,6 +902,12 @@ def report_ratios(rows: list[Row], levels: Sequence[int]) -> dict[str, float]:
             targets.append(("p50 below naive's", orchestrator.median("p50") < naive.median("p50")))
         for name, met in targets:
             print(f"         target {name}: {'met' if met else 'MISSED'}")
+        floor = find(rows, "null orchestrator", concurrency)
+        if floor is not None and naive is not None:
+            # Not a target: how far any orchestrator served through grpc.aio in
+            # one Python process could go on this machine with this shape.
+            print(f"         null orchestrator (gRPC work only): {ratio(floor.median('per_second'), naive.median('per_second')):.2f}x naive;"
+                  f" the orchestrator reaches {ratio(rate, floor.median('per_second')):.2f}x of it")
     return summary
 
 
