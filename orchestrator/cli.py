@@ -227,6 +227,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
+    parser.add_argument(
+        "--retention", type=parse_duration, metavar="DURATION",
+        help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
+             " their last change, with their events, e.g. 30d (default: keep everything)",
+    )
 
 
 def _add_participant(parser: argparse.ArgumentParser) -> None:
@@ -349,6 +354,12 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, lease_seconds=args.lease_seconds)
     if args.replica_id:
         config = dataclasses.replace(config, replica_id=args.replica_id)
+    if args.retention is not None:
+        retention = args.retention.ToNanoseconds() / 1e9
+        if retention <= 0:
+            print("error: --retention must be positive", file=sys.stderr)
+            return EXIT_ERROR
+        config = dataclasses.replace(config, retention_seconds=retention)
     asyncio.run(serve(config))
     return EXIT_OK
 

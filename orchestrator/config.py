@@ -37,6 +37,10 @@ class ServerConfig:
     # How long a replica owns a saga without renewing; a crashed replica's
     # sagas are taken over after at most this long.
     lease_seconds: float = 5.0
+    # Sagas done for good (SUCCEEDED, COMPENSATED, or FAILED and resolved)
+    # are deleted with their steps and events this long after their last
+    # change; None keeps everything.
+    retention_seconds: float | None = None
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a

@@ -42,6 +42,10 @@ _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
 # How often the offset to the database's clock is measured again.
 _CLOCK_SYNC_SECONDS = 30.0
+# Retention: how often expired sagas are looked for (at most), and how many
+# are deleted per transaction.
+_PURGE_SECONDS = 60.0
+_PURGE_BATCH = 500
 
 
 def completion_token(key: bytes, saga_id: str, step: str) -> str:
@@ -213,6 +217,10 @@ class SagaEngine:
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
         ]
+        if self.config.retention_seconds is not None:
+            self._tasks.append(
+                asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
+            )
 
     async def stop(self) -> None:
         """Stops driving and gives up every lease so others take over at once."""
@@ -527,6 +535,22 @@ class SagaEngine:
                 await self.sync_clock()
             except StoreUnavailable as error:
                 log.warning("clock sync: %s", error)
+
+    async def _purge_expired(self, retention: float) -> None:
+        """Deletes sagas done for good longer than `retention` ago. Replicas
+        may all do it: each deletes rows the others have not locked."""
+        while True:
+            await asyncio.sleep(min(_PURGE_SECONDS, retention / 2))
+            try:
+                purged = _PURGE_BATCH
+                while purged == _PURGE_BATCH:
+                    purged = await self.store.purge_finished(
+                        finished_before=self.clock.now() - retention, limit=_PURGE_BATCH
+                    )
+                    if purged:
+                        log.info("retention: deleted %d finished sagas with their events", purged)
+            except StoreUnavailable as error:
+                log.warning("retention: %s", error)
 
     async def _renew_leases(self) -> None:
         while True:

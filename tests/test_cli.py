@@ -94,6 +94,13 @@ def test_list_with_malformed_duration_exits_2() -> None:
     assert "invalid duration" in result.stderr
 
 
+def test_serve_with_a_retention_that_is_not_positive_exits_2(tmp_path: Path) -> None:
+    result = _compensa("serve", "--retention", "0s", "--listen", "127.0.0.1:0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--retention must be positive" in result.stderr
+    assert not (tmp_path / ".compensa").exists()  # nothing was created
+
+
 def test_unreachable_orchestrator_exits_2_with_status_code() -> None:
     # Port 1 is never an orchestrator; the deadline bounds the wait.
     result = _compensa("--address", "127.0.0.1:1", "get", "some-saga", "--timeout", "2")

@@ -48,6 +48,7 @@ class Rig:
     address: str
     database_url: str
     definition: Path
+    retention_seconds: float | None = None
     orchestrator: RunningOrchestrator | None = None
     channel: grpc.aio.Channel | None = None
     stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
@@ -59,6 +60,7 @@ class Rig:
                 database_url=self.database_url,
                 definition_paths=(self.definition,),
                 participants={"scripted": self.address},
+                retention_seconds=self.retention_seconds,
             )
         )
         self.channel = grpc.aio.insecure_channel(self.orchestrator.address)
@@ -102,7 +104,11 @@ class Rig:
 
 @asynccontextmanager
 async def rig(
-    tmp_path: Path, make_postgres_url: Callable[[], str], hold_timeout: str = "30m", saga_timeout: str = ""
+    tmp_path: Path,
+    make_postgres_url: Callable[[], str],
+    hold_timeout: str = "30m",
+    saga_timeout: str = "",
+    retention_seconds: float | None = None,
 ) -> AsyncIterator[Rig]:
     participant = ScriptedParticipant()
     server, address = await serve_scripted(participant)
@@ -110,7 +116,7 @@ async def rig(
     definition.write_text(
         FLOW.format(hold_timeout=hold_timeout, saga_timeout=f"saga_timeout: {saga_timeout}\n" if saga_timeout else "")
     )
-    setup = Rig(participant, address, make_postgres_url(), definition)
+    setup = Rig(participant, address, make_postgres_url(), definition, retention_seconds)
     await setup.start()
     try:
         yield setup
@@ -415,3 +421,34 @@ async def test_summary_counts_states_stuck_and_unresolved(tmp_path: Path, make_p
             assert "stuck_for must be positive" in (error.value.details() or "")
         default = await stub.SummarizeSagas(orchestrator_pb2.SummarizeSagasRequest())
         assert default.stuck_for.ToSeconds() == 600
+
+
+async def test_retention_deletes_sagas_done_for_good_and_keeps_those_waiting_for_a_person(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url, retention_seconds=1.0) as r:
+        assert r.stub is not None
+        stub = r.stub
+        r.participant.script("execute", "hold", "fail")
+        r.participant.script("compensate", "reserve", "fail", "fail", "fail")
+        await r.begin("needs-a-person")
+        assert (await r.final("needs-a-person")).state == S.SAGA_STATE_FAILED
+        await r.begin("done-1")
+        assert (await r.final("done-1")).state == S.SAGA_STATE_SUCCEEDED
+
+        async def gone(saga_id: str) -> bool:
+            try:
+                await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))
+            except grpc.aio.AioRpcError as error:
+                assert error.code() == grpc.StatusCode.NOT_FOUND
+                return True
+            return False
+
+        await poll_until(lambda: gone("done-1"), timeout=15)
+        # Unresolved FAILED sagas wait for a person, however old.
+        assert (await r.saga("needs-a-person")).state == S.SAGA_STATE_FAILED
+        await stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="needs-a-person", note="fixed by hand"))
+        await poll_until(lambda: gone("needs-a-person"), timeout=15)
+        # Its id is free again: StartSaga is idempotent while a saga is kept.
+        await r.begin("done-1")
+        assert (await r.final("done-1")).state == S.SAGA_STATE_SUCCEEDED

@@ -23,6 +23,7 @@ from orchestrator import machine
 from orchestrator.definitions import definition_fingerprint, load_definition_file
 from orchestrator.machine import Plan, SagaRecord, Transition
 from orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
+from orchestrator.store.schema import saga_steps as saga_steps_table
 from orchestrator.store.schema import sagas as sagas_table
 
 S = saga_pb2
@@ -579,3 +580,38 @@ async def test_clock_reads_the_databases_wall_clock_in_seconds(store: SqlSagaSto
     after = time.time()
     # Same machine: the database's clock is this one, within the query's time.
     assert before - 0.5 <= reading <= after + 0.5
+
+
+async def test_purge_finished_deletes_what_is_done_for_good_with_its_steps_and_events(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    for saga_id in ("old-succeeded", "old-failed-resolved", "old-failed", "old-compensated", "recent-succeeded"):
+        await _finish(store, plan, await _create(store, plan, saga_id), T0)
+    await _create(store, plan, "old-running")
+    async with store.engine.begin() as conn:
+        # Final states other than SUCCEEDED, set directly: the store does not care how they were reached.
+        for saga_id, state, note in (
+            ("old-failed-resolved", S.SAGA_STATE_FAILED, "refunded by hand"),
+            ("old-failed", S.SAGA_STATE_FAILED, ""),
+            ("old-compensated", S.SAGA_STATE_COMPENSATED, ""),
+        ):
+            await conn.execute(
+                sa.update(sagas_table).where(sagas_table.c.saga_id == saga_id).values(state=state, resolution_note=note)
+            )
+        await conn.execute(
+            sa.update(sagas_table).where(sagas_table.c.saga_id == "recent-succeeded").values(updated_at=T0 + 100)
+        )
+
+    assert await store.purge_finished(finished_before=T0 + 50, limit=2) == 2
+    assert await store.purge_finished(finished_before=T0 + 50, limit=2) == 1
+    assert await store.purge_finished(finished_before=T0 + 50, limit=2) == 0
+
+    for gone in ("old-succeeded", "old-failed-resolved", "old-compensated"):
+        assert await store.load_saga(gone) is None
+        assert await _all_events(store, gone) == []
+    for kept in ("old-failed", "old-running", "recent-succeeded"):
+        saga = await store.load_saga(kept)
+        assert saga is not None and len(saga.steps) == 3
+        assert await _all_events(store, kept)
+    async with store.engine.connect() as conn:
+        steps = (await conn.execute(sa.select(sa.func.count()).select_from(saga_steps_table))).scalar_one()
+    assert steps == 3 * 3

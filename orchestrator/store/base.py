@@ -180,6 +180,12 @@ class SagaStore(abc.ABC):
         the last saga of the previous page."""
 
     @abc.abstractmethod
+    async def purge_finished(self, *, finished_before: float, limit: int) -> int:
+        """Deletes up to `limit` sagas that are done for good (SUCCEEDED,
+        COMPENSATED, or FAILED and resolved by a person) and unchanged since
+        before `finished_before`, with their steps and events; how many."""
+
+    @abc.abstractmethod
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         """Counts by definition and state, by definition name then state;
         unfinished sagas last changed before `stuck_before` count as stuck."""

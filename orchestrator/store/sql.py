@@ -25,7 +25,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.errors import StoreUnavailable
-from orchestrator.machine import FAILED, FINAL_SAGA_STATES, RUNNING, LogEvent, SagaRecord, StepRecord
+from orchestrator.machine import (
+    COMPENSATED,
+    FAILED,
+    FINAL_SAGA_STATES,
+    RUNNING,
+    SUCCEEDED,
+    LogEvent,
+    SagaRecord,
+    StepRecord,
+)
 from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
 from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
 
@@ -158,7 +167,7 @@ class SqlSagaStore(SagaStore):
     def _insert(self, table: sa.Table) -> Any:
         raise NotImplementedError
 
-    def _lock_due(self, query: sa.Select[Any]) -> sa.Select[Any]:
+    def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """Locks the selected rows, skipping those another transaction holds."""
         return query
 
@@ -487,7 +496,7 @@ class SqlSagaStore(SagaStore):
         # MATERIALIZED: the locking query runs once. Inlined as a semi-join,
         # PostgreSQL re-runs it per row and claims more than `limit`.
         due = (
-            self._lock_due(sa.select(sagas.c.saga_id).where(claimable).order_by(sagas.c.due_at).limit(limit))
+            self._skip_locked(sa.select(sagas.c.saga_id).where(claimable).order_by(sagas.c.due_at).limit(limit))
             .cte("due")
             .prefix_with("MATERIALIZED")
         )
@@ -511,7 +520,7 @@ class SqlSagaStore(SagaStore):
                 # waited for: that write renews the lease itself, and waiting
                 # could deadlock with it.
                 held = (
-                    self._lock_due(
+                    self._skip_locked(
                         sa.select(sagas.c.saga_id).where(
                             sagas.c.owner == owner, sagas.c.saga_id.in_(saga_ids[start : start + _ID_CHUNK])
                         )
@@ -533,6 +542,22 @@ class SqlSagaStore(SagaStore):
             await conn.execute(
                 sa.update(sagas).where(sagas.c.owner == owner).values(owner=None, lease_until=None)
             )
+
+    async def purge_finished(self, *, finished_before: float, limit: int) -> int:
+        done_with = sa.or_(
+            sagas.c.state.in_((SUCCEEDED, COMPENSATED)),
+            sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note != ""),
+        )
+        victims = self._skip_locked(
+            sa.select(sagas.c.saga_id).where(done_with, sagas.c.updated_at < finished_before).limit(limit)
+        )
+        async with self._transaction() as conn:
+            saga_ids = [row[0] for row in (await conn.execute(victims)).all()]
+            if saga_ids:
+                await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
+        return len(saga_ids)
 
     async def list_sagas(
         self,
@@ -718,7 +743,7 @@ class PostgresSagaStore(SqlSagaStore):
                 results.append(WriteResult(ok=False))
         return results
 
-    def _lock_due(self, query: sa.Select[Any]) -> sa.Select[Any]:
+    def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
 
 

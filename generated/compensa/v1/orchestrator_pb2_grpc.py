@@ -128,7 +128,9 @@ class OrchestratorServiceServicer:
 
     def StartSaga(self, request, context):
         """Creates a saga and starts it. Idempotent on saga_id: the same request
-        again returns the existing saga with `created` false.
+        again returns the existing saga with `created` false (for as long as the
+        saga is kept: a server with a retention period deletes sagas done for
+        good, and their ids can then be used again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,8 +192,8 @@ class OrchestratorServiceServicer:
         of the log: positions are handed out in the order the transactions that
         wrote them commit, and are sent strictly increasing, so resuming at
         "position > N" never skips an event that committed later. Positions may
-        have gaps when a filter is set (filtered events are skipped), never
-        otherwise. A high-volume consumer (a dashboard of every saga) asks for
+        have gaps when a filter is set (filtered events are skipped) or where the
+        server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
         """

@@ -46,7 +46,9 @@ class OrchestratorServiceStub:
     def __new__(cls, channel: _aio.Channel) -> OrchestratorServiceAsyncStub: ...
     StartSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.StartSagaRequest, _orchestrator_pb2.StartSagaResponse]
     """Creates a saga and starts it. Idempotent on saga_id: the same request
-    again returns the existing saga with `created` false.
+    again returns the existing saga with `created` false (for as long as the
+    saga is kept: a server with a retention period deletes sagas done for
+    good, and their ids can then be used again).
     """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]
     ListSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]
@@ -82,8 +84,8 @@ class OrchestratorServiceStub:
     of the log: positions are handed out in the order the transactions that
     wrote them commit, and are sent strictly increasing, so resuming at
     "position > N" never skips an event that committed later. Positions may
-    have gaps when a filter is set (filtered events are skipped), never
-    otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    have gaps when a filter is set (filtered events are skipped) or where the
+    server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
@@ -118,7 +120,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     StartSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.StartSagaRequest, _orchestrator_pb2.StartSagaResponse]  # type: ignore[assignment]
     """Creates a saga and starts it. Idempotent on saga_id: the same request
-    again returns the existing saga with `created` false.
+    again returns the existing saga with `created` false (for as long as the
+    saga is kept: a server with a retention period deletes sagas done for
+    good, and their ids can then be used again).
     """
     GetSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]  # type: ignore[assignment]
     ListSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]  # type: ignore[assignment]
@@ -154,8 +158,8 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     of the log: positions are handed out in the order the transactions that
     wrote them commit, and are sent strictly increasing, so resuming at
     "position > N" never skips an event that committed later. Positions may
-    have gaps when a filter is set (filtered events are skipped), never
-    otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    have gaps when a filter is set (filtered events are skipped) or where the
+    server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
@@ -193,7 +197,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.StartSagaResponse, _abc.Awaitable[_orchestrator_pb2.StartSagaResponse]]:
         """Creates a saga and starts it. Idempotent on saga_id: the same request
-        again returns the existing saga with `created` false.
+        again returns the existing saga with `created` false (for as long as the
+        saga is kept: a server with a retention period deletes sagas done for
+        good, and their ids can then be used again).
         """
 
     @_abc_1.abstractmethod
@@ -265,8 +271,8 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         of the log: positions are handed out in the order the transactions that
         wrote them commit, and are sent strictly increasing, so resuming at
         "position > N" never skips an event that committed later. Positions may
-        have gaps when a filter is set (filtered events are skipped), never
-        otherwise. A high-volume consumer (a dashboard of every saga) asks for
+        have gaps when a filter is set (filtered events are skipped) or where the
+        server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
         """
