@@ -31,6 +31,7 @@ from orchestrator import payloads, timeline
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.errors import CompensaError
 from participants.faults import FaultPlan
+from participants.tls import TlsConfigError, TlsFiles
 
 __all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"error: {_rpc_error_text(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except CompensaError as error:
+    except (CompensaError, TlsConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -186,6 +187,16 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
         help="orchestrator HOST:PORT for client commands "
         f"(default: $COMPENSA_ADDRESS or {DEFAULT_ADDRESS})",
     )
+    for name, help_text in (
+        ("--tls-ca", "PEM of the CA that signs the orchestrator's certificate: call it over TLS"),
+        ("--tls-cert", "PEM client certificate, for an orchestrator that requires one (with --tls-key)"),
+        ("--tls-key", "PEM private key of --tls-cert"),
+    ):
+        # dest client_tls_*: `serve` and `participant` have --tls-* options of their own.
+        parser.add_argument(
+            name, dest="client_" + name[2:].replace("-", "_"), type=Path, metavar="FILE", default=default(None),
+            help=help_text,
+        )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -227,11 +238,37 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
+    _add_server_tls_options(parser, "this orchestrator")
+    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
+                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
+    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate shown to participants that require one (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE", help="PEM private key of --participant-tls-cert")
     parser.add_argument(
         "--retention", type=parse_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
              " their last change, with their events, e.g. 30d (default: keep everything)",
     )
+
+
+def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help=f"PEM certificate: {who} serves TLS only")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                        help="PEM CA: callers must present a certificate it signed (mutual TLS)")
+
+
+def _server_tls(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    return TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_client_ca)
+
+
+def _tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> TlsFiles | None:
+    """Client-side TLS, or None (plaintext) when no file is given."""
+    return TlsFiles(cert=cert, key=key, ca=ca) if (ca or cert or key) else None
 
 
 def _add_participant(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +283,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
+    _add_server_tls_options(parser, "the participant")
 
 
 def _add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -354,6 +392,15 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, lease_seconds=args.lease_seconds)
     if args.replica_id:
         config = dataclasses.replace(config, replica_id=args.replica_id)
+    config = dataclasses.replace(
+        config,
+        tls=_server_tls(args),
+        participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
+    )
+    if config.tls is not None:
+        config.tls.server_credentials()
+    if config.participant_tls is not None:
+        config.participant_tls.channel_credentials()
     if args.retention is not None:
         retention = args.retention.ToNanoseconds() / 1e9
         if retention <= 0:
@@ -391,7 +438,10 @@ def _migrate(args: argparse.Namespace) -> int:
 def _participant(args: argparse.Namespace) -> int:
     from participants.server import serve_participant
 
-    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults))
+    tls = _server_tls(args)
+    if tls is not None:
+        tls.server_credentials()  # unreadable files: an error now, not a stack trace from the server
+    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls))
     return EXIT_OK
 
 
@@ -552,7 +602,10 @@ def _resolve(args: argparse.Namespace) -> int:
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.address)
+    tls = _tls_files(args.client_tls_ca, args.client_tls_cert, args.client_tls_key)
+    if tls is None:
+        return grpc.insecure_channel(args.address)
+    return grpc.secure_channel(args.address, tls.channel_credentials())
 
 
 def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.payloads import DEFAULT_PROTO_MODULES
+from participants.tls import TlsFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"
@@ -37,6 +38,11 @@ class ServerConfig:
     # How long a replica owns a saga without renewing; a crashed replica's
     # sagas are taken over after at most this long.
     lease_seconds: float = 5.0
+    # TLS for this server (mutual when tls.ca is set); None serves plaintext.
+    tls: TlsFiles | None = None
+    # TLS for the calls to participants: the CA that signs their certificates
+    # and this orchestrator's client certificate; None calls in plaintext.
+    participant_tls: TlsFiles | None = None
     # Sagas done for good (SUCCEEDED, COMPENSATED, or FAILED and resolved)
     # are deleted with their steps and events this long after their last
     # change; None keeps everything.

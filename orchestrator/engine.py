@@ -178,7 +178,9 @@ class SagaEngine:
         # Every time this engine writes or compares is on the database's clock.
         self.clock = SharedClock()
         self.changes = ChangeSignal()
-        self.client = ParticipantClient(dict(config.participants), max_message_bytes=config.max_payload_bytes * 2)
+        self.client = ParticipantClient(
+            dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls
+        )
         self.writer = TransitionWriter(store, self._committed)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}

@@ -7,6 +7,7 @@ import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 from orchestrator import machine
+from participants.tls import TlsFiles
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
 
@@ -14,8 +15,9 @@ _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
 class ParticipantClient:
     """Keeps one grpc.aio channel per participant address."""
 
-    def __init__(self, addresses: dict[str, str], *, max_message_bytes: int) -> None:
+    def __init__(self, addresses: dict[str, str], *, max_message_bytes: int, tls: TlsFiles | None = None) -> None:
         self._addresses = dict(addresses)
+        self._credentials = tls.channel_credentials() if tls is not None else None
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -31,7 +33,11 @@ class ParticipantClient:
         address = self.address_of(participant)
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
+            channel = (
+                grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(address, options=self._options)
+            )
             self._channels.append(channel)
             stub = self._stubs[address] = participant_pb2_grpc.ParticipantServiceStub(channel)
         return stub

@@ -80,6 +80,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     """Starts listening at once (health NOT_SERVING), then becomes SERVING
     when the database is reachable. Definition files are validated first:
     a bad file raises DefinitionError before anything starts."""
+    credentials = config.tls.server_credentials() if config.tls is not None else None
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
     store = open_store(config.resolved_database_url(), notifier=config.replica_id)
@@ -96,7 +97,10 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    port = server.add_insecure_port(config.listen)
+    if credentials is not None:
+        port = server.add_secure_port(config.listen, credentials)
+    else:
+        port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
     await server.start()

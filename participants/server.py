@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 from participants.faults import FaultPlan
+from participants.tls import TlsFiles
 from participants.fraud import FraudParticipant
 from participants.inventory import InventoryParticipant
 from participants.payment import PaymentParticipant
@@ -107,7 +108,12 @@ class RunningParticipant:
 
 
 async def start_participant(
-    kind: str, database_url: str, *, listen: str = "127.0.0.1:0", faults: FaultPlan | None = None
+    kind: str,
+    database_url: str,
+    *,
+    listen: str = "127.0.0.1:0",
+    faults: FaultPlan | None = None,
+    tls: TlsFiles | None = None,
 ) -> RunningParticipant:
     """Creates the schema and starts serving participant `kind` (one of
     PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`."""
@@ -117,20 +123,24 @@ async def start_participant(
     except BaseException:
         await engine.dispose()
         raise
-    return await start_server(participant, listen=listen)
+    return await start_server(participant, listen=listen, tls=tls)
 
 
-async def start_server(participant: Participant, *, listen: str = "127.0.0.1:0") -> RunningParticipant:
+async def start_server(
+    participant: Participant, *, listen: str = "127.0.0.1:0", tls: TlsFiles | None = None
+) -> RunningParticipant:
     """Creates `participant`'s schema and serves it on `listen`; returns once listening.
 
     Port 0 picks a free port, reported in the result. Health (grpc.health.v1)
     answers SERVING for "" and for compensa.v1.ParticipantService; server
-    reflection is enabled. The participant's engine is disposed of when the
-    result is stopped, or here if the server cannot start.
+    reflection is enabled. With `tls` it serves TLS only (mutual when `tls.ca`
+    is set). The participant's engine is disposed of when the result is
+    stopped, or here if the server cannot start.
     """
     engine = participant.engine
     server = grpc.aio.server()
     try:
+        credentials = tls.server_credentials() if tls is not None else None
         await participant.create_schema()
         participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
         health_servicer = health.aio.HealthServicer()
@@ -139,7 +149,9 @@ async def start_server(participant: Participant, *, listen: str = "127.0.0.1:0")
             (_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        port: int = server.add_insecure_port(listen)
+        port: int = (
+            server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
+        )
         if port == 0:
             raise OSError(f"cannot listen on {listen!r}")
         for service in ("", _SERVICE_NAME):
@@ -162,10 +174,10 @@ async def start_server(participant: Participant, *, listen: str = "127.0.0.1:0")
 
 
 async def serve_participant(
-    kind: str, *, listen: str, database_url: str, faults: FaultPlan | None = None
+    kind: str, *, listen: str, database_url: str, faults: FaultPlan | None = None, tls: TlsFiles | None = None
 ) -> None:
     """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    running = await start_participant(kind, database_url, listen=listen, faults=faults)
+    running = await start_participant(kind, database_url, listen=listen, faults=faults, tls=tls)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -1,0 +1,179 @@
+"""Mutual TLS between every party: client -> orchestrator -> participants.
+
+Certificates are made for each run with the openssl command: a CA that signs
+the servers' and the clients' certificates, and a second, unrelated CA whose
+client certificate must be refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+
+from harness import CHECKOUT, REPO, checkout_input, poll_until
+from orchestrator.config import ServerConfig
+from orchestrator.server import start_orchestrator
+from participants.server import start_participant
+from participants.tls import TlsConfigError, TlsFiles
+
+S = saga_pb2
+COMPENSA = REPO / ".venv" / "bin" / "compensa"
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server: TlsFiles  # server certificate for 127.0.0.1, trusting client certificates of `ca`
+    client: TlsFiles  # client certificate signed by `ca`, trusting servers of `ca`
+    stranger: TlsFiles  # a client certificate from another CA, trusting servers of `ca`
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _authority(directory: Path, name: str) -> None:
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.pem", "-days", "2", "-subj", f"/CN={name}", cwd=directory)
+
+
+def _certificate(directory: Path, authority: str, name: str, extensions: str) -> None:
+    (directory / f"{name}.ext").write_text(extensions + "\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=directory)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{authority}.pem", "-CAkey", f"{authority}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=directory)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    directory = tmp_path_factory.mktemp("pki")
+    _authority(directory, "ca")
+    _authority(directory, "other-ca")
+    _certificate(directory, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+    _certificate(directory, "ca", "client", "extendedKeyUsage=clientAuth")
+    _certificate(directory, "other-ca", "stranger", "extendedKeyUsage=clientAuth")
+    ca = directory / "ca.pem"
+    return Pki(
+        ca=ca,
+        server=TlsFiles(cert=directory / "server.pem", key=directory / "server.key", ca=ca),
+        client=TlsFiles(cert=directory / "client.pem", key=directory / "client.key", ca=ca),
+        stranger=TlsFiles(cert=directory / "stranger.pem", key=directory / "stranger.key", ca=ca),
+    )
+
+
+@dataclass(frozen=True)
+class Deployment:
+    address: str
+
+
+@pytest.fixture
+async def deployment(pki: Pki, tmp_path: Path) -> AsyncIterator[Deployment]:
+    """The checkout participants and an orchestrator, every hop mutual TLS."""
+    participants = {
+        kind: await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db", tls=pki.server)
+        for kind in ("inventory", "payment", "shipping")
+    }
+    orchestrator = await start_orchestrator(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            definition_paths=(CHECKOUT,),
+            participants={kind: running.address for kind, running in participants.items()},
+            tls=pki.server,
+            participant_tls=pki.client,
+        )
+    )
+    try:
+        yield Deployment(orchestrator.address)
+    finally:
+        await orchestrator.stop(0)
+        for running in participants.values():
+            await running.stop(0)
+
+
+def _stub(channel: grpc.aio.Channel) -> orchestrator_pb2_grpc.OrchestratorServiceStub:
+    return orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+
+
+async def test_a_checkout_runs_over_mutual_tls_and_strangers_are_refused(pki: Pki, deployment: Deployment) -> None:
+    async with grpc.aio.secure_channel(deployment.address, pki.client.channel_credentials()) as channel:
+        stub = _stub(channel)
+        await stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(saga_id="tls-1", definition_name="checkout", input=checkout_input())
+        )
+
+        async def final() -> saga_pb2.Saga | None:
+            saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="tls-1"))).saga
+            return saga if saga.state == S.SAGA_STATE_SUCCEEDED else None
+
+        await poll_until(final, timeout=20)
+
+        strangers = {
+            "plaintext": grpc.aio.insecure_channel(deployment.address),
+            "no client certificate": grpc.aio.secure_channel(
+                deployment.address, TlsFiles(ca=pki.ca).channel_credentials()
+            ),
+            "client certificate of another CA": grpc.aio.secure_channel(
+                deployment.address, pki.stranger.channel_credentials()
+            ),
+        }
+        for what, stranger in strangers.items():
+            async with stranger:
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await _stub(stranger).StartSaga(
+                        orchestrator_pb2.StartSagaRequest(
+                            saga_id=f"stranger-{len(what)}", definition_name="checkout", input=checkout_input()
+                        ),
+                        timeout=5,
+                    )
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE, what
+        listed = await stub.ListSagas(orchestrator_pb2.ListSagasRequest())
+        assert [saga.saga_id for saga in listed.sagas] == ["tls-1"]
+
+
+async def test_the_cli_calls_over_tls(pki: Pki, deployment: Deployment) -> None:
+    assert pki.client.cert is not None and pki.client.key is not None
+    tls = ("--tls-ca", str(pki.ca), "--tls-cert", str(pki.client.cert), "--tls-key", str(pki.client.key))
+    process = await asyncio.create_subprocess_exec(
+        str(COMPENSA), "--address", deployment.address, *tls, "status",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    assert stdout.decode().strip() == "(no sagas)"
+    refused = await asyncio.create_subprocess_exec(
+        str(COMPENSA), "--address", deployment.address, "--timeout", "5", "status",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    _, stderr = await asyncio.wait_for(refused.communicate(), 60)
+    assert refused.returncode == 2
+    assert stderr.decode().startswith("error: UNAVAILABLE")
+
+
+def test_unusable_tls_settings_are_refused_before_anything_starts(pki: Pki, tmp_path: Path) -> None:
+    with pytest.raises(TlsConfigError, match="give both"):
+        TlsFiles(cert=pki.server.cert)
+    with pytest.raises(TlsConfigError, match="cannot read TLS file"):
+        TlsFiles(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key").server_credentials()
+    result = subprocess.run(
+        [str(COMPENSA), "serve", "--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "missing.pem"),
+         "--tls-key", str(pki.server.key)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot read TLS file") and "missing.pem" in result.stderr
+    assert not (tmp_path / ".compensa").exists()
+    result = subprocess.run(
+        [str(COMPENSA), "serve", "--listen", "127.0.0.1:0", "--tls-client-ca", str(pki.ca)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--tls-client-ca needs --tls-cert and --tls-key" in result.stderr
