@@ -83,6 +83,24 @@ class Stack:
             out.append(response.event)
         return out
 
+    @asynccontextmanager
+    async def another_replica(self, **config: Any) -> AsyncIterator[RunningOrchestrator]:
+        """A second orchestrator on this stack's database and participants;
+        `config` overrides ServerConfig fields."""
+        running = await start_orchestrator(
+            ServerConfig(
+                listen="127.0.0.1:0",
+                database_url=self.orchestrator_url,
+                definition_paths=(CHECKOUT,),
+                participants={kind: participant.address for kind, participant in self.participants.items()},
+                **config,
+            )
+        )
+        try:
+            yield running
+        finally:
+            await running.stop(0)
+
     def engine_of(self, kind: str) -> AsyncEngine:
         return self.participants[kind].engine
 

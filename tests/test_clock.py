@@ -12,10 +12,8 @@ import sqlalchemy as sa
 from compensa.v1 import saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from harness import CHECKOUT, checkout_stack
+from harness import checkout_stack
 from orchestrator.clock import SharedClock
-from orchestrator.config import ServerConfig
-from orchestrator.server import start_orchestrator
 from orchestrator.store.schema import sagas
 from participants.faults import FaultPlan
 
@@ -48,23 +46,12 @@ async def test_a_replica_whose_clock_runs_an_hour_ahead_takes_nothing_over(
     slow = FaultPlan(delay_seconds=1.5)
     faults = {"inventory": slow, "shipping": slow}
     async with checkout_stack(make_postgres_url, faults=faults, lease_seconds=2.0) as stack:
-        ahead = await start_orchestrator(
-            ServerConfig(
-                listen="127.0.0.1:0",
-                database_url=stack.orchestrator_url,
-                definition_paths=(CHECKOUT,),
-                participants={kind: participant.address for kind, participant in stack.participants.items()},
-                lease_seconds=2.0,
-            )
-        )
-        try:
+        async with stack.another_replica(lease_seconds=2.0) as ahead:
             ahead.engine.clock = SharedClock(wall=lambda: time.time() + AN_HOUR)
             await ahead.engine.sync_clock()
             assert abs(ahead.engine.clock.now() - time.time()) < 0.5
             saga_ids = [await stack.start(order_id=f"order-{index}") for index in range(8)]
             finals = [await stack.wait_final(saga_id) for saga_id in saga_ids]
-        finally:
-            await ahead.stop(0)
         assert [saga.state for saga in finals] == [S.SAGA_STATE_SUCCEEDED] * len(saga_ids)
         database = create_async_engine(stack.orchestrator_url)
         try:

@@ -10,9 +10,7 @@ import pytest
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf.duration_pb2 import Duration
 
-from harness import CHECKOUT, checkout_stack
-from orchestrator.config import ServerConfig
-from orchestrator.server import start_orchestrator
+from harness import checkout_stack
 from participants.faults import FaultPlan
 
 S = saga_pb2
@@ -65,16 +63,7 @@ async def test_a_change_made_by_one_orchestrator_reaches_a_watcher_on_another(
     async with checkout_stack(make_postgres_url, faults=faults) as stack:
         # A second orchestrator on the same database. Its watchers never
         # re-read on their own, so only LISTEN/NOTIFY can wake them.
-        other = await start_orchestrator(
-            ServerConfig(
-                listen="127.0.0.1:0",
-                database_url=stack.orchestrator_url,
-                definition_paths=(CHECKOUT,),
-                participants={kind: p.address for kind, p in stack.participants.items()},
-                watch_reread_seconds=3600,
-            )
-        )
-        try:
+        async with stack.another_replica(watch_reread_seconds=3600) as other:
             async with grpc.aio.insecure_channel(other.address) as channel:
                 other_stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
                 saga_id = "cross-1"
@@ -83,8 +72,6 @@ async def test_a_change_made_by_one_orchestrator_reaches_a_watcher_on_another(
                 saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
                 assert saga.state == S.SAGA_STATE_SUCCEEDED
                 assert sequences == list(range(1, saga.sequence + 1))
-        finally:
-            await other.stop(0)
 
 
 async def test_watch_all_sagas_in_log_order_resumable_by_position(make_postgres_url: Callable[[], str]) -> None:
