@@ -244,11 +244,20 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
                         help="PEM client certificate shown to participants that require one (with --participant-tls-key)")
     parser.add_argument("--participant-tls-key", type=Path, metavar="FILE", help="PEM private key of --participant-tls-cert")
+    parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
     parser.add_argument(
         "--retention", type=parse_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
              " their last change, with their events, e.g. 30d (default: keep everything)",
     )
+
+
+def _host_port(text: str) -> str:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9464")
+    return text
 
 
 def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
@@ -394,6 +403,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, replica_id=args.replica_id)
     config = dataclasses.replace(
         config,
+        metrics_listen=args.metrics_listen,
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
     )

@@ -43,6 +43,9 @@ class ServerConfig:
     # TLS for the calls to participants: the CA that signs their certificates
     # and this orchestrator's client certificate; None calls in plaintext.
     participant_tls: TlsFiles | None = None
+    # HOST:PORT of the Prometheus /metrics endpoint (over TLS when `tls` is
+    # set); None serves none.
+    metrics_listen: str | None = None
     # Sagas done for good (SUCCEEDED, COMPENSATED, or FAILED and resolved)
     # are deleted with their steps and events this long after their last
     # change; None keeps everything.

@@ -30,6 +30,7 @@ from orchestrator import machine
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
@@ -122,10 +123,12 @@ class TransitionWriter:
         self,
         store: SagaStore,
         on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
+        metrics: Metrics,
         max_batch: int = 256,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
+        self._metrics = metrics
         self._max_batch = max_batch
         self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -149,6 +152,7 @@ class TransitionWriter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
+            began = time.perf_counter()
             try:
                 results = await self._store.commit([write for write, _ in batch])
             except Exception as error:  # the callers decide how to retry
@@ -156,6 +160,7 @@ class TransitionWriter:
                     if not future.done():
                         future.set_exception(error)
                 continue
+            self._metrics.flushed(len(batch), time.perf_counter() - began)
             self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
             for (_, future), result in zip(batch, results):
                 if not future.done():
@@ -178,10 +183,12 @@ class SagaEngine:
         # Every time this engine writes or compares is on the database's clock.
         self.clock = SharedClock()
         self.changes = ChangeSignal()
+        self.metrics = Metrics()
         self.client = ParticipantClient(
-            dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls
+            dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
+            metrics=self.metrics,
         )
-        self.writer = TransitionWriter(store, self._committed)
+        self.writer = TransitionWriter(store, self._committed, self.metrics)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
@@ -190,6 +197,7 @@ class SagaEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._token_key: bytes | None = None
+        self.metrics.drive_count(lambda: len(self._driving))
 
     # -- lifecycle
 
@@ -241,6 +249,10 @@ class SagaEngine:
     def _committed(self, landed: list[tuple[SagaWrite, WriteResult]]) -> None:
         if not landed:
             return
+        for write, _ in landed:
+            saga = write.saga
+            for event in write.events:
+                self.metrics.committed(event.type, saga.definition_name, saga.created_at, event.time)
         if not self.changes.wants_committed():
             self.changes.notify([write.saga.saga_id for write, _ in landed])
             return

@@ -3,10 +3,13 @@ and the outcome contract of participant.proto turned into machine events."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 from orchestrator import machine
+from orchestrator.metrics import Metrics
 from participants.tls import TlsFiles
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
@@ -15,8 +18,11 @@ _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
 class ParticipantClient:
     """Keeps one grpc.aio channel per participant address."""
 
-    def __init__(self, addresses: dict[str, str], *, max_message_bytes: int, tls: TlsFiles | None = None) -> None:
+    def __init__(
+        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None
+    ) -> None:
         self._addresses = dict(addresses)
+        self._metrics = metrics
         self._credentials = tls.channel_credentials() if tls is not None else None
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -46,15 +52,21 @@ class ParticipantClient:
         self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float
     ) -> machine.Event:
         step = request.context.step_name
+        began = time.perf_counter()
         try:
             response: participant_pb2.ExecuteResponse = await self._stub(participant).Execute(
                 request, timeout=timeout
             )
         except grpc.aio.AioRpcError as error:
-            if error.code() == _BUSINESS_FAILURE:
+            code = error.code()
+            self._metrics.called(participant, "Execute", "failed" if code == _BUSINESS_FAILURE else code.name,
+                                 time.perf_counter() - began)
+            if code == _BUSINESS_FAILURE:
                 return machine.ExecuteFailed(step, error.details() or "aborted by participant")
-            return machine.ExecuteErrored(step, f"{error.code().name}: {error.details()}")
-        if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
+            return machine.ExecuteErrored(step, f"{code.name}: {error.details()}")
+        failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
+        self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
+        if failed:
             return machine.ExecuteFailed(step, response.failure_reason or "failed by participant")
         if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
             return machine.ExecutePending(step)
@@ -65,10 +77,13 @@ class ParticipantClient:
         self, participant: str, request: participant_pb2.CompensateRequest, timeout: float
     ) -> machine.Event:
         step = request.context.step_name
+        began = time.perf_counter()
         try:
             await self._stub(participant).Compensate(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
+            self._metrics.called(participant, "Compensate", error.code().name, time.perf_counter() - began)
             return machine.CompensateErrored(step, f"{error.code().name}: {error.details()}")
+        self._metrics.called(participant, "Compensate", "ok", time.perf_counter() - began)
         return machine.CompensateSucceeded(step)
 
     async def close(self) -> None:

@@ -38,6 +38,8 @@ class RunningOrchestrator:
     health: health.aio.HealthServicer
     port: int
     address: str
+    # Where /metrics is served, if it is.
+    metrics_port: int | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops taking calls, stops driving sagas and releases their leases."""
@@ -46,6 +48,7 @@ class RunningOrchestrator:
         await self.service.stop()
         await self.engine.stop()
         await self.engine.store.close()
+        self.engine.metrics.close()
 
 
 async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None:
@@ -106,7 +109,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
-    running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address)
+    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
     ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
         await ready

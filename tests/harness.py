@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.config import ServerConfig
@@ -115,6 +117,21 @@ class Stack:
             return list((await conn.execute(query)).all())
 
 
+async def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The samples of a /metrics endpoint on 127.0.0.1, by name and labels."""
+    def get() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text: str = response.read().decode()
+            return text
+
+    text = await asyncio.to_thread(get)
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 async def poll_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Calls `check` (sync or async) until it returns something truthy."""
     deadline = time.monotonic() + timeout
@@ -139,6 +156,7 @@ async def checkout_stack(
     max_payload_bytes: int = 1024 * 1024,
     orchestrator_url: str | None = None,
     watch_reread_seconds: float = 5.0,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[Stack]:
     """Starts inventory, payment and shipping (each on its own database from
     `make_url`) and an orchestrator on another, all on port 0."""
@@ -156,6 +174,7 @@ async def checkout_stack(
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
             watch_reread_seconds=watch_reread_seconds,
+            metrics_listen=metrics_listen,
         )
     )
     channel = grpc.aio.insecure_channel(orchestrator.address)

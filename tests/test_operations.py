@@ -12,7 +12,7 @@ import pytest
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from harness import FINAL, checkout_input, poll_until
+from harness import FINAL, checkout_input, poll_until, scrape
 from orchestrator.config import ServerConfig
 from orchestrator.engine import completion_token
 from orchestrator.server import RunningOrchestrator, start_orchestrator
@@ -49,6 +49,7 @@ class Rig:
     database_url: str
     definition: Path
     retention_seconds: float | None = None
+    metrics_listen: str | None = None
     orchestrator: RunningOrchestrator | None = None
     channel: grpc.aio.Channel | None = None
     stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
@@ -61,6 +62,7 @@ class Rig:
                 definition_paths=(self.definition,),
                 participants={"scripted": self.address},
                 retention_seconds=self.retention_seconds,
+                metrics_listen=self.metrics_listen,
             )
         )
         self.channel = grpc.aio.insecure_channel(self.orchestrator.address)
@@ -109,6 +111,7 @@ async def rig(
     hold_timeout: str = "30m",
     saga_timeout: str = "",
     retention_seconds: float | None = None,
+    metrics_listen: str | None = None,
 ) -> AsyncIterator[Rig]:
     participant = ScriptedParticipant()
     server, address = await serve_scripted(participant)
@@ -116,7 +119,7 @@ async def rig(
     definition.write_text(
         FLOW.format(hold_timeout=hold_timeout, saga_timeout=f"saga_timeout: {saga_timeout}\n" if saga_timeout else "")
     )
-    setup = Rig(participant, address, make_postgres_url(), definition, retention_seconds)
+    setup = Rig(participant, address, make_postgres_url(), definition, retention_seconds, metrics_listen)
     await setup.start()
     try:
         yield setup
@@ -300,8 +303,8 @@ async def test_cancel_compensates_what_was_done_and_records_who(
 async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
-    async with rig(tmp_path, make_postgres_url) as r:
-        assert r.stub is not None
+    async with rig(tmp_path, make_postgres_url, metrics_listen="127.0.0.1:0") as r:
+        assert r.stub is not None and r.orchestrator is not None and r.orchestrator.metrics_port is not None
         r.participant.script("execute", "hold", "fail")
         r.participant.script("compensate", "reserve", "fail", "fail", "fail")
         await r.begin("comp-1")
@@ -311,6 +314,12 @@ async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
         events = await r.events("comp-1")
         alerts = [e for e in events if e.type == S.EVENT_TYPE_ALERT_RAISED]
         assert len(alerts) == 1 and "reserve" in alerts[0].message
+        # What a person is paged on.
+        samples = await scrape(r.orchestrator.metrics_port)
+        assert samples[("compensa_alerts_total", frozenset({("definition", "flow")}))] == 1
+        compensate_errors = ("compensa_participant_call_seconds_count",
+                             frozenset({("participant", "scripted"), ("method", "Compensate"), ("outcome", "INTERNAL")}))
+        assert samples[compensate_errors] == 3
         # A person fixed the participant; retry runs the compensation again.
         retried = await r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="comp-1", actor="bob"))
         assert retried.saga.state == S.SAGA_STATE_COMPENSATING

@@ -8,7 +8,10 @@ client certificate must be refused.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @dataclass(frozen=True)
 class Deployment:
     address: str
+    metrics_port: int
 
 
 @pytest.fixture
@@ -89,10 +93,12 @@ async def deployment(pki: Pki, tmp_path: Path) -> AsyncIterator[Deployment]:
             participants={kind: running.address for kind, running in participants.items()},
             tls=pki.server,
             participant_tls=pki.client,
+            metrics_listen="127.0.0.1:0",
         )
     )
+    assert orchestrator.metrics_port is not None
     try:
-        yield Deployment(orchestrator.address)
+        yield Deployment(orchestrator.address, orchestrator.metrics_port)
     finally:
         await orchestrator.stop(0)
         for running in participants.values():
@@ -177,3 +183,19 @@ def test_unusable_tls_settings_are_refused_before_anything_starts(pki: Pki, tmp_
     )
     assert result.returncode == 2
     assert "--tls-client-ca needs --tls-cert and --tls-key" in result.stderr
+
+
+async def test_metrics_are_served_over_the_same_mutual_tls(pki: Pki, deployment: Deployment) -> None:
+    url = f"https://127.0.0.1:{deployment.metrics_port}/metrics"
+
+    def fetch(with_client_certificate: bool) -> str:
+        context = ssl.create_default_context(cafile=str(pki.ca))
+        if with_client_certificate:
+            context.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+        with urllib.request.urlopen(url, context=context, timeout=10) as response:
+            text: str = response.read().decode()
+            return text
+
+    assert "compensa_sagas_driven" in await asyncio.to_thread(fetch, True)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        await asyncio.to_thread(fetch, False)

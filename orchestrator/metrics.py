@@ -1,0 +1,116 @@
+"""Prometheus metrics of one orchestrator replica: what to graph, and what
+to page a person on.
+
+`compensa serve --metrics-listen HOST:PORT` serves them at /metrics (over TLS
+with the server's own certificate when it has one). Page on an increase of
+`compensa_alerts_total`: each is a saga that stopped and waits for a person
+(a compensation that kept failing, a step after the pivot that could not
+finish); `compensa status` and `compensa list --state failed` show which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from wsgiref.simple_server import WSGIServer
+
+from compensa.v1 import saga_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from participants.tls import TlsFiles
+
+_FINAL_EVENTS: dict[int, str] = {
+    saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED: "succeeded",
+    saga_pb2.EVENT_TYPE_SAGA_COMPENSATED: "compensated",
+    saga_pb2.EVENT_TYPE_SAGA_FAILED: "failed",
+}
+# Seconds: a saga may take milliseconds or days.
+_SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
+_CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FLUSH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The replica's metrics, in a registry of its own (several engines may
+    share a process, as in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._events = Counter(
+            "compensa_saga_events", "Events committed to the saga log by this replica, by type.", ["type"],
+            registry=self.registry,
+        )
+        self._alerts = Counter(
+            "compensa_alerts", "Sagas that stopped and wait for a person (ALERT_RAISED events), by definition.",
+            ["definition"], registry=self.registry,
+        )
+        self._sagas = Histogram(
+            "compensa_saga_duration_seconds", "Creation to end of the sagas that ended here, by definition and end.",
+            ["definition", "end"], buckets=_SAGA_BUCKETS, registry=self.registry,
+        )
+        self._calls = Histogram(
+            "compensa_participant_call_seconds",
+            "Execute and Compensate calls, by participant, method and outcome (ok, failed: a business"
+            " failure, or the gRPC status code of an error).",
+            ["participant", "method", "outcome"], buckets=_CALL_BUCKETS, registry=self.registry,
+        )
+        self._flush_seconds = Histogram(
+            "compensa_group_commit_seconds", "Duration of each group commit (one transaction).",
+            buckets=_FLUSH_BUCKETS, registry=self.registry,
+        )
+        self._flush_size = Histogram(
+            "compensa_group_commit_transitions", "Transitions written by each group commit.",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self._driven = Gauge(
+            "compensa_sagas_driven", "Sagas this replica drives now (calls in flight or due).", registry=self.registry,
+        )
+        self._event_children: dict[int, Counter] = {}
+        self._server: WSGIServer | None = None
+
+    def drive_count(self, count: Callable[[], int]) -> None:
+        self._driven.set_function(count)
+
+    def committed(
+        self, event_type: int, definition: str, created_at: float, time_of_event: float
+    ) -> None:
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self._events.labels(
+                saga_pb2.EventType.Name(saga_pb2.EventType.ValueType(event_type))
+            )
+        child.inc()
+        end = _FINAL_EVENTS.get(event_type)
+        if end is not None:
+            self._sagas.labels(definition, end).observe(max(0.0, time_of_event - created_at))
+        elif event_type == saga_pb2.EVENT_TYPE_ALERT_RAISED:
+            self._alerts.labels(definition).inc()
+
+    def called(self, participant: str, method: str, outcome: str, seconds: float) -> None:
+        self._calls.labels(participant, method, outcome).observe(seconds)
+
+    def flushed(self, transitions: int, seconds: float) -> None:
+        self._flush_size.observe(transitions)
+        self._flush_seconds.observe(seconds)
+
+    def serve(self, listen: str, tls: TlsFiles | None) -> int:
+        """Serves /metrics on `listen` (HOST:PORT, port 0 picks one) in a
+        daemon thread until `close`; the port it listens on."""
+        host, _, port = listen.rpartition(":")
+        options = {}
+        if tls is not None:
+            options = {
+                "certfile": str(tls.cert), "keyfile": str(tls.key),
+                "client_cafile": str(tls.ca) if tls.ca else None, "client_auth_required": tls.ca is not None,
+            }
+        self._server, _ = start_http_server(
+            int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
+        )
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
