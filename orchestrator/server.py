@@ -106,10 +106,11 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen}")
+    # Before serving: a metrics port that is taken stops the start here.
+    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
-    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
     running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
     ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
