@@ -8,8 +8,10 @@ set-up) are in the two small subclasses at the end.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -769,41 +771,38 @@ class SqliteSagaStore(SqlSagaStore):
 
 # --- the PostgreSQL group-commit statements --------------------------------
 
-_STEP_COLUMNS = (
-    ("position", "int"),
-    ("state", "int"),
-    ("attempts", "int"),
-    ("compensate_attempts", "int"),
-    ("output", "bytea"),
-    ("last_error", "text"),
-    ("effect_uncertain", "bool"),
-    ("started_at", "float8"),
-    ("finished_at", "float8"),
-    ("next_attempt_at", "float8"),
-)
-_STEPS_UNNEST = "unnest(%(s_idx)b::int[], %(s_saga_id)b::text[], %(s_step_name)b::text[], " + ", ".join(
-    f"%(s_{name})b::{kind}[]" for name, kind in _STEP_COLUMNS
-) + ") AS w(idx, saga_id, step_name, " + ", ".join(name for name, _ in _STEP_COLUMNS) + ")"
+# Each table's rows travel as one JSON parameter read with json_to_recordset.
+# It was one array per column (about 50 parameters), which psycopg dumps in
+# Python: measured on one-transition flushes, params + dump + execute + commit
+# went from 1.13-1.17 ms to 0.65-0.85 ms. Bytes go as base64, decoded here.
+_RECORDS = {
+    "v": "idx int, saga_id text, expected bigint, epoch bigint, state int, sequence bigint, updated_at float8,"
+         " failure_reason text, resolution_note text, due_at float8, owner text, lease_until float8",
+    "c": "idx int, saga_id text, definition_name text, definition_version int, state int, sequence bigint,"
+         " input text, request_fingerprint text, created_at float8, due_at float8, owner text, lease_until float8",
+    "w": "idx int, saga_id text, step_name text, position int, state int, attempts int, compensate_attempts int,"
+         " output text, last_error text, effect_uncertain bool, started_at float8, finished_at float8,"
+         " next_attempt_at float8",
+    "e": "idx int, n int, saga_id text, sequence bigint, type int, time float8, saga_state int, step_name text,"
+         " step_state int, attempt int, message text, actor text, definition_name text",
+}
+_STEP_COLUMNS = ("position", "state", "attempts", "compensate_attempts", "output", "last_error", "effect_uncertain",
+                 "started_at", "finished_at", "next_attempt_at")
+
+
+def _step_value(name: str) -> str:
+    return "decode(w.output, 'base64')" if name == "output" else f"w.{name}"
+
 
 _FLUSH = f"""
 WITH v AS (
-    SELECT * FROM unnest(
-        %(u_idx)b::int[], %(u_saga_id)b::text[], %(u_expected)b::bigint[], %(u_epoch)b::bigint[], %(u_state)b::int[],
-        %(u_sequence)b::bigint[], %(u_updated_at)b::float8[], %(u_failure_reason)b::text[],
-        %(u_resolution_note)b::text[], %(u_due_at)b::float8[], %(u_owner)b::text[], %(u_lease_until)b::float8[]
-    ) AS v(idx, saga_id, expected, epoch, state, sequence, updated_at, failure_reason, resolution_note,
-           due_at, owner, lease_until)
+    SELECT * FROM json_to_recordset(%(updates)b::json) AS v({_RECORDS["v"]})
 ), c AS (
-    SELECT * FROM unnest(
-        %(c_idx)b::int[], %(c_saga_id)b::text[], %(c_definition_name)b::text[], %(c_definition_version)b::int[],
-        %(c_state)b::int[], %(c_sequence)b::bigint[], %(c_input)b::bytea[], %(c_request_fingerprint)b::text[],
-        %(c_created_at)b::float8[], %(c_due_at)b::float8[], %(c_owner)b::text[], %(c_lease_until)b::float8[]
-    ) AS c(idx, saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
-           created_at, due_at, owner, lease_until)
+    SELECT * FROM json_to_recordset(%(creates)b::json) AS c({_RECORDS["c"]})
 ), w AS (
     -- Changed steps of updated sagas and all steps of created ones: an idx
     -- is one or the other, so each row joins exactly one of the two below.
-    SELECT * FROM {_STEPS_UNNEST}
+    SELECT * FROM json_to_recordset(%(steps)b::json) AS w({_RECORDS["w"]})
 ), updated AS (
     UPDATE compensa_sagas AS s SET
         state = v.state, sequence = v.sequence, updated_at = v.updated_at, failure_reason = v.failure_reason,
@@ -816,7 +815,7 @@ WITH v AS (
     INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
         request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch)
     -- A saga starts RUNNING: no failure, no resolution, updated when created.
-    SELECT saga_id, definition_name, definition_version, state, sequence, input, request_fingerprint,
+    SELECT saga_id, definition_name, definition_version, state, sequence, decode(input, 'base64'), request_fingerprint,
         '', '', created_at, created_at, due_at, owner, lease_until, 1
     FROM c
     ON CONFLICT (saga_id) DO NOTHING
@@ -826,21 +825,16 @@ WITH v AS (
 ), landed AS (
     SELECT idx, epoch FROM updated UNION ALL SELECT idx, epoch FROM created
 ), step_updates AS (
-    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = w.{name}" for name, _ in _STEP_COLUMNS)}
+    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = {_step_value(name)}" for name in _STEP_COLUMNS)}
     FROM w JOIN updated ON updated.idx = w.idx
     WHERE t.saga_id = w.saga_id AND t.step_name = w.step_name
 ), step_inserts AS (
-    INSERT INTO compensa_saga_steps (saga_id, step_name, {", ".join(name for name, _ in _STEP_COLUMNS)})
-    SELECT w.saga_id, w.step_name, {", ".join(f"w.{name}" for name, _ in _STEP_COLUMNS)}
+    INSERT INTO compensa_saga_steps (saga_id, step_name, {", ".join(_STEP_COLUMNS)})
+    SELECT w.saga_id, w.step_name, {", ".join(_step_value(name) for name in _STEP_COLUMNS)}
     FROM w JOIN created ON created.idx = w.idx
 ), ev AS (
     SELECT e.*, row_number() OVER (ORDER BY e.n) AS k
-    FROM unnest(
-        %(e_idx)b::int[], %(e_saga_id)b::text[], %(e_sequence)b::bigint[], %(e_type)b::int[], %(e_time)b::float8[],
-        %(e_saga_state)b::int[], %(e_step_name)b::text[], %(e_step_state)b::int[], %(e_attempt)b::int[],
-        %(e_message)b::text[], %(e_actor)b::text[], %(e_definition_name)b::text[]
-    ) WITH ORDINALITY AS e(idx, saga_id, sequence, type, time, saga_state, step_name, step_state, attempt, message,
-                           actor, definition_name, n)
+    FROM json_to_recordset(%(events)b::json) AS e({_RECORDS["e"]})
     JOIN landed ON landed.idx = e.idx
 ), head AS (
     -- The log_head row lock is held to commit: positions follow commit order.
@@ -876,10 +870,18 @@ def _compact(query: str) -> tuple[str, tuple[str, ...]]:
 _FLUSH_SENT, _FLUSH_PARAMS = _compact(_FLUSH)
 
 
-def _step_params(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Sequence[int]) -> dict[str, list[Any]]:
+def _base64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    # allow_nan=False: a NaN or an infinity is a bug upstream, not a value to store.
+    return json.dumps(rows, separators=(",", ":"), allow_nan=False)
+
+
+def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Sequence[int]) -> list[dict[str, Any]]:
     """The changed steps of updated sagas and every step of created ones."""
-    params: dict[str, list[Any]] = {"s_idx": [], "s_saga_id": [], "s_step_name": []}
-    params.update({f"s_{name}": [] for name, _ in _STEP_COLUMNS})
+    rows: list[dict[str, Any]] = []
     chosen = [(index, False) for index in updates] + [(index, True) for index in creates]
     for index, all_steps in chosen:
         saga = writes[index].saga
@@ -887,50 +889,40 @@ def _step_params(writes: Sequence[SagaWrite], updates: Sequence[int], creates: S
         positions = {step.name: position for position, step in enumerate(saga.steps)}
         for name in names:
             row = _step_row(saga.saga_id, positions[name], saga.step(name))
-            params["s_idx"].append(index)
-            for key, value in row.items():
-                params[f"s_{key}"].append(value)
-    return params
+            row["idx"] = index
+            row["output"] = _base64(row["output"])
+            rows.append(row)
+    return rows
 
 
 def _flush_params(
     writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int], payload: str
 ) -> dict[str, Any]:
-    params: dict[str, Any] = {"payload": payload}
-    update_keys = ("idx", "saga_id", "expected", "epoch", "state", "sequence", "updated_at", "failure_reason",
-                   "resolution_note", "due_at", "owner", "lease_until")
-    create_keys = ("idx", "saga_id", "definition_name", "definition_version", "state", "sequence", "input",
-                   "request_fingerprint", "created_at", "due_at", "owner", "lease_until")
-    event_keys = ("idx", "saga_id", "sequence", "type", "time", "saga_state", "step_name", "step_state", "attempt",
-                  "message", "actor", "definition_name")
-    for key in update_keys:
-        params["u_" + key] = []
-    for key in create_keys:
-        params["c_" + key] = []
-    for key in event_keys:
-        params["e_" + key] = []
-    for index in updates:
-        write = writes[index]
-        row = {"idx": index, "saga_id": write.saga.saga_id, "expected": write.expected_sequence,
-               "epoch": write.epoch, **SqlSagaStore._saga_values(write)}
-        for key in update_keys:
-            params["u_" + key].append(row[key])
+    updated = [
+        {"idx": index, "saga_id": writes[index].saga.saga_id, "expected": writes[index].expected_sequence,
+         "epoch": writes[index].epoch, **SqlSagaStore._saga_values(writes[index])}
+        for index in updates
+    ]
+    created: list[dict[str, Any]] = []
     for index in creates:
         write, saga = writes[index], writes[index].saga
         if saga.state != RUNNING or saga.failure_reason or saga.resolution_note or saga.updated_at != saga.created_at:
             raise ValueError(f"saga {saga.saga_id!r}: a new saga is RUNNING, unchanged since created")
-        row = {"idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
-               "definition_version": saga.definition_version, "input": saga.input,
-               "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
-               **SqlSagaStore._saga_values(write)}
-        for key in create_keys:
-            params["c_" + key].append(row[key])
-    params.update(_step_params(writes, updates, creates))
+        created.append({
+            "idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
+            "definition_version": saga.definition_version, "input": _base64(saga.input),
+            "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
+            **SqlSagaStore._saga_values(write),
+        })
+    events: list[dict[str, Any]] = []
     for index in sorted((*updates, *creates)):  # positions are handed out in write order
         saga = writes[index].saga
         for event in writes[index].events:
             row = _event_row(saga, event, 0)
-            params["e_idx"].append(index)
-            for key in event_keys[1:]:
-                params["e_" + key].append(row[key])
-    return params
+            row["idx"], row["n"] = index, len(events)
+            del row["position"]
+            events.append(row)
+    return {
+        "updates": _json(updated), "creates": _json(created), "steps": _json(_step_rows(writes, updates, creates)),
+        "events": _json(events), "payload": payload,
+    }
