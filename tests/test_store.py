@@ -615,3 +615,43 @@ async def test_purge_finished_deletes_what_is_done_for_good_with_its_steps_and_e
     async with store.engine.connect() as conn:
         steps = (await conn.execute(sa.select(sa.func.count()).select_from(saga_steps_table))).scalar_one()
     assert steps == 3 * 3
+
+
+async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres_url: Callable[[], str]) -> None:
+    # The plan PostgreSQL caches for the flush is made while the tables are
+    # small; one that reads a whole table gets slower with every saga stored.
+    import json as jsonlib
+
+    import psycopg
+    from psycopg._queries import PostgresQuery
+    from psycopg.adapt import Transformer
+
+    from orchestrator.store.sql import _FLUSH_PARAMS, _FLUSH_SENT, WRITER_OPTIONS
+
+    url = make_postgres_url()
+    opened = open_store(url)
+    await opened.create_schema()
+    await opened.close()
+    conninfo = url.replace("postgresql+psycopg://", "postgresql://")
+    async with await psycopg.AsyncConnection.connect(
+        conninfo, autocommit=True, options=WRITER_OPTIONS + " -c plan_cache_mode=force_generic_plan"
+    ) as conn:
+        query = PostgresQuery(Transformer(conn))
+        query.convert(_FLUSH_SENT, ["[]"] * (len(_FLUSH_PARAMS) - 1) + ["x"])
+        await conn.execute(b"PREPARE flush(" + b",".join([b"text"] * len(_FLUSH_PARAMS)) + b") AS " + query.query)
+        arguments = ",".join(["'[]'"] * (len(_FLUSH_PARAMS) - 1) + ["'x'"])
+        (plan,) = (await (await conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE flush({arguments})")).fetchone())
+
+    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
+        children = node.get("Plans", [])
+        assert isinstance(children, list)
+        return [node, *(found for child in children for found in nodes(child))]
+
+    table_reads = [
+        node for node in nodes(plan[0]["Plan"]) if str(node.get("Relation Name", "")).startswith("compensa_")
+        and node["Node Type"] not in ("ModifyTable",)
+    ]
+    assert table_reads, jsonlib.dumps(plan)
+    for node in table_reads:
+        assert node["Node Type"] != "Seq Scan", node
+        assert "Index Cond" in node or "Recheck Cond" in node, node

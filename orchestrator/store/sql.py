@@ -643,6 +643,15 @@ _CHANNEL = "compensa_changes"
 _MAX_PAYLOAD = 7000
 
 
+# The writer runs only the flush, whose plan PostgreSQL caches (a generic plan
+# after five runs). Made while the tables were small, that plan read the whole
+# sagas table on every flush, so flushes got slower as the table grew
+# (measured: 0.62 -> 0.95 ms over 3,000 sagas; flat at 0.53-0.56 ms once every
+# table is reached through its index). Every row the flush touches is found by
+# its primary key; no sequential scan is ever the right plan here.
+WRITER_OPTIONS = "-c enable_seqscan=off"
+
+
 class PostgresSagaStore(SqlSagaStore):
     """The production store: several replicas share one PostgreSQL."""
 
@@ -668,7 +677,7 @@ class PostgresSagaStore(SqlSagaStore):
             try:
                 if self._writer is None or self._writer.closed:
                     self._writer = await psycopg.AsyncConnection.connect(
-                        self._conninfo, autocommit=True, prepare_threshold=0
+                        self._conninfo, autocommit=True, prepare_threshold=0, options=WRITER_OPTIONS
                     )
                 yield self._writer
             except (psycopg.OperationalError, OSError) as error:
@@ -809,7 +818,10 @@ WITH v AS (
         resolution_note = v.resolution_note, due_at = v.due_at, owner = v.owner, lease_until = v.lease_until,
         epoch = CASE WHEN v.epoch IS NULL THEN s.epoch + 1 ELSE s.epoch END
     FROM v
-    WHERE s.saga_id = v.saga_id AND s.sequence = v.expected AND (v.epoch IS NULL OR s.epoch = v.epoch)
+    -- The ANY lets the index find the batch's rows whatever the statistics said
+    -- when the plan was cached (a join alone was planned as a full scan).
+    WHERE s.saga_id = ANY(ARRAY(SELECT saga_id FROM v)) AND s.saga_id = v.saga_id
+        AND s.sequence = v.expected AND (v.epoch IS NULL OR s.epoch = v.epoch)
     RETURNING v.idx, s.epoch
 ), inserted AS (
     INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
