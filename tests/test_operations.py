@@ -333,6 +333,10 @@ async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
         assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+# Quotes, a backslash, a newline and non-ASCII text: stored and read back as written.
+NOTE = 'released stock by hand: "ação manual" \\ nº 7\nok ✓'
+
+
 async def test_operator_resolves_a_failed_saga_by_hand(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
     async with rig(tmp_path, make_postgres_url) as r:
         assert r.stub is not None
@@ -344,11 +348,12 @@ async def test_operator_resolves_a_failed_saga_by_hand(tmp_path: Path, make_post
             await r.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", note=" "))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         resolved = await r.stub.ResolveSaga(
-            orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", actor="carol", note="released stock by hand")
+            orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", actor="carol", note=NOTE)
         )
-        assert resolved.saga.resolution_note == "released stock by hand"
+        assert resolved.saga.resolution_note == NOTE
+        assert (await r.saga("resolve-1")).resolution_note == NOTE  # as stored
         resolved_events = [e for e in await r.events("resolve-1") if e.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
-        assert [(e.actor, e.message) for e in resolved_events] == [("carol", "released stock by hand")]
+        assert [(e.actor, e.message) for e in resolved_events] == [("carol", NOTE)]
         for action in (
             r.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="resolve-1", note="again")),
             r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="resolve-1")),

@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import orchestrator_pb2, saga_pb2
 from google.protobuf import any_pb2, duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -192,6 +193,21 @@ async def test_bad_start_requests_are_refused_and_write_nothing(
             "compensa_saga_steps": 0,
             "compensa_saga_events": 0,
         }
+
+
+async def test_an_input_near_the_size_limit_is_stored_and_passed_on_byte_for_byte(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    async with checkout_stack(make_postgres_url) as stack:  # 1 MiB limit
+        address = "Rua São João, 1 — 3º \"B\" " + "x" * 900_000
+        saga_id = await stack.start(saga_id="big-1", shipping_address=address)
+        saga = await stack.wait_final(saga_id)
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        stored = checkout_pb2.CheckoutInput()
+        assert saga.input.Unpack(stored)
+        assert stored.shipping_address == address
+        (shipment,) = await stack.rows("shipping", "shipping_shipments", saga_id=saga_id)
+        assert shipment.address == address
 
 
 async def test_invalid_definition_file_is_refused_before_anything_starts(
