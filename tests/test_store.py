@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 import pytest
@@ -617,11 +618,44 @@ async def test_purge_finished_deletes_what_is_done_for_good_with_its_steps_and_e
     assert steps == 3 * 3
 
 
+def _table_reads(plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's nodes that read one of our tables (not the ones that write)."""
+    def nodes(node: dict[str, Any]) -> list[dict[str, Any]]:
+        return [node, *(found for child in node.get("Plans", []) for found in nodes(child))]
+
+    return [
+        node for node in nodes(plan["Plan"])
+        if str(node.get("Relation Name", "")).startswith("compensa_") and node["Node Type"] != "ModifyTable"
+    ]
+
+
+def _assert_indexed(reads: list[dict[str, Any]]) -> None:
+    assert reads
+    for node in reads:
+        assert node["Node Type"] != "Seq Scan", node
+        assert "Index Cond" in node or "Recheck Cond" in node, node
+
+
+async def test_the_claim_plan_reaches_the_sagas_through_indexes(make_postgres_url: Callable[[], str]) -> None:
+    # Planned on an empty database, as a plan cached by a young deployment is.
+    from sqlalchemy.dialects import postgresql
+
+    opened = open_store(make_postgres_url())
+    await opened.create_schema()
+    try:
+        claim = opened.claim_statement("replica-a", T0, T0 + LEASE, 200)
+        sql = str(claim.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
+        async with opened.engine.begin() as conn:
+            await opened._index_only_planning(conn)
+            (plan,) = (await conn.execute(sa.text("EXPLAIN (FORMAT JSON) " + sql))).scalar_one()
+    finally:
+        await opened.close()
+    _assert_indexed(_table_reads(plan))
+
+
 async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres_url: Callable[[], str]) -> None:
     # The plan PostgreSQL caches for the flush is made while the tables are
     # small; one that reads a whole table gets slower with every saga stored.
-    import json as jsonlib
-
     import psycopg
     from psycopg._queries import PostgresQuery
     from psycopg.adapt import Transformer
@@ -642,16 +676,4 @@ async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres
         arguments = ",".join(["'[]'"] * (len(_FLUSH_PARAMS) - 1) + ["'x'"])
         (plan,) = (await (await conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE flush({arguments})")).fetchone())
 
-    def nodes(node: dict[str, object]) -> list[dict[str, object]]:
-        children = node.get("Plans", [])
-        assert isinstance(children, list)
-        return [node, *(found for child in children for found in nodes(child))]
-
-    table_reads = [
-        node for node in nodes(plan[0]["Plan"]) if str(node.get("Relation Name", "")).startswith("compensa_")
-        and node["Node Type"] not in ("ModifyTable",)
-    ]
-    assert table_reads, jsonlib.dumps(plan)
-    for node in table_reads:
-        assert node["Node Type"] != "Seq Scan", node
-        assert "Index Cond" in node or "Recheck Cond" in node, node
+    _assert_indexed(_table_reads(plan[0]))

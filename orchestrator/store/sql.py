@@ -173,6 +173,11 @@ class SqlSagaStore(SagaStore):
         """Locks the selected rows, skipping those another transaction holds."""
         return query
 
+    async def _index_only_planning(self, conn: AsyncConnection) -> None:
+        """For the rest of the transaction, plans that read a whole table are
+        out: the scheduler's claim runs every second, and a plan cached while
+        the tables were small must not scan them once they are large."""
+
     # Reads the database's wall clock in seconds since the epoch.
     _CLOCK_QUERY: str
 
@@ -489,7 +494,8 @@ class SqlSagaStore(SagaStore):
         await conn.execute(saga_events.insert(), rows)
         return out
 
-    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+    def claim_statement(self, owner: str, now: float, lease_until: float, limit: int) -> sa.Update:
+        """The UPDATE that claims up to `limit` due sagas (see claim_due)."""
         claimable = sa.and_(
             sagas.c.due_at <= now,
             sagas.c.state.in_(_ACTIVE_STATES),
@@ -502,15 +508,17 @@ class SqlSagaStore(SagaStore):
             .cte("due")
             .prefix_with("MATERIALIZED")
         )
+        return (
+            sa.update(sagas)
+            .where(sagas.c.saga_id == due.c.saga_id, claimable)
+            .values(owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1)
+            .returning(*_SAGA_COLUMNS, sagas.c.epoch)
+        )
+
+    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
         async with self._transaction() as conn:
-            rows = (
-                await conn.execute(
-                    sa.update(sagas)
-                    .where(sagas.c.saga_id == due.c.saga_id, claimable)
-                    .values(owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1)
-                    .returning(*_SAGA_COLUMNS, sagas.c.epoch)
-                )
-            ).all()
+            await self._index_only_planning(conn)
+            rows = (await conn.execute(self.claim_statement(owner, now, lease_until, limit))).all()
             loaded = await self._load_many(conn, rows)
         return [Claimed(saga=saga, epoch=row.epoch) for saga, row in zip(loaded, rows)]
 
@@ -756,6 +764,9 @@ class PostgresSagaStore(SqlSagaStore):
 
     def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
+
+    async def _index_only_planning(self, conn: AsyncConnection) -> None:
+        await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
 
 
 class SqliteSagaStore(SqlSagaStore):
