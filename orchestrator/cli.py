@@ -407,10 +407,6 @@ def _serve(args: argparse.Namespace) -> int:
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
     )
-    if config.tls is not None:
-        config.tls.server_credentials()
-    if config.participant_tls is not None:
-        config.participant_tls.channel_credentials()
     if args.retention is not None:
         retention = args.retention.ToNanoseconds() / 1e9
         if retention <= 0:
@@ -449,8 +445,6 @@ def _participant(args: argparse.Namespace) -> int:
     from participants.server import serve_participant
 
     tls = _server_tls(args)
-    if tls is not None:
-        tls.server_credentials()  # unreadable files: an error now, not a stack trace from the server
     asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls))
     return EXIT_OK
 
@@ -615,7 +609,7 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     tls = _tls_files(args.client_tls_ca, args.client_tls_cert, args.client_tls_key)
     if tls is None:
         return grpc.insecure_channel(args.address)
-    return grpc.secure_channel(args.address, tls.channel_credentials())
+    return grpc.secure_channel(args.address, tls.channel_credentials)
 
 
 def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None) -> None:

@@ -29,6 +29,9 @@ from participants.tls import TlsFiles
 
 #: Answers after which the same call may simply be made again.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A replica that stops cancels its streams: worth resuming elsewhere too
+#: (this client never cancels its own).
+_RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 T = TypeVar("T")
 _FINAL = frozenset({saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED})
 
@@ -48,7 +51,7 @@ class SagaClient:
         each call has `call_timeout`, and a call answered UNAVAILABLE or
         DEADLINE_EXCEEDED is retried with backoff for up to `retry_for` seconds."""
         self._channel = (
-            grpc.aio.secure_channel(target, tls.channel_credentials())
+            grpc.aio.secure_channel(target, tls.channel_credentials)
             if tls is not None
             else grpc.aio.insecure_channel(target)
         )
@@ -131,9 +134,7 @@ class SagaClient:
                     if event.saga_state in _FINAL:
                         return
             except grpc.aio.AioRpcError as error:
-                # A replica that stops cancels its streams: that one is worth
-                # resuming elsewhere too (this client never cancels its own).
-                if error.code() not in RETRYABLE | {grpc.StatusCode.CANCELLED}:
+                if error.code() not in _RESUMABLE:
                     raise
             # Broken, or ended by a stopping server before the final event.
             await asyncio.sleep(delay)

@@ -23,7 +23,7 @@ class ParticipantClient:
     ) -> None:
         self._addresses = dict(addresses)
         self._metrics = metrics
-        self._credentials = tls.channel_credentials() if tls is not None else None
+        self._credentials = tls.channel_credentials if tls is not None else None
         self._options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),

@@ -83,7 +83,11 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     """Starts listening at once (health NOT_SERVING), then becomes SERVING
     when the database is reachable. Definition files are validated first:
     a bad file raises DefinitionError before anything starts."""
-    credentials = config.tls.server_credentials() if config.tls is not None else None
+    # TLS files first: one that cannot be read stops the start before anything
+    # is created (the credentials are kept; the engine's client reuses them).
+    credentials = config.tls.server_credentials if config.tls is not None else None
+    if config.participant_tls is not None:
+        _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
     store = open_store(config.resolved_database_url(), notifier=config.replica_id)

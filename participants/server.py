@@ -140,7 +140,7 @@ async def start_server(
     engine = participant.engine
     server = grpc.aio.server()
     try:
-        credentials = tls.server_credentials() if tls is not None else None
+        credentials = tls.server_credentials if tls is not None else None
         await participant.create_schema()
         participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
         health_servicer = health.aio.HealthServicer()

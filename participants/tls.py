@@ -9,6 +9,7 @@ them. Participants and the orchestrator both use it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import grpc
@@ -30,9 +31,10 @@ class TlsFiles:
         if (self.cert is None) != (self.key is None):
             raise TlsConfigError("a TLS certificate needs its private key and the other way round: give both")
 
+    @cached_property
     def server_credentials(self) -> grpc.ServerCredentials:
         """For serving: this side's certificate; with a CA, clients must
-        present a certificate it signed."""
+        present a certificate it signed. The files are read once."""
         if self.cert is None or self.key is None:
             raise TlsConfigError("serving TLS needs a certificate and its private key")
         ca = _read(self.ca)
@@ -40,9 +42,11 @@ class TlsFiles:
             [(_read(self.key), _read(self.cert))], root_certificates=ca, require_client_auth=ca is not None
         )
 
+    @cached_property
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """For calling: trusts `ca` (the system's roots when None) and
-        presents this side's certificate when there is one."""
+        presents this side's certificate when there is one. The files are
+        read once."""
         return grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca), private_key=_read(self.key), certificate_chain=_read(self.cert)
         )

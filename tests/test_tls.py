@@ -110,7 +110,7 @@ def _stub(channel: grpc.aio.Channel) -> orchestrator_pb2_grpc.OrchestratorServic
 
 
 async def test_a_checkout_runs_over_mutual_tls_and_strangers_are_refused(pki: Pki, deployment: Deployment) -> None:
-    async with grpc.aio.secure_channel(deployment.address, pki.client.channel_credentials()) as channel:
+    async with grpc.aio.secure_channel(deployment.address, pki.client.channel_credentials) as channel:
         stub = _stub(channel)
         await stub.StartSaga(
             orchestrator_pb2.StartSagaRequest(saga_id="tls-1", definition_name="checkout", input=checkout_input())
@@ -125,10 +125,10 @@ async def test_a_checkout_runs_over_mutual_tls_and_strangers_are_refused(pki: Pk
         strangers = {
             "plaintext": grpc.aio.insecure_channel(deployment.address),
             "no client certificate": grpc.aio.secure_channel(
-                deployment.address, TlsFiles(ca=pki.ca).channel_credentials()
+                deployment.address, TlsFiles(ca=pki.ca).channel_credentials
             ),
             "client certificate of another CA": grpc.aio.secure_channel(
-                deployment.address, pki.stranger.channel_credentials()
+                deployment.address, pki.stranger.channel_credentials
             ),
         }
         for what, stranger in strangers.items():
@@ -168,7 +168,7 @@ def test_unusable_tls_settings_are_refused_before_anything_starts(pki: Pki, tmp_
     with pytest.raises(TlsConfigError, match="give both"):
         TlsFiles(cert=pki.server.cert)
     with pytest.raises(TlsConfigError, match="cannot read TLS file"):
-        TlsFiles(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key").server_credentials()
+        TlsFiles(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key").server_credentials
     result = subprocess.run(
         [str(COMPENSA), "serve", "--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "missing.pem"),
          "--tls-key", str(pki.server.key)],
