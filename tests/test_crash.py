@@ -1,5 +1,6 @@
-"""Crash tests: real orchestrator and participant processes on PostgreSQL,
-killed with SIGKILL at random moments while hundreds of checkouts run.
+"""Crash tests: real orchestrator and participant processes on PostgreSQL
+(and once with the orchestrator on the embedded SQLite default), killed with
+SIGKILL at random moments while hundreds of checkouts run.
 
 What they prove (issue "Crash-proof execution"): a restart resumes every
 unfinished saga, and the participants' own tables show exactly-once effects:
@@ -439,9 +440,10 @@ class CrashStack:
 
 
 async def start_stack(
-    processes: ProcessSet, make_url: Callable[[], str], faults: dict[str, str]
+    processes: ProcessSet, make_url: Callable[[], str], faults: dict[str, str], *, orchestrator_url: str | None = None
 ) -> CrashStack:
-    urls = {kind: make_url() for kind in ("inventory", "payment", "shipping", "orchestrator")}
+    urls = {kind: make_url() for kind in ("inventory", "payment", "shipping")}
+    urls["orchestrator"] = orchestrator_url or make_url()
     participants = {
         kind: processes.participant(kind, urls[kind], faults=faults.get(kind, ""))
         for kind in ("inventory", "payment", "shipping")
@@ -464,6 +466,7 @@ async def run_crash_scenario(
     between: tuple[float, float],
     pause: tuple[float, float],
     min_success: float,
+    orchestrator_url: str | None = None,
 ) -> None:
     seed = _seed()
     rng = random.Random(seed)
@@ -472,7 +475,7 @@ async def run_crash_scenario(
     orders = make_orders(rng, f"{name}-{seed}")
     faults = f"{PAYMENT_FAULTS},seed={rng.randrange(2**31)}"
     with ProcessSet(tmp_path) as processes:
-        stack = await start_stack(processes, make_url, {"payment": faults})
+        stack = await start_stack(processes, make_url, {"payment": faults}, orchestrator_url=orchestrator_url)
         async with grpc.aio.insecure_channel(stack.orchestrator.address, options=FAST_RECONNECT) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             stats = LoadStats()
@@ -533,6 +536,25 @@ async def test_orchestrator_killed_repeatedly_loses_nothing(
         between=(0.3, 2.0),
         pause=(0.05, 0.8),
         min_success=0.8,
+    )
+
+
+async def test_orchestrator_on_the_embedded_sqlite_store_killed_repeatedly_loses_nothing(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """The same kills with the orchestrator on the embedded default store, a
+    SQLite file (WAL, synchronous=NORMAL: a committed transaction survives
+    the death of the process). The participants keep their PostgreSQL
+    databases; what is tested is the orchestrator's own state."""
+    await run_crash_scenario(
+        tmp_path,
+        make_postgres_url,
+        name="orchestrator-kill-sqlite",
+        victims=lambda stack: [stack.orchestrator] * 4,
+        between=(0.3, 2.0),
+        pause=(0.05, 0.8),
+        min_success=0.8,
+        orchestrator_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
     )
 
 
