@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
         add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
             client=False)
     )
+    _add_purge(
+        add("purge", _purge, "Delete sagas done for good that ended longer ago than --older-than, then exit.",
+            client=False)
+    )
     _add_participant(
         add("participant", _participant, "Run one of the example checkout participants.", client=False)
     )
@@ -438,6 +442,40 @@ def _migrate(args: argparse.Namespace) -> int:
 
     asyncio.run(migrate())
     print("schema up to date")
+    return EXIT_OK
+
+
+def _add_purge(parser: argparse.ArgumentParser) -> None:
+    _add_migrate(parser)
+    parser.add_argument(
+        "--older-than", type=parse_duration, required=True, metavar="DURATION",
+        help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"
+             " ago than this (e.g. 30d), with their steps and events; a FAILED saga nobody resolved is kept",
+    )
+
+
+def _purge(args: argparse.Namespace) -> int:
+    """What `serve --retention` does on its own, once, for deployments that
+    run it from a scheduled job instead (or want a one-off clean-up)."""
+    from orchestrator.engine import purge_finished
+    from orchestrator.store import open_store
+
+    older_than = args.older_than.ToNanoseconds() / 1e9
+    if older_than <= 0:
+        print("error: --older-than must be positive", file=sys.stderr)
+        return EXIT_ERROR
+
+    async def purge() -> int:
+        store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
+        try:
+            if not await store.has_schema():
+                raise CompensaError("no Compensa tables in this database; check --db (or run compensa migrate)")
+            # The database's clock, as the replicas read it.
+            return await purge_finished(store, await store.clock() - older_than)
+        finally:
+            await store.close()
+
+    print(f"deleted {asyncio.run(purge())} saga(s) done for good")
     return EXIT_OK
 
 

@@ -49,6 +49,17 @@ _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
 
 
+async def purge_finished(store: SagaStore, finished_before: float) -> int:
+    """Deletes every saga done for good whose last change is older than
+    `finished_before`, one batch per transaction; how many were deleted."""
+    total = 0
+    while True:
+        purged = await store.purge_finished(finished_before=finished_before, limit=_PURGE_BATCH)
+        total += purged
+        if purged < _PURGE_BATCH:
+            return total
+
+
 def completion_token(key: bytes, saga_id: str, step: str) -> str:
     """The token a long-running step reports its outcome with: the saga and
     the step, signed with the deployment's key so that only whoever received
@@ -556,13 +567,9 @@ class SagaEngine:
         while True:
             await asyncio.sleep(min(_PURGE_SECONDS, retention / 2))
             try:
-                purged = _PURGE_BATCH
-                while purged == _PURGE_BATCH:
-                    purged = await self.store.purge_finished(
-                        finished_before=self.clock.now() - retention, limit=_PURGE_BATCH
-                    )
-                    if purged:
-                        log.info("retention: deleted %d finished sagas with their events", purged)
+                purged = await purge_finished(self.store, self.clock.now() - retention)
+                if purged:
+                    log.info("retention: deleted %d finished sagas with their events", purged)
             except StoreUnavailable as error:
                 log.warning("retention: %s", error)
 

@@ -22,7 +22,7 @@ from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
-    "serve", "migrate", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry", "resolve"
+    "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry", "resolve"
 )
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
@@ -99,6 +99,29 @@ def test_serve_with_a_retention_that_is_not_positive_exits_2(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "--retention must be positive" in result.stderr
     assert not (tmp_path / ".compensa").exists()  # nothing was created
+
+
+def test_purge_with_an_age_that_is_not_positive_exits_2(tmp_path: Path) -> None:
+    result = _compensa("purge", "--older-than", "0s", "--db", f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    assert result.returncode == 2
+    assert "--older-than must be positive" in result.stderr
+
+
+def test_purge_of_a_database_without_compensa_tables_exits_2_and_creates_none(
+    make_postgres_url: Callable[[], str]
+) -> None:
+    import sqlalchemy as sa
+
+    url = make_postgres_url()
+    result = _compensa("purge", "--db", url, "--older-than", "30d")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: no Compensa tables in this database")
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert not [name for name in sa.inspect(conn).get_table_names() if name.startswith("compensa_")]
+    finally:
+        engine.dispose()
 
 
 def test_unreachable_orchestrator_exits_2_with_status_code() -> None:
@@ -287,6 +310,28 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     not_allowed = await _compensa_async(*address, "resolve", "cli-ok", "--note", "nothing to do")
     assert not_allowed.returncode == 2
     assert not_allowed.stderr.startswith("error: FAILED_PRECONDITION: ")
+
+
+async def test_purge_deletes_finished_sagas_older_than_asked(deployment: _Deployment, tmp_path: Path) -> None:
+    address = ("--address", deployment.address)
+    database = ("--db", f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}")
+    done = await _compensa_async(
+        *address, "start", "checkout", "--input", json.dumps(CHECKOUT_INPUT), "--saga-id", "cli-purged", "--wait"
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    too_young = await _compensa_async("purge", *database, "--older-than", "1h")
+    assert too_young.returncode == 0, too_young.stderr
+    assert too_young.stdout.strip() == "deleted 0 saga(s) done for good"
+    assert (await _compensa_async(*address, "get", "cli-purged")).returncode == 0
+
+    await asyncio.sleep(0.05)  # ok-sleep: the saga's last change must be older than the 10ms asked below
+    purged = await _compensa_async("purge", *database, "--older-than", "10ms")
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.strip() == "deleted 1 saga(s) done for good"
+    gone = await _compensa_async(*address, "get", "cli-purged")
+    assert gone.returncode == 2
+    assert gone.stderr.startswith("error: NOT_FOUND: ")
 
 
 def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:

@@ -89,6 +89,11 @@ class SagaStore(abc.ABC):
         """Creates missing tables; safe to run at every start-up."""
 
     @abc.abstractmethod
+    async def has_schema(self) -> bool:
+        """Whether the tables exist (commands other than serve and migrate
+        must not create them in a database they were pointed at by mistake)."""
+
+    @abc.abstractmethod
     async def secret(self, name: str) -> bytes:
         """The deployment's secret `name`: 32 random bytes made on first use,
         the same for every replica and across restarts."""

@@ -200,6 +200,10 @@ class SqlSagaStore(SagaStore):
             await conn.run_sync(metadata.create_all)
             await conn.execute(self._insert(log_head).values(id=1, position=0).on_conflict_do_nothing())
 
+    async def has_schema(self) -> bool:
+        async with self._transaction() as conn:
+            return bool(await conn.run_sync(lambda sync: sa.inspect(sync).has_table(sagas.name)))
+
     async def secret(self, name: str) -> bytes:
         async with self._transaction() as conn:
             # Replicas starting together all try; the first insert wins.
