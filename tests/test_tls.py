@@ -18,11 +18,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
-from harness import CHECKOUT, REPO, checkout_input, poll_until
+from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
 from orchestrator.config import ServerConfig
 from orchestrator.server import start_orchestrator
+from participants.inventory import RESERVATIONS
 from participants.server import start_participant
 from participants.tls import TlsConfigError, TlsFiles
 
@@ -199,3 +201,68 @@ async def test_metrics_are_served_over_the_same_mutual_tls(pki: Pki, deployment:
     assert "compensa_sagas_driven" in await asyncio.to_thread(fetch, True)
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         await asyncio.to_thread(fetch, False)
+
+
+_ONE_STEP = """\
+name: tls-probe
+description: One reversible step, few quick retries.
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - name: reserve_stock
+    participant: inventory
+    kind: COMPENSABLE
+    execute_timeout: 2s
+    compensate_timeout: 2s
+    retry: {max_attempts: 2, initial_backoff: 50ms, backoff_multiplier: 2, max_backoff: 100ms}
+    compensate_retry: {max_attempts: 2, initial_backoff: 50ms, backoff_multiplier: 2, max_backoff: 100ms}
+"""
+
+
+async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_and_says_why(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """The orchestrator trusts another CA than the one that signed the
+    participant's certificate: no call gets through, the saga ends for a
+    person, and the step's last error names the certificate check."""
+    definition = tmp_path / "tls-probe.yaml"
+    definition.write_text(_ONE_STEP)
+    inventory_db = tmp_path / "inventory.db"
+    inventory = await start_participant("inventory", f"sqlite+aiosqlite:///{inventory_db}", tls=pki.server)
+    wrong_trust = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca.with_name("other-ca.pem"))
+    orchestrator = await start_orchestrator(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            definition_paths=(definition,),
+            participants={"inventory": inventory.address},
+            participant_tls=wrong_trust,
+        )
+    )
+    try:
+        async with grpc.aio.insecure_channel(orchestrator.address) as channel:
+            stub = _stub(channel)
+            await stub.StartSaga(
+                orchestrator_pb2.StartSagaRequest(saga_id="tls-untrusted", definition_name="tls-probe",
+                                                  input=checkout_input())
+            )
+
+            async def final() -> saga_pb2.Saga | None:
+                saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="tls-untrusted"))).saga
+                return saga if saga.state in FINAL else None
+
+            saga = await poll_until(final, timeout=20)
+    finally:
+        await orchestrator.stop(0)
+        await inventory.stop(0)
+    # Execute's outcome is unknown (it never got an answer), so the step is
+    # compensated; that fails the same way, which is a person's job.
+    assert saga.state == S.SAGA_STATE_FAILED
+    (step,) = saga.steps
+    assert step.state == S.STEP_STATE_COMPENSATION_FAILED
+    assert "CERTIFICATE_VERIFY_FAILED" in step.last_error, step.last_error
+    engine = sa.create_engine(f"sqlite:///{inventory_db}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(RESERVATIONS)).scalar_one() == 0
+    finally:
+        engine.dispose()
