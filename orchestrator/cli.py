@@ -29,6 +29,7 @@ from google.protobuf.message import Message
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from orchestrator import payloads, timeline
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
+from orchestrator.definitions import load_definitions
 from orchestrator.errors import CompensaError
 from participants.faults import FaultPlan
 from participants.tls import TlsConfigError, TlsFiles
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cancel(add("cancel", _cancel, "Ask a running saga to stop and compensate."))
     _add_retry(add("retry", _retry, "Run the failed compensations of a FAILED saga again."))
     _add_resolve(add("resolve", _resolve, "Mark a FAILED saga as resolved by hand."))
+    _add_register(
+        add("register", _register, "Register definition files (YAML or JSON) with a running orchestrator.")
+    )
+    _add_definitions(add("definitions", _definitions, "List definitions (latest versions), or show one."))
     return parser
 
 
@@ -354,6 +359,19 @@ def _add_status(parser: argparse.ArgumentParser) -> None:
     _add_json_option(parser)
 
 
+def _add_register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH",
+        help="definition files, or directories of them (*.yaml, *.yml, *.json); all are checked before any is sent",
+    )
+
+
+def _add_definitions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
+    parser.add_argument("--version", type=int, default=0, metavar="N", help="with NAME: this version (default latest)")
+    _add_json_option(parser)
+
+
 def _add_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saga_id", metavar="ID", nargs="?", help="the saga to watch (omit with --all)")
     parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
@@ -532,6 +550,52 @@ def _get(args: argparse.Namespace) -> int:
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
         _print_result(args, saga)
     return EXIT_OK
+
+
+def _register(args: argparse.Namespace) -> int:
+    # Checked here first: an invalid file is named before anything is registered.
+    definitions = load_definitions(args.paths)
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        for definition in definitions:
+            response = stub.RegisterDefinition(
+                orchestrator_pb2.RegisterDefinitionRequest(definition=definition), timeout=args.timeout
+            )
+            registered = response.definition
+            what = "registered" if response.created else "unchanged, already registered"
+            print(f"{registered.name} version {registered.version}: {what}")
+    return EXIT_OK
+
+
+def _definitions(args: argparse.Namespace) -> int:
+    if args.version and not args.name:
+        print("error: --version needs a NAME", file=sys.stderr)
+        return EXIT_ERROR
+    if args.version < 0:
+        print(f"error: --version must be positive, got {args.version}", file=sys.stderr)
+        return EXIT_ERROR
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.name:
+            definition = stub.GetDefinition(
+                orchestrator_pb2.GetDefinitionRequest(name=args.name, version=args.version), timeout=args.timeout
+            ).definition
+            print(json_format.MessageToJson(definition, preserving_proto_field_name=True))
+            return EXIT_OK
+        request = orchestrator_pb2.ListDefinitionsRequest()
+        if not args.json:
+            print(f"{'NAME':<24} {'VERSION':>7} {'STEPS':>5}  DESCRIPTION")
+        while True:
+            response = stub.ListDefinitions(request, timeout=args.timeout)
+            for definition in response.definitions:
+                if args.json:
+                    print(_json_line(definition))
+                else:
+                    print(f"{definition.name:<24} {definition.version:>7} {len(definition.steps):>5}  "
+                          f"{definition.description}")
+            if not response.next_page_token:
+                return EXIT_OK
+            request.page_token = response.next_page_token
 
 
 def _list(args: argparse.Namespace) -> int:

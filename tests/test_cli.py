@@ -22,7 +22,8 @@ from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
-    "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry", "resolve"
+    "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry",
+    "resolve", "register", "definitions",
 )
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
@@ -332,6 +333,44 @@ async def test_purge_deletes_finished_sagas_older_than_asked(deployment: _Deploy
     gone = await _compensa_async(*address, "get", "cli-purged")
     assert gone.returncode == 2
     assert gone.stderr.startswith("error: NOT_FOUND: ")
+
+
+async def test_register_and_list_definitions(deployment: _Deployment, tmp_path: Path) -> None:
+    address = ("--address", deployment.address)
+    checkout = (DEFINITIONS_DIR / "checkout.yaml").read_text()
+    changed = tmp_path / "checkout-v2.yaml"
+    changed.write_text(checkout.replace("description: ", "description: (v2) ", 1))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(checkout.replace("name: checkout", "name: checkout-broken", 1).replace("kind: PIVOT", "kind: BOGUS"))
+
+    refused = await _compensa_async(*address, "register", str(changed), str(broken))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and "broken.yaml" in refused.stderr and "BOGUS" in refused.stderr
+    assert refused.stdout == ""  # the valid file was not sent either
+
+    registered = await _compensa_async(*address, "register", str(changed))
+    assert registered.returncode == 0, registered.stderr
+    assert registered.stdout.strip() == "checkout version 2: registered"
+    again = await _compensa_async(*address, "register", str(changed))
+    assert again.stdout.strip() == "checkout version 2: unchanged, already registered"
+
+    listed = await _compensa_async(*address, "definitions")
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "VERSION", "STEPS", "DESCRIPTION"]
+    assert [row.split()[:3] for row in rows] == [["checkout", "2", "3"]]
+    assert "(v2)" in rows[0]
+
+    first = await _compensa_async(*address, "definitions", "checkout", "--version", "1")
+    assert first.returncode == 0, first.stderr
+    shown = json.loads(first.stdout)
+    assert shown["version"] == 1 and "(v2)" not in shown["description"]
+    assert [step["name"] for step in shown["steps"]] == ["reserve_stock", "charge_card", "ship_order"]
+
+    missing = await _compensa_async(*address, "definitions", "no-such-flow")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: NOT_FOUND: ")
+    assert (await _compensa_async(*address, "definitions", "--version", "1")).returncode == 2
 
 
 def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
