@@ -523,38 +523,26 @@ async def run_crash_scenario(
 # --- the tests ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("orchestrator_store", ["postgresql", "sqlite"])
 async def test_orchestrator_killed_repeatedly_loses_nothing(
-    tmp_path: Path, make_postgres_url: Callable[[], str]
+    tmp_path: Path, make_postgres_url: Callable[[], str], orchestrator_store: str
 ) -> None:
     """The orchestrator is SIGKILLed 4 times during 240 checkouts; each restart
-    is a new replica that takes the sagas over when their 1s leases expire."""
+    is a new replica that takes the sagas over when their 1s leases expire.
+
+    Once on PostgreSQL, once on the embedded default store, a SQLite file (WAL,
+    synchronous=NORMAL: a committed transaction survives the death of the
+    process); the participants keep their PostgreSQL databases either way."""
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}"
     await run_crash_scenario(
         tmp_path,
         make_postgres_url,
-        name="orchestrator-kill",
+        name=f"orchestrator-kill-{orchestrator_store}",
         victims=lambda stack: [stack.orchestrator] * 4,
         between=(0.3, 2.0),
         pause=(0.05, 0.8),
         min_success=0.8,
-    )
-
-
-async def test_orchestrator_on_the_embedded_sqlite_store_killed_repeatedly_loses_nothing(
-    tmp_path: Path, make_postgres_url: Callable[[], str]
-) -> None:
-    """The same kills with the orchestrator on the embedded default store, a
-    SQLite file (WAL, synchronous=NORMAL: a committed transaction survives
-    the death of the process). The participants keep their PostgreSQL
-    databases; what is tested is the orchestrator's own state."""
-    await run_crash_scenario(
-        tmp_path,
-        make_postgres_url,
-        name="orchestrator-kill-sqlite",
-        victims=lambda stack: [stack.orchestrator] * 4,
-        between=(0.3, 2.0),
-        pause=(0.05, 0.8),
-        min_success=0.8,
-        orchestrator_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+        orchestrator_url=sqlite_url if orchestrator_store == "sqlite" else None,
     )
 
 
