@@ -253,6 +253,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
                         help="PEM client certificate shown to participants that require one (with --participant-tls-key)")
     parser.add_argument("--participant-tls-key", type=Path, metavar="FILE", help="PEM private key of --participant-tls-cert")
+    parser.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="a client certificate name (CN or subject alternative name) allowed to cancel, retry, resolve and"
+             " register definitions; repeat for several (default: every client may; needs --tls-client-ca)",
+    )
     parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
     parser.add_argument(
@@ -428,6 +433,7 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_listen=args.metrics_listen,
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
+        operators=tuple(args.operator),
     )
     if args.retention is not None:
         retention = args.retention.ToNanoseconds() / 1e9

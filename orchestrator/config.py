@@ -43,6 +43,10 @@ class ServerConfig:
     # TLS for the calls to participants: the CA that signs their certificates
     # and this orchestrator's client certificate; None calls in plaintext.
     participant_tls: TlsFiles | None = None
+    # Client certificate names (common name or subject alternative name)
+    # allowed to cancel, retry, resolve and register definitions; empty lets
+    # every client do it. Needs mutual TLS (tls.ca).
+    operators: tuple[str, ...] = ()
     # HOST:PORT of the Prometheus /metrics endpoint (over TLS when `tls` is
     # set); None serves none.
     metrics_listen: str | None = None

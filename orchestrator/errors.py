@@ -35,6 +35,12 @@ class FailedPrecondition(CompensaError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(CompensaError):
+    """The caller's identity does not allow the action."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 

@@ -21,6 +21,7 @@ from orchestrator.engine import SagaEngine
 from orchestrator.errors import StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition
 from orchestrator.store import open_store
+from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
 
@@ -86,6 +87,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     # TLS files first: one that cannot be read stops the start before anything
     # is created (the credentials are kept; the engine's client reuses them).
     credentials = config.tls.server_credentials if config.tls is not None else None
+    if config.operators and (config.tls is None or config.tls.ca is None):
+        raise TlsConfigError("operators are named by their client certificates: --operator needs --tls-client-ca")
     if config.participant_tls is not None:
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)

@@ -30,6 +30,7 @@ from orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     grpc_status_of,
 )
 from orchestrator.streams import READ_BATCH, LogTail
@@ -133,6 +134,14 @@ def _start_fingerprint(request: orchestrator_pb2.StartSagaRequest) -> str:
     return digest.hexdigest()
 
 
+def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """The client certificate's common name and alternative names, when the
+    call came over mutual TLS (the certificate was verified by then)."""
+    auth = context.auth_context()
+    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
+    return list(dict.fromkeys(name.decode() for name in names))
+
+
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """compensa.v1.OrchestratorService over a SagaEngine."""
 
@@ -146,6 +155,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             buffer_size=engine.config.watch_buffer_events,
             reread_seconds=engine.config.watch_reread_seconds,
         )
+        self._operators = frozenset(engine.config.operators)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
         self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
 
@@ -156,6 +166,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def _saga_view(self, saga: machine.SagaRecord) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         return saga_message(saga, plan)
+
+    def _operator(self, context: grpc.aio.ServicerContext, action: str, claimed: str = "") -> str:
+        """Checks that the caller may run an operator action; who it is, for
+        the saga's log. With a client certificate the log names it, next to
+        the actor the request claims (which nothing verifies)."""
+        names = _certificate_names(context)
+        if self._operators and self._operators.isdisjoint(names):
+            shown = ", ".join(names) or "no client certificate"
+            raise PermissionDenied(
+                f"{action} is for operators: call with the client certificate of one named by serve --operator"
+                f" (this call's: {shown})"
+            )
+        if not names:
+            return claimed
+        return f"{claimed} (certificate {names[0]})" if claimed and claimed != names[0] else names[0]
 
     async def _existing(self, saga_id: str) -> machine.SagaRecord:
         _require_saga_id(saga_id)
@@ -270,32 +295,32 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelSaga(
         self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelSagaResponse:
+        actor = self._operator(context, "CancelSaga", request.actor)
         _require_saga_id(request.saga_id)
-        saga = await self._engine.apply_external(
-            request.saga_id, machine.CancelRequested(actor=request.actor, reason=request.reason)
-        )
+        event = machine.CancelRequested(actor=actor, reason=request.reason)
+        saga = await self._engine.apply_external(request.saga_id, event)
         return orchestrator_pb2.CancelSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
+        actor = self._operator(context, "RetrySaga", request.actor)
         _require_saga_id(request.saga_id)
-        saga = await self._engine.apply_external(
-            request.saga_id, machine.RetryRequested(actor=request.actor, reason=request.reason)
-        )
+        event = machine.RetryRequested(actor=actor, reason=request.reason)
+        saga = await self._engine.apply_external(request.saga_id, event)
         return orchestrator_pb2.RetrySagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
     async def ResolveSaga(
         self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ResolveSagaResponse:
+        actor = self._operator(context, "ResolveSaga", request.actor)
         if not request.note.strip():
             raise InvalidArgument("note is required: say what was done to repair the flow")
         _require_saga_id(request.saga_id)
-        saga = await self._engine.apply_external(
-            request.saga_id, machine.ResolveRequested(actor=request.actor, note=request.note)
-        )
+        event = machine.ResolveRequested(actor=actor, note=request.note)
+        saga = await self._engine.apply_external(request.saga_id, event)
         return orchestrator_pb2.ResolveSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
@@ -407,6 +432,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RegisterDefinition(
         self, request: orchestrator_pb2.RegisterDefinitionRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RegisterDefinitionResponse:
+        self._operator(context, "RegisterDefinition")
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
         definition, created = await register_definition(self._engine, request.definition, source="request")

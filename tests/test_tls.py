@@ -24,6 +24,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
 from orchestrator.config import ServerConfig
 from orchestrator.server import start_orchestrator
+from participants.faults import FaultPlan
 from participants.inventory import RESERVATIONS
 from participants.server import start_participant
 from participants.tls import TlsConfigError, TlsFiles
@@ -38,6 +39,7 @@ class Pki:
     server: TlsFiles  # server certificate for 127.0.0.1, trusting client certificates of `ca`
     client: TlsFiles  # client certificate signed by `ca`, trusting servers of `ca`
     stranger: TlsFiles  # a client certificate from another CA, trusting servers of `ca`
+    operator: TlsFiles  # a client certificate of `ca`: CN ops-console, DNS name ops.example
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -65,12 +67,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     _certificate(directory, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
     _certificate(directory, "ca", "client", "extendedKeyUsage=clientAuth")
     _certificate(directory, "other-ca", "stranger", "extendedKeyUsage=clientAuth")
+    _certificate(directory, "ca", "ops-console", "subjectAltName=DNS:ops.example\nextendedKeyUsage=clientAuth")
     ca = directory / "ca.pem"
     return Pki(
         ca=ca,
         server=TlsFiles(cert=directory / "server.pem", key=directory / "server.key", ca=ca),
         client=TlsFiles(cert=directory / "client.pem", key=directory / "client.key", ca=ca),
         stranger=TlsFiles(cert=directory / "stranger.pem", key=directory / "stranger.key", ca=ca),
+        operator=TlsFiles(cert=directory / "ops-console.pem", key=directory / "ops-console.key", ca=ca),
     )
 
 
@@ -185,6 +189,13 @@ def test_unusable_tls_settings_are_refused_before_anything_starts(pki: Pki, tmp_
     )
     assert result.returncode == 2
     assert "--tls-client-ca needs --tls-cert and --tls-key" in result.stderr
+    result = subprocess.run(
+        [str(COMPENSA), "serve", "--listen", "127.0.0.1:0", "--operator", "ops.example",
+         "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "--operator needs --tls-client-ca" in result.stderr
 
 
 async def test_metrics_are_served_over_the_same_mutual_tls(pki: Pki, deployment: Deployment) -> None:
@@ -266,3 +277,67 @@ async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_an
             assert conn.execute(sa.select(sa.func.count()).select_from(RESERVATIONS)).scalar_one() == 0
     finally:
         engine.dispose()
+
+
+async def test_only_operators_named_by_their_certificates_may_act_on_sagas_or_register(
+    pki: Pki, tmp_path: Path
+) -> None:
+    definition = tmp_path / "tls-probe.yaml"
+    definition.write_text(_ONE_STEP.replace("execute_timeout: 2s", "execute_timeout: 10s"))
+    # Slow enough that the saga is still running when the cancels arrive.
+    inventory = await start_participant(
+        "inventory", f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}", tls=pki.server,
+        faults=FaultPlan(delay_seconds=3.0),
+    )
+    orchestrator = await start_orchestrator(
+        ServerConfig(
+            listen="127.0.0.1:0",
+            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            definition_paths=(definition,),
+            participants={"inventory": inventory.address},
+            tls=pki.server,
+            participant_tls=pki.client,
+            operators=("ops.example",),
+        )
+    )
+    try:
+        async with (
+            grpc.aio.secure_channel(orchestrator.address, pki.client.channel_credentials) as service_channel,
+            grpc.aio.secure_channel(orchestrator.address, pki.operator.channel_credentials) as operator_channel,
+        ):
+            service, operator = _stub(service_channel), _stub(operator_channel)
+            await service.StartSaga(
+                orchestrator_pb2.StartSagaRequest(saga_id="ops-1", definition_name="tls-probe", input=checkout_input())
+            )
+            refused = {
+                "CancelSaga": service.CancelSaga(
+                    orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="no", actor="ops.example")
+                ),
+                "ResolveSaga": service.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="ops-1", note="no")),
+                "RetrySaga": service.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="ops-1")),
+                "RegisterDefinition": service.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest()),
+            }
+            for action, call in refused.items():
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await call
+                assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, action
+                assert f"{action} is for operators" in (error.value.details() or "")
+                assert "this call's: client" in (error.value.details() or "")
+            running = (await service.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="ops-1"))).saga
+            assert running.state == S.SAGA_STATE_RUNNING and running.sequence == 2
+
+            cancelled = await operator.CancelSaga(
+                orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="customer called", actor="alice")
+            )
+            assert cancelled.saga.state == S.SAGA_STATE_COMPENSATING
+            events = service.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id="ops-1", replay_history=True))
+            actors = []
+            async for update in events:
+                if update.event.type == S.EVENT_TYPE_CANCEL_REQUESTED:
+                    actors.append(update.event.actor)
+                    break
+            events.cancel()
+            assert actors == ["alice (certificate ops-console)"]
+    finally:
+        await orchestrator.stop(0)
+        await inventory.stop(0)

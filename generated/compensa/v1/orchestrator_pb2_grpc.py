@@ -36,6 +36,9 @@ class OrchestratorServiceStub:
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
+    - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+    register a definition) from a client certificate the server was not
+    told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 
@@ -123,6 +126,9 @@ class OrchestratorServiceServicer:
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
+    - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+    register a definition) from a client certificate the server was not
+    told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 
@@ -329,6 +335,9 @@ class OrchestratorService:
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
+    - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+    register a definition) from a client certificate the server was not
+    told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 

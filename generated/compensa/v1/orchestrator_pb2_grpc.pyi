@@ -37,6 +37,9 @@ class OrchestratorServiceStub:
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
+      - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+        register a definition) from a client certificate the server was not
+        told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 
@@ -114,6 +117,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
+      - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+        register a definition) from a client certificate the server was not
+        told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 
@@ -187,6 +193,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
+      - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
+        register a definition) from a client certificate the server was not
+        told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
 
