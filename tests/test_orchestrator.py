@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,11 +16,12 @@ from google.protobuf import any_pb2, duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from harness import checkout_input, checkout_stack
+from harness import checkout_input, checkout_stack, poll_until
 from orchestrator.config import ServerConfig
 from orchestrator.errors import DefinitionError
 from orchestrator.server import start_orchestrator
 from participants.faults import FaultPlan
+from participants.server import start_participant
 
 S = saga_pb2
 
@@ -286,3 +289,61 @@ async def test_health_serving_and_reflection_lists_the_service(make_postgres_url
         ):
             services += [service.name for service in response.list_services_response.service]
         assert "compensa.v1.OrchestratorService" in services
+
+
+PATIENT_CHECKOUT = """
+name: checkout
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - {name: reserve_stock, participant: inventory, execute_timeout: 1s}
+  - name: charge_card
+    participant: payment
+    execute_timeout: 1s
+    # Rides out an outage of up to about 25 s (minutes in production, with a longer cap).
+    retry: {max_attempts: 30, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}
+  - {name: ship_order, participant: shipping, kind: PIVOT, execute_timeout: 1s}
+"""
+
+
+async def test_a_participant_down_for_many_leases_is_waited_for_then_the_saga_finishes(
+    make_postgres_url: Callable[[], str], tmp_path: Path
+) -> None:
+    """Payment is down for 8 s, eight times the lease: the saga retries on its
+    backoff, lies released in the database between attempts (no replica holds
+    it), is claimed again for each attempt, and succeeds once payment is back
+    on the same address; the card is charged once."""
+    definition = tmp_path / "checkout.yaml"
+    definition.write_text(PATIENT_CHECKOUT)
+    async with checkout_stack(make_postgres_url, definition_paths=(definition,), lease_seconds=1.0) as stack:
+        payment = stack.participants["payment"]
+        payment_url = payment.engine.url.render_as_string(hide_password=False)
+        await payment.stop(0)
+        down_since = time.monotonic()
+        saga_id = await stack.start()
+
+        orchestrator_db = create_async_engine(stack.orchestrator_url)
+        try:
+            async def released_while_waiting() -> bool:
+                async with orchestrator_db.connect() as conn:
+                    row = (await conn.execute(
+                        sa.text("SELECT owner, due_at, extract(epoch FROM clock_timestamp()) AS now"
+                                " FROM compensa_sagas WHERE saga_id = :id"), {"id": saga_id}
+                    )).one()
+                return row.owner is None and row.due_at is not None and row.due_at > row.now
+
+            await poll_until(released_while_waiting, timeout=8.0, interval=0.01)
+        finally:
+            await orchestrator_db.dispose()
+        await asyncio.sleep(max(0.0, 8.0 - (time.monotonic() - down_since)))  # ok-sleep: the outage lasts 8 s
+        stack.participants["payment"] = await start_participant(
+            "payment", payment_url, listen=payment.address
+        )
+
+        saga = await stack.wait_final(saga_id, timeout=30.0)
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        charge = _step(saga, "charge_card")
+        assert charge.attempts >= 5, charge  # it did wait through several failed attempts
+        retries = [e for e in await stack.events(saga_id) if e.type == S.EVENT_TYPE_STEP_RETRY_SCHEDULED]
+        assert len(retries) == charge.attempts - 1
+        assert all("UNAVAILABLE" in e.message for e in retries)
+        assert len(await stack.rows("payment", "payment_charges", saga_id=saga_id)) == 1
