@@ -481,6 +481,8 @@ def _add_purge(parser: argparse.ArgumentParser) -> None:
 def _purge(args: argparse.Namespace) -> int:
     """What `serve --retention` does on its own, once, for deployments that
     run it from a scheduled job instead (or want a one-off clean-up)."""
+    from sqlalchemy.engine import make_url
+
     from orchestrator.engine import purge_finished
     from orchestrator.store import open_store
 
@@ -489,8 +491,14 @@ def _purge(args: argparse.Namespace) -> int:
         print("error: --older-than must be positive", file=sys.stderr)
         return EXIT_ERROR
 
+    url = ServerConfig(database_url=args.db).resolved_database_url()
+    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
+        print(f"error: no database at {sqlite_file}; check --db", file=sys.stderr)
+        return EXIT_ERROR
+
     async def purge() -> int:
-        store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
+        store = open_store(url)
         try:
             if not await store.has_schema():
                 raise CompensaError("no Compensa tables in this database; check --db (or run compensa migrate)")

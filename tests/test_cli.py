@@ -108,6 +108,14 @@ def test_purge_with_an_age_that_is_not_positive_exits_2(tmp_path: Path) -> None:
     assert "--older-than must be positive" in result.stderr
 
 
+def test_purge_of_a_sqlite_file_that_does_not_exist_exits_2_and_creates_none(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    result = _compensa("purge", "--older-than", "30d", "--db", f"sqlite+aiosqlite:///{missing}")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no database at {missing}; check --db"
+    assert not missing.exists()
+
+
 def test_purge_of_a_database_without_compensa_tables_exits_2_and_creates_none(
     make_postgres_url: Callable[[], str]
 ) -> None:
