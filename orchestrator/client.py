@@ -96,6 +96,18 @@ class SagaClient:
         )
         return response.saga
 
+    async def cancel(self, saga_id: str, *, reason: str = "", actor: str = "") -> saga_pb2.Saga:
+        """Asks a running saga to stop and compensate; returns it as the
+        cancel left it (COMPENSATING, or FAILED with an alert when a pivot
+        ran meanwhile). Safe to retry: a saga already compensating is
+        returned as it is. FAILED_PRECONDITION when it cannot be cancelled
+        (it ended, or a step that cannot be undone has run)."""
+        request = orchestrator_pb2.CancelSagaRequest(saga_id=saga_id, reason=reason, actor=actor)
+        response: orchestrator_pb2.CancelSagaResponse = await self._retrying(
+            lambda: self.stub.CancelSaga(request, timeout=self._call_timeout)
+        )
+        return response.saga
+
     async def complete_step(
         self, completion_token: str, *, output: Message | None = None, failure_reason: str = ""
     ) -> saga_pb2.Saga:

@@ -17,6 +17,7 @@ from harness import checkout_stack, poll_until
 from orchestrator.client import SagaClient
 from orchestrator.config import ServerConfig
 from orchestrator.server import RunningOrchestrator, start_orchestrator
+from participants.faults import FaultPlan
 from scripted_participant import ScriptedParticipant, serve_scripted
 
 S = saga_pb2
@@ -58,6 +59,26 @@ async def test_execute_returns_the_ended_saga_and_a_retried_start_finds_the_firs
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await client.start("no-such-flow", _order("client-3"))
             assert error.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_cancel_stops_a_running_saga_and_may_be_repeated(make_postgres_url: Callable[[], str]) -> None:
+    faults = {"payment": FaultPlan(delay_seconds=1.5)}  # the saga is still charging when cancelled
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        async with SagaClient(stack.orchestrator.address) as client:
+            started = await client.start("checkout", _order("client-cancel"), saga_id="client-cancel")
+            assert started.state == S.SAGA_STATE_RUNNING
+            cancelled = await client.cancel("client-cancel", reason="customer called", actor="support")
+            assert cancelled.state == S.SAGA_STATE_COMPENSATING
+            assert (await client.result("client-cancel")).state == S.SAGA_STATE_COMPENSATED
+            again = await client.cancel("client-cancel", reason="customer called", actor="support")
+            assert again.state == S.SAGA_STATE_COMPENSATED
+            cancels = [e for e in await stack.events("client-cancel") if e.type == S.EVENT_TYPE_CANCEL_REQUESTED]
+            assert [(e.actor, e.message) for e in cancels] == [("support", "customer called")]
+
+            done = await client.execute("checkout", _order("client-done"), saga_id="client-done")
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await client.cancel(done.saga_id)
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def _free_port() -> int:
