@@ -8,12 +8,14 @@ client certificate must be refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import grpc
@@ -23,7 +25,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
 from orchestrator.config import ServerConfig
-from orchestrator.server import start_orchestrator
+from orchestrator.server import RunningOrchestrator, start_orchestrator
 from participants.faults import FaultPlan
 from participants.inventory import RESERVATIONS
 from participants.server import start_participant
@@ -229,49 +231,63 @@ steps:
 """
 
 
+@contextlib.asynccontextmanager
+async def _one_step_deployment(
+    pki: Pki, tmp_path: Path, *, definition: str = _ONE_STEP, inventory_faults: FaultPlan | None = None,
+    **config: Any,
+) -> AsyncIterator[RunningOrchestrator]:
+    """The inventory participant over TLS and an orchestrator running `definition`."""
+    (tmp_path / "tls-probe.yaml").write_text(definition)
+    inventory = await start_participant(
+        "inventory", f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}", tls=pki.server, faults=inventory_faults
+    )
+    try:
+        orchestrator = await start_orchestrator(
+            ServerConfig(
+                listen="127.0.0.1:0",
+                database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+                definition_paths=(tmp_path / "tls-probe.yaml",),
+                participants={"inventory": inventory.address},
+                **config,
+            )
+        )
+        try:
+            yield orchestrator
+        finally:
+            await orchestrator.stop(0)
+    finally:
+        await inventory.stop(0)
+
+
 async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_and_says_why(
     pki: Pki, tmp_path: Path
 ) -> None:
     """The orchestrator trusts another CA than the one that signed the
     participant's certificate: no call gets through, the saga ends for a
     person, and the step's last error names the certificate check."""
-    definition = tmp_path / "tls-probe.yaml"
-    definition.write_text(_ONE_STEP)
-    inventory_db = tmp_path / "inventory.db"
-    inventory = await start_participant("inventory", f"sqlite+aiosqlite:///{inventory_db}", tls=pki.server)
     wrong_trust = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca.with_name("other-ca.pem"))
-    orchestrator = await start_orchestrator(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
-            definition_paths=(definition,),
-            participants={"inventory": inventory.address},
-            participant_tls=wrong_trust,
+    async with (
+        _one_step_deployment(pki, tmp_path, participant_tls=wrong_trust) as orchestrator,
+        grpc.aio.insecure_channel(orchestrator.address) as channel,
+    ):
+        stub = _stub(channel)
+        await stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(saga_id="tls-untrusted", definition_name="tls-probe",
+                                              input=checkout_input())
         )
-    )
-    try:
-        async with grpc.aio.insecure_channel(orchestrator.address) as channel:
-            stub = _stub(channel)
-            await stub.StartSaga(
-                orchestrator_pb2.StartSagaRequest(saga_id="tls-untrusted", definition_name="tls-probe",
-                                                  input=checkout_input())
-            )
 
-            async def final() -> saga_pb2.Saga | None:
-                saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="tls-untrusted"))).saga
-                return saga if saga.state in FINAL else None
+        async def final() -> saga_pb2.Saga | None:
+            saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="tls-untrusted"))).saga
+            return saga if saga.state in FINAL else None
 
-            saga = await poll_until(final, timeout=20)
-    finally:
-        await orchestrator.stop(0)
-        await inventory.stop(0)
+        saga = await poll_until(final, timeout=20)
     # Execute's outcome is unknown (it never got an answer), so the step is
     # compensated; that fails the same way, which is a person's job.
     assert saga.state == S.SAGA_STATE_FAILED
     (step,) = saga.steps
     assert step.state == S.STEP_STATE_COMPENSATION_FAILED
     assert "CERTIFICATE_VERIFY_FAILED" in step.last_error, step.last_error
-    engine = sa.create_engine(f"sqlite:///{inventory_db}")
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'inventory.db'}")
     try:
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(RESERVATIONS)).scalar_one() == 0
@@ -282,62 +298,46 @@ async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_an
 async def test_only_operators_named_by_their_certificates_may_act_on_sagas_or_register(
     pki: Pki, tmp_path: Path
 ) -> None:
-    definition = tmp_path / "tls-probe.yaml"
-    definition.write_text(_ONE_STEP.replace("execute_timeout: 2s", "execute_timeout: 10s"))
-    # Slow enough that the saga is still running when the cancels arrive.
-    inventory = await start_participant(
-        "inventory", f"sqlite+aiosqlite:///{tmp_path / 'inventory.db'}", tls=pki.server,
-        faults=FaultPlan(delay_seconds=3.0),
-    )
-    orchestrator = await start_orchestrator(
-        ServerConfig(
-            listen="127.0.0.1:0",
-            database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
-            definition_paths=(definition,),
-            participants={"inventory": inventory.address},
-            tls=pki.server,
-            participant_tls=pki.client,
-            operators=("ops.example",),
+    async with (
+        _one_step_deployment(
+            pki, tmp_path, definition=_ONE_STEP.replace("execute_timeout: 2s", "execute_timeout: 10s"),
+            # Slow enough that the saga is still running when the cancels arrive.
+            inventory_faults=FaultPlan(delay_seconds=3.0),
+            tls=pki.server, participant_tls=pki.client, operators=("ops.example",),
+        ) as orchestrator,
+        grpc.aio.secure_channel(orchestrator.address, pki.client.channel_credentials) as service_channel,
+        grpc.aio.secure_channel(orchestrator.address, pki.operator.channel_credentials) as operator_channel,
+    ):
+        service, operator = _stub(service_channel), _stub(operator_channel)
+        await service.StartSaga(
+            orchestrator_pb2.StartSagaRequest(saga_id="ops-1", definition_name="tls-probe", input=checkout_input())
         )
-    )
-    try:
-        async with (
-            grpc.aio.secure_channel(orchestrator.address, pki.client.channel_credentials) as service_channel,
-            grpc.aio.secure_channel(orchestrator.address, pki.operator.channel_credentials) as operator_channel,
-        ):
-            service, operator = _stub(service_channel), _stub(operator_channel)
-            await service.StartSaga(
-                orchestrator_pb2.StartSagaRequest(saga_id="ops-1", definition_name="tls-probe", input=checkout_input())
-            )
-            refused = {
-                "CancelSaga": service.CancelSaga(
-                    orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="no", actor="ops.example")
-                ),
-                "ResolveSaga": service.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="ops-1", note="no")),
-                "RetrySaga": service.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="ops-1")),
-                "RegisterDefinition": service.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest()),
-            }
-            for action, call in refused.items():
-                with pytest.raises(grpc.aio.AioRpcError) as error:
-                    await call
-                assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, action
-                assert f"{action} is for operators" in (error.value.details() or "")
-                assert "this call's: client" in (error.value.details() or "")
-            running = (await service.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="ops-1"))).saga
-            assert running.state == S.SAGA_STATE_RUNNING and running.sequence == 2
+        refused = {
+            "CancelSaga": service.CancelSaga(
+                orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="no", actor="ops.example")
+            ),
+            "ResolveSaga": service.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="ops-1", note="no")),
+            "RetrySaga": service.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="ops-1")),
+            "RegisterDefinition": service.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest()),
+        }
+        for action, call in refused.items():
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call
+            assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED, action
+            assert f"{action} is for operators" in (error.value.details() or "")
+            assert "this call's: client" in (error.value.details() or "")
+        running = (await service.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="ops-1"))).saga
+        assert running.state == S.SAGA_STATE_RUNNING and running.sequence == 2
 
-            cancelled = await operator.CancelSaga(
-                orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="customer called", actor="alice")
-            )
-            assert cancelled.saga.state == S.SAGA_STATE_COMPENSATING
-            events = service.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id="ops-1", replay_history=True))
-            actors = []
-            async for update in events:
-                if update.event.type == S.EVENT_TYPE_CANCEL_REQUESTED:
-                    actors.append(update.event.actor)
-                    break
-            events.cancel()
-            assert actors == ["alice (certificate ops-console)"]
-    finally:
-        await orchestrator.stop(0)
-        await inventory.stop(0)
+        cancelled = await operator.CancelSaga(
+            orchestrator_pb2.CancelSagaRequest(saga_id="ops-1", reason="customer called", actor="alice")
+        )
+        assert cancelled.saga.state == S.SAGA_STATE_COMPENSATING
+        events = service.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id="ops-1", replay_history=True))
+        actors = []
+        async for update in events:
+            if update.event.type == S.EVENT_TYPE_CANCEL_REQUESTED:
+                actors.append(update.event.actor)
+                break
+        events.cancel()
+        assert actors == ["alice (certificate ops-console)"]
