@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         return subparser
 
     _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
-    _add_migrate(
+    _add_db_option(
         add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
             client=False)
     )
@@ -436,16 +436,19 @@ def _serve(args: argparse.Namespace) -> int:
         operators=tuple(args.operator),
     )
     if args.retention is not None:
-        retention = args.retention.ToNanoseconds() / 1e9
-        if retention <= 0:
-            print("error: --retention must be positive", file=sys.stderr)
-            return EXIT_ERROR
-        config = dataclasses.replace(config, retention_seconds=retention)
+        config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     asyncio.run(serve(config))
     return EXIT_OK
 
 
-def _add_migrate(parser: argparse.ArgumentParser) -> None:
+def _positive_seconds(duration: duration_pb2.Duration, option: str) -> float:
+    seconds = duration.ToNanoseconds() / 1e9
+    if seconds <= 0:
+        raise CompensaError(f"{option} must be positive")
+    return seconds
+
+
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         default=os.environ.get("COMPENSA_DATABASE_URL"),
@@ -470,7 +473,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _add_purge(parser: argparse.ArgumentParser) -> None:
-    _add_migrate(parser)
+    _add_db_option(parser)
     parser.add_argument(
         "--older-than", type=parse_duration, required=True, metavar="DURATION",
         help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"
@@ -486,11 +489,7 @@ def _purge(args: argparse.Namespace) -> int:
     from orchestrator.engine import purge_finished
     from orchestrator.store import open_store
 
-    older_than = args.older_than.ToNanoseconds() / 1e9
-    if older_than <= 0:
-        print("error: --older-than must be positive", file=sys.stderr)
-        return EXIT_ERROR
-
+    older_than = _positive_seconds(args.older_than, "--older-than")
     url = ServerConfig(database_url=args.db).resolved_database_url()
     sqlite_file = make_url(url).database if url.startswith("sqlite") else None
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
