@@ -34,6 +34,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import Claimed, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
+from participants.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
 
@@ -153,7 +154,7 @@ class TransitionWriter:
         on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
         metrics: Metrics,
         max_batch: int = 256,
-        timeout: float = 3.0,
+        timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self._store = store
         self._on_commit = on_commit

@@ -35,6 +35,7 @@ __all__ = [
     "DatabaseTimeout",
     "abort_when_late",
     "bounded_transaction",
+    "cancelled_by_the_database",
     "connect_bounded",
     "connection_parameters",
     "engine_options",
@@ -48,6 +49,12 @@ DEFAULT_DATABASE_TIMEOUT = 3.0
 class DatabaseTimeout(TimeoutError):
     """The database did not answer in time (a TimeoutError, so an OSError:
     handled like any other connection failure)."""
+
+
+def cancelled_by_the_database(error: BaseException) -> bool:
+    """Whether `error` is a statement the database itself cancelled (its
+    statement_timeout): then the database answered, it was not unreachable."""
+    return isinstance(getattr(error, "orig", error), psycopg.errors.QueryCanceled)
 
 
 def connection_parameters(timeout: float, *, options: str = "") -> dict[str, Any]:

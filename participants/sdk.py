@@ -37,14 +37,13 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, ClassVar, TypeVar
 
 import grpc
-import psycopg
 import sqlalchemy
 from google.protobuf import any_pb2, message
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
-from participants.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction
+from participants.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from participants.faults import FaultPlan, InjectedFault
 from participants.health import DatabaseHealth
 
@@ -124,7 +123,7 @@ def _database_error(error: Exception) -> bool:
 
 def _unreachable(error: Exception) -> bool:
     """A database error that says nothing answered (not a statement the database cancelled)."""
-    return _database_error(error) and not isinstance(getattr(error, "orig", error), psycopg.errors.QueryCanceled)
+    return _database_error(error) and not cancelled_by_the_database(error)
 
 
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:

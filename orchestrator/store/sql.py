@@ -43,6 +43,7 @@ from participants.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
     bounded_transaction,
+    cancelled_by_the_database,
     connect_bounded,
     engine_options,
 )
@@ -165,12 +166,6 @@ _SAGA_COLUMNS = [
 ]
 
 
-def _unreachable(error: BaseException) -> bool:
-    """Whether `error` says the database could not be reached, rather than
-    that it answered with an error (a statement it cancelled, say)."""
-    return not isinstance(getattr(error, "orig", error), psycopg.errors.QueryCanceled)
-
-
 class SqlSagaStore(SagaStore):
     """SagaStore over SQLAlchemy 2 Core with an async driver."""
 
@@ -206,7 +201,7 @@ class SqlSagaStore(SagaStore):
             async with bounded_transaction(self.engine, self.timeout) as conn:
                 yield conn
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
-            if _unreachable(error):
+            if not cancelled_by_the_database(error):
                 self._reached(error)
             raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
         except sa.exc.DBAPIError as error:
@@ -771,7 +766,7 @@ class PostgresSagaStore(SqlSagaStore):
                 if self._writer is not None:
                     await self._writer.close()
                 self._writer = None
-                if _unreachable(error):
+                if not cancelled_by_the_database(error):
                     self._reached(error)
                 raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
         self._reached(None)
