@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
     _add_db_option(
-        add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
+        add("migrate", _migrate, "Upgrade the database's schema from any earlier release to this one (or create it), then exit."
+            " Sagas in flight are carried over; serve creates the schema only in an empty database.",
             client=False)
     )
     _add_purge(
@@ -460,15 +461,18 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
 def _migrate(args: argparse.Namespace) -> int:
     from orchestrator.store import open_store
 
-    async def migrate() -> None:
+    async def migrate() -> tuple[str | None, str]:
         store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
         try:
-            await store.create_schema()
+            return await store.upgrade_schema()
         finally:
             await store.close()
 
-    asyncio.run(migrate())
-    print("schema up to date")
+    before, after = asyncio.run(migrate())
+    if before == after:
+        print(f"schema up to date (revision {after})")
+    else:
+        print(f"schema upgraded from {before or 'an empty database'} to revision {after}")
     return EXIT_OK
 
 

@@ -85,8 +85,15 @@ class SagaStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def create_schema(self) -> None:
-        """Creates missing tables; safe to run at every start-up."""
+    async def ensure_schema(self) -> None:
+        """What every start-up does: creates the schema in an empty database,
+        accepts one at this release's revision, and raises SchemaMismatch
+        for any other. Replicas starting together take turns."""
+
+    @abc.abstractmethod
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        """Upgrades the schema from any earlier revision to this release's
+        (`compensa migrate`); the revisions before and after (None: empty)."""
 
     @abc.abstractmethod
     async def has_schema(self) -> bool:

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -37,8 +38,9 @@ from orchestrator.machine import (
     SagaRecord,
     StepRecord,
 )
+from orchestrator.store import migrations
 from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
-from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
+from orchestrator.store.schema import definitions, log_head, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
 
@@ -195,10 +197,15 @@ class SqlSagaStore(SagaStore):
                 raise StoreUnavailable(f"database connection lost: {error}") from error
             raise
 
-    async def create_schema(self) -> None:
+    async def ensure_schema(self) -> None:
+        database = make_url(self.url).render_as_string(hide_password=True)
         async with self._transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-            await conn.execute(self._insert(log_head).values(id=1, position=0).on_conflict_do_nothing())
+            await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
+
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        async with self._transaction() as conn:
+            before = await conn.run_sync(migrations.upgrade)
+        return before.revision, before.head
 
     async def has_schema(self) -> bool:
         async with self._transaction() as conn:
