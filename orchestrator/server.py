@@ -75,6 +75,9 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
             await running.engine.store.ensure_schema()
             await running.engine.sync_clock()
             await running.engine.load_secrets()
+            await running.engine.store_participants(
+                running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
+            )
             for definition in definitions:
                 stored, created = await register_definition(running.engine, definition, source="definitions")
                 if created:

@@ -73,6 +73,16 @@ class StateSummary:
 
 
 @dataclass(frozen=True)
+class ParticipantAddress:
+    """Where a named participant is served, and who said so."""
+
+    name: str
+    address: str
+    updated_at: float
+    updated_by: str
+
+
+@dataclass(frozen=True)
 class SagaPage:
     sagas: list[SagaRecord]
     next_page_token: str
@@ -135,6 +145,16 @@ class SagaStore(abc.ABC):
         self, page_size: int, after_name: str
     ) -> list[definition_pb2.SagaDefinition]:
         """Latest version of each definition, by name, after `after_name`."""
+
+    # Participants
+
+    @abc.abstractmethod
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        """Stores (or changes) where participant `name` is served."""
+
+    @abc.abstractmethod
+    async def list_participants(self) -> list[ParticipantAddress]:
+        """Every stored participant address, by name."""
 
     # Sagas
 

@@ -39,8 +39,8 @@ from orchestrator.machine import (
     StepRecord,
 )
 from orchestrator.store import migrations
-from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
-from orchestrator.store.schema import definitions, log_head, saga_events, saga_steps, sagas, secrets
+from orchestrator.store.base import Claimed, ParticipantAddress, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
+from orchestrator.store.schema import definitions, log_head, participants, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
 
@@ -298,6 +298,23 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             bodies = (await conn.execute(query)).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
+
+    # -- participants
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        values = {"address": address, "updated_at": now, "updated_by": updated_by}
+        async with self._transaction() as conn:
+            await conn.execute(
+                self._insert(participants)
+                .values(name=name, **values)
+                .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
+            )
+        return ParticipantAddress(name, address, now, updated_by)
+
+    async def list_participants(self) -> list[ParticipantAddress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
+        return [ParticipantAddress(row.name, row.address, row.updated_at, row.updated_by) for row in rows]
 
     # -- sagas
 
