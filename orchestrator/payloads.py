@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 from google.protobuf import any_pb2, descriptor_pool, json_format, message, message_factory
 
-from orchestrator.errors import InvalidArgument
+from orchestrator.errors import InvalidArgument, quote
 
 #: Proto modules imported by default so their types resolve.
 DEFAULT_PROTO_MODULES: tuple[str, ...] = ("compensa.checkout.v1.checkout_pb2",)
@@ -35,7 +35,7 @@ def message_class(full_name: str) -> type[message.Message]:
         descriptor = descriptor_pool.Default().FindMessageTypeByName(full_name)
     except KeyError:
         raise InvalidArgument(
-            f"message type {full_name!r} is unknown: import its _pb2 module (--proto-module)"
+            f"message type {quote(full_name)} is unknown: import its _pb2 module (--proto-module)"
         ) from None
     return message_factory.GetMessageClass(descriptor)
 
@@ -57,12 +57,14 @@ def pack_json(full_name: str, json_text: str) -> any_pb2.Any:
     return packed
 
 
-def unpack(payload: any_pb2.Any) -> message.Message:
-    """Decodes an Any into its message; InvalidArgument if its bytes are malformed."""
+def unpack(payload: any_pb2.Any, field: str) -> message.Message:
+    """Decodes an Any into its message; InvalidArgument naming `field` if its bytes are malformed."""
     cls = message_class(type_name_of(payload))
     decoded = cls()
     try:
         decoded.ParseFromString(payload.value)
     except message.DecodeError as error:
-        raise InvalidArgument(f"payload of type {type_name_of(payload)!r} cannot be decoded: {error}") from error
+        raise InvalidArgument(
+            f"{field}: payload of type {quote(type_name_of(payload))} cannot be decoded: {error}"
+        ) from None
     return decoded
