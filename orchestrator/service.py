@@ -394,7 +394,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             ],
             read_time=timestamp(now),
         )
-        response.stuck_for.FromNanoseconds(round(stuck * 1e9))
+        if request.HasField("stuck_for"):
+            response.stuck_for.CopyFrom(request.stuck_for)
+        else:
+            response.stuck_for.FromNanoseconds(round(stuck * 1e9))
         return response
 
     @_answer_errors
