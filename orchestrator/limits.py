@@ -110,8 +110,8 @@ def duration_problem(
     shown = duration.ToJsonString()
     if exclusive_minimum and value <= minimum:
         return f"must be positive, got {shown}" if minimum == 0 else f"must be above {minimum:g}s, got {shown}"
-    if value < minimum:
-        return f"must not be negative, got {shown}" if minimum == 0 else f"must be at least {minimum:g}s, got {shown}"
+    if not exclusive_minimum and not minimum <= value <= maximum:
+        return f"must be from {minimum:g} to {maximum:g}s, got {shown}"
     if value > maximum:
         return f"must be at most {maximum:g}s, got {shown}"
     return None
