@@ -14,6 +14,7 @@ import dataclasses
 import getpass
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -21,6 +22,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 from google.protobuf import descriptor_pool, duration_pb2, json_format
@@ -29,8 +31,9 @@ from google.protobuf.message import Message
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from orchestrator import payloads, timeline
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
-from orchestrator.definitions import compile_proto_files, load_definitions, read_descriptor_set
-from orchestrator.errors import CompensaError
+from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
+from orchestrator.errors import CompensaError, quote
+from orchestrator.limits import INT32_MAX, INT64_MAX
 from participants.faults import FaultPlan
 from participants.tls import TlsConfigError, TlsFiles
 
@@ -61,7 +64,11 @@ _Command = Callable[[argparse.Namespace], int]
 def main(argv: list[str] | None = None) -> int:
     """Runs the `compensa` command line and returns its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    for argument in arguments:
+        if not _is_text(argument):
+            parser.error(f"argument {argument.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text")
+    args = parser.parse_args(arguments)
     _configure_logging(args)
     command: _Command = args.command
     try:
@@ -76,9 +83,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other error: `error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as surrogates
+        return False
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `compensa` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
@@ -88,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(parser, suppress_default=False)
     # Global options are accepted after the subcommand too; SUPPRESS keeps the
     # subcommand from overwriting a value given before it.
-    verbose_option = argparse.ArgumentParser(add_help=False)
+    verbose_option = _Parser(add_help=False)
     _add_verbose_option(verbose_option, suppress_default=True)
-    client_options = argparse.ArgumentParser(add_help=False)
+    client_options = _Parser(add_help=False)
     _add_verbose_option(client_options, suppress_default=True)
     _add_client_options(client_options, suppress_default=True)
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -213,7 +235,7 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
         )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_float,
         default=default(DEFAULT_TIMEOUT_SECONDS),
         help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
         "streams have none",
@@ -221,7 +243,9 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})")
+    parser.add_argument(
+        "--listen", type=_host_port, default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})"
+    )
     parser.add_argument(
         "--db",
         default=os.environ.get("COMPENSA_DATABASE_URL"),
@@ -250,7 +274,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
+    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
@@ -274,9 +298,35 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9464")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
     return text
+
+
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (the API field's range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is out of range: use {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{quote(text)} must be a positive number of seconds")
+    return value
 
 
 def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
@@ -303,7 +353,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
     from participants.server import PARTICIPANT_KINDS
 
     parser.add_argument("kind", choices=PARTICIPANT_KINDS, help="which participant to run")
-    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to serve on")
     parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
     parser.add_argument(
         "--faults",
@@ -328,7 +378,9 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("definition", help="definition name")
     parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
     parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="definition version (default: latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="definition version (default: latest)"
+    )
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -355,7 +407,9 @@ def _add_list(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stuck", type=parse_duration, metavar="DURATION", help="only unfinished sagas unchanged for this long, e.g. 10m"
     )
-    parser.add_argument("--page-size", type=int, default=0, metavar="N", help="sagas per page (server default 50)")
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="sagas per page (server default 50)"
+    )
     parser.add_argument("--all", action="store_true", help="follow every page")
     _add_json_option(parser)
 
@@ -404,7 +458,9 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="with NAME: this version (default latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+    )
     _add_json_option(parser)
 
 
@@ -413,7 +469,7 @@ def _add_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
     parser.add_argument(
         "--after",
-        type=int,
+        type=_int_from(0, INT64_MAX),
         default=0,
         metavar="N",
         help="resume after this sequence (one saga) or log position (--all)",
@@ -607,6 +663,11 @@ def _register(args: argparse.Namespace) -> int:
         types = read_descriptor_set(args.descriptor_set)
     # Checked here first: an invalid file is named before anything is registered.
     definitions = load_definitions(args.paths, types=types)
+    if not definitions:
+        raise CompensaError(
+            f"no definition files ({', '.join('*' + suffix for suffix in DEFINITION_SUFFIXES)}) in "
+            + ", ".join(str(path) for path in args.paths)
+        )
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         for definition in definitions:
@@ -625,7 +686,7 @@ def _definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, obj
     bare = definition_pb2.SagaDefinition()
     bare.CopyFrom(definition)
     bare.ClearField("types")
-    shown: dict[str, object] = json_format.MessageToDict(bare, preserving_proto_field_name=True)
+    shown = _json_dict(bare)
     if definition.types.file:
         shown["types"] = {"files": [file.name for file in definition.types.file]}
     return shown
@@ -874,9 +935,19 @@ def _saga_row(saga: saga_pb2.Saga) -> str:
     return f"{saga.saga_id}  {saga.definition_name}@{saga.definition_version}  {state:<12}  seq {saga.sequence:<4}  {updated}"
 
 
+def _json_dict(message: Message) -> dict[str, object]:
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
+        raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
+
+
+def _json_text(message: Message) -> str:
+    return json.dumps(_json_dict(message), indent=2)
+
+
 def _json_line(message: Message) -> str:
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(as_dict, separators=(",", ":"))
+    return json.dumps(_json_dict(message), separators=(",", ":"))
 
 
 def _rpc_error_text(error: grpc.RpcError) -> str:

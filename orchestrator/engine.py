@@ -29,7 +29,7 @@ from google.protobuf import any_pb2
 from orchestrator import machine
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
@@ -166,19 +166,36 @@ class TransitionWriter:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            began = time.perf_counter()
-            try:
-                results = await self._store.commit([write for write, _ in batch])
-            except Exception as error:  # the callers decide how to retry
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._metrics.flushed(len(batch), time.perf_counter() - began)
-            self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-            for (_, future), result in zip(batch, results):
+            await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
+        """Commits `batch`. When the database refuses a value of one write,
+        nothing landed: the batch is split in halves and each half retried, so
+        only the offending writes fail (with RejectedWrite) and the rest land."""
+        began = time.perf_counter()
+        try:
+            results = await self._store.commit([write for write, _ in batch])
+        except RejectedWrite as error:
+            if len(batch) == 1:
+                write, future = batch[0]
+                log.warning("saga %s: the database refused its write: %s", write.saga.saga_id, error)
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+                return
+            middle = len(batch) // 2
+            await self._flush(batch[:middle])
+            await self._flush(batch[middle:])
+            return
+        except Exception as error:  # the callers decide how to retry
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self._metrics.flushed(len(batch), time.perf_counter() - began)
+        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
 
 @dataclass

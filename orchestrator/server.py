@@ -10,7 +10,7 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from compensa.v1 import orchestrator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -19,7 +19,7 @@ from orchestrator.config import ServerConfig
 from orchestrator.definitions import load_definitions
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, StoreUnavailable
-from orchestrator.service import OrchestratorService, register_definition
+from orchestrator.service import OrchestratorService, register_definition, service_handler
 from orchestrator.store import open_store
 from participants.tls import TlsConfigError
 
@@ -112,7 +112,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
     service = OrchestratorService(engine)
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(service, server)
+    server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -184,6 +184,8 @@ class SagaStore(abc.ABC):
         """Persists many transitions in one transaction (group commit).
 
         Each write lands only if its guard holds; the others are skipped.
+        Raises RejectedWrite, having written nothing, when the database refuses
+        a value of some write (StoreUnavailable when it cannot be reached).
         """
 
     @abc.abstractmethod

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from orchestrator.errors import StoreUnavailable
+from orchestrator.errors import RejectedWrite, StoreUnavailable
 from orchestrator.machine import (
     COMPENSATED,
     FAILED,
@@ -60,6 +60,13 @@ def open_store(url: str, *, notifier: str = "") -> SqlSagaStore:
     if url.startswith("sqlite"):
         return SqliteSagaStore(url)
     raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
+
+
+def _rejected(error: Exception) -> RejectedWrite:
+    """A flush failure tied to the values written, not to the connection: the
+    same flush without the offending write would land."""
+    first_line = str(error).partition("\n")[0][:200]
+    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
 
 
 def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
@@ -375,17 +382,22 @@ class SqlSagaStore(SagaStore):
         """Tells other processes, on commit, which sagas changed."""
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Writes every transition in one transaction; RejectedWrite when the
+        database refuses a value (nothing is written then)."""
         creates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is not None]
         updates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is None]
-        async with self._transaction() as conn:
-            epochs = await self._insert_sagas(conn, creates) if creates else {}
-            if updates:
-                updated = await self._update_sagas(conn, updates)
-                epochs.update(updated)
-                await self._update_steps(conn, [write for index, write in updates if index in updated])
-            landed = sorted(epochs)
-            positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
-            await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        try:
+            async with self._transaction() as conn:
+                epochs = await self._insert_sagas(conn, creates) if creates else {}
+                if updates:
+                    updated = await self._update_sagas(conn, updates)
+                    epochs.update(updated)
+                    await self._update_steps(conn, [write for index, write in updates if index in updated])
+                landed = sorted(epochs)
+                positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+                await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
+            raise _rejected(error) from error
         by_index = dict(zip(landed, positions))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
@@ -773,11 +785,14 @@ class PostgresSagaStore(SqlSagaStore):
         payload = self.notifier + "|" + ",".join(dict.fromkeys(write.saga.saga_id for write in writes))
         if len(payload) > _MAX_PAYLOAD:
             payload = self.notifier + "|*"
-        params = _flush_params(writes, list(creates.values()), updates, payload)
-        async with self._writing() as driver:
-            async with driver.cursor() as cursor:
-                await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
-                rows = await cursor.fetchall()
+        try:
+            params = _flush_params(writes, list(creates.values()), updates, payload)
+            async with self._writing() as driver:
+                async with driver.cursor() as cursor:
+                    await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
+                    rows = await cursor.fetchall()
+        except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
+            raise _rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
         base = rows[0][2] if rows else 0
         results: list[WriteResult] = []

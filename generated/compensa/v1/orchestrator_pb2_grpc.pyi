@@ -31,8 +31,15 @@ class OrchestratorServiceStub:
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -120,8 +127,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -205,8 +219,15 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
