@@ -275,6 +275,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
     parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
@@ -294,6 +295,23 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
              " their last change, with their events, e.g. 30d (default: keep everything)",
     )
+
+
+def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-timeout", type=parse_duration, metavar="DURATION",
+        help="the longest any one wait on the database may take (connecting, a transaction); a call that cannot"
+             " reach the database answers UNAVAILABLE within about this long (default: 3s)",
+    )
+
+
+def _database_timeout(args: argparse.Namespace) -> float:
+    """--database-timeout in seconds, or the default."""
+    from participants.database import DEFAULT_DATABASE_TIMEOUT
+
+    if args.database_timeout is None:
+        return DEFAULT_DATABASE_TIMEOUT
+    return _positive_seconds(args.database_timeout, "--database-timeout")
 
 
 def _host_port(text: str) -> str:
@@ -361,6 +379,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
+    _add_database_timeout_option(parser)
     _add_server_tls_options(parser, "the participant")
 
 
@@ -521,6 +540,7 @@ def _serve(args: argparse.Namespace) -> int:
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
         operators=tuple(args.operator),
+        database_timeout=_database_timeout(args),
     )
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
@@ -604,7 +624,12 @@ def _participant(args: argparse.Namespace) -> int:
     from participants.server import serve_participant
 
     tls = _server_tls(args)
-    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls))
+    asyncio.run(
+        serve_participant(
+            args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls,
+            database_timeout=_database_timeout(args),
+        )
+    )
     return EXIT_OK
 
 

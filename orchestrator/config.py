@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.payloads import DEFAULT_PROTO_MODULES
+from participants.database import DEFAULT_DATABASE_TIMEOUT
+from participants.health import DEFAULT_PROBE_SECONDS
 from participants.tls import TlsFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -62,6 +64,13 @@ class ServerConfig:
     # Events buffered per watch stream; a subscriber further behind reads
     # the log itself until it catches up.
     watch_buffer_events: int = 1000
+    # The longest any one wait on the database may take (connecting, a
+    # transaction, a group commit), in seconds: a call on a replica that
+    # cannot reach its database answers UNAVAILABLE within about this long.
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    # grpc.health.v1 follows the database: it is probed this often (seconds)
+    # when no real work reached it, and real failures count at once.
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

@@ -32,8 +32,9 @@ from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
+from participants.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
 
@@ -81,6 +82,18 @@ def parse_completion_token(key: bytes, token: str) -> tuple[str, str]:
     if not isinstance(saga_id, str) or not isinstance(step, str):
         raise ValueError("malformed completion token")
     return saga_id, step
+
+
+def _external_cause(event: machine.Event) -> str:
+    """Why an operator action or a step completion took a saga over."""
+    match event:
+        case machine.CancelRequested(actor=actor):
+            return f"CancelSaga by {actor or 'an operator'}"
+        case machine.RetryRequested(actor=actor):
+            return f"RetrySaga by {actor or 'an operator'}"
+        case machine.ResolveRequested(actor=actor):
+            return f"ResolveSaga by {actor or 'an operator'}"
+    return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
 
 
 def _b64(raw: bytes) -> str:
@@ -131,7 +144,12 @@ class ChangeSignal:
 
 class TransitionWriter:
     """Group commit: transitions submitted while a flush runs go in the next
-    one, so many sagas share one transaction without any added delay."""
+    one, so many sagas share one transaction without any added delay.
+
+    A submitter waits at most `timeout` seconds for its flush: then it gets
+    StoreUnavailable, and its write is dropped unless a flush already took it
+    (it may then still land: the outcome is unknown, as for a lost answer).
+    """
 
     def __init__(
         self,
@@ -139,11 +157,13 @@ class TransitionWriter:
         on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
         metrics: Metrics,
         max_batch: int = 256,
+        timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._metrics = metrics
         self._max_batch = max_batch
+        self._timeout = timeout
         self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -159,14 +179,24 @@ class TransitionWriter:
     async def submit(self, write: SagaWrite) -> WriteResult:
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         await self._queue.put((write, future))
-        return await future
+        try:
+            # Cancels the future on expiry, which keeps the write out of later flushes.
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the database did not confirm the write within {self._timeout:g}s; it may still land, retry"
+            ) from None
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            await self._flush(batch)
+            # Submitters that stopped waiting (their timeout) were told it failed.
+            batch = [item for item in batch if not item[1].done()]
+            if batch:
+                await self._flush(batch)
 
     async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
         """Commits `batch`. When the database refuses a value of one write,
@@ -219,7 +249,7 @@ class SagaEngine:
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
             metrics=self.metrics,
         )
-        self.writer = TransitionWriter(store, self._committed, self.metrics)
+        self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
@@ -414,9 +444,10 @@ class SagaEngine:
         """Applies an operator action or a step completion, taking the saga
         over from whichever replica held it (its writes are fenced)."""
         for _ in range(20):
-            saga = await self.store.load_saga(saga_id)
-            if saga is None:
+            loaded = await self.store.load_with_owner(saga_id)
+            if loaded is None:
                 raise NotFound(f"saga {saga_id!r} not found")
+            saga, holder, lease_until = loaded
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             now = self.clock.now()
             try:
@@ -425,6 +456,11 @@ class SagaEngine:
                 raise FailedPrecondition(str(error)) from error
             if not transition.changed:
                 return saga
+            if holder is not None and holder != self.owner:
+                lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
+                transition = machine.taken_over(
+                    saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
+                )
             write = self._write_for(plan, transition, saga.sequence, None, set(), now)
             result = await self.writer.submit(write)
             if result.ok:
@@ -436,6 +472,19 @@ class SagaEngine:
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
 
     # -- driving
+
+    def _claimed(self, claimed: list[Claimed]) -> None:
+        """Drives what the scheduler claimed, and tells watchers and metrics
+        about the takeovers it logged."""
+        events = sorted((stored for item in claimed for stored in item.events), key=lambda stored: stored.position)
+        if events:
+            for stored in events:
+                self.metrics.committed(stored.event.type, stored.definition_name, stored.event.time, stored.event.time)
+            previous = sorted({item.taken_from for item in claimed if item.taken_from is not None})
+            log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
+            self.changes.committed(events)
+        for item in claimed:
+            self._drive(item.saga, item.epoch)
 
     def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
         if self._stopping:
@@ -517,7 +566,8 @@ class SagaEngine:
             try:
                 result = await self.writer.submit(write)
             except StoreUnavailable as error:
-                log.warning("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
+                # Not per saga at WARNING: the database's health logs the outage once.
+                log.debug("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -581,10 +631,10 @@ class SagaEngine:
                     self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
                 )
             except StoreUnavailable as error:
-                log.warning("scheduler: %s", error)
+                # Logged once per outage by the database's health.
+                log.debug("scheduler: %s", error)
                 claimed = []
-            for item in claimed:
-                self._drive(item.saga, item.epoch)
+            self._claimed(claimed)
             if len(claimed) == _CLAIM_BATCH:
                 continue
             if self._next_due <= now:
@@ -638,4 +688,4 @@ class SagaEngine:
             try:
                 await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
-                log.warning("lease renewal: %s", error)
+                log.debug("lease renewal: %s", error)

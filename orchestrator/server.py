@@ -21,6 +21,7 @@ from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition, service_handler
 from orchestrator.store import open_store
+from participants.health import DatabaseHealth
 from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
@@ -37,6 +38,8 @@ class RunningOrchestrator:
     engine: SagaEngine
     service: OrchestratorService
     health: health.aio.HealthServicer
+    # What health answers: NOT_SERVING while the database cannot be reached.
+    database_health: DatabaseHealth
     port: int
     address: str
     # Where /metrics is served, if it is.
@@ -52,6 +55,7 @@ class RunningOrchestrator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.ready
         await self.health.enter_graceful_shutdown()
+        await self.database_health.stop()
         await self.server.stop(grace)
         await self.service.stop()
         await self.engine.stop()
@@ -88,7 +92,8 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     running.engine.start()
-    await _set_serving(running.health, health_pb2.HealthCheckResponse.SERVING)
+    await running.database_health.ready()
+    running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
 
 
@@ -105,7 +110,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
-    store = open_store(config.resolved_database_url(), notifier=config.replica_id)
+    store = open_store(config.resolved_database_url(), notifier=config.replica_id, timeout=config.database_timeout)
     engine = SagaEngine(store, config)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
@@ -119,6 +124,12 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    database_health = DatabaseHealth(
+        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log
+    )
+    store.subscribe_reachability(
+        lambda error: database_health.succeeded() if error is None else database_health.failed(error)
+    )
     if credentials is not None:
         port = server.add_secure_port(config.listen, credentials)
     else:
@@ -130,7 +141,9 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
-    running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
+    running = RunningOrchestrator(
+        config, server, engine, service, health_servicer, database_health, port, address, metrics_port
+    )
     running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
         try:

@@ -15,7 +15,9 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants.database import DEFAULT_DATABASE_TIMEOUT, engine_options
 from participants.faults import FaultPlan
+from participants.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from participants.tls import TlsFiles
 from participants.fraud import FraudParticipant
 from participants.inventory import InventoryParticipant
@@ -44,15 +46,19 @@ _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantSer
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def create_participant_engine(database_url: str) -> AsyncEngine:
+def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
+
+    On PostgreSQL, connecting and waiting for a pooled connection each take at
+    most `database_timeout` seconds, and the server ends statements and idle
+    transactions after that long (`participants.database`).
 
     SQLite connections use WAL and a busy timeout, and every transaction starts
     with BEGIN IMMEDIATE: writers then queue on the database lock from their
     first statement, so concurrent duplicate calls serialise instead of failing
     with "database is locked", and SAVEPOINTs work.
     """
-    engine = create_async_engine(database_url)
+    engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
     if engine.dialect.name == "sqlite":
         sync_engine = engine.sync_engine
 
@@ -98,11 +104,14 @@ class RunningParticipant:
     address: str
     engine: AsyncEngine
     health: health.aio.HealthServicer
+    #: What health answers: NOT_SERVING while the database cannot be reached.
+    database_health: DatabaseHealth
 
     async def stop(self, grace: float | None = 0.5) -> None:
         """Reports NOT_SERVING, stops the server (letting calls finish for `grace`
         seconds) and disposes of the engine."""
         await self.health.enter_graceful_shutdown()
+        await self.database_health.stop()
         await self.server.stop(grace)
         await self.engine.dispose()
 
@@ -114,25 +123,36 @@ async def start_participant(
     listen: str = "127.0.0.1:0",
     faults: FaultPlan | None = None,
     tls: TlsFiles | None = None,
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> RunningParticipant:
     """Creates the schema and starts serving participant `kind` (one of
-    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`."""
-    engine = create_participant_engine(database_url)
+    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`.
+    Every wait on the database takes at most `database_timeout` seconds."""
+    engine = create_participant_engine(database_url, database_timeout=database_timeout)
     try:
         participant = build_participant(kind, engine, faults=faults)
+        participant.database_timeout = database_timeout
     except BaseException:
         await engine.dispose()
         raise
-    return await start_server(participant, listen=listen, tls=tls)
+    return await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
 
 
 async def start_server(
-    participant: Participant, *, listen: str = "127.0.0.1:0", tls: TlsFiles | None = None
+    participant: Participant,
+    *,
+    listen: str = "127.0.0.1:0",
+    tls: TlsFiles | None = None,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> RunningParticipant:
     """Creates `participant`'s schema and serves it on `listen`; returns once listening.
 
     Port 0 picks a free port, reported in the result. Health (grpc.health.v1)
-    answers SERVING for "" and for compensa.v1.ParticipantService; server
+    answers for "" and for compensa.v1.ParticipantService: SERVING while the
+    participant's database answers, NOT_SERVING from the first call or probe
+    (every `health_probe_seconds` without a call) that could not reach it
+    until one does again, each change logged once. Server
     reflection is enabled. With `tls` it serves TLS only (mutual when `tls.ca`
     is set). The participant's engine is disposed of when the result is
     stopped, or here if the server cannot start.
@@ -154,9 +174,13 @@ async def start_server(
         )
         if port == 0:
             raise OSError(f"cannot listen on {listen!r}")
-        for service in ("", _SERVICE_NAME):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        database_health = DatabaseHealth(
+            health_servicer, ("", _SERVICE_NAME), name=f"{type(participant).__name__} on port {port}", logger=logger
+        )
+        participant.database_health = database_health
         await server.start()
+        await database_health.ready()
+        database_health.probe_every(health_probe_seconds, participant.ping)
     except BaseException:
         await server.stop(None)
         await engine.dispose()
@@ -169,15 +193,24 @@ async def start_server(
         "%s listening on %s (faults: %s)", type(participant).__name__, address, participant.faults.describe() or "none"
     )
     return RunningParticipant(
-        participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer
+        participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer,
+        database_health=database_health,
     )
 
 
 async def serve_participant(
-    kind: str, *, listen: str, database_url: str, faults: FaultPlan | None = None, tls: TlsFiles | None = None
+    kind: str,
+    *,
+    listen: str,
+    database_url: str,
+    faults: FaultPlan | None = None,
+    tls: TlsFiles | None = None,
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
 ) -> None:
     """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    running = await start_participant(kind, database_url, listen=listen, faults=faults, tls=tls)
+    running = await start_participant(
+        kind, database_url, listen=listen, faults=faults, tls=tls, database_timeout=database_timeout
+    )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -46,7 +46,13 @@ class OrchestratorServiceStub:
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
     register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def __init__(self, channel):
@@ -153,7 +159,13 @@ class OrchestratorServiceServicer:
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
     register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def StartSaga(self, request, context):
@@ -397,7 +409,13 @@ class OrchestratorService:
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
     register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @staticmethod
