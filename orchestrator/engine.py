@@ -20,19 +20,19 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from compensa.v1 import participant_pb2
+from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import machine
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import Claimed, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
 from participants.database import DEFAULT_DATABASE_TIMEOUT
 
@@ -44,6 +44,9 @@ _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
 # How often the offset to the database's clock is measured again.
 _CLOCK_SYNC_SECONDS = 30.0
+# How often the stored participant addresses are read again: an address set
+# through another replica is used by this one after at most this long.
+_PARTICIPANTS_SECONDS = 1.0
 # Retention: how often expired sagas are looked for (at most), and how many
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
@@ -192,21 +195,37 @@ class TransitionWriter:
                 batch.append(self._queue.get_nowait())
             # Submitters that stopped waiting (their timeout) were told it failed.
             batch = [item for item in batch if not item[1].done()]
-            if not batch:
-                continue
-            began = time.perf_counter()
-            try:
-                results = await self._store.commit([write for write, _ in batch])
-            except Exception as error:  # the callers decide how to retry
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._metrics.flushed(len(batch), time.perf_counter() - began)
-            self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-            for (_, future), result in zip(batch, results):
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
+        """Commits `batch`. When the database refuses a value of one write,
+        nothing landed: the batch is split in halves and each half retried, so
+        only the offending writes fail (with RejectedWrite) and the rest land."""
+        began = time.perf_counter()
+        try:
+            results = await self._store.commit([write for write, _ in batch])
+        except RejectedWrite as error:
+            if len(batch) == 1:
+                write, future = batch[0]
+                log.warning("saga %s: the database refused its write: %s", write.saga.saga_id, error)
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+                return
+            middle = len(batch) // 2
+            await self._flush(batch[:middle])
+            await self._flush(batch[middle:])
+            return
+        except Exception as error:  # the callers decide how to retry
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self._metrics.flushed(len(batch), time.perf_counter() - began)
+        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
 
 @dataclass
@@ -253,6 +272,31 @@ class SagaEngine:
         if abs(self.clock.offset) > 1.0:
             log.warning("this machine's clock is %.3fs off the database's; using the database's", -self.clock.offset)
 
+    async def store_participants(self, addresses: Mapping[str, str], *, updated_by: str) -> None:
+        """Stores these participant addresses (a replica's --participant flags)."""
+        now = self.clock.now()
+        for name, address in addresses.items():
+            await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        await self.refresh_participants()
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+        """Stores where `name` is served; this replica calls it there at once,
+        the others within `_PARTICIPANTS_SECONDS`."""
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        await self.refresh_participants()
+        return stored
+
+    async def refresh_participants(self) -> list[ParticipantAddress]:
+        """Reads the stored participant addresses and calls them from now on."""
+        stored = await self.store.list_participants()
+        self.client.use_addresses({participant.name: participant.address for participant in stored})
+        return stored
+
+    def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
+        """Participants `definition` names that have no address to call."""
+        names = dict.fromkeys(step.participant for step in definition.steps)
+        return [name for name in names if not self.client.knows(name)]
+
     @property
     def token_key(self) -> bytes:
         if self._token_key is None:
@@ -265,6 +309,7 @@ class SagaEngine:
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
             asyncio.create_task(self._renew_leases(), name="compensa-leases"),
             asyncio.create_task(self._sync_clock(), name="compensa-clock"),
+            asyncio.create_task(self._refresh_participants(), name="compensa-participants"),
             asyncio.create_task(
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
@@ -611,6 +656,14 @@ class SagaEngine:
                 await self.sync_clock()
             except StoreUnavailable as error:
                 log.warning("clock sync: %s", error)
+
+    async def _refresh_participants(self) -> None:
+        while True:
+            await asyncio.sleep(_PARTICIPANTS_SECONDS)
+            try:
+                await self.refresh_participants()
+            except StoreUnavailable as error:
+                log.debug("participant addresses not refreshed: %s", error)
 
     async def _purge_expired(self, retention: float) -> None:
         """Deletes sagas done for good longer than `retention` ago. Replicas

@@ -5,6 +5,19 @@ from __future__ import annotations
 import grpc
 
 
+#: How much of an input value an error message quotes.
+QUOTED_PREFIX_CHARS = 40
+
+
+def quote(value: str | bytes, limit: int = QUOTED_PREFIX_CHARS) -> str:
+    """`value` for an error message: its repr, cut to a short prefix (with its
+    length) when longer, so no error echoes a whole input."""
+    if len(value) <= limit:
+        return repr(value)
+    unit = "bytes" if isinstance(value, bytes) else "characters"
+    return f"{value[:limit]!r}... ({len(value)} {unit})"
+
+
 class CompensaError(Exception):
     """Root of every error Compensa raises on purpose."""
 
@@ -47,6 +60,20 @@ class StoreUnavailable(CompensaError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class SchemaMismatch(CompensaError):
+    """The database's schema is not at the revision this release runs on;
+    the message names the command that fixes it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RejectedWrite(InvalidArgument):
+    """The database refused the values of one write (a value out of a column's
+    range, say): nothing of it was stored. Requests are validated before they
+    write, so this names a gap in that validation; other writes flushed with
+    it are retried without it and land."""
+
+
 class DefinitionError(InvalidArgument):
     """A saga definition is invalid.
 
@@ -55,7 +82,7 @@ class DefinitionError(InvalidArgument):
 
     def __init__(self, problem: str, *, source: str = "", step: str = "", field: str = "") -> None:
         where = ", ".join(
-            part for part in (source, f"step {step!r}" if step else "", f"field {field!r}" if field else "") if part
+            part for part in (source, f"step {quote(step)}" if step else "", f"field {quote(field)}" if field else "") if part
         )
         super().__init__(f"{where}: {problem}" if where else problem)
         self.problem = problem
@@ -64,8 +91,17 @@ class DefinitionError(InvalidArgument):
         self.field = field
 
 
+#: The longest status message a handler answers: a client with gRPC's default
+#: 16 KB metadata limit must be able to read every one.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
 def grpc_status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a handler answers for `error`."""
+    """The status code and message a handler answers for `error`; the message
+    is cut to MAX_STATUS_MESSAGE_CHARS."""
     if isinstance(error, CompensaError):
-        return error.code, str(error)
+        message = str(error)
+        if len(message) > MAX_STATUS_MESSAGE_CHARS:
+            message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
+        return error.code, message
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"

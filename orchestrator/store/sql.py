@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from orchestrator.errors import StoreUnavailable
+from orchestrator.errors import RejectedWrite, StoreUnavailable
 from orchestrator.machine import (
     COMPENSATED,
     FAILED,
@@ -38,7 +39,17 @@ from orchestrator.machine import (
     StepRecord,
     takeover_event,
 )
-from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
+from orchestrator.store import migrations
+from orchestrator.store.base import (
+    Claimed,
+    ParticipantAddress,
+    SagaStore,
+    SagaWrite,
+    StateSummary,
+    StoredEvent,
+    WriteResult,
+)
+from orchestrator.store.schema import definitions, log_head, participants, saga_events, saga_steps, sagas, secrets
 from participants.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
@@ -47,7 +58,6 @@ from participants.database import (
     connect_bounded,
     engine_options,
 )
-from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
 
@@ -67,6 +77,13 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
     if url.startswith("sqlite"):
         return SqliteSagaStore(url, timeout=timeout)
     raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
+
+
+def _rejected(error: Exception) -> RejectedWrite:
+    """A flush failure tied to the values written, not to the connection: the
+    same flush without the offending write would land."""
+    first_line = str(error).partition("\n")[0][:200]
+    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
 
 
 def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
@@ -211,10 +228,15 @@ class SqlSagaStore(SagaStore):
             raise
         self._reached(None)
 
-    async def create_schema(self) -> None:
+    async def ensure_schema(self) -> None:
+        database = make_url(self.url).render_as_string(hide_password=True)
         async with self._transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-            await conn.execute(self._insert(log_head).values(id=1, position=0).on_conflict_do_nothing())
+            await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
+
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        async with self._transaction() as conn:
+            before = await conn.run_sync(migrations.upgrade)
+        return before.revision, before.head
 
     async def has_schema(self) -> bool:
         async with self._transaction() as conn:
@@ -308,6 +330,23 @@ class SqlSagaStore(SagaStore):
             bodies = (await conn.execute(query)).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
 
+    # -- participants
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        values = {"address": address, "updated_at": now, "updated_by": updated_by}
+        async with self._transaction() as conn:
+            await conn.execute(
+                self._insert(participants)
+                .values(name=name, **values)
+                .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
+            )
+        return ParticipantAddress(name, address, now, updated_by)
+
+    async def list_participants(self) -> list[ParticipantAddress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
+        return [ParticipantAddress(row.name, row.address, row.updated_at, row.updated_by) for row in rows]
+
     # -- sagas
 
     async def create_saga(self, write: SagaWrite, request_fingerprint: str) -> tuple[SagaRecord, bool, str]:
@@ -377,17 +416,22 @@ class SqlSagaStore(SagaStore):
         """Tells other processes, on commit, which sagas changed."""
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Writes every transition in one transaction; RejectedWrite when the
+        database refuses a value (nothing is written then)."""
         creates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is not None]
         updates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is None]
-        async with self._transaction() as conn:
-            epochs = await self._insert_sagas(conn, creates) if creates else {}
-            if updates:
-                updated = await self._update_sagas(conn, updates)
-                epochs.update(updated)
-                await self._update_steps(conn, [write for index, write in updates if index in updated])
-            landed = sorted(epochs)
-            positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
-            await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        try:
+            async with self._transaction() as conn:
+                epochs = await self._insert_sagas(conn, creates) if creates else {}
+                if updates:
+                    updated = await self._update_sagas(conn, updates)
+                    epochs.update(updated)
+                    await self._update_steps(conn, [write for index, write in updates if index in updated])
+                landed = sorted(epochs)
+                positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+                await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
+            raise _rejected(error) from error
         by_index = dict(zip(landed, positions))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
@@ -834,11 +878,14 @@ class PostgresSagaStore(SqlSagaStore):
         payload = self.notifier + "|" + ",".join(dict.fromkeys(write.saga.saga_id for write in writes))
         if len(payload) > _MAX_PAYLOAD:
             payload = self.notifier + "|*"
-        params = _flush_params(writes, list(creates.values()), updates, payload)
-        async with self._writing() as driver:
-            async with driver.cursor() as cursor:
-                await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
-                rows = await cursor.fetchall()
+        try:
+            params = _flush_params(writes, list(creates.values()), updates, payload)
+            async with self._writing() as driver:
+                async with driver.cursor() as cursor:
+                    await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
+                    rows = await cursor.fetchall()
+        except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
+            raise _rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
         base = rows[0][2] if rows else 0
         results: list[WriteResult] = []
