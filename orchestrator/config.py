@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.auth import AccessPolicy, Role, load_token_file
 from orchestrator.payloads import DEFAULT_PROTO_MODULES
 from participants.tls import TlsFiles
 
@@ -47,6 +48,18 @@ class ServerConfig:
     # allowed to cancel, retry, resolve and register definitions; empty lets
     # every client do it. Needs mutual TLS (tls.ca).
     operators: tuple[str, ...] = ()
+    # More client certificate names with their roles (reader, starter,
+    # operator); `operators` are added as operators. Needs mutual TLS.
+    certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    # A file of bearer tokens with their identities, roles and definition
+    # scopes (see orchestrator/auth.py); None accepts no tokens.
+    token_file: Path | None = None
+    # Streams (watches, the dashboard's live list) one client may hold open
+    # at once; 0 sets no limit.
+    max_streams_per_client: int = 0
+    # HOST:PORT of the web dashboard (over TLS when `tls` is set); None
+    # serves none.
+    http_listen: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (over TLS when `tls` is
     # set); None serves none.
     metrics_listen: str | None = None
@@ -62,6 +75,13 @@ class ServerConfig:
     # Events buffered per watch stream; a subscriber further behind reads
     # the log itself until it catches up.
     watch_buffer_events: int = 1000
+
+    def access_policy(self) -> AccessPolicy:
+        """Who may do what: certificate roles and the token file (read now,
+        so that a bad file stops the start)."""
+        roles = {**self.certificate_roles, **{name: Role.OPERATOR for name in self.operators}}
+        tokens = load_token_file(self.token_file) if self.token_file is not None else {}
+        return AccessPolicy(certificate_roles=roles, tokens=tokens)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

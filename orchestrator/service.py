@@ -22,6 +22,7 @@ from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc,
 from google.protobuf import duration_pb2
 
 from orchestrator import machine, payloads
+from orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.definitions import definition_fingerprint, duration_seconds, validate_definition
 from orchestrator.engine import SagaEngine, parse_completion_token
 from orchestrator.errors import (
@@ -30,9 +31,9 @@ from orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     grpc_status_of,
 )
+from orchestrator.operations import operator_event
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.views import EventViews, saga_message, timestamp
 
@@ -58,6 +59,7 @@ def _answer_errors(
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         try:
+            self._admit(handler.__name__, context)
             return await handler(self, request, context)
         except CompensaError as error:
             code, message = grpc_status_of(error)
@@ -77,8 +79,10 @@ def _answer_stream_errors(
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
         try:
-            async for item in handler(self, request, context):
-                yield item
+            identity = self._admit(handler.__name__, context)
+            with self._streams.slot(_stream_client(identity, context)):
+                async for item in handler(self, request, context):
+                    yield item
         except CompensaError as error:
             code, message = grpc_status_of(error)
             await context.abort(code, message)
@@ -142,10 +146,25 @@ def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
     return list(dict.fromkeys(name.decode() for name in names))
 
 
-class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    """compensa.v1.OrchestratorService over a SagaEngine."""
+def _stream_client(identity: Identity | None, context: grpc.aio.ServicerContext) -> str:
+    """Whose stream this is, for the per-client limit: the verified identity,
+    else the peer's address (an open API knows no better)."""
+    if identity is not None and identity.how != "open":
+        return f"{identity.how} {identity.name}"
+    peer = context.peer()
+    host = peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return f"client {host}"
 
-    def __init__(self, engine: SagaEngine) -> None:
+
+class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """compensa.v1.OrchestratorService over a SagaEngine.
+
+    Every handler first admits the call (`_admit`): who calls, and whether
+    their role allows the RPC; handlers over one saga also check the caller's
+    definition scope.
+    """
+
+    def __init__(self, engine: SagaEngine, access: AccessPolicy | None = None) -> None:
         self._engine = engine
         self._store = engine.store
         self._max_payload = engine.config.max_payload_bytes
@@ -155,9 +174,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             buffer_size=engine.config.watch_buffer_events,
             reread_seconds=engine.config.watch_reread_seconds,
         )
-        self._operators = frozenset(engine.config.operators)
+        self._access = access if access is not None else AccessPolicy()
+        self._streams = StreamLimit(engine.config.max_streams_per_client)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
         self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
+
+    @property
+    def log_tail(self) -> LogTail:
+        """The process's one reader of the event log (the dashboard's live
+        list subscribes to it too)."""
+        return self._tail
+
+    @property
+    def stream_limit(self) -> StreamLimit:
+        """Open streams per client, shared with the dashboard's live lists."""
+        return self._streams
 
     async def stop(self) -> None:
         """Stops the log reader behind the watch streams."""
@@ -167,27 +198,51 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         return saga_message(saga, plan)
 
-    def _operator(self, context: grpc.aio.ServicerContext, action: str, claimed: str = "") -> str:
-        """Checks that the caller may run an operator action; who it is, for
-        the saga's log. With a client certificate the log names it, next to
-        the actor the request claims (which nothing verifies)."""
-        names = _certificate_names(context)
-        if self._operators and self._operators.isdisjoint(names):
-            shown = ", ".join(names) or "no client certificate"
-            raise PermissionDenied(
-                f"{action} is for operators: call with the client certificate of one named by serve --operator"
-                f" (this call's: {shown})"
-            )
-        if not names:
-            return claimed
-        return f"{claimed} (certificate {names[0]})" if claimed and claimed != names[0] else names[0]
+    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        """Who calls: a bearer token in the metadata or the client certificate."""
+        authorization = next(
+            (value for key, value in context.invocation_metadata() or () if key == "authorization"), None
+        )
+        return self._access.identify(_certificate_names(context), authorization)
 
-    async def _existing(self, saga_id: str) -> machine.SagaRecord:
+    def _admit(self, action: str, context: grpc.aio.ServicerContext) -> Identity | None:
+        """Checks the caller's role for `action`; who it is (None on an open
+        API for calls below operator: nothing to check, and the hot path
+        stays free of it)."""
+        if self._access.open and REQUIRED_ROLE[action] < Role.OPERATOR:
+            return None
+        identity = self._caller(context)
+        self._access.authorize(identity, action)
+        return identity
+
+    def _in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """PermissionDenied unless the caller may act on sagas of this definition."""
+        if not self._access.open:
+            self._access.authorize(self._caller(context), action, definition_name)
+
+    def _all_in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """For calls over many sagas: a caller limited to some definitions must filter on one."""
+        if not self._access.open:
+            self._access.require_scope(self._caller(context), action, definition_name)
+
+    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> machine.SagaRecord:
         _require_saga_id(saga_id)
         saga = await self._store.load_saga(saga_id)
         if saga is None:
             raise NotFound(f"saga {saga_id!r} not found")
+        self._in_scope(context, action, saga.definition_name)
         return saga
+
+    async def _operate(
+        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str
+    ) -> saga_pb2.Saga:
+        """An operator action, recorded with who did it."""
+        identity = self._caller(context)
+        event = operator_event(action, identity.actor(claimed), text)
+        _require_saga_id(saga_id)
+        if identity.definitions:
+            await self._existing(saga_id, context, action)
+        return await self._saga_view(await self._engine.apply_external(saga_id, event))
 
     # -- sagas
 
@@ -201,6 +256,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             )
         if not request.definition_name:
             raise InvalidArgument("definition_name is required")
+        self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
             raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
         plan = await self._engine.find_plan(request.definition_name, request.definition_version)
@@ -232,7 +288,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def GetSaga(
         self, request: orchestrator_pb2.GetSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetSagaResponse:
-        return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(await self._existing(request.saga_id)))
+        saga = await self._existing(request.saga_id, context, "GetSaga")
+        return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
     async def ListSagas(
@@ -250,6 +307,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
         if request.state and request.state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"state {request.state} is not a SagaState")
+        self._all_in_scope(context, "ListSagas", request.definition_name)
         sagas = await self._store.list_sagas(
             state=request.state,
             definition_name=request.definition_name,
@@ -270,6 +328,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.SummarizeSagasRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SummarizeSagasResponse:
         stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
+        self._all_in_scope(context, "SummarizeSagas", request.definition_name)
         now = self._engine.clock.now()
         summaries = await self._store.summarize_sagas(
             definition_name=request.definition_name, stuck_before=now - stuck
@@ -295,33 +354,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelSaga(
         self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelSagaResponse:
-        actor = self._operator(context, "CancelSaga", request.actor)
-        _require_saga_id(request.saga_id)
-        event = machine.CancelRequested(actor=actor, reason=request.reason)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.CancelSagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason)
+        return orchestrator_pb2.CancelSagaResponse(saga=saga)
 
     @_answer_errors
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
-        actor = self._operator(context, "RetrySaga", request.actor)
-        _require_saga_id(request.saga_id)
-        event = machine.RetryRequested(actor=actor, reason=request.reason)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.RetrySagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason)
+        return orchestrator_pb2.RetrySagaResponse(saga=saga)
 
     @_answer_errors
     async def ResolveSaga(
         self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ResolveSagaResponse:
-        actor = self._operator(context, "ResolveSaga", request.actor)
-        if not request.note.strip():
-            raise InvalidArgument("note is required: say what was done to repair the flow")
-        _require_saga_id(request.saga_id)
-        event = machine.ResolveRequested(actor=actor, note=request.note)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.ResolveSagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note)
+        return orchestrator_pb2.ResolveSagaResponse(saga=saga)
 
     @_answer_errors
     async def CompleteStep(
@@ -344,7 +392,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), machine.STEP_FAILED
         else:
             raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
-        saga = await self._existing(saga_id)
+        saga = await self._existing(saga_id, context, "CompleteStep")
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         if step_name not in plan.steps or not plan.steps[step_name].long_running:
             raise InvalidArgument(f"step {step_name!r} of saga {saga_id!r} is not a long-running step")
@@ -367,7 +415,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
         saga_id = request.saga_id
-        saga = await self._existing(saga_id)
+        saga = await self._existing(saga_id, context, "WatchSaga")
         after = request.after_sequence
         if after == 0 and not request.replay_history:
             yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
@@ -410,6 +458,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if window and not batched:
             raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
         definition_name, saga_state = request.definition_name, request.saga_state
+        self._all_in_scope(context, "WatchSagas", definition_name)
         async for batch in self._tail.follow(
             request.after_position,
             saga_id=None,
@@ -432,9 +481,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RegisterDefinition(
         self, request: orchestrator_pb2.RegisterDefinitionRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RegisterDefinitionResponse:
-        self._operator(context, "RegisterDefinition")
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
+        self._in_scope(context, "RegisterDefinition", request.definition.name)
         definition, created = await register_definition(self._engine, request.definition, source="request")
         return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
 
@@ -446,6 +495,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("name is required")
         if request.version < 0:
             raise InvalidArgument(f"version must be 0 (latest) or positive, got {request.version}")
+        self._in_scope(context, "GetDefinition", request.name)
         definition = await self._store.get_definition(request.name, request.version)
         if definition is None:
             raise NotFound(f"definition {request.name!r} not found")
@@ -460,9 +510,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         found = await self._store.list_definitions(page_size + 1, after)
         more = len(found) > page_size
         found = found[:page_size]
-        return orchestrator_pb2.ListDefinitionsResponse(
-            definitions=found, next_page_token=_encode_token(found[-1].name) if more else ""
-        )
+        next_page_token = _encode_token(found[-1].name) if more else ""
+        if not self._access.open:
+            caller = self._caller(context)
+            found = [definition for definition in found if caller.may_see(definition.name)]
+        return orchestrator_pb2.ListDefinitionsResponse(definitions=found, next_page_token=next_page_token)
 
 
 async def register_definition(
