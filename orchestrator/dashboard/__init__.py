@@ -45,14 +45,15 @@ async def start_dashboard(
     dashboard = Dashboard(engine, tail, access, streams, tls=tls is not None)
     # Cancel a handler when its client goes away: a closed live list stops
     # following the log at once instead of at its next write.
-    runner = web.AppRunner(dashboard.app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(
+        dashboard.app, handler_cancellation=True, access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS
+    )
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(
         runner,
         host.strip("[]") or "0.0.0.0",
         int(port),
-        shutdown_timeout=_SHUTDOWN_SECONDS,
         ssl_context=server_ssl_context(tls) if tls is not None else None,
     )
     try:
