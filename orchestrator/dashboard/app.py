@@ -55,6 +55,15 @@ LIVE_BATCH = 100
 #: A saga that has not changed for this long counts as stuck in the counts.
 STUCK_SECONDS = 600.0
 
+#: The caller, once known, for the error page's header.
+_IDENTITY = web.RequestKey("identity", Identity)
+_ERROR_TITLES = {
+    400: "Cannot do that",
+    403: "Not allowed",
+    404: "Not found",
+    409: "Not possible now",
+    429: "Too many open streams",
+}
 _ACTIONS = {"cancel": "CancelSaga", "retry": "RetrySaga", "resolve": "ResolveSaga"}
 _STATES = [state for state in saga_pb2.SagaState.values() if state]
 _HERE = Path(__file__).parent
@@ -204,6 +213,7 @@ class Dashboard:
         identity = self._access.identify(
             _certificate_names(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
         )
+        request[_IDENTITY] = identity
         self._access.authorize(identity, "Dashboard")
         return identity
 
@@ -227,9 +237,17 @@ class Dashboard:
             status, message = http_status_of(error)
             if request.path == "/live" or request.headers.get("Accept", "") == "application/json":
                 return web.json_response({"error": message}, status=status)
-            template = "login.html" if status == 401 else "error.html"
-            return self._page(template, status=status, message=message, identity=None, title="Sign in"
-                              if status == 401 else "Error")
+            if status == 401:
+                return self._page("login.html", status=status, message=message, identity=None, title="Sign in")
+            saga_id = request.match_info.get("saga_id")
+            return self._page(
+                "error.html",
+                status=status,
+                message=message,
+                identity=request.get(_IDENTITY),
+                title=_ERROR_TITLES.get(status, "Something went wrong"),
+                back=f"/sagas/{saga_id}" if saga_id and status != 404 else "",
+            )
 
     def _page(self, template: str, *, status: int = 200, **values: Any) -> web.Response:
         html = self._templates.get_template(template).render(**values)
