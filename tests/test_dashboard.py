@@ -135,31 +135,38 @@ async def test_the_live_list_streams_the_log_and_resumes_after_its_last_event_id
     async with dashboard_rig(tmp_path, make_postgres_url) as rig:
         status, html = await _get(rig.url + "/")
         after = int(re.search(r'data-after="(\d+)"', html).group(1))  # type: ignore[union-attr]
+        # Slow steps: the saga's changes reach the list in several messages.
+        rig.participant.script("execute", "reserve", ("sleep", 0.6))
+        rig.participant.script("execute", "charge", ("sleep", 0.6))
         await rig.begin("live-1")
-        await rig.final("live-1")
-        received: list[dict[str, object]] = []
-        ids: list[int] = []
+        messages: list[tuple[int, list[dict[str, object]]]] = []
         async with _session("reader") as session:
             async for message_id, events in _live(session, f"{rig.url}/live?after={after}"):
-                ids.append(message_id)
-                received += events
+                messages.append((message_id, events))
                 if events[-1]["state"] == "SUCCEEDED":
                     break
-            positions = [int(event["position"]) for event in received]  # type: ignore[call-overload]
-            assert positions == list(range(after + 1, after + 1 + len(positions)))
-            assert {event["saga_id"] for event in received} == {"live-1"}
-            assert [event["sequence"] for event in received] == list(range(1, len(received) + 1))
-            assert ids[-1] == positions[-1]
-            # Reconnecting with the id of the first event: the rest, nothing twice.
-            await rig.begin("live-2")
-            resumed: list[dict[str, object]] = []
-            async for _, events in _live(session, f"{rig.url}/live?after=0", {"Last-Event-ID": str(positions[0])}):
-                resumed += events
-                if any(event["saga_id"] == "live-2" and event["state"] == "SUCCEEDED" for event in events):
+            ids = [message_id for message_id, _ in messages]
+            assert len(ids) >= 3 and ids == sorted(set(ids)) and ids[0] > after
+            previous = after
+            for message_id, events in messages:
+                # One entry per saga and message: its latest event up to the message's id.
+                (event,) = events
+                assert event["saga_id"] == "live-1" and previous < int(event["position"]) <= message_id  # type: ignore[call-overload]
+                previous = message_id
+            sequences = [int(events[0]["sequence"]) for _, events in messages]  # type: ignore[call-overload]
+            final = (await rig.saga("live-1")).sequence
+            assert sequences == sorted(set(sequences)) and sequences[-1] == final
+
+            # Reconnecting with the id of the first message: what came after it, ending at the same final event.
+            resumed: list[tuple[int, list[dict[str, object]]]] = []
+            async for message_id, events in _live(session, f"{rig.url}/live?after=0", {"Last-Event-ID": str(ids[0])}):
+                resumed.append((message_id, events))
+                if any(event["state"] == "SUCCEEDED" for event in events):
                     break
-            resumed_positions = [int(event["position"]) for event in resumed]  # type: ignore[call-overload]
-            assert resumed_positions[: len(positions) - 1] == positions[1:]
-            assert resumed_positions == sorted(set(resumed_positions))
+            assert resumed[0][0] > ids[0]
+            assert all(int(event["position"]) > ids[0] for _, events in resumed for event in events)  # type: ignore[call-overload]
+            assert resumed[-1][1][-1]["sequence"] == final and resumed[-1][0] == ids[-1]
+
             # Filtered on the server: only failed sagas' events.
             await rig.failed_for_a_person("live-3")
             async for _, events in _live(session, f"{rig.url}/live?after={after}&state=failed"):

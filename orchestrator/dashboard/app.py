@@ -50,8 +50,10 @@ __all__ = ["Dashboard", "TOKEN_COOKIE", "server_ssl_context"]
 TOKEN_COOKIE = "compensa_token"
 #: Sagas the list shows (newest first).
 LIST_SIZE = 100
-#: Events per server-sent message at most: a busy log costs one message per batch.
-LIVE_BATCH = 100
+#: A live list gets one message per this many seconds at most, with the
+#: latest event of each saga that changed meanwhile: a busy log costs a few
+#: small messages a second per open list, not one per event.
+LIVE_WINDOW_SECONDS = 0.25
 #: A saga that has not changed for this long counts as stuck in the counts.
 STUCK_SECONDS = 600.0
 
@@ -120,18 +122,42 @@ def _payload_json(payload: any_pb2.Any) -> str:
         return f"({payloads.type_name_of(payload)}, {len(payload.value)} bytes: {error})"
 
 
-def _live_item(stored: StoredEvent) -> dict[str, Any]:
-    event = stored.event
-    return {
-        "saga_id": stored.saga_id,
-        "definition": stored.definition_name,
-        "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
-        "sequence": event.sequence,
-        "event": event_type_name(event.type).lower(),  # type: ignore[arg-type]
-        "step": event.step_name,
-        "time": event.time,
-        "position": stored.position,
-    }
+class _LiveItems:
+    """Each event's JSON for the live lists, encoded once however many lists
+    send it (keyed by log position; the oldest are dropped first)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: dict[int, str] = {}
+
+    def of(self, stored: StoredEvent) -> str:
+        item = self._items.get(stored.position)
+        if item is None:
+            if len(self._items) >= self._size:
+                del self._items[next(iter(self._items))]
+            event = stored.event
+            item = self._items[stored.position] = json.dumps(
+                {
+                    "saga_id": stored.saga_id,
+                    "definition": stored.definition_name,
+                    "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
+                    "sequence": event.sequence,
+                    "event": event_type_name(event.type).lower(),  # type: ignore[arg-type]
+                    "step": event.step_name,
+                    "time": event.time,
+                    "position": stored.position,
+                },
+                separators=(",", ":"),
+            )
+        return item
+
+    def message(self, batch: list[StoredEvent]) -> bytes:
+        """One server-sent message: the latest event of each saga in `batch`
+        (a list shows a saga's latest state), with the batch's last position
+        as its id, where a reconnect resumes."""
+        latest = {stored.saga_id: stored for stored in batch}
+        data = ",".join(self.of(stored) for stored in latest.values())
+        return f"id: {batch[-1].position}\ndata: [{data}]\n\n".encode()
 
 
 @dataclass(frozen=True)
@@ -184,6 +210,7 @@ class Dashboard:
         self._streams = streams
         self._tls = tls
         self._form_key = os.urandom(32)
+        self._live_items = _LiveItems(4 * engine.config.watch_buffer_events)
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(_HERE / "templates")),
             autoescape=True,
@@ -413,10 +440,10 @@ class Dashboard:
                 read=lambda after: self._store.read_log(
                     after, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
                 ),
-                max_batch=LIVE_BATCH,
+                max_batch=READ_BATCH,
+                window=LIVE_WINDOW_SECONDS,
             ):
-                data = json.dumps([_live_item(stored) for stored in batch], separators=(",", ":"))
-                await response.write(f"id: {batch[-1].position}\ndata: {data}\n\n".encode())
+                await response.write(self._live_items.message(batch))
         return response
 
     async def _login_form(self, request: web.Request) -> web.Response:
