@@ -5,8 +5,10 @@ with their form token. A real browser drives it in test_dashboard_browser.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from compensa.v1 import saga_pb2
 
 from dashboard_rig import TOKENS, dashboard_rig
+from harness import REPO
 
 S = saga_pb2
 
@@ -275,3 +278,28 @@ async def test_the_live_list_counts_against_the_stream_limit_per_client(
                 assert second.status == 429
                 assert "token viewer has 1 streams open, the limit per client" in (await second.json())["error"]
             await stream.aclose()
+
+
+async def test_the_demo_prints_its_dashboard_and_stays_up_until_interrupted(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        str(REPO / ".venv" / "bin" / "compensa"), "demo", "--stay",
+        cwd=tmp_path, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        assert process.stdout is not None
+        url = ""
+        async with asyncio.timeout(60):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                assert line, "the demo ended before it said it stays up"
+                if line.startswith("the dashboard stays up at "):
+                    url = line.removeprefix("the dashboard stays up at ").split(";")[0]
+                    break
+        status, html = await _get(url, who=None)  # the demo's API is open
+        assert status == 200 and len(_listed(html)) == 2 and "(open API)" in html
+        process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

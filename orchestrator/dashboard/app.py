@@ -12,13 +12,15 @@ from another origin.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -151,13 +153,11 @@ class _LiveItems:
             )
         return item
 
-    def message(self, batch: list[StoredEvent]) -> bytes:
-        """One server-sent message: the latest event of each saga in `batch`
-        (a list shows a saga's latest state), with the batch's last position
-        as its id, where a reconnect resumes."""
-        latest = {stored.saga_id: stored for stored in batch}
-        data = ",".join(self.of(stored) for stored in latest.values())
-        return f"id: {batch[-1].position}\ndata: [{data}]\n\n".encode()
+    def message(self, latest: Iterable[StoredEvent], position: int) -> bytes:
+        """One server-sent message of these events, with `position` (the last
+        the list has seen) as its id, where a reconnect resumes."""
+        data = ",".join(self.of(stored) for stored in latest)
+        return f"id: {position}\ndata: [{data}]\n\n".encode()
 
 
 @dataclass(frozen=True)
@@ -432,19 +432,52 @@ class Dashboard:
             await response.prepare(request)
             # Tells the browser to come back after 1 s if the stream breaks.
             await response.write(b"retry: 1000\n\n")
+            await self._send_live(response, int(resume), wanted)
+        return response
+
+    async def _send_live(self, response: web.StreamResponse, after: int, wanted: tuple[str, int]) -> None:
+        """Follows the log from `after` and sends, at most once per window,
+        the latest event of each saga that changed meanwhile. The reader keeps
+        up with the log's tail between messages (it never falls a buffer
+        behind and re-reads the database); only the sending waits."""
+        latest: dict[str, StoredEvent] = {}
+        seen = [after]
+        changed = asyncio.Event()
+
+        async def collect() -> None:
             async for batch in self._tail.follow(
-                int(resume),
+                after,
                 saga_id=None,
                 wanted=wanted,
                 key=lambda stored: stored.position,
-                read=lambda after: self._store.read_log(
-                    after, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
+                read=lambda position: self._store.read_log(
+                    position, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
                 ),
-                max_batch=READ_BATCH,
-                window=LIVE_WINDOW_SECONDS,
             ):
-                await response.write(self._live_items.message(batch))
-        return response
+                for stored in batch:
+                    latest.pop(stored.saga_id, None)
+                    latest[stored.saga_id] = stored
+                seen[0] = batch[-1].position
+                changed.set()
+
+        collector = asyncio.create_task(collect(), name="compensa-dashboard-live")
+        try:
+            while True:
+                waiting = asyncio.ensure_future(changed.wait())
+                await asyncio.wait((waiting, collector), return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if collector.done():
+                    collector.result()  # its error, if it failed
+                    return
+                changed.clear()
+                message = self._live_items.message(latest.values(), seen[0])
+                latest.clear()
+                await response.write(message)
+                await asyncio.sleep(LIVE_WINDOW_SECONDS)  # a message per window at most
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
 
     async def _login_form(self, request: web.Request) -> web.Response:
         return self._page("login.html", title="Sign in", identity=None, message="")
