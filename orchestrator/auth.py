@@ -4,8 +4,10 @@ Three roles, each including the one before: reader (get, list, watch, status,
 the dashboard), starter (+ StartSaga, CompleteStep) and operator (+ cancel,
 retry, resolve, register definitions). An identity comes from a verified client
 certificate (its common name or a subject alternative name, given a role by
-`serve --operator NAME` or `--role NAME=ROLE`) or from a bearer token listed in
-a token file (`serve --tokens FILE`), optionally scoped to definition names.
+`serve --operator NAME` or `--role NAME=ROLE`) or from a bearer token: listed in
+a token file (`serve --tokens FILE`), or a JWT signed by a key of a configured
+key set (`serve --jwt-keys FILE`) carrying `sub`, `role` and optionally
+`definitions` claims; tokens may be scoped to definition names.
 
 With none of this configured the API is open, as it always was: every caller
 may do everything (the server warns at start). Both faces, gRPC and HTTP, ask
@@ -24,6 +26,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Any
+
 import yaml
 
 from orchestrator.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
@@ -35,6 +39,8 @@ __all__ = [
     "Role",
     "StreamLimit",
     "TokenGrant",
+    "JwtKeys",
+    "load_jwt_keys",
     "load_token_file",
     "parse_role",
 ]
@@ -168,6 +174,66 @@ def load_token_file(path: Path) -> dict[str, TokenGrant]:
     return grants
 
 
+@dataclass(frozen=True)
+class JwtKeys:
+    """JWTs accepted as bearer tokens: signed by a key of this JSON Web Key
+    Set, unexpired, and for `audience` and from `issuer` when those are set.
+    The claims name the caller (`sub`), its role (`role`) and optionally the
+    definitions it is limited to (`definitions`, a list)."""
+
+    key_set: Any  # jwt.PyJWKSet
+    audience: str | None = None
+    issuer: str | None = None
+
+    def verify(self, token: str) -> TokenGrant:
+        """The grant a valid JWT carries; Unauthenticated saying why otherwise
+        (never quoting the token)."""
+        import jwt
+
+        try:
+            kid = jwt.get_unverified_header(token).get("kid")
+            keys = [key for key in self.key_set.keys if kid is None or key.key_id == kid]
+            if not keys:
+                raise Unauthenticated(f"the bearer token's key {kid!r} is not in the key set of serve --jwt-keys")
+            claims = jwt.decode(
+                token,
+                keys[0].key,
+                algorithms=[keys[0].algorithm_name],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["exp", "sub"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("the bearer token (a JWT) has expired") from None
+        except jwt.InvalidTokenError as error:
+            raise Unauthenticated(f"the bearer token (a JWT) is not valid here: {error}") from None
+        try:
+            role = parse_role(str(claims.get("role", "")))
+        except InvalidArgument as error:
+            raise Unauthenticated(f"the bearer token's 'role' claim: {error}") from None
+        definitions = claims.get("definitions", [])
+        if not isinstance(definitions, list) or not all(isinstance(name, str) for name in definitions):
+            raise Unauthenticated("the bearer token's 'definitions' claim must be a list of definition names")
+        return TokenGrant(str(claims["sub"]), role, frozenset(definitions))
+
+
+def load_jwt_keys(path: Path, *, audience: str | None = None, issuer: str | None = None) -> JwtKeys:
+    """Reads a JSON Web Key Set (public keys) from `path`."""
+    try:
+        import jwt
+    except ImportError:
+        raise InvalidArgument("--jwt-keys needs PyJWT: install compensa[jwt]") from None
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise InvalidArgument(f"cannot read JWT key set {path}: {error.strerror}") from None
+    try:
+        key_set = jwt.PyJWKSet.from_json(text)
+    except (jwt.PyJWKSetError, jwt.PyJWKError, ValueError) as error:
+        raise InvalidArgument(f"JWT key set {path} is not a usable JSON Web Key Set: {error}") from None
+    return JwtKeys(key_set, audience, issuer)
+
+
 def bearer_token(authorization: str | None) -> str | None:
     """The token of an "Authorization: Bearer TOKEN" value; None without one."""
     if not authorization:
@@ -191,10 +257,11 @@ class AccessPolicy:
     certificate_roles: Mapping[str, Role] = field(default_factory=dict)
     tokens: Mapping[str, TokenGrant] = field(default_factory=dict)
     other_certificates: Role | None = Role.STARTER
+    jwt: JwtKeys | None = None
 
     @property
     def open(self) -> bool:
-        return not self.certificate_roles and not self.tokens
+        return not self.certificate_roles and not self.tokens and self.jwt is None
 
     def identify(self, certificate_names: Iterable[str], authorization: str | None, *, anonymous: str = "") -> Identity:
         """The caller, from a bearer token (checked first: a gateway with a
@@ -203,6 +270,9 @@ class AccessPolicy:
         # An open API has nothing to check a token against: it is ignored.
         token = None if self.open else bearer_token(authorization)
         if token is not None:
+            if self.jwt is not None and token.count(".") == 2:
+                signed = self.jwt.verify(token)
+                return Identity(signed.identity, signed.role, "token", signed.definitions)
             grant = self._grant(token)
             if grant is None:
                 raise Unauthenticated("the bearer token is not recognised: check the token file of serve --tokens")

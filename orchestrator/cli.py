@@ -281,6 +281,11 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
         "--tokens", type=Path, metavar="FILE",
         help="bearer tokens with their identities, roles and definition scopes (YAML or JSON; see README)",
     )
+    parser.add_argument("--jwt-keys", type=Path, metavar="FILE",
+                        help="a JSON Web Key Set: accept JWTs signed by its keys as bearer tokens (claims sub, role,"
+                             " definitions); needs compensa[jwt]")
+    parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
+    parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
     parser.add_argument(
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
@@ -466,6 +471,9 @@ def _serve(args: argparse.Namespace) -> int:
         operators=tuple(args.operator),
         certificate_roles=dict(args.role),
         token_file=args.tokens,
+        jwt_keys=args.jwt_keys,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
         http_listen=args.http,
     )
     if args.max_streams_per_client < 0:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from orchestrator.auth import AccessPolicy, Role, load_token_file
+from orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
 from orchestrator.payloads import DEFAULT_PROTO_MODULES
 from participants.tls import TlsFiles
 
@@ -54,6 +54,11 @@ class ServerConfig:
     # A file of bearer tokens with their identities, roles and definition
     # scopes (see orchestrator/auth.py); None accepts no tokens.
     token_file: Path | None = None
+    # A JSON Web Key Set: JWTs signed by one of its keys are accepted as
+    # bearer tokens (with these audience and issuer when set).
+    jwt_keys: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
     # Streams (watches, the dashboard's live list) one client may hold open
     # at once; 0 sets no limit.
     max_streams_per_client: int = 0
@@ -81,7 +86,10 @@ class ServerConfig:
         so that a bad file stops the start)."""
         roles = {**self.certificate_roles, **{name: Role.OPERATOR for name in self.operators}}
         tokens = load_token_file(self.token_file) if self.token_file is not None else {}
-        return AccessPolicy(certificate_roles=roles, tokens=tokens)
+        jwt = None
+        if self.jwt_keys is not None:
+            jwt = load_jwt_keys(self.jwt_keys, audience=self.jwt_audience, issuer=self.jwt_issuer)
+        return AccessPolicy(certificate_roles=roles, tokens=tokens, jwt=jwt)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

@@ -4,11 +4,14 @@ tokens kept out of every log line and message. (Certificates: test_tls.py.)"""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 from compensa.v1 import orchestrator_pb2, saga_pb2
@@ -169,3 +172,61 @@ async def test_an_open_api_warns_at_start_and_lets_everyone_act(
         assert resolved.saga.resolution_note == "fixed"
         events = await rig.events("open-1")
         assert [event.actor for event in events if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED] == ["bob"]
+
+
+def _jwt_signer(tmp_path: Path) -> tuple[Path, Callable[..., str], Callable[..., str]]:
+    """A key set file with one EC key (kid "k1"), a signer with that key, and
+    a signer with an unrelated key claiming the same kid."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key, stranger = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    public = jwt.algorithms.ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**public, "kid": "k1", "alg": "ES256", "use": "sig"}]}))
+
+    def signer(private: object) -> Callable[..., str]:
+        def sign(expires_in: float = 300, **claims: object) -> str:
+            body = {"aud": "compensa", "exp": int(time.time() + expires_in), **claims}
+            return jwt.encode(body, private, algorithm="ES256", headers={"kid": "k1"})  # type: ignore[arg-type]
+
+        return sign
+
+    return tmp_path / "jwks.json", signer(key), signer(stranger)
+
+
+async def test_jwts_signed_by_the_key_set_carry_identity_role_and_scope(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    key_set, sign, forge = _jwt_signer(tmp_path)
+    async with dashboard_rig(tmp_path, make_postgres_url, jwt_keys=key_set, jwt_audience="compensa") as rig:
+        rig.participant.script("execute", "reserve", ("sleep", 3.0))
+        await rig.begin("jwt-1")
+
+        def as_jwt(token: str) -> tuple[tuple[str, str]]:
+            return (("authorization", f"Bearer {token}"),)
+
+        reader = as_jwt(sign(sub="carol", role="reader", definitions=["board"]))
+        assert (await rig.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="jwt-1"), metadata=reader)).saga.saga_id
+        refused = await _refusal(rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="jwt-1"), metadata=reader))
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert refused.details() == "CancelSaga needs role operator; token carol (role reader) lacks it"
+        for why, token in {
+            "has expired": sign(expires_in=-60, sub="carol", role="operator"),
+            "Audience doesn't match": sign(sub="carol", role="operator", aud="someone-else"),
+            "Signature verification failed": forge(sub="mallory", role="operator"),
+            "'role' claim": sign(sub="carol"),
+        }.items():
+            wrong = await _refusal(rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="jwt-1"),
+                                                       metadata=as_jwt(token)))
+            assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED, why
+            assert why in (wrong.details() or "") and token not in (wrong.details() or ""), wrong.details()
+        operator = as_jwt(sign(sub="dave", role="operator"))
+        cancelled = await rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="jwt-1"), metadata=operator)
+        assert cancelled.saga.state == S.SAGA_STATE_COMPENSATING
+        actors = [event.actor for event in await rig.events("jwt-1") if event.type == S.EVENT_TYPE_CANCEL_REQUESTED]
+        assert actors == ["dave"]
+        # The token file still works beside the key set, and the dashboard takes JWTs too.
+        assert (await rig.stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=bearer("reader"))).sagas
+        async with aiohttp.ClientSession(headers={"Authorization": reader[0][1]}) as session:
+            async with session.get(rig.url + "/") as page:
+                assert page.status == 200 and "token carol (role reader)" in await page.text()
