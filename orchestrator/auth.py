@@ -2,7 +2,7 @@
 
 Three roles, each including the one before: reader (get, list, watch, status,
 the dashboard), starter (+ StartSaga, CompleteStep) and operator (+ cancel,
-retry, resolve, register definitions). An identity comes from a verified client
+retry, resolve, register definitions and participant addresses). An identity comes from a verified client
 certificate (its common name or a subject alternative name, given a role by
 `serve --operator NAME` or `--role NAME=ROLE`) or from a bearer token: listed in
 a token file (`serve --tokens FILE`), or a JWT signed by a key of a configured
@@ -67,6 +67,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "WatchSagas": Role.READER,
     "GetDefinition": Role.READER,
     "ListDefinitions": Role.READER,
+    "ListParticipants": Role.READER,
     "Dashboard": Role.READER,
     "StartSaga": Role.STARTER,
     "CompleteStep": Role.STARTER,
@@ -74,6 +75,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "RetrySaga": Role.OPERATOR,
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
+    "SetParticipant": Role.OPERATOR,
 }
 
 

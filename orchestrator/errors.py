@@ -60,6 +60,13 @@ class StoreUnavailable(CompensaError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class SchemaMismatch(CompensaError):
+    """The database's schema is not at the revision this release runs on;
+    the message names the command that fixes it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DefinitionError(InvalidArgument):
     """A saga definition is invalid.
 

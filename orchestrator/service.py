@@ -35,6 +35,7 @@ from orchestrator.errors import (
 )
 from orchestrator.operations import operator_event
 from orchestrator.streams import READ_BATCH, LogTail
+from orchestrator.store import ParticipantAddress
 from orchestrator.views import EventViews, saga_message, timestamp
 
 log = logging.getLogger("compensa.service")
@@ -272,7 +273,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         given = payloads.type_name_of(request.input)
         if given != definition.input_type:
             raise InvalidArgument(f"input must be a {definition.input_type}, got {given or request.input.type_url!r}")
-        payloads.unpack(request.input)
+        payloads.unpack(request.input, payloads.pool_of(definition), field="input")
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
             plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint
@@ -516,13 +517,67 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             found = [definition for definition in found if caller.may_see(definition.name)]
         return orchestrator_pb2.ListDefinitionsResponse(definitions=found, next_page_token=next_page_token)
 
+    # -- participants
+
+    @_answer_errors
+    async def SetParticipant(
+        self, request: orchestrator_pb2.SetParticipantRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SetParticipantResponse:
+        actor = self._caller(context).actor(request.actor)
+        if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument(
+                f"name must be 1-64 letters, digits, '.', '_' or '-', got {_quoted(request.name)}"
+            )
+        _check_address(request.address)
+        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
+        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def ListParticipants(
+        self, request: orchestrator_pb2.ListParticipantsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListParticipantsResponse:
+        stored = await self._engine.refresh_participants()
+        return orchestrator_pb2.ListParticipantsResponse(participants=[_participant_message(p) for p in stored])
+
+
+PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """A value for an error message: quoted, and cut short if long."""
+    return repr(text[:limit]) + (f" (and {len(text) - limit} more characters)" if len(text) > limit else "")
+
+
+def _check_address(address: str) -> None:
+    match = _HOST_PORT.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {_quoted(address)}")
+
+
+def _participant_message(stored: ParticipantAddress) -> orchestrator_pb2.Participant:
+    return orchestrator_pb2.Participant(
+        name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
+        updated_by=stored.updated_by,
+    )
+
 
 async def register_definition(
     engine: SagaEngine, definition: definition_pb2.SagaDefinition, *, source: str
 ) -> tuple[definition_pb2.SagaDefinition, bool]:
-    """Validates and stores a definition; identical content keeps its version."""
-    normalized = validate_definition(definition, source=source)
+    """Validates and stores a definition; identical content keeps its version.
+    Every participant it names must have an address (FAILED_PRECONDITION)."""
+    normalized = await asyncio.to_thread(validate_definition, definition, source=source)
     normalized.version = 0
+    await engine.refresh_participants()
+    unknown = engine.unknown_participants(normalized)
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise FailedPrecondition(
+            f"{source}: definition {normalized.name!r} names participant(s) with no address: {names}."
+            f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
+            " or write the participant as HOST:PORT"
+        )
     stored, created = await engine.store.register_definition(
         normalized, definition_fingerprint(normalized), engine.clock.now()
     )

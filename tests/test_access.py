@@ -66,6 +66,9 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
             "RegisterDefinition": stub.RegisterDefinition(
                 orchestrator_pb2.RegisterDefinitionRequest(), metadata=bearer("starter")
             ),
+            "SetParticipant": stub.SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="scripted", address="127.0.0.1:1"), metadata=bearer("starter")
+            ),
         }.items():
             refused = await _refusal(call)
             assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, action

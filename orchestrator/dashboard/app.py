@@ -29,7 +29,7 @@ from typing import Any
 import jinja2
 from aiohttp import web
 from compensa.v1 import saga_pb2
-from google.protobuf import any_pb2, json_format
+from google.protobuf import any_pb2, descriptor_pool
 
 from orchestrator import machine, payloads
 from orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
@@ -114,14 +114,11 @@ def _age(seconds: float) -> str:
     return f"{seconds / 86400:.1f}d"
 
 
-def _payload_json(payload: any_pb2.Any) -> str:
-    """A payload as indented JSON from its registered type, or what is known of it."""
+def _payload_json(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool) -> str:
+    """A payload as indented JSON, decoded with its definition's registered types."""
     if not payload.type_url:
         return ""
-    try:
-        return json_format.MessageToJson(payloads.unpack(payload), indent=2, preserving_proto_field_name=True)
-    except (CompensaError, json_format.Error) as error:
-        return f"({payloads.type_name_of(payload)}, {len(payload.value)} bytes: {error})"
+    return json.dumps(payloads.to_json_dict(payload, pool), indent=2, ensure_ascii=False)
 
 
 class _LiveItems:
@@ -359,6 +356,7 @@ class Dashboard:
         self._access.authorize(identity, "GetSaga", saga.definition_name)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         view = saga_message(saga, plan)
+        pool = payloads.pool_of(plan.definition)
         events: list[StoredEvent] = []
         while True:
             batch = await self._store.read_saga_events(saga_id, events[-1].event.sequence if events else 0, READ_BATCH)
@@ -377,7 +375,7 @@ class Dashboard:
                 "last_error": step.last_error,
                 "start": _time(step.start_time.ToNanoseconds() / 1e9) if step.HasField("start_time") else "",
                 "finish": _time(step.finish_time.ToNanoseconds() / 1e9) if step.HasField("finish_time") else "",
-                "output": _payload_json(step.output) if step.HasField("output") else "",
+                "output": _payload_json(step.output, pool) if step.HasField("output") else "",
             }
             for step in view.steps
         ]
@@ -388,7 +386,7 @@ class Dashboard:
             form_token=self._form_token(identity),
             saga=saga,
             state=saga_state_name(view.state),
-            input_json=_payload_json(view.input),
+            input_json=_payload_json(view.input, pool),
             input_type=payloads.type_name_of(view.input),
             steps=steps,
             events=[_event_row(stored) for stored in events],

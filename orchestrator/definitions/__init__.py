@@ -8,7 +8,8 @@ Validation rules (`validate_definition`):
 
 - `name` and every step name match `NAME_PATTERN`; step names are unique; there is at
   least one step; every step has a participant.
-- `input_type` resolves to an imported message class.
+- `input_type` resolves to a message type: one of the definition's own `types` (a
+  FileDescriptorSet registered with it), else one from an imported _pb2 module.
 - Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
   `long_running` step must have one.
 - Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
@@ -34,6 +35,7 @@ to `validate_definition` again, which returns an equal definition.
 
 from orchestrator.definitions._durations import backoff_seconds, duration_seconds
 from orchestrator.definitions._files import DEFINITION_SUFFIXES, load_definition_file, load_definitions
+from orchestrator.definitions._types import compile_proto_files, read_descriptor_set
 from orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
 from orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
@@ -51,6 +53,7 @@ __all__ = [
     "DefinitionGraph",
     "ancestors",
     "backoff_seconds",
+    "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
     "definition_fingerprint",
@@ -58,6 +61,7 @@ __all__ = [
     "duration_seconds",
     "load_definition_file",
     "load_definitions",
+    "read_descriptor_set",
     "step_order",
     "validate_definition",
 ]

@@ -12,7 +12,7 @@ from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from orchestrator.definitions._graph import DefinitionGraph, find_cycle
 from orchestrator.errors import DefinitionError, InvalidArgument
-from orchestrator.payloads import message_class
+from orchestrator.payloads import message_class, pool_of
 
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 """What definition and step names must match."""
@@ -68,7 +68,11 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
     if not result.input_type:
         raise DefinitionError("required: the full name of the saga's input message", source=source, field="input_type")
     try:
-        message_class(result.input_type)
+        pool = pool_of(result)
+    except InvalidArgument as error:
+        raise DefinitionError(str(error), source=source, field="types") from None
+    try:
+        message_class(result.input_type, pool)
     except InvalidArgument as error:
         raise DefinitionError(str(error), source=source, field="input_type") from None
     if result.HasField("saga_timeout"):
