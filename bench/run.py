@@ -387,17 +387,16 @@ class Bench:
             raise BenchFailed(f"participant said {ready!r}")
         self.participant = ready.split()[1]
 
-    def start_orchestrator(self, database: str, definitions: Path, name: str) -> tuple[Child, str]:
+    def start_orchestrator(
+        self, database: str, definitions: Path, name: str, *, http: str | None = None
+    ) -> tuple[Child, str]:
         address = f"127.0.0.1:{free_port()}"
-        child = self.lab.spawn(
-            name,
-            [
-                COMPENSA, "serve", "--listen", address,
-                "--db", f"postgresql+psycopg://postgres@{PG_HOST}/{database}",
-                "--definitions", str(definitions), "--participant", f"noop={self.participant}",
-            ],
-            pipes=False,
-        )
+        argv = [
+            COMPENSA, "serve", "--listen", address,
+            "--db", f"postgresql+psycopg://postgres@{PG_HOST}/{database}",
+            "--definitions", str(definitions), "--participant", f"noop={self.participant}",
+        ]
+        child = self.lab.spawn(name, argv + (["--http", http] if http else []), pipes=False)
         problem = wait_serving(address, child.process)
         if problem:
             raise BenchFailed(f"{name} {problem}:\n{child.log_tail()}")
@@ -545,7 +544,10 @@ class Bench:
         serve + database, with `case`'s waiting sagas and subscribers in place."""
         slug = case.slug
         database = self.lab.create_database(f"subs_{slug.replace('-', '_')}")
-        serve, address = self.start_orchestrator(database, definitions, f"serve-{slug}")
+        # Every case serves the dashboard (nobody looks at it but in its own
+        # case), so that the cases differ only by their subscribers.
+        http = f"127.0.0.1:{free_port()}"
+        serve, address = self.start_orchestrator(database, definitions, f"serve-{slug}", http=http)
         client = self.load_client(address, "bench", f"client-{slug}")
         subscribers: Child | None = None
         try:
@@ -568,6 +570,8 @@ class Bench:
                     argv += ["--batch", str(case.batch)]
                 if case.window_ms:
                     argv += ["--window-ms", str(case.window_ms)]
+                if case.kind == "dashboard-live":
+                    argv += ["--http-url", f"http://{http}/"]
                 if case.kind == "watch-saga":
                     ids_file = self.lab.dir / f"{slug}-saga-ids.txt"
                     ids_file.write_text("\n".join(saga_ids) + "\n")
@@ -616,7 +620,7 @@ class SubscriberCase:
 
     slug: str
     label: str
-    kind: str = ""  # "" (none), "watch-sagas" or "watch-saga"; see subscribers.py
+    kind: str = ""  # "" (none), "watch-sagas", "watch-saga" or "dashboard-live"; see subscribers.py
     count: int = 0
     saga_state: str = ""
     batch: int = 0  # watch-sagas: max_events_per_message (0: one event per message)
@@ -639,16 +643,20 @@ class SubscriberResult:
         return Row(self.case.slug, 0, self.runs, 0)
 
 
-def subscriber_cases(subscribers: int, fanout: int) -> list[SubscriberCase]:
-    cases = [
-        SubscriberCase("base", "baseline: no subscribers", verdict=False),
-        SubscriberCase("dashboards", f"{subscribers} WatchSagas saga_state=FAILED", "watch-sagas", subscribers,
-                       saga_state="SAGA_STATE_FAILED"),
-        SubscriberCase("waiting-only", f"control: {subscribers} waiting sagas, no subscribers",
-                       waiting=subscribers, verdict=False),
-        SubscriberCase("per-saga", f"{subscribers} WatchSaga on {subscribers} waiting sagas", "watch-saga",
-                       subscribers, waiting=subscribers),
-    ]
+def subscriber_cases(subscribers: int, fanout: int, dashboards: int = 0) -> list[SubscriberCase]:
+    cases = [SubscriberCase("base", "baseline: no subscribers", verdict=False)]
+    if subscribers:
+        cases += [
+            SubscriberCase("dashboards", f"{subscribers} WatchSagas saga_state=FAILED", "watch-sagas", subscribers,
+                           saga_state="SAGA_STATE_FAILED"),
+            SubscriberCase("waiting-only", f"control: {subscribers} waiting sagas, no subscribers",
+                           waiting=subscribers, verdict=False),
+            SubscriberCase("per-saga", f"{subscribers} WatchSaga on {subscribers} waiting sagas", "watch-saga",
+                           subscribers, waiting=subscribers),
+        ]
+    if dashboards:
+        cases.append(SubscriberCase("web-live", f"{dashboards} web dashboards, live list open (SSE)",
+                                    "dashboard-live", dashboards))
     if fanout:
         cases.append(SubscriberCase("full-feed", f"{fanout} WatchSagas unfiltered (full feed)", "watch-sagas", fanout))
         cases.append(SubscriberCase("full-batched", f"{fanout} WatchSagas full feed, <= {FEED_BATCH} events/message",
@@ -786,6 +794,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="watch subscribers for the subscriber section (default 1000; 0 skips its N cases)")
     parser.add_argument("--fanout-subscribers", type=int, default=100,
                         help="unfiltered WatchSagas subscribers of the full-feed case (default 100; 0 skips it)")
+    parser.add_argument("--dashboard-subscribers", type=int, default=10,
+                        help="web dashboards with the live list open, for the web-live case (default 10; 0 skips it)")
     parser.add_argument("--subscribers-concurrency", type=int, default=256,
                         help="concurrency of the subscriber section (default 256)")
     parser.add_argument("--settle-seconds", type=float, default=2.0,
@@ -846,12 +856,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         summary = report_ratios(rows, args.levels)
         total_failed = sum(row.failed for row in rows)
-        if "orchestrator" in args.system_names and args.subscribers:
+        if "orchestrator" in args.system_names and (
+            args.subscribers or args.fanout_subscribers or args.dashboard_subscribers
+        ):
             both_definitions = bench.write_both_definitions()
             print(f"\nbench: subscriber section at c={args.subscribers_concurrency}", flush=True)
             results = [
                 bench.run_subscriber_case(case, both_definitions, args.subscribers_concurrency)
-                for case in subscriber_cases(args.subscribers, args.fanout_subscribers)
+                for case in subscriber_cases(args.subscribers, args.fanout_subscribers, args.dashboard_subscribers)
             ]
             print_subscribers(results, args.subscribers_concurrency, args.sagas, args.runs)
             total_failed += sum(result.row.failed for result in results)
