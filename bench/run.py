@@ -273,7 +273,7 @@ def committed_transactions(database: str) -> int:
 
 
 class Workload:
-    """A process speaking the run protocol (bench/common.py), and the pid whose CPU counts."""
+    """A process speaking the run protocol (bench/common.py), and the pid(s) whose CPU counts."""
 
     def __init__(self, client: Child, measured_pid: int | Sequence[int], database: str | None = None) -> None:
         self.client = client
@@ -1212,10 +1212,11 @@ def report_peers(rows: list[Row], peer_rows: list[Row], temporal_store: str) -> 
                 for row in mine if (own := find(rows, "orchestrator", row.concurrency))]
         c1, own_c1 = find(mine, name, 1), find(rows, "orchestrator", 1)
         p50 = (f"; p50 at c=1 {c1.median('p50'):.2f} ms vs {own_c1.median('p50'):.2f} ms"
-               f" ({ratio(c1.median('p50'), own_c1.median('p50')):.1f}x lower)" if c1 and own_c1 else "")
+               f" (the orchestrator's {ratio(c1.median('p50'), own_c1.median('p50')):.1f}x lower)" if c1 and own_c1 else "")
+        failed = "".join(f"; FAILED {row.failed} saga(s) at c={row.concurrency}" for row in mine if row.failed)
         print(f"  {name:<15} best {peer_best.median('per_second'):.0f}/s at c={peer_best.concurrency}:"
               f" the orchestrator's best ({best.median('per_second'):.0f}/s at c={best.concurrency}) is"
-              f" {summary[key]:.1f}x; same c: {', '.join(same) or '-'}{p50}")
+              f" {summary[key]:.1f}x; same c: {', '.join(same) or '-'}{p50}{failed}")
     print(
         "  how they differ: DBOS runs in the measuring process (workflows called in-process: no start call,"
         " no result stream; its CPU includes load generation). Temporal is its dev server"
