@@ -327,15 +327,15 @@ async def test_an_execute_is_one_transaction_with_two_barrier_statements_and_no_
     # in the step's own transaction, and nothing else.
     step = StepCall.new("ship")
     async with serving("shipping", database_url) as ship:
-        sent: list[str] = []
-        commits: list[bool] = []
+        sent: list[tuple[int, str]] = []
+        commits: list[int] = []
 
-        def on_statement(*args: object) -> None:
-            words = str(args[2]).split()  # "INSERT INTO table", "UPDATE table", "SAVEPOINT name"
-            sent.append(" ".join(words[:3] if words[0] == "INSERT" else words[:2]))
+        def on_statement(conn: object, *args: object) -> None:
+            words = str(args[1]).split()  # "INSERT INTO table", "UPDATE table", "SAVEPOINT name"
+            sent.append((id(conn), " ".join(words[:3] if words[0] == "INSERT" else words[:2])))
 
-        def on_commit(_conn: object) -> None:
-            commits.append(True)
+        def on_commit(conn: object) -> None:
+            commits.append(id(conn))
 
         engine = ship.running.engine.sync_engine
         sqlalchemy.event.listen(engine, "before_cursor_execute", on_statement)
@@ -347,13 +347,14 @@ async def test_an_execute_is_one_transaction_with_two_barrier_statements_and_no_
             sqlalchemy.event.remove(engine, "commit", on_commit)
 
         assert response.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
-        # "SELECT 1" is the health probe, which may run on the same engine meanwhile.
-        assert [statement for statement in sent if statement not in ("BEGIN IMMEDIATE", "SELECT 1")] == [
+        # Only the call's own connection: the health probe may use the engine meanwhile.
+        (call,) = {conn for conn, statement in sent if statement == "INSERT INTO shipping_barrier"}
+        assert [statement for conn, statement in sent if conn == call and statement != "BEGIN IMMEDIATE"] == [
             "INSERT INTO shipping_barrier",
             "INSERT INTO shipping_shipments",
             "UPDATE shipping_barrier",
         ]
-        assert commits == [True]
+        assert commits.count(call) == 1
 
 
 class _YieldingParticipant(Participant):
