@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from orchestrator import payloads, timeline
+from orchestrator.auth import Role, parse_role
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
 from orchestrator.errors import CompensaError, quote
@@ -136,12 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_participant(
         add("participant", _participant, "Run one of the example checkout participants.", client=False)
     )
-    add(
+    _add_demo(add(
         "demo",
         _demo,
         "Run a checkout that succeeds and one that compensates, all in this process.",
         client=False,
-    )
+    ))
     _add_start(add("start", _start, "Start a saga; with --wait follow it to its end."))
     _add_get(add("get", _get, "Show a saga and its steps."))
     _add_list(add("list", _list, "List sagas, newest first."))
@@ -290,6 +291,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
+    _add_access_options(parser)
     parser.add_argument(
         "--retention", type=parse_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
@@ -312,6 +314,39 @@ def _database_timeout(args: argparse.Namespace) -> float:
     if args.database_timeout is None:
         return DEFAULT_DATABASE_TIMEOUT
     return _positive_seconds(args.database_timeout, "--database-timeout")
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the web dashboard at http(s)://HOST:PORT/ (default: none)")
+    parser.add_argument(
+        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE",
+        help="give the client certificate NAME (CN or subject alternative name) a role: reader, starter or"
+             " operator; repeatable (needs --tls-client-ca)",
+    )
+    parser.add_argument(
+        "--tokens", type=Path, metavar="FILE",
+        help="bearer tokens with their identities, roles and definition scopes (YAML or JSON; see README)",
+    )
+    parser.add_argument("--jwt-keys", type=Path, metavar="FILE",
+                        help="a JSON Web Key Set: accept JWTs signed by its keys as bearer tokens (claims sub, role,"
+                             " definitions); needs compensa[jwt]")
+    parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
+    parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
+    parser.add_argument(
+        "--max-streams-per-client", type=int, default=0, metavar="N",
+        help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
+    )
+
+
+def _parse_certificate_role(text: str) -> tuple[str, Role]:
+    name, equals, role = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
+    try:
+        return name, parse_role(role)
+    except CompensaError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _host_port(text: str) -> str:
@@ -541,7 +576,16 @@ def _serve(args: argparse.Namespace) -> int:
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
         operators=tuple(args.operator),
         database_timeout=_database_timeout(args),
+        certificate_roles=dict(args.role),
+        token_file=args.tokens,
+        jwt_keys=args.jwt_keys,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
+        http_listen=args.http,
     )
+    if args.max_streams_per_client < 0:
+        raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     asyncio.run(serve(config))
@@ -633,10 +677,17 @@ def _participant(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep the demo's orchestrator and dashboard up after the checkouts, until Ctrl-C")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
-    return asyncio.run(run_demo())
+    return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
 
 
 def _start(args: argparse.Namespace) -> int:

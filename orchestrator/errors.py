@@ -54,6 +54,19 @@ class PermissionDenied(CompensaError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(CompensaError):
+    """The call carries no identity the deployment accepts (no client
+    certificate, no bearer token, or one it does not know)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(CompensaError):
+    """A per-client limit is reached; the message names the limit."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 
@@ -105,3 +118,22 @@ def grpc_status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
             message = message[: MAX_STATUS_MESSAGE_CHARS - 3] + "..."
         return error.code, message
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+
+
+def http_status_of(error: BaseException) -> tuple[int, str]:
+    """The HTTP status and message the dashboard answers for `error`, the
+    counterpart of `grpc_status_of`."""
+    code, message = grpc_status_of(error)
+    return _HTTP_STATUS.get(code, 500), message

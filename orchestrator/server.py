@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from orchestrator import payloads
 from orchestrator.config import ServerConfig
+from orchestrator.dashboard import RunningDashboard, start_dashboard
 from orchestrator.definitions import load_definitions
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, StoreUnavailable
@@ -44,6 +45,8 @@ class RunningOrchestrator:
     address: str
     # Where /metrics is served, if it is.
     metrics_port: int | None = None
+    # The web dashboard, if it is served.
+    dashboard: RunningDashboard | None = None
     #: Done once the database is reached and the engine started; holds the
     #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
     ready: asyncio.Future[None] | None = None
@@ -56,6 +59,8 @@ class RunningOrchestrator:
                 await self.ready
         await self.health.enter_graceful_shutdown()
         await self.database_health.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.server.stop(grace)
         await self.service.stop()
         await self.engine.stop()
@@ -106,6 +111,14 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     credentials = config.tls.server_credentials if config.tls is not None else None
     if config.operators and (config.tls is None or config.tls.ca is None):
         raise TlsConfigError("operators are named by their client certificates: --operator needs --tls-client-ca")
+    if config.certificate_roles and (config.tls is None or config.tls.ca is None):
+        raise TlsConfigError("roles are given to client certificates: --role needs --tls-client-ca")
+    access = config.access_policy()
+    if access.open:
+        log.warning(
+            "the API is open: every caller may start, cancel, retry and resolve sagas and register definitions"
+            " (give roles with --operator/--role and client certificates, or --tokens FILE)"
+        )
     if config.participant_tls is not None:
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
@@ -116,7 +129,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
     )
-    service = OrchestratorService(engine)
+    service = OrchestratorService(engine, access)
     server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -138,11 +151,17 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         raise OSError(f"cannot listen on {config.listen}")
     # Before serving: a metrics port that is taken stops the start here.
     metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    dashboard = None
+    if config.http_listen:
+        dashboard = await start_dashboard(
+            config.http_listen, engine, service.log_tail, access, service.stream_limit, config.tls
+        )
+        log.info("dashboard at %s", dashboard.url)
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
     running = RunningOrchestrator(
-        config, server, engine, service, health_servicer, database_health, port, address, metrics_port
+        config, server, engine, service, health_servicer, database_health, port, address, metrics_port, dashboard
     )
     running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:

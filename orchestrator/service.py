@@ -21,6 +21,7 @@ from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc,
 from google.protobuf import duration_pb2, message, message_factory
 
 from orchestrator import machine, payloads
+from orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.definitions import MAX_DEFINITION_BYTES, NAME_PATTERN, definition_fingerprint, validate_definition
 from orchestrator.engine import SagaEngine, parse_completion_token
 from orchestrator.errors import (
@@ -29,7 +30,6 @@ from orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     grpc_status_of,
     quote,
 )
@@ -44,6 +44,7 @@ from orchestrator.limits import (
     stored_text,
 )
 from orchestrator.page_tokens import issue_page_token, read_page_token
+from orchestrator.operations import operator_event
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.store import ParticipantAddress
 from orchestrator.views import EventViews, saga_message, timestamp
@@ -126,6 +127,7 @@ def _answer_errors(
         try:
             if isinstance(request, UndecodableRequest):
                 raise request.error()
+            self._admit(handler.__name__, context)
             return await handler(self, request, context)
         except CompensaError as error:
             code, message = grpc_status_of(error)
@@ -147,8 +149,10 @@ def _answer_stream_errors(
         try:
             if isinstance(request, UndecodableRequest):
                 raise request.error()
-            async for item in handler(self, request, context):
-                yield item
+            identity = self._admit(handler.__name__, context)
+            with self._streams.slot(_stream_client(identity, context)):
+                async for item in handler(self, request, context):
+                    yield item
         except CompensaError as error:
             code, message = grpc_status_of(error)
             await context.abort(code, message)
@@ -235,10 +239,25 @@ def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
     return list(dict.fromkeys(name.decode() for name in names))
 
 
-class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
-    """compensa.v1.OrchestratorService over a SagaEngine."""
+def _stream_client(identity: Identity | None, context: grpc.aio.ServicerContext) -> str:
+    """Whose stream this is, for the per-client limit: the verified identity,
+    else the peer's address (an open API knows no better)."""
+    if identity is not None and identity.how != "open":
+        return f"{identity.how} {identity.name}"
+    peer = context.peer()
+    host = peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return f"client {host}"
 
-    def __init__(self, engine: SagaEngine) -> None:
+
+class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """compensa.v1.OrchestratorService over a SagaEngine.
+
+    Every handler first admits the call (`_admit`): who calls, and whether
+    their role allows the RPC; handlers over one saga also check the caller's
+    definition scope.
+    """
+
+    def __init__(self, engine: SagaEngine, access: AccessPolicy | None = None) -> None:
         self._engine = engine
         self._store = engine.store
         self._max_payload = engine.config.max_payload_bytes
@@ -248,9 +267,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             buffer_size=engine.config.watch_buffer_events,
             reread_seconds=engine.config.watch_reread_seconds,
         )
-        self._operators = frozenset(engine.config.operators)
+        self._access = access if access is not None else AccessPolicy()
+        self._streams = StreamLimit(engine.config.max_streams_per_client)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
         self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
+
+    @property
+    def log_tail(self) -> LogTail:
+        """The process's one reader of the event log (the dashboard's live
+        list subscribes to it too)."""
+        return self._tail
+
+    @property
+    def stream_limit(self) -> StreamLimit:
+        """Open streams per client, shared with the dashboard's live lists."""
+        return self._streams
 
     async def stop(self) -> None:
         """Stops the log reader behind the watch streams."""
@@ -260,38 +291,54 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         return saga_message(saga, plan)
 
-    def _operator(self, context: grpc.aio.ServicerContext, action: str, claimed: str = "") -> str:
-        """Checks that the caller may run an operator action; who it is, for
-        the saga's log. With a client certificate the log names it, next to
-        the actor the request claims (which nothing verifies)."""
-        names = _certificate_names(context)
-        if self._operators and self._operators.isdisjoint(names):
-            shown = ", ".join(names) or "no client certificate"
-            raise PermissionDenied(
-                f"{action} is for operators: call with the client certificate of one named by serve --operator"
-                f" (this call's: {shown})"
-            )
-        if not names:
-            return claimed
-        return f"{claimed} (certificate {names[0]})" if claimed and claimed != names[0] else names[0]
+    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        """Who calls: a bearer token in the metadata or the client certificate."""
+        authorization = next(
+            (value for key, value in context.invocation_metadata() or () if key == "authorization"), None
+        )
+        return self._access.identify(_certificate_names(context), authorization)
 
-    async def _existing(self, saga_id: str) -> machine.SagaRecord:
+    def _admit(self, action: str, context: grpc.aio.ServicerContext) -> Identity | None:
+        """Checks the caller's role for `action`; who it is (None on an open
+        API for calls below operator: nothing to check, and the hot path
+        stays free of it)."""
+        if self._access.open and REQUIRED_ROLE[action] < Role.OPERATOR:
+            return None
+        identity = self._caller(context)
+        self._access.authorize(identity, action)
+        return identity
+
+    def _in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """PermissionDenied unless the caller may act on sagas of this definition."""
+        if not self._access.open:
+            self._access.authorize(self._caller(context), action, definition_name)
+
+    def _all_in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """For calls over many sagas: a caller limited to some definitions must filter on one."""
+        if not self._access.open:
+            self._access.require_scope(self._caller(context), action, definition_name)
+
+    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> machine.SagaRecord:
         saga = await self._store.load_saga(saga_id) if _is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
         if saga is None:
             raise NotFound(f"saga {quote(saga_id)} not found")
+        self._in_scope(context, action, saga.definition_name)
         return saga
 
-    def _operator_event_fields(
-        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, actor: str, text: str, text_field: str
-    ) -> str:
-        """Checks an operator request's fields before anything is read; the
-        actor the saga's log records."""
-        check_text(actor, "actor", max_chars=MAX_ACTOR_CHARS)
+    async def _operate(
+        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str, text_field: str
+    ) -> saga_pb2.Saga:
+        """An operator action, recorded with who did it. Its fields are
+        checked before anything is read."""
+        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
         check_text(text, text_field)
-        recorded = stored_text(self._operator(context, action, actor), MAX_STORED_ACTOR_CHARS)
+        identity = self._caller(context)
+        event = operator_event(action, stored_text(identity.actor(claimed), MAX_STORED_ACTOR_CHARS), text)
         if not _is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
             raise NotFound(f"saga {quote(saga_id)} not found")
-        return recorded
+        if identity.definitions:
+            await self._existing(saga_id, context, action)
+        return await self._saga_view(await self._engine.apply_external(saga_id, event))
 
     def _page_key(self) -> bytes:
         return self._engine.token_key
@@ -303,6 +350,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.StartSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.StartSagaResponse:
         check_saga_id(request.saga_id)
+        self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
             raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
         possible = _is_possible(request.definition_name, "definition_name", NAME_PATTERN)
@@ -335,7 +383,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def GetSaga(
         self, request: orchestrator_pb2.GetSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetSagaResponse:
-        return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(await self._existing(request.saga_id)))
+        saga = await self._existing(request.saga_id, context, "GetSaga")
+        return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
     async def ListSagas(
@@ -345,6 +394,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.state and request.state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"state {request.state} is not a SagaState")
         definition_name = _definition_filter(request.definition_name)
+        self._all_in_scope(context, "ListSagas", definition_name)
         updated_before = None
         if request.HasField("stuck_for"):
             updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
@@ -379,6 +429,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.SummarizeSagasResponse:
         stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
         definition_name = _definition_filter(request.definition_name)
+        self._all_in_scope(context, "SummarizeSagas", definition_name)
         now = self._engine.clock.now()
         summaries = await self._store.summarize_sagas(definition_name=definition_name, stuck_before=now - stuck)
         response = orchestrator_pb2.SummarizeSagasResponse(
@@ -405,32 +456,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelSaga(
         self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelSagaResponse:
-        actor = self._operator_event_fields(
-            context, "CancelSaga", request.saga_id, request.actor, request.reason, "reason"
-        )
-        event = machine.CancelRequested(actor=actor, reason=request.reason)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.CancelSagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason, "reason")
+        return orchestrator_pb2.CancelSagaResponse(saga=saga)
 
     @_answer_errors
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
-        actor = self._operator_event_fields(context, "RetrySaga", request.saga_id, request.actor, request.reason, "reason")
-        event = machine.RetryRequested(actor=actor, reason=request.reason)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.RetrySagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason, "reason")
+        return orchestrator_pb2.RetrySagaResponse(saga=saga)
 
     @_answer_errors
     async def ResolveSaga(
         self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ResolveSagaResponse:
-        actor = self._operator_event_fields(context, "ResolveSaga", request.saga_id, request.actor, request.note, "note")
-        if not request.note.strip():
-            raise InvalidArgument("note is required: say what was done to repair the flow")
-        event = machine.ResolveRequested(actor=actor, note=request.note)
-        saga = await self._engine.apply_external(request.saga_id, event)
-        return orchestrator_pb2.ResolveSagaResponse(saga=await self._saga_view(saga))
+        saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note, "note")
+        return orchestrator_pb2.ResolveSagaResponse(saga=saga)
 
     @_answer_errors
     async def CompleteStep(
@@ -454,7 +495,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), machine.STEP_FAILED
         else:
             raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
-        saga = await self._existing(saga_id)
+        saga = await self._existing(saga_id, context, "CompleteStep")
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         if step_name not in plan.steps or not plan.steps[step_name].long_running:
             raise InvalidArgument(f"step {quote(step_name)} of saga {quote(saga_id)} is not a long-running step")
@@ -477,7 +518,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
         saga_id = request.saga_id
-        saga = await self._existing(saga_id)
+        saga = await self._existing(saga_id, context, "WatchSaga")
         after = request.after_sequence
         if after == 0 and not request.replay_history:
             yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
@@ -523,6 +564,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.saga_state and request.saga_state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"saga_state {request.saga_state} is not a SagaState")
         definition_name, saga_state = _definition_filter(request.definition_name), request.saga_state
+        self._all_in_scope(context, "WatchSagas", definition_name)
         async for batch in self._tail.follow(
             request.after_position,
             saga_id=None,
@@ -545,12 +587,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RegisterDefinition(
         self, request: orchestrator_pb2.RegisterDefinitionRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RegisterDefinitionResponse:
-        self._operator(context, "RegisterDefinition")
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
         size = request.definition.ByteSize()
         if size > MAX_DEFINITION_BYTES:
             raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
+        self._in_scope(context, "RegisterDefinition", request.definition.name)
         definition, created = await register_definition(self._engine, request.definition, source="request")
         return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
 
@@ -561,6 +603,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         possible = _is_possible(request.name, "name", NAME_PATTERN)
         if request.version < 0:
             raise InvalidArgument(f"version must be 0 (latest) or positive, got {request.version}")
+        self._in_scope(context, "GetDefinition", request.name)
         definition = await self._store.get_definition(request.name, request.version) if possible else None
         if definition is None:
             raise NotFound(f"definition {quote(request.name)} not found")
@@ -571,6 +614,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.ListDefinitionsRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ListDefinitionsResponse:
         page_size = _page_size(request.page_size)
+        caller = None if self._access.open else self._caller(context)
         query = ["ListDefinitions"]
         after = str(read_page_token(self._page_key(), query, request.page_token)[0]) if request.page_token else ""
 
@@ -579,7 +623,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             while True:
                 chunk = await self._store.list_definitions(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
                 for definition in chunk:
-                    yield definition, [definition.name]
+                    if caller is None or caller.may_see(definition.name):
+                        yield definition, [definition.name]
                 if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
                     return
                 cursor = chunk[-1].name
@@ -598,7 +643,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.SetParticipantRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SetParticipantResponse:
         check_text(request.actor, "actor", max_chars=MAX_ACTOR_CHARS)
-        actor = stored_text(self._operator(context, "SetParticipant", request.actor), MAX_STORED_ACTOR_CHARS)
+        actor = stored_text(self._caller(context).actor(request.actor), MAX_STORED_ACTOR_CHARS)
         if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
             raise InvalidArgument(
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"

@@ -349,37 +349,50 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
-        async with bounded_transaction(self.engine, self.database_timeout) as conn:
-            if not await self._claim(conn, step, _EXECUTE):
-                outcome, stored = await self._stored(conn, step.idempotency_key, _EXECUTE)
-                if outcome == _NULL_COMPENSATED:
-                    return (
-                        participant_pb2.ExecuteResponse(
-                            result=participant_pb2.EXECUTE_RESULT_FAILED,
-                            failure_reason="compensated before it executed",
-                        ),
-                        "hanging",
-                        False,
-                    )
-                return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
-
-            savepoint = await conn.begin_nested()
-            try:
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                if not await self._claim(conn, step, _EXECUTE):
+                    return await self._stored_execute(conn, step.idempotency_key)
                 output = await self.execute_step(conn, request)
-            except StepFailed as failure:
-                await savepoint.rollback()
-                response = participant_pb2.ExecuteResponse(
-                    result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
-                )
-                outcome = _FAILED
-            else:
-                await savepoint.commit()
                 response = participant_pb2.ExecuteResponse(
                     result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
                 )
-                outcome = _SUCCEEDED
-            await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
-        return response, outcome, True
+                await self._record(conn, step.idempotency_key, _EXECUTE, _SUCCEEDED, response)
+            return response, _SUCCEEDED, True
+        except StepFailed as failure:
+            # No savepoint around the step (two round trips on every call): its
+            # failure rolled back the whole transaction, claim included, and is
+            # recorded in a transaction of its own.
+            return await self._record_failure(step, failure)
+
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """Claims the key with the failure; if a call with the same key committed
+        since the failed step rolled back, that call's answer stands."""
+        response = participant_pb2.ExecuteResponse(
+            result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
+        )
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
+            if not await self._claim(conn, step, _EXECUTE, outcome=_FAILED, response=response):
+                return await self._stored_execute(conn, step.idempotency_key)
+        return response, _FAILED, True
+
+    async def _stored_execute(
+        self, conn: AsyncConnection, key: str
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """The answer to an Execute whose key was already claimed (a duplicate, or a hanging call)."""
+        outcome, stored = await self._stored(conn, key, _EXECUTE)
+        if outcome == _NULL_COMPENSATED:
+            return (
+                participant_pb2.ExecuteResponse(
+                    result=participant_pb2.EXECUTE_RESULT_FAILED,
+                    failure_reason="compensated before it executed",
+                ),
+                "hanging",
+                False,
+            )
+        return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
 
     async def _compensate(
         self, request: participant_pb2.CompensateRequest

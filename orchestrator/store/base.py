@@ -243,9 +243,11 @@ class SagaStore(abc.ABC):
         updated_before: float | None,
         page_size: int,
         after: tuple[float, str] | None,
+        id_contains: str = "",
     ) -> list[SagaRecord]:
         """Sagas newest first, filtered; `after` is (created_at, saga_id) of
-        the last saga of the previous page."""
+        the last saga of the previous page; `id_contains` keeps sagas whose
+        id contains that text (a search, with the database's LIKE rules)."""
 
     @abc.abstractmethod
     async def purge_finished(self, *, finished_before: float, limit: int) -> int:

@@ -689,8 +689,11 @@ class SqlSagaStore(SagaStore):
         updated_before: float | None,
         page_size: int,
         after: tuple[float, str] | None,
+        id_contains: str = "",
     ) -> list[SagaRecord]:
         query = sa.select(*_SAGA_COLUMNS)
+        if id_contains:
+            query = query.where(sagas.c.saga_id.contains(id_contains, autoescape=True))
         if state:
             query = query.where(sagas.c.state == state)
         if definition_name:
