@@ -32,6 +32,7 @@ from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.definitions import load_definitions
 from orchestrator.errors import CompensaError
 from participants.faults import FaultPlan
+from participants.startup import ServingError
 from participants.tls import TlsConfigError, TlsFiles
 
 __all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"error: {_rpc_error_text(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except (CompensaError, TlsConfigError) as error:
+    except (CompensaError, TlsConfigError, ServingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -10,12 +10,14 @@ finish); `compensa status` and `compensa list --state failed` show which.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from wsgiref.simple_server import WSGIServer
 
 from compensa.v1 import saga_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from participants.startup import AddressInUse, ensure_address_free
 from participants.tls import TlsFiles
 
 _FINAL_EVENTS: dict[int, str] = {
@@ -95,7 +97,9 @@ class Metrics:
 
     def serve(self, listen: str, tls: TlsFiles | None) -> int:
         """Serves /metrics on `listen` (HOST:PORT, port 0 picks one) in a
-        daemon thread until `close`; the port it listens on."""
+        daemon thread until `close`; the port it listens on. AddressInUse
+        when another process listens there."""
+        ensure_address_free(listen)
         host, _, port = listen.rpartition(":")
         options = {}
         if tls is not None:
@@ -103,9 +107,14 @@ class Metrics:
                 "certfile": str(tls.cert), "keyfile": str(tls.key),
                 "client_cafile": str(tls.ca) if tls.ca else None, "client_auth_required": tls.ca is not None,
             }
-        self._server, _ = start_http_server(
-            int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
-        )
+        try:
+            self._server, _ = start_http_server(
+                int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"address in use: {listen} (metrics; another process listens there)") from None
+            raise
         return int(self._server.server_address[1])
 
     def close(self) -> None:

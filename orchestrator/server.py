@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+import sqlalchemy
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -21,6 +22,8 @@ from orchestrator.engine import SagaEngine
 from orchestrator.errors import StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition
 from orchestrator.store import open_store
+from participants.serving import GRPC_SERVER_OPTIONS, listen_on
+from participants.startup import DatabaseMisconfigured, first_line, permanent_database_problem
 from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
@@ -41,9 +44,14 @@ class RunningOrchestrator:
     address: str
     # Where /metrics is served, if it is.
     metrics_port: int | None = None
+    # Done once the database answered and the engine runs; its exception
+    # (DatabaseMisconfigured) says why it never will.
+    ready: asyncio.Future[None] | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops taking calls, stops driving sagas and releases their leases."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.service.stop()
@@ -59,7 +67,8 @@ async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None
 
 async def _wait_for_database(running: RunningOrchestrator, definitions: list) -> None:  # type: ignore[type-arg]
     """Creates the schema and registers definitions once the database answers,
-    then reports SERVING and starts driving sagas."""
+    then reports SERVING and starts driving sagas. A database that will never
+    answer as configured raises DatabaseMisconfigured instead of waiting."""
     delay = 0.2
     while True:
         try:
@@ -72,7 +81,10 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
                     log.info("registered definition %s version %d", stored.name, stored.version)
             break
         except StoreUnavailable as error:
-            log.warning("database not reachable (%s); retrying in %.1fs", error, delay)
+            problem = permanent_database_problem(error)
+            if problem is not None:
+                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     running.engine.start()
@@ -93,11 +105,20 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
-    store = open_store(config.resolved_database_url(), notifier=config.replica_id)
+    url = config.resolved_database_url()
+    try:
+        store = open_store(url, notifier=config.replica_id)
+    except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+        raise DatabaseMisconfigured(
+            f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
+            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+        ) from None
     engine = SagaEngine(store, config)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[
+            *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
+        ]
     )
     service = OrchestratorService(engine)
     orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(service, server)
@@ -107,26 +128,31 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if credentials is not None:
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
-    # Before serving: a metrics port that is taken stops the start here.
-    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    try:
+        port = listen_on(server, config.listen, credentials)
+        # Before serving: a metrics port that is taken stops the start here.
+        metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    except BaseException:
+        await server.stop(None)
+        await store.close()
+        raise
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
     running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
-    ready = asyncio.ensure_future(_wait_for_database(running, definitions))
+    running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
-        await ready
+        try:
+            await running.ready
+        except BaseException:
+            await running.stop(None)
+            raise
     return running
 
 
 async def serve(config: ServerConfig) -> None:
-    """Runs an orchestrator until SIGINT or SIGTERM."""
+    """Runs an orchestrator until SIGINT or SIGTERM; raises (after stopping)
+    if its database turns out never to work as configured."""
     running = await start_orchestrator(config, wait_ready=False)
     # Everything loaded at start-up lives as long as the process: keep it out
     # of the collector's way, and collect less often (sagas make short-lived
@@ -138,6 +164,16 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    assert running.ready is not None
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((stopping, running.ready), return_when=asyncio.FIRST_COMPLETED)
+        if not stopping.done():
+            running.ready.result()  # DatabaseMisconfigured ends the process; else the database answered
+            await stopping
+    except BaseException:
+        stopping.cancel()
+        await running.stop(None)
+        raise
     log.info("stopping")
     await running.stop()
