@@ -369,6 +369,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         saga_id = request.saga_id
         saga = await self._existing(saga_id)
         after = request.after_sequence
+        if after and after == saga.sequence and saga.is_final and not request.follow_after_end:
+            # A client reconnecting after the final event: nothing will follow.
+            return
         if after == 0 and not request.replay_history:
             yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
             if saga.is_final and not request.follow_after_end:
