@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2
 
 from orchestrator import machine, payloads
 from orchestrator.definitions import definition_fingerprint, duration_seconds, validate_definition
-from orchestrator.engine import SagaEngine, parse_completion_token
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine, parse_completion_token
 from orchestrator.errors import (
     AlreadyExists,
     CompensaError,
@@ -45,8 +45,6 @@ MAX_PAGE_SIZE = 1000
 MAX_EVENTS_PER_MESSAGE = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
-#: SummarizeSagas counts an unfinished saga as stuck after this long without a change.
-DEFAULT_STUCK_SECONDS = 600.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -479,4 +477,5 @@ async def register_definition(
     )
     if created:
         engine.forget_latest(stored.name)
+    engine.metrics.know_definition(stored.name)
     return stored, created
