@@ -22,7 +22,7 @@ from orchestrator.engine import SagaEngine
 from orchestrator.errors import StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition
 from orchestrator.store import open_store
-from participants.serving import GRPC_SERVER_OPTIONS, listen_on
+from participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from participants.startup import DatabaseMisconfigured, first_line, permanent_database_problem
 from participants.tls import TlsConfigError
 
@@ -106,6 +106,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
     url = config.resolved_database_url()
+    ensure_sqlite_directory(url)
     try:
         store = open_store(url, notifier=config.replica_id)
     except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -51,6 +52,7 @@ __all__ = [
     "ServingError",
     "create_participant_engine",
     "ensure_address_free",
+    "ensure_sqlite_directory",
     "first_line",
     "listen_on",
     "permanent_database_problem",
@@ -79,6 +81,7 @@ def create_participant_engine(database_url: str) -> AsyncEngine:
     statement, so concurrent duplicate calls serialise instead of failing with
     "database is locked", and SAVEPOINTs work.
     """
+    ensure_sqlite_directory(database_url)
     try:
         engine = create_async_engine(database_url)
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
@@ -107,6 +110,23 @@ def create_participant_engine(database_url: str) -> AsyncEngine:
             f"--db {database_url!r}: {engine.dialect.name} is not supported; use postgresql+psycopg:// or sqlite+aiosqlite://"
         )
     return engine
+
+
+def ensure_sqlite_directory(database_url: str) -> None:
+    """Raises DatabaseMisconfigured if `database_url` names a SQLite file in a
+    directory that does not exist (connecting would fail, and nothing should
+    create directories a typo named)."""
+    try:
+        url = sqlalchemy.engine.make_url(database_url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return  # create_async_engine says what is wrong with it
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    directory = Path(url.database).parent
+    if not directory.is_dir():
+        raise DatabaseMisconfigured(
+            f"database: the directory of the SQLite file {url.database} does not exist; create it or check --db"
+        )
 
 
 def listen_on(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:

@@ -43,13 +43,17 @@ class DatabaseMisconfigured(ServingError):
 def permanent_database_problem(error: BaseException) -> str | None:
     """The one-line reason `error` (or an error it was raised from) is a
     database problem waiting will not fix; None if it may be transient."""
+    chain: list[BaseException] = []
     seen: BaseException | None = error
-    while seen is not None:
-        text = str(getattr(seen, "orig", None) or seen)
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    # The driver's own error first: its message is the shortest that says it.
+    for cause in reversed(chain):
+        text = str(cause)
         match = _PERMANENT_DATABASE_PROBLEMS.search(text)
         if match is not None:
             return _line_of(text, match.start())
-        seen = seen.__cause__ or seen.__context__
     return None
 
 
