@@ -14,6 +14,7 @@ import dataclasses
 import getpass
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -22,18 +23,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import descriptor_pool, duration_pb2, json_format
 from google.protobuf.message import Message
 
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator import payloads, timeline
+from orchestrator.auth import Role, parse_role
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
-from orchestrator.definitions import load_definitions
-from orchestrator.errors import CompensaError
+from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
+from orchestrator.errors import CompensaError, quote
+from orchestrator.limits import INT32_MAX, INT64_MAX
 from participants.faults import FaultPlan
 from participants.startup import ServingError
 from participants.tls import TlsConfigError, TlsFiles
@@ -73,7 +76,11 @@ _RECONNECT_QUICKLY = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_rec
 def main(argv: list[str] | None = None) -> int:
     """Runs the `compensa` command line and returns its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    for argument in arguments:
+        if not _is_text(argument):
+            parser.error(f"argument {argument.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text")
+    args = parser.parse_args(arguments)
     _configure_logging(args)
     command: _Command = args.command
     try:
@@ -88,9 +95,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other error: `error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as surrogates
+        return False
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `compensa` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
@@ -100,9 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(parser, suppress_default=False)
     # Global options are accepted after the subcommand too; SUPPRESS keeps the
     # subcommand from overwriting a value given before it.
-    verbose_option = argparse.ArgumentParser(add_help=False)
+    verbose_option = _Parser(add_help=False)
     _add_verbose_option(verbose_option, suppress_default=True)
-    client_options = argparse.ArgumentParser(add_help=False)
+    client_options = _Parser(add_help=False)
     _add_verbose_option(client_options, suppress_default=True)
     _add_client_options(client_options, suppress_default=True)
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -115,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
     _add_db_option(
-        add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
+        add("migrate", _migrate, "Upgrade the database's schema from any earlier release to this one (or create it), then exit."
+            " Sagas in flight are carried over; serve creates the schema only in an empty database.",
             client=False)
     )
     _add_purge(
@@ -125,12 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_participant(
         add("participant", _participant, "Run one of the example checkout participants.", client=False)
     )
-    add(
+    _add_demo(add(
         "demo",
         _demo,
         "Run a checkout that succeeds and one that compensates, all in this process.",
         client=False,
-    )
+    ))
     _add_start(add("start", _start, "Start a saga; with --wait follow it to its end."))
     _add_get(add("get", _get, "Show a saga and its steps."))
     _add_list(add("list", _list, "List sagas, newest first."))
@@ -143,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
         add("register", _register, "Register definition files (YAML or JSON) with a running orchestrator.")
     )
     _add_definitions(add("definitions", _definitions, "List definitions (latest versions), or show one."))
+    _add_participants(
+        add("participants", _participants, "List participants and their addresses, or set one (participants set NAME"
+            " HOST:PORT): every replica calls the new address within a second, no restart.")
+    )
     return parser
 
 
@@ -220,7 +247,7 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
         )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_float,
         default=default(DEFAULT_TIMEOUT_SECONDS),
         help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
         "streams have none",
@@ -228,7 +255,9 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})")
+    parser.add_argument(
+        "--listen", type=_host_port, default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})"
+    )
     parser.add_argument(
         "--db",
         default=os.environ.get("COMPENSA_DATABASE_URL"),
@@ -257,7 +286,8 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
+    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
@@ -272,6 +302,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
+    _add_access_options(parser)
     parser.add_argument(
         "--retention", type=parse_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
@@ -279,11 +310,87 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-timeout", type=parse_duration, metavar="DURATION",
+        help="the longest any one wait on the database may take (connecting, a transaction); a call that cannot"
+             " reach the database answers UNAVAILABLE within about this long (default: 3s)",
+    )
+
+
+def _database_timeout(args: argparse.Namespace) -> float:
+    """--database-timeout in seconds, or the default."""
+    from participants.database import DEFAULT_DATABASE_TIMEOUT
+
+    if args.database_timeout is None:
+        return DEFAULT_DATABASE_TIMEOUT
+    return _positive_seconds(args.database_timeout, "--database-timeout")
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the web dashboard at http(s)://HOST:PORT/ (default: none)")
+    parser.add_argument(
+        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE",
+        help="give the client certificate NAME (CN or subject alternative name) a role: reader, starter or"
+             " operator; repeatable (needs --tls-client-ca)",
+    )
+    parser.add_argument(
+        "--tokens", type=Path, metavar="FILE",
+        help="bearer tokens with their identities, roles and definition scopes (YAML or JSON; see README)",
+    )
+    parser.add_argument("--jwt-keys", type=Path, metavar="FILE",
+                        help="a JSON Web Key Set: accept JWTs signed by its keys as bearer tokens (claims sub, role,"
+                             " definitions); needs compensa[jwt]")
+    parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
+    parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
+    parser.add_argument(
+        "--max-streams-per-client", type=int, default=0, metavar="N",
+        help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
+    )
+
+
+def _parse_certificate_role(text: str) -> tuple[str, Role]:
+    name, equals, role = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
+    try:
+        return name, parse_role(role)
+    except CompensaError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9464")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
     return text
+
+
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (the API field's range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is out of range: use {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{quote(text)} must be a positive number of seconds")
+    return value
 
 
 def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
@@ -310,7 +417,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
     from participants.server import PARTICIPANT_KINDS
 
     parser.add_argument("kind", choices=PARTICIPANT_KINDS, help="which participant to run")
-    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to serve on")
     parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
     parser.add_argument(
         "--faults",
@@ -318,6 +425,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
+    _add_database_timeout_option(parser)
     _add_server_tls_options(parser, "the participant")
 
 
@@ -335,7 +443,9 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("definition", help="definition name")
     parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
     parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="definition version (default: latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="definition version (default: latest)"
+    )
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -362,7 +472,9 @@ def _add_list(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stuck", type=parse_duration, metavar="DURATION", help="only unfinished sagas unchanged for this long, e.g. 10m"
     )
-    parser.add_argument("--page-size", type=int, default=0, metavar="N", help="sagas per page (server default 50)")
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="sagas per page (server default 50)"
+    )
     parser.add_argument("--all", action="store_true", help="follow every page")
     _add_json_option(parser)
 
@@ -381,11 +493,39 @@ def _add_register(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", type=Path, metavar="PATH",
         help="definition files, or directories of them (*.yaml, *.yml, *.json); all are checked before any is sent",
     )
+    types = parser.add_mutually_exclusive_group()
+    types.add_argument(
+        "--proto", action="append", type=Path, default=[], metavar="FILE",
+        help="a .proto file declaring the definitions' message types (repeatable): compiled with its imports and"
+             " registered with each definition, so no replica needs a generated module",
+    )
+    types.add_argument(
+        "--descriptor-set", type=Path, metavar="FILE",
+        help="the types as a descriptor set instead (protoc --include_imports --descriptor_set_out=FILE)",
+    )
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable; searched before each file's own)",
+    )
+
+
+def _add_participants(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", choices=("list", "set"), default="list",
+        help="list (the default): every participant and its address; set NAME ADDRESS: store where NAME is served",
+    )
+    parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
+    # Not dest "address": that is the orchestrator's (--address).
+    parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    _add_actor_option(parser)
+    _add_json_option(parser)
 
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="with NAME: this version (default latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+    )
     _add_json_option(parser)
 
 
@@ -394,7 +534,7 @@ def _add_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
     parser.add_argument(
         "--after",
-        type=int,
+        type=_int_from(0, INT64_MAX),
         default=0,
         metavar="N",
         help="resume after this sequence (one saga) or log position (--all)",
@@ -446,7 +586,17 @@ def _serve(args: argparse.Namespace) -> int:
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
         operators=tuple(args.operator),
+        database_timeout=_database_timeout(args),
+        certificate_roles=dict(args.role),
+        token_file=args.tokens,
+        jwt_keys=args.jwt_keys,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
+        http_listen=args.http,
     )
+    if args.max_streams_per_client < 0:
+        raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     asyncio.run(serve(config))
@@ -472,15 +622,18 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
 def _migrate(args: argparse.Namespace) -> int:
     from orchestrator.store import open_store
 
-    async def migrate() -> None:
+    async def migrate() -> tuple[str | None, str]:
         store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
         try:
-            await store.create_schema()
+            return await store.upgrade_schema()
         finally:
             await store.close()
 
-    asyncio.run(migrate())
-    print("schema up to date")
+    before, after = asyncio.run(migrate())
+    if before == after:
+        print(f"schema up to date (revision {after})")
+    else:
+        print(f"schema upgraded from {before or 'an empty database'} to revision {after}")
     return EXIT_OK
 
 
@@ -526,14 +679,26 @@ def _participant(args: argparse.Namespace) -> int:
     from participants.server import serve_participant
 
     tls = _server_tls(args)
-    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls))
+    asyncio.run(
+        serve_participant(
+            args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls,
+            database_timeout=_database_timeout(args),
+        )
+    )
     return EXIT_OK
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep the demo's orchestrator and dashboard up after the checkouts, until Ctrl-C")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
-    return asyncio.run(run_demo())
+    return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -544,7 +709,7 @@ def _start(args: argparse.Namespace) -> int:
             orchestrator_pb2.GetDefinitionRequest(name=args.definition, version=args.version),
             timeout=args.timeout,
         ).definition
-        saga_input = payloads.pack_json(definition.input_type, args.input)
+        saga_input = payloads.pack_json(definition.input_type, args.input, payloads.pool_of(definition))
         saga_id: str = args.saga_id or str(uuid.uuid4())
         response = stub.StartSaga(
             orchestrator_pb2.StartSagaRequest(
@@ -556,7 +721,7 @@ def _start(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
         if not args.wait:
-            _print_result(args, response.saga, saga_id)
+            _print_result(args, response.saga, saga_id, stub=stub)
             return EXIT_OK
         if not args.json:
             created = "started" if response.created else "already existed"
@@ -573,13 +738,23 @@ def _get(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
-        _print_result(args, saga)
+        _print_result(args, saga, stub=stub)
     return EXIT_OK
 
 
 def _register(args: argparse.Namespace) -> int:
+    types = None
+    if args.proto:
+        types = compile_proto_files(args.proto, args.proto_path)
+    elif args.descriptor_set:
+        types = read_descriptor_set(args.descriptor_set)
     # Checked here first: an invalid file is named before anything is registered.
-    definitions = load_definitions(args.paths)
+    definitions = load_definitions(args.paths, types=types)
+    if not definitions:
+        raise CompensaError(
+            f"no definition files ({', '.join('*' + suffix for suffix in DEFINITION_SUFFIXES)}) in "
+            + ", ".join(str(path) for path in args.paths)
+        )
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         for definition in definitions:
@@ -589,6 +764,43 @@ def _register(args: argparse.Namespace) -> int:
             registered = response.definition
             what = "registered" if response.created else "unchanged, already registered"
             print(f"{registered.name} version {registered.version}: {what}")
+    return EXIT_OK
+
+
+def _definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, object]:
+    """A definition as JSON, its registered types named by file rather than
+    written out as descriptors."""
+    bare = definition_pb2.SagaDefinition()
+    bare.CopyFrom(definition)
+    bare.ClearField("types")
+    shown = _json_dict(bare)
+    if definition.types.file:
+        shown["types"] = {"files": [file.name for file in definition.types.file]}
+    return shown
+
+
+def _participants(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.action == "set":
+            if not args.name or not args.participant_address:
+                raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
+            request = orchestrator_pb2.SetParticipantRequest(
+                name=args.name, address=args.participant_address, actor=args.actor
+            )
+            stored = stub.SetParticipant(request, timeout=args.timeout).participant
+            print(_json_line(stored) if args.json else f"{stored.name} -> {stored.address}")
+            return EXIT_OK
+        if args.name or args.participant_address:
+            raise CompensaError("participants list takes no NAME or ADDRESS (did you mean: participants set?)")
+        listed = stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest(), timeout=args.timeout).participants
+    if args.json:
+        for participant in listed:
+            print(_json_line(participant))
+        return EXIT_OK
+    print(f"{'NAME':<24} {'ADDRESS':<32} UPDATED BY")
+    for participant in listed:
+        print(f"{participant.name:<24} {participant.address:<32} {participant.updated_by}")
     return EXIT_OK
 
 
@@ -605,7 +817,7 @@ def _definitions(args: argparse.Namespace) -> int:
             definition = stub.GetDefinition(
                 orchestrator_pb2.GetDefinitionRequest(name=args.name, version=args.version), timeout=args.timeout
             ).definition
-            print(json_format.MessageToJson(definition, preserving_proto_field_name=True))
+            print(json.dumps(_definition_dict(definition), indent=2))
             return EXIT_OK
         request = orchestrator_pb2.ListDefinitionsRequest()
         if not args.json:
@@ -632,10 +844,11 @@ def _list(args: argparse.Namespace) -> int:
     )
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        types = _DefinitionTypes(stub, args.timeout)
         while True:
             response = stub.ListSagas(request, timeout=args.timeout)
             for saga in response.sagas:
-                print(_json_line(saga) if args.json else _saga_row(saga))
+                print(types.saga_json(saga) if args.json else _saga_row(saga))
             if not args.all or not response.next_page_token:
                 break
             request.page_token = response.next_page_token
@@ -782,7 +995,7 @@ def _cancel(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.CancelSagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
-        _print_result(args, stub.CancelSaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.CancelSaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -790,7 +1003,7 @@ def _retry(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.RetrySagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
-        _print_result(args, stub.RetrySaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.RetrySaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -798,7 +1011,7 @@ def _resolve(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.ResolveSagaRequest(saga_id=args.saga_id, note=args.note, actor=args.actor)
-        _print_result(args, stub.ResolveSaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.ResolveSaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -809,9 +1022,38 @@ def _channel(args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()) 
     return grpc.secure_channel(args.address, tls.channel_credentials, options=options)
 
 
-def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None) -> None:
+class _DefinitionTypes:
+    """The message types of the definitions sagas were started from, asked
+    of the orchestrator once per definition version: --json output decodes
+    inputs and outputs of any registered type."""
+
+    def __init__(self, stub: orchestrator_pb2_grpc.OrchestratorServiceStub, timeout: float) -> None:
+        self._stub = stub
+        self._timeout = timeout
+        self._pools: dict[tuple[str, int], descriptor_pool.DescriptorPool] = {}
+
+    def saga_json(self, saga: saga_pb2.Saga, *, indent: int | None = None) -> str:
+        key = (saga.definition_name, saga.definition_version)
+        pool = self._pools.get(key)
+        if pool is None:
+            try:
+                definition = self._stub.GetDefinition(
+                    orchestrator_pb2.GetDefinitionRequest(name=key[0], version=key[1]), timeout=self._timeout
+                ).definition
+                pool = payloads.pool_of(definition)
+            except (grpc.RpcError, CompensaError):
+                pool = descriptor_pool.Default()  # shown as type and bytes if unknown
+            self._pools[key] = pool
+        as_dict = payloads.saga_json_dict(saga, pool)
+        return json.dumps(as_dict, indent=indent) if indent else json.dumps(as_dict, separators=(",", ":"))
+
+
+def _print_result(
+    args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None, *,
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
+) -> None:
     if args.json:
-        print(json_format.MessageToJson(saga, preserving_proto_field_name=True))
+        print(_DefinitionTypes(stub, args.timeout).saga_json(saga, indent=2))
     elif saga_id is not None:
         print(saga_id)
     else:
@@ -840,9 +1082,19 @@ def _saga_row(saga: saga_pb2.Saga) -> str:
     return f"{saga.saga_id}  {saga.definition_name}@{saga.definition_version}  {state:<12}  seq {saga.sequence:<4}  {updated}"
 
 
+def _json_dict(message: Message) -> dict[str, object]:
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
+        raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
+
+
+def _json_text(message: Message) -> str:
+    return json.dumps(_json_dict(message), indent=2)
+
+
 def _json_line(message: Message) -> str:
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(as_dict, separators=(",", ":"))
+    return json.dumps(_json_dict(message), separators=(",", ":"))
 
 
 def _rpc_error_text(error: grpc.RpcError) -> str:
@@ -872,6 +1124,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     base = logging.INFO if server_command else logging.WARNING
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic reports every step it takes at INFO; migrate says what it did in one line.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
 
 if __name__ == "__main__":

@@ -20,20 +20,21 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from compensa.v1 import participant_pb2
+from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import machine
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
+from participants.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
 
@@ -49,6 +50,9 @@ _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
 # How often the offset to the database's clock is measured again.
 _CLOCK_SYNC_SECONDS = 30.0
+# How often the stored participant addresses are read again: an address set
+# through another replica is used by this one after at most this long.
+_PARTICIPANTS_SECONDS = 1.0
 # Retention: how often expired sagas are looked for (at most), and how many
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
@@ -84,6 +88,18 @@ def parse_completion_token(key: bytes, token: str) -> tuple[str, str]:
     if not isinstance(saga_id, str) or not isinstance(step, str):
         raise ValueError("malformed completion token")
     return saga_id, step
+
+
+def _external_cause(event: machine.Event) -> str:
+    """Why an operator action or a step completion took a saga over."""
+    match event:
+        case machine.CancelRequested(actor=actor):
+            return f"CancelSaga by {actor or 'an operator'}"
+        case machine.RetryRequested(actor=actor):
+            return f"RetrySaga by {actor or 'an operator'}"
+        case machine.ResolveRequested(actor=actor):
+            return f"ResolveSaga by {actor or 'an operator'}"
+    return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
 
 
 def _b64(raw: bytes) -> str:
@@ -134,7 +150,12 @@ class ChangeSignal:
 
 class TransitionWriter:
     """Group commit: transitions submitted while a flush runs go in the next
-    one, so many sagas share one transaction without any added delay."""
+    one, so many sagas share one transaction without any added delay.
+
+    A submitter waits at most `timeout` seconds for its flush: then it gets
+    StoreUnavailable, and its write is dropped unless a flush already took it
+    (it may then still land: the outcome is unknown, as for a lost answer).
+    """
 
     def __init__(
         self,
@@ -142,11 +163,13 @@ class TransitionWriter:
         on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
         metrics: Metrics,
         max_batch: int = 256,
+        timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._metrics = metrics
         self._max_batch = max_batch
+        self._timeout = timeout
         self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -162,26 +185,53 @@ class TransitionWriter:
     async def submit(self, write: SagaWrite) -> WriteResult:
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         await self._queue.put((write, future))
-        return await future
+        try:
+            # Cancels the future on expiry, which keeps the write out of later flushes.
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the database did not confirm the write within {self._timeout:g}s; it may still land, retry"
+            ) from None
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            began = time.perf_counter()
-            try:
-                results = await self._store.commit([write for write, _ in batch])
-            except Exception as error:  # the callers decide how to retry
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._metrics.flushed(len(batch), time.perf_counter() - began)
-            self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-            for (_, future), result in zip(batch, results):
+            # Submitters that stopped waiting (their timeout) were told it failed.
+            batch = [item for item in batch if not item[1].done()]
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
+        """Commits `batch`. When the database refuses a value of one write,
+        nothing landed: the batch is split in halves and each half retried, so
+        only the offending writes fail (with RejectedWrite) and the rest land."""
+        began = time.perf_counter()
+        try:
+            results = await self._store.commit([write for write, _ in batch])
+        except RejectedWrite as error:
+            if len(batch) == 1:
+                write, future = batch[0]
+                log.warning("saga %s: the database refused its write: %s", write.saga.saga_id, error)
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+                return
+            middle = len(batch) // 2
+            await self._flush(batch[:middle])
+            await self._flush(batch[middle:])
+            return
+        except Exception as error:  # the callers decide how to retry
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self._metrics.flushed(len(batch), time.perf_counter() - began)
+        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
 
 @dataclass
@@ -205,7 +255,7 @@ class SagaEngine:
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
             metrics=self.metrics,
         )
-        self.writer = TransitionWriter(store, self._committed, self.metrics)
+        self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
@@ -230,6 +280,31 @@ class SagaEngine:
         if abs(self.clock.offset) > 1.0:
             log.warning("this machine's clock is %.3fs off the database's; using the database's", -self.clock.offset)
 
+    async def store_participants(self, addresses: Mapping[str, str], *, updated_by: str) -> None:
+        """Stores these participant addresses (a replica's --participant flags)."""
+        now = self.clock.now()
+        for name, address in addresses.items():
+            await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        await self.refresh_participants()
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+        """Stores where `name` is served; this replica calls it there at once,
+        the others within `_PARTICIPANTS_SECONDS`."""
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        await self.refresh_participants()
+        return stored
+
+    async def refresh_participants(self) -> list[ParticipantAddress]:
+        """Reads the stored participant addresses and calls them from now on."""
+        stored = await self.store.list_participants()
+        self.client.use_addresses({participant.name: participant.address for participant in stored})
+        return stored
+
+    def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
+        """Participants `definition` names that have no address to call."""
+        names = dict.fromkeys(step.participant for step in definition.steps)
+        return [name for name in names if not self.client.knows(name)]
+
     @property
     def token_key(self) -> bytes:
         if self._token_key is None:
@@ -243,6 +318,7 @@ class SagaEngine:
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
             asyncio.create_task(self._renew_leases(), name="compensa-leases"),
             asyncio.create_task(self._sync_clock(), name="compensa-clock"),
+            asyncio.create_task(self._refresh_participants(), name="compensa-participants"),
             asyncio.create_task(
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
@@ -395,9 +471,10 @@ class SagaEngine:
         """Applies an operator action or a step completion, taking the saga
         over from whichever replica held it (its writes are fenced)."""
         for _ in range(20):
-            saga = await self.store.load_saga(saga_id)
-            if saga is None:
+            loaded = await self.store.load_with_owner(saga_id)
+            if loaded is None:
                 raise NotFound(f"saga {saga_id!r} not found")
+            saga, holder, lease_until = loaded
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             now = self.clock.now()
             try:
@@ -406,6 +483,11 @@ class SagaEngine:
                 raise FailedPrecondition(str(error)) from error
             if not transition.changed:
                 return saga
+            if holder is not None and holder != self.owner:
+                lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
+                transition = machine.taken_over(
+                    saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
+                )
             write = self._write_for(plan, transition, saga.sequence, None, set(), now)
             result = await self.writer.submit(write)
             if result.ok:
@@ -417,6 +499,19 @@ class SagaEngine:
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
 
     # -- driving
+
+    def _claimed(self, claimed: list[Claimed]) -> None:
+        """Drives what the scheduler claimed, and tells watchers and metrics
+        about the takeovers it logged."""
+        events = sorted((stored for item in claimed for stored in item.events), key=lambda stored: stored.position)
+        if events:
+            for stored in events:
+                self.metrics.committed(stored.event.type, stored.definition_name, stored.event.time, stored.event.time)
+            previous = sorted({item.taken_from for item in claimed if item.taken_from is not None})
+            log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
+            self.changes.committed(events)
+        for item in claimed:
+            self._drive(item.saga, item.epoch)
 
     def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
         if self._stopping:
@@ -498,7 +593,8 @@ class SagaEngine:
             try:
                 result = await self.writer.submit(write)
             except StoreUnavailable as error:
-                log.warning("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
+                # Not per saga at WARNING: the database's health logs the outage once.
+                log.debug("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -562,10 +658,10 @@ class SagaEngine:
                     self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
                 )
             except StoreUnavailable as error:
-                log.warning("scheduler: %s", error)
+                # Logged once per outage by the database's health.
+                log.debug("scheduler: %s", error)
                 claimed = []
-            for item in claimed:
-                self._drive(item.saga, item.epoch)
+            self._claimed(claimed)
             if len(claimed) == _CLAIM_BATCH:
                 continue
             if self._next_due <= now:
@@ -587,6 +683,14 @@ class SagaEngine:
                 await self.sync_clock()
             except StoreUnavailable as error:
                 log.warning("clock sync: %s", error)
+
+    async def _refresh_participants(self) -> None:
+        while True:
+            await asyncio.sleep(_PARTICIPANTS_SECONDS)
+            try:
+                await self.refresh_participants()
+            except StoreUnavailable as error:
+                log.debug("participant addresses not refreshed: %s", error)
 
     async def _purge_expired(self, retention: float) -> None:
         """Deletes sagas done for good longer than `retention` ago. Replicas
@@ -611,4 +715,4 @@ class SagaEngine:
             try:
                 await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
-                log.warning("lease renewal: %s", error)
+                log.debug("lease renewal: %s", error)

@@ -232,6 +232,28 @@ class Transition:
         return bool(self.events)
 
 
+def takeover_event(saga: SagaRecord, *, by: str, previous: str, why: str, now: float) -> LogEvent:
+    """The log entry of replica `by` taking `saga` over from replica
+    `previous`, numbered after the saga's latest event."""
+    return LogEvent(
+        sequence=saga.sequence + 1,
+        type=E.EVENT_TYPE_TAKEN_OVER,
+        time=now,
+        saga_state=saga.state,
+        message=f"replica {by} took the saga over from replica {previous}: {why}",
+        actor=by,
+    )
+
+
+def taken_over(saga: SagaRecord, transition: Transition, *, by: str, previous: str, why: str, now: float) -> Transition:
+    """`transition` (decided on `saga`) preceded by the TAKEN_OVER event of
+    `takeover_event`, so that both are written together."""
+    first = takeover_event(saga, by=by, previous=previous, why=why, now=now)
+    later = tuple(replace(event, sequence=event.sequence + 1) for event in transition.events)
+    moved = replace(transition.saga, sequence=transition.saga.sequence + 1)
+    return Transition(moved, (first, *later), transition.changed_steps)
+
+
 # --- The machine ------------------------------------------------------------
 
 

@@ -4,11 +4,13 @@ and the outcome contract of participant.proto turned into machine events."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 from orchestrator import machine
+from orchestrator.limits import stored_text
 from orchestrator.metrics import Metrics
 from participants.tls import TlsFiles
 
@@ -35,8 +37,18 @@ class ParticipantClient:
         self._channels: list[grpc.aio.Channel] = []
 
     def address_of(self, participant: str) -> str:
-        """A logical name resolved from configuration, else the name as HOST:PORT."""
+        """A participant name's stored address, else the name as HOST:PORT."""
         return self._addresses.get(participant, participant)
+
+    def knows(self, participant: str) -> bool:
+        """Whether calls to `participant` have somewhere to go: a stored
+        address, or a name that is itself HOST:PORT."""
+        return participant in self._addresses or ":" in participant
+
+    def use_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Calls from now on go to these addresses (the stored participants).
+        Channels are kept per address, so a changed address gets a new one."""
+        self._addresses = dict(addresses)
 
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
         address = self.address_of(participant)
@@ -65,8 +77,8 @@ class ParticipantClient:
             self._metrics.called(participant, "Execute", "failed" if code == _BUSINESS_FAILURE else code.name,
                                  time.perf_counter() - began)
             if code == _BUSINESS_FAILURE:
-                return machine.ExecuteFailed(step, error.details() or "aborted by participant")
-            return machine.ExecuteErrored(step, f"{code.name}: {error.details()}")
+                return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
+            return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
         if response.result not in _EXECUTE_RESULTS:
             # A participant that forgot to set `result`: not a success to
             # take on trust, but a participant error, retried like a transient one.
@@ -79,7 +91,7 @@ class ParticipantClient:
         failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
         self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
         if failed:
-            return machine.ExecuteFailed(step, response.failure_reason or "failed by participant")
+            return machine.ExecuteFailed(step, stored_text(response.failure_reason or "failed by participant"))
         if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
             return machine.ExecutePending(step)
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
@@ -94,7 +106,7 @@ class ParticipantClient:
             await self._stub(participant).Compensate(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             self._metrics.called(participant, "Compensate", error.code().name, time.perf_counter() - began)
-            return machine.CompensateErrored(step, f"{error.code().name}: {error.details()}")
+            return machine.CompensateErrored(step, stored_text(f"{error.code().name}: {error.details()}"))
         self._metrics.called(participant, "Compensate", "ok", time.perf_counter() - began)
         return machine.CompensateSucceeded(step)
 

@@ -22,13 +22,19 @@ later with any `CompleteStep` caller, e.g. `orchestrator.client.SagaClient`:
 
 Outcomes, for both RPCs:
   - OK: done (or a duplicate of a call that was done; the stored answer).
+  - DEADLINE_EXCEEDED: the call arrived after its `StepContext.deadline` (held
+    by the network): the orchestrator stopped waiting for it and may have moved
+    on, so nothing is done and nothing is recorded.
   - ABORTED: Execute failed for a business reason (`StepFailed`); a retry with
     the same key answers the same, without effect. Also a hanging Execute: one
     that arrives after a Compensate with its key.
   - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
     answering Pending for a step that is not long_running (nothing recorded).
   - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
-    nothing was recorded, so a retry runs the step again.
+    nothing was recorded, so a retry runs the step again. Every wait on the
+    database is bounded (`participants.database`), so a silent database
+    answers this within `database_timeout` too, and the server's health
+    (`participants.health`) says NOT_SERVING until the database answers again.
   - INTERNAL: a bug; nothing was recorded.
 """
 
@@ -37,7 +43,8 @@ from __future__ import annotations
 import abc
 import datetime
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -48,10 +55,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from participants.faults import FaultPlan, InjectedFault
+from participants.health import DatabaseHealth
 
 __all__ = [
     "CompleteStep",
+    "DeadlinePassed",
     "NotCompensable",
     "NotLongRunning",
     "Participant",
@@ -67,6 +77,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=message.Message)
+_R = TypeVar("_R")
 
 _EXECUTE = "execute"
 _COMPENSATE = "compensate"
@@ -141,15 +152,45 @@ class CompleteStep(Protocol):
     ) -> object: ...
 
 
+class DeadlinePassed(ParticipantError):
+    """The call arrived after its StepContext.deadline: answered DEADLINE_EXCEEDED, nothing done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _database_error(error: Exception) -> bool:
+    """The database could not be reached or did not answer in time."""
+    return isinstance(
+        error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError)
+    )
+
+
+def _unreachable(error: Exception) -> bool:
+    """A database error that says nothing answered (not a statement the database cancelled)."""
+    return _database_error(error) and not cancelled_by_the_database(error)
+
+
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The one place that maps a step's errors to a gRPC status and details."""
     if isinstance(error, ParticipantError):
         return error.code, str(error)
     if isinstance(error, InjectedFault):
         return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError)):
+    if _database_error(error):
         return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(error).__name__}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+def _check_deadline(step: participant_pb2.StepContext) -> None:
+    """Raises DeadlinePassed if the call's deadline (when it has one) is behind us."""
+    if step.HasField("deadline"):
+        deadline = step.deadline.seconds + step.deadline.nanos / 1e9
+        late = time.time() - deadline
+        if late >= 0:
+            raise DeadlinePassed(
+                f"the call arrived {late:.3f}s after its deadline; the orchestrator stopped waiting for it, "
+                "so it was not applied"
+            )
 
 
 def pack(payload: message.Message) -> any_pb2.Any:
@@ -225,10 +266,37 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     #: Name of the barrier table in the participant's database.
     barrier_table_name: ClassVar[str] = "participant_barrier"
 
-    def __init__(self, engine: AsyncEngine, *, faults: FaultPlan | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, faults: FaultPlan | None = None, database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    ) -> None:
         self.engine = engine
         self.faults = faults or FaultPlan()
         self.barrier = _barrier_table(self.barrier_table_name)
+        #: The longest one transaction may take, in seconds (connecting is
+        #: bounded by the engine: see `participants.server.create_participant_engine`).
+        self.database_timeout = database_timeout
+        #: Told whether each transaction reached the database; set by the server.
+        self.database_health: DatabaseHealth | None = None
+
+    async def ping(self) -> None:
+        """Raises unless the database answers within `database_timeout`; the
+        outcome goes to `database_health`."""
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                await conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+
+    def _database_outcome(self, error: Exception | None) -> None:
+        health = self.database_health
+        if health is None:
+            return
+        if error is None:
+            health.succeeded()
+        elif _unreachable(error):
+            health.failed(error)
 
     async def create_schema(self) -> None:
         """Creates the barrier table and the subclass's tables if they do not exist."""
@@ -274,8 +342,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
+            _check_deadline(request.context)
             await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._execute(request)
+            response, outcome, committed = await self._transact(self._execute(request))
             if committed:
                 self.faults.after_commit()
             if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
@@ -295,8 +364,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
+            _check_deadline(request.context)
             await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._compensate(request)
+            response, outcome, committed = await self._transact(self._compensate(request))
             if committed:
                 self.faults.after_commit()
             return response
@@ -307,41 +377,31 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         finally:
             self._log(request.context, _COMPENSATE, outcome, status)
 
+    async def _transact(self, work: Awaitable[_R]) -> _R:
+        """Runs a barrier transaction, telling `database_health` whether the database answered."""
+        try:
+            result = await work
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+        return result
+
     async def _execute(
         self, request: participant_pb2.ExecuteRequest
     ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
-        async with self.engine.begin() as conn:
-            if not await self._claim(conn, step, _EXECUTE):
-                outcome, stored = await self._stored(conn, step.idempotency_key, _EXECUTE)
-                if outcome == _NULL_COMPENSATED:
-                    return (
-                        participant_pb2.ExecuteResponse(
-                            result=participant_pb2.EXECUTE_RESULT_FAILED,
-                            failure_reason="compensated before it executed",
-                        ),
-                        "hanging",
-                        False,
-                    )
-                return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
-
-            savepoint = await conn.begin_nested()
-            try:
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                if not await self._claim(conn, step, _EXECUTE):
+                    return await self._stored_execute(conn, step.idempotency_key)
                 output = await self.execute_step(conn, request)
-            except StepFailed as failure:
-                await savepoint.rollback()
-                response = participant_pb2.ExecuteResponse(
-                    result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
-                )
-                outcome = _FAILED
-            else:
-                if isinstance(output, Pending) and not request.completion_token:
-                    raise NotLongRunning(
-                        f"step {step.step_name!r} answered Pending but is not long_running (no completion token)"
-                    )
-                await savepoint.commit()
                 if isinstance(output, Pending):
+                    if not request.completion_token:
+                        raise NotLongRunning(
+                            f"step {step.step_name!r} answered Pending but is not long_running (no completion token)"
+                        )
                     response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
                     if output.output is not None:
                         response.output.CopyFrom(pack(output.output))
@@ -351,8 +411,42 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                         result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
                     )
                     outcome = _SUCCEEDED
-            await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
-        return response, outcome, True
+                await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
+            return response, outcome, True
+        except StepFailed as failure:
+            # No savepoint around the step (two round trips on every call): its
+            # failure rolled back the whole transaction, claim included, and is
+            # recorded in a transaction of its own.
+            return await self._record_failure(step, failure)
+
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """Claims the key with the failure; if a call with the same key committed
+        since the failed step rolled back, that call's answer stands."""
+        response = participant_pb2.ExecuteResponse(
+            result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
+        )
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
+            if not await self._claim(conn, step, _EXECUTE, outcome=_FAILED, response=response):
+                return await self._stored_execute(conn, step.idempotency_key)
+        return response, _FAILED, True
+
+    async def _stored_execute(
+        self, conn: AsyncConnection, key: str
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """The answer to an Execute whose key was already claimed (a duplicate, or a hanging call)."""
+        outcome, stored = await self._stored(conn, key, _EXECUTE)
+        if outcome == _NULL_COMPENSATED:
+            return (
+                participant_pb2.ExecuteResponse(
+                    result=participant_pb2.EXECUTE_RESULT_FAILED,
+                    failure_reason="compensated before it executed",
+                ),
+                "hanging",
+                False,
+            )
+        return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
 
     async def _compensate(
         self, request: participant_pb2.CompensateRequest
@@ -360,7 +454,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
         response = participant_pb2.CompensateResponse()
-        async with self.engine.begin() as conn:
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
             if await self._claim(conn, step, _EXECUTE, outcome=_NULL_COMPENSATED):
                 # Execute never ran; its key is now taken, so a late Execute is a no-op.
                 await self._claim(conn, step, _COMPENSATE, outcome=_NULL_COMPENSATED, response=response)

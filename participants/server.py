@@ -10,8 +10,10 @@ import logging
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from participants.database import DEFAULT_DATABASE_TIMEOUT
 from participants.faults import FaultPlan
 from participants.fraud import FraudParticipant
+from participants.health import DEFAULT_PROBE_SECONDS
 from participants.inventory import InventoryParticipant
 from participants.payment import PaymentParticipant
 from participants.sdk import Participant
@@ -58,23 +60,37 @@ async def start_participant(
     listen: str = "127.0.0.1:0",
     faults: FaultPlan | None = None,
     tls: TlsFiles | None = None,
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> RunningParticipant:
     """Creates the schema and starts serving participant `kind` (one of
-    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`."""
-    return await start_server(await _participant_on(kind, database_url, faults), listen=listen, tls=tls)
+    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`.
+    Every wait on the database takes at most `database_timeout` seconds."""
+    participant = await _participant_on(kind, database_url, faults, database_timeout)
+    return await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
 
 
 async def serve_participant(
-    kind: str, *, listen: str, database_url: str, faults: FaultPlan | None = None, tls: TlsFiles | None = None
+    kind: str,
+    *,
+    listen: str,
+    database_url: str,
+    faults: FaultPlan | None = None,
+    tls: TlsFiles | None = None,
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
 ) -> None:
     """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    await serve(await _participant_on(kind, database_url, faults), listen=listen, tls=tls)
+    await serve(await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls)
 
 
-async def _participant_on(kind: str, database_url: str, faults: FaultPlan | None) -> Participant:
-    engine = create_participant_engine(database_url)
+async def _participant_on(
+    kind: str, database_url: str, faults: FaultPlan | None, database_timeout: float
+) -> Participant:
+    engine = create_participant_engine(database_url, database_timeout=database_timeout)
     try:
-        return build_participant(kind, engine, faults=faults)
+        participant = build_participant(kind, engine, faults=faults)
+        participant.database_timeout = database_timeout
+        return participant
     except BaseException:
         await engine.dispose()
         raise

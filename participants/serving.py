@@ -33,6 +33,8 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from participants.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from participants.sdk import Participant
 from participants.startup import (
     AddressInUse,
@@ -72,10 +74,17 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: split new connections between the two; with it off, the second is refused.
 GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
 
-def create_participant_engine(database_url: str) -> AsyncEngine:
+def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
 
-    Raises DatabaseMisconfigured for a URL that is not one of those. SQLite
+    Raises DatabaseMisconfigured for a URL that is not one of those, or a
+    SQLite file whose directory does not exist.
+
+    On PostgreSQL, connecting and waiting for a pooled connection each take at
+    most `database_timeout` seconds, and the server ends statements and idle
+    transactions after that long (`participants.database`).
+
+    SQLite
     connections use WAL and a busy timeout, and every transaction starts with
     BEGIN IMMEDIATE: writers then queue on the database lock from their first
     statement, so concurrent duplicate calls serialise instead of failing with
@@ -83,7 +92,7 @@ def create_participant_engine(database_url: str) -> AsyncEngine:
     """
     ensure_sqlite_directory(database_url)
     try:
-        engine = create_async_engine(database_url)
+        engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
         raise DatabaseMisconfigured(
             f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
@@ -157,7 +166,9 @@ async def create_schema_when_reachable(participant: Participant) -> None:
         try:
             await participant.create_schema()
             return
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError) as error:
+        except (
+            sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError
+        ) as error:
             problem = permanent_database_problem(error)
             if problem is not None:
                 raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
@@ -176,26 +187,36 @@ class RunningParticipant:
     address: str
     engine: AsyncEngine
     health: health.aio.HealthServicer
+    #: What health answers: NOT_SERVING while the database cannot be reached.
+    database_health: DatabaseHealth
 
     async def stop(self, grace: float | None = 0.5) -> None:
         """Reports NOT_SERVING, stops the server (letting calls finish for `grace`
         seconds) and disposes of the engine."""
         await self.health.enter_graceful_shutdown()
+        await self.database_health.stop()
         await self.server.stop(grace)
         await self.engine.dispose()
 
 
 async def start_server(
-    participant: Participant, *, listen: str = "127.0.0.1:0", tls: TlsFiles | None = None
+    participant: Participant,
+    *,
+    listen: str = "127.0.0.1:0",
+    tls: TlsFiles | None = None,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> RunningParticipant:
     """Serves `participant` on `listen` once its schema exists; returns once listening.
 
     Port 0 picks a free port, reported in the result. Health (grpc.health.v1)
-    answers SERVING for "" and for compensa.v1.ParticipantService; server
-    reflection is enabled. With `tls` it serves TLS only (mutual when `tls.ca`
-    is set). A database that does not answer yet is waited for (see the
-    module docstring for what raises instead). The participant's engine is
-    disposed of when the result is stopped, or here if the server cannot start.
+    answers for "" and for compensa.v1.ParticipantService: SERVING while the
+    participant's database answers, NOT_SERVING from the first call or probe
+    (every `health_probe_seconds` without a call) that could not reach it
+    until one does again, each change logged once. Server reflection is
+    enabled. With `tls` it serves TLS only (mutual when `tls.ca` is set). A
+    database that does not answer yet is waited for (see the module docstring
+    for what raises instead). The participant's engine is disposed of when the
+    result is stopped, or here if the server cannot start.
     """
     engine = participant.engine
     server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
@@ -212,9 +233,13 @@ async def start_server(
             (_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        for service in ("", _SERVICE_NAME):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        database_health = DatabaseHealth(
+            health_servicer, ("", _SERVICE_NAME), name=f"{type(participant).__name__} on port {port}", logger=logger
+        )
+        participant.database_health = database_health
         await server.start()
+        await database_health.ready()
+        database_health.probe_every(health_probe_seconds, participant.ping)
     except BaseException:
         await server.stop(None)
         await engine.dispose()
@@ -227,16 +252,22 @@ async def start_server(
         "%s listening on %s (faults: %s)", type(participant).__name__, address, participant.faults.describe() or "none"
     )
     return RunningParticipant(
-        participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer
+        participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer,
+        database_health=database_health,
     )
 
 
 async def serve(
-    participant: Participant, *, listen: str, tls: TlsFiles | None = None, grace: float = 5.0
+    participant: Participant,
+    *,
+    listen: str,
+    tls: TlsFiles | None = None,
+    grace: float = 5.0,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> None:
     """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
     letting calls in flight finish for `grace` seconds. See `start_server`."""
-    running = await start_server(participant, listen=listen, tls=tls)
+    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,9 @@ from processes import COMPENSA, ProcessSet, free_port
 
 # A start that hangs (the bug) must fail the test, and quickly.
 EXIT_TIMEOUT_SECONDS = 15.0
+# serve registers ./definitions, whose participants must have addresses; none is called.
+PARTICIPANTS = {name: "127.0.0.1:9" for name in ("inventory", "fraud", "payment", "shipping")}
+PARTICIPANT_OPTIONS = [option for name, address in PARTICIPANTS.items() for option in ("--participant", f"{name}={address}")]
 
 
 def _compensa(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,11 +60,11 @@ def _sqlite(tmp_path: Path, name: str) -> str:
 
 async def test_a_second_orchestrator_on_a_taken_port_exits_with_address_in_use(tmp_path: Path) -> None:
     with ProcessSet(tmp_path) as processes:
-        first = processes.orchestrator(_sqlite(tmp_path, "first"), {}, definitions=())
+        first = processes.orchestrator(_sqlite(tmp_path, "first"), PARTICIPANTS, definitions=())
         await first.start_serving()
         # gRPC sets SO_REUSEPORT by default: the second used to serve too, and
         # the kernel split new connections between them.
-        second = _compensa("serve", "--listen", first.address, "--db", _sqlite(tmp_path, "second"))
+        second = _compensa("serve", "--listen", first.address, "--db", _sqlite(tmp_path, "second"), *PARTICIPANT_OPTIONS)
         _refused_in_one_line(second, "address in use", first.address)
         assert first.running()
 
@@ -78,7 +81,7 @@ async def test_a_second_participant_on_a_taken_port_exits_with_address_in_use(tm
 def test_a_taken_metrics_port_exits_with_address_in_use(tmp_path: Path, taken_port: int) -> None:
     result = _compensa(
         "serve", "--listen", f"127.0.0.1:{free_port()}", "--db", _sqlite(tmp_path, "compensa"),
-        "--metrics-listen", f"127.0.0.1:{taken_port}",
+        "--metrics-listen", f"127.0.0.1:{taken_port}", *PARTICIPANT_OPTIONS,
     )
     _refused_in_one_line(result, "address in use", f"127.0.0.1:{taken_port}")
 
@@ -121,7 +124,7 @@ def test_a_database_url_that_is_not_one_exits_2_in_one_line(command: str, url: s
 def _command(command: str, url: str) -> list[str]:
     listen = f"127.0.0.1:{free_port()}"
     if command == "serve":
-        return ["serve", "--listen", listen, "--db", url]
+        return ["serve", "--listen", listen, "--db", url, *PARTICIPANT_OPTIONS]
     return ["participant", "payment", "--listen", listen, "--db", url]
 
 

@@ -9,13 +9,13 @@ from google.protobuf import duration_pb2
 
 from compensa.v1 import definition_pb2
 
-_SHORTHAND = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_SHORTHAND = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), "d": Decimal(86400)}
 
 
 def shorthand_to_json(text: str) -> str | None:
     """The proto3 JSON form ("1.5s") of a shorthand such as "500ms", "30m" or "1d"; None if `text` is not one."""
-    match = _SHORTHAND.match(text.strip())
+    match = _SHORTHAND.fullmatch(text.strip())
     if match is None:
         return None
     seconds = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]

@@ -9,22 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import descriptor, json_format, message
+from google.protobuf import descriptor, descriptor_pb2, json_format, message
 
 from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.definitions._validation import validate_definition
-from orchestrator.errors import DefinitionError
+from orchestrator.errors import DefinitionError, quote
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 """The file name endings `load_definitions` picks up in a directory."""
+
+MAX_DEFINITION_FILE_BYTES = 1024 * 1024
+"""The largest definition file read (a definition is at most 256 KiB serialized)."""
 
 _DURATION = "google.protobuf.Duration"
 _PARSE_FIELD = re.compile(r"Failed to parse (\w+) field: ")
 _PARSE_LOCATION = re.compile(r"\.? at [\w.\[\]\"]+\.*$")
 
 
-def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
+def load_definition_file(
+    path: Path, *, types: descriptor_pb2.FileDescriptorSet | None = None
+) -> definition_pb2.SagaDefinition:
     """The validated, normalized definition in the YAML or JSON file `path`.
 
     Raises DefinitionError naming the file (and the step and field, when there is one) if
@@ -32,7 +37,7 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
     fails `validate_definition`. Durations may be written "500ms", "10s", "1.5s", "30m",
     "2h" or "1d"; enum values by their short name (`kind: PIVOT`); and `depends_on: []`
     means "no dependencies" rather than "the previous step": the loader reads it as
-    `independent: true`.
+    `independent: true`. `types`, when given, become the definition's own message types.
     """
     source = str(path)
     raw = _read(path, source)
@@ -66,10 +71,14 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
                     field="independent",
                 )
             step.independent = True
+    if types is not None:
+        definition.types.CopyFrom(types)
     return validate_definition(definition, source=source)
 
 
-def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinition]:
+def load_definitions(
+    paths: Iterable[Path], *, types: descriptor_pb2.FileDescriptorSet | None = None
+) -> list[definition_pb2.SagaDefinition]:
     """The definitions in `paths`: files, and directories (their *.yaml, *.yml, *.json, sorted).
 
     Directories are not searched recursively; a path named twice is read once. Raises
@@ -88,7 +97,7 @@ def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinitio
         if file.resolve() in read:
             continue
         read.add(file.resolve())
-        definition = load_definition_file(file)
+        definition = load_definition_file(file, types=types)
         if definition.name in defined_in:
             raise DefinitionError(
                 f"definition {definition.name!r} is already defined in {defined_in[definition.name]}",
@@ -104,15 +113,23 @@ def _read(path: Path, source: str) -> object:
     if path.suffix not in DEFINITION_SUFFIXES:
         raise DefinitionError(f"a definition file must end in {', '.join(DEFINITION_SUFFIXES)}", source=source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DefinitionError(f"cannot be read: {error}", source=source) from None
+        with path.open("rb") as file:
+            raw = file.read(MAX_DEFINITION_FILE_BYTES + 1)
+        if len(raw) > MAX_DEFINITION_FILE_BYTES:
+            raise DefinitionError(f"is larger than {MAX_DEFINITION_FILE_BYTES} bytes, the limit", source=source)
+        text = raw.decode("utf-8")
+    except OSError as error:
+        raise DefinitionError(f"cannot be read: {error.strerror or error}", source=source) from None
+    except UnicodeDecodeError as error:
+        raise DefinitionError(f"cannot be read: not UTF-8 text (byte {error.start})", source=source) from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
         return yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise DefinitionError(f"is not valid {path.suffix[1:].upper()}: {error}", source=source) from None
+    except RecursionError:
+        raise DefinitionError("is nested too deeply to be a definition", source=source) from None
 
 
 def _label(raw_step: object, index: int) -> str:
@@ -131,6 +148,8 @@ def _says_not_independent(raw_step: Mapping[str, Any]) -> bool:
 def _parse(value: dict[str, Any], target: message.Message, source: str, step: str) -> None:
     try:
         json_format.ParseDict(value, target)
+    except RecursionError:
+        raise DefinitionError("is nested too deeply to be a definition", source=source, step=step) from None
     except json_format.ParseError as error:
         field = ".".join(_PARSE_FIELD.findall(str(error)))
         problem = _PARSE_LOCATION.sub("", _PARSE_FIELD.sub("", str(error))).rstrip(".")
@@ -145,7 +164,7 @@ def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source
         if field is None:
             known = ", ".join(f.name for f in message_type.fields)
             raise DefinitionError(
-                f"unknown field {key!r}; {message_type.name} has: {known}", source=source, step=step, field=f"{prefix}{key}"
+                f"unknown field {quote(str(key))}; {message_type.name} has: {known}", source=source, step=step, field=f"{prefix}{key}"
             )
         path = f"{prefix}{field.name}"
         if field.is_repeated and isinstance(item, list):
@@ -177,4 +196,4 @@ def _enum_name(enum: descriptor.EnumDescriptor, value: str, source: str, step: s
         if candidate in enum.values_by_name:
             return candidate
     choices = ", ".join(v.name.removeprefix(prefix) for v in enum.values if v.number != 0)
-    raise DefinitionError(f"unknown {enum.name} {value!r}; one of: {choices}", source=source, step=step, field=path)
+    raise DefinitionError(f"unknown {enum.name} {quote(value)}; one of: {choices}", source=source, step=step, field=path)

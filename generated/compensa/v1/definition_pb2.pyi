@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -52,7 +53,9 @@ Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 class SagaDefinition(_message.Message):
     """A saga definition: the steps of a flow and how to drive each of them.
     Definitions are written as YAML or JSON in the proto3 JSON mapping of this
-    message, so this message is their schema.
+    message, so this message is their schema. Limits: at most 256 KiB
+    serialized (a file at most 1 MiB), at most 200 steps, a chain of steps each
+    depending on the one before at most 100 long; no text holds a NUL.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -63,16 +66,21 @@ class SagaDefinition(_message.Message):
     INPUT_TYPE_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     SAGA_TIMEOUT_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """A name such as "checkout": lowercase letters, digits, '-' and '_'."""
+    """A name such as "checkout": 1-63 lowercase letters, digits, '-' and '_',
+    starting with a letter (the whole string).
+    """
     version: _builtins.int
     """Set by the orchestrator when the definition is registered; 1, 2, ...
     A definition file leaves it unset.
     """
     description: _builtins.str
+    """At most 4096 characters."""
     input_type: _builtins.str
     """Full name of the protobuf message the saga input must be, e.g.
-    "compensa.checkout.v1.CheckoutInput". StartSaga rejects any other type.
+    "compensa.checkout.v1.CheckoutInput" (at most 255 characters). StartSaga
+    rejects any other type.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepDefinition]:
@@ -82,7 +90,19 @@ class SagaDefinition(_message.Message):
 
     @_builtins.property
     def saga_timeout(self) -> _duration_pb2.Duration:
-        """Optional limit on the whole saga; when it passes, the saga compensates."""
+        """Optional limit on the whole saga; when it passes, the saga compensates.
+        Positive, at most 365 days.
+        """
+
+    @_builtins.property
+    def types(self) -> _descriptor_pb2.FileDescriptorSet:
+        """The schema of the definition's own message types: the .proto files that
+        declare input_type (and the step outputs to show), with their imports.
+        Registered with the definition and shared by every replica, so inputs are
+        checked and payloads shown as JSON with no generated module on the server.
+        Empty: the types come from modules the server imports (--proto-module).
+        `compensa register --proto FILE` fills it in.
+        """
 
     def __init__(
         self,
@@ -93,10 +113,11 @@ class SagaDefinition(_message.Message):
         input_type: _builtins.str = ...,
         steps: _abc.Iterable[Global___StepDefinition] | None = ...,
         saga_timeout: _duration_pb2.Duration | None = ...,
+        types: _descriptor_pb2.FileDescriptorSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["saga_timeout", b"saga_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga_timeout", b"saga_timeout", "types", b"types"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_type", b"input_type", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_type", b"input_type", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "types", b"types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -118,10 +139,14 @@ class StepDefinition(_message.Message):
     LONG_RUNNING_FIELD_NUMBER: _builtins.int
     INDEPENDENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique within the definition; part of every idempotency key."""
+    """Unique within the definition; part of every idempotency key. Named as
+    a definition is.
+    """
     participant: _builtins.str
-    """A logical participant name resolved from the orchestrator's configuration
-    (`--participant NAME=HOST:PORT`), or a HOST:PORT address.
+    """A participant name whose address is stored by the orchestrator
+    (`compensa participants set NAME HOST:PORT`, or serve's
+    `--participant NAME=HOST:PORT`), or a HOST:PORT address; at most 255
+    characters.
     """
     kind: Global___StepKind.ValueType
     long_running: _builtins.bool
@@ -133,16 +158,16 @@ class StepDefinition(_message.Message):
     """
     @_builtins.property
     def execute_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Execute call; 10s when unset."""
+        """Deadline of each Execute call; 10s when unset; positive, at most a day."""
 
     @_builtins.property
     def compensate_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Compensate call; 10s when unset."""
+        """Deadline of each Compensate call; 10s when unset; positive, at most a day."""
 
     @_builtins.property
     def step_timeout(self) -> _duration_pb2.Duration:
         """Optional limit across all Execute attempts (and a pending wait); when it
-        passes, the step fails.
+        passes, the step fails. Positive, at most 365 days.
         """
 
     @_builtins.property
@@ -192,7 +217,8 @@ Global___StepDefinition: _TypeAlias = StepDefinition  # noqa: Y015
 @_typing.final
 class RetryPolicy(_message.Message):
     """Exponential backoff: attempt n waits
-    min(initial_backoff * backoff_multiplier^(n-1), max_backoff).
+    min(initial_backoff * backoff_multiplier^(n-1), max_backoff). Both backoffs
+    are from 0 to a day.
 
     Retrying stops at max_attempts or once the waits between attempts would
     add up to more than give_up_after, whichever comes first; the call is then
@@ -212,8 +238,8 @@ class RetryPolicy(_message.Message):
     GIVE_UP_AFTER_FIELD_NUMBER: _builtins.int
     ALERT_AFTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Total attempts, the first included; 1 to 1000. 0 means no limit on the
-    count, and then give_up_after bounds the retrying.
+    """Total attempts, the first included; from 1 to 1000. 0 means no limit on
+    the count, and then give_up_after bounds the retrying.
     """
     backoff_multiplier: _builtins.float
     """At least 1.0."""

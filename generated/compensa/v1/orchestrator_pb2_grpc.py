@@ -30,16 +30,29 @@ class OrchestratorServiceStub:
 
     Errors, for every RPC:
     - INVALID_ARGUMENT: the request is malformed; the message names the field.
-    Nothing was written. Do not retry without fixing the request.
-    - NOT_FOUND: the saga or definition does not exist.
+    Nothing was written. Do not retry without fixing the request. Among
+    others: a string holding a NUL character, a value over its documented
+    limit, a Duration out of its documented range (or not a valid Duration),
+    a page_token the server did not issue for this very query, and bytes
+    that do not decode as the request message.
+    - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+    a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def __init__(self, channel):
@@ -113,6 +126,16 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
                 _registered_method=True)
+        self.SetParticipant = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/SetParticipant',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.FromString,
+                _registered_method=True)
+        self.ListParticipants = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/ListParticipants',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -120,16 +143,29 @@ class OrchestratorServiceServicer:
 
     Errors, for every RPC:
     - INVALID_ARGUMENT: the request is malformed; the message names the field.
-    Nothing was written. Do not retry without fixing the request.
-    - NOT_FOUND: the saga or definition does not exist.
+    Nothing was written. Do not retry without fixing the request. Among
+    others: a string holding a NUL character, a value over its documented
+    limit, a Duration out of its documented range (or not a valid Duration),
+    a page_token the server did not issue for this very query, and bytes
+    that do not decode as the request message.
+    - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+    a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def StartSaga(self, request, context):
@@ -248,6 +284,24 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetParticipant(self, request, context):
+        """Operator: sets where a named participant is served. Stored and shared by
+        every replica, which call the new address within a second. Definitions
+        name participants; registering one that names a participant with no
+        address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+        that is not one, an address that is not HOST:PORT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListParticipants(self, request, context):
+        """Every named participant and its address, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -316,6 +370,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.SerializeToString,
             ),
+            'SetParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetParticipant,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.SerializeToString,
+            ),
+            'ListParticipants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParticipants,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'compensa.v1.OrchestratorService', rpc_method_handlers)
@@ -329,16 +393,29 @@ class OrchestratorService:
 
     Errors, for every RPC:
     - INVALID_ARGUMENT: the request is malformed; the message names the field.
-    Nothing was written. Do not retry without fixing the request.
-    - NOT_FOUND: the saga or definition does not exist.
+    Nothing was written. Do not retry without fixing the request. Among
+    others: a string holding a NUL character, a value over its documented
+    limit, a Duration out of its documented range (or not a valid Duration),
+    a page_token the server did not issue for this very query, and bytes
+    that do not decode as the request message.
+    - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+    a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
-    - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+    - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+    gets this answer within `database_timeout` (compensa serve
+    --database-timeout, 3 s by default) of its last wait on a database that
+    stopped answering: each wait (connecting, a transaction, the group
+    commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+    write may still have taken effect: retry it (StartSaga with the same
+    saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @staticmethod
@@ -682,6 +759,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListDefinitions',
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/SetParticipant',
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParticipants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/ListParticipants',
+            compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

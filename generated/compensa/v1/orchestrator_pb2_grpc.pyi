@@ -31,16 +31,29 @@ class OrchestratorServiceStub:
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @_typing.overload
@@ -104,6 +117,15 @@ class OrchestratorServiceStub:
     """Registers a definition; identical content returns the existing version."""
     GetDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]
     ListDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]
+    SetParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]
+    """Operator: sets where a named participant is served. Stored and shared by
+    every replica, which call the new address within a second. Definitions
+    name participants; registering one that names a participant with no
+    address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+    that is not one, an address that is not HOST:PORT).
+    """
+    ListParticipants: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]
+    """Every named participant and its address, by name."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -111,16 +133,29 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -181,22 +216,44 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Registers a definition; identical content returns the existing version."""
     GetDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]  # type: ignore[assignment]
     ListDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    SetParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]  # type: ignore[assignment]
+    """Operator: sets where a named participant is served. Stored and shared by
+    every replica, which call the new address within a second. Definitions
+    name participants; registering one that names a participant with no
+    address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+    that is not one, an address that is not HOST:PORT).
+    """
+    ListParticipants: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]  # type: ignore[assignment]
+    """Every named participant and its address, by name."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService starts, drives and shows sagas.
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @_abc_1.abstractmethod
@@ -333,5 +390,26 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListDefinitionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListDefinitionsResponse, _abc.Awaitable[_orchestrator_pb2.ListDefinitionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetParticipant(
+        self,
+        request: _orchestrator_pb2.SetParticipantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SetParticipantResponse, _abc.Awaitable[_orchestrator_pb2.SetParticipantResponse]]:
+        """Operator: sets where a named participant is served. Stored and shared by
+        every replica, which call the new address within a second. Definitions
+        name participants; registering one that names a participant with no
+        address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+        that is not one, an address that is not HOST:PORT).
+        """
+
+    @_abc_1.abstractmethod
+    def ListParticipants(
+        self,
+        request: _orchestrator_pb2.ListParticipantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListParticipantsResponse, _abc.Awaitable[_orchestrator_pb2.ListParticipantsResponse]]:
+        """Every named participant and its address, by name."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

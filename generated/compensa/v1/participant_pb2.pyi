@@ -91,7 +91,10 @@ class StepContext(_message.Message):
     definition_version: _builtins.int
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When the orchestrator stops waiting for this call."""
+        """When the orchestrator stops waiting for this call, on the orchestrator's
+        database clock. A call that arrives later should be refused with
+        DEADLINE_EXCEEDED and no effect (see the service's outcome contract).
+        """
 
     def __init__(
         self,

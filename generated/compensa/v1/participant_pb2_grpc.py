@@ -45,6 +45,12 @@ class ParticipantServiceStub:
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
 
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
+
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
     error; when retries are exhausted the saga goes to FAILED and an alert is
@@ -88,6 +94,12 @@ class ParticipantServiceServicer:
     idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
@@ -151,6 +163,12 @@ class ParticipantService:
     idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient

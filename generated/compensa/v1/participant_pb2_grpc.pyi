@@ -46,6 +46,12 @@ class ParticipantServiceStub:
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
 
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
+
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
     error; when retries are exhausted the saga goes to FAILED and an alert is
@@ -85,6 +91,12 @@ class ParticipantServiceAsyncStub(ParticipantServiceStub):
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
 
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
+
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
     error; when retries are exhausted the saga goes to FAILED and an alert is
@@ -119,6 +131,12 @@ class ParticipantServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
