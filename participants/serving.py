@@ -236,6 +236,8 @@ async def start_server(
         database_health = DatabaseHealth(
             health_servicer, ("", _SERVICE_NAME), name=f"{type(participant).__name__} on port {port}", logger=logger
         )
+        # The schema was just created: the database answered, no probe is due yet.
+        database_health.succeeded()
         participant.database_health = database_health
         await server.start()
         await database_health.ready()
