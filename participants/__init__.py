@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from participants.sdk import (
         CompleteStep,
+        DeadlinePassed,
         NotCompensable,
         NotLongRunning,
         Participant,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 _HOMES = {
     **dict.fromkeys(
         (
-            "CompleteStep", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError", "Pending",
+            "CompleteStep", "DeadlinePassed", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError", "Pending",
             "StepFailed", "TransientError", "insert_if_absent", "pack", "unpack_as",
         ),
         "participants.sdk",

@@ -370,6 +370,7 @@ def test_a_compensation_policy_bounded_by_time_needs_no_attempt_count(tmp_path: 
         ({"give_up_after": "0s"}, "compensate_retry.give_up_after"),
         ({"max_attempts": 5, "alert_after": "-1s"}, "compensate_retry.alert_after"),
         ({"give_up_after": "1h", "initial_backoff": "0s", "max_backoff": "0s"}, "compensate_retry.max_backoff"),
+        ({"give_up_after": "366d"}, "compensate_retry.give_up_after"),
     ],
 )
 def test_retry_time_limits_must_be_positive(tmp_path: Path, policy: dict[str, Any], field: str) -> None:

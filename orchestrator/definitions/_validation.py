@@ -271,8 +271,12 @@ def _normalize_policy(
             f"or 0 with a give_up_after; got {policy.max_attempts}"
         )
     for limit in ("give_up_after", "alert_after"):
-        if policy.HasField(limit) and duration_seconds(getattr(policy, limit)) <= 0:
-            raise fail(f"{name}.{limit}")(f"must be positive, got {duration_text(getattr(policy, limit))}")
+        if policy.HasField(limit):
+            problem = duration_problem(
+                getattr(policy, limit), minimum=0.0, maximum=MAX_WAIT_SECONDS, exclusive_minimum=True
+            )
+            if problem is not None:
+                raise fail(f"{name}.{limit}")(problem)
     if unlimited and duration_seconds(policy.max_backoff) <= 0:
         raise fail(f"{name}.max_backoff")(
             "must be positive when max_attempts is 0: without waits, give_up_after would never pass"

@@ -250,7 +250,7 @@ class RetryPolicy(_message.Message):
     @_builtins.property
     def give_up_after(self) -> _duration_pb2.Duration:
         """Stop retrying once the waits would add up to more than this. Unset:
-        only max_attempts limits the retrying.
+        only max_attempts limits the retrying. Positive, at most 365 days.
         """
 
     @_builtins.property
@@ -258,7 +258,7 @@ class RetryPolicy(_message.Message):
         """Raise an alert (an ALERT_RAISED event, counted in compensa_alerts_total)
         once the waits add up to this, while retrying goes on: a person hears of
         a participant that keeps failing before retrying stops. Unset: an alert
-        only when retrying stops.
+        only when retrying stops. Positive, at most 365 days.
         """
 
     def __init__(
