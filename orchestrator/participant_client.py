@@ -15,6 +15,9 @@ from orchestrator.metrics import Metrics
 from participants.tls import TlsFiles
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+_EXECUTE_RESULTS = frozenset(
+    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+)
 
 
 class ParticipantClient:
@@ -76,6 +79,15 @@ class ParticipantClient:
             if code == _BUSINESS_FAILURE:
                 return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
             return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+        if response.result not in _EXECUTE_RESULTS:
+            # A participant that forgot to set `result`: not a success to
+            # take on trust, but a participant error, retried like a transient one.
+            name = participant_pb2.ExecuteResult.Name(response.result) if response.result in (
+                participant_pb2.ExecuteResult.values()) else str(response.result)
+            self._metrics.called(participant, "Execute", "NO_RESULT", time.perf_counter() - began)
+            return machine.ExecuteErrored(
+                step, f"participant answered without a result ({name}); set ExecuteResponse.result"
+            )
         failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
         self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
         if failed:

@@ -23,7 +23,7 @@ from google.protobuf import duration_pb2, message, message_factory
 from orchestrator import machine, payloads
 from orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.definitions import MAX_DEFINITION_BYTES, NAME_PATTERN, definition_fingerprint, validate_definition
-from orchestrator.engine import SagaEngine, parse_completion_token
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine, parse_completion_token
 from orchestrator.errors import (
     AlreadyExists,
     CompensaError,
@@ -63,8 +63,6 @@ _PAGE_READ_CHUNK = 100
 MAX_EVENTS_PER_MESSAGE = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
-#: SummarizeSagas counts an unfinished saga as stuck after this long without a change.
-DEFAULT_STUCK_SECONDS = 600.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -520,6 +518,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         saga_id = request.saga_id
         saga = await self._existing(saga_id, context, "WatchSaga")
         after = request.after_sequence
+        if after and after == saga.sequence and saga.is_final and not request.follow_after_end:
+            # A client reconnecting after the final event: nothing will follow.
+            return
         if after == 0 and not request.replay_history:
             yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
             if saga.is_final and not request.follow_after_end:
@@ -701,4 +702,5 @@ async def register_definition(
     )
     if created:
         engine.forget_latest(stored.name)
+    engine.metrics.know_definition(stored.name)
     return stored, created

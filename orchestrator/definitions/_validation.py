@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import Literal
 
 from google.protobuf import duration_pb2
 
@@ -60,15 +61,19 @@ def default_retry_policy() -> RetryPolicy:
 
 
 def default_compensate_retry_policy() -> RetryPolicy:
-    """The Compensate retry policy of a step that sets none: 10 attempts, 500ms, x2, at most 30s.
+    """The Compensate retry policy of a step that sets none: no limit on attempts,
+    500ms, x2, at most 30s between attempts, an alert after 5m, giving up after 24h.
 
-    Larger than the Execute default: a compensation that gives up leaves the saga stuck.
+    Far beyond the Execute default: a compensation that gives up leaves the saga
+    for a person, and a participant back after an outage should need nobody.
     """
     return RetryPolicy(
-        max_attempts=10,
+        max_attempts=0,
         initial_backoff=duration_of("500ms"),
         backoff_multiplier=2.0,
         max_backoff=duration_of("30s"),
+        give_up_after=duration_of("24h"),
+        alert_after=duration_of("5m"),
     )
 
 
@@ -254,11 +259,27 @@ def _normalize_policy(
         policy.max_backoff.CopyFrom(default.max_backoff)
     if policy.backoff_multiplier == 0:
         policy.backoff_multiplier = default.backoff_multiplier
+    limit: Literal["give_up_after", "alert_after"]
+    for limit in ("give_up_after", "alert_after"):
+        if not policy.HasField(limit) and default.HasField(limit):
+            getattr(policy, limit).CopyFrom(getattr(default, limit))
 
-    if not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
+    unlimited = policy.max_attempts == 0 and policy.HasField("give_up_after")
+    if not unlimited and not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise fail(f"{name}.max_attempts")(
             f"must be between 1 and {MAX_ATTEMPTS_LIMIT} (attempts in total, the first included), "
-            f"got {policy.max_attempts}"
+            f"or 0 with a give_up_after; got {policy.max_attempts}"
+        )
+    for limit in ("give_up_after", "alert_after"):
+        if policy.HasField(limit):
+            problem = duration_problem(
+                getattr(policy, limit), minimum=0.0, maximum=MAX_WAIT_SECONDS, exclusive_minimum=True
+            )
+            if problem is not None:
+                raise fail(f"{name}.{limit}")(problem)
+    if unlimited and duration_seconds(policy.max_backoff) <= 0:
+        raise fail(f"{name}.max_backoff")(
+            "must be positive when max_attempts is 0: without waits, give_up_after would never pass"
         )
     for backoff in ("initial_backoff", "max_backoff"):
         problem = duration_problem(getattr(policy, backoff), minimum=0.0, maximum=MAX_BACKOFF_SECONDS)
