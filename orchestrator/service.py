@@ -30,6 +30,7 @@ from orchestrator.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    grpc_error_details,
     grpc_status_of,
     quote,
 )
@@ -128,11 +129,11 @@ def _answer_errors(
             return await handler(self, request, context)
         except CompensaError as error:
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         except Exception as error:
             log.exception("%s failed", handler.__name__)
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         raise AssertionError("unreachable")
 
     return wrapper
@@ -150,13 +151,13 @@ def _answer_stream_errors(
                 yield item
         except CompensaError as error:
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("%s failed", handler.__name__)
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
 
     return wrapper
 

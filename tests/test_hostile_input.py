@@ -25,12 +25,14 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from orchestrator import machine
 from orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
 from orchestrator.engine import completion_token
-from orchestrator.errors import RejectedWrite
+from orchestrator.errors import ERROR_DOMAIN, RejectedWrite
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 
 pytestmark = pytest.mark.postgres
@@ -109,6 +111,17 @@ async def _refused(call: Awaitable[Any] | AsyncIterable[Any]) -> grpc.aio.AioRpc
     error = raised.value
     assert len(error.details() or "") <= MAX_MESSAGE_CHARS, error.details()
     return error
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> ErrorInfo:
+    """The google.rpc.ErrorInfo of a status, which every error carries."""
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = Status.FromString(details)
+    assert status.code == error.code().value[0] and status.message == error.details()
+    info = ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == ERROR_DOMAIN
+    return info
 
 
 def _start(saga_id: str) -> orchestrator_pb2.StartSagaRequest:
@@ -296,10 +309,13 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
 async def test_every_bad_request_gets_its_documented_answer_and_writes_nothing(hostile: Hostile) -> None:
     before = await hostile.row_counts()
     failures = []
+    reasons = {INVALID: {"INVALID_REQUEST", "INVALID_DEFINITION"}, NOT_FOUND: {"NOT_FOUND"}}
     for name, call, code in _requests(hostile):
         error = await _refused(call())
         if error.code() != code:
             failures.append(f"{name}: {error.code().name} {error.details()[:200]!r}, expected {code.name}")
+        elif _error_info(error).reason not in reasons[code]:
+            failures.append(f"{name}: reason {_error_info(error).reason}, expected one of {reasons[code]}")
     assert failures == []
     assert await hostile.row_counts() == before
     assert hostile.log.tracebacks() == []
@@ -431,6 +447,21 @@ async def test_definition_limits_hold_at_the_edge(hostile: Hostile) -> None:
     assert (await stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=widest))).created
     listed = await stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest())
     assert deepest.name in {definition.name for definition in listed.definitions}
+
+
+async def test_every_error_carries_a_stable_reason(hostile: Hostile) -> None:
+    stub = hostile.stack.stub
+    saga_id = f"taken-{uuid.uuid4().hex}"
+    await stub.StartSaga(_start(saga_id))
+    taken = await _refused(stub.StartSaga(_start(saga_id)))  # another input under the same id
+    assert (taken.code(), _error_info(taken).reason) == (grpc.StatusCode.ALREADY_EXISTS, "SAGA_ID_TAKEN")
+    no_steps = _definition()
+    del no_steps.steps[:]
+    invalid = await _refused(stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=no_steps)))
+    info = _error_info(invalid)
+    assert (invalid.code(), info.reason, info.metadata["field"]) == (INVALID, "INVALID_DEFINITION", "steps")
+    missing = await _refused(stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="no-such-saga")))
+    assert (missing.code(), _error_info(missing).reason) == (NOT_FOUND, "NOT_FOUND")
 
 
 # --- property-based variations ----------------------------------------------------------
