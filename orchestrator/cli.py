@@ -269,7 +269,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    parser.add_argument(
+        "--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing"
+    )
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
@@ -294,7 +296,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
     if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
+        raise argparse.ArgumentTypeError(
+            f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464"
+        )
     return text
 
 
@@ -428,7 +432,8 @@ def _add_register(parser: argparse.ArgumentParser) -> None:
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
     parser.add_argument(
-        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="with NAME: this version (default latest)",
     )
     _add_json_option(parser)
 

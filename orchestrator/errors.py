@@ -104,7 +104,9 @@ class DefinitionError(InvalidArgument):
 
     def __init__(self, problem: str, *, source: str = "", step: str = "", field: str = "") -> None:
         where = ", ".join(
-            part for part in (source, f"step {quote(step)}" if step else "", f"field {quote(field)}" if field else "") if part
+            part
+            for part in (source, f"step {quote(step)}" if step else "", f"field {quote(field)}" if field else "")
+            if part
         )
         super().__init__(f"{where}: {problem}" if where else problem)
         self.problem = problem

@@ -109,7 +109,9 @@ def service_handler(service: OrchestratorService) -> grpc.GenericRpcHandler:
     traceback in the log."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE_DESCRIPTOR.methods:
-        make_handler = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        )
         handlers[method.name] = make_handler(
             getattr(service, method.name),
             request_deserializer=_lenient_deserializer(message_factory.GetMessageClass(method.input_type), method.name),
@@ -318,7 +320,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(f"input is {size} bytes; the limit is {self._max_payload} bytes")
         given = payloads.type_name_of(request.input)
         if given != definition.input_type:
-            raise InvalidArgument(f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}")
+            raise InvalidArgument(
+                f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
+            )
         payloads.unpack(request.input, "input")
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
@@ -416,7 +420,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
-        actor = self._operator_event_fields(context, "RetrySaga", request.saga_id, request.actor, request.reason, "reason")
+        actor = self._operator_event_fields(
+            context, "RetrySaga", request.saga_id, request.actor, request.reason, "reason"
+        )
         event = machine.RetryRequested(actor=actor, reason=request.reason)
         saga = await self._engine.apply_external(request.saga_id, event)
         return orchestrator_pb2.RetrySagaResponse(saga=await self._saga_view(saga))
@@ -425,7 +431,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def ResolveSaga(
         self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ResolveSagaResponse:
-        actor = self._operator_event_fields(context, "ResolveSaga", request.saga_id, request.actor, request.note, "note")
+        actor = self._operator_event_fields(
+            context, "ResolveSaga", request.saga_id, request.actor, request.note, "note"
+        )
         if not request.note.strip():
             raise InvalidArgument("note is required: say what was done to repair the flow")
         event = machine.ResolveRequested(actor=actor, note=request.note)

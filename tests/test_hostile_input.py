@@ -72,7 +72,9 @@ class Hostile:
             async with engine.connect() as conn:
                 return {
                     table: (await conn.execute(sa.text(f"SELECT count(*) FROM {table}"))).scalar_one()
-                    for table in ("compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions")
+                    for table in (
+                        "compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions"
+                    )
                 }
         finally:
             await engine.dispose()
@@ -168,8 +170,8 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
         lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", reason=nul)), INVALID,
     )
     yield (
-        "CancelSaga actor 257", lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", actor="a" * 257)),
-        INVALID,
+        "CancelSaga actor 257",
+        lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", actor="a" * 257)), INVALID,
     )
     yield (
         "RetrySaga reason NUL", lambda: stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="x", reason=nul)),
@@ -182,7 +184,9 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
     yield (
         "CompleteStep failure_reason NUL",
         lambda: stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(
-            completion_token=completion_token(hostile.stack.orchestrator.engine.token_key, "no-such-saga", "charge_card"),
+            completion_token=completion_token(
+                hostile.stack.orchestrator.engine.token_key, "no-such-saga", "charge_card"
+            ),
             result=orchestrator_pb2.COMPLETION_RESULT_FAILED, failure_reason=nul,
         )),
         INVALID,
@@ -266,7 +270,8 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
         )
         yield (
             f"ListDefinitions token {name}",
-            lambda token=token: stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest(page_token=token)), INVALID,
+            lambda token=token: stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest(page_token=token)),
+            INVALID,
         )
     # definitions that would stall the server
     yield (
@@ -372,7 +377,9 @@ async def test_a_write_the_database_refuses_fails_alone(hostile: Hostile) -> Non
         results = await asyncio.gather(
             *poison, *(stub.StartSaga(_start(saga_id)) for saga_id in valid_ids), return_exceptions=True
         )
-        refused = [result for result in results[len(poison):] if not isinstance(result, orchestrator_pb2.StartSagaResponse)]
+        refused = [
+            result for result in results[len(poison):] if not isinstance(result, orchestrator_pb2.StartSagaResponse)
+        ]
         assert refused == []
         assert all(isinstance(result, RejectedWrite) for result in results[: len(poison)]), results[: len(poison)]
         for saga_id in valid_ids:
@@ -490,7 +497,11 @@ async def test_any_saga_id_gets_a_clean_answer(hostile: Hostile, saga_id: str) -
 
 
 @_EXAMPLES
-@given(token=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda raw: base64.urlsafe_b64encode(raw).decode())))
+@given(
+    token=st.one_of(
+        st.text(max_size=200), st.binary(max_size=200).map(lambda raw: base64.urlsafe_b64encode(raw).decode())
+    )
+)
 async def test_any_page_token_the_server_did_not_issue_is_invalid(hostile: Hostile, token: str) -> None:
     if not token:
         return

@@ -206,7 +206,9 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
     else:
         step.compensate_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
     if step.HasField("step_timeout"):
-        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS)
+        _check_positive(
+            step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS
+        )
         if duration_seconds(step.step_timeout) < duration_seconds(step.execute_timeout):
             raise DefinitionError(
                 f"must be at least execute_timeout ({duration_text(step.execute_timeout)}), "
@@ -291,9 +293,13 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
             if dependency == step.name:
                 raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
             if dependency not in names:
-                raise DefinitionError(f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on"
+                )
             if dependency in listed:
-                raise DefinitionError(f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on"
+                )
             listed.add(dependency)
     cycle = find_cycle(
         [step.name for step in definition.steps],
