@@ -20,8 +20,8 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
-from google.protobuf import duration_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, participant_pb2, participant_pb2_grpc, saga_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -469,6 +469,70 @@ async def test_every_error_carries_a_stable_reason(hostile: Hostile) -> None:
     assert (invalid.code(), info.reason, info.metadata["field"]) == (INVALID, "INVALID_DEFINITION", "steps")
     missing = await _refused(stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="no-such-saga")))
     assert (missing.code(), _error_info(missing).reason) == (NOT_FOUND, "NOT_FOUND")
+
+
+class HostileParticipant(participant_pb2_grpc.ParticipantServiceServicer):
+    """Answers every Execute with what the test chose: text the database
+    cannot store, or an output too large to keep."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Callable[[grpc.aio.ServicerContext], Awaitable[participant_pb2.ExecuteResponse]]] = {}
+
+    async def Execute(
+        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.ExecuteResponse:
+        return await self.answers[request.context.saga_id](context)
+
+    async def Compensate(
+        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.CompensateResponse:
+        return participant_pb2.CompensateResponse()
+
+
+async def test_what_a_participant_answers_cannot_poison_the_log(hostile: Hostile) -> None:
+    participant = HostileParticipant()
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 * 1024 * 1024)])
+    participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        definition = _definition(name=f"answers-{uuid.uuid4().hex[:8]}")
+        del definition.steps[1:]
+        definition.steps[0].participant = f"127.0.0.1:{port}"
+        definition.steps[0].retry.CopyFrom(definition_pb2.RetryPolicy(
+            max_attempts=2, initial_backoff=_duration(0, 10_000_000), backoff_multiplier=1.0,
+            max_backoff=_duration(0, 10_000_000),
+        ))
+        stub = hostile.stack.stub
+        await stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=definition))
+
+        async def failed_with_nul(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            return participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason="no\x00stock " * 2000
+            )
+
+        async def unavailable_with_nul(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down\x00now")
+            raise AssertionError("unreachable")
+
+        async def huge_output(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_OK)
+            response.output.Pack(wrappers_pb2.BytesValue(value=b"x" * (1024 * 1024 + 1)))
+            return response
+
+        for answer in (failed_with_nul, unavailable_with_nul, huge_output):
+            saga_id = f"answer-{answer.__name__}-{uuid.uuid4().hex[:6]}"
+            participant.answers[saga_id] = answer
+            await stub.StartSaga(orchestrator_pb2.StartSagaRequest(
+                saga_id=saga_id, definition_name=definition.name, input=checkout_input()
+            ))
+            saga = await hostile.stack.wait_final(saga_id, timeout=20)
+            step = saga.steps[0]
+            assert "\x00" not in step.last_error and len(step.last_error) <= 4096, (answer.__name__, step.last_error)
+            assert not step.HasField("output")
+    finally:
+        await server.stop(0)
+    assert hostile.log.tracebacks() == []
 
 
 # --- property-based variations ----------------------------------------------------------
