@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import NoReturn
 
 import grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import descriptor_pool, duration_pb2, json_format
 from google.protobuf.message import Message
 
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from orchestrator import payloads, timeline
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
-from orchestrator.definitions import DEFINITION_SUFFIXES, load_definitions
+from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
 from orchestrator.errors import CompensaError, quote
 from orchestrator.limits import INT32_MAX, INT64_MAX
 from participants.faults import FaultPlan
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
     _add_db_option(
-        add("migrate", _migrate, "Create or update the orchestrator's tables, then exit (serve does it too).",
+        add("migrate", _migrate, "Upgrade the database's schema from any earlier release to this one (or create it), then exit."
+            " Sagas in flight are carried over; serve creates the schema only in an empty database.",
             client=False)
     )
     _add_purge(
@@ -153,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         add("register", _register, "Register definition files (YAML or JSON) with a running orchestrator.")
     )
     _add_definitions(add("definitions", _definitions, "List definitions (latest versions), or show one."))
+    _add_participants(
+        add("participants", _participants, "List participants and their addresses, or set one (participants set NAME"
+            " HOST:PORT): every replica calls the new address within a second, no restart.")
+    )
     return parser
 
 
@@ -427,6 +432,32 @@ def _add_register(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", type=Path, metavar="PATH",
         help="definition files, or directories of them (*.yaml, *.yml, *.json); all are checked before any is sent",
     )
+    types = parser.add_mutually_exclusive_group()
+    types.add_argument(
+        "--proto", action="append", type=Path, default=[], metavar="FILE",
+        help="a .proto file declaring the definitions' message types (repeatable): compiled with its imports and"
+             " registered with each definition, so no replica needs a generated module",
+    )
+    types.add_argument(
+        "--descriptor-set", type=Path, metavar="FILE",
+        help="the types as a descriptor set instead (protoc --include_imports --descriptor_set_out=FILE)",
+    )
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable; searched before each file's own)",
+    )
+
+
+def _add_participants(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", choices=("list", "set"), default="list",
+        help="list (the default): every participant and its address; set NAME ADDRESS: store where NAME is served",
+    )
+    parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
+    # Not dest "address": that is the orchestrator's (--address).
+    parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    _add_actor_option(parser)
+    _add_json_option(parser)
 
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
@@ -521,15 +552,18 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
 def _migrate(args: argparse.Namespace) -> int:
     from orchestrator.store import open_store
 
-    async def migrate() -> None:
+    async def migrate() -> tuple[str | None, str]:
         store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
         try:
-            await store.create_schema()
+            return await store.upgrade_schema()
         finally:
             await store.close()
 
-    asyncio.run(migrate())
-    print("schema up to date")
+    before, after = asyncio.run(migrate())
+    if before == after:
+        print(f"schema up to date (revision {after})")
+    else:
+        print(f"schema upgraded from {before or 'an empty database'} to revision {after}")
     return EXIT_OK
 
 
@@ -593,7 +627,7 @@ def _start(args: argparse.Namespace) -> int:
             orchestrator_pb2.GetDefinitionRequest(name=args.definition, version=args.version),
             timeout=args.timeout,
         ).definition
-        saga_input = payloads.pack_json(definition.input_type, args.input)
+        saga_input = payloads.pack_json(definition.input_type, args.input, payloads.pool_of(definition))
         saga_id: str = args.saga_id or str(uuid.uuid4())
         response = stub.StartSaga(
             orchestrator_pb2.StartSagaRequest(
@@ -605,7 +639,7 @@ def _start(args: argparse.Namespace) -> int:
             timeout=args.timeout,
         )
         if not args.wait:
-            _print_result(args, response.saga, saga_id)
+            _print_result(args, response.saga, saga_id, stub=stub)
             return EXIT_OK
         if not args.json:
             created = "started" if response.created else "already existed"
@@ -622,13 +656,18 @@ def _get(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
-        _print_result(args, saga)
+        _print_result(args, saga, stub=stub)
     return EXIT_OK
 
 
 def _register(args: argparse.Namespace) -> int:
+    types = None
+    if args.proto:
+        types = compile_proto_files(args.proto, args.proto_path)
+    elif args.descriptor_set:
+        types = read_descriptor_set(args.descriptor_set)
     # Checked here first: an invalid file is named before anything is registered.
-    definitions = load_definitions(args.paths)
+    definitions = load_definitions(args.paths, types=types)
     if not definitions:
         raise CompensaError(
             f"no definition files ({', '.join('*' + suffix for suffix in DEFINITION_SUFFIXES)}) in "
@@ -646,6 +685,43 @@ def _register(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, object]:
+    """A definition as JSON, its registered types named by file rather than
+    written out as descriptors."""
+    bare = definition_pb2.SagaDefinition()
+    bare.CopyFrom(definition)
+    bare.ClearField("types")
+    shown = _json_dict(bare)
+    if definition.types.file:
+        shown["types"] = {"files": [file.name for file in definition.types.file]}
+    return shown
+
+
+def _participants(args: argparse.Namespace) -> int:
+    with _channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.action == "set":
+            if not args.name or not args.participant_address:
+                raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
+            request = orchestrator_pb2.SetParticipantRequest(
+                name=args.name, address=args.participant_address, actor=args.actor
+            )
+            stored = stub.SetParticipant(request, timeout=args.timeout).participant
+            print(_json_line(stored) if args.json else f"{stored.name} -> {stored.address}")
+            return EXIT_OK
+        if args.name or args.participant_address:
+            raise CompensaError("participants list takes no NAME or ADDRESS (did you mean: participants set?)")
+        listed = stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest(), timeout=args.timeout).participants
+    if args.json:
+        for participant in listed:
+            print(_json_line(participant))
+        return EXIT_OK
+    print(f"{'NAME':<24} {'ADDRESS':<32} UPDATED BY")
+    for participant in listed:
+        print(f"{participant.name:<24} {participant.address:<32} {participant.updated_by}")
+    return EXIT_OK
+
+
 def _definitions(args: argparse.Namespace) -> int:
     if args.version and not args.name:
         print("error: --version needs a NAME", file=sys.stderr)
@@ -659,7 +735,7 @@ def _definitions(args: argparse.Namespace) -> int:
             definition = stub.GetDefinition(
                 orchestrator_pb2.GetDefinitionRequest(name=args.name, version=args.version), timeout=args.timeout
             ).definition
-            print(_json_text(definition))
+            print(json.dumps(_definition_dict(definition), indent=2))
             return EXIT_OK
         request = orchestrator_pb2.ListDefinitionsRequest()
         if not args.json:
@@ -686,10 +762,11 @@ def _list(args: argparse.Namespace) -> int:
     )
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        types = _DefinitionTypes(stub, args.timeout)
         while True:
             response = stub.ListSagas(request, timeout=args.timeout)
             for saga in response.sagas:
-                print(_json_line(saga) if args.json else _saga_row(saga))
+                print(types.saga_json(saga) if args.json else _saga_row(saga))
             if not args.all or not response.next_page_token:
                 break
             request.page_token = response.next_page_token
@@ -766,7 +843,7 @@ def _cancel(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.CancelSagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
-        _print_result(args, stub.CancelSaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.CancelSaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -774,7 +851,7 @@ def _retry(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.RetrySagaRequest(saga_id=args.saga_id, reason=args.reason, actor=args.actor)
-        _print_result(args, stub.RetrySaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.RetrySaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -782,7 +859,7 @@ def _resolve(args: argparse.Namespace) -> int:
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         request = orchestrator_pb2.ResolveSagaRequest(saga_id=args.saga_id, note=args.note, actor=args.actor)
-        _print_result(args, stub.ResolveSaga(request, timeout=args.timeout).saga)
+        _print_result(args, stub.ResolveSaga(request, timeout=args.timeout).saga, stub=stub)
     return EXIT_OK
 
 
@@ -793,9 +870,38 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     return grpc.secure_channel(args.address, tls.channel_credentials)
 
 
-def _print_result(args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None) -> None:
+class _DefinitionTypes:
+    """The message types of the definitions sagas were started from, asked
+    of the orchestrator once per definition version: --json output decodes
+    inputs and outputs of any registered type."""
+
+    def __init__(self, stub: orchestrator_pb2_grpc.OrchestratorServiceStub, timeout: float) -> None:
+        self._stub = stub
+        self._timeout = timeout
+        self._pools: dict[tuple[str, int], descriptor_pool.DescriptorPool] = {}
+
+    def saga_json(self, saga: saga_pb2.Saga, *, indent: int | None = None) -> str:
+        key = (saga.definition_name, saga.definition_version)
+        pool = self._pools.get(key)
+        if pool is None:
+            try:
+                definition = self._stub.GetDefinition(
+                    orchestrator_pb2.GetDefinitionRequest(name=key[0], version=key[1]), timeout=self._timeout
+                ).definition
+                pool = payloads.pool_of(definition)
+            except (grpc.RpcError, CompensaError):
+                pool = descriptor_pool.Default()  # shown as type and bytes if unknown
+            self._pools[key] = pool
+        as_dict = payloads.saga_json_dict(saga, pool)
+        return json.dumps(as_dict, indent=indent) if indent else json.dumps(as_dict, separators=(",", ":"))
+
+
+def _print_result(
+    args: argparse.Namespace, saga: saga_pb2.Saga, saga_id: str | None = None, *,
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
+) -> None:
     if args.json:
-        print(_json_text(saga))
+        print(_DefinitionTypes(stub, args.timeout).saga_json(saga, indent=2))
     elif saga_id is not None:
         print(saga_id)
     else:
@@ -876,6 +982,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     base = logging.INFO if server_command else logging.WARNING
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic reports every step it takes at INFO; migrate says what it did in one line.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
 
 if __name__ == "__main__":

@@ -20,10 +20,10 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from compensa.v1 import participant_pb2
+from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import machine
@@ -32,7 +32,7 @@ from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store import ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.views import timestamp
 
 log = logging.getLogger("compensa.engine")
@@ -43,6 +43,9 @@ _CLAIM_BATCH = 200
 _LATEST_SECONDS = 1.0
 # How often the offset to the database's clock is measured again.
 _CLOCK_SYNC_SECONDS = 30.0
+# How often the stored participant addresses are read again: an address set
+# through another replica is used by this one after at most this long.
+_PARTICIPANTS_SECONDS = 1.0
 # Retention: how often expired sagas are looked for (at most), and how many
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
@@ -239,6 +242,31 @@ class SagaEngine:
         if abs(self.clock.offset) > 1.0:
             log.warning("this machine's clock is %.3fs off the database's; using the database's", -self.clock.offset)
 
+    async def store_participants(self, addresses: Mapping[str, str], *, updated_by: str) -> None:
+        """Stores these participant addresses (a replica's --participant flags)."""
+        now = self.clock.now()
+        for name, address in addresses.items():
+            await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        await self.refresh_participants()
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+        """Stores where `name` is served; this replica calls it there at once,
+        the others within `_PARTICIPANTS_SECONDS`."""
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        await self.refresh_participants()
+        return stored
+
+    async def refresh_participants(self) -> list[ParticipantAddress]:
+        """Reads the stored participant addresses and calls them from now on."""
+        stored = await self.store.list_participants()
+        self.client.use_addresses({participant.name: participant.address for participant in stored})
+        return stored
+
+    def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
+        """Participants `definition` names that have no address to call."""
+        names = dict.fromkeys(step.participant for step in definition.steps)
+        return [name for name in names if not self.client.knows(name)]
+
     @property
     def token_key(self) -> bytes:
         if self._token_key is None:
@@ -251,6 +279,7 @@ class SagaEngine:
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
             asyncio.create_task(self._renew_leases(), name="compensa-leases"),
             asyncio.create_task(self._sync_clock(), name="compensa-clock"),
+            asyncio.create_task(self._refresh_participants(), name="compensa-participants"),
             asyncio.create_task(
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
@@ -577,6 +606,14 @@ class SagaEngine:
                 await self.sync_clock()
             except StoreUnavailable as error:
                 log.warning("clock sync: %s", error)
+
+    async def _refresh_participants(self) -> None:
+        while True:
+            await asyncio.sleep(_PARTICIPANTS_SECONDS)
+            try:
+                await self.refresh_participants()
+            except StoreUnavailable as error:
+                log.debug("participant addresses not refreshed: %s", error)
 
     async def _purge_expired(self, retention: float) -> None:
         """Deletes sagas done for good longer than `retention` ago. Replicas

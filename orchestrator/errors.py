@@ -85,6 +85,13 @@ class StoreUnavailable(CompensaError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class SchemaMismatch(CompensaError):
+    """The database's schema is not at the revision this release runs on;
+    the message names the command that fixes it."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class RejectedWrite(InvalidArgument):
     """The database refused the values of one write (a value out of a column's
     range, say): nothing of it was stored. Requests are validated before they

@@ -4,6 +4,7 @@ and the outcome contract of participant.proto turned into machine events."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
@@ -36,8 +37,18 @@ class ParticipantClient:
         self._channels: list[grpc.aio.Channel] = []
 
     def address_of(self, participant: str) -> str:
-        """A logical name resolved from configuration, else the name as HOST:PORT."""
+        """A participant name's stored address, else the name as HOST:PORT."""
         return self._addresses.get(participant, participant)
+
+    def knows(self, participant: str) -> bool:
+        """Whether calls to `participant` have somewhere to go: a stored
+        address, or a name that is itself HOST:PORT."""
+        return participant in self._addresses or ":" in participant
+
+    def use_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Calls from now on go to these addresses (the stored participants).
+        Channels are kept per address, so a changed address gets a new one."""
+        self._addresses = dict(addresses)
 
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
         address = self.address_of(participant)

@@ -18,7 +18,7 @@ from orchestrator import payloads
 from orchestrator.config import ServerConfig
 from orchestrator.definitions import load_definitions
 from orchestrator.engine import SagaEngine
-from orchestrator.errors import StoreUnavailable
+from orchestrator.errors import CompensaError, StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition, service_handler
 from orchestrator.store import open_store
 from participants.tls import TlsConfigError
@@ -41,9 +41,16 @@ class RunningOrchestrator:
     address: str
     # Where /metrics is served, if it is.
     metrics_port: int | None = None
+    #: Done once the database is reached and the engine started; holds the
+    #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
+    ready: asyncio.Future[None] | None = None
 
     async def stop(self, grace: float | None = 1.0) -> None:
         """Stops taking calls, stops driving sagas and releases their leases."""
+        if self.ready is not None and not self.ready.done():
+            self.ready.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.ready
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         await self.service.stop()
@@ -58,14 +65,19 @@ async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None
 
 
 async def _wait_for_database(running: RunningOrchestrator, definitions: list) -> None:  # type: ignore[type-arg]
-    """Creates the schema and registers definitions once the database answers,
-    then reports SERVING and starts driving sagas."""
+    """Checks the schema (creating it in an empty database) and registers
+    definitions once the database answers, then reports SERVING and starts
+    driving sagas. Only an unreachable database is waited for: any other
+    failure ends the start-up."""
     delay = 0.2
     while True:
         try:
-            await running.engine.store.create_schema()
+            await running.engine.store.ensure_schema()
             await running.engine.sync_clock()
             await running.engine.load_secrets()
+            await running.engine.store_participants(
+                running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
+            )
             for definition in definitions:
                 stored, created = await register_definition(running.engine, definition, source="definitions")
                 if created:
@@ -119,15 +131,24 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
     running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
-    ready = asyncio.ensure_future(_wait_for_database(running, definitions))
+    running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
-        await ready
+        try:
+            await running.ready
+        except BaseException:
+            await running.stop()
+            raise
     return running
+
+
+async def _wait_set(event: asyncio.Event) -> None:
+    await event.wait()
 
 
 async def serve(config: ServerConfig) -> None:
     """Runs an orchestrator until SIGINT or SIGTERM."""
     running = await start_orchestrator(config, wait_ready=False)
+    assert running.ready is not None
     # Everything loaded at start-up lives as long as the process: keep it out
     # of the collector's way, and collect less often (sagas make short-lived
     # objects by the thousand). Measured here: about 2% fewer CPU seconds per saga.
@@ -138,6 +159,19 @@ async def serve(config: ServerConfig) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    stopping: asyncio.Future[None] = asyncio.ensure_future(_wait_set(stop))
+    await asyncio.wait({stopping, running.ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        failure = running.ready.exception()
+        if failure is not None:
+            # A replica that cannot start must not stay half-alive (listening,
+            # never SERVING): it ends, saying why.
+            stopping.cancel()
+            await running.stop()
+            if isinstance(failure, CompensaError):
+                raise failure
+            log.error("start-up failed", exc_info=failure)
+            raise CompensaError(f"start-up failed: {type(failure).__name__}: {failure}") from failure
+        await stop.wait()
     log.info("stopping")
     await running.stop()

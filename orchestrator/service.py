@@ -46,6 +46,7 @@ from orchestrator.limits import (
 )
 from orchestrator.page_tokens import issue_page_token, read_page_token
 from orchestrator.streams import READ_BATCH, LogTail
+from orchestrator.store import ParticipantAddress
 from orchestrator.views import EventViews, saga_message, timestamp
 
 log = logging.getLogger("compensa.service")
@@ -323,7 +324,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(
                 f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
             )
-        payloads.unpack(request.input, "input")
+        payloads.unpack(request.input, payloads.pool_of(definition), field="input")
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
             plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint
@@ -599,15 +600,66 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
 
 
+    # -- participants
+
+    @_answer_errors
+    async def SetParticipant(
+        self, request: orchestrator_pb2.SetParticipantRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SetParticipantResponse:
+        check_text(request.actor, "actor", max_chars=MAX_ACTOR_CHARS)
+        actor = stored_text(self._operator(context, "SetParticipant", request.actor), MAX_STORED_ACTOR_CHARS)
+        if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument(
+                f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
+            )
+        _check_address(request.address)
+        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
+        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def ListParticipants(
+        self, request: orchestrator_pb2.ListParticipantsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListParticipantsResponse:
+        stored = await self._engine.refresh_participants()
+        return orchestrator_pb2.ListParticipantsResponse(participants=[_participant_message(p) for p in stored])
+
+
+PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
+
+
+def _check_address(address: str) -> None:
+    match = _HOST_PORT.fullmatch(address)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
+
+
+def _participant_message(stored: ParticipantAddress) -> orchestrator_pb2.Participant:
+    return orchestrator_pb2.Participant(
+        name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
+        updated_by=stored.updated_by,
+    )
+
+
 async def register_definition(
     engine: SagaEngine, definition: definition_pb2.SagaDefinition, *, source: str
 ) -> tuple[definition_pb2.SagaDefinition, bool]:
     """Validates and stores a definition; identical content keeps its version.
 
+    Every participant it names must have an address (FAILED_PRECONDITION).
     Validation runs in a worker thread: a large definition must not hold up
     the event loop (health checks, every other request)."""
     normalized = await asyncio.to_thread(validate_definition, definition, source=source)
     normalized.version = 0
+    await engine.refresh_participants()
+    unknown = engine.unknown_participants(normalized)
+    if unknown:
+        names = ", ".join(repr(name) for name in unknown)
+        raise FailedPrecondition(
+            f"{source}: definition {normalized.name!r} names participant(s) with no address: {names}."
+            f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
+            " or write the participant as HOST:PORT"
+        )
     stored, created = await engine.store.register_definition(
         normalized, definition_fingerprint(normalized), engine.clock.now()
     )

@@ -119,3 +119,16 @@ def test_definitions_directory_is_in_the_image() -> None:
     assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
     assert re.search(r"^COPY definitions/ definitions/$", dockerfile, re.MULTILINE)
     assert definitions == "/app/definitions"
+
+
+def test_every_participant_the_shipped_definitions_name_is_served_and_routed() -> None:
+    """serve refuses definitions naming a participant with no address, so the
+    shipped definitions and the compose file must agree on who exists."""
+    import compensa.checkout.v1.checkout_pb2  # noqa: F401  (the definitions' input type)
+    from orchestrator.definitions import load_definitions
+
+    named = {step.participant for definition in load_definitions([ROOT / "definitions"]) for step in definition.steps}
+    routes = dict(value.split("=", 1) for value in _option_values(_command(ORCHESTRATOR), "--participant"))
+    assert named == set(routes), f"named in definitions/: {sorted(named)}; routed by compose: {sorted(routes)}"
+    served = {_command(service)[2] for service in _participant_services()}
+    assert named == served

@@ -43,7 +43,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         url = request.getfixturevalue("make_postgres_url")()
     opened = open_store(url)
-    await opened.create_schema()
+    await opened.ensure_schema()
     try:
         yield opened
     finally:
@@ -54,7 +54,7 @@ async def _postgres_stores(make_postgres_url: Callable[[], str], count: int) -> 
     """`count` stores (separate engines and connections) on one fresh database."""
     url = make_postgres_url()
     stores = [open_store(url) for _ in range(count)]
-    await stores[0].create_schema()
+    await stores[0].ensure_schema()
     return stores
 
 
@@ -641,7 +641,7 @@ async def test_the_claim_plan_reaches_the_sagas_through_indexes(make_postgres_ur
     from sqlalchemy.dialects import postgresql
 
     opened = open_store(make_postgres_url())
-    await opened.create_schema()
+    await opened.ensure_schema()
     try:
         claim = opened.claim_statement("replica-a", T0, T0 + LEASE, 200)
         sql = str(claim.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
@@ -664,7 +664,7 @@ async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres
 
     url = make_postgres_url()
     opened = open_store(url)
-    await opened.create_schema()
+    await opened.ensure_schema()
     await opened.close()
     conninfo = url.replace("postgresql+psycopg://", "postgresql://")
     async with await psycopg.AsyncConnection.connect(

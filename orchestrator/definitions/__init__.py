@@ -14,7 +14,8 @@ Validation rules (`validate_definition`):
 - Durations are well-formed Durations within bounds: execute and compensate timeouts at
   most `MAX_CALL_TIMEOUT_SECONDS`, step and saga timeouts at most `MAX_WAIT_SECONDS`,
   backoffs from 0 to `MAX_BACKOFF_SECONDS`.
-- `input_type` resolves to an imported message class.
+- `input_type` resolves to a message type: one of the definition's own `types` (a
+  FileDescriptorSet registered with it), else one from an imported _pb2 module.
 - Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
   `long_running` step must have one.
 - Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
@@ -45,6 +46,7 @@ from orchestrator.definitions._files import (
     load_definition_file,
     load_definitions,
 )
+from orchestrator.definitions._types import compile_proto_files, read_descriptor_set
 from orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
 from orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
@@ -77,6 +79,7 @@ __all__ = [
     "DefinitionGraph",
     "ancestors",
     "backoff_seconds",
+    "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
     "definition_fingerprint",
@@ -84,6 +87,7 @@ __all__ = [
     "duration_seconds",
     "load_definition_file",
     "load_definitions",
+    "read_descriptor_set",
     "step_order",
     "validate_definition",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from google.protobuf import descriptor, json_format, message
+from google.protobuf import descriptor, descriptor_pb2, json_format, message
 
 from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import shorthand_to_json
@@ -27,7 +27,9 @@ _PARSE_FIELD = re.compile(r"Failed to parse (\w+) field: ")
 _PARSE_LOCATION = re.compile(r"\.? at [\w.\[\]\"]+\.*$")
 
 
-def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
+def load_definition_file(
+    path: Path, *, types: descriptor_pb2.FileDescriptorSet | None = None
+) -> definition_pb2.SagaDefinition:
     """The validated, normalized definition in the YAML or JSON file `path`.
 
     Raises DefinitionError naming the file (and the step and field, when there is one) if
@@ -35,7 +37,7 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
     fails `validate_definition`. Durations may be written "500ms", "10s", "1.5s", "30m",
     "2h" or "1d"; enum values by their short name (`kind: PIVOT`); and `depends_on: []`
     means "no dependencies" rather than "the previous step": the loader reads it as
-    `independent: true`.
+    `independent: true`. `types`, when given, become the definition's own message types.
     """
     source = str(path)
     raw = _read(path, source)
@@ -69,10 +71,14 @@ def load_definition_file(path: Path) -> definition_pb2.SagaDefinition:
                     field="independent",
                 )
             step.independent = True
+    if types is not None:
+        definition.types.CopyFrom(types)
     return validate_definition(definition, source=source)
 
 
-def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinition]:
+def load_definitions(
+    paths: Iterable[Path], *, types: descriptor_pb2.FileDescriptorSet | None = None
+) -> list[definition_pb2.SagaDefinition]:
     """The definitions in `paths`: files, and directories (their *.yaml, *.yml, *.json, sorted).
 
     Directories are not searched recursively; a path named twice is read once. Raises
@@ -91,7 +97,7 @@ def load_definitions(paths: Iterable[Path]) -> list[definition_pb2.SagaDefinitio
         if file.resolve() in read:
             continue
         read.add(file.resolve())
-        definition = load_definition_file(file)
+        definition = load_definition_file(file, types=types)
         if definition.name in defined_in:
             raise DefinitionError(
                 f"definition {definition.name!r} is already defined in {defined_in[definition.name]}",

@@ -13,7 +13,7 @@ from orchestrator.definitions._durations import duration_of, duration_seconds, d
 from orchestrator.definitions._graph import DefinitionGraph, find_cycle
 from orchestrator.errors import DefinitionError, InvalidArgument, quote
 from orchestrator.limits import MAX_TEXT_CHARS, check_text, duration_problem
-from orchestrator.payloads import message_class
+from orchestrator.payloads import message_class, pool_of
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 """What definition and step names must match (in full)."""
@@ -100,7 +100,11 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
         raise DefinitionError("required: the full name of the saga's input message", source=source, field="input_type")
     _check_text(result.input_type, source=source, step="", field="input_type", max_chars=MAX_REFERENCE_CHARS)
     try:
-        message_class(result.input_type)
+        pool = pool_of(result)
+    except InvalidArgument as error:
+        raise DefinitionError(str(error), source=source, field="types") from None
+    try:
+        message_class(result.input_type, pool)
     except InvalidArgument as error:
         raise DefinitionError(str(error), source=source, field="input_type") from None
     if result.HasField("saga_timeout"):

@@ -2,6 +2,7 @@
 
 from orchestrator.store.base import (
     Claimed,
+    ParticipantAddress,
     SagaPage,
     SagaStore,
     SagaWrite,
@@ -13,6 +14,7 @@ from orchestrator.store.sql import PostgresSagaStore, SqliteSagaStore, SqlSagaSt
 
 __all__ = [
     "Claimed",
+    "ParticipantAddress",
     "PostgresSagaStore",
     "SagaPage",
     "SagaStore",

@@ -73,6 +73,16 @@ class StateSummary:
 
 
 @dataclass(frozen=True)
+class ParticipantAddress:
+    """Where a named participant is served, and who said so."""
+
+    name: str
+    address: str
+    updated_at: float
+    updated_by: str
+
+
+@dataclass(frozen=True)
 class SagaPage:
     sagas: list[SagaRecord]
     next_page_token: str
@@ -85,8 +95,15 @@ class SagaStore(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def create_schema(self) -> None:
-        """Creates missing tables; safe to run at every start-up."""
+    async def ensure_schema(self) -> None:
+        """What every start-up does: creates the schema in an empty database,
+        accepts one at this release's revision, and raises SchemaMismatch
+        for any other. Replicas starting together take turns."""
+
+    @abc.abstractmethod
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        """Upgrades the schema from any earlier revision to this release's
+        (`compensa migrate`); the revisions before and after (None: empty)."""
 
     @abc.abstractmethod
     async def has_schema(self) -> bool:
@@ -128,6 +145,16 @@ class SagaStore(abc.ABC):
         self, page_size: int, after_name: str
     ) -> list[definition_pb2.SagaDefinition]:
         """Latest version of each definition, by name, after `after_name`."""
+
+    # Participants
+
+    @abc.abstractmethod
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        """Stores (or changes) where participant `name` is served."""
+
+    @abc.abstractmethod
+    async def list_participants(self) -> list[ParticipantAddress]:
+        """Every stored participant address, by name."""
 
     # Sagas
 

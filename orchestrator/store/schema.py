@@ -1,4 +1,6 @@
-"""The orchestrator's tables, as SQLAlchemy Core objects: the one schema.
+"""The orchestrator's tables, as SQLAlchemy Core objects: the schema the code
+reads and writes. Databases get it through the revisions in migrations/
+(a test checks that both agree); a change here needs a new revision.
 
 Times are seconds since the epoch (float): the same on PostgreSQL and SQLite,
 compared as plain numbers in guards and due-time queries.
@@ -104,6 +106,16 @@ log_head = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     Column("position", BigInteger, nullable=False),
+)
+
+#: Where each named participant is served; replicas read it, operators change it.
+participants = Table(
+    "compensa_participants",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("address", String(255), nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(256), nullable=False),
 )
 
 #: Keys the replicas of one deployment share, each made at random on first use.

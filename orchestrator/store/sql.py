@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -37,8 +38,9 @@ from orchestrator.machine import (
     SagaRecord,
     StepRecord,
 )
-from orchestrator.store.base import Claimed, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
-from orchestrator.store.schema import definitions, log_head, metadata, saga_events, saga_steps, sagas, secrets
+from orchestrator.store import migrations
+from orchestrator.store.base import Claimed, ParticipantAddress, SagaStore, SagaWrite, StateSummary, StoredEvent, WriteResult
+from orchestrator.store.schema import definitions, log_head, participants, saga_events, saga_steps, sagas, secrets
 
 log = logging.getLogger("compensa.store")
 
@@ -202,10 +204,15 @@ class SqlSagaStore(SagaStore):
                 raise StoreUnavailable(f"database connection lost: {error}") from error
             raise
 
-    async def create_schema(self) -> None:
+    async def ensure_schema(self) -> None:
+        database = make_url(self.url).render_as_string(hide_password=True)
         async with self._transaction() as conn:
-            await conn.run_sync(metadata.create_all)
-            await conn.execute(self._insert(log_head).values(id=1, position=0).on_conflict_do_nothing())
+            await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
+
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        async with self._transaction() as conn:
+            before = await conn.run_sync(migrations.upgrade)
+        return before.revision, before.head
 
     async def has_schema(self) -> bool:
         async with self._transaction() as conn:
@@ -298,6 +305,23 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             bodies = (await conn.execute(query)).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
+
+    # -- participants
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        values = {"address": address, "updated_at": now, "updated_by": updated_by}
+        async with self._transaction() as conn:
+            await conn.execute(
+                self._insert(participants)
+                .values(name=name, **values)
+                .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
+            )
+        return ParticipantAddress(name, address, now, updated_by)
+
+    async def list_participants(self) -> list[ParticipantAddress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
+        return [ParticipantAddress(row.name, row.address, row.updated_at, row.updated_by) for row in rows]
 
     # -- sagas
 

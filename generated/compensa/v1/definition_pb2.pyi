@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import descriptor_pb2 as _descriptor_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -65,6 +66,7 @@ class SagaDefinition(_message.Message):
     INPUT_TYPE_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
     SAGA_TIMEOUT_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name such as "checkout": 1-63 lowercase letters, digits, '-' and '_',
     starting with a letter (the whole string).
@@ -92,6 +94,16 @@ class SagaDefinition(_message.Message):
         Positive, at most 365 days.
         """
 
+    @_builtins.property
+    def types(self) -> _descriptor_pb2.FileDescriptorSet:
+        """The schema of the definition's own message types: the .proto files that
+        declare input_type (and the step outputs to show), with their imports.
+        Registered with the definition and shared by every replica, so inputs are
+        checked and payloads shown as JSON with no generated module on the server.
+        Empty: the types come from modules the server imports (--proto-module).
+        `compensa register --proto FILE` fills it in.
+        """
+
     def __init__(
         self,
         *,
@@ -101,10 +113,11 @@ class SagaDefinition(_message.Message):
         input_type: _builtins.str = ...,
         steps: _abc.Iterable[Global___StepDefinition] | None = ...,
         saga_timeout: _duration_pb2.Duration | None = ...,
+        types: _descriptor_pb2.FileDescriptorSet | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["saga_timeout", b"saga_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["saga_timeout", b"saga_timeout", "types", b"types"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_type", b"input_type", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_type", b"input_type", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "types", b"types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -130,8 +143,9 @@ class StepDefinition(_message.Message):
     a definition is.
     """
     participant: _builtins.str
-    """A logical participant name resolved from the orchestrator's configuration
-    (`--participant NAME=HOST:PORT`), or a HOST:PORT address; at most 255
+    """A participant name whose address is stored by the orchestrator
+    (`compensa participants set NAME HOST:PORT`, or serve's
+    `--participant NAME=HOST:PORT`), or a HOST:PORT address; at most 255
     characters.
     """
     kind: Global___StepKind.ValueType

@@ -48,7 +48,7 @@ class OrchestratorServiceStub:
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -124,6 +124,16 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
                 _registered_method=True)
+        self.SetParticipant = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/SetParticipant',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.FromString,
+                _registered_method=True)
+        self.ListParticipants = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/ListParticipants',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -149,7 +159,7 @@ class OrchestratorServiceServicer:
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -270,6 +280,24 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetParticipant(self, request, context):
+        """Operator: sets where a named participant is served. Stored and shared by
+        every replica, which call the new address within a second. Definitions
+        name participants; registering one that names a participant with no
+        address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+        that is not one, an address that is not HOST:PORT).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListParticipants(self, request, context):
+        """Every named participant and its address, by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -338,6 +366,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.SerializeToString,
             ),
+            'SetParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetParticipant,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.SerializeToString,
+            ),
+            'ListParticipants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListParticipants,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'compensa.v1.OrchestratorService', rpc_method_handlers)
@@ -369,7 +407,7 @@ class OrchestratorService:
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
     (e.g. ResolveSaga on a RUNNING saga).
     - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-    register a definition) from a client certificate the server was not
+    register a definition, set a participant's address) from a client certificate the server was not
     told to accept as an operator's (serve --operator).
     - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -715,6 +753,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListDefinitions',
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/SetParticipant',
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListParticipants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/ListParticipants',
+            compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

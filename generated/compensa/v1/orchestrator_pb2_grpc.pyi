@@ -49,7 +49,7 @@ class OrchestratorServiceStub:
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -115,6 +115,15 @@ class OrchestratorServiceStub:
     """Registers a definition; identical content returns the existing version."""
     GetDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]
     ListDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]
+    SetParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]
+    """Operator: sets where a named participant is served. Stored and shared by
+    every replica, which call the new address within a second. Definitions
+    name participants; registering one that names a participant with no
+    address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+    that is not one, an address that is not HOST:PORT).
+    """
+    ListParticipants: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]
+    """Every named participant and its address, by name."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -140,7 +149,7 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -203,6 +212,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Registers a definition; identical content returns the existing version."""
     GetDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]  # type: ignore[assignment]
     ListDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    SetParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]  # type: ignore[assignment]
+    """Operator: sets where a named participant is served. Stored and shared by
+    every replica, which call the new address within a second. Definitions
+    name participants; registering one that names a participant with no
+    address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+    that is not one, an address that is not HOST:PORT).
+    """
+    ListParticipants: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]  # type: ignore[assignment]
+    """Every named participant and its address, by name."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService starts, drives and shows sagas.
@@ -227,7 +245,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
-        register a definition) from a client certificate the server was not
+        register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
       - UNAVAILABLE: the orchestrator cannot reach its database; retry.
     """
@@ -366,5 +384,26 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListDefinitionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListDefinitionsResponse, _abc.Awaitable[_orchestrator_pb2.ListDefinitionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetParticipant(
+        self,
+        request: _orchestrator_pb2.SetParticipantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SetParticipantResponse, _abc.Awaitable[_orchestrator_pb2.SetParticipantResponse]]:
+        """Operator: sets where a named participant is served. Stored and shared by
+        every replica, which call the new address within a second. Definitions
+        name participants; registering one that names a participant with no
+        address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
+        that is not one, an address that is not HOST:PORT).
+        """
+
+    @_abc_1.abstractmethod
+    def ListParticipants(
+        self,
+        request: _orchestrator_pb2.ListParticipantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ListParticipantsResponse, _abc.Awaitable[_orchestrator_pb2.ListParticipantsResponse]]:
+        """Every named participant and its address, by name."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,279 @@
+"""Versioned schema migrations: sagas in flight survive an upgrade, start-up
+refuses a schema at another revision, and replicas started together on an
+empty database all become healthy.
+
+The databases are real (PostgreSQL and the embedded SQLite); the sagas are
+written at the first revision the way the engine writes them, then carried
+across every later revision and driven to their end by a real orchestrator
+and real participants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from compensa.v1 import orchestrator_pb2, saga_pb2
+
+from harness import CHECKOUT, checkout_input, checkout_stack
+from orchestrator import machine
+from orchestrator.config import ServerConfig
+from orchestrator.definitions import definition_fingerprint, load_definition_file
+from orchestrator.engine import completion_token
+from orchestrator.errors import SchemaMismatch
+from orchestrator.server import start_orchestrator
+from orchestrator.store import SagaWrite, SqlSagaStore, open_store
+from orchestrator.store import migrations
+from orchestrator.store.schema import metadata
+
+S = saga_pb2
+# A replica of the release that wrote the sagas, gone without releasing them.
+OLD_REPLICA = "replica-of-the-previous-release"
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path}/compensa.db"
+    url: str = request.getfixturevalue("make_postgres_url")()
+    return url
+
+
+def _sync_url(url: str) -> str:
+    return url.replace("+aiosqlite", "")
+
+
+def _upgrade_to(url: str, revision: str) -> None:
+    """Creates the schema as it was at `revision`, as that release would have."""
+    engine = sa.create_engine(_sync_url(url))
+    try:
+        with engine.begin() as connection:
+            config = migrations._config()
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    finally:
+        engine.dispose()
+
+
+def _revision(url: str) -> str | None:
+    engine = sa.create_engine(_sync_url(url))
+    try:
+        with engine.connect() as connection:
+            return migrations.schema_state(connection).revision
+    finally:
+        engine.dispose()
+
+
+def _write(transition: machine.Transition, expected: int, now: float, *, release: bool, due_at: float | None,
+           lease_until: float, fingerprint: str | None = None) -> SagaWrite:
+    return SagaWrite(
+        saga=transition.saga, events=transition.events, expected_sequence=expected, owner=OLD_REPLICA, epoch=1,
+        release=release, due_at=due_at, lease_until=lease_until, changed_steps=transition.changed_steps,
+        request_fingerprint=fingerprint,
+    )
+
+
+class _OldRelease:
+    """Writes sagas into a database at an earlier revision through the store,
+    as the engine of that release did (the store's statements name only
+    columns every revision has)."""
+
+    def __init__(self, store: SqlSagaStore, plan: machine.Plan) -> None:
+        self.store = store
+        self.plan = plan
+
+    async def start(self, saga_id: str, now: float, *, lease_until: float) -> machine.SagaRecord:
+        transition = machine.new_saga(
+            self.plan, saga_id=saga_id, input=checkout_input().SerializeToString(deterministic=True), now=now
+        )
+        (result,) = await self.store.commit(
+            [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)]
+        )
+        assert result.ok
+        return transition.saga
+
+    async def apply(self, saga: machine.SagaRecord, event: machine.Event, now: float) -> machine.SagaRecord:
+        transition = machine.decide(self.plan, saga, event, now)
+        final = transition.saga.is_final
+        in_flight = bool(machine.due_calls(self.plan, transition.saga, now))
+        release = final or not in_flight
+        due_at = None if final else (now if in_flight else machine.wake_at(self.plan, transition.saga))
+        (result,) = await self.store.commit(
+            [_write(transition, saga.sequence, now, release=release, due_at=due_at, lease_until=now - 1)]
+        )
+        assert result.ok
+        return transition.saga
+
+
+def test_the_migrations_make_the_schema_the_code_declares(database_url: str) -> None:
+    """schema.py (what the code reads and writes) and the revisions (what
+    databases get) cannot drift apart."""
+    _upgrade_to(database_url, "head")
+    engine = sa.create_engine(_sync_url(database_url))
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"version_table": migrations.VERSION_TABLE})
+            differences = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
+    assert differences == []
+
+
+async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
+    database_url: str, make_postgres_url: Callable[[], str]
+) -> None:
+    _upgrade_to(database_url, migrations.BASELINE)
+    old = open_store(database_url)
+    now = time.time()
+    try:
+        definition = load_definition_file(CHECKOUT)
+        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        release = _OldRelease(old, machine.Plan.of(stored))
+        # In flight: its first call was due when the old replica went away.
+        running = await release.start("mig-running", now, lease_until=now - 1)
+        # Waiting on a backoff after a transient error of its first step.
+        backing_off = await release.start("mig-backoff", now, lease_until=now - 1)
+        backing_off = await release.apply(backing_off, machine.ExecuteErrored("reserve_stock", "UNAVAILABLE"), now)
+        # Waiting for a long-running step (the payment) to be reported.
+        waiting = await release.start("mig-waiting", now, lease_until=now - 1)
+        waiting = await release.apply(waiting, machine.ExecuteSucceeded("reserve_stock", None), now)
+        waiting = await release.apply(waiting, machine.ExecutePending("charge_card"), now)
+        # Done before the upgrade.
+        done = await release.start("mig-done", now, lease_until=now - 1)
+        for step in ("reserve_stock", "charge_card", "ship_order"):
+            done = await release.apply(done, machine.ExecuteSucceeded(step, None), now)
+        token_key = await old.secret("completion_token")
+    finally:
+        await old.close()
+    assert backing_off.step("reserve_stock").next_attempt_at is not None
+    assert waiting.step("charge_card").state == machine.STEP_WAITING
+    assert done.state == machine.SUCCEEDED and running.state == machine.RUNNING
+
+    # This release will not run on the old schema: it names the command to run.
+    with pytest.raises(SchemaMismatch, match="compensa migrate"):
+        await start_orchestrator(ServerConfig(database_url=database_url, listen="127.0.0.1:0"))
+    assert _revision(database_url) == migrations.BASELINE
+
+    upgraded = open_store(database_url)
+    try:
+        assert await upgraded.upgrade_schema() == (migrations.BASELINE, migrations.head())
+        assert await upgraded.upgrade_schema() == (migrations.head(), migrations.head())  # repeatable
+    finally:
+        await upgraded.close()
+
+    async with checkout_stack(make_postgres_url, orchestrator_url=database_url) as stack:
+        token = completion_token(token_key, "mig-waiting", "charge_card")
+        await stack.stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(
+            completion_token=token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+        ))
+        for saga_id in ("mig-running", "mig-backoff", "mig-waiting"):
+            final = await stack.wait_final(saga_id)
+            assert final.state == S.SAGA_STATE_SUCCEEDED, (saga_id, final)
+        # Each effect once: the old release had already reserved and charged
+        # for the waiting saga; the finished one is not touched again.
+        reserved = [row.saga_id for row in await stack.rows("inventory", "inventory_reservations")]
+        assert sorted(reserved) == ["mig-backoff", "mig-running"]
+        charged = [row.saga_id for row in await stack.rows("payment", "payment_charges")]
+        assert sorted(charged) == ["mig-backoff", "mig-running"]
+        shipped = [row.saga_id for row in await stack.rows("shipping", "shipping_shipments")]
+        assert sorted(shipped) == ["mig-backoff", "mig-running", "mig-waiting"]
+        events = await stack.events("mig-done")
+        assert [event.sequence for event in events] == list(range(1, len(events) + 1))
+        assert events[-1].saga_state == S.SAGA_STATE_SUCCEEDED
+
+
+async def test_a_database_made_before_migrations_existed_is_upgraded(database_url: str) -> None:
+    """Releases before migrations made the tables without a version table:
+    that schema is the first revision, and migrate carries it forward."""
+    _upgrade_to(database_url, migrations.BASELINE)
+    engine = sa.create_engine(_sync_url(database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"DROP TABLE {migrations.VERSION_TABLE}"))
+    finally:
+        engine.dispose()
+    assert _revision(database_url) == migrations.BASELINE
+    store = open_store(database_url)
+    try:
+        assert await store.upgrade_schema() == (migrations.BASELINE, migrations.head())
+        await store.ensure_schema()  # serve accepts it now
+    finally:
+        await store.close()
+
+
+async def test_a_schema_from_a_newer_release_is_refused(database_url: str) -> None:
+    _upgrade_to(database_url, "head")
+    engine = sa.create_engine(_sync_url(database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(f"UPDATE {migrations.VERSION_TABLE} SET version_num = 'from-the-future'"))
+    finally:
+        engine.dispose()
+    store = open_store(database_url)
+    try:
+        with pytest.raises(SchemaMismatch, match="newer release"):
+            await store.ensure_schema()
+        with pytest.raises(SchemaMismatch, match="newer release"):
+            await store.upgrade_schema()
+    finally:
+        await store.close()
+
+
+async def _health(address: str) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return int(answer.status)
+
+
+@pytest.mark.parametrize("trial", range(5))
+async def test_replicas_started_together_on_an_empty_database_all_become_healthy(
+    trial: int, make_postgres_url: Callable[[], str]
+) -> None:
+    from grpc_health.v1 import health_pb2
+
+    url = make_postgres_url()
+    configs = [
+        ServerConfig(
+            database_url=url, listen="127.0.0.1:0", definition_paths=(CHECKOUT,),
+            # Registering checkout needs addresses for its participants; none is called.
+            participants={name: "127.0.0.1:9" for name in ("inventory", "payment", "shipping")},
+        )
+        for _ in range(3)
+    ]
+    started = await asyncio.gather(*(start_orchestrator(config) for config in configs), return_exceptions=True)
+    replicas = [running for running in started if not isinstance(running, BaseException)]
+    try:
+        assert len(replicas) == 3, [repr(error) for error in started if isinstance(error, BaseException)]
+        for replica in replicas:
+            assert await _health(replica.address) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        for replica in replicas:
+            await replica.stop()
+    assert _revision(url) == migrations.head()
+
+
+def test_serve_that_cannot_start_ends_with_one_line_and_exit_2(tmp_path: Path) -> None:
+    """A replica that can never become ready does not stay half-alive
+    (listening, never SERVING): the process ends, saying what to run."""
+    url = f"sqlite+aiosqlite:///{tmp_path}/old.db"
+    _upgrade_to(url, migrations.BASELINE)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "compensa"), "serve", "--listen", "127.0.0.1:0", "--db", url],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "compensa migrate" in last, result.stderr
+    assert "Traceback" not in result.stderr
