@@ -21,7 +21,13 @@ from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc,
 from google.protobuf import duration_pb2, message, message_factory
 
 from orchestrator import machine, payloads
-from orchestrator.definitions import MAX_DEFINITION_BYTES, NAME_PATTERN, definition_fingerprint, validate_definition
+from orchestrator.definitions import (
+    MAX_DEFINITION_BYTES,
+    MAX_REFERENCE_CHARS,
+    NAME_PATTERN,
+    definition_fingerprint,
+    validate_definition,
+)
 from orchestrator.engine import SagaEngine, parse_completion_token
 from orchestrator.errors import (
     AlreadyExists,
@@ -629,7 +635,7 @@ _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P
 
 
 def _check_address(address: str) -> None:
-    match = _HOST_PORT.fullmatch(address)
+    match = _HOST_PORT.fullmatch(address) if len(address) <= MAX_REFERENCE_CHARS else None
     if match is None or not 0 < int(match["port"]) < 65536:
         raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
 

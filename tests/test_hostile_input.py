@@ -191,6 +191,17 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
         )),
         INVALID,
     )
+    yield (
+        "SetParticipant name NUL",
+        lambda: stub.SetParticipant(orchestrator_pb2.SetParticipantRequest(name=nul, address="127.0.0.1:1")), INVALID,
+    )
+    yield (
+        "SetParticipant address of 259 characters",
+        lambda: stub.SetParticipant(orchestrator_pb2.SetParticipantRequest(
+            name="long", address="h" * 253 + ":50051"
+        )),
+        INVALID,
+    )
     # identifiers are matched in full: no trailing newline slips through
     yield "StartSaga id newline", lambda: stub.StartSaga(_start("checkout\n")), INVALID
     yield "StartSaga id 129", lambda: stub.StartSaga(_start("x" * 129)), INVALID

@@ -27,8 +27,8 @@ MAX_STEPS = 200
 MAX_DEPENDENCY_DEPTH = 100
 """The longest chain of steps each depending on the one before it."""
 
-MAX_DEFINITION_BYTES = 256 * 1024
-"""The largest definition, serialized (its description is at most MAX_TEXT_CHARS)."""
+MAX_DEFINITION_BYTES = 1024 * 1024
+"""The largest definition, serialized with the message types it carries."""
 
 MAX_REFERENCE_CHARS = 255
 """The longest `input_type` and `participant`."""
