@@ -73,7 +73,8 @@ class Hostile:
                 return {
                     table: (await conn.execute(sa.text(f"SELECT count(*) FROM {table}"))).scalar_one()
                     for table in (
-                        "compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions"
+                        "compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions",
+                        "compensa_participants",
                     )
                 }
         finally:
@@ -263,6 +264,16 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
             f"Register execute_timeout {name}",
             lambda timed_out=timed_out: stub.RegisterDefinition(
                 orchestrator_pb2.RegisterDefinitionRequest(definition=timed_out)
+            ),
+            INVALID,
+        )
+    for multiplier in (float("inf"), float("nan"), 1e300):
+        unbounded = _definition()
+        unbounded.steps[0].retry.backoff_multiplier = multiplier
+        yield (
+            f"Register backoff_multiplier {multiplier}",
+            lambda unbounded=unbounded: stub.RegisterDefinition(
+                orchestrator_pb2.RegisterDefinitionRequest(definition=unbounded)
             ),
             INVALID,
         )
@@ -616,6 +627,32 @@ async def test_any_operator_text_is_stored_or_refused_whole(hostile: Hostile, re
         assert len(error.details()) <= MAX_MESSAGE_CHARS
     final = await hostile.stack.wait_final(saga_id)
     assert final.state in (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED)
+    assert hostile.log.tracebacks() == []
+
+
+_NAMES = st.one_of(st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), st.text(max_size=70))
+
+
+@_EXAMPLES
+@given(data=st.data())
+async def test_any_definition_gets_a_clean_answer(hostile: Hostile, data: st.DataObject) -> None:
+    """Random names and dependency graphs (unknown steps, cycles, self-loops,
+    duplicates): registered, or refused with INVALID_ARGUMENT, never worse."""
+    names = data.draw(st.lists(_NAMES, min_size=1, max_size=40))
+    definition = definition_pb2.SagaDefinition(
+        name=data.draw(_NAMES), input_type="compensa.checkout.v1.CheckoutInput",
+        description=data.draw(st.text(max_size=100)),
+    )
+    for name in names:
+        step = definition.steps.add(name=name, participant="inventory")
+        step.depends_on.extend(data.draw(st.lists(st.sampled_from(names), max_size=3)))
+        step.kind = data.draw(st.sampled_from(list(definition_pb2.StepKind.values())))
+    try:
+        await hostile.stack.stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=definition))
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == INVALID, error.details()
+        assert len(error.details()) <= MAX_MESSAGE_CHARS
+        assert _error_info(error).reason == "INVALID_DEFINITION"
     assert hostile.log.tracebacks() == []
 
 

@@ -18,7 +18,7 @@ Validation rules (`validate_definition`):
   FileDescriptorSet registered with it), else one from an imported _pb2 module.
 - Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
   `long_running` step must have one.
-- Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
+- Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, 1 <= multiplier <= 100,
   max_backoff >= initial_backoff.
 - `depends_on` names existing steps, never the step itself, and has no cycle.
 - Pivot rule (the strict form from the saga literature): at most one PIVOT step; every

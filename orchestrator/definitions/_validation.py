@@ -43,6 +43,9 @@ MAX_WAIT_SECONDS = 365 * 86400.0
 MAX_BACKOFF_SECONDS = 86400.0
 """The longest `initial_backoff` and `max_backoff`: a day."""
 
+MAX_BACKOFF_MULTIPLIER = 100.0
+"""The largest `backoff_multiplier` (an infinite one would make 0 * inf a NaN delay)."""
+
 _DEFAULT_TIMEOUT = "10s"
 
 StepKind = definition_pb2.StepKind
@@ -266,8 +269,10 @@ def _normalize_policy(
         problem = duration_problem(getattr(policy, backoff), minimum=0.0, maximum=MAX_BACKOFF_SECONDS)
         if problem is not None:
             raise fail(f"{name}.{backoff}")(problem)
-    if not policy.backoff_multiplier >= 1.0:  # also rejects NaN
-        raise fail(f"{name}.backoff_multiplier")(f"must be at least 1.0, got {policy.backoff_multiplier}")
+    if not 1.0 <= policy.backoff_multiplier <= MAX_BACKOFF_MULTIPLIER:  # also rejects NaN
+        raise fail(f"{name}.backoff_multiplier")(
+            f"must be from 1.0 to {MAX_BACKOFF_MULTIPLIER:g}, got {policy.backoff_multiplier}"
+        )
     if duration_seconds(policy.max_backoff) < duration_seconds(policy.initial_backoff):
         raise fail(f"{name}.max_backoff")(
             f"must be at least initial_backoff ({duration_text(policy.initial_backoff)}), "

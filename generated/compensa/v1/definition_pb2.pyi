@@ -228,7 +228,7 @@ class RetryPolicy(_message.Message):
     max_attempts: _builtins.int
     """Total attempts, the first included; from 1 to 1000."""
     backoff_multiplier: _builtins.float
-    """At least 1.0."""
+    """From 1.0 to 100."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration: ...
     @_builtins.property
