@@ -947,10 +947,6 @@ def _json_dict(message: Message) -> dict[str, object]:
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
 
 
-def _json_text(message: Message) -> str:
-    return json.dumps(_json_dict(message), indent=2)
-
-
 def _json_line(message: Message) -> str:
     return json.dumps(_json_dict(message), separators=(",", ":"))
 
