@@ -286,7 +286,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    parser.add_argument(
+        "--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing"
+    )
     _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
@@ -363,7 +365,9 @@ def _parse_certificate_role(text: str) -> tuple[str, Role]:
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
     if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
+        raise argparse.ArgumentTypeError(
+            f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464"
+        )
     return text
 
 
@@ -524,7 +528,8 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
     parser.add_argument(
-        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="with NAME: this version (default latest)",
     )
     _add_json_option(parser)
 
@@ -1087,10 +1092,6 @@ def _json_dict(message: Message) -> dict[str, object]:
         return json_format.MessageToDict(message, preserving_proto_field_name=True)
     except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
-
-
-def _json_text(message: Message) -> str:
-    return json.dumps(_json_dict(message), indent=2)
 
 
 def _json_line(message: Message) -> str:

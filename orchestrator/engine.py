@@ -253,7 +253,7 @@ class SagaEngine:
         self.metrics = Metrics()
         self.client = ParticipantClient(
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
-            metrics=self.metrics,
+            metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
         )
         self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         self._plans: dict[tuple[str, int], machine.Plan] = {}

@@ -24,9 +24,12 @@ class ParticipantClient:
     """Keeps one grpc.aio channel per participant address."""
 
     def __init__(
-        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None
+        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None,
+        max_output_bytes: int | None = None,
     ) -> None:
         self._addresses = dict(addresses)
+        # A larger output is not stored: it would make the saga too large to read back.
+        self._max_output_bytes = max_output_bytes if max_output_bytes is not None else max_message_bytes
         self._metrics = metrics
         self._credentials = tls.channel_credentials if tls is not None else None
         self._options = [
@@ -94,6 +97,12 @@ class ParticipantClient:
             return machine.ExecuteFailed(step, stored_text(response.failure_reason or "failed by participant"))
         if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
             return machine.ExecutePending(step)
+        size = response.output.ByteSize()
+        if size > self._max_output_bytes:
+            # The effect may have happened: an error (retried, then compensated), not a business failure.
+            return machine.ExecuteErrored(
+                step, f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}"
+            )
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
         return machine.ExecuteSucceeded(step, output)
 

@@ -19,8 +19,9 @@ Validation rules (`validate_definition`):
 - Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
   `long_running` step must have one.
 - Retry policies: 1 <= max_attempts <= 1000, or 0 (no count limit) with a give_up_after;
-  initial_backoff >= 0, multiplier >= 1, max_backoff >= initial_backoff (and above 0 without
-  a count limit); give_up_after and alert_after above 0 and at most `MAX_WAIT_SECONDS` when set.
+  initial_backoff >= 0, 1 <= multiplier <= 100, max_backoff >= initial_backoff (and above 0
+  without a count limit); give_up_after and alert_after above 0 and at most `MAX_WAIT_SECONDS`
+  when set.
 - `depends_on` names existing steps, never the step itself, and has no cycle.
 - Pivot rule (the strict form from the saga literature): at most one PIVOT step; every
   step that depends on it, directly or not, is RETRIABLE; every other step is among its

@@ -28,8 +28,8 @@ MAX_STEPS = 200
 MAX_DEPENDENCY_DEPTH = 100
 """The longest chain of steps each depending on the one before it."""
 
-MAX_DEFINITION_BYTES = 256 * 1024
-"""The largest definition, serialized (its description is at most MAX_TEXT_CHARS)."""
+MAX_DEFINITION_BYTES = 1024 * 1024
+"""The largest definition, serialized with the message types it carries."""
 
 MAX_REFERENCE_CHARS = 255
 """The longest `input_type` and `participant`."""
@@ -43,6 +43,9 @@ MAX_WAIT_SECONDS = 365 * 86400.0
 
 MAX_BACKOFF_SECONDS = 86400.0
 """The longest `initial_backoff` and `max_backoff`: a day."""
+
+MAX_BACKOFF_MULTIPLIER = 100.0
+"""The largest `backoff_multiplier` (an infinite one would make 0 * inf a NaN delay)."""
 
 _DEFAULT_TIMEOUT = "10s"
 
@@ -215,7 +218,9 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
     else:
         step.compensate_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
     if step.HasField("step_timeout"):
-        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS)
+        _check_positive(
+            step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS
+        )
         if duration_seconds(step.step_timeout) < duration_seconds(step.execute_timeout):
             raise DefinitionError(
                 f"must be at least execute_timeout ({duration_text(step.execute_timeout)}), "
@@ -285,8 +290,10 @@ def _normalize_policy(
         problem = duration_problem(getattr(policy, backoff), minimum=0.0, maximum=MAX_BACKOFF_SECONDS)
         if problem is not None:
             raise fail(f"{name}.{backoff}")(problem)
-    if not policy.backoff_multiplier >= 1.0:  # also rejects NaN
-        raise fail(f"{name}.backoff_multiplier")(f"must be at least 1.0, got {policy.backoff_multiplier}")
+    if not 1.0 <= policy.backoff_multiplier <= MAX_BACKOFF_MULTIPLIER:  # also rejects NaN
+        raise fail(f"{name}.backoff_multiplier")(
+            f"must be from 1.0 to {MAX_BACKOFF_MULTIPLIER:g}, got {policy.backoff_multiplier}"
+        )
     if duration_seconds(policy.max_backoff) < duration_seconds(policy.initial_backoff):
         raise fail(f"{name}.max_backoff")(
             f"must be at least initial_backoff ({duration_text(policy.initial_backoff)}), "
@@ -316,9 +323,13 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
             if dependency == step.name:
                 raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
             if dependency not in names:
-                raise DefinitionError(f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on"
+                )
             if dependency in listed:
-                raise DefinitionError(f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on"
+                )
             listed.add(dependency)
     cycle = find_cycle(
         [step.name for step in definition.steps],

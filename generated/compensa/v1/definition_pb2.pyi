@@ -53,9 +53,10 @@ Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 class SagaDefinition(_message.Message):
     """A saga definition: the steps of a flow and how to drive each of them.
     Definitions are written as YAML or JSON in the proto3 JSON mapping of this
-    message, so this message is their schema. Limits: at most 256 KiB
-    serialized (a file at most 1 MiB), at most 200 steps, a chain of steps each
-    depending on the one before at most 100 long; no text holds a NUL.
+    message, so this message is their schema. Limits: at most 1 MiB
+    serialized with its types (a file at most 1 MiB), at most 200 steps, a
+    chain of steps each depending on the one before at most 100 long; no text
+    holds a NUL.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -242,7 +243,7 @@ class RetryPolicy(_message.Message):
     the count, and then give_up_after bounds the retrying.
     """
     backoff_multiplier: _builtins.float
-    """At least 1.0."""
+    """From 1.0 to 100."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration: ...
     @_builtins.property
