@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from orchestrator.engine import ChangeSignal
+from orchestrator.errors import StoreUnavailable
 from orchestrator.store import SagaStore, StoredEvent
 
 log = logging.getLogger("compensa.streams")
@@ -130,7 +131,9 @@ class LogTail:
                     changed.clear()
                     events = await self._store.read_log(self._position, READ_BATCH)
                 except Exception as error:  # the store comes back; subscribers catch up
-                    log.warning("log tail: %s", error)
+                    # Not at WARNING every second: the database's health logs an outage once.
+                    level = logging.DEBUG if isinstance(error, StoreUnavailable) else logging.WARNING
+                    log.log(level, "log tail: %s", error)
                     await asyncio.sleep(1.0)
                     continue
                 # Commits of this process may have been handed over meanwhile.

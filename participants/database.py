@@ -13,7 +13,10 @@ query then waits forever unless something stops it. Each wait is bounded:
   on the server first, over the same silent network, for up to 10 seconds);
 - on the server's side, `statement_timeout` and
   `idle_in_transaction_session_timeout` end the work and release the locks of
-  a client that went silent mid-transaction, so it cannot block the others;
+  a client that went silent mid-transaction, so it cannot block the others.
+  Statements are cancelled a little before the client gives up, so that a
+  slow statement is answered (an error the database gave, not a lost
+  database) rather than taken for silence;
 - TCP keepalives and `tcp_user_timeout` let both ends notice a dead peer.
 """
 
@@ -46,6 +49,10 @@ __all__ = [
 DEFAULT_DATABASE_TIMEOUT = 3.0
 
 
+# The share of the timeout a statement may run on the server before it cancels it.
+_STATEMENT_SHARE = 0.75
+
+
 class DatabaseTimeout(TimeoutError):
     """The database did not answer in time (a TimeoutError, so an OSError:
     handled like any other connection failure)."""
@@ -63,7 +70,10 @@ def connection_parameters(timeout: float, *, options: str = "") -> dict[str, Any
     peer that stopped answering is noticed by TCP within about `timeout`.
     `options` are more `-c name=value` settings for the session."""
     milliseconds = max(1, round(timeout * 1000))
-    settings = f"-c statement_timeout={milliseconds} -c idle_in_transaction_session_timeout={milliseconds}"
+    statement_milliseconds = max(1, round(timeout * 1000 * _STATEMENT_SHARE))
+    settings = (
+        f"-c statement_timeout={statement_milliseconds} -c idle_in_transaction_session_timeout={milliseconds}"
+    )
     return {
         # libpq's own bound (it has a 2s minimum); connect_bounded enforces `timeout` itself.
         "connect_timeout": max(2, math.ceil(timeout)),

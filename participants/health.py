@@ -75,9 +75,7 @@ class DatabaseHealth:
         if self._reachable:
             return
         self._reachable = True
-        self._log.warning(
-            "%s reached its database again after %.1fs", self._name, self._last_success - self._lost_at
-        )
+        self._log.info("%s reached its database again after %.1fs", self._name, self._last_success - self._lost_at)
         self._changed.set()
 
     def probe_every(self, interval: float, ping: Callable[[], Awaitable[None]]) -> None:

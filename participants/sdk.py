@@ -318,7 +318,11 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """Applies the step's effect through `conn` and returns its output message,
         or, for a long-running step, `Pending` (see the module docstring).
 
-        Runs at most once per idempotency key that commits. Raise StepFailed
+        Runs at most once per idempotency key that commits. It runs inside the
+        barrier transaction, which must end within `database_timeout` (3 s by
+        default; `start_participant(database_timeout=...)`, `compensa
+        participant --database-timeout`): keep slow calls to other services
+        out of it. Raise StepFailed
         for a business failure (its effects are rolled back and it is recorded)
         and TransientError for a retryable one (nothing is recorded).
         """

@@ -417,3 +417,10 @@ def test_migrate_creates_the_schema_and_is_repeatable(make_postgres_url: Callabl
     finally:
         engine.dispose()
     assert {"compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions"} <= tables
+
+
+def test_serve_with_a_database_timeout_that_is_not_positive_exits_2(tmp_path: Path) -> None:
+    result = _compensa("serve", "--database-timeout", "0s", "--listen", "127.0.0.1:0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--database-timeout must be positive" in result.stderr
+    assert not (tmp_path / ".compensa").exists()  # nothing was created

@@ -879,3 +879,19 @@ def test_random_walks_with_cancel_at_any_time_never_compensate_around_a_pivot() 
     plans = _walk_plans()[:2]
     for _ in range(500):
         _random_walk(rng, rng.choice(plans), avoid_running_pivot=False)
+
+
+def test_a_takeover_comes_first_in_the_transition_it_is_written_with() -> None:
+    run = Run.start(_chain("a", "b"))
+    cancel = machine.decide(run.plan, run.saga, CancelRequested("alice", "no"), T0 + 5)
+    taken = machine.taken_over(
+        run.saga, cancel, by="replica-b", previous="replica-a", why="CancelSaga by alice", now=T0 + 5
+    )
+    assert _types(taken) == [(S.EVENT_TYPE_TAKEN_OVER, ""), *_types(cancel)]
+    first = taken.events[0]
+    assert (first.actor, first.saga_state, first.time) == ("replica-b", machine.RUNNING, T0 + 5)
+    assert first.message == "replica replica-b took the saga over from replica replica-a: CancelSaga by alice"
+    assert taken.changed_steps == cancel.changed_steps
+    # The renumbered log still follows on from the saga without a gap.
+    run._record(taken)
+    assert run.saga == replace(cancel.saga, sequence=cancel.saga.sequence + 1)

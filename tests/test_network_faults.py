@@ -429,3 +429,27 @@ async def _barrier_rows(payment: Any, table: str, key: str) -> int:
                 await conn.execute(sa.text(f"SELECT count(*) FROM {table} WHERE idempotency_key = :key"), {"key": key})
             ).scalar_one()
         )
+
+
+async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a_lost_one(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    import sqlalchemy as sa
+
+    from orchestrator.errors import StoreUnavailable
+    from orchestrator.store import open_store
+
+    store = open_store(make_postgres_url(), timeout=DATABASE_TIMEOUT)
+    outcomes: list[BaseException | None] = []
+    store.subscribe_reachability(outcomes.append)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="statement timeout"):
+            async with store._transaction() as conn:
+                await conn.execute(sa.text("SELECT pg_sleep(:seconds)"), {"seconds": 3 * DATABASE_TIMEOUT})
+        assert time.monotonic() - began < DATABASE_TIMEOUT + 0.5
+        assert [outcome for outcome in outcomes if outcome is not None] == []
+        await store.ping()
+        assert outcomes[-1] is None
+    finally:
+        await store.close()

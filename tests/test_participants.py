@@ -397,7 +397,11 @@ class _YieldingParticipant(Participant):
     barrier_table_name = "sdk_yield_barrier"
 
     def __init__(self, url: str) -> None:
-        super().__init__(create_participant_engine(url))
+        # Attempt 1 holds its transaction open until attempt 2 waits for the
+        # claim (up to 10s on a busy machine): more than the default bound on
+        # a transaction, which would end it first.
+        bound = 30.0
+        super().__init__(create_participant_engine(url, database_timeout=bound), database_timeout=bound)
         self.observer = sqlalchemy.ext.asyncio.create_async_engine(url)
         self.first_claimed = asyncio.Event()
 

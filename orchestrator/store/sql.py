@@ -860,9 +860,8 @@ class PostgresSagaStore(SqlSagaStore):
                             await conn.execute("SELECT 1")
             except (psycopg.OperationalError, OSError) as error:
                 # Once per outage: the loss of the database is logged by its health.
-                (log.debug if lost else log.warning)(
-                    "change listener lost its connection (%s); reconnecting in %.1fs", error, delay
-                )
+                level = logging.DEBUG if lost else logging.WARNING
+                log.log(level, "change listener lost its connection (%s); reconnecting in %.1fs", error, delay)
                 lost = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
