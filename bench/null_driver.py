@@ -6,6 +6,9 @@ channel, a deadline on each call), with no start call and no persistence: the
 methodology of the issue's reference figures. Its own CPU is what the bench
 reports as "CPU per saga" for this row.
 
+With --steps 1 each "saga" is a single Execute call: the participant side of
+run.py uses it to time calls to one participant.
+
 Speaks the run protocol of bench/common.py on stdin/stdout.
 """
 

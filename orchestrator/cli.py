@@ -19,16 +19,18 @@ import os
 import re
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool, duration_pb2, json_format
 from google.protobuf.message import Message
 
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator import payloads, timeline
 from orchestrator.auth import Role, parse_role
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
@@ -36,6 +38,7 @@ from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, l
 from orchestrator.errors import CompensaError, quote
 from orchestrator.limits import INT32_MAX, INT64_MAX
 from participants.faults import FaultPlan
+from participants.startup import ServingError
 from participants.tls import TlsConfigError, TlsFiles
 
 __all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
@@ -48,9 +51,6 @@ EXIT_SAGA_ENDED_BADLY = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-_FINAL_STATES = frozenset(
-    {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
-)
 #: `compensa watch --all` asks for up to this many events per message: a busy
 #: system costs the server one message per batch, not per event.
 _WATCH_ALL_BATCH = 100
@@ -60,6 +60,17 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _Command = Callable[[argparse.Namespace], int]
+_T = TypeVar("_T")
+#: What ends `compensa watch ID`: the saga is done for good.
+_END_EVENTS = frozenset(
+    {saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED, saga_pb2.EVENT_TYPE_SAGA_COMPENSATED, saga_pb2.EVENT_TYPE_OPERATOR_RESOLVED}
+)
+#: Stream errors after which `watch` opens the stream again (a replica stopping
+#: cancels its streams).
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A watch reconnects within a couple of seconds of its orchestrator coming
+#: back, instead of after gRPC's default backoff (1s growing to 2 minutes).
+_RECONNECT_QUICKLY = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"error: {_rpc_error_text(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except (CompensaError, TlsConfigError) as error:
+    except (CompensaError, TlsConfigError, ServingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -275,7 +286,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    parser.add_argument(
+        "--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing"
+    )
     _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
@@ -352,7 +365,9 @@ def _parse_certificate_role(text: str) -> tuple[str, Role]:
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
     if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
+        raise argparse.ArgumentTypeError(
+            f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464"
+        )
     return text
 
 
@@ -513,7 +528,8 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
     parser.add_argument(
-        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="with NAME: this version (default latest)",
     )
     _add_json_option(parser)
 
@@ -892,22 +908,92 @@ def _watch(args: argparse.Namespace) -> int:
     if args.all == bool(args.saga_id):
         print("error: give a saga ID or --all, not both", file=sys.stderr)
         return EXIT_ERROR
-    with _channel(args) as channel:
+    with _channel(args, options=_RECONNECT_QUICKLY) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         if args.all:
-            batches = stub.WatchSagas(
-                orchestrator_pb2.WatchSagasRequest(
-                    definition_name=args.definition, after_position=args.after,
-                    max_events_per_message=_WATCH_ALL_BATCH,
-                )
-            )
-            _print_events(args, (event for batch in batches for event in batch.events), with_saga_id=True)
+            # Answers, or the error is the command's: resumed only once it was reached.
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+            _watch_all(args, stub)
         else:
-            watch = stub.WatchSaga(
-                orchestrator_pb2.WatchSagaRequest(saga_id=args.saga_id, after_sequence=args.after, replay_history=True)
-            )
-            _print_events(args, (response.event for response in watch))
+            saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
+            if args.after >= saga.sequence and _done_for_good(saga):
+                return EXIT_OK
+            _watch_saga(args, stub)
     return EXIT_OK
+
+
+def _watch_saga(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    """Prints the saga's events until its real end: SUCCEEDED, COMPENSATED,
+    or FAILED and resolved by a person (a FAILED saga may still be retried)."""
+    last: int = args.after
+
+    def watch() -> Iterable[orchestrator_pb2.WatchSagaResponse]:
+        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(  # type: ignore[no-any-return]
+            saga_id=args.saga_id, after_sequence=last, replay_history=True, follow_after_end=True,
+        ))
+
+    def show(response: orchestrator_pb2.WatchSagaResponse) -> bool:
+        nonlocal last
+        event = response.event
+        if event.sequence > last:
+            last = event.sequence
+            _print_events(args, [event])
+        return event.type in _END_EVENTS
+
+    _follow(watch, show)
+
+
+def _watch_all(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    """Prints every saga's events in log order, forever, resuming after the
+    last position printed when the stream breaks (an orchestrator restart)."""
+    last: int = args.after
+
+    def watch() -> Iterable[orchestrator_pb2.WatchSagasResponse]:
+        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(  # type: ignore[no-any-return]
+            definition_name=args.definition, after_position=last, max_events_per_message=_WATCH_ALL_BATCH,
+        ))
+
+    def show(batch: orchestrator_pb2.WatchSagasResponse) -> bool:
+        nonlocal last
+        fresh = [event for event in batch.events if event.position > last]
+        if fresh:
+            last = fresh[-1].position
+            _print_events(args, fresh, with_saga_id=True)
+        return False
+
+    _follow(watch, show)
+
+
+def _follow(open_stream: Callable[[], Iterable[_T]], show: Callable[[_T], bool]) -> None:
+    """Passes each message of `open_stream()` to `show` until it returns True
+    or the stream ends. A stream broken by UNAVAILABLE, CANCELLED or
+    DEADLINE_EXCEEDED (an orchestrator restarting) is opened again, with
+    backoff, for as long as it takes; one line on stderr per break."""
+    delay = 0.05
+    lost = False
+    while True:
+        try:
+            for message in open_stream():
+                if lost:
+                    print("reconnected", file=sys.stderr, flush=True)
+                    lost, delay = False, 0.05
+                if show(message):
+                    return
+            return
+        except grpc.RpcError as error:
+            if not isinstance(error, grpc.Call) or error.code() not in _RESUMABLE:
+                raise
+            if not lost:
+                print(f"connection lost ({_rpc_error_text(error)}); reconnecting", file=sys.stderr, flush=True)
+                lost = True
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _done_for_good(saga: saga_pb2.Saga) -> bool:
+    return saga.state in (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED) or (
+        saga.state == saga_pb2.SAGA_STATE_FAILED and bool(saga.resolution_note)
+    )
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -934,11 +1020,11 @@ def _resolve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
+def _channel(args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     tls = _tls_files(args.client_tls_ca, args.client_tls_cert, args.client_tls_key)
     if tls is None:
-        return grpc.insecure_channel(args.address)
-    return grpc.secure_channel(args.address, tls.channel_credentials)
+        return grpc.insecure_channel(args.address, options=options)
+    return grpc.secure_channel(args.address, tls.channel_credentials, options=options)
 
 
 class _DefinitionTypes:
@@ -993,16 +1079,6 @@ def _print_events(
             print(f"@{event.position:<6} {event.saga_id}{timeline.format_event(event, color=color)}", flush=True)
         else:
             print(timeline.format_event(event, color=color), flush=True)
-        if not with_saga_id and event.saga_state in _FINAL_STATES and _is_final_event(event):
-            break
-
-
-def _is_final_event(event: saga_pb2.SagaEvent) -> bool:
-    return event.type in (
-        saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED,
-        saga_pb2.EVENT_TYPE_SAGA_COMPENSATED,
-        saga_pb2.EVENT_TYPE_SAGA_FAILED,
-    )
 
 
 def _saga_row(saga: saga_pb2.Saga) -> str:
@@ -1016,10 +1092,6 @@ def _json_dict(message: Message) -> dict[str, object]:
         return json_format.MessageToDict(message, preserving_proto_field_name=True)
     except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
-
-
-def _json_text(message: Message) -> str:
-    return json.dumps(_json_dict(message), indent=2)
 
 
 def _json_line(message: Message) -> str:

@@ -38,6 +38,12 @@ from participants.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
 
+#: An unfinished saga unchanged for this long counts as stuck (SummarizeSagas'
+#: default, and the compensa_sagas_stuck gauge).
+DEFAULT_STUCK_SECONDS = 600.0
+# A scrape waits this long for the database's counts, then goes without them.
+_COUNT_TIMEOUT_SECONDS = 5.0
+
 # How often the scheduler looks for due sagas when nothing told it sooner.
 _POLL_SECONDS = 1.0
 _CLAIM_BATCH = 200
@@ -247,7 +253,7 @@ class SagaEngine:
         self.metrics = Metrics()
         self.client = ParticipantClient(
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
-            metrics=self.metrics,
+            metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
         )
         self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         self._plans: dict[tuple[str, int], machine.Plan] = {}
@@ -259,6 +265,8 @@ class SagaEngine:
         self._stopping = False
         self._token_key: bytes | None = None
         self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.count_for_people(self._people_counts)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle
 
@@ -304,6 +312,7 @@ class SagaEngine:
         return self._token_key
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.writer.start()
         self._tasks = [
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
@@ -318,6 +327,23 @@ class SagaEngine:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
             )
+
+    def _people_counts(self) -> tuple[int, int] | None:
+        """FAILED sagas nobody resolved and stuck ones, counted in the
+        database; called from the metrics server's thread at each scrape."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            return None
+        future = asyncio.run_coroutine_threadsafe(
+            self.store.summarize_sagas(definition_name="", stuck_before=self.clock.now() - DEFAULT_STUCK_SECONDS), loop
+        )
+        try:
+            summaries = future.result(timeout=_COUNT_TIMEOUT_SECONDS)
+        except Exception as error:  # the database is away: this scrape goes without
+            future.cancel()
+            log.debug("metrics: cannot count sagas (%s)", error)
+            return None
+        return sum(summary.unresolved for summary in summaries), sum(summary.stuck for summary in summaries)
 
     async def stop(self) -> None:
         """Stops driving and gives up every lease so others take over at once."""
@@ -377,6 +403,7 @@ class SagaEngine:
             if definition is None:
                 return None
             plan = self._plans[(name, definition.version)] = machine.Plan.of(definition)
+            self.metrics.know_definition(name)
             if version == 0:
                 self._latest[name] = (definition.version, time.monotonic() + _LATEST_SECONDS)
         return plan

@@ -1,8 +1,21 @@
-"""Domain errors, and the one place that maps them to gRPC status codes."""
+"""Domain errors, and the one place that maps them to gRPC status codes.
+
+Every status also carries a google.rpc.ErrorInfo (AIP-193) with a stable
+`reason` per error class, in the domain ERROR_DOMAIN: clients branch on the
+reason, never on the message text.
+"""
 
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
+
+#: The ErrorInfo domain of every error the orchestrator answers.
+ERROR_DOMAIN = "compensa.v1.OrchestratorService"
+#: The ErrorInfo reason of an error Compensa did not raise on purpose.
+INTERNAL_REASON = "INTERNAL_ERROR"
 
 
 #: How much of an input value an error message quotes.
@@ -22,36 +35,47 @@ class CompensaError(Exception):
     """Root of every error Compensa raises on purpose."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    #: The stable ErrorInfo reason of this class of error.
+    reason: str = INTERNAL_REASON
+
+    def error_metadata(self) -> dict[str, str]:
+        """ErrorInfo metadata: what a client may read besides the reason."""
+        return {}
 
 
 class InvalidArgument(CompensaError):
     """The request is malformed; the message names the field and what to fix."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_REQUEST"
 
 
 class NotFound(CompensaError):
     """The named saga, definition or step does not exist."""
 
     code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
 
 
 class AlreadyExists(CompensaError):
     """A resource with this id exists with different content."""
 
     code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "SAGA_ID_TAKEN"
 
 
 class FailedPrecondition(CompensaError):
     """The saga is not in a state that allows the action."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "SAGA_STATE_FORBIDS"
 
 
 class PermissionDenied(CompensaError):
     """The caller's identity does not allow the action."""
 
     code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "NOT_AN_OPERATOR"
 
 
 class Unauthenticated(CompensaError):
@@ -71,6 +95,7 @@ class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
 
 
 class SchemaMismatch(CompensaError):
@@ -86,6 +111,8 @@ class RejectedWrite(InvalidArgument):
     write, so this names a gap in that validation; other writes flushed with
     it are retried without it and land."""
 
+    reason = "VALUE_REFUSED_BY_DATABASE"
+
 
 class DefinitionError(InvalidArgument):
     """A saga definition is invalid.
@@ -93,15 +120,23 @@ class DefinitionError(InvalidArgument):
     The message names the source (file), the step and the field at fault.
     """
 
+    reason = "INVALID_DEFINITION"
+
     def __init__(self, problem: str, *, source: str = "", step: str = "", field: str = "") -> None:
         where = ", ".join(
-            part for part in (source, f"step {quote(step)}" if step else "", f"field {quote(field)}" if field else "") if part
+            part
+            for part in (source, f"step {quote(step)}" if step else "", f"field {quote(field)}" if field else "")
+            if part
         )
         super().__init__(f"{where}: {problem}" if where else problem)
         self.problem = problem
         self.source = source
         self.step = step
         self.field = field
+
+    def error_metadata(self) -> dict[str, str]:
+        where = {"source": self.source, "step": self.step, "field": self.field}
+        return {key: value[:QUOTED_PREFIX_CHARS * 4] for key, value in where.items() if value}
 
 
 #: The longest status message a handler answers: a client with gRPC's default
@@ -137,3 +172,19 @@ def http_status_of(error: BaseException) -> tuple[int, str]:
     counterpart of `grpc_status_of`."""
     code, message = grpc_status_of(error)
     return _HTTP_STATUS.get(code, 500), message
+
+
+def grpc_error_details(error: BaseException) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries `error`'s google.rpc.Status, with
+    its ErrorInfo, to the client (grpc-status-details-bin)."""
+    code, message = grpc_status_of(error)
+    info = ErrorInfo(domain=ERROR_DOMAIN)
+    if isinstance(error, CompensaError):
+        info.reason = error.reason
+        info.metadata.update(error.error_metadata())
+    else:
+        info.reason = INTERNAL_REASON
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = Status(code=code.value[0], message=message, details=[detail])
+    return (("grpc-status-details-bin", status.SerializeToString()),)

@@ -55,7 +55,9 @@ def check_text(value: str, field: str, *, max_chars: int = MAX_TEXT_CHARS) -> st
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidArgument(f"{field} is not valid Unicode text (it has a lone surrogate): fix its encoding") from None
+        raise InvalidArgument(
+            f"{field} is not valid Unicode text (it has a lone surrogate): fix its encoding"
+        ) from None
     return value
 
 

@@ -15,15 +15,21 @@ from orchestrator.metrics import Metrics
 from participants.tls import TlsFiles
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+_EXECUTE_RESULTS = frozenset(
+    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+)
 
 
 class ParticipantClient:
     """Keeps one grpc.aio channel per participant address."""
 
     def __init__(
-        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None
+        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None,
+        max_output_bytes: int | None = None,
     ) -> None:
         self._addresses = dict(addresses)
+        # A larger output is not stored: it would make the saga too large to read back.
+        self._max_output_bytes = max_output_bytes if max_output_bytes is not None else max_message_bytes
         self._metrics = metrics
         self._credentials = tls.channel_credentials if tls is not None else None
         self._options = [
@@ -76,12 +82,27 @@ class ParticipantClient:
             if code == _BUSINESS_FAILURE:
                 return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
             return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+        if response.result not in _EXECUTE_RESULTS:
+            # A participant that forgot to set `result`: not a success to
+            # take on trust, but a participant error, retried like a transient one.
+            name = participant_pb2.ExecuteResult.Name(response.result) if response.result in (
+                participant_pb2.ExecuteResult.values()) else str(response.result)
+            self._metrics.called(participant, "Execute", "NO_RESULT", time.perf_counter() - began)
+            return machine.ExecuteErrored(
+                step, f"participant answered without a result ({name}); set ExecuteResponse.result"
+            )
         failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
         self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
         if failed:
             return machine.ExecuteFailed(step, stored_text(response.failure_reason or "failed by participant"))
         if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
             return machine.ExecutePending(step)
+        size = response.output.ByteSize()
+        if size > self._max_output_bytes:
+            # The effect may have happened: an error (retried, then compensated), not a business failure.
+            return machine.ExecuteErrored(
+                step, f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}"
+            )
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
         return machine.ExecuteSucceeded(step, output)
 

@@ -10,6 +10,7 @@ import signal
 from dataclasses import dataclass
 
 import grpc
+import sqlalchemy
 from compensa.v1 import orchestrator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -23,6 +24,8 @@ from orchestrator.errors import CompensaError, StoreUnavailable
 from orchestrator.service import OrchestratorService, register_definition, service_handler
 from orchestrator.store import open_store
 from participants.health import DatabaseHealth
+from participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
+from participants.startup import DatabaseMisconfigured, ServingError, first_line, permanent_database_problem
 from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
@@ -77,7 +80,8 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
     """Checks the schema (creating it in an empty database) and registers
     definitions once the database answers, then reports SERVING and starts
     driving sagas. Only an unreachable database is waited for: any other
-    failure ends the start-up."""
+    failure ends the start-up, and a database that will never work as
+    configured raises DatabaseMisconfigured."""
     delay = 0.2
     while True:
         try:
@@ -93,7 +97,10 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
                     log.info("registered definition %s version %d", stored.name, stored.version)
             break
         except StoreUnavailable as error:
-            log.warning("database not reachable (%s); retrying in %.1fs", error, delay)
+            problem = permanent_database_problem(error)
+            if problem is not None:
+                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     running.engine.start()
@@ -123,11 +130,21 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
-    store = open_store(config.resolved_database_url(), notifier=config.replica_id, timeout=config.database_timeout)
+    url = config.resolved_database_url()
+    ensure_sqlite_directory(url)
+    try:
+        store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
+    except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+        raise DatabaseMisconfigured(
+            f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
+            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+        ) from None
     engine = SagaEngine(store, config)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[
+            *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
+        ]
     )
     service = OrchestratorService(engine, access)
     server.add_generic_rpc_handlers((service_handler(service),))
@@ -143,14 +160,14 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     store.subscribe_reachability(
         lambda error: database_health.succeeded() if error is None else database_health.failed(error)
     )
-    if credentials is not None:
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
-    # Before serving: a metrics port that is taken stops the start here.
-    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    try:
+        port = listen_on(server, config.listen, credentials)
+        # Before serving: a metrics port that is taken stops the start here.
+        metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    except BaseException:
+        await server.stop(None)
+        await store.close()
+        raise
     dashboard = None
     if config.http_listen:
         dashboard = await start_dashboard(
@@ -178,7 +195,8 @@ async def _wait_set(event: asyncio.Event) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Runs an orchestrator until SIGINT or SIGTERM."""
+    """Runs an orchestrator until SIGINT or SIGTERM; raises (after stopping)
+    if it cannot start, e.g. its database will never work as configured."""
     running = await start_orchestrator(config, wait_ready=False)
     assert running.ready is not None
     # Everything loaded at start-up lives as long as the process: keep it out
@@ -200,7 +218,7 @@ async def serve(config: ServerConfig) -> None:
             # never SERVING): it ends, saying why.
             stopping.cancel()
             await running.stop()
-            if isinstance(failure, CompensaError):
+            if isinstance(failure, (CompensaError, ServingError)):
                 raise failure
             log.error("start-up failed", exc_info=failure)
             raise CompensaError(f"start-up failed: {type(failure).__name__}: {failure}") from failure

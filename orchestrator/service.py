@@ -22,14 +22,22 @@ from google.protobuf import duration_pb2, message, message_factory
 
 from orchestrator import machine, payloads
 from orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
-from orchestrator.definitions import MAX_DEFINITION_BYTES, NAME_PATTERN, definition_fingerprint, validate_definition
-from orchestrator.engine import SagaEngine, parse_completion_token
+from orchestrator.definitions import (
+    MAX_DEFINITION_BYTES,
+    MAX_REFERENCE_CHARS,
+    NAME_PATTERN,
+    definition_fingerprint,
+    validate_definition,
+)
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine, parse_completion_token
 from orchestrator.errors import (
     AlreadyExists,
     CompensaError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    grpc_error_details,
     grpc_status_of,
     quote,
 )
@@ -63,8 +71,6 @@ _PAGE_READ_CHUNK = 100
 MAX_EVENTS_PER_MESSAGE = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
-#: SummarizeSagas counts an unfinished saga as stuck after this long without a change.
-DEFAULT_STUCK_SECONDS = 600.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -110,7 +116,9 @@ def service_handler(service: OrchestratorService) -> grpc.GenericRpcHandler:
     traceback in the log."""
     handlers: dict[str, grpc.RpcMethodHandler] = {}
     for method in SERVICE_DESCRIPTOR.methods:
-        make_handler = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        )
         handlers[method.name] = make_handler(
             getattr(service, method.name),
             request_deserializer=_lenient_deserializer(message_factory.GetMessageClass(method.input_type), method.name),
@@ -131,11 +139,11 @@ def _answer_errors(
             return await handler(self, request, context)
         except CompensaError as error:
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         except Exception as error:
             log.exception("%s failed", handler.__name__)
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         raise AssertionError("unreachable")
 
     return wrapper
@@ -155,13 +163,13 @@ def _answer_stream_errors(
                     yield item
         except CompensaError as error:
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
         except asyncio.CancelledError:
             raise
         except Exception as error:
             log.exception("%s failed", handler.__name__)
             code, message = grpc_status_of(error)
-            await context.abort(code, message)
+            await context.abort(code, message, grpc_error_details(error))
 
     return wrapper
 
@@ -366,7 +374,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(f"input is {size} bytes; the limit is {self._max_payload} bytes")
         given = payloads.type_name_of(request.input)
         if given != definition.input_type:
-            raise InvalidArgument(f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}")
+            raise InvalidArgument(
+                f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
+            )
         payloads.unpack(request.input, payloads.pool_of(definition), field="input")
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
@@ -520,6 +530,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         saga_id = request.saga_id
         saga = await self._existing(saga_id, context, "WatchSaga")
         after = request.after_sequence
+        if after and after == saga.sequence and saga.is_final and not request.follow_after_end:
+            # A client reconnecting after the final event: nothing will follow.
+            return
         if after == 0 and not request.replay_history:
             yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
             if saga.is_final and not request.follow_after_end:
@@ -665,7 +678,7 @@ _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P
 
 
 def _check_address(address: str) -> None:
-    match = _HOST_PORT.fullmatch(address)
+    match = _HOST_PORT.fullmatch(address) if len(address) <= MAX_REFERENCE_CHARS else None
     if match is None or not 0 < int(match["port"]) < 65536:
         raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
 
@@ -701,4 +714,5 @@ async def register_definition(
     )
     if created:
         engine.forget_latest(stored.name)
+    engine.metrics.know_definition(stored.name)
     return stored, created

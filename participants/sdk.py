@@ -10,6 +10,16 @@ what makes concurrent duplicates safe: on PostgreSQL the second insert waits on
 the unique index until the first transaction ends; on SQLite writers are
 serialised by the database lock (see `participants.server.create_participant_engine`).
 
+A long-running step (`long_running: true` in its definition) may return
+`Pending(output)` from `execute_step`: its effect so far (a held charge) commits
+with the barrier row, Execute answers EXECUTE_RESULT_PENDING, and a duplicate
+Execute answers PENDING again without a second effect. The participant keeps
+`request.completion_token` (in the same transaction) and reports the outcome
+later with any `CompleteStep` caller, e.g. `orchestrator.client.SagaClient`:
+
+    await client.complete_step(token, output=Charge(...))       # succeeded
+    await client.complete_step(token, failure_reason="declined")  # failed
+
 Outcomes, for both RPCs:
   - OK: done (or a duplicate of a call that was done; the stored answer).
   - DEADLINE_EXCEEDED: the call arrived after its `StepContext.deadline` (held
@@ -18,7 +28,8 @@ Outcomes, for both RPCs:
   - ABORTED: Execute failed for a business reason (`StepFailed`); a retry with
     the same key answers the same, without effect. Also a hanging Execute: one
     that arrives after a Compensate with its key.
-  - FAILED_PRECONDITION: Compensate of a step that cannot be undone.
+  - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
+    answering Pending for a step that is not long_running (nothing recorded).
   - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
     nothing was recorded, so a retry runs the step again. Every wait on the
     database is bounded (`participants.database`), so a silent database
@@ -34,7 +45,8 @@ import datetime
 import logging
 import time
 from collections.abc import Awaitable, Mapping
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import grpc
 import sqlalchemy
@@ -48,10 +60,13 @@ from participants.faults import FaultPlan, InjectedFault
 from participants.health import DatabaseHealth
 
 __all__ = [
+    "CompleteStep",
     "DeadlinePassed",
     "NotCompensable",
+    "NotLongRunning",
     "Participant",
     "ParticipantError",
+    "Pending",
     "StepFailed",
     "TransientError",
     "insert_if_absent",
@@ -70,6 +85,7 @@ _COMPENSATE = "compensate"
 # Barrier outcomes. An execute row written by Compensate carries
 # _NULL_COMPENSATED: Execute never ran, and must never run for this key.
 _SUCCEEDED = "succeeded"
+_PENDING = "pending"
 _FAILED = "failed"
 _NULL_COMPENSATED = "null_compensated"
 _COMPENSATED = "compensated"
@@ -106,6 +122,34 @@ class NotCompensable(ParticipantError):
     """The step cannot be undone (a pivot step): Compensate answers FAILED_PRECONDITION."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotLongRunning(ParticipantError):
+    """`execute_step` returned Pending for a step that is not long_running (it
+    got no completion token, so nobody could report its outcome): answered
+    FAILED_PRECONDITION, with nothing recorded."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What `execute_step` returns when the step goes on on the participant's
+    side: Execute answers EXECUTE_RESULT_PENDING, the effects made so far
+    commit with the barrier, and the outcome is reported later with the
+    request's `completion_token`. `output`, if any, is what `compensate_step`
+    gets as `execute_output` should the saga compensate the step."""
+
+    output: message.Message | None = None
+
+
+class CompleteStep(Protocol):
+    """Reports a long-running step's outcome (OrchestratorService.CompleteStep);
+    `orchestrator.client.SagaClient.complete_step` is one."""
+
+    async def __call__(
+        self, completion_token: str, *, output: message.Message | None = None, failure_reason: str = ""
+    ) -> object: ...
 
 
 class DeadlinePassed(ParticipantError):
@@ -268,8 +312,11 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             await conn.run_sync(self.metadata.create_all)
 
     @abc.abstractmethod
-    async def execute_step(self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest) -> message.Message:
-        """Applies the step's effect through `conn` and returns its output message.
+    async def execute_step(
+        self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
+    ) -> message.Message | Pending:
+        """Applies the step's effect through `conn` and returns its output message,
+        or, for a long-running step, `Pending` (see the module docstring).
 
         Runs at most once per idempotency key that commits. It runs inside the
         barrier transaction, which must end within `database_timeout` (3 s by
@@ -286,8 +333,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """Undoes the step's effect through `conn`; returns optional details of the undo.
 
         Called at most once per idempotency key that commits, and only if
-        Execute succeeded; `request.execute_output` is the output Execute
-        recorded. The default raises NotCompensable: override it unless the
+        Execute succeeded or answered Pending; `request.execute_output` is the
+        output Execute recorded (a Pending's output). The default raises NotCompensable: override it unless the
         step is a pivot.
         """
         raise NotCompensable(f"step {request.context.step_name!r} cannot be compensated")
@@ -354,11 +401,22 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 if not await self._claim(conn, step, _EXECUTE):
                     return await self._stored_execute(conn, step.idempotency_key)
                 output = await self.execute_step(conn, request)
-                response = participant_pb2.ExecuteResponse(
-                    result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
-                )
-                await self._record(conn, step.idempotency_key, _EXECUTE, _SUCCEEDED, response)
-            return response, _SUCCEEDED, True
+                if isinstance(output, Pending):
+                    if not request.completion_token:
+                        raise NotLongRunning(
+                            f"step {step.step_name!r} answered Pending but is not long_running (no completion token)"
+                        )
+                    response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
+                    if output.output is not None:
+                        response.output.CopyFrom(pack(output.output))
+                    outcome = _PENDING
+                else:
+                    response = participant_pb2.ExecuteResponse(
+                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
+                    )
+                    outcome = _SUCCEEDED
+                await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
+            return response, outcome, True
         except StepFailed as failure:
             # No savepoint around the step (two round trips on every call): its
             # failure rolled back the whole transaction, claim included, and is
@@ -410,7 +468,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 return participant_pb2.CompensateResponse.FromString(stored), f"duplicate-{outcome}", False
 
             executed, stored_execute = await self._stored(conn, step.idempotency_key, _EXECUTE)
-            if executed == _SUCCEEDED:
+            if executed in (_SUCCEEDED, _PENDING):
                 # The barrier's copy is authoritative: the orchestrator may never
                 # have received Execute's answer (a lost answer, a deadline).
                 undo = participant_pb2.CompensateRequest()

@@ -251,6 +251,11 @@ async def test_operators_act_from_the_saga_page_with_its_form_token_and_the_log_
             assert resolved.resolution_note == "stock released by hand"
             actors = [event.actor for event in await rig.events("act-1") if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
             assert actors == ["alice"]
+            async with session.get(rig.url + "/sagas/act-1?done=resolve") as page:
+                html = await page.text()
+            # The resolve came after the steps: the chart keeps to the steps and says so.
+            assert "Done: resolve." in html and "1 later saga event(s) are in the log below" in html
+            assert max(float(end) for end in re.findall(r'style="left: ([\d.]+)%', html)) <= 100.0
             answer = await session.post(rig.url + "/sagas/act-1/resolve", data={"form_token": token, "note": "again"},
                                         allow_redirects=False)
             assert answer.status == 409  # already resolved: FAILED_PRECONDITION

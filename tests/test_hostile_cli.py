@@ -20,50 +20,58 @@ def _closed_address() -> str:
         return f"127.0.0.1:{probe.getsockname()[1]}"
 
 
-def _files(tmp_path: Path) -> dict[str, Path]:
-    deep_yaml = tmp_path / "deep.yaml"
-    deep_yaml.write_text("a: " + "[" * 100_000 + "]" * 100_000)
-    deep_json = tmp_path / "deep.json"
-    deep_json.write_text('{"name": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    huge = tmp_path / "huge.yaml"
-    with huge.open("w") as file:
+def _deep(path: Path, opening: str, closing: str) -> Path:
+    path.write_text(opening + "[" * 100_000 + "]" * 100_000 + closing)
+    return path
+
+
+def _huge(path: Path) -> Path:
+    with path.open("w") as file:
         file.write("name: huge\ndescription: ")
         file.write("x" * (50 * 1024 * 1024))
-    binary = tmp_path / "ca.pem"
-    binary.write_bytes(bytes(range(256)) * 64)
-    return {"deep_yaml": deep_yaml, "deep_json": deep_json, "empty": empty, "huge": huge, "binary": binary}
+    return path
 
 
-MISUSES: dict[str, Callable[[dict[str, Path], str], list[str | bytes]]] = {
-    "start --version out of int32": lambda f, a: ["start", "checkout", "--input", "{}", "--version", "99999999999"],
-    "list --page-size out of int32": lambda f, a: ["list", "--page-size", "99999999999"],
-    "definitions --version out of int32": lambda f, a: ["definitions", "checkout", "--version", "99999999999"],
-    "watch --after 2^70": lambda f, a: ["watch", "x", "--after", str(2**70)],
-    "watch --after not a number": lambda f, a: ["watch", "x", "--after", "ten"],
-    "--timeout negative": lambda f, a: ["get", "x", "--timeout", "-1"],
-    "--timeout nan": lambda f, a: ["get", "x", "--timeout", "nan"],
-    "serve --listen not an address": lambda f, a: ["serve", "--listen", "not-an-address"],
-    "serve --listen port 99999": lambda f, a: ["serve", "--listen", "127.0.0.1:99999"],
-    "participant --listen not an address": lambda f, a: [
+def _binary(path: Path) -> Path:
+    path.write_bytes(bytes(range(256)) * 64)
+    return path
+
+
+def _empty(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+#: Each misuse, as the arguments it passes (files made in the test's directory).
+MISUSES: dict[str, Callable[[Path], list[str | bytes]]] = {
+    "start --version out of int32": lambda d: ["start", "checkout", "--input", "{}", "--version", "99999999999"],
+    "list --page-size out of int32": lambda d: ["list", "--page-size", "99999999999"],
+    "definitions --version out of int32": lambda d: ["definitions", "checkout", "--version", "99999999999"],
+    "watch --after 2^70": lambda d: ["watch", "x", "--after", str(2**70)],
+    "watch --after not a number": lambda d: ["watch", "x", "--after", "ten"],
+    "--timeout negative": lambda d: ["get", "x", "--timeout", "-1"],
+    "--timeout nan": lambda d: ["get", "x", "--timeout", "nan"],
+    "serve --listen not an address": lambda d: ["serve", "--listen", "not-an-address"],
+    "serve --listen port 99999": lambda d: ["serve", "--listen", "127.0.0.1:99999"],
+    "participant --listen not an address": lambda d: [
         "participant", "inventory", "--listen", "nope", "--db", "sqlite+aiosqlite:///unused.db"
     ],
-    "register deep YAML": lambda f, a: ["register", str(f["deep_yaml"])],
-    "register deep JSON": lambda f, a: ["register", str(f["deep_json"])],
-    "serve --definitions deep YAML": lambda f, a: ["serve", "--listen", "127.0.0.1:0", "--definitions", str(f["deep_yaml"])],
-    "register empty directory": lambda f, a: ["register", str(f["empty"])],
-    "register 50 MB file": lambda f, a: ["register", str(f["huge"])],
-    "--tls-ca binary": lambda f, a: ["--tls-ca", str(f["binary"]), "get", "x"],
-    "argument not UTF-8": lambda f, a: ["get", b"\xff\xfe"],
+    "register deep YAML": lambda d: ["register", str(_deep(d / "deep.yaml", "a: ", ""))],
+    "register deep JSON": lambda d: ["register", str(_deep(d / "deep.json", '{"name": ', "}"))],
+    "serve --definitions deep YAML": lambda d: [
+        "serve", "--listen", "127.0.0.1:0", "--definitions", str(_deep(d / "deep.yaml", "a: ", ""))
+    ],
+    "register empty directory": lambda d: ["register", str(_empty(d / "empty"))],
+    "register 50 MB file": lambda d: ["register", str(_huge(d / "huge.yaml"))],
+    "--tls-ca binary": lambda d: ["--tls-ca", str(_binary(d / "ca.pem")), "get", "x"],
+    "argument not UTF-8": lambda d: ["get", b"\xff\xfe"],
 }
 
 
 @pytest.mark.parametrize("misuse", MISUSES)
 def test_misuse_is_one_line_and_exit_2(misuse: str, tmp_path: Path) -> None:
-    files = _files(tmp_path) if misuse.startswith(("register", "serve --definitions", "--tls")) else {}
     address = _closed_address()
-    result = _compensa(*MISUSES[misuse](files, address), "--address", address, cwd=tmp_path)  # type: ignore[arg-type]
+    result = _compensa(*MISUSES[misuse](tmp_path), "--address", address, cwd=tmp_path)  # type: ignore[arg-type]
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert result.stderr.startswith("error: "), result.stderr
     assert result.stderr.count("\n") == 1 and len(result.stderr) < 400, result.stderr

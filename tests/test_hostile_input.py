@@ -20,17 +20,19 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
-from google.protobuf import duration_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, participant_pb2, participant_pb2_grpc, saga_pb2
+from google.protobuf import duration_pb2, wrappers_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from orchestrator import machine
 from orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
 from orchestrator.engine import completion_token
-from orchestrator.errors import RejectedWrite
+from orchestrator.errors import ERROR_DOMAIN, RejectedWrite
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 
 pytestmark = pytest.mark.postgres
@@ -70,7 +72,10 @@ class Hostile:
             async with engine.connect() as conn:
                 return {
                     table: (await conn.execute(sa.text(f"SELECT count(*) FROM {table}"))).scalar_one()
-                    for table in ("compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions")
+                    for table in (
+                        "compensa_sagas", "compensa_saga_steps", "compensa_saga_events", "compensa_definitions",
+                        "compensa_participants",
+                    )
                 }
         finally:
             await engine.dispose()
@@ -109,6 +114,17 @@ async def _refused(call: Awaitable[Any] | AsyncIterable[Any]) -> grpc.aio.AioRpc
     error = raised.value
     assert len(error.details() or "") <= MAX_MESSAGE_CHARS, error.details()
     return error
+
+
+def _error_info(error: grpc.aio.AioRpcError) -> ErrorInfo:
+    """The google.rpc.ErrorInfo of a status, which every error carries."""
+    details = dict(error.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = Status.FromString(details)
+    assert status.code == error.code().value[0] and status.message == error.details()
+    info = ErrorInfo()
+    assert status.details[0].Unpack(info)
+    assert info.domain == ERROR_DOMAIN
+    return info
 
 
 def _start(saga_id: str) -> orchestrator_pb2.StartSagaRequest:
@@ -155,8 +171,8 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
         lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", reason=nul)), INVALID,
     )
     yield (
-        "CancelSaga actor 257", lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", actor="a" * 257)),
-        INVALID,
+        "CancelSaga actor 257",
+        lambda: stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="x", actor="a" * 257)), INVALID,
     )
     yield (
         "RetrySaga reason NUL", lambda: stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="x", reason=nul)),
@@ -169,8 +185,21 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
     yield (
         "CompleteStep failure_reason NUL",
         lambda: stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(
-            completion_token=completion_token(hostile.stack.orchestrator.engine.token_key, "no-such-saga", "charge_card"),
+            completion_token=completion_token(
+                hostile.stack.orchestrator.engine.token_key, "no-such-saga", "charge_card"
+            ),
             result=orchestrator_pb2.COMPLETION_RESULT_FAILED, failure_reason=nul,
+        )),
+        INVALID,
+    )
+    yield (
+        "SetParticipant name NUL",
+        lambda: stub.SetParticipant(orchestrator_pb2.SetParticipantRequest(name=nul, address="127.0.0.1:1")), INVALID,
+    )
+    yield (
+        "SetParticipant address of 259 characters",
+        lambda: stub.SetParticipant(orchestrator_pb2.SetParticipantRequest(
+            name="long", address="h" * 253 + ":50051"
         )),
         INVALID,
     )
@@ -238,6 +267,16 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
             ),
             INVALID,
         )
+    for multiplier in (float("inf"), float("nan"), 1e300):
+        unbounded = _definition()
+        unbounded.steps[0].retry.backoff_multiplier = multiplier
+        yield (
+            f"Register backoff_multiplier {multiplier}",
+            lambda unbounded=unbounded: stub.RegisterDefinition(
+                orchestrator_pb2.RegisterDefinitionRequest(definition=unbounded)
+            ),
+            INVALID,
+        )
     # page tokens the server did not issue
     for name, token in (
         ("not base64", "!!!"),
@@ -253,7 +292,8 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
         )
         yield (
             f"ListDefinitions token {name}",
-            lambda token=token: stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest(page_token=token)), INVALID,
+            lambda token=token: stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest(page_token=token)),
+            INVALID,
         )
     # definitions that would stall the server
     yield (
@@ -296,10 +336,13 @@ def _requests(hostile: Hostile) -> Iterator[tuple[str, Callable[[], Any], grpc.S
 async def test_every_bad_request_gets_its_documented_answer_and_writes_nothing(hostile: Hostile) -> None:
     before = await hostile.row_counts()
     failures = []
+    reasons = {INVALID: {"INVALID_REQUEST", "INVALID_DEFINITION"}, NOT_FOUND: {"NOT_FOUND"}}
     for name, call, code in _requests(hostile):
         error = await _refused(call())
         if error.code() != code:
             failures.append(f"{name}: {error.code().name} {error.details()[:200]!r}, expected {code.name}")
+        elif _error_info(error).reason not in reasons[code]:
+            failures.append(f"{name}: reason {_error_info(error).reason}, expected one of {reasons[code]}")
     assert failures == []
     assert await hostile.row_counts() == before
     assert hostile.log.tracebacks() == []
@@ -356,7 +399,9 @@ async def test_a_write_the_database_refuses_fails_alone(hostile: Hostile) -> Non
         results = await asyncio.gather(
             *poison, *(stub.StartSaga(_start(saga_id)) for saga_id in valid_ids), return_exceptions=True
         )
-        refused = [result for result in results[len(poison):] if not isinstance(result, orchestrator_pb2.StartSagaResponse)]
+        refused = [
+            result for result in results[len(poison):] if not isinstance(result, orchestrator_pb2.StartSagaResponse)
+        ]
         assert refused == []
         assert all(isinstance(result, RejectedWrite) for result in results[: len(poison)]), results[: len(poison)]
         for saga_id in valid_ids:
@@ -433,6 +478,85 @@ async def test_definition_limits_hold_at_the_edge(hostile: Hostile) -> None:
     assert deepest.name in {definition.name for definition in listed.definitions}
 
 
+async def test_every_error_carries_a_stable_reason(hostile: Hostile) -> None:
+    stub = hostile.stack.stub
+    saga_id = f"taken-{uuid.uuid4().hex}"
+    await stub.StartSaga(_start(saga_id))
+    taken = await _refused(stub.StartSaga(_start(saga_id)))  # another input under the same id
+    assert (taken.code(), _error_info(taken).reason) == (grpc.StatusCode.ALREADY_EXISTS, "SAGA_ID_TAKEN")
+    no_steps = _definition()
+    del no_steps.steps[:]
+    invalid = await _refused(stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=no_steps)))
+    info = _error_info(invalid)
+    assert (invalid.code(), info.reason, info.metadata["field"]) == (INVALID, "INVALID_DEFINITION", "steps")
+    missing = await _refused(stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="no-such-saga")))
+    assert (missing.code(), _error_info(missing).reason) == (NOT_FOUND, "NOT_FOUND")
+
+
+class HostileParticipant(participant_pb2_grpc.ParticipantServiceServicer):
+    """Answers every Execute with what the test chose: text the database
+    cannot store, or an output too large to keep."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, Callable[[grpc.aio.ServicerContext], Awaitable[participant_pb2.ExecuteResponse]]] = {}
+
+    async def Execute(
+        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.ExecuteResponse:
+        return await self.answers[request.context.saga_id](context)
+
+    async def Compensate(
+        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.CompensateResponse:
+        return participant_pb2.CompensateResponse()
+
+
+async def test_what_a_participant_answers_cannot_poison_the_log(hostile: Hostile) -> None:
+    participant = HostileParticipant()
+    server = grpc.aio.server(options=[("grpc.max_send_message_length", 8 * 1024 * 1024)])
+    participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        definition = _definition(name=f"answers-{uuid.uuid4().hex[:8]}")
+        del definition.steps[1:]
+        definition.steps[0].participant = f"127.0.0.1:{port}"
+        definition.steps[0].retry.CopyFrom(definition_pb2.RetryPolicy(
+            max_attempts=2, initial_backoff=_duration(0, 10_000_000), backoff_multiplier=1.0,
+            max_backoff=_duration(0, 10_000_000),
+        ))
+        stub = hostile.stack.stub
+        await stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=definition))
+
+        async def failed_with_nul(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            return participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason="no\x00stock " * 2000
+            )
+
+        async def unavailable_with_nul(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "down\x00now")
+            raise AssertionError("unreachable")
+
+        async def huge_output(context: grpc.aio.ServicerContext) -> participant_pb2.ExecuteResponse:
+            response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_OK)
+            response.output.Pack(wrappers_pb2.BytesValue(value=b"x" * (1024 * 1024 + 1)))
+            return response
+
+        for answer in (failed_with_nul, unavailable_with_nul, huge_output):
+            saga_id = f"answer-{answer.__name__}-{uuid.uuid4().hex[:6]}"
+            participant.answers[saga_id] = answer
+            await stub.StartSaga(orchestrator_pb2.StartSagaRequest(
+                saga_id=saga_id, definition_name=definition.name, input=checkout_input()
+            ))
+            saga = await hostile.stack.wait_final(saga_id, timeout=20)
+            step = saga.steps[0]
+            assert "\x00" not in step.last_error and len(step.last_error) <= 4096, (answer.__name__, step.last_error)
+            assert not step.HasField("output")
+    finally:
+        await server.stop(0)
+    assert hostile.log.tracebacks() == []
+
+
 # --- property-based variations ----------------------------------------------------------
 
 _EXAMPLES = settings(
@@ -459,7 +583,11 @@ async def test_any_saga_id_gets_a_clean_answer(hostile: Hostile, saga_id: str) -
 
 
 @_EXAMPLES
-@given(token=st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda raw: base64.urlsafe_b64encode(raw).decode())))
+@given(
+    token=st.one_of(
+        st.text(max_size=200), st.binary(max_size=200).map(lambda raw: base64.urlsafe_b64encode(raw).decode())
+    )
+)
 async def test_any_page_token_the_server_did_not_issue_is_invalid(hostile: Hostile, token: str) -> None:
     if not token:
         return
@@ -499,6 +627,32 @@ async def test_any_operator_text_is_stored_or_refused_whole(hostile: Hostile, re
         assert len(error.details()) <= MAX_MESSAGE_CHARS
     final = await hostile.stack.wait_final(saga_id)
     assert final.state in (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED)
+    assert hostile.log.tracebacks() == []
+
+
+_NAMES = st.one_of(st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), st.text(max_size=70))
+
+
+@_EXAMPLES
+@given(data=st.data())
+async def test_any_definition_gets_a_clean_answer(hostile: Hostile, data: st.DataObject) -> None:
+    """Random names and dependency graphs (unknown steps, cycles, self-loops,
+    duplicates): registered, or refused with INVALID_ARGUMENT, never worse."""
+    names = data.draw(st.lists(_NAMES, min_size=1, max_size=40))
+    definition = definition_pb2.SagaDefinition(
+        name=data.draw(_NAMES), input_type="compensa.checkout.v1.CheckoutInput",
+        description=data.draw(st.text(max_size=100)),
+    )
+    for name in names:
+        step = definition.steps.add(name=name, participant="inventory")
+        step.depends_on.extend(data.draw(st.lists(st.sampled_from(names), max_size=3)))
+        step.kind = data.draw(st.sampled_from(list(definition_pb2.StepKind.values())))
+    try:
+        await hostile.stack.stub.RegisterDefinition(orchestrator_pb2.RegisterDefinitionRequest(definition=definition))
+    except grpc.aio.AioRpcError as error:
+        assert error.code() == INVALID, error.details()
+        assert len(error.details()) <= MAX_MESSAGE_CHARS
+        assert _error_info(error).reason == "INVALID_DEFINITION"
     assert hostile.log.tracebacks() == []
 
 

@@ -122,6 +122,39 @@ async def test_declined_card_answers_aborted_and_a_retry_answers_the_same(
         assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
 
 
+async def test_a_held_charge_answers_pending_once_and_a_duplicate_answers_pending_again(database_url: str) -> None:
+    step = StepCall.new("charge", card_token="review-4242", amount_cents=7_000)
+    request = step.execute()
+    request.completion_token = "token-of-this-step"
+    async with serving("payment", database_url) as pay:
+        first = await pay.stub.Execute(request)
+        again = await asyncio.gather(*(pay.stub.Execute(request) for _ in range(3)))
+
+        assert first.result == participant_pb2.EXECUTE_RESULT_PENDING
+        assert all(response == first for response in again)
+        charge = unpack_as(first.output, checkout_pb2.Charge)
+        rows = await pay.rows(payment.CHARGES, saga_id=step.saga_id)
+        # One hold, kept with the token to report its outcome with.
+        assert [(r.charge_id, r.status, r.completion_token) for r in rows] == [
+            (charge.charge_id, "held", "token-of-this-step")
+        ]
+        # Compensating a held charge releases the hold; nothing was charged.
+        compensated = await pay.stub.Compensate(step.compensate())
+        assert unpack_as(compensated.output, checkout_pb2.Refund).charge_id == charge.charge_id
+        assert [r.status for r in await pay.rows(payment.CHARGES, saga_id=step.saga_id)] == ["released"]
+        assert await pay.rows(payment.REFUNDS, charge_id=charge.charge_id) == []
+
+
+async def test_pending_from_a_step_that_is_not_long_running_is_refused_and_records_nothing(database_url: str) -> None:
+    step = StepCall.new("charge", card_token="review-4242")
+    async with serving("payment", database_url) as pay:
+        code, details = await status_of(pay.stub.Execute(step.execute()))  # no completion token
+
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not long_running" in details
+        assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
+
+
 async def test_out_of_stock_answers_aborted_without_touching_stock(database_url: str) -> None:
     taken = StepCall.new("reserve", quantity=10)
     too_many = StepCall(order=checkout_pb2.CheckoutInput(), step_name="reserve", saga_id=taken.saga_id + "-2")

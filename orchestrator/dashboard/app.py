@@ -38,6 +38,7 @@ from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of
 from orchestrator.operations import operator_event
+from orchestrator.service import DEFAULT_STUCK_SECONDS
 from orchestrator.store import StoredEvent
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.timeline import event_type_name, saga_state_name, step_state_name
@@ -56,8 +57,6 @@ LIST_SIZE = 100
 #: latest event of each saga that changed meanwhile: a busy log costs a few
 #: small messages a second per open list, not one per event.
 LIVE_WINDOW_SECONDS = 0.25
-#: A saga that has not changed for this long counts as stuck in the counts.
-STUCK_SECONDS = 600.0
 
 #: The caller, once known, for the error page's header.
 _IDENTITY = web.RequestKey("identity", Identity)
@@ -68,6 +67,9 @@ _ERROR_TITLES = {
     409: "Not possible now",
     429: "Too many open streams",
 }
+#: Scripts and styles from the dashboard itself only (the timeline places its
+#: boxes with inline style attributes); never framed by another site.
+_CONTENT_SECURITY_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 _ACTIONS = {"cancel": "CancelSaga", "retry": "RetrySaga", "resolve": "ResolveSaga"}
 _STATES = [state for state in saga_pb2.SagaState.values() if state]
 _HERE = Path(__file__).parent
@@ -278,14 +280,16 @@ class Dashboard:
         response = web.Response(text=html, status=status, content_type="text/html")
         response.headers["Cache-Control"] = "no-store"
         response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Content-Security-Policy"] = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+        response.headers["Content-Security-Policy"] = _CONTENT_SECURITY_POLICY
         return response
 
     # -- pages
 
     async def _summary(self, identity: Identity, definition: str) -> dict[str, Any]:
         now = self._engine.clock.now()
-        rows = await self._store.summarize_sagas(definition_name=definition, stuck_before=now - STUCK_SECONDS)
+        rows = await self._store.summarize_sagas(
+            definition_name=definition, stuck_before=now - DEFAULT_STUCK_SECONDS
+        )
         rows = [row for row in rows if identity.may_see(row.definition_name)]
         by_definition: dict[str, dict[str, Any]] = {}
         totals = {"all": 0, "stuck": 0, "unresolved": 0, **{saga_state_name(s): 0 for s in _STATES}}
@@ -305,7 +309,7 @@ class Dashboard:
             "definitions": list(by_definition.values()),
             "totals": totals,
             "states": [saga_state_name(s) for s in _STATES],
-            "stuck_after": _age(STUCK_SECONDS),
+            "stuck_after": _age(DEFAULT_STUCK_SECONDS),
         }
 
     async def _index(self, request: web.Request) -> web.Response:

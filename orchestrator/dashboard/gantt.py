@@ -92,11 +92,15 @@ class Chart:
     markers: list[Marker]
     ticks: list[Tick]
     span_seconds: float
+    # Saga events after the last step's end (an operator's resolve hours
+    # later), left out so that they do not squash the steps; the log has them.
+    later_markers: int = 0
 
 
 def chart(step_names: Sequence[str], events: Sequence[LogEvent], now: float) -> Chart:
     """The chart of a saga whose steps are `step_names` (in definition order)
-    and whose log is `events`; boxes still open end at `now`."""
+    and whose log is `events`; boxes still open end at `now`. It spans the
+    steps' activity (the whole log when no step ran)."""
     lanes = {name: Lane(name) for name in step_names}
     raw_markers: list[tuple[str, int, float, str]] = []
     for event in events:
@@ -108,8 +112,11 @@ def chart(step_names: Sequence[str], events: Sequence[LogEvent], now: float) -> 
             continue
         _apply(lane, event)
     start = min((event.time for event in events), default=now)
-    finish = max([now if any(box.end is None for lane in lanes.values() for box in lane.boxes) else start,
-                  *(event.time for event in events)])
+    boxes = [box for lane in lanes.values() for box in lane.boxes]
+    if boxes:
+        finish = max(now if box.end is None else box.end for box in boxes)
+    else:
+        finish = max((event.time for event in events), default=now)
     span = max(finish - start, 1e-3)
 
     def place(moment: float) -> float:
@@ -120,8 +127,12 @@ def chart(step_names: Sequence[str], events: Sequence[LogEvent], now: float) -> 
             end = box.end if box.end is not None else finish
             box.left = place(box.start)
             box.width = max(round(place(end) - box.left, 3), 0.0)
-    markers = [Marker(label, sequence, place(moment), detail) for label, sequence, moment, detail in raw_markers]
-    return Chart(list(lanes.values()), markers, _ticks(span), span)
+    markers = [
+        Marker(label, sequence, place(moment), detail)
+        for label, sequence, moment, detail in raw_markers
+        if moment <= finish
+    ]
+    return Chart(list(lanes.values()), markers, _ticks(span), span, len(raw_markers) - len(markers))
 
 
 def _apply(lane: Lane, event: LogEvent) -> None:

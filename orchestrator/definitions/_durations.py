@@ -44,6 +44,22 @@ def backoff_seconds(policy: definition_pb2.RetryPolicy, attempt: int) -> float:
     return min(delay, maximum)
 
 
+def retry_waited_seconds(policy: definition_pb2.RetryPolicy, attempts: int) -> float:
+    """The waits `policy` schedules after failed attempts 1..`attempts`, added up.
+
+    Constant time once the backoff reaches max_backoff, so a policy of
+    thousands of attempts costs nothing to ask about.
+    """
+    maximum = duration_seconds(policy.max_backoff)
+    total = 0.0
+    for attempt in range(1, attempts + 1):
+        delay = backoff_seconds(policy, attempt)
+        if delay >= maximum:
+            return total + maximum * (attempts - attempt + 1)
+        total += delay
+    return total
+
+
 def duration_text(duration: duration_pb2.Duration) -> str:
     """`duration` as proto3 JSON ("-1s", "0.500s"), for messages."""
     return duration.ToJsonString()

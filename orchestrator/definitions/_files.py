@@ -20,7 +20,7 @@ DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 """The file name endings `load_definitions` picks up in a directory."""
 
 MAX_DEFINITION_FILE_BYTES = 1024 * 1024
-"""The largest definition file read (a definition is at most 256 KiB serialized)."""
+"""The largest definition file read."""
 
 _DURATION = "google.protobuf.Duration"
 _PARSE_FIELD = re.compile(r"Failed to parse (\w+) field: ")

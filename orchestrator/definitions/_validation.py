@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import Literal
 
 from google.protobuf import duration_pb2
 
@@ -27,8 +28,8 @@ MAX_STEPS = 200
 MAX_DEPENDENCY_DEPTH = 100
 """The longest chain of steps each depending on the one before it."""
 
-MAX_DEFINITION_BYTES = 256 * 1024
-"""The largest definition, serialized (its description is at most MAX_TEXT_CHARS)."""
+MAX_DEFINITION_BYTES = 1024 * 1024
+"""The largest definition, serialized with the message types it carries."""
 
 MAX_REFERENCE_CHARS = 255
 """The longest `input_type` and `participant`."""
@@ -42,6 +43,9 @@ MAX_WAIT_SECONDS = 365 * 86400.0
 
 MAX_BACKOFF_SECONDS = 86400.0
 """The longest `initial_backoff` and `max_backoff`: a day."""
+
+MAX_BACKOFF_MULTIPLIER = 100.0
+"""The largest `backoff_multiplier` (an infinite one would make 0 * inf a NaN delay)."""
 
 _DEFAULT_TIMEOUT = "10s"
 
@@ -60,15 +64,19 @@ def default_retry_policy() -> RetryPolicy:
 
 
 def default_compensate_retry_policy() -> RetryPolicy:
-    """The Compensate retry policy of a step that sets none: 10 attempts, 500ms, x2, at most 30s.
+    """The Compensate retry policy of a step that sets none: no limit on attempts,
+    500ms, x2, at most 30s between attempts, an alert after 5m, giving up after 24h.
 
-    Larger than the Execute default: a compensation that gives up leaves the saga stuck.
+    Far beyond the Execute default: a compensation that gives up leaves the saga
+    for a person, and a participant back after an outage should need nobody.
     """
     return RetryPolicy(
-        max_attempts=10,
+        max_attempts=0,
         initial_backoff=duration_of("500ms"),
         backoff_multiplier=2.0,
         max_backoff=duration_of("30s"),
+        give_up_after=duration_of("24h"),
+        alert_after=duration_of("5m"),
     )
 
 
@@ -210,7 +218,9 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
     else:
         step.compensate_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
     if step.HasField("step_timeout"):
-        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS)
+        _check_positive(
+            step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS
+        )
         if duration_seconds(step.step_timeout) < duration_seconds(step.execute_timeout):
             raise DefinitionError(
                 f"must be at least execute_timeout ({duration_text(step.execute_timeout)}), "
@@ -254,18 +264,36 @@ def _normalize_policy(
         policy.max_backoff.CopyFrom(default.max_backoff)
     if policy.backoff_multiplier == 0:
         policy.backoff_multiplier = default.backoff_multiplier
+    limit: Literal["give_up_after", "alert_after"]
+    for limit in ("give_up_after", "alert_after"):
+        if not policy.HasField(limit) and default.HasField(limit):
+            getattr(policy, limit).CopyFrom(getattr(default, limit))
 
-    if not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
+    unlimited = policy.max_attempts == 0 and policy.HasField("give_up_after")
+    if not unlimited and not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise fail(f"{name}.max_attempts")(
             f"must be between 1 and {MAX_ATTEMPTS_LIMIT} (attempts in total, the first included), "
-            f"got {policy.max_attempts}"
+            f"or 0 with a give_up_after; got {policy.max_attempts}"
+        )
+    for limit in ("give_up_after", "alert_after"):
+        if policy.HasField(limit):
+            problem = duration_problem(
+                getattr(policy, limit), minimum=0.0, maximum=MAX_WAIT_SECONDS, exclusive_minimum=True
+            )
+            if problem is not None:
+                raise fail(f"{name}.{limit}")(problem)
+    if unlimited and duration_seconds(policy.max_backoff) <= 0:
+        raise fail(f"{name}.max_backoff")(
+            "must be positive when max_attempts is 0: without waits, give_up_after would never pass"
         )
     for backoff in ("initial_backoff", "max_backoff"):
         problem = duration_problem(getattr(policy, backoff), minimum=0.0, maximum=MAX_BACKOFF_SECONDS)
         if problem is not None:
             raise fail(f"{name}.{backoff}")(problem)
-    if not policy.backoff_multiplier >= 1.0:  # also rejects NaN
-        raise fail(f"{name}.backoff_multiplier")(f"must be at least 1.0, got {policy.backoff_multiplier}")
+    if not 1.0 <= policy.backoff_multiplier <= MAX_BACKOFF_MULTIPLIER:  # also rejects NaN
+        raise fail(f"{name}.backoff_multiplier")(
+            f"must be from 1.0 to {MAX_BACKOFF_MULTIPLIER:g}, got {policy.backoff_multiplier}"
+        )
     if duration_seconds(policy.max_backoff) < duration_seconds(policy.initial_backoff):
         raise fail(f"{name}.max_backoff")(
             f"must be at least initial_backoff ({duration_text(policy.initial_backoff)}), "
@@ -295,9 +323,13 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
             if dependency == step.name:
                 raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
             if dependency not in names:
-                raise DefinitionError(f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on"
+                )
             if dependency in listed:
-                raise DefinitionError(f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on"
+                )
             listed.add(dependency)
     cycle = find_cycle(
         [step.name for step in definition.steps],

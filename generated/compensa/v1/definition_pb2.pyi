@@ -53,9 +53,10 @@ Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 class SagaDefinition(_message.Message):
     """A saga definition: the steps of a flow and how to drive each of them.
     Definitions are written as YAML or JSON in the proto3 JSON mapping of this
-    message, so this message is their schema. Limits: at most 256 KiB
-    serialized (a file at most 1 MiB), at most 200 steps, a chain of steps each
-    depending on the one before at most 100 long; no text holds a NUL.
+    message, so this message is their schema. Limits: at most 1 MiB
+    serialized with its types (a file at most 1 MiB), at most 200 steps, a
+    chain of steps each depending on the one before at most 100 long; no text
+    holds a NUL.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -178,8 +179,11 @@ class StepDefinition(_message.Message):
 
     @_builtins.property
     def compensate_retry(self) -> Global___RetryPolicy:
-        """Retries of Compensate. Unset: 10 attempts, 500ms initial backoff,
-        multiplier 2, at most 30s (compensations must try harder).
+        """Retries of Compensate. Unset: no limit on attempts, 500ms initial
+        backoff, multiplier 2, at most 30s between attempts, an alert after 5m of
+        retrying and giving up after 24h. Compensations must try much harder
+        than executions: a short outage of the participant should end with the
+        saga COMPENSATED on its own, not waiting for a person.
         """
 
     @_builtins.property
@@ -216,6 +220,14 @@ class RetryPolicy(_message.Message):
     """Exponential backoff: attempt n waits
     min(initial_backoff * backoff_multiplier^(n-1), max_backoff). Both backoffs
     are from 0 to a day.
+
+    Retrying stops at max_attempts or once the waits between attempts would
+    add up to more than give_up_after, whichever comes first; the call is then
+    a failure (for Compensate: the saga goes to FAILED with an alert and waits
+    for a person). The waits are what the policy schedules, so the time since
+    the first attempt is at least that (plus the calls themselves).
+    A policy written in part takes the other fields from the default policy,
+    except max_attempts.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -224,14 +236,32 @@ class RetryPolicy(_message.Message):
     INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    GIVE_UP_AFTER_FIELD_NUMBER: _builtins.int
+    ALERT_AFTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Total attempts, the first included; from 1 to 1000."""
+    """Total attempts, the first included; from 1 to 1000. 0 means no limit on
+    the count, and then give_up_after bounds the retrying.
+    """
     backoff_multiplier: _builtins.float
-    """At least 1.0."""
+    """From 1.0 to 100."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def max_backoff(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def give_up_after(self) -> _duration_pb2.Duration:
+        """Stop retrying once the waits would add up to more than this. Unset:
+        only max_attempts limits the retrying. Positive, at most 365 days.
+        """
+
+    @_builtins.property
+    def alert_after(self) -> _duration_pb2.Duration:
+        """Raise an alert (an ALERT_RAISED event, counted in compensa_alerts_total)
+        once the waits add up to this, while retrying goes on: a person hears of
+        a participant that keeps failing before retrying stops. Unset: an alert
+        only when retrying stops. Positive, at most 365 days.
+        """
+
     def __init__(
         self,
         *,
@@ -239,10 +269,12 @@ class RetryPolicy(_message.Message):
         initial_backoff: _duration_pb2.Duration | None = ...,
         backoff_multiplier: _builtins.float = ...,
         max_backoff: _duration_pb2.Duration | None = ...,
+        give_up_after: _duration_pb2.Duration | None = ...,
+        alert_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_after", b"alert_after", "give_up_after", b"give_up_after", "initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_after", b"alert_after", "backoff_multiplier", b"backoff_multiplier", "give_up_after", b"give_up_after", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,7 +38,11 @@ class OrchestratorServiceStub:
     - NOT_FOUND: the saga or definition does not exist (also for a lookup of
     a name that cannot exist, such as a saga id with a space).
     Status messages quote at most 40 characters of any input and are at most
-    1000 characters long.
+    1000 characters long. Every error carries a google.rpc.ErrorInfo (domain
+    "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
+    not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
+    source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -151,7 +155,11 @@ class OrchestratorServiceServicer:
     - NOT_FOUND: the saga or definition does not exist (also for a lookup of
     a name that cannot exist, such as a saga id with a space).
     Status messages quote at most 40 characters of any input and are at most
-    1000 characters long.
+    1000 characters long. Every error carries a google.rpc.ErrorInfo (domain
+    "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
+    not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
+    source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -401,7 +409,11 @@ class OrchestratorService:
     - NOT_FOUND: the saga or definition does not exist (also for a lookup of
     a name that cannot exist, such as a saga id with a space).
     Status messages quote at most 40 characters of any input and are at most
-    1000 characters long.
+    1000 characters long. Every error carries a google.rpc.ErrorInfo (domain
+    "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
+    not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
+    source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action

@@ -34,7 +34,8 @@ class ParticipantServiceStub:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -83,7 +84,8 @@ class ParticipantServiceServicer:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -151,7 +153,8 @@ class ParticipantService:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,

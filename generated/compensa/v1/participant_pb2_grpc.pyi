@@ -35,7 +35,8 @@ class ParticipantServiceStub:
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -79,7 +80,8 @@ class ParticipantServiceAsyncStub(ParticipantServiceStub):
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -119,7 +121,8 @@ class ParticipantServiceServicer(metaclass=_abc_1.ABCMeta):
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
