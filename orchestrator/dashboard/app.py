@@ -38,7 +38,7 @@ from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of
 from orchestrator.operations import operator_event
-from orchestrator.service import DEFAULT_STUCK_SECONDS
+from orchestrator.engine import DEFAULT_STUCK_SECONDS
 from orchestrator.store import StoredEvent
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.timeline import event_type_name, saga_state_name, step_state_name
