@@ -37,6 +37,8 @@ from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
 from orchestrator.errors import CompensaError, quote
 from orchestrator.limits import INT32_MAX, INT64_MAX
+from orchestrator.records import ACTIVE_SAGA_STATES as _UNFINISHED  # states that can be stuck (`compensa status`)
+from orchestrator.records import done_for_good as _done_for_good
 from participants.faults import FaultPlan
 from participants.startup import ServingError
 from participants.tls import TlsConfigError, TlsFiles
@@ -54,8 +56,6 @@ EXIT_INTERRUPTED = 130
 #: `compensa watch --all` asks for up to this many events per message: a busy
 #: system costs the server one message per batch, not per event.
 _WATCH_ALL_BATCH = 100
-#: Saga states that can be stuck (`compensa status`).
-_UNFINISHED = frozenset({saga_pb2.SAGA_STATE_RUNNING, saga_pb2.SAGA_STATE_COMPENSATING})
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -988,12 +988,6 @@ def _follow(open_stream: Callable[[], Iterable[_T]], show: Callable[[_T], bool])
                 lost = True
         time.sleep(delay)
         delay = min(delay * 2, 2.0)
-
-
-def _done_for_good(saga: saga_pb2.Saga) -> bool:
-    return saga.state in (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED) or (
-        saga.state == saga_pb2.SAGA_STATE_FAILED and bool(saga.resolution_note)
-    )
 
 
 def _cancel(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
+from orchestrator.records import FINAL_SAGA_STATES
 from participants.tls import TlsFiles
 
 #: Answers after which the same call may simply be made again.
@@ -33,7 +34,6 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 #: (this client never cancels its own).
 _RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 T = TypeVar("T")
-_FINAL = frozenset({saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED})
 
 
 class SagaClient:
@@ -143,7 +143,7 @@ class SagaClient:
                         continue
                     last = event.sequence
                     yield event
-                    if event.saga_state in _FINAL:
+                    if event.saga_state in FINAL_SAGA_STATES:
                         return
             except grpc.aio.AioRpcError as error:
                 if error.code() not in _RESUMABLE:
@@ -163,7 +163,7 @@ class SagaClient:
     ) -> saga_pb2.Saga:
         """Starts a saga and waits for its end."""
         started = await self.start(definition, input, saga_id=saga_id, version=version)
-        if started.state in _FINAL:
+        if started.state in FINAL_SAGA_STATES:
             return started
         return await self.result(started.saga_id)
 

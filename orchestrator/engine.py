@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
-from orchestrator import machine
+from orchestrator import machine, records
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
@@ -449,7 +449,7 @@ class SagaEngine:
 
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str
-    ) -> tuple[machine.SagaRecord, bool, str]:
+    ) -> tuple[records.SagaRecord, bool, str]:
         now = self.clock.now()
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
         write = dataclasses.replace(
@@ -467,7 +467,7 @@ class SagaEngine:
             self._drive(transition.saga, 1)
         return transition.saga, True, request_fingerprint
 
-    async def apply_external(self, saga_id: str, event: machine.Event) -> machine.SagaRecord:
+    async def apply_external(self, saga_id: str, event: machine.Event) -> records.SagaRecord:
         """Applies an operator action or a step completion, taking the saga
         over from whichever replica held it (its writes are fenced)."""
         for _ in range(20):
@@ -516,7 +516,7 @@ class SagaEngine:
         for item in claimed:
             self._drive(item.saga, item.epoch)
 
-    def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
+    def _drive(self, saga: records.SagaRecord, epoch: int) -> None:
         if self._stopping:
             return
         previous = self._driving.get(saga.saga_id)
@@ -527,7 +527,7 @@ class SagaEngine:
         task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
         self._driving[saga.saga_id] = _Driving(epoch, task)
 
-    async def _run_saga(self, saga: machine.SagaRecord, epoch: int) -> None:
+    async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
         answers: asyncio.Queue[machine.Event] = asyncio.Queue()
         try:
@@ -566,7 +566,7 @@ class SagaEngine:
                     return
                 saga = write.saga
                 for event_row in transition.events:
-                    if event_row.type == machine.E.EVENT_TYPE_ALERT_RAISED:
+                    if event_row.type == records.E.EVENT_TYPE_ALERT_RAISED:
                         log.error("ALERT saga %s: %s", saga.saga_id, event_row.message)
                 if write.release:
                     # Given up in the database: from now on the scheduler
@@ -584,7 +584,7 @@ class SagaEngine:
                 del self._driving[saga.saga_id]
 
     async def _commit(
-        self, plan: machine.Plan, saga: machine.SagaRecord, transition: machine.Transition, epoch: int,
+        self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, epoch: int,
         in_flight: set[str],
     ) -> SagaWrite | None:
         """Persists a transition, retrying while the database is away; the
@@ -617,7 +617,7 @@ class SagaEngine:
             return None
 
     async def _call(
-        self, plan: machine.Plan, saga: machine.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
+        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
     ) -> None:
         step = plan.steps[call.step]
         context = participant_pb2.StepContext(

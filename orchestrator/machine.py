@@ -27,90 +27,28 @@ from dataclasses import dataclass, replace
 from compensa.v1 import definition_pb2, saga_pb2
 
 from orchestrator.definitions import DefinitionGraph, backoff_seconds, duration_seconds, retry_waited_seconds
-
-SagaState = int
-StepState = int
-EventType = int
-
-RUNNING = saga_pb2.SAGA_STATE_RUNNING
-COMPENSATING = saga_pb2.SAGA_STATE_COMPENSATING
-SUCCEEDED = saga_pb2.SAGA_STATE_SUCCEEDED
-COMPENSATED = saga_pb2.SAGA_STATE_COMPENSATED
-FAILED = saga_pb2.SAGA_STATE_FAILED
-FINAL_SAGA_STATES = frozenset({SUCCEEDED, COMPENSATED, FAILED})
-
-STEP_PENDING = saga_pb2.STEP_STATE_PENDING
-STEP_RUNNING = saga_pb2.STEP_STATE_RUNNING
-STEP_WAITING = saga_pb2.STEP_STATE_WAITING
-STEP_SUCCEEDED = saga_pb2.STEP_STATE_SUCCEEDED
-STEP_FAILED = saga_pb2.STEP_STATE_FAILED
-STEP_COMPENSATING = saga_pb2.STEP_STATE_COMPENSATING
-STEP_COMPENSATED = saga_pb2.STEP_STATE_COMPENSATED
-STEP_COMPENSATION_FAILED = saga_pb2.STEP_STATE_COMPENSATION_FAILED
-
-E = saga_pb2  # event type constants: E.EVENT_TYPE_...
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """One step of a saga as stored."""
-
-    name: str
-    state: StepState = STEP_PENDING
-    attempts: int = 0  # Execute attempts that ended in a transient error
-    compensate_attempts: int = 0
-    output: bytes | None = None  # serialized google.protobuf.Any
-    last_error: str = ""
-    # The outcome of an Execute is unknown (e.g. DEADLINE_EXCEEDED): compensate
-    # it if it is compensable, to be safe.
-    effect_uncertain: bool = False
-    started_at: float | None = None
-    finished_at: float | None = None
-    # When the next attempt is due (backoff), or when a WAITING step times out.
-    next_attempt_at: float | None = None
-
-
-@dataclass(frozen=True)
-class SagaRecord:
-    """A saga as stored: its row plus its steps in definition order."""
-
-    saga_id: str
-    definition_name: str
-    definition_version: int
-    state: SagaState
-    sequence: int
-    input: bytes  # serialized google.protobuf.Any
-    created_at: float
-    updated_at: float
-    steps: tuple[StepRecord, ...]
-    failure_reason: str = ""
-    resolution_note: str = ""
-
-    def step(self, name: str) -> StepRecord:
-        for step in self.steps:
-            if step.name == name:
-                return step
-        raise KeyError(name)
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL_SAGA_STATES
-
-
-@dataclass(frozen=True)
-class LogEvent:
-    """An entry for the saga's event log, produced by a transition."""
-
-    sequence: int
-    type: EventType
-    time: float
-    saga_state: SagaState
-    step_name: str = ""
-    step_state: StepState = saga_pb2.STEP_STATE_UNSPECIFIED
-    attempt: int = 0
-    message: str = ""
-    actor: str = ""
-
+from orchestrator.records import (
+    COMPENSATED,
+    COMPENSATING,
+    FAILED,
+    RUNNING,
+    STEP_COMPENSATED,
+    STEP_COMPENSATING,
+    STEP_COMPENSATION_FAILED,
+    STEP_FAILED,
+    STEP_PENDING,
+    STEP_RUNNING,
+    STEP_SUCCEEDED,
+    STEP_WAITING,
+    SUCCEEDED,
+    E,
+    EventType,
+    LogEvent,
+    SagaRecord,
+    StepRecord,
+    state_name,
+    takeover_event,
+)
 
 # --- Inputs -----------------------------------------------------------------
 
@@ -190,11 +128,6 @@ Event = (
 )
 
 
-def state_name(state: SagaState) -> str:
-    """SAGA_STATE_RUNNING -> "RUNNING"."""
-    return saga_pb2.SagaState.Name(state).removeprefix("SAGA_STATE_")  # type: ignore[arg-type]
-
-
 class IllegalTransition(Exception):
     """The event is not allowed in the saga's current state."""
 
@@ -230,19 +163,6 @@ class Transition:
     @property
     def changed(self) -> bool:
         return bool(self.events)
-
-
-def takeover_event(saga: SagaRecord, *, by: str, previous: str, why: str, now: float) -> LogEvent:
-    """The log entry of replica `by` taking `saga` over from replica
-    `previous`, numbered after the saga's latest event."""
-    return LogEvent(
-        sequence=saga.sequence + 1,
-        type=E.EVENT_TYPE_TAKEN_OVER,
-        time=now,
-        saga_state=saga.state,
-        message=f"replica {by} took the saga over from replica {previous}: {why}",
-        actor=by,
-    )
 
 
 def taken_over(saga: SagaRecord, transition: Transition, *, by: str, previous: str, why: str, now: float) -> Transition:

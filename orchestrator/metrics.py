@@ -24,14 +24,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.records import ENDING_EVENTS, state_name
 from participants.startup import AddressInUse, ensure_address_free
 from participants.tls import TlsFiles
 
-_FINAL_EVENTS: dict[int, str] = {
-    saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED: "succeeded",
-    saga_pb2.EVENT_TYPE_SAGA_COMPENSATED: "compensated",
-    saga_pb2.EVENT_TYPE_SAGA_FAILED: "failed",
-}
+# The saga_duration_seconds outcome label of each event that ends a saga.
+_FINAL_EVENTS: dict[int, str] = {event: state_name(state).lower() for state, event in ENDING_EVENTS.items()}
 # Seconds: a saga may take milliseconds or days.
 _SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -20,7 +20,7 @@ import grpc
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import duration_pb2, message, message_factory
 
-from orchestrator import machine, payloads
+from orchestrator import machine, payloads, records
 from orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
@@ -295,7 +295,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Stops the log reader behind the watch streams."""
         await self._tail.stop()
 
-    async def _saga_view(self, saga: machine.SagaRecord) -> saga_pb2.Saga:
+    async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         return saga_message(saga, plan)
 
@@ -326,7 +326,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not self._access.open:
             self._access.require_scope(self._caller(context), action, definition_name)
 
-    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> machine.SagaRecord:
+    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> records.SagaRecord:
         saga = await self._store.load_saga(saga_id) if _is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
         if saga is None:
             raise NotFound(f"saga {quote(saga_id)} not found")
@@ -499,10 +499,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if request.output.ByteSize() > self._max_payload:
                 raise InvalidArgument(f"output is larger than {self._max_payload} bytes")
             output = request.output.SerializeToString(deterministic=True) if request.HasField("output") else None
-            event, wanted = machine.ExecuteSucceeded(step_name, output), machine.STEP_SUCCEEDED
+            event, wanted = machine.ExecuteSucceeded(step_name, output), records.STEP_SUCCEEDED
         elif request.result == orchestrator_pb2.COMPLETION_RESULT_FAILED:
             check_text(request.failure_reason, "failure_reason")
-            event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), machine.STEP_FAILED
+            event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), records.STEP_FAILED
         else:
             raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
         saga = await self._existing(saga_id, context, "CompleteStep")
@@ -512,7 +512,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         state = saga.step(step_name).state
         if state == wanted:
             return orchestrator_pb2.CompleteStepResponse(saga=saga_message(saga, plan))
-        if state not in (machine.STEP_RUNNING, machine.STEP_WAITING):
+        if state not in (records.STEP_RUNNING, records.STEP_WAITING):
             raise FailedPrecondition(
                 f"step {step_name!r} is {saga_pb2.StepState.Name(state)}; it no longer waits for an outcome"  # type: ignore[arg-type]
             )
@@ -546,7 +546,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         ):
             for stored in batch:
                 yield orchestrator_pb2.WatchSagaResponse(event=self._event_views.of(stored))
-                if stored.event.saga_state in machine.FINAL_SAGA_STATES and not request.follow_after_end:
+                if stored.event.saga_state in records.FINAL_SAGA_STATES and not request.follow_after_end:
                     if await self._finished(saga_id, stored.event.sequence):
                         return
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from compensa.v1 import saga_pb2
 from google.protobuf import any_pb2, timestamp_pb2
 
-from orchestrator import machine
+from orchestrator import machine, records
 from orchestrator.store import StoredEvent
 
 
@@ -16,7 +16,7 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
 
 
-def _attempts_made(step: machine.StepRecord) -> int:
+def _attempts_made(step: records.StepRecord) -> int:
     """Execute attempts started: the failed ones, plus the one that answered
     (or is in flight) unless the last attempt itself ended the step."""
     if step.started_at is None:
@@ -24,7 +24,7 @@ def _attempts_made(step: machine.StepRecord) -> int:
     return step.attempts + (0 if step.effect_uncertain else 1)
 
 
-def saga_message(saga: machine.SagaRecord, plan: machine.Plan | None = None) -> saga_pb2.Saga:
+def saga_message(saga: records.SagaRecord, plan: machine.Plan | None = None) -> saga_pb2.Saga:
     """The API view of a saga."""
     message = saga_pb2.Saga(
         saga_id=saga.saga_id,
@@ -43,7 +43,7 @@ def saga_message(saga: machine.SagaRecord, plan: machine.Plan | None = None) -> 
             name=step.name,
             state=step.state,
             attempts=_attempts_made(step),
-            compensate_attempts=step.compensate_attempts + (1 if step.state == machine.STEP_COMPENSATED else 0),
+            compensate_attempts=step.compensate_attempts + (1 if step.state == records.STEP_COMPENSATED else 0),
             last_error=step.last_error,
             start_time=timestamp(step.started_at),
             finish_time=timestamp(step.finished_at),

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from orchestrator.config import ServerConfig
+from orchestrator.records import FINAL_SAGA_STATES
 from orchestrator.server import RunningOrchestrator, start_orchestrator
 from participants.faults import FaultPlan
 from participants.server import RunningParticipant, start_participant
@@ -29,7 +30,7 @@ from tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT = REPO / "definitions" / "checkout.yaml"
-FINAL = {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
+FINAL = FINAL_SAGA_STATES
 
 
 def checkout_input(**overrides: Any) -> any_pb2.Any:

@@ -39,6 +39,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, json_format
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from participants.inventory import RESERVATIONS, STOCK
 from participants.payment import CHARGES, REFUNDS
 from participants.shipping import SHIPMENTS
@@ -47,12 +48,8 @@ from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 S = saga_pb2
-FINAL = frozenset({S.SAGA_STATE_SUCCEEDED, S.SAGA_STATE_COMPENSATED, S.SAGA_STATE_FAILED})
-FINAL_EVENTS = {
-    S.SAGA_STATE_SUCCEEDED: S.EVENT_TYPE_SAGA_SUCCEEDED,
-    S.SAGA_STATE_COMPENSATED: S.EVENT_TYPE_SAGA_COMPENSATED,
-    S.SAGA_STATE_FAILED: S.EVENT_TYPE_SAGA_FAILED,
-}
+FINAL = FINAL_SAGA_STATES
+FINAL_EVENTS = ENDING_EVENTS
 
 SAGA_COUNT = 240
 #: Seconds over which the starts are spread, so that kills land all along the run.

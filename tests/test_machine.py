@@ -16,7 +16,7 @@ import pytest
 from compensa.v1 import definition_pb2, saga_pb2
 from google.protobuf import duration_pb2
 
-from orchestrator import machine
+from orchestrator import machine, records
 from orchestrator.definitions import load_definition_file, validate_definition
 from orchestrator.machine import (
     Call,
@@ -34,10 +34,10 @@ from orchestrator.machine import (
     Plan,
     ResolveRequested,
     RetryRequested,
-    SagaRecord,
     TimerFired,
     Transition,
 )
+from orchestrator.records import SagaRecord
 
 S = saga_pb2
 D = definition_pb2
@@ -117,7 +117,7 @@ class Run:
 
     plan: Plan
     saga: SagaRecord
-    log: list[machine.LogEvent] = field(default_factory=list)
+    log: list[records.LogEvent] = field(default_factory=list)
 
     @classmethod
     def start(cls, plan: Plan, now: float = T0) -> Run:
@@ -163,7 +163,7 @@ def test_start_runs_the_first_step_and_logs_from_sequence_one() -> None:
     plan = _chain("a", "b", "c")
     transition = machine.new_saga(plan, saga_id="s", input=b"x", now=T0)
     saga = transition.saga
-    assert saga.state == machine.RUNNING
+    assert saga.state == records.RUNNING
     assert [(s.name, s.state) for s in saga.steps] == [
         ("a", S.STEP_STATE_RUNNING), ("b", S.STEP_STATE_PENDING), ("c", S.STEP_STATE_PENDING)
     ]
@@ -205,7 +205,7 @@ def test_success_chain_ends_succeeded_with_a_contiguous_log() -> None:
         assert isinstance(call, CallExecute) and call.attempt == 1
         now += 1
         run.send(ExecuteSucceeded(call.step, call.step.encode()), now)
-    assert run.saga.state == machine.SUCCEEDED
+    assert run.saga.state == records.SUCCEEDED
     assert all(step.state == S.STEP_STATE_SUCCEEDED for step in run.saga.steps)
     assert run.saga.step("charge_card").output == b"charge_card"
     assert [e.sequence for e in run.log] == list(range(1, len(run.log) + 1))
@@ -247,7 +247,7 @@ def test_exhausted_retries_fail_the_step_as_uncertain_and_compensate_it() -> Non
         (S.EVENT_TYPE_COMPENSATION_STARTED, ""),
         (S.EVENT_TYPE_STEP_COMPENSATING, "b"),
     ]
-    assert run.saga.state == machine.COMPENSATING
+    assert run.saga.state == records.COMPENSATING
     assert run.saga.step("b").effect_uncertain
     assert "retries exhausted after 2 attempts" in run.saga.step("b").last_error
     # b may have taken effect, so it is undone first; a waits for it.
@@ -268,7 +268,7 @@ def test_business_failure_is_not_compensated() -> None:
     assert (step.state, step.effect_uncertain) == (S.STEP_STATE_FAILED, False)
     assert run.saga.failure_reason == "step 'b' failed: card declined"
     run.send(CompensateSucceeded("a"), T0 + 3)
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
     assert run.state("b") == S.STEP_STATE_FAILED  # never compensated
 
 
@@ -282,14 +282,14 @@ def test_compensation_runs_in_reverse_order_of_a_chain() -> None:
     run.send(ExecuteFailed("d", "no"), T0 + 10)
     undone: list[str] = []
     now = T0 + 10
-    while run.saga.state == machine.COMPENSATING:
+    while run.saga.state == records.COMPENSATING:
         calls = run.calls(now)
         assert len(calls) == 1 and isinstance(calls[0], CallCompensate)
         undone.append(calls[0].step)
         now += 1
         run.send(CompensateSucceeded(calls[0].step), now)
     assert undone == ["c", "b", "a"]
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
     assert run.log[-1].type == S.EVENT_TYPE_SAGA_COMPENSATED
     assert run.log[-1].message == "step 'd' failed: no"
     assert [s.state for s in run.saga.steps] == [S.STEP_STATE_COMPENSATED] * 3 + [S.STEP_STATE_FAILED]
@@ -305,9 +305,9 @@ def test_independent_compensations_start_together() -> None:
     assert compensating == {"reserve_stock", "fraud_check"}
     assert {c.step for c in run.calls(T0 + 2)} == {"reserve_stock", "fraud_check"}
     run.send(CompensateSucceeded("fraud_check"), T0 + 3)
-    assert run.saga.state == machine.COMPENSATING
+    assert run.saga.state == records.COMPENSATING
     run.send(CompensateSucceeded("reserve_stock"), T0 + 4)
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
 
 
 def test_parallel_branch_is_abandoned_and_compensated_when_the_other_fails() -> None:
@@ -343,7 +343,7 @@ def test_compensate_errors_are_retried_by_compensate_retry_then_fail_the_saga_wi
         (S.EVENT_TYPE_SAGA_FAILED, ""),
         (S.EVENT_TYPE_ALERT_RAISED, ""),
     ]
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     assert run.state("a") == S.STEP_STATE_COMPENSATION_FAILED
     assert run.saga.step("a").compensate_attempts == 3
     assert run.calls(T0 + 1_000) == []
@@ -363,7 +363,7 @@ def test_a_compensation_bounded_by_time_alerts_at_its_threshold_and_retries_on_t
     for attempt in range(1, 51):
         transition = run.send(CompensateErrored("a", "UNAVAILABLE: connection refused"), now)
         alerts += [event.attempt for event in transition.events if event.type == S.EVENT_TYPE_ALERT_RAISED]
-        assert run.saga.state == machine.COMPENSATING, attempt
+        assert run.saga.state == records.COMPENSATING, attempt
         step = run.saga.step("a")
         assert step.next_attempt_at is not None
         now = step.next_attempt_at
@@ -374,7 +374,7 @@ def test_a_compensation_bounded_by_time_alerts_at_its_threshold_and_retries_on_t
     assert "UNAVAILABLE: connection refused" in alert.message
     # The participant is back: the saga ends on its own.
     run.send(CompensateSucceeded("a"), now)
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
 
 
 def test_a_compensation_gives_up_once_its_waits_would_pass_give_up_after() -> None:
@@ -385,7 +385,7 @@ def test_a_compensation_gives_up_once_its_waits_would_pass_give_up_after() -> No
     run.send(ExecuteFailed("b", "no"), T0)
     for attempt in range(1, 4):  # waits 10, 20, 30 <= 35
         run.send(CompensateErrored("a", "UNAVAILABLE"), T0 + 10 * attempt)
-        assert run.saga.state == machine.COMPENSATING
+        assert run.saga.state == records.COMPENSATING
     transition = run.send(CompensateErrored("a", "UNAVAILABLE"), T0 + 40)  # a 4th wait: 40 > 35
     assert _types(transition) == [
         (S.EVENT_TYPE_STEP_COMPENSATION_FAILED, "a"),
@@ -481,7 +481,7 @@ def test_waiting_step_can_report_a_business_failure() -> None:
     run = Run.start(_plan(_step("a", long_running=True, step_timeout=3600.0)))
     run.send(ExecutePending("a"), T0 + 1)
     run.send(ExecuteFailed("a", "held and refused"), T0 + 2)
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
     assert run.saga.step("a").effect_uncertain is False
 
 
@@ -508,7 +508,7 @@ def test_failure_after_the_pivot_fails_the_saga_with_an_alert_and_compensates_no
         (S.EVENT_TYPE_ALERT_RAISED, ""),
     ]
     assert "'ship' cannot be undone" in transition.events[-1].message
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     assert run.state("reserve") == S.STEP_STATE_SUCCEEDED
     assert run.calls(T0 + 100) == []
 
@@ -535,7 +535,7 @@ def test_pivot_business_failure_compensates_the_steps_before_it() -> None:
     run = Run.start(_pivot_plan())
     run.send(ExecuteSucceeded("reserve", None), T0 + 1)
     run.send(ExecuteFailed("ship", "no carrier"), T0 + 2)
-    assert run.saga.state == machine.COMPENSATING
+    assert run.saga.state == records.COMPENSATING
     assert run.state("reserve") == S.STEP_STATE_COMPENSATING
 
 
@@ -543,7 +543,7 @@ def test_pivot_step_timeout_fails_the_saga_with_an_alert() -> None:
     run = Run.start(_pivot_plan(step_timeout=60.0))
     run.send(ExecuteSucceeded("reserve", None), T0 + 1)
     run.send(TimerFired(), T0 + 61)
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     assert run.log[-1].type == S.EVENT_TYPE_ALERT_RAISED
 
 
@@ -557,7 +557,7 @@ def test_cancel_while_the_pivot_runs_does_not_compensate_around_it() -> None:
         return  # refusing is a correct answer too
     # Accepted: ship may have happened, so undoing reserve would leave a shipped,
     # unreserved order. The saga must stop for a person instead.
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     assert run.state("reserve") == S.STEP_STATE_SUCCEEDED
 
 
@@ -568,7 +568,7 @@ def test_saga_timeout_does_not_stop_a_running_pivot() -> None:
     run.send(ExecuteSucceeded("reserve", None), T0 + 1)
     assert machine.deadline_at(run.plan, run.saga) is None
     assert not run.send(TimerFired(), T0 + 3600).changed
-    assert run.saga.state == machine.RUNNING
+    assert run.saga.state == records.RUNNING
     assert run.state("ship") == S.STEP_STATE_RUNNING
     assert run.state("reserve") == S.STEP_STATE_SUCCEEDED
 
@@ -584,8 +584,8 @@ def test_cancel_abandons_running_steps_and_compensates() -> None:
         S.EVENT_TYPE_CANCEL_REQUESTED, S.EVENT_TYPE_COMPENSATION_STARTED
     ]
     assert transition.events[0].actor == "alice"
-    assert transition.events[0].saga_state == machine.RUNNING
-    assert run.saga.state == machine.COMPENSATING
+    assert transition.events[0].saga_state == records.RUNNING
+    assert run.saga.state == records.COMPENSATING
     assert run.saga.failure_reason == "cancelled: customer called"
     reserve = run.saga.step("reserve_stock")
     assert reserve.effect_uncertain and reserve.state == S.STEP_STATE_COMPENSATING
@@ -602,9 +602,9 @@ def test_cancel_while_compensating_or_compensated_is_a_no_op(final_answer: str) 
     run.send(ExecuteFailed("b", "no"), T0 + 1)
     if final_answer == "compensated":
         run.send(CompensateSucceeded("a"), T0 + 2)
-        assert run.saga.state == machine.COMPENSATED
+        assert run.saga.state == records.COMPENSATED
     else:
-        assert run.saga.state == machine.COMPENSATING
+        assert run.saga.state == records.COMPENSATING
     transition = run.send(CancelRequested("ops", "again"), T0 + 3)
     assert not transition.changed
     assert transition.saga is run.saga
@@ -613,7 +613,7 @@ def test_cancel_while_compensating_or_compensated_is_a_no_op(final_answer: str) 
 def test_cancel_of_a_succeeded_saga_is_illegal() -> None:
     run = Run.start(_chain("a"))
     run.send(ExecuteSucceeded("a", None), T0)
-    assert run.saga.state == machine.SUCCEEDED
+    assert run.saga.state == records.SUCCEEDED
     with pytest.raises(IllegalTransition, match="SUCCEEDED"):
         machine.decide(run.plan, run.saga, CancelRequested("ops", ""), T0 + 1)
 
@@ -627,7 +627,7 @@ def _compensation_failed_run() -> Run:
     run.send(ExecuteFailed("b", "no"), T0 + 1)
     run.send(CompensateErrored("a", "down"), T0 + 2)
     run.send(CompensateErrored("a", "down"), T0 + 5)
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     return run
 
 
@@ -638,10 +638,10 @@ def test_operator_retry_of_a_failed_compensation_compensates_again_from_scratch(
     assert transition.events[0].actor == "bob"
     step = run.saga.step("a")
     assert (step.state, step.compensate_attempts, step.next_attempt_at) == (S.STEP_STATE_COMPENSATING, 0, None)
-    assert run.saga.state == machine.COMPENSATING
+    assert run.saga.state == records.COMPENSATING
     assert run.calls(T0 + 100) == [CallCompensate("a", 1, 10.0)]
     run.send(CompensateSucceeded("a"), T0 + 101)
-    assert run.saga.state == machine.COMPENSATED
+    assert run.saga.state == records.COMPENSATED
 
 
 def test_operator_retry_past_the_pivot_runs_the_failed_step_again() -> None:
@@ -650,11 +650,11 @@ def test_operator_retry_past_the_pivot_runs_the_failed_step_again() -> None:
     run.send(ExecuteSucceeded("ship", None), T0 + 2)
     run.send(ExecuteFailed("notify", "bad address"), T0 + 3)
     run.send(RetryRequested("ops", "fixed the address"), T0 + 10)
-    assert run.saga.state == machine.RUNNING
+    assert run.saga.state == records.RUNNING
     assert run.saga.failure_reason == ""
     assert run.calls(T0 + 10) == [CallExecute("notify", 1, 10.0)]
     run.send(ExecuteSucceeded("notify", None), T0 + 11)
-    assert run.saga.state == machine.SUCCEEDED
+    assert run.saga.state == records.SUCCEEDED
 
 
 def test_saga_timeout_no_longer_applies_once_the_pivot_succeeded() -> None:
@@ -662,10 +662,10 @@ def test_saga_timeout_no_longer_applies_once_the_pivot_succeeded() -> None:
     run.send(ExecuteSucceeded("reserve", None), T0 + 1)
     run.send(ExecuteSucceeded("ship", None), T0 + 2)
     assert not run.send(TimerFired(), T0 + 3600).changed
-    assert run.saga.state == machine.RUNNING
+    assert run.saga.state == records.RUNNING
     assert run.calls(T0 + 3600) == [CallExecute("notify", 1, 10.0)]
     run.send(ExecuteSucceeded("notify", None), T0 + 3601)
-    assert run.saga.state == machine.SUCCEEDED
+    assert run.saga.state == records.SUCCEEDED
 
 
 def _saga_in(state: str) -> Run:
@@ -686,7 +686,7 @@ def _saga_in(state: str) -> Run:
 @pytest.mark.parametrize("action", [RetryRequested("ops", "r"), ResolveRequested("ops", "fixed by hand")])
 def test_retry_and_resolve_need_a_failed_saga(state: str, action: Event) -> None:
     run = _saga_in(state)
-    assert machine.state_name(run.saga.state) == state
+    assert records.state_name(run.saga.state) == state
     with pytest.raises(IllegalTransition, match=state):
         machine.decide(run.plan, run.saga, action, T0 + 50)
 
@@ -697,7 +697,7 @@ def test_resolve_records_the_note_once_and_blocks_retry() -> None:
     assert _types(transition) == [(S.EVENT_TYPE_OPERATOR_RESOLVED, "")]
     assert (transition.events[0].actor, transition.events[0].message) == ("carol", "refunded by hand")
     assert run.saga.resolution_note == "refunded by hand"
-    assert run.saga.state == machine.FAILED
+    assert run.saga.state == records.FAILED
     with pytest.raises(IllegalTransition, match="already resolved"):
         machine.decide(run.plan, run.saga, ResolveRequested("carol", "again"), T0 + 201)
     with pytest.raises(IllegalTransition, match="resolved"):
@@ -768,7 +768,7 @@ def _walk_plans() -> list[Plan]:
     ]
 
 
-def _check_invariants(plan: Plan, saga: SagaRecord, log: Sequence[machine.LogEvent]) -> None:
+def _check_invariants(plan: Plan, saga: SagaRecord, log: Sequence[records.LogEvent]) -> None:
     assert [e.sequence for e in log] == list(range(1, len(log) + 1))
     assert saga.sequence == len(log)
     for step in saga.steps:
@@ -777,9 +777,9 @@ def _check_invariants(plan: Plan, saga: SagaRecord, log: Sequence[machine.LogEve
             assert plan.compensable(step.name), f"{step.name} is not compensable"
         if step.state == S.STEP_STATE_PENDING:
             assert step.started_at is None
-    if saga.state == machine.SUCCEEDED:
+    if saga.state == records.SUCCEEDED:
         assert all(step.state == S.STEP_STATE_SUCCEEDED for step in saga.steps)
-    if saga.state == machine.COMPENSATED:
+    if saga.state == records.COMPENSATED:
         for step in saga.steps:
             may_have_acted = step.state == S.STEP_STATE_SUCCEEDED or (
                 step.state == S.STEP_STATE_FAILED and step.effect_uncertain
@@ -790,7 +790,7 @@ def _check_invariants(plan: Plan, saga: SagaRecord, log: Sequence[machine.LogEve
     if saga.is_final:
         assert machine.due_calls(plan, saga, float("inf")) == []
         assert machine.wake_at(plan, saga) is None
-    if saga.state == machine.COMPENSATING:
+    if saga.state == records.COMPENSATING:
         assert not any(s.state in (S.STEP_STATE_RUNNING, S.STEP_STATE_WAITING) for s in saga.steps)
 
 
@@ -813,7 +813,7 @@ def _random_walk(rng: random.Random, plan: Plan, *, avoid_running_pivot: bool) -
     for count in range(400):
         _check_invariants(plan, run.saga, run.log)
         if run.saga.is_final:
-            if run.saga.state == machine.FAILED and not run.saga.resolution_note and rng.random() < 0.3:
+            if run.saga.state == records.FAILED and not run.saga.resolution_note and rng.random() < 0.3:
                 run.send(RetryRequested("ops", "walk"), now)
                 continue
             return run.saga
@@ -871,7 +871,7 @@ def test_random_walks_keep_the_invariants_and_end_in_a_final_state() -> None:
         saga = _random_walk(rng, rng.choice(plans), avoid_running_pivot=True)
         finals[saga.state] = finals.get(saga.state, 0) + 1
     # The walk really explores: every final state shows up.
-    assert set(finals) == {machine.SUCCEEDED, machine.COMPENSATED, machine.FAILED}, finals
+    assert set(finals) == {records.SUCCEEDED, records.COMPENSATED, records.FAILED}, finals
 
 
 def test_random_walks_with_cancel_at_any_time_never_compensate_around_a_pivot() -> None:
@@ -889,7 +889,7 @@ def test_a_takeover_comes_first_in_the_transition_it_is_written_with() -> None:
     )
     assert _types(taken) == [(S.EVENT_TYPE_TAKEN_OVER, ""), *_types(cancel)]
     first = taken.events[0]
-    assert (first.actor, first.saga_state, first.time) == ("replica-b", machine.RUNNING, T0 + 5)
+    assert (first.actor, first.saga_state, first.time) == ("replica-b", records.RUNNING, T0 + 5)
     assert first.message == "replica replica-b took the saga over from replica replica-a: CancelSaga by alice"
     assert taken.changed_steps == cancel.changed_steps
     # The renumbered log still follows on from the saga without a gap.

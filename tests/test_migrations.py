@@ -25,7 +25,7 @@ from alembic.runtime.migration import MigrationContext
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from harness import CHECKOUT, checkout_input, checkout_stack
-from orchestrator import machine
+from orchestrator import machine, records
 from orchestrator.config import ServerConfig
 from orchestrator.definitions import definition_fingerprint, load_definition_file
 from orchestrator.engine import completion_token
@@ -91,7 +91,7 @@ class _OldRelease:
         self.store = store
         self.plan = plan
 
-    async def start(self, saga_id: str, now: float, *, lease_until: float) -> machine.SagaRecord:
+    async def start(self, saga_id: str, now: float, *, lease_until: float) -> records.SagaRecord:
         transition = machine.new_saga(
             self.plan, saga_id=saga_id, input=checkout_input().SerializeToString(deterministic=True), now=now
         )
@@ -101,7 +101,7 @@ class _OldRelease:
         assert result.ok
         return transition.saga
 
-    async def apply(self, saga: machine.SagaRecord, event: machine.Event, now: float) -> machine.SagaRecord:
+    async def apply(self, saga: records.SagaRecord, event: machine.Event, now: float) -> records.SagaRecord:
         transition = machine.decide(self.plan, saga, event, now)
         final = transition.saga.is_final
         in_flight = bool(machine.due_calls(self.plan, transition.saga, now))
@@ -155,8 +155,8 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
     finally:
         await old.close()
     assert backing_off.step("reserve_stock").next_attempt_at is not None
-    assert waiting.step("charge_card").state == machine.STEP_WAITING
-    assert done.state == machine.SUCCEEDED and running.state == machine.RUNNING
+    assert waiting.step("charge_card").state == records.STEP_WAITING
+    assert done.state == records.SUCCEEDED and running.state == records.RUNNING
 
     # This release will not run on the old schema: it names the command to run.
     with pytest.raises(SchemaMismatch, match="compensa migrate"):

@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from participant_helpers import checkout_input
 from participants.sdk import pack
 from participants.server import start_server
@@ -46,8 +47,8 @@ from recording_participant import RecordingParticipant, StepBehaviour
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 S = saga_pb2
-FINAL = frozenset({S.SAGA_STATE_SUCCEEDED, S.SAGA_STATE_COMPENSATED, S.SAGA_STATE_FAILED})
-FINAL_EVENTS = frozenset({S.EVENT_TYPE_SAGA_SUCCEEDED, S.EVENT_TYPE_SAGA_COMPENSATED, S.EVENT_TYPE_SAGA_FAILED})
+FINAL = FINAL_SAGA_STATES
+FINAL_EVENTS = frozenset(ENDING_EVENTS.values())
 
 LEASE_SECONDS = 2.0
 SCHEDULER_POLL_SECONDS = 1.0  # orchestrator/engine.py _POLL_SECONDS

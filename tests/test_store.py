@@ -20,9 +20,10 @@ import pytest
 import sqlalchemy as sa
 from compensa.v1 import definition_pb2, saga_pb2
 
-from orchestrator import machine
+from orchestrator import machine, records
 from orchestrator.definitions import definition_fingerprint, load_definition_file
-from orchestrator.machine import Plan, SagaRecord, Transition
+from orchestrator.machine import Plan, Transition
+from orchestrator.records import SagaRecord
 from orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
 from orchestrator.store.schema import saga_steps as saga_steps_table
 from orchestrator.store.schema import sagas as sagas_table
@@ -191,7 +192,7 @@ async def test_read_log_pages_by_position_and_filters(store: SqlSagaStore) -> No
     assert paged == everything
     only_parallel = await store.read_log(0, 1000, definition_name="checkout-parallel")
     assert {e.saga_id for e in only_parallel} == {"s2"} and len(only_parallel) == 3
-    succeeded = await store.read_log(0, 1000, saga_state=machine.SUCCEEDED)
+    succeeded = await store.read_log(0, 1000, saga_state=records.SUCCEEDED)
     assert [e.event.type for e in succeeded] == [S.EVENT_TYPE_SAGA_SUCCEEDED]
 
 
@@ -317,7 +318,7 @@ async def test_claim_due_takes_only_due_active_sagas_without_a_live_lease(store:
     await _create(store, plan, "held-live", owner="replica-a", now=now - 10)  # lease until now + 20
     await _create(store, plan, "held-expired", owner="replica-a", now=now - 40)  # lease until now - 10
     finished = await _finish(store, plan, await _create(store, plan, "finished", release=True, due_at=now - 5), now)
-    assert finished.state == machine.SUCCEEDED
+    assert finished.state == records.SUCCEEDED
     # Even a final saga left with a due time is never claimed.
     final_due = await _finish(store, plan, await _create(store, plan, "final-due", release=True, due_at=now - 5), now)
     async with store.engine.begin() as conn:
@@ -420,7 +421,7 @@ async def test_concurrent_claims_never_take_the_same_saga(make_postgres_url: Cal
 def _filler(saga: SagaRecord, count: int, now: float) -> Transition:
     """A transition that only appends `count` log entries: enough for the log's ordering."""
     events = tuple(
-        machine.LogEvent(sequence=saga.sequence + k, type=S.EVENT_TYPE_STEP_RETRY_SCHEDULED, time=now,
+        records.LogEvent(sequence=saga.sequence + k, type=S.EVENT_TYPE_STEP_RETRY_SCHEDULED, time=now,
                          saga_state=saga.state, step_name="reserve_stock", attempt=k)
         for k in range(1, count + 1)
     )
@@ -502,10 +503,10 @@ async def test_list_sagas_filters_by_state_definition_and_staleness(store: SqlSa
         return [saga.saga_id for saga in await store.list_sagas(**options)]  # type: ignore[arg-type]
 
     assert await ids() == ["recent", "other", "done", "running"]
-    assert await ids(state=machine.SUCCEEDED) == ["done"]
-    assert await ids(state=machine.RUNNING) == ["recent", "other", "running"]
+    assert await ids(state=records.SUCCEEDED) == ["done"]
+    assert await ids(state=records.RUNNING) == ["recent", "other", "running"]
     assert await ids(definition_name="checkout-parallel") == ["other"]
-    assert await ids(definition_name="checkout", state=machine.RUNNING) == ["recent", "running"]
+    assert await ids(definition_name="checkout", state=records.RUNNING) == ["recent", "running"]
     # Stuck: active and not updated since; a final saga is never stuck.
     assert await ids(updated_before=T0 + 10) == ["other", "running"]
     listed = await store.list_sagas(state=0, definition_name="", updated_before=None, page_size=10, after=None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compensa.v1 import saga_pb2
 
-from orchestrator.machine import LogEvent
+from orchestrator.records import LogEvent
 from orchestrator.store import StoredEvent
 from orchestrator.streams import _Feed, _Reader
 

@@ -31,7 +31,7 @@ from aiohttp import web
 from compensa.v1 import saga_pb2
 from google.protobuf import any_pb2, descriptor_pool
 
-from orchestrator import machine, payloads
+from orchestrator import payloads, records
 from orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.dashboard import gantt
 from orchestrator.definitions._durations import shorthand_to_json
@@ -509,10 +509,10 @@ def _stream_client(identity: Identity, request: web.Request) -> str:
     return f"client {request.remote}"
 
 
-def _row(saga: machine.SagaRecord) -> dict[str, Any]:
+def _row(saga: records.SagaRecord) -> dict[str, Any]:
     active = next(
-        (step.name for step in saga.steps if step.state in (machine.STEP_RUNNING, machine.STEP_WAITING,
-                                                            machine.STEP_COMPENSATING)),
+        (step.name for step in saga.steps if step.state in (records.STEP_RUNNING, records.STEP_WAITING,
+                                                            records.STEP_COMPENSATING)),
         "",
     )
     return {
@@ -524,7 +524,7 @@ def _row(saga: machine.SagaRecord) -> dict[str, Any]:
         "step": active,
         "created": saga.created_at,
         "updated": saga.updated_at,
-        "awaiting_person": saga.state == machine.FAILED and not saga.resolution_note,
+        "awaiting_person": records.awaits_a_person(saga),
     }
 
 
@@ -543,10 +543,10 @@ def _event_row(stored: StoredEvent) -> dict[str, Any]:
     }
 
 
-def _available_actions(saga: machine.SagaRecord) -> list[str]:
-    if saga.state == machine.RUNNING:
+def _available_actions(saga: records.SagaRecord) -> list[str]:
+    if saga.state == records.RUNNING:
         return ["cancel"]
-    if saga.state == machine.FAILED and not saga.resolution_note:
+    if records.awaits_a_person(saga):
         return ["retry", "resolve"]
     return []
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from compensa.v1 import saga_pb2
 
-from orchestrator.machine import LogEvent
+from orchestrator.records import LogEvent
 
 E = saga_pb2
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from compensa.v1 import definition_pb2
 
-from orchestrator.machine import LogEvent, SagaRecord
+from orchestrator.records import LogEvent, SagaRecord
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from orchestrator.errors import RejectedWrite, StoreUnavailable
-from orchestrator.machine import (
-    COMPENSATED,
+from orchestrator.records import (
+    ACTIVE_SAGA_STATES,
     FAILED,
     FINAL_SAGA_STATES,
     RUNNING,
-    SUCCEEDED,
     LogEvent,
     SagaRecord,
     StepRecord,
@@ -64,7 +63,10 @@ log = logging.getLogger("compensa.store")
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
 
-_ACTIVE_STATES = tuple(sorted({1, 2, 3, 4, 5} - FINAL_SAGA_STATES))
+_ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
+_FINAL_STATES = tuple(sorted(FINAL_SAGA_STATES))
+# records.awaits_a_person, in SQL.
+_AWAITS_A_PERSON = sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")
 
 
 def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:
@@ -666,10 +668,8 @@ class SqlSagaStore(SagaStore):
             )
 
     async def purge_finished(self, *, finished_before: float, limit: int) -> int:
-        done_with = sa.or_(
-            sagas.c.state.in_((SUCCEEDED, COMPENSATED)),
-            sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note != ""),
-        )
+        # records.done_for_good, in SQL.
+        done_with = sa.and_(sagas.c.state.in_(_FINAL_STATES), sa.not_(_AWAITS_A_PERSON))
         victims = self._skip_locked(
             sa.select(sagas.c.saga_id).where(done_with, sagas.c.updated_at < finished_before).limit(limit)
         )
@@ -722,7 +722,7 @@ class SqlSagaStore(SagaStore):
             sagas.c.state,
             sa.func.count(),
             how_many(sa.and_(sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before)),
-            how_many(sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")),
+            how_many(_AWAITS_A_PERSON),
             sa.func.min(sagas.c.updated_at),
         ).group_by(sagas.c.definition_name, sagas.c.state).order_by(sagas.c.definition_name, sagas.c.state)
         if definition_name:

@@ -1,0 +1,147 @@
+"""The domain records: a saga, its steps and its log entries as stored, and
+the saga and step states with the sets they fall into.
+
+The machine decides on these, the engine writes them, the store persists
+them and the API shows them; this module imports none of those, so each of
+them can import it. What a state means (final, active, awaiting a person) is
+written here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from compensa.v1 import saga_pb2
+
+SagaState = int
+StepState = int
+EventType = int
+
+RUNNING = saga_pb2.SAGA_STATE_RUNNING
+COMPENSATING = saga_pb2.SAGA_STATE_COMPENSATING
+SUCCEEDED = saga_pb2.SAGA_STATE_SUCCEEDED
+COMPENSATED = saga_pb2.SAGA_STATE_COMPENSATED
+FAILED = saga_pb2.SAGA_STATE_FAILED
+#: States a saga never leaves on its own (FAILED only by a person's retry).
+FINAL_SAGA_STATES: frozenset[SagaState] = frozenset({SUCCEEDED, COMPENSATED, FAILED})
+#: States in which a saga is still being driven: every state but the final ones.
+ACTIVE_SAGA_STATES: frozenset[SagaState] = frozenset({RUNNING, COMPENSATING})
+
+STEP_PENDING = saga_pb2.STEP_STATE_PENDING
+STEP_RUNNING = saga_pb2.STEP_STATE_RUNNING
+STEP_WAITING = saga_pb2.STEP_STATE_WAITING
+STEP_SUCCEEDED = saga_pb2.STEP_STATE_SUCCEEDED
+STEP_FAILED = saga_pb2.STEP_STATE_FAILED
+STEP_COMPENSATING = saga_pb2.STEP_STATE_COMPENSATING
+STEP_COMPENSATED = saga_pb2.STEP_STATE_COMPENSATED
+STEP_COMPENSATION_FAILED = saga_pb2.STEP_STATE_COMPENSATION_FAILED
+
+E = saga_pb2  # event type constants: E.EVENT_TYPE_...
+
+#: The event that ends a saga in each final state.
+ENDING_EVENTS: dict[SagaState, EventType] = {
+    SUCCEEDED: E.EVENT_TYPE_SAGA_SUCCEEDED,
+    COMPENSATED: E.EVENT_TYPE_SAGA_COMPENSATED,
+    FAILED: E.EVENT_TYPE_SAGA_FAILED,
+}
+
+
+class HasState(Protocol):
+    """A saga in any form: a SagaRecord or the API's Saga message."""
+
+    @property
+    def state(self) -> int: ...
+
+    @property
+    def resolution_note(self) -> str: ...
+
+
+def awaits_a_person(saga: HasState) -> bool:
+    """FAILED and nobody resolved it yet: it needs a person's retry or resolve."""
+    return saga.state == FAILED and not saga.resolution_note
+
+
+def done_for_good(saga: HasState) -> bool:
+    """Finished and needing nobody: SUCCEEDED, COMPENSATED, or FAILED and
+    resolved by a person (what retention may delete)."""
+    return saga.state in FINAL_SAGA_STATES and not awaits_a_person(saga)
+
+
+def state_name(state: SagaState) -> str:
+    """SAGA_STATE_RUNNING -> "RUNNING"."""
+    return saga_pb2.SagaState.Name(state).removeprefix("SAGA_STATE_")  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step of a saga as stored."""
+
+    name: str
+    state: StepState = STEP_PENDING
+    attempts: int = 0  # Execute attempts that ended in a transient error
+    compensate_attempts: int = 0
+    output: bytes | None = None  # serialized google.protobuf.Any
+    last_error: str = ""
+    # The outcome of an Execute is unknown (e.g. DEADLINE_EXCEEDED): compensate
+    # it if it is compensable, to be safe.
+    effect_uncertain: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    # When the next attempt is due (backoff), or when a WAITING step times out.
+    next_attempt_at: float | None = None
+
+
+@dataclass(frozen=True)
+class SagaRecord:
+    """A saga as stored: its row plus its steps in definition order."""
+
+    saga_id: str
+    definition_name: str
+    definition_version: int
+    state: SagaState
+    sequence: int
+    input: bytes  # serialized google.protobuf.Any
+    created_at: float
+    updated_at: float
+    steps: tuple[StepRecord, ...]
+    failure_reason: str = ""
+    resolution_note: str = ""
+
+    def step(self, name: str) -> StepRecord:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        raise KeyError(name)
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_SAGA_STATES
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """An entry for the saga's event log, produced by a transition."""
+
+    sequence: int
+    type: EventType
+    time: float
+    saga_state: SagaState
+    step_name: str = ""
+    step_state: StepState = saga_pb2.STEP_STATE_UNSPECIFIED
+    attempt: int = 0
+    message: str = ""
+    actor: str = ""
+
+
+def takeover_event(saga: SagaRecord, *, by: str, previous: str, why: str, now: float) -> LogEvent:
+    """The log entry of replica `by` taking `saga` over from replica
+    `previous`, numbered after the saga's latest event."""
+    return LogEvent(
+        sequence=saga.sequence + 1,
+        type=E.EVENT_TYPE_TAKEN_OVER,
+        time=now,
+        saga_state=saga.state,
+        message=f"replica {by} took the saga over from replica {previous}: {why}",
+        actor=by,
+    )
