@@ -20,20 +20,21 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import machine, records
+from orchestrator.changes import ChangeSignal
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
-from orchestrator.views import timestamp
+from orchestrator.timestamps import timestamp
 from participants.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
@@ -108,44 +109,6 @@ def _b64(raw: bytes) -> str:
 
 def _token_mac(key: bytes, payload: str) -> str:
     return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest()[:16])
-
-
-class ChangeSignal:
-    """Tells log readers that sagas changed. A wake-up is a hint to re-read
-    the log; only this process's own commits may be handed over as data, and
-    only to a taker that can prove it misses nothing (`take_committed`)."""
-
-    def __init__(self) -> None:
-        self._listeners: set[asyncio.Event] = set()
-
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Event]:
-        """An event set whenever sagas change; clear it before re-reading."""
-        event = asyncio.Event()
-        self._listeners.add(event)
-        try:
-            yield event
-        finally:
-            self._listeners.discard(event)
-
-    def notify(self, saga_ids: list[str] | None) -> None:
-        """Sagas changed (None: anything may have)."""
-        if saga_ids is None or saga_ids:
-            for event in self._listeners:
-                event.set()
-
-    #: Takes events this process just committed, in position order; returns
-    #: False when it cannot use them (then readers are woken to re-read).
-    take_committed: Callable[[list[StoredEvent]], bool] | None = None
-
-    def wants_committed(self) -> bool:
-        return self.take_committed is not None
-
-    def committed(self, events: list[StoredEvent]) -> None:
-        """Events this process just committed: handed over without a re-read
-        when the taker can use them, else a plain wake-up."""
-        if self.take_committed is None or not self.take_committed(events):
-            self.notify(None)
 
 
 class TransitionWriter:

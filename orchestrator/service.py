@@ -55,7 +55,8 @@ from orchestrator.page_tokens import issue_page_token, read_page_token
 from orchestrator.operations import operator_event
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.store import ParticipantAddress
-from orchestrator.views import EventViews, saga_message, timestamp
+from orchestrator.timestamps import timestamp
+from orchestrator.views import EventViews, saga_message
 
 log = logging.getLogger("compensa.service")
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from orchestrator.engine import ChangeSignal
+from orchestrator.changes import ChangeSignal
 from orchestrator.errors import StoreUnavailable
 from orchestrator.store import SagaStore, StoredEvent
 
@@ -99,7 +99,7 @@ class LogTail:
         self._position: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
-        changes.take_committed = self._take_committed
+        self._commits = changes.on_commit(self._take_committed)
 
     def _take_committed(self, events: list[StoredEvent]) -> bool:
         """This process's own commits, without reading them back: usable
@@ -111,6 +111,7 @@ class LogTail:
         return True
 
     async def stop(self) -> None:
+        self._commits.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -122,7 +123,8 @@ class LogTail:
         await self._started.wait()
 
     async def _run(self) -> None:
-        with self._changes.subscribe() as changed:
+        changed = asyncio.Event()
+        with self._changes.on_change(changed.set):
             while True:
                 try:
                     if self._position is None:

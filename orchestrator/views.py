@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 from compensa.v1 import saga_pb2
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 
 from orchestrator import machine, records
 from orchestrator.store import StoredEvent
-
-
-def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
-    if seconds is None:
-        return None
-    whole = int(seconds)
-    return timestamp_pb2.Timestamp(seconds=whole, nanos=int((seconds - whole) * 1e9))
+from orchestrator.timestamps import timestamp
 
 
 def _attempts_made(step: records.StepRecord) -> int:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compensa.v1 import saga_pb2
 
+from orchestrator.changes import ChangeSignal
 from orchestrator.records import LogEvent
-from orchestrator.store import StoredEvent
-from orchestrator.streams import _Feed, _Reader
+from orchestrator.store import StoredEvent, open_store
+from orchestrator.streams import LogTail, _Feed, _Reader
 
 
 def _event(position: int) -> StoredEvent:
@@ -38,3 +41,46 @@ def test_a_reader_more_than_capacity_behind_is_told_to_catch_up_and_memory_stays
     # Exactly `capacity` behind is still served, from the events kept.
     at_edge = _Reader(feed, feed.end - feed.capacity)
     assert [e.position for e in feed.read(at_edge, 10) or []] == [98, 99, 100]
+
+
+def test_the_change_signal_hands_commits_to_its_takers_and_wakes_readers_when_one_cannot_use_them() -> None:
+    changes = ChangeSignal()
+    woken: list[str] = []
+    taken: list[list[int]] = []
+    usable = True
+
+    def take(events: list[StoredEvent]) -> bool:
+        taken.append([event.position for event in events])
+        return usable
+
+    with changes.on_change(lambda: woken.append("wake")):
+        assert not changes.wants_committed()
+        changes.committed([_event(1)])  # nobody takes them: a plain wake-up
+        assert woken == ["wake"]
+        subscription = changes.on_commit(take)
+        assert changes.wants_committed()
+        changes.committed([_event(2), _event(3)])
+        assert taken == [[2, 3]] and woken == ["wake"]
+        usable = False
+        changes.committed([_event(5)])
+        assert taken == [[2, 3], [5]] and woken == ["wake", "wake"]
+        subscription.cancel()
+        subscription.cancel()
+        assert not changes.wants_committed()
+        changes.notify(["saga"])
+        changes.notify([])  # nothing changed: nobody is woken
+        assert taken == [[2, 3], [5]] and woken == ["wake"] * 3
+    changes.notify(None)
+    assert woken == ["wake"] * 3
+
+
+async def test_a_stopped_log_tail_takes_no_more_commits(tmp_path: Path) -> None:
+    changes = ChangeSignal()
+    store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}")
+    try:
+        tail = LogTail(store, changes, buffer_size=4, reread_seconds=1.0)
+        assert changes.wants_committed()
+        await tail.stop()
+        assert not changes.wants_committed()
+    finally:
+        await store.close()
