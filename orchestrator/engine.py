@@ -12,15 +12,11 @@ is due, and claims the sagas of a replica whose lease expired.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
-import hashlib
-import hmac
-import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from compensa.v1 import definition_pb2, participant_pb2
@@ -30,12 +26,14 @@ from orchestrator import machine, records
 from orchestrator.changes import ChangeSignal
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
+from orchestrator.definitions import definition_fingerprint, validate_definition
+from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.timestamps import timestamp
-from participants.database import DEFAULT_DATABASE_TIMEOUT
+from orchestrator.tokens import completion_token
+from orchestrator.writer import TransitionWriter
 
 log = logging.getLogger("compensa.engine")
 
@@ -71,26 +69,6 @@ async def purge_finished(store: SagaStore, finished_before: float) -> int:
             return total
 
 
-def completion_token(key: bytes, saga_id: str, step: str) -> str:
-    """The token a long-running step reports its outcome with: the saga and
-    the step, signed with the deployment's key so that only whoever received
-    the ExecuteRequest can complete that step."""
-    payload = _b64(json.dumps([saga_id, step], separators=(",", ":")).encode())
-    return f"{payload}.{_token_mac(key, payload)}"
-
-
-def parse_completion_token(key: bytes, token: str) -> tuple[str, str]:
-    """(saga id, step name) of a completion token; ValueError if it is
-    malformed or was not signed with `key`."""
-    payload, dot, mac = token.rpartition(".")
-    if not dot or not hmac.compare_digest(mac, _token_mac(key, payload)):
-        raise ValueError("completion token not issued by this deployment")
-    saga_id, step = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    if not isinstance(saga_id, str) or not isinstance(step, str):
-        raise ValueError("malformed completion token")
-    return saga_id, step
-
-
 def _external_cause(event: machine.Event) -> str:
     """Why an operator action or a step completion took a saga over."""
     match event:
@@ -101,100 +79,6 @@ def _external_cause(event: machine.Event) -> str:
         case machine.ResolveRequested(actor=actor):
             return f"ResolveSaga by {actor or 'an operator'}"
     return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
-
-
-def _b64(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _token_mac(key: bytes, payload: str) -> str:
-    return _b64(hmac.new(key, payload.encode(), hashlib.sha256).digest()[:16])
-
-
-class TransitionWriter:
-    """Group commit: transitions submitted while a flush runs go in the next
-    one, so many sagas share one transaction without any added delay.
-
-    A submitter waits at most `timeout` seconds for its flush: then it gets
-    StoreUnavailable, and its write is dropped unless a flush already took it
-    (it may then still land: the outcome is unknown, as for a lost answer).
-    """
-
-    def __init__(
-        self,
-        store: SagaStore,
-        on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
-        metrics: Metrics,
-        max_batch: int = 256,
-        timeout: float = DEFAULT_DATABASE_TIMEOUT,
-    ) -> None:
-        self._store = store
-        self._on_commit = on_commit
-        self._metrics = metrics
-        self._max_batch = max_batch
-        self._timeout = timeout
-        self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="compensa-writer")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def submit(self, write: SagaWrite) -> WriteResult:
-        future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
-        await self._queue.put((write, future))
-        try:
-            # Cancels the future on expiry, which keeps the write out of later flushes.
-            async with asyncio.timeout(self._timeout):
-                return await future
-        except TimeoutError:
-            raise StoreUnavailable(
-                f"the database did not confirm the write within {self._timeout:g}s; it may still land, retry"
-            ) from None
-
-    async def _run(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            # Submitters that stopped waiting (their timeout) were told it failed.
-            batch = [item for item in batch if not item[1].done()]
-            if batch:
-                await self._flush(batch)
-
-    async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
-        """Commits `batch`. When the database refuses a value of one write,
-        nothing landed: the batch is split in halves and each half retried, so
-        only the offending writes fail (with RejectedWrite) and the rest land."""
-        began = time.perf_counter()
-        try:
-            results = await self._store.commit([write for write, _ in batch])
-        except RejectedWrite as error:
-            if len(batch) == 1:
-                write, future = batch[0]
-                log.warning("saga %s: the database refused its write: %s", write.saga.saga_id, error)
-                if not future.done():
-                    future.set_exception(error)
-                return
-            middle = len(batch) // 2
-            await self._flush(batch[:middle])
-            await self._flush(batch[middle:])
-            return
-        except Exception as error:  # the callers decide how to retry
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        self._metrics.flushed(len(batch), time.perf_counter() - began)
-        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-        for (_, future), result in zip(batch, results):
-            if not future.done():
-                future.set_result(result)
 
 
 @dataclass
@@ -371,9 +255,33 @@ class SagaEngine:
                 self._latest[name] = (definition.version, time.monotonic() + _LATEST_SECONDS)
         return plan
 
-    def forget_latest(self, name: str) -> None:
-        """A new version of `name` was registered here."""
-        self._latest.pop(name, None)
+    async def register_definition(
+        self, definition: definition_pb2.SagaDefinition, *, source: str
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Validates and stores a definition; identical content keeps its
+        version, and a new version is the latest here at once.
+
+        Every participant it names must have an address (FAILED_PRECONDITION).
+        Validation runs in a worker thread: a large definition must not hold up
+        the event loop (health checks, every other request)."""
+        normalized = await asyncio.to_thread(validate_definition, definition, source=source)
+        normalized.version = 0
+        await self.refresh_participants()
+        unknown = self.unknown_participants(normalized)
+        if unknown:
+            names = ", ".join(repr(name) for name in unknown)
+            raise FailedPrecondition(
+                f"{source}: definition {normalized.name!r} names participant(s) with no address: {names}."
+                f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
+                " or write the participant as HOST:PORT"
+            )
+        stored, created = await self.store.register_definition(
+            normalized, definition_fingerprint(normalized), self.clock.now()
+        )
+        if created:
+            self._latest.pop(stored.name, None)
+        self.metrics.know_definition(stored.name)
+        return stored, created
 
     # -- writes
 

@@ -21,7 +21,7 @@ from orchestrator.dashboard import RunningDashboard, start_dashboard
 from orchestrator.definitions import load_definitions
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, StoreUnavailable
-from orchestrator.service import OrchestratorService, register_definition, service_handler
+from orchestrator.service import OrchestratorService, service_handler
 from orchestrator.store import open_store
 from participants.health import DatabaseHealth
 from participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
@@ -92,7 +92,7 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
                 running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
             )
             for definition in definitions:
-                stored, created = await register_definition(running.engine, definition, source="definitions")
+                stored, created = await running.engine.register_definition(definition, source="definitions")
                 if created:
                     log.info("registered definition %s version %d", stored.name, stored.version)
             break

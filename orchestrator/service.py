@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import duration_pb2, message, message_factory
 
 from orchestrator import machine, payloads, records
@@ -26,10 +26,8 @@ from orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
-    definition_fingerprint,
-    validate_definition,
 )
-from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine, parse_completion_token
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from orchestrator.errors import (
     AlreadyExists,
     CompensaError,
@@ -56,6 +54,7 @@ from orchestrator.operations import operator_event
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.store import ParticipantAddress
 from orchestrator.timestamps import timestamp
+from orchestrator.tokens import parse_completion_token
 from orchestrator.views import EventViews, saga_message
 
 log = logging.getLogger("compensa.service")
@@ -607,7 +606,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if size > MAX_DEFINITION_BYTES:
             raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         self._in_scope(context, "RegisterDefinition", request.definition.name)
-        definition, created = await register_definition(self._engine, request.definition, source="request")
+        definition, created = await self._engine.register_definition(request.definition, source="request")
         return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
 
     @_answer_errors
@@ -689,31 +688,3 @@ def _participant_message(stored: ParticipantAddress) -> orchestrator_pb2.Partici
         name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
         updated_by=stored.updated_by,
     )
-
-
-async def register_definition(
-    engine: SagaEngine, definition: definition_pb2.SagaDefinition, *, source: str
-) -> tuple[definition_pb2.SagaDefinition, bool]:
-    """Validates and stores a definition; identical content keeps its version.
-
-    Every participant it names must have an address (FAILED_PRECONDITION).
-    Validation runs in a worker thread: a large definition must not hold up
-    the event loop (health checks, every other request)."""
-    normalized = await asyncio.to_thread(validate_definition, definition, source=source)
-    normalized.version = 0
-    await engine.refresh_participants()
-    unknown = engine.unknown_participants(normalized)
-    if unknown:
-        names = ", ".join(repr(name) for name in unknown)
-        raise FailedPrecondition(
-            f"{source}: definition {normalized.name!r} names participant(s) with no address: {names}."
-            f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
-            " or write the participant as HOST:PORT"
-        )
-    stored, created = await engine.store.register_definition(
-        normalized, definition_fingerprint(normalized), engine.clock.now()
-    )
-    if created:
-        engine.forget_latest(stored.name)
-    engine.metrics.know_definition(stored.name)
-    return stored, created

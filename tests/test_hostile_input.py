@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from orchestrator import machine
 from orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
-from orchestrator.engine import completion_token
+from orchestrator.tokens import completion_token
 from orchestrator.errors import ERROR_DOMAIN, RejectedWrite
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 

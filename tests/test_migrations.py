@@ -28,7 +28,7 @@ from harness import CHECKOUT, checkout_input, checkout_stack
 from orchestrator import machine, records
 from orchestrator.config import ServerConfig
 from orchestrator.definitions import definition_fingerprint, load_definition_file
-from orchestrator.engine import completion_token
+from orchestrator.tokens import completion_token
 from orchestrator.errors import SchemaMismatch
 from orchestrator.server import start_orchestrator
 from orchestrator.store import SagaWrite, SqlSagaStore, open_store

@@ -14,7 +14,7 @@ from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from harness import FINAL, checkout_input, poll_until, scrape
 from orchestrator.config import ServerConfig
-from orchestrator.engine import completion_token
+from orchestrator.tokens import completion_token
 from orchestrator.server import RunningOrchestrator, start_orchestrator
 from scripted_participant import ScriptedParticipant, serve_scripted
 
