@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants import tracing
 from participants.faults import FaultPlan
 from participants.tls import TlsFiles
 from participants.fraud import FraudParticipant
@@ -189,3 +190,4 @@ async def serve_participant(
             loop.remove_signal_handler(signum)
         logger.info("%s participant on %s stopping", kind, running.address)
         await running.stop(grace=5.0)
+        tracing.shutdown()
