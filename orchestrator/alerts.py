@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -24,13 +25,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from orchestrator import machine
 from orchestrator.clock import SharedClock
 from orchestrator.errors import StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.store import PendingAlert, SagaStore
 from participants.tracing import trace_id_of
 
-__all__ = ["AlertDelivery", "alert_body"]
+__all__ = ["AlertDelivery", "alert_body", "stuck_alert"]
 
 log = logging.getLogger("compensa.alerts")
 
@@ -63,6 +65,21 @@ def alert_body(alert: PendingAlert) -> dict[str, Any]:
         "delivery_attempt": alert.attempts,
         "trace_id": trace_id_of(alert.trace_parent),
     }
+
+
+def stuck_alert(saga: machine.SagaRecord, now: float) -> machine.Transition:
+    """The ALERT_RAISED event for a saga that has not moved since its
+    `updated_at`. Unlike a transition it leaves `updated_at` alone: the saga
+    still reads as stuck, and raises no second alert until it moves again
+    (its last event is then no longer this one)."""
+    event = machine.LogEvent(
+        sequence=saga.sequence + 1,
+        type=machine.E.EVENT_TYPE_ALERT_RAISED,
+        time=now,
+        saga_state=saga.state,
+        message=f"stuck: {machine.state_name(saga.state)} with no change for {now - saga.updated_at:.1f}s",
+    )
+    return machine.Transition(dataclasses.replace(saga, sequence=event.sequence), (event,))
 
 
 def backoff_seconds(attempts: int) -> float:

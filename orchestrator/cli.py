@@ -274,6 +274,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
              " until answered 2xx (default: alerts are only events, log lines and a metric)",
     )
     parser.add_argument(
+        "--alert-stuck-after", type=parse_duration, metavar="DURATION",
+        help="raise an alert for a running or compensating saga that has not changed for this long, once per"
+             " stall, e.g. 15m (default: none)",
+    )
+    parser.add_argument(
         "--alert-webhook-timeout", type=parse_duration, metavar="DURATION",
         help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
              " to another replica after about this long",
@@ -498,6 +503,10 @@ def _serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.alert_webhook is not None:
         config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
+    if args.alert_stuck_after is not None:
+        config = dataclasses.replace(
+            config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
+        )
     if args.alert_webhook_timeout is not None:
         config = dataclasses.replace(
             config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")

@@ -27,7 +27,7 @@ from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
 from orchestrator import logs, machine
-from orchestrator.alerts import AlertDelivery
+from orchestrator.alerts import AlertDelivery, stuck_alert
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
@@ -53,6 +53,8 @@ _PARTICIPANTS_SECONDS = 1.0
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
+# Stuck sagas are looked for at most this often (and four times per threshold).
+_STUCK_CHECK_SECONDS = 30.0
 
 
 async def purge_finished(store: SagaStore, finished_before: float) -> int:
@@ -278,6 +280,10 @@ class SagaEngine:
         ]
         if self.alerts is not None:
             self._tasks.append(asyncio.create_task(self.alerts.run(), name="compensa-alerts"))
+        if self.config.alert_stuck_seconds is not None:
+            self._tasks.append(
+                asyncio.create_task(self._alert_stuck(self.config.alert_stuck_seconds), name="compensa-stuck")
+            )
         if self.config.retention_seconds is not None:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
@@ -435,15 +441,39 @@ class SagaEngine:
                 raise FailedPrecondition(str(error)) from error
             if not transition.changed:
                 return saga
-            write = self._write_for(plan, transition, saga.sequence, None, set(), now)
-            result = await self.writer.submit(write)
-            if result.ok:
-                if not write.release:
-                    self._drive(transition.saga, result.epoch)
-                else:
-                    self._wake_scheduler(write.due_at)
+            if await self._take_over(plan, transition, saga.sequence, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    async def _take_over(
+        self, plan: machine.Plan, transition: machine.Transition, expected: int, now: float
+    ) -> bool:
+        """Writes a transition made outside the saga's driver (bumping the
+        epoch fences whichever replica held it) and drives the saga on if it
+        has calls due; whether the write landed."""
+        write = self._write_for(plan, transition, expected, None, set(), now)
+        result = await self.writer.submit(write)
+        if result.ok:
+            if not write.release:
+                self._drive(transition.saga, result.epoch)
+            else:
+                self._wake_scheduler(write.due_at)
+        return result.ok
+
+    async def _alert_stuck(self, stuck_after: float) -> None:
+        """Raises an alert for each saga stuck longer than `stuck_after`, once
+        per stall. Only sagas nobody holds are looked at, so no driver is
+        fenced; replicas racing for one alert it once (the write is guarded)."""
+        while True:
+            await asyncio.sleep(min(_STUCK_CHECK_SECONDS, stuck_after / 4))
+            try:
+                now = self.clock.now()
+                for saga in await self.store.find_stuck(stuck_before=now - stuck_after, now=now, limit=_CLAIM_BATCH):
+                    plan = await self.plan_for(saga.definition_name, saga.definition_version)
+                    now = self.clock.now()
+                    await self._take_over(plan, stuck_alert(saga, now), saga.sequence, now)
+            except StoreUnavailable as error:
+                log.warning("stuck sagas: %s", error)
 
     # -- driving
 

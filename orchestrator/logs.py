@@ -25,9 +25,16 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("compensa_log_context", default=None)
 
 
+# Binding copies a dict per call; until a JsonFormatter exists nothing reads
+# the fields, so text logs (the default) skip it.
+_wanted = False
+
+
 def bind(**fields: Any) -> None:
     """Adds saga fields to every line logged from now on in this task (and in
-    tasks it creates later); None values are left out."""
+    tasks it creates later), once a JsonFormatter exists; None values are left out."""
+    if not _wanted:
+        return
     current = _context.get()
     merged = dict(current) if current else {}
     merged.update((key, value) for key, value in fields.items() if value is not None)
@@ -36,6 +43,11 @@ def bind(**fields: Any) -> None:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
+
+    def __init__(self) -> None:
+        global _wanted
+        super().__init__()
+        _wanted = True
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {

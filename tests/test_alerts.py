@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -24,10 +25,14 @@ import sqlalchemy as sa
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from harness import checkout_input
+from harness import checkout_input, poll_until
 from orchestrator.alerts import backoff_seconds
 from orchestrator.cli import build_parser, main
+from orchestrator.config import ServerConfig
+from orchestrator.server import start_orchestrator
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
+from scripted_participant import ScriptedParticipant, serve_scripted
+from test_operations import FLOW
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -212,3 +217,64 @@ def test_a_webhook_that_is_not_an_http_url_is_refused(url: str, capsys: pytest.C
 def test_a_webhook_timeout_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--alert-webhook", "http://127.0.0.1:9/a", "--alert-webhook-timeout", "0s"]) == 2
     assert "--alert-webhook-timeout must be positive" in capsys.readouterr().err
+
+
+async def test_a_saga_stuck_past_the_threshold_raises_one_alert_per_stall(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    participant = ScriptedParticipant()
+    server, address = await serve_scripted(participant)
+    definition = tmp_path / "flow.yaml"
+    definition.write_text(FLOW.format(hold_timeout="30m", saga_timeout=""))
+    database_url = make_postgres_url()
+    orchestrator = await start_orchestrator(ServerConfig(
+        listen="127.0.0.1:0", database_url=database_url, definition_paths=(definition,),
+        participants={"scripted": address}, alert_stuck_seconds=0.4,
+    ))
+    try:
+        async with grpc.aio.insecure_channel(orchestrator.address) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+
+            async def events() -> list[saga_pb2.SagaEvent]:
+                """The log so far (a watch follows a saga until it ends)."""
+                saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="stalled"))).saga
+                read: list[saga_pb2.SagaEvent] = []
+                stream = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id="stalled", replay_history=True))
+                async for response in stream:
+                    read.append(response.event)
+                    if response.event.sequence >= saga.sequence:
+                        stream.cancel()
+                        break
+                return read
+
+            async def alerts() -> list[saga_pb2.SagaEvent]:
+                return [event for event in await events() if event.type == S.EVENT_TYPE_ALERT_RAISED]
+
+            participant.script("execute", "hold", "pending")  # waits for a report that never comes
+            await stub.StartSaga(orchestrator_pb2.StartSagaRequest(
+                saga_id="stalled", definition_name="flow", input=checkout_input()
+            ))
+            (alert,) = await poll_until(alerts, timeout=10)
+            assert alert.message.startswith("stuck: RUNNING with no change for ")
+            saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="stalled"))).saga
+            # Still stuck as far as anyone can see: the alert did not touch updated_at.
+            assert saga.update_time.ToMilliseconds() < alert.time.ToMilliseconds()
+            assert await _outbox_rows(database_url) == 1
+            # Several more checks (every 0.1 s) while it stays stuck: no second alert.
+            await asyncio.sleep(0.6)  # ok-sleep: proving that nothing more happens
+            assert len(await alerts()) == 1
+
+            # It moves on and ends: no further alert.
+            (call,) = participant.of("execute", "hold")
+            await stub.CompleteStep(orchestrator_pb2.CompleteStepRequest(
+                completion_token=call.token, result=orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED
+            ))
+            await poll_until(lambda: _ended(events), timeout=10)
+            assert len(await alerts()) == 1
+    finally:
+        await orchestrator.stop(0)
+        await server.stop(0)
+
+
+async def _ended(events: Callable[[], Any]) -> bool:
+    return any(event.type == S.EVENT_TYPE_SAGA_SUCCEEDED for event in await events())

@@ -238,6 +238,12 @@ class SagaStore(abc.ABC):
         """Counts by definition and state, by definition name then state;
         unfinished sagas last changed before `stuck_before` count as stuck."""
 
+    @abc.abstractmethod
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        """Unfinished sagas unchanged since before `stuck_before`, that no
+        replica holds under a live lease and whose last event is not an
+        ALERT_RAISED (not alerted since they last moved); oldest first."""
+
     # The alert outbox (rows are written by `commit` with ALERT_RAISED events)
 
     @abc.abstractmethod

@@ -703,6 +703,23 @@ class SqlSagaStore(SagaStore):
         return [StateSummary(name, state, count, int(stuck), int(unresolved), oldest)
                 for name, state, count, stuck, unresolved, oldest in rows]
 
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        alerted = sa.exists().where(
+            saga_events.c.saga_id == sagas.c.saga_id, saga_events.c.sequence == sagas.c.sequence,
+            saga_events.c.type == ALERT_RAISED,
+        )
+        query = (
+            sa.select(*_SAGA_COLUMNS)
+            .where(
+                sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before,
+                sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now), ~alerted,
+            )
+            .order_by(sagas.c.updated_at)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return await self._load_many(conn, (await conn.execute(query)).all())
+
     # -- the alert outbox
 
     async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
