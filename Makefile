@@ -16,7 +16,7 @@ help:
 	@echo "make test       run the whole test suite (PYTEST_ARGS=... passes through)"
 	@echo "make proto      regenerate generated/ from protos/"
 	@echo "make typecheck  mypy --strict over orchestrator/ and participants/"
-	@echo "make bench      run the benchmarks"
+	@echo "make bench      run the benchmarks, with the peers (PEERS=0 without; BENCH_ARGS=... passes options)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,15 @@ proto: $(INSTALLED)
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
 
-bench: $(INSTALLED)
-	$(BIN)/python bench/run.py
+# PEERS=0 leaves the peers (DBOS, Temporal) out, and their packages uninstalled;
+# BENCH_ARGS=... passes options to bench/run.py (see bench/README.md).
+PEERS ?= 1
+BENCH_ARGS ?=
+BENCH_PEERS_INSTALLED := $(VENV)/.compensa-bench-peers-installed
+
+$(BENCH_PEERS_INSTALLED): pyproject.toml | $(INSTALLED)
+	$(BIN)/python -m pip install -e ".[dev,bench]"
+	touch $@
+
+bench: $(INSTALLED) $(if $(filter 1,$(PEERS)),$(BENCH_PEERS_INSTALLED))
+	$(BIN)/python bench/run.py $(if $(filter 1,$(PEERS)),--peers) $(BENCH_ARGS)

@@ -41,12 +41,13 @@ def execute_request(saga_id: str, step: str, definition_name: str) -> participan
 class NullDriver:
     """Runs sagas that are nothing but their three participant calls."""
 
-    def __init__(self, participant: str) -> None:
+    def __init__(self, participant: str, steps: int = len(STEP_NAMES)) -> None:
         self._channel = grpc.aio.insecure_channel(participant)
         self._stub = participant_pb2_grpc.ParticipantServiceStub(self._channel)
+        self._steps = STEP_NAMES[:steps]
 
     async def _saga(self, saga_id: str) -> None:
-        for step in STEP_NAMES:
+        for step in self._steps:
             response = await self._stub.Execute(execute_request(saga_id, step, "bench"), timeout=_TIMEOUT_SECONDS)
             if response.result not in (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED):
                 raise RuntimeError(f"step {step} answered {response.result}")
@@ -76,16 +77,18 @@ class NullDriver:
         return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
 
 
-async def main_async(participant: str) -> None:
-    driver = NullDriver(participant)
+async def main_async(participant: str, steps: int) -> None:
+    driver = NullDriver(participant, steps)
     await serve_commands(driver.run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--participant", required=True, help="HOST:PORT of the no-op participant")
+    parser.add_argument("--steps", type=int, choices=range(1, len(STEP_NAMES) + 1), default=len(STEP_NAMES),
+                        help="Execute calls per saga (default 3; 1 measures single calls)")
     args = parser.parse_args()
-    asyncio.run(main_async(args.participant))
+    asyncio.run(main_async(args.participant, args.steps))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ keeps them open, consuming and counting whatever arrives:
   watch-saga   N WatchSaga streams with follow_after_end, one per saga id of
                --saga-ids (a file, one id a line, at least N of them); each
                starts with a snapshot of its saga.
+  dashboard-live  N dashboards with the saga list open: each a server-sent
+               event stream of /live (the whole log, as a browser's
+               EventSource reads it) from the dashboard at --http-url, each
+               on its own connection.
 
 Prints "ready N" once all N are open: for watch-saga when every stream has
 received its first message (the saga's snapshot, sent at once, so the server
@@ -34,6 +38,7 @@ import json
 import sys
 from typing import Any
 
+import aiohttp
 import grpc
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,6 +65,38 @@ class Subscribers:
         self._tasks: list[asyncio.Task[None]] = []
         self._calls: list[Any] = []
         self._first: list[asyncio.Future[None]] = []
+        self._sessions: list[aiohttp.ClientSession] = []
+
+    async def _follow_live(self, session: aiohttp.ClientSession, first: asyncio.Future[None]) -> None:
+        """One dashboard's live list: counts the events of each message."""
+        self.open += 1
+        try:
+            async with session.get(self._args.http_url.rstrip("/") + "/live") as response:
+                if response.status != 200:
+                    raise RuntimeError(f"/live answered {response.status}: {await response.text()}")
+                async for line in response.content:
+                    if not first.done():
+                        first.set_result(None)  # the server wrote its retry line: the stream is open
+                    if line.startswith(b"data: "):
+                        self.events += len(json.loads(line[6:]))
+        except (aiohttp.ClientError, RuntimeError) as error:
+            self.errors += 1
+            self.first_error = self.first_error or str(error)
+        finally:
+            self.open -= 1
+            if not first.done():
+                first.set_result(None)
+
+    async def _open_dashboards(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(self._args.count):
+            # Its own connection, as each browser has.
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+            self._sessions.append(session)
+            first: asyncio.Future[None] = loop.create_future()
+            self._first.append(first)
+            self._tasks.append(asyncio.create_task(self._follow_live(session, first)))
+        await asyncio.wait_for(asyncio.gather(*self._first), _OPEN_TIMEOUT)
 
     def _request(self, index: int, saga_ids: list[str]) -> tuple[Any, Any]:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channels[index // self._args.per_channel])
@@ -90,6 +127,11 @@ class Subscribers:
                 first.set_result(None)  # ended without an event: open_all sees it in self.open
 
     async def open_all(self) -> None:
+        if self._args.kind == "dashboard-live":
+            await self._open_dashboards()
+            if self.open != self._args.count:
+                raise SystemExit(f"subscribers: {self.open} of {self._args.count} live lists open: {self.first_error}")
+            return
         saga_ids: list[str] = []
         if self._args.kind == "watch-saga":
             with open(self._args.saga_ids) as lines:
@@ -125,7 +167,10 @@ class Subscribers:
     async def close(self) -> None:
         for call in self._calls:
             call.cancel()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(session.close() for session in self._sessions))
         await asyncio.gather(*(channel.close() for channel in self._channels))
 
 
@@ -150,7 +195,8 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", required=True, help="orchestrator HOST:PORT")
-    parser.add_argument("--kind", choices=("watch-sagas", "watch-saga"), required=True)
+    parser.add_argument("--kind", choices=("watch-sagas", "watch-saga", "dashboard-live"), required=True)
+    parser.add_argument("--http-url", default="", help="dashboard-live: the dashboard's URL")
     parser.add_argument("--count", type=int, required=True, help="streams to open")
     parser.add_argument("--definition", default="", help="watch-sagas: definition filter (default: any)")
     parser.add_argument("--saga-state", default="", help="watch-sagas: saga_state filter, e.g. SAGA_STATE_FAILED")

@@ -14,25 +14,32 @@ import dataclasses
 import getpass
 import json
 import logging
+import math
 import os
 import re
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import descriptor_pool, duration_pb2, json_format
 from google.protobuf.message import Message
 
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestrator import payloads, timeline
+from orchestrator.auth import Role, parse_role
 from orchestrator.config import DEFAULT_LISTEN, ServerConfig
-from orchestrator.definitions import compile_proto_files, load_definitions, read_descriptor_set
-from orchestrator.errors import CompensaError
+from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
+from orchestrator.errors import CompensaError, quote
+from orchestrator.limits import INT32_MAX, INT64_MAX
 from orchestrator.logs import configure_logging
 from participants.faults import FaultPlan
+from participants.startup import ServingError
 from participants.tls import TlsConfigError, TlsFiles
 
 __all__ = ["main", "build_parser", "parse_saga_state", "parse_duration"]
@@ -45,9 +52,6 @@ EXIT_SAGA_ENDED_BADLY = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-_FINAL_STATES = frozenset(
-    {saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED}
-)
 #: `compensa watch --all` asks for up to this many events per message: a busy
 #: system costs the server one message per batch, not per event.
 _WATCH_ALL_BATCH = 100
@@ -57,12 +61,27 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _Command = Callable[[argparse.Namespace], int]
+_T = TypeVar("_T")
+#: What ends `compensa watch ID`: the saga is done for good.
+_END_EVENTS = frozenset(
+    {saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED, saga_pb2.EVENT_TYPE_SAGA_COMPENSATED, saga_pb2.EVENT_TYPE_OPERATOR_RESOLVED}
+)
+#: Stream errors after which `watch` opens the stream again (a replica stopping
+#: cancels its streams).
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A watch reconnects within a couple of seconds of its orchestrator coming
+#: back, instead of after gRPC's default backoff (1s growing to 2 minutes).
+_RECONNECT_QUICKLY = (("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 2000))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the `compensa` command line and returns its exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    for argument in arguments:
+        if not _is_text(argument):
+            parser.error(f"argument {argument.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text")
+    args = parser.parse_args(arguments)
     _configure_logging(args)
     command: _Command = args.command
     try:
@@ -70,16 +89,31 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"error: {_rpc_error_text(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except (CompensaError, TlsConfigError) as error:
+    except (CompensaError, TlsConfigError, ServingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, as every other error: `error: ...`, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_ERROR, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as surrogates
+        return False
+    return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `compensa` with every subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
@@ -89,9 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_options(parser, suppress_default=False)
     # Global options are accepted after the subcommand too; SUPPRESS keeps the
     # subcommand from overwriting a value given before it.
-    verbose_option = argparse.ArgumentParser(add_help=False)
+    verbose_option = _Parser(add_help=False)
     _add_verbose_option(verbose_option, suppress_default=True)
-    client_options = argparse.ArgumentParser(add_help=False)
+    client_options = _Parser(add_help=False)
     _add_verbose_option(client_options, suppress_default=True)
     _add_client_options(client_options, suppress_default=True)
     subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -117,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     participant_parser = add("participant", _participant, "Run one of the example checkout participants.", client=False)
     _add_participant(participant_parser)
     _add_log_format_option(participant_parser)
-    _add_log_format_option(add(
+    _add_demo(add(
         "demo",
         _demo,
         "Run a checkout that succeeds and one that compensates, all in this process.",
@@ -216,7 +250,7 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
         )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=_positive_float,
         default=default(DEFAULT_TIMEOUT_SECONDS),
         help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
         "streams have none",
@@ -224,7 +258,9 @@ def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bo
 
 
 def _add_serve(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})")
+    parser.add_argument(
+        "--listen", type=_host_port, default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})"
+    )
     parser.add_argument(
         "--db",
         default=os.environ.get("COMPENSA_DATABASE_URL"),
@@ -253,7 +289,8 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE",
         help="generated _pb2 module whose message types payloads use, repeatable; added to the defaults",
     )
-    parser.add_argument("--lease-seconds", type=float, help="how long this replica owns a saga without renewing")
+    parser.add_argument("--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing")
+    _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
@@ -268,6 +305,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
+    _add_access_options(parser)
     parser.add_argument(
         "--alert-webhook", type=_webhook_url, metavar="URL",
         help="POST every alert to this http(s) URL as JSON (see README, Alerts), retried from a durable outbox"
@@ -305,11 +343,87 @@ def _add_log_format_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-timeout", type=parse_duration, metavar="DURATION",
+        help="the longest any one wait on the database may take (connecting, a transaction); a call that cannot"
+             " reach the database answers UNAVAILABLE within about this long (default: 3s)",
+    )
+
+
+def _database_timeout(args: argparse.Namespace) -> float:
+    """--database-timeout in seconds, or the default."""
+    from participants.database import DEFAULT_DATABASE_TIMEOUT
+
+    if args.database_timeout is None:
+        return DEFAULT_DATABASE_TIMEOUT
+    return _positive_seconds(args.database_timeout, "--database-timeout")
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the web dashboard at http(s)://HOST:PORT/ (default: none)")
+    parser.add_argument(
+        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE",
+        help="give the client certificate NAME (CN or subject alternative name) a role: reader, starter or"
+             " operator; repeatable (needs --tls-client-ca)",
+    )
+    parser.add_argument(
+        "--tokens", type=Path, metavar="FILE",
+        help="bearer tokens with their identities, roles and definition scopes (YAML or JSON; see README)",
+    )
+    parser.add_argument("--jwt-keys", type=Path, metavar="FILE",
+                        help="a JSON Web Key Set: accept JWTs signed by its keys as bearer tokens (claims sub, role,"
+                             " definitions); needs compensa[jwt]")
+    parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
+    parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
+    parser.add_argument(
+        "--max-streams-per-client", type=int, default=0, metavar="N",
+        help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
+    )
+
+
+def _parse_certificate_role(text: str) -> tuple[str, Role]:
+    name, equals, role = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
+    try:
+        return name, parse_role(role)
+    except CompensaError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _host_port(text: str) -> str:
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT, e.g. 0.0.0.0:9464")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464")
     return text
+
+
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (the API field's range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is out of range: use {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{quote(text)} must be a positive number of seconds")
+    return value
 
 
 def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
@@ -336,7 +450,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
     from participants.server import PARTICIPANT_KINDS
 
     parser.add_argument("kind", choices=PARTICIPANT_KINDS, help="which participant to run")
-    parser.add_argument("--listen", required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to serve on")
     parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
     parser.add_argument(
         "--faults",
@@ -344,6 +458,7 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         metavar="SPEC",
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
+    _add_database_timeout_option(parser)
     _add_server_tls_options(parser, "the participant")
 
 
@@ -361,7 +476,9 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("definition", help="definition name")
     parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
     parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="definition version (default: latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="definition version (default: latest)"
+    )
     parser.add_argument(
         "--wait",
         action="store_true",
@@ -388,7 +505,9 @@ def _add_list(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stuck", type=parse_duration, metavar="DURATION", help="only unfinished sagas unchanged for this long, e.g. 10m"
     )
-    parser.add_argument("--page-size", type=int, default=0, metavar="N", help="sagas per page (server default 50)")
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="sagas per page (server default 50)"
+    )
     parser.add_argument("--all", action="store_true", help="follow every page")
     _add_json_option(parser)
 
@@ -437,7 +556,9 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
-    parser.add_argument("--version", type=int, default=0, metavar="N", help="with NAME: this version (default latest)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="with NAME: this version (default latest)"
+    )
     _add_json_option(parser)
 
 
@@ -446,7 +567,7 @@ def _add_watch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
     parser.add_argument(
         "--after",
-        type=int,
+        type=_int_from(0, INT64_MAX),
         default=0,
         metavar="N",
         help="resume after this sequence (one saga) or log position (--all)",
@@ -498,7 +619,17 @@ def _serve(args: argparse.Namespace) -> int:
         tls=_server_tls(args),
         participant_tls=_tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
         operators=tuple(args.operator),
+        database_timeout=_database_timeout(args),
+        certificate_roles=dict(args.role),
+        token_file=args.tokens,
+        jwt_keys=args.jwt_keys,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
+        http_listen=args.http,
     )
+    if args.max_streams_per_client < 0:
+        raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.alert_webhook is not None:
@@ -591,14 +722,27 @@ def _participant(args: argparse.Namespace) -> int:
     from participants.server import serve_participant
 
     tls = _server_tls(args)
-    asyncio.run(serve_participant(args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls))
+    asyncio.run(
+        serve_participant(
+            args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=tls,
+            database_timeout=_database_timeout(args),
+        )
+    )
     return EXIT_OK
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    _add_log_format_option(parser)
+    parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep the demo's orchestrator and dashboard up after the checkouts, until Ctrl-C")
 
 
 def _demo(args: argparse.Namespace) -> int:
     from orchestrator.demo import run_demo
 
-    return asyncio.run(run_demo())
+    return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
 
 
 def _start(args: argparse.Namespace) -> int:
@@ -650,6 +794,11 @@ def _register(args: argparse.Namespace) -> int:
         types = read_descriptor_set(args.descriptor_set)
     # Checked here first: an invalid file is named before anything is registered.
     definitions = load_definitions(args.paths, types=types)
+    if not definitions:
+        raise CompensaError(
+            f"no definition files ({', '.join('*' + suffix for suffix in DEFINITION_SUFFIXES)}) in "
+            + ", ".join(str(path) for path in args.paths)
+        )
     with _channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         for definition in definitions:
@@ -668,7 +817,7 @@ def _definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, obj
     bare = definition_pb2.SagaDefinition()
     bare.CopyFrom(definition)
     bare.ClearField("types")
-    shown: dict[str, object] = json_format.MessageToDict(bare, preserving_proto_field_name=True)
+    shown = _json_dict(bare)
     if definition.types.file:
         shown["types"] = {"files": [file.name for file in definition.types.file]}
     return shown
@@ -798,22 +947,92 @@ def _watch(args: argparse.Namespace) -> int:
     if args.all == bool(args.saga_id):
         print("error: give a saga ID or --all, not both", file=sys.stderr)
         return EXIT_ERROR
-    with _channel(args) as channel:
+    with _channel(args, options=_RECONNECT_QUICKLY) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         if args.all:
-            batches = stub.WatchSagas(
-                orchestrator_pb2.WatchSagasRequest(
-                    definition_name=args.definition, after_position=args.after,
-                    max_events_per_message=_WATCH_ALL_BATCH,
-                )
-            )
-            _print_events(args, (event for batch in batches for event in batch.events), with_saga_id=True)
+            # Answers, or the error is the command's: resumed only once it was reached.
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+            _watch_all(args, stub)
         else:
-            watch = stub.WatchSaga(
-                orchestrator_pb2.WatchSagaRequest(saga_id=args.saga_id, after_sequence=args.after, replay_history=True)
-            )
-            _print_events(args, (response.event for response in watch))
+            saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout).saga
+            if args.after >= saga.sequence and _done_for_good(saga):
+                return EXIT_OK
+            _watch_saga(args, stub)
     return EXIT_OK
+
+
+def _watch_saga(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    """Prints the saga's events until its real end: SUCCEEDED, COMPENSATED,
+    or FAILED and resolved by a person (a FAILED saga may still be retried)."""
+    last: int = args.after
+
+    def watch() -> Iterable[orchestrator_pb2.WatchSagaResponse]:
+        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(  # type: ignore[no-any-return]
+            saga_id=args.saga_id, after_sequence=last, replay_history=True, follow_after_end=True,
+        ))
+
+    def show(response: orchestrator_pb2.WatchSagaResponse) -> bool:
+        nonlocal last
+        event = response.event
+        if event.sequence > last:
+            last = event.sequence
+            _print_events(args, [event])
+        return event.type in _END_EVENTS
+
+    _follow(watch, show)
+
+
+def _watch_all(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    """Prints every saga's events in log order, forever, resuming after the
+    last position printed when the stream breaks (an orchestrator restart)."""
+    last: int = args.after
+
+    def watch() -> Iterable[orchestrator_pb2.WatchSagasResponse]:
+        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(  # type: ignore[no-any-return]
+            definition_name=args.definition, after_position=last, max_events_per_message=_WATCH_ALL_BATCH,
+        ))
+
+    def show(batch: orchestrator_pb2.WatchSagasResponse) -> bool:
+        nonlocal last
+        fresh = [event for event in batch.events if event.position > last]
+        if fresh:
+            last = fresh[-1].position
+            _print_events(args, fresh, with_saga_id=True)
+        return False
+
+    _follow(watch, show)
+
+
+def _follow(open_stream: Callable[[], Iterable[_T]], show: Callable[[_T], bool]) -> None:
+    """Passes each message of `open_stream()` to `show` until it returns True
+    or the stream ends. A stream broken by UNAVAILABLE, CANCELLED or
+    DEADLINE_EXCEEDED (an orchestrator restarting) is opened again, with
+    backoff, for as long as it takes; one line on stderr per break."""
+    delay = 0.05
+    lost = False
+    while True:
+        try:
+            for message in open_stream():
+                if lost:
+                    print("reconnected", file=sys.stderr, flush=True)
+                    lost, delay = False, 0.05
+                if show(message):
+                    return
+            return
+        except grpc.RpcError as error:
+            if not isinstance(error, grpc.Call) or error.code() not in _RESUMABLE:
+                raise
+            if not lost:
+                print(f"connection lost ({_rpc_error_text(error)}); reconnecting", file=sys.stderr, flush=True)
+                lost = True
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _done_for_good(saga: saga_pb2.Saga) -> bool:
+    return saga.state in (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED) or (
+        saga.state == saga_pb2.SAGA_STATE_FAILED and bool(saga.resolution_note)
+    )
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -840,11 +1059,11 @@ def _resolve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _channel(args: argparse.Namespace) -> grpc.Channel:
+def _channel(args: argparse.Namespace, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
     tls = _tls_files(args.client_tls_ca, args.client_tls_cert, args.client_tls_key)
     if tls is None:
-        return grpc.insecure_channel(args.address)
-    return grpc.secure_channel(args.address, tls.channel_credentials)
+        return grpc.insecure_channel(args.address, options=options)
+    return grpc.secure_channel(args.address, tls.channel_credentials, options=options)
 
 
 class _DefinitionTypes:
@@ -899,16 +1118,6 @@ def _print_events(
             print(f"@{event.position:<6} {event.saga_id}{timeline.format_event(event, color=color)}", flush=True)
         else:
             print(timeline.format_event(event, color=color), flush=True)
-        if not with_saga_id and event.saga_state in _FINAL_STATES and _is_final_event(event):
-            break
-
-
-def _is_final_event(event: saga_pb2.SagaEvent) -> bool:
-    return event.type in (
-        saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED,
-        saga_pb2.EVENT_TYPE_SAGA_COMPENSATED,
-        saga_pb2.EVENT_TYPE_SAGA_FAILED,
-    )
 
 
 def _saga_row(saga: saga_pb2.Saga) -> str:
@@ -917,9 +1126,19 @@ def _saga_row(saga: saga_pb2.Saga) -> str:
     return f"{saga.saga_id}  {saga.definition_name}@{saga.definition_version}  {state:<12}  seq {saga.sequence:<4}  {updated}"
 
 
+def _json_dict(message: Message) -> dict[str, object]:
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
+        raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
+
+
+def _json_text(message: Message) -> str:
+    return json.dumps(_json_dict(message), indent=2)
+
+
 def _json_line(message: Message) -> str:
-    as_dict = json_format.MessageToDict(message, preserving_proto_field_name=True)
-    return json.dumps(as_dict, separators=(",", ":"))
+    return json.dumps(_json_dict(message), separators=(",", ":"))
 
 
 def _rpc_error_text(error: grpc.RpcError) -> str:

@@ -9,7 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
 from orchestrator.payloads import DEFAULT_PROTO_MODULES
+from participants.database import DEFAULT_DATABASE_TIMEOUT
+from participants.health import DEFAULT_PROBE_SECONDS
 from participants.tls import TlsFiles
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -47,6 +50,23 @@ class ServerConfig:
     # allowed to cancel, retry, resolve and register definitions; empty lets
     # every client do it. Needs mutual TLS (tls.ca).
     operators: tuple[str, ...] = ()
+    # More client certificate names with their roles (reader, starter,
+    # operator); `operators` are added as operators. Needs mutual TLS.
+    certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    # A file of bearer tokens with their identities, roles and definition
+    # scopes (see orchestrator/auth.py); None accepts no tokens.
+    token_file: Path | None = None
+    # A JSON Web Key Set: JWTs signed by one of its keys are accepted as
+    # bearer tokens (with these audience and issuer when set).
+    jwt_keys: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Streams (watches, the dashboard's live list) one client may hold open
+    # at once; 0 sets no limit.
+    max_streams_per_client: int = 0
+    # HOST:PORT of the web dashboard (over TLS when `tls` is set); None
+    # serves none.
+    http_listen: str | None = None
     # HOST:PORT of the Prometheus /metrics endpoint (over TLS when `tls` is
     # set); None serves none.
     metrics_listen: str | None = None
@@ -71,6 +91,23 @@ class ServerConfig:
     # Events buffered per watch stream; a subscriber further behind reads
     # the log itself until it catches up.
     watch_buffer_events: int = 1000
+    # The longest any one wait on the database may take (connecting, a
+    # transaction, a group commit), in seconds: a call on a replica that
+    # cannot reach its database answers UNAVAILABLE within about this long.
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    # grpc.health.v1 follows the database: it is probed this often (seconds)
+    # when no real work reached it, and real failures count at once.
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS
+
+    def access_policy(self) -> AccessPolicy:
+        """Who may do what: certificate roles and the token file (read now,
+        so that a bad file stops the start)."""
+        roles = {**self.certificate_roles, **{name: Role.OPERATOR for name in self.operators}}
+        tokens = load_token_file(self.token_file) if self.token_file is not None else {}
+        jwt = None
+        if self.jwt_keys is not None:
+            jwt = load_jwt_keys(self.jwt_keys, audience=self.jwt_audience, issuer=self.jwt_issuer)
+        return AccessPolicy(certificate_roles=roles, tokens=tokens, jwt=jwt)
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

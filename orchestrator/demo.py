@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import tempfile
 import typing
 import uuid
@@ -58,8 +59,10 @@ class _Checkout:
     expected_state: saga_pb2.SagaState.ValueType
 
 
-async def run_demo(workdir: Path | None = None) -> int:
-    """Runs the demo in `workdir` (a fresh temporary directory if None).
+async def run_demo(workdir: Path | None = None, *, http_listen: str = "127.0.0.1:0", stay: bool = False) -> int:
+    """Runs the demo in `workdir` (a fresh temporary directory if None),
+    with the dashboard on `http_listen`; with `stay`, keeps the orchestrator
+    and the dashboard up after the checkouts until interrupted.
 
     Returns 0 if the first checkout SUCCEEDED and the declined one was
     COMPENSATED with its stock released and its card not charged, else 1.
@@ -68,10 +71,10 @@ async def run_demo(workdir: Path | None = None) -> int:
         if workdir is None:
             workdir = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="compensa-demo-")))
         workdir.mkdir(parents=True, exist_ok=True)
-        return await _run_demo_in(workdir.resolve())
+        return await _run_demo_in(workdir.resolve(), http_listen, stay)
 
 
-async def _run_demo_in(workdir: Path) -> int:
+async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
     run_id = uuid.uuid4().hex[:8]
     checkouts = [
         _Checkout(
@@ -102,10 +105,13 @@ async def _run_demo_in(workdir: Path) -> int:
                 database_url=_sqlite_url(workdir / "compensa.db"),
                 definition_paths=(DEFINITIONS_DIR / "checkout.yaml",),
                 participants=participant_addresses,
+                http_listen=http_listen,
             )
         )
         stack.push_async_callback(orchestrator.stop)
-        print(f"orchestrator listening on {orchestrator.address}\n")
+        assert orchestrator.dashboard is not None
+        print(f"orchestrator listening on {orchestrator.address}")
+        print(f"dashboard at {orchestrator.dashboard.url}\n", flush=True)
 
         async with grpc.aio.insecure_channel(orchestrator.address) as channel:
             # grpc ships no type hints, so the stub's overload on the channel type cannot pick the async one.
@@ -113,6 +119,9 @@ async def _run_demo_in(workdir: Path) -> int:
                 "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub", orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             )
             outcomes = [await _run_checkout(stub, checkout) for checkout in checkouts]
+        if stay:
+            print(f"the dashboard stays up at {orchestrator.dashboard.url}; press Ctrl-C to end the demo", flush=True)
+            await _until_interrupted()
 
     effects = await _read_effects(workdir, [checkout.saga_id for checkout in checkouts])
     print("summary")
@@ -126,6 +135,15 @@ async def _run_demo_in(workdir: Path) -> int:
     if not problems:
         print("demo OK: the first checkout succeeded; the declined one released its stock and charged nothing")
     return 1 if problems else 0
+
+
+async def _until_interrupted() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
 
 
 def _checkout_input(order_id: str, *, card_token: str) -> checkout_pb2.CheckoutInput:

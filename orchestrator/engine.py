@@ -30,15 +30,22 @@ from orchestrator import logs, machine
 from orchestrator.alerts import AlertDelivery, stuck_alert
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
-from orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
-from orchestrator.store import ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
 from orchestrator.tracing import SagaTracing
 from orchestrator.views import timestamp
+from participants.database import DEFAULT_DATABASE_TIMEOUT
 from participants.tracing import trace_id_of
 
 log = logging.getLogger("compensa.engine")
+
+#: An unfinished saga unchanged for this long counts as stuck (SummarizeSagas'
+#: default, and the compensa_sagas_stuck gauge).
+DEFAULT_STUCK_SECONDS = 600.0
+# A scrape waits this long for the database's counts, then goes without them.
+_COUNT_TIMEOUT_SECONDS = 5.0
 
 # How often the scheduler looks for due sagas when nothing told it sooner.
 _POLL_SECONDS = 1.0
@@ -86,6 +93,18 @@ def parse_completion_token(key: bytes, token: str) -> tuple[str, str]:
     if not isinstance(saga_id, str) or not isinstance(step, str):
         raise ValueError("malformed completion token")
     return saga_id, step
+
+
+def _external_cause(event: machine.Event) -> str:
+    """Why an operator action or a step completion took a saga over."""
+    match event:
+        case machine.CancelRequested(actor=actor):
+            return f"CancelSaga by {actor or 'an operator'}"
+        case machine.RetryRequested(actor=actor):
+            return f"RetrySaga by {actor or 'an operator'}"
+        case machine.ResolveRequested(actor=actor):
+            return f"ResolveSaga by {actor or 'an operator'}"
+    return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
 
 
 def _b64(raw: bytes) -> str:
@@ -136,7 +155,12 @@ class ChangeSignal:
 
 class TransitionWriter:
     """Group commit: transitions submitted while a flush runs go in the next
-    one, so many sagas share one transaction without any added delay."""
+    one, so many sagas share one transaction without any added delay.
+
+    A submitter waits at most `timeout` seconds for its flush: then it gets
+    StoreUnavailable, and its write is dropped unless a flush already took it
+    (it may then still land: the outcome is unknown, as for a lost answer).
+    """
 
     def __init__(
         self,
@@ -144,11 +168,13 @@ class TransitionWriter:
         on_commit: Callable[[list[tuple[SagaWrite, WriteResult]]], None],
         metrics: Metrics,
         max_batch: int = 256,
+        timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self._store = store
         self._on_commit = on_commit
         self._metrics = metrics
         self._max_batch = max_batch
+        self._timeout = timeout
         self._queue: asyncio.Queue[tuple[SagaWrite, asyncio.Future[WriteResult]]] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -164,26 +190,53 @@ class TransitionWriter:
     async def submit(self, write: SagaWrite) -> WriteResult:
         future: asyncio.Future[WriteResult] = asyncio.get_running_loop().create_future()
         await self._queue.put((write, future))
-        return await future
+        try:
+            # Cancels the future on expiry, which keeps the write out of later flushes.
+            async with asyncio.timeout(self._timeout):
+                return await future
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the database did not confirm the write within {self._timeout:g}s; it may still land, retry"
+            ) from None
 
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
             while len(batch) < self._max_batch and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            began = time.perf_counter()
-            try:
-                results = await self._store.commit([write for write, _ in batch])
-            except Exception as error:  # the callers decide how to retry
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            self._metrics.flushed(len(batch), time.perf_counter() - began)
-            self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-            for (_, future), result in zip(batch, results):
+            # Submitters that stopped waiting (their timeout) were told it failed.
+            batch = [item for item in batch if not item[1].done()]
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
+        """Commits `batch`. When the database refuses a value of one write,
+        nothing landed: the batch is split in halves and each half retried, so
+        only the offending writes fail (with RejectedWrite) and the rest land."""
+        began = time.perf_counter()
+        try:
+            results = await self._store.commit([write for write, _ in batch])
+        except RejectedWrite as error:
+            if len(batch) == 1:
+                write, future = batch[0]
+                log.warning("saga %s: the database refused its write: %s", write.saga.saga_id, error)
                 if not future.done():
-                    future.set_result(result)
+                    future.set_exception(error)
+                return
+            middle = len(batch) // 2
+            await self._flush(batch[:middle])
+            await self._flush(batch[middle:])
+            return
+        except Exception as error:  # the callers decide how to retry
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        self._metrics.flushed(len(batch), time.perf_counter() - began)
+        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
+        for (_, future), result in zip(batch, results):
+            if not future.done():
+                future.set_result(result)
 
 
 @dataclass
@@ -207,7 +260,7 @@ class SagaEngine:
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
             metrics=self.metrics,
         )
-        self.writer = TransitionWriter(store, self._committed, self.metrics)
+        self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         # None when traces are off: then no span is made and no metadata sent.
         self.tracing = SagaTracing.from_environment(self.owner)
         self.alerts = (
@@ -223,6 +276,8 @@ class SagaEngine:
         self._stopping = False
         self._token_key: bytes | None = None
         self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.count_for_people(self._people_counts)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle
 
@@ -268,6 +323,7 @@ class SagaEngine:
         return self._token_key
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.writer.start()
         self._tasks = [
             asyncio.create_task(self._schedule(), name="compensa-scheduler"),
@@ -288,6 +344,23 @@ class SagaEngine:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
             )
+
+    def _people_counts(self) -> tuple[int, int] | None:
+        """FAILED sagas nobody resolved and stuck ones, counted in the
+        database; called from the metrics server's thread at each scrape."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            return None
+        future = asyncio.run_coroutine_threadsafe(
+            self.store.summarize_sagas(definition_name="", stuck_before=self.clock.now() - DEFAULT_STUCK_SECONDS), loop
+        )
+        try:
+            summaries = future.result(timeout=_COUNT_TIMEOUT_SECONDS)
+        except Exception as error:  # the database is away: this scrape goes without
+            future.cancel()
+            log.debug("metrics: cannot count sagas (%s)", error)
+            return None
+        return sum(summary.unresolved for summary in summaries), sum(summary.stuck for summary in summaries)
 
     async def stop(self) -> None:
         """Stops driving and gives up every lease so others take over at once."""
@@ -360,6 +433,7 @@ class SagaEngine:
             if definition is None:
                 return None
             plan = self._plans[(name, definition.version)] = machine.Plan.of(definition)
+            self.metrics.know_definition(name)
             if version == 0:
                 self._latest[name] = (definition.version, time.monotonic() + _LATEST_SECONDS)
         return plan
@@ -430,9 +504,10 @@ class SagaEngine:
         """Applies an operator action or a step completion, taking the saga
         over from whichever replica held it (its writes are fenced)."""
         for _ in range(20):
-            saga = await self.store.load_saga(saga_id)
-            if saga is None:
+            loaded = await self.store.load_with_owner(saga_id)
+            if loaded is None:
                 raise NotFound(f"saga {saga_id!r} not found")
+            saga, holder, lease_until = loaded
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             now = self.clock.now()
             try:
@@ -441,6 +516,11 @@ class SagaEngine:
                 raise FailedPrecondition(str(error)) from error
             if not transition.changed:
                 return saga
+            if holder is not None and holder != self.owner:
+                lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
+                transition = machine.taken_over(
+                    saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
+                )
             if await self._take_over(plan, transition, saga.sequence, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
@@ -476,6 +556,19 @@ class SagaEngine:
                 log.warning("stuck sagas: %s", error)
 
     # -- driving
+
+    def _claimed(self, claimed: list[Claimed]) -> None:
+        """Drives what the scheduler claimed, and tells watchers and metrics
+        about the takeovers it logged."""
+        events = sorted((stored for item in claimed for stored in item.events), key=lambda stored: stored.position)
+        if events:
+            for stored in events:
+                self.metrics.committed(stored.event.type, stored.definition_name, stored.event.time, stored.event.time)
+            previous = sorted({item.taken_from for item in claimed if item.taken_from is not None})
+            log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
+            self.changes.committed(events)
+        for item in claimed:
+            self._drive(item.saga, item.epoch)
 
     def _drive(self, saga: machine.SagaRecord, epoch: int) -> None:
         if self._stopping:
@@ -555,7 +648,8 @@ class SagaEngine:
             try:
                 result = await self.writer.submit(write)
             except StoreUnavailable as error:
-                log.warning("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
+                # Not per saga at WARNING: the database's health logs the outage once.
+                log.debug("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
                 continue
@@ -633,10 +727,10 @@ class SagaEngine:
                     self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
                 )
             except StoreUnavailable as error:
-                log.warning("scheduler: %s", error)
+                # Logged once per outage by the database's health.
+                log.debug("scheduler: %s", error)
                 claimed = []
-            for item in claimed:
-                self._drive(item.saga, item.epoch)
+            self._claimed(claimed)
             if len(claimed) == _CLAIM_BATCH:
                 continue
             if self._next_due <= now:
@@ -690,4 +784,4 @@ class SagaEngine:
             try:
                 await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
-                log.warning("lease renewal: %s", error)
+                log.debug("lease renewal: %s", error)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 from compensa.v1 import definition_pb2, saga_pb2
 
-from orchestrator.definitions import DefinitionGraph, backoff_seconds, duration_seconds
+from orchestrator.definitions import DefinitionGraph, backoff_seconds, duration_seconds, retry_waited_seconds
 
 SagaState = int
 StepState = int
@@ -234,6 +234,28 @@ class Transition:
         return bool(self.events)
 
 
+def takeover_event(saga: SagaRecord, *, by: str, previous: str, why: str, now: float) -> LogEvent:
+    """The log entry of replica `by` taking `saga` over from replica
+    `previous`, numbered after the saga's latest event."""
+    return LogEvent(
+        sequence=saga.sequence + 1,
+        type=E.EVENT_TYPE_TAKEN_OVER,
+        time=now,
+        saga_state=saga.state,
+        message=f"replica {by} took the saga over from replica {previous}: {why}",
+        actor=by,
+    )
+
+
+def taken_over(saga: SagaRecord, transition: Transition, *, by: str, previous: str, why: str, now: float) -> Transition:
+    """`transition` (decided on `saga`) preceded by the TAKEN_OVER event of
+    `takeover_event`, so that both are written together."""
+    first = takeover_event(saga, by=by, previous=previous, why=why, now=now)
+    later = tuple(replace(event, sequence=event.sequence + 1) for event in transition.events)
+    moved = replace(transition.saga, sequence=transition.saga.sequence + 1)
+    return Transition(moved, (first, *later), transition.changed_steps)
+
+
 # --- The machine ------------------------------------------------------------
 
 
@@ -365,6 +387,16 @@ def wake_at(plan: Plan, saga: SagaRecord) -> float | None:
     return min(times) if times else None
 
 
+def _retries_exhausted(policy: definition_pb2.RetryPolicy, attempts: int) -> bool:
+    """Whether failed attempt `attempts` is the policy's last: its attempts are
+    used up, or the next wait would take the waits past give_up_after."""
+    if policy.max_attempts and attempts >= policy.max_attempts:
+        return True
+    return policy.HasField("give_up_after") and (
+        retry_waited_seconds(policy, attempts) > duration_seconds(policy.give_up_after)
+    )
+
+
 def _step_deadline(plan: Plan, step: StepRecord) -> float | None:
     definition = plan.steps[step.name]
     if step.started_at is None or not definition.HasField("step_timeout"):
@@ -485,7 +517,7 @@ class _Builder:
     def execute_errored(self, step: StepRecord, error: str) -> None:
         definition = self.plan.steps[step.name]
         attempts = step.attempts + 1
-        if attempts >= definition.retry.max_attempts:
+        if _retries_exhausted(definition.retry, attempts):
             step = self.set_step(step, attempts=attempts, last_error=error)
             self.fail_step(step, f"retries exhausted after {attempts} attempts: {error}", uncertain=True)
             return
@@ -497,12 +529,13 @@ class _Builder:
             return
         step = self.set_step(step, attempts=attempts, last_error=error, next_attempt_at=due)
         self.log(E.EVENT_TYPE_STEP_RETRY_SCHEDULED, step, attempt=attempts, message=error)
+        self.alert_if_due(step, definition.retry, attempts, "execution", error)
 
     def compensate_errored(self, step: StepRecord, error: str) -> None:
         definition = self.plan.steps[step.name]
         policy = definition.compensate_retry if definition.HasField("compensate_retry") else definition.retry
         attempts = step.compensate_attempts + 1
-        if attempts >= policy.max_attempts:
+        if _retries_exhausted(policy, attempts):
             step = self.set_step(
                 step, state=STEP_COMPENSATION_FAILED, compensate_attempts=attempts, last_error=error,
                 next_attempt_at=None,
@@ -517,6 +550,28 @@ class _Builder:
             next_attempt_at=self.now + backoff_seconds(policy, attempts),
         )
         self.log(E.EVENT_TYPE_STEP_COMPENSATE_RETRY_SCHEDULED, step, attempt=attempts, message=error)
+        self.alert_if_due(step, policy, attempts, "compensation", error)
+
+    def alert_if_due(
+        self, step: StepRecord, policy: definition_pb2.RetryPolicy, attempts: int, what: str, error: str
+    ) -> None:
+        """Raises the policy's alert once, at the failed attempt after which
+        the waits so far first reach alert_after; retrying goes on."""
+        if not policy.HasField("alert_after"):
+            return
+        threshold = duration_seconds(policy.alert_after)
+        waited = retry_waited_seconds(policy, attempts - 1)
+        if waited < threshold or retry_waited_seconds(policy, attempts - 2) >= threshold:
+            return
+        until = (
+            f"until it succeeds or {policy.give_up_after.ToJsonString()} of waiting have passed"
+            if policy.HasField("give_up_after") else f"up to {policy.max_attempts} attempts"
+        )
+        self.log(
+            E.EVENT_TYPE_ALERT_RAISED, step, attempt=attempts,
+            message=f"{what} of step {step.name!r} still failing after {attempts} attempts "
+                    f"({waited:.0f}s of waiting): {error}; retrying {until}",
+        )
 
     def fail_step(self, step: StepRecord, reason: str, *, uncertain: bool) -> None:
         step = self.set_step(

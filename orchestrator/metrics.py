@@ -3,19 +3,28 @@ to page a person on.
 
 `compensa serve --metrics-listen HOST:PORT` serves them at /metrics (over TLS
 with the server's own certificate when it has one). Page on an increase of
-`compensa_alerts_total`: each is a saga that stopped and waits for a person
-(a compensation that kept failing, a step after the pivot that could not
-finish); `compensa status` and `compensa list --state failed` show which.
+`compensa_alerts_total`: each is a saga that needs a person, or soon may (a
+compensation that keeps failing past its policy's alert_after, one that gave
+up, a step after the pivot that could not finish); it is exported at 0 for
+every definition this replica knows, so the increase is seen from the first
+alert. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
+`compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
+the database at each scrape, for the whole deployment; `compensa status` and
+`compensa list --state failed` show which sagas they are.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from compensa.v1 import saga_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from participants.startup import AddressInUse, ensure_address_free
 from participants.tls import TlsFiles
 
 _FINAL_EVENTS: dict[int, str] = {
@@ -41,7 +50,7 @@ class Metrics:
             registry=self.registry,
         )
         self._alerts = Counter(
-            "compensa_alerts", "Sagas that stopped and wait for a person (ALERT_RAISED events), by definition.",
+            "compensa_alerts", "Sagas that need a person, or soon may (ALERT_RAISED events), by definition.",
             ["definition"], registry=self.registry,
         )
         self._deliveries = Counter(
@@ -75,6 +84,15 @@ class Metrics:
     def drive_count(self, count: Callable[[], int]) -> None:
         self._driven.set_function(count)
 
+    def know_definition(self, name: str) -> None:
+        """Exports the alert count of definition `name` (at 0 until its first alert)."""
+        self._alerts.labels(name)
+
+    def count_for_people(self, count: Callable[[], tuple[int, int] | None]) -> None:
+        """Exports, at each scrape, `count()`: the FAILED sagas nobody resolved
+        and the stuck ones (None when they cannot be counted now)."""
+        self.registry.register(_PeopleCounts(count))
+
     def committed(
         self, event_type: int, definition: str, created_at: float, time_of_event: float
     ) -> None:
@@ -102,7 +120,9 @@ class Metrics:
 
     def serve(self, listen: str, tls: TlsFiles | None) -> int:
         """Serves /metrics on `listen` (HOST:PORT, port 0 picks one) in a
-        daemon thread until `close`; the port it listens on."""
+        daemon thread until `close`; the port it listens on. AddressInUse
+        when another process listens there."""
+        ensure_address_free(listen)
         host, _, port = listen.rpartition(":")
         options = {}
         if tls is not None:
@@ -110,9 +130,14 @@ class Metrics:
                 "certfile": str(tls.cert), "keyfile": str(tls.key),
                 "client_cafile": str(tls.ca) if tls.ca else None, "client_auth_required": tls.ca is not None,
             }
-        self._server, _ = start_http_server(
-            int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
-        )
+        try:
+            self._server, _ = start_http_server(
+                int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"address in use: {listen} (metrics; another process listens there)") from None
+            raise
         return int(self._server.server_address[1])
 
     def close(self) -> None:
@@ -121,3 +146,24 @@ class Metrics:
             self._server.server_close()
             self._server = None
 
+
+class _PeopleCounts(Collector):
+    """Gauges read at scrape time, so that they are never stale."""
+
+    _AWAITING = ("compensa_sagas_awaiting_person", "FAILED sagas that wait for a person (retry or resolve), in the database.")
+    _STUCK = ("compensa_sagas_stuck", "Unfinished sagas unchanged for 10 minutes or more, in the database.")
+
+    def __init__(self, count: Callable[[], tuple[int, int] | None]) -> None:
+        self._count = count
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(*self._AWAITING)
+        yield GaugeMetricFamily(*self._STUCK)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._count()
+        if counts is None:
+            return  # absent rather than a made-up 0 while the database does not answer
+        awaiting, stuck = counts
+        yield GaugeMetricFamily(*self._AWAITING, value=awaiting)
+        yield GaugeMetricFamily(*self._STUCK, value=stuck)

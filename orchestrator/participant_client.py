@@ -10,10 +10,14 @@ import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 from orchestrator import machine
+from orchestrator.limits import stored_text
 from orchestrator.metrics import Metrics
 from participants.tls import TlsFiles
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+_EXECUTE_RESULTS = frozenset(
+    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+)
 
 
 class ParticipantClient:
@@ -74,12 +78,21 @@ class ParticipantClient:
             self._metrics.called(participant, "Execute", "failed" if code == _BUSINESS_FAILURE else code.name,
                                  time.perf_counter() - began)
             if code == _BUSINESS_FAILURE:
-                return machine.ExecuteFailed(step, error.details() or "aborted by participant")
-            return machine.ExecuteErrored(step, f"{code.name}: {error.details()}")
+                return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
+            return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+        if response.result not in _EXECUTE_RESULTS:
+            # A participant that forgot to set `result`: not a success to
+            # take on trust, but a participant error, retried like a transient one.
+            name = participant_pb2.ExecuteResult.Name(response.result) if response.result in (
+                participant_pb2.ExecuteResult.values()) else str(response.result)
+            self._metrics.called(participant, "Execute", "NO_RESULT", time.perf_counter() - began)
+            return machine.ExecuteErrored(
+                step, f"participant answered without a result ({name}); set ExecuteResponse.result"
+            )
         failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
         self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
         if failed:
-            return machine.ExecuteFailed(step, response.failure_reason or "failed by participant")
+            return machine.ExecuteFailed(step, stored_text(response.failure_reason or "failed by participant"))
         if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
             return machine.ExecutePending(step)
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
@@ -95,7 +108,7 @@ class ParticipantClient:
             await self._stub(participant).Compensate(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             self._metrics.called(participant, "Compensate", error.code().name, time.perf_counter() - began)
-            return machine.CompensateErrored(step, f"{error.code().name}: {error.details()}")
+            return machine.CompensateErrored(step, stored_text(f"{error.code().name}: {error.details()}"))
         self._metrics.called(participant, "Compensate", "ok", time.perf_counter() - began)
         return machine.CompensateSucceeded(step)
 

@@ -18,7 +18,7 @@ from typing import Any
 from compensa.v1 import definition_pb2, saga_pb2
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message, message_factory
 
-from orchestrator.errors import InvalidArgument
+from orchestrator.errors import InvalidArgument, quote
 
 #: Proto modules imported by default so their types resolve.
 DEFAULT_PROTO_MODULES: tuple[str, ...] = ("compensa.checkout.v1.checkout_pb2",)
@@ -40,8 +40,8 @@ def message_class(full_name: str, pool: descriptor_pool.DescriptorPool | None = 
         descriptor = (pool or descriptor_pool.Default()).FindMessageTypeByName(full_name)
     except KeyError:
         raise InvalidArgument(
-            f"message type {full_name!r} is unknown: register the definition with the .proto file that declares it"
-            " (compensa register --proto FILE), or import its _pb2 module on the server (--proto-module)"
+            f"message type {quote(full_name)} is unknown: register the definition with the .proto file that declares"
+            " it (compensa register --proto FILE), or import its _pb2 module on the server (--proto-module)"
         ) from None
     return message_factory.GetMessageClass(descriptor)
 
@@ -64,7 +64,7 @@ def pack_json(full_name: str, json_text: str, pool: descriptor_pool.DescriptorPo
 
 
 def unpack(
-    payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool | None = None, *, field: str = "input"
+    payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool | None = None, *, field: str
 ) -> message.Message:
     """Decodes an Any into its message; InvalidArgument naming `field` if its bytes are malformed."""
     cls = message_class(type_name_of(payload), pool)
@@ -72,7 +72,9 @@ def unpack(
     try:
         decoded.ParseFromString(payload.value)
     except message.DecodeError as error:
-        raise InvalidArgument(f"{field}: payload of type {type_name_of(payload)!r} cannot be decoded: {error}") from error
+        raise InvalidArgument(
+            f"{field}: payload of type {quote(type_name_of(payload))} cannot be decoded: {error}"
+        ) from None
     return decoded
 
 

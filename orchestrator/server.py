@@ -10,17 +10,22 @@ import signal
 from dataclasses import dataclass
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+import sqlalchemy
+from compensa.v1 import orchestrator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from orchestrator import payloads
 from orchestrator.config import ServerConfig
+from orchestrator.dashboard import RunningDashboard, start_dashboard
 from orchestrator.definitions import load_definitions
 from orchestrator.engine import SagaEngine
 from orchestrator.errors import CompensaError, StoreUnavailable
-from orchestrator.service import OrchestratorService, register_definition
+from orchestrator.service import OrchestratorService, register_definition, service_handler
 from orchestrator.store import open_store
+from participants.health import DatabaseHealth
+from participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
+from participants.startup import DatabaseMisconfigured, ServingError, first_line, permanent_database_problem
 from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
@@ -37,10 +42,14 @@ class RunningOrchestrator:
     engine: SagaEngine
     service: OrchestratorService
     health: health.aio.HealthServicer
+    # What health answers: NOT_SERVING while the database cannot be reached.
+    database_health: DatabaseHealth
     port: int
     address: str
     # Where /metrics is served, if it is.
     metrics_port: int | None = None
+    # The web dashboard, if it is served.
+    dashboard: RunningDashboard | None = None
     #: Done once the database is reached and the engine started; holds the
     #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
     ready: asyncio.Future[None] | None = None
@@ -52,6 +61,9 @@ class RunningOrchestrator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.ready
         await self.health.enter_graceful_shutdown()
+        await self.database_health.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.server.stop(grace)
         await self.service.stop()
         await self.engine.stop()
@@ -68,7 +80,8 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
     """Checks the schema (creating it in an empty database) and registers
     definitions once the database answers, then reports SERVING and starts
     driving sagas. Only an unreachable database is waited for: any other
-    failure ends the start-up."""
+    failure ends the start-up, and a database that will never work as
+    configured raises DatabaseMisconfigured."""
     delay = 0.2
     while True:
         try:
@@ -84,11 +97,15 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
                     log.info("registered definition %s version %d", stored.name, stored.version)
             break
         except StoreUnavailable as error:
-            log.warning("database not reachable (%s); retrying in %.1fs", error, delay)
+            problem = permanent_database_problem(error)
+            if problem is not None:
+                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
     running.engine.start()
-    await _set_serving(running.health, health_pb2.HealthCheckResponse.SERVING)
+    await running.database_health.ready()
+    running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
 
 
@@ -101,36 +118,68 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     credentials = config.tls.server_credentials if config.tls is not None else None
     if config.operators and (config.tls is None or config.tls.ca is None):
         raise TlsConfigError("operators are named by their client certificates: --operator needs --tls-client-ca")
+    if config.certificate_roles and (config.tls is None or config.tls.ca is None):
+        raise TlsConfigError("roles are given to client certificates: --role needs --tls-client-ca")
+    access = config.access_policy()
+    if access.open:
+        log.warning(
+            "the API is open: every caller may start, cancel, retry and resolve sagas and register definitions"
+            " (give roles with --operator/--role and client certificates, or --tokens FILE)"
+        )
     if config.participant_tls is not None:
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
-    store = open_store(config.resolved_database_url(), notifier=config.replica_id)
+    url = config.resolved_database_url()
+    ensure_sqlite_directory(url)
+    try:
+        store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
+    except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+        raise DatabaseMisconfigured(
+            f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
+            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+        ) from None
     engine = SagaEngine(store, config)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        options=[
+            *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
+        ]
     )
-    service = OrchestratorService(engine)
-    orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(service, server)
+    service = OrchestratorService(engine, access)
+    server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if credentials is not None:
-        port = server.add_secure_port(config.listen, credentials)
-    else:
-        port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen}")
-    # Before serving: a metrics port that is taken stops the start here.
-    metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    database_health = DatabaseHealth(
+        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log
+    )
+    store.subscribe_reachability(
+        lambda error: database_health.succeeded() if error is None else database_health.failed(error)
+    )
+    try:
+        port = listen_on(server, config.listen, credentials)
+        # Before serving: a metrics port that is taken stops the start here.
+        metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+    except BaseException:
+        await server.stop(None)
+        await store.close()
+        raise
+    dashboard = None
+    if config.http_listen:
+        dashboard = await start_dashboard(
+            config.http_listen, engine, service.log_tail, access, service.stream_limit, config.tls
+        )
+        log.info("dashboard at %s", dashboard.url)
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
-    running = RunningOrchestrator(config, server, engine, service, health_servicer, port, address, metrics_port)
+    running = RunningOrchestrator(
+        config, server, engine, service, health_servicer, database_health, port, address, metrics_port, dashboard
+    )
     running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
     if wait_ready:
         try:
@@ -146,7 +195,8 @@ async def _wait_set(event: asyncio.Event) -> None:
 
 
 async def serve(config: ServerConfig) -> None:
-    """Runs an orchestrator until SIGINT or SIGTERM."""
+    """Runs an orchestrator until SIGINT or SIGTERM; raises (after stopping)
+    if it cannot start, e.g. its database will never work as configured."""
     running = await start_orchestrator(config, wait_ready=False)
     assert running.ready is not None
     # Everything loaded at start-up lives as long as the process: keep it out
@@ -168,7 +218,7 @@ async def serve(config: ServerConfig) -> None:
             # never SERVING): it ends, saying why.
             stopping.cancel()
             await running.stop()
-            if isinstance(failure, CompensaError):
+            if isinstance(failure, (CompensaError, ServingError)):
                 raise failure
             log.error("start-up failed", exc_info=failure)
             raise CompensaError(f"start-up failed: {type(failure).__name__}: {failure}") from failure

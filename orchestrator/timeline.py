@@ -64,6 +64,9 @@ def format_event(event: saga_pb2.SagaEvent, *, color: bool = False) -> str:
         "saga " + _paint(saga_state_name(event.saga_state), saga_state_name(event.saga_state), color),
     ]
     line = "  " + "  ".join(parts)
+    if event.type == saga_pb2.EVENT_TYPE_TAKEN_OVER:
+        # The message already says who took it from whom, and why.
+        return f"{line}  {event.message}"
     if event.message:
         line += f"  reason: {event.message}"
     if event.actor:

@@ -10,14 +10,31 @@ what makes concurrent duplicates safe: on PostgreSQL the second insert waits on
 the unique index until the first transaction ends; on SQLite writers are
 serialised by the database lock (see `participants.server.create_participant_engine`).
 
+A long-running step (`long_running: true` in its definition) may return
+`Pending(output)` from `execute_step`: its effect so far (a held charge) commits
+with the barrier row, Execute answers EXECUTE_RESULT_PENDING, and a duplicate
+Execute answers PENDING again without a second effect. The participant keeps
+`request.completion_token` (in the same transaction) and reports the outcome
+later with any `CompleteStep` caller, e.g. `orchestrator.client.SagaClient`:
+
+    await client.complete_step(token, output=Charge(...))       # succeeded
+    await client.complete_step(token, failure_reason="declined")  # failed
+
 Outcomes, for both RPCs:
   - OK: done (or a duplicate of a call that was done; the stored answer).
+  - DEADLINE_EXCEEDED: the call arrived after its `StepContext.deadline` (held
+    by the network): the orchestrator stopped waiting for it and may have moved
+    on, so nothing is done and nothing is recorded.
   - ABORTED: Execute failed for a business reason (`StepFailed`); a retry with
     the same key answers the same, without effect. Also a hanging Execute: one
     that arrives after a Compensate with its key.
-  - FAILED_PRECONDITION: Compensate of a step that cannot be undone.
+  - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
+    answering Pending for a step that is not long_running (nothing recorded).
   - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
-    nothing was recorded, so a retry runs the step again.
+    nothing was recorded, so a retry runs the step again. Every wait on the
+    database is bounded (`participants.database`), so a silent database
+    answers this within `database_timeout` too, and the server's health
+    (`participants.health`) says NOT_SERVING until the database answers again.
   - INTERNAL: a bug; nothing was recorded.
 """
 
@@ -26,8 +43,10 @@ from __future__ import annotations
 import abc
 import datetime
 import logging
-from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import grpc
 import sqlalchemy
@@ -37,12 +56,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 from participants import tracing
+from participants.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from participants.faults import FaultPlan, InjectedFault
+from participants.health import DatabaseHealth
 
 __all__ = [
+    "CompleteStep",
+    "DeadlinePassed",
     "NotCompensable",
+    "NotLongRunning",
     "Participant",
     "ParticipantError",
+    "Pending",
     "StepFailed",
     "TransientError",
     "insert_if_absent",
@@ -53,6 +78,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=message.Message)
+_R = TypeVar("_R")
 
 _EXECUTE = "execute"
 _COMPENSATE = "compensate"
@@ -60,6 +86,7 @@ _COMPENSATE = "compensate"
 # Barrier outcomes. An execute row written by Compensate carries
 # _NULL_COMPENSATED: Execute never ran, and must never run for this key.
 _SUCCEEDED = "succeeded"
+_PENDING = "pending"
 _FAILED = "failed"
 _NULL_COMPENSATED = "null_compensated"
 _COMPENSATED = "compensated"
@@ -98,15 +125,73 @@ class NotCompensable(ParticipantError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class NotLongRunning(ParticipantError):
+    """`execute_step` returned Pending for a step that is not long_running (it
+    got no completion token, so nobody could report its outcome): answered
+    FAILED_PRECONDITION, with nothing recorded."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What `execute_step` returns when the step goes on on the participant's
+    side: Execute answers EXECUTE_RESULT_PENDING, the effects made so far
+    commit with the barrier, and the outcome is reported later with the
+    request's `completion_token`. `output`, if any, is what `compensate_step`
+    gets as `execute_output` should the saga compensate the step."""
+
+    output: message.Message | None = None
+
+
+class CompleteStep(Protocol):
+    """Reports a long-running step's outcome (OrchestratorService.CompleteStep);
+    `orchestrator.client.SagaClient.complete_step` is one."""
+
+    async def __call__(
+        self, completion_token: str, *, output: message.Message | None = None, failure_reason: str = ""
+    ) -> object: ...
+
+
+class DeadlinePassed(ParticipantError):
+    """The call arrived after its StepContext.deadline: answered DEADLINE_EXCEEDED, nothing done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _database_error(error: Exception) -> bool:
+    """The database could not be reached or did not answer in time."""
+    return isinstance(
+        error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError)
+    )
+
+
+def _unreachable(error: Exception) -> bool:
+    """A database error that says nothing answered (not a statement the database cancelled)."""
+    return _database_error(error) and not cancelled_by_the_database(error)
+
+
 def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The one place that maps a step's errors to a gRPC status and details."""
     if isinstance(error, ParticipantError):
         return error.code, str(error)
     if isinstance(error, InjectedFault):
         return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, OSError)):
+    if _database_error(error):
         return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(error).__name__}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+def _check_deadline(step: participant_pb2.StepContext) -> None:
+    """Raises DeadlinePassed if the call's deadline (when it has one) is behind us."""
+    if step.HasField("deadline"):
+        deadline = step.deadline.seconds + step.deadline.nanos / 1e9
+        late = time.time() - deadline
+        if late >= 0:
+            raise DeadlinePassed(
+                f"the call arrived {late:.3f}s after its deadline; the orchestrator stopped waiting for it, "
+                "so it was not applied"
+            )
 
 
 def pack(payload: message.Message) -> any_pb2.Any:
@@ -189,12 +274,39 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     #: Name of the barrier table in the participant's database.
     barrier_table_name: ClassVar[str] = "participant_barrier"
 
-    def __init__(self, engine: AsyncEngine, *, faults: FaultPlan | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, faults: FaultPlan | None = None, database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    ) -> None:
         self.engine = engine
         self.faults = faults or FaultPlan()
         self.barrier = _barrier_table(self.barrier_table_name)
         # One SERVER span per call, in the saga's trace, when traces are on.
         self._tracer = tracing.tracer("compensa.participant", f"compensa-participant-{type(self).__name__}")
+        #: The longest one transaction may take, in seconds (connecting is
+        #: bounded by the engine: see `participants.server.create_participant_engine`).
+        self.database_timeout = database_timeout
+        #: Told whether each transaction reached the database; set by the server.
+        self.database_health: DatabaseHealth | None = None
+
+    async def ping(self) -> None:
+        """Raises unless the database answers within `database_timeout`; the
+        outcome goes to `database_health`."""
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                await conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+
+    def _database_outcome(self, error: Exception | None) -> None:
+        health = self.database_health
+        if health is None:
+            return
+        if error is None:
+            health.succeeded()
+        elif _unreachable(error):
+            health.failed(error)
 
     async def create_schema(self) -> None:
         """Creates the barrier table and the subclass's tables if they do not exist."""
@@ -210,8 +322,11 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             await conn.run_sync(self.metadata.create_all)
 
     @abc.abstractmethod
-    async def execute_step(self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest) -> message.Message:
-        """Applies the step's effect through `conn` and returns its output message.
+    async def execute_step(
+        self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
+    ) -> message.Message | Pending:
+        """Applies the step's effect through `conn` and returns its output message,
+        or, for a long-running step, `Pending` (see the module docstring).
 
         Runs at most once per idempotency key that commits. Raise StepFailed
         for a business failure (its effects are rolled back and it is recorded)
@@ -224,8 +339,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """Undoes the step's effect through `conn`; returns optional details of the undo.
 
         Called at most once per idempotency key that commits, and only if
-        Execute succeeded; `request.execute_output` is the output Execute
-        recorded. The default raises NotCompensable: override it unless the
+        Execute succeeded or answered Pending; `request.execute_output` is the
+        output Execute recorded (a Pending's output). The default raises NotCompensable: override it unless the
         step is a pivot.
         """
         raise NotCompensable(f"step {request.context.step_name!r} cannot be compensated")
@@ -248,8 +363,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
+            _check_deadline(request.context)
             await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._execute(request)
+            response, outcome, committed = await self._transact(self._execute(request))
             if committed:
                 self.faults.after_commit()
             if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
@@ -280,8 +396,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
+            _check_deadline(request.context)
             await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._compensate(request)
+            response, outcome, committed = await self._transact(self._compensate(request))
             if committed:
                 self.faults.after_commit()
             return response
@@ -292,42 +409,76 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         finally:
             self._log(request.context, _COMPENSATE, outcome, status, traceparent)
 
+    async def _transact(self, work: Awaitable[_R]) -> _R:
+        """Runs a barrier transaction, telling `database_health` whether the database answered."""
+        try:
+            result = await work
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+        return result
+
     async def _execute(
         self, request: participant_pb2.ExecuteRequest
     ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
-        async with self.engine.begin() as conn:
-            if not await self._claim(conn, step, _EXECUTE):
-                outcome, stored = await self._stored(conn, step.idempotency_key, _EXECUTE)
-                if outcome == _NULL_COMPENSATED:
-                    return (
-                        participant_pb2.ExecuteResponse(
-                            result=participant_pb2.EXECUTE_RESULT_FAILED,
-                            failure_reason="compensated before it executed",
-                        ),
-                        "hanging",
-                        False,
-                    )
-                return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
-
-            savepoint = await conn.begin_nested()
-            try:
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                if not await self._claim(conn, step, _EXECUTE):
+                    return await self._stored_execute(conn, step.idempotency_key)
                 output = await self.execute_step(conn, request)
-            except StepFailed as failure:
-                await savepoint.rollback()
-                response = participant_pb2.ExecuteResponse(
-                    result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
-                )
-                outcome = _FAILED
-            else:
-                await savepoint.commit()
-                response = participant_pb2.ExecuteResponse(
-                    result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
-                )
-                outcome = _SUCCEEDED
-            await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
-        return response, outcome, True
+                if isinstance(output, Pending):
+                    if not request.completion_token:
+                        raise NotLongRunning(
+                            f"step {step.step_name!r} answered Pending but is not long_running (no completion token)"
+                        )
+                    response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
+                    if output.output is not None:
+                        response.output.CopyFrom(pack(output.output))
+                    outcome = _PENDING
+                else:
+                    response = participant_pb2.ExecuteResponse(
+                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
+                    )
+                    outcome = _SUCCEEDED
+                await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
+            return response, outcome, True
+        except StepFailed as failure:
+            # No savepoint around the step (two round trips on every call): its
+            # failure rolled back the whole transaction, claim included, and is
+            # recorded in a transaction of its own.
+            return await self._record_failure(step, failure)
+
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """Claims the key with the failure; if a call with the same key committed
+        since the failed step rolled back, that call's answer stands."""
+        response = participant_pb2.ExecuteResponse(
+            result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
+        )
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
+            if not await self._claim(conn, step, _EXECUTE, outcome=_FAILED, response=response):
+                return await self._stored_execute(conn, step.idempotency_key)
+        return response, _FAILED, True
+
+    async def _stored_execute(
+        self, conn: AsyncConnection, key: str
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """The answer to an Execute whose key was already claimed (a duplicate, or a hanging call)."""
+        outcome, stored = await self._stored(conn, key, _EXECUTE)
+        if outcome == _NULL_COMPENSATED:
+            return (
+                participant_pb2.ExecuteResponse(
+                    result=participant_pb2.EXECUTE_RESULT_FAILED,
+                    failure_reason="compensated before it executed",
+                ),
+                "hanging",
+                False,
+            )
+        return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
 
     async def _compensate(
         self, request: participant_pb2.CompensateRequest
@@ -335,7 +486,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
         response = participant_pb2.CompensateResponse()
-        async with self.engine.begin() as conn:
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
             if await self._claim(conn, step, _EXECUTE, outcome=_NULL_COMPENSATED):
                 # Execute never ran; its key is now taken, so a late Execute is a no-op.
                 await self._claim(conn, step, _COMPENSATE, outcome=_NULL_COMPENSATED, response=response)
@@ -345,7 +496,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 return participant_pb2.CompensateResponse.FromString(stored), f"duplicate-{outcome}", False
 
             executed, stored_execute = await self._stored(conn, step.idempotency_key, _EXECUTE)
-            if executed == _SUCCEEDED:
+            if executed in (_SUCCEEDED, _PENDING):
                 # The barrier's copy is authoritative: the orchestrator may never
                 # have received Execute's answer (a lost answer, a deadline).
                 undo = participant_pb2.CompensateRequest()

@@ -56,6 +56,10 @@ def _read(path: Path | None) -> bytes | None:
     if path is None:
         return None
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as error:
         raise TlsConfigError(f"cannot read TLS file {path}: {error.strerror}") from error
+    # Checked here: gRPC's C core would only log its parse failure, later, on stderr.
+    if b"-----BEGIN " not in data:
+        raise TlsConfigError(f"TLS file {path} is not PEM (no '-----BEGIN ' line): give a PEM certificate or key")
+    return data

@@ -63,6 +63,17 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             terminalreporter.write_line(f"  tried {attempt}")
     elif "origin" in _outcome:
         terminalreporter.write_line(f"PostgreSQL tests ran against: {_outcome['origin']}")
+    browserless = [
+        report for report in terminalreporter.stats.get("skipped", [])
+        if "Chromium or chromedriver is missing" in str(getattr(report, "longrepr", ""))
+    ]
+    if browserless:
+        terminalreporter.section("Chromium", sep="!", red=True, bold=True)
+        terminalreporter.write_line(
+            "CHROMIUM NOT FOUND: the dashboard's browser test was SKIPPED"
+            " (apt-get install -y chromium chromium-driver; under CI=true it fails instead)",
+            red=True, bold=True,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import asyncio
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from orchestrator.config import ServerConfig
 from orchestrator.server import RunningOrchestrator, start_orchestrator
 from participants.faults import FaultPlan
 from participants.server import RunningParticipant, start_participant
+from tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT = REPO / "definitions" / "checkout.yaml"
@@ -89,15 +90,13 @@ class Stack:
     async def another_replica(self, **config: Any) -> AsyncIterator[RunningOrchestrator]:
         """A second orchestrator on this stack's database and participants;
         `config` overrides ServerConfig fields."""
-        running = await start_orchestrator(
-            ServerConfig(
-                listen="127.0.0.1:0",
-                database_url=self.orchestrator_url,
-                definition_paths=(CHECKOUT,),
-                participants={kind: participant.address for kind, participant in self.participants.items()},
-                **config,
-            )
-        )
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "database_url": self.orchestrator_url,
+            "definition_paths": (CHECKOUT,),
+            "participants": {kind: participant.address for kind, participant in self.participants.items()},
+        }
+        running = await start_orchestrator(ServerConfig(**{**settings, **config}))
         try:
             yield running
         finally:
@@ -157,24 +156,31 @@ async def checkout_stack(
     orchestrator_url: str | None = None,
     watch_reread_seconds: float = 5.0,
     metrics_listen: str | None = None,
+    participant_proxies: Sequence[str] = (),
+    **config: Any,
 ) -> AsyncIterator[Stack]:
     """Starts inventory, payment and shipping (each on its own database from
-    `make_url`) and an orchestrator on another, all on port 0."""
+    `make_url`) and an orchestrator on another, all on port 0. The
+    orchestrator calls the participants named in `participant_proxies`
+    through a TcpProxy each (in `stack.extra["proxies"]` by name); `config`
+    sets more ServerConfig fields."""
     faults = faults or {}
     participants: dict[str, RunningParticipant] = {}
     for kind in ("inventory", "payment", "shipping"):
         participants[kind] = await start_participant(kind, make_url(), faults=faults.get(kind))
+    proxies = {kind: await TcpProxy.to(participants[kind].address) for kind in participant_proxies}
     orchestrator_url = orchestrator_url or make_url()
     orchestrator = await start_orchestrator(
         ServerConfig(
             listen="127.0.0.1:0",
             database_url=orchestrator_url,
             definition_paths=definition_paths,
-            participants={kind: p.address for kind, p in participants.items()},
+            participants={kind: (proxies[kind] if kind in proxies else p).address for kind, p in participants.items()},
             lease_seconds=lease_seconds,
             max_payload_bytes=max_payload_bytes,
             watch_reread_seconds=watch_reread_seconds,
             metrics_listen=metrics_listen,
+            **config,
         )
     )
     channel = grpc.aio.insecure_channel(orchestrator.address)
@@ -184,11 +190,14 @@ async def checkout_stack(
         stub=orchestrator_pb2_grpc.OrchestratorServiceStub(channel),
         channel=channel,
         orchestrator_url=orchestrator_url,
+        extra={"proxies": proxies},
     )
     try:
         yield stack
     finally:
         await channel.close()
         await orchestrator.stop(0)
+        for proxy in proxies.values():
+            await proxy.close()
         for participant in participants.values():
             await participant.stop(0)

@@ -12,7 +12,8 @@ import grpc
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 from google.protobuf import any_pb2, wrappers_pb2
 
-#: Answers: "ok", "pending", "fail" (business), "unavailable", ("sleep", seconds).
+#: Answers: "ok", "pending", "fail" (business), "unavailable", "empty" (an ExecuteResponse
+#: without a result, as a participant that forgets to set it), ("sleep", seconds).
 Answer = str | tuple[str, float]
 
 
@@ -68,6 +69,8 @@ class ScriptedParticipant(participant_pb2_grpc.ParticipantServiceServicer):
             await context.abort(grpc.StatusCode.ABORTED, "scripted business failure")
         if answer == "pending":
             return participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
+        if answer == "empty":
+            return participant_pb2.ExecuteResponse()
         output = any_pb2.Any()
         output.Pack(wrappers_pb2.StringValue(value=f"{request.context.step_name} done"))
         return participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=output)

@@ -189,6 +189,20 @@ def test_format_event_shows_reason_and_actor() -> None:
     assert "by ops@host" in line
 
 
+def test_format_event_says_which_replica_took_a_saga_over_from_which() -> None:
+    event = saga_pb2.SagaEvent(
+        sequence=4,
+        type=saga_pb2.EVENT_TYPE_TAKEN_OVER,
+        saga_state=saga_pb2.SAGA_STATE_RUNNING,
+        message="replica b took the saga over from replica a: its lease expired 1.2s ago",
+        actor="b",
+    )
+    line = timeline.format_event(event)
+    assert "TAKEN OVER" in line
+    assert "saga RUNNING" in line
+    assert line.endswith("  replica b took the saga over from replica a: its lease expired 1.2s ago")
+
+
 def test_format_event_colours_only_when_asked() -> None:
     event = saga_pb2.SagaEvent(
         sequence=9, type=saga_pb2.EVENT_TYPE_SAGA_COMPENSATED, saga_state=saga_pb2.SAGA_STATE_COMPENSATED

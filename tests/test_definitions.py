@@ -209,9 +209,14 @@ def test_defaults_are_filled() -> None:
     assert (step.retry.max_attempts, step.retry.backoff_multiplier) == (3, 2.0)
     assert duration_seconds(step.retry.initial_backoff) == pytest.approx(0.2)
     assert duration_seconds(step.retry.max_backoff) == 10
-    assert (step.compensate_retry.max_attempts, step.compensate_retry.backoff_multiplier) == (10, 2.0)
+    assert not step.retry.HasField("give_up_after") and not step.retry.HasField("alert_after")
+    # Compensations try for much longer: no count limit, an alert after 5
+    # minutes of retrying, and giving up only after a day.
+    assert (step.compensate_retry.max_attempts, step.compensate_retry.backoff_multiplier) == (0, 2.0)
     assert duration_seconds(step.compensate_retry.initial_backoff) == pytest.approx(0.5)
     assert duration_seconds(step.compensate_retry.max_backoff) == 30
+    assert duration_seconds(step.compensate_retry.alert_after) == 300
+    assert duration_seconds(step.compensate_retry.give_up_after) == 86400
 
 
 def test_validate_returns_a_copy() -> None:
@@ -345,6 +350,32 @@ def test_non_positive_saga_timeout(tmp_path: Path) -> None:
 def test_max_attempts_out_of_range(tmp_path: Path, attempts: int) -> None:
     error = load_error(tmp_path, edited(steps={0: {"retry": {"max_attempts": attempts}}}))
     assert (error.step, error.field) == ("reserve", "retry.max_attempts")
+
+
+def test_a_compensation_policy_bounded_by_time_needs_no_attempt_count(tmp_path: Path) -> None:
+    policy = {"initial_backoff": "100ms", "max_backoff": "5s", "give_up_after": "6h", "alert_after": "1m"}
+    step = load_definition_file(write(tmp_path, edited(steps={0: {"compensate_retry": policy}}))).steps[0]
+    assert step.compensate_retry.max_attempts == 0
+    assert duration_seconds(step.compensate_retry.give_up_after) == 6 * 3600
+    assert duration_seconds(step.compensate_retry.alert_after) == 60
+    # An Execute policy has no time bound to inherit: its attempts must be counted.
+    error = load_error(tmp_path, edited(steps={0: {"retry": {"initial_backoff": "100ms"}}}))
+    assert (error.step, error.field) == ("reserve", "retry.max_attempts")
+    assert "or 0 with a give_up_after" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        ({"give_up_after": "0s"}, "compensate_retry.give_up_after"),
+        ({"max_attempts": 5, "alert_after": "-1s"}, "compensate_retry.alert_after"),
+        ({"give_up_after": "1h", "initial_backoff": "0s", "max_backoff": "0s"}, "compensate_retry.max_backoff"),
+        ({"give_up_after": "366d"}, "compensate_retry.give_up_after"),
+    ],
+)
+def test_retry_time_limits_must_be_positive(tmp_path: Path, policy: dict[str, Any], field: str) -> None:
+    error = load_error(tmp_path, edited(steps={0: {"compensate_retry": policy}}))
+    assert (error.step, error.field) == ("reserve", field)
 
 
 def test_multiplier_below_one(tmp_path: Path) -> None:

@@ -350,6 +350,51 @@ def test_compensate_errors_are_retried_by_compensate_retry_then_fail_the_saga_wi
     assert machine.wake_at(run.plan, run.saga) is None
 
 
+def test_a_compensation_bounded_by_time_alerts_at_its_threshold_and_retries_on_to_compensated() -> None:
+    policy = _policy(0, initial=1.0, multiplier=2.0, maximum=8.0)
+    policy.alert_after.CopyFrom(_seconds(20))
+    policy.give_up_after.CopyFrom(_seconds(3600))
+    run = Run.start(_plan(_step("a", compensate_retry=policy), _step("b")))
+    run.send(ExecuteSucceeded("a", None), T0)
+    run.send(ExecuteFailed("b", "no"), T0)
+    now = T0
+    alerts: list[int] = []
+    # Waits 1, 2, 4, 8, 8, ...: 15s waited after 4 failures, 23s after 5.
+    for attempt in range(1, 51):
+        transition = run.send(CompensateErrored("a", "UNAVAILABLE: connection refused"), now)
+        alerts += [event.attempt for event in transition.events if event.type == S.EVENT_TYPE_ALERT_RAISED]
+        assert run.saga.state == machine.COMPENSATING, attempt
+        step = run.saga.step("a")
+        assert step.next_attempt_at is not None
+        now = step.next_attempt_at
+    # Once, when the waits passed alert_after; the saga keeps compensating.
+    assert alerts == [6]
+    alert = next(event for event in run.log if event.type == S.EVENT_TYPE_ALERT_RAISED)
+    assert alert.step_name == "a" and "still failing after 6 attempts" in alert.message
+    assert "UNAVAILABLE: connection refused" in alert.message
+    # The participant is back: the saga ends on its own.
+    run.send(CompensateSucceeded("a"), now)
+    assert run.saga.state == machine.COMPENSATED
+
+
+def test_a_compensation_gives_up_once_its_waits_would_pass_give_up_after() -> None:
+    policy = _policy(0, initial=10.0, multiplier=1.0, maximum=10.0)
+    policy.give_up_after.CopyFrom(_seconds(35))
+    run = Run.start(_plan(_step("a", compensate_retry=policy), _step("b")))
+    run.send(ExecuteSucceeded("a", None), T0)
+    run.send(ExecuteFailed("b", "no"), T0)
+    for attempt in range(1, 4):  # waits 10, 20, 30 <= 35
+        run.send(CompensateErrored("a", "UNAVAILABLE"), T0 + 10 * attempt)
+        assert run.saga.state == machine.COMPENSATING
+    transition = run.send(CompensateErrored("a", "UNAVAILABLE"), T0 + 40)  # a 4th wait: 40 > 35
+    assert _types(transition) == [
+        (S.EVENT_TYPE_STEP_COMPENSATION_FAILED, "a"),
+        (S.EVENT_TYPE_SAGA_FAILED, ""),
+        (S.EVENT_TYPE_ALERT_RAISED, ""),
+    ]
+    assert run.saga.step("a").compensate_attempts == 4
+
+
 # --- timeouts -----------------------------------------------------------------------------
 
 

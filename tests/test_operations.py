@@ -195,6 +195,31 @@ async def test_long_running_step_waits_without_holding_anything_then_completes(
         assert _step(waiting, "hold").state == S.STEP_STATE_WAITING
 
 
+async def test_an_execute_answer_without_a_result_is_a_participant_error_retried_then_failed(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with rig(tmp_path, make_postgres_url) as r:
+        # Forgetting to set `result` is not success: retried like a transient error.
+        r.participant.script("execute", "reserve", "empty")
+        await r.begin("empty-1")
+        r.participant.script("execute", "hold", "ok")
+        saga = await r.final("empty-1")
+        assert saga.state == S.SAGA_STATE_SUCCEEDED
+        assert len(r.participant.of("execute", "reserve")) == 2
+        retries = [e for e in await r.events("empty-1") if e.type == S.EVENT_TYPE_STEP_RETRY_SCHEDULED]
+        assert len(retries) == 1 and "EXECUTE_RESULT_UNSPECIFIED" in retries[0].message
+        # Every attempt answered without a result: the step fails saying why,
+        # and the saga compensates.
+        r.participant.script("execute", "reserve", "empty", "empty", "empty")
+        await r.begin("empty-2")
+        saga = await r.final("empty-2")
+        assert saga.state == S.SAGA_STATE_COMPENSATED
+        reserve = _step(saga, "reserve")
+        assert reserve.state == S.STEP_STATE_COMPENSATED
+        assert "without a result" in reserve.last_error, reserve.last_error
+        assert not [call for call in r.participant.of("execute", "hold") if call.saga_id == "empty-2"]
+
+
 async def test_a_wait_survives_an_orchestrator_restart(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
     async with rig(tmp_path, make_postgres_url) as r:
         r.participant.script("execute", "hold", "pending")

@@ -7,11 +7,13 @@ database; each uses its own saga ids, orders and SKUs.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy
+import sqlalchemy.ext.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -20,7 +22,7 @@ from compensa.v1 import participant_pb2
 from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
 from participants import inventory, payment, shipping
 from participants.faults import FaultPlan
-from participants.sdk import Participant, TransientError, unpack_as
+from participants.sdk import Participant, StepFailed, TransientError, unpack_as
 from participants.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
 
 INITIAL_STOCK = 1000  # InventoryParticipant's default for a SKU it has never seen
@@ -117,6 +119,39 @@ async def test_declined_card_answers_aborted_and_a_retry_answers_the_same(
         assert first[0] == grpc.StatusCode.ABORTED
         assert reason in first[1]
         assert retry == first
+        assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
+
+
+async def test_a_held_charge_answers_pending_once_and_a_duplicate_answers_pending_again(database_url: str) -> None:
+    step = StepCall.new("charge", card_token="review-4242", amount_cents=7_000)
+    request = step.execute()
+    request.completion_token = "token-of-this-step"
+    async with serving("payment", database_url) as pay:
+        first = await pay.stub.Execute(request)
+        again = await asyncio.gather(*(pay.stub.Execute(request) for _ in range(3)))
+
+        assert first.result == participant_pb2.EXECUTE_RESULT_PENDING
+        assert all(response == first for response in again)
+        charge = unpack_as(first.output, checkout_pb2.Charge)
+        rows = await pay.rows(payment.CHARGES, saga_id=step.saga_id)
+        # One hold, kept with the token to report its outcome with.
+        assert [(r.charge_id, r.status, r.completion_token) for r in rows] == [
+            (charge.charge_id, "held", "token-of-this-step")
+        ]
+        # Compensating a held charge releases the hold; nothing was charged.
+        compensated = await pay.stub.Compensate(step.compensate())
+        assert unpack_as(compensated.output, checkout_pb2.Refund).charge_id == charge.charge_id
+        assert [r.status for r in await pay.rows(payment.CHARGES, saga_id=step.saga_id)] == ["released"]
+        assert await pay.rows(payment.REFUNDS, charge_id=charge.charge_id) == []
+
+
+async def test_pending_from_a_step_that_is_not_long_running_is_refused_and_records_nothing(database_url: str) -> None:
+    step = StepCall.new("charge", card_token="review-4242")
+    async with serving("payment", database_url) as pay:
+        code, details = await status_of(pay.stub.Execute(step.execute()))  # no completion token
+
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert "not long_running" in details
         assert await pay.rows(payment.CHARGES, saga_id=step.saga_id) == []
 
 
@@ -314,6 +349,99 @@ async def test_transient_errors_and_bugs_record_nothing_so_a_retry_runs_again(da
         assert unpack_as(succeeded.output, checkout_pb2.Shipment).tracking_number == "attempt-3"
         assert duplicate == succeeded
         assert [r.attempt for r in await flaky.rows(_ENTRIES, idempotency_key=step.key)] == [3]
+
+
+# --- What a call costs the participant's database --------------------------------
+
+
+async def test_an_execute_is_one_transaction_with_two_barrier_statements_and_no_savepoint(database_url: str) -> None:
+    # Every call pays for each round trip to the database (bench/run.py's
+    # participant side counts them): the barrier is the claim and the answer,
+    # in the step's own transaction, and nothing else.
+    step = StepCall.new("ship")
+    async with serving("shipping", database_url) as ship:
+        sent: list[tuple[int, str]] = []
+        commits: list[int] = []
+
+        def on_statement(conn: object, *args: object) -> None:
+            words = str(args[1]).split()  # "INSERT INTO table", "UPDATE table", "SAVEPOINT name"
+            sent.append((id(conn), " ".join(words[:3] if words[0] == "INSERT" else words[:2])))
+
+        def on_commit(conn: object) -> None:
+            commits.append(id(conn))
+
+        engine = ship.running.engine.sync_engine
+        sqlalchemy.event.listen(engine, "before_cursor_execute", on_statement)
+        sqlalchemy.event.listen(engine, "commit", on_commit)
+        try:
+            response = await ship.stub.Execute(step.execute())
+        finally:
+            sqlalchemy.event.remove(engine, "before_cursor_execute", on_statement)
+            sqlalchemy.event.remove(engine, "commit", on_commit)
+
+        assert response.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+        # Only the call's own connection: the health probe may use the engine meanwhile.
+        (call,) = {conn for conn, statement in sent if statement == "INSERT INTO shipping_barrier"}
+        assert [statement for conn, statement in sent if conn == call and statement != "BEGIN IMMEDIATE"] == [
+            "INSERT INTO shipping_barrier",
+            "INSERT INTO shipping_shipments",
+            "UPDATE shipping_barrier",
+        ]
+        assert commits.count(call) == 1
+
+
+class _YieldingParticipant(Participant):
+    """Attempt 1 fails for a business reason, but only once attempt 2 of its key
+    waits for its claim; attempt 2 succeeds."""
+
+    barrier_table_name = "sdk_yield_barrier"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(create_participant_engine(url))
+        self.observer = sqlalchemy.ext.asyncio.create_async_engine(url)
+        self.first_claimed = asyncio.Event()
+
+    async def execute_step(
+        self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
+    ) -> checkout_pb2.Shipment:
+        if request.context.attempt == 1:
+            self.first_claimed.set()
+            await self._until_a_call_waits_for_a_lock()
+            raise StepFailed("declined")
+        return checkout_pb2.Shipment(tracking_number="attempt-2")
+
+    async def _until_a_call_waits_for_a_lock(self, seconds: float = 10.0) -> None:
+        waiting = sqlalchemy.text(
+            "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
+            " WHERE NOT granted AND datname = current_database()"
+        )
+        deadline = asyncio.get_running_loop().time() + seconds
+        async with self.observer.connect() as conn:
+            while not (await conn.execute(waiting)).scalar_one():
+                assert asyncio.get_running_loop().time() < deadline, "attempt 2 never waited for the claim"
+                await asyncio.sleep(0.01)  # ok-sleep: polling pg_locks with a deadline
+
+
+async def test_a_business_failure_yields_to_a_call_that_committed_after_its_rollback(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    # A failed step rolls back its whole transaction, claim included, and then
+    # claims the key with the failure; a call with the same key that claimed
+    # it in between has committed by then, and its answer is both calls' answer.
+    step = StepCall.new("ship")
+    participant = _YieldingParticipant(make_postgres_url())
+    try:
+        async with serving_participant(participant) as served:
+            first = asyncio.ensure_future(served.stub.Execute(step.execute(attempt=1)))
+            await asyncio.wait_for(participant.first_claimed.wait(), timeout=10)
+            second = await served.stub.Execute(step.execute(attempt=2))
+
+            assert await first == second
+            assert unpack_as(second.output, checkout_pb2.Shipment).tracking_number == "attempt-2"
+            rows = await served.rows(participant.barrier, idempotency_key=step.key)
+            assert [(row.operation, row.outcome) for row in rows] == [("execute", "succeeded")]
+    finally:
+        await participant.observer.dispose()
 
 
 # --- Fault injection ----------------------------------------------------------

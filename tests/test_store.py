@@ -273,18 +273,27 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     saga = await _create(store, plan, "s1", owner="replica-a")  # lease until T0 + 30
     assert await store.claim_due("replica-b", T0 + 29, T0 + 29 + LEASE, 10) == []
     (claimed,) = await store.claim_due("replica-b", T0 + 31, T0 + 31 + LEASE, 10)
-    assert (claimed.saga, claimed.epoch) == (saga, 2)
+    # The takeover is logged in the claim's transaction, as the saga's next event.
+    taken = replace(saga, sequence=saga.sequence + 1)
+    assert (claimed.saga, claimed.epoch, claimed.taken_from) == (taken, 2, "replica-a")
+    (logged,) = claimed.events
+    assert (logged.saga_id, logged.position, logged.event.sequence) == ("s1", 3, taken.sequence)
+    assert (logged.event.type, logged.event.actor, logged.event.saga_state) == (
+        S.EVENT_TYPE_TAKEN_OVER, "replica-b", saga.state
+    )
+    assert logged.event.message == "replica replica-b took the saga over from replica replica-a: its lease expired 1.0s ago"
+    assert (await _all_events(store, "s1"))[-1] == logged
     assert await _column(store, "s1", "owner") == "replica-b"
     assert await store.load_owned("s1", "replica-a", 1) is None
-    assert await store.load_owned("s1", "replica-b", 2) == saga
+    assert await store.load_owned("s1", "replica-b", 2) == taken
 
-    stale = _succeed_first(plan, saga, T0 + 32)
-    assert (await store.commit([_write(stale, saga.sequence, epoch=1, owner="replica-a")]))[0].ok is False
-    assert await store.load_saga("s1") == saga
+    stale = _succeed_first(plan, taken, T0 + 32)
+    assert (await store.commit([_write(stale, taken.sequence, epoch=1, owner="replica-a")]))[0].ok is False
+    assert await store.load_saga("s1") == taken
 
-    current = _succeed_first(plan, saga, T0 + 33)
-    assert (await store.commit([_write(current, saga.sequence, epoch=2, owner="replica-b")]))[0] == WriteResult(
-        ok=True, epoch=2, positions=(3, 4)
+    current = _succeed_first(plan, taken, T0 + 33)
+    assert (await store.commit([_write(current, taken.sequence, epoch=2, owner="replica-b")]))[0] == WriteResult(
+        ok=True, epoch=2, positions=(4, 5)
     )
 
     # An operator write takes the saga over whoever holds it.
@@ -323,6 +332,10 @@ async def test_claim_due_takes_only_due_active_sagas_without_a_live_lease(store:
     claimed = await store.claim_due("replica-b", now, now + LEASE, 100)
     assert sorted(c.saga.saga_id for c in claimed) == ["due-exactly", "due-released", "held-expired"]
     assert {c.epoch for c in claimed} == {2}
+    # Only a saga another replica held is a takeover, with an event; released ones are just claimed.
+    assert {c.saga.saga_id: (c.taken_from, len(c.events)) for c in claimed} == {
+        "due-exactly": (None, 0), "due-released": (None, 0), "held-expired": ("replica-a", 1)
+    }
     assert await store.claim_due("replica-c", now, now + LEASE, 100) == []
     assert await _column(store, "held-live", "owner") == "replica-a"
 
@@ -644,7 +657,7 @@ async def test_the_claim_plan_reaches_the_sagas_through_indexes(make_postgres_ur
     opened = open_store(make_postgres_url())
     await opened.ensure_schema()
     try:
-        claim = opened.claim_statement("replica-a", T0, T0 + LEASE, 200)
+        claim = opened.claim_statement(T0, 200)
         sql = str(claim.compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
         async with opened.engine.begin() as conn:
             await opened._index_only_planning(conn)

@@ -6,14 +6,21 @@ naming the file, the step and the field.
 
 Validation rules (`validate_definition`):
 
-- `name` and every step name match `NAME_PATTERN`; step names are unique; there is at
-  least one step; every step has a participant.
+- `name` and every step name match `NAME_PATTERN` in full; step names are unique; there is
+  at least one step and at most `MAX_STEPS`; every step has a participant.
+- Size: at most `MAX_DEFINITION_BYTES` serialized; `description` at most 4096 characters,
+  `input_type` and `participant` at most `MAX_REFERENCE_CHARS`; no text holds a NUL.
+- A chain of steps each depending on the one before is at most `MAX_DEPENDENCY_DEPTH` long.
+- Durations are well-formed Durations within bounds: execute and compensate timeouts at
+  most `MAX_CALL_TIMEOUT_SECONDS`, step and saga timeouts at most `MAX_WAIT_SECONDS`,
+  backoffs from 0 to `MAX_BACKOFF_SECONDS`.
 - `input_type` resolves to a message type: one of the definition's own `types` (a
   FileDescriptorSet registered with it), else one from an imported _pb2 module.
 - Timeouts that are set are positive; `step_timeout` is at least `execute_timeout`, and a
   `long_running` step must have one.
-- Retry policies: 1 <= max_attempts <= 1000, initial_backoff >= 0, multiplier >= 1,
-  max_backoff >= initial_backoff.
+- Retry policies: 1 <= max_attempts <= 1000, or 0 (no count limit) with a give_up_after;
+  initial_backoff >= 0, multiplier >= 1, max_backoff >= initial_backoff (and above 0 without
+  a count limit); give_up_after and alert_after above 0 and at most `MAX_WAIT_SECONDS` when set.
 - `depends_on` names existing steps, never the step itself, and has no cycle.
 - Pivot rule (the strict form from the saga literature): at most one PIVOT step; every
   step that depends on it, directly or not, is RETRIABLE; every other step is among its
@@ -21,8 +28,9 @@ Validation rules (`validate_definition`):
   be undone, so once it has succeeded the saga must be able to finish going forward.
 
 Normalization fills, per step: kind UNSPECIFIED -> COMPENSABLE; execute_timeout and
-compensate_timeout 10s; retry 3 attempts / 200ms / x2 / 10s; compensate_retry 10 attempts /
-500ms / x2 / 30s; `depends_on`, so the normalized definition lists every dependency; and
+compensate_timeout 10s; retry 3 attempts / 200ms / x2 / 10s; compensate_retry no count limit /
+500ms / x2 / 30s / an alert after 5m / giving up after 24h (a partly written policy takes
+what it leaves out from these, except max_attempts); `depends_on`, so the normalized definition lists every dependency; and
 `independent`, true exactly on the steps with no dependencies (the first step included).
 
 "No dependencies" (parallel starts): in proto3 an empty `depends_on` cannot be told from
@@ -33,12 +41,24 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
-from orchestrator.definitions._durations import backoff_seconds, duration_seconds
-from orchestrator.definitions._files import DEFINITION_SUFFIXES, load_definition_file, load_definitions
+from orchestrator.definitions._durations import backoff_seconds, duration_seconds, retry_waited_seconds
+from orchestrator.definitions._files import (
+    DEFINITION_SUFFIXES,
+    MAX_DEFINITION_FILE_BYTES,
+    load_definition_file,
+    load_definitions,
+)
 from orchestrator.definitions._types import compile_proto_files, read_descriptor_set
 from orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
 from orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
+    MAX_BACKOFF_SECONDS,
+    MAX_CALL_TIMEOUT_SECONDS,
+    MAX_DEFINITION_BYTES,
+    MAX_DEPENDENCY_DEPTH,
+    MAX_REFERENCE_CHARS,
+    MAX_STEPS,
+    MAX_WAIT_SECONDS,
     NAME_PATTERN,
     default_compensate_retry_policy,
     default_retry_policy,
@@ -49,6 +69,14 @@ from orchestrator.definitions._validation import (
 __all__ = [
     "DEFINITION_SUFFIXES",
     "MAX_ATTEMPTS_LIMIT",
+    "MAX_BACKOFF_SECONDS",
+    "MAX_CALL_TIMEOUT_SECONDS",
+    "MAX_DEFINITION_BYTES",
+    "MAX_DEFINITION_FILE_BYTES",
+    "MAX_DEPENDENCY_DEPTH",
+    "MAX_REFERENCE_CHARS",
+    "MAX_STEPS",
+    "MAX_WAIT_SECONDS",
     "NAME_PATTERN",
     "DefinitionGraph",
     "ancestors",
@@ -62,6 +90,7 @@ __all__ = [
     "load_definition_file",
     "load_definitions",
     "read_descriptor_set",
+    "retry_waited_seconds",
     "step_order",
     "validate_definition",
 ]

@@ -9,13 +9,13 @@ from google.protobuf import duration_pb2
 
 from compensa.v1 import definition_pb2
 
-_SHORTHAND = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_SHORTHAND = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), "d": Decimal(86400)}
 
 
 def shorthand_to_json(text: str) -> str | None:
     """The proto3 JSON form ("1.5s") of a shorthand such as "500ms", "30m" or "1d"; None if `text` is not one."""
-    match = _SHORTHAND.match(text.strip())
+    match = _SHORTHAND.fullmatch(text.strip())
     if match is None:
         return None
     seconds = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
@@ -42,6 +42,22 @@ def backoff_seconds(policy: definition_pb2.RetryPolicy, attempt: int) -> float:
     except OverflowError:
         return maximum
     return min(delay, maximum)
+
+
+def retry_waited_seconds(policy: definition_pb2.RetryPolicy, attempts: int) -> float:
+    """The waits `policy` schedules after failed attempts 1..`attempts`, added up.
+
+    Constant time once the backoff reaches max_backoff, so a policy of
+    thousands of attempts costs nothing to ask about.
+    """
+    maximum = duration_seconds(policy.max_backoff)
+    total = 0.0
+    for attempt in range(1, attempts + 1):
+        delay = backoff_seconds(policy, attempt)
+        if delay >= maximum:
+            return total + maximum * (attempts - attempt + 1)
+        total += delay
+    return total
 
 
 def duration_text(duration: duration_pb2.Duration) -> str:

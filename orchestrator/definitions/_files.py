@@ -14,10 +14,13 @@ from google.protobuf import descriptor, descriptor_pb2, json_format, message
 from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.definitions._validation import validate_definition
-from orchestrator.errors import DefinitionError
+from orchestrator.errors import DefinitionError, quote
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 """The file name endings `load_definitions` picks up in a directory."""
+
+MAX_DEFINITION_FILE_BYTES = 1024 * 1024
+"""The largest definition file read (a definition is at most 256 KiB serialized)."""
 
 _DURATION = "google.protobuf.Duration"
 _PARSE_FIELD = re.compile(r"Failed to parse (\w+) field: ")
@@ -110,15 +113,23 @@ def _read(path: Path, source: str) -> object:
     if path.suffix not in DEFINITION_SUFFIXES:
         raise DefinitionError(f"a definition file must end in {', '.join(DEFINITION_SUFFIXES)}", source=source)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DefinitionError(f"cannot be read: {error}", source=source) from None
+        with path.open("rb") as file:
+            raw = file.read(MAX_DEFINITION_FILE_BYTES + 1)
+        if len(raw) > MAX_DEFINITION_FILE_BYTES:
+            raise DefinitionError(f"is larger than {MAX_DEFINITION_FILE_BYTES} bytes, the limit", source=source)
+        text = raw.decode("utf-8")
+    except OSError as error:
+        raise DefinitionError(f"cannot be read: {error.strerror or error}", source=source) from None
+    except UnicodeDecodeError as error:
+        raise DefinitionError(f"cannot be read: not UTF-8 text (byte {error.start})", source=source) from None
     try:
         if path.suffix == ".json":
             return json.loads(text)
         return yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise DefinitionError(f"is not valid {path.suffix[1:].upper()}: {error}", source=source) from None
+    except RecursionError:
+        raise DefinitionError("is nested too deeply to be a definition", source=source) from None
 
 
 def _label(raw_step: object, index: int) -> str:
@@ -137,6 +148,8 @@ def _says_not_independent(raw_step: Mapping[str, Any]) -> bool:
 def _parse(value: dict[str, Any], target: message.Message, source: str, step: str) -> None:
     try:
         json_format.ParseDict(value, target)
+    except RecursionError:
+        raise DefinitionError("is nested too deeply to be a definition", source=source, step=step) from None
     except json_format.ParseError as error:
         field = ".".join(_PARSE_FIELD.findall(str(error)))
         problem = _PARSE_LOCATION.sub("", _PARSE_FIELD.sub("", str(error))).rstrip(".")
@@ -151,7 +164,7 @@ def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source
         if field is None:
             known = ", ".join(f.name for f in message_type.fields)
             raise DefinitionError(
-                f"unknown field {key!r}; {message_type.name} has: {known}", source=source, step=step, field=f"{prefix}{key}"
+                f"unknown field {quote(str(key))}; {message_type.name} has: {known}", source=source, step=step, field=f"{prefix}{key}"
             )
         path = f"{prefix}{field.name}"
         if field.is_repeated and isinstance(item, list):
@@ -183,4 +196,4 @@ def _enum_name(enum: descriptor.EnumDescriptor, value: str, source: str, step: s
         if candidate in enum.values_by_name:
             return candidate
     choices = ", ".join(v.name.removeprefix(prefix) for v in enum.values if v.number != 0)
-    raise DefinitionError(f"unknown {enum.name} {value!r}; one of: {choices}", source=source, step=step, field=path)
+    raise DefinitionError(f"unknown {enum.name} {quote(value)}; one of: {choices}", source=source, step=step, field=path)

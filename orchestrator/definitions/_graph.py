@@ -91,30 +91,29 @@ def find_cycle(names: Sequence[str], dependencies: Mapping[str, frozenset[str]])
 
     Dependencies on names missing from `dependencies` are ignored.
     """
-    visiting: list[str] = []
+    # Depth-first, with an explicit stack: a long chain of steps must not
+    # exhaust Python's recursion limit.
     state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def visit(name: str) -> list[str]:
-        state[name] = 1
-        visiting.append(name)
-        for dependency in sorted(dependencies[name]):
-            if dependency not in dependencies:
-                continue
-            if state.get(dependency) == 1:
-                return visiting[visiting.index(dependency) :] + [dependency]
-            if dependency not in state:
-                cycle = visit(dependency)
-                if cycle:
-                    return cycle
-        visiting.pop()
-        state[name] = 2
-        return []
-
-    for name in names:
-        if name not in state:
-            cycle = visit(name)
-            if cycle:
-                return cycle
+    for root in names:
+        if root in state:
+            continue
+        path = [root]
+        state[root] = 1
+        pending = [iter(sorted(dependencies[root]))]
+        while pending:
+            for dependency in pending[-1]:
+                if dependency not in dependencies:
+                    continue
+                if state.get(dependency) == 1:
+                    return path[path.index(dependency) :] + [dependency]
+                if dependency not in state:
+                    state[dependency] = 1
+                    path.append(dependency)
+                    pending.append(iter(sorted(dependencies[dependency])))
+                    break
+            else:
+                pending.pop()
+                state[path.pop()] = 2
     return []
 
 

@@ -5,20 +5,44 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import Literal
 
 from google.protobuf import duration_pb2
 
 from compensa.v1 import definition_pb2
 from orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from orchestrator.definitions._graph import DefinitionGraph, find_cycle
-from orchestrator.errors import DefinitionError, InvalidArgument
+from orchestrator.errors import DefinitionError, InvalidArgument, quote
+from orchestrator.limits import MAX_TEXT_CHARS, check_text, duration_problem
 from orchestrator.payloads import message_class, pool_of
 
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
-"""What definition and step names must match."""
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+"""What definition and step names must match (in full)."""
 
 MAX_ATTEMPTS_LIMIT = 1000
 """The largest `max_attempts` a retry policy may ask for."""
+
+MAX_STEPS = 200
+"""The most steps a definition may have."""
+
+MAX_DEPENDENCY_DEPTH = 100
+"""The longest chain of steps each depending on the one before it."""
+
+MAX_DEFINITION_BYTES = 256 * 1024
+"""The largest definition, serialized (its description is at most MAX_TEXT_CHARS)."""
+
+MAX_REFERENCE_CHARS = 255
+"""The longest `input_type` and `participant`."""
+
+MAX_CALL_TIMEOUT_SECONDS = 86400.0
+"""The longest `execute_timeout` and `compensate_timeout`: a day (a longer wait is a
+long-running step, which reports with CompleteStep)."""
+
+MAX_WAIT_SECONDS = 365 * 86400.0
+"""The longest `step_timeout` and `saga_timeout`: a year."""
+
+MAX_BACKOFF_SECONDS = 86400.0
+"""The longest `initial_backoff` and `max_backoff`: a day."""
 
 _DEFAULT_TIMEOUT = "10s"
 
@@ -37,15 +61,19 @@ def default_retry_policy() -> RetryPolicy:
 
 
 def default_compensate_retry_policy() -> RetryPolicy:
-    """The Compensate retry policy of a step that sets none: 10 attempts, 500ms, x2, at most 30s.
+    """The Compensate retry policy of a step that sets none: no limit on attempts,
+    500ms, x2, at most 30s between attempts, an alert after 5m, giving up after 24h.
 
-    Larger than the Execute default: a compensation that gives up leaves the saga stuck.
+    Far beyond the Execute default: a compensation that gives up leaves the saga
+    for a person, and a participant back after an outage should need nobody.
     """
     return RetryPolicy(
-        max_attempts=10,
+        max_attempts=0,
         initial_backoff=duration_of("500ms"),
         backoff_multiplier=2.0,
         max_backoff=duration_of("30s"),
+        give_up_after=duration_of("24h"),
+        alert_after=duration_of("5m"),
     )
 
 
@@ -61,12 +89,21 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
     here; the file loaders reject non-zero ones. The rules are listed in the
     `orchestrator.definitions` docstring.
     """
+    size = definition.ByteSize()
+    if size > MAX_DEFINITION_BYTES:
+        raise DefinitionError(f"is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}", source=source)
+    if len(definition.steps) > MAX_STEPS:
+        raise DefinitionError(
+            f"has {len(definition.steps)} steps; the limit is {MAX_STEPS}", source=source, field="steps"
+        )
     result = definition_pb2.SagaDefinition()
     result.CopyFrom(definition)
 
     _check_name(result.name, source=source, step="", field="name", what="definition")
+    _check_text(result.description, source=source, step="", field="description", max_chars=MAX_TEXT_CHARS)
     if not result.input_type:
         raise DefinitionError("required: the full name of the saga's input message", source=source, field="input_type")
+    _check_text(result.input_type, source=source, step="", field="input_type", max_chars=MAX_REFERENCE_CHARS)
     try:
         pool = pool_of(result)
     except InvalidArgument as error:
@@ -76,7 +113,7 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
     except InvalidArgument as error:
         raise DefinitionError(str(error), source=source, field="input_type") from None
     if result.HasField("saga_timeout"):
-        _check_positive(result.saga_timeout, source=source, step="", field="saga_timeout")
+        _check_positive(result.saga_timeout, source=source, step="", field="saga_timeout", maximum=MAX_WAIT_SECONDS)
     if not result.steps:
         raise DefinitionError("a definition needs at least one step", source=source, field="steps")
 
@@ -90,7 +127,9 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
         _normalize_step(step, source=source)
 
     _normalize_dependencies(result, source=source)
-    _check_pivot(result, DefinitionGraph.of(result), source=source)
+    graph = DefinitionGraph.of(result)
+    _check_depth(graph, source=source)
+    _check_pivot(result, graph, source=source)
     return result
 
 
@@ -109,9 +148,9 @@ def definition_fingerprint(definition: definition_pb2.SagaDefinition) -> str:
 def _check_name(name: str, *, source: str, step: str, field: str, what: str) -> None:
     if not name:
         raise DefinitionError(f"required: every {what} needs a name", source=source, step=step, field=field)
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise DefinitionError(
-            f"{name!r} is not a valid {what} name: use 1-63 lowercase letters, digits, '-' and '_', "
+            f"{quote(name)} is not a valid {what} name: use 1-63 lowercase letters, digits, '-' and '_', "
             "starting with a letter",
             source=source,
             step=step,
@@ -119,9 +158,41 @@ def _check_name(name: str, *, source: str, step: str, field: str, what: str) -> 
         )
 
 
-def _check_positive(duration: duration_pb2.Duration, *, source: str, step: str, field: str) -> None:
-    if duration_seconds(duration) <= 0:
-        raise DefinitionError(f"must be positive, got {duration_text(duration)}", source=source, step=step, field=field)
+def _check_text(value: str, *, source: str, step: str, field: str, max_chars: int) -> None:
+    try:
+        check_text(value, "it", max_chars=max_chars)
+    except InvalidArgument as error:
+        raise DefinitionError(str(error).removeprefix("it "), source=source, step=step, field=field) from None
+
+
+def _check_duration(
+    duration: duration_pb2.Duration, *, source: str, step: str, field: str, minimum: float, maximum: float,
+    positive: bool = False,
+) -> None:
+    problem = duration_problem(duration, minimum=minimum, maximum=maximum, exclusive_minimum=positive)
+    if problem is not None:
+        raise DefinitionError(problem, source=source, step=step, field=field)
+
+
+def _check_positive(
+    duration: duration_pb2.Duration, *, source: str, step: str, field: str, maximum: float = MAX_CALL_TIMEOUT_SECONDS
+) -> None:
+    _check_duration(duration, source=source, step=step, field=field, minimum=0.0, maximum=maximum, positive=True)
+
+
+def _check_depth(graph: DefinitionGraph, *, source: str) -> None:
+    """Chains of dependencies are at most MAX_DEPENDENCY_DEPTH steps long (no recursion)."""
+    depth: dict[str, int] = {}
+    for name in graph.order:
+        depth[name] = 1 + max((depth[dependency] for dependency in graph.dependencies[name]), default=0)
+        if depth[name] > MAX_DEPENDENCY_DEPTH:
+            raise DefinitionError(
+                f"ends a chain of {depth[name]} steps each depending on the one before; the limit is"
+                f" {MAX_DEPENDENCY_DEPTH}",
+                source=source,
+                step=name,
+                field="depends_on",
+            )
 
 
 def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None:
@@ -129,6 +200,7 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
         raise DefinitionError(
             "required: a logical participant name or HOST:PORT", source=source, step=step.name, field="participant"
         )
+    _check_text(step.participant, source=source, step=step.name, field="participant", max_chars=MAX_REFERENCE_CHARS)
     if step.kind == StepKind.STEP_KIND_UNSPECIFIED:
         step.kind = StepKind.STEP_KIND_COMPENSABLE
     elif step.kind not in StepKind.values():
@@ -143,7 +215,7 @@ def _normalize_step(step: definition_pb2.StepDefinition, *, source: str) -> None
     else:
         step.compensate_timeout.CopyFrom(duration_of(_DEFAULT_TIMEOUT))
     if step.HasField("step_timeout"):
-        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout")
+        _check_positive(step.step_timeout, source=source, step=step.name, field="step_timeout", maximum=MAX_WAIT_SECONDS)
         if duration_seconds(step.step_timeout) < duration_seconds(step.execute_timeout):
             raise DefinitionError(
                 f"must be at least execute_timeout ({duration_text(step.execute_timeout)}), "
@@ -187,14 +259,32 @@ def _normalize_policy(
         policy.max_backoff.CopyFrom(default.max_backoff)
     if policy.backoff_multiplier == 0:
         policy.backoff_multiplier = default.backoff_multiplier
+    limit: Literal["give_up_after", "alert_after"]
+    for limit in ("give_up_after", "alert_after"):
+        if not policy.HasField(limit) and default.HasField(limit):
+            getattr(policy, limit).CopyFrom(getattr(default, limit))
 
-    if not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
+    unlimited = policy.max_attempts == 0 and policy.HasField("give_up_after")
+    if not unlimited and not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
         raise fail(f"{name}.max_attempts")(
             f"must be between 1 and {MAX_ATTEMPTS_LIMIT} (attempts in total, the first included), "
-            f"got {policy.max_attempts}"
+            f"or 0 with a give_up_after; got {policy.max_attempts}"
         )
-    if duration_seconds(policy.initial_backoff) < 0:
-        raise fail(f"{name}.initial_backoff")(f"must not be negative, got {duration_text(policy.initial_backoff)}")
+    for limit in ("give_up_after", "alert_after"):
+        if policy.HasField(limit):
+            problem = duration_problem(
+                getattr(policy, limit), minimum=0.0, maximum=MAX_WAIT_SECONDS, exclusive_minimum=True
+            )
+            if problem is not None:
+                raise fail(f"{name}.{limit}")(problem)
+    if unlimited and duration_seconds(policy.max_backoff) <= 0:
+        raise fail(f"{name}.max_backoff")(
+            "must be positive when max_attempts is 0: without waits, give_up_after would never pass"
+        )
+    for backoff in ("initial_backoff", "max_backoff"):
+        problem = duration_problem(getattr(policy, backoff), minimum=0.0, maximum=MAX_BACKOFF_SECONDS)
+        if problem is not None:
+            raise fail(f"{name}.{backoff}")(problem)
     if not policy.backoff_multiplier >= 1.0:  # also rejects NaN
         raise fail(f"{name}.backoff_multiplier")(f"must be at least 1.0, got {policy.backoff_multiplier}")
     if duration_seconds(policy.max_backoff) < duration_seconds(policy.initial_backoff):
@@ -211,7 +301,7 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
         if step.independent and step.depends_on:
             raise DefinitionError(
                 "an independent step has no dependencies, so depends_on must be empty, got "
-                + ", ".join(repr(d) for d in step.depends_on),
+                + ", ".join(quote(d) for d in step.depends_on[:5]) + (", ..." if len(step.depends_on) > 5 else ""),
                 source=source,
                 step=step.name,
                 field="independent",
@@ -226,9 +316,9 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
             if dependency == step.name:
                 raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
             if dependency not in names:
-                raise DefinitionError(f"unknown step {dependency!r}", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on")
             if dependency in listed:
-                raise DefinitionError(f"{dependency!r} is listed twice", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(f"{quote(dependency)} is listed twice", source=source, step=step.name, field="depends_on")
             listed.add(dependency)
     cycle = find_cycle(
         [step.name for step in definition.steps],

@@ -56,8 +56,16 @@ class WriteResult:
 
 @dataclass(frozen=True)
 class Claimed:
+    """A saga claimed by the scheduler, at the epoch the claim gave it.
+
+    When another replica held the saga (its lease had expired), `taken_from`
+    names it and `events` is the TAKEN_OVER entry written with the claim.
+    """
+
     saga: SagaRecord
     epoch: int
+    taken_from: str | None = None
+    events: tuple[StoredEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,30 @@ class SagaPage:
     next_page_token: str
 
 
+#: Told the outcome of a database wait: None when the database answered, the
+#: error when it could not be reached.
+ReachabilityListener = Callable[[BaseException | None], None]
+
+
 class SagaStore(abc.ABC):
     """Durable state of sagas, definitions and the event log.
 
-    Every method is one transaction. Implementations keep all SQL.
+    Every method is one transaction. Implementations keep all SQL, bound
+    every wait on the database, and tell `subscribe_reachability` listeners
+    whether it answered.
     """
+
+    _reachability_listeners: tuple[ReachabilityListener, ...] = ()
+
+    def subscribe_reachability(self, listener: ReachabilityListener) -> None:
+        """Calls `listener` after every database wait: with None when the
+        database answered, with the error when it could not be reached (not
+        for errors the database itself answered)."""
+        self._reachability_listeners += (listener,)
+
+    def _reached(self, error: BaseException | None) -> None:
+        for listener in self._reachability_listeners:
+            listener(error)
 
     @abc.abstractmethod
     async def ensure_schema(self) -> None:
@@ -192,6 +219,11 @@ class SagaStore(abc.ABC):
         """The saga and the fingerprint of the StartSaga request that made it."""
 
     @abc.abstractmethod
+    async def load_with_owner(self, saga_id: str) -> tuple[SagaRecord, str | None, float | None] | None:
+        """The saga with the replica that holds it and its lease's end (None,
+        None when released), read together; None if there is no such saga."""
+
+    @abc.abstractmethod
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         """The saga if `owner` still holds it at `epoch`, else None."""
 
@@ -200,11 +232,15 @@ class SagaStore(abc.ABC):
         """Persists many transitions in one transaction (group commit).
 
         Each write lands only if its guard holds; the others are skipped.
+        Raises RejectedWrite, having written nothing, when the database refuses
+        a value of some write (StoreUnavailable when it cannot be reached).
         """
 
     @abc.abstractmethod
     async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
-        """Takes over sagas that are due and not held under a live lease."""
+        """Takes over sagas that are due and not held under a live lease. A
+        saga another replica held (its lease expired) gets a TAKEN_OVER event
+        in the same transaction, saying from whom and why."""
 
     @abc.abstractmethod
     async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
@@ -223,9 +259,11 @@ class SagaStore(abc.ABC):
         updated_before: float | None,
         page_size: int,
         after: tuple[float, str] | None,
+        id_contains: str = "",
     ) -> list[SagaRecord]:
         """Sagas newest first, filtered; `after` is (created_at, saga_id) of
-        the last saga of the previous page."""
+        the last saga of the previous page; `id_contains` keeps sagas whose
+        id contains that text (a search, with the database's LIKE rules)."""
 
     @abc.abstractmethod
     async def purge_finished(self, *, finished_before: float, limit: int) -> int:

@@ -27,7 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from orchestrator.errors import StoreUnavailable
+from orchestrator.errors import RejectedWrite, StoreUnavailable
 from orchestrator.machine import (
     COMPENSATED,
     FAILED,
@@ -37,6 +37,7 @@ from orchestrator.machine import (
     LogEvent,
     SagaRecord,
     StepRecord,
+    takeover_event,
 )
 from orchestrator.store import migrations
 from orchestrator.store.base import (
@@ -59,6 +60,14 @@ from orchestrator.store.schema import (
     sagas,
     secrets,
 )
+from participants.database import (
+    DEFAULT_DATABASE_TIMEOUT,
+    abort_when_late,
+    bounded_transaction,
+    cancelled_by_the_database,
+    connect_bounded,
+    engine_options,
+)
 
 log = logging.getLogger("compensa.store")
 
@@ -70,16 +79,23 @@ ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
 _ACTIVE_STATES = tuple(sorted({1, 2, 3, 4, 5} - FINAL_SAGA_STATES))
 
 
-def open_store(url: str, *, notifier: str = "") -> SqlSagaStore:
+def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:
     """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
 
     `notifier` names this process in change notifications, so it can ignore
-    its own."""
+    its own. `timeout` bounds every wait on the database, in seconds."""
     if url.startswith("postgresql"):
-        return PostgresSagaStore(url, notifier=notifier)
+        return PostgresSagaStore(url, notifier=notifier, timeout=timeout)
     if url.startswith("sqlite"):
-        return SqliteSagaStore(url)
+        return SqliteSagaStore(url, timeout=timeout)
     raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
+
+
+def _rejected(error: Exception) -> RejectedWrite:
+    """A flush failure tied to the values written, not to the connection: the
+    same flush without the offending write would land."""
+    first_line = str(error).partition("\n")[0][:200]
+    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
 
 
 def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
@@ -199,9 +215,11 @@ _SAGA_COLUMNS = [
 class SqlSagaStore(SagaStore):
     """SagaStore over SQLAlchemy 2 Core with an async driver."""
 
-    def __init__(self, url: str, **engine_options: Any) -> None:
+    def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(url, **engine_options)
+        #: The longest any one wait on the database may take, in seconds.
+        self.timeout = timeout
+        self.engine: AsyncEngine = create_async_engine(url, **options)
 
     # -- dialect hooks
 
@@ -224,15 +242,20 @@ class SqlSagaStore(SagaStore):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction, bounded by `timeout` (and so is getting its connection)."""
         try:
-            async with self.engine.begin() as conn:
+            async with bounded_transaction(self.engine, self.timeout) as conn:
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, OSError) as error:
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
+            if not cancelled_by_the_database(error):
+                self._reached(error)
             raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
         except sa.exc.DBAPIError as error:
             if error.connection_invalidated:
+                self._reached(error)
                 raise StoreUnavailable(f"database connection lost: {error}") from error
             raise
+        self._reached(None)
 
     async def ensure_schema(self) -> None:
         database = make_url(self.url).render_as_string(hide_password=True)
@@ -397,6 +420,16 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             return await self._load(conn, saga_id)
 
+    async def load_with_owner(self, saga_id: str) -> tuple[SagaRecord, str | None, float | None] | None:
+        async with self._transaction() as conn:
+            saga = await self._load(conn, saga_id)
+            if saga is None:
+                return None
+            held = (
+                await conn.execute(sa.select(sagas.c.owner, sagas.c.lease_until).where(sagas.c.saga_id == saga_id))
+            ).one()
+            return saga, held.owner, held.lease_until
+
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         async with self._transaction() as conn:
             held = (
@@ -412,18 +445,25 @@ class SqlSagaStore(SagaStore):
         """Tells other processes, on commit, which sagas changed."""
 
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Writes every transition in one transaction; RejectedWrite when the
+        database refuses a value (nothing is written then)."""
         creates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is not None]
         updates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is None]
-        async with self._transaction() as conn:
-            epochs = await self._insert_sagas(conn, creates) if creates else {}
-            if updates:
-                updated = await self._update_sagas(conn, updates)
-                epochs.update(updated)
-                await self._update_steps(conn, [write for index, write in updates if index in updated])
-            landed = sorted(epochs)
-            positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
-            await self._queue_alerts(conn, [(writes[i].saga, writes[i].events, positions[n]) for n, i in enumerate(landed)])
-            await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        try:
+            async with self._transaction() as conn:
+                epochs = await self._insert_sagas(conn, creates) if creates else {}
+                if updates:
+                    updated = await self._update_sagas(conn, updates)
+                    epochs.update(updated)
+                    await self._update_steps(conn, [write for index, write in updates if index in updated])
+                landed = sorted(epochs)
+                positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+                await self._queue_alerts(
+                    conn, [(writes[i].saga, writes[i].events, positions[n]) for n, i in enumerate(landed)]
+                )
+                await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
+            raise _rejected(error) from error
         by_index = dict(zip(landed, positions))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
@@ -579,33 +619,71 @@ class SqlSagaStore(SagaStore):
         await conn.execute(saga_events.insert(), rows)
         return out
 
-    def claim_statement(self, owner: str, now: float, lease_until: float, limit: int) -> sa.Update:
-        """The UPDATE that claims up to `limit` due sagas (see claim_due)."""
-        claimable = sa.and_(
+    @staticmethod
+    def _claimable(now: float) -> sa.ColumnElement[bool]:
+        return sa.and_(
             sagas.c.due_at <= now,
             sagas.c.state.in_(_ACTIVE_STATES),
             sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now),
         )
-        # MATERIALIZED: the locking query runs once. Inlined as a semi-join,
-        # PostgreSQL re-runs it per row and claims more than `limit`.
-        due = (
-            self._skip_locked(sa.select(sagas.c.saga_id).where(claimable).order_by(sagas.c.due_at).limit(limit))
-            .cte("due")
-            .prefix_with("MATERIALIZED")
-        )
-        return (
-            sa.update(sagas)
-            .where(sagas.c.saga_id == due.c.saga_id, claimable)
-            .values(owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1)
-            .returning(*_SAGA_COLUMNS, sagas.c.epoch)
+
+    def claim_statement(self, now: float, limit: int) -> sa.Select[Any]:
+        """The query that picks (and on PostgreSQL locks) up to `limit` due
+        sagas for claim_due, with who held them and until when."""
+        return self._skip_locked(
+            sa.select(sagas.c.saga_id, sagas.c.owner, sagas.c.lease_until)
+            .where(self._claimable(now))
+            .order_by(sagas.c.due_at)
+            .limit(limit)
         )
 
     async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        # Two statements, not one UPDATE: the takeover event needs the previous
+        # owner, which UPDATE ... RETURNING cannot give on SQLite. On
+        # PostgreSQL the picked rows stay locked until the UPDATE.
         async with self._transaction() as conn:
             await self._index_only_planning(conn)
-            rows = (await conn.execute(self.claim_statement(owner, now, lease_until, limit))).all()
+            due = (await conn.execute(self.claim_statement(now, limit))).all()
+            if not due:
+                return []
+            held = {row.saga_id: (row.owner, row.lease_until) for row in due}
+            taken = sa.and_(sagas.c.owner.is_not(None), sagas.c.owner != owner)
+            rows = (
+                await conn.execute(
+                    sa.update(sagas)
+                    .where(sagas.c.saga_id.in_(list(held)), self._claimable(now))
+                    .values(
+                        owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1,
+                        # A takeover is logged: its event takes the next sequence.
+                        sequence=sagas.c.sequence + sa.case((taken, 1), else_=0),
+                    )
+                    .returning(*_SAGA_COLUMNS, sagas.c.epoch)
+                )
+            ).all()
             loaded = await self._load_many(conn, rows)
-        return [Claimed(saga=saga, epoch=row.epoch) for saga, row in zip(loaded, rows)]
+            takeovers: list[tuple[SagaRecord, tuple[LogEvent, ...]]] = []
+            for saga in loaded:
+                previous, expired_at = held[saga.saga_id]
+                if previous is not None and previous != owner:
+                    before = dataclasses.replace(saga, sequence=saga.sequence - 1)
+                    why = f"its lease expired {max(0.0, now - (expired_at or now)):.1f}s ago"
+                    takeovers.append((saga, (takeover_event(before, by=owner, previous=previous, why=why, now=now),)))
+            positions = await self._append_events(conn, takeovers)
+            await self._announce(conn, [saga.saga_id for saga, _ in takeovers])
+        events = {
+            saga.saga_id: tuple(
+                StoredEvent(saga.saga_id, saga.definition_name, position, event)
+                for event, position in zip(logged, taken_positions)
+            )
+            for (saga, logged), taken_positions in zip(takeovers, positions)
+        }
+        return [
+            Claimed(
+                saga=saga, epoch=row.epoch, events=events.get(saga.saga_id, ()),
+                taken_from=held[saga.saga_id][0] if saga.saga_id in events else None,
+            )
+            for saga, row in zip(loaded, rows)
+        ]
 
     async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
         renewed = 0
@@ -663,8 +741,11 @@ class SqlSagaStore(SagaStore):
         updated_before: float | None,
         page_size: int,
         after: tuple[float, str] | None,
+        id_contains: str = "",
     ) -> list[SagaRecord]:
         query = sa.select(*_SAGA_COLUMNS)
+        if id_contains:
+            query = query.where(sagas.c.saga_id.contains(id_contains, autoescape=True))
         if state:
             query = query.where(sagas.c.state == state)
         if definition_name:
@@ -807,6 +888,9 @@ class SqlSagaStore(SagaStore):
 
 
 _CHANNEL = "compensa_changes"
+# How long the change listener waits for a notification before it checks
+# that its connection still answers.
+_LISTENER_CHECK_SECONDS = 5.0
 # NOTIFY payloads must stay under 8000 bytes; past this, say "anything".
 _MAX_PAYLOAD = 7000
 
@@ -827,11 +911,11 @@ class PostgresSagaStore(SqlSagaStore):
     # transaction's start.
     _CLOCK_QUERY = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
-    def __init__(self, url: str, *, notifier: str = "") -> None:
+    def __init__(self, url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> None:
         # No pre-ping: it costs a round trip per transaction. A dead
         # connection fails its transaction, SQLAlchemy drops it from the pool,
         # and the caller retries (StoreUnavailable).
-        super().__init__(url, pool_size=10, max_overflow=10)
+        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10, **engine_options(url, timeout))
         self.notifier = notifier
         self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         # Group commit has one connection of its own, outside SQLAlchemy's
@@ -841,18 +925,24 @@ class PostgresSagaStore(SqlSagaStore):
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The group commit's connection, for one flush of at most `timeout`."""
         async with self._writer_lock:
             try:
                 if self._writer is None or self._writer.closed:
-                    self._writer = await psycopg.AsyncConnection.connect(
-                        self._conninfo, autocommit=True, prepare_threshold=0, options=WRITER_OPTIONS
+                    self._writer = await connect_bounded(
+                        self._conninfo, self.timeout, options=WRITER_OPTIONS, autocommit=True, prepare_threshold=0
                     )
-                yield self._writer
+                # A timer, not a round trip: the flush stays one statement.
+                with abort_when_late(self._writer, self.timeout):
+                    yield self._writer
             except (psycopg.OperationalError, OSError) as error:
                 if self._writer is not None:
                     await self._writer.close()
                 self._writer = None
+                if not cancelled_by_the_database(error):
+                    self._reached(error)
                 raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+        self._reached(None)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -872,21 +962,34 @@ class PostgresSagaStore(SqlSagaStore):
     async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
         conninfo = self._conninfo
         delay = 0.1
+        lost = False
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
-                    await conn.execute(f"LISTEN {_CHANNEL}")
-                    delay = 0.1
+                async with await connect_bounded(conninfo, self.timeout, autocommit=True) as conn:
+                    with abort_when_late(conn, self.timeout):
+                        await conn.execute(f"LISTEN {_CHANNEL}")
+                    if lost:
+                        log.info("change listener listening again")
+                    delay, lost = 0.1, False
                     # Anything committed while we were not listening is found
                     # by re-reading: a lost notification costs latency only.
                     on_change(None)
-                    async for notice in conn.notifies():
-                        sender, _, ids = notice.payload.partition("|")
-                        if sender == ignore_from:
-                            continue
-                        on_change(None if ids == "*" else ids.split(","))
+                    while True:
+                        async for notice in conn.notifies(timeout=_LISTENER_CHECK_SECONDS):
+                            sender, _, ids = notice.payload.partition("|")
+                            if sender == ignore_from:
+                                continue
+                            on_change(None if ids == "*" else ids.split(","))
+                        # A silent network would leave this connection waiting
+                        # forever for notifications that never come: ask.
+                        with abort_when_late(conn, self.timeout):
+                            await conn.execute("SELECT 1")
             except (psycopg.OperationalError, OSError) as error:
-                log.warning("change listener lost its connection (%s); reconnecting in %.1fs", error, delay)
+                # Once per outage: the loss of the database is logged by its health.
+                (log.debug if lost else log.warning)(
+                    "change listener lost its connection (%s); reconnecting in %.1fs", error, delay
+                )
+                lost = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -905,11 +1008,14 @@ class PostgresSagaStore(SqlSagaStore):
         payload = self.notifier + "|" + ",".join(dict.fromkeys(write.saga.saga_id for write in writes))
         if len(payload) > _MAX_PAYLOAD:
             payload = self.notifier + "|*"
-        params = _flush_params(writes, list(creates.values()), updates, payload)
-        async with self._writing() as driver:
-            async with driver.cursor() as cursor:
-                await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
-                rows = await cursor.fetchall()
+        try:
+            params = _flush_params(writes, list(creates.values()), updates, payload)
+            async with self._writing() as driver:
+                async with driver.cursor() as cursor:
+                    await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
+                    rows = await cursor.fetchall()
+        except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
+            raise _rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
         base = rows[0][2] if rows else 0
         results: list[WriteResult] = []
@@ -934,14 +1040,16 @@ class SqliteSagaStore(SqlSagaStore):
 
     _CLOCK_QUERY = "SELECT (julianday('now') - 2440587.5) * 86400.0"
 
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
+    def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT) -> None:
+        super().__init__(url, timeout=timeout)
+        # The only wait on a local file: another connection's write lock.
+        busy_milliseconds = max(1, round(timeout * 1000))
 
         @sa_event.listens_for(self.engine.sync_engine, "connect")
         def _configure(dbapi_connection: Any, _record: Any) -> None:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute(f"PRAGMA busy_timeout={busy_milliseconds}")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 

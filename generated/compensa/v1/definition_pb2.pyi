@@ -53,7 +53,9 @@ Global___StepKind: _TypeAlias = StepKind  # noqa: Y015
 class SagaDefinition(_message.Message):
     """A saga definition: the steps of a flow and how to drive each of them.
     Definitions are written as YAML or JSON in the proto3 JSON mapping of this
-    message, so this message is their schema.
+    message, so this message is their schema. Limits: at most 256 KiB
+    serialized (a file at most 1 MiB), at most 200 steps, a chain of steps each
+    depending on the one before at most 100 long; no text holds a NUL.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -66,15 +68,19 @@ class SagaDefinition(_message.Message):
     SAGA_TIMEOUT_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """A name such as "checkout": lowercase letters, digits, '-' and '_'."""
+    """A name such as "checkout": 1-63 lowercase letters, digits, '-' and '_',
+    starting with a letter (the whole string).
+    """
     version: _builtins.int
     """Set by the orchestrator when the definition is registered; 1, 2, ...
     A definition file leaves it unset.
     """
     description: _builtins.str
+    """At most 4096 characters."""
     input_type: _builtins.str
     """Full name of the protobuf message the saga input must be, e.g.
-    "compensa.checkout.v1.CheckoutInput". StartSaga rejects any other type.
+    "compensa.checkout.v1.CheckoutInput" (at most 255 characters). StartSaga
+    rejects any other type.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepDefinition]:
@@ -84,7 +90,9 @@ class SagaDefinition(_message.Message):
 
     @_builtins.property
     def saga_timeout(self) -> _duration_pb2.Duration:
-        """Optional limit on the whole saga; when it passes, the saga compensates."""
+        """Optional limit on the whole saga; when it passes, the saga compensates.
+        Positive, at most 365 days.
+        """
 
     @_builtins.property
     def types(self) -> _descriptor_pb2.FileDescriptorSet:
@@ -131,11 +139,14 @@ class StepDefinition(_message.Message):
     LONG_RUNNING_FIELD_NUMBER: _builtins.int
     INDEPENDENT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Unique within the definition; part of every idempotency key."""
+    """Unique within the definition; part of every idempotency key. Named as
+    a definition is.
+    """
     participant: _builtins.str
     """A participant name whose address is stored by the orchestrator
     (`compensa participants set NAME HOST:PORT`, or serve's
-    `--participant NAME=HOST:PORT`), or a HOST:PORT address.
+    `--participant NAME=HOST:PORT`), or a HOST:PORT address; at most 255
+    characters.
     """
     kind: Global___StepKind.ValueType
     long_running: _builtins.bool
@@ -147,16 +158,16 @@ class StepDefinition(_message.Message):
     """
     @_builtins.property
     def execute_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Execute call; 10s when unset."""
+        """Deadline of each Execute call; 10s when unset; positive, at most a day."""
 
     @_builtins.property
     def compensate_timeout(self) -> _duration_pb2.Duration:
-        """Deadline of each Compensate call; 10s when unset."""
+        """Deadline of each Compensate call; 10s when unset; positive, at most a day."""
 
     @_builtins.property
     def step_timeout(self) -> _duration_pb2.Duration:
         """Optional limit across all Execute attempts (and a pending wait); when it
-        passes, the step fails.
+        passes, the step fails. Positive, at most 365 days.
         """
 
     @_builtins.property
@@ -167,8 +178,11 @@ class StepDefinition(_message.Message):
 
     @_builtins.property
     def compensate_retry(self) -> Global___RetryPolicy:
-        """Retries of Compensate. Unset: 10 attempts, 500ms initial backoff,
-        multiplier 2, at most 30s (compensations must try harder).
+        """Retries of Compensate. Unset: no limit on attempts, 500ms initial
+        backoff, multiplier 2, at most 30s between attempts, an alert after 5m of
+        retrying and giving up after 24h. Compensations must try much harder
+        than executions: a short outage of the participant should end with the
+        saga COMPENSATED on its own, not waiting for a person.
         """
 
     @_builtins.property
@@ -203,7 +217,16 @@ Global___StepDefinition: _TypeAlias = StepDefinition  # noqa: Y015
 @_typing.final
 class RetryPolicy(_message.Message):
     """Exponential backoff: attempt n waits
-    min(initial_backoff * backoff_multiplier^(n-1), max_backoff).
+    min(initial_backoff * backoff_multiplier^(n-1), max_backoff). Both backoffs
+    are from 0 to a day.
+
+    Retrying stops at max_attempts or once the waits between attempts would
+    add up to more than give_up_after, whichever comes first; the call is then
+    a failure (for Compensate: the saga goes to FAILED with an alert and waits
+    for a person). The waits are what the policy schedules, so the time since
+    the first attempt is at least that (plus the calls themselves).
+    A policy written in part takes the other fields from the default policy,
+    except max_attempts.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -212,14 +235,32 @@ class RetryPolicy(_message.Message):
     INITIAL_BACKOFF_FIELD_NUMBER: _builtins.int
     BACKOFF_MULTIPLIER_FIELD_NUMBER: _builtins.int
     MAX_BACKOFF_FIELD_NUMBER: _builtins.int
+    GIVE_UP_AFTER_FIELD_NUMBER: _builtins.int
+    ALERT_AFTER_FIELD_NUMBER: _builtins.int
     max_attempts: _builtins.int
-    """Total attempts, the first included; at least 1."""
+    """Total attempts, the first included; from 1 to 1000. 0 means no limit on
+    the count, and then give_up_after bounds the retrying.
+    """
     backoff_multiplier: _builtins.float
     """At least 1.0."""
     @_builtins.property
     def initial_backoff(self) -> _duration_pb2.Duration: ...
     @_builtins.property
     def max_backoff(self) -> _duration_pb2.Duration: ...
+    @_builtins.property
+    def give_up_after(self) -> _duration_pb2.Duration:
+        """Stop retrying once the waits would add up to more than this. Unset:
+        only max_attempts limits the retrying. Positive, at most 365 days.
+        """
+
+    @_builtins.property
+    def alert_after(self) -> _duration_pb2.Duration:
+        """Raise an alert (an ALERT_RAISED event, counted in compensa_alerts_total)
+        once the waits add up to this, while retrying goes on: a person hears of
+        a participant that keeps failing before retrying stops. Unset: an alert
+        only when retrying stops. Positive, at most 365 days.
+        """
+
     def __init__(
         self,
         *,
@@ -227,10 +268,12 @@ class RetryPolicy(_message.Message):
         initial_backoff: _duration_pb2.Duration | None = ...,
         backoff_multiplier: _builtins.float = ...,
         max_backoff: _duration_pb2.Duration | None = ...,
+        give_up_after: _duration_pb2.Duration | None = ...,
+        alert_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_after", b"alert_after", "give_up_after", b"give_up_after", "initial_backoff", b"initial_backoff", "max_backoff", b"max_backoff"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_multiplier", b"backoff_multiplier", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_after", b"alert_after", "backoff_multiplier", b"backoff_multiplier", "give_up_after", b"give_up_after", "initial_backoff", b"initial_backoff", "max_attempts", b"max_attempts", "max_backoff", b"max_backoff"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -166,15 +166,17 @@ class StartSagaRequest(_message.Message):
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
-    """Client-chosen id, 1-128 characters of [A-Za-z0-9._:-]. Required: it is
-    what makes StartSaga idempotent.
+    """Client-chosen id, 1-128 characters of [A-Za-z0-9._:-] (the whole string:
+    no trailing newline). Required: it is what makes StartSaga idempotent.
     """
     definition_name: _builtins.str
     definition_version: _builtins.int
     """0 means the latest version."""
     @_builtins.property
     def input(self) -> _any_pb2.Any:
-        """Must be of the definition's input_type."""
+        """Must be of the definition's input_type; at most the server's payload
+        limit (1 MiB by default) serialized.
+        """
 
     def __init__(
         self,
@@ -269,12 +271,19 @@ class ListSagasRequest(_message.Message):
     definition_name: _builtins.str
     """Only sagas of this definition; empty means any."""
     page_size: _builtins.int
-    """At most this many (default 50, at most 1000)."""
+    """At most this many (default 50, at most 1000). A page also stops before
+    2 MiB of sagas (it always holds one), so it may hold fewer than
+    page_size while more follow: go on while next_page_token is set.
+    """
     page_token: _builtins.str
-    """From a previous response's next_page_token."""
+    """From a previous response's next_page_token, unchanged, with the same
+    filters (state, definition_name, stuck_for); page_size may differ.
+    """
     @_builtins.property
     def stuck_for(self) -> _duration_pb2.Duration:
-        """Only unfinished sagas that have not changed for at least this long."""
+        """Only unfinished sagas that have not changed for at least this long:
+        positive, at most 3650 days.
+        """
 
     def __init__(
         self,
@@ -330,7 +339,7 @@ class SummarizeSagasRequest(_message.Message):
     @_builtins.property
     def stuck_for(self) -> _duration_pb2.Duration:
         """An unfinished saga (RUNNING or COMPENSATING) unchanged for at least this
-        long counts as stuck. Default 10 minutes.
+        long counts as stuck. Default 10 minutes; positive, at most 3650 days.
         """
 
     def __init__(
@@ -435,8 +444,9 @@ class CancelSagaRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     reason: _builtins.str
+    """Recorded in the event log; at most 4096 characters."""
     actor: _builtins.str
-    """Who asks, recorded in the event log."""
+    """Who asks, recorded in the event log; at most 128 characters."""
     def __init__(
         self,
         *,
@@ -565,7 +575,7 @@ class WatchSagasRequest(_message.Message):
         """With max_events_per_message above 1: after the first event of a message
         is ready, wait up to this long (at most 1s) for more before sending. A
         dashboard trades this much latency for far fewer messages. Unset or 0:
-        send what is ready at once.
+        send what is ready at once. At most 1s.
         """
 
     def __init__(
@@ -625,8 +635,13 @@ class CompleteStepRequest(_message.Message):
     """The completion_token of the ExecuteRequest."""
     result: Global___CompletionResult.ValueType
     failure_reason: _builtins.str
+    """With COMPLETION_RESULT_FAILED; at most 4096 characters."""
     @_builtins.property
-    def output(self) -> _any_pb2.Any: ...
+    def output(self) -> _any_pb2.Any:
+        """With COMPLETION_RESULT_SUCCEEDED; at most the server's payload limit
+        (1 MiB by default) serialized.
+        """
+
     def __init__(
         self,
         *,
@@ -672,7 +687,9 @@ class RetrySagaRequest(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     actor: _builtins.str
+    """At most 128 characters."""
     reason: _builtins.str
+    """At most 4096 characters."""
     def __init__(
         self,
         *,
@@ -717,8 +734,9 @@ class ResolveSagaRequest(_message.Message):
     NOTE_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     actor: _builtins.str
+    """At most 128 characters."""
     note: _builtins.str
-    """What the person did; required."""
+    """What the person did; required, at most 4096 characters."""
     def __init__(
         self,
         *,
@@ -848,7 +866,11 @@ class ListDefinitionsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
+    """At most this many (default 50, at most 1000); a page also stops before
+    2 MiB of definitions (it always holds one).
+    """
     page_token: _builtins.str
+    """From a previous response's next_page_token, unchanged."""
     def __init__(
         self,
         *,

@@ -31,8 +31,15 @@ class OrchestratorServiceStub:
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -40,7 +47,13 @@ class OrchestratorServiceStub:
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @_typing.overload
@@ -120,8 +133,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -129,7 +149,13 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -205,8 +231,15 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Errors, for every RPC:
       - INVALID_ARGUMENT: the request is malformed; the message names the field.
-        Nothing was written. Do not retry without fixing the request.
-      - NOT_FOUND: the saga or definition does not exist.
+        Nothing was written. Do not retry without fixing the request. Among
+        others: a string holding a NUL character, a value over its documented
+        limit, a Duration out of its documented range (or not a valid Duration),
+        a page_token the server did not issue for this very query, and bytes
+        that do not decode as the request message.
+      - NOT_FOUND: the saga or definition does not exist (also for a lookup of
+        a name that cannot exist, such as a saga id with a space).
+    Status messages quote at most 40 characters of any input and are at most
+    1000 characters long.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -214,7 +247,13 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
-      - UNAVAILABLE: the orchestrator cannot reach its database; retry.
+      - UNAVAILABLE: the orchestrator cannot reach its database; retry. A call
+        gets this answer within `database_timeout` (compensa serve
+        --database-timeout, 3 s by default) of its last wait on a database that
+        stopped answering: each wait (connecting, a transaction, the group
+        commit) is bounded by it, and a call makes one or two. An UNAVAILABLE
+        write may still have taken effect: retry it (StartSaga with the same
+        saga_id finds the saga). Meanwhile grpc.health.v1 answers NOT_SERVING.
     """
 
     @_abc_1.abstractmethod

@@ -28,8 +28,10 @@ class _ExecuteResult:
 class _ExecuteResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExecuteResult.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EXECUTE_RESULT_UNSPECIFIED: _ExecuteResult.ValueType  # 0
-    """Treated as EXECUTE_RESULT_SUCCEEDED, so that a participant which only
-    returns an output is understood.
+    """Not an answer: a response without a result (an empty message, a
+    participant that forgot to set it) is a participant error, retried like a
+    transient one under the step's retry policy; the step's last error says
+    that the result was missing. It is never taken as success.
     """
     EXECUTE_RESULT_SUCCEEDED: _ExecuteResult.ValueType  # 1
     """The step took effect; `output` is kept and passed to later steps."""
@@ -44,8 +46,10 @@ class ExecuteResult(_ExecuteResult, metaclass=_ExecuteResultEnumTypeWrapper):
     """What a successful Execute call decided."""
 
 EXECUTE_RESULT_UNSPECIFIED: ExecuteResult.ValueType  # 0
-"""Treated as EXECUTE_RESULT_SUCCEEDED, so that a participant which only
-returns an output is understood.
+"""Not an answer: a response without a result (an empty message, a
+participant that forgot to set it) is a participant error, retried like a
+transient one under the step's retry policy; the step's last error says
+that the result was missing. It is never taken as success.
 """
 EXECUTE_RESULT_SUCCEEDED: ExecuteResult.ValueType  # 1
 """The step took effect; `output` is kept and passed to later steps."""
@@ -87,7 +91,10 @@ class StepContext(_message.Message):
     definition_version: _builtins.int
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """When the orchestrator stops waiting for this call."""
+        """When the orchestrator stops waiting for this call, on the orchestrator's
+        database clock. A call that arrives later should be refused with
+        DEADLINE_EXCEEDED and no effect (see the service's outcome contract).
+        """
 
     def __init__(
         self,

@@ -34,7 +34,8 @@ class ParticipantServiceStub:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -43,6 +44,12 @@ class ParticipantServiceStub:
     idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
@@ -77,7 +84,8 @@ class ParticipantServiceServicer:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -86,6 +94,12 @@ class ParticipantServiceServicer:
     idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
@@ -139,7 +153,8 @@ class ParticipantService:
     Outcome contract, for both RPCs:
     - OK: the call succeeded. For Execute, `result` says whether the step
     succeeded, failed for a business reason, or is still pending (see
-    ExecuteResult).
+    ExecuteResult); it must be set: OK without a result is retried as an
+    error.
     - ABORTED: the step failed for a business reason (a declined card). The
     orchestrator does not retry it; it compensates the steps already done.
     - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -148,6 +163,12 @@ class ParticipantService:
     idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
     ambiguous (the effect may have happened), which is why participants must
     deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient

@@ -35,7 +35,8 @@ class ParticipantServiceStub:
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -44,6 +45,12 @@ class ParticipantServiceStub:
         idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
@@ -73,7 +80,8 @@ class ParticipantServiceAsyncStub(ParticipantServiceStub):
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -82,6 +90,12 @@ class ParticipantServiceAsyncStub(ParticipantServiceStub):
         idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient
@@ -107,7 +121,8 @@ class ParticipantServiceServicer(metaclass=_abc_1.ABCMeta):
     Outcome contract, for both RPCs:
       - OK: the call succeeded. For Execute, `result` says whether the step
         succeeded, failed for a business reason, or is still pending (see
-        ExecuteResult).
+        ExecuteResult); it must be set: OK without a result is retried as an
+        error.
       - ABORTED: the step failed for a business reason (a declined card). The
         orchestrator does not retry it; it compensates the steps already done.
       - Any other status (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED,
@@ -116,6 +131,12 @@ class ParticipantServiceServicer(metaclass=_abc_1.ABCMeta):
         idempotency key, and treats exhaustion as a failure. DEADLINE_EXCEEDED is
         ambiguous (the effect may have happened), which is why participants must
         deduplicate on `idempotency_key`.
+
+    A call that arrives after its `StepContext.deadline` (held by the network,
+    say) should be refused with DEADLINE_EXCEEDED, with no effect and nothing
+    recorded: the orchestrator has stopped waiting for it and may have moved on
+    (retried the step, or compensated it). The participant SDK does so. A
+    refused Execute is retried like any transient error.
 
     Compensate is never answered with a business failure: a compensation must
     eventually succeed. ABORTED from Compensate is retried like any transient

@@ -132,6 +132,13 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     EVENT_TYPE_CANCEL_REQUESTED: _EventType.ValueType  # 16
     EVENT_TYPE_OPERATOR_RETRIED: _EventType.ValueType  # 17
     EVENT_TYPE_OPERATOR_RESOLVED: _EventType.ValueType  # 18
+    EVENT_TYPE_TAKEN_OVER: _EventType.ValueType  # 19
+    """Another replica took the saga over: the one that held it stopped renewing
+    its lease (it crashed, or lost its database or its network), or an
+    operator action or CompleteStep arrived at another replica. `actor` is
+    the replica that took it; `message` names both replicas and says why.
+    The saga's state does not change.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -156,6 +163,13 @@ EVENT_TYPE_ALERT_RAISED: EventType.ValueType  # 15
 EVENT_TYPE_CANCEL_REQUESTED: EventType.ValueType  # 16
 EVENT_TYPE_OPERATOR_RETRIED: EventType.ValueType  # 17
 EVENT_TYPE_OPERATOR_RESOLVED: EventType.ValueType  # 18
+EVENT_TYPE_TAKEN_OVER: EventType.ValueType  # 19
+"""Another replica took the saga over: the one that held it stopped renewing
+its lease (it crashed, or lost its database or its network), or an
+operator action or CompleteStep arrived at another replica. `actor` is
+the replica that took it; `message` names both replicas and says why.
+The saga's state does not change.
+"""
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
 @_typing.final

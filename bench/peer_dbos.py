@@ -1,0 +1,105 @@
+"""Peer: DBOS Transact running the bench saga as a durable workflow.
+
+One `@DBOS.workflow` with three `@DBOS.step`s, each step one Execute call to
+the no-op participant with the requests the orchestrator sends (the same as
+null_driver.py). DBOS keeps its state in its system database (the bench's
+PostgreSQL, a fresh database), with its default configuration (a pool of 20
+connections, like the orchestrator's).
+
+How it differs from the orchestrator, so that the figures are read fairly:
+DBOS is a library, so each saga is a workflow function called in this
+process (with the saga id as its workflow id): there is no start call over
+the network and no stream telling a client that the saga ended; the latency
+is the workflow call's. Load generation runs in this process too, so its CPU
+counts here (as for the naive loop).
+
+Speaks the run protocol of bench/common.py on stdin/stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+from dbos import DBOS, DBOSConfig, SetWorkflowID
+
+from common import STEP_NAMES, RunOutcome, serve_commands
+from null_driver import execute_request
+
+_TIMEOUT_SECONDS = 30.0
+_SUCCESS = (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED)
+
+
+class _Participant:
+    """The no-op participant's stub, made on the running loop by main_async."""
+
+    stub: participant_pb2_grpc.ParticipantServiceStub
+
+
+@DBOS.step()
+async def execute_step(saga_id: str, step: str) -> None:
+    response = await _Participant.stub.Execute(execute_request(saga_id, step, "bench"), timeout=_TIMEOUT_SECONDS)
+    if response.result not in _SUCCESS:
+        raise RuntimeError(f"step {step} answered {response.result}")
+
+
+@DBOS.workflow()
+async def bench_saga(saga_id: str) -> None:
+    for step in STEP_NAMES:
+        await execute_step(saga_id, step)
+
+
+async def run(command: dict[str, Any]) -> str:
+    total, concurrency = int(command["sagas"]), int(command["concurrency"])
+    prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < total:
+            index, next_index = next_index, next_index + 1
+            started = time.perf_counter()
+            try:
+                with SetWorkflowID(f"{prefix}-{index}"):
+                    await bench_saga(f"{prefix}-{index}")
+            except Exception as error:  # counted and reported as a failed saga
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+    seconds = time.perf_counter() - began
+    return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+
+
+async def main_async(database_url: str, participant: str) -> None:
+    _Participant.stub = participant_pb2_grpc.ParticipantServiceStub(grpc.aio.insecure_channel(participant))
+    config: DBOSConfig = {"name": "compensa-bench", "system_database_url": database_url, "log_level": "WARNING"}
+    DBOS(config=config)
+    DBOS.launch()
+    try:
+        await serve_commands(run)
+    finally:
+        DBOS.destroy()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database-url", required=True, help="postgresql://... of DBOS's own (fresh) system database")
+    parser.add_argument("--participant", required=True, help="HOST:PORT of the no-op participant")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main_async(args.database_url, args.participant))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Operator actions on a saga, as the machine's events: one definition for
+every face that offers them (the gRPC API, the dashboard)."""
+
+from __future__ import annotations
+
+from orchestrator import machine
+from orchestrator.errors import InvalidArgument
+
+__all__ = ["OPERATOR_ACTIONS", "operator_event"]
+
+#: The actions, by RPC name.
+OPERATOR_ACTIONS = ("CancelSaga", "RetrySaga", "ResolveSaga")
+
+
+def operator_event(action: str, actor: str, text: str) -> machine.Event:
+    """The event for `action`, by `actor`; `text` is the reason (cancel,
+    retry) or the note (resolve, required)."""
+    if action == "CancelSaga":
+        return machine.CancelRequested(actor=actor, reason=text)
+    if action == "RetrySaga":
+        return machine.RetryRequested(actor=actor, reason=text)
+    if action == "ResolveSaga":
+        if not text.strip():
+            raise InvalidArgument("note is required: say what was done to repair the flow")
+        return machine.ResolveRequested(actor=actor, note=text)
+    raise ValueError(f"not an operator action: {action}")
