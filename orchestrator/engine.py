@@ -483,6 +483,9 @@ class SagaEngine:
                 raise FailedPrecondition(str(error)) from error
             if not transition.changed:
                 return saga
+            # Read with the saga, not fenced by the write: a claim of a released
+            # saga in between (it bumps no sequence) goes unnamed here. The
+            # write itself is fenced as always; only the log's account may lag.
             if holder is not None and holder != self.owner:
                 lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
                 transition = machine.taken_over(

@@ -197,11 +197,14 @@ class ProcessSet:
         lease_seconds: float = 1.0,
         port: int | None = None,
         name: str = "orchestrator",
+        options: Sequence[str] = (),
     ) -> ManagedProcess:
-        """`compensa serve` on a fixed port. Each start is a new replica id,
-        so a restart takes over its predecessor's sagas when their leases expire."""
+        """`compensa serve` on a fixed port, with more command-line `options`.
+        Each start is a new replica id, so a restart takes over its
+        predecessor's sagas when their leases expire."""
         address = f"127.0.0.1:{port or free_port()}"
         args = [str(COMPENSA), "serve", "--listen", address, "--db", database_url, "--lease-seconds", str(lease_seconds)]
+        args += options
         for path in definitions:
             args += ["--definitions", str(path)]
         for participant, participant_address in participants.items():

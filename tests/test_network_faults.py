@@ -41,6 +41,7 @@ from participant_helpers import StepCall, connected, status_of
 from participants.faults import FaultPlan
 from participants.payment import CHARGES, PaymentParticipant
 from participants.server import start_participant
+from processes import ProcessSet
 from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.postgres]
@@ -453,3 +454,26 @@ async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a
         assert outcomes[-1] is None
     finally:
         await store.close()
+
+
+async def test_a_compensa_serve_process_reports_its_lost_database_by_health_and_once_in_its_log(
+    make_postgres_url: Callable[[], str], tmp_path: Path
+) -> None:
+    direct = make_postgres_url()
+    proxy = await _proxy_to_database(direct)
+    try:
+        with ProcessSet(tmp_path) as processes:
+            # No saga runs here: the participants' addresses only need to be given.
+            nowhere = {kind: "127.0.0.1:9" for kind in ("inventory", "payment", "shipping")}
+            serve = processes.orchestrator(_proxied(direct, proxy), nowhere, options=["--database-timeout", "1s"])
+            await serve.start_serving()
+            proxy.blackhole()
+            # The probe runs every second (the default); a wait gives up after 1s.
+            bound = 1.0 + 1.0 + 2.0
+            await poll_until(lambda: _is(health_of(serve.address), NOT_SERVING), timeout=bound, interval=0.05)
+            await proxy.heal()
+            await serve.wait_serving(timeout=bound)
+            assert len(serve.log_lines("lost its database: DatabaseTimeout")) == 1, serve.tail()
+            assert len(serve.log_lines("reached its database again")) == 1, serve.tail()
+    finally:
+        await proxy.close()

@@ -34,8 +34,8 @@ from google.protobuf import any_pb2, descriptor_pool
 from orchestrator import machine, payloads
 from orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.dashboard import gantt
-from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.definitions import NAME_PATTERN
+from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of, quote
 from orchestrator.limits import (
