@@ -37,6 +37,7 @@ from orchestrator.config import DEFAULT_LISTEN, ServerConfig
 from orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
 from orchestrator.errors import CompensaError, quote
 from orchestrator.limits import INT32_MAX, INT64_MAX
+from orchestrator.logs import configure_logging
 from orchestrator.records import ACTIVE_SAGA_STATES as _UNFINISHED  # states that can be stuck (`compensa status`)
 from orchestrator.records import done_for_good as _done_for_good
 from participants.faults import FaultPlan
@@ -135,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         subparser.set_defaults(command=command)
         return subparser
 
-    _add_serve(add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False))
+    serve_parser = add("serve", _serve, "Run the orchestrator until SIGINT or SIGTERM.", client=False)
+    _add_serve(serve_parser)
+    _add_log_format_option(serve_parser)
     _add_db_option(
         add("migrate", _migrate, "Upgrade the database's schema from any earlier release to this one (or create it), then exit."
             " Sagas in flight are carried over; serve creates the schema only in an empty database.",
@@ -145,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
         add("purge", _purge, "Delete sagas done for good that ended longer ago than --older-than, then exit.",
             client=False)
     )
-    _add_participant(
-        add("participant", _participant, "Run one of the example checkout participants.", client=False)
-    )
+    participant_parser = add("participant", _participant, "Run one of the example checkout participants.", client=False)
+    _add_participant(participant_parser)
+    _add_log_format_option(participant_parser)
     _add_demo(add(
         "demo",
         _demo,
@@ -306,9 +309,39 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
     _add_access_options(parser)
     parser.add_argument(
+        "--alert-webhook", type=_webhook_url, metavar="URL",
+        help="POST every alert to this http(s) URL as JSON (see README, Alerts), retried from a durable outbox"
+             " until answered 2xx (default: alerts are only events, log lines and a metric)",
+    )
+    parser.add_argument(
+        "--alert-stuck-after", type=parse_duration, metavar="DURATION",
+        help="raise an alert for a running or compensating saga that has not changed for this long, once per"
+             " stall, e.g. 15m (default: none)",
+    )
+    parser.add_argument(
+        "--alert-webhook-timeout", type=parse_duration, metavar="DURATION",
+        help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
+             " to another replica after about this long",
+    )
+    parser.add_argument(
         "--retention", type=parse_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
              " their last change, with their events, e.g. 30d (default: keep everything)",
+    )
+
+
+def _webhook_url(text: str) -> str:
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def _add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text lines (the default), or one JSON object per line with time, level, logger, message and,"
+             " where known, saga_id, step, attempt and trace_id",
     )
 
 
@@ -604,6 +637,16 @@ def _serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
+    if args.alert_webhook is not None:
+        config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
+    if args.alert_stuck_after is not None:
+        config = dataclasses.replace(
+            config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
+        )
+    if args.alert_webhook_timeout is not None:
+        config = dataclasses.replace(
+            config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")
+        )
     asyncio.run(serve(config))
     return EXIT_OK
 
@@ -694,6 +737,7 @@ def _participant(args: argparse.Namespace) -> int:
 
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
+    _add_log_format_option(parser)
     parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
                         help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
     parser.add_argument("--stay", action="store_true",
@@ -1118,7 +1162,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     server_command = args.command in (_serve, _participant, _demo)
     base = logging.INFO if server_command else logging.WARNING
     level = max(logging.DEBUG, base - 10 * args.verbose)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "log_format", "text"))
     # Alembic reports every step it takes at INFO; migrate says what it did in one line.
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 
