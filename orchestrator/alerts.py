@@ -30,9 +30,10 @@ from orchestrator.clock import SharedClock
 from orchestrator.errors import StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.store import PendingAlert, SagaStore
+from participants.retry import Backoff
 from participants.tracing import trace_id_of
 
-__all__ = ["AlertDelivery", "alert_body", "stuck_alert"]
+__all__ = ["DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "stuck_alert"]
 
 log = logging.getLogger("compensa.alerts")
 
@@ -42,8 +43,8 @@ _POLL_SECONDS = 1.0
 _CLAIM_BATCH = 20
 # A claim outlives the delivery's timeout by this much before others may retry.
 _CLAIM_MARGIN_SECONDS = 1.0
-_FIRST_BACKOFF_SECONDS = 0.5
-_MAX_BACKOFF_SECONDS = 300.0
+#: The wait after each failed delivery of an alert: 0.5 s, doubling, at most 5 minutes.
+DELIVERY_BACKOFF = Backoff(initial=0.5, cap=300.0)
 
 
 def _rfc3339(seconds: float) -> str:
@@ -80,11 +81,6 @@ def stuck_alert(saga: records.SagaRecord, now: float) -> machine.Transition:
         message=f"stuck: {records.state_name(saga.state)} with no change for {now - saga.updated_at:.1f}s",
     )
     return machine.Transition(dataclasses.replace(saga, sequence=event.sequence), (event,))
-
-
-def backoff_seconds(attempts: int) -> float:
-    """The wait after the `attempts`-th failed delivery: 0.5 s, doubling, at most 5 minutes."""
-    return float(min(_MAX_BACKOFF_SECONDS, _FIRST_BACKOFF_SECONDS * 2 ** min(attempts - 1, 30)))
 
 
 def _post(url: str, body: bytes, alert_id: str, timeout: float) -> None:
@@ -141,7 +137,7 @@ class AlertDelivery:
             await asyncio.to_thread(_post, self._url, body, alert_id, self._timeout)
         except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
             self._metrics.alert_delivery("failed")
-            wait = backoff_seconds(alert.attempts)
+            wait = DELIVERY_BACKOFF.delay(alert.attempts)
             log.warning(
                 "alert %s: delivery %d to the webhook failed (%s); next try in %.1fs",
                 alert_id, alert.attempts, error, wait, extra=fields,

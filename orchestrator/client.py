@@ -26,6 +26,7 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from orchestrator.records import FINAL_SAGA_STATES
+from participants.retry import Backoff
 from participants.tls import TlsFiles
 
 #: Answers after which the same call may simply be made again.
@@ -34,6 +35,8 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 #: (this client never cancels its own).
 _RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 T = TypeVar("T")
+#: Waits between tries of a call, and between reconnections of a watch.
+_RETRY_BACKOFF = Backoff(initial=0.05, cap=2.0)
 
 
 class SagaClient:
@@ -132,12 +135,12 @@ class SagaClient:
         final event; reconnects (to whichever replica answers) and resumes
         after the last event it yielded when the stream breaks."""
         last = after_sequence
-        delay = 0.05
+        waits = _RETRY_BACKOFF.waits()
         while True:
             request = orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=last, replay_history=True)
             try:
                 async for response in self.stub.WatchSaga(request):
-                    delay = 0.05
+                    waits.reset()
                     event = response.event
                     if event.sequence <= last:
                         continue
@@ -149,8 +152,7 @@ class SagaClient:
                 if error.code() not in _RESUMABLE:
                     raise
             # Broken, or ended by a stopping server before the final event.
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await waits.sleep()
 
     async def result(self, saga_id: str) -> saga_pb2.Saga:
         """Waits until the saga ends (SUCCEEDED, COMPENSATED or FAILED) and returns it."""
@@ -170,12 +172,12 @@ class SagaClient:
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._retry_for
-        delay = 0.05
+        waits = _RETRY_BACKOFF.waits()
         while True:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
+                delay = waits.next()
                 if error.code() not in RETRYABLE or loop.time() + delay > give_up:
                     raise
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)

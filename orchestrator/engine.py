@@ -36,6 +36,7 @@ from orchestrator.timestamps import timestamp
 from orchestrator.tokens import completion_token
 from orchestrator.tracing import SagaTracing
 from orchestrator.writer import TransitionWriter
+from participants.retry import Backoff
 from participants.tracing import trace_id_of
 
 log = logging.getLogger("compensa.engine")
@@ -59,6 +60,8 @@ _PARTICIPANTS_SECONDS = 1.0
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
+# A transition the database did not confirm is written again after these waits.
+_COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
 # Stuck sagas are looked for at most this often (and four times per threshold).
 _STUCK_CHECK_SECONDS = 30.0
 
@@ -515,7 +518,7 @@ class SagaEngine:
     ) -> SagaWrite | None:
         """Persists a transition, retrying while the database is away; the
         write that landed, or None when the saga is no longer ours."""
-        delay = 0.05
+        waits = _COMMIT_BACKOFF.waits()
         while True:
             now = self.clock.now()
             write = self._write_for(plan, transition, saga.sequence, epoch, in_flight, now)
@@ -523,9 +526,9 @@ class SagaEngine:
                 result = await self.writer.submit(write)
             except StoreUnavailable as error:
                 # Not per saga at WARNING: the database's health logs the outage once.
+                delay = waits.next()
                 log.debug("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
                 continue
             if result.ok:
                 if write.release:
@@ -536,7 +539,7 @@ class SagaEngine:
             try:
                 current = await self.store.load_owned(saga.saga_id, self.owner, epoch)
             except StoreUnavailable:
-                await asyncio.sleep(delay)
+                await waits.sleep()
                 continue
             if current is not None and current.sequence == transition.saga.sequence:
                 return write

@@ -25,7 +25,13 @@ from orchestrator.service import OrchestratorService, service_handler
 from orchestrator.store import open_store
 from participants.health import DatabaseHealth
 from participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
-from participants.startup import DatabaseMisconfigured, ServingError, first_line, permanent_database_problem
+from participants.startup import (
+    DATABASE_START_BACKOFF,
+    DatabaseMisconfigured,
+    ServingError,
+    first_line,
+    permanent_database_problem,
+)
 from participants.tls import TlsConfigError
 
 log = logging.getLogger("compensa.server")
@@ -82,7 +88,7 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
     driving sagas. Only an unreachable database is waited for: any other
     failure ends the start-up, and a database that will never work as
     configured raises DatabaseMisconfigured."""
-    delay = 0.2
+    waits = DATABASE_START_BACKOFF.waits()
     while True:
         try:
             await running.engine.store.ensure_schema()
@@ -100,9 +106,9 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
             problem = permanent_database_problem(error)
             if problem is not None:
                 raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            delay = waits.next()
             log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
     running.engine.start()
     await running.database_health.ready()
     running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)

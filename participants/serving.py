@@ -38,6 +38,7 @@ from participants.database import DEFAULT_DATABASE_TIMEOUT, engine_options
 from participants.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from participants.sdk import Participant
 from participants.startup import (
+    DATABASE_START_BACKOFF,
     AddressInUse,
     DatabaseMisconfigured,
     ServingError,
@@ -162,7 +163,7 @@ async def create_schema_when_reachable(participant: Participant) -> None:
     """Creates `participant`'s tables, waiting (with a one-line warning per
     try) while its database does not answer; DatabaseMisconfigured when it
     never will."""
-    delay = 0.2
+    waits = DATABASE_START_BACKOFF.waits()
     while True:
         try:
             await participant.create_schema()
@@ -173,9 +174,9 @@ async def create_schema_when_reachable(participant: Participant) -> None:
             problem = permanent_database_problem(error)
             if problem is not None:
                 raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            delay = waits.next()
             logger.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
         await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
 
 
 @dataclass

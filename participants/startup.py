@@ -8,14 +8,20 @@ import errno
 import re
 import socket
 
+from participants.retry import Backoff
+
 __all__ = [
     "AddressInUse",
+    "DATABASE_START_BACKOFF",
     "DatabaseMisconfigured",
     "ServingError",
     "ensure_address_free",
     "first_line",
     "permanent_database_problem",
 ]
+
+#: How a server starting up waits for its database to answer.
+DATABASE_START_BACKOFF = Backoff(initial=0.2, cap=5.0)
 
 # libpq and SQLite messages of a database that will not work however long we
 # wait; anything else (connection refused, the database system is starting up,

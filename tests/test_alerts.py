@@ -26,7 +26,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from harness import checkout_input, poll_until
-from orchestrator.alerts import backoff_seconds
+from orchestrator.alerts import DELIVERY_BACKOFF
 from orchestrator.cli import build_parser, main
 from orchestrator.config import ServerConfig
 from orchestrator.server import start_orchestrator
@@ -202,8 +202,8 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
 
 
 def test_delivery_backoff_doubles_from_half_a_second_up_to_five_minutes() -> None:
-    assert [backoff_seconds(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
-    assert backoff_seconds(12) == 300.0 and backoff_seconds(10_000) == 300.0
+    assert [DELIVERY_BACKOFF.delay(n) for n in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 4.0]
+    assert DELIVERY_BACKOFF.delay(12) == 300.0 and DELIVERY_BACKOFF.delay(10_000) == 300.0
 
 
 @pytest.mark.parametrize("url", ["ftp://example/alerts", "hooks.example/alerts", "http://"])

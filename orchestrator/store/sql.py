@@ -67,11 +67,14 @@ from participants.database import (
     connect_bounded,
     engine_options,
 )
+from participants.retry import Backoff
 
 log = logging.getLogger("compensa.store")
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
+# The change listener reconnects after these waits.
+_LISTENER_BACKOFF = Backoff(initial=0.1, cap=5.0)
 
 ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
 
@@ -961,7 +964,7 @@ class PostgresSagaStore(SqlSagaStore):
 
     async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
         conninfo = self._conninfo
-        delay = 0.1
+        waits = _LISTENER_BACKOFF.waits()
         lost = False
         while True:
             try:
@@ -970,7 +973,8 @@ class PostgresSagaStore(SqlSagaStore):
                         await conn.execute(f"LISTEN {_CHANNEL}")
                     if lost:
                         log.info("change listener listening again")
-                    delay, lost = 0.1, False
+                    waits.reset()
+                    lost = False
                     # Anything committed while we were not listening is found
                     # by re-reading: a lost notification costs latency only.
                     on_change(None)
@@ -987,10 +991,10 @@ class PostgresSagaStore(SqlSagaStore):
             except (psycopg.OperationalError, OSError) as error:
                 # Once per outage: the loss of the database is logged by its health.
                 level = logging.DEBUG if lost else logging.WARNING
+                delay = waits.next()
                 log.log(level, "change listener lost its connection (%s); reconnecting in %.1fs", error, delay)
                 lost = True
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
