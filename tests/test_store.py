@@ -8,6 +8,7 @@ explicit numbers; nothing waits on the clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -306,6 +307,28 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     after = machine.decide(plan, operator.saga, machine.CompensateSucceeded(compensate.step), T0 + 35)
     assert after.changed
     assert (await store.commit([_write(after, operator.saga.sequence, epoch=2, owner="replica-b")]))[0].ok is False
+
+
+async def test_a_takeover_is_announced_to_the_other_replicas_listeners(make_postgres_url: Callable[[], str]) -> None:
+    # Another replica's watchers learn of the TAKEN_OVER event when the claim
+    # commits, not at their next re-read.
+    url = make_postgres_url()
+    watcher, claimer = open_store(url, notifier="replica-a"), open_store(url, notifier="replica-b")
+    await watcher.ensure_schema()
+    changes: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    listening = asyncio.create_task(watcher.listen(changes.put_nowait, ignore_from="replica-a"))
+    try:
+        assert await asyncio.wait_for(changes.get(), 30) is None  # listening: re-read everything
+        plan = await _plan(watcher)
+        await _create(watcher, plan, "s1", owner="replica-a")  # its own write: not announced to itself
+        assert [c.saga.saga_id for c in await claimer.claim_due("replica-b", T0 + 31, T0 + 61, 10)] == ["s1"]
+        assert await asyncio.wait_for(changes.get(), 30) == ["s1"]
+        assert changes.empty()
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        await _close([watcher, claimer])
 
 
 async def test_claim_due_takes_only_due_active_sagas_without_a_live_lease(store: SqlSagaStore) -> None:
