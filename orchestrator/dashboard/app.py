@@ -35,10 +35,9 @@ from orchestrator import machine, payloads
 from orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.dashboard import gantt
 from orchestrator.definitions._durations import shorthand_to_json
-from orchestrator.engine import SagaEngine
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of
 from orchestrator.operations import operator_event
-from orchestrator.service import DEFAULT_STUCK_SECONDS
 from orchestrator.store import StoredEvent
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.timeline import event_type_name, saga_state_name, step_state_name
