@@ -74,6 +74,15 @@ class ServerConfig:
     # are deleted with their steps and events this long after their last
     # change; None keeps everything.
     retention_seconds: float | None = None
+    # URL that alerts are POSTed to (see README, "Alerts"), from the durable
+    # outbox, until answered 2xx; None delivers none (they stay in the outbox).
+    alert_webhook: str | None = None
+    # How long one delivery may take; a replica killed while delivering
+    # leaves the alert to another after about this long.
+    alert_webhook_timeout: float = 5.0
+    # An unfinished saga unchanged for this long raises an alert (once per
+    # stall); None raises none.
+    alert_stuck_seconds: float | None = None
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a

@@ -26,15 +26,18 @@ from dataclasses import dataclass
 from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
-from orchestrator import machine
+from orchestrator import logs, machine
+from orchestrator.alerts import AlertDelivery, stuck_alert
 from orchestrator.clock import SharedClock
 from orchestrator.config import ServerConfig
 from orchestrator.errors import FailedPrecondition, NotFound, RejectedWrite, StoreUnavailable
 from orchestrator.metrics import Metrics
 from orchestrator.participant_client import ParticipantClient
 from orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
+from orchestrator.tracing import SagaTracing
 from orchestrator.views import timestamp
 from participants.database import DEFAULT_DATABASE_TIMEOUT
+from participants.tracing import trace_id_of
 
 log = logging.getLogger("compensa.engine")
 
@@ -57,6 +60,8 @@ _PARTICIPANTS_SECONDS = 1.0
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
+# Stuck sagas are looked for at most this often (and four times per threshold).
+_STUCK_CHECK_SECONDS = 30.0
 
 
 async def purge_finished(store: SagaStore, finished_before: float) -> int:
@@ -256,6 +261,12 @@ class SagaEngine:
             metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
         )
         self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
+        # None when traces are off: then no span is made and no metadata sent.
+        self.tracing = SagaTracing.from_environment(self.owner)
+        self.alerts = (
+            AlertDelivery(store, config.alert_webhook, self.clock, self.metrics, timeout=config.alert_webhook_timeout)
+            if config.alert_webhook else None
+        )
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
         self._driving: dict[str, _Driving] = {}
@@ -323,6 +334,12 @@ class SagaEngine:
                 self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
             ),
         ]
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(self.alerts.run(), name="compensa-alerts"))
+        if self.config.alert_stuck_seconds is not None:
+            self._tasks.append(
+                asyncio.create_task(self._alert_stuck(self.config.alert_stuck_seconds), name="compensa-stuck")
+            )
         if self.config.retention_seconds is not None:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
@@ -358,6 +375,8 @@ class SagaEngine:
         with contextlib.suppress(StoreUnavailable):
             await self.store.release_all(self.owner, self.clock.now())
         await self.client.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
     def _committed(self, landed: list[tuple[SagaWrite, WriteResult]]) -> None:
         if not landed:
@@ -366,6 +385,8 @@ class SagaEngine:
             saga = write.saga
             for event in write.events:
                 self.metrics.committed(event.type, saga.definition_name, saga.created_at, event.time)
+                if event.type == machine.E.EVENT_TYPE_ALERT_RAISED:
+                    self._alert_raised(saga, event)
         if not self.changes.wants_committed():
             self.changes.notify([write.saga.saga_id for write, _ in landed])
             return
@@ -376,6 +397,15 @@ class SagaEngine:
         ]
         events.sort(key=lambda stored: stored.position)
         self.changes.committed(events)
+
+    def _alert_raised(self, saga: machine.SagaRecord, event: machine.LogEvent) -> None:
+        """An ALERT_RAISED event committed here (its outbox row with it)."""
+        log.error(
+            "ALERT saga %s: %s", saga.saga_id, event.message,
+            extra={"saga_id": saga.saga_id, "step": event.step_name or None, "trace_id": trace_id_of(saga.trace_parent)},
+        )
+        if self.alerts is not None:
+            self.alerts.wake()
 
     # -- plans
 
@@ -452,6 +482,9 @@ class SagaEngine:
     ) -> tuple[machine.SagaRecord, bool, str]:
         now = self.clock.now()
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
+        if self.tracing is not None:
+            traced = dataclasses.replace(transition.saga, trace_parent=self.tracing.start_saga(transition.saga))
+            transition = dataclasses.replace(transition, saga=traced)
         write = dataclasses.replace(
             self._write_for(plan, transition, 0, 1, set(), now), request_fingerprint=request_fingerprint
         )
@@ -491,15 +524,39 @@ class SagaEngine:
                 transition = machine.taken_over(
                     saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
                 )
-            write = self._write_for(plan, transition, saga.sequence, None, set(), now)
-            result = await self.writer.submit(write)
-            if result.ok:
-                if not write.release:
-                    self._drive(transition.saga, result.epoch)
-                else:
-                    self._wake_scheduler(write.due_at)
+            if await self._take_over(plan, transition, saga.sequence, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    async def _take_over(
+        self, plan: machine.Plan, transition: machine.Transition, expected: int, now: float
+    ) -> bool:
+        """Writes a transition made outside the saga's driver (bumping the
+        epoch fences whichever replica held it) and drives the saga on if it
+        has calls due; whether the write landed."""
+        write = self._write_for(plan, transition, expected, None, set(), now)
+        result = await self.writer.submit(write)
+        if result.ok:
+            if not write.release:
+                self._drive(transition.saga, result.epoch)
+            else:
+                self._wake_scheduler(write.due_at)
+        return result.ok
+
+    async def _alert_stuck(self, stuck_after: float) -> None:
+        """Raises an alert for each saga stuck longer than `stuck_after`, once
+        per stall. Only sagas nobody holds are looked at, so no driver is
+        fenced; replicas racing for one alert it once (the write is guarded)."""
+        while True:
+            await asyncio.sleep(min(_STUCK_CHECK_SECONDS, stuck_after / 4))
+            try:
+                now = self.clock.now()
+                for saga in await self.store.find_stuck(stuck_before=now - stuck_after, now=now, limit=_CLAIM_BATCH):
+                    plan = await self.plan_for(saga.definition_name, saga.definition_version)
+                    now = self.clock.now()
+                    await self._take_over(plan, stuck_alert(saga, now), saga.sequence, now)
+            except StoreUnavailable as error:
+                log.warning("stuck sagas: %s", error)
 
     # -- driving
 
@@ -530,6 +587,7 @@ class SagaEngine:
     async def _run_saga(self, saga: machine.SagaRecord, epoch: int) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
         answers: asyncio.Queue[machine.Event] = asyncio.Queue()
+        logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             while True:
@@ -565,9 +623,6 @@ class SagaEngine:
                     log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
                     return
                 saga = write.saga
-                for event_row in transition.events:
-                    if event_row.type == machine.E.EVENT_TYPE_ALERT_RAISED:
-                        log.error("ALERT saga %s: %s", saga.saga_id, event_row.message)
                 if write.release:
                     # Given up in the database: from now on the scheduler
                     # hands it out, and driving on would race that.
@@ -620,6 +675,7 @@ class SagaEngine:
         self, plan: machine.Plan, saga: machine.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
     ) -> None:
         step = plan.steps[call.step]
+        logs.bind(step=call.step, attempt=call.attempt)
         context = participant_pb2.StepContext(
             saga_id=saga.saga_id,
             step_name=call.step,
@@ -635,21 +691,34 @@ class SagaEngine:
             for name in plan.ancestors[call.step]
             if (record := saga.step(name)).output is not None
         }
+        request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest
         if isinstance(call, machine.CallExecute):
             token = completion_token(self.token_key, saga.saga_id, call.step) if step.long_running else ""
             request = participant_pb2.ExecuteRequest(
                 context=context, saga_input=saga_input, step_outputs=outputs, completion_token=token
             )
-            answer = await self.client.execute(step.participant, request, call.timeout)
         else:
             own = saga.step(call.step).output
-            compensate = participant_pb2.CompensateRequest(
+            request = participant_pb2.CompensateRequest(
                 context=context, saga_input=saga_input, step_outputs=outputs, reason=saga.failure_reason,
             )
             if own is not None:
-                compensate.execute_output.CopyFrom(any_pb2.Any.FromString(own))
-            answer = await self.client.compensate(step.participant, compensate, call.timeout)
+                request.execute_output.CopyFrom(any_pb2.Any.FromString(own))
+        if self.tracing is None or saga.trace_parent is None:
+            answer = await self._send(step.participant, request, call.timeout, None)
+        else:
+            with self.tracing.call(saga, call, step.participant) as span:
+                answer = await self._send(step.participant, request, call.timeout, span.metadata)
+                span.answered(answer)
         await answers.put(answer)
+
+    async def _send(
+        self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
+        timeout: float, metadata: tuple[tuple[str, str], ...] | None,
+    ) -> machine.Event:
+        if isinstance(request, participant_pb2.ExecuteRequest):
+            return await self.client.execute(participant, request, timeout, metadata)
+        return await self.client.compensate(participant, request, timeout, metadata)
 
     # -- ownership
 

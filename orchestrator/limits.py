@@ -71,6 +71,31 @@ def stored_text(value: str, max_chars: int = MAX_STORED_TEXT_CHARS) -> str:
     return cleaned.encode("utf-8", "replace").decode("utf-8")
 
 
+def is_possible(value: str, field: str, pattern: re.Pattern[str]) -> bool:
+    """Whether `value` could name something (a full match of `pattern`): a
+    lookup of a name that cannot exist answers NOT_FOUND without asking the
+    database. A value that is empty or not even storable text is
+    InvalidArgument naming `field`."""
+    if not value:
+        raise InvalidArgument(f"{field} is required")
+    check_text(value, field, max_chars=len(value))
+    return pattern.fullmatch(value) is not None
+
+
+def check_filter(value: str, field: str, pattern: re.Pattern[str], what: str) -> str:
+    """A filter on names: empty (any) or a possible name (`what` says of what)."""
+    if value and not is_possible(value, field, pattern):
+        raise InvalidArgument(f"{field} must be empty (any) or a {what} name, got {quote(value)}")
+    return value
+
+
+def check_position(text: str, field: str) -> int:
+    """A log position or sequence given as text: decimal digits, at most INT64_MAX."""
+    if not (text.isascii() and text.isdigit()) or int(text) > INT64_MAX:
+        raise InvalidArgument(f"{field} must be a log position (0 to {INT64_MAX}), got {quote(text)}")
+    return int(text)
+
+
 def check_saga_id(saga_id: str, field: str = "saga_id") -> str:
     """`saga_id` if it is a valid saga id (a full match of SAGA_ID_PATTERN)."""
     if not saga_id:

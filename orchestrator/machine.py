@@ -85,6 +85,8 @@ class SagaRecord:
     steps: tuple[StepRecord, ...]
     failure_reason: str = ""
     resolution_note: str = ""
+    # W3C traceparent of the saga's trace; None when it is not traced.
+    trace_parent: str | None = None
 
     def step(self, name: str) -> StepRecord:
         for step in self.steps:

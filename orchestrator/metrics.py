@@ -53,6 +53,10 @@ class Metrics:
             "compensa_alerts", "Sagas that need a person, or soon may (ALERT_RAISED events), by definition.",
             ["definition"], registry=self.registry,
         )
+        self._deliveries = Counter(
+            "compensa_alert_deliveries", "Alert webhook deliveries by this replica, by outcome (delivered, failed).",
+            ["outcome"], registry=self.registry,
+        )
         self._sagas = Histogram(
             "compensa_saga_duration_seconds", "Creation to end of the sagas that ended here, by definition and end.",
             ["definition", "end"], buckets=_SAGA_BUCKETS, registry=self.registry,
@@ -103,6 +107,9 @@ class Metrics:
             self._sagas.labels(definition, end).observe(max(0.0, time_of_event - created_at))
         elif event_type == saga_pb2.EVENT_TYPE_ALERT_RAISED:
             self._alerts.labels(definition).inc()
+
+    def alert_delivery(self, outcome: str) -> None:
+        self._deliveries.labels(outcome).inc()
 
     def called(self, participant: str, method: str, outcome: str, seconds: float) -> None:
         self._calls.labels(participant, method, outcome).observe(seconds)

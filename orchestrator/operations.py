@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from orchestrator import machine
 from orchestrator.errors import InvalidArgument
+from orchestrator.limits import MAX_STORED_ACTOR_CHARS, check_text, stored_text
 
 __all__ = ["OPERATOR_ACTIONS", "operator_event"]
 
@@ -14,7 +15,11 @@ OPERATOR_ACTIONS = ("CancelSaga", "RetrySaga", "ResolveSaga")
 
 def operator_event(action: str, actor: str, text: str) -> machine.Event:
     """The event for `action`, by `actor`; `text` is the reason (cancel,
-    retry) or the note (resolve, required)."""
+    retry) or the note (resolve, required). InvalidArgument if the text
+    cannot be stored; the actor (who the caller's credentials name) is cut
+    to what the log keeps."""
+    check_text(text, "note" if action == "ResolveSaga" else "reason")
+    actor = stored_text(actor, MAX_STORED_ACTOR_CHARS)
     if action == "CancelSaga":
         return machine.CancelRequested(actor=actor, reason=text)
     if action == "RetrySaga":

@@ -67,13 +67,14 @@ class ParticipantClient:
         return stub
 
     async def execute(
-        self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float
+        self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> machine.Event:
         step = request.context.step_name
         began = time.perf_counter()
         try:
             response: participant_pb2.ExecuteResponse = await self._stub(participant).Execute(
-                request, timeout=timeout
+                request, timeout=timeout, metadata=metadata
             )
         except grpc.aio.AioRpcError as error:
             code = error.code()
@@ -107,12 +108,13 @@ class ParticipantClient:
         return machine.ExecuteSucceeded(step, output)
 
     async def compensate(
-        self, participant: str, request: participant_pb2.CompensateRequest, timeout: float
+        self, participant: str, request: participant_pb2.CompensateRequest, timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> machine.Event:
         step = request.context.step_name
         began = time.perf_counter()
         try:
-            await self._stub(participant).Compensate(request, timeout=timeout)
+            await self._stub(participant).Compensate(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as error:
             self._metrics.called(participant, "Compensate", error.code().name, time.perf_counter() - began)
             return machine.CompensateErrored(step, stored_text(f"{error.code().name}: {error.details()}"))

@@ -47,8 +47,10 @@ from orchestrator.limits import (
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
     check_duration,
+    check_filter,
     check_saga_id,
     check_text,
+    is_possible,
     stored_text,
 )
 from orchestrator.page_tokens import issue_page_token, read_page_token
@@ -172,23 +174,6 @@ def _answer_stream_errors(
             await context.abort(code, message, grpc_error_details(error))
 
     return wrapper
-
-
-def _is_possible(value: str, field: str, pattern: re.Pattern[str]) -> bool:
-    """Whether `value` could name something (a full match of `pattern`); a
-    lookup of a name that cannot exist answers NOT_FOUND. A value that is
-    not even storable text is INVALID_ARGUMENT."""
-    if not value:
-        raise InvalidArgument(f"{field} is required")
-    check_text(value, field, max_chars=len(value))
-    return pattern.fullmatch(value) is not None
-
-
-def _definition_filter(name: str, field: str = "definition_name") -> str:
-    """A definition-name filter: empty (any) or a possible definition name."""
-    if name and not _is_possible(name, field, NAME_PATTERN):
-        raise InvalidArgument(f"{field} must be empty (any) or a definition name, got {quote(name)}")
-    return name
 
 
 def _stuck_seconds(stuck_for: duration_pb2.Duration) -> float:
@@ -327,22 +312,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             self._access.require_scope(self._caller(context), action, definition_name)
 
     async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> machine.SagaRecord:
-        saga = await self._store.load_saga(saga_id) if _is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
         if saga is None:
             raise NotFound(f"saga {quote(saga_id)} not found")
         self._in_scope(context, action, saga.definition_name)
         return saga
 
     async def _operate(
-        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str, text_field: str
+        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str
     ) -> saga_pb2.Saga:
         """An operator action, recorded with who did it. Its fields are
         checked before anything is read."""
         check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
-        check_text(text, text_field)
         identity = self._caller(context)
-        event = operator_event(action, stored_text(identity.actor(claimed), MAX_STORED_ACTOR_CHARS), text)
-        if not _is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
+        event = operator_event(action, identity.actor(claimed), text)
+        if not is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
             raise NotFound(f"saga {quote(saga_id)} not found")
         if identity.definitions:
             await self._existing(saga_id, context, action)
@@ -361,7 +345,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
             raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
-        possible = _is_possible(request.definition_name, "definition_name", NAME_PATTERN)
+        possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
             version = f" version {request.definition_version}" if request.definition_version else ""
@@ -403,7 +387,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         page_size = _page_size(request.page_size)
         if request.state and request.state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"state {request.state} is not a SagaState")
-        definition_name = _definition_filter(request.definition_name)
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
         self._all_in_scope(context, "ListSagas", definition_name)
         updated_before = None
         if request.HasField("stuck_for"):
@@ -438,7 +422,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self, request: orchestrator_pb2.SummarizeSagasRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.SummarizeSagasResponse:
         stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
-        definition_name = _definition_filter(request.definition_name)
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
         self._all_in_scope(context, "SummarizeSagas", definition_name)
         now = self._engine.clock.now()
         summaries = await self._store.summarize_sagas(definition_name=definition_name, stuck_before=now - stuck)
@@ -466,21 +450,21 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelSaga(
         self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.CancelSagaResponse:
-        saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason, "reason")
+        saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason)
         return orchestrator_pb2.CancelSagaResponse(saga=saga)
 
     @_answer_errors
     async def RetrySaga(
         self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.RetrySagaResponse:
-        saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason, "reason")
+        saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason)
         return orchestrator_pb2.RetrySagaResponse(saga=saga)
 
     @_answer_errors
     async def ResolveSaga(
         self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.ResolveSagaResponse:
-        saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note, "note")
+        saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note)
         return orchestrator_pb2.ResolveSagaResponse(saga=saga)
 
     @_answer_errors
@@ -576,7 +560,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
         if request.saga_state and request.saga_state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"saga_state {request.saga_state} is not a SagaState")
-        definition_name, saga_state = _definition_filter(request.definition_name), request.saga_state
+        definition_name, saga_state = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition"), request.saga_state
         self._all_in_scope(context, "WatchSagas", definition_name)
         async for batch in self._tail.follow(
             request.after_position,
@@ -613,7 +597,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def GetDefinition(
         self, request: orchestrator_pb2.GetDefinitionRequest, context: grpc.aio.ServicerContext
     ) -> orchestrator_pb2.GetDefinitionResponse:
-        possible = _is_possible(request.name, "name", NAME_PATTERN)
+        possible = is_possible(request.name, "name", NAME_PATTERN)
         if request.version < 0:
             raise InvalidArgument(f"version must be 0 (latest) or positive, got {request.version}")
         self._in_scope(context, "GetDefinition", request.name)

@@ -55,6 +55,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants import tracing
 from participants.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from participants.faults import FaultPlan, InjectedFault
 from participants.health import DatabaseHealth
@@ -249,6 +250,13 @@ def _barrier_table(name: str) -> sqlalchemy.Table:
     )
 
 
+def _span_attributes(step: participant_pb2.StepContext) -> dict[str, str | int]:
+    return {
+        "compensa.saga.id": step.saga_id, "compensa.step": step.step_name, "compensa.attempt": step.attempt,
+        "rpc.system": "grpc", "rpc.service": "compensa.v1.ParticipantService",
+    }
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -272,6 +280,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         self.engine = engine
         self.faults = faults or FaultPlan()
         self.barrier = _barrier_table(self.barrier_table_name)
+        # One SERVER span per call, in the saga's trace, when traces are on.
+        self._tracer = tracing.tracer("compensa.participant", f"compensa-participant-{type(self).__name__}")
         #: The longest one transaction may take, in seconds (connecting is
         #: bounded by the engine: see `participants.server.create_participant_engine`).
         self.database_timeout = database_timeout
@@ -343,6 +353,17 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.ExecuteResponse:
         """Performs the step once per idempotency key; see the module docstring for statuses."""
+        traceparent = tracing.traceparent_in(context.invocation_metadata())
+        if self._tracer is None:
+            return await self._answer_execute(request, context, traceparent)
+        with tracing.server_span(
+            self._tracer, f"Execute {request.context.step_name}", traceparent, _span_attributes(request.context)
+        ):
+            return await self._answer_execute(request, context, traceparent)
+
+    async def _answer_execute(
+        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+    ) -> participant_pb2.ExecuteResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
@@ -359,12 +380,23 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             await context.abort(status, details)
             raise  # context.abort raises; this is never reached
         finally:
-            self._log(request.context, _EXECUTE, outcome, status)
+            self._log(request.context, _EXECUTE, outcome, status, traceparent)
 
     async def Compensate(
         self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.CompensateResponse:
         """Undoes the step once per idempotency key; see the module docstring for statuses."""
+        traceparent = tracing.traceparent_in(context.invocation_metadata())
+        if self._tracer is None:
+            return await self._answer_compensate(request, context, traceparent)
+        with tracing.server_span(
+            self._tracer, f"Compensate {request.context.step_name}", traceparent, _span_attributes(request.context)
+        ):
+            return await self._answer_compensate(request, context, traceparent)
+
+    async def _answer_compensate(
+        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+    ) -> participant_pb2.CompensateResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
@@ -379,7 +411,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             await context.abort(status, details)
             raise  # context.abort raises; this is never reached
         finally:
-            self._log(request.context, _COMPENSATE, outcome, status)
+            self._log(request.context, _COMPENSATE, outcome, status, traceparent)
 
     async def _transact(self, work: Awaitable[_R]) -> _R:
         """Runs a barrier transaction, telling `database_health` whether the database answered."""
@@ -541,7 +573,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         return code, details
 
     def _log(
-        self, step: participant_pb2.StepContext, operation: str, outcome: str, status: grpc.StatusCode
+        self, step: participant_pb2.StepContext, operation: str, outcome: str, status: grpc.StatusCode,
+        traceparent: str | None,
     ) -> None:
         logger.info(
             "%s saga=%s step=%s operation=%s attempt=%d outcome=%s status=%s",
@@ -552,4 +585,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             step.attempt,
             outcome,
             status.name,
+            extra={
+                "saga_id": step.saga_id, "step": step.step_name, "attempt": step.attempt,
+                "trace_id": tracing.trace_id_of(traceparent),
+            },
         )

@@ -33,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
+from participants import tracing
 from participants.database import DEFAULT_DATABASE_TIMEOUT, engine_options
 from participants.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from participants.sdk import Participant
@@ -283,3 +284,4 @@ async def serve(
                 loop.remove_signal_handler(signum)
         logger.info("%s on %s stopping", type(participant).__name__, running.address)
         await running.stop(grace=grace)
+        tracing.shutdown()  # sends the spans still buffered

@@ -12,11 +12,14 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import sqlalchemy as sa
@@ -28,6 +31,7 @@ from hypothesis import strategies as st
 from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 from sqlalchemy.ext.asyncio import create_async_engine
+import yarl
 
 from orchestrator import machine
 from orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
@@ -87,8 +91,9 @@ class Hostile:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_log(hostile: Hostile) -> None:
-    hostile.log.records.clear()
+def _fresh_log(request: pytest.FixtureRequest) -> None:
+    if "hostile" in request.fixturenames:
+        request.getfixturevalue("hostile").log.records.clear()
 
 
 @pytest.fixture(scope="module")
@@ -659,3 +664,56 @@ async def test_any_definition_gets_a_clean_answer(hostile: Hostile, data: st.Dat
 async def test_server_still_serving_after_all(hostile: Hostile) -> None:
     assert await poll_until(hostile.serving)
     assert hostile.log.tracebacks() == []
+
+
+# --- the dashboard: the same limits over HTTP ---------------------------------------------
+
+_HTTP_REFUSALS: dict[str, tuple[str, str, dict[str, str] | None, set[int]]] = {
+    # name: (method, path and query, form, statuses allowed)
+    "saga id with NUL": ("GET", "/sagas/a%00b", None, {400}),
+    "saga id of 100,000 characters": ("GET", "/sagas/" + "x" * 100_000, None, {400, 404, 414}),
+    "definition filter with NUL": ("GET", "/?definition=a%00b", None, {400}),
+    "search with NUL": ("GET", "/?q=a%00b", None, {400}),
+    "stuck beyond bounds": ("GET", "/?stuck=99999999999999999999999d", None, {400}),
+    "stuck of a huge quote": ("GET", "/?stuck=" + "y" * 5000, None, {400}),
+    "live after a superscript digit": ("GET", "/live?after=%C2%B2", None, {400}),
+    "live after beyond int64": ("GET", "/live?after=" + "9" * 30, None, {400}),
+    "cancel reason with NUL": ("POST", "/sagas/{saga}/cancel", {"reason": "a\x00b"}, {400}),
+    "cancel reason of 5,000 characters": ("POST", "/sagas/{saga}/cancel", {"reason": "r" * 5000}, {400}),
+    "cancel of a saga id with NUL": ("POST", "/sagas/a%00b/cancel", {"reason": "why"}, {400}),
+}
+
+
+async def test_the_dashboard_answers_hostile_requests_with_client_errors(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    from dashboard_rig import TOKENS, dashboard_rig
+
+    records = LogRecords()
+    logging.getLogger("compensa").addHandler(records)
+    try:
+        async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+            await rig.failed_for_a_person("dash-target")
+            headers = {"Authorization": f"Bearer {TOKENS['operator']}", "Accept": "application/json"}
+            timeout = aiohttp.ClientTimeout(total=30)
+            async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
+                page = await session.get(rig.url + "/sagas/dash-target", headers={"Accept": "text/html"})
+                form_token = re.search(r'name="form_token" value="([0-9a-f]+)"', await page.text())
+                assert form_token is not None
+                sequence = (await rig.saga("dash-target")).sequence
+                failures = []
+                for name, (method, target, form, allowed) in _HTTP_REFUSALS.items():
+                    url = rig.url + target.replace("{saga}", "dash-target")
+                    data = {**form, "form_token": form_token.group(1)} if form is not None else None
+                    async with session.request(
+                        method, yarl.URL(url, encoded=True), data=data, allow_redirects=False
+                    ) as answer:
+                        body = await answer.text()
+                        if answer.status not in allowed or len(body) > 2 * MAX_MESSAGE_CHARS:
+                            failures.append(f"{name}: {answer.status} {body[:200]!r}")
+                assert failures == []
+            saga = await rig.saga("dash-target")
+            assert saga.state == saga_pb2.SAGA_STATE_FAILED and saga.sequence == sequence
+        assert records.tracebacks() == []
+    finally:
+        logging.getLogger("compensa").removeHandler(records)

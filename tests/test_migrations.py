@@ -84,8 +84,10 @@ def _write(transition: machine.Transition, expected: int, now: float, *, release
 
 class _OldRelease:
     """Writes sagas into a database at an earlier revision through the store,
-    as the engine of that release did (the store's statements name only
-    columns every revision has)."""
+    as the engine of that release did. It uses the store's generic statements
+    (SQLAlchemy Core, also PostgreSQL's before its one-statement flush): they
+    name only the columns a write sets, and an old release's writes set only
+    columns every revision has, whereas the flush names every current column."""
 
     def __init__(self, store: SqlSagaStore, plan: machine.Plan) -> None:
         self.store = store
@@ -95,8 +97,8 @@ class _OldRelease:
         transition = machine.new_saga(
             self.plan, saga_id=saga_id, input=checkout_input().SerializeToString(deterministic=True), now=now
         )
-        (result,) = await self.store.commit(
-            [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)]
+        (result,) = await SqlSagaStore.commit(
+            self.store, [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)]
         )
         assert result.ok
         return transition.saga
@@ -107,8 +109,8 @@ class _OldRelease:
         in_flight = bool(machine.due_calls(self.plan, transition.saga, now))
         release = final or not in_flight
         due_at = None if final else (now if in_flight else machine.wake_at(self.plan, transition.saga))
-        (result,) = await self.store.commit(
-            [_write(transition, saga.sequence, now, release=release, due_at=due_at, lease_until=now - 1)]
+        (result,) = await SqlSagaStore.commit(
+            self.store, [_write(transition, saga.sequence, now, release=release, due_at=due_at, lease_until=now - 1)]
         )
         assert result.ok
         return transition.saga

@@ -8,6 +8,7 @@ explicit numbers; nothing waits on the clock.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -690,3 +691,71 @@ async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres
         (plan,) = (await (await conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE flush({arguments})")).fetchone())
 
     _assert_indexed(_table_reads(plan[0]))
+
+
+# --- traces and the alert outbox --------------------------------------------------------------
+
+
+def _alert(saga: SagaRecord, now: float, message: str = "a person must act") -> Transition:
+    """A transition whose one event is ALERT_RAISED (the store does not judge why)."""
+    event = machine.LogEvent(
+        sequence=saga.sequence + 1, type=S.EVENT_TYPE_ALERT_RAISED, time=now, saga_state=saga.state, message=message
+    )
+    return Transition(dataclasses.replace(saga, sequence=saga.sequence + 1, updated_at=now), (event,))
+
+
+async def test_a_saga_keeps_the_trace_context_it_was_created_with(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    transition = machine.new_saga(plan, saga_id="traced", input=b"in", now=T0)
+    transition = dataclasses.replace(transition, saga=dataclasses.replace(transition.saga, trace_parent=traced))
+    await store.create_saga(_write(transition, 0, epoch=1), "fp")
+    untraced = await _create(store, plan, "untraced")
+    assert (await store.load_saga("traced") or pytest.fail("missing")).trace_parent == traced
+    assert (await store.load_saga("untraced") or pytest.fail("missing")).trace_parent is None
+    # Through later writes and a claim by another replica.
+    await _finish(store, plan, untraced, T0 + 1)
+    claimed = await store.claim_due("replica-b", T0 + LEASE + 1, T0 + 2 * LEASE, 10)
+    assert [(c.saga.saga_id, c.saga.trace_parent) for c in claimed] == [("traced", traced)]
+
+
+async def test_an_alert_event_lands_in_the_outbox_with_it_and_is_claimed_once_at_a_time(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    saga = await _create(store, plan, "s1")
+    quiet = await _create(store, plan, "s2")
+    alert = _alert(saga, T0 + 1)
+    stale = _alert(quiet, T0 + 1)
+    (landed, skipped) = await store.commit([
+        _write(alert, saga.sequence, epoch=1, now=T0 + 1),
+        _write(stale, quiet.sequence - 1, epoch=1, now=T0 + 1),  # its guard fails: no event, no alert
+    ])
+    assert landed.ok and not skipped.ok
+    assert await store.claim_alerts(T0 + 0.5, T0 + 10, 10) == []  # not due before it was raised
+
+    (pending,) = await store.claim_alerts(T0 + 1, T0 + 10, 10)
+    assert (pending.saga_id, pending.sequence, pending.position) == ("s1", alert.saga.sequence, landed.positions[0])
+    assert (pending.definition_name, pending.message, pending.raised_at, pending.attempts) == (
+        "checkout", "a person must act", T0 + 1, 1
+    )
+    # Claimed: nobody else gets it until the claim runs out.
+    assert await store.claim_alerts(T0 + 9, T0 + 20, 10) == []
+    (again,) = await store.claim_alerts(T0 + 10, T0 + 20, 10)
+    assert again.attempts == 2
+    # The first claimant's late failure does not push back the second's claim.
+    await store.alert_not_delivered("s1", again.sequence, 1, T0 + 100, "late")
+    assert [a.attempts for a in await store.claim_alerts(T0 + 20, T0 + 30, 10)] == [3]
+    await store.alert_not_delivered("s1", again.sequence, 3, T0 + 100, "HTTP 500")
+    assert await store.claim_alerts(T0 + 99, T0 + 110, 10) == []
+    (last,) = await store.claim_alerts(T0 + 100, T0 + 110, 10)
+    await store.alert_delivered("s1", last.sequence)
+    assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
+
+
+async def test_purge_removes_the_undelivered_alerts_of_the_sagas_it_deletes(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    saga = await _create(store, plan, "s1")
+    alert = _alert(saga, T0 + 1)
+    assert (await store.commit([_write(alert, saga.sequence, epoch=1, now=T0 + 1)]))[0].ok
+    await _finish(store, plan, alert.saga, T0 + 2)
+    assert await store.purge_finished(finished_before=T0 + 50, limit=10) == 1
+    assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []

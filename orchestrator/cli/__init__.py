@@ -29,6 +29,7 @@ from orchestrator.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED
 from orchestrator.cli.output import error_text
 from orchestrator.cli.parser import Command, build_parser, parse_arguments, parse_saga_state
 from orchestrator.errors import CompensaError
+from orchestrator.logs import configure_logging
 from participants.startup import ServingError
 from participants.tls import TlsConfigError
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _configure_logging(args: argparse.Namespace) -> None:
     level = max(logging.DEBUG, args.base_log_level - 10 * args.verbose)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "log_format", "text"))  # --log-format: the commands that run a server
     # Alembic reports every step it takes at INFO; migrate says what it did in one line.
     logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
 

@@ -220,6 +220,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _webhook_url(text: str) -> str:
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
 def _default_actor() -> str:
     try:
         user = getpass.getuser()
@@ -284,6 +291,14 @@ def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
         "--database-timeout", type=_duration, metavar="DURATION",
         help="the longest any one wait on the database may take (connecting, a transaction); a call that cannot"
              " reach the database answers UNAVAILABLE within about this long (default: 3s)",
+    )
+
+
+def _add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text lines (the default), or one JSON object per line with time, level, logger, message and,"
+             " where known, saga_id, step, attempt and trace_id",
     )
 
 
@@ -359,10 +374,26 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
     _add_access_options(parser)
     parser.add_argument(
+        "--alert-webhook", type=_webhook_url, metavar="URL",
+        help="POST every alert to this http(s) URL as JSON (see README, Alerts), retried from a durable outbox"
+             " until answered 2xx (default: alerts are only events, log lines and a metric)",
+    )
+    parser.add_argument(
+        "--alert-stuck-after", type=_duration, metavar="DURATION",
+        help="raise an alert for a running or compensating saga that has not changed for this long, once per"
+             " stall, e.g. 15m (default: none)",
+    )
+    parser.add_argument(
+        "--alert-webhook-timeout", type=_duration, metavar="DURATION",
+        help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
+             " to another replica after about this long",
+    )
+    parser.add_argument(
         "--retention", type=_duration, metavar="DURATION",
         help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
              " their last change, with their events, e.g. 30d (default: keep everything)",
     )
+    _add_log_format_option(parser)
 
 
 def _add_access_options(parser: argparse.ArgumentParser) -> None:
@@ -411,9 +442,11 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
     )
     _add_database_timeout_option(parser)
     _add_server_tls_options(parser, "the participant")
+    _add_log_format_option(parser)
 
 
 def _add_demo(parser: argparse.ArgumentParser) -> None:
+    _add_log_format_option(parser)
     parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
                         help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
     parser.add_argument("--stay", action="store_true",

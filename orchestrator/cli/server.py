@@ -54,6 +54,16 @@ def serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
+    if args.alert_webhook is not None:
+        config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
+    if args.alert_stuck_after is not None:
+        config = dataclasses.replace(
+            config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
+        )
+    if args.alert_webhook_timeout is not None:
+        config = dataclasses.replace(
+            config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")
+        )
     asyncio.run(serve_orchestrator(config))
     return EXIT_OK
 

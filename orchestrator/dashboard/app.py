@@ -34,11 +34,20 @@ from google.protobuf import any_pb2, descriptor_pool
 from orchestrator import machine, payloads
 from orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
 from orchestrator.dashboard import gantt
+from orchestrator.definitions import NAME_PATTERN
 from orchestrator.definitions._durations import shorthand_to_json
-from orchestrator.engine import SagaEngine
-from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of
+from orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of, quote
+from orchestrator.limits import (
+    MAX_SAGA_ID_CHARS,
+    MAX_STUCK_FOR_SECONDS,
+    SAGA_ID_PATTERN,
+    check_filter,
+    check_position,
+    check_text,
+    is_possible,
+)
 from orchestrator.operations import operator_event
-from orchestrator.engine import DEFAULT_STUCK_SECONDS
 from orchestrator.store import StoredEvent
 from orchestrator.streams import READ_BATCH, LogTail
 from orchestrator.timeline import event_type_name, saga_state_name, step_state_name
@@ -176,21 +185,22 @@ class _Filters:
             try:
                 state = saga_pb2.SagaState.Value(f"SAGA_STATE_{state_text}")
             except ValueError:
-                raise InvalidArgument(f"state {state_text!r} is not a saga state") from None
+                raise InvalidArgument(f"state {quote(state_text)} is not a saga state") from None
         stuck = query.get("stuck", "").strip()
         stuck_seconds = None
         if stuck:
             json_text = shorthand_to_json(stuck)
             if json_text is None:
-                raise InvalidArgument(f"stuck for {stuck!r}: give a duration such as 90s, 10m or 2h")
+                raise InvalidArgument(f"stuck for {quote(stuck)}: give a duration such as 90s, 10m or 2h")
             stuck_seconds = float(json_text.removesuffix("s"))
-            if stuck_seconds <= 0:
-                raise InvalidArgument("stuck for must be positive, e.g. 10m")
-        definition = query.get("definition", "").strip()
+            if not 0 < stuck_seconds <= MAX_STUCK_FOR_SECONDS:
+                raise InvalidArgument(f"stuck for must be positive and at most {MAX_STUCK_FOR_SECONDS // 86400} days")
+        definition = check_filter(query.get("definition", "").strip(), "definition", NAME_PATTERN, "definition")
         if identity.definitions and definition not in identity.definitions:
             # A caller limited to some definitions sees one of them at a time.
             definition = sorted(identity.definitions)[0]
-        return cls(state, definition, stuck, stuck_seconds, query.get("q", "").strip())
+        search = check_text(query.get("q", "").strip(), "q (the saga id searched for)", max_chars=MAX_SAGA_ID_CHARS)
+        return cls(state, definition, stuck, stuck_seconds, search)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -354,9 +364,9 @@ class Dashboard:
     async def _saga(self, request: web.Request) -> web.Response:
         identity = self._identify(request)
         saga_id = request.match_info["saga_id"]
-        saga = await self._store.load_saga(saga_id)
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
         if saga is None:
-            raise NotFound(f"saga {saga_id!r} not found")
+            raise NotFound(f"saga {quote(saga_id)} not found")
         self._access.authorize(identity, "GetSaga", saga.definition_name)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         view = saga_message(saga, plan)
@@ -411,21 +421,21 @@ class Dashboard:
         if not hmac.compare_digest(str(form.get("form_token", "")), self._form_token(identity)):
             raise PermissionDenied("the form is stale or not from this dashboard: reload the page and try again")
         saga_id = request.match_info["saga_id"]
-        saga = await self._store.load_saga(saga_id)
-        if saga is None:
-            raise NotFound(f"saga {saga_id!r} not found")
-        self._access.authorize(identity, action, saga.definition_name)
         text = str(form.get("note" if action == "ResolveSaga" else "reason", ""))
-        await self._engine.apply_external(saga_id, operator_event(action, identity.actor(""), text))
+        event = operator_event(action, identity.actor(""), text)
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
+        if saga is None:
+            raise NotFound(f"saga {quote(saga_id)} not found")
+        self._access.authorize(identity, action, saga.definition_name)
+        await self._engine.apply_external(saga_id, event)
         log.info("%s of saga %s by %s from the dashboard", action, saga_id, identity.describe())
         raise web.HTTPSeeOther(f"/sagas/{saga_id}?done={request.match_info['action']}")
 
     async def _live(self, request: web.Request) -> web.StreamResponse:
         identity = self._identify(request)
         filters = _Filters.of(request, identity)
-        resume = request.headers.get("Last-Event-ID") or request.query.get("after", "0")
-        if not resume.isdigit():
-            raise InvalidArgument(f"Last-Event-ID or after must be a log position, got {resume!r}")
+        resume = check_position(request.headers.get("Last-Event-ID") or request.query.get("after", "0"),
+                                "Last-Event-ID or after")
         wanted = (filters.definition, filters.state)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
@@ -434,7 +444,7 @@ class Dashboard:
             await response.prepare(request)
             # Tells the browser to come back after 1 s if the stream breaks.
             await response.write(b"retry: 1000\n\n")
-            await self._send_live(response, int(resume), wanted)
+            await self._send_live(response, resume, wanted)
         return response
 
     async def _send_live(self, response: web.StreamResponse, after: int, wanted: tuple[str, int]) -> None:

@@ -3,6 +3,7 @@
 from orchestrator.store.base import (
     Claimed,
     ParticipantAddress,
+    PendingAlert,
     SagaPage,
     SagaStore,
     SagaWrite,
@@ -15,6 +16,7 @@ from orchestrator.store.sql import PostgresSagaStore, SqliteSagaStore, SqlSagaSt
 __all__ = [
     "Claimed",
     "ParticipantAddress",
+    "PendingAlert",
     "PostgresSagaStore",
     "SagaPage",
     "SagaStore",

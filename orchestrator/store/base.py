@@ -91,6 +91,22 @@ class ParticipantAddress:
 
 
 @dataclass(frozen=True)
+class PendingAlert:
+    """An alert in the outbox, claimed for one delivery attempt."""
+
+    saga_id: str
+    sequence: int  # of the ALERT_RAISED event
+    position: int  # of the event in the global log
+    definition_name: str
+    step_name: str
+    message: str
+    raised_at: float
+    #: Delivery attempts so far, this one included.
+    attempts: int
+    trace_parent: str | None
+
+
+@dataclass(frozen=True)
 class SagaPage:
     sagas: list[SagaRecord]
     next_page_token: str
@@ -259,6 +275,31 @@ class SagaStore(abc.ABC):
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         """Counts by definition and state, by definition name then state;
         unfinished sagas last changed before `stuck_before` count as stuck."""
+
+    @abc.abstractmethod
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        """Unfinished sagas unchanged since before `stuck_before`, that no
+        replica holds under a live lease and whose last event is not an
+        ALERT_RAISED (not alerted since they last moved); oldest first."""
+
+    # The alert outbox (rows are written by `commit` with ALERT_RAISED events)
+
+    @abc.abstractmethod
+    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
+        """Takes up to `limit` alerts due for delivery, oldest first, skipping
+        those another replica is claiming; each is held until `claimed_until`
+        (then due again, should this replica die while delivering it)."""
+
+    @abc.abstractmethod
+    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+        """Removes a delivered alert from the outbox."""
+
+    @abc.abstractmethod
+    async def alert_not_delivered(
+        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        """Schedules the next attempt of an alert whose delivery failed,
+        unless another replica has claimed it since (`attempts` moved on)."""
 
     # The event log
 

@@ -60,6 +60,9 @@ sagas = Table(
     Column("owner", String(128), nullable=True),
     Column("lease_until", Float, nullable=True),
     Column("epoch", BigInteger, nullable=False, default=1),
+    # W3C traceparent of the saga's trace (NULL: not traced): whichever
+    # replica drives the saga puts its spans in this one trace.
+    Column("trace_parent", String(128), nullable=True),
 )
 Index("compensa_sagas_due", sagas.c.due_at)
 Index("compensa_sagas_list", sagas.c.created_at, sagas.c.saga_id)
@@ -117,6 +120,26 @@ participants = Table(
     Column("updated_at", Float, nullable=False),
     Column("updated_by", String(256), nullable=False),
 )
+
+#: Alerts to deliver to the webhook: one row per ALERT_RAISED event, written
+#: in the transaction that writes the event, deleted once delivered. A replica
+#: claims a row by moving `next_attempt_at` past the delivery's timeout, so a
+#: replica killed while delivering leaves it to another.
+alert_outbox = Table(
+    "compensa_alert_outbox",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("sequence", BigInteger, primary_key=True),  # the ALERT_RAISED event's
+    Column("position", BigInteger, nullable=False),
+    Column("definition_name", String(64), nullable=False),
+    Column("step_name", String(64), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("raised_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text, nullable=False),
+)
+Index("compensa_alert_outbox_due", alert_outbox.c.next_attempt_at)
 
 #: Keys the replicas of one deployment share, each made at random on first use.
 secrets = Table(

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2
+from compensa.v1 import definition_pb2, saga_pb2
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
@@ -43,13 +43,23 @@ from orchestrator.store import migrations
 from orchestrator.store.base import (
     Claimed,
     ParticipantAddress,
+    PendingAlert,
     SagaStore,
     SagaWrite,
     StateSummary,
     StoredEvent,
     WriteResult,
 )
-from orchestrator.store.schema import definitions, log_head, participants, saga_events, saga_steps, sagas, secrets
+from orchestrator.store.schema import (
+    alert_outbox,
+    definitions,
+    log_head,
+    participants,
+    saga_events,
+    saga_steps,
+    sagas,
+    secrets,
+)
 from participants.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
@@ -63,6 +73,8 @@ log = logging.getLogger("compensa.store")
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
+
+ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
 
 _ACTIVE_STATES = tuple(sorted({1, 2, 3, 4, 5} - FINAL_SAGA_STATES))
 
@@ -120,6 +132,21 @@ def _event_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, An
     }
 
 
+def _outbox_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
+    return {
+        "saga_id": saga.saga_id,
+        "sequence": event.sequence,
+        "position": position,
+        "definition_name": saga.definition_name,
+        "step_name": event.step_name,
+        "message": event.message,
+        "raised_at": event.time,
+        "attempts": 0,
+        "next_attempt_at": event.time,
+        "last_error": "",
+    }
+
+
 def _stored_event(row: sa.Row[Any]) -> StoredEvent:
     return StoredEvent(
         saga_id=row.saga_id,
@@ -151,6 +178,7 @@ def _saga_from_rows(row: sa.Row[Any], step_rows: Sequence[sa.Row[Any]]) -> SagaR
         updated_at=row.updated_at,
         failure_reason=row.failure_reason,
         resolution_note=row.resolution_note,
+        trace_parent=row.trace_parent,
         steps=tuple(
             StepRecord(
                 name=step.step_name,
@@ -180,6 +208,7 @@ _SAGA_COLUMNS = [
     sagas.c.updated_at,
     sagas.c.failure_reason,
     sagas.c.resolution_note,
+    sagas.c.trace_parent,
 ]
 
 
@@ -429,6 +458,9 @@ class SqlSagaStore(SagaStore):
                     await self._update_steps(conn, [write for index, write in updates if index in updated])
                 landed = sorted(epochs)
                 positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+                await self._queue_alerts(
+                    conn, [(writes[i].saga, writes[i].events, positions[n]) for n, i in enumerate(landed)]
+                )
                 await self._announce(conn, [writes[i].saga.saga_id for i in landed])
         except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
             raise _rejected(error) from error
@@ -438,6 +470,20 @@ class SqlSagaStore(SagaStore):
             else WriteResult(ok=False)
             for index in range(len(writes))
         ]
+
+    async def _queue_alerts(
+        self, conn: AsyncConnection, landed: Sequence[tuple[SagaRecord, tuple[LogEvent, ...], tuple[int, ...]]]
+    ) -> None:
+        """Puts the alerts among the landed events in the outbox (the flush
+        of PostgreSQL does the same in its statement)."""
+        rows = [
+            _outbox_row(saga, event, position)
+            for saga, events, positions in landed
+            for event, position in zip(events, positions)
+            if event.type == ALERT_RAISED
+        ]
+        if rows:
+            await conn.execute(alert_outbox.insert(), rows)
 
     @staticmethod
     def _saga_values(write: SagaWrite) -> dict[str, Any]:
@@ -471,6 +517,11 @@ class SqlSagaStore(SagaStore):
             }
             for _, write in creates
         ]
+        # Named only when set, so that these statements also write a
+        # database at a revision before traces (the migration tests do).
+        if any(write.saga.trace_parent is not None for _, write in creates):
+            for row, (_, write) in zip(rows, creates):
+                row["trace_parent"] = write.saga.trace_parent
         inserted = set(
             (
                 await conn.execute(
@@ -676,6 +727,7 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             saga_ids = [row[0] for row in (await conn.execute(victims)).all()]
             if saga_ids:
+                await conn.execute(sa.delete(alert_outbox).where(alert_outbox.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
@@ -731,6 +783,80 @@ class SqlSagaStore(SagaStore):
             rows = (await conn.execute(query)).all()
         return [StateSummary(name, state, count, int(stuck), int(unresolved), oldest)
                 for name, state, count, stuck, unresolved, oldest in rows]
+
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        alerted = sa.exists().where(
+            saga_events.c.saga_id == sagas.c.saga_id, saga_events.c.sequence == sagas.c.sequence,
+            saga_events.c.type == ALERT_RAISED,
+        )
+        query = (
+            sa.select(*_SAGA_COLUMNS)
+            .where(
+                sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before,
+                sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now), ~alerted,
+            )
+            .order_by(sagas.c.updated_at)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return await self._load_many(conn, (await conn.execute(query)).all())
+
+    # -- the alert outbox
+
+    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
+        due = (
+            self._skip_locked(
+                sa.select(alert_outbox.c.saga_id, alert_outbox.c.sequence)
+                .where(alert_outbox.c.next_attempt_at <= now)
+                .order_by(alert_outbox.c.next_attempt_at)
+                .limit(limit)
+            )
+            .cte("due")
+            .prefix_with("MATERIALIZED")
+        )
+        claim = (
+            sa.update(alert_outbox)
+            .where(alert_outbox.c.saga_id == due.c.saga_id, alert_outbox.c.sequence == due.c.sequence)
+            .values(next_attempt_at=claimed_until, attempts=alert_outbox.c.attempts + 1)
+            .returning(*alert_outbox.c)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(claim)).all()
+            traces: dict[str, str | None] = {}
+            if rows:
+                found = await conn.execute(
+                    sa.select(sagas.c.saga_id, sagas.c.trace_parent).where(
+                        sagas.c.saga_id.in_({row.saga_id for row in rows})
+                    )
+                )
+                traces = {saga_id: trace_parent for saga_id, trace_parent in found.all()}
+        return [
+            PendingAlert(
+                saga_id=row.saga_id, sequence=row.sequence, position=row.position,
+                definition_name=row.definition_name, step_name=row.step_name, message=row.message,
+                raised_at=row.raised_at, attempts=row.attempts, trace_parent=traces.get(row.saga_id),
+            )
+            for row in sorted(rows, key=lambda row: row.position)
+        ]
+
+    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.delete(alert_outbox).where(alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence)
+            )
+
+    async def alert_not_delivered(
+        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(alert_outbox)
+                .where(
+                    alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence,
+                    alert_outbox.c.attempts == attempts,
+                )
+                .values(next_attempt_at=next_attempt_at, last_error=error)
+            )
 
     # -- the event log
 
@@ -946,7 +1072,8 @@ _RECORDS = {
     "v": "idx int, saga_id text, expected bigint, epoch bigint, state int, sequence bigint, updated_at float8,"
          " failure_reason text, resolution_note text, due_at float8, owner text, lease_until float8",
     "c": "idx int, saga_id text, definition_name text, definition_version int, state int, sequence bigint,"
-         " input text, request_fingerprint text, created_at float8, due_at float8, owner text, lease_until float8",
+         " input text, request_fingerprint text, created_at float8, due_at float8, owner text, lease_until float8,"
+         " trace_parent text",
     "w": "idx int, saga_id text, step_name text, " + ", ".join(f"{name} {kind}" for name, kind in _STEP_COLUMNS),
     "e": "idx int, n int, saga_id text, sequence bigint, type int, time float8, saga_state int, step_name text,"
          " step_state int, attempt int, message text, actor text, definition_name text",
@@ -979,10 +1106,11 @@ WITH v AS (
     RETURNING v.idx, s.epoch
 ), inserted AS (
     INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
-        request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch)
+        request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch,
+        trace_parent)
     -- A saga starts RUNNING: no failure, no resolution, updated when created.
     SELECT saga_id, definition_name, definition_version, state, sequence, decode(input, 'base64'), request_fingerprint,
-        '', '', created_at, created_at, due_at, owner, lease_until, 1
+        '', '', created_at, created_at, due_at, owner, lease_until, 1, trace_parent
     FROM c
     ON CONFLICT (saga_id) DO NOTHING
     RETURNING saga_id
@@ -1012,6 +1140,13 @@ WITH v AS (
     SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.type, ev.time, ev.saga_state, ev.step_name, ev.step_state,
         ev.attempt, ev.message, ev.actor, ev.definition_name
     FROM ev, head
+), alerts AS (
+    -- The outbox row of an alert commits with its event, or neither does.
+    INSERT INTO compensa_alert_outbox (saga_id, sequence, position, definition_name, step_name, message, raised_at,
+        attempts, next_attempt_at, last_error)
+    SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.definition_name, ev.step_name, ev.message, ev.time,
+        0, ev.time, ''
+    FROM ev, head WHERE ev.type = {ALERT_RAISED}
 )
 -- NOTIFY is delivered at commit, never for a failed statement.
 SELECT landed.idx, landed.epoch, head.base, pg_notify('{_CHANNEL}', %(payload)b::text) FROM landed, head
@@ -1080,7 +1215,7 @@ def _flush_params(
             "idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
             "definition_version": saga.definition_version, "input": _base64(saga.input),
             "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
-            **SqlSagaStore._saga_values(write),
+            "trace_parent": saga.trace_parent, **SqlSagaStore._saga_values(write),
         })
     events: list[dict[str, Any]] = []
     for index in sorted((*updates, *creates)):  # positions are handed out in write order
