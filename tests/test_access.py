@@ -52,6 +52,11 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
         reader = await _refusal(stub.StartSaga(start, metadata=bearer("reader")))
         assert reader.code() == grpc.StatusCode.PERMISSION_DENIED
         assert reader.details() == "StartSaga needs role starter; token viewer (role reader) lacks it"
+        completion = await _refusal(stub.CompleteStep(
+            orchestrator_pb2.CompleteStepRequest(completion_token="any"), metadata=bearer("reader")
+        ))
+        assert completion.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert completion.details() == "CompleteStep needs role starter; token viewer (role reader) lacks it"
         assert (await stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=bearer("reader"))).sagas == []
 
         rig.participant.script("execute", "reserve", ("sleep", 3.0))

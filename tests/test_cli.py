@@ -17,7 +17,6 @@ from google.protobuf import timestamp_pb2
 
 from compensa.v1 import saga_pb2
 from orchestrator import timeline
-from orchestrator.cli import parse_duration
 from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
@@ -139,12 +138,6 @@ def test_unreachable_orchestrator_exits_2_with_status_code() -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: ")
     assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
-
-
-def test_durations_parse() -> None:
-    assert parse_duration("10m").ToSeconds() == 600
-    assert parse_duration("1h30m").ToSeconds() == 5400
-    assert parse_duration("250ms").ToMilliseconds() == 250
 
 
 # --- timeline rendering ---------------------------------------------------------------

@@ -8,6 +8,7 @@ explicit numbers; nothing waits on the clock.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import random
 import time
@@ -82,6 +83,7 @@ def _write(
     now: float = T0,
     release: bool = False,
     due_at: float | None = None,
+    fingerprint: str | None = None,
 ) -> SagaWrite:
     return SagaWrite(
         saga=transition.saga,
@@ -93,6 +95,7 @@ def _write(
         due_at=now if due_at is None and not release else due_at,
         lease_until=now + LEASE,
         changed_steps=transition.changed_steps,
+        request_fingerprint=fingerprint,
     )
 
 
@@ -107,11 +110,11 @@ async def _create(
     due_at: float | None = None,
 ) -> SagaRecord:
     transition = machine.new_saga(plan, saga_id=saga_id, input=b"input-" + saga_id.encode(), now=now)
-    saga, created, fingerprint = await store.create_saga(
-        _write(transition, 0, epoch=1, owner=owner, now=now, release=release, due_at=due_at), f"fp-{saga_id}"
-    )
-    assert created and fingerprint == f"fp-{saga_id}"
-    return saga
+    (result,) = await store.commit([
+        _write(transition, 0, epoch=1, owner=owner, now=now, release=release, due_at=due_at, fingerprint=f"fp-{saga_id}")
+    ])
+    assert result.ok and result.epoch == 1
+    return transition.saga
 
 
 def _succeed_first(plan: Plan, saga: SagaRecord, now: float) -> Transition:
@@ -146,11 +149,12 @@ async def _column(store: SqlSagaStore, saga_id: str, column: str) -> object:
 # --- create ----------------------------------------------------------------------------------------
 
 
-async def test_create_saga_inserts_the_saga_its_steps_and_its_first_events(store: SqlSagaStore) -> None:
+async def test_a_creating_write_inserts_the_saga_its_steps_and_its_first_events(store: SqlSagaStore) -> None:
     plan = await _plan(store, PARALLEL)
     created = await _create(store, plan, "s1")
     loaded = await store.load_saga("s1")
     assert loaded == created
+    assert await store.load_start("s1") == (created, "fp-s1")
     assert [step.name for step in loaded.steps] == list(plan.order)
     assert loaded.step("fraud_check").state == S.STEP_STATE_RUNNING
     events = await _all_events(store, "s1")
@@ -168,8 +172,11 @@ async def test_second_create_with_the_same_id_writes_nothing(store: SqlSagaStore
     plan = await _plan(store)
     first = await _create(store, plan, "s1")
     again = machine.new_saga(plan, saga_id="s1", input=b"other input", now=T0 + 50)
-    saga, created, fingerprint = await store.create_saga(_write(again, 0, epoch=1, now=T0 + 50), "fp-other")
-    assert created is False
+    # As the engine does: the write does not land, and the saga that holds the id is read back.
+    assert await store.commit([_write(again, 0, epoch=1, now=T0 + 50, fingerprint="fp-other")]) == [
+        WriteResult(ok=False)
+    ]
+    saga, fingerprint = await store.load_start("s1") or pytest.fail("missing")
     assert fingerprint == "fp-s1"
     assert saga == first
     assert saga.input == b"input-s1"
@@ -307,6 +314,28 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     after = machine.decide(plan, operator.saga, machine.CompensateSucceeded(compensate.step), T0 + 35)
     assert after.changed
     assert (await store.commit([_write(after, operator.saga.sequence, epoch=2, owner="replica-b")]))[0].ok is False
+
+
+async def test_a_takeover_is_announced_to_the_other_replicas_listeners(make_postgres_url: Callable[[], str]) -> None:
+    # Another replica's watchers learn of the TAKEN_OVER event when the claim
+    # commits, not at their next re-read.
+    url = make_postgres_url()
+    watcher, claimer = open_store(url, notifier="replica-a"), open_store(url, notifier="replica-b")
+    await watcher.ensure_schema()
+    changes: asyncio.Queue[list[str] | None] = asyncio.Queue()
+    listening = asyncio.create_task(watcher.listen(changes.put_nowait, ignore_from="replica-a"))
+    try:
+        assert await asyncio.wait_for(changes.get(), 30) is None  # listening: re-read everything
+        plan = await _plan(watcher)
+        await _create(watcher, plan, "s1", owner="replica-a")  # its own write: not announced to itself
+        assert [c.saga.saga_id for c in await claimer.claim_due("replica-b", T0 + 31, T0 + 61, 10)] == ["s1"]
+        assert await asyncio.wait_for(changes.get(), 30) == ["s1"]
+        assert changes.empty()
+    finally:
+        listening.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listening
+        await _close([watcher, claimer])
 
 
 async def test_claim_due_takes_only_due_active_sagas_without_a_live_lease(store: SqlSagaStore) -> None:
@@ -571,7 +600,7 @@ def test_the_flush_statement_stays_short_enough_for_psycopg_to_cache_its_parse()
     # Longer texts, or more parameters, are re-parsed on every flush (psycopg caches up to these limits).
     from psycopg import _queries
 
-    from orchestrator.store.sql import _FLUSH, _FLUSH_PARAMS, _FLUSH_SENT
+    from orchestrator.store.postgres import _FLUSH, _FLUSH_PARAMS, _FLUSH_SENT
 
     assert len(_FLUSH_SENT.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(_FLUSH_PARAMS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
@@ -675,7 +704,7 @@ async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres
     from psycopg._queries import PostgresQuery
     from psycopg.adapt import Transformer
 
-    from orchestrator.store.sql import _FLUSH_PARAMS, _FLUSH_SENT, WRITER_OPTIONS
+    from orchestrator.store.postgres import _FLUSH_PARAMS, _FLUSH_SENT, WRITER_OPTIONS
 
     url = make_postgres_url()
     opened = open_store(url)
@@ -710,7 +739,7 @@ async def test_a_saga_keeps_the_trace_context_it_was_created_with(store: SqlSaga
     traced = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     transition = machine.new_saga(plan, saga_id="traced", input=b"in", now=T0)
     transition = dataclasses.replace(transition, saga=dataclasses.replace(transition.saga, trace_parent=traced))
-    await store.create_saga(_write(transition, 0, epoch=1), "fp")
+    assert (await store.commit([_write(transition, 0, epoch=1, fingerprint="fp")]))[0].ok
     untraced = await _create(store, plan, "untraced")
     assert (await store.load_saga("traced") or pytest.fail("missing")).trace_parent == traced
     assert (await store.load_saga("untraced") or pytest.fail("missing")).trace_parent is None

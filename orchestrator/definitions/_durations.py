@@ -1,25 +1,21 @@
-"""Durations: the shorthand definition files accept, and conversions to seconds."""
+"""Durations of definitions: retry backoff arithmetic and conversions to
+seconds. The text of a duration is read by the one grammar in
+orchestrator.durations, as on the command line."""
 
 from __future__ import annotations
-
-import re
-from decimal import Decimal
 
 from google.protobuf import duration_pb2
 
 from compensa.v1 import definition_pb2
-
-_SHORTHAND = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600), "d": Decimal(86400)}
+from orchestrator.durations import InvalidDuration, parse_duration
 
 
 def shorthand_to_json(text: str) -> str | None:
-    """The proto3 JSON form ("1.5s") of a shorthand such as "500ms", "30m" or "1d"; None if `text` is not one."""
-    match = _SHORTHAND.fullmatch(text.strip())
-    if match is None:
+    """The proto3 JSON form ("1.5s") of a duration such as "500ms", "1h30m" or "1d"; None if `text` is not one."""
+    try:
+        return parse_duration(text).ToJsonString()
+    except InvalidDuration:
         return None
-    seconds = Decimal(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    return f"{seconds.normalize():f}s"
 
 
 def duration_seconds(duration: duration_pb2.Duration) -> float:
@@ -66,7 +62,5 @@ def duration_text(duration: duration_pb2.Duration) -> str:
 
 
 def duration_of(text: str) -> duration_pb2.Duration:
-    """A Duration from proto3 JSON or shorthand; for defaults and tests."""
-    duration = duration_pb2.Duration()
-    duration.FromJsonString(shorthand_to_json(text) or text)
-    return duration
+    """The Duration `text` spells (orchestrator.durations.parse_duration); for defaults and tests."""
+    return parse_duration(text)

@@ -12,8 +12,8 @@ import yaml
 from google.protobuf import descriptor, descriptor_pb2, json_format, message
 
 from compensa.v1 import definition_pb2
-from orchestrator.definitions._durations import shorthand_to_json
 from orchestrator.definitions._validation import validate_definition
+from orchestrator.durations import InvalidDuration, parse_duration
 from orchestrator.errors import DefinitionError, quote
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
@@ -157,7 +157,8 @@ def _parse(value: dict[str, Any], target: message.Message, source: str, step: st
 
 
 def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source: str, step: str, prefix: str = "") -> dict[str, Any]:
-    """`value` with duration and enum shorthands rewritten into proto3 JSON; unknown fields rejected."""
+    """`value` with durations (orchestrator.durations) and enum short names rewritten into proto3 JSON;
+    unknown fields rejected."""
     result: dict[str, Any] = {}
     for key, item in value.items():
         field = message_type.fields_by_name.get(key) or message_type.fields_by_camelcase_name.get(key)
@@ -181,7 +182,10 @@ def _friendly_value(field: descriptor.FieldDescriptor, value: Any, source: str, 
                 f"a duration needs a unit, e.g. '{value}s' or '{value}ms', got {value}", source=source, step=step, field=path
             )
         if isinstance(value, str):
-            return shorthand_to_json(value) or value
+            try:
+                return parse_duration(value).ToJsonString()
+            except InvalidDuration as error:
+                raise DefinitionError(str(error), source=source, step=step, field=path) from None
         return value
     if field.message_type is not None and isinstance(value, dict):
         return _friendly(value, field.message_type, source, step, f"{path}.")

@@ -106,12 +106,6 @@ class PendingAlert:
     trace_parent: str | None
 
 
-@dataclass(frozen=True)
-class SagaPage:
-    sagas: list[SagaRecord]
-    next_page_token: str
-
-
 #: Told the outcome of a database wait: None when the database answered, the
 #: error when it could not be reached.
 ReachabilityListener = Callable[[BaseException | None], None]
@@ -168,7 +162,8 @@ class SagaStore(abc.ABC):
         """Raises StoreUnavailable unless the database answers."""
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Closes every connection; the store is not used afterwards."""
 
     # Definitions
 
@@ -202,17 +197,8 @@ class SagaStore(abc.ABC):
     # Sagas
 
     @abc.abstractmethod
-    async def create_saga(
-        self, write: SagaWrite, request_fingerprint: str
-    ) -> tuple[SagaRecord, bool, str]:
-        """Inserts a new saga with its steps and first events.
-
-        If the id exists, nothing is written and the existing saga is returned
-        with created False and its request fingerprint.
-        """
-
-    @abc.abstractmethod
-    async def load_saga(self, saga_id: str) -> SagaRecord | None: ...
+    async def load_saga(self, saga_id: str) -> SagaRecord | None:
+        """The saga with its steps; None if there is no such saga."""
 
     @abc.abstractmethod
     async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
@@ -231,7 +217,11 @@ class SagaStore(abc.ABC):
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         """Persists many transitions in one transaction (group commit).
 
-        Each write lands only if its guard holds; the others are skipped.
+        Each write lands only if its guard holds; the others are skipped. A
+        write with a `request_fingerprint` creates its saga, and lands only if
+        the id is free. The events of the writes that land take the next
+        positions of the log, in the order of `writes`; ALERT_RAISED events
+        put their alert in the outbox in the same transaction.
         Raises RejectedWrite, having written nothing, when the database refuses
         a value of some write (StoreUnavailable when it cannot be reached).
         """
@@ -304,15 +294,20 @@ class SagaStore(abc.ABC):
     # The event log
 
     @abc.abstractmethod
-    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]: ...
+    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]:
+        """Up to `limit` events of one saga after `after_sequence`, in order."""
 
     @abc.abstractmethod
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
-    ) -> list[StoredEvent]: ...
+    ) -> list[StoredEvent]:
+        """Up to `limit` events of every saga after `after_position`, in log
+        order; the filters keep the events of one definition, or those that
+        left their saga in `saga_state`."""
 
     @abc.abstractmethod
-    async def head_position(self) -> int: ...
+    async def head_position(self) -> int:
+        """The position of the last event in the log (0 when empty)."""
 
     async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
         """Calls `on_change(saga_ids)` whenever another process commits events

@@ -1,0 +1,10 @@
+"""The exit codes of `compensa`, as its --help and the package docstring list them."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+#: A saga followed with `start --wait` ended COMPENSATED or FAILED (or the demo failed).
+EXIT_SAGA_ENDED_BADLY = 1
+#: A usage error, a malformed input, or an error answered by the orchestrator.
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
