@@ -10,7 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Only what `pip install .` reads (the build context may hold a .venv and caches).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY orchestrator/ orchestrator/
 COPY participants/ participants/
 COPY generated/ generated/

@@ -15,7 +15,7 @@ help:
 	@echo "make demo       run the checkout saga demo"
 	@echo "make test       run the whole test suite (PYTEST_ARGS=... passes through)"
 	@echo "make proto      regenerate generated/ from protos/"
-	@echo "make typecheck  mypy --strict over orchestrator/ and participants/"
+	@echo "make typecheck  mypy --strict over orchestrator/compensa and participants/compensa"
 	@echo "make bench      run the benchmarks, with the peers (PEERS=0 without; BENCH_ARGS=... passes options)"
 
 $(BIN)/python:

@@ -1,4 +1,4 @@
-"""A participant built on the SDK (participants.sdk.Participant) with nothing but its barrier.
+"""A participant built on the SDK (compensa.participants.sdk.Participant) with nothing but its barrier.
 
 Execute applies no effect of its own and returns an empty message, so what it
 costs beyond the no-op participant (noop_participant.py) is the SDK: the
@@ -28,8 +28,8 @@ from compensa.v1 import participant_pb2, participant_pb2_grpc
 from google.protobuf import empty_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from participants.sdk import Participant
-from participants.server import create_participant_engine
+from compensa.participants.sdk import Participant
+from compensa.examples.server import create_participant_engine
 
 
 class BarrierOnlyParticipant(Participant):

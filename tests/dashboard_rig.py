@@ -13,8 +13,8 @@ import grpc
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 from harness import FINAL, checkout_input, poll_until
-from orchestrator.config import ServerConfig
-from orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from scripted_participant import ScriptedParticipant, serve_scripted
 
 #: Tokens of the token file, by who holds them.

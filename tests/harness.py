@@ -21,11 +21,11 @@ from google.protobuf import any_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from orchestrator.config import ServerConfig
-from orchestrator.records import FINAL_SAGA_STATES
-from orchestrator.server import RunningOrchestrator, start_orchestrator
-from participants.faults import FaultPlan
-from participants.server import RunningParticipant, start_participant
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.records import FINAL_SAGA_STATES
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.participants.faults import FaultPlan
+from compensa.examples.server import RunningParticipant, start_participant
 from tcp_proxy import TcpProxy
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from google.protobuf import message, wrappers_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.v1 import participant_pb2
-from participants.sdk import Participant, StepFailed, TransientError
+from compensa.participants.sdk import Participant, StepFailed, TransientError
 
 __all__ = ["CALLS", "RecordedCall", "RecordingParticipant", "StepBehaviour"]
 

@@ -18,8 +18,8 @@ from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from dashboard_rig import TOKENS, bearer, dashboard_rig
 from harness import REPO, checkout_input, poll_until
-from orchestrator.auth import load_token_file
-from orchestrator.errors import InvalidArgument
+from compensa.orchestrator.auth import load_token_file
+from compensa.orchestrator.errors import InvalidArgument
 
 S = saga_pb2
 COMPENSA = REPO / ".venv" / "bin" / "compensa"

@@ -26,10 +26,10 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from harness import checkout_input, poll_until
-from orchestrator.alerts import DELIVERY_BACKOFF
-from orchestrator.cli import main
-from orchestrator.config import ServerConfig
-from orchestrator.server import start_orchestrator
+from compensa.orchestrator.alerts import DELIVERY_BACKOFF
+from compensa.orchestrator.cli import main
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import start_orchestrator
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 from scripted_participant import ScriptedParticipant, serve_scripted
 from test_operations import FLOW

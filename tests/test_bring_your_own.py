@@ -22,9 +22,9 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from google.protobuf import descriptor_pool
 
 from harness import poll_until
-from orchestrator.config import ServerConfig
-from orchestrator.server import RunningOrchestrator, start_orchestrator
-from participants.server import create_participant_engine, start_server
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.examples.server import create_participant_engine, start_server
 from recording_participant import RecordingParticipant
 from test_cli import _compensa_async
 

@@ -16,8 +16,8 @@ import pytest
 from google.protobuf import timestamp_pb2
 
 from compensa.v1 import saga_pb2
-from orchestrator import timeline
-from orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.orchestrator import timeline
+from compensa.orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
@@ -242,9 +242,9 @@ class _Deployment:
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
     """The three example participants and an orchestrator, on SQLite files in tmp_path."""
-    from orchestrator.config import ServerConfig
-    from orchestrator.server import start_orchestrator
-    from participants.server import start_participant
+    from compensa.orchestrator.config import ServerConfig
+    from compensa.orchestrator.server import start_orchestrator
+    from compensa.examples.server import start_participant
 
     participants = [
         await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db") for kind in CHECKOUT_PARTICIPANTS

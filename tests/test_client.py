@@ -1,4 +1,4 @@
-"""orchestrator.client.SagaClient against real orchestrators: start and wait,
+"""compensa.orchestrator.client.SagaClient against real orchestrators: start and wait,
 safe retries, and a wait that survives the orchestrator restarting."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import saga_pb2
 
 from harness import checkout_stack, poll_until
-from orchestrator.client import SagaClient
-from orchestrator.config import ServerConfig
-from orchestrator.server import RunningOrchestrator, start_orchestrator
-from participants.faults import FaultPlan
+from compensa.orchestrator.client import SagaClient
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.participants.faults import FaultPlan
 from scripted_participant import ScriptedParticipant, serve_scripted
 
 S = saga_pb2

@@ -1,5 +1,5 @@
 """Replicas compare leases and due times on one clock: the database's
-(orchestrator/clock.py). A replica whose own clock runs an hour ahead must not
+(compensa.orchestrator.clock). A replica whose own clock runs an hour ahead must not
 take over the sagas another replica is driving."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from compensa.v1 import saga_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from harness import checkout_stack
-from orchestrator.clock import SharedClock
-from orchestrator.store.schema import sagas
-from participants.faults import FaultPlan
+from compensa.orchestrator.clock import SharedClock
+from compensa.orchestrator.store.schema import sagas
+from compensa.participants.faults import FaultPlan
 
 S = saga_pb2
 AN_HOUR = 3600.0

@@ -125,7 +125,7 @@ def test_every_participant_the_shipped_definitions_name_is_served_and_routed() -
     """serve refuses definitions naming a participant with no address, so the
     shipped definitions and the compose file must agree on who exists."""
     import compensa.checkout.v1.checkout_pb2  # noqa: F401  (the definitions' input type)
-    from orchestrator.definitions import load_definitions
+    from compensa.orchestrator.definitions import load_definitions
 
     named = {step.participant for definition in load_definitions([ROOT / "definitions"]) for step in definition.steps}
     routes = dict(value.split("=", 1) for value in _option_values(_command(ORCHESTRATOR), "--participant"))

@@ -39,10 +39,10 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, json_format
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
-from participants.inventory import RESERVATIONS, STOCK
-from participants.payment import CHARGES, REFUNDS
-from participants.shipping import SHIPMENTS
+from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.examples.inventory import RESERVATIONS, STOCK
+from compensa.examples.payment import CHARGES, REFUNDS
+from compensa.examples.shipping import SHIPMENTS
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

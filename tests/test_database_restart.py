@@ -14,7 +14,7 @@ from psycopg import sql
 
 import pg
 from harness import FINAL, checkout_stack, poll_until
-from participants.faults import FaultPlan
+from compensa.participants.faults import FaultPlan
 
 S = saga_pb2
 

@@ -12,7 +12,7 @@ import yaml
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers CheckoutInput)
 from compensa.v1 import definition_pb2
-from orchestrator.definitions import (
+from compensa.orchestrator.definitions import (
     DefinitionGraph,
     ancestors,
     backoff_seconds,
@@ -23,7 +23,7 @@ from orchestrator.definitions import (
     step_order,
     validate_definition,
 )
-from orchestrator.errors import DefinitionError, InvalidArgument
+from compensa.orchestrator.errors import DefinitionError, InvalidArgument
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
 COMPENSABLE = definition_pb2.STEP_KIND_COMPENSABLE

@@ -24,9 +24,9 @@ from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc,
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from harness import FINAL, REPO, Stack, checkout_input, poll_until
-from orchestrator.config import ServerConfig
-from orchestrator.server import start_orchestrator
-from participants.server import create_participant_engine, start_participant, start_server
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import start_orchestrator
+from compensa.examples.server import create_participant_engine, start_participant, start_server
 from recording_participant import COMPENSATE, EXECUTE, RecordedCall, RecordingParticipant, StepBehaviour
 
 S = saga_pb2

@@ -12,7 +12,7 @@ import pytest
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from harness import checkout_stack
-from participants.faults import FaultPlan
+from compensa.participants.faults import FaultPlan
 
 S = saga_pb2
 

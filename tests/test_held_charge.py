@@ -10,10 +10,10 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from harness import Stack, checkout_stack, poll_until
-from orchestrator.client import SagaClient
-from participants import payment
-from participants.payment import PaymentParticipant
-from participants.sdk import unpack_as
+from compensa.orchestrator.client import SagaClient
+from compensa.examples import payment
+from compensa.examples.payment import PaymentParticipant
+from compensa.participants.sdk import unpack_as
 
 S = saga_pb2
 

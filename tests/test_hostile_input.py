@@ -33,10 +33,10 @@ from google.rpc.status_pb2 import Status
 from sqlalchemy.ext.asyncio import create_async_engine
 import yarl
 
-from orchestrator import machine
-from orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
-from orchestrator.tokens import completion_token
-from orchestrator.errors import ERROR_DOMAIN, RejectedWrite
+from compensa.orchestrator import machine
+from compensa.orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
+from compensa.orchestrator.tokens import completion_token
+from compensa.orchestrator.errors import ERROR_DOMAIN, RejectedWrite
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 
 pytestmark = pytest.mark.postgres

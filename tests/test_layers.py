@@ -11,7 +11,7 @@ Layers, top down (see /work/shared/STYLE.md, "The shape to grow into"):
   CLI, the dashboard, the demo and the participants' test stack;
 - engine: the engine, the transition writer, the machine, completion tokens,
   the change signal;
-- store: orchestrator.store and everything under it;
+- store: compensa.orchestrator.store and everything under it;
 - below them the shared modules (records, errors, timestamps, retry, ...).
 
 A lower layer that has to tell a higher one something offers a subscription
@@ -27,29 +27,36 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The source roots whose `compensa/` trees hold our code (generated/ aside).
 PACKAGES = ("orchestrator", "participants")
 
 FACE = (
-    "orchestrator.service",
-    "orchestrator.views",
-    "orchestrator.streams",
-    "orchestrator.server",
-    "orchestrator.cli",
-    "orchestrator.dashboard",
-    "orchestrator.demo",
+    "compensa.orchestrator.service",
+    "compensa.orchestrator.views",
+    "compensa.orchestrator.streams",
+    "compensa.orchestrator.server",
+    "compensa.orchestrator.cli",
+    "compensa.orchestrator.dashboard",
+    "compensa.orchestrator.demo",
     # Starts a whole orchestrator beside a user's participants for their
     # tests: a composition root, like the demo, so it sits on top.
-    "participants.testing",
+    "compensa.testing",
 )
 ENGINE = (
-    "orchestrator.engine",
-    "orchestrator.writer",
-    "orchestrator.machine",
-    "orchestrator.records",
-    "orchestrator.tokens",
-    "orchestrator.changes",
+    "compensa.orchestrator.engine",
+    "compensa.orchestrator.writer",
+    "compensa.orchestrator.machine",
+    "compensa.orchestrator.records",
+    "compensa.orchestrator.tokens",
+    "compensa.orchestrator.changes",
 )
-STORE = ("orchestrator.store",)
+STORE = ("compensa.orchestrator.store",)
+#: The participant SDK and what both sides share stand apart from the
+#: orchestrator; the examples use only the SDK (and the shared modules).
+ORCHESTRATOR = ("compensa.orchestrator", "compensa.testing")
+SDK = ("compensa.participants",)
+COMMON = ("compensa.common",)
+EXAMPLES = ("compensa.examples",)
 
 Graph = dict[str, set[str]]
 
@@ -59,11 +66,12 @@ def _in(module: str, prefixes: Iterable[str]) -> bool:
 
 
 def module_files(root: Path, packages: Iterable[str]) -> dict[str, Path]:
-    """Dotted module name -> source file, for every module of `packages` under `root`."""
+    """Dotted module name -> source file, for every module under the source
+    roots `packages` of `root` (named from the root down: compensa.x.y)."""
     found: dict[str, Path] = {}
     for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            parts = list(path.relative_to(root).with_suffix("").parts)
+        for path in sorted((root / package / "compensa").rglob("*.py")):
+            parts = list(path.relative_to(root / package).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts.pop()
             found[".".join(parts)] = path
@@ -106,15 +114,23 @@ def import_graph(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> Graph
 
 
 def upward_arrows(graph: Graph) -> list[str]:
-    """Every arrow that points up a layer: from below the face into it, and
-    from the store into the engine."""
+    """Every arrow that points the wrong way: from below the face into it,
+    from the store into the engine, from the participant SDK or the shared
+    modules into the orchestrator, from the shared modules into the SDK, and
+    from the SDK into the examples."""
     arrows: list[str] = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
             if not _in(source, FACE) and _in(target, FACE):
                 arrows.append(f"{source} -> {target} (into the face)")
-            elif _in(source, STORE) and _in(target, ENGINE) and target != "orchestrator.records":
+            elif _in(source, STORE) and _in(target, ENGINE) and target != "compensa.orchestrator.records":
                 arrows.append(f"{source} -> {target} (store into the engine)")
+            elif _in(source, SDK + COMMON + EXAMPLES) and _in(target, ORCHESTRATOR):
+                arrows.append(f"{source} -> {target} (participant side into the orchestrator)")
+            elif _in(source, COMMON) and _in(target, SDK + EXAMPLES):
+                arrows.append(f"{source} -> {target} (shared into the participant side)")
+            elif _in(source, SDK) and _in(target, EXAMPLES):
+                arrows.append(f"{source} -> {target} (SDK into the examples)")
     return arrows
 
 
@@ -146,7 +162,7 @@ def cycles(graph: Graph) -> list[list[str]]:
 
 def test_nothing_below_the_face_imports_it_and_the_store_does_not_import_the_engine() -> None:
     graph = import_graph()
-    assert "orchestrator.engine" in graph and "orchestrator.store.sql" in graph, sorted(graph)
+    assert {"compensa.orchestrator.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"} <= set(graph)
     arrows = upward_arrows(graph)
     assert not arrows, "imports that point up a layer:\n" + "\n".join(arrows)
 
@@ -159,22 +175,31 @@ def test_no_import_cycles() -> None:
 def test_the_check_sees_an_upward_arrow_wherever_it_is_written(tmp_path: Path) -> None:
     """The scanner itself: an arrow up hidden in a function, a relative import
     or `from package import module` is found, and a cycle is reported."""
-    package = tmp_path / "orchestrator"
+    package = tmp_path / "orchestrator" / "compensa" / "orchestrator"
     (package / "store").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "views.py").write_text("def timestamp(): ...\n")
-    (package / "engine.py").write_text("def run():\n    from orchestrator.views import timestamp\n")
+    (package / "engine.py").write_text("def run():\n    from compensa.orchestrator.views import timestamp\n")
     (package / "store" / "__init__.py").write_text("")
-    (package / "store" / "sql.py").write_text("from .. import machine\nfrom orchestrator import records\n")
-    (package / "machine.py").write_text("import orchestrator.records\n")
-    (package / "records.py").write_text("from orchestrator import machine\n")
-    graph = import_graph(tmp_path, ["orchestrator"])
-    assert graph["orchestrator.store.sql"] == {"orchestrator.machine", "orchestrator.records"}
+    (package / "store" / "sql.py").write_text("from .. import machine\nfrom compensa.orchestrator import records\n")
+    (package / "machine.py").write_text("import compensa.orchestrator.records\n")
+    (package / "records.py").write_text("from compensa.orchestrator import machine\n")
+    sdk = tmp_path / "participants" / "compensa" / "participants"
+    sdk.mkdir(parents=True)
+    (sdk / "__init__.py").write_text("")
+    (sdk / "sdk.py").write_text("from compensa.orchestrator.records import FINAL_SAGA_STATES\n")
+    graph = import_graph(tmp_path, ["orchestrator", "participants"])
+    assert graph["compensa.orchestrator.store.sql"] == {
+        "compensa.orchestrator.machine", "compensa.orchestrator.records",
+    }
     assert upward_arrows(graph) == [
-        "orchestrator.engine -> orchestrator.views (into the face)",
-        "orchestrator.store.sql -> orchestrator.machine (store into the engine)",
+        "compensa.orchestrator.engine -> compensa.orchestrator.views (into the face)",
+        "compensa.orchestrator.store.sql -> compensa.orchestrator.machine (store into the engine)",
+        "compensa.participants.sdk -> compensa.orchestrator.records (participant side into the orchestrator)",
     ]
-    assert cycles(graph) == [["orchestrator.machine", "orchestrator.records", "orchestrator.machine"]]
+    assert cycles(graph) == [
+        ["compensa.orchestrator.machine", "compensa.orchestrator.records", "compensa.orchestrator.machine"]
+    ]
 
 
 def _layer(module: str) -> str:
@@ -184,7 +209,7 @@ def _layer(module: str) -> str:
         return "engine"
     if _in(module, STORE):
         return "store"
-    return "shared" if module.startswith("orchestrator") else "participants"
+    return "shared" if _in(module, ORCHESTRATOR + COMMON) else "participants"
 
 
 def main() -> None:

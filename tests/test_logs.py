@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from orchestrator import logs
-from orchestrator.cli import build_parser, main
+from compensa.orchestrator import logs
+from compensa.orchestrator.cli import build_parser, main
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import pytest
 from compensa.v1 import definition_pb2, saga_pb2
 from google.protobuf import duration_pb2
 
-from orchestrator import machine, records
-from orchestrator.definitions import load_definition_file, validate_definition
-from orchestrator.machine import (
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.definitions import load_definition_file, validate_definition
+from compensa.orchestrator.machine import (
     Call,
     CallCompensate,
     CallExecute,
@@ -37,7 +37,7 @@ from orchestrator.machine import (
     TimerFired,
     Transition,
 )
-from orchestrator.records import SagaRecord
+from compensa.orchestrator.records import SagaRecord
 
 S = saga_pb2
 D = definition_pb2

@@ -25,15 +25,15 @@ from alembic.runtime.migration import MigrationContext
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from harness import CHECKOUT, checkout_input, checkout_stack
-from orchestrator import machine, records
-from orchestrator.config import ServerConfig
-from orchestrator.definitions import definition_fingerprint, load_definition_file
-from orchestrator.tokens import completion_token
-from orchestrator.errors import SchemaMismatch
-from orchestrator.server import start_orchestrator
-from orchestrator.store import SagaWrite, SqlSagaStore, open_store
-from orchestrator.store import migrations
-from orchestrator.store.schema import metadata
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
+from compensa.orchestrator.tokens import completion_token
+from compensa.orchestrator.errors import SchemaMismatch
+from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.store import SagaWrite, SqlSagaStore, open_store
+from compensa.orchestrator.store import migrations
+from compensa.orchestrator.store.schema import metadata
 
 S = saga_pb2
 # A replica of the release that wrote the sagas, gone without releasing them.

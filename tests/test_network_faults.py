@@ -36,11 +36,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 from harness import FINAL, Stack, checkout_input, checkout_stack, poll_until
-from orchestrator.server import RunningOrchestrator
+from compensa.orchestrator.server import RunningOrchestrator
 from participant_helpers import StepCall, connected, status_of
-from participants.faults import FaultPlan
-from participants.payment import CHARGES, PaymentParticipant
-from participants.server import start_participant
+from compensa.participants.faults import FaultPlan
+from compensa.examples.payment import CHARGES, PaymentParticipant
+from compensa.examples.server import start_participant
 from processes import ProcessSet
 from tcp_proxy import TcpProxy
 
@@ -437,8 +437,8 @@ async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a
 ) -> None:
     import sqlalchemy as sa
 
-    from orchestrator.errors import StoreUnavailable
-    from orchestrator.store import open_store
+    from compensa.orchestrator.errors import StoreUnavailable
+    from compensa.orchestrator.store import open_store
 
     store = open_store(make_postgres_url(), timeout=DATABASE_TIMEOUT)
     outcomes: list[BaseException | None] = []

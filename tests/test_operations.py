@@ -13,9 +13,9 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 from harness import FINAL, checkout_input, poll_until, scrape
-from orchestrator.config import ServerConfig
-from orchestrator.tokens import completion_token
-from orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.tokens import completion_token
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from scripted_participant import ScriptedParticipant, serve_scripted
 
 S = saga_pb2

@@ -17,11 +17,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from harness import checkout_input, checkout_stack, poll_until
-from orchestrator.config import ServerConfig
-from orchestrator.errors import DefinitionError
-from orchestrator.server import start_orchestrator
-from participants.faults import FaultPlan
-from participants.server import start_participant
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.errors import DefinitionError
+from compensa.orchestrator.server import start_orchestrator
+from compensa.participants.faults import FaultPlan
+from compensa.examples.server import start_participant
 
 S = saga_pb2
 

@@ -10,8 +10,8 @@ from collections.abc import Awaitable, Callable
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 from harness import checkout_stack, poll_until, scrape
-from participants.faults import FaultPlan
-from participants.server import start_participant
+from compensa.participants.faults import FaultPlan
+from compensa.examples.server import start_participant
 
 S = saga_pb2
 

@@ -20,10 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from compensa.checkout.v1 import checkout_pb2
 from compensa.v1 import participant_pb2
 from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
-from participants import inventory, payment, shipping
-from participants.faults import FaultPlan
-from participants.sdk import Participant, StepFailed, TransientError, unpack_as
-from participants.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
+from compensa.examples import inventory, payment, shipping
+from compensa.participants.faults import FaultPlan
+from compensa.participants.sdk import Participant, StepFailed, TransientError, unpack_as
+from compensa.examples.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
 
 INITIAL_STOCK = 1000  # InventoryParticipant's default for a SKU it has never seen
 

@@ -1,10 +1,10 @@
-"""The one backoff policy every hand-written retry loop uses (participants/retry.py)."""
+"""The one backoff policy every hand-written retry loop uses (compensa.common.retry)."""
 
 from __future__ import annotations
 
 import pytest
 
-from participants.retry import Backoff
+from compensa.common.retry import Backoff
 
 
 def test_waits_multiply_from_initial_up_to_the_cap_and_start_over_after_a_success() -> None:

@@ -22,13 +22,13 @@ import pytest
 import sqlalchemy as sa
 from compensa.v1 import definition_pb2, saga_pb2
 
-from orchestrator import machine, records
-from orchestrator.definitions import definition_fingerprint, load_definition_file
-from orchestrator.machine import Plan, Transition
-from orchestrator.records import SagaRecord
-from orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
-from orchestrator.store.schema import saga_steps as saga_steps_table
-from orchestrator.store.schema import sagas as sagas_table
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
+from compensa.orchestrator.machine import Plan, Transition
+from compensa.orchestrator.records import SagaRecord
+from compensa.orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
+from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
+from compensa.orchestrator.store.schema import sagas as sagas_table
 
 S = saga_pb2
 DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
@@ -600,7 +600,7 @@ def test_the_flush_statement_stays_short_enough_for_psycopg_to_cache_its_parse()
     # Longer texts, or more parameters, are re-parsed on every flush (psycopg caches up to these limits).
     from psycopg import _queries
 
-    from orchestrator.store.postgres import _FLUSH, _FLUSH_PARAMS, _FLUSH_SENT
+    from compensa.orchestrator.store.postgres import _FLUSH, _FLUSH_PARAMS, _FLUSH_SENT
 
     assert len(_FLUSH_SENT.encode()) <= _queries.MAX_CACHED_STATEMENT_LENGTH
     assert len(_FLUSH_PARAMS) <= _queries.MAX_CACHED_STATEMENT_PARAMS
@@ -704,7 +704,7 @@ async def test_the_flush_plan_reaches_every_table_through_an_index(make_postgres
     from psycopg._queries import PostgresQuery
     from psycopg.adapt import Transformer
 
-    from orchestrator.store.postgres import _FLUSH_PARAMS, _FLUSH_SENT, WRITER_OPTIONS
+    from compensa.orchestrator.store.postgres import _FLUSH_PARAMS, _FLUSH_SENT, WRITER_OPTIONS
 
     url = make_postgres_url()
     opened = open_store(url)

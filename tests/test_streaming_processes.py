@@ -34,8 +34,8 @@ import pytest
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 from participant_helpers import checkout_input
-from participants.sdk import pack
-from participants.server import RunningParticipant, start_server
+from compensa.participants.sdk import pack
+from compensa.examples.server import RunningParticipant, start_server
 from sqlalchemy.ext.asyncio import create_async_engine
 from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet, vm_rss_kib
 from recording_participant import RecordingParticipant, StepBehaviour

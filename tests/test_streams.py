@@ -6,10 +6,10 @@ from pathlib import Path
 
 from compensa.v1 import saga_pb2
 
-from orchestrator.changes import ChangeSignal
-from orchestrator.records import LogEvent
-from orchestrator.store import StoredEvent, open_store
-from orchestrator.streams import LogTail, _Feed, _Reader
+from compensa.orchestrator.changes import ChangeSignal
+from compensa.orchestrator.records import LogEvent
+from compensa.orchestrator.store import StoredEvent, open_store
+from compensa.orchestrator.streams import LogTail, _Feed, _Reader
 
 
 def _event(position: int) -> StoredEvent:

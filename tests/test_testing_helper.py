@@ -1,4 +1,4 @@
-"""participants.testing, used as a participant author would in their own tests:
+"""compensa.testing, used as a participant author would in their own tests:
 their servicers, their definition, a real orchestrator on a temporary database."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from participants import Participant, StepFailed, TransientError, unpack_as
-from participants.testing import SagaTestEnvironment
+from compensa.participants import Participant, StepFailed, TransientError, unpack_as
+from compensa.testing import SagaTestEnvironment
 
 # --- what the author wrote: two participants and a definition ----------------------
 

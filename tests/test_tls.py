@@ -24,13 +24,13 @@ import sqlalchemy as sa
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
-from orchestrator.auth import Role
-from orchestrator.config import ServerConfig
-from orchestrator.server import RunningOrchestrator, start_orchestrator
-from participants.faults import FaultPlan
-from participants.inventory import RESERVATIONS
-from participants.server import start_participant
-from participants.tls import TlsConfigError, TlsFiles
+from compensa.orchestrator.auth import Role
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.participants.faults import FaultPlan
+from compensa.examples.inventory import RESERVATIONS
+from compensa.examples.server import start_participant
+from compensa.common.tls import TlsConfigError, TlsFiles
 
 S = saga_pb2
 COMPENSA = REPO / ".venv" / "bin" / "compensa"

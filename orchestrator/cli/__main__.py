@@ -1,7 +1,0 @@
-"""`python -m orchestrator.cli`: the `compensa` command."""
-
-import sys
-
-from orchestrator.cli import main
-
-sys.exit(main())

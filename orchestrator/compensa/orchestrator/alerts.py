@@ -1,0 +1,157 @@
+"""Alerts delivered: POSTs to `serve --alert-webhook URL` from the outbox.
+
+Every ALERT_RAISED event has an outbox row written in the transaction that
+writes the event (see the store's `commit`), so an alert is never lost
+between being raised and being sent. Any replica with a webhook delivers:
+it claims due rows (SKIP LOCKED on PostgreSQL), holding each for the length
+of one delivery, POSTs them, and deletes a row once the webhook answered 2xx.
+A failed delivery is retried with exponential backoff; a replica killed while
+delivering leaves its claims to expire, and another replica sends them again.
+So delivery is at least once: a receiver tells a repeat by `alert_id`.
+
+The POST runs in a worker thread and the loop is a task of its own: a slow or
+dead webhook never holds up the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import logging
+import urllib.error
+import urllib.request
+from typing import Any
+
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.clock import SharedClock
+from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.store import PendingAlert, SagaStore
+from compensa.common.retry import Backoff
+from compensa.participants.tracing import trace_id_of
+
+__all__ = ["DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "stuck_alert"]
+
+log = logging.getLogger("compensa.alerts")
+
+# How often the outbox is looked at when nothing woke the loop (alerts raised
+# by other replicas, retries that came due).
+_POLL_SECONDS = 1.0
+_CLAIM_BATCH = 20
+# A claim outlives the delivery's timeout by this much before others may retry.
+_CLAIM_MARGIN_SECONDS = 1.0
+#: The wait after each failed delivery of an alert: 0.5 s, doubling, at most 5 minutes.
+DELIVERY_BACKOFF = Backoff(initial=0.5, cap=300.0)
+
+
+def _rfc3339(seconds: float) -> str:
+    return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def alert_body(alert: PendingAlert) -> dict[str, Any]:
+    """The JSON object POSTed for an alert (documented in README, "Alerts")."""
+    return {
+        "alert_id": f"{alert.saga_id}/{alert.sequence}",
+        "type": "ALERT_RAISED",
+        "saga_id": alert.saga_id,
+        "definition": alert.definition_name,
+        "step": alert.step_name,
+        "message": alert.message,
+        "raised_at": _rfc3339(alert.raised_at),
+        "sequence": alert.sequence,
+        "position": alert.position,
+        "delivery_attempt": alert.attempts,
+        "trace_id": trace_id_of(alert.trace_parent),
+    }
+
+
+def stuck_alert(saga: records.SagaRecord, now: float) -> machine.Transition:
+    """The ALERT_RAISED event for a saga that has not moved since its
+    `updated_at`. Unlike a transition it leaves `updated_at` alone: the saga
+    still reads as stuck, and raises no second alert until it moves again
+    (its last event is then no longer this one)."""
+    event = records.LogEvent(
+        sequence=saga.sequence + 1,
+        type=records.E.EVENT_TYPE_ALERT_RAISED,
+        time=now,
+        saga_state=saga.state,
+        message=f"stuck: {records.state_name(saga.state)} with no change for {now - saga.updated_at:.1f}s",
+    )
+    return machine.Transition(dataclasses.replace(saga, sequence=event.sequence), (event,))
+
+
+def _post(url: str, body: bytes, alert_id: str, timeout: float) -> None:
+    """POSTs `body`; raises unless the answer is 2xx."""
+    request = urllib.request.Request(
+        url, data=body, method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "compensa", "Idempotency-Key": alert_id},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (an operator's URL)
+        response.read()
+        if not 200 <= response.status < 300:
+            raise urllib.error.HTTPError(url, response.status, response.reason, response.headers, None)
+
+
+class AlertDelivery:
+    """Delivers the outbox's alerts to one webhook URL."""
+
+    def __init__(self, store: SagaStore, url: str, clock: SharedClock, metrics: Metrics, *, timeout: float) -> None:
+        self._store = store
+        self._url = url
+        self._clock = clock
+        self._metrics = metrics
+        self._timeout = timeout
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """An alert was just committed here: look at the outbox now."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Delivers until cancelled."""
+        while True:
+            self._wake.clear()
+            try:
+                now = self._clock.now()
+                claimed = await self._store.claim_alerts(
+                    now, now + self._timeout + _CLAIM_MARGIN_SECONDS, _CLAIM_BATCH
+                )
+            except StoreUnavailable as error:
+                log.warning("alert outbox: %s", error)
+                claimed = []
+            if claimed:
+                await asyncio.gather(*(self._deliver(alert) for alert in claimed))
+            if len(claimed) == _CLAIM_BATCH:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _POLL_SECONDS)
+
+    async def _deliver(self, alert: PendingAlert) -> None:
+        body = json.dumps(alert_body(alert), ensure_ascii=False).encode()
+        alert_id = f"{alert.saga_id}/{alert.sequence}"
+        fields = {"saga_id": alert.saga_id, "step": alert.step_name or None, "trace_id": trace_id_of(alert.trace_parent)}
+        try:
+            await asyncio.to_thread(_post, self._url, body, alert_id, self._timeout)
+        except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+            self._metrics.alert_delivery("failed")
+            wait = DELIVERY_BACKOFF.delay(alert.attempts)
+            log.warning(
+                "alert %s: delivery %d to the webhook failed (%s); next try in %.1fs",
+                alert_id, alert.attempts, error, wait, extra=fields,
+            )
+            with contextlib.suppress(StoreUnavailable):
+                # Not recorded: the claim expires and the alert is tried again.
+                await self._store.alert_not_delivered(
+                    alert.saga_id, alert.sequence, alert.attempts, self._clock.now() + wait, str(error)[:1000]
+                )
+            return
+        self._metrics.alert_delivery("delivered")
+        log.info("alert %s delivered to the webhook (attempt %d)", alert_id, alert.attempts, extra=fields)
+        try:
+            await self._store.alert_delivered(alert.saga_id, alert.sequence)
+        except StoreUnavailable as error:
+            # It stays in the outbox and is sent again: at least once.
+            log.warning("alert %s: delivered, but not removed from the outbox (%s)", alert_id, error)

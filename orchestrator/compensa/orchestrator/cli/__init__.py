@@ -1,0 +1,58 @@
+"""The `compensa` command: run the orchestrator, its example participants, and operate sagas.
+
+Where to look:
+- parser.py: every command and its options (`build_parser`), and the argument
+  types that refuse bad values; durations in the grammar of orchestrator.durations.
+- server.py: serve, migrate, purge, participant, demo.
+- sagas.py: start, get, list, status, watch, cancel, retry, resolve.
+- definitions.py: register, definitions, participants.
+- output.py: what the commands print (JSON, rows, tables, timelines, error lines).
+- connection.py: the client commands' channel to the orchestrator.
+
+Exit codes (exit_codes.py): 0 success; 1 a saga followed with `start --wait`
+ended COMPENSATED or FAILED (or the demo failed); 2 a usage error, a malformed
+input, or an error answered by the orchestrator; 130 interrupted. Every error
+reaches the user through the one exit in `main`, as one line on stderr:
+``error: ...`` (``error: CODE: details`` for one the orchestrator answered).
+Commands raise; they never print an error themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import grpc
+
+from compensa.orchestrator.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED
+from compensa.orchestrator.cli.output import error_text
+from compensa.orchestrator.cli.parser import Command, build_parser, parse_arguments, parse_saga_state
+from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.logs import configure_logging
+from compensa.common.startup import ServingError
+from compensa.common.tls import TlsConfigError
+
+__all__ = ["main", "build_parser", "parse_saga_state"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the `compensa` command line and returns its exit code."""
+    try:
+        args = parse_arguments(sys.argv[1:] if argv is None else argv)
+        _configure_logging(args)
+        command: Command = args.command
+        return command(args)
+    except (CompensaError, grpc.RpcError, TlsConfigError, ServingError) as error:
+        print(f"error: {error_text(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = max(logging.DEBUG, args.base_log_level - 10 * args.verbose)
+    configure_logging(level, getattr(args, "log_format", "text"))  # --log-format: the commands that run a server
+    # Alembic reports every step it takes at INFO; migrate says what it did in one line.
+    logging.getLogger("alembic").setLevel(max(level, logging.WARNING))
+

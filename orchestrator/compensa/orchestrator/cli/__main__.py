@@ -1,0 +1,7 @@
+"""`python -m compensa.orchestrator.cli`: the `compensa` command."""
+
+import sys
+
+from compensa.orchestrator.cli import main
+
+sys.exit(main())

@@ -1,0 +1,95 @@
+"""The commands about what sagas are made of, clients of a running
+orchestrator: register (definition files), definitions (list or show) and
+participants (list, or set where one is served)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from compensa.orchestrator.cli.connection import open_channel
+from compensa.orchestrator.cli.exit_codes import EXIT_OK
+from compensa.orchestrator.cli.output import definition_dict, json_line
+from compensa.orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
+from compensa.orchestrator.errors import CompensaError
+
+
+def register(args: argparse.Namespace) -> int:
+    """`compensa register PATH...`: every definition file is checked, then each is registered."""
+    types = None
+    if args.proto:
+        types = compile_proto_files(args.proto, args.proto_path)
+    elif args.descriptor_set:
+        types = read_descriptor_set(args.descriptor_set)
+    # Checked here first: an invalid file is named before anything is registered.
+    definitions = load_definitions(args.paths, types=types)
+    if not definitions:
+        raise CompensaError(
+            f"no definition files ({', '.join('*' + suffix for suffix in DEFINITION_SUFFIXES)}) in "
+            + ", ".join(str(path) for path in args.paths)
+        )
+    with open_channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        for definition in definitions:
+            response = stub.RegisterDefinition(
+                orchestrator_pb2.RegisterDefinitionRequest(definition=definition), timeout=args.timeout
+            )
+            registered = response.definition
+            what = "registered" if response.created else "unchanged, already registered"
+            print(f"{registered.name} version {registered.version}: {what}")
+    return EXIT_OK
+
+
+def show_definitions(args: argparse.Namespace) -> int:
+    """`compensa definitions [NAME]`: the latest version of each definition, or one in full."""
+    if args.version and not args.name:
+        raise CompensaError("--version needs a NAME")
+    with open_channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.name:
+            definition = stub.GetDefinition(
+                orchestrator_pb2.GetDefinitionRequest(name=args.name, version=args.version), timeout=args.timeout
+            ).definition
+            print(json.dumps(definition_dict(definition), indent=2))
+            return EXIT_OK
+        request = orchestrator_pb2.ListDefinitionsRequest()
+        if not args.json:
+            print(f"{'NAME':<24} {'VERSION':>7} {'STEPS':>5}  DESCRIPTION")
+        while True:
+            response = stub.ListDefinitions(request, timeout=args.timeout)
+            for definition in response.definitions:
+                if args.json:
+                    print(json_line(definition))
+                else:
+                    print(f"{definition.name:<24} {definition.version:>7} {len(definition.steps):>5}  "
+                          f"{definition.description}")
+            if not response.next_page_token:
+                return EXIT_OK
+            request.page_token = response.next_page_token
+
+
+def participants(args: argparse.Namespace) -> int:
+    """`compensa participants [list]` or `compensa participants set NAME HOST:PORT`."""
+    with open_channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.action == "set":
+            if not args.name or not args.participant_address:
+                raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
+            request = orchestrator_pb2.SetParticipantRequest(
+                name=args.name, address=args.participant_address, actor=args.actor
+            )
+            stored = stub.SetParticipant(request, timeout=args.timeout).participant
+            print(json_line(stored) if args.json else f"{stored.name} -> {stored.address}")
+            return EXIT_OK
+        if args.name or args.participant_address:
+            raise CompensaError("participants list takes no NAME or ADDRESS (did you mean: participants set?)")
+        listed = stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest(), timeout=args.timeout).participants
+    if args.json:
+        for participant in listed:
+            print(json_line(participant))
+        return EXIT_OK
+    print(f"{'NAME':<24} {'ADDRESS':<32} UPDATED BY")
+    for participant in listed:
+        print(f"{participant.name:<24} {participant.address:<32} {participant.updated_by}")
+    return EXIT_OK

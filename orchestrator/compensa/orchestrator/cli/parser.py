@@ -1,0 +1,579 @@
+"""The command line's grammar: every command with its options (`build_parser`),
+and the argument types that refuse bad values before any command runs.
+
+A refused command line raises UsageError, which `main` prints like every other
+error: one line `error: compensa COMMAND: ... (see compensa COMMAND --help)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from google.protobuf import duration_pb2
+
+from compensa.v1 import saga_pb2
+from compensa.orchestrator import payloads, timeline
+from compensa.orchestrator.auth import Role, parse_role
+from compensa.orchestrator.cli import definitions, sagas, server
+from compensa.orchestrator.config import DEFAULT_LISTEN
+from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
+from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
+from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
+from compensa.participants.faults import FaultPlan
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+#: What a command does with the parsed arguments; returns the exit code.
+Command = Callable[[argparse.Namespace], int]
+
+
+class UsageError(InvalidArgument):
+    """A command line the parser refuses; the message names the command and points at its --help."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError instead of printing and exiting, so a
+    usage error reaches the user the way every other error does."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
+    """`arguments` (without the program's name) parsed; UsageError if they are not a valid command line."""
+    parser = build_parser()
+    for argument in arguments:
+        if not _is_text(argument):
+            parser.error(f"argument {argument.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text")
+    return parser.parse_args(arguments)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that were not UTF-8, smuggled in as surrogates
+        return False
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `compensa` with every subcommand. Each sets
+    `command` (a Command) and `base_log_level` (INFO for the commands that
+    run a server, WARNING for the others; each -v logs more)."""
+    parser = _Parser(
+        prog="compensa",
+        description="Compensa: a saga orchestrator for gRPC services.",
+        epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
+        "or FAILED; 2 usage error or an error answered by the orchestrator.",
+    )
+    _add_verbose_option(parser, suppress_default=False)
+    _add_client_options(parser, suppress_default=False)
+    # Global options are accepted after the subcommand too; SUPPRESS keeps the
+    # subcommand from overwriting a value given before it.
+    verbose_option = _Parser(add_help=False)
+    _add_verbose_option(verbose_option, suppress_default=True)
+    client_options = _Parser(add_help=False)
+    _add_verbose_option(client_options, suppress_default=True)
+    _add_client_options(client_options, suppress_default=True)
+    subcommands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    def add(
+        name: str, command: Command, help_text: str, *, client: bool = True, runs_a_server: bool = False
+    ) -> argparse.ArgumentParser:
+        parents = [client_options if client else verbose_option]
+        subparser = subcommands.add_parser(name, parents=parents, help=help_text, description=help_text)
+        subparser.set_defaults(command=command, base_log_level=logging.INFO if runs_a_server else logging.WARNING)
+        return subparser
+
+    _add_serve(add("serve", server.serve, "Run the orchestrator until SIGINT or SIGTERM.",
+                   client=False, runs_a_server=True))
+    _add_db_option(
+        add("migrate", server.migrate, "Upgrade the database's schema from any earlier release to this one (or create"
+            " it), then exit. Sagas in flight are carried over; serve creates the schema only in an empty database.",
+            client=False)
+    )
+    _add_purge(
+        add("purge", server.purge, "Delete sagas done for good that ended longer ago than --older-than, then exit.",
+            client=False)
+    )
+    _add_participant(
+        add("participant", server.participant, "Run one of the example checkout participants.",
+            client=False, runs_a_server=True)
+    )
+    _add_demo(add("demo", server.demo, "Run a checkout that succeeds and one that compensates, all in this process.",
+                  client=False, runs_a_server=True))
+    _add_start(add("start", sagas.start, "Start a saga; with --wait follow it to its end."))
+    _add_get(add("get", sagas.get, "Show a saga and its steps."))
+    _add_list(add("list", sagas.list_sagas, "List sagas, newest first."))
+    _add_status(add("status", sagas.status,
+                    "Count sagas by definition and state: stuck, awaiting a person, oldest."))
+    _add_watch(add("watch", sagas.watch, "Stream one saga's events, or every saga's with --all."))
+    _add_cancel(add("cancel", sagas.cancel, "Ask a running saga to stop and compensate."))
+    _add_retry(add("retry", sagas.retry, "Run the failed compensations of a FAILED saga again."))
+    _add_resolve(add("resolve", sagas.resolve, "Mark a FAILED saga as resolved by hand."))
+    _add_register(
+        add("register", definitions.register, "Register definition files (YAML or JSON) with a running orchestrator.")
+    )
+    _add_definitions(add("definitions", definitions.show_definitions,
+                         "List definitions (latest versions), or show one."))
+    _add_participants(
+        add("participants", definitions.participants, "List participants and their addresses, or set one"
+            " (participants set NAME HOST:PORT): every replica calls the new address within a second, no restart.")
+    )
+    return parser
+
+
+# --- argument types: each refuses a bad value with a message saying what to write ---
+
+
+def parse_saga_state(text: str) -> saga_pb2.SagaState.ValueType:
+    """A saga state from its short name ("compensated") or full name, in any case."""
+    name = text.strip().upper()
+    if not name.startswith("SAGA_STATE_"):
+        name = "SAGA_STATE_" + name
+    if name in saga_pb2.SagaState.keys() and name != "SAGA_STATE_UNSPECIFIED":
+        return saga_pb2.SagaState.Value(name)
+    valid = ", ".join(
+        timeline.saga_state_name(value).lower()
+        for value in saga_pb2.SagaState.values()
+        if value != saga_pb2.SAGA_STATE_UNSPECIFIED
+    )
+    raise argparse.ArgumentTypeError(f"invalid saga state {text!r}; valid states: {valid}")
+
+
+def _duration(text: str) -> duration_pb2.Duration:
+    """A duration in the one grammar (orchestrator.durations), not negative."""
+    try:
+        duration = parse_duration(text)
+    except InvalidDuration as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if duration.ToNanoseconds() < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {quote(text)}: negative; use e.g. {DURATION_EXAMPLES}")
+    return duration
+
+
+def _parse_participant(text: str) -> tuple[str, str]:
+    name, separator, address = text.partition("=")
+    if not separator or not name or ":" not in address:
+        raise argparse.ArgumentTypeError(f"invalid participant {text!r}; use NAME=HOST:PORT")
+    return name, address
+
+
+def _parse_fault_plan(text: str) -> FaultPlan:
+    try:
+        return FaultPlan.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parse_certificate_role(text: str) -> tuple[str, Role]:
+    name, equals, role = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
+    try:
+        return name, parse_role(role)
+    except CompensaError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _host_port(text: str) -> str:
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464"
+        )
+    return text
+
+
+def _int_from(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from `low` to `high` (the API field's range)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{quote(text)} is out of range: use {low} to {high}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{quote(text)} is not a number of seconds") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{quote(text)} must be a positive number of seconds")
+    return value
+
+
+def _webhook_url(text: str) -> str:
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("http", "https") or not rest.strip("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL")
+    return text
+
+
+def _default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+# --- options shared by several commands ---
+
+
+def _add_verbose_option(parser: argparse.ArgumentParser, *, suppress_default: bool) -> None:
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS if suppress_default else 0,
+        help="log more (repeat for debug)",
+    )
+
+
+def _add_client_options(parser: argparse.ArgumentParser, *, suppress_default: bool) -> None:
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if suppress_default else value
+
+    parser.add_argument(
+        "--address",
+        default=default(os.environ.get("COMPENSA_ADDRESS", DEFAULT_ADDRESS)),
+        help="orchestrator HOST:PORT for client commands "
+        f"(default: $COMPENSA_ADDRESS or {DEFAULT_ADDRESS})",
+    )
+    for name, help_text in (
+        ("--tls-ca", "PEM of the CA that signs the orchestrator's certificate: call it over TLS"),
+        ("--tls-cert", "PEM client certificate, for an orchestrator that requires one (with --tls-key)"),
+        ("--tls-key", "PEM private key of --tls-cert"),
+    ):
+        # dest client_tls_*: `serve` and `participant` have --tls-* options of their own.
+        parser.add_argument(
+            name, dest="client_" + name[2:].replace("-", "_"), type=Path, metavar="FILE", default=default(None),
+            help=help_text,
+        )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=default(DEFAULT_TIMEOUT_SECONDS),
+        help=f"deadline of each unary call, in seconds (default: {DEFAULT_TIMEOUT_SECONDS:g}); "
+        "streams have none",
+    )
+
+
+def _add_db_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("COMPENSA_DATABASE_URL"),
+        metavar="URL",
+        help="SQLAlchemy database URL (default: $COMPENSA_DATABASE_URL, else embedded SQLite)",
+    )
+
+
+def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--database-timeout", type=_duration, metavar="DURATION",
+        help="the longest any one wait on the database may take (connecting, a transaction); a call that cannot"
+             " reach the database answers UNAVAILABLE within about this long (default: 3s)",
+    )
+
+
+def _add_log_format_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text lines (the default), or one JSON object per line with time, level, logger, message and,"
+             " where known, saga_id, step, attempt and trace_id",
+    )
+
+
+def _add_proto_module_option(parser: argparse.ArgumentParser, what: str) -> None:
+    # The value starts as the defaults; each --proto-module is appended to a copy.
+    parser.add_argument(
+        "--proto-module",
+        action="append",
+        default=list(payloads.DEFAULT_PROTO_MODULES),
+        metavar="MODULE",
+        help=f"generated _pb2 module {what}, repeatable; added to the defaults",
+    )
+
+
+def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
+    parser.add_argument("--tls-cert", type=Path, metavar="FILE", help=f"PEM certificate: {who} serves TLS only")
+    parser.add_argument("--tls-key", type=Path, metavar="FILE", help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, metavar="FILE",
+                        help="PEM CA: callers must present a certificate it signed (mutual TLS)")
+
+
+def _add_json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print protobuf JSON (one object per line for lists and streams)"
+    )
+
+
+def _add_actor_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--actor", default=_default_actor(), help="who acts, recorded in the saga's log (default: USER@host)")
+
+
+# --- server commands ---
+
+
+def _add_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--listen", type=_host_port, default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})"
+    )
+    _add_db_option(parser)
+    parser.add_argument(
+        "--definitions",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="definition file or directory, repeatable (default: ./definitions if it exists)",
+    )
+    parser.add_argument(
+        "--participant",
+        action="append",
+        type=_parse_participant,
+        default=[],
+        metavar="NAME=HOST:PORT",
+        help="address of a logical participant named in definitions, repeatable",
+    )
+    _add_proto_module_option(parser, "whose message types payloads use")
+    parser.add_argument(
+        "--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing"
+    )
+    _add_database_timeout_option(parser)
+    parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
+    _add_server_tls_options(parser, "this orchestrator")
+    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
+                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
+    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate shown to participants that require one (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE", help="PEM private key of --participant-tls-cert")
+    parser.add_argument(
+        "--operator", action="append", default=[], metavar="NAME",
+        help="a client certificate name (CN or subject alternative name) allowed to cancel, retry, resolve and"
+             " register definitions; repeat for several (default: every client may; needs --tls-client-ca)",
+    )
+    parser.add_argument("--metrics-listen", type=_host_port, metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http(s)://HOST:PORT/metrics (default: none)")
+    _add_access_options(parser)
+    parser.add_argument(
+        "--alert-webhook", type=_webhook_url, metavar="URL",
+        help="POST every alert to this http(s) URL as JSON (see README, Alerts), retried from a durable outbox"
+             " until answered 2xx (default: alerts are only events, log lines and a metric)",
+    )
+    parser.add_argument(
+        "--alert-stuck-after", type=_duration, metavar="DURATION",
+        help="raise an alert for a running or compensating saga that has not changed for this long, once per"
+             " stall, e.g. 15m (default: none)",
+    )
+    parser.add_argument(
+        "--alert-webhook-timeout", type=_duration, metavar="DURATION",
+        help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
+             " to another replica after about this long",
+    )
+    parser.add_argument(
+        "--retention", type=_duration, metavar="DURATION",
+        help="delete sagas done for good (succeeded, compensated, or failed and resolved) this long after"
+             " their last change, with their events, e.g. 30d (default: keep everything)",
+    )
+    _add_log_format_option(parser)
+
+
+def _add_access_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--http", type=_host_port, metavar="HOST:PORT",
+                        help="serve the web dashboard at http(s)://HOST:PORT/ (default: none)")
+    parser.add_argument(
+        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE",
+        help="give the client certificate NAME (CN or subject alternative name) a role: reader, starter or"
+             " operator; repeatable (needs --tls-client-ca)",
+    )
+    parser.add_argument(
+        "--tokens", type=Path, metavar="FILE",
+        help="bearer tokens with their identities, roles and definition scopes (YAML or JSON; see README)",
+    )
+    parser.add_argument("--jwt-keys", type=Path, metavar="FILE",
+                        help="a JSON Web Key Set: accept JWTs signed by its keys as bearer tokens (claims sub, role,"
+                             " definitions); needs compensa[jwt]")
+    parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
+    parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
+    parser.add_argument(
+        "--max-streams-per-client", type=int, default=0, metavar="N",
+        help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
+    )
+
+
+def _add_purge(parser: argparse.ArgumentParser) -> None:
+    _add_db_option(parser)
+    parser.add_argument(
+        "--older-than", type=_duration, required=True, metavar="DURATION",
+        help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"
+             " ago than this (e.g. 30d), with their steps and events; a FAILED saga nobody resolved is kept",
+    )
+
+
+def _add_participant(parser: argparse.ArgumentParser) -> None:
+    from compensa.examples.server import PARTICIPANT_KINDS
+
+    parser.add_argument("kind", choices=PARTICIPANT_KINDS, help="which participant to run")
+    parser.add_argument("--listen", type=_host_port, required=True, help="HOST:PORT to serve on")
+    parser.add_argument("--db", required=True, metavar="URL", help="the participant's SQLAlchemy database URL")
+    parser.add_argument(
+        "--faults",
+        type=_parse_fault_plan,
+        metavar="SPEC",
+        help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
+    )
+    _add_database_timeout_option(parser)
+    _add_server_tls_options(parser, "the participant")
+    _add_log_format_option(parser)
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    _add_log_format_option(parser)
+    parser.add_argument("--http", type=_host_port, default="127.0.0.1:0", metavar="HOST:PORT",
+                        help="where the demo serves the dashboard (default: a free port on 127.0.0.1)")
+    parser.add_argument("--stay", action="store_true",
+                        help="keep the demo's orchestrator and dashboard up after the checkouts, until Ctrl-C")
+
+
+# --- saga commands ---
+
+
+def _add_start(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition", help="definition name")
+    parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
+    parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="definition version (default: latest)"
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the saga to its end and print its timeline; exit 1 unless it SUCCEEDED",
+    )
+    _add_proto_module_option(parser, "defining the input type")
+    _add_json_option(parser)
+
+
+def _add_get(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    _add_json_option(parser)
+
+
+def _add_list(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state", type=parse_saga_state, help="only sagas in this state, e.g. compensated")
+    parser.add_argument("--definition", metavar="NAME", default="", help="only sagas of this definition")
+    parser.add_argument(
+        "--stuck", type=_duration, metavar="DURATION", help="only unfinished sagas unchanged for this long, e.g. 10m"
+    )
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="sagas per page (server default 50)"
+    )
+    parser.add_argument("--all", action="store_true", help="follow every page")
+    _add_json_option(parser)
+
+
+def _add_status(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--definition", metavar="NAME", default="", help="only sagas of this definition")
+    parser.add_argument(
+        "--stuck", type=_duration, metavar="DURATION",
+        help="count unfinished sagas unchanged for this long as stuck (server default 10m)",
+    )
+    _add_json_option(parser)
+
+
+def _add_watch(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID", nargs="?", help="the saga to watch (omit with --all)")
+    parser.add_argument("--all", action="store_true", help="every saga's events, in log order")
+    parser.add_argument(
+        "--after",
+        type=_int_from(0, INT64_MAX),
+        default=0,
+        metavar="N",
+        help="resume after this sequence (one saga) or log position (--all)",
+    )
+    parser.add_argument("--definition", metavar="NAME", default="", help="with --all: only sagas of this definition")
+    _add_json_option(parser)
+
+
+def _add_cancel(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--reason", default="", help="why, recorded in the saga's log")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+def _add_retry(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--reason", default="", help="why, recorded in the saga's log")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+def _add_resolve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument("--note", required=True, help="what was done by hand")
+    _add_actor_option(parser)
+    _add_json_option(parser)
+
+
+# --- definition and participant commands ---
+
+
+def _add_register(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="+", type=Path, metavar="PATH",
+        help="definition files, or directories of them (*.yaml, *.yml, *.json); all are checked before any is sent",
+    )
+    types = parser.add_mutually_exclusive_group()
+    types.add_argument(
+        "--proto", action="append", type=Path, default=[], metavar="FILE",
+        help="a .proto file declaring the definitions' message types (repeatable): compiled with its imports and"
+             " registered with each definition, so no replica needs a generated module",
+    )
+    types.add_argument(
+        "--descriptor-set", type=Path, metavar="FILE",
+        help="the types as a descriptor set instead (protoc --include_imports --descriptor_set_out=FILE)",
+    )
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable; searched before each file's own)",
+    )
+
+
+def _add_definitions(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
+    parser.add_argument(
+        "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="with NAME: this version (default latest)",
+    )
+    _add_json_option(parser)
+
+
+def _add_participants(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "action", nargs="?", choices=("list", "set"), default="list",
+        help="list (the default): every participant and its address; set NAME ADDRESS: store where NAME is served",
+    )
+    parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
+    # Not dest "address": that is the orchestrator's (--address).
+    parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    _add_actor_option(parser)
+    _add_json_option(parser)

@@ -1,0 +1,160 @@
+"""The commands that run or tend a server: serve (the orchestrator), migrate
+and purge (its database), participant (an example checkout participant) and
+demo (all of them in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+from pathlib import Path
+
+from google.protobuf import duration_pb2
+
+from compensa.orchestrator.cli.connection import tls_files
+from compensa.orchestrator.cli.exit_codes import EXIT_OK
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.errors import CompensaError
+from compensa.common.tls import TlsConfigError, TlsFiles
+
+
+def serve(args: argparse.Namespace) -> int:
+    """`compensa serve`: the orchestrator, until SIGINT or SIGTERM."""
+    from compensa.orchestrator.server import serve as serve_orchestrator
+
+    definition_paths: list[Path] = args.definitions or ([Path("definitions")] if Path("definitions").is_dir() else [])
+    participants: list[tuple[str, str]] = args.participant
+    config = ServerConfig(
+        listen=args.listen,
+        database_url=args.db,
+        definition_paths=tuple(definition_paths),
+        participants=dict(participants),
+        proto_modules=tuple(dict.fromkeys(args.proto_module)),
+    )
+    if args.lease_seconds is not None:
+        config = dataclasses.replace(config, lease_seconds=args.lease_seconds)
+    if args.replica_id:
+        config = dataclasses.replace(config, replica_id=args.replica_id)
+    config = dataclasses.replace(
+        config,
+        metrics_listen=args.metrics_listen,
+        tls=_server_tls(args),
+        participant_tls=tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
+        operators=tuple(args.operator),
+        database_timeout=_database_timeout(args),
+        certificate_roles=dict(args.role),
+        token_file=args.tokens,
+        jwt_keys=args.jwt_keys,
+        jwt_audience=args.jwt_audience,
+        jwt_issuer=args.jwt_issuer,
+        http_listen=args.http,
+    )
+    if args.max_streams_per_client < 0:
+        raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
+    if args.retention is not None:
+        config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
+    if args.alert_webhook is not None:
+        config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
+    if args.alert_stuck_after is not None:
+        config = dataclasses.replace(
+            config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
+        )
+    if args.alert_webhook_timeout is not None:
+        config = dataclasses.replace(
+            config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")
+        )
+    asyncio.run(serve_orchestrator(config))
+    return EXIT_OK
+
+
+def migrate(args: argparse.Namespace) -> int:
+    """`compensa migrate`: upgrades (or creates) the database's schema, then exits."""
+    from compensa.orchestrator.store import open_store
+
+    async def upgrade() -> tuple[str | None, str]:
+        store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
+        try:
+            return await store.upgrade_schema()
+        finally:
+            await store.close()
+
+    before, after = asyncio.run(upgrade())
+    if before == after:
+        print(f"schema up to date (revision {after})")
+    else:
+        print(f"schema upgraded from {before or 'an empty database'} to revision {after}")
+    return EXIT_OK
+
+
+def purge(args: argparse.Namespace) -> int:
+    """`compensa purge`: what `serve --retention` does on its own, once, for
+    deployments that run it from a scheduled job instead (or want a one-off
+    clean-up)."""
+    from sqlalchemy.engine import make_url
+
+    from compensa.orchestrator.engine import purge_finished
+    from compensa.orchestrator.store import open_store
+
+    older_than = _positive_seconds(args.older_than, "--older-than")
+    url = ServerConfig(database_url=args.db).resolved_database_url()
+    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
+        raise CompensaError(f"no database at {sqlite_file}; check --db")
+
+    async def purge_sagas() -> int:
+        store = open_store(url)
+        try:
+            if not await store.has_schema():
+                raise CompensaError("no Compensa tables in this database; check --db (or run compensa migrate)")
+            # The database's clock, as the replicas read it.
+            return await purge_finished(store, await store.clock() - older_than)
+        finally:
+            await store.close()
+
+    print(f"deleted {asyncio.run(purge_sagas())} saga(s) done for good")
+    return EXIT_OK
+
+
+def participant(args: argparse.Namespace) -> int:
+    """`compensa participant KIND`: one example checkout participant, until stopped."""
+    from compensa.examples.server import serve_participant
+
+    asyncio.run(
+        serve_participant(
+            args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=_server_tls(args),
+            database_timeout=_database_timeout(args),
+        )
+    )
+    return EXIT_OK
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`compensa demo`: a checkout that succeeds and one that compensates, in this process."""
+    from compensa.orchestrator.demo import run_demo
+
+    return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
+
+
+def _server_tls(args: argparse.Namespace) -> TlsFiles | None:
+    if args.tls_cert is None and args.tls_key is None:
+        if args.tls_client_ca is not None:
+            raise TlsConfigError("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        return None
+    return TlsFiles(cert=args.tls_cert, key=args.tls_key, ca=args.tls_client_ca)
+
+
+def _database_timeout(args: argparse.Namespace) -> float:
+    """--database-timeout in seconds, or the default."""
+    from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+
+    if args.database_timeout is None:
+        return DEFAULT_DATABASE_TIMEOUT
+    return _positive_seconds(args.database_timeout, "--database-timeout")
+
+
+def _positive_seconds(duration: duration_pb2.Duration, option: str) -> float:
+    seconds = duration.ToNanoseconds() / 1e9
+    if seconds <= 0:
+        raise CompensaError(f"{option} must be positive")
+    return seconds

@@ -1,0 +1,183 @@
+"""A client for services that start sagas and wait for them.
+
+The generated stub is enough to call the orchestrator; this adds what callers
+otherwise get wrong: a start that may be retried safely (the saga id is chosen
+once, before the first try, so a retry after a lost answer finds the saga the
+first try created), and a wait that survives the orchestrator restarting or a
+replica going away (the watch resumes after the last sequence it delivered,
+so no event is missed or seen twice).
+
+    async with SagaClient("127.0.0.1:50051") as client:
+        saga = await client.execute("checkout", CheckoutInput(order_id="o-1", ...))
+        if saga.state != saga_pb2.SAGA_STATE_SUCCEEDED: ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import TypeVar, cast
+
+import grpc
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from compensa.orchestrator.records import FINAL_SAGA_STATES
+from compensa.common.retry import Backoff
+from compensa.common.tls import TlsFiles
+
+#: Answers after which the same call may simply be made again.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+#: A replica that stops cancels its streams: worth resuming elsewhere too
+#: (this client never cancels its own).
+_RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
+T = TypeVar("T")
+#: Waits between tries of a call, and between reconnections of a watch.
+_RETRY_BACKOFF = Backoff(initial=0.05, cap=2.0)
+
+
+class SagaClient:
+    """Starts sagas on an orchestrator (any replica) and follows them."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: TlsFiles | None = None,
+        call_timeout: float = 10.0,
+        retry_for: float = 60.0,
+    ) -> None:
+        """`target` is HOST:PORT (or a gRPC target naming several replicas);
+        each call has `call_timeout`, and a call answered UNAVAILABLE or
+        DEADLINE_EXCEEDED is retried with backoff for up to `retry_for` seconds."""
+        self._channel = (
+            grpc.aio.secure_channel(target, tls.channel_credentials)
+            if tls is not None
+            else grpc.aio.insecure_channel(target)
+        )
+        self.stub = cast(
+            "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub", orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+        )
+        self._call_timeout = call_timeout
+        self._retry_for = retry_for
+
+    async def __aenter__(self) -> SagaClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def start(
+        self, definition: str, input: Message, *, saga_id: str | None = None, version: int = 0
+    ) -> saga_pb2.Saga:
+        """Starts a saga of `definition` (its latest version unless `version`)
+        with `input` and returns it as created. Without `saga_id` one is made
+        here, once, so retries cannot start a second saga."""
+        packed = any_pb2.Any()
+        packed.Pack(input)
+        request = orchestrator_pb2.StartSagaRequest(
+            saga_id=saga_id or str(uuid.uuid4()), definition_name=definition, definition_version=version,
+            input=packed,
+        )
+        response: orchestrator_pb2.StartSagaResponse = await self._retrying(
+            lambda: self.stub.StartSaga(request, timeout=self._call_timeout)
+        )
+        return response.saga
+
+    async def get(self, saga_id: str) -> saga_pb2.Saga:
+        request = orchestrator_pb2.GetSagaRequest(saga_id=saga_id)
+        response: orchestrator_pb2.GetSagaResponse = await self._retrying(
+            lambda: self.stub.GetSaga(request, timeout=self._call_timeout)
+        )
+        return response.saga
+
+    async def cancel(self, saga_id: str, *, reason: str = "", actor: str = "") -> saga_pb2.Saga:
+        """Asks a running saga to stop and compensate; returns it as the
+        cancel left it (COMPENSATING, or FAILED with an alert when a pivot
+        ran meanwhile). Safe to retry: a saga already compensating is
+        returned as it is. FAILED_PRECONDITION when it cannot be cancelled
+        (it ended, or a step that cannot be undone has run)."""
+        request = orchestrator_pb2.CancelSagaRequest(saga_id=saga_id, reason=reason, actor=actor)
+        response: orchestrator_pb2.CancelSagaResponse = await self._retrying(
+            lambda: self.stub.CancelSaga(request, timeout=self._call_timeout)
+        )
+        return response.saga
+
+    async def complete_step(
+        self, completion_token: str, *, output: Message | None = None, failure_reason: str = ""
+    ) -> saga_pb2.Saga:
+        """Reports the outcome of a long-running step (its Execute answered
+        PENDING): succeeded with `output`, or failed when `failure_reason` is
+        given. Safe to retry: the same report twice is accepted."""
+        request = orchestrator_pb2.CompleteStepRequest(
+            completion_token=completion_token,
+            result=orchestrator_pb2.COMPLETION_RESULT_FAILED if failure_reason
+            else orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED,
+            failure_reason=failure_reason,
+        )
+        if output is not None:
+            request.output.Pack(output)
+        response: orchestrator_pb2.CompleteStepResponse = await self._retrying(
+            lambda: self.stub.CompleteStep(request, timeout=self._call_timeout)
+        )
+        return response.saga
+
+    async def events(self, saga_id: str, *, after_sequence: int = 0) -> AsyncIterator[saga_pb2.SagaEvent]:
+        """Every event of the saga after `after_sequence`, in order, until its
+        final event; reconnects (to whichever replica answers) and resumes
+        after the last event it yielded when the stream breaks."""
+        last = after_sequence
+        waits = _RETRY_BACKOFF.waits()
+        while True:
+            request = orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, after_sequence=last, replay_history=True)
+            try:
+                async for response in self.stub.WatchSaga(request):
+                    waits.reset()
+                    event = response.event
+                    if event.sequence <= last:
+                        continue
+                    last = event.sequence
+                    yield event
+                    if event.saga_state in FINAL_SAGA_STATES:
+                        return
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RESUMABLE:
+                    raise
+            # Broken, or ended by a stopping server before the final event.
+            await waits.sleep()
+
+    async def result(self, saga_id: str) -> saga_pb2.Saga:
+        """Waits until the saga ends (SUCCEEDED, COMPENSATED or FAILED) and returns it."""
+        async for _ in self.events(saga_id):
+            pass
+        return await self.get(saga_id)
+
+    async def execute(
+        self, definition: str, input: Message, *, saga_id: str | None = None, version: int = 0
+    ) -> saga_pb2.Saga:
+        """Starts a saga and waits for its end."""
+        started = await self.start(definition, input, saga_id=saga_id, version=version)
+        if started.state in FINAL_SAGA_STATES:
+            return started
+        return await self.result(started.saga_id)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._retry_for
+        waits = _RETRY_BACKOFF.waits()
+        while True:
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as error:
+                delay = waits.next()
+                if error.code() not in RETRYABLE or loop.time() + delay > give_up:
+                    raise
+            await asyncio.sleep(delay)

@@ -1,0 +1,117 @@
+"""Configuration of an orchestrator process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compensa.orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
+from compensa.orchestrator.payloads import DEFAULT_PROTO_MODULES
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.common.health import DEFAULT_PROBE_SECONDS
+from compensa.common.tls import TlsFiles
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"
+
+
+def _replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `compensa serve` needs.
+
+    `database_url` is a SQLAlchemy URL; None means the embedded SQLite store at
+    `DEFAULT_SQLITE_PATH`. `participants` maps logical participant names used in
+    definitions to HOST:PORT addresses.
+    """
+
+    listen: str = DEFAULT_LISTEN
+    database_url: str | None = None
+    definition_paths: tuple[Path, ...] = ()
+    participants: Mapping[str, str] = field(default_factory=dict)
+    proto_modules: tuple[str, ...] = DEFAULT_PROTO_MODULES
+    replica_id: str = field(default_factory=_replica_id)
+    # How long a replica owns a saga without renewing; a crashed replica's
+    # sagas are taken over after at most this long.
+    lease_seconds: float = 5.0
+    # TLS for this server (mutual when tls.ca is set); None serves plaintext.
+    tls: TlsFiles | None = None
+    # TLS for the calls to participants: the CA that signs their certificates
+    # and this orchestrator's client certificate; None calls in plaintext.
+    participant_tls: TlsFiles | None = None
+    # Client certificate names (common name or subject alternative name)
+    # allowed to cancel, retry, resolve and register definitions; empty lets
+    # every client do it. Needs mutual TLS (tls.ca).
+    operators: tuple[str, ...] = ()
+    # More client certificate names with their roles (reader, starter,
+    # operator); `operators` are added as operators. Needs mutual TLS.
+    certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    # A file of bearer tokens with their identities, roles and definition
+    # scopes (see orchestrator/auth.py); None accepts no tokens.
+    token_file: Path | None = None
+    # A JSON Web Key Set: JWTs signed by one of its keys are accepted as
+    # bearer tokens (with these audience and issuer when set).
+    jwt_keys: Path | None = None
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # Streams (watches, the dashboard's live list) one client may hold open
+    # at once; 0 sets no limit.
+    max_streams_per_client: int = 0
+    # HOST:PORT of the web dashboard (over TLS when `tls` is set); None
+    # serves none.
+    http_listen: str | None = None
+    # HOST:PORT of the Prometheus /metrics endpoint (over TLS when `tls` is
+    # set); None serves none.
+    metrics_listen: str | None = None
+    # Sagas done for good (SUCCEEDED, COMPENSATED, or FAILED and resolved)
+    # are deleted with their steps and events this long after their last
+    # change; None keeps everything.
+    retention_seconds: float | None = None
+    # URL that alerts are POSTed to (see README, "Alerts"), from the durable
+    # outbox, until answered 2xx; None delivers none (they stay in the outbox).
+    alert_webhook: str | None = None
+    # How long one delivery may take; a replica killed while delivering
+    # leaves the alert to another after about this long.
+    alert_webhook_timeout: float = 5.0
+    # An unfinished saga unchanged for this long raises an alert (once per
+    # stall); None raises none.
+    alert_stuck_seconds: float | None = None
+    # Largest accepted request (saga input, step output), in bytes.
+    max_payload_bytes: int = 1024 * 1024
+    # Watch streams re-read the log this often even without a wake-up; a
+    # safety net under LISTEN/NOTIFY and in-process notifications.
+    watch_reread_seconds: float = 5.0
+    # Events buffered per watch stream; a subscriber further behind reads
+    # the log itself until it catches up.
+    watch_buffer_events: int = 1000
+    # The longest any one wait on the database may take (connecting, a
+    # transaction, a group commit), in seconds: a call on a replica that
+    # cannot reach its database answers UNAVAILABLE within about this long.
+    database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    # grpc.health.v1 follows the database: it is probed this often (seconds)
+    # when no real work reached it, and real failures count at once.
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS
+
+    def access_policy(self) -> AccessPolicy:
+        """Who may do what: certificate roles and the token file (read now,
+        so that a bad file stops the start)."""
+        roles = {**self.certificate_roles, **{name: Role.OPERATOR for name in self.operators}}
+        tokens = load_token_file(self.token_file) if self.token_file is not None else {}
+        jwt = None
+        if self.jwt_keys is not None:
+            jwt = load_jwt_keys(self.jwt_keys, audience=self.jwt_audience, issuer=self.jwt_issuer)
+        return AccessPolicy(certificate_roles=roles, tokens=tokens, jwt=jwt)
+
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL to use, the embedded SQLite file by default."""
+        if self.database_url:
+            return self.database_url
+        DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"

@@ -1,0 +1,67 @@
+"""The web dashboard (`compensa serve --http HOST:PORT`): counts, a live saga
+list, saga timelines and operator actions, served by aiohttp from the
+orchestrator's own event loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from compensa.orchestrator.auth import AccessPolicy, StreamLimit
+from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
+from compensa.orchestrator.engine import SagaEngine
+from compensa.orchestrator.streams import LogTail
+from compensa.common.tls import TlsFiles
+
+__all__ = ["RunningDashboard", "start_dashboard"]
+
+#: How long a stop waits for requests in flight; live streams are then cut.
+_SHUTDOWN_SECONDS = 1.0
+
+
+@dataclass
+class RunningDashboard:
+    """A dashboard being served; `url` is where a browser opens it."""
+
+    runner: web.AppRunner
+    port: int
+    url: str
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_dashboard(
+    listen: str,
+    engine: SagaEngine,
+    tail: LogTail,
+    access: AccessPolicy,
+    streams: StreamLimit,
+    tls: TlsFiles | None,
+) -> RunningDashboard:
+    """Serves the dashboard on `listen` (HOST:PORT; port 0 picks one), over
+    TLS with the server's certificate when `tls` is given."""
+    dashboard = Dashboard(engine, tail, access, streams, tls=tls is not None)
+    # Cancel a handler when its client goes away: a closed live list stops
+    # following the log at once instead of at its next write.
+    runner = web.AppRunner(
+        dashboard.app, handler_cancellation=True, access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS
+    )
+    await runner.setup()
+    host, _, port = listen.rpartition(":")
+    site = web.TCPSite(
+        runner,
+        host.strip("[]") or "0.0.0.0",
+        int(port),
+        ssl_context=server_ssl_context(tls) if tls is not None else None,
+    )
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0][1]
+    shown = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
+    scheme = "https" if tls is not None else "http"
+    return RunningDashboard(runner, bound, f"{scheme}://{shown}:{bound}/")

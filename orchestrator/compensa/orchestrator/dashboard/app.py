@@ -1,0 +1,562 @@
+"""The web dashboard: aiohttp in the orchestrator's own event loop.
+
+Pages are rendered on the server (Jinja2, autoescaped); a small script keeps
+the saga list live from `/live`, a server-sent event stream of the global log
+that resumes after a reconnect from the browser's Last-Event-ID (the log
+position of the last batch it got), through the same `LogTail` as WatchSagas.
+Who may look and act is the `AccessPolicy` of the gRPC API: a bearer token
+(header or the cookie the login form sets) or a client certificate over TLS.
+Operator actions are POSTed forms carrying a per-identity token, and refused
+from another origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from aiohttp import web
+from compensa.v1 import saga_pb2
+from google.protobuf import any_pb2, descriptor_pool
+
+from compensa.orchestrator import payloads, records
+from compensa.orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
+from compensa.orchestrator.dashboard import gantt
+from compensa.orchestrator.definitions import NAME_PATTERN
+from compensa.orchestrator.definitions._durations import shorthand_to_json
+from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of, quote
+from compensa.orchestrator.limits import (
+    MAX_SAGA_ID_CHARS,
+    MAX_STUCK_FOR_SECONDS,
+    SAGA_ID_PATTERN,
+    check_filter,
+    check_position,
+    check_text,
+    is_possible,
+)
+from compensa.orchestrator.operations import operator_event
+from compensa.orchestrator.store import StoredEvent
+from compensa.orchestrator.streams import READ_BATCH, LogTail
+from compensa.orchestrator.timeline import event_type_name, saga_state_name, step_state_name
+from compensa.orchestrator.views import saga_message
+from compensa.common.tls import TlsFiles
+
+log = logging.getLogger("compensa.dashboard")
+
+__all__ = ["Dashboard", "TOKEN_COOKIE", "server_ssl_context"]
+
+#: The cookie the login form sets to the bearer token.
+TOKEN_COOKIE = "compensa_token"
+#: Sagas the list shows (newest first).
+LIST_SIZE = 100
+#: A live list gets one message per this many seconds at most, with the
+#: latest event of each saga that changed meanwhile: a busy log costs a few
+#: small messages a second per open list, not one per event.
+LIVE_WINDOW_SECONDS = 0.25
+
+#: The caller, once known, for the error page's header.
+_IDENTITY = web.RequestKey("identity", Identity)
+_ERROR_TITLES = {
+    400: "Cannot do that",
+    403: "Not allowed",
+    404: "Not found",
+    409: "Not possible now",
+    429: "Too many open streams",
+}
+#: Scripts and styles from the dashboard itself only (the timeline places its
+#: boxes with inline style attributes); never framed by another site.
+_CONTENT_SECURITY_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
+_ACTIONS = {"cancel": "CancelSaga", "retry": "RetrySaga", "resolve": "ResolveSaga"}
+_STATES = [state for state in saga_pb2.SagaState.values() if state]
+_HERE = Path(__file__).parent
+
+
+def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The server's certificate; with a CA, client certificates it signed are
+    asked for and verified, but optional: a browser without one signs in with
+    a token instead."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.ca is not None:
+        context.load_verify_locations(cafile=str(tls.ca))
+        context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _certificate_names(request: web.Request) -> list[str]:
+    """The verified client certificate's common name and DNS/IP alternative names."""
+    if request.transport is None:
+        return []
+    peer = request.transport.get_extra_info("peercert")
+    if not peer:
+        return []
+    names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
+    names += [value for kind, value in peer.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
+    return list(dict.fromkeys(names))
+
+
+def _time(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+def _payload_json(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool) -> str:
+    """A payload as indented JSON, decoded with its definition's registered types."""
+    if not payload.type_url:
+        return ""
+    return json.dumps(payloads.to_json_dict(payload, pool), indent=2, ensure_ascii=False)
+
+
+class _LiveItems:
+    """Each event's JSON for the live lists, encoded once however many lists
+    send it (keyed by log position; the oldest are dropped first)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: dict[int, str] = {}
+
+    def of(self, stored: StoredEvent) -> str:
+        item = self._items.get(stored.position)
+        if item is None:
+            if len(self._items) >= self._size:
+                del self._items[next(iter(self._items))]
+            event = stored.event
+            item = self._items[stored.position] = json.dumps(
+                {
+                    "saga_id": stored.saga_id,
+                    "definition": stored.definition_name,
+                    "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
+                    "sequence": event.sequence,
+                    "event": event_type_name(event.type).lower(),  # type: ignore[arg-type]
+                    "step": event.step_name,
+                    "time": event.time,
+                    "position": stored.position,
+                },
+                separators=(",", ":"),
+            )
+        return item
+
+    def message(self, latest: Iterable[StoredEvent], position: int) -> bytes:
+        """One server-sent message of these events, with `position` (the last
+        the list has seen) as its id, where a reconnect resumes."""
+        data = ",".join(self.of(stored) for stored in latest)
+        return f"id: {position}\ndata: [{data}]\n\n".encode()
+
+
+@dataclass(frozen=True)
+class _Filters:
+    state: int
+    definition: str
+    stuck: str
+    stuck_seconds: float | None
+    search: str
+
+    @classmethod
+    def of(cls, request: web.Request, identity: Identity) -> _Filters:
+        query = request.query
+        state_text = query.get("state", "").strip().upper()
+        state = 0
+        if state_text:
+            try:
+                state = saga_pb2.SagaState.Value(f"SAGA_STATE_{state_text}")
+            except ValueError:
+                raise InvalidArgument(f"state {quote(state_text)} is not a saga state") from None
+        stuck = query.get("stuck", "").strip()
+        stuck_seconds = None
+        if stuck:
+            json_text = shorthand_to_json(stuck)
+            if json_text is None:
+                raise InvalidArgument(f"stuck for {quote(stuck)}: give a duration such as 90s, 10m or 2h")
+            stuck_seconds = float(json_text.removesuffix("s"))
+            if not 0 < stuck_seconds <= MAX_STUCK_FOR_SECONDS:
+                raise InvalidArgument(f"stuck for must be positive and at most {MAX_STUCK_FOR_SECONDS // 86400} days")
+        definition = check_filter(query.get("definition", "").strip(), "definition", NAME_PATTERN, "definition")
+        if identity.definitions and definition not in identity.definitions:
+            # A caller limited to some definitions sees one of them at a time.
+            definition = sorted(identity.definitions)[0]
+        search = check_text(query.get("q", "").strip(), "q (the saga id searched for)", max_chars=MAX_SAGA_ID_CHARS)
+        return cls(state, definition, stuck, stuck_seconds, search)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Dashboard:
+    """The dashboard's aiohttp application over a running engine."""
+
+    def __init__(
+        self, engine: SagaEngine, tail: LogTail, access: AccessPolicy, streams: StreamLimit, *, tls: bool
+    ) -> None:
+        self._engine = engine
+        self._store = engine.store
+        self._tail = tail
+        self._access = access
+        self._streams = streams
+        self._tls = tls
+        self._form_key = os.urandom(32)
+        self._live_items = _LiveItems(4 * engine.config.watch_buffer_events)
+        self._templates = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(_HERE / "templates")),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self._templates.filters.update(time=_time, age=_age, state=saga_state_name, step_state=step_state_name)
+        self.app = web.Application(middlewares=[self._answer_errors])
+        self.app.add_routes([
+            web.get("/", self._index),
+            web.get("/counts", self._counts),
+            web.get("/live", self._live),
+            web.get("/sagas/{saga_id}", self._saga),
+            web.post("/sagas/{saga_id}/{action}", self._act),
+            web.get("/login", self._login_form),
+            web.post("/login", self._login),
+            web.post("/logout", self._logout),
+            web.static("/static", str(_HERE / "static")),
+        ])
+
+    # -- access
+
+    def _identify(self, request: web.Request) -> Identity:
+        authorization = request.headers.get("Authorization")
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        if authorization is None and cookie:
+            authorization = f"Bearer {cookie}"
+        identity = self._access.identify(
+            _certificate_names(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
+        )
+        request[_IDENTITY] = identity
+        self._access.authorize(identity, "Dashboard")
+        return identity
+
+    def _form_token(self, identity: Identity) -> str:
+        return hmac.new(self._form_key, f"{identity.how}:{identity.name}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def _same_origin(self, request: web.Request) -> None:
+        origin = request.headers.get("Origin")
+        if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
+            raise PermissionDenied(f"a form from {origin} may not act here: use the dashboard's own page")
+
+    @web.middleware
+    async def _answer_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except Exception as error:
+            if not isinstance(error, CompensaError):
+                log.exception("dashboard %s %s failed", request.method, request.path)
+            status, message = http_status_of(error)
+            if request.path == "/live" or request.headers.get("Accept", "") == "application/json":
+                return web.json_response({"error": message}, status=status)
+            if status == 401:
+                return self._page("login.html", status=status, message=message, identity=None, title="Sign in")
+            saga_id = request.match_info.get("saga_id")
+            return self._page(
+                "error.html",
+                status=status,
+                message=message,
+                identity=request.get(_IDENTITY),
+                title=_ERROR_TITLES.get(status, "Something went wrong"),
+                back=f"/sagas/{saga_id}" if saga_id and status != 404 else "",
+            )
+
+    def _page(self, template: str, *, status: int = 200, **values: Any) -> web.Response:
+        html = self._templates.get_template(template).render(**values)
+        response = web.Response(text=html, status=status, content_type="text/html")
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = _CONTENT_SECURITY_POLICY
+        return response
+
+    # -- pages
+
+    async def _summary(self, identity: Identity, definition: str) -> dict[str, Any]:
+        now = self._engine.clock.now()
+        rows = await self._store.summarize_sagas(
+            definition_name=definition, stuck_before=now - DEFAULT_STUCK_SECONDS
+        )
+        rows = [row for row in rows if identity.may_see(row.definition_name)]
+        by_definition: dict[str, dict[str, Any]] = {}
+        totals = {"all": 0, "stuck": 0, "unresolved": 0, **{saga_state_name(s): 0 for s in _STATES}}
+        for row in rows:
+            entry = by_definition.setdefault(
+                row.definition_name, {"name": row.definition_name, "states": {}, "stuck": 0, "unresolved": 0}
+            )
+            name = saga_state_name(row.state)  # type: ignore[arg-type]
+            entry["states"][name] = row.count
+            entry["stuck"] += row.stuck
+            entry["unresolved"] += row.unresolved
+            totals[name] += row.count
+            totals["all"] += row.count
+            totals["stuck"] += row.stuck
+            totals["unresolved"] += row.unresolved
+        return {
+            "definitions": list(by_definition.values()),
+            "totals": totals,
+            "states": [saga_state_name(s) for s in _STATES],
+            "stuck_after": _age(DEFAULT_STUCK_SECONDS),
+        }
+
+    async def _index(self, request: web.Request) -> web.Response:
+        identity = self._identify(request)
+        filters = _Filters.of(request, identity)
+        # The live list resumes from here: whatever commits after this read
+        # reaches the page through /live, even if the list below misses it.
+        position = await self._store.head_position()
+        now = self._engine.clock.now()
+        sagas = await self._store.list_sagas(
+            state=filters.state,
+            definition_name=filters.definition,
+            updated_before=None if filters.stuck_seconds is None else now - filters.stuck_seconds,
+            page_size=LIST_SIZE,
+            after=None,
+            id_contains=filters.search,
+        )
+        definitions = [
+            definition.name for definition in await self._store.list_definitions(1000, "")
+            if identity.may_see(definition.name)
+        ]
+        return self._page(
+            "index.html",
+            title="Sagas",
+            identity=identity,
+            form_token=self._form_token(identity),
+            summary=await self._summary(identity, filters.definition),
+            sagas=[_row(saga) for saga in sagas],
+            filters=filters,
+            definitions=definitions,
+            states=[saga_state_name(s) for s in _STATES],
+            position=position,
+            now=now,
+            list_size=LIST_SIZE,
+        )
+
+    async def _counts(self, request: web.Request) -> web.Response:
+        identity = self._identify(request)
+        filters = _Filters.of(request, identity)
+        return self._page("counts.html", summary=await self._summary(identity, filters.definition))
+
+    async def _saga(self, request: web.Request) -> web.Response:
+        identity = self._identify(request)
+        saga_id = request.match_info["saga_id"]
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
+        if saga is None:
+            raise NotFound(f"saga {quote(saga_id)} not found")
+        self._access.authorize(identity, "GetSaga", saga.definition_name)
+        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
+        view = saga_message(saga, plan)
+        pool = payloads.pool_of(plan.definition)
+        events: list[StoredEvent] = []
+        while True:
+            batch = await self._store.read_saga_events(saga_id, events[-1].event.sequence if events else 0, READ_BATCH)
+            events += batch
+            if len(batch) < READ_BATCH:
+                break
+        now = self._engine.clock.now()
+        chart = gantt.chart([step.name for step in saga.steps], [stored.event for stored in events], now)
+        steps = [
+            {
+                "name": step.name,
+                "state": step_state_name(step.state),
+                "participant": step.participant,
+                "attempts": step.attempts,
+                "compensate_attempts": step.compensate_attempts,
+                "last_error": step.last_error,
+                "start": _time(step.start_time.ToNanoseconds() / 1e9) if step.HasField("start_time") else "",
+                "finish": _time(step.finish_time.ToNanoseconds() / 1e9) if step.HasField("finish_time") else "",
+                "output": _payload_json(step.output, pool) if step.HasField("output") else "",
+            }
+            for step in view.steps
+        ]
+        return self._page(
+            "saga.html",
+            title=f"Saga {saga_id}",
+            identity=identity,
+            form_token=self._form_token(identity),
+            saga=saga,
+            state=saga_state_name(view.state),
+            input_json=_payload_json(view.input, pool),
+            input_type=payloads.type_name_of(view.input),
+            steps=steps,
+            events=[_event_row(stored) for stored in events],
+            chart=chart,
+            actions=_available_actions(saga),
+            may_act=identity.role >= Role.OPERATOR,
+            position=events[-1].position if events else 0,
+            done=request.query.get("done", ""),
+        )
+
+    async def _act(self, request: web.Request) -> web.StreamResponse:
+        identity = self._identify(request)
+        self._same_origin(request)
+        action = _ACTIONS.get(request.match_info["action"])
+        if action is None:
+            raise NotFound(f"no action {request.match_info['action']!r}: use cancel, retry or resolve")
+        form = await request.post()
+        if not hmac.compare_digest(str(form.get("form_token", "")), self._form_token(identity)):
+            raise PermissionDenied("the form is stale or not from this dashboard: reload the page and try again")
+        saga_id = request.match_info["saga_id"]
+        text = str(form.get("note" if action == "ResolveSaga" else "reason", ""))
+        event = operator_event(action, identity.actor(""), text)
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
+        if saga is None:
+            raise NotFound(f"saga {quote(saga_id)} not found")
+        self._access.authorize(identity, action, saga.definition_name)
+        await self._engine.apply_external(saga_id, event)
+        log.info("%s of saga %s by %s from the dashboard", action, saga_id, identity.describe())
+        raise web.HTTPSeeOther(f"/sagas/{saga_id}?done={request.match_info['action']}")
+
+    async def _live(self, request: web.Request) -> web.StreamResponse:
+        identity = self._identify(request)
+        filters = _Filters.of(request, identity)
+        resume = check_position(request.headers.get("Last-Event-ID") or request.query.get("after", "0"),
+                                "Last-Event-ID or after")
+        wanted = (filters.definition, filters.state)
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
+        })
+        with self._streams.slot(_stream_client(identity, request)):
+            await response.prepare(request)
+            # Tells the browser to come back after 1 s if the stream breaks.
+            await response.write(b"retry: 1000\n\n")
+            await self._send_live(response, resume, wanted)
+        return response
+
+    async def _send_live(self, response: web.StreamResponse, after: int, wanted: tuple[str, int]) -> None:
+        """Follows the log from `after` and sends, at most once per window,
+        the latest event of each saga that changed meanwhile. The reader keeps
+        up with the log's tail between messages (it never falls a buffer
+        behind and re-reads the database); only the sending waits."""
+        latest: dict[str, StoredEvent] = {}
+        seen = [after]
+        changed = asyncio.Event()
+
+        async def collect() -> None:
+            async for batch in self._tail.follow(
+                after,
+                saga_id=None,
+                wanted=wanted,
+                key=lambda stored: stored.position,
+                read=lambda position: self._store.read_log(
+                    position, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
+                ),
+            ):
+                for stored in batch:
+                    latest.pop(stored.saga_id, None)
+                    latest[stored.saga_id] = stored
+                seen[0] = batch[-1].position
+                changed.set()
+
+        collector = asyncio.create_task(collect(), name="compensa-dashboard-live")
+        try:
+            while True:
+                waiting = asyncio.ensure_future(changed.wait())
+                await asyncio.wait((waiting, collector), return_when=asyncio.FIRST_COMPLETED)
+                waiting.cancel()
+                if collector.done():
+                    collector.result()  # its error, if it failed
+                    return
+                changed.clear()
+                message = self._live_items.message(latest.values(), seen[0])
+                latest.clear()
+                await response.write(message)
+                await asyncio.sleep(LIVE_WINDOW_SECONDS)  # a message per window at most
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+
+    async def _login_form(self, request: web.Request) -> web.Response:
+        return self._page("login.html", title="Sign in", identity=None, message="")
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        self._same_origin(request)
+        form = await request.post()
+        token = str(form.get("token", "")).strip()
+        if not token:
+            raise InvalidArgument("paste your access token")
+        identity = self._access.identify([], f"Bearer {token}")
+        self._access.authorize(identity, "Dashboard")
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=self._tls, path="/")
+        raise response
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        self._same_origin(request)
+        response = web.HTTPSeeOther("/login")
+        response.del_cookie(TOKEN_COOKIE, path="/")
+        raise response
+
+
+def _stream_client(identity: Identity, request: web.Request) -> str:
+    if identity.how != "open":
+        return f"{identity.how} {identity.name}"
+    return f"client {request.remote}"
+
+
+def _row(saga: records.SagaRecord) -> dict[str, Any]:
+    active = next(
+        (step.name for step in saga.steps if step.state in (records.STEP_RUNNING, records.STEP_WAITING,
+                                                            records.STEP_COMPENSATING)),
+        "",
+    )
+    return {
+        "saga_id": saga.saga_id,
+        "definition": saga.definition_name,
+        "version": saga.definition_version,
+        "state": saga_state_name(saga.state),  # type: ignore[arg-type]
+        "sequence": saga.sequence,
+        "step": active,
+        "created": saga.created_at,
+        "updated": saga.updated_at,
+        "awaiting_person": records.awaits_a_person(saga),
+    }
+
+
+def _event_row(stored: StoredEvent) -> dict[str, Any]:
+    event = stored.event
+    return {
+        "sequence": event.sequence,
+        "position": stored.position,
+        "time": _time(event.time),
+        "type": event_type_name(event.type),  # type: ignore[arg-type]
+        "step": event.step_name,
+        "attempt": event.attempt or "",
+        "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
+        "message": event.message,
+        "actor": event.actor,
+    }
+
+
+def _available_actions(saga: records.SagaRecord) -> list[str]:
+    if saga.state == records.RUNNING:
+        return ["cancel"]
+    if records.awaits_a_person(saga):
+        return ["retry", "resolve"]
+    return []
+

@@ -1,0 +1,79 @@
+"""The schema a definition carries: its message types as a FileDescriptorSet,
+compiled from .proto files or read from a descriptor set the user has."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, message
+
+from compensa.orchestrator.errors import DefinitionError
+
+
+def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:
+    """Compiles .proto files with their imports into one descriptor set (the
+    protobuf compiler of grpcio-tools, in this process). Imports are looked
+    for in `include_paths`, then each file's own directory, then the
+    well-known types. DefinitionError with the compiler's message if it fails."""
+    from grpc_tools import protoc
+
+    for file in files:
+        if not file.is_file():
+            raise DefinitionError(f"no such .proto file: {file}")
+    well_known = resources.files("grpc_tools") / "_proto"
+    # A file is named after the first root that holds it (as protoc wants),
+    # so the --proto-path directories come before the files' own.
+    roots = list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "types.binpb"
+        errors = Path(scratch) / "errors.txt"
+        arguments = [
+            "protoc", *(f"--proto_path={root}" for root in roots), f"--proto_path={well_known}",
+            "--include_imports", f"--descriptor_set_out={output}",
+            *(str(file.resolve().relative_to(_root_of(file, roots))) for file in files),
+        ]
+        with _stderr_to(errors):
+            status = protoc.main(arguments)
+        if status != 0:
+            detail = " ".join(errors.read_text(errors="replace").split()) if errors.exists() else ""
+            raise DefinitionError(f"the .proto files do not compile: {detail or f'protoc exit status {status}'}")
+        return read_descriptor_set(output)
+
+
+def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
+    """A FileDescriptorSet file (`protoc --include_imports --descriptor_set_out`, `buf build -o`)."""
+    try:
+        types = descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+    except OSError as error:
+        raise DefinitionError(f"cannot read the descriptor set: {error.strerror}", source=str(path)) from None
+    except message.DecodeError:
+        raise DefinitionError("not a FileDescriptorSet (protoc --descriptor_set_out)", source=str(path)) from None
+    if not types.file:
+        raise DefinitionError("the descriptor set holds no file", source=str(path))
+    return types
+
+
+def _root_of(file: Path, roots: Sequence[Path]) -> Path:
+    resolved = file.resolve()
+    return next(root for root in roots if resolved.is_relative_to(root))
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Sends file descriptor 2 to `path` for a while: protoc writes its
+    errors there, from C++, not through sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,664 @@
+"""The engine: drives sagas by running the machine's decisions against the
+store and the participants.
+
+Order of effects, which is what makes a crash at any instant recoverable:
+a transition is committed (state + events, guarded by sequence and epoch)
+before any call it asks for is made, and a call's answer is only acted on
+after it is committed. A saga that waits with nothing in flight is released
+(no owner, `due_at` set) and holds no memory; the scheduler claims it when it
+is due, and claims the sagas of a replica whose lease expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from compensa.v1 import definition_pb2, participant_pb2
+from google.protobuf import any_pb2
+
+from compensa.orchestrator import logs, machine, records
+from compensa.orchestrator.alerts import AlertDelivery, stuck_alert
+from compensa.orchestrator.changes import ChangeSignal
+from compensa.orchestrator.clock import SharedClock
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
+from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.participant_client import ParticipantClient
+from compensa.orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
+from compensa.orchestrator.timestamps import timestamp
+from compensa.orchestrator.tokens import completion_token
+from compensa.orchestrator.tracing import SagaTracing
+from compensa.orchestrator.writer import TransitionWriter
+from compensa.common.retry import Backoff
+from compensa.participants.tracing import trace_id_of
+
+log = logging.getLogger("compensa.engine")
+
+#: An unfinished saga unchanged for this long counts as stuck (SummarizeSagas'
+#: default, and the compensa_sagas_stuck gauge).
+DEFAULT_STUCK_SECONDS = 600.0
+# A scrape waits this long for the database's counts, then goes without them.
+_COUNT_TIMEOUT_SECONDS = 5.0
+
+# How often the scheduler looks for due sagas when nothing told it sooner.
+_POLL_SECONDS = 1.0
+_CLAIM_BATCH = 200
+_LATEST_SECONDS = 1.0
+# How often the offset to the database's clock is measured again.
+_CLOCK_SYNC_SECONDS = 30.0
+# How often the stored participant addresses are read again: an address set
+# through another replica is used by this one after at most this long.
+_PARTICIPANTS_SECONDS = 1.0
+# Retention: how often expired sagas are looked for (at most), and how many
+# are deleted per transaction.
+_PURGE_SECONDS = 60.0
+_PURGE_BATCH = 500
+# A transition the database did not confirm is written again after these waits.
+_COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
+# Stuck sagas are looked for at most this often (and four times per threshold).
+_STUCK_CHECK_SECONDS = 30.0
+
+
+async def purge_finished(store: SagaStore, finished_before: float) -> int:
+    """Deletes every saga done for good whose last change is older than
+    `finished_before`, one batch per transaction; how many were deleted."""
+    total = 0
+    while True:
+        purged = await store.purge_finished(finished_before=finished_before, limit=_PURGE_BATCH)
+        total += purged
+        if purged < _PURGE_BATCH:
+            return total
+
+
+def _external_cause(event: machine.Event) -> str:
+    """Why an operator action or a step completion took a saga over."""
+    match event:
+        case machine.CancelRequested(actor=actor):
+            return f"CancelSaga by {actor or 'an operator'}"
+        case machine.RetryRequested(actor=actor):
+            return f"RetrySaga by {actor or 'an operator'}"
+        case machine.ResolveRequested(actor=actor):
+            return f"ResolveSaga by {actor or 'an operator'}"
+    return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
+
+
+@dataclass
+class _Driving:
+    epoch: int
+    task: asyncio.Task[None]
+
+
+class SagaEngine:
+    """Owns sagas through leases and drives each one in its own task."""
+
+    def __init__(self, store: SagaStore, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.owner = config.replica_id
+        # Every time this engine writes or compares is on the database's clock.
+        self.clock = SharedClock()
+        self.changes = ChangeSignal()
+        self.metrics = Metrics()
+        self.client = ParticipantClient(
+            dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
+            metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
+        )
+        self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
+        # None when traces are off: then no span is made and no metadata sent.
+        self.tracing = SagaTracing.from_environment(self.owner)
+        self.alerts = (
+            AlertDelivery(store, config.alert_webhook, self.clock, self.metrics, timeout=config.alert_webhook_timeout)
+            if config.alert_webhook else None
+        )
+        self._plans: dict[tuple[str, int], machine.Plan] = {}
+        self._latest: dict[str, tuple[int, float]] = {}
+        self._driving: dict[str, _Driving] = {}
+        self._scheduler_wake = asyncio.Event()
+        self._next_due = float("inf")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._token_key: bytes | None = None
+        self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.count_for_people(self._people_counts)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- lifecycle
+
+    async def load_secrets(self) -> None:
+        """Reads (or makes) the deployment's key for completion tokens."""
+        self._token_key = await self.store.secret("completion_token")
+
+    async def sync_clock(self) -> None:
+        """Measures this replica's offset to the database's clock."""
+        await self.clock.sync(self.store.clock)
+        if abs(self.clock.offset) > 1.0:
+            log.warning("this machine's clock is %.3fs off the database's; using the database's", -self.clock.offset)
+
+    async def store_participants(self, addresses: Mapping[str, str], *, updated_by: str) -> None:
+        """Stores these participant addresses (a replica's --participant flags)."""
+        now = self.clock.now()
+        for name, address in addresses.items():
+            await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        await self.refresh_participants()
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+        """Stores where `name` is served; this replica calls it there at once,
+        the others within `_PARTICIPANTS_SECONDS`."""
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        await self.refresh_participants()
+        return stored
+
+    async def refresh_participants(self) -> list[ParticipantAddress]:
+        """Reads the stored participant addresses and calls them from now on."""
+        stored = await self.store.list_participants()
+        self.client.use_addresses({participant.name: participant.address for participant in stored})
+        return stored
+
+    def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
+        """Participants `definition` names that have no address to call."""
+        names = dict.fromkeys(step.participant for step in definition.steps)
+        return [name for name in names if not self.client.knows(name)]
+
+    @property
+    def token_key(self) -> bytes:
+        if self._token_key is None:
+            raise StoreUnavailable("the orchestrator is starting: its database is not reachable yet")
+        return self._token_key
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.writer.start()
+        self._tasks = [
+            asyncio.create_task(self._schedule(), name="compensa-scheduler"),
+            asyncio.create_task(self._renew_leases(), name="compensa-leases"),
+            asyncio.create_task(self._sync_clock(), name="compensa-clock"),
+            asyncio.create_task(self._refresh_participants(), name="compensa-participants"),
+            asyncio.create_task(
+                self.store.listen(self.changes.notify, ignore_from=self.owner), name="compensa-listener"
+            ),
+        ]
+        if self.alerts is not None:
+            self._tasks.append(asyncio.create_task(self.alerts.run(), name="compensa-alerts"))
+        if self.config.alert_stuck_seconds is not None:
+            self._tasks.append(
+                asyncio.create_task(self._alert_stuck(self.config.alert_stuck_seconds), name="compensa-stuck")
+            )
+        if self.config.retention_seconds is not None:
+            self._tasks.append(
+                asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
+            )
+
+    def _people_counts(self) -> tuple[int, int] | None:
+        """FAILED sagas nobody resolved and stuck ones, counted in the
+        database; called from the metrics server's thread at each scrape."""
+        loop = self._loop
+        if loop is None or self._stopping:
+            return None
+        future = asyncio.run_coroutine_threadsafe(
+            self.store.summarize_sagas(definition_name="", stuck_before=self.clock.now() - DEFAULT_STUCK_SECONDS), loop
+        )
+        try:
+            summaries = future.result(timeout=_COUNT_TIMEOUT_SECONDS)
+        except Exception as error:  # the database is away: this scrape goes without
+            future.cancel()
+            log.debug("metrics: cannot count sagas (%s)", error)
+            return None
+        return sum(summary.unresolved for summary in summaries), sum(summary.stuck for summary in summaries)
+
+    async def stop(self) -> None:
+        """Stops driving and gives up every lease so others take over at once."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        drivers = [driving.task for driving in self._driving.values()]
+        for task in drivers:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *drivers, return_exceptions=True)
+        await self.writer.stop()
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.release_all(self.owner, self.clock.now())
+        await self.client.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
+
+    def _committed(self, landed: list[tuple[SagaWrite, WriteResult]]) -> None:
+        if not landed:
+            return
+        for write, _ in landed:
+            saga = write.saga
+            for event in write.events:
+                self.metrics.committed(event.type, saga.definition_name, saga.created_at, event.time)
+                if event.type == records.E.EVENT_TYPE_ALERT_RAISED:
+                    self._alert_raised(saga, event)
+        if not self.changes.wants_committed():
+            self.changes.notify([write.saga.saga_id for write, _ in landed])
+            return
+        events = [
+            StoredEvent(write.saga.saga_id, write.saga.definition_name, position, event)
+            for write, result in landed
+            for event, position in zip(write.events, result.positions)
+        ]
+        events.sort(key=lambda stored: stored.position)
+        self.changes.committed(events)
+
+    def _alert_raised(self, saga: records.SagaRecord, event: records.LogEvent) -> None:
+        """An ALERT_RAISED event committed here (its outbox row with it)."""
+        log.error(
+            "ALERT saga %s: %s", saga.saga_id, event.message,
+            extra={"saga_id": saga.saga_id, "step": event.step_name or None, "trace_id": trace_id_of(saga.trace_parent)},
+        )
+        if self.alerts is not None:
+            self.alerts.wake()
+
+    # -- plans
+
+    async def plan_for(self, name: str, version: int) -> machine.Plan:
+        """The plan of a registered version; versions never change, so it is cached."""
+        plan = await self.find_plan(name, version)
+        if plan is None:
+            raise NotFound(f"definition {name!r} version {version} not found")
+        return plan
+
+    async def find_plan(self, name: str, version: int = 0) -> machine.Plan | None:
+        """The plan of `name` at `version`, 0 meaning the latest; None if unknown.
+
+        Which version is the latest is remembered for `_LATEST_SECONDS`: a
+        version registered through another replica is used by this one after
+        at most that long (at once when registered here).
+        """
+        if version == 0:
+            known = self._latest.get(name)
+            if known is not None and known[1] > time.monotonic():
+                version = known[0]
+        plan = self._plans.get((name, version)) if version else None
+        if plan is None:
+            definition = await self.store.get_definition(name, version)
+            if definition is None:
+                return None
+            plan = self._plans[(name, definition.version)] = machine.Plan.of(definition)
+            self.metrics.know_definition(name)
+            if version == 0:
+                self._latest[name] = (definition.version, time.monotonic() + _LATEST_SECONDS)
+        return plan
+
+    async def register_definition(
+        self, definition: definition_pb2.SagaDefinition, *, source: str
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Validates and stores a definition; identical content keeps its
+        version, and a new version is the latest here at once.
+
+        Every participant it names must have an address (FAILED_PRECONDITION).
+        Validation runs in a worker thread: a large definition must not hold up
+        the event loop (health checks, every other request)."""
+        normalized = await asyncio.to_thread(validate_definition, definition, source=source)
+        normalized.version = 0
+        await self.refresh_participants()
+        unknown = self.unknown_participants(normalized)
+        if unknown:
+            names = ", ".join(repr(name) for name in unknown)
+            raise FailedPrecondition(
+                f"{source}: definition {normalized.name!r} names participant(s) with no address: {names}."
+                f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
+                " or write the participant as HOST:PORT"
+            )
+        stored, created = await self.store.register_definition(
+            normalized, definition_fingerprint(normalized), self.clock.now()
+        )
+        if created:
+            self._latest.pop(stored.name, None)
+        self.metrics.know_definition(stored.name)
+        return stored, created
+
+    # -- writes
+
+    def _write_for(
+        self, plan: machine.Plan, transition: machine.Transition, expected: int, epoch: int | None,
+        in_flight: set[str], now: float,
+    ) -> SagaWrite:
+        """The guarded write of a transition; it releases the saga when it
+        ends or waits with nothing in flight."""
+        saga = transition.saga
+        if saga.is_final:
+            release, due_at = True, None
+        elif in_flight or machine.due_calls(plan, saga, now):
+            release, due_at = False, now
+        else:
+            release, due_at = True, machine.wake_at(plan, saga)
+        return SagaWrite(
+            saga=saga,
+            events=transition.events,
+            expected_sequence=expected,
+            owner=self.owner,
+            epoch=epoch,
+            release=release,
+            due_at=due_at,
+            lease_until=now + self.config.lease_seconds,
+            changed_steps=transition.changed_steps,
+        )
+
+    def _wake_scheduler(self, due_at: float | None) -> None:
+        """Tells the scheduler a saga this replica released is due at `due_at`."""
+        if due_at is not None and due_at < self._next_due:
+            self._next_due = due_at
+            self._scheduler_wake.set()
+
+    # -- starting and external events
+
+    async def create(
+        self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str
+    ) -> tuple[records.SagaRecord, bool, str]:
+        now = self.clock.now()
+        transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
+        if self.tracing is not None:
+            traced = dataclasses.replace(transition.saga, trace_parent=self.tracing.start_saga(transition.saga))
+            transition = dataclasses.replace(transition, saga=traced)
+        write = dataclasses.replace(
+            self._write_for(plan, transition, 0, 1, set(), now), request_fingerprint=request_fingerprint
+        )
+        result = await self.writer.submit(write)
+        if not result.ok:
+            existing = await self.store.load_start(saga_id)
+            if existing is None:
+                raise StoreUnavailable(f"saga {saga_id!r} could not be created; retry")
+            return existing[0], False, existing[1]
+        if write.release:
+            self._wake_scheduler(write.due_at)
+        else:
+            self._drive(transition.saga, 1)
+        return transition.saga, True, request_fingerprint
+
+    async def apply_external(self, saga_id: str, event: machine.Event) -> records.SagaRecord:
+        """Applies an operator action or a step completion, taking the saga
+        over from whichever replica held it (its writes are fenced)."""
+        for _ in range(20):
+            loaded = await self.store.load_with_owner(saga_id)
+            if loaded is None:
+                raise NotFound(f"saga {saga_id!r} not found")
+            saga, holder, lease_until = loaded
+            plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            now = self.clock.now()
+            try:
+                transition = machine.decide(plan, saga, event, now)
+            except machine.IllegalTransition as error:
+                raise FailedPrecondition(str(error)) from error
+            if not transition.changed:
+                return saga
+            # Read with the saga, not fenced by the write: a claim of a released
+            # saga in between (it bumps no sequence) goes unnamed here. The
+            # write itself is fenced as always; only the log's account may lag.
+            if holder is not None and holder != self.owner:
+                lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
+                transition = machine.taken_over(
+                    saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
+                )
+            if await self._take_over(plan, transition, saga.sequence, now):
+                return transition.saga
+        raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    async def _take_over(
+        self, plan: machine.Plan, transition: machine.Transition, expected: int, now: float
+    ) -> bool:
+        """Writes a transition made outside the saga's driver (bumping the
+        epoch fences whichever replica held it) and drives the saga on if it
+        has calls due; whether the write landed."""
+        write = self._write_for(plan, transition, expected, None, set(), now)
+        result = await self.writer.submit(write)
+        if result.ok:
+            if not write.release:
+                self._drive(transition.saga, result.epoch)
+            else:
+                self._wake_scheduler(write.due_at)
+        return result.ok
+
+    async def _alert_stuck(self, stuck_after: float) -> None:
+        """Raises an alert for each saga stuck longer than `stuck_after`, once
+        per stall. Only sagas nobody holds are looked at, so no driver is
+        fenced; replicas racing for one alert it once (the write is guarded)."""
+        while True:
+            await asyncio.sleep(min(_STUCK_CHECK_SECONDS, stuck_after / 4))
+            try:
+                now = self.clock.now()
+                for saga in await self.store.find_stuck(stuck_before=now - stuck_after, now=now, limit=_CLAIM_BATCH):
+                    plan = await self.plan_for(saga.definition_name, saga.definition_version)
+                    now = self.clock.now()
+                    await self._take_over(plan, stuck_alert(saga, now), saga.sequence, now)
+            except StoreUnavailable as error:
+                log.warning("stuck sagas: %s", error)
+
+    # -- driving
+
+    def _claimed(self, claimed: list[Claimed]) -> None:
+        """Drives what the scheduler claimed, and tells watchers and metrics
+        about the takeovers it logged."""
+        events = sorted((stored for item in claimed for stored in item.events), key=lambda stored: stored.position)
+        if events:
+            for stored in events:
+                self.metrics.committed(stored.event.type, stored.definition_name, stored.event.time, stored.event.time)
+            previous = sorted({item.taken_from for item in claimed if item.taken_from is not None})
+            log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
+            self.changes.committed(events)
+        for item in claimed:
+            self._drive(item.saga, item.epoch)
+
+    def _drive(self, saga: records.SagaRecord, epoch: int) -> None:
+        if self._stopping:
+            return
+        previous = self._driving.get(saga.saga_id)
+        if previous is not None:
+            # Our own older driver lost its lease (a stall): it is fenced
+            # anyway, so stop it before it makes more calls.
+            previous.task.cancel()
+        task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
+        self._driving[saga.saga_id] = _Driving(epoch, task)
+
+    async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
+        in_flight: dict[str, asyncio.Task[None]] = {}
+        answers: asyncio.Queue[machine.Event] = asyncio.Queue()
+        logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
+        try:
+            plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            while True:
+                now = self.clock.now()
+                deadline = machine.deadline_at(plan, saga)
+                event: machine.Event | None = None
+                if deadline is not None and deadline <= now:
+                    event = machine.TimerFired()
+                else:
+                    for call in machine.due_calls(plan, saga, now):
+                        if call.step not in in_flight:
+                            in_flight[call.step] = asyncio.create_task(self._call(plan, saga, call, answers))
+                    if not in_flight:
+                        return  # final or released: the last write said so
+                    later = [
+                        at for at in (deadline, *(step.next_attempt_at for step in saga.steps))
+                        if at is not None and at > now
+                    ]
+                    try:
+                        # asyncio.timeout, not wait_for: no task per wait.
+                        async with asyncio.timeout(min(later) - now if later else None):
+                            event = await answers.get()
+                    except TimeoutError:
+                        continue
+                    in_flight.pop(getattr(event, "step"), None)
+                transition = machine.decide(plan, saga, event, self.clock.now())
+                if not transition.changed:
+                    if isinstance(event, machine.TimerFired):
+                        raise AssertionError(f"deadline {deadline} passed but changed nothing")
+                    continue
+                write = await self._commit(plan, saga, transition, epoch, set(in_flight))
+                if write is None:
+                    log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
+                    return
+                saga = write.saga
+                if write.release:
+                    # Given up in the database: from now on the scheduler
+                    # hands it out, and driving on would race that.
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("saga %s: driver crashed; it will be picked up again when its lease expires", saga.saga_id)
+        finally:
+            for task in in_flight.values():
+                task.cancel()
+            current = self._driving.get(saga.saga_id)
+            if current is not None and current.epoch == epoch:
+                del self._driving[saga.saga_id]
+
+    async def _commit(
+        self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, epoch: int,
+        in_flight: set[str],
+    ) -> SagaWrite | None:
+        """Persists a transition, retrying while the database is away; the
+        write that landed, or None when the saga is no longer ours."""
+        waits = _COMMIT_BACKOFF.waits()
+        while True:
+            now = self.clock.now()
+            write = self._write_for(plan, transition, saga.sequence, epoch, in_flight, now)
+            try:
+                result = await self.writer.submit(write)
+            except StoreUnavailable as error:
+                # Not per saga at WARNING: the database's health logs the outage once.
+                delay = waits.next()
+                log.debug("saga %s: store unavailable (%s); retrying in %.2fs", saga.saga_id, error, delay)
+                await asyncio.sleep(delay)
+                continue
+            if result.ok:
+                if write.release:
+                    self._wake_scheduler(write.due_at)
+                return write
+            # The guard failed. If an earlier try of this very write landed
+            # (its commit's answer was lost), the saga is still ours.
+            try:
+                current = await self.store.load_owned(saga.saga_id, self.owner, epoch)
+            except StoreUnavailable:
+                await waits.sleep()
+                continue
+            if current is not None and current.sequence == transition.saga.sequence:
+                return write
+            return None
+
+    async def _call(
+        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
+    ) -> None:
+        step = plan.steps[call.step]
+        logs.bind(step=call.step, attempt=call.attempt)
+        context = participant_pb2.StepContext(
+            saga_id=saga.saga_id,
+            step_name=call.step,
+            idempotency_key=f"{saga.saga_id}/{call.step}",
+            attempt=call.attempt,
+            definition_name=saga.definition_name,
+            definition_version=saga.definition_version,
+            deadline=timestamp(self.clock.now() + call.timeout),
+        )
+        saga_input = any_pb2.Any.FromString(saga.input)
+        outputs = {
+            name: any_pb2.Any.FromString(record.output)
+            for name in plan.ancestors[call.step]
+            if (record := saga.step(name)).output is not None
+        }
+        request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest
+        if isinstance(call, machine.CallExecute):
+            token = completion_token(self.token_key, saga.saga_id, call.step) if step.long_running else ""
+            request = participant_pb2.ExecuteRequest(
+                context=context, saga_input=saga_input, step_outputs=outputs, completion_token=token
+            )
+        else:
+            own = saga.step(call.step).output
+            request = participant_pb2.CompensateRequest(
+                context=context, saga_input=saga_input, step_outputs=outputs, reason=saga.failure_reason,
+            )
+            if own is not None:
+                request.execute_output.CopyFrom(any_pb2.Any.FromString(own))
+        if self.tracing is None or saga.trace_parent is None:
+            answer = await self._send(step.participant, request, call.timeout, None)
+        else:
+            with self.tracing.call(saga, call, step.participant) as span:
+                answer = await self._send(step.participant, request, call.timeout, span.metadata)
+                span.answered(answer)
+        await answers.put(answer)
+
+    async def _send(
+        self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
+        timeout: float, metadata: tuple[tuple[str, str], ...] | None,
+    ) -> machine.Event:
+        if isinstance(request, participant_pb2.ExecuteRequest):
+            return await self.client.execute(participant, request, timeout, metadata)
+        return await self.client.compensate(participant, request, timeout, metadata)
+
+    # -- ownership
+
+    async def _schedule(self) -> None:
+        while True:
+            try:
+                now = self.clock.now()
+                claimed = await self.store.claim_due(
+                    self.owner, now, now + self.config.lease_seconds, _CLAIM_BATCH
+                )
+            except StoreUnavailable as error:
+                # Logged once per outage by the database's health.
+                log.debug("scheduler: %s", error)
+                claimed = []
+            self._claimed(claimed)
+            if len(claimed) == _CLAIM_BATCH:
+                continue
+            if self._next_due <= now:
+                self._next_due = float("inf")
+            self._scheduler_wake.clear()
+            wait = min(_POLL_SECONDS, max(0.0, self._next_due - self.clock.now()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._scheduler_wake.wait(), wait)
+            # Woken for a later due time: sleep on until then.
+            while (delay := self._next_due - self.clock.now()) > 0.001 and delay < _POLL_SECONDS:
+                self._scheduler_wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._scheduler_wake.wait(), delay)
+
+    async def _sync_clock(self) -> None:
+        while True:
+            await asyncio.sleep(_CLOCK_SYNC_SECONDS)
+            try:
+                await self.sync_clock()
+            except StoreUnavailable as error:
+                log.warning("clock sync: %s", error)
+
+    async def _refresh_participants(self) -> None:
+        while True:
+            await asyncio.sleep(_PARTICIPANTS_SECONDS)
+            try:
+                await self.refresh_participants()
+            except StoreUnavailable as error:
+                log.debug("participant addresses not refreshed: %s", error)
+
+    async def _purge_expired(self, retention: float) -> None:
+        """Deletes sagas done for good longer than `retention` ago. Replicas
+        may all do it: each deletes rows the others have not locked."""
+        while True:
+            await asyncio.sleep(min(_PURGE_SECONDS, retention / 2))
+            try:
+                purged = await purge_finished(self.store, self.clock.now() - retention)
+                if purged:
+                    log.info("retention: deleted %d finished sagas with their events", purged)
+            except StoreUnavailable as error:
+                log.warning("retention: %s", error)
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_seconds / 3)
+            # Only sagas a live driver holds: a saga whose driver died lets
+            # its lease lapse and is claimed again.
+            driven = list(self._driving)
+            if not driven:
+                continue
+            try:
+                await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
+            except StoreUnavailable as error:
+                log.debug("lease renewal: %s", error)

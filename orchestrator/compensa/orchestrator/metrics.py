@@ -1,0 +1,167 @@
+"""Prometheus metrics of one orchestrator replica: what to graph, and what
+to page a person on.
+
+`compensa serve --metrics-listen HOST:PORT` serves them at /metrics (over TLS
+with the server's own certificate when it has one). Page on an increase of
+`compensa_alerts_total`: each is a saga that needs a person, or soon may (a
+compensation that keeps failing past its policy's alert_after, one that gave
+up, a step after the pivot that could not finish); it is exported at 0 for
+every definition this replica knows, so the increase is seen from the first
+alert. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
+`compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
+the database at each scrape, for the whole deployment; `compensa status` and
+`compensa list --state failed` show which sagas they are.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from compensa.v1 import saga_pb2
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from compensa.orchestrator.records import ENDING_EVENTS, state_name
+from compensa.common.startup import AddressInUse, ensure_address_free
+from compensa.common.tls import TlsFiles
+
+# The saga_duration_seconds outcome label of each event that ends a saga.
+_FINAL_EVENTS: dict[int, str] = {event: state_name(state).lower() for state, event in ENDING_EVENTS.items()}
+# Seconds: a saga may take milliseconds or days.
+_SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
+_CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_FLUSH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The replica's metrics, in a registry of its own (several engines may
+    share a process, as in tests)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._events = Counter(
+            "compensa_saga_events", "Events committed to the saga log by this replica, by type.", ["type"],
+            registry=self.registry,
+        )
+        self._alerts = Counter(
+            "compensa_alerts", "Sagas that need a person, or soon may (ALERT_RAISED events), by definition.",
+            ["definition"], registry=self.registry,
+        )
+        self._deliveries = Counter(
+            "compensa_alert_deliveries", "Alert webhook deliveries by this replica, by outcome (delivered, failed).",
+            ["outcome"], registry=self.registry,
+        )
+        self._sagas = Histogram(
+            "compensa_saga_duration_seconds", "Creation to end of the sagas that ended here, by definition and end.",
+            ["definition", "end"], buckets=_SAGA_BUCKETS, registry=self.registry,
+        )
+        self._calls = Histogram(
+            "compensa_participant_call_seconds",
+            "Execute and Compensate calls, by participant, method and outcome (ok, failed: a business"
+            " failure, or the gRPC status code of an error).",
+            ["participant", "method", "outcome"], buckets=_CALL_BUCKETS, registry=self.registry,
+        )
+        self._flush_seconds = Histogram(
+            "compensa_group_commit_seconds", "Duration of each group commit (one transaction).",
+            buckets=_FLUSH_BUCKETS, registry=self.registry,
+        )
+        self._flush_size = Histogram(
+            "compensa_group_commit_transitions", "Transitions written by each group commit.",
+            buckets=_BATCH_BUCKETS, registry=self.registry,
+        )
+        self._driven = Gauge(
+            "compensa_sagas_driven", "Sagas this replica drives now (calls in flight or due).", registry=self.registry,
+        )
+        self._event_children: dict[int, Counter] = {}
+        self._server: WSGIServer | None = None
+
+    def drive_count(self, count: Callable[[], int]) -> None:
+        self._driven.set_function(count)
+
+    def know_definition(self, name: str) -> None:
+        """Exports the alert count of definition `name` (at 0 until its first alert)."""
+        self._alerts.labels(name)
+
+    def count_for_people(self, count: Callable[[], tuple[int, int] | None]) -> None:
+        """Exports, at each scrape, `count()`: the FAILED sagas nobody resolved
+        and the stuck ones (None when they cannot be counted now)."""
+        self.registry.register(_PeopleCounts(count))
+
+    def committed(
+        self, event_type: int, definition: str, created_at: float, time_of_event: float
+    ) -> None:
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self._events.labels(
+                saga_pb2.EventType.Name(saga_pb2.EventType.ValueType(event_type))
+            )
+        child.inc()
+        end = _FINAL_EVENTS.get(event_type)
+        if end is not None:
+            self._sagas.labels(definition, end).observe(max(0.0, time_of_event - created_at))
+        elif event_type == saga_pb2.EVENT_TYPE_ALERT_RAISED:
+            self._alerts.labels(definition).inc()
+
+    def alert_delivery(self, outcome: str) -> None:
+        self._deliveries.labels(outcome).inc()
+
+    def called(self, participant: str, method: str, outcome: str, seconds: float) -> None:
+        self._calls.labels(participant, method, outcome).observe(seconds)
+
+    def flushed(self, transitions: int, seconds: float) -> None:
+        self._flush_size.observe(transitions)
+        self._flush_seconds.observe(seconds)
+
+    def serve(self, listen: str, tls: TlsFiles | None) -> int:
+        """Serves /metrics on `listen` (HOST:PORT, port 0 picks one) in a
+        daemon thread until `close`; the port it listens on. AddressInUse
+        when another process listens there."""
+        ensure_address_free(listen)
+        host, _, port = listen.rpartition(":")
+        options = {}
+        if tls is not None:
+            options = {
+                "certfile": str(tls.cert), "keyfile": str(tls.key),
+                "client_cafile": str(tls.ca) if tls.ca else None, "client_auth_required": tls.ca is not None,
+            }
+        try:
+            self._server, _ = start_http_server(
+                int(port), host.strip("[]") or "0.0.0.0", self.registry, **options  # type: ignore[arg-type]
+            )
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise AddressInUse(f"address in use: {listen} (metrics; another process listens there)") from None
+            raise
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class _PeopleCounts(Collector):
+    """Gauges read at scrape time, so that they are never stale."""
+
+    _AWAITING = ("compensa_sagas_awaiting_person", "FAILED sagas that wait for a person (retry or resolve), in the database.")
+    _STUCK = ("compensa_sagas_stuck", "Unfinished sagas unchanged for 10 minutes or more, in the database.")
+
+    def __init__(self, count: Callable[[], tuple[int, int] | None]) -> None:
+        self._count = count
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(*self._AWAITING)
+        yield GaugeMetricFamily(*self._STUCK)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = self._count()
+        if counts is None:
+            return  # absent rather than a made-up 0 while the database does not answer
+        awaiting, stuck = counts
+        yield GaugeMetricFamily(*self._AWAITING, value=awaiting)
+        yield GaugeMetricFamily(*self._STUCK, value=stuck)

@@ -1,0 +1,128 @@
+"""Calls to participants: one channel per target, a deadline on every call,
+and the outcome contract of participant.proto turned into machine events."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import grpc
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+
+from compensa.orchestrator import machine
+from compensa.orchestrator.limits import stored_text
+from compensa.orchestrator.metrics import Metrics
+from compensa.common.tls import TlsFiles
+
+_BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+_EXECUTE_RESULTS = frozenset(
+    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+)
+
+
+class ParticipantClient:
+    """Keeps one grpc.aio channel per participant address."""
+
+    def __init__(
+        self, addresses: dict[str, str], *, max_message_bytes: int, metrics: Metrics, tls: TlsFiles | None = None,
+        max_output_bytes: int | None = None,
+    ) -> None:
+        self._addresses = dict(addresses)
+        # A larger output is not stored: it would make the saga too large to read back.
+        self._max_output_bytes = max_output_bytes if max_output_bytes is not None else max_message_bytes
+        self._metrics = metrics
+        self._credentials = tls.channel_credentials if tls is not None else None
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def address_of(self, participant: str) -> str:
+        """A participant name's stored address, else the name as HOST:PORT."""
+        return self._addresses.get(participant, participant)
+
+    def knows(self, participant: str) -> bool:
+        """Whether calls to `participant` have somewhere to go: a stored
+        address, or a name that is itself HOST:PORT."""
+        return participant in self._addresses or ":" in participant
+
+    def use_addresses(self, addresses: Mapping[str, str]) -> None:
+        """Calls from now on go to these addresses (the stored participants).
+        Channels are kept per address, so a changed address gets a new one."""
+        self._addresses = dict(addresses)
+
+    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
+        address = self.address_of(participant)
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = (
+                grpc.aio.secure_channel(address, self._credentials, options=self._options)
+                if self._credentials is not None
+                else grpc.aio.insecure_channel(address, options=self._options)
+            )
+            self._channels.append(channel)
+            stub = self._stubs[address] = participant_pb2_grpc.ParticipantServiceStub(channel)
+        return stub
+
+    async def execute(
+        self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> machine.Event:
+        step = request.context.step_name
+        began = time.perf_counter()
+        try:
+            response: participant_pb2.ExecuteResponse = await self._stub(participant).Execute(
+                request, timeout=timeout, metadata=metadata
+            )
+        except grpc.aio.AioRpcError as error:
+            code = error.code()
+            self._metrics.called(participant, "Execute", "failed" if code == _BUSINESS_FAILURE else code.name,
+                                 time.perf_counter() - began)
+            if code == _BUSINESS_FAILURE:
+                return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
+            return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+        if response.result not in _EXECUTE_RESULTS:
+            # A participant that forgot to set `result`: not a success to
+            # take on trust, but a participant error, retried like a transient one.
+            name = participant_pb2.ExecuteResult.Name(response.result) if response.result in (
+                participant_pb2.ExecuteResult.values()) else str(response.result)
+            self._metrics.called(participant, "Execute", "NO_RESULT", time.perf_counter() - began)
+            return machine.ExecuteErrored(
+                step, f"participant answered without a result ({name}); set ExecuteResponse.result"
+            )
+        failed = response.result == participant_pb2.EXECUTE_RESULT_FAILED
+        self._metrics.called(participant, "Execute", "failed" if failed else "ok", time.perf_counter() - began)
+        if failed:
+            return machine.ExecuteFailed(step, stored_text(response.failure_reason or "failed by participant"))
+        if response.result == participant_pb2.EXECUTE_RESULT_PENDING:
+            return machine.ExecutePending(step)
+        size = response.output.ByteSize()
+        if size > self._max_output_bytes:
+            # The effect may have happened: an error (retried, then compensated), not a business failure.
+            return machine.ExecuteErrored(
+                step, f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}"
+            )
+        output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
+        return machine.ExecuteSucceeded(step, output)
+
+    async def compensate(
+        self, participant: str, request: participant_pb2.CompensateRequest, timeout: float,
+        metadata: tuple[tuple[str, str], ...] | None = None,
+    ) -> machine.Event:
+        step = request.context.step_name
+        began = time.perf_counter()
+        try:
+            await self._stub(participant).Compensate(request, timeout=timeout, metadata=metadata)
+        except grpc.aio.AioRpcError as error:
+            self._metrics.called(participant, "Compensate", error.code().name, time.perf_counter() - began)
+            return machine.CompensateErrored(step, stored_text(f"{error.code().name}: {error.details()}"))
+        self._metrics.called(participant, "Compensate", "ok", time.perf_counter() - began)
+        return machine.CompensateSucceeded(step)
+
+    async def close(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        self._channels.clear()
+        self._stubs.clear()

@@ -1,0 +1,674 @@
+"""The OrchestratorService: request validation and the gRPC surface.
+
+Handlers validate everything before they write anything, so a bad request
+changes nothing. Errors are CompensaErrors, mapped to status codes in one
+place (`_answer_errors`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import logging
+import re
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from google.protobuf import duration_pb2, message, message_factory
+
+from compensa.orchestrator import machine, payloads, records
+from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
+from compensa.orchestrator.definitions import (
+    MAX_DEFINITION_BYTES,
+    MAX_REFERENCE_CHARS,
+    NAME_PATTERN,
+)
+from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.errors import (
+    AlreadyExists,
+    CompensaError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    grpc_error_details,
+    grpc_status_of,
+    quote,
+)
+from compensa.orchestrator.limits import (
+    MAX_ACTOR_CHARS,
+    MAX_STORED_ACTOR_CHARS,
+    MAX_STUCK_FOR_SECONDS,
+    SAGA_ID_PATTERN,
+    check_duration,
+    check_filter,
+    check_saga_id,
+    check_text,
+    is_possible,
+    stored_text,
+)
+from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
+from compensa.orchestrator.operations import operator_event
+from compensa.orchestrator.streams import READ_BATCH, LogTail
+from compensa.orchestrator.store import ParticipantAddress
+from compensa.orchestrator.timestamps import timestamp
+from compensa.orchestrator.tokens import parse_completion_token
+from compensa.orchestrator.views import EventViews, saga_message
+
+log = logging.getLogger("compensa.service")
+
+SERVICE_DESCRIPTOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+#: A List page stops before this many bytes of items (AIP-158 lets a page be
+#: shorter than page_size); it always holds at least one item.
+MAX_PAGE_BYTES = 2 * 1024 * 1024
+# Rows read from the store at a time while a page is filled.
+_PAGE_READ_CHUNK = 100
+#: The most events one WatchSagas message may carry (max_events_per_message).
+MAX_EVENTS_PER_MESSAGE = 1000
+#: The longest a WatchSagas message may wait for more events (batch_window).
+MAX_BATCH_WINDOW_SECONDS = 1.0
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class UndecodableRequest:
+    """What a request decodes to when its bytes are not the method's request
+    message: the handler answers INVALID_ARGUMENT instead of running."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+    def error(self) -> InvalidArgument:
+        return InvalidArgument(
+            f"the request is not a valid compensa.v1.{SERVICE_DESCRIPTOR.methods_by_name[self.method].input_type.name}"
+            " message: send the serialized request message"
+        )
+
+
+# Causes of undecodable requests already logged: each is logged once.
+_logged_decode_failures: set[tuple[str, str]] = set()
+_MAX_LOGGED_DECODE_FAILURES = 100
+
+
+def _lenient_deserializer(request_class: type[message.Message], method: str) -> Callable[[bytes], object]:
+    def deserialize(data: bytes) -> object:
+        try:
+            return request_class.FromString(data)
+        except Exception as error:  # whatever the bytes are, the caller gets INVALID_ARGUMENT
+            cause = (method, f"{type(error).__name__}: {str(error)[:200]}")
+            if cause not in _logged_decode_failures and len(_logged_decode_failures) < _MAX_LOGGED_DECODE_FAILURES:
+                _logged_decode_failures.add(cause)
+                log.warning("%s: a request that does not decode (%s); answered INVALID_ARGUMENT", *cause)
+            return UndecodableRequest(method)
+
+    return deserialize
+
+
+def service_handler(service: OrchestratorService) -> grpc.GenericRpcHandler:
+    """The gRPC handler of OrchestratorService on `service`. Unlike the
+    generated one, a request whose bytes do not decode reaches the handler
+    (as an UndecodableRequest) and is answered INVALID_ARGUMENT, without a
+    traceback in the log."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in SERVICE_DESCRIPTOR.methods:
+        make_handler = (
+            grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make_handler(
+            getattr(service, method.name),
+            request_deserializer=_lenient_deserializer(message_factory.GetMessageClass(method.input_type), method.name),
+            response_serializer=message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+    return grpc.method_handlers_generic_handler(SERVICE_DESCRIPTOR.full_name, handlers)
+
+
+def _answer_errors(
+    handler: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error()
+            self._admit(handler.__name__, context)
+            return await handler(self, request, context)
+        except CompensaError as error:
+            code, message = grpc_status_of(error)
+            await context.abort(code, message, grpc_error_details(error))
+        except Exception as error:
+            log.exception("%s failed", handler.__name__)
+            code, message = grpc_status_of(error)
+            await context.abort(code, message, grpc_error_details(error))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _answer_stream_errors(
+    handler: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+        try:
+            if isinstance(request, UndecodableRequest):
+                raise request.error()
+            identity = self._admit(handler.__name__, context)
+            with self._streams.slot(_stream_client(identity, context)):
+                async for item in handler(self, request, context):
+                    yield item
+        except CompensaError as error:
+            code, message = grpc_status_of(error)
+            await context.abort(code, message, grpc_error_details(error))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            log.exception("%s failed", handler.__name__)
+            code, message = grpc_status_of(error)
+            await context.abort(code, message, grpc_error_details(error))
+
+    return wrapper
+
+
+def _stuck_seconds(stuck_for: duration_pb2.Duration) -> float:
+    return check_duration(
+        stuck_for, "stuck_for", minimum=0.0, maximum=MAX_STUCK_FOR_SECONDS, exclusive_minimum=True
+    )
+
+
+def _stuck_query(request: orchestrator_pb2.ListSagasRequest) -> list[int] | None:
+    return [request.stuck_for.seconds, request.stuck_for.nanos] if request.HasField("stuck_for") else None
+
+
+async def _fill_page(
+    items: AsyncGenerator[tuple[message.Message, list[Any]], None], page_size: int
+) -> tuple[list[message.Message], list[Any] | None]:
+    """Up to `page_size` items, stopping before MAX_PAGE_BYTES (never before
+    the first); and the position of the last one when more follow."""
+    page: list[message.Message] = []
+    size = 0
+    last: list[Any] | None = None
+    async with contextlib.aclosing(items):
+        async for item, position in items:
+            item_size = item.ByteSize()
+            if len(page) == page_size or (page and size + item_size > MAX_PAGE_BYTES):
+                return page, last
+            page.append(item)
+            size += item_size
+            last = position
+    return page, None
+
+
+def _page_size(requested: int) -> int:
+    if requested < 0:
+        raise InvalidArgument(f"page_size must be 0 (default {DEFAULT_PAGE_SIZE}) or positive, got {requested}")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _start_fingerprint(request: orchestrator_pb2.StartSagaRequest) -> str:
+    digest = hashlib.sha256()
+    for part in (
+        request.definition_name.encode(),
+        str(request.definition_version).encode(),
+        request.input.type_url.encode(),
+        request.input.value,
+    ):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """The client certificate's common name and alternative names, when the
+    call came over mutual TLS (the certificate was verified by then)."""
+    auth = context.auth_context()
+    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
+    return list(dict.fromkeys(name.decode() for name in names))
+
+
+def _stream_client(identity: Identity | None, context: grpc.aio.ServicerContext) -> str:
+    """Whose stream this is, for the per-client limit: the verified identity,
+    else the peer's address (an open API knows no better)."""
+    if identity is not None and identity.how != "open":
+        return f"{identity.how} {identity.name}"
+    peer = context.peer()
+    host = peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
+    return f"client {host}"
+
+
+class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """compensa.v1.OrchestratorService over a SagaEngine.
+
+    Every handler first admits the call (`_admit`): who calls, and whether
+    their role allows the RPC; handlers over one saga also check the caller's
+    definition scope.
+    """
+
+    def __init__(self, engine: SagaEngine, access: AccessPolicy | None = None) -> None:
+        self._engine = engine
+        self._store = engine.store
+        self._max_payload = engine.config.max_payload_bytes
+        self._tail = LogTail(
+            engine.store,
+            engine.changes,
+            buffer_size=engine.config.watch_buffer_events,
+            reread_seconds=engine.config.watch_reread_seconds,
+        )
+        self._access = access if access is not None else AccessPolicy()
+        self._streams = StreamLimit(engine.config.max_streams_per_client)
+        # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
+        self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
+
+    @property
+    def log_tail(self) -> LogTail:
+        """The process's one reader of the event log (the dashboard's live
+        list subscribes to it too)."""
+        return self._tail
+
+    @property
+    def stream_limit(self) -> StreamLimit:
+        """Open streams per client, shared with the dashboard's live lists."""
+        return self._streams
+
+    async def stop(self) -> None:
+        """Stops the log reader behind the watch streams."""
+        await self._tail.stop()
+
+    async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
+        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
+        return saga_message(saga, plan)
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+        """Who calls: a bearer token in the metadata or the client certificate."""
+        authorization = next(
+            (value for key, value in context.invocation_metadata() or () if key == "authorization"), None
+        )
+        return self._access.identify(_certificate_names(context), authorization)
+
+    def _admit(self, action: str, context: grpc.aio.ServicerContext) -> Identity | None:
+        """Checks the caller's role for `action`; who it is (None on an open
+        API for calls below operator: nothing to check, and the hot path
+        stays free of it)."""
+        if self._access.open and REQUIRED_ROLE[action] < Role.OPERATOR:
+            return None
+        identity = self._caller(context)
+        self._access.authorize(identity, action)
+        return identity
+
+    def _in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """PermissionDenied unless the caller may act on sagas of this definition."""
+        if not self._access.open:
+            self._access.authorize(self._caller(context), action, definition_name)
+
+    def _all_in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+        """For calls over many sagas: a caller limited to some definitions must filter on one."""
+        if not self._access.open:
+            self._access.require_scope(self._caller(context), action, definition_name)
+
+    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> records.SagaRecord:
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
+        if saga is None:
+            raise NotFound(f"saga {quote(saga_id)} not found")
+        self._in_scope(context, action, saga.definition_name)
+        return saga
+
+    async def _operate(
+        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str
+    ) -> saga_pb2.Saga:
+        """An operator action, recorded with who did it. Its fields are
+        checked before anything is read."""
+        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
+        identity = self._caller(context)
+        event = operator_event(action, identity.actor(claimed), text)
+        if not is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
+            raise NotFound(f"saga {quote(saga_id)} not found")
+        if identity.definitions:
+            await self._existing(saga_id, context, action)
+        return await self._saga_view(await self._engine.apply_external(saga_id, event))
+
+    def _page_key(self) -> bytes:
+        return self._engine.token_key
+
+    # -- sagas
+
+    @_answer_errors
+    async def StartSaga(
+        self, request: orchestrator_pb2.StartSagaRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.StartSagaResponse:
+        check_saga_id(request.saga_id)
+        self._in_scope(context, "StartSaga", request.definition_name)
+        if request.definition_version < 0:
+            raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
+        possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
+        plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
+        if plan is None:
+            version = f" version {request.definition_version}" if request.definition_version else ""
+            raise NotFound(f"definition {quote(request.definition_name)}{version} not found; register it first")
+        definition = plan.definition
+        if not request.HasField("input") or not request.input.type_url:
+            raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
+        size = request.input.ByteSize()
+        if size > self._max_payload:
+            raise InvalidArgument(f"input is {size} bytes; the limit is {self._max_payload} bytes")
+        given = payloads.type_name_of(request.input)
+        if given != definition.input_type:
+            raise InvalidArgument(
+                f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
+            )
+        payloads.unpack(request.input, payloads.pool_of(definition), field="input")
+        fingerprint = _start_fingerprint(request)
+        saga, created, existing_fingerprint = await self._engine.create(
+            plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint
+        )
+        if not created and existing_fingerprint != fingerprint:
+            raise AlreadyExists(
+                f"saga {quote(request.saga_id)} already exists with a different definition or input; "
+                "choose another saga_id"
+            )
+        return orchestrator_pb2.StartSagaResponse(saga=await self._saga_view(saga), created=created)
+
+    @_answer_errors
+    async def GetSaga(
+        self, request: orchestrator_pb2.GetSagaRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetSagaResponse:
+        saga = await self._existing(request.saga_id, context, "GetSaga")
+        return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
+
+    @_answer_errors
+    async def ListSagas(
+        self, request: orchestrator_pb2.ListSagasRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListSagasResponse:
+        page_size = _page_size(request.page_size)
+        if request.state and request.state not in saga_pb2.SagaState.values():
+            raise InvalidArgument(f"state {request.state} is not a SagaState")
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
+        self._all_in_scope(context, "ListSagas", definition_name)
+        updated_before = None
+        if request.HasField("stuck_for"):
+            updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
+        query = ["ListSagas", request.state, definition_name, _stuck_query(request)]
+        after: tuple[float, str] | None = None
+        if request.page_token:
+            position = read_page_token(self._page_key(), query, request.page_token)
+            after = (float(position[0]), str(position[1]))
+
+        async def sagas() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
+            cursor = after
+            while True:
+                chunk = await self._store.list_sagas(
+                    state=request.state, definition_name=definition_name, updated_before=updated_before,
+                    page_size=min(page_size + 1, _PAGE_READ_CHUNK), after=cursor,
+                )
+                for saga in chunk:
+                    yield await self._saga_view(saga), [saga.created_at, saga.saga_id]
+                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
+                    return
+                cursor = (chunk[-1].created_at, chunk[-1].saga_id)
+
+        page, last = await _fill_page(sagas(), page_size)
+        return orchestrator_pb2.ListSagasResponse(
+            sagas=page,  # type: ignore[arg-type]
+            next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
+        )
+
+    @_answer_errors
+    async def SummarizeSagas(
+        self, request: orchestrator_pb2.SummarizeSagasRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SummarizeSagasResponse:
+        stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
+        self._all_in_scope(context, "SummarizeSagas", definition_name)
+        now = self._engine.clock.now()
+        summaries = await self._store.summarize_sagas(definition_name=definition_name, stuck_before=now - stuck)
+        response = orchestrator_pb2.SummarizeSagasResponse(
+            states=[
+                orchestrator_pb2.SagaStateSummary(
+                    definition_name=summary.definition_name,
+                    state=saga_pb2.SagaState.ValueType(summary.state),
+                    count=summary.count,
+                    stuck=summary.stuck,
+                    unresolved=summary.unresolved,
+                    oldest_update_time=timestamp(summary.oldest_updated_at),
+                )
+                for summary in summaries
+            ],
+            read_time=timestamp(now),
+        )
+        if request.HasField("stuck_for"):
+            response.stuck_for.CopyFrom(request.stuck_for)
+        else:
+            response.stuck_for.FromNanoseconds(round(stuck * 1e9))
+        return response
+
+    @_answer_errors
+    async def CancelSaga(
+        self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CancelSagaResponse:
+        saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason)
+        return orchestrator_pb2.CancelSagaResponse(saga=saga)
+
+    @_answer_errors
+    async def RetrySaga(
+        self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.RetrySagaResponse:
+        saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason)
+        return orchestrator_pb2.RetrySagaResponse(saga=saga)
+
+    @_answer_errors
+    async def ResolveSaga(
+        self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ResolveSagaResponse:
+        saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note)
+        return orchestrator_pb2.ResolveSagaResponse(saga=saga)
+
+    @_answer_errors
+    async def CompleteStep(
+        self, request: orchestrator_pb2.CompleteStepRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.CompleteStepResponse:
+        try:
+            saga_id, step_name = parse_completion_token(self._engine.token_key, request.completion_token)
+        except (ValueError, TypeError):
+            raise InvalidArgument(
+                "completion_token is malformed or was not issued by this deployment: "
+                "pass the completion_token of the ExecuteRequest unchanged"
+            ) from None
+        event: machine.Event
+        if request.result == orchestrator_pb2.COMPLETION_RESULT_SUCCEEDED:
+            if request.output.ByteSize() > self._max_payload:
+                raise InvalidArgument(f"output is larger than {self._max_payload} bytes")
+            output = request.output.SerializeToString(deterministic=True) if request.HasField("output") else None
+            event, wanted = machine.ExecuteSucceeded(step_name, output), records.STEP_SUCCEEDED
+        elif request.result == orchestrator_pb2.COMPLETION_RESULT_FAILED:
+            check_text(request.failure_reason, "failure_reason")
+            event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), records.STEP_FAILED
+        else:
+            raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
+        saga = await self._existing(saga_id, context, "CompleteStep")
+        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
+        if step_name not in plan.steps or not plan.steps[step_name].long_running:
+            raise InvalidArgument(f"step {quote(step_name)} of saga {quote(saga_id)} is not a long-running step")
+        state = saga.step(step_name).state
+        if state == wanted:
+            return orchestrator_pb2.CompleteStepResponse(saga=saga_message(saga, plan))
+        if state not in (records.STEP_RUNNING, records.STEP_WAITING):
+            raise FailedPrecondition(
+                f"step {step_name!r} is {saga_pb2.StepState.Name(state)}; it no longer waits for an outcome"  # type: ignore[arg-type]
+            )
+        saga = await self._engine.apply_external(saga_id, event)
+        return orchestrator_pb2.CompleteStepResponse(saga=saga_message(saga, plan))
+
+    # -- watching
+
+    @_answer_stream_errors
+    async def WatchSaga(
+        self, request: orchestrator_pb2.WatchSagaRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.WatchSagaResponse]:
+        if request.after_sequence < 0:
+            raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
+        saga_id = request.saga_id
+        saga = await self._existing(saga_id, context, "WatchSaga")
+        after = request.after_sequence
+        if after and after == saga.sequence and saga.is_final and not request.follow_after_end:
+            # A client reconnecting after the final event: nothing will follow.
+            return
+        if after == 0 and not request.replay_history:
+            yield orchestrator_pb2.WatchSagaResponse(snapshot=await self._saga_view(saga))
+            if saga.is_final and not request.follow_after_end:
+                return
+            after = saga.sequence
+        async for batch in self._tail.follow(
+            after,
+            saga_id=saga_id,
+            key=lambda stored: stored.event.sequence,
+            read=lambda after: self._store.read_saga_events(saga_id, after, READ_BATCH),
+        ):
+            for stored in batch:
+                yield orchestrator_pb2.WatchSagaResponse(event=self._event_views.of(stored))
+                if stored.event.saga_state in records.FINAL_SAGA_STATES and not request.follow_after_end:
+                    if await self._finished(saga_id, stored.event.sequence):
+                        return
+
+    async def _finished(self, saga_id: str, sequence: int) -> bool:
+        """True if the saga is final at this sequence (an operator retry can
+        reopen a FAILED saga, so the stream ends only at the real end)."""
+        saga = await self._store.load_saga(saga_id)
+        return saga is not None and saga.is_final and saga.sequence == sequence
+
+    @_answer_stream_errors
+    async def WatchSagas(
+        self, request: orchestrator_pb2.WatchSagasRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
+        if request.after_position < 0:
+            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        if not 0 <= request.max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
+            raise InvalidArgument(
+                f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
+                f"got {request.max_events_per_message}"
+            )
+        batched = request.max_events_per_message > 1
+        window = (
+            check_duration(request.batch_window, "batch_window", minimum=0.0, maximum=MAX_BATCH_WINDOW_SECONDS)
+            if request.HasField("batch_window") else 0.0
+        )
+        if window and not batched:
+            raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
+        if request.saga_state and request.saga_state not in saga_pb2.SagaState.values():
+            raise InvalidArgument(f"saga_state {request.saga_state} is not a SagaState")
+        definition_name, saga_state = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition"), request.saga_state
+        self._all_in_scope(context, "WatchSagas", definition_name)
+        async for batch in self._tail.follow(
+            request.after_position,
+            saga_id=None,
+            wanted=(definition_name, saga_state),
+            key=lambda stored: stored.position,
+            read=lambda after: self._store.read_log(
+                after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
+            ),
+            max_batch=request.max_events_per_message if batched else 1,
+            window=window,
+        ):
+            if batched:
+                yield orchestrator_pb2.WatchSagasResponse(events=[self._event_views.of(stored) for stored in batch])
+            else:
+                yield orchestrator_pb2.WatchSagasResponse(event=self._event_views.of(batch[0]))
+
+    # -- definitions
+
+    @_answer_errors
+    async def RegisterDefinition(
+        self, request: orchestrator_pb2.RegisterDefinitionRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.RegisterDefinitionResponse:
+        if not request.HasField("definition"):
+            raise InvalidArgument("definition is required")
+        size = request.definition.ByteSize()
+        if size > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
+        self._in_scope(context, "RegisterDefinition", request.definition.name)
+        definition, created = await self._engine.register_definition(request.definition, source="request")
+        return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
+
+    @_answer_errors
+    async def GetDefinition(
+        self, request: orchestrator_pb2.GetDefinitionRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.GetDefinitionResponse:
+        possible = is_possible(request.name, "name", NAME_PATTERN)
+        if request.version < 0:
+            raise InvalidArgument(f"version must be 0 (latest) or positive, got {request.version}")
+        self._in_scope(context, "GetDefinition", request.name)
+        definition = await self._store.get_definition(request.name, request.version) if possible else None
+        if definition is None:
+            raise NotFound(f"definition {quote(request.name)} not found")
+        return orchestrator_pb2.GetDefinitionResponse(definition=definition)
+
+    @_answer_errors
+    async def ListDefinitions(
+        self, request: orchestrator_pb2.ListDefinitionsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListDefinitionsResponse:
+        page_size = _page_size(request.page_size)
+        caller = None if self._access.open else self._caller(context)
+        query = ["ListDefinitions"]
+        after = str(read_page_token(self._page_key(), query, request.page_token)[0]) if request.page_token else ""
+
+        async def definitions() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
+            cursor = after
+            while True:
+                chunk = await self._store.list_definitions(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
+                for definition in chunk:
+                    if caller is None or caller.may_see(definition.name):
+                        yield definition, [definition.name]
+                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
+                    return
+                cursor = chunk[-1].name
+
+        page, last = await _fill_page(definitions(), page_size)
+        return orchestrator_pb2.ListDefinitionsResponse(
+            definitions=page,  # type: ignore[arg-type]
+            next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
+        )
+
+
+    # -- participants
+
+    @_answer_errors
+    async def SetParticipant(
+        self, request: orchestrator_pb2.SetParticipantRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.SetParticipantResponse:
+        check_text(request.actor, "actor", max_chars=MAX_ACTOR_CHARS)
+        actor = stored_text(self._caller(context).actor(request.actor), MAX_STORED_ACTOR_CHARS)
+        if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
+            raise InvalidArgument(
+                f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
+            )
+        _check_address(request.address)
+        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
+        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def ListParticipants(
+        self, request: orchestrator_pb2.ListParticipantsRequest, context: grpc.aio.ServicerContext
+    ) -> orchestrator_pb2.ListParticipantsResponse:
+        stored = await self._engine.refresh_participants()
+        return orchestrator_pb2.ListParticipantsResponse(participants=[_participant_message(p) for p in stored])
+
+
+PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
+
+
+def _check_address(address: str) -> None:
+    match = _HOST_PORT.fullmatch(address) if len(address) <= MAX_REFERENCE_CHARS else None
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
+
+
+def _participant_message(stored: ParticipantAddress) -> orchestrator_pb2.Participant:
+    return orchestrator_pb2.Participant(
+        name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
+        updated_by=stored.updated_by,
+    )

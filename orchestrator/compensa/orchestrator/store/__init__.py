@@ -1,0 +1,44 @@
+"""Durable state: the store interface and its SQL implementations, one per database."""
+
+from compensa.orchestrator.store.base import (
+    Claimed,
+    ParticipantAddress,
+    PendingAlert,
+    SagaStore,
+    SagaWrite,
+    StateSummary,
+    StoredEvent,
+    WriteResult,
+)
+from compensa.orchestrator.store.postgres import PostgresSagaStore
+from compensa.orchestrator.store.sql import SqlSagaStore
+from compensa.orchestrator.store.sqlite import SqliteSagaStore
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+
+
+def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:
+    """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
+
+    `notifier` names this process in change notifications, so it can ignore
+    its own. `timeout` bounds every wait on the database, in seconds."""
+    if url.startswith("postgresql"):
+        return PostgresSagaStore(url, notifier=notifier, timeout=timeout)
+    if url.startswith("sqlite"):
+        return SqliteSagaStore(url, timeout=timeout)
+    raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
+
+
+__all__ = [
+    "Claimed",
+    "ParticipantAddress",
+    "PendingAlert",
+    "PostgresSagaStore",
+    "SagaStore",
+    "SagaWrite",
+    "SqlSagaStore",
+    "SqliteSagaStore",
+    "StateSummary",
+    "StoredEvent",
+    "WriteResult",
+    "open_store",
+]

@@ -1,0 +1,316 @@
+"""The store interface the engine and the API depend on."""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from compensa.v1 import definition_pb2
+
+from compensa.orchestrator.records import LogEvent, SagaRecord
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """A log entry as read back, with its saga and global position."""
+
+    saga_id: str
+    definition_name: str
+    position: int
+    event: LogEvent
+
+
+@dataclass(frozen=True)
+class SagaWrite:
+    """One transition to persist, guarded by the saga's sequence (and epoch).
+
+    `epoch` None means an operator write that takes the saga over: it bumps
+    the epoch and makes `owner` the owner. `release` gives the saga up until
+    `due_at` (a wait with nothing in flight), so no replica holds it in memory.
+    """
+
+    saga: SagaRecord
+    events: tuple[LogEvent, ...]
+    expected_sequence: int
+    owner: str
+    epoch: int | None
+    release: bool
+    due_at: float | None
+    lease_until: float
+    changed_steps: tuple[str, ...]
+    # Set for the first write of a new saga: it inserts instead of updating,
+    # and lands only if the id is free.
+    request_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """Whether a guarded write landed, and the epoch the writer now holds."""
+
+    ok: bool
+    epoch: int = 0
+    positions: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A saga claimed by the scheduler, at the epoch the claim gave it.
+
+    When another replica held the saga (its lease had expired), `taken_from`
+    names it and `events` is the TAKEN_OVER entry written with the claim.
+    """
+
+    saga: SagaRecord
+    epoch: int
+    taken_from: str | None = None
+    events: tuple[StoredEvent, ...] = ()
+
+
+@dataclass(frozen=True)
+class StateSummary:
+    """The sagas of one definition in one state (SummarizeSagas)."""
+
+    definition_name: str
+    state: int
+    count: int
+    stuck: int
+    unresolved: int
+    oldest_updated_at: float
+
+
+@dataclass(frozen=True)
+class ParticipantAddress:
+    """Where a named participant is served, and who said so."""
+
+    name: str
+    address: str
+    updated_at: float
+    updated_by: str
+
+
+@dataclass(frozen=True)
+class PendingAlert:
+    """An alert in the outbox, claimed for one delivery attempt."""
+
+    saga_id: str
+    sequence: int  # of the ALERT_RAISED event
+    position: int  # of the event in the global log
+    definition_name: str
+    step_name: str
+    message: str
+    raised_at: float
+    #: Delivery attempts so far, this one included.
+    attempts: int
+    trace_parent: str | None
+
+
+#: Told the outcome of a database wait: None when the database answered, the
+#: error when it could not be reached.
+ReachabilityListener = Callable[[BaseException | None], None]
+
+
+class SagaStore(abc.ABC):
+    """Durable state of sagas, definitions and the event log.
+
+    Every method is one transaction. Implementations keep all SQL, bound
+    every wait on the database, and tell `subscribe_reachability` listeners
+    whether it answered.
+    """
+
+    _reachability_listeners: tuple[ReachabilityListener, ...] = ()
+
+    def subscribe_reachability(self, listener: ReachabilityListener) -> None:
+        """Calls `listener` after every database wait: with None when the
+        database answered, with the error when it could not be reached (not
+        for errors the database itself answered)."""
+        self._reachability_listeners += (listener,)
+
+    def _reached(self, error: BaseException | None) -> None:
+        for listener in self._reachability_listeners:
+            listener(error)
+
+    @abc.abstractmethod
+    async def ensure_schema(self) -> None:
+        """What every start-up does: creates the schema in an empty database,
+        accepts one at this release's revision, and raises SchemaMismatch
+        for any other. Replicas starting together take turns."""
+
+    @abc.abstractmethod
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        """Upgrades the schema from any earlier revision to this release's
+        (`compensa migrate`); the revisions before and after (None: empty)."""
+
+    @abc.abstractmethod
+    async def has_schema(self) -> bool:
+        """Whether the tables exist (commands other than serve and migrate
+        must not create them in a database they were pointed at by mistake)."""
+
+    @abc.abstractmethod
+    async def secret(self, name: str) -> bytes:
+        """The deployment's secret `name`: 32 random bytes made on first use,
+        the same for every replica and across restarts."""
+
+    @abc.abstractmethod
+    async def clock(self) -> float:
+        """The database's wall clock, in seconds since the epoch: the time
+        base every replica reads leases and due times on."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Closes every connection; the store is not used afterwards."""
+
+    # Definitions
+
+    @abc.abstractmethod
+    async def register_definition(
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Stores a new version unless identical content exists; returns the
+        stored definition (with its version) and whether it was created."""
+
+    @abc.abstractmethod
+    async def get_definition(self, name: str, version: int = 0) -> definition_pb2.SagaDefinition | None:
+        """A version of a definition; 0 means the latest."""
+
+    @abc.abstractmethod
+    async def list_definitions(
+        self, page_size: int, after_name: str
+    ) -> list[definition_pb2.SagaDefinition]:
+        """Latest version of each definition, by name, after `after_name`."""
+
+    # Participants
+
+    @abc.abstractmethod
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        """Stores (or changes) where participant `name` is served."""
+
+    @abc.abstractmethod
+    async def list_participants(self) -> list[ParticipantAddress]:
+        """Every stored participant address, by name."""
+
+    # Sagas
+
+    @abc.abstractmethod
+    async def load_saga(self, saga_id: str) -> SagaRecord | None:
+        """The saga with its steps; None if there is no such saga."""
+
+    @abc.abstractmethod
+    async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
+        """The saga and the fingerprint of the StartSaga request that made it."""
+
+    @abc.abstractmethod
+    async def load_with_owner(self, saga_id: str) -> tuple[SagaRecord, str | None, float | None] | None:
+        """The saga with the replica that holds it and its lease's end (None,
+        None when released), read together; None if there is no such saga."""
+
+    @abc.abstractmethod
+    async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
+        """The saga if `owner` still holds it at `epoch`, else None."""
+
+    @abc.abstractmethod
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Persists many transitions in one transaction (group commit).
+
+        Each write lands only if its guard holds; the others are skipped. A
+        write with a `request_fingerprint` creates its saga, and lands only if
+        the id is free. The events of the writes that land take the next
+        positions of the log, in the order of `writes`; ALERT_RAISED events
+        put their alert in the outbox in the same transaction.
+        Raises RejectedWrite, having written nothing, when the database refuses
+        a value of some write (StoreUnavailable when it cannot be reached).
+        """
+
+    @abc.abstractmethod
+    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        """Takes over sagas that are due and not held under a live lease. A
+        saga another replica held (its lease expired) gets a TAKEN_OVER event
+        in the same transaction, saying from whom and why."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
+        """Extends `owner`'s lease on these sagas (those it still holds)."""
+
+    @abc.abstractmethod
+    async def release_all(self, owner: str, now: float) -> None:
+        """Gives up every saga `owner` holds (clean shutdown)."""
+
+    @abc.abstractmethod
+    async def list_sagas(
+        self,
+        *,
+        state: int,
+        definition_name: str,
+        updated_before: float | None,
+        page_size: int,
+        after: tuple[float, str] | None,
+        id_contains: str = "",
+    ) -> list[SagaRecord]:
+        """Sagas newest first, filtered; `after` is (created_at, saga_id) of
+        the last saga of the previous page; `id_contains` keeps sagas whose
+        id contains that text (a search, with the database's LIKE rules)."""
+
+    @abc.abstractmethod
+    async def purge_finished(self, *, finished_before: float, limit: int) -> int:
+        """Deletes up to `limit` sagas that are done for good (SUCCEEDED,
+        COMPENSATED, or FAILED and resolved by a person) and unchanged since
+        before `finished_before`, with their steps and events; how many."""
+
+    @abc.abstractmethod
+    async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
+        """Counts by definition and state, by definition name then state;
+        unfinished sagas last changed before `stuck_before` count as stuck."""
+
+    @abc.abstractmethod
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        """Unfinished sagas unchanged since before `stuck_before`, that no
+        replica holds under a live lease and whose last event is not an
+        ALERT_RAISED (not alerted since they last moved); oldest first."""
+
+    # The alert outbox (rows are written by `commit` with ALERT_RAISED events)
+
+    @abc.abstractmethod
+    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
+        """Takes up to `limit` alerts due for delivery, oldest first, skipping
+        those another replica is claiming; each is held until `claimed_until`
+        (then due again, should this replica die while delivering it)."""
+
+    @abc.abstractmethod
+    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+        """Removes a delivered alert from the outbox."""
+
+    @abc.abstractmethod
+    async def alert_not_delivered(
+        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        """Schedules the next attempt of an alert whose delivery failed,
+        unless another replica has claimed it since (`attempts` moved on)."""
+
+    # The event log
+
+    @abc.abstractmethod
+    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]:
+        """Up to `limit` events of one saga after `after_sequence`, in order."""
+
+    @abc.abstractmethod
+    async def read_log(
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+    ) -> list[StoredEvent]:
+        """Up to `limit` events of every saga after `after_position`, in log
+        order; the filters keep the events of one definition, or those that
+        left their saga in `saga_state`."""
+
+    @abc.abstractmethod
+    async def head_position(self) -> int:
+        """The position of the last event in the log (0 when empty)."""
+
+    async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
+        """Calls `on_change(saga_ids)` whenever another process commits events
+        (None: anything may have changed, re-read everything). Runs until
+        cancelled. The default, for a single-process store, never calls it."""
+        await asyncio.Event().wait()

@@ -1,0 +1,362 @@
+"""The PostgreSQL store: several replicas share one database.
+
+What PostgreSQL does its own way: group commit as one statement (data-
+modifying CTEs over one JSON parameter per table) on a connection of its
+own, with plans kept on the indexes; SKIP LOCKED for claims; LISTEN/NOTIFY
+so that replicas hear of each other's commits; every connection bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import orjson
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.records import RUNNING
+from compensa.orchestrator.store.base import SagaWrite, WriteResult
+from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
+from compensa.common.database import (
+    DEFAULT_DATABASE_TIMEOUT,
+    abort_when_late,
+    cancelled_by_the_database,
+    connect_bounded,
+    engine_options,
+)
+from compensa.common.retry import Backoff
+
+log = logging.getLogger("compensa.store")
+
+_CHANNEL = "compensa_changes"
+# How long the change listener waits for a notification before it checks
+# that its connection still answers.
+_LISTENER_CHECK_SECONDS = 5.0
+# NOTIFY payloads must stay under 8000 bytes; past this, say "anything".
+_MAX_PAYLOAD = 7000
+# The change listener reconnects after these waits.
+_LISTENER_BACKOFF = Backoff(initial=0.1, cap=5.0)
+
+
+# The writer runs only the flush, whose plan PostgreSQL caches (a generic plan
+# after five runs). Made while the tables were small, that plan read the whole
+# sagas table on every flush, so flushes got slower as the table grew. Every
+# row the flush touches is found by its primary key; no sequential scan is
+# ever the right plan here.
+WRITER_OPTIONS = "-c enable_seqscan=off"
+
+
+class PostgresSagaStore(SqlSagaStore):
+    """The production store: several replicas share one PostgreSQL."""
+
+    # clock_timestamp(), not now(): the time of the reading, not of the
+    # transaction's start.
+    _CLOCK_QUERY = "SELECT extract(epoch FROM clock_timestamp())::float8"
+
+    def __init__(self, url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> None:
+        # No pre-ping: it costs a round trip per transaction. A dead
+        # connection fails its transaction, SQLAlchemy drops it from the pool,
+        # and the caller retries (StoreUnavailable).
+        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10, **engine_options(url, timeout))
+        self.notifier = notifier
+        self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        # Group commit has one connection of its own, outside SQLAlchemy's
+        # pool: the hot path is one prepared statement in autocommit.
+        self._writer: psycopg.AsyncConnection[Any] | None = None
+        self._writer_lock = asyncio.Lock()
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The group commit's connection, for one flush of at most `timeout`."""
+        async with self._writer_lock:
+            try:
+                if self._writer is None or self._writer.closed:
+                    self._writer = await connect_bounded(
+                        self._conninfo, self.timeout, options=WRITER_OPTIONS, autocommit=True, prepare_threshold=0
+                    )
+                # A timer, not a round trip: the flush stays one statement.
+                with abort_when_late(self._writer, self.timeout):
+                    yield self._writer
+            except (psycopg.OperationalError, OSError) as error:
+                if self._writer is not None:
+                    await self._writer.close()
+                self._writer = None
+                if not cancelled_by_the_database(error):
+                    self._reached(error)
+                raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+        self._reached(None)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writer.close()
+            self._writer = None
+        await super().close()
+
+    def _change_notice(self, saga_ids: Sequence[str]) -> str:
+        """The NOTIFY payload telling which sagas changed, and who changed them."""
+        payload = self.notifier + "|" + ",".join(saga_ids)
+        return payload if len(payload) <= _MAX_PAYLOAD else self.notifier + "|*"
+
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        if saga_ids:
+            # Delivered at commit, never for a rolled-back transaction.
+            await conn.execute(sa.select(sa.func.pg_notify(_CHANNEL, self._change_notice(saga_ids))))
+
+    async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
+        conninfo = self._conninfo
+        waits = _LISTENER_BACKOFF.waits()
+        lost = False
+        while True:
+            try:
+                async with await connect_bounded(conninfo, self.timeout, autocommit=True) as conn:
+                    with abort_when_late(conn, self.timeout):
+                        await conn.execute(f"LISTEN {_CHANNEL}")
+                    if lost:
+                        log.info("change listener listening again")
+                    waits.reset()
+                    lost = False
+                    # Anything committed while we were not listening is found
+                    # by re-reading: a lost notification costs latency only.
+                    on_change(None)
+                    while True:
+                        async for notice in conn.notifies(timeout=_LISTENER_CHECK_SECONDS):
+                            sender, _, ids = notice.payload.partition("|")
+                            if sender == ignore_from:
+                                continue
+                            on_change(None if ids == "*" else ids.split(","))
+                        # A silent network would leave this connection waiting
+                        # forever for notifications that never come: ask.
+                        with abort_when_late(conn, self.timeout):
+                            await conn.execute("SELECT 1")
+            except (psycopg.OperationalError, OSError) as error:
+                # Once per outage: the loss of the database is logged by its health.
+                level = logging.DEBUG if lost else logging.WARNING
+                delay = waits.next()
+                log.log(level, "change listener lost its connection (%s); reconnecting in %.1fs", error, delay)
+                lost = True
+                await asyncio.sleep(delay)
+
+    def _insert(self, table: sa.Table) -> Any:
+        return postgresql.insert(table)
+
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Group commit as ONE statement of fixed text (arrays + unnest, data-
+        modifying CTEs), prepared once and run in autocommit: a flush of any
+        size is one round trip and one atomic transaction."""
+        creates: dict[str, int] = {}
+        for index, write in enumerate(writes):
+            if write.request_fingerprint is not None:
+                creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
+        updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
+        payload = self._change_notice(list(dict.fromkeys(write.saga.saga_id for write in writes)))
+        try:
+            params = _flush_params(writes, list(creates.values()), updates, payload)
+            async with self._writing() as driver:
+                async with driver.cursor() as cursor:
+                    await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
+                    rows = await cursor.fetchall()
+        except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
+            raise _rejected(error) from error
+        epochs = {row[0]: row[1] for row in rows}
+        base = rows[0][2] if rows else 0
+        results: list[WriteResult] = []
+        for index, write in enumerate(writes):
+            if index in epochs:
+                positions = tuple(range(base + 1, base + 1 + len(write.events)))
+                base += len(write.events)
+                results.append(WriteResult(ok=True, epoch=epochs[index], positions=positions))
+            else:
+                results.append(WriteResult(ok=False))
+        return results
+
+    def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        return query.with_for_update(skip_locked=True)
+
+    async def _index_only_planning(self, conn: AsyncConnection) -> None:
+        await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
+
+
+
+# --- the group-commit statement ----------------------------------------------
+
+# Each table's rows travel as one JSON parameter read with json_to_recordset,
+# not as an array per column: psycopg dumps arrays in Python, parameter by
+# parameter, and about 50 of them cost more than the statement. Bytes go as
+# base64, decoded here.
+# The step columns a flush writes, as they arrive in its JSON (output: base64).
+_STEP_COLUMNS = (
+    ("position", "int"), ("state", "int"), ("attempts", "int"), ("compensate_attempts", "int"), ("output", "text"),
+    ("last_error", "text"), ("effect_uncertain", "bool"), ("started_at", "float8"), ("finished_at", "float8"),
+    ("next_attempt_at", "float8"),
+)
+_RECORDS = {
+    "v": "idx int, saga_id text, expected bigint, epoch bigint, state int, sequence bigint, updated_at float8,"
+         " failure_reason text, resolution_note text, due_at float8, owner text, lease_until float8",
+    "c": "idx int, saga_id text, definition_name text, definition_version int, state int, sequence bigint,"
+         " input text, request_fingerprint text, created_at float8, due_at float8, owner text, lease_until float8,"
+         " trace_parent text",
+    "w": "idx int, saga_id text, step_name text, " + ", ".join(f"{name} {kind}" for name, kind in _STEP_COLUMNS),
+    "e": "idx int, n int, saga_id text, sequence bigint, type int, time float8, saga_state int, step_name text,"
+         " step_state int, attempt int, message text, actor text, definition_name text",
+}
+
+
+def _step_value(name: str) -> str:
+    return "decode(w.output, 'base64')" if name == "output" else f"w.{name}"
+
+
+_FLUSH = f"""
+WITH v AS (
+    SELECT * FROM json_to_recordset(%(updates)b::json) AS v({_RECORDS["v"]})
+), c AS (
+    SELECT * FROM json_to_recordset(%(creates)b::json) AS c({_RECORDS["c"]})
+), w AS (
+    -- Changed steps of updated sagas and all steps of created ones: an idx
+    -- is one or the other, so each row joins exactly one of the two below.
+    SELECT * FROM json_to_recordset(%(steps)b::json) AS w({_RECORDS["w"]})
+), updated AS (
+    UPDATE compensa_sagas AS s SET
+        state = v.state, sequence = v.sequence, updated_at = v.updated_at, failure_reason = v.failure_reason,
+        resolution_note = v.resolution_note, due_at = v.due_at, owner = v.owner, lease_until = v.lease_until,
+        epoch = CASE WHEN v.epoch IS NULL THEN s.epoch + 1 ELSE s.epoch END
+    FROM v
+    -- The ANY lets the index find the batch's rows whatever the statistics said
+    -- when the plan was cached (a join alone was planned as a full scan).
+    WHERE s.saga_id = ANY(ARRAY(SELECT saga_id FROM v)) AND s.saga_id = v.saga_id
+        AND s.sequence = v.expected AND (v.epoch IS NULL OR s.epoch = v.epoch)
+    RETURNING v.idx, s.epoch
+), inserted AS (
+    INSERT INTO compensa_sagas (saga_id, definition_name, definition_version, state, sequence, input,
+        request_fingerprint, failure_reason, resolution_note, created_at, updated_at, due_at, owner, lease_until, epoch,
+        trace_parent)
+    -- A saga starts RUNNING: no failure, no resolution, updated when created.
+    SELECT saga_id, definition_name, definition_version, state, sequence, decode(input, 'base64'), request_fingerprint,
+        '', '', created_at, created_at, due_at, owner, lease_until, 1, trace_parent
+    FROM c
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING saga_id
+), created AS (
+    SELECT c.idx, 1::bigint AS epoch FROM c JOIN inserted ON inserted.saga_id = c.saga_id
+), landed AS (
+    SELECT idx, epoch FROM updated UNION ALL SELECT idx, epoch FROM created
+), step_updates AS (
+    UPDATE compensa_saga_steps AS t SET {", ".join(f"{name} = {_step_value(name)}" for name, _ in _STEP_COLUMNS)}
+    FROM w JOIN updated ON updated.idx = w.idx
+    WHERE t.saga_id = w.saga_id AND t.step_name = w.step_name
+), step_inserts AS (
+    INSERT INTO compensa_saga_steps (saga_id, step_name, {", ".join(name for name, _ in _STEP_COLUMNS)})
+    SELECT w.saga_id, w.step_name, {", ".join(_step_value(name) for name, _ in _STEP_COLUMNS)}
+    FROM w JOIN created ON created.idx = w.idx
+), ev AS (
+    SELECT e.*, row_number() OVER (ORDER BY e.n) AS k
+    FROM json_to_recordset(%(events)b::json) AS e({_RECORDS["e"]})
+    JOIN landed ON landed.idx = e.idx
+), head AS (
+    -- The log_head row lock is held to commit: positions follow commit order.
+    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM ev) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM ev) AS base
+), events AS (
+    INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
+        attempt, message, actor, definition_name)
+    SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.type, ev.time, ev.saga_state, ev.step_name, ev.step_state,
+        ev.attempt, ev.message, ev.actor, ev.definition_name
+    FROM ev, head
+), alerts AS (
+    -- The outbox row of an alert commits with its event, or neither does.
+    INSERT INTO compensa_alert_outbox (saga_id, sequence, position, definition_name, step_name, message, raised_at,
+        attempts, next_attempt_at, last_error)
+    SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.definition_name, ev.step_name, ev.message, ev.time,
+        0, ev.time, ''
+    FROM ev, head WHERE ev.type = {ALERT_RAISED}
+)
+-- NOTIFY is delivered at commit, never for a failed statement.
+SELECT landed.idx, landed.epoch, head.base, pg_notify('{_CHANNEL}', %(payload)b::text) FROM landed, head
+"""
+
+
+def _compact(query: str) -> tuple[str, tuple[str, ...]]:
+    """The statement as sent, and its parameter names in placeholder order.
+
+    psycopg parses a query's placeholders once and caches the result only
+    for texts up to 4,096 bytes; the readable statement above is longer, and
+    would be re-parsed on every flush. Without comments, runs of blanks and
+    names in the placeholders it fits. (The blanks around , ( ) = go too: the
+    statement holds no string literal where that would matter.)
+    """
+    text = " ".join(re.sub(r"--[^\n]*", "", query).split())
+    text = re.sub(r"\s*([,()=])\s*", r"\1", text)
+    names = tuple(re.findall(r"%\((\w+)\)b", text))
+    return re.sub(r"%\((\w+)\)b", "%b", text), names
+
+
+_FLUSH_SENT, _FLUSH_PARAMS = _compact(_FLUSH)
+
+
+def _base64(value: bytes | None) -> str | None:
+    return None if value is None else base64.b64encode(value).decode("ascii")
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    # orjson, not json: a flush's rows are mostly floats (times), which the
+    # standard encoder formats slowly. It writes NaN as null; the times here
+    # come from the clock, never NaN.
+    return orjson.dumps(rows).decode()
+
+
+def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Sequence[int]) -> list[dict[str, Any]]:
+    """The changed steps of updated sagas and every step of created ones."""
+    rows: list[dict[str, Any]] = []
+    chosen = [(index, False) for index in updates] + [(index, True) for index in creates]
+    for index, all_steps in chosen:
+        saga = writes[index].saga
+        names = [step.name for step in saga.steps] if all_steps else writes[index].changed_steps
+        positions = {step.name: position for position, step in enumerate(saga.steps)}
+        for name in names:
+            row = _step_row(saga.saga_id, positions[name], saga.step(name))
+            row["idx"] = index
+            row["output"] = _base64(row["output"])
+            rows.append(row)
+    return rows
+
+
+def _flush_params(
+    writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int], payload: str
+) -> dict[str, Any]:
+    updated = [
+        {"idx": index, "saga_id": writes[index].saga.saga_id, "expected": writes[index].expected_sequence,
+         "epoch": writes[index].epoch, **SqlSagaStore._saga_values(writes[index])}
+        for index in updates
+    ]
+    created: list[dict[str, Any]] = []
+    for index in creates:
+        write, saga = writes[index], writes[index].saga
+        if saga.state != RUNNING or saga.failure_reason or saga.resolution_note or saga.updated_at != saga.created_at:
+            raise ValueError(f"saga {saga.saga_id!r}: a new saga is RUNNING, unchanged since created")
+        created.append({
+            "idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
+            "definition_version": saga.definition_version, "input": _base64(saga.input),
+            "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
+            "trace_parent": saga.trace_parent, **SqlSagaStore._saga_values(write),
+        })
+    events: list[dict[str, Any]] = []
+    for index in sorted((*updates, *creates)):  # positions are handed out in write order
+        saga = writes[index].saga
+        for event in writes[index].events:
+            row = _event_row(saga, event, 0)
+            row["idx"], row["n"] = index, len(events)
+            del row["position"]
+            events.append(row)
+    return {
+        "updates": _json(updated), "creates": _json(created), "steps": _json(_step_rows(writes, updates, creates)),
+        "events": _json(events), "payload": payload,
+    }

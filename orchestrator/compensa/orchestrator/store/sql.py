@@ -1,0 +1,859 @@
+"""The SQL store's shared part: SqlSagaStore, over SQLAlchemy 2 Core.
+
+Every statement both databases run is here (schema.py declares the tables).
+What differs lives in a module per database, as hooks this class calls:
+postgres.py (one-statement group commit, SKIP LOCKED, LISTEN/NOTIFY, plan
+guards, bounded connections) and sqlite.py (the embedded file's settings).
+The group commit here, a statement per table, is SQLite's; PostgreSQL
+overrides it with its own flush.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import functools
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from compensa.v1 import definition_pb2, saga_pb2
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
+from compensa.orchestrator.records import (
+    ACTIVE_SAGA_STATES,
+    FAILED,
+    FINAL_SAGA_STATES,
+    LogEvent,
+    SagaRecord,
+    StepRecord,
+    takeover_event,
+)
+from compensa.orchestrator.store import migrations
+from compensa.orchestrator.store.base import (
+    Claimed,
+    ParticipantAddress,
+    PendingAlert,
+    SagaStore,
+    SagaWrite,
+    StateSummary,
+    StoredEvent,
+    WriteResult,
+)
+from compensa.orchestrator.store.schema import (
+    alert_outbox,
+    definitions,
+    log_head,
+    participants,
+    saga_events,
+    saga_steps,
+    sagas,
+    secrets,
+)
+from compensa.common.database import (
+    DEFAULT_DATABASE_TIMEOUT,
+    bounded_transaction,
+    cancelled_by_the_database,
+)
+
+# Ids per IN list, well under the drivers' bound-parameter limits.
+_ID_CHUNK = 900
+
+ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
+
+_ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
+_FINAL_STATES = tuple(sorted(FINAL_SAGA_STATES))
+# records.awaits_a_person, in SQL.
+_AWAITS_A_PERSON = sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")
+
+
+def _rejected(error: Exception) -> RejectedWrite:
+    """A flush failure tied to the values written, not to the connection: the
+    same flush without the offending write would land."""
+    first_line = str(error).partition("\n")[0][:200]
+    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
+
+
+def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
+    return {
+        "saga_id": saga_id,
+        "step_name": step.name,
+        "position": position,
+        "state": step.state,
+        "attempts": step.attempts,
+        "compensate_attempts": step.compensate_attempts,
+        "output": step.output,
+        "last_error": step.last_error,
+        "effect_uncertain": step.effect_uncertain,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+        "next_attempt_at": step.next_attempt_at,
+    }
+
+
+def _event_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
+    return {
+        "saga_id": saga.saga_id,
+        "sequence": event.sequence,
+        "position": position,
+        "type": event.type,
+        "time": event.time,
+        "saga_state": event.saga_state,
+        "step_name": event.step_name,
+        "step_state": event.step_state,
+        "attempt": event.attempt,
+        "message": event.message,
+        "actor": event.actor,
+        "definition_name": saga.definition_name,
+    }
+
+
+def _outbox_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
+    return {
+        "saga_id": saga.saga_id,
+        "sequence": event.sequence,
+        "position": position,
+        "definition_name": saga.definition_name,
+        "step_name": event.step_name,
+        "message": event.message,
+        "raised_at": event.time,
+        "attempts": 0,
+        "next_attempt_at": event.time,
+        "last_error": "",
+    }
+
+
+def _stored_event(row: sa.Row[Any]) -> StoredEvent:
+    return StoredEvent(
+        saga_id=row.saga_id,
+        definition_name=row.definition_name,
+        position=row.position,
+        event=LogEvent(
+            sequence=row.sequence,
+            type=row.type,
+            time=row.time,
+            saga_state=row.saga_state,
+            step_name=row.step_name,
+            step_state=row.step_state,
+            attempt=row.attempt,
+            message=row.message,
+            actor=row.actor,
+        ),
+    )
+
+
+def _saga_from_rows(row: sa.Row[Any], step_rows: Sequence[sa.Row[Any]]) -> SagaRecord:
+    return SagaRecord(
+        saga_id=row.saga_id,
+        definition_name=row.definition_name,
+        definition_version=row.definition_version,
+        state=row.state,
+        sequence=row.sequence,
+        input=row.input,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        failure_reason=row.failure_reason,
+        resolution_note=row.resolution_note,
+        trace_parent=row.trace_parent,
+        steps=tuple(
+            StepRecord(
+                name=step.step_name,
+                state=step.state,
+                attempts=step.attempts,
+                compensate_attempts=step.compensate_attempts,
+                output=step.output,
+                last_error=step.last_error,
+                effect_uncertain=step.effect_uncertain,
+                started_at=step.started_at,
+                finished_at=step.finished_at,
+                next_attempt_at=step.next_attempt_at,
+            )
+            for step in sorted(step_rows, key=lambda s: s.position)
+        ),
+    )
+
+
+_SAGA_COLUMNS = [
+    sagas.c.saga_id,
+    sagas.c.definition_name,
+    sagas.c.definition_version,
+    sagas.c.state,
+    sagas.c.sequence,
+    sagas.c.input,
+    sagas.c.created_at,
+    sagas.c.updated_at,
+    sagas.c.failure_reason,
+    sagas.c.resolution_note,
+    sagas.c.trace_parent,
+]
+
+
+class SqlSagaStore(SagaStore):
+    """SagaStore over SQLAlchemy 2 Core with an async driver."""
+
+    def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
+        self.url = url
+        #: The longest any one wait on the database may take, in seconds.
+        self.timeout = timeout
+        self.engine: AsyncEngine = create_async_engine(url, **options)
+
+    # -- dialect hooks
+
+    @abc.abstractmethod
+    def _insert(self, table: sa.Table) -> Any:
+        """The dialect's INSERT, which has ON CONFLICT DO NOTHING / DO UPDATE."""
+
+    def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """Locks the selected rows, skipping those another transaction holds."""
+        return query
+
+    async def _index_only_planning(self, conn: AsyncConnection) -> None:
+        """For the rest of the transaction, plans that read a whole table are
+        out: the scheduler's claim runs every second, and a plan cached while
+        the tables were small must not scan them once they are large."""
+
+    # Reads the database's wall clock in seconds since the epoch.
+    _CLOCK_QUERY: str
+
+    # -- plumbing
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction, bounded by `timeout` (and so is getting its connection)."""
+        try:
+            async with bounded_transaction(self.engine, self.timeout) as conn:
+                yield conn
+        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
+            if not cancelled_by_the_database(error):
+                self._reached(error)
+            raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+        except sa.exc.DBAPIError as error:
+            if error.connection_invalidated:
+                self._reached(error)
+                raise StoreUnavailable(f"database connection lost: {error}") from error
+            raise
+        self._reached(None)
+
+    async def ensure_schema(self) -> None:
+        database = make_url(self.url).render_as_string(hide_password=True)
+        async with self._transaction() as conn:
+            await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
+
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        async with self._transaction() as conn:
+            before = await conn.run_sync(migrations.upgrade)
+        return before.revision, before.head
+
+    async def has_schema(self) -> bool:
+        async with self._transaction() as conn:
+            return bool(await conn.run_sync(lambda sync: sa.inspect(sync).has_table(sagas.name)))
+
+    async def secret(self, name: str) -> bytes:
+        async with self._transaction() as conn:
+            # Replicas starting together all try; the first insert wins.
+            await conn.execute(
+                self._insert(secrets).values(name=name, value=os.urandom(32)).on_conflict_do_nothing()
+            )
+            value = (await conn.execute(sa.select(secrets.c.value).where(secrets.c.name == name))).scalar_one()
+        return bytes(value)
+
+    async def clock(self) -> float:
+        async with self._transaction() as conn:
+            return float((await conn.execute(sa.text(self._CLOCK_QUERY))).scalar_one())
+
+    async def ping(self) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- definitions
+
+    async def register_definition(
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        async with self._transaction() as conn:
+            existing = (
+                await conn.execute(
+                    sa.select(definitions.c.body).where(
+                        definitions.c.name == definition.name, definitions.c.fingerprint == fingerprint
+                    )
+                )
+            ).scalar_one_or_none()
+            if existing is not None:
+                return definition_pb2.SagaDefinition.FromString(existing), False
+            latest = (
+                await conn.execute(
+                    sa.select(sa.func.max(definitions.c.version)).where(definitions.c.name == definition.name)
+                )
+            ).scalar_one_or_none()
+            stored = definition_pb2.SagaDefinition()
+            stored.CopyFrom(definition)
+            stored.version = (latest or 0) + 1
+            inserted = await conn.execute(
+                self._insert(definitions)
+                .values(
+                    name=stored.name,
+                    version=stored.version,
+                    fingerprint=fingerprint,
+                    body=stored.SerializeToString(deterministic=True),
+                    created_at=now,
+                )
+                .on_conflict_do_nothing()
+                .returning(definitions.c.version)
+            )
+            # RETURNING, not rowcount: psycopg's async rowcount is -1 for INSERT.
+            if inserted.first() is None:
+                # Another replica registered the same name at the same moment.
+                raise StoreUnavailable(f"definition {definition.name!r} was registered concurrently; retry")
+            return stored, True
+
+    async def get_definition(self, name: str, version: int = 0) -> definition_pb2.SagaDefinition | None:
+        query = sa.select(definitions.c.body).where(definitions.c.name == name)
+        if version:
+            query = query.where(definitions.c.version == version)
+        else:
+            query = query.order_by(definitions.c.version.desc()).limit(1)
+        async with self._transaction() as conn:
+            body = (await conn.execute(query)).scalar_one_or_none()
+        return None if body is None else definition_pb2.SagaDefinition.FromString(body)
+
+    async def list_definitions(self, page_size: int, after_name: str) -> list[definition_pb2.SagaDefinition]:
+        latest = (
+            sa.select(definitions.c.name, sa.func.max(definitions.c.version).label("version"))
+            .where(definitions.c.name > after_name)
+            .group_by(definitions.c.name)
+            .subquery()
+        )
+        query = (
+            sa.select(definitions.c.body)
+            .join(latest, sa.and_(definitions.c.name == latest.c.name, definitions.c.version == latest.c.version))
+            .order_by(definitions.c.name)
+            .limit(page_size)
+        )
+        async with self._transaction() as conn:
+            bodies = (await conn.execute(query)).scalars().all()
+        return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
+
+    # -- participants
+
+    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+        values = {"address": address, "updated_at": now, "updated_by": updated_by}
+        async with self._transaction() as conn:
+            await conn.execute(
+                self._insert(participants)
+                .values(name=name, **values)
+                .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
+            )
+        return ParticipantAddress(name, address, now, updated_by)
+
+    async def list_participants(self) -> list[ParticipantAddress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
+        return [ParticipantAddress(row.name, row.address, row.updated_at, row.updated_by) for row in rows]
+
+    # -- sagas
+
+    async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
+        async with self._transaction() as conn:
+            fingerprint = (
+                await conn.execute(sa.select(sagas.c.request_fingerprint).where(sagas.c.saga_id == saga_id))
+            ).scalar_one_or_none()
+            if fingerprint is None:
+                return None
+            saga = await self._load(conn, saga_id)
+            assert saga is not None
+            return saga, fingerprint
+
+    async def _load(self, conn: AsyncConnection, saga_id: str) -> SagaRecord | None:
+        row = (await conn.execute(sa.select(*_SAGA_COLUMNS).where(sagas.c.saga_id == saga_id))).one_or_none()
+        if row is None:
+            return None
+        steps = (await conn.execute(sa.select(saga_steps).where(saga_steps.c.saga_id == saga_id))).all()
+        return _saga_from_rows(row, steps)
+
+    async def _load_many(self, conn: AsyncConnection, rows: Sequence[sa.Row[Any]]) -> list[SagaRecord]:
+        if not rows:
+            return []
+        ids = [row.saga_id for row in rows]
+        step_rows = (await conn.execute(sa.select(saga_steps).where(saga_steps.c.saga_id.in_(ids)))).all()
+        by_saga: dict[str, list[sa.Row[Any]]] = {saga_id: [] for saga_id in ids}
+        for step in step_rows:
+            by_saga[step.saga_id].append(step)
+        return [_saga_from_rows(row, by_saga[row.saga_id]) for row in rows]
+
+    async def load_saga(self, saga_id: str) -> SagaRecord | None:
+        async with self._transaction() as conn:
+            return await self._load(conn, saga_id)
+
+    async def load_with_owner(self, saga_id: str) -> tuple[SagaRecord, str | None, float | None] | None:
+        async with self._transaction() as conn:
+            saga = await self._load(conn, saga_id)
+            if saga is None:
+                return None
+            held = (
+                await conn.execute(sa.select(sagas.c.owner, sagas.c.lease_until).where(sagas.c.saga_id == saga_id))
+            ).one()
+            return saga, held.owner, held.lease_until
+
+    async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
+        async with self._transaction() as conn:
+            held = (
+                await conn.execute(
+                    sa.select(sagas.c.saga_id).where(
+                        sagas.c.saga_id == saga_id, sagas.c.owner == owner, sagas.c.epoch == epoch
+                    )
+                )
+            ).one_or_none()
+            return None if held is None else await self._load(conn, saga_id)
+
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        """Tells other processes, on commit, which sagas changed (a database
+        only one process uses has no one to tell)."""
+
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """Writes every transition in one transaction, a few statements per
+        table; RejectedWrite when the database refuses a value (nothing is
+        written then)."""
+        creates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is not None]
+        updates = [(index, write) for index, write in enumerate(writes) if write.request_fingerprint is None]
+        try:
+            async with self._transaction() as conn:
+                epochs = await self._insert_sagas(conn, creates) if creates else {}
+                if updates:
+                    updated = await self._update_sagas(conn, updates)
+                    epochs.update(updated)
+                    await self._update_steps(conn, [write for index, write in updates if index in updated])
+                landed = sorted(epochs)
+                positions = await self._append_events(conn, [(writes[i].saga, writes[i].events) for i in landed])
+                await self._queue_alerts(
+                    conn, [(writes[i].saga, writes[i].events, positions[n]) for n, i in enumerate(landed)]
+                )
+                await self._announce(conn, [writes[i].saga.saga_id for i in landed])
+        except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
+            raise _rejected(error) from error
+        by_index = dict(zip(landed, positions))
+        return [
+            WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
+            else WriteResult(ok=False)
+            for index in range(len(writes))
+        ]
+
+    async def _queue_alerts(
+        self, conn: AsyncConnection, landed: Sequence[tuple[SagaRecord, tuple[LogEvent, ...], tuple[int, ...]]]
+    ) -> None:
+        """Puts the alerts among the landed events in the outbox (the flush
+        of PostgreSQL does the same in its statement)."""
+        rows = [
+            _outbox_row(saga, event, position)
+            for saga, events, positions in landed
+            for event, position in zip(events, positions)
+            if event.type == ALERT_RAISED
+        ]
+        if rows:
+            await conn.execute(alert_outbox.insert(), rows)
+
+    @staticmethod
+    def _saga_values(write: SagaWrite) -> dict[str, Any]:
+        saga = write.saga
+        return {
+            "state": saga.state,
+            "sequence": saga.sequence,
+            "updated_at": saga.updated_at,
+            "failure_reason": saga.failure_reason,
+            "resolution_note": saga.resolution_note,
+            "due_at": write.due_at,
+            "owner": None if write.release else write.owner,
+            "lease_until": None if write.release else write.lease_until,
+        }
+
+    async def _insert_sagas(
+        self, conn: AsyncConnection, creates: Sequence[tuple[int, SagaWrite]]
+    ) -> dict[int, int]:
+        """Inserts new sagas whose id is free, with their steps; returns
+        {write index: epoch} of those inserted."""
+        rows = [
+            {
+                **self._saga_values(write),
+                "saga_id": write.saga.saga_id,
+                "definition_name": write.saga.definition_name,
+                "definition_version": write.saga.definition_version,
+                "input": write.saga.input,
+                "request_fingerprint": write.request_fingerprint,
+                "created_at": write.saga.created_at,
+                "epoch": 1,
+            }
+            for _, write in creates
+        ]
+        # Named only when set, so that these statements also write a
+        # database at a revision before traces (the migration tests do).
+        if any(write.saga.trace_parent is not None for _, write in creates):
+            for row, (_, write) in zip(rows, creates):
+                row["trace_parent"] = write.saga.trace_parent
+        inserted = set(
+            (
+                await conn.execute(
+                    self._insert(sagas).on_conflict_do_nothing().returning(sagas.c.saga_id), rows
+                )
+            ).scalars()
+        )
+        landed: dict[int, int] = {}
+        step_rows: list[dict[str, Any]] = []
+        for index, write in creates:
+            if write.saga.saga_id in inserted:
+                inserted.discard(write.saga.saga_id)  # a duplicate id within the batch lands once
+                landed[index] = 1
+                step_rows += [
+                    _step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
+                ]
+        if step_rows:
+            await conn.execute(saga_steps.insert(), step_rows)
+        return landed
+
+    async def _update_sagas(
+        self, conn: AsyncConnection, updates: Sequence[tuple[int, SagaWrite]]
+    ) -> dict[int, int]:
+        """Guarded updates, one statement each; returns {write index: epoch}
+        of those whose guard held."""
+        landed: dict[int, int] = {}
+        for index, write in updates:
+            guard = [sagas.c.saga_id == write.saga.saga_id, sagas.c.sequence == write.expected_sequence]
+            values = self._saga_values(write)
+            if write.epoch is None:
+                values["epoch"] = sagas.c.epoch + 1
+            else:
+                guard.append(sagas.c.epoch == write.epoch)
+            epoch = (
+                await conn.execute(sa.update(sagas).where(*guard).values(**values).returning(sagas.c.epoch))
+            ).scalar_one_or_none()
+            if epoch is not None:
+                landed[index] = epoch
+        return landed
+
+    async def _update_steps(self, conn: AsyncConnection, writes: Sequence[SagaWrite]) -> None:
+        rows = []
+        for write in writes:
+            positions = {step.name: index for index, step in enumerate(write.saga.steps)}
+            for name in write.changed_steps:
+                row = _step_row(write.saga.saga_id, positions[name], write.saga.step(name))
+                rows.append({"b_" + key: value for key, value in row.items()})
+        if not rows:
+            return
+        await conn.execute(
+            sa.update(saga_steps)
+            .where(
+                saga_steps.c.saga_id == sa.bindparam("b_saga_id"),
+                saga_steps.c.step_name == sa.bindparam("b_step_name"),
+            )
+            .values(
+                {
+                    column: sa.bindparam("b_" + column.name)
+                    for column in saga_steps.columns
+                    if column.name not in ("saga_id", "step_name")
+                }
+            ),
+            rows,
+        )
+
+    async def _append_events(
+        self, conn: AsyncConnection, batch: Sequence[tuple[SagaRecord, tuple[LogEvent, ...]]]
+    ) -> list[tuple[int, ...]]:
+        """Inserts events with global positions, last in the transaction.
+
+        The log_head row lock is held from here to commit, so transactions
+        take positions in the order they commit.
+        """
+        count = sum(len(events) for _, events in batch)
+        if count == 0:
+            return [() for _ in batch]
+        end = (
+            await conn.execute(
+                sa.update(log_head)
+                .where(log_head.c.id == 1)
+                .values(position=log_head.c.position + count)
+                .returning(log_head.c.position)
+            )
+        ).scalar_one()
+        position = end - count
+        rows: list[dict[str, Any]] = []
+        out: list[tuple[int, ...]] = []
+        for saga, events in batch:
+            taken = []
+            for event in events:
+                position += 1
+                taken.append(position)
+                rows.append(_event_row(saga, event, position))
+            out.append(tuple(taken))
+        await conn.execute(saga_events.insert(), rows)
+        return out
+
+    @staticmethod
+    def _claimable(now: float) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            sagas.c.due_at <= now,
+            sagas.c.state.in_(_ACTIVE_STATES),
+            sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now),
+        )
+
+    def claim_statement(self, now: float, limit: int) -> sa.Select[Any]:
+        """The query that picks (and on PostgreSQL locks) up to `limit` due
+        sagas for claim_due, with who held them and until when."""
+        return self._skip_locked(
+            sa.select(sagas.c.saga_id, sagas.c.owner, sagas.c.lease_until)
+            .where(self._claimable(now))
+            .order_by(sagas.c.due_at)
+            .limit(limit)
+        )
+
+    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        # Two statements, not one UPDATE: the takeover event needs the previous
+        # owner, which UPDATE ... RETURNING cannot give on SQLite. On
+        # PostgreSQL the picked rows stay locked until the UPDATE.
+        async with self._transaction() as conn:
+            await self._index_only_planning(conn)
+            due = (await conn.execute(self.claim_statement(now, limit))).all()
+            if not due:
+                return []
+            held = {row.saga_id: (row.owner, row.lease_until) for row in due}
+            taken = sa.and_(sagas.c.owner.is_not(None), sagas.c.owner != owner)
+            rows = (
+                await conn.execute(
+                    sa.update(sagas)
+                    .where(sagas.c.saga_id.in_(list(held)), self._claimable(now))
+                    .values(
+                        owner=owner, lease_until=lease_until, epoch=sagas.c.epoch + 1,
+                        # A takeover is logged: its event takes the next sequence.
+                        sequence=sagas.c.sequence + sa.case((taken, 1), else_=0),
+                    )
+                    .returning(*_SAGA_COLUMNS, sagas.c.epoch)
+                )
+            ).all()
+            loaded = await self._load_many(conn, rows)
+            takeovers: list[tuple[SagaRecord, tuple[LogEvent, ...]]] = []
+            for saga in loaded:
+                previous, expired_at = held[saga.saga_id]
+                if previous is not None and previous != owner:
+                    before = dataclasses.replace(saga, sequence=saga.sequence - 1)
+                    why = f"its lease expired {max(0.0, now - (expired_at or now)):.1f}s ago"
+                    takeovers.append((saga, (takeover_event(before, by=owner, previous=previous, why=why, now=now),)))
+            positions = await self._append_events(conn, takeovers)
+            await self._announce(conn, [saga.saga_id for saga, _ in takeovers])
+        events = {
+            saga.saga_id: tuple(
+                StoredEvent(saga.saga_id, saga.definition_name, position, event)
+                for event, position in zip(logged, taken_positions)
+            )
+            for (saga, logged), taken_positions in zip(takeovers, positions)
+        }
+        return [
+            Claimed(
+                saga=saga, epoch=row.epoch, events=events.get(saga.saga_id, ()),
+                taken_from=held[saga.saga_id][0] if saga.saga_id in events else None,
+            )
+            for saga, row in zip(loaded, rows)
+        ]
+
+    async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
+        renewed = 0
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                # Rows a transition is writing right now are skipped, not
+                # waited for: that write renews the lease itself, and waiting
+                # could deadlock with it.
+                held = (
+                    self._skip_locked(
+                        sa.select(sagas.c.saga_id).where(
+                            sagas.c.owner == owner, sagas.c.saga_id.in_(saga_ids[start : start + _ID_CHUNK])
+                        )
+                    )
+                    .cte("held")
+                    .prefix_with("MATERIALIZED")
+                )
+                result = await conn.execute(
+                    sa.update(sagas)
+                    .where(sagas.c.saga_id == held.c.saga_id)
+                    .values(lease_until=lease_until)
+                    .returning(sagas.c.saga_id)
+                )
+                renewed += len(result.all())
+        return renewed
+
+    async def release_all(self, owner: str, now: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(sagas).where(sagas.c.owner == owner).values(owner=None, lease_until=None)
+            )
+
+    async def purge_finished(self, *, finished_before: float, limit: int) -> int:
+        # records.done_for_good, in SQL.
+        done_with = sa.and_(sagas.c.state.in_(_FINAL_STATES), sa.not_(_AWAITS_A_PERSON))
+        victims = self._skip_locked(
+            sa.select(sagas.c.saga_id).where(done_with, sagas.c.updated_at < finished_before).limit(limit)
+        )
+        async with self._transaction() as conn:
+            saga_ids = [row[0] for row in (await conn.execute(victims)).all()]
+            if saga_ids:
+                await conn.execute(sa.delete(alert_outbox).where(alert_outbox.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
+        return len(saga_ids)
+
+    async def list_sagas(
+        self,
+        *,
+        state: int,
+        definition_name: str,
+        updated_before: float | None,
+        page_size: int,
+        after: tuple[float, str] | None,
+        id_contains: str = "",
+    ) -> list[SagaRecord]:
+        query = sa.select(*_SAGA_COLUMNS)
+        if id_contains:
+            query = query.where(sagas.c.saga_id.contains(id_contains, autoescape=True))
+        if state:
+            query = query.where(sagas.c.state == state)
+        if definition_name:
+            query = query.where(sagas.c.definition_name == definition_name)
+        if updated_before is not None:
+            query = query.where(sagas.c.updated_at < updated_before, sagas.c.state.in_(_ACTIVE_STATES))
+        if after is not None:
+            created_at, saga_id = after
+            query = query.where(
+                sa.or_(
+                    sagas.c.created_at < created_at,
+                    sa.and_(sagas.c.created_at == created_at, sagas.c.saga_id < saga_id),
+                )
+            )
+        query = query.order_by(sagas.c.created_at.desc(), sagas.c.saga_id.desc()).limit(page_size)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+            return await self._load_many(conn, rows)
+
+    async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
+        def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
+            return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
+
+        query = sa.select(
+            sagas.c.definition_name,
+            sagas.c.state,
+            sa.func.count(),
+            how_many(sa.and_(sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before)),
+            how_many(_AWAITS_A_PERSON),
+            sa.func.min(sagas.c.updated_at),
+        ).group_by(sagas.c.definition_name, sagas.c.state).order_by(sagas.c.definition_name, sagas.c.state)
+        if definition_name:
+            query = query.where(sagas.c.definition_name == definition_name)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [StateSummary(name, state, count, int(stuck), int(unresolved), oldest)
+                for name, state, count, stuck, unresolved, oldest in rows]
+
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        alerted = sa.exists().where(
+            saga_events.c.saga_id == sagas.c.saga_id, saga_events.c.sequence == sagas.c.sequence,
+            saga_events.c.type == ALERT_RAISED,
+        )
+        query = (
+            sa.select(*_SAGA_COLUMNS)
+            .where(
+                sagas.c.state.in_(_ACTIVE_STATES), sagas.c.updated_at < stuck_before,
+                sa.or_(sagas.c.owner.is_(None), sagas.c.lease_until < now), ~alerted,
+            )
+            .order_by(sagas.c.updated_at)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return await self._load_many(conn, (await conn.execute(query)).all())
+
+    # -- the alert outbox
+
+    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
+        due = (
+            self._skip_locked(
+                sa.select(alert_outbox.c.saga_id, alert_outbox.c.sequence)
+                .where(alert_outbox.c.next_attempt_at <= now)
+                .order_by(alert_outbox.c.next_attempt_at)
+                .limit(limit)
+            )
+            .cte("due")
+            .prefix_with("MATERIALIZED")
+        )
+        claim = (
+            sa.update(alert_outbox)
+            .where(alert_outbox.c.saga_id == due.c.saga_id, alert_outbox.c.sequence == due.c.sequence)
+            .values(next_attempt_at=claimed_until, attempts=alert_outbox.c.attempts + 1)
+            .returning(*alert_outbox.c)
+        )
+        async with self._transaction() as conn:
+            rows = (await conn.execute(claim)).all()
+            traces: dict[str, str | None] = {}
+            if rows:
+                found = await conn.execute(
+                    sa.select(sagas.c.saga_id, sagas.c.trace_parent).where(
+                        sagas.c.saga_id.in_({row.saga_id for row in rows})
+                    )
+                )
+                traces = {saga_id: trace_parent for saga_id, trace_parent in found.all()}
+        return [
+            PendingAlert(
+                saga_id=row.saga_id, sequence=row.sequence, position=row.position,
+                definition_name=row.definition_name, step_name=row.step_name, message=row.message,
+                raised_at=row.raised_at, attempts=row.attempts, trace_parent=traces.get(row.saga_id),
+            )
+            for row in sorted(rows, key=lambda row: row.position)
+        ]
+
+    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.delete(alert_outbox).where(alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence)
+            )
+
+    async def alert_not_delivered(
+        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(alert_outbox)
+                .where(
+                    alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence,
+                    alert_outbox.c.attempts == attempts,
+                )
+                .values(next_attempt_at=next_attempt_at, last_error=error)
+            )
+
+    # -- the event log
+
+    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]:
+        query = (
+            sa.select(saga_events)
+            .where(saga_events.c.saga_id == saga_id, saga_events.c.sequence > after_sequence)
+            .order_by(saga_events.c.sequence)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+
+    async def read_log(
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+    ) -> list[StoredEvent]:
+        query = sa.select(saga_events).where(saga_events.c.position > after_position)
+        if definition_name:
+            query = query.where(saga_events.c.definition_name == definition_name)
+        if saga_state:
+            query = query.where(saga_events.c.saga_state == saga_state)
+        query = query.order_by(saga_events.c.position).limit(limit)
+        async with self._transaction() as conn:
+            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+
+    async def head_position(self) -> int:
+        async with self._transaction() as conn:
+            return int((await conn.execute(sa.select(log_head.c.position).where(log_head.c.id == 1))).scalar_one())
+

@@ -1,0 +1,240 @@
+"""Fan-out of the event log to watch streams.
+
+One `LogTail` per process reads the log once per change and appends the new
+entries to a bounded feed per saga watched and per filter of the all-saga
+watchers. Subscribers of one feed share it, each with its own cursor, so a
+thousand subscribers cost one read and one append per event, not a thousand.
+A subscriber that falls more than a buffer behind its feed serves itself from
+the log (catch-up) until it is back at the tail: a slow reader holds no memory
+and never slows the engine.
+
+Ordering: positions are handed out in commit order (see store/sql.py), so a
+reader that delivers strictly increasing positions misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+from compensa.orchestrator.changes import ChangeSignal
+from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.store import SagaStore, StoredEvent
+
+log = logging.getLogger("compensa.streams")
+
+#: Events per read of the log; `read` callbacks must use it as their limit.
+READ_BATCH = 500
+
+
+#: (definition_name, saga_state) a subscriber to every saga filters on; "" and 0 mean any.
+Filter = tuple[str, int]
+
+
+@dataclass(eq=False)
+class _Feed:
+    """The recent events of one saga, or of every saga passing one filter.
+
+    Holds between `capacity` and twice that many events, so that a reader at
+    most `capacity` behind always finds its next event here.
+    """
+
+    capacity: int
+    events: list[StoredEvent] = field(default_factory=list)
+    start: int = 0  # the feed index of events[0]
+    readers: set[_Reader] = field(default_factory=set)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.events)
+
+    def append(self, event: StoredEvent) -> None:
+        self.events.append(event)
+        if len(self.events) > 2 * self.capacity:
+            dropped = len(self.events) - self.capacity
+            del self.events[:dropped]
+            self.start += dropped
+
+    def read(self, reader: _Reader, limit: int) -> list[StoredEvent] | None:
+        """Up to `limit` events after the reader's cursor, moving it on;
+        None when it fell more than `capacity` behind."""
+        if self.end - reader.next > self.capacity:
+            return None
+        offset = reader.next - self.start
+        batch = self.events[offset:offset + limit]
+        reader.next += len(batch)
+        return batch
+
+
+@dataclass(eq=False)
+class _Reader:
+    feed: _Feed
+    next: int  # the feed index of the next event to read
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def _passes(event: StoredEvent, wanted: Filter) -> bool:
+    definition_name, saga_state = wanted
+    return (not definition_name or event.definition_name == definition_name) and (
+        not saga_state or event.event.saga_state == saga_state
+    )
+
+
+class LogTail:
+    """Reads the global log as it grows and fans it out to subscribers."""
+
+    def __init__(self, store: SagaStore, changes: ChangeSignal, *, buffer_size: int, reread_seconds: float) -> None:
+        self._store = store
+        self._changes = changes
+        self._buffer_size = buffer_size
+        self._reread_seconds = reread_seconds
+        self._of_saga: dict[str, _Feed] = {}
+        # Subscribers to every saga share a feed per filter: an event is
+        # checked and appended once per distinct filter, however many
+        # dashboards share it.
+        self._of_all: dict[Filter, _Feed] = {}
+        self._position: int | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = asyncio.Event()
+        self._commits = changes.on_commit(self._take_committed)
+
+    def _take_committed(self, events: list[StoredEvent]) -> bool:
+        """This process's own commits, without reading them back: usable
+        when they follow on from what the tail has, else it re-reads."""
+        if self._position is None or not events or events[0].position != self._position + 1:
+            return False
+        self._position = events[-1].position
+        self._fan_out(events)
+        return True
+
+    async def stop(self) -> None:
+        self._commits.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _ensure_running(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="compensa-log-tail")
+        await self._started.wait()
+
+    async def _run(self) -> None:
+        changed = asyncio.Event()
+        with self._changes.on_change(changed.set):
+            while True:
+                try:
+                    if self._position is None:
+                        self._position = await self._store.head_position()
+                        self._started.set()
+                    changed.clear()
+                    events = await self._store.read_log(self._position, READ_BATCH)
+                except Exception as error:  # the store comes back; subscribers catch up
+                    # Not at WARNING every second: the database's health logs an outage once.
+                    level = logging.DEBUG if isinstance(error, StoreUnavailable) else logging.WARNING
+                    log.log(level, "log tail: %s", error)
+                    await asyncio.sleep(1.0)
+                    continue
+                # Commits of this process may have been handed over meanwhile.
+                fresh = [event for event in events if event.position > self._position]
+                if fresh:
+                    self._position = fresh[-1].position
+                    self._fan_out(fresh)
+                if len(events) == READ_BATCH:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
+
+    def _fan_out(self, events: list[StoredEvent]) -> None:
+        touched: set[_Feed] = set()
+        for event in events:
+            feed = self._of_saga.get(event.saga_id)
+            if feed is not None:
+                feed.append(event)
+                touched.add(feed)
+            for wanted, feed in self._of_all.items():
+                if _passes(event, wanted):
+                    feed.append(event)
+                    touched.add(feed)
+        for feed in touched:
+            for reader in feed.readers:
+                reader.wake.set()
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self, saga_id: str | None, wanted: Filter) -> AsyncIterator[_Reader]:
+        """A reader positioned at the end of its feed: it gets every event
+        the tail fans out from now on."""
+        await self._ensure_running()
+        if saga_id is None:
+            feed = self._of_all.setdefault(wanted, _Feed(self._buffer_size))
+        else:
+            feed = self._of_saga.setdefault(saga_id, _Feed(self._buffer_size))
+        reader = _Reader(feed, feed.end)
+        feed.readers.add(reader)
+        try:
+            yield reader
+        finally:
+            # A feed with readers is never dropped, so the entry is still this one.
+            feed.readers.discard(reader)
+            if not feed.readers:
+                if saga_id is None:
+                    del self._of_all[wanted]
+                else:
+                    del self._of_saga[saga_id]
+
+    async def follow(
+        self,
+        after: int,
+        *,
+        saga_id: str | None,
+        key: Callable[[StoredEvent], int],
+        read: Callable[[int], Awaitable[list[StoredEvent]]],
+        wanted: Filter = ("", 0),
+        max_batch: int = READ_BATCH,
+        window: float = 0.0,
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Every event of `saga_id` (None: of every saga, passing `wanted`)
+        with key > `after`, in key order, forever, in batches of at most
+        `max_batch`: whatever is ready, or, with a `window` (seconds), what
+        is ready that long after the first live event of a batch.
+
+        `key` is the sequence (one saga) or the position (all sagas); `read(k)`
+        reads a batch with key > k from the store, for catch-up.
+        """
+        last = after
+        while True:
+            async with self._subscription(saga_id, wanted) as reader:
+                # Catch up from the log; the feed collects what commits meanwhile.
+                while True:
+                    batch = await read(last)
+                    for start in range(0, len(batch), max_batch):
+                        chunk = batch[start:start + max_batch]
+                        last = key(chunk[-1])
+                        yield chunk
+                    if len(batch) < READ_BATCH:
+                        break
+                # Then live, from the feed, skipping what catch-up already sent.
+                while True:
+                    reader.wake.clear()
+                    live = reader.feed.read(reader, max_batch)
+                    if live is None:
+                        break  # fell behind: catch up from the log again
+                    if window and live and len(live) < max_batch:
+                        await asyncio.sleep(window)
+                        more = reader.feed.read(reader, max_batch - len(live))
+                        if more is None:
+                            break  # fell behind while waiting: the log has it all
+                        live += more
+                    ready = [event for event in live if key(event) > last]
+                    if ready:
+                        last = key(ready[-1])
+                        yield ready
+                    elif not live:
+                        # No timeout: subscribed before catching up, so every
+                        # later event reaches the feed; a missed wake-up is
+                        # the tail's to recover (it re-reads on its own), once
+                        # for all subscribers.
+                        await reader.wake.wait()

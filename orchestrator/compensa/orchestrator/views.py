@@ -1,0 +1,88 @@
+"""Stored records turned into the API's messages."""
+
+from __future__ import annotations
+
+from compensa.v1 import saga_pb2
+from google.protobuf import any_pb2
+
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.store import StoredEvent
+from compensa.orchestrator.timestamps import timestamp
+
+
+def _attempts_made(step: records.StepRecord) -> int:
+    """Execute attempts started: the failed ones, plus the one that answered
+    (or is in flight) unless the last attempt itself ended the step."""
+    if step.started_at is None:
+        return 0
+    return step.attempts + (0 if step.effect_uncertain else 1)
+
+
+def saga_message(saga: records.SagaRecord, plan: machine.Plan | None = None) -> saga_pb2.Saga:
+    """The API view of a saga."""
+    message = saga_pb2.Saga(
+        saga_id=saga.saga_id,
+        definition_name=saga.definition_name,
+        definition_version=saga.definition_version,
+        state=saga.state,  # type: ignore[arg-type]
+        sequence=saga.sequence,
+        input=any_pb2.Any.FromString(saga.input),
+        create_time=timestamp(saga.created_at),
+        update_time=timestamp(saga.updated_at),
+        failure_reason=saga.failure_reason,
+        resolution_note=saga.resolution_note,
+    )
+    for step in saga.steps:
+        view = message.steps.add(
+            name=step.name,
+            state=step.state,
+            attempts=_attempts_made(step),
+            compensate_attempts=step.compensate_attempts + (1 if step.state == records.STEP_COMPENSATED else 0),
+            last_error=step.last_error,
+            start_time=timestamp(step.started_at),
+            finish_time=timestamp(step.finished_at),
+            next_attempt_time=timestamp(step.next_attempt_at),
+            participant=plan.steps[step.name].participant if plan else "",
+        )
+        if step.output is not None:
+            view.output.CopyFrom(any_pb2.Any.FromString(step.output))
+    return message
+
+
+def event_message(stored: StoredEvent) -> saga_pb2.SagaEvent:
+    """The API view of a log entry."""
+    event = stored.event
+    return saga_pb2.SagaEvent(
+        saga_id=stored.saga_id,
+        sequence=event.sequence,
+        type=event.type,  # type: ignore[arg-type]
+        time=timestamp(event.time),
+        saga_state=event.saga_state,  # type: ignore[arg-type]
+        step_name=event.step_name,
+        step_state=event.step_state,  # type: ignore[arg-type]
+        attempt=event.attempt,
+        message=event.message,
+        actor=event.actor,
+        definition_name=stored.definition_name,
+        position=stored.position,
+    )
+
+
+class EventViews:
+    """API views of log events, each built once however many streams send it.
+
+    Keyed by log position, which names one event forever; the oldest views
+    are dropped first.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._views: dict[int, saga_pb2.SagaEvent] = {}
+
+    def of(self, stored: StoredEvent) -> saga_pb2.SagaEvent:
+        view = self._views.get(stored.position)
+        if view is None:
+            if len(self._views) >= self._size:
+                del self._views[next(iter(self._views))]
+            view = self._views[stored.position] = event_message(stored)
+        return view

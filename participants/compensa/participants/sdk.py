@@ -1,0 +1,592 @@
+"""The participant SDK: exactly-once saga steps behind the ParticipantService contract.
+
+A participant subclasses `Participant`, declares its tables in `metadata` and
+overrides `execute_step` (and `compensate_step` if the step can be undone).
+The base class answers Execute and Compensate with DTM's barrier: in the
+participant's own database, in the same transaction as the business effect, it
+inserts a row keyed by (idempotency_key, operation) with ON CONFLICT DO NOTHING
+and stores the answer with it. Inserting first, instead of checking first, is
+what makes concurrent duplicates safe: on PostgreSQL the second insert waits on
+the unique index until the first transaction ends; on SQLite writers are
+serialised by the database lock (see `compensa.participants.serving.create_participant_engine`).
+
+A long-running step (`long_running: true` in its definition) may return
+`Pending(output)` from `execute_step`: its effect so far (a held charge) commits
+with the barrier row, Execute answers EXECUTE_RESULT_PENDING, and a duplicate
+Execute answers PENDING again without a second effect. The participant keeps
+`request.completion_token` (in the same transaction) and reports the outcome
+later with any `CompleteStep` caller, e.g. `compensa.orchestrator.client.SagaClient`:
+
+    await client.complete_step(token, output=Charge(...))       # succeeded
+    await client.complete_step(token, failure_reason="declined")  # failed
+
+Outcomes, for both RPCs:
+  - OK: done (or a duplicate of a call that was done; the stored answer).
+  - DEADLINE_EXCEEDED: the call arrived after its `StepContext.deadline` (held
+    by the network): the orchestrator stopped waiting for it and may have moved
+    on, so nothing is done and nothing is recorded.
+  - ABORTED: Execute failed for a business reason (`StepFailed`); a retry with
+    the same key answers the same, without effect. Also a hanging Execute: one
+    that arrives after a Compensate with its key.
+  - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
+    answering Pending for a step that is not long_running (nothing recorded).
+  - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
+    nothing was recorded, so a retry runs the step again. Every wait on the
+    database is bounded (`compensa.common.database`), so a silent database
+    answers this within `database_timeout` too, and the server's health
+    (`compensa.common.health`) says NOT_SERVING until the database answers again.
+  - INTERNAL: a bug; nothing was recorded.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import grpc
+import sqlalchemy
+from google.protobuf import any_pb2, message
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+from compensa.participants import tracing
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
+from compensa.participants.faults import FaultPlan, InjectedFault
+from compensa.common.health import DatabaseHealth
+
+__all__ = [
+    "CompleteStep",
+    "DeadlinePassed",
+    "NotCompensable",
+    "NotLongRunning",
+    "Participant",
+    "ParticipantError",
+    "Pending",
+    "StepFailed",
+    "TransientError",
+    "insert_if_absent",
+    "pack",
+    "unpack_as",
+]
+
+logger = logging.getLogger(__name__)
+
+_M = TypeVar("_M", bound=message.Message)
+_R = TypeVar("_R")
+
+_EXECUTE = "execute"
+_COMPENSATE = "compensate"
+
+# Barrier outcomes. An execute row written by Compensate carries
+# _NULL_COMPENSATED: Execute never ran, and must never run for this key.
+_SUCCEEDED = "succeeded"
+_PENDING = "pending"
+_FAILED = "failed"
+_NULL_COMPENSATED = "null_compensated"
+_COMPENSATED = "compensated"
+_NOTHING_TO_UNDO = "nothing_to_undo"
+
+
+class ParticipantError(Exception):
+    """Root of the errors a step raises on purpose; `code` is the status answered."""
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+
+
+class StepFailed(ParticipantError):
+    """A business failure (a declined card): answered ABORTED and never retried.
+
+    Raised from `execute_step`, its effects are rolled back and the failure is
+    recorded, so a retry with the same key answers the same failure.
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TransientError(ParticipantError):
+    """A retryable failure: answered UNAVAILABLE, with nothing recorded."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class NotCompensable(ParticipantError):
+    """The step cannot be undone (a pivot step): Compensate answers FAILED_PRECONDITION."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class NotLongRunning(ParticipantError):
+    """`execute_step` returned Pending for a step that is not long_running (it
+    got no completion token, so nobody could report its outcome): answered
+    FAILED_PRECONDITION, with nothing recorded."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+@dataclass(frozen=True)
+class Pending:
+    """What `execute_step` returns when the step goes on on the participant's
+    side: Execute answers EXECUTE_RESULT_PENDING, the effects made so far
+    commit with the barrier, and the outcome is reported later with the
+    request's `completion_token`. `output`, if any, is what `compensate_step`
+    gets as `execute_output` should the saga compensate the step."""
+
+    output: message.Message | None = None
+
+
+class CompleteStep(Protocol):
+    """Reports a long-running step's outcome (OrchestratorService.CompleteStep);
+    `compensa.orchestrator.client.SagaClient.complete_step` is one."""
+
+    async def __call__(
+        self, completion_token: str, *, output: message.Message | None = None, failure_reason: str = ""
+    ) -> object: ...
+
+
+class DeadlinePassed(ParticipantError):
+    """The call arrived after its StepContext.deadline: answered DEADLINE_EXCEEDED, nothing done."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _database_error(error: Exception) -> bool:
+    """The database could not be reached or did not answer in time."""
+    return isinstance(
+        error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError)
+    )
+
+
+def _unreachable(error: Exception) -> bool:
+    """A database error that says nothing answered (not a statement the database cancelled)."""
+    return _database_error(error) and not cancelled_by_the_database(error)
+
+
+def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+    """The one place that maps a step's errors to a gRPC status and details."""
+    if isinstance(error, ParticipantError):
+        return error.code, str(error)
+    if isinstance(error, InjectedFault):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if _database_error(error):
+        return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(error).__name__}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+def _check_deadline(step: participant_pb2.StepContext) -> None:
+    """Raises DeadlinePassed if the call's deadline (when it has one) is behind us."""
+    if step.HasField("deadline"):
+        deadline = step.deadline.seconds + step.deadline.nanos / 1e9
+        late = time.time() - deadline
+        if late >= 0:
+            raise DeadlinePassed(
+                f"the call arrived {late:.3f}s after its deadline; the orchestrator stopped waiting for it, "
+                "so it was not applied"
+            )
+
+
+def pack(payload: message.Message) -> any_pb2.Any:
+    """`payload` packed in an Any."""
+    packed = any_pb2.Any()
+    packed.Pack(payload)
+    return packed
+
+
+def unpack_as(payload: any_pb2.Any, cls: type[_M]) -> _M:
+    """Decodes `payload` as a `cls`; StepFailed if it holds another type.
+
+    A payload of the wrong type will never succeed, so it is a business failure
+    rather than a transient one.
+    """
+    decoded = cls()
+    if not payload.Unpack(decoded):
+        expected = cls.DESCRIPTOR.full_name
+        got = payload.type_url.rpartition("/")[2] or "nothing"
+        raise StepFailed(f"expected a {expected}, got {got}")
+    return decoded
+
+
+async def insert_if_absent(conn: AsyncConnection, table: sqlalchemy.Table, values: Mapping[str, Any]) -> bool:
+    """Inserts a row unless its primary key exists (ON CONFLICT DO NOTHING).
+
+    True if this call inserted the row. On PostgreSQL a concurrent insert of the
+    same key waits until the other transaction ends, then conflicts.
+    """
+    dialect = conn.dialect.name
+    statement: sqlalchemy.Insert
+    if dialect == "postgresql":
+        statement = postgresql.insert(table).values(dict(values)).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        statement = sqlite.insert(table).values(dict(values)).on_conflict_do_nothing()
+    else:
+        raise NotImplementedError(f"database {dialect!r} is not supported (PostgreSQL or SQLite)")
+    # RETURNING rather than rowcount: psycopg's async cursor reports -1 here.
+    inserted = await conn.execute(statement.returning(*table.primary_key.columns))
+    return inserted.first() is not None
+
+
+def _barrier_table(name: str) -> sqlalchemy.Table:
+    return sqlalchemy.Table(
+        name,
+        sqlalchemy.MetaData(),
+        sqlalchemy.Column("idempotency_key", sqlalchemy.String, primary_key=True),
+        sqlalchemy.Column("operation", sqlalchemy.String(16), primary_key=True),
+        sqlalchemy.Column("saga_id", sqlalchemy.String, nullable=False),
+        sqlalchemy.Column("step_name", sqlalchemy.String, nullable=False),
+        # NULL only while the inserting transaction is still running.
+        sqlalchemy.Column("outcome", sqlalchemy.String(32)),
+        # The serialized ExecuteResponse or CompensateResponse answered.
+        sqlalchemy.Column("response", sqlalchemy.LargeBinary),
+        sqlalchemy.Column("created_at", sqlalchemy.DateTime(timezone=True), nullable=False),
+    )
+
+
+def _span_attributes(step: participant_pb2.StepContext) -> dict[str, str | int]:
+    return {
+        "compensa.saga.id": step.saga_id, "compensa.step": step.step_name, "compensa.attempt": step.attempt,
+        "rpc.system": "grpc", "rpc.service": "compensa.v1.ParticipantService",
+    }
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class Participant(participant_pb2_grpc.ParticipantServiceServicer):
+    """A ParticipantService servicer (grpc.aio) that runs each step exactly once.
+
+    Subclasses set `metadata` (their tables), `barrier_table_name` (so that
+    several participants may share one database) and override `execute_step`,
+    and `compensate_step` unless the step is a pivot that cannot be undone.
+    """
+
+    #: The subclass's tables, created by `create_schema`.
+    metadata: ClassVar[sqlalchemy.MetaData] = sqlalchemy.MetaData()
+    #: Name of the barrier table in the participant's database.
+    barrier_table_name: ClassVar[str] = "participant_barrier"
+
+    def __init__(
+        self, engine: AsyncEngine, *, faults: FaultPlan | None = None, database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    ) -> None:
+        self.engine = engine
+        self.faults = faults or FaultPlan()
+        self.barrier = _barrier_table(self.barrier_table_name)
+        # One SERVER span per call, in the saga's trace, when traces are on.
+        self._tracer = tracing.tracer("compensa.participant", f"compensa-participant-{type(self).__name__}")
+        #: The longest one transaction may take, in seconds (connecting is
+        #: bounded by the engine: see `compensa.participants.serving.create_participant_engine`).
+        self.database_timeout = database_timeout
+        #: Told whether each transaction reached the database; set by the server.
+        self.database_health: DatabaseHealth | None = None
+
+    async def ping(self) -> None:
+        """Raises unless the database answers within `database_timeout`; the
+        outcome goes to `database_health`."""
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                await conn.execute(sqlalchemy.text("SELECT 1"))
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+
+    def _database_outcome(self, error: Exception | None) -> None:
+        health = self.database_health
+        if health is None:
+            return
+        if error is None:
+            health.succeeded()
+        elif _unreachable(error):
+            health.failed(error)
+
+    async def create_schema(self) -> None:
+        """Creates the barrier table and the subclass's tables if they do not exist."""
+        async with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL when
+                # replicas of a participant start together.
+                await conn.execute(
+                    sqlalchemy.text("SELECT pg_advisory_xact_lock(hashtext(:name))"),
+                    {"name": self.barrier_table_name},
+                )
+            await conn.run_sync(self.barrier.metadata.create_all)
+            await conn.run_sync(self.metadata.create_all)
+
+    @abc.abstractmethod
+    async def execute_step(
+        self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
+    ) -> message.Message | Pending:
+        """Applies the step's effect through `conn` and returns its output message,
+        or, for a long-running step, `Pending` (see the module docstring).
+
+        Runs at most once per idempotency key that commits. It runs inside the
+        barrier transaction, which must end within `database_timeout` (3 s by
+        default; `start_participant(database_timeout=...)`, `compensa
+        participant --database-timeout`): keep slow calls to other services
+        out of it. Raise StepFailed
+        for a business failure (its effects are rolled back and it is recorded)
+        and TransientError for a retryable one (nothing is recorded).
+        """
+
+    async def compensate_step(
+        self, conn: AsyncConnection, request: participant_pb2.CompensateRequest
+    ) -> message.Message | None:
+        """Undoes the step's effect through `conn`; returns optional details of the undo.
+
+        Called at most once per idempotency key that commits, and only if
+        Execute succeeded or answered Pending; `request.execute_output` is the
+        output Execute recorded (a Pending's output). The default raises NotCompensable: override it unless the
+        step is a pivot.
+        """
+        raise NotCompensable(f"step {request.context.step_name!r} cannot be compensated")
+
+    async def Execute(
+        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.ExecuteResponse:
+        """Performs the step once per idempotency key; see the module docstring for statuses."""
+        traceparent = tracing.traceparent_in(context.invocation_metadata())
+        if self._tracer is None:
+            return await self._answer_execute(request, context, traceparent)
+        with tracing.server_span(
+            self._tracer, f"Execute {request.context.step_name}", traceparent, _span_attributes(request.context)
+        ):
+            return await self._answer_execute(request, context, traceparent)
+
+    async def _answer_execute(
+        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+    ) -> participant_pb2.ExecuteResponse:
+        outcome = "not-run"
+        status = grpc.StatusCode.OK
+        try:
+            _check_deadline(request.context)
+            await self.faults.before_call(request.context.attempt)
+            response, outcome, committed = await self._transact(self._execute(request))
+            if committed:
+                self.faults.after_commit()
+            if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
+                raise StepFailed(response.failure_reason)
+            return response
+        except Exception as error:
+            status, details = self._error_status(request.context, _EXECUTE, error)
+            await context.abort(status, details)
+            raise  # context.abort raises; this is never reached
+        finally:
+            self._log(request.context, _EXECUTE, outcome, status, traceparent)
+
+    async def Compensate(
+        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
+    ) -> participant_pb2.CompensateResponse:
+        """Undoes the step once per idempotency key; see the module docstring for statuses."""
+        traceparent = tracing.traceparent_in(context.invocation_metadata())
+        if self._tracer is None:
+            return await self._answer_compensate(request, context, traceparent)
+        with tracing.server_span(
+            self._tracer, f"Compensate {request.context.step_name}", traceparent, _span_attributes(request.context)
+        ):
+            return await self._answer_compensate(request, context, traceparent)
+
+    async def _answer_compensate(
+        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+    ) -> participant_pb2.CompensateResponse:
+        outcome = "not-run"
+        status = grpc.StatusCode.OK
+        try:
+            _check_deadline(request.context)
+            await self.faults.before_call(request.context.attempt)
+            response, outcome, committed = await self._transact(self._compensate(request))
+            if committed:
+                self.faults.after_commit()
+            return response
+        except Exception as error:
+            status, details = self._error_status(request.context, _COMPENSATE, error)
+            await context.abort(status, details)
+            raise  # context.abort raises; this is never reached
+        finally:
+            self._log(request.context, _COMPENSATE, outcome, status, traceparent)
+
+    async def _transact(self, work: Awaitable[_R]) -> _R:
+        """Runs a barrier transaction, telling `database_health` whether the database answered."""
+        try:
+            result = await work
+        except Exception as error:
+            self._database_outcome(error)
+            raise
+        self._database_outcome(None)
+        return result
+
+    async def _execute(
+        self, request: participant_pb2.ExecuteRequest
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """The response, the barrier outcome, and whether this call committed a new row."""
+        step = request.context
+        try:
+            async with bounded_transaction(self.engine, self.database_timeout) as conn:
+                if not await self._claim(conn, step, _EXECUTE):
+                    return await self._stored_execute(conn, step.idempotency_key)
+                output = await self.execute_step(conn, request)
+                if isinstance(output, Pending):
+                    if not request.completion_token:
+                        raise NotLongRunning(
+                            f"step {step.step_name!r} answered Pending but is not long_running (no completion token)"
+                        )
+                    response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
+                    if output.output is not None:
+                        response.output.CopyFrom(pack(output.output))
+                    outcome = _PENDING
+                else:
+                    response = participant_pb2.ExecuteResponse(
+                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
+                    )
+                    outcome = _SUCCEEDED
+                await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
+            return response, outcome, True
+        except StepFailed as failure:
+            # No savepoint around the step (two round trips on every call): its
+            # failure rolled back the whole transaction, claim included, and is
+            # recorded in a transaction of its own.
+            return await self._record_failure(step, failure)
+
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """Claims the key with the failure; if a call with the same key committed
+        since the failed step rolled back, that call's answer stands."""
+        response = participant_pb2.ExecuteResponse(
+            result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
+        )
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
+            if not await self._claim(conn, step, _EXECUTE, outcome=_FAILED, response=response):
+                return await self._stored_execute(conn, step.idempotency_key)
+        return response, _FAILED, True
+
+    async def _stored_execute(
+        self, conn: AsyncConnection, key: str
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        """The answer to an Execute whose key was already claimed (a duplicate, or a hanging call)."""
+        outcome, stored = await self._stored(conn, key, _EXECUTE)
+        if outcome == _NULL_COMPENSATED:
+            return (
+                participant_pb2.ExecuteResponse(
+                    result=participant_pb2.EXECUTE_RESULT_FAILED,
+                    failure_reason="compensated before it executed",
+                ),
+                "hanging",
+                False,
+            )
+        return participant_pb2.ExecuteResponse.FromString(stored), f"duplicate-{outcome}", False
+
+    async def _compensate(
+        self, request: participant_pb2.CompensateRequest
+    ) -> tuple[participant_pb2.CompensateResponse, str, bool]:
+        """The response, the barrier outcome, and whether this call committed a new row."""
+        step = request.context
+        response = participant_pb2.CompensateResponse()
+        async with bounded_transaction(self.engine, self.database_timeout) as conn:
+            if await self._claim(conn, step, _EXECUTE, outcome=_NULL_COMPENSATED):
+                # Execute never ran; its key is now taken, so a late Execute is a no-op.
+                await self._claim(conn, step, _COMPENSATE, outcome=_NULL_COMPENSATED, response=response)
+                return response, _NULL_COMPENSATED, True
+            if not await self._claim(conn, step, _COMPENSATE):
+                outcome, stored = await self._stored(conn, step.idempotency_key, _COMPENSATE)
+                return participant_pb2.CompensateResponse.FromString(stored), f"duplicate-{outcome}", False
+
+            executed, stored_execute = await self._stored(conn, step.idempotency_key, _EXECUTE)
+            if executed in (_SUCCEEDED, _PENDING):
+                # The barrier's copy is authoritative: the orchestrator may never
+                # have received Execute's answer (a lost answer, a deadline).
+                undo = participant_pb2.CompensateRequest()
+                undo.CopyFrom(request)
+                undo.execute_output.CopyFrom(participant_pb2.ExecuteResponse.FromString(stored_execute).output)
+                details = await self.compensate_step(conn, undo)
+                if details is not None:
+                    response.output.CopyFrom(pack(details))
+                outcome = _COMPENSATED
+            else:
+                outcome = _NOTHING_TO_UNDO
+            await self._record(conn, step.idempotency_key, _COMPENSATE, outcome, response)
+        return response, outcome, True
+
+    async def _claim(
+        self,
+        conn: AsyncConnection,
+        step: participant_pb2.StepContext,
+        operation: str,
+        *,
+        outcome: str | None = None,
+        response: message.Message | None = None,
+    ) -> bool:
+        """Inserts the barrier row of (key, operation); False if it already exists."""
+        return await insert_if_absent(
+            conn,
+            self.barrier,
+            {
+                "idempotency_key": step.idempotency_key,
+                "operation": operation,
+                "saga_id": step.saga_id,
+                "step_name": step.step_name,
+                "outcome": outcome,
+                "response": response.SerializeToString(deterministic=True) if response is not None else None,
+                "created_at": _now(),
+            },
+        )
+
+    async def _record(
+        self, conn: AsyncConnection, key: str, operation: str, outcome: str, response: message.Message
+    ) -> None:
+        """Stores the outcome and answer in the barrier row this transaction claimed."""
+        barrier = self.barrier
+        await conn.execute(
+            barrier.update()
+            .where(barrier.c.idempotency_key == key, barrier.c.operation == operation)
+            .values(outcome=outcome, response=response.SerializeToString(deterministic=True))
+        )
+
+    async def _stored(self, conn: AsyncConnection, key: str, operation: str) -> tuple[str, bytes]:
+        """The outcome and serialized answer of a committed barrier row."""
+        barrier = self.barrier
+        row = (
+            await conn.execute(
+                sqlalchemy.select(barrier.c.outcome, barrier.c.response).where(
+                    barrier.c.idempotency_key == key, barrier.c.operation == operation
+                )
+            )
+        ).one()
+        return str(row.outcome), bytes(row.response or b"")
+
+    def _error_status(
+        self, step: participant_pb2.StepContext, operation: str, error: Exception
+    ) -> tuple[grpc.StatusCode, str]:
+        code, details = _status_of(error)
+        if code == grpc.StatusCode.INTERNAL:
+            logger.exception(
+                "saga=%s step=%s operation=%s: unexpected error", step.saga_id, step.step_name, operation
+            )
+        return code, details
+
+    def _log(
+        self, step: participant_pb2.StepContext, operation: str, outcome: str, status: grpc.StatusCode,
+        traceparent: str | None,
+    ) -> None:
+        logger.info(
+            "%s saga=%s step=%s operation=%s attempt=%d outcome=%s status=%s",
+            type(self).__name__,
+            step.saga_id,
+            step.step_name,
+            operation,
+            step.attempt,
+            outcome,
+            status.name,
+            extra={
+                "saga_id": step.saga_id, "step": step.step_name, "attempt": step.attempt,
+                "trace_id": tracing.trace_id_of(traceparent),
+            },
+        )

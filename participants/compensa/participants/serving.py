@@ -1,0 +1,288 @@
+"""Serving a participant of your own: its database engine, a gRPC server with
+health and reflection, and a process that runs until SIGINT or SIGTERM.
+
+    from compensa.participants import Participant, create_participant_engine, serve
+
+    class Billing(Participant):
+        ...
+
+    asyncio.run(serve(Billing(create_participant_engine(DATABASE_URL)), listen="0.0.0.0:50070"))
+
+What stops a start, rather than being retried, raises a `ServingError` with a
+one-line reason (`compensa` prints it and exits 2): a port another process
+listens on (`AddressInUse`), and a database that cannot work as configured
+(`DatabaseMisconfigured`: it does not exist, the login is refused, a SQLite
+file's directory is missing, a URL that is not one). A database that does not
+answer yet (connection refused while PostgreSQL starts) is waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from compensa.v1 import participant_pb2, participant_pb2_grpc
+from compensa.participants import tracing
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
+from compensa.participants.sdk import Participant
+from compensa.common.startup import (
+    DATABASE_START_BACKOFF,
+    AddressInUse,
+    DatabaseMisconfigured,
+    ServingError,
+    ensure_address_free,
+    first_line,
+    permanent_database_problem,
+)
+from compensa.common.tls import TlsFiles
+
+__all__ = [
+    "GRPC_SERVER_OPTIONS",
+    "AddressInUse",
+    "DatabaseMisconfigured",
+    "RunningParticipant",
+    "ServingError",
+    "create_participant_engine",
+    "ensure_address_free",
+    "ensure_sqlite_directory",
+    "first_line",
+    "listen_on",
+    "permanent_database_problem",
+    "serve",
+    "start_server",
+]
+
+logger = logging.getLogger(__name__)
+
+_SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
+
+#: How long a SQLite writer waits for the database lock before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: Options of every gRPC server here. gRPC sets SO_REUSEPORT by default, so a
+#: second process on a taken port would start serving too and the kernel would
+#: split new connections between the two; with it off, the second is refused.
+GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
+
+def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
+    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
+
+    Raises DatabaseMisconfigured for a URL that is not one of those, or a
+    SQLite file whose directory does not exist.
+
+    On PostgreSQL, connecting and waiting for a pooled connection each take at
+    most `database_timeout` seconds, and the server ends statements and idle
+    transactions after that long (`compensa.common.database`).
+
+    SQLite
+    connections use WAL and a busy timeout, and every transaction starts with
+    BEGIN IMMEDIATE: writers then queue on the database lock from their first
+    statement, so concurrent duplicate calls serialise instead of failing with
+    "database is locked", and SAVEPOINTs work.
+    """
+    ensure_sqlite_directory(database_url)
+    try:
+        engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
+    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
+        raise DatabaseMisconfigured(
+            f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
+            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+        ) from None
+    if engine.dialect.name == "sqlite":
+        sync_engine = engine.sync_engine
+
+        @sqlalchemy.event.listens_for(sync_engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Stop the driver from issuing its own BEGIN; see "begin" below.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.close()
+
+        @sqlalchemy.event.listens_for(sync_engine, "begin")
+        def _on_begin(conn: sqlalchemy.Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    elif engine.dialect.name != "postgresql":
+        raise DatabaseMisconfigured(
+            f"--db {database_url!r}: {engine.dialect.name} is not supported; use postgresql+psycopg:// or sqlite+aiosqlite://"
+        )
+    return engine
+
+
+def ensure_sqlite_directory(database_url: str) -> None:
+    """Raises DatabaseMisconfigured if `database_url` names a SQLite file in a
+    directory that does not exist (connecting would fail, and nothing should
+    create directories a typo named)."""
+    try:
+        url = sqlalchemy.engine.make_url(database_url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return  # create_async_engine says what is wrong with it
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return
+    directory = Path(url.database).parent
+    if not directory.is_dir():
+        raise DatabaseMisconfigured(
+            f"database: the directory of the SQLite file {url.database} does not exist; create it or check --db"
+        )
+
+
+def listen_on(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Binds `server` (made with GRPC_SERVER_OPTIONS) to `listen`; the port.
+
+    Raises AddressInUse when another process listens there, ServingError when
+    the address cannot be bound for another reason."""
+    ensure_address_free(listen)
+    try:
+        port: int = (
+            server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
+        )
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        # Taken between the check and the bind, or not an address of this host.
+        ensure_address_free(listen)
+        raise ServingError(f"cannot listen on {listen}: not an address of this host, or not allowed")
+    return port
+
+
+async def create_schema_when_reachable(participant: Participant) -> None:
+    """Creates `participant`'s tables, waiting (with a one-line warning per
+    try) while its database does not answer; DatabaseMisconfigured when it
+    never will."""
+    waits = DATABASE_START_BACKOFF.waits()
+    while True:
+        try:
+            await participant.create_schema()
+            return
+        except (
+            sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError
+        ) as error:
+            problem = permanent_database_problem(error)
+            if problem is not None:
+                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            delay = waits.next()
+            logger.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
+        await asyncio.sleep(delay)
+
+
+@dataclass
+class RunningParticipant:
+    """A participant being served; `address` is "host:port" to dial."""
+
+    participant: Participant
+    server: grpc.aio.Server
+    port: int
+    address: str
+    engine: AsyncEngine
+    health: health.aio.HealthServicer
+    #: What health answers: NOT_SERVING while the database cannot be reached.
+    database_health: DatabaseHealth
+
+    async def stop(self, grace: float | None = 0.5) -> None:
+        """Reports NOT_SERVING, stops the server (letting calls finish for `grace`
+        seconds) and disposes of the engine."""
+        await self.health.enter_graceful_shutdown()
+        await self.database_health.stop()
+        await self.server.stop(grace)
+        await self.engine.dispose()
+
+
+async def start_server(
+    participant: Participant,
+    *,
+    listen: str = "127.0.0.1:0",
+    tls: TlsFiles | None = None,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+) -> RunningParticipant:
+    """Serves `participant` on `listen` once its schema exists; returns once listening.
+
+    Port 0 picks a free port, reported in the result. Health (grpc.health.v1)
+    answers for "" and for compensa.v1.ParticipantService: SERVING while the
+    participant's database answers, NOT_SERVING from the first call or probe
+    (every `health_probe_seconds` without a call) that could not reach it
+    until one does again, each change logged once. Server reflection is
+    enabled. With `tls` it serves TLS only (mutual when `tls.ca` is set). A
+    database that does not answer yet is waited for (see the module docstring
+    for what raises instead). The participant's engine is disposed of when the
+    result is stopped, or here if the server cannot start.
+    """
+    engine = participant.engine
+    server = grpc.aio.server(options=GRPC_SERVER_OPTIONS)
+    try:
+        credentials = tls.server_credentials if tls is not None else None
+        # The port first: a second copy of a participant stops here, before
+        # it touches the database.
+        port = listen_on(server, listen, credentials)
+        await create_schema_when_reachable(participant)
+        participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        database_health = DatabaseHealth(
+            health_servicer, ("", _SERVICE_NAME), name=f"{type(participant).__name__} on port {port}", logger=logger
+        )
+        # The schema was just created: the database answered, no probe is due yet.
+        database_health.succeeded()
+        participant.database_health = database_health
+        await server.start()
+        await database_health.ready()
+        database_health.probe_every(health_probe_seconds, participant.ping)
+    except BaseException:
+        await server.stop(None)
+        await engine.dispose()
+        raise
+    host = listen.rpartition(":")[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "127.0.0.1"
+    address = f"{host}:{port}"
+    logger.info(
+        "%s listening on %s (faults: %s)", type(participant).__name__, address, participant.faults.describe() or "none"
+    )
+    return RunningParticipant(
+        participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer,
+        database_health=database_health,
+    )
+
+
+async def serve(
+    participant: Participant,
+    *,
+    listen: str,
+    tls: TlsFiles | None = None,
+    grace: float = 5.0,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+) -> None:
+    """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
+    letting calls in flight finish for `grace` seconds. See `start_server`."""
+    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signum, stopping.set)
+    try:
+        await stopping.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(signum)
+        logger.info("%s on %s stopping", type(participant).__name__, running.address)
+        await running.stop(grace=grace)
+        tracing.shutdown()  # sends the spans still buffered
