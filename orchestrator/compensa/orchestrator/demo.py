@@ -37,8 +37,8 @@ from compensa.examples.shipping import SHIPMENTS
 
 __all__ = ["CHECKOUT_PARTICIPANTS", "DEFINITIONS_DIR", "run_demo"]
 
-#: The example definitions shipped with the repository.
-DEFINITIONS_DIR = Path(__file__).resolve().parents[1] / "definitions"
+#: The example definitions in the repository (the demo runs from a source checkout).
+DEFINITIONS_DIR = Path(__file__).resolve().parents[3] / "definitions"
 #: The participants definitions/checkout.yaml calls.
 CHECKOUT_PARTICIPANTS = ("inventory", "payment", "shipping")
 
