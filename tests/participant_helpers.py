@@ -12,10 +12,10 @@ import grpc
 import sqlalchemy
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2, participant_pb2_grpc
+from compensa.examples.server import RunningParticipant, start_participant, start_server
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant, pack
-from compensa.examples.server import RunningParticipant, start_participant, start_server
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 if TYPE_CHECKING:
     from compensa.v1.participant_pb2_grpc import ParticipantServiceAsyncStub

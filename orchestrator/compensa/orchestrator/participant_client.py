@@ -7,16 +7,20 @@ import time
 from collections.abc import Mapping
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
 
+from compensa.common.tls import TlsFiles
 from compensa.orchestrator import machine
 from compensa.orchestrator.limits import stored_text
 from compensa.orchestrator.metrics import Metrics
-from compensa.common.tls import TlsFiles
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
 _EXECUTE_RESULTS = frozenset(
-    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+    {
+        participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+        participant_pb2.EXECUTE_RESULT_FAILED,
+        participant_pb2.EXECUTE_RESULT_PENDING,
+    }
 )
 
 
@@ -102,7 +106,8 @@ class ParticipantClient:
         if size > self._max_output_bytes:
             # The effect may have happened: an error (retried, then compensated), not a business failure.
             return machine.ExecuteErrored(
-                step, f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}"
+                step,
+                f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}",
             )
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
         return machine.ExecuteSucceeded(step, output)

@@ -17,7 +17,6 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import duration_pb2, message, message_factory
 
 from compensa.orchestrator import machine, payloads, records
@@ -34,7 +33,6 @@ from compensa.orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     grpc_error_details,
     grpc_status_of,
     quote,
@@ -51,13 +49,14 @@ from compensa.orchestrator.limits import (
     is_possible,
     stored_text,
 )
-from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.operations import operator_event
-from compensa.orchestrator.streams import READ_BATCH, LogTail
+from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.store import ParticipantAddress
+from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
 from compensa.orchestrator.views import EventViews, saga_message
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
@@ -344,7 +343,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         check_saga_id(request.saga_id)
         self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
-            raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
+            raise InvalidArgument(
+                f"definition_version must be 0 (latest) or positive, got {request.definition_version}"
+            )
         possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
@@ -560,7 +561,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
         if request.saga_state and request.saga_state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"saga_state {request.saga_state} is not a SagaState")
-        definition_name, saga_state = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition"), request.saga_state
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
+        saga_state = request.saga_state
         self._all_in_scope(context, "WatchSagas", definition_name)
         async for batch in self._tail.follow(
             request.after_position,

@@ -54,11 +54,11 @@ from google.protobuf import any_pb2, message
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from compensa.v1 import participant_pb2, participant_pb2_grpc
-from compensa.participants import tracing
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
-from compensa.participants.faults import FaultPlan, InjectedFault
 from compensa.common.health import DatabaseHealth
+from compensa.participants import tracing
+from compensa.participants.faults import FaultPlan, InjectedFault
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 __all__ = [
     "CompleteStep",
@@ -275,7 +275,11 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     barrier_table_name: ClassVar[str] = "participant_barrier"
 
     def __init__(
-        self, engine: AsyncEngine, *, faults: FaultPlan | None = None, database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+        self,
+        engine: AsyncEngine,
+        *,
+        faults: FaultPlan | None = None,
+        database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.faults = faults or FaultPlan()

@@ -32,8 +32,8 @@ __all__ = [
     "shutdown",
     "trace_id_of",
     "traceparent_in",
-    "traces_requested",
     "tracer",
+    "traces_requested",
 ]
 
 log = logging.getLogger("compensa.tracing")
@@ -82,7 +82,7 @@ def tracer(scope: str, service_name: str) -> Tracer | None:
 def _provider_from_environment(service_name: str) -> TracerProvider:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES; OTEL_SERVICE_NAME wins
     # over our default name.

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 import grpc
-
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from compensa.common.retry import Backoff
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.cli.connection import RECONNECT_QUICKLY, open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK, EXIT_SAGA_ENDED_BADLY
@@ -29,7 +29,7 @@ from compensa.orchestrator.cli.output import (
 )
 from compensa.orchestrator.errors import CompensaError
 from compensa.orchestrator.records import done_for_good
-from compensa.common.retry import Backoff
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 _Message = TypeVar("_Message")
 
