@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import sqlalchemy
@@ -111,8 +111,7 @@ async def serving_participant(participant: Participant) -> AsyncIterator[Connect
 async def connected(running: RunningParticipant) -> AsyncIterator[Connected]:
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
-            # grpc has no type stubs, so mypy cannot pick the stub's aio overload itself.
-            stub = cast("ParticipantServiceAsyncStub", participant_pb2_grpc.ParticipantServiceStub(channel))
+            stub = participant_pb2_grpc.ParticipantServiceStub(channel)
             yield Connected(running, stub, channel)
     finally:
         await running.stop()

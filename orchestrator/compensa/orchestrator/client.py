@@ -18,7 +18,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -58,10 +58,7 @@ class SagaClient:
             if tls is not None
             else grpc.aio.insecure_channel(target)
         )
-        self.stub = cast(
-            "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub",
-            orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel),
-        )
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._call_timeout = call_timeout
         self._retry_for = retry_for
 

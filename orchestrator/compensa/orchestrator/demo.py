@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import signal
 import tempfile
-import typing
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -114,11 +113,7 @@ async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
         print(f"dashboard at {orchestrator.dashboard.url}\n", flush=True)
 
         async with grpc.aio.insecure_channel(orchestrator.address) as channel:
-            # grpc ships no type hints, so the stub's overload on the channel type cannot pick the async one.
-            stub = typing.cast(
-                "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub",
-                orchestrator_pb2_grpc.OrchestratorServiceStub(channel),
-            )
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             outcomes = [await _run_checkout(stub, checkout) for checkout in checkouts]
         if stay:
             print(f"the dashboard stays up at {orchestrator.dashboard.url}; press Ctrl-C to end the demo", flush=True)

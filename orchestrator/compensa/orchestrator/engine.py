@@ -463,7 +463,7 @@ class SagaEngine:
 
     async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
-        answers: asyncio.Queue[machine.Event] = asyncio.Queue()
+        answers: asyncio.Queue[machine.StepAnswer] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
@@ -549,7 +549,8 @@ class SagaEngine:
             return None
 
     async def _call(
-        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
+        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call,
+        answers: asyncio.Queue[machine.StepAnswer],
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
@@ -592,7 +593,7 @@ class SagaEngine:
     async def _send(
         self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
         timeout: float, metadata: tuple[tuple[str, str], ...] | None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         if isinstance(request, participant_pb2.ExecuteRequest):
             return await self.client.execute(participant, request, timeout, metadata)
         return await self.client.compensate(participant, request, timeout, metadata)

@@ -113,13 +113,18 @@ class ResolveRequested:
     note: str
 
 
-Event = (
+#: What a participant's answer to one call becomes.
+StepAnswer = (
     ExecuteSucceeded
     | ExecuteFailed
     | ExecutePending
     | ExecuteErrored
     | CompensateSucceeded
     | CompensateErrored
+)
+
+Event = (
+    StepAnswer
     | TimerFired
     | CancelRequested
     | RetryRequested

@@ -40,7 +40,7 @@ class ParticipantClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceStub] = {}
+        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def address_of(self, participant: str) -> str:
@@ -57,7 +57,7 @@ class ParticipantClient:
         Channels are kept per address, so a changed address gets a new one."""
         self._addresses = dict(addresses)
 
-    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
+    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
         address = self.address_of(participant)
         stub = self._stubs.get(address)
         if stub is None:
@@ -73,7 +73,7 @@ class ParticipantClient:
     async def execute(
         self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float,
         metadata: tuple[tuple[str, str], ...] | None = None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         step = request.context.step_name
         began = time.perf_counter()
         try:
@@ -115,7 +115,7 @@ class ParticipantClient:
     async def compensate(
         self, participant: str, request: participant_pb2.CompensateRequest, timeout: float,
         metadata: tuple[tuple[str, str], ...] | None = None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         step = request.context.step_name
         began = time.perf_counter()
         try:

@@ -354,7 +354,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         raise NotCompensable(f"step {request.context.step_name!r} cannot be compensated")
 
     async def Execute(
-        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+        self,
+        request: participant_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
     ) -> participant_pb2.ExecuteResponse:
         """Performs the step once per idempotency key; see the module docstring for statuses."""
         traceparent = tracing.traceparent_in(context.invocation_metadata())
@@ -366,7 +368,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             return await self._answer_execute(request, context, traceparent)
 
     async def _answer_execute(
-        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+        self,
+        request: participant_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
+        traceparent: str | None,
     ) -> participant_pb2.ExecuteResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK
@@ -387,7 +392,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             self._log(request.context, _EXECUTE, outcome, status, traceparent)
 
     async def Compensate(
-        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: participant_pb2.CompensateRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
     ) -> participant_pb2.CompensateResponse:
         """Undoes the step once per idempotency key; see the module docstring for statuses."""
         traceparent = tracing.traceparent_in(context.invocation_metadata())
@@ -399,7 +406,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             return await self._answer_compensate(request, context, traceparent)
 
     async def _answer_compensate(
-        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+        self,
+        request: participant_pb2.CompensateRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
+        traceparent: str | None,
     ) -> participant_pb2.CompensateResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def traceparent_in(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def traceparent_in(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The traceparent among a call's gRPC metadata, if any."""
     for key, value in metadata or ():
         if key == TRACEPARENT and isinstance(value, str):

@@ -186,7 +186,7 @@ def _watch_saga(args: argparse.Namespace, stub: orchestrator_pb2_grpc.Orchestrat
     last: int = args.after
 
     def open_stream() -> Iterable[orchestrator_pb2.WatchSagaResponse]:
-        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(  # type: ignore[no-any-return]
+        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
             saga_id=args.saga_id, after_sequence=last, replay_history=True, follow_after_end=True,
         ))
 
@@ -207,7 +207,7 @@ def _watch_all(args: argparse.Namespace, stub: orchestrator_pb2_grpc.Orchestrato
     last: int = args.after
 
     def open_stream() -> Iterable[orchestrator_pb2.WatchSagasResponse]:
-        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(  # type: ignore[no-any-return]
+        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(
             definition_name=args.definition, after_position=last, max_events_per_message=_WATCH_ALL_BATCH,
         ))
 
