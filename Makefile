@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make demo       run the checkout saga demo"
-	@echo "make test       run the whole test suite (PYTEST_ARGS=... passes through)"
+	@echo "make test       lint (ruff), type-check (mypy), then the whole test suite (PYTEST_ARGS=... passes through)"
 	@echo "make proto      regenerate generated/ from protos/"
 	@echo "make typecheck  mypy --strict over orchestrator/compensa and participants/compensa"
 	@echo "make bench      run the benchmarks, with the peers (PEERS=0 without; BENCH_ARGS=... passes options)"
@@ -30,7 +30,11 @@ venv: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/compensa demo
 
+# Lint and types first: they take seconds, and a failure of either fails the
+# target (and so CI, which runs it) before the suite's minutes.
 test: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # protoc-gen-mypy and protoc-gen-mypy_grpc are scripts in the venv, hence PATH.

@@ -21,8 +21,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from compensa.checkout.v1 import checkout_pb2
 from google.protobuf import any_pb2
+
+from compensa.checkout.v1 import checkout_pb2
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from common import STEP_NAMES, saga_input
-from run import BENCH_DEFINITION, PG_ADMIN_DSN, PG_HOST, _STEP, free_port, wait_serving
+from run import _STEP, BENCH_DEFINITION, PG_ADMIN_DSN, PG_HOST, free_port, wait_serving
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 BENCH_DIR = Path(__file__).resolve().parent
 PYTHON = sys.executable

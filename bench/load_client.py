@@ -26,9 +26,9 @@ import uuid
 from typing import Any
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from common import RunOutcome, saga_input, serve_commands
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 WAIT_MODES = ("watch-all", "watch", "poll")
 _FINAL_STATES = (saga_pb2.SAGA_STATE_SUCCEEDED, saga_pb2.SAGA_STATE_COMPENSATED, saga_pb2.SAGA_STATE_FAILED)
@@ -97,7 +97,8 @@ class LoadClient:
                     return (await asyncio.wait_for(ended, _STALL_SECONDS) - began) * 1000
                 except TimeoutError:
                     state = await self._final_state(saga_id)
-                    raise SagaFailed(f"saga {saga_id} not seen ending; state {saga_pb2.SagaState.Name(state)}")  # type: ignore[arg-type]
+                    name = saga_pb2.SagaState.Name(state)  # type: ignore[arg-type]
+                    raise SagaFailed(f"saga {saga_id} not seen ending; state {name}") from None
             finally:
                 self._ends.pop(saga_id, None)
         began = time.perf_counter()
@@ -119,7 +120,7 @@ class LoadClient:
             state = await self._final_state(saga_id)
         received = time.perf_counter()
         if state != saga_pb2.SAGA_STATE_SUCCEEDED:
-            raise SagaFailed(f"saga {saga_id} ended {saga_pb2.SagaState.Name(state)}")  # type: ignore[arg-type]
+            raise SagaFailed(f"saga {saga_id} ended {saga_pb2.SagaState.Name(state)}") from None  # type: ignore[arg-type]
         return (received - began) * 1000
 
     async def _workers(self, total: int, concurrency: int, one: Any) -> tuple[list[float], list[str], float]:

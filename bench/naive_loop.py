@@ -26,10 +26,10 @@ from typing import Any
 
 import grpc
 import psycopg
-from compensa.v1 import participant_pb2, participant_pb2_grpc
-
 from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
 from null_driver import execute_request
+
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 POOL_SIZE = 20
 _TIMEOUT_SECONDS = 30.0
@@ -110,7 +110,8 @@ class NaiveLoop:
         sequence = 1
         for index, step in enumerate(STEP_NAMES):
             response = await self._stub.Execute(execute_request(saga_id, step, "bench"), timeout=_TIMEOUT_SECONDS)
-            if response.result not in (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED):
+            succeeded = (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED)
+            if response.result not in succeeded:
                 raise RuntimeError(f"step {step} answered {response.result}")
             state = _SUCCEEDED if index == len(STEP_NAMES) - 1 else _RUNNING
             now = time.time()

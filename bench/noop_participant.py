@@ -15,6 +15,7 @@ import contextlib
 import signal
 
 import grpc
+
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _PENDING = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
@@ -25,12 +26,12 @@ _COMPENSATED = participant_pb2.CompensateResponse()
 class NoopParticipant(participant_pb2_grpc.ParticipantServiceServicer):
     """Succeeds at everything; parks long-running steps."""
 
-    async def Execute(  # noqa: N802 (gRPC method name)
+    async def Execute(
         self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.ExecuteResponse:
         return _PENDING if request.completion_token else _SUCCEEDED
 
-    async def Compensate(  # noqa: N802
+    async def Compensate(
         self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.CompensateResponse:
         return _COMPENSATED

@@ -21,10 +21,10 @@ import uuid
 from typing import Any
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
+from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
 from google.protobuf import timestamp_pb2
 
-from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _TIMEOUT_SECONDS = 30.0
 
@@ -52,7 +52,8 @@ class NullDriver:
     async def _saga(self, saga_id: str) -> None:
         for step in self._steps:
             response = await self._stub.Execute(execute_request(saga_id, step, "bench"), timeout=_TIMEOUT_SECONDS)
-            if response.result not in (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED):
+            succeeded = (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED)
+            if response.result not in succeeded:
                 raise RuntimeError(f"step {step} answered {response.result}")
 
     async def run(self, command: dict[str, Any]) -> str:

@@ -17,10 +17,10 @@ import argparse
 import asyncio
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2_grpc, saga_pb2
-
 from common import STEP_NAMES
 from null_driver import execute_request
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2_grpc, saga_pb2
 
 _TIMEOUT_SECONDS = 30.0
 

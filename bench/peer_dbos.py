@@ -26,11 +26,11 @@ import uuid
 from typing import Any
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
-from dbos import DBOS, DBOSConfig, SetWorkflowID
-
 from common import STEP_NAMES, RunOutcome, serve_commands
+from dbos import DBOS, DBOSConfig, SetWorkflowID
 from null_driver import execute_request
+
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _TIMEOUT_SECONDS = 30.0
 _SUCCESS = (participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_UNSPECIFIED)

@@ -27,14 +27,14 @@ import uuid
 from typing import Any
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
+from common import STEP_NAMES, RunOutcome, serve_commands
+from null_driver import execute_request
+from peer_temporal_saga import EXECUTE_STEP, BenchSaga
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from common import STEP_NAMES, RunOutcome, serve_commands
-from null_driver import execute_request
-from peer_temporal_saga import EXECUTE_STEP, BenchSaga
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _TIMEOUT_SECONDS = 30.0
 _TASK_QUEUE = "compensa-bench"

@@ -36,9 +36,8 @@ from typing import IO, Any
 
 import grpc
 import psycopg
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from common import STEP_NAMES, WAITING_STEP, cpu_seconds, memory_kib, percentile
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -355,7 +354,8 @@ def measure(
         print(
             f"  {name:<17} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
             f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
-            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {_figure(run.transactions_per_saga):>5} xacts/saga" + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
+            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga  {_figure(run.transactions_per_saga):>5} xacts/saga"
+            + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
             flush=True,
         )
         measured.append(run)
@@ -423,7 +423,9 @@ class Bench:
     # -- the three systems
 
     def run_null(self, concurrency: int) -> Row:
-        child = self.lab.spawn(f"null-c{concurrency}", [PYTHON, str(BENCH_DIR / "null_driver.py"), "--participant", self.participant])
+        child = self.lab.spawn(
+            f"null-c{concurrency}", [PYTHON, str(BENCH_DIR / "null_driver.py"), "--participant", self.participant]
+        )
         try:
             workload = Workload(child, child.pid)
             runs = measure("null", workload, self.sagas_at(concurrency), concurrency, self.args.runs)
@@ -483,7 +485,9 @@ class Bench:
                     )
                     time.sleep(1.0)
 
-            runs = measure("orchestrator", workload, self.sagas_at(concurrency), concurrency, self.args.runs, start_profiler)
+            runs = measure(
+                "orchestrator", workload, self.sagas_at(concurrency), concurrency, self.args.runs, start_profiler
+            )
             if profiler is not None:
                 profiler.process.send_signal(signal.SIGINT)
                 profiler.process.wait(60)
@@ -563,7 +567,8 @@ class Bench:
         database = self.lab.create_database("commit")
         latencies: list[float] = []
         try:
-            with psycopg.connect(PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}"), autocommit=True) as conn:
+            dsn = PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}")
+            with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("CREATE TABLE one_row (id bigint PRIMARY KEY, at double precision NOT NULL)")
                 for index in range(samples + 50):
                     began = time.perf_counter()
@@ -723,7 +728,9 @@ class Bench:
                 ready = subscribers.read_line()
                 if ready != f"ready {case.count}":
                     raise BenchFailed(f"subscribers said {ready!r} instead of 'ready {case.count}'")
-                print(f"  {slug}: {case.count} {case.kind} streams open in {time.monotonic() - opened:.1f}s", flush=True)
+                print(
+                    f"  {slug}: {case.count} {case.kind} streams open in {time.monotonic() - opened:.1f}s", flush=True
+                )
             window: dict[str, float] = {}
 
             def start_window() -> None:
@@ -866,7 +873,8 @@ def subscriber_cases(subscribers: int, fanout: int, dashboards: int = 0) -> list
         cases.append(SubscriberCase("full-feed", f"{fanout} WatchSagas unfiltered (full feed)", "watch-sagas", fanout))
         cases.append(SubscriberCase("full-batched", f"{fanout} WatchSagas full feed, <= {FEED_BATCH} events/message",
                                     "watch-sagas", fanout, batch=FEED_BATCH))
-        cases.append(SubscriberCase("full-window", f"{fanout} WatchSagas full feed, batched, {FEED_WINDOW_MS} ms window",
+        cases.append(SubscriberCase("full-window",
+                                    f"{fanout} WatchSagas full feed, batched, {FEED_WINDOW_MS} ms window",
                                     "watch-sagas", fanout, batch=FEED_BATCH, window_ms=FEED_WINDOW_MS))
     return cases
 
@@ -963,7 +971,8 @@ def print_table(
         spread = f"({min(rates):.0f}-{max(rates):.0f})"
         print(
             f"{row.system:<17} {row.concurrency:>4} {row.median('per_second'):>8.0f} {spread:>13}"
-            f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f} {row.peak_rss_kib / 1024:>11.1f}"
+            f" {row.median('p50'):>8.2f} {row.median('p99'):>8.2f} {row.median('cpu'):>11.3f}"
+            f" {row.peak_rss_kib / 1024:>11.1f}"
             f" {_figure(row.median('transactions')):>13}",
             file=out,
         )
@@ -984,8 +993,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sagas", type=int, default=5000, help="sagas per measured run at c>1 (default 5000)")
     parser.add_argument("--c1-sagas", type=int, default=1000, help="sagas per measured run at c=1 (default 1000)")
-    parser.add_argument("--runs", type=int, default=3, help="measured runs per figure; the table shows medians (default 3)")
-    parser.add_argument("--concurrency", default="1,64,256", help="comma-separated concurrency levels (default 1,64,256)")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="measured runs per figure; the table shows medians (default 3)")
+    parser.add_argument("--concurrency", default="1,64,256",
+                        help="comma-separated concurrency levels (default 1,64,256)")
     parser.add_argument("--waiting", type=int, default=100_000, help="waiting sagas for the memory figure; 0 skips it")
     parser.add_argument("--wait", choices=("watch-all", "watch", "poll"), default="watch-all",
                         help="how the load client waits for a saga's end (default watch-all; see README)")
@@ -995,19 +1006,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="which systems to measure (comma-separated; default all four)",
     )
     parser.add_argument("--profile", type=Path, metavar="FILE",
-                        help="record the orchestrator with py-spy (raw collapsed stacks) during the runs at the highest concurrency")
+                        help="record the orchestrator with py-spy (raw collapsed stacks) during the runs"
+                             " at the highest concurrency")
     parser.add_argument("--peers", action="store_true",
                         help="also run the peers: DBOS Transact and Temporal's dev server, default and tuned"
                              " (needs the bench extra: pip install -e '.[bench]'; see README)")
     parser.add_argument("--peer-concurrency", default="1,10,64,256",
                         help="concurrency levels of the peers (default 1,10,64,256)")
-    parser.add_argument("--peer-sagas", type=int, default=1000, help="sagas per measured peer run at c>1 (default 1000)")
-    parser.add_argument("--peer-c1-sagas", type=int, default=200, help="sagas per measured peer run at c=1 (default 200)")
+    parser.add_argument("--peer-sagas", type=int, default=1000,
+                        help="sagas per measured peer run at c>1 (default 1000)")
+    parser.add_argument("--peer-c1-sagas", type=int, default=200,
+                        help="sagas per measured peer run at c=1 (default 200)")
     parser.add_argument("--temporal-store", choices=("memory", "file"), default="memory",
                         help="the Temporal dev server's SQLite: in memory (its default) or a file (--db-filename)")
     parser.add_argument("--participant-side", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the SDK participant against the no-op participant (default on)")
-    parser.add_argument("--sdk-concurrency", default="1,64", help="concurrency of the participant-side calls (default 1,64)")
+    parser.add_argument("--sdk-concurrency", default="1,64",
+                        help="concurrency of the participant-side calls (default 1,64)")
     parser.add_argument("--sdk-trace-calls", type=int, default=200,
                         help="calls traced with libpq to count the SDK participant's round trips (default 200)")
     parser.add_argument("--commit-samples", type=int, default=500,
@@ -1067,7 +1082,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         definitions, waiting_definitions = bench.write_definitions()
         bench.start_participant()
         commits = bench.one_row_commits_ms(args.commit_samples)
-        print(f"bench: one-row commit (autocommit INSERT, {len(commits)} in a row): p50 {percentile(commits, 0.5):.2f} ms,"
+        print(f"bench: one-row commit (autocommit INSERT, {len(commits)} in a row):"
+              f" p50 {percentile(commits, 0.5):.2f} ms,"
               f" p99 {percentile(commits, 0.99):.2f} ms", flush=True)
         rows: list[Row] = []
         for concurrency in args.levels:
@@ -1110,8 +1126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print_table(peer_rows, args.runs, title="peers, same participant and PostgreSQL")
             summary |= report_peers(rows, peer_rows, args.temporal_store)
         if participant_rows:
-            print_table(participant_rows, args.runs, title="participant side: single Execute calls, per participant process",
-                        unit="calls/s")
+            print_table(participant_rows, args.runs,
+                        title="participant side: single Execute calls, per participant process", unit="calls/s")
             report_participant_side(participant_rows, barrier)
         total_failed = sum(row.failed for row in rows + participant_rows)
         if "orchestrator" in args.system_names and (
@@ -1177,7 +1193,8 @@ def report_ratios(rows: list[Row], levels: Sequence[int]) -> dict[str, float]:
         if floor is not None and naive is not None:
             # Not a target: how far any orchestrator served through grpc.aio in
             # one Python process could go on this machine with this shape.
-            print(f"         null orchestrator (gRPC work only): {ratio(floor.median('per_second'), naive.median('per_second')):.2f}x naive;"
+            print("         null orchestrator (gRPC work only):"
+                  f" {ratio(floor.median('per_second'), naive.median('per_second')):.2f}x naive;"
                   f" the orchestrator reaches {ratio(rate, floor.median('per_second')):.2f}x of it")
     return summary
 
@@ -1190,14 +1207,16 @@ def report_durable_targets(rows: list[Row], commits_ms: Sequence[float]) -> None
         orchestrator, floor = find(rows, "orchestrator", concurrency), find(rows, "null orchestrator", concurrency)
         if orchestrator and floor:
             vs_floor = ratio(orchestrator.median("per_second"), floor.median("per_second"))
-            lines.append(f"  c={concurrency:<4} {orchestrator.median('per_second'):.0f} vs {floor.median('per_second'):.0f}"
-                         f" sagas/s: {vs_floor:.2f}x the null orchestrator (target >= 0.9x): {'met' if vs_floor >= 0.9 else 'MISSED'}")
+            lines.append(f"  c={concurrency:<4} {orchestrator.median('per_second'):.0f}"
+                         f" vs {floor.median('per_second'):.0f} sagas/s: {vs_floor:.2f}x the null orchestrator"
+                         f" (target >= 0.9x): {'met' if vs_floor >= 0.9 else 'MISSED'}")
     orchestrator, floor = find(rows, "orchestrator", 1), find(rows, "null orchestrator", 1)
     if orchestrator and floor:
         bound = floor.median("p50") + 4 * commit_p50
         p50 = orchestrator.median("p50")
-        lines.append(f"  c=1    p50 {p50:.2f} ms vs the null orchestrator's {floor.median('p50'):.2f} ms + 4 one-row commits"
-                     f" x {commit_p50:.2f} ms = {bound:.2f} ms (target <=; {p50 - floor.median('p50'):.2f} ms above the floor"
+        lines.append(f"  c=1    p50 {p50:.2f} ms vs the null orchestrator's {floor.median('p50'):.2f} ms"
+                     f" + 4 one-row commits x {commit_p50:.2f} ms = {bound:.2f} ms"
+                     f" (target <=; {p50 - floor.median('p50'):.2f} ms above the floor"
                      f" = {(p50 - floor.median('p50')) / commit_p50 if commit_p50 else float('nan'):.1f} commits):"
                      f" {'met' if p50 <= bound else 'MISSED'}")
     if lines:
@@ -1224,7 +1243,8 @@ def report_peers(rows: list[Row], peer_rows: list[Row], temporal_store: str) -> 
                 for row in mine if (own := find(rows, "orchestrator", row.concurrency))]
         c1, own_c1 = find(mine, name, 1), find(rows, "orchestrator", 1)
         p50 = (f"; p50 at c=1 {c1.median('p50'):.2f} ms vs {own_c1.median('p50'):.2f} ms"
-               f" (the orchestrator's {ratio(c1.median('p50'), own_c1.median('p50')):.1f}x lower)" if c1 and own_c1 else "")
+               f" (the orchestrator's {ratio(c1.median('p50'), own_c1.median('p50')):.1f}x lower)"
+               if c1 and own_c1 else "")
         failed = "".join(f"; FAILED {row.failed} saga(s) at c={row.concurrency}" for row in mine if row.failed)
         print(f"  {name:<15} best {peer_best.median('per_second'):.0f}/s at c={peer_best.concurrency}:"
               f" the orchestrator's best ({best.median('per_second'):.0f}/s at c={best.concurrency}) is"
@@ -1248,14 +1268,16 @@ def report_participant_side(rows: list[Row], barrier: BarrierTrace | None) -> No
         if sdk and noop:
             print(f"  c={concurrency:<4} {sdk.median('per_second'):.0f} vs {noop.median('per_second'):.0f} calls/s"
                   f" ({ratio(sdk.median('per_second'), noop.median('per_second')):.2f}x), p50 {sdk.median('p50'):.2f}"
-                  f" vs {noop.median('p50'):.2f} ms, participant CPU {sdk.median('cpu'):.3f} vs {noop.median('cpu'):.3f}"
-                  f" ms/call, {_figure(sdk.median('transactions'))} xacts/call in its database")
+                  f" vs {noop.median('p50'):.2f} ms, participant CPU {sdk.median('cpu'):.3f}"
+                  f" vs {noop.median('cpu'):.3f} ms/call, {_figure(sdk.median('transactions'))} xacts/call"
+                  " in its database")
     if barrier is not None:
         extra = barrier.per_call - 2  # BEGIN and COMMIT: the effect's own transaction
         print(f"  libpq trace of {barrier.calls} calls: {barrier.per_call:.2f} round trips per call"
               f" ({' | '.join(barrier.first_call)}; the rest: each statement's one-time PREPARE per connection)")
         print(f"  target one commit per call: {barrier.commits_per_call:.2f} COMMITs per call in the trace"
-              f" (pg_stat_database's figure above also counts autovacuum): {'met' if barrier.commits == barrier.calls else 'MISSED'}")
+              " (pg_stat_database's figure above also counts autovacuum):"
+              f" {'met' if barrier.commits == barrier.calls else 'MISSED'}")
         print(f"  target no extra round trip: the barrier adds {extra:.2f} round trips to the effect's own transaction"
               f" (BEGIN, its statements, COMMIT), {extra - 1:.2f} more than its row's INSERT:"
               f" {'met' if extra <= 1.05 else 'MISSED'} (the claim must precede the effect and the answer follows it)")

@@ -24,12 +24,12 @@ from typing import IO, Any
 import grpc
 import psycopg
 import sqlalchemy
-from compensa.v1 import participant_pb2, participant_pb2_grpc
 from google.protobuf import empty_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.participants.sdk import Participant
 from compensa.examples.server import create_participant_engine
+from compensa.participants.sdk import Participant
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 
 class BarrierOnlyParticipant(Participant):
@@ -64,7 +64,7 @@ async def serve(listen: str, database_url: str, trace_path: str | None) -> None:
     participant = BarrierOnlyParticipant(create_participant_engine(database_url))
     await participant.create_schema()
     await participant.engine.dispose()  # the calls' connections are opened afresh (and traced)
-    trace = open(trace_path, "w") if trace_path else None  # noqa: SIM115 (closed below)
+    trace = open(trace_path, "w") if trace_path else None  # noqa: ASYNC230 (once, before serving; closed below)
     traced = trace_connections(participant, trace) if trace else []
     server = grpc.aio.server()
     participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)

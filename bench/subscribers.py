@@ -40,8 +40,9 @@ from typing import Any
 
 import aiohttp
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 _OPEN_TIMEOUT = 120.0
 
@@ -134,7 +135,7 @@ class Subscribers:
             return
         saga_ids: list[str] = []
         if self._args.kind == "watch-saga":
-            with open(self._args.saga_ids) as lines:
+            with open(self._args.saga_ids) as lines:  # noqa: ASYNC230 (a small file, read before any stream opens)
                 saga_ids = [line.strip() for line in lines if line.strip()]
             if len(saga_ids) < self._args.count:
                 raise SystemExit(f"subscribers: {len(saga_ids)} saga ids for {self._args.count} streams")

@@ -18,9 +18,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-import pytest
-
 import pg  # tests/ has no __init__.py, so pytest puts it on sys.path (prepend import mode)
+import pytest
 
 _POSTGRES_FIXTURES = frozenset({"postgres_url", "make_postgres_url", "admin_postgres_url"})
 _NOT_FOUND_BANNER = "POSTGRESQL NOT FOUND: the PostgreSQL suite was SKIPPED"

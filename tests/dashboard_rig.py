@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from harness import FINAL, checkout_input, poll_until
+from scripted_participant import ScriptedParticipant, serve_scripted
+
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
-from scripted_participant import ScriptedParticipant, serve_scripted
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 #: Tokens of the token file, by who holds them.
 TOKENS = {
@@ -97,7 +97,9 @@ class DashboardRig:
         answer = await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), metadata=bearer("reader"))
         return answer.saga
 
-    async def until(self, saga_id: str, predicate: Callable[[saga_pb2.Saga], bool], timeout: float = 20) -> saga_pb2.Saga:
+    async def until(
+        self, saga_id: str, predicate: Callable[[saga_pb2.Saga], bool], timeout: float = 20
+    ) -> saga_pb2.Saga:
         async def check() -> saga_pb2.Saga | None:
             saga = await self.saga(saga_id)
             return saga if predicate(saga) else None
@@ -123,7 +125,9 @@ class DashboardRig:
 
 
 @asynccontextmanager
-async def dashboard_rig(tmp_path: Path, make_postgres_url: Callable[[], str], **config: Any) -> AsyncIterator[DashboardRig]:
+async def dashboard_rig(
+    tmp_path: Path, make_postgres_url: Callable[[], str], **config: Any
+) -> AsyncIterator[DashboardRig]:
     """The rig; `config` overrides ServerConfig fields."""
     participant = ScriptedParticipant()
     server, address = await serve_scripted(participant)

@@ -15,18 +15,18 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.ext.asyncio import AsyncEngine
+from tcp_proxy import TcpProxy
 
+from compensa.checkout.v1 import checkout_pb2
+from compensa.examples.server import RunningParticipant, start_participant
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.records import FINAL_SAGA_STATES
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.faults import FaultPlan
-from compensa.examples.server import RunningParticipant, start_participant
-from tcp_proxy import TcpProxy
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT = REPO / "definitions" / "checkout.yaml"

@@ -6,16 +6,16 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import sqlalchemy
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2, participant_pb2_grpc
+from compensa.examples.server import RunningParticipant, start_participant, start_server
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant, pack
-from compensa.examples.server import RunningParticipant, start_participant, start_server
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 if TYPE_CHECKING:
     from compensa.v1.participant_pb2_grpc import ParticipantServiceAsyncStub
@@ -111,8 +111,7 @@ async def serving_participant(participant: Participant) -> AsyncIterator[Connect
 async def connected(running: RunningParticipant) -> AsyncIterator[Connected]:
     try:
         async with grpc.aio.insecure_channel(running.address) as channel:
-            # grpc has no type stubs, so mypy cannot pick the stub's aio overload itself.
-            stub = cast("ParticipantServiceAsyncStub", participant_pb2_grpc.ParticipantServiceStub(channel))
+            stub = participant_pb2_grpc.ParticipantServiceStub(channel)
             yield Connected(running, stub, channel)
     finally:
         await running.stop()

@@ -159,7 +159,10 @@ def start_throwaway_cluster(bindir: Path) -> PostgresServer:
         shutil.rmtree(workdir, ignore_errors=True)
 
     def restart() -> None:
-        _run([pg_ctl, "-D", str(datadir), "-l", str(logfile), "-o", options, "-m", "immediate", "-w", "restart"], as_user)
+        _run(
+            [pg_ctl, "-D", str(datadir), "-l", str(logfile), "-o", options, "-m", "immediate", "-w", "restart"],
+            as_user,
+        )
 
     url = URL.create("postgresql+psycopg", username=_ADMIN_USER, host="127.0.0.1", port=port, database="postgres")
     return PostgresServer(

@@ -203,7 +203,9 @@ class ProcessSet:
         Each start is a new replica id, so a restart takes over its
         predecessor's sagas when their leases expire."""
         address = f"127.0.0.1:{port or free_port()}"
-        args = [str(COMPENSA), "serve", "--listen", address, "--db", database_url, "--lease-seconds", str(lease_seconds)]
+        args = [
+            str(COMPENSA), "serve", "--listen", address, "--db", database_url, "--lease-seconds", str(lease_seconds)
+        ]
         args += options
         for path in definitions:
             args += ["--definitions", str(path)]

@@ -23,8 +23,8 @@ import sqlalchemy
 from google.protobuf import message, wrappers_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from compensa.v1 import participant_pb2
 from compensa.participants.sdk import Participant, StepFailed, TransientError
+from compensa.v1 import participant_pb2
 
 __all__ = ["CALLS", "RecordedCall", "RecordingParticipant", "StepBehaviour"]
 

@@ -9,8 +9,9 @@ from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
 from google.protobuf import any_pb2, wrappers_pb2
+
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 #: Answers: "ok", "pending", "fail" (business), "unavailable", "empty" (an ExecuteResponse
 #: without a result, as a participant that forgets to set it), ("sleep", seconds).

@@ -14,12 +14,12 @@ from pathlib import Path
 import aiohttp
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, saga_pb2
-
 from dashboard_rig import TOKENS, bearer, dashboard_rig
 from harness import REPO, checkout_input, poll_until
+
 from compensa.orchestrator.auth import load_token_file
 from compensa.orchestrator.errors import InvalidArgument
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 COMPENSA = REPO / ".venv" / "bin" / "compensa"
@@ -46,7 +46,9 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
         wrong = await _refusal(stub.StartSaga(start, metadata=(("authorization", f"Bearer {forged}"),)))
         assert wrong.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "not recognised" in (wrong.details() or "") and forged not in (wrong.details() or "")
-        malformed = await _refusal(stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=(("authorization", "Basic x"),)))
+        malformed = await _refusal(
+            stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=(("authorization", "Basic x"),))
+        )
         assert malformed.code() == grpc.StatusCode.UNAUTHENTICATED
 
         reader = await _refusal(stub.StartSaga(start, metadata=bearer("reader")))
@@ -63,8 +65,12 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
         created = await stub.StartSaga(start, metadata=bearer("starter"))
         assert created.created
         for action, call in {
-            "CancelSaga": stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="role-1"), metadata=bearer("starter")),
-            "RetrySaga": stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="role-1"), metadata=bearer("starter")),
+            "CancelSaga": stub.CancelSaga(
+                orchestrator_pb2.CancelSagaRequest(saga_id="role-1"), metadata=bearer("starter")
+            ),
+            "RetrySaga": stub.RetrySaga(
+                orchestrator_pb2.RetrySagaRequest(saga_id="role-1"), metadata=bearer("starter")
+            ),
             "ResolveSaga": stub.ResolveSaga(
                 orchestrator_pb2.ResolveSagaRequest(saga_id="role-1", note="x"), metadata=bearer("reader")
             ),
@@ -72,7 +78,8 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
                 orchestrator_pb2.RegisterDefinitionRequest(), metadata=bearer("starter")
             ),
             "SetParticipant": stub.SetParticipant(
-                orchestrator_pb2.SetParticipantRequest(name="scripted", address="127.0.0.1:1"), metadata=bearer("starter")
+                orchestrator_pb2.SetParticipantRequest(name="scripted", address="127.0.0.1:1"),
+                metadata=bearer("starter"),
             ),
         }.items():
             refused = await _refusal(call)
@@ -89,19 +96,26 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
         ]
 
         # A token scoped to definition "other" sees nothing of "board".
-        scoped = await _refusal(stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="role-1"), metadata=bearer("elsewhere")))
+        scoped = await _refusal(
+            stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="role-1"), metadata=bearer("elsewhere"))
+        )
         assert scoped.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "limited to other" in (scoped.details() or "")
         listing = await _refusal(stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=bearer("elsewhere")))
-        assert listing.code() == grpc.StatusCode.PERMISSION_DENIED and "pass definition_name" in (listing.details() or "")
-        other = await stub.ListSagas(orchestrator_pb2.ListSagasRequest(definition_name="other"), metadata=bearer("elsewhere"))
+        assert listing.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "pass definition_name" in (listing.details() or "")
+        other = await stub.ListSagas(
+            orchestrator_pb2.ListSagasRequest(definition_name="other"), metadata=bearer("elsewhere")
+        )
         assert list(other.sagas) == []
         start_here = await _refusal(stub.StartSaga(
             orchestrator_pb2.StartSagaRequest(saga_id="role-2", definition_name="board", input=checkout_input()),
             metadata=bearer("elsewhere"),
         ))
         assert start_here.code() == grpc.StatusCode.PERMISSION_DENIED
-        definitions = await stub.ListDefinitions(orchestrator_pb2.ListDefinitionsRequest(), metadata=bearer("elsewhere"))
+        definitions = await stub.ListDefinitions(
+            orchestrator_pb2.ListDefinitionsRequest(), metadata=bearer("elsewhere")
+        )
         assert list(definitions.definitions) == []
     logged = "\n".join(record.getMessage() for record in caplog.records)
     for token in (*TOKENS.values(), forged):
@@ -176,7 +190,9 @@ async def test_an_open_api_warns_at_start_and_lets_everyone_act(
     async with dashboard_rig(tmp_path, make_postgres_url, token_file=None, http_listen=None) as rig:
         assert any("the API is open" in record.getMessage() for record in caplog.records)
         await rig.failed_for_a_person("open-1")
-        resolved = await rig.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="open-1", note="fixed", actor="bob"))
+        resolved = await rig.stub.ResolveSaga(
+            orchestrator_pb2.ResolveSagaRequest(saga_id="open-1", note="fixed", actor="bob")
+        )
         assert resolved.saga.resolution_note == "fixed"
         events = await rig.events("open-1")
         assert [event.actor for event in events if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED] == ["bob"]
@@ -215,7 +231,9 @@ async def test_jwts_signed_by_the_key_set_carry_identity_role_and_scope(
 
         reader = as_jwt(sign(sub="carol", role="reader", definitions=["board"]))
         assert (await rig.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="jwt-1"), metadata=reader)).saga.saga_id
-        refused = await _refusal(rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="jwt-1"), metadata=reader))
+        refused = await _refusal(
+            rig.stub.CancelSaga(orchestrator_pb2.CancelSagaRequest(saga_id="jwt-1"), metadata=reader)
+        )
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
         assert refused.details() == "CancelSaga needs role operator; token carol (role reader) lacks it"
         for why, token in {

@@ -22,17 +22,17 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from harness import checkout_input, poll_until
+from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
+from scripted_participant import ScriptedParticipant, serve_scripted
+from sqlalchemy.ext.asyncio import create_async_engine
+from test_operations import FLOW
+
 from compensa.orchestrator.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.cli import main
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
-from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
-from scripted_participant import ScriptedParticipant, serve_scripted
-from test_operations import FLOW
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -61,7 +61,7 @@ class WebhookReceiver:
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 delivery = Delivery(body, self.headers.get("Idempotency-Key", ""))
                 receiver.deliveries.append(delivery)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from google.protobuf import descriptor_pool
-
 from harness import poll_until
-from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
-from compensa.examples.server import create_participant_engine, start_server
 from recording_participant import RecordingParticipant
 from test_cli import _compensa_async
+
+from compensa.examples.server import create_participant_engine, start_server
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 TRIP_PROTO = """
 syntax = "proto3";
@@ -182,7 +182,7 @@ async def test_a_changed_address_is_called_by_every_replica_without_a_restart(de
     attempts = iter(range(1000))
     for replica in (0, 1):
 
-        async def booked_at_the_new_hotel() -> bool:
+        async def booked_at_the_new_hotel(replica: int = replica) -> bool:
             # A replica reads stored addresses every second; a saga started
             # before that may still go to the old one, so start until one lands.
             saga_id = f"trip-moved-{replica}-{next(attempts)}"

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import asyncio
 import json
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from google.protobuf import timestamp_pb2
 
-from compensa.v1 import saga_pb2
 from compensa.orchestrator import timeline
 from compensa.orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.v1 import saga_pb2
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
@@ -213,7 +211,9 @@ def test_format_saga_shows_header_and_one_line_per_step() -> None:
         sequence=11,
         failure_reason="charge_card: card declined",
         steps=[
-            saga_pb2.Step(name="reserve_stock", state=saga_pb2.STEP_STATE_COMPENSATED, attempts=1, compensate_attempts=1),
+            saga_pb2.Step(
+                name="reserve_stock", state=saga_pb2.STEP_STATE_COMPENSATED, attempts=1, compensate_attempts=1
+            ),
             saga_pb2.Step(name="charge_card", state=saga_pb2.STEP_STATE_FAILED, attempts=2, last_error="card declined"),
             saga_pb2.Step(name="ship_order", state=saga_pb2.STEP_STATE_PENDING),
         ],
@@ -242,9 +242,9 @@ class _Deployment:
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
     """The three example participants and an orchestrator, on SQLite files in tmp_path."""
+    from compensa.examples.server import start_participant
     from compensa.orchestrator.config import ServerConfig
     from compensa.orchestrator.server import start_orchestrator
-    from compensa.examples.server import start_participant
 
     participants = [
         await start_participant(kind, f"sqlite+aiosqlite:///{tmp_path / kind}.db") for kind in CHECKOUT_PARTICIPANTS
@@ -254,7 +254,9 @@ async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
             listen="127.0.0.1:0",
             database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
             definition_paths=(DEFINITIONS_DIR / "checkout.yaml",),
-            participants={kind: running.address for kind, running in zip(CHECKOUT_PARTICIPANTS, participants)},
+            participants={
+                kind: running.address for kind, running in zip(CHECKOUT_PARTICIPANTS, participants, strict=True)
+            },
         )
     )
     try:
@@ -356,7 +358,9 @@ async def test_register_and_list_definitions(deployment: _Deployment, tmp_path: 
     changed = tmp_path / "checkout-v2.yaml"
     changed.write_text(checkout.replace("description: ", "description: (v2) ", 1))
     broken = tmp_path / "broken.yaml"
-    broken.write_text(checkout.replace("name: checkout", "name: checkout-broken", 1).replace("kind: PIVOT", "kind: BOGUS"))
+    broken.write_text(
+        checkout.replace("name: checkout", "name: checkout-broken", 1).replace("kind: PIVOT", "kind: BOGUS")
+    )
 
     refused = await _compensa_async(*address, "register", str(changed), str(broken))
     assert refused.returncode == 2

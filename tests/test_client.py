@@ -10,15 +10,15 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import saga_pb2
-
 from harness import checkout_stack, poll_until
+from scripted_participant import ScriptedParticipant, serve_scripted
+
+from compensa.checkout.v1 import checkout_pb2
 from compensa.orchestrator.client import SagaClient
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.faults import FaultPlan
-from scripted_participant import ScriptedParticipant, serve_scripted
+from compensa.v1 import saga_pb2
 
 S = saga_pb2
 

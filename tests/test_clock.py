@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import saga_pb2
+from harness import checkout_stack
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from harness import checkout_stack
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.store.schema import sagas
 from compensa.participants.faults import FaultPlan
+from compensa.v1 import saga_pb2
 
 S = saga_pb2
 AN_HOUR = 3600.0

@@ -108,7 +108,9 @@ def test_orchestrator_starts_after_postgres_is_healthy_and_the_participants() ->
 @pytest.mark.parametrize("service", _compensa_services())
 def test_database_urls_name_the_compose_postgres(service: str) -> None:
     environment = _services()[POSTGRES]["environment"]
-    user, password, database = environment["POSTGRES_USER"], environment["POSTGRES_PASSWORD"], environment["POSTGRES_DB"]
+    user, password, database = (
+        environment["POSTGRES_USER"], environment["POSTGRES_PASSWORD"], environment["POSTGRES_DB"]
+    )
     (db_url,) = _option_values(_command(service), "--db")
     assert db_url == f"postgresql+psycopg://{user}:{password}@{POSTGRES}:5432/{database}"
 

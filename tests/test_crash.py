@@ -34,16 +34,16 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, json_format
+from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.inventory import RESERVATIONS, STOCK
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.shipping import SHIPMENTS
-from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
+from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -172,9 +172,13 @@ async def start_saga(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, order:
         except grpc.aio.AioRpcError as error:
             stats.errors[error.code().name] += 1
             if not _orchestrator_away(error):
-                raise AssertionError(f"StartSaga({order.saga_id}) answered {error.code().name}: {error.details()}")
+                raise AssertionError(
+                    f"StartSaga({order.saga_id}) answered {error.code().name}: {error.details()}"
+                ) from error
             if time.monotonic() > deadline:
-                raise AssertionError(f"StartSaga({order.saga_id}) not acknowledged within {START_TIMEOUT}s: {error}")
+                raise AssertionError(
+                    f"StartSaga({order.saga_id}) not acknowledged within {START_TIMEOUT}s: {error}"
+                ) from error
             stats.retries += 1
             continue
         stats.started += 1
@@ -200,15 +204,21 @@ async def cancel_saga(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, order
                 return
             stats.errors[error.code().name] += 1
             if not _orchestrator_away(error):
-                raise AssertionError(f"CancelSaga({order.saga_id}) answered {error.code().name}: {error.details()}")
+                raise AssertionError(
+                    f"CancelSaga({order.saga_id}) answered {error.code().name}: {error.details()}"
+                ) from error
             if time.monotonic() > deadline:
-                raise AssertionError(f"CancelSaga({order.saga_id}) not answered within {START_TIMEOUT}s: {error}")
+                raise AssertionError(
+                    f"CancelSaga({order.saga_id}) not answered within {START_TIMEOUT}s: {error}"
+                ) from error
             continue
         stats.cancels["OK"] += 1
         return
 
 
-async def run_load(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, orders: Sequence[Order], stats: LoadStats) -> None:
+async def run_load(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, orders: Sequence[Order], stats: LoadStats
+) -> None:
     """Starts the orders spread over LOAD_SECONDS; each start retries on its own."""
     interval = LOAD_SECONDS / len(orders)
     tasks = []
@@ -500,7 +510,8 @@ async def run_crash_scenario(
         print(f"[{name}] kills: " + ", ".join(f"{k.name}@{k.at:.1f}s (down {k.down:.1f}s)" for k in records))
         print(f"[{name}] calls retried {stats.retries} times ({dict(stats.errors)}); "
               f"{stats.landed_unanswered} starts landed without an answer; cancels {dict(stats.cancels)}")
-        print(f"[{name}] load {loaded - t0:.1f}s, drain {finished - loaded:.1f}s, total {time.monotonic() - began:.1f}s; "
+        print(f"[{name}] load {loaded - t0:.1f}s, drain {finished - loaded:.1f}s,"
+              f" total {time.monotonic() - began:.1f}s; "
               f"refunds {len(tables.refunds)}, 'driver crashed' log lines {len(crashed)}")
 
         assert len(records) == len(kills)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from compensa.v1 import saga_pb2
-
 from dashboard_rig import TOKENS, dashboard_rig
 from harness import REPO
+
+from compensa.v1 import saga_pb2
 
 S = saga_pb2
 
@@ -42,7 +42,9 @@ def _form_token(html: str) -> str:
     return match.group(1)
 
 
-async def _live(session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> AsyncIterator[tuple[int, list[dict[str, object]]]]:
+async def _live(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> AsyncIterator[tuple[int, list[dict[str, object]]]]:
     """(id, events) of each server-sent message of `url`, forever."""
     async with session.get(url, headers=headers or {}) as response:
         assert response.status == 200, await response.text()
@@ -136,7 +138,7 @@ async def test_the_live_list_streams_the_log_and_resumes_after_its_last_event_id
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
     async with dashboard_rig(tmp_path, make_postgres_url) as rig:
-        status, html = await _get(rig.url + "/")
+        _, html = await _get(rig.url + "/")
         after = int(re.search(r'data-after="(\d+)"', html).group(1))  # type: ignore[union-attr]
         # Slow steps: the saga's changes reach the list in several messages.
         rig.participant.script("execute", "reserve", ("sleep", 0.6))
@@ -249,7 +251,9 @@ async def test_operators_act_from_the_saga_page_with_its_form_token_and_the_log_
             assert answer.status == 303 and answer.headers["Location"] == "/sagas/act-1?done=resolve"
             resolved = await rig.saga("act-1")
             assert resolved.resolution_note == "stock released by hand"
-            actors = [event.actor for event in await rig.events("act-1") if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
+            actors = [
+                event.actor for event in await rig.events("act-1") if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED
+            ]
             assert actors == ["alice"]
             async with session.get(rig.url + "/sagas/act-1?done=resolve") as page:
                 html = await page.text()

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from compensa.v1 import saga_pb2
-
 from dashboard_rig import TOKENS, DashboardRig, dashboard_rig
 from harness import REPO
+
+from compensa.v1 import saga_pb2
 
 S = saga_pb2
 ARTIFACTS = REPO / "tests" / "artifacts" / "dashboard"

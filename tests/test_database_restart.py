@@ -7,14 +7,14 @@ import asyncio
 import os
 from collections.abc import Callable, Iterator
 
+import pg
 import psycopg
 import pytest
-from compensa.v1 import orchestrator_pb2, saga_pb2
+from harness import FINAL, checkout_stack, poll_until
 from psycopg import sql
 
-import pg
-from harness import FINAL, checkout_stack, poll_until
 from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 

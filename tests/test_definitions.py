@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers CheckoutInput)
-from compensa.v1 import definition_pb2
 from compensa.orchestrator.definitions import (
     DefinitionGraph,
     ancestors,
@@ -24,6 +23,7 @@ from compensa.orchestrator.definitions import (
     validate_definition,
 )
 from compensa.orchestrator.errors import DefinitionError, InvalidArgument
+from compensa.v1 import definition_pb2
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
 COMPENSABLE = definition_pb2.STEP_KIND_COMPENSABLE
@@ -223,7 +223,10 @@ def test_validate_returns_a_copy() -> None:
     definition = definition_pb2.SagaDefinition(
         name="order",
         input_type="compensa.checkout.v1.CheckoutInput",
-        steps=[definition_pb2.StepDefinition(name="a", participant="p"), definition_pb2.StepDefinition(name="b", participant="p")],
+        steps=[
+            definition_pb2.StepDefinition(name="a", participant="p"),
+            definition_pb2.StepDefinition(name="b", participant="p"),
+        ],
     )
     before = definition.SerializeToString()
     normalized = validate_definition(definition)
@@ -248,7 +251,8 @@ def test_duration_shorthand(tmp_path: Path, written: str, seconds: float) -> Non
 
 
 def test_duration_shorthand_in_nested_policy(tmp_path: Path) -> None:
-    path = write(tmp_path, edited(steps={1: {"compensateRetry": {"max_attempts": 2, "initialBackoff": "50ms", "max_backoff": "1m"}}}))
+    written = {"max_attempts": 2, "initialBackoff": "50ms", "max_backoff": "1m"}
+    path = write(tmp_path, edited(steps={1: {"compensateRetry": written}}))
     policy = load_definition_file(path).steps[1].compensate_retry
     assert duration_seconds(policy.initial_backoff) == pytest.approx(0.05)
     assert duration_seconds(policy.max_backoff) == 60
@@ -379,7 +383,8 @@ def test_retry_time_limits_must_be_positive(tmp_path: Path, policy: dict[str, An
 
 
 def test_multiplier_below_one(tmp_path: Path) -> None:
-    error = load_error(tmp_path, edited(steps={0: {"compensate_retry": {"max_attempts": 3, "backoff_multiplier": 0.5}}}))
+    written = {"max_attempts": 3, "backoff_multiplier": 0.5}
+    error = load_error(tmp_path, edited(steps={0: {"compensate_retry": written}}))
     assert (error.step, error.field) == ("reserve", "compensate_retry.backoff_multiplier")
 
 

@@ -19,15 +19,15 @@ from typing import Any
 
 import grpc
 import pytest
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import duration_pb2, timestamp_pb2
-
 from harness import FINAL, REPO, Stack, checkout_input, poll_until
+from recording_participant import COMPENSATE, EXECUTE, RecordedCall, RecordingParticipant, StepBehaviour
+
+from compensa.checkout.v1 import checkout_pb2
+from compensa.examples.server import create_participant_engine, start_participant, start_server
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
-from compensa.examples.server import create_participant_engine, start_participant, start_server
-from recording_participant import COMPENSATE, EXECUTE, RecordedCall, RecordingParticipant, StepBehaviour
+from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2
 D = definition_pb2

@@ -9,10 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from compensa.v1 import orchestrator_pb2, saga_pb2
-
 from harness import checkout_stack
+
 from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 

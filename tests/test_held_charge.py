@@ -6,14 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import orchestrator_pb2, saga_pb2
-
 from harness import Stack, checkout_stack, poll_until
-from compensa.orchestrator.client import SagaClient
+
+from compensa.checkout.v1 import checkout_pb2
 from compensa.examples import payment
 from compensa.examples.payment import PaymentParticipant
+from compensa.orchestrator.client import SagaClient
 from compensa.participants.sdk import unpack_as
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 

@@ -23,20 +23,20 @@ import aiohttp
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2, orchestrator_pb2, participant_pb2, participant_pb2_grpc, saga_pb2
+import yarl
 from google.protobuf import duration_pb2, wrappers_pb2
+from google.rpc.error_details_pb2 import ErrorInfo
+from google.rpc.status_pb2 import Status
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from google.rpc.error_details_pb2 import ErrorInfo
-from google.rpc.status_pb2 import Status
 from sqlalchemy.ext.asyncio import create_async_engine
-import yarl
 
 from compensa.orchestrator import machine
 from compensa.orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
-from compensa.orchestrator.tokens import completion_token
 from compensa.orchestrator.errors import ERROR_DOMAIN, RejectedWrite
+from compensa.orchestrator.tokens import completion_token
+from compensa.v1 import definition_pb2, orchestrator_pb2, participant_pb2, participant_pb2_grpc, saga_pb2
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 
 pytestmark = pytest.mark.postgres

@@ -25,7 +25,6 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 #: The source roots whose `compensa/` trees hold our code (generated/ aside).
 PACKAGES = ("orchestrator", "participants")
@@ -148,7 +147,7 @@ def cycles(graph: Graph) -> list[list[str]]:
             if target.startswith(module + ".") or module.startswith(target + "."):
                 continue
             if state.get(target) == 1:
-                found.append(path[path.index(target):] + [target])
+                found.append([*path[path.index(target):], target])
             elif target not in state:
                 visit(target)
         path.pop()
@@ -162,7 +161,9 @@ def cycles(graph: Graph) -> list[list[str]]:
 
 def test_nothing_below_the_face_imports_it_and_the_store_does_not_import_the_engine() -> None:
     graph = import_graph()
-    assert {"compensa.orchestrator.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"} <= set(graph)
+    assert {
+        "compensa.orchestrator.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"
+    } <= set(graph)
     arrows = upward_arrows(graph)
     assert not arrows, "imports that point up a layer:\n" + "\n".join(arrows)
 

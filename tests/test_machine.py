@@ -11,11 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the input_type the definitions name)
 import pytest
-from compensa.v1 import definition_pb2, saga_pb2
 from google.protobuf import duration_pb2
 
+import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the input_type the definitions name)
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import load_definition_file, validate_definition
 from compensa.orchestrator.machine import (
@@ -38,6 +37,7 @@ from compensa.orchestrator.machine import (
     Transition,
 )
 from compensa.orchestrator.records import SagaRecord
+from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2
 D = definition_pb2

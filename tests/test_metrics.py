@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from compensa.v1 import saga_pb2
-
 from harness import checkout_stack, scrape
+
+from compensa.v1 import saga_pb2
 
 S = saga_pb2
 

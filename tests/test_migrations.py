@@ -22,18 +22,17 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from compensa.v1 import orchestrator_pb2, saga_pb2
-
 from harness import CHECKOUT, checkout_input, checkout_stack
+
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
-from compensa.orchestrator.tokens import completion_token
 from compensa.orchestrator.errors import SchemaMismatch
 from compensa.orchestrator.server import start_orchestrator
-from compensa.orchestrator.store import SagaWrite, SqlSagaStore, open_store
-from compensa.orchestrator.store import migrations
+from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store
 from compensa.orchestrator.store.schema import metadata
+from compensa.orchestrator.tokens import completion_token
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 # A replica of the release that wrote the sagas, gone without releasing them.
@@ -98,7 +97,8 @@ class _OldRelease:
             self.plan, saga_id=saga_id, input=checkout_input().SerializeToString(deterministic=True), now=now
         )
         (result,) = await SqlSagaStore.commit(
-            self.store, [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)]
+            self.store,
+            [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)],
         )
         assert result.ok
         return transition.saga

@@ -30,19 +30,19 @@ from typing import Any
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, saga_pb2
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
-
 from harness import FINAL, Stack, checkout_input, checkout_stack, poll_until
-from compensa.orchestrator.server import RunningOrchestrator
 from participant_helpers import StepCall, connected, status_of
-from compensa.participants.faults import FaultPlan
+from processes import ProcessSet
+from sqlalchemy.engine import make_url
+from tcp_proxy import TcpProxy
+
 from compensa.examples.payment import CHARGES, PaymentParticipant
 from compensa.examples.server import start_participant
-from processes import ProcessSet
-from tcp_proxy import TcpProxy
+from compensa.orchestrator.server import RunningOrchestrator
+from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, saga_pb2
 
 pytestmark = [pytest.mark.postgres]
 
@@ -123,7 +123,9 @@ def expected_state(card_token: str) -> int:
     return S.SAGA_STATE_COMPENSATED if card_token.startswith("flagged") else S.SAGA_STATE_SUCCEEDED
 
 
-async def assert_ends_as_predicted(stack: Stack, stub: Any, sagas: dict[str, str]) -> dict[str, list[saga_pb2.SagaEvent]]:
+async def assert_ends_as_predicted(
+    stack: Stack, stub: Any, sagas: dict[str, str]
+) -> dict[str, list[saga_pb2.SagaEvent]]:
     """Every saga (id -> card token) ends as its card predicts, each effect
     once; returns each saga's log."""
     async def all_final() -> dict[str, int] | None:

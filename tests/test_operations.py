@@ -9,14 +9,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
-
 from harness import FINAL, checkout_input, poll_until, scrape
-from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.tokens import completion_token
-from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from scripted_participant import ScriptedParticipant, serve_scripted
+
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.orchestrator.tokens import completion_token
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2
 
@@ -80,7 +80,9 @@ class Rig:
         assert self.stub is not None
         return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
 
-    async def until(self, saga_id: str, predicate: Callable[[saga_pb2.Saga], bool], timeout: float = 15) -> saga_pb2.Saga:
+    async def until(
+        self, saga_id: str, predicate: Callable[[saga_pb2.Saga], bool], timeout: float = 15
+    ) -> saga_pb2.Saga:
         async def check() -> saga_pb2.Saga | None:
             saga = await self.saga(saga_id)
             return saga if predicate(saga) else None
@@ -343,7 +345,9 @@ async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
         samples = await scrape(r.orchestrator.metrics_port)
         assert samples[("compensa_alerts_total", frozenset({("definition", "flow")}))] == 1
         compensate_errors = ("compensa_participant_call_seconds_count",
-                             frozenset({("participant", "scripted"), ("method", "Compensate"), ("outcome", "INTERNAL")}))
+                             frozenset({
+                                 ("participant", "scripted"), ("method", "Compensate"), ("outcome", "INTERNAL")
+                             }))
         assert samples[compensate_errors] == 3
         # A person fixed the participant; retry runs the compensation again.
         retried = await r.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="comp-1", actor="bob"))

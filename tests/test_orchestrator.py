@@ -10,18 +10,18 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import orchestrator_pb2, saga_pb2
 from google.protobuf import any_pb2, duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from harness import checkout_input, checkout_stack, poll_until
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from harness import checkout_input, checkout_stack, poll_until
+from compensa.checkout.v1 import checkout_pb2
+from compensa.examples.server import start_participant
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.errors import DefinitionError
 from compensa.orchestrator.server import start_orchestrator
 from compensa.participants.faults import FaultPlan
-from compensa.examples.server import start_participant
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 

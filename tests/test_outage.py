@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from compensa.v1 import orchestrator_pb2, saga_pb2
-
 from harness import checkout_stack, poll_until, scrape
-from compensa.participants.faults import FaultPlan
+
 from compensa.examples.server import start_participant
+from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 

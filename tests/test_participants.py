@@ -15,15 +15,15 @@ import pytest
 import sqlalchemy
 import sqlalchemy.ext.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2
-from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
 from compensa.examples import inventory, payment, shipping
+from compensa.examples.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant, StepFailed, TransientError, unpack_as
-from compensa.examples.server import PARTICIPANT_KINDS, build_participant, create_participant_engine
+from compensa.v1 import participant_pb2
 
 INITIAL_STOCK = 1000  # InventoryParticipant's default for a SKU it has never seen
 

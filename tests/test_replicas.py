@@ -34,15 +34,15 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from sqlalchemy.ext.asyncio import create_async_engine
-
-from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from participant_helpers import checkout_input
-from compensa.participants.sdk import pack
-from compensa.examples.server import start_server
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet, owner_of_connection
 from recording_participant import RecordingParticipant, StepBehaviour
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from compensa.examples.server import start_server
+from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.participants.sdk import pack
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -146,7 +146,9 @@ class AttributingRecorder(RecordingParticipant):
             finally:
                 self.busy[replica] -= 1
                 step = request.context
-                self.calls.append(Call(step.saga_id, step.step_name, operation, replica, arrived, started, time.time(), ended))
+                self.calls.append(
+                    Call(step.saga_id, step.step_name, operation, replica, arrived, started, time.time(), ended)
+                )
 
     async def Execute(self, request, context):  # type: ignore[no-untyped-def]
         return await self._recorded("execute", request, context, super().Execute)
@@ -350,7 +352,9 @@ async def run_scenario(
         and before[-1].type not in FINAL_EVENTS
         and last_driver.get(saga_id, replicas[started_on[saga_id]].name) == victim_name
     ]
-    assert len(in_flight) >= 5, f"only {len(in_flight)} sagas in flight on the victim at the kill; the test proved little"
+    assert len(in_flight) >= 5, (
+        f"only {len(in_flight)} sagas in flight on the victim at the kill; the test proved little"
+    )
     delays = {}
     for saga_id in in_flight:
         after = [seconds(e) for e in events[saga_id] if seconds(e) > killed_at]
@@ -380,7 +384,7 @@ async def run_scenario(
     stalls = {}
     for saga_id in in_flight:
         resumed = sorted((c for c in after_kill if c.saga_id == saga_id), key=lambda c: c.arrived)
-        gaps = [(b.arrived - a.finished, a) for a, b in zip(resumed, resumed[1:], strict=False)]
+        gaps = [(b.arrived - a.finished, a) for a, b in itertools.pairwise(resumed)]
         if any(gap > STALL_SECONDS for gap, _ in gaps):
             stalls[saga_id] = [(round(gap, 2), f"{a.step}/{a.operation}/{a.ended}") for gap, a in gaps]
     assert not stalls, f"taken-over sagas pause between calls (answer -> next call, s): {stalls}"

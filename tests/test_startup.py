@@ -11,15 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy.engine import make_url
-
 from processes import COMPENSA, ProcessSet, free_port
+from sqlalchemy.engine import make_url
 
 # A start that hangs (the bug) must fail the test, and quickly.
 EXIT_TIMEOUT_SECONDS = 15.0
 # serve registers ./definitions, whose participants must have addresses; none is called.
 PARTICIPANTS = {name: "127.0.0.1:9" for name in ("inventory", "fraud", "payment", "shipping")}
-PARTICIPANT_OPTIONS = [option for name, address in PARTICIPANTS.items() for option in ("--participant", f"{name}={address}")]
+PARTICIPANT_OPTIONS = [
+    option for name, address in PARTICIPANTS.items() for option in ("--participant", f"{name}={address}")
+]
 
 
 def _compensa(*args: str) -> subprocess.CompletedProcess[str]:
@@ -64,7 +65,9 @@ async def test_a_second_orchestrator_on_a_taken_port_exits_with_address_in_use(t
         await first.start_serving()
         # gRPC sets SO_REUSEPORT by default: the second used to serve too, and
         # the kernel split new connections between them.
-        second = _compensa("serve", "--listen", first.address, "--db", _sqlite(tmp_path, "second"), *PARTICIPANT_OPTIONS)
+        second = _compensa(
+            "serve", "--listen", first.address, "--db", _sqlite(tmp_path, "second"), *PARTICIPANT_OPTIONS
+        )
         _refused_in_one_line(second, "address in use", first.address)
         assert first.running()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,11 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2, saga_pb2
 
+import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.machine import Plan, Transition
@@ -29,6 +29,7 @@ from compensa.orchestrator.records import SagaRecord
 from compensa.orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
 from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
 from compensa.orchestrator.store.schema import sagas as sagas_table
+from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2
 DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
@@ -111,7 +112,9 @@ async def _create(
 ) -> SagaRecord:
     transition = machine.new_saga(plan, saga_id=saga_id, input=b"input-" + saga_id.encode(), now=now)
     (result,) = await store.commit([
-        _write(transition, 0, epoch=1, owner=owner, now=now, release=release, due_at=due_at, fingerprint=f"fp-{saga_id}")
+        _write(
+            transition, 0, epoch=1, owner=owner, now=now, release=release, due_at=due_at, fingerprint=f"fp-{saga_id}"
+        )
     ])
     assert result.ok and result.epoch == 1
     return transition.saga
@@ -289,7 +292,9 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     assert (logged.event.type, logged.event.actor, logged.event.saga_state) == (
         S.EVENT_TYPE_TAKEN_OVER, "replica-b", saga.state
     )
-    assert logged.event.message == "replica replica-b took the saga over from replica replica-a: its lease expired 1.0s ago"
+    assert logged.event.message == (
+        "replica replica-b took the saga over from replica replica-a: its lease expired 1.0s ago"
+    )
     assert (await _all_events(store, "s1"))[-1] == logged
     assert await _column(store, "s1", "owner") == "replica-b"
     assert await store.load_owned("s1", "replica-a", 1) is None
@@ -506,7 +511,7 @@ async def test_the_global_log_is_read_in_commit_order_by_a_concurrent_reader(
         done.set()
         seen = await reader
         positions = [event.position for event in seen]
-        assert all(a < b for a, b in zip(positions, positions[1:])), "positions not strictly increasing"
+        assert all(a < b for a, b in itertools.pairwise(positions)), "positions not strictly increasing"
         keys = [(event.saga_id, event.event.sequence) for event in seen]
         assert len(keys) == len(set(keys)), "an event was read twice"
         assert set(keys) == written, f"{len(written - set(keys))} committed events were skipped by the reader"

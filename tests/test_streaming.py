@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf.duration_pb2 import Duration
-
 from harness import checkout_stack
+
 from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2
 

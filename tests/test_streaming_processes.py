@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 import uuid
@@ -31,14 +32,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from participant_helpers import checkout_input
-from compensa.participants.sdk import pack
-from compensa.examples.server import RunningParticipant, start_server
-from sqlalchemy.ext.asyncio import create_async_engine
 from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet, vm_rss_kib
 from recording_participant import RecordingParticipant, StepBehaviour
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from compensa.examples.server import RunningParticipant, start_server
+from compensa.participants.sdk import pack
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -211,7 +212,7 @@ def key(event: saga_pb2.SagaEvent) -> tuple[int, str, int, int]:
 def check_global_stream(events: Sequence[saga_pb2.SagaEvent], sagas: dict[str, saga_pb2.Saga]) -> None:
     """Positions strictly increasing; per saga, sequences exactly 1..n with n its final sequence."""
     positions = [event.position for event in events]
-    backwards = [(a, b) for a, b in zip(positions, positions[1:], strict=False) if b <= a]
+    backwards = [(a, b) for a, b in itertools.pairwise(positions) if b <= a]
     assert not backwards, f"positions not strictly increasing: {backwards[:10]}"
     per_saga: dict[str, list[int]] = {}
     for event in events:
@@ -350,7 +351,9 @@ async def test_subscriber_resumes_on_another_process_after_sigkill(
                 assert errors[0].code() == grpc.StatusCode.UNAVAILABLE, (
                     f"{name} ended with {errors[0].code().name}: {errors[0].details()}"
                 )
-            assert long_events[-1].type not in FINAL_EVENTS, "the long saga ended before the kill; the test proved little"
+            assert long_events[-1].type not in FINAL_EVENTS, (
+                "the long saga ended before the kill; the test proved little"
+            )
 
             # Resume on B from where each stream stopped.
             resumed_long = await watch_saga(stub_b, long_id, after=long_events[-1].sequence)
@@ -492,7 +495,7 @@ async def test_cli_watch_prints_contiguous_json_lines(
         assert one[-1]["type"] == "EVENT_TYPE_SAGA_SUCCEEDED"
         positions = [int(str(line["position"])) for line in every]
         assert positions == [e.position for e in expected], "watch --all --after is not the log after POS"
-        assert positions[0] > after and all(b > a for a, b in zip(positions, positions[1:], strict=False))
+        assert positions[0] > after and all(b > a for a, b in itertools.pairwise(positions))
         assert [(line["saga_id"], int(str(line["sequence"]))) for line in every] == [
             (e.saga_id, e.sequence) for e in expected
         ]

@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import sqlalchemy
-from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import definition_pb2, participant_pb2, saga_pb2
 from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from compensa.checkout.v1 import checkout_pb2
 from compensa.participants import Participant, StepFailed, TransientError, unpack_as
 from compensa.testing import SagaTestEnvironment
+from compensa.v1 import definition_pb2, participant_pb2, saga_pb2
 
 # --- what the author wrote: two participants and a definition ----------------------
 

@@ -15,22 +15,22 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
+
+from compensa.common.tls import TlsConfigError, TlsFiles
+from compensa.examples.inventory import RESERVATIONS
+from compensa.examples.server import start_participant
 from compensa.orchestrator.auth import Role
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.faults import FaultPlan
-from compensa.examples.inventory import RESERVATIONS
-from compensa.examples.server import start_participant
-from compensa.common.tls import TlsConfigError, TlsFiles
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2
 COMPENSA = REPO / ".venv" / "bin" / "compensa"
@@ -177,7 +177,7 @@ def test_unusable_tls_settings_are_refused_before_anything_starts(pki: Pki, tmp_
     with pytest.raises(TlsConfigError, match="give both"):
         TlsFiles(cert=pki.server.cert)
     with pytest.raises(TlsConfigError, match="cannot read TLS file"):
-        TlsFiles(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key").server_credentials
+        _ = TlsFiles(cert=tmp_path / "missing.pem", key=tmp_path / "missing.key").server_credentials
     result = subprocess.run(
         [str(COMPENSA), "serve", "--listen", "127.0.0.1:0", "--tls-cert", str(tmp_path / "missing.pem"),
          "--tls-key", str(pki.server.key)],

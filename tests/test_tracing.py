@@ -20,12 +20,12 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from sqlalchemy.ext.asyncio import create_async_engine
-
 from harness import checkout_input
 from otlp_receiver import OtlpReceiver, ReceivedSpan
 from processes import FAST_RECONNECT, REPO, ProcessSet
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -99,7 +99,8 @@ async def test_a_saga_resumed_by_another_replica_after_a_kill_continues_its_trac
 
         async with grpc.aio.insecure_channel(second.address, options=FAST_RECONNECT) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            async for response in stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)):
+            watch = orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)
+            async for response in stub.WatchSaga(watch):
                 if response.event.type == saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED:
                     break
 

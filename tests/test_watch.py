@@ -14,13 +14,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-
 from harness import FINAL, checkout_input, poll_until
-from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from processes import COMPENSA, free_port
 from scripted_participant import ScriptedParticipant, serve_scripted
+
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2
 

@@ -25,12 +25,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from compensa.common.retry import Backoff
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.errors import StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.store import PendingAlert, SagaStore
-from compensa.common.retry import Backoff
 from compensa.participants.tracing import trace_id_of
 
 __all__ = ["DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "stuck_alert"]
@@ -89,7 +89,7 @@ def _post(url: str, body: bytes, alert_id: str, timeout: float) -> None:
         url, data=body, method="POST",
         headers={"Content-Type": "application/json", "User-Agent": "compensa", "Idempotency-Key": alert_id},
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (an operator's URL)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         response.read()
         if not 200 <= response.status < 300:
             raise urllib.error.HTTPError(url, response.status, response.reason, response.headers, None)
@@ -132,7 +132,9 @@ class AlertDelivery:
     async def _deliver(self, alert: PendingAlert) -> None:
         body = json.dumps(alert_body(alert), ensure_ascii=False).encode()
         alert_id = f"{alert.saga_id}/{alert.sequence}"
-        fields = {"saga_id": alert.saga_id, "step": alert.step_name or None, "trace_id": trace_id_of(alert.trace_parent)}
+        fields = {
+            "saga_id": alert.saga_id, "step": alert.step_name or None, "trace_id": trace_id_of(alert.trace_parent)
+        }
         try:
             await asyncio.to_thread(_post, self._url, body, alert_id, self._timeout)
         except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors

@@ -25,7 +25,6 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
 from typing import Any
 
 import yaml
@@ -33,13 +32,13 @@ import yaml
 from compensa.orchestrator.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
 
 __all__ = [
+    "REQUIRED_ROLE",
     "AccessPolicy",
     "Identity",
-    "REQUIRED_ROLE",
+    "JwtKeys",
     "Role",
     "StreamLimit",
     "TokenGrant",
-    "JwtKeys",
     "load_jwt_keys",
     "load_token_file",
     "parse_role",

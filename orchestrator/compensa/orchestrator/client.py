@@ -18,16 +18,16 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from compensa.orchestrator.records import FINAL_SAGA_STATES
 from compensa.common.retry import Backoff
 from compensa.common.tls import TlsFiles
+from compensa.orchestrator.records import FINAL_SAGA_STATES
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 #: Answers after which the same call may simply be made again.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -58,9 +58,7 @@ class SagaClient:
             if tls is not None
             else grpc.aio.insecure_channel(target)
         )
-        self.stub = cast(
-            "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub", orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
-        )
+        self.stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._call_timeout = call_timeout
         self._retry_for = retry_for
 

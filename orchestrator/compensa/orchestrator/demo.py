@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import signal
 import tempfile
-import typing
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,15 +24,15 @@ from google.protobuf import any_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
-from compensa.orchestrator import timeline
-from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.server import start_orchestrator
-from compensa.participants.faults import FaultPlan
 from compensa.examples.inventory import RESERVATIONS
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.server import start_participant
 from compensa.examples.shipping import SHIPMENTS
+from compensa.orchestrator import timeline
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import start_orchestrator
+from compensa.participants.faults import FaultPlan
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 __all__ = ["CHECKOUT_PARTICIPANTS", "DEFINITIONS_DIR", "run_demo"]
 
@@ -114,10 +113,7 @@ async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
         print(f"dashboard at {orchestrator.dashboard.url}\n", flush=True)
 
         async with grpc.aio.insecure_channel(orchestrator.address) as channel:
-            # grpc ships no type hints, so the stub's overload on the channel type cannot pick the async one.
-            stub = typing.cast(
-                "orchestrator_pb2_grpc.OrchestratorServiceAsyncStub", orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
-            )
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             outcomes = [await _run_checkout(stub, checkout) for checkout in checkouts]
         if stay:
             print(f"the dashboard stays up at {orchestrator.dashboard.url}; press Ctrl-C to end the demo", flush=True)
@@ -125,7 +121,7 @@ async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
 
     effects = await _read_effects(workdir, [checkout.saga_id for checkout in checkouts])
     print("summary")
-    for checkout, saga in zip(checkouts, outcomes):
+    for checkout, saga in zip(checkouts, outcomes, strict=True):
         print(f"  {checkout.title:<36} {saga.saga_id}  {timeline.saga_state_name(saga.state)}")
         print(f"    participants: {effects[saga.saga_id].describe()}")
     print()
@@ -242,7 +238,7 @@ def _problems(
     problems = [
         f"{checkout.title} ended {timeline.saga_state_name(saga.state)}, "
         f"expected {timeline.saga_state_name(checkout.expected_state)}"
-        for checkout, saga in zip(checkouts, outcomes)
+        for checkout, saga in zip(checkouts, outcomes, strict=True)
         if saga.state != checkout.expected_state
     ]
     declined = effects[checkouts[1].saga_id]

@@ -19,9 +19,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from compensa.v1 import definition_pb2, participant_pb2
 from google.protobuf import any_pb2
 
+from compensa.common.retry import Backoff
 from compensa.orchestrator import logs, machine, records
 from compensa.orchestrator.alerts import AlertDelivery, stuck_alert
 from compensa.orchestrator.changes import ChangeSignal
@@ -36,8 +36,8 @@ from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import completion_token
 from compensa.orchestrator.tracing import SagaTracing
 from compensa.orchestrator.writer import TransitionWriter
-from compensa.common.retry import Backoff
 from compensa.participants.tracing import trace_id_of
+from compensa.v1 import definition_pb2, participant_pb2
 
 log = logging.getLogger("compensa.engine")
 
@@ -243,7 +243,7 @@ class SagaEngine:
         events = [
             StoredEvent(write.saga.saga_id, write.saga.definition_name, position, event)
             for write, result in landed
-            for event, position in zip(write.events, result.positions)
+            for event, position in zip(write.events, result.positions, strict=True)
         ]
         events.sort(key=lambda stored: stored.position)
         self.changes.committed(events)
@@ -252,7 +252,9 @@ class SagaEngine:
         """An ALERT_RAISED event committed here (its outbox row with it)."""
         log.error(
             "ALERT saga %s: %s", saga.saga_id, event.message,
-            extra={"saga_id": saga.saga_id, "step": event.step_name or None, "trace_id": trace_id_of(saga.trace_parent)},
+            extra={
+                "saga_id": saga.saga_id, "step": event.step_name or None, "trace_id": trace_id_of(saga.trace_parent)
+            },
         )
         if self.alerts is not None:
             self.alerts.wake()
@@ -394,7 +396,8 @@ class SagaEngine:
             # saga in between (it bumps no sequence) goes unnamed here. The
             # write itself is fenced as always; only the log's account may lag.
             if holder is not None and holder != self.owner:
-                lease = "its lease was live" if lease_until is not None and lease_until > now else "its lease had expired"
+                live = lease_until is not None and lease_until > now
+                lease = "its lease was live" if live else "its lease had expired"
                 transition = machine.taken_over(
                     saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
                 )
@@ -460,7 +463,7 @@ class SagaEngine:
 
     async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
-        answers: asyncio.Queue[machine.Event] = asyncio.Queue()
+        answers: asyncio.Queue[machine.StepAnswer] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
@@ -486,7 +489,7 @@ class SagaEngine:
                             event = await answers.get()
                     except TimeoutError:
                         continue
-                    in_flight.pop(getattr(event, "step"), None)
+                    in_flight.pop(event.step, None)
                 transition = machine.decide(plan, saga, event, self.clock.now())
                 if not transition.changed:
                     if isinstance(event, machine.TimerFired):
@@ -546,7 +549,8 @@ class SagaEngine:
             return None
 
     async def _call(
-        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call, answers: asyncio.Queue[machine.Event]
+        self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call,
+        answers: asyncio.Queue[machine.StepAnswer],
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
@@ -589,7 +593,7 @@ class SagaEngine:
     async def _send(
         self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
         timeout: float, metadata: tuple[tuple[str, str], ...] | None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         if isinstance(request, participant_pb2.ExecuteRequest):
             return await self.client.execute(participant, request, timeout, metadata)
         return await self.client.compensate(participant, request, timeout, metadata)

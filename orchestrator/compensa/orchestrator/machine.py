@@ -24,8 +24,6 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from compensa.v1 import definition_pb2, saga_pb2
-
 from compensa.orchestrator.definitions import DefinitionGraph, backoff_seconds, duration_seconds, retry_waited_seconds
 from compensa.orchestrator.records import (
     COMPENSATED,
@@ -49,6 +47,7 @@ from compensa.orchestrator.records import (
     state_name,
     takeover_event,
 )
+from compensa.v1 import definition_pb2, saga_pb2
 
 # --- Inputs -----------------------------------------------------------------
 
@@ -114,13 +113,18 @@ class ResolveRequested:
     note: str
 
 
-Event = (
+#: What a participant's answer to one call becomes.
+StepAnswer = (
     ExecuteSucceeded
     | ExecuteFailed
     | ExecutePending
     | ExecuteErrored
     | CompensateSucceeded
     | CompensateErrored
+)
+
+Event = (
+    StepAnswer
     | TimerFired
     | CancelRequested
     | RetryRequested

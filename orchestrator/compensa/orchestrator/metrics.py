@@ -19,14 +19,14 @@ import errno
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from compensa.v1 import saga_pb2
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from compensa.orchestrator.records import ENDING_EVENTS, state_name
 from compensa.common.startup import AddressInUse, ensure_address_free
 from compensa.common.tls import TlsFiles
+from compensa.orchestrator.records import ENDING_EVENTS, state_name
+from compensa.v1 import saga_pb2
 
 # The saga_duration_seconds outcome label of each event that ends a saga.
 _FINAL_EVENTS: dict[int, str] = {event: state_name(state).lower() for state, event in ENDING_EVENTS.items()}
@@ -148,7 +148,9 @@ class Metrics:
 class _PeopleCounts(Collector):
     """Gauges read at scrape time, so that they are never stale."""
 
-    _AWAITING = ("compensa_sagas_awaiting_person", "FAILED sagas that wait for a person (retry or resolve), in the database.")
+    _AWAITING = (
+        "compensa_sagas_awaiting_person", "FAILED sagas that wait for a person (retry or resolve), in the database."
+    )
     _STUCK = ("compensa_sagas_stuck", "Unfinished sagas unchanged for 10 minutes or more, in the database.")
 
     def __init__(self, count: Callable[[], tuple[int, int] | None]) -> None:

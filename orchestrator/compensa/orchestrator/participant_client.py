@@ -7,16 +7,20 @@ import time
 from collections.abc import Mapping
 
 import grpc
-from compensa.v1 import participant_pb2, participant_pb2_grpc
 
+from compensa.common.tls import TlsFiles
 from compensa.orchestrator import machine
 from compensa.orchestrator.limits import stored_text
 from compensa.orchestrator.metrics import Metrics
-from compensa.common.tls import TlsFiles
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
 _EXECUTE_RESULTS = frozenset(
-    {participant_pb2.EXECUTE_RESULT_SUCCEEDED, participant_pb2.EXECUTE_RESULT_FAILED, participant_pb2.EXECUTE_RESULT_PENDING}
+    {
+        participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+        participant_pb2.EXECUTE_RESULT_FAILED,
+        participant_pb2.EXECUTE_RESULT_PENDING,
+    }
 )
 
 
@@ -36,7 +40,7 @@ class ParticipantClient:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
-        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceStub] = {}
+        self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceAsyncStub] = {}
         self._channels: list[grpc.aio.Channel] = []
 
     def address_of(self, participant: str) -> str:
@@ -53,7 +57,7 @@ class ParticipantClient:
         Channels are kept per address, so a changed address gets a new one."""
         self._addresses = dict(addresses)
 
-    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceStub:
+    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
         address = self.address_of(participant)
         stub = self._stubs.get(address)
         if stub is None:
@@ -69,7 +73,7 @@ class ParticipantClient:
     async def execute(
         self, participant: str, request: participant_pb2.ExecuteRequest, timeout: float,
         metadata: tuple[tuple[str, str], ...] | None = None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         step = request.context.step_name
         began = time.perf_counter()
         try:
@@ -102,7 +106,8 @@ class ParticipantClient:
         if size > self._max_output_bytes:
             # The effect may have happened: an error (retried, then compensated), not a business failure.
             return machine.ExecuteErrored(
-                step, f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}"
+                step,
+                f"the participant's output is {size} bytes; the orchestrator stores at most {self._max_output_bytes}",
             )
         output = response.output.SerializeToString(deterministic=True) if response.HasField("output") else None
         return machine.ExecuteSucceeded(step, output)
@@ -110,7 +115,7 @@ class ParticipantClient:
     async def compensate(
         self, participant: str, request: participant_pb2.CompensateRequest, timeout: float,
         metadata: tuple[tuple[str, str], ...] | None = None,
-    ) -> machine.Event:
+    ) -> machine.StepAnswer:
         step = request.context.step_name
         began = time.perf_counter()
         try:

@@ -15,10 +15,10 @@ import importlib
 from collections.abc import Iterable
 from typing import Any
 
-from compensa.v1 import definition_pb2, saga_pb2
 from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message, message_factory
 
 from compensa.orchestrator.errors import InvalidArgument, quote
+from compensa.v1 import definition_pb2, saga_pb2
 
 #: Proto modules imported by default so their types resolve.
 DEFAULT_PROTO_MODULES: tuple[str, ...] = ("compensa.checkout.v1.checkout_pb2",)

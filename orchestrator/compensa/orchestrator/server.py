@@ -11,20 +11,10 @@ from dataclasses import dataclass
 
 import grpc
 import sqlalchemy
-from compensa.v1 import orchestrator_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from compensa.orchestrator import payloads
-from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
-from compensa.orchestrator.definitions import load_definitions
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, StoreUnavailable
-from compensa.orchestrator.service import OrchestratorService, service_handler
-from compensa.orchestrator.store import open_store
 from compensa.common.health import DatabaseHealth
-from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.common.startup import (
     DATABASE_START_BACKOFF,
     DatabaseMisconfigured,
@@ -33,6 +23,16 @@ from compensa.common.startup import (
     permanent_database_problem,
 )
 from compensa.common.tls import TlsConfigError
+from compensa.orchestrator import payloads
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
+from compensa.orchestrator.definitions import load_definitions
+from compensa.orchestrator.engine import SagaEngine
+from compensa.orchestrator.errors import CompensaError, StoreUnavailable
+from compensa.orchestrator.service import OrchestratorService, service_handler
+from compensa.orchestrator.store import open_store
+from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
+from compensa.v1 import orchestrator_pb2
 
 log = logging.getLogger("compensa.server")
 

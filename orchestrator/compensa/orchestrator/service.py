@@ -14,10 +14,9 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import grpc
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from google.protobuf import duration_pb2, message, message_factory
 
 from compensa.orchestrator import machine, payloads, records
@@ -34,7 +33,6 @@ from compensa.orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     grpc_error_details,
     grpc_status_of,
     quote,
@@ -51,13 +49,14 @@ from compensa.orchestrator.limits import (
     is_possible,
     stored_text,
 )
-from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.operations import operator_event
-from compensa.orchestrator.streams import READ_BATCH, LogTail
+from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.store import ParticipantAddress
+from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
 from compensa.orchestrator.views import EventViews, saga_message
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
@@ -76,6 +75,8 @@ MAX_BATCH_WINDOW_SECONDS = 1.0
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+#: The server side of a call that takes a Request and answers Response(s).
+Context: TypeAlias = grpc.aio.ServicerContext[Request, Response]
 
 
 class UndecodableRequest:
@@ -116,7 +117,7 @@ def service_handler(service: OrchestratorService) -> grpc.GenericRpcHandler:
     generated one, a request whose bytes do not decode reaches the handler
     (as an UndecodableRequest) and is answered INVALID_ARGUMENT, without a
     traceback in the log."""
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE_DESCRIPTOR.methods:
         make_handler = (
             grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
@@ -130,10 +131,10 @@ def service_handler(service: OrchestratorService) -> grpc.GenericRpcHandler:
 
 
 def _answer_errors(
-    handler: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
-) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    handler: Callable[[Any, Request, Context[Request, Response]], Awaitable[Response]],
+) -> Callable[[Any, Request, Context[Request, Response]], Awaitable[Response]]:
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+    async def wrapper(self: Any, request: Request, context: Context[Request, Response]) -> Response:
         try:
             if isinstance(request, UndecodableRequest):
                 raise request.error()
@@ -152,10 +153,10 @@ def _answer_errors(
 
 
 def _answer_stream_errors(
-    handler: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
-) -> Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    handler: Callable[[Any, Request, Context[Request, Response]], AsyncIterator[Response]],
+) -> Callable[[Any, Request, Context[Request, Response]], AsyncIterator[Response]]:
     @functools.wraps(handler)
-    async def wrapper(self: Any, request: Request, context: grpc.aio.ServicerContext) -> AsyncIterator[Response]:
+    async def wrapper(self: Any, request: Request, context: Context[Request, Response]) -> AsyncIterator[Response]:
         try:
             if isinstance(request, UndecodableRequest):
                 raise request.error()
@@ -224,7 +225,7 @@ def _start_fingerprint(request: orchestrator_pb2.StartSagaRequest) -> str:
     return digest.hexdigest()
 
 
-def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
+def _certificate_names(context: Context[Request, Response]) -> list[str]:
     """The client certificate's common name and alternative names, when the
     call came over mutual TLS (the certificate was verified by then)."""
     auth = context.auth_context()
@@ -232,7 +233,7 @@ def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
     return list(dict.fromkeys(name.decode() for name in names))
 
 
-def _stream_client(identity: Identity | None, context: grpc.aio.ServicerContext) -> str:
+def _stream_client(identity: Identity | None, context: Context[Request, Response]) -> str:
     """Whose stream this is, for the per-client limit: the verified identity,
     else the peer's address (an open API knows no better)."""
     if identity is not None and identity.how != "open":
@@ -284,14 +285,19 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         return saga_message(saga, plan)
 
-    def _caller(self, context: grpc.aio.ServicerContext) -> Identity:
+    def _caller(self, context: Context[Request, Response]) -> Identity:
         """Who calls: a bearer token in the metadata or the client certificate."""
         authorization = next(
-            (value for key, value in context.invocation_metadata() or () if key == "authorization"), None
+            # Text, not bytes: only keys ending in -bin carry binary values.
+            (
+                value for key, value in context.invocation_metadata() or ()
+                if key == "authorization" and isinstance(value, str)
+            ),
+            None,
         )
         return self._access.identify(_certificate_names(context), authorization)
 
-    def _admit(self, action: str, context: grpc.aio.ServicerContext) -> Identity | None:
+    def _admit(self, action: str, context: Context[Request, Response]) -> Identity | None:
         """Checks the caller's role for `action`; who it is (None on an open
         API for calls below operator: nothing to check, and the hot path
         stays free of it)."""
@@ -301,17 +307,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._access.authorize(identity, action)
         return identity
 
-    def _in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+    def _in_scope(self, context: Context[Request, Response], action: str, definition_name: str) -> None:
         """PermissionDenied unless the caller may act on sagas of this definition."""
         if not self._access.open:
             self._access.authorize(self._caller(context), action, definition_name)
 
-    def _all_in_scope(self, context: grpc.aio.ServicerContext, action: str, definition_name: str) -> None:
+    def _all_in_scope(self, context: Context[Request, Response], action: str, definition_name: str) -> None:
         """For calls over many sagas: a caller limited to some definitions must filter on one."""
         if not self._access.open:
             self._access.require_scope(self._caller(context), action, definition_name)
 
-    async def _existing(self, saga_id: str, context: grpc.aio.ServicerContext, action: str) -> records.SagaRecord:
+    async def _existing(self, saga_id: str, context: Context[Request, Response], action: str) -> records.SagaRecord:
         saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
         if saga is None:
             raise NotFound(f"saga {quote(saga_id)} not found")
@@ -319,7 +325,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return saga
 
     async def _operate(
-        self, context: grpc.aio.ServicerContext, action: str, saga_id: str, claimed: str, text: str
+        self, context: Context[Request, Response], action: str, saga_id: str, claimed: str, text: str
     ) -> saga_pb2.Saga:
         """An operator action, recorded with who did it. Its fields are
         checked before anything is read."""
@@ -339,12 +345,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def StartSaga(
-        self, request: orchestrator_pb2.StartSagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.StartSagaRequest,
+        context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
     ) -> orchestrator_pb2.StartSagaResponse:
         check_saga_id(request.saga_id)
         self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
-            raise InvalidArgument(f"definition_version must be 0 (latest) or positive, got {request.definition_version}")
+            raise InvalidArgument(
+                f"definition_version must be 0 (latest) or positive, got {request.definition_version}"
+            )
         possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
@@ -375,14 +385,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def GetSaga(
-        self, request: orchestrator_pb2.GetSagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.GetSagaRequest,
+        context: Context[orchestrator_pb2.GetSagaRequest, orchestrator_pb2.GetSagaResponse],
     ) -> orchestrator_pb2.GetSagaResponse:
         saga = await self._existing(request.saga_id, context, "GetSaga")
         return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
     async def ListSagas(
-        self, request: orchestrator_pb2.ListSagasRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.ListSagasRequest,
+        context: Context[orchestrator_pb2.ListSagasRequest, orchestrator_pb2.ListSagasResponse],
     ) -> orchestrator_pb2.ListSagasResponse:
         page_size = _page_size(request.page_size)
         if request.state and request.state not in saga_pb2.SagaState.values():
@@ -419,7 +433,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def SummarizeSagas(
-        self, request: orchestrator_pb2.SummarizeSagasRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.SummarizeSagasRequest,
+        context: Context[orchestrator_pb2.SummarizeSagasRequest, orchestrator_pb2.SummarizeSagasResponse],
     ) -> orchestrator_pb2.SummarizeSagasResponse:
         stuck = _stuck_seconds(request.stuck_for) if request.HasField("stuck_for") else DEFAULT_STUCK_SECONDS
         definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
@@ -448,28 +464,36 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def CancelSaga(
-        self, request: orchestrator_pb2.CancelSagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.CancelSagaRequest,
+        context: Context[orchestrator_pb2.CancelSagaRequest, orchestrator_pb2.CancelSagaResponse],
     ) -> orchestrator_pb2.CancelSagaResponse:
         saga = await self._operate(context, "CancelSaga", request.saga_id, request.actor, request.reason)
         return orchestrator_pb2.CancelSagaResponse(saga=saga)
 
     @_answer_errors
     async def RetrySaga(
-        self, request: orchestrator_pb2.RetrySagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.RetrySagaRequest,
+        context: Context[orchestrator_pb2.RetrySagaRequest, orchestrator_pb2.RetrySagaResponse],
     ) -> orchestrator_pb2.RetrySagaResponse:
         saga = await self._operate(context, "RetrySaga", request.saga_id, request.actor, request.reason)
         return orchestrator_pb2.RetrySagaResponse(saga=saga)
 
     @_answer_errors
     async def ResolveSaga(
-        self, request: orchestrator_pb2.ResolveSagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.ResolveSagaRequest,
+        context: Context[orchestrator_pb2.ResolveSagaRequest, orchestrator_pb2.ResolveSagaResponse],
     ) -> orchestrator_pb2.ResolveSagaResponse:
         saga = await self._operate(context, "ResolveSaga", request.saga_id, request.actor, request.note)
         return orchestrator_pb2.ResolveSagaResponse(saga=saga)
 
     @_answer_errors
     async def CompleteStep(
-        self, request: orchestrator_pb2.CompleteStepRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.CompleteStepRequest,
+        context: Context[orchestrator_pb2.CompleteStepRequest, orchestrator_pb2.CompleteStepResponse],
     ) -> orchestrator_pb2.CompleteStepResponse:
         try:
             saga_id, step_name = parse_completion_token(self._engine.token_key, request.completion_token)
@@ -507,7 +531,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_stream_errors
     async def WatchSaga(
-        self, request: orchestrator_pb2.WatchSagaRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.WatchSagaRequest,
+        context: Context[orchestrator_pb2.WatchSagaRequest, orchestrator_pb2.WatchSagaResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchSagaResponse]:
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
@@ -542,7 +568,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_stream_errors
     async def WatchSagas(
-        self, request: orchestrator_pb2.WatchSagasRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.WatchSagasRequest,
+        context: Context[orchestrator_pb2.WatchSagasRequest, orchestrator_pb2.WatchSagasResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
         if request.after_position < 0:
             raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
@@ -560,7 +588,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("batch_window needs max_events_per_message of 2 or more")
         if request.saga_state and request.saga_state not in saga_pb2.SagaState.values():
             raise InvalidArgument(f"saga_state {request.saga_state} is not a SagaState")
-        definition_name, saga_state = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition"), request.saga_state
+        definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
+        saga_state = request.saga_state
         self._all_in_scope(context, "WatchSagas", definition_name)
         async for batch in self._tail.follow(
             request.after_position,
@@ -582,7 +611,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def RegisterDefinition(
-        self, request: orchestrator_pb2.RegisterDefinitionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.RegisterDefinitionRequest,
+        context: Context[orchestrator_pb2.RegisterDefinitionRequest, orchestrator_pb2.RegisterDefinitionResponse],
     ) -> orchestrator_pb2.RegisterDefinitionResponse:
         if not request.HasField("definition"):
             raise InvalidArgument("definition is required")
@@ -595,7 +626,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def GetDefinition(
-        self, request: orchestrator_pb2.GetDefinitionRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.GetDefinitionRequest,
+        context: Context[orchestrator_pb2.GetDefinitionRequest, orchestrator_pb2.GetDefinitionResponse],
     ) -> orchestrator_pb2.GetDefinitionResponse:
         possible = is_possible(request.name, "name", NAME_PATTERN)
         if request.version < 0:
@@ -608,7 +641,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def ListDefinitions(
-        self, request: orchestrator_pb2.ListDefinitionsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.ListDefinitionsRequest,
+        context: Context[orchestrator_pb2.ListDefinitionsRequest, orchestrator_pb2.ListDefinitionsResponse],
     ) -> orchestrator_pb2.ListDefinitionsResponse:
         page_size = _page_size(request.page_size)
         caller = None if self._access.open else self._caller(context)
@@ -637,7 +672,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def SetParticipant(
-        self, request: orchestrator_pb2.SetParticipantRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.SetParticipantRequest,
+        context: Context[orchestrator_pb2.SetParticipantRequest, orchestrator_pb2.SetParticipantResponse],
     ) -> orchestrator_pb2.SetParticipantResponse:
         check_text(request.actor, "actor", max_chars=MAX_ACTOR_CHARS)
         actor = stored_text(self._caller(context).actor(request.actor), MAX_STORED_ACTOR_CHARS)
@@ -651,7 +688,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def ListParticipants(
-        self, request: orchestrator_pb2.ListParticipantsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: orchestrator_pb2.ListParticipantsRequest,
+        context: Context[orchestrator_pb2.ListParticipantsRequest, orchestrator_pb2.ListParticipantsResponse],
     ) -> orchestrator_pb2.ListParticipantsResponse:
         stored = await self._engine.refresh_participants()
         return orchestrator_pb2.ListParticipantsResponse(participants=[_participant_message(p) for p in stored])

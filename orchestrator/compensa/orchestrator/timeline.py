@@ -6,7 +6,7 @@ colour is wanted (only when writing to a terminal).
 
 from __future__ import annotations
 
-from datetime import timezone
+from datetime import UTC
 
 from compensa.v1 import saga_pb2
 
@@ -107,7 +107,7 @@ def _short_name(full_name: str, prefix: str) -> str:
 def _format_time(event: saga_pb2.SagaEvent) -> str:
     if not event.HasField("time"):
         return " " * 12
-    moment = event.time.ToDatetime(tzinfo=timezone.utc)
+    moment = event.time.ToDatetime(tzinfo=UTC)
     return moment.strftime("%H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
 
 

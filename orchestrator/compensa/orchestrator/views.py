@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from compensa.v1 import saga_pb2
 from google.protobuf import any_pb2
 
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.store import StoredEvent
 from compensa.orchestrator.timestamps import timestamp
+from compensa.v1 import saga_pb2
 
 
 def _attempts_made(step: records.StepRecord) -> int:

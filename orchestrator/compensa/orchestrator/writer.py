@@ -13,10 +13,10 @@ import logging
 import time
 from collections.abc import Callable
 
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.store import SagaStore, SagaWrite, WriteResult
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 
 log = logging.getLogger("compensa.engine")
 
@@ -101,7 +101,7 @@ class TransitionWriter:
                     future.set_exception(error)
             return
         self._metrics.flushed(len(batch), time.perf_counter() - began)
-        self._on_commit([(write, result) for (write, _), result in zip(batch, results) if result.ok])
-        for (_, future), result in zip(batch, results):
+        self._on_commit([(write, result) for (write, _), result in zip(batch, results, strict=True) if result.ok])
+        for (_, future), result in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from compensa.orchestrator.client import SagaClient
@@ -37,6 +36,7 @@ from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.sdk import Participant
 from compensa.participants.serving import RunningParticipant, create_participant_engine, start_server
+from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 __all__ = ["ParticipantFactory", "SagaTestEnvironment"]
 

@@ -11,8 +11,8 @@ import socket
 from compensa.common.retry import Backoff
 
 __all__ = [
-    "AddressInUse",
     "DATABASE_START_BACKOFF",
+    "AddressInUse",
     "DatabaseMisconfigured",
     "ServingError",
     "ensure_address_free",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import overload
 
 import grpc
 
@@ -52,6 +53,10 @@ class TlsFiles:
         )
 
 
+@overload
+def _read(path: Path) -> bytes: ...
+@overload
+def _read(path: None) -> None: ...
 def _read(path: Path | None) -> bytes | None:
     if path is None:
         return None

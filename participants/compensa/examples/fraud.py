@@ -10,8 +10,8 @@ from google.protobuf import struct_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2
 from compensa.participants.sdk import Participant, StepFailed, unpack_as
+from compensa.v1 import participant_pb2
 
 metadata = sqlalchemy.MetaData()
 

@@ -9,9 +9,9 @@ import sqlalchemy
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant, StepFailed, insert_if_absent, unpack_as
+from compensa.v1 import participant_pb2
 
 metadata = sqlalchemy.MetaData()
 

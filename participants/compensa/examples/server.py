@@ -11,15 +11,15 @@ import logging
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
-from compensa.participants.faults import FaultPlan
-from compensa.examples.fraud import FraudParticipant
 from compensa.common.health import DEFAULT_PROBE_SECONDS
+from compensa.common.tls import TlsFiles
+from compensa.examples.fraud import FraudParticipant
 from compensa.examples.inventory import InventoryParticipant
 from compensa.examples.payment import PaymentParticipant
+from compensa.examples.shipping import ShippingParticipant
+from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant
 from compensa.participants.serving import RunningParticipant, create_participant_engine, serve, start_server
-from compensa.examples.shipping import ShippingParticipant
-from compensa.common.tls import TlsFiles
 
 __all__ = [
     "PARTICIPANT_KINDS",

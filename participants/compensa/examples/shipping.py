@@ -9,8 +9,8 @@ import sqlalchemy
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.checkout.v1 import checkout_pb2
-from compensa.v1 import participant_pb2
 from compensa.participants.sdk import Participant, unpack_as
+from compensa.v1 import participant_pb2
 
 metadata = sqlalchemy.MetaData()
 

@@ -16,32 +16,75 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from compensa.participants.sdk import (
-        CompleteStep,
-        DeadlinePassed,
-        NotCompensable,
-        NotLongRunning,
-        Participant,
-        ParticipantError,
-        Pending,
-        StepFailed,
-        TransientError,
-        insert_if_absent,
-        pack,
-        unpack_as,
+    from compensa.common.startup import (
+        AddressInUse as AddressInUse,
     )
-    from compensa.participants.serving import RunningParticipant, create_participant_engine, serve, start_server
-    from compensa.common.startup import AddressInUse, DatabaseMisconfigured, ServingError
+    from compensa.common.startup import (
+        DatabaseMisconfigured as DatabaseMisconfigured,
+    )
+    from compensa.common.startup import (
+        ServingError as ServingError,
+    )
+    from compensa.participants.sdk import (
+        CompleteStep as CompleteStep,
+    )
+    from compensa.participants.sdk import (
+        DeadlinePassed as DeadlinePassed,
+    )
+    from compensa.participants.sdk import (
+        NotCompensable as NotCompensable,
+    )
+    from compensa.participants.sdk import (
+        NotLongRunning as NotLongRunning,
+    )
+    from compensa.participants.sdk import (
+        Participant as Participant,
+    )
+    from compensa.participants.sdk import (
+        ParticipantError as ParticipantError,
+    )
+    from compensa.participants.sdk import (
+        Pending as Pending,
+    )
+    from compensa.participants.sdk import (
+        StepFailed as StepFailed,
+    )
+    from compensa.participants.sdk import (
+        TransientError as TransientError,
+    )
+    from compensa.participants.sdk import (
+        insert_if_absent as insert_if_absent,
+    )
+    from compensa.participants.sdk import (
+        pack as pack,
+    )
+    from compensa.participants.sdk import (
+        unpack_as as unpack_as,
+    )
+    from compensa.participants.serving import (
+        RunningParticipant as RunningParticipant,
+    )
+    from compensa.participants.serving import (
+        create_participant_engine as create_participant_engine,
+    )
+    from compensa.participants.serving import (
+        serve as serve,
+    )
+    from compensa.participants.serving import (
+        start_server as start_server,
+    )
 
 _HOMES = {
     **dict.fromkeys(
         (
-            "CompleteStep", "DeadlinePassed", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError", "Pending",
-            "StepFailed", "TransientError", "insert_if_absent", "pack", "unpack_as",
+            "CompleteStep", "DeadlinePassed", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError",
+            "Pending", "StepFailed", "TransientError", "insert_if_absent", "pack", "unpack_as",
         ),
         "compensa.participants.sdk",
     ),
-    **dict.fromkeys(("RunningParticipant", "create_participant_engine", "serve", "start_server"), "compensa.participants.serving"),
+    **dict.fromkeys(
+        ("RunningParticipant", "create_participant_engine", "serve", "start_server"), "compensa.participants.serving"
+    ),
     **dict.fromkeys(("AddressInUse", "DatabaseMisconfigured", "ServingError"), "compensa.common.startup"),
 }
 

@@ -54,11 +54,11 @@ from google.protobuf import any_pb2, message
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from compensa.v1 import participant_pb2, participant_pb2_grpc
-from compensa.participants import tracing
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
-from compensa.participants.faults import FaultPlan, InjectedFault
 from compensa.common.health import DatabaseHealth
+from compensa.participants import tracing
+from compensa.participants.faults import FaultPlan, InjectedFault
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 __all__ = [
     "CompleteStep",
@@ -275,7 +275,11 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     barrier_table_name: ClassVar[str] = "participant_barrier"
 
     def __init__(
-        self, engine: AsyncEngine, *, faults: FaultPlan | None = None, database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+        self,
+        engine: AsyncEngine,
+        *,
+        faults: FaultPlan | None = None,
+        database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
     ) -> None:
         self.engine = engine
         self.faults = faults or FaultPlan()
@@ -350,7 +354,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         raise NotCompensable(f"step {request.context.step_name!r} cannot be compensated")
 
     async def Execute(
-        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
+        self,
+        request: participant_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
     ) -> participant_pb2.ExecuteResponse:
         """Performs the step once per idempotency key; see the module docstring for statuses."""
         traceparent = tracing.traceparent_in(context.invocation_metadata())
@@ -362,7 +368,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             return await self._answer_execute(request, context, traceparent)
 
     async def _answer_execute(
-        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+        self,
+        request: participant_pb2.ExecuteRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
+        traceparent: str | None,
     ) -> participant_pb2.ExecuteResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK
@@ -383,7 +392,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             self._log(request.context, _EXECUTE, outcome, status, traceparent)
 
     async def Compensate(
-        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: participant_pb2.CompensateRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
     ) -> participant_pb2.CompensateResponse:
         """Undoes the step once per idempotency key; see the module docstring for statuses."""
         traceparent = tracing.traceparent_in(context.invocation_metadata())
@@ -395,7 +406,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             return await self._answer_compensate(request, context, traceparent)
 
     async def _answer_compensate(
-        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext, traceparent: str | None
+        self,
+        request: participant_pb2.CompensateRequest,
+        context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
+        traceparent: str | None,
     ) -> participant_pb2.CompensateResponse:
         outcome = "not-run"
         status = grpc.StatusCode.OK

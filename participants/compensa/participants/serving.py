@@ -32,11 +32,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from compensa.v1 import participant_pb2, participant_pb2_grpc
-from compensa.participants import tracing
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
-from compensa.participants.sdk import Participant
 from compensa.common.startup import (
     DATABASE_START_BACKOFF,
     AddressInUse,
@@ -47,6 +44,9 @@ from compensa.common.startup import (
     permanent_database_problem,
 )
 from compensa.common.tls import TlsFiles
+from compensa.participants import tracing
+from compensa.participants.sdk import Participant
+from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 __all__ = [
     "GRPC_SERVER_OPTIONS",

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ __all__ = [
     "shutdown",
     "trace_id_of",
     "traceparent_in",
-    "traces_requested",
     "tracer",
+    "traces_requested",
 ]
 
 log = logging.getLogger("compensa.tracing")
@@ -82,7 +82,7 @@ def tracer(scope: str, service_name: str) -> Tracer | None:
 def _provider_from_environment(service_name: str) -> TracerProvider:
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
     # Resource.create adds OTEL_RESOURCE_ATTRIBUTES; OTEL_SERVICE_NAME wins
     # over our default name.
@@ -137,7 +137,7 @@ def trace_id_of(traceparent: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def traceparent_in(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def traceparent_in(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The traceparent among a call's gRPC metadata, if any."""
     for key, value in metadata or ():
         if key == TRACEPARENT and isinstance(value, str):

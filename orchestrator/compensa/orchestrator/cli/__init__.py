@@ -25,15 +25,15 @@ import sys
 
 import grpc
 
+from compensa.common.startup import ServingError
+from compensa.common.tls import TlsConfigError
 from compensa.orchestrator.cli.exit_codes import EXIT_ERROR, EXIT_INTERRUPTED
 from compensa.orchestrator.cli.output import error_text
 from compensa.orchestrator.cli.parser import Command, build_parser, parse_arguments, parse_saga_state
 from compensa.orchestrator.errors import CompensaError
 from compensa.orchestrator.logs import configure_logging
-from compensa.common.startup import ServingError
-from compensa.common.tls import TlsConfigError
 
-__all__ = ["main", "build_parser", "parse_saga_state"]
+__all__ = ["build_parser", "main", "parse_saga_state"]
 
 
 def main(argv: list[str] | None = None) -> int:

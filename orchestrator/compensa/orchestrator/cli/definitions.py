@@ -7,12 +7,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.cli.output import definition_dict, json_line
-from compensa.orchestrator.definitions import DEFINITION_SUFFIXES, compile_proto_files, load_definitions, read_descriptor_set
+from compensa.orchestrator.definitions import (
+    DEFINITION_SUFFIXES,
+    compile_proto_files,
+    load_definitions,
+    read_descriptor_set,
+)
 from compensa.orchestrator.errors import CompensaError
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 
 def register(args: argparse.Namespace) -> int:

@@ -14,11 +14,10 @@ import grpc
 from google.protobuf import descriptor_pool, json_format
 from google.protobuf.message import Message
 
-from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.errors import CompensaError
 from compensa.orchestrator.records import ACTIVE_SAGA_STATES
-
+from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 
 def error_text(error: BaseException) -> str:
@@ -87,7 +86,8 @@ def saga_row(saga: saga_pb2.Saga) -> str:
     """One line of `compensa list`."""
     updated = saga.update_time.ToJsonString() if saga.HasField("update_time") else ""
     state = timeline.saga_state_name(saga.state)
-    return f"{saga.saga_id}  {saga.definition_name}@{saga.definition_version}  {state:<12}  seq {saga.sequence:<4}  {updated}"
+    definition = f"{saga.definition_name}@{saga.definition_version}"
+    return f"{saga.saga_id}  {definition}  {state:<12}  seq {saga.sequence:<4}  {updated}"
 
 
 def print_status(response: orchestrator_pb2.SummarizeSagasResponse) -> None:
@@ -110,7 +110,7 @@ def print_status(response: orchestrator_pb2.SummarizeSagasResponse) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
-                        for column, (cell, width) in enumerate(zip(row, widths))).rstrip())
+                        for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
     stuck_for = response.stuck_for.ToNanoseconds() / 1e9
     print(f"stuck: unfinished and unchanged for {short_duration(stuck_for)} (compensa list --stuck"
           f" {short_duration(stuck_for)} lists them); unresolved: FAILED, waiting for retry or resolve")

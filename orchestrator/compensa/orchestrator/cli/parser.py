@@ -19,7 +19,6 @@ from typing import NoReturn
 
 from google.protobuf import duration_pb2
 
-from compensa.v1 import saga_pb2
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.auth import Role, parse_role
 from compensa.orchestrator.cli import definitions, sagas, server
@@ -28,6 +27,7 @@ from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, 
 from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
 from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
 from compensa.participants.faults import FaultPlan
+from compensa.v1 import saga_pb2
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -186,7 +186,7 @@ def _parse_certificate_role(text: str) -> tuple[str, Role]:
 
 
 def _host_port(text: str) -> str:
-    host, colon, port = text.rpartition(":")
+    _, colon, port = text.rpartition(":")
     if not colon or not port.isascii() or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(
             f"{quote(text)} is not HOST:PORT with a port from 0 to 65535, e.g. 0.0.0.0:9464"
@@ -327,7 +327,8 @@ def _add_json_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_actor_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--actor", default=_default_actor(), help="who acts, recorded in the saga's log (default: USER@host)")
+    parser.add_argument("--actor", default=_default_actor(),
+                        help="who acts, recorded in the saga's log (default: USER@host)")
 
 
 # --- server commands ---
@@ -363,8 +364,10 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
                         help="PEM of the CA that signs the participants' certificates: call them over TLS")
     parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
-                        help="PEM client certificate shown to participants that require one (with --participant-tls-key)")
-    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE", help="PEM private key of --participant-tls-cert")
+                        help="PEM client certificate shown to participants that require one"
+                             " (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
+                        help="PEM private key of --participant-tls-cert")
     parser.add_argument(
         "--operator", action="append", default=[], metavar="NAME",
         help="a client certificate name (CN or subject alternative name) allowed to cancel, retry, resolve and"

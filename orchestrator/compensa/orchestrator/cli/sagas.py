@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from typing import Protocol, TypeVar
 
 import grpc
-
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from compensa.common.retry import Backoff
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.cli.connection import RECONNECT_QUICKLY, open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK, EXIT_SAGA_ENDED_BADLY
@@ -29,7 +29,7 @@ from compensa.orchestrator.cli.output import (
 )
 from compensa.orchestrator.errors import CompensaError
 from compensa.orchestrator.records import done_for_good
-from compensa.common.retry import Backoff
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 _Message = TypeVar("_Message")
 
@@ -186,7 +186,7 @@ def _watch_saga(args: argparse.Namespace, stub: orchestrator_pb2_grpc.Orchestrat
     last: int = args.after
 
     def open_stream() -> Iterable[orchestrator_pb2.WatchSagaResponse]:
-        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(  # type: ignore[no-any-return]
+        return stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
             saga_id=args.saga_id, after_sequence=last, replay_history=True, follow_after_end=True,
         ))
 
@@ -207,7 +207,7 @@ def _watch_all(args: argparse.Namespace, stub: orchestrator_pb2_grpc.Orchestrato
     last: int = args.after
 
     def open_stream() -> Iterable[orchestrator_pb2.WatchSagasResponse]:
-        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(  # type: ignore[no-any-return]
+        return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(
             definition_name=args.definition, after_position=last, max_events_per_message=_WATCH_ALL_BATCH,
         ))
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from google.protobuf import duration_pb2
 
+from compensa.common.tls import TlsConfigError, TlsFiles
 from compensa.orchestrator.cli.connection import tls_files
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.errors import CompensaError
-from compensa.common.tls import TlsConfigError, TlsFiles
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from compensa.common.tls import TlsFiles
 from compensa.orchestrator.auth import AccessPolicy, StreamLimit
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
 from compensa.orchestrator.engine import SagaEngine
 from compensa.orchestrator.streams import LogTail
-from compensa.common.tls import TlsFiles
 
 __all__ = ["RunningDashboard", "start_dashboard"]
 

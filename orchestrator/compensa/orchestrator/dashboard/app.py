@@ -22,22 +22,29 @@ import os
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from aiohttp import web
-from compensa.v1 import saga_pb2
 from google.protobuf import any_pb2, descriptor_pool
 
+from compensa.common.tls import TlsFiles
 from compensa.orchestrator import payloads, records
 from compensa.orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.definitions import NAME_PATTERN
 from compensa.orchestrator.definitions._durations import shorthand_to_json
 from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
-from compensa.orchestrator.errors import CompensaError, InvalidArgument, NotFound, PermissionDenied, http_status_of, quote
+from compensa.orchestrator.errors import (
+    CompensaError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    http_status_of,
+    quote,
+)
 from compensa.orchestrator.limits import (
     MAX_SAGA_ID_CHARS,
     MAX_STUCK_FOR_SECONDS,
@@ -52,11 +59,11 @@ from compensa.orchestrator.store import StoredEvent
 from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timeline import event_type_name, saga_state_name, step_state_name
 from compensa.orchestrator.views import saga_message
-from compensa.common.tls import TlsFiles
+from compensa.v1 import saga_pb2
 
 log = logging.getLogger("compensa.dashboard")
 
-__all__ = ["Dashboard", "TOKEN_COOKIE", "server_ssl_context"]
+__all__ = ["TOKEN_COOKIE", "Dashboard", "server_ssl_context"]
 
 #: The cookie the login form sets to the bearer token.
 TOKEN_COOKIE = "compensa_token"
@@ -111,7 +118,7 @@ def _certificate_names(request: web.Request) -> list[str]:
 def _time(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
 def _age(seconds: float) -> str:

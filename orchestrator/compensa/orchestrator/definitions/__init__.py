@@ -31,8 +31,9 @@ Validation rules (`validate_definition`):
 Normalization fills, per step: kind UNSPECIFIED -> COMPENSABLE; execute_timeout and
 compensate_timeout 10s; retry 3 attempts / 200ms / x2 / 10s; compensate_retry no count limit /
 500ms / x2 / 30s / an alert after 5m / giving up after 24h (a partly written policy takes
-what it leaves out from these, except max_attempts); `depends_on`, so the normalized definition lists every dependency; and
-`independent`, true exactly on the steps with no dependencies (the first step included).
+what it leaves out from these, except max_attempts); `depends_on`, so the normalized
+definition lists every dependency; and `independent`, true exactly on the steps with no
+dependencies (the first step included).
 
 "No dependencies" (parallel starts): in proto3 an empty `depends_on` cannot be told from
 an absent one, and the proto defines it as "the step before". A step says "none" with
@@ -49,8 +50,8 @@ from compensa.orchestrator.definitions._files import (
     load_definition_file,
     load_definitions,
 )
-from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set
 from compensa.orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
+from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set
 from compensa.orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_SECONDS,

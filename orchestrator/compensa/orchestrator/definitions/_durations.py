@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2
 
-from compensa.v1 import definition_pb2
 from compensa.orchestrator.durations import InvalidDuration, parse_duration
+from compensa.v1 import definition_pb2
 
 
 def shorthand_to_json(text: str) -> str | None:

@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from google.protobuf import descriptor, descriptor_pb2, json_format, message
 
-from compensa.v1 import definition_pb2
 from compensa.orchestrator.definitions._validation import validate_definition
 from compensa.orchestrator.durations import InvalidDuration, parse_duration
 from compensa.orchestrator.errors import DefinitionError, quote
+from compensa.v1 import definition_pb2
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")
 """The file name endings `load_definitions` picks up in a directory."""
@@ -52,7 +52,8 @@ def load_definition_file(
     _parse(_friendly(top, definition.DESCRIPTOR, source, ""), definition, source, "")
     if definition.version != 0:
         raise DefinitionError(
-            f"leave it unset: the orchestrator numbers versions when it registers a definition, got {definition.version}",
+            "leave it unset: the orchestrator numbers versions when it registers a definition,"
+            f" got {definition.version}",
             source=source,
             field="version",
         )
@@ -156,7 +157,9 @@ def _parse(value: dict[str, Any], target: message.Message, source: str, step: st
         raise DefinitionError(problem, source=source, step=step, field=field) from None
 
 
-def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source: str, step: str, prefix: str = "") -> dict[str, Any]:
+def _friendly(
+    value: dict[str, Any], message_type: descriptor.Descriptor, source: str, step: str, prefix: str = ""
+) -> dict[str, Any]:
     """`value` with durations (orchestrator.durations) and enum short names rewritten into proto3 JSON;
     unknown fields rejected."""
     result: dict[str, Any] = {}
@@ -165,7 +168,8 @@ def _friendly(value: dict[str, Any], message_type: descriptor.Descriptor, source
         if field is None:
             known = ", ".join(f.name for f in message_type.fields)
             raise DefinitionError(
-                f"unknown field {quote(str(key))}; {message_type.name} has: {known}", source=source, step=step, field=f"{prefix}{key}"
+                f"unknown field {quote(str(key))}; {message_type.name} has: {known}",
+                source=source, step=step, field=f"{prefix}{key}",
             )
         path = f"{prefix}{field.name}"
         if field.is_repeated and isinstance(item, list):
@@ -179,7 +183,8 @@ def _friendly_value(field: descriptor.FieldDescriptor, value: Any, source: str, 
     if field.message_type is not None and field.message_type.full_name == _DURATION:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             raise DefinitionError(
-                f"a duration needs a unit, e.g. '{value}s' or '{value}ms', got {value}", source=source, step=step, field=path
+                f"a duration needs a unit, e.g. '{value}s' or '{value}ms', got {value}",
+                source=source, step=step, field=path,
             )
         if isinstance(value, str):
             try:
@@ -200,4 +205,6 @@ def _enum_name(enum: descriptor.EnumDescriptor, value: str, source: str, step: s
         if candidate in enum.values_by_name:
             return candidate
     choices = ", ".join(v.name.removeprefix(prefix) for v in enum.values if v.number != 0)
-    raise DefinitionError(f"unknown {enum.name} {quote(value)}; one of: {choices}", source=source, step=step, field=path)
+    raise DefinitionError(
+        f"unknown {enum.name} {quote(value)}; one of: {choices}", source=source, step=step, field=path
+    )

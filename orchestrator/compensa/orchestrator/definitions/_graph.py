@@ -105,7 +105,7 @@ def find_cycle(names: Sequence[str], dependencies: Mapping[str, frozenset[str]])
                 if dependency not in dependencies:
                     continue
                 if state.get(dependency) == 1:
-                    return path[path.index(dependency) :] + [dependency]
+                    return [*path[path.index(dependency) :], dependency]
                 if dependency not in state:
                     state[dependency] = 1
                     path.append(dependency)

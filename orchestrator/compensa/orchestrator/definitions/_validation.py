@@ -9,12 +9,12 @@ from typing import Literal
 
 from google.protobuf import duration_pb2
 
-from compensa.v1 import definition_pb2
 from compensa.orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from compensa.orchestrator.definitions._graph import DefinitionGraph, find_cycle
 from compensa.orchestrator.errors import DefinitionError, InvalidArgument, quote
 from compensa.orchestrator.limits import MAX_TEXT_CHARS, check_text, duration_problem
 from compensa.orchestrator.payloads import message_class, pool_of
+from compensa.v1 import definition_pb2
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 """What definition and step names must match (in full)."""
@@ -80,7 +80,9 @@ def default_compensate_retry_policy() -> RetryPolicy:
     )
 
 
-def validate_definition(definition: definition_pb2.SagaDefinition, *, source: str = "") -> definition_pb2.SagaDefinition:
+def validate_definition(
+    definition: definition_pb2.SagaDefinition, *, source: str = ""
+) -> definition_pb2.SagaDefinition:
     """A validated, normalized copy of `definition`; DefinitionError naming `source`, step and field if invalid.
 
     `definition` itself is never modified. The copy has every default filled in: each step's
@@ -125,7 +127,9 @@ def validate_definition(definition: definition_pb2.SagaDefinition, *, source: st
         label = step.name or f"#{index + 1}"
         _check_name(step.name, source=source, step=label, field="name", what="step")
         if step.name in seen:
-            raise DefinitionError("two steps have this name; step names must be unique", source=source, step=label, field="name")
+            raise DefinitionError(
+                "two steps have this name; step names must be unique", source=source, step=label, field="name"
+            )
         seen.add(step.name)
         _normalize_step(step, source=source)
 
@@ -321,7 +325,9 @@ def _normalize_dependencies(definition: definition_pb2.SagaDefinition, *, source
         listed: set[str] = set()
         for dependency in step.depends_on:
             if dependency == step.name:
-                raise DefinitionError("a step cannot depend on itself", source=source, step=step.name, field="depends_on")
+                raise DefinitionError(
+                    "a step cannot depend on itself", source=source, step=step.name, field="depends_on"
+                )
             if dependency not in names:
                 raise DefinitionError(
                     f"unknown step {quote(dependency)}", source=source, step=step.name, field="depends_on"

@@ -1,5 +1,6 @@
 """Durable state: the store interface and its SQL implementations, one per database."""
 
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.store.base import (
     Claimed,
     ParticipantAddress,
@@ -13,7 +14,6 @@ from compensa.orchestrator.store.base import (
 from compensa.orchestrator.store.postgres import PostgresSagaStore
 from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.orchestrator.store.sqlite import SqliteSagaStore
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 
 
 def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:

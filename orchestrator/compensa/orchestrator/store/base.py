@@ -7,9 +7,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from compensa.v1 import definition_pb2
-
 from compensa.orchestrator.records import LogEvent, SagaRecord
+from compensa.v1 import definition_pb2
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,6 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.records import RUNNING
-from compensa.orchestrator.store.base import SagaWrite, WriteResult
-from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
@@ -35,6 +31,10 @@ from compensa.common.database import (
     engine_options,
 )
 from compensa.common.retry import Backoff
+from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.records import RUNNING
+from compensa.orchestrator.store.base import SagaWrite, WriteResult
+from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
 
 log = logging.getLogger("compensa.store")
 

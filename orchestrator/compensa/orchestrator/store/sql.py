@@ -19,10 +19,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from compensa.v1 import definition_pb2, saga_pb2
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from compensa.common.database import (
+    DEFAULT_DATABASE_TIMEOUT,
+    bounded_transaction,
+    cancelled_by_the_database,
+)
 from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
 from compensa.orchestrator.records import (
     ACTIVE_SAGA_STATES,
@@ -54,11 +58,7 @@ from compensa.orchestrator.store.schema import (
     sagas,
     secrets,
 )
-from compensa.common.database import (
-    DEFAULT_DATABASE_TIMEOUT,
-    bounded_transaction,
-    cancelled_by_the_database,
-)
+from compensa.v1 import definition_pb2, saga_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
@@ -437,7 +437,7 @@ class SqlSagaStore(SagaStore):
                 await self._announce(conn, [writes[i].saga.saga_id for i in landed])
         except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
             raise _rejected(error) from error
-        by_index = dict(zip(landed, positions))
+        by_index = dict(zip(landed, positions, strict=True))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
             else WriteResult(ok=False)
@@ -452,7 +452,7 @@ class SqlSagaStore(SagaStore):
         rows = [
             _outbox_row(saga, event, position)
             for saga, events, positions in landed
-            for event, position in zip(events, positions)
+            for event, position in zip(events, positions, strict=True)
             if event.type == ALERT_RAISED
         ]
         if rows:
@@ -493,7 +493,7 @@ class SqlSagaStore(SagaStore):
         # Named only when set, so that these statements also write a
         # database at a revision before traces (the migration tests do).
         if any(write.saga.trace_parent is not None for _, write in creates):
-            for row, (_, write) in zip(rows, creates):
+            for row, (_, write) in zip(rows, creates, strict=True):
                 row["trace_parent"] = write.saga.trace_parent
         inserted = set(
             (
@@ -646,16 +646,16 @@ class SqlSagaStore(SagaStore):
         events = {
             saga.saga_id: tuple(
                 StoredEvent(saga.saga_id, saga.definition_name, position, event)
-                for event, position in zip(logged, taken_positions)
+                for event, position in zip(logged, taken_positions, strict=True)
             )
-            for (saga, logged), taken_positions in zip(takeovers, positions)
+            for (saga, logged), taken_positions in zip(takeovers, positions, strict=True)
         }
         return [
             Claimed(
                 saga=saga, epoch=row.epoch, events=events.get(saga.saga_id, ()),
                 taken_from=held[saga.saga_id][0] if saga.saga_id in events else None,
             )
-            for saga, row in zip(loaded, rows)
+            for saga, row in zip(loaded, rows, strict=True)
         ]
 
     async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:

@@ -8,8 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import sqlite
 
-from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.orchestrator.store.sql import SqlSagaStore
 
 
 class SqliteSagaStore(SqlSagaStore):
