@@ -44,7 +44,7 @@ import abc
 import datetime
 import logging
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=message.Message)
 _R = TypeVar("_R")
+_Response = TypeVar("_Response", bound=message.Message)
 
 _EXECUTE = "execute"
 _COMPENSATE = "compensate"
@@ -180,6 +181,12 @@ def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     if _database_error(error):
         return grpc.StatusCode.UNAVAILABLE, f"database unavailable: {type(error).__name__}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+
+
+def _refuse_failed(response: participant_pb2.ExecuteResponse) -> None:
+    """A recorded business failure is answered as one (ABORTED), also to a duplicate."""
+    if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
+        raise StepFailed(response.failure_reason)
 
 
 def _check_deadline(step: participant_pb2.StepContext) -> None:
@@ -359,37 +366,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
     ) -> participant_pb2.ExecuteResponse:
         """Performs the step once per idempotency key; see the module docstring for statuses."""
-        traceparent = tracing.traceparent_in(context.invocation_metadata())
-        if self._tracer is None:
-            return await self._answer_execute(request, context, traceparent)
-        with tracing.server_span(
-            self._tracer, f"Execute {request.context.step_name}", traceparent, _span_attributes(request.context)
-        ):
-            return await self._answer_execute(request, context, traceparent)
-
-    async def _answer_execute(
-        self,
-        request: participant_pb2.ExecuteRequest,
-        context: grpc.aio.ServicerContext[participant_pb2.ExecuteRequest, participant_pb2.ExecuteResponse],
-        traceparent: str | None,
-    ) -> participant_pb2.ExecuteResponse:
-        outcome = "not-run"
-        status = grpc.StatusCode.OK
-        try:
-            _check_deadline(request.context)
-            await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._transact(self._execute(request))
-            if committed:
-                self.faults.after_commit()
-            if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
-                raise StepFailed(response.failure_reason)
-            return response
-        except Exception as error:
-            status, details = self._error_status(request.context, _EXECUTE, error)
-            await context.abort(status, details)
-            raise  # context.abort raises; this is never reached
-        finally:
-            self._log(request.context, _EXECUTE, outcome, status, traceparent)
+        return await self._answer(_EXECUTE, request.context, context, lambda: self._execute(request), _refuse_failed)
 
     async def Compensate(
         self,
@@ -397,35 +374,53 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
     ) -> participant_pb2.CompensateResponse:
         """Undoes the step once per idempotency key; see the module docstring for statuses."""
+        return await self._answer(_COMPENSATE, request.context, context, lambda: self._compensate(request))
+
+    async def _answer(
+        self,
+        operation: str,
+        step: participant_pb2.StepContext,
+        context: grpc.aio.ServicerContext[Any, _Response],
+        work: Callable[[], Awaitable[tuple[_Response, str, bool]]],
+        check: Callable[[_Response], None] | None = None,
+    ) -> _Response:
+        """One call of `operation`, in a server span when tracing is on: the
+        deadline and faults first, then `work` in its barrier transaction;
+        any error becomes the call's status, and the call is logged."""
         traceparent = tracing.traceparent_in(context.invocation_metadata())
         if self._tracer is None:
-            return await self._answer_compensate(request, context, traceparent)
+            return await self._answer_untraced(operation, step, context, work, check, traceparent)
         with tracing.server_span(
-            self._tracer, f"Compensate {request.context.step_name}", traceparent, _span_attributes(request.context)
+            self._tracer, f"{operation.capitalize()} {step.step_name}", traceparent, _span_attributes(step)
         ):
-            return await self._answer_compensate(request, context, traceparent)
+            return await self._answer_untraced(operation, step, context, work, check, traceparent)
 
-    async def _answer_compensate(
+    async def _answer_untraced(
         self,
-        request: participant_pb2.CompensateRequest,
-        context: grpc.aio.ServicerContext[participant_pb2.CompensateRequest, participant_pb2.CompensateResponse],
+        operation: str,
+        step: participant_pb2.StepContext,
+        context: grpc.aio.ServicerContext[Any, _Response],
+        work: Callable[[], Awaitable[tuple[_Response, str, bool]]],
+        check: Callable[[_Response], None] | None,
         traceparent: str | None,
-    ) -> participant_pb2.CompensateResponse:
+    ) -> _Response:
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
-            _check_deadline(request.context)
-            await self.faults.before_call(request.context.attempt)
-            response, outcome, committed = await self._transact(self._compensate(request))
+            _check_deadline(step)
+            await self.faults.before_call(step.attempt)
+            response, outcome, committed = await self._transact(work())
             if committed:
                 self.faults.after_commit()
+            if check is not None:
+                check(response)
             return response
         except Exception as error:
-            status, details = self._error_status(request.context, _COMPENSATE, error)
+            status, details = self._error_status(step, operation, error)
             await context.abort(status, details)
             raise  # context.abort raises; this is never reached
         finally:
-            self._log(request.context, _COMPENSATE, outcome, status, traceparent)
+            self._log(step, operation, outcome, status, traceparent)
 
     async def _transact(self, work: Awaitable[_R]) -> _R:
         """Runs a barrier transaction, telling `database_health` whether the database answered."""
