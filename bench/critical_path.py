@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -81,10 +83,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sagas", type=int, default=300, help="sagas to run (default 300)")
     parser.add_argument("--skip", type=int, default=50, help="first sagas left out as warm-up (default 50)")
+    parser.add_argument("--postgres-log", type=Path, metavar="FILE",
+                        help="the PostgreSQL server's log file (readable): log the bench database's statements"
+                             " and print the group commit's server-side execution time")
     args = parser.parse_args()
     database = f"compensa_path_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(PG_ADMIN_DSN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{database}"')
+        if args.postgres_log:
+            # Every statement's server-side duration goes to the server's log.
+            admin.execute(f'ALTER DATABASE "{database}" SET log_min_duration_statement = 0')
+            log_start = args.postgres_log.stat().st_size
     processes: list[subprocess.Popen[bytes]] = []
     try:
         with tempfile.TemporaryDirectory() as definitions:
@@ -95,9 +104,11 @@ def main() -> None:
             assert participant.stdout is not None
             participant_address = participant.stdout.readline().decode().split()[1]
             address = f"127.0.0.1:{free_port()}"
+            metrics_address = f"127.0.0.1:{free_port()}"
             serve = subprocess.Popen(
                 [COMPENSA, "serve", "--listen", address, "--db", f"postgresql+psycopg://postgres@{PG_HOST}/{database}",
-                 "--definitions", definitions, "--participant", f"noop={participant_address}"],
+                 "--definitions", definitions, "--participant", f"noop={participant_address}",
+                 "--metrics-listen", metrics_address],
                 stderr=subprocess.DEVNULL,
             )
             processes.append(serve)
@@ -105,6 +116,8 @@ def main() -> None:
             if problem:
                 raise SystemExit(f"compensa serve {problem}")
             rows = asyncio.run(run_sagas(address, args.sagas))[args.skip:]
+            with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=10) as response:
+                exposition = response.read().decode()
         with psycopg.connect(PG_ADMIN_DSN.replace("dbname=postgres", f"dbname={database}")) as conn:
             decided: dict[tuple[str, int], float] = {
                 (saga_id, sequence): at
@@ -122,11 +135,43 @@ def main() -> None:
             return received
         return sent if sequence == 0 else decided[(saga_id, sequence)]
 
-    print(f"critical path at c=1: medians of {len(rows)} sagas (ms)")
+    def figures(spans: list[float]) -> str:
+        ordered = sorted(spans)
+        p90 = ordered[int(len(ordered) * 0.9)]
+        return f"{statistics.median(ordered) * 1000:6.2f} {p90 * 1000:6.2f} {statistics.fmean(ordered) * 1000:6.2f}"
+
+    # The medians of the segments do not add up to the total's when a delay
+    # lands in a different segment from saga to saga: the mean column does.
+    print(f"critical path at c=1: {len(rows)} sagas (ms)")
+    print(f"  {'segment':<72} {'p50':>6} {'p90':>6} {'mean':>6}")
     for label, start, end in SEGMENTS:
         spans = [at(s, sent, got, end) - at(s, sent, got, start) for s, sent, got in rows]
-        print(f"  {label:<72} {statistics.median(spans) * 1000:6.2f}")
-    print(f"  {'total':<72} {statistics.median(got - sent for _, sent, got in rows) * 1000:6.2f}")
+        print(f"  {label:<72} {figures(spans)}")
+    print(f"  {'total':<72} {figures([got - sent for _, sent, got in rows])}")
+    commits = _histogram_mean(exposition, "compensa_group_commit_seconds")
+    print(f"  group commits (all {commits[1]:.0f} of the run, warm-up included): mean {commits[0] * 1000:.2f} ms")
+    if args.postgres_log:
+        with args.postgres_log.open(errors="replace") as server_log:
+            server_log.seek(log_start)
+            executions = sorted(
+                float(match.group(1))
+                for match in re.finditer(r"duration: ([0-9.]+) ms  execute (_pg3_\d+)", server_log.read())
+            )[args.skip * 4:]
+        if executions:
+            p50, mean = statistics.median(executions), statistics.fmean(executions)
+            print(f"  of which the statement's execution in the server (log_min_duration_statement, prepared"
+                  f" statements): p50 {p50:.2f} ms, mean {mean:.2f} ms ({len(executions)}; the WAL flush at its"
+                  f" commit comes after)")
+
+
+def _histogram_mean(exposition: str, name: str) -> tuple[float, float]:
+    """(mean, count) of a Prometheus histogram in a text exposition."""
+    values = {}
+    for line in exposition.splitlines():
+        for suffix in ("_sum", "_count"):
+            if line.startswith(f"{name}{suffix} "):
+                values[suffix] = float(line.split()[1])
+    return values["_sum"] / max(values["_count"], 1), values["_count"]
 
 
 if __name__ == "__main__":
