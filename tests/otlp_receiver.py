@@ -24,6 +24,8 @@ class ReceivedSpan:
     span_id: str
     parent_span_id: str
     attributes: dict[str, object]
+    #: (trace id, span id) of each span this one links to.
+    links: tuple[tuple[str, str], ...] = ()
 
 
 def _value(any_value: object) -> object:
@@ -53,6 +55,7 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
                         span_id=span.span_id.hex(),
                         parent_span_id=span.parent_span_id.hex(),
                         attributes={a.key: _value(a.value) for a in span.attributes},
+                        links=tuple((link.trace_id.hex(), link.span_id.hex()) for link in span.links),
                     ))
         return trace_service_pb2.ExportTraceServiceResponse()
 

@@ -30,6 +30,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 ORCHESTRATOR = "compensa-orchestrator"
+CALLER_TRACE, CALLER_SPAN = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
 
 @pytest.fixture
@@ -85,9 +86,10 @@ async def test_a_saga_resumed_by_another_replica_after_a_kill_continues_its_trac
             await process.wait_serving()
 
         async with grpc.aio.insecure_channel(first.address, options=FAST_RECONNECT) as channel:
+            # The caller's own trace (a checkout request, say): the saga links to it.
             await orchestrator_pb2_grpc.OrchestratorServiceStub(channel).StartSaga(orchestrator_pb2.StartSagaRequest(
                 saga_id=saga_id, definition_name="checkout", input=checkout_input()
-            ))
+            ), metadata=(("traceparent", f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"),))
 
         def first_calls_done(spans: list[ReceivedSpan]) -> bool:
             names = {(span.service, span.name) for span in spans}
@@ -116,6 +118,10 @@ async def test_a_saga_resumed_by_another_replica_after_a_kill_continues_its_trac
     spans = [span for span in receiver.spans if span.attributes.get("compensa.saga.id") == saga_id]
     # One trace for the saga, whichever process made the span.
     assert {span.trace_id for span in spans} == {trace_id}
+    # Its root is linked to the caller's span, in a trace of its own.
+    root = next(span for span in spans if span.name == "saga checkout")
+    assert root.links == ((CALLER_TRACE, CALLER_SPAN),) and root.parent_span_id == "", root
+    assert trace_id != CALLER_TRACE
     ours = [span for span in spans if span.service == ORCHESTRATOR]
     replicas = {span.attributes["compensa.replica"] for span in ours}
     assert len(replicas) == 2, replicas

@@ -354,12 +354,14 @@ class SagaEngine:
     # -- starting and external events
 
     async def create(
-        self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str
+        self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str,
+        caller_trace_parent: str | None = None,
     ) -> tuple[records.SagaRecord, bool, str]:
         now = self.clock.now()
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
         if self.tracing is not None:
-            traced = dataclasses.replace(transition.saga, trace_parent=self.tracing.start_saga(transition.saga))
+            trace_parent = self.tracing.start_saga(transition.saga, caller_trace_parent)
+            traced = dataclasses.replace(transition.saga, trace_parent=trace_parent)
             transition = dataclasses.replace(transition, saga=traced)
         write = dataclasses.replace(
             self._write_for(plan, transition, 0, 1, set(), now), request_fingerprint=request_fingerprint

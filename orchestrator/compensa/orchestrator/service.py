@@ -56,6 +56,7 @@ from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
 from compensa.orchestrator.views import EventViews, saga_message
+from compensa.participants.tracing import traceparent_in
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
@@ -374,7 +375,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         payloads.unpack(request.input, payloads.pool_of(definition), field="input")
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
-            plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint
+            plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint,
+            caller_trace_parent=traceparent_in(context.invocation_metadata()),
         )
         if not created and existing_fingerprint != fingerprint:
             raise AlreadyExists(

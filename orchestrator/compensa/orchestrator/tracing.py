@@ -1,6 +1,7 @@
 """One trace per saga (OpenTelemetry, optional: see compensa.participants.tracing).
 
-A saga's trace starts with a short "saga NAME" span when the saga is created;
+A saga's trace starts with a short "saga NAME" span when the saga is created
+(linked to the caller's span when StartSaga carried a `traceparent`);
 its W3C traceparent is stored with the saga (compensa_sagas.trace_parent), so
 every replica that drives the saga later, after a crash or a release, hangs
 its spans in the same trace. Each step attempt and each compensation attempt
@@ -66,15 +67,26 @@ class SagaTracing:
         active = tracing.tracer(_SCOPE, _SERVICE)
         return None if active is None else cls(active, replica_id)
 
-    def start_saga(self, saga: records.SagaRecord) -> str:
-        """Opens the saga's trace with a span for its creation; its traceparent."""
+    def start_saga(self, saga: records.SagaRecord, caller_trace_parent: str | None = None) -> str:
+        """Opens the saga's trace with a span for its creation; its traceparent.
+
+        A new trace, whatever the caller's: one trace per saga, however long
+        it lives and whoever started it. The caller's span (the `traceparent`
+        StartSaga came with) is a link of the saga's first span, as OpenTelemetry
+        advises for work a request starts and does not wait for."""
         from opentelemetry import trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        # A new trace, whatever is current: one trace per saga.
+        links = []
+        if caller_trace_parent:
+            caller = trace.get_current_span(
+                TraceContextTextMapPropagator().extract({TRACEPARENT: caller_trace_parent})
+            ).get_span_context()
+            if caller.is_valid:
+                links.append(trace.Link(caller))
         root = trace.set_span_in_context(trace.INVALID_SPAN)
         span = self._tracer.start_span(
-            f"saga {saga.definition_name}", context=root, attributes={
+            f"saga {saga.definition_name}", context=root, links=links, attributes={
                 "compensa.saga.id": saga.saga_id, "compensa.definition": saga.definition_name,
                 "compensa.definition.version": saga.definition_version, "compensa.replica": self._replica_id,
             },
