@@ -289,8 +289,10 @@ async def test_a_participant_failing_its_health_checks_is_alerted_once_by_two_re
                         alert_participant_unhealthy_seconds=1.0, alert_webhook=webhook.url, alert_webhook_timeout=1.0,
                     )))
                 one, two = replicas
+
                 def serving_for_both() -> bool:
-                    return all(_sample(r, "compensa_participant_serving", participant="payments") == 1 for r in replicas)
+                    return all(_sample(r, "compensa_participant_serving", participant="payments") == 1
+                               for r in replicas)
 
                 await _wait_until(serving_for_both, "both replicas see the participant serving")
                 assert webhook.deliveries == []
