@@ -256,3 +256,45 @@ async def test_jwts_signed_by_the_key_set_carry_identity_role_and_scope(
         async with aiohttp.ClientSession(headers={"Authorization": reader[0][1]}) as session:
             async with session.get(rig.url + "/") as page:
                 assert page.status == 200 and "token carol (role reader)" in await page.text()
+
+
+async def test_a_reader_watches_the_alert_log_from_a_position_without_gaps_or_duplicates(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        store = rig.orchestrator.engine.store
+        now = time.time()
+        await store.set_participant("payments", "127.0.0.1:9", updated_by="test", now=now)
+
+        async def outage(at: float) -> None:
+            await store.participant_failing("payments", at)
+            assert await store.alert_participant_unhealthy("payments", unhealthy_before=at, now=at, message="down")
+            assert await store.participant_serving("payments", now=at + 1, message="up")
+
+        await outage(now)
+        await outage(now + 2)
+        nobody = await _refusal(rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest()).read())
+        assert nobody.code() == grpc.StatusCode.UNAUTHENTICATED
+        scoped = await _refusal(
+            rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(), metadata=bearer("elsewhere")).read()
+        )
+        assert scoped.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "limited to definitions other" in (scoped.details() or "")
+        negative = await _refusal(rig.stub.WatchAlerts(
+            orchestrator_pb2.WatchAlertsRequest(after_position=-1), metadata=bearer("reader")
+        ).read())
+        assert negative.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        stream = rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(after_position=1), metadata=bearer("reader"))
+        read = [(await stream.read()).alert for _ in range(3)]
+        assert [alert.position for alert in read] == [2, 3, 4]
+        assert [alert.kind for alert in read] == [
+            orchestrator_pb2.ALERT_KIND_PARTICIPANT_RECOVERED, orchestrator_pb2.ALERT_KIND_PARTICIPANT_UNHEALTHY,
+            orchestrator_pb2.ALERT_KIND_PARTICIPANT_RECOVERED,
+        ]
+        assert read[1].alert_id == "participant/payments/3" and read[1].address == "127.0.0.1:9"
+        # Live: an alert raised after the stream caught up reaches it, once.
+        await outage(now + 4)
+        live = [(await stream.read()).alert for _ in range(2)]
+        assert [alert.position for alert in live] == [5, 6]
+        stream.cancel()

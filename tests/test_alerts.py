@@ -1,21 +1,21 @@
-"""Alerts delivered: ALERT_RAISED goes to `serve --alert-webhook URL` from
-the durable outbox, at least once, even when the replica that raised it is
-SIGKILLed before its delivery got an answer.
+"""Alerts delivered: a saga's ALERT_RAISED and a participant failing its
+health checks go to `serve --alert-webhook URL` from the durable outbox, at
+least once, even when the replica that raised them is SIGKILLed before a
+delivery got an answer; each is raised once however many replicas watch,
+and is on the alert log (WatchAlerts).
 
-Real processes on PostgreSQL and a real HTTP receiver (http.server in a
-thread of this test) that holds the first delivery until the test has killed
-its sender, then fails the next two, then accepts.
+Real processes (or in-process replicas) on PostgreSQL, a real HTTP receiver
+(http.server in a thread of this test) that holds or fails the first
+deliveries, and a real grpc.health.v1 server switched to NOT_SERVING.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http.server
 import json
-import threading
+import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 from scripted_participant import ScriptedParticipant, serve_scripted
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_operations import FLOW
+from webhook_receiver import WebhookReceiver, health_server
 
 from compensa.orchestrator.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.cli import main
@@ -40,60 +41,13 @@ S = saga_pb2
 FINAL = {S.SAGA_STATE_SUCCEEDED, S.SAGA_STATE_COMPENSATED, S.SAGA_STATE_FAILED}
 
 
-@dataclass
-class Delivery:
-    body: dict[str, object]
-    idempotency_key: str
-    status: int = 0  # what was answered; 0: held, no answer sent yet
-
-
-@dataclass
-class WebhookReceiver:
-    """Answers deliveries in turn from `script`: "hold" (no answer until
-    `release`), or a status code; after the script, 200."""
-
-    script: list[str]
-    deliveries: list[Delivery] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    url: str = ""
-
-    def serve(self) -> http.server.ThreadingHTTPServer:
-        receiver = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                delivery = Delivery(body, self.headers.get("Idempotency-Key", ""))
-                receiver.deliveries.append(delivery)
-                turn = receiver.script[len(receiver.deliveries) - 1] if len(receiver.deliveries) <= len(
-                    receiver.script) else "200"
-                if turn == "hold":
-                    receiver.release.wait(30)
-                    return  # the sender is gone by now
-                delivery.status = int(turn)
-                self.send_response(delivery.status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
-
-
 @pytest.fixture
 def webhook() -> Iterator[WebhookReceiver]:
-    receiver = WebhookReceiver(script=["hold", "500", "503"])
-    server = receiver.serve()
-    try:
+    # The saga's alert: held until its sender is killed, then failed twice.
+    # The participant's: held for as long as its sender lives.
+    with WebhookReceiver(script=["hold", "500", "503"], scripts={"PARTICIPANT_UNHEALTHY": ["held"] * 100}).serving(
+    ) as receiver:
         yield receiver
-    finally:
-        receiver.release.set()
-        server.shutdown()
-        server.server_close()
 
 
 async def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -137,6 +91,14 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
     tmp_path: Path, make_postgres_url: Callable[[], str], webhook: WebhookReceiver
 ) -> None:
     orchestrator_url = make_postgres_url()
+    async with health_server(serving=False) as watched:
+        await _kill_while_delivering(tmp_path, make_postgres_url, webhook, orchestrator_url, watched.address)
+
+
+async def _kill_while_delivering(
+    tmp_path: Path, make_postgres_url: Callable[[], str], webhook: WebhookReceiver, orchestrator_url: str,
+    watched: str,
+) -> None:
     with ProcessSet(tmp_path) as processes:
         # Shipping, the pivot, never answers: the saga fails past its pivot
         # and raises an alert for a person.
@@ -145,11 +107,14 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
             kind: processes.participant(kind, make_postgres_url(), faults=faults.get(kind, ""))
             for kind in ("inventory", "payment", "shipping")
         }
-        addresses = {kind: process.address for kind, process in participants.items()}
+        # A participant that fails its health checks from the start: the
+        # raiser alerts it a second after it starts.
+        addresses = {kind: process.address for kind, process in participants.items()} | {"watched": watched}
         replicas = [processes.orchestrator(orchestrator_url, addresses, name=name) for name in ("raiser", "deliverer")]
         for replica in replicas:
             replica.args += [
                 "--alert-webhook", webhook.url, "--alert-webhook-timeout", "1s", "--log-format", "json",
+                "--participant-health-interval", "200ms", "--alert-participant-unhealthy-after", "1s",
             ]
         raiser, deliverer = replicas
         for process in (*participants.values(), raiser):
@@ -159,7 +124,8 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
         await _start(raiser, "unshippable")
         state, events = await _final_state(raiser, "unshippable")
         assert state == S.SAGA_STATE_FAILED and events[-1].type == S.EVENT_TYPE_ALERT_RAISED, events[-1]
-        await _wait_until(lambda: len(webhook.deliveries) == 1, "the first delivery arrives")
+        await _wait_until(lambda: len(webhook.of_kind("SAGA")) == 1, "the first delivery arrives")
+        await _wait_until(lambda: webhook.of_kind("PARTICIPANT_UNHEALTHY"), "the participant's alert is sent")
 
         # The webhook holds that delivery unanswered: the engine goes on
         # driving other sagas meanwhile.
@@ -169,9 +135,9 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
 
         raiser.kill()
         webhook.release.set()
-        assert await _outbox_rows(orchestrator_url) == 1  # raised, not delivered
+        assert await _outbox_rows(orchestrator_url) == 2  # raised, not delivered
         await deliverer.start_serving()
-        await _wait_until(lambda: any(d.status == 200 for d in webhook.deliveries), "a delivery answered 200")
+        await _wait_until(lambda: len(webhook.delivered()) == 2, "both alerts answered 200")
         deadline = time.monotonic() + 10
         while await _outbox_rows(orchestrator_url):
             assert time.monotonic() < deadline, "the delivered alert is still in the outbox"
@@ -179,18 +145,31 @@ async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_k
         alert_lines = [
             json.loads(line) for line in raiser.log_lines('"ALERT saga unshippable')
         ]
+        participant_lines = [json.loads(line) for line in raiser.log_lines('"ALERT participant watched')]
+        # The deliverer sees the same outage, already alerted: it raises nothing.
+        assert deliverer.log_lines("ALERT participant") == []
 
-    bodies = [delivery.body for delivery in webhook.deliveries]
-    assert [delivery.status for delivery in webhook.deliveries] == [0, 500, 503, 200]
+    # The participant's alert: raised once, by the raiser, delivered by the deliverer.
+    (unhealthy,) = {delivery.body["alert_id"] for delivery in webhook.of_kind("PARTICIPANT_UNHEALTHY")}
+    assert [d.status for d in webhook.of_kind("PARTICIPANT_UNHEALTHY") if d.status] == [200]
+    for delivery in webhook.of_kind("PARTICIPANT_UNHEALTHY"):
+        assert delivery.idempotency_key == unhealthy and str(unhealthy).startswith("participant/watched/")
+        assert delivery.body["participant"] == "watched" and delivery.body["address"] == watched
+        assert delivery.body["saga_id"] is None and delivery.body["type"] == "ALERT_RAISED"
+    assert len(participant_lines) == 1 and participant_lines[0]["level"] == "WARNING"
+    assert participant_lines[0]["participant"] == "watched" and participant_lines[0]["address"] == watched
+
+    bodies = [delivery.body for delivery in webhook.of_kind("SAGA")]
+    assert [delivery.status for delivery in webhook.of_kind("SAGA")] == [0, 500, 503, 200]
     assert [body["delivery_attempt"] for body in bodies] == [1, 2, 3, 4]
     alert = events[-1]
     expected_id = f"unshippable/{alert.sequence}"
-    for delivery in webhook.deliveries:
+    for delivery in webhook.of_kind("SAGA"):
         assert delivery.idempotency_key == expected_id
         assert delivery.body["alert_id"] == expected_id
         assert delivery.body["saga_id"] == "unshippable"
         assert delivery.body["definition"] == "checkout"
-        assert delivery.body["type"] == "ALERT_RAISED"
+        assert delivery.body["type"] == "ALERT_RAISED" and delivery.body["kind"] == "SAGA"
         assert delivery.body["message"] == alert.message
         assert delivery.body["sequence"] == alert.sequence
         assert isinstance(delivery.body["raised_at"], str) and delivery.body["raised_at"].endswith("+00:00")
@@ -276,3 +255,124 @@ async def test_a_saga_stuck_past_the_threshold_raises_one_alert_per_stall(
 
 async def _ended(events: Callable[[], Any]) -> bool:
     return any(event.type == S.EVENT_TYPE_SAGA_SUCCEEDED for event in await events())
+
+
+def _sample(running: Any, name: str, **labels: str) -> float | None:
+    value = running.engine.metrics.registry.get_sample_value(name, labels)
+    return None if value is None else float(value)
+
+
+async def _alert_log(address: str, after: int, count: int) -> list[orchestrator_pb2.Alert]:
+    """The first `count` alerts after `after`, from WatchAlerts."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stream = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).WatchAlerts(
+            orchestrator_pb2.WatchAlertsRequest(after_position=after)
+        )
+        read = [(await stream.read()).alert for _ in range(count)]
+        stream.cancel()
+        return read
+
+
+async def test_a_participant_failing_its_health_checks_is_alerted_once_by_two_replicas_and_once_recovered(
+    make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="compensa")
+    database_url = make_postgres_url()
+    with WebhookReceiver(script=["500", "503"], scripts={"PARTICIPANT_RECOVERED": ["500"]}).serving() as webhook:
+        async with health_server() as payments:
+            replicas = []
+            try:
+                for name in ("one", "two"):
+                    replicas.append(await start_orchestrator(ServerConfig(
+                        listen="127.0.0.1:0", database_url=database_url, replica_id=name,
+                        participants={"payments": payments.address}, participant_health_seconds=0.2,
+                        alert_participant_unhealthy_seconds=1.0, alert_webhook=webhook.url, alert_webhook_timeout=1.0,
+                    )))
+                one, two = replicas
+
+                def serving_for_both() -> bool:
+                    return all(_sample(r, "compensa_participant_serving", participant="payments") == 1
+                               for r in replicas)
+
+                await _wait_until(serving_for_both, "both replicas see the participant serving")
+                assert webhook.deliveries == []
+
+                await payments.set(False)
+                await _wait_until(
+                    lambda: any(d.body["kind"] == "PARTICIPANT_UNHEALTHY" for d in webhook.delivered()),
+                    "the unhealthy alert is delivered",
+                )
+                async with grpc.aio.insecure_channel(one.address) as channel:
+                    listed = (await orchestrator_pb2_grpc.OrchestratorServiceStub(channel).ListParticipants(
+                        orchestrator_pb2.ListParticipantsRequest()
+                    )).participants
+                (shown,) = listed
+                assert shown.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING
+                assert "NOT_SERVING" in shown.health_detail
+                assert shown.HasField("unhealthy_since") and shown.HasField("alert_time")
+                assert all(_sample(r, "compensa_participant_serving", participant="payments") == 0 for r in replicas)
+                # Several more probes by both replicas while it stays down: no second alert.
+                await asyncio.sleep(1.0)  # ok-sleep: proving that nothing more happens
+
+                await payments.set(True)
+                await _wait_until(
+                    lambda: any(d.body["kind"] == "PARTICIPANT_RECOVERED" for d in webhook.delivered()),
+                    "the recovered alert is delivered",
+                )
+                await asyncio.sleep(1.0)  # ok-sleep: proving that nothing more happens
+                (unhealthy, recovered) = await _alert_log(two.address, 0, 2)
+                # Resumed from a position: the next one, then nothing more.
+                (resumed,) = await _alert_log(one.address, unhealthy.position, 1)
+                raised_counts = [
+                    _sample(r, "compensa_alerts_total", definition="", reason="participant_unhealthy") for r in replicas
+                ]
+            finally:
+                for replica in replicas:
+                    await replica.stop(0)
+
+    assert (unhealthy.kind, recovered.kind) == (
+        orchestrator_pb2.ALERT_KIND_PARTICIPANT_UNHEALTHY, orchestrator_pb2.ALERT_KIND_PARTICIPANT_RECOVERED
+    )
+    assert resumed == recovered and recovered.position > unhealthy.position
+    assert (unhealthy.participant, unhealthy.address) == ("payments", payments.address)
+    assert "has failed its health checks for" in unhealthy.message and "NOT_SERVING" in unhealthy.message
+    # Exactly one of each was delivered (by alert id), after the failures the receiver answered.
+    assert sorted(d.body["alert_id"] for d in webhook.delivered()) == sorted([unhealthy.alert_id, recovered.alert_id])
+    assert {d.body["alert_id"] for d in webhook.deliveries} == {unhealthy.alert_id, recovered.alert_id}
+    assert [d.status for d in webhook.of_kind("PARTICIPANT_UNHEALTHY")] == [500, 503, 200]
+    assert [d.status for d in webhook.of_kind("PARTICIPANT_RECOVERED")] == [500, 200]
+    body = webhook.delivered()[0].body
+    assert body["alert_position"] == unhealthy.position and body["position"] is None
+    assert body["participant"] == "payments" and body["address"] == payments.address
+    # Raised by one replica: one count, one warning.
+    assert sorted(raised_counts) == [0.0, 1.0]
+    warnings = [r for r in caplog.records if r.getMessage().startswith("ALERT participant payments")]
+    assert [r.levelno for r in warnings] == [logging.WARNING, logging.INFO]
+    assert getattr(warnings[0], "participant", None) == "payments"
+
+
+async def test_a_participant_without_the_health_service_is_unknown_and_never_alerted(
+    make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="compensa")
+    bare = grpc.aio.server()  # serves nothing at all: every call is UNIMPLEMENTED
+    port = bare.add_insecure_port("127.0.0.1:0")
+    await bare.start()
+    running = await start_orchestrator(ServerConfig(
+        listen="127.0.0.1:0", database_url=make_postgres_url(), participants={"legacy": f"127.0.0.1:{port}"},
+        participant_health_seconds=0.1, alert_participant_unhealthy_seconds=0.2,
+    ))
+    try:
+        await _wait_until(
+            lambda: running.engine.participant_health.seen("legacy", f"127.0.0.1:{port}") is not None, "probed"
+        )
+        await asyncio.sleep(0.6)  # ok-sleep: proving that nothing more happens
+        assert await running.engine.store.read_alerts(0, 10) == []
+        (stored,) = await running.engine.store.list_participants()
+        assert stored.unhealthy_since is None
+        assert _sample(running, "compensa_participant_serving", participant="legacy") is None
+    finally:
+        await running.stop(0)
+        await bare.stop(0)
+    unknown = [r.getMessage() for r in caplog.records if "health unknown" in r.getMessage()]
+    assert len(unknown) == 1 and "does not serve grpc.health.v1" in unknown[0]

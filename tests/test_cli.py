@@ -20,7 +20,7 @@ from compensa.v1 import saga_pb2
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
     "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry",
-    "resolve", "register", "definitions",
+    "resolve", "register", "definitions", "alerts",
 )
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
@@ -390,6 +390,44 @@ async def test_register_and_list_definitions(deployment: _Deployment, tmp_path: 
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: NOT_FOUND: ")
     assert (await _compensa_async(*address, "definitions", "--version", "1")).returncode == 2
+
+
+async def test_alerts_and_participants_list_show_a_participant_failing_its_health_checks(tmp_path: Path) -> None:
+    """On the embedded SQLite store: the probe, the alert, the log and the list."""
+    from webhook_receiver import health_server
+
+    from compensa.orchestrator.config import ServerConfig
+    from compensa.orchestrator.server import start_orchestrator
+
+    async with health_server(serving=False) as watched:
+        orchestrator = await start_orchestrator(ServerConfig(
+            listen="127.0.0.1:0", database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            participants={"watched": watched.address}, participant_health_seconds=0.1,
+            alert_participant_unhealthy_seconds=0.3,
+        ))
+        try:
+            address = ("--address", orchestrator.address)
+            printed = await _compensa_async(*address, "alerts", "--limit", "1")
+            assert printed.returncode == 0, printed.stderr
+            (line,) = printed.stdout.splitlines()
+            assert line.startswith("@1 ") and "PARTICIPANT_UNHEALTHY" in line
+            assert f"participant watched at {watched.address}: " in line and "NOT_SERVING" in line
+            listed = await _compensa_async(*address, "participants", "list")
+            assert listed.returncode == 0, listed.stderr
+            assert "watched" in listed.stdout and " failing " in listed.stdout and "(alerted)" in listed.stdout
+
+            await watched.set(True)
+            as_json = await _compensa_async(*address, "alerts", "--after", "1", "--limit", "1", "--json")
+            assert as_json.returncode == 0, as_json.stderr
+            recovered = json.loads(as_json.stdout)
+            assert (recovered["position"], recovered["kind"]) == ("2", "ALERT_KIND_PARTICIPANT_RECOVERED")
+        finally:
+            await orchestrator.stop()
+
+
+def test_serve_refuses_a_participant_health_interval_that_is_not_positive(tmp_path: Path) -> None:
+    result = _compensa("serve", "--db", f"sqlite+aiosqlite:///{tmp_path}/x.db", "--participant-health-interval", "0s")
+    assert result.returncode == 2 and "--participant-health-interval must be positive" in result.stderr
 
 
 def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:

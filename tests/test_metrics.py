@@ -47,4 +47,5 @@ async def test_metrics_count_events_calls_commits_and_saga_durations(make_postgr
     assert 1 <= commits <= transitions
     assert value("compensa_group_commit_seconds_count") == commits
     assert value("compensa_sagas_driven") == 0
-    assert value("compensa_alerts_total", definition="checkout") == 0
+    assert value("compensa_alerts_total", definition="checkout", reason="saga") == 0
+    assert value("compensa_alerts_total", definition="", reason="participant_unhealthy") == 0

@@ -23,6 +23,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from harness import CHECKOUT, checkout_input, checkout_stack
+from webhook_receiver import WebhookReceiver
 
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.config import ServerConfig
@@ -68,6 +69,15 @@ def _revision(url: str) -> str | None:
     try:
         with engine.connect() as connection:
             return migrations.schema_state(connection).revision
+    finally:
+        engine.dispose()
+
+
+def _outbox_rows(url: str) -> int:
+    engine = sa.create_engine(_sync_url(url))
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(sa.text("SELECT count(*) FROM compensa_alert_outbox")).scalar_one())
     finally:
         engine.dispose()
 
@@ -191,6 +201,66 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
         events = await stack.events("mig-done")
         assert [event.sequence for event in events] == list(range(1, len(events) + 1))
         assert events[-1].saga_state == S.SAGA_STATE_SUCCEEDED
+
+
+async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_after_the_upgrade(
+    database_url: str,
+) -> None:
+    _upgrade_to(database_url, "0003")
+    old = open_store(database_url)
+    now = time.time()
+    try:
+        definition = load_definition_file(CHECKOUT)
+        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        await _OldRelease(old, machine.Plan.of(stored)).start("mig-alerted", now, lease_until=now - 1)
+    finally:
+        await old.close()
+    # What release 0003 wrote with an ALERT_RAISED event, delivered twice without success.
+    engine = sa.create_engine(_sync_url(database_url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text(
+                "INSERT INTO compensa_alert_outbox (saga_id, sequence, position, definition_name, step_name,"
+                " message, raised_at, attempts, next_attempt_at, last_error) VALUES ('mig-alerted', 7, 41,"
+                " 'checkout', 'charge_card', 'a person must act', :now, 2, :now, 'HTTP 500')"
+            ), {"now": now - 5})
+    finally:
+        engine.dispose()
+
+    upgraded = open_store(database_url)
+    try:
+        assert await upgraded.upgrade_schema() == ("0003", migrations.head())
+        (alert,) = await upgraded.read_alerts(0, 10)
+        assert (alert.position, alert.alert_id, alert.event_position, alert.step_name) == (
+            1, "mig-alerted/7", 41, "charge_card"
+        )
+    finally:
+        await upgraded.close()
+
+    with WebhookReceiver(script=[]).serving() as webhook:
+        running = await start_orchestrator(ServerConfig(
+            database_url=database_url, listen="127.0.0.1:0", alert_webhook=webhook.url,
+            participants={name: "127.0.0.1:9" for name in ("inventory", "payment", "shipping")},
+        ))
+        try:
+            deadline = time.monotonic() + 20
+            while not webhook.delivered() or _outbox_rows(database_url):
+                assert time.monotonic() < deadline, webhook.deliveries
+                await asyncio.sleep(0.05)  # ok-sleep: polling interval, bounded by the deadline
+        finally:
+            await running.stop(0)
+    (delivered,) = webhook.deliveries
+    assert delivered.body["alert_id"] == "mig-alerted/7" and delivered.body["delivery_attempt"] == 3
+    assert (delivered.body["kind"], delivered.body["position"], delivered.body["sequence"]) == ("SAGA", 41, 7)
+    # A new alert takes the next position of the log.
+    store = open_store(database_url)
+    try:
+        await store.set_participant("p", "127.0.0.1:9", updated_by="test", now=now)
+        await store.participant_failing("p", now)
+        raised = await store.alert_participant_unhealthy("p", unhealthy_before=now, now=now, message="down")
+        assert raised is not None and raised.position == 2
+    finally:
+        await store.close()
 
 
 async def test_a_database_made_before_migrations_existed_is_upgraded(database_url: str) -> None:

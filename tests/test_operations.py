@@ -343,7 +343,7 @@ async def test_failing_compensation_alerts_then_operator_retry_finishes_it(
         assert len(alerts) == 1 and "reserve" in alerts[0].message
         # What a person is paged on.
         samples = await scrape(r.orchestrator.metrics_port)
-        assert samples[("compensa_alerts_total", frozenset({("definition", "flow")}))] == 1
+        assert samples[("compensa_alerts_total", frozenset({("definition", "flow"), ("reason", "saga")}))] == 1
         compensate_errors = ("compensa_participant_call_seconds_count",
                              frozenset({
                                  ("participant", "scripted"), ("method", "Compensate"), ("outcome", "INTERNAL")

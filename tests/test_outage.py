@@ -55,7 +55,7 @@ async def test_a_payment_outage_longer_than_the_old_compensation_window_ends_com
         assert not await stack.rows("payment", "payment_charges", saga_id=saga_id)
         assert stack.orchestrator.metrics_port is not None
         samples = await scrape(stack.orchestrator.metrics_port)
-        assert samples[("compensa_alerts_total", frozenset({("definition", "checkout")}))] == 0
+        assert samples[("compensa_alerts_total", frozenset({("definition", "checkout"), ("reason", "saga")}))] == 0
 
 
 async def test_alerts_and_the_counts_people_page_on_are_exported_before_anything_happens(
@@ -66,7 +66,7 @@ async def test_alerts_and_the_counts_people_page_on_are_exported_before_anything
     async with checkout_stack(make_postgres_url, metrics_listen="127.0.0.1:0", faults=faults) as stack:
         assert stack.orchestrator.metrics_port is not None
         port = stack.orchestrator.metrics_port
-        checkout = frozenset({("definition", "checkout")})
+        checkout = frozenset({("definition", "checkout"), ("reason", "saga")})
         samples = await scrape(port)
         # A rate of increase needs a series that exists before the first alert.
         assert samples[("compensa_alerts_total", checkout)] == 0

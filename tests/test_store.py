@@ -26,7 +26,16 @@ from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.machine import Plan, Transition
 from compensa.orchestrator.records import SagaRecord
-from compensa.orchestrator.store import SagaWrite, SqlSagaStore, StoredEvent, WriteResult, open_store
+from compensa.orchestrator.store import (
+    PARTICIPANT_RECOVERED,
+    PARTICIPANT_UNHEALTHY,
+    SAGA_ALERT,
+    SagaWrite,
+    SqlSagaStore,
+    StoredEvent,
+    WriteResult,
+    open_store,
+)
 from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
 from compensa.orchestrator.store.schema import sagas as sagas_table
 from compensa.v1 import definition_pb2, saga_pb2
@@ -754,7 +763,9 @@ async def test_a_saga_keeps_the_trace_context_it_was_created_with(store: SqlSaga
     assert [(c.saga.saga_id, c.saga.trace_parent) for c in claimed] == [("traced", traced)]
 
 
-async def test_an_alert_event_lands_in_the_outbox_with_it_and_is_claimed_once_at_a_time(store: SqlSagaStore) -> None:
+async def test_an_alert_event_lands_in_the_alert_log_and_outbox_with_it_and_is_claimed_once_at_a_time(
+    store: SqlSagaStore,
+) -> None:
     plan = await _plan(store)
     saga = await _create(store, plan, "s1")
     quiet = await _create(store, plan, "s2")
@@ -765,25 +776,27 @@ async def test_an_alert_event_lands_in_the_outbox_with_it_and_is_claimed_once_at
         _write(stale, quiet.sequence - 1, epoch=1, now=T0 + 1),  # its guard fails: no event, no alert
     ])
     assert landed.ok and not skipped.ok
+    (logged,) = await store.read_alerts(0, 10)
+    assert (logged.position, logged.kind, logged.alert_id) == (1, SAGA_ALERT, f"s1/{alert.saga.sequence}")
+    assert (logged.saga_id, logged.sequence, logged.event_position) == ("s1", alert.saga.sequence, landed.positions[0])
+    assert (logged.definition_name, logged.message, logged.raised_at) == ("checkout", "a person must act", T0 + 1)
     assert await store.claim_alerts(T0 + 0.5, T0 + 10, 10) == []  # not due before it was raised
 
     (pending,) = await store.claim_alerts(T0 + 1, T0 + 10, 10)
-    assert (pending.saga_id, pending.sequence, pending.position) == ("s1", alert.saga.sequence, landed.positions[0])
-    assert (pending.definition_name, pending.message, pending.raised_at, pending.attempts) == (
-        "checkout", "a person must act", T0 + 1, 1
-    )
+    assert (pending.alert, pending.attempts) == (logged, 1)
     # Claimed: nobody else gets it until the claim runs out.
     assert await store.claim_alerts(T0 + 9, T0 + 20, 10) == []
     (again,) = await store.claim_alerts(T0 + 10, T0 + 20, 10)
     assert again.attempts == 2
     # The first claimant's late failure does not push back the second's claim.
-    await store.alert_not_delivered("s1", again.sequence, 1, T0 + 100, "late")
+    await store.alert_not_delivered(logged.position, 1, T0 + 100, "late")
     assert [a.attempts for a in await store.claim_alerts(T0 + 20, T0 + 30, 10)] == [3]
-    await store.alert_not_delivered("s1", again.sequence, 3, T0 + 100, "HTTP 500")
+    await store.alert_not_delivered(logged.position, 3, T0 + 100, "HTTP 500")
     assert await store.claim_alerts(T0 + 99, T0 + 110, 10) == []
     (last,) = await store.claim_alerts(T0 + 100, T0 + 110, 10)
-    await store.alert_delivered("s1", last.sequence)
+    await store.alert_delivered(last.alert.position)
     assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
+    assert await store.read_alerts(0, 10) == [logged]  # delivered, still in the log
 
 
 async def test_purge_removes_the_undelivered_alerts_of_the_sagas_it_deletes(store: SqlSagaStore) -> None:
@@ -794,3 +807,89 @@ async def test_purge_removes_the_undelivered_alerts_of_the_sagas_it_deletes(stor
     await _finish(store, plan, alert.saga, T0 + 2)
     assert await store.purge_finished(finished_before=T0 + 50, limit=10) == 1
     assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
+    # Delivered (gone from the outbox) and old: retention deletes it from the log.
+    assert [a.saga_id for a in await store.read_alerts(0, 10)] == ["s1"]
+    assert await store.purge_alerts(raised_before=T0 + 1, limit=10) == 0
+    assert await store.purge_alerts(raised_before=T0 + 50, limit=10) == 1
+    assert await store.read_alerts(0, 10) == []
+
+
+async def test_retention_keeps_alerts_that_are_not_delivered_yet(store: SqlSagaStore) -> None:
+    await store.set_participant("pay", "127.0.0.1:1", updated_by="test", now=T0)
+    await store.participant_failing("pay", T0)
+    raised = await store.alert_participant_unhealthy("pay", unhealthy_before=T0 + 5, now=T0 + 5, message="down")
+    assert raised is not None
+    assert await store.purge_alerts(raised_before=T0 + 100, limit=10) == 0
+    (pending,) = await store.claim_alerts(T0 + 10, T0 + 20, 10)
+    await store.alert_delivered(pending.alert.position)
+    assert await store.purge_alerts(raised_before=T0 + 100, limit=10) == 1
+
+
+async def test_a_participant_outage_is_alerted_once_and_its_recovery_once(store: SqlSagaStore) -> None:
+    await store.set_participant("pay", "127.0.0.1:1", updated_by="test", now=T0)
+    # Healthy: a success changes nothing and raises nothing.
+    assert await store.participant_serving("pay", now=T0, message="up") is None
+    await store.participant_failing("pay", T0 + 1)
+    await store.participant_failing("pay", T0 + 2)  # the outage started at the first failure
+    (stored,) = await store.list_participants()
+    assert (stored.unhealthy_since, stored.alerted_at) == (T0 + 1, None)
+    # Not failing long enough yet.
+    assert await store.alert_participant_unhealthy("pay", unhealthy_before=T0, now=T0 + 2, message="x") is None
+    unhealthy = await store.alert_participant_unhealthy(
+        "pay", unhealthy_before=T0 + 1, now=T0 + 3, message="failed for 2s"
+    )
+    assert unhealthy is not None
+    assert (unhealthy.kind, unhealthy.participant, unhealthy.address) == (
+        PARTICIPANT_UNHEALTHY, "pay", "127.0.0.1:1"
+    )
+    assert unhealthy.alert_id == f"participant/pay/{unhealthy.position}"
+    # Once per outage.
+    assert await store.alert_participant_unhealthy("pay", unhealthy_before=T0 + 9, now=T0 + 9, message="x") is None
+    (stored,) = await store.list_participants()
+    assert stored.alerted_at == T0 + 3
+    recovered = await store.participant_serving("pay", now=T0 + 10, message="serving again")
+    assert recovered is not None and recovered.kind == PARTICIPANT_RECOVERED
+    assert await store.participant_serving("pay", now=T0 + 11, message="x") is None
+    (stored,) = await store.list_participants()
+    assert (stored.unhealthy_since, stored.alerted_at) == (None, None)
+    # An outage that ends before its threshold raises nothing, then or at its end.
+    await store.participant_failing("pay", T0 + 20)
+    assert await store.participant_serving("pay", now=T0 + 21, message="x") is None
+    logged = await store.read_alerts(0, 10)
+    assert [(a.position, a.kind) for a in logged] == [(1, PARTICIPANT_UNHEALTHY), (2, PARTICIPANT_RECOVERED)]
+    assert [pending.alert for pending in await store.claim_alerts(T0 + 30, T0 + 40, 10)] == logged
+
+
+async def test_replicas_racing_on_one_outage_raise_its_alert_once(make_postgres_url: Callable[[], str]) -> None:
+    stores = await _postgres_stores(make_postgres_url, 4)
+    try:
+        await stores[0].set_participant("pay", "127.0.0.1:1", updated_by="test", now=T0)
+        await asyncio.gather(*(opened.participant_failing("pay", T0 + n) for n, opened in enumerate(stores)))
+        raised = await asyncio.gather(*(
+            opened.alert_participant_unhealthy("pay", unhealthy_before=T0 + 10, now=T0 + 10, message="down")
+            for opened in stores
+        ))
+        assert len([alert for alert in raised if alert is not None]) == 1
+        ended = await asyncio.gather(*(
+            opened.participant_serving("pay", now=T0 + 20, message="up") for opened in stores
+        ))
+        assert len([alert for alert in ended if alert is not None]) == 1
+        assert [a.kind for a in await stores[0].read_alerts(0, 10)] == [PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED]
+    finally:
+        await _close(stores)
+
+
+async def test_alert_positions_follow_commit_order_across_saga_and_participant_alerts(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    await store.set_participant("pay", "127.0.0.1:1", updated_by="test", now=T0)
+    saga = await _create(store, plan, "s1")
+    first = _alert(saga, T0 + 1)
+    assert (await store.commit([_write(first, saga.sequence, epoch=1, now=T0 + 1)]))[0].ok
+    await store.participant_failing("pay", T0 + 1)
+    assert await store.alert_participant_unhealthy("pay", unhealthy_before=T0 + 2, now=T0 + 2, message="down")
+    second = _alert(first.saga, T0 + 3, "again")
+    assert (await store.commit([_write(second, first.saga.sequence, epoch=1, now=T0 + 3)]))[0].ok
+    logged = await store.read_alerts(0, 10)
+    assert [(a.position, a.kind) for a in logged] == [(1, SAGA_ALERT), (2, PARTICIPANT_UNHEALTHY), (3, SAGA_ALERT)]
+    assert [a.position for a in await store.read_alerts(1, 1)] == [2]
+    assert await store.read_alerts(3, 10) == []

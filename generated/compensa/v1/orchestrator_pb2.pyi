@@ -24,6 +24,62 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _AlertKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALERT_KIND_UNSPECIFIED: _AlertKind.ValueType  # 0
+    ALERT_KIND_SAGA: _AlertKind.ValueType  # 1
+    """A saga's ALERT_RAISED event (compensation retrying past alert_after, a
+    saga that needs a person, a stuck saga).
+    """
+    ALERT_KIND_PARTICIPANT_UNHEALTHY: _AlertKind.ValueType  # 2
+    """A participant's health checks failed for longer than the threshold."""
+    ALERT_KIND_PARTICIPANT_RECOVERED: _AlertKind.ValueType  # 3
+    """A participant alerted as unhealthy answered SERVING again."""
+
+class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
+    """What an alert is about."""
+
+ALERT_KIND_UNSPECIFIED: AlertKind.ValueType  # 0
+ALERT_KIND_SAGA: AlertKind.ValueType  # 1
+"""A saga's ALERT_RAISED event (compensation retrying past alert_after, a
+saga that needs a person, a stuck saga).
+"""
+ALERT_KIND_PARTICIPANT_UNHEALTHY: AlertKind.ValueType  # 2
+"""A participant's health checks failed for longer than the threshold."""
+ALERT_KIND_PARTICIPANT_RECOVERED: AlertKind.ValueType  # 3
+"""A participant alerted as unhealthy answered SERVING again."""
+Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
+
+class _ParticipantHealth:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ParticipantHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ParticipantHealth.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PARTICIPANT_HEALTH_UNSPECIFIED: _ParticipantHealth.ValueType  # 0
+    """Not probed yet."""
+    PARTICIPANT_HEALTH_SERVING: _ParticipantHealth.ValueType  # 1
+    PARTICIPANT_HEALTH_FAILING: _ParticipantHealth.ValueType  # 2
+    """NOT_SERVING, or unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+    PARTICIPANT_HEALTH_UNKNOWN: _ParticipantHealth.ValueType  # 3
+    """It does not serve grpc.health.v1 (UNIMPLEMENTED): never alerted."""
+
+class ParticipantHealth(_ParticipantHealth, metaclass=_ParticipantHealthEnumTypeWrapper):
+    """A participant's health as one replica's grpc.health.v1 probes see it."""
+
+PARTICIPANT_HEALTH_UNSPECIFIED: ParticipantHealth.ValueType  # 0
+"""Not probed yet."""
+PARTICIPANT_HEALTH_SERVING: ParticipantHealth.ValueType  # 1
+PARTICIPANT_HEALTH_FAILING: ParticipantHealth.ValueType  # 2
+"""NOT_SERVING, or unreachable (UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
+PARTICIPANT_HEALTH_UNKNOWN: ParticipantHealth.ValueType  # 3
+"""It does not serve grpc.health.v1 (UNIMPLEMENTED): never alerted."""
+Global___ParticipantHealth: _TypeAlias = ParticipantHealth  # noqa: Y015
+
 class _CompletionResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -42,6 +98,112 @@ COMPLETION_RESULT_FAILED: CompletionResult.ValueType  # 2
 Global___CompletionResult: _TypeAlias = CompletionResult  # noqa: Y015
 
 @_typing.final
+class Alert(_message.Message):
+    """One entry of the alert log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POSITION_FIELD_NUMBER: _builtins.int
+    ALERT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RAISE_TIME_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_POSITION_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    position: _builtins.int
+    """Place in the alert log: 1, 2, 3, ... in commit order."""
+    alert_id: _builtins.str
+    """Stable id, also the webhook's alert_id: `<saga_id>/<sequence>` for a
+    saga's alert, `participant/<name>/<position>` for a participant's.
+    """
+    kind: Global___AlertKind.ValueType
+    message: _builtins.str
+    saga_id: _builtins.str
+    """ALERT_KIND_SAGA: the saga, its definition, the step (empty unless the
+    alert is about one), the ALERT_RAISED event's sequence and its position
+    in the saga log (WatchSagas).
+    """
+    definition_name: _builtins.str
+    step_name: _builtins.str
+    sequence: _builtins.int
+    event_position: _builtins.int
+    participant: _builtins.str
+    """ALERT_KIND_PARTICIPANT_*: the participant and the address probed."""
+    address: _builtins.str
+    @_builtins.property
+    def raise_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        position: _builtins.int = ...,
+        alert_id: _builtins.str = ...,
+        kind: Global___AlertKind.ValueType = ...,
+        message: _builtins.str = ...,
+        raise_time: _timestamp_pb2.Timestamp | None = ...,
+        saga_id: _builtins.str = ...,
+        definition_name: _builtins.str = ...,
+        step_name: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        event_position: _builtins.int = ...,
+        participant: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["raise_time", b"raise_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_id", b"alert_id", "definition_name", b"definition_name", "event_position", b"event_position", "kind", b"kind", "message", b"message", "participant", b"participant", "position", b"position", "raise_time", b"raise_time", "saga_id", b"saga_id", "sequence", b"sequence", "step_name", b"step_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Alert: _TypeAlias = Alert  # noqa: Y015
+
+@_typing.final
+class WatchAlertsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    after_position: _builtins.int
+    """Send alerts whose position is greater; 0 from the beginning (of what
+    retention kept).
+    """
+    def __init__(
+        self,
+        *,
+        after_position: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsRequest: _TypeAlias = WatchAlertsRequest  # noqa: Y015
+
+@_typing.final
+class WatchAlertsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALERT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def alert(self) -> Global___Alert: ...
+    def __init__(
+        self,
+        *,
+        alert: Global___Alert | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchAlertsResponse: _TypeAlias = WatchAlertsResponse  # noqa: Y015
+
+@_typing.final
 class Participant(_message.Message):
     """Where a participant named in definitions is served."""
 
@@ -51,6 +213,10 @@ class Participant(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    HEALTH_DETAIL_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_SINCE_FIELD_NUMBER: _builtins.int
+    ALERT_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name definitions use (`participant: payment`): letters, digits, '.',
     '_' and '-', at most 64.
@@ -59,8 +225,22 @@ class Participant(_message.Message):
     """HOST:PORT."""
     updated_by: _builtins.str
     """Who set it: an operator, or a replica's --participant flag."""
+    health: Global___ParticipantHealth.ValueType
+    """What the last probe of the replica that answered saw (ListParticipants)."""
+    health_detail: _builtins.str
+    """The last failed probe's error, when `health` is FAILING."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def unhealthy_since(self) -> _timestamp_pb2.Timestamp:
+        """Shared by every replica: since when no replica's probe has succeeded
+        (unset while some replica's does).
+        """
+
+    @_builtins.property
+    def alert_time(self) -> _timestamp_pb2.Timestamp:
+        """Shared: when this outage was alerted (unset when not alerted)."""
+
     def __init__(
         self,
         *,
@@ -68,10 +248,14 @@ class Participant(_message.Message):
         address: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        health: Global___ParticipantHealth.ValueType = ...,
+        health_detail: _builtins.str = ...,
+        unhealthy_since: _timestamp_pb2.Timestamp | None = ...,
+        alert_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_time", b"alert_time", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "name", b"name", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "health", b"health", "health_detail", b"health_detail", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -140,6 +140,11 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
                 _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/compensa.v1.OrchestratorService/WatchAlerts',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -304,7 +309,20 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListParticipants(self, request, context):
-        """Every named participant and its address, by name.
+        """Every named participant and its address, by name, with its health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Streams every alert (a saga's ALERT_RAISED, a participant failing its
+        health checks past `serve --alert-participant-unhealthy-after`, and its
+        recovery), resumable from a position (Alert.position, a durable cursor
+        into the alert log, in commit order): those after `after_position` from
+        the log, then live ones as they are raised, by any replica. No gaps, no
+        duplicates. Reader role; a caller limited to some definitions is refused
+        (PERMISSION_DENIED): the alert log is the whole deployment's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -387,6 +405,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListParticipants,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -825,6 +848,33 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListParticipants',
             compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/WatchAlerts',
+            compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.FromString,
             options,
             channel_credentials,
             insecure,

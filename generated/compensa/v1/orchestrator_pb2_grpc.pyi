@@ -129,7 +129,16 @@ class OrchestratorServiceStub:
     that is not one, an address that is not HOST:PORT).
     """
     ListParticipants: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]
-    """Every named participant and its address, by name."""
+    """Every named participant and its address, by name, with its health."""
+    WatchAlerts: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchAlertsRequest, _orchestrator_pb2.WatchAlertsResponse]
+    """Streams every alert (a saga's ALERT_RAISED, a participant failing its
+    health checks past `serve --alert-participant-unhealthy-after`, and its
+    recovery), resumable from a position (Alert.position, a durable cursor
+    into the alert log, in commit order): those after `after_position` from
+    the log, then live ones as they are raised, by any replica. No gaps, no
+    duplicates. Reader role; a caller limited to some definitions is refused
+    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -232,7 +241,16 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     that is not one, an address that is not HOST:PORT).
     """
     ListParticipants: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]  # type: ignore[assignment]
-    """Every named participant and its address, by name."""
+    """Every named participant and its address, by name, with its health."""
+    WatchAlerts: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchAlertsRequest, _orchestrator_pb2.WatchAlertsResponse]  # type: ignore[assignment]
+    """Streams every alert (a saga's ALERT_RAISED, a participant failing its
+    health checks past `serve --alert-participant-unhealthy-after`, and its
+    recovery), resumable from a position (Alert.position, a durable cursor
+    into the alert log, in commit order): those after `after_position` from
+    the log, then live ones as they are raised, by any replica. No gaps, no
+    duplicates. Reader role; a caller limited to some definitions is refused
+    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService starts, drives and shows sagas.
@@ -422,6 +440,21 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListParticipantsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListParticipantsResponse, _abc.Awaitable[_orchestrator_pb2.ListParticipantsResponse]]:
-        """Every named participant and its address, by name."""
+        """Every named participant and its address, by name, with its health."""
+
+    @_abc_1.abstractmethod
+    def WatchAlerts(
+        self,
+        request: _orchestrator_pb2.WatchAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchAlertsResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchAlertsResponse]]:
+        """Streams every alert (a saga's ALERT_RAISED, a participant failing its
+        health checks past `serve --alert-participant-unhealthy-after`, and its
+        recovery), resumable from a position (Alert.position, a durable cursor
+        into the alert log, in commit order): those after `after_position` from
+        the log, then live ones as they are raised, by any replica. No gaps, no
+        duplicates. Reader role; a caller limited to some definitions is refused
+        (PERMISSION_DENIED): the alert log is the whole deployment's.
+        """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,8 +1,10 @@
 """Alerts delivered: POSTs to `serve --alert-webhook URL` from the outbox.
 
-Every ALERT_RAISED event has an outbox row written in the transaction that
-writes the event (see the store's `commit`), so an alert is never lost
-between being raised and being sent. Any replica with a webhook delivers:
+Every alert (a saga's ALERT_RAISED event, a participant unhealthy or
+recovered) is an entry of the alert log with an outbox row, both written in
+the transaction that raises it (see the store's `commit` and its participant
+health updates), so an alert is never lost between being raised and being
+sent. Any replica with a webhook delivers:
 it claims due rows (SKIP LOCKED on PostgreSQL), holding each for the length
 of one delivery, POSTs them, and deletes a row once the webhook answered 2xx.
 A failed delivery is retried with exponential backoff; a replica killed while
@@ -30,7 +32,7 @@ from compensa.orchestrator import machine, records
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.errors import StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.store import PendingAlert, SagaStore
+from compensa.orchestrator.store import SAGA_ALERT, PendingAlert, SagaStore
 from compensa.participants.tracing import trace_id_of
 
 __all__ = ["DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "stuck_alert"]
@@ -51,20 +53,28 @@ def _rfc3339(seconds: float) -> str:
     return datetime.datetime.fromtimestamp(seconds, datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def alert_body(alert: PendingAlert) -> dict[str, Any]:
-    """The JSON object POSTed for an alert (documented in README, "Alerts")."""
+def alert_body(pending: PendingAlert) -> dict[str, Any]:
+    """The JSON object POSTed for an alert (documented in README, "Alerts").
+    Fields about a saga are null for a participant's alert and the other
+    way round; `position` stays the saga event's, as it always was."""
+    alert = pending.alert
+    about_saga = alert.kind == SAGA_ALERT
     return {
-        "alert_id": f"{alert.saga_id}/{alert.sequence}",
+        "alert_id": alert.alert_id,
         "type": "ALERT_RAISED",
-        "saga_id": alert.saga_id,
-        "definition": alert.definition_name,
+        "kind": alert.kind,
+        "saga_id": alert.saga_id if about_saga else None,
+        "definition": alert.definition_name if about_saga else None,
         "step": alert.step_name,
+        "participant": None if about_saga else alert.participant,
+        "address": None if about_saga else alert.address,
         "message": alert.message,
         "raised_at": _rfc3339(alert.raised_at),
-        "sequence": alert.sequence,
-        "position": alert.position,
-        "delivery_attempt": alert.attempts,
-        "trace_id": trace_id_of(alert.trace_parent),
+        "sequence": alert.sequence if about_saga else None,
+        "position": alert.event_position if about_saga else None,
+        "alert_position": alert.position,
+        "delivery_attempt": pending.attempts,
+        "trace_id": trace_id_of(pending.trace_parent),
     }
 
 
@@ -129,31 +139,33 @@ class AlertDelivery:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), _POLL_SECONDS)
 
-    async def _deliver(self, alert: PendingAlert) -> None:
-        body = json.dumps(alert_body(alert), ensure_ascii=False).encode()
-        alert_id = f"{alert.saga_id}/{alert.sequence}"
+    async def _deliver(self, pending: PendingAlert) -> None:
+        alert = pending.alert
+        body = json.dumps(alert_body(pending), ensure_ascii=False).encode()
+        alert_id = alert.alert_id
         fields = {
-            "saga_id": alert.saga_id, "step": alert.step_name or None, "trace_id": trace_id_of(alert.trace_parent)
+            "saga_id": alert.saga_id or None, "step": alert.step_name or None,
+            "trace_id": trace_id_of(pending.trace_parent),
         }
         try:
             await asyncio.to_thread(_post, self._url, body, alert_id, self._timeout)
         except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
             self._metrics.alert_delivery("failed")
-            wait = DELIVERY_BACKOFF.delay(alert.attempts)
+            wait = DELIVERY_BACKOFF.delay(pending.attempts)
             log.warning(
                 "alert %s: delivery %d to the webhook failed (%s); next try in %.1fs",
-                alert_id, alert.attempts, error, wait, extra=fields,
+                alert_id, pending.attempts, error, wait, extra=fields,
             )
             with contextlib.suppress(StoreUnavailable):
                 # Not recorded: the claim expires and the alert is tried again.
                 await self._store.alert_not_delivered(
-                    alert.saga_id, alert.sequence, alert.attempts, self._clock.now() + wait, str(error)[:1000]
+                    alert.position, pending.attempts, self._clock.now() + wait, str(error)[:1000]
                 )
             return
         self._metrics.alert_delivery("delivered")
-        log.info("alert %s delivered to the webhook (attempt %d)", alert_id, alert.attempts, extra=fields)
+        log.info("alert %s delivered to the webhook (attempt %d)", alert_id, pending.attempts, extra=fields)
         try:
-            await self._store.alert_delivered(alert.saga_id, alert.sequence)
+            await self._store.alert_delivered(alert.position)
         except StoreUnavailable as error:
             # It stays in the outbox and is sent again: at least once.
             log.warning("alert %s: delivered, but not removed from the outbox (%s)", alert_id, error)

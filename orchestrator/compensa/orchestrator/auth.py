@@ -64,6 +64,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "SummarizeSagas": Role.READER,
     "WatchSaga": Role.READER,
     "WatchSagas": Role.READER,
+    "WatchAlerts": Role.READER,
     "GetDefinition": Role.READER,
     "ListDefinitions": Role.READER,
     "ListParticipants": Role.READER,

@@ -83,6 +83,12 @@ class ServerConfig:
     # An unfinished saga unchanged for this long raises an alert (once per
     # stall); None raises none.
     alert_stuck_seconds: float | None = None
+    # Every stored participant is probed with grpc.health.v1 this often (seconds).
+    participant_health_seconds: float = 5.0
+    # A participant whose probes (by every replica) have failed for this long
+    # raises an alert, once per outage, and another when it recovers; None
+    # raises none.
+    alert_participant_unhealthy_seconds: float | None = 60.0
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a

@@ -31,7 +31,17 @@ from compensa.orchestrator.definitions import definition_fingerprint, validate_d
 from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
-from compensa.orchestrator.store import Claimed, ParticipantAddress, SagaStore, SagaWrite, StoredEvent, WriteResult
+from compensa.orchestrator.participant_health import ParticipantHealthWatch
+from compensa.orchestrator.store import (
+    PARTICIPANT_UNHEALTHY,
+    Claimed,
+    ParticipantAddress,
+    SagaStore,
+    SagaWrite,
+    StoredAlert,
+    StoredEvent,
+    WriteResult,
+)
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import completion_token
 from compensa.orchestrator.tracing import SagaTracing
@@ -68,13 +78,17 @@ _STUCK_CHECK_SECONDS = 30.0
 
 async def purge_finished(store: SagaStore, finished_before: float) -> int:
     """Deletes every saga done for good whose last change is older than
-    `finished_before`, one batch per transaction; how many were deleted."""
+    `finished_before`, one batch per transaction, and the delivered alerts
+    raised before then; how many sagas were deleted."""
     total = 0
     while True:
         purged = await store.purge_finished(finished_before=finished_before, limit=_PURGE_BATCH)
         total += purged
         if purged < _PURGE_BATCH:
-            return total
+            break
+    while await store.purge_alerts(raised_before=finished_before, limit=_PURGE_BATCH) == _PURGE_BATCH:
+        pass
+    return total
 
 
 def _external_cause(event: machine.Event) -> str:
@@ -116,6 +130,13 @@ class SagaEngine:
         self.alerts = (
             AlertDelivery(store, config.alert_webhook, self.clock, self.metrics, timeout=config.alert_webhook_timeout)
             if config.alert_webhook else None
+        )
+        #: Told whenever this replica raised an alert (watchers of the alert
+        #: log re-read it); other replicas' are heard through `changes`.
+        self.alert_signal = ChangeSignal()
+        self.participant_health = ParticipantHealthWatch(
+            store, self.client, self.clock, self.metrics, interval=config.participant_health_seconds,
+            unhealthy_after=config.alert_participant_unhealthy_seconds, on_alert=self._participant_alert_raised,
         )
         self._plans: dict[tuple[str, int], machine.Plan] = {}
         self._latest: dict[str, tuple[int, float]] = {}
@@ -186,6 +207,7 @@ class SagaEngine:
         ]
         if self.alerts is not None:
             self._tasks.append(asyncio.create_task(self.alerts.run(), name="compensa-alerts"))
+        self._tasks.append(asyncio.create_task(self.participant_health.run(), name="compensa-participant-health"))
         if self.config.alert_stuck_seconds is not None:
             self._tasks.append(
                 asyncio.create_task(self._alert_stuck(self.config.alert_stuck_seconds), name="compensa-stuck")
@@ -256,8 +278,22 @@ class SagaEngine:
                 "saga_id": saga.saga_id, "step": event.step_name or None, "trace_id": trace_id_of(saga.trace_parent)
             },
         )
+        self._alert_committed()
+
+    def _participant_alert_raised(self, alert: StoredAlert) -> None:
+        """A participant's alert committed here (with its outbox row)."""
+        fields = {"participant": alert.participant, "address": alert.address}
+        if alert.kind == PARTICIPANT_UNHEALTHY:
+            self.metrics.participant_alert()
+            log.warning("ALERT participant %s at %s: %s", alert.participant, alert.address, alert.message, extra=fields)
+        else:
+            log.info("ALERT participant %s at %s: %s", alert.participant, alert.address, alert.message, extra=fields)
+        self._alert_committed()
+
+    def _alert_committed(self) -> None:
         if self.alerts is not None:
             self.alerts.wake()
+        self.alert_signal.notify(None)
 
     # -- plans
 

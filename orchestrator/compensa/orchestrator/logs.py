@@ -2,7 +2,8 @@
 (`--log-format json`) for log collectors.
 
 A JSON line has `time` (UTC, RFC 3339), `level`, `logger` and `message`, and
-where known `saga_id`, `step`, `attempt` and `trace_id`. Those come from the
+where known `saga_id`, `step`, `attempt` and `trace_id` (and `participant`
+and `address` on a participant's health lines). Those come from the
 saga a task is working on (`bind`, which the engine calls in the task that
 drives a saga and in each call's task) or from a log call's `extra=`; an
 exception adds `exception` (its traceback).
@@ -18,8 +19,8 @@ from typing import Any
 
 __all__ = ["CONTEXT_FIELDS", "JsonFormatter", "bind", "configure_logging"]
 
-#: The saga fields a line may carry, in the order they are written.
-CONTEXT_FIELDS = ("saga_id", "step", "attempt", "trace_id")
+#: The saga (or participant) fields a line may carry, in the order they are written.
+CONTEXT_FIELDS = ("saga_id", "step", "attempt", "trace_id", "participant", "address")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("compensa_log_context", default=None)

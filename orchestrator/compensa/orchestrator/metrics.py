@@ -3,11 +3,14 @@ to page a person on.
 
 `compensa serve --metrics-listen HOST:PORT` serves them at /metrics (over TLS
 with the server's own certificate when it has one). Page on an increase of
-`compensa_alerts_total`: each is a saga that needs a person, or soon may (a
-compensation that keeps failing past its policy's alert_after, one that gave
-up, a step after the pivot that could not finish); it is exported at 0 for
-every definition this replica knows, so the increase is seen from the first
-alert. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
+`compensa_alerts_total`: with reason "saga", each is a saga that needs a
+person, or soon may (a compensation that keeps failing past its policy's
+alert_after, one that gave up, a step after the pivot that could not finish, a
+stuck saga); with reason "participant_unhealthy", a participant that failed
+its health checks past the threshold (a recovery is not counted). It is
+exported at 0 for every definition this replica knows, and for participants,
+so the increase is seen from the first alert. `compensa_participant_serving`
+is this replica's view of each participant's health. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
 `compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
 the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
@@ -35,6 +38,9 @@ _SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _FLUSH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# compensa_alerts_total's reason label.
+SAGA_REASON = "saga"
+PARTICIPANT_UNHEALTHY_REASON = "participant_unhealthy"
 
 
 class Metrics:
@@ -48,8 +54,17 @@ class Metrics:
             registry=self.registry,
         )
         self._alerts = Counter(
-            "compensa_alerts", "Sagas that need a person, or soon may (ALERT_RAISED events), by definition.",
-            ["definition"], registry=self.registry,
+            "compensa_alerts",
+            "Alerts raised by this replica, by definition and reason: saga (a saga needs a person, or soon may:"
+            " ALERT_RAISED events) or participant_unhealthy (definition empty).",
+            ["definition", "reason"], registry=self.registry,
+        )
+        self._alerts.labels("", PARTICIPANT_UNHEALTHY_REASON)
+        self._participant_serving = Gauge(
+            "compensa_participant_serving",
+            "1 while this replica's health probes of a participant succeed, 0 while they fail (absent: not"
+            " probed, or it does not serve grpc.health.v1).",
+            ["participant"], registry=self.registry,
         )
         self._deliveries = Counter(
             "compensa_alert_deliveries", "Alert webhook deliveries by this replica, by outcome (delivered, failed).",
@@ -84,7 +99,21 @@ class Metrics:
 
     def know_definition(self, name: str) -> None:
         """Exports the alert count of definition `name` (at 0 until its first alert)."""
-        self._alerts.labels(name)
+        self._alerts.labels(name, SAGA_REASON)
+
+    def participant_alert(self) -> None:
+        """A participant's health checks failed past the threshold (alerted here)."""
+        self._alerts.labels("", PARTICIPANT_UNHEALTHY_REASON).inc()
+
+    def participant_health(self, participant: str, serving: bool | None) -> None:
+        """What this replica's last probe of `participant` saw (None: unknown, or gone)."""
+        if serving is None:
+            try:
+                self._participant_serving.remove(participant)
+            except KeyError:
+                pass
+        else:
+            self._participant_serving.labels(participant).set(1 if serving else 0)
 
     def count_for_people(self, count: Callable[[], tuple[int, int] | None]) -> None:
         """Exports, at each scrape, `count()`: the FAILED sagas nobody resolved
@@ -104,7 +133,7 @@ class Metrics:
         if end is not None:
             self._sagas.labels(definition, end).observe(max(0.0, time_of_event - created_at))
         elif event_type == saga_pb2.EVENT_TYPE_ALERT_RAISED:
-            self._alerts.labels(definition).inc()
+            self._alerts.labels(definition, SAGA_REASON).inc()
 
     def alert_delivery(self, outcome: str) -> None:
         self._deliveries.labels(outcome).inc()

@@ -41,7 +41,7 @@ class ParticipantClient:
             ("grpc.max_receive_message_length", max_message_bytes),
         ]
         self._stubs: dict[str, participant_pb2_grpc.ParticipantServiceAsyncStub] = {}
-        self._channels: list[grpc.aio.Channel] = []
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
     def address_of(self, participant: str) -> str:
         """A participant name's stored address, else the name as HOST:PORT."""
@@ -57,17 +57,22 @@ class ParticipantClient:
         Channels are kept per address, so a changed address gets a new one."""
         self._addresses = dict(addresses)
 
-    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
-        address = self.address_of(participant)
-        stub = self._stubs.get(address)
-        if stub is None:
-            channel = (
+    def channel(self, address: str) -> grpc.aio.Channel:
+        """The one channel to `address` (health probes share it with the calls)."""
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = (
                 grpc.aio.secure_channel(address, self._credentials, options=self._options)
                 if self._credentials is not None
                 else grpc.aio.insecure_channel(address, options=self._options)
             )
-            self._channels.append(channel)
-            stub = self._stubs[address] = participant_pb2_grpc.ParticipantServiceStub(channel)
+        return channel
+
+    def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
+        address = self.address_of(participant)
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = participant_pb2_grpc.ParticipantServiceStub(self.channel(address))
         return stub
 
     async def execute(
@@ -127,7 +132,7 @@ class ParticipantClient:
         return machine.CompensateSucceeded(step)
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
         self._stubs.clear()

@@ -33,6 +33,7 @@ from compensa.orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     grpc_error_details,
     grpc_status_of,
     quote,
@@ -51,11 +52,12 @@ from compensa.orchestrator.limits import (
 )
 from compensa.orchestrator.operations import operator_event
 from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
+from compensa.orchestrator.participant_health import ProbeOutcome
 from compensa.orchestrator.store import ParticipantAddress
 from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
-from compensa.orchestrator.views import EventViews, saga_message
+from compensa.orchestrator.views import EventViews, alert_message, saga_message
 from compensa.participants.tracing import traceparent_in
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -73,6 +75,11 @@ _PAGE_READ_CHUNK = 100
 MAX_EVENTS_PER_MESSAGE = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
+# WatchAlerts re-reads the alert log at least this often (alerts another
+# replica raised, should its notification be lost), and at most this often
+# when woken (other replicas' saga commits wake it too).
+_ALERT_POLL_SECONDS = 1.0
+_ALERT_READ_SPACING_SECONDS = 0.05
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -609,6 +616,38 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             else:
                 yield orchestrator_pb2.WatchSagasResponse(event=self._event_views.of(batch[0]))
 
+    @_answer_stream_errors
+    async def WatchAlerts(
+        self,
+        request: orchestrator_pb2.WatchAlertsRequest,
+        context: Context[orchestrator_pb2.WatchAlertsRequest, orchestrator_pb2.WatchAlertsResponse],
+    ) -> AsyncIterator[orchestrator_pb2.WatchAlertsResponse]:
+        if request.after_position < 0:
+            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        if not self._access.open:
+            caller = self._caller(context)
+            if caller.definitions:
+                raise PermissionDenied(
+                    f"WatchAlerts: {caller.describe()} is limited to definitions"
+                    f" {', '.join(sorted(caller.definitions))}; the alert log is the whole deployment's"
+                )
+        last = request.after_position
+        woken = asyncio.Event()
+        # Subscribed before the first read: an alert committed meanwhile wakes it.
+        with self._engine.alert_signal.on_change(woken.set), self._engine.changes.on_change(woken.set):
+            while True:
+                woken.clear()
+                # Positions follow commit order: reading past the last one sent misses nothing.
+                batch = await self._store.read_alerts(last, READ_BATCH)
+                for alert in batch:
+                    last = alert.position
+                    yield orchestrator_pb2.WatchAlertsResponse(alert=alert_message(alert))
+                if len(batch) == READ_BATCH:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), _ALERT_POLL_SECONDS)
+                await asyncio.sleep(_ALERT_READ_SPACING_SECONDS)
+
     # -- definitions
 
     @_answer_errors
@@ -695,7 +734,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         context: Context[orchestrator_pb2.ListParticipantsRequest, orchestrator_pb2.ListParticipantsResponse],
     ) -> orchestrator_pb2.ListParticipantsResponse:
         stored = await self._engine.refresh_participants()
-        return orchestrator_pb2.ListParticipantsResponse(participants=[_participant_message(p) for p in stored])
+        health = self._engine.participant_health
+        return orchestrator_pb2.ListParticipantsResponse(participants=[
+            _participant_message(participant, health.seen(participant.name, participant.address))
+            for participant in stored
+        ])
 
 
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -708,8 +751,13 @@ def _check_address(address: str) -> None:
         raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
 
 
-def _participant_message(stored: ParticipantAddress) -> orchestrator_pb2.Participant:
+def _participant_message(
+    stored: ParticipantAddress, seen: ProbeOutcome | None = None
+) -> orchestrator_pb2.Participant:
     return orchestrator_pb2.Participant(
         name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
         updated_by=stored.updated_by,
+        health=seen.health if seen is not None else orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED,
+        health_detail=seen.detail if seen is not None else "",
+        unhealthy_since=timestamp(stored.unhealthy_since), alert_time=timestamp(stored.alerted_at),
     )

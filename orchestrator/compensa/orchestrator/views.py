@@ -5,9 +5,9 @@ from __future__ import annotations
 from google.protobuf import any_pb2
 
 from compensa.orchestrator import machine, records
-from compensa.orchestrator.store import StoredEvent
+from compensa.orchestrator.store import StoredAlert, StoredEvent
 from compensa.orchestrator.timestamps import timestamp
-from compensa.v1 import saga_pb2
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 
 def _attempts_made(step: records.StepRecord) -> int:
@@ -86,3 +86,14 @@ class EventViews:
                 del self._views[next(iter(self._views))]
             view = self._views[stored.position] = event_message(stored)
         return view
+
+
+def alert_message(alert: StoredAlert) -> orchestrator_pb2.Alert:
+    """The API view of an entry of the alert log."""
+    return orchestrator_pb2.Alert(
+        position=alert.position, alert_id=alert.alert_id,
+        kind=orchestrator_pb2.AlertKind.Value("ALERT_KIND_" + alert.kind), message=alert.message,
+        raise_time=timestamp(alert.raised_at), saga_id=alert.saga_id, definition_name=alert.definition_name,
+        step_name=alert.step_name, sequence=alert.sequence, event_position=alert.event_position,
+        participant=alert.participant, address=alert.address,
+    )

@@ -5,6 +5,7 @@ participants (list, or set where one is served)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 
 from compensa.orchestrator.cli.connection import open_channel
@@ -94,7 +95,21 @@ def participants(args: argparse.Namespace) -> int:
         for participant in listed:
             print(json_line(participant))
         return EXIT_OK
-    print(f"{'NAME':<24} {'ADDRESS':<32} UPDATED BY")
+    print(f"{'NAME':<24} {'ADDRESS':<32} {'HEALTH':<10} UPDATED BY")
     for participant in listed:
-        print(f"{participant.name:<24} {participant.address:<32} {participant.updated_by}")
+        print(f"{participant.name:<24} {participant.address:<32} {_health(participant):<10} {participant.updated_by}")
+        if participant.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING:
+            print(f"    failing: {participant.health_detail}")
+        if participant.HasField("unhealthy_since"):
+            since = participant.unhealthy_since.ToDatetime(datetime.UTC).isoformat(timespec="seconds")
+            alerted = " (alerted)" if participant.HasField("alert_time") else ""
+            print(f"    no replica has reached it since {since}{alerted}")
     return EXIT_OK
+
+
+def _health(participant: orchestrator_pb2.Participant) -> str:
+    """What the answering replica's last probe saw: serving, failing, unknown
+    (no grpc.health.v1), or - (not probed yet)."""
+    if participant.health == orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED:
+        return "-"
+    return orchestrator_pb2.ParticipantHealth.Name(participant.health).removeprefix("PARTICIPANT_HEALTH_").lower()

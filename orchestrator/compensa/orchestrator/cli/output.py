@@ -5,6 +5,7 @@ line an error is shown as."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import sys
@@ -80,6 +81,21 @@ def print_events(
             print(f"@{event.position:<6} {event.saga_id}{timeline.format_event(event, color=color)}", flush=True)
         else:
             print(timeline.format_event(event, color=color), flush=True)
+
+
+def print_alert(args: argparse.Namespace, alert: orchestrator_pb2.Alert) -> None:
+    """An alert as a JSON line with --json, else as one line: its log
+    position, time, kind, what it is about and its message; flushed."""
+    if args.json:
+        print(json_line(alert), flush=True)
+        return
+    kind = orchestrator_pb2.AlertKind.Name(alert.kind).removeprefix("ALERT_KIND_")
+    if alert.kind == orchestrator_pb2.ALERT_KIND_SAGA:
+        about = f"saga {alert.saga_id}" + (f" step {alert.step_name}" if alert.step_name else "")
+    else:
+        about = f"participant {alert.participant} at {alert.address}"
+    when = alert.raise_time.ToDatetime(datetime.UTC).isoformat(timespec="seconds")
+    print(f"@{alert.position:<6} {when} {kind:<21} {about}: {alert.message}", flush=True)
 
 
 def saga_row(saga: saga_pb2.Saga) -> str:

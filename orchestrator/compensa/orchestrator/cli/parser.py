@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_status(add("status", sagas.status,
                     "Count sagas by definition and state: stuck, awaiting a person, oldest."))
     _add_watch(add("watch", sagas.watch, "Stream one saga's events, or every saga's with --all."))
+    _add_alerts(add("alerts", sagas.alerts,
+                    "Stream the alert log (sagas' alerts, participants' health), resuming across restarts."))
     _add_cancel(add("cancel", sagas.cancel, "Ask a running saga to stop and compensate."))
     _add_retry(add("retry", sagas.retry, "Run the failed compensations of a FAILED saga again."))
     _add_resolve(add("resolve", sagas.resolve, "Mark a FAILED saga as resolved by hand."))
@@ -159,6 +161,11 @@ def _duration(text: str) -> duration_pb2.Duration:
     if duration.ToNanoseconds() < 0:
         raise argparse.ArgumentTypeError(f"invalid duration {quote(text)}: negative; use e.g. {DURATION_EXAMPLES}")
     return duration
+
+
+def _duration_or_off(text: str) -> duration_pb2.Duration:
+    """A duration, or "off" (the same as 0): the option's feature is off."""
+    return duration_pb2.Duration() if text.strip().lower() == "off" else _duration(text)
 
 
 def _parse_participant(text: str) -> tuple[str, str]:
@@ -387,6 +394,15 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
              " stall, e.g. 15m (default: none)",
     )
     parser.add_argument(
+        "--participant-health-interval", type=_duration, metavar="DURATION",
+        help="probe every stored participant with grpc.health.v1 this often (default 5s)",
+    )
+    parser.add_argument(
+        "--alert-participant-unhealthy-after", type=_duration_or_off, metavar="DURATION",
+        help="raise an alert for a participant whose health checks have failed for this long (from every"
+             " replica), once per outage, and another when it recovers (default 1m; 0 or off: none)",
+    )
+    parser.add_argument(
         "--alert-webhook-timeout", type=_duration, metavar="DURATION",
         help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
              " to another replica after about this long",
@@ -513,6 +529,18 @@ def _add_watch(parser: argparse.ArgumentParser) -> None:
         help="resume after this sequence (one saga) or log position (--all)",
     )
     parser.add_argument("--definition", metavar="NAME", default="", help="with --all: only sagas of this definition")
+    _add_json_option(parser)
+
+
+def _add_alerts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--after", type=_int_from(0, INT64_MAX), default=0, metavar="N",
+        help="resume after this alert log position (default: from the first alert kept)",
+    )
+    parser.add_argument(
+        "--limit", type=_int_from(0, INT64_MAX), default=0, metavar="N",
+        help="stop after N alerts (default: follow the log until interrupted)",
+    )
     _add_json_option(parser)
 
 

@@ -21,6 +21,7 @@ from compensa.orchestrator.cli.output import (
     DefinitionTypes,
     error_text,
     json_line,
+    print_alert,
     print_events,
     print_saga,
     print_status,
@@ -143,6 +144,31 @@ def watch(args: argparse.Namespace) -> int:
             if args.after >= saga.sequence and done_for_good(saga):
                 return EXIT_OK
             _watch_saga(args, stub)
+    return EXIT_OK
+
+
+def alerts(args: argparse.Namespace) -> int:
+    """`compensa alerts`: the alert log from `--after`, then alerts as they
+    are raised, across orchestrator restarts (or until `--limit` of them)."""
+    last: int = args.after
+    printed = 0
+    with open_channel(args, options=RECONNECT_QUICKLY) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        # Answers, or the error is the command's: resumed only once it was reached.
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+
+        def open_stream() -> Iterable[orchestrator_pb2.WatchAlertsResponse]:
+            return stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(after_position=last))
+
+        def show(response: orchestrator_pb2.WatchAlertsResponse) -> bool:
+            nonlocal last, printed
+            if response.alert.position > last:
+                last = response.alert.position
+                printed += 1
+                print_alert(args, response.alert)
+            return bool(args.limit) and printed >= args.limit
+
+        _follow(open_stream, show)
     return EXIT_OK
 
 

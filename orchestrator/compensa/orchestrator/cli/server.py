@@ -60,6 +60,15 @@ def serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(
             config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
         )
+    if args.participant_health_interval is not None:
+        config = dataclasses.replace(
+            config, participant_health_seconds=_positive_seconds(
+                args.participant_health_interval, "--participant-health-interval"
+            )
+        )
+    if args.alert_participant_unhealthy_after is not None:
+        seconds = args.alert_participant_unhealthy_after.ToNanoseconds() / 1e9
+        config = dataclasses.replace(config, alert_participant_unhealthy_seconds=seconds or None)
     if args.alert_webhook_timeout is not None:
         config = dataclasses.replace(
             config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")

@@ -2,12 +2,16 @@
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.store.base import (
+    PARTICIPANT_RECOVERED,
+    PARTICIPANT_UNHEALTHY,
+    SAGA_ALERT,
     Claimed,
     ParticipantAddress,
     PendingAlert,
     SagaStore,
     SagaWrite,
     StateSummary,
+    StoredAlert,
     StoredEvent,
     WriteResult,
 )
@@ -29,6 +33,9 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
 
 
 __all__ = [
+    "PARTICIPANT_RECOVERED",
+    "PARTICIPANT_UNHEALTHY",
+    "SAGA_ALERT",
     "Claimed",
     "ParticipantAddress",
     "PendingAlert",
@@ -38,6 +45,7 @@ __all__ = [
     "SqlSagaStore",
     "SqliteSagaStore",
     "StateSummary",
+    "StoredAlert",
     "StoredEvent",
     "WriteResult",
     "open_store",

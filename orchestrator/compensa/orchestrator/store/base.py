@@ -81,27 +81,58 @@ class StateSummary:
 
 @dataclass(frozen=True)
 class ParticipantAddress:
-    """Where a named participant is served, and who said so."""
+    """Where a named participant is served, and who said so; with the
+    deployment's shared view of its health (see participant_health.py)."""
 
     name: str
     address: str
     updated_at: float
     updated_by: str
+    #: Since when no replica's probe has succeeded; None while one does.
+    unhealthy_since: float | None = None
+    #: When this outage's alert was raised; None when not alerted.
+    alerted_at: float | None = None
+
+
+#: StoredAlert.kind values: AlertKind names without their prefix.
+SAGA_ALERT = "SAGA"
+PARTICIPANT_UNHEALTHY = "PARTICIPANT_UNHEALTHY"
+PARTICIPANT_RECOVERED = "PARTICIPANT_RECOVERED"
+
+
+@dataclass(frozen=True)
+class StoredAlert:
+    """An entry of the alert log."""
+
+    position: int  # in the alert log
+    kind: str
+    raised_at: float
+    message: str
+    saga_id: str = ""
+    sequence: int = 0  # of the saga's ALERT_RAISED event
+    event_position: int = 0  # of that event in the saga log
+    definition_name: str = ""
+    step_name: str = ""
+    participant: str = ""
+    address: str = ""
+
+    @property
+    def alert_id(self) -> str:
+        """Stable across deliveries: `<saga_id>/<sequence>` (a saga id has no
+        '/'), or `participant/<name>/<position>`."""
+        if self.kind == SAGA_ALERT:
+            return f"{self.saga_id}/{self.sequence}"
+        return f"participant/{self.participant}/{self.position}"
 
 
 @dataclass(frozen=True)
 class PendingAlert:
     """An alert in the outbox, claimed for one delivery attempt."""
 
-    saga_id: str
-    sequence: int  # of the ALERT_RAISED event
-    position: int  # of the event in the global log
-    definition_name: str
-    step_name: str
-    message: str
-    raised_at: float
+    alert: StoredAlert
     #: Delivery attempts so far, this one included.
     attempts: int
+    #: The saga's trace context (None: no saga, or untraced).
     trace_parent: str | None
 
 
@@ -271,7 +302,17 @@ class SagaStore(abc.ABC):
         replica holds under a live lease and whose last event is not an
         ALERT_RAISED (not alerted since they last moved); oldest first."""
 
-    # The alert outbox (rows are written by `commit` with ALERT_RAISED events)
+    # The alert log and its outbox (saga alerts are written by `commit`
+    # with their ALERT_RAISED events)
+
+    @abc.abstractmethod
+    async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
+        """Up to `limit` alerts after `after_position`, in log order."""
+
+    @abc.abstractmethod
+    async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
+        """Deletes up to `limit` delivered alerts (no longer in the outbox)
+        raised before `raised_before`; how many."""
 
     @abc.abstractmethod
     async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
@@ -280,15 +321,36 @@ class SagaStore(abc.ABC):
         (then due again, should this replica die while delivering it)."""
 
     @abc.abstractmethod
-    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+    async def alert_delivered(self, position: int) -> None:
         """Removes a delivered alert from the outbox."""
 
     @abc.abstractmethod
-    async def alert_not_delivered(
-        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
+    async def alert_not_delivered(self, position: int, attempts: int, next_attempt_at: float, error: str) -> None:
         """Schedules the next attempt of an alert whose delivery failed,
         unless another replica has claimed it since (`attempts` moved on)."""
+
+    # Participants' health: guarded updates, so that of several replicas
+    # exactly one raises each alert.
+
+    @abc.abstractmethod
+    async def participant_failing(self, name: str, now: float) -> None:
+        """A probe of `name` failed: its outage starts now unless one has
+        started already."""
+
+    @abc.abstractmethod
+    async def alert_participant_unhealthy(
+        self, name: str, *, unhealthy_before: float, now: float, message: str
+    ) -> StoredAlert | None:
+        """Raises the PARTICIPANT_UNHEALTHY alert of `name`'s outage if it
+        started before `unhealthy_before` and nobody alerted it yet (the
+        alert with its outbox row, in one transaction); the alert, or None
+        when there is nothing to raise or another replica raised it."""
+
+    @abc.abstractmethod
+    async def participant_serving(self, name: str, *, now: float, message: str) -> StoredAlert | None:
+        """A probe of `name` succeeded: its outage, if any, ends; one that
+        was alerted raises PARTICIPANT_RECOVERED (returned; None otherwise,
+        or when another replica ended it first)."""
 
     # The event log
 

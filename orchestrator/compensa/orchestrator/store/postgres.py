@@ -33,7 +33,8 @@ from compensa.common.database import (
 from compensa.common.retry import Backoff
 from compensa.orchestrator.errors import StoreUnavailable
 from compensa.orchestrator.records import RUNNING
-from compensa.orchestrator.store.base import SagaWrite, WriteResult
+from compensa.orchestrator.store.base import SAGA_ALERT, SagaWrite, WriteResult
+from compensa.orchestrator.store.schema import ALERT_LOG, EVENT_LOG
 from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
 
 log = logging.getLogger("compensa.store")
@@ -263,7 +264,7 @@ WITH v AS (
     JOIN landed ON landed.idx = e.idx
 ), head AS (
     -- The log_head row lock is held to commit: positions follow commit order.
-    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM ev) WHERE id = 1
+    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM ev) WHERE id = {EVENT_LOG}
     RETURNING position - (SELECT count(*) FROM ev) AS base
 ), events AS (
     INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
@@ -271,13 +272,21 @@ WITH v AS (
     SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.type, ev.time, ev.saga_state, ev.step_name, ev.step_state,
         ev.attempt, ev.message, ev.actor, ev.definition_name
     FROM ev, head
-), alerts AS (
-    -- The outbox row of an alert commits with its event, or neither does.
-    INSERT INTO compensa_alert_outbox (saga_id, sequence, position, definition_name, step_name, message, raised_at,
-        attempts, next_attempt_at, last_error)
-    SELECT ev.saga_id, ev.sequence, head.base + ev.k, ev.definition_name, ev.step_name, ev.message, ev.time,
-        0, ev.time, ''
+), r AS (
+    -- The ALERT_RAISED events, numbered for the alert log.
+    SELECT ev.*, head.base + ev.k AS p, row_number() OVER (ORDER BY ev.k) AS a
     FROM ev, head WHERE ev.type = {ALERT_RAISED}
+), ah AS (
+    -- The alert log's counter, locked only by a flush that raises alerts.
+    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM r)
+    WHERE id = {ALERT_LOG} AND EXISTS (SELECT 1 FROM r) RETURNING position - (SELECT count(*) FROM r) AS base
+), al AS (
+    -- An alert commits with its event and its outbox row, or none does.
+    -- Values in the tables' column order (see schema.py).
+    INSERT INTO compensa_alerts SELECT ah.base + r.a, '{SAGA_ALERT}', r.time, r.message, r.saga_id, r.sequence, r.p,
+        r.definition_name, r.step_name, '', '' FROM r, ah RETURNING position, raised_at
+), ob AS (
+    INSERT INTO compensa_alert_outbox SELECT position, 0, raised_at, '' FROM al
 )
 -- NOTIFY is delivered at commit, never for a failed statement.
 SELECT landed.idx, landed.epoch, head.base, pg_notify('{_CHANNEL}', %(payload)b::text) FROM landed, head

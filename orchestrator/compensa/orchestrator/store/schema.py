@@ -104,6 +104,10 @@ saga_events = Table(
     Column("definition_name", String(64), nullable=False),
 )
 
+#: The compensa_log_head rows: the saga event log's counter, and the alert log's.
+EVENT_LOG = 1
+ALERT_LOG = 2
+
 log_head = Table(
     "compensa_log_head",
     metadata,
@@ -111,7 +115,12 @@ log_head = Table(
     Column("position", BigInteger, nullable=False),
 )
 
-#: Where each named participant is served; replicas read it, operators change it.
+#: Where each named participant is served; replicas read it, operators change
+#: it. The health columns are the deployment's view of an outage, changed by
+#: guarded updates (see participant_health.py): `unhealthy_since` is set by
+#: the first failed probe after a success and cleared by any replica's
+#: successful probe; `alerted_at` is set by the one replica that raised the
+#: outage's alert.
 participants = Table(
     "compensa_participants",
     metadata,
@@ -119,22 +128,41 @@ participants = Table(
     Column("address", String(255), nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("updated_by", String(256), nullable=False),
+    Column("unhealthy_since", Float, nullable=True),
+    Column("alerted_at", Float, nullable=True),
 )
 
-#: Alerts to deliver to the webhook: one row per ALERT_RAISED event, written
-#: in the transaction that writes the event, deleted once delivered. A replica
-#: claims a row by moving `next_attempt_at` past the delivery's timeout, so a
-#: replica killed while delivering leaves it to another.
+#: The alert log: every alert, of sagas (written with their ALERT_RAISED
+#: event) and of participants, at a position taken under the ALERT_LOG row
+#: lock of compensa_log_head, so positions follow commit order as the event
+#: log's do. `kind` is an AlertKind's name without its prefix (SAGA,
+#: PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED).
+alerts = Table(
+    "compensa_alerts",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("kind", String(32), nullable=False),
+    Column("raised_at", Float, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("saga_id", String(128), nullable=False),
+    Column("sequence", BigInteger, nullable=False),  # of the ALERT_RAISED event (0: none)
+    Column("event_position", BigInteger, nullable=False),  # of that event in the saga log (0: none)
+    Column("definition_name", String(64), nullable=False),
+    Column("step_name", String(64), nullable=False),
+    Column("participant", String(64), nullable=False),
+    Column("address", String(255), nullable=False),
+)
+Index("compensa_alerts_raised", alerts.c.raised_at)
+Index("compensa_alerts_saga", alerts.c.saga_id)
+
+#: Alerts to deliver to the webhook: one row per alert of the log, written
+#: in the transaction that writes the alert, deleted once delivered. A
+#: replica claims a row by moving `next_attempt_at` past the delivery's
+#: timeout, so a replica killed while delivering leaves it to another.
 alert_outbox = Table(
     "compensa_alert_outbox",
     metadata,
-    Column("saga_id", String(128), primary_key=True),
-    Column("sequence", BigInteger, primary_key=True),  # the ALERT_RAISED event's
-    Column("position", BigInteger, nullable=False),
-    Column("definition_name", String(64), nullable=False),
-    Column("step_name", String(64), nullable=False),
-    Column("message", Text, nullable=False),
-    Column("raised_at", Float, nullable=False),
+    Column("position", BigInteger, primary_key=True, autoincrement=False),  # the alert's
     Column("attempts", Integer, nullable=False),
     Column("next_attempt_at", Float, nullable=False),
     Column("last_error", Text, nullable=False),

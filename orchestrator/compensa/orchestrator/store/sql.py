@@ -39,17 +39,24 @@ from compensa.orchestrator.records import (
 )
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
+    PARTICIPANT_RECOVERED,
+    PARTICIPANT_UNHEALTHY,
+    SAGA_ALERT,
     Claimed,
     ParticipantAddress,
     PendingAlert,
     SagaStore,
     SagaWrite,
     StateSummary,
+    StoredAlert,
     StoredEvent,
     WriteResult,
 )
 from compensa.orchestrator.store.schema import (
+    ALERT_LOG,
+    EVENT_LOG,
     alert_outbox,
+    alerts,
     definitions,
     log_head,
     participants,
@@ -112,19 +119,24 @@ def _event_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, An
     }
 
 
-def _outbox_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
-    return {
-        "saga_id": saga.saga_id,
-        "sequence": event.sequence,
-        "position": position,
-        "definition_name": saga.definition_name,
-        "step_name": event.step_name,
-        "message": event.message,
-        "raised_at": event.time,
-        "attempts": 0,
-        "next_attempt_at": event.time,
-        "last_error": "",
-    }
+def _saga_alert(saga: SagaRecord, event: LogEvent, event_position: int, position: int) -> StoredAlert:
+    return StoredAlert(
+        position=position, kind=SAGA_ALERT, raised_at=event.time, message=event.message, saga_id=saga.saga_id,
+        sequence=event.sequence, event_position=event_position, definition_name=saga.definition_name,
+        step_name=event.step_name,
+    )
+
+
+def _alert_row(alert: StoredAlert) -> dict[str, Any]:
+    return {column.name: getattr(alert, column.name) for column in alerts.columns}
+
+
+def _outbox_row(alert: StoredAlert) -> dict[str, Any]:
+    return {"position": alert.position, "attempts": 0, "next_attempt_at": alert.raised_at, "last_error": ""}
+
+
+def _stored_alert(row: sa.Row[Any]) -> StoredAlert:
+    return StoredAlert(**{column.name: getattr(row, column.name) for column in alerts.columns})
 
 
 def _stored_event(row: sa.Row[Any]) -> StoredEvent:
@@ -355,7 +367,86 @@ class SqlSagaStore(SagaStore):
     async def list_participants(self) -> list[ParticipantAddress]:
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
-        return [ParticipantAddress(row.name, row.address, row.updated_at, row.updated_by) for row in rows]
+        return [
+            ParticipantAddress(
+                row.name, row.address, row.updated_at, row.updated_by, row.unhealthy_since, row.alerted_at
+            )
+            for row in rows
+        ]
+
+    async def participant_failing(self, name: str, now: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(participants)
+                .where(participants.c.name == name, participants.c.unhealthy_since.is_(None))
+                .values(unhealthy_since=now)
+            )
+
+    async def alert_participant_unhealthy(
+        self, name: str, *, unhealthy_before: float, now: float, message: str
+    ) -> StoredAlert | None:
+        async with self._transaction() as conn:
+            # Of replicas racing here, the first takes the row; the others
+            # find alerted_at set when they get it, and raise nothing.
+            address = (
+                await conn.execute(
+                    sa.update(participants)
+                    .where(
+                        participants.c.name == name, participants.c.alerted_at.is_(None),
+                        participants.c.unhealthy_since.is_not(None), participants.c.unhealthy_since <= unhealthy_before,
+                    )
+                    .values(alerted_at=now)
+                    .returning(participants.c.address)
+                )
+            ).scalar_one_or_none()
+            if address is None:
+                return None
+            return await self._raise_participant_alert(conn, PARTICIPANT_UNHEALTHY, name, address, now, message)
+
+    async def participant_serving(self, name: str, *, now: float, message: str) -> StoredAlert | None:
+        async with self._transaction() as conn:
+            address = (
+                await conn.execute(
+                    sa.update(participants)
+                    .where(participants.c.name == name, participants.c.alerted_at.is_not(None))
+                    .values(unhealthy_since=None, alerted_at=None)
+                    .returning(participants.c.address)
+                )
+            ).scalar_one_or_none()
+            if address is not None:
+                return await self._raise_participant_alert(conn, PARTICIPANT_RECOVERED, name, address, now, message)
+            await conn.execute(
+                sa.update(participants)
+                .where(participants.c.name == name, participants.c.unhealthy_since.is_not(None))
+                .values(unhealthy_since=None)
+            )
+            return None
+
+    async def _raise_participant_alert(
+        self, conn: AsyncConnection, kind: str, name: str, address: str, now: float, message: str
+    ) -> StoredAlert:
+        (position,) = await self._take_alert_positions(conn, 1)
+        alert = StoredAlert(
+            position=position, kind=kind, raised_at=now, message=message, participant=name, address=address
+        )
+        await conn.execute(alerts.insert(), [_alert_row(alert)])
+        await conn.execute(alert_outbox.insert(), [_outbox_row(alert)])
+        # Wakes the other replicas' alert watchers (as a change of anything).
+        await self._announce(conn, ["*"])
+        return alert
+
+    async def _take_alert_positions(self, conn: AsyncConnection, count: int) -> range:
+        """The next `count` positions of the alert log; its counter's row
+        lock is held to commit, so positions follow commit order."""
+        end = (
+            await conn.execute(
+                sa.update(log_head)
+                .where(log_head.c.id == ALERT_LOG)
+                .values(position=log_head.c.position + count)
+                .returning(log_head.c.position)
+            )
+        ).scalar_one()
+        return range(end - count + 1, end + 1)
 
     # -- sagas
 
@@ -447,16 +538,23 @@ class SqlSagaStore(SagaStore):
     async def _queue_alerts(
         self, conn: AsyncConnection, landed: Sequence[tuple[SagaRecord, tuple[LogEvent, ...], tuple[int, ...]]]
     ) -> None:
-        """Puts the alerts among the landed events in the outbox (the flush
-        of PostgreSQL does the same in its statement)."""
-        rows = [
-            _outbox_row(saga, event, position)
+        """Puts the alerts among the landed events in the alert log and its
+        outbox (the flush of PostgreSQL does the same in its statement)."""
+        raised = [
+            (saga, event, position)
             for saga, events, positions in landed
             for event, position in zip(events, positions, strict=True)
             if event.type == ALERT_RAISED
         ]
-        if rows:
-            await conn.execute(alert_outbox.insert(), rows)
+        if not raised:
+            return
+        taken = await self._take_alert_positions(conn, len(raised))
+        logged = [
+            _saga_alert(saga, event, event_position, position)
+            for (saga, event, event_position), position in zip(raised, taken, strict=True)
+        ]
+        await conn.execute(alerts.insert(), [_alert_row(alert) for alert in logged])
+        await conn.execute(alert_outbox.insert(), [_outbox_row(alert) for alert in logged])
 
     @staticmethod
     def _saga_values(write: SagaWrite) -> dict[str, Any]:
@@ -574,7 +672,7 @@ class SqlSagaStore(SagaStore):
         end = (
             await conn.execute(
                 sa.update(log_head)
-                .where(log_head.c.id == 1)
+                .where(log_head.c.id == EVENT_LOG)
                 .values(position=log_head.c.position + count)
                 .returning(log_head.c.position)
             )
@@ -698,7 +796,13 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             saga_ids = [row[0] for row in (await conn.execute(victims)).all()]
             if saga_ids:
-                await conn.execute(sa.delete(alert_outbox).where(alert_outbox.c.saga_id.in_(saga_ids)))
+                # Alerts nobody delivered go with their saga; the log keeps
+                # them until they are older than the retention (purge_alerts).
+                await conn.execute(
+                    sa.delete(alert_outbox).where(
+                        alert_outbox.c.position.in_(sa.select(alerts.c.position).where(alerts.c.saga_id.in_(saga_ids)))
+                    )
+                )
                 await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
@@ -772,12 +876,29 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             return await self._load_many(conn, (await conn.execute(query)).all())
 
-    # -- the alert outbox
+    # -- the alert log and its outbox
+
+    async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
+        query = sa.select(alerts).where(alerts.c.position > after_position).order_by(alerts.c.position).limit(limit)
+        async with self._transaction() as conn:
+            return [_stored_alert(row) for row in (await conn.execute(query)).all()]
+
+    async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
+        delivered = ~sa.exists().where(alert_outbox.c.position == alerts.c.position)
+        victims = self._skip_locked(
+            sa.select(alerts.c.position).where(alerts.c.raised_at < raised_before, delivered)
+            .order_by(alerts.c.raised_at).limit(limit)
+        )
+        async with self._transaction() as conn:
+            positions = [row[0] for row in (await conn.execute(victims)).all()]
+            if positions:
+                await conn.execute(sa.delete(alerts).where(alerts.c.position.in_(positions)))
+        return len(positions)
 
     async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
         due = (
             self._skip_locked(
-                sa.select(alert_outbox.c.saga_id, alert_outbox.c.sequence)
+                sa.select(alert_outbox.c.position)
                 .where(alert_outbox.c.next_attempt_at <= now)
                 .order_by(alert_outbox.c.next_attempt_at)
                 .limit(limit)
@@ -787,45 +908,37 @@ class SqlSagaStore(SagaStore):
         )
         claim = (
             sa.update(alert_outbox)
-            .where(alert_outbox.c.saga_id == due.c.saga_id, alert_outbox.c.sequence == due.c.sequence)
+            .where(alert_outbox.c.position == due.c.position)
             .values(next_attempt_at=claimed_until, attempts=alert_outbox.c.attempts + 1)
-            .returning(*alert_outbox.c)
+            .returning(alert_outbox.c.position, alert_outbox.c.attempts)
         )
         async with self._transaction() as conn:
-            rows = (await conn.execute(claim)).all()
+            attempts: dict[int, int] = {position: tries for position, tries in (await conn.execute(claim)).all()}
+            if not attempts:
+                return []
+            rows = (await conn.execute(sa.select(alerts).where(alerts.c.position.in_(list(attempts))))).all()
+            claimed = [_stored_alert(row) for row in rows]
+            saga_ids = {alert.saga_id for alert in claimed if alert.saga_id}
             traces: dict[str, str | None] = {}
-            if rows:
+            if saga_ids:
                 found = await conn.execute(
-                    sa.select(sagas.c.saga_id, sagas.c.trace_parent).where(
-                        sagas.c.saga_id.in_({row.saga_id for row in rows})
-                    )
+                    sa.select(sagas.c.saga_id, sagas.c.trace_parent).where(sagas.c.saga_id.in_(saga_ids))
                 )
                 traces = {saga_id: trace_parent for saga_id, trace_parent in found.all()}
         return [
-            PendingAlert(
-                saga_id=row.saga_id, sequence=row.sequence, position=row.position,
-                definition_name=row.definition_name, step_name=row.step_name, message=row.message,
-                raised_at=row.raised_at, attempts=row.attempts, trace_parent=traces.get(row.saga_id),
-            )
-            for row in sorted(rows, key=lambda row: row.position)
+            PendingAlert(alert, attempts[alert.position], traces.get(alert.saga_id))
+            for alert in sorted(claimed, key=lambda alert: alert.position)
         ]
 
-    async def alert_delivered(self, saga_id: str, sequence: int) -> None:
+    async def alert_delivered(self, position: int) -> None:
         async with self._transaction() as conn:
-            await conn.execute(
-                sa.delete(alert_outbox).where(alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence)
-            )
+            await conn.execute(sa.delete(alert_outbox).where(alert_outbox.c.position == position))
 
-    async def alert_not_delivered(
-        self, saga_id: str, sequence: int, attempts: int, next_attempt_at: float, error: str
-    ) -> None:
+    async def alert_not_delivered(self, position: int, attempts: int, next_attempt_at: float, error: str) -> None:
         async with self._transaction() as conn:
             await conn.execute(
                 sa.update(alert_outbox)
-                .where(
-                    alert_outbox.c.saga_id == saga_id, alert_outbox.c.sequence == sequence,
-                    alert_outbox.c.attempts == attempts,
-                )
+                .where(alert_outbox.c.position == position, alert_outbox.c.attempts == attempts)
                 .values(next_attempt_at=next_attempt_at, last_error=error)
             )
 
@@ -855,5 +968,6 @@ class SqlSagaStore(SagaStore):
 
     async def head_position(self) -> int:
         async with self._transaction() as conn:
-            return int((await conn.execute(sa.select(log_head.c.position).where(log_head.c.id == 1))).scalar_one())
+            head = sa.select(log_head.c.position).where(log_head.c.id == EVENT_LOG)
+            return int((await conn.execute(head)).scalar_one())
 
