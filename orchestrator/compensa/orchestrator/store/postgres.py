@@ -3,7 +3,8 @@
 What PostgreSQL does its own way: group commit as one statement (data-
 modifying CTEs over one JSON parameter per table) on a connection of its
 own, with plans kept on the indexes; SKIP LOCKED for claims; LISTEN/NOTIFY
-so that replicas hear of each other's commits; every connection bounded.
+so that replicas hear of each other's commits (sent after a flush commits,
+coalesced); every connection bounded.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import base64
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
@@ -49,6 +50,61 @@ _MAX_PAYLOAD = 7000
 _LISTENER_BACKOFF = Backoff(initial=0.1, cap=5.0)
 
 
+# Other replicas hear of a flush's sagas by a NOTIFY sent after it commits,
+# on a connection of its own, at most once per this many seconds. Inside the
+# flush it made every commit take the notification queue's lock, and every
+# listening backend read the queue in a transaction of its own, per flush:
+# a one-row commit took 0.34 ms with a NOTIFY against 0.17 ms without. A
+# notice lost to a crash between a commit and its announcement costs other
+# replicas' watchers latency only: their log tails re-read every
+# `watch_reread_seconds` (and this replica's own watchers are handed its
+# commits in process).
+_ANNOUNCE_INTERVAL = 0.005
+
+
+class _Announcer:
+    """Sends the change notices of committed flushes, coalesced."""
+
+    def __init__(self, conninfo: str, timeout: float, notice: Callable[[Sequence[str]], str]) -> None:
+        self._conninfo = conninfo
+        self._timeout = timeout
+        self._notice = notice
+        self._pending: dict[str, None] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    def announce(self, saga_ids: Iterable[str]) -> None:
+        self._pending.update(dict.fromkeys(saga_ids))
+        if self._pending and (self._task is None or self._task.done()):
+            self._task = asyncio.create_task(self._run(), name="compensa-announcer")
+
+    async def _run(self) -> None:
+        while self._pending:
+            saga_ids = list(self._pending)
+            self._pending.clear()
+            try:
+                if self._connection is None or self._connection.closed:
+                    self._connection = await connect_bounded(self._conninfo, self._timeout, autocommit=True)
+                with abort_when_late(self._connection, self._timeout):
+                    await self._connection.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, self._notice(saga_ids)))
+            except (psycopg.Error, OSError) as error:
+                # The database's health logs an outage; re-reads cover the loss.
+                log.debug("change notice not sent: %s", error)
+                if self._connection is not None:
+                    await self._connection.close()
+                self._connection = None
+            await asyncio.sleep(_ANNOUNCE_INTERVAL)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+
 # The writer runs only the flush, whose plan PostgreSQL caches (a generic plan
 # after five runs). Made while the tables were small, that plan read the whole
 # sagas table on every flush, so flushes got slower as the table grew. Every
@@ -75,6 +131,7 @@ class PostgresSagaStore(SqlSagaStore):
         # pool: the hot path is one prepared statement in autocommit.
         self._writer: psycopg.AsyncConnection[Any] | None = None
         self._writer_lock = asyncio.Lock()
+        self._announcer = _Announcer(self._conninfo, timeout, self._change_notice)
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -98,6 +155,7 @@ class PostgresSagaStore(SqlSagaStore):
         self._reached(None)
 
     async def close(self) -> None:
+        await self._announcer.close()
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -159,9 +217,8 @@ class PostgresSagaStore(SqlSagaStore):
             if write.request_fingerprint is not None:
                 creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
         updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
-        payload = self._change_notice(list(dict.fromkeys(write.saga.saga_id for write in writes)))
         try:
-            params = _flush_params(writes, list(creates.values()), updates, payload)
+            params = _flush_params(writes, list(creates.values()), updates)
             async with self._writing() as driver:
                 async with driver.cursor() as cursor:
                     await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
@@ -178,6 +235,7 @@ class PostgresSagaStore(SqlSagaStore):
                 results.append(WriteResult(ok=True, epoch=epochs[index], positions=positions))
             else:
                 results.append(WriteResult(ok=False))
+        self._announcer.announce(writes[index].saga.saga_id for index in epochs)
         return results
 
     def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
@@ -288,8 +346,7 @@ WITH v AS (
 ), ob AS (
     INSERT INTO compensa_alert_outbox SELECT position, 0, raised_at, '' FROM al
 )
--- NOTIFY is delivered at commit, never for a failed statement.
-SELECT landed.idx, landed.epoch, head.base, pg_notify('{_CHANNEL}', %(payload)b::text) FROM landed, head
+SELECT landed.idx, landed.epoch, head.base FROM landed, head
 """
 
 
@@ -338,9 +395,7 @@ def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Seq
     return rows
 
 
-def _flush_params(
-    writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int], payload: str
-) -> dict[str, Any]:
+def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int]) -> dict[str, Any]:
     updated = [
         {"idx": index, "saga_id": writes[index].saga.saga_id, "expected": writes[index].expected_sequence,
          "epoch": writes[index].epoch, **SqlSagaStore._saga_values(writes[index])}
@@ -367,5 +422,5 @@ def _flush_params(
             events.append(row)
     return {
         "updates": _json(updated), "creates": _json(created), "steps": _json(_step_rows(writes, updates, creates)),
-        "events": _json(events), "payload": payload,
+        "events": _json(events),
     }
