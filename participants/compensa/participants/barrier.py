@@ -222,7 +222,7 @@ class _PipelinedBarrier(BarrierTransaction):
     async def _finish(self) -> None:
         self._ensure_begun()
         if self._raw.info.transaction_status != psycopg.pq.TransactionStatus.INTRANS:
-            raise RuntimeError("the step ended the barrier transaction itself; nothing was recorded")
+            raise RuntimeError("the step ended the barrier transaction itself (conn.commit or conn.rollback)")
         answer = self._answer
         async with self._raw.pipeline():
             if answer is not None:
