@@ -452,6 +452,25 @@ class _YieldingParticipant(Participant):
             raise StepFailed("declined")
         return checkout_pb2.Shipment(tracking_number="attempt-2")
 
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        # Attempt 2 claims the key once attempt 1 rolls back; let it commit
+        # before attempt 1 claims the key with its failure, which otherwise may
+        # get there first (then both calls answer the failure, as they should).
+        await self._until_the_key_is_answered(step.idempotency_key)
+        return await super()._record_failure(step, failure)
+
+    async def _until_the_key_is_answered(self, key: str, seconds: float = 10.0) -> None:
+        answered = sqlalchemy.select(self.barrier.c.outcome).where(
+            self.barrier.c.idempotency_key == key, self.barrier.c.outcome.is_not(None)
+        )
+        deadline = asyncio.get_running_loop().time() + seconds
+        async with self.observer.connect() as conn:
+            while (await conn.execute(answered)).first() is None:
+                assert asyncio.get_running_loop().time() < deadline, "attempt 2 never committed"
+                await asyncio.sleep(0.01)  # ok-sleep: polling the barrier table with a deadline
+
     async def _until_a_call_waits_for_a_lock(self, seconds: float = 10.0) -> None:
         waiting = sqlalchemy.text(
             "SELECT count(*) FROM pg_locks JOIN pg_stat_activity USING (pid)"
