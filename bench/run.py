@@ -836,35 +836,51 @@ class BarrierTrace:
     @classmethod
     def parse(cls, text: str, calls: int) -> BarrierTrace:
         """Counts the frontend's round trips: each simple Query and each Sync
-        (the end of an extended-protocol statement) waits for its answer."""
+        (the end of an extended-protocol statement, or of a pipeline) waits for
+        its answer. A round trip is named by the statements it carried
+        ("BEGIN+INSERT INTO bench_barrier" for a pipeline); one that carried
+        none but a Parse is psycopg preparing a statement (once per connection)."""
         round_trips = commits = 0
         first_call: list[str] = []
         named: dict[str, str] = {}
         statement = ""
+        executed: list[str] = []
+        prepared: list[str] = []
         for line in text.splitlines():
             fields = line.split("\t", 3)
             if len(fields) < 3 or fields[0] != "F":
                 continue
-            kind, quoted = fields[2], _QUOTED.findall(fields[3] if len(fields) > 3 else "")
-            if kind == "Parse" and len(quoted) >= 2:
-                statement = named[quoted[0]] = quoted[1]
-            elif kind == "Bind" and len(quoted) >= 2:
-                statement = named.get(quoted[1], statement)
+            kind, rest = fields[2], fields[3] if len(fields) > 3 else ""
+            if kind == "Parse" and (parse := _PARSE.match(rest)):
+                name, statement = parse.groups()
+                if name:
+                    named[name] = statement
+                    prepared.append(f"PREPARE {_statement_label(statement)}")
+            elif kind == "Bind" and (bind := _BIND.match(rest)):
+                statement = named.get(bind.group(1), statement)
+            elif kind == "Execute":
+                executed.append(_statement_label(statement))
             elif kind in ("Query", "Sync"):
+                if kind == "Query" and (query := _QUERY.match(rest)):
+                    executed.append(_statement_label(query.group(1)))
                 round_trips += 1
-                label = _statement_label(quoted[0] if kind == "Query" and quoted else statement)
-                commits += label == "COMMIT"
-                if not first_call or first_call[-1] != "COMMIT":
-                    first_call.append(label)
+                commits += executed.count("COMMIT")
+                if not first_call or "COMMIT" not in first_call[-1]:
+                    first_call.append("+".join(executed or prepared) or "?")
+                executed, prepared = [], []
         return cls(calls, round_trips, commits, first_call)
 
 
-_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+# Frontend messages in a libpq trace (REGRESS_MODE): Parse's statement name and
+# text (which may hold quotes of its own), Bind's portal and statement, Query's text.
+_PARSE = re.compile(r'^ "([^"]*)" "(.*)" \d+(?: \w+)*$')
+_BIND = re.compile(r'^ "[^"]*" "([^"]*)"')
+_QUERY = re.compile(r'^ "(.*)"$')
 
 
 def _statement_label(sql: str) -> str:
     """"INSERT INTO bench_barrier", "UPDATE bench_barrier", "SAVEPOINT", "COMMIT", ..."""
-    words = sql.split()
+    words = sql.replace('"', "").split()
     if not words:
         return "?"
     verb = words[0].upper()
@@ -1299,15 +1315,19 @@ def report_participant_side(rows: list[Row], barrier: BarrierTrace | None) -> No
                   f" vs {noop.median('cpu'):.3f} ms/call, {_figure(sdk.median('transactions'))} xacts/call"
                   " in its database")
     if barrier is not None:
-        extra = barrier.per_call - 2  # BEGIN and COMMIT: the effect's own transaction
+        # The step sends no statement of its own: its transaction alone would be
+        # BEGIN and COMMIT, each a round trip of its own with psycopg's defaults.
+        extra = barrier.per_call - 2
         print(f"  libpq trace of {barrier.calls} calls: {barrier.per_call:.2f} round trips per call"
-              f" ({' | '.join(barrier.first_call)}; the rest: each statement's one-time PREPARE per connection)")
+              f" ({' | '.join(barrier.first_call)}; the rest: each statement's one-time PREPARE per connection,"
+              " where it is not pipelined)")
         print(f"  target one commit per call: {barrier.commits_per_call:.2f} COMMITs per call in the trace"
               " (pg_stat_database's figure above also counts autovacuum):"
               f" {'met' if barrier.commits == barrier.calls else 'MISSED'}")
         print(f"  target no extra round trip: the barrier adds {extra:.2f} round trips to the effect's own transaction"
-              f" (BEGIN, its statements, COMMIT), {extra - 1:.2f} more than its row's INSERT:"
-              f" {'met' if extra <= 1.05 else 'MISSED'} (the claim must precede the effect and the answer follows it)")
+              f" (BEGIN, its statements, COMMIT): {'met' if extra <= 0.05 else 'MISSED'}; against a transaction"
+              " that sends its BEGIN with its first statement, the claim's round trip remains (its answer decides"
+              " whether the step runs)")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 import sqlalchemy
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.server import RunningParticipant, start_participant, start_server
@@ -124,3 +129,77 @@ async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
     except grpc.aio.AioRpcError as error:
         return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+# A frontend message in a libpq trace (REGRESS_MODE): Parse's statement name and
+# text (which may hold quotes of its own), Bind's portal and statement, Query's text.
+_PARSE = re.compile(r'^ "([^"]*)" "(.*)" \d+(?: \w+)*$')
+_BIND = re.compile(r'^ "[^"]*" "([^"]*)"')
+_QUERY = re.compile(r'^ "(.*)"$')
+
+
+def round_trips(trace: str) -> list[list[str]]:
+    """The round trips in a libpq trace (REGRESS_MODE, no timestamps): one per
+    simple Query and per Sync, the frontend then waiting for its answer; each
+    as the statements it carried ("BEGIN", "INSERT INTO table", "UPDATE table";
+    "PREPARE ..." for psycopg's one-time preparation of a statement on a
+    connection, sent on its own outside pipeline mode)."""
+    trips: list[list[str]] = []
+    executed: list[str] = []
+    prepared: list[str] = []
+    named: dict[str, str] = {}
+    statement = ""
+    for line in trace.splitlines():
+        fields = line.split("\t", 3)
+        if len(fields) < 3 or fields[0] != "F":
+            continue
+        kind, rest = fields[2], fields[3] if len(fields) > 3 else ""
+        if kind == "Parse" and (parse := _PARSE.match(rest)):
+            name, statement = parse.groups()
+            if name:
+                named[name] = statement
+                prepared.append(f"PREPARE {_label(statement)}")
+        elif kind == "Bind" and (bind := _BIND.match(rest)):
+            statement = named.get(bind.group(1), statement)
+        elif kind == "Execute":
+            executed.append(_label(statement))
+        elif kind == "Query" and (query := _QUERY.match(rest)):
+            trips.append([*executed, _label(query.group(1))])
+            executed, prepared = [], []
+        elif kind == "Sync":
+            trips.append(executed or prepared)
+            executed, prepared = [], []
+    return trips
+
+
+def _label(sql: str) -> str:
+    words = sql.replace('"', "").split()
+    return " ".join(words[:3] if words[:1] == ["INSERT"] else words[:2])
+
+
+@asynccontextmanager
+async def libpq_traces(engine: AsyncEngine, directory: Path) -> AsyncIterator[Callable[[], list[str]]]:
+    """Makes every connection `engine` opens from now on (its pool is emptied
+    first) write libpq's protocol trace to a file of its own in `directory`;
+    yields a function that returns the traces so far, one per connection."""
+    await engine.dispose()
+    files: list[tuple[Path, psycopg.pq.abc.PGconn]] = []
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        path = directory / f"connection-{len(files)}.trace"
+        pgconn = dbapi_connection.driver_connection.pgconn
+        # psycopg fdopen()s the descriptor, and untrace() closes it.
+        pgconn.trace(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC))
+        pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE)
+        files.append((path, pgconn))
+
+    def traces() -> list[str]:
+        for _path, pgconn in files:
+            pgconn.untrace()  # flushes libpq's buffer
+        return [path.read_text(errors="replace") for path, _pgconn in files]
+
+    sqlalchemy.event.listen(engine.sync_engine, "connect", on_connect)
+    try:
+        yield traces
+    finally:
+        sqlalchemy.event.remove(engine.sync_engine, "connect", on_connect)

@@ -15,7 +15,15 @@ import pytest
 import sqlalchemy
 import sqlalchemy.ext.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from participant_helpers import Connected, StepCall, serving, serving_participant, status_of
+from participant_helpers import (
+    Connected,
+    StepCall,
+    libpq_traces,
+    round_trips,
+    serving,
+    serving_participant,
+    status_of,
+)
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.checkout.v1 import checkout_pb2
@@ -354,12 +362,13 @@ async def test_transient_errors_and_bugs_record_nothing_so_a_retry_runs_again(da
 # --- What a call costs the participant's database --------------------------------
 
 
-async def test_an_execute_is_one_transaction_with_two_barrier_statements_and_no_savepoint(database_url: str) -> None:
-    # Every call pays for each round trip to the database (bench/run.py's
-    # participant side counts them): the barrier is the claim and the answer,
-    # in the step's own transaction, and nothing else.
+async def test_on_sqlite_an_execute_is_one_transaction_with_two_barrier_statements_and_no_savepoint(
+    tmp_path: Path,
+) -> None:
+    # The barrier is the claim and the answer, in the step's own transaction,
+    # and nothing else.
     step = StepCall.new("ship")
-    async with serving("shipping", database_url) as ship:
+    async with serving("shipping", f"sqlite+aiosqlite:///{tmp_path / 'participant.db'}") as ship:
         sent: list[tuple[int, str]] = []
         commits: list[int] = []
 
@@ -390,6 +399,35 @@ async def test_an_execute_is_one_transaction_with_two_barrier_statements_and_no_
         assert commits.count(call) == 1
 
 
+async def test_on_postgresql_the_barrier_adds_only_the_claims_round_trip_to_the_steps_transaction(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Every call pays for each round trip to the database (bench/run.py's
+    # participant side counts them too). The claim's answer decides whether the
+    # step runs, so it is waited for; BEGIN travels with it, and the answer with
+    # COMMIT: the step's own statement is the only other round trip.
+    steps = [StepCall.new("ship") for _ in range(8)]  # past psycopg's prepare threshold (5)
+    async with serving("shipping", postgres_url) as ship:
+        async with libpq_traces(ship.running.engine, tmp_path) as traces:
+            for step in steps:
+                response = await ship.stub.Execute(step.execute())
+                assert response.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+            sent = traces()
+
+    # Only the calls' connection: the health probe may use the engine meanwhile.
+    (calls,) = [round_trips(trace) for trace in sent if "shipping_barrier" in trace]
+    # Less psycopg's one-time preparation of the step's statement (sent on its
+    # own after a few calls) and any health probe's transaction between calls.
+    calls = [trip for trip in calls if not trip[0].startswith("PREPARE")]
+    probe = [["BEGIN"], ["SELECT 1"], ["COMMIT"]]
+    while any(calls[at:at + 3] == probe for at in range(len(calls))):
+        at = next(at for at in range(len(calls)) if calls[at:at + 3] == probe)
+        del calls[at:at + 3]
+    one_call = [["BEGIN", "INSERT INTO shipping_barrier"], ["INSERT INTO shipping_shipments"],
+                ["UPDATE shipping_barrier", "COMMIT"]]
+    assert calls == one_call * len(steps)
+
+
 class _YieldingParticipant(Participant):
     """Attempt 1 fails for a business reason, but only once attempt 2 of its key
     waits for its claim; attempt 2 succeeds."""
@@ -413,6 +451,25 @@ class _YieldingParticipant(Participant):
             await self._until_a_call_waits_for_a_lock()
             raise StepFailed("declined")
         return checkout_pb2.Shipment(tracking_number="attempt-2")
+
+    async def _record_failure(
+        self, step: participant_pb2.StepContext, failure: StepFailed
+    ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
+        # Attempt 2 claims the key once attempt 1 rolls back; let it commit
+        # before attempt 1 claims the key with its failure, which otherwise may
+        # get there first (then both calls answer the failure, as they should).
+        await self._until_the_key_is_answered(step.idempotency_key)
+        return await super()._record_failure(step, failure)
+
+    async def _until_the_key_is_answered(self, key: str, seconds: float = 10.0) -> None:
+        answered = sqlalchemy.select(self.barrier.c.outcome).where(
+            self.barrier.c.idempotency_key == key, self.barrier.c.outcome.is_not(None)
+        )
+        deadline = asyncio.get_running_loop().time() + seconds
+        async with self.observer.connect() as conn:
+            while (await conn.execute(answered)).first() is None:
+                assert asyncio.get_running_loop().time() < deadline, "attempt 2 never committed"
+                await asyncio.sleep(0.01)  # ok-sleep: polling the barrier table with a deadline
 
     async def _until_a_call_waits_for_a_lock(self, seconds: float = 10.0) -> None:
         waiting = sqlalchemy.text(

@@ -41,22 +41,29 @@ Outcomes, for both RPCs:
 from __future__ import annotations
 
 import abc
-import datetime
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import grpc
+import psycopg
 import sqlalchemy
 from google.protobuf import any_pb2, message
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from compensa.common.health import DatabaseHealth
 from compensa.participants import tracing
+from compensa.participants.barrier import (
+    BarrierRow,
+    BarrierTransaction,
+    barrier_table,
+    barrier_transaction,
+    insert_if_absent,
+)
 from compensa.participants.faults import FaultPlan, InjectedFault
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
@@ -161,9 +168,14 @@ class DeadlinePassed(ParticipantError):
 
 
 def _database_error(error: Exception) -> bool:
-    """The database could not be reached or did not answer in time."""
+    """The database could not be reached or did not answer in time (through
+    SQLAlchemy, or psycopg's own errors from the pipelined barrier statements)."""
     return isinstance(
-        error, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError)
+        error,
+        (
+            sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
+            psycopg.OperationalError, psycopg.InterfaceError, OSError,
+        ),
     )
 
 
@@ -222,38 +234,18 @@ def unpack_as(payload: any_pb2.Any, cls: type[_M]) -> _M:
     return decoded
 
 
-async def insert_if_absent(conn: AsyncConnection, table: sqlalchemy.Table, values: Mapping[str, Any]) -> bool:
-    """Inserts a row unless its primary key exists (ON CONFLICT DO NOTHING).
-
-    True if this call inserted the row. On PostgreSQL a concurrent insert of the
-    same key waits until the other transaction ends, then conflicts.
-    """
-    dialect = conn.dialect.name
-    statement: sqlalchemy.Insert
-    if dialect == "postgresql":
-        statement = postgresql.insert(table).values(dict(values)).on_conflict_do_nothing()
-    elif dialect == "sqlite":
-        statement = sqlite.insert(table).values(dict(values)).on_conflict_do_nothing()
-    else:
-        raise NotImplementedError(f"database {dialect!r} is not supported (PostgreSQL or SQLite)")
-    # RETURNING rather than rowcount: psycopg's async cursor reports -1 here.
-    inserted = await conn.execute(statement.returning(*table.primary_key.columns))
-    return inserted.first() is not None
+def _serialized(response: message.Message) -> bytes:
+    return response.SerializeToString(deterministic=True)
 
 
-def _barrier_table(name: str) -> sqlalchemy.Table:
-    return sqlalchemy.Table(
-        name,
-        sqlalchemy.MetaData(),
-        sqlalchemy.Column("idempotency_key", sqlalchemy.String, primary_key=True),
-        sqlalchemy.Column("operation", sqlalchemy.String(16), primary_key=True),
-        sqlalchemy.Column("saga_id", sqlalchemy.String, nullable=False),
-        sqlalchemy.Column("step_name", sqlalchemy.String, nullable=False),
-        # NULL only while the inserting transaction is still running.
-        sqlalchemy.Column("outcome", sqlalchemy.String(32)),
-        # The serialized ExecuteResponse or CompensateResponse answered.
-        sqlalchemy.Column("response", sqlalchemy.LargeBinary),
-        sqlalchemy.Column("created_at", sqlalchemy.DateTime(timezone=True), nullable=False),
+def _claim(
+    step: participant_pb2.StepContext, operation: str, outcome: str | None = None,
+    response: message.Message | None = None,
+) -> BarrierRow:
+    """The barrier row of (key, operation), with its answer when it is known at the claim."""
+    return BarrierRow(
+        step.idempotency_key, operation, step.saga_id, step.step_name, outcome,
+        _serialized(response) if response is not None else None,
     )
 
 
@@ -262,10 +254,6 @@ def _span_attributes(step: participant_pb2.StepContext) -> dict[str, str | int]:
         "compensa.saga.id": step.saga_id, "compensa.step": step.step_name, "compensa.attempt": step.attempt,
         "rpc.system": "grpc", "rpc.service": "compensa.v1.ParticipantService",
     }
-
-
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 class Participant(participant_pb2_grpc.ParticipantServiceServicer):
@@ -290,7 +278,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     ) -> None:
         self.engine = engine
         self.faults = faults or FaultPlan()
-        self.barrier = _barrier_table(self.barrier_table_name)
+        self.barrier = barrier_table(self.barrier_table_name)
         # One SERVER span per call, in the saga's trace, when traces are on.
         self._tracer = tracing.tracer("compensa.participant", f"compensa-participant-{type(self).__name__}")
         #: The longest one transaction may take, in seconds (connecting is
@@ -438,10 +426,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
         try:
-            async with bounded_transaction(self.engine, self.database_timeout) as conn:
-                if not await self._claim(conn, step, _EXECUTE):
-                    return await self._stored_execute(conn, step.idempotency_key)
-                output = await self.execute_step(conn, request)
+            async with self._barrier_transaction() as barrier:
+                if not await barrier.claim(_claim(step, _EXECUTE)):
+                    return await self._stored_execute(barrier, step.idempotency_key)
+                output = await self.execute_step(barrier.conn, request)
                 if isinstance(output, Pending):
                     if not request.completion_token:
                         raise NotLongRunning(
@@ -456,13 +444,16 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                         result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
                     )
                     outcome = _SUCCEEDED
-                await self._record(conn, step.idempotency_key, _EXECUTE, outcome, response)
+                barrier.answer(step.idempotency_key, _EXECUTE, outcome, _serialized(response))
             return response, outcome, True
         except StepFailed as failure:
             # No savepoint around the step (two round trips on every call): its
             # failure rolled back the whole transaction, claim included, and is
             # recorded in a transaction of its own.
             return await self._record_failure(step, failure)
+
+    def _barrier_transaction(self) -> contextlib.AbstractAsyncContextManager[BarrierTransaction]:
+        return barrier_transaction(self.engine, self.barrier, self.database_timeout)
 
     async def _record_failure(
         self, step: participant_pb2.StepContext, failure: StepFailed
@@ -472,16 +463,16 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         response = participant_pb2.ExecuteResponse(
             result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure.reason
         )
-        async with bounded_transaction(self.engine, self.database_timeout) as conn:
-            if not await self._claim(conn, step, _EXECUTE, outcome=_FAILED, response=response):
-                return await self._stored_execute(conn, step.idempotency_key)
+        async with self._barrier_transaction() as barrier:
+            if not await barrier.claim(_claim(step, _EXECUTE, _FAILED, response)):
+                return await self._stored_execute(barrier, step.idempotency_key)
         return response, _FAILED, True
 
     async def _stored_execute(
-        self, conn: AsyncConnection, key: str
+        self, barrier: BarrierTransaction, key: str
     ) -> tuple[participant_pb2.ExecuteResponse, str, bool]:
         """The answer to an Execute whose key was already claimed (a duplicate, or a hanging call)."""
-        outcome, stored = await self._stored(conn, key, _EXECUTE)
+        outcome, stored = await barrier.stored(key, _EXECUTE)
         if outcome == _NULL_COMPENSATED:
             return (
                 participant_pb2.ExecuteResponse(
@@ -498,78 +489,32 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     ) -> tuple[participant_pb2.CompensateResponse, str, bool]:
         """The response, the barrier outcome, and whether this call committed a new row."""
         step = request.context
+        key = step.idempotency_key
         response = participant_pb2.CompensateResponse()
-        async with bounded_transaction(self.engine, self.database_timeout) as conn:
-            if await self._claim(conn, step, _EXECUTE, outcome=_NULL_COMPENSATED):
+        async with self._barrier_transaction() as barrier:
+            if await barrier.claim(_claim(step, _EXECUTE, _NULL_COMPENSATED)):
                 # Execute never ran; its key is now taken, so a late Execute is a no-op.
-                await self._claim(conn, step, _COMPENSATE, outcome=_NULL_COMPENSATED, response=response)
+                await barrier.claim(_claim(step, _COMPENSATE, _NULL_COMPENSATED, response))
                 return response, _NULL_COMPENSATED, True
-            if not await self._claim(conn, step, _COMPENSATE):
-                outcome, stored = await self._stored(conn, step.idempotency_key, _COMPENSATE)
+            if not await barrier.claim(_claim(step, _COMPENSATE)):
+                outcome, stored = await barrier.stored(key, _COMPENSATE)
                 return participant_pb2.CompensateResponse.FromString(stored), f"duplicate-{outcome}", False
 
-            executed, stored_execute = await self._stored(conn, step.idempotency_key, _EXECUTE)
+            executed, stored_execute = await barrier.stored(key, _EXECUTE)
             if executed in (_SUCCEEDED, _PENDING):
                 # The barrier's copy is authoritative: the orchestrator may never
                 # have received Execute's answer (a lost answer, a deadline).
                 undo = participant_pb2.CompensateRequest()
                 undo.CopyFrom(request)
                 undo.execute_output.CopyFrom(participant_pb2.ExecuteResponse.FromString(stored_execute).output)
-                details = await self.compensate_step(conn, undo)
+                details = await self.compensate_step(barrier.conn, undo)
                 if details is not None:
                     response.output.CopyFrom(pack(details))
                 outcome = _COMPENSATED
             else:
                 outcome = _NOTHING_TO_UNDO
-            await self._record(conn, step.idempotency_key, _COMPENSATE, outcome, response)
+            barrier.answer(key, _COMPENSATE, outcome, _serialized(response))
         return response, outcome, True
-
-    async def _claim(
-        self,
-        conn: AsyncConnection,
-        step: participant_pb2.StepContext,
-        operation: str,
-        *,
-        outcome: str | None = None,
-        response: message.Message | None = None,
-    ) -> bool:
-        """Inserts the barrier row of (key, operation); False if it already exists."""
-        return await insert_if_absent(
-            conn,
-            self.barrier,
-            {
-                "idempotency_key": step.idempotency_key,
-                "operation": operation,
-                "saga_id": step.saga_id,
-                "step_name": step.step_name,
-                "outcome": outcome,
-                "response": response.SerializeToString(deterministic=True) if response is not None else None,
-                "created_at": _now(),
-            },
-        )
-
-    async def _record(
-        self, conn: AsyncConnection, key: str, operation: str, outcome: str, response: message.Message
-    ) -> None:
-        """Stores the outcome and answer in the barrier row this transaction claimed."""
-        barrier = self.barrier
-        await conn.execute(
-            barrier.update()
-            .where(barrier.c.idempotency_key == key, barrier.c.operation == operation)
-            .values(outcome=outcome, response=response.SerializeToString(deterministic=True))
-        )
-
-    async def _stored(self, conn: AsyncConnection, key: str, operation: str) -> tuple[str, bytes]:
-        """The outcome and serialized answer of a committed barrier row."""
-        barrier = self.barrier
-        row = (
-            await conn.execute(
-                sqlalchemy.select(barrier.c.outcome, barrier.c.response).where(
-                    barrier.c.idempotency_key == key, barrier.c.operation == operation
-                )
-            )
-        ).one()
-        return str(row.outcome), bytes(row.response or b"")
 
     def _error_status(
         self, step: participant_pb2.StepContext, operation: str, error: Exception
