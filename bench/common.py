@@ -43,6 +43,16 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime) / CLOCK_TICKS
 
 
+def host_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all CPUs, every process, the
+    kernel), from /proc/stat: everything but idle and iowait."""
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    # guest time is already counted in user time.
+    return (sum(fields[:8]) - idle - iowait) / CLOCK_TICKS
+
+
 def memory_kib(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM (peak RSS) of process `pid`, in KiB, from /proc/<pid>/status."""
     found: dict[str, int] = {}

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import grpc
 import psycopg
-from common import STEP_NAMES, WAITING_STEP, cpu_seconds, memory_kib, percentile
+from common import STEP_NAMES, WAITING_STEP, cpu_seconds, host_busy_seconds, memory_kib, percentile
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -246,6 +246,8 @@ class Measurement:
     latencies_ms: list[float]
     first_error: str
     db_transactions: int | None = None
+    #: Busy CPU time of the whole machine during the run (all processes).
+    host_cpu_seconds: float = float("nan")
 
     @property
     def per_second(self) -> float:
@@ -254,6 +256,10 @@ class Measurement:
     @property
     def cpu_ms_per_saga(self) -> float:
         return 1000 * self.cpu_seconds / self.sagas if self.sagas else 0.0
+
+    @property
+    def host_cpu_ms_per_saga(self) -> float:
+        return 1000 * self.host_cpu_seconds / self.sagas if self.sagas else float("nan")
 
     @property
     def transactions_per_saga(self) -> float:
@@ -296,16 +302,17 @@ class Workload:
 
     def command(self, **command: Any) -> Measurement:
         assert self.client.process.stdin is not None
-        before = sum(cpu_seconds(pid) for pid in self.measured_pids)
+        before, host_before = sum(cpu_seconds(pid) for pid in self.measured_pids), host_busy_seconds()
         self.client.process.stdin.write(json.dumps(command) + "\n")
         self.client.process.stdin.flush()
         answer = json.loads(self.client.read_line())
-        after = sum(cpu_seconds(pid) for pid in self.measured_pids)
+        after, host_after = sum(cpu_seconds(pid) for pid in self.measured_pids), host_busy_seconds()
         if not answer.get("ok"):
             raise BenchFailed(f"{self.client.name}: {answer.get('error')}\n{self.client.log_tail()}")
         return Measurement(
             sagas=answer["sagas"], failed=answer["failed"], seconds=answer["seconds"], cpu_seconds=after - before,
             latencies_ms=sorted(answer["latencies_ms"]), first_error=answer["first_error"],
+            host_cpu_seconds=host_after - host_before,
         )
 
 
@@ -329,6 +336,8 @@ class Row:
                 values.append(run.per_second)
             elif metric == "cpu":
                 values.append(run.cpu_ms_per_saga)
+            elif metric == "host_cpu":
+                values.append(run.host_cpu_ms_per_saga)
             elif metric == "transactions":
                 values.append(run.transactions_per_saga)
             elif metric == "p50":
@@ -359,7 +368,7 @@ def measure(
         print(
             f"  {name:<17} c={concurrency:<4} run {index + 1}/{runs}: {run.per_second:8.0f} sagas/s"
             f"  p50 {percentile(run.latencies_ms, 0.5):7.2f} ms  p99 {percentile(run.latencies_ms, 0.99):7.2f} ms"
-            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga"
+            f"  cpu {run.cpu_ms_per_saga:5.2f} ms/saga (host {run.host_cpu_ms_per_saga:5.2f})"
             + (f"  FAILED {run.failed}: {run.first_error}" if run.failed else ""),
             flush=True,
         )
@@ -1253,6 +1262,13 @@ def report_durable_targets(rows: list[Row], commits_ms: Sequence[float]) -> None
             lines.append(f"  c={concurrency:<4} {orchestrator.median('per_second'):.0f}"
                          f" vs {floor.median('per_second'):.0f} sagas/s: {vs_floor:.2f}x the null orchestrator"
                          f" (target >= 0.9x): {'met' if vs_floor >= 0.9 else 'MISSED'}")
+            # What bounds it: the machine's CPU per saga, all processes (the
+            # orchestrator, PostgreSQL, the participant, the load client).
+            mine, floors = orchestrator.median("host_cpu"), floor.median("host_cpu")
+            lines.append(f"         the whole machine's CPU per saga: {mine:.2f} ms against {floors:.2f} ms"
+                         f" ({mine * orchestrator.median('per_second') / 1000:.2f} and"
+                         f" {floors * floor.median('per_second') / 1000:.2f} of {os.cpu_count()} CPUs busy);"
+                         f" at the same CPUs busy the ratio would be {ratio(floors, mine):.2f}x")
     orchestrator, floor = find(rows, "orchestrator", 1), find(rows, "null orchestrator", 1)
     if orchestrator and floor:
         bound = floor.median("p50") + 4 * commit_p50
