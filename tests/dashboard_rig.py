@@ -128,7 +128,7 @@ class DashboardRig:
 async def dashboard_rig(
     tmp_path: Path, make_postgres_url: Callable[[], str], **config: Any
 ) -> AsyncIterator[DashboardRig]:
-    """The rig; `config` overrides ServerConfig fields."""
+    """The rig; `config` overrides ServerConfig fields (`participants` adds to the scripted one)."""
     participant = ScriptedParticipant()
     server, address = await serve_scripted(participant)
     (tmp_path / "board.yaml").write_text(BOARD)
@@ -137,7 +137,7 @@ async def dashboard_rig(
         "listen": "127.0.0.1:0",
         "database_url": make_postgres_url(),
         "definition_paths": (tmp_path / "board.yaml",),
-        "participants": {"scripted": address},
+        "participants": {"scripted": address, **config.pop("participants", {})},
         "http_listen": "127.0.0.1:0",
         "token_file": tmp_path / "tokens.yaml",
         **config,

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from dashboard_rig import TOKENS, dashboard_rig
-from harness import REPO
+from harness import REPO, poll_until
 
 from compensa.v1 import saga_pb2
 
@@ -132,6 +132,29 @@ async def test_counts_and_filters_by_state_definition_stuck_and_saga_id(
         assert status == 400 and "state &#39;LOST&#39; is not a saga state" in html
         status, html = await _get(rig.url + "/counts")
         assert status == 200 and 'id="total-all">3<' in html
+
+
+async def test_the_counts_show_participants_no_replica_reaches_to_those_who_see_the_whole_deployment(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    # Nothing listens at port 1: every health probe of "gone" fails.
+    async with dashboard_rig(
+        tmp_path, make_postgres_url, participants={"gone": "127.0.0.1:1"},
+        participant_health_seconds=0.1, alert_participant_unhealthy_seconds=0.5,
+    ) as rig:
+        async def shown() -> str | None:
+            status, html = await _get(rig.url + "/counts")
+            assert status == 200
+            return html if 'data-participant="gone"' in html and ">raised<" in html else None
+
+        html = await poll_until(shown, timeout=20)
+        assert 'id="participants-unreachable"' in html and "127.0.0.1:1" in html
+        assert 'data-participant="scripted"' not in html
+        # A token limited to some definitions does not see the deployment's participants.
+        status, html = await _get(rig.url + "/counts", who="elsewhere")
+        assert status == 200 and "participants-unreachable" not in html
+        status, html = await _get(rig.url + "/", who="reader")
+        assert 'data-participant="gone"' in html
 
 
 async def test_the_live_list_streams_the_log_and_resumes_after_its_last_event_id(

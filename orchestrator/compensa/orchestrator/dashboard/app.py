@@ -73,6 +73,8 @@ LIST_SIZE = 100
 #: latest event of each saga that changed meanwhile: a busy log costs a few
 #: small messages a second per open list, not one per event.
 LIVE_WINDOW_SECONDS = 0.25
+#: How long a live list's reader lets events gather before it takes them.
+LIVE_READ_WINDOW_SECONDS = 0.05
 
 #: The caller, once known, for the error page's header.
 _IDENTITY = web.RequestKey("identity", Identity)
@@ -322,11 +324,21 @@ class Dashboard:
             totals["all"] += row.count
             totals["stuck"] += row.stuck
             totals["unresolved"] += row.unresolved
+        # The participants' shared health is the whole deployment's, as the
+        # alert log is: not shown to an identity scoped to some definitions.
+        unreachable = [] if identity.definitions else [
+            {"name": participant.name, "address": participant.address, "since": participant.unhealthy_since,
+             "alerted": participant.alerted_at is not None}
+            for participant in await self._store.list_participants()
+            if participant.unhealthy_since is not None
+        ]
         return {
             "definitions": list(by_definition.values()),
             "totals": totals,
             "states": [saga_state_name(s) for s in _STATES],
             "stuck_after": _age(DEFAULT_STUCK_SECONDS),
+            "unreachable": unreachable,
+            "now": now,
         }
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -468,14 +480,16 @@ class Dashboard:
                 after,
                 saga_id=None,
                 wanted=wanted,
-                key=lambda stored: stored.position,
+                key=_position,
                 read=lambda position: self._store.read_log(
                     position, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
                 ),
+                # Woken once per window rather than once per group commit
+                # (hundreds a second at full load), and well inside the feed's
+                # buffer, so it never falls behind into reading the database.
+                window=LIVE_READ_WINDOW_SECONDS,
             ):
-                for stored in batch:
-                    latest.pop(stored.saga_id, None)
-                    latest[stored.saga_id] = stored
+                latest.update((stored.saga_id, stored) for stored in batch)
                 seen[0] = batch[-1].position
                 changed.set()
 
@@ -489,7 +503,8 @@ class Dashboard:
                     collector.result()  # its error, if it failed
                     return
                 changed.clear()
-                message = self._live_items.message(latest.values(), seen[0])
+                # In log order: the page puts each new saga on top as it comes.
+                message = self._live_items.message(sorted(latest.values(), key=_position), seen[0])
                 latest.clear()
                 await response.write(message)
                 await asyncio.sleep(LIVE_WINDOW_SECONDS)  # a message per window at most
@@ -518,6 +533,10 @@ class Dashboard:
         response = web.HTTPSeeOther("/login")
         response.del_cookie(TOKEN_COOKIE, path="/")
         raise response
+
+
+def _position(stored: StoredEvent) -> int:
+    return stored.position
 
 
 def _stream_client(identity: Identity, request: web.Request) -> str:
