@@ -436,17 +436,8 @@ class SqlSagaStore(SagaStore):
         return alert
 
     async def _take_alert_positions(self, conn: AsyncConnection, count: int) -> range:
-        """The next `count` positions of the alert log; its counter's row
-        lock is held to commit, so positions follow commit order."""
-        end = (
-            await conn.execute(
-                sa.update(log_head)
-                .where(log_head.c.id == ALERT_LOG)
-                .values(position=log_head.c.position + count)
-                .returning(log_head.c.position)
-            )
-        ).scalar_one()
-        return range(end - count + 1, end + 1)
+        """The next `count` positions of the alert log (see `_take_positions`)."""
+        return await _take_positions(conn, ALERT_LOG, count)
 
     # -- sagas
 
@@ -669,15 +660,7 @@ class SqlSagaStore(SagaStore):
         count = sum(len(events) for _, events in batch)
         if count == 0:
             return [() for _ in batch]
-        end = (
-            await conn.execute(
-                sa.update(log_head)
-                .where(log_head.c.id == EVENT_LOG)
-                .values(position=log_head.c.position + count)
-                .returning(log_head.c.position)
-            )
-        ).scalar_one()
-        position = end - count
+        position = (await _take_positions(conn, EVENT_LOG, count)).start - 1
         rows: list[dict[str, Any]] = []
         out: list[tuple[int, ...]] = []
         for saga, events in batch:
@@ -971,3 +954,17 @@ class SqlSagaStore(SagaStore):
             head = sa.select(log_head.c.position).where(log_head.c.id == EVENT_LOG)
             return int((await conn.execute(head)).scalar_one())
 
+
+async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
+    """The next `count` positions of the log `log_id` (a compensa_log_head row).
+    The row's lock is held to commit, so transactions take positions in the
+    order they commit and a reader past position N never misses a late one."""
+    end = (
+        await conn.execute(
+            sa.update(log_head)
+            .where(log_head.c.id == log_id)
+            .values(position=log_head.c.position + count)
+            .returning(log_head.c.position)
+        )
+    ).scalar_one()
+    return range(end - count + 1, end + 1)
