@@ -155,6 +155,43 @@ async def test_a_saga_resumed_by_another_replica_after_a_kill_continues_its_trac
     assert {"time", "level", "logger", "message", "attempt"} <= set(lines[0])
 
 
+async def test_traces_go_to_an_otlp_http_collector_when_the_protocol_says_so(
+    tmp_path: Path, make_postgres_url: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = OtlpReceiver(protocol="http/protobuf")
+    await receiver.start()
+    try:
+        for name, value in receiver.environment().items():
+            monkeypatch.setenv(name, value)
+        with ProcessSet(tmp_path) as processes:
+            participants = {
+                kind: processes.participant(kind, make_postgres_url()) for kind in ("inventory", "payment", "shipping")
+            }
+            orchestrator = processes.orchestrator(
+                make_postgres_url(), {kind: process.address for kind, process in participants.items()}
+            )
+            for process in (*participants.values(), orchestrator):
+                process.start()
+            for process in (*participants.values(), orchestrator):
+                await process.wait_serving()
+            async with grpc.aio.insecure_channel(orchestrator.address, options=FAST_RECONNECT) as channel:
+                stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+                await stub.StartSaga(orchestrator_pb2.StartSagaRequest(
+                    saga_id="over-http", definition_name="checkout", input=checkout_input()
+                ))
+
+            def whole_saga(spans: list[ReceivedSpan]) -> bool:
+                names = {(span.service, span.name) for span in spans}
+                return {(ORCHESTRATOR, "saga checkout"), (ORCHESTRATOR, "execute ship_order"),
+                        ("compensa-participant-ShippingParticipant", "Execute ship_order")} <= names
+
+            await receiver.wait_for(whole_saga, "the saga's spans over OTLP/HTTP")
+    finally:
+        await receiver.stop()
+    spans = [span for span in receiver.spans if span.attributes.get("compensa.saga.id") == "over-http"]
+    assert len({span.trace_id for span in spans}) == 1
+
+
 def test_the_code_runs_without_the_otel_extra() -> None:
     """Traces asked for by OTEL_* but the extra not installed: a warning, no spans, and everything imports."""
     script = (

@@ -1,7 +1,7 @@
 """OpenTelemetry traces, shared by the orchestrator and the participant SDK.
 
 Optional twice over: the `otel` extra must be installed (pip install
-'compensa[otel]'), and the standard OTEL_* environment variables must ask for
+'compensa[otel]'; 'compensa[otel-http]' for OTLP over HTTP), and the standard OTEL_* environment variables must ask for
 traces: OTEL_EXPORTER_OTLP_ENDPOINT (or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT),
 or OTEL_TRACES_EXPORTER set to otlp or console. OTEL_SDK_DISABLED=true turns
 them off. The exporter reads its own variables (OTEL_EXPORTER_OTLP_PROTOCOL,
@@ -74,7 +74,10 @@ def tracer(scope: str, service_name: str) -> Tracer | None:
         except ImportError as error:
             if not _missing_extra_reported:
                 _missing_extra_reported = True
-                log.warning("OTEL_* asks for traces but %s; install compensa[otel] to send them", error)
+                log.warning(
+                    "OTEL_* asks for traces but %s; install compensa[otel] (compensa[otel-http] for"
+                    " OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf) to send them", error,
+                )
             return None
     return _provider.get_tracer(scope)
 
@@ -111,13 +114,11 @@ def _otlp_exporter() -> SpanExporter:
 
         return OTLPSpanExporter()
     if protocol == "http/protobuf":
-        # Not in the extra; installed separately by those who want it.
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
-            OTLPSpanExporter as HttpSpanExporter,
-        )
+        # In the otel-http extra (it brings requests); ImportError otherwise,
+        # reported as a missing extra.
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
-        exporter: SpanExporter = HttpSpanExporter()
-        return exporter
+        return HttpSpanExporter()
     raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (grpc or http/protobuf)")
 
 
