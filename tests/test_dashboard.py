@@ -113,11 +113,19 @@ async def test_counts_and_filters_by_state_definition_stuck_and_saga_id(
         await rig.failed_for_a_person("order-bad-1")
         rig.participant.script("execute", "reserve", ("sleep", 30.0))
         await rig.begin("slow-1")
-        await rig.until("slow-1", lambda saga: saga.steps[0].state == S.STEP_STATE_RUNNING)
+        await rig.until("slow-1", lambda saga: saga.steps[0].state == S.STEP_STATE_RUNNING
+                        and saga.steps[1].state == S.STEP_STATE_SUCCEEDED)
 
         status, html = await _get(rig.url + "/")
         assert status == 200
         assert _listed(html) == ["slow-1", "order-bad-1", "order-ok-1"]
+        # Each row names its saga's last event, as the live list's updates do.
+        last_events = dict(re.findall(
+            r'<tr data-saga-id="([^"]+)".*?<td data-field="event" class="muted">([^<]*)</td>', html, re.S
+        ))
+        assert last_events == {
+            "slow-1": "step succeeded", "order-bad-1": "alert raised", "order-ok-1": "saga succeeded"
+        }, last_events
         assert re.search(r'Awaiting a person</div><div class="value" id="total-unresolved">1<', html)
         assert re.search(r'<td class="num hot"><a href="/\?definition=board&amp;state=failed">1</a>', html)
         assert _listed((await _get(rig.url + "/?state=failed"))[1]) == ["order-bad-1"]

@@ -216,6 +216,17 @@ async def test_read_log_pages_by_position_and_filters(store: SqlSagaStore) -> No
     assert [e.event.type for e in succeeded] == [S.EVENT_TYPE_SAGA_SUCCEEDED]
 
 
+async def test_read_events_finds_the_events_at_given_keys(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    await _create(store, plan, "s1")
+    await _create(store, plan, "s2")
+    everything = {(e.saga_id, e.event.sequence): e for e in await store.read_log(0, 1000)}
+    keys = [("s1", 2), ("s2", 1), ("s2", 99), ("nobody", 1)]
+    found = await store.read_events(keys)
+    assert sorted(found, key=lambda e: e.position) == [everything[("s1", 2)], everything[("s2", 1)]]
+    assert await store.read_events([]) == []
+
+
 # --- guarded commits --------------------------------------------------------------------------------
 
 

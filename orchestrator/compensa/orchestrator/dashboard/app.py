@@ -356,6 +356,10 @@ class Dashboard:
             after=None,
             id_contains=filters.search,
         )
+        last_events = {
+            stored.saga_id: stored
+            for stored in await self._store.read_events([(saga.saga_id, saga.sequence) for saga in sagas])
+        }
         definitions = [
             definition.name for definition in await self._store.list_definitions(1000, "")
             if identity.may_see(definition.name)
@@ -366,7 +370,7 @@ class Dashboard:
             identity=identity,
             form_token=self._form_token(identity),
             summary=await self._summary(identity, filters.definition),
-            sagas=[_row(saga) for saga in sagas],
+            sagas=[_row(saga, last_events.get(saga.saga_id)) for saga in sagas],
             filters=filters,
             definitions=definitions,
             states=[saga_state_name(s) for s in _STATES],
@@ -545,7 +549,7 @@ def _stream_client(identity: Identity, request: web.Request) -> str:
     return f"client {request.remote}"
 
 
-def _row(saga: records.SagaRecord) -> dict[str, Any]:
+def _row(saga: records.SagaRecord, last_event: StoredEvent | None) -> dict[str, Any]:
     active = next(
         (step.name for step in saga.steps if step.state in (records.STEP_RUNNING, records.STEP_WAITING,
                                                             records.STEP_COMPENSATING)),
@@ -561,6 +565,8 @@ def _row(saga: records.SagaRecord) -> dict[str, Any]:
         "created": saga.created_at,
         "updated": saga.updated_at,
         "awaiting_person": records.awaits_a_person(saga),
+        # As the live list writes it (_LiveItems).
+        "event": event_type_name(last_event.event.type).lower() if last_event else "",  # type: ignore[arg-type]
     }
 
 

@@ -359,6 +359,10 @@ class SagaStore(abc.ABC):
         """Up to `limit` events of one saga after `after_sequence`, in order."""
 
     @abc.abstractmethod
+    async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
+        """The events at these (saga id, sequence) keys that exist, in no particular order."""
+
+    @abc.abstractmethod
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
     ) -> list[StoredEvent]:

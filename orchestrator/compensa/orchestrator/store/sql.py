@@ -937,6 +937,13 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             return [_stored_event(row) for row in (await conn.execute(query)).all()]
 
+    async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
+        if not keys:
+            return []
+        query = sa.select(saga_events).where(sa.tuple_(saga_events.c.saga_id, saga_events.c.sequence).in_(keys))
+        async with self._transaction() as conn:
+            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
     ) -> list[StoredEvent]:
