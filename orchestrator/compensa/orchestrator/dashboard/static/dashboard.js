@@ -13,6 +13,7 @@
   const counts = document.getElementById("counts");
   const filters = table.dataset;
   const limit = parseInt(filters.size, 10) || 100;
+  const FINAL_STATES = new Set(["SUCCEEDED", "COMPENSATED", "FAILED"]);
 
   const params = new URLSearchParams({ after: filters.after });
   if (filters.state) params.set("state", filters.state);
@@ -72,7 +73,9 @@
     const state = cell(row, "state");
     state.className = "badge state-" + item.state.toLowerCase();
     state.textContent = item.state.toLowerCase();
-    if (item.step) cell(row, "step").textContent = item.step;
+    // The step in progress, as the server renders it: none once the saga ended.
+    if (FINAL_STATES.has(item.state)) cell(row, "step").textContent = "";
+    else if (item.step) cell(row, "step").textContent = item.step;
     cell(row, "sequence").textContent = String(item.sequence);
     cell(row, "event").textContent = item.event;
     cell(row, "updated").textContent = time(item.time);
