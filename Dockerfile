@@ -16,8 +16,9 @@ COPY participants/ participants/
 COPY generated/ generated/
 RUN pip install . && rm -rf build
 
-# Saga definitions, read by `compensa serve --definitions /app/definitions`.
-COPY definitions/ definitions/
+# The example saga definitions (shipped in the package beside the example
+# participants), read by `compensa serve --definitions /app/definitions`.
+COPY participants/compensa/examples/definitions/ definitions/
 
 # Run as an unprivileged user; nothing here writes to the image.
 RUN useradd --system --no-create-home compensa

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tcp_proxy import TcpProxy
 
 from compensa.checkout.v1 import checkout_pb2
+from compensa.examples import DEFINITIONS_DIR
 from compensa.examples.server import RunningParticipant, start_participant
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.records import FINAL_SAGA_STATES
@@ -29,7 +30,7 @@ from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKOUT = REPO / "definitions" / "checkout.yaml"
+CHECKOUT = DEFINITIONS_DIR / "checkout.yaml"
 FINAL = FINAL_SAGA_STATES
 
 

@@ -22,9 +22,11 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from compensa.examples import DEFINITIONS_DIR
+
 COMPENSA = Path(sys.executable).parent / "compensa"
 REPO = Path(__file__).resolve().parents[1]
-CHECKOUT_DEFINITION = REPO / "definitions" / "checkout.yaml"
+CHECKOUT_DEFINITION = DEFINITIONS_DIR / "checkout.yaml"
 
 #: Client channel options: reconnect quickly to a process that was restarted,
 #: instead of gRPC's default backoff of 1s growing by 1.6x.

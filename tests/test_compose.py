@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from compensa.examples import DEFINITIONS_DIR
+
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
@@ -119,7 +121,7 @@ def test_definitions_directory_is_in_the_image() -> None:
     (definitions,) = _option_values(_command(ORCHESTRATOR), "--definitions")
     dockerfile = DOCKERFILE.read_text()
     assert re.search(r"^WORKDIR /app$", dockerfile, re.MULTILINE)
-    assert re.search(r"^COPY definitions/ definitions/$", dockerfile, re.MULTILINE)
+    assert re.search(r"^COPY participants/compensa/examples/definitions/ definitions/$", dockerfile, re.MULTILINE)
     assert definitions == "/app/definitions"
 
 
@@ -129,7 +131,7 @@ def test_every_participant_the_shipped_definitions_name_is_served_and_routed() -
     import compensa.checkout.v1.checkout_pb2  # noqa: F401  (the definitions' input type)
     from compensa.orchestrator.definitions import load_definitions
 
-    named = {step.participant for definition in load_definitions([ROOT / "definitions"]) for step in definition.steps}
+    named = {step.participant for definition in load_definitions([DEFINITIONS_DIR]) for step in definition.steps}
     routes = dict(value.split("=", 1) for value in _option_values(_command(ORCHESTRATOR), "--participant"))
     assert named == set(routes), f"named in definitions/: {sorted(named)}; routed by compose: {sorted(routes)}"
     served = {_command(service)[2] for service in _participant_services()}

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers CheckoutInput)
+from compensa.examples import DEFINITIONS_DIR
 from compensa.orchestrator.definitions import (
     DefinitionGraph,
     ancestors,
@@ -25,7 +26,7 @@ from compensa.orchestrator.definitions import (
 from compensa.orchestrator.errors import DefinitionError, InvalidArgument
 from compensa.v1 import definition_pb2
 
-DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
+DEFINITIONS = DEFINITIONS_DIR
 COMPENSABLE = definition_pb2.STEP_KIND_COMPENSABLE
 PIVOT = definition_pb2.STEP_KIND_PIVOT
 RETRIABLE = definition_pb2.STEP_KIND_RETRIABLE

@@ -20,10 +20,11 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
-from harness import FINAL, REPO, Stack, checkout_input, poll_until
+from harness import FINAL, Stack, checkout_input, poll_until
 from recording_participant import COMPENSATE, EXECUTE, RecordedCall, RecordingParticipant, StepBehaviour
 
 from compensa.checkout.v1 import checkout_pb2
+from compensa.examples import DEFINITIONS_DIR
 from compensa.examples.server import create_participant_engine, start_participant, start_server
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
@@ -33,7 +34,7 @@ S = saga_pb2
 D = definition_pb2
 RECORDER = "recorder"
 INPUT_TYPE = checkout_pb2.CheckoutInput.DESCRIPTOR.full_name
-CHECKOUT_PARALLEL = REPO / "definitions" / "checkout-parallel.yaml"
+CHECKOUT_PARALLEL = DEFINITIONS_DIR / "checkout-parallel.yaml"
 
 
 # --- Building definitions ------------------------------------------------------

@@ -9,12 +9,12 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import pytest
 from google.protobuf import duration_pb2
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the input_type the definitions name)
+from compensa.examples import DEFINITIONS_DIR
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import load_definition_file, validate_definition
 from compensa.orchestrator.machine import (
@@ -41,7 +41,7 @@ from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2
 D = definition_pb2
-DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
+DEFINITIONS = DEFINITIONS_DIR
 T0 = 1_000.0
 
 COMPENSABLE = D.STEP_KIND_COMPENSABLE

@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
+from compensa.examples import DEFINITIONS_DIR
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.machine import Plan, Transition
@@ -41,7 +42,7 @@ from compensa.orchestrator.store.schema import sagas as sagas_table
 from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2
-DEFINITIONS = Path(__file__).resolve().parent.parent / "definitions"
+DEFINITIONS = DEFINITIONS_DIR
 T0 = 1_000_000.0
 LEASE = 30.0
 

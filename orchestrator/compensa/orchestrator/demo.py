@@ -24,6 +24,7 @@ from google.protobuf import any_pb2
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from compensa.checkout.v1 import checkout_pb2
+from compensa.examples import DEFINITIONS_DIR
 from compensa.examples.inventory import RESERVATIONS
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.server import start_participant
@@ -36,9 +37,7 @@ from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 __all__ = ["CHECKOUT_PARTICIPANTS", "DEFINITIONS_DIR", "run_demo"]
 
-#: The example definitions in the repository (the demo runs from a source checkout).
-DEFINITIONS_DIR = Path(__file__).resolve().parents[3] / "definitions"
-#: The participants definitions/checkout.yaml calls.
+#: The participants DEFINITIONS_DIR/checkout.yaml calls.
 CHECKOUT_PARTICIPANTS = ("inventory", "payment", "shipping")
 
 #: Every first charge attempt fails as if the payment service were briefly down.
