@@ -67,9 +67,8 @@ DELIVERY_GRACE = 0.5
 #: call (the scheduler polls every second: a saga left waiting for it between
 #: steps shows up here).
 STALL_SECONDS = 1.5
-#: The kill waits (up to a second) for the victim to have this many calls in
-#: progress: more than the five sagas in flight the test then requires.
-KILL_WHEN_BUSY = 6
+#: The kill waits (up to a second) for the victim to have this many calls in progress.
+KILL_WHEN_BUSY = 4
 #: Short on purpose: the participant serves PARTICIPANT_CONCURRENCY calls at a
 #: time, so the burst of taken-over sagas queues there for about
 #: n * WORK_SECONDS / PARTICIPANT_CONCURRENCY; with 0.4s that queueing (up to
