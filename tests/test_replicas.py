@@ -67,8 +67,9 @@ DELIVERY_GRACE = 0.5
 #: call (the scheduler polls every second: a saga left waiting for it between
 #: steps shows up here).
 STALL_SECONDS = 1.5
-#: The kill waits (up to a second) for the victim to have this many calls in progress.
-KILL_WHEN_BUSY = 4
+#: The kill waits (up to a second) for the victim to have this many calls in
+#: progress: more than the five sagas in flight the test then requires.
+KILL_WHEN_BUSY = 6
 #: Short on purpose: the participant serves PARTICIPANT_CONCURRENCY calls at a
 #: time, so the burst of taken-over sagas queues there for about
 #: n * WORK_SECONDS / PARTICIPANT_CONCURRENCY; with 0.4s that queueing (up to
@@ -232,6 +233,10 @@ async def run_scenario(
     recorder: AttributingRecorder,
 ) -> None:
     victim = 1
+    # Half the starts go to the victim, so that enough of its sagas are in
+    # flight at the kill (a third left it with about four: too few to tell).
+    others = [index for index in range(len(replicas)) if index != victim]
+    start_order = [index for other in others for index in (other, victim)]
     names = itertools.cycle(DEFINITIONS)
     orders = {f"rep-{n:04d}": next(names) for n in range(SAGA_COUNT)}
     started_on: dict[str, int] = {}
@@ -243,7 +248,7 @@ async def run_scenario(
         # start that landed before the kill is acknowledged, not ALREADY_EXISTS.
         request = start_request(orders[saga_id], saga_id)
         for attempt in range(len(replicas) * 3):
-            index = (n + attempt) % len(replicas)
+            index = start_order[(n + attempt) % len(start_order)]
             if not replicas[index].running():
                 continue
             try:
