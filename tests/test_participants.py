@@ -428,6 +428,44 @@ async def test_on_postgresql_the_barrier_adds_only_the_claims_round_trip_to_the_
     assert calls == one_call * len(steps)
 
 
+async def test_on_postgresql_a_compensation_adds_only_one_round_trip_to_the_undos_transaction(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    # Compensate's barrier claims the Execute key (for an Execute that never
+    # ran), claims its own and reads Execute's answer: all three travel with
+    # BEGIN, and the answer with COMMIT.
+    steps = [StepCall.new("reserve", quantity=1) for _ in range(8)]
+    async with serving("inventory", postgres_url) as inv:
+        for step in steps:
+            assert (await inv.stub.Execute(step.execute())).result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
+        async with libpq_traces(inv.running.engine, tmp_path) as traces:
+            for step in steps:
+                await inv.stub.Compensate(step.compensate())
+            never_ran = StepCall.new("reserve", quantity=1)
+            await inv.stub.Compensate(never_ran.compensate())
+            sent = traces()
+        ours = {step.saga_id for step in steps}
+        released = [row.status for row in await inv.rows(inventory.RESERVATIONS) if row.saga_id in ours]
+        assert released == ["released"] * len(steps)
+
+    (calls,) = [round_trips(trace) for trace in sent if "inventory_barrier" in trace]
+    calls = [trip for trip in calls if not trip[0].startswith("PREPARE")]
+    probe = [["BEGIN"], ["SELECT 1"], ["COMMIT"]]
+    while any(calls[at:at + 3] == probe for at in range(len(calls))):
+        at = next(at for at in range(len(calls)) if calls[at:at + 3] == probe)
+        del calls[at:at + 3]
+    claims = ["BEGIN", "INSERT INTO inventory_barrier", "INSERT INTO inventory_barrier", "SELECT outcome,"]
+    answer = ["UPDATE inventory_barrier", "COMMIT"]
+    starts = [at for at, trip in enumerate(calls) if trip == claims]
+    assert len(starts) == len(steps) + 1, calls
+    for begin, end in zip(starts, [*starts[1:], len(calls)], strict=True):
+        one_call = calls[begin:end]
+        # The claims, then the undo's own statements (none for a step that
+        # never ran), then the answer with the commit.
+        assert one_call[-1] == answer, one_call
+        assert all("inventory_barrier" not in " ".join(trip) for trip in one_call[1:-1]), one_call
+
+
 class _YieldingParticipant(Participant):
     """Attempt 1 fails for a business reason, but only once attempt 2 of its key
     waits for its claim; attempt 2 succeeds."""

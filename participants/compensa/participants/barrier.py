@@ -9,7 +9,8 @@ step runs, so waiting for it is the one round trip the barrier must add.
 On PostgreSQL through psycopg, nothing else is added: in pipeline mode the
 BEGIN travels with the claim and the answer's UPDATE with the COMMIT, so an
 Execute whose step sends no statement of its own costs two round trips, as
-BEGIN and COMMIT alone would (bench/run.py's participant side counts them
+BEGIN and COMMIT alone would (a Compensate too: its two claims and its read
+of Execute's answer travel with the BEGIN) (bench/run.py's participant side counts them
 from a libpq trace). psycopg would send a BEGIN of its own, and wait for it,
 before the first statement of a transaction; so during a barrier transaction
 the connection is in psycopg's autocommit mode and the transaction is the
@@ -35,7 +36,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.common.database import abort_when_late
 
-__all__ = ["BarrierRow", "BarrierTransaction", "barrier_table", "barrier_transaction", "insert_if_absent"]
+__all__ = [
+    "BarrierRow", "BarrierTransaction", "CompensationClaims", "barrier_table", "barrier_transaction",
+    "insert_if_absent",
+]
 
 
 def barrier_table(name: str) -> sqlalchemy.Table:
@@ -99,6 +103,18 @@ class BarrierRow:
 
 
 @dataclass(frozen=True)
+class CompensationClaims:
+    """What a Compensate's claims found (`BarrierTransaction.claim_compensation`)."""
+
+    #: This call took the Execute key: Execute never ran (and now never will).
+    execute_claimed: bool
+    #: This call took the Compensate key; False: another Compensate has it.
+    compensate_claimed: bool
+    #: Execute's stored (outcome, answer), read after the claims.
+    execute: tuple[str, bytes] | None
+
+
+@dataclass(frozen=True)
 class _Answer:
     idempotency_key: str
     operation: str
@@ -126,6 +142,14 @@ class BarrierTransaction(abc.ABC):
     @abc.abstractmethod
     async def stored(self, key: str, operation: str) -> tuple[str, bytes]:
         """The outcome and serialized answer of a committed barrier row."""
+
+    async def claim_compensation(self, execute: BarrierRow, compensate: BarrierRow) -> CompensationClaims:
+        """A Compensate's claims: the Execute key (`execute`, taken only if
+        Execute never ran), its own (`compensate`), then Execute's answer."""
+        execute_claimed = await self.claim(execute)
+        compensate_claimed = await self.claim(compensate)
+        stored = None if execute_claimed else await self.stored(execute.idempotency_key, execute.operation)
+        return CompensationClaims(execute_claimed, compensate_claimed, stored)
 
     def answer(self, key: str, operation: str, outcome: str, response: bytes) -> None:
         """Stores `outcome` and `response` in the row this transaction claimed, as it commits."""
@@ -209,6 +233,24 @@ class _PipelinedBarrier(BarrierTransaction):
                 await cursor.execute(self._statements.claim, parameters)
             self._begun = True
         return await cursor.fetchone() is not None
+
+    async def claim_compensation(self, execute: BarrierRow, compensate: BarrierRow) -> CompensationClaims:
+        if self._begun:
+            return await super().claim_compensation(execute, compensate)
+        # One round trip: each statement still runs on a snapshot of its own,
+        # so the read sees an Execute that the first claim waited for.
+        execute_claim, compensate_claim, execute_answer = (self._raw.cursor() for _ in range(3))
+        async with self._raw.pipeline():
+            await self._raw.execute(b"BEGIN")
+            await execute_claim.execute(self._statements.claim, execute.values())
+            await compensate_claim.execute(self._statements.claim, compensate.values())
+            await execute_answer.execute(self._statements.stored, (execute.idempotency_key, execute.operation))
+        self._begun = True
+        execute_claimed = await execute_claim.fetchone() is not None
+        compensate_claimed = await compensate_claim.fetchone() is not None
+        row = await execute_answer.fetchone()
+        stored = None if execute_claimed or row is None else (str(row[0]), bytes(row[1] or b""))
+        return CompensationClaims(execute_claimed, compensate_claimed, stored)
 
     async def stored(self, key: str, operation: str) -> tuple[str, bytes]:
         self._ensure_begun()

@@ -492,15 +492,18 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         key = step.idempotency_key
         response = participant_pb2.CompensateResponse()
         async with self._barrier_transaction() as barrier:
-            if await barrier.claim(_claim(step, _EXECUTE, _NULL_COMPENSATED)):
-                # Execute never ran; its key is now taken, so a late Execute is a no-op.
-                await barrier.claim(_claim(step, _COMPENSATE, _NULL_COMPENSATED, response))
-                return response, _NULL_COMPENSATED, True
-            if not await barrier.claim(_claim(step, _COMPENSATE)):
+            claims = await barrier.claim_compensation(
+                _claim(step, _EXECUTE, _NULL_COMPENSATED), _claim(step, _COMPENSATE)
+            )
+            if not claims.compensate_claimed:
                 outcome, stored = await barrier.stored(key, _COMPENSATE)
                 return participant_pb2.CompensateResponse.FromString(stored), f"duplicate-{outcome}", False
+            if claims.execute_claimed or claims.execute is None:
+                # Execute never ran; its key is now taken, so a late Execute is a no-op.
+                barrier.answer(key, _COMPENSATE, _NULL_COMPENSATED, _serialized(response))
+                return response, _NULL_COMPENSATED, True
 
-            executed, stored_execute = await barrier.stored(key, _EXECUTE)
+            executed, stored_execute = claims.execute
             if executed in (_SUCCEEDED, _PENDING):
                 # The barrier's copy is authoritative: the orchestrator may never
                 # have received Execute's answer (a lost answer, a deadline).
