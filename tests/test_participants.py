@@ -399,6 +399,20 @@ async def test_on_sqlite_an_execute_is_one_transaction_with_two_barrier_statemen
         assert commits.count(call) == 1
 
 
+def _calls_round_trips(traces: list[str], barrier_table: str) -> list[list[str]]:
+    """The round trips of the calls' connection (the one that touched the
+    barrier: the health probe may use the engine meanwhile), less psycopg's
+    one-time preparation of a statement (sent on its own after a few calls)
+    and any health probe's transaction between calls."""
+    (calls,) = [round_trips(trace) for trace in traces if barrier_table in trace]
+    calls = [trip for trip in calls if not trip[0].startswith("PREPARE")]
+    probe = [["BEGIN"], ["SELECT 1"], ["COMMIT"]]
+    while any(calls[at:at + 3] == probe for at in range(len(calls))):
+        at = next(at for at in range(len(calls)) if calls[at:at + 3] == probe)
+        del calls[at:at + 3]
+    return calls
+
+
 async def test_on_postgresql_the_barrier_adds_only_the_claims_round_trip_to_the_steps_transaction(
     postgres_url: str, tmp_path: Path
 ) -> None:
@@ -414,15 +428,7 @@ async def test_on_postgresql_the_barrier_adds_only_the_claims_round_trip_to_the_
                 assert response.result == participant_pb2.EXECUTE_RESULT_SUCCEEDED
             sent = traces()
 
-    # Only the calls' connection: the health probe may use the engine meanwhile.
-    (calls,) = [round_trips(trace) for trace in sent if "shipping_barrier" in trace]
-    # Less psycopg's one-time preparation of the step's statement (sent on its
-    # own after a few calls) and any health probe's transaction between calls.
-    calls = [trip for trip in calls if not trip[0].startswith("PREPARE")]
-    probe = [["BEGIN"], ["SELECT 1"], ["COMMIT"]]
-    while any(calls[at:at + 3] == probe for at in range(len(calls))):
-        at = next(at for at in range(len(calls)) if calls[at:at + 3] == probe)
-        del calls[at:at + 3]
+    calls = _calls_round_trips(sent, "shipping_barrier")
     one_call = [["BEGIN", "INSERT INTO shipping_barrier"], ["INSERT INTO shipping_shipments"],
                 ["UPDATE shipping_barrier", "COMMIT"]]
     assert calls == one_call * len(steps)
@@ -448,12 +454,7 @@ async def test_on_postgresql_a_compensation_adds_only_one_round_trip_to_the_undo
         released = [row.status for row in await inv.rows(inventory.RESERVATIONS) if row.saga_id in ours]
         assert released == ["released"] * len(steps)
 
-    (calls,) = [round_trips(trace) for trace in sent if "inventory_barrier" in trace]
-    calls = [trip for trip in calls if not trip[0].startswith("PREPARE")]
-    probe = [["BEGIN"], ["SELECT 1"], ["COMMIT"]]
-    while any(calls[at:at + 3] == probe for at in range(len(calls))):
-        at = next(at for at in range(len(calls)) if calls[at:at + 3] == probe)
-        del calls[at:at + 3]
+    calls = _calls_round_trips(sent, "inventory_barrier")
     claims = ["BEGIN", "INSERT INTO inventory_barrier", "INSERT INTO inventory_barrier", "SELECT outcome,"]
     answer = ["UPDATE inventory_barrier", "COMMIT"]
     starts = [at for at, trip in enumerate(calls) if trip == claims]
