@@ -321,6 +321,16 @@ class AccessPolicy:
             )
 
     @staticmethod
+    def require_whole_deployment(identity: Identity, action: str) -> None:
+        """For what belongs to no definition (the alert log, participants'
+        health): a caller limited to some definitions may not see it."""
+        if identity.definitions:
+            raise PermissionDenied(
+                f"{action}: {identity.describe()} is limited to definitions"
+                f" {', '.join(sorted(identity.definitions))}; the alert log is the whole deployment's"
+            )
+
+    @staticmethod
     def require_scope(identity: Identity, action: str, definition_name: str) -> None:
         """For calls over many sagas: a caller limited to some definitions
         must name one of them."""

@@ -33,7 +33,6 @@ from compensa.orchestrator.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
     grpc_error_details,
     grpc_status_of,
     quote,
@@ -625,12 +624,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_position < 0:
             raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
         if not self._access.open:
-            caller = self._caller(context)
-            if caller.definitions:
-                raise PermissionDenied(
-                    f"WatchAlerts: {caller.describe()} is limited to definitions"
-                    f" {', '.join(sorted(caller.definitions))}; the alert log is the whole deployment's"
-                )
+            self._access.require_whole_deployment(self._caller(context), "WatchAlerts")
         last = request.after_position
         woken = asyncio.Event()
         # Subscribed before the first read: an alert committed meanwhile wakes it.

@@ -425,19 +425,14 @@ class SqlSagaStore(SagaStore):
     async def _raise_participant_alert(
         self, conn: AsyncConnection, kind: str, name: str, address: str, now: float, message: str
     ) -> StoredAlert:
-        (position,) = await self._take_alert_positions(conn, 1)
+        (position,) = await _take_positions(conn, ALERT_LOG, 1)
         alert = StoredAlert(
             position=position, kind=kind, raised_at=now, message=message, participant=name, address=address
         )
-        await conn.execute(alerts.insert(), [_alert_row(alert)])
-        await conn.execute(alert_outbox.insert(), [_outbox_row(alert)])
+        await _log_alerts(conn, [alert])
         # Wakes the other replicas' alert watchers (as a change of anything).
         await self._announce(conn, ["*"])
         return alert
-
-    async def _take_alert_positions(self, conn: AsyncConnection, count: int) -> range:
-        """The next `count` positions of the alert log (see `_take_positions`)."""
-        return await _take_positions(conn, ALERT_LOG, count)
 
     # -- sagas
 
@@ -539,13 +534,12 @@ class SqlSagaStore(SagaStore):
         ]
         if not raised:
             return
-        taken = await self._take_alert_positions(conn, len(raised))
+        taken = await _take_positions(conn, ALERT_LOG, len(raised))
         logged = [
             _saga_alert(saga, event, event_position, position)
             for (saga, event, event_position), position in zip(raised, taken, strict=True)
         ]
-        await conn.execute(alerts.insert(), [_alert_row(alert) for alert in logged])
-        await conn.execute(alert_outbox.insert(), [_outbox_row(alert) for alert in logged])
+        await _log_alerts(conn, logged)
 
     @staticmethod
     def _saga_values(write: SagaWrite) -> dict[str, Any]:
@@ -975,3 +969,10 @@ async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> ran
         )
     ).scalar_one()
     return range(end - count + 1, end + 1)
+
+
+async def _log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:
+    """Writes alerts to the log with their outbox rows, in the caller's
+    transaction: an alert is delivered if and only if it was raised."""
+    await conn.execute(alerts.insert(), [_alert_row(alert) for alert in logged])
+    await conn.execute(alert_outbox.insert(), [_outbox_row(alert) for alert in logged])
