@@ -27,9 +27,10 @@ from scripted_participant import ScriptedParticipant, serve_scripted
 from test_access import _jwt_signer
 
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, Role
+from compensa.orchestrator.auth import AccessPolicy, Identity, Role
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.errors import Unauthenticated
+from compensa.orchestrator.errors import InvalidArgument, Unauthenticated
+from compensa.orchestrator.limits import MAX_STORED_ACTOR_CHARS
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -312,6 +313,21 @@ def test_the_access_policy_reads_certificate_names_by_one_rule(authority: _Autho
     ]:
         with pytest.raises(Unauthenticated, match=why):
             policy.identify(authority.der(common_names, names), None)
+
+
+def test_the_logged_actor_reads_one_way_whatever_the_names_and_claims() -> None:
+    alice = Identity("alice", Role.OPERATOR, "token")
+    assert alice.actor("") == alice.actor("alice") == "token:alice"
+    assert Identity("alice", Role.OPERATOR, "jwt").actor("") == "jwt:alice"
+    assert alice.actor('x" as "y') == r'token:alice as "x\" as \"y"'
+    assert Identity('a "b"\\', Role.OPERATOR, "certificate").actor("") == r'cert:"a \"b\"\\"'
+    assert Identity("ops\u202edesk", Role.OPERATOR, "token").actor("") == r'token:"ops\u202edesk"'
+    long = Identity("n" * 300, Role.OPERATOR, "jwt").actor("c" * 128)
+    assert len(long) <= MAX_STORED_ACTOR_CHARS and long.startswith('jwt:"nnn') and '…" as "ccc' in long
+    assert Identity("", Role.OPERATOR, "open").actor("bob") == "bob"  # an open API trusts the claim
+    for who in (alice, Identity("", Role.OPERATOR, "open")):
+        with pytest.raises(InvalidArgument, match="keeps 'cert:', 'token:' and 'jwt:' for verified identities"):
+            who.actor("token:alice")
 
 
 async def test_a_jwt_subject_and_a_token_file_identity_of_the_same_name_stay_apart(

@@ -56,8 +56,9 @@ def read_certificate(der: bytes) -> CertificateNames:
             alternatives = list(certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
         except x509.ExtensionNotFound:
             alternatives = []
-    except ValueError as error:
-        raise Unauthenticated(f"the client certificate's names cannot be read: {error}") from None
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise Unauthenticated(f"the client certificate's names cannot be read: {reason}") from None
     common_names = [str(attribute.value) for attribute in subject if attribute.oid == NameOID.COMMON_NAME]
     dns_names = [name.value for name in alternatives if isinstance(name, x509.DNSName)]
     elsewhere = [
