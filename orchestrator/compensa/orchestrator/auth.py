@@ -165,8 +165,10 @@ def _logged(text: str, room: int, *, bare_if_plain: bool) -> str:
     ]
     if sum(map(len, pieces)) + 2 > room:
         kept: list[str] = []
+        size = 3  # the quotes and "…"
         for piece in pieces:
-            if sum(map(len, kept)) + len(piece) + 3 > room:
+            size += len(piece)
+            if size > room:
                 break
             kept.append(piece)
         pieces = [*kept, "…"]
