@@ -3,11 +3,15 @@
 Three roles, each including the one before: reader (get, list, watch, status,
 the dashboard), starter (+ StartSaga, CompleteStep) and operator (+ cancel,
 retry, resolve, register definitions and participant addresses). An identity comes from a verified client
-certificate (its common name or a subject alternative name, given a role by
-`serve --operator NAME` or `--role NAME=ROLE`) or from a bearer token: listed in
-a token file (`serve --tokens FILE`), or a JWT signed by a key of a configured
-key set (`serve --jwt-keys FILE`) carrying `sub`, `role` and optionally
-`definitions` claims; tokens may be scoped to definition names.
+certificate (its common name or a DNS subject alternative name, given a role by
+`serve --operator NAME` or `--role NAME=ROLE`; see `certificates`) or from a
+bearer token: listed in a token file (`serve --tokens FILE`), or a JWT signed
+by a key of a configured key set (`serve --jwt-keys FILE`) carrying `sub`,
+`role` and optionally `definitions` claims; tokens may be scoped to definition
+names. Each kind is an identity of its own: the JWT subject alice is not the
+token-file identity alice nor the certificate alice, in the saga log
+(`jwt:alice`, `token:alice`, `cert:alice`) as in the stream limit and the
+dashboard's form token.
 
 With none of this configured the API is open, as it always was: every caller
 may do everything (the server warns at start). Both faces, gRPC and HTTP, ask
@@ -22,14 +26,17 @@ import enum
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from compensa.orchestrator.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from compensa.orchestrator.certificates import CertificateNames, read_certificate
+from compensa.orchestrator.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated, quote
+from compensa.orchestrator.limits import MAX_ACTOR_CHARS, MAX_STORED_ACTOR_CHARS, check_text
 
 __all__ = [
     "REQUIRED_ROLE",
@@ -91,9 +98,11 @@ def parse_role(text: str) -> Role:
 class Identity:
     """A caller as the deployment knows it.
 
-    `how` is "certificate", "token" or "open" (nothing configured: whoever
-    calls is trusted as the name it claims). `definitions` limits the caller
-    to sagas of those definitions; empty means every definition.
+    `how` is "certificate", "token" (the token file), "jwt" or "open"
+    (nothing configured: whoever calls is trusted as the name it claims);
+    two identities are the same only when both `how` and `name` are.
+    `definitions` limits the caller to sagas of those definitions; empty
+    means every definition.
     """
 
     name: str
@@ -108,16 +117,62 @@ class Identity:
         return f"{self.how} {self.name} (role {self.role.label})"
 
     def actor(self, claimed: str) -> str:
-        """Who acted, for the saga's log: the verified name, next to the
-        actor the request claims when that differs."""
-        if self.how == "open" or not self.name:
+        """Who acted, for the saga's log: the verified identity as KIND:NAME
+        (`cert:ops-console`, `token:alice`, `jwt:alice`), then the actor the
+        request claims when it differs from the name, always quoted
+        (`token:alice as "ops desk"`). A name is quoted too unless it is plain
+        (letters, digits, `._@+=/:~-`), so that no name and no claim reads as
+        another identity. On an open API the claim is all there is, and is
+        recorded as it is. InvalidArgument if the claim cannot be stored or
+        begins with a kind prefix."""
+        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
+        if _KIND_PREFIX.match(claimed):
+            raise InvalidArgument(
+                f"actor {quote(claimed)} begins with {claimed.partition(':')[0]!r}: the saga log keeps 'cert:',"
+                " 'token:' and 'jwt:' for verified identities; claim a name without it"
+            )
+        if self.how == "open":
             return claimed or self.name
-        if claimed and claimed != self.name:
-            return f"{claimed} ({self.how} {self.name})"
-        return self.name
+        identity = f"{_LOG_KINDS[self.how]}:{_logged(self.name, _NAME_ROOM, bare_if_plain=True)}"
+        if not claimed or claimed == self.name:
+            return identity
+        room = MAX_STORED_ACTOR_CHARS - len(identity) - len(" as ")
+        return f"{identity} as {_logged(claimed, room, bare_if_plain=False)}"
 
     def may_see(self, definition_name: str) -> bool:
         return not self.definitions or definition_name in self.definitions
+
+
+#: How the saga log writes each kind of verified identity.
+_LOG_KINDS = {"certificate": "cert", "token": "token", "jwt": "jwt"}
+_KIND_PREFIX = re.compile(r"(?:cert|token|jwt):")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._@+=/:~-]+")
+#: At most this much of the log's actor column goes to the identity's name;
+#: the claimed actor keeps the rest.
+_NAME_ROOM = 128
+
+
+def _logged(text: str, room: int, *, bare_if_plain: bool) -> str:
+    """`text` for the log in at most `room` characters: bare when plain (and
+    allowed), else in double quotes with `"` and `\\` escaped and non-printing
+    characters as escapes; cut short with "…" inside the quotes."""
+    if bare_if_plain and len(text) <= room and _PLAIN_NAME.fullmatch(text):
+        return text
+    pieces = [
+        "\\" + character if character in '"\\'
+        else character if character.isprintable() else character.encode("unicode_escape").decode()
+        for character in text
+    ]
+    if sum(map(len, pieces)) + 2 > room:
+        kept: list[str] = []
+        size = 3  # the quotes and "…"
+        for piece in pieces:
+            size += len(piece)
+            if size > room:
+                break
+            kept.append(piece)
+        pieces = [*kept, "…"]
+    return '"' + "".join(pieces) + '"'
 
 
 @dataclass(frozen=True)
@@ -265,38 +320,61 @@ class AccessPolicy:
     def open(self) -> bool:
         return not self.certificate_roles and not self.tokens and self.jwt is None
 
-    def identify(self, certificate_names: Iterable[str], authorization: str | None, *, anonymous: str = "") -> Identity:
+    def identify(self, certificate: bytes | None, authorization: str | None, *, anonymous: str = "") -> Identity:
         """The caller, from a bearer token (checked first: a gateway with a
         certificate of its own may forward its users' tokens) or a verified
-        client certificate; Unauthenticated if neither is accepted."""
+        client certificate (DER, as the peer presented it); Unauthenticated
+        if neither is accepted. Every face calls this, so a certificate means
+        the same everywhere."""
         # An open API has nothing to check a token against: it is ignored.
         token = None if self.open else bearer_token(authorization)
         if token is not None:
             if self.jwt is not None and token.count(".") == 2:
                 signed = self.jwt.verify(token)
-                return Identity(signed.identity, signed.role, "token", signed.definitions)
+                return Identity(signed.identity, signed.role, "jwt", signed.definitions)
             grant = self._grant(token)
             if grant is None:
                 raise Unauthenticated("the bearer token is not recognised: check the token file of serve --tokens")
             return Identity(grant.identity, grant.role, "token", grant.definitions)
-        names = list(certificate_names)
-        if names:
-            if self.open:
-                return Identity(names[0], Role.OPERATOR, "certificate")
-            # Named in the log by its first name (the common name), whichever
-            # of its names holds the role.
-            roles = [self.certificate_roles[name] for name in names if name in self.certificate_roles]
-            if roles:
-                return Identity(names[0], max(roles), "certificate")
-            if self.other_certificates is not None:
-                return Identity(names[0], self.other_certificates, "certificate")
-            raise PermissionDenied(f"client certificate {names[0]} has no role: give it one with serve --role")
+        if certificate is not None:
+            return self._certificate_identity(read_certificate(certificate))
         if self.open:
             return Identity(anonymous, Role.OPERATOR, "open")
         raise Unauthenticated(
             "this deployment needs a caller identity: a bearer token ('authorization: Bearer TOKEN')"
             " or a client certificate it knows"
         )
+
+    def _certificate_identity(self, names: CertificateNames) -> Identity:
+        """A certificate's identity: the one name of it given a role (the
+        common name or a DNS name: the log records the name that holds the
+        role), else its common name (or first DNS name) with the role of
+        other certificates. Unauthenticated, in one line, when that is
+        ambiguous: a granted name where names count for nothing, or two
+        granted names."""
+        if not names.counted:
+            raise Unauthenticated(
+                "the client certificate has no common name or DNS name to name it by: ask its CA for one"
+            )
+        for where, text in names.elsewhere:
+            if text in self.certificate_roles:
+                raise Unauthenticated(
+                    f"the client certificate carries {quote(text)}, a name given a role, as its {where};"
+                    " only its common name and DNS names count: ask its CA to name it there alone"
+                )
+        granted = [name for name in names.counted if name in self.certificate_roles]
+        if len(granted) > 1:
+            raise Unauthenticated(
+                f"the client certificate has {len(granted)} names given roles"
+                f" ({', '.join(quote(name) for name in granted)}): ask its CA for a certificate with one"
+            )
+        if granted:
+            return Identity(granted[0], self.certificate_roles[granted[0]], "certificate")
+        if self.open:
+            return Identity(names.counted[0], Role.OPERATOR, "certificate")
+        if self.other_certificates is not None:
+            return Identity(names.counted[0], self.other_certificates, "certificate")
+        raise PermissionDenied(f"client certificate {names.counted[0]} has no role: give it one with serve --role")
 
     def _grant(self, token: str) -> TokenGrant | None:
         digest = _digest(token)

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import re
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -38,7 +39,6 @@ from compensa.orchestrator.errors import (
     quote,
 )
 from compensa.orchestrator.limits import (
-    MAX_ACTOR_CHARS,
     MAX_STORED_ACTOR_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
@@ -232,12 +232,12 @@ def _start_fingerprint(request: orchestrator_pb2.StartSagaRequest) -> str:
     return digest.hexdigest()
 
 
-def _certificate_names(context: Context[Request, Response]) -> list[str]:
-    """The client certificate's common name and alternative names, when the
-    call came over mutual TLS (the certificate was verified by then)."""
-    auth = context.auth_context()
-    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
-    return list(dict.fromkeys(name.decode() for name in names))
+def _peer_certificate(context: Context[Request, Response]) -> bytes | None:
+    """The client certificate (DER) when the call came over mutual TLS (it
+    was verified by then). Read whole, not through gRPC's name properties:
+    those cut a name at a NUL byte and mix every kind of alternative name."""
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    return ssl.PEM_cert_to_DER_cert(pem.decode("ascii")) if pem is not None else None
 
 
 def _stream_client(identity: Identity | None, context: Context[Request, Response]) -> str:
@@ -302,7 +302,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             ),
             None,
         )
-        return self._access.identify(_certificate_names(context), authorization)
+        return self._access.identify(_peer_certificate(context), authorization)
 
     def _admit(self, action: str, context: Context[Request, Response]) -> Identity | None:
         """Checks the caller's role for `action`; who it is (None on an open
@@ -336,7 +336,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> saga_pb2.Saga:
         """An operator action, recorded with who did it. Its fields are
         checked before anything is read."""
-        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
         identity = self._caller(context)
         event = operator_event(action, identity.actor(claimed), text)
         if not is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
@@ -711,7 +710,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.SetParticipantRequest,
         context: Context[orchestrator_pb2.SetParticipantRequest, orchestrator_pb2.SetParticipantResponse],
     ) -> orchestrator_pb2.SetParticipantResponse:
-        check_text(request.actor, "actor", max_chars=MAX_ACTOR_CHARS)
         actor = stored_text(self._caller(context).actor(request.actor), MAX_STORED_ACTOR_CHARS)
         if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
             raise InvalidArgument(

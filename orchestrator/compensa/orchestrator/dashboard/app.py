@@ -105,16 +105,12 @@ def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def _certificate_names(request: web.Request) -> list[str]:
-    """The verified client certificate's common name and DNS/IP alternative names."""
-    if request.transport is None:
-        return []
-    peer = request.transport.get_extra_info("peercert")
-    if not peer:
-        return []
-    names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
-    names += [value for kind, value in peer.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
-    return list(dict.fromkeys(names))
+def _peer_certificate(request: web.Request) -> bytes | None:
+    """The client certificate (DER), when one was presented and verified."""
+    connection = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    if not isinstance(connection, ssl.SSLObject) or not connection.getpeercert():
+        return None
+    return connection.getpeercert(binary_form=True)
 
 
 def _time(seconds: float | None) -> str:
@@ -256,7 +252,7 @@ class Dashboard:
         if authorization is None and cookie:
             authorization = f"Bearer {cookie}"
         identity = self._access.identify(
-            _certificate_names(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
+            _peer_certificate(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
         )
         request[_IDENTITY] = identity
         self._access.authorize(identity, "Dashboard")
@@ -526,7 +522,7 @@ class Dashboard:
         token = str(form.get("token", "")).strip()
         if not token:
             raise InvalidArgument("paste your access token")
-        identity = self._access.identify([], f"Bearer {token}")
+        identity = self._access.identify(None, f"Bearer {token}")
         self._access.authorize(identity, "Dashboard")
         response = web.HTTPSeeOther("/")
         response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=self._tls, path="/")
