@@ -25,7 +25,7 @@ from compensa.orchestrator.auth import Role, check_scope, load_token_file
 from compensa.orchestrator.errors import InvalidArgument
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
-O = orchestrator_pb2
+pb = orchestrator_pb2
 COMPENSA = REPO / ".venv" / "bin" / "compensa"
 
 #: Definition "other" (the scope of token "elsewhere") names participant
@@ -77,16 +77,16 @@ async def _single_saga_answers(
 ) -> dict[str, tuple[grpc.StatusCode, str]]:
     """What each call over one saga answers `metadata`'s caller."""
     calls = {
-        "GetSaga": lambda: stub.GetSaga(O.GetSagaRequest(saga_id=saga_id), metadata=metadata),  # type: ignore[attr-defined]
+        "GetSaga": lambda: stub.GetSaga(pb.GetSagaRequest(saga_id=saga_id), metadata=metadata),  # type: ignore[attr-defined]
         "WatchSaga": lambda: stub.WatchSaga(  # type: ignore[attr-defined]
-            O.WatchSagaRequest(saga_id=saga_id), metadata=metadata
+            pb.WatchSagaRequest(saga_id=saga_id), metadata=metadata
         ).read(),
         "CancelSaga": lambda: stub.CancelSaga(  # type: ignore[attr-defined]
-            O.CancelSagaRequest(saga_id=saga_id, reason="x"), metadata=metadata
+            pb.CancelSagaRequest(saga_id=saga_id, reason="x"), metadata=metadata
         ),
-        "RetrySaga": lambda: stub.RetrySaga(O.RetrySagaRequest(saga_id=saga_id), metadata=metadata),  # type: ignore[attr-defined]
+        "RetrySaga": lambda: stub.RetrySaga(pb.RetrySagaRequest(saga_id=saga_id), metadata=metadata),  # type: ignore[attr-defined]
         "ResolveSaga": lambda: stub.ResolveSaga(  # type: ignore[attr-defined]
-            O.ResolveSagaRequest(saga_id=saga_id, note="x"), metadata=metadata
+            pb.ResolveSagaRequest(saga_id=saga_id, note="x"), metadata=metadata
         ),
     }
     answers = {}
@@ -114,13 +114,13 @@ async def test_a_saga_outside_the_callers_scope_is_answered_as_one_that_does_not
         # A saga id taken in another definition: the same answer as any
         # conflict, naming no definition; and GetSaga still says NOT_FOUND.
         await rig.stub.StartSaga(
-            O.StartSagaRequest(saga_id="mine-1", definition_name="other", input=checkout_input()),
+            pb.StartSagaRequest(saga_id="mine-1", definition_name="other", input=checkout_input()),
             metadata=bearer("elsewhere"),
         )
         conflicts = []
         for saga_id in ("hidden-1", "mine-1"):
             conflict = await _refusal(rig.stub.StartSaga(
-                O.StartSagaRequest(saga_id=saga_id, definition_name="other", input=checkout_input()),
+                pb.StartSagaRequest(saga_id=saga_id, definition_name="other", input=checkout_input()),
                 metadata=bearer("elsewhere"),
             ))
             assert conflict.code() == grpc.StatusCode.ALREADY_EXISTS
@@ -136,8 +136,8 @@ async def test_a_saga_outside_the_callers_scope_is_answered_as_one_that_does_not
                 async with session.post(f"{rig.url}/sagas/{saga_id}/cancel", data={"form_token": "x"}) as answer:
                     pages[saga_id + "/cancel"] = (answer.status, (await answer.text()).replace(saga_id, "ID"))
             assert pages["hidden-1"] == pages["never-was-1"] and pages["hidden-1"][0] == 404
-            assert pages["hidden-1/cancel"][0] in (403, 404) and "board" not in pages["hidden-1/cancel"][1]
-            assert "board" not in pages["hidden-1"][1]
+            assert pages["hidden-1/cancel"] == pages["never-was-1/cancel"]
+            assert not re.search(r"\bboard\b", pages["hidden-1"][1] + pages["hidden-1/cancel"][1])
 
 
 async def test_a_scoped_operator_sets_only_participants_no_other_definition_names_and_lists_only_its_own(
@@ -145,26 +145,26 @@ async def test_a_scoped_operator_sets_only_participants_no_other_definition_name
 ) -> None:
     async with _rig(tmp_path, make_postgres_url) as rig:
         before = {p.name: p.address for p in (await rig.stub.ListParticipants(
-            O.ListParticipantsRequest(), metadata=bearer("operator"))).participants}
+            pb.ListParticipantsRequest(), metadata=bearer("operator"))).participants}
         assert set(before) == {"scripted", "other-side"}
         refused = await _refusal(rig.stub.SetParticipant(
-            O.SetParticipantRequest(name="scripted", address="127.0.0.1:1"), metadata=bearer("elsewhere")
+            pb.SetParticipantRequest(name="scripted", address="127.0.0.1:1"), metadata=bearer("elsewhere")
         ))
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "board" not in (refused.details() or "") and "scripted" in (refused.details() or "")
         mine = await rig.stub.SetParticipant(
-            O.SetParticipantRequest(name="other-side", address="127.0.0.1:2"), metadata=bearer("elsewhere")
+            pb.SetParticipantRequest(name="other-side", address="127.0.0.1:2"), metadata=bearer("elsewhere")
         )
         assert mine.participant.address == "127.0.0.1:2"
         fresh = await rig.stub.SetParticipant(
-            O.SetParticipantRequest(name="fresh", address="127.0.0.1:3"), metadata=bearer("elsewhere")
+            pb.SetParticipantRequest(name="fresh", address="127.0.0.1:3"), metadata=bearer("elsewhere")
         )
         assert fresh.participant.name == "fresh"
         after = {p.name: p.address for p in (await rig.stub.ListParticipants(
-            O.ListParticipantsRequest(), metadata=bearer("operator"))).participants}
+            pb.ListParticipantsRequest(), metadata=bearer("operator"))).participants}
         assert after["scripted"] == before["scripted"]
 
-        seen = await rig.stub.ListParticipants(O.ListParticipantsRequest(), metadata=bearer("elsewhere"))
+        seen = await rig.stub.ListParticipants(pb.ListParticipantsRequest(), metadata=bearer("elsewhere"))
         assert [p.name for p in seen.participants] == ["other-side"]
 
 
@@ -172,7 +172,7 @@ def test_every_scope_is_checked_by_one_function_and_nothing_empty_or_malformed_w
     assert check_scope(None, "x") == frozenset()
     assert check_scope(["other", "board"], "x") == frozenset({"other", "board"})
     for bad in ([], [""], [" "], "board", ["bad name!"], [1], ["board", ""]):
-        with pytest.raises(InvalidArgument, match="^x: 'definitions'"):
+        with pytest.raises(InvalidArgument, match=r"^x: 'definitions'"):
             check_scope(bad, "x")
     token_file = tmp_path / "tokens.yaml"
     for scope in ("[]", "['']", "board"):
@@ -192,8 +192,8 @@ async def test_a_jwt_whose_scope_names_nothing_is_refused_at_sign_in(
         for scope in ([""], [], ["bad name!"], "board"):
             token = sign(sub="frank", role="reader", definitions=scope)
             for call in (
-                rig.stub.ListSagas(O.ListSagasRequest(), metadata=_as(token)),
-                rig.stub.WatchSagas(O.WatchSagasRequest(), metadata=_as(token)).read(),
+                rig.stub.ListSagas(pb.ListSagasRequest(), metadata=_as(token)),
+                rig.stub.WatchSagas(pb.WatchSagasRequest(), metadata=_as(token)).read(),
             ):
                 refused = await _refusal(call)
                 assert refused.code() == grpc.StatusCode.UNAUTHENTICATED, scope
@@ -211,10 +211,10 @@ async def test_unknown_kids_are_quoted_short_and_token_file_tokens_with_dots_sti
         tmp_path, make_postgres_url, jwt_keys=key_set, jwt_audience="compensa", token_file=tokens
     ) as rig:
         long_kid = "k" * 1000
-        refused = await _refusal(rig.stub.ListSagas(O.ListSagasRequest(), metadata=_as(sign(kid=long_kid, sub="x"))))
+        refused = await _refusal(rig.stub.ListSagas(pb.ListSagasRequest(), metadata=_as(sign(kid=long_kid, sub="x"))))
         assert refused.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "k" * 41 not in (refused.details() or "") and "(1000 characters)" in (refused.details() or "")
-        assert (await rig.stub.ListSagas(O.ListSagasRequest(), metadata=_as(dotted))).sagas == []
+        assert (await rig.stub.ListSagas(pb.ListSagasRequest(), metadata=_as(dotted))).sagas == []
 
 
 async def test_refused_calls_are_logged_without_the_token_and_counted_by_reason(
@@ -224,8 +224,8 @@ async def test_refused_calls_are_logged_without_the_token_and_counted_by_reason(
     forged = "forged-token-0123456789"
     async with _rig(tmp_path, make_postgres_url) as rig:
         for _ in range(50):
-            await _refusal(rig.stub.ListSagas(O.ListSagasRequest(), metadata=_as(forged)))
-        await _refusal(rig.stub.CancelSaga(O.CancelSagaRequest(saga_id="x"), metadata=bearer("reader")))
+            await _refusal(rig.stub.ListSagas(pb.ListSagasRequest(), metadata=_as(forged)))
+        await _refusal(rig.stub.CancelSaga(pb.CancelSagaRequest(saga_id="x"), metadata=bearer("reader")))
         async with aiohttp.ClientSession() as session, session.get(rig.url + "/") as page:
             assert page.status == 401
         registry = rig.orchestrator.engine.metrics.registry
@@ -273,7 +273,7 @@ async def test_dashboard_refuses_null_and_foreign_origins_shows_only_fixed_notic
 
 
 async def test_certificate_scopes_hold_over_mutual_tls_on_the_api_and_the_dashboard(
-    pki: Pki, tmp_path: Path, make_postgres_url: Callable[[], str]
+    pki: Pki, tmp_path: Path, make_postgres_url: Callable[[], str]  # noqa: F811 (test_tls's fixture)
 ) -> None:
     async with (
         _rig(
@@ -284,15 +284,15 @@ async def test_certificate_scopes_hold_over_mutual_tls_on_the_api_and_the_dashbo
     ):
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         await stub.StartSaga(
-            O.StartSagaRequest(saga_id="tls-hidden-1", definition_name="board", input=checkout_input()),
+            pb.StartSagaRequest(saga_id="tls-hidden-1", definition_name="board", input=checkout_input()),
             metadata=bearer("starter"),  # a token over TLS wins over the certificate
         )
         hidden = await _single_saga_answers(stub, "tls-hidden-1", ())
         assert hidden == await _single_saga_answers(stub, "never-was-1", ())
         assert all(code == grpc.StatusCode.NOT_FOUND for code, _ in hidden.values()), hidden
-        seen = await stub.ListParticipants(O.ListParticipantsRequest())
+        seen = await stub.ListParticipants(pb.ListParticipantsRequest())
         assert [p.name for p in seen.participants] == ["other-side"]
-        refused = await _refusal(stub.SetParticipant(O.SetParticipantRequest(name="scripted", address="127.0.0.1:1")))
+        refused = await _refusal(stub.SetParticipant(pb.SetParticipantRequest(name="scripted", address="127.0.0.1:1")))
         assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
 
         context = ssl.create_default_context(cafile=str(pki.ca))

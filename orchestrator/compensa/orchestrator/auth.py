@@ -7,7 +7,14 @@ certificate (its common name or a subject alternative name, given a role by
 `serve --operator NAME` or `--role NAME=ROLE`) or from a bearer token: listed in
 a token file (`serve --tokens FILE`), or a JWT signed by a key of a configured
 key set (`serve --jwt-keys FILE`) carrying `sub`, `role` and optionally
-`definitions` claims; tokens may be scoped to definition names.
+`definitions` claims; tokens and certificates may be scoped to definition
+names (`check_scope`, one check for every way of naming a scope).
+
+A caller limited to some definitions learns nothing of the others: a saga of
+another definition is answered exactly as one that does not exist
+(`require_visible`), and participants are shown and changed only within the
+definitions that name them. Refused calls are logged (rate-limited, never a
+token) and counted by reason (`RefusedCalls`).
 
 With none of this configured the API is open, as it always was: every caller
 may do everything (the server warns at start). Both faces, gRPC and HTTP, ask
@@ -22,23 +29,40 @@ import enum
 import hashlib
 import hmac
 import json
-from collections.abc import Iterable, Iterator, Mapping
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from compensa.orchestrator.errors import InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from compensa.orchestrator.definitions import NAME_PATTERN
+from compensa.orchestrator.errors import (
+    CompensaError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    quote,
+    saga_not_found,
+)
+
+log = logging.getLogger("compensa.access")
 
 __all__ = [
     "REQUIRED_ROLE",
     "AccessPolicy",
     "Identity",
     "JwtKeys",
+    "OutOfScope",
+    "RefusedCalls",
     "Role",
     "StreamLimit",
     "TokenGrant",
+    "check_scope",
     "load_jwt_keys",
     "load_token_file",
     "parse_role",
@@ -85,6 +109,36 @@ def parse_role(text: str) -> Role:
         return Role[text.strip().upper()]
     except KeyError:
         raise InvalidArgument(f"role {text!r} is not one of reader, starter, operator") from None
+
+
+def check_scope(names: object, where: str) -> frozenset[str]:
+    """The definitions a scope names: the one check of a token file entry's,
+    a JWT's and a certificate's `definitions`. None (no scope given) means
+    every definition; anything else must be a non-empty list of definition
+    names, so that a scope that is empty, malformed or names nothing is
+    refused rather than read as "every definition". InvalidArgument starting
+    with `where` otherwise."""
+    if names is None:
+        return frozenset()
+    if (
+        not isinstance(names, list) or not names
+        or not all(isinstance(name, str) and NAME_PATTERN.fullmatch(name) for name in names)
+    ):
+        raise InvalidArgument(
+            f"{where}: 'definitions' must be a non-empty list of definition names (lowercase letters, digits,"
+            " '_' and '-'); leave it out for every definition"
+        )
+    return frozenset(names)
+
+
+class OutOfScope(NotFound):
+    """A saga outside the caller's definitions: answered exactly as a saga
+    that does not exist (NotFound's code, reason and message); `why`, for the
+    refusals' log only, says whose scope left it out."""
+
+    def __init__(self, saga_id: str, why: str) -> None:
+        super().__init__(str(saga_not_found(saga_id)))
+        self.why = why
 
 
 @dataclass(frozen=True)
@@ -159,9 +213,7 @@ def load_token_file(path: Path) -> dict[str, TokenGrant]:
         if not isinstance(identity, str) or not identity.strip():
             raise InvalidArgument(f"{where}: 'identity' (a name for the saga log) is required")
         role = parse_role(str(entry.get("role", "")))
-        definitions = entry.get("definitions", [])
-        if not isinstance(definitions, list) or not all(isinstance(name, str) and name for name in definitions):
-            raise InvalidArgument(f"{where}: 'definitions' must be a list of definition names")
+        definitions = check_scope(entry.get("definitions"), where)
         if "sha256" in entry:
             digest = str(entry["sha256"]).strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -172,7 +224,7 @@ def load_token_file(path: Path) -> dict[str, TokenGrant]:
             raise InvalidArgument(f"{where}: give 'sha256' (of the token) or 'token' (at least 16 characters)")
         if digest in grants:
             raise InvalidArgument(f"{where}: the same token is listed twice")
-        grants[digest] = TokenGrant(identity.strip(), role, frozenset(definitions))
+        grants[digest] = TokenGrant(identity.strip(), role, definitions)
     return grants
 
 
@@ -196,7 +248,9 @@ class JwtKeys:
             kid = jwt.get_unverified_header(token).get("kid")
             keys = [key for key in self.key_set.keys if kid is None or key.key_id == kid]
             if not keys:
-                raise Unauthenticated(f"the bearer token's key {kid!r} is not in the key set of serve --jwt-keys")
+                raise Unauthenticated(
+                    f"the bearer token's key {quote(str(kid))} is not in the key set of serve --jwt-keys"
+                )
             claims = jwt.decode(
                 token,
                 keys[0].key,
@@ -213,10 +267,11 @@ class JwtKeys:
             role = parse_role(str(claims.get("role", "")))
         except InvalidArgument as error:
             raise Unauthenticated(f"the bearer token's 'role' claim: {error}") from None
-        definitions = claims.get("definitions", [])
-        if not isinstance(definitions, list) or not all(isinstance(name, str) for name in definitions):
-            raise Unauthenticated("the bearer token's 'definitions' claim must be a list of definition names")
-        return TokenGrant(str(claims["sub"]), role, frozenset(definitions))
+        try:
+            definitions = check_scope(claims.get("definitions"), "the bearer token (a JWT)")
+        except InvalidArgument as error:
+            raise Unauthenticated(str(error)) from None
+        return TokenGrant(str(claims["sub"]), role, definitions)
 
 
 def load_jwt_keys(path: Path, *, audience: str | None = None, issuer: str | None = None) -> JwtKeys:
@@ -250,13 +305,15 @@ def bearer_token(authorization: str | None) -> str | None:
 class AccessPolicy:
     """The deployment's access rules; `open` when nothing is configured.
 
-    `certificate_roles` gives certificate names their roles;
-    `other_certificates` is the role of a verified certificate not named
-    there (None: such a certificate is refused), by default starter, as
-    before roles existed.
+    `certificate_roles` gives certificate names their roles and
+    `certificate_scopes` (checked with `check_scope`) limits some of them to
+    definitions; `other_certificates` is the role of a verified certificate
+    not named there (None: such a certificate is refused), by default
+    starter, as before roles existed.
     """
 
     certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    certificate_scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     tokens: Mapping[str, TokenGrant] = field(default_factory=dict)
     other_certificates: Role | None = Role.STARTER
     jwt: JwtKeys | None = None
@@ -272,10 +329,10 @@ class AccessPolicy:
         # An open API has nothing to check a token against: it is ignored.
         token = None if self.open else bearer_token(authorization)
         if token is not None:
-            if self.jwt is not None and token.count(".") == 2:
-                signed = self.jwt.verify(token)
-                return Identity(signed.identity, signed.role, "token", signed.definitions)
+            # The token file first: one of its tokens may look like a JWT.
             grant = self._grant(token)
+            if grant is None and self.jwt is not None and token.count(".") == 2:
+                grant = self.jwt.verify(token)
             if grant is None:
                 raise Unauthenticated("the bearer token is not recognised: check the token file of serve --tokens")
             return Identity(grant.identity, grant.role, "token", grant.definitions)
@@ -285,9 +342,16 @@ class AccessPolicy:
                 return Identity(names[0], Role.OPERATOR, "certificate")
             # Named in the log by its first name (the common name), whichever
             # of its names holds the role.
-            roles = [self.certificate_roles[name] for name in names if name in self.certificate_roles]
-            if roles:
-                return Identity(names[0], max(roles), "certificate")
+            granted = [name for name in names if name in self.certificate_roles]
+            if granted:
+                scopes = {self.certificate_scopes.get(name, frozenset()) for name in granted}
+                if len(scopes) > 1:
+                    raise PermissionDenied(
+                        f"client certificate {names[0]}: its names {', '.join(granted)} have different definition"
+                        " scopes (serve --role NAME=ROLE:DEFINITIONS); give them the same one"
+                    )
+                role = max(self.certificate_roles[name] for name in granted)
+                return Identity(names[0], role, "certificate", scopes.pop())
             if self.other_certificates is not None:
                 return Identity(names[0], self.other_certificates, "certificate")
             raise PermissionDenied(f"client certificate {names[0]} has no role: give it one with serve --role")
@@ -318,6 +382,39 @@ class AccessPolicy:
             raise PermissionDenied(
                 f"{action} on definition {definition_name!r}: {identity.describe()} is limited to"
                 f" {', '.join(sorted(identity.definitions))}"
+            )
+
+    @staticmethod
+    def require_visible(identity: Identity | None, saga_id: str, definition_name: str) -> None:
+        """For a saga of `definition_name`: NotFound, worded as for a saga
+        that does not exist, unless `identity` (None: an open API) may see it."""
+        if identity is not None and not identity.may_see(definition_name):
+            raise OutOfScope(
+                saga_id, f"its definition {definition_name!r} is outside the scope of {identity.describe()}"
+            )
+
+    @staticmethod
+    def visible_participants(identity: Identity, named: Mapping[str, frozenset[str]]) -> frozenset[str] | None:
+        """The participants `identity` may see and set, given the participants
+        each definition names (every version): those of its definitions; None
+        for an identity of the whole deployment (every participant)."""
+        if not identity.definitions:
+            return None
+        return frozenset().union(*(named.get(name, frozenset()) for name in identity.definitions))
+
+    @staticmethod
+    def require_settable_participant(
+        identity: Identity, participant: str, named: Mapping[str, frozenset[str]]
+    ) -> None:
+        """A caller limited to some definitions may change only a participant
+        that no other definition names (a new one included): the address of
+        one another definition calls would receive that definition's calls."""
+        if identity.definitions and any(
+            participant in participants for name, participants in named.items() if name not in identity.definitions
+        ):
+            raise PermissionDenied(
+                f"SetParticipant {quote(participant)}: a definition outside the scope of {identity.describe()}"
+                " names this participant; an identity not limited to definitions must change it"
             )
 
     @staticmethod
@@ -365,3 +462,41 @@ class StreamLimit:
                 self._open[client] = left
             else:
                 del self._open[client]
+
+
+class RefusedCalls:
+    """Refused calls leave a trace: each is counted by reason (`count`:
+    "unauthenticated", "permission_denied", or "out_of_scope" for a saga
+    answered as not found), and logged at most once per reason every
+    `interval` seconds with how many were refused meanwhile, so that probing
+    shows without flooding the log. Messages never hold a token."""
+
+    def __init__(self, count: Callable[[str], None], *, interval: float = 10.0) -> None:
+        self._count = count
+        self._interval = interval
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def note(self, error: CompensaError, action: str, caller: str) -> None:
+        """Counts `error` if it refused the call; logs it if its reason's interval has passed."""
+        reason = _refusal_reason(error)
+        if reason is None:
+            return
+        self._count(reason)
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -self._interval) < self._interval:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._last_logged[reason] = now
+        unlogged = self._unlogged.pop(reason, 0)
+        since = f" ({unlogged} more refused for this reason since the last such line)" if unlogged else ""
+        why = f" ({error.why})" if isinstance(error, OutOfScope) else ""
+        log.warning("refused %s from %s: %s %s%s%s", action, caller, error.code.name, error, why, since)
+
+
+def _refusal_reason(error: CompensaError) -> str | None:
+    if isinstance(error, OutOfScope):
+        return "out_of_scope"
+    if isinstance(error, (Unauthenticated, PermissionDenied)):
+        return error.code.name.lower()
+    return None
