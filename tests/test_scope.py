@@ -174,13 +174,13 @@ async def test_a_scoped_operator_sets_only_participants_no_other_definition_name
 
 
 def test_every_scope_is_checked_by_one_function_and_nothing_empty_or_malformed_widens(tmp_path: Path) -> None:
-    assert check_scope(None, "x") == frozenset()
-    assert check_scope(["other", "board"], "x") == frozenset({"other", "board"})
-    for bad in ([], [""], [" "], "board", ["bad name!"], [1], ["board", ""]):
+    assert check_scope({}, "x") == frozenset()
+    assert check_scope({"definitions": ["other", "board"]}, "x") == frozenset({"other", "board"})
+    for bad in (None, [], [""], [" "], "board", ["bad name!"], [1], ["board", ""]):
         with pytest.raises(InvalidArgument, match=r"^x: 'definitions'"):
-            check_scope(bad, "x")
+            check_scope({"definitions": bad}, "x")
     token_file = tmp_path / "tokens.yaml"
-    for scope in ("[]", "['']", "board"):
+    for scope in ("[]", "['']", "board", ""):
         token_file.write_text(
             f"tokens:\n  - token: a-long-enough-token-1\n    identity: x\n    role: reader\n    definitions: {scope}\n"
         )
@@ -194,7 +194,7 @@ async def test_a_jwt_whose_scope_names_nothing_is_refused_at_sign_in(
     key_set, sign = _jwt_signer(tmp_path)
     async with _rig(tmp_path, make_postgres_url, jwt_keys=key_set, jwt_audience="compensa") as rig:
         await rig.begin("jwt-scope-1")
-        for scope in ([""], [], ["bad name!"], "board"):
+        for scope in ([""], [], ["bad name!"], "board", None):
             token = sign(sub="frank", role="reader", definitions=scope)
             for call in (
                 rig.stub.ListSagas(pb.ListSagasRequest(), metadata=_as(token)),

@@ -111,15 +111,16 @@ def parse_role(text: str) -> Role:
         raise InvalidArgument(f"role {text!r} is not one of reader, starter, operator") from None
 
 
-def check_scope(names: object, where: str) -> frozenset[str]:
-    """The definitions a scope names: the one check of a token file entry's,
-    a JWT's and a certificate's `definitions`. None (no scope given) means
-    every definition; anything else must be a non-empty list of definition
-    names, so that a scope that is empty, malformed or names nothing is
-    refused rather than read as "every definition". InvalidArgument starting
-    with `where` otherwise."""
-    if names is None:
+def check_scope(holder: Mapping[str, object], where: str) -> frozenset[str]:
+    """The definitions `holder`'s `definitions` names: the one check of a
+    token file entry's, a JWT's and a certificate's scope. No `definitions`
+    key means every definition; anything else (null included) must be a
+    non-empty list of definition names, so that a scope that is empty,
+    malformed or names nothing is refused rather than read as "every
+    definition". InvalidArgument starting with `where` otherwise."""
+    if "definitions" not in holder:
         return frozenset()
+    names = holder["definitions"]
     if (
         not isinstance(names, list) or not names
         or not all(isinstance(name, str) and NAME_PATTERN.fullmatch(name) for name in names)
@@ -213,7 +214,7 @@ def load_token_file(path: Path) -> dict[str, TokenGrant]:
         if not isinstance(identity, str) or not identity.strip():
             raise InvalidArgument(f"{where}: 'identity' (a name for the saga log) is required")
         role = parse_role(str(entry.get("role", "")))
-        definitions = check_scope(entry.get("definitions"), where)
+        definitions = check_scope(entry, where)
         if "sha256" in entry:
             digest = str(entry["sha256"]).strip().lower()
             if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -268,7 +269,7 @@ class JwtKeys:
         except InvalidArgument as error:
             raise Unauthenticated(f"the bearer token's 'role' claim: {error}") from None
         try:
-            definitions = check_scope(claims.get("definitions"), "the bearer token (a JWT)")
+            definitions = check_scope(claims, "the bearer token (a JWT)")
         except InvalidArgument as error:
             raise Unauthenticated(str(error)) from None
         return TokenGrant(str(claims["sub"]), role, definitions)

@@ -189,7 +189,7 @@ def _parse_certificate_role(text: str) -> tuple[str, Role, frozenset[str]]:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
     role, colon, definitions = granted.partition(":")
     try:
-        scope = check_scope(definitions.split(","), f"--role {name}") if colon else frozenset()
+        scope = check_scope({"definitions": definitions.split(",")} if colon else {}, f"--role {name}")
         return name, parse_role(role), scope
     except CompensaError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
