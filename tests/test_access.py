@@ -99,8 +99,8 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
         scoped = await _refusal(
             stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id="role-1"), metadata=bearer("elsewhere"))
         )
-        assert scoped.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "limited to other" in (scoped.details() or "")
+        assert scoped.code() == grpc.StatusCode.NOT_FOUND  # as if it did not exist (test_scope.py)
+        assert scoped.details() == "saga 'role-1' not found"
         listing = await _refusal(stub.ListSagas(orchestrator_pb2.ListSagasRequest(), metadata=bearer("elsewhere")))
         assert listing.code() == grpc.StatusCode.PERMISSION_DENIED
         assert "pass definition_name" in (listing.details() or "")

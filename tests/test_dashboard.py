@@ -88,7 +88,7 @@ async def test_pages_need_an_identity_and_a_reader_may_look_but_not_act(
         assert (await rig.saga("page-1")).resolution_note == ""
         # A token limited to another definition does not see this saga.
         status, html = await _get(rig.url + "/sagas/page-1", who="elsewhere")
-        assert status == 403 and "limited to other" in html
+        assert status == 404 and "saga &#39;page-1&#39; not found" in html
         status, html = await _get(rig.url + "/", who="elsewhere")
         assert status == 200 and _listed(html) == []
 
