@@ -139,6 +139,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     the replica that took it; `message` names both replicas and says why.
     The saga's state does not change.
     """
+    EVENT_TYPE_BACKOFF_SKIPPED: _EventType.ValueType  # 20
+    """An operator (a bulk action's RETRY_NOW) made the steps waiting out a
+    retry backoff try again now; `message` says why (a bulk action names
+    itself: "bulk action ID: NOTE").
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -169,6 +174,11 @@ its lease (it crashed, or lost its database or its network), or an
 operator action or CompleteStep arrived at another replica. `actor` is
 the replica that took it; `message` names both replicas and says why.
 The saga's state does not change.
+"""
+EVENT_TYPE_BACKOFF_SKIPPED: EventType.ValueType  # 20
+"""An operator (a bulk action's RETRY_NOW) made the steps waiting out a
+retry backoff try again now; `message` says why (a bulk action names
+itself: "bulk action ID: NOTE").
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
