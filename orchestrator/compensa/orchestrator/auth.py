@@ -107,6 +107,12 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
+    "StartBulkAction": Role.OPERATOR,
+    "GetBulkAction": Role.OPERATOR,
+    "ListBulkActions": Role.OPERATOR,
+    "PauseBulkAction": Role.OPERATOR,
+    "ResumeBulkAction": Role.OPERATOR,
+    "CancelBulkAction": Role.OPERATOR,
 }
 
 

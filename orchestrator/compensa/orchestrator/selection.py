@@ -22,8 +22,8 @@ import dataclasses
 import datetime
 import re
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 from compensa.orchestrator.definitions import NAME_PATTERN
 from compensa.orchestrator.errors import InvalidArgument, quote
@@ -178,7 +178,9 @@ def parse_filter(text: str) -> SagaSelection:
         field, op, raw = match["field"], match["op"], match["value"]
         term = match.group(0).strip()
         if field not in FIELDS:
-            raise InvalidArgument(f"filter term {quote(term)}: unknown field {quote(field)}; known: {', '.join(FIELDS)}")
+            raise InvalidArgument(
+                f"filter term {quote(term)}: unknown field {quote(field)}; known: {', '.join(FIELDS)}"
+            )
         if op not in FIELDS[field]:
             raise InvalidArgument(
                 f"filter term {quote(term)}: {field} takes {' or '.join(FIELDS[field])}, not {op}"

@@ -27,6 +27,7 @@ from compensa.orchestrator import payloads
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
+from compensa.orchestrator.bulk import BulkRunner
 from compensa.orchestrator.engine import SagaEngine
 from compensa.orchestrator.errors import CompensaError, StoreUnavailable
 from compensa.orchestrator.service import OrchestratorService, service_handler
@@ -56,6 +57,8 @@ class RunningOrchestrator:
     metrics_port: int | None = None
     # The web dashboard, if it is served.
     dashboard: RunningDashboard | None = None
+    #: Works on bulk actions once the engine runs.
+    bulk: BulkRunner | None = None
     #: Done once the database is reached and the engine started; holds the
     #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
     ready: asyncio.Future[None] | None = None
@@ -72,6 +75,8 @@ class RunningOrchestrator:
             await self.dashboard.stop()
         await self.server.stop(grace)
         await self.service.stop()
+        if self.bulk is not None:
+            await self.bulk.stop()
         await self.engine.stop()
         await self.engine.store.close()
         self.engine.metrics.close()
@@ -110,6 +115,8 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
             log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
             await asyncio.sleep(delay)
     running.engine.start()
+    running.bulk = BulkRunner(running.engine)
+    running.bulk.start()
     await running.database_health.ready()
     running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)

@@ -39,11 +39,14 @@ from compensa.orchestrator.records import (
     StepRecord,
     takeover_event,
 )
+from compensa.orchestrator.selection import SagaSelection
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
+    BulkItem,
+    BulkJob,
     Claimed,
     ParticipantAddress,
     PendingAlert,
@@ -54,8 +57,6 @@ from compensa.orchestrator.store.base import (
     StoredEvent,
     WriteResult,
 )
-from compensa.orchestrator.store.base import BulkItem, BulkJob
-from compensa.orchestrator.selection import SagaSelection
 from compensa.orchestrator.store.schema import (
     ALERT_LOG,
     EVENT_LOG,
