@@ -24,10 +24,10 @@ from compensa.common.startup import (
 )
 from compensa.common.tls import TlsConfigError
 from compensa.orchestrator import payloads
+from compensa.orchestrator.bulk import BulkRunner
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
-from compensa.orchestrator.bulk import BulkRunner
 from compensa.orchestrator.engine import SagaEngine
 from compensa.orchestrator.errors import CompensaError, StoreUnavailable
 from compensa.orchestrator.service import OrchestratorService, service_handler
