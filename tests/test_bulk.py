@@ -14,16 +14,17 @@ import collections
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
-from dashboard_rig import bearer, dashboard_rig
+from dashboard_rig import DashboardRig, bearer, dashboard_rig
 from google.protobuf import any_pb2, wrappers_pb2
 from harness import checkout_input, poll_until
-from processes import REPO, ProcessSet
+from processes import ProcessSet
+from test_scope import OTHER
 
 from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, participant_pb2_grpc
 from compensa.v1 import saga_pb2 as S
@@ -171,7 +172,8 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
 
             participant.broken = False
             jobs = {}
-            for kind, text in ((bulk_pb2.BULK_ACTION_KIND_RETRY_NOW, retry_now), (bulk_pb2.BULK_ACTION_KIND_RETRY, retry)):
+            repairs = ((bulk_pb2.BULK_ACTION_KIND_RETRY_NOW, retry_now), (bulk_pb2.BULK_ACTION_KIND_RETRY, retry))
+            for kind, text in repairs:
                 started = await stub.StartBulkAction(
                     bulk_pb2.StartBulkActionRequest(
                         kind=kind, filter=text, note="payment client fixed (INC-7)", actor="ops",
@@ -195,13 +197,14 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
             replicas[victim].kill()
             survivor = stubs["b" if victim == "a" else "a"]
 
-            async def completed(job_id: str) -> bulk_pb2.BulkAction | None:
-                job = await _job(survivor, job_id)
-                return job if job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+            async def completed() -> list[bulk_pb2.BulkAction] | None:
+                found = [await _job(survivor, job_id) for job_id in jobs.values()]
+                return found if all(job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED for job in found) else None
 
-            finished = [await poll_until(lambda: completed(job_id), timeout=240, interval=0.5) for job_id in jobs.values()]
+            finished = await poll_until(completed, timeout=240, interval=0.5)
             for job, expected in zip(finished, (len(stuck), len(declined)), strict=True):
-                assert (job.selected_count, job.done_count, job.skipped_count, job.failed_count) == (expected, expected, 0, 0)
+                progress = (job.selected_count, job.done_count, job.skipped_count, job.failed_count)
+                assert progress == (expected, expected, 0, 0)
 
             async def summary() -> dict[int, int] | None:
                 answer = await survivor.SummarizeSagas(
@@ -229,3 +232,221 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
     # The participant saw the fix through: each charge ran again, each compensation again.
     assert all(participant.calls[(saga_id, "charge", "execute")] >= 2 for saga_id in stuck)
     assert all(participant.calls[(saga_id, "reserve", "compensate")] >= 2 for saga_id in declined)
+
+
+# --- bad input, roles and scope, pause/resume/cancel (one orchestrator in process) ---
+
+_KINDS = {
+    "cancel": bulk_pb2.BULK_ACTION_KIND_CANCEL,
+    "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
+    "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
+    "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
+}
+
+
+async def _refusal(call: object) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call  # type: ignore[misc]
+    return error.value
+
+
+def _start(kind: str, text: str, **fields: object) -> bulk_pb2.StartBulkActionRequest:
+    return bulk_pb2.StartBulkActionRequest(kind=_KINDS[kind], filter=text, **fields)  # type: ignore[arg-type]
+
+
+async def _failed_sagas(rig: DashboardRig, *saga_ids: str) -> None:
+    for saga_id in saga_ids:
+        await rig.failed_for_a_person(saga_id)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "fields", "named"),
+    [
+        ("retry", "stat=FAILED", {}, "unknown field 'stat'"),
+        ("retry", "state=FAILD", {}, "unknown saga state 'FAILD'"),
+        ("retry", "step_state=BROKEN", {}, "unknown step state 'BROKEN'"),
+        ("retry", "definition board", {}, "does not parse at character 1: 'definition board'"),
+        ("retry", "definition=board updated>=yesterday", {}, "'updated>=yesterday': 'yesterday' is not an RFC 3339"),
+        ("retry", "reason=timeout", {}, "reason takes :"),
+        ("retry", "state=FAILED state=RUNNING", {}, "state is given twice"),
+        ("retry", "version=2", {}, "a version needs definition=NAME"),
+        ("retry", "", {}, "filter is required"),
+        ("cancel", "state=COMPENSATED", {}, "CANCEL applies only to RUNNING sagas"),
+        ("resolve", "definition=board", {}, "note is required"),
+        ("retry", "definition=board", {"max_sagas_per_second": -1}, "max_sagas_per_second"),
+        ("retry", "definition=board", {"request_id": "a b"}, "request_id"),
+    ],
+)
+async def test_a_bad_filter_or_request_is_refused_naming_the_part_and_starts_nothing(
+    tmp_path: Path, make_postgres_url: Callable[[], str], kind: str, text: str, fields: dict[str, object], named: str
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        await _failed_sagas(rig, "f-1")
+        for validate_only in (True, False):
+            error = await _refusal(
+                rig.stub.StartBulkAction(_start(kind, text, validate_only=validate_only, **fields),
+                                         metadata=bearer("operator"))
+            )
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            assert named in (error.details() or "")
+        listed = await rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest(), metadata=bearer("operator"))
+        assert not listed.bulk_actions
+        assert (await rig.saga("f-1")).state == S.SAGA_STATE_FAILED
+
+
+async def test_a_dry_run_of_no_saga_says_so_and_a_start_of_none_starts_no_job(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None) as rig:
+        await _failed_sagas(rig, "f-1")
+        nothing = "definition=board id_prefix=nobody-"
+        dry = await rig.stub.StartBulkAction(_start("retry", nothing, validate_only=True))
+        assert (dry.selected_count, list(dry.sample), dry.HasField("bulk_action")) == (0, [], False)
+        error = await _refusal(rig.stub.StartBulkAction(_start("retry", nothing)))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "selects no saga RETRY applies to: no bulk action started" in (error.details() or "")
+        # The CLI says so too, and a dry run of what there is shows it without acting.
+        cli = [str(COMPENSA), "--address", rig.orchestrator.address, "bulk", "start", "retry", "--dry-run"]
+        said = subprocess.run([*cli, "--filter", nothing], capture_output=True, text=True, check=True).stdout
+        assert "the filter selects no saga that retry applies to: nothing would be done" in said
+        said = subprocess.run([*cli, "--filter", "state=FAILED"], capture_output=True, text=True, check=True).stdout
+        assert "retry would act on 1 sagas" in said and "f-1" in said
+        refused = subprocess.run([*cli, "--filter", "stat=FAILED"], capture_output=True, text=True)
+        assert refused.returncode == 2 and "unknown field 'stat'" in refused.stderr
+        listed = await rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest())
+        assert not listed.bulk_actions
+        assert (await rig.saga("f-1")).state == S.SAGA_STATE_FAILED
+
+
+async def test_bulk_actions_are_for_operators_and_a_scoped_token_stays_in_its_definitions(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    (tmp_path / "other.yaml").write_text(OTHER)
+    async with dashboard_rig(
+        tmp_path, make_postgres_url, definition_paths=(tmp_path / "board.yaml", tmp_path / "other.yaml"),
+        participants={"other-side": "127.0.0.1:9"},
+    ) as rig:
+        await _failed_sagas(rig, "f-1")
+        for who in ("reader", "starter"):
+            for call in (
+                rig.stub.StartBulkAction(_start("retry", "state=FAILED", validate_only=True), metadata=bearer(who)),
+                rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest(), metadata=bearer(who)),
+            ):
+                assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
+        # A token limited to definition "other" must filter on it.
+        for text in ("state=FAILED", "definition=board state=FAILED"):
+            error = await _refusal(rig.stub.StartBulkAction(_start("retry", text), metadata=bearer("elsewhere")))
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED, text
+        dry = await rig.stub.StartBulkAction(
+            _start("retry", "definition=other", validate_only=True), metadata=bearer("elsewhere")
+        )
+        assert dry.selected_count == 0
+        # The operator's job over "board" is not the scoped token's to see.
+        started = await rig.stub.StartBulkAction(
+            _start("resolve", "definition=board state=FAILED", note="refunded by hand"), metadata=bearer("operator")
+        )
+        job_id = started.bulk_action.bulk_action_id
+        for call in (
+            rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id), metadata=bearer("elsewhere")),
+            rig.stub.CancelBulkAction(
+                bulk_pb2.CancelBulkActionRequest(bulk_action_id=job_id), metadata=bearer("elsewhere")
+            ),
+        ):
+            assert (await _refusal(call)).code() == grpc.StatusCode.NOT_FOUND
+        listed = await rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest(), metadata=bearer("elsewhere"))
+        assert not listed.bulk_actions
+        # The event on the saga names the job and who started it.
+        resolved = await rig.until("f-1", lambda saga: bool(saga.resolution_note))
+        assert resolved.resolution_note == f"bulk action {job_id}: refunded by hand"
+        logged = [event for event in await rig.events("f-1") if event.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
+        assert [(event.actor, event.message) for event in logged] == [
+            ("token:alice", f"bulk action {job_id}: refunded by hand")
+        ]
+
+
+async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None) as rig:
+        await _failed_sagas(rig, "f-1", "f-2", "f-3", "f-4", "f-5")
+        stub = rig.stub
+
+        async def job(job_id: str) -> bulk_pb2.BulkAction:
+            return (await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
+
+        started = await stub.StartBulkAction(
+            _start("resolve", "id=f-1,f-2,f-3", note="done by hand", max_sagas_per_second=1, actor="ops")
+        )
+        job_id = started.bulk_action.bulk_action_id
+        assert started.bulk_action.selected_count == 3
+        await poll_until(lambda: _done_at_least(job(job_id), 1), timeout=30)
+        paused = (await stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id))).bulk_action
+        assert paused.state == bulk_pb2.BULK_ACTION_STATE_PAUSED
+        again = await stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id))
+        assert again.bulk_action.state == bulk_pb2.BULK_ACTION_STATE_PAUSED
+        # While it is paused, a person resolves f-3 by hand: the job skips it, saying why.
+        await stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id="f-3", note="mine", actor="bob"))
+        resumed = (await stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=job_id))).bulk_action
+        assert resumed.state == bulk_pb2.BULK_ACTION_STATE_RUNNING
+
+        async def completed() -> bulk_pb2.BulkAction | None:
+            found = await job(job_id)
+            return found if found.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+
+        done = await poll_until(completed, timeout=30)
+        assert (done.done_count, done.skipped_count, done.failed_count, done.pending_count) == (2, 1, 0, 0)
+        problems = (await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).problems
+        assert [(item.saga_id, item.outcome) for item in problems] == [("f-3", bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED)]
+        assert "changed since it was selected" in problems[0].reason and "OPERATOR_RESOLVED by bob" in problems[0].reason
+        assert (await rig.saga("f-3")).resolution_note == "mine"
+        for request in (
+            stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=job_id)),
+            stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id)),
+            stub.CancelBulkAction(bulk_pb2.CancelBulkActionRequest(bulk_action_id=job_id)),
+        ):
+            error = await _refusal(request)
+            assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "is COMPLETED" in (error.details() or "")
+
+        # Cancelled for good: what is left stays pending, and it cannot resume.
+        other = await stub.StartBulkAction(_start("retry", "id=f-4,f-5", max_sagas_per_second=1))
+        other_id = other.bulk_action.bulk_action_id
+        cancelled = (await stub.CancelBulkAction(bulk_pb2.CancelBulkActionRequest(bulk_action_id=other_id))).bulk_action
+        assert cancelled.state == bulk_pb2.BULK_ACTION_STATE_CANCELLED
+        error = await _refusal(stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=other_id)))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        listed = await stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest())
+        assert [job.bulk_action_id for job in listed.bulk_actions] == [other_id, job_id]
+        unknown = await _refusal(stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id="nope")))
+        assert unknown.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_two_jobs_that_select_the_same_sagas_act_on_each_once(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None) as rig:
+        saga_ids = [f"f-{n}" for n in range(6)]
+        await _failed_sagas(rig, *saga_ids)
+        jobs = [
+            (await rig.stub.StartBulkAction(_start("resolve", "state=FAILED", note=f"job {n}"))).bulk_action
+            for n in range(2)
+        ]
+        assert [job.selected_count for job in jobs] == [6, 6]
+
+        async def completed() -> list[bulk_pb2.BulkAction] | None:
+            found = [
+                (await rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job.bulk_action_id)))
+                .bulk_action for job in jobs
+            ]
+            return found if all(job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED for job in found) else None
+
+        finished = await poll_until(completed, timeout=30)
+        assert sum(job.done_count for job in finished) == 6
+        assert sum(job.skipped_count for job in finished) == 6
+        for saga_id in saga_ids:
+            resolutions = [e for e in await rig.events(saga_id) if e.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
+            assert len(resolutions) == 1
+
+
+async def _done_at_least(job: Awaitable[bulk_pb2.BulkAction], count: int) -> bool:
+    return (await job).done_count >= count

@@ -133,8 +133,10 @@ class BulkRunner:
         renewing = asyncio.create_task(self._renew(job, held))
         try:
             event = action_event(job)
+            batch = max(1, min(_BATCH, int(job.max_per_second)))
             while held.is_set():
-                items = await self._store.pending_bulk_items(job.bulk_action_id, _BATCH)
+                # A batch is at most a second's worth: the rate holds at every second.
+                items = await self._store.pending_bulk_items(job.bulk_action_id, batch)
                 if not items:
                     if await self._store.complete_bulk_job(
                         job.bulk_action_id, self._engine.owner, job.epoch, self._engine.clock.now()
