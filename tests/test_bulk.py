@@ -455,3 +455,19 @@ async def test_two_jobs_that_select_the_same_sagas_act_on_each_once(
 
 async def _done_at_least(job: Awaitable[bulk_pb2.BulkAction], count: int) -> bool:
     return (await job).done_count >= count
+
+
+async def test_bulk_actions_run_on_the_embedded_sqlite_too(tmp_path: Path) -> None:
+    async with dashboard_rig(tmp_path, lambda: f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}", token_file=None) as rig:
+        await _failed_sagas(rig, "f-1", "f-2")
+        started = await rig.stub.StartBulkAction(_start("retry", "definition=board state=FAILED id_prefix=f-"))
+        job_id = started.bulk_action.bulk_action_id
+
+        async def completed() -> bulk_pb2.BulkAction | None:
+            job = (await rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
+            return job if job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+
+        job = await poll_until(completed, timeout=30)
+        assert (job.selected_count, job.done_count) == (2, 2)
+        for saga_id in ("f-1", "f-2"):  # reserve's compensation runs again, and succeeds now
+            assert (await rig.final(saga_id)).state == S.SAGA_STATE_COMPENSATED
