@@ -17,10 +17,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import grpc
 import pytest
 import sqlalchemy as sa
-from dashboard_rig import DashboardRig, bearer, dashboard_rig
+from dashboard_rig import TOKENS, DashboardRig, bearer, dashboard_rig
 from google.protobuf import any_pb2, wrappers_pb2
 from harness import checkout_input, poll_until
 from processes import ProcessSet
@@ -359,6 +360,23 @@ async def test_bulk_actions_are_for_operators_and_a_scoped_token_stays_in_its_de
             assert (await _refusal(call)).code() == grpc.StatusCode.NOT_FOUND
         listed = await rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest(), metadata=bearer("elsewhere"))
         assert not listed.bulk_actions
+        # The dashboard lists jobs to operators and counts a filter, in the same language.
+        async with aiohttp.ClientSession() as session:
+
+            async def page(who: str, query: str = "") -> tuple[int, str]:
+                headers = {"Authorization": f"Bearer {TOKENS[who]}"}
+                async with session.get(f"{rig.url}/bulk{query}", headers=headers) as response:
+                    return response.status, await response.text()
+
+            status, html = await page("operator")
+            assert status == 200 and job_id in html and "definition=board state=FAILED" in html
+            assert (await page("reader"))[0] == 403
+            status, html = await page("elsewhere")
+            assert status == 200 and job_id not in html
+            status, html = await page("operator", "?action=retry&filter=stat%3DFAILED")
+            assert status == 400 and "unknown field &#39;stat&#39;" in html
+            status, html = await page("operator", "?action=cancel&filter=definition%3Dboard")
+            assert status == 200 and "selects no saga that cancel applies to" in html
         # The event on the saga names the job and who started it.
         resolved = await rig.until("f-1", lambda saga: bool(saga.resolution_note))
         assert resolved.resolution_note == f"bulk action {job_id}: refunded by hand"

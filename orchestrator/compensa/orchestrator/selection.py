@@ -32,7 +32,7 @@ from compensa.orchestrator.records import ACTIVE_SAGA_STATES, FAILED, RUNNING, S
 from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import bulk_pb2, saga_pb2
 
-__all__ = ["FIELDS", "MAX_FILTER_CHARS", "SagaSelection", "for_action", "parse_filter"]
+__all__ = ["ACTIONS", "FIELDS", "MAX_FILTER_CHARS", "SagaSelection", "for_action", "parse_filter"]
 
 #: The longest filter text.
 MAX_FILTER_CHARS = 16_384
@@ -231,6 +231,14 @@ def _read(field: str, value: str, term: str) -> Any:
                     raise InvalidArgument(f"filter term 'id': {quote(saga_id)} is not a saga id")
             return ids
 
+
+#: The bulk actions by the name the CLI and the dashboard give them.
+ACTIONS = {
+    "cancel": bulk_pb2.BULK_ACTION_KIND_CANCEL,
+    "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
+    "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
+    "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
+}
 
 #: The sagas each action applies to: (saga states, unresolved only, in a backoff only).
 _APPLIES_TO: dict[int, tuple[frozenset[SagaState], bool, bool]] = {

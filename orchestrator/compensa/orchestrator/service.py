@@ -833,7 +833,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             while True:
                 chunk = await self._store.list_bulk_jobs(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
                 for job in chunk:
-                    if caller is None or _may_see_bulk_job(caller, job):
+                    if caller is None or caller.may_see(job.definition_name):
                         yield bulk_action_message(job), [job.created_at, job.bulk_action_id]
                 if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
                     return
@@ -894,7 +894,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @staticmethod
     def _visible_bulk_job(identity: Identity, job: BulkJob) -> None:
-        if not _may_see_bulk_job(identity, job):
+        # A job over every definition ("") is not one for a caller limited to some.
+        if not identity.may_see(job.definition_name):
             raise NotFound(f"bulk action {quote(job.bulk_action_id)} not found")
 
     async def _move_bulk_job(
@@ -925,11 +926,6 @@ BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def _kind_name(kind: int) -> str:
     return bulk_pb2.BulkActionKind.Name(kind).removeprefix("BULK_ACTION_KIND_")  # type: ignore[arg-type]
-
-
-def _may_see_bulk_job(identity: Identity, job: BulkJob) -> bool:
-    """A caller limited to some definitions sees only jobs filtered on one of them."""
-    return not identity.definitions or job.definition_name in identity.definitions
 
 
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")

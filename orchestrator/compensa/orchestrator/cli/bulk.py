@@ -10,15 +10,8 @@ from collections.abc import Sequence
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.cli.output import json_line, saga_row
+from compensa.orchestrator.selection import ACTIONS
 from compensa.v1 import bulk_pb2, orchestrator_pb2_grpc
-
-#: The actions `bulk start` takes, as the API's kinds.
-BULK_ACTIONS = {
-    "cancel": bulk_pb2.BULK_ACTION_KIND_CANCEL,
-    "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
-    "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
-    "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
-}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 def _start(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
     answer = stub.StartBulkAction(
         bulk_pb2.StartBulkActionRequest(
-            kind=BULK_ACTIONS[args.action], filter=args.filter, note=args.note, actor=args.actor,
+            kind=ACTIONS[args.action], filter=args.filter, note=args.note, actor=args.actor,
             validate_only=args.dry_run, max_sagas_per_second=args.rate, request_id=args.request_id,
         ),
         timeout=args.timeout,

@@ -26,6 +26,7 @@ from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
 from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
 from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
+from compensa.orchestrator.selection import ACTIONS
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2
 
@@ -581,7 +582,7 @@ def _add_bulk(parser: argparse.ArgumentParser, client_options: argparse.Argument
         return commands.add_parser(name, parents=[client_options], help=help_text, description=help_text)
 
     start = add("start", "Start a bulk action on the sagas --filter selects (see the README's Incident runbook).")
-    start.add_argument("action", choices=tuple(bulk.BULK_ACTIONS), help="what to do to each saga")
+    start.add_argument("action", choices=tuple(ACTIONS), help="what to do to each saga")
     start.add_argument(
         "--filter", required=True,
         help="which sagas, e.g. 'definition=checkout state=FAILED step=charge reason:\"declined\"'; 'all' for every",
