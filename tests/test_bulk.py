@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -25,9 +26,10 @@ from dashboard_rig import TOKENS, DashboardRig, bearer, dashboard_rig
 from google.protobuf import any_pb2, wrappers_pb2
 from harness import checkout_input, poll_until
 from processes import ProcessSet
+from scripted_participant import ScriptedParticipant, serve_scripted
 from test_scope import OTHER
 
-from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, participant_pb2_grpc
+from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2
 from compensa.v1 import saga_pb2 as S
 
 SAGAS = int(os.environ.get("COMPENSA_BULK_SAGAS", "2000"))
@@ -51,20 +53,20 @@ steps:
 """
 
 
-class PlantedBug(participant_pb2_grpc.ParticipantServiceServicer):
+@dataclass
+class PlantedBug(ScriptedParticipant):
     """While `broken`, charge answers UNAVAILABLE and every compensation
     fails; sagas whose id starts with "declined-" have their charge refused
     (a business failure) either way. Counts every call it receives."""
 
-    def __init__(self) -> None:
-        self.broken = True
-        self.calls: collections.Counter[tuple[str, str, str]] = collections.Counter()
+    broken: bool = True
+    counted: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
 
     async def Execute(
         self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.ExecuteResponse:
         step = request.context
-        self.calls[(step.saga_id, step.step_name, "execute")] += 1
+        self.counted[(step.saga_id, step.step_name, "execute")] += 1
         if step.step_name == "charge":
             if step.saga_id.startswith("declined-"):
                 await context.abort(grpc.StatusCode.ABORTED, "card declined")
@@ -78,18 +80,10 @@ class PlantedBug(participant_pb2_grpc.ParticipantServiceServicer):
         self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.CompensateResponse:
         step = request.context
-        self.calls[(step.saga_id, step.step_name, "compensate")] += 1
+        self.counted[(step.saga_id, step.step_name, "compensate")] += 1
         if self.broken:
             await context.abort(grpc.StatusCode.INTERNAL, "planted bug: release of stock crashes")
         return participant_pb2.CompensateResponse()
-
-
-async def _serve(participant: PlantedBug) -> tuple[grpc.aio.Server, str]:
-    server = grpc.aio.server()
-    participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}"
 
 
 async def _start_all(stubs: list[orchestrator_pb2_grpc.OrchestratorServiceStub], saga_ids: list[str]) -> None:
@@ -132,7 +126,7 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
     participant = PlantedBug()
-    server, address = await _serve(participant)
+    server, address = await serve_scripted(participant)
     (tmp_path / "repairs.yaml").write_text(REPAIRS)
     database_url = make_postgres_url()
     stuck = [f"stuck-{n:05d}" for n in range(SAGAS // 2)]
@@ -231,8 +225,8 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
         collections.Counter(dict.fromkeys(declined, 1))
     )
     # The participant saw the fix through: each charge ran again, each compensation again.
-    assert all(participant.calls[(saga_id, "charge", "execute")] >= 2 for saga_id in stuck)
-    assert all(participant.calls[(saga_id, "reserve", "compensate")] >= 2 for saga_id in declined)
+    assert all(participant.counted[(saga_id, "charge", "execute")] >= 2 for saga_id in stuck)
+    assert all(participant.counted[(saga_id, "reserve", "compensate")] >= 2 for saga_id in declined)
 
 
 # --- bad input, roles and scope, pause/resume/cancel (one orchestrator in process) ---
