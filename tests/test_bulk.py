@@ -390,12 +390,16 @@ async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
         async def job(job_id: str) -> bulk_pb2.BulkAction:
             return (await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
 
-        started = await stub.StartBulkAction(
-            _start("resolve", "id=f-1,f-2,f-3", note="done by hand", max_sagas_per_second=1, actor="ops")
+        request = _start(
+            "resolve", "id=f-1,f-2,f-3", note="done by hand", max_sagas_per_second=1, actor="ops", request_id="inc-1"
         )
+        started = await stub.StartBulkAction(request)
         job_id = started.bulk_action.bulk_action_id
-        assert started.bulk_action.selected_count == 3
+        assert (job_id, started.bulk_action.selected_count) == ("inc-1", 3)
         await poll_until(lambda: _done_at_least(job(job_id), 1), timeout=30)
+        # The same start again (its answer lost) is the same job, though f-1 no longer matches.
+        repeated = await stub.StartBulkAction(request)
+        assert (repeated.bulk_action.bulk_action_id, repeated.selected_count) == ("inc-1", 3)
         paused = (await stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id))).bulk_action
         assert paused.state == bulk_pb2.BULK_ACTION_STATE_PAUSED
         again = await stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id))

@@ -780,6 +780,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"request_id must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.request_id)}"
             )
         self._all_in_scope(context, "StartBulkAction", selection.definition_name)
+        if request.request_id and not request.validate_only:
+            # A repeat (its answer was lost) finds the job, even once its sagas moved on.
+            existing = await self._store.get_bulk_job(request.request_id)
+            if existing is not None:
+                self._visible_bulk_job(identity, existing)
+                return bulk_pb2.StartBulkActionResponse(
+                    bulk_action=bulk_action_message(existing), selected_count=existing.selected
+                )
         now = self._engine.clock.now()
         count, sample = await self._store.count_selection(selection, now=now, sample_size=BULK_SAMPLE_SIZE)
         response = bulk_pb2.StartBulkActionResponse(
