@@ -12,6 +12,8 @@ from google.protobuf import any_pb2
 from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 
+from compensa.common.startup import first_line
+
 #: The ErrorInfo domain of every error the orchestrator answers.
 ERROR_DOMAIN = "compensa.v1.OrchestratorService"
 #: The ErrorInfo reason of an error Compensa did not raise on purpose.
@@ -96,6 +98,11 @@ class StoreUnavailable(CompensaError):
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "DATABASE_UNAVAILABLE"
+
+    @classmethod
+    def of(cls, error: BaseException) -> StoreUnavailable:
+        """`error` of the database driver in one line (SQLAlchemy adds the statement and its parameters)."""
+        return cls(f"database unavailable: {type(error).__name__}: {first_line(error)}")
 
 
 class SchemaMismatch(CompensaError):

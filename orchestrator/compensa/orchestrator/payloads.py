@@ -10,8 +10,10 @@ built from that set. Otherwise the types come from imported _pb2 modules.
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import importlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -57,10 +59,31 @@ def pack_json(full_name: str, json_text: str, pool: descriptor_pool.DescriptorPo
     try:
         parsed = json_format.Parse(json_text, cls(), descriptor_pool=pool)
     except json_format.ParseError as error:
-        raise InvalidArgument(f"input is not a valid {full_name} in JSON: {error}") from error
+        raise InvalidArgument(f"input is not a valid {full_name} in JSON: {_parse_problem(error, pool)}") from None
     packed = any_pb2.Any()
     packed.Pack(parsed)
     return packed
+
+
+_UNKNOWN_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "([^"]*)" at "([^"]*)"')
+
+
+def _parse_problem(error: json_format.ParseError, pool: descriptor_pool.DescriptorPool | None) -> str:
+    """json_format's complaint in one line; an unknown field is named with its
+    message's fields (the .proto's names) and the one closest to it."""
+    text = str(error)
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is None:
+        return " ".join(text.split())
+    type_name, field, where = unknown.groups()
+    try:
+        fields = [field.name for field in (pool or descriptor_pool.Default()).FindMessageTypeByName(type_name).fields]
+    except KeyError:
+        fields = []
+    close = difflib.get_close_matches(field, fields, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = f" (its fields: {', '.join(fields)})" if fields else ""
+    return f"{where} has no field {quote(field)}{hint}{listed}"
 
 
 def unpack(

@@ -151,7 +151,7 @@ class PostgresSagaStore(SqlSagaStore):
                 self._writer = None
                 if not cancelled_by_the_database(error):
                     self._reached(error)
-                raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+                raise StoreUnavailable.of(error) from error
         self._reached(None)
 
     async def close(self) -> None:

@@ -242,7 +242,7 @@ class SqlSagaStore(SagaStore):
         except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
             if not cancelled_by_the_database(error):
                 self._reached(error)
-            raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+            raise StoreUnavailable.of(error) from error
         except sa.exc.DBAPIError as error:
             if error.connection_invalidated:
                 self._reached(error)
