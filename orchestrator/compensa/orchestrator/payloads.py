@@ -17,10 +17,29 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message, message_factory
+from google.protobuf import (
+    any_pb2,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    json_format,
+    message,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
 
 from compensa.orchestrator.errors import InvalidArgument, quote
 from compensa.v1 import definition_pb2, saga_pb2
+
+#: The well-known types, which every pool here knows (imported, they are in the default pool too).
+_WELL_KNOWN_FILES = tuple(
+    module.DESCRIPTOR
+    for module in (any_pb2, duration_pb2, empty_pb2, field_mask_pb2, struct_pb2, timestamp_pb2, wrappers_pb2)
+)
 
 #: Proto modules imported by default so their types resolve.
 DEFAULT_PROTO_MODULES: tuple[str, ...] = ("compensa.checkout.v1.checkout_pb2",)
@@ -156,6 +175,13 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
                 progress = True
         if not progress:
             raise InvalidArgument(f"types: the imports of {', '.join(sorted(pending))} form a cycle")
+    # A payload may be a well-known type no registered file imports (a step
+    # that returns a StringValue): JSON shows it as protobuf's mapping does.
+    for well_known in _WELL_KNOWN_FILES:
+        if well_known.name not in added:
+            imported = descriptor_pb2.FileDescriptorProto()
+            well_known.CopyToProto(imported)
+            pool.Add(imported)
     return pool
 
 

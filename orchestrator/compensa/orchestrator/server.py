@@ -140,10 +140,16 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
     url = config.resolved_database_url()
+    if not config.database_url:
+        log.info("no --db: sagas are kept in the embedded SQLite database %s (give --db URL for another)",
+                 url.partition(":///")[2])
     ensure_sqlite_directory(url)
     try:
         store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
-    except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+    except (
+        ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError,
+        sqlalchemy.exc.InvalidRequestError,
+    ) as error:
         raise DatabaseMisconfigured(
             f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
             "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"

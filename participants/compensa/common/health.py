@@ -66,7 +66,8 @@ class DatabaseHealth:
             return
         self._reachable = False
         self._lost_at = time.monotonic()
-        self._log.warning("%s lost its database: %s", self._name, _describe(error))
+        if self._ready:  # before, the start-up says it waits for the database, or why it stops
+            self._log.warning("%s lost its database: %s", self._name, _describe(error))
         self._changed.set()
 
     def succeeded(self) -> None:
@@ -75,7 +76,10 @@ class DatabaseHealth:
         if self._reachable:
             return
         self._reachable = True
-        self._log.info("%s reached its database again after %.1fs", self._name, self._last_success - self._lost_at)
+        if self._ready:
+            self._log.info(
+                "%s reached its database again after %.1fs", self._name, self._last_success - self._lost_at
+            )
         self._changed.set()
 
     def probe_every(self, interval: float, ping: Callable[[], Awaitable[None]]) -> None:

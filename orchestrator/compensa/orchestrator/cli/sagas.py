@@ -25,8 +25,8 @@ from compensa.orchestrator.cli.output import (
     print_alert,
     print_events,
     print_saga,
+    print_saga_table,
     print_status,
-    saga_row,
     use_color,
 )
 from compensa.orchestrator.errors import CompensaError
@@ -117,17 +117,23 @@ def list_sagas(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         stuck_for=args.stuck,
     )
+    listed: list[saga_pb2.Saga] = []  # without --json, printed at the end in aligned columns
     with open_channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         types = DefinitionTypes(stub, args.timeout)
         while True:
             response = stub.ListSagas(request, timeout=args.timeout)
-            for saga in response.sagas:
-                print(types.saga_json(saga) if args.json else saga_row(saga))
+            if args.json:
+                for saga in response.sagas:
+                    print(types.saga_json(saga))
+            else:
+                listed.extend(response.sagas)
             if not args.all or not response.next_page_token:
                 break
             request.page_token = response.next_page_token
-        if response.next_page_token and not args.json:
+    if not args.json:
+        print_saga_table(listed)
+        if response.next_page_token:
             print(f"(more: --all, or page token {response.next_page_token})", file=sys.stderr)
     return EXIT_OK
 
