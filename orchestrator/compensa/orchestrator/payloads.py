@@ -19,6 +19,7 @@ from typing import Any
 
 from google.protobuf import (
     any_pb2,
+    descriptor,
     descriptor_pb2,
     descriptor_pool,
     duration_pb2,
@@ -185,6 +186,60 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
     return pool
 
 
+_INT64_TYPES = frozenset({
+    descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+})
+#: Messages whose JSON is not an object of their fields (or holds no int64 field to turn).
+_SPECIAL_JSON = frozenset(file.package + "." + name for file in _WELL_KNOWN_FILES for name in file.message_types_by_name)
+
+
+def int64_as_numbers(
+    shown: dict[str, Any], message_type: descriptor.Descriptor, pool: descriptor_pool.DescriptorPool | None = None
+) -> dict[str, Any]:
+    """`shown` (the JSON mapping of a `message_type`, with the proto's field
+    names) with its 64-bit integers as JSON numbers instead of strings, for
+    people and tools such as jq; in place, and returned. Payloads in Anys
+    are turned too when `pool` (or the default pool) knows their type."""
+    for field in message_type.fields:
+        if field.name not in shown:
+            continue
+        value = shown[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            shown[field.name] = {key: _turned(item, value_field, pool) for key, item in value.items()}
+        elif field.is_repeated:
+            shown[field.name] = [_turned(item, field, pool) for item in value]
+        else:
+            shown[field.name] = _turned(value, field, pool)
+    return shown
+
+
+def _turned(value: Any, field: descriptor.FieldDescriptor, pool: descriptor_pool.DescriptorPool | None) -> Any:
+    if field.type in _INT64_TYPES and isinstance(value, str):
+        return int(value)
+    if field.message_type is None or not isinstance(value, dict):
+        return value
+    if field.message_type.full_name == "google.protobuf.Any":
+        return _any_as_numbers(value, pool)
+    if field.message_type.full_name in _SPECIAL_JSON:
+        return value
+    return int64_as_numbers(value, field.message_type, pool)
+
+
+def _any_as_numbers(shown: dict[str, Any], pool: descriptor_pool.DescriptorPool | None) -> dict[str, Any]:
+    """An Any's JSON with the 64-bit integers of the message it holds as numbers (when its type is known)."""
+    held = str(shown.get("@type", "")).rpartition("/")[2]
+    if held in _SPECIAL_JSON:
+        return shown
+    try:
+        held_type = (pool or descriptor_pool.Default()).FindMessageTypeByName(held)
+    except KeyError:
+        return shown
+    return int64_as_numbers(shown, held_type, pool)
+
+
 def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:
     """A Saga in the proto3 JSON mapping, its input and step outputs decoded
     with `pool` (its definition's types); never fails on a payload of a type
@@ -194,7 +249,7 @@ def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | N
     bare.ClearField("input")
     for step in bare.steps:
         step.ClearField("output")
-    result = json_format.MessageToDict(bare, preserving_proto_field_name=True)
+    result = int64_as_numbers(json_format.MessageToDict(bare, preserving_proto_field_name=True), bare.DESCRIPTOR)
     if saga.HasField("input"):
         result["input"] = to_json_dict(saga.input, pool)
     for index, step in enumerate(saga.steps):
@@ -204,11 +259,12 @@ def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | N
 
 
 def to_json_dict(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:
-    """An Any as proto3 JSON (with "@type"), decoded with `pool`; a payload of
-    a type nobody registered is shown as its type and base64 bytes."""
+    """An Any as proto3 JSON (with "@type"), decoded with `pool`, its 64-bit
+    integers as numbers (`int64_as_numbers`); a payload of a type nobody
+    registered is shown as its type and base64 bytes."""
     try:
-        return json_format.MessageToDict(
+        return _any_as_numbers(json_format.MessageToDict(
             payload, preserving_proto_field_name=True, descriptor_pool=pool or descriptor_pool.Default()
-        )
+        ), pool)
     except (TypeError, KeyError, json_format.Error, message.DecodeError):
         return {"@type": payload.type_url, "value": base64.b64encode(payload.value).decode("ascii")}

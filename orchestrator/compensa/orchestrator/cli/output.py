@@ -166,9 +166,12 @@ def definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, obje
 
 
 def json_dict(message: Message) -> dict[str, object]:
-    """`message` in the proto3 JSON mapping, with the proto's field names."""
+    """`message` in the proto3 JSON mapping, with the proto's field names and
+    64-bit integers as numbers (`payloads.int64_as_numbers`)."""
     try:
-        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+        return payloads.int64_as_numbers(
+            json_format.MessageToDict(message, preserving_proto_field_name=True), message.DESCRIPTOR
+        )
     except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
 
