@@ -245,16 +245,22 @@ async def test_a_reader_that_goes_away_ends_list_get_and_watch_quietly(deploymen
         assert (code, stderr) == (141, ""), args
 
 
-async def test_start_mistakes_say_what_to_fix(deployment: _Deployment, tmp_path: Path) -> None:
+async def test_start_of_a_version_that_does_not_exist_names_those_that_do(deployment: _Deployment) -> None:
     address = ("--address", deployment.address)
     error = _one_line(await _compensa_async(*address, "start", "checkout", "--version", "99", "--input", "{}"))
     assert error == "error: NOT_FOUND: definition 'checkout' has no version 99; its versions: 1 (latest 1)\n"
 
+
+async def test_an_unknown_input_field_is_named_with_the_right_one(deployment: _Deployment) -> None:
+    address = ("--address", deployment.address)
     typo = json.dumps({**CHECKOUT_INPUT, "card_tokn": "x"})
     error = _one_line(await _compensa_async(*address, "start", "checkout", "--input", typo))
     assert "has no field 'card_tokn'; did you mean 'card_token'?" in error, error
     assert "shipping_address" in error  # the fields it has, as the .proto names them
 
+
+async def test_start_reads_its_input_from_a_file_or_stdin(deployment: _Deployment, tmp_path: Path) -> None:
+    address = ("--address", deployment.address)
     missing = _one_line(await _compensa_async(*address, "start", "checkout", "--input", "@nowhere.json", cwd=tmp_path))
     assert "--input @nowhere.json: cannot read nowhere.json" in missing, missing
 

@@ -94,3 +94,19 @@ def test_the_readme_tutorial_runs_as_pasted_into_a_shell(tmp_path: Path) -> None
 
     assert bookings("hotels.db") == {("trip-1", "booked"), ("trip-2", "cancelled")}
     assert bookings("flights.db") == {("trip-1", "booked")}
+
+
+def test_the_postgres_sections_definitions_path_works_from_any_directory(tmp_path: Path) -> None:
+    text = README.read_text()
+    match = re.search(r"<!-- postgres:run -->\n```sh\n(?P<body>.*?)```", text, re.S)
+    assert match, "no <!-- postgres:run --> block in the README"
+    lines = match["body"].splitlines()
+    (examples,) = [line for line in lines if line.startswith("EXAMPLES=")]
+    assert "--definitions $EXAMPLES/checkout.yaml" in match["body"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = subprocess.run(
+        ["bash", "-c", f'{examples}\ngrep "^name:" "$EXAMPLES/checkout.yaml"'], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "name: checkout"
