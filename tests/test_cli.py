@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -243,6 +244,13 @@ class _Deployment:
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
     """The three example participants and an orchestrator, on SQLite files in tmp_path."""
+    async with checkout_deployment(tmp_path) as running:
+        yield running
+
+
+@asynccontextmanager
+async def checkout_deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
+    """The three example participants and an orchestrator, on SQLite files in tmp_path."""
     from compensa.examples.server import start_participant
     from compensa.orchestrator.config import ServerConfig
     from compensa.orchestrator.server import start_orchestrator
@@ -449,6 +457,9 @@ def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
     assert "SUCCEEDED" in result.stdout
     assert "COMPENSATED" in result.stdout
     assert "demo OK" in result.stdout
+    # It ends, so it shows no dashboard link that would be dead by the time it is clicked.
+    assert "http://" not in result.stdout
+    assert "compensa demo --stay" in result.stdout
 
 
 def test_migrate_creates_the_schema_and_is_repeatable(make_postgres_url: Callable[[], str]) -> None:

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,15 @@ from tests.test_cli import (
     _compensa_async,
     _Completed,
     _Deployment,
-    deployment,  # noqa: F401 (a fixture)
+    checkout_deployment,
 )
+
+
+@pytest.fixture
+async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
+    """The checkout participants and an orchestrator, on SQLite files in tmp_path."""
+    async with checkout_deployment(tmp_path) as running:
+        yield running
 
 
 def _closed_address() -> str:
@@ -261,7 +268,9 @@ async def test_an_unknown_input_field_is_named_with_the_right_one(deployment: _D
 
 async def test_start_reads_its_input_from_a_file_or_stdin(deployment: _Deployment, tmp_path: Path) -> None:
     address = ("--address", deployment.address)
-    missing = _one_line(await _compensa_async(*address, "start", "checkout", "--input", "@nowhere.json", cwd=tmp_path))
+    missing = _one_line(
+        await _compensa_async(*address, "start", "checkout", "--input", "@nowhere.json", cwd=tmp_path)
+    )
     assert "--input @nowhere.json: cannot read nowhere.json" in missing, missing
 
     (tmp_path / "order.json").write_text(json.dumps({**CHECKOUT_INPUT, "order_id": "from-a-file"}))

@@ -192,7 +192,9 @@ _INT64_TYPES = frozenset({
     descriptor.FieldDescriptor.TYPE_SFIXED64,
 })
 #: Messages whose JSON is not an object of their fields (or holds no int64 field to turn).
-_SPECIAL_JSON = frozenset(file.package + "." + name for file in _WELL_KNOWN_FILES for name in file.message_types_by_name)
+_SPECIAL_JSON = frozenset(
+    f"{file.package}.{name}" for file in _WELL_KNOWN_FILES for name in file.message_types_by_name
+)
 
 
 def int64_as_numbers(

@@ -676,7 +676,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def _definition_not_found(self, name: str, version: int) -> NotFound:
         """What to say when `name` at `version` (0: the latest) is not registered:
         that the name is not, or which versions of it are."""
-        latest = await self._store.get_definition(name, 0) if version and is_possible(name, "name", NAME_PATTERN) else None
+        known = version and is_possible(name, "name", NAME_PATTERN)
+        latest = await self._store.get_definition(name, 0) if known else None
         if latest is None:
             return NotFound(f"definition {quote(name)} not found; register it first")
         versions = "1" if latest.version == 1 else f"1 to {latest.version}"

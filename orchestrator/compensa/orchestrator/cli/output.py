@@ -9,10 +9,11 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import grpc
-from google.protobuf import descriptor_pool, json_format
+from google.protobuf import descriptor, descriptor_pool, json_format
 from google.protobuf.message import Message
 
 from compensa.orchestrator import payloads, timeline
@@ -112,7 +113,7 @@ def print_saga_table(sagas: Iterable[saga_pb2.Saga]) -> None:
     print_table(rows, right_aligned={3})
 
 
-def print_table(rows: list[tuple[str, ...]], *, right_aligned: set[int]) -> None:
+def print_table(rows: Sequence[Sequence[str]], *, right_aligned: set[int]) -> None:
     """`rows` (the first a header) in columns as wide as their widest cell, two spaces apart."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
@@ -170,7 +171,8 @@ def json_dict(message: Message) -> dict[str, object]:
     64-bit integers as numbers (`payloads.int64_as_numbers`)."""
     try:
         return payloads.int64_as_numbers(
-            json_format.MessageToDict(message, preserving_proto_field_name=True), message.DESCRIPTOR
+            json_format.MessageToDict(message, preserving_proto_field_name=True),
+            cast(descriptor.Descriptor, message.DESCRIPTOR),
         )
     except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None

@@ -360,7 +360,8 @@ def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
 
 def _add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--json", action="store_true", help="print protobuf JSON (one object per line for lists and streams)"
+        "--json", action="store_true",
+        help="print protobuf's JSON mapping, 64-bit integers as numbers (one object per line for lists and streams)"
     )
 
 
