@@ -441,7 +441,7 @@ async def test_alerts_and_participants_list_show_a_participant_failing_its_healt
             as_json = await _compensa_async(*address, "alerts", "--after", "1", "--limit", "1", "--json")
             assert as_json.returncode == 0, as_json.stderr
             recovered = json.loads(as_json.stdout)
-            assert (recovered["position"], recovered["kind"]) == ("2", "ALERT_KIND_PARTICIPANT_RECOVERED")
+            assert (recovered["position"], recovered["kind"]) == (2, "ALERT_KIND_PARTICIPANT_RECOVERED")
         finally:
             await orchestrator.stop()
 

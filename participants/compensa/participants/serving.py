@@ -61,6 +61,7 @@ __all__ = [
     "listen_on",
     "permanent_database_problem",
     "serve",
+    "serve_until_stopped",
     "start_server",
 ]
 
@@ -280,11 +281,25 @@ async def serve(
     Meant to be the whole of a participant's process: when it cannot start
     (a `ServingError`: a taken port, a database that cannot work as
     configured) it ends the process with that one line (SystemExit, status 1)
-    rather than a traceback. `start_server` raises instead."""
+    rather than a traceback. `serve_until_stopped` raises instead."""
     try:
-        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+        await serve_until_stopped(
+            participant, listen=listen, tls=tls, grace=grace, health_probe_seconds=health_probe_seconds
+        )
     except ServingError as error:
         raise SystemExit(f"error: {type(participant).__name__} cannot start: {error}") from None
+
+
+async def serve_until_stopped(
+    participant: Participant,
+    *,
+    listen: str,
+    tls: TlsFiles | None = None,
+    grace: float = 5.0,
+    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+) -> None:
+    """`serve`, raising ServingError when the participant cannot start."""
+    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
