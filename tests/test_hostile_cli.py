@@ -222,10 +222,8 @@ def test_the_sdk_serve_on_a_taken_port_ends_with_one_line(tmp_path: Path) -> Non
             [sys.executable, str(script), address, str(tmp_path / "inventory.db")],
             capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS,
         )
-    assert result.returncode == 1, (result.stdout, result.stderr)
-    assert result.stderr == (
-        f"error: InventoryParticipant cannot start: address in use: {address} (another process listens there)\n"
-    )
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr == f"error: address in use: {address} (another process listens there)\n"
 
 
 def _into_a_closed_pipe(*args: str) -> tuple[int, str]:

@@ -19,12 +19,7 @@ from compensa.examples.payment import PaymentParticipant
 from compensa.examples.shipping import ShippingParticipant
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import Participant
-from compensa.participants.serving import (
-    RunningParticipant,
-    create_participant_engine,
-    serve_until_stopped,
-    start_server,
-)
+from compensa.participants.serving import RunningParticipant, create_participant_engine, serve, start_server
 
 __all__ = [
     "PARTICIPANT_KINDS",
@@ -85,9 +80,7 @@ async def serve_participant(
     database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
 ) -> None:
     """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    await serve_until_stopped(
-        await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls
-    )
+    await serve(await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls)
 
 
 async def _participant_on(

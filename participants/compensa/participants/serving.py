@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,13 +62,15 @@ __all__ = [
     "listen_on",
     "permanent_database_problem",
     "serve",
-    "serve_until_stopped",
     "start_server",
 ]
 
 logger = logging.getLogger(__name__)
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
+
+#: The exit status of a process whose participant cannot start (as `compensa`'s for any error).
+_EXIT_CANNOT_START = 2
 
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -280,26 +283,14 @@ async def serve(
 
     Meant to be the whole of a participant's process: when it cannot start
     (a `ServingError`: a taken port, a database that cannot work as
-    configured) it ends the process with that one line (SystemExit, status 1)
-    rather than a traceback. `serve_until_stopped` raises instead."""
+    configured) it prints that one line (``error: ...``) on stderr and ends
+    the process with status 2 (SystemExit), as `compensa` does, rather than
+    with a traceback. `start_server` raises instead."""
     try:
-        await serve_until_stopped(
-            participant, listen=listen, tls=tls, grace=grace, health_probe_seconds=health_probe_seconds
-        )
+        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
     except ServingError as error:
-        raise SystemExit(f"error: {type(participant).__name__} cannot start: {error}") from None
-
-
-async def serve_until_stopped(
-    participant: Participant,
-    *,
-    listen: str,
-    tls: TlsFiles | None = None,
-    grace: float = 5.0,
-    health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
-) -> None:
-    """`serve`, raising ServingError when the participant cannot start."""
-    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(_EXIT_CANNOT_START) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
