@@ -98,6 +98,39 @@ class StoreUnavailable(CompensaError):
     reason = "DATABASE_UNAVAILABLE"
 
 
+class DatabaseRefusesWrites(StoreUnavailable):
+    """The database answers but refuses to store anything, for a reason that
+    does not pass by itself: health stays NOT_SERVING until a write succeeds.
+    The message says why without the database's internals (file paths)."""
+
+    #: The SQLSTATE the database answered.
+    sqlstate: str = ""
+
+
+class DatabaseFull(DatabaseRefusesWrites):
+    """The database is out of space (SQLSTATE 53100)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "DATABASE_FULL"
+    sqlstate = "53100"
+
+
+class DatabaseReadOnly(DatabaseRefusesWrites):
+    """The database takes no writes (SQLSTATE 25006): a standby, say, after a
+    failover, when the URL does not lead to the primary."""
+
+    reason = "DATABASE_READ_ONLY"
+    sqlstate = "25006"
+
+
+class DatabasePermissionDenied(DatabaseRefusesWrites):
+    """The database user may no longer write the orchestrator's tables
+    (SQLSTATE 42501)."""
+
+    reason = "DATABASE_PERMISSION_DENIED"
+    sqlstate = "42501"
+
+
 class SchemaMismatch(CompensaError):
     """The database's schema is not at the revision this release runs on;
     the message names the command that fixes it."""
