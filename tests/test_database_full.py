@@ -104,7 +104,9 @@ def small_disk(admin_postgres_url: str) -> Iterator[SmallDisk]:
     try:
         with psycopg.connect(conninfo, autocommit=True) as conn:
             conn.execute(
-                sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(sql.Identifier(tablespace), sql.Literal(str(location)))
+                sql.SQL("CREATE TABLESPACE {} LOCATION {}").format(
+                    sql.Identifier(tablespace), sql.Literal(str(location))
+                )
             )
             conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0 TABLESPACE {}").format(
                 sql.Identifier(database), sql.Identifier(tablespace)

@@ -86,7 +86,7 @@ async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None
 def _follow_database(database_health: DatabaseHealth, error: BaseException | None, began: float) -> None:
     """Tells `database_health` the outcome of a database wait that began at `began`."""
     if error is None:
-        database_health.succeeded()
+        database_health.succeeded(began=began)
     elif isinstance(error, DatabaseRefusesWrites):
         database_health.refused(error.reason, str(error), began=began)
     else:

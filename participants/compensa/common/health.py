@@ -5,9 +5,11 @@ cannot reach its database cannot do its work, so a load balancer or a
 readiness probe should stop sending it calls: `DatabaseHealth` answers
 NOT_SERVING from the first failed database wait (a real call's or a probe's)
 and SERVING again from the first one that succeeds. It logs the loss once and
-the return once, however many calls fail in between; a wait that began before
-the return and failed after it belongs to the outage that ended (a call that
-queued for a connection during it), not to a new one.
+the return once, however many calls fail in between. A wait tells only of
+the time after it began: one that began before the return and failed after
+it belongs to the outage that ended (a call that queued for a connection
+during it), and one that began before the loss and succeeded after it does
+not end the outage.
 
 A database can also answer reads and refuse every write, for a reason that
 does not pass by itself (out of space, a read-only standby, a permission
@@ -101,11 +103,13 @@ class DatabaseHealth:
         if not self._stale(began):
             self._lose(DatabaseLoss(reason, True, detail))
 
-    def succeeded(self) -> None:
-        """A database wait succeeded (a refusal of writes outlives it)."""
+    def succeeded(self, *, began: float | None = None) -> None:
+        """A database wait that began at `began` succeeded (a refusal of
+        writes outlives it, and so does an outage that began after it)."""
         self._last_success = time.monotonic()
-        if self._lost_at is not None and not self._refusing:
-            self._return()
+        if self._lost_at is None or self._refusing or (began is not None and began < self._lost_at):
+            return
+        self._return()
 
     def wrote(self) -> None:
         """A write succeeded: whatever the outage, it is over."""
