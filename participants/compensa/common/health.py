@@ -141,12 +141,12 @@ class DatabaseHealth:
         if self._lost_at is not None:
             if loss.refuses_writes and not self._refusing:
                 self._refusing = True
-                self._log.warning("%s: its database refuses writes (%s): %s", self._name, loss.reason, loss.detail)
+                self._log.warning("%s: its database refuses writes: %s (%s)", self._name, loss.detail, loss.reason)
                 self._tell(loss)
             return
         self._lost_at = time.monotonic()
         self._refusing = loss.refuses_writes
-        self._log.warning("%s lost its database (%s): %s", self._name, loss.reason, loss.detail)
+        self._log.warning("%s lost its database: %s (%s)", self._name, loss.detail, loss.reason)
         self._tell(loss)
         self._changed.set()
 
