@@ -10,6 +10,9 @@ and every acknowledged saga finishes once space returns.
 
 Mounting a tmpfs needs root (CI runs as root): elsewhere the test is skipped,
 and under CI=true it fails instead.
+
+A read-only database (as a standby after a failover) is refused writes the
+same way (SQLSTATE 25006): health stays down while reads succeed.
 """
 
 from __future__ import annotations
@@ -232,3 +235,60 @@ async def test_a_full_database_keeps_health_down_until_space_returns_and_says_wh
     assert alert.body["kind"] == "DATABASE_REFUSES_WRITES" and alert.body["reason"] == "DATABASE_FULL"
     # Everything acknowledged, before and during the outage, finished.
     assert len(acknowledged) >= 15
+
+
+async def test_a_read_only_database_keeps_health_down_until_it_takes_writes_again(
+    make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # As after a failover to a standby: connections come back, reads work,
+    # every write is refused (SQLSTATE 25006).
+    caplog.set_level(logging.INFO, logger="compensa.server")
+    async with checkout_stack(make_postgres_url) as stack:
+        running = stack.orchestrator
+        database = make_url(stack.orchestrator_url).database
+        admin = make_url(stack.orchestrator_url).set(drivername="postgresql", database="postgres")
+        conninfo = admin.render_as_string(hide_password=False)
+        health = HealthRecord(running.address)
+        try:
+            saga_id = await stack.start()
+            await poll_until(lambda: health.statuses()[-1:] == [_SERVING], timeout=30)
+
+            def read_only(on: bool) -> None:
+                with psycopg.connect(conninfo, autocommit=True) as conn:
+                    conn.execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = {}").format(
+                        sql.Identifier(database), sql.Literal("on" if on else "off")
+                    ))
+                    if on:
+                        conn.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,)
+                        )
+
+            read_only(True)
+            refusals: list[grpc.aio.AioRpcError] = []
+
+            async def refused() -> bool:
+                try:
+                    await stack.start()
+                except grpc.aio.AioRpcError as error:
+                    if _error_info(error).reason == "DATABASE_READ_ONLY":
+                        refusals.append(error)
+                return bool(refusals)
+
+            await poll_until(refused, timeout=30)
+            refused_at = len(health.seen)
+            began = time.monotonic()
+            while time.monotonic() - began < 3.0:
+                # Reads succeed all along...
+                await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=30)
+                await asyncio.sleep(0.05)  # ok-sleep: a reader's pace while writes are refused
+            # ...and health stays down.
+            assert health.statuses()[-1] == _NOT_SERVING and len(health.seen) == refused_at, health.seen
+            read_only(False)
+            await poll_until(lambda: health.statuses()[-1:] == [_SERVING], timeout=30)
+            await stack.start()
+        finally:
+            await health.close()
+    (refusal,) = refusals[:1]
+    assert refusal.code() == grpc.StatusCode.UNAVAILABLE and "read-only" in (refusal.details() or "")
+    messages = [record.getMessage() for record in caplog.records if record.name == "compensa.server"]
+    assert len([message for message in messages if "DATABASE_READ_ONLY" in message]) == 1, messages
