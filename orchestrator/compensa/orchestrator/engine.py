@@ -29,7 +29,7 @@ from compensa.orchestrator.changes import ChangeSignal
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
-from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
 from compensa.orchestrator.participant_health import ParticipantHealthWatch
@@ -433,7 +433,7 @@ class SagaEngine:
         for _ in range(20):
             loaded = await self.store.load_with_owner(saga_id)
             if loaded is None:
-                raise NotFound(f"saga {saga_id!r} not found")
+                raise saga_not_found(saga_id)
             saga, holder, lease_until = loaded
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             now = self.clock.now()

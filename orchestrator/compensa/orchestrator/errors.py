@@ -57,6 +57,12 @@ class NotFound(CompensaError):
     reason = "NOT_FOUND"
 
 
+def saga_not_found(saga_id: str) -> NotFound:
+    """The one answer for a saga that does not exist (or that the caller may
+    not see: the two are worded alike)."""
+    return NotFound(f"saga {quote(saga_id)} not found")
+
+
 class AlreadyExists(CompensaError):
     """A resource with this id exists with different content."""
 

@@ -16,6 +16,8 @@ is this replica's view of each participant's health. `compensa_sagas_awaiting_pe
 `compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
 the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
+`compensa_refused_calls_total` counts the calls refused by reason: a rise
+shows someone probing (each reason is also logged, at most once per 10 s).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ DATABASE_REASON = "database_refuses_writes"
 _DATABASE_OUTAGE_REASONS = (
     "DATABASE_UNAVAILABLE", "DATABASE_FULL", "DATABASE_READ_ONLY", "DATABASE_PERMISSION_DENIED",
 )
+#: compensa_refused_calls_total's reason label.
+REFUSAL_REASONS = ("unauthenticated", "permission_denied", "out_of_scope")
 
 
 class Metrics:
@@ -108,6 +112,14 @@ class Metrics:
         self._driven = Gauge(
             "compensa_sagas_driven", "Sagas this replica drives now (calls in flight or due).", registry=self.registry,
         )
+        self._refused = Counter(
+            "compensa_refused_calls",
+            "Calls (gRPC and dashboard) this replica refused, by reason: unauthenticated, permission_denied, or"
+            " out_of_scope (a saga of a definition outside the caller's scope, answered as not found).",
+            ["reason"], registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self._refused.labels(reason)
         self._event_children: dict[int, Counter] = {}
         self._server: WSGIServer | None = None
 
@@ -157,6 +169,10 @@ class Metrics:
             self._sagas.labels(definition, end).observe(max(0.0, time_of_event - created_at))
         elif event_type == saga_pb2.EVENT_TYPE_ALERT_RAISED:
             self._alerts.labels(definition, SAGA_REASON).inc()
+
+    def refused(self, reason: str) -> None:
+        """A call was refused (one of REFUSAL_REASONS)."""
+        self._refused.labels(reason).inc()
 
     def alert_delivery(self, outcome: str) -> None:
         self._deliveries.labels(outcome).inc()

@@ -188,7 +188,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     dashboard = None
     if config.http_listen:
         dashboard = await start_dashboard(
-            config.http_listen, engine, service.log_tail, access, service.stream_limit, config.tls
+            config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
+            config.tls,
         )
         log.info("dashboard at %s", dashboard.url)
     await server.start()

@@ -222,6 +222,10 @@ class SagaStore(abc.ABC):
     ) -> list[definition_pb2.SagaDefinition]:
         """Latest version of each definition, by name, after `after_name`."""
 
+    @abc.abstractmethod
+    async def definition_participants(self) -> dict[str, frozenset[str]]:
+        """The participants each definition's steps name, over all its versions."""
+
     # Participants
 
     @abc.abstractmethod

@@ -429,6 +429,15 @@ class SqlSagaStore(SagaStore):
             bodies = (await conn.execute(query)).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
 
+    async def definition_participants(self) -> dict[str, frozenset[str]]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(definitions.c.name, definitions.c.body))).all()
+        named: dict[str, set[str]] = {}
+        for name, body in rows:
+            steps = definition_pb2.SagaDefinition.FromString(body).steps
+            named.setdefault(name, set()).update(step.participant for step in steps)
+        return {name: frozenset(participants) for name, participants in named.items()}
+
     # -- participants
 
     async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
