@@ -12,6 +12,8 @@ from google.protobuf import any_pb2
 from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 
+from compensa.common.health import UNREACHABLE_REASON
+
 #: The ErrorInfo domain of every error the orchestrator answers.
 ERROR_DOMAIN = "compensa.v1.OrchestratorService"
 #: The ErrorInfo reason of an error Compensa did not raise on purpose.
@@ -101,7 +103,8 @@ class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "DATABASE_UNAVAILABLE"
+    # The reason database health gives an outage in which it was not reached.
+    reason = UNREACHABLE_REASON
 
 
 class DatabaseRefusesWrites(StoreUnavailable):

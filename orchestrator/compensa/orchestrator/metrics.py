@@ -32,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from compensa.common.startup import AddressInUse, ensure_address_free
 from compensa.common.tls import TlsFiles
+from compensa.orchestrator.errors import DatabaseFull, DatabasePermissionDenied, DatabaseReadOnly, StoreUnavailable
 from compensa.orchestrator.records import ENDING_EVENTS, state_name
 from compensa.v1 import saga_pb2
 
@@ -47,8 +48,8 @@ SAGA_REASON = "saga"
 PARTICIPANT_UNHEALTHY_REASON = "participant_unhealthy"
 DATABASE_REASON = "database_refuses_writes"
 # compensa_database_outages_total's reason label: the ErrorInfo reasons callers read.
-_DATABASE_OUTAGE_REASONS = (
-    "DATABASE_UNAVAILABLE", "DATABASE_FULL", "DATABASE_READ_ONLY", "DATABASE_PERMISSION_DENIED",
+_DATABASE_OUTAGE_REASONS = tuple(
+    kind.reason for kind in (StoreUnavailable, DatabaseFull, DatabaseReadOnly, DatabasePermissionDenied)
 )
 #: compensa_refused_calls_total's reason label.
 REFUSAL_REASONS = ("unauthenticated", "permission_denied", "out_of_scope")
