@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED; 2 usage error or an error answered by the orchestrator.",
+        "or FAILED; 2 usage error or an error answered by the orchestrator; 141 the reader of the output went away"
+        " (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
