@@ -95,15 +95,15 @@ def _parse_problem(error: json_format.ParseError, pool: descriptor_pool.Descript
     unknown = _UNKNOWN_FIELD.search(text)
     if unknown is None:
         return " ".join(text.split())
-    type_name, field, where = unknown.groups()
+    type_name, given, where = unknown.groups()
     try:
-        fields = [field.name for field in (pool or descriptor_pool.Default()).FindMessageTypeByName(type_name).fields]
+        fields = [known.name for known in (pool or descriptor_pool.Default()).FindMessageTypeByName(type_name).fields]
     except KeyError:
         fields = []
-    close = difflib.get_close_matches(field, fields, n=1)
+    close = difflib.get_close_matches(given, fields, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     listed = f" (its fields: {', '.join(fields)})" if fields else ""
-    return f"{where} has no field {quote(field)}{hint}{listed}"
+    return f"{where} has no field {quote(given)}{hint}{listed}"
 
 
 def unpack(

@@ -473,7 +473,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                         )
                     response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
                     if output.output is not None:
-                        response.output.CopyFrom(pack(output.output))
+                        response.output.CopyFrom(pack(_returned_message(step, "execute_step", output.output)))
                     outcome = _PENDING
                 else:
                     response = participant_pb2.ExecuteResponse(

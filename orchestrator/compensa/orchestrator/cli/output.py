@@ -99,9 +99,12 @@ def print_alert(args: argparse.Namespace, alert: orchestrator_pb2.Alert) -> None
     print(f"@{alert.position:<6} {when} {kind:<21} {about}: {alert.message}", flush=True)
 
 
-def print_saga_table(sagas: Iterable[saga_pb2.Saga]) -> None:
+def print_saga_table(sagas: Sequence[saga_pb2.Saga]) -> None:
     """The table of `compensa list`: a header, then a saga per line, in aligned columns."""
     rows = [("SAGA ID", "DEFINITION", "STATE", "SEQ", "UPDATED")]
+    if not sagas:
+        print("(no sagas)")
+        return
     for saga in sagas:
         rows.append((
             saga.saga_id,
