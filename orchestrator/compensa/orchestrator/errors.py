@@ -13,6 +13,7 @@ from google.rpc.error_details_pb2 import ErrorInfo
 from google.rpc.status_pb2 import Status
 
 from compensa.common.health import UNREACHABLE_REASON
+from compensa.common.startup import first_line
 
 #: The ErrorInfo domain of every error the orchestrator answers.
 ERROR_DOMAIN = "compensa.v1.OrchestratorService"
@@ -105,6 +106,11 @@ class StoreUnavailable(CompensaError):
     code = grpc.StatusCode.UNAVAILABLE
     # The reason database health gives an outage in which it was not reached.
     reason = UNREACHABLE_REASON
+
+    @classmethod
+    def of(cls, error: BaseException) -> StoreUnavailable:
+        """`error` of the database driver in one line (SQLAlchemy adds the statement and its parameters)."""
+        return cls(f"database unavailable: {type(error).__name__}: {first_line(error)}")
 
 
 class DatabaseRefusesWrites(StoreUnavailable):

@@ -146,7 +146,8 @@ class DatabaseHealth:
             return
         self._lost_at = time.monotonic()
         self._refusing = loss.refuses_writes
-        self._log.warning("%s lost its database: %s (%s)", self._name, loss.detail, loss.reason)
+        if self._ready:  # before, the start-up says it waits for the database, or why it stops
+            self._log.warning("%s lost its database: %s (%s)", self._name, loss.detail, loss.reason)
         self._tell(loss)
         self._changed.set()
 
@@ -157,7 +158,10 @@ class DatabaseHealth:
     def _return(self) -> None:
         assert self._lost_at is not None
         self._returned_at = time.monotonic()
-        self._log.info("%s reached its database again after %.1fs", self._name, self._returned_at - self._lost_at)
+        if self._ready:
+            self._log.info(
+                "%s reached its database again after %.1fs", self._name, self._returned_at - self._lost_at
+            )
         self._lost_at = None
         self._refusing = False
         self._changed.set()

@@ -302,7 +302,7 @@ class SqlSagaStore(SagaStore):
         database itself cancelled the statement); what its caller raises."""
         if not cancelled_by_the_database(error):
             self._reached(error, began)
-        return StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}")
+        return StoreUnavailable.of(error)
 
     async def _refusal(self, error: BaseException, began: float) -> DatabaseRefusesWrites | None:
         """The refusal of writes `error` is, reported, or None. After a
