@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
@@ -123,6 +123,6 @@ class ServerConfig:
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""
         if self.database_url:
-            return self.database_url
+            return with_async_driver(self.database_url)
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"

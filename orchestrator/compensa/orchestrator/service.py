@@ -379,8 +379,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
-            version = f" version {request.definition_version}" if request.definition_version else ""
-            raise NotFound(f"definition {quote(request.definition_name)}{version} not found; register it first")
+            raise await self._definition_not_found(request.definition_name, request.definition_version)
         definition = plan.definition
         if not request.HasField("input") or not request.input.type_url:
             raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
@@ -685,8 +684,20 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._in_scope(context, "GetDefinition", request.name)
         definition = await self._store.get_definition(request.name, request.version) if possible else None
         if definition is None:
-            raise NotFound(f"definition {quote(request.name)} not found")
+            raise await self._definition_not_found(request.name, request.version)
         return orchestrator_pb2.GetDefinitionResponse(definition=definition)
+
+    async def _definition_not_found(self, name: str, version: int) -> NotFound:
+        """What to say when `name` at `version` (0: the latest) is not registered:
+        that the name is not, or which versions of it are."""
+        known = version and is_possible(name, "name", NAME_PATTERN)
+        latest = await self._store.get_definition(name, 0) if known else None
+        if latest is None:
+            return NotFound(f"definition {quote(name)} not found; register it first")
+        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
+        return NotFound(
+            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
+        )
 
     @_answer_errors
     async def ListDefinitions(

@@ -99,6 +99,17 @@ async def connect_bounded(
         raise DatabaseTimeout(f"no connection to the database within {timeout:g}s") from None
 
 
+#: The async driver used for a URL that names none.
+_ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg"}
+
+
+def with_async_driver(url: str) -> str:
+    """`url` with the async driver this uses when it names none:
+    sqlite:///x.db is sqlite+aiosqlite:///x.db, postgresql://... is postgresql+psycopg://..."""
+    scheme, separator, rest = url.partition("://")
+    return f"{_ASYNC_DRIVERS[scheme]}://{rest}" if separator and scheme in _ASYNC_DRIVERS else url
+
+
 def engine_options(url: str, timeout: float) -> dict[str, Any]:
     """create_async_engine options bounding connecting and waiting for a pooled
     connection by `timeout` (for PostgreSQL URLs; {} for others)."""

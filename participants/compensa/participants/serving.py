@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from compensa.common.startup import (
     DATABASE_START_BACKOFF,
@@ -68,6 +69,9 @@ logger = logging.getLogger(__name__)
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
 
+#: The exit status of a process whose participant cannot start (as `compensa`'s for any error).
+_EXIT_CANNOT_START = 2
+
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -77,7 +81,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
 
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
-    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
+    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://;
+    postgresql:// and sqlite:// get those drivers).
 
     Raises DatabaseMisconfigured for a URL that is not one of those, or a
     SQLite file whose directory does not exist.
@@ -92,10 +97,14 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     statement, so concurrent duplicate calls serialise instead of failing with
     "database is locked", and SAVEPOINTs work.
     """
+    database_url = with_async_driver(database_url)
     ensure_sqlite_directory(database_url)
     try:
         engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
+    except (
+        sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.InvalidRequestError,
+        ValueError, ImportError,
+    ) as error:
         raise DatabaseMisconfigured(
             f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
             "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
@@ -270,8 +279,18 @@ async def serve(
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> None:
     """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
-    letting calls in flight finish for `grace` seconds. See `start_server`."""
-    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    letting calls in flight finish for `grace` seconds. See `start_server`.
+
+    Meant to be the whole of a participant's process: when it cannot start
+    (a `ServingError`: a taken port, a database that cannot work as
+    configured) it prints that one line (``error: ...``) on stderr and ends
+    the process with status 2 (SystemExit), as `compensa` does, rather than
+    with a traceback. `start_server` raises instead."""
+    try:
+        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    except ServingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(_EXIT_CANNOT_START) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

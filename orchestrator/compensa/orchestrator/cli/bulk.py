@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
-from compensa.orchestrator.cli.output import json_line, saga_row
+from compensa.orchestrator.cli.output import json_line, print_saga_table, print_table
 from compensa.orchestrator.selection import ACTIONS
 from compensa.v1 import bulk_pb2, orchestrator_pb2_grpc
 
@@ -54,8 +54,7 @@ def _start(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorSer
             print(f"the filter selects no saga that {args.action} applies to: nothing would be done")
             return
         print(f"{args.action} would act on {answer.selected_count} sagas; for example:")
-        for saga in answer.sample:
-            print("  " + saga_row(saga))
+        print_saga_table(answer.sample)
         print("(dry run: nothing was done)")
         return
     _print_job(args, answer.bulk_action)
@@ -64,16 +63,24 @@ def _start(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorSer
 
 def _list(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
     request = bulk_pb2.ListBulkActionsRequest(page_size=args.page_size)
+    listed: list[bulk_pb2.BulkAction] = []  # without --json, printed at the end in aligned columns
     while True:
         response = stub.ListBulkActions(request, timeout=args.timeout)
         for job in response.bulk_actions:
-            print(json_line(job) if args.json else job_row(job))
+            if args.json:
+                print(json_line(job))
+            else:
+                listed.append(job)
         if not args.all or not response.next_page_token:
             break
         request.page_token = response.next_page_token
-    if not response.bulk_actions and not request.page_token and not args.json:
+    if args.json:
+        return
+    if listed:
+        _print_jobs(listed)
+    else:
         print("(no bulk actions)")
-    if response.next_page_token and not args.json:
+    if response.next_page_token:
         print(f"(more: --all, or page token {response.next_page_token})", file=sys.stderr)
 
 
@@ -81,14 +88,16 @@ def _name(enum: type, value: int, prefix: str) -> str:
     return enum.Name(value).removeprefix(prefix).lower().replace("_", "-")  # type: ignore[attr-defined,no-any-return]
 
 
-def job_row(job: bulk_pb2.BulkAction) -> str:
-    """One line per job: id, action, state, progress, filter."""
-    kind = _name(bulk_pb2.BulkActionKind, job.kind, "BULK_ACTION_KIND_")
-    state = _name(bulk_pb2.BulkActionState, job.state, "BULK_ACTION_STATE_")
-    return (
-        f"{job.bulk_action_id}  {kind:<9}  {state:<9}  {job.done_count} done, {job.skipped_count} skipped,"
-        f" {job.failed_count} failed, {job.pending_count} pending of {job.selected_count}  {job.filter}"
-    )
+def _print_jobs(jobs: Sequence[bulk_pb2.BulkAction]) -> None:
+    """Jobs in aligned columns: id, action, state, progress, filter."""
+    rows = [("ID", "ACTION", "STATE", "DONE", "SKIPPED", "FAILED", "PENDING", "SELECTED", "FILTER")]
+    for job in jobs:
+        rows.append((
+            job.bulk_action_id, _name(bulk_pb2.BulkActionKind, job.kind, "BULK_ACTION_KIND_"),
+            _name(bulk_pb2.BulkActionState, job.state, "BULK_ACTION_STATE_"), str(job.done_count),
+            str(job.skipped_count), str(job.failed_count), str(job.pending_count), str(job.selected_count), job.filter,
+        ))
+    print_table(rows, right_aligned={3, 4, 5, 6, 7})
 
 
 def _print_job(
@@ -99,8 +108,8 @@ def _print_job(
         for item in problems:
             print(json_line(item))
         return
-    print(job_row(job))
-    print(f"  started by {job.started_by} at {job.create_time.ToJsonString()}"
+    _print_jobs([job])
+    print(f"started by {job.started_by} at {job.create_time.ToJsonString()}"
           + (f" on replica {job.replica}" if job.replica else "") + (f"; note: {job.note}" if job.note else ""))
     for item in problems:
         outcome = _name(bulk_pb2.BulkItemOutcome, item.outcome, "BULK_ITEM_OUTCOME_")

@@ -4,10 +4,12 @@ orchestrator's own event loop."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from compensa.common.startup import AddressInUse, ServingError
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.auth import AccessPolicy, RefusedCalls, StreamLimit
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
@@ -59,9 +61,11 @@ async def start_dashboard(
     )
     try:
         await site.start()
-    except OSError:
+    except OSError as error:
         await runner.cleanup()
-        raise
+        if error.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"address in use: {listen} (--http; another process listens there)") from None
+        raise ServingError(f"cannot serve the dashboard on {listen} (--http): {error.strerror or error}") from None
     bound = runner.addresses[0][1]
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
     scheme = "https" if tls is not None else "http"
