@@ -219,4 +219,5 @@ bulk_items = Table(
     Column("reason", Text, nullable=False),
     Column("acted_at", Float, nullable=True),
 )
-Index("compensa_bulk_items_outcome", bulk_items.c.bulk_action_id, bulk_items.c.outcome)
+# The pending sagas of a job, in the order they are worked through.
+Index("compensa_bulk_items_outcome", bulk_items.c.bulk_action_id, bulk_items.c.outcome, bulk_items.c.saga_id)

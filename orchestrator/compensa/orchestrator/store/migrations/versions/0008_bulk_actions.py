@@ -49,7 +49,7 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text, nullable=False),
         sa.Column("acted_at", sa.Float, nullable=True),
     )
-    op.create_index("compensa_bulk_items_outcome", "compensa_bulk_items", ["bulk_action_id", "outcome"])
+    op.create_index("compensa_bulk_items_outcome", "compensa_bulk_items", ["bulk_action_id", "outcome", "saga_id"])
 
 
 def downgrade() -> None:
