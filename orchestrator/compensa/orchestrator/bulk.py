@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from compensa.orchestrator.errors import CompensaError, NotFound, StoreUnavailable
 from compensa.orchestrator.store import BulkItem, BulkJob
 from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import bulk_pb2, saga_pb2
@@ -191,10 +191,13 @@ class BulkRunner:
             saga = await self._engine.apply_external_once(item.saga_id, event, expected_sequence=item.selected_sequence)
         except NotFound:
             return item.saga_id, SKIPPED, "the saga no longer exists (deleted by retention)"
-        except FailedPrecondition as error:
-            return item.saga_id, FAILED, str(error)
         except StoreUnavailable:
             return None
+        except CompensaError as error:  # refused, e.g. a cancel past the pivot
+            return item.saga_id, FAILED, str(error)
+        except Exception as error:  # one saga's bug must not stall the job on every replica
+            log.exception("bulk action %s: acting on saga %s failed", job.bulk_action_id, item.saga_id)
+            return item.saga_id, FAILED, f"internal error: {type(error).__name__}"
         if saga is None:
             return await self._changed(job, item)
         if saga.sequence == item.selected_sequence:
