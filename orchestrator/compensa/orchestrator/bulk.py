@@ -124,8 +124,10 @@ class BulkRunner:
                 log.debug("bulk actions: %s", error)
             await asyncio.sleep(_POLL_SECONDS)
 
-    def _ended(self, bulk_action_id: str, _task: asyncio.Task[None]) -> None:
-        self._jobs.pop(bulk_action_id, None)
+    def _ended(self, bulk_action_id: str, task: asyncio.Task[None]) -> None:
+        # Not a newer task of the same job (claimed again after this one lost it).
+        if self._jobs.get(bulk_action_id) is task:
+            del self._jobs[bulk_action_id]
 
     async def _work(self, job: BulkJob) -> None:
         held = asyncio.Event()
