@@ -17,8 +17,10 @@ changed meanwhile (skipped, with what changed it). Two jobs that selected the
 same saga cannot both act on it: the first write moves the sequence the
 second one is guarded on.
 
-Adding an action kind is an entry in `_EVENTS` (the machine event for one
-saga) and one in selection.py's `_APPLIES_TO` (which sagas it applies to).
+Adding an action kind is an entry in `_ACTIONS` (how it acts on one saga: a
+write guarded on the selected sequence whose event's message begins with
+`bulk_tag`, as `_operator_action` makes for the operator actions) and one in
+selection.py's `_APPLIES_TO` (which sagas it applies to).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from compensa.orchestrator import machine, records
 from compensa.orchestrator.engine import SagaEngine
@@ -45,12 +47,34 @@ DONE = bulk_pb2.BULK_ITEM_OUTCOME_DONE
 SKIPPED = bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED
 FAILED = bulk_pb2.BULK_ITEM_OUTCOME_FAILED
 
-#: The machine event each action kind applies to one saga: (actor, text) -> event.
-_EVENTS: dict[int, Callable[[str, str], machine.Event]] = {
-    bulk_pb2.BULK_ACTION_KIND_CANCEL: lambda actor, text: machine.CancelRequested(actor=actor, reason=text),
-    bulk_pb2.BULK_ACTION_KIND_RETRY: lambda actor, text: machine.RetryRequested(actor=actor, reason=text),
-    bulk_pb2.BULK_ACTION_KIND_RESOLVE: lambda actor, text: machine.ResolveRequested(actor=actor, note=text),
-    bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: lambda actor, text: machine.RetryNowRequested(actor=actor, reason=text),
+#: How an action acts on one saga: the saga after (unchanged when there was
+#: nothing to do), or None when the saga is no longer at the selected sequence.
+SagaAction = Callable[[SagaEngine, BulkJob, BulkItem], Awaitable[records.SagaRecord | None]]
+
+
+def _operator_action(event_of: Callable[[str, str], machine.Event]) -> SagaAction:
+    """An operator action through the engine, by (who started the job, the job's text)."""
+
+    async def act(engine: SagaEngine, job: BulkJob, item: BulkItem) -> records.SagaRecord | None:
+        event = event_of(job.started_by, event_text(job))
+        return await engine.apply_external_once(item.saga_id, event, expected_sequence=item.selected_sequence)
+
+    return act
+
+
+_ACTIONS: dict[int, SagaAction] = {
+    bulk_pb2.BULK_ACTION_KIND_CANCEL: _operator_action(
+        lambda actor, text: machine.CancelRequested(actor=actor, reason=text)
+    ),
+    bulk_pb2.BULK_ACTION_KIND_RETRY: _operator_action(
+        lambda actor, text: machine.RetryRequested(actor=actor, reason=text)
+    ),
+    bulk_pb2.BULK_ACTION_KIND_RESOLVE: _operator_action(
+        lambda actor, text: machine.ResolveRequested(actor=actor, note=text)
+    ),
+    bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: _operator_action(
+        lambda actor, text: machine.RetryNowRequested(actor=actor, reason=text)
+    ),
 }
 
 # Replicas look for jobs to claim this often.
@@ -80,11 +104,6 @@ def is_bulk_event(event: records.LogEvent, bulk_action_id: str) -> bool:
     """Whether `event` is the action of job `bulk_action_id`."""
     tag = bulk_tag(bulk_action_id)
     return event.message == tag or event.message.startswith(tag + ": ")
-
-
-def action_event(job: BulkJob) -> machine.Event:
-    """The machine event the job applies to each of its sagas."""
-    return _EVENTS[job.kind](job.started_by, event_text(job))
 
 
 class BulkRunner:
@@ -134,7 +153,6 @@ class BulkRunner:
         held.set()
         renewing = asyncio.create_task(self._renew(job, held))
         try:
-            event = action_event(job)
             batch = max(1, min(_BATCH, int(job.max_per_second)))
             while held.is_set():
                 # A batch is at most a second's worth: the rate holds at every second.
@@ -145,7 +163,7 @@ class BulkRunner:
                     ):
                         log.info("bulk action %s: completed", job.bulk_action_id)
                     return
-                await self._act_on_batch(job, event, items)
+                await self._act_on_batch(job, items)
         except StoreUnavailable as error:
             log.warning("bulk action %s: %s; another try after its lease", job.bulk_action_id, error)
         except asyncio.CancelledError:
@@ -173,24 +191,24 @@ class BulkRunner:
                 held.clear()
                 return
 
-    async def _act_on_batch(self, job: BulkJob, event: machine.Event, items: list[BulkItem]) -> None:
+    async def _act_on_batch(self, job: BulkJob, items: list[BulkItem]) -> None:
         started = time.monotonic()
         slots = asyncio.Semaphore(_CONCURRENCY)
 
         async def act(item: BulkItem) -> tuple[str, int, str] | None:
             async with slots:
-                return await self._act(job, event, item)
+                return await self._act(job, item)
 
         outcomes = [outcome for outcome in await asyncio.gather(*(act(item) for item in items)) if outcome]
         await self._store.record_bulk_outcomes(job.bulk_action_id, outcomes, self._engine.clock.now())
         # The rate bounds the actions, however fast the database answers.
         await asyncio.sleep(max(0.0, len(items) / job.max_per_second - (time.monotonic() - started)))
 
-    async def _act(self, job: BulkJob, event: machine.Event, item: BulkItem) -> tuple[str, int, str] | None:
+    async def _act(self, job: BulkJob, item: BulkItem) -> tuple[str, int, str] | None:
         """The outcome of acting on one saga; None to leave it pending (the
         database did not answer: whether the write landed is learnt next time)."""
         try:
-            saga = await self._engine.apply_external_once(item.saga_id, event, expected_sequence=item.selected_sequence)
+            saga = await _ACTIONS[job.kind](self._engine, job, item)
         except NotFound:
             return item.saga_id, SKIPPED, "the saga no longer exists (deleted by retention)"
         except StoreUnavailable:
