@@ -82,8 +82,8 @@ _POLL_SECONDS = 1.0
 # At most this many jobs run at once on one replica.
 _MAX_JOBS = 4
 # Sagas read per batch, and acted on at once within one.
-_BATCH = 50
-_CONCURRENCY = 16
+_BATCH = 100
+_CONCURRENCY = 32
 # A job's outcomes events are read this far past the selected sequence (a
 # TAKEN_OVER event may come before the job's own).
 _EVENTS_AFTER_SELECTION = 3
