@@ -1227,19 +1227,22 @@ class SqlSagaStore(SagaStore):
         self, bulk_action_id: str, outcomes: Sequence[tuple[str, int, str]], now: float
     ) -> int:
         counted = dict.fromkeys(_OUTCOME_COUNTERS.values(), 0)
+        # One statement per (outcome, reason): a batch is mostly "done", alike.
+        alike: dict[tuple[int, str], list[str]] = {}
+        for saga_id, outcome, reason in outcomes:
+            alike.setdefault((outcome, reason), []).append(saga_id)
         async with self._transaction() as conn:
-            for saga_id, outcome, reason in outcomes:
+            for (outcome, reason), saga_ids in alike.items():
                 landed = await conn.execute(
                     sa.update(bulk_items)
                     .where(
-                        bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.saga_id == saga_id,
+                        bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.saga_id.in_(saga_ids),
                         bulk_items.c.outcome == _PENDING,
                     )
                     .values(outcome=outcome, reason=reason, acted_at=now)
                     .returning(bulk_items.c.saga_id)
                 )
-                if landed.first() is not None:
-                    counted[_OUTCOME_COUNTERS[outcome]] += 1
+                counted[_OUTCOME_COUNTERS[outcome]] += len(landed.all())
             if any(counted.values()):
                 await conn.execute(
                     sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
