@@ -345,6 +345,9 @@ async def test_bulk_actions_are_for_operators_and_a_scoped_token_stays_in_its_de
             _start("resolve", "definition=board state=FAILED", note="refunded by hand"), metadata=bearer("operator")
         )
         job_id = started.bulk_action.bulk_action_id
+        # The filter as the server read it, narrowed to the sagas resolve applies to.
+        selection = started.bulk_action.selection
+        assert (selection.definition_name, list(selection.states)) == ("board", [S.SAGA_STATE_FAILED])
         for call in (
             rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id), metadata=bearer("elsewhere")),
             rig.stub.CancelBulkAction(
@@ -420,6 +423,10 @@ async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
         assert "changed since it was selected" in problems[0].reason
         assert "OPERATOR_RESOLVED by bob" in problems[0].reason
         assert (await rig.saga("f-3")).resolution_note == "mine"
+        shown = await _compensa("--address", rig.orchestrator.address, "bulk", "get", job_id)
+        assert shown.returncode == 0, shown.stderr
+        assert "inc-1" in shown.stdout and "completed" in shown.stdout and "started by ops" in shown.stdout
+        assert "skipped  f-3  changed since it was selected" in shown.stdout
         for request in (
             stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=job_id)),
             stub.PauseBulkAction(bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id)),
@@ -438,6 +445,10 @@ async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         listed = await stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest())
         assert [job.bulk_action_id for job in listed.bulk_actions] == [other_id, job_id]
+        table = (await _compensa("--address", rig.orchestrator.address, "bulk", "list")).stdout.splitlines()
+        assert table[0].split()[:3] == ["ID", "ACTION", "STATE"]
+        rows = [line.split()[:3] for line in table[1:]]
+        assert rows == [[other_id, "retry", "cancelled"], [job_id, "resolve", "completed"]]
         unknown = await _refusal(stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id="nope")))
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
