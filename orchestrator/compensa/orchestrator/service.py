@@ -16,7 +16,7 @@ import math
 import re
 import ssl
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
@@ -86,6 +86,8 @@ _ALERT_POLL_SECONDS = 1.0
 _ALERT_READ_SPACING_SECONDS = 0.05
 
 Request = TypeVar("Request")
+Row = TypeVar("Row")
+Cursor = TypeVar("Cursor")
 Response = TypeVar("Response")
 #: The server side of a call that takes a Request and answers Response(s).
 Context: TypeAlias = grpc.aio.ServicerContext[Request, Response]
@@ -218,6 +220,21 @@ async def _fill_page(
             size += item_size
             last = position
     return page, None
+
+
+async def _read_in_chunks(
+    read: Callable[[Cursor, int], Awaitable[Sequence[Row]]], cursor: Cursor, chunk_size: int,
+    cursor_after: Callable[[Row], Cursor],
+) -> AsyncGenerator[Row, None]:
+    """Every row `read(cursor, chunk_size)` gives, chunk after chunk, until a
+    chunk comes back short; `cursor_after(row)` resumes after a chunk's last row."""
+    while True:
+        chunk = await read(cursor, chunk_size)
+        for row in chunk:
+            yield row
+        if len(chunk) < chunk_size:
+            return
+        cursor = cursor_after(chunk[-1])
 
 
 def _page_size(requested: int) -> int:
@@ -433,18 +450,19 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             position = read_page_token(self._page_key(), query, request.page_token)
             after = (float(position[0]), str(position[1]))
 
+        async def read(cursor: tuple[float, str] | None, size: int) -> list[records.SagaRecord]:
+            return await self._store.list_sagas(
+                state=request.state, definition_name=definition_name, updated_before=updated_before,
+                page_size=size, after=cursor,
+            )
+
         async def sagas() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_sagas(
-                    state=request.state, definition_name=definition_name, updated_before=updated_before,
-                    page_size=min(page_size + 1, _PAGE_READ_CHUNK), after=cursor,
-                )
-                for saga in chunk:
+            chunks = _read_in_chunks(
+                read, after, min(page_size + 1, _PAGE_READ_CHUNK), lambda saga: (saga.created_at, saga.saga_id)
+            )
+            async with contextlib.aclosing(chunks):
+                async for saga in chunks:
                     yield await self._saga_view(saga), [saga.created_at, saga.saga_id]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = (chunk[-1].created_at, chunk[-1].saga_id)
 
         page, last = await _fill_page(sagas(), page_size)
         return orchestrator_pb2.ListSagasResponse(
@@ -711,15 +729,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         after = str(read_page_token(self._page_key(), query, request.page_token)[0]) if request.page_token else ""
 
         async def definitions() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_definitions(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
-                for definition in chunk:
+            chunks = _read_in_chunks(
+                lambda cursor, size: self._store.list_definitions(size, cursor), after,
+                min(page_size + 1, _PAGE_READ_CHUNK), lambda definition: definition.name,
+            )
+            async with contextlib.aclosing(chunks):
+                async for definition in chunks:
                     if caller is None or caller.may_see(definition.name):
                         yield definition, [definition.name]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = chunk[-1].name
 
         page, last = await _fill_page(definitions(), page_size)
         return orchestrator_pb2.ListDefinitionsResponse(
@@ -848,15 +865,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             after = (float(position[0]), str(position[1]))
 
         async def jobs() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_bulk_jobs(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
-                for job in chunk:
+            chunks = _read_in_chunks(
+                lambda cursor, size: self._store.list_bulk_jobs(size, cursor), after,
+                min(page_size + 1, _PAGE_READ_CHUNK), lambda job: (job.created_at, job.bulk_action_id),
+            )
+            async with contextlib.aclosing(chunks):
+                async for job in chunks:
                     if caller is None or caller.may_see(job.definition_name):
                         yield bulk_action_message(job), [job.created_at, job.bulk_action_id]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = (chunk[-1].created_at, chunk[-1].bulk_action_id)
 
         page, last = await _fill_page(jobs(), page_size)
         return bulk_pb2.ListBulkActionsResponse(
