@@ -32,7 +32,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from compensa.common.database import (
+    DATABASE_URL_FORMS,
+    DEFAULT_DATABASE_TIMEOUT,
+    engine_options,
+    parse_database_url,
+)
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from compensa.common.startup import (
     DATABASE_START_BACKOFF,
@@ -92,13 +97,13 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     statement, so concurrent duplicate calls serialise instead of failing with
     "database is locked", and SAVEPOINTs work.
     """
+    database = parse_database_url(database_url)
     ensure_sqlite_directory(database_url)
     try:
-        engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
+        engine = create_async_engine(database.engine_url, **engine_options(database, database_timeout))
     except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
         raise DatabaseMisconfigured(
-            f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
-            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+            f"--db {database.shown!r} is not a database URL this can use ({first_line(error)}); {DATABASE_URL_FORMS}"
         ) from None
     if engine.dialect.name == "sqlite":
         sync_engine = engine.sync_engine
