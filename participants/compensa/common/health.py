@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+from compensa.common.database import database_error_text
+
 __all__ = ["DEFAULT_PROBE_SECONDS", "DatabaseHealth"]
 
 #: How often the database is probed when no real work has reached it lately.
@@ -66,7 +68,7 @@ class DatabaseHealth:
             return
         self._reachable = False
         self._lost_at = time.monotonic()
-        self._log.warning("%s lost its database: %s", self._name, _describe(error))
+        self._log.warning("%s lost its database: %s", self._name, database_error_text(error))
         self._changed.set()
 
     def succeeded(self) -> None:
@@ -99,7 +101,7 @@ class DatabaseHealth:
             try:
                 await ping()
             except Exception as error:  # reported by the ping itself; never stop probing
-                self._log.debug("%s: database probe failed: %s", self._name, _describe(error))
+                self._log.debug("%s: database probe failed: %s", self._name, database_error_text(error))
                 await asyncio.sleep(interval)
 
     async def _publish_changes(self) -> None:
@@ -115,7 +117,3 @@ class DatabaseHealth:
         for service in self._services:
             await self._servicer.set(service, status)
 
-
-def _describe(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
