@@ -54,7 +54,9 @@ def _several_hosts(url: str, form: str, *, live_first: bool, options: tuple[str,
     return f"postgresql+psycopg://postgres@{address}/{database}" + (f"?{'&'.join(query)}" if query else "")
 
 
-FORMS = ("libpq host list", "SQLAlchemy ?host=HOST:PORT", "bare ?host=NAME with one port", "libpq ?host=H1,H2&port=P1,P2")
+FORMS = (
+    "libpq host list", "SQLAlchemy ?host=HOST:PORT", "bare ?host=NAME with one port", "libpq ?host=H1,H2&port=P1,P2"
+)
 
 
 @pytest.mark.parametrize("live_first", [True, False], ids=["live first", "down first"])

@@ -173,16 +173,18 @@ def _postgres_parts(url: str, scheme: str) -> tuple[str, URL]:
     URL that makes SQLAlchemy's engine."""
     address, _, query = url.partition("?")
     hosts: list[tuple[str, str]] = []
-    kept: list[tuple[str, str]] = []
-    for name, value in urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)):
-        if name == "host" and "," not in value:
-            hosts.append(_host_and_port(value))
+    kept: list[str] = []
+    for part in query.split("&") if query else ():
+        name, _, value = part.partition("=")
+        host = urllib.parse.unquote(value)
+        if name == "host" and "," not in host:
+            hosts.append(_host_and_port(host))
         else:
-            kept.append((name, value))
-    rest = urllib.parse.urlencode(kept)
-    # libpq reads the host list of the address itself; repeated ?host= it would
-    # reduce to the last one, so those are joined here.
-    params = psycopg.conninfo.conninfo_to_dict("postgresql://" + address.partition("://")[2] + (f"?{rest}" if rest else ""))
+            kept.append(part)  # as written: libpq reads it
+    # libpq reads the host list of the address itself; a repeated ?host= it
+    # would reduce to the last one, so those are joined here.
+    libpq_url = "postgresql://" + address.partition("://")[2] + (f"?{'&'.join(kept)}" if kept else "")
+    params = psycopg.conninfo.conninfo_to_dict(libpq_url)
     if hosts:
         default_port = str(params.get("port") or "")
         if "," in default_port:
@@ -201,7 +203,7 @@ def _postgres_parts(url: str, scheme: str) -> tuple[str, URL]:
         port=int(first_port) if first_port else None,
         database=str(params.get("dbname") or "") or None,
     )
-    return psycopg.conninfo.make_conninfo(**params), engine_url
+    return psycopg.conninfo.make_conninfo("", **params), engine_url
 
 
 def _host_and_port(entry: str) -> tuple[str, str]:
