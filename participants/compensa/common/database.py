@@ -177,7 +177,7 @@ def _postgres_parts(url: str, scheme: str) -> tuple[str, URL]:
     for part in query.split("&") if query else ():
         name, _, value = part.partition("=")
         host = urllib.parse.unquote(value)
-        if name == "host" and "," not in host:
+        if name == "host" and host and "," not in host:
             hosts.append(_host_and_port(host))
         else:
             kept.append(part)  # as written: libpq reads it
