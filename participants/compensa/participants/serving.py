@@ -76,10 +76,23 @@ _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantSer
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+#: Calls gRPC's C core holds for a server before its event loop picks them up.
+#: By default it refuses some at random past 1,000 waiting and all past 3,000,
+#: and the caller sees CANCELLED with no message, as if it had given up itself:
+#: 2,000 callers at once were enough. Overload is the server's to answer (the
+#: orchestrator refuses starts over its bound with RESOURCE_EXHAUSTED and a
+#: retry delay), so the queue is bounded only against a flood: about 12 KB
+#: each while they wait, measured.
+MAX_WAITING_CALLS = 10_000
+
 #: Options of every gRPC server here. gRPC sets SO_REUSEPORT by default, so a
 #: second process on a taken port would start serving too and the kernel would
 #: split new connections between the two; with it off, the second is refused.
-GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
+GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", MAX_WAITING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_WAITING_CALLS),
+)
 
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).

@@ -52,6 +52,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_streams_per_client < 0:
         raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
+    if args.max_sagas_in_flight < 0:
+        raise CompensaError("--max-sagas-in-flight must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_sagas_in_flight=args.max_sagas_in_flight)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.alert_webhook is not None:
