@@ -97,8 +97,11 @@ GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
 
-    Raises DatabaseMisconfigured for a URL that is not one of those, or a
-    SQLite file whose directory does not exist.
+    A PostgreSQL URL may name several hosts, in any form libpq or SQLAlchemy
+    takes (`compensa.common.database.parse_database_url`): with
+    `target_session_attrs=read-write`, connections go to whichever is the
+    primary. Raises DatabaseMisconfigured for a URL that is not one of those,
+    or a SQLite file whose directory does not exist.
 
     On PostgreSQL, connecting and waiting for a pooled connection each take at
     most `database_timeout` seconds, and the server ends statements and idle
