@@ -1,11 +1,15 @@
 """Admission of new sagas: a replica takes on a bounded number at once.
 
 Without a bound, callers faster than the participants pile sagas up in the
-replica's memory and their starts wait ever longer for the group commit; past
-gRPC's own queue of calls not yet picked up, gRPC refused them with a bare
-CANCELLED. With it, a StartSaga over the bound is refused at once, before
-anything is read or written, as RESOURCE_EXHAUSTED (ErrorInfo reason
-REPLICA_AT_CAPACITY) with a google.rpc.RetryInfo saying when to try again.
+replica's memory and their starts wait ever longer for the group commit, and
+gRPC's C core refused the calls its queue of calls not yet picked up by the
+event loop could not hold (see MAX_WAITING_CALLS in
+compensa.participants.serving) with a bare CANCELLED. With it, a StartSaga
+over the bound is refused at once, before anything is read or written, as
+RESOURCE_EXHAUSTED (ErrorInfo reason REPLICA_AT_CAPACITY) with a
+google.rpc.RetryInfo saying when to try again. Sagas the replica already owes
+(due retries, takeovers) are driven regardless and count against the bound:
+work accepted is never held back by new work.
 """
 
 from __future__ import annotations
