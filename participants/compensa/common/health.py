@@ -116,4 +116,3 @@ class DatabaseHealth:
         status = _SERVING if self._reachable else _NOT_SERVING
         for service in self._services:
             await self._servicer.set(service, status)
-
