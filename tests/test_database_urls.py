@@ -88,7 +88,10 @@ def test_migrate_and_purge_reach_the_live_host_of_a_libpq_host_list(make_postgre
 
 
 def test_a_url_of_the_wrong_form_is_refused_in_one_line_naming_the_forms_that_work() -> None:
-    for url in ("bogus://x", "not a url", "postgresql+psycopg://u@h:abc/db", "postgresql+psycopg://u:secret@h/db?host"):
+    for url in (
+        "bogus://x", "not a url", "postgresql+psycopg://u@h:abc/db", "postgresql+psycopg://u:secret@h/db?host",
+        "postgresql+psycopg://u@h:x/db?password=secret",
+    ):
         with pytest.raises(DatabaseMisconfigured) as refused:
             open_store(url)
         message = str(refused.value)

@@ -118,7 +118,8 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_saga_and_repeats_no_
     with psycopg.connect(replicated_pair.conninfo(replicated_pair.primary_port), autocommit=True) as conn:
         conn.execute("CREATE DATABASE orchestrator")
     participant_engine = create_async_engine(make_postgres_url(), pool_size=20)
-    participant = RecordingParticipant(participant_engine, {step: StepBehaviour(execute_seconds=0.05) for step in STEPS})
+    behaviours = {step: StepBehaviour(execute_seconds=0.05) for step in STEPS}
+    participant = RecordingParticipant(participant_engine, behaviours)
     served = await start_server(participant)
     definition = tmp_path / "relay-two.yaml"
     definition.write_text(_DEFINITION)

@@ -120,6 +120,7 @@ DATABASE_URL_FORMS = (
     " or ?host=HOST1:PORT1&host=HOST2:PORT2) or sqlite+aiosqlite:///FILE"
 )
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@?#]*:)[^@/?#]*@")
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def parse_database_url(url: str) -> DatabaseUrl:
 
     DatabaseMisconfigured, one line naming the forms that work, for anything
     else (an unknown scheme, a port that is not a number...)."""
-    shown = _PASSWORD_IN_URL.sub(r"\1***@", url)
+    shown = _PASSWORD_PARAMETER.sub(r"\1***", _PASSWORD_IN_URL.sub(r"\1***@", url))
     scheme, separator, _ = url.partition("://")
     try:
         if not separator or not scheme:
