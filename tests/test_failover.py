@@ -23,8 +23,8 @@ from harness import poll_until
 from participant_helpers import checkout_input
 from pg import ReplicatedPair, find_server_bindir, start_primary_with_standby
 from processes import ManagedProcess, ProcessSet
-from recording_participant import CALLS, EXECUTE, RecordingParticipant, StepBehaviour
-from sqlalchemy.ext.asyncio import create_async_engine
+from recording_participant import CALLS, EXECUTE, StepBehaviour
+from test_streaming_processes import BoundedRecorder
 
 from compensa.examples.server import start_server
 from compensa.participants.sdk import pack
@@ -117,9 +117,10 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_saga_and_repeats_no_
 ) -> None:
     with psycopg.connect(replicated_pair.conninfo(replicated_pair.primary_port), autocommit=True) as conn:
         conn.execute("CREATE DATABASE orchestrator")
-    participant_engine = create_async_engine(make_postgres_url(), pool_size=20)
-    behaviours = {step: StepBehaviour(execute_seconds=0.05) for step in STEPS}
-    participant = RecordingParticipant(participant_engine, behaviours)
+    # At most a few calls at once: each holds two pooled connections (its
+    # barrier's transaction and the recording's), so more would wait on each
+    # other's connections when the sagas held up by the gap all resume.
+    participant = BoundedRecorder(make_postgres_url(), {step: StepBehaviour(execute_seconds=0.05) for step in STEPS})
     served = await start_server(participant)
     definition = tmp_path / "relay-two.yaml"
     definition.write_text(_DEFINITION)
@@ -180,7 +181,7 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_saga_and_repeats_no_
 
         # Each step's effect happened once per saga: duplicates after the
         # failover were answered from the participant's barrier.
-        async with participant_engine.connect() as conn:
+        async with participant.engine.connect() as conn:
             effects = (
                 await conn.execute(
                     sa.select(CALLS.c.saga_id, CALLS.c.step_name, sa.func.count())
@@ -193,4 +194,4 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_saga_and_repeats_no_
         assert {(saga_id, step) for saga_id in acknowledged for step in STEPS} <= set(counts)
     finally:
         await served.stop(0)
-        await participant_engine.dispose()
+        await participant.engine.dispose()
