@@ -24,7 +24,7 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status
 
@@ -195,7 +195,11 @@ def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
     made again (its google.rpc.RetryInfo); None if it asked for none."""
     for key, value in error.trailing_metadata() or ():
         if key == "grpc-status-details-bin" and isinstance(value, bytes):
-            for detail in Status.FromString(value).details:
+            try:
+                details = Status.FromString(value).details
+            except DecodeError:
+                return None  # not a status this client can read: no delay was asked for
+            for detail in details:
                 info = RetryInfo()
                 if detail.Unpack(info):
                     return info.retry_delay.ToNanoseconds() / 1e9
