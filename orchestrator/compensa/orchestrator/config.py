@@ -53,6 +53,9 @@ class ServerConfig:
     # More client certificate names with their roles (reader, starter,
     # operator); `operators` are added as operators. Needs mutual TLS.
     certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    # The definitions some of those certificate names are limited to
+    # (`serve --role NAME=ROLE:DEFINITIONS`); a name not here sees every one.
+    certificate_scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # A file of bearer tokens with their identities, roles and definition
     # scopes (see orchestrator/auth.py); None accepts no tokens.
     token_file: Path | None = None
@@ -117,7 +120,9 @@ class ServerConfig:
         jwt = None
         if self.jwt_keys is not None:
             jwt = load_jwt_keys(self.jwt_keys, audience=self.jwt_audience, issuer=self.jwt_issuer)
-        return AccessPolicy(certificate_roles=roles, tokens=tokens, jwt=jwt)
+        return AccessPolicy(
+            certificate_roles=roles, certificate_scopes=self.certificate_scopes, tokens=tokens, jwt=jwt
+        )
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""

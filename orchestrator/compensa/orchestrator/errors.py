@@ -13,6 +13,8 @@ from google.protobuf import duration_pb2
 from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
+from compensa.common.health import UNREACHABLE_REASON
+
 #: The ErrorInfo domain of every error the orchestrator answers.
 ERROR_DOMAIN = "compensa.v1.OrchestratorService"
 #: The ErrorInfo reason of an error Compensa did not raise on purpose.
@@ -61,6 +63,12 @@ class NotFound(CompensaError):
 
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
+
+
+def saga_not_found(saga_id: str) -> NotFound:
+    """The one answer for a saga that does not exist (or that the caller may
+    not see: the two are worded alike)."""
+    return NotFound(f"saga {quote(saga_id)} not found")
 
 
 class AlreadyExists(CompensaError):
@@ -116,7 +124,41 @@ class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "DATABASE_UNAVAILABLE"
+    # The reason database health gives an outage in which it was not reached.
+    reason = UNREACHABLE_REASON
+
+
+class DatabaseRefusesWrites(StoreUnavailable):
+    """The database answers but refuses to store anything, for a reason that
+    does not pass by itself: health stays NOT_SERVING until a write succeeds.
+    The message says why without the database's internals (file paths)."""
+
+    #: The SQLSTATE the database answered.
+    sqlstate: str = ""
+
+
+class DatabaseFull(DatabaseRefusesWrites):
+    """The database is out of space (SQLSTATE 53100)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "DATABASE_FULL"
+    sqlstate = "53100"
+
+
+class DatabaseReadOnly(DatabaseRefusesWrites):
+    """The database takes no writes (SQLSTATE 25006): a standby, say, after a
+    failover, when the URL does not lead to the primary."""
+
+    reason = "DATABASE_READ_ONLY"
+    sqlstate = "25006"
+
+
+class DatabasePermissionDenied(DatabaseRefusesWrites):
+    """The database user may no longer write the orchestrator's tables
+    (SQLSTATE 42501)."""
+
+    reason = "DATABASE_PERMISSION_DENIED"
+    sqlstate = "42501"
 
 
 class SchemaMismatch(CompensaError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -28,7 +29,7 @@ from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
 from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, StoreUnavailable
+from compensa.orchestrator.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
 from compensa.orchestrator.service import OrchestratorService, service_handler
 from compensa.orchestrator.store import open_store
 from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
@@ -82,6 +83,16 @@ async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None
         await servicer.set(name, status)
 
 
+def _follow_database(database_health: DatabaseHealth, error: BaseException | None, began: float) -> None:
+    """Tells `database_health` the outcome of a database wait that began at `began`."""
+    if error is None:
+        database_health.succeeded(began=began)
+    elif isinstance(error, DatabaseRefusesWrites):
+        database_health.refused(error.reason, str(error), began=began)
+    else:
+        database_health.failed(error, began=began)
+
+
 async def _wait_for_database(running: RunningOrchestrator, definitions: list) -> None:  # type: ignore[type-arg]
     """Checks the schema (creating it in an empty database) and registers
     definitions once the database answers, then reports SERVING and starts
@@ -111,7 +122,8 @@ async def _wait_for_database(running: RunningOrchestrator, definitions: list) ->
             await asyncio.sleep(delay)
     running.engine.start()
     await running.database_health.ready()
-    running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)
+    store = running.engine.store
+    running.database_health.probe_every(running.config.health_probe_seconds, store.ping, store.probe_writes)
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
 
 
@@ -161,11 +173,10 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     database_health = DatabaseHealth(
-        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log
+        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log,
+        on_loss=engine.database_lost,
     )
-    store.subscribe_reachability(
-        lambda error: database_health.succeeded() if error is None else database_health.failed(error)
-    )
+    store.subscribe_reachability(functools.partial(_follow_database, database_health))
     try:
         port = listen_on(server, config.listen, credentials)
         # Before serving: a metrics port that is taken stops the start here.
@@ -177,7 +188,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     dashboard = None
     if config.http_listen:
         dashboard = await start_dashboard(
-            config.http_listen, engine, service.log_tail, access, service.stream_limit, config.tls
+            config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
+            config.tls,
         )
         log.info("dashboard at %s", dashboard.url)
     await server.start()

@@ -20,7 +20,7 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.auth import Role, parse_role
+from compensa.orchestrator.auth import Role, check_scope, parse_role
 from compensa.orchestrator.cli import definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
@@ -182,12 +182,15 @@ def _parse_fault_plan(text: str) -> FaultPlan:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _parse_certificate_role(text: str) -> tuple[str, Role]:
-    name, equals, role = text.partition("=")
+def _parse_certificate_role(text: str) -> tuple[str, Role, frozenset[str]]:
+    """NAME=ROLE, or NAME=ROLE:DEFINITION,... for a role limited to those definitions."""
+    name, equals, granted = text.partition("=")
     if not equals or not name:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ROLE, e.g. ops-console=operator")
+    role, colon, definitions = granted.partition(":")
     try:
-        return name, parse_role(role)
+        scope = check_scope({"definitions": definitions.split(",")} if colon else {}, f"--role {name}")
+        return name, parse_role(role), scope
     except CompensaError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -419,9 +422,10 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http", type=_host_port, metavar="HOST:PORT",
                         help="serve the web dashboard at http(s)://HOST:PORT/ (default: none)")
     parser.add_argument(
-        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE",
+        "--role", action="append", type=_parse_certificate_role, default=[], metavar="NAME=ROLE[:DEFINITIONS]",
         help="give the client certificate NAME (CN or subject alternative name) a role: reader, starter or"
-             " operator; repeatable (needs --tls-client-ca)",
+             " operator, optionally limited to some definitions (ROLE:checkout,refund); repeatable (needs"
+             " --tls-client-ca)",
     )
     parser.add_argument(
         "--tokens", type=Path, metavar="FILE",

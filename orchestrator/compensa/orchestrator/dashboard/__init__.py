@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, StreamLimit
+from compensa.orchestrator.auth import AccessPolicy, RefusedCalls, StreamLimit
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
 from compensa.orchestrator.engine import SagaEngine
 from compensa.orchestrator.streams import LogTail
@@ -38,11 +38,12 @@ async def start_dashboard(
     tail: LogTail,
     access: AccessPolicy,
     streams: StreamLimit,
+    refused_calls: RefusedCalls,
     tls: TlsFiles | None,
 ) -> RunningDashboard:
     """Serves the dashboard on `listen` (HOST:PORT; port 0 picks one), over
     TLS with the server's certificate when `tls` is given."""
-    dashboard = Dashboard(engine, tail, access, streams, tls=tls is not None)
+    dashboard = Dashboard(engine, tail, access, streams, refused_calls, tls=tls is not None)
     # Cancel a handler when its client goes away: a closed live list stops
     # following the log at once instead of at its next write.
     runner = web.AppRunner(
