@@ -92,6 +92,10 @@ class ServerConfig:
     # raises an alert, once per outage, and another when it recovers; None
     # raises none.
     alert_participant_unhealthy_seconds: float | None = 60.0
+    # Sagas this replica takes on at once (being started, or driven); a
+    # StartSaga over it is refused with RESOURCE_EXHAUSTED and a retry delay
+    # (admission.py). 0 sets no limit.
+    max_sagas_in_flight: int = 1000
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a

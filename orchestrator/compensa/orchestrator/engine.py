@@ -147,7 +147,7 @@ class SagaEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._token_key: bytes | None = None
-        self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.drive_count(lambda: self.sagas_driven)
         self.metrics.count_for_people(self._people_counts)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -187,6 +187,11 @@ class SagaEngine:
         """Participants `definition` names that have no address to call."""
         names = dict.fromkeys(step.participant for step in definition.steps)
         return [name for name in names if not self.client.knows(name)]
+
+    @property
+    def sagas_driven(self) -> int:
+        """Sagas this replica drives now (a call in flight or due)."""
+        return len(self._driving)
 
     @property
     def token_key(self) -> bytes:

@@ -21,6 +21,7 @@ import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
 from compensa.orchestrator import machine, payloads, records
+from compensa.orchestrator.admission import SagaAdmission
 from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
@@ -273,6 +274,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         self._access = access if access is not None else AccessPolicy()
         self._streams = StreamLimit(engine.config.max_streams_per_client)
+        self._admission = SagaAdmission(engine.config.max_sagas_in_flight, lambda: engine.sagas_driven, engine.metrics)
         self._refused_calls = RefusedCalls(engine.metrics.refused)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
         self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
@@ -362,6 +364,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @_answer_errors
     async def StartSaga(
+        self,
+        request: orchestrator_pb2.StartSagaRequest,
+        context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
+    ) -> orchestrator_pb2.StartSagaResponse:
+        with self._admission.starting():
+            return await self._start_saga(request, context)
+
+    async def _start_saga(
         self,
         request: orchestrator_pb2.StartSagaRequest,
         context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],

@@ -473,6 +473,11 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
     )
+    parser.add_argument(
+        "--max-sagas-in-flight", type=int, default=1000, metavar="N",
+        help="sagas this replica takes on at once (being started, or driven); a StartSaga over it is refused"
+        " with RESOURCE_EXHAUSTED and a retry delay (default: 1000; 0: no limit)",
+    )
 
 
 def _add_purge(parser: argparse.ArgumentParser) -> None:

@@ -22,14 +22,12 @@ import orjson
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
     connect_bounded,
-    engine_options,
 )
 from compensa.common.retry import Backoff
 from compensa.orchestrator.records import RUNNING
@@ -128,9 +126,10 @@ class PostgresSagaStore(SqlSagaStore):
         # No pre-ping: it costs a round trip per transaction. A dead
         # connection fails its transaction, SQLAlchemy drops it from the pool,
         # and the caller retries (StoreUnavailable).
-        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10, **engine_options(url, timeout))
+        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10)
         self.notifier = notifier
-        self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        assert self.database.conninfo is not None, "a PostgreSQL URL"
+        self._conninfo = self.database.conninfo
         # Group commit has one connection of its own, outside SQLAlchemy's
         # pool: the hot path is one prepared statement in autocommit.
         self._writer: psycopg.AsyncConnection[Any] | None = None

@@ -20,13 +20,15 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     bounded_transaction,
     cancelled_by_the_database,
+    database_error_text,
+    engine_options,
+    parse_database_url,
 )
 from compensa.orchestrator.errors import (
     DatabaseFull,
@@ -246,9 +248,13 @@ class SqlSagaStore(SagaStore):
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
         self.url = url
+        #: The URL read once (DatabaseMisconfigured if it cannot be).
+        self.database = parse_database_url(url)
         #: The longest any one wait on the database may take, in seconds.
         self.timeout = timeout
-        self.engine: AsyncEngine = create_async_engine(url, **options)
+        self.engine: AsyncEngine = create_async_engine(
+            self.database.engine_url, **engine_options(self.database, timeout), **options
+        )
 
     # -- dialect hooks
 
@@ -291,7 +297,7 @@ class SqlSagaStore(SagaStore):
                 raise self._unreachable(error, began) from error
             if error.connection_invalidated:
                 self._reached(error, began)
-                raise StoreUnavailable(f"database connection lost: {error}") from error
+                raise StoreUnavailable(f"database connection lost: {database_error_text(error)}") from error
             raise
         except OSError as error:
             raise self._unreachable(error, began) from error
@@ -318,7 +324,7 @@ class SqlSagaStore(SagaStore):
         return refusal
 
     async def ensure_schema(self) -> None:
-        database = make_url(self.url).render_as_string(hide_password=True)
+        database = self.database.shown
         async with self._transaction() as conn:
             await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
 
