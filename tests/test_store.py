@@ -917,5 +917,5 @@ async def test_a_database_error_is_told_in_one_line_without_the_statement(tmp_pa
     finally:
         await store.close()
     assert str(raised.value) == (
-        "database unavailable: OperationalError: (sqlite3.OperationalError) no such table: compensa_participants"
+        "database unavailable: OperationalError: no such table: compensa_participants"
     )
