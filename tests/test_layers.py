@@ -30,24 +30,24 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("orchestrator", "participants")
 
 FACE = (
-    "compensa.orchestrator.service",
-    "compensa.orchestrator.views",
-    "compensa.orchestrator.streams",
+    "compensa.orchestrator.api.service",
+    "compensa.orchestrator.api.views",
+    "compensa.orchestrator.api.streams",
     "compensa.orchestrator.server",
     "compensa.orchestrator.cli",
     "compensa.orchestrator.dashboard",
-    "compensa.orchestrator.demo",
+    "compensa.orchestrator.cli.demo",
     # Starts a whole orchestrator beside a user's participants for their
     # tests: a composition root, like the demo, so it sits on top.
     "compensa.testing",
 )
 ENGINE = (
-    "compensa.orchestrator.engine",
-    "compensa.orchestrator.writer",
-    "compensa.orchestrator.machine",
-    "compensa.orchestrator.records",
-    "compensa.orchestrator.tokens",
-    "compensa.orchestrator.changes",
+    "compensa.orchestrator.engine.engine",
+    "compensa.orchestrator.engine.writer",
+    "compensa.orchestrator.engine.machine",
+    "compensa.orchestrator.shared.records",
+    "compensa.orchestrator.engine.tokens",
+    "compensa.orchestrator.engine.changes",
 )
 STORE = ("compensa.orchestrator.store",)
 #: The participant SDK and what both sides share stand apart from the
@@ -122,7 +122,7 @@ def upward_arrows(graph: Graph) -> list[str]:
         for target in sorted(targets):
             if not _in(source, FACE) and _in(target, FACE):
                 arrows.append(f"{source} -> {target} (into the face)")
-            elif _in(source, STORE) and _in(target, ENGINE) and target != "compensa.orchestrator.records":
+            elif _in(source, STORE) and _in(target, ENGINE) and target != "compensa.orchestrator.shared.records":
                 arrows.append(f"{source} -> {target} (store into the engine)")
             elif _in(source, SDK + COMMON + EXAMPLES) and _in(target, ORCHESTRATOR):
                 arrows.append(f"{source} -> {target} (participant side into the orchestrator)")
@@ -162,7 +162,7 @@ def cycles(graph: Graph) -> list[list[str]]:
 def test_nothing_below_the_face_imports_it_and_the_store_does_not_import_the_engine() -> None:
     graph = import_graph()
     assert {
-        "compensa.orchestrator.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"
+        "compensa.orchestrator.engine.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"
     } <= set(graph)
     arrows = upward_arrows(graph)
     assert not arrows, "imports that point up a layer:\n" + "\n".join(arrows)
@@ -180,26 +180,26 @@ def test_the_check_sees_an_upward_arrow_wherever_it_is_written(tmp_path: Path) -
     (package / "store").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "views.py").write_text("def timestamp(): ...\n")
-    (package / "engine.py").write_text("def run():\n    from compensa.orchestrator.views import timestamp\n")
+    (package / "engine.py").write_text("def run():\n    from compensa.orchestrator.api.views import timestamp\n")
     (package / "store" / "__init__.py").write_text("")
     (package / "store" / "sql.py").write_text("from .. import machine\nfrom compensa.orchestrator import records\n")
-    (package / "machine.py").write_text("import compensa.orchestrator.records\n")
+    (package / "machine.py").write_text("import compensa.orchestrator.shared.records\n")
     (package / "records.py").write_text("from compensa.orchestrator import machine\n")
     sdk = tmp_path / "participants" / "compensa" / "participants"
     sdk.mkdir(parents=True)
     (sdk / "__init__.py").write_text("")
-    (sdk / "sdk.py").write_text("from compensa.orchestrator.records import FINAL_SAGA_STATES\n")
+    (sdk / "sdk.py").write_text("from compensa.orchestrator.shared.records import FINAL_SAGA_STATES\n")
     graph = import_graph(tmp_path, ["orchestrator", "participants"])
     assert graph["compensa.orchestrator.store.sql"] == {
-        "compensa.orchestrator.machine", "compensa.orchestrator.records",
+        "compensa.orchestrator.engine.machine", "compensa.orchestrator.shared.records",
     }
     assert upward_arrows(graph) == [
-        "compensa.orchestrator.engine -> compensa.orchestrator.views (into the face)",
-        "compensa.orchestrator.store.sql -> compensa.orchestrator.machine (store into the engine)",
-        "compensa.participants.sdk -> compensa.orchestrator.records (participant side into the orchestrator)",
+        "compensa.orchestrator.engine.engine -> compensa.orchestrator.api.views (into the face)",
+        "compensa.orchestrator.store.sql -> compensa.orchestrator.engine.machine (store into the engine)",
+        "compensa.participants.sdk -> compensa.orchestrator.shared.records (participant side into the orchestrator)",
     ]
     assert cycles(graph) == [
-        ["compensa.orchestrator.machine", "compensa.orchestrator.records", "compensa.orchestrator.machine"]
+        ["compensa.orchestrator.engine.machine", "compensa.orchestrator.shared.records", "compensa.orchestrator.engine.machine"]
     ]
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
-from compensa.orchestrator.payloads import DEFAULT_PROTO_MODULES
+from compensa.orchestrator.api.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
+from compensa.orchestrator.shared.payloads import DEFAULT_PROTO_MODULES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"

@@ -24,13 +24,13 @@ from compensa.common.startup import (
     permanent_database_problem,
 )
 from compensa.common.tls import TlsConfigError
-from compensa.orchestrator import payloads
+from compensa.orchestrator.api.service import OrchestratorService, service_handler
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
-from compensa.orchestrator.service import OrchestratorService, service_handler
+from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.shared import payloads
+from compensa.orchestrator.shared.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
 from compensa.orchestrator.store import open_store
 from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.v1 import orchestrator_pb2

@@ -11,10 +11,10 @@ from aiohttp import web
 
 from compensa.common.startup import AddressInUse, ServingError
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, RefusedCalls, StreamLimit
+from compensa.orchestrator.api.auth import AccessPolicy, RefusedCalls, StreamLimit
+from compensa.orchestrator.api.streams import LogTail
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.streams import LogTail
+from compensa.orchestrator.engine.engine import SagaEngine
 
 __all__ = ["RunningDashboard", "start_dashboard"]
 

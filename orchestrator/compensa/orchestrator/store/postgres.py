@@ -30,7 +30,7 @@ from compensa.common.database import (
     connect_bounded,
 )
 from compensa.common.retry import Backoff
-from compensa.orchestrator.records import RUNNING
+from compensa.orchestrator.shared.records import RUNNING
 from compensa.orchestrator.store.base import SAGA_ALERT, SagaWrite, WriteResult
 from compensa.orchestrator.store.schema import ALERT_LOG, EVENT_LOG
 from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row

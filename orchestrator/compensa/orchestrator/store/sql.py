@@ -30,7 +30,7 @@ from compensa.common.database import (
     engine_options,
     parse_database_url,
 )
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.shared.errors import (
     DatabaseFull,
     DatabasePermissionDenied,
     DatabaseReadOnly,
@@ -38,7 +38,7 @@ from compensa.orchestrator.errors import (
     RejectedWrite,
     StoreUnavailable,
 )
-from compensa.orchestrator.records import (
+from compensa.orchestrator.shared.records import (
     ACTIVE_SAGA_STATES,
     FAILED,
     FINAL_SAGA_STATES,

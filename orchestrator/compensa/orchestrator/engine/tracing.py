@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from compensa.orchestrator import machine, records
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared import records
 from compensa.participants import tracing
 from compensa.participants.tracing import TRACEPARENT
 

@@ -20,16 +20,23 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
-from compensa.orchestrator import machine, payloads, records
-from compensa.orchestrator.admission import SagaAdmission
-from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.admission import SagaAdmission
+from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
+from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.views import EventViews, alert_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
 )
-from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.engine.operations import operator_event
+from compensa.orchestrator.engine.participant_health import ProbeOutcome
+from compensa.orchestrator.engine.tokens import parse_completion_token
+from compensa.orchestrator.shared import payloads, records
+from compensa.orchestrator.shared.errors import (
     AlreadyExists,
     CompensaError,
     FailedPrecondition,
@@ -40,7 +47,7 @@ from compensa.orchestrator.errors import (
     quote,
     saga_not_found,
 )
-from compensa.orchestrator.limits import (
+from compensa.orchestrator.shared.limits import (
     MAX_STORED_ACTOR_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
@@ -51,14 +58,8 @@ from compensa.orchestrator.limits import (
     is_possible,
     stored_text,
 )
-from compensa.orchestrator.operations import operator_event
-from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
-from compensa.orchestrator.participant_health import ProbeOutcome
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import ParticipantAddress
-from compensa.orchestrator.streams import READ_BATCH, LogTail
-from compensa.orchestrator.timestamps import timestamp
-from compensa.orchestrator.tokens import parse_completion_token
-from compensa.orchestrator.views import EventViews, alert_message, saga_message
 from compensa.participants.tracing import traceparent_in
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
