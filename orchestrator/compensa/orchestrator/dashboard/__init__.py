@@ -42,10 +42,14 @@ async def start_dashboard(
     streams: StreamLimit,
     refused_calls: RefusedCalls,
     tls: TlsFiles | None,
+    *,
+    live_buffer_events: int,
 ) -> RunningDashboard:
     """Serves the dashboard on `listen` (HOST:PORT; port 0 picks one), over
     TLS with the server's certificate when `tls` is given."""
-    dashboard = Dashboard(engine, tail, access, streams, refused_calls, tls=tls is not None)
+    dashboard = Dashboard(
+        engine, tail, access, streams, refused_calls, live_buffer_events=live_buffer_events, tls=tls is not None
+    )
     # Cancel a handler when its client goes away: a closed live list stops
     # following the log at once instead of at its next write.
     runner = web.AppRunner(

@@ -226,6 +226,7 @@ class Dashboard:
         streams: StreamLimit,
         refused_calls: RefusedCalls,
         *,
+        live_buffer_events: int,
         tls: bool,
     ) -> None:
         self._engine = engine
@@ -237,7 +238,7 @@ class Dashboard:
         self._sessions = Sessions()
         self._tls = tls
         self._form_key = os.urandom(32)
-        self._live_items = _LiveItems(4 * engine.config.watch_buffer_events)
+        self._live_items = _LiveItems(4 * live_buffer_events)
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(_HERE / "templates")),
             autoescape=True,

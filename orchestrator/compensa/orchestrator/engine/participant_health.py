@@ -45,7 +45,7 @@ from compensa.v1 import orchestrator_pb2, participant_pb2
 
 __all__ = ["PROBED_SERVICE", "ParticipantHealthWatch", "ProbeOutcome"]
 
-log = logging.getLogger("compensa.participants.health")
+log = logging.getLogger("compensa.participant_health")
 
 #: The service name the SDK's servers report their health under (besides
 #: ""); a health server that does not know it is asked about "" instead.
