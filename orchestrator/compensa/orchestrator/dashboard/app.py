@@ -37,8 +37,7 @@ from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.api.views import saga_message
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
-from compensa.orchestrator.definitions import NAME_PATTERN
-from compensa.orchestrator.definitions._durations import shorthand_to_json
+from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.shared import payloads, records
