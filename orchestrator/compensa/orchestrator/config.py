@@ -13,7 +13,7 @@ from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.api.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
-from compensa.orchestrator.api.service import StreamSettings
+from compensa.orchestrator.api.service import ServiceSettings
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.shared.payloads import DEFAULT_PROTO_MODULES
 
@@ -131,9 +131,9 @@ class ServerConfig:
             retention_seconds=self.retention_seconds,
         )
 
-    def stream_settings(self) -> StreamSettings:
+    def service_settings(self) -> ServiceSettings:
         """The gRPC service's and the dashboard's part of these settings."""
-        return StreamSettings(
+        return ServiceSettings(
             max_payload_bytes=self.max_payload_bytes,
             watch_buffer_events=self.watch_buffer_events,
             watch_reread_seconds=self.watch_reread_seconds,

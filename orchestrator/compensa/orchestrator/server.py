@@ -160,7 +160,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
             *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
         ]
     )
-    settings = config.stream_settings()
+    settings = config.service_settings()
     service = OrchestratorService(engine, settings, access)
     server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()

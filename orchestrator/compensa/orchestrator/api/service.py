@@ -257,7 +257,7 @@ def _stream_client(identity: Identity | None, context: Context[Request, Response
 
 
 @dataclass(frozen=True, kw_only=True)
-class StreamSettings:
+class ServiceSettings:
     """The faces' settings (see ServerConfig): the largest request, and how
     watch streams buffer, re-read and are limited per client."""
 
@@ -276,7 +276,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     definition scope.
     """
 
-    def __init__(self, engine: SagaEngine, settings: StreamSettings, access: AccessPolicy | None = None) -> None:
+    def __init__(self, engine: SagaEngine, settings: ServiceSettings, access: AccessPolicy | None = None) -> None:
         self._engine = engine
         self._store = engine.store
         self._settings = settings
