@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.cli.output import json_line, print_saga_table, print_table
-from compensa.orchestrator.selection import ACTIONS
+from compensa.orchestrator.shared.selection import ACTIONS
 from compensa.v1 import bulk_pb2, orchestrator_pb2_grpc
 
 

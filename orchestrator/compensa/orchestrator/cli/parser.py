@@ -20,14 +20,14 @@ from typing import NoReturn
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.auth import Role, check_scope, parse_role
+from compensa.orchestrator.api.auth import Role, check_scope, parse_role
 from compensa.orchestrator.cli import bulk, definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
-from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
-from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
-from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
-from compensa.orchestrator.selection import ACTIONS
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
+from compensa.orchestrator.shared.errors import CompensaError, InvalidArgument, quote
+from compensa.orchestrator.shared.limits import INT32_MAX, INT64_MAX
+from compensa.orchestrator.shared.selection import ACTIONS
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2
 
@@ -478,6 +478,11 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-sagas-in-flight", type=int, default=1000, metavar="N",
+        help="sagas this replica takes on at once (being started, or driven); a StartSaga over it is refused"
+        " with RESOURCE_EXHAUSTED and a retry delay (default: 1000; 0: no limit)",
     )
 
 

@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from compensa.orchestrator.records import LogEvent, SagaRecord
-from compensa.orchestrator.selection import SagaSelection
+from compensa.orchestrator.shared.records import LogEvent, SagaRecord
+from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.v1 import definition_pb2
 
 

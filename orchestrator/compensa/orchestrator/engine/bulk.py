@@ -32,11 +32,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from compensa.orchestrator import machine, records
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, NotFound, StoreUnavailable
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import BulkItem, BulkJob
-from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import bulk_pb2, saga_pb2
 
 __all__ = ["BulkRunner", "bulk_action_message", "bulk_item_message", "bulk_tag", "is_bulk_event"]

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from compensa.orchestrator.definitions import NAME_PATTERN
-from compensa.orchestrator.errors import InvalidArgument, quote
-from compensa.orchestrator.limits import SAGA_ID_PATTERN, check_text
-from compensa.orchestrator.records import ACTIVE_SAGA_STATES, FAILED, RUNNING, SagaState
-from compensa.orchestrator.timestamps import timestamp
+from compensa.orchestrator.shared.errors import InvalidArgument, quote
+from compensa.orchestrator.shared.limits import SAGA_ID_PATTERN, check_text
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES, FAILED, RUNNING, SagaState
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.v1 import bulk_pb2, saga_pb2
 
 __all__ = ["ACTIONS", "FIELDS", "MAX_FILTER_CHARS", "SagaSelection", "for_action", "parse_filter"]
