@@ -32,7 +32,7 @@ import psycopg
 from common import saga_input
 from noop_participant import NoopParticipant
 
-from compensa.orchestrator import machine
+from compensa.orchestrator.engine import machine
 from compensa.orchestrator.store import PostgresSagaStore, SagaWrite
 from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2_grpc, saga_pb2
 
