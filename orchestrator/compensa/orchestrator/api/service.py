@@ -47,6 +47,7 @@ from compensa.orchestrator.shared.errors import (
     CompensaError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     definition_not_registered,
     grpc_error_details,
     grpc_status_of,

@@ -36,6 +36,7 @@ from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import BulkItem, BulkJob
 from compensa.v1 import bulk_pb2, saga_pb2
@@ -222,7 +223,7 @@ class BulkRunner:
         if saga is None:
             return await self._changed(job, item)
         if saga.sequence == item.selected_sequence:
-            return item.saga_id, SKIPPED, f"nothing to do: the saga is {records.state_name(saga.state)}"
+            return item.saga_id, SKIPPED, f"nothing to do: the saga is {saga_state_name(saga.state)}"
         return item.saga_id, DONE, ""
 
     async def _changed(self, job: BulkJob, item: BulkItem) -> tuple[str, int, str] | None:

@@ -620,7 +620,8 @@ class _Builder:
         ]
         if not waiting:
             raise IllegalTransition(
-                f"saga is {state_name(self.state)} and no step of it waits out a retry backoff; nothing to retry now"
+                f"saga is {saga_state_name(self.state)} and no step of it waits out a retry backoff;"
+                " nothing to retry now"
             )
         for step in waiting:
             self.set_step(step, next_attempt_at=self.now)
