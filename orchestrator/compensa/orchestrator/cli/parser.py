@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2
 
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import definitions, sagas, server
+from compensa.orchestrator.cli import codegen, definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
 from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         add("participants", definitions.participants, "List participants and their addresses, or set one"
             " (participants set NAME HOST:PORT): every replica calls the new address within a second, no restart.")
     )
+    _add_codegen(add("codegen", codegen.codegen, "Generate Python from .proto files: protoc's _pb2 modules and, for a"
+                     " participant contract, typed participant base classes and saga starters (FILE_compensa.py).",
+                     client=False))
     return parser
 
 
@@ -600,6 +603,16 @@ def _add_definitions(parser: argparse.ArgumentParser) -> None:
         help="with NAME: this version (default latest)",
     )
     _add_json_option(parser)
+
+
+def _add_codegen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="a directory imports are relative to (repeatable; searched before each file's own); the generated"
+             " modules are named from it (travel/v1/trip.proto -> travel.v1.trip_pb2)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the generated modules")
 
 
 def _add_participants(parser: argparse.ArgumentParser) -> None:

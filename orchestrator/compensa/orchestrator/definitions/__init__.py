@@ -51,7 +51,7 @@ from compensa.orchestrator.definitions._files import (
     load_definitions,
 )
 from compensa.orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
-from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set
+from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set, run_protoc
 from compensa.orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_SECONDS,
@@ -93,6 +93,7 @@ __all__ = [
     "load_definitions",
     "read_descriptor_set",
     "retry_waited_seconds",
+    "run_protoc",
     "step_order",
     "validate_definition",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, message
+from google.protobuf import descriptor, descriptor_pb2, message
 
 from compensa.orchestrator.errors import DefinitionError
 
@@ -19,8 +19,19 @@ from compensa.orchestrator.errors import DefinitionError
 def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:
     """Compiles .proto files with their imports into one descriptor set (the
     protobuf compiler of grpcio-tools, in this process). Imports are looked
-    for in `include_paths`, then each file's own directory, then the
-    well-known types. DefinitionError with the compiler's message if it fails."""
+    for in `include_paths`, then each file's own directory, then compensa's
+    own protos (compensa/v1/contract.proto) and the well-known types.
+    DefinitionError with the compiler's message if it fails."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "types.binpb"
+        run_protoc(files, include_paths, ["--include_imports", f"--descriptor_set_out={output}"])
+        return read_descriptor_set(output)
+
+
+def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Sequence[str]) -> None:
+    """Runs the protobuf compiler of grpcio-tools in this process on `files`
+    with the `outputs` options (--python_out=DIR, ...); see compile_proto_files
+    for where imports are found. DefinitionError with the compiler's message if it fails."""
     from grpc_tools import protoc
 
     for file in files:
@@ -31,11 +42,12 @@ def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = (
     # so the --proto-path directories come before the files' own.
     roots = list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
     with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "types.binpb"
         errors = Path(scratch) / "errors.txt"
+        own = Path(scratch) / "compensa.binpb"
+        own.write_bytes(_compensa_protos().SerializeToString())
         arguments = [
             "protoc", *(f"--proto_path={root}" for root in roots), f"--proto_path={well_known}",
-            "--include_imports", f"--descriptor_set_out={output}",
+            f"--descriptor_set_in={own}", *outputs,
             *(str(file.resolve().relative_to(_root_of(file, roots))) for file in files),
         ]
         with _stderr_to(errors):
@@ -43,7 +55,26 @@ def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = (
         if status != 0:
             detail = " ".join(errors.read_text(errors="replace").split()) if errors.exists() else ""
             raise DefinitionError(f"the .proto files do not compile: {detail or f'protoc exit status {status}'}")
-        return read_descriptor_set(output)
+
+
+def _compensa_protos() -> descriptor_pb2.FileDescriptorSet:
+    """compensa/v1/contract.proto with its imports, from the generated module:
+    a contract imports it wherever compensa is installed, with no .proto file at hand."""
+    from compensa.v1 import contract_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        file.CopyToProto(files.file.add())
+
+    add(contract_pb2.DESCRIPTOR)
+    return files
 
 
 def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
