@@ -37,15 +37,20 @@ test: $(INSTALLED)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# protoc-gen-mypy and protoc-gen-mypy_grpc are scripts in the venv, hence PATH.
+# protoc-gen-mypy, protoc-gen-mypy_grpc and protoc-gen-compensa_python are
+# scripts in the venv, hence PATH.
 # Old outputs go first so that a deleted proto leaves nothing behind; the
 # __init__.py files under generated/ are ours, not protoc's, and stay.
 proto: $(INSTALLED)
-	find generated \( -name '*_pb2.py' -o -name '*_pb2.pyi' -o -name '*_pb2_grpc.py' -o -name '*_pb2_grpc.pyi' \) -delete
+	find generated \( -name '*_pb2.py' -o -name '*_pb2.pyi' -o -name '*_pb2_grpc.py' -o -name '*_pb2_grpc.pyi' \
+		-o -name '*_compensa.py' \) -delete
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc --proto_path=protos \
 		--python_out=generated --grpc_python_out=generated \
 		--mypy_out=generated --mypy_grpc_out=generated \
 		$$(find protos -name '*.proto' | LC_ALL=C sort)
+	# Second: the contracts' stubs, whose plugin imports the _pb2 modules just made.
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc --proto_path=protos \
+		--compensa_python_out=generated $$(find protos -name '*.proto' | LC_ALL=C sort)
 
 typecheck: $(INSTALLED)
 	$(BIN)/mypy
