@@ -257,6 +257,10 @@ def _module_text(proto_file: str, writer: _Writer, exported: Sequence[str]) -> s
         "Participant base classes and saga starters of its contracts (see compensa/v1/contract.proto).",
         '"""',
         "",
+        # As mypy-protobuf's: whether a project's own _pb2 modules are first-party
+        # is the project's setting, so no import order suits every project.
+        "# isort: skip_file",
+        "",
         "from __future__ import annotations",
         "",
         "import abc",

@@ -3,6 +3,8 @@
 Participant base classes and saga starters of its contracts (see compensa/v1/contract.proto).
 """
 
+# isort: skip_file
+
 from __future__ import annotations
 
 import abc
