@@ -148,6 +148,41 @@ class EarlierOutput(_message.Message):
 
 Global___EarlierOutput: _TypeAlias = EarlierOutput  # noqa: Y015
 
+@_typing.final
+class ParticipantContract(_message.Message):
+    """A participant's contract as the orchestrator stores it
+    (SetParticipantRequest.contract): the compiled .proto files and which
+    service of them is the participant's.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Full name of the contract service, e.g. "travel.v1.HotelParticipant".
+    Unset: the one contract service the files declare.
+    """
+    @_builtins.property
+    def types(self) -> _descriptor_pb2.FileDescriptorSet:
+        """The contract's .proto file with its imports (protoc --include_imports
+        --descriptor_set_out); `compensa participants set --proto FILE` fills it.
+        """
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        types: _descriptor_pb2.FileDescriptorSet | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["types", b"types"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParticipantContract: _TypeAlias = ParticipantContract  # noqa: Y015
+
 STEP_FIELD_NUMBER: _builtins.int
 step: _extension_dict._ExtensionFieldDescriptor[_descriptor_pb2.MethodOptions, Global___StepContract]
 """Marks an rpc of a participant's service as a saga step (see above)."""

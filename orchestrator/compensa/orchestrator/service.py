@@ -20,6 +20,7 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
+from compensa.common.contracts import ContractService
 from compensa.orchestrator import machine, payloads, records
 from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.definitions import (
@@ -728,11 +729,19 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
             )
         _check_address(request.address)
+        if request.clear_contract and request.HasField("contract"):
+            raise InvalidArgument("give a contract or clear_contract, not both")
         if identity.definitions:
             named = await self._store.definition_participants()
             self._access.require_settable_participant(identity, request.name, named)
-        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
-        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+        stored = await self._engine.set_participant(
+            request.name, request.address, updated_by=actor or "unknown",
+            contract=request.contract if request.HasField("contract") else None,
+            clear_contract=request.clear_contract,
+        )
+        answer = _participant_message(stored)
+        answer.contract_service = (await self._engine.participant_contracts()).get(request.name, _NO_CONTRACT).full_name
+        return orchestrator_pb2.SetParticipantResponse(participant=answer)
 
     @_answer_errors
     async def ListParticipants(
@@ -746,13 +755,18 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if caller is not None and caller.definitions:
             visible = self._access.visible_participants(caller, await self._store.definition_participants())
         health = self._engine.participant_health
-        return orchestrator_pb2.ListParticipantsResponse(participants=[
+        contracts = await self._engine.participant_contracts()
+        listed = [
             _participant_message(participant, health.seen(participant.name, participant.address))
             for participant in stored
             if visible is None or participant.name in visible
-        ])
+        ]
+        for participant in listed:
+            participant.contract_service = contracts.get(participant.name, _NO_CONTRACT).full_name
+        return orchestrator_pb2.ListParticipantsResponse(participants=listed)
 
 
+_NO_CONTRACT = ContractService(full_name="", name="", file="", steps=())
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
 

@@ -623,5 +623,20 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
     # Not dest "address": that is the orchestrator's (--address).
     parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    contract = parser.add_mutually_exclusive_group()
+    contract.add_argument(
+        "--proto", type=Path, metavar="FILE",
+        help="with set: the .proto file of the participant's contract (compensa/v1/contract.proto), compiled with its"
+             " imports and stored: registered definitions naming NAME are checked against it, and so are later ones",
+    )
+    contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable)",
+    )
+    parser.add_argument(
+        "--service", default="", metavar="NAME",
+        help="with --proto: the contract service's full name, when the file declares several",
+    )
     _add_actor_option(parser)
     _add_json_option(parser)

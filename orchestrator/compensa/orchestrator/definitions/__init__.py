@@ -43,6 +43,12 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
+from compensa.orchestrator.definitions._contracts import (
+    ContractMismatch,
+    check_against_contracts,
+    read_contract,
+    stored_contract,
+)
 from compensa.orchestrator.definitions._durations import backoff_seconds, duration_seconds, retry_waited_seconds
 from compensa.orchestrator.definitions._files import (
     DEFINITION_SUFFIXES,
@@ -80,9 +86,11 @@ __all__ = [
     "MAX_STEPS",
     "MAX_WAIT_SECONDS",
     "NAME_PATTERN",
+    "ContractMismatch",
     "DefinitionGraph",
     "ancestors",
     "backoff_seconds",
+    "check_against_contracts",
     "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
@@ -91,9 +99,11 @@ __all__ = [
     "duration_seconds",
     "load_definition_file",
     "load_definitions",
+    "read_contract",
     "read_descriptor_set",
     "retry_waited_seconds",
     "run_protoc",
     "step_order",
+    "stored_contract",
     "validate_definition",
 ]
