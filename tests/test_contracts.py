@@ -1,0 +1,480 @@
+"""Typed participant contracts (protos/compensa/v1/contract.proto): the
+generated stubs, participants on them end to end, and definitions checked
+against stored contracts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from compensa.checkout.v1 import checkout_pb2
+from compensa.checkout.v1.participants_compensa import (
+    CheckoutSaga,
+    InventoryParticipantBase,
+    PaymentParticipantBase,
+    ShippingParticipantBase,
+)
+from compensa.orchestrator.definitions import compile_proto_files, load_definition_file
+from compensa.orchestrator.demo import DEFINITIONS_DIR
+from compensa.participants.sdk import StepFailed
+from compensa.testing import SagaTestEnvironment
+from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
+from compensa.v1.participant_pb2 import StepContext
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOS = ROOT / "protos"
+CHECKOUT_CONTRACTS = PROTOS / "compensa" / "checkout" / "v1" / "participants.proto"
+BIN = Path(sys.executable).parent
+COMMAND_TIMEOUT_SECONDS = 180.0
+
+# --- codegen -----------------------------------------------------------------
+
+TRAVEL_COMMON = """
+syntax = "proto3";
+package travel.common.v1;
+import "google/protobuf/timestamp.proto";
+message Money { int64 cents = 1; string currency = 2; }
+message Stay { google.protobuf.Timestamp check_in = 1; google.protobuf.Timestamp check_out = 2; }
+"""
+
+TRAVEL_TRIP = """
+syntax = "proto3";
+package travel.v1;
+import "compensa/v1/contract.proto";
+import "google/protobuf/timestamp.proto";
+import "google/protobuf/wrappers.proto";
+import "travel/common/v1/common.proto";
+
+message TripInput {
+  string trip_id = 1;
+  travel.common.v1.Money budget = 2;
+  message Leg { string origin = 1; string destination = 2; }
+  repeated Leg legs = 3;
+}
+message HotelBooking { string booking_id = 1; travel.common.v1.Stay stay = 2; }
+message HotelCancellation { string booking_id = 1; }
+message Payment { string payment_id = 1; travel.common.v1.Money paid = 2; }
+
+service HotelParticipant {
+  rpc BookHotel(TripInput) returns (HotelBooking) {
+    option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE undo_output: "travel.v1.HotelCancellation"};
+  }
+}
+
+service PaymentParticipant {
+  rpc Pay(TripInput) returns (Payment) {
+    option (compensa.v1.step) = {
+      kind: STEP_KIND_PIVOT
+      needs: {step: "book_hotel", type: "travel.v1.HotelBooking"}
+    };
+  }
+  rpc Notify(TripInput) returns (google.protobuf.Timestamp) {
+    option (compensa.v1.step) = {kind: STEP_KIND_RETRIABLE name: "notify-traveller"};
+  }
+}
+
+service LegParticipant {
+  rpc PlanLeg(TripInput.Leg) returns (google.protobuf.StringValue) {
+    option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE};
+  }
+}
+"""
+
+TRAVEL_PARTICIPANT = """
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from compensa.orchestrator.client import SagaClient
+from compensa.v1.participant_pb2 import StepContext
+from travel.common.v1.common_pb2 import Money
+from travel.v1.trip_compensa import HotelParticipantBase, PaymentParticipantBase, TripSaga
+from travel.v1.trip_pb2 import HotelBooking, HotelCancellation, Payment, TripInput
+
+
+class Hotel(HotelParticipantBase):
+    async def book_hotel(self, conn: AsyncConnection, trip: TripInput, ctx: StepContext) -> HotelBooking:
+        return HotelBooking(booking_id=f"{trip.trip_id}/{ctx.attempt}")
+
+    async def undo_book_hotel(
+        self, conn: AsyncConnection, trip: TripInput, hotel_booking: HotelBooking, ctx: StepContext
+    ) -> HotelCancellation:
+        return HotelCancellation(booking_id=hotel_booking.booking_id)
+
+
+class Pay(PaymentParticipantBase):
+    async def pay(
+        self, conn: AsyncConnection, trip: TripInput, book_hotel: HotelBooking, ctx: StepContext
+    ) -> Payment:
+        return Payment(payment_id=book_hotel.booking_id, paid=Money(cents=trip.budget.cents))
+
+    async def notify_traveller(self, conn: AsyncConnection, trip: TripInput, ctx: StepContext) -> Timestamp:
+        return Timestamp(seconds=1)
+
+
+async def book(client: SagaClient) -> str:
+    run = await TripSaga(client).execute(TripInput(trip_id="t-1"))
+    booking = run.book_hotel()
+    return booking.booking_id if booking is not None else ""
+"""
+
+MYPY_CONFIG = """
+[mypy]
+strict = True
+python_version = 3.11
+explicit_package_bases = True
+mypy_path = {mypy_path}
+
+[mypy-grpc_health.*,grpc_reflection.*,grpc_tools.*]
+ignore_missing_imports = True
+
+[mypy-compensa.v1.*,compensa.checkout.*,travel.v1.trip_pb2,travel.common.v1.common_pb2]
+ignore_errors = True
+
+[mypy-google.rpc.*]
+follow_untyped_imports = True
+"""
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, check=False, timeout=COMMAND_TIMEOUT_SECONDS,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+
+
+@pytest.fixture(scope="module")
+def travel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The travel contracts, generated with `compensa codegen` into a project directory."""
+    project = tmp_path_factory.mktemp("travel")
+    protos = project / "protos"
+    (protos / "travel" / "common" / "v1").mkdir(parents=True)
+    (protos / "travel" / "v1").mkdir(parents=True)
+    (protos / "travel" / "common" / "v1" / "common.proto").write_text(TRAVEL_COMMON)
+    (protos / "travel" / "v1" / "trip.proto").write_text(TRAVEL_TRIP)
+    generated = _run(
+        [str(BIN / "compensa"), "codegen", "protos/travel/v1/trip.proto", "protos/travel/common/v1/common.proto",
+         "--proto-path", "protos", "--out", "."],
+        project,
+    )
+    assert generated.returncode == 0, generated.stderr
+    (project / "mypy.ini").write_text(MYPY_CONFIG.format(
+        mypy_path=os.pathsep.join(str(ROOT / root) for root in ("generated", "orchestrator", "participants"))
+    ))
+    return project
+
+
+def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
+    stubs = (travel / "travel" / "v1" / "trip_compensa.py").read_text()
+    assert (travel / "travel" / "v1" / "trip_pb2.py").is_file()
+    assert (travel / "travel" / "common" / "v1" / "common_pb2.py").is_file()
+    assert not (travel / "travel" / "common" / "v1" / "common_compensa.py").exists(), "no contract there"
+    for expected in (
+        "class HotelParticipantBase(TypedParticipant):",
+        "class PaymentParticipantBase(TypedParticipant):",
+        "class LegParticipantBase(TypedParticipant):",
+        # A pivot needing an earlier output: typed argument, no undo.
+        "        book_hotel: travel.v1.trip_pb2.HotelBooking,\n        ctx: StepContext,\n"
+        "    ) -> travel.v1.trip_pb2.Payment:",
+        # Well-known types, a nested input, an undo with its declared output.
+        ") -> google.protobuf.timestamp_pb2.Timestamp:",
+        "leg: travel.v1.trip_pb2.TripInput.Leg,",
+        "async def undo_book_hotel(",
+        ") -> travel.v1.trip_pb2.HotelCancellation:",
+        # The rpc Notify, whose step is named "notify-traveller".
+        '"notify-traveller": TypedStep(',
+        "async def notify_traveller(",
+        "class TripSaga(",
+        "class LegSaga(",
+    ):
+        assert expected in stubs, f"missing from trip_compensa.py: {expected}"
+    assert "async def undo_pay(" not in stubs and "async def undo_notify_traveller(" not in stubs
+
+
+def test_generated_stubs_and_a_participant_on_them_pass_ruff_and_mypy_strict(travel: Path) -> None:
+    (travel / "hotel.py").write_text(textwrap.dedent(TRAVEL_PARTICIPANT))
+    checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "hotel.py", "travel/v1/trip_compensa.py"], travel)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    linted = _run(
+        [str(BIN / "ruff"), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
+         "travel/v1/trip_compensa.py"],
+        travel,
+    )
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_mypy_catches_a_step_returning_the_wrong_type(travel: Path) -> None:
+    wrong = TRAVEL_PARTICIPANT.replace(
+        "return HotelBooking(booking_id=f\"{trip.trip_id}/{ctx.attempt}\")", "return HotelCancellation()"
+    )
+    (travel / "wrong.py").write_text(textwrap.dedent(wrong))
+    checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "wrong.py"], travel)
+    assert checked.returncode != 0
+    assert "Incompatible return value type" in checked.stdout, checked.stdout
+
+
+def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={travel / 'protos'}", f"--proto_path={PROTOS}",
+        f"--compensa_python_out={tmp_path}", "travel/v1/trip.proto",
+    ]
+    ran = _run(command, travel)
+    assert ran.returncode == 0, ran.stderr
+    assert (tmp_path / "travel" / "v1" / "trip_compensa.py").read_text() == (
+        travel / "travel" / "v1" / "trip_compensa.py"
+    ).read_text()
+
+
+def test_codegen_refuses_a_contract_that_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "bad.proto").write_text(textwrap.dedent("""
+        syntax = "proto3";
+        package bad.v1;
+        import "compensa/v1/contract.proto";
+        message In { string id = 1; }
+        service Bad {
+          rpc Ok(In) returns (In) { option (compensa.v1.step) = {kind: STEP_KIND_PIVOT}; }
+          rpc NoKind(In) returns (In) { option (compensa.v1.step) = {name: "no_kind"}; }
+        }
+    """))
+    ran = _run([str(BIN / "compensa"), "codegen", "bad.proto", "--out", "out"], tmp_path)
+    assert ran.returncode == 2
+    assert "bad.v1.Bad.NoKind: (compensa.v1.step).kind is required" in ran.stderr
+
+
+# --- participants on the generated base classes, end to end --------------------
+
+
+class Inventory(InventoryParticipantBase):
+    async def reserve_stock(
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, ctx: StepContext
+    ) -> checkout_pb2.Reservation:
+        return checkout_pb2.Reservation(reservation_id=f"r-{checkout.order_id}", sku=checkout.sku,
+                                        quantity=checkout.quantity)
+
+    async def undo_reserve_stock(
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reservation: checkout_pb2.Reservation,
+        ctx: StepContext,
+    ) -> checkout_pb2.Release:
+        return checkout_pb2.Release(reservation_id=reservation.reservation_id)
+
+
+class Payment(PaymentParticipantBase):
+    async def charge_card(
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reserve_stock: checkout_pb2.Reservation,
+        ctx: StepContext,
+    ) -> checkout_pb2.Charge:
+        if checkout.card_token.startswith("flagged"):
+            raise StepFailed("card declined")
+        return checkout_pb2.Charge(charge_id=f"c-for-{reserve_stock.reservation_id}",
+                                   amount_cents=checkout.amount_cents)
+
+    async def undo_charge_card(
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge,
+        reserve_stock: checkout_pb2.Reservation, ctx: StepContext,
+    ) -> checkout_pb2.Refund:
+        return checkout_pb2.Refund(refund_id="refund", charge_id=charge.charge_id)
+
+
+class Shipping(ShippingParticipantBase):
+    async def ship_order(
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, ctx: StepContext
+    ) -> checkout_pb2.Shipment:
+        return checkout_pb2.Shipment(tracking_number=f"t-{checkout.order_id}")
+
+
+class WrongInventory(Inventory):
+    async def reserve_stock(  # type: ignore[override]  # the bug under test
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, ctx: StepContext
+    ) -> checkout_pb2.Charge:
+        return checkout_pb2.Charge(charge_id="not a reservation")
+
+
+def _input(order_id: str, card_token: str = "card-ok") -> checkout_pb2.CheckoutInput:
+    return checkout_pb2.CheckoutInput(
+        order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address="x",
+    )
+
+
+def _checkout_definition() -> definition_pb2.SagaDefinition:
+    return load_definition_file(DEFINITIONS_DIR / "checkout.yaml")
+
+
+def _contract(service: str, proto: Path = CHECKOUT_CONTRACTS, *proto_path: Path) -> contract_pb2.ParticipantContract:
+    return contract_pb2.ParticipantContract(
+        service=service, types=compile_proto_files([proto], [PROTOS, *proto_path])
+    )
+
+
+CHECKOUT_SERVICES = {
+    "inventory": "compensa.checkout.v1.InventoryParticipant",
+    "payment": "compensa.checkout.v1.PaymentParticipant",
+    "shipping": "compensa.checkout.v1.ShippingParticipant",
+}
+
+
+async def _set_contract(
+    env: SagaTestEnvironment, name: str, contract: contract_pb2.ParticipantContract
+) -> orchestrator_pb2.SetParticipantResponse:
+    response: orchestrator_pb2.SetParticipantResponse = await env.client.stub.SetParticipant(
+        orchestrator_pb2.SetParticipantRequest(
+            name=name, address=env.participants[name].address, contract=contract, actor="test"
+        )
+    )
+    return response
+
+
+@pytest.fixture
+async def typed_env() -> AsyncIterator[SagaTestEnvironment]:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": Shipping}
+    ) as env:
+        for name, service in CHECKOUT_SERVICES.items():
+            stored = await _set_contract(env, name, _contract(service))
+            assert stored.participant.contract_service == service
+        yield env
+
+
+async def test_typed_participants_run_a_saga_and_its_compensation(typed_env: SagaTestEnvironment) -> None:
+    await typed_env.register(_checkout_definition())
+    run = await CheckoutSaga(typed_env.client).execute(_input("typed-1"))
+    assert run.succeeded, run.saga
+    reservation = run.reserve_stock()
+    charge = run.charge_card()
+    shipment = run.ship_order()
+    assert reservation is not None and reservation.reservation_id == "r-typed-1"
+    assert charge is not None and charge.charge_id == "c-for-r-typed-1"
+    assert shipment is not None and shipment.tracking_number == "t-typed-1"
+
+    declined = await CheckoutSaga(typed_env.client).execute(_input("typed-2", card_token="flagged-1"))
+    assert declined.state == saga_pb2.SAGA_STATE_COMPENSATED, declined.saga
+    assert declined.charge_card() is None
+
+
+async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": WrongInventory, "payment": Payment, "shipping": Shipping},
+        definitions=[_checkout_definition()],
+    ) as env:
+        run = await CheckoutSaga(env.client).execute(_input("wrong-1"))
+    assert run.state == saga_pb2.SAGA_STATE_COMPENSATED
+    step = next(step for step in run.saga.steps if step.name == "reserve_stock")
+    assert (
+        "step 'reserve_stock' (WrongInventory.reserve_stock) returned a compensa.checkout.v1.Charge;"
+        " its contract compensa.checkout.v1.InventoryParticipant says compensa.checkout.v1.Reservation"
+    ) in step.last_error, step.last_error
+
+
+# --- definitions checked against stored contracts ----------------------------------
+
+
+async def _refused_registration(env: SagaTestEnvironment, definition: definition_pb2.SagaDefinition) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await env.register(definition)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION, refused.value.details()
+    return refused.value.details() or ""
+
+
+def _step(definition: definition_pb2.SagaDefinition, name: str) -> definition_pb2.StepDefinition:
+    return next(step for step in definition.steps if step.name == name)
+
+
+async def test_a_step_the_contract_does_not_declare_is_refused(typed_env: SagaTestEnvironment) -> None:
+    definition = _checkout_definition()
+    _step(definition, "ship_order").name = "ship_parcel"
+    details = await _refused_registration(typed_env, definition)
+    assert (
+        "definition 'checkout' step 'ship_parcel': participant 'shipping' (compensa.checkout.v1.ShippingParticipant)"
+        " has no step 'ship_parcel'; its steps are 'ship_order'"
+    ) in details
+
+
+async def test_another_input_type_is_refused(typed_env: SagaTestEnvironment) -> None:
+    definition = _checkout_definition()
+    definition.input_type = "compensa.checkout.v1.Reservation"
+    details = await _refused_registration(typed_env, definition)
+    assert (
+        "definition 'checkout' step 'reserve_stock': participant 'inventory'"
+        " (compensa.checkout.v1.InventoryParticipant) accepts a saga input of type compensa.checkout.v1.CheckoutInput;"
+        " the definition's input_type is"
+        " compensa.checkout.v1.Reservation"
+    ) in details
+
+
+async def test_another_kind_is_refused(typed_env: SagaTestEnvironment) -> None:
+    definition = _checkout_definition()
+    _step(definition, "ship_order").kind = definition_pb2.STEP_KIND_COMPENSABLE
+    # A compensable last step: no pivot any more, which the pivot rule allows.
+    details = await _refused_registration(typed_env, definition)
+    assert (
+        "definition 'checkout' step 'ship_order': participant 'shipping' (compensa.checkout.v1.ShippingParticipant)"
+        " is pivot in the contract; the definition says compensable"
+    ) in details
+
+
+async def test_a_needed_output_the_step_does_not_depend_on_is_refused(typed_env: SagaTestEnvironment) -> None:
+    definition = _checkout_definition()
+    charge = _step(definition, "charge_card")
+    charge.independent = True
+    del charge.depends_on[:]
+    # The pivot still comes after every other step.
+    _step(definition, "ship_order").depends_on[:] = ["reserve_stock", "charge_card"]
+    details = await _refused_registration(typed_env, definition)
+    assert (
+        "definition 'checkout' step 'charge_card': participant 'payment' (compensa.checkout.v1.PaymentParticipant)"
+        " needs the output of step 'reserve_stock' (a compensa.checkout.v1.Reservation), and the definition does"
+        " not make it depend on 'reserve_stock'"
+    ) in details
+
+
+OTHER_INVENTORY = """
+syntax = "proto3";
+package other.v1;
+import "compensa/checkout/v1/checkout.proto";
+import "compensa/v1/contract.proto";
+service OtherInventory {
+  rpc ReserveStock(compensa.checkout.v1.CheckoutInput) returns (compensa.checkout.v1.Shipment) {
+    option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE};
+  }
+}
+"""
+
+
+async def test_a_contract_change_that_breaks_a_registered_definition_is_refused(
+    typed_env: SagaTestEnvironment, tmp_path: Path
+) -> None:
+    await typed_env.register(_checkout_definition())
+    # reserve_stock would output a Shipment, where charge_card needs a Reservation.
+    (tmp_path / "other.proto").write_text(OTHER_INVENTORY)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await _set_contract(typed_env, "inventory", _contract("other.v1.OtherInventory", tmp_path / "other.proto"))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        "definition 'checkout' step 'charge_card': participant 'payment' (compensa.checkout.v1.PaymentParticipant)"
+        " needs a compensa.checkout.v1.Reservation from step 'reserve_stock', whose contract says it outputs a"
+        " compensa.checkout.v1.Shipment"
+    ) in (refused.value.details() or "")
+    listed: orchestrator_pb2.ListParticipantsResponse = await typed_env.client.stub.ListParticipants(
+        orchestrator_pb2.ListParticipantsRequest()
+    )
+    kept = {participant.name: participant.contract_service for participant in listed.participants}
+    assert kept["inventory"] == CHECKOUT_SERVICES["inventory"], "a refused contract changes nothing"
+
+
+async def test_participants_without_a_contract_are_not_checked(tmp_path: Path) -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": Shipping},
+    ) as env:
+        definition = _checkout_definition()
+        _step(definition, "ship_order").name = "ship_parcel"
+        registered = await env.register(definition)
+        assert registered.version == 1
+
