@@ -30,9 +30,25 @@ venv: $(INSTALLED)
 demo: $(INSTALLED)
 	$(BIN)/compensa demo
 
+# The Node.js participant of tests/test_contracts.py needs @grpc/grpc-js and
+# @grpc/proto-loader, installed here once (the test installs them too when run
+# alone). Without npm the test is skipped, loudly; under CI=true it fails.
+NODE_TEST_MODULES := $(VENV)/node-test-modules
+NODE_TEST_PACKAGES := @grpc/grpc-js@1 @grpc/proto-loader@0.8
+
+$(NODE_TEST_MODULES)/.installed: | $(BIN)/python
+	@if command -v npm >/dev/null && command -v node >/dev/null; then \
+		npm install --prefix $(NODE_TEST_MODULES) --no-audit --no-fund $(NODE_TEST_PACKAGES) && touch $@; \
+	elif [ "$${CI:-}" = "true" ]; then \
+		echo "error: Node.js and npm are required under CI=true (the Node.js participant test)" >&2; exit 1; \
+	else \
+		echo "WARNING: Node.js/npm not installed: the Node.js participant test will be SKIPPED" \
+			"(apt-get install nodejs npm)" >&2; \
+	fi
+
 # Lint and types first: they take seconds, and a failure of either fails the
 # target (and so CI, which runs it) before the suite's minutes.
-test: $(INSTALLED)
+test: $(INSTALLED) $(NODE_TEST_MODULES)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

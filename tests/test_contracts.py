@@ -4,10 +4,13 @@ against stored contracts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -33,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 CHECKOUT_CONTRACTS = PROTOS / "compensa" / "checkout" / "v1" / "participants.proto"
 BIN = Path(sys.executable).parent
+NODE_PARTICIPANT = ROOT / "tests" / "node_participant" / "shipping.js"
+#: Where the Node.js participant's npm packages are installed (by `make test`, or here on first use).
+NODE_MODULES_CACHE = Path(os.environ.get("COMPENSA_NODE_TEST_MODULES", ROOT / ".venv" / "node-test-modules"))
+NODE_PACKAGES = ("@grpc/grpc-js@1", "@grpc/proto-loader@0.8")
 COMMAND_TIMEOUT_SECONDS = 180.0
 
 # --- codegen -----------------------------------------------------------------
@@ -478,3 +485,82 @@ async def test_participants_without_a_contract_are_not_checked(tmp_path: Path) -
         registered = await env.register(definition)
         assert registered.version == 1
 
+
+
+# --- a participant in Node.js on the generic wire, its contract stored and checked --------
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def _node_modules() -> tuple[str, Path]:
+    """node, and the node_modules holding @grpc/grpc-js and @grpc/proto-loader
+    (installed into NODE_MODULES_CACHE if they are not there yet). Without
+    node or npm: a loud skip, or a failure under CI=true."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    modules = NODE_MODULES_CACHE / "node_modules"
+    installed = all((modules / package.rpartition("@")[0]).is_dir() for package in NODE_PACKAGES)
+    if node is None or (npm is None and not installed):
+        verdict = "FAILS (CI=true)" if _in_ci() else "is SKIPPED (under CI=true it fails)"
+        message = (
+            f"Node.js 20+ and npm are not installed: the Node.js participant test {verdict};"
+            " install them (apt-get install nodejs npm)"
+        )
+        if _in_ci():
+            pytest.fail(message)
+        warnings.warn(message, stacklevel=1)
+        pytest.skip(message)
+    if not installed:
+        assert npm is not None
+        result = subprocess.run(
+            [npm, "install", "--prefix", str(NODE_MODULES_CACHE), "--no-audit", "--no-fund", *NODE_PACKAGES],
+            capture_output=True, text=True, timeout=COMMAND_TIMEOUT_SECONDS, check=False,
+        )
+        assert result.returncode == 0, f"npm install failed:\n{result.stdout}{result.stderr}"
+    return node, modules
+
+
+async def _compensa_command(*arguments: str) -> subprocess.CompletedProcess[str]:
+    # In a thread: the orchestrator it talks to runs on this event loop.
+    return await asyncio.to_thread(_run, [str(BIN / "compensa"), *arguments], ROOT)
+
+
+async def test_a_node_participant_with_a_stored_contract_runs_beside_typed_ones() -> None:
+    node, modules = _node_modules()
+    async with SagaTestEnvironment.start(participants={"inventory": Inventory, "payment": Payment}) as env:
+        for name in ("inventory", "payment"):
+            await _set_contract(env, name, _contract(CHECKOUT_SERVICES[name]))
+        shipping = await asyncio.create_subprocess_exec(
+            node, str(NODE_PARTICIPANT), str(PROTOS), env={**os.environ, "NODE_PATH": str(modules)},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            assert shipping.stdout is not None
+            first_line = (await asyncio.wait_for(shipping.stdout.readline(), COMMAND_TIMEOUT_SECONDS)).decode()
+            assert first_line.startswith("listening "), first_line
+            address = f"127.0.0.1:{first_line.split()[1]}"
+            stored = await _compensa_command(
+                "--address", env.address, "participants", "set", "shipping", address,
+                "--proto", str(CHECKOUT_CONTRACTS), "--proto-path", str(PROTOS),
+                "--service", CHECKOUT_SERVICES["shipping"],
+            )
+            assert stored.returncode == 0, stored.stderr
+            assert f"shipping -> {address} (contract {CHECKOUT_SERVICES['shipping']})" in stored.stdout
+
+            # The Node participant's contract is checked as a Python one's.
+            mismatched = _checkout_definition()
+            _step(mismatched, "ship_order").kind = definition_pb2.STEP_KIND_COMPENSABLE
+            details = await _refused_registration(env, mismatched)
+            assert "step 'ship_order': participant 'shipping' (compensa.checkout.v1.ShippingParticipant) is pivot" in (
+                details
+            )
+
+            await env.register(_checkout_definition())
+            run = await CheckoutSaga(env.client).execute(_input("node-1"))
+            assert run.succeeded, run.saga
+            shipment = run.ship_order()
+            assert shipment is not None and shipment.tracking_number == "node-node-1"
+        finally:
+            shipping.terminate()
+            await shipping.wait()
