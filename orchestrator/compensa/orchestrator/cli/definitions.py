@@ -103,6 +103,8 @@ def participants(args: argparse.Namespace) -> int:
     print(f"{'NAME':<24} {'ADDRESS':<32} {'HEALTH':<10} UPDATED BY")
     for participant in listed:
         print(f"{participant.name:<24} {participant.address:<32} {_health(participant):<10} {participant.updated_by}")
+        if participant.contract_service:
+            print(f"    contract: {participant.contract_service}")
         if participant.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING:
             print(f"    failing: {participant.health_detail}")
         if participant.HasField("unhealthy_since"):
