@@ -17,6 +17,7 @@ from google.protobuf import descriptor_pb2
 from compensa.v1 import contract_pb2, definition_pb2
 
 __all__ = [
+    "NAME_PATTERN",
     "ContractError",
     "ContractService",
     "ContractStep",
@@ -27,8 +28,8 @@ __all__ = [
     "snake_case",
 ]
 
-#: What a step name must be, as in definitions (compensa.orchestrator.definitions.NAME_PATTERN).
-_STEP_NAME = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+"""What definition and step names must match (in full): a contract's steps are named as definitions' are."""
 _KINDS = frozenset({
     definition_pb2.STEP_KIND_COMPENSABLE, definition_pb2.STEP_KIND_PIVOT, definition_pb2.STEP_KIND_RETRIABLE,
 })
@@ -153,7 +154,7 @@ def _step(
     known: dict[str, tuple[str, str]],
 ) -> ContractStep:
     name = option.name or snake_case(method.name)
-    if not _STEP_NAME.fullmatch(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise ContractError(
             f"{where}: step name {name!r} is not a definition step name (1-63 lowercase letters, digits, '_', '-',"
             " starting with a letter); set (compensa.v1.step).name"

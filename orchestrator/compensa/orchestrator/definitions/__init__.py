@@ -43,6 +43,7 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
+from compensa.common.contracts import NAME_PATTERN
 from compensa.orchestrator.definitions._contracts import (
     ContractMismatch,
     check_against_contracts,
@@ -67,7 +68,6 @@ from compensa.orchestrator.definitions._validation import (
     MAX_REFERENCE_CHARS,
     MAX_STEPS,
     MAX_WAIT_SECONDS,
-    NAME_PATTERN,
     default_compensate_retry_policy,
     default_retry_policy,
     definition_fingerprint,
