@@ -564,3 +564,24 @@ async def test_a_node_participant_with_a_stored_contract_runs_beside_typed_ones(
         finally:
             shipping.terminate()
             await shipping.wait()
+
+
+async def test_a_contract_that_is_not_one_is_refused_and_changes_nothing(typed_env: SagaTestEnvironment) -> None:
+    no_service = _contract("", PROTOS / "compensa" / "checkout" / "v1" / "checkout.proto")
+    broken = _contract(CHECKOUT_SERVICES["shipping"])
+    del broken.types.file[:-1]  # its imports gone: the types its options name are unknown
+    for contract, expected in (
+        (no_service, "participant 'shipping': the contract's files declare not one contract service"),
+        (contract_pb2.ParticipantContract(), "participant 'shipping': the contract has no files"),
+        (broken, "undo_output 'compensa.checkout.v1.Release' is not a message declared in the contract's file"),
+        (_contract("compensa.checkout.v1.Nope"), "declare no contract service 'compensa.checkout.v1.Nope'"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _set_contract(typed_env, "shipping", contract)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        assert expected in (refused.value.details() or "")
+    listed: orchestrator_pb2.ListParticipantsResponse = await typed_env.client.stub.ListParticipants(
+        orchestrator_pb2.ListParticipantsRequest()
+    )
+    kept = {participant.name: participant.contract_service for participant in listed.participants}
+    assert kept["shipping"] == CHECKOUT_SERVICES["shipping"]

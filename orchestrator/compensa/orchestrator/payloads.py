@@ -15,7 +15,7 @@ import importlib
 from collections.abc import Iterable
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message, message_factory
+from google.protobuf import any_pb2, descriptor, descriptor_pb2, descriptor_pool, json_format, message, message_factory
 
 from compensa.orchestrator.errors import InvalidArgument, quote
 from compensa.v1 import definition_pb2, saga_pb2
@@ -119,10 +119,7 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
                         f"types: {name} imports {dependency}, which is neither in the set nor a type the server"
                         " knows: include it (protoc --include_imports)"
                     ) from None
-                imported = descriptor_pb2.FileDescriptorProto()
-                found.CopyToProto(imported)
-                pool.Add(imported)
-                added.add(dependency)
+                _add_with_imports(pool, found, added)
             if all(dependency in added for dependency in file.dependency):
                 try:
                     pool.Add(file)
@@ -134,6 +131,19 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
         if not progress:
             raise InvalidArgument(f"types: the imports of {', '.join(sorted(pending))} form a cycle")
     return pool
+
+
+def _add_with_imports(
+    pool: descriptor_pool.DescriptorPool, file: descriptor.FileDescriptor, added: set[str]
+) -> None:
+    """Adds a file the server knows to `pool`, after its own imports."""
+    for dependency in file.dependencies:
+        if dependency.name not in added:
+            _add_with_imports(pool, dependency, added)
+    imported = descriptor_pb2.FileDescriptorProto()
+    file.CopyToProto(imported)
+    pool.Add(imported)
+    added.add(file.name)
 
 
 def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from google.protobuf import message
 from compensa.common.contracts import ContractError, ContractService, contract_services, kind_name
 from compensa.orchestrator.definitions._graph import ancestors
 from compensa.orchestrator.errors import FailedPrecondition, InvalidArgument
+from compensa.orchestrator.payloads import build_pool
 from compensa.v1 import contract_pb2, definition_pb2
 
 __all__ = ["ContractMismatch", "check_against_contracts", "read_contract", "stored_contract"]
@@ -28,6 +29,9 @@ class ContractMismatch(FailedPrecondition):
 def read_contract(name: str, contract: contract_pb2.ParticipantContract) -> ContractService:
     """The contract service `contract` names (or the one it declares);
     InvalidArgument when it is not a contract."""
+    if not contract.types.file:
+        raise InvalidArgument(f"participant {name!r}: the contract has no files (compile its .proto with its imports)")
+    build_pool(contract.types)  # InvalidArgument unless the files form a complete, consistent schema
     try:
         services = contract_services(contract.types.file)
     except ContractError as error:
