@@ -16,7 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection
+from harness import poll_until
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.checkout.v1.participants_compensa import (
@@ -27,7 +28,7 @@ from compensa.checkout.v1.participants_compensa import (
 )
 from compensa.orchestrator.definitions import compile_proto_files, load_definition_file
 from compensa.orchestrator.demo import DEFINITIONS_DIR
-from compensa.participants.sdk import StepFailed
+from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
 from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
 from compensa.v1.participant_pb2 import StepContext
@@ -99,7 +100,7 @@ TRAVEL_PARTICIPANT = """
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.orchestrator.client import SagaClient
 from compensa.v1.participant_pb2 import StepContext
@@ -275,14 +276,23 @@ class Inventory(InventoryParticipantBase):
 
 
 class Payment(PaymentParticipantBase):
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__(engine)
+        #: The completion tokens of the charges held for review.
+        self.held: list[str] = []
+
     async def charge_card(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reserve_stock: checkout_pb2.Reservation,
-        ctx: StepContext,
-    ) -> checkout_pb2.Charge:
+        completion_token: str, ctx: StepContext,
+    ) -> checkout_pb2.Charge | Pending:
         if checkout.card_token.startswith("flagged"):
             raise StepFailed("card declined")
-        return checkout_pb2.Charge(charge_id=f"c-for-{reserve_stock.reservation_id}",
-                                   amount_cents=checkout.amount_cents)
+        charge = checkout_pb2.Charge(charge_id=f"c-for-{reserve_stock.reservation_id}",
+                                     amount_cents=checkout.amount_cents)
+        if checkout.card_token.startswith("review"):
+            self.held.append(completion_token)
+            return Pending(charge)
+        return charge
 
     async def undo_charge_card(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge,
@@ -366,6 +376,19 @@ async def test_typed_participants_run_a_saga_and_its_compensation(typed_env: Sag
     assert declined.charge_card() is None
 
 
+async def test_a_typed_long_running_step_reports_later(typed_env: SagaTestEnvironment) -> None:
+    await typed_env.register(_checkout_definition())
+    started = await CheckoutSaga(typed_env.client).start(_input("held-1", card_token="review-1"))
+    payment = typed_env.participant("payment")
+    assert isinstance(payment, Payment)
+    await poll_until(lambda: payment.held, timeout=COMMAND_TIMEOUT_SECONDS)
+    settled = checkout_pb2.Charge(charge_id="settled", amount_cents=500)
+    await typed_env.client.complete_step(payment.held[0], output=settled)
+    run = await CheckoutSaga(typed_env.client).result(started.saga_id)
+    assert run.succeeded, run.saga
+    assert run.charge_card() == settled
+
+
 async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
     async with SagaTestEnvironment.start(
         participants={"inventory": WrongInventory, "payment": Payment, "shipping": Shipping},
@@ -439,6 +462,18 @@ async def test_a_needed_output_the_step_does_not_depend_on_is_refused(typed_env:
         "definition 'checkout' step 'charge_card': participant 'payment' (compensa.checkout.v1.PaymentParticipant)"
         " needs the output of step 'reserve_stock' (a compensa.checkout.v1.Reservation), and the definition does"
         " not make it depend on 'reserve_stock'"
+    ) in details
+
+
+async def test_a_long_running_contract_step_needs_a_long_running_definition_step(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    definition = _checkout_definition()
+    _step(definition, "charge_card").long_running = False
+    details = await _refused_registration(typed_env, definition)
+    assert (
+        "definition 'checkout' step 'charge_card': participant 'payment' (compensa.checkout.v1.PaymentParticipant)"
+        " is long-running in the contract (it may answer Pending); the definition's step must say long_running: true"
     ) in details
 
 

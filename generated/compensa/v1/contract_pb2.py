@@ -26,7 +26,7 @@ from compensa.v1 import definition_pb2 as compensa_dot_v1_dot_definition__pb2
 from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63ompensa/v1/contract.proto\x12\x0b\x63ompensa.v1\x1a\x1c\x63ompensa/v1/definition.proto\x1a google/protobuf/descriptor.proto\"\x81\x01\n\x0cStepContract\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.compensa.v1.StepKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05needs\x18\x03 \x03(\x0b\x32\x1a.compensa.v1.EarlierOutput\x12\x13\n\x0bundo_output\x18\x04 \x01(\t\"+\n\rEarlierOutput\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\"Y\n\x13ParticipantContract\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x31\n\x05types\x18\x02 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet:I\n\x04step\x12\x1e.google.protobuf.MethodOptions\x18\x8e\x94\x03 \x01(\x0b\x32\x19.compensa.v1.StepContractB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63ompensa/v1/contract.proto\x12\x0b\x63ompensa.v1\x1a\x1c\x63ompensa/v1/definition.proto\x1a google/protobuf/descriptor.proto\"\x97\x01\n\x0cStepContract\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.compensa.v1.StepKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12)\n\x05needs\x18\x03 \x03(\x0b\x32\x1a.compensa.v1.EarlierOutput\x12\x13\n\x0bundo_output\x18\x04 \x01(\t\x12\x14\n\x0clong_running\x18\x05 \x01(\x08\"+\n\rEarlierOutput\x12\x0c\n\x04step\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\"Y\n\x13ParticipantContract\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x31\n\x05types\x18\x02 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet:I\n\x04step\x12\x1e.google.protobuf.MethodOptions\x18\x8e\x94\x03 \x01(\x0b\x32\x19.compensa.v1.StepContractB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,9 +35,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
   _globals['_STEPCONTRACT']._serialized_start=108
-  _globals['_STEPCONTRACT']._serialized_end=237
-  _globals['_EARLIEROUTPUT']._serialized_start=239
-  _globals['_EARLIEROUTPUT']._serialized_end=282
-  _globals['_PARTICIPANTCONTRACT']._serialized_start=284
-  _globals['_PARTICIPANTCONTRACT']._serialized_end=373
+  _globals['_STEPCONTRACT']._serialized_end=259
+  _globals['_EARLIEROUTPUT']._serialized_start=261
+  _globals['_EARLIEROUTPUT']._serialized_end=304
+  _globals['_PARTICIPANTCONTRACT']._serialized_start=306
+  _globals['_PARTICIPANTCONTRACT']._serialized_end=395
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,7 @@ class StepContract(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     NEEDS_FIELD_NUMBER: _builtins.int
     UNDO_OUTPUT_FIELD_NUMBER: _builtins.int
+    LONG_RUNNING_FIELD_NUMBER: _builtins.int
     kind: _definition_pb2.StepKind.ValueType
     """Required: STEP_KIND_COMPENSABLE, STEP_KIND_PIVOT or STEP_KIND_RETRIABLE.
     A definition step that names this step must have the same kind (its
@@ -95,6 +96,12 @@ class StepContract(_message.Message):
     undo_output: _builtins.str
     """Full name of the message the undo returns (CompensateResponse.output),
     for a compensable step. Unset: the undo returns nothing.
+    """
+    long_running: _builtins.bool
+    """The step may go on on the participant's side: its method gets the call's
+    completion token and may return the SDK's Pending(output), the outcome
+    being reported later (OrchestratorService.CompleteStep). A definition
+    step that names it must be long_running.
     """
     @_builtins.property
     def needs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EarlierOutput]:
@@ -111,10 +118,11 @@ class StepContract(_message.Message):
         name: _builtins.str = ...,
         needs: _abc.Iterable[Global___EarlierOutput] | None = ...,
         undo_output: _builtins.str = ...,
+        long_running: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "name", b"name", "needs", b"needs", "undo_output", b"undo_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "long_running", b"long_running", "name", b"name", "needs", b"needs", "undo_output", b"undo_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

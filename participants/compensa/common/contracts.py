@@ -59,6 +59,8 @@ class ContractStep:
     needs: tuple[EarlierOutput, ...]
     #: "" when the undo returns nothing (or the step has no undo).
     undo_output: str
+    #: May answer Pending and report its outcome later.
+    long_running: bool = False
 
     @property
     def compensable(self) -> bool:
@@ -183,7 +185,7 @@ def _step(
     return ContractStep(
         name=name, method=method.name, input_type=method.input_type.lstrip("."),
         output_type=method.output_type.lstrip("."), kind=option.kind, needs=tuple(needs),
-        undo_output=option.undo_output.lstrip("."),
+        undo_output=option.undo_output.lstrip("."), long_running=option.long_running,
     )
 
 

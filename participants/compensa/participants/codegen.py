@@ -80,6 +80,7 @@ class _Writer:
 
     locations: dict[str, tuple[str, str]]
     modules: set[str] = field(default_factory=set)
+    uses_pending: bool = False
     lines: list[str] = field(default_factory=list)
 
     def type_of(self, full_name: str) -> str:
@@ -109,9 +110,11 @@ def _participant_class(writer: _Writer, service: ContractService) -> str:
         "",
         "",
         f"class {class_name}(TypedParticipant):",
-        f'    """The steps of the contract {service.full_name}',
-        f"    ({service.file}): subclass this class, implement each method, and serve it",
-        '    as any participant."""',
+        f'    """The steps of the contract {service.full_name},',
+        f"    declared in {service.file}.",
+        "",
+        "    Subclass this class, implement each method, and serve it as any participant.",
+        '    """',
         "",
         f'    contract: ClassVar[str] = "{service.full_name}"',
         "    steps: ClassVar[dict[str, TypedStep]] = {",
@@ -133,6 +136,8 @@ def _table_entry(writer: _Writer, step: ContractStep, method: str, undo: str | N
         entry.append("            needs=(")
         entry.extend(f'                ("{need.step}", {writer.type_of(need.type)}),' for need in step.needs)
         entry.append("            ),")
+    if step.long_running:
+        entry.append("            long_running=True,")
     if undo is not None:
         entry.append(f'            undo="{undo}",')
     if step.undo_output:
@@ -150,7 +155,12 @@ def _step_methods(writer: _Writer, step: ContractStep, method: str, undo: str | 
         name = _identifier(need.step, used)
         used.add(name)
         needs.append(f"        {name}: {writer.type_of(need.type)},")
-    needs_doc = f" Receives the outputs of {', '.join(repr(need.step) for need in step.needs)}." if step.needs else ""
+    if step.long_running:
+        writer.uses_pending = True
+    pending_doc = ""
+    if step.long_running:
+        pending_doc = ",\n        or Pending(output) and reports the outcome later with the completion token"
+    needs_doc = f"Receives the outputs of {', '.join(repr(need.step) for need in step.needs)}." if step.needs else ""
     lines = [
         "",
         "    @abc.abstractmethod",
@@ -159,10 +169,14 @@ def _step_methods(writer: _Writer, step: ContractStep, method: str, undo: str | 
         "        conn: AsyncConnection,",
         f"        {saga_input}: {writer.type_of(step.input_type)},",
         *needs,
+        *([f"        {_identifier('completion_token', used)}: str,"] if step.long_running else []),
         "        ctx: StepContext,",
-        f"    ) -> {writer.type_of(step.output_type)}:",
-        f'        """Step "{step.name}" ({kind_name(step.kind)}), the rpc {step.method}: applies its effect through',
-        f'        `conn` and returns its output.{needs_doc}"""',
+        f"    ) -> {writer.type_of(step.output_type)}{' | Pending' if step.long_running else ''}:",
+        f'        """Step "{step.name}" ({kind_name(step.kind)}), the rpc {step.method}.',
+        "",
+        f"        Applies its effect through `conn` and returns its output{pending_doc}.",
+        *([f"        {needs_doc}"] if needs_doc else []),
+        '        """',
     ]
     if undo is None:
         return lines
@@ -270,6 +284,7 @@ def _module_text(proto_file: str, writer: _Writer, exported: Sequence[str]) -> s
         "from sqlalchemy.ext.asyncio import AsyncConnection",
         "",
         *(f"import {module}" for module in sorted(writer.modules) if _ours(module)),
+        *(["from compensa.participants.sdk import Pending"] if writer.uses_pending else []),
         "from compensa.participants.typed import SagaRun, SagaStarter, TypedParticipant, TypedStep",
         "from compensa.v1.participant_pb2 import StepContext",
         "",

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import any_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.participants.sdk import Participant, ParticipantError, unpack_as
+from compensa.participants.sdk import Participant, ParticipantError, Pending, unpack_as
 from compensa.v1 import participant_pb2, saga_pb2
 
 __all__ = [
@@ -65,6 +65,8 @@ class TypedStep:
     #: The undo's method name; None for a pivot or retriable step.
     undo: str | None = None
     undo_output: type[message.Message] | None = None
+    #: The method also gets the completion token, and may return Pending.
+    long_running: bool = False
 
 
 def _type_name(value: object) -> str:
@@ -110,12 +112,17 @@ class TypedParticipant(Participant):
 
     async def execute_step(
         self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
-    ) -> message.Message:
+    ) -> message.Message | Pending:
         step = self._typed_step(request.context)
         needs = self._needed(request.context.step_name, step, request.step_outputs)
+        token = [request.completion_token] if step.long_running else []
         output = await self._method(step.method)(
-            conn, unpack_as(request.saga_input, step.input), *needs, request.context
+            conn, unpack_as(request.saga_input, step.input), *needs, *token, request.context
         )
+        if step.long_running and isinstance(output, Pending):
+            if output.output is not None:
+                self._checked(request.context.step_name, output.output, step.output, step.method)
+            return output
         return self._checked(request.context.step_name, output, step.output, step.method)
 
     async def compensate_step(

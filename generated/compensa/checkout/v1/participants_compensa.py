@@ -13,6 +13,7 @@ from typing import ClassVar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 import compensa.checkout.v1.checkout_pb2
+from compensa.participants.sdk import Pending
 from compensa.participants.typed import SagaRun, SagaStarter, TypedParticipant, TypedStep
 from compensa.v1.participant_pb2 import StepContext
 
@@ -26,9 +27,11 @@ __all__ = [
 
 
 class InventoryParticipantBase(TypedParticipant):
-    """The steps of the contract compensa.checkout.v1.InventoryParticipant
-    (compensa/checkout/v1/participants.proto): subclass this class, implement each method, and serve it
-    as any participant."""
+    """The steps of the contract compensa.checkout.v1.InventoryParticipant,
+    declared in compensa/checkout/v1/participants.proto.
+
+    Subclass this class, implement each method, and serve it as any participant.
+    """
 
     contract: ClassVar[str] = "compensa.checkout.v1.InventoryParticipant"
     steps: ClassVar[dict[str, TypedStep]] = {
@@ -48,8 +51,10 @@ class InventoryParticipantBase(TypedParticipant):
         checkout: compensa.checkout.v1.checkout_pb2.CheckoutInput,
         ctx: StepContext,
     ) -> compensa.checkout.v1.checkout_pb2.Reservation:
-        """Step "reserve_stock" (compensable), the rpc ReserveStock: applies its effect through
-        `conn` and returns its output."""
+        """Step "reserve_stock" (compensable), the rpc ReserveStock.
+
+        Applies its effect through `conn` and returns its output.
+        """
 
     @abc.abstractmethod
     async def undo_reserve_stock(
@@ -63,9 +68,11 @@ class InventoryParticipantBase(TypedParticipant):
 
 
 class PaymentParticipantBase(TypedParticipant):
-    """The steps of the contract compensa.checkout.v1.PaymentParticipant
-    (compensa/checkout/v1/participants.proto): subclass this class, implement each method, and serve it
-    as any participant."""
+    """The steps of the contract compensa.checkout.v1.PaymentParticipant,
+    declared in compensa/checkout/v1/participants.proto.
+
+    Subclass this class, implement each method, and serve it as any participant.
+    """
 
     contract: ClassVar[str] = "compensa.checkout.v1.PaymentParticipant"
     steps: ClassVar[dict[str, TypedStep]] = {
@@ -76,6 +83,7 @@ class PaymentParticipantBase(TypedParticipant):
             needs=(
                 ("reserve_stock", compensa.checkout.v1.checkout_pb2.Reservation),
             ),
+            long_running=True,
             undo="undo_charge_card",
             undo_output=compensa.checkout.v1.checkout_pb2.Refund,
         ),
@@ -87,10 +95,15 @@ class PaymentParticipantBase(TypedParticipant):
         conn: AsyncConnection,
         checkout: compensa.checkout.v1.checkout_pb2.CheckoutInput,
         reserve_stock: compensa.checkout.v1.checkout_pb2.Reservation,
+        completion_token: str,
         ctx: StepContext,
-    ) -> compensa.checkout.v1.checkout_pb2.Charge:
-        """Step "charge_card" (compensable), the rpc ChargeCard: applies its effect through
-        `conn` and returns its output. Receives the outputs of 'reserve_stock'."""
+    ) -> compensa.checkout.v1.checkout_pb2.Charge | Pending:
+        """Step "charge_card" (compensable), the rpc ChargeCard.
+
+        Applies its effect through `conn` and returns its output,
+        or Pending(output) and reports the outcome later with the completion token.
+        Receives the outputs of 'reserve_stock'.
+        """
 
     @abc.abstractmethod
     async def undo_charge_card(
@@ -105,9 +118,11 @@ class PaymentParticipantBase(TypedParticipant):
 
 
 class ShippingParticipantBase(TypedParticipant):
-    """The steps of the contract compensa.checkout.v1.ShippingParticipant
-    (compensa/checkout/v1/participants.proto): subclass this class, implement each method, and serve it
-    as any participant."""
+    """The steps of the contract compensa.checkout.v1.ShippingParticipant,
+    declared in compensa/checkout/v1/participants.proto.
+
+    Subclass this class, implement each method, and serve it as any participant.
+    """
 
     contract: ClassVar[str] = "compensa.checkout.v1.ShippingParticipant"
     steps: ClassVar[dict[str, TypedStep]] = {
@@ -125,8 +140,10 @@ class ShippingParticipantBase(TypedParticipant):
         checkout: compensa.checkout.v1.checkout_pb2.CheckoutInput,
         ctx: StepContext,
     ) -> compensa.checkout.v1.checkout_pb2.Shipment:
-        """Step "ship_order" (pivot), the rpc ShipOrder: applies its effect through
-        `conn` and returns its output."""
+        """Step "ship_order" (pivot), the rpc ShipOrder.
+
+        Applies its effect through `conn` and returns its output.
+        """
 
 
 class CheckoutSagaRun(SagaRun):

@@ -26,7 +26,7 @@ from compensa.checkout.v1 import checkout_pb2 as compensa_dot_checkout_dot_v1_do
 from compensa.v1 import contract_pb2 as compensa_dot_v1_dot_contract__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'compensa/checkout/v1/participants.proto\x12\x14\x63ompensa.checkout.v1\x1a#compensa/checkout/v1/checkout.proto\x1a\x1a\x63ompensa/v1/contract.proto2\x94\x01\n\x14InventoryParticipant\x12|\n\x0cReserveStock\x12#.compensa.checkout.v1.CheckoutInput\x1a!.compensa.checkout.v1.Reservation\"$\xf2\xa0\x19 \x08\x01\"\x1c\x63ompensa.checkout.v1.Release2\xbe\x01\n\x12PaymentParticipant\x12\xa7\x01\n\nChargeCard\x12#.compensa.checkout.v1.CheckoutInput\x1a\x1c.compensa.checkout.v1.Charge\"V\xf2\xa0\x19R\x08\x01\x1a\x31\n\rreserve_stock\x12 compensa.checkout.v1.Reservation\"\x1b\x63ompensa.checkout.v1.Refund2o\n\x13ShippingParticipant\x12X\n\tShipOrder\x12#.compensa.checkout.v1.CheckoutInput\x1a\x1e.compensa.checkout.v1.Shipment\"\x06\xf2\xa0\x19\x02\x08\x02\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'compensa/checkout/v1/participants.proto\x12\x14\x63ompensa.checkout.v1\x1a#compensa/checkout/v1/checkout.proto\x1a\x1a\x63ompensa/v1/contract.proto2\x94\x01\n\x14InventoryParticipant\x12|\n\x0cReserveStock\x12#.compensa.checkout.v1.CheckoutInput\x1a!.compensa.checkout.v1.Reservation\"$\xf2\xa0\x19 \x08\x01\"\x1c\x63ompensa.checkout.v1.Release2\xc0\x01\n\x12PaymentParticipant\x12\xa9\x01\n\nChargeCard\x12#.compensa.checkout.v1.CheckoutInput\x1a\x1c.compensa.checkout.v1.Charge\"X\xf2\xa0\x19T\x08\x01\x1a\x31\n\rreserve_stock\x12 compensa.checkout.v1.Reservation\"\x1b\x63ompensa.checkout.v1.Refund(\x01\x32o\n\x13ShippingParticipant\x12X\n\tShipOrder\x12#.compensa.checkout.v1.CheckoutInput\x1a\x1e.compensa.checkout.v1.Shipment\"\x06\xf2\xa0\x19\x02\x08\x02\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INVENTORYPARTICIPANT'].methods_by_name['ReserveStock']._loaded_options = None
   _globals['_INVENTORYPARTICIPANT'].methods_by_name['ReserveStock']._serialized_options = b'\362\240\031 \010\001\"\034compensa.checkout.v1.Release'
   _globals['_PAYMENTPARTICIPANT'].methods_by_name['ChargeCard']._loaded_options = None
-  _globals['_PAYMENTPARTICIPANT'].methods_by_name['ChargeCard']._serialized_options = b'\362\240\031R\010\001\0321\n\rreserve_stock\022 compensa.checkout.v1.Reservation\"\033compensa.checkout.v1.Refund'
+  _globals['_PAYMENTPARTICIPANT'].methods_by_name['ChargeCard']._serialized_options = b'\362\240\031T\010\001\0321\n\rreserve_stock\022 compensa.checkout.v1.Reservation\"\033compensa.checkout.v1.Refund(\001'
   _globals['_SHIPPINGPARTICIPANT'].methods_by_name['ShipOrder']._loaded_options = None
   _globals['_SHIPPINGPARTICIPANT'].methods_by_name['ShipOrder']._serialized_options = b'\362\240\031\002\010\002'
   _globals['_INVENTORYPARTICIPANT']._serialized_start=131
   _globals['_INVENTORYPARTICIPANT']._serialized_end=279
   _globals['_PAYMENTPARTICIPANT']._serialized_start=282
-  _globals['_PAYMENTPARTICIPANT']._serialized_end=472
-  _globals['_SHIPPINGPARTICIPANT']._serialized_start=474
-  _globals['_SHIPPINGPARTICIPANT']._serialized_end=585
+  _globals['_PAYMENTPARTICIPANT']._serialized_end=474
+  _globals['_SHIPPINGPARTICIPANT']._serialized_start=476
+  _globals['_SHIPPINGPARTICIPANT']._serialized_end=587
 # @@protoc_insertion_point(module_scope)

@@ -133,7 +133,8 @@ class PaymentParticipantServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ChargeCard(self, request, context):
-        """Charges the card (after the reservation); refunded by its undo.
+        """Charges the card (after the reservation), or holds it for review and
+        reports later; refunded by its undo.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

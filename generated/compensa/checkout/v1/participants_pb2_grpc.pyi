@@ -75,13 +75,17 @@ class PaymentParticipantStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> PaymentParticipantAsyncStub: ...
     ChargeCard: _grpc.UnaryUnaryMultiCallable[_checkout_pb2.CheckoutInput, _checkout_pb2.Charge]
-    """Charges the card (after the reservation); refunded by its undo."""
+    """Charges the card (after the reservation), or holds it for review and
+    reports later; refunded by its undo.
+    """
 
 @_typing.type_check_only
 class PaymentParticipantAsyncStub(PaymentParticipantStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ChargeCard: _aio.UnaryUnaryMultiCallable[_checkout_pb2.CheckoutInput, _checkout_pb2.Charge]  # type: ignore[assignment]
-    """Charges the card (after the reservation); refunded by its undo."""
+    """Charges the card (after the reservation), or holds it for review and
+    reports later; refunded by its undo.
+    """
 
 class PaymentParticipantServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,7 +94,9 @@ class PaymentParticipantServicer(metaclass=_abc_1.ABCMeta):
         request: _checkout_pb2.CheckoutInput,
         context: _ServicerContext,
     ) -> _typing.Union[_checkout_pb2.Charge, _abc.Awaitable[_checkout_pb2.Charge]]:
-        """Charges the card (after the reservation); refunded by its undo."""
+        """Charges the card (after the reservation), or holds it for review and
+        reports later; refunded by its undo.
+        """
 
 def add_PaymentParticipantServicer_to_server(servicer: PaymentParticipantServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

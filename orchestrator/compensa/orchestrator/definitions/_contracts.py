@@ -6,6 +6,7 @@ it needs, when their participants have contracts too)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 from google.protobuf import message
@@ -50,8 +51,10 @@ def read_contract(name: str, contract: contract_pb2.ParticipantContract) -> Cont
     return chosen[0]
 
 
+@functools.lru_cache(maxsize=256)
 def stored_contract(name: str, serialized: bytes) -> ContractService:
-    """A contract as the store keeps it (validated when it was stored)."""
+    """A contract as the store keeps it (validated when it was stored); read
+    once per content, as every registration and listing reads them all."""
     try:
         contract = contract_pb2.ParticipantContract.FromString(serialized)
     except message.DecodeError:
@@ -92,6 +95,11 @@ def check_against_contracts(
         if kind_name(declared.kind) != kind_name(step.kind):
             mismatches.append(
                 f"{where} is {kind_name(declared.kind)} in the contract; the definition says {kind_name(step.kind)}"
+            )
+        if declared.long_running and not step.long_running:
+            mismatches.append(
+                f"{where} is long-running in the contract (it may answer Pending); the definition's step must say"
+                " long_running: true"
             )
         earlier = ancestors(definition, step.name)
         for need in declared.needs:
