@@ -242,6 +242,22 @@ def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
     ).read_text()
 
 
+#: The README tutorial on contracts (trip.proto, trip.yaml, travel.py), ready to replace its untyped version.
+TUTORIAL_CONTRACT = ROOT / "tests" / "tutorial_contract"
+
+
+def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: Path) -> None:
+    for name in ("trip.proto", "travel.py"):
+        shutil.copy(TUTORIAL_CONTRACT / name, tmp_path / name)
+    generated = _run([str(BIN / "compensa"), "codegen", "trip.proto", "--out", "."], tmp_path)
+    assert generated.returncode == 0, generated.stderr
+    (tmp_path / "mypy.ini").write_text(MYPY_CONFIG.replace("travel.v1.trip_pb2", "trip_pb2").format(
+        mypy_path=os.pathsep.join(str(ROOT / root) for root in ("generated", "orchestrator", "participants"))
+    ))
+    checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "travel.py", "trip_compensa.py"], tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 def test_codegen_refuses_a_contract_that_is_not_one(tmp_path: Path) -> None:
     (tmp_path / "bad.proto").write_text(textwrap.dedent("""
         syntax = "proto3";
