@@ -527,7 +527,7 @@ async def test_a_contract_change_that_breaks_a_registered_definition_is_refused(
     assert kept["inventory"] == CHECKOUT_SERVICES["inventory"], "a refused contract changes nothing"
 
 
-async def test_participants_without_a_contract_are_not_checked(tmp_path: Path) -> None:
+async def test_participants_without_a_contract_are_not_checked() -> None:
     async with SagaTestEnvironment.start(
         participants={"inventory": Inventory, "payment": Payment, "shipping": Shipping},
     ) as env:
@@ -535,6 +535,18 @@ async def test_participants_without_a_contract_are_not_checked(tmp_path: Path) -
         _step(definition, "ship_order").name = "ship_parcel"
         registered = await env.register(definition)
         assert registered.version == 1
+
+
+async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnvironment) -> None:
+    cleared: orchestrator_pb2.SetParticipantResponse = await typed_env.client.stub.SetParticipant(
+        orchestrator_pb2.SetParticipantRequest(
+            name="shipping", address=typed_env.participants["shipping"].address, clear_contract=True
+        )
+    )
+    assert cleared.participant.contract_service == ""
+    definition = _checkout_definition()
+    _step(definition, "ship_order").name = "ship_parcel"
+    assert (await typed_env.register(definition)).version == 1
 
 
 

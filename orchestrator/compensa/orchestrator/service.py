@@ -731,6 +731,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         _check_address(request.address)
         if request.clear_contract and request.HasField("contract"):
             raise InvalidArgument("give a contract or clear_contract, not both")
+        contract_size = request.contract.ByteSize()
+        if contract_size > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(f"contract is {contract_size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         if identity.definitions:
             named = await self._store.definition_participants()
             self._access.require_settable_participant(identity, request.name, named)

@@ -13,6 +13,7 @@ from google.protobuf import message
 
 from compensa.common.contracts import ContractError, ContractService, contract_services, kind_name
 from compensa.orchestrator.definitions._graph import ancestors
+from compensa.orchestrator.definitions._validation import MAX_REFERENCE_CHARS
 from compensa.orchestrator.errors import FailedPrecondition, InvalidArgument
 from compensa.orchestrator.payloads import build_pool
 from compensa.v1 import contract_pb2, definition_pb2
@@ -47,6 +48,10 @@ def read_contract(name: str, contract: contract_pb2.ParticipantContract) -> Cont
         raise InvalidArgument(
             f"participant {name!r}: the contract's files declare {wanted} (services with (compensa.v1.step) rpcs:"
             f" {declared}); name one with `--service`"
+        )
+    if len(chosen[0].full_name) > MAX_REFERENCE_CHARS:
+        raise InvalidArgument(
+            f"participant {name!r}: the contract service's full name is longer than {MAX_REFERENCE_CHARS} characters"
         )
     return chosen[0]
 
