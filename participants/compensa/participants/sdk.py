@@ -77,6 +77,7 @@ __all__ = [
     "Pending",
     "StepFailed",
     "TransientError",
+    "WrongOutput",
     "insert_if_absent",
     "pack",
     "unpack_as",
@@ -139,6 +140,23 @@ class NotLongRunning(ParticipantError):
     FAILED_PRECONDITION, with nothing recorded."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class WrongOutput(ParticipantError):
+    """A step returned something that is not what it must return (not a
+    protobuf message, or not its contract's type): answered INTERNAL, with
+    nothing recorded, naming the step, the type returned and the type expected."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def _message_or_refuse(returned: object, step_name: str, method: str, expected: str) -> message.Message:
+    if not isinstance(returned, message.Message):
+        raise WrongOutput(
+            f"step {step_name!r} ({method}) returned a {type(returned).__qualname__}, not a protobuf message;"
+            f" it must return {expected}"
+        )
+    return returned
 
 
 @dataclass(frozen=True)
@@ -437,11 +455,17 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                         )
                     response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
                     if output.output is not None:
-                        response.output.CopyFrom(pack(output.output))
+                        pending = _message_or_refuse(
+                            output.output, step.step_name, self._method_name("execute_step"), "a message in Pending"
+                        )
+                        response.output.CopyFrom(pack(pending))
                     outcome = _PENDING
                 else:
+                    produced = _message_or_refuse(
+                        output, step.step_name, self._method_name("execute_step"), "its output message or Pending"
+                    )
                     response = participant_pb2.ExecuteResponse(
-                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
+                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(produced)
                     )
                     outcome = _SUCCEEDED
                 barrier.answer(step.idempotency_key, _EXECUTE, outcome, _serialized(response))
@@ -451,6 +475,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             # failure rolled back the whole transaction, claim included, and is
             # recorded in a transaction of its own.
             return await self._record_failure(step, failure)
+
+    def _method_name(self, method: str) -> str:
+        """Where a step's answer came from, for errors: Class.method."""
+        return f"{type(self).__name__}.{method}"
 
     def _barrier_transaction(self) -> contextlib.AbstractAsyncContextManager[BarrierTransaction]:
         return barrier_transaction(self.engine, self.barrier, self.database_timeout)
@@ -512,7 +540,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 undo.execute_output.CopyFrom(participant_pb2.ExecuteResponse.FromString(stored_execute).output)
                 details = await self.compensate_step(barrier.conn, undo)
                 if details is not None:
-                    response.output.CopyFrom(pack(details))
+                    undone = _message_or_refuse(
+                        details, step.step_name, self._method_name("compensate_step"), "a message or None"
+                    )
+                    response.output.CopyFrom(pack(undone))
                 outcome = _COMPENSATED
             else:
                 outcome = _NOTHING_TO_UNDO

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import any_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.participants.sdk import Participant, ParticipantError, Pending, unpack_as
+from compensa.participants.sdk import Participant, ParticipantError, Pending, WrongOutput, unpack_as
 from compensa.v1 import participant_pb2, saga_pb2
 
 __all__ = [
@@ -35,14 +35,6 @@ __all__ = [
 _M = TypeVar("_M", bound=message.Message)
 _Input = TypeVar("_Input", bound=message.Message)
 _Run = TypeVar("_Run", bound="SagaRun")
-
-
-class WrongOutput(ParticipantError):
-    """A step's method returned something other than its contract's type:
-    answered INTERNAL (a bug of the participant; nothing is recorded), with a
-    message naming the step, the type returned and the type expected."""
-
-    code = grpc.StatusCode.INTERNAL
 
 
 class ContractMismatch(ParticipantError):
