@@ -49,18 +49,22 @@ COMMAND_TIMEOUT_SECONDS = 180.0
 TRAVEL_COMMON = """
 syntax = "proto3";
 package travel.common.v1;
+import "compensa/v1/contract.proto";
 import "google/protobuf/timestamp.proto";
 message Money { int64 cents = 1; string currency = 2; }
 message Stay { google.protobuf.Timestamp check_in = 1; google.protobuf.Timestamp check_out = 2; }
+service ExchangeParticipant {
+  rpc Convert(Money) returns (Money) { option (compensa.v1.step) = {kind: STEP_KIND_RETRIABLE}; }
+}
 """
 
 TRAVEL_TRIP = """
 syntax = "proto3";
 package travel.v1;
+import "travel/common/v1/common.proto";
 import "compensa/v1/contract.proto";
 import "google/protobuf/timestamp.proto";
 import "google/protobuf/wrappers.proto";
-import "travel/common/v1/common.proto";
 
 message TripInput {
   string trip_id = 1;
@@ -186,7 +190,10 @@ def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
     stubs = (travel / "travel" / "v1" / "trip_compensa.py").read_text()
     assert (travel / "travel" / "v1" / "trip_pb2.py").is_file()
     assert (travel / "travel" / "common" / "v1" / "common_pb2.py").is_file()
-    assert not (travel / "travel" / "common" / "v1" / "common_compensa.py").exists(), "no contract there"
+    # A second file asked for, imported by the first: its own contract, in its own module.
+    common = (travel / "travel" / "common" / "v1" / "common_compensa.py").read_text()
+    assert "class ExchangeParticipantBase(TypedParticipant):" in common and "class MoneySaga(" in common
+    assert "ExchangeParticipant" not in stubs
     for expected in (
         "class HotelParticipantBase(TypedParticipant):",
         "class PaymentParticipantBase(TypedParticipant):",

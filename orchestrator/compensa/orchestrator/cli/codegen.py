@@ -8,7 +8,7 @@ from pathlib import Path
 
 from compensa.common.contracts import ContractError
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
-from compensa.orchestrator.definitions import compile_proto_files, run_protoc
+from compensa.orchestrator.definitions import compile_proto_files, proto_file_names, run_protoc
 from compensa.orchestrator.errors import CompensaError
 from compensa.participants.codegen import generate_files
 
@@ -21,10 +21,8 @@ def codegen(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     run_protoc(args.files, args.proto_path, [f"--python_out={out}", f"--pyi_out={out}"])
     types = compile_proto_files(args.files, args.proto_path)
-    # The files asked for are the last ones of the set (imports come first).
-    asked = [file.name for file in types.file[len(types.file) - len(args.files):]]
     try:
-        generated = generate_files(types.file, asked)
+        generated = generate_files(types.file, proto_file_names(args.files, args.proto_path))
     except ContractError as error:
         raise CompensaError(f"not a participant contract: {error}") from None
     for name, content in generated.items():

@@ -58,7 +58,12 @@ from compensa.orchestrator.definitions._files import (
     load_definitions,
 )
 from compensa.orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
-from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set, run_protoc
+from compensa.orchestrator.definitions._types import (
+    compile_proto_files,
+    proto_file_names,
+    read_descriptor_set,
+    run_protoc,
+)
 from compensa.orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_SECONDS,
@@ -99,6 +104,7 @@ __all__ = [
     "duration_seconds",
     "load_definition_file",
     "load_definitions",
+    "proto_file_names",
     "read_contract",
     "read_descriptor_set",
     "retry_waited_seconds",

@@ -38,9 +38,7 @@ def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Se
         if not file.is_file():
             raise DefinitionError(f"no such .proto file: {file}")
     well_known = resources.files("grpc_tools") / "_proto"
-    # A file is named after the first root that holds it (as protoc wants),
-    # so the --proto-path directories come before the files' own.
-    roots = list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
+    roots = _roots(files, include_paths)
     with tempfile.TemporaryDirectory() as scratch:
         errors = Path(scratch) / "errors.txt"
         own = Path(scratch) / "compensa.binpb"
@@ -48,7 +46,7 @@ def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Se
         arguments = [
             "protoc", *(f"--proto_path={root}" for root in roots), f"--proto_path={well_known}",
             f"--descriptor_set_in={own}", *outputs,
-            *(str(file.resolve().relative_to(_root_of(file, roots))) for file in files),
+            *proto_file_names(files, include_paths),
         ]
         with _stderr_to(errors):
             status = protoc.main(arguments)
@@ -88,6 +86,19 @@ def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
     if not types.file:
         raise DefinitionError("the descriptor set holds no file", source=str(path))
     return types
+
+
+def proto_file_names(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> list[str]:
+    """The names protoc gives `files` (travel/v1/trip.proto): each relative
+    to the first of `include_paths`, then of its own directory, that holds it."""
+    roots = _roots(files, include_paths)
+    return [file.resolve().relative_to(_root_of(file, roots)).as_posix() for file in files]
+
+
+def _roots(files: Sequence[Path], include_paths: Sequence[Path]) -> list[Path]:
+    # A file is named after the first root that holds it (as protoc wants),
+    # so the --proto-path directories come before the files' own.
+    return list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
 
 
 def _root_of(file: Path, roots: Sequence[Path]) -> Path:
