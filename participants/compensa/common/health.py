@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 from grpc_health.v1 import health, health_pb2
 
+from compensa.common.database import database_error_text
+
 __all__ = ["DEFAULT_PROBE_SECONDS", "UNREACHABLE_REASON", "DatabaseHealth", "DatabaseLoss"]
 
 #: How often the database is probed when no real work has reached it lately.
@@ -95,7 +97,7 @@ class DatabaseHealth:
         """A database wait that began at `began` (time.monotonic()) failed
         because the database could not be reached."""
         if not self._stale(began):
-            self._lose(DatabaseLoss(UNREACHABLE_REASON, False, _describe(error)))
+            self._lose(DatabaseLoss(UNREACHABLE_REASON, False, database_error_text(error)))
 
     def refused(self, reason: str, detail: str, *, began: float | None = None) -> None:
         """The database answered a wait that began at `began` but refused to
@@ -146,7 +148,8 @@ class DatabaseHealth:
             return
         self._lost_at = time.monotonic()
         self._refusing = loss.refuses_writes
-        self._log.warning("%s lost its database: %s (%s)", self._name, loss.detail, loss.reason)
+        if self._ready:  # before, the start-up says it waits for the database, or why it stops
+            self._log.warning("%s lost its database: %s (%s)", self._name, loss.detail, loss.reason)
         self._tell(loss)
         self._changed.set()
 
@@ -157,7 +160,10 @@ class DatabaseHealth:
     def _return(self) -> None:
         assert self._lost_at is not None
         self._returned_at = time.monotonic()
-        self._log.info("%s reached its database again after %.1fs", self._name, self._returned_at - self._lost_at)
+        if self._ready:
+            self._log.info(
+                "%s reached its database again after %.1fs", self._name, self._returned_at - self._lost_at
+            )
         self._lost_at = None
         self._refusing = False
         self._changed.set()
@@ -179,7 +185,7 @@ class DatabaseHealth:
                 await ping()
                 continue
             except Exception as error:  # reported by the probe itself; never stop probing
-                self._log.debug("%s: database probe failed: %s", self._name, _describe(error))
+                self._log.debug("%s: database probe failed: %s", self._name, database_error_text(error))
             await asyncio.sleep(interval)
 
     async def _publish_changes(self) -> None:
@@ -194,8 +200,3 @@ class DatabaseHealth:
         status = _SERVING if self._lost_at is None else _NOT_SERVING
         for service in self._services:
             await self._servicer.set(service, status)
-
-
-def _describe(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__

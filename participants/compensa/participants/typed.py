@@ -5,7 +5,7 @@ A generated base class subclasses `TypedParticipant` and lists its steps in
 `steps`; `TypedParticipant` dispatches each call by `StepContext.step_name`
 to the step's method, unpacks the saga input and the earlier outputs the step
 needs into their types, and checks that the method returned its contract's
-output type (`WrongOutput` otherwise). A generated starter subclasses
+output type (`WrongOutputType` otherwise). A generated starter subclasses
 `SagaStarter`, and its runs (`SagaRun`) read each step's output typed.
 """
 
@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import any_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.participants.sdk import Participant, ParticipantError, Pending, WrongOutput, unpack_as
+from compensa.participants.sdk import Participant, ParticipantError, Pending, WrongOutputType, unpack_as
 from compensa.v1 import participant_pb2, saga_pb2
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "StartsSagas",
     "TypedParticipant",
     "TypedStep",
-    "WrongOutput",
+    "WrongOutputType",
 ]
 
 _M = TypeVar("_M", bound=message.Message)
@@ -130,7 +130,7 @@ class TypedParticipant(Participant):
         )
         if step.undo_output is None:
             if details is not None:
-                raise WrongOutput(
+                raise WrongOutputType(
                     f"the undo of step {request.context.step_name!r} ({type(self).__name__}.{step.undo}) returned a"
                     f" {_type_name(details)}; its contract says it returns nothing (no undo_output)"
                 )
@@ -141,7 +141,7 @@ class TypedParticipant(Participant):
         self, step_name: str, returned: object, expected: type[message.Message], method: str
     ) -> message.Message:
         if type(returned) is not expected:
-            raise WrongOutput(
+            raise WrongOutputType(
                 f"step {step_name!r} ({type(self).__name__}.{method}) returned a {_type_name(returned)};"
                 f" its contract {self.contract} says {expected.DESCRIPTOR.full_name}"
             )

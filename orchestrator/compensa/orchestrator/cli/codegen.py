@@ -9,7 +9,7 @@ from pathlib import Path
 from compensa.common.contracts import ContractError
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.definitions import compile_proto_files, proto_file_names, run_protoc
-from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.shared.errors import CompensaError
 from compensa.participants.codegen import generate_files
 
 

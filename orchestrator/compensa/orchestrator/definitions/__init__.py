@@ -50,7 +50,12 @@ from compensa.orchestrator.definitions._contracts import (
     read_contract,
     stored_contract,
 )
-from compensa.orchestrator.definitions._durations import backoff_seconds, duration_seconds, retry_waited_seconds
+from compensa.orchestrator.definitions._durations import (
+    backoff_seconds,
+    duration_seconds,
+    retry_waited_seconds,
+    shorthand_to_json,
+)
 from compensa.orchestrator.definitions._files import (
     DEFINITION_SUFFIXES,
     MAX_DEFINITION_FILE_BYTES,
@@ -109,6 +114,7 @@ __all__ = [
     "read_descriptor_set",
     "retry_waited_seconds",
     "run_protoc",
+    "shorthand_to_json",
     "step_order",
     "stored_contract",
     "validate_definition",

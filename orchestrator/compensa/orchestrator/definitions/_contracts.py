@@ -14,8 +14,8 @@ from google.protobuf import message
 from compensa.common.contracts import ContractError, ContractService, contract_services, kind_name
 from compensa.orchestrator.definitions._graph import ancestors
 from compensa.orchestrator.definitions._validation import MAX_REFERENCE_CHARS
-from compensa.orchestrator.errors import FailedPrecondition, InvalidArgument
-from compensa.orchestrator.payloads import build_pool
+from compensa.orchestrator.shared.errors import FailedPrecondition, InvalidArgument
+from compensa.orchestrator.shared.payloads import build_pool
 from compensa.v1 import contract_pb2, definition_pb2
 
 __all__ = ["ContractMismatch", "check_against_contracts", "read_contract", "stored_contract"]

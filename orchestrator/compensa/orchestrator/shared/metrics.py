@@ -12,7 +12,10 @@ its health checks past the threshold (a recovery is not counted); with reason
 (`compensa_database_outages_total` says why: DATABASE_FULL, ...). It is
 exported at 0 for every definition this replica knows, and for participants,
 so the increase is seen from the first alert. `compensa_participant_serving`
-is this replica's view of each participant's health. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
+is this replica's view of each participant's health. Overload:
+`compensa_saga_starts_refused_total` counts the starts refused at
+`compensa_max_sagas_in_flight` (see admission.py), `compensa_sagas_in_flight`
+is what that bound is compared with. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
 `compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
 the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
@@ -32,8 +35,13 @@ from prometheus_client.registry import Collector
 
 from compensa.common.startup import AddressInUse, ensure_address_free
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.errors import DatabaseFull, DatabasePermissionDenied, DatabaseReadOnly, StoreUnavailable
-from compensa.orchestrator.records import ENDING_EVENTS, state_name
+from compensa.orchestrator.shared.errors import (
+    DatabaseFull,
+    DatabasePermissionDenied,
+    DatabaseReadOnly,
+    StoreUnavailable,
+)
+from compensa.orchestrator.shared.records import ENDING_EVENTS, state_name
 from compensa.v1 import saga_pb2
 
 # The saga_duration_seconds outcome label of each event that ends a saga.
@@ -113,6 +121,20 @@ class Metrics:
         self._driven = Gauge(
             "compensa_sagas_driven", "Sagas this replica drives now (calls in flight or due).", registry=self.registry,
         )
+        self._in_flight = Gauge(
+            "compensa_sagas_in_flight",
+            "Sagas in flight on this replica: being started, or driven; what serve --max-sagas-in-flight bounds.",
+            registry=self.registry,
+        )
+        self._max_in_flight = Gauge(
+            "compensa_max_sagas_in_flight", "serve --max-sagas-in-flight of this replica (0: no limit).",
+            registry=self.registry,
+        )
+        self._starts_refused = Counter(
+            "compensa_saga_starts_refused",
+            "StartSaga calls refused because this replica was at its limit of sagas in flight (RESOURCE_EXHAUSTED).",
+            registry=self.registry,
+        )
         self._refused = Counter(
             "compensa_refused_calls",
             "Calls (gRPC and dashboard) this replica refused, by reason: unauthenticated, permission_denied, or"
@@ -126,6 +148,14 @@ class Metrics:
 
     def drive_count(self, count: Callable[[], int]) -> None:
         self._driven.set_function(count)
+
+    def admission(self, limit: int, in_flight: Callable[[], int]) -> None:
+        """Exports the bound on sagas in flight and, at each scrape, how many are."""
+        self._max_in_flight.set(limit)
+        self._in_flight.set_function(in_flight)
+
+    def start_refused(self) -> None:
+        self._starts_refused.inc()
 
     def know_definition(self, name: str) -> None:
         """Exports the alert count of definition `name` (at 0 until its first alert)."""
