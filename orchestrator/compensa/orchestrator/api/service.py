@@ -21,7 +21,6 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
-from compensa.common.contracts import ContractService
 from compensa.common.tracing import traceparent_in
 from compensa.orchestrator.api.admission import SagaAdmission
 from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
@@ -752,9 +751,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             contract=request.contract if request.HasField("contract") else None,
             clear_contract=request.clear_contract,
         )
-        answer = _participant_message(stored)
-        answer.contract_service = (await self._engine.participant_contracts()).get(request.name, _NO_CONTRACT).full_name
-        return orchestrator_pb2.SetParticipantResponse(participant=answer)
+        services = await self._engine.contract_services()
+        return orchestrator_pb2.SetParticipantResponse(
+            participant=_participant_message(stored, contract_service=services.get(request.name, ""))
+        )
 
     @_answer_errors
     async def ListParticipants(
@@ -765,18 +765,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         stored = await self._engine.refresh_participants()
         visible = await self._queries.visible_participants(None if self._access.open else self._caller(context))
         health = self._engine.participant_health
-        contracts = await self._engine.participant_contracts()
-        listed = [
-            _participant_message(participant, health.seen(participant.name, participant.address))
+        services = await self._engine.contract_services()
+        return orchestrator_pb2.ListParticipantsResponse(participants=[
+            _participant_message(
+                participant, health.seen(participant.name, participant.address), services.get(participant.name, "")
+            )
             for participant in stored
             if visible is None or participant.name in visible
-        ]
-        for participant in listed:
-            participant.contract_service = contracts.get(participant.name, _NO_CONTRACT).full_name
-        return orchestrator_pb2.ListParticipantsResponse(participants=listed)
+        ])
 
 
-_NO_CONTRACT = ContractService(full_name="", name="", file="", steps=())
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
 
@@ -788,7 +786,7 @@ def _check_address(address: str) -> None:
 
 
 def _participant_message(
-    stored: ParticipantAddress, seen: ProbeOutcome | None = None
+    stored: ParticipantAddress, seen: ProbeOutcome | None = None, contract_service: str = ""
 ) -> orchestrator_pb2.Participant:
     return orchestrator_pb2.Participant(
         name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
@@ -796,4 +794,5 @@ def _participant_message(
         health=seen.health if seen is not None else orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED,
         health_detail=seen.detail if seen is not None else "",
         unhealthy_since=timestamp(stored.unhealthy_since), alert_time=timestamp(stored.alerted_at),
+        contract_service=contract_service,
     )

@@ -229,6 +229,10 @@ class SagaEngine:
         stored = await self.store.participant_contracts()
         return {name: stored_contract(name, serialized) for name, serialized in stored.items()}
 
+    async def contract_services(self) -> dict[str, str]:
+        """The full name of each stored contract's service, by participant name."""
+        return {name: contract.full_name for name, contract in (await self.participant_contracts()).items()}
+
     async def refresh_participants(self) -> list[ParticipantAddress]:
         """Reads the stored participant addresses and calls them from now on."""
         stored = await self.store.list_participants()
