@@ -738,11 +738,23 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
             )
         _check_address(request.address)
+        if request.clear_contract and request.HasField("contract"):
+            raise InvalidArgument("give a contract or clear_contract, not both")
+        contract_size = request.contract.ByteSize()
+        if contract_size > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(f"contract is {contract_size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         if identity.definitions:
             named = await self._store.definition_participants()
             self._access.require_settable_participant(identity, request.name, named)
-        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
-        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+        stored = await self._engine.set_participant(
+            request.name, request.address, updated_by=actor or "unknown",
+            contract=request.contract if request.HasField("contract") else None,
+            clear_contract=request.clear_contract,
+        )
+        services = await self._engine.contract_services()
+        return orchestrator_pb2.SetParticipantResponse(
+            participant=_participant_message(stored, contract_service=services.get(request.name, ""))
+        )
 
     @_answer_errors
     async def ListParticipants(
@@ -753,8 +765,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         stored = await self._engine.refresh_participants()
         visible = await self._queries.visible_participants(None if self._access.open else self._caller(context))
         health = self._engine.participant_health
+        services = await self._engine.contract_services()
         return orchestrator_pb2.ListParticipantsResponse(participants=[
-            _participant_message(participant, health.seen(participant.name, participant.address))
+            _participant_message(
+                participant, health.seen(participant.name, participant.address), services.get(participant.name, "")
+            )
             for participant in stored
             if visible is None or participant.name in visible
         ])
@@ -771,7 +786,7 @@ def _check_address(address: str) -> None:
 
 
 def _participant_message(
-    stored: ParticipantAddress, seen: ProbeOutcome | None = None
+    stored: ParticipantAddress, seen: ProbeOutcome | None = None, contract_service: str = ""
 ) -> orchestrator_pb2.Participant:
     return orchestrator_pb2.Participant(
         name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
@@ -779,4 +794,5 @@ def _participant_message(
         health=seen.health if seen is not None else orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED,
         health_detail=seen.detail if seen is not None else "",
         unhealthy_since=timestamp(stored.unhealthy_since), alert_time=timestamp(stored.alerted_at),
+        contract_service=contract_service,
     )
