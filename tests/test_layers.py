@@ -32,6 +32,8 @@ PACKAGES = ("orchestrator", "participants")
 FACE = (
     "compensa.orchestrator.service",
     "compensa.orchestrator.views",
+    # Saved histories checked: a replay compared with the API's view of the saga.
+    "compensa.orchestrator.history_checks",
     "compensa.orchestrator.streams",
     "compensa.orchestrator.server",
     "compensa.orchestrator.cli",

@@ -29,6 +29,7 @@ from compensa.orchestrator.cli.output import (
     use_color,
 )
 from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.history_checks import history_file_text
 from compensa.orchestrator.records import done_for_good
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -87,7 +88,15 @@ def start(args: argparse.Namespace) -> int:
 
 
 def get(args: argparse.Namespace) -> int:
-    """`compensa get ID`: the saga and its steps."""
+    """`compensa get ID`: the saga and its steps; with --history, the history
+    file that replay reads."""
+    if args.history:
+        with open_channel(args) as channel:
+            history = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).GetSagaHistory(
+                orchestrator_pb2.GetSagaHistoryRequest(saga_id=args.saga_id), timeout=args.timeout
+            ).history
+        print(history_file_text(history))
+        return EXIT_OK
     return _print_answered_saga(
         args, lambda stub: stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout)
     )
