@@ -6,16 +6,19 @@ in flight against new definitions (`compensa plan`, PlanMigration)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
 from harness import CHECKOUT, Stack, checkout_stack, poll_until
 
+from compensa.orchestrator.definitions import load_definition_file
 from compensa.orchestrator.history_checks import check_history, read_history_file
 from compensa.participants.faults import FaultPlan
 from compensa.testing import assert_histories_replay
@@ -137,3 +140,190 @@ async def test_every_saga_of_a_mixed_run_replays_to_where_it_is(
     assert_histories_replay(files[:5], CHECKOUT)
     assert_histories_replay(files[5:], fragile_path)
     assert_histories_replay(files)
+
+
+def _versions(tmp_path: Path) -> dict[str, Path]:
+    """Definition files for the checkout's next version: one compatible with
+    sagas waiting on charge_card, one compatible once a step is renamed, and
+    one per way of being incompatible."""
+
+    def edited(name: str, change: Callable[[list[dict[str, Any]]], list[dict[str, Any]]]) -> Path:
+        definition = _checkout()
+        definition["description"] = f"checkout, {name}"
+        definition["steps"] = change(definition["steps"])
+        return _write(tmp_path, name, definition)
+
+    def step(steps: list[dict[str, Any]], name: str) -> dict[str, Any]:
+        return next(item for item in steps if item["name"] == name)
+
+    def compatible(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        step(steps, "ship_order")["retry"]["max_attempts"] = 6
+        return steps
+
+    def renamed(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        step(steps, "reserve_stock")["name"] = "hold_stock"
+        return steps
+
+    def participant(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        step(steps, "reserve_stock")["participant"] = "warehouse"
+        return steps
+
+    def retriable(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        reserve = step(steps, "reserve_stock")
+        reserve["kind"] = "RETRIABLE"
+        del reserve["compensate_timeout"], reserve["compensate_retry"]
+        return steps
+
+    def pivot_first(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for item in steps[:2]:
+            item["kind"] = "RETRIABLE"
+            del item["compensate_timeout"], item["compensate_retry"]
+        return [steps[2], *steps[:2]]
+
+    def screened(steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        screen = {"name": "screen_order", "participant": "fraud", "execute_timeout": "2s"}
+        return [steps[0], screen, *steps[1:]]
+
+    return {
+        "compatible": edited("compatible", compatible),
+        "renamed": edited("renamed", renamed),
+        "removed": edited("removed", lambda steps: steps[1:]),
+        "participant": edited("participant", participant),
+        "compensability": edited("compensability", retriable),
+        "pivot_first": edited("pivot_first", pivot_first),
+        "dependency": edited("dependency", screened),
+        "order": edited("order", lambda steps: [steps[1], steps[0], steps[2]]),
+    }
+
+
+async def _plan(stack: Stack, path: Path, *options: str) -> list[dict[str, Any]]:
+    planned = await _compensa("--address", stack.orchestrator.address, "plan", str(path), "--json", *options)
+    assert planned.returncode == 0, planned.stderr
+    return [json.loads(line) for line in planned.stdout.splitlines()]
+
+
+async def test_sagas_in_flight_classified_against_new_versions(
+    make_postgres_url: Callable[[], str], tmp_path: Path
+) -> None:
+    """Three checkouts wait on a held charge (reserve_stock done, charge_card
+    WAITING) and one has finished: `compensa plan` classifies the three
+    against each version, with the first diverging event and the reason, and
+    changes nothing."""
+    versions = _versions(tmp_path)
+    async with checkout_stack(make_postgres_url) as stack:
+        held = [await stack.start(card_token=f"review-{n}") for n in range(3)]
+        done = await stack.start()
+        await _until(stack, done, _final)
+        for saga_id in held:
+            await _until(stack, saga_id, _waiting)
+        before = {saga_id: await _state(stack, saga_id) for saga_id in (*held, done)}
+
+        expected_reasons = {
+            "removed": (2, "step 'reserve_stock' is not in the definition (if it was renamed, map it to its new name)"),
+            "renamed": (2, "step 'reserve_stock' is not in the definition (if it was renamed, map it to its new name)"),
+            "participant": (2, "step 'reserve_stock' ran on participant 'inventory'; the definition gives it to"
+                               " 'warehouse'"),
+            "compensability": (2, "step 'reserve_stock' ran as COMPENSABLE; the definition makes it RETRIABLE"),
+            "pivot_first": (2, "the log has STEP_STARTED of step 'reserve_stock' (attempt 1); the definition would"
+                               " have written STEP_STARTED of step 'ship_order' (attempt 1) (step 'reserve_stock'"
+                               " had started before the pivot 'ship_order', which the definition puts before it)"),
+            "dependency": (4, "the log has STEP_STARTED of step 'charge_card' (attempt 1); the definition would"
+                              " have written STEP_STARTED of step 'screen_order' (attempt 1) (step 'charge_card'"
+                              " started before 'screen_order', which it depends on there)"),
+            "order": (2, "the log has STEP_STARTED of step 'reserve_stock' (attempt 1); the definition would have"
+                         " written STEP_STARTED of step 'charge_card' (attempt 1) (step 'reserve_stock' started"
+                         " before 'charge_card', which it depends on there)"),
+        }
+        for kind, (sequence, reason) in expected_reasons.items():
+            response = await stack.stub.PlanMigration(
+                API.PlanMigrationRequest(definition=load_definition_file(versions[kind]))
+            )
+            assert sorted(plan.saga_id for plan in response.plans) == sorted(held), kind
+            for plan in response.plans:
+                assert plan.verdict == API.MIGRATION_VERDICT_INCOMPATIBLE, (kind, plan)
+                assert (plan.diverging_sequence, plan.reason) == (sequence, reason), kind
+
+        plans = await _plan(stack, versions["compatible"])
+        assert [plan["verdict"] for plan in plans] == ["MIGRATION_VERDICT_COMPATIBLE"] * 3
+        plans = await _plan(stack, versions["renamed"], "--map", "reserve_stock=hold_stock")
+        assert [(plan["verdict"], plan["reason"]) for plan in plans] == [
+            ("MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING", "with reserve_stock=hold_stock")
+        ] * 3
+        # Selection: by saga, state and version; the table says the same.
+        plans = await _plan(
+            stack, versions["compatible"], "--saga", held[1], "--state", "running", "--definition-version", "1"
+        )
+        assert [(plan["saga_id"], plan["definition_version"]) for plan in plans] == [(held[1], 1)]
+        table = await _compensa("--address", stack.orchestrator.address, "plan", str(versions["order"]))
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.splitlines()[0].split() == ["SAGA", "VERSION", "STATE", "VERDICT", "EVENT", "REASON"]
+        assert sum(line.split()[3] == "INCOMPATIBLE" for line in table.stdout.splitlines()[1:-1]) == 3
+        assert table.stdout.splitlines()[-1] == "incompatible: 3"
+        # `compensa replay --definition` names the same event.
+        replayed = await _compensa(
+            "--address", stack.orchestrator.address, "replay", held[0], "--definition", str(versions["dependency"])
+        )
+        assert replayed.returncode == 1, replayed.stdout + replayed.stderr
+        assert f"diverges at event 4: {expected_reasons['dependency'][1]}" in replayed.stdout
+
+        after = {saga_id: await _state(stack, saga_id) for saga_id in (*held, done)}
+        assert after == before, "planning changed a saga"
+
+
+async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
+    make_postgres_url: Callable[[], str], tmp_path: Path
+) -> None:
+    versions = _versions(tmp_path)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: checkout\nsteps: [unclosed\n")
+    async with checkout_stack(make_postgres_url) as stack:
+        held = await stack.start(card_token="review-bad-input")
+        await _until(stack, held, _waiting)
+        address = ("--address", stack.orchestrator.address)
+
+        async def refused(*args: str) -> str:
+            result = await _compensa(*address, *args)
+            assert result.returncode == 2, result.stdout + result.stderr
+            return result.stderr.strip()
+
+        assert await refused("replay", "no-such-saga") == "error: NOT_FOUND: saga 'no-such-saga' not found"
+        assert await refused("get", "no-such-saga", "--history") == "error: NOT_FOUND: saga 'no-such-saga' not found"
+        assert await refused("plan", str(versions["compatible"]), "--saga", "no-such-saga") == (
+            "error: NOT_FOUND: saga 'no-such-saga' not found"
+        )
+        assert await refused("plan", str(versions["renamed"]), "--map", "reserve_stock=nowhere") == (
+            "error: INVALID_ARGUMENT: step_mappings[0].new_step 'nowhere' is not a step of the new definition"
+            " (its steps: charge_card, hold_stock, ship_order)"
+        )
+        assert await refused("plan", str(versions["renamed"]), "--map", "nowhere=hold_stock") == (
+            "error: INVALID_ARGUMENT: step_mappings[0].old_step 'nowhere' is not a step of checkout version(s) 1"
+        )
+        assert await refused("plan", str(versions["compatible"]), "--map", "reserve_stock") == (
+            "error: compensa plan: argument --map: invalid mapping 'reserve_stock'; use OLD_STEP=NEW_STEP"
+            " (see compensa plan --help)"
+        )
+        unparsable = await refused("plan", str(broken))
+        assert unparsable.startswith(f"error: {broken}: ") and "YAML" in unparsable, unparsable
+        unparsable = await refused("replay", held, "--definition", str(broken))
+        assert unparsable.startswith(f"error: {broken}: "), unparsable
+
+        # The API itself: the same codes, and nothing read before the mapping is checked.
+        definition = load_definition_file(versions["renamed"])
+        calls: list[tuple[API.PlanMigrationRequest, grpc.StatusCode, str]] = [
+            (API.PlanMigrationRequest(definition=definition, step_mappings=[
+                API.StepMapping(old_step="reserve_stock", new_step="nowhere")]),
+             grpc.StatusCode.INVALID_ARGUMENT, "step_mappings[0].new_step 'nowhere'"),
+            (API.PlanMigrationRequest(definition=definition, state=S.SAGA_STATE_SUCCEEDED),
+             grpc.StatusCode.INVALID_ARGUMENT, "state must be RUNNING or COMPENSATING"),
+            (API.PlanMigrationRequest(), grpc.StatusCode.INVALID_ARGUMENT, "definition is required"),
+            (API.PlanMigrationRequest(definition=API.PlanMigrationRequest().definition),
+             grpc.StatusCode.INVALID_ARGUMENT, "definition"),
+        ]
+        unknown = API.PlanMigrationRequest(definition=definition)
+        unknown.definition.name = "nothing_registered"
+        calls.append((unknown, grpc.StatusCode.NOT_FOUND, "definition 'nothing_registered' is not registered"))
+        for request, code, text in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stack.stub.PlanMigration(request)
+            assert raised.value.code() == code, raised.value.details()
+            assert text in (raised.value.details() or ""), raised.value.details()

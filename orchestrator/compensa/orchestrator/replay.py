@@ -268,8 +268,7 @@ class _Replayer:
 
     def _first_cause(self, saga: SagaRecord, event: saga_pb2.SagaEvent, cursor: int) -> _Attempt:
         if event.step_name and event.step_name not in self.plan.steps:
-            hint = "" if self.renames else " (if it was renamed, map it to its new name)"
-            return _Attempt(None, 0, f"step {event.step_name!r} ({describe(event)}) is not in the definition{hint}")
+            return _Attempt(None, 0, self._not_in_definition(event.step_name))
         causes = _causes(event, self.outputs)
         if not causes:
             return _Attempt(None, 0, self._unexpected(saga, event))
@@ -301,13 +300,17 @@ class _Replayer:
             stored = self.events[at]
             if not _matches(stored, made):
                 if stored.step_name and stored.step_name not in self.plan.steps:
-                    return _Attempt(transition, offset, f"step {stored.step_name!r} is not in the definition")
+                    return _Attempt(transition, offset, self._not_in_definition(stored.step_name))
                 return _Attempt(
                     transition, offset,
                     f"the log has {describe(stored)}; the definition would have written {describe(made)}"
                     + self._why_not_started(saga, transition, offset, stored),
                 )
         return _Attempt(transition, len(transition.events), "")
+
+    def _not_in_definition(self, step: str) -> str:
+        hint = "" if step in self.original_names else " (if it was renamed, map it to its new name)"
+        return f"step {step!r} is not in the definition{hint}"
 
     def _why_not_started(
         self, saga: SagaRecord | None, transition: machine.Transition, offset: int, stored: saga_pb2.SagaEvent
