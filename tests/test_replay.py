@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from dashboard_rig import bearer, dashboard_rig
 from harness import CHECKOUT, Stack, checkout_stack, poll_until
 
 from compensa.orchestrator.definitions import load_definition_file
@@ -327,3 +328,32 @@ async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
                 await stack.stub.PlanMigration(request)
             assert raised.value.code() == code, raised.value.details()
             assert text in (raised.value.details() or ""), raised.value.details()
+
+
+async def test_history_and_plan_need_the_reader_role_and_the_definition_in_scope(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        rig.participant.script("execute", "reserve", ("sleep", 3.0))
+        await rig.begin("scope-1")
+        history = await rig.stub.GetSagaHistory(
+            API.GetSagaHistoryRequest(saga_id="scope-1"), metadata=bearer("reader")
+        )
+        assert history.history.saga.saga_id == "scope-1" and history.history.definition.name == "board"
+        definition = history.history.definition
+        plan = API.PlanMigrationRequest(definition=definition)
+        planned = await rig.stub.PlanMigration(plan, metadata=bearer("reader"))
+        assert [(item.saga_id, item.verdict) for item in planned.plans] == [
+            ("scope-1", API.MIGRATION_VERDICT_COMPATIBLE)
+        ]
+        for call in (
+            rig.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="scope-1"), metadata=bearer("elsewhere")),
+            rig.stub.PlanMigration(plan, metadata=bearer("elsewhere")),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "limited to other" in (refused.value.details() or ""), refused.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as nobody:
+            await rig.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="scope-1"))
+        assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED
