@@ -144,41 +144,42 @@ def describe(event: saga_pb2.SagaEvent | LogEvent) -> str:
     return text
 
 
-def _error_in(message: str) -> str:
-    """The participant's error in "retries exhausted after 3 attempts: ERROR"."""
-    return message.partition(": ")[2] or message
-
-
-def _causes(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> list[machine.Event]:
-    """The inputs that could have made the transition that `event` opens,
-    most likely first."""
+def _cause(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> machine.Event | None:
+    """The input that made the transition `event` opens; None if no input
+    starts a transition with such an event."""
     step, text = event.step_name, event.message
     match event.type:
         case E.EVENT_TYPE_STEP_SUCCEEDED:
-            return [machine.ExecuteSucceeded(step, outputs.get(step))]
+            return machine.ExecuteSucceeded(step, outputs.get(step))
         case E.EVENT_TYPE_STEP_WAITING:
-            return [machine.ExecutePending(step)]
+            return machine.ExecutePending(step)
         case E.EVENT_TYPE_STEP_RETRY_SCHEDULED:
-            return [machine.ExecuteErrored(step, text)]
+            return machine.ExecuteErrored(step, text)
         case E.EVENT_TYPE_STEP_FAILED:
-            return [
-                machine.ExecuteFailed(step, text), machine.ExecuteErrored(step, _error_in(text)), machine.TimerFired(),
-            ]
+            # The reason tells a business failure from one after errors or a
+            # timeout, whose effect is unknown (a business reason written
+            # exactly like the machine's own would be read as the machine's).
+            if text == machine.STEP_TIMED_OUT:
+                return machine.TimerFired()
+            gave_up = machine.GAVE_UP_AFTER_ERRORS.match(text)
+            if gave_up:
+                return machine.ExecuteErrored(step, text[gave_up.end():])
+            return machine.ExecuteFailed(step, text)
         case E.EVENT_TYPE_COMPENSATION_STARTED:
-            return [machine.TimerFired()]
+            return machine.TimerFired()
         case E.EVENT_TYPE_STEP_COMPENSATED:
-            return [machine.CompensateSucceeded(step)]
+            return machine.CompensateSucceeded(step)
         case E.EVENT_TYPE_STEP_COMPENSATE_RETRY_SCHEDULED:
-            return [machine.CompensateErrored(step, text)]
+            return machine.CompensateErrored(step, text)
         case E.EVENT_TYPE_STEP_COMPENSATION_FAILED:
-            return [machine.CompensateErrored(step, _error_in(text))]
+            return machine.CompensateErrored(step, text.partition(": ")[2])
         case E.EVENT_TYPE_CANCEL_REQUESTED:
-            return [machine.CancelRequested(event.actor, text)]
+            return machine.CancelRequested(event.actor, text)
         case E.EVENT_TYPE_OPERATOR_RETRIED:
-            return [machine.RetryRequested(event.actor, text)]
+            return machine.RetryRequested(event.actor, text)
         case E.EVENT_TYPE_OPERATOR_RESOLVED:
-            return [machine.ResolveRequested(event.actor, text)]
-    return []
+            return machine.ResolveRequested(event.actor, text)
+    return None
 
 
 def _matches(stored: saga_pb2.SagaEvent, made: LogEvent) -> bool:
@@ -269,23 +270,16 @@ class _Replayer:
     def _first_cause(self, saga: SagaRecord, event: saga_pb2.SagaEvent, cursor: int) -> _Attempt:
         if event.step_name and event.step_name not in self.plan.steps:
             return _Attempt(None, 0, self._not_in_definition(event.step_name))
-        causes = _causes(event, self.outputs)
-        if not causes:
+        cause = _cause(event, self.outputs)
+        if cause is None:
             return _Attempt(None, 0, self._unexpected(saga, event))
-        best: _Attempt | None = None
-        for cause in causes:
-            try:
-                transition = machine.decide(self.plan, saga, cause, _seconds(event.time))
-            except machine.IllegalTransition as error:
-                attempt = _Attempt(None, 0, f"the definition refuses {describe(event)}: {error}")
-            else:
-                attempt = self._try(saga, transition, cursor)
-            if attempt.transition is not None and attempt.matched == len(attempt.transition.events):
-                return attempt
-            if best is None or attempt.matched > best.matched:
-                best = attempt
-        assert best is not None
-        return best
+        try:
+            transition = machine.decide(self.plan, saga, cause, _seconds(event.time))
+        except machine.IllegalTransition as error:
+            return _Attempt(None, 0, f"the definition refuses {describe(event)}: {error}")
+        if not transition.changed:
+            return _Attempt(None, 0, self._unexpected(saga, event))
+        return self._try(saga, transition, cursor)
 
     def _try(self, saga: SagaRecord | None, transition: machine.Transition, cursor: int) -> _Attempt:
         """How many of the transition's events the log has from `cursor` on,
