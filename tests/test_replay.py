@@ -244,8 +244,9 @@ async def test_sagas_in_flight_classified_against_new_versions(
                 assert plan.verdict == API.MIGRATION_VERDICT_INCOMPATIBLE, (kind, plan)
                 assert (plan.diverging_sequence, plan.reason) == (sequence, reason), kind
 
-        plans = await _plan(stack, versions["compatible"])
+        plans = await _plan(stack, versions["compatible"], "--page-size", "1")  # a page per saga
         assert [plan["verdict"] for plan in plans] == ["MIGRATION_VERDICT_COMPATIBLE"] * 3
+        assert sorted(plan["saga_id"] for plan in plans) == sorted(held)
         plans = await _plan(stack, versions["renamed"], "--map", "reserve_stock=hold_stock")
         assert [(plan["verdict"], plan["reason"]) for plan in plans] == [
             ("MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING", "with reserve_stock=hold_stock")

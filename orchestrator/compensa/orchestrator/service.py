@@ -353,6 +353,30 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def _page_key(self) -> bytes:
         return self._engine.token_key
 
+    def _resumed_at(self, query: list[Any], page_token: str) -> tuple[float, str] | None:
+        """Where a list of sagas goes on: after the (created_at, saga_id) in
+        `page_token`, issued for this very `query`; None from the start."""
+        if not page_token:
+            return None
+        position = read_page_token(self._page_key(), query, page_token)
+        return (float(position[0]), str(position[1]))
+
+    async def _sagas_after(
+        self, after: tuple[float, str] | None, *, state: int, definition_name: str, updated_before: float | None,
+        chunk: int,
+    ) -> AsyncGenerator[records.SagaRecord, None]:
+        """Sagas newest first from `after` on, read `chunk` at a time."""
+        while True:
+            sagas = await self._store.list_sagas(
+                state=state, definition_name=definition_name, updated_before=updated_before, page_size=chunk,
+                after=after,
+            )
+            for saga in sagas:
+                yield saga
+            if len(sagas) < chunk:
+                return
+            after = (sagas[-1].created_at, sagas[-1].saga_id)
+
     # -- sagas
 
     @_answer_errors
@@ -440,23 +464,15 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.HasField("stuck_for"):
             updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
         query = ["ListSagas", request.state, definition_name, _stuck_query(request)]
-        after: tuple[float, str] | None = None
-        if request.page_token:
-            position = read_page_token(self._page_key(), query, request.page_token)
-            after = (float(position[0]), str(position[1]))
+        listed = self._sagas_after(
+            self._resumed_at(query, request.page_token), state=request.state, definition_name=definition_name,
+            updated_before=updated_before, chunk=min(page_size + 1, _PAGE_READ_CHUNK),
+        )
 
         async def sagas() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_sagas(
-                    state=request.state, definition_name=definition_name, updated_before=updated_before,
-                    page_size=min(page_size + 1, _PAGE_READ_CHUNK), after=cursor,
-                )
-                for saga in chunk:
+            async with contextlib.aclosing(listed):
+                async for saga in listed:
                     yield await self._saga_view(saga), [saga.created_at, saga.saga_id]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = (chunk[-1].created_at, chunk[-1].saga_id)
 
         page, last = await _fill_page(sagas(), page_size)
         return orchestrator_pb2.ListSagasResponse(
@@ -498,25 +514,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             plans = [classify(await self._history(saga), new, renames) for saga in chosen]
             return orchestrator_pb2.PlanMigrationResponse(plans=plans)
         query = ["PlanMigration", name, request.definition_version, request.state]
-        after: tuple[float, str] | None = None
-        if request.page_token:
-            position = read_page_token(self._page_key(), query, request.page_token)
-            after = (float(position[0]), str(position[1]))
+        listed = self._sagas_after(
+            self._resumed_at(query, request.page_token), state=request.state, definition_name=name,
+            updated_before=None, chunk=_PAGE_READ_CHUNK,
+        )
 
         async def planned() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_sagas(
-                    state=request.state, definition_name=name, updated_before=None,
-                    page_size=_PAGE_READ_CHUNK, after=cursor,
-                )
-                for saga in chunk:
+            async with contextlib.aclosing(listed):
+                async for saga in listed:
                     in_flight = saga.state in records.ACTIVE_SAGA_STATES
                     if in_flight and request.definition_version in (0, saga.definition_version):
                         yield classify(await self._history(saga), new, renames), [saga.created_at, saga.saga_id]
-                if len(chunk) < _PAGE_READ_CHUNK:
-                    return
-                cursor = (chunk[-1].created_at, chunk[-1].saga_id)
 
         page, last = await _fill_page(planned(), page_size)
         return orchestrator_pb2.PlanMigrationResponse(
