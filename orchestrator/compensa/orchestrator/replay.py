@@ -30,9 +30,10 @@ __all__ = ["Divergence", "ReplayOutcome", "history_of", "replay_history", "saga_
 #: Times the history carries as Timestamps come back within this of the
 #: stored floats (a Timestamp holds whole nanoseconds, a float does not).
 _TIME_TOLERANCE_SECONDS = 1e-6
-#: Events that record something beside the machine's decisions: a replica
-#: taking the saga over, and an alert for a saga that stopped moving (an
-#: alert the machine raises always follows another event of its transition).
+#: Events that record something beside the machine's decisions, when one
+#: opens a transition: a replica taking the saga over, and an alert for a saga
+#: that stopped moving (an alert the machine raises always follows another
+#: event of its transition, where it is compared like any other).
 _NOTES = frozenset({E.EVENT_TYPE_TAKEN_OVER, E.EVENT_TYPE_ALERT_RAISED})
 
 
@@ -202,7 +203,8 @@ def _kind_name(kind: int) -> str:
 
 @dataclass
 class _Attempt:
-    """One candidate cause of a transition and how far its events matched."""
+    """A transition replayed from one stored event on (None: none could be),
+    how many of its events the log has, and why not all."""
 
     transition: machine.Transition | None
     matched: int
@@ -252,7 +254,7 @@ class _Replayer:
                 cursor += 1
                 continue
             else:
-                attempt = self._first_cause(saga, event, cursor)
+                attempt = self._caused_by(saga, event, cursor)
             if attempt.transition is None or attempt.matched < len(attempt.transition.events):
                 return self._diverged(saga, cursor + attempt.matched, attempt.reason)
             changed = self._changed_step_among(cursor, cursor + attempt.matched)
@@ -267,7 +269,7 @@ class _Replayer:
         sequence = self.events[at].sequence if at < len(self.events) else (self.events[-1].sequence + 1)
         return ReplayOutcome(saga, self.plan, Divergence(sequence, reason), at)
 
-    def _first_cause(self, saga: SagaRecord, event: saga_pb2.SagaEvent, cursor: int) -> _Attempt:
+    def _caused_by(self, saga: SagaRecord, event: saga_pb2.SagaEvent, cursor: int) -> _Attempt:
         if event.step_name and event.step_name not in self.plan.steps:
             return _Attempt(None, 0, self._not_in_definition(event.step_name))
         cause = _cause(event, self.outputs)
