@@ -667,7 +667,9 @@ class PlanMigrationRequest(_message.Message):
 
     @_builtins.property
     def saga_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these sagas (at most 1000); empty means every saga selected above."""
+        """Only these sagas (at most 1000), all planned in one response (page_size
+        and page_token then play no part); empty means every saga selected above.
+        """
 
     @_builtins.property
     def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]:

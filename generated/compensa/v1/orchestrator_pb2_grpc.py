@@ -244,7 +244,9 @@ class OrchestratorServiceServicer:
         those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
         naming a step that exists in no selected version, or not in the new
         definition, checked before any saga is read; a state that is not in
-        flight), NOT_FOUND (no definition of that name is registered).
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,7 +95,9 @@ class OrchestratorServiceStub:
     those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
     naming a step that exists in no selected version, or not in the new
     definition, checked before any saga is read; a state that is not in
-    flight), NOT_FOUND (no definition of that name is registered).
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
     """
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
@@ -224,7 +226,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
     naming a step that exists in no selected version, or not in the new
     definition, checked before any saga is read; a state that is not in
-    flight), NOT_FOUND (no definition of that name is registered).
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
     """
     CancelSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
@@ -386,7 +390,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
         naming a step that exists in no selected version, or not in the new
         definition, checked before any saga is read; a state that is not in
-        flight), NOT_FOUND (no definition of that name is registered).
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
         """
 
     @_abc_1.abstractmethod

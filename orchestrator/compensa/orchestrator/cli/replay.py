@@ -14,6 +14,7 @@ from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_DIVERGED, EXIT_OK
 from compensa.orchestrator.cli.output import json_dict, json_line
 from compensa.orchestrator.definitions import load_definition_file
+from compensa.orchestrator.errors import CompensaError
 from compensa.orchestrator.history_checks import check_history
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -26,6 +27,8 @@ def _definition(path: Path, proto_modules: list[str]) -> definition_pb2.SagaDefi
 def replay(args: argparse.Namespace) -> int:
     """`compensa replay ID [--definition FILE]`: the saga's log through the
     machine; exit 1 if it diverges (or, under its own version, ends elsewhere)."""
+    if args.map and not args.definition:
+        raise CompensaError("--map renames steps for --definition FILE; give the file too")
     definition = _definition(args.definition, args.proto_module) if args.definition else None
     renames = dict(args.map)
     with open_channel(args) as channel:
