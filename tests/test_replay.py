@@ -128,10 +128,11 @@ async def test_every_saga_of_a_mixed_run_replays_to_where_it_is(
 
         # The CLI: replay through the API, and saved histories checked offline.
         files = []
-        for saga_id in every:
+        for saga_id in (cancelled, broken):
             replayed = await _compensa("--address", stack.orchestrator.address, "replay", saga_id)
             assert replayed.returncode == 0, replayed.stdout + replayed.stderr
             assert "replays to where it is" in replayed.stdout
+        for saga_id in every:
             saved = await _compensa("--address", stack.orchestrator.address, "get", saga_id, "--history")
             assert saved.returncode == 0, saved.stderr
             path = tmp_path / f"{saga_id}.json"
