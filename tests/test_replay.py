@@ -322,6 +322,14 @@ async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
             (API.PlanMigrationRequest(definition=API.PlanMigrationRequest().definition),
              grpc.StatusCode.INVALID_ARGUMENT, "definition"),
         ]
+        calls += [
+            (API.PlanMigrationRequest(definition=definition, page_token="not-issued"),
+             grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+            (API.PlanMigrationRequest(definition=definition, saga_ids=["no spaces allowed"]),
+             grpc.StatusCode.INVALID_ARGUMENT, "saga_ids[0] must be 1-128 characters"),
+            (API.PlanMigrationRequest(definition=definition, definition_version=-1),
+             grpc.StatusCode.INVALID_ARGUMENT, "definition_version must be 0 (any) or positive"),
+        ]
         unknown = API.PlanMigrationRequest(definition=definition)
         unknown.definition.name = "nothing_registered"
         calls.append((unknown, grpc.StatusCode.NOT_FOUND, "definition 'nothing_registered' is not registered"))
@@ -330,6 +338,9 @@ async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
                 await stack.stub.PlanMigration(request)
             assert raised.value.code() == code, raised.value.details()
             assert text in (raised.value.details() or ""), raised.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stack.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="no spaces allowed"))
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 async def test_history_and_plan_need_the_reader_role_and_the_definition_in_scope(
