@@ -16,7 +16,7 @@ from compensa.orchestrator.definitions import validate_definition
 from compensa.orchestrator.history_checks import check_history
 from compensa.orchestrator.migration_plan import classify
 from compensa.orchestrator.records import LogEvent, SagaRecord
-from compensa.orchestrator.replay import history_of, replay_history
+from compensa.orchestrator.replay import Divergence, history_of, replay_history
 from compensa.orchestrator.store import StoredEvent
 from compensa.orchestrator.views import event_message, saga_message
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
@@ -176,6 +176,12 @@ def test_a_log_that_is_not_what_the_machine_decides_is_found_at_its_first_wrong_
         "the definition would also have written SAGA_COMPENSATED: step 'charge' failed: card declined,"
         " which the log does not have"
     )
+
+    empty = orchestrator_pb2.SagaHistory()
+    empty.CopyFrom(history)
+    del empty.events[:]
+    nothing = check_history(empty)
+    assert nothing.divergence == Divergence(1, "the log is empty: it has no SAGA_STARTED")
 
     elsewhere = orchestrator_pb2.SagaHistory()
     elsewhere.CopyFrom(history)

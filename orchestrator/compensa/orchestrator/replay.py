@@ -239,6 +239,8 @@ class _Replayer:
         return renamed
 
     def run(self) -> ReplayOutcome:
+        if not self.events:
+            return ReplayOutcome(None, self.plan, Divergence(1, "the log is empty: it has no SAGA_STARTED"), 0)
         saga: SagaRecord | None = None
         cursor = 0
         while cursor < len(self.events):
