@@ -359,14 +359,15 @@ async def test_history_and_plan_need_the_reader_role_and_the_definition_in_scope
         assert [(item.saga_id, item.verdict) for item in planned.plans] == [
             ("scope-1", API.MIGRATION_VERDICT_COMPATIBLE)
         ]
-        for call in (
-            rig.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="scope-1"), metadata=bearer("elsewhere")),
-            rig.stub.PlanMigration(plan, metadata=bearer("elsewhere")),
-        ):
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await call
-            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "limited to other" in (refused.value.details() or ""), refused.value.details()
+        # A caller limited to other definitions: the saga is not there for it
+        # (as for GetSaga), and planning its definition is refused.
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await rig.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="scope-1"), metadata=bearer("elsewhere"))
+        assert (hidden.value.code(), hidden.value.details()) == (grpc.StatusCode.NOT_FOUND, "saga 'scope-1' not found")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await rig.stub.PlanMigration(plan, metadata=bearer("elsewhere"))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "limited to other" in (refused.value.details() or ""), refused.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as nobody:
             await rig.stub.GetSagaHistory(API.GetSagaHistoryRequest(saga_id="scope-1"))
         assert nobody.value.code() == grpc.StatusCode.UNAUTHENTICATED
