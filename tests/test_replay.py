@@ -19,8 +19,8 @@ import yaml
 from dashboard_rig import bearer, dashboard_rig
 from harness import CHECKOUT, Stack, checkout_stack, poll_until
 
+from compensa.orchestrator.api.history_checks import check_history, read_history_file
 from compensa.orchestrator.definitions import load_definition_file
-from compensa.orchestrator.history_checks import check_history, read_history_file
 from compensa.participants.faults import FaultPlan
 from compensa.testing import assert_histories_replay
 from compensa.v1 import orchestrator_pb2, saga_pb2

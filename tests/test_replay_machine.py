@@ -10,15 +10,15 @@ from dataclasses import dataclass, field
 from google.protobuf import any_pb2, duration_pb2
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the input_type the definitions name)
-from compensa.orchestrator import machine
-from compensa.orchestrator.alerts import stuck_alert
+from compensa.orchestrator.api.history_checks import check_history
+from compensa.orchestrator.api.views import event_message, saga_message
 from compensa.orchestrator.definitions import validate_definition
-from compensa.orchestrator.history_checks import check_history
-from compensa.orchestrator.migration_plan import classify
-from compensa.orchestrator.records import LogEvent, SagaRecord
-from compensa.orchestrator.replay import Divergence, history_of, replay_history
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.alerts import stuck_alert
+from compensa.orchestrator.engine.migration_plan import classify
+from compensa.orchestrator.engine.replay import Divergence, history_of, replay_history
+from compensa.orchestrator.shared.records import LogEvent, SagaRecord
 from compensa.orchestrator.store import StoredEvent
-from compensa.orchestrator.views import event_message, saga_message
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 D = definition_pb2

@@ -40,10 +40,10 @@ from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from compensa.orchestrator.api.history_checks import HistoryCheck, check_history, read_history_file
 from compensa.orchestrator.client import SagaClient
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import load_definition_file
-from compensa.orchestrator.history_checks import HistoryCheck, check_history, read_history_file
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.sdk import Participant
 from compensa.participants.serving import RunningParticipant, create_participant_engine, start_server

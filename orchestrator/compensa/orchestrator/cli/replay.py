@@ -9,13 +9,13 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from compensa.orchestrator import payloads
+from compensa.orchestrator.api.history_checks import check_history
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_DIVERGED, EXIT_OK
 from compensa.orchestrator.cli.output import json_dict, json_line
 from compensa.orchestrator.definitions import load_definition_file
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.history_checks import check_history
+from compensa.orchestrator.shared import payloads
+from compensa.orchestrator.shared.errors import CompensaError
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
-from compensa.orchestrator import machine
-from compensa.orchestrator.records import E, LogEvent, SagaRecord
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared.records import E, LogEvent, SagaRecord
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 __all__ = ["Divergence", "ReplayOutcome", "history_of", "replay_history", "saga_differences"]

@@ -21,9 +21,9 @@ from pathlib import Path
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from compensa.orchestrator.errors import InvalidArgument
-from compensa.orchestrator.replay import Divergence, replay_history, saga_differences
-from compensa.orchestrator.views import saga_message
+from compensa.orchestrator.api.views import saga_message
+from compensa.orchestrator.engine.replay import Divergence, replay_history, saga_differences
+from compensa.orchestrator.shared.errors import InvalidArgument
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 __all__ = ["HISTORY_FORMAT", "HistoryCheck", "check_history", "history_file_text", "read_history_file"]

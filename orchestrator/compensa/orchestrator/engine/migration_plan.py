@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from compensa.orchestrator.errors import InvalidArgument, quote
-from compensa.orchestrator.records import ACTIVE_SAGA_STATES, state_name
-from compensa.orchestrator.replay import replay_history
+from compensa.orchestrator.engine.replay import replay_history
+from compensa.orchestrator.shared.errors import InvalidArgument, quote
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES, state_name
 from compensa.v1 import definition_pb2, orchestrator_pb2
 
 __all__ = ["check_step_mappings", "classify"]
