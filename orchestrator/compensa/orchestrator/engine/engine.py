@@ -35,8 +35,16 @@ from compensa.orchestrator.engine.participant_health import ParticipantHealthWat
 from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.engine.tracing import SagaTracing
 from compensa.orchestrator.engine.writer import TransitionWriter
-from compensa.orchestrator.shared import logs, records
-from compensa.orchestrator.shared.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
+from compensa.orchestrator.shared import logs, payloads, records
+from compensa.orchestrator.shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreUnavailable,
+    definition_not_registered,
+    quote,
+    saga_not_found,
+)
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import (
@@ -109,6 +117,18 @@ def _external_cause(event: machine.Event) -> str:
 class _Driving:
     epoch: int
     task: asyncio.Task[None]
+
+
+@dataclass(frozen=True)
+class StartedSaga:
+    """What a StartSaga did: the saga (new, or the one its id already named),
+    the plan of its definition version, and the fingerprint of the request
+    that created it (this request's own when `created`)."""
+
+    saga: records.SagaRecord
+    plan: machine.Plan
+    created: bool
+    fingerprint: str
 
 
 class SagaEngine:
@@ -407,6 +427,50 @@ class SagaEngine:
             self._scheduler_wake.set()
 
     # -- starting and external events
+
+    async def start_saga(
+        self,
+        definition_name: str,
+        definition_version: int,
+        saga_id: str,
+        input: any_pb2.Any,
+        request_fingerprint: str,
+        *,
+        caller_trace_parent: str | None = None,
+    ) -> StartedSaga:
+        """Starts a saga of `definition_name` at `definition_version` (0: the
+        latest) with `input`, or finds the one `saga_id` already names. NotFound
+        for a definition or version not registered (saying which versions
+        are); InvalidArgument for an input the definition does not take."""
+        plan = await self.find_plan(definition_name, definition_version)
+        if plan is None:
+            raise await self.definition_not_found(definition_name, definition_version)
+        definition = plan.definition
+        if not input.type_url:
+            raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
+        size = input.ByteSize()
+        if size > self.config.max_payload_bytes:
+            raise InvalidArgument(f"input is {size} bytes; the limit is {self.config.max_payload_bytes} bytes")
+        given = payloads.type_name_of(input)
+        if given != definition.input_type:
+            raise InvalidArgument(f"input must be a {definition.input_type}, got {quote(given or input.type_url)}")
+        payloads.unpack(input, payloads.pool_of(definition), field="input")
+        saga, created, fingerprint = await self.create(
+            plan, saga_id, input.SerializeToString(deterministic=True), request_fingerprint,
+            caller_trace_parent=caller_trace_parent,
+        )
+        return StartedSaga(saga, plan, created, fingerprint)
+
+    async def definition_not_found(self, name: str, version: int) -> NotFound:
+        """What to say when `name` at `version` (0: the latest) is not registered:
+        that the name is not, or which versions of it are."""
+        latest = await self.store.get_definition(name, 0) if version else None
+        if latest is None:
+            return definition_not_registered(name)
+        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
+        return NotFound(
+            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
+        )
 
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str,
