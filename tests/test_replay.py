@@ -332,7 +332,9 @@ async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
         ]
         unknown = API.PlanMigrationRequest(definition=definition)
         unknown.definition.name = "nothing_registered"
-        calls.append((unknown, grpc.StatusCode.NOT_FOUND, "definition 'nothing_registered' is not registered"))
+        calls.append(
+            (unknown, grpc.StatusCode.NOT_FOUND, "definition 'nothing_registered' not found; register it first")
+        )
         for request, code, text in calls:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 await stack.stub.PlanMigration(request)

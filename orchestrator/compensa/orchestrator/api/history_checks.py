@@ -24,7 +24,8 @@ from google.protobuf.message import DecodeError
 from compensa.orchestrator.api.views import saga_message
 from compensa.orchestrator.engine.replay import Divergence, replay_history, saga_differences
 from compensa.orchestrator.shared.errors import InvalidArgument
-from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
+from compensa.orchestrator.shared.timeline import saga_state_name
+from compensa.v1 import definition_pb2, orchestrator_pb2
 
 __all__ = ["HISTORY_FORMAT", "HistoryCheck", "check_history", "history_file_text", "read_history_file"]
 
@@ -88,7 +89,7 @@ def history_file_text(history: orchestrator_pb2.SagaHistory) -> str:
             "saga_id": saga.saga_id,
             "definition": saga.definition_name,
             "definition_version": saga.definition_version,
-            "state": saga_pb2.SagaState.Name(saga.state).removeprefix("SAGA_STATE_"),
+            "state": saga_state_name(saga.state),
             "events": [
                 json_format.MessageToDict(event, preserving_proto_field_name=True) for event in history.events
             ],

@@ -41,7 +41,7 @@ from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.engine.participant_health import ProbeOutcome
 from compensa.orchestrator.engine.replay import history_of
 from compensa.orchestrator.engine.tokens import parse_completion_token
-from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared import records, timeline
 from compensa.orchestrator.shared.errors import (
     AlreadyExists,
     CompensaError,
@@ -554,8 +554,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """The registered versions of `name` sagas may run on: `version`, or all of them (0)."""
         latest = await self._store.get_definition(name, version)
         if latest is None:
-            what = f"definition {quote(name)}" + (f" version {version}" if version else "")
-            raise NotFound(f"{what} is not registered: there are no sagas of it to plan")
+            raise await self._engine.definition_not_found(name, version)
         if version:
             return [latest]
         found = [latest]
@@ -585,8 +584,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 )
             if request.state and saga.state != request.state:
                 raise InvalidArgument(
-                    f"saga {quote(saga_id)} is {records.state_name(saga.state)}, not"
-                    f" {records.state_name(request.state)}"
+                    f"saga {quote(saga_id)} is {timeline.saga_state_name(saga.state)}, not"
+                    f" {timeline.saga_state_name(request.state)}"
                 )
             chosen.append(saga)
         return chosen

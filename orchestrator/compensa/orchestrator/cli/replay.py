@@ -12,10 +12,11 @@ from pathlib import Path
 from compensa.orchestrator.api.history_checks import check_history
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_DIVERGED, EXIT_OK
-from compensa.orchestrator.cli.output import json_dict, json_line
+from compensa.orchestrator.cli.output import json_line
 from compensa.orchestrator.definitions import load_definition_file
 from compensa.orchestrator.shared import payloads
 from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 
@@ -89,7 +90,7 @@ def _verdict_name(verdict: int) -> str:
 
 
 def _plan_row(planned: orchestrator_pb2.SagaMigrationPlan, verdict: str) -> str:
-    state = str(json_dict(planned).get("state", "")).removeprefix("SAGA_STATE_")
+    state = saga_state_name(planned.state)
     event = str(planned.diverging_sequence) if planned.diverging_sequence else "-"
     return (
         f"{planned.saga_id:<40} {planned.definition_version:>7} {state:<12} {verdict:<24} {event:>5}  {planned.reason}"

@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 
 from compensa.orchestrator.engine.replay import replay_history
 from compensa.orchestrator.shared.errors import InvalidArgument, quote
-from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES, state_name
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, orchestrator_pb2
 
 __all__ = ["check_step_mappings", "classify"]
@@ -68,7 +69,7 @@ def classify(
     )
     if saga.state not in ACTIVE_SAGA_STATES:
         plan.verdict = INCOMPATIBLE
-        plan.reason = f"the saga is {state_name(saga.state)}: only a saga in flight moves to another version"
+        plan.reason = f"the saga is {saga_state_name(saga.state)}: only a saga in flight moves to another version"
         return plan
     outcome = replay_history(history, new, renames=renames)
     if outcome.divergence is not None:
