@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from compensa.v1 import contract_pb2 as _contract_pb2
 from compensa.v1 import definition_pb2 as _definition_pb2
 from compensa.v1 import saga_pb2 as _saga_pb2
 from google.protobuf import any_pb2 as _any_pb2
@@ -79,6 +80,32 @@ PARTICIPANT_HEALTH_FAILING: ParticipantHealth.ValueType  # 2
 PARTICIPANT_HEALTH_UNKNOWN: ParticipantHealth.ValueType  # 3
 """It does not serve grpc.health.v1 (UNIMPLEMENTED): never alerted."""
 Global___ParticipantHealth: _TypeAlias = ParticipantHealth  # noqa: Y015
+
+class _MigrationVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MigrationVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MigrationVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIGRATION_VERDICT_UNSPECIFIED: _MigrationVerdict.ValueType  # 0
+    MIGRATION_VERDICT_COMPATIBLE: _MigrationVerdict.ValueType  # 1
+    """Every decision already taken is one the new definition would have taken."""
+    MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING: _MigrationVerdict.ValueType  # 2
+    """Compatible once steps are renamed by the request's step_mappings."""
+    MIGRATION_VERDICT_INCOMPATIBLE: _MigrationVerdict.ValueType  # 3
+    """The new definition would have decided otherwise: see the reason."""
+
+class MigrationVerdict(_MigrationVerdict, metaclass=_MigrationVerdictEnumTypeWrapper):
+    """What replaying a saga's history against a new definition concluded."""
+
+MIGRATION_VERDICT_UNSPECIFIED: MigrationVerdict.ValueType  # 0
+MIGRATION_VERDICT_COMPATIBLE: MigrationVerdict.ValueType  # 1
+"""Every decision already taken is one the new definition would have taken."""
+MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING: MigrationVerdict.ValueType  # 2
+"""Compatible once steps are renamed by the request's step_mappings."""
+MIGRATION_VERDICT_INCOMPATIBLE: MigrationVerdict.ValueType  # 3
+"""The new definition would have decided otherwise: see the reason."""
+Global___MigrationVerdict: _TypeAlias = MigrationVerdict  # noqa: Y015
 
 class _CompletionResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -217,6 +244,7 @@ class Participant(_message.Message):
     HEALTH_DETAIL_FIELD_NUMBER: _builtins.int
     UNHEALTHY_SINCE_FIELD_NUMBER: _builtins.int
     ALERT_TIME_FIELD_NUMBER: _builtins.int
+    CONTRACT_SERVICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name definitions use (`participant: payment`): letters, digits, '.',
     '_' and '-', at most 64.
@@ -229,6 +257,10 @@ class Participant(_message.Message):
     """What the last probe of the replica that answered saw (ListParticipants)."""
     health_detail: _builtins.str
     """The last failed probe's error, when `health` is FAILING."""
+    contract_service: _builtins.str
+    """The full name of its stored contract's service (SetParticipantRequest.contract);
+    empty when it has none.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -252,10 +284,11 @@ class Participant(_message.Message):
         health_detail: _builtins.str = ...,
         unhealthy_since: _timestamp_pb2.Timestamp | None = ...,
         alert_time: _timestamp_pb2.Timestamp | None = ...,
+        contract_service: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert_time", b"alert_time", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "health", b"health", "health_detail", b"health_detail", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "contract_service", b"contract_service", "health", b"health", "health_detail", b"health_detail", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,19 +301,35 @@ class SetParticipantRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CONTRACT_FIELD_NUMBER: _builtins.int
+    CLEAR_CONTRACT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     actor: _builtins.str
+    clear_contract: _builtins.bool
+    """Removes the stored contract (with `contract` unset): the participant is
+    then checked at run time only.
+    """
+    @_builtins.property
+    def contract(self) -> _contract_pb2.ParticipantContract:
+        """The participant's contract (contract.proto), checked against every
+        registered definition that names the participant: a contract they do
+        not fit is refused with FAILED_PRECONDITION, and from then on so is a
+        definition that does not fit it. Unset: the stored contract stays.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         address: _builtins.str = ...,
         actor: _builtins.str = ...,
+        contract: _contract_pb2.ParticipantContract | None = ...,
+        clear_contract: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -511,6 +560,228 @@ class ListSagasResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListSagasResponse: _TypeAlias = ListSagasResponse  # noqa: Y015
+
+@_typing.final
+class SagaHistory(_message.Message):
+    """A saga as stored with its whole event log and the definition version it
+    runs on: what replaying it needs, offline too (`compensa get --history`
+    writes it as JSON, compensa.testing reads it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.SagaEvent]:
+        """Every event of the saga, by sequence: 1 to saga.sequence."""
+
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The version the saga runs on, normalized as registered."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+        events: _abc.Iterable[_saga_pb2.SagaEvent] | None = ...,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "events", b"events", "saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaHistory: _TypeAlias = SagaHistory  # noqa: Y015
+
+@_typing.final
+class GetSagaHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSagaHistoryRequest: _TypeAlias = GetSagaHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetSagaHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HISTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def history(self) -> Global___SagaHistory: ...
+    def __init__(
+        self,
+        *,
+        history: Global___SagaHistory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSagaHistoryResponse: _TypeAlias = GetSagaHistoryResponse  # noqa: Y015
+
+@_typing.final
+class StepMapping(_message.Message):
+    """A step of the sagas' version known under another name in the new one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_STEP_FIELD_NUMBER: _builtins.int
+    NEW_STEP_FIELD_NUMBER: _builtins.int
+    old_step: _builtins.str
+    """The step's name in the version the sagas run on."""
+    new_step: _builtins.str
+    """Its name in the new definition."""
+    def __init__(
+        self,
+        *,
+        old_step: _builtins.str = ...,
+        new_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_step", b"new_step", "old_step", b"old_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepMapping: _TypeAlias = StepMapping  # noqa: Y015
+
+@_typing.final
+class PlanMigrationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SAGA_IDS_FIELD_NUMBER: _builtins.int
+    STEP_MAPPINGS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    definition_version: _builtins.int
+    """Only sagas running on this version; 0 means any version."""
+    state: _saga_pb2.SagaState.ValueType
+    """Only sagas in this state: RUNNING or COMPENSATING; unspecified means both."""
+    page_size: _builtins.int
+    """At most this many plans (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token, unchanged, with the same request."""
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The new definition, as in a definition file (its version left unset);
+        sagas of the definition with its name are planned.
+        """
+
+    @_builtins.property
+    def saga_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these sagas (at most 1000), all planned in one response (page_size
+        and page_token then play no part); empty means every saga selected above.
+        """
+
+    @_builtins.property
+    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]:
+        """Steps renamed in the new definition."""
+
+    def __init__(
+        self,
+        *,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+        definition_version: _builtins.int = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        saga_ids: _abc.Iterable[_builtins.str] | None = ...,
+        step_mappings: _abc.Iterable[Global___StepMapping] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "page_size", b"page_size", "page_token", b"page_token", "saga_ids", b"saga_ids", "state", b"state", "step_mappings", b"step_mappings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanMigrationRequest: _TypeAlias = PlanMigrationRequest  # noqa: Y015
+
+@_typing.final
+class SagaMigrationPlan(_message.Message):
+    """The plan for one saga in flight."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    DIVERGING_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    definition_version: _builtins.int
+    state: _saga_pb2.SagaState.ValueType
+    verdict: Global___MigrationVerdict.ValueType
+    diverging_sequence: _builtins.int
+    """INCOMPATIBLE: the sequence of the first stored event the new definition
+    would not have produced (or, past the log's end, the saga's sequence + 1).
+    """
+    reason: _builtins.str
+    """INCOMPATIBLE: why; COMPATIBLE_WITH_MAPPING: the renames it relies on."""
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+        definition_version: _builtins.int = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        verdict: Global___MigrationVerdict.ValueType = ...,
+        diverging_sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "diverging_sequence", b"diverging_sequence", "reason", b"reason", "saga_id", b"saga_id", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaMigrationPlan: _TypeAlias = SagaMigrationPlan  # noqa: Y015
+
+@_typing.final
+class PlanMigrationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaMigrationPlan]:
+        """Newest saga first."""
+
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___SagaMigrationPlan] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanMigrationResponse: _TypeAlias = PlanMigrationResponse  # noqa: Y015
 
 @_typing.final
 class SummarizeSagasRequest(_message.Message):

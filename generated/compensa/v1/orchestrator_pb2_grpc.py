@@ -88,6 +88,16 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
                 _registered_method=True)
+        self.GetSagaHistory = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/GetSagaHistory',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.FromString,
+                _registered_method=True)
+        self.PlanMigration = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/PlanMigration',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.FromString,
+                _registered_method=True)
         self.CancelSaga = channel.unary_unary(
                 '/compensa.v1.OrchestratorService/CancelSaga',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.CancelSagaRequest.SerializeToString,
@@ -248,6 +258,33 @@ class OrchestratorServiceServicer:
         It counts every saga (one scan of the sagas table): meant for people and
         for monitoring every few seconds, not for every request. Errors:
         INVALID_ARGUMENT (stuck_for not positive).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSagaHistory(self, request, context):
+        """A saga with its whole event log and the definition version it runs on:
+        all that replaying it needs (`compensa get --history`, `compensa replay`,
+        compensa.testing). Reader role; the saga's definition must be in the
+        caller's scope. Errors: NOT_FOUND (unknown saga).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanMigration(self, request, context):
+        """Replays the history of each selected saga in flight (RUNNING or
+        COMPENSATING) against a new version of its definition, through the pure
+        state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+        INCOMPATIBLE with the first diverging event and the reason. Changes
+        nothing. Reader role; a caller limited to some definitions may plan only
+        those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+        naming a step that exists in no selected version, or not in the new
+        definition, checked before any saga is read; a state that is not in
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -442,6 +479,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.SummarizeSagas,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.SerializeToString,
+            ),
+            'GetSagaHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSagaHistory,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.SerializeToString,
+            ),
+            'PlanMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanMigration,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.SerializeToString,
             ),
             'CancelSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSaga,
@@ -675,6 +722,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/SummarizeSagas',
             compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSagaHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/GetSagaHistory',
+            compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/PlanMigration',
+            compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,

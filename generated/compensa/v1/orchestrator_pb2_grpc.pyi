@@ -86,6 +86,25 @@ class OrchestratorServiceStub:
     for monitoring every few seconds, not for every request. Errors:
     INVALID_ARGUMENT (stuck_for not positive).
     """
+    GetSagaHistory: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaHistoryRequest, _orchestrator_pb2.GetSagaHistoryResponse]
+    """A saga with its whole event log and the definition version it runs on:
+    all that replaying it needs (`compensa get --history`, `compensa replay`,
+    compensa.testing). Reader role; the saga's definition must be in the
+    caller's scope. Errors: NOT_FOUND (unknown saga).
+    """
+    PlanMigration: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PlanMigrationRequest, _orchestrator_pb2.PlanMigrationResponse]
+    """Replays the history of each selected saga in flight (RUNNING or
+    COMPENSATING) against a new version of its definition, through the pure
+    state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+    INCOMPATIBLE with the first diverging event and the reason. Changes
+    nothing. Reader role; a caller limited to some definitions may plan only
+    those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+    naming a step that exists in no selected version, or not in the new
+    definition, checked before any saga is read; a state that is not in
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
+    """
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
     saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -229,6 +248,25 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     It counts every saga (one scan of the sagas table): meant for people and
     for monitoring every few seconds, not for every request. Errors:
     INVALID_ARGUMENT (stuck_for not positive).
+    """
+    GetSagaHistory: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaHistoryRequest, _orchestrator_pb2.GetSagaHistoryResponse]  # type: ignore[assignment]
+    """A saga with its whole event log and the definition version it runs on:
+    all that replaying it needs (`compensa get --history`, `compensa replay`,
+    compensa.testing). Reader role; the saga's definition must be in the
+    caller's scope. Errors: NOT_FOUND (unknown saga).
+    """
+    PlanMigration: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PlanMigrationRequest, _orchestrator_pb2.PlanMigrationResponse]  # type: ignore[assignment]
+    """Replays the history of each selected saga in flight (RUNNING or
+    COMPENSATING) against a new version of its definition, through the pure
+    state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+    INCOMPATIBLE with the first diverging event and the reason. Changes
+    nothing. Reader role; a caller limited to some definitions may plan only
+    those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+    naming a step that exists in no selected version, or not in the new
+    definition, checked before any saga is read; a state that is not in
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
     """
     CancelSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
@@ -394,6 +432,37 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         It counts every saga (one scan of the sagas table): meant for people and
         for monitoring every few seconds, not for every request. Errors:
         INVALID_ARGUMENT (stuck_for not positive).
+        """
+
+    @_abc_1.abstractmethod
+    def GetSagaHistory(
+        self,
+        request: _orchestrator_pb2.GetSagaHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetSagaHistoryResponse, _abc.Awaitable[_orchestrator_pb2.GetSagaHistoryResponse]]:
+        """A saga with its whole event log and the definition version it runs on:
+        all that replaying it needs (`compensa get --history`, `compensa replay`,
+        compensa.testing). Reader role; the saga's definition must be in the
+        caller's scope. Errors: NOT_FOUND (unknown saga).
+        """
+
+    @_abc_1.abstractmethod
+    def PlanMigration(
+        self,
+        request: _orchestrator_pb2.PlanMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PlanMigrationResponse, _abc.Awaitable[_orchestrator_pb2.PlanMigrationResponse]]:
+        """Replays the history of each selected saga in flight (RUNNING or
+        COMPENSATING) against a new version of its definition, through the pure
+        state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+        INCOMPATIBLE with the first diverging event and the reason. Changes
+        nothing. Reader role; a caller limited to some definitions may plan only
+        those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+        naming a step that exists in no selected version, or not in the new
+        definition, checked before any saga is read; a state that is not in
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
         """
 
     @_abc_1.abstractmethod

@@ -91,6 +91,8 @@ class Role(enum.IntEnum):
 #: The least role each action needs: the RPCs by name, and the dashboard.
 REQUIRED_ROLE: Mapping[str, Role] = {
     "GetSaga": Role.READER,
+    "GetSagaHistory": Role.READER,
+    "PlanMigration": Role.READER,
     "ListSagas": Role.READER,
     "SummarizeSagas": Role.READER,
     "WatchSaga": Role.READER,

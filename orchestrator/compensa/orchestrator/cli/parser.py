@@ -21,7 +21,7 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator.api.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import bulk, definitions, sagas, server
+from compensa.orchestrator.cli import bulk, codegen, definitions, replay, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED; 2 usage error or an error answered by the orchestrator; 141 the reader of the output went away"
-        " (compensa list | head), quietly.",
+        "or FAILED, or `replay` found a divergence; 2 usage error or an error answered by the orchestrator; 141 the"
+        " reader of the output went away (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
             " pause, resume, cancel."),
         client_options,
     )
+    _add_replay(add("replay", replay.replay,
+                    "Replay a saga's log through the state machine: does it end where the saga is, or where"
+                    " would a definition file decide otherwise? Exit 1 on a divergence."))
+    _add_plan(add("plan", replay.plan,
+                  "Classify sagas in flight against a new definition file (compatible, compatible with a"
+                  " mapping, incompatible with the first diverging event). Changes nothing."))
     _add_register(
         add("register", definitions.register, "Register definition files (YAML or JSON) with a running orchestrator.")
     )
@@ -169,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         add("participants", definitions.participants, "List participants and their addresses, or set one"
             " (participants set NAME HOST:PORT): every replica calls the new address within a second, no restart.")
     )
+    _add_codegen(add("codegen", codegen.codegen, "Generate Python from .proto files: protoc's _pb2 modules and, for a"
+                     " participant contract, typed participant base classes and saga starters (FILE_compensa.py).",
+                     client=False))
     return parser
 
 
@@ -542,6 +551,55 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
 
 def _add_get(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument(
+        "--history", action="store_true",
+        help="print the saga's history instead (its events, its definition version and the saga as stored), the"
+        " JSON file `compensa replay` and compensa.testing replay: compensa get ID --history > h.json",
+    )
+    _add_json_option(parser)
+
+
+def _step_mapping(text: str) -> tuple[str, str]:
+    old, separator, new = text.partition("=")
+    if not separator or not old.strip() or not new.strip():
+        raise argparse.ArgumentTypeError(f"invalid mapping {quote(text)}; use OLD_STEP=NEW_STEP")
+    return old.strip(), new.strip()
+
+
+def _add_map_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--map", type=_step_mapping, action="append", default=[], metavar="OLD=NEW",
+        help="a step renamed in the new definition (repeat for several)",
+    )
+
+
+def _add_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument(
+        "--definition", type=Path, metavar="FILE",
+        help="replay under this definition file instead of the saga's own version, and report where it diverges",
+    )
+    _add_map_option(parser)
+    _add_proto_module_option(parser, "defining the definition's input type")
+    _add_json_option(parser)
+
+
+def _add_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition_file", type=Path, metavar="DEFINITION_FILE",
+                        help="the new definition (YAML or JSON); sagas of the definition it names are planned")
+    parser.add_argument(
+        "--definition-version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="only sagas running on this version (default: any)",
+    )
+    parser.add_argument("--state", type=parse_saga_state, help="only sagas in this state: running or compensating")
+    parser.add_argument("--saga", action="append", default=[], metavar="ID",
+                        help="only this saga (repeat for several)")
+    _add_map_option(parser)
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="sagas per request (server default 50)",
+    )
+    _add_proto_module_option(parser, "defining the definition's input type")
     _add_json_option(parser)
 
 
@@ -685,6 +743,16 @@ def _add_definitions(parser: argparse.ArgumentParser) -> None:
     _add_json_option(parser)
 
 
+def _add_codegen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="a directory imports are relative to (repeatable; searched before each file's own); the generated"
+             " modules are named from it (travel/v1/trip.proto -> travel.v1.trip_pb2)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the generated modules")
+
+
 def _add_participants(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", nargs="?", choices=("list", "set"), default="list",
@@ -693,5 +761,20 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
     # Not dest "address": that is the orchestrator's (--address).
     parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    contract = parser.add_mutually_exclusive_group()
+    contract.add_argument(
+        "--proto", type=Path, metavar="FILE",
+        help="with set: the .proto file of the participant's contract (compensa/v1/contract.proto), compiled with its"
+             " imports and stored: registered definitions naming NAME are checked against it, and so are later ones",
+    )
+    contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable)",
+    )
+    parser.add_argument(
+        "--service", default="", metavar="NAME",
+        help="with --proto: the contract service's full name, when the file declares several",
+    )
     _add_actor_option(parser)
     _add_json_option(parser)

@@ -21,10 +21,17 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 
+from compensa.common.contracts import ContractService
 from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
 from compensa.common.tracing import trace_id_of
-from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
+from compensa.orchestrator.definitions import (
+    check_against_contracts,
+    definition_fingerprint,
+    read_contract,
+    stored_contract,
+    validate_definition,
+)
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.alerts import AlertDelivery, database_alert_body, stuck_alert
 from compensa.orchestrator.engine.changes import ChangeSignal
@@ -57,7 +64,7 @@ from compensa.orchestrator.store import (
     StoredEvent,
     WriteResult,
 )
-from compensa.v1 import definition_pb2, participant_pb2
+from compensa.v1 import contract_pb2, definition_pb2, participant_pb2
 
 log = logging.getLogger("compensa.engine")
 
@@ -193,12 +200,40 @@ class SagaEngine:
             await self.store.set_participant(name, address, updated_by=updated_by, now=now)
         await self.refresh_participants()
 
-    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+    async def set_participant(
+        self, name: str, address: str, *, updated_by: str,
+        contract: contract_pb2.ParticipantContract | None = None, clear_contract: bool = False,
+    ) -> ParticipantAddress:
         """Stores where `name` is served; this replica calls it there at once,
-        the others within `_PARTICIPANTS_SECONDS`."""
-        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        the others within `_PARTICIPANTS_SECONDS`. With `contract`, stores it
+        too once every registered definition naming `name` fits it
+        (ContractMismatch otherwise, and nothing is stored); `clear_contract`
+        removes the stored one."""
+        chosen = None
+        if contract is not None:
+            chosen = read_contract(name, contract)
+            contracts = await self.participant_contracts()
+            contracts[name] = chosen
+            for definition in await self.store.definitions_naming(name):
+                check_against_contracts(definition, contracts)
+        now = self.clock.now()
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        if contract is not None and chosen is not None:
+            kept = contract_pb2.ParticipantContract(service=chosen.full_name, types=contract.types)
+            await self.store.set_participant_contract(name, chosen.full_name, kept.SerializeToString(), now)
+        elif clear_contract:
+            await self.store.set_participant_contract(name, "", None, now)
         await self.refresh_participants()
         return stored
+
+    async def participant_contracts(self) -> dict[str, ContractService]:
+        """The stored contracts, by participant name."""
+        stored = await self.store.participant_contracts()
+        return {name: stored_contract(name, serialized) for name, serialized in stored.items()}
+
+    async def contract_services(self) -> dict[str, str]:
+        """The full name of each stored contract's service, by participant name."""
+        return {name: contract.full_name for name, contract in (await self.participant_contracts()).items()}
 
     async def refresh_participants(self) -> list[ParticipantAddress]:
         """Reads the stored participant addresses and calls them from now on."""
@@ -373,7 +408,8 @@ class SagaEngine:
         """Validates and stores a definition; identical content keeps its
         version, and a new version is the latest here at once.
 
-        Every participant it names must have an address (FAILED_PRECONDITION).
+        Every participant it names must have an address, and fit the contract
+        stored for it, if any (FAILED_PRECONDITION).
         Validation runs in a worker thread: a large definition must not hold up
         the event loop (health checks, every other request)."""
         normalized = await asyncio.to_thread(validate_definition, definition, source=source)
@@ -387,6 +423,7 @@ class SagaEngine:
                 f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
                 " or write the participant as HOST:PORT"
             )
+        check_against_contracts(normalized, await self.participant_contracts())
         stored, created = await self.store.register_definition(
             normalized, definition_fingerprint(normalized), self.clock.now()
         )

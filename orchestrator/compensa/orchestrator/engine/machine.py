@@ -21,6 +21,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -48,6 +49,12 @@ from compensa.orchestrator.shared.records import (
 )
 from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, saga_pb2
+
+#: The reason of a step that failed because its step_timeout passed.
+STEP_TIMED_OUT = "step timed out"
+#: The start of the reason of a step that failed after transient errors (the
+#: last error follows): its outcome is unknown, unlike a business failure's.
+GAVE_UP_AFTER_ERRORS = re.compile(rf"(retries exhausted|{STEP_TIMED_OUT}) after \d+ attempts: ")
 
 # --- Inputs -----------------------------------------------------------------
 
@@ -458,7 +465,7 @@ class _Builder:
         deadline = _step_deadline(self.plan, step)
         if deadline is not None and due >= deadline:
             step = self.set_step(step, attempts=attempts, last_error=error)
-            self.fail_step(step, f"step timed out after {attempts} attempts: {error}", uncertain=True)
+            self.fail_step(step, f"{STEP_TIMED_OUT} after {attempts} attempts: {error}", uncertain=True)
             return
         step = self.set_step(step, attempts=attempts, last_error=error, next_attempt_at=due)
         self.log(E.EVENT_TYPE_STEP_RETRY_SCHEDULED, step, attempt=attempts, message=error)
@@ -532,7 +539,7 @@ class _Builder:
             step = self.steps[name]
             deadline = _step_deadline(self.plan, step)
             if step.state in (STEP_RUNNING, STEP_WAITING) and deadline is not None and self.now >= deadline:
-                self.fail_step(step, "step timed out", uncertain=True)
+                self.fail_step(step, STEP_TIMED_OUT, uncertain=True)
                 if self.state != RUNNING:
                     return
 
