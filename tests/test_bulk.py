@@ -29,6 +29,7 @@ from processes import ProcessSet
 from scripted_participant import ScriptedParticipant, serve_scripted
 from test_scope import OTHER
 
+from compensa.orchestrator.api.history_checks import check_history
 from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2
 from compensa.v1 import saga_pb2 as S
 
@@ -212,6 +213,13 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
             assert replicas["b" if victim == "a" else "a"].log_lines(f"bulk action {first}: working on it")
             counts = await poll_until(summary, timeout=240, interval=0.5)
             assert counts == {S.SAGA_STATE_SUCCEEDED: len(stuck), S.SAGA_STATE_COMPENSATED: len(declined)}
+            # A repaired saga's log replays, through the pure machine, to where it is.
+            for saga_id in stuck[:25] + declined[:25]:
+                answer = await survivor.GetSagaHistory(
+                    orchestrator_pb2.GetSagaHistoryRequest(saga_id=saga_id), timeout=30
+                )
+                checked = check_history(answer.history)
+                assert checked.ok, checked.summary()
         finally:
             for channel in channels.values():
                 await channel.close()
