@@ -411,7 +411,7 @@ class SagaEngine:
         if write.release:
             self._wake_scheduler(write.due_at)
         else:
-            self._drive(transition.saga, 1)
+            self._drive(transition.saga, 1, machine.newly_sending(None, transition.saga))
         return transition.saga, True, request_fingerprint
 
     async def apply_external(self, saga_id: str, event: machine.Event) -> records.SagaRecord:
@@ -439,21 +439,21 @@ class SagaEngine:
                 transition = machine.taken_over(
                     saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
                 )
-            if await self._take_over(plan, transition, saga.sequence, now):
+            if await self._take_over(plan, saga, transition, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
 
     async def _take_over(
-        self, plan: machine.Plan, transition: machine.Transition, expected: int, now: float
+        self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, now: float
     ) -> bool:
-        """Writes a transition made outside the saga's driver (bumping the
+        """Writes a transition of `saga` made outside its driver (bumping the
         epoch fences whichever replica held it) and drives the saga on if it
         has calls due; whether the write landed."""
-        write = self._write_for(plan, transition, expected, None, set(), now)
+        write = self._write_for(plan, transition, saga.sequence, None, set(), now)
         result = await self.writer.submit(write)
         if result.ok:
             if not write.release:
-                self._drive(transition.saga, result.epoch)
+                self._drive(transition.saga, result.epoch, machine.newly_sending(saga, transition.saga))
             else:
                 self._wake_scheduler(write.due_at)
         return result.ok
@@ -469,7 +469,7 @@ class SagaEngine:
                 for saga in await self.store.find_stuck(stuck_before=now - stuck_after, now=now, limit=_CLAIM_BATCH):
                     plan = await self.plan_for(saga.definition_name, saga.definition_version)
                     now = self.clock.now()
-                    await self._take_over(plan, stuck_alert(saga, now), saga.sequence, now)
+                    await self._take_over(plan, saga, stuck_alert(saga, now), now)
             except StoreUnavailable as error:
                 log.warning("stuck sagas: %s", error)
 
@@ -486,9 +486,11 @@ class SagaEngine:
             log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
             self.changes.committed(events)
         for item in claimed:
-            self._drive(item.saga, item.epoch)
+            self._drive(item.saga, item.epoch, set())
 
-    def _drive(self, saga: records.SagaRecord, epoch: int) -> None:
+    def _drive(self, saga: records.SagaRecord, epoch: int, sending: set[str]) -> None:
+        """Drives `saga` in a task of its own; `sending` are the steps whose
+        SENDING this engine committed itself (machine.newly_sending)."""
         if self._stopping:
             return
         previous = self._driving.get(saga.saga_id)
@@ -496,10 +498,10 @@ class SagaEngine:
             # Our own older driver lost its lease (a stall): it is fenced
             # anyway, so stop it before it makes more calls.
             previous.task.cancel()
-        task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
+        task = asyncio.create_task(self._run_saga(saga, epoch, sending), name=f"saga-{saga.saga_id}")
         self._driving[saga.saga_id] = _Driving(epoch, task)
 
-    async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
+    async def _run_saga(self, saga: records.SagaRecord, epoch: int, sending: set[str]) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
         answers: asyncio.Queue[machine.StepAnswer] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
@@ -511,6 +513,8 @@ class SagaEngine:
                 event: machine.Event | None = None
                 if deadline is not None and deadline <= now:
                     event = machine.TimerFired()
+                elif marks := machine.executes_to_mark(saga, machine.due_calls(plan, saga, now)):
+                    event = machine.AttemptsSending(marks)
                 else:
                     for call in machine.due_calls(plan, saga, now):
                         if call.step not in in_flight:
@@ -528,6 +532,11 @@ class SagaEngine:
                     except TimeoutError:
                         continue
                     in_flight.pop(event.step, None)
+                    if event.step not in sending and isinstance(event, machine.ExecuteErrored):
+                        # Sent after a SENDING some other driver committed:
+                        # an earlier send of that attempt may have gone out.
+                        event = dataclasses.replace(event, never_delivered=False)
+                    sending.discard(event.step)
                 transition = machine.decide(plan, saga, event, self.clock.now())
                 if not transition.changed:
                     if isinstance(event, machine.TimerFired):
@@ -537,6 +546,7 @@ class SagaEngine:
                 if write is None:
                     log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
                     return
+                sending |= machine.newly_sending(saga, write.saga)
                 saga = write.saga
                 if write.release:
                     # Given up in the database: from now on the scheduler

@@ -15,6 +15,18 @@ from compensa.orchestrator.metrics import Metrics
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+# gRPC core fails a call with these details when it could pick no connection
+# for it (the name did not resolve, or no address accepted a connection): the
+# call was never written to any transport. Any other failure, UNAVAILABLE
+# included ("Socket closed", a reset), may come after the request went out.
+_NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
+
+
+def never_sent(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call certainly never left this process."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and (error.details() or "").startswith(_NEVER_SENT_DETAILS)
+
+
 _EXECUTE_RESULTS = frozenset(
     {
         participant_pb2.EXECUTE_RESULT_SUCCEEDED,
@@ -91,7 +103,9 @@ class ParticipantClient:
                                  time.perf_counter() - began)
             if code == _BUSINESS_FAILURE:
                 return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
-            return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+            return machine.ExecuteErrored(
+                step, stored_text(f"{code.name}: {error.details()}"), never_delivered=never_sent(error)
+            )
         if response.result not in _EXECUTE_RESULTS:
             # A participant that forgot to set `result`: not a success to
             # take on trust, but a participant error, retried like a transient one.

@@ -80,6 +80,8 @@ saga_steps = Table(
     Column("output", LargeBinary, nullable=True),  # serialized google.protobuf.Any
     Column("last_error", Text, nullable=False),
     Column("effect_uncertain", Boolean, nullable=False),
+    # records.DELIVERY_*: whether an Execute may have reached the participant.
+    Column("delivery", Integer, nullable=False),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("next_attempt_at", Float, nullable=True),

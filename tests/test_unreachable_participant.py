@@ -1,0 +1,141 @@
+"""A participant nobody can connect to: a call that never left the
+orchestrator has nothing to undo, and an operator's retry after the
+participant came back connects afresh instead of failing on the old error."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import checkout_input, checkout_stack, poll_until
+from tcp_proxy import TcpProxy
+
+from compensa.v1 import orchestrator_pb2, saga_pb2
+
+S = saga_pb2
+
+# charge_card gives up quickly; its compensation would retry for hours, as a
+# participant's usually does, if the saga waited on it.
+DEFINITION = """
+name: checkout
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - {name: reserve_stock, participant: inventory, execute_timeout: 2s,
+     compensate_retry: {max_attempts: 3, initial_backoff: 50ms, backoff_multiplier: 2, max_backoff: 100ms}}
+  - name: charge_card
+    participant: payment
+    execute_timeout: 2s
+    retry: {max_attempts: 3, initial_backoff: 50ms, backoff_multiplier: 2, max_backoff: 100ms}
+    compensate_retry: {give_up_after: 24h, initial_backoff: 1s, backoff_multiplier: 2, max_backoff: 10m}
+  - {name: ship_order, participant: shipping, kind: PIVOT, execute_timeout: 2s}
+"""
+
+
+def _step(saga: saga_pb2.Saga, name: str) -> saga_pb2.Step:
+    return next(step for step in saga.steps if step.name == name)
+
+
+async def test_a_step_never_delivered_is_not_compensated(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    definition = tmp_path / "checkout.yaml"
+    definition.write_text(DEFINITION)
+    async with checkout_stack(
+        make_postgres_url, definition_paths=(definition,), participant_proxies=("payment",)
+    ) as stack:
+        payment: TcpProxy = stack.extra["proxies"]["payment"]
+        await payment.cut()  # connecting is refused: no call reaches payment
+        saga_id = await stack.start()
+        saga = await stack.wait_final(saga_id, timeout=60)
+        assert saga.state == S.SAGA_STATE_COMPENSATED, saga.failure_reason
+        charge = _step(saga, "charge_card")
+        assert charge.state == S.STEP_STATE_FAILED
+        assert charge.compensate_attempts == 0
+        assert _step(saga, "reserve_stock").state == S.STEP_STATE_COMPENSATED
+        events = await stack.events(saga_id)
+        skipped = [e for e in events if e.type == S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED]
+        assert [(e.step_name, "never delivered" in e.message) for e in skipped] == [("charge_card", True)]
+        sending = [(e.step_name, e.attempt) for e in events if e.type == S.EVENT_TYPE_STEP_ATTEMPT_SENDING]
+        assert sending == [("charge_card", 2), ("charge_card", 3)]
+        assert not [e for e in events if e.type == S.EVENT_TYPE_STEP_COMPENSATING and e.step_name == "charge_card"]
+
+
+async def test_a_step_whose_call_may_have_arrived_is_still_compensated(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """Connected, then cut while the call was in flight: the outcome is
+    unknown, so the step is compensated once payment is back."""
+    definition = tmp_path / "checkout.yaml"
+    definition.write_text(
+        DEFINITION.replace("give_up_after: 24h, initial_backoff: 1s", "max_attempts: 50, initial_backoff: 50ms")
+    )
+    async with checkout_stack(
+        make_postgres_url, definition_paths=(definition,), participant_proxies=("payment",)
+    ) as stack:
+        payment: TcpProxy = stack.extra["proxies"]["payment"]
+        payment.blackhole()  # connects, but nothing comes back: the call may have arrived
+        saga_id = await stack.start()
+
+        async def charge_retried() -> bool:
+            return bool(_step(await stack.get(saga_id), "charge_card").last_error)
+
+        await poll_until(charge_retried, timeout=30)
+        await payment.cut()  # the later attempts are refused, never delivered
+
+        async def charge_failed() -> bool:
+            return _step(await stack.get(saga_id), "charge_card").state != S.STEP_STATE_RUNNING
+
+        await poll_until(charge_failed, timeout=30)
+        await payment.heal()
+        saga = await stack.wait_final(saga_id, timeout=60)
+        assert saga.state == S.SAGA_STATE_COMPENSATED, saga.failure_reason
+        assert _step(saga, "charge_card").state == S.STEP_STATE_COMPENSATED
+        events = await stack.events(saga_id)
+        assert not [e for e in events if e.type == S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED]
+
+
+async def test_operator_retry_after_the_participant_came_back_connects_afresh(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    definition = tmp_path / "checkout.yaml"
+    definition.write_text(DEFINITION)
+    async with checkout_stack(
+        make_postgres_url, definition_paths=(definition,), participant_proxies=("inventory",),
+        participant_health_seconds=0.2,
+    ) as stack:
+        inventory: TcpProxy = stack.extra["proxies"]["inventory"]
+        stack_input = checkout_input(card_token="flagged-card")
+        started = await stack.stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(definition_name="checkout", saga_id="back-1", input=stack_input)
+        )
+        saga_id = started.saga.saga_id
+
+        async def reserved() -> bool:
+            return _step(await stack.get(saga_id), "reserve_stock").state == S.STEP_STATE_SUCCEEDED
+
+        await poll_until(reserved, timeout=30)
+        await inventory.cut()
+        saga = await stack.wait_final(saga_id, timeout=60)
+        assert saga.state == S.SAGA_STATE_FAILED
+        assert "Connection refused" in _step(saga, "reserve_stock").last_error
+
+        async def seen_failing() -> bool:
+            listed = await stack.stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest())
+            inventory_view = next(p for p in listed.participants if p.name == "inventory")
+            return inventory_view.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING
+
+        await poll_until(seen_failing, timeout=30)
+        await inventory.heal()
+        await stack.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id=saga_id, actor="bob"))
+        saga = await stack.wait_final(saga_id, timeout=60)
+        events = await stack.events(saga_id)
+        retried_at = next(e.sequence for e in events if e.type == S.EVENT_TYPE_OPERATOR_RETRIED)
+        after = [(S.EventType.Name(e.type), e.message) for e in events if e.sequence > retried_at]
+        assert saga.state == S.SAGA_STATE_COMPENSATED, after
+        assert not [kind for kind, _ in after if kind == "EVENT_TYPE_STEP_COMPENSATE_RETRY_SCHEDULED"], after
+
+        async def seen_serving() -> bool:
+            listed = await stack.stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest())
+            inventory_view = next(p for p in listed.participants if p.name == "inventory")
+            return inventory_view.health == orchestrator_pb2.PARTICIPANT_HEALTH_SERVING
+
+        # The retry's fresh connection is what the health view shows next.
+        assert await seen_serving()
