@@ -144,6 +144,7 @@ class SagaEngine:
         self._scheduler_wake = asyncio.Event()
         self._next_due = float("inf")
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._token_key: bytes | None = None
         self.metrics.drive_count(lambda: len(self._driving))
@@ -439,9 +440,26 @@ class SagaEngine:
                 transition = machine.taken_over(
                     saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
                 )
+            if isinstance(event, machine.RetryRequested):
+                await self._reconnect(plan, transition)
             if await self._take_over(plan, saga, transition, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    async def _reconnect(self, plan: machine.Plan, transition: machine.Transition) -> None:
+        """Fresh connections to the participants an operator's retry calls
+        again, and their health probed anew (in the background)."""
+        participants = {plan.steps[name].participant for name in transition.changed_steps}
+        await self.client.reconnect(participants)
+        probe = asyncio.create_task(self._probe_now(participants), name="compensa-probe-after-retry")
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+
+    async def _probe_now(self, participants: set[str]) -> None:
+        try:
+            await self.participant_health.probe_now(participants)
+        except StoreUnavailable as error:
+            log.debug("participant health after a retry: %s", error)
 
     async def _take_over(
         self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, now: float

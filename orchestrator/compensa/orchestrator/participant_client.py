@@ -4,7 +4,7 @@ and the outcome contract of participant.proto turned into machine events."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import grpc
 
@@ -79,6 +79,20 @@ class ParticipantClient:
                 else grpc.aio.insecure_channel(address, options=self._options)
             )
         return channel
+
+    async def reconnect(self, participants: Iterable[str]) -> None:
+        """Drops the channel to each of these participants that is not
+        connected, so the next call connects afresh: an operator's retry
+        after a participant came back must not fail on the error of a
+        connection attempt made before (gRPC waits up to minutes between
+        attempts). Calls queued on a dropped channel end CANCELLED."""
+        for address in {self.address_of(participant) for participant in participants}:
+            channel = self._channels.get(address)
+            if channel is None or channel.get_state() == grpc.ChannelConnectivity.READY:
+                continue
+            del self._channels[address]
+            self._stubs.pop(address, None)
+            await channel.close()
 
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
         address = self.address_of(participant)
