@@ -4,6 +4,10 @@ participant came back connects afresh instead of failing on the old error."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +18,7 @@ from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
+COMPENSA = Path(sys.executable).parent / "compensa"
 
 # charge_card gives up quickly; its compensation would retry for hours, as a
 # participant's usually does, if the saga waited on it.
@@ -134,3 +139,34 @@ async def test_operator_retry_after_the_participant_came_back_connects_afresh(
         after = [(S.EventType.Name(e.type), e.message) for e in events if e.sequence > retried_at]
         assert saga.state == S.SAGA_STATE_COMPENSATED, after
         assert not [kind for kind, _ in after if kind == "EVENT_TYPE_STEP_COMPENSATE_RETRY_SCHEDULED"], after
+
+
+async def test_start_wait_says_what_a_quiet_saga_waits_for(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    definition = tmp_path / "checkout.yaml"
+    definition.write_text(DEFINITION.replace(
+        "retry: {max_attempts: 3, initial_backoff: 50ms, backoff_multiplier: 2, max_backoff: 100ms}",
+        "retry: {max_attempts: 2, initial_backoff: 6s}",
+    ))
+    async with checkout_stack(
+        make_postgres_url, definition_paths=(definition,), participant_proxies=("payment",)
+    ) as stack:
+        await stack.extra["proxies"]["payment"].cut()
+        saga_input = {
+            "order_id": "order-quiet", "sku": "sku-quiet", "quantity": 1, "amount_cents": 100,
+            "card_token": "card-ok", "shipping_address": "1 Saga Street",
+        }
+        process = await asyncio.create_subprocess_exec(
+            str(COMPENSA), "--address", stack.orchestrator.address, "start", "checkout",
+            "--input", json.dumps(saga_input), "--saga-id", "quiet-1", "--wait",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 1, stdout.decode() + stderr.decode()
+        told = [line for line in stderr.decode().splitlines() if line.startswith("saga quiet-1: ")]
+        assert len(told) == 1, stderr.decode()
+        assert told[0].startswith(
+            "saga quiet-1: step charge_card retrying (attempt 1: never delivered: UNAVAILABLE: "
+        ), told
+        assert "next attempt in " in told[0]
