@@ -22,7 +22,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
+
+from compensa.orchestrator.records import DELIVERY_POSSIBLE
 
 metadata = MetaData()
 
@@ -80,8 +83,9 @@ saga_steps = Table(
     Column("output", LargeBinary, nullable=True),  # serialized google.protobuf.Any
     Column("last_error", Text, nullable=False),
     Column("effect_uncertain", Boolean, nullable=False),
-    # records.DELIVERY_*: whether an Execute may have reached the participant.
-    Column("delivery", Integer, nullable=False),
+    # records.DELIVERY_*: whether an Execute may have reached the participant;
+    # by default "possibly" (rows of releases that did not know).
+    Column("delivery", Integer, nullable=False, server_default=text(str(DELIVERY_POSSIBLE))),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("next_attempt_at", Float, nullable=True),

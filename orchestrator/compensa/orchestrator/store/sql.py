@@ -30,6 +30,7 @@ from compensa.common.database import (
 from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
 from compensa.orchestrator.records import (
     ACTIVE_SAGA_STATES,
+    DELIVERY_POSSIBLE,
     FAILED,
     FINAL_SAGA_STATES,
     LogEvent,
@@ -596,6 +597,11 @@ class SqlSagaStore(SagaStore):
                 step_rows += [
                     _step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
                 ]
+        # Named only when it differs from the column's default, like trace_parent:
+        # a write names the columns it sets.
+        if step_rows and all(row["delivery"] == DELIVERY_POSSIBLE for row in step_rows):
+            for row in step_rows:
+                del row["delivery"]
         if step_rows:
             await conn.execute(saga_steps.insert(), step_rows)
         return landed

@@ -27,8 +27,6 @@ def upgrade() -> None:
         batch.add_column(
             sa.Column("delivery", sa.Integer, nullable=False, server_default=sa.text(str(_DELIVERY_POSSIBLE)))
         )
-    with op.batch_alter_table("compensa_saga_steps") as batch:
-        batch.alter_column("delivery", server_default=None)
 
 
 def downgrade() -> None:
