@@ -27,7 +27,7 @@ from compensa.orchestrator.alerts import AlertDelivery, stuck_alert
 from compensa.orchestrator.changes import ChangeSignal
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
+from compensa.orchestrator.definitions import definition_diff, definition_fingerprint, validate_definition
 from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
@@ -101,6 +101,21 @@ def _external_cause(event: machine.Event) -> str:
         case machine.ResolveRequested(actor=actor):
             return f"ResolveSaga by {actor or 'an operator'}"
     return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What registering a definition did (or, validate_only, would do)."""
+
+    definition: definition_pb2.SagaDefinition
+    created: bool
+    #: The latest version before, if any.
+    previous: definition_pb2.SagaDefinition | None
+
+    @property
+    def diff(self) -> str:
+        """What changes from the previous latest version ("" when nothing does)."""
+        return definition_diff(self.previous, self.definition) if self.created else ""
 
 
 @dataclass
@@ -328,10 +343,11 @@ class SagaEngine:
         return plan
 
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, *, source: str
-    ) -> tuple[definition_pb2.SagaDefinition, bool]:
-        """Validates and stores a definition; identical content keeps its
-        version, and a new version is the latest here at once.
+        self, definition: definition_pb2.SagaDefinition, *, source: str, actor: str = "", validate_only: bool = False,
+    ) -> Registration:
+        """Validates and stores a definition, which becomes the latest version
+        here at once; identical content keeps its version. `validate_only`
+        checks it and tells what registering would do, storing nothing.
 
         Every participant it names must have an address (FAILED_PRECONDITION).
         Validation runs in a worker thread: a large definition must not hold up
@@ -347,13 +363,28 @@ class SagaEngine:
                 f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
                 " or write the participant as HOST:PORT"
             )
-        stored, created = await self.store.register_definition(
-            normalized, definition_fingerprint(normalized), self.clock.now()
-        )
+        fingerprint = definition_fingerprint(normalized)
+        previous = await self.store.get_definition(normalized.name)
+        if validate_only:
+            versions = await self.store.definition_fingerprints(normalized.name)
+            normalized.version = versions.get(fingerprint, max(versions.values(), default=0) + 1)
+            return Registration(normalized, fingerprint not in versions, previous)
+        stored, created = await self.store.register_definition(normalized, fingerprint, self.clock.now(), actor=actor)
         if created:
             self._latest.pop(stored.name, None)
         self.metrics.know_definition(stored.name)
-        return stored, created
+        return Registration(stored, created, previous)
+
+    async def promote_definition(
+        self, name: str, version: int, *, actor: str
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Makes a registered version the latest again (here at once, on other
+        replicas within `_LATEST_SECONDS`); whether that changed anything."""
+        promoted = await self.store.promote_definition(name, version, actor=actor, now=self.clock.now())
+        if promoted is None:
+            raise NotFound(f"definition {name!r} has no version {version}")
+        self._latest.pop(name, None)
+        return promoted
 
     # -- writes
 

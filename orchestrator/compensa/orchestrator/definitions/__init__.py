@@ -43,6 +43,7 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
+from compensa.orchestrator.definitions._diff import definition_diff
 from compensa.orchestrator.definitions._durations import backoff_seconds, duration_seconds, retry_waited_seconds
 from compensa.orchestrator.definitions._files import (
     DEFINITION_SUFFIXES,
@@ -86,6 +87,7 @@ __all__ = [
     "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
+    "definition_diff",
     "definition_fingerprint",
     "definition_graph",
     "duration_seconds",

@@ -37,8 +37,25 @@ definitions = Table(
     Column("fingerprint", String(64), nullable=False),
     Column("body", LargeBinary, nullable=False),  # serialized SagaDefinition
     Column("created_at", Float, nullable=False),
+    # Bumped (past every other version of the name) whenever this version
+    # becomes the latest, by a registration or a promotion: the latest
+    # version is the one with the highest.
+    Column("promotion", BigInteger, nullable=False),
     UniqueConstraint("name", "fingerprint", name="compensa_definitions_content"),
 )
+
+#: Who made which version of a definition the latest, and how (in order).
+definition_changes = Table(
+    "compensa_definition_changes",
+    metadata,
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # "registered" or "promoted"
+    Column("actor", String(256), nullable=False),
+    Column("changed_at", Float, nullable=False),
+)
+Index("compensa_definition_changes_name", definition_changes.c.name, definition_changes.c.position)
 
 sagas = Table(
     "compensa_sagas",
