@@ -31,10 +31,10 @@ from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.errors import SchemaMismatch
 from compensa.orchestrator.server import start_orchestrator
-from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store
+from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store, schema
 from compensa.orchestrator.store.schema import metadata
 from compensa.orchestrator.tokens import completion_token
-from compensa.v1 import orchestrator_pb2, saga_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 # A replica of the release that wrote the sagas, gone without releasing them.
@@ -90,6 +90,25 @@ def _write(transition: machine.Transition, expected: int, now: float, *, release
         release=release, due_at=due_at, lease_until=lease_until, changed_steps=transition.changed_steps,
         request_fingerprint=fingerprint,
     )
+
+
+def _register_as_the_first_release(
+    url: str, definition: definition_pb2.SagaDefinition, now: float
+) -> definition_pb2.SagaDefinition:
+    """Version 1 of `definition`, stored with the columns the first release wrote."""
+    stored = definition_pb2.SagaDefinition()
+    stored.CopyFrom(definition)
+    stored.version = 1
+    engine = sa.create_engine(_sync_url(url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(schema.definitions).values(
+                name=stored.name, version=1, fingerprint=definition_fingerprint(definition),
+                body=stored.SerializeToString(deterministic=True), created_at=now,
+            ))
+    finally:
+        engine.dispose()
+    return stored
 
 
 class _OldRelease:
@@ -157,7 +176,7 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
-        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        stored = _register_as_the_first_release(database_url, definition, now)
         release = _OldRelease(old, machine.Plan.of(stored))
         # In flight: its first call was due when the old replica went away.
         running = await release.write(release.start("mig-running", now), now, lease_until=now - 1)
@@ -223,7 +242,7 @@ async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_afte
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
-        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        stored = _register_as_the_first_release(database_url, definition, now)
         old_release = _OldRelease(old, machine.Plan.of(stored))
         await old_release.write(old_release.start("mig-alerted", now), now, lease_until=now - 1)
     finally:
