@@ -8,12 +8,16 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from harness import checkout_input, checkout_stack, poll_until
 from tcp_proxy import TcpProxy
 
+from compensa.orchestrator import machine, records
+from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
+from compensa.orchestrator.store import SagaWrite, open_store
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
@@ -170,3 +174,51 @@ async def test_start_wait_says_what_a_quiet_saga_waits_for(
             "saga quiet-1: step charge_card retrying (attempt 1: never delivered: UNAVAILABLE: "
         ), told
         assert "next attempt in " in told[0]
+
+
+async def test_a_send_cut_short_by_a_crash_counts_as_possibly_delivered(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """A replica committed charge_card's first attempt as SENDING and died
+    before recording an answer: whether the call went out is unknown, so
+    even though every later attempt is refused, charge_card is compensated."""
+    definition_file = tmp_path / "checkout.yaml"
+    definition_file.write_text(
+        DEFINITION.replace("give_up_after: 24h, initial_backoff: 1s", "max_attempts: 50, initial_backoff: 50ms")
+    )
+    url = make_postgres_url()
+    store = open_store(url)
+    now = time.time()
+    try:
+        await store.upgrade_schema()
+        definition = load_definition_file(definition_file)
+        stored, _ = await store.register_definition(definition, definition_fingerprint(definition), now)
+        plan = machine.Plan.of(stored)
+        started = machine.new_saga(plan, saga_id="crashed-1", input=checkout_input().SerializeToString(), now=now)
+        reserved = machine.decide(plan, started.saga, machine.ExecuteSucceeded("reserve_stock", None), now)
+        assert reserved.saga.step("charge_card").delivery == records.DELIVERY_SENDING
+        dead = "replica-that-died"
+        logged = machine.Transition(reserved.saga, (*started.events, *reserved.events))
+        (result,) = await store.commit([SagaWrite(
+            saga=logged.saga, events=logged.events, expected_sequence=0, owner=dead, epoch=1, release=False,
+            due_at=now, lease_until=now - 1, changed_steps=(), request_fingerprint="crashed-1",
+        )])
+        assert result.ok
+    finally:
+        await store.close()
+    async with checkout_stack(
+        make_postgres_url, definition_paths=(definition_file,), participant_proxies=("payment",), orchestrator_url=url,
+    ) as stack:
+        payment: TcpProxy = stack.extra["proxies"]["payment"]
+        await payment.cut()
+
+        async def charge_failed() -> bool:
+            return _step(await stack.get("crashed-1"), "charge_card").state != S.STEP_STATE_RUNNING
+
+        await poll_until(charge_failed, timeout=60)
+        await payment.heal()
+        saga = await stack.wait_final("crashed-1", timeout=60)
+        assert saga.state == S.SAGA_STATE_COMPENSATED, saga.failure_reason
+        assert _step(saga, "charge_card").state == S.STEP_STATE_COMPENSATED
+        events = await stack.events("crashed-1")
+        assert not [e for e in events if e.type == S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED]
