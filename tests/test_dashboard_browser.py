@@ -173,7 +173,7 @@ async def test_the_dashboard_in_chromium_live_list_saga_page_and_actions_by_role
         resolved = await rig.saga("needs-a-person-1")
         assert resolved.resolution_note == "released the stock by hand"
         actors = [e.actor for e in await rig.events("needs-a-person-1") if e.type == S.EVENT_TYPE_OPERATOR_RESOLVED]
-        assert actors == ["alice"]
+        assert actors == ["token:alice"]
 
         # Signed out, then in as a reader: the same form is refused.
         await browser.open(rig.url + "/")

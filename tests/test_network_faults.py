@@ -444,7 +444,7 @@ async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a
 
     store = open_store(make_postgres_url(), timeout=DATABASE_TIMEOUT)
     outcomes: list[BaseException | None] = []
-    store.subscribe_reachability(outcomes.append)
+    store.subscribe_reachability(lambda outcome, began: outcomes.append(outcome))
     try:
         began = time.monotonic()
         with pytest.raises(StoreUnavailable, match="statement timeout"):

@@ -905,3 +905,17 @@ async def test_alert_positions_follow_commit_order_across_saga_and_participant_a
     assert [(a.position, a.kind) for a in logged] == [(1, SAGA_ALERT), (2, PARTICIPANT_UNHEALTHY), (3, SAGA_ALERT)]
     assert [a.position for a in await store.read_alerts(1, 1)] == [2]
     assert await store.read_alerts(3, 10) == []
+
+
+async def test_a_database_error_is_told_in_one_line_without_the_statement(tmp_path: Path) -> None:
+    from compensa.orchestrator.errors import StoreUnavailable
+
+    store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'no-schema.db'}")  # no tables: every statement fails
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.set_participant("hotels", "127.0.0.1:50071", updated_by="someone", now=time.time())
+    finally:
+        await store.close()
+    assert str(raised.value) == (
+        "database unavailable: OperationalError: (sqlite3.OperationalError) no such table: compensa_participants"
+    )

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
@@ -53,6 +53,9 @@ class ServerConfig:
     # More client certificate names with their roles (reader, starter,
     # operator); `operators` are added as operators. Needs mutual TLS.
     certificate_roles: Mapping[str, Role] = field(default_factory=dict)
+    # The definitions some of those certificate names are limited to
+    # (`serve --role NAME=ROLE:DEFINITIONS`); a name not here sees every one.
+    certificate_scopes: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # A file of bearer tokens with their identities, roles and definition
     # scopes (see orchestrator/auth.py); None accepts no tokens.
     token_file: Path | None = None
@@ -89,6 +92,10 @@ class ServerConfig:
     # raises an alert, once per outage, and another when it recovers; None
     # raises none.
     alert_participant_unhealthy_seconds: float | None = 60.0
+    # Sagas this replica takes on at once (being started, or driven); a
+    # StartSaga over it is refused with RESOURCE_EXHAUSTED and a retry delay
+    # (admission.py). 0 sets no limit.
+    max_sagas_in_flight: int = 1000
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a
@@ -113,11 +120,13 @@ class ServerConfig:
         jwt = None
         if self.jwt_keys is not None:
             jwt = load_jwt_keys(self.jwt_keys, audience=self.jwt_audience, issuer=self.jwt_issuer)
-        return AccessPolicy(certificate_roles=roles, tokens=tokens, jwt=jwt)
+        return AccessPolicy(
+            certificate_roles=roles, certificate_scopes=self.certificate_scopes, tokens=tokens, jwt=jwt
+        )
 
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""
         if self.database_url:
-            return self.database_url
+            return with_async_driver(self.database_url)
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"

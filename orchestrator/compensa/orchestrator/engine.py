@@ -21,14 +21,15 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 
+from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
 from compensa.orchestrator import logs, machine, records
-from compensa.orchestrator.alerts import AlertDelivery, stuck_alert
+from compensa.orchestrator.alerts import AlertDelivery, database_alert_body, stuck_alert
 from compensa.orchestrator.changes import ChangeSignal
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_diff, definition_fingerprint, validate_definition
-from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable
+from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
 from compensa.orchestrator.participant_health import ParticipantHealthWatch
@@ -162,7 +163,7 @@ class SagaEngine:
         self._probes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._token_key: bytes | None = None
-        self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.drive_count(lambda: self.sagas_driven)
         self.metrics.count_for_people(self._people_counts)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -202,6 +203,11 @@ class SagaEngine:
         """Participants `definition` names that have no address to call."""
         names = dict.fromkeys(step.participant for step in definition.steps)
         return [name for name in names if not self.client.knows(name)]
+
+    @property
+    def sagas_driven(self) -> int:
+        """Sagas this replica drives now (a call in flight or due)."""
+        return len(self._driving)
 
     @property
     def token_key(self) -> bytes:
@@ -305,6 +311,18 @@ class SagaEngine:
         else:
             log.info("ALERT participant %s at %s: %s", alert.participant, alert.address, alert.message, extra=fields)
         self._alert_committed()
+
+    def database_lost(self, loss: DatabaseLoss) -> None:
+        """This replica lost its database, or the database began refusing
+        writes: counted, and the latter alerted (log, metric, webhook). That
+        alert is not in the alert log, which lives in the database."""
+        self.metrics.database_outage(loss.reason, alerted=loss.refuses_writes)
+        if not loss.refuses_writes:
+            return
+        message = f"the database of orchestrator {self.owner} refuses writes ({loss.reason}): {loss.detail}"
+        log.error("ALERT %s", message)
+        if self.alerts is not None:
+            self.alerts.send_unstored(database_alert_body(self.owner, loss.reason, message, self.clock.now()))
 
     def _alert_committed(self) -> None:
         if self.alerts is not None:
@@ -452,7 +470,7 @@ class SagaEngine:
         for _ in range(20):
             loaded = await self.store.load_with_owner(saga_id)
             if loaded is None:
-                raise NotFound(f"saga {saga_id!r} not found")
+                raise saga_not_found(saga_id)
             saga, holder, lease_until = loaded
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
             now = self.clock.now()

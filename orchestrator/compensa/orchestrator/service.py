@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import re
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
@@ -20,7 +21,8 @@ import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
 from compensa.orchestrator import machine, payloads, records
-from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, Role, StreamLimit
+from compensa.orchestrator.admission import SagaAdmission
+from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
@@ -36,9 +38,9 @@ from compensa.orchestrator.errors import (
     grpc_error_details,
     grpc_status_of,
     quote,
+    saga_not_found,
 )
 from compensa.orchestrator.limits import (
-    MAX_ACTOR_CHARS,
     MAX_STORED_ACTOR_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
@@ -148,6 +150,7 @@ def _answer_errors(
             self._admit(handler.__name__, context)
             return await handler(self, request, context)
         except CompensaError as error:
+            self._refused_calls.note(error, handler.__name__, context.peer())
             code, message = grpc_status_of(error)
             await context.abort(code, message, grpc_error_details(error))
         except Exception as error:
@@ -172,6 +175,7 @@ def _answer_stream_errors(
                 async for item in handler(self, request, context):
                     yield item
         except CompensaError as error:
+            self._refused_calls.note(error, handler.__name__, context.peer())
             code, message = grpc_status_of(error)
             await context.abort(code, message, grpc_error_details(error))
         except asyncio.CancelledError:
@@ -232,12 +236,12 @@ def _start_fingerprint(request: orchestrator_pb2.StartSagaRequest) -> str:
     return digest.hexdigest()
 
 
-def _certificate_names(context: Context[Request, Response]) -> list[str]:
-    """The client certificate's common name and alternative names, when the
-    call came over mutual TLS (the certificate was verified by then)."""
-    auth = context.auth_context()
-    names = [*auth.get("x509_common_name", []), *auth.get("x509_subject_alternative_name", [])]
-    return list(dict.fromkeys(name.decode() for name in names))
+def _peer_certificate(context: Context[Request, Response]) -> bytes | None:
+    """The client certificate (DER) when the call came over mutual TLS (it
+    was verified by then). Read whole, not through gRPC's name properties:
+    those cut a name at a NUL byte and mix every kind of alternative name."""
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), None)
+    return ssl.PEM_cert_to_DER_cert(pem.decode("ascii")) if pem is not None else None
 
 
 def _stream_client(identity: Identity | None, context: Context[Request, Response]) -> str:
@@ -270,6 +274,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         )
         self._access = access if access is not None else AccessPolicy()
         self._streams = StreamLimit(engine.config.max_streams_per_client)
+        self._admission = SagaAdmission(engine.config.max_sagas_in_flight, lambda: engine.sagas_driven, engine.metrics)
+        self._refused_calls = RefusedCalls(engine.metrics.refused)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
         self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
 
@@ -283,6 +289,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     def stream_limit(self) -> StreamLimit:
         """Open streams per client, shared with the dashboard's live lists."""
         return self._streams
+
+    @property
+    def refused_calls(self) -> RefusedCalls:
+        """Where refused calls are logged and counted, shared with the dashboard."""
+        return self._refused_calls
 
     async def stop(self) -> None:
         """Stops the log reader behind the watch streams."""
@@ -302,7 +313,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             ),
             None,
         )
-        return self._access.identify(_certificate_names(context), authorization)
+        return self._access.identify(_peer_certificate(context), authorization)
 
     def _admit(self, action: str, context: Context[Request, Response]) -> Identity | None:
         """Checks the caller's role for `action`; who it is (None on an open
@@ -324,11 +335,13 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if not self._access.open:
             self._access.require_scope(self._caller(context), action, definition_name)
 
-    async def _existing(self, saga_id: str, context: Context[Request, Response], action: str) -> records.SagaRecord:
+    async def _existing(self, saga_id: str, context: Context[Request, Response]) -> records.SagaRecord:
+        """The saga, if it exists and the caller may see it; NotFound alike otherwise."""
         saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
         if saga is None:
-            raise NotFound(f"saga {quote(saga_id)} not found")
-        self._in_scope(context, action, saga.definition_name)
+            raise saga_not_found(saga_id)
+        caller = None if self._access.open else self._caller(context)
+        self._access.require_visible(caller, saga_id, saga.definition_name)
         return saga
 
     async def _operate(
@@ -336,19 +349,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> saga_pb2.Saga:
         """An operator action, recorded with who did it. Its fields are
         checked before anything is read."""
-        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
         identity = self._caller(context)
         event = operator_event(action, identity.actor(claimed), text)
         if not is_possible(saga_id, "saga_id", SAGA_ID_PATTERN):
-            raise NotFound(f"saga {quote(saga_id)} not found")
+            raise saga_not_found(saga_id)
         if identity.definitions:
-            await self._existing(saga_id, context, action)
+            await self._existing(saga_id, context)
         return await self._saga_view(await self._engine.apply_external(saga_id, event))
 
     def _actor(self, context: Context[Request, Response], claimed: str) -> str:
         """Who is acting, as recorded: the caller's identity with what it
-        claims (`actor` of the request, checked first)."""
-        check_text(claimed, "actor", max_chars=MAX_ACTOR_CHARS)
+        claims (`actor` of the request)."""
         return stored_text(self._caller(context).actor(claimed), MAX_STORED_ACTOR_CHARS)
 
     def _page_key(self) -> bytes:
@@ -362,6 +373,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.StartSagaRequest,
         context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
     ) -> orchestrator_pb2.StartSagaResponse:
+        with self._admission.starting():
+            return await self._start_saga(request, context)
+
+    async def _start_saga(
+        self,
+        request: orchestrator_pb2.StartSagaRequest,
+        context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
+    ) -> orchestrator_pb2.StartSagaResponse:
         check_saga_id(request.saga_id)
         self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
@@ -371,8 +390,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
-            version = f" version {request.definition_version}" if request.definition_version else ""
-            raise NotFound(f"definition {quote(request.definition_name)}{version} not found; register it first")
+            raise await self._definition_not_found(request.definition_name, request.definition_version)
         definition = plan.definition
         if not request.HasField("input") or not request.input.type_url:
             raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
@@ -403,7 +421,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.GetSagaRequest,
         context: Context[orchestrator_pb2.GetSagaRequest, orchestrator_pb2.GetSagaResponse],
     ) -> orchestrator_pb2.GetSagaResponse:
-        saga = await self._existing(request.saga_id, context, "GetSaga")
+        saga = await self._existing(request.saga_id, context)
         return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
@@ -527,7 +545,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             event, wanted = machine.ExecuteFailed(step_name, request.failure_reason or "failed"), records.STEP_FAILED
         else:
             raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
-        saga = await self._existing(saga_id, context, "CompleteStep")
+        saga = await self._existing(saga_id, context)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         if step_name not in plan.steps or not plan.steps[step_name].long_running:
             raise InvalidArgument(f"step {quote(step_name)} of saga {quote(saga_id)} is not a long-running step")
@@ -552,7 +570,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument(f"after_sequence must be 0 or positive, got {request.after_sequence}")
         saga_id = request.saga_id
-        saga = await self._existing(saga_id, context, "WatchSaga")
+        saga = await self._existing(saga_id, context)
         after = request.after_sequence
         if after and after == saga.sequence and saga.is_final and not request.follow_after_end:
             # A client reconnecting after the final event: nothing will follow.
@@ -724,8 +742,20 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._in_scope(context, "GetDefinition", request.name)
         definition = await self._store.get_definition(request.name, request.version) if possible else None
         if definition is None:
-            raise NotFound(f"definition {quote(request.name)} not found")
+            raise await self._definition_not_found(request.name, request.version)
         return orchestrator_pb2.GetDefinitionResponse(definition=definition)
+
+    async def _definition_not_found(self, name: str, version: int) -> NotFound:
+        """What to say when `name` at `version` (0: the latest) is not registered:
+        that the name is not, or which versions of it are."""
+        known = version and is_possible(name, "name", NAME_PATTERN)
+        latest = await self._store.get_definition(name, 0) if known else None
+        if latest is None:
+            return NotFound(f"definition {quote(name)} not found; register it first")
+        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
+        return NotFound(
+            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
+        )
 
     @_answer_errors
     async def ListDefinitions(
@@ -764,12 +794,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.SetParticipantRequest,
         context: Context[orchestrator_pb2.SetParticipantRequest, orchestrator_pb2.SetParticipantResponse],
     ) -> orchestrator_pb2.SetParticipantResponse:
-        actor = self._actor(context, request.actor)
+        identity = self._caller(context)
+        actor = stored_text(identity.actor(request.actor), MAX_STORED_ACTOR_CHARS)
         if not PARTICIPANT_NAME_PATTERN.fullmatch(request.name):
             raise InvalidArgument(
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
             )
         _check_address(request.address)
+        if identity.definitions:
+            named = await self._store.definition_participants()
+            self._access.require_settable_participant(identity, request.name, named)
         stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
         log.info("participant %s set to %s by %s", stored.name, stored.address, actor or "unknown")
         return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
@@ -781,10 +815,15 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         context: Context[orchestrator_pb2.ListParticipantsRequest, orchestrator_pb2.ListParticipantsResponse],
     ) -> orchestrator_pb2.ListParticipantsResponse:
         stored = await self._engine.refresh_participants()
+        caller = None if self._access.open else self._caller(context)
+        visible = None
+        if caller is not None and caller.definitions:
+            visible = self._access.visible_participants(caller, await self._store.definition_participants())
         health = self._engine.participant_health
         return orchestrator_pb2.ListParticipantsResponse(participants=[
             _participant_message(participant, health.seen(participant.name, participant.address))
             for participant in stored
+            if visible is None or participant.name in visible
         ])
 
 

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from compensa.common.database import (
+    DATABASE_URL_FORMS,
+    DEFAULT_DATABASE_TIMEOUT,
+    engine_options,
+    parse_database_url,
+)
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
 from compensa.common.startup import (
     DATABASE_START_BACKOFF,
@@ -68,19 +74,39 @@ logger = logging.getLogger(__name__)
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
 
+#: The exit status of a process whose participant cannot start (as `compensa`'s for any error).
+_EXIT_CANNOT_START = 2
+
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: Calls gRPC's C core holds for a server before its event loop picks them up.
+#: By default it refuses some at random past 1,000 waiting and all past 3,000,
+#: and the caller sees CANCELLED with no message, as if it had given up itself:
+#: 2,000 callers at once were enough. Overload is the server's to answer (the
+#: orchestrator refuses starts over its bound with RESOURCE_EXHAUSTED and a
+#: retry delay), so the queue is bounded only against a flood: about 12 KB
+#: each while they wait, measured.
+MAX_WAITING_CALLS = 10_000
 
 #: Options of every gRPC server here. gRPC sets SO_REUSEPORT by default, so a
 #: second process on a taken port would start serving too and the kernel would
 #: split new connections between the two; with it off, the second is refused.
-GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
+GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", MAX_WAITING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_WAITING_CALLS),
+)
 
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
-    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
+    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://;
+    postgresql:// and sqlite:// get those drivers).
 
-    Raises DatabaseMisconfigured for a URL that is not one of those, or a
-    SQLite file whose directory does not exist.
+    A PostgreSQL URL may name several hosts, in any form libpq or SQLAlchemy
+    takes (`compensa.common.database.parse_database_url`): with
+    `target_session_attrs=read-write`, connections go to whichever is the
+    primary. Raises DatabaseMisconfigured for a URL that is not one of those,
+    or a SQLite file whose directory does not exist.
 
     On PostgreSQL, connecting and waiting for a pooled connection each take at
     most `database_timeout` seconds, and the server ends statements and idle
@@ -92,13 +118,16 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     statement, so concurrent duplicate calls serialise instead of failing with
     "database is locked", and SAVEPOINTs work.
     """
+    database = parse_database_url(database_url)
     ensure_sqlite_directory(database_url)
     try:
-        engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
+        engine = create_async_engine(database.engine_url, **engine_options(database, database_timeout))
+    except (
+        sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.InvalidRequestError,
+        ValueError, ImportError,
+    ) as error:
         raise DatabaseMisconfigured(
-            f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
-            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+            f"--db {database.shown!r} is not a database URL this can use ({first_line(error)}); {DATABASE_URL_FORMS}"
         ) from None
     if engine.dialect.name == "sqlite":
         sync_engine = engine.sync_engine
@@ -270,8 +299,18 @@ async def serve(
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> None:
     """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
-    letting calls in flight finish for `grace` seconds. See `start_server`."""
-    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    letting calls in flight finish for `grace` seconds. See `start_server`.
+
+    Meant to be the whole of a participant's process: when it cannot start
+    (a `ServingError`: a taken port, a database that cannot work as
+    configured) it prints that one line (``error: ...``) on stderr and ends
+    the process with status 2 (SystemExit), as `compensa` does, rather than
+    with a traceback. `start_server` raises instead."""
+    try:
+        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    except ServingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(_EXIT_CANNOT_START) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

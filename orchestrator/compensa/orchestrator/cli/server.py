@@ -42,7 +42,8 @@ def serve(args: argparse.Namespace) -> int:
         participant_tls=tls_files(args.participant_tls_ca, args.participant_tls_cert, args.participant_tls_key),
         operators=tuple(args.operator),
         database_timeout=_database_timeout(args),
-        certificate_roles=dict(args.role),
+        certificate_roles={name: role for name, role, _ in args.role},
+        certificate_scopes={name: scope for name, _, scope in args.role if scope},
         token_file=args.tokens,
         jwt_keys=args.jwt_keys,
         jwt_audience=args.jwt_audience,
@@ -52,6 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_streams_per_client < 0:
         raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
+    if args.max_sagas_in_flight < 0:
+        raise CompensaError("--max-sagas-in-flight must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_sagas_in_flight=args.max_sagas_in_flight)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.alert_webhook is not None:
@@ -100,14 +104,14 @@ def purge(args: argparse.Namespace) -> int:
     """`compensa purge`: what `serve --retention` does on its own, once, for
     deployments that run it from a scheduled job instead (or want a one-off
     clean-up)."""
-    from sqlalchemy.engine import make_url
-
+    from compensa.common.database import parse_database_url
     from compensa.orchestrator.engine import purge_finished
     from compensa.orchestrator.store import open_store
 
     older_than = _positive_seconds(args.older_than, "--older-than")
     url = ServerConfig(database_url=args.db).resolved_database_url()
-    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    database = parse_database_url(url)
+    sqlite_file = None if database.is_postgres else database.engine_url.database
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
         raise CompensaError(f"no database at {sqlite_file}; check --db")
 

@@ -5,9 +5,10 @@ the saga list live from `/live`, a server-sent event stream of the global log
 that resumes after a reconnect from the browser's Last-Event-ID (the log
 position of the last batch it got), through the same `LogTail` as WatchSagas.
 Who may look and act is the `AccessPolicy` of the gRPC API: a bearer token
-(header or the cookie the login form sets) or a client certificate over TLS.
-Operator actions are POSTed forms carrying a per-identity token, and refused
-from another origin.
+(header, or a sign-in session of the login form: sessions.py) or a client
+certificate over TLS. Operator actions are POSTed forms carrying a
+per-identity token, and refused from another origin (an Origin or Referer
+header that is not the dashboard's own, `null` included).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from google.protobuf import any_pb2, descriptor_pool
 
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator import payloads, records
-from compensa.orchestrator.auth import AccessPolicy, Identity, Role, StreamLimit
+from compensa.orchestrator.auth import AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.dashboard import gantt
+from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN
 from compensa.orchestrator.definitions._durations import shorthand_to_json
 from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
@@ -44,6 +46,7 @@ from compensa.orchestrator.errors import (
     PermissionDenied,
     http_status_of,
     quote,
+    saga_not_found,
 )
 from compensa.orchestrator.limits import (
     MAX_SAGA_ID_CHARS,
@@ -63,10 +66,8 @@ from compensa.v1 import saga_pb2
 
 log = logging.getLogger("compensa.dashboard")
 
-__all__ = ["TOKEN_COOKIE", "Dashboard", "server_ssl_context"]
+__all__ = ["Dashboard", "server_ssl_context"]
 
-#: The cookie the login form sets to the bearer token.
-TOKEN_COOKIE = "compensa_token"
 #: Sagas the list shows (newest first).
 LIST_SIZE = 100
 #: A live list gets one message per this many seconds at most, with the
@@ -89,6 +90,9 @@ _ERROR_TITLES = {
 #: boxes with inline style attributes); never framed by another site.
 _CONTENT_SECURITY_POLICY = "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"
 _ACTIONS = {"cancel": "CancelSaga", "retry": "RetrySaga", "resolve": "ResolveSaga"}
+#: What a saga page may say was done (`?done=` after an action): only these,
+#: never text from the link.
+_DONE_NOTICES = {action: action for action in _ACTIONS}
 _STATES = [state for state in saga_pb2.SagaState.values() if state]
 _HERE = Path(__file__).parent
 
@@ -105,16 +109,12 @@ def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     return context
 
 
-def _certificate_names(request: web.Request) -> list[str]:
-    """The verified client certificate's common name and DNS/IP alternative names."""
-    if request.transport is None:
-        return []
-    peer = request.transport.get_extra_info("peercert")
-    if not peer:
-        return []
-    names = [value for rdn in peer.get("subject", ()) for key, value in rdn if key == "commonName"]
-    names += [value for kind, value in peer.get("subjectAltName", ()) if kind in ("DNS", "IP Address")]
-    return list(dict.fromkeys(names))
+def _peer_certificate(request: web.Request) -> bytes | None:
+    """The client certificate (DER), when one was presented and verified."""
+    connection = request.transport.get_extra_info("ssl_object") if request.transport is not None else None
+    if not isinstance(connection, ssl.SSLObject) or not connection.getpeercert():
+        return None
+    return connection.getpeercert(binary_form=True)
 
 
 def _time(seconds: float | None) -> str:
@@ -219,13 +219,22 @@ class Dashboard:
     """The dashboard's aiohttp application over a running engine."""
 
     def __init__(
-        self, engine: SagaEngine, tail: LogTail, access: AccessPolicy, streams: StreamLimit, *, tls: bool
+        self,
+        engine: SagaEngine,
+        tail: LogTail,
+        access: AccessPolicy,
+        streams: StreamLimit,
+        refused_calls: RefusedCalls,
+        *,
+        tls: bool,
     ) -> None:
         self._engine = engine
         self._store = engine.store
         self._tail = tail
         self._access = access
         self._streams = streams
+        self._refused_calls = refused_calls
+        self._sessions = Sessions()
         self._tls = tls
         self._form_key = os.urandom(32)
         self._live_items = _LiveItems(4 * engine.config.watch_buffer_events)
@@ -252,11 +261,11 @@ class Dashboard:
 
     def _identify(self, request: web.Request) -> Identity:
         authorization = request.headers.get("Authorization")
-        cookie = request.cookies.get(TOKEN_COOKIE)
-        if authorization is None and cookie:
-            authorization = f"Bearer {cookie}"
+        if authorization is None:
+            token = self._sessions.token(request.cookies.get(SESSION_COOKIE))
+            authorization = f"Bearer {token}" if token is not None else None
         identity = self._access.identify(
-            _certificate_names(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
+            _peer_certificate(request), authorization, anonymous=f"dashboard {request.remote or ''}".strip()
         )
         request[_IDENTITY] = identity
         self._access.authorize(identity, "Dashboard")
@@ -266,9 +275,22 @@ class Dashboard:
         return hmac.new(self._form_key, f"{identity.how}:{identity.name}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def _same_origin(self, request: web.Request) -> None:
+        """PermissionDenied for a form posted from another page than the
+        dashboard's: an Origin other than its own (`null`, sent by sandboxed
+        frames and some redirects, included), or else a foreign Referer.
+        Browsers send one of them with every form; a client sending neither
+        is not a browser and proves itself with its token."""
+        own = f"{request.scheme}://{request.host}"
         origin = request.headers.get("Origin")
-        if origin and origin != "null" and origin != f"{request.scheme}://{request.host}":
-            raise PermissionDenied(f"a form from {origin} may not act here: use the dashboard's own page")
+        referer = request.headers.get("Referer")
+        if origin is not None:
+            foreign = origin if origin != own else None
+        elif referer is not None:
+            foreign = referer if referer != own and not referer.startswith(own + "/") else None
+        else:
+            foreign = None
+        if foreign is not None:
+            raise PermissionDenied(f"a form from {quote(foreign)} may not act here: use the dashboard's own page")
 
     @web.middleware
     async def _answer_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -277,7 +299,9 @@ class Dashboard:
         except web.HTTPException:
             raise
         except Exception as error:
-            if not isinstance(error, CompensaError):
+            if isinstance(error, CompensaError):
+                self._refused_calls.note(error, f"dashboard {request.method} {request.path}", str(request.remote))
+            else:
                 log.exception("dashboard %s %s failed", request.method, request.path)
             status, message = http_status_of(error)
             if request.path == "/live" or request.headers.get("Accept", "") == "application/json":
@@ -387,10 +411,7 @@ class Dashboard:
     async def _saga(self, request: web.Request) -> web.Response:
         identity = self._identify(request)
         saga_id = request.match_info["saga_id"]
-        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
-        if saga is None:
-            raise NotFound(f"saga {quote(saga_id)} not found")
-        self._access.authorize(identity, "GetSaga", saga.definition_name)
+        saga = await self._visible_saga(identity, saga_id)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
         view = saga_message(saga, plan)
         pool = payloads.pool_of(plan.definition)
@@ -431,8 +452,16 @@ class Dashboard:
             actions=_available_actions(saga),
             may_act=identity.role >= Role.OPERATOR,
             position=events[-1].position if events else 0,
-            done=request.query.get("done", ""),
+            done=_DONE_NOTICES.get(request.query.get("done", ""), ""),
         )
+
+    async def _visible_saga(self, identity: Identity, saga_id: str) -> records.SagaRecord:
+        """The saga, if it exists and `identity` may see it; NotFound alike otherwise."""
+        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
+        if saga is None:
+            raise saga_not_found(saga_id)
+        self._access.require_visible(identity, saga_id, saga.definition_name)
+        return saga
 
     async def _act(self, request: web.Request) -> web.StreamResponse:
         identity = self._identify(request)
@@ -446,9 +475,7 @@ class Dashboard:
         saga_id = request.match_info["saga_id"]
         text = str(form.get("note" if action == "ResolveSaga" else "reason", ""))
         event = operator_event(action, identity.actor(""), text)
-        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
-        if saga is None:
-            raise NotFound(f"saga {quote(saga_id)} not found")
+        saga = await self._visible_saga(identity, saga_id)
         self._access.authorize(identity, action, saga.definition_name)
         await self._engine.apply_external(saga_id, event)
         log.info("%s of saga %s by %s from the dashboard", action, saga_id, identity.describe())
@@ -526,16 +553,19 @@ class Dashboard:
         token = str(form.get("token", "")).strip()
         if not token:
             raise InvalidArgument("paste your access token")
-        identity = self._access.identify([], f"Bearer {token}")
+        identity = self._access.identify(None, f"Bearer {token}")
         self._access.authorize(identity, "Dashboard")
         response = web.HTTPSeeOther("/")
-        response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=self._tls, path="/")
+        response.set_cookie(
+            SESSION_COOKIE, self._sessions.open(token), httponly=True, samesite="Strict", secure=self._tls, path="/"
+        )
         raise response
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         self._same_origin(request)
+        self._sessions.close(request.cookies.get(SESSION_COOKIE))
         response = web.HTTPSeeOther("/login")
-        response.del_cookie(TOKEN_COOKIE, path="/")
+        response.del_cookie(SESSION_COOKIE, path="/")
         raise response
 
 

@@ -15,19 +15,29 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     bounded_transaction,
     cancelled_by_the_database,
+    database_error_text,
+    engine_options,
+    parse_database_url,
 )
-from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
+from compensa.orchestrator.errors import (
+    DatabaseFull,
+    DatabasePermissionDenied,
+    DatabaseReadOnly,
+    DatabaseRefusesWrites,
+    RejectedWrite,
+    StoreUnavailable,
+)
 from compensa.orchestrator.records import (
     ACTIVE_SAGA_STATES,
     DELIVERY_POSSIBLE,
@@ -209,14 +219,47 @@ _SAGA_COLUMNS = [
 ]
 
 
+_REFUSALS: dict[str, tuple[type[DatabaseRefusesWrites], str]] = {
+    DatabaseFull.sqlstate: (
+        DatabaseFull,
+        "the orchestrator's database is out of space: nothing can be stored until space is freed;"
+        " retry later",
+    ),
+    DatabaseReadOnly.sqlstate: (
+        DatabaseReadOnly,
+        "the orchestrator's database is read-only (a standby? the URL should lead to the primary:"
+        " target_session_attrs=read-write); retry later",
+    ),
+    DatabasePermissionDenied.sqlstate: (
+        DatabasePermissionDenied,
+        "the orchestrator's database user may not write its tables (permission denied); retry later",
+    ),
+}
+
+
+def refused_write(error: BaseException) -> DatabaseRefusesWrites | None:
+    """The DatabaseRefusesWrites that `error` (a driver's, or SQLAlchemy's
+    wrapping one) means, by its SQLSTATE; None for any other error. The
+    database's own message is left out: it names internal files."""
+    sqlstate = getattr(getattr(error, "orig", error), "sqlstate", None)
+    if sqlstate not in _REFUSALS:
+        return None
+    kind, message = _REFUSALS[sqlstate]
+    return kind(f"{message} (SQLSTATE {sqlstate})")
+
+
 class SqlSagaStore(SagaStore):
     """SagaStore over SQLAlchemy 2 Core with an async driver."""
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
         self.url = url
+        #: The URL read once (DatabaseMisconfigured if it cannot be).
+        self.database = parse_database_url(url)
         #: The longest any one wait on the database may take, in seconds.
         self.timeout = timeout
-        self.engine: AsyncEngine = create_async_engine(url, **options)
+        self.engine: AsyncEngine = create_async_engine(
+            self.database.engine_url, **engine_options(self.database, timeout), **options
+        )
 
     # -- dialect hooks
 
@@ -241,22 +284,52 @@ class SqlSagaStore(SagaStore):
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         """One transaction, bounded by `timeout` (and so is getting its connection)."""
+        began = time.monotonic()
         try:
             async with bounded_transaction(self.engine, self.timeout) as conn:
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
-            if not cancelled_by_the_database(error):
-                self._reached(error)
-            raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+        except sa.exc.TimeoutError as error:
+            # Every pooled connection was busy for the whole wait: a fact about
+            # this replica's load, not about the database.
+            raise StoreUnavailable(
+                f"database unavailable: no pooled connection came free within {self.timeout:g}s; retry"
+            ) from error
         except sa.exc.DBAPIError as error:
+            refusal = await self._refusal(error, began)
+            if refusal is not None:
+                raise refusal from error
+            if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+                raise self._unreachable(error, began) from error
             if error.connection_invalidated:
-                self._reached(error)
-                raise StoreUnavailable(f"database connection lost: {error}") from error
+                self._reached(error, began)
+                raise StoreUnavailable(f"database connection lost: {database_error_text(error)}") from error
             raise
-        self._reached(None)
+        except OSError as error:
+            raise self._unreachable(error, began) from error
+        self._reached(None, began)
+
+    def _unreachable(self, error: BaseException, began: float) -> StoreUnavailable:
+        """Reports a wait that could not reach the database (unless the
+        database itself cancelled the statement); what its caller raises."""
+        if not cancelled_by_the_database(error):
+            self._reached(error, began)
+        return StoreUnavailable.of(error)
+
+    async def _refusal(self, error: BaseException, began: float) -> DatabaseRefusesWrites | None:
+        """The refusal of writes `error` is, reported, or None. After a
+        read-only answer the pool's connections are dropped: new ones go
+        where the URL leads now (a promoted primary, with
+        target_session_attrs=read-write)."""
+        refusal = refused_write(error)
+        if refusal is None:
+            return None
+        self._reached(refusal, began)
+        if isinstance(refusal, DatabaseReadOnly):
+            await self.engine.dispose()
+        return refusal
 
     async def ensure_schema(self) -> None:
-        database = make_url(self.url).render_as_string(hide_password=True)
+        database = self.database.shown
         async with self._transaction() as conn:
             await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
 
@@ -285,6 +358,16 @@ class SqlSagaStore(SagaStore):
     async def ping(self) -> None:
         async with self._transaction() as conn:
             await conn.execute(sa.text("SELECT 1"))
+
+    async def probe_writes(self) -> None:
+        async with self._transaction() as conn:
+            # Matches no row, but is checked like any write: a read-only
+            # transaction or a missing privilege refuses it.
+            await conn.execute(sa.update(sagas).where(sa.false()).values(updated_at=sagas.c.updated_at))
+            await self._probe_space(conn)
+
+    async def _probe_space(self, conn: AsyncConnection) -> None:
+        """Fails (out of space) unless the database can grow its files now."""
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -431,6 +514,15 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             bodies = (await conn.execute(query.limit(page_size))).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
+
+    async def definition_participants(self) -> dict[str, frozenset[str]]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(definitions.c.name, definitions.c.body))).all()
+        named: dict[str, set[str]] = {}
+        for name, body in rows:
+            steps = definition_pb2.SagaDefinition.FromString(body).steps
+            named.setdefault(name, set()).update(step.participant for step in steps)
+        return {name: frozenset(participants) for name, participants in named.items()}
 
     # -- participants
 
