@@ -169,7 +169,8 @@ async def test_start_wait_says_what_a_quiet_saga_waits_for(
         stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 1, stdout.decode() + stderr.decode()
         told = [line for line in stderr.decode().splitlines() if line.startswith("saga quiet-1: ")]
-        assert len(told) == 1, stderr.decode()
+        # Then perhaps a line for the next attempt in flight: told once per change, not every second.
+        assert 1 <= len(told) <= 2 and len(set(told)) == len(told), stderr.decode()
         assert told[0].startswith(
             "saga quiet-1: step charge_card retrying (attempt 1: never delivered: UNAVAILABLE: "
         ), told
