@@ -19,7 +19,7 @@ import signal
 
 import grpc
 
-from compensa.participants.serving import GRPC_SERVER_OPTIONS
+from compensa.common.serving import GRPC_SERVER_OPTIONS
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _PENDING = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)

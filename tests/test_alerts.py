@@ -30,9 +30,9 @@ from tcp_proxy import TcpProxy
 from test_operations import FLOW
 from webhook_receiver import WebhookReceiver, health_server
 
-from compensa.orchestrator.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.cli import main
 from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.engine.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.server import start_orchestrator
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 

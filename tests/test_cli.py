@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from google.protobuf import timestamp_pb2
 
-from compensa.orchestrator import timeline
-from compensa.orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.orchestrator.cli.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.orchestrator.shared import timeline
 from compensa.v1 import saga_pb2
 
 COMPENSA = Path(sys.executable).parent / "compensa"

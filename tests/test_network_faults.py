@@ -439,7 +439,7 @@ async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a
 ) -> None:
     import sqlalchemy as sa
 
-    from compensa.orchestrator.errors import StoreUnavailable
+    from compensa.orchestrator.shared.errors import StoreUnavailable
     from compensa.orchestrator.store import open_store
 
     store = open_store(make_postgres_url(), timeout=DATABASE_TIMEOUT)

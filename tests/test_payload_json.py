@@ -19,8 +19,8 @@ from google.protobuf import (
     wrappers_pb2,
 )
 
-from compensa.orchestrator import payloads
 from compensa.orchestrator.dashboard.app import _payload_json
+from compensa.orchestrator.shared import payloads
 from compensa.v1 import saga_pb2
 
 F = descriptor_pb2.FieldDescriptorProto

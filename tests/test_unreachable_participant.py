@@ -15,8 +15,9 @@ from pathlib import Path
 from harness import checkout_input, checkout_stack, poll_until
 from tcp_proxy import TcpProxy
 
-from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared import records
 from compensa.orchestrator.store import SagaWrite, open_store
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, saga_pb2

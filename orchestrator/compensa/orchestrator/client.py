@@ -30,7 +30,7 @@ from google.rpc.status_pb2 import Status
 
 from compensa.common.retry import Backoff
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.records import FINAL_SAGA_STATES
+from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 #: Answers after which the same call may simply be made again (a stopping

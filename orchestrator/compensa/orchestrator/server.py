@@ -16,23 +16,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from compensa.common.health import DatabaseHealth
-from compensa.common.startup import (
-    DATABASE_START_BACKOFF,
-    DatabaseMisconfigured,
-    ServingError,
-    first_line,
-    permanent_database_problem,
-)
+from compensa.common.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
+from compensa.common.startup import DatabaseMisconfigured, ServingError, first_line, wait_for_database
 from compensa.common.tls import TlsConfigError
-from compensa.orchestrator import payloads
+from compensa.orchestrator.api.service import OrchestratorService, service_handler
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
-from compensa.orchestrator.service import OrchestratorService, service_handler
+from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.shared import payloads
+from compensa.orchestrator.shared.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
 from compensa.orchestrator.store import open_store
-from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.v1 import orchestrator_pb2
 
 log = logging.getLogger("compensa.server")
@@ -101,30 +95,23 @@ async def _wait_for_database(
     driving sagas. Only an unreachable database is waited for: any other
     failure ends the start-up, and a database that will never work as
     configured raises DatabaseMisconfigured."""
-    waits = DATABASE_START_BACKOFF.waits()
-    while True:
-        try:
-            await running.engine.store.ensure_schema()
-            await running.engine.sync_clock()
-            await running.engine.load_secrets()
-            await running.engine.store_participants(
-                running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
+
+    async def prepare() -> None:
+        await running.engine.store.ensure_schema()
+        await running.engine.sync_clock()
+        await running.engine.load_secrets()
+        await running.engine.store_participants(
+            running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
+        )
+        for definition in definitions:
+            registration = await running.engine.register_definition(
+                definition, source="definitions", actor=f"serve --definitions ({running.config.replica_id})"
             )
-            for definition in definitions:
-                registration = await running.engine.register_definition(
-                    definition, source="definitions", actor=f"serve --definitions ({running.config.replica_id})"
-                )
-                if registration.created:
-                    stored = registration.definition
-                    log.info("registered definition %s version %d", stored.name, stored.version)
-            break
-        except StoreUnavailable as error:
-            problem = permanent_database_problem(error)
-            if problem is not None:
-                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
-            delay = waits.next()
-            log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
-            await asyncio.sleep(delay)
+            if registration.created:
+                stored = registration.definition
+                log.info("registered definition %s version %d", stored.name, stored.version)
+
+    await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)
     running.engine.start()
     await running.database_health.ready()
     store = running.engine.store
@@ -169,14 +156,15 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
             f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
             "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
         ) from None
-    engine = SagaEngine(store, config)
+    engine = SagaEngine(store, config.engine_config())
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
         options=[
             *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
         ]
     )
-    service = OrchestratorService(engine, access)
+    settings = config.service_settings()
+    service = OrchestratorService(engine, settings, access)
     server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -197,7 +185,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         if config.http_listen:
             dashboard = await start_dashboard(
                 config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
-                config.tls,
+                config.tls, live_buffer_events=settings.watch_buffer_events,
             )
             log.info("dashboard at %s", dashboard.url)
     except BaseException:

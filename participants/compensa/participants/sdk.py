@@ -54,9 +54,9 @@ import sqlalchemy
 from google.protobuf import any_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from compensa.common import tracing
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from compensa.common.health import DatabaseHealth
-from compensa.participants import tracing
 from compensa.participants.barrier import (
     BarrierRow,
     BarrierTransaction,

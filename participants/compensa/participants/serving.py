@@ -24,7 +24,6 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -33,6 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from compensa.common import tracing
 from compensa.common.database import (
     DATABASE_URL_FORMS,
     DEFAULT_DATABASE_TIMEOUT,
@@ -40,17 +40,17 @@ from compensa.common.database import (
     parse_database_url,
 )
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
+from compensa.common.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.common.startup import (
-    DATABASE_START_BACKOFF,
     AddressInUse,
     DatabaseMisconfigured,
     ServingError,
     ensure_address_free,
     first_line,
     permanent_database_problem,
+    wait_for_database,
 )
 from compensa.common.tls import TlsFiles
-from compensa.participants import tracing
 from compensa.participants.sdk import Participant
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
@@ -79,24 +79,6 @@ _EXIT_CANNOT_START = 2
 
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
-
-#: Calls gRPC's C core holds for a server before its event loop picks them up.
-#: By default it refuses some at random past 1,000 waiting and all past 3,000,
-#: and the caller sees CANCELLED with no message, as if it had given up itself:
-#: 2,000 callers at once were enough. Overload is the server's to answer (the
-#: orchestrator refuses starts over its bound with RESOURCE_EXHAUSTED and a
-#: retry delay), so the queue is bounded only against a flood: about 12 KB
-#: each while they wait, measured.
-MAX_WAITING_CALLS = 10_000
-
-#: Options of every gRPC server here. gRPC sets SO_REUSEPORT by default, so a
-#: second process on a taken port would start serving too and the kernel would
-#: split new connections between the two; with it off, the second is refused.
-GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.so_reuseport", 0),
-    ("grpc.server.max_pending_requests", MAX_WAITING_CALLS),
-    ("grpc.server.max_pending_requests_hard_limit", MAX_WAITING_CALLS),
-)
 
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
     """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://;
@@ -152,60 +134,16 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     return engine
 
 
-def ensure_sqlite_directory(database_url: str) -> None:
-    """Raises DatabaseMisconfigured if `database_url` names a SQLite file in a
-    directory that does not exist (connecting would fail, and nothing should
-    create directories a typo named)."""
-    try:
-        url = sqlalchemy.engine.make_url(database_url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return  # create_async_engine says what is wrong with it
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return
-    directory = Path(url.database).parent
-    if not directory.is_dir():
-        raise DatabaseMisconfigured(
-            f"database: the directory of the SQLite file {url.database} does not exist; create it or check --db"
-        )
-
-
-def listen_on(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Binds `server` (made with GRPC_SERVER_OPTIONS) to `listen`; the port.
-
-    Raises AddressInUse when another process listens there, ServingError when
-    the address cannot be bound for another reason."""
-    ensure_address_free(listen)
-    try:
-        port: int = (
-            server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
-        )
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        # Taken between the check and the bind, or not an address of this host.
-        ensure_address_free(listen)
-        raise ServingError(f"cannot listen on {listen}: not an address of this host, or not allowed")
-    return port
-
-
 async def create_schema_when_reachable(participant: Participant) -> None:
-    """Creates `participant`'s tables, waiting (with a one-line warning per
-    try) while its database does not answer; DatabaseMisconfigured when it
-    never will."""
-    waits = DATABASE_START_BACKOFF.waits()
-    while True:
-        try:
-            await participant.create_schema()
-            return
-        except (
+    """Creates `participant`'s tables, waiting while its database does not
+    answer; DatabaseMisconfigured when it never will."""
+    await wait_for_database(
+        participant.create_schema,
+        unreachable=(
             sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError
-        ) as error:
-            problem = permanent_database_problem(error)
-            if problem is not None:
-                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
-            delay = waits.next()
-            logger.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
-        await asyncio.sleep(delay)
+        ),
+        logger=logger,
+    )
 
 
 @dataclass

@@ -33,8 +33,8 @@ from compensa.orchestrator.cli.connection import no_orchestrator_text
 from compensa.orchestrator.cli.exit_codes import EXIT_BROKEN_PIPE, EXIT_ERROR, EXIT_INTERRUPTED
 from compensa.orchestrator.cli.output import error_text
 from compensa.orchestrator.cli.parser import Command, build_parser, parse_arguments, parse_saga_state
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.logs import configure_logging
+from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.logs import configure_logging
 
 __all__ = ["build_parser", "main", "parse_saga_state"]
 

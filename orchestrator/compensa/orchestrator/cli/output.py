@@ -16,9 +16,9 @@ import grpc
 from google.protobuf import descriptor, descriptor_pool, json_format
 from google.protobuf.message import Message
 
-from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.records import ACTIVE_SAGA_STATES
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 

@@ -20,13 +20,13 @@ from typing import NoReturn
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.auth import Role, check_scope, parse_role
+from compensa.orchestrator.api.auth import Role, check_scope, parse_role
 from compensa.orchestrator.cli import definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
-from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
-from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
-from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
+from compensa.orchestrator.shared.errors import CompensaError, InvalidArgument, quote
+from compensa.orchestrator.shared.limits import INT32_MAX, INT64_MAX
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2
 

@@ -15,7 +15,6 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compensa.common.retry import Backoff
-from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.cli.connection import RECONNECT_QUICKLY, open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK, EXIT_SAGA_ENDED_BADLY
 from compensa.orchestrator.cli.output import (
@@ -30,8 +29,9 @@ from compensa.orchestrator.cli.output import (
     use_color,
 )
 from compensa.orchestrator.cli.waiting import WaitReporter
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.records import done_for_good
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.records import done_for_good
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 _Message = TypeVar("_Message")

@@ -15,7 +15,7 @@ from compensa.common.tls import TlsConfigError, TlsFiles
 from compensa.orchestrator.cli.connection import tls_files
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.shared.errors import CompensaError
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -105,7 +105,7 @@ def purge(args: argparse.Namespace) -> int:
     deployments that run it from a scheduled job instead (or want a one-off
     clean-up)."""
     from compensa.common.database import parse_database_url
-    from compensa.orchestrator.engine import purge_finished
+    from compensa.orchestrator.engine.engine import purge_finished
     from compensa.orchestrator.store import open_store
 
     older_than = _positive_seconds(args.older_than, "--older-than")
@@ -144,7 +144,7 @@ def participant(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """`compensa demo`: a checkout that succeeds and one that compensates, in this process."""
-    from compensa.orchestrator.demo import run_demo
+    from compensa.orchestrator.cli.demo import run_demo
 
     return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
 

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import grpc
 
-from compensa.orchestrator import timeline
+from compensa.orchestrator.shared import timeline
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 _Item = TypeVar("_Item")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, message
 
-from compensa.orchestrator.errors import DefinitionError
+from compensa.orchestrator.shared.errors import DefinitionError
 
 
 def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:

@@ -21,7 +21,7 @@ from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.orchestrator.store.sqlite import SqliteSagaStore
 
 
-def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:
+def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SagaStore:
     """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
 
     `notifier` names this process in change notifications, so it can ignore

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from compensa.orchestrator.records import LogEvent, SagaRecord
+from compensa.orchestrator.shared.records import LogEvent, SagaRecord
 from compensa.v1 import definition_pb2
 
 

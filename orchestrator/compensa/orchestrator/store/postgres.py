@@ -30,10 +30,11 @@ from compensa.common.database import (
     connect_bounded,
 )
 from compensa.common.retry import Backoff
-from compensa.orchestrator.records import RUNNING
+from compensa.orchestrator.shared.records import RUNNING
 from compensa.orchestrator.store.base import SAGA_ALERT, SagaWrite, WriteResult
+from compensa.orchestrator.store.rows import ALERT_RAISED, event_row, rejected, saga_values, step_row
 from compensa.orchestrator.store.schema import ALERT_LOG, EVENT_LOG
-from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
+from compensa.orchestrator.store.sql import SqlSagaStore
 
 log = logging.getLogger("compensa.store")
 
@@ -241,7 +242,7 @@ class PostgresSagaStore(SqlSagaStore):
                     await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
                     rows = await cursor.fetchall()
         except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
-            raise _rejected(error) from error
+            raise rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
         base = rows[0][2] if rows else 0
         results: list[WriteResult] = []
@@ -405,7 +406,7 @@ def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Seq
         names = [step.name for step in saga.steps] if all_steps else writes[index].changed_steps
         positions = {step.name: position for position, step in enumerate(saga.steps)}
         for name in names:
-            row = _step_row(saga.saga_id, positions[name], saga.step(name))
+            row = step_row(saga.saga_id, positions[name], saga.step(name))
             row["idx"] = index
             row["output"] = _base64(row["output"])
             rows.append(row)
@@ -415,7 +416,7 @@ def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Seq
 def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int]) -> dict[str, Any]:
     updated = [
         {"idx": index, "saga_id": writes[index].saga.saga_id, "expected": writes[index].expected_sequence,
-         "epoch": writes[index].epoch, **SqlSagaStore._saga_values(writes[index])}
+         "epoch": writes[index].epoch, **saga_values(writes[index])}
         for index in updates
     ]
     created: list[dict[str, Any]] = []
@@ -427,13 +428,13 @@ def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: 
             "idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
             "definition_version": saga.definition_version, "input": _base64(saga.input),
             "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
-            "trace_parent": saga.trace_parent, **SqlSagaStore._saga_values(write),
+            "trace_parent": saga.trace_parent, **saga_values(write),
         })
     events: list[dict[str, Any]] = []
     for index in sorted((*updates, *creates)):  # positions are handed out in write order
         saga = writes[index].saga
         for event in writes[index].events:
-            row = _event_row(saga, event, 0)
+            row = event_row(saga, event, 0)
             row["idx"], row["n"] = index, len(events)
             del row["position"]
             events.append(row)

@@ -25,7 +25,7 @@ from sqlalchemy import (
     text,
 )
 
-from compensa.orchestrator.records import DELIVERY_POSSIBLE
+from compensa.orchestrator.shared.records import DELIVERY_POSSIBLE
 
 metadata = MetaData()
 

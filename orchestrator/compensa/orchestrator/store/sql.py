@@ -4,8 +4,10 @@ Every statement both databases run is here (schema.py declares the tables).
 What differs lives in a module per database, as hooks this class calls:
 postgres.py (one-statement group commit, SKIP LOCKED, LISTEN/NOTIFY, plan
 guards, bounded connections) and sqlite.py (the embedded file's settings).
-The group commit here, a statement per table, is SQLite's; PostgreSQL
-overrides it with its own flush.
+The group commit here, a statement per table, is the one SQLite runs (and
+PostgreSQL can: the migration tests write databases at old revisions through
+it); PostgreSQL overrides it with its own one-statement flush. The rows both
+build are in rows.py.
 """
 
 from __future__ import annotations
@@ -30,29 +32,26 @@ from compensa.common.database import (
     engine_options,
     parse_database_url,
 )
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.shared.errors import (
     DatabaseFull,
     DatabasePermissionDenied,
     DatabaseReadOnly,
     DatabaseRefusesWrites,
-    RejectedWrite,
     StoreUnavailable,
 )
-from compensa.orchestrator.records import (
+from compensa.orchestrator.shared.records import (
     ACTIVE_SAGA_STATES,
     DELIVERY_POSSIBLE,
     FAILED,
     FINAL_SAGA_STATES,
     LogEvent,
     SagaRecord,
-    StepRecord,
     takeover_event,
 )
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
-    SAGA_ALERT,
     Claimed,
     DefinitionChange,
     ParticipantAddress,
@@ -63,6 +62,19 @@ from compensa.orchestrator.store.base import (
     StoredAlert,
     StoredEvent,
     WriteResult,
+)
+from compensa.orchestrator.store.rows import (
+    ALERT_RAISED,
+    alert_row,
+    event_row,
+    outbox_row,
+    rejected,
+    saga_alert,
+    saga_from_rows,
+    saga_values,
+    step_row,
+    stored_alert,
+    stored_event,
 )
 from compensa.orchestrator.store.schema import (
     ALERT_LOG,
@@ -78,130 +90,16 @@ from compensa.orchestrator.store.schema import (
     sagas,
     secrets,
 )
-from compensa.v1 import definition_pb2, saga_pb2
+from compensa.v1 import definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
 
-ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
 _FINAL_STATES = tuple(sorted(FINAL_SAGA_STATES))
 # records.awaits_a_person, in SQL.
 _AWAITS_A_PERSON = sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")
-
-
-def _rejected(error: Exception) -> RejectedWrite:
-    """A flush failure tied to the values written, not to the connection: the
-    same flush without the offending write would land."""
-    first_line = str(error).partition("\n")[0][:200]
-    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
-
-
-def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
-    return {
-        "saga_id": saga_id,
-        "step_name": step.name,
-        "position": position,
-        "state": step.state,
-        "attempts": step.attempts,
-        "compensate_attempts": step.compensate_attempts,
-        "output": step.output,
-        "last_error": step.last_error,
-        "effect_uncertain": step.effect_uncertain,
-        "delivery": step.delivery,
-        "started_at": step.started_at,
-        "finished_at": step.finished_at,
-        "next_attempt_at": step.next_attempt_at,
-    }
-
-
-def _event_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
-    return {
-        "saga_id": saga.saga_id,
-        "sequence": event.sequence,
-        "position": position,
-        "type": event.type,
-        "time": event.time,
-        "saga_state": event.saga_state,
-        "step_name": event.step_name,
-        "step_state": event.step_state,
-        "attempt": event.attempt,
-        "message": event.message,
-        "actor": event.actor,
-        "definition_name": saga.definition_name,
-    }
-
-
-def _saga_alert(saga: SagaRecord, event: LogEvent, event_position: int, position: int) -> StoredAlert:
-    return StoredAlert(
-        position=position, kind=SAGA_ALERT, raised_at=event.time, message=event.message, saga_id=saga.saga_id,
-        sequence=event.sequence, event_position=event_position, definition_name=saga.definition_name,
-        step_name=event.step_name,
-    )
-
-
-def _alert_row(alert: StoredAlert) -> dict[str, Any]:
-    return {column.name: getattr(alert, column.name) for column in alerts.columns}
-
-
-def _outbox_row(alert: StoredAlert) -> dict[str, Any]:
-    return {"position": alert.position, "attempts": 0, "next_attempt_at": alert.raised_at, "last_error": ""}
-
-
-def _stored_alert(row: sa.Row[Any]) -> StoredAlert:
-    return StoredAlert(**{column.name: getattr(row, column.name) for column in alerts.columns})
-
-
-def _stored_event(row: sa.Row[Any]) -> StoredEvent:
-    return StoredEvent(
-        saga_id=row.saga_id,
-        definition_name=row.definition_name,
-        position=row.position,
-        event=LogEvent(
-            sequence=row.sequence,
-            type=row.type,
-            time=row.time,
-            saga_state=row.saga_state,
-            step_name=row.step_name,
-            step_state=row.step_state,
-            attempt=row.attempt,
-            message=row.message,
-            actor=row.actor,
-        ),
-    )
-
-
-def _saga_from_rows(row: sa.Row[Any], step_rows: Sequence[sa.Row[Any]]) -> SagaRecord:
-    return SagaRecord(
-        saga_id=row.saga_id,
-        definition_name=row.definition_name,
-        definition_version=row.definition_version,
-        state=row.state,
-        sequence=row.sequence,
-        input=row.input,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        failure_reason=row.failure_reason,
-        resolution_note=row.resolution_note,
-        trace_parent=row.trace_parent,
-        steps=tuple(
-            StepRecord(
-                name=step.step_name,
-                state=step.state,
-                attempts=step.attempts,
-                compensate_attempts=step.compensate_attempts,
-                output=step.output,
-                last_error=step.last_error,
-                effect_uncertain=step.effect_uncertain,
-                delivery=step.delivery,
-                started_at=step.started_at,
-                finished_at=step.finished_at,
-                next_attempt_at=step.next_attempt_at,
-            )
-            for step in sorted(step_rows, key=lambda s: s.position)
-        ),
-    )
 
 
 _SAGA_COLUMNS = [
@@ -597,11 +495,11 @@ class SqlSagaStore(SagaStore):
     async def _raise_participant_alert(
         self, conn: AsyncConnection, kind: str, name: str, address: str, now: float, message: str
     ) -> StoredAlert:
-        (position,) = await _take_positions(conn, ALERT_LOG, 1)
+        (position,) = await take_positions(conn, ALERT_LOG, 1)
         alert = StoredAlert(
             position=position, kind=kind, raised_at=now, message=message, participant=name, address=address
         )
-        await _log_alerts(conn, [alert])
+        await log_alerts(conn, [alert])
         # Wakes the other replicas' alert watchers (as a change of anything).
         await self._announce(conn, ["*"])
         return alert
@@ -624,7 +522,7 @@ class SqlSagaStore(SagaStore):
         if row is None:
             return None
         steps = (await conn.execute(sa.select(saga_steps).where(saga_steps.c.saga_id == saga_id))).all()
-        return _saga_from_rows(row, steps)
+        return saga_from_rows(row, steps)
 
     async def _load_many(self, conn: AsyncConnection, rows: Sequence[sa.Row[Any]]) -> list[SagaRecord]:
         if not rows:
@@ -634,7 +532,7 @@ class SqlSagaStore(SagaStore):
         by_saga: dict[str, list[sa.Row[Any]]] = {saga_id: [] for saga_id in ids}
         for step in step_rows:
             by_saga[step.saga_id].append(step)
-        return [_saga_from_rows(row, by_saga[row.saga_id]) for row in rows]
+        return [saga_from_rows(row, by_saga[row.saga_id]) for row in rows]
 
     async def load_saga(self, saga_id: str) -> SagaRecord | None:
         async with self._transaction() as conn:
@@ -661,10 +559,6 @@ class SqlSagaStore(SagaStore):
             ).one_or_none()
             return None if held is None else await self._load(conn, saga_id)
 
-    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
-        """Tells other processes, on commit, which sagas changed (a database
-        only one process uses has no one to tell)."""
-
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         """Writes every transition in one transaction, a few statements per
         table; RejectedWrite when the database refuses a value (nothing is
@@ -685,7 +579,7 @@ class SqlSagaStore(SagaStore):
                 )
                 await self._announce(conn, [writes[i].saga.saga_id for i in landed])
         except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
-            raise _rejected(error) from error
+            raise rejected(error) from error
         by_index = dict(zip(landed, positions, strict=True))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
@@ -706,26 +600,12 @@ class SqlSagaStore(SagaStore):
         ]
         if not raised:
             return
-        taken = await _take_positions(conn, ALERT_LOG, len(raised))
+        taken = await take_positions(conn, ALERT_LOG, len(raised))
         logged = [
-            _saga_alert(saga, event, event_position, position)
+            saga_alert(saga, event, event_position, position)
             for (saga, event, event_position), position in zip(raised, taken, strict=True)
         ]
-        await _log_alerts(conn, logged)
-
-    @staticmethod
-    def _saga_values(write: SagaWrite) -> dict[str, Any]:
-        saga = write.saga
-        return {
-            "state": saga.state,
-            "sequence": saga.sequence,
-            "updated_at": saga.updated_at,
-            "failure_reason": saga.failure_reason,
-            "resolution_note": saga.resolution_note,
-            "due_at": write.due_at,
-            "owner": None if write.release else write.owner,
-            "lease_until": None if write.release else write.lease_until,
-        }
+        await log_alerts(conn, logged)
 
     async def _insert_sagas(
         self, conn: AsyncConnection, creates: Sequence[tuple[int, SagaWrite]]
@@ -734,7 +614,7 @@ class SqlSagaStore(SagaStore):
         {write index: epoch} of those inserted."""
         rows = [
             {
-                **self._saga_values(write),
+                **saga_values(write),
                 "saga_id": write.saga.saga_id,
                 "definition_name": write.saga.definition_name,
                 "definition_version": write.saga.definition_version,
@@ -764,7 +644,7 @@ class SqlSagaStore(SagaStore):
                 inserted.discard(write.saga.saga_id)  # a duplicate id within the batch lands once
                 landed[index] = 1
                 step_rows += [
-                    _step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
+                    step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
                 ]
         # Named only when it differs from the column's default, like trace_parent:
         # a write names the columns it sets.
@@ -783,7 +663,7 @@ class SqlSagaStore(SagaStore):
         landed: dict[int, int] = {}
         for index, write in updates:
             guard = [sagas.c.saga_id == write.saga.saga_id, sagas.c.sequence == write.expected_sequence]
-            values = self._saga_values(write)
+            values = saga_values(write)
             if write.epoch is None:
                 values["epoch"] = sagas.c.epoch + 1
             else:
@@ -800,7 +680,7 @@ class SqlSagaStore(SagaStore):
         for write in writes:
             positions = {step.name: index for index, step in enumerate(write.saga.steps)}
             for name in write.changed_steps:
-                row = _step_row(write.saga.saga_id, positions[name], write.saga.step(name))
+                row = step_row(write.saga.saga_id, positions[name], write.saga.step(name))
                 rows.append({"b_" + key: value for key, value in row.items()})
         if not rows:
             return
@@ -820,6 +700,10 @@ class SqlSagaStore(SagaStore):
             rows,
         )
 
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        """Tells other processes, on commit, which sagas changed (a database
+        only one process uses has no one to tell)."""
+
     async def _append_events(
         self, conn: AsyncConnection, batch: Sequence[tuple[SagaRecord, tuple[LogEvent, ...]]]
     ) -> list[tuple[int, ...]]:
@@ -831,7 +715,7 @@ class SqlSagaStore(SagaStore):
         count = sum(len(events) for _, events in batch)
         if count == 0:
             return [() for _ in batch]
-        position = (await _take_positions(conn, EVENT_LOG, count)).start - 1
+        position = (await take_positions(conn, EVENT_LOG, count)).start - 1
         rows: list[dict[str, Any]] = []
         out: list[tuple[int, ...]] = []
         for saga, events in batch:
@@ -839,7 +723,7 @@ class SqlSagaStore(SagaStore):
             for event in events:
                 position += 1
                 taken.append(position)
-                rows.append(_event_row(saga, event, position))
+                rows.append(event_row(saga, event, position))
             out.append(tuple(taken))
         await conn.execute(saga_events.insert(), rows)
         return out
@@ -1035,7 +919,7 @@ class SqlSagaStore(SagaStore):
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
         query = sa.select(alerts).where(alerts.c.position > after_position).order_by(alerts.c.position).limit(limit)
         async with self._transaction() as conn:
-            return [_stored_alert(row) for row in (await conn.execute(query)).all()]
+            return [stored_alert(row) for row in (await conn.execute(query)).all()]
 
     async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
         delivered = ~sa.exists().where(alert_outbox.c.position == alerts.c.position)
@@ -1071,7 +955,7 @@ class SqlSagaStore(SagaStore):
             if not attempts:
                 return []
             rows = (await conn.execute(sa.select(alerts).where(alerts.c.position.in_(list(attempts))))).all()
-            claimed = [_stored_alert(row) for row in rows]
+            claimed = [stored_alert(row) for row in rows]
             saga_ids = {alert.saga_id for alert in claimed if alert.saga_id}
             traces: dict[str, str | None] = {}
             if saga_ids:
@@ -1106,14 +990,14 @@ class SqlSagaStore(SagaStore):
             .limit(limit)
         )
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
         if not keys:
             return []
         query = sa.select(saga_events).where(sa.tuple_(saga_events.c.saga_id, saga_events.c.sequence).in_(keys))
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
@@ -1125,7 +1009,7 @@ class SqlSagaStore(SagaStore):
             query = query.where(saga_events.c.saga_state == saga_state)
         query = query.order_by(saga_events.c.position).limit(limit)
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def head_position(self) -> int:
         async with self._transaction() as conn:
@@ -1133,7 +1017,7 @@ class SqlSagaStore(SagaStore):
             return int((await conn.execute(head)).scalar_one())
 
 
-async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
+async def take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
     """The next `count` positions of the log `log_id` (a compensa_log_head row).
     The row's lock is held to commit, so transactions take positions in the
     order they commit and a reader past position N never misses a late one."""
@@ -1148,8 +1032,8 @@ async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> ran
     return range(end - count + 1, end + 1)
 
 
-async def _log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:
+async def log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:
     """Writes alerts to the log with their outbox rows, in the caller's
     transaction: an alert is delivered if and only if it was raised."""
-    await conn.execute(alerts.insert(), [_alert_row(alert) for alert in logged])
-    await conn.execute(alert_outbox.insert(), [_outbox_row(alert) for alert in logged])
+    await conn.execute(alerts.insert(), [alert_row(alert) for alert in logged])
+    await conn.execute(alert_outbox.insert(), [outbox_row(alert) for alert in logged])

@@ -23,16 +23,22 @@ from google.protobuf import any_pb2
 
 from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
-from compensa.orchestrator import logs, machine, records
-from compensa.orchestrator.alerts import AlertDelivery, database_alert_body, stuck_alert
-from compensa.orchestrator.changes import ChangeSignal
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.config import ServerConfig
+from compensa.common.tracing import trace_id_of
 from compensa.orchestrator.definitions import definition_diff, definition_fingerprint, validate_definition
-from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
-from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.participant_client import ParticipantClient
-from compensa.orchestrator.participant_health import ParticipantHealthWatch
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.alerts import AlertDelivery, database_alert_body, stuck_alert
+from compensa.orchestrator.engine.changes import ChangeSignal
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.engine.participant_client import ParticipantClient
+from compensa.orchestrator.engine.participant_health import ParticipantHealthWatch
+from compensa.orchestrator.engine.tokens import completion_token
+from compensa.orchestrator.engine.tracing import SagaTracing
+from compensa.orchestrator.engine.writer import TransitionWriter
+from compensa.orchestrator.shared import logs, records
+from compensa.orchestrator.shared.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
+from compensa.orchestrator.shared.metrics import Metrics
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import (
     PARTICIPANT_UNHEALTHY,
     Claimed,
@@ -43,11 +49,6 @@ from compensa.orchestrator.store import (
     StoredEvent,
     WriteResult,
 )
-from compensa.orchestrator.timestamps import timestamp
-from compensa.orchestrator.tokens import completion_token
-from compensa.orchestrator.tracing import SagaTracing
-from compensa.orchestrator.writer import TransitionWriter
-from compensa.participants.tracing import trace_id_of
 from compensa.v1 import definition_pb2, participant_pb2
 
 log = logging.getLogger("compensa.engine")
@@ -128,7 +129,7 @@ class _Driving:
 class SagaEngine:
     """Owns sagas through leases and drives each one in its own task."""
 
-    def __init__(self, store: SagaStore, config: ServerConfig) -> None:
+    def __init__(self, store: SagaStore, config: EngineConfig) -> None:
         self.store = store
         self.config = config
         self.owner = config.replica_id

@@ -36,16 +36,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.participant_client import ParticipantClient
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.engine.participant_client import ParticipantClient
+from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import ParticipantAddress, SagaStore, StoredAlert
 from compensa.v1 import orchestrator_pb2, participant_pb2
 
 __all__ = ["PROBED_SERVICE", "ParticipantHealthWatch", "ProbeOutcome"]
 
-log = logging.getLogger("compensa.participants.health")
+log = logging.getLogger("compensa.participant_health")
 
 #: The service name the SDK's servers report their health under (besides
 #: ""); a health server that does not know it is asked about "" instead.

@@ -29,12 +29,13 @@ import urllib.request
 from typing import Any
 
 from compensa.common.retry import Backoff
-from compensa.orchestrator import machine, records
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
+from compensa.common.tracing import trace_id_of
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import SAGA_ALERT, PendingAlert, SagaStore
-from compensa.participants.tracing import trace_id_of
 
 __all__ = ["DATABASE_ALERT", "DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "database_alert_body", "stuck_alert"]
 

@@ -33,7 +33,7 @@ from google.protobuf import (
     wrappers_pb2,
 )
 
-from compensa.orchestrator.errors import InvalidArgument, quote
+from compensa.orchestrator.shared.errors import InvalidArgument, quote
 from compensa.v1 import definition_pb2, saga_pb2
 
 #: The well-known types, which every pool here knows (imported, they are in the default pool too).

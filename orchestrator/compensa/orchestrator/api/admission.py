@@ -18,8 +18,8 @@ import contextlib
 import random
 from collections.abc import Callable, Iterator
 
-from compensa.orchestrator.errors import AtCapacity
-from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.shared.errors import AtCapacity
+from compensa.orchestrator.shared.metrics import Metrics
 
 #: What a refused caller is told to wait (RetryInfo) is drawn from this range,
 #: in seconds, so that callers refused together do not come back together.

@@ -35,8 +35,13 @@ from prometheus_client.registry import Collector
 
 from compensa.common.startup import AddressInUse, ensure_address_free
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.errors import DatabaseFull, DatabasePermissionDenied, DatabaseReadOnly, StoreUnavailable
-from compensa.orchestrator.records import ENDING_EVENTS, state_name
+from compensa.orchestrator.shared.errors import (
+    DatabaseFull,
+    DatabasePermissionDenied,
+    DatabaseReadOnly,
+    StoreUnavailable,
+)
+from compensa.orchestrator.shared.records import ENDING_EVENTS, state_name
 from compensa.v1 import saga_pb2
 
 # The saga_duration_seconds outcome label of each event that ends a saga.

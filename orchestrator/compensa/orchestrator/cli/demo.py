@@ -29,9 +29,9 @@ from compensa.examples.inventory import RESERVATIONS
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.server import start_participant
 from compensa.examples.shipping import SHIPMENTS
-from compensa.orchestrator import timeline
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.shared import timeline
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
