@@ -100,6 +100,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "WatchAlerts": Role.READER,
     "GetDefinition": Role.READER,
     "ListDefinitions": Role.READER,
+    "GetDefinitionHistory": Role.READER,
     "ListParticipants": Role.READER,
     "Dashboard": Role.READER,
     "StartSaga": Role.STARTER,
@@ -108,6 +109,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "RetrySaga": Role.OPERATOR,
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
+    "PromoteDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
 }
 
