@@ -124,6 +124,27 @@ COMPLETION_RESULT_SUCCEEDED: CompletionResult.ValueType  # 1
 COMPLETION_RESULT_FAILED: CompletionResult.ValueType  # 2
 Global___CompletionResult: _TypeAlias = CompletionResult  # noqa: Y015
 
+class _DefinitionChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DefinitionChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DefinitionChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEFINITION_CHANGE_KIND_UNSPECIFIED: _DefinitionChangeKind.ValueType  # 0
+    DEFINITION_CHANGE_KIND_REGISTERED: _DefinitionChangeKind.ValueType  # 1
+    """A new version was registered."""
+    DEFINITION_CHANGE_KIND_PROMOTED: _DefinitionChangeKind.ValueType  # 2
+    """An operator made a version the latest again (PromoteDefinition)."""
+
+class DefinitionChangeKind(_DefinitionChangeKind, metaclass=_DefinitionChangeKindEnumTypeWrapper): ...
+
+DEFINITION_CHANGE_KIND_UNSPECIFIED: DefinitionChangeKind.ValueType  # 0
+DEFINITION_CHANGE_KIND_REGISTERED: DefinitionChangeKind.ValueType  # 1
+"""A new version was registered."""
+DEFINITION_CHANGE_KIND_PROMOTED: DefinitionChangeKind.ValueType  # 2
+"""An operator made a version the latest again (PromoteDefinition)."""
+Global___DefinitionChangeKind: _TypeAlias = DefinitionChangeKind  # noqa: Y015
+
 @_typing.final
 class Alert(_message.Message):
     """One entry of the alert log."""
@@ -1232,16 +1253,28 @@ class RegisterDefinitionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """Check the definition and answer what registering it would do, without
+    registering it: `definition` then holds the version it would get.
+    """
+    actor: _builtins.str
+    """Who registers it, recorded in the definition's history (with the
+    caller's identity when the API knows it).
+    """
     @_builtins.property
     def definition(self) -> _definition_pb2.SagaDefinition: ...
     def __init__(
         self,
         *,
         definition: _definition_pb2.SagaDefinition | None = ...,
+        validate_only: _builtins.bool = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "definition", b"definition", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1253,8 +1286,18 @@ class RegisterDefinitionResponse(_message.Message):
 
     DEFINITION_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    PREVIOUS_LATEST_VERSION_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
-    """False when identical content was already registered."""
+    """False when identical content was already registered (with validate_only:
+    whether a new version would be created).
+    """
+    diff: _builtins.str
+    """What changes from the latest version (a unified diff of the two as
+    JSON); empty when there was none or the latest stays as it is.
+    """
+    previous_latest_version: _builtins.int
+    """The version that was the latest before; 0 when there was none."""
     @_builtins.property
     def definition(self) -> _definition_pb2.SagaDefinition: ...
     def __init__(
@@ -1262,14 +1305,147 @@ class RegisterDefinitionResponse(_message.Message):
         *,
         definition: _definition_pb2.SagaDefinition | None = ...,
         created: _builtins.bool = ...,
+        diff: _builtins.str = ...,
+        previous_latest_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "definition", b"definition", "diff", b"diff", "previous_latest_version", b"previous_latest_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterDefinitionResponse: _TypeAlias = RegisterDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class PromoteDefinitionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """The version to make the latest; required (positive)."""
+    actor: _builtins.str
+    """Who promotes it, recorded in the definition's history."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDefinitionRequest: _TypeAlias = PromoteDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class PromoteDefinitionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when it already was the latest (nothing recorded)."""
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The promoted version, now the latest."""
+
+    def __init__(
+        self,
+        *,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDefinitionResponse: _TypeAlias = PromoteDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class GetDefinitionHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionHistoryRequest: _TypeAlias = GetDefinitionHistoryRequest  # noqa: Y015
+
+@_typing.final
+class DefinitionChange(_message.Message):
+    """One change of which version of a definition is the latest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    kind: Global___DefinitionChangeKind.ValueType
+    actor: _builtins.str
+    """Who did it: "" for registrations from before the history was kept, and
+    for a replica's --definitions files its replica id.
+    """
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        kind: Global___DefinitionChangeKind.ValueType = ...,
+        actor: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_time", b"change_time", "kind", b"kind", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefinitionChange: _TypeAlias = DefinitionChange  # noqa: Y015
+
+@_typing.final
+class GetDefinitionHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefinitionChange]:
+        """Oldest first; the last one names the latest version."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___DefinitionChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionHistoryResponse: _TypeAlias = GetDefinitionHistoryResponse  # noqa: Y015
 
 @_typing.final
 class GetDefinitionRequest(_message.Message):

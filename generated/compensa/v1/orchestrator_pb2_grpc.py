@@ -143,6 +143,16 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
                 _registered_method=True)
+        self.PromoteDefinition = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/PromoteDefinition',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.FromString,
+                _registered_method=True)
+        self.GetDefinitionHistory = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/GetDefinitionHistory',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.FromString,
+                _registered_method=True)
         self.SetParticipant = channel.unary_unary(
                 '/compensa.v1.OrchestratorService/SetParticipant',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantRequest.SerializeToString,
@@ -354,7 +364,11 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RegisterDefinition(self, request, context):
-        """Registers a definition; identical content returns the existing version.
+        """Registers a definition as a new version, which becomes the latest (what
+        StartSaga with version 0 runs), recorded with who did it
+        (GetDefinitionHistory); identical content returns the existing version
+        and changes nothing (PromoteDefinition makes an old version the latest).
+        With validate_only: checks it and tells what would change, writing nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -368,6 +382,23 @@ class OrchestratorServiceServicer:
 
     def ListDefinitions(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteDefinition(self, request, context):
+        """Operator: makes an earlier (or any) registered version the latest again,
+        recorded with who did it. Errors: NOT_FOUND (no such version),
+        INVALID_ARGUMENT. Promoting the latest changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefinitionHistory(self, request, context):
+        """A definition's registrations and promotions, oldest first, with who did
+        them. Errors: NOT_FOUND (no such definition).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -534,6 +565,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListDefinitions,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.SerializeToString,
+            ),
+            'PromoteDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteDefinition,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.SerializeToString,
+            ),
+            'GetDefinitionHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefinitionHistory,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.SerializeToString,
             ),
             'SetParticipant': grpc.unary_unary_rpc_method_handler(
                     servicer.SetParticipant,
@@ -1019,6 +1060,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListDefinitions',
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/PromoteDefinition',
+            compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefinitionHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/GetDefinitionHistory',
+            compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -143,9 +143,23 @@ class OrchestratorServiceStub:
     ResolveSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ResolveSagaRequest, _orchestrator_pb2.ResolveSagaResponse]
     """Operator: marks a FAILED saga as resolved by hand."""
     RegisterDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RegisterDefinitionRequest, _orchestrator_pb2.RegisterDefinitionResponse]
-    """Registers a definition; identical content returns the existing version."""
+    """Registers a definition as a new version, which becomes the latest (what
+    StartSaga with version 0 runs), recorded with who did it
+    (GetDefinitionHistory); identical content returns the existing version
+    and changes nothing (PromoteDefinition makes an old version the latest).
+    With validate_only: checks it and tells what would change, writing nothing.
+    """
     GetDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]
     ListDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]
+    PromoteDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PromoteDefinitionRequest, _orchestrator_pb2.PromoteDefinitionResponse]
+    """Operator: makes an earlier (or any) registered version the latest again,
+    recorded with who did it. Errors: NOT_FOUND (no such version),
+    INVALID_ARGUMENT. Promoting the latest changes nothing.
+    """
+    GetDefinitionHistory: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionHistoryRequest, _orchestrator_pb2.GetDefinitionHistoryResponse]
+    """A definition's registrations and promotions, oldest first, with who did
+    them. Errors: NOT_FOUND (no such definition).
+    """
     SetParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]
     """Operator: sets where a named participant is served. Stored and shared by
     every replica, which call the new address within a second. Definitions
@@ -306,9 +320,23 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     ResolveSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ResolveSagaRequest, _orchestrator_pb2.ResolveSagaResponse]  # type: ignore[assignment]
     """Operator: marks a FAILED saga as resolved by hand."""
     RegisterDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RegisterDefinitionRequest, _orchestrator_pb2.RegisterDefinitionResponse]  # type: ignore[assignment]
-    """Registers a definition; identical content returns the existing version."""
+    """Registers a definition as a new version, which becomes the latest (what
+    StartSaga with version 0 runs), recorded with who did it
+    (GetDefinitionHistory); identical content returns the existing version
+    and changes nothing (PromoteDefinition makes an old version the latest).
+    With validate_only: checks it and tells what would change, writing nothing.
+    """
     GetDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]  # type: ignore[assignment]
     ListDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    PromoteDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PromoteDefinitionRequest, _orchestrator_pb2.PromoteDefinitionResponse]  # type: ignore[assignment]
+    """Operator: makes an earlier (or any) registered version the latest again,
+    recorded with who did it. Errors: NOT_FOUND (no such version),
+    INVALID_ARGUMENT. Promoting the latest changes nothing.
+    """
+    GetDefinitionHistory: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionHistoryRequest, _orchestrator_pb2.GetDefinitionHistoryResponse]  # type: ignore[assignment]
+    """A definition's registrations and promotions, oldest first, with who did
+    them. Errors: NOT_FOUND (no such definition).
+    """
     SetParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]  # type: ignore[assignment]
     """Operator: sets where a named participant is served. Stored and shared by
     every replica, which call the new address within a second. Definitions
@@ -544,7 +572,12 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.RegisterDefinitionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.RegisterDefinitionResponse, _abc.Awaitable[_orchestrator_pb2.RegisterDefinitionResponse]]:
-        """Registers a definition; identical content returns the existing version."""
+        """Registers a definition as a new version, which becomes the latest (what
+        StartSaga with version 0 runs), recorded with who did it
+        (GetDefinitionHistory); identical content returns the existing version
+        and changes nothing (PromoteDefinition makes an old version the latest).
+        With validate_only: checks it and tells what would change, writing nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetDefinition(
@@ -559,6 +592,27 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListDefinitionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListDefinitionsResponse, _abc.Awaitable[_orchestrator_pb2.ListDefinitionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteDefinition(
+        self,
+        request: _orchestrator_pb2.PromoteDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PromoteDefinitionResponse, _abc.Awaitable[_orchestrator_pb2.PromoteDefinitionResponse]]:
+        """Operator: makes an earlier (or any) registered version the latest again,
+        recorded with who did it. Errors: NOT_FOUND (no such version),
+        INVALID_ARGUMENT. Promoting the latest changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDefinitionHistory(
+        self,
+        request: _orchestrator_pb2.GetDefinitionHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetDefinitionHistoryResponse, _abc.Awaitable[_orchestrator_pb2.GetDefinitionHistoryResponse]]:
+        """A definition's registrations and promotions, oldest first, with who did
+        them. Errors: NOT_FOUND (no such definition).
+        """
 
     @_abc_1.abstractmethod
     def SetParticipant(

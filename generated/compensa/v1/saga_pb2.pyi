@@ -139,7 +139,17 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     the replica that took it; `message` names both replicas and says why.
     The saga's state does not change.
     """
-    EVENT_TYPE_BACKOFF_SKIPPED: _EventType.ValueType  # 20
+    EVENT_TYPE_STEP_ATTEMPT_SENDING: _EventType.ValueType  # 20
+    """An Execute attempt of a step is about to be sent, every earlier attempt
+    having failed to connect (never delivered). Written before the call, so
+    that after a crash the attempt counts as possibly delivered.
+    """
+    EVENT_TYPE_STEP_COMPENSATION_SKIPPED: _EventType.ValueType  # 21
+    """A step that failed is not compensated because none of its Execute
+    attempts ever reached the participant (each failed to connect): there is
+    nothing to undo. `message` says so.
+    """
+    EVENT_TYPE_BACKOFF_SKIPPED: _EventType.ValueType  # 22
     """An operator (a bulk action's RETRY_NOW) made the steps waiting out a
     retry backoff try again now; `message` says why (a bulk action names
     itself: "bulk action ID: NOTE").
@@ -175,7 +185,17 @@ operator action or CompleteStep arrived at another replica. `actor` is
 the replica that took it; `message` names both replicas and says why.
 The saga's state does not change.
 """
-EVENT_TYPE_BACKOFF_SKIPPED: EventType.ValueType  # 20
+EVENT_TYPE_STEP_ATTEMPT_SENDING: EventType.ValueType  # 20
+"""An Execute attempt of a step is about to be sent, every earlier attempt
+having failed to connect (never delivered). Written before the call, so
+that after a crash the attempt counts as possibly delivered.
+"""
+EVENT_TYPE_STEP_COMPENSATION_SKIPPED: EventType.ValueType  # 21
+"""A step that failed is not compensated because none of its Execute
+attempts ever reached the participant (each failed to connect): there is
+nothing to undo. `message` says so.
+"""
+EVENT_TYPE_BACKOFF_SKIPPED: EventType.ValueType  # 22
 """An operator (a bulk action's RETRY_NOW) made the steps waiting out a
 retry backoff try again now; `message` says why (a bulk action names
 itself: "bulk action ID: NOTE").

@@ -395,6 +395,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             await self._existing(saga_id, context)
         return await self._saga_view(await self._engine.apply_external(saga_id, event))
 
+    def _actor(self, context: Context[Request, Response], claimed: str) -> str:
+        """Who is acting, as recorded: the caller's identity with what it
+        claims (`actor` of the request)."""
+        return stored_text(self._caller(context).actor(claimed), MAX_STORED_ACTOR_CHARS)
+
     def _page_key(self) -> bytes:
         return self._engine.token_key
 
@@ -831,8 +836,55 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if size > MAX_DEFINITION_BYTES:
             raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         self._in_scope(context, "RegisterDefinition", request.definition.name)
-        definition, created = await self._engine.register_definition(request.definition, source="request")
-        return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
+        actor = self._actor(context, request.actor)
+        registration = await self._engine.register_definition(
+            request.definition, source="request", actor=actor, validate_only=request.validate_only
+        )
+        definition = registration.definition
+        if registration.created and not request.validate_only:
+            log.info("definition %s version %d registered by %s", definition.name, definition.version, actor)
+        return orchestrator_pb2.RegisterDefinitionResponse(
+            definition=definition, created=registration.created, diff=registration.diff,
+            previous_latest_version=registration.previous.version if registration.previous else 0,
+        )
+
+    @_answer_errors
+    async def PromoteDefinition(
+        self,
+        request: orchestrator_pb2.PromoteDefinitionRequest,
+        context: Context[orchestrator_pb2.PromoteDefinitionRequest, orchestrator_pb2.PromoteDefinitionResponse],
+    ) -> orchestrator_pb2.PromoteDefinitionResponse:
+        possible = is_possible(request.name, "name", NAME_PATTERN)
+        if request.version <= 0:
+            raise InvalidArgument(f"version must be a registered version (positive), got {request.version}")
+        actor = self._actor(context, request.actor)
+        self._in_scope(context, "PromoteDefinition", request.name)
+        if not possible:
+            raise definition_not_registered(request.name)
+        definition, changed = await self._engine.promote_definition(request.name, request.version, actor=actor)
+        if changed:
+            log.info("definition %s version %d made the latest by %s", definition.name, definition.version, actor)
+        return orchestrator_pb2.PromoteDefinitionResponse(definition=definition, changed=changed)
+
+    @_answer_errors
+    async def GetDefinitionHistory(
+        self,
+        request: orchestrator_pb2.GetDefinitionHistoryRequest,
+        context: Context[orchestrator_pb2.GetDefinitionHistoryRequest, orchestrator_pb2.GetDefinitionHistoryResponse],
+    ) -> orchestrator_pb2.GetDefinitionHistoryResponse:
+        possible = is_possible(request.name, "name", NAME_PATTERN)
+        self._in_scope(context, "GetDefinitionHistory", request.name)
+        changes = await self._store.definition_history(request.name) if possible else []
+        if not changes:
+            raise definition_not_registered(request.name)
+        return orchestrator_pb2.GetDefinitionHistoryResponse(changes=[
+            orchestrator_pb2.DefinitionChange(
+                name=change.name, version=change.version, actor=change.actor,
+                kind=orchestrator_pb2.DefinitionChangeKind.Value("DEFINITION_CHANGE_KIND_" + change.kind.upper()),
+                change_time=timestamp(change.changed_at),
+            )
+            for change in changes
+        ])
 
     @_answer_errors
     async def GetDefinition(
@@ -907,6 +959,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             contract=request.contract if request.HasField("contract") else None,
             clear_contract=request.clear_contract,
         )
+        log.info("participant %s set to %s by %s", stored.name, stored.address, actor or "unknown")
         services = await self._engine.contract_services()
         return orchestrator_pb2.SetParticipantResponse(
             participant=_participant_message(stored, contract_service=services.get(request.name, ""))

@@ -732,14 +732,26 @@ def _add_register(parser: argparse.ArgumentParser) -> None:
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
         help="with --proto: a directory imports are relative to (repeatable; searched before each file's own)",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check each definition with the orchestrator and show what would change from the latest version;"
+             " register nothing",
+    )
+    _add_actor_option(parser)
 
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
+    parser.add_argument(
+        "name", nargs="?", default="", metavar="NAME",
+        help="show this definition in full; or `history NAME`: who registered and promoted which version;"
+             " or `promote NAME --version N`: make version N the latest again",
+    )
+    parser.add_argument("target", nargs="?", default="", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument(
         "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
-        help="with NAME: this version (default latest)",
+        help="with NAME: this version (default latest); with promote: the version to make the latest",
     )
+    _add_actor_option(parser)
     _add_json_option(parser)
 
 

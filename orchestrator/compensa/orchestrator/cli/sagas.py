@@ -29,6 +29,7 @@ from compensa.orchestrator.cli.output import (
     print_status,
     use_color,
 )
+from compensa.orchestrator.cli.waiting import WaitReporter
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.errors import CompensaError
 from compensa.orchestrator.shared.records import done_for_good
@@ -81,7 +82,8 @@ def start(args: argparse.Namespace) -> int:
             created = "started" if response.created else "already existed"
             print(f"saga {saga_id} {created}")
         watch = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True))
-        print_events(args, (response.event for response in watch))
+        with WaitReporter(stub, saga_id, args.timeout) as reporter:
+            print_events(args, reporter.passing(response.event for response in watch))
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=args.timeout).saga
         if not args.json:
             print(timeline.format_saga(saga, color=use_color()))

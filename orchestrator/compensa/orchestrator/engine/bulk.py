@@ -59,7 +59,9 @@ def _operator_action(event_of: Callable[[str, str], machine.Event]) -> SagaActio
 
     async def act(engine: SagaEngine, job: BulkJob, item: BulkItem) -> records.SagaRecord | None:
         event = event_of(job.started_by, event_text(job))
-        return await engine.apply_external_once(item.saga_id, event, expected_sequence=item.selected_sequence)
+        return await engine.apply_external_once(
+            item.saga_id, event, expected_sequence=item.selected_sequence, reconnect=False
+        )
 
     return act
 
