@@ -940,3 +940,16 @@ def test_a_takeover_comes_first_in_the_transition_it_is_written_with() -> None:
     # The renumbered log still follows on from the saga without a gap.
     run._record(taken)
     assert run.saga == replace(cancel.saga, sequence=cancel.saga.sequence + 1)
+
+
+def test_retry_now_makes_the_steps_in_a_backoff_try_again_now_and_is_illegal_without_one() -> None:
+    run = Run.start(_plan(_step("a", retry=_policy(4, initial=60.0, maximum=60.0))))
+    with pytest.raises(machine.IllegalTransition, match="no step of it waits out a retry backoff"):
+        run.send(machine.RetryNowRequested(actor="ops", reason="bulk action j1: fixed"), T0 + 1)
+    run.send(ExecuteErrored("a", "UNAVAILABLE"), T0 + 1)
+    assert run.calls(T0 + 2) == []
+    transition = run.send(machine.RetryNowRequested(actor="ops", reason="bulk action j1: fixed"), T0 + 2)
+    assert _types(transition) == [(S.EVENT_TYPE_BACKOFF_SKIPPED, "")]
+    assert (transition.events[0].actor, transition.events[0].message) == ("ops", "bulk action j1: fixed")
+    assert run.saga.step("a").attempts == 1  # the attempt count goes on; only the wait is skipped
+    assert run.calls(T0 + 2) == [CallExecute("a", 2, 10.0)]

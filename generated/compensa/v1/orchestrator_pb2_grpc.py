@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from compensa.v1 import bulk_pb2 as compensa_dot_v1_dot_bulk__pb2
 from compensa.v1 import orchestrator_pb2 as compensa_dot_v1_dot_orchestrator__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -166,6 +167,36 @@ class OrchestratorServiceStub:
                 '/compensa.v1.OrchestratorService/WatchAlerts',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
+        self.StartBulkAction = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/StartBulkAction',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.StartBulkActionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.StartBulkActionResponse.FromString,
+                _registered_method=True)
+        self.GetBulkAction = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/GetBulkAction',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.GetBulkActionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.GetBulkActionResponse.FromString,
+                _registered_method=True)
+        self.ListBulkActions = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/ListBulkActions',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.ListBulkActionsRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.ListBulkActionsResponse.FromString,
+                _registered_method=True)
+        self.PauseBulkAction = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/PauseBulkAction',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.PauseBulkActionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.PauseBulkActionResponse.FromString,
+                _registered_method=True)
+        self.ResumeBulkAction = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/ResumeBulkAction',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionResponse.FromString,
+                _registered_method=True)
+        self.CancelBulkAction = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/CancelBulkAction',
+                request_serializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.FromString,
                 _registered_method=True)
 
 
@@ -403,6 +434,60 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartBulkAction(self, request, context):
+        """Operator: starts a bulk action, a durable job that applies one action to
+        every saga the filter selects now, at most max_sagas_per_second, on
+        whichever replica holds its lease (another carries on if that one dies;
+        no saga is acted on twice). A saga that changed since it was selected is
+        skipped with the reason. Each saga acted on gets an event naming the job
+        and who started it. With validate_only: counts and samples, starts
+        nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
+        unknown field or state: the message names the part), FAILED_PRECONDITION
+        (the filter selects no saga: no job is started), PERMISSION_DENIED (not
+        an operator; a caller limited to some definitions must filter on one of
+        them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBulkAction(self, request, context):
+        """Operator: a bulk action with its progress, and the sagas it skipped or
+        failed on, with reasons.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBulkActions(self, request, context):
+        """Operator: bulk actions, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseBulkAction(self, request, context):
+        """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
+        PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeBulkAction(self, request, context):
+        """Operator: a PAUSED bulk action goes on where it stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelBulkAction(self, request, context):
+        """Operator: stops a bulk action for good; sagas already acted on stay so.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -505,6 +590,36 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.WatchAlerts,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.SerializeToString,
+            ),
+            'StartBulkAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartBulkAction,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.StartBulkActionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.StartBulkActionResponse.SerializeToString,
+            ),
+            'GetBulkAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBulkAction,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.GetBulkActionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.GetBulkActionResponse.SerializeToString,
+            ),
+            'ListBulkActions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBulkActions,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.ListBulkActionsRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.ListBulkActionsResponse.SerializeToString,
+            ),
+            'PauseBulkAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseBulkAction,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.PauseBulkActionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.PauseBulkActionResponse.SerializeToString,
+            ),
+            'ResumeBulkAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeBulkAction,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionResponse.SerializeToString,
+            ),
+            'CancelBulkAction': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBulkAction,
+                    request_deserializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1080,6 +1195,168 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/WatchAlerts',
             compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartBulkAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/StartBulkAction',
+            compensa_dot_v1_dot_bulk__pb2.StartBulkActionRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.StartBulkActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBulkAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/GetBulkAction',
+            compensa_dot_v1_dot_bulk__pb2.GetBulkActionRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.GetBulkActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBulkActions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/ListBulkActions',
+            compensa_dot_v1_dot_bulk__pb2.ListBulkActionsRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.ListBulkActionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseBulkAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/PauseBulkAction',
+            compensa_dot_v1_dot_bulk__pb2.PauseBulkActionRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.PauseBulkActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeBulkAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/ResumeBulkAction',
+            compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.ResumeBulkActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBulkAction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/CancelBulkAction',
+            compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.SerializeToString,
+            compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

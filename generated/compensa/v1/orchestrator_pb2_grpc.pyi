@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from compensa.v1 import bulk_pb2 as _bulk_pb2
 from compensa.v1 import orchestrator_pb2 as _orchestrator_pb2
 from grpc import aio as _aio
 import abc as _abc_1
@@ -177,6 +178,33 @@ class OrchestratorServiceStub:
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
     """
+    StartBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]
+    """Operator: starts a bulk action, a durable job that applies one action to
+    every saga the filter selects now, at most max_sagas_per_second, on
+    whichever replica holds its lease (another carries on if that one dies;
+    no saga is acted on twice). A saga that changed since it was selected is
+    skipped with the reason. Each saga acted on gets an event naming the job
+    and who started it. With validate_only: counts and samples, starts
+    nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
+    unknown field or state: the message names the part), FAILED_PRECONDITION
+    (the filter selects no saga: no job is started), PERMISSION_DENIED (not
+    an operator; a caller limited to some definitions must filter on one of
+    them).
+    """
+    GetBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.GetBulkActionRequest, _bulk_pb2.GetBulkActionResponse]
+    """Operator: a bulk action with its progress, and the sagas it skipped or
+    failed on, with reasons.
+    """
+    ListBulkActions: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.ListBulkActionsRequest, _bulk_pb2.ListBulkActionsResponse]
+    """Operator: bulk actions, newest first."""
+    PauseBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.PauseBulkActionRequest, _bulk_pb2.PauseBulkActionResponse]
+    """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
+    PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+    """
+    ResumeBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.ResumeBulkActionRequest, _bulk_pb2.ResumeBulkActionResponse]
+    """Operator: a PAUSED bulk action goes on where it stopped."""
+    CancelBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]
+    """Operator: stops a bulk action for good; sagas already acted on stay so."""
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -327,6 +355,33 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
     """
+    StartBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]  # type: ignore[assignment]
+    """Operator: starts a bulk action, a durable job that applies one action to
+    every saga the filter selects now, at most max_sagas_per_second, on
+    whichever replica holds its lease (another carries on if that one dies;
+    no saga is acted on twice). A saga that changed since it was selected is
+    skipped with the reason. Each saga acted on gets an event naming the job
+    and who started it. With validate_only: counts and samples, starts
+    nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
+    unknown field or state: the message names the part), FAILED_PRECONDITION
+    (the filter selects no saga: no job is started), PERMISSION_DENIED (not
+    an operator; a caller limited to some definitions must filter on one of
+    them).
+    """
+    GetBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.GetBulkActionRequest, _bulk_pb2.GetBulkActionResponse]  # type: ignore[assignment]
+    """Operator: a bulk action with its progress, and the sagas it skipped or
+    failed on, with reasons.
+    """
+    ListBulkActions: _aio.UnaryUnaryMultiCallable[_bulk_pb2.ListBulkActionsRequest, _bulk_pb2.ListBulkActionsResponse]  # type: ignore[assignment]
+    """Operator: bulk actions, newest first."""
+    PauseBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.PauseBulkActionRequest, _bulk_pb2.PauseBulkActionResponse]  # type: ignore[assignment]
+    """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
+    PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+    """
+    ResumeBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.ResumeBulkActionRequest, _bulk_pb2.ResumeBulkActionResponse]  # type: ignore[assignment]
+    """Operator: a PAUSED bulk action goes on where it stopped."""
+    CancelBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]  # type: ignore[assignment]
+    """Operator: stops a bulk action for good; sagas already acted on stay so."""
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService starts, drives and shows sagas.
@@ -594,5 +649,68 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         duplicates. Reader role; a caller limited to some definitions is refused
         (PERMISSION_DENIED): the alert log is the whole deployment's.
         """
+
+    @_abc_1.abstractmethod
+    def StartBulkAction(
+        self,
+        request: _bulk_pb2.StartBulkActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.StartBulkActionResponse, _abc.Awaitable[_bulk_pb2.StartBulkActionResponse]]:
+        """Operator: starts a bulk action, a durable job that applies one action to
+        every saga the filter selects now, at most max_sagas_per_second, on
+        whichever replica holds its lease (another carries on if that one dies;
+        no saga is acted on twice). A saga that changed since it was selected is
+        skipped with the reason. Each saga acted on gets an event naming the job
+        and who started it. With validate_only: counts and samples, starts
+        nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
+        unknown field or state: the message names the part), FAILED_PRECONDITION
+        (the filter selects no saga: no job is started), PERMISSION_DENIED (not
+        an operator; a caller limited to some definitions must filter on one of
+        them).
+        """
+
+    @_abc_1.abstractmethod
+    def GetBulkAction(
+        self,
+        request: _bulk_pb2.GetBulkActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.GetBulkActionResponse, _abc.Awaitable[_bulk_pb2.GetBulkActionResponse]]:
+        """Operator: a bulk action with its progress, and the sagas it skipped or
+        failed on, with reasons.
+        """
+
+    @_abc_1.abstractmethod
+    def ListBulkActions(
+        self,
+        request: _bulk_pb2.ListBulkActionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.ListBulkActionsResponse, _abc.Awaitable[_bulk_pb2.ListBulkActionsResponse]]:
+        """Operator: bulk actions, newest first."""
+
+    @_abc_1.abstractmethod
+    def PauseBulkAction(
+        self,
+        request: _bulk_pb2.PauseBulkActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.PauseBulkActionResponse, _abc.Awaitable[_bulk_pb2.PauseBulkActionResponse]]:
+        """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
+        PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeBulkAction(
+        self,
+        request: _bulk_pb2.ResumeBulkActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.ResumeBulkActionResponse, _abc.Awaitable[_bulk_pb2.ResumeBulkActionResponse]]:
+        """Operator: a PAUSED bulk action goes on where it stopped."""
+
+    @_abc_1.abstractmethod
+    def CancelBulkAction(
+        self,
+        request: _bulk_pb2.CancelBulkActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_bulk_pb2.CancelBulkActionResponse, _abc.Awaitable[_bulk_pb2.CancelBulkActionResponse]]:
+        """Operator: stops a bulk action for good; sagas already acted on stay so."""
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -149,6 +149,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     attempts ever reached the participant (each failed to connect): there is
     nothing to undo. `message` says so.
     """
+    EVENT_TYPE_BACKOFF_SKIPPED: _EventType.ValueType  # 22
+    """An operator (a bulk action's RETRY_NOW) made the steps waiting out a
+    retry backoff try again now; `message` says why (a bulk action names
+    itself: "bulk action ID: NOTE").
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -189,6 +194,11 @@ EVENT_TYPE_STEP_COMPENSATION_SKIPPED: EventType.ValueType  # 21
 """A step that failed is not compensated because none of its Execute
 attempts ever reached the participant (each failed to connect): there is
 nothing to undo. `message` says so.
+"""
+EVENT_TYPE_BACKOFF_SKIPPED: EventType.ValueType  # 22
+"""An operator (a bulk action's RETRY_NOW) made the steps waiting out a
+retry backoff try again now; `message` says why (a bulk action names
+itself: "bulk action ID: NOTE").
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 

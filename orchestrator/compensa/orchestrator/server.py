@@ -23,6 +23,7 @@ from compensa.orchestrator.api.service import OrchestratorService, service_handl
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
+from compensa.orchestrator.engine.bulk import BulkRunner
 from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.shared import payloads
 from compensa.orchestrator.shared.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
@@ -51,6 +52,8 @@ class RunningOrchestrator:
     metrics_port: int | None = None
     # The web dashboard, if it is served.
     dashboard: RunningDashboard | None = None
+    #: Works on bulk actions once the engine runs.
+    bulk: BulkRunner | None = None
     #: Done once the database is reached and the engine started; holds the
     #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
     ready: asyncio.Future[None] | None = None
@@ -67,6 +70,8 @@ class RunningOrchestrator:
             await self.dashboard.stop()
         await self.server.stop(grace)
         await self.service.stop()
+        if self.bulk is not None:
+            await self.bulk.stop()
         await self.engine.stop()
         await self.engine.store.close()
         self.engine.metrics.close()
@@ -113,6 +118,8 @@ async def _wait_for_database(
 
     await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)
     running.engine.start()
+    running.bulk = BulkRunner(running.engine)
+    running.bulk.start()
     await running.database_health.ready()
     store = running.engine.store
     running.database_health.probe_every(running.config.health_probe_seconds, store.ping, store.probe_writes)

@@ -111,6 +111,12 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "RegisterDefinition": Role.OPERATOR,
     "PromoteDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
+    "StartBulkAction": Role.OPERATOR,
+    "GetBulkAction": Role.OPERATOR,
+    "ListBulkActions": Role.OPERATOR,
+    "PauseBulkAction": Role.OPERATOR,
+    "ResumeBulkAction": Role.OPERATOR,
+    "CancelBulkAction": Role.OPERATOR,
 }
 
 

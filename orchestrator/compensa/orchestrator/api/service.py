@@ -12,9 +12,11 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import re
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -35,6 +37,7 @@ from compensa.orchestrator.definitions import (
     validate_definition,
 )
 from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_message
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.migration_plan import check_step_mappings, classify
 from compensa.orchestrator.engine.operations import operator_event
@@ -47,6 +50,7 @@ from compensa.orchestrator.shared.errors import (
     CompensaError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     definition_not_registered,
     grpc_error_details,
     grpc_status_of,
@@ -64,9 +68,10 @@ from compensa.orchestrator.shared.limits import (
     is_possible,
     stored_text,
 )
+from compensa.orchestrator.shared.selection import for_action, parse_filter
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import ParticipantAddress
-from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.orchestrator.store import BulkJob, ParticipantAddress
+from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
@@ -91,6 +96,8 @@ _ALERT_POLL_SECONDS = 1.0
 _ALERT_READ_SPACING_SECONDS = 0.05
 
 Request = TypeVar("Request")
+Row = TypeVar("Row")
+Cursor = TypeVar("Cursor")
 Response = TypeVar("Response")
 #: The server side of a call that takes a Request and answers Response(s).
 Context: TypeAlias = grpc.aio.ServicerContext[Request, Response]
@@ -223,6 +230,21 @@ async def _fill_page(
             size += item_size
             last = position
     return page, None
+
+
+async def _read_in_chunks(
+    read: Callable[[Cursor, int], Awaitable[Sequence[Row]]], cursor: Cursor, chunk_size: int,
+    cursor_after: Callable[[Row], Cursor],
+) -> AsyncGenerator[Row, None]:
+    """Every row `read(cursor, chunk_size)` gives, chunk after chunk, until a
+    chunk comes back short; `cursor_after(row)` resumes after a chunk's last row."""
+    while True:
+        chunk = await read(cursor, chunk_size)
+        for row in chunk:
+            yield row
+        if len(chunk) < chunk_size:
+            return
+        cursor = cursor_after(chunk[-1])
 
 
 def _page_size(requested: int) -> int:
@@ -382,8 +404,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return self._engine.token_key
 
     def _resumed_at(self, query: list[Any], page_token: str) -> tuple[float, str] | None:
-        """Where a list of sagas goes on: after the (created_at, saga_id) in
-        `page_token`, issued for this very `query`; None from the start."""
+        """Where a list of sagas (or bulk actions) goes on: after the
+        (created_at, id) in `page_token`, issued for this very `query`; None
+        from the start."""
         if not page_token:
             return None
         position = read_page_token(self._page_key(), query, page_token)
@@ -394,16 +417,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         chunk: int,
     ) -> AsyncGenerator[records.SagaRecord, None]:
         """Sagas newest first from `after` on, read `chunk` at a time."""
-        while True:
-            sagas = await self._store.list_sagas(
-                state=state, definition_name=definition_name, updated_before=updated_before, page_size=chunk,
-                after=after,
+
+        async def read(cursor: tuple[float, str] | None, size: int) -> list[records.SagaRecord]:
+            return await self._store.list_sagas(
+                state=state, definition_name=definition_name, updated_before=updated_before, page_size=size,
+                after=cursor,
             )
-            for saga in sagas:
+
+        sagas = _read_in_chunks(read, after, chunk, lambda saga: (saga.created_at, saga.saga_id))
+        async with contextlib.aclosing(sagas):
+            async for saga in sagas:
                 yield saga
-            if len(sagas) < chunk:
-                return
-            after = (sagas[-1].created_at, sagas[-1].saga_id)
 
     # -- sagas
 
@@ -891,15 +915,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         after = str(read_page_token(self._page_key(), query, request.page_token)[0]) if request.page_token else ""
 
         async def definitions() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_definitions(min(page_size + 1, _PAGE_READ_CHUNK), cursor)
-                for definition in chunk:
+            chunks = _read_in_chunks(
+                lambda cursor, size: self._store.list_definitions(size, cursor), after,
+                min(page_size + 1, _PAGE_READ_CHUNK), lambda definition: definition.name,
+            )
+            async with contextlib.aclosing(chunks):
+                async for definition in chunks:
                     if caller is None or caller.may_see(definition.name):
                         yield definition, [definition.name]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = chunk[-1].name
 
         page, last = await _fill_page(definitions(), page_size)
         return orchestrator_pb2.ListDefinitionsResponse(
@@ -959,6 +982,181 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             for participant in stored
             if visible is None or participant.name in visible
         ])
+
+
+    # -- bulk actions
+
+    @_answer_errors
+    async def StartBulkAction(
+        self,
+        request: bulk_pb2.StartBulkActionRequest,
+        context: Context[bulk_pb2.StartBulkActionRequest, bulk_pb2.StartBulkActionResponse],
+    ) -> bulk_pb2.StartBulkActionResponse:
+        identity = self._caller(context)
+        actor = stored_text(identity.actor(request.actor), MAX_STORED_ACTOR_CHARS)
+        selection = for_action(request.kind, parse_filter(request.filter))
+        check_text(request.note, "note")
+        if request.kind == bulk_pb2.BULK_ACTION_KIND_RESOLVE and not request.note.strip():
+            raise InvalidArgument("note is required to resolve: say what was done to repair the flows")
+        rate = request.max_sagas_per_second or DEFAULT_BULK_RATE
+        if not math.isfinite(rate) or not 0 < rate <= MAX_BULK_RATE:
+            raise InvalidArgument(f"max_sagas_per_second must be 0 (default {DEFAULT_BULK_RATE:g}) or up to"
+                                  f" {MAX_BULK_RATE:g}, got {rate:g}")
+        if request.request_id and not BULK_ACTION_ID_PATTERN.fullmatch(request.request_id):
+            raise InvalidArgument(
+                f"request_id must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.request_id)}"
+            )
+        self._all_in_scope(context, "StartBulkAction", selection.definition_name)
+        if request.request_id and not request.validate_only:
+            # A repeat (its answer was lost) finds the job, even once its sagas moved on.
+            existing = await self._store.get_bulk_job(request.request_id)
+            if existing is not None:
+                self._visible_bulk_job(identity, existing)
+                return bulk_pb2.StartBulkActionResponse(
+                    bulk_action=bulk_action_message(existing), selected_count=existing.selected
+                )
+        now = self._engine.clock.now()
+        count, sample = await self._store.count_selection(selection, now=now, sample_size=BULK_SAMPLE_SIZE)
+        response = bulk_pb2.StartBulkActionResponse(
+            selected_count=count, sample=[await self._saga_view(saga) for saga in sample]
+        )
+        if request.validate_only:
+            return response
+        job = BulkJob(
+            bulk_action_id=request.request_id or uuid.uuid4().hex, kind=request.kind, filter=request.filter,
+            selection=selection.to_message().SerializeToString(deterministic=True),
+            definition_name=selection.definition_name, note=request.note, started_by=actor,
+            state=bulk_pb2.BULK_ACTION_STATE_RUNNING, max_per_second=rate, created_at=now, updated_at=now,
+        )
+        stored, _ = await self._store.create_bulk_job(job, selection) if count else (None, False)
+        if stored is None:
+            raise FailedPrecondition(
+                f"the filter selects no saga {_kind_name(request.kind)} applies to: no bulk action started"
+            )
+        self._visible_bulk_job(identity, stored)
+        response.bulk_action.CopyFrom(bulk_action_message(stored))
+        return response
+
+    @_answer_errors
+    async def GetBulkAction(
+        self,
+        request: bulk_pb2.GetBulkActionRequest,
+        context: Context[bulk_pb2.GetBulkActionRequest, bulk_pb2.GetBulkActionResponse],
+    ) -> bulk_pb2.GetBulkActionResponse:
+        job = await self._bulk_job(request.bulk_action_id, context)
+        problems = await self._store.bulk_problems(job.bulk_action_id, BULK_PROBLEMS_SHOWN)
+        return bulk_pb2.GetBulkActionResponse(
+            bulk_action=bulk_action_message(job), problems=[bulk_item_message(item) for item in problems]
+        )
+
+    @_answer_errors
+    async def ListBulkActions(
+        self,
+        request: bulk_pb2.ListBulkActionsRequest,
+        context: Context[bulk_pb2.ListBulkActionsRequest, bulk_pb2.ListBulkActionsResponse],
+    ) -> bulk_pb2.ListBulkActionsResponse:
+        page_size = _page_size(request.page_size)
+        caller = None if self._access.open else self._caller(context)
+        query = ["ListBulkActions"]
+        after = self._resumed_at(query, request.page_token)
+
+        async def jobs() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
+            chunks = _read_in_chunks(
+                lambda cursor, size: self._store.list_bulk_jobs(size, cursor), after,
+                min(page_size + 1, _PAGE_READ_CHUNK), lambda job: (job.created_at, job.bulk_action_id),
+            )
+            async with contextlib.aclosing(chunks):
+                async for job in chunks:
+                    if caller is None or caller.may_see(job.definition_name):
+                        yield bulk_action_message(job), [job.created_at, job.bulk_action_id]
+
+        page, last = await _fill_page(jobs(), page_size)
+        return bulk_pb2.ListBulkActionsResponse(
+            bulk_actions=page,  # type: ignore[arg-type]
+            next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
+        )
+
+    @_answer_errors
+    async def PauseBulkAction(
+        self,
+        request: bulk_pb2.PauseBulkActionRequest,
+        context: Context[bulk_pb2.PauseBulkActionRequest, bulk_pb2.PauseBulkActionResponse],
+    ) -> bulk_pb2.PauseBulkActionResponse:
+        job = await self._move_bulk_job(
+            request.bulk_action_id, context, "pause", {bulk_pb2.BULK_ACTION_STATE_RUNNING},
+            bulk_pb2.BULK_ACTION_STATE_PAUSED,
+        )
+        return bulk_pb2.PauseBulkActionResponse(bulk_action=job)
+
+    @_answer_errors
+    async def ResumeBulkAction(
+        self,
+        request: bulk_pb2.ResumeBulkActionRequest,
+        context: Context[bulk_pb2.ResumeBulkActionRequest, bulk_pb2.ResumeBulkActionResponse],
+    ) -> bulk_pb2.ResumeBulkActionResponse:
+        job = await self._move_bulk_job(
+            request.bulk_action_id, context, "resume", {bulk_pb2.BULK_ACTION_STATE_PAUSED},
+            bulk_pb2.BULK_ACTION_STATE_RUNNING,
+        )
+        return bulk_pb2.ResumeBulkActionResponse(bulk_action=job)
+
+    @_answer_errors
+    async def CancelBulkAction(
+        self,
+        request: bulk_pb2.CancelBulkActionRequest,
+        context: Context[bulk_pb2.CancelBulkActionRequest, bulk_pb2.CancelBulkActionResponse],
+    ) -> bulk_pb2.CancelBulkActionResponse:
+        job = await self._move_bulk_job(
+            request.bulk_action_id, context, "cancel",
+            {bulk_pb2.BULK_ACTION_STATE_RUNNING, bulk_pb2.BULK_ACTION_STATE_PAUSED},
+            bulk_pb2.BULK_ACTION_STATE_CANCELLED,
+        )
+        return bulk_pb2.CancelBulkActionResponse(bulk_action=job)
+
+    async def _bulk_job(self, bulk_action_id: str, context: Context[Request, Response]) -> BulkJob:
+        """The job, if it exists and the caller may see it; NotFound alike otherwise."""
+        possible = is_possible(bulk_action_id, "bulk_action_id", BULK_ACTION_ID_PATTERN)
+        job = await self._store.get_bulk_job(bulk_action_id) if possible else None
+        if job is None:
+            raise NotFound(f"bulk action {quote(bulk_action_id)} not found")
+        if not self._access.open:
+            self._visible_bulk_job(self._caller(context), job)
+        return job
+
+    @staticmethod
+    def _visible_bulk_job(identity: Identity, job: BulkJob) -> None:
+        # A job over every definition ("") is not one for a caller limited to some.
+        if not identity.may_see(job.definition_name):
+            raise NotFound(f"bulk action {quote(job.bulk_action_id)} not found")
+
+    async def _move_bulk_job(
+        self, bulk_action_id: str, context: Context[Request, Response], verb: str, allowed_from: set[int], to: int
+    ) -> bulk_pb2.BulkAction:
+        """Moves a job to state `to` from one of `allowed_from`; already in
+        `to` is a no-op, any other state FailedPrecondition."""
+        job = await self._bulk_job(bulk_action_id, context)
+        moved, changed = await self._store.change_bulk_job_state(
+            job.bulk_action_id, allowed_from=frozenset(allowed_from), to=to, now=self._engine.clock.now()
+        )
+        assert moved is not None  # jobs are never deleted
+        if not changed and moved.state != to:
+            state = bulk_pb2.BulkActionState.Name(moved.state).removeprefix("BULK_ACTION_STATE_")  # type: ignore[arg-type]
+            raise FailedPrecondition(f"bulk action {quote(bulk_action_id)} is {state}; it cannot {verb}")
+        return bulk_action_message(moved)
+
+
+#: StartBulkAction's default and highest rate, in sagas per second.
+DEFAULT_BULK_RATE = 100.0
+MAX_BULK_RATE = 10_000.0
+#: Sagas a StartBulkAction answer shows of its selection.
+BULK_SAMPLE_SIZE = 10
+#: Skipped and failed sagas GetBulkAction shows.
+BULK_PROBLEMS_SHOWN = 100
+BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _kind_name(kind: int) -> str:
+    return bulk_pb2.BulkActionKind.Name(kind).removeprefix("BULK_ACTION_KIND_")  # type: ignore[arg-type]
 
 
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")

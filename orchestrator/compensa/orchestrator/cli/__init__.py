@@ -6,6 +6,7 @@ Where to look:
 - server.py: serve, migrate, purge, participant, demo.
 - sagas.py: start, get, list, status, watch, cancel, retry, resolve.
 - definitions.py: register, definitions, participants.
+- bulk.py: bulk start (with --dry-run), list, get, pause, resume, cancel.
 - replay.py: replay (a saga's log through the state machine) and plan (sagas
   in flight classified against a new definition).
 - output.py: what the commands print (JSON, rows, tables, timelines, error lines).

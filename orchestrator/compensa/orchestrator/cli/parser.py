@@ -21,12 +21,13 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator.api.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import codegen, definitions, replay, sagas, server
+from compensa.orchestrator.cli import bulk, codegen, definitions, replay, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
 from compensa.orchestrator.shared.errors import CompensaError, InvalidArgument, quote
 from compensa.orchestrator.shared.limits import INT32_MAX, INT64_MAX
+from compensa.orchestrator.shared.selection import ACTIONS
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2
 
@@ -154,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cancel(add("cancel", sagas.cancel, "Ask a running saga to stop and compensate."))
     _add_retry(add("retry", sagas.retry, "Run the failed compensations of a FAILED saga again."))
     _add_resolve(add("resolve", sagas.resolve, "Mark a FAILED saga as resolved by hand."))
+    _add_bulk(
+        add("bulk", bulk.run, "Bulk actions run by the server: start ACTION --filter ... [--dry-run], list, get,"
+            " pause, resume, cancel."),
+        client_options,
+    )
     _add_replay(add("replay", replay.replay,
                     "Replay a saga's log through the state machine: does it end where the saga is, or where"
                     " would a definition file decide otherwise? Exit 1 on a divergence."))
@@ -664,6 +670,44 @@ def _add_resolve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", required=True, help="what was done by hand")
     _add_actor_option(parser)
     _add_json_option(parser)
+
+
+def _add_bulk(parser: argparse.ArgumentParser, client_options: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(title="bulk commands", metavar="BULK_COMMAND", dest="bulk_command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, parents=[client_options], help=help_text, description=help_text)
+
+    start = add("start", "Start a bulk action on the sagas --filter selects (see the README's Incident runbook).")
+    start.add_argument("action", choices=tuple(ACTIONS), help="what to do to each saga")
+    start.add_argument(
+        "--filter", required=True,
+        help="which sagas, e.g. 'definition=checkout state=FAILED step=charge reason:\"declined\"'; 'all' for every",
+    )
+    start.add_argument("--dry-run", action="store_true", help="count and show a few of the sagas, and do nothing")
+    start.add_argument("--note", default="", help="why (the note of resolve, required there), written on each saga")
+    start.add_argument(
+        "--rate", type=_positive_float, default=0.0, metavar="PER_SECOND",
+        help="act on at most this many sagas per second (server default 100)",
+    )
+    start.add_argument("--request-id", default="", help="starting again with the same id returns the same job")
+    _add_actor_option(start)
+    _add_json_option(start)
+    listing = add("list", "List bulk actions, newest first.")
+    listing.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="jobs per page (server default 50)"
+    )
+    listing.add_argument("--all", action="store_true", help="follow every page")
+    _add_json_option(listing)
+    for name, help_text in (
+        ("get", "Show a bulk action's progress and the sagas it skipped or failed on, with reasons."),
+        ("pause", "Pause a running bulk action."),
+        ("resume", "Resume a paused bulk action where it stopped."),
+        ("cancel", "Stop a bulk action for good (sagas already acted on stay so)."),
+    ):
+        command = add(name, help_text)
+        command.add_argument("id", metavar="ID")
+        _add_json_option(command)
 
 
 # --- definition and participant commands ---

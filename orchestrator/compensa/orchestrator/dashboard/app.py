@@ -38,6 +38,7 @@ from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
+from compensa.orchestrator.engine.bulk import bulk_action_message
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.shared import payloads, records
@@ -56,9 +57,10 @@ from compensa.orchestrator.shared.limits import (
     check_position,
     check_text,
 )
+from compensa.orchestrator.shared.selection import ACTIONS, for_action, parse_filter
 from compensa.orchestrator.shared.timeline import event_type_name, saga_state_name, step_state_name
 from compensa.orchestrator.store import StoredEvent
-from compensa.v1 import saga_pb2
+from compensa.v1 import bulk_pb2, saga_pb2
 
 log = logging.getLogger("compensa.dashboard")
 
@@ -66,6 +68,8 @@ __all__ = ["Dashboard", "server_ssl_context"]
 
 #: Sagas the list shows (newest first).
 LIST_SIZE = 100
+#: Sagas a bulk action's dry run shows.
+_PREVIEW_SIZE = 10
 #: A live list gets one message per this many seconds at most, with the
 #: latest event of each saga that changed meanwhile: a busy log costs a few
 #: small messages a second per open list, not one per event.
@@ -241,13 +245,18 @@ class Dashboard:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self._templates.filters.update(time=_time, age=_age, state=saga_state_name, step_state=step_state_name)
+        self._templates.filters.update(
+            time=_time, age=_age, state=saga_state_name, step_state=step_state_name,
+            bulk_kind=lambda kind: bulk_pb2.BulkActionKind.Name(kind).removeprefix("BULK_ACTION_KIND_").lower(),
+            bulk_state=lambda state: bulk_pb2.BulkActionState.Name(state).removeprefix("BULK_ACTION_STATE_").lower(),
+        )
         self.app = web.Application(middlewares=[self._answer_errors])
         self.app.add_routes([
             web.get("/", self._index),
             web.get("/counts", self._counts),
             web.get("/live", self._live),
             web.get("/sagas/{saga_id}", self._saga),
+            web.get("/bulk", self._bulk),
             web.post("/sagas/{saga_id}/{action}", self._act),
             web.get("/login", self._login_form),
             web.post("/login", self._login),
@@ -399,6 +408,32 @@ class Dashboard:
             position=position,
             now=now,
             list_size=LIST_SIZE,
+        )
+
+    async def _bulk(self, request: web.Request) -> web.Response:
+        """Bulk actions with their progress (operators); with `filter` and
+        `action` in the query, what that action would touch (a dry run)."""
+        identity = self._identify(request)
+        self._access.authorize(identity, "ListBulkActions")
+        jobs = [
+            bulk_action_message(job) for job in await self._store.list_bulk_jobs(LIST_SIZE, None)
+            if identity.may_see(job.definition_name)
+        ]
+        text = request.query.get("filter", "")
+        action = request.query.get("action", "retry")
+        preview = None
+        if text:
+            if action not in ACTIONS:
+                raise InvalidArgument(f"action must be one of {', '.join(ACTIONS)}, got {quote(action)}")
+            selection = for_action(ACTIONS[action], parse_filter(text))
+            self._access.require_scope(identity, "StartBulkAction", selection.definition_name)
+            count, sample = await self._store.count_selection(
+                selection, now=self._engine.clock.now(), sample_size=_PREVIEW_SIZE
+            )
+            preview = {"count": count, "sagas": [_row(saga, None) for saga in sample]}
+        return self._page(
+            "bulk.html", title="Bulk actions", identity=identity, jobs=jobs, actions=list(ACTIONS), action=action,
+            filter=text, preview=preview,
         )
 
     async def _counts(self, request: web.Request) -> web.Response:

@@ -118,6 +118,8 @@ def _external_cause(event: machine.Event) -> str:
             return f"RetrySaga by {actor or 'an operator'}"
         case machine.ResolveRequested(actor=actor):
             return f"ResolveSaga by {actor or 'an operator'}"
+        case machine.RetryNowRequested(actor=actor):
+            return f"a retry now by {actor or 'an operator'}"
     return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
 
 
@@ -571,32 +573,47 @@ class SagaEngine:
         """Applies an operator action or a step completion, taking the saga
         over from whichever replica held it (its writes are fenced)."""
         for _ in range(20):
-            loaded = await self.store.load_with_owner(saga_id)
-            if loaded is None:
-                raise saga_not_found(saga_id)
-            saga, holder, lease_until = loaded
-            plan = await self.plan_for(saga.definition_name, saga.definition_version)
-            now = self.clock.now()
-            try:
-                transition = machine.decide(plan, saga, event, now)
-            except machine.IllegalTransition as error:
-                raise FailedPrecondition(str(error)) from error
-            if not transition.changed:
-                return saga
-            # Read with the saga, not fenced by the write: a claim of a released
-            # saga in between (it bumps no sequence) goes unnamed here. The
-            # write itself is fenced as always; only the log's account may lag.
-            if holder is not None and holder != self.owner:
-                live = lease_until is not None and lease_until > now
-                lease = "its lease was live" if live else "its lease had expired"
-                transition = machine.taken_over(
-                    saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
-                )
-            if isinstance(event, machine.RetryRequested):
-                await self._reconnect(plan, transition)
-            if await self._take_over(plan, saga, transition, now):
-                return transition.saga
+            applied = await self.apply_external_once(saga_id, event)
+            if applied is not None:
+                return applied
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
+
+    async def apply_external_once(
+        self, saga_id: str, event: machine.Event, *, expected_sequence: int | None = None, reconnect: bool = True
+    ) -> records.SagaRecord | None:
+        """One try of `apply_external`: the saga after it (unchanged when the
+        event changes nothing), or None when the saga changed first: its
+        sequence was not `expected_sequence` (when given), or moved before the
+        guarded write landed. `reconnect` False keeps the participants'
+        connections on a retry (a bulk action retries many sagas at once)."""
+        loaded = await self.store.load_with_owner(saga_id)
+        if loaded is None:
+            raise saga_not_found(saga_id)
+        saga, holder, lease_until = loaded
+        if expected_sequence is not None and saga.sequence != expected_sequence:
+            return None
+        plan = await self.plan_for(saga.definition_name, saga.definition_version)
+        now = self.clock.now()
+        try:
+            transition = machine.decide(plan, saga, event, now)
+        except machine.IllegalTransition as error:
+            raise FailedPrecondition(str(error)) from error
+        if not transition.changed:
+            return saga
+        # Read with the saga, not fenced by the write: a claim of a released
+        # saga in between (it bumps no sequence) goes unnamed here. The
+        # write itself is fenced as always; only the log's account may lag.
+        if holder is not None and holder != self.owner:
+            live = lease_until is not None and lease_until > now
+            lease = "its lease was live" if live else "its lease had expired"
+            transition = machine.taken_over(
+                saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
+            )
+        if reconnect and isinstance(event, machine.RetryRequested):
+            await self._reconnect(plan, transition)
+        if await self._take_over(plan, saga, transition, now):
+            return transition.saga
+        return None
 
     async def _reconnect(self, plan: machine.Plan, transition: machine.Transition) -> None:
         """Fresh connections to the participants an operator's retry calls

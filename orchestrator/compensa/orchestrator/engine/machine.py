@@ -140,6 +140,14 @@ class ResolveRequested:
     note: str
 
 
+@dataclass(frozen=True)
+class RetryNowRequested:
+    """Steps waiting out a retry backoff make their next attempt now."""
+
+    actor: str
+    reason: str
+
+
 #: What a participant's answer to one call becomes.
 StepAnswer = (
     ExecuteSucceeded
@@ -157,6 +165,7 @@ Event = (
     | CancelRequested
     | RetryRequested
     | ResolveRequested
+    | RetryNowRequested
 )
 
 
@@ -505,6 +514,8 @@ class _Builder:
                 self.operator_retry(actor, reason)
             case ResolveRequested(actor=actor, note=note):
                 self.resolve(actor, note)
+            case RetryNowRequested(actor=actor, reason=reason):
+                self.skip_backoff(actor, reason)
 
     def execute_errored(self, step: StepRecord, error: str) -> None:
         definition = self.plan.steps[step.name]
@@ -677,6 +688,21 @@ class _Builder:
             raise IllegalTransition("saga is already resolved")
         self.resolution_note = note
         self.log(E.EVENT_TYPE_OPERATOR_RESOLVED, message=note, actor=actor)
+
+    def skip_backoff(self, actor: str, reason: str) -> None:
+        waiting = [
+            step for step in self.steps.values()
+            if step.next_attempt_at is not None and step.next_attempt_at > self.now
+            and (step.state, self.state) in ((STEP_RUNNING, RUNNING), (STEP_COMPENSATING, COMPENSATING))
+        ]
+        if not waiting:
+            raise IllegalTransition(
+                f"saga is {saga_state_name(self.state)} and no step of it waits out a retry backoff;"
+                " nothing to retry now"
+            )
+        for step in waiting:
+            self.set_step(step, next_attempt_at=self.now)
+        self.log(E.EVENT_TYPE_BACKOFF_SKIPPED, message=reason, actor=actor)
 
     # -- moving on
 

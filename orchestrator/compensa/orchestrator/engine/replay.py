@@ -180,6 +180,8 @@ def _cause(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> ma
             return machine.RetryRequested(event.actor, text)
         case E.EVENT_TYPE_OPERATOR_RESOLVED:
             return machine.ResolveRequested(event.actor, text)
+        case E.EVENT_TYPE_BACKOFF_SKIPPED:
+            return machine.RetryNowRequested(event.actor, text)
     return None
 
 

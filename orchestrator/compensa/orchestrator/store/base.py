@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from compensa.orchestrator.shared.records import LogEvent, SagaRecord
+from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.v1 import definition_pb2
 
 
@@ -145,6 +146,46 @@ class PendingAlert:
     attempts: int
     #: The saga's trace context (None: no saga, or untraced).
     trace_parent: str | None
+
+
+@dataclass(frozen=True)
+class BulkJob:
+    """A bulk action as stored (see BulkAction in bulk.proto); `kind`,
+    `state` and the outcomes are the proto's enum values."""
+
+    bulk_action_id: str
+    kind: int
+    filter: str
+    selection: bytes  # serialized SagaFilter
+    definition_name: str
+    note: str
+    started_by: str
+    state: int
+    max_per_second: float
+    created_at: float
+    updated_at: float
+    selected: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    owner: str | None = None
+    lease_until: float | None = None
+    epoch: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.selected - self.done - self.skipped - self.failed
+
+
+@dataclass(frozen=True)
+class BulkItem:
+    """One saga a bulk action selected, at the sequence it had then."""
+
+    saga_id: str
+    selected_sequence: int
+    outcome: int
+    reason: str = ""
+    acted_at: float | None = None
 
 
 #: Told the outcome of a database wait and when it began (time.monotonic()):
@@ -403,6 +444,72 @@ class SagaStore(abc.ABC):
         """A probe of `name` succeeded: its outage, if any, ends; one that
         was alerted raises PARTICIPANT_RECOVERED (returned; None otherwise,
         or when another replica ended it first)."""
+
+    # Bulk actions
+
+    @abc.abstractmethod
+    async def count_selection(
+        self, selection: SagaSelection, *, now: float, sample_size: int
+    ) -> tuple[int, list[SagaRecord]]:
+        """How many sagas `selection` selects now, and up to `sample_size` of them."""
+
+    @abc.abstractmethod
+    async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
+        """Stores `job` with the sagas `selection` selects at `job.created_at`
+        as its pending items (each at its current sequence), in one
+        transaction; (the stored job, True). When the id is taken: (that
+        job, False). When nothing is selected: (None, False), nothing stored."""
+
+    @abc.abstractmethod
+    async def get_bulk_job(self, bulk_action_id: str) -> BulkJob | None:
+        """The job, or None."""
+
+    @abc.abstractmethod
+    async def list_bulk_jobs(self, page_size: int, after: tuple[float, str] | None) -> list[BulkJob]:
+        """Jobs newest first; `after` is (created_at, id) of the previous page's last."""
+
+    @abc.abstractmethod
+    async def change_bulk_job_state(
+        self, bulk_action_id: str, *, allowed_from: frozenset[int], to: int, now: float
+    ) -> tuple[BulkJob | None, bool]:
+        """Moves the job to state `to` if it is in one of `allowed_from`
+        (guarded); (the job after, whether it moved); (None, False) if unknown.
+        Leaving RUNNING gives up its lease."""
+
+    @abc.abstractmethod
+    async def claim_bulk_job(self, owner: str, now: float, lease_until: float) -> BulkJob | None:
+        """Takes one RUNNING job that no replica holds under a live lease
+        (oldest first), bumping its epoch; None when there is none."""
+
+    @abc.abstractmethod
+    async def renew_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+        """Extends `owner`'s lease of a RUNNING job held at `epoch`; False
+        when it no longer holds it or the job is no longer RUNNING."""
+
+    @abc.abstractmethod
+    async def release_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> None:
+        """Gives up `owner`'s lease of the job, if it still holds it."""
+
+    @abc.abstractmethod
+    async def pending_bulk_items(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
+        """Up to `limit` items not acted on yet, by saga id."""
+
+    @abc.abstractmethod
+    async def record_bulk_outcomes(
+        self, bulk_action_id: str, outcomes: Sequence[tuple[str, int, str]], now: float
+    ) -> int:
+        """Sets (saga id, outcome, reason) on items still PENDING and counts
+        them in the job's counters, in one transaction; how many it set (an
+        item set before, by another replica, is not counted again)."""
+
+    @abc.abstractmethod
+    async def complete_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, now: float) -> bool:
+        """RUNNING -> COMPLETED if `owner` holds it at `epoch` and no item is
+        pending; whether it did."""
+
+    @abc.abstractmethod
+    async def bulk_problems(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
+        """Up to `limit` items skipped or failed, most recent first."""
 
     # The event log
 

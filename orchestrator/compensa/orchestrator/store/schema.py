@@ -210,3 +210,48 @@ secrets = Table(
     Column("name", String(64), primary_key=True),
     Column("value", LargeBinary, nullable=False),
 )
+
+#: Bulk actions: durable jobs that apply one action to the sagas a filter
+#: selected. A replica works on a job while it holds its lease (`owner`,
+#: `lease_until`, and `epoch` bumped on every claim), as with sagas; the
+#: counters move with the outcomes of its items.
+bulk_actions = Table(
+    "compensa_bulk_actions",
+    metadata,
+    Column("bulk_action_id", String(64), primary_key=True),
+    Column("kind", Integer, nullable=False),  # a BulkActionKind
+    Column("filter", Text, nullable=False),
+    Column("selection", LargeBinary, nullable=False),  # serialized SagaFilter
+    # The definition the filter names ("": any); scoped callers see only theirs.
+    Column("definition_name", String(64), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("started_by", String(256), nullable=False),
+    Column("state", Integer, nullable=False),  # a BulkActionState
+    Column("max_per_second", Float, nullable=False),
+    Column("selected", BigInteger, nullable=False),
+    Column("done", BigInteger, nullable=False),
+    Column("skipped", BigInteger, nullable=False),
+    Column("failed", BigInteger, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("owner", String(128), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("epoch", BigInteger, nullable=False),
+)
+Index("compensa_bulk_actions_list", bulk_actions.c.created_at, bulk_actions.c.bulk_action_id)
+
+#: The sagas a bulk action selected, at the sequence they had then: the
+#: action's write is guarded on it, so a saga that changed meanwhile is
+#: skipped. `outcome` is a BulkItemOutcome, set once (PENDING -> another).
+bulk_items = Table(
+    "compensa_bulk_items",
+    metadata,
+    Column("bulk_action_id", String(64), primary_key=True),
+    Column("saga_id", String(128), primary_key=True),
+    Column("selected_sequence", BigInteger, nullable=False),
+    Column("outcome", Integer, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("acted_at", Float, nullable=True),
+)
+# The pending sagas of a job, in the order they are worked through.
+Index("compensa_bulk_items_outcome", bulk_items.c.bulk_action_id, bulk_items.c.outcome, bulk_items.c.saga_id)

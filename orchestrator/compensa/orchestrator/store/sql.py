@@ -44,14 +44,19 @@ from compensa.orchestrator.shared.records import (
     DELIVERY_POSSIBLE,
     FAILED,
     FINAL_SAGA_STATES,
+    STEP_COMPENSATING,
+    STEP_RUNNING,
     LogEvent,
     SagaRecord,
     takeover_event,
 )
+from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
+    BulkItem,
+    BulkJob,
     Claimed,
     DefinitionChange,
     ParticipantAddress,
@@ -81,6 +86,8 @@ from compensa.orchestrator.store.schema import (
     EVENT_LOG,
     alert_outbox,
     alerts,
+    bulk_actions,
+    bulk_items,
     definition_changes,
     definitions,
     log_head,
@@ -91,7 +98,7 @@ from compensa.orchestrator.store.schema import (
     sagas,
     secrets,
 )
-from compensa.v1 import definition_pb2
+from compensa.v1 import bulk_pb2, definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
@@ -101,6 +108,67 @@ _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
 _FINAL_STATES = tuple(sorted(FINAL_SAGA_STATES))
 # records.awaits_a_person, in SQL.
 _AWAITS_A_PERSON = sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")
+
+
+_PENDING = bulk_pb2.BULK_ITEM_OUTCOME_PENDING
+#: The job's counter of each outcome.
+_OUTCOME_COUNTERS: dict[int, str] = {
+    bulk_pb2.BULK_ITEM_OUTCOME_DONE: "done",
+    bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED: "skipped",
+    bulk_pb2.BULK_ITEM_OUTCOME_FAILED: "failed",
+}
+
+
+def _selected(selection: SagaSelection, now: float) -> list[sa.ColumnElement[bool]]:
+    """`selection` as conditions on compensa_sagas (SagaSelection's meaning, in SQL)."""
+    conditions: list[sa.ColumnElement[bool]] = []
+    if selection.definition_name:
+        conditions.append(sagas.c.definition_name == selection.definition_name)
+    if selection.definition_version:
+        conditions.append(sagas.c.definition_version == selection.definition_version)
+    if selection.states:
+        conditions.append(sagas.c.state.in_(sorted(selection.states)))
+    if selection.unresolved:
+        conditions.append(sagas.c.resolution_note == "")
+    a_step = saga_steps.c.saga_id == sagas.c.saga_id
+    if selection.step_name or selection.step_state:
+        step = [a_step]
+        if selection.step_name:
+            step.append(saga_steps.c.step_name == selection.step_name)
+        if selection.step_state:
+            step.append(saga_steps.c.state == selection.step_state)
+        conditions.append(sa.exists().where(*step))
+    if selection.reason_contains:
+        text = selection.reason_contains
+        conditions.append(sa.or_(
+            sagas.c.failure_reason.contains(text, autoescape=True),
+            sa.exists().where(a_step, saga_steps.c.last_error.contains(text, autoescape=True)),
+        ))
+    for column, low, high in (
+        (sagas.c.created_at, selection.created_from, selection.created_to),
+        (sagas.c.updated_at, selection.updated_from, selection.updated_to),
+    ):
+        if low is not None:
+            conditions.append(column >= low)
+        if high is not None:
+            conditions.append(column < high)
+    if selection.saga_id_prefix:
+        conditions.append(sagas.c.saga_id.startswith(selection.saga_id_prefix, autoescape=True))
+    if selection.saga_ids:
+        conditions.append(sagas.c.saga_id.in_(selection.saga_ids))
+    if selection.in_backoff:
+        conditions.append(sa.exists().where(
+            a_step, saga_steps.c.next_attempt_at > now, saga_steps.c.state.in_((STEP_RUNNING, STEP_COMPENSATING))
+        ))
+    return conditions
+
+
+def _bulk_job(row: sa.Row[Any]) -> BulkJob:
+    return BulkJob(**{field.name: getattr(row, field.name) for field in dataclasses.fields(BulkJob)})
+
+
+def _bulk_item(row: sa.Row[Any]) -> BulkItem:
+    return BulkItem(row.saga_id, row.selected_sequence, row.outcome, row.reason, row.acted_at)
 
 
 _SAGA_COLUMNS = [
@@ -1005,6 +1073,206 @@ class SqlSagaStore(SagaStore):
                 .where(alert_outbox.c.position == position, alert_outbox.c.attempts == attempts)
                 .values(next_attempt_at=next_attempt_at, last_error=error)
             )
+
+    # -- bulk actions
+
+    async def count_selection(
+        self, selection: SagaSelection, *, now: float, sample_size: int
+    ) -> tuple[int, list[SagaRecord]]:
+        conditions = _selected(selection, now)
+        async with self._transaction() as conn:
+            count = (await conn.execute(sa.select(sa.func.count()).select_from(sagas).where(*conditions))).scalar_one()
+            rows = (
+                await conn.execute(
+                    sa.select(*_SAGA_COLUMNS).where(*conditions).order_by(sagas.c.saga_id).limit(sample_size)
+                )
+            ).all()
+            return int(count), await self._load_many(conn, rows)
+
+    async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
+        values = {field.name: getattr(job, field.name) for field in dataclasses.fields(BulkJob)}
+        async with self._transaction() as conn:
+            inserted = (
+                await conn.execute(
+                    self._insert(bulk_actions).values(**values).on_conflict_do_nothing()
+                    .returning(bulk_actions.c.bulk_action_id)
+                )
+            ).first()
+            if inserted is None:
+                existing = await conn.execute(
+                    sa.select(bulk_actions).where(bulk_actions.c.bulk_action_id == job.bulk_action_id)
+                )
+                return _bulk_job(existing.one()), False
+            chosen = sa.select(
+                sa.literal(job.bulk_action_id), sagas.c.saga_id, sagas.c.sequence, sa.literal(_PENDING), sa.literal("")
+            ).where(*_selected(selection, job.created_at))
+            await conn.execute(
+                bulk_items.insert().from_select(
+                    ["bulk_action_id", "saga_id", "selected_sequence", "outcome", "reason"], chosen
+                )
+            )
+            selected = (
+                await conn.execute(
+                    sa.select(sa.func.count()).select_from(bulk_items)
+                    .where(bulk_items.c.bulk_action_id == job.bulk_action_id)
+                )
+            ).scalar_one()
+            if not selected:
+                await conn.execute(sa.delete(bulk_actions).where(bulk_actions.c.bulk_action_id == job.bulk_action_id))
+                return None, False
+            await conn.execute(
+                sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == job.bulk_action_id)
+                .values(selected=selected)
+            )
+        return dataclasses.replace(job, selected=int(selected)), True
+
+    async def get_bulk_job(self, bulk_action_id: str) -> BulkJob | None:
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(sa.select(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id))
+            ).one_or_none()
+        return None if row is None else _bulk_job(row)
+
+    async def list_bulk_jobs(self, page_size: int, after: tuple[float, str] | None) -> list[BulkJob]:
+        query = sa.select(bulk_actions)
+        if after is not None:
+            created_at, bulk_action_id = after
+            query = query.where(sa.or_(
+                bulk_actions.c.created_at < created_at,
+                sa.and_(bulk_actions.c.created_at == created_at, bulk_actions.c.bulk_action_id < bulk_action_id),
+            ))
+        query = query.order_by(bulk_actions.c.created_at.desc(), bulk_actions.c.bulk_action_id.desc()).limit(page_size)
+        async with self._transaction() as conn:
+            return [_bulk_job(row) for row in (await conn.execute(query)).all()]
+
+    async def change_bulk_job_state(
+        self, bulk_action_id: str, *, allowed_from: frozenset[int], to: int, now: float
+    ) -> tuple[BulkJob | None, bool]:
+        values: dict[str, Any] = {"state": to, "updated_at": now}
+        if to != bulk_pb2.BULK_ACTION_STATE_RUNNING:
+            values.update(owner=None, lease_until=None)
+        async with self._transaction() as conn:
+            moved = (
+                await conn.execute(
+                    sa.update(bulk_actions)
+                    .where(bulk_actions.c.bulk_action_id == bulk_action_id, bulk_actions.c.state.in_(allowed_from))
+                    .values(**values).returning(*bulk_actions.c)
+                )
+            ).one_or_none()
+            if moved is not None:
+                return _bulk_job(moved), True
+            row = (
+                await conn.execute(sa.select(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id))
+            ).one_or_none()
+        return (None if row is None else _bulk_job(row)), False
+
+    async def claim_bulk_job(self, owner: str, now: float, lease_until: float) -> BulkJob | None:
+        free = self._skip_locked(
+            sa.select(bulk_actions.c.bulk_action_id)
+            .where(
+                bulk_actions.c.state == bulk_pb2.BULK_ACTION_STATE_RUNNING,
+                sa.or_(bulk_actions.c.owner.is_(None), bulk_actions.c.lease_until < now),
+            )
+            .order_by(bulk_actions.c.created_at)
+            .limit(1)
+        )
+        async with self._transaction() as conn:
+            bulk_action_id = (await conn.execute(free)).scalar_one_or_none()
+            if bulk_action_id is None:
+                return None
+            row = (
+                await conn.execute(
+                    sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
+                    .values(owner=owner, lease_until=lease_until, epoch=bulk_actions.c.epoch + 1)
+                    .returning(*bulk_actions.c)
+                )
+            ).one()
+        return _bulk_job(row)
+
+    def _held_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> list[sa.ColumnElement[bool]]:
+        return [
+            bulk_actions.c.bulk_action_id == bulk_action_id, bulk_actions.c.owner == owner,
+            bulk_actions.c.epoch == epoch, bulk_actions.c.state == bulk_pb2.BULK_ACTION_STATE_RUNNING,
+        ]
+
+    async def renew_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+        async with self._transaction() as conn:
+            renewed = await conn.execute(
+                sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
+                .values(lease_until=lease_until).returning(bulk_actions.c.bulk_action_id)
+            )
+            return renewed.first() is not None
+
+    async def release_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(bulk_actions)
+                .where(
+                    bulk_actions.c.bulk_action_id == bulk_action_id, bulk_actions.c.owner == owner,
+                    bulk_actions.c.epoch == epoch,
+                )
+                .values(owner=None, lease_until=None)
+            )
+
+    async def pending_bulk_items(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
+        query = (
+            sa.select(bulk_items)
+            .where(bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.outcome == _PENDING)
+            .order_by(bulk_items.c.saga_id)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return [_bulk_item(row) for row in (await conn.execute(query)).all()]
+
+    async def record_bulk_outcomes(
+        self, bulk_action_id: str, outcomes: Sequence[tuple[str, int, str]], now: float
+    ) -> int:
+        counted = dict.fromkeys(_OUTCOME_COUNTERS.values(), 0)
+        # One statement per (outcome, reason): a batch is mostly "done", alike.
+        alike: dict[tuple[int, str], list[str]] = {}
+        for saga_id, outcome, reason in outcomes:
+            alike.setdefault((outcome, reason), []).append(saga_id)
+        async with self._transaction() as conn:
+            for (outcome, reason), saga_ids in alike.items():
+                landed = await conn.execute(
+                    sa.update(bulk_items)
+                    .where(
+                        bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.saga_id.in_(saga_ids),
+                        bulk_items.c.outcome == _PENDING,
+                    )
+                    .values(outcome=outcome, reason=reason, acted_at=now)
+                    .returning(bulk_items.c.saga_id)
+                )
+                counted[_OUTCOME_COUNTERS[outcome]] += len(landed.all())
+            if any(counted.values()):
+                await conn.execute(
+                    sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
+                    .values(updated_at=now, **{name: bulk_actions.c[name] + n for name, n in counted.items()})
+                )
+        return sum(counted.values())
+
+    async def complete_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, now: float) -> bool:
+        pending = sa.exists().where(bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.outcome == _PENDING)
+        async with self._transaction() as conn:
+            completed = await conn.execute(
+                sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch), ~pending)
+                .values(state=bulk_pb2.BULK_ACTION_STATE_COMPLETED, updated_at=now, owner=None, lease_until=None)
+                .returning(bulk_actions.c.bulk_action_id)
+            )
+            return completed.first() is not None
+
+    async def bulk_problems(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
+        query = (
+            sa.select(bulk_items)
+            .where(
+                bulk_items.c.bulk_action_id == bulk_action_id,
+                bulk_items.c.outcome.in_((bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED, bulk_pb2.BULK_ITEM_OUTCOME_FAILED)),
+            )
+            .order_by(bulk_items.c.acted_at.desc(), bulk_items.c.saga_id)
+            .limit(limit)
+        )
+        async with self._transaction() as conn:
+            return [_bulk_item(row) for row in (await conn.execute(query)).all()]
 
     # -- the event log
 
