@@ -3,7 +3,7 @@
 then and what was done to them).
 
 Revision ID: 0008
-Revises: 0009 (main's 0009, participant contracts, came first; the lead may re-chain)
+Revises: 0007
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0009"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 

@@ -3,8 +3,8 @@
 the definitions that name it. A table of its own: a participant's address
 and health change often, its contract seldom.
 
-Revision ID: 0009
-Revises: 0004
+Revision ID: 0007
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009"
+revision = "0007"
 down_revision = "0006"
 branch_labels = None
 depends_on = None
