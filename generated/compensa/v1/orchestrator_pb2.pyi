@@ -39,6 +39,10 @@ class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.V
     """A participant's health checks failed for longer than the threshold."""
     ALERT_KIND_PARTICIPANT_RECOVERED: _AlertKind.ValueType  # 3
     """A participant alerted as unhealthy answered SERVING again."""
+    ALERT_KIND_AUDIT: _AlertKind.ValueType  # 4
+    """`compensa audit` found the log and a participant's barrier rows
+    disagreeing about a saga (the message quotes both sides).
+    """
 
 class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
     """What an alert is about."""
@@ -52,6 +56,10 @@ ALERT_KIND_PARTICIPANT_UNHEALTHY: AlertKind.ValueType  # 2
 """A participant's health checks failed for longer than the threshold."""
 ALERT_KIND_PARTICIPANT_RECOVERED: AlertKind.ValueType  # 3
 """A participant alerted as unhealthy answered SERVING again."""
+ALERT_KIND_AUDIT: AlertKind.ValueType  # 4
+"""`compensa audit` found the log and a participant's barrier rows
+disagreeing about a saga (the message quotes both sides).
+"""
 Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 
 class _ParticipantHealth:
@@ -133,7 +141,11 @@ class Alert(_message.Message):
     sequence: _builtins.int
     event_position: _builtins.int
     participant: _builtins.str
-    """ALERT_KIND_PARTICIPANT_*: the participant and the address probed."""
+    """ALERT_KIND_AUDIT: the saga and step (saga_id, definition_name,
+    step_name), and the participant whose records disagree (participant,
+    address), each empty when the discrepancy is not about one.
+    ALERT_KIND_PARTICIPANT_*: the participant and the address probed.
+    """
     address: _builtins.str
     @_builtins.property
     def raise_time(self) -> _timestamp_pb2.Timestamp: ...
