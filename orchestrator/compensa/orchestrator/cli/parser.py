@@ -8,6 +8,7 @@ error: one line `error: compensa COMMAND: ... (see compensa COMMAND --help)`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import getpass
 import logging
@@ -22,7 +23,7 @@ from google.protobuf import duration_pb2
 
 from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import definitions, sagas, server
+from compensa.orchestrator.cli import audit, definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
 from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
@@ -104,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED; 2 usage error or an error answered by the orchestrator; 141 the reader of the output went away"
-        " (compensa list | head), quietly.",
+        "or FAILED, or `audit` found discrepancies; 2 usage error or an error answered by the orchestrator;"
+        " 141 the reader of the output went away (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_purge(
         add("purge", server.purge, "Delete sagas done for good that ended longer ago than --older-than, then exit.",
             client=False)
+    )
+    _add_audit(
+        add("audit", audit.audit, "Compare the saga log with every participant's own barrier records; name each"
+            " discrepancy (alerted once, kind AUDIT); with --barrier-retention, tell participants what they may"
+            " delete.", client=False)
     )
     _add_participant(
         add("participant", server.participant, "Run one of the example checkout participants.",
@@ -482,6 +488,55 @@ def _add_purge(parser: argparse.ArgumentParser) -> None:
         help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"
              " ago than this (e.g. 30d), with their steps and events; a FAILED saga nobody resolved is kept",
     )
+
+
+def _add_audit(parser: argparse.ArgumentParser) -> None:
+    _add_db_option(parser)
+    parser.add_argument(
+        "--since", type=_moment, metavar="TIME",
+        help="audit the sagas created since TIME (RFC 3339, or a duration ago: 1h) and report, leaving the audit's"
+             " progress alone (default: resume where the last audit found everything clean)",
+    )
+    parser.add_argument("--definition", default="", metavar="NAME", help="only sagas of this definition")
+    parser.add_argument("--participant", action="append", default=[], metavar="NAME",
+                        help="only this participant (repeatable; default: every participant with an address)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--barrier-retention", type=_duration, metavar="DURATION",
+        help="tell each participant audited clean that it may delete its barrier rows of sagas final, audited"
+             " clean and created longer ago than this (e.g. 30d); default: never",
+    )
+    parser.add_argument(
+        "--max-sagas-per-second", type=_positive_float, default=2000.0, metavar="N",
+        help="the audit's pace, so that it never holds up the engine (default 2000)",
+    )
+    parser.add_argument(
+        "--settle-grace", type=_duration, metavar="DURATION",
+        help="a step the participant settled while the log still waits for it is reported once its saga has not"
+             " changed for this long (default 1m)",
+    )
+    parser.add_argument(
+        "--clock-skew-margin", type=_duration, metavar="DURATION",
+        help="how far a participant's clock may run ahead of the database's: the purge watermark stays this far"
+             " behind (default 1m)",
+    )
+    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
+                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
+    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate shown to participants (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
+                        help="PEM private key of --participant-tls-cert")
+
+
+def _moment(text: str) -> datetime.datetime | datetime.timedelta:
+    """A time: RFC 3339 (2026-12-07T10:00:00Z), or a duration meaning that long ago."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.timedelta(seconds=_duration(text).ToNanoseconds() / 1e9)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{quote(text)} has no time zone; end it with Z or +HH:MM")
+    return moment
 
 
 def _add_participant(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,241 @@
+"""`compensa audit`: the saga log against the participants' own barrier rows,
+with real participants and a real orchestrator on PostgreSQL, the audit run
+as a real process.
+
+Sagas run to their end; the audit finds them clean. Then each kind of
+discrepancy is planted straight into a participant's database, and the audit
+names each one, with both sides, and nothing else; each is alerted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from harness import Stack, checkout_stack, poll_until
+
+from compensa.checkout.v1 import checkout_pb2
+from compensa.orchestrator.store import AUDIT_ALERT, open_store
+from compensa.participants.sdk import pack
+from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
+
+COMPENSA = Path(sys.executable).parent / "compensa"
+COMMAND_TIMEOUT_SECONDS = 180.0
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass(frozen=True)
+class _Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def _compensa(*args: str) -> _Completed:
+    """Runs `compensa` without blocking the loop that serves the in-process servers."""
+    process = await asyncio.create_subprocess_exec(
+        str(COMPENSA), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_SECONDS)
+    assert process.returncode is not None
+    return _Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def _audit(stack: Stack, *args: str) -> tuple[int, dict[str, Any]]:
+    done = await _compensa("audit", "--db", stack.orchestrator_url, "--json", *args)
+    assert done.returncode in (0, 1), done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, report
+
+
+def _found(report: dict[str, Any]) -> set[tuple[str, str | None, str, str | None]]:
+    every = [*report["sagas"], *(f for p in report["participants"] for f in p["discrepancies"])]
+    return {(f["kind"], f["participant"], f["saga_id"], f["step"]) for f in every}
+
+
+async def _run_to_end(stack: Stack, count: int, **input_values: Any) -> list[str]:
+    saga_ids = [await stack.start(**input_values) for _ in range(count)]
+    for saga_id in saga_ids:
+        await stack.wait_final(saga_id, timeout=60.0)
+    return saga_ids
+
+
+def _barrier(stack: Stack, kind: str) -> sa.Table:
+    return stack.participants[kind].participant.barrier
+
+
+async def _change(stack: Stack, kind: str, statement: sa.Executable) -> None:
+    async with stack.engine_of(kind).begin() as conn:
+        await conn.execute(statement)
+
+
+async def _waiting_on_review(stack: Stack) -> str:
+    saga_id = await stack.start(card_token=f"review-{uuid.uuid4().hex[:6]}")
+
+    async def waiting() -> bool:
+        saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+        return any(step.state == saga_pb2.STEP_STATE_WAITING for step in saga.steps)
+
+    await poll_until(waiting, timeout=60.0)
+    return saga_id
+
+
+async def _bare_server() -> tuple[grpc.aio.Server, str]:
+    """A gRPC server that serves nothing: a participant that is not built on the SDK."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgres_url: Callable[[], str]) -> None:
+    legacy, legacy_address = await _bare_server()
+    try:
+        async with checkout_stack(make_postgres_url) as stack:
+            await stack.stub.SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="legacy", address=legacy_address)
+            )
+            succeeded = await _run_to_end(stack, 6)
+            compensated = await _run_to_end(stack, 4, card_token="flagged-card")
+            pending = await _waiting_on_review(stack)
+
+            status, clean = await _audit(stack)
+            assert status == 0 and _found(clean) == set(), clean
+            by_name = {p["participant"]: p for p in clean["participants"]}
+            assert not by_name["legacy"]["audited"] and "UNIMPLEMENTED" in by_name["legacy"]["not_audited_because"]
+            assert by_name["inventory"]["audited"] and by_name["inventory"]["sagas"] == 11
+            assert by_name["inventory"]["audited_clean_through"] is not None
+
+            # Plant one discrepancy of each kind, each in a saga of its own.
+            inventory, payment, shipping = (_barrier(stack, kind) for kind in ("inventory", "payment", "shipping"))
+            await _change(stack, "inventory", inventory.delete().where(
+                inventory.c.saga_id == succeeded[0], inventory.c.operation == "execute"
+            ))
+            altered = participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+                output=pack(checkout_pb2.Charge(charge_id="ch-forged", amount_cents=1)),
+            ).SerializeToString(deterministic=True)
+            await _change(stack, "payment", payment.update().where(
+                payment.c.saga_id == succeeded[1], payment.c.operation == "execute"
+            ).values(response=altered))
+            shipped = participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+                output=pack(checkout_pb2.Shipment(tracking_number="TRK-LATE")),
+            ).SerializeToString(deterministic=True)
+            await _change(stack, "shipping", shipping.insert().values(
+                idempotency_key=f"{compensated[0]}/ship_order", operation="execute", saga_id=compensated[0],
+                step_name="ship_order", outcome="succeeded", response=shipped,
+                created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            await _change(stack, "inventory", inventory.delete().where(
+                inventory.c.saga_id == compensated[1], inventory.c.operation == "compensate"
+            ))
+            ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+            await _change(stack, "payment", payment.insert().values(
+                idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost, step_name="charge_card",
+                outcome="succeeded", response=altered, created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            # Settled at the participant (as the SDK records it), never reported.
+            participant = stack.participants["payment"].participant
+            async with stack.engine_of("payment").begin() as conn:
+                assert await participant.settle_pending(
+                    conn, f"{pending}/charge_card", output=checkout_pb2.Charge(charge_id="ch-settled", amount_cents=1)
+                )
+
+            status, report = await _audit(stack, "--since", "1h", "--settle-grace", "0s")
+            assert status == 1
+            assert _found(report) == {
+                ("EXECUTE_MISSING", "inventory", succeeded[0], "reserve_stock"),
+                ("ANSWER_DIFFERS", "payment", succeeded[1], "charge_card"),
+                ("HANGING_EXECUTE", "shipping", compensated[0], "ship_order"),
+                ("COMPENSATE_MISSING", "inventory", compensated[1], "reserve_stock"),
+                ("ORPHAN_ROW", "payment", ghost, "charge_card"),
+                ("SETTLED_NOT_REPORTED", "payment", pending, "charge_card"),
+            }, report
+            messages = {f["kind"]: f["message"] for p in report["participants"] for f in p["discrepancies"]}
+            # Both sides quoted.
+            assert "the log says: SUCCEEDED" in messages["EXECUTE_MISSING"]
+            assert "the participant says: no rows" in messages["EXECUTE_MISSING"]
+            assert "the log says: SUCCEEDED (sha256:" in messages["ANSWER_DIFFERS"]
+            assert "Execute row succeeded (sha256:" in messages["ANSWER_DIFFERS"]
+            assert "the log says: PENDING" in messages["HANGING_EXECUTE"]
+            assert "Compensate" in messages["COMPENSATE_MISSING"]
+            assert "does not know" in messages["ORPHAN_ROW"]
+            assert "settled_succeeded" in messages["SETTLED_NOT_REPORTED"]
+
+            # Each is alerted once (kind AUDIT): a second run raises none again.
+            status, again = await _audit(stack, "--since", "1h", "--settle-grace", "0s")
+            assert status == 1 and _found(again) == _found(report)
+            store = open_store(stack.orchestrator_url)
+            try:
+                alerts = [alert for alert in await store.read_alerts(0, 1000) if alert.kind == AUDIT_ALERT]
+            finally:
+                await store.close()
+            assert sorted(alert.saga_id for alert in alerts) == sorted(saga for _, _, saga, _ in _found(report))
+            assert all(alert.alert_id == f"audit/{alert.position}" for alert in alerts)
+            watched = stack.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest())
+            kinds = []
+            async for answer in watched:
+                kinds.append(answer.alert.kind)
+                if kinds.count(orchestrator_pb2.ALERT_KIND_AUDIT) == len(alerts):
+                    break
+            watched.cancel()
+    finally:
+        await legacy.stop(None)
+
+
+async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        old = await _run_to_end(stack, 3)
+        status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+        assert status == 0, report
+        by_name = {p["participant"]: p for p in report["participants"]}
+        assert by_name["payment"]["purge_watermark"] is not None
+
+        young = await _run_to_end(stack, 2)
+        payment = stack.participants["payment"]
+        purge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "compensa.participants.purge", "--db", str(payment.engine.url.render_as_string(
+                hide_password=False
+            )), "--barrier-table", payment.participant.barrier_table_name, "--batch-size", "2",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(purge.communicate(), COMMAND_TIMEOUT_SECONDS)
+        assert purge.returncode == 0, stderr.decode()
+        assert "deleted 3 barrier row(s)" in stdout.decode()
+        barrier = payment.participant.barrier
+        async with payment.engine.connect() as conn:
+            kept = {row.saga_id for row in (await conn.execute(sa.select(barrier.c.saga_id))).all()}
+        assert kept == set(young)  # the young sagas were never audited: kept
+
+        # A late duplicate Execute of a purged saga: refused, not applied again.
+        late = participant_pb2.ExecuteRequest(
+            context=participant_pb2.StepContext(
+                saga_id=old[0], step_name="charge_card", idempotency_key=f"{old[0]}/charge_card", attempt=5,
+                definition_name="checkout", definition_version=1,
+            )
+        )
+        late.context.deadline.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1))
+        async with grpc.aio.insecure_channel(payment.address) as channel:
+            from compensa.v1 import participant_pb2_grpc
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await participant_pb2_grpc.ParticipantServiceStub(channel).Execute(late)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "purge watermark" in (refused.value.details() or "")
+            listed = await barrier_audit_pb2_grpc.BarrierAuditServiceStub(channel).ListBarrierRows(
+                barrier_audit_pb2.ListBarrierRowsRequest(saga_ids=[old[0]])
+            )
+            assert list(listed.rows) == []
