@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from harness import Stack, checkout_stack, poll_until
+from harness import Stack, checkout_stack, poll_until, scrape
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
@@ -205,6 +205,11 @@ async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url
         assert by_name["payment"]["purge_watermark"] is not None
 
         young = await _run_to_end(stack, 2)
+        # The next run resumes after the sagas found clean: it audits the young ones only.
+        status, resumed = await _audit(stack)
+        assert status == 0 and {p["participant"]: p["sagas"] for p in resumed["participants"]} == {
+            "inventory": 2, "payment": 2, "shipping": 2,
+        }
         payment = stack.participants["payment"]
         purge = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "compensa.participants.purge", "--db", str(payment.engine.url.render_as_string(
@@ -239,3 +244,33 @@ async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url
                 barrier_audit_pb2.ListBarrierRowsRequest(saga_ids=[old[0]])
             )
             assert list(listed.rows) == []
+
+
+async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url, audit_interval_seconds=0.5, metrics_listen="127.0.0.1:0") as stack:
+        await _run_to_end(stack, 2)
+        payment = _barrier(stack, "payment")
+        ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+        await _change(stack, "payment", payment.insert().values(
+            idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost, step_name="charge_card",
+            outcome="succeeded", response=b"", created_at=datetime.datetime.now(datetime.UTC),
+        ))
+        watched = stack.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest())
+        try:
+            async def audit_alert() -> orchestrator_pb2.Alert:
+                async for answer in watched:
+                    if answer.alert.kind == orchestrator_pb2.ALERT_KIND_AUDIT:
+                        return answer.alert
+                raise AssertionError("the alert stream ended")
+
+            alert = await asyncio.wait_for(audit_alert(), 60.0)
+        finally:
+            watched.cancel()
+        assert alert.saga_id == ghost and alert.participant == "payment" and alert.step_name == "charge_card"
+        assert alert.message.startswith("ORPHAN_ROW: ")
+        assert alert.alert_id == f"audit/{alert.position}"
+        port = stack.orchestrator.metrics_port
+        assert port is not None
+        samples = await scrape(port)
+        key = ("compensa_audit_discrepancies_total", frozenset({("participant", "payment"), ("kind", "ORPHAN_ROW")}))
+        assert samples[key] == 1.0

@@ -41,13 +41,14 @@ import grpc
 
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.audit import AuditedSaga, compare_saga, orphan_rows, past_deadline
+from compensa.orchestrator.errors import StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.records import SagaRecord
 from compensa.orchestrator.store import AuditFinding, AuditProgress, ParticipantAddress, SagaStore
 from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, definition_pb2
 
-__all__ = ["AuditOptions", "AuditReport", "ParticipantAudit", "run_audit"]
+__all__ = ["AuditOptions", "AuditReport", "ParticipantAudit", "audit_every", "run_audit"]
 
 log = logging.getLogger("compensa.audit")
 
@@ -150,6 +151,26 @@ async def run_audit(store: SagaStore, options: AuditOptions, *, metrics: Metrics
     report.saga_findings = await _sagas_past_deadline(store, options, definitions, after)
     await _alert(store, report.saga_findings, metrics)
     return report
+
+
+async def audit_every(store: SagaStore, options: AuditOptions, interval: float, metrics: Metrics) -> None:
+    """Runs an audit (resuming) every `interval` seconds, until cancelled
+    (`serve --audit-interval`); a run that fails is logged and tried again
+    at the next interval."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await run_audit(store, options, metrics=metrics)
+        except StoreUnavailable as error:
+            log.warning("audit: %s; trying again in %.0fs", error, interval)
+            continue
+        except Exception:
+            log.exception("audit: the run failed; trying again in %.0fs", interval)
+            continue
+        log.info(
+            "audit: %d participant(s) audited, %d discrepancies",
+            sum(audit.audited for audit in report.participants), len(report.findings),
+        )
 
 
 async def _alert(store: SagaStore, findings: list[AuditFinding], metrics: Metrics | None) -> None:

@@ -86,6 +86,12 @@ class ServerConfig:
     # An unfinished saga unchanged for this long raises an alert (once per
     # stall); None raises none.
     alert_stuck_seconds: float | None = None
+    # An audit of the log against participants' barrier rows runs this often
+    # (seconds; auditor.py), resuming where the last one stopped; None runs none.
+    audit_interval_seconds: float | None = None
+    # With audit_interval_seconds: participants are told they may delete the
+    # barrier rows of sagas final, audited clean and created this long ago.
+    barrier_retention_seconds: float | None = None
     # Every stored participant is probed with grpc.health.v1 this often (seconds).
     participant_health_seconds: float = 5.0
     # A participant whose probes (by every replica) have failed for this long

@@ -25,6 +25,7 @@ from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
 from compensa.orchestrator import logs, machine, records
 from compensa.orchestrator.alerts import AlertDelivery, database_alert_body, stuck_alert
+from compensa.orchestrator.auditor import AuditOptions, audit_every
 from compensa.orchestrator.changes import ChangeSignal
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.config import ServerConfig
@@ -217,6 +218,13 @@ class SagaEngine:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
             )
+        if self.config.audit_interval_seconds is not None:
+            audits = AuditOptions(
+                barrier_retention=self.config.barrier_retention_seconds, participant_tls=self.config.participant_tls
+            )
+            self._tasks.append(asyncio.create_task(
+                audit_every(self.store, audits, self.config.audit_interval_seconds, self.metrics), name="compensa-audit"
+            ))
 
     def _people_counts(self) -> tuple[int, int] | None:
         """FAILED sagas nobody resolved and stuck ones, counted in the

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from compensa.orchestrator.cli.connection import tls_files
 from compensa.orchestrator.cli.exit_codes import EXIT_DISCREPANCIES, EXIT_OK
+from compensa.orchestrator.cli.server import positive_seconds
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.errors import CompensaError
 
@@ -38,9 +39,9 @@ def audit(args: argparse.Namespace) -> int:
     sqlite_file = make_url(url).database if url.startswith("sqlite") else None
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
         raise CompensaError(f"no database at {sqlite_file}; check --db")
-    retention = args.barrier_retention.ToNanoseconds() / 1e9 if args.barrier_retention is not None else None
-    if retention is not None and retention <= 0:
-        raise CompensaError("--barrier-retention must be positive")
+    retention = (
+        positive_seconds(args.barrier_retention, "--barrier-retention") if args.barrier_retention is not None else None
+    )
 
     async def run() -> AuditReport:
         store = open_store(url)

@@ -476,6 +476,16 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
     parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
     parser.add_argument(
+        "--audit-interval", type=_duration, metavar="DURATION",
+        help="audit the saga log against the participants' barrier rows this often, resuming where the last audit"
+             " stopped (as `compensa audit`; default: never)",
+    )
+    parser.add_argument(
+        "--barrier-retention", type=_duration, metavar="DURATION",
+        help="with --audit-interval: tell participants they may delete the barrier rows of sagas final, audited"
+             " clean and created longer ago than this (default: never)",
+    )
+    parser.add_argument(
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
     )
