@@ -274,3 +274,21 @@ async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callabl
         samples = await scrape(port)
         key = ("compensa_audit_discrepancies_total", frozenset({("participant", "payment"), ("kind", "ORPHAN_ROW")}))
         assert samples[key] == 1.0
+
+
+async def test_bad_options_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        unknown = await _compensa("audit", "--db", stack.orchestrator_url, "--participant", "nobody")
+        assert unknown.returncode == 2 and unknown.stdout == ""
+        assert unknown.stderr.strip().splitlines() == [
+            "error: --participant: no participant named nobody has a stored address"
+        ]
+        since = await _compensa("audit", "--db", stack.orchestrator_url, "--since", "yesterday")
+        assert since.returncode == 2 and "--since" in since.stderr
+        retention = await _compensa("audit", "--db", stack.orchestrator_url, "--barrier-retention", "0s")
+        assert retention.returncode == 2 and "--barrier-retention must be positive" in retention.stderr
+        store = open_store(stack.orchestrator_url)
+        try:
+            assert await store.audit_progress("payment") is None
+        finally:
+            await store.close()

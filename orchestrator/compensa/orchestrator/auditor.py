@@ -6,17 +6,17 @@ Where it runs: in the process that runs it (`compensa audit --db`, or
 run the next one. For each participant with a stored address it walks the
 sagas in creation order, `batch_size` at a time at no more than
 `max_sagas_per_second` (one indexed read of the log and one ListBarrierRows
-per batch, never in the engine's transactions), asks the participant for the
+per batch, in transactions of their own, never the engine's), asks the participant for the
 rows of the sagas whose definition gives it steps, and compares them
 (audit.py). Rows created since the audit's start that belong to no known
 saga or step are orphans.
 
 Progress is kept per participant (`AuditProgress`): every saga up to
 `clean_through`, in creation order, is final and audited clean. A run
-without `since` resumes there and moves it forward after each batch, so a
+without `since` or `definition_name` resumes there and moves it forward after each batch, so a
 run killed halfway (a replica killed) loses at most one batch; a run with
 `since` re-audits from that time and reports, leaving progress and purge
-watermarks alone. Each discrepancy is recorded once and alerted once (kind
+watermarks alone (so does one of a single definition). Each discrepancy is recorded once and alerted once (kind
 AUDIT: alert log, webhook, metric).
 
 Barrier retention: with `barrier_retention`, the participant is told that
@@ -63,6 +63,7 @@ class AuditOptions:
     #: Audit sagas created at or after this time (the database's clock) and
     #: report, leaving progress alone; None: resume where the last run stopped.
     since: float | None = None
+    #: Only this definition's sagas (and report only, as with `since`).
     definition_name: str = ""
     #: Participants to audit by name; empty: every participant with a stored address.
     participants: tuple[str, ...] = ()
@@ -214,7 +215,9 @@ async def _audit_participant(
     audit = ParticipantAudit(participant.name, participant.address)
     now = await store.clock()
     progress = await store.audit_progress(participant.name)
-    resuming = options.since is None
+    # A run over some sagas (since a time, of one definition) reports only:
+    # the clean prefix is about every saga.
+    resuming = options.since is None and not options.definition_name
     start: tuple[float, str] | None = (
         (progress.clean_through if progress is not None else None) if resuming else (options.since or 0.0, "")
     )

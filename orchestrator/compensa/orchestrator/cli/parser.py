@@ -410,13 +410,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
-    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
-                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
-    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
-                        help="PEM client certificate shown to participants that require one"
-                             " (with --participant-tls-key)")
-    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
-                        help="PEM private key of --participant-tls-cert")
+    _add_participant_tls_options(parser)
     parser.add_argument(
         "--operator", action="append", default=[], metavar="NAME",
         help="a client certificate name (CN or subject alternative name) allowed to cancel, retry, resolve and"
@@ -500,6 +494,16 @@ def _add_purge(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_participant_tls_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
+                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
+    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate shown to participants that require one"
+                             " (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
+                        help="PEM private key of --participant-tls-cert")
+
+
 def _add_audit(parser: argparse.ArgumentParser) -> None:
     _add_db_option(parser)
     parser.add_argument(
@@ -507,7 +511,8 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
         help="audit the sagas created since TIME (RFC 3339, or a duration ago: 1h) and report, leaving the audit's"
              " progress alone (default: resume where the last audit found everything clean)",
     )
-    parser.add_argument("--definition", default="", metavar="NAME", help="only sagas of this definition")
+    parser.add_argument("--definition", default="", metavar="NAME",
+                        help="only sagas of this definition (and report, leaving the audit's progress alone)")
     parser.add_argument("--participant", action="append", default=[], metavar="NAME",
                         help="only this participant (repeatable; default: every participant with an address)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
@@ -530,12 +535,7 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
         help="how far a participant's clock may run ahead of the database's: the purge watermark stays this far"
              " behind (default 1m)",
     )
-    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
-                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
-    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
-                        help="PEM client certificate shown to participants (with --participant-tls-key)")
-    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
-                        help="PEM private key of --participant-tls-cert")
+    _add_participant_tls_options(parser)
 
 
 def _moment(text: str) -> datetime.datetime | datetime.timedelta:
