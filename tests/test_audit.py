@@ -27,6 +27,7 @@ from harness import Stack, checkout_stack, poll_until, scrape
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
+from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import pack
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
 
@@ -292,3 +293,18 @@ async def test_bad_options_are_refused_in_one_line_and_change_nothing(make_postg
             assert await store.audit_progress("payment") is None
         finally:
             await store.close()
+
+
+async def test_lost_answers_and_retries_leave_nothing_to_report(make_postgres_url: Callable[[], str]) -> None:
+    """Answers lost after commit and transient failures make duplicates and retries; the
+    barrier keeps each step once, and the audit agrees with the log."""
+    faults = {
+        kind: FaultPlan(fail_after_commit_rate=0.5, unavailable_rate=0.2, seed=index)
+        for index, kind in enumerate(("inventory", "payment", "shipping"))
+    }
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        await _run_to_end(stack, 6)
+        await _run_to_end(stack, 3, card_token="flagged-card")
+        status, report = await _audit(stack)
+        assert status == 0 and _found(report) == set(), report
+        assert all(p["audited"] and p["sagas"] == 9 for p in report["participants"])
