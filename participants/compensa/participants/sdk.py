@@ -29,7 +29,11 @@ Outcomes, for both RPCs:
     the same key answers the same, without effect. Also a hanging Execute: one
     that arrives after a Compensate with its key.
   - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
-    answering Pending for a step that is not long_running (nothing recorded).
+    answering Pending for a step that is not long_running (nothing recorded);
+    a call whose deadline lies before the purge watermark (or that has none,
+    once there is a watermark): its saga's barrier rows may have been purged,
+    so it is refused rather than applied as new (`PurgedSaga`,
+    `compensa.participants.retention`).
   - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
     nothing was recorded, so a retry runs the step again. Every wait on the
     database is bounded (`compensa.common.database`), so a silent database
