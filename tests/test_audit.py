@@ -55,15 +55,23 @@ async def _compensa(*args: str) -> _Completed:
 
 
 async def _audit(stack: Stack, *args: str) -> tuple[int, dict[str, Any]]:
-    done = await _compensa("audit", "--db", stack.orchestrator_url, "--json", *args)
+    """`compensa audit --json`'s exit status and report (the proto's JSON: fields at their default are left out)."""
+    done = await _compensa("audit", "--address", stack.orchestrator.address, "--json", *args)
     assert done.returncode in (0, 1), done.stderr
     report: dict[str, Any] = json.loads(done.stdout)
     return done.returncode, report
 
 
-def _found(report: dict[str, Any]) -> set[tuple[str, str | None, str, str | None]]:
-    every = [*report["sagas"], *(f for p in report["participants"] for f in p["discrepancies"])]
-    return {(f["kind"], f["participant"], f["saga_id"], f["step"]) for f in every}
+def _participants(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {each["participant"]: each for each in report.get("participants", [])}
+
+
+def _found(report: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    every = [
+        *report.get("saga_discrepancies", []),
+        *(f for each in report.get("participants", []) for f in each.get("discrepancies", [])),
+    ]
+    return {(f["kind"], f.get("participant", ""), f["saga_id"], f.get("step_name", "")) for f in every}
 
 
 async def _run_to_end(stack: Stack, count: int, **input_values: Any) -> list[str]:
@@ -114,8 +122,8 @@ async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgr
 
             status, clean = await _audit(stack)
             assert status == 0 and _found(clean) == set(), clean
-            by_name = {p["participant"]: p for p in clean["participants"]}
-            assert not by_name["legacy"]["audited"] and "UNIMPLEMENTED" in by_name["legacy"]["not_audited_because"]
+            by_name = _participants(clean)
+            assert not by_name["legacy"].get("audited") and "UNIMPLEMENTED" in by_name["legacy"]["not_audited_reason"]
             assert by_name["inventory"]["audited"] and by_name["inventory"]["sagas"] == 11
             assert by_name["inventory"]["audited_clean_through"] is not None
 
@@ -165,7 +173,7 @@ async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgr
                 ("ORPHAN_ROW", "payment", ghost, "charge_card"),
                 ("SETTLED_NOT_REPORTED", "payment", pending, "charge_card"),
             }, report
-            messages = {f["kind"]: f["message"] for p in report["participants"] for f in p["discrepancies"]}
+            messages = {f["kind"]: f["message"] for p in report["participants"] for f in p.get("discrepancies", [])}
             # Both sides quoted.
             assert "the log says: SUCCEEDED" in messages["EXECUTE_MISSING"]
             assert "the participant says: no rows" in messages["EXECUTE_MISSING"]
@@ -202,13 +210,12 @@ async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url
         old = await _run_to_end(stack, 3)
         status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
         assert status == 0, report
-        by_name = {p["participant"]: p for p in report["participants"]}
-        assert by_name["payment"]["purge_watermark"] is not None
+        assert _participants(report)["payment"]["purge_watermark"]
 
         young = await _run_to_end(stack, 2)
         # The next run resumes after the sagas found clean: it audits the young ones only.
         status, resumed = await _audit(stack)
-        assert status == 0 and {p["participant"]: p["sagas"] for p in resumed["participants"]} == {
+        assert status == 0 and {name: p["sagas"] for name, p in _participants(resumed).items()} == {
             "inventory": 2, "payment": 2, "shipping": 2,
         }
         payment = stack.participants["payment"]
@@ -277,17 +284,18 @@ async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callabl
         assert samples[key] == 1.0
 
 
-async def test_bad_options_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
+async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
     async with checkout_stack(make_postgres_url) as stack:
-        unknown = await _compensa("audit", "--db", stack.orchestrator_url, "--participant", "nobody")
+        address = stack.orchestrator.address
+        unknown = await _compensa("audit", "--address", address, "--participant", "nobody")
         assert unknown.returncode == 2 and unknown.stdout == ""
         assert unknown.stderr.strip().splitlines() == [
-            "error: --participant: no participant named nobody has a stored address"
+            "error: INVALID_ARGUMENT: no participant named 'nobody' has a stored address (compensa participants list)"
         ]
-        since = await _compensa("audit", "--db", stack.orchestrator_url, "--since", "yesterday")
+        since = await _compensa("audit", "--address", address, "--since", "yesterday")
         assert since.returncode == 2 and "--since" in since.stderr
-        retention = await _compensa("audit", "--db", stack.orchestrator_url, "--barrier-retention", "0s")
-        assert retention.returncode == 2 and "--barrier-retention must be positive" in retention.stderr
+        retention = await _compensa("audit", "--address", address, "--barrier-retention", "0s")
+        assert retention.returncode == 2 and "INVALID_ARGUMENT: barrier_retention" in retention.stderr
         store = open_store(stack.orchestrator_url)
         try:
             assert await store.audit_progress("payment") is None

@@ -139,6 +139,20 @@ class OrchestratorServiceStub:
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
     """
+    AuditSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]
+    """Operator: audits the saga log against each participant's own barrier
+    rows (compensa.v1.BarrierAuditService), in this replica, and answers
+    what it found once done. Each discrepancy is recorded and raised once as
+    an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+    audit resumes where the last one found every saga clean, and moves that
+    point (durable, per participant): a call cut off by a replica's end is
+    called again, on any replica, and goes on from there. A participant that
+    does not serve BarrierAuditService is reported as not audited. With
+    `barrier_retention`, participants audited clean are told their purge
+    watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+    address, a negative duration), PERMISSION_DENIED (not an operator, or a
+    caller limited to some definitions: the audit is the whole deployment's).
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -250,6 +264,20 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
+    """
+    AuditSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]  # type: ignore[assignment]
+    """Operator: audits the saga log against each participant's own barrier
+    rows (compensa.v1.BarrierAuditService), in this replica, and answers
+    what it found once done. Each discrepancy is recorded and raised once as
+    an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+    audit resumes where the last one found every saga clean, and moves that
+    point (durable, per participant): a call cut off by a replica's end is
+    called again, on any replica, and goes on from there. A participant that
+    does not serve BarrierAuditService is reported as not audited. With
+    `barrier_retention`, participants audited clean are told their purge
+    watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+    address, a negative duration), PERMISSION_DENIED (not an operator, or a
+    caller limited to some definitions: the audit is the whole deployment's).
     """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -455,6 +483,26 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
         (PERMISSION_DENIED): the alert log is the whole deployment's.
+        """
+
+    @_abc_1.abstractmethod
+    def AuditSagas(
+        self,
+        request: _orchestrator_pb2.AuditSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.AuditSagasResponse, _abc.Awaitable[_orchestrator_pb2.AuditSagasResponse]]:
+        """Operator: audits the saga log against each participant's own barrier
+        rows (compensa.v1.BarrierAuditService), in this replica, and answers
+        what it found once done. Each discrepancy is recorded and raised once as
+        an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+        audit resumes where the last one found every saga clean, and moves that
+        point (durable, per participant): a call cut off by a replica's end is
+        called again, on any replica, and goes on from there. A participant that
+        does not serve BarrierAuditService is reported as not audited. With
+        `barrier_retention`, participants audited clean are told their purge
+        watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+        address, a negative duration), PERMISSION_DENIED (not an operator, or a
+        caller limited to some definitions: the audit is the whole deployment's).
         """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

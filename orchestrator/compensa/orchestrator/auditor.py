@@ -1,9 +1,8 @@
 """An audit run: every saga against each participant's barrier rows.
 
-Where it runs: in the process that runs it (`compensa audit --db`, or
-`serve --audit-interval` in every replica), reading the database directly, as
-`compensa purge` does; what it learns is in the database, so any replica can
-run the next one. For each participant with a stored address it walks the
+Where it runs: in an orchestrator replica, called by the AuditSagas RPC
+(`compensa audit`) or every `serve --audit-interval`; what it learns is in
+the database, so any replica can run the next one. For each participant with a stored address it walks the
 sagas in creation order, `batch_size` at a time at no more than
 `max_sagas_per_second` (one indexed read of the log and one ListBarrierRows
 per batch, in transactions of their own, never the engine's), asks the participant for the
@@ -41,7 +40,7 @@ import grpc
 
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.audit import AuditedSaga, compare_saga, orphan_rows, past_deadline
-from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.errors import InvalidArgument, StoreUnavailable, quote
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.records import SagaRecord
 from compensa.orchestrator.store import AuditFinding, AuditProgress, ParticipantAddress, SagaStore
@@ -137,7 +136,10 @@ async def run_audit(store: SagaStore, options: AuditOptions, *, metrics: Metrics
         wanted = set(options.participants)
         unknown = wanted - {p.name for p in participants}
         if unknown:
-            raise ValueError(f"no participant named {', '.join(sorted(unknown))} has a stored address")
+            raise InvalidArgument(
+                f"no participant named {', '.join(quote(name) for name in sorted(unknown))} has a stored address"
+                " (compensa participants list)"
+            )
         participants = [p for p in participants if p.name in wanted]
     definitions = _Definitions(store)
     report = AuditReport([], [])

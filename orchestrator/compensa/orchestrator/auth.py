@@ -107,6 +107,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
+    "AuditSagas": Role.OPERATOR,
 }
 
 

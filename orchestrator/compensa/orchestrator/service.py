@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -20,7 +21,9 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
+from compensa.common.tls import TlsFiles
 from compensa.orchestrator import machine, payloads, records
+from compensa.orchestrator.auditor import AuditOptions, run_audit
 from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
@@ -57,7 +60,7 @@ from compensa.orchestrator.store import ParticipantAddress
 from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
-from compensa.orchestrator.views import EventViews, alert_message, saga_message
+from compensa.orchestrator.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.participants.tracing import traceparent_in
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -746,6 +749,17 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
 
     @_answer_errors
+    @_answer_errors
+    async def AuditSagas(
+        self,
+        request: orchestrator_pb2.AuditSagasRequest,
+        context: Context[orchestrator_pb2.AuditSagasRequest, orchestrator_pb2.AuditSagasResponse],
+    ) -> orchestrator_pb2.AuditSagasResponse:
+        if not self._access.open:
+            self._access.require_whole_deployment(self._caller(context), "AuditSagas")
+        options = _audit_options(request, self._engine.config.participant_tls)
+        return audit_report_message(await run_audit(self._store, options, metrics=self._engine.metrics))
+
     async def ListParticipants(
         self,
         request: orchestrator_pb2.ListParticipantsRequest,
@@ -762,6 +776,29 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             for participant in stored
             if visible is None or participant.name in visible
         ])
+
+
+def _audit_options(request: orchestrator_pb2.AuditSagasRequest, participant_tls: TlsFiles | None) -> AuditOptions:
+    """What AuditSagas asks for; InvalidArgument naming a field out of range."""
+    options = AuditOptions(
+        since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
+        definition_name=request.definition_name, participants=tuple(request.participants),
+        participant_tls=participant_tls,
+    )
+    if request.HasField("barrier_retention"):
+        options = dataclasses.replace(options, barrier_retention=check_duration(
+            request.barrier_retention, "barrier_retention", minimum=0.0, maximum=MAX_STUCK_FOR_SECONDS,
+            exclusive_minimum=True,
+        ))
+    if request.HasField("settle_grace"):
+        options = dataclasses.replace(options, settle_grace=check_duration(
+            request.settle_grace, "settle_grace", minimum=0.0, maximum=MAX_STUCK_FOR_SECONDS
+        ))
+    if request.HasField("clock_skew_margin"):
+        options = dataclasses.replace(options, clock_skew_margin=check_duration(
+            request.clock_skew_margin, "clock_skew_margin", minimum=0.0, maximum=MAX_STUCK_FOR_SECONDS
+        ))
+    return options
 
 
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")

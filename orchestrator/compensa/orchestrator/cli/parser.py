@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_audit(
         add("audit", audit.audit, "Compare the saga log with every participant's own barrier records; name each"
             " discrepancy (alerted once, kind AUDIT); with --barrier-retention, tell participants what they may"
-            " delete.", client=False)
+            " delete. Operator; runs in the orchestrator.")
     )
     _add_participant(
         add("participant", server.participant, "Run one of the example checkout participants.",
@@ -505,7 +505,6 @@ def _add_participant_tls_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_audit(parser: argparse.ArgumentParser) -> None:
-    _add_db_option(parser)
     parser.add_argument(
         "--since", type=_moment, metavar="TIME",
         help="audit the sagas created since TIME (RFC 3339, or a duration ago: 1h) and report, leaving the audit's"
@@ -522,10 +521,6 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
              " clean and created longer ago than this (e.g. 30d); default: never",
     )
     parser.add_argument(
-        "--max-sagas-per-second", type=_positive_float, default=2000.0, metavar="N",
-        help="the audit's pace, so that it never holds up the engine (default 2000)",
-    )
-    parser.add_argument(
         "--settle-grace", type=_duration, metavar="DURATION",
         help="a step the participant settled while the log still waits for it is reported once its saga has not"
              " changed for this long (default 1m)",
@@ -535,7 +530,10 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
         help="how far a participant's clock may run ahead of the database's: the purge watermark stays this far"
              " behind (default 1m)",
     )
-    _add_participant_tls_options(parser)
+    parser.add_argument(
+        "--wait", type=_duration, default=duration_pb2.Duration(seconds=3600), metavar="DURATION",
+        help="how long to wait for the audit's answer (default 1h; an audit cut short resumes where it stopped)",
+    )
 
 
 def _moment(text: str) -> datetime.datetime | datetime.timedelta:

@@ -54,26 +54,26 @@ def serve(args: argparse.Namespace) -> int:
         raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
     if args.retention is not None:
-        config = dataclasses.replace(config, retention_seconds=positive_seconds(args.retention, "--retention"))
+        config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.audit_interval is not None:
         config = dataclasses.replace(
-            config, audit_interval_seconds=positive_seconds(args.audit_interval, "--audit-interval")
+            config, audit_interval_seconds=_positive_seconds(args.audit_interval, "--audit-interval")
         )
     if args.barrier_retention is not None:
         if args.audit_interval is None:
             raise CompensaError("--barrier-retention needs --audit-interval: rows are purged only once audited")
         config = dataclasses.replace(
-            config, barrier_retention_seconds=positive_seconds(args.barrier_retention, "--barrier-retention")
+            config, barrier_retention_seconds=_positive_seconds(args.barrier_retention, "--barrier-retention")
         )
     if args.alert_webhook is not None:
         config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
     if args.alert_stuck_after is not None:
         config = dataclasses.replace(
-            config, alert_stuck_seconds=positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
+            config, alert_stuck_seconds=_positive_seconds(args.alert_stuck_after, "--alert-stuck-after")
         )
     if args.participant_health_interval is not None:
         config = dataclasses.replace(
-            config, participant_health_seconds=positive_seconds(
+            config, participant_health_seconds=_positive_seconds(
                 args.participant_health_interval, "--participant-health-interval"
             )
         )
@@ -82,7 +82,7 @@ def serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, alert_participant_unhealthy_seconds=seconds or None)
     if args.alert_webhook_timeout is not None:
         config = dataclasses.replace(
-            config, alert_webhook_timeout=positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")
+            config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")
         )
     asyncio.run(serve_orchestrator(config))
     return EXIT_OK
@@ -116,7 +116,7 @@ def purge(args: argparse.Namespace) -> int:
     from compensa.orchestrator.engine import purge_finished
     from compensa.orchestrator.store import open_store
 
-    older_than = positive_seconds(args.older_than, "--older-than")
+    older_than = _positive_seconds(args.older_than, "--older-than")
     url = ServerConfig(database_url=args.db).resolved_database_url()
     sqlite_file = make_url(url).database if url.startswith("sqlite") else None
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
@@ -170,11 +170,10 @@ def _database_timeout(args: argparse.Namespace) -> float:
 
     if args.database_timeout is None:
         return DEFAULT_DATABASE_TIMEOUT
-    return positive_seconds(args.database_timeout, "--database-timeout")
+    return _positive_seconds(args.database_timeout, "--database-timeout")
 
 
-def positive_seconds(duration: duration_pb2.Duration, option: str) -> float:
-    """`duration` in seconds; CompensaError naming `option` unless positive."""
+def _positive_seconds(duration: duration_pb2.Duration, option: str) -> float:
     seconds = duration.ToNanoseconds() / 1e9
     if seconds <= 0:
         raise CompensaError(f"{option} must be positive")
