@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from harness import Stack, checkout_stack, poll_until, scrape
 
 from compensa.checkout.v1 import checkout_pb2
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import pack
@@ -90,6 +91,12 @@ async def _change(stack: Stack, kind: str, statement: sa.Executable) -> None:
         await conn.execute(statement)
 
 
+async def _past_the_commit_lag() -> None:
+    """Lets the sagas just run age past the audit's commit lag (the orchestrator's
+    database timeout): only older ones are counted clean and allowed to be purged."""
+    await asyncio.sleep(DEFAULT_DATABASE_TIMEOUT + 0.5)  # ok-sleep: a time to pass, not an event to wait for
+
+
 async def _waiting_on_review(stack: Stack) -> str:
     saga_id = await stack.start(card_token=f"review-{uuid.uuid4().hex[:6]}")
 
@@ -119,6 +126,7 @@ async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgr
             succeeded = await _run_to_end(stack, 6)
             compensated = await _run_to_end(stack, 4, card_token="flagged-card")
             pending = await _waiting_on_review(stack)
+            await _past_the_commit_lag()
 
             status, clean = await _audit(stack)
             assert status == 0 and _found(clean) == set(), clean
@@ -208,6 +216,7 @@ async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgr
 async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url: Callable[[], str]) -> None:
     async with checkout_stack(make_postgres_url) as stack:
         old = await _run_to_end(stack, 3)
+        await _past_the_commit_lag()
         status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
         assert status == 0, report
         assert _participants(report)["payment"]["purge_watermark"]
@@ -316,3 +325,27 @@ async def test_lost_answers_and_retries_leave_nothing_to_report(make_postgres_ur
         status, report = await _audit(stack)
         assert status == 0 and _found(report) == set(), report
         assert all(p["audited"] and p["sagas"] == 9 for p in report["participants"])
+
+
+async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
+    """Rounds of sagas, each followed by an audit that moves the purge watermark:
+    the participants' purge loops (serve's purge_interval) keep their barrier
+    tables from growing with the sagas run."""
+    async with checkout_stack(make_postgres_url, participant_purge_interval=0.2) as stack:
+        barrier = _barrier(stack, "inventory")
+        engine = stack.engine_of("inventory")
+
+        async def rows() -> int:
+            async with engine.connect() as conn:
+                return int((await conn.execute(sa.select(sa.func.count()).select_from(barrier))).scalar_one())
+
+        for _round in range(3):
+            await _run_to_end(stack, 5)
+            await _past_the_commit_lag()
+            status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+            assert status == 0, report
+            assert await poll_until(lambda: _at_most(rows(), 0), timeout=30.0)
+
+
+async def _at_most(count: Any, most: int) -> bool:
+    return int(await count) <= most

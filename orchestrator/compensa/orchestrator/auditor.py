@@ -20,7 +20,8 @@ AUDIT: alert log, webhook, metric).
 
 Barrier retention: with `barrier_retention`, the participant is told that
 its rows created before
-  min(creation time of the first saga not clean, now - barrier_retention) - clock_skew_margin
+  min(creation time of the first saga not clean, now - commit_lag, now - barrier_retention)
+  - clock_skew_margin
 may be deleted: every row older than that belongs to a saga that is final,
 audited clean and created longer ago than the retention (a saga's rows are
 written after it is created; the margin covers the participant's clock
@@ -75,6 +76,9 @@ class AuditOptions:
     #: A step settled at the participant and still waiting in a saga unchanged this long is reported.
     settle_grace: float = 60.0
     clock_skew_margin: float = 60.0
+    #: The longest a saga's creation may take to commit (the orchestrator's
+    #: database_timeout): younger sagas are audited, but not yet counted clean.
+    commit_lag: float = 3.0
     participant_tls: TlsFiles | None = None
 
 
@@ -216,6 +220,10 @@ async def _audit_participant(
 ) -> ParticipantAudit:
     audit = ParticipantAudit(participant.name, participant.address)
     now = await store.clock()
+    # A saga created before this has committed: the prefix never passes one
+    # whose creation may still be in flight (its created_at is taken before
+    # its commit), and so never leaves it behind, unaudited.
+    cutoff = now - options.commit_lag
     progress = await store.audit_progress(participant.name)
     # A run over some sagas (since a time, of one definition) reports only:
     # the clean prefix is about every saga.
@@ -263,7 +271,7 @@ async def _audit_participant(
             for saga in batch if resuming else ():  # the clean prefix, in creation order
                 if first_unclean is not None:
                     break
-                if saga.saga_id in unclean:
+                if saga.saga_id in unclean or saga.created_at >= cutoff:
                     first_unclean = saga.created_at
                 else:
                     clean_through = (saga.created_at, saga.saga_id)
@@ -278,7 +286,7 @@ async def _audit_participant(
         audit.findings += await _orphans(store, stub, known, participant, orphans_from, definitions)
         audit.clean_through = clean_through
         if resuming and clean_through is not None and not audit.findings and options.barrier_retention is not None:
-            limit = first_unclean if first_unclean is not None else now
+            limit = min(first_unclean, cutoff) if first_unclean is not None else cutoff
             purge_before = min(limit, now - options.barrier_retention) - options.clock_skew_margin
             audit.purge_before = await _tell_watermark(stub, participant.name, purge_before)
             if audit.purge_before is not None:

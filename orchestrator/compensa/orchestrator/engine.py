@@ -220,7 +220,8 @@ class SagaEngine:
             )
         if self.config.audit_interval_seconds is not None:
             audits = AuditOptions(
-                barrier_retention=self.config.barrier_retention_seconds, participant_tls=self.config.participant_tls
+                barrier_retention=self.config.barrier_retention_seconds, participant_tls=self.config.participant_tls,
+                commit_lag=self.config.database_timeout,
             )
             self._tasks.append(asyncio.create_task(
                 audit_every(self.store, audits, self.config.audit_interval_seconds, self.metrics), name="compensa-audit"

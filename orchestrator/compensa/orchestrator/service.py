@@ -21,10 +21,10 @@ from typing import Any, TypeAlias, TypeVar
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
-from compensa.common.tls import TlsFiles
 from compensa.orchestrator import machine, payloads, records
 from compensa.orchestrator.auditor import AuditOptions, run_audit
 from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
@@ -757,7 +757,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     ) -> orchestrator_pb2.AuditSagasResponse:
         if not self._access.open:
             self._access.require_whole_deployment(self._caller(context), "AuditSagas")
-        options = _audit_options(request, self._engine.config.participant_tls)
+        options = _audit_options(request, self._engine.config)
         return audit_report_message(await run_audit(self._store, options, metrics=self._engine.metrics))
 
     async def ListParticipants(
@@ -778,12 +778,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         ])
 
 
-def _audit_options(request: orchestrator_pb2.AuditSagasRequest, participant_tls: TlsFiles | None) -> AuditOptions:
+def _audit_options(request: orchestrator_pb2.AuditSagasRequest, config: ServerConfig) -> AuditOptions:
     """What AuditSagas asks for; InvalidArgument naming a field out of range."""
     options = AuditOptions(
         since=request.since.ToNanoseconds() / 1e9 if request.HasField("since") else None,
         definition_name=request.definition_name, participants=tuple(request.participants),
-        participant_tls=participant_tls,
+        participant_tls=config.participant_tls, commit_lag=config.database_timeout,
     )
     if request.HasField("barrier_retention"):
         options = dataclasses.replace(options, barrier_retention=check_duration(
