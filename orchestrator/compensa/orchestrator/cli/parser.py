@@ -410,7 +410,13 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     _add_database_timeout_option(parser)
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
-    _add_participant_tls_options(parser)
+    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
+                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
+    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
+                        help="PEM client certificate shown to participants that require one"
+                             " (with --participant-tls-key)")
+    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
+                        help="PEM private key of --participant-tls-cert")
     parser.add_argument(
         "--operator", action="append", default=[], metavar="NAME",
         help="a client certificate name (CN or subject alternative name) allowed to cancel, retry, resolve and"
@@ -428,6 +434,16 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         "--alert-stuck-after", type=_duration, metavar="DURATION",
         help="raise an alert for a running or compensating saga that has not changed for this long, once per"
              " stall, e.g. 15m (default: none)",
+    )
+    parser.add_argument(
+        "--audit-interval", type=_duration, metavar="DURATION",
+        help="audit the saga log against the participants' barrier rows this often, resuming where the last audit"
+             " stopped (as `compensa audit`; default: never)",
+    )
+    parser.add_argument(
+        "--barrier-retention", type=_duration, metavar="DURATION",
+        help="with --audit-interval: tell participants they may delete the barrier rows of sagas final, audited"
+             " clean and created longer ago than this (default: never)",
     )
     parser.add_argument(
         "--participant-health-interval", type=_duration, metavar="DURATION",
@@ -470,16 +486,6 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jwt-audience", metavar="AUD", help="with --jwt-keys: the 'aud' a JWT must carry")
     parser.add_argument("--jwt-issuer", metavar="ISS", help="with --jwt-keys: the 'iss' a JWT must carry")
     parser.add_argument(
-        "--audit-interval", type=_duration, metavar="DURATION",
-        help="audit the saga log against the participants' barrier rows this often, resuming where the last audit"
-             " stopped (as `compensa audit`; default: never)",
-    )
-    parser.add_argument(
-        "--barrier-retention", type=_duration, metavar="DURATION",
-        help="with --audit-interval: tell participants they may delete the barrier rows of sagas final, audited"
-             " clean and created longer ago than this (default: never)",
-    )
-    parser.add_argument(
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
     )
@@ -492,16 +498,6 @@ def _add_purge(parser: argparse.ArgumentParser) -> None:
         help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"
              " ago than this (e.g. 30d), with their steps and events; a FAILED saga nobody resolved is kept",
     )
-
-
-def _add_participant_tls_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",
-                        help="PEM of the CA that signs the participants' certificates: call them over TLS")
-    parser.add_argument("--participant-tls-cert", type=Path, metavar="FILE",
-                        help="PEM client certificate shown to participants that require one"
-                             " (with --participant-tls-key)")
-    parser.add_argument("--participant-tls-key", type=Path, metavar="FILE",
-                        help="PEM private key of --participant-tls-cert")
 
 
 def _add_audit(parser: argparse.ArgumentParser) -> None:
