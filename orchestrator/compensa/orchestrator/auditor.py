@@ -184,10 +184,11 @@ async def _alert(store: SagaStore, findings: list[AuditFinding], metrics: Metric
     if not findings:
         return
     raised = await store.record_audit_findings(findings, await store.clock())
+    by_message = {found.message: found for found in findings}
     for alert in raised:
         log.warning("audit: %s", alert.message)
         if metrics is not None:
-            metrics.audit_discrepancy(alert.participant, alert.message.partition(":")[0])
+            metrics.audit_discrepancy(alert.participant, by_message[alert.message].kind)
 
 
 def _channel(address: str, tls: TlsFiles | None) -> grpc.aio.Channel:
