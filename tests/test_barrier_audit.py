@@ -19,6 +19,7 @@ from google.protobuf import timestamp_pb2
 from participant_helpers import Connected, StepCall, serving, status_of
 
 from compensa.participants.retention import purge_below_watermark
+from compensa.participants.serving import create_participant_engine
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, participant_pb2
 
 
@@ -167,3 +168,34 @@ async def test_the_purge_keeps_the_database_bounded(make_postgres_url: Callable[
             assert count is not None
             most = max(most, count)
         assert most == 0  # each round's 40 rows are gone once the orchestrator allowed it
+
+
+async def test_a_barrier_table_of_an_earlier_release_is_kept_and_gains_its_indexes(
+    make_postgres_url: Callable[[], str]
+) -> None:
+    url = make_postgres_url()
+    engine = create_participant_engine(url)
+    step = StepCall.new("charge")
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sqlalchemy.text(
+                "CREATE TABLE payment_barrier (idempotency_key varchar NOT NULL, operation varchar(16) NOT NULL,"
+                " saga_id varchar NOT NULL, step_name varchar NOT NULL, outcome varchar(32), response bytea,"
+                " created_at timestamptz NOT NULL, PRIMARY KEY (idempotency_key, operation))"
+            ))
+            await conn.execute(
+                sqlalchemy.text(
+                    "INSERT INTO payment_barrier VALUES (:key, 'execute', :saga, 'charge', 'failed', '', now())"
+                ),
+                {"key": step.key, "saga": step.saga_id},
+            )
+    finally:
+        await engine.dispose()
+    async with serving("payment", url) as payment:
+        async with payment.running.engine.connect() as conn:
+            indexes = await conn.run_sync(lambda sync: sqlalchemy.inspect(sync).get_indexes("payment_barrier"))
+        assert {index["name"] for index in indexes} >= {"payment_barrier_saga_id", "payment_barrier_created_at"}
+        listed = await _audit(payment).ListBarrierRows(barrier_audit_pb2.ListBarrierRowsRequest())
+        assert [(row.idempotency_key, row.outcome) for row in listed.rows] == [
+            (step.key, barrier_audit_pb2.BARRIER_OUTCOME_FAILED)
+        ]

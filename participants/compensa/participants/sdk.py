@@ -47,6 +47,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -393,7 +394,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             health.failed(error)
 
     async def create_schema(self) -> None:
-        """Creates the barrier table and the subclass's tables if they do not exist."""
+        """Creates the barrier table (with its watermark table and indexes) and
+        the subclass's tables if they do not exist. A barrier table made by an
+        earlier release is kept and gains the indexes (built once, blocking
+        writes to it meanwhile)."""
         async with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL when
@@ -403,6 +407,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                     {"name": self.barrier_table_name},
                 )
             await conn.run_sync(self.barrier.metadata.create_all)
+            # A barrier table made before its indexes existed gains them here
+            # (create_all makes the indexes of the tables it creates only).
+            for index in self.barrier.indexes:
+                await conn.run_sync(functools.partial(index.create, checkfirst=True))
             await conn.run_sync(self.metadata.create_all)
         await self.refresh_purge_watermark()
 
