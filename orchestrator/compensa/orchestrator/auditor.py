@@ -4,7 +4,8 @@ Where it runs: in an orchestrator replica, called by the AuditSagas RPC
 (`compensa audit`) or every `serve --audit-interval`; what it learns is in
 the database, so any replica can run the next one. For each participant with a stored address it walks the
 sagas in creation order, `batch_size` at a time at no more than
-`max_sagas_per_second` (one indexed read of the log and one ListBarrierRows
+`max_sagas_per_second`, resting four times as long as each batch took
+(`busy_fraction`) (one indexed read of the log and one ListBarrierRows
 per batch, in transactions of their own, never the engine's), asks the participant for the
 rows of the sagas whose definition gives it steps, and compares them
 (audit.py). Rows created since the audit's start that belong to no known
@@ -71,6 +72,10 @@ class AuditOptions:
     barrier_retention: float | None = None
     batch_size: int = 200
     max_sagas_per_second: float = 2000.0
+    #: The share of the time the audit works: after each batch it rests for
+    #: the rest, so that the engine it shares a process and a database with
+    #: keeps its pace.
+    busy_fraction: float = 0.2
     #: A saga in flight this long after its saga_timeout is PAST_DEADLINE.
     deadline_grace: float = 60.0
     #: A step settled at the participant and still waiting in a saga unchanged this long is reported.
@@ -282,7 +287,7 @@ async def _audit_participant(
                         participant.name, clean_through, now, progress.purge_before if progress else None
                     )
                 )
-            await _pace(len(batch), began, options.max_sagas_per_second)
+            await _pace(len(batch), began, options)
         orphans_from = (start[0] if start is not None else 0.0) - options.clock_skew_margin
         audit.findings += await _orphans(store, stub, known, participant, orphans_from, definitions)
         audit.clean_through = clean_through
@@ -355,12 +360,14 @@ async def _sagas_past_deadline(
             found = past_deadline(each, now, options.deadline_grace)
             if found is not None:
                 findings.append(found)
-        await _pace(len(batch), began, options.max_sagas_per_second)
+        await _pace(len(batch), began, options)
 
 
-async def _pace(count: int, began: float, per_second: float) -> None:
-    """Waits so that `count` sagas since `began` stay under `per_second`."""
-    rest = count / per_second - (time.monotonic() - began)
+async def _pace(count: int, began: float, options: AuditOptions) -> None:
+    """Waits so that `count` sagas since `began` stay under the rate, and the
+    audit works at most `busy_fraction` of the time (the rest is the engine's)."""
+    worked = time.monotonic() - began
+    rest = max(count / options.max_sagas_per_second - worked, worked * (1 / options.busy_fraction - 1))
     if rest > 0:
         await asyncio.sleep(rest)
 
