@@ -291,6 +291,14 @@ async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callabl
         samples = await scrape(port)
         key = ("compensa_audit_discrepancies_total", frozenset({("participant", "payment"), ("kind", "ORPHAN_ROW")}))
         assert samples[key] == 1.0
+        # The CLI's text report: a line per participant, then its discrepancies.
+        printed = await _compensa("audit", "--address", stack.orchestrator.address)
+        assert printed.returncode == 1, printed.stderr
+        lines = printed.stdout.splitlines()
+        assert any(line.startswith("inventory (") and line.endswith(": clean") for line in lines), lines
+        assert any(line.startswith("payment (") and line.endswith(": 1 discrepancies") for line in lines), lines
+        assert f"  ORPHAN_ROW: saga {ghost} step 'charge_card' at payment: a row for a saga the orchestrator does not"\
+            " know; the log says: no such saga; the participant says: Execute row succeeded (sha256:" in printed.stdout
 
 
 async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
