@@ -82,9 +82,14 @@ async def serve_participant(
     faults: FaultPlan | None = None,
     tls: TlsFiles | None = None,
     database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
+    purge_interval: float | None = None,
 ) -> None:
-    """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    await serve(await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls)
+    """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully;
+    with `purge_interval`, deleting barrier rows below the purge watermark that often."""
+    await serve(
+        await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls,
+        purge_interval=purge_interval,
+    )
 
 
 async def _participant_on(

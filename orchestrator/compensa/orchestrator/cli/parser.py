@@ -556,6 +556,11 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
     _add_database_timeout_option(parser)
+    parser.add_argument(
+        "--purge-interval", type=_duration, metavar="DURATION",
+        help="delete barrier rows below the purge watermark the orchestrator's audit set, this often"
+             " (default: never)",
+    )
     _add_server_tls_options(parser, "the participant")
     _add_log_format_option(parser)
 

@@ -144,6 +144,9 @@ def participant(args: argparse.Namespace) -> int:
         serve_participant(
             args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=_server_tls(args),
             database_timeout=_database_timeout(args),
+            purge_interval=(
+                _positive_seconds(args.purge_interval, "--purge-interval") if args.purge_interval is not None else None
+            ),
         )
     )
     return EXIT_OK
