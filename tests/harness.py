@@ -164,17 +164,21 @@ async def checkout_stack(
     watch_reread_seconds: float = 5.0,
     metrics_listen: str | None = None,
     participant_proxies: Sequence[str] = (),
+    participant_purge_interval: float | None = None,
     **config: Any,
 ) -> AsyncIterator[Stack]:
     """Starts inventory, payment and shipping (each on its own database from
     `make_url`) and an orchestrator on another, all on port 0. The
     orchestrator calls the participants named in `participant_proxies`
-    through a TcpProxy each (in `stack.extra["proxies"]` by name); `config`
-    sets more ServerConfig fields."""
+    through a TcpProxy each (in `stack.extra["proxies"]` by name); the
+    participants purge their barrier rows every `participant_purge_interval`
+    seconds, if given; `config` sets more ServerConfig fields."""
     faults = faults or {}
     participants: dict[str, RunningParticipant] = {}
     for kind in ("inventory", "payment", "shipping"):
-        participants[kind] = await start_participant(kind, make_url(), faults=faults.get(kind))
+        participants[kind] = await start_participant(
+            kind, make_url(), faults=faults.get(kind), purge_interval=participant_purge_interval
+        )
     proxies = {kind: await TcpProxy.to(participants[kind].address) for kind in participant_proxies}
     orchestrator_url = orchestrator_url or make_url()
     orchestrator = await start_orchestrator(

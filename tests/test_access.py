@@ -81,6 +81,7 @@ async def test_each_role_may_do_its_own_calls_and_is_refused_the_rest_naming_the
                 orchestrator_pb2.SetParticipantRequest(name="scripted", address="127.0.0.1:1"),
                 metadata=bearer("starter"),
             ),
+            "AuditSagas": stub.AuditSagas(orchestrator_pb2.AuditSagasRequest(), metadata=bearer("reader")),
         }.items():
             refused = await _refusal(call)
             assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, action

@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 import pytest
 import sqlalchemy as sa
+from google.protobuf import timestamp_pb2
 from participant_helpers import checkout_input
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet, owner_of_connection
 from recording_participant import RecordingParticipant, StepBehaviour
@@ -51,7 +52,7 @@ FINAL = FINAL_SAGA_STATES
 FINAL_EVENTS = frozenset(ENDING_EVENTS.values())
 
 LEASE_SECONDS = 2.0
-SCHEDULER_POLL_SECONDS = 1.0  # compensa.orchestrator.engine.engine._POLL_SECONDS
+SCHEDULER_POLL_SECONDS = 1.0  # compensa.orchestrator.engine._POLL_SECONDS
 #: Takeover bound: the lease may have been renewed just before the kill, then
 #: the scheduler notices within a poll; the margin covers the slow step the
 #: new owner calls again before it writes (WORK_SECONDS) and a busy 2-core machine.
@@ -307,6 +308,13 @@ async def run_scenario(
     assert effects == expected, (
         f"effects differ: extra {dict(effects - expected)}, missing {dict(expected - effects)}"
     )
+
+    # 2b. After the kill and the takeovers, the log and the participant's barrier agree (AuditSagas).
+    audited = await stub.AuditSagas(
+        orchestrator_pb2.AuditSagasRequest(since=timestamp_pb2.Timestamp(seconds=0)), timeout=120.0
+    )
+    assert [(p.participant, p.audited, p.sagas) for p in audited.participants] == [("recorder", True, SAGA_COUNT)]
+    assert not audited.participants[0].discrepancies and not audited.saga_discrepancies, audited
 
     # 3. No concurrent execution of a step by two live drivers.
     calls = list(recorder.calls)

@@ -40,6 +40,10 @@ class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.V
     """A participant's health checks failed for longer than the threshold."""
     ALERT_KIND_PARTICIPANT_RECOVERED: _AlertKind.ValueType  # 3
     """A participant alerted as unhealthy answered SERVING again."""
+    ALERT_KIND_AUDIT: _AlertKind.ValueType  # 4
+    """`compensa audit` found the log and a participant's barrier rows
+    disagreeing about a saga (the message quotes both sides).
+    """
 
 class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
     """What an alert is about."""
@@ -53,6 +57,10 @@ ALERT_KIND_PARTICIPANT_UNHEALTHY: AlertKind.ValueType  # 2
 """A participant's health checks failed for longer than the threshold."""
 ALERT_KIND_PARTICIPANT_RECOVERED: AlertKind.ValueType  # 3
 """A participant alerted as unhealthy answered SERVING again."""
+ALERT_KIND_AUDIT: AlertKind.ValueType  # 4
+"""`compensa audit` found the log and a participant's barrier rows
+disagreeing about a saga (the message quotes both sides).
+"""
 Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 
 class _ParticipantHealth:
@@ -181,7 +189,11 @@ class Alert(_message.Message):
     sequence: _builtins.int
     event_position: _builtins.int
     participant: _builtins.str
-    """ALERT_KIND_PARTICIPANT_*: the participant and the address probed."""
+    """ALERT_KIND_AUDIT: the saga and step (saga_id, definition_name,
+    step_name), and the participant whose records disagree (participant,
+    address), each empty when the discrepancy is not about one.
+    ALERT_KIND_PARTICIPANT_*: the participant and the address probed.
+    """
     address: _builtins.str
     @_builtins.property
     def raise_time(self) -> _timestamp_pb2.Timestamp: ...
@@ -1540,3 +1552,185 @@ class ListDefinitionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListDefinitionsResponse: _TypeAlias = ListDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class AuditSagasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_FIELD_NUMBER: _builtins.int
+    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    BARRIER_RETENTION_FIELD_NUMBER: _builtins.int
+    SETTLE_GRACE_FIELD_NUMBER: _builtins.int
+    CLOCK_SKEW_MARGIN_FIELD_NUMBER: _builtins.int
+    definition_name: _builtins.str
+    """Only sagas of this definition (and report only, as with `since`)."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Audit the sagas created since this time and report only, leaving the
+        audit's progress and purge watermarks alone (unset: resume).
+        """
+
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these participants (empty: every participant with a stored address)."""
+
+    @_builtins.property
+    def barrier_retention(self) -> _duration_pb2.Duration:
+        """Set: tell each participant audited clean it may delete the barrier rows
+        of sagas final, audited clean and created longer ago than this.
+        """
+
+    @_builtins.property
+    def settle_grace(self) -> _duration_pb2.Duration:
+        """A step settled at the participant while the log still waits for it is
+        reported once its saga has not changed for this long (unset: 1 minute).
+        """
+
+    @_builtins.property
+    def clock_skew_margin(self) -> _duration_pb2.Duration:
+        """How far a participant's clock may run ahead of the database's: the purge
+        watermark stays this far behind (unset: 1 minute).
+        """
+
+    def __init__(
+        self,
+        *,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        definition_name: _builtins.str = ...,
+        participants: _abc.Iterable[_builtins.str] | None = ...,
+        barrier_retention: _duration_pb2.Duration | None = ...,
+        settle_grace: _duration_pb2.Duration | None = ...,
+        clock_skew_margin: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["barrier_retention", b"barrier_retention", "clock_skew_margin", b"clock_skew_margin", "settle_grace", b"settle_grace", "since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["barrier_retention", b"barrier_retention", "clock_skew_margin", b"clock_skew_margin", "definition_name", b"definition_name", "participants", b"participants", "settle_grace", b"settle_grace", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSagasRequest: _TypeAlias = AuditSagasRequest  # noqa: Y015
+
+@_typing.final
+class AuditDiscrepancy(_message.Message):
+    """A discrepancy between the log and a participant's barrier rows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_NAME_FIELD_NUMBER: _builtins.int
+    STEP_NAME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """EXECUTE_MISSING, ANSWER_DIFFERS, COMPENSATE_MISSING, COMPENSATE_UNEXPECTED,
+    HANGING_EXECUTE, ORPHAN_ROW, SETTLED_NOT_REPORTED or PAST_DEADLINE.
+    """
+    participant: _builtins.str
+    """Empty for a discrepancy of the saga alone (PAST_DEADLINE)."""
+    saga_id: _builtins.str
+    definition_name: _builtins.str
+    step_name: _builtins.str
+    """Empty unless it is about one step."""
+    message: _builtins.str
+    """Names the discrepancy and quotes both sides."""
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        participant: _builtins.str = ...,
+        saga_id: _builtins.str = ...,
+        definition_name: _builtins.str = ...,
+        step_name: _builtins.str = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "kind", b"kind", "message", b"message", "participant", b"participant", "saga_id", b"saga_id", "step_name", b"step_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditDiscrepancy: _TypeAlias = AuditDiscrepancy  # noqa: Y015
+
+@_typing.final
+class ParticipantAudit(_message.Message):
+    """What the audit found at one participant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    AUDITED_FIELD_NUMBER: _builtins.int
+    NOT_AUDITED_REASON_FIELD_NUMBER: _builtins.int
+    SAGAS_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    AUDITED_CLEAN_THROUGH_FIELD_NUMBER: _builtins.int
+    PURGE_WATERMARK_FIELD_NUMBER: _builtins.int
+    participant: _builtins.str
+    address: _builtins.str
+    audited: _builtins.bool
+    """False: not audited (`not_audited_reason` says why); never taken as wrong."""
+    not_audited_reason: _builtins.str
+    sagas: _builtins.int
+    """Sagas compared, and barrier rows read."""
+    rows: _builtins.int
+    @_builtins.property
+    def discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditDiscrepancy]: ...
+    @_builtins.property
+    def audited_clean_through(self) -> _timestamp_pb2.Timestamp:
+        """Every saga created up to this time is final and audited clean (unset:
+        none yet, or a report-only audit).
+        """
+
+    @_builtins.property
+    def purge_watermark(self) -> _timestamp_pb2.Timestamp:
+        """The purge watermark the participant now has, when one was sent."""
+
+    def __init__(
+        self,
+        *,
+        participant: _builtins.str = ...,
+        address: _builtins.str = ...,
+        audited: _builtins.bool = ...,
+        not_audited_reason: _builtins.str = ...,
+        sagas: _builtins.int = ...,
+        rows: _builtins.int = ...,
+        discrepancies: _abc.Iterable[Global___AuditDiscrepancy] | None = ...,
+        audited_clean_through: _timestamp_pb2.Timestamp | None = ...,
+        purge_watermark: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audited_clean_through", b"audited_clean_through", "purge_watermark", b"purge_watermark"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "audited", b"audited", "audited_clean_through", b"audited_clean_through", "discrepancies", b"discrepancies", "not_audited_reason", b"not_audited_reason", "participant", b"participant", "purge_watermark", b"purge_watermark", "rows", b"rows", "sagas", b"sagas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParticipantAudit: _TypeAlias = ParticipantAudit  # noqa: Y015
+
+@_typing.final
+class AuditSagasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANTS_FIELD_NUMBER: _builtins.int
+    SAGA_DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParticipantAudit]: ...
+    @_builtins.property
+    def saga_discrepancies(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditDiscrepancy]:
+        """The sagas' own discrepancies (in flight past their deadlines)."""
+
+    def __init__(
+        self,
+        *,
+        participants: _abc.Iterable[Global___ParticipantAudit] | None = ...,
+        saga_discrepancies: _abc.Iterable[Global___AuditDiscrepancy] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participants", b"participants", "saga_discrepancies", b"saga_discrepancies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditSagasResponse: _TypeAlias = AuditSagasResponse  # noqa: Y015

@@ -198,6 +198,11 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.FromString,
                 _registered_method=True)
+        self.AuditSagas = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/AuditSagas',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.AuditSagasRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.AuditSagasResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -488,6 +493,24 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditSagas(self, request, context):
+        """Operator: audits the saga log against each participant's own barrier
+        rows (compensa.v1.BarrierAuditService), in this replica, and answers
+        what it found once done. Each discrepancy is recorded and raised once as
+        an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+        audit resumes where the last one found every saga clean, and moves that
+        point (durable, per participant): a call cut off by a replica's end is
+        called again, on any replica, and goes on from there. A participant that
+        does not serve BarrierAuditService is reported as not audited. With
+        `barrier_retention`, participants audited clean are told their purge
+        watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+        address, a negative duration), PERMISSION_DENIED (not an operator, or a
+        caller limited to some definitions: the audit is the whole deployment's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -620,6 +643,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelBulkAction,
                     request_deserializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.SerializeToString,
+            ),
+            'AuditSagas': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditSagas,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.AuditSagasRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.AuditSagasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1357,6 +1385,33 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/CancelBulkAction',
             compensa_dot_v1_dot_bulk__pb2.CancelBulkActionRequest.SerializeToString,
             compensa_dot_v1_dot_bulk__pb2.CancelBulkActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditSagas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/AuditSagas',
+            compensa_dot_v1_dot_orchestrator__pb2.AuditSagasRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.AuditSagasResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -205,6 +205,20 @@ class OrchestratorServiceStub:
     """Operator: a PAUSED bulk action goes on where it stopped."""
     CancelBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]
     """Operator: stops a bulk action for good; sagas already acted on stay so."""
+    AuditSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]
+    """Operator: audits the saga log against each participant's own barrier
+    rows (compensa.v1.BarrierAuditService), in this replica, and answers
+    what it found once done. Each discrepancy is recorded and raised once as
+    an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+    audit resumes where the last one found every saga clean, and moves that
+    point (durable, per participant): a call cut off by a replica's end is
+    called again, on any replica, and goes on from there. A participant that
+    does not serve BarrierAuditService is reported as not audited. With
+    `barrier_retention`, participants audited clean are told their purge
+    watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+    address, a negative duration), PERMISSION_DENIED (not an operator, or a
+    caller limited to some definitions: the audit is the whole deployment's).
+    """
 
 @_typing.type_check_only
 class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
@@ -382,6 +396,20 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Operator: a PAUSED bulk action goes on where it stopped."""
     CancelBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]  # type: ignore[assignment]
     """Operator: stops a bulk action for good; sagas already acted on stay so."""
+    AuditSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]  # type: ignore[assignment]
+    """Operator: audits the saga log against each participant's own barrier
+    rows (compensa.v1.BarrierAuditService), in this replica, and answers
+    what it found once done. Each discrepancy is recorded and raised once as
+    an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+    audit resumes where the last one found every saga clean, and moves that
+    point (durable, per participant): a call cut off by a replica's end is
+    called again, on any replica, and goes on from there. A participant that
+    does not serve BarrierAuditService is reported as not audited. With
+    `barrier_retention`, participants audited clean are told their purge
+    watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+    address, a negative duration), PERMISSION_DENIED (not an operator, or a
+    caller limited to some definitions: the audit is the whole deployment's).
+    """
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     """OrchestratorService starts, drives and shows sagas.
@@ -712,5 +740,25 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_bulk_pb2.CancelBulkActionResponse, _abc.Awaitable[_bulk_pb2.CancelBulkActionResponse]]:
         """Operator: stops a bulk action for good; sagas already acted on stay so."""
+
+    @_abc_1.abstractmethod
+    def AuditSagas(
+        self,
+        request: _orchestrator_pb2.AuditSagasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.AuditSagasResponse, _abc.Awaitable[_orchestrator_pb2.AuditSagasResponse]]:
+        """Operator: audits the saga log against each participant's own barrier
+        rows (compensa.v1.BarrierAuditService), in this replica, and answers
+        what it found once done. Each discrepancy is recorded and raised once as
+        an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
+        audit resumes where the last one found every saga clean, and moves that
+        point (durable, per participant): a call cut off by a replica's end is
+        called again, on any replica, and goes on from there. A participant that
+        does not serve BarrierAuditService is reported as not audited. With
+        `barrier_retention`, participants audited clean are told their purge
+        watermark. Errors: INVALID_ARGUMENT (a participant with no stored
+        address, a negative duration), PERMISSION_DENIED (not an operator, or a
+        caller limited to some definitions: the audit is the whole deployment's).
+        """
 
 def add_OrchestratorServiceServicer_to_server(servicer: OrchestratorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -88,6 +88,12 @@ class ServerConfig:
     # An unfinished saga unchanged for this long raises an alert (once per
     # stall); None raises none.
     alert_stuck_seconds: float | None = None
+    # An audit of the log against participants' barrier rows runs this often
+    # (seconds; auditor.py), resuming where the last one stopped; None runs none.
+    audit_interval_seconds: float | None = None
+    # With audit_interval_seconds: participants are told they may delete the
+    # barrier rows of sagas final, audited clean and created this long ago.
+    barrier_retention_seconds: float | None = None
     # Every stored participant is probed with grpc.health.v1 this often (seconds).
     participant_health_seconds: float = 5.0
     # A participant whose probes (by every replica) have failed for this long
@@ -129,6 +135,8 @@ class ServerConfig:
             participant_health_seconds=self.participant_health_seconds,
             alert_participant_unhealthy_seconds=self.alert_participant_unhealthy_seconds,
             retention_seconds=self.retention_seconds,
+            audit_interval_seconds=self.audit_interval_seconds,
+            barrier_retention_seconds=self.barrier_retention_seconds,
         )
 
     def service_settings(self) -> ServiceSettings:

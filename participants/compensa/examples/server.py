@@ -62,12 +62,16 @@ async def start_participant(
     tls: TlsFiles | None = None,
     database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+    purge_interval: float | None = None,
 ) -> RunningParticipant:
     """Creates the schema and starts serving participant `kind` (one of
-    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`.
-    Every wait on the database takes at most `database_timeout` seconds."""
+    PARTICIPANT_KINDS) from `database_url` on `listen`; see `start_server`
+    (and for `purge_interval`). Every wait on the database takes at most
+    `database_timeout` seconds."""
     participant = await _participant_on(kind, database_url, faults, database_timeout)
-    return await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    return await start_server(
+        participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds, purge_interval=purge_interval
+    )
 
 
 async def serve_participant(
@@ -78,9 +82,14 @@ async def serve_participant(
     faults: FaultPlan | None = None,
     tls: TlsFiles | None = None,
     database_timeout: float = DEFAULT_DATABASE_TIMEOUT,
+    purge_interval: float | None = None,
 ) -> None:
-    """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully."""
-    await serve(await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls)
+    """Serves participant `kind` until SIGINT or SIGTERM, then stops gracefully;
+    with `purge_interval`, deleting barrier rows below the purge watermark that often."""
+    await serve(
+        await _participant_on(kind, database_url, faults, database_timeout), listen=listen, tls=tls,
+        purge_interval=purge_interval,
+    )
 
 
 async def _participant_on(

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
         Pending as Pending,
     )
     from compensa.participants.sdk import (
+        PurgedSaga as PurgedSaga,
+    )
+    from compensa.participants.sdk import (
         StepFailed as StepFailed,
     )
     from compensa.participants.sdk import (
@@ -81,7 +84,8 @@ _HOMES = {
     **dict.fromkeys(
         (
             "CompleteStep", "DeadlinePassed", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError",
-            "Pending", "StepFailed", "TransientError", "WrongOutputType", "insert_if_absent", "pack", "unpack_as",
+            "Pending", "PurgedSaga", "StepFailed", "TransientError", "WrongOutputType", "insert_if_absent", "pack",
+            "unpack_as",
         ),
         "compensa.participants.sdk",
     ),

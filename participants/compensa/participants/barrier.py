@@ -43,7 +43,8 @@ __all__ = [
 
 
 def barrier_table(name: str) -> sqlalchemy.Table:
-    """The barrier table called `name`: one row per (idempotency key, operation)."""
+    """The barrier table called `name`: one row per (idempotency key, operation),
+    indexed by saga and by creation time."""
     return sqlalchemy.Table(
         name,
         sqlalchemy.MetaData(),
@@ -56,6 +57,10 @@ def barrier_table(name: str) -> sqlalchemy.Table:
         # The serialized ExecuteResponse or CompensateResponse answered.
         sqlalchemy.Column("response", sqlalchemy.LargeBinary),
         sqlalchemy.Column("created_at", sqlalchemy.DateTime(timezone=True), nullable=False),
+        # The audit reads a saga's rows, and retention deletes the oldest
+        # (compensa.participants.retention).
+        sqlalchemy.Index(f"{name}_saga_id", "saga_id"),
+        sqlalchemy.Index(f"{name}_created_at", "created_at"),
     )
 
 

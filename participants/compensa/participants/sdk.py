@@ -29,7 +29,11 @@ Outcomes, for both RPCs:
     the same key answers the same, without effect. Also a hanging Execute: one
     that arrives after a Compensate with its key.
   - FAILED_PRECONDITION: Compensate of a step that cannot be undone; Execute
-    answering Pending for a step that is not long_running (nothing recorded).
+    answering Pending for a step that is not long_running (nothing recorded);
+    a call whose deadline lies before the purge watermark (or that has none,
+    once there is a watermark): its saga's barrier rows may have been purged,
+    so it is refused rather than applied as new (`PurgedSaga`,
+    `compensa.participants.retention`).
   - UNAVAILABLE: transient (`TransientError`, the database, injected faults);
     nothing was recorded, so a retry runs the step again. Every wait on the
     database is bounded (`compensa.common.database`), so a silent database
@@ -42,6 +46,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import datetime
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -65,16 +71,19 @@ from compensa.participants.barrier import (
     insert_if_absent,
 )
 from compensa.participants.faults import FaultPlan, InjectedFault
+from compensa.participants.retention import read_watermark, watermark_table
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 __all__ = [
     "CompleteStep",
     "DeadlinePassed",
+    "InvalidRequest",
     "NotCompensable",
     "NotLongRunning",
     "Participant",
     "ParticipantError",
     "Pending",
+    "PurgedSaga",
     "StepFailed",
     "TransientError",
     "WrongOutputType",
@@ -100,6 +109,11 @@ _FAILED = "failed"
 _NULL_COMPENSATED = "null_compensated"
 _COMPENSATED = "compensated"
 _NOTHING_TO_UNDO = "nothing_to_undo"
+# A PENDING Execute the participant settled (`Participant.settle_pending`).
+_SETTLED_SUCCEEDED = "settled_succeeded"
+_SETTLED_FAILED = "settled_failed"
+#: Execute outcomes whose effect stands, so Compensate undoes them.
+_APPLIED = frozenset({_SUCCEEDED, _PENDING, _SETTLED_SUCCEEDED})
 
 
 class ParticipantError(Exception):
@@ -162,6 +176,22 @@ class CompleteStep(Protocol):
     ) -> object: ...
 
 
+class InvalidRequest(ParticipantError):
+    """A request this participant cannot read as sent (a page token it did
+    not issue, a value out of range): answered INVALID_ARGUMENT, nothing done."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class PurgedSaga(ParticipantError):
+    """A call for a saga whose barrier rows may have been purged: its deadline
+    lies before the purge watermark the orchestrator set
+    (`compensa.participants.retention`), so a missing row proves nothing.
+    Answered FAILED_PRECONDITION; nothing is done or recorded."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlinePassed(ParticipantError):
     """The call arrived after its StepContext.deadline: answered DEADLINE_EXCEEDED, nothing done."""
 
@@ -185,7 +215,7 @@ def _unreachable(error: Exception) -> bool:
     return _database_error(error) and not cancelled_by_the_database(error)
 
 
-def _status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
+def status_of(error: Exception) -> tuple[grpc.StatusCode, str]:
     """The one place that maps a step's errors to a gRPC status and details."""
     if isinstance(error, ParticipantError):
         return error.code, str(error)
@@ -200,6 +230,24 @@ def _refuse_failed(response: participant_pb2.ExecuteResponse) -> None:
     """A recorded business failure is answered as one (ABORTED), also to a duplicate."""
     if response.result == participant_pb2.EXECUTE_RESULT_FAILED:
         raise StepFailed(response.failure_reason)
+
+
+def _check_not_purged(step: participant_pb2.StepContext, watermark: datetime.datetime | None) -> None:
+    """Raises PurgedSaga for a call that may belong to a saga whose rows were
+    purged: its deadline is before `watermark`, or it has none to tell."""
+    if watermark is None:
+        return
+    if not step.HasField("deadline"):
+        raise PurgedSaga(
+            "the call has no deadline, and this participant purges barrier rows: a call without one cannot be"
+            " told from a late call for a purged saga; refused, not applied"
+        )
+    deadline = step.deadline.ToDatetime(datetime.UTC)
+    if deadline < watermark:
+        raise PurgedSaga(
+            f"saga {step.saga_id!r}: the call's deadline {deadline.isoformat()} is before the purge watermark"
+            f" {watermark.isoformat()}; its barrier rows may be gone, so it is refused, not applied"
+        )
 
 
 def _check_deadline(step: participant_pb2.StepContext) -> None:
@@ -320,6 +368,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         self.database_timeout = database_timeout
         #: Told whether each transaction reached the database; set by the server.
         self.database_health: DatabaseHealth | None = None
+        self.barrier_watermark = watermark_table(self.barrier_table_name, self.barrier.metadata)
+        #: The purge watermark in force, as last read or set
+        #: (`compensa.participants.retention`); None: nothing is ever purged.
+        self.purge_watermark: datetime.datetime | None = None
 
     async def ping(self) -> None:
         """Raises unless the database answers within `database_timeout`; the
@@ -342,7 +394,10 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
             health.failed(error)
 
     async def create_schema(self) -> None:
-        """Creates the barrier table and the subclass's tables if they do not exist."""
+        """Creates the barrier table (with its watermark table and indexes) and
+        the subclass's tables if they do not exist. A barrier table made by an
+        earlier release is kept and gains the indexes (built once, blocking
+        writes to it meanwhile)."""
         async with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # CREATE TABLE IF NOT EXISTS races with itself on PostgreSQL when
@@ -352,7 +407,50 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                     {"name": self.barrier_table_name},
                 )
             await conn.run_sync(self.barrier.metadata.create_all)
+            # A barrier table made before its indexes existed gains them here
+            # (create_all makes the indexes of the tables it creates only).
+            for index in self.barrier.indexes:
+                await conn.run_sync(functools.partial(index.create, checkfirst=True))
             await conn.run_sync(self.metadata.create_all)
+        await self.refresh_purge_watermark()
+
+    async def refresh_purge_watermark(self) -> None:
+        """Reads the purge watermark (another replica may have moved it)."""
+        self.purge_watermark = await read_watermark(self.engine, self.barrier_watermark, self.database_timeout)
+
+    async def settle_pending(
+        self, conn: AsyncConnection, idempotency_key: str, *, output: message.Message | None = None,
+        failure_reason: str = "",
+    ) -> bool:
+        """Records, in the participant's own transaction `conn`, that the
+        step whose Execute answered Pending under `idempotency_key` is settled:
+        succeeded with `output`, or failed with `failure_reason`. Call it in
+        the transaction that settles the step's business effect, before
+        reporting the outcome with CompleteStep: the orchestrator's audit then
+        finds a settled step whose outcome never reached it. A duplicate
+        Execute answers the settled answer. True if the row was pending (False:
+        settled already, or no such Execute)."""
+        if failure_reason:
+            response = participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason=failure_reason
+            )
+            outcome = _SETTLED_FAILED
+        else:
+            response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_SUCCEEDED)
+            if output is not None:
+                response.output.CopyFrom(pack(output))
+            outcome = _SETTLED_SUCCEEDED
+        table = self.barrier
+        settled = await conn.execute(
+            table.update()
+            .where(
+                table.c.idempotency_key == idempotency_key, table.c.operation == _EXECUTE,
+                table.c.outcome == _PENDING,
+            )
+            .values(outcome=outcome, response=_serialized(response))
+            .returning(table.c.idempotency_key)
+        )
+        return settled.first() is not None
 
     @abc.abstractmethod
     async def execute_step(
@@ -431,6 +529,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         outcome = "not-run"
         status = grpc.StatusCode.OK
         try:
+            _check_not_purged(step, self.purge_watermark)
             _check_deadline(step)
             await self.faults.before_call(step.attempt)
             response, outcome, committed = await self._transact(work())
@@ -541,7 +640,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 return response, _NULL_COMPENSATED, True
 
             executed, stored_execute = claims.execute
-            if executed in (_SUCCEEDED, _PENDING):
+            if executed in _APPLIED:
                 # The barrier's copy is authoritative: the orchestrator may never
                 # have received Execute's answer (a lost answer, a deadline).
                 undo = participant_pb2.CompensateRequest()
@@ -559,7 +658,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     def _error_status(
         self, step: participant_pb2.StepContext, operation: str, error: Exception
     ) -> tuple[grpc.StatusCode, str]:
-        code, details = _status_of(error)
+        code, details = status_of(error)
         if code == grpc.StatusCode.INTERNAL:
             logger.exception(
                 "saga=%s step=%s operation=%s: unexpected error", step.saga_id, step.step_name, operation

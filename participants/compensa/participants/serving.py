@@ -51,8 +51,10 @@ from compensa.common.startup import (
     wait_for_database,
 )
 from compensa.common.tls import TlsFiles
+from compensa.participants.audit import BarrierAudit
+from compensa.participants.retention import DEFAULT_PURGE_BATCH, purge_below_watermark
 from compensa.participants.sdk import Participant
-from compensa.v1 import participant_pb2, participant_pb2_grpc
+from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 __all__ = [
     "GRPC_SERVER_OPTIONS",
@@ -73,6 +75,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
+_AUDIT_SERVICE_NAME: str = barrier_audit_pb2.DESCRIPTOR.services_by_name["BarrierAuditService"].full_name
 
 #: The exit status of a process whose participant cannot start (as `compensa`'s for any error).
 _EXIT_CANNOT_START = 2
@@ -158,10 +161,16 @@ class RunningParticipant:
     health: health.aio.HealthServicer
     #: What health answers: NOT_SERVING while the database cannot be reached.
     database_health: DatabaseHealth
+    #: Deletes barrier rows below the purge watermark (None: not asked to).
+    purging: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = 0.5) -> None:
         """Reports NOT_SERVING, stops the server (letting calls finish for `grace`
         seconds) and disposes of the engine."""
+        if self.purging is not None:
+            self.purging.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.purging
         await self.health.enter_graceful_shutdown()
         await self.database_health.stop()
         await self.server.stop(grace)
@@ -174,6 +183,8 @@ async def start_server(
     listen: str = "127.0.0.1:0",
     tls: TlsFiles | None = None,
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+    purge_interval: float | None = None,
+    purge_batch_size: int = DEFAULT_PURGE_BATCH,
 ) -> RunningParticipant:
     """Serves `participant` on `listen` once its schema exists; returns once listening.
 
@@ -182,7 +193,11 @@ async def start_server(
     participant's database answers, NOT_SERVING from the first call or probe
     (every `health_probe_seconds` without a call) that could not reach it
     until one does again, each change logged once. Server reflection is
-    enabled. With `tls` it serves TLS only (mutual when `tls.ca` is set). A
+    enabled. BarrierAuditService is served too (`compensa.participants.audit`);
+    with `purge_interval` (seconds), barrier rows below the purge watermark
+    the orchestrator set are deleted that often, `purge_batch_size` per
+    transaction (`compensa.participants.retention`); without it, nothing is
+    ever deleted. With `tls` it serves TLS only (mutual when `tls.ca` is set). A
     database that does not answer yet is waited for (see the module docstring
     for what raises instead). The participant's engine is disposed of when the
     result is stopped, or here if the server cannot start.
@@ -196,10 +211,14 @@ async def start_server(
         port = listen_on(server, listen, credentials)
         await create_schema_when_reachable(participant)
         participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
+        barrier_audit_pb2_grpc.add_BarrierAuditServiceServicer_to_server(BarrierAudit(participant), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
-            (_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                _SERVICE_NAME, _AUDIT_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             server,
         )
         database_health = DatabaseHealth(
@@ -222,10 +241,32 @@ async def start_server(
     logger.info(
         "%s listening on %s (faults: %s)", type(participant).__name__, address, participant.faults.describe() or "none"
     )
+    purging = (
+        asyncio.create_task(_purge_every(participant, purge_interval, purge_batch_size), name="compensa-barrier-purge")
+        if purge_interval is not None
+        else None
+    )
     return RunningParticipant(
         participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer,
-        database_health=database_health,
+        database_health=database_health, purging=purging,
     )
+
+
+async def _purge_every(participant: Participant, interval: float, batch_size: int) -> None:
+    """Deletes barrier rows below the purge watermark every `interval` seconds, until cancelled."""
+    while True:
+        try:
+            deleted = await purge_below_watermark(
+                participant.engine, participant.barrier, participant.barrier_watermark,
+                batch_size=batch_size, timeout=participant.database_timeout,
+            )
+            await participant.refresh_purge_watermark()
+        except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
+            logger.warning("barrier purge: %s; trying again in %.0fs", first_line(error), interval)
+        else:
+            if deleted:
+                logger.info("barrier purge: deleted %d row(s) below the purge watermark", deleted)
+        await asyncio.sleep(interval)
 
 
 async def serve(
@@ -235,6 +276,8 @@ async def serve(
     tls: TlsFiles | None = None,
     grace: float = 5.0,
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
+    purge_interval: float | None = None,
+    purge_batch_size: int = DEFAULT_PURGE_BATCH,
 ) -> None:
     """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
     letting calls in flight finish for `grace` seconds. See `start_server`.
@@ -245,7 +288,10 @@ async def serve(
     the process with status 2 (SystemExit), as `compensa` does, rather than
     with a traceback. `start_server` raises instead."""
     try:
-        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+        running = await start_server(
+            participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds,
+            purge_interval=purge_interval, purge_batch_size=purge_batch_size,
+        )
     except ServingError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(_EXIT_CANNOT_START) from None

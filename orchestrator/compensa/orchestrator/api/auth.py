@@ -117,6 +117,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "PauseBulkAction": Role.OPERATOR,
     "ResumeBulkAction": Role.OPERATOR,
     "CancelBulkAction": Role.OPERATOR,
+    "AuditSagas": Role.OPERATOR,
 }
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from google.protobuf import any_pb2
 
 from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.auditor import AuditReport
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import StoredAlert, StoredEvent
+from compensa.orchestrator.store import AuditFinding, StoredAlert, StoredEvent
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 
@@ -97,4 +98,28 @@ def alert_message(alert: StoredAlert) -> orchestrator_pb2.Alert:
         raise_time=timestamp(alert.raised_at), saga_id=alert.saga_id, definition_name=alert.definition_name,
         step_name=alert.step_name, sequence=alert.sequence, event_position=alert.event_position,
         participant=alert.participant, address=alert.address,
+    )
+
+
+def _discrepancy_message(found: AuditFinding) -> orchestrator_pb2.AuditDiscrepancy:
+    return orchestrator_pb2.AuditDiscrepancy(
+        kind=found.kind, participant=found.participant, saga_id=found.saga_id,
+        definition_name=found.definition_name, step_name=found.step_name, message=found.message,
+    )
+
+
+def audit_report_message(report: AuditReport) -> orchestrator_pb2.AuditSagasResponse:
+    """The API view of an audit run."""
+    return orchestrator_pb2.AuditSagasResponse(
+        participants=[
+            orchestrator_pb2.ParticipantAudit(
+                participant=each.participant, address=each.address, audited=each.audited,
+                not_audited_reason=each.reason, sagas=each.sagas, rows=each.rows,
+                discrepancies=[_discrepancy_message(found) for found in each.findings],
+                audited_clean_through=timestamp(each.clean_through[0] if each.clean_through else None),
+                purge_watermark=timestamp(each.purge_before),
+            )
+            for each in report.participants
+        ],
+        saga_discrepancies=[_discrepancy_message(found) for found in report.saga_findings],
     )

@@ -10,6 +10,8 @@ EXIT_SAGA_ENDED_BADLY = 1
 EXIT_DIVERGED = 1
 #: A usage error, a malformed input, or an error answered by the orchestrator.
 EXIT_ERROR = 2
+#: `compensa audit` found discrepancies between the log and a participant's records.
+EXIT_DISCREPANCIES = 1
 EXIT_INTERRUPTED = 130
 #: The reader of the output went away (`compensa list | head`): stopped quietly,
 #: with the status a shell shows for a process ended by SIGPIPE.

@@ -8,6 +8,7 @@ error: one line `error: compensa COMMAND: ... (see compensa COMMAND --help)`.
 from __future__ import annotations
 
 import argparse
+import datetime
 import difflib
 import getpass
 import logging
@@ -21,7 +22,7 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator.api.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import bulk, codegen, definitions, replay, sagas, server
+from compensa.orchestrator.cli import audit, bulk, codegen, definitions, replay, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
@@ -105,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED, or `replay` found a divergence; 2 usage error or an error answered by the orchestrator; 141 the"
-        " reader of the output went away (compensa list | head), quietly.",
+        "or FAILED, `replay` found a divergence, or `audit` found discrepancies; 2 usage error or an error answered"
+        " by the orchestrator; 141 the reader of the output went away (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
@@ -137,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_purge(
         add("purge", server.purge, "Delete sagas done for good that ended longer ago than --older-than, then exit.",
             client=False)
+    )
+    _add_audit(
+        add("audit", audit.audit, "Compare the saga log with every participant's own barrier records; name each"
+            " discrepancy (alerted once, kind AUDIT); with --barrier-retention, tell participants what they may"
+            " delete. Operator; runs in the orchestrator.")
     )
     _add_participant(
         add("participant", server.participant, "Run one of the example checkout participants.",
@@ -445,6 +451,16 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
              " stall, e.g. 15m (default: none)",
     )
     parser.add_argument(
+        "--audit-interval", type=_duration, metavar="DURATION",
+        help="audit the saga log against the participants' barrier rows this often, resuming where the last audit"
+             " stopped (as `compensa audit`; default: never)",
+    )
+    parser.add_argument(
+        "--barrier-retention", type=_duration, metavar="DURATION",
+        help="with --audit-interval: tell participants they may delete the barrier rows of sagas final, audited"
+             " clean and created longer ago than this (default: never)",
+    )
+    parser.add_argument(
         "--participant-health-interval", type=_duration, metavar="DURATION",
         help="probe every stored participant with grpc.health.v1 this often (default 5s)",
     )
@@ -504,6 +520,49 @@ def _add_purge(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_audit(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--since", type=_moment, metavar="TIME",
+        help="audit the sagas created since TIME (RFC 3339, or a duration ago: 1h) and report, leaving the audit's"
+             " progress alone (default: resume where the last audit found everything clean)",
+    )
+    parser.add_argument("--definition", default="", metavar="NAME",
+                        help="only sagas of this definition (and report, leaving the audit's progress alone)")
+    parser.add_argument("--participant", action="append", default=[], metavar="NAME",
+                        help="only this participant (repeatable; default: every participant with an address)")
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--barrier-retention", type=_duration, metavar="DURATION",
+        help="tell each participant audited clean that it may delete its barrier rows of sagas final, audited"
+             " clean and created longer ago than this (e.g. 30d); default: never",
+    )
+    parser.add_argument(
+        "--settle-grace", type=_duration, metavar="DURATION",
+        help="a step the participant settled while the log still waits for it is reported once its saga has not"
+             " changed for this long (default 1m)",
+    )
+    parser.add_argument(
+        "--clock-skew-margin", type=_duration, metavar="DURATION",
+        help="how far a participant's clock may run ahead of the database's: the purge watermark stays this far"
+             " behind (default 1m)",
+    )
+    parser.add_argument(
+        "--wait", type=_duration, default=duration_pb2.Duration(seconds=3600), metavar="DURATION",
+        help="how long to wait for the audit's answer (default 1h; an audit cut short resumes where it stopped)",
+    )
+
+
+def _moment(text: str) -> datetime.datetime | datetime.timedelta:
+    """A time: RFC 3339 (2026-12-07T10:00:00Z), or a duration meaning that long ago."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.timedelta(seconds=_duration(text).ToNanoseconds() / 1e9)
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{quote(text)} has no time zone; end it with Z or +HH:MM")
+    return moment
+
+
 def _add_participant(parser: argparse.ArgumentParser) -> None:
     from compensa.examples.server import PARTICIPANT_KINDS
 
@@ -517,6 +576,11 @@ def _add_participant(parser: argparse.ArgumentParser) -> None:
         help='injected faults, e.g. "unavailable_attempts=1,delay_seconds=2"',
     )
     _add_database_timeout_option(parser)
+    parser.add_argument(
+        "--purge-interval", type=_duration, metavar="DURATION",
+        help="delete barrier rows below the purge watermark the orchestrator's audit set, this often"
+             " (default: never)",
+    )
     _add_server_tls_options(parser, "the participant")
     _add_log_format_option(parser)
 

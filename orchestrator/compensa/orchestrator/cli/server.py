@@ -58,6 +58,16 @@ def serve(args: argparse.Namespace) -> int:
     config = dataclasses.replace(config, max_sagas_in_flight=args.max_sagas_in_flight)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
+    if args.audit_interval is not None:
+        config = dataclasses.replace(
+            config, audit_interval_seconds=_positive_seconds(args.audit_interval, "--audit-interval")
+        )
+    if args.barrier_retention is not None:
+        if args.audit_interval is None:
+            raise CompensaError("--barrier-retention needs --audit-interval: rows are purged only once audited")
+        config = dataclasses.replace(
+            config, barrier_retention_seconds=_positive_seconds(args.barrier_retention, "--barrier-retention")
+        )
     if args.alert_webhook is not None:
         config = dataclasses.replace(config, alert_webhook=args.alert_webhook)
     if args.alert_stuck_after is not None:
@@ -137,6 +147,9 @@ def participant(args: argparse.Namespace) -> int:
         serve_participant(
             args.kind, listen=args.listen, database_url=args.db, faults=args.faults, tls=_server_tls(args),
             database_timeout=_database_timeout(args),
+            purge_interval=(
+                _positive_seconds(args.purge_interval, "--purge-interval") if args.purge_interval is not None else None
+            ),
         )
     )
     return EXIT_OK

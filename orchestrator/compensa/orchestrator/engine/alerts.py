@@ -36,7 +36,7 @@ from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.shared.timeline import saga_state_name
-from compensa.orchestrator.store import SAGA_ALERT, PendingAlert, SagaStore
+from compensa.orchestrator.store import AUDIT_ALERT, SAGA_ALERT, PendingAlert, SagaStore
 
 __all__ = ["DATABASE_ALERT", "DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "database_alert_body", "stuck_alert"]
 
@@ -62,15 +62,17 @@ def _rfc3339(seconds: float) -> str:
 def alert_body(pending: PendingAlert) -> dict[str, Any]:
     """The JSON object POSTed for an alert (documented in README, "Alerts").
     Fields about a saga are null for a participant's alert and the other
-    way round; `position` stays the saga event's, as it always was."""
+    way round (an AUDIT alert has both); `position` stays the saga event's,
+    as it always was."""
     alert = pending.alert
     about_saga = alert.kind == SAGA_ALERT
+    audit = alert.kind == AUDIT_ALERT
     return {
         "alert_id": alert.alert_id,
         "type": "ALERT_RAISED",
         "kind": alert.kind,
-        "saga_id": alert.saga_id if about_saga else None,
-        "definition": alert.definition_name if about_saga else None,
+        "saga_id": alert.saga_id if about_saga or audit else None,
+        "definition": alert.definition_name if about_saga or audit else None,
         "step": alert.step_name,
         "participant": None if about_saga else alert.participant,
         "address": None if about_saga else alert.address,

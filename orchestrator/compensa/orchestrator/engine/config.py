@@ -27,3 +27,5 @@ class EngineConfig:
     participant_health_seconds: float
     alert_participant_unhealthy_seconds: float | None
     retention_seconds: float | None
+    audit_interval_seconds: float | None
+    barrier_retention_seconds: float | None

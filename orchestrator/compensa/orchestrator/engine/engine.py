@@ -35,6 +35,7 @@ from compensa.orchestrator.definitions import (
 )
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.alerts import AlertDelivery, database_alert_body, stuck_alert
+from compensa.orchestrator.engine.auditor import AuditOptions, audit_every
 from compensa.orchestrator.engine.changes import ChangeSignal
 from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.engine.config import EngineConfig
@@ -297,6 +298,14 @@ class SagaEngine:
             self._tasks.append(
                 asyncio.create_task(self._purge_expired(self.config.retention_seconds), name="compensa-retention")
             )
+        if self.config.audit_interval_seconds is not None:
+            audits = AuditOptions(
+                barrier_retention=self.config.barrier_retention_seconds, participant_tls=self.config.participant_tls,
+                commit_lag=self.config.database_timeout,
+            )
+            self._tasks.append(asyncio.create_task(
+                audit_every(self.store, audits, self.config.audit_interval_seconds, self.metrics), name="compensa-audit"
+            ))
 
     def _people_counts(self) -> tuple[int, int] | None:
         """FAILED sagas nobody resolved and stuck ones, counted in the

@@ -144,6 +144,12 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self._refused.labels(reason)
+        self._audit_discrepancies = Counter(
+            "compensa_audit_discrepancies",
+            "Discrepancies between the saga log and a participant's barrier rows that audits run here found"
+            " (each once: also alerted, kind AUDIT), by participant (empty: the saga's own) and kind.",
+            ["participant", "kind"], registry=self.registry,
+        )
         self._event_children: dict[int, Counter] = {}
         self._server: WSGIServer | None = None
 
@@ -165,6 +171,10 @@ class Metrics:
     def participant_alert(self) -> None:
         """A participant's health checks failed past the threshold (alerted here)."""
         self._alerts.labels("", PARTICIPANT_UNHEALTHY_REASON).inc()
+
+    def audit_discrepancy(self, participant: str, kind: str) -> None:
+        """An audit run here found (and alerted) a discrepancy of `kind`."""
+        self._audit_discrepancies.labels(participant, kind).inc()
 
     def database_outage(self, reason: str, *, alerted: bool) -> None:
         """This replica's database was lost, or began refusing writes (alerted)."""

@@ -2,9 +2,12 @@
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, parse_database_url
 from compensa.orchestrator.store.base import (
+    AUDIT_ALERT,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
+    AuditFinding,
+    AuditProgress,
     BulkItem,
     BulkJob,
     Claimed,
@@ -35,9 +38,12 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
 
 
 __all__ = [
+    "AUDIT_ALERT",
     "PARTICIPANT_RECOVERED",
     "PARTICIPANT_UNHEALTHY",
     "SAGA_ALERT",
+    "AuditFinding",
+    "AuditProgress",
     "BulkItem",
     "BulkJob",
     "Claimed",

@@ -110,6 +110,7 @@ class ParticipantAddress:
 SAGA_ALERT = "SAGA"
 PARTICIPANT_UNHEALTHY = "PARTICIPANT_UNHEALTHY"
 PARTICIPANT_RECOVERED = "PARTICIPANT_RECOVERED"
+AUDIT_ALERT = "AUDIT"
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,11 @@ class StoredAlert:
     @property
     def alert_id(self) -> str:
         """Stable across deliveries: `<saga_id>/<sequence>` (a saga id has no
-        '/'), or `participant/<name>/<position>`."""
+        '/'), `audit/<position>`, or `participant/<name>/<position>`."""
         if self.kind == SAGA_ALERT:
             return f"{self.saga_id}/{self.sequence}"
+        if self.kind == AUDIT_ALERT:
+            return f"audit/{self.position}"
         return f"participant/{self.participant}/{self.position}"
 
 
@@ -186,6 +189,32 @@ class BulkItem:
     outcome: int
     reason: str = ""
     acted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditProgress:
+    """Where a participant's audit stands: every saga created up to `clean_through`
+    ((created_at, saga_id), in creation order) is final and audited clean."""
+
+    participant: str
+    clean_through: tuple[float, str]
+    #: When the run that got there ran (the database's clock).
+    audited_at: float
+    #: The purge watermark last sent (the participant's clock), if any.
+    purge_before: float | None = None
+
+
+@dataclass(frozen=True)
+class AuditFinding:
+    """A discrepancy an audit found between the log and a participant's rows."""
+
+    participant: str
+    saga_id: str
+    step_name: str
+    kind: str
+    message: str
+    definition_name: str = ""
+    address: str = ""
 
 
 #: Told the outcome of a database wait and when it began (time.monotonic()):
@@ -510,6 +539,31 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def bulk_problems(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
         """Up to `limit` items skipped or failed, most recent first."""
+
+    # The audit (audit.py)
+
+    @abc.abstractmethod
+    async def sagas_in_creation_order(
+        self, *, after: tuple[float, str] | None, definition_name: str, limit: int
+    ) -> list[SagaRecord]:
+        """Up to `limit` sagas, oldest first by (created_at, saga_id), after `after`."""
+
+    @abc.abstractmethod
+    async def load_sagas(self, saga_ids: Sequence[str]) -> list[SagaRecord]:
+        """The sagas with these ids that exist, in no particular order."""
+
+    @abc.abstractmethod
+    async def audit_progress(self, participant: str) -> AuditProgress | None:
+        """Where `participant`'s audit stands; None before its first clean saga."""
+
+    @abc.abstractmethod
+    async def save_audit_progress(self, progress: AuditProgress) -> None:
+        """Stores where a participant's audit stands (replacing what was)."""
+
+    @abc.abstractmethod
+    async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
+        """Records the findings not recorded before, each with an AUDIT alert
+        (and its outbox row) in the same transaction; the alerts raised."""
 
     # The event log
 

@@ -255,3 +255,33 @@ bulk_items = Table(
 )
 # The pending sagas of a job, in the order they are worked through.
 Index("compensa_bulk_items_outcome", bulk_items.c.bulk_action_id, bulk_items.c.outcome, bulk_items.c.saga_id)
+
+#: Where each participant's audit stands (`compensa audit`, audit.py): every
+#: saga created up to (clean_created_at, clean_saga_id), in creation order, is
+#: final and was audited clean against that participant's barrier rows; the
+#: next run resumes there. `purge_before` is the last purge watermark sent
+#: to the participant (seconds since the epoch, on the participant's clock).
+audit_progress = Table(
+    "compensa_audit_progress",
+    metadata,
+    Column("participant", String(64), primary_key=True),
+    Column("clean_created_at", Float, nullable=False),
+    Column("clean_saga_id", String(128), nullable=False),
+    Column("audited_at", Float, nullable=False),
+    Column("purge_before", Float, nullable=True),
+)
+
+#: Each discrepancy an audit found, once: a later run that finds it again
+#: raises no second alert. `participant` and `step_name` are empty for a
+#: discrepancy of the saga alone (in flight past its deadlines).
+audit_findings = Table(
+    "compensa_audit_findings",
+    metadata,
+    Column("participant", String(64), primary_key=True),
+    Column("saga_id", String(128), primary_key=True),
+    Column("step_name", String(64), primary_key=True),
+    Column("kind", String(32), primary_key=True),
+    Column("found_at", Float, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("alert_position", BigInteger, nullable=False),
+)

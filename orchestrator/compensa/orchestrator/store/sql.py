@@ -53,8 +53,11 @@ from compensa.orchestrator.shared.records import (
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
+    AUDIT_ALERT,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
+    AuditFinding,
+    AuditProgress,
     BulkItem,
     BulkJob,
     Claimed,
@@ -86,6 +89,8 @@ from compensa.orchestrator.store.schema import (
     EVENT_LOG,
     alert_outbox,
     alerts,
+    audit_findings,
+    audit_progress,
     bulk_actions,
     bulk_items,
     definition_changes,
@@ -971,6 +976,94 @@ class SqlSagaStore(SagaStore):
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).all()
             return await self._load_many(conn, rows)
+
+    async def sagas_in_creation_order(
+        self, *, after: tuple[float, str] | None, definition_name: str, limit: int
+    ) -> list[SagaRecord]:
+        query = sa.select(*_SAGA_COLUMNS)
+        if definition_name:
+            query = query.where(sagas.c.definition_name == definition_name)
+        if after is not None:
+            created_at, saga_id = after
+            query = query.where(
+                sa.or_(
+                    sagas.c.created_at > created_at,
+                    sa.and_(sagas.c.created_at == created_at, sagas.c.saga_id > saga_id),
+                )
+            )
+        query = query.order_by(sagas.c.created_at, sagas.c.saga_id).limit(limit)
+        async with self._transaction() as conn:
+            return await self._load_many(conn, (await conn.execute(query)).all())
+
+    async def load_sagas(self, saga_ids: Sequence[str]) -> list[SagaRecord]:
+        found: list[SagaRecord] = []
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                chunk = list(saga_ids[start:start + _ID_CHUNK])
+                rows = (await conn.execute(sa.select(*_SAGA_COLUMNS).where(sagas.c.saga_id.in_(chunk)))).all()
+                found += await self._load_many(conn, rows)
+        return found
+
+    async def audit_progress(self, participant: str) -> AuditProgress | None:
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(sa.select(audit_progress).where(audit_progress.c.participant == participant))
+            ).one_or_none()
+        if row is None:
+            return None
+        return AuditProgress(
+            row.participant, (row.clean_created_at, row.clean_saga_id), row.audited_at, row.purge_before
+        )
+
+    async def save_audit_progress(self, progress: AuditProgress) -> None:
+        created_at, saga_id = progress.clean_through
+        values = {
+            "clean_created_at": created_at, "clean_saga_id": saga_id, "audited_at": progress.audited_at,
+            "purge_before": progress.purge_before,
+        }
+        async with self._transaction() as conn:
+            await conn.execute(
+                self._insert(audit_progress)
+                .values(participant=progress.participant, **values)
+                .on_conflict_do_update(index_elements=[audit_progress.c.participant], set_=values)
+            )
+
+    async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
+        raised: list[StoredAlert] = []
+        async with self._transaction() as conn:
+            for finding in findings:
+                key = (finding.participant, finding.saga_id, finding.step_name, finding.kind)
+                inserted = (
+                    await conn.execute(
+                        self._insert(audit_findings)
+                        .values(
+                            participant=finding.participant, saga_id=finding.saga_id, step_name=finding.step_name,
+                            kind=finding.kind, found_at=now, message=finding.message, alert_position=0,
+                        )
+                        .on_conflict_do_nothing()
+                        .returning(audit_findings.c.kind)
+                    )
+                ).first()
+                if inserted is None:
+                    continue  # found (and alerted) by an earlier run
+                (position,) = await take_positions(conn, ALERT_LOG, 1)
+                raised.append(
+                    StoredAlert(
+                        position=position, kind=AUDIT_ALERT, raised_at=now, message=finding.message,
+                        saga_id=finding.saga_id, definition_name=finding.definition_name,
+                        step_name=finding.step_name, participant=finding.participant, address=finding.address,
+                    )
+                )
+                await conn.execute(
+                    sa.update(audit_findings)
+                    .where(*(column == value for column, value in zip(audit_findings.primary_key.columns, key,
+                                                                      strict=True)))
+                    .values(alert_position=position)
+                )
+            if raised:
+                await log_alerts(conn, raised)
+                await self._announce(conn, ["*"])
+        return raised
 
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:

@@ -1,0 +1,359 @@
+"""`compensa audit`: the saga log against the participants' own barrier rows,
+with real participants and a real orchestrator on PostgreSQL, the audit run
+as a real process.
+
+Sagas run to their end; the audit finds them clean. Then each kind of
+discrepancy is planted straight into a participant's database, and the audit
+names each one, with both sides, and nothing else; each is alerted once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from harness import Stack, checkout_stack, poll_until, scrape
+
+from compensa.checkout.v1 import checkout_pb2
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.orchestrator.store import AUDIT_ALERT, open_store
+from compensa.participants.faults import FaultPlan
+from compensa.participants.sdk import pack
+from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
+
+COMPENSA = Path(sys.executable).parent / "compensa"
+COMMAND_TIMEOUT_SECONDS = 180.0
+
+pytestmark = pytest.mark.postgres
+
+
+@dataclass(frozen=True)
+class _Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def _compensa(*args: str) -> _Completed:
+    """Runs `compensa` without blocking the loop that serves the in-process servers."""
+    process = await asyncio.create_subprocess_exec(
+        str(COMPENSA), *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), COMMAND_TIMEOUT_SECONDS)
+    assert process.returncode is not None
+    return _Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+async def _audit(stack: Stack, *args: str) -> tuple[int, dict[str, Any]]:
+    """`compensa audit --json`'s exit status and report (the proto's JSON: fields at their default are left out)."""
+    done = await _compensa("audit", "--address", stack.orchestrator.address, "--json", *args)
+    assert done.returncode in (0, 1), done.stderr
+    report: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, report
+
+
+def _participants(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {each["participant"]: each for each in report.get("participants", [])}
+
+
+def _found(report: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    every = [
+        *report.get("saga_discrepancies", []),
+        *(f for each in report.get("participants", []) for f in each.get("discrepancies", [])),
+    ]
+    return {(f["kind"], f.get("participant", ""), f["saga_id"], f.get("step_name", "")) for f in every}
+
+
+async def _run_to_end(stack: Stack, count: int, **input_values: Any) -> list[str]:
+    saga_ids = [await stack.start(**input_values) for _ in range(count)]
+    for saga_id in saga_ids:
+        await stack.wait_final(saga_id, timeout=60.0)
+    return saga_ids
+
+
+def _barrier(stack: Stack, kind: str) -> sa.Table:
+    return stack.participants[kind].participant.barrier
+
+
+async def _change(stack: Stack, kind: str, statement: sa.Executable) -> None:
+    async with stack.engine_of(kind).begin() as conn:
+        await conn.execute(statement)
+
+
+async def _past_the_commit_lag() -> None:
+    """Lets the sagas just run age past the audit's commit lag (the orchestrator's
+    database timeout): only older ones are counted clean and allowed to be purged."""
+    await asyncio.sleep(DEFAULT_DATABASE_TIMEOUT + 0.5)  # ok-sleep: a time to pass, not an event to wait for
+
+
+async def _waiting_on_review(stack: Stack) -> str:
+    saga_id = await stack.start(card_token=f"review-{uuid.uuid4().hex[:6]}")
+
+    async def waiting() -> bool:
+        saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+        return any(step.state == saga_pb2.STEP_STATE_WAITING for step in saga.steps)
+
+    await poll_until(waiting, timeout=60.0)
+    return saga_id
+
+
+async def _bare_server() -> tuple[grpc.aio.Server, str]:
+    """A gRPC server that serves nothing: a participant that is not built on the SDK."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgres_url: Callable[[], str]) -> None:
+    legacy, legacy_address = await _bare_server()
+    try:
+        async with checkout_stack(make_postgres_url) as stack:
+            await stack.stub.SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="legacy", address=legacy_address)
+            )
+            succeeded = await _run_to_end(stack, 6)
+            compensated = await _run_to_end(stack, 4, card_token="flagged-card")
+            pending = await _waiting_on_review(stack)
+            await _past_the_commit_lag()
+
+            status, clean = await _audit(stack)
+            assert status == 0 and _found(clean) == set(), clean
+            by_name = _participants(clean)
+            assert not by_name["legacy"].get("audited") and "UNIMPLEMENTED" in by_name["legacy"]["not_audited_reason"]
+            assert by_name["inventory"]["audited"] and by_name["inventory"]["sagas"] == 11
+            assert by_name["inventory"]["audited_clean_through"] is not None
+
+            # Plant one discrepancy of each kind, each in a saga of its own.
+            inventory, payment, shipping = (_barrier(stack, kind) for kind in ("inventory", "payment", "shipping"))
+            await _change(stack, "inventory", inventory.delete().where(
+                inventory.c.saga_id == succeeded[0], inventory.c.operation == "execute"
+            ))
+            altered = participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+                output=pack(checkout_pb2.Charge(charge_id="ch-forged", amount_cents=1)),
+            ).SerializeToString(deterministic=True)
+            await _change(stack, "payment", payment.update().where(
+                payment.c.saga_id == succeeded[1], payment.c.operation == "execute"
+            ).values(response=altered))
+            shipped = participant_pb2.ExecuteResponse(
+                result=participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+                output=pack(checkout_pb2.Shipment(tracking_number="TRK-LATE")),
+            ).SerializeToString(deterministic=True)
+            await _change(stack, "shipping", shipping.insert().values(
+                idempotency_key=f"{compensated[0]}/ship_order", operation="execute", saga_id=compensated[0],
+                step_name="ship_order", outcome="succeeded", response=shipped,
+                created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            await _change(stack, "inventory", inventory.delete().where(
+                inventory.c.saga_id == compensated[1], inventory.c.operation == "compensate"
+            ))
+            ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+            await _change(stack, "payment", payment.insert().values(
+                idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost, step_name="charge_card",
+                outcome="succeeded", response=altered, created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            # Settled at the participant (as the SDK records it), never reported.
+            participant = stack.participants["payment"].participant
+            async with stack.engine_of("payment").begin() as conn:
+                assert await participant.settle_pending(
+                    conn, f"{pending}/charge_card", output=checkout_pb2.Charge(charge_id="ch-settled", amount_cents=1)
+                )
+
+            status, report = await _audit(stack, "--since", "1h", "--settle-grace", "0s")
+            assert status == 1
+            assert _found(report) == {
+                ("EXECUTE_MISSING", "inventory", succeeded[0], "reserve_stock"),
+                ("ANSWER_DIFFERS", "payment", succeeded[1], "charge_card"),
+                ("HANGING_EXECUTE", "shipping", compensated[0], "ship_order"),
+                ("COMPENSATE_MISSING", "inventory", compensated[1], "reserve_stock"),
+                ("ORPHAN_ROW", "payment", ghost, "charge_card"),
+                ("SETTLED_NOT_REPORTED", "payment", pending, "charge_card"),
+            }, report
+            messages = {f["kind"]: f["message"] for p in report["participants"] for f in p.get("discrepancies", [])}
+            # Both sides quoted.
+            assert "the log says: SUCCEEDED" in messages["EXECUTE_MISSING"]
+            assert "the participant says: no rows" in messages["EXECUTE_MISSING"]
+            assert "the log says: SUCCEEDED (sha256:" in messages["ANSWER_DIFFERS"]
+            assert "Execute row succeeded (sha256:" in messages["ANSWER_DIFFERS"]
+            assert "the log says: PENDING" in messages["HANGING_EXECUTE"]
+            assert "Compensate" in messages["COMPENSATE_MISSING"]
+            assert "does not know" in messages["ORPHAN_ROW"]
+            assert "settled_succeeded" in messages["SETTLED_NOT_REPORTED"]
+
+            # Each is alerted once (kind AUDIT): a second run raises none again.
+            status, again = await _audit(stack, "--since", "1h", "--settle-grace", "0s")
+            assert status == 1 and _found(again) == _found(report)
+            store = open_store(stack.orchestrator_url)
+            try:
+                alerts = [alert for alert in await store.read_alerts(0, 1000) if alert.kind == AUDIT_ALERT]
+            finally:
+                await store.close()
+            assert sorted(alert.saga_id for alert in alerts) == sorted(saga for _, _, saga, _ in _found(report))
+            assert all(alert.alert_id == f"audit/{alert.position}" for alert in alerts)
+            watched = stack.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest())
+            kinds = []
+            async for answer in watched:
+                kinds.append(answer.alert.kind)
+                if kinds.count(orchestrator_pb2.ALERT_KIND_AUDIT) == len(alerts):
+                    break
+            watched.cancel()
+    finally:
+        await legacy.stop(None)
+
+
+async def test_barrier_rows_are_purged_only_once_audited_clean(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        old = await _run_to_end(stack, 3)
+        await _past_the_commit_lag()
+        status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+        assert status == 0, report
+        assert _participants(report)["payment"]["purge_watermark"]
+
+        young = await _run_to_end(stack, 2)
+        # The next run resumes after the sagas found clean: it audits the young ones only.
+        status, resumed = await _audit(stack)
+        assert status == 0 and {name: p["sagas"] for name, p in _participants(resumed).items()} == {
+            "inventory": 2, "payment": 2, "shipping": 2,
+        }
+        payment = stack.participants["payment"]
+        purge = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "compensa.participants.purge", "--db", str(payment.engine.url.render_as_string(
+                hide_password=False
+            )), "--barrier-table", payment.participant.barrier_table_name, "--batch-size", "2",
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        stdout, stderr = await asyncio.wait_for(purge.communicate(), COMMAND_TIMEOUT_SECONDS)
+        assert purge.returncode == 0, stderr.decode()
+        assert "deleted 3 barrier row(s)" in stdout.decode()
+        barrier = payment.participant.barrier
+        async with payment.engine.connect() as conn:
+            kept = {row.saga_id for row in (await conn.execute(sa.select(barrier.c.saga_id))).all()}
+        assert kept == set(young)  # the young sagas were never audited: kept
+
+        # A late duplicate Execute of a purged saga: refused, not applied again.
+        late = participant_pb2.ExecuteRequest(
+            context=participant_pb2.StepContext(
+                saga_id=old[0], step_name="charge_card", idempotency_key=f"{old[0]}/charge_card", attempt=5,
+                definition_name="checkout", definition_version=1,
+            )
+        )
+        late.context.deadline.FromDatetime(datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=1))
+        async with grpc.aio.insecure_channel(payment.address) as channel:
+            from compensa.v1 import participant_pb2_grpc
+
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await participant_pb2_grpc.ParticipantServiceStub(channel).Execute(late)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "purge watermark" in (refused.value.details() or "")
+            listed = await barrier_audit_pb2_grpc.BarrierAuditServiceStub(channel).ListBarrierRows(
+                barrier_audit_pb2.ListBarrierRowsRequest(saga_ids=[old[0]])
+            )
+            assert list(listed.rows) == []
+
+
+async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url, audit_interval_seconds=0.5, metrics_listen="127.0.0.1:0") as stack:
+        await _run_to_end(stack, 2)
+        payment = _barrier(stack, "payment")
+        ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+        await _change(stack, "payment", payment.insert().values(
+            idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost, step_name="charge_card",
+            outcome="succeeded", response=b"", created_at=datetime.datetime.now(datetime.UTC),
+        ))
+        watched = stack.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest())
+        try:
+            async def audit_alert() -> orchestrator_pb2.Alert:
+                async for answer in watched:
+                    if answer.alert.kind == orchestrator_pb2.ALERT_KIND_AUDIT:
+                        return answer.alert
+                raise AssertionError("the alert stream ended")
+
+            alert = await asyncio.wait_for(audit_alert(), 60.0)
+        finally:
+            watched.cancel()
+        assert alert.saga_id == ghost and alert.participant == "payment" and alert.step_name == "charge_card"
+        assert alert.message.startswith("ORPHAN_ROW: ")
+        assert alert.alert_id == f"audit/{alert.position}"
+        port = stack.orchestrator.metrics_port
+        assert port is not None
+        samples = await scrape(port)
+        key = ("compensa_audit_discrepancies_total", frozenset({("participant", "payment"), ("kind", "ORPHAN_ROW")}))
+        assert samples[key] == 1.0
+        # The CLI's text report: a line per participant, then its discrepancies.
+        printed = await _compensa("audit", "--address", stack.orchestrator.address)
+        assert printed.returncode == 1, printed.stderr
+        lines = printed.stdout.splitlines()
+        assert any(line.startswith("inventory (") and line.endswith(": clean") for line in lines), lines
+        assert any(line.startswith("payment (") and line.endswith(": 1 discrepancies") for line in lines), lines
+        assert f"  ORPHAN_ROW: saga {ghost} step 'charge_card' at payment: a row for a saga the orchestrator does not"\
+            " know; the log says: no such saga; the participant says: Execute row succeeded (sha256:" in printed.stdout
+
+
+async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
+    async with checkout_stack(make_postgres_url) as stack:
+        address = stack.orchestrator.address
+        unknown = await _compensa("audit", "--address", address, "--participant", "nobody")
+        assert unknown.returncode == 2 and unknown.stdout == ""
+        assert unknown.stderr.strip().splitlines() == [
+            "error: INVALID_ARGUMENT: no participant named 'nobody' has a stored address (compensa participants list)"
+        ]
+        since = await _compensa("audit", "--address", address, "--since", "yesterday")
+        assert since.returncode == 2 and "--since" in since.stderr
+        retention = await _compensa("audit", "--address", address, "--barrier-retention", "0s")
+        assert retention.returncode == 2 and "INVALID_ARGUMENT: barrier_retention" in retention.stderr
+        store = open_store(stack.orchestrator_url)
+        try:
+            assert await store.audit_progress("payment") is None
+        finally:
+            await store.close()
+
+
+async def test_lost_answers_and_retries_leave_nothing_to_report(make_postgres_url: Callable[[], str]) -> None:
+    """Answers lost after commit and transient failures make duplicates and retries; the
+    barrier keeps each step once, and the audit agrees with the log."""
+    faults = {
+        kind: FaultPlan(fail_after_commit_rate=0.5, unavailable_rate=0.2, seed=index)
+        for index, kind in enumerate(("inventory", "payment", "shipping"))
+    }
+    async with checkout_stack(make_postgres_url, faults=faults) as stack:
+        await _run_to_end(stack, 6)
+        await _run_to_end(stack, 3, card_token="flagged-card")
+        status, report = await _audit(stack)
+        assert status == 0 and _found(report) == set(), report
+        assert all(p["audited"] and p["sagas"] == 9 for p in report["participants"])
+
+
+async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
+    """Rounds of sagas, each followed by an audit that moves the purge watermark:
+    the participants' purge loops (serve's purge_interval) keep their barrier
+    tables from growing with the sagas run."""
+    async with checkout_stack(make_postgres_url, participant_purge_interval=0.2) as stack:
+        barrier = _barrier(stack, "inventory")
+        engine = stack.engine_of("inventory")
+
+        async def rows() -> int:
+            async with engine.connect() as conn:
+                return int((await conn.execute(sa.select(sa.func.count()).select_from(barrier))).scalar_one())
+
+        for _round in range(3):
+            await _run_to_end(stack, 5)
+            await _past_the_commit_lag()
+            status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+            assert status == 0, report
+            assert await poll_until(lambda: _at_most(rows(), 0), timeout=30.0)
+
+
+async def _at_most(count: Any, most: int) -> bool:
+    return int(await count) <= most

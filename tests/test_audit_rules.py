@@ -1,0 +1,123 @@
+"""The audit's rules (orchestrator.audit), on sagas and rows built by hand:
+what each pair of log and barrier rows is called, and that agreeing ones are not."""
+
+from __future__ import annotations
+
+import hashlib
+
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+
+from compensa.orchestrator.engine.audit import AuditedSaga, compare_saga, orphan_rows, past_deadline
+from compensa.orchestrator.shared import records
+from compensa.v1 import barrier_audit_pb2 as B
+from compensa.v1 import definition_pb2, participant_pb2
+
+T0 = 1_700_000_000.0
+DEFINITION = definition_pb2.SagaDefinition(
+    name="trip", version=1, steps=[
+        definition_pb2.StepDefinition(name="book", participant="hotel"),
+        definition_pb2.StepDefinition(name="pay", participant="bank"),
+    ],
+    saga_timeout=duration_pb2.Duration(seconds=60),
+)
+OUTPUT = any_pb2.Any()
+OUTPUT.Pack(wrappers_pb2.StringValue(value="room 12"))
+
+
+def _saga(state: int, book: int, *, output: bytes | None = None) -> AuditedSaga:
+    steps = (records.StepRecord("book", state=book, output=output), records.StepRecord("pay"))
+    return AuditedSaga(records.SagaRecord("s1", "trip", 1, state, 9, b"", T0, T0 + 5, steps), DEFINITION)
+
+
+def _row(operation: int, outcome: int, answer: bytes = b"x", step: str = "book", saga: str = "s1") -> B.BarrierRow:
+    return B.BarrierRow(
+        saga_id=saga, step_name=step, idempotency_key=f"{saga}/{step}", operation=operation, outcome=outcome,
+        answer_digest=hashlib.sha256(answer).digest(),
+    )
+
+
+def _succeeded_answer() -> bytes:
+    return participant_pb2.ExecuteResponse(
+        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=OUTPUT
+    ).SerializeToString(deterministic=True)
+
+
+def _kinds(audited: AuditedSaga, *rows: B.BarrierRow) -> list[str]:
+    return [f.kind for f in compare_saga(audited, "hotel", "h:1", rows, settle_grace_before=T0 + 100)]
+
+
+EXECUTE, COMPENSATE = B.BARRIER_OPERATION_EXECUTE, B.BARRIER_OPERATION_COMPENSATE
+
+
+def test_agreeing_rows_are_not_reported() -> None:
+    succeeded = _saga(records.SUCCEEDED, records.STEP_SUCCEEDED, output=OUTPUT.SerializeToString())
+    assert _kinds(succeeded, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED, _succeeded_answer())) == []
+    compensated = _saga(records.COMPENSATED, records.STEP_COMPENSATED)
+    assert _kinds(
+        compensated, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED), _row(COMPENSATE, B.BARRIER_OUTCOME_COMPENSATED)
+    ) == []
+    assert _kinds(
+        compensated, _row(EXECUTE, B.BARRIER_OUTCOME_NULL_COMPENSATED),
+        _row(COMPENSATE, B.BARRIER_OUTCOME_NULL_COMPENSATED),
+    ) == []
+    assert _kinds(_saga(records.COMPENSATED, records.STEP_PENDING)) == []
+    assert _kinds(_saga(records.COMPENSATED, records.STEP_FAILED), _row(EXECUTE, B.BARRIER_OUTCOME_FAILED)) == []
+    # A saga in flight is not compared (its calls may be under way).
+    assert _kinds(_saga(records.RUNNING, records.STEP_RUNNING)) == []
+
+
+def test_each_disagreement_has_its_kind() -> None:
+    succeeded = _saga(records.SUCCEEDED, records.STEP_SUCCEEDED, output=OUTPUT.SerializeToString())
+    assert _kinds(succeeded) == ["EXECUTE_MISSING"]
+    assert _kinds(succeeded, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED, b"other")) == ["ANSWER_DIFFERS"]
+    assert _kinds(succeeded, _row(EXECUTE, B.BARRIER_OUTCOME_FAILED)) == ["ANSWER_DIFFERS"]
+    assert _kinds(
+        succeeded, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED, _succeeded_answer()),
+        _row(COMPENSATE, B.BARRIER_OUTCOME_COMPENSATED),
+    ) == ["COMPENSATE_UNEXPECTED"]
+    compensated = _saga(records.COMPENSATED, records.STEP_COMPENSATED)
+    assert _kinds(compensated, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED)) == ["COMPENSATE_MISSING"]
+    # Applied after its (null) compensation.
+    assert _kinds(
+        compensated, _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED), _row(COMPENSATE, B.BARRIER_OUTCOME_NULL_COMPENSATED)
+    ) == ["HANGING_EXECUTE"]
+    assert _kinds(_saga(records.COMPENSATED, records.STEP_PENDING), _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED)) == [
+        "HANGING_EXECUTE"
+    ]
+    assert _kinds(_saga(records.COMPENSATED, records.STEP_FAILED), _row(EXECUTE, B.BARRIER_OUTCOME_PENDING)) == [
+        "HANGING_EXECUTE"
+    ]
+    assert _kinds(
+        _saga(records.COMPENSATED, records.STEP_FAILED), _row(EXECUTE, B.BARRIER_OUTCOME_SETTLED_SUCCEEDED)
+    ) == ["SETTLED_NOT_REPORTED"]
+    waiting = _saga(records.RUNNING, records.STEP_WAITING)
+    assert _kinds(waiting, _row(EXECUTE, B.BARRIER_OUTCOME_SETTLED_SUCCEEDED)) == ["SETTLED_NOT_REPORTED"]
+    # Within the grace the participant may be reporting right now.
+    recent = compare_saga(
+        waiting, "hotel", "h:1", [_row(EXECUTE, B.BARRIER_OUTCOME_SETTLED_SUCCEEDED)], settle_grace_before=T0
+    )
+    assert recent == []
+
+
+def test_orphans_are_rows_of_unknown_sagas_or_of_steps_another_participant_serves() -> None:
+    known = {"s1": _saga(records.SUCCEEDED, records.STEP_SUCCEEDED)}
+    rows = [
+        _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED),
+        _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED, step="pay"),
+        _row(EXECUTE, B.BARRIER_OUTCOME_SUCCEEDED, saga="ghost"),
+        _row(COMPENSATE, B.BARRIER_OUTCOME_NULL_COMPENSATED, saga="ghost"),
+    ]
+    found = orphan_rows(rows, known, "hotel", "h:1")
+    assert [(f.kind, f.saga_id, f.step_name) for f in found] == [
+        ("ORPHAN_ROW", "s1", "pay"), ("ORPHAN_ROW", "ghost", "book"),
+    ]
+    assert "the log says: no such saga" in found[1].message
+
+
+def test_a_saga_in_flight_past_its_saga_timeout_is_past_deadline() -> None:
+    running = _saga(records.RUNNING, records.STEP_RUNNING)
+    assert past_deadline(running, T0 + 60 + 30, grace=60) is None
+    late = past_deadline(running, T0 + 60 + 61, grace=60)
+    assert late is not None and late.kind == "PAST_DEADLINE" and late.participant == ""
+    assert "the log says: RUNNING 61s after its saga_timeout" in late.message
+    assert past_deadline(_saga(records.SUCCEEDED, records.STEP_SUCCEEDED), T0 + 1000, grace=60) is None
