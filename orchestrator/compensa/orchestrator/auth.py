@@ -107,6 +107,9 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
+    "SetParticipantLimits": Role.OPERATOR,
+    "HoldParticipant": Role.OPERATOR,
+    "ReleaseParticipant": Role.OPERATOR,
 }
 
 

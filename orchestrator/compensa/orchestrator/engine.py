@@ -29,6 +29,7 @@ from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
 from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
+from compensa.orchestrator.flow import CallWaiting, CapacityWaitExpired, FlowControl
 from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
 from compensa.orchestrator.participant_health import ParticipantHealthWatch
@@ -36,6 +37,7 @@ from compensa.orchestrator.store import (
     PARTICIPANT_UNHEALTHY,
     Claimed,
     ParticipantAddress,
+    ParticipantLimits,
     SagaStore,
     SagaWrite,
     StoredAlert,
@@ -103,6 +105,14 @@ def _external_cause(event: machine.Event) -> str:
     return f"CompleteStep of step {getattr(event, 'step', '?')!r}"
 
 
+@dataclass(frozen=True)
+class _NotCalled:
+    """A call that was never made: its deadline passed while it waited for
+    the participant's capacity (not an attempt; the deadline decides)."""
+
+    step: str
+
+
 @dataclass
 class _Driving:
     epoch: int
@@ -124,6 +134,7 @@ class SagaEngine:
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
             metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
         )
+        self.flow = FlowControl(store, self.owner, self.clock, self.metrics, config.lease_seconds)
         self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         # None when traces are off: then no span is made and no metadata sent.
         self.tracing = SagaTracing.from_environment(self.owner)
@@ -177,9 +188,29 @@ class SagaEngine:
         return stored
 
     async def refresh_participants(self) -> list[ParticipantAddress]:
-        """Reads the stored participant addresses and calls them from now on."""
+        """Reads the stored participant addresses, limits and holds, and
+        calls them accordingly from now on."""
         stored = await self.store.list_participants()
         self.client.use_addresses({participant.name: participant.address for participant in stored})
+        self.flow.use(stored)
+        return stored
+
+    async def limit_participant(self, name: str, limits: ParticipantLimits, *, updated_by: str) -> ParticipantAddress:
+        """Sets the limits of `name` for the whole deployment; every replica
+        takes its calls within them from its next call on."""
+        stored = await self.store.set_participant_limits(name, limits, updated_by=updated_by, now=self.clock.now())
+        return await self._participant_changed(name, stored)
+
+    async def hold_participant(self, name: str, reason: str | None, *, by: str) -> ParticipantAddress:
+        """Holds `name` (no new calls from any replica; calls in flight
+        finish), or releases it when `reason` is None."""
+        stored = await self.store.hold_participant(name, reason=reason, by=by, now=self.clock.now())
+        return await self._participant_changed(name, stored)
+
+    async def _participant_changed(self, name: str, stored: ParticipantAddress | None) -> ParticipantAddress:
+        if stored is None:
+            raise NotFound(f"participant {name!r} not found: set its address first (`compensa participants set`)")
+        await self.refresh_participants()
         return stored
 
     def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
@@ -243,6 +274,7 @@ class SagaEngine:
         for task in drivers:
             task.cancel()
         await asyncio.gather(*self._tasks, *drivers, return_exceptions=True)
+        await self.flow.stop()
         await self.writer.stop()
         with contextlib.suppress(StoreUnavailable):
             await self.store.release_all(self.owner, self.clock.now())
@@ -501,7 +533,7 @@ class SagaEngine:
 
     async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
-        answers: asyncio.Queue[machine.StepAnswer] = asyncio.Queue()
+        answers: asyncio.Queue[machine.StepAnswer | _NotCalled] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
@@ -524,10 +556,13 @@ class SagaEngine:
                     try:
                         # asyncio.timeout, not wait_for: no task per wait.
                         async with asyncio.timeout(min(later) - now if later else None):
-                            event = await answers.get()
+                            answer = await answers.get()
                     except TimeoutError:
                         continue
-                    in_flight.pop(event.step, None)
+                    in_flight.pop(answer.step, None)
+                    if isinstance(answer, _NotCalled):
+                        continue  # its deadline passed: the next turn says so
+                    event = answer
                 transition = machine.decide(plan, saga, event, self.clock.now())
                 if not transition.changed:
                     if isinstance(event, machine.TimerFired):
@@ -588,10 +623,23 @@ class SagaEngine:
 
     async def _call(
         self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call,
-        answers: asyncio.Queue[machine.StepAnswer],
+        answers: asyncio.Queue[machine.StepAnswer | _NotCalled],
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
+        waiting = CallWaiting(saga.saga_id, call.step, saga.created_at)
+        try:
+            async with self.flow.admitted(step.participant, waiting, machine.deadline_at(plan, saga)) as waited:
+                if waited and step.HasField("step_timeout"):
+                    call = dataclasses.replace(call, timeout=max(0.001, call.timeout - waited))
+                answer = await self._make_call(plan, saga, call)
+        except CapacityWaitExpired:
+            await answers.put(_NotCalled(call.step))
+            return
+        await answers.put(answer)
+
+    async def _make_call(self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call) -> machine.StepAnswer:
+        step = plan.steps[call.step]
         context = participant_pb2.StepContext(
             saga_id=saga.saga_id,
             step_name=call.step,
@@ -621,12 +669,11 @@ class SagaEngine:
             if own is not None:
                 request.execute_output.CopyFrom(any_pb2.Any.FromString(own))
         if self.tracing is None or saga.trace_parent is None:
-            answer = await self._send(step.participant, request, call.timeout, None)
-        else:
-            with self.tracing.call(saga, call, step.participant) as span:
-                answer = await self._send(step.participant, request, call.timeout, span.metadata)
-                span.answered(answer)
-        await answers.put(answer)
+            return await self._send(step.participant, request, call.timeout, None)
+        with self.tracing.call(saga, call, step.participant) as span:
+            answer = await self._send(step.participant, request, call.timeout, span.metadata)
+            span.answered(answer)
+        return answer
 
     async def _send(
         self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
@@ -701,6 +748,7 @@ class SagaEngine:
             if not driven:
                 continue
             try:
+                await self.flow.renew(self.clock.now() + self.config.lease_seconds)
                 await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
                 log.debug("lease renewal: %s", error)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -40,11 +41,15 @@ from compensa.orchestrator.errors import (
     saga_not_found,
 )
 from compensa.orchestrator.limits import (
+    MAX_PARTICIPANT_BURST,
+    MAX_PARTICIPANT_CALLS_PER_SECOND,
+    MAX_PARTICIPANT_IN_FLIGHT,
     MAX_STORED_ACTOR_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
     check_duration,
     check_filter,
+    check_int,
     check_saga_id,
     check_text,
     is_possible,
@@ -53,7 +58,7 @@ from compensa.orchestrator.limits import (
 from compensa.orchestrator.operations import operator_event
 from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.participant_health import ProbeOutcome
-from compensa.orchestrator.store import ParticipantAddress
+from compensa.orchestrator.store import CapacityWait, ParticipantAddress, ParticipantLimits
 from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
@@ -299,7 +304,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        return saga_message(saga, plan)
+        waits: list[CapacityWait] = [] if saga.is_final else await self._store.capacity_waits(saga.saga_id)
+        return saga_message(saga, plan, waits)
 
     def _caller(self, context: Context[Request, Response]) -> Identity:
         """Who calls: a bearer token in the metadata or the client certificate."""
@@ -734,6 +740,50 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
         return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
 
+    async def _changing_participant(self, name: str, actor: str, context: Context[Request, Response]) -> str:
+        """Who changes participant `name` (its limits or hold), once the
+        caller may: the stored actor."""
+        identity = self._caller(context)
+        stored_actor = stored_text(identity.actor(actor), MAX_STORED_ACTOR_CHARS)
+        if not PARTICIPANT_NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument(f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(name)}")
+        if identity.definitions:
+            named = await self._store.definition_participants()
+            self._access.require_settable_participant(identity, name, named)
+        return stored_actor or "unknown"
+
+    @_answer_errors
+    async def SetParticipantLimits(
+        self,
+        request: orchestrator_pb2.SetParticipantLimitsRequest,
+        context: Context[orchestrator_pb2.SetParticipantLimitsRequest, orchestrator_pb2.SetParticipantLimitsResponse],
+    ) -> orchestrator_pb2.SetParticipantLimitsResponse:
+        limits = _participant_limits(request.limits)
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.limit_participant(request.name, limits, updated_by=actor)
+        return orchestrator_pb2.SetParticipantLimitsResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def HoldParticipant(
+        self,
+        request: orchestrator_pb2.HoldParticipantRequest,
+        context: Context[orchestrator_pb2.HoldParticipantRequest, orchestrator_pb2.HoldParticipantResponse],
+    ) -> orchestrator_pb2.HoldParticipantResponse:
+        reason = check_text(request.reason, "reason") or "held by an operator"
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.hold_participant(request.name, reason, by=actor)
+        return orchestrator_pb2.HoldParticipantResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def ReleaseParticipant(
+        self,
+        request: orchestrator_pb2.ReleaseParticipantRequest,
+        context: Context[orchestrator_pb2.ReleaseParticipantRequest, orchestrator_pb2.ReleaseParticipantResponse],
+    ) -> orchestrator_pb2.ReleaseParticipantResponse:
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.hold_participant(request.name, None, by=actor)
+        return orchestrator_pb2.ReleaseParticipantResponse(participant=_participant_message(stored))
+
     @_answer_errors
     async def ListParticipants(
         self,
@@ -763,6 +813,27 @@ def _check_address(address: str) -> None:
         raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
 
 
+def _participant_limits(message: orchestrator_pb2.ParticipantLimits) -> ParticipantLimits:
+    """The limits a SetParticipantLimits asks for, if they can hold."""
+    max_in_flight = rate = burst = None
+    if message.HasField("max_in_flight"):
+        max_in_flight = check_int(
+            message.max_in_flight, "limits.max_in_flight", minimum=1, maximum=MAX_PARTICIPANT_IN_FLIGHT
+        )
+    if message.HasField("calls_per_second"):
+        rate = message.calls_per_second
+        if not 0 < rate <= MAX_PARTICIPANT_CALLS_PER_SECOND:  # NaN too
+            raise InvalidArgument(
+                f"limits.calls_per_second must be above 0 and at most {MAX_PARTICIPANT_CALLS_PER_SECOND:g}, got {rate}"
+            )
+        burst = min(MAX_PARTICIPANT_BURST, math.ceil(rate))
+    if message.HasField("burst"):
+        if rate is None:
+            raise InvalidArgument("limits.burst needs limits.calls_per_second: a burst is of a rate")
+        burst = check_int(message.burst, "limits.burst", minimum=1, maximum=MAX_PARTICIPANT_BURST)
+    return ParticipantLimits(max_in_flight, rate, burst)
+
+
 def _participant_message(
     stored: ParticipantAddress, seen: ProbeOutcome | None = None
 ) -> orchestrator_pb2.Participant:
@@ -772,4 +843,11 @@ def _participant_message(
         health=seen.health if seen is not None else orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED,
         health_detail=seen.detail if seen is not None else "",
         unhealthy_since=timestamp(stored.unhealthy_since), alert_time=timestamp(stored.alerted_at),
+        limits=orchestrator_pb2.ParticipantLimits(
+            max_in_flight=stored.limits.max_in_flight, calls_per_second=stored.limits.rate_per_second,
+            burst=stored.limits.burst,
+        ),
+        hold=orchestrator_pb2.ParticipantHold(
+            reason=stored.hold.reason, held_by=stored.hold.by, hold_time=timestamp(stored.hold.at)
+        ) if stored.hold is not None else None,
     )

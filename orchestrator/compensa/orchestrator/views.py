@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf import any_pb2
 
 from compensa.orchestrator import machine, records
-from compensa.orchestrator.store import StoredAlert, StoredEvent
+from compensa.orchestrator.store import CapacityWait, StoredAlert, StoredEvent
 from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
@@ -18,8 +20,12 @@ def _attempts_made(step: records.StepRecord) -> int:
     return step.attempts + (0 if step.effect_uncertain else 1)
 
 
-def saga_message(saga: records.SagaRecord, plan: machine.Plan | None = None) -> saga_pb2.Saga:
-    """The API view of a saga."""
+def saga_message(
+    saga: records.SagaRecord, plan: machine.Plan | None = None, waits: Sequence[CapacityWait] = ()
+) -> saga_pb2.Saga:
+    """The API view of a saga; `waits` are its calls held back for capacity
+    (a held-back call is no attempt)."""
+    waiting = {wait.step_name: wait for wait in waits}
     message = saga_pb2.Saga(
         saga_id=saga.saga_id,
         definition_name=saga.definition_name,
@@ -33,16 +39,19 @@ def saga_message(saga: records.SagaRecord, plan: machine.Plan | None = None) -> 
         resolution_note=saga.resolution_note,
     )
     for step in saga.steps:
+        wait = waiting.get(step.name) if step.state in (records.STEP_RUNNING, records.STEP_COMPENSATING) else None
         view = message.steps.add(
             name=step.name,
             state=step.state,
-            attempts=_attempts_made(step),
+            attempts=step.attempts if wait is not None and step.state == records.STEP_RUNNING else _attempts_made(step),
             compensate_attempts=step.compensate_attempts + (1 if step.state == records.STEP_COMPENSATED else 0),
             last_error=step.last_error,
             start_time=timestamp(step.started_at),
             finish_time=timestamp(step.finished_at),
             next_attempt_time=timestamp(step.next_attempt_at),
             participant=plan.steps[step.name].participant if plan else "",
+            waiting_for=wait.reason if wait is not None else "",
+            waiting_since=timestamp(wait.since if wait is not None else None),
         )
         if step.output is not None:
             view.output.CopyFrom(any_pb2.Any.FromString(step.output))

@@ -80,6 +80,52 @@ class StateSummary:
 
 
 @dataclass(frozen=True)
+class ParticipantLimits:
+    """A participant's limits for the whole deployment (None: no limit)."""
+
+    max_in_flight: int | None = None
+    rate_per_second: float | None = None
+    #: Calls the rate lets through at once after a quiet spell (with a rate only).
+    burst: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.max_in_flight is not None or self.rate_per_second is not None
+
+
+@dataclass(frozen=True)
+class ParticipantHold:
+    """An operator's hold: no new calls to the participant until released."""
+
+    reason: str
+    by: str
+    at: float
+
+
+@dataclass(frozen=True)
+class CapacityGrant:
+    """What one exchange with the shared budget gave a replica."""
+
+    granted: int
+    #: Why the rest still wait ("" when all were granted).
+    why_not: str = ""
+    #: Seconds until the rate lets the next call through (None: it is a
+    #: call in flight ending, or the hold's release, that lets one through).
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class CapacityWait:
+    """A call held back by a participant's limit or hold."""
+
+    saga_id: str
+    step_name: str
+    participant: str
+    reason: str
+    since: float
+
+
+@dataclass(frozen=True)
 class ParticipantAddress:
     """Where a named participant is served, and who said so; with the
     deployment's shared view of its health (see participant_health.py)."""
@@ -92,6 +138,8 @@ class ParticipantAddress:
     unhealthy_since: float | None = None
     #: When this outage's alert was raised; None when not alerted.
     alerted_at: float | None = None
+    limits: ParticipantLimits = ParticipantLimits()
+    hold: ParticipantHold | None = None
 
 
 #: StoredAlert.kind values: AlertKind names without their prefix.
@@ -227,6 +275,44 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def list_participants(self) -> list[ParticipantAddress]:
         """Every stored participant address, by name."""
+
+    # Flow control: participants' limits and holds, shared by replicas
+
+    @abc.abstractmethod
+    async def set_participant_limits(
+        self, name: str, limits: ParticipantLimits, *, updated_by: str, now: float
+    ) -> ParticipantAddress | None:
+        """Sets the limits of participant `name` (a fresh token bucket, full),
+        logged as a change; None when there is no such participant."""
+
+    @abc.abstractmethod
+    async def hold_participant(
+        self, name: str, *, reason: str | None, by: str, now: float
+    ) -> ParticipantAddress | None:
+        """Holds participant `name` for `reason` (None: releases it), logged
+        as a change by `by`; None when there is no such participant."""
+
+    @abc.abstractmethod
+    async def exchange_capacity(
+        self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
+        waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+    ) -> CapacityGrant:
+        """In one transaction: gives back `returned` calls of `replica` that
+        ended, takes up to `wanted` new ones within the participant's limits
+        and hold (counting other replicas' calls while their lease holds),
+        and records which of `replica`'s calls started or stopped waiting."""
+
+    @abc.abstractmethod
+    async def renew_capacity(self, replica: str, lease_until: float) -> None:
+        """Extends the lease on `replica`'s calls in flight to every participant."""
+
+    @abc.abstractmethod
+    async def forget_capacity(self, replica: str) -> None:
+        """`replica` has no call in flight and none waiting (it starts, or stops)."""
+
+    @abc.abstractmethod
+    async def capacity_waits(self, saga_id: str) -> list[CapacityWait]:
+        """The calls of `saga_id` held back now, by the replica that drives it."""
 
     # Sagas
 

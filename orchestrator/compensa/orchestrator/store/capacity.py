@@ -1,0 +1,230 @@
+"""Flow control's statements: participants' limits and holds, and the budget
+of calls in flight and calls per second every replica takes from.
+
+Why the budget lives in the database (DESIGN-NOTES 10, design b): a limit is
+the deployment's, and only a shared row can hold it exactly while replicas
+come and go. Each exchange locks the participant's row (FOR UPDATE on
+PostgreSQL; SQLite has one writer anyway), counts the calls other replicas
+have in flight under a live lease (`compensa_participant_grants`), takes
+what is free and takes tokens from the row's bucket, all in one short
+transaction. A replica exchanges for a whole batch of waiting calls at once
+and gives back ended calls in the same transaction, so the cost is one
+round trip per batch, not per call; a replica that dies stops counting when
+its lease on its row expires, as its sagas do.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from compensa.orchestrator.store.base import (
+    CapacityGrant,
+    CapacityWait,
+    ParticipantAddress,
+    ParticipantHold,
+    ParticipantLimits,
+)
+from compensa.orchestrator.store.schema import (
+    capacity_waits,
+    participant_changes,
+    participant_grants,
+    participants,
+    sagas,
+)
+
+# A fraction of a token this close to a whole one counts as whole (float sums).
+_TOKEN_EPSILON = 1e-9
+
+
+def participant_from_row(row: sa.Row[Any]) -> ParticipantAddress:
+    """A compensa_participants row as the store hands it out."""
+    limits = ParticipantLimits(row.max_in_flight, row.rate_per_second, row.burst)
+    hold = None
+    if row.held_reason is not None:
+        hold = ParticipantHold(row.held_reason, row.held_by or "", row.held_at or 0.0)
+    return ParticipantAddress(
+        row.name, row.address, row.updated_at, row.updated_by, row.unhealthy_since, row.alerted_at, limits, hold
+    )
+
+
+def describe_limits(limits: ParticipantLimits) -> str:
+    """The limits as the change log and the CLI say them."""
+    parts = []
+    if limits.max_in_flight is not None:
+        parts.append(f"at most {limits.max_in_flight} calls in flight")
+    if limits.rate_per_second is not None:
+        parts.append(f"{limits.rate_per_second:g} calls/s (burst {limits.burst})")
+    return ", ".join(parts) if parts else "no limits"
+
+
+class CapacityStatements(abc.ABC):
+    """The flow-control half of the SQL store (mixed into SqlSagaStore)."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]: ...
+
+    @abc.abstractmethod
+    def _insert(self, table: sa.Table) -> Any: ...
+
+    async def _change(
+        self, name: str, values: dict[str, Any], *, by: str, now: float, change: str
+    ) -> ParticipantAddress | None:
+        """Updates participant `name` and logs the change, in one
+        transaction; the changed participant, None when there is none."""
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.update(participants).where(participants.c.name == name).values(**values)
+                    .returning(*participants.c)
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            await conn.execute(
+                sa.insert(participant_changes).values(participant=name, changed_at=now, changed_by=by, change=change)
+            )
+        return participant_from_row(row)
+
+    async def set_participant_limits(
+        self, name: str, limits: ParticipantLimits, *, updated_by: str, now: float
+    ) -> ParticipantAddress | None:
+        values = {
+            "max_in_flight": limits.max_in_flight, "rate_per_second": limits.rate_per_second, "burst": limits.burst,
+            "tokens": float(limits.burst) if limits.burst is not None else None, "tokens_at": now,
+        }
+        return await self._change(name, values, by=updated_by, now=now, change=f"limits: {describe_limits(limits)}")
+
+    async def hold_participant(
+        self, name: str, *, reason: str | None, by: str, now: float
+    ) -> ParticipantAddress | None:
+        values: dict[str, Any] = {"held_reason": reason, "held_by": by, "held_at": now}
+        change = f"held: {reason}" if reason is not None else "released"
+        if reason is None:
+            values = dict.fromkeys(values)
+        return await self._change(name, values, by=by, now=now, change=change)
+
+    async def exchange_capacity(
+        self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
+        waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+    ) -> CapacityGrant:
+        grants = participant_grants.c
+        others = (
+            sa.select(sa.func.coalesce(sa.func.sum(grants.in_flight), 0))
+            .where(grants.participant == participant, grants.replica != replica, grants.lease_until > now)
+            .scalar_subquery()
+        )
+        mine = sa.select(grants.in_flight).where(grants.participant == participant, grants.replica == replica)
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(
+                        participants.c.max_in_flight, participants.c.rate_per_second, participants.c.burst,
+                        participants.c.tokens, participants.c.tokens_at, participants.c.held_reason,
+                        participants.c.held_by, others.label("others"), mine.scalar_subquery().label("mine"),
+                    )
+                    .where(participants.c.name == participant)
+                    .with_for_update(of=participants)
+                )
+            ).one_or_none()
+            if row is None:  # not stored, so not limited
+                grant = CapacityGrant(wanted)
+                in_flight = 0
+            else:
+                mine_now = max(0, (row.mine or 0) - returned)
+                grant, tokens_left = _grant(participant, row, mine_now, wanted, now)
+                in_flight = mine_now + grant.granted
+                if tokens_left is not None:
+                    await conn.execute(
+                        sa.update(participants).where(participants.c.name == participant)
+                        .values(tokens=tokens_left, tokens_at=max(now, row.tokens_at or now))
+                    )
+            if row is not None and (row.mine is not None or in_flight):
+                values = {"in_flight": in_flight, "lease_until": lease_until}
+                await conn.execute(
+                    self._insert(participant_grants).values(participant=participant, replica=replica, **values)
+                    .on_conflict_do_update(index_elements=[grants.participant, grants.replica], set_=values)
+                )
+            await self._record_waits(conn, replica, waits_started, waits_ended)
+        return grant
+
+    async def _record_waits(
+        self, conn: AsyncConnection, replica: str, started: Sequence[CapacityWait], ended: Sequence[tuple[str, str]]
+    ) -> None:
+        if ended:
+            await conn.execute(
+                sa.delete(capacity_waits).where(
+                    sa.tuple_(capacity_waits.c.saga_id, capacity_waits.c.step_name).in_(list(ended))
+                )
+            )
+        if started:
+            rows = [
+                {"saga_id": wait.saga_id, "step_name": wait.step_name, "participant": wait.participant,
+                 "reason": wait.reason, "since": wait.since, "owner": replica}
+                for wait in started
+            ]
+            insert = self._insert(capacity_waits)
+            await conn.execute(
+                insert.on_conflict_do_update(
+                    index_elements=[capacity_waits.c.saga_id, capacity_waits.c.step_name],
+                    set_={name: insert.excluded[name] for name in ("participant", "reason", "since", "owner")},
+                ),
+                rows,
+            )
+
+    async def renew_capacity(self, replica: str, lease_until: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                sa.update(participant_grants).where(participant_grants.c.replica == replica)
+                .values(lease_until=lease_until)
+            )
+
+    async def forget_capacity(self, replica: str) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(sa.delete(participant_grants).where(participant_grants.c.replica == replica))
+            await conn.execute(sa.delete(capacity_waits).where(capacity_waits.c.owner == replica))
+
+    async def capacity_waits(self, saga_id: str) -> list[CapacityWait]:
+        async with self._transaction() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(capacity_waits)
+                    .join(sagas, sagas.c.saga_id == capacity_waits.c.saga_id)
+                    .where(capacity_waits.c.saga_id == saga_id, capacity_waits.c.owner == sagas.c.owner)
+                    .order_by(capacity_waits.c.since)
+                )
+            ).all()
+        return [CapacityWait(row.saga_id, row.step_name, row.participant, row.reason, row.since) for row in rows]
+
+
+def _grant(
+    participant: str, row: Any, mine: int, wanted: int, now: float
+) -> tuple[CapacityGrant, float | None]:
+    """How many of `wanted` calls the participant's row lets through now
+    (this replica has `mine` in flight), and the tokens its bucket keeps
+    (None: no rate)."""
+    if row.held_reason is not None:
+        return CapacityGrant(0, f"participant {participant!r} is held by {row.held_by}: {row.held_reason}"), None
+    granted, why_not, retry_after, tokens_left = wanted, "", None, None
+    if row.max_in_flight is not None:
+        free = max(0, row.max_in_flight - row.others - mine)
+        if free < granted:
+            granted = free
+            why_not = f"participant {participant!r} is at its limit of {row.max_in_flight} calls in flight"
+    if row.rate_per_second is not None:
+        burst = float(row.burst)
+        elapsed = max(0.0, now - (row.tokens_at if row.tokens_at is not None else now))
+        available = min(burst, (row.tokens if row.tokens is not None else burst) + elapsed * row.rate_per_second)
+        whole = math.floor(available + _TOKEN_EPSILON)
+        if whole < granted:
+            granted = whole
+            why_not = why_not or f"participant {participant!r} is at its rate of {row.rate_per_second:g} calls/s"
+            retry_after = max(0.0, (whole + 1 - available) / row.rate_per_second)
+        tokens_left = max(0.0, available - granted)
+    return CapacityGrant(granted, why_not, retry_after), tokens_left
