@@ -244,7 +244,9 @@ class Participant(_message.Message):
         """Shared: when this outage was alerted (unset when not alerted)."""
 
     @_builtins.property
-    def limits(self) -> Global___ParticipantLimits: ...
+    def limits(self) -> Global___ParticipantLimits:
+        """Unset when it has no limits."""
+
     @_builtins.property
     def hold(self) -> Global___ParticipantHold:
         """Set while an operator holds the participant (HoldParticipant)."""

@@ -846,7 +846,7 @@ def _participant_message(
         limits=orchestrator_pb2.ParticipantLimits(
             max_in_flight=stored.limits.max_in_flight, calls_per_second=stored.limits.rate_per_second,
             burst=stored.limits.burst,
-        ),
+        ) if stored.limits.limited else None,
         hold=orchestrator_pb2.ParticipantHold(
             reason=stored.hold.reason, held_by=stored.hold.by, hold_time=timestamp(stored.hold.at)
         ) if stored.hold is not None else None,

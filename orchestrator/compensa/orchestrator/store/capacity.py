@@ -122,17 +122,22 @@ class CapacityStatements(abc.ABC):
         )
         mine = sa.select(grants.in_flight).where(grants.participant == participant, grants.replica == replica)
         async with self._transaction() as conn:
-            row = (
+            # The lock first, the counts in a statement of their own: its
+            # snapshot, taken once the lock is held, sees the grants the
+            # exchange before this one committed (one statement would read
+            # them as of before it waited for the lock).
+            locked = await conn.execute(
+                sa.select(participants.c.name).where(participants.c.name == participant).with_for_update()
+            )
+            row = None if locked.one_or_none() is None else (
                 await conn.execute(
                     sa.select(
                         participants.c.max_in_flight, participants.c.rate_per_second, participants.c.burst,
                         participants.c.tokens, participants.c.tokens_at, participants.c.held_reason,
                         participants.c.held_by, others.label("others"), mine.scalar_subquery().label("mine"),
-                    )
-                    .where(participants.c.name == participant)
-                    .with_for_update(of=participants)
+                    ).where(participants.c.name == participant)
                 )
-            ).one_or_none()
+            ).one()
             if row is None:  # not stored, so not limited
                 grant = CapacityGrant(wanted)
                 in_flight = 0
