@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,12 +46,15 @@ class CountingParticipant(participant_pb2_grpc.ParticipantServiceServicer):
 
     work_seconds: float = 0.05
     arrivals: list[float] = field(default_factory=list)
+    #: (saga id, step, arrival, end) of every call.
+    calls: list[tuple[str, str, float, float]] = field(default_factory=list)
     executed: dict[str, int] = field(default_factory=dict)
     in_flight: int = 0
     most_in_flight: int = 0
 
-    async def _work(self, saga_id: str) -> None:
-        self.arrivals.append(time.monotonic())
+    async def _work(self, saga_id: str, step: str = "") -> None:
+        arrived = time.monotonic()
+        self.arrivals.append(arrived)
         self.executed[saga_id] = self.executed.get(saga_id, 0) + 1
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
@@ -58,11 +62,12 @@ class CountingParticipant(participant_pb2_grpc.ParticipantServiceServicer):
             await asyncio.sleep(self.work_seconds)  # ok-sleep: the participant's work
         finally:
             self.in_flight -= 1
+            self.calls.append((saga_id, step, arrived, time.monotonic()))
 
     async def Execute(
         self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
     ) -> participant_pb2.ExecuteResponse:
-        await self._work(request.context.saga_id)
+        await self._work(request.context.saga_id, request.context.step_name)
         if request.context.saga_id.endswith("-declined"):
             return participant_pb2.ExecuteResponse(
                 result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason="declined"
@@ -93,10 +98,10 @@ async def serving(participant: CountingParticipant) -> AsyncIterator[str]:
         await server.stop(0)
 
 
-def definition_file(tmp_path: Path, *, step_timeout: str = "") -> Path:
-    path = tmp_path / "limited.yaml"
+def definition_file(tmp_path: Path, *, step_timeout: str = "", name: str = "limited", more: str = "") -> Path:
+    path = tmp_path / f"{name}.yaml"
     path.write_text(
-        "name: limited\ninput_type: compensa.checkout.v1.CheckoutInput\nsteps:\n"
+        f"name: {name}\ninput_type: compensa.checkout.v1.CheckoutInput\n{more}steps:\n"
         "  - name: charge\n    participant: gated\n    kind: COMPENSABLE\n"
         + (f"    execute_timeout: 1s\n    step_timeout: {step_timeout}\n" if step_timeout
            else "    execute_timeout: 10s\n")
@@ -105,8 +110,12 @@ def definition_file(tmp_path: Path, *, step_timeout: str = "") -> Path:
     return path
 
 
-def start_request(saga_id: str) -> orchestrator_pb2.StartSagaRequest:
-    return orchestrator_pb2.StartSagaRequest(saga_id=saga_id, definition_name="limited", input=pack(checkout_input()))
+def start_request(
+    saga_id: str, definition: str = "limited", priority: int = 0, **values: str
+) -> orchestrator_pb2.StartSagaRequest:
+    return orchestrator_pb2.StartSagaRequest(
+        saga_id=saga_id, definition_name=definition, input=pack(checkout_input(**values)), priority=priority
+    )
 
 
 def expected_state(saga_id: str) -> int:
@@ -127,7 +136,7 @@ async def final_states(
 ) -> dict[str, int]:
     """Polls ListSagas until every saga is final; their states."""
     async def listed() -> dict[str, int] | None:
-        request = orchestrator_pb2.ListSagasRequest(page_size=1000, definition_name="limited")
+        request = orchestrator_pb2.ListSagasRequest(page_size=1000)
         states: dict[str, int] = {}
         while True:
             try:
@@ -222,10 +231,10 @@ async def test_limits_hold_across_three_replicas_with_one_killed(
 
 @asynccontextmanager
 async def orchestrator_for(
-    make_postgres_url: Callable[[], str], address: str, definition: Path
+    make_postgres_url: Callable[[], str], address: str, *definitions: Path
 ) -> AsyncIterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
     orchestrator = await start_orchestrator(ServerConfig(
-        listen="127.0.0.1:0", database_url=make_postgres_url(), definition_paths=(definition,),
+        listen="127.0.0.1:0", database_url=make_postgres_url(), definition_paths=definitions,
         participants={"gated": address}, lease_seconds=5.0,
     ))
     channel = grpc.aio.insecure_channel(orchestrator.address)
@@ -335,3 +344,106 @@ async def test_limits_that_cannot_hold_are_refused(tmp_path: Path, make_postgres
                 name="nobody", limits=orchestrator_pb2.ParticipantLimits(max_in_flight=3)
             ), timeout=10.0)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- order per key, and priorities ------------------------------------------------
+
+
+async def test_sagas_of_one_key_run_one_at_a_time_in_start_order(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """Two steps per saga, so a saga spans two calls: the spans of sagas with
+    the same card never overlap, and they run in the order they started;
+    sagas of different cards run side by side."""
+    participant = CountingParticipant(work_seconds=0.1)
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(
+        "name: keyed\ninput_type: compensa.checkout.v1.CheckoutInput\nconcurrency_key: input.card_token\n"
+        "max_running_per_key: 1\nsteps:\n"
+        "  - name: reserve\n    participant: gated\n  - name: charge\n    participant: gated\n"
+    )
+    async with serving(participant) as address, orchestrator_for(make_postgres_url, address, keyed) as stub:
+        started: dict[str, list[str]] = {"tok_a": [], "tok_b": [], "tok_c": []}
+        for n in range(18):
+            card = list(started)[n % 3]
+            saga_id = f"key-{n:02d}"
+            response = await stub.StartSaga(start_request(saga_id, "keyed", card_token=card), timeout=10.0)
+            assert response.created
+            started[card].append(saga_id)
+        waiting = await get_saga(stub, started["tok_a"][-1])
+        assert waiting.state == S.SAGA_STATE_RUNNING
+        await final_states(stub, [s for ids in started.values() for s in ids], timeout=60.0)
+    spans: dict[str, tuple[float, float]] = {}
+    for saga_id, _, arrived, ended in participant.calls:
+        first, last = spans.get(saga_id, (arrived, ended))
+        spans[saga_id] = (min(first, arrived), max(last, ended))
+    overlapped_across_keys = False
+    for card, saga_ids in started.items():
+        ordered = sorted(saga_ids, key=lambda saga_id: spans[saga_id][0])
+        assert ordered == saga_ids, (card, ordered)
+        for earlier, later in itertools.pairwise(saga_ids):
+            assert spans[earlier][1] <= spans[later][0], (card, earlier, later)
+    for one, other in zip(started["tok_a"], started["tok_b"], strict=True):
+        overlapped_across_keys |= spans[one][0] < spans[other][1] and spans[other][0] < spans[one][1]
+    assert overlapped_across_keys, "sagas of different keys should run side by side"
+
+
+async def test_higher_priority_goes_first_when_a_limit_holds_calls_back(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    participant = CountingParticipant(work_seconds=0.1)
+    async with serving(participant) as address, orchestrator_for(
+        make_postgres_url, address, definition_file(tmp_path)
+    ) as stub:
+        await set_limits(stub, max_in_flight=2)
+        low = [f"low-{n:02d}" for n in range(40)]
+        high = [f"high-{n:02d}" for n in range(40)]
+        # The low ones first: by the time the high ones come, the line is long.
+        await asyncio.gather(*(stub.StartSaga(start_request(saga_id, priority=5), timeout=20.0) for saga_id in low))
+        await asyncio.gather(*(stub.StartSaga(start_request(saga_id, priority=1), timeout=20.0) for saga_id in high))
+        await final_states(stub, low + high, timeout=90.0)
+        took = {}
+        for saga_id in low + high:
+            saga = await get_saga(stub, saga_id)
+            assert saga.state == S.SAGA_STATE_SUCCEEDED
+            took[saga_id] = (saga.update_time.ToNanoseconds() - saga.create_time.ToNanoseconds()) / 1e9
+        assert (await get_saga(stub, high[0])).priority == 1
+    median_high = sorted(took[s] for s in high)[len(high) // 2]
+    median_low = sorted(took[s] for s in low)[len(low) // 2]
+    assert median_high < median_low / 2, (median_high, median_low)
+    assert participant.most_in_flight <= 2
+
+
+async def test_bad_keys_and_priorities_are_refused(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    participant = CountingParticipant()
+    async with serving(participant) as address, orchestrator_for(
+        make_postgres_url, address, definition_file(tmp_path)
+    ) as stub:
+        for path, named in (
+            ("input.customer_id", "has no field 'customer_id'"),
+            ("customer_id", "input.FIELD"),
+            ("input.sku.x", "is not a message"),
+        ):
+            definition = (await stub.GetDefinition(
+                orchestrator_pb2.GetDefinitionRequest(name="limited"), timeout=10.0
+            )).definition
+            definition.name = "keyed"
+            definition.concurrency_key = path
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RegisterDefinition(
+                    orchestrator_pb2.RegisterDefinitionRequest(definition=definition), timeout=10.0
+                )
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            details = refused.value.details() or ""
+            assert "concurrency_key" in details and named in details, details
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.GetDefinition(orchestrator_pb2.GetDefinitionRequest(name="keyed"), timeout=10.0)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        for priority in (6, -1, 100):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.StartSaga(start_request(f"prio-{priority}", priority=priority), timeout=10.0)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "priority must be from 1" in (refused.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as absent:
+                await get_saga(stub, f"prio-{priority}")
+            assert absent.value.code() == grpc.StatusCode.NOT_FOUND

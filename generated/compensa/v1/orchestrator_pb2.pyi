@@ -566,6 +566,7 @@ class StartSagaRequest(_message.Message):
     DEFINITION_NAME_FIELD_NUMBER: _builtins.int
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     """Client-chosen id, 1-128 characters of [A-Za-z0-9._:-] (the whole string:
     no trailing newline). Required: it is what makes StartSaga idempotent.
@@ -573,6 +574,11 @@ class StartSagaRequest(_message.Message):
     definition_name: _builtins.str
     definition_version: _builtins.int
     """0 means the latest version."""
+    priority: _builtins.int
+    """1 (highest) to 5 (lowest); 0 means the default, 3. When a participant's
+    limits hold calls back, calls of higher-priority sagas go first; sagas
+    of one priority share what is left fairly across definitions.
+    """
     @_builtins.property
     def input(self) -> _any_pb2.Any:
         """Must be of the definition's input_type; at most the server's payload
@@ -586,10 +592,11 @@ class StartSagaRequest(_message.Message):
         definition_name: _builtins.str = ...,
         definition_version: _builtins.int = ...,
         input: _any_pb2.Any | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "definition_version", b"definition_version", "input", b"input", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "definition_version", b"definition_version", "input", b"input", "priority", b"priority", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

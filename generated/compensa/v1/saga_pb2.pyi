@@ -258,6 +258,8 @@ class Saga(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     RESOLUTION_NOTE_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     definition_name: _builtins.str
     definition_version: _builtins.int
@@ -268,6 +270,12 @@ class Saga(_message.Message):
     """Why the saga is compensating or failed."""
     resolution_note: _builtins.str
     """Set when an operator marked a FAILED saga as resolved by hand."""
+    waiting_for: _builtins.str
+    """Set while the saga waits for its turn among the sagas of its
+    concurrency key (SagaDefinition.concurrency_key).
+    """
+    priority: _builtins.int
+    """StartSaga's priority (1 highest to 5)."""
     @_builtins.property
     def input(self) -> _any_pb2.Any: ...
     @_builtins.property
@@ -290,10 +298,12 @@ class Saga(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
         resolution_note: _builtins.str = ...,
+        waiting_for: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "definition_name", b"definition_name", "definition_version", b"definition_version", "failure_reason", b"failure_reason", "input", b"input", "resolution_note", b"resolution_note", "saga_id", b"saga_id", "sequence", b"sequence", "state", b"state", "steps", b"steps", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "definition_name", b"definition_name", "definition_version", b"definition_version", "failure_reason", b"failure_reason", "input", b"input", "priority", b"priority", "resolution_note", b"resolution_note", "saga_id", b"saga_id", "sequence", b"sequence", "state", b"state", "steps", b"steps", "update_time", b"update_time", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -34,6 +34,7 @@ from compensa.orchestrator.metrics import Metrics
 from compensa.orchestrator.participant_client import ParticipantClient
 from compensa.orchestrator.participant_health import ParticipantHealthWatch
 from compensa.orchestrator.store import (
+    DEFAULT_PRIORITY,
     PARTICIPANT_UNHEALTHY,
     Claimed,
     ParticipantAddress,
@@ -74,6 +75,8 @@ _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
 # A transition the database did not confirm is written again after these waits.
 _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
+# A saga waiting for its concurrency key's turn asks again after this long.
+_KEY_TURN_SECONDS = 0.5
 # Stuck sagas are looked for at most this often (and four times per threshold).
 _STUCK_CHECK_SECONDS = 30.0
 
@@ -423,9 +426,15 @@ class SagaEngine:
 
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str,
-        caller_trace_parent: str | None = None,
+        caller_trace_parent: str | None = None, *, priority: int = DEFAULT_PRIORITY, concurrency_key: str | None = None,
     ) -> tuple[records.SagaRecord, bool, str]:
         now = self.clock.now()
+        if priority != DEFAULT_PRIORITY or concurrency_key is not None:
+            # Before the saga: its driver reads them (a row whose saga never
+            # comes to be counts for nothing).
+            await self.store.record_saga_flow(
+                saga_id, plan.definition.name, concurrency_key=concurrency_key, priority=priority, now=now
+            )
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
         if self.tracing is not None:
             trace_parent = self.tracing.start_saga(transition.saga, caller_trace_parent)
@@ -537,6 +546,8 @@ class SagaEngine:
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            if plan.definition.concurrency_key and not await self._key_turn(plan, saga, epoch):
+                return
             while True:
                 now = self.clock.now()
                 deadline = machine.deadline_at(plan, saga)
@@ -588,6 +599,24 @@ class SagaEngine:
             if current is not None and current.epoch == epoch:
                 del self._driving[saga.saga_id]
 
+    async def _key_turn(self, plan: machine.Plan, saga: records.SagaRecord, epoch: int) -> bool:
+        """Whether the saga may run now among the sagas of its concurrency
+        key; if not, it is released until it asks again (durably waiting)."""
+        now = self.clock.now()
+        retry_at = now + _KEY_TURN_SECONDS
+        try:
+            ahead = await self.store.take_key_turn(
+                saga.saga_id, plan.definition.max_running_per_key, owner=self.owner, epoch=epoch, now=now,
+                retry_at=retry_at,
+            )
+        except StoreUnavailable as error:
+            log.debug("saga %s: its key's turn not known (%s); asked again when its lease expires", saga.saga_id, error)
+            return False
+        if ahead < plan.definition.max_running_per_key:
+            return True
+        self._wake_scheduler(retry_at)
+        return False
+
     async def _commit(
         self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, epoch: int,
         in_flight: set[str],
@@ -627,7 +656,10 @@ class SagaEngine:
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
-        waiting = CallWaiting(saga.saga_id, call.step, saga.created_at)
+        priority = DEFAULT_PRIORITY
+        if self.flow.gates(step.participant):
+            priority = (await self.store.flow_of(saga.saga_id, with_waits=False)).priority
+        waiting = CallWaiting(saga.saga_id, call.step, saga.definition_name, saga.created_at, priority)
         try:
             async with self.flow.admitted(step.participant, waiting, machine.deadline_at(plan, saga)) as waited:
                 if waited and step.HasField("step_timeout"):

@@ -17,6 +17,7 @@ and no hold has no gate: its calls cost nothing more.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -28,14 +29,13 @@ from dataclasses import dataclass, field
 from compensa.orchestrator.clock import SharedClock
 from compensa.orchestrator.errors import StoreUnavailable
 from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.store import CapacityWait, ParticipantAddress, SagaStore
+from compensa.orchestrator.store import DEFAULT_PRIORITY, CapacityWait, ParticipantAddress, SagaStore
 
 log = logging.getLogger("compensa.flow")
 
 #: Priorities of StartSaga: 1 goes first, 5 last.
 HIGHEST_PRIORITY = 1
 LOWEST_PRIORITY = 5
-DEFAULT_PRIORITY = 3
 
 # How often a gate whose calls wait for other replicas' calls to end asks
 # again (it hears of its own calls ending at once).
@@ -57,6 +57,7 @@ class CallWaiting:
 
     saga_id: str
     step_name: str
+    definition_name: str
     created_at: float
     priority: int = DEFAULT_PRIORITY
 
@@ -71,12 +72,57 @@ class _Waiting:
     recorded: bool = False
 
 
+class _WaitingCalls:
+    """Calls waiting at one gate: higher priority first; within a priority,
+    definitions take turns (one's burst does not starve another), and each
+    definition's calls go oldest saga first."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, dict[str, list[tuple[float, int, _Waiting]]]] = {}
+        self._turns: dict[int, collections.deque[str]] = {}
+        self._order = itertools.count()
+
+    def push(self, waiting: _Waiting) -> None:
+        call = waiting.call
+        level = self._levels.setdefault(call.priority, {})
+        queue = level.get(call.definition_name)
+        if queue is None:
+            queue = level[call.definition_name] = []
+            self._turns.setdefault(call.priority, collections.deque()).append(call.definition_name)
+        heapq.heappush(queue, (call.created_at, next(self._order), waiting))
+
+    def pop(self) -> _Waiting | None:
+        """The next call to let through (None: none waits)."""
+        for priority in sorted(self._levels):
+            level, turns = self._levels[priority], self._turns[priority]
+            while turns:
+                definition = turns[0]
+                queue = level[definition]
+                while queue and queue[0][2].admitted.done():
+                    heapq.heappop(queue)
+                if not queue:
+                    turns.popleft()
+                    del level[definition]
+                    continue
+                turns.rotate(-1)
+                return heapq.heappop(queue)[2]
+            del self._levels[priority], self._turns[priority]
+        return None
+
+    def live(self) -> list[_Waiting]:
+        """The calls still waiting."""
+        return [
+            waiting for level in self._levels.values() for queue in level.values()
+            for *_, waiting in queue if not waiting.admitted.done()
+        ]
+
+
 @dataclass
 class _Gate:
     """One participant's waiting calls on this replica, and its calls in flight."""
 
     name: str
-    waiting: list[tuple[int, float, int, _Waiting]] = field(default_factory=list)
+    waiting: _WaitingCalls = field(default_factory=_WaitingCalls)
     returned: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waits_started: dict[tuple[str, str], CapacityWait] = field(default_factory=dict)
@@ -84,7 +130,7 @@ class _Gate:
     task: asyncio.Task[None] | None = None
 
     def queued(self) -> int:
-        return sum(1 for *_, waiting in self.waiting if not waiting.admitted.done())
+        return len(self.waiting.live())
 
 
 class FlowControl:
@@ -98,7 +144,6 @@ class FlowControl:
         self._lease_seconds = lease_seconds
         self._gated: set[str] = set()
         self._gates: dict[str, _Gate] = {}
-        self._order = itertools.count()
         self._stopping = False
 
     def use(self, stored: Iterable[ParticipantAddress]) -> None:
@@ -108,6 +153,10 @@ class FlowControl:
             self._gate(name)
         for gate in self._gates.values():
             gate.wake.set()
+
+    def gates(self, participant: str) -> bool:
+        """Whether calls to `participant` wait for capacity (it has limits or a hold)."""
+        return participant in self._gated
 
     @contextlib.asynccontextmanager
     async def admitted(self, participant: str, call: CallWaiting, until: float | None) -> AsyncIterator[float]:
@@ -119,7 +168,7 @@ class FlowControl:
             return
         gate = self._gate(participant)
         waiting = _Waiting(call, asyncio.get_running_loop().create_future(), self._clock.now())
-        heapq.heappush(gate.waiting, (call.priority, call.created_at, next(self._order), waiting))
+        gate.waiting.push(waiting)
         gate.wake.set()
         granted = False
         began = time.monotonic()
@@ -183,8 +232,6 @@ class FlowControl:
                 async with asyncio.timeout(retry_in):
                     await gate.wake.wait()
             gate.wake.clear()
-            while gate.waiting and gate.waiting[0][3].admitted.done():
-                heapq.heappop(gate.waiting)
             wanted = gate.queued()
             if not (wanted or gate.returned or gate.waits_started or gate.waits_ended or first):
                 retry_in = None
@@ -221,7 +268,7 @@ class FlowControl:
                 retry_in = _UNAVAILABLE_RETRY_SECONDS
                 continue
             gate.returned += self._admit(gate, grant.granted, counted=True)
-            still = [waiting for *_, waiting in gate.waiting if not waiting.admitted.done()]
+            still = gate.waiting.live()
             for waiting in still if grant.why_not else ():
                 if not waiting.recorded:
                     waiting.recorded = True
@@ -244,10 +291,7 @@ class FlowControl:
         """Hands `granted` calls' capacity to the best waiting calls; how
         many were left over (their callers gave up meanwhile)."""
         left_over = granted
-        while left_over and gate.waiting:
-            *_, waiting = heapq.heappop(gate.waiting)
-            if waiting.admitted.done():
-                continue
+        while left_over and (waiting := gate.waiting.pop()) is not None:
             waiting.admitted.set_result(counted)
             self._stop_waiting(gate, waiting)
             left_over -= 1

@@ -27,6 +27,7 @@ from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
+    key_value,
 )
 from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.errors import (
@@ -40,6 +41,7 @@ from compensa.orchestrator.errors import (
     quote,
     saga_not_found,
 )
+from compensa.orchestrator.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
 from compensa.orchestrator.limits import (
     MAX_PARTICIPANT_BURST,
     MAX_PARTICIPANT_CALLS_PER_SECOND,
@@ -58,7 +60,7 @@ from compensa.orchestrator.limits import (
 from compensa.orchestrator.operations import operator_event
 from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.participant_health import ProbeOutcome
-from compensa.orchestrator.store import CapacityWait, ParticipantAddress, ParticipantLimits
+from compensa.orchestrator.store import DEFAULT_PRIORITY, ParticipantAddress, ParticipantLimits, SagaFlow
 from compensa.orchestrator.streams import READ_BATCH, LogTail
 from compensa.orchestrator.timestamps import timestamp
 from compensa.orchestrator.tokens import parse_completion_token
@@ -302,10 +304,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Stops the log reader behind the watch streams."""
         await self._tail.stop()
 
-    async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
+    async def _saga_view(self, saga: records.SagaRecord, flow: SagaFlow | None = None) -> saga_pb2.Saga:
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        waits: list[CapacityWait] = [] if saga.is_final else await self._store.capacity_waits(saga.saga_id)
-        return saga_message(saga, plan, waits)
+        if flow is None:
+            flow = await self._store.flow_of(saga.saga_id, with_waits=not saga.is_final)
+        return saga_message(saga, plan, flow)
 
     def _caller(self, context: Context[Request, Response]) -> Identity:
         """Who calls: a bearer token in the metadata or the client certificate."""
@@ -394,18 +397,27 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(
                 f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
             )
-        payloads.unpack(request.input, payloads.pool_of(definition), field="input")
+        saga_input = payloads.unpack(request.input, payloads.pool_of(definition), field="input")
+        priority = request.priority or DEFAULT_PRIORITY
+        if not HIGHEST_PRIORITY <= priority <= LOWEST_PRIORITY:
+            raise InvalidArgument(
+                f"priority must be from {HIGHEST_PRIORITY} (highest) to {LOWEST_PRIORITY}, or 0 for the default"
+                f" ({DEFAULT_PRIORITY}), got {request.priority}"
+            )
+        key = key_value(definition.concurrency_key, saga_input) if definition.concurrency_key else None
         fingerprint = _start_fingerprint(request)
         saga, created, existing_fingerprint = await self._engine.create(
             plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint,
-            caller_trace_parent=traceparent_in(context.invocation_metadata()),
+            caller_trace_parent=traceparent_in(context.invocation_metadata()), priority=priority,
+            concurrency_key=key,
         )
         if not created and existing_fingerprint != fingerprint:
             raise AlreadyExists(
                 f"saga {quote(request.saga_id)} already exists with a different definition or input; "
                 "choose another saga_id"
             )
-        return orchestrator_pb2.StartSagaResponse(saga=await self._saga_view(saga), created=created)
+        view = await self._saga_view(saga, SagaFlow(priority, key) if created else None)
+        return orchestrator_pb2.StartSagaResponse(saga=view, created=created)
 
     @_answer_errors
     async def GetSaga(

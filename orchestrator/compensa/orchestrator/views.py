@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from google.protobuf import any_pb2
 
 from compensa.orchestrator import machine, records
-from compensa.orchestrator.store import CapacityWait, StoredAlert, StoredEvent
+from compensa.orchestrator.store import SagaFlow, StoredAlert, StoredEvent
 from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
@@ -21,11 +19,12 @@ def _attempts_made(step: records.StepRecord) -> int:
 
 
 def saga_message(
-    saga: records.SagaRecord, plan: machine.Plan | None = None, waits: Sequence[CapacityWait] = ()
+    saga: records.SagaRecord, plan: machine.Plan | None = None, flow: SagaFlow | None = None
 ) -> saga_pb2.Saga:
-    """The API view of a saga; `waits` are its calls held back for capacity
-    (a held-back call is no attempt)."""
-    waiting = {wait.step_name: wait for wait in waits}
+    """The API view of a saga; `flow` adds its priority and what it waits
+    for (a call held back for capacity is no attempt)."""
+    waiting = {wait.step_name: wait for wait in flow.waits} if flow is not None else {}
+    key_wait = waiting.pop("", None)
     message = saga_pb2.Saga(
         saga_id=saga.saga_id,
         definition_name=saga.definition_name,
@@ -37,6 +36,8 @@ def saga_message(
         update_time=timestamp(saga.updated_at),
         failure_reason=saga.failure_reason,
         resolution_note=saga.resolution_note,
+        waiting_for=key_wait.reason if key_wait is not None and not saga.is_final else "",
+        priority=flow.priority if flow is not None else 0,
     )
     for step in saga.steps:
         wait = waiting.get(step.name) if step.state in (records.STEP_RUNNING, records.STEP_COMPENSATING) else None

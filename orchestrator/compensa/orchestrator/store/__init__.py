@@ -2,6 +2,7 @@
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.store.base import (
+    DEFAULT_PRIORITY,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
@@ -12,6 +13,7 @@ from compensa.orchestrator.store.base import (
     ParticipantHold,
     ParticipantLimits,
     PendingAlert,
+    SagaFlow,
     SagaStore,
     SagaWrite,
     StateSummary,
@@ -37,6 +39,7 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
 
 
 __all__ = [
+    "DEFAULT_PRIORITY",
     "PARTICIPANT_RECOVERED",
     "PARTICIPANT_UNHEALTHY",
     "SAGA_ALERT",
@@ -48,6 +51,7 @@ __all__ = [
     "ParticipantLimits",
     "PendingAlert",
     "PostgresSagaStore",
+    "SagaFlow",
     "SagaStore",
     "SagaWrite",
     "SqlSagaStore",

@@ -125,6 +125,21 @@ class CapacityWait:
     since: float
 
 
+#: StartSaga's default priority (1 highest to 5).
+DEFAULT_PRIORITY = 3
+
+
+@dataclass(frozen=True)
+class SagaFlow:
+    """A saga's priority and concurrency key, and what it waits for now."""
+
+    priority: int = DEFAULT_PRIORITY
+    concurrency_key: str | None = None
+    #: Its calls held back for capacity (a step name each), and its wait for
+    #: its key's turn (step name "").
+    waits: tuple[CapacityWait, ...] = ()
+
+
 @dataclass(frozen=True)
 class ParticipantAddress:
     """Where a named participant is served, and who said so; with the
@@ -311,8 +326,27 @@ class SagaStore(abc.ABC):
         """`replica` has no call in flight and none waiting (it starts, or stops)."""
 
     @abc.abstractmethod
-    async def capacity_waits(self, saga_id: str) -> list[CapacityWait]:
-        """The calls of `saga_id` held back now, by the replica that drives it."""
+    async def record_saga_flow(
+        self, saga_id: str, definition_name: str, *, concurrency_key: str | None, priority: int, now: float
+    ) -> None:
+        """Stores a saga's priority and concurrency key, before the saga is
+        created (a repeated StartSaga keeps the first)."""
+
+    @abc.abstractmethod
+    async def flow_of(self, saga_id: str, *, with_waits: bool = True) -> SagaFlow:
+        """The saga's priority and key (the defaults when none was stored),
+        and what it waits for now: its calls held back by the replica that
+        drives it, and its key's turn."""
+
+    @abc.abstractmethod
+    async def take_key_turn(
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_at: float
+    ) -> int:
+        """How many unfinished sagas with the same definition and concurrency
+        key were started before `saga_id`. When they are `max_running` or
+        more, in the same transaction: the saga is released by `owner` (at
+        `epoch`) until `retry_at`, and its wait recorded for its view; else
+        its recorded wait, if any, is removed."""
 
     # Sagas
 

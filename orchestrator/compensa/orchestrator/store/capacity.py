@@ -24,18 +24,21 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from compensa.orchestrator.records import ACTIVE_SAGA_STATES
 from compensa.orchestrator.store.base import (
     CapacityGrant,
     CapacityWait,
     ParticipantAddress,
     ParticipantHold,
     ParticipantLimits,
+    SagaFlow,
 )
 from compensa.orchestrator.store.schema import (
     capacity_waits,
     participant_changes,
     participant_grants,
     participants,
+    saga_flow,
     sagas,
 )
 
@@ -195,17 +198,79 @@ class CapacityStatements(abc.ABC):
             await conn.execute(sa.delete(participant_grants).where(participant_grants.c.replica == replica))
             await conn.execute(sa.delete(capacity_waits).where(capacity_waits.c.owner == replica))
 
-    async def capacity_waits(self, saga_id: str) -> list[CapacityWait]:
+    async def record_saga_flow(
+        self, saga_id: str, definition_name: str, *, concurrency_key: str | None, priority: int, now: float
+    ) -> None:
         async with self._transaction() as conn:
-            rows = (
+            await conn.execute(
+                self._insert(saga_flow).values(
+                    saga_id=saga_id, definition_name=definition_name, concurrency_key=concurrency_key,
+                    priority=priority, created_at=now,
+                ).on_conflict_do_nothing()
+            )
+
+    async def flow_of(self, saga_id: str, *, with_waits: bool = True) -> SagaFlow:
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(saga_flow.c.priority, saga_flow.c.concurrency_key).where(saga_flow.c.saga_id == saga_id)
+                )
+            ).one_or_none()
+            rows = [] if not with_waits else (
                 await conn.execute(
                     sa.select(capacity_waits)
                     .join(sagas, sagas.c.saga_id == capacity_waits.c.saga_id)
-                    .where(capacity_waits.c.saga_id == saga_id, capacity_waits.c.owner == sagas.c.owner)
+                    .where(
+                        capacity_waits.c.saga_id == saga_id,
+                        sa.or_(capacity_waits.c.owner == sagas.c.owner, capacity_waits.c.step_name == ""),
+                    )
                     .order_by(capacity_waits.c.since)
                 )
             ).all()
-        return [CapacityWait(row.saga_id, row.step_name, row.participant, row.reason, row.since) for row in rows]
+        waits = tuple(CapacityWait(r.saga_id, r.step_name, r.participant, r.reason, r.since) for r in rows)
+        if row is None:
+            return SagaFlow(waits=waits)
+        return SagaFlow(row.priority, row.concurrency_key, waits)
+
+    async def take_key_turn(
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_at: float
+    ) -> int:
+        mine = saga_flow.alias("mine")
+        ahead = (
+            sa.select(sa.func.count())
+            .select_from(saga_flow.join(sagas, sagas.c.saga_id == saga_flow.c.saga_id))
+            .where(
+                mine.c.saga_id == saga_id,
+                saga_flow.c.definition_name == mine.c.definition_name,
+                saga_flow.c.concurrency_key == mine.c.concurrency_key,
+                sagas.c.state.in_(sorted(ACTIVE_SAGA_STATES)),
+                sa.tuple_(saga_flow.c.created_at, saga_flow.c.saga_id) < sa.tuple_(mine.c.created_at, mine.c.saga_id),
+            )
+            .scalar_subquery()
+        )
+        its_wait = sa.and_(capacity_waits.c.saga_id == saga_id, capacity_waits.c.step_name == "")
+        async with self._transaction() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(mine.c.concurrency_key, ahead.label("ahead"))
+                    .where(mine.c.saga_id == saga_id, mine.c.concurrency_key.is_not(None))
+                )
+            ).one_or_none()
+            if row is None:
+                return 0
+            if row.ahead < max_running:
+                await conn.execute(sa.delete(capacity_waits).where(its_wait))
+                return int(row.ahead)
+            await conn.execute(
+                sa.update(sagas).where(sagas.c.saga_id == saga_id, sagas.c.owner == owner, sagas.c.epoch == epoch)
+                .values(owner=None, lease_until=None, due_at=retry_at)
+            )
+            reason = (
+                f"its key's turn: {row.ahead} saga(s) with concurrency key {row.concurrency_key!r} started before"
+                f" it are unfinished (at most {max_running} at once)"
+            )
+            await self._record_waits(conn, "", [CapacityWait(saga_id, "", "", reason, now)], [])
+        return int(row.ahead)
 
 
 def _grant(

@@ -166,7 +166,22 @@ participant_changes = Table(
 )
 Index("compensa_participant_changes_name", participant_changes.c.participant, participant_changes.c.position)
 
-#: Calls held back by a participant's limit or hold, for the saga's view:
+#: A saga's priority and concurrency key (StartSaga), written before the
+#: saga itself only when either is set: a row whose saga was never created
+#: joins no saga and so counts for nothing.
+saga_flow = Table(
+    "compensa_saga_flow",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("definition_name", String(64), nullable=False),
+    Column("concurrency_key", String(255), nullable=True),
+    Column("priority", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+Index("compensa_saga_flow_key", saga_flow.c.definition_name, saga_flow.c.concurrency_key, saga_flow.c.created_at)
+
+#: Calls held back by a participant's limit or hold, and sagas waiting for
+#: their key's turn (step_name "", owner ""),, for the saga's view:
 #: shown while `owner` still drives the saga.
 capacity_waits = Table(
     "compensa_capacity_waits",

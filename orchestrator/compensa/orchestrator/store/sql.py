@@ -63,6 +63,7 @@ from compensa.orchestrator.store.schema import (
     log_head,
     participants,
     saga_events,
+    saga_flow,
     saga_steps,
     sagas,
     secrets,
@@ -791,6 +792,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 )
                 await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(capacity_waits).where(capacity_waits.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(saga_flow).where(saga_flow.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
         return len(saga_ids)

@@ -7,6 +7,8 @@ participant, under a lease), `compensa_participant_changes` (who changed a
 participant's limits or hold, and when) and `compensa_capacity_waits` (calls
 held back, for the saga's view). Every new column is nullable and every new
 table starts empty: sagas in flight go on unchanged, with no limits.
+`compensa_saga_flow` holds a saga's priority and concurrency key, when
+StartSaga set either (sagas in flight have the default priority and no key).
 
 Revision ID: 0007
 Revises: 0004
@@ -52,6 +54,17 @@ def upgrade() -> None:
         "compensa_participant_changes_name", "compensa_participant_changes", ["participant", "position"]
     )
     op.create_table(
+        "compensa_saga_flow",
+        sa.Column("saga_id", sa.String(128), primary_key=True),
+        sa.Column("definition_name", sa.String(64), nullable=False),
+        sa.Column("concurrency_key", sa.String(255), nullable=True),
+        sa.Column("priority", sa.Integer, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+    )
+    op.create_index(
+        "compensa_saga_flow_key", "compensa_saga_flow", ["definition_name", "concurrency_key", "created_at"]
+    )
+    op.create_table(
         "compensa_capacity_waits",
         sa.Column("saga_id", sa.String(128), primary_key=True),
         sa.Column("step_name", sa.String(64), primary_key=True),
@@ -64,6 +77,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("compensa_capacity_waits")
+    op.drop_index("compensa_saga_flow_key", "compensa_saga_flow")
+    op.drop_table("compensa_saga_flow")
     op.drop_index("compensa_participant_changes_name", "compensa_participant_changes")
     op.drop_table("compensa_participant_changes")
     op.drop_table("compensa_participant_grants")
