@@ -231,10 +231,10 @@ async def test_limits_hold_across_three_replicas_with_one_killed(
 
 @asynccontextmanager
 async def orchestrator_for(
-    make_postgres_url: Callable[[], str], address: str, *definitions: Path
+    make_url: Callable[[], str], address: str, *definitions: Path
 ) -> AsyncIterator[orchestrator_pb2_grpc.OrchestratorServiceStub]:
     orchestrator = await start_orchestrator(ServerConfig(
-        listen="127.0.0.1:0", database_url=make_postgres_url(), definition_paths=definitions,
+        listen="127.0.0.1:0", database_url=make_url(), definition_paths=definitions,
         participants={"gated": address}, lease_seconds=5.0,
     ))
     channel = grpc.aio.insecure_channel(orchestrator.address)
@@ -447,3 +447,28 @@ async def test_bad_keys_and_priorities_are_refused(tmp_path: Path, make_postgres
             with pytest.raises(grpc.aio.AioRpcError) as absent:
                 await get_saga(stub, f"prio-{priority}")
             assert absent.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_limits_holds_and_keys_on_the_embedded_database(tmp_path: Path) -> None:
+    """The same statements on SQLite: limits hold, a hold and its release,
+    and sagas of one key one at a time."""
+    participant = CountingParticipant(work_seconds=0.05)
+    keyed = definition_file(tmp_path, more="concurrency_key: input.card_token\n")
+    async with serving(participant) as address, orchestrator_for(
+        lambda: f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}", address, keyed
+    ) as stub:
+        await set_limits(stub, max_in_flight=2, calls_per_second=20.0)
+        await stub.HoldParticipant(orchestrator_pb2.HoldParticipantRequest(name="gated", reason="x"), timeout=10.0)
+        saga_ids = [f"lite-{n:02d}" for n in range(12)]
+        for n, saga_id in enumerate(saga_ids):
+            await stub.StartSaga(start_request(saga_id, card_token=f"tok_{n % 4}"), timeout=10.0)
+        await poll_until(lambda: get_saga(stub, saga_ids[0]), timeout=10.0)
+        await stub.ReleaseParticipant(orchestrator_pb2.ReleaseParticipantRequest(name="gated"), timeout=10.0)
+        states = await final_states(stub, saga_ids, timeout=60.0)
+    assert all(state == S.SAGA_STATE_SUCCEEDED for state in states.values()), states
+    assert participant.most_in_flight <= 2
+    assert participant.most_in_one_second() <= 20 + 20
+    by_saga = {saga_id: (arrived, ended) for saga_id, _, arrived, ended in participant.calls}
+    for card in range(4):
+        same = [by_saga[saga_id] for n, saga_id in enumerate(saga_ids) if n % 4 == card]
+        assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(same)), same

@@ -413,7 +413,7 @@ class Dashboard:
         saga_id = request.match_info["saga_id"]
         saga = await self._visible_saga(identity, saga_id)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        view = saga_message(saga, plan)
+        view = saga_message(saga, plan, await self._store.flow_of(saga_id, with_waits=not saga.is_final))
         pool = payloads.pool_of(plan.definition)
         events: list[StoredEvent] = []
         while True:
@@ -431,6 +431,7 @@ class Dashboard:
                 "attempts": step.attempts,
                 "compensate_attempts": step.compensate_attempts,
                 "last_error": step.last_error,
+                "waiting_for": step.waiting_for,
                 "start": _time(step.start_time.ToNanoseconds() / 1e9) if step.HasField("start_time") else "",
                 "finish": _time(step.finish_time.ToNanoseconds() / 1e9) if step.HasField("finish_time") else "",
                 "output": _payload_json(step.output, pool) if step.HasField("output") else "",
@@ -447,6 +448,7 @@ class Dashboard:
             input_json=_payload_json(view.input, pool),
             input_type=payloads.type_name_of(view.input),
             steps=steps,
+            waiting_for=view.waiting_for,
             events=[_event_row(stored) for stored in events],
             chart=chart,
             actions=_available_actions(saga),
