@@ -491,6 +491,10 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="follow the saga to its end and print its timeline; exit 1 unless it SUCCEEDED",
     )
+    parser.add_argument(
+        "--priority", type=_int_from(1, 5), default=0, metavar="N",
+        help="1 (highest) to 5: goes first when a participant's limits hold calls back (default 3)",
+    )
     _add_proto_module_option(parser, "defining the input type")
     _add_json_option(parser)
 
