@@ -75,7 +75,8 @@ _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
 # A transition the database did not confirm is written again after these waits.
 _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
-# A saga waiting for its concurrency key's turn asks again after this long.
+# A saga waiting for its concurrency key's turn asks again after this long
+# (longer when it is further back in the line).
 _KEY_TURN_SECONDS = 0.5
 # Stuck sagas are looked for at most this often (and four times per threshold).
 _STUCK_CHECK_SECONDS = 30.0
@@ -602,17 +603,15 @@ class SagaEngine:
     async def _key_turn(self, plan: machine.Plan, saga: records.SagaRecord, epoch: int) -> bool:
         """Whether the saga may run now among the sagas of its concurrency
         key; if not, it is released until it asks again (durably waiting)."""
-        now = self.clock.now()
-        retry_at = now + _KEY_TURN_SECONDS
         try:
-            ahead = await self.store.take_key_turn(
-                saga.saga_id, plan.definition.max_running_per_key, owner=self.owner, epoch=epoch, now=now,
-                retry_at=retry_at,
+            retry_at = await self.store.take_key_turn(
+                saga.saga_id, plan.definition.max_running_per_key, owner=self.owner, epoch=epoch,
+                now=self.clock.now(), retry_seconds=_KEY_TURN_SECONDS,
             )
         except StoreUnavailable as error:
             log.debug("saga %s: its key's turn not known (%s); asked again when its lease expires", saga.saga_id, error)
             return False
-        if ahead < plan.definition.max_running_per_key:
+        if retry_at is None:
             return True
         self._wake_scheduler(retry_at)
         return False

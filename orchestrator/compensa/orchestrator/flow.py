@@ -5,8 +5,9 @@ The limits are the deployment's: every replica takes its calls from one
 budget in the database (store/capacity.py says how, and why there). Here,
 per participant, one gate task per replica gathers the calls waiting for
 capacity and exchanges with that budget for all of them at once, handing
-what it got to the waiting calls best first (higher priority, then the
-oldest saga); calls that ended go back in the same exchange.
+what it got to the waiting calls best first (higher priority first; within
+a priority, definitions take turns, and each one's oldest saga goes first);
+calls that ended go back in the same exchange.
 
 A call that waits is not an attempt: nothing about it is written to the
 saga, so no retry is used; the saga's view shows the wait (recorded by the

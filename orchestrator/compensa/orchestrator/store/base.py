@@ -340,13 +340,14 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def take_key_turn(
-        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_at: float
-    ) -> int:
-        """How many unfinished sagas with the same definition and concurrency
-        key were started before `saga_id`. When they are `max_running` or
-        more, in the same transaction: the saga is released by `owner` (at
-        `epoch`) until `retry_at`, and its wait recorded for its view; else
-        its recorded wait, if any, is removed."""
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_seconds: float
+    ) -> float | None:
+        """Whether `saga_id` may run now: None when fewer than `max_running`
+        unfinished sagas with the same definition and concurrency key were
+        started before it (its recorded wait, if any, is removed). Else, in
+        the same transaction, the saga is released by `owner` (at `epoch`)
+        until the time returned, `retry_seconds` from now for each saga
+        beyond its turn (at most ten), and its wait is recorded for its view."""
 
     # Sagas
 

@@ -42,6 +42,9 @@ from compensa.orchestrator.store.schema import (
     sagas,
 )
 
+# A saga waiting for its key's turn asks again at most this many
+# retry_seconds later.
+_MAX_TURN_BACKOFF = 10
 # A fraction of a token this close to a whole one counts as whole (float sums).
 _TOKEN_EPSILON = 1e-9
 
@@ -233,8 +236,8 @@ class CapacityStatements(abc.ABC):
         return SagaFlow(row.priority, row.concurrency_key, waits)
 
     async def take_key_turn(
-        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_at: float
-    ) -> int:
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_seconds: float
+    ) -> float | None:
         mine = saga_flow.alias("mine")
         ahead = (
             sa.select(sa.func.count())
@@ -257,10 +260,12 @@ class CapacityStatements(abc.ABC):
                 )
             ).one_or_none()
             if row is None:
-                return 0
+                return None
             if row.ahead < max_running:
                 await conn.execute(sa.delete(capacity_waits).where(its_wait))
-                return int(row.ahead)
+                return None
+            # Sagas far back in the line ask less often.
+            retry_at: float = now + retry_seconds * min(_MAX_TURN_BACKOFF, int(row.ahead) - max_running + 1)
             await conn.execute(
                 sa.update(sagas).where(sagas.c.saga_id == saga_id, sagas.c.owner == owner, sagas.c.epoch == epoch)
                 .values(owner=None, lease_until=None, due_at=retry_at)
@@ -270,7 +275,7 @@ class CapacityStatements(abc.ABC):
                 f" it are unfinished (at most {max_running} at once)"
             )
             await self._record_waits(conn, "", [CapacityWait(saga_id, "", "", reason, now)], [])
-        return int(row.ahead)
+        return retry_at
 
 
 def _grant(
