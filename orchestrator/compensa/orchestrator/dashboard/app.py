@@ -350,11 +350,18 @@ class Dashboard:
             totals["unresolved"] += row.unresolved
         # The participants' shared health is the whole deployment's, as the
         # alert log is: not shown to an identity scoped to some definitions.
-        unreachable = [] if identity.definitions else [
+        stored = [] if identity.definitions else await self._store.list_participants()
+        unreachable = [
             {"name": participant.name, "address": participant.address, "since": participant.unhealthy_since,
              "alerted": participant.alerted_at is not None}
-            for participant in await self._store.list_participants()
+            for participant in stored
             if participant.unhealthy_since is not None
+        ]
+        held = [
+            {"name": participant.name, "by": participant.hold.by, "since": participant.hold.at,
+             "reason": participant.hold.reason}
+            for participant in stored
+            if participant.hold is not None
         ]
         return {
             "definitions": list(by_definition.values()),
@@ -362,6 +369,7 @@ class Dashboard:
             "states": [saga_state_name(s) for s in _STATES],
             "stuck_after": _age(DEFAULT_STUCK_SECONDS),
             "unreachable": unreachable,
+            "held": held,
             "now": now,
         }
 
