@@ -25,7 +25,7 @@ import grpc
 import pytest
 from harness import poll_until
 from participant_helpers import checkout_input
-from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
+from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet
 
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.records import FINAL_SAGA_STATES
@@ -508,3 +508,49 @@ async def test_after_an_outage_waiting_sagas_resume_within_the_limits_oldest_fir
     order = [saga_ids.index(saga_id) for saga_id, *_ in sorted(participant.calls, key=lambda call: call[2])]
     first, last = sorted(order[:50]), sorted(order[-50:])
     assert first[25] < last[25], (first[25], last[25])
+
+
+async def test_the_command_line_sets_limits_holds_and_releases(tmp_path: Path) -> None:
+    participant = CountingParticipant()
+    async with serving(participant) as address:
+        orchestrator = await start_orchestrator(ServerConfig(
+            listen="127.0.0.1:0", database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+            participants={"gated": address},
+        ))
+        try:
+            where = ("--address", orchestrator.address)
+            limited = await compensa(
+                *where, "participants", "limit", "gated", "--max-in-flight", "3", "--rate", "600/min"
+            )
+            assert limited.returncode == 0, limited.stderr
+            assert limited.stdout.strip() == "gated: at most 3 calls in flight, 10 calls/s (burst 10)"
+            held = await compensa(*where, "participants", "hold", "gated", "--reason", "incident 7", "--actor", "carol")
+            assert held.returncode == 0 and "HELD by carol" in held.stdout and "incident 7" in held.stdout, held
+            listed = await compensa(*where, "participants", "list")
+            assert "at most 3 calls in flight" in listed.stdout and "HELD by carol" in listed.stdout, listed.stdout
+            released = await compensa(*where, "participants", "release", "gated")
+            assert released.returncode == 0 and "HELD" not in released.stdout, released
+            bad = await compensa(*where, "participants", "limit", "gated", "--max-in-flight", "0")
+            assert bad.returncode == 2 and "limits.max_in_flight must be from 1" in bad.stderr, bad
+            bad_rate = await compensa(*where, "participants", "limit", "gated", "--rate", "fast")
+            assert bad_rate.returncode == 2 and "--rate must be" in bad_rate.stderr, bad_rate
+            lifted = await compensa(*where, "participants", "limit", "gated")
+            assert lifted.stdout.strip() == "gated: no limits", lifted
+        finally:
+            await orchestrator.stop()
+
+
+@dataclass(frozen=True)
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def compensa(*args: str) -> Completed:
+    """Runs the `compensa` command without blocking this process's servers."""
+    process = await asyncio.create_subprocess_exec(
+        str(COMPENSA), *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60.0)
+    return Completed(process.returncode or 0, stdout.decode(), stderr.decode())

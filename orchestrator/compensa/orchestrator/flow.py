@@ -279,9 +279,8 @@ class FlowControl:
             if gate.returned:
                 retry_in = 0.0
             elif still and grant.why_not:
-                held = grant.why_not.startswith(f"participant {gate.name!r} is held")
                 retry_in = grant.retry_after if grant.retry_after is not None else (
-                    _HELD_RETRY_SECONDS if held else _RETRY_SECONDS
+                    _HELD_RETRY_SECONDS if grant.held else _RETRY_SECONDS
                 )
             else:
                 retry_in = 0.0 if still else None

@@ -109,6 +109,8 @@ class CapacityGrant:
     granted: int
     #: Why the rest still wait ("" when all were granted).
     why_not: str = ""
+    #: The participant is held: nothing is granted until it is released.
+    held: bool = False
     #: Seconds until the rate lets the next call through (None: it is a
     #: call in flight ending, or the hold's release, that lets one through).
     retry_after: float | None = None

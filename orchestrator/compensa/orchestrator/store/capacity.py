@@ -285,7 +285,8 @@ def _grant(
     (this replica has `mine` in flight), and the tokens its bucket keeps
     (None: no rate)."""
     if row.held_reason is not None:
-        return CapacityGrant(0, f"participant {participant!r} is held by {row.held_by}: {row.held_reason}"), None
+        why_not = f"participant {participant!r} is held by {row.held_by}: {row.held_reason}"
+        return CapacityGrant(0, why_not, held=True), None
     granted, why_not, retry_after, tokens_left = wanted, "", None, None
     if row.max_in_flight is not None:
         free = max(0, row.max_in_flight - row.others - mine)
