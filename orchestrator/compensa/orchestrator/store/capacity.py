@@ -303,4 +303,4 @@ def _grant(
             why_not = why_not or f"participant {participant!r} is at its rate of {row.rate_per_second:g} calls/s"
             retry_after = max(0.0, (whole + 1 - available) / row.rate_per_second)
         tokens_left = max(0.0, available - granted)
-    return CapacityGrant(granted, why_not, retry_after), tokens_left
+    return CapacityGrant(granted, why_not, retry_after=retry_after), tokens_left
