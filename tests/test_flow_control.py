@@ -300,13 +300,13 @@ async def test_step_timeout_passes_while_waiting_for_capacity(
         await stub.HoldParticipant(orchestrator_pb2.HoldParticipantRequest(name="gated", actor="alice"), timeout=10.0)
         await stub.StartSaga(start_request("timed"), timeout=10.0)
 
-        async def compensating() -> saga_pb2.Saga | None:
+        async def compensation_waits() -> saga_pb2.Saga | None:
             saga = await get_saga(stub, "timed")
-            return saga if saga.state == S.SAGA_STATE_COMPENSATING else None
+            waits = saga.state == S.SAGA_STATE_COMPENSATING and "held by alice" in saga.steps[0].waiting_for
+            return saga if waits else None
 
-        saga = await poll_until(compensating, timeout=20.0)
+        saga = await poll_until(compensation_waits, timeout=20.0)
         assert saga.steps[0].last_error == "step timed out", saga
-        assert "held by alice" in saga.steps[0].waiting_for, saga  # its compensation waits
         assert participant.arrivals == []
         await stub.ReleaseParticipant(orchestrator_pb2.ReleaseParticipantRequest(name="gated"), timeout=10.0)
         states = await final_states(stub, ["timed"], timeout=20.0)

@@ -655,10 +655,7 @@ class SagaEngine:
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
-        priority = DEFAULT_PRIORITY
-        if self.flow.gates(step.participant):
-            priority = (await self.store.flow_of(saga.saga_id, with_waits=False)).priority
-        waiting = CallWaiting(saga.saga_id, call.step, saga.definition_name, saga.created_at, priority)
+        waiting = CallWaiting(saga.saga_id, call.step, saga.definition_name, saga.created_at)
         try:
             async with self.flow.admitted(step.participant, waiting, machine.deadline_at(plan, saga)) as waited:
                 if waited and step.HasField("step_timeout"):

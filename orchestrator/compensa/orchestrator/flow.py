@@ -24,7 +24,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from compensa.orchestrator.clock import SharedClock
@@ -54,13 +54,12 @@ class CapacityWaitExpired(Exception):
 
 @dataclass(frozen=True)
 class CallWaiting:
-    """Who waits for a call: the saga's step, its priority and its age."""
+    """Who waits for a call: the saga's step, its definition and its age."""
 
     saga_id: str
     step_name: str
     definition_name: str
     created_at: float
-    priority: int = DEFAULT_PRIORITY
 
 
 @dataclass
@@ -71,6 +70,8 @@ class _Waiting:
     admitted: asyncio.Future[bool]
     since: float  # the shared clock's
     recorded: bool = False
+    # The saga's, read with the gate's next exchange (StartSaga's priority).
+    priority: int = DEFAULT_PRIORITY
 
 
 class _WaitingCalls:
@@ -85,11 +86,11 @@ class _WaitingCalls:
 
     def push(self, waiting: _Waiting) -> None:
         call = waiting.call
-        level = self._levels.setdefault(call.priority, {})
+        level = self._levels.setdefault(waiting.priority, {})
         queue = level.get(call.definition_name)
         if queue is None:
             queue = level[call.definition_name] = []
-            self._turns.setdefault(call.priority, collections.deque()).append(call.definition_name)
+            self._turns.setdefault(waiting.priority, collections.deque()).append(call.definition_name)
         heapq.heappush(queue, (call.created_at, next(self._order), waiting))
 
     def pop(self) -> _Waiting | None:
@@ -124,14 +125,27 @@ class _Gate:
 
     name: str
     waiting: _WaitingCalls = field(default_factory=_WaitingCalls)
+    # Calls that came since the last exchange: their priority is not known yet.
+    unranked: list[_Waiting] = field(default_factory=list)
     returned: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waits_started: dict[tuple[str, str], CapacityWait] = field(default_factory=dict)
     waits_ended: set[tuple[str, str]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
 
+    def live(self) -> list[_Waiting]:
+        """The calls still waiting."""
+        return self.waiting.live() + [waiting for waiting in self.unranked if not waiting.admitted.done()]
+
     def queued(self) -> int:
-        return len(self.waiting.live())
+        return len(self.live())
+
+    def rank(self, calls: Iterable[_Waiting], priorities: Mapping[str, int]) -> None:
+        """Puts calls that came since an exchange in line, with their sagas'
+        priorities (the default when none is in `priorities`)."""
+        for waiting in calls:
+            waiting.priority = priorities.get(waiting.call.saga_id, DEFAULT_PRIORITY)
+            self.waiting.push(waiting)
 
 
 class FlowControl:
@@ -169,7 +183,7 @@ class FlowControl:
             return
         gate = self._gate(participant)
         waiting = _Waiting(call, asyncio.get_running_loop().create_future(), self._clock.now())
-        gate.waiting.push(waiting)
+        gate.unranked.append(waiting)
         gate.wake.set()
         granted = False
         began = time.monotonic()
@@ -240,6 +254,8 @@ class FlowControl:
             if gate.name not in self._gated:
                 # Limits and hold were lifted: let everything through. Calls
                 # admitted under the limits still give their capacity back.
+                gate.rank(gate.unranked, {})
+                gate.unranked = []
                 self._admit(gate, wanted, counted=False)
                 retry_in = None
                 if not (gate.returned or gate.waits_ended):
@@ -248,6 +264,7 @@ class FlowControl:
             returned, gate.returned = gate.returned, 0
             started, ended = list(gate.waits_started.values()), list(gate.waits_ended)
             gate.waits_started, gate.waits_ended = {}, set()
+            ranking, gate.unranked = gate.unranked, []
             now = self._clock.now()
             try:
                 if first:
@@ -260,14 +277,17 @@ class FlowControl:
                 grant = await self._store.exchange_capacity(
                     gate.name, self._replica, returned=returned, wanted=wanted, now=now,
                     lease_until=now + self._lease_seconds, waits_started=started, waits_ended=ended,
+                    priorities_of=[waiting.call.saga_id for waiting in ranking if not waiting.admitted.done()],
                 )
             except StoreUnavailable as error:
                 log.debug("participant %s: capacity not exchanged (%s)", gate.name, error)
                 gate.returned += returned
                 gate.waits_started.update({(wait.saga_id, wait.step_name): wait for wait in started})
                 gate.waits_ended.update(ended)
+                gate.unranked = ranking + gate.unranked
                 retry_in = _UNAVAILABLE_RETRY_SECONDS
                 continue
+            gate.rank(ranking, grant.priorities)
             gate.returned += self._admit(gate, grant.granted, counted=True)
             still = gate.waiting.live()
             for waiting in still if grant.why_not else ():

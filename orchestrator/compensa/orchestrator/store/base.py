@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from compensa.orchestrator.records import LogEvent, SagaRecord
 from compensa.v1 import definition_pb2
@@ -111,6 +111,9 @@ class CapacityGrant:
     why_not: str = ""
     #: The participant is held: nothing is granted until it is released.
     held: bool = False
+    #: The priorities of the sagas asked about that have one stored (the
+    #: others have the default).
+    priorities: Mapping[str, int] = field(default_factory=dict)
     #: Seconds until the rate lets the next call through (None: it is a
     #: call in flight ending, or the hold's release, that lets one through).
     retry_after: float | None = None
@@ -313,11 +316,13 @@ class SagaStore(abc.ABC):
     async def exchange_capacity(
         self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
         waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+        priorities_of: Sequence[str] = (),
     ) -> CapacityGrant:
         """In one transaction: gives back `returned` calls of `replica` that
         ended, takes up to `wanted` new ones within the participant's limits
         and hold (counting other replicas' calls while their lease holds),
-        and records which of `replica`'s calls started or stopped waiting."""
+        records which of `replica`'s calls started or stopped waiting, and
+        reads the priorities of the sagas `priorities_of`."""
 
     @abc.abstractmethod
     async def renew_capacity(self, replica: str, lease_until: float) -> None:

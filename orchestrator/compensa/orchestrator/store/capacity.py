@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -119,6 +120,7 @@ class CapacityStatements(abc.ABC):
     async def exchange_capacity(
         self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
         waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+        priorities_of: Sequence[str] = (),
     ) -> CapacityGrant:
         grants = participant_grants.c
         others = (
@@ -163,6 +165,13 @@ class CapacityStatements(abc.ABC):
                     .on_conflict_do_update(index_elements=[grants.participant, grants.replica], set_=values)
                 )
             await self._record_waits(conn, replica, waits_started, waits_ended)
+            if priorities_of:
+                rows = await conn.execute(
+                    sa.select(saga_flow.c.saga_id, saga_flow.c.priority).where(
+                        saga_flow.c.saga_id.in_(list(priorities_of))
+                    )
+                )
+                grant = dataclasses.replace(grant, priorities={row.saga_id: row.priority for row in rows})
         return grant
 
     async def _record_waits(
