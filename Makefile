@@ -9,10 +9,10 @@ INSTALLED := $(VENV)/.compensa-installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test proto typecheck bench
+.PHONY: help venv demo test proto typecheck bench browser
 
 help:
-	@echo "make demo       run the checkout saga demo"
+	@echo "make demo       run the checkout saga demo (STAY=1: keep its dashboard up until Ctrl-C)"
 	@echo "make test       lint (ruff), type-check (mypy), then the whole test suite (PYTEST_ARGS=... passes through)"
 	@echo "make proto      regenerate generated/ from protos/"
 	@echo "make typecheck  mypy --strict over orchestrator/compensa and participants/compensa"
@@ -27,12 +27,35 @@ $(INSTALLED): pyproject.toml | $(BIN)/python
 
 venv: $(INSTALLED)
 
+# STAY=1 keeps the demo's orchestrator and dashboard up afterwards, until Ctrl-C.
+STAY ?=
 demo: $(INSTALLED)
-	$(BIN)/compensa demo
+	$(BIN)/compensa demo $(if $(filter 1,$(STAY)),--stay)
+
+# The dashboard's browser test drives headless Chromium through chromedriver;
+# under CI=true it fails rather than skips without them. Installed here when
+# missing and apt-get can run (as root); otherwise one line says what to
+# install, and under CI=true the target stops there (elsewhere that one test
+# is skipped, loudly). APT_GET names the installer (tests point it elsewhere).
+APT_GET ?= apt-get
+BROWSER_PACKAGES := chromium chromium-driver
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v $(APT_GET) >/dev/null; then \
+		echo "installing $(BROWSER_PACKAGES) for the dashboard's browser test" >&2; \
+		DEBIAN_FRONTEND=noninteractive $(APT_GET) update -q && \
+		DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q --no-install-recommends $(BROWSER_PACKAGES); \
+	elif [ "$$CI" = true ] || [ "$$CI" = 1 ] || [ "$$CI" = yes ]; then \
+		echo "make test needs chromium and chromedriver (Debian/Ubuntu, as root: apt-get install $(BROWSER_PACKAGES))" >&2; \
+		exit 2; \
+	else \
+		echo "chromium or chromedriver is missing: the dashboard's browser test will be skipped (apt-get install $(BROWSER_PACKAGES))" >&2; \
+	fi
 
 # Lint and types first: they take seconds, and a failure of either fails the
 # target (and so CI, which runs it) before the suite's minutes.
-test: $(INSTALLED)
+test: $(INSTALLED) browser
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -103,6 +105,56 @@ class RunOutcome:
 
 
 RunHandler = Callable[[dict[str, Any]], Awaitable[str]]
+
+
+async def run_workers(
+    total: int,
+    concurrency: int,
+    one: Callable[[int], Awaitable[float | None]],
+    failures: tuple[type[BaseException], ...],
+) -> tuple[list[float], list[str], float]:
+    """Runs `one(index)` for indexes 0..total-1, `concurrency` at a time: the
+    latencies it returned (None adds none), the failures of the `failures`
+    kinds as text, and the seconds the whole run took."""
+    import asyncio
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < total:
+            index, next_index = next_index, next_index + 1
+            try:
+                latency = await one(index)
+            except failures as error:
+                errors.append(f"{type(error).__name__}: {error}")
+                continue
+            if latency is not None:
+                latencies.append(latency)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
+    return latencies, errors, time.perf_counter() - began
+
+
+async def timed_run(
+    command: dict[str, Any], saga: Callable[[str], Awaitable[object]], failures: tuple[type[BaseException], ...]
+) -> str:
+    """A "run" command: command["sagas"] sagas through `saga(saga_id)`,
+    command["concurrency"] at a time, each timed from call to return; the
+    RunOutcome as JSON."""
+    total, concurrency = int(command["sagas"]), int(command["concurrency"])
+    prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
+
+    async def one(index: int) -> float:
+        started = time.perf_counter()
+        await saga(f"{prefix}-{index}")
+        return (time.perf_counter() - started) * 1000
+
+    latencies, errors, seconds = await run_workers(total, concurrency, one, failures)
+    return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
 
 
 async def serve_commands(handle: RunHandler) -> None:

@@ -26,7 +26,7 @@ import uuid
 from typing import Any
 
 import grpc
-from common import RunOutcome, saga_input, serve_commands
+from common import RunOutcome, run_workers, saga_input, serve_commands
 
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -124,25 +124,7 @@ class LoadClient:
         return (received - began) * 1000
 
     async def _workers(self, total: int, concurrency: int, one: Any) -> tuple[list[float], list[str], float]:
-        latencies: list[float] = []
-        errors: list[str] = []
-        next_index = 0
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < total:
-                index, next_index = next_index, next_index + 1
-                try:
-                    latency = await one(index)
-                except (grpc.aio.AioRpcError, SagaFailed) as error:
-                    errors.append(f"{type(error).__name__}: {error}")
-                    continue
-                if latency is not None:
-                    latencies.append(latency)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
-        return latencies, errors, time.perf_counter() - began
+        return await run_workers(total, concurrency, one, (grpc.aio.AioRpcError, SagaFailed))
 
     async def handle(self, command: dict[str, Any]) -> str:
         total, concurrency = int(command["sagas"]), int(command["concurrency"])

@@ -20,13 +20,12 @@ import argparse
 import asyncio
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import psycopg
-from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
+from common import STEP_NAMES, saga_input, serve_commands, timed_run
 from null_driver import execute_request
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
@@ -131,28 +130,7 @@ class NaiveLoop:
             sequence += 1
 
     async def run(self, command: dict[str, Any]) -> str:
-        total, concurrency = int(command["sagas"]), int(command["concurrency"])
-        prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
-        latencies: list[float] = []
-        errors: list[str] = []
-        next_index = 0
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < total:
-                index, next_index = next_index, next_index + 1
-                started = time.perf_counter()
-                try:
-                    await self._saga(f"{prefix}-{index}")
-                except (grpc.aio.AioRpcError, psycopg.Error, RuntimeError) as error:
-                    errors.append(f"{type(error).__name__}: {error}")
-                    continue
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
-        seconds = time.perf_counter() - began
-        return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+        return await timed_run(command, self._saga, (grpc.aio.AioRpcError, psycopg.Error, RuntimeError))
 
 
 async def main_async(dsn: str, participant: str) -> None:

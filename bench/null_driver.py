@@ -17,11 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import grpc
-from common import STEP_NAMES, RunOutcome, saga_input, serve_commands
+from common import STEP_NAMES, saga_input, serve_commands, timed_run
 from google.protobuf import timestamp_pb2
 
 from compensa.v1 import participant_pb2, participant_pb2_grpc
@@ -57,28 +56,7 @@ class NullDriver:
                 raise RuntimeError(f"step {step} answered {response.result}")
 
     async def run(self, command: dict[str, Any]) -> str:
-        total, concurrency = int(command["sagas"]), int(command["concurrency"])
-        prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
-        latencies: list[float] = []
-        errors: list[str] = []
-        next_index = 0
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < total:
-                index, next_index = next_index, next_index + 1
-                started = time.perf_counter()
-                try:
-                    await self._saga(f"{prefix}-{index}")
-                except (grpc.aio.AioRpcError, RuntimeError) as error:
-                    errors.append(str(error))
-                    continue
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
-        seconds = time.perf_counter() - began
-        return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+        return await timed_run(command, self._saga, (grpc.aio.AioRpcError, RuntimeError))
 
 
 async def main_async(participant: str, steps: int) -> None:

@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import time
-import uuid
 from typing import Any
 
 import grpc
-from common import STEP_NAMES, RunOutcome, serve_commands
+from common import STEP_NAMES, serve_commands, timed_run
 from dbos import DBOS, DBOSConfig, SetWorkflowID
 from null_driver import execute_request
 
@@ -56,29 +54,12 @@ async def bench_saga(saga_id: str) -> None:
 
 
 async def run(command: dict[str, Any]) -> str:
-    total, concurrency = int(command["sagas"]), int(command["concurrency"])
-    prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
-    latencies: list[float] = []
-    errors: list[str] = []
-    next_index = 0
+    async def saga(saga_id: str) -> None:
+        with SetWorkflowID(saga_id):
+            await bench_saga(saga_id)
 
-    async def worker() -> None:
-        nonlocal next_index
-        while next_index < total:
-            index, next_index = next_index, next_index + 1
-            started = time.perf_counter()
-            try:
-                with SetWorkflowID(f"{prefix}-{index}"):
-                    await bench_saga(f"{prefix}-{index}")
-            except Exception as error:  # counted and reported as a failed saga
-                errors.append(f"{type(error).__name__}: {error}")
-                continue
-            latencies.append((time.perf_counter() - started) * 1000)
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
-    seconds = time.perf_counter() - began
-    return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+    # Any exception is counted and reported as a failed saga.
+    return await timed_run(command, saga, (Exception,))
 
 
 async def main_async(database_url: str, participant: str) -> None:

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import grpc
-from common import STEP_NAMES, RunOutcome, serve_commands
+from common import STEP_NAMES, serve_commands, timed_run
 from null_driver import execute_request
 from peer_temporal_saga import EXECUTE_STEP, BenchSaga
 from temporalio import activity
@@ -71,31 +70,13 @@ async def main_async(address: str, participant: str) -> None:
     steps = Steps(participant)
 
     async def run(command: dict[str, Any]) -> str:
-        total, concurrency = int(command["sagas"]), int(command["concurrency"])
-        prefix = f"{command.get('tag', 'run')}-{uuid.uuid4().hex[:8]}"
-        latencies: list[float] = []
-        errors: list[str] = []
-        next_index = 0
+        async def saga(saga_id: str) -> None:
+            await client.execute_workflow(
+                BenchSaga.run, args=[saga_id, list(STEP_NAMES)], id=saga_id, task_queue=_TASK_QUEUE,
+            )
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < total:
-                index, next_index = next_index, next_index + 1
-                saga_id = f"{prefix}-{index}"
-                started = time.perf_counter()
-                try:
-                    await client.execute_workflow(
-                        BenchSaga.run, args=[saga_id, list(STEP_NAMES)], id=saga_id, task_queue=_TASK_QUEUE,
-                    )
-                except Exception as error:  # counted and reported as a failed saga
-                    errors.append(f"{type(error).__name__}: {error}")
-                    continue
-                latencies.append((time.perf_counter() - started) * 1000)
-
-        began = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, total))))
-        seconds = time.perf_counter() - began
-        return RunOutcome(total, len(errors), seconds, latencies, errors[0] if errors else "").to_json()
+        # Any exception is counted and reported as a failed saga.
+        return await timed_run(command, saga, (Exception,))
 
     async with Worker(client, task_queue=_TASK_QUEUE, workflows=[BenchSaga], activities=[steps.execute_step]):
         await serve_commands(run)

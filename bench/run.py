@@ -410,20 +410,25 @@ class Bench:
         return both
 
     def start_participant(self) -> None:
-        child = self.lab.spawn("participant", [PYTHON, str(BENCH_DIR / "noop_participant.py")])
+        self.participant = self._noop_participant("participant")
+
+    def _noop_participant(self, name: str, *, delay_ms: float = 0.0) -> str:
+        """Starts a no-op participant; its address."""
+        child = self.lab.spawn(name, [PYTHON, str(BENCH_DIR / "noop_participant.py"), "--delay-ms", str(delay_ms)])
         ready = child.read_line()
         if not ready.startswith("ready "):
-            raise BenchFailed(f"participant said {ready!r}")
-        self.participant = ready.split()[1]
+            raise BenchFailed(f"{name} said {ready!r}")
+        return ready.split()[1]
 
     def start_orchestrator(
-        self, database: str, definitions: Path, name: str, *, http: str | None = None
+        self, database: str, definitions: Path, name: str, *, http: str | None = None,
+        participant: str | None = None, options: Sequence[str] = (),
     ) -> tuple[Child, str]:
         address = f"127.0.0.1:{free_port()}"
         argv = [
             COMPENSA, "serve", "--listen", address,
             "--db", f"postgresql+psycopg://postgres@{PG_HOST}/{database}",
-            "--definitions", str(definitions), "--participant", f"noop={self.participant}",
+            "--definitions", str(definitions), "--participant", f"noop={participant or self.participant}", *options,
         ]
         child = self.lab.spawn(name, argv + (["--http", http] if http else []), pipes=False)
         problem = wait_serving(address, child.process)
@@ -716,6 +721,35 @@ class Bench:
                     )
                 time.sleep(0.5)
 
+
+    # -- overload (issue 28)
+
+    def run_overload(self, definitions: Path) -> dict[str, Any]:
+        """StartSaga's answers at 10x capacity: --overload-calls starts from
+        10 x --overload-bound callers against a replica whose bound of sagas
+        in flight is --overload-bound, its participant answering Execute in
+        --overload-step-ms; the overload client's JSON, and the replica's RSS."""
+        bound = self.args.overload_bound
+        participant = self._noop_participant("participant-slow", delay_ms=self.args.overload_step_ms)
+        database = self.lab.create_database("overload")
+        serve, address = self.start_orchestrator(
+            database, definitions, "serve-overload", participant=participant,
+            options=["--max-sagas-in-flight", str(bound)],
+        )
+        before = memory_kib(serve.pid)["VmRSS"]
+        client = self.lab.spawn(
+            "client-overload",
+            [PYTHON, str(BENCH_DIR / "overload_client.py"), "--address", address, "--definition", "bench",
+             "--callers", str(10 * bound), "--calls", str(self.args.overload_calls)],
+        )
+        try:
+            result: dict[str, Any] = json.loads(client.read_line())
+            result["rss_mb"] = (round(before / 1024, 1), round(memory_kib(serve.pid)["VmHWM"] / 1024, 1))
+            return result
+        finally:
+            self.lab.stop(client)
+            self.lab.stop(serve)
+            self.lab.drop_database(database)
 
     # -- subscribers (issue "Status streaming")
 
@@ -1079,6 +1113,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 500 sagas (200 at c=1), 1 run, 3,000 waiting; peers 200 (50 at c=1)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the processes' logs in the temp dir")
+    parser.add_argument("--overload-bound", type=int, default=100,
+                        help="overload case: the replica's --max-sagas-in-flight; 10x as many callers (0 skips)")
+    parser.add_argument("--overload-calls", type=int, default=10_000, help="overload case: StartSaga calls in all")
+    parser.add_argument("--overload-step-ms", type=float, default=300.0,
+                        help="overload case: how long the participant's Execute takes (default 300)")
     parser.add_argument("--subscribers", type=int, default=1000,
                         help="watch subscribers for the subscriber section (default 1000; 0 skips its N cases)")
     parser.add_argument("--fanout-subscribers", type=int, default=100,
@@ -1190,6 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
             print_subscribers(results, args.subscribers_concurrency, args.sagas, args.runs)
             total_failed += sum(result.row.failed for result in results)
+        if args.overload_bound:
+            print_overload(bench.run_overload(definitions), args)
         print(f"\nbench: took {time.monotonic() - began:.0f}s; {total_failed} saga(s) failed")
         c256 = find(rows, "orchestrator", 256)
         c1 = find(rows, "orchestrator", 1)
@@ -1211,6 +1252,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lab.close(failed)
+
+
+def print_overload(result: dict[str, Any], args: argparse.Namespace) -> None:
+    """StartSaga's answer mix and latencies at 10x capacity."""
+    bound = args.overload_bound
+    answers: dict[str, int] = result["answers"]
+    print(
+        f"\noverload: {args.overload_calls} StartSaga from {10 * bound} callers at once, bound {bound} sagas in"
+        f" flight (10x capacity), Execute {args.overload_step_ms:g} ms, {result['seconds']}s;"
+        f" orchestrator RSS {result['rss_mb'][0]} MB before, peak {result['rss_mb'][1]} MB"
+    )
+    for code, count in answers.items():
+        latency = result["latency_ms"][code]
+        print(f"  {code:<20} {count:>7}  p50 {latency['p50']:>8.1f} ms  p99 {latency['p99']:>8.1f} ms"
+              f"  max {latency['max']:>8.1f} ms")
+    refused = result["latency_ms"].get("RESOURCE_EXHAUSTED")
+    unexplained = sum(count for code, count in answers.items() if code not in ("OK", "RESOURCE_EXHAUSTED"))
+    verdict = "ok" if refused is not None and refused["max"] <= 1000 and not unexplained else "MISSED"
+    print(f"  refused within a second, no other answer: {verdict}")
 
 
 def report_ratios(rows: list[Row], levels: Sequence[int]) -> dict[str, float]:

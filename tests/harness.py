@@ -24,8 +24,8 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.examples import DEFINITIONS_DIR
 from compensa.examples.server import RunningParticipant, start_participant
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.records import FINAL_SAGA_STATES
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 

@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,3 +259,86 @@ def _run(command: Sequence[str], as_user: str | None) -> None:
         if result.returncode != 0:
             output.seek(0)
             raise subprocess.CalledProcessError(result.returncode, full, output=output.read())
+
+
+@dataclass
+class ReplicatedPair:
+    """A throwaway primary and its synchronous standby (streaming replication,
+    `pg_basebackup -R`), each a cluster of its own on a free 127.0.0.1 port."""
+
+    bindir: Path
+    workdir: Path
+    primary_port: int
+    standby_port: int
+    _as_user: str | None
+
+    @property
+    def urls_host_list(self) -> str:
+        """The libpq host list of both, in SQLAlchemy's URL (database `orchestrator`)."""
+        return (
+            f"postgresql+psycopg://{_ADMIN_USER}@127.0.0.1:{self.primary_port},127.0.0.1:{self.standby_port}"
+            "/orchestrator?target_session_attrs=read-write"
+        )
+
+    def conninfo(self, port: int, database: str = "postgres") -> str:
+        return f"host=127.0.0.1 port={port} user={_ADMIN_USER} dbname={database}"
+
+    def kill_primary(self) -> None:
+        """SIGKILL of the primary's postmaster (its backends end with it)."""
+        pid = int((self.workdir / "primary" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 9)
+
+    def promote_standby(self) -> None:
+        """`pg_ctl promote`, waiting until the standby accepts writes."""
+        _run([str(self.bindir / "pg_ctl"), "-D", str(self.workdir / "standby"), "-w", "-t", "60", "promote"],
+             self._as_user)
+
+    def close(self) -> None:
+        """Stops both (whatever is left of them) and deletes their files."""
+        for name in ("primary", "standby"):
+            stop = [str(self.bindir / "pg_ctl"), "-D", str(self.workdir / name), "-m", "immediate", "-w", "stop"]
+            subprocess.run(_as_user(stop, self._as_user), check=False, capture_output=True, cwd="/")
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_primary_with_standby(bindir: Path) -> ReplicatedPair:
+    """A primary whose commits wait for a synchronous standby
+    (`synchronous_standby_names = '*'`), and that standby, streaming; both
+    started and the standby in sync when this returns. As root, both belong
+    to the ``postgres`` user (initdb refuses root)."""
+    as_user = _CLUSTER_USER if os.geteuid() == 0 else None
+    workdir = Path(tempfile.mkdtemp(prefix="compensa-pg-pair-"))
+    pair = ReplicatedPair(bindir, workdir, _free_port(), _free_port(), as_user)
+    pg_ctl = str(bindir / "pg_ctl")
+    try:
+        if as_user is not None:
+            entry = pwd.getpwnam(as_user)
+            os.chown(workdir, entry.pw_uid, entry.pw_gid)
+        primary, standby = workdir / "primary", workdir / "standby"
+        _run([str(bindir / "initdb"), "-D", str(primary), "-U", _ADMIN_USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
+             as_user)
+        common = f"-k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=on"
+        primary_options = (
+            f"-p {pair.primary_port} {common} -c wal_level=replica -c max_wal_senders=4"
+            " -c synchronous_standby_names='*' -c synchronous_commit=on"
+        )
+        _run([pg_ctl, "-D", str(primary), "-l", str(workdir / "primary.log"), "-o", primary_options, "-w", "-t", "60",
+              "start"], as_user)
+        _run([str(bindir / "pg_basebackup"), "-D", str(standby), "-R", "-X", "stream", "-c", "fast",
+              "-h", "127.0.0.1", "-p", str(pair.primary_port), "-U", _ADMIN_USER], as_user)
+        _run([pg_ctl, "-D", str(standby), "-l", str(workdir / "standby.log"), "-o", f"-p {pair.standby_port} {common}",
+              "-w", "-t", "60", "start"], as_user)
+        with psycopg.connect(pair.conninfo(pair.primary_port), autocommit=True) as conn:
+            deadline = time.monotonic() + 60
+            while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone() != (1,):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the standby did not become synchronous within 60s")
+                time.sleep(0.1)  # ok-sleep: polling interval with a deadline
+    except (KeyError, OSError, subprocess.CalledProcessError, RuntimeError, psycopg.Error) as exc:
+        logs = "".join(
+            (workdir / log).read_text(errors="replace")[-1500:]
+            for log in ("primary.log", "standby.log") if (workdir / log).exists()
+        )
+        pair.close()
+        raise RuntimeError(f"{_describe(exc)}\n{logs}".strip()) from exc
+    return pair

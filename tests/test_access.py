@@ -17,8 +17,8 @@ import pytest
 from dashboard_rig import TOKENS, bearer, dashboard_rig
 from harness import REPO, checkout_input, poll_until
 
-from compensa.orchestrator.auth import load_token_file
-from compensa.orchestrator.errors import InvalidArgument
+from compensa.orchestrator.api.auth import load_token_file
+from compensa.orchestrator.shared.errors import InvalidArgument
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2

@@ -26,12 +26,13 @@ from harness import checkout_input, poll_until
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 from scripted_participant import ScriptedParticipant, serve_scripted
 from sqlalchemy.ext.asyncio import create_async_engine
+from tcp_proxy import TcpProxy
 from test_operations import FLOW
 from webhook_receiver import WebhookReceiver, health_server
 
-from compensa.orchestrator.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.cli import main
 from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.engine.alerts import DELIVERY_BACKOFF
 from compensa.orchestrator.server import start_orchestrator
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -376,3 +377,45 @@ async def test_a_participant_without_the_health_service_is_unknown_and_never_ale
         await bare.stop(0)
     unknown = [r.getMessage() for r in caplog.records if "health unknown" in r.getMessage()]
     assert len(unknown) == 1 and "does not serve grpc.health.v1" in unknown[0]
+
+
+async def test_a_participant_without_the_health_service_is_not_alerted_for_two_short_outages_far_apart(
+    make_postgres_url: Callable[[], str]
+) -> None:
+    # Seen on main: its answer UNIMPLEMENTED did not end the outage the first
+    # cut started, so the second cut, past the threshold, raised "has failed
+    # its health checks for <time since the first cut>".
+    bare = grpc.aio.server()  # serves nothing at all: every call is UNIMPLEMENTED
+    port = bare.add_insecure_port("127.0.0.1:0")
+    await bare.start()
+    link = await TcpProxy.to(f"127.0.0.1:{port}")
+    # Longer than an outage lasts here (the channel reconnects within its backoff, 1-2.5 s).
+    threshold = 4.0
+    running = await start_orchestrator(ServerConfig(
+        listen="127.0.0.1:0", database_url=make_postgres_url(), participants={"legacy": link.address},
+        participant_health_seconds=0.1, alert_participant_unhealthy_seconds=threshold,
+    ))
+    watch = running.engine.participant_health
+
+    def seen(health: int) -> Callable[[], bool]:
+        def check() -> bool:
+            outcome = watch.seen("legacy", link.address)
+            return outcome is not None and outcome.health == health
+        return check
+
+    try:
+        await _wait_until(seen(orchestrator_pb2.PARTICIPANT_HEALTH_UNKNOWN), "probed: unknown")
+        for outage in (1, 2):
+            await link.cut()
+            await _wait_until(seen(orchestrator_pb2.PARTICIPANT_HEALTH_FAILING), f"outage {outage} seen")
+            await link.heal()
+            await _wait_until(seen(orchestrator_pb2.PARTICIPANT_HEALTH_UNKNOWN), f"answering after outage {outage}")
+            if outage == 1:
+                await asyncio.sleep(threshold + 0.5)  # ok-sleep: the outages are further apart than the threshold
+        assert await running.engine.store.read_alerts(0, 10) == []
+        (stored,) = await running.engine.store.list_participants()
+        assert stored.unhealthy_since is None, "its answer ended neither outage"
+    finally:
+        await running.stop(0)
+        await link.close()
+        await bare.stop(0)

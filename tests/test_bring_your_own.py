@@ -141,7 +141,7 @@ async def test_a_new_saga_type_and_its_participants_reach_two_running_replicas(d
         assert saga["state"] == "SAGA_STATE_SUCCEEDED"
         assert saga["input"] == {
             "@type": "type.googleapis.com/travel.v1.TripInput", "destination": "Lisbon", "nights": 3,
-            "departs": "2027-01-01T10:00:00Z", "budget": {"currency": "EUR", "units": "900"},
+            "departs": "2027-01-01T10:00:00Z", "budget": {"currency": "EUR", "units": 900},
         }
         listed = await _compensa_async("list", "--json", "--address", deployment.address(replica))
         assert listed.returncode == 0, listed.stderr

@@ -7,14 +7,15 @@ import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from google.protobuf import timestamp_pb2
 
-from compensa.orchestrator import timeline
-from compensa.orchestrator.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.orchestrator.cli.demo import CHECKOUT_PARTICIPANTS, DEFINITIONS_DIR
+from compensa.orchestrator.shared import timeline
 from compensa.v1 import saga_pb2
 
 COMPENSA = Path(sys.executable).parent / "compensa"
@@ -130,12 +131,13 @@ def test_purge_of_a_database_without_compensa_tables_exits_2_and_creates_none(
         engine.dispose()
 
 
-def test_unreachable_orchestrator_exits_2_with_status_code() -> None:
+def test_unreachable_orchestrator_says_there_is_none_and_how_to_point_at_one() -> None:
     # Port 1 is never an orchestrator; the deadline bounds the wait.
     result = _compensa("--address", "127.0.0.1:1", "get", "some-saga", "--timeout", "2")
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ")
-    assert "UNAVAILABLE" in result.stderr or "DEADLINE_EXCEEDED" in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: no orchestrator at 127.0.0.1:1 (connection refused)"), result.stderr
+    assert "--address" in result.stderr and "COMPENSA_ADDRESS" in result.stderr
 
 
 # --- timeline rendering ---------------------------------------------------------------
@@ -242,6 +244,13 @@ class _Deployment:
 @pytest.fixture
 async def deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
     """The three example participants and an orchestrator, on SQLite files in tmp_path."""
+    async with checkout_deployment(tmp_path) as running:
+        yield running
+
+
+@asynccontextmanager
+async def checkout_deployment(tmp_path: Path) -> AsyncIterator[_Deployment]:
+    """The three example participants and an orchestrator, on SQLite files in tmp_path."""
     from compensa.examples.server import start_participant
     from compensa.orchestrator.config import ServerConfig
     from compensa.orchestrator.server import start_orchestrator
@@ -299,6 +308,17 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     shown = await _compensa_async(*address, "get", "cli-declined", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["state"] == "SAGA_STATE_COMPENSATED"
+    assert isinstance(json.loads(shown.stdout)["sequence"], int)
+
+    table = await _compensa_async(*address, "list")
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["SAGA", "ID", "DEFINITION", "STATE", "SEQ", "UPDATED"]
+    assert sorted(row.split()[0] for row in rows) == ["cli-declined", "cli-ok"]
+    # Aligned: each column starts at the same offset on every line.
+    for row in rows:
+        _, definition, state, *_ = row.split()
+        assert (row.index(definition), row.index(state)) == (header.index("DEFINITION"), header.index("STATE")), row
 
     listed = await _compensa_async(*address, "list", "--state", "compensated", "--all", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -307,7 +327,8 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     watched = await _compensa_async(*address, "watch", "cli-ok", "--json")
     assert watched.returncode == 0, watched.stderr
     events = [json.loads(line) for line in watched.stdout.splitlines()]
-    assert [event["sequence"] for event in events] == [str(n) for n in range(1, len(events) + 1)]
+    # 64-bit integers as JSON numbers, not protobuf's strings (the CLI's JSON is for people and jq).
+    assert [event["sequence"] for event in events] == list(range(1, len(events) + 1))
     assert events[-1]["type"] == "EVENT_TYPE_SAGA_SUCCEEDED"
 
     status = await _compensa_async(*address, "status")
@@ -321,7 +342,7 @@ async def test_start_wait_get_list_and_watch(deployment: _Deployment) -> None:
     assert "unchanged for 10m" in status.stdout
     summary = json.loads((await _compensa_async(*address, "status", "--json", "--stuck", "90s")).stdout)
     assert [(entry["state"], entry["count"]) for entry in summary["states"]] == [
-        ("SAGA_STATE_SUCCEEDED", "1"), ("SAGA_STATE_COMPENSATED", "1"),
+        ("SAGA_STATE_SUCCEEDED", 1), ("SAGA_STATE_COMPENSATED", 1),
     ]
     assert summary["stuck_for"] == "90s"
 
@@ -420,7 +441,7 @@ async def test_alerts_and_participants_list_show_a_participant_failing_its_healt
             as_json = await _compensa_async(*address, "alerts", "--after", "1", "--limit", "1", "--json")
             assert as_json.returncode == 0, as_json.stderr
             recovered = json.loads(as_json.stdout)
-            assert (recovered["position"], recovered["kind"]) == ("2", "ALERT_KIND_PARTICIPANT_RECOVERED")
+            assert (recovered["position"], recovered["kind"]) == (2, "ALERT_KIND_PARTICIPANT_RECOVERED")
         finally:
             await orchestrator.stop()
 
@@ -436,6 +457,9 @@ def test_demo_succeeds_from_any_directory(tmp_path: Path) -> None:
     assert "SUCCEEDED" in result.stdout
     assert "COMPENSATED" in result.stdout
     assert "demo OK" in result.stdout
+    # It ends, so it shows no dashboard link that would be dead by the time it is clicked.
+    assert "http://" not in result.stdout
+    assert "compensa demo --stay" in result.stdout
 
 
 def test_migrate_creates_the_schema_and_is_repeatable(make_postgres_url: Callable[[], str]) -> None:

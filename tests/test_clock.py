@@ -1,5 +1,5 @@
 """Replicas compare leases and due times on one clock: the database's
-(compensa.orchestrator.clock). A replica whose own clock runs an hour ahead must not
+(compensa.orchestrator.engine.clock). A replica whose own clock runs an hour ahead must not
 take over the sagas another replica is driving."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from harness import checkout_stack
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from compensa.orchestrator.clock import SharedClock
+from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.store.schema import sagas
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2

@@ -42,7 +42,7 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.inventory import RESERVATIONS, STOCK
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.shipping import SHIPMENTS
-from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.orchestrator.shared.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]

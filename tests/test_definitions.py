@@ -23,7 +23,7 @@ from compensa.orchestrator.definitions import (
     step_order,
     validate_definition,
 )
-from compensa.orchestrator.errors import DefinitionError, InvalidArgument
+from compensa.orchestrator.shared.errors import DefinitionError, InvalidArgument
 from compensa.v1 import definition_pb2
 
 DEFINITIONS = DEFINITIONS_DIR

@@ -9,7 +9,7 @@ import pytest
 
 from compensa.orchestrator.cli import build_parser
 from compensa.orchestrator.definitions import load_definition_file
-from compensa.orchestrator.errors import CompensaError, DefinitionError
+from compensa.orchestrator.shared.errors import CompensaError, DefinitionError
 from tests.test_definitions import edited, write
 
 #: Text -> its length in nanoseconds.

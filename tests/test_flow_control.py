@@ -28,8 +28,8 @@ from participant_helpers import checkout_input
 from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet
 
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.records import FINAL_SAGA_STATES
 from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, participant_pb2_grpc, saga_pb2
 

@@ -32,10 +32,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from compensa.orchestrator import machine
 from compensa.orchestrator.definitions import MAX_DEPENDENCY_DEPTH, MAX_STEPS, load_definition_file
-from compensa.orchestrator.errors import ERROR_DOMAIN, RejectedWrite
-from compensa.orchestrator.tokens import completion_token
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.tokens import completion_token
+from compensa.orchestrator.shared.errors import ERROR_DOMAIN, RejectedWrite
 from compensa.v1 import definition_pb2, orchestrator_pb2, participant_pb2, participant_pb2_grpc, saga_pb2
 from tests.harness import CHECKOUT, Stack, checkout_input, checkout_stack, poll_until
 

@@ -27,11 +27,11 @@ from scripted_participant import ScriptedParticipant, serve_scripted
 from test_access import _jwt_signer
 
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, Identity, Role
+from compensa.orchestrator.api.auth import AccessPolicy, Identity, Role
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.errors import InvalidArgument, Unauthenticated
-from compensa.orchestrator.limits import MAX_STORED_ACTOR_CHARS
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
+from compensa.orchestrator.shared.errors import InvalidArgument, Unauthenticated
+from compensa.orchestrator.shared.limits import MAX_STORED_ACTOR_CHARS
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2

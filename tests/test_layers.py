@@ -1,21 +1,28 @@
-"""The import graph points one way: the faces call down, never the other way.
+"""The import graph points one way, and the folders show the layers.
 
 Drawn from the source with `ast` (nothing is imported, so a module's import
 side effects cannot hide an arrow), over every import statement, including
 those inside functions and under TYPE_CHECKING: a lazy import up a layer is
 still an arrow up. `python tests/test_layers.py` prints the graph by layer.
 
-Layers, top down (see /work/shared/STYLE.md, "The shape to grow into"):
+Layers of compensa.orchestrator, top down, one folder each (see
+/work/shared/STYLE.md, "The shape to grow into"):
 
-- face: the gRPC service and server, the API views, the stream fan-out, the
-  CLI, the dashboard, the demo and the participants' test stack;
-- engine: the engine, the transition writer, the machine, completion tokens,
-  the change signal;
-- store: compensa.orchestrator.store and everything under it;
-- below them the shared modules (records, errors, timestamps, retry, ...).
+- composition roots: the process (`server`, its `config`), the CLI (with the
+  demo) and `compensa.testing`: they assemble the rest, and only they may
+  import the participant SDK and the examples;
+- face: the gRPC API (`api/`), the dashboard (`dashboard/`) and the client
+  library (`client`);
+- engine: `engine/`;
+- store: `store/`;
+- shared: `shared/` and `definitions/`, the vocabulary every layer uses.
 
-A lower layer that has to tell a higher one something offers a subscription
-(orchestrator.changes.ChangeSignal), it does not import it.
+Every module of compensa.orchestrator belongs to exactly one of them (a new
+module in an unlisted place fails the test). Beside the orchestrator stand the
+participant SDK (`compensa.participants`), the examples built on it, and
+`compensa.common`, what both sides share; neither of those imports the
+orchestrator. A lower layer that has to tell a higher one something offers a
+subscription (engine.changes.ChangeSignal), it does not import it.
 """
 
 from __future__ import annotations
@@ -29,30 +36,17 @@ ROOT = Path(__file__).resolve().parent.parent
 #: The source roots whose `compensa/` trees hold our code (generated/ aside).
 PACKAGES = ("orchestrator", "participants")
 
-FACE = (
-    "compensa.orchestrator.service",
-    "compensa.orchestrator.views",
-    "compensa.orchestrator.streams",
-    "compensa.orchestrator.server",
-    "compensa.orchestrator.cli",
-    "compensa.orchestrator.dashboard",
-    "compensa.orchestrator.demo",
-    # Starts a whole orchestrator beside a user's participants for their
-    # tests: a composition root, like the demo, so it sits on top.
-    "compensa.testing",
-)
-ENGINE = (
-    "compensa.orchestrator.engine",
-    "compensa.orchestrator.writer",
-    "compensa.orchestrator.machine",
-    "compensa.orchestrator.records",
-    "compensa.orchestrator.tokens",
-    "compensa.orchestrator.changes",
-)
-STORE = ("compensa.orchestrator.store",)
-#: The participant SDK and what both sides share stand apart from the
-#: orchestrator; the examples use only the SDK (and the shared modules).
-ORCHESTRATOR = ("compensa.orchestrator", "compensa.testing")
+_O = "compensa.orchestrator"
+#: Each layer of the orchestrator, top down, as the modules and folders it holds.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "composition": (f"{_O}.server", f"{_O}.config", f"{_O}.cli", "compensa.testing"),
+    "face": (f"{_O}.api", f"{_O}.dashboard", f"{_O}.client"),
+    "engine": (f"{_O}.engine",),
+    "store": (f"{_O}.store",),
+    "shared": (f"{_O}.shared", f"{_O}.definitions", _O),
+}
+ORDER = tuple(LAYERS)
+ORCHESTRATOR = (_O, "compensa.testing")
 SDK = ("compensa.participants",)
 COMMON = ("compensa.common",)
 EXAMPLES = ("compensa.examples",)
@@ -112,18 +106,34 @@ def import_graph(root: Path = ROOT, packages: Iterable[str] = PACKAGES) -> Graph
     }
 
 
+def layer_of(module: str) -> str:
+    """The layer of a module of the orchestrator (the longest prefix wins:
+    `compensa.orchestrator` itself is shared, its folders are not), or
+    "participants" for the SDK, the examples and compensa.common."""
+    best, layer = -1, "participants"
+    for name, prefixes in LAYERS.items():
+        for prefix in prefixes:
+            if _in(module, (prefix,)) and len(prefix) > best:
+                best, layer = len(prefix), name
+    return layer
+
+
 def upward_arrows(graph: Graph) -> list[str]:
-    """Every arrow that points the wrong way: from below the face into it,
-    from the store into the engine, from the participant SDK or the shared
-    modules into the orchestrator, from the shared modules into the SDK, and
-    from the SDK into the examples."""
+    """Every arrow that points the wrong way: from a layer of the orchestrator
+    into one above it, from anywhere but a composition root into the SDK or
+    the examples, from the participant side or the shared modules into the
+    orchestrator, from the shared modules into the participant side, and from
+    the SDK into the examples."""
     arrows: list[str] = []
     for source, targets in sorted(graph.items()):
         for target in sorted(targets):
-            if not _in(source, FACE) and _in(target, FACE):
-                arrows.append(f"{source} -> {target} (into the face)")
-            elif _in(source, STORE) and _in(target, ENGINE) and target != "compensa.orchestrator.records":
-                arrows.append(f"{source} -> {target} (store into the engine)")
+            if _in(source, ORCHESTRATOR) and _in(target, ORCHESTRATOR):
+                above = ORDER.index(layer_of(target)) < ORDER.index(layer_of(source))
+                if above:
+                    arrows.append(f"{source} -> {target} ({layer_of(source)} into the {layer_of(target)})")
+            elif _in(source, ORCHESTRATOR) and _in(target, SDK + EXAMPLES):
+                if layer_of(source) != "composition":
+                    arrows.append(f"{source} -> {target} (orchestrator outside its composition roots into the SDK)")
             elif _in(source, SDK + COMMON + EXAMPLES) and _in(target, ORCHESTRATOR):
                 arrows.append(f"{source} -> {target} (participant side into the orchestrator)")
             elif _in(source, COMMON) and _in(target, SDK + EXAMPLES):
@@ -131,6 +141,16 @@ def upward_arrows(graph: Graph) -> list[str]:
             elif _in(source, SDK) and _in(target, EXAMPLES):
                 arrows.append(f"{source} -> {target} (SDK into the examples)")
     return arrows
+
+
+def unplaced(graph: Graph) -> list[str]:
+    """Modules of the orchestrator in no folder of a layer: only the listed
+    top-level modules may sit beside the folders."""
+    top_level = {prefix for prefixes in LAYERS.values() for prefix in prefixes}
+    return sorted(
+        module for module in graph
+        if module.startswith(_O + ".") and not any(_in(module, (prefix,)) for prefix in top_level - {_O})
+    )
 
 
 def cycles(graph: Graph) -> list[list[str]]:
@@ -159,13 +179,18 @@ def cycles(graph: Graph) -> list[list[str]]:
     return found
 
 
-def test_nothing_below_the_face_imports_it_and_the_store_does_not_import_the_engine() -> None:
+def test_nothing_imports_a_layer_above_it() -> None:
     graph = import_graph()
     assert {
-        "compensa.orchestrator.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"
+        "compensa.orchestrator.engine.engine", "compensa.orchestrator.store.sql", "compensa.participants.sdk"
     } <= set(graph)
     arrows = upward_arrows(graph)
     assert not arrows, "imports that point up a layer:\n" + "\n".join(arrows)
+
+
+def test_every_module_of_the_orchestrator_sits_in_a_layer() -> None:
+    stray = unplaced(import_graph())
+    assert not stray, "modules in no layer's folder (move them, or list them in LAYERS):\n" + "\n".join(stray)
 
 
 def test_no_import_cycles() -> None:
@@ -175,57 +200,59 @@ def test_no_import_cycles() -> None:
 
 def test_the_check_sees_an_upward_arrow_wherever_it_is_written(tmp_path: Path) -> None:
     """The scanner itself: an arrow up hidden in a function, a relative import
-    or `from package import module` is found, and a cycle is reported."""
+    or `from package import module` is found, a module outside the layers'
+    folders is reported, and a cycle is reported."""
     package = tmp_path / "orchestrator" / "compensa" / "orchestrator"
-    (package / "store").mkdir(parents=True)
+    for folder in ("api", "engine", "store", "shared"):
+        (package / folder).mkdir(parents=True)
+        (package / folder / "__init__.py").write_text("")
     (package / "__init__.py").write_text("")
-    (package / "views.py").write_text("def timestamp(): ...\n")
-    (package / "engine.py").write_text("def run():\n    from compensa.orchestrator.views import timestamp\n")
-    (package / "store" / "__init__.py").write_text("")
-    (package / "store" / "sql.py").write_text("from .. import machine\nfrom compensa.orchestrator import records\n")
-    (package / "machine.py").write_text("import compensa.orchestrator.records\n")
-    (package / "records.py").write_text("from compensa.orchestrator import machine\n")
+    (package / "api" / "views.py").write_text("def timestamp(): ...\n")
+    (package / "engine" / "engine.py").write_text(
+        "def run():\n    from compensa.orchestrator.api.views import timestamp\n"
+    )
+    (package / "engine" / "tracing.py").write_text("from compensa.participants import sdk\n")
+    (package / "store" / "sql.py").write_text(
+        "from ..engine import machine\nfrom compensa.orchestrator.shared import records\n"
+    )
+    (package / "engine" / "machine.py").write_text("import compensa.orchestrator.shared.records\n")
+    (package / "shared" / "records.py").write_text("from compensa.orchestrator.engine import machine\n")
+    (package / "stray.py").write_text("")
     sdk = tmp_path / "participants" / "compensa" / "participants"
     sdk.mkdir(parents=True)
     (sdk / "__init__.py").write_text("")
-    (sdk / "sdk.py").write_text("from compensa.orchestrator.records import FINAL_SAGA_STATES\n")
+    (sdk / "sdk.py").write_text("from compensa.orchestrator.shared.records import FINAL_SAGA_STATES\n")
     graph = import_graph(tmp_path, ["orchestrator", "participants"])
     assert graph["compensa.orchestrator.store.sql"] == {
-        "compensa.orchestrator.machine", "compensa.orchestrator.records",
+        "compensa.orchestrator.engine.machine", "compensa.orchestrator.shared.records",
     }
     assert upward_arrows(graph) == [
-        "compensa.orchestrator.engine -> compensa.orchestrator.views (into the face)",
-        "compensa.orchestrator.store.sql -> compensa.orchestrator.machine (store into the engine)",
-        "compensa.participants.sdk -> compensa.orchestrator.records (participant side into the orchestrator)",
+        "compensa.orchestrator.engine.engine -> compensa.orchestrator.api.views (engine into the face)",
+        "compensa.orchestrator.engine.tracing -> compensa.participants.sdk"
+        " (orchestrator outside its composition roots into the SDK)",
+        "compensa.orchestrator.shared.records -> compensa.orchestrator.engine.machine (shared into the engine)",
+        "compensa.orchestrator.store.sql -> compensa.orchestrator.engine.machine (store into the engine)",
+        "compensa.participants.sdk -> compensa.orchestrator.shared.records (participant side into the orchestrator)",
     ]
-    assert cycles(graph) == [
-        ["compensa.orchestrator.machine", "compensa.orchestrator.records", "compensa.orchestrator.machine"]
-    ]
-
-
-def _layer(module: str) -> str:
-    if _in(module, FACE):
-        return "face"
-    if _in(module, ENGINE):
-        return "engine"
-    if _in(module, STORE):
-        return "store"
-    return "shared" if _in(module, ORCHESTRATOR + COMMON) else "participants"
+    assert unplaced(graph) == ["compensa.orchestrator.stray"]
+    machine, records = "compensa.orchestrator.engine.machine", "compensa.orchestrator.shared.records"
+    assert cycles(graph) == [[machine, records, machine]]
 
 
 def main() -> None:
     graph = import_graph()
-    for layer in ("face", "engine", "store", "shared", "participants"):
+    for layer in (*ORDER, "participants"):
         print(f"[{layer}]")
-        for module in sorted(module for module in graph if _layer(module) == layer):
+        for module in sorted(module for module in graph if layer_of(module) == layer):
             targets = ", ".join(sorted(graph[module])) or "-"
             print(f"  {module} -> {targets}")
     for arrow in upward_arrows(graph):
         print(f"UP: {arrow}")
+    for module in unplaced(graph):
+        print(f"UNPLACED: {module}")
     for cycle in cycles(graph):
         print("CYCLE: " + " -> ".join(cycle))
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

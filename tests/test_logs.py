@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from compensa.orchestrator import logs
 from compensa.orchestrator.cli import build_parser, main
+from compensa.orchestrator.shared import logs
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from google.protobuf import duration_pb2
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the input_type the definitions name)
 from compensa.examples import DEFINITIONS_DIR
-from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import load_definition_file, validate_definition
-from compensa.orchestrator.machine import (
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.machine import (
     Call,
     CallCompensate,
     CallExecute,
@@ -36,7 +36,8 @@ from compensa.orchestrator.machine import (
     TimerFired,
     Transition,
 )
-from compensa.orchestrator.records import SagaRecord
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.records import SagaRecord
 from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2

@@ -25,14 +25,15 @@ from alembic.runtime.migration import MigrationContext
 from harness import CHECKOUT, checkout_input, checkout_stack
 from webhook_receiver import WebhookReceiver
 
-from compensa.orchestrator import machine, records
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
-from compensa.orchestrator.errors import SchemaMismatch
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.errors import SchemaMismatch
 from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store
 from compensa.orchestrator.store.schema import metadata
-from compensa.orchestrator.tokens import completion_token
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2

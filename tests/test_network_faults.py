@@ -439,12 +439,12 @@ async def test_a_slow_statement_is_cancelled_by_the_database_and_not_taken_for_a
 ) -> None:
     import sqlalchemy as sa
 
-    from compensa.orchestrator.errors import StoreUnavailable
+    from compensa.orchestrator.shared.errors import StoreUnavailable
     from compensa.orchestrator.store import open_store
 
     store = open_store(make_postgres_url(), timeout=DATABASE_TIMEOUT)
     outcomes: list[BaseException | None] = []
-    store.subscribe_reachability(outcomes.append)
+    store.subscribe_reachability(lambda outcome, began: outcomes.append(outcome))
     try:
         began = time.monotonic()
         with pytest.raises(StoreUnavailable, match="statement timeout"):

@@ -14,8 +14,8 @@ from harness import FINAL, checkout_input, poll_until, scrape
 from scripted_participant import ScriptedParticipant, serve_scripted
 
 from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
-from compensa.orchestrator.tokens import completion_token
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 S = saga_pb2

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.server import start_participant
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.errors import DefinitionError
 from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.shared.errors import DefinitionError
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, saga_pb2
 

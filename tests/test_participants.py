@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -357,6 +358,50 @@ async def test_transient_errors_and_bugs_record_nothing_so_a_retry_runs_again(da
         assert unpack_as(succeeded.output, checkout_pb2.Shipment).tracking_number == "attempt-3"
         assert duplicate == succeeded
         assert [r.attempt for r in await flaky.rows(_ENTRIES, idempotency_key=step.key)] == [3]
+
+
+class _SloppyParticipant(Participant):
+    """Returns what is not a protobuf message: a str from Execute, a dict from Compensate."""
+
+    metadata = _ledger
+    barrier_table_name = "sdk_sloppy_barrier"
+
+    async def execute_step(self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest) -> Any:
+        if request.context.step_name == "book_flight":
+            return checkout_pb2.Shipment(tracking_number="flight-1")
+        return "booked-123"
+
+    async def compensate_step(self, conn: AsyncConnection, request: participant_pb2.CompensateRequest) -> Any:
+        return {"cancelled": True}
+
+
+async def test_a_step_that_returns_no_message_is_told_which_step_returned_what(tmp_path: Path) -> None:
+    step = StepCall.new("book_hotel")
+    engine = create_participant_engine(f"sqlite+aiosqlite:///{tmp_path / 'sloppy.db'}")
+    async with serving_participant(_SloppyParticipant(engine)) as sloppy:
+        executed = await status_of(sloppy.stub.Execute(step.execute()))
+        assert executed == (
+            grpc.StatusCode.INTERNAL,
+            "step 'book_hotel': execute_step returned builtins.str ('booked-123'); expected a protobuf message or"
+            " Pending (e.g. wrappers_pb2.StringValue(value=...))",
+        )
+        flight = StepCall.new("book_flight")
+        await sloppy.stub.Execute(flight.execute())
+        compensated = await status_of(sloppy.stub.Compensate(flight.compensate()))
+        assert compensated == (
+            grpc.StatusCode.INTERNAL,
+            "step 'book_flight': compensate_step returned builtins.dict ({'cancelled': True}); expected a protobuf"
+            " message or None (e.g. wrappers_pb2.StringValue(value=...))",
+        )
+
+
+def test_the_sdks_names_are_visible_to_dir() -> None:
+    import compensa.participants
+
+    shown = dir(compensa.participants)
+    for name in ("Participant", "StepFailed", "serve", "create_participant_engine", "unpack_as", "Pending"):
+        assert name in shown
+    assert set(compensa.participants.__all__) <= set(shown)
 
 
 # --- What a call costs the participant's database --------------------------------

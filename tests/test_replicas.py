@@ -40,7 +40,7 @@ from recording_participant import RecordingParticipant, StepBehaviour
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from compensa.examples.server import start_server
-from compensa.orchestrator.records import ENDING_EVENTS, FINAL_SAGA_STATES
+from compensa.orchestrator.shared.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -51,7 +51,7 @@ FINAL = FINAL_SAGA_STATES
 FINAL_EVENTS = frozenset(ENDING_EVENTS.values())
 
 LEASE_SECONDS = 2.0
-SCHEDULER_POLL_SECONDS = 1.0  # compensa.orchestrator.engine._POLL_SECONDS
+SCHEDULER_POLL_SECONDS = 1.0  # compensa.orchestrator.engine.engine._POLL_SECONDS
 #: Takeover bound: the lease may have been renewed just before the kill, then
 #: the scheduler notices within a poll; the margin covers the slow step the
 #: new owner calls again before it writes (WORK_SECONDS) and a busy 2-core machine.

@@ -21,8 +21,8 @@ from dashboard_rig import TOKEN_FILE, TOKENS, bearer, dashboard_rig
 from harness import REPO, checkout_input
 from test_tls import Pki, pki  # noqa: F401 (the fixture)
 
-from compensa.orchestrator.auth import Role, check_scope, load_token_file
-from compensa.orchestrator.errors import InvalidArgument
+from compensa.orchestrator.api.auth import Role, check_scope, load_token_file
+from compensa.orchestrator.shared.errors import InvalidArgument
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 pb = orchestrator_pb2

@@ -23,10 +23,11 @@ import sqlalchemy as sa
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 from compensa.examples import DEFINITIONS_DIR
-from compensa.orchestrator import machine, records
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
-from compensa.orchestrator.machine import Plan, Transition
-from compensa.orchestrator.records import SagaRecord
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.machine import Plan, Transition
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.store import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
@@ -905,3 +906,17 @@ async def test_alert_positions_follow_commit_order_across_saga_and_participant_a
     assert [(a.position, a.kind) for a in logged] == [(1, SAGA_ALERT), (2, PARTICIPANT_UNHEALTHY), (3, SAGA_ALERT)]
     assert [a.position for a in await store.read_alerts(1, 1)] == [2]
     assert await store.read_alerts(3, 10) == []
+
+
+async def test_a_database_error_is_told_in_one_line_without_the_statement(tmp_path: Path) -> None:
+    from compensa.orchestrator.shared.errors import StoreUnavailable
+
+    store = open_store(f"sqlite+aiosqlite:///{tmp_path / 'no-schema.db'}")  # no tables: every statement fails
+    try:
+        with pytest.raises(StoreUnavailable) as raised:
+            await store.set_participant("hotels", "127.0.0.1:50071", updated_by="someone", now=time.time())
+    finally:
+        await store.close()
+    assert str(raised.value) == (
+        "database unavailable: OperationalError: no such table: compensa_participants"
+    )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compensa.orchestrator.changes import ChangeSignal
-from compensa.orchestrator.records import LogEvent
+from compensa.orchestrator.api.streams import LogTail, _Feed, _Reader
+from compensa.orchestrator.engine.changes import ChangeSignal
+from compensa.orchestrator.shared.records import LogEvent
 from compensa.orchestrator.store import StoredEvent, open_store
-from compensa.orchestrator.streams import LogTail, _Feed, _Reader
 from compensa.v1 import saga_pb2
 
 

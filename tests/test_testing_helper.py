@@ -139,3 +139,27 @@ async def test_an_authors_saga_compensates_a_business_failure(tmp_path: Path) ->
         assert await _entries(env.participant("ledger"), order.order_id) == ["reversed"]
         kinds = [event.type for event in await env.events(saga.saga_id)]
         assert kinds[-1] == saga_pb2.EVENT_TYPE_SAGA_COMPENSATED
+
+
+class Sloppy(Participant):
+    """Returns a str where a protobuf message is expected."""
+
+    barrier_table_name: ClassVar[str] = "sloppy_barrier"
+
+    async def execute_step(self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest) -> Message:
+        return "booked"  # type: ignore[return-value]
+
+
+async def test_a_step_that_returns_no_message_says_so_in_the_saga(tmp_path: Path) -> None:
+    definition = definition_pb2.SagaDefinition(
+        name="sloppy", input_type="compensa.checkout.v1.CheckoutInput",
+        steps=[definition_pb2.StepDefinition(name="book", participant="sloppy",
+                                             retry=definition_pb2.RetryPolicy(max_attempts=1))],
+    )
+    async with SagaTestEnvironment.start(definitions=[definition], participants={"sloppy": Sloppy}) as env:
+        saga = await env.client.execute("sloppy", _order())
+        assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED
+        (step,) = saga.steps
+        assert "step 'book': execute_step returned builtins.str ('booked'); expected a protobuf message" in (
+            step.last_error
+        ), step.last_error

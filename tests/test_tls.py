@@ -26,7 +26,7 @@ from harness import CHECKOUT, FINAL, REPO, checkout_input, poll_until
 from compensa.common.tls import TlsConfigError, TlsFiles
 from compensa.examples.inventory import RESERVATIONS
 from compensa.examples.server import start_participant
-from compensa.orchestrator.auth import Role
+from compensa.orchestrator.api.auth import Role
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.faults import FaultPlan

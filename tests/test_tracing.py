@@ -198,8 +198,8 @@ def test_the_code_runs_without_the_otel_extra() -> None:
         "import sys, logging\n"
         "sys.modules['opentelemetry'] = None  # as if compensa[otel] were not installed\n"
         "logging.basicConfig()\n"
-        "from compensa.orchestrator.tracing import SagaTracing\n"
-        "import compensa.orchestrator.engine, compensa.orchestrator.server, compensa.participants.sdk\n"
+        "from compensa.orchestrator.engine.tracing import SagaTracing\n"
+        "import compensa.orchestrator.engine.engine, compensa.orchestrator.server, compensa.participants.sdk\n"
         "print('tracing', SagaTracing.from_environment('r1'))\n"
     )
     env = {"PATH": "/usr/bin:/bin", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"}

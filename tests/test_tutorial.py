@@ -1,9 +1,12 @@
-"""The README's tutorial, run as written: its files are written to an empty
-directory and its commands run one by one (those ending in `&` in the
-background), with real processes throughout.
+"""The README's tutorial, run as a person pastes it: its files written to an
+empty directory, its command blocks run by one plain shell as a script, one
+line after the other, with no waiting of its own between them (the commands
+themselves must cope with a server started on the line before). Real
+processes throughout.
 
-The only change made to the text: the fixed ports are swapped for free ones,
-so that the test cannot collide with anything else on the machine.
+The only changes made to the text: the fixed ports are swapped for free ones
+(and COMPENSA_ADDRESS points at the orchestrator's), so that the test cannot
+collide with anything else on the machine.
 """
 
 from __future__ import annotations
@@ -11,24 +14,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import grpc
-import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "## Tutorial: your own saga, from nothing", "## Definition files"
 BLOCK = re.compile(r"<!-- tutorial:(file (?P<name>\S+)|run) -->\n```\w*\n(?P<body>.*?)```", re.S)
 PORTS = ("50051", "50071", "50072")
-COMMAND_TIMEOUT_SECONDS = 60
+SCRIPT_TIMEOUT_SECONDS = 300
 
 
 def _tutorial() -> list[tuple[str | None, str]]:
@@ -46,80 +43,48 @@ def _free_port() -> str:
         return str(probe.getsockname()[1])
 
 
-def _wait_until_serving(port: str, *, grpc_health: bool, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + COMMAND_TIMEOUT_SECONDS
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"background process exited with {process.returncode}"
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-            if status == health_pb2.HealthCheckResponse.SERVING or not grpc_health:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)  # ok-sleep: polling a server's health with a deadline
-    raise AssertionError(f"nothing serving on port {port} within {COMMAND_TIMEOUT_SECONDS}s")
-
-
-@pytest.fixture
-def background() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        process.terminate()
-    for process in started:
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-
-
-def test_the_readme_tutorial_runs_as_written(tmp_path: Path, background: list[subprocess.Popen[bytes]]) -> None:
+def test_the_readme_tutorial_runs_as_pasted_into_a_shell(tmp_path: Path) -> None:
     ports = {port: _free_port() for port in PORTS}
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["COMPENSA_ADDRESS"] = f"127.0.0.1:{ports['50051']}"
-    env.pop("COMPENSA_DATABASE_URL", None)
-    outputs: dict[str, subprocess.CompletedProcess[str]] = {}
-
+    script = []
     for name, body in _tutorial():
         if name is not None:
             (tmp_path / name).write_text(body)
-            continue
-        for line in body.splitlines():
+        else:
             for fixed, free in ports.items():
-                line = line.replace(fixed, free)
-            words = shlex.split(line)
-            if words[-1] == "&":
-                process = subprocess.Popen(words[:-1], cwd=tmp_path, env=env)
-                background.append(process)
-                port = next(free for free in ports.values() if free in line)
-                _wait_until_serving(port, grpc_health=words[0] == "compensa", process=process)
-                continue
-            result = subprocess.run(words, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                    timeout=COMMAND_TIMEOUT_SECONDS)
-            outputs[line] = result
-            assert "Traceback" not in result.stderr, (line, result.stderr)
+                body = body.replace(fixed, free)
+            script.append(body)
+    (tmp_path / "tutorial.sh").write_text("\n".join(script))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPENSA_")}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["COMPENSA_ADDRESS"] = f"127.0.0.1:{ports['50051']}"
+    stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with stdout_path.open("w") as stdout, stderr_path.open("w") as stderr:
+        # Its own process group: the servers the script leaves in the background are stopped with it.
+        shell = subprocess.Popen(
+            ["bash", "tutorial.sh"], cwd=tmp_path, env=env, stdout=stdout, stderr=stderr,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        try:
+            shell.wait(timeout=SCRIPT_TIMEOUT_SECONDS)
+        finally:
+            os.killpg(shell.pid, signal.SIGTERM)
+    output, errors = stdout_path.read_text(), stderr_path.read_text()
+    everything = output + errors
 
-    def ran(prefix: str) -> subprocess.CompletedProcess[str]:
-        (result,) = [result for line, result in outputs.items() if line.startswith(prefix)]
-        return result
+    assert shell.returncode == 0, everything  # the last line, compensa get, succeeded
+    assert not re.search(r"^error:|Traceback|command not found", everything, re.M), everything
+    assert "trip version 1: registered" in output, everything
+    assert re.search(r"saga trip-1 started.*SUCCEEDED", output, re.S), output
+    assert re.search(r"saga trip-2 started.*COMPENSATED", output, re.S), output
 
-    for prefix in ("python -m grpc_tools.protoc", "compensa participants set", "compensa register"):
-        for line, result in outputs.items():
-            if line.startswith(prefix):
-                assert result.returncode == 0, (line, result.stdout, result.stderr)
-    assert "trip version 1: registered" in ran("compensa register").stdout
-
-    booked = ran("compensa start trip --saga-id trip-1")
-    assert booked.returncode == 0 and "SUCCEEDED" in booked.stdout, booked.stdout + booked.stderr
-    compensated = ran("compensa start trip --saga-id trip-2")
-    assert compensated.returncode == 1 and "COMPENSATED" in compensated.stdout, compensated.stdout
-    watched = ran("compensa watch trip-2")
-    assert watched.returncode == 0 and "COMPENSATED" in watched.stdout, watched.stdout + watched.stderr
-    shown = json.loads(ran("compensa get trip-2 --json").stdout)
+    # The last command's output: compensa get trip-2 --json.
+    shown = json.loads(output[output.rindex("\n{\n") + 1:])
     assert shown["state"] == "SAGA_STATE_COMPENSATED"
     assert shown["input"]["destination"] == "Atlantis"
+    # A well-known type as protobuf's JSON mapping prints it, not as base64 of its bytes.
+    (hotel,) = [step for step in shown["steps"] if step["name"] == "book_hotel"]
+    assert hotel["output"]["@type"] == "type.googleapis.com/google.protobuf.StringValue"
+    assert hotel["output"]["value"].startswith("book_hotel-"), hotel
 
     # Each participant's own effects: the compensated trip's hotel is cancelled,
     # its flight was never booked.
@@ -129,3 +94,19 @@ def test_the_readme_tutorial_runs_as_written(tmp_path: Path, background: list[su
 
     assert bookings("hotels.db") == {("trip-1", "booked"), ("trip-2", "cancelled")}
     assert bookings("flights.db") == {("trip-1", "booked")}
+
+
+def test_the_postgres_sections_definitions_path_works_from_any_directory(tmp_path: Path) -> None:
+    text = README.read_text()
+    match = re.search(r"<!-- postgres:run -->\n```sh\n(?P<body>.*?)```", text, re.S)
+    assert match, "no <!-- postgres:run --> block in the README"
+    lines = match["body"].splitlines()
+    (examples,) = [line for line in lines if line.startswith("EXAMPLES=")]
+    assert "--definitions $EXAMPLES/checkout.yaml" in match["body"]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    found = subprocess.run(
+        ["bash", "-c", f'{examples}\ngrep "^name:" "$EXAMPLES/checkout.yaml"'], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.strip() == "name: checkout"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from compensa.orchestrator.participant_health import PROBED_SERVICE
+from compensa.orchestrator.engine.participant_health import PROBED_SERVICE
 
 
 @dataclass

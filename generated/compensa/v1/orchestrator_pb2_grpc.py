@@ -42,7 +42,9 @@ class OrchestratorServiceStub:
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -179,7 +181,9 @@ class OrchestratorServiceServicer:
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -200,7 +204,10 @@ class OrchestratorServiceServicer:
         """Creates a saga and starts it. Idempotent on saga_id: the same request
         again returns the existing saga with `created` false (for as long as the
         saga is kept: a server with a retention period deletes sagas done for
-        good, and their ids can then be used again).
+        good, and their ids can then be used again). RESOURCE_EXHAUSTED (reason
+        REPLICA_AT_CAPACITY): this replica works on as many sagas as it may
+        (compensa serve --max-sagas-in-flight); nothing was started; retry after
+        the RetryInfo's delay, here or on another replica.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -498,7 +505,9 @@ class OrchestratorService:
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
     - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
     request.
     - FAILED_PRECONDITION: the saga is not in a state that allows the action

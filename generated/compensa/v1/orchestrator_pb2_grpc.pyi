@@ -43,7 +43,9 @@ class OrchestratorServiceStub:
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -68,7 +70,10 @@ class OrchestratorServiceStub:
     """Creates a saga and starts it. Idempotent on saga_id: the same request
     again returns the existing saga with `created` false (for as long as the
     saga is kept: a server with a retention period deletes sagas done for
-    good, and their ids can then be used again).
+    good, and their ids can then be used again). RESOURCE_EXHAUSTED (reason
+    REPLICA_AT_CAPACITY): this replica works on as many sagas as it may
+    (compensa serve --max-sagas-in-flight); nothing was started; retry after
+    the RetryInfo's delay, here or on another replica.
     """
     GetSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]
     ListSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]
@@ -179,7 +184,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -201,7 +208,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Creates a saga and starts it. Idempotent on saga_id: the same request
     again returns the existing saga with `created` false (for as long as the
     saga is kept: a server with a retention period deletes sagas done for
-    good, and their ids can then be used again).
+    good, and their ids can then be used again). RESOURCE_EXHAUSTED (reason
+    REPLICA_AT_CAPACITY): this replica works on as many sagas as it may
+    (compensa serve --max-sagas-in-flight); nothing was started; retry after
+    the RetryInfo's delay, here or on another replica.
     """
     GetSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaRequest, _orchestrator_pb2.GetSagaResponse]  # type: ignore[assignment]
     ListSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListSagasRequest, _orchestrator_pb2.ListSagasResponse]  # type: ignore[assignment]
@@ -311,7 +321,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     "compensa.v1.OrchestratorService") whose `reason` is stable: branch on it,
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
-    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE, INTERNAL_ERROR.
+    SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
+    wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
@@ -337,7 +349,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Creates a saga and starts it. Idempotent on saga_id: the same request
         again returns the existing saga with `created` false (for as long as the
         saga is kept: a server with a retention period deletes sagas done for
-        good, and their ids can then be used again).
+        good, and their ids can then be used again). RESOURCE_EXHAUSTED (reason
+        REPLICA_AT_CAPACITY): this replica works on as many sagas as it may
+        (compensa serve --max-sagas-in-flight); nothing was started; retry after
+        the RetryInfo's delay, here or on another replica.
         """
 
     @_abc_1.abstractmethod

@@ -3,9 +3,11 @@
 The generated stub is enough to call the orchestrator; this adds what callers
 otherwise get wrong: a start that may be retried safely (the saga id is chosen
 once, before the first try, so a retry after a lost answer finds the saga the
-first try created), and a wait that survives the orchestrator restarting or a
-replica going away (the watch resumes after the last sequence it delivered,
-so no event is missed or seen twice).
+first try created), a replica at capacity waited out (RESOURCE_EXHAUSTED
+with a google.rpc.RetryInfo is tried again after the delay it names), and a
+wait that survives the orchestrator restarting or a replica going away (the
+watch resumes after the last sequence it delivered, so no event is missed or
+seen twice).
 
     async with SagaClient("127.0.0.1:50051") as client:
         saga = await client.execute("checkout", CheckoutInput(order_id="o-1", ...))
@@ -22,18 +24,20 @@ from typing import TypeVar
 
 import grpc
 from google.protobuf import any_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status
 
 from compensa.common.retry import Backoff
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.records import FINAL_SAGA_STATES
+from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
-#: Answers after which the same call may simply be made again.
+#: Answers after which the same call may simply be made again (a stopping
+#: replica ends its streams with UNAVAILABLE too). CANCELLED is not among
+#: them: this client never cancels its own calls, so a CANCELLED it did not
+#: cause is an answer to report, not a reason to try again.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-#: A replica that stops cancels its streams: worth resuming elsewhere too
-#: (this client never cancels its own).
-_RESUMABLE = RETRYABLE | {grpc.StatusCode.CANCELLED}
 T = TypeVar("T")
 #: Waits between tries of a call, and between reconnections of a watch.
 _RETRY_BACKOFF = Backoff(initial=0.05, cap=2.0)
@@ -52,7 +56,9 @@ class SagaClient:
     ) -> None:
         """`target` is HOST:PORT (or a gRPC target naming several replicas);
         each call has `call_timeout`, and a call answered UNAVAILABLE or
-        DEADLINE_EXCEEDED is retried with backoff for up to `retry_for` seconds."""
+        DEADLINE_EXCEEDED is retried with backoff for up to `retry_for` seconds,
+        and one refused with a retry delay (RESOURCE_EXHAUSTED: the replica
+        is at capacity) after that delay, within the same time."""
         self._channel = (
             grpc.aio.secure_channel(target, tls.channel_credentials)
             if tls is not None
@@ -147,7 +153,7 @@ class SagaClient:
                     if event.saga_state in FINAL_SAGA_STATES:
                         return
             except grpc.aio.AioRpcError as error:
-                if error.code() not in _RESUMABLE:
+                if error.code() not in RETRYABLE:
                     raise
             # Broken, or ended by a stopping server before the final event.
             await waits.sleep()
@@ -175,7 +181,26 @@ class SagaClient:
             try:
                 return await call()
             except grpc.aio.AioRpcError as error:
-                delay = waits.next()
-                if error.code() not in RETRYABLE or loop.time() + delay > give_up:
+                asked = retry_delay(error)
+                if asked is None and error.code() not in RETRYABLE:
+                    raise
+                delay = waits.next() if asked is None else asked
+                if loop.time() + delay > give_up:
                     raise
             await asyncio.sleep(delay)
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> float | None:
+    """The wait, in seconds, the server asked for before the same call is
+    made again (its google.rpc.RetryInfo); None if it asked for none."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "grpc-status-details-bin" and isinstance(value, bytes):
+            try:
+                details = Status.FromString(value).details
+            except DecodeError:
+                return None  # not a status this client can read: no delay was asked for
+            for detail in details:
+                info = RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.ToNanoseconds() / 1e9
+    return None

@@ -9,11 +9,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
-from compensa.orchestrator.payloads import DEFAULT_PROTO_MODULES
+from compensa.orchestrator.api.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
+from compensa.orchestrator.api.service import ServiceSettings
+from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.shared.payloads import DEFAULT_PROTO_MODULES
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"
@@ -92,6 +94,10 @@ class ServerConfig:
     # raises an alert, once per outage, and another when it recovers; None
     # raises none.
     alert_participant_unhealthy_seconds: float | None = 60.0
+    # Sagas this replica takes on at once (being started, or driven); a
+    # StartSaga over it is refused with RESOURCE_EXHAUSTED and a retry delay
+    # (admission.py). 0 sets no limit.
+    max_sagas_in_flight: int = 1000
     # Largest accepted request (saga input, step output), in bytes.
     max_payload_bytes: int = 1024 * 1024
     # Watch streams re-read the log this often even without a wake-up; a
@@ -108,6 +114,33 @@ class ServerConfig:
     # when no real work reached it, and real failures count at once.
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS
 
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of these settings."""
+        return EngineConfig(
+            replica_id=self.replica_id,
+            participants=self.participants,
+            participant_tls=self.participant_tls,
+            max_payload_bytes=self.max_payload_bytes,
+            lease_seconds=self.lease_seconds,
+            database_timeout=self.database_timeout,
+            alert_webhook=self.alert_webhook,
+            alert_webhook_timeout=self.alert_webhook_timeout,
+            alert_stuck_seconds=self.alert_stuck_seconds,
+            participant_health_seconds=self.participant_health_seconds,
+            alert_participant_unhealthy_seconds=self.alert_participant_unhealthy_seconds,
+            retention_seconds=self.retention_seconds,
+        )
+
+    def service_settings(self) -> ServiceSettings:
+        """The gRPC service's and the dashboard's part of these settings."""
+        return ServiceSettings(
+            max_payload_bytes=self.max_payload_bytes,
+            watch_buffer_events=self.watch_buffer_events,
+            watch_reread_seconds=self.watch_reread_seconds,
+            max_streams_per_client=self.max_streams_per_client,
+            max_sagas_in_flight=self.max_sagas_in_flight,
+        )
+
     def access_policy(self) -> AccessPolicy:
         """Who may do what: certificate roles and the token file (read now,
         so that a bad file stops the start)."""
@@ -123,6 +156,6 @@ class ServerConfig:
     def resolved_database_url(self) -> str:
         """The SQLAlchemy URL to use, the embedded SQLite file by default."""
         if self.database_url:
-            return self.database_url
+            return with_async_driver(self.database_url)
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import signal
@@ -15,23 +16,17 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from compensa.common.health import DatabaseHealth
-from compensa.common.startup import (
-    DATABASE_START_BACKOFF,
-    DatabaseMisconfigured,
-    ServingError,
-    first_line,
-    permanent_database_problem,
-)
+from compensa.common.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
+from compensa.common.startup import DatabaseMisconfigured, ServingError, first_line, wait_for_database
 from compensa.common.tls import TlsConfigError
-from compensa.orchestrator import payloads
+from compensa.orchestrator.api.service import OrchestratorService, service_handler
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.errors import CompensaError, StoreUnavailable
-from compensa.orchestrator.service import OrchestratorService, service_handler
+from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.shared import payloads
+from compensa.orchestrator.shared.errors import CompensaError, DatabaseRefusesWrites, StoreUnavailable
 from compensa.orchestrator.store import open_store
-from compensa.participants.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.v1 import orchestrator_pb2
 
 log = logging.getLogger("compensa.server")
@@ -82,36 +77,48 @@ async def _set_serving(servicer: health.aio.HealthServicer, status: int) -> None
         await servicer.set(name, status)
 
 
-async def _wait_for_database(running: RunningOrchestrator, definitions: list) -> None:  # type: ignore[type-arg]
+def _follow_database(database_health: DatabaseHealth, error: BaseException | None, began: float) -> None:
+    """Tells `database_health` the outcome of a database wait that began at `began`."""
+    if error is None:
+        database_health.succeeded(began=began)
+    elif isinstance(error, DatabaseRefusesWrites):
+        database_health.refused(error.reason, str(error), began=began)
+    else:
+        database_health.failed(error, began=began)
+
+
+async def _wait_for_database(
+    running: RunningOrchestrator, definitions: list, *, api_open: bool  # type: ignore[type-arg]
+) -> None:
     """Checks the schema (creating it in an empty database) and registers
     definitions once the database answers, then reports SERVING and starts
     driving sagas. Only an unreachable database is waited for: any other
     failure ends the start-up, and a database that will never work as
     configured raises DatabaseMisconfigured."""
-    waits = DATABASE_START_BACKOFF.waits()
-    while True:
-        try:
-            await running.engine.store.ensure_schema()
-            await running.engine.sync_clock()
-            await running.engine.load_secrets()
-            await running.engine.store_participants(
-                running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
-            )
-            for definition in definitions:
-                stored, created = await running.engine.register_definition(definition, source="definitions")
-                if created:
-                    log.info("registered definition %s version %d", stored.name, stored.version)
-            break
-        except StoreUnavailable as error:
-            problem = permanent_database_problem(error)
-            if problem is not None:
-                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
-            delay = waits.next()
-            log.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
-            await asyncio.sleep(delay)
+
+    async def prepare() -> None:
+        await running.engine.store.ensure_schema()
+        await running.engine.sync_clock()
+        await running.engine.load_secrets()
+        await running.engine.store_participants(
+            running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
+        )
+        for definition in definitions:
+            stored, created = await running.engine.register_definition(definition, source="definitions")
+            if created:
+                log.info("registered definition %s version %d", stored.name, stored.version)
+
+    await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)
     running.engine.start()
     await running.database_health.ready()
-    running.database_health.probe_every(running.config.health_probe_seconds, running.engine.store.ping)
+    store = running.engine.store
+    running.database_health.probe_every(running.config.health_probe_seconds, store.ping, store.probe_writes)
+    # Said once it serves: a start that fails shows only what stopped it.
+    if api_open:
+        log.warning(
+            "the API is open: every caller may start, cancel, retry and resolve sagas and register definitions"
+            " (give roles with --operator/--role and client certificates, or --tokens FILE)"
+        )
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
 
 
@@ -127,32 +134,34 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     if config.certificate_roles and (config.tls is None or config.tls.ca is None):
         raise TlsConfigError("roles are given to client certificates: --role needs --tls-client-ca")
     access = config.access_policy()
-    if access.open:
-        log.warning(
-            "the API is open: every caller may start, cancel, retry and resolve sagas and register definitions"
-            " (give roles with --operator/--role and client certificates, or --tokens FILE)"
-        )
     if config.participant_tls is not None:
         _ = config.participant_tls.channel_credentials
     payloads.import_proto_modules(config.proto_modules)
     definitions = load_definitions(config.definition_paths) if config.definition_paths else []
     url = config.resolved_database_url()
+    if not config.database_url:
+        log.info("no --db: sagas are kept in the embedded SQLite database %s (give --db URL for another)",
+                 url.partition(":///")[2])
     ensure_sqlite_directory(url)
     try:
         store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
-    except (ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as error:
+    except (
+        ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError,
+        sqlalchemy.exc.InvalidRequestError,
+    ) as error:
         raise DatabaseMisconfigured(
             f"--db {url!r} is not a database URL this can use ({first_line(error)}); "
             "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
         ) from None
-    engine = SagaEngine(store, config)
+    engine = SagaEngine(store, config.engine_config())
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
         options=[
             *GRPC_SERVER_OPTIONS, ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)
         ]
     )
-    service = OrchestratorService(engine, access)
+    settings = config.service_settings()
+    service = OrchestratorService(engine, settings, access)
     server.add_generic_rpc_handlers((service_handler(service),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -161,33 +170,33 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     )
     await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     database_health = DatabaseHealth(
-        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log
+        health_servicer, ("", SERVICE_NAME), name=f"orchestrator {config.replica_id}", logger=log,
+        on_loss=engine.database_lost,
     )
-    store.subscribe_reachability(
-        lambda error: database_health.succeeded() if error is None else database_health.failed(error)
-    )
+    store.subscribe_reachability(functools.partial(_follow_database, database_health))
+    dashboard = None
     try:
         port = listen_on(server, config.listen, credentials)
-        # Before serving: a metrics port that is taken stops the start here.
+        # Before serving: a metrics or dashboard port that is taken stops the start here.
         metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
+        if config.http_listen:
+            dashboard = await start_dashboard(
+                config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
+                config.tls, live_buffer_events=settings.watch_buffer_events,
+            )
+            log.info("dashboard at %s", dashboard.url)
     except BaseException:
         await server.stop(None)
+        engine.metrics.close()
         await store.close()
         raise
-    dashboard = None
-    if config.http_listen:
-        dashboard = await start_dashboard(
-            config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
-            config.tls,
-        )
-        log.info("dashboard at %s", dashboard.url)
     await server.start()
     host = config.listen.rpartition(":")[0]
     address = f"{'127.0.0.1' if host in ('', '0.0.0.0', '[::]') else host}:{port}"
     running = RunningOrchestrator(
         config, server, engine, service, health_servicer, database_health, port, address, metrics_port, dashboard
     )
-    running.ready = asyncio.ensure_future(_wait_for_database(running, definitions))
+    running.ready = asyncio.ensure_future(_wait_for_database(running, definitions, api_open=access.open))
     if wait_ready:
         try:
             await running.ready

@@ -5,7 +5,7 @@ each loop.
 
 Shared by the participant SDK and the orchestrator, like database.py and
 tls.py. Participant steps' retries are not this: their policy is stored with
-the definition and their next attempt is a stored time (compensa.orchestrator.machine).
+the definition and their next attempt is a stored time (compensa.orchestrator.engine.machine).
 """
 
 from __future__ import annotations

@@ -4,9 +4,12 @@ them from what is worth waiting for. Light on imports: the CLI catches these."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import logging
 import re
 import socket
+from collections.abc import Awaitable, Callable
 
 from compensa.common.retry import Backoff
 
@@ -18,6 +21,7 @@ __all__ = [
     "ensure_address_free",
     "first_line",
     "permanent_database_problem",
+    "wait_for_database",
 ]
 
 #: How a server starting up waits for its database to answer.
@@ -98,3 +102,26 @@ def ensure_address_free(listen: str) -> None:
             except OSError as error:
                 if error.errno == errno.EADDRINUSE:
                     raise AddressInUse(f"address in use: {listen} (another process listens there)") from None
+
+
+async def wait_for_database(
+    attempt: Callable[[], Awaitable[None]],
+    *,
+    unreachable: tuple[type[BaseException], ...],
+    logger: logging.Logger,
+) -> None:
+    """Runs `attempt` until it passes, waiting with backoff (and a one-line
+    warning per try) while it fails with one of `unreachable`. Raises
+    DatabaseMisconfigured when the failure is one waiting will not fix."""
+    waits = DATABASE_START_BACKOFF.waits()
+    while True:
+        try:
+            await attempt()
+            return
+        except unreachable as error:
+            problem = permanent_database_problem(error)
+            if problem is not None:
+                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
+            delay = waits.next()
+            logger.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
+        await asyncio.sleep(delay)

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
         TransientError as TransientError,
     )
     from compensa.participants.sdk import (
+        WrongOutputType as WrongOutputType,
+    )
+    from compensa.participants.sdk import (
         insert_if_absent as insert_if_absent,
     )
     from compensa.participants.sdk import (
@@ -78,7 +81,7 @@ _HOMES = {
     **dict.fromkeys(
         (
             "CompleteStep", "DeadlinePassed", "NotCompensable", "NotLongRunning", "Participant", "ParticipantError",
-            "Pending", "StepFailed", "TransientError", "insert_if_absent", "pack", "unpack_as",
+            "Pending", "StepFailed", "TransientError", "WrongOutputType", "insert_if_absent", "pack", "unpack_as",
         ),
         "compensa.participants.sdk",
     ),
@@ -89,6 +92,11 @@ _HOMES = {
 }
 
 __all__ = sorted(_HOMES)
+
+
+def __dir__() -> list[str]:
+    """The lazy names too, for dir(), completion in a shell and IDEs."""
+    return sorted({*globals(), *__all__})
 
 
 def __getattr__(name: str) -> Any:

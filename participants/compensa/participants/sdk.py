@@ -54,9 +54,9 @@ import sqlalchemy
 from google.protobuf import any_pb2, message
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from compensa.common import tracing
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, bounded_transaction, cancelled_by_the_database
 from compensa.common.health import DatabaseHealth
-from compensa.participants import tracing
 from compensa.participants.barrier import (
     BarrierRow,
     BarrierTransaction,
@@ -77,6 +77,7 @@ __all__ = [
     "Pending",
     "StepFailed",
     "TransientError",
+    "WrongOutputType",
     "insert_if_absent",
     "pack",
     "unpack_as",
@@ -234,6 +235,25 @@ def unpack_as(payload: any_pb2.Any, cls: type[_M]) -> _M:
     return decoded
 
 
+class WrongOutputType(ParticipantError):
+    """`execute_step` or `compensate_step` returned something that is not a
+    protobuf message: a bug of the participant, answered INTERNAL with a
+    message naming the step and what it returned; nothing is recorded."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def _returned_message(step: participant_pb2.StepContext, method: str, returned: object) -> message.Message:
+    """`returned` if it is a protobuf message; WrongOutputType saying what it is otherwise."""
+    if isinstance(returned, message.Message):
+        return returned
+    expected = "a protobuf message or Pending" if method == "execute_step" else "a protobuf message or None"
+    raise WrongOutputType(
+        f"step {step.step_name!r}: {method} returned {type(returned).__module__}.{type(returned).__qualname__}"
+        f" ({returned!r:.60}); expected {expected} (e.g. wrappers_pb2.StringValue(value=...))"
+    )
+
+
 def _serialized(response: message.Message) -> bytes:
     return response.SerializeToString(deterministic=True)
 
@@ -262,6 +282,20 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     Subclasses set `metadata` (their tables), `barrier_table_name` (so that
     several participants may share one database) and override `execute_step`,
     and `compensate_step` unless the step is a pivot that cannot be undone.
+
+    What the `request` of both holds (ExecuteRequest / CompensateRequest):
+      - `context.saga_id`, `context.step_name`: which saga and step.
+      - `context.idempotency_key`: the same on every retry of the step (the barrier dedupes on it).
+      - `context.attempt`: 1, 2, 3, ... (informational: a restart may repeat one).
+      - `context.definition_name`, `context.definition_version`: the definition the saga runs.
+      - `context.deadline`: when the orchestrator stops waiting (a later call is refused).
+      - `saga_input`: the saga's input, an Any (`unpack_as(request.saga_input, MyInput)`).
+      - `step_outputs`: the outputs of the steps this one depends on, by step name (Anys).
+    Execute only:
+      - `completion_token`: set for a long_running step; report its outcome later with it.
+    Compensate only:
+      - `execute_output`: what this step's Execute returned (a Pending's output), an Any.
+      - `reason`: why the saga compensates.
     """
 
     #: The subclass's tables, created by `create_schema`.
@@ -324,8 +358,9 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
     async def execute_step(
         self, conn: AsyncConnection, request: participant_pb2.ExecuteRequest
     ) -> message.Message | Pending:
-        """Applies the step's effect through `conn` and returns its output message,
-        or, for a long-running step, `Pending` (see the module docstring).
+        """Applies the step's effect through `conn` and returns its output message
+        (any protobuf message), or, for a long-running step, `Pending` (see the
+        module docstring). `request` is described in the class docstring.
 
         Runs at most once per idempotency key that commits. It runs inside the
         barrier transaction, which must end within `database_timeout` (3 s by
@@ -342,7 +377,8 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
         """Undoes the step's effect through `conn`; returns optional details of the undo.
 
         Called at most once per idempotency key that commits, and only if
-        Execute succeeded or answered Pending; `request.execute_output` is the
+        Execute succeeded or answered Pending (`request` is described in the
+        class docstring); `request.execute_output` is the
         output Execute recorded (a Pending's output). The default raises NotCompensable: override it unless the
         step is a pivot.
         """
@@ -437,11 +473,12 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                         )
                     response = participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_PENDING)
                     if output.output is not None:
-                        response.output.CopyFrom(pack(output.output))
+                        response.output.CopyFrom(pack(_returned_message(step, "execute_step", output.output)))
                     outcome = _PENDING
                 else:
                     response = participant_pb2.ExecuteResponse(
-                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED, output=pack(output)
+                        result=participant_pb2.EXECUTE_RESULT_SUCCEEDED,
+                        output=pack(_returned_message(step, "execute_step", output)),
                     )
                     outcome = _SUCCEEDED
                 barrier.answer(step.idempotency_key, _EXECUTE, outcome, _serialized(response))
@@ -512,7 +549,7 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
                 undo.execute_output.CopyFrom(participant_pb2.ExecuteResponse.FromString(stored_execute).output)
                 details = await self.compensate_step(barrier.conn, undo)
                 if details is not None:
-                    response.output.CopyFrom(pack(details))
+                    response.output.CopyFrom(pack(_returned_message(step, "compensate_step", details)))
                 outcome = _COMPENSATED
             else:
                 outcome = _NOTHING_TO_UNDO

@@ -22,8 +22,8 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,19 +32,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, engine_options
+from compensa.common import tracing
+from compensa.common.database import (
+    DATABASE_URL_FORMS,
+    DEFAULT_DATABASE_TIMEOUT,
+    engine_options,
+    parse_database_url,
+)
 from compensa.common.health import DEFAULT_PROBE_SECONDS, DatabaseHealth
+from compensa.common.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.common.startup import (
-    DATABASE_START_BACKOFF,
     AddressInUse,
     DatabaseMisconfigured,
     ServingError,
     ensure_address_free,
     first_line,
     permanent_database_problem,
+    wait_for_database,
 )
 from compensa.common.tls import TlsFiles
-from compensa.participants import tracing
 from compensa.participants.sdk import Participant
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
@@ -68,19 +74,21 @@ logger = logging.getLogger(__name__)
 
 _SERVICE_NAME: str = participant_pb2.DESCRIPTOR.services_by_name["ParticipantService"].full_name
 
+#: The exit status of a process whose participant cannot start (as `compensa`'s for any error).
+_EXIT_CANNOT_START = 2
+
 #: How long a SQLite writer waits for the database lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-#: Options of every gRPC server here. gRPC sets SO_REUSEPORT by default, so a
-#: second process on a taken port would start serving too and the kernel would
-#: split new connections between the two; with it off, the second is refused.
-GRPC_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.so_reuseport", 0),)
-
 def create_participant_engine(database_url: str, *, database_timeout: float = DEFAULT_DATABASE_TIMEOUT) -> AsyncEngine:
-    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://).
+    """An async engine for `database_url` (postgresql+psycopg:// or sqlite+aiosqlite://;
+    postgresql:// and sqlite:// get those drivers).
 
-    Raises DatabaseMisconfigured for a URL that is not one of those, or a
-    SQLite file whose directory does not exist.
+    A PostgreSQL URL may name several hosts, in any form libpq or SQLAlchemy
+    takes (`compensa.common.database.parse_database_url`): with
+    `target_session_attrs=read-write`, connections go to whichever is the
+    primary. Raises DatabaseMisconfigured for a URL that is not one of those,
+    or a SQLite file whose directory does not exist.
 
     On PostgreSQL, connecting and waiting for a pooled connection each take at
     most `database_timeout` seconds, and the server ends statements and idle
@@ -92,13 +100,16 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     statement, so concurrent duplicate calls serialise instead of failing with
     "database is locked", and SAVEPOINTs work.
     """
+    database = parse_database_url(database_url)
     ensure_sqlite_directory(database_url)
     try:
-        engine = create_async_engine(database_url, **engine_options(database_url, database_timeout))
-    except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, ValueError, ImportError) as error:
+        engine = create_async_engine(database.engine_url, **engine_options(database, database_timeout))
+    except (
+        sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError, sqlalchemy.exc.InvalidRequestError,
+        ValueError, ImportError,
+    ) as error:
         raise DatabaseMisconfigured(
-            f"--db {database_url!r} is not a database URL this can use ({first_line(error)}); "
-            "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
+            f"--db {database.shown!r} is not a database URL this can use ({first_line(error)}); {DATABASE_URL_FORMS}"
         ) from None
     if engine.dialect.name == "sqlite":
         sync_engine = engine.sync_engine
@@ -123,60 +134,16 @@ def create_participant_engine(database_url: str, *, database_timeout: float = DE
     return engine
 
 
-def ensure_sqlite_directory(database_url: str) -> None:
-    """Raises DatabaseMisconfigured if `database_url` names a SQLite file in a
-    directory that does not exist (connecting would fail, and nothing should
-    create directories a typo named)."""
-    try:
-        url = sqlalchemy.engine.make_url(database_url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        return  # create_async_engine says what is wrong with it
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return
-    directory = Path(url.database).parent
-    if not directory.is_dir():
-        raise DatabaseMisconfigured(
-            f"database: the directory of the SQLite file {url.database} does not exist; create it or check --db"
-        )
-
-
-def listen_on(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Binds `server` (made with GRPC_SERVER_OPTIONS) to `listen`; the port.
-
-    Raises AddressInUse when another process listens there, ServingError when
-    the address cannot be bound for another reason."""
-    ensure_address_free(listen)
-    try:
-        port: int = (
-            server.add_secure_port(listen, credentials) if credentials is not None else server.add_insecure_port(listen)
-        )
-    except RuntimeError:
-        port = 0
-    if port == 0:
-        # Taken between the check and the bind, or not an address of this host.
-        ensure_address_free(listen)
-        raise ServingError(f"cannot listen on {listen}: not an address of this host, or not allowed")
-    return port
-
-
 async def create_schema_when_reachable(participant: Participant) -> None:
-    """Creates `participant`'s tables, waiting (with a one-line warning per
-    try) while its database does not answer; DatabaseMisconfigured when it
-    never will."""
-    waits = DATABASE_START_BACKOFF.waits()
-    while True:
-        try:
-            await participant.create_schema()
-            return
-        except (
+    """Creates `participant`'s tables, waiting while its database does not
+    answer; DatabaseMisconfigured when it never will."""
+    await wait_for_database(
+        participant.create_schema,
+        unreachable=(
             sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError, OSError
-        ) as error:
-            problem = permanent_database_problem(error)
-            if problem is not None:
-                raise DatabaseMisconfigured(f"database: {problem}; check --db") from None
-            delay = waits.next()
-            logger.warning("database not reachable (%s); retrying in %.1fs", first_line(error), delay)
-        await asyncio.sleep(delay)
+        ),
+        logger=logger,
+    )
 
 
 @dataclass
@@ -270,8 +237,18 @@ async def serve(
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS,
 ) -> None:
     """Serves `participant` on `listen` until SIGINT or SIGTERM, then stops,
-    letting calls in flight finish for `grace` seconds. See `start_server`."""
-    running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    letting calls in flight finish for `grace` seconds. See `start_server`.
+
+    Meant to be the whole of a participant's process: when it cannot start
+    (a `ServingError`: a taken port, a database that cannot work as
+    configured) it prints that one line (``error: ...``) on stderr and ends
+    the process with status 2 (SystemExit), as `compensa` does, rather than
+    with a traceback. `start_server` raises instead."""
+    try:
+        running = await start_server(participant, listen=listen, tls=tls, health_probe_seconds=health_probe_seconds)
+    except ServingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(_EXIT_CANNOT_START) from None
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -18,7 +18,7 @@ from compensa.orchestrator.definitions import (
     load_definitions,
     read_descriptor_set,
 )
-from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.shared.errors import CompensaError
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 
 

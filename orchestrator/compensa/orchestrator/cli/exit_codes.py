@@ -8,3 +8,6 @@ EXIT_SAGA_ENDED_BADLY = 1
 #: A usage error, a malformed input, or an error answered by the orchestrator.
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
+#: The reader of the output went away (`compensa list | head`): stopped quietly,
+#: with the status a shell shows for a process ended by SIGPIPE.
+EXIT_BROKEN_PIPE = 141

@@ -9,15 +9,16 @@ import datetime
 import json
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import cast
 
 import grpc
-from google.protobuf import descriptor_pool, json_format
+from google.protobuf import descriptor, descriptor_pool, json_format
 from google.protobuf.message import Message
 
-from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.records import ACTIVE_SAGA_STATES
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 
@@ -98,12 +99,29 @@ def print_alert(args: argparse.Namespace, alert: orchestrator_pb2.Alert) -> None
     print(f"@{alert.position:<6} {when} {kind:<21} {about}: {alert.message}", flush=True)
 
 
-def saga_row(saga: saga_pb2.Saga) -> str:
-    """One line of `compensa list`."""
-    updated = saga.update_time.ToJsonString() if saga.HasField("update_time") else ""
-    state = timeline.saga_state_name(saga.state)
-    definition = f"{saga.definition_name}@{saga.definition_version}"
-    return f"{saga.saga_id}  {definition}  {state:<12}  seq {saga.sequence:<4}  {updated}"
+def print_saga_table(sagas: Sequence[saga_pb2.Saga]) -> None:
+    """The table of `compensa list`: a header, then a saga per line, in aligned columns."""
+    rows = [("SAGA ID", "DEFINITION", "STATE", "SEQ", "UPDATED")]
+    if not sagas:
+        print("(no sagas)")
+        return
+    for saga in sagas:
+        rows.append((
+            saga.saga_id,
+            f"{saga.definition_name}@{saga.definition_version}",
+            timeline.saga_state_name(saga.state),
+            str(saga.sequence),
+            saga.update_time.ToJsonString() if saga.HasField("update_time") else "",
+        ))
+    print_table(rows, right_aligned={3})
+
+
+def print_table(rows: Sequence[Sequence[str]], *, right_aligned: set[int]) -> None:
+    """`rows` (the first a header) in columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) if column in right_aligned else cell.ljust(width)
+                        for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
 
 
 def print_status(response: orchestrator_pb2.SummarizeSagasResponse) -> None:
@@ -123,10 +141,7 @@ def print_status(response: orchestrator_pb2.SummarizeSagasResponse) -> None:
             str(summary.unresolved) if summary.state == saga_pb2.SAGA_STATE_FAILED else "-",
             f"{short_duration(max(age, 0.0))} ago",
         ))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) if column < 2 else cell.rjust(width)
-                        for column, (cell, width) in enumerate(zip(row, widths, strict=True))).rstrip())
+    print_table(rows, right_aligned={2, 3, 4, 5})
     stuck_for = response.stuck_for.ToNanoseconds() / 1e9
     print(f"stuck: unfinished and unchanged for {short_duration(stuck_for)} (compensa list --stuck"
           f" {short_duration(stuck_for)} lists them); unresolved: FAILED, waiting for retry or resolve")
@@ -155,9 +170,13 @@ def definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, obje
 
 
 def json_dict(message: Message) -> dict[str, object]:
-    """`message` in the proto3 JSON mapping, with the proto's field names."""
+    """`message` in the proto3 JSON mapping, with the proto's field names and
+    64-bit integers as numbers (`payloads.int64_as_numbers`)."""
     try:
-        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+        return payloads.int64_as_numbers(
+            json_format.MessageToDict(message, preserving_proto_field_name=True),
+            cast(descriptor.Descriptor, message.DESCRIPTOR),
+        )
     except json_format.Error as error:  # e.g. a Duration out of JSON's range, stored before it was checked
         raise CompensaError(f"the orchestrator's answer cannot be shown as JSON: {error}") from None
 

@@ -8,6 +8,7 @@ error: one line `error: compensa COMMAND: ... (see compensa COMMAND --help)`.
 from __future__ import annotations
 
 import argparse
+import difflib
 import getpass
 import logging
 import math
@@ -19,13 +20,13 @@ from typing import NoReturn
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator import payloads, timeline
-from compensa.orchestrator.auth import Role, check_scope, parse_role
+from compensa.orchestrator.api.auth import Role, check_scope, parse_role
 from compensa.orchestrator.cli import definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
-from compensa.orchestrator.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
-from compensa.orchestrator.errors import CompensaError, InvalidArgument, quote
-from compensa.orchestrator.limits import INT32_MAX, INT64_MAX
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
+from compensa.orchestrator.shared.errors import CompensaError, InvalidArgument, quote
+from compensa.orchestrator.shared.limits import INT32_MAX, INT64_MAX
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import saga_pb2
 
@@ -54,7 +55,37 @@ def parse_arguments(arguments: Sequence[str]) -> argparse.Namespace:
     for argument in arguments:
         if not _is_text(argument):
             parser.error(f"argument {argument.encode('utf-8', 'replace')[:40]!r} is not valid UTF-8 text")
+    _refuse_unknown_options(parser, arguments)
     return parser.parse_args(arguments)
+
+
+def _refuse_unknown_options(parser: argparse.ArgumentParser, arguments: Sequence[str]) -> None:
+    """A --option no command has, named as such (with the closest one it may
+    have meant): argparse would take the value after it for the COMMAND and
+    call that an invalid command."""
+    known = _option_names(parser)
+    for argument in arguments:
+        if argument == "--":
+            return
+        if not argument.startswith("--"):
+            continue
+        name = argument.partition("=")[0]
+        if any(option.startswith(name) for option in known):  # argparse accepts unique prefixes
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        parser.error(f"unknown option {quote(name)}{hint}")
+
+
+def _option_names(parser: argparse.ArgumentParser) -> set[str]:
+    """Every --long option of `parser` and of its subcommands."""
+    names: set[str] = set()
+    for action in parser._actions:
+        names.update(option for option in action.option_strings if option.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                names |= _option_names(subparser)
+    return names
 
 
 def _is_text(value: str) -> bool:
@@ -73,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED; 2 usage error or an error answered by the orchestrator.",
+        "or FAILED; 2 usage error or an error answered by the orchestrator; 141 the reader of the output went away"
+        " (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
@@ -332,7 +364,8 @@ def _add_server_tls_options(parser: argparse.ArgumentParser, who: str) -> None:
 
 def _add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--json", action="store_true", help="print protobuf JSON (one object per line for lists and streams)"
+        "--json", action="store_true",
+        help="print protobuf's JSON mapping, 64-bit integers as numbers (one object per line for lists and streams)"
     )
 
 
@@ -440,6 +473,11 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
         "--max-streams-per-client", type=int, default=0, metavar="N",
         help="streams (watches, dashboard live lists) one client may hold open at once (default: no limit)",
     )
+    parser.add_argument(
+        "--max-sagas-in-flight", type=int, default=1000, metavar="N",
+        help="sagas this replica takes on at once (being started, or driven); a StartSaga over it is refused"
+        " with RESOURCE_EXHAUSTED and a retry delay (default: 1000; 0: no limit)",
+    )
 
 
 def _add_purge(parser: argparse.ArgumentParser) -> None:
@@ -481,7 +519,8 @@ def _add_demo(parser: argparse.ArgumentParser) -> None:
 
 def _add_start(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("definition", help="definition name")
-    parser.add_argument("--input", required=True, metavar="JSON", help="saga input in proto3 JSON")
+    parser.add_argument("--input", required=True, metavar="JSON",
+                        help="saga input in proto3 JSON, or @FILE to read it from FILE (@- from stdin)")
     parser.add_argument("--saga-id", help="saga id; makes the start idempotent (default: a new UUID)")
     parser.add_argument(
         "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N", help="definition version (default: latest)"

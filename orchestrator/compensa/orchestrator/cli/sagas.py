@@ -8,13 +8,13 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compensa.common.retry import Backoff
-from compensa.orchestrator import payloads, timeline
 from compensa.orchestrator.cli.connection import RECONNECT_QUICKLY, open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK, EXIT_SAGA_ENDED_BADLY
 from compensa.orchestrator.cli.output import (
@@ -24,12 +24,13 @@ from compensa.orchestrator.cli.output import (
     print_alert,
     print_events,
     print_saga,
+    print_saga_table,
     print_status,
-    saga_row,
     use_color,
 )
-from compensa.orchestrator.errors import CompensaError
-from compensa.orchestrator.records import done_for_good
+from compensa.orchestrator.shared import payloads, timeline
+from compensa.orchestrator.shared.errors import CompensaError
+from compensa.orchestrator.shared.records import done_for_good
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 _Message = TypeVar("_Message")
@@ -58,7 +59,7 @@ def start(args: argparse.Namespace) -> int:
             orchestrator_pb2.GetDefinitionRequest(name=args.definition, version=args.version),
             timeout=args.timeout,
         ).definition
-        saga_input = payloads.pack_json(definition.input_type, args.input, payloads.pool_of(definition))
+        saga_input = payloads.pack_json(definition.input_type, _input_text(args.input), payloads.pool_of(definition))
         saga_id: str = args.saga_id or str(uuid.uuid4())
         response = stub.StartSaga(
             orchestrator_pb2.StartSagaRequest(
@@ -87,6 +88,21 @@ def start(args: argparse.Namespace) -> int:
         return EXIT_OK if saga.state == saga_pb2.SAGA_STATE_SUCCEEDED else EXIT_SAGA_ENDED_BADLY
 
 
+def _input_text(given: str) -> str:
+    """--input's JSON: the text itself, or @FILE's contents (@- reads stdin)."""
+    if not given.startswith("@"):
+        return given
+    source = given[1:]
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as error:
+        raise CompensaError(f"--input {given}: cannot read {source}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise CompensaError(f"--input {given}: {source} is not UTF-8 text") from None
+
+
 def get(args: argparse.Namespace) -> int:
     """`compensa get ID`: the saga and its steps."""
     return _print_answered_saga(
@@ -102,17 +118,23 @@ def list_sagas(args: argparse.Namespace) -> int:
         page_size=args.page_size,
         stuck_for=args.stuck,
     )
+    listed: list[saga_pb2.Saga] = []  # without --json, printed at the end in aligned columns
     with open_channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         types = DefinitionTypes(stub, args.timeout)
         while True:
             response = stub.ListSagas(request, timeout=args.timeout)
-            for saga in response.sagas:
-                print(types.saga_json(saga) if args.json else saga_row(saga))
+            if args.json:
+                for saga in response.sagas:
+                    print(types.saga_json(saga))
+            else:
+                listed.extend(response.sagas)
             if not args.all or not response.next_page_token:
                 break
             request.page_token = response.next_page_token
-        if response.next_page_token and not args.json:
+    if not args.json:
+        print_saga_table(listed)
+        if response.next_page_token:
             print(f"(more: --all, or page token {response.next_page_token})", file=sys.stderr)
     return EXIT_OK
 
@@ -132,8 +154,10 @@ def status(args: argparse.Namespace) -> int:
 def watch(args: argparse.Namespace) -> int:
     """`compensa watch ID` or `compensa watch --all`: events as they happen,
     across orchestrator restarts."""
-    if args.all == bool(args.saga_id):
+    if args.all and args.saga_id:
         raise CompensaError("give a saga ID or --all, not both")
+    if not args.all and not args.saga_id:
+        raise CompensaError("watch needs a saga ID (compensa watch ID), or --all for every saga's events")
     with open_channel(args, options=RECONNECT_QUICKLY) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         if args.all:

@@ -15,7 +15,7 @@ from compensa.common.tls import TlsConfigError, TlsFiles
 from compensa.orchestrator.cli.connection import tls_files
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.config import ServerConfig
-from compensa.orchestrator.errors import CompensaError
+from compensa.orchestrator.shared.errors import CompensaError
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -53,6 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_streams_per_client < 0:
         raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
+    if args.max_sagas_in_flight < 0:
+        raise CompensaError("--max-sagas-in-flight must be 0 (no limit) or positive")
+    config = dataclasses.replace(config, max_sagas_in_flight=args.max_sagas_in_flight)
     if args.retention is not None:
         config = dataclasses.replace(config, retention_seconds=_positive_seconds(args.retention, "--retention"))
     if args.alert_webhook is not None:
@@ -101,14 +104,14 @@ def purge(args: argparse.Namespace) -> int:
     """`compensa purge`: what `serve --retention` does on its own, once, for
     deployments that run it from a scheduled job instead (or want a one-off
     clean-up)."""
-    from sqlalchemy.engine import make_url
-
-    from compensa.orchestrator.engine import purge_finished
+    from compensa.common.database import parse_database_url
+    from compensa.orchestrator.engine.engine import purge_finished
     from compensa.orchestrator.store import open_store
 
     older_than = _positive_seconds(args.older_than, "--older-than")
     url = ServerConfig(database_url=args.db).resolved_database_url()
-    sqlite_file = make_url(url).database if url.startswith("sqlite") else None
+    database = parse_database_url(url)
+    sqlite_file = None if database.is_postgres else database.engine_url.database
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
         raise CompensaError(f"no database at {sqlite_file}; check --db")
 
@@ -141,7 +144,7 @@ def participant(args: argparse.Namespace) -> int:
 
 def demo(args: argparse.Namespace) -> int:
     """`compensa demo`: a checkout that succeeds and one that compensates, in this process."""
-    from compensa.orchestrator.demo import run_demo
+    from compensa.orchestrator.cli.demo import run_demo
 
     return asyncio.run(run_demo(http_listen=args.http, stay=args.stay))
 

@@ -4,15 +4,17 @@ orchestrator's own event loop."""
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 from aiohttp import web
 
+from compensa.common.startup import AddressInUse, ServingError
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.auth import AccessPolicy, RefusedCalls, StreamLimit
+from compensa.orchestrator.api.auth import AccessPolicy, RefusedCalls, StreamLimit
+from compensa.orchestrator.api.streams import LogTail
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
-from compensa.orchestrator.engine import SagaEngine
-from compensa.orchestrator.streams import LogTail
+from compensa.orchestrator.engine.engine import SagaEngine
 
 __all__ = ["RunningDashboard", "start_dashboard"]
 
@@ -40,10 +42,14 @@ async def start_dashboard(
     streams: StreamLimit,
     refused_calls: RefusedCalls,
     tls: TlsFiles | None,
+    *,
+    live_buffer_events: int,
 ) -> RunningDashboard:
     """Serves the dashboard on `listen` (HOST:PORT; port 0 picks one), over
     TLS with the server's certificate when `tls` is given."""
-    dashboard = Dashboard(engine, tail, access, streams, refused_calls, tls=tls is not None)
+    dashboard = Dashboard(
+        engine, tail, access, streams, refused_calls, live_buffer_events=live_buffer_events, tls=tls is not None
+    )
     # Cancel a handler when its client goes away: a closed live list stops
     # following the log at once instead of at its next write.
     runner = web.AppRunner(
@@ -59,9 +65,11 @@ async def start_dashboard(
     )
     try:
         await site.start()
-    except OSError:
+    except OSError as error:
         await runner.cleanup()
-        raise
+        if error.errno == errno.EADDRINUSE:
+            raise AddressInUse(f"address in use: {listen} (--http; another process listens there)") from None
+        raise ServingError(f"cannot serve the dashboard on {listen} (--http): {error.strerror or error}") from None
     bound = runner.addresses[0][1]
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "[::]") else host
     scheme = "https" if tls is not None else "http"

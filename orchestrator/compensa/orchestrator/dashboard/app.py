@@ -32,14 +32,16 @@ from aiohttp import web
 from google.protobuf import any_pb2, descriptor_pool
 
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator import payloads, records
-from compensa.orchestrator.auth import AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.auth import AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.views import saga_message
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
-from compensa.orchestrator.definitions import NAME_PATTERN
-from compensa.orchestrator.definitions._durations import shorthand_to_json
-from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
+from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.engine.operations import operator_event
+from compensa.orchestrator.shared import payloads, records
+from compensa.orchestrator.shared.errors import (
     CompensaError,
     InvalidArgument,
     NotFound,
@@ -48,7 +50,7 @@ from compensa.orchestrator.errors import (
     quote,
     saga_not_found,
 )
-from compensa.orchestrator.limits import (
+from compensa.orchestrator.shared.limits import (
     MAX_SAGA_ID_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
@@ -57,11 +59,8 @@ from compensa.orchestrator.limits import (
     check_text,
     is_possible,
 )
-from compensa.orchestrator.operations import operator_event
+from compensa.orchestrator.shared.timeline import event_type_name, saga_state_name, step_state_name
 from compensa.orchestrator.store import StoredEvent
-from compensa.orchestrator.streams import READ_BATCH, LogTail
-from compensa.orchestrator.timeline import event_type_name, saga_state_name, step_state_name
-from compensa.orchestrator.views import saga_message
 from compensa.v1 import saga_pb2
 
 log = logging.getLogger("compensa.dashboard")
@@ -226,6 +225,7 @@ class Dashboard:
         streams: StreamLimit,
         refused_calls: RefusedCalls,
         *,
+        live_buffer_events: int,
         tls: bool,
     ) -> None:
         self._engine = engine
@@ -237,7 +237,7 @@ class Dashboard:
         self._sessions = Sessions()
         self._tls = tls
         self._form_key = os.urandom(32)
-        self._live_items = _LiveItems(4 * engine.config.watch_buffer_events)
+        self._live_items = _LiveItems(4 * live_buffer_events)
         self._templates = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(_HERE / "templates")),
             autoescape=True,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from compensa.orchestrator.records import LogEvent
+from compensa.orchestrator.shared.records import LogEvent
 from compensa.v1 import saga_pb2
 
 E = saga_pb2

@@ -46,7 +46,12 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
-from compensa.orchestrator.definitions._durations import backoff_seconds, duration_seconds, retry_waited_seconds
+from compensa.orchestrator.definitions._durations import (
+    backoff_seconds,
+    duration_seconds,
+    retry_waited_seconds,
+    shorthand_to_json,
+)
 from compensa.orchestrator.definitions._files import (
     DEFINITION_SUFFIXES,
     MAX_DEFINITION_FILE_BYTES,
@@ -99,6 +104,7 @@ __all__ = [
     "load_definitions",
     "read_descriptor_set",
     "retry_waited_seconds",
+    "shorthand_to_json",
     "step_order",
     "validate_definition",
 ]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator.durations import InvalidDuration, parse_duration
+from compensa.orchestrator.shared.durations import InvalidDuration, parse_duration
 from compensa.v1 import definition_pb2
 
 

@@ -12,8 +12,8 @@ import yaml
 from google.protobuf import descriptor, descriptor_pb2, json_format, message
 
 from compensa.orchestrator.definitions._validation import validate_definition
-from compensa.orchestrator.durations import InvalidDuration, parse_duration
-from compensa.orchestrator.errors import DefinitionError, quote
+from compensa.orchestrator.shared.durations import InvalidDuration, parse_duration
+from compensa.orchestrator.shared.errors import DefinitionError, quote
 from compensa.v1 import definition_pb2
 
 DEFINITION_SUFFIXES: tuple[str, ...] = (".yaml", ".yml", ".json")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from google.protobuf import descriptor_pb2, message
 
-from compensa.orchestrator.errors import DefinitionError
+from compensa.orchestrator.shared.errors import DefinitionError
 
 
 def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:
@@ -42,7 +42,13 @@ def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = (
             status = protoc.main(arguments)
         if status != 0:
             detail = " ".join(errors.read_text(errors="replace").split()) if errors.exists() else ""
-            raise DefinitionError(f"the .proto files do not compile: {detail or f'protoc exit status {status}'}")
+            hint = ""
+            if "was not found" in detail or "File not found" in detail:
+                hint = (f" (imports are looked for in {', '.join(str(root) for root in roots)} and the well-known"
+                        " types; add the directory your imports are relative to with --proto-path DIR)")
+            raise DefinitionError(
+                f"the .proto files do not compile: {detail or f'protoc exit status {status}'}{hint}"
+            )
         return read_descriptor_set(output)
 
 

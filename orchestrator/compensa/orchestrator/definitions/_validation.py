@@ -12,9 +12,9 @@ from google.protobuf import duration_pb2
 from compensa.orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from compensa.orchestrator.definitions._graph import DefinitionGraph, find_cycle
 from compensa.orchestrator.definitions._keys import MAX_RUNNING_PER_KEY, key_path_problem
-from compensa.orchestrator.errors import DefinitionError, InvalidArgument, quote
-from compensa.orchestrator.limits import MAX_TEXT_CHARS, check_text, duration_problem
-from compensa.orchestrator.payloads import message_class, pool_of
+from compensa.orchestrator.shared.errors import DefinitionError, InvalidArgument, quote
+from compensa.orchestrator.shared.limits import MAX_TEXT_CHARS, check_text, duration_problem
+from compensa.orchestrator.shared.payloads import message_class, pool_of
 from compensa.v1 import definition_pb2
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")

@@ -1,6 +1,6 @@
 """Durable state: the store interface and its SQL implementations, one per database."""
 
-from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, parse_database_url
 from compensa.orchestrator.store.base import (
     DEFAULT_PRIORITY,
     PARTICIPANT_RECOVERED,
@@ -26,16 +26,15 @@ from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.orchestrator.store.sqlite import SqliteSagaStore
 
 
-def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SqlSagaStore:
+def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SagaStore:
     """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
 
     `notifier` names this process in change notifications, so it can ignore
-    its own. `timeout` bounds every wait on the database, in seconds."""
-    if url.startswith("postgresql"):
+    its own. `timeout` bounds every wait on the database, in seconds.
+    DatabaseMisconfigured (one line) for a URL that is neither."""
+    if parse_database_url(url).is_postgres:
         return PostgresSagaStore(url, notifier=notifier, timeout=timeout)
-    if url.startswith("sqlite"):
-        return SqliteSagaStore(url, timeout=timeout)
-    raise ValueError(f"unsupported database URL {url!r}: use postgresql+psycopg:// or sqlite+aiosqlite://")
+    return SqliteSagaStore(url, timeout=timeout)
 
 
 __all__ = [

@@ -7,7 +7,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from compensa.orchestrator.records import LogEvent, SagaRecord
+from compensa.orchestrator.shared.records import LogEvent, SagaRecord
 from compensa.v1 import definition_pb2
 
 
@@ -204,9 +204,10 @@ class PendingAlert:
     trace_parent: str | None
 
 
-#: Told the outcome of a database wait: None when the database answered, the
-#: error when it could not be reached.
-ReachabilityListener = Callable[[BaseException | None], None]
+#: Told the outcome of a database wait and when it began (time.monotonic()):
+#: None when the database answered, a DatabaseRefusesWrites when it answered
+#: but refused to write, the error when it could not be reached.
+ReachabilityListener = Callable[[BaseException | None, float], None]
 
 
 class SagaStore(abc.ABC):
@@ -221,13 +222,15 @@ class SagaStore(abc.ABC):
 
     def subscribe_reachability(self, listener: ReachabilityListener) -> None:
         """Calls `listener` after every database wait: with None when the
-        database answered, with the error when it could not be reached (not
-        for errors the database itself answered)."""
+        database answered, with a DatabaseRefusesWrites when it refused to
+        write, with the error when it could not be reached (not for other
+        errors the database itself answered, nor for a wait for a pooled
+        connection that others held: that says nothing of the database)."""
         self._reachability_listeners += (listener,)
 
-    def _reached(self, error: BaseException | None) -> None:
+    def _reached(self, error: BaseException | None, began: float) -> None:
         for listener in self._reachability_listeners:
-            listener(error)
+            listener(error, began)
 
     @abc.abstractmethod
     async def ensure_schema(self) -> None:
@@ -258,6 +261,11 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def ping(self) -> None:
         """Raises StoreUnavailable unless the database answers."""
+
+    @abc.abstractmethod
+    async def probe_writes(self) -> None:
+        """Raises DatabaseRefusesWrites (or StoreUnavailable) unless the
+        database takes a write now; leaves nothing behind."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from compensa.orchestrator.records import ACTIVE_SAGA_STATES
+from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
 from compensa.orchestrator.store.base import (
     CapacityGrant,
     CapacityWait,

@@ -14,6 +14,7 @@ import base64
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,22 +22,19 @@ import orjson
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     abort_when_late,
-    cancelled_by_the_database,
     connect_bounded,
-    engine_options,
 )
 from compensa.common.retry import Backoff
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.records import RUNNING
+from compensa.orchestrator.shared.records import RUNNING
 from compensa.orchestrator.store.base import SAGA_ALERT, SagaWrite, WriteResult
+from compensa.orchestrator.store.rows import ALERT_RAISED, event_row, rejected, saga_values, step_row
 from compensa.orchestrator.store.schema import ALERT_LOG, EVENT_LOG
-from compensa.orchestrator.store.sql import ALERT_RAISED, SqlSagaStore, _event_row, _rejected, _step_row
+from compensa.orchestrator.store.sql import SqlSagaStore
 
 log = logging.getLogger("compensa.store")
 
@@ -105,6 +103,11 @@ class _Announcer:
             self._connection = None
 
 
+# While the database is out of space, health comes back only once a write
+# this large succeeds: a few pages free would let the probe pass while flushes
+# (several tables and their indexes) still fail.
+_PROBE_SPACE_BYTES = 1024 * 1024
+
 # The writer runs only the flush, whose plan PostgreSQL caches (a generic plan
 # after five runs). Made while the tables were small, that plan read the whole
 # sagas table on every flush, so flushes got slower as the table grew. Every
@@ -124,9 +127,10 @@ class PostgresSagaStore(SqlSagaStore):
         # No pre-ping: it costs a round trip per transaction. A dead
         # connection fails its transaction, SQLAlchemy drops it from the pool,
         # and the caller retries (StoreUnavailable).
-        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10, **engine_options(url, timeout))
+        super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10)
         self.notifier = notifier
-        self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        assert self.database.conninfo is not None, "a PostgreSQL URL"
+        self._conninfo = self.database.conninfo
         # Group commit has one connection of its own, outside SQLAlchemy's
         # pool: the hot path is one prepared statement in autocommit.
         self._writer: psycopg.AsyncConnection[Any] | None = None
@@ -136,6 +140,7 @@ class PostgresSagaStore(SqlSagaStore):
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """The group commit's connection, for one flush of at most `timeout`."""
+        began = time.monotonic()
         async with self._writer_lock:
             try:
                 if self._writer is None or self._writer.closed:
@@ -145,14 +150,17 @@ class PostgresSagaStore(SqlSagaStore):
                 # A timer, not a round trip: the flush stays one statement.
                 with abort_when_late(self._writer, self.timeout):
                     yield self._writer
-            except (psycopg.OperationalError, OSError) as error:
+            except (psycopg.Error, OSError) as error:
+                refusal = await self._refusal(error, began)
+                if refusal is None and isinstance(error, psycopg.Error) and not isinstance(
+                    error, psycopg.OperationalError
+                ):
+                    raise  # the database refused this write's values: the caller decides
                 if self._writer is not None:
                     await self._writer.close()
                 self._writer = None
-                if not cancelled_by_the_database(error):
-                    self._reached(error)
-                raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
-        self._reached(None)
+                raise (refusal or self._unreachable(error, began)) from error
+        self._reached(None, began)
 
     async def close(self) -> None:
         await self._announcer.close()
@@ -208,6 +216,16 @@ class PostgresSagaStore(SqlSagaStore):
     def _insert(self, table: sa.Table) -> Any:
         return postgresql.insert(table)
 
+    async def _probe_space(self, conn: AsyncConnection) -> None:
+        # A temporary table lives in the database's default tablespace, and
+        # each page it grows by is written at once: it fails while less than
+        # _PROBE_SPACE_BYTES are free there (and is dropped at commit).
+        await conn.execute(sa.text("CREATE TEMPORARY TABLE compensa_write_probe (filler text) ON COMMIT DROP"))
+        await conn.execute(
+            sa.text("INSERT INTO compensa_write_probe SELECT repeat('x', 1000) FROM generate_series(1, :rows)"),
+            {"rows": _PROBE_SPACE_BYTES // 1000},
+        )
+
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         """Group commit as ONE statement of fixed text (arrays + unnest, data-
         modifying CTEs), prepared once and run in autocommit: a flush of any
@@ -224,7 +242,7 @@ class PostgresSagaStore(SqlSagaStore):
                     await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
                     rows = await cursor.fetchall()
         except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
-            raise _rejected(error) from error
+            raise rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
         base = rows[0][2] if rows else 0
         results: list[WriteResult] = []
@@ -388,7 +406,7 @@ def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Seq
         names = [step.name for step in saga.steps] if all_steps else writes[index].changed_steps
         positions = {step.name: position for position, step in enumerate(saga.steps)}
         for name in names:
-            row = _step_row(saga.saga_id, positions[name], saga.step(name))
+            row = step_row(saga.saga_id, positions[name], saga.step(name))
             row["idx"] = index
             row["output"] = _base64(row["output"])
             rows.append(row)
@@ -398,7 +416,7 @@ def _step_rows(writes: Sequence[SagaWrite], updates: Sequence[int], creates: Seq
 def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: Sequence[int]) -> dict[str, Any]:
     updated = [
         {"idx": index, "saga_id": writes[index].saga.saga_id, "expected": writes[index].expected_sequence,
-         "epoch": writes[index].epoch, **SqlSagaStore._saga_values(writes[index])}
+         "epoch": writes[index].epoch, **saga_values(writes[index])}
         for index in updates
     ]
     created: list[dict[str, Any]] = []
@@ -410,13 +428,13 @@ def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: 
             "idx": index, "saga_id": saga.saga_id, "definition_name": saga.definition_name,
             "definition_version": saga.definition_version, "input": _base64(saga.input),
             "request_fingerprint": write.request_fingerprint, "created_at": saga.created_at,
-            "trace_parent": saga.trace_parent, **SqlSagaStore._saga_values(write),
+            "trace_parent": saga.trace_parent, **saga_values(write),
         })
     events: list[dict[str, Any]] = []
     for index in sorted((*updates, *creates)):  # positions are handed out in write order
         saga = writes[index].saga
         for event in writes[index].events:
-            row = _event_row(saga, event, 0)
+            row = event_row(saga, event, 0)
             row["idx"], row["n"] = index, len(events)
             del row["position"]
             events.append(row)

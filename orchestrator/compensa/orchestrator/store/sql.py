@@ -4,8 +4,10 @@ Every statement both databases run is here (schema.py declares the tables).
 What differs lives in a module per database, as hooks this class calls:
 postgres.py (one-statement group commit, SKIP LOCKED, LISTEN/NOTIFY, plan
 guards, bounded connections) and sqlite.py (the embedded file's settings).
-The group commit here, a statement per table, is SQLite's; PostgreSQL
-overrides it with its own flush.
+The group commit here, a statement per table, is the one SQLite runs (and
+PostgreSQL can: the migration tests write databases at old revisions through
+it); PostgreSQL overrides it with its own one-statement flush. The rows both
+build are in rows.py.
 """
 
 from __future__ import annotations
@@ -15,33 +17,40 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from compensa.common.database import (
     DEFAULT_DATABASE_TIMEOUT,
     bounded_transaction,
     cancelled_by_the_database,
+    database_error_text,
+    engine_options,
+    parse_database_url,
 )
-from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
-from compensa.orchestrator.records import (
+from compensa.orchestrator.shared.errors import (
+    DatabaseFull,
+    DatabasePermissionDenied,
+    DatabaseReadOnly,
+    DatabaseRefusesWrites,
+    StoreUnavailable,
+)
+from compensa.orchestrator.shared.records import (
     ACTIVE_SAGA_STATES,
     FAILED,
     FINAL_SAGA_STATES,
     LogEvent,
     SagaRecord,
-    StepRecord,
     takeover_event,
 )
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
-    SAGA_ALERT,
     Claimed,
     ParticipantAddress,
     PendingAlert,
@@ -53,6 +62,19 @@ from compensa.orchestrator.store.base import (
     WriteResult,
 )
 from compensa.orchestrator.store.capacity import CapacityStatements, participant_from_row
+from compensa.orchestrator.store.rows import (
+    ALERT_RAISED,
+    alert_row,
+    event_row,
+    outbox_row,
+    rejected,
+    saga_alert,
+    saga_from_rows,
+    saga_values,
+    step_row,
+    stored_alert,
+    stored_event,
+)
 from compensa.orchestrator.store.schema import (
     ALERT_LOG,
     EVENT_LOG,
@@ -68,128 +90,16 @@ from compensa.orchestrator.store.schema import (
     sagas,
     secrets,
 )
-from compensa.v1 import definition_pb2, saga_pb2
+from compensa.v1 import definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
 
-ALERT_RAISED = saga_pb2.EVENT_TYPE_ALERT_RAISED
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
 _FINAL_STATES = tuple(sorted(FINAL_SAGA_STATES))
 # records.awaits_a_person, in SQL.
 _AWAITS_A_PERSON = sa.and_(sagas.c.state == FAILED, sagas.c.resolution_note == "")
-
-
-def _rejected(error: Exception) -> RejectedWrite:
-    """A flush failure tied to the values written, not to the connection: the
-    same flush without the offending write would land."""
-    first_line = str(error).partition("\n")[0][:200]
-    return RejectedWrite(f"the database refused a value of this change ({type(error).__name__}: {first_line})")
-
-
-def _step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
-    return {
-        "saga_id": saga_id,
-        "step_name": step.name,
-        "position": position,
-        "state": step.state,
-        "attempts": step.attempts,
-        "compensate_attempts": step.compensate_attempts,
-        "output": step.output,
-        "last_error": step.last_error,
-        "effect_uncertain": step.effect_uncertain,
-        "started_at": step.started_at,
-        "finished_at": step.finished_at,
-        "next_attempt_at": step.next_attempt_at,
-    }
-
-
-def _event_row(saga: SagaRecord, event: LogEvent, position: int) -> dict[str, Any]:
-    return {
-        "saga_id": saga.saga_id,
-        "sequence": event.sequence,
-        "position": position,
-        "type": event.type,
-        "time": event.time,
-        "saga_state": event.saga_state,
-        "step_name": event.step_name,
-        "step_state": event.step_state,
-        "attempt": event.attempt,
-        "message": event.message,
-        "actor": event.actor,
-        "definition_name": saga.definition_name,
-    }
-
-
-def _saga_alert(saga: SagaRecord, event: LogEvent, event_position: int, position: int) -> StoredAlert:
-    return StoredAlert(
-        position=position, kind=SAGA_ALERT, raised_at=event.time, message=event.message, saga_id=saga.saga_id,
-        sequence=event.sequence, event_position=event_position, definition_name=saga.definition_name,
-        step_name=event.step_name,
-    )
-
-
-def _alert_row(alert: StoredAlert) -> dict[str, Any]:
-    return {column.name: getattr(alert, column.name) for column in alerts.columns}
-
-
-def _outbox_row(alert: StoredAlert) -> dict[str, Any]:
-    return {"position": alert.position, "attempts": 0, "next_attempt_at": alert.raised_at, "last_error": ""}
-
-
-def _stored_alert(row: sa.Row[Any]) -> StoredAlert:
-    return StoredAlert(**{column.name: getattr(row, column.name) for column in alerts.columns})
-
-
-def _stored_event(row: sa.Row[Any]) -> StoredEvent:
-    return StoredEvent(
-        saga_id=row.saga_id,
-        definition_name=row.definition_name,
-        position=row.position,
-        event=LogEvent(
-            sequence=row.sequence,
-            type=row.type,
-            time=row.time,
-            saga_state=row.saga_state,
-            step_name=row.step_name,
-            step_state=row.step_state,
-            attempt=row.attempt,
-            message=row.message,
-            actor=row.actor,
-        ),
-    )
-
-
-def _saga_from_rows(row: sa.Row[Any], step_rows: Sequence[sa.Row[Any]]) -> SagaRecord:
-    return SagaRecord(
-        saga_id=row.saga_id,
-        definition_name=row.definition_name,
-        definition_version=row.definition_version,
-        state=row.state,
-        sequence=row.sequence,
-        input=row.input,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        failure_reason=row.failure_reason,
-        resolution_note=row.resolution_note,
-        trace_parent=row.trace_parent,
-        steps=tuple(
-            StepRecord(
-                name=step.step_name,
-                state=step.state,
-                attempts=step.attempts,
-                compensate_attempts=step.compensate_attempts,
-                output=step.output,
-                last_error=step.last_error,
-                effect_uncertain=step.effect_uncertain,
-                started_at=step.started_at,
-                finished_at=step.finished_at,
-                next_attempt_at=step.next_attempt_at,
-            )
-            for step in sorted(step_rows, key=lambda s: s.position)
-        ),
-    )
 
 
 _SAGA_COLUMNS = [
@@ -207,14 +117,47 @@ _SAGA_COLUMNS = [
 ]
 
 
+_REFUSALS: dict[str, tuple[type[DatabaseRefusesWrites], str]] = {
+    DatabaseFull.sqlstate: (
+        DatabaseFull,
+        "the orchestrator's database is out of space: nothing can be stored until space is freed;"
+        " retry later",
+    ),
+    DatabaseReadOnly.sqlstate: (
+        DatabaseReadOnly,
+        "the orchestrator's database is read-only (a standby? the URL should lead to the primary:"
+        " target_session_attrs=read-write); retry later",
+    ),
+    DatabasePermissionDenied.sqlstate: (
+        DatabasePermissionDenied,
+        "the orchestrator's database user may not write its tables (permission denied); retry later",
+    ),
+}
+
+
+def refused_write(error: BaseException) -> DatabaseRefusesWrites | None:
+    """The DatabaseRefusesWrites that `error` (a driver's, or SQLAlchemy's
+    wrapping one) means, by its SQLSTATE; None for any other error. The
+    database's own message is left out: it names internal files."""
+    sqlstate = getattr(getattr(error, "orig", error), "sqlstate", None)
+    if sqlstate not in _REFUSALS:
+        return None
+    kind, message = _REFUSALS[sqlstate]
+    return kind(f"{message} (SQLSTATE {sqlstate})")
+
+
 class SqlSagaStore(CapacityStatements, SagaStore):
     """SagaStore over SQLAlchemy 2 Core with an async driver."""
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
         self.url = url
+        #: The URL read once (DatabaseMisconfigured if it cannot be).
+        self.database = parse_database_url(url)
         #: The longest any one wait on the database may take, in seconds.
         self.timeout = timeout
-        self.engine: AsyncEngine = create_async_engine(url, **options)
+        self.engine: AsyncEngine = create_async_engine(
+            self.database.engine_url, **engine_options(self.database, timeout), **options
+        )
 
     # -- dialect hooks
 
@@ -239,22 +182,52 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[AsyncConnection]:
         """One transaction, bounded by `timeout` (and so is getting its connection)."""
+        began = time.monotonic()
         try:
             async with bounded_transaction(self.engine, self.timeout) as conn:
                 yield conn
-        except (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError, OSError) as error:
-            if not cancelled_by_the_database(error):
-                self._reached(error)
-            raise StoreUnavailable(f"database unavailable: {error.__class__.__name__}: {error}") from error
+        except sa.exc.TimeoutError as error:
+            # Every pooled connection was busy for the whole wait: a fact about
+            # this replica's load, not about the database.
+            raise StoreUnavailable(
+                f"database unavailable: no pooled connection came free within {self.timeout:g}s; retry"
+            ) from error
         except sa.exc.DBAPIError as error:
+            refusal = await self._refusal(error, began)
+            if refusal is not None:
+                raise refusal from error
+            if isinstance(error, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+                raise self._unreachable(error, began) from error
             if error.connection_invalidated:
-                self._reached(error)
-                raise StoreUnavailable(f"database connection lost: {error}") from error
+                self._reached(error, began)
+                raise StoreUnavailable(f"database connection lost: {database_error_text(error)}") from error
             raise
-        self._reached(None)
+        except OSError as error:
+            raise self._unreachable(error, began) from error
+        self._reached(None, began)
+
+    def _unreachable(self, error: BaseException, began: float) -> StoreUnavailable:
+        """Reports a wait that could not reach the database (unless the
+        database itself cancelled the statement); what its caller raises."""
+        if not cancelled_by_the_database(error):
+            self._reached(error, began)
+        return StoreUnavailable.of(error)
+
+    async def _refusal(self, error: BaseException, began: float) -> DatabaseRefusesWrites | None:
+        """The refusal of writes `error` is, reported, or None. After a
+        read-only answer the pool's connections are dropped: new ones go
+        where the URL leads now (a promoted primary, with
+        target_session_attrs=read-write)."""
+        refusal = refused_write(error)
+        if refusal is None:
+            return None
+        self._reached(refusal, began)
+        if isinstance(refusal, DatabaseReadOnly):
+            await self.engine.dispose()
+        return refusal
 
     async def ensure_schema(self) -> None:
-        database = make_url(self.url).render_as_string(hide_password=True)
+        database = self.database.shown
         async with self._transaction() as conn:
             await conn.run_sync(functools.partial(migrations.ensure_current, database=database))
 
@@ -283,6 +256,16 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def ping(self) -> None:
         async with self._transaction() as conn:
             await conn.execute(sa.text("SELECT 1"))
+
+    async def probe_writes(self) -> None:
+        async with self._transaction() as conn:
+            # Matches no row, but is checked like any write: a read-only
+            # transaction or a missing privilege refuses it.
+            await conn.execute(sa.update(sagas).where(sa.false()).values(updated_at=sagas.c.updated_at))
+            await self._probe_space(conn)
+
+    async def _probe_space(self, conn: AsyncConnection) -> None:
+        """Fails (out of space) unless the database can grow its files now."""
 
     async def close(self) -> None:
         await self.engine.dispose()
@@ -435,11 +418,11 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def _raise_participant_alert(
         self, conn: AsyncConnection, kind: str, name: str, address: str, now: float, message: str
     ) -> StoredAlert:
-        (position,) = await _take_positions(conn, ALERT_LOG, 1)
+        (position,) = await take_positions(conn, ALERT_LOG, 1)
         alert = StoredAlert(
             position=position, kind=kind, raised_at=now, message=message, participant=name, address=address
         )
-        await _log_alerts(conn, [alert])
+        await log_alerts(conn, [alert])
         # Wakes the other replicas' alert watchers (as a change of anything).
         await self._announce(conn, ["*"])
         return alert
@@ -462,7 +445,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         if row is None:
             return None
         steps = (await conn.execute(sa.select(saga_steps).where(saga_steps.c.saga_id == saga_id))).all()
-        return _saga_from_rows(row, steps)
+        return saga_from_rows(row, steps)
 
     async def _load_many(self, conn: AsyncConnection, rows: Sequence[sa.Row[Any]]) -> list[SagaRecord]:
         if not rows:
@@ -472,7 +455,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         by_saga: dict[str, list[sa.Row[Any]]] = {saga_id: [] for saga_id in ids}
         for step in step_rows:
             by_saga[step.saga_id].append(step)
-        return [_saga_from_rows(row, by_saga[row.saga_id]) for row in rows]
+        return [saga_from_rows(row, by_saga[row.saga_id]) for row in rows]
 
     async def load_saga(self, saga_id: str) -> SagaRecord | None:
         async with self._transaction() as conn:
@@ -499,10 +482,6 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).one_or_none()
             return None if held is None else await self._load(conn, saga_id)
 
-    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
-        """Tells other processes, on commit, which sagas changed (a database
-        only one process uses has no one to tell)."""
-
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         """Writes every transition in one transaction, a few statements per
         table; RejectedWrite when the database refuses a value (nothing is
@@ -523,7 +502,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 )
                 await self._announce(conn, [writes[i].saga.saga_id for i in landed])
         except (sa.exc.DataError, sa.exc.IntegrityError, OverflowError) as error:
-            raise _rejected(error) from error
+            raise rejected(error) from error
         by_index = dict(zip(landed, positions, strict=True))
         return [
             WriteResult(ok=True, epoch=epochs[index], positions=by_index[index]) if index in epochs
@@ -544,26 +523,12 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         ]
         if not raised:
             return
-        taken = await _take_positions(conn, ALERT_LOG, len(raised))
+        taken = await take_positions(conn, ALERT_LOG, len(raised))
         logged = [
-            _saga_alert(saga, event, event_position, position)
+            saga_alert(saga, event, event_position, position)
             for (saga, event, event_position), position in zip(raised, taken, strict=True)
         ]
-        await _log_alerts(conn, logged)
-
-    @staticmethod
-    def _saga_values(write: SagaWrite) -> dict[str, Any]:
-        saga = write.saga
-        return {
-            "state": saga.state,
-            "sequence": saga.sequence,
-            "updated_at": saga.updated_at,
-            "failure_reason": saga.failure_reason,
-            "resolution_note": saga.resolution_note,
-            "due_at": write.due_at,
-            "owner": None if write.release else write.owner,
-            "lease_until": None if write.release else write.lease_until,
-        }
+        await log_alerts(conn, logged)
 
     async def _insert_sagas(
         self, conn: AsyncConnection, creates: Sequence[tuple[int, SagaWrite]]
@@ -572,7 +537,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         {write index: epoch} of those inserted."""
         rows = [
             {
-                **self._saga_values(write),
+                **saga_values(write),
                 "saga_id": write.saga.saga_id,
                 "definition_name": write.saga.definition_name,
                 "definition_version": write.saga.definition_version,
@@ -602,7 +567,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 inserted.discard(write.saga.saga_id)  # a duplicate id within the batch lands once
                 landed[index] = 1
                 step_rows += [
-                    _step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
+                    step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
                 ]
         if step_rows:
             await conn.execute(saga_steps.insert(), step_rows)
@@ -616,7 +581,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         landed: dict[int, int] = {}
         for index, write in updates:
             guard = [sagas.c.saga_id == write.saga.saga_id, sagas.c.sequence == write.expected_sequence]
-            values = self._saga_values(write)
+            values = saga_values(write)
             if write.epoch is None:
                 values["epoch"] = sagas.c.epoch + 1
             else:
@@ -633,7 +598,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         for write in writes:
             positions = {step.name: index for index, step in enumerate(write.saga.steps)}
             for name in write.changed_steps:
-                row = _step_row(write.saga.saga_id, positions[name], write.saga.step(name))
+                row = step_row(write.saga.saga_id, positions[name], write.saga.step(name))
                 rows.append({"b_" + key: value for key, value in row.items()})
         if not rows:
             return
@@ -653,6 +618,10 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             rows,
         )
 
+    async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
+        """Tells other processes, on commit, which sagas changed (a database
+        only one process uses has no one to tell)."""
+
     async def _append_events(
         self, conn: AsyncConnection, batch: Sequence[tuple[SagaRecord, tuple[LogEvent, ...]]]
     ) -> list[tuple[int, ...]]:
@@ -664,7 +633,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         count = sum(len(events) for _, events in batch)
         if count == 0:
             return [() for _ in batch]
-        position = (await _take_positions(conn, EVENT_LOG, count)).start - 1
+        position = (await take_positions(conn, EVENT_LOG, count)).start - 1
         rows: list[dict[str, Any]] = []
         out: list[tuple[int, ...]] = []
         for saga, events in batch:
@@ -672,7 +641,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             for event in events:
                 position += 1
                 taken.append(position)
-                rows.append(_event_row(saga, event, position))
+                rows.append(event_row(saga, event, position))
             out.append(tuple(taken))
         await conn.execute(saga_events.insert(), rows)
         return out
@@ -870,7 +839,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
         query = sa.select(alerts).where(alerts.c.position > after_position).order_by(alerts.c.position).limit(limit)
         async with self._transaction() as conn:
-            return [_stored_alert(row) for row in (await conn.execute(query)).all()]
+            return [stored_alert(row) for row in (await conn.execute(query)).all()]
 
     async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
         delivered = ~sa.exists().where(alert_outbox.c.position == alerts.c.position)
@@ -906,7 +875,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             if not attempts:
                 return []
             rows = (await conn.execute(sa.select(alerts).where(alerts.c.position.in_(list(attempts))))).all()
-            claimed = [_stored_alert(row) for row in rows]
+            claimed = [stored_alert(row) for row in rows]
             saga_ids = {alert.saga_id for alert in claimed if alert.saga_id}
             traces: dict[str, str | None] = {}
             if saga_ids:
@@ -941,14 +910,14 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             .limit(limit)
         )
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
         if not keys:
             return []
         query = sa.select(saga_events).where(sa.tuple_(saga_events.c.saga_id, saga_events.c.sequence).in_(keys))
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
@@ -960,7 +929,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             query = query.where(saga_events.c.saga_state == saga_state)
         query = query.order_by(saga_events.c.position).limit(limit)
         async with self._transaction() as conn:
-            return [_stored_event(row) for row in (await conn.execute(query)).all()]
+            return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def head_position(self) -> int:
         async with self._transaction() as conn:
@@ -968,7 +937,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             return int((await conn.execute(head)).scalar_one())
 
 
-async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
+async def take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
     """The next `count` positions of the log `log_id` (a compensa_log_head row).
     The row's lock is held to commit, so transactions take positions in the
     order they commit and a reader past position N never misses a late one."""
@@ -983,8 +952,8 @@ async def _take_positions(conn: AsyncConnection, log_id: int, count: int) -> ran
     return range(end - count + 1, end + 1)
 
 
-async def _log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:
+async def log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:
     """Writes alerts to the log with their outbox rows, in the caller's
     transaction: an alert is delivered if and only if it was raised."""
-    await conn.execute(alerts.insert(), [_alert_row(alert) for alert in logged])
-    await conn.execute(alert_outbox.insert(), [_outbox_row(alert) for alert in logged])
+    await conn.execute(alerts.insert(), [alert_row(alert) for alert in logged])
+    await conn.execute(alert_outbox.insert(), [outbox_row(alert) for alert in logged])

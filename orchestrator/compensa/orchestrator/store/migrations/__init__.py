@@ -23,7 +23,7 @@ from alembic.script import ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 
-from compensa.orchestrator.errors import SchemaMismatch
+from compensa.orchestrator.shared.errors import SchemaMismatch
 
 #: Compensa's own version table, so a database that also holds an
 #: application's Alembic history keeps both apart.

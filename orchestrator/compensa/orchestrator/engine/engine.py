@@ -21,18 +21,25 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 
+from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
-from compensa.orchestrator import logs, machine, records
-from compensa.orchestrator.alerts import AlertDelivery, stuck_alert
-from compensa.orchestrator.changes import ChangeSignal
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.config import ServerConfig
+from compensa.common.tracing import trace_id_of
 from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
-from compensa.orchestrator.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
-from compensa.orchestrator.flow import CallWaiting, CapacityWaitExpired, FlowControl
-from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.participant_client import ParticipantClient
-from compensa.orchestrator.participant_health import ParticipantHealthWatch
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.alerts import AlertDelivery, database_alert_body, stuck_alert
+from compensa.orchestrator.engine.changes import ChangeSignal
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.engine.flow import CallWaiting, CapacityWaitExpired, FlowControl
+from compensa.orchestrator.engine.participant_client import ParticipantClient
+from compensa.orchestrator.engine.participant_health import ParticipantHealthWatch
+from compensa.orchestrator.engine.tokens import completion_token
+from compensa.orchestrator.engine.tracing import SagaTracing
+from compensa.orchestrator.engine.writer import TransitionWriter
+from compensa.orchestrator.shared import logs, records
+from compensa.orchestrator.shared.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
+from compensa.orchestrator.shared.metrics import Metrics
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import (
     DEFAULT_PRIORITY,
     PARTICIPANT_UNHEALTHY,
@@ -45,11 +52,6 @@ from compensa.orchestrator.store import (
     StoredEvent,
     WriteResult,
 )
-from compensa.orchestrator.timestamps import timestamp
-from compensa.orchestrator.tokens import completion_token
-from compensa.orchestrator.tracing import SagaTracing
-from compensa.orchestrator.writer import TransitionWriter
-from compensa.participants.tracing import trace_id_of
 from compensa.v1 import definition_pb2, participant_pb2
 
 log = logging.getLogger("compensa.engine")
@@ -126,7 +128,7 @@ class _Driving:
 class SagaEngine:
     """Owns sagas through leases and drives each one in its own task."""
 
-    def __init__(self, store: SagaStore, config: ServerConfig) -> None:
+    def __init__(self, store: SagaStore, config: EngineConfig) -> None:
         self.store = store
         self.config = config
         self.owner = config.replica_id
@@ -161,7 +163,7 @@ class SagaEngine:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
         self._token_key: bytes | None = None
-        self.metrics.drive_count(lambda: len(self._driving))
+        self.metrics.drive_count(lambda: self.sagas_driven)
         self.metrics.count_for_people(self._people_counts)
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -221,6 +223,11 @@ class SagaEngine:
         """Participants `definition` names that have no address to call."""
         names = dict.fromkeys(step.participant for step in definition.steps)
         return [name for name in names if not self.client.knows(name)]
+
+    @property
+    def sagas_driven(self) -> int:
+        """Sagas this replica drives now (a call in flight or due)."""
+        return len(self._driving)
 
     @property
     def token_key(self) -> bytes:
@@ -325,6 +332,18 @@ class SagaEngine:
         else:
             log.info("ALERT participant %s at %s: %s", alert.participant, alert.address, alert.message, extra=fields)
         self._alert_committed()
+
+    def database_lost(self, loss: DatabaseLoss) -> None:
+        """This replica lost its database, or the database began refusing
+        writes: counted, and the latter alerted (log, metric, webhook). That
+        alert is not in the alert log, which lives in the database."""
+        self.metrics.database_outage(loss.reason, alerted=loss.refuses_writes)
+        if not loss.refuses_writes:
+            return
+        message = f"the database of orchestrator {self.owner} refuses writes ({loss.reason}): {loss.detail}"
+        log.error("ALERT %s", message)
+        if self.alerts is not None:
+            self.alerts.send_unstored(database_alert_body(self.owner, loss.reason, message, self.clock.now()))
 
     def _alert_committed(self) -> None:
         if self.alerts is not None:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import logging
 import urllib.error
@@ -28,14 +29,18 @@ import urllib.request
 from typing import Any
 
 from compensa.common.retry import Backoff
-from compensa.orchestrator import machine, records
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
+from compensa.common.tracing import trace_id_of
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import SAGA_ALERT, PendingAlert, SagaStore
-from compensa.participants.tracing import trace_id_of
 
-__all__ = ["DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "stuck_alert"]
+__all__ = ["DATABASE_ALERT", "DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "database_alert_body", "stuck_alert"]
+
+#: The `kind` of the alert a replica sends when its database refuses writes.
+DATABASE_ALERT = "DATABASE_REFUSES_WRITES"
 
 log = logging.getLogger("compensa.alerts")
 
@@ -78,6 +83,32 @@ def alert_body(pending: PendingAlert) -> dict[str, Any]:
     }
 
 
+def database_alert_body(replica: str, reason: str, message: str, raised_at: float) -> dict[str, Any]:
+    """The JSON object POSTed when `replica`'s database refuses writes
+    (documented in README, "Alerts"). It cannot be stored in the alert log,
+    which is in that database: each replica sends its own, with an id of
+    its own, straight from memory."""
+    return {
+        "alert_id": f"database/{replica}/{round(raised_at * 1000)}",
+        "type": "ALERT_RAISED",
+        "kind": DATABASE_ALERT,
+        "reason": reason,
+        "replica": replica,
+        "saga_id": None,
+        "definition": None,
+        "step": "",
+        "participant": None,
+        "address": None,
+        "message": message,
+        "raised_at": _rfc3339(raised_at),
+        "sequence": None,
+        "position": None,
+        "alert_position": None,
+        "delivery_attempt": 1,
+        "trace_id": None,
+    }
+
+
 def stuck_alert(saga: records.SagaRecord, now: float) -> machine.Transition:
     """The ALERT_RAISED event for a saga that has not moved since its
     `updated_at`. Unlike a transition it leaves `updated_at` alone: the saga
@@ -115,13 +146,47 @@ class AlertDelivery:
         self._metrics = metrics
         self._timeout = timeout
         self._wake = asyncio.Event()
+        self._unstored: set[asyncio.Task[None]] = set()
+
+    def send_unstored(self, body: dict[str, Any]) -> None:
+        """Delivers an alert that is not in the outbox (the database refuses
+        writes), retried with DELIVERY_BACKOFF for as long as this replica runs."""
+        task = asyncio.create_task(self._deliver_unstored(body), name="compensa-unstored-alert")
+        self._unstored.add(task)
+        task.add_done_callback(self._unstored.discard)
+
+    async def _deliver_unstored(self, body: dict[str, Any]) -> None:
+        alert_id = str(body["alert_id"])
+        for attempt in itertools.count(1):
+            body["delivery_attempt"] = attempt
+            try:
+                await asyncio.to_thread(_post, self._url, json.dumps(body).encode(), alert_id, self._timeout)
+            except (OSError, ValueError) as error:  # URLError and HTTPError are OSErrors
+                self._metrics.alert_delivery("failed")
+                wait = DELIVERY_BACKOFF.delay(attempt)
+                log.warning(
+                    "alert %s: delivery %d to the webhook failed (%s); next try in %.1fs",
+                    alert_id, attempt, error, wait,
+                )
+                await asyncio.sleep(wait)
+                continue
+            self._metrics.alert_delivery("delivered")
+            log.info("alert %s delivered to the webhook (attempt %d)", alert_id, attempt)
+            return
 
     def wake(self) -> None:
         """An alert was just committed here: look at the outbox now."""
         self._wake.set()
 
     async def run(self) -> None:
-        """Delivers until cancelled."""
+        """Delivers until cancelled (alerts sent from memory stop then too)."""
+        try:
+            await self._deliver_outbox()
+        finally:
+            for task in list(self._unstored):
+                task.cancel()
+
+    async def _deliver_outbox(self) -> None:
         while True:
             self._wake.clear()
             try:

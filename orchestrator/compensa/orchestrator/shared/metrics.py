@@ -7,10 +7,15 @@ with the server's own certificate when it has one). Page on an increase of
 person, or soon may (a compensation that keeps failing past its policy's
 alert_after, one that gave up, a step after the pivot that could not finish, a
 stuck saga); with reason "participant_unhealthy", a participant that failed
-its health checks past the threshold (a recovery is not counted). It is
+its health checks past the threshold (a recovery is not counted); with reason
+"database_refuses_writes", this replica's database answers but stores nothing
+(`compensa_database_outages_total` says why: DATABASE_FULL, ...). It is
 exported at 0 for every definition this replica knows, and for participants,
 so the increase is seen from the first alert. `compensa_participant_serving`
-is this replica's view of each participant's health. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
+is this replica's view of each participant's health. Overload:
+`compensa_saga_starts_refused_total` counts the starts refused at
+`compensa_max_sagas_in_flight` (see admission.py), `compensa_sagas_in_flight`
+is what that bound is compared with. `compensa_sagas_awaiting_person` (FAILED, nobody resolved them) and
 `compensa_sagas_stuck` (unfinished, unchanged for 10 minutes) are counted in
 the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
@@ -30,7 +35,13 @@ from prometheus_client.registry import Collector
 
 from compensa.common.startup import AddressInUse, ensure_address_free
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator.records import ENDING_EVENTS, state_name
+from compensa.orchestrator.shared.errors import (
+    DatabaseFull,
+    DatabasePermissionDenied,
+    DatabaseReadOnly,
+    StoreUnavailable,
+)
+from compensa.orchestrator.shared.records import ENDING_EVENTS, state_name
 from compensa.v1 import saga_pb2
 
 # The saga_duration_seconds outcome label of each event that ends a saga.
@@ -43,6 +54,11 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # compensa_alerts_total's reason label.
 SAGA_REASON = "saga"
 PARTICIPANT_UNHEALTHY_REASON = "participant_unhealthy"
+DATABASE_REASON = "database_refuses_writes"
+# compensa_database_outages_total's reason label: the ErrorInfo reasons callers read.
+_DATABASE_OUTAGE_REASONS = tuple(
+    kind.reason for kind in (StoreUnavailable, DatabaseFull, DatabaseReadOnly, DatabasePermissionDenied)
+)
 #: compensa_refused_calls_total's reason label.
 REFUSAL_REASONS = ("unauthenticated", "permission_denied", "out_of_scope")
 
@@ -64,6 +80,16 @@ class Metrics:
             ["definition", "reason"], registry=self.registry,
         )
         self._alerts.labels("", PARTICIPANT_UNHEALTHY_REASON)
+        self._alerts.labels("", DATABASE_REASON)
+        self._database_outages = Counter(
+            "compensa_database_outages",
+            "Outages of this replica's database, by reason (the ErrorInfo reason callers read meanwhile):"
+            " DATABASE_UNAVAILABLE (not reached), or writes refused: DATABASE_FULL, DATABASE_READ_ONLY,"
+            " DATABASE_PERMISSION_DENIED (counted also when an outage turns into one).",
+            ["reason"], registry=self.registry,
+        )
+        for reason in _DATABASE_OUTAGE_REASONS:
+            self._database_outages.labels(reason)
         self._participant_serving = Gauge(
             "compensa_participant_serving",
             "1 while this replica's health probes of a participant succeed, 0 while they fail (absent: not"
@@ -95,6 +121,20 @@ class Metrics:
         self._driven = Gauge(
             "compensa_sagas_driven", "Sagas this replica drives now (calls in flight or due).", registry=self.registry,
         )
+        self._in_flight = Gauge(
+            "compensa_sagas_in_flight",
+            "Sagas in flight on this replica: being started, or driven; what serve --max-sagas-in-flight bounds.",
+            registry=self.registry,
+        )
+        self._max_in_flight = Gauge(
+            "compensa_max_sagas_in_flight", "serve --max-sagas-in-flight of this replica (0: no limit).",
+            registry=self.registry,
+        )
+        self._starts_refused = Counter(
+            "compensa_saga_starts_refused",
+            "StartSaga calls refused because this replica was at its limit of sagas in flight (RESOURCE_EXHAUSTED).",
+            registry=self.registry,
+        )
         self._refused = Counter(
             "compensa_refused_calls",
             "Calls (gRPC and dashboard) this replica refused, by reason: unauthenticated, permission_denied, or"
@@ -120,6 +160,14 @@ class Metrics:
     def drive_count(self, count: Callable[[], int]) -> None:
         self._driven.set_function(count)
 
+    def admission(self, limit: int, in_flight: Callable[[], int]) -> None:
+        """Exports the bound on sagas in flight and, at each scrape, how many are."""
+        self._max_in_flight.set(limit)
+        self._in_flight.set_function(in_flight)
+
+    def start_refused(self) -> None:
+        self._starts_refused.inc()
+
     def know_definition(self, name: str) -> None:
         """Exports the alert count of definition `name` (at 0 until its first alert)."""
         self._alerts.labels(name, SAGA_REASON)
@@ -127,6 +175,12 @@ class Metrics:
     def participant_alert(self) -> None:
         """A participant's health checks failed past the threshold (alerted here)."""
         self._alerts.labels("", PARTICIPANT_UNHEALTHY_REASON).inc()
+
+    def database_outage(self, reason: str, *, alerted: bool) -> None:
+        """This replica's database was lost, or began refusing writes (alerted)."""
+        self._database_outages.labels(reason).inc()
+        if alerted:
+            self._alerts.labels("", DATABASE_REASON).inc()
 
     def participant_health(self, participant: str, serving: bool | None) -> None:
         """What this replica's last probe of `participant` saw (None: unknown, or gone)."""

@@ -43,9 +43,9 @@ from typing import Any
 
 import yaml
 
-from compensa.orchestrator.certificates import CertificateNames, read_certificate
+from compensa.orchestrator.api.certificates import CertificateNames, read_certificate
 from compensa.orchestrator.definitions import NAME_PATTERN
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.shared.errors import (
     CompensaError,
     InvalidArgument,
     NotFound,
@@ -55,7 +55,7 @@ from compensa.orchestrator.errors import (
     quote,
     saga_not_found,
 )
-from compensa.orchestrator.limits import MAX_ACTOR_CHARS, MAX_STORED_ACTOR_CHARS, check_text
+from compensa.orchestrator.shared.limits import MAX_ACTOR_CHARS, MAX_STORED_ACTOR_CHARS, check_text
 
 log = logging.getLogger("compensa.access")
 

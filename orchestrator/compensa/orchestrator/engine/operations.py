@@ -3,9 +3,9 @@ every face that offers them (the gRPC API, the dashboard)."""
 
 from __future__ import annotations
 
-from compensa.orchestrator import machine
-from compensa.orchestrator.errors import InvalidArgument
-from compensa.orchestrator.limits import MAX_STORED_ACTOR_CHARS, check_text, stored_text
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared.errors import InvalidArgument
+from compensa.orchestrator.shared.limits import MAX_STORED_ACTOR_CHARS, check_text, stored_text
 
 __all__ = ["OPERATOR_ACTIONS", "operator_event"]
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from google.protobuf import any_pb2
 
-from compensa.orchestrator import machine, records
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import SagaFlow, StoredAlert, StoredEvent
-from compensa.orchestrator.timestamps import timestamp
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 

@@ -2,15 +2,19 @@
 
 Every status also carries a google.rpc.ErrorInfo (AIP-193) with a stable
 `reason` per error class, in the domain ERROR_DOMAIN: clients branch on the
-reason, never on the message text.
+reason, never on the message text. An error that may be retried after a
+known wait also carries a google.rpc.RetryInfo with that wait.
 """
 
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc.error_details_pb2 import ErrorInfo
+from google.protobuf import duration_pb2
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
+
+from compensa.common.database import database_error_text
+from compensa.common.health import UNREACHABLE_REASON
 
 #: The ErrorInfo domain of every error the orchestrator answers.
 ERROR_DOMAIN = "compensa.v1.OrchestratorService"
@@ -41,6 +45,11 @@ class CompensaError(Exception):
     def error_metadata(self) -> dict[str, str]:
         """ErrorInfo metadata: what a client may read besides the reason."""
         return {}
+
+    def retry_delay(self) -> float | None:
+        """Seconds after which the same call may be made again (RetryInfo);
+        None when the error says nothing about retrying."""
+        return None
 
 
 class InvalidArgument(CompensaError):
@@ -97,11 +106,65 @@ class ResourceExhausted(CompensaError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class AtCapacity(ResourceExhausted):
+    """This replica works on as many sagas as it may take on at once: nothing
+    was done; the same call may be made again after `seconds` (here, or on
+    another replica)."""
+
+    reason = "REPLICA_AT_CAPACITY"
+
+    def __init__(self, message: str, *, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+    def retry_delay(self) -> float | None:
+        return self.seconds
+
+
 class StoreUnavailable(CompensaError):
     """The database cannot be reached; the caller may retry."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    reason = "DATABASE_UNAVAILABLE"
+    # The reason database health gives an outage in which it was not reached.
+    reason = UNREACHABLE_REASON
+
+    @classmethod
+    def of(cls, error: BaseException) -> StoreUnavailable:
+        """`error` of the database driver in one line (SQLAlchemy adds the statement and its parameters)."""
+        return cls(f"database unavailable: {database_error_text(error)}")
+
+
+class DatabaseRefusesWrites(StoreUnavailable):
+    """The database answers but refuses to store anything, for a reason that
+    does not pass by itself: health stays NOT_SERVING until a write succeeds.
+    The message says why without the database's internals (file paths)."""
+
+    #: The SQLSTATE the database answered.
+    sqlstate: str = ""
+
+
+class DatabaseFull(DatabaseRefusesWrites):
+    """The database is out of space (SQLSTATE 53100)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "DATABASE_FULL"
+    sqlstate = "53100"
+
+
+class DatabaseReadOnly(DatabaseRefusesWrites):
+    """The database takes no writes (SQLSTATE 25006): a standby, say, after a
+    failover, when the URL does not lead to the primary."""
+
+    reason = "DATABASE_READ_ONLY"
+    sqlstate = "25006"
+
+
+class DatabasePermissionDenied(DatabaseRefusesWrites):
+    """The database user may no longer write the orchestrator's tables
+    (SQLSTATE 42501)."""
+
+    reason = "DATABASE_PERMISSION_DENIED"
+    sqlstate = "42501"
 
 
 class SchemaMismatch(CompensaError):
@@ -182,15 +245,21 @@ def http_status_of(error: BaseException) -> tuple[int, str]:
 
 def grpc_error_details(error: BaseException) -> tuple[tuple[str, bytes], ...]:
     """The trailing metadata that carries `error`'s google.rpc.Status, with
-    its ErrorInfo, to the client (grpc-status-details-bin)."""
+    its ErrorInfo (and RetryInfo, when it has a retry delay), to the client
+    (grpc-status-details-bin)."""
     code, message = grpc_status_of(error)
     info = ErrorInfo(domain=ERROR_DOMAIN)
+    retry_delay = None
     if isinstance(error, CompensaError):
         info.reason = error.reason
         info.metadata.update(error.error_metadata())
+        retry_delay = error.retry_delay()
     else:
         info.reason = INTERNAL_REASON
-    detail = any_pb2.Any()
-    detail.Pack(info)
-    status = Status(code=code.value[0], message=message, details=[detail])
+    status = Status(code=code.value[0], message=message)
+    status.details.add().Pack(info)
+    if retry_delay is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(retry_delay * 1e9))
+        status.details.add().Pack(RetryInfo(retry_delay=delay))
     return (("grpc-status-details-bin", status.SerializeToString()),)

@@ -16,21 +16,32 @@ import math
 import re
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, message, message_factory
 
-from compensa.orchestrator import machine, payloads, records
-from compensa.orchestrator.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.common.tracing import traceparent_in
+from compensa.orchestrator.api.admission import SagaAdmission
+from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
+from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.views import EventViews, alert_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
     key_value,
 )
-from compensa.orchestrator.engine import DEFAULT_STUCK_SECONDS, SagaEngine
-from compensa.orchestrator.errors import (
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from compensa.orchestrator.engine.operations import operator_event
+from compensa.orchestrator.engine.participant_health import ProbeOutcome
+from compensa.orchestrator.engine.tokens import parse_completion_token
+from compensa.orchestrator.shared import payloads, records
+from compensa.orchestrator.shared.errors import (
     AlreadyExists,
     CompensaError,
     FailedPrecondition,
@@ -41,8 +52,7 @@ from compensa.orchestrator.errors import (
     quote,
     saga_not_found,
 )
-from compensa.orchestrator.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
-from compensa.orchestrator.limits import (
+from compensa.orchestrator.shared.limits import (
     MAX_PARTICIPANT_BURST,
     MAX_PARTICIPANT_CALLS_PER_SECOND,
     MAX_PARTICIPANT_IN_FLIGHT,
@@ -57,15 +67,8 @@ from compensa.orchestrator.limits import (
     is_possible,
     stored_text,
 )
-from compensa.orchestrator.operations import operator_event
-from compensa.orchestrator.page_tokens import issue_page_token, read_page_token
-from compensa.orchestrator.participant_health import ProbeOutcome
+from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import DEFAULT_PRIORITY, ParticipantAddress, ParticipantLimits, SagaFlow
-from compensa.orchestrator.streams import READ_BATCH, LogTail
-from compensa.orchestrator.timestamps import timestamp
-from compensa.orchestrator.tokens import parse_completion_token
-from compensa.orchestrator.views import EventViews, alert_message, saga_message
-from compensa.participants.tracing import traceparent_in
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
@@ -260,6 +263,18 @@ def _stream_client(identity: Identity | None, context: Context[Request, Response
     return f"client {host}"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """The faces' settings (see ServerConfig): the largest request, and how
+    watch streams buffer, re-read and are limited per client."""
+
+    max_payload_bytes: int
+    watch_buffer_events: int
+    watch_reread_seconds: float
+    max_streams_per_client: int
+    max_sagas_in_flight: int
+
+
 class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """compensa.v1.OrchestratorService over a SagaEngine.
 
@@ -268,21 +283,23 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     definition scope.
     """
 
-    def __init__(self, engine: SagaEngine, access: AccessPolicy | None = None) -> None:
+    def __init__(self, engine: SagaEngine, settings: ServiceSettings, access: AccessPolicy | None = None) -> None:
         self._engine = engine
         self._store = engine.store
-        self._max_payload = engine.config.max_payload_bytes
+        self._settings = settings
+        self._max_payload = settings.max_payload_bytes
         self._tail = LogTail(
             engine.store,
             engine.changes,
-            buffer_size=engine.config.watch_buffer_events,
-            reread_seconds=engine.config.watch_reread_seconds,
+            buffer_size=settings.watch_buffer_events,
+            reread_seconds=settings.watch_reread_seconds,
         )
         self._access = access if access is not None else AccessPolicy()
-        self._streams = StreamLimit(engine.config.max_streams_per_client)
+        self._streams = StreamLimit(settings.max_streams_per_client)
+        self._admission = SagaAdmission(settings.max_sagas_in_flight, lambda: engine.sagas_driven, engine.metrics)
         self._refused_calls = RefusedCalls(engine.metrics.refused)
         # Live subscribers lag the tail by at most a buffer; catch-up readers share views too.
-        self._event_views = EventViews(size=4 * engine.config.watch_buffer_events)
+        self._event_views = EventViews(size=4 * settings.watch_buffer_events)
 
     @property
     def log_tail(self) -> LogTail:
@@ -375,6 +392,14 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.StartSagaRequest,
         context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
     ) -> orchestrator_pb2.StartSagaResponse:
+        with self._admission.starting():
+            return await self._start_saga(request, context)
+
+    async def _start_saga(
+        self,
+        request: orchestrator_pb2.StartSagaRequest,
+        context: Context[orchestrator_pb2.StartSagaRequest, orchestrator_pb2.StartSagaResponse],
+    ) -> orchestrator_pb2.StartSagaResponse:
         check_saga_id(request.saga_id)
         self._in_scope(context, "StartSaga", request.definition_name)
         if request.definition_version < 0:
@@ -384,8 +409,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
         plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
         if plan is None:
-            version = f" version {request.definition_version}" if request.definition_version else ""
-            raise NotFound(f"definition {quote(request.definition_name)}{version} not found; register it first")
+            raise await self._definition_not_found(request.definition_name, request.definition_version)
         definition = plan.definition
         if not request.HasField("input") or not request.input.type_url:
             raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
@@ -699,8 +723,20 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._in_scope(context, "GetDefinition", request.name)
         definition = await self._store.get_definition(request.name, request.version) if possible else None
         if definition is None:
-            raise NotFound(f"definition {quote(request.name)} not found")
+            raise await self._definition_not_found(request.name, request.version)
         return orchestrator_pb2.GetDefinitionResponse(definition=definition)
+
+    async def _definition_not_found(self, name: str, version: int) -> NotFound:
+        """What to say when `name` at `version` (0: the latest) is not registered:
+        that the name is not, or which versions of it are."""
+        known = version and is_possible(name, "name", NAME_PATTERN)
+        latest = await self._store.get_definition(name, 0) if known else None
+        if latest is None:
+            return NotFound(f"definition {quote(name)} not found; register it first")
+        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
+        return NotFound(
+            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
+        )
 
     @_answer_errors
     async def ListDefinitions(

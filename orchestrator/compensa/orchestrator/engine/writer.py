@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
-from compensa.orchestrator.errors import RejectedWrite, StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.shared.errors import RejectedWrite, StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import SagaStore, SagaWrite, WriteResult
 
 log = logging.getLogger("compensa.engine")

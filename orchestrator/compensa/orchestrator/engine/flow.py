@@ -27,9 +27,9 @@ import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import DEFAULT_PRIORITY, CapacityWait, ParticipantAddress, SagaStore
 
 log = logging.getLogger("compensa.flow")

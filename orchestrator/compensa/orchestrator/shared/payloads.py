@@ -10,15 +10,37 @@ built from that set. Otherwise the types come from imported _pb2 modules.
 from __future__ import annotations
 
 import base64
+import difflib
 import hashlib
 import importlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
-from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool, json_format, message, message_factory
+from google.protobuf import (
+    any_pb2,
+    descriptor,
+    descriptor_pb2,
+    descriptor_pool,
+    duration_pb2,
+    empty_pb2,
+    field_mask_pb2,
+    json_format,
+    message,
+    message_factory,
+    struct_pb2,
+    timestamp_pb2,
+    wrappers_pb2,
+)
 
-from compensa.orchestrator.errors import InvalidArgument, quote
+from compensa.orchestrator.shared.errors import InvalidArgument, quote
 from compensa.v1 import definition_pb2, saga_pb2
+
+#: The well-known types, which every pool here knows (imported, they are in the default pool too).
+_WELL_KNOWN_FILES = tuple(
+    module.DESCRIPTOR
+    for module in (any_pb2, duration_pb2, empty_pb2, field_mask_pb2, struct_pb2, timestamp_pb2, wrappers_pb2)
+)
 
 #: Proto modules imported by default so their types resolve.
 DEFAULT_PROTO_MODULES: tuple[str, ...] = ("compensa.checkout.v1.checkout_pb2",)
@@ -57,10 +79,31 @@ def pack_json(full_name: str, json_text: str, pool: descriptor_pool.DescriptorPo
     try:
         parsed = json_format.Parse(json_text, cls(), descriptor_pool=pool)
     except json_format.ParseError as error:
-        raise InvalidArgument(f"input is not a valid {full_name} in JSON: {error}") from error
+        raise InvalidArgument(f"input is not a valid {full_name} in JSON: {_parse_problem(error, pool)}") from None
     packed = any_pb2.Any()
     packed.Pack(parsed)
     return packed
+
+
+_UNKNOWN_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "([^"]*)" at "([^"]*)"')
+
+
+def _parse_problem(error: json_format.ParseError, pool: descriptor_pool.DescriptorPool | None) -> str:
+    """json_format's complaint in one line; an unknown field is named with its
+    message's fields (the .proto's names) and the one closest to it."""
+    text = str(error)
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is None:
+        return " ".join(text.split())
+    type_name, given, where = unknown.groups()
+    try:
+        fields = [known.name for known in (pool or descriptor_pool.Default()).FindMessageTypeByName(type_name).fields]
+    except KeyError:
+        fields = []
+    close = difflib.get_close_matches(given, fields, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    listed = f" (its fields: {', '.join(fields)})" if fields else ""
+    return f"{where} has no field {quote(given)}{hint}{listed}"
 
 
 def unpack(
@@ -133,7 +176,70 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
                 progress = True
         if not progress:
             raise InvalidArgument(f"types: the imports of {', '.join(sorted(pending))} form a cycle")
+    # A payload may be a well-known type no registered file imports (a step
+    # that returns a StringValue): JSON shows it as protobuf's mapping does.
+    for well_known in _WELL_KNOWN_FILES:
+        if well_known.name not in added:
+            imported = descriptor_pb2.FileDescriptorProto()
+            well_known.CopyToProto(imported)
+            pool.Add(imported)
     return pool
+
+
+_INT64_TYPES = frozenset({
+    descriptor.FieldDescriptor.TYPE_INT64, descriptor.FieldDescriptor.TYPE_UINT64,
+    descriptor.FieldDescriptor.TYPE_SINT64, descriptor.FieldDescriptor.TYPE_FIXED64,
+    descriptor.FieldDescriptor.TYPE_SFIXED64,
+})
+#: Messages whose JSON is not an object of their fields (or holds no int64 field to turn).
+_SPECIAL_JSON = frozenset(
+    f"{file.package}.{name}" for file in _WELL_KNOWN_FILES for name in file.message_types_by_name
+)
+
+
+def int64_as_numbers(
+    shown: dict[str, Any], message_type: descriptor.Descriptor, pool: descriptor_pool.DescriptorPool | None = None
+) -> dict[str, Any]:
+    """`shown` (the JSON mapping of a `message_type`, with the proto's field
+    names) with its 64-bit integers as JSON numbers instead of strings, for
+    people and tools such as jq; in place, and returned. Payloads in Anys
+    are turned too when `pool` (or the default pool) knows their type."""
+    for field in message_type.fields:
+        if field.name not in shown:
+            continue
+        value = shown[field.name]
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value_field = field.message_type.fields_by_name["value"]
+            shown[field.name] = {key: _turned(item, value_field, pool) for key, item in value.items()}
+        elif field.is_repeated:
+            shown[field.name] = [_turned(item, field, pool) for item in value]
+        else:
+            shown[field.name] = _turned(value, field, pool)
+    return shown
+
+
+def _turned(value: Any, field: descriptor.FieldDescriptor, pool: descriptor_pool.DescriptorPool | None) -> Any:
+    if field.type in _INT64_TYPES and isinstance(value, str):
+        return int(value)
+    if field.message_type is None or not isinstance(value, dict):
+        return value
+    if field.message_type.full_name == "google.protobuf.Any":
+        return _any_as_numbers(value, pool)
+    if field.message_type.full_name in _SPECIAL_JSON:
+        return value
+    return int64_as_numbers(value, field.message_type, pool)
+
+
+def _any_as_numbers(shown: dict[str, Any], pool: descriptor_pool.DescriptorPool | None) -> dict[str, Any]:
+    """An Any's JSON with the 64-bit integers of the message it holds as numbers (when its type is known)."""
+    held = str(shown.get("@type", "")).rpartition("/")[2]
+    if held in _SPECIAL_JSON:
+        return shown
+    try:
+        held_type = (pool or descriptor_pool.Default()).FindMessageTypeByName(held)
+    except KeyError:
+        return shown
+    return int64_as_numbers(shown, held_type, pool)
 
 
 def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:
@@ -145,7 +251,7 @@ def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | N
     bare.ClearField("input")
     for step in bare.steps:
         step.ClearField("output")
-    result = json_format.MessageToDict(bare, preserving_proto_field_name=True)
+    result = int64_as_numbers(json_format.MessageToDict(bare, preserving_proto_field_name=True), bare.DESCRIPTOR)
     if saga.HasField("input"):
         result["input"] = to_json_dict(saga.input, pool)
     for index, step in enumerate(saga.steps):
@@ -155,11 +261,12 @@ def saga_json_dict(saga: saga_pb2.Saga, pool: descriptor_pool.DescriptorPool | N
 
 
 def to_json_dict(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool | None = None) -> dict[str, Any]:
-    """An Any as proto3 JSON (with "@type"), decoded with `pool`; a payload of
-    a type nobody registered is shown as its type and base64 bytes."""
+    """An Any as proto3 JSON (with "@type"), decoded with `pool`, its 64-bit
+    integers as numbers (`int64_as_numbers`); a payload of a type nobody
+    registered is shown as its type and base64 bytes."""
     try:
-        return json_format.MessageToDict(
+        return _any_as_numbers(json_format.MessageToDict(
             payload, preserving_proto_field_name=True, descriptor_pool=pool or descriptor_pool.Default()
-        )
+        ), pool)
     except (TypeError, KeyError, json_format.Error, message.DecodeError):
         return {"@type": payload.type_url, "value": base64.b64encode(payload.value).decode("ascii")}

@@ -9,9 +9,9 @@ from collections.abc import Mapping
 import grpc
 
 from compensa.common.tls import TlsFiles
-from compensa.orchestrator import machine
-from compensa.orchestrator.limits import stored_text
-from compensa.orchestrator.metrics import Metrics
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared.limits import stored_text
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED

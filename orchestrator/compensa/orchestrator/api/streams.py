@@ -20,8 +20,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
-from compensa.orchestrator.changes import ChangeSignal
-from compensa.orchestrator.errors import StoreUnavailable
+from compensa.orchestrator.engine.changes import ChangeSignal
+from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.store import SagaStore, StoredEvent
 
 log = logging.getLogger("compensa.streams")

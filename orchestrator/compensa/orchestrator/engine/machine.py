@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from compensa.orchestrator.definitions import DefinitionGraph, backoff_seconds, duration_seconds, retry_waited_seconds
-from compensa.orchestrator.records import (
+from compensa.orchestrator.shared.records import (
     COMPENSATED,
     COMPENSATING,
     FAILED,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from compensa.orchestrator.errors import Unauthenticated, quote
+from compensa.orchestrator.shared.errors import Unauthenticated, quote
 
 __all__ = ["CertificateNames", "read_certificate"]
 

@@ -14,7 +14,8 @@ what it saw with the shared state in `compensa_participants`:
 - a successful probe by any replica ends the outage; one that was alerted
   raises PARTICIPANT_RECOVERED, by a guarded update as well;
 - a participant without the health service (UNIMPLEMENTED) is "unknown":
-  logged once per address, never alerted.
+  logged once per address, never alerted for that; its answer ends an
+  outage a failed probe started, as a success does.
 
 So a participant is unhealthy when no replica has reached it for the whole
 threshold: a replica cut off from a participant that the others reach raises
@@ -35,16 +36,16 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from compensa.orchestrator.clock import SharedClock
-from compensa.orchestrator.errors import StoreUnavailable
-from compensa.orchestrator.metrics import Metrics
-from compensa.orchestrator.participant_client import ParticipantClient
+from compensa.orchestrator.engine.clock import SharedClock
+from compensa.orchestrator.engine.participant_client import ParticipantClient
+from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import ParticipantAddress, SagaStore, StoredAlert
 from compensa.v1 import orchestrator_pb2, participant_pb2
 
 __all__ = ["PROBED_SERVICE", "ParticipantHealthWatch", "ProbeOutcome"]
 
-log = logging.getLogger("compensa.participants.health")
+log = logging.getLogger("compensa.participant_health")
 
 #: The service name the SDK's servers report their health under (besides
 #: ""); a health server that does not know it is asked about "" instead.
@@ -162,19 +163,15 @@ class ParticipantHealthWatch:
             if address not in self._unknown_logged:
                 self._unknown_logged.add(address)
                 log.info("participant %s at %s: health unknown (%s); it is not watched", name, address, outcome.detail)
+            # It answered: an outage an earlier failed probe started is over,
+            # or a later short failure would be alerted for all the time since.
+            await self._end_outage(participant, now, "answers again")
             return
         self._metrics.participant_health(name, outcome.health == SERVING)
         if outcome.health == SERVING:
             if changed and before is not None:
                 log.info("participant %s at %s passes its health checks again", name, address)
-            if participant.unhealthy_since is not None:
-                since = now - participant.unhealthy_since
-                alert = await self._store.participant_serving(
-                    name, now=now,
-                    message=f"participant {name} at {address} answers SERVING again, after {_duration(since)}",
-                )
-                if alert is not None:
-                    self._on_alert(alert)
+            await self._end_outage(participant, now, "answers SERVING again")
             return
         if changed:
             log.warning(
@@ -195,3 +192,15 @@ class ParticipantHealthWatch:
         if alert is not None:
             self._on_alert(alert)
 
+    async def _end_outage(self, participant: ParticipantAddress, now: float, answer: str) -> None:
+        """Ends the participant's stored outage, if one started (raising
+        PARTICIPANT_RECOVERED if it was alerted)."""
+        if participant.unhealthy_since is None:
+            return
+        since = _duration(now - participant.unhealthy_since)
+        alert = await self._store.participant_serving(
+            participant.name, now=now, message=f"participant {participant.name} at {participant.address} {answer},"
+            f" after {since}",
+        )
+        if alert is not None:
+            self._on_alert(alert)

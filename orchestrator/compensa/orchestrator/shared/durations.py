@@ -19,7 +19,7 @@ from fractions import Fraction
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator.errors import quote
+from compensa.orchestrator.shared.errors import quote
 
 __all__ = ["DURATION_EXAMPLES", "MAX_DURATION_SECONDS", "InvalidDuration", "parse_duration"]
 

@@ -1,4 +1,4 @@
-"""One trace per saga (OpenTelemetry, optional: see compensa.participants.tracing).
+"""One trace per saga (OpenTelemetry, optional: see compensa.common.tracing).
 
 A saga's trace starts with a short "saga NAME" span when the saga is created
 (linked to the caller's span when StartSaga carried a `traceparent`);
@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from compensa.orchestrator import machine, records
-from compensa.participants import tracing
-from compensa.participants.tracing import TRACEPARENT
+from compensa.common import tracing
+from compensa.common.tracing import TRACEPARENT
+from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared import records
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer

@@ -15,8 +15,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from compensa.orchestrator.errors import InvalidArgument
-from compensa.orchestrator.limits import MAX_PAGE_TOKEN_CHARS
+from compensa.orchestrator.shared.errors import InvalidArgument
+from compensa.orchestrator.shared.limits import MAX_PAGE_TOKEN_CHARS
 
 _MALFORMED = (
     "page_token was not issued for this query: pass back, unchanged, the next_page_token of a response to the"

@@ -29,9 +29,9 @@ from compensa.examples.inventory import RESERVATIONS
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.server import start_participant
 from compensa.examples.shipping import SHIPMENTS
-from compensa.orchestrator import timeline
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
+from compensa.orchestrator.shared import timeline
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -109,15 +109,26 @@ async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
         stack.push_async_callback(orchestrator.stop)
         assert orchestrator.dashboard is not None
         print(f"orchestrator listening on {orchestrator.address}")
-        print(f"dashboard at {orchestrator.dashboard.url}\n", flush=True)
+        # A link only when it stays alive: without --stay the demo ends in seconds.
+        if stay:
+            print(f"dashboard at {orchestrator.dashboard.url} (up until Ctrl-C)")
+        print(flush=True)
 
         async with grpc.aio.insecure_channel(orchestrator.address) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             outcomes = [await _run_checkout(stub, checkout) for checkout in checkouts]
+        problems = await _summarize(workdir, checkouts, outcomes)
         if stay:
             print(f"the dashboard stays up at {orchestrator.dashboard.url}; press Ctrl-C to end the demo", flush=True)
             await _until_interrupted()
+        else:
+            print("(`compensa demo --stay`, or `make demo STAY=1`, keeps the orchestrator and its dashboard up"
+                  " afterwards, until Ctrl-C)")
+    return 1 if problems else 0
 
+
+async def _summarize(workdir: Path, checkouts: list[_Checkout], outcomes: list[saga_pb2.Saga]) -> list[str]:
+    """Prints what each checkout ended as and what its participants did; the problems found."""
     effects = await _read_effects(workdir, [checkout.saga_id for checkout in checkouts])
     print("summary")
     for checkout, saga in zip(checkouts, outcomes, strict=True):
@@ -129,7 +140,7 @@ async def _run_demo_in(workdir: Path, http_listen: str, stay: bool) -> int:
         print(f"demo FAILED: {problem}")
     if not problems:
         print("demo OK: the first checkout succeeded; the declined one released its stock and charged nothing")
-    return 1 if problems else 0
+    return problems
 
 
 async def _until_interrupted() -> None:

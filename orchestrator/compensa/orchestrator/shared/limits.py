@@ -14,7 +14,7 @@ import re
 
 from google.protobuf import duration_pb2
 
-from compensa.orchestrator.errors import InvalidArgument, quote
+from compensa.orchestrator.shared.errors import InvalidArgument, quote
 
 #: Saga ids: 1-128 characters of letters, digits, '.', '_', ':' and '-'.
 SAGA_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
