@@ -414,6 +414,27 @@ async def test_higher_priority_goes_first_when_a_limit_holds_calls_back(
     assert participant.most_in_flight <= 2
 
 
+async def test_definitions_of_one_priority_take_turns(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
+    """A burst of one definition's sagas does not starve another's: with one
+    call at a time, the few sagas of the second definition, started after
+    the burst, go through in turns with it, not after it."""
+    participant = CountingParticipant(work_seconds=0.05)
+    async with serving(participant) as address, orchestrator_for(
+        make_postgres_url, address, definition_file(tmp_path, name="bursty"), definition_file(tmp_path, name="quiet")
+    ) as stub:
+        await set_limits(stub, max_in_flight=1)
+        bursty = [f"burst-{n:02d}" for n in range(40)]
+        quiet = [f"quiet-{n}" for n in range(5)]
+        await asyncio.gather(*(stub.StartSaga(start_request(s, "bursty"), timeout=20.0) for s in bursty))
+        await asyncio.gather(*(stub.StartSaga(start_request(s, "quiet"), timeout=20.0) for s in quiet))
+        await final_states(stub, bursty + quiet, timeout=90.0)
+    order = [saga_id for saga_id, *_ in sorted(participant.calls, key=lambda call: call[2])]
+    last_quiet = max(order.index(saga_id) for saga_id in quiet)
+    # In turns, the five come within about ten calls of the first quiet one's
+    # arrival; behind the burst, they would come last.
+    assert last_quiet < len(order) - 10, order
+
+
 async def test_bad_keys_and_priorities_are_refused(tmp_path: Path, make_postgres_url: Callable[[], str]) -> None:
     participant = CountingParticipant()
     async with serving(participant) as address, orchestrator_for(
