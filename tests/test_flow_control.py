@@ -163,6 +163,7 @@ BURST = 20
 LEASE_SECONDS = 2.0
 
 
+@pytest.mark.slow
 async def test_limits_hold_across_three_replicas_with_one_killed(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
@@ -495,6 +496,7 @@ async def test_limits_holds_and_keys_on_the_embedded_database(tmp_path: Path) ->
         assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(same)), same
 
 
+@pytest.mark.slow
 async def test_after_an_outage_waiting_sagas_resume_within_the_limits_oldest_first(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
