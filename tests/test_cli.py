@@ -21,7 +21,7 @@ from compensa.v1 import saga_pb2
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
     "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry",
-    "resolve", "register", "definitions", "alerts",
+    "resolve", "register", "definitions", "alerts", "codegen",
 )
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",

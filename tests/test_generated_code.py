@@ -28,13 +28,13 @@ def _generated_files(root: Path) -> dict[str, str]:
 def _regenerate(out: Path) -> None:
     protos = sorted(path.relative_to(ROOT).as_posix() for path in PROTOS.rglob("*.proto"))
     assert protos, f"no .proto files under {PROTOS}"
-    # protoc-gen-mypy and protoc-gen-mypy_grpc are scripts next to this interpreter.
+    # protoc-gen-mypy, protoc-gen-mypy_grpc and protoc-gen-compensa_python are scripts next to this interpreter.
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
     command = [
         sys.executable, "-m", "grpc_tools.protoc", "--proto_path=protos",
         f"--python_out={out}", f"--grpc_python_out={out}", f"--mypy_out={out}", f"--mypy_grpc_out={out}",
-        *protos,
+        f"--compensa_python_out={out}", *protos,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     assert result.returncode == 0, f"protoc failed ({result.returncode}):\n{result.stderr}"

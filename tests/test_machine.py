@@ -38,6 +38,7 @@ from compensa.orchestrator.engine.machine import (
 )
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.records import SagaRecord
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, saga_pb2
 
 S = saga_pb2
@@ -687,7 +688,7 @@ def _saga_in(state: str) -> Run:
 @pytest.mark.parametrize("action", [RetryRequested("ops", "r"), ResolveRequested("ops", "fixed by hand")])
 def test_retry_and_resolve_need_a_failed_saga(state: str, action: Event) -> None:
     run = _saga_in(state)
-    assert records.state_name(run.saga.state) == state
+    assert saga_state_name(run.saga.state) == state
     with pytest.raises(IllegalTransition, match=state):
         machine.decide(run.plan, run.saga, action, T0 + 50)
 

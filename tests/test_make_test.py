@@ -1,5 +1,6 @@
 """`make test` on a fresh machine installs what its tests need beyond Python
-(Chromium and chromedriver for the dashboard's browser test) or says in one
+(Chromium and chromedriver for the dashboard's browser test, Node.js and npm
+for the Node.js participant's) or says in one
 line what to install; .ci/run leaves that to it."""
 
 from __future__ import annotations
@@ -62,3 +63,18 @@ def test_as_root_it_installs_chromium_and_chromedriver_with_apt_get(tmp_path: Pa
     assert calls.read_text().splitlines() == [
         "update -q", "install -y -q --no-install-recommends chromium chromium-driver",
     ]
+
+
+def test_without_node_and_a_way_to_install_it_ci_stops_with_one_line(tmp_path: Path) -> None:
+    assert MAKE is not None
+    result = subprocess.run(
+        [MAKE, "-s", "-C", str(REPO), "node", "APT_GET=no-such-apt-get", f"NODE_TEST_MODULES={tmp_path / 'modules'}"],
+        env={"PATH": str(_bare_path(tmp_path)), "HOME": str(tmp_path), "CI": "true"},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.splitlines()[0] == (
+        "make test needs node and npm (Debian/Ubuntu, as root: apt-get install nodejs npm)"
+    )
+    planned = subprocess.run([MAKE, "-n", "-C", str(REPO), "test"], capture_output=True, text=True, timeout=60)
+    assert planned.stdout.index("npm install") < planned.stdout.index("pytest"), planned.stdout

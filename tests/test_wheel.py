@@ -46,3 +46,4 @@ def test_the_wheel_installs_only_names_under_compensa(tmp_path: Path) -> None:
         next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
     ).decode()
     assert "compensa = compensa.orchestrator.cli:main" in console_scripts
+    assert "protoc-gen-compensa_python = compensa.participants.codegen:main" in console_scripts

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from compensa.v1 import contract_pb2 as _contract_pb2
 from compensa.v1 import definition_pb2 as _definition_pb2
 from compensa.v1 import saga_pb2 as _saga_pb2
 from google.protobuf import any_pb2 as _any_pb2
@@ -219,6 +220,7 @@ class Participant(_message.Message):
     ALERT_TIME_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     HOLD_FIELD_NUMBER: _builtins.int
+    CONTRACT_SERVICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name definitions use (`participant: payment`): letters, digits, '.',
     '_' and '-', at most 64.
@@ -231,6 +233,10 @@ class Participant(_message.Message):
     """What the last probe of the replica that answered saw (ListParticipants)."""
     health_detail: _builtins.str
     """The last failed probe's error, when `health` is FAILING."""
+    contract_service: _builtins.str
+    """The full name of its stored contract's service (SetParticipantRequest.contract);
+    empty when it has none.
+    """
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -264,10 +270,11 @@ class Participant(_message.Message):
         alert_time: _timestamp_pb2.Timestamp | None = ...,
         limits: Global___ParticipantLimits | None = ...,
         hold: Global___ParticipantHold | None = ...,
+        contract_service: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert_time", b"alert_time", "hold", b"hold", "limits", b"limits", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "health", b"health", "health_detail", b"health_detail", "hold", b"hold", "limits", b"limits", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "contract_service", b"contract_service", "health", b"health", "health_detail", b"health_detail", "hold", b"hold", "limits", b"limits", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -485,19 +492,35 @@ class SetParticipantRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    CONTRACT_FIELD_NUMBER: _builtins.int
+    CLEAR_CONTRACT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     actor: _builtins.str
+    clear_contract: _builtins.bool
+    """Removes the stored contract (with `contract` unset): the participant is
+    then checked at run time only.
+    """
+    @_builtins.property
+    def contract(self) -> _contract_pb2.ParticipantContract:
+        """The participant's contract (contract.proto), checked against every
+        registered definition that names the participant: a contract they do
+        not fit is refused with FAILED_PRECONDITION, and from then on so is a
+        definition that does not fit it. Unset: the stored contract stays.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         address: _builtins.str = ...,
         actor: _builtins.str = ...,
+        contract: _contract_pb2.ParticipantContract | None = ...,
+        clear_contract: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,13 +26,13 @@ from compensa.common.tracing import traceparent_in
 from compensa.orchestrator.api.admission import SagaAdmission
 from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
+from compensa.orchestrator.api.queries import SagaQueries
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.api.views import EventViews, alert_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
-    key_value,
 )
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
@@ -40,13 +40,13 @@ from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.engine.participant_health import ProbeOutcome
 from compensa.orchestrator.engine.tokens import parse_completion_token
-from compensa.orchestrator.shared import payloads, records
+from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import (
     AlreadyExists,
     CompensaError,
     FailedPrecondition,
     InvalidArgument,
-    NotFound,
+    definition_not_registered,
     grpc_error_details,
     grpc_status_of,
     quote,
@@ -68,7 +68,7 @@ from compensa.orchestrator.shared.limits import (
     stored_text,
 )
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import DEFAULT_PRIORITY, ParticipantAddress, ParticipantLimits, SagaFlow
+from compensa.orchestrator.store import DEFAULT_PRIORITY, ParticipantAddress, ParticipantLimits
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
@@ -295,6 +295,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             reread_seconds=settings.watch_reread_seconds,
         )
         self._access = access if access is not None else AccessPolicy()
+        self._queries = SagaQueries(engine, self._access)
         self._streams = StreamLimit(settings.max_streams_per_client)
         self._admission = SagaAdmission(settings.max_sagas_in_flight, lambda: engine.sagas_driven, engine.metrics)
         self._refused_calls = RefusedCalls(engine.metrics.refused)
@@ -321,11 +322,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         """Stops the log reader behind the watch streams."""
         await self._tail.stop()
 
-    async def _saga_view(self, saga: records.SagaRecord, flow: SagaFlow | None = None) -> saga_pb2.Saga:
-        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        if flow is None:
-            flow = await self._store.flow_of(saga.saga_id, with_waits=not saga.is_final)
-        return saga_message(saga, plan, flow)
+    async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
+        return await self._queries.saga_view(saga)
 
     def _caller(self, context: Context[Request, Response]) -> Identity:
         """Who calls: a bearer token in the metadata or the client certificate."""
@@ -361,12 +359,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def _existing(self, saga_id: str, context: Context[Request, Response]) -> records.SagaRecord:
         """The saga, if it exists and the caller may see it; NotFound alike otherwise."""
-        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga_id", SAGA_ID_PATTERN) else None
-        if saga is None:
-            raise saga_not_found(saga_id)
-        caller = None if self._access.open else self._caller(context)
-        self._access.require_visible(caller, saga_id, saga.definition_name)
-        return saga
+        return await self._queries.visible_saga(None if self._access.open else self._caller(context), saga_id)
 
     async def _operate(
         self, context: Context[Request, Response], action: str, saga_id: str, claimed: str, text: str
@@ -406,42 +399,27 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(
                 f"definition_version must be 0 (latest) or positive, got {request.definition_version}"
             )
-        possible = is_possible(request.definition_name, "definition_name", NAME_PATTERN)
-        plan = await self._engine.find_plan(request.definition_name, request.definition_version) if possible else None
-        if plan is None:
-            raise await self._definition_not_found(request.definition_name, request.definition_version)
-        definition = plan.definition
-        if not request.HasField("input") or not request.input.type_url:
-            raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
-        size = request.input.ByteSize()
-        if size > self._max_payload:
-            raise InvalidArgument(f"input is {size} bytes; the limit is {self._max_payload} bytes")
-        given = payloads.type_name_of(request.input)
-        if given != definition.input_type:
-            raise InvalidArgument(
-                f"input must be a {definition.input_type}, got {quote(given or request.input.type_url)}"
-            )
-        saga_input = payloads.unpack(request.input, payloads.pool_of(definition), field="input")
+        if not is_possible(request.definition_name, "definition_name", NAME_PATTERN):
+            raise definition_not_registered(request.definition_name)
         priority = request.priority or DEFAULT_PRIORITY
         if not HIGHEST_PRIORITY <= priority <= LOWEST_PRIORITY:
             raise InvalidArgument(
                 f"priority must be from {HIGHEST_PRIORITY} (highest) to {LOWEST_PRIORITY}, or 0 for the default"
                 f" ({DEFAULT_PRIORITY}), got {request.priority}"
             )
-        key = key_value(definition.concurrency_key, saga_input) if definition.concurrency_key else None
         fingerprint = _start_fingerprint(request)
-        saga, created, existing_fingerprint = await self._engine.create(
-            plan, request.saga_id, request.input.SerializeToString(deterministic=True), fingerprint,
+        started = await self._engine.start_saga(
+            request.definition_name, request.definition_version, request.saga_id, request.input, fingerprint,
             caller_trace_parent=traceparent_in(context.invocation_metadata()), priority=priority,
-            concurrency_key=key,
         )
-        if not created and existing_fingerprint != fingerprint:
+        if not started.created and started.fingerprint != fingerprint:
             raise AlreadyExists(
                 f"saga {quote(request.saga_id)} already exists with a different definition or input; "
                 "choose another saga_id"
             )
-        view = await self._saga_view(saga, SagaFlow(priority, key) if created else None)
-        return orchestrator_pb2.StartSagaResponse(saga=view, created=created)
+        return orchestrator_pb2.StartSagaResponse(
+            saga=saga_message(started.saga, started.plan, started.flow), created=started.created
+        )
 
     @_answer_errors
     async def GetSaga(
@@ -721,22 +699,12 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.version < 0:
             raise InvalidArgument(f"version must be 0 (latest) or positive, got {request.version}")
         self._in_scope(context, "GetDefinition", request.name)
-        definition = await self._store.get_definition(request.name, request.version) if possible else None
+        if not possible:
+            raise definition_not_registered(request.name)
+        definition = await self._store.get_definition(request.name, request.version)
         if definition is None:
-            raise await self._definition_not_found(request.name, request.version)
+            raise await self._engine.definition_not_found(request.name, request.version)
         return orchestrator_pb2.GetDefinitionResponse(definition=definition)
-
-    async def _definition_not_found(self, name: str, version: int) -> NotFound:
-        """What to say when `name` at `version` (0: the latest) is not registered:
-        that the name is not, or which versions of it are."""
-        known = version and is_possible(name, "name", NAME_PATTERN)
-        latest = await self._store.get_definition(name, 0) if known else None
-        if latest is None:
-            return NotFound(f"definition {quote(name)} not found; register it first")
-        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
-        return NotFound(
-            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
-        )
 
     @_answer_errors
     async def ListDefinitions(
@@ -782,11 +750,23 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
             )
         _check_address(request.address)
+        if request.clear_contract and request.HasField("contract"):
+            raise InvalidArgument("give a contract or clear_contract, not both")
+        contract_size = request.contract.ByteSize()
+        if contract_size > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(f"contract is {contract_size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         if identity.definitions:
             named = await self._store.definition_participants()
             self._access.require_settable_participant(identity, request.name, named)
-        stored = await self._engine.set_participant(request.name, request.address, updated_by=actor or "unknown")
-        return orchestrator_pb2.SetParticipantResponse(participant=_participant_message(stored))
+        stored = await self._engine.set_participant(
+            request.name, request.address, updated_by=actor or "unknown",
+            contract=request.contract if request.HasField("contract") else None,
+            clear_contract=request.clear_contract,
+        )
+        services = await self._engine.contract_services()
+        return orchestrator_pb2.SetParticipantResponse(
+            participant=_participant_message(stored, contract_service=services.get(request.name, ""))
+        )
 
     async def _changing_participant(self, name: str, actor: str, context: Context[Request, Response]) -> str:
         """Who changes participant `name` (its limits or hold), once the
@@ -839,13 +819,13 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         context: Context[orchestrator_pb2.ListParticipantsRequest, orchestrator_pb2.ListParticipantsResponse],
     ) -> orchestrator_pb2.ListParticipantsResponse:
         stored = await self._engine.refresh_participants()
-        caller = None if self._access.open else self._caller(context)
-        visible = None
-        if caller is not None and caller.definitions:
-            visible = self._access.visible_participants(caller, await self._store.definition_participants())
+        visible = await self._queries.visible_participants(None if self._access.open else self._caller(context))
         health = self._engine.participant_health
+        services = await self._engine.contract_services()
         return orchestrator_pb2.ListParticipantsResponse(participants=[
-            _participant_message(participant, health.seen(participant.name, participant.address))
+            _participant_message(
+                participant, health.seen(participant.name, participant.address), services.get(participant.name, "")
+            )
             for participant in stored
             if visible is None or participant.name in visible
         ])
@@ -883,7 +863,7 @@ def _participant_limits(message: orchestrator_pb2.ParticipantLimits) -> Particip
 
 
 def _participant_message(
-    stored: ParticipantAddress, seen: ProbeOutcome | None = None
+    stored: ParticipantAddress, seen: ProbeOutcome | None = None, contract_service: str = ""
 ) -> orchestrator_pb2.Participant:
     return orchestrator_pb2.Participant(
         name=stored.name, address=stored.address, update_time=timestamp(stored.updated_at),
@@ -898,4 +878,5 @@ def _participant_message(
         hold=orchestrator_pb2.ParticipantHold(
             reason=stored.hold.reason, held_by=stored.hold.by, hold_time=timestamp(stored.hold.at)
         ) if stored.hold is not None else None,
+        contract_service=contract_service,
     )

@@ -91,10 +91,15 @@ def participants(args: argparse.Namespace) -> int:
             if not args.name or not args.participant_address:
                 raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
             request = orchestrator_pb2.SetParticipantRequest(
-                name=args.name, address=args.participant_address, actor=args.actor
+                name=args.name, address=args.participant_address, actor=args.actor,
+                clear_contract=args.clear_contract,
             )
+            if args.proto is not None:
+                request.contract.service = args.service
+                request.contract.types.CopyFrom(compile_proto_files([args.proto], args.proto_path))
             stored = stub.SetParticipant(request, timeout=args.timeout).participant
-            print(json_line(stored) if args.json else f"{stored.name} -> {stored.address}")
+            contract = f" (contract {stored.contract_service})" if stored.contract_service else ""
+            print(json_line(stored) if args.json else f"{stored.name} -> {stored.address}{contract}")
             return EXIT_OK
         if args.name or args.participant_address:
             raise CompensaError("participants list takes no NAME or ADDRESS (did you mean: participants set?)")
@@ -108,6 +113,8 @@ def participants(args: argparse.Namespace) -> int:
         print(f"{participant.name:<24} {participant.address:<32} {_health(participant):<10} {participant.updated_by}")
         if participant.HasField("hold") or _has_limits(participant.limits):
             print(f"    {_participant_line(participant).partition(': ')[2]}")
+        if participant.contract_service:
+            print(f"    contract: {participant.contract_service}")
         if participant.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING:
             print(f"    failing: {participant.health_detail}")
         if participant.HasField("unhealthy_since"):

@@ -21,7 +21,7 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator.api.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import definitions, sagas, server
+from compensa.orchestrator.cli import codegen, definitions, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         add("participants", definitions.participants, "List participants and their addresses, or set one"
             " (participants set NAME HOST:PORT): every replica calls the new address within a second, no restart.")
     )
+    _add_codegen(add("codegen", codegen.codegen, "Generate Python from .proto files: protoc's _pb2 modules and, for a"
+                     " participant contract, typed participant base classes and saga starters (FILE_compensa.py).",
+                     client=False))
     return parser
 
 
@@ -645,6 +648,16 @@ def _add_definitions(parser: argparse.ArgumentParser) -> None:
     _add_json_option(parser)
 
 
+def _add_codegen(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="a directory imports are relative to (repeatable; searched before each file's own); the generated"
+             " modules are named from it (travel/v1/trip.proto -> travel.v1.trip_pb2)",
+    )
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the generated modules")
+
+
 def _add_participants(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "action", nargs="?", choices=("list", "set", "limit", "hold", "release"), default="list",
@@ -665,5 +678,20 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
         help="with limit and --rate: calls let through at once after a quiet spell (default: the rate per second)",
     )
     parser.add_argument("--reason", default="", help="with hold: why (shown by waiting sagas)")
+    contract = parser.add_mutually_exclusive_group()
+    contract.add_argument(
+        "--proto", type=Path, metavar="FILE",
+        help="with set: the .proto file of the participant's contract (compensa/v1/contract.proto), compiled with its"
+             " imports and stored: registered definitions naming NAME are checked against it, and so are later ones",
+    )
+    contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
+    parser.add_argument(
+        "--proto-path", action="append", type=Path, default=[], metavar="DIR",
+        help="with --proto: a directory imports are relative to (repeatable)",
+    )
+    parser.add_argument(
+        "--service", default="", metavar="NAME",
+        help="with --proto: the contract service's full name, when the file declares several",
+    )
     _add_actor_option(parser)
     _add_json_option(parser)

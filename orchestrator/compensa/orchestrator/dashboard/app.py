@@ -33,8 +33,8 @@ from google.protobuf import any_pb2, descriptor_pool
 
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.api.auth import AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.queries import SagaQueries
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
-from compensa.orchestrator.api.views import saga_message
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
@@ -48,16 +48,13 @@ from compensa.orchestrator.shared.errors import (
     PermissionDenied,
     http_status_of,
     quote,
-    saga_not_found,
 )
 from compensa.orchestrator.shared.limits import (
     MAX_SAGA_ID_CHARS,
     MAX_STUCK_FOR_SECONDS,
-    SAGA_ID_PATTERN,
     check_filter,
     check_position,
     check_text,
-    is_possible,
 )
 from compensa.orchestrator.shared.timeline import event_type_name, saga_state_name, step_state_name
 from compensa.orchestrator.store import StoredEvent
@@ -158,7 +155,7 @@ class _LiveItems:
                 {
                     "saga_id": stored.saga_id,
                     "definition": stored.definition_name,
-                    "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
+                    "state": saga_state_name(event.saga_state),
                     "sequence": event.sequence,
                     "event": event_type_name(event.type).lower(),  # type: ignore[arg-type]
                     "step": event.step_name,
@@ -232,6 +229,7 @@ class Dashboard:
         self._store = engine.store
         self._tail = tail
         self._access = access
+        self._queries = SagaQueries(engine, access)
         self._streams = streams
         self._refused_calls = refused_calls
         self._sessions = Sessions()
@@ -340,7 +338,7 @@ class Dashboard:
             entry = by_definition.setdefault(
                 row.definition_name, {"name": row.definition_name, "states": {}, "stuck": 0, "unresolved": 0}
             )
-            name = saga_state_name(row.state)  # type: ignore[arg-type]
+            name = saga_state_name(row.state)
             entry["states"][name] = row.count
             entry["stuck"] += row.stuck
             entry["unresolved"] += row.unresolved
@@ -419,10 +417,9 @@ class Dashboard:
     async def _saga(self, request: web.Request) -> web.Response:
         identity = self._identify(request)
         saga_id = request.match_info["saga_id"]
-        saga = await self._visible_saga(identity, saga_id)
-        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        view = saga_message(saga, plan, await self._store.flow_of(saga_id, with_waits=not saga.is_final))
-        pool = payloads.pool_of(plan.definition)
+        saga = await self._queries.visible_saga(identity, saga_id, field="saga id")
+        view = await self._queries.saga_view(saga)
+        pool = payloads.pool_of((await self._queries.plan_of(saga)).definition)
         events: list[StoredEvent] = []
         while True:
             batch = await self._store.read_saga_events(saga_id, events[-1].event.sequence if events else 0, READ_BATCH)
@@ -465,14 +462,6 @@ class Dashboard:
             done=_DONE_NOTICES.get(request.query.get("done", ""), ""),
         )
 
-    async def _visible_saga(self, identity: Identity, saga_id: str) -> records.SagaRecord:
-        """The saga, if it exists and `identity` may see it; NotFound alike otherwise."""
-        saga = await self._store.load_saga(saga_id) if is_possible(saga_id, "saga id", SAGA_ID_PATTERN) else None
-        if saga is None:
-            raise saga_not_found(saga_id)
-        self._access.require_visible(identity, saga_id, saga.definition_name)
-        return saga
-
     async def _act(self, request: web.Request) -> web.StreamResponse:
         identity = self._identify(request)
         self._same_origin(request)
@@ -485,7 +474,7 @@ class Dashboard:
         saga_id = request.match_info["saga_id"]
         text = str(form.get("note" if action == "ResolveSaga" else "reason", ""))
         event = operator_event(action, identity.actor(""), text)
-        saga = await self._visible_saga(identity, saga_id)
+        saga = await self._queries.visible_saga(identity, saga_id, field="saga id")
         self._access.authorize(identity, action, saga.definition_name)
         await self._engine.apply_external(saga_id, event)
         log.info("%s of saga %s by %s from the dashboard", action, saga_id, identity.describe())
@@ -599,7 +588,7 @@ def _row(saga: records.SagaRecord, last_event: StoredEvent | None) -> dict[str, 
         "saga_id": saga.saga_id,
         "definition": saga.definition_name,
         "version": saga.definition_version,
-        "state": saga_state_name(saga.state),  # type: ignore[arg-type]
+        "state": saga_state_name(saga.state),
         "sequence": saga.sequence,
         "step": active,
         "created": saga.created_at,
@@ -619,7 +608,7 @@ def _event_row(stored: StoredEvent) -> dict[str, Any]:
         "type": event_type_name(event.type),  # type: ignore[arg-type]
         "step": event.step_name,
         "attempt": event.attempt or "",
-        "state": saga_state_name(event.saga_state),  # type: ignore[arg-type]
+        "state": saga_state_name(event.saga_state),
         "message": event.message,
         "actor": event.actor,
     }

@@ -46,6 +46,13 @@ write `depends_on: []` instead, which the loader sees before parsing and maps on
 to `validate_definition` again, which returns an equal definition.
 """
 
+from compensa.common.contracts import NAME_PATTERN
+from compensa.orchestrator.definitions._contracts import (
+    ContractMismatch,
+    check_against_contracts,
+    read_contract,
+    stored_contract,
+)
 from compensa.orchestrator.definitions._durations import (
     backoff_seconds,
     duration_seconds,
@@ -60,7 +67,12 @@ from compensa.orchestrator.definitions._files import (
 )
 from compensa.orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
 from compensa.orchestrator.definitions._keys import MAX_RUNNING_PER_KEY, key_value
-from compensa.orchestrator.definitions._types import compile_proto_files, read_descriptor_set
+from compensa.orchestrator.definitions._types import (
+    compile_proto_files,
+    proto_file_names,
+    read_descriptor_set,
+    run_protoc,
+)
 from compensa.orchestrator.definitions._validation import (
     MAX_ATTEMPTS_LIMIT,
     MAX_BACKOFF_SECONDS,
@@ -70,7 +82,6 @@ from compensa.orchestrator.definitions._validation import (
     MAX_REFERENCE_CHARS,
     MAX_STEPS,
     MAX_WAIT_SECONDS,
-    NAME_PATTERN,
     default_compensate_retry_policy,
     default_retry_policy,
     definition_fingerprint,
@@ -90,9 +101,11 @@ __all__ = [
     "MAX_STEPS",
     "MAX_WAIT_SECONDS",
     "NAME_PATTERN",
+    "ContractMismatch",
     "DefinitionGraph",
     "ancestors",
     "backoff_seconds",
+    "check_against_contracts",
     "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
@@ -102,9 +115,13 @@ __all__ = [
     "key_value",
     "load_definition_file",
     "load_definitions",
+    "proto_file_names",
+    "read_contract",
     "read_descriptor_set",
     "retry_waited_seconds",
+    "run_protoc",
     "shorthand_to_json",
     "step_order",
+    "stored_contract",
     "validate_definition",
 ]

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, message
+from google.protobuf import descriptor, descriptor_pb2, message
 
 from compensa.orchestrator.shared.errors import DefinitionError
 
@@ -19,24 +19,34 @@ from compensa.orchestrator.shared.errors import DefinitionError
 def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:
     """Compiles .proto files with their imports into one descriptor set (the
     protobuf compiler of grpcio-tools, in this process). Imports are looked
-    for in `include_paths`, then each file's own directory, then the
-    well-known types. DefinitionError with the compiler's message if it fails."""
+    for in `include_paths`, then each file's own directory, then compensa's
+    own protos (compensa/v1/contract.proto) and the well-known types.
+    DefinitionError with the compiler's message if it fails."""
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "types.binpb"
+        run_protoc(files, include_paths, ["--include_imports", f"--descriptor_set_out={output}"])
+        return read_descriptor_set(output)
+
+
+def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Sequence[str]) -> None:
+    """Runs the protobuf compiler of grpcio-tools in this process on `files`
+    with the `outputs` options (--python_out=DIR, ...); see compile_proto_files
+    for where imports are found. DefinitionError with the compiler's message if it fails."""
     from grpc_tools import protoc
 
     for file in files:
         if not file.is_file():
             raise DefinitionError(f"no such .proto file: {file}")
     well_known = resources.files("grpc_tools") / "_proto"
-    # A file is named after the first root that holds it (as protoc wants),
-    # so the --proto-path directories come before the files' own.
-    roots = list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
+    roots = _roots(files, include_paths)
     with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "types.binpb"
         errors = Path(scratch) / "errors.txt"
+        own = Path(scratch) / "compensa.binpb"
+        own.write_bytes(_compensa_protos().SerializeToString())
         arguments = [
             "protoc", *(f"--proto_path={root}" for root in roots), f"--proto_path={well_known}",
-            "--include_imports", f"--descriptor_set_out={output}",
-            *(str(file.resolve().relative_to(_root_of(file, roots))) for file in files),
+            f"--descriptor_set_in={own}", *outputs,
+            *proto_file_names(files, include_paths),
         ]
         with _stderr_to(errors):
             status = protoc.main(arguments)
@@ -49,7 +59,26 @@ def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = (
             raise DefinitionError(
                 f"the .proto files do not compile: {detail or f'protoc exit status {status}'}{hint}"
             )
-        return read_descriptor_set(output)
+
+
+def _compensa_protos() -> descriptor_pb2.FileDescriptorSet:
+    """compensa/v1/contract.proto with its imports, from the generated module:
+    a contract imports it wherever compensa is installed, with no .proto file at hand."""
+    from compensa.v1 import contract_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    added: set[str] = set()
+
+    def add(file: descriptor.FileDescriptor) -> None:
+        if file.name in added:
+            return
+        added.add(file.name)
+        for dependency in file.dependencies:
+            add(dependency)
+        file.CopyToProto(files.file.add())
+
+    add(contract_pb2.DESCRIPTOR)
+    return files
 
 
 def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
@@ -63,6 +92,19 @@ def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
     if not types.file:
         raise DefinitionError("the descriptor set holds no file", source=str(path))
     return types
+
+
+def proto_file_names(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> list[str]:
+    """The names protoc gives `files` (travel/v1/trip.proto): each relative
+    to the first of `include_paths`, then of its own directory, that holds it."""
+    roots = _roots(files, include_paths)
+    return [file.resolve().relative_to(_root_of(file, roots)).as_posix() for file in files]
+
+
+def _roots(files: Sequence[Path], include_paths: Sequence[Path]) -> list[Path]:
+    # A file is named after the first root that holds it (as protoc wants),
+    # so the --proto-path directories come before the files' own.
+    return list(dict.fromkeys([*(p.resolve() for p in include_paths), *(file.resolve().parent for file in files)]))
 
 
 def _root_of(file: Path, roots: Sequence[Path]) -> Path:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from typing import Any, Literal
 
 from google.protobuf import duration_pb2
 
+from compensa.common.contracts import NAME_PATTERN
 from compensa.orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from compensa.orchestrator.definitions._graph import DefinitionGraph, find_cycle
 from compensa.orchestrator.definitions._keys import MAX_RUNNING_PER_KEY, key_path_problem
@@ -16,9 +16,6 @@ from compensa.orchestrator.shared.errors import DefinitionError, InvalidArgument
 from compensa.orchestrator.shared.limits import MAX_TEXT_CHARS, check_text, duration_problem
 from compensa.orchestrator.shared.payloads import message_class, pool_of
 from compensa.v1 import definition_pb2
-
-NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-"""What definition and step names must match (in full)."""
 
 MAX_ATTEMPTS_LIMIT = 1000
 """The largest `max_attempts` a retry policy may ask for."""

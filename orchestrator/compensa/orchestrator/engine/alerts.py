@@ -35,6 +35,7 @@ from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.metrics import Metrics
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.orchestrator.store import SAGA_ALERT, PendingAlert, SagaStore
 
 __all__ = ["DATABASE_ALERT", "DELIVERY_BACKOFF", "AlertDelivery", "alert_body", "database_alert_body", "stuck_alert"]
@@ -119,7 +120,7 @@ def stuck_alert(saga: records.SagaRecord, now: float) -> machine.Transition:
         type=records.E.EVENT_TYPE_ALERT_RAISED,
         time=now,
         saga_state=saga.state,
-        message=f"stuck: {records.state_name(saga.state)} with no change for {now - saga.updated_at:.1f}s",
+        message=f"stuck: {saga_state_name(saga.state)} with no change for {now - saga.updated_at:.1f}s",
     )
     return machine.Transition(dataclasses.replace(saga, sequence=event.sequence), (event,))
 

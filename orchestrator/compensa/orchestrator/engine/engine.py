@@ -21,10 +21,18 @@ from dataclasses import dataclass
 
 from google.protobuf import any_pb2
 
+from compensa.common.contracts import ContractService
 from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
 from compensa.common.tracing import trace_id_of
-from compensa.orchestrator.definitions import definition_fingerprint, validate_definition
+from compensa.orchestrator.definitions import (
+    check_against_contracts,
+    definition_fingerprint,
+    key_value,
+    read_contract,
+    stored_contract,
+    validate_definition,
+)
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.alerts import AlertDelivery, database_alert_body, stuck_alert
 from compensa.orchestrator.engine.changes import ChangeSignal
@@ -36,8 +44,16 @@ from compensa.orchestrator.engine.participant_health import ParticipantHealthWat
 from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.engine.tracing import SagaTracing
 from compensa.orchestrator.engine.writer import TransitionWriter
-from compensa.orchestrator.shared import logs, records
-from compensa.orchestrator.shared.errors import FailedPrecondition, NotFound, StoreUnavailable, saga_not_found
+from compensa.orchestrator.shared import logs, payloads, records
+from compensa.orchestrator.shared.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreUnavailable,
+    definition_not_registered,
+    quote,
+    saga_not_found,
+)
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import (
@@ -46,13 +62,14 @@ from compensa.orchestrator.store import (
     Claimed,
     ParticipantAddress,
     ParticipantLimits,
+    SagaFlow,
     SagaStore,
     SagaWrite,
     StoredAlert,
     StoredEvent,
     WriteResult,
 )
-from compensa.v1 import definition_pb2, participant_pb2
+from compensa.v1 import contract_pb2, definition_pb2, participant_pb2
 
 log = logging.getLogger("compensa.engine")
 
@@ -125,6 +142,20 @@ class _Driving:
     task: asyncio.Task[None]
 
 
+@dataclass(frozen=True)
+class StartedSaga:
+    """What a StartSaga did: the saga (new, or the one its id already named),
+    the plan of its definition version, and the fingerprint of the request
+    that created it (this request's own when `created`)."""
+
+    saga: records.SagaRecord
+    plan: machine.Plan
+    created: bool
+    fingerprint: str
+    #: The new saga's priority and concurrency key (None: it existed).
+    flow: SagaFlow | None = None
+
+
 class SagaEngine:
     """Owns sagas through leases and drives each one in its own task."""
 
@@ -186,12 +217,40 @@ class SagaEngine:
             await self.store.set_participant(name, address, updated_by=updated_by, now=now)
         await self.refresh_participants()
 
-    async def set_participant(self, name: str, address: str, *, updated_by: str) -> ParticipantAddress:
+    async def set_participant(
+        self, name: str, address: str, *, updated_by: str,
+        contract: contract_pb2.ParticipantContract | None = None, clear_contract: bool = False,
+    ) -> ParticipantAddress:
         """Stores where `name` is served; this replica calls it there at once,
-        the others within `_PARTICIPANTS_SECONDS`."""
-        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=self.clock.now())
+        the others within `_PARTICIPANTS_SECONDS`. With `contract`, stores it
+        too once every registered definition naming `name` fits it
+        (ContractMismatch otherwise, and nothing is stored); `clear_contract`
+        removes the stored one."""
+        chosen = None
+        if contract is not None:
+            chosen = read_contract(name, contract)
+            contracts = await self.participant_contracts()
+            contracts[name] = chosen
+            for definition in await self.store.definitions_naming(name):
+                check_against_contracts(definition, contracts)
+        now = self.clock.now()
+        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=now)
+        if contract is not None and chosen is not None:
+            kept = contract_pb2.ParticipantContract(service=chosen.full_name, types=contract.types)
+            await self.store.set_participant_contract(name, chosen.full_name, kept.SerializeToString(), now)
+        elif clear_contract:
+            await self.store.set_participant_contract(name, "", None, now)
         await self.refresh_participants()
         return stored
+
+    async def participant_contracts(self) -> dict[str, ContractService]:
+        """The stored contracts, by participant name."""
+        stored = await self.store.participant_contracts()
+        return {name: stored_contract(name, serialized) for name, serialized in stored.items()}
+
+    async def contract_services(self) -> dict[str, str]:
+        """The full name of each stored contract's service, by participant name."""
+        return {name: contract.full_name for name, contract in (await self.participant_contracts()).items()}
 
     async def refresh_participants(self) -> list[ParticipantAddress]:
         """Reads the stored participant addresses, limits and holds, and
@@ -387,7 +446,8 @@ class SagaEngine:
         """Validates and stores a definition; identical content keeps its
         version, and a new version is the latest here at once.
 
-        Every participant it names must have an address (FAILED_PRECONDITION).
+        Every participant it names must have an address, and fit the contract
+        stored for it, if any (FAILED_PRECONDITION).
         Validation runs in a worker thread: a large definition must not hold up
         the event loop (health checks, every other request)."""
         normalized = await asyncio.to_thread(validate_definition, definition, source=source)
@@ -401,6 +461,7 @@ class SagaEngine:
                 f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
                 " or write the participant as HOST:PORT"
             )
+        check_against_contracts(normalized, await self.participant_contracts())
         stored, created = await self.store.register_definition(
             normalized, definition_fingerprint(normalized), self.clock.now()
         )
@@ -443,6 +504,52 @@ class SagaEngine:
             self._scheduler_wake.set()
 
     # -- starting and external events
+
+    async def start_saga(
+        self,
+        definition_name: str,
+        definition_version: int,
+        saga_id: str,
+        input: any_pb2.Any,
+        request_fingerprint: str,
+        *,
+        caller_trace_parent: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
+    ) -> StartedSaga:
+        """Starts a saga of `definition_name` at `definition_version` (0: the
+        latest) with `input`, or finds the one `saga_id` already names. NotFound
+        for a definition or version not registered (saying which versions
+        are); InvalidArgument for an input the definition does not take."""
+        plan = await self.find_plan(definition_name, definition_version)
+        if plan is None:
+            raise await self.definition_not_found(definition_name, definition_version)
+        definition = plan.definition
+        if not input.type_url:
+            raise InvalidArgument(f"input is required: a google.protobuf.Any holding a {definition.input_type}")
+        size = input.ByteSize()
+        if size > self.config.max_payload_bytes:
+            raise InvalidArgument(f"input is {size} bytes; the limit is {self.config.max_payload_bytes} bytes")
+        given = payloads.type_name_of(input)
+        if given != definition.input_type:
+            raise InvalidArgument(f"input must be a {definition.input_type}, got {quote(given or input.type_url)}")
+        saga_input = payloads.unpack(input, payloads.pool_of(definition), field="input")
+        key = key_value(definition.concurrency_key, saga_input) if definition.concurrency_key else None
+        saga, created, fingerprint = await self.create(
+            plan, saga_id, input.SerializeToString(deterministic=True), request_fingerprint,
+            caller_trace_parent=caller_trace_parent, priority=priority, concurrency_key=key,
+        )
+        return StartedSaga(saga, plan, created, fingerprint, SagaFlow(priority, key) if created else None)
+
+    async def definition_not_found(self, name: str, version: int) -> NotFound:
+        """What to say when `name` at `version` (0: the latest) is not registered:
+        that the name is not, or which versions of it are."""
+        latest = await self.store.get_definition(name, 0) if version else None
+        if latest is None:
+            return definition_not_registered(name)
+        versions = "1" if latest.version == 1 else f"1 to {latest.version}"
+        return NotFound(
+            f"definition {quote(name)} has no version {version}; its versions: {versions} (latest {latest.version})"
+        )
 
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str,

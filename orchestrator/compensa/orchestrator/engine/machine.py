@@ -44,9 +44,9 @@ from compensa.orchestrator.shared.records import (
     LogEvent,
     SagaRecord,
     StepRecord,
-    state_name,
     takeover_event,
 )
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, saga_pb2
 
 # --- Inputs -----------------------------------------------------------------
@@ -553,7 +553,7 @@ class _Builder:
         if self.state == COMPENSATING or self.state == COMPENSATED:
             return
         if self.state != RUNNING:
-            raise IllegalTransition(f"saga is {state_name(self.state)}; only a running saga can be cancelled")
+            raise IllegalTransition(f"saga is {saga_state_name(self.state)}; only a running saga can be cancelled")
         pivot = self.past_pivot()
         if pivot is not None:
             raise IllegalTransition(
@@ -567,7 +567,7 @@ class _Builder:
         if self.state != FAILED or self.resolution_note:
             raise IllegalTransition(
                 "only a FAILED saga that is not resolved can be retried; this one is "
-                + ("resolved" if self.resolution_note else state_name(self.state))
+                + ("resolved" if self.resolution_note else saga_state_name(self.state))
             )
         self.log(E.EVENT_TYPE_OPERATOR_RETRIED, message=reason, actor=actor)
         if any(step.state == STEP_COMPENSATION_FAILED for step in self.steps.values()):
@@ -594,7 +594,7 @@ class _Builder:
     def resolve(self, actor: str, note: str) -> None:
         if self.state != FAILED:
             raise IllegalTransition(
-                f"saga is {state_name(self.state)}; only a FAILED saga can be resolved by hand"
+                f"saga is {saga_state_name(self.state)}; only a FAILED saga can be resolved by hand"
             )
         if self.resolution_note:
             raise IllegalTransition("saga is already resolved")

@@ -72,6 +72,11 @@ def saga_not_found(saga_id: str) -> NotFound:
     return NotFound(f"saga {quote(saga_id)} not found")
 
 
+def definition_not_registered(name: str) -> NotFound:
+    """The answer for a definition name nothing is registered under."""
+    return NotFound(f"definition {quote(name)} not found; register it first")
+
+
 class AlreadyExists(CompensaError):
     """A resource with this id exists with different content."""
 

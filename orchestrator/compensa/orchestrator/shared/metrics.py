@@ -41,11 +41,12 @@ from compensa.orchestrator.shared.errors import (
     DatabaseReadOnly,
     StoreUnavailable,
 )
-from compensa.orchestrator.shared.records import ENDING_EVENTS, state_name
+from compensa.orchestrator.shared.records import ENDING_EVENTS
+from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import saga_pb2
 
 # The saga_duration_seconds outcome label of each event that ends a saga.
-_FINAL_EVENTS: dict[int, str] = {event: state_name(state).lower() for state, event in ENDING_EVENTS.items()}
+_FINAL_EVENTS: dict[int, str] = {event: saga_state_name(state).lower() for state, event in ENDING_EVENTS.items()}
 # Seconds: a saga may take milliseconds or days.
 _SAGA_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400)
 _CALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -162,10 +162,7 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
                         f"types: {name} imports {dependency}, which is neither in the set nor a type the server"
                         " knows: include it (protoc --include_imports)"
                     ) from None
-                imported = descriptor_pb2.FileDescriptorProto()
-                found.CopyToProto(imported)
-                pool.Add(imported)
-                added.add(dependency)
+                _add_with_imports(pool, found, added)
             if all(dependency in added for dependency in file.dependency):
                 try:
                     pool.Add(file)
@@ -180,10 +177,21 @@ def build_pool(types: descriptor_pb2.FileDescriptorSet) -> descriptor_pool.Descr
     # that returns a StringValue): JSON shows it as protobuf's mapping does.
     for well_known in _WELL_KNOWN_FILES:
         if well_known.name not in added:
-            imported = descriptor_pb2.FileDescriptorProto()
-            well_known.CopyToProto(imported)
-            pool.Add(imported)
+            _add_with_imports(pool, well_known, added)
     return pool
+
+
+def _add_with_imports(
+    pool: descriptor_pool.DescriptorPool, file: descriptor.FileDescriptor, added: set[str]
+) -> None:
+    """Adds a file the server knows to `pool`, after its own imports."""
+    for dependency in file.dependencies:
+        if dependency.name not in added:
+            _add_with_imports(pool, dependency, added)
+    imported = descriptor_pb2.FileDescriptorProto()
+    file.CopyToProto(imported)
+    pool.Add(imported)
+    added.add(file.name)
 
 
 _INT64_TYPES = frozenset({

@@ -68,11 +68,6 @@ def done_for_good(saga: HasState) -> bool:
     return saga.state in FINAL_SAGA_STATES and not awaits_a_person(saga)
 
 
-def state_name(state: SagaState) -> str:
-    """SAGA_STATE_RUNNING -> "RUNNING"."""
-    return saga_pb2.SagaState.Name(state).removeprefix("SAGA_STATE_")  # type: ignore[arg-type]
-
-
 @dataclass(frozen=True)
 class StepRecord:
     """One step of a saga as stored."""

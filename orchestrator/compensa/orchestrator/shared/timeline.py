@@ -32,9 +32,9 @@ _EVENT_LABEL_WIDTH = 20
 _STEP_NAME_WIDTH = 14
 
 
-def saga_state_name(state: saga_pb2.SagaState.ValueType) -> str:
+def saga_state_name(state: int) -> str:
     """The short name of a saga state: "RUNNING", "COMPENSATED", ..."""
-    return _short_name(saga_pb2.SagaState.Name(state), "SAGA_STATE_")
+    return _short_name(saga_pb2.SagaState.Name(state), "SAGA_STATE_")  # type: ignore[arg-type]
 
 
 def step_state_name(state: saga_pb2.StepState.ValueType) -> str:

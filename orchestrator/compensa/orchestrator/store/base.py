@@ -364,6 +364,19 @@ class SagaStore(abc.ABC):
         until the time returned, `retry_seconds` from now for each saga
         beyond its turn (at most ten), and its wait is recorded for its view."""
 
+    @abc.abstractmethod
+    async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:
+        """Stores `name`'s contract (a serialized compensa.v1.ParticipantContract
+        whose service is `service`), or removes it when `contract` is None."""
+
+    @abc.abstractmethod
+    async def participant_contracts(self) -> dict[str, bytes]:
+        """Every stored contract (serialized ParticipantContract), by participant name."""
+
+    @abc.abstractmethod
+    async def definitions_naming(self, participant: str) -> list[definition_pb2.SagaDefinition]:
+        """Every registered version of every definition with a step on `participant`."""
+
     # Sagas
 
     @abc.abstractmethod

@@ -194,6 +194,17 @@ capacity_waits = Table(
     Column("owner", String(128), nullable=False),
 )
 
+#: Each participant's contract, when one is stored: a serialized
+#: compensa.v1.ParticipantContract, checked against the definitions naming it.
+participant_contracts = Table(
+    "compensa_participant_contracts",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("service", String(255), nullable=False),
+    Column("contract", LargeBinary, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
 #: The alert log: every alert, of sagas (written with their ALERT_RAISED
 #: event) and of participants, at a position taken under the ALERT_LOG row
 #: lock of compensa_log_head, so positions follow commit order as the event

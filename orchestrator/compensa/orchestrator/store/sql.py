@@ -83,6 +83,7 @@ from compensa.orchestrator.store.schema import (
     capacity_waits,
     definitions,
     log_head,
+    participant_contracts,
     participants,
     saga_events,
     saga_flow,
@@ -366,6 +367,31 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
         return [participant_from_row(row) for row in rows]
+
+    async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:
+        async with self._transaction() as conn:
+            if contract is None:
+                await conn.execute(sa.delete(participant_contracts).where(participant_contracts.c.name == name))
+                return
+            values = {"service": service, "contract": contract, "updated_at": now}
+            await conn.execute(
+                self._insert(participant_contracts)
+                .values(name=name, **values)
+                .on_conflict_do_update(index_elements=[participant_contracts.c.name], set_=values)
+            )
+
+    async def participant_contracts(self) -> dict[str, bytes]:
+        query = sa.select(participant_contracts.c.name, participant_contracts.c.contract)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return {name: bytes(contract) for name, contract in rows}
+
+    async def definitions_naming(self, participant: str) -> list[definition_pb2.SagaDefinition]:
+        query = sa.select(definitions.c.body).order_by(definitions.c.name, definitions.c.version)
+        async with self._transaction() as conn:
+            bodies = (await conn.execute(query)).scalars().all()
+        found = [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
+        return [definition for definition in found if any(step.participant == participant for step in definition.steps)]
 
     async def participant_failing(self, name: str, now: float) -> None:
         async with self._transaction() as conn:
