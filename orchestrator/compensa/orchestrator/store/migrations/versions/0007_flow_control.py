@@ -11,7 +11,7 @@ table starts empty: sagas in flight go on unchanged, with no limits.
 StartSaga set either (sagas in flight have the default priority and no key).
 
 Revision ID: 0007
-Revises: 0004
+Revises: 0009
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0004"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
