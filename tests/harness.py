@@ -80,7 +80,12 @@ class Stack:
         await asyncio.wait_for(follow(), timeout)
         return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
 
+    async def get(self, saga_id: str) -> saga_pb2.Saga:
+        """The saga as it is now."""
+        return (await self.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+
     async def events(self, saga_id: str) -> list[saga_pb2.SagaEvent]:
+        """The saga's whole log, once it has ended (follows it until then)."""
         out: list[saga_pb2.SagaEvent] = []
         async for response in self.stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(
             saga_id=saga_id, replay_history=True

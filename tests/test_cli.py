@@ -21,7 +21,7 @@ from compensa.v1 import saga_pb2
 COMPENSA = Path(sys.executable).parent / "compensa"
 SUBCOMMANDS = (
     "serve", "migrate", "purge", "participant", "demo", "start", "get", "list", "status", "watch", "cancel", "retry",
-    "resolve", "register", "definitions", "alerts", "codegen",
+    "resolve", "register", "definitions", "alerts", "codegen", "replay", "plan",
 )
 CHECKOUT_INPUT = {
     "order_id": "order-cli-1",
@@ -390,9 +390,9 @@ async def test_register_and_list_definitions(deployment: _Deployment, tmp_path: 
 
     registered = await _compensa_async(*address, "register", str(changed))
     assert registered.returncode == 0, registered.stderr
-    assert registered.stdout.strip() == "checkout version 2: registered"
+    assert registered.stdout.startswith("checkout version 2: registered, the latest now (was version 1)\n---")
     again = await _compensa_async(*address, "register", str(changed))
-    assert again.stdout.strip() == "checkout version 2: unchanged, already registered"
+    assert again.stdout.strip() == "checkout version 2: unchanged, already registered (the latest)"
 
     listed = await _compensa_async(*address, "definitions")
     assert listed.returncode == 0, listed.stderr

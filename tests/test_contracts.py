@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -249,13 +250,14 @@ def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
     ).read_text()
 
 
-#: The README tutorial on contracts (trip.proto, trip.yaml, travel.py), ready to replace its untyped version.
-TUTORIAL_CONTRACT = ROOT / "tests" / "tutorial_contract"
+#: The README tutorial's files, as a reader saves them.
+TUTORIAL_FILE = re.compile(r"<!-- tutorial:file (?P<name>\S+) -->\n```\w*\n(?P<body>.*?)```", re.S)
 
 
 def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: Path) -> None:
+    files = {match["name"]: match["body"] for match in TUTORIAL_FILE.finditer((ROOT / "README.md").read_text())}
     for name in ("trip.proto", "travel.py"):
-        shutil.copy(TUTORIAL_CONTRACT / name, tmp_path / name)
+        (tmp_path / name).write_text(files[name])
     generated = _run([str(BIN / "compensa"), "codegen", "trip.proto", "--out", "."], tmp_path)
     assert generated.returncode == 0, generated.stderr
     (tmp_path / "mypy.ini").write_text(MYPY_CONFIG.replace("travel.v1.trip_pb2", "trip_pb2").format(

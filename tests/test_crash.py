@@ -6,7 +6,9 @@ What they prove (issue "Crash-proof execution"): a restart resumes every
 unfinished saga, and the participants' own tables show exactly-once effects:
 a compensated saga holds no stock, no unrefunded charge and no shipment; a
 succeeded one holds one of each; no saga is charged twice; every refund
-refunds a real charge; every saga ends; every saga's log is 1..n.
+refunds a real charge; every saga ends; every saga's log is 1..n, and
+replayed through the pure state machine it rebuilds the saga as stored
+(takeovers, retries, cancels and compensations included: 0 divergences).
 
 Random kills cover the four crash windows of each step statistically (before
 a call, during it, after the participant answered but before the answer was
@@ -42,6 +44,7 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.inventory import RESERVATIONS, STOCK
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.shipping import SHIPMENTS
+from compensa.orchestrator.api.history_checks import check_history
 from compensa.orchestrator.shared.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -319,6 +322,28 @@ async def read_event_logs(
     return logs, problems
 
 
+async def replay_divergences(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, sagas: dict[str, saga_pb2.Saga]
+) -> tuple[list[str], collections.Counter[str]]:
+    """Every saga's history replayed through the state machine under its own
+    version: what diverged or ended elsewhere (nothing may), and how many
+    replayed sagas hold each kind of event."""
+    problems: list[str] = []
+    kinds: collections.Counter[str] = collections.Counter()
+    gate = asyncio.Semaphore(16)
+
+    async def replay(saga_id: str) -> None:
+        async with gate:
+            response = await stub.GetSagaHistory(orchestrator_pb2.GetSagaHistoryRequest(saga_id=saga_id), timeout=10.0)
+        check = check_history(response.history)
+        kinds.update({S.EventType.Name(event.type).removeprefix("EVENT_TYPE_") for event in response.history.events})
+        if not check.ok:
+            problems.append(f"{saga_id}: replay: {check.summary()}")
+
+    await asyncio.wait_for(asyncio.gather(*(replay(saga_id) for saga_id in sagas)), 60.0)
+    return problems, kinds
+
+
 def timeline(events: Sequence[saga_pb2.SagaEvent]) -> str:
     """A saga's log, one line per event, for failure messages."""
     if not events:
@@ -499,8 +524,9 @@ async def run_crash_scenario(
             sagas = await wait_all_final(stub, orders)
             finished = time.monotonic()
             logs, log_problems = await read_event_logs(stub, sagas)
+            replay_problems, replayed_kinds = await replay_divergences(stub, sagas)
         tables = await read_tables(stack.urls)
-        problems = invariant_violations(orders, sagas, tables) + log_problems
+        problems = invariant_violations(orders, sagas, tables) + log_problems + replay_problems
 
         outcomes = collections.Counter(
             (order.kind, S.SagaState.Name(sagas[order.saga_id].state).removeprefix("SAGA_STATE_")) for order in orders
@@ -514,6 +540,8 @@ async def run_crash_scenario(
               f" total {time.monotonic() - began:.1f}s; "
               f"refunds {len(tables.refunds)}, 'driver crashed' log lines {len(crashed)}")
 
+        print(f"[{name}] replayed {len(sagas)} sagas: {len(replay_problems)} divergences; sagas with each event: "
+              + ", ".join(f"{kind} {count}" for kind, count in sorted(replayed_kinds.items())))
         assert len(records) == len(kills)
         if problems:
             bad = [o.saga_id for o in orders if o.saga_id in " ".join(problems)][:5]

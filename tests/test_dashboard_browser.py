@@ -12,17 +12,19 @@ with a loud message.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dashboard_rig import TOKENS, DashboardRig, dashboard_rig
-from harness import REPO
+from dashboard_rig import TOKENS, DashboardRig, bearer, dashboard_rig
+from harness import REPO, checkout_input
 
-from compensa.v1 import saga_pb2
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 ARTIFACTS = REPO / "tests" / "artifacts" / "dashboard"
@@ -187,3 +189,77 @@ async def test_the_dashboard_in_chromium_live_list_saga_page_and_actions_by_role
         await browser.screenshot("5-resolve-refused-to-a-reader")
         assert (await rig.saga("needs-a-person-2")).resolution_note == ""
     assert all(path.stat().st_size > 10_000 for path in browser.shots)
+
+
+WAITS = """\
+name: waits
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - {name: reserve, participant: scripted, execute_timeout: 10s, compensate_timeout: 1s}
+  - {name: approve, participant: scripted, long_running: true, step_timeout: 1h, execute_timeout: 10s,
+     compensate_timeout: 1s}
+"""
+TICK = re.compile(r"^(\d+) (ms|s|min|h|d)$")
+#: Steps between ticks: 1, 2 or 5 times a power of ten, or what clocks count in.
+ROUND_STEPS = {1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500}
+
+
+def _round_ticks(labels: list[str]) -> bool:
+    """0 first, then equal steps of one round size, all in one unit."""
+    parsed = [TICK.match(label) for label in labels]
+    if len(labels) < 2 or not all(parsed):
+        return False
+    values = [int(match.group(1)) for match in parsed if match]
+    steps = {later - earlier for earlier, later in itertools.pairwise(values)}
+    return values[0] == 0 and len({match.group(2) for match in parsed if match}) == 1 and (
+        len(steps) == 1 and steps <= ROUND_STEPS
+    )
+
+
+async def test_the_timeline_of_a_saga_cancelled_while_a_step_waited_ends_when_the_saga_did(
+    browser: Browser, tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    (tmp_path / "waits.yaml").write_text(WAITS)
+    async with dashboard_rig(
+        tmp_path, make_postgres_url, definition_paths=(tmp_path / "board.yaml", tmp_path / "waits.yaml")
+    ) as rig:
+        rig.participant.script("execute", "approve", "pending")
+        await rig.stub.StartSaga(
+            orchestrator_pb2.StartSagaRequest(saga_id="waited-1", definition_name="waits", input=checkout_input()),
+            metadata=bearer("starter"),
+        )
+        await rig.until("waited-1", lambda saga: saga.steps[1].state == S.STEP_STATE_WAITING)
+        await rig.stub.CancelSaga(
+            orchestrator_pb2.CancelSagaRequest(saga_id="waited-1", reason="nobody approves"),
+            metadata=bearer("operator"),
+        )
+        ended = await rig.final("waited-1")
+        assert ended.state == S.SAGA_STATE_COMPENSATED
+        await _sign_in(browser, rig, "operator")
+        await browser.open(rig.url + "/sagas/waited-1")
+        await browser.wait_for("document.querySelectorAll('.gantt .box').length >= 4")
+        boxes = await browser.script("""
+            const track = document.querySelector('.lane-track').getBoundingClientRect();
+            return [...document.querySelectorAll('.lane')].map(lane => ({
+                step: lane.querySelector('.lane-name').textContent.trim(),
+                boxes: [...lane.querySelectorAll('.box')].map(box => {
+                    const r = box.getBoundingClientRect();
+                    return {phase: box.classList.contains('compensate') ? 'compensate' : 'execute',
+                            left: r.left - track.left, right: r.right - track.left, width: r.width};
+                }),
+            }));
+        """)
+        ticks = await browser.script(
+            "return [...document.querySelectorAll('.gantt .axis span')].map(s => s.textContent.trim());"
+        )
+        await browser.screenshot("6-saga-cancelled-while-waiting")
+        lanes = {lane["step"]: lane["boxes"] for lane in boxes}
+        approve_execute = [box for box in lanes["approve"] if box["phase"] == "execute"]
+        approve_compensate = [box for box in lanes["approve"] if box["phase"] == "compensate"]
+        assert len(approve_execute) == 1 and len(approve_compensate) == 1, lanes
+        # The waiting attempt ended when the saga stopped going forward, before its compensation.
+        assert approve_execute[0]["right"] <= approve_compensate[0]["left"] + 1, lanes
+        # Compensations last milliseconds in a chart of seconds: still boxes one can see and point at.
+        compensations = [box for lane in lanes.values() for box in lane if box["phase"] == "compensate"]
+        assert len(compensations) == 2 and all(box["width"] >= 16 for box in compensations), lanes
+        assert _round_ticks(ticks), ticks

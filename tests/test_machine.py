@@ -257,6 +257,49 @@ def test_exhausted_retries_fail_the_step_as_uncertain_and_compensate_it() -> Non
     assert run.calls(T0 + 3) == [CallCompensate("b", 1, 10.0)]
 
 
+def test_a_step_never_delivered_is_not_compensated_and_its_skip_is_logged() -> None:
+    run = Run.start(_plan(_step("a"), _step("b", retry=_policy(2))))
+    run.send(ExecuteSucceeded("a", b"a"), T0 + 1)
+    assert run.saga.step("b").delivery == records.DELIVERY_SENDING  # committed before the first send
+    run.send(ExecuteErrored("b", "UNAVAILABLE: refused", never_delivered=True), T0 + 2)
+    assert run.saga.step("b").delivery == records.DELIVERY_NONE
+    assert machine.executes_to_mark(run.saga, run.calls(T0 + 10)) == ("b",)
+    marked = run.send(machine.AttemptsSending(("b",)), T0 + 10)
+    assert _types(marked) == [(S.EVENT_TYPE_STEP_ATTEMPT_SENDING, "b")]
+    transition = run.send(ExecuteErrored("b", "UNAVAILABLE: refused", never_delivered=True), T0 + 11)
+    assert _types(transition) == [
+        (S.EVENT_TYPE_STEP_FAILED, "b"),
+        (S.EVENT_TYPE_COMPENSATION_STARTED, ""),
+        (S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED, "b"),
+        (S.EVENT_TYPE_STEP_COMPENSATING, "a"),
+    ]
+    assert "never delivered" in transition.events[2].message
+    assert run.states() == {"a": S.STEP_STATE_COMPENSATING, "b": S.STEP_STATE_FAILED}
+
+
+@pytest.mark.parametrize("first_never_delivered", [True, False])
+def test_a_step_any_of_whose_attempts_may_have_arrived_is_compensated(first_never_delivered: bool) -> None:
+    """Once an attempt may have reached the participant, later refused
+    connections do not make the step "never delivered"."""
+    run = Run.start(_plan(_step("a", retry=_policy(3))))
+    run.send(ExecuteErrored("a", "UNAVAILABLE: refused", never_delivered=first_never_delivered), T0 + 1)
+    if first_never_delivered:
+        run.send(machine.AttemptsSending(("a",)), T0 + 5)
+    run.send(ExecuteErrored("a", "DEADLINE_EXCEEDED"), T0 + 6)
+    assert run.saga.step("a").delivery == records.DELIVERY_POSSIBLE
+    assert machine.executes_to_mark(run.saga, run.calls(T0 + 20)) == ()
+    run.send(ExecuteErrored("a", "UNAVAILABLE: refused", never_delivered=True), T0 + 20)
+    assert run.states() == {"a": S.STEP_STATE_COMPENSATING}
+
+
+def test_a_sending_step_answered_without_knowing_counts_as_possibly_delivered() -> None:
+    """A SENDING left by a crash: the driver that took over does not know
+    whether the first send went out, so it reports no never-delivered."""
+    run = Run.start(_plan(_step("a", retry=_policy(1))))
+    run.send(ExecuteErrored("a", "UNAVAILABLE: refused", never_delivered=False), T0 + 1)
+    assert run.states() == {"a": S.STEP_STATE_COMPENSATING}
+
+
 def test_business_failure_is_not_compensated() -> None:
     run = Run.start(_chain("a", "b"))
     run.send(ExecuteSucceeded("a", b"a"), T0 + 1)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,9 @@ from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import SchemaMismatch
-from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store
+from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store, schema
 from compensa.orchestrator.store.schema import metadata
-from compensa.v1 import orchestrator_pb2, saga_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 # A replica of the release that wrote the sagas, gone without releasing them.
@@ -92,39 +93,66 @@ def _write(transition: machine.Transition, expected: int, now: float, *, release
     )
 
 
+def _register_as_the_first_release(
+    url: str, definition: definition_pb2.SagaDefinition, now: float
+) -> definition_pb2.SagaDefinition:
+    """Version 1 of `definition`, stored with the columns the first release wrote."""
+    stored = definition_pb2.SagaDefinition()
+    stored.CopyFrom(definition)
+    stored.version = 1
+    engine = sa.create_engine(_sync_url(url))
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.insert(schema.definitions).values(
+                name=stored.name, version=1, fingerprint=definition_fingerprint(definition),
+                body=stored.SerializeToString(deterministic=True), created_at=now,
+            ))
+    finally:
+        engine.dispose()
+    return stored
+
+
 class _OldRelease:
     """Writes sagas into a database at an earlier revision through the store,
     as the engine of that release did. It uses the store's generic statements
     (SQLAlchemy Core, also PostgreSQL's before its one-statement flush): they
     name only the columns a write sets, and an old release's writes set only
-    columns every revision has, whereas the flush names every current column."""
+    columns every revision has, whereas the flush names every current column.
+    A saga is driven in memory and written once, as it stood when the old
+    release went away; steps carry no delivery (the old release knew none),
+    so their rows get the column's default."""
 
     def __init__(self, store: SqlSagaStore, plan: machine.Plan) -> None:
         self.store = store
         self.plan = plan
+        self._logs: dict[str, list[records.LogEvent]] = {}
 
-    async def start(self, saga_id: str, now: float, *, lease_until: float) -> records.SagaRecord:
+    def start(self, saga_id: str, now: float) -> records.SagaRecord:
         transition = machine.new_saga(
             self.plan, saga_id=saga_id, input=checkout_input().SerializeToString(deterministic=True), now=now
         )
-        (result,) = await SqlSagaStore.commit(
-            self.store,
-            [_write(transition, 0, now, release=False, due_at=now, lease_until=lease_until, fingerprint=saga_id)],
-        )
-        assert result.ok
+        self._logs[saga_id] = list(transition.events)
         return transition.saga
 
-    async def apply(self, saga: records.SagaRecord, event: machine.Event, now: float) -> records.SagaRecord:
+    def apply(self, saga: records.SagaRecord, event: machine.Event, now: float) -> records.SagaRecord:
         transition = machine.decide(self.plan, saga, event, now)
-        final = transition.saga.is_final
-        in_flight = bool(machine.due_calls(self.plan, transition.saga, now))
+        self._logs[saga.saga_id] += transition.events
+        return transition.saga
+
+    async def write(self, saga: records.SagaRecord, now: float, *, lease_until: float) -> records.SagaRecord:
+        final = saga.is_final
+        in_flight = bool(machine.due_calls(self.plan, saga, now))
         release = final or not in_flight
-        due_at = None if final else (now if in_flight else machine.wake_at(self.plan, transition.saga))
+        due_at = None if final else (now if in_flight else machine.wake_at(self.plan, saga))
+        old = replace(saga, steps=tuple(replace(step, delivery=records.DELIVERY_POSSIBLE) for step in saga.steps))
+        transition = machine.Transition(old, tuple(self._logs[saga.saga_id]))
         (result,) = await SqlSagaStore.commit(
-            self.store, [_write(transition, saga.sequence, now, release=release, due_at=due_at, lease_until=now - 1)]
+            self.store,
+            [_write(transition, 0, now, release=release, due_at=due_at, lease_until=lease_until,
+                    fingerprint=saga.saga_id)],
         )
         assert result.ok
-        return transition.saga
+        return saga
 
 
 def test_the_migrations_make_the_schema_the_code_declares(database_url: str) -> None:
@@ -149,21 +177,24 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
-        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        stored = _register_as_the_first_release(database_url, definition, now)
         release = _OldRelease(old, machine.Plan.of(stored))
         # In flight: its first call was due when the old replica went away.
-        running = await release.start("mig-running", now, lease_until=now - 1)
+        running = await release.write(release.start("mig-running", now), now, lease_until=now - 1)
         # Waiting on a backoff after a transient error of its first step.
-        backing_off = await release.start("mig-backoff", now, lease_until=now - 1)
-        backing_off = await release.apply(backing_off, machine.ExecuteErrored("reserve_stock", "UNAVAILABLE"), now)
+        backing_off = release.start("mig-backoff", now)
+        backing_off = release.apply(backing_off, machine.ExecuteErrored("reserve_stock", "UNAVAILABLE"), now)
+        await release.write(backing_off, now, lease_until=now - 1)
         # Waiting for a long-running step (the payment) to be reported.
-        waiting = await release.start("mig-waiting", now, lease_until=now - 1)
-        waiting = await release.apply(waiting, machine.ExecuteSucceeded("reserve_stock", None), now)
-        waiting = await release.apply(waiting, machine.ExecutePending("charge_card"), now)
+        waiting = release.start("mig-waiting", now)
+        waiting = release.apply(waiting, machine.ExecuteSucceeded("reserve_stock", None), now)
+        waiting = release.apply(waiting, machine.ExecutePending("charge_card"), now)
+        await release.write(waiting, now, lease_until=now - 1)
         # Done before the upgrade.
-        done = await release.start("mig-done", now, lease_until=now - 1)
+        done = release.start("mig-done", now)
         for step in ("reserve_stock", "charge_card", "ship_order"):
-            done = await release.apply(done, machine.ExecuteSucceeded(step, None), now)
+            done = release.apply(done, machine.ExecuteSucceeded(step, None), now)
+        await release.write(done, now, lease_until=now - 1)
         token_key = await old.secret("completion_token")
     finally:
         await old.close()
@@ -212,8 +243,9 @@ async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_afte
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
-        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
-        await _OldRelease(old, machine.Plan.of(stored)).start("mig-alerted", now, lease_until=now - 1)
+        stored = _register_as_the_first_release(database_url, definition, now)
+        old_release = _OldRelease(old, machine.Plan.of(stored))
+        await old_release.write(old_release.start("mig-alerted", now), now, lease_until=now - 1)
     finally:
         await old.close()
     # What release 0003 wrote with an ALERT_RAISED event, delivered twice without success.

@@ -81,6 +81,32 @@ PARTICIPANT_HEALTH_UNKNOWN: ParticipantHealth.ValueType  # 3
 """It does not serve grpc.health.v1 (UNIMPLEMENTED): never alerted."""
 Global___ParticipantHealth: _TypeAlias = ParticipantHealth  # noqa: Y015
 
+class _MigrationVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MigrationVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MigrationVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIGRATION_VERDICT_UNSPECIFIED: _MigrationVerdict.ValueType  # 0
+    MIGRATION_VERDICT_COMPATIBLE: _MigrationVerdict.ValueType  # 1
+    """Every decision already taken is one the new definition would have taken."""
+    MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING: _MigrationVerdict.ValueType  # 2
+    """Compatible once steps are renamed by the request's step_mappings."""
+    MIGRATION_VERDICT_INCOMPATIBLE: _MigrationVerdict.ValueType  # 3
+    """The new definition would have decided otherwise: see the reason."""
+
+class MigrationVerdict(_MigrationVerdict, metaclass=_MigrationVerdictEnumTypeWrapper):
+    """What replaying a saga's history against a new definition concluded."""
+
+MIGRATION_VERDICT_UNSPECIFIED: MigrationVerdict.ValueType  # 0
+MIGRATION_VERDICT_COMPATIBLE: MigrationVerdict.ValueType  # 1
+"""Every decision already taken is one the new definition would have taken."""
+MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING: MigrationVerdict.ValueType  # 2
+"""Compatible once steps are renamed by the request's step_mappings."""
+MIGRATION_VERDICT_INCOMPATIBLE: MigrationVerdict.ValueType  # 3
+"""The new definition would have decided otherwise: see the reason."""
+Global___MigrationVerdict: _TypeAlias = MigrationVerdict  # noqa: Y015
+
 class _CompletionResult:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -97,6 +123,27 @@ COMPLETION_RESULT_UNSPECIFIED: CompletionResult.ValueType  # 0
 COMPLETION_RESULT_SUCCEEDED: CompletionResult.ValueType  # 1
 COMPLETION_RESULT_FAILED: CompletionResult.ValueType  # 2
 Global___CompletionResult: _TypeAlias = CompletionResult  # noqa: Y015
+
+class _DefinitionChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DefinitionChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DefinitionChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEFINITION_CHANGE_KIND_UNSPECIFIED: _DefinitionChangeKind.ValueType  # 0
+    DEFINITION_CHANGE_KIND_REGISTERED: _DefinitionChangeKind.ValueType  # 1
+    """A new version was registered."""
+    DEFINITION_CHANGE_KIND_PROMOTED: _DefinitionChangeKind.ValueType  # 2
+    """An operator made a version the latest again (PromoteDefinition)."""
+
+class DefinitionChangeKind(_DefinitionChangeKind, metaclass=_DefinitionChangeKindEnumTypeWrapper): ...
+
+DEFINITION_CHANGE_KIND_UNSPECIFIED: DefinitionChangeKind.ValueType  # 0
+DEFINITION_CHANGE_KIND_REGISTERED: DefinitionChangeKind.ValueType  # 1
+"""A new version was registered."""
+DEFINITION_CHANGE_KIND_PROMOTED: DefinitionChangeKind.ValueType  # 2
+"""An operator made a version the latest again (PromoteDefinition)."""
+Global___DefinitionChangeKind: _TypeAlias = DefinitionChangeKind  # noqa: Y015
 
 @_typing.final
 class Alert(_message.Message):
@@ -760,6 +807,228 @@ class ListSagasResponse(_message.Message):
 Global___ListSagasResponse: _TypeAlias = ListSagasResponse  # noqa: Y015
 
 @_typing.final
+class SagaHistory(_message.Message):
+    """A saga as stored with its whole event log and the definition version it
+    runs on: what replaying it needs, offline too (`compensa get --history`
+    writes it as JSON, compensa.testing reads it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def saga(self) -> _saga_pb2.Saga: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_saga_pb2.SagaEvent]:
+        """Every event of the saga, by sequence: 1 to saga.sequence."""
+
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The version the saga runs on, normalized as registered."""
+
+    def __init__(
+        self,
+        *,
+        saga: _saga_pb2.Saga | None = ...,
+        events: _abc.Iterable[_saga_pb2.SagaEvent] | None = ...,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "saga", b"saga"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "events", b"events", "saga", b"saga"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaHistory: _TypeAlias = SagaHistory  # noqa: Y015
+
+@_typing.final
+class GetSagaHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["saga_id", b"saga_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSagaHistoryRequest: _TypeAlias = GetSagaHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetSagaHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HISTORY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def history(self) -> Global___SagaHistory: ...
+    def __init__(
+        self,
+        *,
+        history: Global___SagaHistory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["history", b"history"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSagaHistoryResponse: _TypeAlias = GetSagaHistoryResponse  # noqa: Y015
+
+@_typing.final
+class StepMapping(_message.Message):
+    """A step of the sagas' version known under another name in the new one."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_STEP_FIELD_NUMBER: _builtins.int
+    NEW_STEP_FIELD_NUMBER: _builtins.int
+    old_step: _builtins.str
+    """The step's name in the version the sagas run on."""
+    new_step: _builtins.str
+    """Its name in the new definition."""
+    def __init__(
+        self,
+        *,
+        old_step: _builtins.str = ...,
+        new_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_step", b"new_step", "old_step", b"old_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepMapping: _TypeAlias = StepMapping  # noqa: Y015
+
+@_typing.final
+class PlanMigrationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    SAGA_IDS_FIELD_NUMBER: _builtins.int
+    STEP_MAPPINGS_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    definition_version: _builtins.int
+    """Only sagas running on this version; 0 means any version."""
+    state: _saga_pb2.SagaState.ValueType
+    """Only sagas in this state: RUNNING or COMPENSATING; unspecified means both."""
+    page_size: _builtins.int
+    """At most this many plans (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token, unchanged, with the same request."""
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The new definition, as in a definition file (its version left unset);
+        sagas of the definition with its name are planned.
+        """
+
+    @_builtins.property
+    def saga_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these sagas (at most 1000), all planned in one response (page_size
+        and page_token then play no part); empty means every saga selected above.
+        """
+
+    @_builtins.property
+    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]:
+        """Steps renamed in the new definition."""
+
+    def __init__(
+        self,
+        *,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+        definition_version: _builtins.int = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        saga_ids: _abc.Iterable[_builtins.str] | None = ...,
+        step_mappings: _abc.Iterable[Global___StepMapping] | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "page_size", b"page_size", "page_token", b"page_token", "saga_ids", b"saga_ids", "state", b"state", "step_mappings", b"step_mappings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanMigrationRequest: _TypeAlias = PlanMigrationRequest  # noqa: Y015
+
+@_typing.final
+class SagaMigrationPlan(_message.Message):
+    """The plan for one saga in flight."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAGA_ID_FIELD_NUMBER: _builtins.int
+    DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    DIVERGING_SEQUENCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    saga_id: _builtins.str
+    definition_version: _builtins.int
+    state: _saga_pb2.SagaState.ValueType
+    verdict: Global___MigrationVerdict.ValueType
+    diverging_sequence: _builtins.int
+    """INCOMPATIBLE: the sequence of the first stored event the new definition
+    would not have produced (or, past the log's end, the saga's sequence + 1).
+    """
+    reason: _builtins.str
+    """INCOMPATIBLE: why; COMPATIBLE_WITH_MAPPING: the renames it relies on."""
+    def __init__(
+        self,
+        *,
+        saga_id: _builtins.str = ...,
+        definition_version: _builtins.int = ...,
+        state: _saga_pb2.SagaState.ValueType = ...,
+        verdict: Global___MigrationVerdict.ValueType = ...,
+        diverging_sequence: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_version", b"definition_version", "diverging_sequence", b"diverging_sequence", "reason", b"reason", "saga_id", b"saga_id", "state", b"state", "verdict", b"verdict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SagaMigrationPlan: _TypeAlias = SagaMigrationPlan  # noqa: Y015
+
+@_typing.final
+class PlanMigrationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PLANS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def plans(self) -> _containers.RepeatedCompositeFieldContainer[Global___SagaMigrationPlan]:
+        """Newest saga first."""
+
+    def __init__(
+        self,
+        *,
+        plans: _abc.Iterable[Global___SagaMigrationPlan] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "plans", b"plans"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PlanMigrationResponse: _TypeAlias = PlanMigrationResponse  # noqa: Y015
+
+@_typing.final
 class SummarizeSagasRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1208,16 +1477,28 @@ class RegisterDefinitionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEFINITION_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """Check the definition and answer what registering it would do, without
+    registering it: `definition` then holds the version it would get.
+    """
+    actor: _builtins.str
+    """Who registers it, recorded in the definition's history (with the
+    caller's identity when the API knows it).
+    """
     @_builtins.property
     def definition(self) -> _definition_pb2.SagaDefinition: ...
     def __init__(
         self,
         *,
         definition: _definition_pb2.SagaDefinition | None = ...,
+        validate_only: _builtins.bool = ...,
+        actor: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "definition", b"definition", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1229,8 +1510,18 @@ class RegisterDefinitionResponse(_message.Message):
 
     DEFINITION_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    DIFF_FIELD_NUMBER: _builtins.int
+    PREVIOUS_LATEST_VERSION_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
-    """False when identical content was already registered."""
+    """False when identical content was already registered (with validate_only:
+    whether a new version would be created).
+    """
+    diff: _builtins.str
+    """What changes from the latest version (a unified diff of the two as
+    JSON); empty when there was none or the latest stays as it is.
+    """
+    previous_latest_version: _builtins.int
+    """The version that was the latest before; 0 when there was none."""
     @_builtins.property
     def definition(self) -> _definition_pb2.SagaDefinition: ...
     def __init__(
@@ -1238,14 +1529,147 @@ class RegisterDefinitionResponse(_message.Message):
         *,
         definition: _definition_pb2.SagaDefinition | None = ...,
         created: _builtins.bool = ...,
+        diff: _builtins.str = ...,
+        previous_latest_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "definition", b"definition"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "definition", b"definition", "diff", b"diff", "previous_latest_version", b"previous_latest_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterDefinitionResponse: _TypeAlias = RegisterDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class PromoteDefinitionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    """The version to make the latest; required (positive)."""
+    actor: _builtins.str
+    """Who promotes it, recorded in the definition's history."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDefinitionRequest: _TypeAlias = PromoteDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class PromoteDefinitionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    changed: _builtins.bool
+    """False when it already was the latest (nothing recorded)."""
+    @_builtins.property
+    def definition(self) -> _definition_pb2.SagaDefinition:
+        """The promoted version, now the latest."""
+
+    def __init__(
+        self,
+        *,
+        definition: _definition_pb2.SagaDefinition | None = ...,
+        changed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed", b"changed", "definition", b"definition"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteDefinitionResponse: _TypeAlias = PromoteDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class GetDefinitionHistoryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionHistoryRequest: _TypeAlias = GetDefinitionHistoryRequest  # noqa: Y015
+
+@_typing.final
+class DefinitionChange(_message.Message):
+    """One change of which version of a definition is the latest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.int
+    kind: Global___DefinitionChangeKind.ValueType
+    actor: _builtins.str
+    """Who did it: "" for registrations from before the history was kept, and
+    for a replica's --definitions files its replica id.
+    """
+    @_builtins.property
+    def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        kind: Global___DefinitionChangeKind.ValueType = ...,
+        actor: _builtins.str = ...,
+        change_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_time", b"change_time", "kind", b"kind", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DefinitionChange: _TypeAlias = DefinitionChange  # noqa: Y015
+
+@_typing.final
+class GetDefinitionHistoryResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___DefinitionChange]:
+        """Oldest first; the last one names the latest version."""
+
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___DefinitionChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDefinitionHistoryResponse: _TypeAlias = GetDefinitionHistoryResponse  # noqa: Y015
 
 @_typing.final
 class GetDefinitionRequest(_message.Message):

@@ -87,6 +87,16 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
                 _registered_method=True)
+        self.GetSagaHistory = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/GetSagaHistory',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.FromString,
+                _registered_method=True)
+        self.PlanMigration = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/PlanMigration',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.FromString,
+                _registered_method=True)
         self.CancelSaga = channel.unary_unary(
                 '/compensa.v1.OrchestratorService/CancelSaga',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.CancelSagaRequest.SerializeToString,
@@ -131,6 +141,16 @@ class OrchestratorServiceStub:
                 '/compensa.v1.OrchestratorService/ListDefinitions',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.PromoteDefinition = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/PromoteDefinition',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.FromString,
+                _registered_method=True)
+        self.GetDefinitionHistory = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/GetDefinitionHistory',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.FromString,
                 _registered_method=True)
         self.SetParticipant = channel.unary_unary(
                 '/compensa.v1.OrchestratorService/SetParticipant',
@@ -237,6 +257,33 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSagaHistory(self, request, context):
+        """A saga with its whole event log and the definition version it runs on:
+        all that replaying it needs (`compensa get --history`, `compensa replay`,
+        compensa.testing). Reader role; the saga's definition must be in the
+        caller's scope. Errors: NOT_FOUND (unknown saga).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlanMigration(self, request, context):
+        """Replays the history of each selected saga in flight (RUNNING or
+        COMPENSATING) against a new version of its definition, through the pure
+        state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+        INCOMPATIBLE with the first diverging event and the reason. Changes
+        nothing. Reader role; a caller limited to some definitions may plan only
+        those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+        naming a step that exists in no selected version, or not in the new
+        definition, checked before any saga is read; a state that is not in
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelSaga(self, request, context):
         """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
         saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -301,7 +348,11 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RegisterDefinition(self, request, context):
-        """Registers a definition; identical content returns the existing version.
+        """Registers a definition as a new version, which becomes the latest (what
+        StartSaga with version 0 runs), recorded with who did it
+        (GetDefinitionHistory); identical content returns the existing version
+        and changes nothing (PromoteDefinition makes an old version the latest).
+        With validate_only: checks it and tells what would change, writing nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -315,6 +366,23 @@ class OrchestratorServiceServicer:
 
     def ListDefinitions(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteDefinition(self, request, context):
+        """Operator: makes an earlier (or any) registered version the latest again,
+        recorded with who did it. Errors: NOT_FOUND (no such version),
+        INVALID_ARGUMENT. Promoting the latest changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefinitionHistory(self, request, context):
+        """A definition's registrations and promotions, oldest first, with who did
+        them. Errors: NOT_FOUND (no such definition).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -405,6 +473,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.SerializeToString,
             ),
+            'GetSagaHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSagaHistory,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.SerializeToString,
+            ),
+            'PlanMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanMigration,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.SerializeToString,
+            ),
             'CancelSaga': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelSaga,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.CancelSagaRequest.FromString,
@@ -449,6 +527,16 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListDefinitions,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.SerializeToString,
+            ),
+            'PromoteDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteDefinition,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.SerializeToString,
+            ),
+            'GetDefinitionHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefinitionHistory,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.SerializeToString,
             ),
             'SetParticipant': grpc.unary_unary_rpc_method_handler(
                     servicer.SetParticipant,
@@ -622,6 +710,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/SummarizeSagas',
             compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.SummarizeSagasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSagaHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/GetSagaHistory',
+            compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.GetSagaHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/PlanMigration',
+            compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.PlanMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -865,6 +1007,60 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListDefinitions',
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/PromoteDefinition',
+            compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.PromoteDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefinitionHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/GetDefinitionHistory',
+            compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.GetDefinitionHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

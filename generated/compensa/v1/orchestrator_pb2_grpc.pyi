@@ -85,6 +85,25 @@ class OrchestratorServiceStub:
     for monitoring every few seconds, not for every request. Errors:
     INVALID_ARGUMENT (stuck_for not positive).
     """
+    GetSagaHistory: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaHistoryRequest, _orchestrator_pb2.GetSagaHistoryResponse]
+    """A saga with its whole event log and the definition version it runs on:
+    all that replaying it needs (`compensa get --history`, `compensa replay`,
+    compensa.testing). Reader role; the saga's definition must be in the
+    caller's scope. Errors: NOT_FOUND (unknown saga).
+    """
+    PlanMigration: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PlanMigrationRequest, _orchestrator_pb2.PlanMigrationResponse]
+    """Replays the history of each selected saga in flight (RUNNING or
+    COMPENSATING) against a new version of its definition, through the pure
+    state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+    INCOMPATIBLE with the first diverging event and the reason. Changes
+    nothing. Reader role; a caller limited to some definitions may plan only
+    those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+    naming a step that exists in no selected version, or not in the new
+    definition, checked before any saga is read; a state that is not in
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
+    """
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
     saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -123,9 +142,23 @@ class OrchestratorServiceStub:
     ResolveSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ResolveSagaRequest, _orchestrator_pb2.ResolveSagaResponse]
     """Operator: marks a FAILED saga as resolved by hand."""
     RegisterDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.RegisterDefinitionRequest, _orchestrator_pb2.RegisterDefinitionResponse]
-    """Registers a definition; identical content returns the existing version."""
+    """Registers a definition as a new version, which becomes the latest (what
+    StartSaga with version 0 runs), recorded with who did it
+    (GetDefinitionHistory); identical content returns the existing version
+    and changes nothing (PromoteDefinition makes an old version the latest).
+    With validate_only: checks it and tells what would change, writing nothing.
+    """
     GetDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]
     ListDefinitions: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]
+    PromoteDefinition: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.PromoteDefinitionRequest, _orchestrator_pb2.PromoteDefinitionResponse]
+    """Operator: makes an earlier (or any) registered version the latest again,
+    recorded with who did it. Errors: NOT_FOUND (no such version),
+    INVALID_ARGUMENT. Promoting the latest changes nothing.
+    """
+    GetDefinitionHistory: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionHistoryRequest, _orchestrator_pb2.GetDefinitionHistoryResponse]
+    """A definition's registrations and promotions, oldest first, with who did
+    them. Errors: NOT_FOUND (no such definition).
+    """
     SetParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]
     """Operator: sets where a named participant is served. Stored and shared by
     every replica, which call the new address within a second. Definitions
@@ -223,6 +256,25 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     for monitoring every few seconds, not for every request. Errors:
     INVALID_ARGUMENT (stuck_for not positive).
     """
+    GetSagaHistory: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetSagaHistoryRequest, _orchestrator_pb2.GetSagaHistoryResponse]  # type: ignore[assignment]
+    """A saga with its whole event log and the definition version it runs on:
+    all that replaying it needs (`compensa get --history`, `compensa replay`,
+    compensa.testing). Reader role; the saga's definition must be in the
+    caller's scope. Errors: NOT_FOUND (unknown saga).
+    """
+    PlanMigration: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PlanMigrationRequest, _orchestrator_pb2.PlanMigrationResponse]  # type: ignore[assignment]
+    """Replays the history of each selected saga in flight (RUNNING or
+    COMPENSATING) against a new version of its definition, through the pure
+    state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+    INCOMPATIBLE with the first diverging event and the reason. Changes
+    nothing. Reader role; a caller limited to some definitions may plan only
+    those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+    naming a step that exists in no selected version, or not in the new
+    definition, checked before any saga is read; a state that is not in
+    flight; a saga in saga_ids of another definition, version or state),
+    NOT_FOUND (no definition of that name is registered; an unknown saga in
+    saga_ids).
+    """
     CancelSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
     saga that is already compensating or compensated is a no-op; a SUCCEEDED
@@ -261,9 +313,23 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     ResolveSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ResolveSagaRequest, _orchestrator_pb2.ResolveSagaResponse]  # type: ignore[assignment]
     """Operator: marks a FAILED saga as resolved by hand."""
     RegisterDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.RegisterDefinitionRequest, _orchestrator_pb2.RegisterDefinitionResponse]  # type: ignore[assignment]
-    """Registers a definition; identical content returns the existing version."""
+    """Registers a definition as a new version, which becomes the latest (what
+    StartSaga with version 0 runs), recorded with who did it
+    (GetDefinitionHistory); identical content returns the existing version
+    and changes nothing (PromoteDefinition makes an old version the latest).
+    With validate_only: checks it and tells what would change, writing nothing.
+    """
     GetDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionRequest, _orchestrator_pb2.GetDefinitionResponse]  # type: ignore[assignment]
     ListDefinitions: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListDefinitionsRequest, _orchestrator_pb2.ListDefinitionsResponse]  # type: ignore[assignment]
+    PromoteDefinition: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.PromoteDefinitionRequest, _orchestrator_pb2.PromoteDefinitionResponse]  # type: ignore[assignment]
+    """Operator: makes an earlier (or any) registered version the latest again,
+    recorded with who did it. Errors: NOT_FOUND (no such version),
+    INVALID_ARGUMENT. Promoting the latest changes nothing.
+    """
+    GetDefinitionHistory: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.GetDefinitionHistoryRequest, _orchestrator_pb2.GetDefinitionHistoryResponse]  # type: ignore[assignment]
+    """A definition's registrations and promotions, oldest first, with who did
+    them. Errors: NOT_FOUND (no such definition).
+    """
     SetParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantRequest, _orchestrator_pb2.SetParticipantResponse]  # type: ignore[assignment]
     """Operator: sets where a named participant is served. Stored and shared by
     every replica, which call the new address within a second. Definitions
@@ -384,6 +450,37 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """
 
     @_abc_1.abstractmethod
+    def GetSagaHistory(
+        self,
+        request: _orchestrator_pb2.GetSagaHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetSagaHistoryResponse, _abc.Awaitable[_orchestrator_pb2.GetSagaHistoryResponse]]:
+        """A saga with its whole event log and the definition version it runs on:
+        all that replaying it needs (`compensa get --history`, `compensa replay`,
+        compensa.testing). Reader role; the saga's definition must be in the
+        caller's scope. Errors: NOT_FOUND (unknown saga).
+        """
+
+    @_abc_1.abstractmethod
+    def PlanMigration(
+        self,
+        request: _orchestrator_pb2.PlanMigrationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PlanMigrationResponse, _abc.Awaitable[_orchestrator_pb2.PlanMigrationResponse]]:
+        """Replays the history of each selected saga in flight (RUNNING or
+        COMPENSATING) against a new version of its definition, through the pure
+        state machine, and classifies it: COMPATIBLE, COMPATIBLE_WITH_MAPPING or
+        INCOMPATIBLE with the first diverging event and the reason. Changes
+        nothing. Reader role; a caller limited to some definitions may plan only
+        those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
+        naming a step that exists in no selected version, or not in the new
+        definition, checked before any saga is read; a state that is not in
+        flight; a saga in saga_ids of another definition, version or state),
+        NOT_FOUND (no definition of that name is registered; an unknown saga in
+        saga_ids).
+        """
+
+    @_abc_1.abstractmethod
     def CancelSaga(
         self,
         request: _orchestrator_pb2.CancelSagaRequest,
@@ -462,7 +559,12 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.RegisterDefinitionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.RegisterDefinitionResponse, _abc.Awaitable[_orchestrator_pb2.RegisterDefinitionResponse]]:
-        """Registers a definition; identical content returns the existing version."""
+        """Registers a definition as a new version, which becomes the latest (what
+        StartSaga with version 0 runs), recorded with who did it
+        (GetDefinitionHistory); identical content returns the existing version
+        and changes nothing (PromoteDefinition makes an old version the latest).
+        With validate_only: checks it and tells what would change, writing nothing.
+        """
 
     @_abc_1.abstractmethod
     def GetDefinition(
@@ -477,6 +579,27 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListDefinitionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListDefinitionsResponse, _abc.Awaitable[_orchestrator_pb2.ListDefinitionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteDefinition(
+        self,
+        request: _orchestrator_pb2.PromoteDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.PromoteDefinitionResponse, _abc.Awaitable[_orchestrator_pb2.PromoteDefinitionResponse]]:
+        """Operator: makes an earlier (or any) registered version the latest again,
+        recorded with who did it. Errors: NOT_FOUND (no such version),
+        INVALID_ARGUMENT. Promoting the latest changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDefinitionHistory(
+        self,
+        request: _orchestrator_pb2.GetDefinitionHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.GetDefinitionHistoryResponse, _abc.Awaitable[_orchestrator_pb2.GetDefinitionHistoryResponse]]:
+        """A definition's registrations and promotions, oldest first, with who did
+        them. Errors: NOT_FOUND (no such definition).
+        """
 
     @_abc_1.abstractmethod
     def SetParticipant(

@@ -139,6 +139,16 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     the replica that took it; `message` names both replicas and says why.
     The saga's state does not change.
     """
+    EVENT_TYPE_STEP_ATTEMPT_SENDING: _EventType.ValueType  # 20
+    """An Execute attempt of a step is about to be sent, every earlier attempt
+    having failed to connect (never delivered). Written before the call, so
+    that after a crash the attempt counts as possibly delivered.
+    """
+    EVENT_TYPE_STEP_COMPENSATION_SKIPPED: _EventType.ValueType  # 21
+    """A step that failed is not compensated because none of its Execute
+    attempts ever reached the participant (each failed to connect): there is
+    nothing to undo. `message` says so.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -169,6 +179,16 @@ its lease (it crashed, or lost its database or its network), or an
 operator action or CompleteStep arrived at another replica. `actor` is
 the replica that took it; `message` names both replicas and says why.
 The saga's state does not change.
+"""
+EVENT_TYPE_STEP_ATTEMPT_SENDING: EventType.ValueType  # 20
+"""An Execute attempt of a step is about to be sent, every earlier attempt
+having failed to connect (never delivered). Written before the call, so
+that after a crash the attempt counts as possibly delivered.
+"""
+EVENT_TYPE_STEP_COMPENSATION_SKIPPED: EventType.ValueType  # 21
+"""A step that failed is not compensated because none of its Execute
+attempts ever reached the participant (each failed to connect): there is
+nothing to undo. `message` says so.
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 

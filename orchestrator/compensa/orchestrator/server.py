@@ -104,8 +104,11 @@ async def _wait_for_database(
             running.config.participants, updated_by=f"serve --participant ({running.config.replica_id})"
         )
         for definition in definitions:
-            stored, created = await running.engine.register_definition(definition, source="definitions")
-            if created:
+            registration = await running.engine.register_definition(
+                definition, source="definitions", actor=f"serve --definitions ({running.config.replica_id})"
+            )
+            if registration.created:
+                stored = registration.definition
                 log.info("registered definition %s version %d", stored.name, stored.version)
 
     await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)

@@ -19,26 +19,39 @@ environment's temporary directory; one given as a servicer keeps its own
 engine. Each participant is reachable under its name, the `participant` of
 the definitions' steps. The message types the definitions name must be
 imported in the test (their generated `_pb2` modules).
+
+A definition change can also be checked against real past sagas, without any
+server: save their histories (`compensa get ID --history > h.json`) and
+replay them under the changed definition file in CI:
+
+    assert_histories_replay(Path("histories").glob("*.json"), Path("definitions/billing.yaml"))
+
+It fails naming each saga and the first event where the new definition would
+have decided otherwise (`replay_saved_history` gives the same per file).
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from compensa.orchestrator.api.history_checks import HistoryCheck, check_history, read_history_file
 from compensa.orchestrator.client import SagaClient
 from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.definitions import load_definition_file
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.participants.sdk import Participant
 from compensa.participants.serving import RunningParticipant, create_participant_engine, start_server
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
-__all__ = ["ParticipantFactory", "SagaTestEnvironment"]
+__all__ = [
+    "HistoryCheck", "ParticipantFactory", "SagaTestEnvironment", "assert_histories_replay", "replay_saved_history",
+]
 
 #: Makes a participant servicer on the engine it is given.
 ParticipantFactory = Callable[[AsyncEngine], Participant]
@@ -113,3 +126,33 @@ class SagaTestEnvironment:
             for definition in messages:
                 await environment.register(definition)
             yield environment
+
+
+def replay_saved_history(
+    history_file: Path, definition_file: Path | None = None, *, renames: Mapping[str, str] | None = None
+) -> HistoryCheck:
+    """Replays a saved history (`compensa get ID --history`) through the
+    state machine under `definition_file` (YAML or JSON, as `compensa
+    register` reads it), its steps renamed old -> new by `renames`; without a
+    file, under the version the saga ran on, which must rebuild it exactly."""
+    definition = load_definition_file(definition_file) if definition_file is not None else None
+    return check_history(read_history_file(history_file), definition, renames=renames)
+
+
+def assert_histories_replay(
+    history_files: Iterable[Path], definition_file: Path | None = None, *, renames: Mapping[str, str] | None = None
+) -> None:
+    """AssertionError naming every saved history that `replay_saved_history`
+    finds diverging (the saga, the first diverging event and why)."""
+    files = list(history_files)
+    definition = load_definition_file(definition_file) if definition_file is not None else None
+    failed = [
+        f"{path}: {check.summary()}"
+        for path in files
+        if not (check := check_history(read_history_file(path), definition, renames=renames)).ok
+    ]
+    if failed:
+        under = f"under {definition_file}" if definition_file is not None else "under their own versions"
+        raise AssertionError(
+            f"{len(failed)} of {len(files)} saved histories do not replay {under}:\n" + "\n".join(failed)
+        )

@@ -91,6 +91,8 @@ class Role(enum.IntEnum):
 #: The least role each action needs: the RPCs by name, and the dashboard.
 REQUIRED_ROLE: Mapping[str, Role] = {
     "GetSaga": Role.READER,
+    "GetSagaHistory": Role.READER,
+    "PlanMigration": Role.READER,
     "ListSagas": Role.READER,
     "SummarizeSagas": Role.READER,
     "WatchSaga": Role.READER,
@@ -98,6 +100,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "WatchAlerts": Role.READER,
     "GetDefinition": Role.READER,
     "ListDefinitions": Role.READER,
+    "GetDefinitionHistory": Role.READER,
     "ListParticipants": Role.READER,
     "Dashboard": Role.READER,
     "StartSaga": Role.STARTER,
@@ -106,6 +109,7 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "RetrySaga": Role.OPERATOR,
     "ResolveSaga": Role.OPERATOR,
     "RegisterDefinition": Role.OPERATOR,
+    "PromoteDefinition": Role.OPERATOR,
     "SetParticipant": Role.OPERATOR,
     "SetParticipantLimits": Role.OPERATOR,
     "HoldParticipant": Role.OPERATOR,

@@ -28,19 +28,22 @@ from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
-from compensa.orchestrator.api.views import EventViews, alert_message, saga_message
+from compensa.orchestrator.api.views import EventViews, alert_message, event_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
     NAME_PATTERN,
+    validate_definition,
 )
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from compensa.orchestrator.engine.migration_plan import check_step_mappings, classify
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.engine.participant_health import ProbeOutcome
+from compensa.orchestrator.engine.replay import history_of
 from compensa.orchestrator.engine.tokens import parse_completion_token
-from compensa.orchestrator.shared import records
+from compensa.orchestrator.shared import records, timeline
 from compensa.orchestrator.shared.errors import (
     AlreadyExists,
     CompensaError,
@@ -69,7 +72,7 @@ from compensa.orchestrator.shared.limits import (
 )
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import DEFAULT_PRIORITY, ParticipantAddress, ParticipantLimits
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
@@ -83,6 +86,8 @@ MAX_PAGE_BYTES = 2 * 1024 * 1024
 _PAGE_READ_CHUNK = 100
 #: The most events one WatchSagas message may carry (max_events_per_message).
 MAX_EVENTS_PER_MESSAGE = 1000
+#: The most sagas one PlanMigration may name (saga_ids).
+MAX_PLANNED_SAGA_IDS = 1000
 #: The longest a WatchSagas message may wait for more events (batch_window).
 MAX_BATCH_WINDOW_SECONDS = 1.0
 # WatchAlerts re-reads the alert log at least this often (alerts another
@@ -374,8 +379,37 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             await self._existing(saga_id, context)
         return await self._saga_view(await self._engine.apply_external(saga_id, event))
 
+    def _actor(self, context: Context[Request, Response], claimed: str) -> str:
+        """Who is acting, as recorded: the caller's identity with what it
+        claims (`actor` of the request)."""
+        return stored_text(self._caller(context).actor(claimed), MAX_STORED_ACTOR_CHARS)
+
     def _page_key(self) -> bytes:
         return self._engine.token_key
+
+    def _resumed_at(self, query: list[Any], page_token: str) -> tuple[float, str] | None:
+        """Where a list of sagas goes on: after the (created_at, saga_id) in
+        `page_token`, issued for this very `query`; None from the start."""
+        if not page_token:
+            return None
+        position = read_page_token(self._page_key(), query, page_token)
+        return (float(position[0]), str(position[1]))
+
+    async def _sagas_after(
+        self, after: tuple[float, str] | None, *, state: int, definition_name: str, updated_before: float | None,
+        chunk: int,
+    ) -> AsyncGenerator[records.SagaRecord, None]:
+        """Sagas newest first from `after` on, read `chunk` at a time."""
+        while True:
+            sagas = await self._store.list_sagas(
+                state=state, definition_name=definition_name, updated_before=updated_before, page_size=chunk,
+                after=after,
+            )
+            for saga in sagas:
+                yield saga
+            if len(sagas) < chunk:
+                return
+            after = (sagas[-1].created_at, sagas[-1].saga_id)
 
     # -- sagas
 
@@ -431,6 +465,26 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.GetSagaResponse(saga=await self._saga_view(saga))
 
     @_answer_errors
+    async def GetSagaHistory(
+        self,
+        request: orchestrator_pb2.GetSagaHistoryRequest,
+        context: Context[orchestrator_pb2.GetSagaHistoryRequest, orchestrator_pb2.GetSagaHistoryResponse],
+    ) -> orchestrator_pb2.GetSagaHistoryResponse:
+        saga = await self._existing(request.saga_id, context)
+        return orchestrator_pb2.GetSagaHistoryResponse(history=await self._history(saga))
+
+    async def _history(self, saga: records.SagaRecord) -> orchestrator_pb2.SagaHistory:
+        """The saga as stored now, its log up to that sequence and its definition version."""
+        plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
+        events: list[saga_pb2.SagaEvent] = []
+        while len(events) < saga.sequence:
+            batch = await self._store.read_saga_events(saga.saga_id, len(events), READ_BATCH)
+            events.extend(event_message(stored) for stored in batch if stored.event.sequence <= saga.sequence)
+            if len(batch) < READ_BATCH:
+                break
+        return history_of(saga_message(saga, plan), events, plan.definition)
+
+    @_answer_errors
     async def ListSagas(
         self,
         request: orchestrator_pb2.ListSagasRequest,
@@ -445,29 +499,113 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if request.HasField("stuck_for"):
             updated_before = self._engine.clock.now() - _stuck_seconds(request.stuck_for)
         query = ["ListSagas", request.state, definition_name, _stuck_query(request)]
-        after: tuple[float, str] | None = None
-        if request.page_token:
-            position = read_page_token(self._page_key(), query, request.page_token)
-            after = (float(position[0]), str(position[1]))
+        listed = self._sagas_after(
+            self._resumed_at(query, request.page_token), state=request.state, definition_name=definition_name,
+            updated_before=updated_before, chunk=min(page_size + 1, _PAGE_READ_CHUNK),
+        )
 
         async def sagas() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
-            cursor = after
-            while True:
-                chunk = await self._store.list_sagas(
-                    state=request.state, definition_name=definition_name, updated_before=updated_before,
-                    page_size=min(page_size + 1, _PAGE_READ_CHUNK), after=cursor,
-                )
-                for saga in chunk:
+            async with contextlib.aclosing(listed):
+                async for saga in listed:
                     yield await self._saga_view(saga), [saga.created_at, saga.saga_id]
-                if len(chunk) < min(page_size + 1, _PAGE_READ_CHUNK):
-                    return
-                cursor = (chunk[-1].created_at, chunk[-1].saga_id)
 
         page, last = await _fill_page(sagas(), page_size)
         return orchestrator_pb2.ListSagasResponse(
             sagas=page,  # type: ignore[arg-type]
             next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
         )
+
+    @_answer_errors
+    async def PlanMigration(
+        self,
+        request: orchestrator_pb2.PlanMigrationRequest,
+        context: Context[orchestrator_pb2.PlanMigrationRequest, orchestrator_pb2.PlanMigrationResponse],
+    ) -> orchestrator_pb2.PlanMigrationResponse:
+        page_size = _page_size(request.page_size)
+        if not request.HasField("definition"):
+            raise InvalidArgument("definition is required: the new definition, as in a definition file")
+        size = request.definition.ByteSize()
+        if size > MAX_DEFINITION_BYTES:
+            raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
+        if request.definition_version < 0:
+            raise InvalidArgument(f"definition_version must be 0 (any) or positive, got {request.definition_version}")
+        if request.state and request.state not in records.ACTIVE_SAGA_STATES:
+            raise InvalidArgument(
+                "state must be RUNNING or COMPENSATING (only sagas in flight move) or unspecified (both), got "
+                + (saga_pb2.SagaState.Name(request.state) if request.state in saga_pb2.SagaState.values()
+                   else str(request.state))
+            )
+        if len(request.saga_ids) > MAX_PLANNED_SAGA_IDS:
+            raise InvalidArgument(f"saga_ids holds {len(request.saga_ids)} ids; the limit is {MAX_PLANNED_SAGA_IDS}")
+        for index, saga_id in enumerate(request.saga_ids):
+            check_saga_id(saga_id, f"saga_ids[{index}]")
+        new = await asyncio.to_thread(validate_definition, request.definition, source="definition")
+        name = new.name
+        self._in_scope(context, "PlanMigration", name)
+        old_versions = await self._versions(name, request.definition_version)
+        renames = check_step_mappings(request.step_mappings, old_versions, new)
+        if request.saga_ids:
+            chosen = await self._planned_sagas(request, name, context)
+            plans = [classify(await self._history(saga), new, renames) for saga in chosen]
+            return orchestrator_pb2.PlanMigrationResponse(plans=plans)
+        query = ["PlanMigration", name, request.definition_version, request.state]
+        listed = self._sagas_after(
+            self._resumed_at(query, request.page_token), state=request.state, definition_name=name,
+            updated_before=None, chunk=_PAGE_READ_CHUNK,
+        )
+
+        async def planned() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
+            async with contextlib.aclosing(listed):
+                async for saga in listed:
+                    in_flight = saga.state in records.ACTIVE_SAGA_STATES
+                    if in_flight and request.definition_version in (0, saga.definition_version):
+                        yield classify(await self._history(saga), new, renames), [saga.created_at, saga.saga_id]
+
+        page, last = await _fill_page(planned(), page_size)
+        return orchestrator_pb2.PlanMigrationResponse(
+            plans=page,  # type: ignore[arg-type]
+            next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
+        )
+
+    async def _versions(self, name: str, version: int) -> list[definition_pb2.SagaDefinition]:
+        """The registered versions of `name` sagas may run on: `version`, or all of them (0)."""
+        latest = await self._store.get_definition(name, version)
+        if latest is None:
+            raise await self._engine.definition_not_found(name, version)
+        if version:
+            return [latest]
+        found = [latest]
+        for number in range(latest.version - 1, 0, -1):
+            older = await self._store.get_definition(name, number)
+            if older is not None:
+                found.append(older)
+        return found
+
+    async def _planned_sagas(
+        self, request: orchestrator_pb2.PlanMigrationRequest, name: str,
+        context: Context[orchestrator_pb2.PlanMigrationRequest, orchestrator_pb2.PlanMigrationResponse],
+    ) -> list[records.SagaRecord]:
+        """The sagas request.saga_ids names; NOT_FOUND for an unknown one,
+        INVALID_ARGUMENT for one of another definition or version, or not in
+        the state asked for."""
+        chosen = []
+        for saga_id in dict.fromkeys(request.saga_ids):
+            saga = await self._existing(saga_id, context)
+            if saga.definition_name != name:
+                raise InvalidArgument(
+                    f"saga {quote(saga_id)} runs definition {quote(saga.definition_name)}, not {quote(name)}"
+                )
+            if request.definition_version and saga.definition_version != request.definition_version:
+                raise InvalidArgument(
+                    f"saga {quote(saga_id)} runs version {saga.definition_version}, not {request.definition_version}"
+                )
+            if request.state and saga.state != request.state:
+                raise InvalidArgument(
+                    f"saga {quote(saga_id)} is {timeline.saga_state_name(saga.state)}, not"
+                    f" {timeline.saga_state_name(request.state)}"
+                )
+            chosen.append(saga)
+        return chosen
 
     @_answer_errors
     async def SummarizeSagas(
@@ -686,8 +824,55 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         if size > MAX_DEFINITION_BYTES:
             raise InvalidArgument(f"definition is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
         self._in_scope(context, "RegisterDefinition", request.definition.name)
-        definition, created = await self._engine.register_definition(request.definition, source="request")
-        return orchestrator_pb2.RegisterDefinitionResponse(definition=definition, created=created)
+        actor = self._actor(context, request.actor)
+        registration = await self._engine.register_definition(
+            request.definition, source="request", actor=actor, validate_only=request.validate_only
+        )
+        definition = registration.definition
+        if registration.created and not request.validate_only:
+            log.info("definition %s version %d registered by %s", definition.name, definition.version, actor)
+        return orchestrator_pb2.RegisterDefinitionResponse(
+            definition=definition, created=registration.created, diff=registration.diff,
+            previous_latest_version=registration.previous.version if registration.previous else 0,
+        )
+
+    @_answer_errors
+    async def PromoteDefinition(
+        self,
+        request: orchestrator_pb2.PromoteDefinitionRequest,
+        context: Context[orchestrator_pb2.PromoteDefinitionRequest, orchestrator_pb2.PromoteDefinitionResponse],
+    ) -> orchestrator_pb2.PromoteDefinitionResponse:
+        possible = is_possible(request.name, "name", NAME_PATTERN)
+        if request.version <= 0:
+            raise InvalidArgument(f"version must be a registered version (positive), got {request.version}")
+        actor = self._actor(context, request.actor)
+        self._in_scope(context, "PromoteDefinition", request.name)
+        if not possible:
+            raise definition_not_registered(request.name)
+        definition, changed = await self._engine.promote_definition(request.name, request.version, actor=actor)
+        if changed:
+            log.info("definition %s version %d made the latest by %s", definition.name, definition.version, actor)
+        return orchestrator_pb2.PromoteDefinitionResponse(definition=definition, changed=changed)
+
+    @_answer_errors
+    async def GetDefinitionHistory(
+        self,
+        request: orchestrator_pb2.GetDefinitionHistoryRequest,
+        context: Context[orchestrator_pb2.GetDefinitionHistoryRequest, orchestrator_pb2.GetDefinitionHistoryResponse],
+    ) -> orchestrator_pb2.GetDefinitionHistoryResponse:
+        possible = is_possible(request.name, "name", NAME_PATTERN)
+        self._in_scope(context, "GetDefinitionHistory", request.name)
+        changes = await self._store.definition_history(request.name) if possible else []
+        if not changes:
+            raise definition_not_registered(request.name)
+        return orchestrator_pb2.GetDefinitionHistoryResponse(changes=[
+            orchestrator_pb2.DefinitionChange(
+                name=change.name, version=change.version, actor=change.actor,
+                kind=orchestrator_pb2.DefinitionChangeKind.Value("DEFINITION_CHANGE_KIND_" + change.kind.upper()),
+                change_time=timestamp(change.changed_at),
+            )
+            for change in changes
+        ])
 
     @_answer_errors
     async def GetDefinition(
@@ -763,6 +948,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             contract=request.contract if request.HasField("contract") else None,
             clear_contract=request.clear_contract,
         )
+        log.info("participant %s set to %s by %s", stored.name, stored.address, actor or "unknown")
         services = await self._engine.contract_services()
         return orchestrator_pb2.SetParticipantResponse(
             participant=_participant_message(stored, contract_service=services.get(request.name, ""))

@@ -6,13 +6,16 @@ Where to look:
 - server.py: serve, migrate, purge, participant, demo.
 - sagas.py: start, get, list, status, watch, cancel, retry, resolve.
 - definitions.py: register, definitions, participants.
+- replay.py: replay (a saga's log through the state machine) and plan (sagas
+  in flight classified against a new definition).
 - output.py: what the commands print (JSON, rows, tables, timelines, error lines).
 - connection.py: the client commands' channel to the orchestrator.
 
 Exit codes (exit_codes.py): 0 success; 1 a saga followed with `start --wait`
-ended COMPENSATED or FAILED (or the demo failed); 2 a usage error, a malformed
-input, or an error answered by the orchestrator; 130 interrupted; 141 the
-reader of its output went away (`compensa list | head`), quietly. Every error
+ended COMPENSATED or FAILED (or the demo failed), or `replay` found a
+divergence; 2 a usage error, a malformed input, or an error answered by the
+orchestrator; 130 interrupted; 141 the reader of its output went away
+(`compensa list | head`), quietly. Every error
 reaches the user through the one exit in `main`, as one line on stderr:
 ``error: ...`` (``error: CODE: details`` for one the orchestrator answered).
 Commands raise; they never print an error themselves.

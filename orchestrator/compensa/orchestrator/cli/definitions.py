@@ -40,16 +40,39 @@ def register(args: argparse.Namespace) -> int:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         for definition in definitions:
             response = stub.RegisterDefinition(
-                orchestrator_pb2.RegisterDefinitionRequest(definition=definition), timeout=args.timeout
+                orchestrator_pb2.RegisterDefinitionRequest(
+                    definition=definition, validate_only=args.dry_run, actor=args.actor
+                ),
+                timeout=args.timeout,
             )
-            registered = response.definition
-            what = "registered" if response.created else "unchanged, already registered"
-            print(f"{registered.name} version {registered.version}: {what}")
+            print(_registration_text(response, dry_run=args.dry_run))
     return EXIT_OK
+
+
+def _registration_text(response: orchestrator_pb2.RegisterDefinitionResponse, *, dry_run: bool) -> str:
+    """What registering did (or, dry run, would do), then the diff from the latest version."""
+    definition = response.definition
+    head = f"{definition.name} version {definition.version}"
+    latest = response.previous_latest_version
+    if not response.created:
+        state = "the latest" if latest == definition.version else f"not the latest (version {latest} is)"
+        return f"{head}: unchanged, already registered ({state})"
+    if dry_run:
+        what = f"would be registered as the latest, after version {latest}" if latest else "would be registered"
+        return f"{head}: {what} (dry run: nothing registered)" + (f"\n{response.diff}" if response.diff else "")
+    what = f"registered, the latest now (was version {latest})" if latest else "registered"
+    return f"{head}: {what}" + (f"\n{response.diff}" if response.diff else "")
 
 
 def show_definitions(args: argparse.Namespace) -> int:
     """`compensa definitions [NAME]`: the latest version of each definition, or one in full."""
+    if args.name in _DEFINITION_ACTIONS and args.target:
+        return _DEFINITION_ACTIONS[args.name](args)
+    if args.target:
+        raise CompensaError(
+            f"definitions takes one NAME, got {args.name!r} and {args.target!r}"
+            " (did you mean: definitions history NAME, or definitions promote NAME --version N?)"
+        )
     if args.version and not args.name:
         raise CompensaError("--version needs a NAME")
     with open_channel(args) as channel:
@@ -74,6 +97,44 @@ def show_definitions(args: argparse.Namespace) -> int:
             if not response.next_page_token:
                 return EXIT_OK
             request.page_token = response.next_page_token
+
+
+def _promote(args: argparse.Namespace) -> int:
+    """`compensa definitions promote NAME --version N`: version N becomes the latest again."""
+    if not args.version:
+        raise CompensaError("definitions promote needs --version N: the version to make the latest")
+    with open_channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        response = stub.PromoteDefinition(
+            orchestrator_pb2.PromoteDefinitionRequest(name=args.target, version=args.version, actor=args.actor),
+            timeout=args.timeout,
+        )
+    definition = response.definition
+    what = "is the latest now" if response.changed else "unchanged, already the latest"
+    print(json_line(response) if args.json else f"{definition.name} version {definition.version}: {what}")
+    return EXIT_OK
+
+
+def _history(args: argparse.Namespace) -> int:
+    """`compensa definitions history NAME`: who made which version the latest, oldest first."""
+    with open_channel(args) as channel:
+        stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        changes = stub.GetDefinitionHistory(
+            orchestrator_pb2.GetDefinitionHistoryRequest(name=args.target), timeout=args.timeout
+        ).changes
+    if args.json:
+        for change in changes:
+            print(json_line(change))
+        return EXIT_OK
+    print(f"{'TIME (UTC)':<20} {'VERSION':>7}  {'CHANGE':<10} BY")
+    for change in changes:
+        when = change.change_time.ToDatetime(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        kind = orchestrator_pb2.DefinitionChangeKind.Name(change.kind).removeprefix("DEFINITION_CHANGE_KIND_").lower()
+        print(f"{when:<20} {change.version:>7}  {kind:<10} {change.actor or '-'}")
+    return EXIT_OK
+
+
+_DEFINITION_ACTIONS = {"promote": _promote, "history": _history}
 
 
 def participants(args: argparse.Namespace) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 EXIT_OK = 0
 #: A saga followed with `start --wait` ended COMPENSATED or FAILED (or the demo failed).
 EXIT_SAGA_ENDED_BADLY = 1
+#: `replay` found that the saga's log diverges from the definition (or, under
+#: its own version, that the rebuilt saga is not where the stored one is).
+EXIT_DIVERGED = 1
 #: A usage error, a malformed input, or an error answered by the orchestrator.
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130

@@ -21,7 +21,7 @@ from typing import NoReturn
 from google.protobuf import duration_pb2
 
 from compensa.orchestrator.api.auth import Role, check_scope, parse_role
-from compensa.orchestrator.cli import codegen, definitions, sagas, server
+from compensa.orchestrator.cli import codegen, definitions, replay, sagas, server
 from compensa.orchestrator.config import DEFAULT_LISTEN
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.durations import DURATION_EXAMPLES, InvalidDuration, parse_duration
@@ -104,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="compensa",
         description="Compensa: a saga orchestrator for gRPC services.",
         epilog="Exit codes: 0 ok; 1 a saga waited for with `start --wait` ended COMPENSATED "
-        "or FAILED; 2 usage error or an error answered by the orchestrator; 141 the reader of the output went away"
-        " (compensa list | head), quietly.",
+        "or FAILED, or `replay` found a divergence; 2 usage error or an error answered by the orchestrator; 141 the"
+        " reader of the output went away (compensa list | head), quietly.",
     )
     _add_verbose_option(parser, suppress_default=False)
     _add_client_options(parser, suppress_default=False)
@@ -154,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cancel(add("cancel", sagas.cancel, "Ask a running saga to stop and compensate."))
     _add_retry(add("retry", sagas.retry, "Run the failed compensations of a FAILED saga again."))
     _add_resolve(add("resolve", sagas.resolve, "Mark a FAILED saga as resolved by hand."))
+    _add_replay(add("replay", replay.replay,
+                    "Replay a saga's log through the state machine: does it end where the saga is, or where"
+                    " would a definition file decide otherwise? Exit 1 on a divergence."))
+    _add_plan(add("plan", replay.plan,
+                  "Classify sagas in flight against a new definition file (compatible, compatible with a"
+                  " mapping, incompatible with the first diverging event). Changes nothing."))
     _add_register(
         add("register", definitions.register, "Register definition files (YAML or JSON) with a running orchestrator.")
     )
@@ -543,6 +549,55 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
 
 def _add_get(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument(
+        "--history", action="store_true",
+        help="print the saga's history instead (its events, its definition version and the saga as stored), the"
+        " JSON file `compensa replay` and compensa.testing replay: compensa get ID --history > h.json",
+    )
+    _add_json_option(parser)
+
+
+def _step_mapping(text: str) -> tuple[str, str]:
+    old, separator, new = text.partition("=")
+    if not separator or not old.strip() or not new.strip():
+        raise argparse.ArgumentTypeError(f"invalid mapping {quote(text)}; use OLD_STEP=NEW_STEP")
+    return old.strip(), new.strip()
+
+
+def _add_map_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--map", type=_step_mapping, action="append", default=[], metavar="OLD=NEW",
+        help="a step renamed in the new definition (repeat for several)",
+    )
+
+
+def _add_replay(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("saga_id", metavar="ID")
+    parser.add_argument(
+        "--definition", type=Path, metavar="FILE",
+        help="replay under this definition file instead of the saga's own version, and report where it diverges",
+    )
+    _add_map_option(parser)
+    _add_proto_module_option(parser, "defining the definition's input type")
+    _add_json_option(parser)
+
+
+def _add_plan(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("definition_file", type=Path, metavar="DEFINITION_FILE",
+                        help="the new definition (YAML or JSON); sagas of the definition it names are planned")
+    parser.add_argument(
+        "--definition-version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="only sagas running on this version (default: any)",
+    )
+    parser.add_argument("--state", type=parse_saga_state, help="only sagas in this state: running or compensating")
+    parser.add_argument("--saga", action="append", default=[], metavar="ID",
+                        help="only this saga (repeat for several)")
+    _add_map_option(parser)
+    parser.add_argument(
+        "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N",
+        help="sagas per request (server default 50)",
+    )
+    _add_proto_module_option(parser, "defining the definition's input type")
     _add_json_option(parser)
 
 
@@ -637,14 +692,26 @@ def _add_register(parser: argparse.ArgumentParser) -> None:
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
         help="with --proto: a directory imports are relative to (repeatable; searched before each file's own)",
     )
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check each definition with the orchestrator and show what would change from the latest version;"
+             " register nothing",
+    )
+    _add_actor_option(parser)
 
 
 def _add_definitions(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", nargs="?", default="", metavar="NAME", help="show this definition in full")
+    parser.add_argument(
+        "name", nargs="?", default="", metavar="NAME",
+        help="show this definition in full; or `history NAME`: who registered and promoted which version;"
+             " or `promote NAME --version N`: make version N the latest again",
+    )
+    parser.add_argument("target", nargs="?", default="", metavar="NAME", help=argparse.SUPPRESS)
     parser.add_argument(
         "--version", type=_int_from(0, INT32_MAX), default=0, metavar="N",
-        help="with NAME: this version (default latest)",
+        help="with NAME: this version (default latest); with promote: the version to make the latest",
     )
+    _add_actor_option(parser)
     _add_json_option(parser)
 
 

@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from compensa.common.retry import Backoff
+from compensa.orchestrator.api.history_checks import history_file_text
 from compensa.orchestrator.cli.connection import RECONNECT_QUICKLY, open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK, EXIT_SAGA_ENDED_BADLY
 from compensa.orchestrator.cli.output import (
@@ -28,6 +29,7 @@ from compensa.orchestrator.cli.output import (
     print_status,
     use_color,
 )
+from compensa.orchestrator.cli.waiting import WaitReporter
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.errors import CompensaError
 from compensa.orchestrator.shared.records import done_for_good
@@ -81,7 +83,8 @@ def start(args: argparse.Namespace) -> int:
             created = "started" if response.created else "already existed"
             print(f"saga {saga_id} {created}")
         watch = stub.WatchSaga(orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True))
-        print_events(args, (response.event for response in watch))
+        with WaitReporter(stub, saga_id, args.timeout) as reporter:
+            print_events(args, reporter.passing(response.event for response in watch))
         saga = stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=args.timeout).saga
         if not args.json:
             print(timeline.format_saga(saga, color=use_color()))
@@ -104,7 +107,15 @@ def _input_text(given: str) -> str:
 
 
 def get(args: argparse.Namespace) -> int:
-    """`compensa get ID`: the saga and its steps."""
+    """`compensa get ID`: the saga and its steps; with --history, the history
+    file that replay reads."""
+    if args.history:
+        with open_channel(args) as channel:
+            history = orchestrator_pb2_grpc.OrchestratorServiceStub(channel).GetSagaHistory(
+                orchestrator_pb2.GetSagaHistoryRequest(saga_id=args.saga_id), timeout=args.timeout
+            ).history
+        print(history_file_text(history))
+        return EXIT_OK
     return _print_answered_saga(
         args, lambda stub: stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=args.saga_id), timeout=args.timeout)
     )

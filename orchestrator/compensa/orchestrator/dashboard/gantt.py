@@ -5,6 +5,12 @@ time span, which the saga page draws as positioned CSS boxes. Parallel steps
 show as overlapping boxes on different lanes; each retry is a box of its own
 (an attempt's box starts when it was scheduled, so the backoff before it is
 inside it); compensations are drawn on the step's lane in their own colour.
+
+Attempts the saga stopped waiting for (a cancel, a failure elsewhere) end
+when compensation started, and everything open ends with the saga: a saga
+that ended is drawn to its end, never to now. Compensation boxes, often
+milliseconds in a chart of minutes, get a width one can see and point at.
+Tick labels are round numbers of one unit (1, 2, 5 times a power of ten).
 """
 
 from __future__ import annotations
@@ -28,6 +34,23 @@ _ENDS_COMPENSATE: dict[int, str] = {
     E.EVENT_TYPE_STEP_COMPENSATION_FAILED: "failed",
     E.EVENT_TYPE_STEP_COMPENSATE_RETRY_SCHEDULED: "retried",
 }
+#: Saga-wide events after which no Execute attempt still open is waited for.
+_ABANDON_EXECUTES = frozenset({E.EVENT_TYPE_COMPENSATION_STARTED})
+#: Saga-wide events after which nothing is waited for.
+_ENDS_SAGA = frozenset({E.EVENT_TYPE_SAGA_SUCCEEDED, E.EVENT_TYPE_SAGA_COMPENSATED, E.EVENT_TYPE_SAGA_FAILED})
+#: The narrowest compensation box, in percent of the chart's width.
+MIN_COMPENSATION_PERCENT = 2.5
+#: Tick steps, in seconds: 1, 2, 5 times a power of ten of each unit, and
+#: what the clock counts in (15 and 30 minutes, 6 and 12 hours).
+_TICK_STEPS = (
+    *(factor * 10.0**power for power in range(-3, 1) for factor in (1, 2, 5)),
+    10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0,
+    3600.0, 7200.0, 3 * 3600.0, 6 * 3600.0, 12 * 3600.0,
+    *(factor * 86400.0 * 10**power for power in range(0, 4) for factor in (1, 2, 5)),
+)
+_TICK_UNITS = ((86400.0, "d"), (3600.0, "h"), (60.0, "min"), (1.0, "s"), (0.001, "ms"))
+#: At most this many intervals between ticks.
+_MAX_TICKS = 6
 #: Saga-wide events drawn as markers across every lane.
 _MARKERS: dict[int, str] = {
     E.EVENT_TYPE_CANCEL_REQUESTED: "cancel requested",
@@ -104,6 +127,10 @@ def chart(step_names: Sequence[str], events: Sequence[LogEvent], now: float) -> 
     raw_markers: list[tuple[str, int, float, str]] = []
     for event in events:
         lane = lanes.get(event.step_name) if event.step_name else None
+        if event.type in _ABANDON_EXECUTES or event.type in _ENDS_SAGA:
+            phases = ("execute",) if event.type in _ABANDON_EXECUTES else ("execute", "compensate")
+            for every in lanes.values():
+                _abandon(every, phases, event)
         if lane is None:
             if event.type in _MARKERS:
                 detail = " ".join(part for part in (event.message, f"by {event.actor}" if event.actor else "") if part)
@@ -126,6 +153,9 @@ def chart(step_names: Sequence[str], events: Sequence[LogEvent], now: float) -> 
             end = box.end if box.end is not None else finish
             box.left = place(box.start)
             box.width = max(round(place(end) - box.left, 3), 0.0)
+            if box.phase == "compensate" and box.width < MIN_COMPENSATION_PERCENT:
+                box.width = MIN_COMPENSATION_PERCENT
+                box.left = min(box.left, round(100.0 - MIN_COMPENSATION_PERCENT, 3))
     markers = [
         Marker(label, sequence, place(moment), detail)
         for label, sequence, moment, detail in raw_markers
@@ -153,6 +183,16 @@ def _apply(lane: Lane, event: LogEvent) -> None:
             lane.boxes.append(Box("compensate", event.attempt + 1, event.time, first_sequence=event.sequence))
 
 
+def _abandon(lane: Lane, phases: tuple[str, ...], event: LogEvent) -> None:
+    """Ends the lane's open boxes of `phases` at `event`: nothing waits for them any more."""
+    for phase in phases:
+        box = lane.open_box(phase)
+        if box is not None:
+            box.end, box.last_sequence = event.time, event.sequence
+            box.outcome = "abandoned"
+            box.detail = event.message
+
+
 def _opened(lane: Lane, phase: str, event: LogEvent) -> Box:
     """A box for an outcome whose start the log does not show (a retry
     reopened by an operator): it starts at the outcome."""
@@ -167,15 +207,17 @@ def _close(box: Box, event: LogEvent, outcome: str) -> None:
     box.detail = event.message
 
 
-def _ticks(span: float, count: int = 5) -> list[Tick]:
-    return [Tick(round(100.0 * index / count, 3), _duration_label(span * index / count)) for index in range(count + 1)]
+def _ticks(span: float) -> list[Tick]:
+    """Ticks at 0 and every multiple of a round step up to `span`, labelled
+    in the largest unit the step is a whole number of."""
+    step = next((step for step in _TICK_STEPS if span / step <= _MAX_TICKS), _TICK_STEPS[-1])
+    size, unit = next((size, unit) for size, unit in _TICK_UNITS if step >= size and _whole(step / size))
+    count = int(span / step + 1e-9)
+    return [
+        Tick(round(100.0 * index * step / span, 3), f"{round(index * step / size)} {unit}")
+        for index in range(count + 1)
+    ]
 
 
-def _duration_label(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.0f} ms"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+def _whole(value: float) -> bool:
+    return abs(value - round(value)) < 1e-9

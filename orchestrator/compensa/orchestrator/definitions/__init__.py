@@ -53,6 +53,7 @@ from compensa.orchestrator.definitions._contracts import (
     read_contract,
     stored_contract,
 )
+from compensa.orchestrator.definitions._diff import definition_diff
 from compensa.orchestrator.definitions._durations import (
     backoff_seconds,
     duration_seconds,
@@ -109,6 +110,7 @@ __all__ = [
     "compile_proto_files",
     "default_compensate_retry_policy",
     "default_retry_policy",
+    "definition_diff",
     "definition_fingerprint",
     "definition_graph",
     "duration_seconds",

@@ -27,6 +27,7 @@ from compensa.common.retry import Backoff
 from compensa.common.tracing import trace_id_of
 from compensa.orchestrator.definitions import (
     check_against_contracts,
+    definition_diff,
     definition_fingerprint,
     key_value,
     read_contract,
@@ -129,6 +130,21 @@ def _external_cause(event: machine.Event) -> str:
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What registering a definition did (or, validate_only, would do)."""
+
+    definition: definition_pb2.SagaDefinition
+    created: bool
+    #: The latest version before, if any.
+    previous: definition_pb2.SagaDefinition | None
+
+    @property
+    def diff(self) -> str:
+        """What changes from the previous latest version ("" when nothing does)."""
+        return definition_diff(self.previous, self.definition) if self.created else ""
+
+
+@dataclass(frozen=True)
 class _NotCalled:
     """A call that was never made: its deadline passed while it waited for
     the participant's capacity (not an attempt; the deadline decides)."""
@@ -192,6 +208,7 @@ class SagaEngine:
         self._scheduler_wake = asyncio.Event()
         self._next_due = float("inf")
         self._tasks: list[asyncio.Task[None]] = []
+        self._probes: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._token_key: bytes | None = None
         self.metrics.drive_count(lambda: self.sagas_driven)
@@ -441,10 +458,11 @@ class SagaEngine:
         return plan
 
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, *, source: str
-    ) -> tuple[definition_pb2.SagaDefinition, bool]:
-        """Validates and stores a definition; identical content keeps its
-        version, and a new version is the latest here at once.
+        self, definition: definition_pb2.SagaDefinition, *, source: str, actor: str = "", validate_only: bool = False,
+    ) -> Registration:
+        """Validates and stores a definition, which becomes the latest version
+        here at once; identical content keeps its version. `validate_only`
+        checks it and tells what registering would do, storing nothing.
 
         Every participant it names must have an address, and fit the contract
         stored for it, if any (FAILED_PRECONDITION).
@@ -462,13 +480,28 @@ class SagaEngine:
                 " or write the participant as HOST:PORT"
             )
         check_against_contracts(normalized, await self.participant_contracts())
-        stored, created = await self.store.register_definition(
-            normalized, definition_fingerprint(normalized), self.clock.now()
-        )
+        fingerprint = definition_fingerprint(normalized)
+        previous = await self.store.get_definition(normalized.name)
+        if validate_only:
+            versions = await self.store.definition_fingerprints(normalized.name)
+            normalized.version = versions.get(fingerprint, max(versions.values(), default=0) + 1)
+            return Registration(normalized, fingerprint not in versions, previous)
+        stored, created = await self.store.register_definition(normalized, fingerprint, self.clock.now(), actor=actor)
         if created:
             self._latest.pop(stored.name, None)
         self.metrics.know_definition(stored.name)
-        return stored, created
+        return Registration(stored, created, previous)
+
+    async def promote_definition(
+        self, name: str, version: int, *, actor: str
+    ) -> tuple[definition_pb2.SagaDefinition, bool]:
+        """Makes a registered version the latest again (here at once, on other
+        replicas within `_LATEST_SECONDS`); whether that changed anything."""
+        promoted = await self.store.promote_definition(name, version, actor=actor, now=self.clock.now())
+        if promoted is None:
+            raise NotFound(f"definition {name!r} has no version {version}")
+        self._latest.pop(name, None)
+        return promoted
 
     # -- writes
 
@@ -579,7 +612,7 @@ class SagaEngine:
         if write.release:
             self._wake_scheduler(write.due_at)
         else:
-            self._drive(transition.saga, 1)
+            self._drive(transition.saga, 1, machine.newly_sending(None, transition.saga))
         return transition.saga, True, request_fingerprint
 
     async def apply_external(self, saga_id: str, event: machine.Event) -> records.SagaRecord:
@@ -607,21 +640,38 @@ class SagaEngine:
                 transition = machine.taken_over(
                     saga, transition, by=self.owner, previous=holder, why=f"{_external_cause(event)} ({lease})", now=now
                 )
-            if await self._take_over(plan, transition, saga.sequence, now):
+            if isinstance(event, machine.RetryRequested):
+                await self._reconnect(plan, transition)
+            if await self._take_over(plan, saga, transition, now):
                 return transition.saga
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
 
+    async def _reconnect(self, plan: machine.Plan, transition: machine.Transition) -> None:
+        """Fresh connections to the participants an operator's retry calls
+        again, and their health probed anew (in the background)."""
+        participants = {plan.steps[name].participant for name in transition.changed_steps}
+        await self.client.reconnect(participants)
+        probe = asyncio.create_task(self._probe_now(participants), name="compensa-probe-after-retry")
+        self._probes.add(probe)
+        probe.add_done_callback(self._probes.discard)
+
+    async def _probe_now(self, participants: set[str]) -> None:
+        try:
+            await self.participant_health.probe_now(participants)
+        except StoreUnavailable as error:
+            log.debug("participant health after a retry: %s", error)
+
     async def _take_over(
-        self, plan: machine.Plan, transition: machine.Transition, expected: int, now: float
+        self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, now: float
     ) -> bool:
-        """Writes a transition made outside the saga's driver (bumping the
+        """Writes a transition of `saga` made outside its driver (bumping the
         epoch fences whichever replica held it) and drives the saga on if it
         has calls due; whether the write landed."""
-        write = self._write_for(plan, transition, expected, None, set(), now)
+        write = self._write_for(plan, transition, saga.sequence, None, set(), now)
         result = await self.writer.submit(write)
         if result.ok:
             if not write.release:
-                self._drive(transition.saga, result.epoch)
+                self._drive(transition.saga, result.epoch, machine.newly_sending(saga, transition.saga))
             else:
                 self._wake_scheduler(write.due_at)
         return result.ok
@@ -637,7 +687,7 @@ class SagaEngine:
                 for saga in await self.store.find_stuck(stuck_before=now - stuck_after, now=now, limit=_CLAIM_BATCH):
                     plan = await self.plan_for(saga.definition_name, saga.definition_version)
                     now = self.clock.now()
-                    await self._take_over(plan, stuck_alert(saga, now), saga.sequence, now)
+                    await self._take_over(plan, saga, stuck_alert(saga, now), now)
             except StoreUnavailable as error:
                 log.warning("stuck sagas: %s", error)
 
@@ -654,9 +704,11 @@ class SagaEngine:
             log.info("took over %d sagas whose lease expired (held by %s)", len(events), ", ".join(previous))
             self.changes.committed(events)
         for item in claimed:
-            self._drive(item.saga, item.epoch)
+            self._drive(item.saga, item.epoch, set())
 
-    def _drive(self, saga: records.SagaRecord, epoch: int) -> None:
+    def _drive(self, saga: records.SagaRecord, epoch: int, sending: set[str]) -> None:
+        """Drives `saga` in a task of its own; `sending` are the steps whose
+        SENDING this engine committed itself (machine.newly_sending)."""
         if self._stopping:
             return
         previous = self._driving.get(saga.saga_id)
@@ -664,10 +716,10 @@ class SagaEngine:
             # Our own older driver lost its lease (a stall): it is fenced
             # anyway, so stop it before it makes more calls.
             previous.task.cancel()
-        task = asyncio.create_task(self._run_saga(saga, epoch), name=f"saga-{saga.saga_id}")
+        task = asyncio.create_task(self._run_saga(saga, epoch, sending), name=f"saga-{saga.saga_id}")
         self._driving[saga.saga_id] = _Driving(epoch, task)
 
-    async def _run_saga(self, saga: records.SagaRecord, epoch: int) -> None:
+    async def _run_saga(self, saga: records.SagaRecord, epoch: int, sending: set[str]) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
         answers: asyncio.Queue[machine.StepAnswer | _NotCalled] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
@@ -681,6 +733,8 @@ class SagaEngine:
                 event: machine.Event | None = None
                 if deadline is not None and deadline <= now:
                     event = machine.TimerFired()
+                elif marks := machine.executes_to_mark(saga, machine.due_calls(plan, saga, now)):
+                    event = machine.AttemptsSending(marks)
                 else:
                     for call in machine.due_calls(plan, saga, now):
                         if call.step not in in_flight:
@@ -701,6 +755,11 @@ class SagaEngine:
                     if isinstance(answer, _NotCalled):
                         continue  # its deadline passed: the next turn says so
                     event = answer
+                    if event.step not in sending and isinstance(event, machine.ExecuteErrored):
+                        # Sent after a SENDING some other driver committed:
+                        # an earlier send of that attempt may have gone out.
+                        event = dataclasses.replace(event, never_delivered=False)
+                    sending.discard(event.step)
                 transition = machine.decide(plan, saga, event, self.clock.now())
                 if not transition.changed:
                     if isinstance(event, machine.TimerFired):
@@ -710,6 +769,7 @@ class SagaEngine:
                 if write is None:
                     log.info("saga %s: lost ownership (epoch %d); another replica drives it", saga.saga_id, epoch)
                     return
+                sending |= machine.newly_sending(saga, write.saga)
                 saga = write.saga
                 if write.release:
                     # Given up in the database: from now on the scheduler

@@ -10,7 +10,13 @@ Rules worth knowing:
 - A step is compensated when it is compensable and may have taken effect: it
   SUCCEEDED, or it failed in a way that leaves the effect unknown (transient
   errors exhausted, step timeout, cancelled while running). A business failure
-  is answered by the participant with nothing applied, so it is not compensated.
+  is answered by the participant with nothing applied, so it is not compensated;
+  nor is a step none of whose calls ever left the orchestrator (every attempt
+  failed to connect): its compensation is logged as skipped, "never delivered".
+- Delivery is tracked per step (records.DELIVERY_*) and errs towards "possibly
+  delivered": an attempt is committed as SENDING before it is sent, and only
+  the driver that committed it may report it never delivered. A SENDING left
+  by a crash therefore counts as possibly delivered.
 - Compensation runs in reverse dependency order: a step is undone once every
   step that depends on it is settled; independent steps are undone together.
 - Once a non-compensable step (a pivot) may have taken effect the saga only goes
@@ -21,6 +27,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -28,6 +35,9 @@ from compensa.orchestrator.definitions import DefinitionGraph, backoff_seconds, 
 from compensa.orchestrator.shared.records import (
     COMPENSATED,
     COMPENSATING,
+    DELIVERY_NONE,
+    DELIVERY_POSSIBLE,
+    DELIVERY_SENDING,
     FAILED,
     RUNNING,
     STEP_COMPENSATED,
@@ -48,6 +58,12 @@ from compensa.orchestrator.shared.records import (
 )
 from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.v1 import definition_pb2, saga_pb2
+
+#: The reason of a step that failed because its step_timeout passed.
+STEP_TIMED_OUT = "step timed out"
+#: The start of the reason of a step that failed after transient errors (the
+#: last error follows): its outcome is unknown, unlike a business failure's.
+GAVE_UP_AFTER_ERRORS = re.compile(rf"(retries exhausted|{STEP_TIMED_OUT}) after \d+ attempts: ")
 
 # --- Inputs -----------------------------------------------------------------
 
@@ -73,10 +89,21 @@ class ExecutePending:
 
 @dataclass(frozen=True)
 class ExecuteErrored:
-    """A transient error; the effect may or may not have happened."""
+    """A transient error; the effect may or may not have happened, unless
+    `never_delivered`: the call never left the orchestrator (it could not
+    connect), as the driver that committed its SENDING knows."""
 
     step: str
     error: str
+    never_delivered: bool = False
+
+
+@dataclass(frozen=True)
+class AttemptsSending:
+    """The driver is about to send the first Execute attempts of these steps
+    since their last never-delivered one; committed before they are sent."""
+
+    steps: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -125,6 +152,7 @@ StepAnswer = (
 
 Event = (
     StepAnswer
+    | AttemptsSending
     | TimerFired
     | CancelRequested
     | RetryRequested
@@ -270,11 +298,40 @@ def pivot_in_effect(plan: Plan, steps: Iterable[StepRecord]) -> StepRecord | Non
     for step in steps:
         if plan.steps[step.name].kind != definition_pb2.STEP_KIND_PIVOT:
             continue
-        if step.state in (STEP_SUCCEEDED, STEP_RUNNING, STEP_WAITING) or (
-            step.state == STEP_FAILED and step.effect_uncertain
-        ):
+        if step.state in (STEP_SUCCEEDED, STEP_WAITING) or (
+            step.state == STEP_RUNNING and step.delivery != DELIVERY_NONE
+        ) or failed_with_unknown_effect(step):
             return step
     return None
+
+
+def failed_with_unknown_effect(step: StepRecord) -> bool:
+    """FAILED without knowing whether it took effect: its last attempt got no
+    answer and some attempt may have reached the participant."""
+    return step.state == STEP_FAILED and step.effect_uncertain and step.delivery != DELIVERY_NONE
+
+
+def never_delivered(step: StepRecord) -> bool:
+    """FAILED after attempts none of which left the orchestrator: nothing to undo."""
+    return step.state == STEP_FAILED and step.effect_uncertain and step.delivery == DELIVERY_NONE
+
+
+def executes_to_mark(saga: SagaRecord, calls: Iterable[Call]) -> tuple[str, ...]:
+    """The steps among `calls` whose Execute must be committed as SENDING
+    (AttemptsSending) before it is sent."""
+    return tuple(
+        call.step for call in calls
+        if isinstance(call, CallExecute) and saga.step(call.step).delivery == DELIVERY_NONE
+    )
+
+
+def newly_sending(before: SagaRecord | None, after: SagaRecord) -> set[str]:
+    """Steps `after` has as SENDING that `before` (None: a new saga) did not:
+    the attempts the writer of this transition may report never delivered."""
+    return {
+        step.name for step in after.steps
+        if step.delivery == DELIVERY_SENDING and (before is None or before.step(step.name).delivery != DELIVERY_SENDING)
+    }
 
 
 def deadline_at(plan: Plan, saga: SagaRecord) -> float | None:
@@ -392,7 +449,7 @@ class _Builder:
                     return
                 step = self.set_step(
                     step, state=STEP_SUCCEEDED, output=output, finished_at=self.now, next_attempt_at=None,
-                    effect_uncertain=False,
+                    effect_uncertain=False, delivery=DELIVERY_POSSIBLE,
                 )
                 self.log(E.EVENT_TYPE_STEP_SUCCEEDED, step, attempt=step.attempts + 1)
             case ExecutePending(step=name):
@@ -402,20 +459,33 @@ class _Builder:
                 if not self.plan.steps[name].long_running:
                     # Nobody could report its outcome (it got no completion
                     # token): a protocol error, retried like a transient one.
+                    step = self.set_step(step, delivery=DELIVERY_POSSIBLE)
                     self.execute_errored(step, "answered PENDING but the step is not long_running")
                     return
-                step = self.set_step(step, state=STEP_WAITING, next_attempt_at=None)
+                step = self.set_step(step, state=STEP_WAITING, next_attempt_at=None, delivery=DELIVERY_POSSIBLE)
                 self.log(E.EVENT_TYPE_STEP_WAITING, step, attempt=step.attempts + 1)
             case ExecuteFailed(step=name, reason=reason):
                 step = self.steps[name]
                 if step.state not in (STEP_RUNNING, STEP_WAITING):
                     return
+                step = self.set_step(step, delivery=DELIVERY_POSSIBLE)
                 self.fail_step(step, reason, uncertain=False)
-            case ExecuteErrored(step=name, error=error):
+            case ExecuteErrored(step=name, error=error, never_delivered=unsent):
                 step = self.steps[name]
                 if step.state != STEP_RUNNING:
                     return
-                self.execute_errored(step, error)
+                # Only the SENDING its driver committed can go back to NONE;
+                # anything else (a SENDING left by a crash) may have gone out.
+                delivered = DELIVERY_NONE if unsent and step.delivery == DELIVERY_SENDING else DELIVERY_POSSIBLE
+                step = self.set_step(step, delivery=delivered)
+                self.execute_errored(step, ("never delivered: " if delivered == DELIVERY_NONE else "") + error)
+            case AttemptsSending(steps=names):
+                for name in names:
+                    step = self.steps[name]
+                    if step.state == STEP_RUNNING and step.delivery == DELIVERY_NONE:
+                        # Logged: the event moves the sequence that guards every write.
+                        step = self.set_step(step, delivery=DELIVERY_SENDING)
+                        self.log(E.EVENT_TYPE_STEP_ATTEMPT_SENDING, step, attempt=step.attempts + 1)
             case CompensateSucceeded(step=name):
                 step = self.steps[name]
                 if step.state != STEP_COMPENSATING:
@@ -447,7 +517,7 @@ class _Builder:
         deadline = _step_deadline(self.plan, step)
         if deadline is not None and due >= deadline:
             step = self.set_step(step, attempts=attempts, last_error=error)
-            self.fail_step(step, f"step timed out after {attempts} attempts: {error}", uncertain=True)
+            self.fail_step(step, f"{STEP_TIMED_OUT} after {attempts} attempts: {error}", uncertain=True)
             return
         step = self.set_step(step, attempts=attempts, last_error=error, next_attempt_at=due)
         self.log(E.EVENT_TYPE_STEP_RETRY_SCHEDULED, step, attempt=attempts, message=error)
@@ -521,7 +591,7 @@ class _Builder:
             step = self.steps[name]
             deadline = _step_deadline(self.plan, step)
             if step.state in (STEP_RUNNING, STEP_WAITING) and deadline is not None and self.now >= deadline:
-                self.fail_step(step, "step timed out", uncertain=True)
+                self.fail_step(step, STEP_TIMED_OUT, uncertain=True)
                 if self.state != RUNNING:
                     return
 
@@ -548,6 +618,13 @@ class _Builder:
                     next_attempt_at=None, finished_at=self.now,
                 )
         self.log(E.EVENT_TYPE_COMPENSATION_STARTED, message=reason)
+        for name in reversed(self.plan.order):
+            step = self.steps[name]
+            if self.plan.compensable(name) and never_delivered(step):
+                self.log(
+                    E.EVENT_TYPE_STEP_COMPENSATION_SKIPPED, step,
+                    message="never delivered: no Execute attempt reached the participant, so there is nothing to undo",
+                )
 
     def cancel(self, actor: str, reason: str) -> None:
         if self.state == COMPENSATING or self.state == COMPENSATED:
@@ -620,13 +697,14 @@ class _Builder:
             if step.state != STEP_PENDING:
                 continue
             if all(self.steps[need].state == STEP_SUCCEEDED for need in self.plan.dependencies[name]):
-                step = self.set_step(step, state=STEP_RUNNING, started_at=self.now)
+                # Committed before the first attempt is sent, by the driver that sends it.
+                step = self.set_step(step, state=STEP_RUNNING, started_at=self.now, delivery=DELIVERY_SENDING)
                 self.log(E.EVENT_TYPE_STEP_STARTED, step, attempt=1)
 
     def needs_compensation(self, step: StepRecord) -> bool:
         if not self.plan.compensable(step.name):
             return False
-        return step.state == STEP_SUCCEEDED or (step.state == STEP_FAILED and step.effect_uncertain)
+        return step.state == STEP_SUCCEEDED or failed_with_unknown_effect(step)
 
     def settled(self, step: StepRecord) -> bool:
         """Nothing more will happen to this step during compensation."""

@@ -4,7 +4,7 @@ and the outcome contract of participant.proto turned into machine events."""
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import grpc
 
@@ -15,6 +15,18 @@ from compensa.orchestrator.shared.metrics import Metrics
 from compensa.v1 import participant_pb2, participant_pb2_grpc
 
 _BUSINESS_FAILURE = grpc.StatusCode.ABORTED
+# gRPC core fails a call with these details when it could pick no connection
+# for it (the name did not resolve, or no address accepted a connection): the
+# call was never written to any transport. Any other failure, UNAVAILABLE
+# included ("Socket closed", a reset), may come after the request went out.
+_NEVER_SENT_DETAILS = ("failed to connect to all addresses", "errors resolving", "DNS resolution failed")
+
+
+def never_sent(error: grpc.aio.AioRpcError) -> bool:
+    """Whether a failed call certainly never left this process."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and (error.details() or "").startswith(_NEVER_SENT_DETAILS)
+
+
 _EXECUTE_RESULTS = frozenset(
     {
         participant_pb2.EXECUTE_RESULT_SUCCEEDED,
@@ -68,6 +80,20 @@ class ParticipantClient:
             )
         return channel
 
+    async def reconnect(self, participants: Iterable[str]) -> None:
+        """Drops the channel to each of these participants that is not
+        connected, so the next call connects afresh: an operator's retry
+        after a participant came back must not fail on the error of a
+        connection attempt made before (gRPC waits up to minutes between
+        attempts). Calls queued on a dropped channel end CANCELLED."""
+        for address in {self.address_of(participant) for participant in participants}:
+            channel = self._channels.get(address)
+            if channel is None or channel.get_state() == grpc.ChannelConnectivity.READY:
+                continue
+            del self._channels[address]
+            self._stubs.pop(address, None)
+            await channel.close()
+
     def _stub(self, participant: str) -> participant_pb2_grpc.ParticipantServiceAsyncStub:
         address = self.address_of(participant)
         stub = self._stubs.get(address)
@@ -91,7 +117,9 @@ class ParticipantClient:
                                  time.perf_counter() - began)
             if code == _BUSINESS_FAILURE:
                 return machine.ExecuteFailed(step, stored_text(error.details() or "aborted by participant"))
-            return machine.ExecuteErrored(step, stored_text(f"{code.name}: {error.details()}"))
+            return machine.ExecuteErrored(
+                step, stored_text(f"{code.name}: {error.details()}"), never_delivered=never_sent(error)
+            )
         if response.result not in _EXECUTE_RESULTS:
             # A participant that forgot to set `result`: not a success to
             # take on trust, but a participant error, retried like a transient one.

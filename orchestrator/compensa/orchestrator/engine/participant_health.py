@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -118,6 +118,16 @@ class ParticipantHealthWatch:
         stored = await self._store.list_participants()
         outcomes = await asyncio.gather(*(self._probe(participant.address) for participant in stored))
         self._forget_others({participant.name for participant in stored})
+        for participant, outcome in zip(stored, outcomes, strict=True):
+            await self._record(participant, outcome)
+
+    async def probe_now(self, names: Iterable[str]) -> None:
+        """Probes these participants at once (not waiting for the next round)
+        and records what changed: after an operator's retry the health view
+        shows the fresh connection's outcome."""
+        wanted = set(names)
+        stored = [participant for participant in await self._store.list_participants() if participant.name in wanted]
+        outcomes = await asyncio.gather(*(self._probe(participant.address) for participant in stored))
         for participant, outcome in zip(stored, outcomes, strict=True):
             await self._record(participant, outcome)
 

@@ -39,6 +39,18 @@ STEP_COMPENSATION_FAILED = saga_pb2.STEP_STATE_COMPENSATION_FAILED
 
 E = saga_pb2  # event type constants: E.EVENT_TYPE_...
 
+Delivery = int
+#: Whether a step's Execute may have reached its participant. A call that
+#: never left this orchestrator (it could not connect) has no effect to undo.
+#: No attempt sent yet, or every one sent is known never to have been delivered.
+DELIVERY_NONE: Delivery = 0
+#: An attempt was committed as about to be sent (every earlier one never
+#: delivered): after a crash nobody knows whether it went out, so it counts
+#: as possibly delivered unless the very driver that committed it learns otherwise.
+DELIVERY_SENDING: Delivery = 1
+#: Some attempt may have reached the participant.
+DELIVERY_POSSIBLE: Delivery = 2
+
 #: The event that ends a saga in each final state.
 ENDING_EVENTS: dict[SagaState, EventType] = {
     SUCCEEDED: E.EVENT_TYPE_SAGA_SUCCEEDED,
@@ -81,6 +93,7 @@ class StepRecord:
     # The outcome of an Execute is unknown (e.g. DEADLINE_EXCEEDED): compensate
     # it if it is compensable, to be safe.
     effect_uncertain: bool = False
+    delivery: Delivery = DELIVERY_NONE
     started_at: float | None = None
     finished_at: float | None = None
     # When the next attempt is due (backoff), or when a WAITING step times out.

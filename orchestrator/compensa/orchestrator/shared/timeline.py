@@ -11,6 +11,7 @@ from datetime import UTC
 from compensa.v1 import saga_pb2
 
 __all__ = [
+    "describe_wait",
     "event_type_name",
     "format_event",
     "format_saga",
@@ -29,6 +30,8 @@ _STATE_COLORS: dict[str, str] = {
 }
 
 _EVENT_LABEL_WIDTH = 20
+# Errors in a waiting line are cut to this many characters.
+_WAIT_ERROR_WIDTH = 120
 _STEP_NAME_WIDTH = 14
 
 
@@ -98,6 +101,44 @@ def format_saga(saga: saga_pb2.Saga, *, color: bool = False) -> str:
             line += f"  last error: {step.last_error}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def describe_wait(saga: saga_pb2.Saga, now: float) -> str:
+    """One line saying what an unfinished saga waits for (`now`: seconds
+    since the epoch), e.g. ``saga s-1: step charge_card retrying (attempt 3:
+    UNAVAILABLE: ...), next attempt in 40s``; "" when it waits for nothing."""
+    waits = [what for step in saga.steps if (what := _step_wait(step, now))]
+    return f"saga {saga.saga_id}: " + "; ".join(waits) if waits else ""
+
+
+def _step_wait(step: saga_pb2.Step, now: float) -> str:
+    error = step.last_error
+    if len(error) > _WAIT_ERROR_WIDTH:
+        error = error[:_WAIT_ERROR_WIDTH] + "..."
+    next_in = step.next_attempt_time.ToNanoseconds() / 1e9 - now if step.HasField("next_attempt_time") else None
+    later = f", next attempt in {_seconds_text(next_in)}" if next_in is not None and next_in > 0 else ""
+    if step.state == saga_pb2.STEP_STATE_RUNNING:
+        # `attempts` counts the next attempt too (views.py): the failed one is the one before.
+        if error and later:
+            return f"step {step.name} retrying (attempt {step.attempts - 1}: {error}){later}"
+        if error:
+            return f"step {step.name}: attempt {step.attempts} in flight (attempt {step.attempts - 1}: {error})"
+        return f"step {step.name}: attempt {max(step.attempts, 1)} in flight"
+    if step.state == saga_pb2.STEP_STATE_WAITING:
+        return f"step {step.name} waiting for its participant to report the outcome (long-running)"
+    if step.state == saga_pb2.STEP_STATE_COMPENSATING:
+        if error and step.compensate_attempts:
+            return f"compensating step {step.name} (attempt {step.compensate_attempts}: {error}){later}"
+        return f"compensating step {step.name}"
+    return ""
+
+
+def _seconds_text(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s" if seconds >= 1 else f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds / 3600:.0f}h{seconds % 3600 / 60:02.0f}m"
 
 
 def _short_name(full_name: str, prefix: str) -> str:

@@ -22,6 +22,17 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class DefinitionChange:
+    """A version of a definition became the latest: "registered" or "promoted"."""
+
+    name: str
+    version: int
+    kind: str
+    actor: str
+    changed_at: float
+
+
+@dataclass(frozen=True)
 class SagaWrite:
     """One transition to persist, guarded by the saga's sequence (and epoch).
 
@@ -275,10 +286,26 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = ""
     ) -> tuple[definition_pb2.SagaDefinition, bool]:
-        """Stores a new version unless identical content exists; returns the
-        stored definition (with its version) and whether it was created."""
+        """Stores a new version, the latest from now on (recorded with
+        `actor`), unless identical content exists (then nothing changes);
+        returns the stored definition (with its version) and whether it was created."""
+
+    @abc.abstractmethod
+    async def definition_fingerprints(self, name: str) -> dict[str, int]:
+        """The versions of a definition by their content's fingerprint."""
+
+    @abc.abstractmethod
+    async def promote_definition(
+        self, name: str, version: int, *, actor: str, now: float
+    ) -> tuple[definition_pb2.SagaDefinition, bool] | None:
+        """Makes a version the latest (recorded with `actor` unless it already
+        was); the version and whether that changed anything, None if unknown."""
+
+    @abc.abstractmethod
+    async def definition_history(self, name: str) -> list[DefinitionChange]:
+        """Who made which version of `name` the latest, oldest first."""
 
     @abc.abstractmethod
     async def get_definition(self, name: str, version: int = 0) -> definition_pb2.SagaDefinition | None:

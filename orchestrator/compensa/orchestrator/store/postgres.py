@@ -274,7 +274,7 @@ class PostgresSagaStore(SqlSagaStore):
 _STEP_COLUMNS = (
     ("position", "int"), ("state", "int"), ("attempts", "int"), ("compensate_attempts", "int"), ("output", "text"),
     ("last_error", "text"), ("effect_uncertain", "bool"), ("started_at", "float8"), ("finished_at", "float8"),
-    ("next_attempt_at", "float8"),
+    ("next_attempt_at", "float8"), ("delivery", "int"),
 )
 _RECORDS = {
     "v": "idx int, saga_id text, expected bigint, epoch bigint, state int, sequence bigint, updated_at float8,"

@@ -22,7 +22,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
+
+from compensa.orchestrator.shared.records import DELIVERY_POSSIBLE
 
 metadata = MetaData()
 
@@ -34,8 +37,25 @@ definitions = Table(
     Column("fingerprint", String(64), nullable=False),
     Column("body", LargeBinary, nullable=False),  # serialized SagaDefinition
     Column("created_at", Float, nullable=False),
+    # Bumped (past every other version of the name) whenever this version
+    # becomes the latest, by a registration or a promotion: the latest
+    # version is the one with the highest.
+    Column("promotion", BigInteger, nullable=False),
     UniqueConstraint("name", "fingerprint", name="compensa_definitions_content"),
 )
+
+#: Who made which version of a definition the latest, and how (in order).
+definition_changes = Table(
+    "compensa_definition_changes",
+    metadata,
+    Column("position", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),  # "registered" or "promoted"
+    Column("actor", String(256), nullable=False),
+    Column("changed_at", Float, nullable=False),
+)
+Index("compensa_definition_changes_name", definition_changes.c.name, definition_changes.c.position)
 
 sagas = Table(
     "compensa_sagas",
@@ -80,6 +100,9 @@ saga_steps = Table(
     Column("output", LargeBinary, nullable=True),  # serialized google.protobuf.Any
     Column("last_error", Text, nullable=False),
     Column("effect_uncertain", Boolean, nullable=False),
+    # records.DELIVERY_*: whether an Execute may have reached the participant;
+    # by default "possibly" (rows of releases that did not know).
+    Column("delivery", Integer, nullable=False, server_default=text(str(DELIVERY_POSSIBLE))),
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("next_attempt_at", Float, nullable=True),

@@ -41,6 +41,7 @@ from compensa.orchestrator.shared.errors import (
 )
 from compensa.orchestrator.shared.records import (
     ACTIVE_SAGA_STATES,
+    DELIVERY_POSSIBLE,
     FAILED,
     FINAL_SAGA_STATES,
     LogEvent,
@@ -52,6 +53,7 @@ from compensa.orchestrator.store.base import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     Claimed,
+    DefinitionChange,
     ParticipantAddress,
     PendingAlert,
     SagaStore,
@@ -81,6 +83,7 @@ from compensa.orchestrator.store.schema import (
     alert_outbox,
     alerts,
     capacity_waits,
+    definition_changes,
     definitions,
     log_head,
     participant_contracts,
@@ -274,7 +277,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     # -- definitions
 
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = ""
     ) -> tuple[definition_pb2.SagaDefinition, bool]:
         async with self._transaction() as conn:
             existing = (
@@ -283,17 +286,21 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                         definitions.c.name == definition.name, definitions.c.fingerprint == fingerprint
                     )
                 )
-            ).scalar_one_or_none()
+            ).one_or_none()
             if existing is not None:
-                return definition_pb2.SagaDefinition.FromString(existing), False
-            latest = (
+                # Not made the latest again: a replica starting with old files
+                # must not undo an operator's promotion (PromoteDefinition does that).
+                return definition_pb2.SagaDefinition.FromString(existing.body), False
+            highest = (
                 await conn.execute(
-                    sa.select(sa.func.max(definitions.c.version)).where(definitions.c.name == definition.name)
+                    sa.select(sa.func.max(definitions.c.version), sa.func.max(definitions.c.promotion)).where(
+                        definitions.c.name == definition.name
+                    )
                 )
-            ).scalar_one_or_none()
+            ).one()
             stored = definition_pb2.SagaDefinition()
             stored.CopyFrom(definition)
-            stored.version = (latest or 0) + 1
+            stored.version = (highest[0] or 0) + 1
             inserted = await conn.execute(
                 self._insert(definitions)
                 .values(
@@ -302,6 +309,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                     fingerprint=fingerprint,
                     body=stored.SerializeToString(deterministic=True),
                     created_at=now,
+                    promotion=(highest[1] or 0) + 1,
                 )
                 .on_conflict_do_nothing()
                 .returning(definitions.c.version)
@@ -310,33 +318,103 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             if inserted.first() is None:
                 # Another replica registered the same name at the same moment.
                 raise StoreUnavailable(f"definition {definition.name!r} was registered concurrently; retry")
+            await self._record_change(conn, stored.name, stored.version, "registered", actor, now)
             return stored, True
+
+    async def definition_fingerprints(self, name: str) -> dict[str, int]:
+        async with self._transaction() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(definitions.c.fingerprint, definitions.c.version).where(definitions.c.name == name)
+                )
+            ).all()
+        return {row.fingerprint: row.version for row in rows}
+
+    async def promote_definition(
+        self, name: str, version: int, *, actor: str, now: float
+    ) -> tuple[definition_pb2.SagaDefinition, bool] | None:
+        async with self._transaction() as conn:
+            body = (
+                await conn.execute(
+                    sa.select(definitions.c.body).where(definitions.c.name == name, definitions.c.version == version)
+                )
+            ).scalar_one_or_none()
+            if body is None:
+                return None
+            changed = await self._make_latest(conn, name, version, "promoted", actor, now)
+        return definition_pb2.SagaDefinition.FromString(body), changed
+
+    async def definition_history(self, name: str) -> list[DefinitionChange]:
+        async with self._transaction() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(definition_changes)
+                    .where(definition_changes.c.name == name)
+                    .order_by(definition_changes.c.position)
+                )
+            ).all()
+        return [DefinitionChange(row.name, row.version, row.kind, row.actor, row.changed_at) for row in rows]
+
+    async def _make_latest(
+        self, conn: AsyncConnection, name: str, version: int, kind: str, actor: str, now: float
+    ) -> bool:
+        """Makes `version` the latest of `name` unless it is; whether it changed."""
+        latest = (await conn.execute(self._latest_version(name))).scalar_one_or_none()
+        if latest == version:
+            return False
+        highest = sa.select(sa.func.max(definitions.c.promotion)).where(definitions.c.name == name).scalar_subquery()
+        await conn.execute(
+            sa.update(definitions)
+            .where(definitions.c.name == name, definitions.c.version == version)
+            .values(promotion=highest + 1)
+        )
+        await self._record_change(conn, name, version, kind, actor, now)
+        return True
+
+    @staticmethod
+    def _latest_version(name: str) -> sa.Select[Any]:
+        return (
+            sa.select(definitions.c.version)
+            .where(definitions.c.name == name)
+            .order_by(definitions.c.promotion.desc(), definitions.c.version.desc())
+            .limit(1)
+        )
+
+    @staticmethod
+    async def _record_change(
+        conn: AsyncConnection, name: str, version: int, kind: str, actor: str, now: float
+    ) -> None:
+        await conn.execute(
+            sa.insert(definition_changes).values(name=name, version=version, kind=kind, actor=actor, changed_at=now)
+        )
 
     async def get_definition(self, name: str, version: int = 0) -> definition_pb2.SagaDefinition | None:
         query = sa.select(definitions.c.body).where(definitions.c.name == name)
         if version:
             query = query.where(definitions.c.version == version)
         else:
-            query = query.order_by(definitions.c.version.desc()).limit(1)
+            query = query.where(definitions.c.version == self._latest_version(name).scalar_subquery())
         async with self._transaction() as conn:
             body = (await conn.execute(query)).scalar_one_or_none()
         return None if body is None else definition_pb2.SagaDefinition.FromString(body)
 
     async def list_definitions(self, page_size: int, after_name: str) -> list[definition_pb2.SagaDefinition]:
         latest = (
-            sa.select(definitions.c.name, sa.func.max(definitions.c.version).label("version"))
+            sa.select(definitions.c.name, sa.func.max(definitions.c.promotion).label("promotion"))
             .where(definitions.c.name > after_name)
             .group_by(definitions.c.name)
             .subquery()
         )
         query = (
             sa.select(definitions.c.body)
-            .join(latest, sa.and_(definitions.c.name == latest.c.name, definitions.c.version == latest.c.version))
-            .order_by(definitions.c.name)
-            .limit(page_size)
+            .join(
+                latest,
+                sa.and_(definitions.c.name == latest.c.name, definitions.c.promotion == latest.c.promotion),
+            )
+            .order_by(definitions.c.name, definitions.c.version.desc())
         )
         async with self._transaction() as conn:
-            bodies = (await conn.execute(query)).scalars().all()
+            bodies = (await conn.execute(query.limit(page_size))).scalars().all()
         return [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
 
     async def definition_participants(self) -> dict[str, frozenset[str]]:
@@ -595,6 +673,11 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 step_rows += [
                     step_row(write.saga.saga_id, position, step) for position, step in enumerate(write.saga.steps)
                 ]
+        # Named only when it differs from the column's default, like trace_parent:
+        # a write names the columns it sets.
+        if step_rows and all(row["delivery"] == DELIVERY_POSSIBLE for row in step_rows):
+            for row in step_rows:
+                del row["delivery"]
         if step_rows:
             await conn.execute(saga_steps.insert(), step_rows)
         return landed
