@@ -216,7 +216,7 @@ def test_the_check_sees_an_upward_arrow_wherever_it_is_written(tmp_path: Path) -
         "from ..engine import machine\nfrom compensa.orchestrator.shared import records\n"
     )
     (package / "engine" / "machine.py").write_text("import compensa.orchestrator.shared.records\n")
-    (package / "shared" / "records.py").write_text("from compensa.orchestrator.engine.engine import machine\n")
+    (package / "shared" / "records.py").write_text("from compensa.orchestrator.engine import machine\n")
     (package / "stray.py").write_text("")
     sdk = tmp_path / "participants" / "compensa" / "participants"
     sdk.mkdir(parents=True)
