@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 from compensa.orchestrator.shared import payloads, timeline
 from compensa.orchestrator.shared.errors import CompensaError
 from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
+from compensa.orchestrator.shared.timeline import short_duration
 from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 
@@ -145,16 +146,6 @@ def print_status(response: orchestrator_pb2.SummarizeSagasResponse) -> None:
     stuck_for = response.stuck_for.ToNanoseconds() / 1e9
     print(f"stuck: unfinished and unchanged for {short_duration(stuck_for)} (compensa list --stuck"
           f" {short_duration(stuck_for)} lists them); unresolved: FAILED, waiting for retry or resolve")
-
-
-def short_duration(seconds: float) -> str:
-    """90.5 -> "1m30s": the two largest units, for people (and in the grammar `--stuck` reads)."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    whole = int(seconds)
-    parts = [(whole // 86400, "d"), (whole % 86400 // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
-    shown = [f"{amount}{unit}" for amount, unit in parts if amount]
-    return "".join(shown[:2])
 
 
 def definition_dict(definition: definition_pb2.SagaDefinition) -> dict[str, object]:

@@ -58,7 +58,7 @@ from compensa.orchestrator.shared.limits import (
     check_text,
 )
 from compensa.orchestrator.shared.selection import ACTIONS, for_action, parse_filter
-from compensa.orchestrator.shared.timeline import event_type_name, saga_state_name, step_state_name
+from compensa.orchestrator.shared.timeline import event_type_name, saga_state_name, short_duration, step_state_name
 from compensa.orchestrator.store import StoredEvent
 from compensa.v1 import bulk_pb2, saga_pb2
 
@@ -121,17 +121,6 @@ def _time(seconds: float | None) -> str:
     if seconds is None:
         return ""
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(seconds, 0.0)
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 86400:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
 
 
 def _payload_json(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool) -> str:
@@ -246,7 +235,8 @@ class Dashboard:
             undefined=jinja2.StrictUndefined,
         )
         self._templates.filters.update(
-            time=_time, age=_age, state=saga_state_name, step_state=step_state_name,
+            time=_time, age=lambda seconds: short_duration(max(seconds, 0.0)), state=saga_state_name,
+            step_state=step_state_name,
             bulk_kind=lambda kind: bulk_pb2.BulkActionKind.Name(kind).removeprefix("BULK_ACTION_KIND_").lower(),
             bulk_state=lambda state: bulk_pb2.BulkActionState.Name(state).removeprefix("BULK_ACTION_STATE_").lower(),
         )
@@ -374,7 +364,7 @@ class Dashboard:
             "definitions": list(by_definition.values()),
             "totals": totals,
             "states": [saga_state_name(s) for s in _STATES],
-            "stuck_after": _age(DEFAULT_STUCK_SECONDS),
+            "stuck_after": short_duration(DEFAULT_STUCK_SECONDS),
             "unreachable": unreachable,
             "held": held,
             "now": now,

@@ -169,3 +169,13 @@ def _paint(text: str, key: str, color: bool) -> str:
     if not color or code is None:
         return text
     return f"{code}{text}{_RESET}"
+
+
+def short_duration(seconds: float) -> str:
+    """90.5 -> "1m30s": the two largest units, for people (and in the grammar `--stuck` reads)."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    parts = [(whole // 86400, "d"), (whole % 86400 // 3600, "h"), (whole % 3600 // 60, "m"), (whole % 60, "s")]
+    shown = [f"{amount}{unit}" for amount, unit in parts if amount]
+    return "".join(shown[:2])
