@@ -229,3 +229,55 @@ def test_a_changed_retry_policy_diverges_where_the_saga_gave_up_and_a_rename_nee
         "the log has STEP_SUCCEEDED of step 'reserve' (attempt 1); the definition would have written STEP_STARTED"
         " of step 'audit' (attempt 1)"
     )
+
+
+def test_never_delivered_attempts_and_a_skipped_compensation_replay() -> None:
+    """Attempts that never left the orchestrator (connection refused): the
+    retry after each is committed as attempt SENDING first, possibly
+    delivered and never delivered attempts mix, two steps are marked SENDING
+    in one transition, and the step none of whose attempts went out has its
+    compensation skipped while the others are compensated."""
+    definition = _definition(_step("reserve"), _step("notify", independent=True), _step("charge"), max_attempts=3)
+    refused = "UNAVAILABLE: failed to connect to all addresses: connection refused"
+    drive = Drive(definition)
+    drive.on(machine.ExecuteErrored("reserve", refused, never_delivered=True))
+    drive.on(machine.ExecuteErrored("notify", refused, never_delivered=True), after=0)
+    drive.on(machine.AttemptsSending(("reserve", "notify")), after=0.6)
+    drive.on(machine.ExecuteSucceeded("notify", _output("n1")))
+    drive.on(machine.ExecuteErrored("reserve", "DEADLINE_EXCEEDED: no answer in time"))
+    drive.on(machine.ExecuteSucceeded("reserve", _output("r1")), after=1.1)
+    drive.on(machine.ExecuteErrored("charge", refused, never_delivered=True))
+    drive.on(machine.AttemptsSending(("charge",)), after=0.6)
+    drive.on(machine.ExecuteErrored("charge", refused, never_delivered=True))
+    drive.on(machine.AttemptsSending(("charge",)), after=1.1)
+    drive.on(machine.ExecuteErrored("charge", refused, never_delivered=True))
+    types = _types(drive.history())
+    assert types.count("STEP_ATTEMPT_SENDING") == 4
+    assert "STEP_COMPENSATION_SKIPPED" in types
+    drive.on(machine.CompensateSucceeded("reserve"))
+    drive.on(machine.CompensateSucceeded("notify"))
+    history = _replays(drive)
+    assert history.saga.state == S.SAGA_STATE_COMPENSATED
+    charge = next(step for step in history.saga.steps if step.name == "charge")
+    assert charge.state == S.STEP_STATE_FAILED and charge.last_error.endswith("never delivered: " + refused)
+    skipped = [event for event in history.events if event.type == S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED]
+    assert [event.step_name for event in skipped] == ["charge"]
+
+
+def test_a_log_that_claims_never_delivered_where_the_attempt_may_have_gone_out_diverges() -> None:
+    """A never-delivered report only counts for an attempt its writer marked
+    SENDING: a log whose step skips compensation after an attempt that may
+    have reached the participant is not what the machine decides."""
+    definition = _definition(_step("reserve"), max_attempts=2)
+    drive = Drive(definition)
+    drive.on(machine.ExecuteErrored("reserve", "DEADLINE_EXCEEDED: no answer in time"))
+    drive.on(machine.ExecuteErrored("reserve", "DEADLINE_EXCEEDED: no answer in time"), after=0.6)
+    drive.on(machine.CompensateSucceeded("reserve"))
+    history = _replays(drive)
+    failed = next(event for event in history.events if event.type == S.EVENT_TYPE_STEP_FAILED)
+    forged = _tampered(
+        history, failed.sequence,
+        message=failed.message.replace("DEADLINE_EXCEEDED", "never delivered: DEADLINE_EXCEEDED"),
+    )
+    divergence = replay_history(forged).divergence
+    assert divergence is not None and divergence.sequence == failed.sequence

@@ -264,8 +264,9 @@ async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_an
     pki: Pki, tmp_path: Path
 ) -> None:
     """The orchestrator trusts another CA than the one that signed the
-    participant's certificate: no call gets through, the saga ends for a
-    person, and the step's last error names the certificate check."""
+    participant's certificate: no call gets through, the step's last error
+    names the certificate check, and since the handshake failed before any
+    request was sent, nothing is compensated."""
     wrong_trust = TlsFiles(cert=pki.client.cert, key=pki.client.key, ca=pki.ca.with_name("other-ca.pem"))
     async with (
         _one_step_deployment(pki, tmp_path, participant_tls=wrong_trust) as orchestrator,
@@ -282,12 +283,18 @@ async def test_a_participant_certificate_from_an_untrusted_ca_fails_the_calls_an
             return saga if saga.state in FINAL else None
 
         saga = await poll_until(final, timeout=20)
-    # Execute's outcome is unknown (it never got an answer), so the step is
-    # compensated; that fails the same way, which is a person's job.
-    assert saga.state == S.SAGA_STATE_FAILED
+        history = (await stub.GetSagaHistory(orchestrator_pb2.GetSagaHistoryRequest(saga_id="tls-untrusted"))).history
+    # The handshake fails before any request byte is sent, so every attempt
+    # was never delivered: there is nothing to undo, and the compensation is
+    # skipped rather than tried (and failed the same way).
+    assert saga.state == S.SAGA_STATE_COMPENSATED
     (step,) = saga.steps
-    assert step.state == S.STEP_STATE_COMPENSATION_FAILED
+    assert step.state == S.STEP_STATE_FAILED
     assert "CERTIFICATE_VERIFY_FAILED" in step.last_error, step.last_error
+    skipped = [event for event in history.events if event.type == S.EVENT_TYPE_STEP_COMPENSATION_SKIPPED]
+    assert [event.step_name for event in skipped] == [step.name]
+    assert skipped[0].message.startswith("never delivered"), skipped[0].message
+    assert not [event for event in history.events if event.type == S.EVENT_TYPE_STEP_COMPENSATING]
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'inventory.db'}")
     try:
         with engine.connect() as conn:

@@ -64,6 +64,8 @@ STEP_TIMED_OUT = "step timed out"
 #: The start of the reason of a step that failed after transient errors (the
 #: last error follows): its outcome is unknown, unlike a business failure's.
 GAVE_UP_AFTER_ERRORS = re.compile(rf"(retries exhausted|{STEP_TIMED_OUT}) after \d+ attempts: ")
+#: The start of the error of an attempt that never left the orchestrator.
+NEVER_DELIVERED = "never delivered: "
 
 # --- Inputs -----------------------------------------------------------------
 
@@ -487,7 +489,7 @@ class _Builder:
                 # anything else (a SENDING left by a crash) may have gone out.
                 delivered = DELIVERY_NONE if unsent and step.delivery == DELIVERY_SENDING else DELIVERY_POSSIBLE
                 step = self.set_step(step, delivery=delivered)
-                self.execute_errored(step, ("never delivered: " if delivered == DELIVERY_NONE else "") + error)
+                self.execute_errored(step, (NEVER_DELIVERED if delivered == DELIVERY_NONE else "") + error)
             case AttemptsSending(steps=names):
                 for name in names:
                     step = self.steps[name]

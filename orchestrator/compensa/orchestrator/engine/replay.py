@@ -155,7 +155,7 @@ def _cause(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> ma
         case E.EVENT_TYPE_STEP_WAITING:
             return machine.ExecutePending(step)
         case E.EVENT_TYPE_STEP_RETRY_SCHEDULED:
-            return machine.ExecuteErrored(step, text)
+            return _execute_errored(step, text)
         case E.EVENT_TYPE_STEP_FAILED:
             # The reason tells a business failure from one after errors or a
             # timeout, whose effect is unknown (a business reason written
@@ -164,7 +164,7 @@ def _cause(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> ma
                 return machine.TimerFired()
             gave_up = machine.GAVE_UP_AFTER_ERRORS.match(text)
             if gave_up:
-                return machine.ExecuteErrored(step, text[gave_up.end():])
+                return _execute_errored(step, text[gave_up.end():])
             return machine.ExecuteFailed(step, text)
         case E.EVENT_TYPE_COMPENSATION_STARTED:
             return machine.TimerFired()
@@ -183,6 +183,15 @@ def _cause(event: saga_pb2.SagaEvent, outputs: Mapping[str, bytes | None]) -> ma
         case E.EVENT_TYPE_BACKOFF_SKIPPED:
             return machine.RetryNowRequested(event.actor, text)
     return None
+
+
+def _execute_errored(step: str, error: str) -> machine.ExecuteErrored:
+    """The transient error recorded as `error`: one the machine wrote with
+    its never-delivered prefix was reported never delivered by the driver
+    (the machine writes the prefix only for an attempt that driver marked
+    SENDING, so a log claiming it elsewhere diverges)."""
+    unsent = error.removeprefix(machine.NEVER_DELIVERED)
+    return machine.ExecuteErrored(step, unsent, never_delivered=unsent != error)
 
 
 def _matches(stored: saga_pb2.SagaEvent, made: LogEvent) -> bool:
@@ -276,7 +285,11 @@ class _Replayer:
     def _caused_by(self, saga: SagaRecord, event: saga_pb2.SagaEvent, cursor: int) -> _Attempt:
         if event.step_name and event.step_name not in self.plan.steps:
             return _Attempt(None, 0, self._not_in_definition(event.step_name))
-        cause = _cause(event, self.outputs)
+        cause = (
+            self._attempts_sending(cursor)
+            if event.type == E.EVENT_TYPE_STEP_ATTEMPT_SENDING
+            else _cause(event, self.outputs)
+        )
         if cause is None:
             return _Attempt(None, 0, self._unexpected(saga, event))
         try:
@@ -286,6 +299,22 @@ class _Replayer:
         if not transition.changed:
             return _Attempt(None, 0, self._unexpected(saga, event))
         return self._try(saga, transition, cursor)
+
+    def _attempts_sending(self, cursor: int) -> machine.AttemptsSending:
+        """The driver's mark of the attempts it was about to send: the
+        ATTEMPT_SENDING events from `cursor` on written with the first (one
+        transition writes all its events at one time)."""
+        first = self.events[cursor]
+        steps: list[str] = []
+        for event in self.events[cursor:]:
+            if (
+                event.type != E.EVENT_TYPE_STEP_ATTEMPT_SENDING
+                or event.time != first.time
+                or event.step_name not in self.plan.steps
+            ):
+                break
+            steps.append(event.step_name)
+        return machine.AttemptsSending(tuple(steps))
 
     def _try(self, saga: SagaRecord | None, transition: machine.Transition, cursor: int) -> _Attempt:
         """How many of the transition's events the log has from `cursor` on,
