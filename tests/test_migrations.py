@@ -33,8 +33,9 @@ from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import SchemaMismatch
-from compensa.orchestrator.store import SagaWrite, SqlSagaStore, migrations, open_store, schema
+from compensa.orchestrator.store import PostgresSagaStore, SagaWrite, SqliteSagaStore, migrations, open_store, schema
 from compensa.orchestrator.store.schema import metadata
+from compensa.orchestrator.store.sqlite import TableByTableCommit
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
 S = saga_pb2
@@ -112,6 +113,16 @@ def _register_as_the_first_release(
     return stored
 
 
+class _OldReleasePostgresStore(TableByTableCommit, PostgresSagaStore):
+    """PostgreSQL as a release before its one-statement flush wrote it."""
+
+
+def _old_release_store(database_url: str) -> TableByTableCommit:
+    if database_url.startswith("postgresql"):
+        return _OldReleasePostgresStore(database_url)
+    return SqliteSagaStore(database_url)
+
+
 class _OldRelease:
     """Writes sagas into a database at an earlier revision through the store,
     as the engine of that release did. It uses the store's generic statements
@@ -122,7 +133,7 @@ class _OldRelease:
     release went away; steps carry no delivery (the old release knew none),
     so their rows get the column's default."""
 
-    def __init__(self, store: SqlSagaStore, plan: machine.Plan) -> None:
+    def __init__(self, store: TableByTableCommit, plan: machine.Plan) -> None:
         self.store = store
         self.plan = plan
         self._logs: dict[str, list[records.LogEvent]] = {}
@@ -146,8 +157,7 @@ class _OldRelease:
         due_at = None if final else (now if in_flight else machine.wake_at(self.plan, saga))
         old = replace(saga, steps=tuple(replace(step, delivery=records.DELIVERY_POSSIBLE) for step in saga.steps))
         transition = machine.Transition(old, tuple(self._logs[saga.saga_id]))
-        (result,) = await SqlSagaStore.commit(
-            self.store,
+        (result,) = await self.store.commit(
             [_write(transition, 0, now, release=release, due_at=due_at, lease_until=lease_until,
                     fingerprint=saga.saga_id)],
         )
@@ -173,7 +183,7 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
     database_url: str, make_postgres_url: Callable[[], str]
 ) -> None:
     _upgrade_to(database_url, migrations.BASELINE)
-    old = open_store(database_url)
+    old = _old_release_store(database_url)
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
@@ -239,7 +249,7 @@ async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_afte
     database_url: str,
 ) -> None:
     _upgrade_to(database_url, "0003")
-    old = open_store(database_url)
+    old = _old_release_store(database_url)
     now = time.time()
     try:
         definition = load_definition_file(CHECKOUT)
