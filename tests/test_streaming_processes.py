@@ -38,6 +38,7 @@ from recording_participant import RecordingParticipant, StepBehaviour
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from compensa.examples.server import RunningParticipant, start_server
+from compensa.orchestrator.client import retry_delay
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -150,7 +151,16 @@ async def start_sagas(
 
     async def one(saga_id: str) -> None:
         async with gate:
-            response = await stub.StartSaga(start_request(definition, saga_id), timeout=20.0)
+            while True:
+                try:
+                    response = await stub.StartSaga(start_request(definition, saga_id), timeout=20.0)
+                    break
+                except grpc.aio.AioRpcError as error:
+                    # A replica at its bound of sagas in flight says when to come back.
+                    delay = retry_delay(error)
+                    if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or delay is None:
+                        raise
+                await asyncio.sleep(delay)  # ok-sleep: the delay the server asked for
             assert response.created
 
     await asyncio.gather(*(one(saga_id) for saga_id in ids))
