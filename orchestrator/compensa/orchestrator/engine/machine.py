@@ -636,7 +636,7 @@ class _Builder:
             if self.plan.compensable(name) and never_delivered(step):
                 self.log(
                     E.EVENT_TYPE_STEP_COMPENSATION_SKIPPED, step,
-                    message="never delivered: no Execute attempt reached the participant, so there is nothing to undo",
+                    message=NEVER_DELIVERED + "no Execute attempt reached the participant, so there is nothing to undo",
                 )
 
     def cancel(self, actor: str, reason: str) -> None:
