@@ -26,7 +26,7 @@ from google.protobuf import descriptor_pb2 as google_dot_protobuf_dot_descriptor
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ompensa/v1/definition.proto\x12\x0b\x63ompensa.v1\x1a google/protobuf/descriptor.proto\x1a\x1egoogle/protobuf/duration.proto\"\xe8\x01\n\x0eSagaDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\ninput_type\x18\x04 \x01(\t\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.compensa.v1.StepDefinition\x12/\n\x0csaga_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x05types\x18\x07 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet\"\x90\x03\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.compensa.v1.StepKind\x12\x32\n\x0f\x65xecute_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12\x63ompensate_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cstep_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05retry\x18\x07 \x01(\x0b\x32\x18.compensa.v1.RetryPolicy\x12\x32\n\x10\x63ompensate_retry\x18\x08 \x01(\x0b\x32\x18.compensa.v1.RetryPolicy\x12\x12\n\ndepends_on\x18\t \x03(\t\x12\x14\n\x0clong_running\x18\n \x01(\x08\x12\x13\n\x0bindependent\x18\x0b \x01(\x08\"\x85\x02\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rgive_up_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x61lert_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration*n\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_KIND_COMPENSABLE\x10\x01\x12\x13\n\x0fSTEP_KIND_PIVOT\x10\x02\x12\x17\n\x13STEP_KIND_RETRIABLE\x10\x03\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x63ompensa/v1/definition.proto\x12\x0b\x63ompensa.v1\x1a google/protobuf/descriptor.proto\x1a\x1egoogle/protobuf/duration.proto\"\x9e\x02\n\x0eSagaDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\ninput_type\x18\x04 \x01(\t\x12*\n\x05steps\x18\x05 \x03(\x0b\x32\x1b.compensa.v1.StepDefinition\x12/\n\x0csaga_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x05types\x18\x07 \x01(\x0b\x32\".google.protobuf.FileDescriptorSet\x12\x17\n\x0f\x63oncurrency_key\x18\x08 \x01(\t\x12\x1b\n\x13max_running_per_key\x18\t \x01(\x05\"\x90\x03\n\x0eStepDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bparticipant\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.compensa.v1.StepKind\x12\x32\n\x0f\x65xecute_timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12\x63ompensate_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cstep_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x05retry\x18\x07 \x01(\x0b\x32\x18.compensa.v1.RetryPolicy\x12\x32\n\x10\x63ompensate_retry\x18\x08 \x01(\x0b\x32\x18.compensa.v1.RetryPolicy\x12\x12\n\ndepends_on\x18\t \x03(\t\x12\x14\n\x0clong_running\x18\n \x01(\x08\x12\x13\n\x0bindependent\x18\x0b \x01(\x08\"\x85\x02\n\x0bRetryPolicy\x12\x14\n\x0cmax_attempts\x18\x01 \x01(\x05\x12\x32\n\x0finitial_backoff\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12\x62\x61\x63koff_multiplier\x18\x03 \x01(\x01\x12.\n\x0bmax_backoff\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rgive_up_after\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0b\x61lert_after\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration*n\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15STEP_KIND_COMPENSABLE\x10\x01\x12\x13\n\x0fSTEP_KIND_PIVOT\x10\x02\x12\x17\n\x13STEP_KIND_RETRIABLE\x10\x03\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'compensa.v1.definition_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_STEPKIND']._serialized_start=1013
-  _globals['_STEPKIND']._serialized_end=1123
+  _globals['_STEPKIND']._serialized_start=1067
+  _globals['_STEPKIND']._serialized_end=1177
   _globals['_SAGADEFINITION']._serialized_start=112
-  _globals['_SAGADEFINITION']._serialized_end=344
-  _globals['_STEPDEFINITION']._serialized_start=347
-  _globals['_STEPDEFINITION']._serialized_end=747
-  _globals['_RETRYPOLICY']._serialized_start=750
-  _globals['_RETRYPOLICY']._serialized_end=1011
+  _globals['_SAGADEFINITION']._serialized_end=398
+  _globals['_STEPDEFINITION']._serialized_start=401
+  _globals['_STEPDEFINITION']._serialized_end=801
+  _globals['_RETRYPOLICY']._serialized_start=804
+  _globals['_RETRYPOLICY']._serialized_end=1065
 # @@protoc_insertion_point(module_scope)

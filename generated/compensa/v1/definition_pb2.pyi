@@ -68,6 +68,8 @@ class SagaDefinition(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     SAGA_TIMEOUT_FIELD_NUMBER: _builtins.int
     TYPES_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_PER_KEY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name such as "checkout": 1-63 lowercase letters, digits, '-' and '_',
     starting with a letter (the whole string).
@@ -83,6 +85,16 @@ class SagaDefinition(_message.Message):
     "compensa.checkout.v1.CheckoutInput" (at most 255 characters). StartSaga
     rejects any other type.
     """
+    concurrency_key: _builtins.str
+    """Optional per-key order: a field of the input, as a path from `input`
+    (e.g. "input.customer_id"; a scalar field, not repeated). Sagas with the
+    same value of it run at most `max_running_per_key` at once, in the order
+    they were started; the others wait (durably, shown as waiting for their
+    key; their step and saga timeouts keep running). A path that is not a
+    field of input_type is refused when the definition is registered.
+    """
+    max_running_per_key: _builtins.int
+    """With concurrency_key: 1 (the default when 0) to 1000."""
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepDefinition]:
         """The steps, in order. A step without depends_on depends on the step
@@ -115,10 +127,12 @@ class SagaDefinition(_message.Message):
         steps: _abc.Iterable[Global___StepDefinition] | None = ...,
         saga_timeout: _duration_pb2.Duration | None = ...,
         types: _descriptor_pb2.FileDescriptorSet | None = ...,
+        concurrency_key: _builtins.str = ...,
+        max_running_per_key: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["saga_timeout", b"saga_timeout", "types", b"types"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_type", b"input_type", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "types", b"types", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_key", b"concurrency_key", "description", b"description", "input_type", b"input_type", "max_running_per_key", b"max_running_per_key", "name", b"name", "saga_timeout", b"saga_timeout", "steps", b"steps", "types", b"types", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -277,6 +277,8 @@ class Participant(_message.Message):
     HEALTH_DETAIL_FIELD_NUMBER: _builtins.int
     UNHEALTHY_SINCE_FIELD_NUMBER: _builtins.int
     ALERT_TIME_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
     CONTRACT_SERVICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name definitions use (`participant: payment`): letters, digits, '.',
@@ -306,6 +308,14 @@ class Participant(_message.Message):
     def alert_time(self) -> _timestamp_pb2.Timestamp:
         """Shared: when this outage was alerted (unset when not alerted)."""
 
+    @_builtins.property
+    def limits(self) -> Global___ParticipantLimits:
+        """Unset when it has no limits."""
+
+    @_builtins.property
+    def hold(self) -> Global___ParticipantHold:
+        """Set while an operator holds the participant (HoldParticipant)."""
+
     def __init__(
         self,
         *,
@@ -317,15 +327,222 @@ class Participant(_message.Message):
         health_detail: _builtins.str = ...,
         unhealthy_since: _timestamp_pb2.Timestamp | None = ...,
         alert_time: _timestamp_pb2.Timestamp | None = ...,
+        limits: Global___ParticipantLimits | None = ...,
+        hold: Global___ParticipantHold | None = ...,
         contract_service: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_time", b"alert_time", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert_time", b"alert_time", "hold", b"hold", "limits", b"limits", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "contract_service", b"contract_service", "health", b"health", "health_detail", b"health_detail", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "alert_time", b"alert_time", "contract_service", b"contract_service", "health", b"health", "health_detail", b"health_detail", "hold", b"hold", "limits", b"limits", "name", b"name", "unhealthy_since", b"unhealthy_since", "update_time", b"update_time", "updated_by", b"updated_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Participant: _TypeAlias = Participant  # noqa: Y015
+
+@_typing.final
+class ParticipantLimits(_message.Message):
+    """A participant's limits, for the deployment as a whole. Unset: no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    CALLS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    max_in_flight: _builtins.int
+    """Calls in flight at once, 1 to 10000."""
+    calls_per_second: _builtins.float
+    """Calls started per second, more than 0 and at most 100000."""
+    burst: _builtins.int
+    """Calls the rate lets through at once after a quiet spell, 1 to 100000;
+    only with calls_per_second (default: calls_per_second rounded up).
+    """
+    def __init__(
+        self,
+        *,
+        max_in_flight: _builtins.int | None = ...,
+        calls_per_second: _builtins.float | None = ...,
+        burst: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_calls_per_second", b"_calls_per_second", "_max_in_flight", b"_max_in_flight", "burst", b"burst", "calls_per_second", b"calls_per_second", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_burst", b"_burst", "_calls_per_second", b"_calls_per_second", "_max_in_flight", b"_max_in_flight", "burst", b"burst", "calls_per_second", b"calls_per_second", "max_in_flight", b"max_in_flight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__burst: _TypeAlias = _typing.Literal["burst"]  # noqa: Y015
+    _WhichOneofArgType__burst: _TypeAlias = _typing.Literal["_burst", b"_burst"]  # noqa: Y015
+    _WhichOneofReturnType__calls_per_second: _TypeAlias = _typing.Literal["calls_per_second"]  # noqa: Y015
+    _WhichOneofArgType__calls_per_second: _TypeAlias = _typing.Literal["_calls_per_second", b"_calls_per_second"]  # noqa: Y015
+    _WhichOneofReturnType__max_in_flight: _TypeAlias = _typing.Literal["max_in_flight"]  # noqa: Y015
+    _WhichOneofArgType__max_in_flight: _TypeAlias = _typing.Literal["_max_in_flight", b"_max_in_flight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__burst) -> _WhichOneofReturnType__burst | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__calls_per_second) -> _WhichOneofReturnType__calls_per_second | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_in_flight) -> _WhichOneofReturnType__max_in_flight | None: ...
+
+Global___ParticipantLimits: _TypeAlias = ParticipantLimits  # noqa: Y015
+
+@_typing.final
+class ParticipantHold(_message.Message):
+    """Who holds a participant, why and since when."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    HELD_BY_FIELD_NUMBER: _builtins.int
+    HOLD_TIME_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    held_by: _builtins.str
+    @_builtins.property
+    def hold_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        held_by: _builtins.str = ...,
+        hold_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["hold_time", b"hold_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_by", b"held_by", "hold_time", b"hold_time", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ParticipantHold: _TypeAlias = ParticipantHold  # noqa: Y015
+
+@_typing.final
+class SetParticipantLimitsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    actor: _builtins.str
+    @_builtins.property
+    def limits(self) -> Global___ParticipantLimits: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        limits: Global___ParticipantLimits | None = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "limits", b"limits", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetParticipantLimitsRequest: _TypeAlias = SetParticipantLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetParticipantLimitsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def participant(self) -> Global___Participant: ...
+    def __init__(
+        self,
+        *,
+        participant: Global___Participant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetParticipantLimitsResponse: _TypeAlias = SetParticipantLimitsResponse  # noqa: Y015
+
+@_typing.final
+class HoldParticipantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    reason: _builtins.str
+    """Why (shown to whoever looks at a waiting saga); at most 4096 characters."""
+    actor: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldParticipantRequest: _TypeAlias = HoldParticipantRequest  # noqa: Y015
+
+@_typing.final
+class HoldParticipantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def participant(self) -> Global___Participant: ...
+    def __init__(
+        self,
+        *,
+        participant: Global___Participant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldParticipantResponse: _TypeAlias = HoldParticipantResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseParticipantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    actor: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        actor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseParticipantRequest: _TypeAlias = ReleaseParticipantRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseParticipantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PARTICIPANT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def participant(self) -> Global___Participant: ...
+    def __init__(
+        self,
+        *,
+        participant: Global___Participant | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["participant", b"participant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseParticipantResponse: _TypeAlias = ReleaseParticipantResponse  # noqa: Y015
 
 @_typing.final
 class SetParticipantRequest(_message.Message):
@@ -431,6 +648,7 @@ class StartSagaRequest(_message.Message):
     DEFINITION_NAME_FIELD_NUMBER: _builtins.int
     DEFINITION_VERSION_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     """Client-chosen id, 1-128 characters of [A-Za-z0-9._:-] (the whole string:
     no trailing newline). Required: it is what makes StartSaga idempotent.
@@ -438,6 +656,11 @@ class StartSagaRequest(_message.Message):
     definition_name: _builtins.str
     definition_version: _builtins.int
     """0 means the latest version."""
+    priority: _builtins.int
+    """1 (highest) to 5 (lowest); 0 means the default, 3. When a participant's
+    limits hold calls back, calls of higher-priority sagas go first; sagas
+    of one priority share what is left fairly across definitions.
+    """
     @_builtins.property
     def input(self) -> _any_pb2.Any:
         """Must be of the definition's input_type; at most the server's payload
@@ -451,10 +674,11 @@ class StartSagaRequest(_message.Message):
         definition_name: _builtins.str = ...,
         definition_version: _builtins.int = ...,
         input: _any_pb2.Any | None = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "definition_version", b"definition_version", "input", b"input", "saga_id", b"saga_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition_name", b"definition_name", "definition_version", b"definition_version", "input", b"input", "priority", b"priority", "saga_id", b"saga_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -163,6 +163,21 @@ class OrchestratorServiceStub:
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
                 response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
                 _registered_method=True)
+        self.SetParticipantLimits = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/SetParticipantLimits',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsResponse.FromString,
+                _registered_method=True)
+        self.HoldParticipant = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/HoldParticipant',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantResponse.FromString,
+                _registered_method=True)
+        self.ReleaseParticipant = channel.unary_unary(
+                '/compensa.v1.OrchestratorService/ReleaseParticipant',
+                request_serializer=compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantRequest.SerializeToString,
+                response_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantResponse.FromString,
+                _registered_method=True)
         self.WatchAlerts = channel.unary_stream(
                 '/compensa.v1.OrchestratorService/WatchAlerts',
                 request_serializer=compensa_dot_v1_dot_orchestrator__pb2.WatchAlertsRequest.SerializeToString,
@@ -420,7 +435,39 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListParticipants(self, request, context):
-        """Every named participant and its address, by name, with its health.
+        """Every named participant and its address, by name, with its health,
+        limits and hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetParticipantLimits(self, request, context):
+        """Operator: sets a participant's limits for the whole deployment (all
+        replicas together stay within them), from the next call on, with no
+        restart; limits left unset are lifted. A call held back by a limit is not
+        an attempt (no retry is used); the saga's view shows it waiting, and
+        step_timeout still bounds it. Errors: INVALID_ARGUMENT (a limit that
+        cannot hold: see ParticipantLimits), NOT_FOUND (no such participant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldParticipant(self, request, context):
+        """Operator: stops new calls to a participant from every replica within a
+        second (calls in flight finish); its sagas wait, showing why, until
+        ReleaseParticipant. Holding a held participant changes its reason.
+        Errors: INVALID_ARGUMENT (a reason that is too long), NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseParticipant(self, request, context):
+        """Operator: ends a hold; waiting calls resume within the limits, oldest
+        first. Releasing a participant that is not held changes nothing.
+        Errors: NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -608,6 +655,21 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.ListParticipants,
                     request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.FromString,
                     response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.SerializeToString,
+            ),
+            'SetParticipantLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetParticipantLimits,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsResponse.SerializeToString,
+            ),
+            'HoldParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldParticipant,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantResponse.SerializeToString,
+            ),
+            'ReleaseParticipant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseParticipant,
+                    request_deserializer=compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantRequest.FromString,
+                    response_serializer=compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantResponse.SerializeToString,
             ),
             'WatchAlerts': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchAlerts,
@@ -1196,6 +1258,87 @@ class OrchestratorService:
             '/compensa.v1.OrchestratorService/ListParticipants',
             compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsRequest.SerializeToString,
             compensa_dot_v1_dot_orchestrator__pb2.ListParticipantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetParticipantLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/SetParticipantLimits',
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.SetParticipantLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/HoldParticipant',
+            compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.HoldParticipantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseParticipant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/compensa.v1.OrchestratorService/ReleaseParticipant',
+            compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantRequest.SerializeToString,
+            compensa_dot_v1_dot_orchestrator__pb2.ReleaseParticipantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -168,7 +168,28 @@ class OrchestratorServiceStub:
     that is not one, an address that is not HOST:PORT).
     """
     ListParticipants: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]
-    """Every named participant and its address, by name, with its health."""
+    """Every named participant and its address, by name, with its health,
+    limits and hold.
+    """
+    SetParticipantLimits: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantLimitsRequest, _orchestrator_pb2.SetParticipantLimitsResponse]
+    """Operator: sets a participant's limits for the whole deployment (all
+    replicas together stay within them), from the next call on, with no
+    restart; limits left unset are lifted. A call held back by a limit is not
+    an attempt (no retry is used); the saga's view shows it waiting, and
+    step_timeout still bounds it. Errors: INVALID_ARGUMENT (a limit that
+    cannot hold: see ParticipantLimits), NOT_FOUND (no such participant).
+    """
+    HoldParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.HoldParticipantRequest, _orchestrator_pb2.HoldParticipantResponse]
+    """Operator: stops new calls to a participant from every replica within a
+    second (calls in flight finish); its sagas wait, showing why, until
+    ReleaseParticipant. Holding a held participant changes its reason.
+    Errors: INVALID_ARGUMENT (a reason that is too long), NOT_FOUND.
+    """
+    ReleaseParticipant: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ReleaseParticipantRequest, _orchestrator_pb2.ReleaseParticipantResponse]
+    """Operator: ends a hold; waiting calls resume within the limits, oldest
+    first. Releasing a participant that is not held changes nothing.
+    Errors: NOT_FOUND.
+    """
     WatchAlerts: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchAlertsRequest, _orchestrator_pb2.WatchAlertsResponse]
     """Streams every alert (a saga's ALERT_RAISED, a participant failing its
     health checks past `serve --alert-participant-unhealthy-after`, and its
@@ -359,7 +380,28 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     that is not one, an address that is not HOST:PORT).
     """
     ListParticipants: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]  # type: ignore[assignment]
-    """Every named participant and its address, by name, with its health."""
+    """Every named participant and its address, by name, with its health,
+    limits and hold.
+    """
+    SetParticipantLimits: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.SetParticipantLimitsRequest, _orchestrator_pb2.SetParticipantLimitsResponse]  # type: ignore[assignment]
+    """Operator: sets a participant's limits for the whole deployment (all
+    replicas together stay within them), from the next call on, with no
+    restart; limits left unset are lifted. A call held back by a limit is not
+    an attempt (no retry is used); the saga's view shows it waiting, and
+    step_timeout still bounds it. Errors: INVALID_ARGUMENT (a limit that
+    cannot hold: see ParticipantLimits), NOT_FOUND (no such participant).
+    """
+    HoldParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.HoldParticipantRequest, _orchestrator_pb2.HoldParticipantResponse]  # type: ignore[assignment]
+    """Operator: stops new calls to a participant from every replica within a
+    second (calls in flight finish); its sagas wait, showing why, until
+    ReleaseParticipant. Holding a held participant changes its reason.
+    Errors: INVALID_ARGUMENT (a reason that is too long), NOT_FOUND.
+    """
+    ReleaseParticipant: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ReleaseParticipantRequest, _orchestrator_pb2.ReleaseParticipantResponse]  # type: ignore[assignment]
+    """Operator: ends a hold; waiting calls resume within the limits, oldest
+    first. Releasing a participant that is not held changes nothing.
+    Errors: NOT_FOUND.
+    """
     WatchAlerts: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchAlertsRequest, _orchestrator_pb2.WatchAlertsResponse]  # type: ignore[assignment]
     """Streams every alert (a saga's ALERT_RAISED, a participant failing its
     health checks past `serve --alert-participant-unhealthy-after`, and its
@@ -661,7 +703,46 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_pb2.ListParticipantsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.ListParticipantsResponse, _abc.Awaitable[_orchestrator_pb2.ListParticipantsResponse]]:
-        """Every named participant and its address, by name, with its health."""
+        """Every named participant and its address, by name, with its health,
+        limits and hold.
+        """
+
+    @_abc_1.abstractmethod
+    def SetParticipantLimits(
+        self,
+        request: _orchestrator_pb2.SetParticipantLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.SetParticipantLimitsResponse, _abc.Awaitable[_orchestrator_pb2.SetParticipantLimitsResponse]]:
+        """Operator: sets a participant's limits for the whole deployment (all
+        replicas together stay within them), from the next call on, with no
+        restart; limits left unset are lifted. A call held back by a limit is not
+        an attempt (no retry is used); the saga's view shows it waiting, and
+        step_timeout still bounds it. Errors: INVALID_ARGUMENT (a limit that
+        cannot hold: see ParticipantLimits), NOT_FOUND (no such participant).
+        """
+
+    @_abc_1.abstractmethod
+    def HoldParticipant(
+        self,
+        request: _orchestrator_pb2.HoldParticipantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.HoldParticipantResponse, _abc.Awaitable[_orchestrator_pb2.HoldParticipantResponse]]:
+        """Operator: stops new calls to a participant from every replica within a
+        second (calls in flight finish); its sagas wait, showing why, until
+        ReleaseParticipant. Holding a held participant changes its reason.
+        Errors: INVALID_ARGUMENT (a reason that is too long), NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseParticipant(
+        self,
+        request: _orchestrator_pb2.ReleaseParticipantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_pb2.ReleaseParticipantResponse, _abc.Awaitable[_orchestrator_pb2.ReleaseParticipantResponse]]:
+        """Operator: ends a hold; waiting calls resume within the limits, oldest
+        first. Releasing a participant that is not held changes nothing.
+        Errors: NOT_FOUND.
+        """
 
     @_abc_1.abstractmethod
     def WatchAlerts(

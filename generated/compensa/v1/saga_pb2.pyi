@@ -218,6 +218,8 @@ class Step(_message.Message):
     FINISH_TIME_FIELD_NUMBER: _builtins.int
     NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
     PARTICIPANT_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
+    WAITING_SINCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: Global___StepState.ValueType
     attempts: _builtins.int
@@ -227,6 +229,10 @@ class Step(_message.Message):
     last_error: _builtins.str
     """The last error or failure reason."""
     participant: _builtins.str
+    waiting_for: _builtins.str
+    """Set while its call waits for the participant's capacity (its limits or
+    an operator's hold): why, and since when. Waiting is not an attempt.
+    """
     @_builtins.property
     def output(self) -> _any_pb2.Any:
         """What Execute returned, once it succeeded."""
@@ -239,6 +245,8 @@ class Step(_message.Message):
     def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
         """When the next attempt (or timeout check) is due, if the step waits."""
 
+    @_builtins.property
+    def waiting_since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -252,10 +260,12 @@ class Step(_message.Message):
         finish_time: _timestamp_pb2.Timestamp | None = ...,
         next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
         participant: _builtins.str = ...,
+        waiting_for: _builtins.str = ...,
+        waiting_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "next_attempt_time", b"next_attempt_time", "output", b"output", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finish_time", b"finish_time", "next_attempt_time", b"next_attempt_time", "output", b"output", "start_time", b"start_time", "waiting_since", b"waiting_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensate_attempts", b"compensate_attempts", "finish_time", b"finish_time", "last_error", b"last_error", "name", b"name", "next_attempt_time", b"next_attempt_time", "output", b"output", "participant", b"participant", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "compensate_attempts", b"compensate_attempts", "finish_time", b"finish_time", "last_error", b"last_error", "name", b"name", "next_attempt_time", b"next_attempt_time", "output", b"output", "participant", b"participant", "start_time", b"start_time", "state", b"state", "waiting_for", b"waiting_for", "waiting_since", b"waiting_since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,6 +288,8 @@ class Saga(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     RESOLUTION_NOTE_FIELD_NUMBER: _builtins.int
+    WAITING_FOR_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     saga_id: _builtins.str
     definition_name: _builtins.str
     definition_version: _builtins.int
@@ -288,6 +300,12 @@ class Saga(_message.Message):
     """Why the saga is compensating or failed."""
     resolution_note: _builtins.str
     """Set when an operator marked a FAILED saga as resolved by hand."""
+    waiting_for: _builtins.str
+    """Set while the saga waits for its turn among the sagas of its
+    concurrency key (SagaDefinition.concurrency_key).
+    """
+    priority: _builtins.int
+    """StartSaga's priority (1 highest to 5)."""
     @_builtins.property
     def input(self) -> _any_pb2.Any: ...
     @_builtins.property
@@ -310,10 +328,12 @@ class Saga(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
         resolution_note: _builtins.str = ...,
+        waiting_for: _builtins.str = ...,
+        priority: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "input", b"input", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "definition_name", b"definition_name", "definition_version", b"definition_version", "failure_reason", b"failure_reason", "input", b"input", "resolution_note", b"resolution_note", "saga_id", b"saga_id", "sequence", b"sequence", "state", b"state", "steps", b"steps", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "definition_name", b"definition_name", "definition_version", b"definition_version", "failure_reason", b"failure_reason", "input", b"input", "priority", b"priority", "resolution_note", b"resolution_note", "saga_id", b"saga_id", "sequence", b"sequence", "state", b"state", "steps", b"steps", "update_time", b"update_time", "waiting_for", b"waiting_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -118,6 +118,9 @@ REQUIRED_ROLE: Mapping[str, Role] = {
     "ResumeBulkAction": Role.OPERATOR,
     "CancelBulkAction": Role.OPERATOR,
     "AuditSagas": Role.OPERATOR,
+    "SetParticipantLimits": Role.OPERATOR,
+    "HoldParticipant": Role.OPERATOR,
+    "ReleaseParticipant": Role.OPERATOR,
 }
 
 

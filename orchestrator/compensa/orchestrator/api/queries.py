@@ -11,6 +11,7 @@ from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import saga_not_found
 from compensa.orchestrator.shared.limits import SAGA_ID_PATTERN, is_possible
+from compensa.orchestrator.store import SagaFlow
 from compensa.v1 import saga_pb2
 
 
@@ -39,9 +40,12 @@ class SagaQueries:
         """The plan of the definition version `saga` runs (cached by the engine)."""
         return await self._engine.plan_for(saga.definition_name, saga.definition_version)
 
-    async def saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
-        """The saga as the API shows it (steps with their participants and kinds)."""
-        return saga_message(saga, await self.plan_of(saga))
+    async def saga_view(self, saga: records.SagaRecord, flow: SagaFlow | None = None) -> saga_pb2.Saga:
+        """The saga as the API shows it (steps with their participants and
+        kinds), with its priority and what it waits for (read unless given)."""
+        if flow is None:
+            flow = await self._store.flow_of(saga.saga_id, with_waits=not saga.is_final)
+        return saga_message(saga, await self.plan_of(saga), flow)
 
     async def visible_participants(self, identity: Identity | None) -> frozenset[str] | None:
         """The names of the participants `identity` may see and set: those its

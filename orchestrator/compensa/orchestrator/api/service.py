@@ -42,6 +42,7 @@ from compensa.orchestrator.engine.auditor import AuditOptions, run_audit
 from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_message
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
+from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
 from compensa.orchestrator.engine.migration_plan import check_step_mappings, classify
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.engine.participant_health import ProbeOutcome
@@ -61,11 +62,15 @@ from compensa.orchestrator.shared.errors import (
     saga_not_found,
 )
 from compensa.orchestrator.shared.limits import (
+    MAX_PARTICIPANT_BURST,
+    MAX_PARTICIPANT_CALLS_PER_SECOND,
+    MAX_PARTICIPANT_IN_FLIGHT,
     MAX_STORED_ACTOR_CHARS,
     MAX_STUCK_FOR_SECONDS,
     SAGA_ID_PATTERN,
     check_duration,
     check_filter,
+    check_int,
     check_saga_id,
     check_text,
     is_possible,
@@ -73,7 +78,7 @@ from compensa.orchestrator.shared.limits import (
 )
 from compensa.orchestrator.shared.selection import for_action, parse_filter
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import BulkJob, ParticipantAddress
+from compensa.orchestrator.store import DEFAULT_PRIORITY, BulkJob, ParticipantAddress, ParticipantLimits
 from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
@@ -456,10 +461,16 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             )
         if not is_possible(request.definition_name, "definition_name", NAME_PATTERN):
             raise definition_not_registered(request.definition_name)
+        priority = request.priority or DEFAULT_PRIORITY
+        if not HIGHEST_PRIORITY <= priority <= LOWEST_PRIORITY:
+            raise InvalidArgument(
+                f"priority must be from {HIGHEST_PRIORITY} (highest) to {LOWEST_PRIORITY}, or 0 for the default"
+                f" ({DEFAULT_PRIORITY}), got {request.priority}"
+            )
         fingerprint = _start_fingerprint(request)
         started = await self._engine.start_saga(
             request.definition_name, request.definition_version, request.saga_id, request.input, fingerprint,
-            caller_trace_parent=traceparent_in(context.invocation_metadata()),
+            caller_trace_parent=traceparent_in(context.invocation_metadata()), priority=priority,
         )
         if not started.created and started.fingerprint != fingerprint:
             raise AlreadyExists(
@@ -467,7 +478,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 "choose another saga_id"
             )
         return orchestrator_pb2.StartSagaResponse(
-            saga=saga_message(started.saga, started.plan), created=started.created
+            saga=saga_message(started.saga, started.plan, started.flow), created=started.created
         )
 
     @_answer_errors
@@ -968,6 +979,50 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             participant=_participant_message(stored, contract_service=services.get(request.name, ""))
         )
 
+    async def _changing_participant(self, name: str, actor: str, context: Context[Request, Response]) -> str:
+        """Who changes participant `name` (its limits or hold), once the
+        caller may: the stored actor."""
+        identity = self._caller(context)
+        stored_actor = stored_text(identity.actor(actor), MAX_STORED_ACTOR_CHARS)
+        if not PARTICIPANT_NAME_PATTERN.fullmatch(name):
+            raise InvalidArgument(f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(name)}")
+        if identity.definitions:
+            named = await self._store.definition_participants()
+            self._access.require_settable_participant(identity, name, named)
+        return stored_actor or "unknown"
+
+    @_answer_errors
+    async def SetParticipantLimits(
+        self,
+        request: orchestrator_pb2.SetParticipantLimitsRequest,
+        context: Context[orchestrator_pb2.SetParticipantLimitsRequest, orchestrator_pb2.SetParticipantLimitsResponse],
+    ) -> orchestrator_pb2.SetParticipantLimitsResponse:
+        limits = _participant_limits(request.limits)
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.limit_participant(request.name, limits, updated_by=actor)
+        return orchestrator_pb2.SetParticipantLimitsResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def HoldParticipant(
+        self,
+        request: orchestrator_pb2.HoldParticipantRequest,
+        context: Context[orchestrator_pb2.HoldParticipantRequest, orchestrator_pb2.HoldParticipantResponse],
+    ) -> orchestrator_pb2.HoldParticipantResponse:
+        reason = check_text(request.reason, "reason") or "held by an operator"
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.hold_participant(request.name, reason, by=actor)
+        return orchestrator_pb2.HoldParticipantResponse(participant=_participant_message(stored))
+
+    @_answer_errors
+    async def ReleaseParticipant(
+        self,
+        request: orchestrator_pb2.ReleaseParticipantRequest,
+        context: Context[orchestrator_pb2.ReleaseParticipantRequest, orchestrator_pb2.ReleaseParticipantResponse],
+    ) -> orchestrator_pb2.ReleaseParticipantResponse:
+        actor = await self._changing_participant(request.name, request.actor, context)
+        stored = await self._engine.hold_participant(request.name, None, by=actor)
+        return orchestrator_pb2.ReleaseParticipantResponse(participant=_participant_message(stored))
+
     @_answer_errors
     @_answer_errors
     async def AuditSagas(
@@ -1206,6 +1261,27 @@ def _check_address(address: str) -> None:
         raise InvalidArgument(f"address must be HOST:PORT with a port from 1 to 65535, got {quote(address)}")
 
 
+def _participant_limits(message: orchestrator_pb2.ParticipantLimits) -> ParticipantLimits:
+    """The limits a SetParticipantLimits asks for, if they can hold."""
+    max_in_flight = rate = burst = None
+    if message.HasField("max_in_flight"):
+        max_in_flight = check_int(
+            message.max_in_flight, "limits.max_in_flight", minimum=1, maximum=MAX_PARTICIPANT_IN_FLIGHT
+        )
+    if message.HasField("calls_per_second"):
+        rate = message.calls_per_second
+        if not 0 < rate <= MAX_PARTICIPANT_CALLS_PER_SECOND:  # NaN too
+            raise InvalidArgument(
+                f"limits.calls_per_second must be above 0 and at most {MAX_PARTICIPANT_CALLS_PER_SECOND:g}, got {rate}"
+            )
+        burst = min(MAX_PARTICIPANT_BURST, math.ceil(rate))
+    if message.HasField("burst"):
+        if rate is None:
+            raise InvalidArgument("limits.burst needs limits.calls_per_second: a burst is of a rate")
+        burst = check_int(message.burst, "limits.burst", minimum=1, maximum=MAX_PARTICIPANT_BURST)
+    return ParticipantLimits(max_in_flight, rate, burst)
+
+
 def _participant_message(
     stored: ParticipantAddress, seen: ProbeOutcome | None = None, contract_service: str = ""
 ) -> orchestrator_pb2.Participant:
@@ -1215,5 +1291,12 @@ def _participant_message(
         health=seen.health if seen is not None else orchestrator_pb2.PARTICIPANT_HEALTH_UNSPECIFIED,
         health_detail=seen.detail if seen is not None else "",
         unhealthy_since=timestamp(stored.unhealthy_since), alert_time=timestamp(stored.alerted_at),
+        limits=orchestrator_pb2.ParticipantLimits(
+            max_in_flight=stored.limits.max_in_flight, calls_per_second=stored.limits.rate_per_second,
+            burst=stored.limits.burst,
+        ) if stored.limits.limited else None,
+        hold=orchestrator_pb2.ParticipantHold(
+            reason=stored.hold.reason, held_by=stored.hold.by, hold_time=timestamp(stored.hold.at)
+        ) if stored.hold is not None else None,
         contract_service=contract_service,
     )

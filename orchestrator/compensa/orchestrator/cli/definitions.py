@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import re
 
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
@@ -137,9 +138,16 @@ _DEFINITION_ACTIONS = {"promote": _promote, "history": _history}
 
 
 def participants(args: argparse.Namespace) -> int:
-    """`compensa participants [list]` or `compensa participants set NAME HOST:PORT`."""
+    """`compensa participants [list]`, `set NAME HOST:PORT`, `limit NAME ...`,
+    `hold NAME [--reason TEXT]` or `release NAME`."""
     with open_channel(args) as channel:
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+        if args.action in ("limit", "hold", "release"):
+            if not args.name or args.participant_address:
+                raise CompensaError(f"participants {args.action} needs a NAME (and no ADDRESS)")
+            changed = _change_participant(stub, args)
+            print(json_line(changed) if args.json else _participant_line(changed))
+            return EXIT_OK
         if args.action == "set":
             if not args.name or not args.participant_address:
                 raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
@@ -164,6 +172,8 @@ def participants(args: argparse.Namespace) -> int:
     print(f"{'NAME':<24} {'ADDRESS':<32} {'HEALTH':<10} UPDATED BY")
     for participant in listed:
         print(f"{participant.name:<24} {participant.address:<32} {_health(participant):<10} {participant.updated_by}")
+        if participant.HasField("hold") or _has_limits(participant.limits):
+            print(f"    {_participant_line(participant).partition(': ')[2]}")
         if participant.contract_service:
             print(f"    contract: {participant.contract_service}")
         if participant.health == orchestrator_pb2.PARTICIPANT_HEALTH_FAILING:
@@ -173,6 +183,54 @@ def participants(args: argparse.Namespace) -> int:
             alerted = " (alerted)" if participant.HasField("alert_time") else ""
             print(f"    no replica has reached it since {since}{alerted}")
     return EXIT_OK
+
+
+_RATE = re.compile(r"(?P<count>[0-9]+(?:\.[0-9]+)?)(?:/(?P<per>s|sec|second|m|min|minute))?")
+
+
+def _rate(text: str) -> float:
+    """100/s, 600/min or a bare number per second."""
+    match = _RATE.fullmatch(text.strip())
+    if match is None:
+        raise CompensaError(f"--rate must be calls per second or minute, e.g. 100/s or 600/min, got {text!r}")
+    per_minute = (match["per"] or "s").startswith("m")
+    return float(match["count"]) / (60.0 if per_minute else 1.0)
+
+
+def _change_participant(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, args: argparse.Namespace
+) -> orchestrator_pb2.Participant:
+    if args.action == "hold":
+        hold = orchestrator_pb2.HoldParticipantRequest(name=args.name, reason=args.reason, actor=args.actor)
+        return stub.HoldParticipant(hold, timeout=args.timeout).participant
+    if args.action == "release":
+        release = orchestrator_pb2.ReleaseParticipantRequest(name=args.name, actor=args.actor)
+        return stub.ReleaseParticipant(release, timeout=args.timeout).participant
+    limits = orchestrator_pb2.ParticipantLimits(
+        max_in_flight=args.max_in_flight, burst=args.burst,
+        calls_per_second=_rate(args.rate) if args.rate is not None else None,
+    )
+    request = orchestrator_pb2.SetParticipantLimitsRequest(name=args.name, limits=limits, actor=args.actor)
+    return stub.SetParticipantLimits(request, timeout=args.timeout).participant
+
+
+def _has_limits(limits: orchestrator_pb2.ParticipantLimits) -> bool:
+    return limits.HasField("max_in_flight") or limits.HasField("calls_per_second")
+
+
+def _participant_line(participant: orchestrator_pb2.Participant) -> str:
+    """NAME: its limits, and its hold."""
+    limits = participant.limits
+    parts = []
+    if limits.HasField("max_in_flight"):
+        parts.append(f"at most {limits.max_in_flight} calls in flight")
+    if limits.HasField("calls_per_second"):
+        parts.append(f"{limits.calls_per_second:g} calls/s (burst {limits.burst})")
+    said = ", ".join(parts) if parts else "no limits"
+    if participant.HasField("hold"):
+        since = participant.hold.hold_time.ToDatetime(datetime.UTC).isoformat(timespec="seconds")
+        said += f"; HELD by {participant.hold.held_by} since {since}: {participant.hold.reason}"
+    return f"{participant.name}: {said}"
 
 
 def _health(participant: orchestrator_pb2.Participant) -> str:

@@ -609,6 +609,10 @@ def _add_start(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="follow the saga to its end and print its timeline; exit 1 unless it SUCCEEDED",
     )
+    parser.add_argument(
+        "--priority", type=_int_from(1, 5), default=0, metavar="N",
+        help="1 (highest) to 5: goes first when a participant's limits hold calls back (default 3)",
+    )
     _add_proto_module_option(parser, "defining the input type")
     _add_json_option(parser)
 
@@ -831,12 +835,24 @@ def _add_codegen(parser: argparse.ArgumentParser) -> None:
 
 def _add_participants(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "action", nargs="?", choices=("list", "set"), default="list",
-        help="list (the default): every participant and its address; set NAME ADDRESS: store where NAME is served",
+        "action", nargs="?", choices=("list", "set", "limit", "hold", "release"), default="list",
+        help="list (the default): every participant, its address, limits and hold; set NAME ADDRESS: store where"
+             " NAME is served; limit NAME [--max-in-flight N] [--rate R/s] [--burst B]: its limits for the whole"
+             " deployment (none given: no limits); hold NAME [--reason TEXT]: no new calls to it from any replica;"
+             " release NAME: calls resume within its limits",
     )
-    parser.add_argument("name", nargs="?", metavar="NAME", help="with set: the participant's name in definitions")
+    parser.add_argument("name", nargs="?", metavar="NAME", help="the participant's name in definitions")
     # Not dest "address": that is the orchestrator's (--address).
     parser.add_argument("participant_address", nargs="?", metavar="ADDRESS", help="with set: HOST:PORT")
+    parser.add_argument("--max-in-flight", type=int, metavar="N", help="with limit: calls in flight at once (1-10000)")
+    parser.add_argument(
+        "--rate", metavar="R/s", help="with limit: calls started per second, e.g. 100/s or 600/min (at most 100000/s)"
+    )
+    parser.add_argument(
+        "--burst", type=int, metavar="B",
+        help="with limit and --rate: calls let through at once after a quiet spell (default: the rate per second)",
+    )
+    parser.add_argument("--reason", default="", help="with hold: why (shown by waiting sagas)")
     contract = parser.add_mutually_exclusive_group()
     contract.add_argument(
         "--proto", type=Path, metavar="FILE",

@@ -69,6 +69,7 @@ def start(args: argparse.Namespace) -> int:
                 definition_name=definition.name,
                 definition_version=definition.version,
                 input=saga_input,
+                priority=args.priority,
             ),
             timeout=args.timeout,
         )

@@ -347,11 +347,18 @@ class Dashboard:
             totals["unresolved"] += row.unresolved
         # The participants' shared health is the whole deployment's, as the
         # alert log is: not shown to an identity scoped to some definitions.
-        unreachable = [] if identity.definitions else [
+        stored = [] if identity.definitions else await self._store.list_participants()
+        unreachable = [
             {"name": participant.name, "address": participant.address, "since": participant.unhealthy_since,
              "alerted": participant.alerted_at is not None}
-            for participant in await self._store.list_participants()
+            for participant in stored
             if participant.unhealthy_since is not None
+        ]
+        held = [
+            {"name": participant.name, "by": participant.hold.by, "since": participant.hold.at,
+             "reason": participant.hold.reason}
+            for participant in stored
+            if participant.hold is not None
         ]
         return {
             "definitions": list(by_definition.values()),
@@ -359,6 +366,7 @@ class Dashboard:
             "states": [saga_state_name(s) for s in _STATES],
             "stuck_after": short_duration(DEFAULT_STUCK_SECONDS),
             "unreachable": unreachable,
+            "held": held,
             "now": now,
         }
 
@@ -453,6 +461,7 @@ class Dashboard:
                 "attempts": step.attempts,
                 "compensate_attempts": step.compensate_attempts,
                 "last_error": step.last_error,
+                "waiting_for": step.waiting_for,
                 "start": _time(step.start_time.ToNanoseconds() / 1e9) if step.HasField("start_time") else "",
                 "finish": _time(step.finish_time.ToNanoseconds() / 1e9) if step.HasField("finish_time") else "",
                 "output": _payload_json(step.output, pool) if step.HasField("output") else "",
@@ -469,6 +478,7 @@ class Dashboard:
             input_json=_payload_json(view.input, pool),
             input_type=payloads.type_name_of(view.input),
             steps=steps,
+            waiting_for=view.waiting_for,
             events=[_event_row(stored) for stored in events],
             chart=chart,
             actions=_available_actions(saga),

@@ -22,6 +22,9 @@ Validation rules (`validate_definition`):
   initial_backoff >= 0, 1 <= multiplier <= 100, max_backoff >= initial_backoff (and above 0
   without a count limit); give_up_after and alert_after above 0 and at most `MAX_WAIT_SECONDS`
   when set.
+- `concurrency_key`, when set, is a path from `input` to a scalar, non-repeated field of
+  `input_type` (`input.customer_id`); `max_running_per_key` is 1 to `MAX_RUNNING_PER_KEY`
+  (0 becomes 1) and needs a key.
 - `depends_on` names existing steps, never the step itself, and has no cycle.
 - Pivot rule (the strict form from the saga literature): at most one PIVOT step; every
   step that depends on it, directly or not, is RETRIABLE; every other step is among its
@@ -64,6 +67,7 @@ from compensa.orchestrator.definitions._files import (
     load_definitions,
 )
 from compensa.orchestrator.definitions._graph import DefinitionGraph, ancestors, definition_graph, step_order
+from compensa.orchestrator.definitions._keys import MAX_RUNNING_PER_KEY, key_value
 from compensa.orchestrator.definitions._types import (
     compile_proto_files,
     proto_file_names,
@@ -94,6 +98,7 @@ __all__ = [
     "MAX_DEFINITION_FILE_BYTES",
     "MAX_DEPENDENCY_DEPTH",
     "MAX_REFERENCE_CHARS",
+    "MAX_RUNNING_PER_KEY",
     "MAX_STEPS",
     "MAX_WAIT_SECONDS",
     "NAME_PATTERN",
@@ -109,6 +114,7 @@ __all__ = [
     "definition_fingerprint",
     "definition_graph",
     "duration_seconds",
+    "key_value",
     "load_definition_file",
     "load_definitions",
     "proto_file_names",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from google.protobuf import duration_pb2
 
 from compensa.common.contracts import NAME_PATTERN
 from compensa.orchestrator.definitions._durations import duration_of, duration_seconds, duration_text
 from compensa.orchestrator.definitions._graph import DefinitionGraph, find_cycle
+from compensa.orchestrator.definitions._keys import MAX_RUNNING_PER_KEY, key_path_problem
 from compensa.orchestrator.shared.errors import DefinitionError, InvalidArgument, quote
 from compensa.orchestrator.shared.limits import MAX_TEXT_CHARS, check_text, duration_problem
 from compensa.orchestrator.shared.payloads import message_class, pool_of
@@ -111,9 +112,10 @@ def validate_definition(
     except InvalidArgument as error:
         raise DefinitionError(str(error), source=source, field="types") from None
     try:
-        message_class(result.input_type, pool)
+        input_class = message_class(result.input_type, pool)
     except InvalidArgument as error:
         raise DefinitionError(str(error), source=source, field="input_type") from None
+    _check_concurrency_key(result, input_class.DESCRIPTOR, source=source)
     if result.HasField("saga_timeout"):
         _check_positive(result.saga_timeout, source=source, step="", field="saga_timeout", maximum=MAX_WAIT_SECONDS)
     if not result.steps:
@@ -135,6 +137,29 @@ def validate_definition(
     _check_depth(graph, source=source)
     _check_pivot(result, graph, source=source)
     return result
+
+
+def _check_concurrency_key(
+    definition: definition_pb2.SagaDefinition, input_type: Any, *, source: str
+) -> None:
+    """The key path names a scalar field of the input; max_running_per_key
+    is set to 1 when 0, and needs a key."""
+    if not definition.concurrency_key:
+        if definition.max_running_per_key:
+            raise DefinitionError(
+                "needs concurrency_key: it limits the sagas running at once per key", source=source,
+                field="max_running_per_key",
+            )
+        return
+    problem = key_path_problem(definition.concurrency_key, input_type)
+    if problem is not None:
+        raise DefinitionError(problem, source=source, field="concurrency_key")
+    if not 0 <= definition.max_running_per_key <= MAX_RUNNING_PER_KEY:
+        raise DefinitionError(
+            f"must be from 1 to {MAX_RUNNING_PER_KEY} (0: 1), got {definition.max_running_per_key}",
+            source=source, field="max_running_per_key",
+        )
+    definition.max_running_per_key = definition.max_running_per_key or 1
 
 
 def definition_fingerprint(definition: definition_pb2.SagaDefinition) -> str:

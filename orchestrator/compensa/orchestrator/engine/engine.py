@@ -29,6 +29,7 @@ from compensa.orchestrator.definitions import (
     check_against_contracts,
     definition_diff,
     definition_fingerprint,
+    key_value,
     read_contract,
     stored_contract,
     validate_definition,
@@ -39,6 +40,7 @@ from compensa.orchestrator.engine.auditor import AuditOptions, audit_every
 from compensa.orchestrator.engine.changes import ChangeSignal
 from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.engine.flow import CallWaiting, CapacityWaitExpired, FlowControl
 from compensa.orchestrator.engine.participant_client import ParticipantClient
 from compensa.orchestrator.engine.participant_health import ParticipantHealthWatch
 from compensa.orchestrator.engine.tokens import completion_token
@@ -57,9 +59,12 @@ from compensa.orchestrator.shared.errors import (
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import (
+    DEFAULT_PRIORITY,
     PARTICIPANT_UNHEALTHY,
     Claimed,
     ParticipantAddress,
+    ParticipantLimits,
+    SagaFlow,
     SagaStore,
     SagaWrite,
     StoredAlert,
@@ -91,6 +96,9 @@ _PURGE_SECONDS = 60.0
 _PURGE_BATCH = 500
 # A transition the database did not confirm is written again after these waits.
 _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
+# A saga waiting for its concurrency key's turn asks again after this long
+# (longer when it is further back in the line).
+_KEY_TURN_SECONDS = 0.5
 # Stuck sagas are looked for at most this often (and four times per threshold).
 _STUCK_CHECK_SECONDS = 30.0
 
@@ -139,6 +147,14 @@ class Registration:
         return definition_diff(self.previous, self.definition) if self.created else ""
 
 
+@dataclass(frozen=True)
+class _NotCalled:
+    """A call that was never made: its deadline passed while it waited for
+    the participant's capacity (not an attempt; the deadline decides)."""
+
+    step: str
+
+
 @dataclass
 class _Driving:
     epoch: int
@@ -155,6 +171,8 @@ class StartedSaga:
     plan: machine.Plan
     created: bool
     fingerprint: str
+    #: The new saga's priority and concurrency key (None: it existed).
+    flow: SagaFlow | None = None
 
 
 class SagaEngine:
@@ -172,6 +190,7 @@ class SagaEngine:
             dict(config.participants), max_message_bytes=config.max_payload_bytes * 2, tls=config.participant_tls,
             metrics=self.metrics, max_output_bytes=config.max_payload_bytes,
         )
+        self.flow = FlowControl(store, self.owner, self.clock, self.metrics, config.lease_seconds)
         self.writer = TransitionWriter(store, self._committed, self.metrics, timeout=config.database_timeout)
         # None when traces are off: then no span is made and no metadata sent.
         self.tracing = SagaTracing.from_environment(self.owner)
@@ -254,9 +273,29 @@ class SagaEngine:
         return {name: contract.full_name for name, contract in (await self.participant_contracts()).items()}
 
     async def refresh_participants(self) -> list[ParticipantAddress]:
-        """Reads the stored participant addresses and calls them from now on."""
+        """Reads the stored participant addresses, limits and holds, and
+        calls them accordingly from now on."""
         stored = await self.store.list_participants()
         self.client.use_addresses({participant.name: participant.address for participant in stored})
+        self.flow.use(stored)
+        return stored
+
+    async def limit_participant(self, name: str, limits: ParticipantLimits, *, updated_by: str) -> ParticipantAddress:
+        """Sets the limits of `name` for the whole deployment; every replica
+        takes its calls within them from its next call on."""
+        stored = await self.store.set_participant_limits(name, limits, updated_by=updated_by, now=self.clock.now())
+        return await self._participant_changed(name, stored)
+
+    async def hold_participant(self, name: str, reason: str | None, *, by: str) -> ParticipantAddress:
+        """Holds `name` (no new calls from any replica; calls in flight
+        finish), or releases it when `reason` is None."""
+        stored = await self.store.hold_participant(name, reason=reason, by=by, now=self.clock.now())
+        return await self._participant_changed(name, stored)
+
+    async def _participant_changed(self, name: str, stored: ParticipantAddress | None) -> ParticipantAddress:
+        if stored is None:
+            raise NotFound(f"participant {name!r} not found: set its address first (`compensa participants set`)")
+        await self.refresh_participants()
         return stored
 
     def unknown_participants(self, definition: definition_pb2.SagaDefinition) -> list[str]:
@@ -333,6 +372,7 @@ class SagaEngine:
         for task in drivers:
             task.cancel()
         await asyncio.gather(*self._tasks, *drivers, return_exceptions=True)
+        await self.flow.stop()
         await self.writer.stop()
         with contextlib.suppress(StoreUnavailable):
             await self.store.release_all(self.owner, self.clock.now())
@@ -518,6 +558,7 @@ class SagaEngine:
         request_fingerprint: str,
         *,
         caller_trace_parent: str | None = None,
+        priority: int = DEFAULT_PRIORITY,
     ) -> StartedSaga:
         """Starts a saga of `definition_name` at `definition_version` (0: the
         latest) with `input`, or finds the one `saga_id` already names. NotFound
@@ -535,12 +576,13 @@ class SagaEngine:
         given = payloads.type_name_of(input)
         if given != definition.input_type:
             raise InvalidArgument(f"input must be a {definition.input_type}, got {quote(given or input.type_url)}")
-        payloads.unpack(input, payloads.pool_of(definition), field="input")
+        saga_input = payloads.unpack(input, payloads.pool_of(definition), field="input")
+        key = key_value(definition.concurrency_key, saga_input) if definition.concurrency_key else None
         saga, created, fingerprint = await self.create(
             plan, saga_id, input.SerializeToString(deterministic=True), request_fingerprint,
-            caller_trace_parent=caller_trace_parent,
+            caller_trace_parent=caller_trace_parent, priority=priority, concurrency_key=key,
         )
-        return StartedSaga(saga, plan, created, fingerprint)
+        return StartedSaga(saga, plan, created, fingerprint, SagaFlow(priority, key) if created else None)
 
     async def definition_not_found(self, name: str, version: int) -> NotFound:
         """What to say when `name` at `version` (0: the latest) is not registered:
@@ -555,9 +597,15 @@ class SagaEngine:
 
     async def create(
         self, plan: machine.Plan, saga_id: str, input: bytes, request_fingerprint: str,
-        caller_trace_parent: str | None = None,
+        caller_trace_parent: str | None = None, *, priority: int = DEFAULT_PRIORITY, concurrency_key: str | None = None,
     ) -> tuple[records.SagaRecord, bool, str]:
         now = self.clock.now()
+        if priority != DEFAULT_PRIORITY or concurrency_key is not None:
+            # Before the saga: its driver reads them (a row whose saga never
+            # comes to be counts for nothing).
+            await self.store.record_saga_flow(
+                saga_id, plan.definition.name, concurrency_key=concurrency_key, priority=priority, now=now
+            )
         transition = machine.new_saga(plan, saga_id=saga_id, input=input, now=now)
         if self.tracing is not None:
             trace_parent = self.tracing.start_saga(transition.saga, caller_trace_parent)
@@ -699,10 +747,12 @@ class SagaEngine:
 
     async def _run_saga(self, saga: records.SagaRecord, epoch: int, sending: set[str]) -> None:
         in_flight: dict[str, asyncio.Task[None]] = {}
-        answers: asyncio.Queue[machine.StepAnswer] = asyncio.Queue()
+        answers: asyncio.Queue[machine.StepAnswer | _NotCalled] = asyncio.Queue()
         logs.bind(saga_id=saga.saga_id, trace_id=trace_id_of(saga.trace_parent))
         try:
             plan = await self.plan_for(saga.definition_name, saga.definition_version)
+            if plan.definition.concurrency_key and not await self._key_turn(plan, saga, epoch):
+                return
             while True:
                 now = self.clock.now()
                 deadline = machine.deadline_at(plan, saga)
@@ -724,10 +774,13 @@ class SagaEngine:
                     try:
                         # asyncio.timeout, not wait_for: no task per wait.
                         async with asyncio.timeout(min(later) - now if later else None):
-                            event = await answers.get()
+                            answer = await answers.get()
                     except TimeoutError:
                         continue
-                    in_flight.pop(event.step, None)
+                    in_flight.pop(answer.step, None)
+                    if isinstance(answer, _NotCalled):
+                        continue  # its deadline passed: the next turn says so
+                    event = answer
                     if event.step not in sending and isinstance(event, machine.ExecuteErrored):
                         # Sent after a SENDING some other driver committed:
                         # an earlier send of that attempt may have gone out.
@@ -758,6 +811,22 @@ class SagaEngine:
             current = self._driving.get(saga.saga_id)
             if current is not None and current.epoch == epoch:
                 del self._driving[saga.saga_id]
+
+    async def _key_turn(self, plan: machine.Plan, saga: records.SagaRecord, epoch: int) -> bool:
+        """Whether the saga may run now among the sagas of its concurrency
+        key; if not, it is released until it asks again (durably waiting)."""
+        try:
+            retry_at = await self.store.take_key_turn(
+                saga.saga_id, plan.definition.max_running_per_key, owner=self.owner, epoch=epoch,
+                now=self.clock.now(), retry_seconds=_KEY_TURN_SECONDS,
+            )
+        except StoreUnavailable as error:
+            log.debug("saga %s: its key's turn not known (%s); asked again when its lease expires", saga.saga_id, error)
+            return False
+        if retry_at is None:
+            return True
+        self._wake_scheduler(retry_at)
+        return False
 
     async def _commit(
         self, plan: machine.Plan, saga: records.SagaRecord, transition: machine.Transition, epoch: int,
@@ -794,10 +863,23 @@ class SagaEngine:
 
     async def _call(
         self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call,
-        answers: asyncio.Queue[machine.StepAnswer],
+        answers: asyncio.Queue[machine.StepAnswer | _NotCalled],
     ) -> None:
         step = plan.steps[call.step]
         logs.bind(step=call.step, attempt=call.attempt)
+        waiting = CallWaiting(saga.saga_id, call.step, saga.definition_name, saga.created_at)
+        try:
+            async with self.flow.admitted(step.participant, waiting, machine.deadline_at(plan, saga)) as waited:
+                if waited and step.HasField("step_timeout"):
+                    call = dataclasses.replace(call, timeout=max(0.001, call.timeout - waited))
+                answer = await self._make_call(plan, saga, call)
+        except CapacityWaitExpired:
+            await answers.put(_NotCalled(call.step))
+            return
+        await answers.put(answer)
+
+    async def _make_call(self, plan: machine.Plan, saga: records.SagaRecord, call: machine.Call) -> machine.StepAnswer:
+        step = plan.steps[call.step]
         context = participant_pb2.StepContext(
             saga_id=saga.saga_id,
             step_name=call.step,
@@ -827,12 +909,11 @@ class SagaEngine:
             if own is not None:
                 request.execute_output.CopyFrom(any_pb2.Any.FromString(own))
         if self.tracing is None or saga.trace_parent is None:
-            answer = await self._send(step.participant, request, call.timeout, None)
-        else:
-            with self.tracing.call(saga, call, step.participant) as span:
-                answer = await self._send(step.participant, request, call.timeout, span.metadata)
-                span.answered(answer)
-        await answers.put(answer)
+            return await self._send(step.participant, request, call.timeout, None)
+        with self.tracing.call(saga, call, step.participant) as span:
+            answer = await self._send(step.participant, request, call.timeout, span.metadata)
+            span.answered(answer)
+        return answer
 
     async def _send(
         self, participant: str, request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest,
@@ -907,6 +988,7 @@ class SagaEngine:
             if not driven:
                 continue
             try:
+                await self.flow.renew(self.clock.now() + self.config.lease_seconds)
                 await self.store.renew_leases(self.owner, driven, self.clock.now() + self.config.lease_seconds)
             except StoreUnavailable as error:
                 log.debug("lease renewal: %s", error)

@@ -39,6 +39,13 @@ MAX_PAGE_TOKEN_CHARS = 1024
 #: The longest `stuck_for` (ListSagas, SummarizeSagas): ten years.
 MAX_STUCK_FOR_SECONDS = 3650 * 86400
 
+#: A participant's limits (ParticipantLimits): calls in flight, calls per
+#: second, and the burst. Larger ones are no limit, and are refused as a
+#: likely mistake.
+MAX_PARTICIPANT_IN_FLIGHT = 10_000
+MAX_PARTICIPANT_CALLS_PER_SECOND = 100_000.0
+MAX_PARTICIPANT_BURST = 100_000
+
 # google.protobuf.Duration's own range: about +-10,000 years.
 _DURATION_MAX_SECONDS = 315_576_000_000
 _NANOS_PER_SECOND = 1_000_000_000

@@ -150,6 +150,17 @@ class Metrics:
             " (each once: also alerted, kind AUDIT), by participant (empty: the saga's own) and kind.",
             ["participant", "kind"], registry=self.registry,
         )
+        self._waiting_for_capacity = Gauge(
+            "compensa_participant_calls_waiting",
+            "Calls this replica holds back for a participant's limits or hold (queue depth), by participant.",
+            ["participant"], registry=self.registry,
+        )
+        self._throttled = Counter(
+            "compensa_participant_throttled_seconds",
+            "Seconds calls waited for a participant's capacity (its limits or hold) before being made, by"
+            " participant.",
+            ["participant"], registry=self.registry,
+        )
         self._event_children: dict[int, Counter] = {}
         self._server: WSGIServer | None = None
 
@@ -221,6 +232,15 @@ class Metrics:
 
     def called(self, participant: str, method: str, outcome: str, seconds: float) -> None:
         self._calls.labels(participant, method, outcome).observe(seconds)
+
+    def waiting_for_capacity(self, participant: str, count: Callable[[], int]) -> None:
+        """Exports `count()`, the calls to `participant` waiting for capacity, at each scrape."""
+        self._waiting_for_capacity.labels(participant).set_function(count)
+        self._throttled.labels(participant)
+
+    def throttled(self, participant: str, seconds: float) -> None:
+        """A call to `participant` waited `seconds` for capacity."""
+        self._throttled.labels(participant).inc(seconds)
 
     def flushed(self, transitions: int, seconds: float) -> None:
         self._flush_size.observe(transitions)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from compensa.orchestrator.shared.records import LogEvent, SagaRecord
 from compensa.orchestrator.shared.selection import SagaSelection
@@ -92,6 +92,72 @@ class StateSummary:
 
 
 @dataclass(frozen=True)
+class ParticipantLimits:
+    """A participant's limits for the whole deployment (None: no limit)."""
+
+    max_in_flight: int | None = None
+    rate_per_second: float | None = None
+    #: Calls the rate lets through at once after a quiet spell (with a rate only).
+    burst: int | None = None
+
+    @property
+    def limited(self) -> bool:
+        return self.max_in_flight is not None or self.rate_per_second is not None
+
+
+@dataclass(frozen=True)
+class ParticipantHold:
+    """An operator's hold: no new calls to the participant until released."""
+
+    reason: str
+    by: str
+    at: float
+
+
+@dataclass(frozen=True)
+class CapacityGrant:
+    """What one exchange with the shared budget gave a replica."""
+
+    granted: int
+    #: Why the rest still wait ("" when all were granted).
+    why_not: str = ""
+    #: The participant is held: nothing is granted until it is released.
+    held: bool = False
+    #: The priorities of the sagas asked about that have one stored (the
+    #: others have the default).
+    priorities: Mapping[str, int] = field(default_factory=dict)
+    #: Seconds until the rate lets the next call through (None: it is a
+    #: call in flight ending, or the hold's release, that lets one through).
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class CapacityWait:
+    """A call held back by a participant's limit or hold."""
+
+    saga_id: str
+    step_name: str
+    participant: str
+    reason: str
+    since: float
+
+
+#: StartSaga's default priority (1 highest to 5).
+DEFAULT_PRIORITY = 3
+
+
+@dataclass(frozen=True)
+class SagaFlow:
+    """A saga's priority and concurrency key, and what it waits for now."""
+
+    priority: int = DEFAULT_PRIORITY
+    concurrency_key: str | None = None
+    #: Its calls held back for capacity (a step name each), and its wait for
+    #: its key's turn (step name "").
+    waits: tuple[CapacityWait, ...] = ()
+
+
+@dataclass(frozen=True)
 class ParticipantAddress:
     """Where a named participant is served, and who said so; with the
     deployment's shared view of its health (see participant_health.py)."""
@@ -104,6 +170,8 @@ class ParticipantAddress:
     unhealthy_since: float | None = None
     #: When this outage's alert was raised; None when not alerted.
     alerted_at: float | None = None
+    limits: ParticipantLimits = ParticipantLimits()
+    hold: ParticipantHold | None = None
 
 
 #: StoredAlert.kind values: AlertKind names without their prefix.
@@ -332,6 +400,66 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def list_participants(self) -> list[ParticipantAddress]:
         """Every stored participant address, by name."""
+
+    # Flow control: participants' limits and holds, shared by replicas
+
+    @abc.abstractmethod
+    async def set_participant_limits(
+        self, name: str, limits: ParticipantLimits, *, updated_by: str, now: float
+    ) -> ParticipantAddress | None:
+        """Sets the limits of participant `name` (a fresh token bucket, full),
+        logged as a change; None when there is no such participant."""
+
+    @abc.abstractmethod
+    async def hold_participant(
+        self, name: str, *, reason: str | None, by: str, now: float
+    ) -> ParticipantAddress | None:
+        """Holds participant `name` for `reason` (None: releases it), logged
+        as a change by `by`; None when there is no such participant."""
+
+    @abc.abstractmethod
+    async def exchange_capacity(
+        self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
+        waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+        priorities_of: Sequence[str] = (),
+    ) -> CapacityGrant:
+        """In one transaction: gives back `returned` calls of `replica` that
+        ended, takes up to `wanted` new ones within the participant's limits
+        and hold (counting other replicas' calls while their lease holds),
+        records which of `replica`'s calls started or stopped waiting, and
+        reads the priorities of the sagas `priorities_of`."""
+
+    @abc.abstractmethod
+    async def renew_capacity(self, replica: str, lease_until: float) -> None:
+        """Extends the lease on `replica`'s calls in flight to every participant."""
+
+    @abc.abstractmethod
+    async def forget_capacity(self, replica: str) -> None:
+        """`replica` has no call in flight and none waiting (it starts, or stops)."""
+
+    @abc.abstractmethod
+    async def record_saga_flow(
+        self, saga_id: str, definition_name: str, *, concurrency_key: str | None, priority: int, now: float
+    ) -> None:
+        """Stores a saga's priority and concurrency key, before the saga is
+        created (a repeated StartSaga keeps the first)."""
+
+    @abc.abstractmethod
+    async def flow_of(self, saga_id: str, *, with_waits: bool = True) -> SagaFlow:
+        """The saga's priority and key (the defaults when none was stored),
+        and what it waits for now: its calls held back by the replica that
+        drives it, and its key's turn."""
+
+    @abc.abstractmethod
+    async def take_key_turn(
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_seconds: float
+    ) -> float | None:
+        """Whether `saga_id` may run now: None when fewer than `max_running`
+        unfinished sagas with the same definition and concurrency key were
+        started before it (its recorded wait, if any, is removed). Else, in
+        the same transaction, the saga is released by `owner` (at `epoch`)
+        until the time returned, `retry_seconds` from now for each saga
+        beyond its turn (at most ten), and its wait is recorded for its view."""
 
     @abc.abstractmethod
     async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:

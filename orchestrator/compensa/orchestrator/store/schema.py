@@ -153,6 +153,68 @@ participants = Table(
     Column("updated_by", String(256), nullable=False),
     Column("unhealthy_since", Float, nullable=True),
     Column("alerted_at", Float, nullable=True),
+    # Flow control (flow.py): the deployment's limits (NULL: none), the
+    # token bucket of the rate limit, and an operator's hold.
+    Column("max_in_flight", Integer, nullable=True),
+    Column("rate_per_second", Float, nullable=True),
+    Column("burst", Integer, nullable=True),
+    Column("tokens", Float, nullable=True),
+    Column("tokens_at", Float, nullable=True),
+    Column("held_reason", Text, nullable=True),
+    Column("held_by", String(256), nullable=True),
+    Column("held_at", Float, nullable=True),
+)
+
+#: Calls in flight to a participant, per replica: a replica's count is
+#: counted against the participant's max_in_flight while its lease holds,
+#: so a replica that dies gives its share back when its lease expires.
+participant_grants = Table(
+    "compensa_participant_grants",
+    metadata,
+    Column("participant", String(64), primary_key=True),
+    Column("replica", String(128), primary_key=True),
+    Column("in_flight", Integer, nullable=False),
+    Column("lease_until", Float, nullable=False),
+)
+
+#: Every change of a participant's limits or hold, with who made it.
+participant_changes = Table(
+    "compensa_participant_changes",
+    metadata,
+    Column("position", Integer, primary_key=True, autoincrement=True),
+    Column("participant", String(64), nullable=False),
+    Column("changed_at", Float, nullable=False),
+    Column("changed_by", String(256), nullable=False),
+    Column("change", Text, nullable=False),
+)
+Index("compensa_participant_changes_name", participant_changes.c.participant, participant_changes.c.position)
+
+#: A saga's priority and concurrency key (StartSaga), written before the
+#: saga itself only when either is set: a row whose saga was never created
+#: joins no saga and so counts for nothing.
+saga_flow = Table(
+    "compensa_saga_flow",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("definition_name", String(64), nullable=False),
+    Column("concurrency_key", String(255), nullable=True),
+    Column("priority", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+Index("compensa_saga_flow_key", saga_flow.c.definition_name, saga_flow.c.concurrency_key, saga_flow.c.created_at)
+
+#: Calls held back by a participant's limit or hold, and sagas waiting for
+#: their key's turn (step_name "", owner ""),, for the saga's view:
+#: shown while `owner` still drives the saga.
+capacity_waits = Table(
+    "compensa_capacity_waits",
+    metadata,
+    Column("saga_id", String(128), primary_key=True),
+    Column("step_name", String(64), primary_key=True),
+    Column("participant", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("since", Float, nullable=False),
+    Column("owner", String(128), nullable=False),
 )
 
 #: Each participant's contract, when one is stored: a serialized

@@ -66,6 +66,7 @@ from compensa.orchestrator.store.base import (
     StoredAlert,
     StoredEvent,
 )
+from compensa.orchestrator.store.capacity import CapacityStatements, participant_from_row
 from compensa.orchestrator.store.rows import (
     ALERT_RAISED,
     alert_row,
@@ -84,12 +85,14 @@ from compensa.orchestrator.store.schema import (
     audit_progress,
     bulk_actions,
     bulk_items,
+    capacity_waits,
     definition_changes,
     definitions,
     log_head,
     participant_contracts,
     participants,
     saga_events,
+    saga_flow,
     saga_steps,
     sagas,
     secrets,
@@ -211,7 +214,7 @@ def refused_write(error: BaseException) -> DatabaseRefusesWrites | None:
     return kind(f"{message} (SQLSTATE {sqlstate})")
 
 
-class SqlSagaStore(SagaStore):
+class SqlSagaStore(CapacityStatements, SagaStore):
     """SagaStore over SQLAlchemy 2 Core with an async driver."""
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_DATABASE_TIMEOUT, **options: Any) -> None:
@@ -492,22 +495,20 @@ class SqlSagaStore(SagaStore):
     async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
         values = {"address": address, "updated_at": now, "updated_by": updated_by}
         async with self._transaction() as conn:
-            await conn.execute(
-                self._insert(participants)
-                .values(name=name, **values)
-                .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
-            )
-        return ParticipantAddress(name, address, now, updated_by)
+            row = (
+                await conn.execute(
+                    self._insert(participants)
+                    .values(name=name, **values)
+                    .on_conflict_do_update(index_elements=[participants.c.name], set_=values)
+                    .returning(*participants.c)
+                )
+            ).one()
+        return participant_from_row(row)
 
     async def list_participants(self) -> list[ParticipantAddress]:
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
-        return [
-            ParticipantAddress(
-                row.name, row.address, row.updated_at, row.updated_by, row.unhealthy_since, row.alerted_at
-            )
-            for row in rows
-        ]
+        return [participant_from_row(row) for row in rows]
 
     async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:
         async with self._transaction() as conn:
@@ -791,6 +792,8 @@ class SqlSagaStore(SagaStore):
                     )
                 )
                 await conn.execute(sa.delete(saga_events).where(saga_events.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(capacity_waits).where(capacity_waits.c.saga_id.in_(saga_ids)))
+                await conn.execute(sa.delete(saga_flow).where(saga_flow.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(saga_ids)))
                 await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
         return len(saga_ids)
