@@ -13,99 +13,45 @@ counters.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import itertools
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from counting_participant import CountingParticipant, most_at_once, most_in_one_second, read_notes, serving
 from harness import poll_until
 from participant_helpers import checkout_input
-from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet
+from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet, free_port
 
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.participants.sdk import pack
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, participant_pb2, participant_pb2_grpc, saga_pb2
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.postgres]
 
 S = saga_pb2
 
 
-@dataclass
-class CountingParticipant(participant_pb2_grpc.ParticipantServiceServicer):
-    """Answers every call after `work_seconds`, and notes when each arrived
-    and ended. A saga whose id ends in "-declined" fails its Execute (a
-    business failure: nothing applied, so nothing to compensate)."""
-
-    work_seconds: float = 0.05
-    arrivals: list[float] = field(default_factory=list)
-    #: (saga id, step, arrival, end) of every call.
-    calls: list[tuple[str, str, float, float]] = field(default_factory=list)
-    executed: dict[str, int] = field(default_factory=dict)
-    in_flight: int = 0
-    most_in_flight: int = 0
-
-    async def _work(self, saga_id: str, step: str = "") -> None:
-        arrived = time.monotonic()
-        self.arrivals.append(arrived)
-        self.executed[saga_id] = self.executed.get(saga_id, 0) + 1
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        try:
-            await asyncio.sleep(self.work_seconds)  # ok-sleep: the participant's work
-        finally:
-            self.in_flight -= 1
-            self.calls.append((saga_id, step, arrived, time.monotonic()))
-
-    async def Execute(
-        self, request: participant_pb2.ExecuteRequest, context: grpc.aio.ServicerContext
-    ) -> participant_pb2.ExecuteResponse:
-        await self._work(request.context.saga_id, request.context.step_name)
-        if request.context.saga_id.endswith("-declined"):
-            return participant_pb2.ExecuteResponse(
-                result=participant_pb2.EXECUTE_RESULT_FAILED, failure_reason="declined"
-            )
-        return participant_pb2.ExecuteResponse(result=participant_pb2.EXECUTE_RESULT_SUCCEEDED)
-
-    async def Compensate(
-        self, request: participant_pb2.CompensateRequest, context: grpc.aio.ServicerContext
-    ) -> participant_pb2.CompensateResponse:
-        await self._work(request.context.saga_id)
-        return participant_pb2.CompensateResponse()
-
-    def most_in_one_second(self) -> int:
-        """The most calls that arrived within any one-second window."""
-        times = sorted(self.arrivals)
-        return max((bisect.bisect_left(times, t + 1.0) - i for i, t in enumerate(times)), default=0)
+DEFAULT_RETRY = "retry: {max_attempts: 5, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}"
 
 
-@asynccontextmanager
-async def serving(participant: CountingParticipant, port: int = 0) -> AsyncIterator[str]:
-    server = grpc.aio.server()
-    participant_pb2_grpc.add_ParticipantServiceServicer_to_server(participant, server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(0)
-
-
-def definition_file(tmp_path: Path, *, step_timeout: str = "", name: str = "limited", more: str = "") -> Path:
+def definition_file(
+    tmp_path: Path, *, step_timeout: str = "", name: str = "limited", more: str = "", retry: str = DEFAULT_RETRY
+) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"name: {name}\ninput_type: compensa.checkout.v1.CheckoutInput\n{more}steps:\n"
         "  - name: charge\n    participant: gated\n    kind: COMPENSABLE\n"
         + (f"    execute_timeout: 1s\n    step_timeout: {step_timeout}\n" if step_timeout
            else "    execute_timeout: 10s\n")
-        + "    retry: {max_attempts: 5, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}\n"
+        + f"    {retry}\n"
     )
     return path
 
@@ -154,77 +100,130 @@ async def final_states(
     return result
 
 
-# --- across replicas ----------------------------------------------------------
+# --- across replicas, through an outage -------------------------------------------
 
-SAGA_COUNT = 1500
+SAGA_COUNT = 5000
 MAX_IN_FLIGHT = 20
 RATE = 100.0
 BURST = 20
 LEASE_SECONDS = 2.0
+OUTAGE_SECONDS = 60.0
+PATIENT_RETRY = (
+    "retry: {max_attempts: 0, give_up_after: 1h, initial_backoff: 100ms, backoff_multiplier: 2, max_backoff: 1s}"
+)
 
 
 @pytest.mark.slow
-async def test_limits_hold_across_three_replicas_with_one_killed(
+async def test_limits_hold_across_three_replicas_through_an_outage_and_a_kill(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
-    participant = CountingParticipant(work_seconds=0.15)
+    """5,000 sagas start on three replicas while their participant is down,
+    and wait for it, retrying, for 60 s. When it is back, its limits hold
+    for the three together (20 calls in flight, 100 calls/s plus a burst of
+    20, counted where the calls arrive: by the participant, in a process of
+    its own so that this test's work does not misdate them), the oldest
+    sagas go first, one replica is SIGKILLed midway, and every saga ends as
+    predicted with its Execute applied once (but for the calls the dead
+    replica had in flight)."""
     database = make_postgres_url()
-    definition = definition_file(tmp_path)
-    async with serving(participant) as address:
-        with ProcessSet(tmp_path) as processes:
-            replicas: list[ManagedProcess] = [
-                processes.orchestrator(
-                    database, {"gated": address}, definitions=[definition], lease_seconds=LEASE_SECONDS, name=name
-                )
-                for name in ("r0", "r1", "r2")
-            ]
-            for replica in replicas:  # one at a time: the first creates the schema
-                await replica.start_serving()
-            channels = [grpc.aio.insecure_channel(r.address, options=FAST_RECONNECT) for r in replicas]
-            stubs = [orchestrator_pb2_grpc.OrchestratorServiceStub(channel) for channel in channels]
-            try:
-                stored = await set_limits(stubs[0], max_in_flight=MAX_IN_FLIGHT, calls_per_second=RATE, burst=BURST)
-                assert (stored.limits.max_in_flight, stored.limits.calls_per_second, stored.limits.burst) == (
-                    MAX_IN_FLIGHT, RATE, BURST
-                )
-                # Each replica reads the limits within a second (at once when asked to list them).
-                for stub in stubs:
-                    listed = await stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest(), timeout=10.0)
-                    assert listed.participants[0].limits.max_in_flight == MAX_IN_FLIGHT
-                saga_ids = [f"fc-{n:05d}" + ("-declined" if n % 10 == 0 else "") for n in range(SAGA_COUNT)]
-                starts = asyncio.Semaphore(64)
+    definition = definition_file(tmp_path, retry=PATIENT_RETRY)
+    address = f"127.0.0.1:{free_port()}"
+    notes = tmp_path / "calls.txt"
+    with ProcessSet(tmp_path) as processes:
+        participant = processes.add("participant", [
+            sys.executable, str(Path(__file__).with_name("counting_participant.py")),
+            "--listen", address, "--notes", str(notes), "--work-seconds", "0.05",
+        ], address)
+        replicas: list[ManagedProcess] = [
+            processes.orchestrator(
+                database, {"gated": address}, definitions=[definition], lease_seconds=LEASE_SECONDS, name=name,
+                # Every saga waits for the participant at once: each replica
+                # may end up with all of them (its default bound is 1,000).
+                options=["--max-sagas-in-flight", str(SAGA_COUNT)],
+            )
+            for name in ("r0", "r1", "r2")
+        ]
+        for replica in replicas:  # one at a time: the first creates the schema
+            await replica.start_serving()
+        channels = [grpc.aio.insecure_channel(r.address, options=FAST_RECONNECT) for r in replicas]
+        stubs = [orchestrator_pb2_grpc.OrchestratorServiceStub(channel) for channel in channels]
+        try:
+            stored = await set_limits(stubs[0], max_in_flight=MAX_IN_FLIGHT, calls_per_second=RATE, burst=BURST)
+            assert (stored.limits.max_in_flight, stored.limits.calls_per_second, stored.limits.burst) == (
+                MAX_IN_FLIGHT, RATE, BURST
+            )
+            # Each replica reads the limits within a second (at once when asked to list them).
+            for stub in stubs:
+                listed = await stub.ListParticipants(orchestrator_pb2.ListParticipantsRequest(), timeout=10.0)
+                assert listed.participants[0].limits.max_in_flight == MAX_IN_FLIGHT
+            outage_began = asyncio.get_running_loop().time()
+            saga_ids = [f"fc-{n:05d}" + ("-declined" if n % 10 == 0 else "") for n in range(SAGA_COUNT)]
+            await start_all(stubs, saga_ids)
 
-                async def start(n: int, saga_id: str) -> None:
-                    request = start_request(saga_id)
-                    async with starts:
-                        for attempt in range(50):  # the same request again: StartSaga is idempotent
-                            try:
-                                await stubs[(n + attempt) % 3].StartSaga(request, timeout=30.0)
-                                return
-                            except grpc.aio.AioRpcError as error:
-                                # The shared PostgreSQL may be short of connections a moment.
-                                if error.code() != grpc.StatusCode.UNAVAILABLE:
-                                    raise
-                            await asyncio.sleep(0.1)  # ok-sleep: pause before trying again
-                        raise AssertionError(f"{saga_id}: not started")
+            async def retrying() -> bool:
+                saga = await get_saga(stubs[0], saga_ids[1])
+                return saga.steps[0].attempts > 0 and bool(saga.steps[0].last_error)
 
-                await asyncio.gather(*(start(n, saga_id) for n, saga_id in enumerate(saga_ids)))
-                # Mid-run, with calls waiting on every replica: r1 dies.
-                await poll_until(lambda: len(participant.arrivals) >= SAGA_COUNT // 3, timeout=120.0, interval=0.05)
-                replicas[1].kill()
-                states = await final_states(stubs[0], saga_ids, timeout=240.0)
-            finally:
-                for channel in channels:
-                    await channel.close()
+            await poll_until(retrying, timeout=60.0, interval=0.5)
+            outage_left = OUTAGE_SECONDS - (asyncio.get_running_loop().time() - outage_began)
+            await asyncio.sleep(max(0.0, outage_left))  # ok-sleep: the outage lasts 60 s, sagas piling up
+            await participant.start_serving()
+            back_at = time.monotonic()
+            # Mid-run, with calls waiting on every replica: r1 dies.
+            await poll_until(lambda: len(read_notes(notes)) >= SAGA_COUNT // 3, timeout=180.0, interval=0.5)
+            replicas[1].kill()
+            states = await final_states(stubs[0], saga_ids, timeout=300.0)
+        finally:
+            for channel in channels:
+                await channel.close()
+        calls = read_notes(notes)
+    arrivals = sorted(arrived for _, _, arrived, _ in calls)
+    print(
+        f"participant back: first call after {arrivals[0] - back_at:.1f}s, {len(calls)} calls over"
+        f" {arrivals[-1] - arrivals[0]:.1f}s; at most {most_at_once(calls)} at once and"
+        f" {most_in_one_second(arrivals)} in a second"
+    )
     wrong = {saga_id: S.SagaState.Name(states[saga_id]) for saga_id in saga_ids  # type: ignore[arg-type]
              if states[saga_id] != expected_state(saga_id)}
     assert not wrong, f"unexpected outcomes: {list(wrong.items())[:10]}"
-    assert participant.most_in_flight <= MAX_IN_FLIGHT, participant.most_in_flight
-    assert participant.most_in_one_second() <= RATE + BURST, participant.most_in_one_second()
-    # Every saga reached the participant; only those r1 had in flight at its death twice.
-    assert set(participant.executed) == set(saga_ids)
-    again = {saga_id: count for saga_id, count in participant.executed.items() if count > 1}
+    assert most_at_once(calls) <= MAX_IN_FLIGHT, most_at_once(calls)
+    assert most_in_one_second(arrived for _, _, arrived, _ in calls) <= RATE + BURST, most_in_one_second(
+        arrived for _, _, arrived, _ in calls
+    )
+    executed: dict[str, int] = {}
+    for saga_id, *_ in calls:
+        executed[saga_id] = executed.get(saga_id, 0) + 1
+    assert set(executed) == set(saga_ids)
+    # Only the calls r1 had in flight at its death reach the participant twice.
+    again = {saga_id: count for saga_id, count in executed.items() if count > 1}
     assert sum(again.values()) <= 2 * MAX_IN_FLIGHT, again
+    # On the participant's return the oldest sagas go first: the middle of
+    # the first 500 calls is far older than the middle of the last 500.
+    order = [saga_ids.index(saga_id) for saga_id, *_ in sorted(calls, key=lambda call: call[2])]
+    first, last = sorted(order[:500]), sorted(order[-500:])
+    assert first[250] < last[250] - SAGA_COUNT // 2, (first[250], last[250])
+
+
+async def start_all(stubs: list[orchestrator_pb2_grpc.OrchestratorServiceStub], saga_ids: list[str]) -> None:
+    """Starts the sagas 64 at a time, spread over the replicas."""
+    starts = asyncio.Semaphore(64)
+
+    async def start(n: int, saga_id: str) -> None:
+        request = start_request(saga_id)
+        async with starts:
+            for attempt in range(50):  # the same request again: StartSaga is idempotent
+                try:
+                    await stubs[(n + attempt) % len(stubs)].StartSaga(request, timeout=30.0)
+                    return
+                except grpc.aio.AioRpcError as error:
+                    # A replica at its bound of sagas in flight, or the shared
+                    # PostgreSQL short of connections a moment.
+                    if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                        raise
+                await asyncio.sleep(0.1)  # ok-sleep: pause before trying again
+            raise AssertionError(f"{saga_id}: not started")
+
+    await asyncio.gather(*(start(n, saga_id) for n, saga_id in enumerate(saga_ids)))
 
 
 # --- one replica in this process ------------------------------------------------
@@ -494,43 +493,6 @@ async def test_limits_holds_and_keys_on_the_embedded_database(tmp_path: Path) ->
     for card in range(4):
         same = [by_saga[saga_id] for n, saga_id in enumerate(saga_ids) if n % 4 == card]
         assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(same)), same
-
-
-@pytest.mark.slow
-async def test_after_an_outage_waiting_sagas_resume_within_the_limits_oldest_first(
-    tmp_path: Path, make_postgres_url: Callable[[], str]
-) -> None:
-    """The participant is away while 150 sagas start and retry; when it is
-    back, its limits hold (no thundering herd) and the oldest sagas go first."""
-    participant = CountingParticipant(work_seconds=0.02)
-    patient = definition_file(tmp_path).read_text().replace(
-        "max_attempts: 5,", "max_attempts: 0, give_up_after: 1h,"
-    )
-    (tmp_path / "limited.yaml").write_text(patient)
-    async with serving(participant) as address:
-        port = int(address.rsplit(":", 1)[1])
-    async with orchestrator_for(make_postgres_url, address, tmp_path / "limited.yaml") as stub:
-        await set_limits(stub, max_in_flight=5, calls_per_second=50.0, burst=10)
-        saga_ids = [f"out-{n:03d}" for n in range(150)]
-        for saga_id in saga_ids:
-            await stub.StartSaga(start_request(saga_id), timeout=10.0)
-
-        async def retrying() -> bool:
-            return bool((await get_saga(stub, saga_ids[0])).steps[0].last_error)
-
-        await poll_until(retrying, timeout=30.0, interval=0.2)
-        await asyncio.sleep(3.0)  # ok-sleep: the outage lasts this long, with retries piling up
-        async with serving(participant, port):
-            states = await final_states(stub, saga_ids, timeout=120.0)
-    assert all(state == S.SAGA_STATE_SUCCEEDED for state in states.values())
-    assert participant.most_in_flight <= 5
-    # Calls are granted on the database's clock and timed on arrival; here the
-    # orchestrator and the participant share this process's event loop, so an
-    # arrival may lag its grant by a few tens of ms (50 ms: 2.5 calls at 50/s).
-    assert participant.most_in_one_second() <= 50 + 10 + 3, participant.most_in_one_second()
-    order = [saga_ids.index(saga_id) for saga_id, *_ in sorted(participant.calls, key=lambda call: call[2])]
-    first, last = sorted(order[:50]), sorted(order[-50:])
-    assert first[25] < last[25], (first[25], last[25])
 
 
 async def test_the_command_line_sets_limits_holds_and_releases(tmp_path: Path) -> None:

@@ -48,6 +48,26 @@ from compensa.orchestrator.store.schema import (
 _MAX_TURN_BACKOFF = 10
 # A fraction of a token this close to a whole one counts as whole (float sums).
 _TOKEN_EPSILON = 1e-9
+#: How much a call's trip from its grant to the participant may vary (the
+#: replica's event loop, the network). A limit is promised where calls
+#: arrive, and calls granted over 1 s plus this spread can all arrive within
+#: one second; the bucket keeps that much back (`granting_bucket`).
+DELIVERY_SPREAD_SECONDS = 0.1
+
+
+def granting_bucket(rate: float, burst: float) -> tuple[float, float]:
+    """The rate and burst calls are granted by, so that no more than
+    `rate` + `burst` of them arrive at the participant in any one second
+    while their trips vary by up to DELIVERY_SPREAD_SECONDS.
+
+    Grants in any window of 1 s + the spread are at most burst + rate x
+    (1 s + spread); the margin comes out of the burst (rate x spread calls),
+    or, when the burst is smaller than that, out of the rate with a burst of
+    one call."""
+    margin = rate * DELIVERY_SPREAD_SECONDS
+    if burst - margin >= 1.0:
+        return rate, burst - margin
+    return (rate + burst - 1.0) / (1.0 + DELIVERY_SPREAD_SECONDS), 1.0
 
 
 def participant_from_row(row: sa.Row[Any]) -> ParticipantAddress:
@@ -79,6 +99,9 @@ class CapacityStatements(abc.ABC):
 
     @abc.abstractmethod
     def _insert(self, table: sa.Table) -> Any: ...
+
+    # The database's clock (seconds since the epoch), as the store reads it.
+    _CLOCK_QUERY: str
 
     async def _change(
         self, name: str, values: dict[str, Any], *, by: str, now: float, change: str
@@ -143,9 +166,15 @@ class CapacityStatements(abc.ABC):
                         participants.c.max_in_flight, participants.c.rate_per_second, participants.c.burst,
                         participants.c.tokens, participants.c.tokens_at, participants.c.held_reason,
                         participants.c.held_by, others.label("others"), mine.scalar_subquery().label("mine"),
+                        sa.literal_column(self._CLOCK_QUERY.removeprefix("SELECT ")).label("clock"),
                     ).where(participants.c.name == participant)
                 )
             ).one()
+            if row is not None:
+                # Tokens are counted at the time the lock is held, on the
+                # database's clock: a replica's `now`, taken before it waited
+                # for the lock, would date its grants earlier than they are.
+                now = max(now, float(row.clock))
             if row is None:  # not stored, so not limited
                 grant = CapacityGrant(wanted)
                 in_flight = 0
@@ -303,13 +332,13 @@ def _grant(
             granted = free
             why_not = f"participant {participant!r} is at its limit of {row.max_in_flight} calls in flight"
     if row.rate_per_second is not None:
-        burst = float(row.burst)
+        rate, burst = granting_bucket(row.rate_per_second, float(row.burst))
         elapsed = max(0.0, now - (row.tokens_at if row.tokens_at is not None else now))
-        available = min(burst, (row.tokens if row.tokens is not None else burst) + elapsed * row.rate_per_second)
+        available = min(burst, (row.tokens if row.tokens is not None else burst) + elapsed * rate)
         whole = math.floor(available + _TOKEN_EPSILON)
         if whole < granted:
             granted = whole
             why_not = why_not or f"participant {participant!r} is at its rate of {row.rate_per_second:g} calls/s"
-            retry_after = max(0.0, (whole + 1 - available) / row.rate_per_second)
+            retry_after = max(0.0, (whole + 1 - available) / rate)
         tokens_left = max(0.0, available - granted)
     return CapacityGrant(granted, why_not, retry_after=retry_after), tokens_left
