@@ -9,6 +9,14 @@ what it got to the waiting calls best first (higher priority first; within
 a priority, definitions take turns, and each one's oldest saga goes first);
 calls that ended go back in the same exchange.
 
+While the limits are far from reached, an exchange also hands the replica
+a few spare calls (slots counted as its own, tokens taken from the bucket,
+for SPARE_LIFETIME_SECONDS): calls that find one at hand, with none waiting
+before them, go without an exchange, and a call that ends gives its slot
+back to the spare. Spare slots go back to the budget at the next exchange,
+or when they lapse. So limits that are never reached cost an exchange per
+replica every few dozen calls, not one per call.
+
 A call that waits is not an attempt: nothing about it is written to the
 saga, so no retry is used; the saga's view shows the wait (recorded by the
 gate's exchanges) and the metrics count it. A participant with no limits
@@ -31,6 +39,7 @@ from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import DEFAULT_PRIORITY, CapacityWait, ParticipantAddress, SagaStore
+from compensa.orchestrator.store.capacity import SPARE_LIFETIME_SECONDS
 
 log = logging.getLogger("compensa.flow")
 
@@ -46,6 +55,10 @@ _RETRY_SECONDS = 0.05
 _HELD_RETRY_SECONDS = 0.25
 # After the database failed an exchange.
 _UNAVAILABLE_RETRY_SECONDS = 0.5
+# Spare calls asked for: twice the calls made since the last exchange,
+# within these bounds.
+_MIN_SPARE = 2
+_MAX_SPARE = 256
 
 
 class CapacityWaitExpired(Exception):
@@ -118,6 +131,10 @@ class _WaitingCalls:
             for *_, waiting in queue if not waiting.admitted.done()
         ]
 
+    def __bool__(self) -> bool:
+        """Whether a call may be waiting (calls that gave up count until popped)."""
+        return any(self._levels.values())
+
 
 @dataclass
 class _Gate:
@@ -128,6 +145,13 @@ class _Gate:
     # Calls that came since the last exchange: their priority is not known yet.
     unranked: list[_Waiting] = field(default_factory=list)
     returned: int = 0
+    # Spare calls (CapacityGrant.spare): slots counted as this replica's but
+    # not in use, and tokens taken but not used, both until `spare_until`
+    # (monotonic); and the calls made since the last exchange.
+    slots_free: int = 0
+    tokens: int = 0
+    spare_until: float = 0.0
+    made: int = 0
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waits_started: dict[tuple[str, str], CapacityWait] = field(default_factory=dict)
     waits_ended: set[tuple[str, str]] = field(default_factory=set)
@@ -139,6 +163,25 @@ class _Gate:
 
     def queued(self) -> int:
         return len(self.live())
+
+    def take_spare(self) -> bool:
+        """Takes a spare call if one is at hand and no call waits before it."""
+        if self.tokens < 1 or self.slots_free < 1 or self.unranked or self.waiting:
+            return False
+        if time.monotonic() >= self.spare_until:
+            return False
+        self.tokens -= 1
+        self.slots_free -= 1
+        self.made += 1
+        return True
+
+    def end_call(self) -> None:
+        """A counted call ended: its slot is spare until the next exchange,
+        which gives it back; wakes the gate if a call waits for it or the
+        spare has lapsed."""
+        self.slots_free += 1
+        if self.unranked or self.waiting or time.monotonic() >= self.spare_until:
+            self.wake.set()
 
     def rank(self, calls: Iterable[_Waiting], priorities: Mapping[str, int]) -> None:
         """Puts calls that came since an exchange in line, with their sagas'
@@ -182,6 +225,12 @@ class FlowControl:
             yield 0.0
             return
         gate = self._gate(participant)
+        if gate.take_spare():
+            try:
+                yield 0.0
+            finally:
+                gate.end_call()
+            return
         waiting = _Waiting(call, asyncio.get_running_loop().create_future(), self._clock.now())
         gate.unranked.append(waiting)
         gate.wake.set()
@@ -206,8 +255,7 @@ class FlowControl:
             yield waited
         finally:
             if waiting.admitted.result():
-                gate.returned += 1
-                gate.wake.set()
+                gate.end_call()
 
     async def renew(self, lease_until: float) -> None:
         """Extends the lease on this replica's calls in flight."""
@@ -248,8 +296,9 @@ class FlowControl:
                     await gate.wake.wait()
             gate.wake.clear()
             wanted = gate.queued()
-            if not (wanted or gate.returned or gate.waits_started or gate.waits_ended or first):
-                retry_in = None
+            lapsed = gate.slots_free > 0 and time.monotonic() >= gate.spare_until
+            if not (wanted or gate.returned or lapsed or gate.waits_started or gate.waits_ended or first):
+                retry_in = max(0.0, gate.spare_until - time.monotonic()) if gate.slots_free else None
                 continue
             if gate.name not in self._gated:
                 # Limits and hold were lifted: let everything through. Calls
@@ -258,10 +307,16 @@ class FlowControl:
                 gate.unranked = []
                 self._admit(gate, wanted, counted=False)
                 retry_in = None
-                if not (gate.returned or gate.waits_ended):
+                if not (gate.returned or gate.slots_free or gate.waits_ended):
                     continue
                 wanted = 0
-            returned, gate.returned = gate.returned, 0
+            # Spare slots go back with the calls that ended; unused tokens lapse.
+            returned, gate.returned, gate.slots_free, gate.tokens = gate.returned + gate.slots_free, 0, 0, 0
+            # None asked for when no call came since the last exchange: an
+            # idle gate then stops exchanging.
+            demand = gate.made + wanted
+            spare = min(_MAX_SPARE, max(_MIN_SPARE, 2 * demand)) if demand and gate.name in self._gated else 0
+            gate.made = 0
             started, ended = list(gate.waits_started.values()), list(gate.waits_ended)
             gate.waits_started, gate.waits_ended = {}, set()
             ranking, gate.unranked = gate.unranked, []
@@ -278,6 +333,7 @@ class FlowControl:
                     gate.name, self._replica, returned=returned, wanted=wanted, now=now,
                     lease_until=now + self._lease_seconds, waits_started=started, waits_ended=ended,
                     priorities_of=[waiting.call.saga_id for waiting in ranking if not waiting.admitted.done()],
+                    spare=spare,
                 )
             except StoreUnavailable as error:
                 log.debug("participant %s: capacity not exchanged (%s)", gate.name, error)
@@ -288,6 +344,10 @@ class FlowControl:
                 retry_in = _UNAVAILABLE_RETRY_SECONDS
                 continue
             gate.rank(ranking, grant.priorities)
+            # Calls that ended during the exchange gave their slots to slots_free already.
+            gate.slots_free += grant.spare
+            gate.tokens = grant.spare
+            gate.spare_until = time.monotonic() + SPARE_LIFETIME_SECONDS
             gate.returned += self._admit(gate, grant.granted, counted=True)
             still = gate.waiting.live()
             for waiting in still if grant.why_not else ():
@@ -306,6 +366,8 @@ class FlowControl:
                 retry_in = 0.0 if still else None
             if gate.waits_started or gate.waits_ended:
                 retry_in = min(retry_in, _RETRY_SECONDS) if retry_in is not None else _RETRY_SECONDS
+            if gate.slots_free:
+                retry_in = min(retry_in, SPARE_LIFETIME_SECONDS) if retry_in is not None else SPARE_LIFETIME_SECONDS
 
     def _admit(self, gate: _Gate, granted: int, *, counted: bool) -> int:
         """Hands `granted` calls' capacity to the best waiting calls; how

@@ -129,6 +129,10 @@ class CapacityGrant:
     #: Seconds until the rate lets the next call through (None: it is a
     #: call in flight ending, or the hold's release, that lets one through).
     retry_after: float | None = None
+    #: Calls granted beyond `granted`, for the replica to make without
+    #: asking again: slots counted as its own and tokens taken from the
+    #: bucket, given only while the limits are far from reached.
+    spare: int = 0
 
 
 @dataclass(frozen=True)
@@ -421,13 +425,15 @@ class SagaStore(abc.ABC):
     async def exchange_capacity(
         self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
         waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
-        priorities_of: Sequence[str] = (),
+        priorities_of: Sequence[str] = (), spare: int = 0,
     ) -> CapacityGrant:
         """In one transaction: gives back `returned` calls of `replica` that
-        ended, takes up to `wanted` new ones within the participant's limits
-        and hold (counting other replicas' calls while their lease holds),
-        records which of `replica`'s calls started or stopped waiting, and
-        reads the priorities of the sagas `priorities_of`."""
+        ended (or that it held spare), takes up to `wanted` new ones within
+        the participant's limits and hold (counting other replicas' calls
+        while their lease holds) and, when all are granted and the limits
+        are far from reached, up to `spare` more, records which of
+        `replica`'s calls started or stopped waiting, and reads the
+        priorities of the sagas `priorities_of`."""
 
     @abc.abstractmethod
     async def renew_capacity(self, replica: str, lease_until: float) -> None:

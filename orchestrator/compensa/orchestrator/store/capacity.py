@@ -53,6 +53,12 @@ _TOKEN_EPSILON = 1e-9
 #: arrive, and calls granted over 1 s plus this spread can all arrive within
 #: one second; the bucket keeps that much back (`granting_bucket`).
 DELIVERY_SPREAD_SECONDS = 0.1
+#: How long a replica may hold spare calls (CapacityGrant.spare) before it
+#: makes them: a spare token used later than its grant widens the spread.
+SPARE_LIFETIME_SECONDS = 0.05
+# Spare calls are at most this fraction (1/N) of what the limits leave free,
+# so that replicas holding spare never starve one another.
+_SPARE_SHARE = 4
 
 
 def granting_bucket(rate: float, burst: float) -> tuple[float, float]:
@@ -60,14 +66,15 @@ def granting_bucket(rate: float, burst: float) -> tuple[float, float]:
     `rate` + `burst` of them arrive at the participant in any one second
     while their trips vary by up to DELIVERY_SPREAD_SECONDS.
 
-    Grants in any window of 1 s + the spread are at most burst + rate x
-    (1 s + spread); the margin comes out of the burst (rate x spread calls),
-    or, when the burst is smaller than that, out of the rate with a burst of
-    one call."""
-    margin = rate * DELIVERY_SPREAD_SECONDS
+    The spread is the trip's and a spare call's lifetime. Grants in any
+    window of 1 s + the spread are at most burst + rate x (1 s + spread);
+    the margin comes out of the burst (rate x spread calls), or, when the
+    burst is smaller than that, out of the rate with a burst of one call."""
+    spread = DELIVERY_SPREAD_SECONDS + SPARE_LIFETIME_SECONDS
+    margin = rate * spread
     if burst - margin >= 1.0:
         return rate, burst - margin
-    return (rate + burst - 1.0) / (1.0 + DELIVERY_SPREAD_SECONDS), 1.0
+    return (rate + burst - 1.0) / (1.0 + spread), 1.0
 
 
 def participant_from_row(row: sa.Row[Any]) -> ParticipantAddress:
@@ -143,7 +150,7 @@ class CapacityStatements(abc.ABC):
     async def exchange_capacity(
         self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
         waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
-        priorities_of: Sequence[str] = (),
+        priorities_of: Sequence[str] = (), spare: int = 0,
     ) -> CapacityGrant:
         grants = participant_grants.c
         others = (
@@ -180,8 +187,8 @@ class CapacityStatements(abc.ABC):
                 in_flight = 0
             else:
                 mine_now = max(0, (row.mine or 0) - returned)
-                grant, tokens_left = _grant(participant, row, mine_now, wanted, now)
-                in_flight = mine_now + grant.granted
+                grant, tokens_left = _grant(participant, row, mine_now, wanted, now, spare)
+                in_flight = mine_now + grant.granted + grant.spare
                 if tokens_left is not None:
                     await conn.execute(
                         sa.update(participants).where(participants.c.name == participant)
@@ -317,15 +324,17 @@ class CapacityStatements(abc.ABC):
 
 
 def _grant(
-    participant: str, row: Any, mine: int, wanted: int, now: float
+    participant: str, row: Any, mine: int, wanted: int, now: float, spare: int = 0
 ) -> tuple[CapacityGrant, float | None]:
     """How many of `wanted` calls the participant's row lets through now
-    (this replica has `mine` in flight), and the tokens its bucket keeps
-    (None: no rate)."""
+    (this replica has `mine` in flight), how many of `spare` more it may
+    make without asking (a quarter at most of what is left, and only when
+    all `wanted` are granted), and the tokens its bucket keeps (None: no
+    rate)."""
     if row.held_reason is not None:
         why_not = f"participant {participant!r} is held by {row.held_by}: {row.held_reason}"
         return CapacityGrant(0, why_not, held=True), None
-    granted, why_not, retry_after, tokens_left = wanted, "", None, None
+    granted, why_not, retry_after, tokens_left, available = wanted, "", None, None, 0.0
     if row.max_in_flight is not None:
         free = max(0, row.max_in_flight - row.others - mine)
         if free < granted:
@@ -340,5 +349,14 @@ def _grant(
             granted = whole
             why_not = why_not or f"participant {participant!r} is at its rate of {row.rate_per_second:g} calls/s"
             retry_after = max(0.0, (whole + 1 - available) / rate)
-        tokens_left = max(0.0, available - granted)
-    return CapacityGrant(granted, why_not, retry_after=retry_after), tokens_left
+    spare_granted = 0
+    if granted == wanted and spare > 0:
+        spare_granted = spare
+        if row.max_in_flight is not None:
+            spare_granted = min(spare_granted, (row.max_in_flight - row.others - mine - granted) // _SPARE_SHARE)
+        if row.rate_per_second is not None:
+            spare_granted = min(spare_granted, math.floor(available - granted + _TOKEN_EPSILON) // _SPARE_SHARE)
+        spare_granted = max(0, spare_granted)
+    if row.rate_per_second is not None:
+        tokens_left = max(0.0, available - granted - spare_granted)
+    return CapacityGrant(granted, why_not, retry_after=retry_after, spare=spare_granted), tokens_left
