@@ -31,6 +31,12 @@ from processes import COMPENSA, FAST_RECONNECT, ManagedProcess, ProcessSet, free
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
+from compensa.orchestrator.store.capacity import (
+    DELIVERY_SPREAD_SECONDS,
+    SPARE_LIFETIME_SECONDS,
+    capacity_grant,
+    granting_bucket,
+)
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -539,3 +545,47 @@ async def compensa(*args: str) -> Completed:
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), 60.0)
     return Completed(process.returncode or 0, stdout.decode(), stderr.decode())
+
+
+# --- the budget's arithmetic ------------------------------------------------------
+
+
+def test_the_bucket_keeps_a_margin_for_the_spread_of_arrivals() -> None:
+    """Grants over 1 s + the spread never exceed rate + burst: the margin
+    comes out of the burst, or out of the rate when the burst is too small."""
+    spread = DELIVERY_SPREAD_SECONDS + SPARE_LIFETIME_SECONDS
+    for rate, burst in ((100.0, 20.0), (100.0, 100.0), (10.0, 1.0), (1000.0, 5.0), (0.5, 1.0)):
+        granting_rate, granting_burst = granting_bucket(rate, burst)
+        assert granting_burst >= 1.0
+        assert granting_burst + granting_rate * (1.0 + spread) <= rate + burst + 1e-9, (rate, burst)
+    assert granting_bucket(100.0, 20.0) == (100.0, 20.0 - 100.0 * spread)
+
+
+@dataclass
+class BudgetRow:
+    """A participant's row as the exchange reads it."""
+
+    max_in_flight: int | None = None
+    rate_per_second: float | None = None
+    burst: int | None = None
+    tokens: float | None = None
+    tokens_at: float | None = None
+    held_reason: str | None = None
+    held_by: str | None = None
+    others: int = 0
+
+
+def test_spare_calls_are_given_only_far_from_the_limits() -> None:
+    far = BudgetRow(max_in_flight=100, others=10)
+    grant, _ = capacity_grant("p", far, 10, 4, 0.0, spare=50)
+    assert (grant.granted, grant.spare) == (4, (100 - 10 - 10 - 4) // 4)
+    near = BudgetRow(max_in_flight=20, others=10)
+    grant, _ = capacity_grant("p", near, 8, 4, 0.0, spare=50)
+    assert (grant.granted, grant.spare) == (2, 0), "no spare while calls wait"
+    rate = BudgetRow(rate_per_second=1000.0, burst=1000, tokens=400.0, tokens_at=0.0)
+    grant, tokens_left = capacity_grant("p", rate, 0, 10, 0.0, spare=500)
+    assert (grant.granted, grant.spare) == (10, (400 - 10) // 4)
+    assert tokens_left == 400.0 - 10 - grant.spare
+    held = BudgetRow(max_in_flight=100, held_reason="incident", held_by="alice")
+    grant, _ = capacity_grant("p", held, 0, 3, 0.0, spare=50)
+    assert (grant.granted, grant.spare, grant.held) == (0, 0, True)

@@ -164,9 +164,11 @@ class _Gate:
     def queued(self) -> int:
         return len(self.live())
 
-    def take_spare(self) -> bool:
-        """Takes a spare call if one is at hand and no call waits before it."""
-        if self.tokens < 1 or self.slots_free < 1 or self.unranked or self.waiting:
+    def take_spare(self, *, their_turn: bool = False) -> bool:
+        """Takes a spare call if one is at hand and no call waits before it
+        (`their_turn`: for the first of the calls that came since the last
+        exchange, which do not count as waiting before it then)."""
+        if self.tokens < 1 or self.slots_free < 1 or self.waiting or (self.unranked and not their_turn):
             return False
         if time.monotonic() >= self.spare_until:
             return False
@@ -349,6 +351,15 @@ class FlowControl:
             gate.tokens = grant.spare
             gate.spare_until = time.monotonic() + SPARE_LIFETIME_SECONDS
             gate.returned += self._admit(gate, grant.granted, counted=True)
+            if not gate.waiting:
+                # Calls that came during the exchange go on the new spare, in turn.
+                while gate.unranked:
+                    waiting = gate.unranked[0]
+                    if not waiting.admitted.done():
+                        if not gate.take_spare(their_turn=True):
+                            break
+                        waiting.admitted.set_result(True)
+                    gate.unranked.pop(0)
             still = gate.waiting.live()
             for waiting in still if grant.why_not else ():
                 if not waiting.recorded:

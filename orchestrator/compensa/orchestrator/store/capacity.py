@@ -187,7 +187,7 @@ class CapacityStatements(abc.ABC):
                 in_flight = 0
             else:
                 mine_now = max(0, (row.mine or 0) - returned)
-                grant, tokens_left = _grant(participant, row, mine_now, wanted, now, spare)
+                grant, tokens_left = capacity_grant(participant, row, mine_now, wanted, now, spare)
                 in_flight = mine_now + grant.granted + grant.spare
                 if tokens_left is not None:
                     await conn.execute(
@@ -323,7 +323,7 @@ class CapacityStatements(abc.ABC):
         return retry_at
 
 
-def _grant(
+def capacity_grant(
     participant: str, row: Any, mine: int, wanted: int, now: float, spare: int = 0
 ) -> tuple[CapacityGrant, float | None]:
     """How many of `wanted` calls the participant's row lets through now
