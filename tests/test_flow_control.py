@@ -33,7 +33,8 @@ from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
 from compensa.orchestrator.store.capacity import (
     DELIVERY_SPREAD_SECONDS,
-    SPARE_LIFETIME_SECONDS,
+    MAX_SPARE_SECONDS,
+    GrantingBucket,
     capacity_grant,
     granting_bucket,
 )
@@ -551,14 +552,19 @@ async def compensa(*args: str) -> Completed:
 
 
 def test_the_bucket_keeps_a_margin_for_the_spread_of_arrivals() -> None:
-    """Grants over 1 s + the spread never exceed rate + burst: the margin
-    comes out of the burst, or out of the rate when the burst is too small."""
-    spread = DELIVERY_SPREAD_SECONDS + SPARE_LIFETIME_SECONDS
-    for rate, burst in ((100.0, 20.0), (100.0, 100.0), (10.0, 1.0), (1000.0, 5.0), (0.5, 1.0)):
-        granting_rate, granting_burst = granting_bucket(rate, burst)
-        assert granting_burst >= 1.0
-        assert granting_burst + granting_rate * (1.0 + spread) <= rate + burst + 1e-9, (rate, burst)
-    assert granting_bucket(100.0, 20.0) == (100.0, 20.0 - 100.0 * spread)
+    """Grants over 1 s + the spread (the trip's, and a spare token's wait)
+    never exceed rate + burst: the margin comes out of the burst, or out of
+    the rate when the burst is too small; spare tokens wait only on a burst
+    large enough to pay for it."""
+    for rate, burst in ((100.0, 20.0), (100.0, 100.0), (10.0, 1.0), (1000.0, 5.0), (0.5, 1.0), (1e5, 1e5)):
+        bucket = granting_bucket(rate, burst)
+        spread = DELIVERY_SPREAD_SECONDS + bucket.spare_seconds
+        assert bucket.burst >= 1.0
+        assert bucket.burst + bucket.rate * (1.0 + spread) <= rate + burst + 1e-6, (rate, burst)
+        assert 0.0 <= bucket.spare_seconds <= MAX_SPARE_SECONDS
+    assert granting_bucket(100.0, 20.0) == GrantingBucket(100.0, 20.0 - 100.0 * DELIVERY_SPREAD_SECONDS, 0.0)
+    # Half of a burst of a second's calls pays for the trip's 0.1 s and a 0.4 s wait.
+    assert granting_bucket(1e5, 1e5).spare_seconds == pytest.approx(0.4)
 
 
 @dataclass

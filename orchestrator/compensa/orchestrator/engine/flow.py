@@ -11,7 +11,7 @@ calls that ended go back in the same exchange.
 
 While the limits are far from reached, an exchange also hands the replica
 a few spare calls (slots counted as its own, tokens taken from the bucket,
-for SPARE_LIFETIME_SECONDS): calls that find one at hand, with none waiting
+for up to half a second): calls that find one at hand, with none waiting
 before them, go without an exchange, and a call that ends gives its slot
 back to the spare. Spare slots go back to the budget at the next exchange,
 or when they lapse. So limits that are never reached cost an exchange per
@@ -39,7 +39,6 @@ from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.metrics import Metrics
 from compensa.orchestrator.store import DEFAULT_PRIORITY, CapacityWait, ParticipantAddress, SagaStore
-from compensa.orchestrator.store.capacity import SPARE_LIFETIME_SECONDS
 
 log = logging.getLogger("compensa.flow")
 
@@ -349,7 +348,7 @@ class FlowControl:
             # Calls that ended during the exchange gave their slots to slots_free already.
             gate.slots_free += grant.spare
             gate.tokens = grant.spare
-            gate.spare_until = time.monotonic() + SPARE_LIFETIME_SECONDS
+            gate.spare_until = time.monotonic() + grant.spare_seconds
             gate.returned += self._admit(gate, grant.granted, counted=True)
             if not gate.waiting:
                 # Calls that came during the exchange go on the new spare, in turn.
@@ -378,7 +377,8 @@ class FlowControl:
             if gate.waits_started or gate.waits_ended:
                 retry_in = min(retry_in, _RETRY_SECONDS) if retry_in is not None else _RETRY_SECONDS
             if gate.slots_free:
-                retry_in = min(retry_in, SPARE_LIFETIME_SECONDS) if retry_in is not None else SPARE_LIFETIME_SECONDS
+                lapse = max(0.0, gate.spare_until - time.monotonic())
+                retry_in = min(retry_in, lapse) if retry_in is not None else lapse
 
     def _admit(self, gate: _Gate, granted: int, *, counted: bool) -> int:
         """Hands `granted` calls' capacity to the best waiting calls; how

@@ -133,6 +133,8 @@ class CapacityGrant:
     #: asking again: slots counted as its own and tokens taken from the
     #: bucket, given only while the limits are far from reached.
     spare: int = 0
+    #: How long the replica may hold them.
+    spare_seconds: float = 0.0
 
 
 @dataclass(frozen=True)

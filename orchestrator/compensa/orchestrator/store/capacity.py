@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,28 +54,42 @@ _TOKEN_EPSILON = 1e-9
 #: arrive, and calls granted over 1 s plus this spread can all arrive within
 #: one second; the bucket keeps that much back (`granting_bucket`).
 DELIVERY_SPREAD_SECONDS = 0.1
-#: How long a replica may hold spare calls (CapacityGrant.spare) before it
-#: makes them: a spare token used later than its grant widens the spread.
-SPARE_LIFETIME_SECONDS = 0.05
+#: The longest a replica holds spare calls (CapacityGrant.spare) before it
+#: gives back what it did not make: a participant held by hand sees no new
+#: call after this, plus an exchange.
+MAX_SPARE_SECONDS = 0.5
 # Spare calls are at most this fraction (1/N) of what the limits leave free,
 # so that replicas holding spare never starve one another.
 _SPARE_SHARE = 4
 
 
-def granting_bucket(rate: float, burst: float) -> tuple[float, float]:
-    """The rate and burst calls are granted by, so that no more than
-    `rate` + `burst` of them arrive at the participant in any one second
-    while their trips vary by up to DELIVERY_SPREAD_SECONDS.
+@dataclass(frozen=True)
+class GrantingBucket:
+    """How a participant's rate and burst are granted by."""
 
-    The spread is the trip's and a spare call's lifetime. Grants in any
-    window of 1 s + the spread are at most burst + rate x (1 s + spread);
-    the margin comes out of the burst (rate x spread calls), or, when the
-    burst is smaller than that, out of the rate with a burst of one call."""
-    spread = DELIVERY_SPREAD_SECONDS + SPARE_LIFETIME_SECONDS
-    margin = rate * spread
+    rate: float
+    burst: float
+    #: How long spare tokens may be held (0: none are given).
+    spare_seconds: float
+
+
+def granting_bucket(rate: float, burst: float) -> GrantingBucket:
+    """The rate and burst calls are granted by, and how long a spare token
+    may wait, so that no more than `rate` + `burst` calls arrive at the
+    participant in any one second while their trips vary by up to
+    DELIVERY_SPREAD_SECONDS.
+
+    A spare token used `spare_seconds` after its grant widens that spread.
+    Grants in any window of 1 s + the spread are at most burst + rate x
+    (1 s + spread), so the bucket keeps rate x spread back: out of the
+    burst, of which a spare token's wait may take up to half the rest; or,
+    when the burst is smaller than the trip's margin, out of the rate, with
+    a burst of one call and no spare tokens."""
+    spare_seconds = min(MAX_SPARE_SECONDS, max(0.0, burst / (2.0 * rate) - DELIVERY_SPREAD_SECONDS))
+    margin = rate * (DELIVERY_SPREAD_SECONDS + spare_seconds)
     if burst - margin >= 1.0:
-        return rate, burst - margin
-    return (rate + burst - 1.0) / (1.0 + spread), 1.0
+        return GrantingBucket(rate, burst - margin, spare_seconds)
+    return GrantingBucket((rate + burst - 1.0) / (1.0 + DELIVERY_SPREAD_SECONDS), 1.0, 0.0)
 
 
 def participant_from_row(row: sa.Row[Any]) -> ParticipantAddress:
@@ -335,13 +350,15 @@ def capacity_grant(
         why_not = f"participant {participant!r} is held by {row.held_by}: {row.held_reason}"
         return CapacityGrant(0, why_not, held=True), None
     granted, why_not, retry_after, tokens_left, available = wanted, "", None, None, 0.0
+    spare_seconds = MAX_SPARE_SECONDS
     if row.max_in_flight is not None:
         free = max(0, row.max_in_flight - row.others - mine)
         if free < granted:
             granted = free
             why_not = f"participant {participant!r} is at its limit of {row.max_in_flight} calls in flight"
     if row.rate_per_second is not None:
-        rate, burst = granting_bucket(row.rate_per_second, float(row.burst))
+        bucket = granting_bucket(row.rate_per_second, float(row.burst))
+        rate, burst, spare_seconds = bucket.rate, bucket.burst, bucket.spare_seconds
         elapsed = max(0.0, now - (row.tokens_at if row.tokens_at is not None else now))
         available = min(burst, (row.tokens if row.tokens is not None else burst) + elapsed * rate)
         whole = math.floor(available + _TOKEN_EPSILON)
@@ -350,7 +367,7 @@ def capacity_grant(
             why_not = why_not or f"participant {participant!r} is at its rate of {row.rate_per_second:g} calls/s"
             retry_after = max(0.0, (whole + 1 - available) / rate)
     spare_granted = 0
-    if granted == wanted and spare > 0:
+    if granted == wanted and spare > 0 and spare_seconds > 0:
         spare_granted = spare
         if row.max_in_flight is not None:
             spare_granted = min(spare_granted, (row.max_in_flight - row.others - mine - granted) // _SPARE_SHARE)
@@ -359,4 +376,7 @@ def capacity_grant(
         spare_granted = max(0, spare_granted)
     if row.rate_per_second is not None:
         tokens_left = max(0.0, available - granted - spare_granted)
-    return CapacityGrant(granted, why_not, retry_after=retry_after, spare=spare_granted), tokens_left
+    grant = CapacityGrant(
+        granted, why_not, retry_after=retry_after, spare=spare_granted, spare_seconds=spare_seconds
+    )
+    return grant, tokens_left
