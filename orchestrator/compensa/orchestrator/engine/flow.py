@@ -132,7 +132,7 @@ class _WaitingCalls:
 
     def __bool__(self) -> bool:
         """Whether a call may be waiting (calls that gave up count until popped)."""
-        return any(self._levels.values())
+        return any(queue for level in self._levels.values() for queue in level.values())
 
 
 @dataclass
