@@ -151,7 +151,7 @@ async def test_limits_hold_across_three_replicas_through_an_outage_and_a_kill(
             for name in ("r0", "r1", "r2")
         ]
         for replica in replicas:  # one at a time: the first creates the schema
-            await replica.start_serving()
+            await replica.start_serving(timeout=60.0)
         channels = [grpc.aio.insecure_channel(r.address, options=FAST_RECONNECT) for r in replicas]
         stubs = [orchestrator_pb2_grpc.OrchestratorServiceStub(channel) for channel in channels]
         try:
