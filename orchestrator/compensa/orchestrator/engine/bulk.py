@@ -19,8 +19,13 @@ second one is guarded on.
 
 Adding an action kind is an entry in `_ACTIONS` (how it acts on one saga: a
 write guarded on the selected sequence whose event's message begins with
-`bulk_tag`, as `_operator_action` makes for the operator actions) and one in
-selection.py's `_APPLIES_TO` (which sagas it applies to).
+`bulk_tag`, as `_operator_action` makes for the operator actions, or names it
+after the move, as MOVE's does) and one in selection.py's `_APPLIES_TO`
+(which sagas it applies to).
+
+The sagas of a batch are read in one query, and each action then decides on
+its saga as read and writes through the engine's group commit: a read and a
+guarded write per saga, the reads shared by the batch.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections.abc import Awaitable, Callable
 
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.engine.migration import NotMoved, move_saga
+from compensa.orchestrator.engine.replay import read_move
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
 from compensa.orchestrator.shared.timeline import saga_state_name
@@ -49,21 +56,33 @@ DONE = bulk_pb2.BULK_ITEM_OUTCOME_DONE
 SKIPPED = bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED
 FAILED = bulk_pb2.BULK_ITEM_OUTCOME_FAILED
 
-#: How an action acts on one saga: the saga after (unchanged when there was
-#: nothing to do), or None when the saga is no longer at the selected sequence.
-SagaAction = Callable[[SagaEngine, BulkJob, BulkItem], Awaitable[records.SagaRecord | None]]
+#: A saga with its holder and lease, as read for a batch (None: not found).
+Loaded = tuple[records.SagaRecord, str | None, float | None] | None
+#: How an action acts on one saga (as read for its batch): the saga after
+#: (unchanged when there was nothing to do), or None when the saga is no
+#: longer at the selected sequence. NotMoved: skipped, with its reason.
+SagaAction = Callable[[SagaEngine, BulkJob, BulkItem, Loaded], Awaitable[records.SagaRecord | None]]
 
 
 def _operator_action(event_of: Callable[[str, str], machine.Event]) -> SagaAction:
     """An operator action through the engine, by (who started the job, the job's text)."""
 
-    async def act(engine: SagaEngine, job: BulkJob, item: BulkItem) -> records.SagaRecord | None:
+    async def act(engine: SagaEngine, job: BulkJob, item: BulkItem, loaded: Loaded) -> records.SagaRecord | None:
         event = event_of(job.started_by, event_text(job))
         return await engine.apply_external_once(
-            item.saga_id, event, expected_sequence=item.selected_sequence, reconnect=False
+            item.saga_id, event, expected_sequence=item.selected_sequence, reconnect=False, loaded=loaded
         )
 
     return act
+
+
+async def _move(engine: SagaEngine, job: BulkJob, item: BulkItem, loaded: Loaded) -> records.SagaRecord | None:
+    """MOVE: the saga to the job's version, if its log as stored now replays under it."""
+    to = await engine.plan_for(job.definition_name, job.to_version)
+    return await move_saga(
+        engine, item.saga_id, to=to, renames=job.renames, expected_sequence=item.selected_sequence,
+        actor=job.started_by, text=event_text(job), loaded=loaded,
+    )
 
 
 _ACTIONS: dict[int, SagaAction] = {
@@ -79,6 +98,7 @@ _ACTIONS: dict[int, SagaAction] = {
     bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: _operator_action(
         lambda actor, text: machine.RetryNowRequested(actor=actor, reason=text)
     ),
+    bulk_pb2.BULK_ACTION_KIND_MOVE: _move,
 }
 
 # Replicas look for jobs to claim this often.
@@ -107,7 +127,11 @@ def event_text(job: BulkJob) -> str:
 def is_bulk_event(event: records.LogEvent, bulk_action_id: str) -> bool:
     """Whether `event` is the action of job `bulk_action_id`."""
     tag = bulk_tag(bulk_action_id)
-    return event.message == tag or event.message.startswith(tag + ": ")
+    text = event.message
+    if event.type == records.E.EVENT_TYPE_SAGA_MOVED:
+        moved = read_move(text)
+        text = moved[1] if moved is not None else ""
+    return text == tag or text.startswith(tag + ": ")
 
 
 class BulkRunner:
@@ -198,21 +222,27 @@ class BulkRunner:
     async def _act_on_batch(self, job: BulkJob, items: list[BulkItem]) -> None:
         started = time.monotonic()
         slots = asyncio.Semaphore(_CONCURRENCY)
+        loaded = await self._store.load_many_with_owner([item.saga_id for item in items])
 
         async def act(item: BulkItem) -> tuple[str, int, str] | None:
             async with slots:
-                return await self._act(job, item)
+                return await self._act(job, item, loaded.get(item.saga_id))
 
         outcomes = [outcome for outcome in await asyncio.gather(*(act(item) for item in items)) if outcome]
         await self._store.record_bulk_outcomes(job.bulk_action_id, outcomes, self._engine.clock.now())
         # The rate bounds the actions, however fast the database answers.
         await asyncio.sleep(max(0.0, len(items) / job.max_per_second - (time.monotonic() - started)))
 
-    async def _act(self, job: BulkJob, item: BulkItem) -> tuple[str, int, str] | None:
-        """The outcome of acting on one saga; None to leave it pending (the
-        database did not answer: whether the write landed is learnt next time)."""
+    async def _act(self, job: BulkJob, item: BulkItem, loaded: Loaded) -> tuple[str, int, str] | None:
+        """The outcome of acting on one saga (as read for its batch); None to
+        leave it pending (the database did not answer: whether the write
+        landed is learnt next time)."""
+        if loaded is not None and loaded[0].sequence != item.selected_sequence:
+            return await self._changed(job, item)
         try:
-            saga = await _ACTIONS[job.kind](self._engine, job, item)
+            saga = await _ACTIONS[job.kind](self._engine, job, item, loaded)
+        except NotMoved as skipped:
+            return item.saga_id, SKIPPED, str(skipped)
         except NotFound:
             return item.saga_id, SKIPPED, "the saga no longer exists (deleted by retention)"
         except StoreUnavailable:
@@ -254,6 +284,8 @@ def bulk_action_message(job: BulkJob) -> bulk_pb2.BulkAction:
         pending_count=job.pending, max_sagas_per_second=job.max_per_second,
         create_time=timestamp(job.created_at), update_time=timestamp(job.updated_at),
         replica=job.owner or "",
+        to_version=job.to_version,
+        step_mappings=[bulk_pb2.StepMapping(old_step=old, new_step=new) for old, new in job.renames.items()],
     )
 
 

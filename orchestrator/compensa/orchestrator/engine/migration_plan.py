@@ -18,7 +18,7 @@ from compensa.orchestrator.engine.replay import replay_history
 from compensa.orchestrator.shared.errors import InvalidArgument, quote
 from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
 from compensa.orchestrator.shared.timeline import saga_state_name
-from compensa.v1 import definition_pb2, orchestrator_pb2
+from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2
 
 __all__ = ["check_step_mappings", "classify"]
 
@@ -28,7 +28,7 @@ INCOMPATIBLE = orchestrator_pb2.MIGRATION_VERDICT_INCOMPATIBLE
 
 
 def check_step_mappings(
-    mappings: Sequence[orchestrator_pb2.StepMapping],
+    mappings: Sequence[bulk_pb2.StepMapping],
     old_versions: Sequence[definition_pb2.SagaDefinition],
     new: definition_pb2.SagaDefinition,
 ) -> dict[str, str]:

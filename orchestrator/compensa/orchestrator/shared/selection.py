@@ -238,6 +238,7 @@ ACTIONS = {
     "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
     "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
     "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
+    "move": bulk_pb2.BULK_ACTION_KIND_MOVE,
 }
 
 #: The sagas each action applies to: (saga states, unresolved only, in a backoff only).
@@ -246,6 +247,7 @@ _APPLIES_TO: dict[int, tuple[frozenset[SagaState], bool, bool]] = {
     bulk_pb2.BULK_ACTION_KIND_RETRY: (frozenset({FAILED}), True, False),
     bulk_pb2.BULK_ACTION_KIND_RESOLVE: (frozenset({FAILED}), True, False),
     bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: (ACTIVE_SAGA_STATES, False, True),
+    bulk_pb2.BULK_ACTION_KIND_MOVE: (ACTIVE_SAGA_STATES, False, False),
 }
 
 

@@ -61,6 +61,7 @@ from compensa.orchestrator.store.base import (
     DefinitionChange,
     ParticipantAddress,
     PendingAlert,
+    SagaMove,
     SagaStore,
     StateSummary,
     StoredAlert,
@@ -73,6 +74,7 @@ from compensa.orchestrator.store.rows import (
     event_row,
     outbox_row,
     saga_from_rows,
+    step_row,
     stored_alert,
     stored_event,
 )
@@ -183,6 +185,10 @@ _SAGA_COLUMNS = [
     sagas.c.resolution_note,
     sagas.c.trace_parent,
 ]
+
+
+#: A saga's columns with who holds it and until when.
+_SAGA_COLUMNS_HELD = [*_SAGA_COLUMNS, sagas.c.owner, sagas.c.lease_until]
 
 
 _REFUSALS: dict[str, tuple[type[DatabaseRefusesWrites], str]] = {
@@ -639,6 +645,45 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).one()
             return saga, held.owner, held.lease_until
 
+    async def load_many_with_owner(
+        self, saga_ids: Sequence[str]
+    ) -> dict[str, tuple[SagaRecord, str | None, float | None]]:
+        found: dict[str, tuple[SagaRecord, str | None, float | None]] = {}
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                chunk = list(saga_ids[start:start + _ID_CHUNK])
+                held = sa.select(*_SAGA_COLUMNS_HELD).where(sagas.c.saga_id.in_(chunk))
+                rows = (await conn.execute(held)).all()
+                for row, saga in zip(rows, await self._load_many(conn, rows), strict=True):
+                    found[saga.saga_id] = (saga, row.owner, row.lease_until)
+        return found
+
+    async def move_saga(self, move: SagaMove) -> StoredEvent | None:
+        saga = move.saga
+        async with self._transaction() as conn:
+            moved = (
+                await conn.execute(
+                    sa.update(sagas)
+                    .where(
+                        sagas.c.saga_id == saga.saga_id, sagas.c.sequence == move.expected_sequence,
+                        sagas.c.owner.is_(None),
+                    )
+                    .values(
+                        definition_version=saga.definition_version, sequence=saga.sequence,
+                        updated_at=saga.updated_at, due_at=move.due_at, epoch=sagas.c.epoch + 1,
+                    )
+                    .returning(sagas.c.saga_id)
+                )
+            ).first()
+            if moved is None:
+                return None
+            await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id == saga.saga_id))
+            rows = [step_row(saga.saga_id, position, step) for position, step in enumerate(saga.steps)]
+            await conn.execute(saga_steps.insert(), rows)
+            (positions,) = await self._append_events(conn, [(saga, (move.event,))])
+            await self._announce(conn, [saga.saga_id])
+        return StoredEvent(saga.saga_id, saga.definition_name, positions[0], move.event)
+
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         async with self._transaction() as conn:
             held = (
@@ -807,8 +852,12 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         page_size: int,
         after: tuple[float, str] | None,
         id_contains: str = "",
+        selection: SagaSelection | None = None,
+        now: float = 0.0,
     ) -> list[SagaRecord]:
         query = sa.select(*_SAGA_COLUMNS)
+        if selection is not None:
+            query = query.where(*_selected(selection, now))
         if id_contains:
             query = query.where(sagas.c.saga_id.contains(id_contains, autoescape=True))
         if state:
