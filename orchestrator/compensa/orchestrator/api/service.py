@@ -1130,13 +1130,13 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             )
         if request.to_version <= 0:
             raise InvalidArgument(f"to_version is required for MOVE: a registered version of {quote(name)}")
-        target = await self._store.get_definition(name, request.to_version)
-        if target is None:
-            raise InvalidArgument(f"to_version: {await self._engine.definition_not_found(name, request.to_version)}")
         try:
             old_versions = await self._versions(name, selection.definition_version)
         except NotFound as error:
             raise InvalidArgument(f"filter: {error}") from None
+        target = await self._store.get_definition(name, request.to_version)
+        if target is None:
+            raise InvalidArgument(f"to_version: {await self._engine.definition_not_found(name, request.to_version)}")
         return check_step_mappings(request.step_mappings, old_versions, target)
 
     @_answer_errors
@@ -1259,13 +1259,7 @@ BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 def _planned_selection(text: str, name: str) -> SagaSelection:
     """The sagas a PlanMigration filter selects: in flight, of definition `name`."""
-    selection = for_action(bulk_pb2.BULK_ACTION_KIND_MOVE, parse_filter(text))
-    if selection.definition_name and selection.definition_name != name:
-        raise InvalidArgument(
-            f"filter term 'definition={selection.definition_name}': the new definition is {quote(name)};"
-            " only its sagas are planned"
-        )
-    return dataclasses.replace(selection, definition_name=name)
+    return for_action(bulk_pb2.BULK_ACTION_KIND_MOVE, parse_filter(text, definition_name=name))
 
 
 def _kind_name(kind: int) -> str:

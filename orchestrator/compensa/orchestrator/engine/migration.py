@@ -60,9 +60,7 @@ class NotMoved(Exception):
     refusal: a call of it is in flight, or it is on that version already."""
 
 
-async def read_history(
-    store: SagaStore, saga: records.SagaRecord, plan: machine.Plan
-) -> orchestrator_pb2.SagaHistory:
+async def read_history(store: SagaStore, saga: records.SagaRecord, plan: machine.Plan) -> orchestrator_pb2.SagaHistory:
     """The saga as stored, its log up to its sequence, and its version (`plan`)."""
     events: list[saga_pb2.SagaEvent] = []
     while len(events) < saga.sequence:
@@ -149,8 +147,12 @@ async def move_saga(
     moved = moved_saga(saga, to, renames, now)
     used = {step.name: renames[step.name] for step in saga.steps if step.name in renames}
     event = records.LogEvent(
-        sequence=moved.sequence, type=records.E.EVENT_TYPE_SAGA_MOVED, time=now, saga_state=saga.state,
-        message=moved_message(Move(saga.definition_version, version, used), text), actor=actor,
+        sequence=moved.sequence,
+        type=records.E.EVENT_TYPE_SAGA_MOVED,
+        time=now,
+        saga_state=saga.state,
+        message=moved_message(Move(saga.definition_version, version, used), text),
+        actor=actor,
     )
     due_at = now if machine.due_calls(to, moved, now) else machine.wake_at(to, moved)
     stored = await engine.store.move_saga(SagaMove(moved, event, expected_sequence, due_at))

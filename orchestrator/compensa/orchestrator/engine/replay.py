@@ -330,6 +330,8 @@ class _Replayer:
                 ), cursor)
             elif event.type in _NOTES:
                 saga = replace(saga, sequence=event.sequence)
+                if event.type == E.EVENT_TYPE_SAGA_MOVED:  # the one note that is a change of the saga
+                    saga = replace(saga, updated_at=_seconds(event.time))
                 cursor += 1
                 continue
             else:
