@@ -37,7 +37,7 @@ any replica, runs the new version: nothing cached needs dropping.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
@@ -45,11 +45,11 @@ from compensa.orchestrator.engine.messages import event_message, saga_message
 from compensa.orchestrator.engine.migration_plan import INCOMPATIBLE, classify
 from compensa.orchestrator.engine.replay import Move, history_of, moved_message
 from compensa.orchestrator.shared import records
-from compensa.orchestrator.shared.errors import FailedPrecondition, saga_not_found
-from compensa.orchestrator.store import SagaMove, SagaStore
+from compensa.orchestrator.shared.errors import CompensaError, FailedPrecondition, NotFound, saga_not_found
+from compensa.orchestrator.store import SagaMove, SagaStore, StoredEvent
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
-__all__ = ["NotMoved", "move_saga", "moved_saga", "read_history"]
+__all__ = ["Chosen", "NotMoved", "Outcome", "move_sagas", "moved_saga", "read_history"]
 
 # Events read per query when a saga's log is read whole.
 _READ_BATCH = 500
@@ -110,37 +110,102 @@ def _held(holder: str, lease_until: float | None, now: float) -> NotMoved:
     )
 
 
-async def move_saga(
+#: A saga to move: its id, the sequence it was selected at, and the saga with
+#: its holder as just read (None: not found).
+Chosen = tuple[str, int, tuple[records.SagaRecord, str | None, float | None] | None]
+#: What became of one: the saga moved; None when it is no longer at the
+#: selected sequence (or changed before the write landed); NotMoved (a
+#: replica holds it, or it is on the version already), FailedPrecondition
+#: (incompatible, with the first diverging event and the reason) or NotFound.
+Outcome = records.SagaRecord | None | CompensaError | NotMoved
+
+
+async def move_sagas(
     engine: SagaEngine,
-    saga_id: str,
+    chosen: Sequence[Chosen],
     *,
     to: machine.Plan,
     renames: Mapping[str, str],
-    expected_sequence: int,
     actor: str,
     text: str,
-    loaded: tuple[records.SagaRecord, str | None, float | None] | None = None,
-) -> records.SagaRecord | None:
-    """Moves the saga to version `to` if its log as stored now replays under
-    it: the saga moved, or None when it is no longer at `expected_sequence`
-    (or changed before the write landed). NotMoved when a replica holds it
-    or it is on `to` already; FailedPrecondition, with the first diverging
-    event and the reason, when it is not compatible; NotFound when it is
-    gone. `loaded` is the saga with its holder as just read, if it was."""
-    loaded = loaded or await engine.store.load_with_owner(saga_id)
+) -> list[Outcome]:
+    """Moves each chosen saga to version `to` if its log as stored now
+    replays under it, its steps renamed by `renames`; the event names `actor`
+    and ends with `text` (the job's tag and note). The logs are read in one
+    query and the moves written in one transaction (each guarded on its own):
+    a batch costs a few round trips, not a few per saga. What became of each,
+    in order; StoreUnavailable when the database did not answer (whether the
+    write landed is then unknown)."""
+    outcomes: list[Outcome] = []
+    planned: dict[str, tuple[int, records.SagaRecord]] = {}
+    now = engine.clock.now()
+    for saga_id, expected_sequence, loaded in chosen:
+        outcomes.append(_before_reading(saga_id, expected_sequence, loaded, to, now))
+        if outcomes[-1] is None and loaded is not None and loaded[0].sequence == expected_sequence:
+            planned[saga_id] = (len(outcomes) - 1, loaded[0])
+    logs = await engine.store.read_saga_logs(list(planned)) if planned else {}
+    moves: list[tuple[int, SagaMove]] = []
+    for saga_id, (index, saga) in planned.items():
+        try:
+            moves.append((index, await _move_of(engine, saga, logs.get(saga_id, []), to, renames, actor, text, now)))
+        except (FailedPrecondition, NotFound) as refused:
+            outcomes[index] = refused
+    written = await engine.store.move_sagas([move for _, move in moves]) if moves else []
+    missed: dict[str, int] = {}
+    for (index, move), stored in zip(moves, written, strict=True):
+        if stored is None:
+            missed[move.saga.saga_id] = index
+            continue
+        outcomes[index] = move.saga
+        engine.logged_outside([stored], move.due_at)
+    if missed:
+        # A guard that failed: the saga changed, or a replica claimed it
+        # between the read and the write (then it is held, sequence unmoved).
+        again = await engine.store.load_many_with_owner(list(missed))
+        for saga_id, index in missed.items():
+            current = again.get(saga_id)
+            held = current is not None and current[0].sequence == chosen[index][1] and current[1] is not None
+            outcomes[index] = _held(current[1] or "", current[2], engine.clock.now()) if held and current else None
+    return outcomes
+
+
+def _before_reading(
+    saga_id: str,
+    expected_sequence: int,
+    loaded: tuple[records.SagaRecord, str | None, float | None] | None,
+    to: machine.Plan,
+    now: float,
+) -> Outcome:
+    """What becomes of a saga before its log is read: None to read it (or,
+    when its sequence moved, to say it changed)."""
     if loaded is None:
-        raise saga_not_found(saga_id)
+        return saga_not_found(saga_id)
     saga, holder, lease_until = loaded
     if saga.sequence != expected_sequence:
         return None
-    version = to.definition.version
-    if saga.definition_version == version:
-        raise NotMoved(f"nothing to do: the saga runs version {version} already")
-    now = engine.clock.now()
+    if saga.definition_version == to.definition.version:
+        return NotMoved(f"nothing to do: the saga runs version {to.definition.version} already")
     if holder is not None:
-        raise _held(holder, lease_until, now)
+        return _held(holder, lease_until, now)
+    return None
+
+
+async def _move_of(
+    engine: SagaEngine,
+    saga: records.SagaRecord,
+    log: Sequence[StoredEvent],
+    to: machine.Plan,
+    renames: Mapping[str, str],
+    actor: str,
+    text: str,
+    now: float,
+) -> SagaMove:
+    """The move of `saga` (its log as read) to `to`; FailedPrecondition when
+    its log does not replay there."""
     plan = await engine.plan_for(saga.definition_name, saga.definition_version)
-    verdict = classify(await read_history(engine.store, saga, plan), to.definition, renames)
+    events = [event_message(stored) for stored in log if stored.event.sequence <= saga.sequence]
+    verdict = classify(history_of(saga_message(saga, plan), events, plan.definition), to, renames)
+    version = to.definition.version
     if verdict.verdict == INCOMPATIBLE:
         at = f" at event {verdict.diverging_sequence}" if verdict.diverging_sequence else ""
         raise FailedPrecondition(f"incompatible with version {version}{at}: {verdict.reason}")
@@ -155,11 +220,4 @@ async def move_saga(
         actor=actor,
     )
     due_at = now if machine.due_calls(to, moved, now) else machine.wake_at(to, moved)
-    stored = await engine.store.move_saga(SagaMove(moved, event, expected_sequence, due_at))
-    if stored is None:
-        again = await engine.store.load_with_owner(saga_id)
-        if again is not None and again[0].sequence == expected_sequence and again[1] is not None:
-            raise _held(again[1], again[2], engine.clock.now())
-        return None
-    engine.logged_outside([stored], due_at)
-    return moved
+    return SagaMove(moved, event, saga.sequence, due_at)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.replay import replay_history
 from compensa.orchestrator.shared.errors import InvalidArgument, quote
 from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
@@ -58,11 +59,11 @@ def check_step_mappings(
 
 def classify(
     history: orchestrator_pb2.SagaHistory,
-    new: definition_pb2.SagaDefinition,
+    new: definition_pb2.SagaDefinition | machine.Plan,
     renames: Mapping[str, str],
 ) -> orchestrator_pb2.SagaMigrationPlan:
     """The plan for one saga: its history replayed under `new` (validated and
-    normalized) with its steps renamed by `renames`."""
+    normalized, or its plan) with its steps renamed by `renames`."""
     saga = history.saga
     plan = orchestrator_pb2.SagaMigrationPlan(
         saga_id=saga.saga_id, definition_version=saga.definition_version, state=saga.state

@@ -134,16 +134,20 @@ def history_of(
 
 def replay_history(
     history: orchestrator_pb2.SagaHistory,
-    definition: definition_pb2.SagaDefinition | None = None,
+    definition: definition_pb2.SagaDefinition | machine.Plan | None = None,
     *,
     renames: Mapping[str, str] | None = None,
 ) -> ReplayOutcome:
-    """Replays `history` under `definition` (validated and normalized; by
-    default the version the saga ran on), with its steps renamed old -> new
-    by `renames`. Beyond the events, a step that ran must keep its
-    participant and its compensability under `definition`."""
+    """Replays `history` under `definition` (validated and normalized, or its
+    plan when many histories are replayed under it; by default the version
+    the saga ran on), with its steps renamed old -> new by `renames`. Beyond
+    the events, a step that ran must keep its participant and its
+    compensability under `definition`."""
     renames = renames or {}
-    plan = machine.Plan.of(definition if definition is not None else history.definition)
+    if isinstance(definition, machine.Plan):
+        plan = definition
+    else:
+        plan = machine.Plan.of(definition if definition is not None else history.definition)
     return _Replayer(history, plan, renames).run()
 
 

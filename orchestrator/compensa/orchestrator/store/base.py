@@ -521,10 +521,15 @@ class SagaStore(abc.ABC):
         with no saga is left out)."""
 
     @abc.abstractmethod
-    async def move_saga(self, move: SagaMove) -> StoredEvent | None:
-        """Writes `move` in one transaction if the saga is at
-        `move.expected_sequence` and no replica holds it; the move's event as
-        logged, or None (nothing written) when that guard failed."""
+    async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
+        """Writes the moves in one transaction, each only if its saga is at
+        its `expected_sequence` and no replica holds it; for each, its event
+        as logged, or None (nothing of it written) when that guard failed."""
+
+    @abc.abstractmethod
+    async def read_saga_logs(self, saga_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """The whole log of each of these sagas, by sequence, in one
+        transaction (an id with no events is left out)."""
 
     @abc.abstractmethod
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:

@@ -103,6 +103,10 @@ from compensa.v1 import bulk_pb2, definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
+# A bulk action's selection is one transaction however many sagas its filter
+# selects (its items are the sagas as they were at one moment): 100,000 take
+# seconds on a loaded database, past the bound of every other transaction.
+_SELECTION_SECONDS = 120.0
 
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
@@ -243,6 +247,10 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         """Locks the selected rows, skipping those another transaction holds."""
         return query
 
+    async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
+        """Lets the statements of this transaction run up to `seconds` each
+        (a database that bounds each statement by `timeout`)."""
+
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         """For the rest of the transaction, plans that read a whole table are
         out: the scheduler's claim runs every second, and a plan cached while
@@ -254,11 +262,15 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     # -- plumbing
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction, bounded by `timeout` (and so is getting its connection)."""
+    async def _transaction(self, long: float | None = None) -> AsyncIterator[AsyncConnection]:
+        """One transaction, bounded by `timeout` (and so is getting its
+        connection), or by `long` seconds for one whose statements are known
+        to take long (a bulk action's selection of many sagas)."""
         began = time.monotonic()
         try:
-            async with bounded_transaction(self.engine, self.timeout) as conn:
+            async with bounded_transaction(self.engine, long or self.timeout) as conn:
+                if long is not None:
+                    await self._allow_statements_of(conn, long)
                 yield conn
         except sa.exc.TimeoutError as error:
             # Every pooled connection was busy for the whole wait: a fact about
@@ -658,31 +670,56 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                     found[saga.saga_id] = (saga, row.owner, row.lease_until)
         return found
 
-    async def move_saga(self, move: SagaMove) -> StoredEvent | None:
-        saga = move.saga
+    async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
+        landed: list[SagaMove] = []
         async with self._transaction() as conn:
-            moved = (
-                await conn.execute(
-                    sa.update(sagas)
-                    .where(
-                        sagas.c.saga_id == saga.saga_id, sagas.c.sequence == move.expected_sequence,
-                        sagas.c.owner.is_(None),
+            for move in moves:
+                saga = move.saga
+                moved = (
+                    await conn.execute(
+                        sa.update(sagas)
+                        .where(
+                            sagas.c.saga_id == saga.saga_id, sagas.c.sequence == move.expected_sequence,
+                            sagas.c.owner.is_(None),
+                        )
+                        .values(
+                            definition_version=saga.definition_version, sequence=saga.sequence,
+                            updated_at=saga.updated_at, due_at=move.due_at, epoch=sagas.c.epoch + 1,
+                        )
+                        .returning(sagas.c.saga_id)
                     )
-                    .values(
-                        definition_version=saga.definition_version, sequence=saga.sequence,
-                        updated_at=saga.updated_at, due_at=move.due_at, epoch=sagas.c.epoch + 1,
-                    )
-                    .returning(sagas.c.saga_id)
+                ).first()
+                if moved is not None:
+                    landed.append(move)
+            if landed:
+                moved_ids = [move.saga.saga_id for move in landed]
+                await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(moved_ids)))
+                rows = [
+                    step_row(move.saga.saga_id, position, step)
+                    for move in landed
+                    for position, step in enumerate(move.saga.steps)
+                ]
+                await conn.execute(saga_steps.insert(), rows)
+                positions = await self._append_events(conn, [(move.saga, (move.event,)) for move in landed])
+                await self._announce(conn, moved_ids)
+        logged = {
+            move.saga.saga_id: StoredEvent(move.saga.saga_id, move.saga.definition_name, taken[0], move.event)
+            for move, taken in zip(landed, positions, strict=True)
+        } if landed else {}
+        return [logged.get(move.saga.saga_id) for move in moves]
+
+    async def read_saga_logs(self, saga_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        logs: dict[str, list[StoredEvent]] = {}
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                query = (
+                    sa.select(saga_events)
+                    .where(saga_events.c.saga_id.in_(list(saga_ids[start:start + _ID_CHUNK])))
+                    .order_by(saga_events.c.saga_id, saga_events.c.sequence)
                 )
-            ).first()
-            if moved is None:
-                return None
-            await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id == saga.saga_id))
-            rows = [step_row(saga.saga_id, position, step) for position, step in enumerate(saga.steps)]
-            await conn.execute(saga_steps.insert(), rows)
-            (positions,) = await self._append_events(conn, [(saga, (move.event,))])
-            await self._announce(conn, [saga.saga_id])
-        return StoredEvent(saga.saga_id, saga.definition_name, positions[0], move.event)
+                for row in (await conn.execute(query)).all():
+                    logs.setdefault(row.saga_id, []).append(stored_event(row))
+        return logs
 
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         async with self._transaction() as conn:
@@ -1075,7 +1112,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         self, selection: SagaSelection, *, now: float, sample_size: int
     ) -> tuple[int, list[SagaRecord]]:
         conditions = _selected(selection, now)
-        async with self._transaction() as conn:
+        async with self._transaction(long=_SELECTION_SECONDS) as conn:
             count = (await conn.execute(sa.select(sa.func.count()).select_from(sagas).where(*conditions))).scalar_one()
             rows = (
                 await conn.execute(
@@ -1086,7 +1123,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
         values = {field.name: getattr(job, field.name) for field in dataclasses.fields(BulkJob)}
-        async with self._transaction() as conn:
+        async with self._transaction(long=_SELECTION_SECONDS) as conn:
             inserted = (
                 await conn.execute(
                     self._insert(bulk_actions).values(**values).on_conflict_do_nothing()
