@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -107,6 +107,8 @@ _ID_CHUNK = 900
 # selects (its items are the sagas as they were at one moment): 100,000 take
 # seconds on a loaded database, past the bound of every other transaction.
 _SELECTION_SECONDS = 120.0
+# Sagas per guarded UPDATE of a batch of moves (a few parameters each).
+_MOVE_CHUNK = 150
 
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
@@ -166,6 +168,11 @@ def _selected(selection: SagaSelection, now: float) -> list[sa.ColumnElement[boo
             a_step, saga_steps.c.next_attempt_at > now, saga_steps.c.state.in_((STEP_RUNNING, STEP_COMPENSATING))
         ))
     return conditions
+
+
+def _by_saga(chunk: dict[str, SagaMove], value: Callable[[SagaMove], Any], column: sa.Column[Any]) -> sa.Case[Any]:
+    """`column` set, in one UPDATE of the chunk's sagas, to each one's value."""
+    return sa.case({saga_id: value(move) for saga_id, move in chunk.items()}, value=sagas.c.saga_id, else_=column)
 
 
 def _bulk_job(row: sa.Row[Any]) -> BulkJob:
@@ -673,24 +680,29 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
         landed: list[SagaMove] = []
         async with self._transaction() as conn:
-            for move in moves:
-                saga = move.saga
-                moved = (
-                    await conn.execute(
-                        sa.update(sagas)
-                        .where(
-                            sagas.c.saga_id == saga.saga_id, sagas.c.sequence == move.expected_sequence,
-                            sagas.c.owner.is_(None),
-                        )
-                        .values(
-                            definition_version=saga.definition_version, sequence=saga.sequence,
-                            updated_at=saga.updated_at, due_at=move.due_at, epoch=sagas.c.epoch + 1,
-                        )
-                        .returning(sagas.c.saga_id)
+            for start in range(0, len(moves), _MOVE_CHUNK):
+                chunk = {move.saga.saga_id: move for move in moves[start : start + _MOVE_CHUNK]}
+                each = functools.partial(_by_saga, chunk)
+                # One guarded UPDATE for the chunk: each saga at its expected
+                # sequence, and held by no replica.
+                moved = await conn.execute(
+                    sa.update(sagas)
+                    .where(
+                        sa.tuple_(sagas.c.saga_id, sagas.c.sequence).in_(
+                            [(saga_id, move.expected_sequence) for saga_id, move in chunk.items()]
+                        ),
+                        sagas.c.owner.is_(None),
                     )
-                ).first()
-                if moved is not None:
-                    landed.append(move)
+                    .values(
+                        definition_version=each(lambda move: move.saga.definition_version, sagas.c.definition_version),
+                        sequence=each(lambda move: move.saga.sequence, sagas.c.sequence),
+                        updated_at=each(lambda move: move.saga.updated_at, sagas.c.updated_at),
+                        due_at=each(lambda move: move.due_at, sagas.c.due_at),
+                        epoch=sagas.c.epoch + 1,
+                    )
+                    .returning(sagas.c.saga_id)
+                )
+                landed += [chunk[saga_id] for saga_id in moved.scalars()]
             if landed:
                 moved_ids = [move.saga.saga_id for move in landed]
                 await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(moved_ids)))
