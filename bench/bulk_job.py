@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
-from common import saga_input
+from common import cpu_seconds, saga_input
 from noop_participant import NoopParticipant
 
 from compensa.orchestrator.definitions import load_definition_file
@@ -87,6 +87,8 @@ class Sample:
     at: float
     done: int
     succeeded: int
+    #: CPU seconds the orchestrator process used since the job started.
+    cpu: float
 
 
 async def measure(args: argparse.Namespace, database_url: str, workdir: Path) -> list[Sample]:
@@ -128,6 +130,7 @@ async def measure(args: argparse.Namespace, database_url: str, workdir: Path) ->
         print(f"job started over {started.selected_count} sagas in {time.monotonic() - begun:.1f}s", flush=True)
         job_id = started.bulk_action.bulk_action_id
         begun = time.monotonic()
+        cpu_at_start = cpu_seconds(server.pid)
         samples = []
         while True:
             answer = await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id), timeout=30)
@@ -136,7 +139,8 @@ async def measure(args: argparse.Namespace, database_url: str, workdir: Path) ->
                 orchestrator_pb2.SummarizeSagasRequest(definition_name="bench_bulk"), timeout=30
             )
             succeeded = sum(state.count for state in summary.states if state.state == saga_pb2.SAGA_STATE_SUCCEEDED)
-            samples.append(Sample(time.monotonic() - begun, job.done_count, succeeded))
+            cpu = cpu_seconds(server.pid) - cpu_at_start
+            samples.append(Sample(time.monotonic() - begun, job.done_count, succeeded, cpu))
             if job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED and (moving or succeeded >= job.done_count):
                 if job.skipped_count or job.failed_count:
                     print(f"job skipped {job.skipped_count}, failed {job.failed_count}", flush=True)
@@ -161,6 +165,9 @@ def report(samples: list[Sample], rate: float) -> None:
         for earlier, later in itertools.pairwise(samples) if later.at > earlier.at
     ) if len(samples) > 1 else 0.0
     print(f"engine, busiest half second: {busiest:.0f} sagas/s finished")
+    job_cpu = next(sample.cpu for sample in samples if sample.done == last.done)
+    print(f"orchestrator CPU: {job_cpu:.1f}s while the job ran = {1000 * job_cpu / max(last.done, 1):.2f} ms per saga"
+          f" (the engine's work on the sagas included); {last.cpu:.1f}s in all")
 
 
 def main() -> None:
