@@ -4,9 +4,9 @@ action MOVE, after `compensa plan`).
 Each saga is classified again at the moment of its move, from its log as
 stored then (migration_plan.classify), and moved only if COMPATIBLE, or
 COMPATIBLE_WITH_MAPPING under the job's mapping; anything else is refused
-with the first diverging event and the reason. The move is one write,
-guarded like every write by the saga's sequence: a saga that changed since
-it was read is not moved.
+with the first diverging event and the reason. Each move is a write
+guarded like every write by the saga's sequence (a saga that changed since
+it was read is not moved); a batch of moves is one transaction.
 
 Why only a saga no replica holds. A replica holds a saga while a call of it
 is in flight or due, and releases it while it waits (a retry backoff, a
@@ -164,8 +164,8 @@ async def move_sagas(
         again = await engine.store.load_many_with_owner(list(missed))
         for saga_id, index in missed.items():
             current = again.get(saga_id)
-            held = current is not None and current[0].sequence == chosen[index][1] and current[1] is not None
-            outcomes[index] = _held(current[1] or "", current[2], engine.clock.now()) if held and current else None
+            if current is not None and current[0].sequence == chosen[index][1] and current[1] is not None:
+                outcomes[index] = _held(current[1], current[2], engine.clock.now())
     return outcomes
 
 
