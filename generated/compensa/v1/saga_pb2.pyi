@@ -156,10 +156,11 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     """
     EVENT_TYPE_SAGA_MOVED: _EventType.ValueType  # 23
     """An operator (a bulk action's MOVE) moved the saga in flight to another
-    version of its definition; its state and steps are unchanged but for the
-    steps renamed. `message` names both versions and the renames, then the
-    job: "moved from version 1 to version 3, steps renamed a=b; bulk action
-    ID: NOTE"; `actor` is who started the job.
+    version of its definition. Its state is unchanged and so is each step's,
+    under its new name where the job's mapping renamed it; the new version's
+    new steps are PENDING. `message` names both versions and the renames,
+    then the job: "moved from version 1 to version 3, steps renamed a=b; bulk
+    action ID: NOTE"; `actor` is who started the job.
     """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
@@ -209,10 +210,11 @@ itself: "bulk action ID: NOTE").
 """
 EVENT_TYPE_SAGA_MOVED: EventType.ValueType  # 23
 """An operator (a bulk action's MOVE) moved the saga in flight to another
-version of its definition; its state and steps are unchanged but for the
-steps renamed. `message` names both versions and the renames, then the
-job: "moved from version 1 to version 3, steps renamed a=b; bulk action
-ID: NOTE"; `actor` is who started the job.
+version of its definition. Its state is unchanged and so is each step's,
+under its new name where the job's mapping renamed it; the new version's
+new steps are PENDING. `message` names both versions and the renames,
+then the job: "moved from version 1 to version 3, steps renamed a=b; bulk
+action ID: NOTE"; `actor` is who started the job.
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 
