@@ -244,6 +244,7 @@ _KINDS = {
     "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
     "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
     "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
+    "move": bulk_pb2.BULK_ACTION_KIND_MOVE,
 }
 
 
@@ -334,9 +335,11 @@ async def test_bulk_actions_are_for_operators_and_a_scoped_token_stays_in_its_de
         participants={"other-side": "127.0.0.1:9"},
     ) as rig:
         await _failed_sagas(rig, "f-1")
+        move = _start("move", "definition=board", to_version=1, validate_only=True)
         for who in ("reader", "starter"):
             for call in (
                 rig.stub.StartBulkAction(_start("retry", "state=FAILED", validate_only=True), metadata=bearer(who)),
+                rig.stub.StartBulkAction(move, metadata=bearer(who)),
                 rig.stub.ListBulkActions(bulk_pb2.ListBulkActionsRequest(), metadata=bearer(who)),
             ):
                 assert (await _refusal(call)).code() == grpc.StatusCode.PERMISSION_DENIED
@@ -344,6 +347,8 @@ async def test_bulk_actions_are_for_operators_and_a_scoped_token_stays_in_its_de
         for text in ("state=FAILED", "definition=board state=FAILED"):
             error = await _refusal(rig.stub.StartBulkAction(_start("retry", text), metadata=bearer("elsewhere")))
             assert error.code() == grpc.StatusCode.PERMISSION_DENIED, text
+        error = await _refusal(rig.stub.StartBulkAction(move, metadata=bearer("elsewhere")))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, error.details()
         dry = await rig.stub.StartBulkAction(
             _start("retry", "definition=other", validate_only=True), metadata=bearer("elsewhere")
         )

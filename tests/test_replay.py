@@ -23,7 +23,7 @@ from compensa.orchestrator.api.history_checks import check_history, read_history
 from compensa.orchestrator.definitions import load_definition_file
 from compensa.participants.faults import FaultPlan
 from compensa.testing import assert_histories_replay
-from compensa.v1 import orchestrator_pb2, saga_pb2
+from compensa.v1 import bulk_pb2, orchestrator_pb2, saga_pb2
 
 pytestmark = pytest.mark.postgres
 
@@ -308,10 +308,10 @@ async def test_bad_input_to_replay_and_plan_is_refused_with_its_code(
         definition = load_definition_file(versions["renamed"])
         calls: list[tuple[API.PlanMigrationRequest, grpc.StatusCode, str]] = [
             (API.PlanMigrationRequest(definition=definition, step_mappings=[
-                API.StepMapping(old_step="reserve_stock", new_step="nowhere")]),
+                bulk_pb2.StepMapping(old_step="reserve_stock", new_step="nowhere")]),
              grpc.StatusCode.INVALID_ARGUMENT, "step_mappings[0].new_step 'nowhere'"),
             (API.PlanMigrationRequest(definition=definition, step_mappings=[
-                API.StepMapping(old_step="nowhere", new_step="hold_stock")]),
+                bulk_pb2.StepMapping(old_step="nowhere", new_step="hold_stock")]),
              grpc.StatusCode.INVALID_ARGUMENT,
              "step_mappings[0].old_step 'nowhere' is not a step of checkout version(s) 1"),
             (API.PlanMigrationRequest(definition=definition, saga_ids=[held, "no-such-saga"]),

@@ -15,8 +15,9 @@ from compensa.orchestrator.api.views import event_message, saga_message
 from compensa.orchestrator.definitions import validate_definition
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.alerts import stuck_alert
+from compensa.orchestrator.engine.migration import moved_saga
 from compensa.orchestrator.engine.migration_plan import classify
-from compensa.orchestrator.engine.replay import Divergence, history_of, replay_history
+from compensa.orchestrator.engine.replay import Divergence, Move, history_of, moved_message, read_move, replay_history
 from compensa.orchestrator.shared.records import LogEvent, SagaRecord
 from compensa.orchestrator.store import StoredEvent
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
@@ -76,6 +77,17 @@ class Drive:
         self.now += after
         assert self.saga is not None
         self.take(machine.decide(self.plan, self.saga, event, self.now))
+        return self
+
+    def move(self, to: D.SagaDefinition, renames: dict[str, str], text: str) -> Drive:
+        """Moves the saga to version `to` as a bulk action's MOVE does."""
+        assert self.saga is not None
+        self.now += 0.25
+        plan = machine.Plan.of(to)
+        moved = moved_saga(self.saga, plan, renames, self.now)
+        message = moved_message(Move(self.saga.definition_version, to.version, renames), text)
+        self.log.append(LogEvent(moved.sequence, S.EVENT_TYPE_SAGA_MOVED, self.now, moved.state, message=message))
+        self.saga, self.plan, self.definition = moved, plan, to
         return self
 
     def history(self) -> orchestrator_pb2.SagaHistory:
@@ -281,3 +293,34 @@ def test_a_log_that_claims_never_delivered_where_the_attempt_may_have_gone_out_d
     )
     divergence = replay_history(forged).divergence
     assert divergence is not None and divergence.sequence == failed.sequence
+
+
+def test_a_saga_moved_twice_replays_whole_under_the_version_it_runs_now() -> None:
+    """Moved from version 1 to 2 (reserve renamed hold), then to 3 (hold
+    renamed keep), with decisions taken under each: its log replays under
+    version 3, each step known by its latest name, and says both moves."""
+    versions = [
+        _definition(_step(first, participant="reserve-service"), _step("charge"), _step("ship"))
+        for first in ("reserve", "hold", "keep")
+    ]
+    for number, version in enumerate(versions, 1):
+        version.version = number
+    drive = Drive(versions[0])
+    drive.on(machine.ExecuteSucceeded("reserve", _output("r")))
+    drive.move(versions[1], {"reserve": "hold"}, "bulk action j1: INC-1")
+    drive.on(machine.ExecuteErrored("charge", "UNAVAILABLE"))
+    drive.move(versions[2], {"hold": "keep"}, "bulk action j2")
+    drive.on(machine.ExecuteSucceeded("charge", _output("c")), after=1)
+    drive.on(machine.ExecuteSucceeded("ship", _output("s")))
+    history = _replays(drive)
+    assert history.saga.state == S.SAGA_STATE_SUCCEEDED
+    assert [step.name for step in history.saga.steps] == ["keep", "charge", "ship"]
+    moves = [read_move(event.message) for event in history.events if event.type == S.EVENT_TYPE_SAGA_MOVED]
+    assert moves == [
+        (Move(1, 2, {"reserve": "hold"}), "bulk action j1: INC-1"), (Move(2, 3, {"hold": "keep"}), "bulk action j2")
+    ]
+    second = [event for event in history.events if event.type == S.EVENT_TYPE_SAGA_MOVED][1]
+    assert second.message == "moved from version 2 to version 3, steps renamed hold=keep; bulk action j2"
+    # Under version 2, the step is not known by its name now.
+    back = replay_history(history, versions[1])
+    assert back.divergence is not None and "step 'keep' is not in the definition" in back.divergence.reason

@@ -26,12 +26,14 @@ from compensa.examples import DEFINITIONS_DIR
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.machine import Plan, Transition
+from compensa.orchestrator.engine.migration import moved_saga
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.store import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
+    SagaMove,
     SagaWrite,
     SqlSagaStore,
     StoredEvent,
@@ -245,6 +247,62 @@ async def test_a_guarded_write_lands_with_its_events_and_step_changes(store: Sql
     assert [e.event.sequence for e in events] == [1, 2, 3, 4]
     assert [e.position for e in events] == [1, 2, 3, 4]
     assert [e.event for e in events[2:]] == list(transition.events)
+
+
+async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_sequence(store: SqlSagaStore) -> None:
+    """A move to another version (the bulk action MOVE): one transaction,
+    each saga guarded by its sequence and by no replica holding it."""
+    plan = await _plan(store)
+    renamed = definition_pb2.SagaDefinition()
+    renamed.CopyFrom(CHECKOUT)
+    renamed.description = "reserve_stock renamed, a step added"
+    renamed.steps[0].name = "hold_stock"
+    for step in renamed.steps:
+        step.depends_on[:] = ["hold_stock" if name == "reserve_stock" else name for name in step.depends_on]
+    renamed.steps.add(name="notify", participant="shipping", depends_on=["ship_order"])
+    to = await _plan(store, renamed)
+    waiting = {}
+    for saga_id in ("moved", "held", "stale"):
+        saga = await _create(store, plan, saga_id)
+        transition = _succeed_first(plan, saga, T0 + 1)
+        assert (await store.commit([_write(transition, saga.sequence, epoch=1, release=True, due_at=T0 + 5)]))[0].ok
+        waiting[saga_id] = transition.saga
+    # A replica claims one (its call due): it holds it now.
+    (claimed,) = await store.claim_due("replica-b", T0 + 100, T0 + 100 + LEASE, 1)
+    held = claimed.saga.saga_id
+    assert held in waiting
+    rest = [saga_id for saga_id in waiting if saga_id != held]
+
+    def move(saga: SagaRecord, expected: int) -> SagaMove:
+        moved = moved_saga(saga, to, {"reserve_stock": "hold_stock"}, T0 + 2)
+        event = records.LogEvent(moved.sequence, S.EVENT_TYPE_SAGA_MOVED, T0 + 2, saga.state, message="moved")
+        return SagaMove(moved, event, expected, T0 + 50)
+
+    head = await store.head_position()
+    epoch = await _column(store, rest[0], "epoch")
+    results = await store.move_sagas([
+        move(waiting[rest[0]], waiting[rest[0]].sequence),
+        move(waiting[held], waiting[held].sequence),
+        move(waiting[rest[1]], waiting[rest[1]].sequence - 1),
+    ])
+    assert results[1:] == [None, None]
+    assert results[0] is not None and results[0].position == head + 1
+    loaded = await store.load_saga(rest[0])
+    assert loaded == move(waiting[rest[0]], 0).saga
+    assert [(step.name, step.state, step.idempotency_name) for step in loaded.steps] == [
+        ("hold_stock", S.STEP_STATE_SUCCEEDED, "reserve_stock"), ("charge_card", S.STEP_STATE_RUNNING, ""),
+        ("ship_order", S.STEP_STATE_PENDING, ""), ("notify", S.STEP_STATE_PENDING, ""),
+    ]
+    assert loaded.step("hold_stock").output == b"out" and loaded.definition_version == to.definition.version
+    assert await _column(store, rest[0], "epoch") == epoch + 1  # fences a driver that thinks it holds it
+    assert await _column(store, rest[0], "due_at") == T0 + 50
+    for unmoved in (held, rest[1]):
+        assert (await store.load_saga(unmoved)) == (claimed.saga if unmoved == held else waiting[unmoved])
+    logs = await store.read_saga_logs([rest[0], held])
+    assert [stored.event.sequence for stored in logs[rest[0]]] == list(range(1, loaded.sequence + 1))
+    assert logs[rest[0]][-1].event.type == S.EVENT_TYPE_SAGA_MOVED
+    assert len(logs[held]) == claimed.saga.sequence
+    assert await store.head_position() == head + 1
 
 
 @pytest.mark.parametrize("guard", ["stale sequence", "wrong epoch"])

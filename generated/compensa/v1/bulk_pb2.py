@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from compensa.v1 import saga_pb2 as compensa_dot_v1_dot_saga__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ompensa/v1/bulk.proto\x12\x0b\x63ompensa.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x63ompensa/v1/saga.proto\"\xaf\x03\n\nSagaFilter\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x02 \x01(\x05\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.compensa.v1.SagaState\x12\x11\n\tstep_name\x18\x04 \x01(\t\x12*\n\nstep_state\x18\x05 \x01(\x0e\x32\x16.compensa.v1.StepState\x12\x17\n\x0freason_contains\x18\x06 \x01(\t\x12\x30\n\x0c\x63reated_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cupdated_from\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_to\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esaga_id_prefix\x18\x0b \x01(\t\x12\x10\n\x08saga_ids\x18\x0c \x03(\t\"\xdb\x03\n\nBulkAction\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.compensa.v1.BulkActionKind\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12*\n\tselection\x18\x04 \x01(\x0b\x32\x17.compensa.v1.SagaFilter\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nstarted_by\x18\x06 \x01(\t\x12+\n\x05state\x18\x07 \x01(\x0e\x32\x1c.compensa.v1.BulkActionState\x12\x16\n\x0eselected_count\x18\x08 \x01(\x03\x12\x12\n\ndone_count\x18\t \x01(\x03\x12\x15\n\rskipped_count\x18\n \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x0b \x01(\x03\x12\x15\n\rpending_count\x18\x0c \x01(\x03\x12\x1c\n\x14max_sagas_per_second\x18\r \x01(\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\x10 \x01(\t\"\x8a\x01\n\x0e\x42ulkActionItem\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.compensa.v1.BulkItemOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb9\x01\n\x16StartBulkActionRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.compensa.v1.BulkActionKind\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x1c\n\x14max_sagas_per_second\x18\x06 \x01(\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"\x82\x01\n\x17StartBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\x12\x16\n\x0eselected_count\x18\x02 \x01(\x03\x12!\n\x06sample\x18\x03 \x03(\x0b\x32\x11.compensa.v1.Saga\".\n\x14GetBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"t\n\x15GetBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\x12-\n\x08problems\x18\x02 \x03(\x0b\x32\x1b.compensa.v1.BulkActionItem\"?\n\x16ListBulkActionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListBulkActionsResponse\x12-\n\x0c\x62ulk_actions\x18\x01 \x03(\x0b\x32\x17.compensa.v1.BulkAction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x16PauseBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"G\n\x17PauseBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\"1\n\x17ResumeBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"H\n\x18ResumeBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\"1\n\x17\x43\x61ncelBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"H\n\x18\x43\x61ncelBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction*\xa9\x01\n\x0e\x42ulkActionKind\x12 \n\x1c\x42ULK_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42ULK_ACTION_KIND_CANCEL\x10\x01\x12\x1a\n\x16\x42ULK_ACTION_KIND_RETRY\x10\x02\x12\x1c\n\x18\x42ULK_ACTION_KIND_RESOLVE\x10\x03\x12\x1e\n\x1a\x42ULK_ACTION_KIND_RETRY_NOW\x10\x04*\xb3\x01\n\x0f\x42ulkActionState\x12!\n\x1d\x42ULK_ACTION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42ULK_ACTION_STATE_RUNNING\x10\x01\x12\x1c\n\x18\x42ULK_ACTION_STATE_PAUSED\x10\x02\x12\x1f\n\x1b\x42ULK_ACTION_STATE_COMPLETED\x10\x03\x12\x1f\n\x1b\x42ULK_ACTION_STATE_CANCELLED\x10\x04*\xac\x01\n\x0f\x42ulkItemOutcome\x12!\n\x1d\x42ULK_ITEM_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42ULK_ITEM_OUTCOME_PENDING\x10\x01\x12\x1a\n\x16\x42ULK_ITEM_OUTCOME_DONE\x10\x02\x12\x1d\n\x19\x42ULK_ITEM_OUTCOME_SKIPPED\x10\x03\x12\x1c\n\x18\x42ULK_ITEM_OUTCOME_FAILED\x10\x04\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63ompensa/v1/bulk.proto\x12\x0b\x63ompensa.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16\x63ompensa/v1/saga.proto\"\xaf\x03\n\nSagaFilter\x12\x17\n\x0f\x64\x65\x66inition_name\x18\x01 \x01(\t\x12\x1a\n\x12\x64\x65\x66inition_version\x18\x02 \x01(\x05\x12&\n\x06states\x18\x03 \x03(\x0e\x32\x16.compensa.v1.SagaState\x12\x11\n\tstep_name\x18\x04 \x01(\t\x12*\n\nstep_state\x18\x05 \x01(\x0e\x32\x16.compensa.v1.StepState\x12\x17\n\x0freason_contains\x18\x06 \x01(\t\x12\x30\n\x0c\x63reated_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cupdated_from\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_to\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0esaga_id_prefix\x18\x0b \x01(\t\x12\x10\n\x08saga_ids\x18\x0c \x03(\t\"1\n\x0bStepMapping\x12\x10\n\x08old_step\x18\x01 \x01(\t\x12\x10\n\x08new_step\x18\x02 \x01(\t\"\xa0\x04\n\nBulkAction\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.compensa.v1.BulkActionKind\x12\x0e\n\x06\x66ilter\x18\x03 \x01(\t\x12*\n\tselection\x18\x04 \x01(\x0b\x32\x17.compensa.v1.SagaFilter\x12\x0c\n\x04note\x18\x05 \x01(\t\x12\x12\n\nstarted_by\x18\x06 \x01(\t\x12+\n\x05state\x18\x07 \x01(\x0e\x32\x1c.compensa.v1.BulkActionState\x12\x16\n\x0eselected_count\x18\x08 \x01(\x03\x12\x12\n\ndone_count\x18\t \x01(\x03\x12\x15\n\rskipped_count\x18\n \x01(\x03\x12\x14\n\x0c\x66\x61iled_count\x18\x0b \x01(\x03\x12\x15\n\rpending_count\x18\x0c \x01(\x03\x12\x1c\n\x14max_sagas_per_second\x18\r \x01(\x01\x12/\n\x0b\x63reate_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07replica\x18\x10 \x01(\t\x12\x12\n\nto_version\x18\x11 \x01(\x05\x12/\n\rstep_mappings\x18\x12 \x03(\x0b\x32\x18.compensa.v1.StepMapping\"\x8a\x01\n\x0e\x42ulkActionItem\x12\x0f\n\x07saga_id\x18\x01 \x01(\t\x12-\n\x07outcome\x18\x02 \x01(\x0e\x32\x1c.compensa.v1.BulkItemOutcome\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfe\x01\n\x16StartBulkActionRequest\x12)\n\x04kind\x18\x01 \x01(\x0e\x32\x1b.compensa.v1.BulkActionKind\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\x12\x0c\n\x04note\x18\x03 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x1c\n\x14max_sagas_per_second\x18\x06 \x01(\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nto_version\x18\x08 \x01(\x05\x12/\n\rstep_mappings\x18\t \x03(\x0b\x32\x18.compensa.v1.StepMapping\"\x82\x01\n\x17StartBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\x12\x16\n\x0eselected_count\x18\x02 \x01(\x03\x12!\n\x06sample\x18\x03 \x03(\x0b\x32\x11.compensa.v1.Saga\".\n\x14GetBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"t\n\x15GetBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\x12-\n\x08problems\x18\x02 \x03(\x0b\x32\x1b.compensa.v1.BulkActionItem\"?\n\x16ListBulkActionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"a\n\x17ListBulkActionsResponse\x12-\n\x0c\x62ulk_actions\x18\x01 \x03(\x0b\x32\x17.compensa.v1.BulkAction\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"0\n\x16PauseBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"G\n\x17PauseBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\"1\n\x17ResumeBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"H\n\x18ResumeBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction\"1\n\x17\x43\x61ncelBulkActionRequest\x12\x16\n\x0e\x62ulk_action_id\x18\x01 \x01(\t\"H\n\x18\x43\x61ncelBulkActionResponse\x12,\n\x0b\x62ulk_action\x18\x01 \x01(\x0b\x32\x17.compensa.v1.BulkAction*\xc4\x01\n\x0e\x42ulkActionKind\x12 \n\x1c\x42ULK_ACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x42ULK_ACTION_KIND_CANCEL\x10\x01\x12\x1a\n\x16\x42ULK_ACTION_KIND_RETRY\x10\x02\x12\x1c\n\x18\x42ULK_ACTION_KIND_RESOLVE\x10\x03\x12\x1e\n\x1a\x42ULK_ACTION_KIND_RETRY_NOW\x10\x04\x12\x19\n\x15\x42ULK_ACTION_KIND_MOVE\x10\x05*\xb3\x01\n\x0f\x42ulkActionState\x12!\n\x1d\x42ULK_ACTION_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42ULK_ACTION_STATE_RUNNING\x10\x01\x12\x1c\n\x18\x42ULK_ACTION_STATE_PAUSED\x10\x02\x12\x1f\n\x1b\x42ULK_ACTION_STATE_COMPLETED\x10\x03\x12\x1f\n\x1b\x42ULK_ACTION_STATE_CANCELLED\x10\x04*\xac\x01\n\x0f\x42ulkItemOutcome\x12!\n\x1d\x42ULK_ITEM_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x42ULK_ITEM_OUTCOME_PENDING\x10\x01\x12\x1a\n\x16\x42ULK_ITEM_OUTCOME_DONE\x10\x02\x12\x1d\n\x19\x42ULK_ITEM_OUTCOME_SKIPPED\x10\x03\x12\x1c\n\x18\x42ULK_ITEM_OUTCOME_FAILED\x10\x04\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,40 +34,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'compensa.v1.bulk_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_BULKACTIONKIND']._serialized_start=2174
-  _globals['_BULKACTIONKIND']._serialized_end=2343
-  _globals['_BULKACTIONSTATE']._serialized_start=2346
-  _globals['_BULKACTIONSTATE']._serialized_end=2525
-  _globals['_BULKITEMOUTCOME']._serialized_start=2528
-  _globals['_BULKITEMOUTCOME']._serialized_end=2700
+  _globals['_BULKACTIONKIND']._serialized_start=2363
+  _globals['_BULKACTIONKIND']._serialized_end=2559
+  _globals['_BULKACTIONSTATE']._serialized_start=2562
+  _globals['_BULKACTIONSTATE']._serialized_end=2741
+  _globals['_BULKITEMOUTCOME']._serialized_start=2744
+  _globals['_BULKITEMOUTCOME']._serialized_end=2916
   _globals['_SAGAFILTER']._serialized_start=97
   _globals['_SAGAFILTER']._serialized_end=528
-  _globals['_BULKACTION']._serialized_start=531
-  _globals['_BULKACTION']._serialized_end=1006
-  _globals['_BULKACTIONITEM']._serialized_start=1009
-  _globals['_BULKACTIONITEM']._serialized_end=1147
-  _globals['_STARTBULKACTIONREQUEST']._serialized_start=1150
-  _globals['_STARTBULKACTIONREQUEST']._serialized_end=1335
-  _globals['_STARTBULKACTIONRESPONSE']._serialized_start=1338
-  _globals['_STARTBULKACTIONRESPONSE']._serialized_end=1468
-  _globals['_GETBULKACTIONREQUEST']._serialized_start=1470
-  _globals['_GETBULKACTIONREQUEST']._serialized_end=1516
-  _globals['_GETBULKACTIONRESPONSE']._serialized_start=1518
-  _globals['_GETBULKACTIONRESPONSE']._serialized_end=1634
-  _globals['_LISTBULKACTIONSREQUEST']._serialized_start=1636
-  _globals['_LISTBULKACTIONSREQUEST']._serialized_end=1699
-  _globals['_LISTBULKACTIONSRESPONSE']._serialized_start=1701
-  _globals['_LISTBULKACTIONSRESPONSE']._serialized_end=1798
-  _globals['_PAUSEBULKACTIONREQUEST']._serialized_start=1800
-  _globals['_PAUSEBULKACTIONREQUEST']._serialized_end=1848
-  _globals['_PAUSEBULKACTIONRESPONSE']._serialized_start=1850
-  _globals['_PAUSEBULKACTIONRESPONSE']._serialized_end=1921
-  _globals['_RESUMEBULKACTIONREQUEST']._serialized_start=1923
-  _globals['_RESUMEBULKACTIONREQUEST']._serialized_end=1972
-  _globals['_RESUMEBULKACTIONRESPONSE']._serialized_start=1974
-  _globals['_RESUMEBULKACTIONRESPONSE']._serialized_end=2046
-  _globals['_CANCELBULKACTIONREQUEST']._serialized_start=2048
-  _globals['_CANCELBULKACTIONREQUEST']._serialized_end=2097
-  _globals['_CANCELBULKACTIONRESPONSE']._serialized_start=2099
-  _globals['_CANCELBULKACTIONRESPONSE']._serialized_end=2171
+  _globals['_STEPMAPPING']._serialized_start=530
+  _globals['_STEPMAPPING']._serialized_end=579
+  _globals['_BULKACTION']._serialized_start=582
+  _globals['_BULKACTION']._serialized_end=1126
+  _globals['_BULKACTIONITEM']._serialized_start=1129
+  _globals['_BULKACTIONITEM']._serialized_end=1267
+  _globals['_STARTBULKACTIONREQUEST']._serialized_start=1270
+  _globals['_STARTBULKACTIONREQUEST']._serialized_end=1524
+  _globals['_STARTBULKACTIONRESPONSE']._serialized_start=1527
+  _globals['_STARTBULKACTIONRESPONSE']._serialized_end=1657
+  _globals['_GETBULKACTIONREQUEST']._serialized_start=1659
+  _globals['_GETBULKACTIONREQUEST']._serialized_end=1705
+  _globals['_GETBULKACTIONRESPONSE']._serialized_start=1707
+  _globals['_GETBULKACTIONRESPONSE']._serialized_end=1823
+  _globals['_LISTBULKACTIONSREQUEST']._serialized_start=1825
+  _globals['_LISTBULKACTIONSREQUEST']._serialized_end=1888
+  _globals['_LISTBULKACTIONSRESPONSE']._serialized_start=1890
+  _globals['_LISTBULKACTIONSRESPONSE']._serialized_end=1987
+  _globals['_PAUSEBULKACTIONREQUEST']._serialized_start=1989
+  _globals['_PAUSEBULKACTIONREQUEST']._serialized_end=2037
+  _globals['_PAUSEBULKACTIONRESPONSE']._serialized_start=2039
+  _globals['_PAUSEBULKACTIONRESPONSE']._serialized_end=2110
+  _globals['_RESUMEBULKACTIONREQUEST']._serialized_start=2112
+  _globals['_RESUMEBULKACTIONREQUEST']._serialized_end=2161
+  _globals['_RESUMEBULKACTIONRESPONSE']._serialized_start=2163
+  _globals['_RESUMEBULKACTIONRESPONSE']._serialized_end=2235
+  _globals['_CANCELBULKACTIONREQUEST']._serialized_start=2237
+  _globals['_CANCELBULKACTIONREQUEST']._serialized_end=2286
+  _globals['_CANCELBULKACTIONRESPONSE']._serialized_start=2288
+  _globals['_CANCELBULKACTIONRESPONSE']._serialized_end=2360
 # @@protoc_insertion_point(module_scope)

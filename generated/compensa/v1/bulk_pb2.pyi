@@ -42,6 +42,16 @@ class _BulkActionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BulkAc
     """Each RUNNING or COMPENSATING saga waiting out a retry backoff makes its
     next attempt now (EVENT_TYPE_BACKOFF_SKIPPED).
     """
+    BULK_ACTION_KIND_MOVE: _BulkActionKind.ValueType  # 5
+    """Each RUNNING or COMPENSATING saga moves to version `to_version` of its
+    definition (steps renamed by `step_mappings`), if its history replays
+    under that version as PlanMigration classifies it: COMPATIBLE, or
+    COMPATIBLE_WITH_MAPPING. An incompatible saga is refused (failed, with
+    the first diverging event and the reason); one a replica holds (a call in
+    flight) is skipped, to be moved by a later job once it waits. A moved
+    saga goes on under the new version from where it was
+    (EVENT_TYPE_SAGA_MOVED).
+    """
 
 class BulkActionKind(_BulkActionKind, metaclass=_BulkActionKindEnumTypeWrapper):
     """What a bulk action does to each saga it selects. Each kind also narrows the
@@ -62,6 +72,16 @@ BULK_ACTION_KIND_RESOLVE: BulkActionKind.ValueType  # 3
 BULK_ACTION_KIND_RETRY_NOW: BulkActionKind.ValueType  # 4
 """Each RUNNING or COMPENSATING saga waiting out a retry backoff makes its
 next attempt now (EVENT_TYPE_BACKOFF_SKIPPED).
+"""
+BULK_ACTION_KIND_MOVE: BulkActionKind.ValueType  # 5
+"""Each RUNNING or COMPENSATING saga moves to version `to_version` of its
+definition (steps renamed by `step_mappings`), if its history replays
+under that version as PlanMigration classifies it: COMPATIBLE, or
+COMPATIBLE_WITH_MAPPING. An incompatible saga is refused (failed, with
+the first diverging event and the reason); one a replica holds (a call in
+flight) is skipped, to be moved by a later job once it waits. A moved
+saga goes on under the new version from where it was
+(EVENT_TYPE_SAGA_MOVED).
 """
 Global___BulkActionKind: _TypeAlias = BulkActionKind  # noqa: Y015
 
@@ -200,6 +220,34 @@ class SagaFilter(_message.Message):
 Global___SagaFilter: _TypeAlias = SagaFilter  # noqa: Y015
 
 @_typing.final
+class StepMapping(_message.Message):
+    """A step of the sagas' version known under another name in a new one
+    (PlanMigration, and a bulk action that moves sagas to another version).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OLD_STEP_FIELD_NUMBER: _builtins.int
+    NEW_STEP_FIELD_NUMBER: _builtins.int
+    old_step: _builtins.str
+    """The step's name in the version the sagas run on."""
+    new_step: _builtins.str
+    """Its name in the new definition."""
+    def __init__(
+        self,
+        *,
+        old_step: _builtins.str = ...,
+        new_step: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_step", b"new_step", "old_step", b"old_step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StepMapping: _TypeAlias = StepMapping  # noqa: Y015
+
+@_typing.final
 class BulkAction(_message.Message):
     """A bulk action: a durable job in the database that applies one action to
     the sagas its filter selected when it started.
@@ -223,6 +271,8 @@ class BulkAction(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     REPLICA_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    STEP_MAPPINGS_FIELD_NUMBER: _builtins.int
     bulk_action_id: _builtins.str
     kind: Global___BulkActionKind.ValueType
     filter: _builtins.str
@@ -246,12 +296,16 @@ class BulkAction(_message.Message):
     """The most sagas acted on per second."""
     replica: _builtins.str
     """The replica working on it now (empty when none)."""
+    to_version: _builtins.int
+    """MOVE: the version the sagas move to, and the steps renamed on the way."""
     @_builtins.property
     def selection(self) -> Global___SagaFilter: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]: ...
     def __init__(
         self,
         *,
@@ -271,10 +325,12 @@ class BulkAction(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         replica: _builtins.str = ...,
+        to_version: _builtins.int = ...,
+        step_mappings: _abc.Iterable[Global___StepMapping] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "selection", b"selection", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_action_id", b"bulk_action_id", "create_time", b"create_time", "done_count", b"done_count", "failed_count", b"failed_count", "filter", b"filter", "kind", b"kind", "max_sagas_per_second", b"max_sagas_per_second", "note", b"note", "pending_count", b"pending_count", "replica", b"replica", "selected_count", b"selected_count", "selection", b"selection", "skipped_count", b"skipped_count", "started_by", b"started_by", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bulk_action_id", b"bulk_action_id", "create_time", b"create_time", "done_count", b"done_count", "failed_count", b"failed_count", "filter", b"filter", "kind", b"kind", "max_sagas_per_second", b"max_sagas_per_second", "note", b"note", "pending_count", b"pending_count", "replica", b"replica", "selected_count", b"selected_count", "selection", b"selection", "skipped_count", b"skipped_count", "started_by", b"started_by", "state", b"state", "step_mappings", b"step_mappings", "to_version", b"to_version", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +379,8 @@ class StartBulkActionRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     MAX_SAGAS_PER_SECOND_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    TO_VERSION_FIELD_NUMBER: _builtins.int
+    STEP_MAPPINGS_FIELD_NUMBER: _builtins.int
     kind: Global___BulkActionKind.ValueType
     filter: _builtins.str
     """The sagas to act on, e.g. `definition=checkout state=FAILED
@@ -343,6 +401,17 @@ class StartBulkActionRequest(_message.Message):
     """Makes the start idempotent: the same request_id again returns the job it
     started. Letters, digits, '.', '_', '-'; at most 64.
     """
+    to_version: _builtins.int
+    """MOVE only (required there): the registered version of the filter's
+    definition (`definition=NAME` is then required) the sagas move to.
+    """
+    @_builtins.property
+    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]:
+        """MOVE only: steps renamed in that version. Each old step must be a step of
+        a version the filter selects (the filter's `version=N`, or any), each new
+        one a step of to_version; checked before anything is stored.
+        """
+
     def __init__(
         self,
         *,
@@ -353,10 +422,12 @@ class StartBulkActionRequest(_message.Message):
         validate_only: _builtins.bool = ...,
         max_sagas_per_second: _builtins.float = ...,
         request_id: _builtins.str = ...,
+        to_version: _builtins.int = ...,
+        step_mappings: _abc.Iterable[Global___StepMapping] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "filter", b"filter", "kind", b"kind", "max_sagas_per_second", b"max_sagas_per_second", "note", b"note", "request_id", b"request_id", "validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "filter", b"filter", "kind", b"kind", "max_sagas_per_second", b"max_sagas_per_second", "note", b"note", "request_id", b"request_id", "step_mappings", b"step_mappings", "to_version", b"to_version", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from compensa.v1 import bulk_pb2 as _bulk_pb2
 from compensa.v1 import contract_pb2 as _contract_pb2
 from compensa.v1 import definition_pb2 as _definition_pb2
 from compensa.v1 import saga_pb2 as _saga_pb2
@@ -895,32 +896,6 @@ class GetSagaHistoryResponse(_message.Message):
 Global___GetSagaHistoryResponse: _TypeAlias = GetSagaHistoryResponse  # noqa: Y015
 
 @_typing.final
-class StepMapping(_message.Message):
-    """A step of the sagas' version known under another name in the new one."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OLD_STEP_FIELD_NUMBER: _builtins.int
-    NEW_STEP_FIELD_NUMBER: _builtins.int
-    old_step: _builtins.str
-    """The step's name in the version the sagas run on."""
-    new_step: _builtins.str
-    """Its name in the new definition."""
-    def __init__(
-        self,
-        *,
-        old_step: _builtins.str = ...,
-        new_step: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_step", b"new_step", "old_step", b"old_step"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StepMapping: _TypeAlias = StepMapping  # noqa: Y015
-
-@_typing.final
 class PlanMigrationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -931,6 +906,7 @@ class PlanMigrationRequest(_message.Message):
     STEP_MAPPINGS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
     definition_version: _builtins.int
     """Only sagas running on this version; 0 means any version."""
     state: _saga_pb2.SagaState.ValueType
@@ -939,6 +915,13 @@ class PlanMigrationRequest(_message.Message):
     """At most this many plans (default 50, at most 1000)."""
     page_token: _builtins.str
     """From a previous response's next_page_token, unchanged, with the same request."""
+    filter: _builtins.str
+    """Only the sagas this bulk-action filter selects (the language of
+    StartBulkActionRequest.filter, e.g. `version=1 step=charge_card
+    updated<2026-12-07T09:00:00Z`), in flight, of the new definition's name.
+    Instead of definition_version, state and saga_ids, which must then be
+    unset.
+    """
     @_builtins.property
     def definition(self) -> _definition_pb2.SagaDefinition:
         """The new definition, as in a definition file (its version left unset);
@@ -952,7 +935,7 @@ class PlanMigrationRequest(_message.Message):
         """
 
     @_builtins.property
-    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[Global___StepMapping]:
+    def step_mappings(self) -> _containers.RepeatedCompositeFieldContainer[_bulk_pb2.StepMapping]:
         """Steps renamed in the new definition."""
 
     def __init__(
@@ -962,13 +945,14 @@ class PlanMigrationRequest(_message.Message):
         definition_version: _builtins.int = ...,
         state: _saga_pb2.SagaState.ValueType = ...,
         saga_ids: _abc.Iterable[_builtins.str] | None = ...,
-        step_mappings: _abc.Iterable[Global___StepMapping] | None = ...,
+        step_mappings: _abc.Iterable[_bulk_pb2.StepMapping] | None = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        filter: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "page_size", b"page_size", "page_token", b"page_token", "saga_ids", b"saga_ids", "state", b"state", "step_mappings", b"step_mappings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "definition_version", b"definition_version", "filter", b"filter", "page_size", b"page_size", "page_token", b"page_token", "saga_ids", b"saga_ids", "state", b"state", "step_mappings", b"step_mappings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

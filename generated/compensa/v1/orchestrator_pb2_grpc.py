@@ -312,9 +312,10 @@ class OrchestratorServiceServicer:
         those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
         naming a step that exists in no selected version, or not in the new
         definition, checked before any saga is read; a state that is not in
-        flight; a saga in saga_ids of another definition, version or state),
-        NOT_FOUND (no definition of that name is registered; an unknown saga in
-        saga_ids).
+        flight; a saga in saga_ids of another definition, version or state; a
+        filter that does not parse, names another definition or a state not in
+        flight, or comes with definition_version, state or saga_ids), NOT_FOUND
+        (no definition of that name is registered; an unknown saga in saga_ids).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -494,9 +495,11 @@ class OrchestratorServiceServicer:
         skipped with the reason. Each saga acted on gets an event naming the job
         and who started it. With validate_only: counts and samples, starts
         nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
-        unknown field or state: the message names the part), FAILED_PRECONDITION
-        (the filter selects no saga: no job is started), PERMISSION_DENIED (not
-        an operator; a caller limited to some definitions must filter on one of
+        unknown field or state: the message names the part; for MOVE, a filter
+        without `definition=NAME`, a to_version that is not registered, a step
+        mapping naming a step of neither version), FAILED_PRECONDITION (the
+        filter selects no saga: no job is started), PERMISSION_DENIED (not an
+        operator; a caller limited to some definitions must filter on one of
         them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -101,9 +101,10 @@ class OrchestratorServiceStub:
     those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
     naming a step that exists in no selected version, or not in the new
     definition, checked before any saga is read; a state that is not in
-    flight; a saga in saga_ids of another definition, version or state),
-    NOT_FOUND (no definition of that name is registered; an unknown saga in
-    saga_ids).
+    flight; a saga in saga_ids of another definition, version or state; a
+    filter that does not parse, names another definition or a state not in
+    flight, or comes with definition_version, state or saga_ids), NOT_FOUND
+    (no definition of that name is registered; an unknown saga in saga_ids).
     """
     CancelSaga: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
@@ -207,9 +208,11 @@ class OrchestratorServiceStub:
     skipped with the reason. Each saga acted on gets an event naming the job
     and who started it. With validate_only: counts and samples, starts
     nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
-    unknown field or state: the message names the part), FAILED_PRECONDITION
-    (the filter selects no saga: no job is started), PERMISSION_DENIED (not
-    an operator; a caller limited to some definitions must filter on one of
+    unknown field or state: the message names the part; for MOVE, a filter
+    without `definition=NAME`, a to_version that is not registered, a step
+    mapping naming a step of neither version), FAILED_PRECONDITION (the
+    filter selects no saga: no job is started), PERMISSION_DENIED (not an
+    operator; a caller limited to some definitions must filter on one of
     them).
     """
     GetBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.GetBulkActionRequest, _bulk_pb2.GetBulkActionResponse]
@@ -313,9 +316,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
     naming a step that exists in no selected version, or not in the new
     definition, checked before any saga is read; a state that is not in
-    flight; a saga in saga_ids of another definition, version or state),
-    NOT_FOUND (no definition of that name is registered; an unknown saga in
-    saga_ids).
+    flight; a saga in saga_ids of another definition, version or state; a
+    filter that does not parse, names another definition or a state not in
+    flight, or comes with definition_version, state or saga_ids), NOT_FOUND
+    (no definition of that name is registered; an unknown saga in saga_ids).
     """
     CancelSaga: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CancelSagaRequest, _orchestrator_pb2.CancelSagaResponse]  # type: ignore[assignment]
     """Asks a RUNNING saga to stop and compensate what it did. Cancelling a
@@ -419,9 +423,11 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     skipped with the reason. Each saga acted on gets an event naming the job
     and who started it. With validate_only: counts and samples, starts
     nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
-    unknown field or state: the message names the part), FAILED_PRECONDITION
-    (the filter selects no saga: no job is started), PERMISSION_DENIED (not
-    an operator; a caller limited to some definitions must filter on one of
+    unknown field or state: the message names the part; for MOVE, a filter
+    without `definition=NAME`, a to_version that is not registered, a step
+    mapping naming a step of neither version), FAILED_PRECONDITION (the
+    filter selects no saga: no job is started), PERMISSION_DENIED (not an
+    operator; a caller limited to some definitions must filter on one of
     them).
     """
     GetBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.GetBulkActionRequest, _bulk_pb2.GetBulkActionResponse]  # type: ignore[assignment]
@@ -558,9 +564,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         those. Errors: INVALID_ARGUMENT (an invalid definition; a step mapping
         naming a step that exists in no selected version, or not in the new
         definition, checked before any saga is read; a state that is not in
-        flight; a saga in saga_ids of another definition, version or state),
-        NOT_FOUND (no definition of that name is registered; an unknown saga in
-        saga_ids).
+        flight; a saga in saga_ids of another definition, version or state; a
+        filter that does not parse, names another definition or a state not in
+        flight, or comes with definition_version, state or saga_ids), NOT_FOUND
+        (no definition of that name is registered; an unknown saga in saga_ids).
         """
 
     @_abc_1.abstractmethod
@@ -772,9 +779,11 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         skipped with the reason. Each saga acted on gets an event naming the job
         and who started it. With validate_only: counts and samples, starts
         nothing. Errors: INVALID_ARGUMENT (a filter that does not parse, an
-        unknown field or state: the message names the part), FAILED_PRECONDITION
-        (the filter selects no saga: no job is started), PERMISSION_DENIED (not
-        an operator; a caller limited to some definitions must filter on one of
+        unknown field or state: the message names the part; for MOVE, a filter
+        without `definition=NAME`, a to_version that is not registered, a step
+        mapping naming a step of neither version), FAILED_PRECONDITION (the
+        filter selects no saga: no job is started), PERMISSION_DENIED (not an
+        operator; a caller limited to some definitions must filter on one of
         them).
         """
 

@@ -154,6 +154,14 @@ class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.V
     retry backoff try again now; `message` says why (a bulk action names
     itself: "bulk action ID: NOTE").
     """
+    EVENT_TYPE_SAGA_MOVED: _EventType.ValueType  # 23
+    """An operator (a bulk action's MOVE) moved the saga in flight to another
+    version of its definition. Its state is unchanged and so is each step's,
+    under its new name where the job's mapping renamed it; the new version's
+    new steps are PENDING. `message` names both versions and the renames,
+    then the job: "moved from version 1 to version 3, steps renamed a=b; bulk
+    action ID: NOTE"; `actor` is who started the job.
+    """
 
 class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper): ...
 
@@ -199,6 +207,14 @@ EVENT_TYPE_BACKOFF_SKIPPED: EventType.ValueType  # 22
 """An operator (a bulk action's RETRY_NOW) made the steps waiting out a
 retry backoff try again now; `message` says why (a bulk action names
 itself: "bulk action ID: NOTE").
+"""
+EVENT_TYPE_SAGA_MOVED: EventType.ValueType  # 23
+"""An operator (a bulk action's MOVE) moved the saga in flight to another
+version of its definition. Its state is unchanged and so is each step's,
+under its new name where the job's mapping renamed it; the new version's
+new steps are PENDING. `message` names both versions and the renames,
+then the job: "moved from version 1 to version 3, steps renamed a=b; bulk
+action ID: NOTE"; `actor` is who started the job.
 """
 Global___EventType: _TypeAlias = EventType  # noqa: Y015
 

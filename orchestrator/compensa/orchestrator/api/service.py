@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import math
 import re
@@ -30,7 +31,7 @@ from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
-from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, event_message, saga_message
+from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
     MAX_REFERENCE_CHARS,
@@ -43,10 +44,10 @@ from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_mes
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from compensa.orchestrator.engine.migration import read_history
 from compensa.orchestrator.engine.migration_plan import check_step_mappings, classify
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.engine.participant_health import ProbeOutcome
-from compensa.orchestrator.engine.replay import history_of
 from compensa.orchestrator.engine.tokens import parse_completion_token
 from compensa.orchestrator.shared import records, timeline
 from compensa.orchestrator.shared.errors import (
@@ -76,7 +77,7 @@ from compensa.orchestrator.shared.limits import (
     is_possible,
     stored_text,
 )
-from compensa.orchestrator.shared.selection import for_action, parse_filter
+from compensa.orchestrator.shared.selection import SagaSelection, for_action, parse_filter
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import DEFAULT_PRIORITY, BulkJob, ParticipantAddress, ParticipantLimits
 from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
@@ -422,14 +423,15 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     async def _sagas_after(
         self, after: tuple[float, str] | None, *, state: int, definition_name: str, updated_before: float | None,
-        chunk: int,
+        chunk: int, selection: SagaSelection | None = None,
     ) -> AsyncGenerator[records.SagaRecord, None]:
-        """Sagas newest first from `after` on, read `chunk` at a time."""
+        """Sagas newest first from `after` on, read `chunk` at a time; only
+        those `selection` selects, when given."""
 
         async def read(cursor: tuple[float, str] | None, size: int) -> list[records.SagaRecord]:
             return await self._store.list_sagas(
                 state=state, definition_name=definition_name, updated_before=updated_before, page_size=size,
-                after=cursor,
+                after=cursor, selection=selection, now=self._engine.clock.now(),
             )
 
         sagas = _read_in_chunks(read, after, chunk, lambda saga: (saga.created_at, saga.saga_id))
@@ -502,13 +504,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def _history(self, saga: records.SagaRecord) -> orchestrator_pb2.SagaHistory:
         """The saga as stored now, its log up to that sequence and its definition version."""
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
-        events: list[saga_pb2.SagaEvent] = []
-        while len(events) < saga.sequence:
-            batch = await self._store.read_saga_events(saga.saga_id, len(events), READ_BATCH)
-            events.extend(event_message(stored) for stored in batch if stored.event.sequence <= saga.sequence)
-            if len(batch) < READ_BATCH:
-                break
-        return history_of(saga_message(saga, plan), events, plan.definition)
+        return await read_history(self._store, saga, plan)
 
     @_answer_errors
     async def ListSagas(
@@ -565,19 +561,26 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument(f"saga_ids holds {len(request.saga_ids)} ids; the limit is {MAX_PLANNED_SAGA_IDS}")
         for index, saga_id in enumerate(request.saga_ids):
             check_saga_id(saga_id, f"saga_ids[{index}]")
+        if request.filter and (request.definition_version or request.state or request.saga_ids):
+            raise InvalidArgument(
+                "filter selects the sagas on its own: leave definition_version, state and saga_ids unset"
+                " (write them as filter terms: version=N state=RUNNING id=A,B)"
+            )
         new = await asyncio.to_thread(validate_definition, request.definition, source="definition")
         name = new.name
+        selection = _planned_selection(request.filter, name) if request.filter else None
         self._in_scope(context, "PlanMigration", name)
-        old_versions = await self._versions(name, request.definition_version)
+        version = selection.definition_version if selection is not None else request.definition_version
+        old_versions = await self._versions(name, version)
         renames = check_step_mappings(request.step_mappings, old_versions, new)
         if request.saga_ids:
             chosen = await self._planned_sagas(request, name, context)
             plans = [classify(await self._history(saga), new, renames) for saga in chosen]
             return orchestrator_pb2.PlanMigrationResponse(plans=plans)
-        query = ["PlanMigration", name, request.definition_version, request.state]
+        query = ["PlanMigration", name, request.definition_version, request.state, request.filter]
         listed = self._sagas_after(
             self._resumed_at(query, request.page_token), state=request.state, definition_name=name,
-            updated_before=None, chunk=_PAGE_READ_CHUNK,
+            updated_before=None, chunk=_PAGE_READ_CHUNK, selection=selection,
         )
 
         async def planned() -> AsyncGenerator[tuple[message.Message, list[Any]], None]:
@@ -717,6 +720,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             raise InvalidArgument("result must be COMPLETION_RESULT_SUCCEEDED or COMPLETION_RESULT_FAILED")
         saga = await self._existing(saga_id, context)
         plan = await self._engine.plan_for(saga.definition_name, saga.definition_version)
+        if step_name not in plan.steps and (renamed := saga.step_keyed(step_name)) is not None:
+            # The token was issued before a move renamed the step.
+            step_name = renamed.name
+            event = dataclasses.replace(event, step=step_name)
         if step_name not in plan.steps or not plan.steps[step_name].long_running:
             raise InvalidArgument(f"step {quote(step_name)} of saga {quote(saga_id)} is not a long-running step")
         state = saga.step(step_name).state
@@ -1076,6 +1083,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"request_id must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.request_id)}"
             )
         self._all_in_scope(context, "StartBulkAction", selection.definition_name)
+        renames = await self._move_to(request, selection)
         if request.request_id and not request.validate_only:
             # A repeat (its answer was lost) finds the job, even once its sagas moved on.
             existing = await self._store.get_bulk_job(request.request_id)
@@ -1096,6 +1104,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             selection=selection.to_message().SerializeToString(deterministic=True),
             definition_name=selection.definition_name, note=request.note, started_by=actor,
             state=bulk_pb2.BULK_ACTION_STATE_RUNNING, max_per_second=rate, created_at=now, updated_at=now,
+            to_version=request.to_version, step_mappings=json.dumps(list(renames.items())) if renames else "",
         )
         stored, _ = await self._store.create_bulk_job(job, selection) if count else (None, False)
         if stored is None:
@@ -1105,6 +1114,30 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._visible_bulk_job(identity, stored)
         response.bulk_action.CopyFrom(bulk_action_message(stored))
         return response
+
+    async def _move_to(self, request: bulk_pb2.StartBulkActionRequest, selection: SagaSelection) -> dict[str, str]:
+        """A MOVE's step mappings (old -> new), once its target version and
+        mappings are checked against the versions its filter selects;
+        InvalidArgument naming what is wrong. Other kinds take neither."""
+        if request.kind != bulk_pb2.BULK_ACTION_KIND_MOVE:
+            if request.to_version or request.step_mappings:
+                raise InvalidArgument(f"to_version and step_mappings are for MOVE only, not {_kind_name(request.kind)}")
+            return {}
+        name = selection.definition_name
+        if not name:
+            raise InvalidArgument(
+                "filter: MOVE needs definition=NAME (the version the sagas move to is one of that definition's)"
+            )
+        if request.to_version <= 0:
+            raise InvalidArgument(f"to_version is required for MOVE: a registered version of {quote(name)}")
+        try:
+            old_versions = await self._versions(name, selection.definition_version)
+        except NotFound as error:
+            raise InvalidArgument(f"filter: {error}") from None
+        target = await self._store.get_definition(name, request.to_version)
+        if target is None:
+            raise InvalidArgument(f"to_version: {await self._engine.definition_not_found(name, request.to_version)}")
+        return check_step_mappings(request.step_mappings, old_versions, target)
 
     @_answer_errors
     async def GetBulkAction(
@@ -1222,6 +1255,11 @@ BULK_SAMPLE_SIZE = 10
 #: Skipped and failed sagas GetBulkAction shows.
 BULK_PROBLEMS_SHOWN = 100
 BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _planned_selection(text: str, name: str) -> SagaSelection:
+    """The sagas a PlanMigration filter selects: in flight, of definition `name`."""
+    return for_action(bulk_pb2.BULK_ACTION_KIND_MOVE, parse_filter(text, definition_name=name))
 
 
 def _kind_name(kind: int) -> str:

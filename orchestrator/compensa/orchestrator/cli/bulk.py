@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from compensa.orchestrator.cli.connection import open_channel
 from compensa.orchestrator.cli.exit_codes import EXIT_OK
 from compensa.orchestrator.cli.output import json_line, print_saga_table, print_table
+from compensa.orchestrator.shared.errors import CompensaError
 from compensa.orchestrator.shared.selection import ACTIONS
 from compensa.v1 import bulk_pb2, orchestrator_pb2_grpc
 
@@ -39,10 +40,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _start(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
+    if args.action == "move" and not args.to_version:
+        raise CompensaError("move needs --to-version N: the version the sagas move to")
+    if args.action != "move" and (args.to_version or args.map):
+        raise CompensaError(f"--to-version and --map are for move, not {args.action}")
     answer = stub.StartBulkAction(
         bulk_pb2.StartBulkActionRequest(
             kind=ACTIONS[args.action], filter=args.filter, note=args.note, actor=args.actor,
             validate_only=args.dry_run, max_sagas_per_second=args.rate, request_id=args.request_id,
+            to_version=args.to_version,
+            step_mappings=[bulk_pb2.StepMapping(old_step=old, new_step=new) for old, new in args.map],
         ),
         timeout=args.timeout,
     )
@@ -111,6 +118,9 @@ def _print_job(
     _print_jobs([job])
     print(f"started by {job.started_by} at {job.create_time.ToJsonString()}"
           + (f" on replica {job.replica}" if job.replica else "") + (f"; note: {job.note}" if job.note else ""))
+    if job.kind == bulk_pb2.BULK_ACTION_KIND_MOVE:
+        renames = ", ".join(f"{mapping.old_step}={mapping.new_step}" for mapping in job.step_mappings)
+        print(f"moves sagas to version {job.to_version}" + (f", steps renamed {renames}" if renames else ""))
     for item in problems:
         outcome = _name(bulk_pb2.BulkItemOutcome, item.outcome, "BULK_ITEM_OUTCOME_")
         print(f"  {outcome:<7}  {item.saga_id}  {item.reason}")

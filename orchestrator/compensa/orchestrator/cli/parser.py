@@ -662,6 +662,11 @@ def _add_plan(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", type=parse_saga_state, help="only sagas in this state: running or compensating")
     parser.add_argument("--saga", action="append", default=[], metavar="ID",
                         help="only this saga (repeat for several)")
+    parser.add_argument(
+        "--filter", default="",
+        help="only the sagas in flight this bulk-action filter selects, e.g. 'version=1 step=charge_card'"
+        " (instead of --definition-version, --state and --saga; the same filter as `bulk start move`)",
+    )
     _add_map_option(parser)
     parser.add_argument(
         "--page-size", type=_int_from(0, INT32_MAX), default=0, metavar="N",
@@ -759,6 +764,11 @@ def _add_bulk(parser: argparse.ArgumentParser, client_options: argparse.Argument
         help="act on at most this many sagas per second (server default 100)",
     )
     start.add_argument("--request-id", default="", help="starting again with the same id returns the same job")
+    start.add_argument(
+        "--to-version", type=_int_from(1, INT32_MAX), default=0, metavar="N",
+        help="move: the registered version of the filter's definition the sagas move to (run `compensa plan` first)",
+    )
+    _add_map_option(start)
     _add_actor_option(start)
     _add_json_option(start)
     listing = add("list", "List bulk actions, newest first.")

@@ -17,7 +17,7 @@ from compensa.orchestrator.definitions import load_definition_file
 from compensa.orchestrator.shared import payloads
 from compensa.orchestrator.shared.errors import CompensaError
 from compensa.orchestrator.shared.timeline import saga_state_name
-from compensa.v1 import definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 
 def _definition(path: Path, proto_modules: list[str]) -> definition_pb2.SagaDefinition:
@@ -63,8 +63,9 @@ def plan(args: argparse.Namespace) -> int:
         definition_version=args.definition_version,
         state=args.state or saga_pb2.SAGA_STATE_UNSPECIFIED,
         saga_ids=args.saga,
-        step_mappings=[orchestrator_pb2.StepMapping(old_step=old, new_step=new) for old, new in args.map],
+        step_mappings=[bulk_pb2.StepMapping(old_step=old, new_step=new) for old, new in args.map],
         page_size=args.page_size,
+        filter=args.filter,
     )
     counts: dict[str, int] = {}
     with open_channel(args) as channel:

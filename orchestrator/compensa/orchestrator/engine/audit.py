@@ -82,6 +82,16 @@ class AuditedSaga:
     saga: records.SagaRecord
     definition: definition_pb2.SagaDefinition | None
 
+    def step_name_of(self, row: barrier_audit_pb2.BarrierRow) -> str:
+        """The step a barrier row is of: its name now, when a move to another
+        version renamed the step after the row was written."""
+        renamed = None if row.step_name in self.step_names else self.saga.step_keyed(row.step_name)
+        return renamed.name if renamed is not None else row.step_name
+
+    @property
+    def step_names(self) -> frozenset[str]:
+        return frozenset(step.name for step in self.saga.steps)
+
     def steps_of(self, participant: str) -> list[definition_pb2.StepDefinition]:
         """The steps of the definition that `participant` serves."""
         if self.definition is None:
@@ -139,7 +149,7 @@ def compare_saga(
     saga = audited.saga
     by_step: dict[str, dict[int, barrier_audit_pb2.BarrierRow]] = {}
     for row in rows:
-        by_step.setdefault(row.step_name, {})[row.operation] = row
+        by_step.setdefault(audited.step_name_of(row), {})[row.operation] = row
     findings: list[AuditFinding] = []
     for step_definition in audited.steps_of(participant):
         name = step_definition.name
@@ -217,7 +227,7 @@ def orphan_rows(
             audited = AuditedSaga(
                 records.SagaRecord(row.saga_id, "", 0, 0, 0, b"", 0.0, 0.0, ()), None
             )
-        elif row.step_name not in {step.name for step in audited.steps_of(participant)}:
+        elif audited.step_name_of(row) not in {step.name for step in audited.steps_of(participant)}:
             what, log = f"a row for a step {participant} does not serve in this saga", "no such step here"
         else:
             continue

@@ -17,10 +17,15 @@ changed meanwhile (skipped, with what changed it). Two jobs that selected the
 same saga cannot both act on it: the first write moves the sequence the
 second one is guarded on.
 
-Adding an action kind is an entry in `_ACTIONS` (how it acts on one saga: a
-write guarded on the selected sequence whose event's message begins with
-`bulk_tag`, as `_operator_action` makes for the operator actions) and one in
+Adding an action kind is an entry in `_ACTIONS` (how it acts on a batch of
+sagas: for each, a write guarded on the selected sequence whose event's
+message begins with `bulk_tag`, as `_operator_action` makes for the operator
+actions, or names it after the move, as MOVE's does) and one in
 selection.py's `_APPLIES_TO` (which sagas it applies to).
+
+The sagas of a batch are read in one query. An operator action then decides
+on each saga as read and writes it through the engine's group commit; a MOVE
+reads the batch's logs in one query and writes its moves in one transaction.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections.abc import Awaitable, Callable
 
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.engine.migration import NotMoved, move_sagas
+from compensa.orchestrator.engine.replay import read_move
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
 from compensa.orchestrator.shared.timeline import saga_state_name
@@ -49,24 +56,51 @@ DONE = bulk_pb2.BULK_ITEM_OUTCOME_DONE
 SKIPPED = bulk_pb2.BULK_ITEM_OUTCOME_SKIPPED
 FAILED = bulk_pb2.BULK_ITEM_OUTCOME_FAILED
 
-#: How an action acts on one saga: the saga after (unchanged when there was
-#: nothing to do), or None when the saga is no longer at the selected sequence.
-SagaAction = Callable[[SagaEngine, BulkJob, BulkItem], Awaitable[records.SagaRecord | None]]
+#: A saga with its holder and lease, as read for a batch (None: not found).
+Loaded = tuple[records.SagaRecord, str | None, float | None] | None
+#: What an action did to one saga: the saga after (unchanged when there was
+#: nothing to do); None when the saga is no longer at the selected sequence;
+#: or the error that stopped it (NotMoved: skipped, with its reason;
+#: StoreUnavailable: left pending, whether it landed is learnt next time).
+Acted = records.SagaRecord | None | Exception
+#: How an action acts on a batch of sagas, each as read for the batch: what
+#: it did to each, in order.
+BatchAction = Callable[[SagaEngine, BulkJob, list[tuple[BulkItem, Loaded]]], Awaitable[list[Acted]]]
 
 
-def _operator_action(event_of: Callable[[str, str], machine.Event]) -> SagaAction:
-    """An operator action through the engine, by (who started the job, the job's text)."""
+def _operator_action(event_of: Callable[[str, str], machine.Event]) -> BatchAction:
+    """An operator action through the engine on each saga, `_CONCURRENCY` at
+    once, by (who started the job, the job's text)."""
 
-    async def act(engine: SagaEngine, job: BulkJob, item: BulkItem) -> records.SagaRecord | None:
+    async def act(engine: SagaEngine, job: BulkJob, chosen: list[tuple[BulkItem, Loaded]]) -> list[Acted]:
+        slots = asyncio.Semaphore(_CONCURRENCY)
         event = event_of(job.started_by, event_text(job))
-        return await engine.apply_external_once(
-            item.saga_id, event, expected_sequence=item.selected_sequence, reconnect=False
-        )
+
+        async def one(item: BulkItem, loaded: Loaded) -> Acted:
+            async with slots:
+                try:
+                    return await engine.apply_external_once(
+                        item.saga_id, event, expected_sequence=item.selected_sequence, reconnect=False, loaded=loaded
+                    )
+                except Exception as error:  # the outcome of this saga alone
+                    return error
+
+        return list(await asyncio.gather(*(one(item, loaded) for item, loaded in chosen)))
 
     return act
 
 
-_ACTIONS: dict[int, SagaAction] = {
+async def _move(engine: SagaEngine, job: BulkJob, chosen: list[tuple[BulkItem, Loaded]]) -> list[Acted]:
+    """MOVE: each saga to the job's version, if its log as stored now replays under it."""
+    to = await engine.plan_for(job.definition_name, job.to_version)
+    outcomes = await move_sagas(
+        engine, [(item.saga_id, item.selected_sequence, loaded) for item, loaded in chosen],
+        to=to, renames=job.renames, actor=job.started_by, text=event_text(job),
+    )
+    return list(outcomes)
+
+
+_ACTIONS: dict[int, BatchAction] = {
     bulk_pb2.BULK_ACTION_KIND_CANCEL: _operator_action(
         lambda actor, text: machine.CancelRequested(actor=actor, reason=text)
     ),
@@ -79,6 +113,7 @@ _ACTIONS: dict[int, SagaAction] = {
     bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: _operator_action(
         lambda actor, text: machine.RetryNowRequested(actor=actor, reason=text)
     ),
+    bulk_pb2.BULK_ACTION_KIND_MOVE: _move,
 }
 
 # Replicas look for jobs to claim this often.
@@ -107,7 +142,11 @@ def event_text(job: BulkJob) -> str:
 def is_bulk_event(event: records.LogEvent, bulk_action_id: str) -> bool:
     """Whether `event` is the action of job `bulk_action_id`."""
     tag = bulk_tag(bulk_action_id)
-    return event.message == tag or event.message.startswith(tag + ": ")
+    text = event.message
+    if event.type == records.E.EVENT_TYPE_SAGA_MOVED:
+        moved = read_move(text)
+        text = moved[1] if moved is not None else ""
+    return text == tag or text.startswith(tag + ": ")
 
 
 class BulkRunner:
@@ -197,35 +236,47 @@ class BulkRunner:
 
     async def _act_on_batch(self, job: BulkJob, items: list[BulkItem]) -> None:
         started = time.monotonic()
-        slots = asyncio.Semaphore(_CONCURRENCY)
-
-        async def act(item: BulkItem) -> tuple[str, int, str] | None:
-            async with slots:
-                return await self._act(job, item)
-
-        outcomes = [outcome for outcome in await asyncio.gather(*(act(item) for item in items)) if outcome]
+        loaded = await self._store.load_many_with_owner([item.saga_id for item in items])
+        # A saga whose sequence moved since selection is not acted on.
+        chosen = [
+            (item, found) for item in items
+            if (found := loaded.get(item.saga_id)) is None or found[0].sequence == item.selected_sequence
+        ]
+        try:
+            acted = dict(zip(
+                (item.saga_id for item, _ in chosen), await _ACTIONS[job.kind](self._engine, job, chosen), strict=True
+            ))
+        except StoreUnavailable as error:  # none acted on: all stay pending
+            acted = {item.saga_id: error for item, _ in chosen}
+        outcomes = [
+            outcome for item in items
+            if (outcome := await self._outcome(job, item, acted.get(item.saga_id))) is not None
+        ]
         await self._store.record_bulk_outcomes(job.bulk_action_id, outcomes, self._engine.clock.now())
         # The rate bounds the actions, however fast the database answers.
         await asyncio.sleep(max(0.0, len(items) / job.max_per_second - (time.monotonic() - started)))
 
-    async def _act(self, job: BulkJob, item: BulkItem) -> tuple[str, int, str] | None:
+    async def _outcome(self, job: BulkJob, item: BulkItem, acted: Acted) -> tuple[str, int, str] | None:
         """The outcome of acting on one saga; None to leave it pending (the
         database did not answer: whether the write landed is learnt next time)."""
-        try:
-            saga = await _ACTIONS[job.kind](self._engine, job, item)
-        except NotFound:
-            return item.saga_id, SKIPPED, "the saga no longer exists (deleted by retention)"
-        except StoreUnavailable:
-            return None
-        except CompensaError as error:  # refused, e.g. a cancel past the pivot
-            return item.saga_id, FAILED, str(error)
-        except Exception as error:  # one saga's bug must not stall the job on every replica
-            log.exception("bulk action %s: acting on saga %s failed", job.bulk_action_id, item.saga_id)
-            return item.saga_id, FAILED, f"internal error: {type(error).__name__}"
-        if saga is None:
-            return await self._changed(job, item)
-        if saga.sequence == item.selected_sequence:
-            return item.saga_id, SKIPPED, f"nothing to do: the saga is {saga_state_name(saga.state)}"
+        match acted:
+            case None:
+                return await self._changed(job, item)
+            case StoreUnavailable():
+                return None
+            case NotMoved():
+                return item.saga_id, SKIPPED, str(acted)
+            case NotFound():
+                return item.saga_id, SKIPPED, "the saga no longer exists (deleted by retention)"
+            case CompensaError():  # refused, e.g. a cancel past the pivot, a move to an incompatible version
+                return item.saga_id, FAILED, str(acted)
+            case Exception():  # one saga's bug must not stall the job on every replica
+                log.error(
+                    "bulk action %s: acting on saga %s failed", job.bulk_action_id, item.saga_id, exc_info=acted
+                )
+                return item.saga_id, FAILED, f"internal error: {type(acted).__name__}"
+        if acted.sequence == item.selected_sequence:
+            return item.saga_id, SKIPPED, f"nothing to do: the saga is {saga_state_name(acted.state)}"
         return item.saga_id, DONE, ""
 
     async def _changed(self, job: BulkJob, item: BulkItem) -> tuple[str, int, str] | None:
@@ -254,6 +305,8 @@ def bulk_action_message(job: BulkJob) -> bulk_pb2.BulkAction:
         pending_count=job.pending, max_sagas_per_second=job.max_per_second,
         create_time=timestamp(job.created_at), update_time=timestamp(job.updated_at),
         replica=job.owner or "",
+        to_version=job.to_version,
+        step_mappings=[bulk_pb2.StepMapping(old_step=old, new_step=new) for old, new in job.renames.items()],
     )
 
 

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import any_pb2
@@ -541,6 +541,15 @@ class SagaEngine:
             changed_steps=transition.changed_steps,
         )
 
+    def logged_outside(self, events: Sequence[StoredEvent], due_at: float | None) -> None:
+        """Events of a saga written outside the writer (a move to another
+        version), committed: watchers and metrics hear of them, and the
+        scheduler of the released saga's next due time."""
+        for stored in events:
+            self.metrics.committed(stored.event.type, stored.definition_name, stored.event.time, stored.event.time)
+        self.changes.committed(list(events))
+        self._wake_scheduler(due_at)
+
     def _wake_scheduler(self, due_at: float | None) -> None:
         """Tells the scheduler a saga this replica released is due at `due_at`."""
         if due_at is not None and due_at < self._next_due:
@@ -636,14 +645,17 @@ class SagaEngine:
         raise StoreUnavailable(f"saga {saga_id!r} kept changing while applying {type(event).__name__}; retry")
 
     async def apply_external_once(
-        self, saga_id: str, event: machine.Event, *, expected_sequence: int | None = None, reconnect: bool = True
+        self, saga_id: str, event: machine.Event, *, expected_sequence: int | None = None, reconnect: bool = True,
+        loaded: tuple[records.SagaRecord, str | None, float | None] | None = None,
     ) -> records.SagaRecord | None:
         """One try of `apply_external`: the saga after it (unchanged when the
         event changes nothing), or None when the saga changed first: its
         sequence was not `expected_sequence` (when given), or moved before the
         guarded write landed. `reconnect` False keeps the participants'
-        connections on a retry (a bulk action retries many sagas at once)."""
-        loaded = await self.store.load_with_owner(saga_id)
+        connections on a retry (a bulk action retries many sagas at once).
+        `loaded` is the saga with its holder as just read (`load_with_owner`;
+        a bulk action reads a batch at once), else it is read here."""
+        loaded = loaded or await self.store.load_with_owner(saga_id)
         if loaded is None:
             raise saga_not_found(saga_id)
         saga, holder, lease_until = loaded
@@ -883,7 +895,8 @@ class SagaEngine:
         context = participant_pb2.StepContext(
             saga_id=saga.saga_id,
             step_name=call.step,
-            idempotency_key=f"{saga.saga_id}/{call.step}",
+            # A step renamed by a move keeps the key its participant knows it by.
+            idempotency_key=f"{saga.saga_id}/{saga.step(call.step).key_name}",
             attempt=call.attempt,
             definition_name=saga.definition_name,
             definition_version=saga.definition_version,
@@ -897,7 +910,8 @@ class SagaEngine:
         }
         request: participant_pb2.ExecuteRequest | participant_pb2.CompensateRequest
         if isinstance(call, machine.CallExecute):
-            token = completion_token(self.token_key, saga.saga_id, call.step) if step.long_running else ""
+            key_name = saga.step(call.step).key_name
+            token = completion_token(self.token_key, saga.saga_id, key_name) if step.long_running else ""
             request = participant_pb2.ExecuteRequest(
                 context=context, saga_input=saga_input, step_outputs=outputs, completion_token=token
             )

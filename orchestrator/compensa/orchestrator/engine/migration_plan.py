@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.replay import replay_history
 from compensa.orchestrator.shared.errors import InvalidArgument, quote
 from compensa.orchestrator.shared.records import ACTIVE_SAGA_STATES
 from compensa.orchestrator.shared.timeline import saga_state_name
-from compensa.v1 import definition_pb2, orchestrator_pb2
+from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2
 
 __all__ = ["check_step_mappings", "classify"]
 
@@ -28,7 +29,7 @@ INCOMPATIBLE = orchestrator_pb2.MIGRATION_VERDICT_INCOMPATIBLE
 
 
 def check_step_mappings(
-    mappings: Sequence[orchestrator_pb2.StepMapping],
+    mappings: Sequence[bulk_pb2.StepMapping],
     old_versions: Sequence[definition_pb2.SagaDefinition],
     new: definition_pb2.SagaDefinition,
 ) -> dict[str, str]:
@@ -58,11 +59,11 @@ def check_step_mappings(
 
 def classify(
     history: orchestrator_pb2.SagaHistory,
-    new: definition_pb2.SagaDefinition,
+    new: definition_pb2.SagaDefinition | machine.Plan,
     renames: Mapping[str, str],
 ) -> orchestrator_pb2.SagaMigrationPlan:
     """The plan for one saga: its history replayed under `new` (validated and
-    normalized) with its steps renamed by `renames`."""
+    normalized, or its plan) with its steps renamed by `renames`."""
     saga = history.saga
     plan = orchestrator_pb2.SagaMigrationPlan(
         saga_id=saga.saga_id, definition_version=saga.definition_version, state=saga.state

@@ -9,12 +9,18 @@ version the saga ran on it must rebuild the saga exactly; under another
 version the first event where they part is where that version would have
 decided otherwise (design notes, "Replaying decisions").
 
+A saga moved to another version (SAGA_MOVED) is replayed whole under the
+version it runs on now, each step known by its latest name: it was moved only
+because its log up to the move replays under that version, and everything
+after the move was decided under it.
+
 No I/O and no clock: the server (PlanMigration), `compensa replay` and
 compensa.testing all replay a `SagaHistory` message with `replay_history`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,7 +31,10 @@ from compensa.orchestrator.engine import machine
 from compensa.orchestrator.shared.records import E, LogEvent, SagaRecord
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
 
-__all__ = ["Divergence", "ReplayOutcome", "history_of", "replay_history", "saga_differences"]
+__all__ = [
+    "Divergence", "Move", "ReplayOutcome", "history_of", "moved_message", "read_move", "replay_history",
+    "saga_differences",
+]
 
 #: Times the history carries as Timestamps come back within this of the
 #: stored floats (a Timestamp holds whole nanoseconds, a float does not).
@@ -34,7 +43,63 @@ _TIME_TOLERANCE_SECONDS = 1e-6
 #: opens a transition: a replica taking the saga over, and an alert for a saga
 #: that stopped moving (an alert the machine raises always follows another
 #: event of its transition, where it is compared like any other).
-_NOTES = frozenset({E.EVENT_TYPE_TAKEN_OVER, E.EVENT_TYPE_ALERT_RAISED})
+_NOTES = frozenset({E.EVENT_TYPE_TAKEN_OVER, E.EVENT_TYPE_ALERT_RAISED, E.EVENT_TYPE_SAGA_MOVED})
+#: The message of a SAGA_MOVED event, up to the job's text.
+_MOVED = re.compile(r"moved from version (\d+) to version (\d+)(?:, steps renamed ([^;]+))?(?:; |$)")
+
+
+@dataclass(frozen=True)
+class Move:
+    """What a SAGA_MOVED event says: from which version to which, with the
+    steps renamed (old name -> new name)."""
+
+    from_version: int
+    to_version: int
+    renames: Mapping[str, str]
+
+
+def moved_message(move: Move, text: str) -> str:
+    """The message of a SAGA_MOVED event: "moved from version 1 to version
+    3, steps renamed a=b, c=d; TEXT" (TEXT: the job's tag and note)."""
+    renamed = ", ".join(f"{old}={new}" for old, new in sorted(move.renames.items()) if old != new)
+    return (
+        f"moved from version {move.from_version} to version {move.to_version}"
+        + (f", steps renamed {renamed}" if renamed else "")
+        + (f"; {text}" if text else "")
+    )
+
+
+def read_move(message: str) -> tuple[Move, str] | None:
+    """The move a SAGA_MOVED event's message records, and the text after it;
+    None if it is not such a message."""
+    found = _MOVED.match(message)
+    if found is None:
+        return None
+    pairs = [pair.partition("=") for pair in found[3].split(", ")] if found[3] else []
+    move = Move(int(found[1]), int(found[2]), {old: new for old, _, new in pairs})
+    return move, message[found.end():]
+
+
+def _named_as_now(events: Sequence[saga_pb2.SagaEvent]) -> list[saga_pb2.SagaEvent]:
+    """`events` (by sequence) with each step under the name it has after
+    every later move's renames."""
+    named: list[saga_pb2.SagaEvent] = []
+    # A name as it was at that point of the log -> its name at the end.
+    later: dict[str, str] = {}
+    for event in reversed(events):
+        if event.type == E.EVENT_TYPE_SAGA_MOVED and (read := read_move(event.message)) is not None:
+            renames = read[0].renames
+            later = {name: now for name, now in later.items() if name not in renames} | {
+                old: later.get(new, new) for old, new in renames.items()
+            }
+        if event.step_name in later:
+            renamed = saga_pb2.SagaEvent()
+            renamed.CopyFrom(event)
+            renamed.step_name = later[event.step_name]
+            event = renamed
+        named.append(event)
+    named.reverse()
+    return named
 
 
 @dataclass(frozen=True)
@@ -69,16 +134,20 @@ def history_of(
 
 def replay_history(
     history: orchestrator_pb2.SagaHistory,
-    definition: definition_pb2.SagaDefinition | None = None,
+    definition: definition_pb2.SagaDefinition | machine.Plan | None = None,
     *,
     renames: Mapping[str, str] | None = None,
 ) -> ReplayOutcome:
-    """Replays `history` under `definition` (validated and normalized; by
-    default the version the saga ran on), with its steps renamed old -> new
-    by `renames`. Beyond the events, a step that ran must keep its
-    participant and its compensability under `definition`."""
+    """Replays `history` under `definition` (validated and normalized, or its
+    plan when many histories are replayed under it; by default the version
+    the saga ran on), with its steps renamed old -> new by `renames`. Beyond
+    the events, a step that ran must keep its participant and its
+    compensability under `definition`."""
     renames = renames or {}
-    plan = machine.Plan.of(definition if definition is not None else history.definition)
+    if isinstance(definition, machine.Plan):
+        plan = definition
+    else:
+        plan = machine.Plan.of(definition if definition is not None else history.definition)
     return _Replayer(history, plan, renames).run()
 
 
@@ -232,7 +301,8 @@ class _Replayer:
         self.renames = renames
         self.original_names = {new: old for old, new in renames.items()}
         self.old_steps = {step.name: step for step in history.definition.steps}
-        self.events = [self._renamed(event) for event in sorted(history.events, key=lambda event: event.sequence)]
+        by_sequence = sorted(history.events, key=lambda event: event.sequence)
+        self.events = [self._renamed(event) for event in _named_as_now(by_sequence)]
         self.input = history.saga.input.SerializeToString()
         self.saga_id = history.saga.saga_id
         self.outputs = {
@@ -264,6 +334,8 @@ class _Replayer:
                 ), cursor)
             elif event.type in _NOTES:
                 saga = replace(saga, sequence=event.sequence)
+                if event.type == E.EVENT_TYPE_SAGA_MOVED:  # the one note that is a change of the saga
+                    saga = replace(saga, updated_at=_seconds(event.time))
                 cursor += 1
                 continue
             else:

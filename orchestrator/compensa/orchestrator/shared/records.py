@@ -98,6 +98,16 @@ class StepRecord:
     finished_at: float | None = None
     # When the next attempt is due (backoff), or when a WAITING step times out.
     next_attempt_at: float | None = None
+    # The name its idempotency key and completion token were made with, when
+    # a move to another version renamed the step ("" : its own name). The
+    # participant's barrier knows the step by that key, so the key outlives
+    # the rename: a compensation after it undoes what the Execute did.
+    idempotency_name: str = ""
+
+    @property
+    def key_name(self) -> str:
+        """The name its idempotency key is made with."""
+        return self.idempotency_name or self.name
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,14 @@ class SagaRecord:
             if step.name == name:
                 return step
         raise KeyError(name)
+
+    def step_keyed(self, key_name: str) -> StepRecord | None:
+        """The step whose idempotency key (and completion token) is made
+        with `key_name`: its own name, or the one it had before a rename."""
+        for step in self.steps:
+            if step.key_name == key_name:
+                return step
+        return None
 
     @property
     def is_final(self) -> bool:

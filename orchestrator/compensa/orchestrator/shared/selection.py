@@ -148,16 +148,18 @@ def _unquoted(value: str) -> str:
     return value
 
 
-def parse_filter(text: str) -> SagaSelection:
+def parse_filter(text: str, *, definition_name: str = "") -> SagaSelection:
     """The selection `text` describes; InvalidArgument naming the part that
     is wrong. An empty filter is refused: selecting every saga must be said
-    (`all`)."""
+    (`all`). `definition_name`, when the request names the definition
+    otherwise (PlanMigration's new definition), is the filter's `definition`
+    (a filter naming another is refused)."""
     check_text(text, "filter", max_chars=MAX_FILTER_CHARS)
     if not text.strip():
         raise InvalidArgument("filter is required: say which sagas (e.g. 'definition=checkout state=FAILED'),"
                               " or 'all' for every saga")
     if text.strip() == "all":
-        return SagaSelection()
+        return SagaSelection(definition_name=definition_name)
     values: dict[str, Any] = {}
     seen: set[str] = set()
     position = 0
@@ -195,6 +197,12 @@ def parse_filter(text: str) -> SagaSelection:
         if not value:
             raise InvalidArgument(f"filter term {quote(term)}: the value is empty")
         values[_ATTRIBUTES[key]] = _read(field, value, term)
+    if definition_name:
+        named = values.setdefault("definition_name", definition_name)
+        if named != definition_name:
+            raise InvalidArgument(
+                f"filter term 'definition={named}': only sagas of {quote(definition_name)} are selected here"
+            )
     if values.get("definition_version") and not values.get("definition_name"):
         raise InvalidArgument("filter term 'version': a version needs definition=NAME too")
     return SagaSelection(**values)
@@ -238,6 +246,7 @@ ACTIONS = {
     "retry": bulk_pb2.BULK_ACTION_KIND_RETRY,
     "resolve": bulk_pb2.BULK_ACTION_KIND_RESOLVE,
     "retry-now": bulk_pb2.BULK_ACTION_KIND_RETRY_NOW,
+    "move": bulk_pb2.BULK_ACTION_KIND_MOVE,
 }
 
 #: The sagas each action applies to: (saga states, unresolved only, in a backoff only).
@@ -246,6 +255,7 @@ _APPLIES_TO: dict[int, tuple[frozenset[SagaState], bool, bool]] = {
     bulk_pb2.BULK_ACTION_KIND_RETRY: (frozenset({FAILED}), True, False),
     bulk_pb2.BULK_ACTION_KIND_RESOLVE: (frozenset({FAILED}), True, False),
     bulk_pb2.BULK_ACTION_KIND_RETRY_NOW: (ACTIVE_SAGA_STATES, False, True),
+    bulk_pb2.BULK_ACTION_KIND_MOVE: (ACTIVE_SAGA_STATES, False, False),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +55,20 @@ class SagaWrite:
     # Set for the first write of a new saga: it inserts instead of updating,
     # and lands only if the id is free.
     request_fingerprint: str | None = None
+
+
+@dataclass(frozen=True)
+class SagaMove:
+    """A saga moved to another version of its definition: its row (the new
+    version and sequence) and every step rewritten (renamed, added, in the
+    new version's order) with the move's event, guarded by the sequence and
+    by no replica holding the saga. It stays released, due at `due_at`; its
+    epoch is bumped, which fences any driver that still thinks it holds it."""
+
+    saga: SagaRecord
+    event: LogEvent
+    expected_sequence: int
+    due_at: float | None
 
 
 @dataclass(frozen=True)
@@ -248,6 +263,15 @@ class BulkJob:
     owner: str | None = None
     lease_until: float | None = None
     epoch: int = 0
+    #: MOVE: the version the sagas move to, and the steps renamed on the way
+    #: (a JSON list of [old, new] pairs; see `renames`).
+    to_version: int = 0
+    step_mappings: str = ""
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """MOVE's step mappings, old name -> new name."""
+        return {old: new for old, new in json.loads(self.step_mappings)} if self.step_mappings else {}
 
     @property
     def pending(self) -> int:
@@ -498,6 +522,24 @@ class SagaStore(abc.ABC):
         None when released), read together; None if there is no such saga."""
 
     @abc.abstractmethod
+    async def load_many_with_owner(
+        self, saga_ids: Sequence[str]
+    ) -> dict[str, tuple[SagaRecord, str | None, float | None]]:
+        """`load_with_owner` of many sagas in one transaction, by id (an id
+        with no saga is left out)."""
+
+    @abc.abstractmethod
+    async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
+        """Writes the moves in one transaction, each only if its saga is at
+        its `expected_sequence` and no replica holds it; for each, its event
+        as logged, or None (nothing of it written) when that guard failed."""
+
+    @abc.abstractmethod
+    async def read_saga_logs(self, saga_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """The whole log of each of these sagas, by sequence, in one
+        transaction (an id with no events is left out)."""
+
+    @abc.abstractmethod
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         """The saga if `owner` still holds it at `epoch`, else None."""
 
@@ -538,10 +580,13 @@ class SagaStore(abc.ABC):
         page_size: int,
         after: tuple[float, str] | None,
         id_contains: str = "",
+        selection: SagaSelection | None = None,
+        now: float = 0.0,
     ) -> list[SagaRecord]:
         """Sagas newest first, filtered; `after` is (created_at, saga_id) of
         the last saga of the previous page; `id_contains` keeps sagas whose
-        id contains that text (a search, with the database's LIKE rules)."""
+        id contains that text (a search, with the database's LIKE rules);
+        `selection` keeps those a bulk-action filter selects at `now`."""
 
     @abc.abstractmethod
     async def purge_finished(self, *, finished_before: float, limit: int) -> int:

@@ -262,6 +262,9 @@ class PostgresSagaStore(SqlSagaStore):
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
 
+    async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
+        await conn.execute(sa.text(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"))
+
 
 
 # --- the group-commit statement ----------------------------------------------

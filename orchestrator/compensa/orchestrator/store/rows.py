@@ -40,6 +40,7 @@ def step_row(saga_id: str, position: int, step: StepRecord) -> dict[str, Any]:
         "started_at": step.started_at,
         "finished_at": step.finished_at,
         "next_attempt_at": step.next_attempt_at,
+        "idempotency_name": step.idempotency_name or None,
     }
 
 
@@ -125,6 +126,7 @@ def saga_from_rows(row: sa.Row[Any], step_rows: Sequence[sa.Row[Any]]) -> SagaRe
                 started_at=step.started_at,
                 finished_at=step.finished_at,
                 next_attempt_at=step.next_attempt_at,
+                idempotency_name=step.idempotency_name or "",
             )
             for step in sorted(step_rows, key=lambda s: s.position)
         ),

@@ -106,6 +106,9 @@ saga_steps = Table(
     Column("started_at", Float, nullable=True),
     Column("finished_at", Float, nullable=True),
     Column("next_attempt_at", Float, nullable=True),
+    # The name the step's idempotency key and completion token were made
+    # with, when a move to another version renamed it (NULL: its own name).
+    Column("idempotency_name", String(64), nullable=True),
 )
 
 saga_events = Table(
@@ -299,6 +302,10 @@ bulk_actions = Table(
     Column("owner", String(128), nullable=True),
     Column("lease_until", Float, nullable=True),
     Column("epoch", BigInteger, nullable=False),
+    # MOVE: the version the sagas move to (0 for other kinds), and the steps
+    # renamed on the way as a JSON list of [old, new] pairs.
+    Column("to_version", Integer, nullable=False, server_default=text("0")),
+    Column("step_mappings", Text, nullable=False, server_default=""),
 )
 Index("compensa_bulk_actions_list", bulk_actions.c.created_at, bulk_actions.c.bulk_action_id)
 

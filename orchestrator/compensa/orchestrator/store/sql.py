@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -61,6 +61,7 @@ from compensa.orchestrator.store.base import (
     DefinitionChange,
     ParticipantAddress,
     PendingAlert,
+    SagaMove,
     SagaStore,
     StateSummary,
     StoredAlert,
@@ -73,6 +74,7 @@ from compensa.orchestrator.store.rows import (
     event_row,
     outbox_row,
     saga_from_rows,
+    step_row,
     stored_alert,
     stored_event,
 )
@@ -101,6 +103,12 @@ from compensa.v1 import bulk_pb2, definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
 _ID_CHUNK = 900
+# A bulk action's selection is one transaction however many sagas its filter
+# selects (its items are the sagas as they were at one moment): 100,000 take
+# seconds on a loaded database, past the bound of every other transaction.
+_SELECTION_SECONDS = 120.0
+# Sagas per guarded UPDATE of a batch of moves (a few parameters each).
+_MOVE_CHUNK = 150
 
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
@@ -162,6 +170,11 @@ def _selected(selection: SagaSelection, now: float) -> list[sa.ColumnElement[boo
     return conditions
 
 
+def _by_saga(chunk: dict[str, SagaMove], value: Callable[[SagaMove], Any], column: sa.Column[Any]) -> sa.Case[Any]:
+    """`column` set, in one UPDATE of the chunk's sagas, to each one's value."""
+    return sa.case({saga_id: value(move) for saga_id, move in chunk.items()}, value=sagas.c.saga_id, else_=column)
+
+
 def _bulk_job(row: sa.Row[Any]) -> BulkJob:
     return BulkJob(**{field.name: getattr(row, field.name) for field in dataclasses.fields(BulkJob)})
 
@@ -183,6 +196,10 @@ _SAGA_COLUMNS = [
     sagas.c.resolution_note,
     sagas.c.trace_parent,
 ]
+
+
+#: A saga's columns with who holds it and until when.
+_SAGA_COLUMNS_HELD = [*_SAGA_COLUMNS, sagas.c.owner, sagas.c.lease_until]
 
 
 _REFUSALS: dict[str, tuple[type[DatabaseRefusesWrites], str]] = {
@@ -237,6 +254,10 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         """Locks the selected rows, skipping those another transaction holds."""
         return query
 
+    async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
+        """Lets the statements of this transaction run up to `seconds` each
+        (a database that bounds each statement by `timeout`)."""
+
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         """For the rest of the transaction, plans that read a whole table are
         out: the scheduler's claim runs every second, and a plan cached while
@@ -248,11 +269,15 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     # -- plumbing
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction, bounded by `timeout` (and so is getting its connection)."""
+    async def _transaction(self, long: float | None = None) -> AsyncIterator[AsyncConnection]:
+        """One transaction, bounded by `timeout` (and so is getting its
+        connection), or by `long` seconds for one whose statements are known
+        to take long (a bulk action's selection of many sagas)."""
         began = time.monotonic()
         try:
-            async with bounded_transaction(self.engine, self.timeout) as conn:
+            async with bounded_transaction(self.engine, long or self.timeout) as conn:
+                if long is not None:
+                    await self._allow_statements_of(conn, long)
                 yield conn
         except sa.exc.TimeoutError as error:
             # Every pooled connection was busy for the whole wait: a fact about
@@ -639,6 +664,75 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).one()
             return saga, held.owner, held.lease_until
 
+    async def load_many_with_owner(
+        self, saga_ids: Sequence[str]
+    ) -> dict[str, tuple[SagaRecord, str | None, float | None]]:
+        found: dict[str, tuple[SagaRecord, str | None, float | None]] = {}
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                chunk = list(saga_ids[start:start + _ID_CHUNK])
+                held = sa.select(*_SAGA_COLUMNS_HELD).where(sagas.c.saga_id.in_(chunk))
+                rows = (await conn.execute(held)).all()
+                for row, saga in zip(rows, await self._load_many(conn, rows), strict=True):
+                    found[saga.saga_id] = (saga, row.owner, row.lease_until)
+        return found
+
+    async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
+        landed: list[SagaMove] = []
+        async with self._transaction() as conn:
+            for start in range(0, len(moves), _MOVE_CHUNK):
+                chunk = {move.saga.saga_id: move for move in moves[start : start + _MOVE_CHUNK]}
+                each = functools.partial(_by_saga, chunk)
+                # One guarded UPDATE for the chunk: each saga at its expected
+                # sequence, and held by no replica.
+                moved = await conn.execute(
+                    sa.update(sagas)
+                    .where(
+                        sa.tuple_(sagas.c.saga_id, sagas.c.sequence).in_(
+                            [(saga_id, move.expected_sequence) for saga_id, move in chunk.items()]
+                        ),
+                        sagas.c.owner.is_(None),
+                    )
+                    .values(
+                        definition_version=each(lambda move: move.saga.definition_version, sagas.c.definition_version),
+                        sequence=each(lambda move: move.saga.sequence, sagas.c.sequence),
+                        updated_at=each(lambda move: move.saga.updated_at, sagas.c.updated_at),
+                        due_at=each(lambda move: move.due_at, sagas.c.due_at),
+                        epoch=sagas.c.epoch + 1,
+                    )
+                    .returning(sagas.c.saga_id)
+                )
+                landed += [chunk[saga_id] for saga_id in moved.scalars()]
+            if landed:
+                moved_ids = [move.saga.saga_id for move in landed]
+                await conn.execute(sa.delete(saga_steps).where(saga_steps.c.saga_id.in_(moved_ids)))
+                rows = [
+                    step_row(move.saga.saga_id, position, step)
+                    for move in landed
+                    for position, step in enumerate(move.saga.steps)
+                ]
+                await conn.execute(saga_steps.insert(), rows)
+                positions = await self._append_events(conn, [(move.saga, (move.event,)) for move in landed])
+                await self._announce(conn, moved_ids)
+        logged = {
+            move.saga.saga_id: StoredEvent(move.saga.saga_id, move.saga.definition_name, taken[0], move.event)
+            for move, taken in zip(landed, positions, strict=True)
+        } if landed else {}
+        return [logged.get(move.saga.saga_id) for move in moves]
+
+    async def read_saga_logs(self, saga_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        logs: dict[str, list[StoredEvent]] = {}
+        async with self._transaction() as conn:
+            for start in range(0, len(saga_ids), _ID_CHUNK):
+                query = (
+                    sa.select(saga_events)
+                    .where(saga_events.c.saga_id.in_(list(saga_ids[start:start + _ID_CHUNK])))
+                    .order_by(saga_events.c.saga_id, saga_events.c.sequence)
+                )
+                for row in (await conn.execute(query)).all():
+                    logs.setdefault(row.saga_id, []).append(stored_event(row))
+        return logs
+
     async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
         async with self._transaction() as conn:
             held = (
@@ -807,8 +901,12 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         page_size: int,
         after: tuple[float, str] | None,
         id_contains: str = "",
+        selection: SagaSelection | None = None,
+        now: float = 0.0,
     ) -> list[SagaRecord]:
         query = sa.select(*_SAGA_COLUMNS)
+        if selection is not None:
+            query = query.where(*_selected(selection, now))
         if id_contains:
             query = query.where(sagas.c.saga_id.contains(id_contains, autoescape=True))
         if state:
@@ -1026,7 +1124,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         self, selection: SagaSelection, *, now: float, sample_size: int
     ) -> tuple[int, list[SagaRecord]]:
         conditions = _selected(selection, now)
-        async with self._transaction() as conn:
+        async with self._transaction(long=_SELECTION_SECONDS) as conn:
             count = (await conn.execute(sa.select(sa.func.count()).select_from(sagas).where(*conditions))).scalar_one()
             rows = (
                 await conn.execute(
@@ -1037,7 +1135,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
         values = {field.name: getattr(job, field.name) for field in dataclasses.fields(BulkJob)}
-        async with self._transaction() as conn:
+        async with self._transaction(long=_SELECTION_SECONDS) as conn:
             inserted = (
                 await conn.execute(
                     self._insert(bulk_actions).values(**values).on_conflict_do_nothing()

@@ -116,6 +116,9 @@ class TableByTableCommit(SqlSagaStore):
         if step_rows and all(row["delivery"] == DELIVERY_POSSIBLE for row in step_rows):
             for row in step_rows:
                 del row["delivery"]
+        if all(row["idempotency_name"] is None for row in step_rows):  # a new saga's: always
+            for row in step_rows:
+                del row["idempotency_name"]
         if step_rows:
             await conn.execute(saga_steps.insert(), step_rows)
         return landed
