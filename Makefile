@@ -7,6 +7,13 @@ BIN := $(VENV)/bin
 # Inside the venv, so that a recreated venv is always reinstalled.
 INSTALLED := $(VENV)/.compensa-installed
 PYTEST_ARGS ?=
+# The suite runs on two pytest-xdist workers: its time is mostly waiting (leases,
+# participants' work, backoffs, processes starting), which two workers overlap on
+# two cores. Not `-n auto`: more workers than two would only share the same two
+# cores and PostgreSQL's 100 connections. --dist loadgroup keeps the tests marked
+# xdist_group("heavy") on one worker, one after another (see tests/conftest.py).
+# PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help venv demo test proto typecheck bench browser node
@@ -86,7 +93,7 @@ node:
 test: $(INSTALLED) browser node
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # protoc-gen-mypy, protoc-gen-mypy_grpc and protoc-gen-compensa_python are
 # scripts in the venv, hence PATH.

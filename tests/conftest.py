@@ -11,6 +11,10 @@ Fixtures (other tests code against these names):
 A test using any of them, or marked ``@pytest.mark.postgres``, is a PostgreSQL test.
 Where no server can be found or started (see tests/pg.py), PostgreSQL tests FAIL under
 ``CI=true`` and are skipped with a loud banner otherwise.
+
+Under pytest-xdist (``make test`` runs two workers) each worker finds its own server
+(or starts its own throwaway cluster), and tells the controller what it found, so that
+the summary's banner is printed where the terminal is.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ _POSTGRES_FIXTURES = frozenset({"postgres_url", "make_postgres_url", "admin_post
 _NOT_FOUND_BANNER = "POSTGRESQL NOT FOUND: the PostgreSQL suite was SKIPPED"
 
 # Discovery's verdict ("origin" or "missing") for the terminal summary; empty until a test needs it.
+# Under xdist each worker fills its own, sent to the controller in its workeroutput.
 _outcome: dict[str, str] = {}
+_WORKER_OUTPUT_KEY = "compensa_postgres_outcome"
 
 
 def _in_ci() -> bool:
@@ -50,6 +56,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _POSTGRES_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.postgres)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    worker_output = getattr(session.config, "workeroutput", None)  # set on an xdist worker only
+    if worker_output is not None:
+        worker_output[_WORKER_OUTPUT_KEY] = dict(_outcome)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """On the xdist controller: merges a finished worker's verdict into ours."""
+    worker_outcome: dict[str, str] = getattr(node, "workeroutput", {}).get(_WORKER_OUTPUT_KEY, {})
+    for key, value in worker_outcome.items():
+        known = _outcome.get(key, "").split("; ") if key in _outcome else []
+        _outcome[key] = "; ".join(dict.fromkeys([*known, *value.split("; ")]))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

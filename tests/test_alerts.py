@@ -88,6 +88,8 @@ async def _outbox_rows(database_url: str) -> int:
         await engine.dispose()
 
 
+# Two replica processes: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 async def test_an_alert_reaches_the_webhook_when_the_replica_that_raised_it_is_killed_while_delivering(
     tmp_path: Path, make_postgres_url: Callable[[], str], webhook: WebhookReceiver
 ) -> None:
@@ -274,6 +276,8 @@ async def _alert_log(address: str, after: int, count: int) -> list[orchestrator_
         return read
 
 
+# Two replica processes: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 async def test_a_participant_failing_its_health_checks_is_alerted_once_by_two_replicas_and_once_recovered(
     make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
 ) -> None:

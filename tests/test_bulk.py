@@ -122,6 +122,8 @@ def _acted_on(database_url: str, job_id: str, event_type: int) -> collections.Co
     return collections.Counter({saga_id: count for saga_id, count in rows})
 
 
+# Two replica processes, 2,000 sagas: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 @pytest.mark.postgres
 async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_it(
     tmp_path: Path, make_postgres_url: Callable[[], str]

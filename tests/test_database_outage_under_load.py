@@ -30,7 +30,8 @@ from test_database_restart import private_postgres  # noqa: F401  (a fixture)
 
 from compensa.v1 import orchestrator_pb2
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+# Several processes and many connections each: one at a time (make test's --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -19,6 +19,10 @@ from compensa.v1 import orchestrator_pb2, saga_pb2
 S = saga_pb2
 
 
+# A cluster of its own, crash-restarted under sagas: one at a time (make test's --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("heavy")
+
+
 @pytest.fixture
 def private_postgres() -> Iterator[pg.PostgresServer]:
     """A cluster of our own, so restarting it disturbs nobody else."""

@@ -120,6 +120,8 @@ PATIENT_RETRY = (
 )
 
 
+# Three replica processes, 5,000 sagas: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 @pytest.mark.slow
 async def test_limits_hold_across_three_replicas_through_an_outage_and_a_kill(
     tmp_path: Path, make_postgres_url: Callable[[], str]

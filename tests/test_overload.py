@@ -100,6 +100,8 @@ async def _call_once(stub: orchestrator_pb2_grpc.OrchestratorServiceStub, answer
     answers.acknowledged.append(saga_id)
 
 
+# Thousands of callers on one process, answered within a bound: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 @pytest.mark.slow
 async def test_thousands_of_callers_are_answered_ok_or_refused_at_once_with_a_retry_delay(
     tmp_path: Path, make_postgres_url: Callable[[], str]

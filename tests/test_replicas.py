@@ -45,7 +45,8 @@ from compensa.orchestrator.shared.records import ENDING_EVENTS, FINAL_SAGA_STATE
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+# Several processes and many connections each: one at a time (make test's --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
 
 S = saga_pb2
 FINAL = FINAL_SAGA_STATES

@@ -42,7 +42,8 @@ from compensa.orchestrator.client import retry_delay
 from compensa.participants.sdk import pack
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
-pytestmark = [pytest.mark.slow, pytest.mark.postgres]
+# Several processes and many connections each: one at a time (make test's --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
 
 S = saga_pb2
 FINAL = frozenset({S.SAGA_STATE_SUCCEEDED, S.SAGA_STATE_COMPENSATED, S.SAGA_STATE_FAILED})

@@ -60,6 +60,8 @@ async def _stored_trace_parent(database_url: str, saga_id: str) -> str:
     return value
 
 
+# Two replica processes: one at a time (make test's --dist loadgroup).
+@pytest.mark.xdist_group("heavy")
 async def test_a_saga_resumed_by_another_replica_after_a_kill_continues_its_trace(
     tmp_path: Path, make_postgres_url: Callable[[], str], receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
