@@ -239,9 +239,12 @@ def test_mypy_catches_a_step_returning_the_wrong_type(travel: Path) -> None:
 
 
 def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
+    # compensa/v1/contract.proto from where compensa installed it, as a user finds it.
+    include = _run([str(BIN / "compensa"), "codegen", "--include-path"], travel)
+    assert include.returncode == 0, include.stderr
     command = [
-        sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={travel / 'protos'}", f"--proto_path={PROTOS}",
-        f"--compensa_python_out={tmp_path}", "travel/v1/trip.proto",
+        sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={travel / 'protos'}",
+        f"--proto_path={include.stdout.strip()}", f"--compensa_python_out={tmp_path}", "travel/v1/trip.proto",
     ]
     ran = _run(command, travel)
     assert ran.returncode == 0, ran.stderr

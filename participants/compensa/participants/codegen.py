@@ -17,7 +17,9 @@ FILE_compensa.py beside protoc's FILE_pb2.py:
   output typed: `run.book_hotel()`.
 
 Run it as protoc's `--compensa_python_out=DIR` (the script is installed with
-compensa), or as `compensa codegen FILE.proto --out DIR`.
+compensa; give protoc `-I"$(compensa codegen --include-path)"`, where
+compensa/v1/contract.proto is installed), or as `compensa codegen FILE.proto
+--out DIR`, which needs no -I of its own.
 """
 
 from __future__ import annotations

@@ -824,13 +824,19 @@ def _add_definitions(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_codegen(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
     parser.add_argument(
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
         help="a directory imports are relative to (repeatable; searched before each file's own); the generated"
              " modules are named from it (travel/v1/trip.proto -> travel.v1.trip_pb2)",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the generated modules")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the generated modules (required)")
+    parser.add_argument(
+        "--include-path", action="store_true",
+        help="print the directory holding compensa/v1/contract.proto (installed with compensa) and exit: what to"
+             " give protoc as -I to compile a contract itself (python -m grpc_tools.protoc -I. -I\"$(compensa codegen"
+             " --include-path)\" --python_out=DIR --compensa_python_out=DIR FILE.proto); codegen adds it on its own",
+    )
 
 
 def _add_participants(parser: argparse.ArgumentParser) -> None:
