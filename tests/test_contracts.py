@@ -12,11 +12,13 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from harness import poll_until
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,7 +30,8 @@ from compensa.checkout.v1.participants_compensa import (
     ShippingParticipantBase,
 )
 from compensa.orchestrator.cli.demo import DEFINITIONS_DIR
-from compensa.orchestrator.definitions import compile_proto_files, load_definition_file
+from compensa.orchestrator.definitions import compile_proto_files, definition_fingerprint, load_definition_file
+from compensa.orchestrator.store import ContractChange, SagaStore, SqlSagaStore, open_store
 from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
 from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
@@ -560,6 +563,106 @@ async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnviro
     _step(definition, "ship_order").name = "ship_parcel"
     assert (await typed_env.register(definition)).version == 1
 
+
+
+# --- a contract check and the write it allows are one transaction ---------------------------
+
+
+class _Refused(Exception):
+    pass
+
+
+_RACED = definition_pb2.SagaDefinition(
+    name="raced", input_type="compensa.checkout.v1.CheckoutInput",
+    steps=[definition_pb2.StepDefinition(name="reserve_stock", participant="inventory")],
+)
+
+
+@pytest.fixture
+async def contract_store(make_postgres_url: Callable[[], str]) -> AsyncIterator[SagaStore]:
+    """A PostgreSQL store where "inventory" has the contract b"old"."""
+    store = open_store(make_postgres_url())
+    await store.ensure_schema()
+    await store.set_participant(
+        "inventory", "127.0.0.1:1", updated_by="test", now=1.0, contract=ContractChange("inv.v1.Old", b"old")
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _waits_or_ends(store: SagaStore, racing: asyncio.Task[Any]) -> None:
+    """Until `racing` has ended or waits for a lock of this database's."""
+    assert isinstance(store, SqlSagaStore)
+    waiting = sa.text(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+    )
+
+    async def waits() -> bool:
+        async with store.engine.connect() as conn:
+            return bool((await conn.execute(waiting)).scalar_one())
+
+    await poll_until(lambda: racing.done() or waits())
+
+
+async def test_a_contract_changed_while_a_definition_is_checked_is_checked_against_it(
+    contract_store: SagaStore,
+) -> None:
+    async def refuse_any_definition(definitions: Sequence[definition_pb2.SagaDefinition], _: Any) -> None:
+        if definitions:
+            raise _Refused(f"the new contract breaks {[definition.name for definition in definitions]}")
+
+    change: asyncio.Task[Any] | None = None
+
+    async def check_definition(contracts: Mapping[str, bytes]) -> None:
+        nonlocal change
+        assert contracts == {"inventory": b"old"}
+        # The operator changes the contract while the definition is being checked.
+        change = asyncio.create_task(contract_store.set_participant(
+            "inventory", "127.0.0.1:1", updated_by="test", now=2.0,
+            contract=ContractChange("inv.v1.New", b"new", refuse_any_definition),
+        ))
+        await _waits_or_ends(contract_store, change)
+
+    stored, created = await contract_store.register_definition(
+        _RACED, definition_fingerprint(_RACED), 2.0, check=check_definition
+    )
+    assert created and stored.version == 1
+    assert change is not None
+    with pytest.raises(_Refused, match="breaks \\['raced'\\]"):
+        await change  # checked against the definition just registered, not before it
+    assert await contract_store.participant_contracts() == {"inventory": b"old"}
+
+
+async def test_a_definition_registered_while_a_contract_is_checked_is_checked_against_it(
+    contract_store: SagaStore,
+) -> None:
+    async def refuse_the_new_contract(contracts: Mapping[str, bytes]) -> None:
+        if contracts.get("inventory") == b"new":
+            raise _Refused("the definition does not fit the new contract")
+
+    registration: asyncio.Task[Any] | None = None
+
+    async def check_contract(definitions: Sequence[definition_pb2.SagaDefinition], _: Any) -> None:
+        nonlocal registration
+        assert not definitions
+        # A definition is registered while the contract change is being checked.
+        registration = asyncio.create_task(contract_store.register_definition(
+            _RACED, definition_fingerprint(_RACED), 2.0, check=refuse_the_new_contract
+        ))
+        await _waits_or_ends(contract_store, registration)
+
+    await contract_store.set_participant(
+        "inventory", "127.0.0.1:1", updated_by="test", now=2.0,
+        contract=ContractChange("inv.v1.New", b"new", check_contract),
+    )
+    assert registration is not None
+    with pytest.raises(_Refused, match="does not fit the new contract"):
+        await registration
+    assert await contract_store.get_definition("raced") is None
+    assert await contract_store.participant_contracts() == {"inventory": b"new"}
 
 
 # --- a participant in Node.js on the generic wire, its contract stored and checked --------
