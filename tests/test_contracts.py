@@ -8,6 +8,7 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -563,6 +564,78 @@ async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnviro
     _step(definition, "ship_order").name = "ship_parcel"
     assert (await typed_env.register(definition)).version == 1
 
+
+
+# --- a contract read from the participant's server reflection ------------------------------
+
+
+async def _reflect(
+    env: SagaTestEnvironment, name: str, address: str = "", service: str = ""
+) -> orchestrator_pb2.SetParticipantResponse:
+    response: orchestrator_pb2.SetParticipantResponse = await env.client.stub.SetParticipant(
+        orchestrator_pb2.SetParticipantRequest(
+            name=name, address=address or env.participants[name].address, actor="test",
+            contract_from_reflection=orchestrator_pb2.ContractFromReflection(service=service),
+        )
+    )
+    return response
+
+
+async def test_a_contract_is_read_from_the_participants_reflection() -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": Shipping}
+    ) as env:
+        # Through the API: the participant lists its own contract service only,
+        # though its .proto file declares all three.
+        for name in ("inventory", "payment"):
+            stored = await _reflect(env, name)
+            assert stored.participant.contract_service == CHECKOUT_SERVICES[name]
+        # Through the CLI, as an operator sets it.
+        ran = await _compensa_command(
+            "--address", env.address, "participants", "set", "shipping", env.participants["shipping"].address,
+            "--contract-from-reflection",
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip().endswith(f"(contract {CHECKOUT_SERVICES['shipping']})"), ran.stdout
+        # The contracts read so are checked as those given with --proto.
+        assert (await env.register(_checkout_definition())).version == 1
+        definition = _checkout_definition()
+        _step(definition, "ship_order").name = "ship_parcel"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await env.register(definition)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ship_parcel" in (refused.value.details() or "")
+
+
+async def test_a_participant_with_no_contract_in_its_reflection_is_refused() -> None:
+    from compensa.examples.shipping import ShippingParticipant
+
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": ShippingParticipant}
+    ) as env:
+        with pytest.raises(grpc.aio.AioRpcError) as untyped:
+            await _reflect(env, "shipping")
+        assert untyped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lists not one contract service through server reflection (contract services: none)" in (
+            untyped.value.details() or ""
+        ), untyped.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await _reflect(env, "inventory", service="compensa.checkout.v1.PaymentParticipant")
+        assert unknown.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no contract service 'compensa.checkout.v1.PaymentParticipant'" in (unknown.value.details() or "")
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+            await _reflect(env, "payment", address=f"127.0.0.1:{port}")
+        assert unreachable.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "through server reflection: UNAVAILABLE" in (unreachable.value.details() or "")
+        listed: orchestrator_pb2.ListParticipantsResponse = await env.client.stub.ListParticipants(
+            orchestrator_pb2.ListParticipantsRequest()
+        )
+        kept = {entry.name: (entry.address, entry.contract_service) for entry in listed.participants}
+        assert kept["payment"] == (env.participants["payment"].address, ""), "a refused change changes nothing"
 
 
 # --- a contract check and the write it allows are one transaction ---------------------------

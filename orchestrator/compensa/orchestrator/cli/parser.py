@@ -865,6 +865,12 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
         help="with set: the .proto file of the participant's contract (compensa/v1/contract.proto), compiled with its"
              " imports and stored: registered definitions naming NAME are checked against it, and so are later ones",
     )
+    contract.add_argument(
+        "--contract-from-reflection", action="store_true",
+        help="with set: the orchestrator reads the contract from the participant at ADDRESS, through its server"
+             " reflection (compensa.participants.serve lists the contract of a participant on generated stubs), and"
+             " checks and stores it as with --proto; the participant must be running",
+    )
     contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
     parser.add_argument(
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
@@ -872,7 +878,7 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--service", default="", metavar="NAME",
-        help="with --proto: the contract service's full name, when the file declares several",
+        help="with --proto or --contract-from-reflection: the contract service's full name, when there are several",
     )
     _add_actor_option(parser)
     _add_json_option(parser)

@@ -40,6 +40,7 @@ from compensa.orchestrator.engine.auditor import AuditOptions, audit_every
 from compensa.orchestrator.engine.changes import ChangeSignal
 from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.engine.contract_reflection import read_reflected_contract
 from compensa.orchestrator.engine.flow import CallWaiting, CapacityWaitExpired, FlowControl
 from compensa.orchestrator.engine.participant_client import ParticipantClient
 from compensa.orchestrator.engine.participant_health import ParticipantHealthWatch
@@ -94,6 +95,9 @@ _PARTICIPANTS_SECONDS = 1.0
 # Retention: how often expired sagas are looked for (at most), and how many
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
+# Reading a participant's contract through its server reflection: a few
+# small answers from a participant that is up; SetParticipant waits for them.
+_REFLECTION_SECONDS = 10.0
 _PURGE_BATCH = 500
 # A transition the database did not confirm is written again after these waits.
 _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
@@ -268,6 +272,14 @@ class SagaEngine:
         )
         await self.refresh_participants()
         return stored
+
+    async def reflected_contract(self, address: str, *, service: str = "") -> contract_pb2.ParticipantContract:
+        """The contract the participant at `address` describes through its
+        server reflection (its one contract service, or `service`), asked
+        over the channel its calls use; FailedPrecondition when it cannot tell."""
+        return await read_reflected_contract(
+            self.client.channel(address), address, service=service, timeout=_REFLECTION_SECONDS
+        )
 
     async def participant_contracts(self) -> dict[str, ContractService]:
         """The stored contracts, by participant name."""
