@@ -305,6 +305,20 @@ class AuditFinding:
     address: str = ""
 
 
+@dataclass(frozen=True)
+class RecordedAuditFinding:
+    """A discrepancy as recorded: when an audit first found it, and the
+    position of its AUDIT alert in the alert log."""
+
+    participant: str
+    saga_id: str
+    step_name: str
+    kind: str
+    message: str
+    found_at: float
+    alert_position: int
+
+
 #: Told the outcome of a database wait and when it began (time.monotonic()):
 #: None when the database answered, a DatabaseRefusesWrites when it answered
 #: but refused to write, the error when it could not be reached.
@@ -716,6 +730,19 @@ class SagaStore(abc.ABC):
     async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
         """Records the findings not recorded before, each with an AUDIT alert
         (and its outbox row) in the same transaction; the alerts raised."""
+
+    @abc.abstractmethod
+    async def list_audit_progress(self) -> list[AuditProgress]:
+        """Where each participant's audit stands, by participant name."""
+
+    @abc.abstractmethod
+    async def list_audit_findings(self, limit: int, *, participant: str | None = None) -> list[RecordedAuditFinding]:
+        """Up to `limit` recorded discrepancies (of `participant` only, when
+        given; "" is a saga's own), the most recently found first."""
+
+    @abc.abstractmethod
+    async def count_audit_findings(self) -> dict[str, int]:
+        """How many discrepancies are recorded, by participant ("" for sagas' own)."""
 
     # The event log
 

@@ -63,6 +63,7 @@ from compensa.orchestrator.store.base import (
     DefinitionCheck,
     ParticipantAddress,
     PendingAlert,
+    RecordedAuditFinding,
     SagaStore,
     StateSummary,
     StoredAlert,
@@ -891,11 +892,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             row = (
                 await conn.execute(sa.select(audit_progress).where(audit_progress.c.participant == participant))
             ).one_or_none()
-        if row is None:
-            return None
-        return AuditProgress(
-            row.participant, (row.clean_created_at, row.clean_saga_id), row.audited_at, row.purge_before
-        )
+        return None if row is None else _audit_progress_of(row)
 
     async def save_audit_progress(self, progress: AuditProgress) -> None:
         created_at, saga_id = progress.clean_through
@@ -946,6 +943,30 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 await log_alerts(conn, raised)
                 await self._announce(conn, ["*"])
         return raised
+
+    async def list_audit_progress(self) -> list[AuditProgress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(audit_progress).order_by(audit_progress.c.participant))).all()
+        return [_audit_progress_of(row) for row in rows]
+
+    async def list_audit_findings(self, limit: int, *, participant: str | None = None) -> list[RecordedAuditFinding]:
+        query = sa.select(audit_findings).order_by(audit_findings.c.alert_position.desc()).limit(limit)
+        if participant is not None:
+            query = query.where(audit_findings.c.participant == participant)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RecordedAuditFinding(
+                row.participant, row.saga_id, row.step_name, row.kind, row.message, row.found_at, row.alert_position
+            )
+            for row in rows
+        ]
+
+    async def count_audit_findings(self) -> dict[str, int]:
+        query = sa.select(audit_findings.c.participant, sa.func.count()).group_by(audit_findings.c.participant)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return {participant: count for participant, count in rows}
 
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
@@ -1306,3 +1327,7 @@ async def log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> No
     transaction: an alert is delivered if and only if it was raised."""
     await conn.execute(alerts.insert(), [alert_row(alert) for alert in logged])
     await conn.execute(alert_outbox.insert(), [outbox_row(alert) for alert in logged])
+
+
+def _audit_progress_of(row: sa.Row[Any]) -> AuditProgress:
+    return AuditProgress(row.participant, (row.clean_created_at, row.clean_saga_id), row.audited_at, row.purge_before)
