@@ -2,9 +2,10 @@
 
 Where it runs: in an orchestrator replica, called by the AuditSagas RPC
 (`compensa audit`) or every `serve --audit-interval`; what it learns is in
-the database, so any replica can run the next one. For each participant with a stored address it walks the
-sagas in creation order, `batch_size` at a time at no more than
-`max_sagas_per_second`, resting four times as long as each batch took
+the database, so any replica can run the next one. For each participant
+with a stored address it walks the sagas created before the run began (newer
+ones are the next run's), in creation order, `batch_size` at a time at no
+more than `max_sagas_per_second`, resting four times as long as each batch took
 (`busy_fraction`) (one indexed read of the log and one ListBarrierRows
 per batch, in transactions of their own, never the engine's), asks the participant for the
 rows of the sagas whose definition gives it steps, and compares them
@@ -249,9 +250,12 @@ async def _audit_participant(
         after = start
         while True:
             began = time.monotonic()
-            batch = await store.sagas_in_creation_order(
+            fetched = await store.sagas_in_creation_order(
                 after=after, definition_name=options.definition_name, limit=options.batch_size
             )
+            # The sagas created before the run began: a paced run behind an
+            # engine that creates sagas faster would otherwise never end.
+            batch = [saga for saga in fetched if saga.created_at <= now]
             if not batch:
                 break
             after = (batch[-1].created_at, batch[-1].saga_id)
@@ -288,6 +292,8 @@ async def _audit_participant(
                     )
                 )
             await _pace(len(batch), began, options)
+            if len(batch) < len(fetched):
+                break
         orphans_from = (start[0] if start is not None else 0.0) - options.clock_skew_margin
         audit.findings += await _orphans(store, stub, known, participant, orphans_from, definitions)
         audit.clean_through = clean_through
@@ -350,9 +356,10 @@ async def _sagas_past_deadline(
     findings: list[AuditFinding] = []
     while True:
         began = time.monotonic()
-        batch = await store.sagas_in_creation_order(
+        fetched = await store.sagas_in_creation_order(
             after=after, definition_name=options.definition_name, limit=options.batch_size
         )
+        batch = [saga for saga in fetched if saga.created_at <= now]  # as in _audit_participant
         if not batch:
             return findings
         after = (batch[-1].created_at, batch[-1].saga_id)
@@ -361,6 +368,8 @@ async def _sagas_past_deadline(
             if found is not None:
                 findings.append(found)
         await _pace(len(batch), began, options)
+        if len(batch) < len(fetched):
+            return findings
 
 
 async def _pace(count: int, began: float, options: AuditOptions) -> None:
