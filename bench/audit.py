@@ -25,9 +25,10 @@ must report 0 discrepancies.
 
 What runs, in order: rounds of `--load-sagas` alone; with `--flat-out`, an
 audit from this process with nothing else running and no rests (its own
-cost); the audit the orchestrator runs (AuditSagas, its defaults) with rounds
-of load for as long as it runs (or `--load-window` seconds); rounds alone
-again. Not part of `make test`; prints one JSON object.
+cost, reporting only); the audit the orchestrator runs (AuditSagas with no
+options, as `compensa audit`: resuming, and asked again if the database
+stalls past its timeout and ends a run) with rounds of load for as long as it
+runs (or `--load-window` seconds); rounds alone again. Not part of `make test`; prints one JSON object.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from typing import IO, Any
 import grpc
 import psycopg
 import sqlalchemy as sa
-from google.protobuf import any_pb2, timestamp_pb2
+from google.protobuf import any_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -59,6 +60,7 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.examples import DEFINITIONS_DIR
 from compensa.examples.server import build_participant
 from compensa.orchestrator.engine.auditor import AuditOptions, run_audit
+from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.store import open_store
 from compensa.orchestrator.store.schema import saga_steps, sagas
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
@@ -292,9 +294,12 @@ def _throughput(rounds: Sequence[dict[str, Any]]) -> float:
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
     scratch = Path(tempfile.mkdtemp(prefix="compensa-bench-audit-"))
     try:
-        return await _measure(args, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        measured = await _measure(args, scratch)
+    except BaseException:
+        print(f"the processes' logs are kept in {scratch}", file=sys.stderr)
+        raise
+    shutil.rmtree(scratch, ignore_errors=True)
+    return measured
 
 
 async def _measure(args: argparse.Namespace, scratch: Path) -> dict[str, object]:
@@ -318,9 +323,8 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> dict[str, object]
                             "flat_out_audit_seconds_alone": flat_out_seconds,
                             "engine_sagas_per_second_alone": _throughput(alone),
                         }
-                    request = orchestrator_pb2.AuditSagasRequest(since=timestamp_pb2.Timestamp(seconds=0))
                     began = time.monotonic()
-                    audit = asyncio.ensure_future(stub.AuditSagas(request, timeout=4 * 3600))
+                    audit = asyncio.ensure_future(_resumed_audit(stub))
                     # The rounds that ran wholly while the audit did (within
                     # the load window); the one it ended in is counted only
                     # when there is no other.
@@ -336,17 +340,20 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> dict[str, object]
                     if partial and last is not None:
                         during.append(last)
                     loaded_seconds = time.monotonic() - began
-                    report = await audit
+                    reports, interrupted = await audit
                     audit_seconds = time.monotonic() - began
                     after = [await load.run(args.load_sagas, args.concurrency) for _ in range(args.alone_rounds)]
-    discrepancies = sum(len(p.discrepancies) for p in report.participants) + len(report.saga_discrepancies)
+    audited = [p for report in reports for p in report.participants]
+    discrepancies = sum(len(p.discrepancies) for p in audited) + sum(len(r.saga_discrepancies) for r in reports)
+    sagas_audited = {name: sum(p.sagas for p in audited if p.participant == name) for name in _KINDS}
     alone_rate = _throughput(alone + after)
     during_rate = _throughput(during) if during else None
     return {
-        "sagas_audited": {p.participant: p.sagas for p in report.participants},
-        "rows_read": {p.participant: p.rows for p in report.participants},
-        "not_audited": [p.participant for p in report.participants if not p.audited],
+        "sagas_audited": sagas_audited,
+        "rows_read": {name: sum(p.rows for p in audited if p.participant == name) for name in _KINDS},
+        "not_audited": sorted({p.participant for p in audited if not p.audited}),
         "discrepancies": discrepancies,
+        "audit_runs_ended_by_the_database": interrupted,
         "template_sagas": len(templates),
         "template_seconds": round(template_seconds, 1),
         "copied_sagas": copies,
@@ -354,7 +361,7 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> dict[str, object]
         "flat_out_audit_seconds_alone": round(flat_out_seconds, 1) if flat_out_seconds is not None else None,
         "audit_seconds": round(audit_seconds, 1),
         "audit_seconds_under_load": round(min(loaded_seconds, audit_seconds), 1),
-        "audit_sagas_per_second": round(max((p.sagas for p in report.participants), default=0) / audit_seconds, 1),
+        "audit_sagas_per_second": round(max(sagas_audited.values(), default=0) / audit_seconds, 1),
         "load_rounds": {"alone": len(alone) + len(after), "during_audit": len(during), "partly_after": partial},
         "load_failed_sagas": sum(r["failed"] for r in alone + during + after),
         "engine_sagas_per_second_alone": alone_rate,
@@ -372,14 +379,44 @@ async def _measure(args: argparse.Namespace, scratch: Path) -> dict[str, object]
     }
 
 
+async def _resumed_audit(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub,
+) -> tuple[list[orchestrator_pb2.AuditSagasResponse], int]:
+    """What `compensa audit` does with no options (AuditSagas: resume where the
+    last run stopped), asked again whenever a run ends UNAVAILABLE (the shared
+    database stalled past the timeout): the next run resumes where it stopped,
+    as it would after a replica's death. Every run's report, and how many were
+    ended so."""
+    reports: list[orchestrator_pb2.AuditSagasResponse] = []
+    interrupted = 0
+    while True:
+        try:
+            reports.append(await stub.AuditSagas(orchestrator_pb2.AuditSagasRequest(), timeout=4 * 3600))
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or interrupted >= 5:
+                raise
+            interrupted += 1
+            print(f"audit run ended: {error.details()}; resuming", file=sys.stderr)
+            continue
+        return reports, interrupted
+
+
 async def _flat_out(orchestrator_url: str) -> float:
     """Seconds of an audit of every saga from this process (the orchestrator's
     code, over its database and the participants' RPCs) with no rests."""
     store = open_store(orchestrator_url, timeout=60.0)
     try:
-        began = time.monotonic()
-        report = await run_audit(store, AuditOptions(since=0.0, busy_fraction=1.0, max_sagas_per_second=1e9))
-        seconds = time.monotonic() - began
+        for attempt in range(3):
+            began = time.monotonic()
+            try:
+                report = await run_audit(store, AuditOptions(since=0.0, busy_fraction=1.0, max_sagas_per_second=1e9))
+            except StoreUnavailable as error:  # the shared database stalled: again, from the start
+                if attempt == 2:
+                    raise
+                print(f"flat-out audit ended: {error}; again", file=sys.stderr)
+                continue
+            seconds = time.monotonic() - began
+            break
     finally:
         await store.close()
     assert not report.findings and all(p.audited for p in report.participants), report
