@@ -14,6 +14,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY orchestrator/ orchestrator/
 COPY participants/ participants/
 COPY generated/ generated/
+COPY protos/ protos/
 RUN pip install . && rm -rf build
 
 # The example saga definitions (shipped in the package beside the example

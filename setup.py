@@ -11,4 +11,8 @@ package_dir = {
     for root in ROOTS
     for package in find_namespace_packages(root, include=["compensa.*"])
 }
+# The .proto files a participant's contract imports (compensa/v1/contract.proto
+# and its own imports), installed as an include directory for protoc:
+# `compensa codegen --include-path` prints it (compensa.common.contracts).
+package_dir["compensa.protos"] = "protos"
 setup(packages=list(package_dir), package_dir=package_dir)

@@ -74,11 +74,12 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     return sorted_values[rank - 1]
 
 
-def saga_input() -> any_pb2.Any:
-    """The input every bench saga carries: a small, realistic checkout order."""
+def saga_input(order_id: str = "") -> any_pb2.Any:
+    """The input every bench saga carries: a small, realistic checkout order
+    (with `order_id`, of its own SKU too)."""
     order = checkout_pb2.CheckoutInput(
-        order_id="order-1", sku="sku-1", quantity=1, amount_cents=1999,
-        card_token="tok_visa", shipping_address="1 Bench Street",
+        order_id=order_id or "order-1", sku=f"sku-{order_id}" if order_id else "sku-1", quantity=1,
+        amount_cents=1999, card_token="tok_visa", shipping_address="1 Bench Street",
     )
     packed = any_pb2.Any()
     packed.Pack(order)

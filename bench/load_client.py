@@ -46,13 +46,16 @@ class SagaFailed(Exception):
 class LoadClient:
     """Starts bench sagas on one channel and waits for their ends."""
 
-    def __init__(self, address: str, definition: str, wait: str, poll_seconds: float) -> None:
+    def __init__(
+        self, address: str, definition: str, wait: str, poll_seconds: float, *, distinct_orders: bool = False
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(address)
         self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
         self._definition = definition
         self._wait = wait
         self._poll_seconds = poll_seconds
         self._input = saga_input()
+        self._distinct_orders = distinct_orders
         # watch-all: saga id -> future resolved with the time its end arrived.
         self._ends: dict[str, asyncio.Future[float]] = {}
         self._watcher: asyncio.Task[None] | None = None
@@ -78,7 +81,10 @@ class LoadClient:
                 future.set_result(time.perf_counter())
 
     def _start_request(self, saga_id: str, definition: str) -> orchestrator_pb2.StartSagaRequest:
-        return orchestrator_pb2.StartSagaRequest(saga_id=saga_id, definition_name=definition, input=self._input)
+        return orchestrator_pb2.StartSagaRequest(
+            saga_id=saga_id, definition_name=definition,
+            input=saga_input(order_id=saga_id) if self._distinct_orders else self._input,
+        )
 
     async def _final_state(self, saga_id: str) -> int:
         response = await self._stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=_CALL_TIMEOUT)
@@ -146,7 +152,9 @@ class LoadClient:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    client = LoadClient(args.address, args.definition, args.wait, args.poll_ms / 1000)
+    client = LoadClient(
+        args.address, args.definition, args.wait, args.poll_ms / 1000, distinct_orders=args.distinct_orders
+    )
     await client.start_watching_all()
     try:
         await serve_commands(client.handle)
@@ -160,6 +168,11 @@ def main() -> None:
     parser.add_argument("--definition", default="bench", help="definition of the sagas to run")
     parser.add_argument("--wait", choices=WAIT_MODES, default="watch-all", help="how a worker waits for its saga's end")
     parser.add_argument("--poll-ms", type=float, default=10.0, help="GetSaga interval with --wait poll")
+    parser.add_argument(
+        "--distinct-orders", action="store_true",
+        help="each saga orders its own SKU (order id and SKU from its saga id): the checkout participants then"
+             " update no row in common (with one order for all, every reserve waits on the same stock row)",
+    )
     asyncio.run(main_async(parser.parse_args()))
 
 

@@ -10,12 +10,13 @@ names each one, with both sides, and nothing else; each is alerted once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,13 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from harness import Stack, checkout_stack, poll_until, scrape
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
+from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
+from compensa.orchestrator.store.schema import sagas as sagas_table
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import pack
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
@@ -89,6 +93,16 @@ def _barrier(stack: Stack, kind: str) -> sa.Table:
 async def _change(stack: Stack, kind: str, statement: sa.Executable) -> None:
     async with stack.engine_of(kind).begin() as conn:
         await conn.execute(statement)
+
+
+@contextlib.asynccontextmanager
+async def open_store_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on the orchestrator's database, for writing what the engine would not."""
+    engine = create_async_engine(url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
 
 
 async def _past_the_commit_lag() -> None:
@@ -333,6 +347,35 @@ async def test_lost_answers_and_retries_leave_nothing_to_report(make_postgres_ur
         status, report = await _audit(stack)
         assert status == 0 and _found(report) == set(), report
         assert all(p["audited"] and p["sagas"] == 9 for p in report["participants"])
+
+
+async def test_a_run_audits_the_sagas_created_before_it_began(make_postgres_url: Callable[[], str]) -> None:
+    """A paced run behind an engine that creates sagas faster would never end if
+    it chased them: the sagas created after it began are the next run's."""
+    async with checkout_stack(make_postgres_url) as stack:
+        done = await _run_to_end(stack, 2)
+        # A saga whose creation the run's clock has not reached (a copy of one
+        # that ran, without barrier rows: audited, it would be EXECUTE_MISSING).
+        later = f"{done[0]}-later"
+        async with open_store_engine(stack.orchestrator_url) as engine, engine.begin() as conn:
+            await conn.execute(sa.insert(sagas_table).from_select(
+                [column.name for column in sagas_table.columns],
+                sa.select(*(
+                    sa.literal(later).label("saga_id") if column.name == "saga_id"
+                    else (column + 3600).label("created_at") if column.name == "created_at" else column
+                    for column in sagas_table.columns
+                )).where(sagas_table.c.saga_id == done[0]),
+            ))
+            await conn.execute(sa.insert(saga_steps_table).from_select(
+                [column.name for column in saga_steps_table.columns],
+                sa.select(*(
+                    sa.literal(later).label("saga_id") if column.name == "saga_id" else column
+                    for column in saga_steps_table.columns
+                )).where(saga_steps_table.c.saga_id == done[0]),
+            ))
+        status, report = await _audit(stack, "--since", "1h")
+        assert status == 0 and _found(report) == set(), report
+        assert all(p["sagas"] == 2 for p in report["participants"]), report
 
 
 async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:

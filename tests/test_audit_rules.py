@@ -4,10 +4,18 @@ what each pair of log and barrier rows is called, and that agreeing ones are not
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
-from compensa.orchestrator.engine.audit import AuditedSaga, compare_saga, orphan_rows, past_deadline
+from compensa.orchestrator.engine.audit import (
+    AuditedSaga,
+    FindingSides,
+    compare_saga,
+    finding_sides,
+    orphan_rows,
+    past_deadline,
+)
 from compensa.orchestrator.shared import records
 from compensa.v1 import barrier_audit_pb2 as B
 from compensa.v1 import definition_pb2, participant_pb2
@@ -121,3 +129,17 @@ def test_a_saga_in_flight_past_its_saga_timeout_is_past_deadline() -> None:
     assert late is not None and late.kind == "PAST_DEADLINE" and late.participant == ""
     assert "the log says: RUNNING 61s after its saga_timeout" in late.message
     assert past_deadline(_saga(records.SUCCEEDED, records.STEP_SUCCEEDED), T0 + 1000, grace=60) is None
+
+
+def test_a_message_splits_into_what_is_wrong_and_each_sides_word() -> None:
+    (missing,) = compare_saga(
+        _saga(records.SUCCEEDED, records.STEP_SUCCEEDED, output=OUTPUT.SerializeToString()), "hotel", "h:1", [],
+        settle_grace_before=T0 + 100,
+    )
+    sides = finding_sides(missing)
+    assert sides.what and "s1" not in sides.what and "EXECUTE_MISSING" not in sides.what
+    assert sides.log_says.startswith("SUCCEEDED (sha256:") and sides.participant_says == "no rows"
+    assert missing.message.endswith(f"{sides.what}; the log says: {sides.log_says}; the participant says: no rows")
+    late = past_deadline(_saga(records.RUNNING, records.STEP_RUNNING), T0 + 200, grace=60)
+    assert late is not None and finding_sides(late).log_says.startswith("RUNNING")
+    assert finding_sides(replace(missing, message="written by hand")) == FindingSides("written by hand", "", "")

@@ -8,15 +8,18 @@ import asyncio
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from harness import poll_until
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -28,7 +31,8 @@ from compensa.checkout.v1.participants_compensa import (
     ShippingParticipantBase,
 )
 from compensa.orchestrator.cli.demo import DEFINITIONS_DIR
-from compensa.orchestrator.definitions import compile_proto_files, load_definition_file
+from compensa.orchestrator.definitions import compile_proto_files, definition_fingerprint, load_definition_file
+from compensa.orchestrator.store import ContractChange, SagaStore, SqlSagaStore, open_store
 from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
 from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
@@ -239,9 +243,12 @@ def test_mypy_catches_a_step_returning_the_wrong_type(travel: Path) -> None:
 
 
 def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
+    # compensa/v1/contract.proto from where compensa installed it, as a user finds it.
+    include = _run([str(BIN / "compensa"), "codegen", "--include-path"], travel)
+    assert include.returncode == 0, include.stderr
     command = [
-        sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={travel / 'protos'}", f"--proto_path={PROTOS}",
-        f"--compensa_python_out={tmp_path}", "travel/v1/trip.proto",
+        sys.executable, "-m", "grpc_tools.protoc", f"--proto_path={travel / 'protos'}",
+        f"--proto_path={include.stdout.strip()}", f"--compensa_python_out={tmp_path}", "travel/v1/trip.proto",
     ]
     ran = _run(command, travel)
     assert ran.returncode == 0, ran.stderr
@@ -557,6 +564,178 @@ async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnviro
     _step(definition, "ship_order").name = "ship_parcel"
     assert (await typed_env.register(definition)).version == 1
 
+
+
+# --- a contract read from the participant's server reflection ------------------------------
+
+
+async def _reflect(
+    env: SagaTestEnvironment, name: str, address: str = "", service: str = ""
+) -> orchestrator_pb2.SetParticipantResponse:
+    response: orchestrator_pb2.SetParticipantResponse = await env.client.stub.SetParticipant(
+        orchestrator_pb2.SetParticipantRequest(
+            name=name, address=address or env.participants[name].address, actor="test",
+            contract_from_reflection=orchestrator_pb2.ContractFromReflection(service=service),
+        )
+    )
+    return response
+
+
+async def test_a_contract_is_read_from_the_participants_reflection() -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": Shipping}
+    ) as env:
+        # Through the API: the participant lists its own contract service only,
+        # though its .proto file declares all three.
+        for name in ("inventory", "payment"):
+            stored = await _reflect(env, name)
+            assert stored.participant.contract_service == CHECKOUT_SERVICES[name]
+        # Through the CLI, as an operator sets it.
+        ran = await _compensa_command(
+            "--address", env.address, "participants", "set", "shipping", env.participants["shipping"].address,
+            "--contract-from-reflection",
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip().endswith(f"(contract {CHECKOUT_SERVICES['shipping']})"), ran.stdout
+        # The contracts read so are checked as those given with --proto.
+        assert (await env.register(_checkout_definition())).version == 1
+        definition = _checkout_definition()
+        _step(definition, "ship_order").name = "ship_parcel"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await env.register(definition)
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ship_parcel" in (refused.value.details() or "")
+
+
+async def test_a_participant_with_no_contract_in_its_reflection_is_refused() -> None:
+    from compensa.examples.shipping import ShippingParticipant
+
+    async with SagaTestEnvironment.start(
+        participants={"inventory": Inventory, "payment": Payment, "shipping": ShippingParticipant}
+    ) as env:
+        with pytest.raises(grpc.aio.AioRpcError) as untyped:
+            await _reflect(env, "shipping")
+        assert untyped.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "lists not one contract service through server reflection (contract services: none)" in (
+            untyped.value.details() or ""
+        ), untyped.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await _reflect(env, "inventory", service="compensa.checkout.v1.PaymentParticipant")
+        assert unknown.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no contract service 'compensa.checkout.v1.PaymentParticipant'" in (unknown.value.details() or "")
+        free = socket.socket()
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+        free.close()
+        with pytest.raises(grpc.aio.AioRpcError) as unreachable:
+            await _reflect(env, "payment", address=f"127.0.0.1:{port}")
+        assert unreachable.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "through server reflection: UNAVAILABLE" in (unreachable.value.details() or "")
+        listed: orchestrator_pb2.ListParticipantsResponse = await env.client.stub.ListParticipants(
+            orchestrator_pb2.ListParticipantsRequest()
+        )
+        kept = {entry.name: (entry.address, entry.contract_service) for entry in listed.participants}
+        assert kept["payment"] == (env.participants["payment"].address, ""), "a refused change changes nothing"
+
+
+# --- a contract check and the write it allows are one transaction ---------------------------
+
+
+class _Refused(Exception):
+    pass
+
+
+_RACED = definition_pb2.SagaDefinition(
+    name="raced", input_type="compensa.checkout.v1.CheckoutInput",
+    steps=[definition_pb2.StepDefinition(name="reserve_stock", participant="inventory")],
+)
+
+
+@pytest.fixture
+async def contract_store(make_postgres_url: Callable[[], str]) -> AsyncIterator[SagaStore]:
+    """A PostgreSQL store where "inventory" has the contract b"old"."""
+    store = open_store(make_postgres_url())
+    await store.ensure_schema()
+    await store.set_participant(
+        "inventory", "127.0.0.1:1", updated_by="test", now=1.0, contract=ContractChange("inv.v1.Old", b"old")
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def _waits_or_ends(store: SagaStore, racing: asyncio.Task[Any]) -> None:
+    """Until `racing` has ended or waits for a lock of this database's."""
+    assert isinstance(store, SqlSagaStore)
+    waiting = sa.text(
+        "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+        " WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()"
+    )
+
+    async def waits() -> bool:
+        async with store.engine.connect() as conn:
+            return bool((await conn.execute(waiting)).scalar_one())
+
+    await poll_until(lambda: racing.done() or waits())
+
+
+async def test_a_contract_changed_while_a_definition_is_checked_is_checked_against_it(
+    contract_store: SagaStore,
+) -> None:
+    async def refuse_any_definition(definitions: Sequence[definition_pb2.SagaDefinition], _: Any) -> None:
+        if definitions:
+            raise _Refused(f"the new contract breaks {[definition.name for definition in definitions]}")
+
+    change: asyncio.Task[Any] | None = None
+
+    async def check_definition(contracts: Mapping[str, bytes]) -> None:
+        nonlocal change
+        assert contracts == {"inventory": b"old"}
+        # The operator changes the contract while the definition is being checked.
+        change = asyncio.create_task(contract_store.set_participant(
+            "inventory", "127.0.0.1:1", updated_by="test", now=2.0,
+            contract=ContractChange("inv.v1.New", b"new", refuse_any_definition),
+        ))
+        await _waits_or_ends(contract_store, change)
+
+    stored, created = await contract_store.register_definition(
+        _RACED, definition_fingerprint(_RACED), 2.0, check=check_definition
+    )
+    assert created and stored.version == 1
+    assert change is not None
+    with pytest.raises(_Refused, match="breaks \\['raced'\\]"):
+        await change  # checked against the definition just registered, not before it
+    assert await contract_store.participant_contracts() == {"inventory": b"old"}
+
+
+async def test_a_definition_registered_while_a_contract_is_checked_is_checked_against_it(
+    contract_store: SagaStore,
+) -> None:
+    async def refuse_the_new_contract(contracts: Mapping[str, bytes]) -> None:
+        if contracts.get("inventory") == b"new":
+            raise _Refused("the definition does not fit the new contract")
+
+    registration: asyncio.Task[Any] | None = None
+
+    async def check_contract(definitions: Sequence[definition_pb2.SagaDefinition], _: Any) -> None:
+        nonlocal registration
+        assert not definitions
+        # A definition is registered while the contract change is being checked.
+        registration = asyncio.create_task(contract_store.register_definition(
+            _RACED, definition_fingerprint(_RACED), 2.0, check=refuse_the_new_contract
+        ))
+        await _waits_or_ends(contract_store, registration)
+
+    await contract_store.set_participant(
+        "inventory", "127.0.0.1:1", updated_by="test", now=2.0,
+        contract=ContractChange("inv.v1.New", b"new", check_contract),
+    )
+    assert registration is not None
+    with pytest.raises(_Refused, match="does not fit the new contract"):
+        await registration
+    assert await contract_store.get_definition("raced") is None
+    assert await contract_store.participant_contracts() == {"inventory": b"new"}
 
 
 # --- a participant in Node.js on the generic wire, its contract stored and checked --------

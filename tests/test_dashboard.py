@@ -15,9 +15,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 from dashboard_rig import TOKENS, dashboard_rig
-from harness import REPO, poll_until
+from harness import REPO, checkout_stack, poll_until
 
-from compensa.v1 import saga_pb2
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 
@@ -318,6 +319,67 @@ async def test_the_live_list_counts_against_the_stream_limit_per_client(
                 assert second.status == 429
                 assert "token viewer has 1 streams open, the limit per client" in (await second.json())["error"]
             await stream.aclose()
+
+
+async def test_the_audit_page_lists_each_discrepancy_with_both_sides_and_the_clean_watermarks(
+    make_postgres_url: Callable[[], str]
+) -> None:
+    async with checkout_stack(make_postgres_url, http_listen="127.0.0.1:0") as stack:
+        assert stack.orchestrator.dashboard is not None
+        url = stack.orchestrator.dashboard.url.rstrip("/")
+        status, html = await _get(url + "/audit", who=None)  # no tokens configured: the API is open
+        assert status == 200 and 'id="audit-clean"' in html and html.count("not audited clean yet") == 3
+
+        sagas = [await stack.start() for _ in range(3)]
+        for saga_id in sagas:
+            await stack.wait_final(saga_id)
+        # Only sagas older than the audit's commit lag (the database timeout) count as clean.
+        await asyncio.sleep(DEFAULT_DATABASE_TIMEOUT + 0.5)  # ok-sleep: a time to pass, not an event to wait for
+        inventory = stack.participants["inventory"].participant.barrier
+        async with stack.engine_of("inventory").begin() as conn:
+            await conn.execute(
+                inventory.delete().where(inventory.c.saga_id == sagas[1], inventory.c.operation == "execute")
+            )
+        answer = await stack.stub.AuditSagas(orchestrator_pb2.AuditSagasRequest())
+        found = [(f.kind, f.participant, f.saga_id) for p in answer.participants for f in p.discrepancies]
+        assert found == [("EXECUTE_MISSING", "inventory", sagas[1])], answer
+
+        status, html = await _get(url + "/audit", who=None)
+        assert status == 200
+        (row,) = re.findall(r'<tr data-kind="EXECUTE_MISSING" data-saga-id="([^"]+)">(.*?)</tr>', html, re.S)
+        assert row[0] == sagas[1]
+        assert re.search(r'<td class="log-says">SUCCEEDED \(sha256:[0-9a-f]{16}\)</td>', row[1]), row[1]
+        assert '<td class="participant-says">no rows</td>' in row[1]
+        assert "reserve_stock" in row[1] and "audit/" in row[1]
+        # The clean watermark per participant: inventory stops before the bad saga, the others passed all three.
+        watermarks = dict(re.findall(
+            r'<tr data-participant="(\w+)">.*?<a href="/sagas/([^"]+)">', html.split('id="audit-participants"')[1],
+            re.S,
+        ))
+        assert watermarks == {"inventory": sagas[0], "payment": sagas[2], "shipping": sagas[2]}, watermarks
+        counts = dict(re.findall(r'<tr data-participant="(\w+)">.*?<td class="num[^"]*">(\d+)</td>', html, re.S))
+        assert counts == {"inventory": "1", "payment": "0", "shipping": "0"}
+
+        status, html = await _get(url + "/audit?participant=payment", who=None)
+        assert status == 200 and 'id="audit-clean"' in html and "data-kind=" not in html
+        status, html = await _get(url + "/audit?participant=nobody", who=None)
+        assert status == 404 and "no participant &#39;nobody&#39;" in html
+
+
+async def test_the_audit_page_is_for_those_who_see_the_whole_deployment(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        status, html = await _get(rig.url + "/audit", who=None)
+        assert status == 401
+        status, html = await _get(rig.url + "/audit", who="reader")
+        assert status == 200 and 'data-participant="scripted"' in html and "not audited clean yet" in html
+        assert '<a href="/audit">Audit</a>' in html
+        # A token limited to some definitions does not see the audit, nor a link to it.
+        status, html = await _get(rig.url + "/audit", who="elsewhere")
+        assert status == 403 and "is limited to definitions other" in html
+        status, html = await _get(rig.url + "/", who="elsewhere")
+        assert status == 200 and '<a href="/audit">' not in html
 
 
 async def test_the_demo_prints_its_dashboard_and_stays_up_until_interrupted(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import pytest
 from dashboard_rig import TOKENS, DashboardRig, bearer, dashboard_rig
 from harness import REPO, checkout_input
 
+from compensa.orchestrator.store import AuditFinding, AuditProgress
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
 S = saga_pb2
@@ -263,3 +264,44 @@ async def test_the_timeline_of_a_saga_cancelled_while_a_step_waited_ends_when_th
         compensations = [box for lane in lanes.values() for box in lane if box["phase"] == "compensate"]
         assert len(compensations) == 2 and all(box["width"] >= 16 for box in compensations), lanes
         assert _round_ticks(ticks), ticks
+
+
+async def test_the_audit_page_from_the_menu_shows_a_discrepancy_and_the_watermarks(
+    browser: Browser, tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        await rig.begin("audited-1")
+        done = await rig.final("audited-1")
+        # What an audit run records (test_dashboard.py runs a real one): a clean
+        # prefix for the participant, and a discrepancy with its alert.
+        store = rig.orchestrator.engine.store
+        created = done.create_time.ToNanoseconds() / 1e9
+        await store.save_audit_progress(AuditProgress("scripted", (created, "audited-1"), created + 5))
+        await store.record_audit_findings(
+            [
+                AuditFinding(
+                    participant="scripted", saga_id="audited-1", step_name="charge", kind="ANSWER_DIFFERS",
+                    message="ANSWER_DIFFERS: saga audited-1 step 'charge' at scripted: its Execute answered otherwise"
+                    "; the log says: SUCCEEDED (sha256:0011223344556677); the participant says: Execute row"
+                    " succeeded (sha256:8899aabbccddeeff)",
+                )
+            ],
+            created + 5,
+        )
+        await _sign_in(browser, rig, "reader")
+        await browser.click("nav a[href='/audit']")
+        await browser.wait_for("document.querySelector('#audit-discrepancies tr[data-kind=ANSWER_DIFFERS]')")
+        cells = await browser.script(
+            "return [...document.querySelectorAll('#audit-discrepancies tbody td')].map(td => td.innerText.trim());"
+        )
+        assert "SUCCEEDED (sha256:0011223344556677)" in cells
+        assert "Execute row succeeded (sha256:8899aabbccddeeff)" in cells
+        assert "its Execute answered otherwise" in cells
+        clean = await browser.script(
+            "return document.querySelector('tr[data-participant=scripted] a[href^=\"/sagas/\"]').textContent;"
+        )
+        assert clean == "audited-1"
+        await browser.screenshot("7-audit-discrepancies")
+        await browser.click("#audit-discrepancies a[href='/sagas/audited-1']")
+        await browser.wait_for("document.querySelector('.gantt')")
+    assert all(path.stat().st_size > 10_000 for path in browser.shots)

@@ -554,6 +554,7 @@ class SetParticipantRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _builtins.int
     CONTRACT_FIELD_NUMBER: _builtins.int
     CLEAR_CONTRACT_FIELD_NUMBER: _builtins.int
+    CONTRACT_FROM_REFLECTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     actor: _builtins.str
@@ -569,6 +570,13 @@ class SetParticipantRequest(_message.Message):
         definition that does not fit it. Unset: the stored contract stays.
         """
 
+    @_builtins.property
+    def contract_from_reflection(self) -> Global___ContractFromReflection:
+        """Reads the contract from the participant itself, at `address`, instead of
+        taking it in `contract` (see ContractFromReflection); checked and stored
+        as `contract` is.
+        """
+
     def __init__(
         self,
         *,
@@ -577,14 +585,46 @@ class SetParticipantRequest(_message.Message):
         actor: _builtins.str = ...,
         contract: _contract_pb2.ParticipantContract | None = ...,
         clear_contract: _builtins.bool = ...,
+        contract_from_reflection: Global___ContractFromReflection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "contract_from_reflection", b"contract_from_reflection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "contract_from_reflection", b"contract_from_reflection", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetParticipantRequest: _TypeAlias = SetParticipantRequest  # noqa: Y015
+
+@_typing.final
+class ContractFromReflection(_message.Message):
+    """SetParticipant reads a contract from the participant's server reflection
+    (grpc.reflection.v1alpha.ServerReflection), which
+    compensa.participants.serve enables for a participant on generated stubs.
+    The orchestrator dials the participant as it does for its calls (with
+    serve's --participant-tls-* options), lists its services, and keeps the
+    one whose rpcs carry (compensa.v1.step), with the files it imports.
+    Errors: FAILED_PRECONDITION when the participant cannot be reached, does
+    not serve reflection, or lists no contract service (or several, with
+    `service` unset).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """Full name of the contract service, when the participant lists several."""
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContractFromReflection: _TypeAlias = ContractFromReflection  # noqa: Y015
 
 @_typing.final
 class SetParticipantResponse(_message.Message):

@@ -8,9 +8,11 @@ on what a contract says and on what makes one invalid.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from google.protobuf import descriptor_pb2
 
@@ -25,6 +27,7 @@ __all__ = [
     "contract_services",
     "kind_name",
     "message_locations",
+    "proto_include_path",
     "snake_case",
 ]
 
@@ -33,6 +36,24 @@ NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _KINDS = frozenset({
     definition_pb2.STEP_KIND_COMPENSABLE, definition_pb2.STEP_KIND_PIVOT, definition_pb2.STEP_KIND_RETRIABLE,
 })
+
+
+#: The file every contract imports, relative to `proto_include_path()`.
+CONTRACT_PROTO = "compensa/v1/contract.proto"
+
+
+def proto_include_path() -> Path:
+    """The directory protoc needs on its include path (`-I`) to compile a
+    contract: the compensa/v1/*.proto files installed with compensa
+    (contract.proto and what it imports). The well-known types
+    (google/protobuf/*.proto) come with grpcio-tools, whose
+    `python -m grpc_tools.protoc` adds them itself. `compensa codegen` adds this
+    directory on its own; `compensa codegen --include-path` prints it."""
+    spec = importlib.util.find_spec("compensa.protos")
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / CONTRACT_PROTO).is_file():
+            return Path(location)
+    raise FileNotFoundError(f"{CONTRACT_PROTO} is not installed with compensa (the package compensa.protos)")
 
 
 class ContractError(ValueError):

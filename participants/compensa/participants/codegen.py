@@ -17,7 +17,9 @@ FILE_compensa.py beside protoc's FILE_pb2.py:
   output typed: `run.book_hotel()`.
 
 Run it as protoc's `--compensa_python_out=DIR` (the script is installed with
-compensa), or as `compensa codegen FILE.proto --out DIR`.
+compensa; give protoc `-I"$(compensa codegen --include-path)"`, where
+compensa/v1/contract.proto is installed), or as `compensa codegen FILE.proto
+--out DIR`, which needs no -I of its own.
 """
 
 from __future__ import annotations
@@ -85,9 +87,13 @@ class _Writer:
 
     def type_of(self, full_name: str) -> str:
         file, relative = self.locations[full_name]
-        module = module_of(file)
+        return f"{self.module(file)}.{relative}"
+
+    def module(self, proto_file: str) -> str:
+        """The _pb2 module of `proto_file`, imported by the generated module."""
+        module = module_of(proto_file)
         self.modules.add(module)
-        return f"{module}.{relative}"
+        return module
 
     def add(self, *lines: str) -> None:
         self.lines.extend(lines)
@@ -116,7 +122,11 @@ def _participant_class(writer: _Writer, service: ContractService) -> str:
         "    Subclass this class, implement each method, and serve it as any participant.",
         '    """',
         "",
-        f'    contract: ClassVar[str] = "{service.full_name}"',
+        # From the descriptor, whose import puts the service in the default
+        # pool: server reflection describes it from there.
+        "    contract: ClassVar[str] = (",
+        f'        {writer.module(service.file)}.DESCRIPTOR.services_by_name["{service.name}"].full_name',
+        "    )",
         "    steps: ClassVar[dict[str, TypedStep]] = {",
         *table,
         "    }",

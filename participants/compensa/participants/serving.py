@@ -54,6 +54,7 @@ from compensa.common.tls import TlsFiles
 from compensa.participants.audit import BarrierAudit
 from compensa.participants.retention import DEFAULT_PURGE_BATCH, purge_below_watermark
 from compensa.participants.sdk import Participant
+from compensa.participants.typed import TypedParticipant
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, participant_pb2, participant_pb2_grpc
 
 __all__ = [
@@ -193,7 +194,9 @@ async def start_server(
     participant's database answers, NOT_SERVING from the first call or probe
     (every `health_probe_seconds` without a call) that could not reach it
     until one does again, each change logged once. Server reflection is
-    enabled. BarrierAuditService is served too (`compensa.participants.audit`);
+    enabled, and lists the contract service of a participant on generated
+    stubs (its contract, read by `compensa participants set NAME ADDRESS
+    --contract-from-reflection`). BarrierAuditService is served too (`compensa.participants.audit`);
     with `purge_interval` (seconds), barrier rows below the purge watermark
     the orchestrator set are deleted that often, `purge_batch_size` per
     transaction (`compensa.participants.retention`); without it, nothing is
@@ -217,7 +220,7 @@ async def start_server(
         reflection.enable_server_reflection(
             (
                 _SERVICE_NAME, _AUDIT_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
+                reflection.SERVICE_NAME, *_contract_services(participant),
             ),
             server,
         )
@@ -250,6 +253,16 @@ async def start_server(
         participant=participant, server=server, port=port, address=address, engine=engine, health=health_servicer,
         database_health=database_health, purging=purging,
     )
+
+
+def _contract_services(participant: Participant) -> tuple[str, ...]:
+    """The contract service of a participant on generated stubs, listed by
+    reflection so that the orchestrator can read the contract from here
+    (`compensa participants set NAME ADDRESS --contract-from-reflection`).
+    Its rpcs are not served: the calls come through ParticipantService."""
+    if isinstance(participant, TypedParticipant) and participant.contract:
+        return (participant.contract,)
+    return ()
 
 
 async def _purge_every(participant: Participant, interval: float, batch_size: int) -> None:

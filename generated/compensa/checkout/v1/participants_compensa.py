@@ -13,6 +13,7 @@ from typing import ClassVar
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 import compensa.checkout.v1.checkout_pb2
+import compensa.checkout.v1.participants_pb2
 from compensa.participants.sdk import Pending
 from compensa.participants.typed import SagaRun, SagaStarter, TypedParticipant, TypedStep
 from compensa.v1.participant_pb2 import StepContext
@@ -33,7 +34,9 @@ class InventoryParticipantBase(TypedParticipant):
     Subclass this class, implement each method, and serve it as any participant.
     """
 
-    contract: ClassVar[str] = "compensa.checkout.v1.InventoryParticipant"
+    contract: ClassVar[str] = (
+        compensa.checkout.v1.participants_pb2.DESCRIPTOR.services_by_name["InventoryParticipant"].full_name
+    )
     steps: ClassVar[dict[str, TypedStep]] = {
         "reserve_stock": TypedStep(
             method="reserve_stock",
@@ -74,7 +77,9 @@ class PaymentParticipantBase(TypedParticipant):
     Subclass this class, implement each method, and serve it as any participant.
     """
 
-    contract: ClassVar[str] = "compensa.checkout.v1.PaymentParticipant"
+    contract: ClassVar[str] = (
+        compensa.checkout.v1.participants_pb2.DESCRIPTOR.services_by_name["PaymentParticipant"].full_name
+    )
     steps: ClassVar[dict[str, TypedStep]] = {
         "charge_card": TypedStep(
             method="charge_card",
@@ -124,7 +129,9 @@ class ShippingParticipantBase(TypedParticipant):
     Subclass this class, implement each method, and serve it as any participant.
     """
 
-    contract: ClassVar[str] = "compensa.checkout.v1.ShippingParticipant"
+    contract: ClassVar[str] = (
+        compensa.checkout.v1.participants_pb2.DESCRIPTOR.services_by_name["ShippingParticipant"].full_name
+    )
     steps: ClassVar[dict[str, TypedStep]] = {
         "ship_order": TypedStep(
             method="ship_order",

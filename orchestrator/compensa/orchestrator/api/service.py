@@ -80,7 +80,7 @@ from compensa.orchestrator.shared.limits import (
 from compensa.orchestrator.shared.selection import SagaSelection, for_action, parse_filter
 from compensa.orchestrator.shared.timestamps import timestamp
 from compensa.orchestrator.store import DEFAULT_PRIORITY, BulkJob, ParticipantAddress, ParticipantLimits
-from compensa.v1 import bulk_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import bulk_pb2, contract_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
@@ -967,18 +967,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 f"name must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.name)}"
             )
         _check_address(request.address)
-        if request.clear_contract and request.HasField("contract"):
-            raise InvalidArgument("give a contract or clear_contract, not both")
-        contract_size = request.contract.ByteSize()
-        if contract_size > MAX_DEFINITION_BYTES:
-            raise InvalidArgument(f"contract is {contract_size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
+        from_reflection = request.HasField("contract_from_reflection")
+        if sum((request.clear_contract, request.HasField("contract"), from_reflection)) > 1:
+            raise InvalidArgument("give one of contract, contract_from_reflection or clear_contract, not several")
+        _check_contract_size(request.contract)
         if identity.definitions:
             named = await self._store.definition_participants()
             self._access.require_settable_participant(identity, request.name, named)
+        contract = request.contract if request.HasField("contract") else None
+        if from_reflection:
+            contract = await self._engine.reflected_contract(
+                request.address, service=request.contract_from_reflection.service
+            )
+            _check_contract_size(contract)
         stored = await self._engine.set_participant(
             request.name, request.address, updated_by=actor or "unknown",
-            contract=request.contract if request.HasField("contract") else None,
-            clear_contract=request.clear_contract,
+            contract=contract, clear_contract=request.clear_contract,
         )
         log.info("participant %s set to %s by %s", stored.name, stored.address, actor or "unknown")
         services = await self._engine.contract_services()
@@ -1291,6 +1295,12 @@ def _audit_options(request: orchestrator_pb2.AuditSagasRequest, config: EngineCo
 
 PARTICIPANT_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]{1,253}):(?P<port>[0-9]{1,5})")
+
+
+def _check_contract_size(contract: contract_pb2.ParticipantContract) -> None:
+    size = contract.ByteSize()
+    if size > MAX_DEFINITION_BYTES:
+        raise InvalidArgument(f"contract is {size} bytes serialized; the limit is {MAX_DEFINITION_BYTES}")
 
 
 def _check_address(address: str) -> None:

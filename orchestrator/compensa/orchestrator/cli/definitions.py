@@ -158,6 +158,8 @@ def participants(args: argparse.Namespace) -> int:
             if args.proto is not None:
                 request.contract.service = args.service
                 request.contract.types.CopyFrom(compile_proto_files([args.proto], args.proto_path))
+            elif args.contract_from_reflection:
+                request.contract_from_reflection.service = args.service
             stored = stub.SetParticipant(request, timeout=args.timeout).participant
             contract = f" (contract {stored.contract_service})" if stored.contract_service else ""
             print(json_line(stored) if args.json else f"{stored.name} -> {stored.address}{contract}")

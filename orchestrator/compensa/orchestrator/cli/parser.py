@@ -834,13 +834,19 @@ def _add_definitions(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_codegen(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
+    parser.add_argument("files", nargs="*", type=Path, metavar="FILE.proto", help="the .proto files to generate from")
     parser.add_argument(
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
         help="a directory imports are relative to (repeatable; searched before each file's own); the generated"
              " modules are named from it (travel/v1/trip.proto -> travel.v1.trip_pb2)",
     )
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to write the generated modules")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where to write the generated modules (required)")
+    parser.add_argument(
+        "--include-path", action="store_true",
+        help="print the directory holding compensa/v1/contract.proto (installed with compensa) and exit: what to"
+             " give protoc as -I to compile a contract itself (python -m grpc_tools.protoc -I. -I\"$(compensa codegen"
+             " --include-path)\" --python_out=DIR --compensa_python_out=DIR FILE.proto); codegen adds it on its own",
+    )
 
 
 def _add_participants(parser: argparse.ArgumentParser) -> None:
@@ -869,6 +875,12 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
         help="with set: the .proto file of the participant's contract (compensa/v1/contract.proto), compiled with its"
              " imports and stored: registered definitions naming NAME are checked against it, and so are later ones",
     )
+    contract.add_argument(
+        "--contract-from-reflection", action="store_true",
+        help="with set: the orchestrator reads the contract from the participant at ADDRESS, through its server"
+             " reflection (compensa.participants.serve lists the contract of a participant on generated stubs), and"
+             " checks and stores it as with --proto; the participant must be running",
+    )
     contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
     parser.add_argument(
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
@@ -876,7 +888,7 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--service", default="", metavar="NAME",
-        help="with --proto: the contract service's full name, when the file declares several",
+        help="with --proto or --contract-from-reflection: the contract service's full name, when there are several",
     )
     _add_actor_option(parser)
     _add_json_option(parser)

@@ -38,6 +38,7 @@ from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
+from compensa.orchestrator.engine.audit import finding_sides
 from compensa.orchestrator.engine.bulk import bulk_action_message
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.operations import operator_event
@@ -247,6 +248,7 @@ class Dashboard:
             web.get("/live", self._live),
             web.get("/sagas/{saga_id}", self._saga),
             web.get("/bulk", self._bulk),
+            web.get("/audit", self._audit),
             web.post("/sagas/{saga_id}/{action}", self._act),
             web.get("/login", self._login_form),
             web.post("/login", self._login),
@@ -432,6 +434,41 @@ class Dashboard:
         return self._page(
             "bulk.html", title="Bulk actions", identity=identity, jobs=jobs, actions=list(ACTIONS), action=action,
             filter=text, preview=preview,
+        )
+
+    async def _audit(self, request: web.Request) -> web.Response:
+        """The audit (`compensa audit`, `serve --audit-interval`): where each
+        participant stands, clean up to which saga, and the discrepancies
+        found, newest first, with what the log and the participant each say.
+        As the alert log whose AUDIT alerts they are: the whole deployment's."""
+        identity = self._identify(request)
+        self._access.authorize(identity, "WatchAlerts")
+        self._access.require_whole_deployment(identity, "The audit page")
+        progress = {each.participant: each for each in await self._store.list_audit_progress()}
+        counts = await self._store.count_audit_findings()
+        addresses = {participant.name: participant.address for participant in await self._store.list_participants()}
+        names = sorted(addresses.keys() | progress.keys() | (counts.keys() - {""}))
+        wanted = request.query.get("participant", "")
+        if wanted and wanted not in names:
+            raise NotFound(f"no participant {quote(wanted)} with a stored address or an audit")
+        findings = await self._store.list_audit_findings(LIST_SIZE, participant=wanted or None)
+        return self._page(
+            "audit.html",
+            title="Audit",
+            identity=identity,
+            participants=[
+                {
+                    "name": name,
+                    "address": addresses.get(name, ""),
+                    "progress": progress.get(name),
+                    "discrepancies": counts.get(name, 0),
+                }
+                for name in names
+            ],
+            saga_discrepancies=counts.get("", 0),
+            findings=[{"found": found, "sides": finding_sides(found)} for found in findings],
+            wanted=wanted,
+            list_size=LIST_SIZE,
         )
 
     async def _counts(self, request: web.Request) -> web.Response:

@@ -11,16 +11,18 @@ from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 
-from google.protobuf import descriptor, descriptor_pb2, message
+from google.protobuf import descriptor_pb2, message
 
+from compensa.common.contracts import proto_include_path
 from compensa.orchestrator.shared.errors import DefinitionError
 
 
 def compile_proto_files(files: Sequence[Path], include_paths: Sequence[Path] = ()) -> descriptor_pb2.FileDescriptorSet:
     """Compiles .proto files with their imports into one descriptor set (the
     protobuf compiler of grpcio-tools, in this process). Imports are looked
-    for in `include_paths`, then each file's own directory, then compensa's
-    own protos (compensa/v1/contract.proto) and the well-known types.
+    for in `include_paths`, then each file's own directory, then the
+    well-known types and compensa's own protos (compensa/v1/contract.proto,
+    installed with compensa: `proto_include_path()`).
     DefinitionError with the compiler's message if it fails."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "types.binpb"
@@ -41,11 +43,9 @@ def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Se
     roots = _roots(files, include_paths)
     with tempfile.TemporaryDirectory() as scratch:
         errors = Path(scratch) / "errors.txt"
-        own = Path(scratch) / "compensa.binpb"
-        own.write_bytes(_compensa_protos().SerializeToString())
         arguments = [
             "protoc", *(f"--proto_path={root}" for root in roots), f"--proto_path={well_known}",
-            f"--descriptor_set_in={own}", *outputs,
+            f"--proto_path={proto_include_path()}", *outputs,
             *proto_file_names(files, include_paths),
         ]
         with _stderr_to(errors):
@@ -59,26 +59,6 @@ def run_protoc(files: Sequence[Path], include_paths: Sequence[Path], outputs: Se
             raise DefinitionError(
                 f"the .proto files do not compile: {detail or f'protoc exit status {status}'}{hint}"
             )
-
-
-def _compensa_protos() -> descriptor_pb2.FileDescriptorSet:
-    """compensa/v1/contract.proto with its imports, from the generated module:
-    a contract imports it wherever compensa is installed, with no .proto file at hand."""
-    from compensa.v1 import contract_pb2
-
-    files = descriptor_pb2.FileDescriptorSet()
-    added: set[str] = set()
-
-    def add(file: descriptor.FileDescriptor) -> None:
-        if file.name in added:
-            return
-        added.add(file.name)
-        for dependency in file.dependencies:
-            add(dependency)
-        file.CopyToProto(files.file.add())
-
-    add(contract_pb2.DESCRIPTOR)
-    return files
 
 
 def read_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf import any_pb2
 
@@ -47,7 +48,9 @@ __all__ = [
     "PAST_DEADLINE",
     "SETTLED_NOT_REPORTED",
     "AuditedSaga",
+    "FindingSides",
     "compare_saga",
+    "finding_sides",
     "orphan_rows",
     "past_deadline",
 ]
@@ -123,17 +126,63 @@ def _expected_digest(step: records.StepRecord) -> bytes | None:
     return hashlib.sha256(response.SerializeToString(deterministic=True)).digest()
 
 
+_LOG_SAYS = "; the log says: "
+_PARTICIPANT_SAYS = "; the participant says: "
+
+
+def _subject(kind: str, saga_id: str, step_name: str, participant: str) -> str:
+    """How a discrepancy's message begins: its kind, and where it is."""
+    where = f" step {step_name!r}" if step_name else ""
+    at = f" at {participant}" if participant else ""
+    return f"{kind}: saga {saga_id}{where}{at}: "
+
+
 def _finding(
     audited: AuditedSaga, participant: str, address: str, step_name: str, kind: str, what: str, log: str,
     theirs: str,
 ) -> AuditFinding:
     saga = audited.saga
-    where = f" step {step_name!r}" if step_name else ""
-    at = f" at {participant}" if participant else ""
+    subject = _subject(kind, saga.saga_id, step_name, participant)
     return AuditFinding(
         participant=participant, saga_id=saga.saga_id, step_name=step_name, kind=kind,
-        message=f"{kind}: saga {saga.saga_id}{where}{at}: {what}; the log says: {log}; the participant says: {theirs}",
+        message=f"{subject}{what}{_LOG_SAYS}{log}{_PARTICIPANT_SAYS}{theirs}",
         definition_name=saga.definition_name, address=address,
+    )
+
+
+class _Found(Protocol):
+    """A discrepancy, found now (AuditFinding) or recorded (RecordedAuditFinding)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def saga_id(self) -> str: ...
+    @property
+    def step_name(self) -> str: ...
+    @property
+    def participant(self) -> str: ...
+    @property
+    def message(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FindingSides:
+    """A discrepancy's message in its parts: what is wrong, and each side's word."""
+
+    what: str
+    log_says: str
+    participant_says: str
+
+
+def finding_sides(found: _Found) -> FindingSides:
+    """The parts of a discrepancy's message as the audit writes it (a
+    message in another form is all `what`)."""
+    head, found_log, rest = found.message.partition(_LOG_SAYS)
+    log_says, found_theirs, theirs = rest.rpartition(_PARTICIPANT_SAYS)
+    if not found_log or not found_theirs:
+        return FindingSides(found.message, "", "")
+    return FindingSides(
+        head.removeprefix(_subject(found.kind, found.saga_id, found.step_name, found.participant)), log_says, theirs
     )
 
 

@@ -2,9 +2,10 @@
 
 Where it runs: in an orchestrator replica, called by the AuditSagas RPC
 (`compensa audit`) or every `serve --audit-interval`; what it learns is in
-the database, so any replica can run the next one. For each participant with a stored address it walks the
-sagas in creation order, `batch_size` at a time at no more than
-`max_sagas_per_second`, resting four times as long as each batch took
+the database, so any replica can run the next one. For each participant
+with a stored address it walks the sagas created before the run began (newer
+ones are the next run's), in creation order, `batch_size` at a time at no
+more than `max_sagas_per_second`, resting four times as long as each batch took
 (`busy_fraction`) (one indexed read of the log and one ListBarrierRows
 per batch, in transactions of their own, never the engine's), asks the participant for the
 rows of the sagas whose definition gives it steps, and compares them
@@ -152,15 +153,19 @@ async def run_audit(store: SagaStore, options: AuditOptions, *, metrics: Metrics
         participants = [p for p in participants if p.name in wanted]
     definitions = _Definitions(store)
     report = AuditReport([], [])
+    # The run audits the sagas created before it began, at every participant
+    # alike: a paced run behind an engine that creates sagas faster would
+    # otherwise never end; newer sagas are the next run's.
+    began = await store.clock()
     for participant in participants:
-        audit = await _audit_participant(store, options, participant, definitions)
+        audit = await _audit_participant(store, options, participant, definitions, began)
         report.participants.append(audit)
         await _alert(store, audit.findings, metrics)
     starts = [audit.clean_through for audit in report.participants]
     after: tuple[float, str] | None = (options.since, "") if options.since is not None else None
     if options.since is None and starts and all(start is not None for start in starts):
         after = min(start for start in starts if start is not None)
-    report.saga_findings = await _sagas_past_deadline(store, options, definitions, after)
+    report.saga_findings = await _sagas_past_deadline(store, options, definitions, after, began)
     await _alert(store, report.saga_findings, metrics)
     return report
 
@@ -222,8 +227,10 @@ async def _rows(
 
 
 async def _audit_participant(
-    store: SagaStore, options: AuditOptions, participant: ParticipantAddress, definitions: _Definitions
+    store: SagaStore, options: AuditOptions, participant: ParticipantAddress, definitions: _Definitions,
+    created_until: float,
 ) -> ParticipantAudit:
+    """Audits the sagas created up to `created_until` at `participant`."""
     audit = ParticipantAudit(participant.name, participant.address)
     now = await store.clock()
     # A saga created before this has committed: the prefix never passes one
@@ -249,9 +256,10 @@ async def _audit_participant(
         after = start
         while True:
             began = time.monotonic()
-            batch = await store.sagas_in_creation_order(
+            fetched = await store.sagas_in_creation_order(
                 after=after, definition_name=options.definition_name, limit=options.batch_size
             )
+            batch = [saga for saga in fetched if saga.created_at <= created_until]
             if not batch:
                 break
             after = (batch[-1].created_at, batch[-1].saga_id)
@@ -288,6 +296,8 @@ async def _audit_participant(
                     )
                 )
             await _pace(len(batch), began, options)
+            if len(batch) < len(fetched):
+                break
         orphans_from = (start[0] if start is not None else 0.0) - options.clock_skew_margin
         audit.findings += await _orphans(store, stub, known, participant, orphans_from, definitions)
         audit.clean_through = clean_through
@@ -342,7 +352,8 @@ async def _tell_watermark(
 
 
 async def _sagas_past_deadline(
-    store: SagaStore, options: AuditOptions, definitions: _Definitions, after: tuple[float, str] | None
+    store: SagaStore, options: AuditOptions, definitions: _Definitions, after: tuple[float, str] | None,
+    created_until: float,
 ) -> list[AuditFinding]:
     """PAST_DEADLINE for the sagas after `after` still in flight past their saga_timeout (the
     sagas before every participant's clean prefix are final)."""
@@ -350,9 +361,10 @@ async def _sagas_past_deadline(
     findings: list[AuditFinding] = []
     while True:
         began = time.monotonic()
-        batch = await store.sagas_in_creation_order(
+        fetched = await store.sagas_in_creation_order(
             after=after, definition_name=options.definition_name, limit=options.batch_size
         )
+        batch = [saga for saga in fetched if saga.created_at <= created_until]
         if not batch:
             return findings
         after = (batch[-1].created_at, batch[-1].saga_id)
@@ -361,6 +373,8 @@ async def _sagas_past_deadline(
             if found is not None:
                 findings.append(found)
         await _pace(len(batch), began, options)
+        if len(batch) < len(fetched):
+            return findings
 
 
 async def _pace(count: int, began: float, options: AuditOptions) -> None:

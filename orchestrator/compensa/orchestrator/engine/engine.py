@@ -40,6 +40,7 @@ from compensa.orchestrator.engine.auditor import AuditOptions, audit_every
 from compensa.orchestrator.engine.changes import ChangeSignal
 from compensa.orchestrator.engine.clock import SharedClock
 from compensa.orchestrator.engine.config import EngineConfig
+from compensa.orchestrator.engine.contract_reflection import read_reflected_contract
 from compensa.orchestrator.engine.flow import CallWaiting, CapacityWaitExpired, FlowControl
 from compensa.orchestrator.engine.participant_client import ParticipantClient
 from compensa.orchestrator.engine.participant_health import ParticipantHealthWatch
@@ -62,6 +63,7 @@ from compensa.orchestrator.store import (
     DEFAULT_PRIORITY,
     PARTICIPANT_UNHEALTHY,
     Claimed,
+    ContractChange,
     ParticipantAddress,
     ParticipantLimits,
     SagaFlow,
@@ -93,6 +95,9 @@ _PARTICIPANTS_SECONDS = 1.0
 # Retention: how often expired sagas are looked for (at most), and how many
 # are deleted per transaction.
 _PURGE_SECONDS = 60.0
+# Reading a participant's contract through its server reflection: a few
+# small answers from a participant that is up; SetParticipant waits for them.
+_REFLECTION_SECONDS = 10.0
 _PURGE_BATCH = 500
 # A transition the database did not confirm is written again after these waits.
 _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
@@ -244,24 +249,37 @@ class SagaEngine:
         """Stores where `name` is served; this replica calls it there at once,
         the others within `_PARTICIPANTS_SECONDS`. With `contract`, stores it
         too once every registered definition naming `name` fits it
-        (ContractMismatch otherwise, and nothing is stored); `clear_contract`
+        (ContractMismatch otherwise, and nothing is stored); the check and the
+        write are one transaction, so a definition registered meanwhile is
+        either checked here or checked against this contract. `clear_contract`
         removes the stored one."""
-        chosen = None
+        change = None
         if contract is not None:
             chosen = read_contract(name, contract)
-            contracts = await self.participant_contracts()
-            contracts[name] = chosen
-            for definition in await self.store.definitions_naming(name):
-                check_against_contracts(definition, contracts)
-        now = self.clock.now()
-        stored = await self.store.set_participant(name, address, updated_by=updated_by, now=now)
-        if contract is not None and chosen is not None:
             kept = contract_pb2.ParticipantContract(service=chosen.full_name, types=contract.types)
-            await self.store.set_participant_contract(name, chosen.full_name, kept.SerializeToString(), now)
+
+            async def check(definitions: Sequence[definition_pb2.SagaDefinition], others: Mapping[str, bytes]) -> None:
+                contracts = {other: stored_contract(other, serialized) for other, serialized in others.items()}
+                contracts[name] = chosen
+                for definition in definitions:
+                    check_against_contracts(definition, contracts)
+
+            change = ContractChange(chosen.full_name, kept.SerializeToString(), check)
         elif clear_contract:
-            await self.store.set_participant_contract(name, "", None, now)
+            change = ContractChange("", None)
+        stored = await self.store.set_participant(
+            name, address, updated_by=updated_by, now=self.clock.now(), contract=change
+        )
         await self.refresh_participants()
         return stored
+
+    async def reflected_contract(self, address: str, *, service: str = "") -> contract_pb2.ParticipantContract:
+        """The contract the participant at `address` describes through its
+        server reflection (its one contract service, or `service`), asked
+        over the channel its calls use; FailedPrecondition when it cannot tell."""
+        return await read_reflected_contract(
+            self.client.channel(address), address, service=service, timeout=_REFLECTION_SECONDS
+        )
 
     async def participant_contracts(self) -> dict[str, ContractService]:
         """The stored contracts, by participant name."""
@@ -490,14 +508,22 @@ class SagaEngine:
                 f" Set one with `compensa participants set NAME HOST:PORT` (or serve --participant NAME=HOST:PORT),"
                 " or write the participant as HOST:PORT"
             )
-        check_against_contracts(normalized, await self.participant_contracts())
         fingerprint = definition_fingerprint(normalized)
         previous = await self.store.get_definition(normalized.name)
         if validate_only:
+            check_against_contracts(normalized, await self.participant_contracts())
             versions = await self.store.definition_fingerprints(normalized.name)
             normalized.version = versions.get(fingerprint, max(versions.values(), default=0) + 1)
             return Registration(normalized, fingerprint not in versions, previous)
-        stored, created = await self.store.register_definition(normalized, fingerprint, self.clock.now(), actor=actor)
+
+        async def check(stored_contracts: Mapping[str, bytes]) -> None:
+            # In the store's transaction: no contract changes until the definition is written.
+            contracts = {name: stored_contract(name, serialized) for name, serialized in stored_contracts.items()}
+            check_against_contracts(normalized, contracts)
+
+        stored, created = await self.store.register_definition(
+            normalized, fingerprint, self.clock.now(), actor=actor, check=check
+        )
         if created:
             self._latest.pop(stored.name, None)
         self.metrics.know_definition(stored.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from compensa.orchestrator.shared.records import LogEvent, SagaRecord
@@ -178,6 +178,26 @@ class SagaFlow:
     waits: tuple[CapacityWait, ...] = ()
 
 
+#: Checks a definition being registered against the stored contracts of the
+#: participants it names (serialized ParticipantContract, by participant name);
+#: raises to refuse it.
+DefinitionCheck = Callable[[Mapping[str, bytes]], Awaitable[None]]
+#: Checks a participant's new contract against every registered version of
+#: every definition naming the participant, given every other stored contract;
+#: raises to refuse it.
+ContractCheck = Callable[[Sequence[definition_pb2.SagaDefinition], Mapping[str, bytes]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ContractChange:
+    """A participant's contract, stored with its address once `check` accepts
+    it; `contract` None removes the stored one (which breaks no definition)."""
+
+    service: str
+    contract: bytes | None
+    check: ContractCheck | None = None
+
+
 @dataclass(frozen=True)
 class ParticipantAddress:
     """Where a named participant is served, and who said so; with the
@@ -315,6 +335,20 @@ class AuditFinding:
     address: str = ""
 
 
+@dataclass(frozen=True)
+class RecordedAuditFinding:
+    """A discrepancy as recorded: when an audit first found it, and the
+    position of its AUDIT alert in the alert log."""
+
+    participant: str
+    saga_id: str
+    step_name: str
+    kind: str
+    message: str
+    found_at: float
+    alert_position: int
+
+
 #: Told the outcome of a database wait and when it began (time.monotonic()):
 #: None when the database answered, a DatabaseRefusesWrites when it answered
 #: but refused to write, the error when it could not be reached.
@@ -386,11 +420,17 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = ""
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = "",
+        check: DefinitionCheck | None = None,
     ) -> tuple[definition_pb2.SagaDefinition, bool]:
         """Stores a new version, the latest from now on (recorded with
         `actor`), unless identical content exists (then nothing changes);
-        returns the stored definition (with its version) and whether it was created."""
+        returns the stored definition (with its version) and whether it was created.
+
+        With `check`, in the same transaction and first, awaits `check` with
+        the stored contracts of the participants the definition names, which
+        no one can change until the definition is stored (or refused): what
+        `check` raises refuses the definition, and nothing is written."""
 
     @abc.abstractmethod
     async def definition_fingerprints(self, name: str) -> dict[str, int]:
@@ -424,8 +464,15 @@ class SagaStore(abc.ABC):
     # Participants
 
     @abc.abstractmethod
-    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
-        """Stores (or changes) where participant `name` is served."""
+    async def set_participant(
+        self, name: str, address: str, *, updated_by: str, now: float, contract: ContractChange | None = None
+    ) -> ParticipantAddress:
+        """Stores (or changes) where participant `name` is served, and with
+        `contract` its contract, in one transaction. The contract's check is
+        awaited first in that transaction, with every registered definition
+        naming `name` and every other stored contract, none of which can
+        change until the transaction ends: what it raises refuses the
+        change, and nothing is written."""
 
     @abc.abstractmethod
     async def list_participants(self) -> list[ParticipantAddress]:
@@ -494,17 +541,8 @@ class SagaStore(abc.ABC):
         beyond its turn (at most ten), and its wait is recorded for its view."""
 
     @abc.abstractmethod
-    async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:
-        """Stores `name`'s contract (a serialized compensa.v1.ParticipantContract
-        whose service is `service`), or removes it when `contract` is None."""
-
-    @abc.abstractmethod
     async def participant_contracts(self) -> dict[str, bytes]:
         """Every stored contract (serialized ParticipantContract), by participant name."""
-
-    @abc.abstractmethod
-    async def definitions_naming(self, participant: str) -> list[definition_pb2.SagaDefinition]:
-        """Every registered version of every definition with a step on `participant`."""
 
     # Sagas
 
@@ -745,6 +783,19 @@ class SagaStore(abc.ABC):
     async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
         """Records the findings not recorded before, each with an AUDIT alert
         (and its outbox row) in the same transaction; the alerts raised."""
+
+    @abc.abstractmethod
+    async def list_audit_progress(self) -> list[AuditProgress]:
+        """Where each participant's audit stands, by participant name."""
+
+    @abc.abstractmethod
+    async def list_audit_findings(self, limit: int, *, participant: str | None = None) -> list[RecordedAuditFinding]:
+        """Up to `limit` recorded discrepancies (of `participant` only, when
+        given; "" is a saga's own), the most recently found first."""
+
+    @abc.abstractmethod
+    async def count_audit_findings(self) -> dict[str, int]:
+        """How many discrepancies are recorded, by participant ("" for sagas' own)."""
 
     # The event log
 

@@ -116,6 +116,10 @@ _PROBE_SPACE_BYTES = 1024 * 1024
 WRITER_OPTIONS = "-c enable_seqscan=off"
 
 
+# pg_advisory_xact_lock key of participant contracts (see _hold_contracts).
+_CONTRACTS_LOCK_KEY = 0x636F6E7472616374  # "contract"
+
+
 class PostgresSagaStore(SqlSagaStore):
     """The production store: several replicas share one PostgreSQL."""
 
@@ -173,6 +177,14 @@ class PostgresSagaStore(SqlSagaStore):
         """The NOTIFY payload telling which sagas changed, and who changed them."""
         payload = self.notifier + "|" + ",".join(saga_ids)
         return payload if len(payload) <= _MAX_PAYLOAD else self.notifier + "|*"
+
+    async def _hold_contracts(self, conn: AsyncConnection, *, exclusive: bool) -> None:
+        """One advisory lock for every contract: shared by definitions being
+        registered (they go on side by side), exclusive for a contract change
+        (rare: an operator's). Taken before the transaction reads anything,
+        so in READ COMMITTED its reads see whatever committed before it."""
+        lock = sa.func.pg_advisory_xact_lock if exclusive else sa.func.pg_advisory_xact_lock_shared
+        await conn.execute(sa.select(lock(_CONTRACTS_LOCK_KEY)))
 
     async def _announce(self, conn: AsyncConnection, saga_ids: Sequence[str]) -> None:
         if saga_ids:

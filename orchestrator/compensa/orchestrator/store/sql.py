@@ -58,9 +58,12 @@ from compensa.orchestrator.store.base import (
     BulkItem,
     BulkJob,
     Claimed,
+    ContractChange,
     DefinitionChange,
+    DefinitionCheck,
     ParticipantAddress,
     PendingAlert,
+    RecordedAuditFinding,
     SagaMove,
     SagaStore,
     StateSummary,
@@ -250,6 +253,13 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     def _insert(self, table: sa.Table) -> Any:
         """The dialect's INSERT, which has ON CONFLICT DO NOTHING / DO UPDATE."""
 
+    @abc.abstractmethod
+    async def _hold_contracts(self, conn: AsyncConnection, *, exclusive: bool) -> None:
+        """Until `conn`'s transaction ends, no participant contract changes
+        (exclusive: nor is a definition registered with a contract check), and
+        what the transaction reads from here on includes whatever committed
+        before: a contract check and the write it allows are one step."""
+
     def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         """Locks the selected rows, skipping those another transaction holds."""
         return query
@@ -366,9 +376,14 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     # -- definitions
 
     async def register_definition(
-        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = ""
+        self, definition: definition_pb2.SagaDefinition, fingerprint: str, now: float, *, actor: str = "",
+        check: DefinitionCheck | None = None,
     ) -> tuple[definition_pb2.SagaDefinition, bool]:
         async with self._transaction() as conn:
+            if check is not None:
+                await self._hold_contracts(conn, exclusive=False)
+                named = sorted({step.participant for step in definition.steps})
+                await check(await self._contracts(conn, named))
             existing = (
                 await conn.execute(
                     sa.select(definitions.c.body).where(
@@ -517,9 +532,15 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     # -- participants
 
-    async def set_participant(self, name: str, address: str, *, updated_by: str, now: float) -> ParticipantAddress:
+    async def set_participant(
+        self, name: str, address: str, *, updated_by: str, now: float, contract: ContractChange | None = None
+    ) -> ParticipantAddress:
         values = {"address": address, "updated_at": now, "updated_by": updated_by}
         async with self._transaction() as conn:
+            if contract is not None and contract.check is not None:
+                await self._hold_contracts(conn, exclusive=True)
+                others = {key: value for key, value in (await self._contracts(conn)).items() if key != name}
+                await contract.check(await self._definitions_naming(conn, name), others)
             row = (
                 await conn.execute(
                     self._insert(participants)
@@ -528,35 +549,44 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                     .returning(*participants.c)
                 )
             ).one()
+            if contract is not None:
+                await self._store_contract(conn, name, contract, now)
         return participant_from_row(row)
+
+    async def _store_contract(self, conn: AsyncConnection, name: str, change: ContractChange, now: float) -> None:
+        if change.contract is None:
+            await conn.execute(sa.delete(participant_contracts).where(participant_contracts.c.name == name))
+            return
+        values = {"service": change.service, "contract": change.contract, "updated_at": now}
+        await conn.execute(
+            self._insert(participant_contracts)
+            .values(name=name, **values)
+            .on_conflict_do_update(index_elements=[participant_contracts.c.name], set_=values)
+        )
 
     async def list_participants(self) -> list[ParticipantAddress]:
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
         return [participant_from_row(row) for row in rows]
 
-    async def set_participant_contract(self, name: str, service: str, contract: bytes | None, now: float) -> None:
-        async with self._transaction() as conn:
-            if contract is None:
-                await conn.execute(sa.delete(participant_contracts).where(participant_contracts.c.name == name))
-                return
-            values = {"service": service, "contract": contract, "updated_at": now}
-            await conn.execute(
-                self._insert(participant_contracts)
-                .values(name=name, **values)
-                .on_conflict_do_update(index_elements=[participant_contracts.c.name], set_=values)
-            )
-
     async def participant_contracts(self) -> dict[str, bytes]:
-        query = sa.select(participant_contracts.c.name, participant_contracts.c.contract)
         async with self._transaction() as conn:
-            rows = (await conn.execute(query)).all()
+            return await self._contracts(conn)
+
+    @staticmethod
+    async def _contracts(conn: AsyncConnection, names: Sequence[str] | None = None) -> dict[str, bytes]:
+        """The stored contracts (of `names` only, when given), by participant name."""
+        query = sa.select(participant_contracts.c.name, participant_contracts.c.contract)
+        if names is not None:
+            query = query.where(participant_contracts.c.name.in_(names))
+        rows = (await conn.execute(query)).all()
         return {name: bytes(contract) for name, contract in rows}
 
-    async def definitions_naming(self, participant: str) -> list[definition_pb2.SagaDefinition]:
+    @staticmethod
+    async def _definitions_naming(conn: AsyncConnection, participant: str) -> list[definition_pb2.SagaDefinition]:
+        """Every registered version of every definition with a step on `participant`."""
         query = sa.select(definitions.c.body).order_by(definitions.c.name, definitions.c.version)
-        async with self._transaction() as conn:
-            bodies = (await conn.execute(query)).scalars().all()
+        bodies = (await conn.execute(query)).scalars().all()
         found = [definition_pb2.SagaDefinition.FromString(body) for body in bodies]
         return [definition for definition in found if any(step.participant == participant for step in definition.steps)]
 
@@ -960,11 +990,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             row = (
                 await conn.execute(sa.select(audit_progress).where(audit_progress.c.participant == participant))
             ).one_or_none()
-        if row is None:
-            return None
-        return AuditProgress(
-            row.participant, (row.clean_created_at, row.clean_saga_id), row.audited_at, row.purge_before
-        )
+        return None if row is None else _audit_progress_of(row)
 
     async def save_audit_progress(self, progress: AuditProgress) -> None:
         created_at, saga_id = progress.clean_through
@@ -1015,6 +1041,30 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 await log_alerts(conn, raised)
                 await self._announce(conn, ["*"])
         return raised
+
+    async def list_audit_progress(self) -> list[AuditProgress]:
+        async with self._transaction() as conn:
+            rows = (await conn.execute(sa.select(audit_progress).order_by(audit_progress.c.participant))).all()
+        return [_audit_progress_of(row) for row in rows]
+
+    async def list_audit_findings(self, limit: int, *, participant: str | None = None) -> list[RecordedAuditFinding]:
+        query = sa.select(audit_findings).order_by(audit_findings.c.alert_position.desc()).limit(limit)
+        if participant is not None:
+            query = query.where(audit_findings.c.participant == participant)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            RecordedAuditFinding(
+                row.participant, row.saga_id, row.step_name, row.kind, row.message, row.found_at, row.alert_position
+            )
+            for row in rows
+        ]
+
+    async def count_audit_findings(self) -> dict[str, int]:
+        query = sa.select(audit_findings.c.participant, sa.func.count()).group_by(audit_findings.c.participant)
+        async with self._transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return {participant: count for participant, count in rows}
 
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
@@ -1375,3 +1425,7 @@ async def log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> No
     transaction: an alert is delivered if and only if it was raised."""
     await conn.execute(alerts.insert(), [alert_row(alert) for alert in logged])
     await conn.execute(alert_outbox.insert(), [outbox_row(alert) for alert in logged])
+
+
+def _audit_progress_of(row: sa.Row[Any]) -> AuditProgress:
+    return AuditProgress(row.participant, (row.clean_created_at, row.clean_saga_id), row.audited_at, row.purge_before)

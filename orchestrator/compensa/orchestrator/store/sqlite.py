@@ -14,7 +14,7 @@ from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.shared.records import DELIVERY_POSSIBLE, LogEvent, SagaRecord
 from compensa.orchestrator.store.base import SagaWrite, WriteResult
 from compensa.orchestrator.store.rows import ALERT_RAISED, rejected, saga_alert, saga_values, step_row
-from compensa.orchestrator.store.schema import ALERT_LOG, saga_steps, sagas
+from compensa.orchestrator.store.schema import ALERT_LOG, participant_contracts, saga_steps, sagas
 from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts, take_positions
 
 
@@ -189,3 +189,9 @@ class SqliteSagaStore(TableByTableCommit):
 
     def _insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
+
+    async def _hold_contracts(self, conn: AsyncConnection, *, exclusive: bool) -> None:
+        """The database's write lock, taken now by a write that matches no row
+        rather than at the transaction's first real write: one writer at a
+        time, and its reads come after every earlier commit."""
+        await conn.execute(sa.update(participant_contracts).where(sa.false()).values(name=participant_contracts.c.name))
