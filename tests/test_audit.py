@@ -336,9 +336,15 @@ async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_post
 
 async def test_lost_answers_and_retries_leave_nothing_to_report(make_postgres_url: Callable[[], str]) -> None:
     """Answers lost after commit and transient failures make duplicates and retries; the
-    barrier keeps each step once, and the audit agrees with the log."""
+    barrier keeps each step once, and the audit agrees with the log.
+
+    Every first attempt fails before doing anything and half the effects lose
+    their answer; a duplicate is answered from the barrier, so no step needs
+    more than three of its four attempts. (Random failures could exhaust a
+    pivot's retries with its effect applied: a true HANGING_EXECUTE the audit
+    would rightly report, and a flaky test.)"""
     faults = {
-        kind: FaultPlan(fail_after_commit_rate=0.5, unavailable_rate=0.2, seed=index)
+        kind: FaultPlan(fail_after_commit_rate=0.5, unavailable_attempts=1, seed=index)
         for index, kind in enumerate(("inventory", "payment", "shipping"))
     }
     async with checkout_stack(make_postgres_url, faults=faults) as stack:
