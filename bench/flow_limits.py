@@ -21,10 +21,11 @@ import signal
 import statistics
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Sequence
 
 from common import percentile
-from run import COMPENSA, Bench, BenchFailed, Lab, Measurement, Workload, measure, parse_args
+from run import COMPENSA, Bench, BenchFailed, Lab, Measurement, Workload, free_port, measure, parse_args
 
 HIGH_LIMITS = ["--max-in-flight", "10000", "--rate", "100000/s", "--burst", "100000"]
 
@@ -33,7 +34,10 @@ def run_once(bench: Bench, definitions: object, concurrency: int, sagas: int, li
     """One measured run (after a warm-up) of `compensa serve`; its sagas/s."""
     lab = bench.lab
     database = lab.create_database(f"flow_{tag}")
-    serve, address = bench.start_orchestrator(database, definitions, f"serve-{tag}")  # type: ignore[arg-type]
+    metrics = f"127.0.0.1:{free_port()}"
+    serve, address = bench.start_orchestrator(  # type: ignore[arg-type]
+        database, definitions, f"serve-{tag}", options=["--metrics-listen", metrics],
+    )
     client = bench.load_client(address, "bench", f"client-{tag}")
     try:
         if limited:
@@ -48,12 +52,26 @@ def run_once(bench: Bench, definitions: object, concurrency: int, sagas: int, li
         if runs[0].failed:
             raise BenchFailed(f"{tag}: {runs[0].failed} sagas failed: {runs[0].first_error}")
         run = runs[0]
-        print(f"    p50 {percentile(run.latencies_ms, 0.5):.2f} ms", flush=True)
+        throttled = _throttled_seconds(metrics)
+        print(
+            f"    p50 {percentile(run.latencies_ms, 0.5):.2f} ms; calls waited for capacity"
+            f" {throttled:.2f} s in all ({1000 * throttled / (3 * sagas):.3f} ms per call)", flush=True,
+        )
         return run.per_second
     finally:
         lab.stop(client)
         lab.stop(serve)
         lab.drop_database(database)
+
+
+def _throttled_seconds(metrics: str) -> float:
+    """compensa_participant_throttled_seconds of the no-op participant (0 when it has no gate)."""
+    with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+        if line.startswith("compensa_participant_throttled_seconds_total")
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,10 @@ for up to half a second): calls that find one at hand, with none waiting
 before them, go without an exchange, and a call that ends gives its slot
 back to the spare. Spare slots go back to the budget at the next exchange,
 or when they lapse. So limits that are never reached cost an exchange per
-replica every few dozen calls, not one per call.
+replica every few dozen calls, not one per call. And no call waits for
+that exchange: it is made ahead (a refill), when half of the spare is
+left or it is about to lapse, and calls go on taking what is left of the
+spare while it runs.
 
 A call that waits is not an attempt: nothing about it is written to the
 saga, so no retry is used; the saga's view shows the wait (recorded by the
@@ -54,10 +57,16 @@ _RETRY_SECONDS = 0.05
 _HELD_RETRY_SECONDS = 0.25
 # After the database failed an exchange.
 _UNAVAILABLE_RETRY_SECONDS = 0.5
-# Spare calls asked for: twice the calls made since the last exchange,
-# within these bounds.
+# Spare calls asked for: four times the calls made since the last
+# exchange, within these bounds.
+_SPARE_PER_CALL_MADE = 4
 _MIN_SPARE = 2
-_MAX_SPARE = 256
+_MAX_SPARE = 512
+# A refill starts when this share of the spare granted is left (its calls
+# carry on during the exchange), or this long (at most this share of its
+# time) before it lapses.
+_REFILL_SHARE = 2
+_REFILL_AHEAD_SECONDS = 0.05
 
 
 class CapacityWaitExpired(Exception):
@@ -151,6 +160,10 @@ class _Gate:
     tokens: int = 0
     spare_until: float = 0.0
     made: int = 0
+    # Spare left when a refill is asked for; whether one was asked since the last exchange.
+    refill_below: int = 0
+    refill_ahead: float = 0.0
+    refill: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     waits_started: dict[tuple[str, str], CapacityWait] = field(default_factory=dict)
     waits_ended: set[tuple[str, str]] = field(default_factory=set)
@@ -174,6 +187,9 @@ class _Gate:
         self.tokens -= 1
         self.slots_free -= 1
         self.made += 1
+        if not self.refill and min(self.tokens, self.slots_free) < self.refill_below:
+            self.refill = True
+            self.wake.set()
         return True
 
     def end_call(self) -> None:
@@ -298,8 +314,14 @@ class FlowControl:
             gate.wake.clear()
             wanted = gate.queued()
             lapsed = gate.slots_free > 0 and time.monotonic() >= gate.spare_until
-            if not (wanted or gate.returned or lapsed or gate.waits_started or gate.waits_ended or first):
-                retry_in = max(0.0, gate.spare_until - time.monotonic()) if gate.slots_free else None
+            # Calls are being made on a spare that runs low or is about to
+            # lapse: the next one is asked for while they go on using it.
+            refill = gate.made > 0 and gate.tokens > 0 and (
+                gate.refill or time.monotonic() >= gate.spare_until - gate.refill_ahead
+            )
+            gate.refill = False
+            if not (wanted or gate.returned or lapsed or refill or gate.waits_started or gate.waits_ended or first):
+                retry_in = self._spare_timer(gate)
                 continue
             if gate.name not in self._gated:
                 # Limits and hold were lifted: let everything through. Calls
@@ -311,12 +333,21 @@ class FlowControl:
                 if not (gate.returned or gate.slots_free or gate.waits_ended):
                     continue
                 wanted = 0
-            # Spare slots go back with the calls that ended; unused tokens lapse.
-            returned, gate.returned, gate.slots_free, gate.tokens = gate.returned + gate.slots_free, 0, 0, 0
+            # Spare slots go back with the calls that ended; unused tokens
+            # lapse. But for a refill with no call waiting: calls meanwhile go
+            # on using what is left of the spare (its slots, its tokens, until
+            # the grant replaces them).
+            kept = min(gate.slots_free, gate.tokens) if refill and not wanted and not lapsed else 0
+            returned, gate.returned = gate.returned + gate.slots_free - kept, 0
+            gate.slots_free = kept
+            if not kept:
+                gate.tokens = 0
             # None asked for when no call came since the last exchange: an
             # idle gate then stops exchanging.
             demand = gate.made + wanted
-            spare = min(_MAX_SPARE, max(_MIN_SPARE, 2 * demand)) if demand and gate.name in self._gated else 0
+            spare = 0
+            if demand and gate.name in self._gated:
+                spare = min(_MAX_SPARE, max(_MIN_SPARE, _SPARE_PER_CALL_MADE * demand))
             gate.made = 0
             started, ended = list(gate.waits_started.values()), list(gate.waits_ended)
             gate.waits_started, gate.waits_ended = {}, set()
@@ -345,10 +376,13 @@ class FlowControl:
                 retry_in = _UNAVAILABLE_RETRY_SECONDS
                 continue
             gate.rank(ranking, grant.priorities)
-            # Calls that ended during the exchange gave their slots to slots_free already.
+            # Calls that ended during the exchange gave their slots to
+            # slots_free already; the tokens kept for a refill lapse now.
             gate.slots_free += grant.spare
             gate.tokens = grant.spare
             gate.spare_until = time.monotonic() + grant.spare_seconds
+            gate.refill_below = grant.spare // _REFILL_SHARE
+            gate.refill_ahead = min(_REFILL_AHEAD_SECONDS, grant.spare_seconds / _REFILL_SHARE)
             gate.returned += self._admit(gate, grant.granted, counted=True)
             if not gate.waiting:
                 # Calls that came during the exchange go on the new spare, in turn.
@@ -376,9 +410,19 @@ class FlowControl:
                 retry_in = 0.0 if still else None
             if gate.waits_started or gate.waits_ended:
                 retry_in = min(retry_in, _RETRY_SECONDS) if retry_in is not None else _RETRY_SECONDS
-            if gate.slots_free:
-                lapse = max(0.0, gate.spare_until - time.monotonic())
-                retry_in = min(retry_in, lapse) if retry_in is not None else lapse
+            spare_timer = self._spare_timer(gate)
+            if spare_timer is not None:
+                retry_in = min(retry_in, spare_timer) if retry_in is not None else spare_timer
+
+    @staticmethod
+    def _spare_timer(gate: _Gate) -> float | None:
+        """When the gate must look at its spare again: shortly before it lapses
+        while calls use it (a refill), when it lapses otherwise (its slots go
+        back); None when it holds none."""
+        if not gate.slots_free:
+            return None
+        ahead = gate.refill_ahead if gate.made and gate.tokens else 0.0
+        return max(0.0, gate.spare_until - ahead - time.monotonic())
 
     def _admit(self, gate: _Gate, granted: int, *, counted: bool) -> int:
         """Hands `granted` calls' capacity to the best waiting calls; how
