@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+from dashboard_rig import bearer, dashboard_rig
 from harness import poll_until
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -33,6 +34,7 @@ from compensa.checkout.v1.participants_compensa import (
 from compensa.orchestrator.cli.demo import DEFINITIONS_DIR
 from compensa.orchestrator.definitions import compile_proto_files, definition_fingerprint, load_definition_file
 from compensa.orchestrator.store import ContractChange, SagaStore, SqlSagaStore, open_store
+from compensa.orchestrator.store.schema import alerts, participant_changes, participant_contracts
 from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
 from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
@@ -536,11 +538,20 @@ async def test_a_contract_change_that_breaks_a_registered_definition_is_refused(
         " needs a compensa.checkout.v1.Reservation from step 'reserve_stock', whose contract says it outputs a"
         " compensa.checkout.v1.Shipment"
     ) in (refused.value.details() or "")
+    assert "; to store the contract anyway, breaking them, set it with --force" in (refused.value.details() or "")
     listed: orchestrator_pb2.ListParticipantsResponse = await typed_env.client.stub.ListParticipants(
         orchestrator_pb2.ListParticipantsRequest()
     )
     kept = {participant.name: participant.contract_service for participant in listed.participants}
     assert kept["inventory"] == CHECKOUT_SERVICES["inventory"], "a refused contract changes nothing"
+
+    # Forced from the CLI, as an operator does it: stored.
+    forced = await _compensa_command(
+        "--address", typed_env.address, "participants", "set", "inventory", typed_env.participants["inventory"].address,
+        "--proto", str(tmp_path / "other.proto"), "--proto-path", str(PROTOS), "--force", "--actor", "night shift",
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.strip().endswith("(contract other.v1.OtherInventory)"), forced.stdout
 
 
 async def test_participants_without_a_contract_are_not_checked() -> None:
@@ -564,6 +575,84 @@ async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnviro
     _step(definition, "ship_order").name = "ship_parcel"
     assert (await typed_env.register(definition)).version == 1
 
+
+
+async def _forced_records(url: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """The participant change log, the alert log and the stored contracts."""
+    store = open_store(url)
+    assert isinstance(store, SqlSagaStore)
+    try:
+        async with store.engine.connect() as conn:
+            changes = (await conn.execute(sa.select(participant_changes))).all()
+            logged = (await conn.execute(sa.select(alerts))).all()
+            contracts = (await conn.execute(sa.select(participant_contracts.c.name))).all()
+    finally:
+        await store.close()
+    return list(changes), list(logged), list(contracts)
+
+
+async def test_a_breaking_contract_is_stored_only_when_an_operator_forces_it_and_is_then_alerted(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    url = make_postgres_url()
+    # The rig's definition "board" has the steps reserve, notify and charge on "scripted".
+    async with dashboard_rig(tmp_path, make_postgres_url, database_url=url) as rig:
+        address = rig.orchestrator.engine.client.address_of("scripted")
+        breaking = orchestrator_pb2.SetParticipantRequest(
+            name="scripted", address=address, contract=_contract(CHECKOUT_SERVICES["inventory"]), force=True,
+            actor="incident 42",
+        )
+        denied = await _refusal(rig.stub.SetParticipant(breaking, metadata=bearer("starter")))
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (denied.details() or "").startswith("SetParticipant needs role operator"), denied.details()
+
+        unforced = orchestrator_pb2.SetParticipantRequest()
+        unforced.CopyFrom(breaking)
+        unforced.force = False
+        refused = await _refusal(rig.stub.SetParticipant(unforced, metadata=bearer("operator")))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            "definition 'board' step 'reserve': participant 'scripted' (compensa.checkout.v1.InventoryParticipant)"
+            " has no step 'reserve'; its steps are 'reserve_stock'"
+        ) in (refused.details() or "")
+        assert (refused.details() or "").endswith(
+            "; to store the contract anyway, breaking them, set it with --force (SetParticipantRequest.force)"
+        ), refused.details()
+
+        without_contract = orchestrator_pb2.SetParticipantRequest(name="scripted", address=address, force=True)
+        pointless = await _refusal(rig.stub.SetParticipant(without_contract, metadata=bearer("operator")))
+        assert pointless.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "give contract or contract_from_reflection with it" in (pointless.details() or "")
+        assert await _forced_records(url) == ([], [], []), "a refused change writes nothing"
+
+        stored = await rig.stub.SetParticipant(breaking, metadata=bearer("operator"))
+        assert stored.participant.contract_service == CHECKOUT_SERVICES["inventory"]
+        watch = rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(), metadata=bearer("reader"))
+        alert = (await watch.read()).alert
+        watch.cancel()
+
+    assert alert.kind == orchestrator_pb2.ALERT_KIND_PARTICIPANT_CONTRACT_FORCED
+    assert (alert.participant, alert.address) == ("scripted", address)
+    assert alert.message.startswith(
+        "participant 'scripted': contract compensa.checkout.v1.InventoryParticipant stored by"
+        ' token:alice as "incident 42" with force, though it breaks definition \'board\' (steps \'reserve\','
+        " 'notify', 'charge'): definition 'board' step 'reserve': participant 'scripted'"
+    ), alert.message
+    assert "step 'charge': participant 'scripted' (compensa.checkout.v1.InventoryParticipant) has no step" in (
+        alert.message
+    )
+    changes, logged, contracts = await _forced_records(url)
+    assert [(row.participant, row.changed_by, row.change) for row in changes] == [
+        ("scripted", 'token:alice as "incident 42"', alert.message)
+    ]
+    assert [(row.kind, row.message) for row in logged] == [("PARTICIPANT_CONTRACT_FORCED", alert.message)]
+    assert [row.name for row in contracts] == ["scripted"]
+
+
+async def _refusal(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    return error.value
 
 
 # --- a contract read from the participant's server reflection ------------------------------
