@@ -314,6 +314,8 @@ class Payment(PaymentParticipantBase):
         super().__init__(engine)
         #: The completion tokens of the charges held for review.
         self.held: list[str] = []
+        #: What each undo of charge_card received as the charge it undoes.
+        self.undone: list[checkout_pb2.Charge | None] = []
 
     async def charge_card(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reserve_stock: checkout_pb2.Reservation,
@@ -326,19 +328,26 @@ class Payment(PaymentParticipantBase):
         if checkout.card_token.startswith("review"):
             self.held.append(completion_token)
             return Pending(charge)
+        if checkout.card_token.startswith("later"):
+            # Nothing known yet: the charge arrives with the outcome, if ever.
+            self.held.append(completion_token)
+            return Pending()
         return charge
 
     async def undo_charge_card(
-        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge,
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge | None,
         reserve_stock: checkout_pb2.Reservation, ctx: StepContext,
     ) -> checkout_pb2.Refund:
-        return checkout_pb2.Refund(refund_id="refund", charge_id=charge.charge_id)
+        self.undone.append(charge)
+        return checkout_pb2.Refund(refund_id="refund", charge_id=charge.charge_id if charge is not None else "")
 
 
 class Shipping(ShippingParticipantBase):
     async def ship_order(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, ctx: StepContext
     ) -> checkout_pb2.Shipment:
+        if checkout.shipping_address == "nowhere":
+            raise StepFailed("no such address")
         return checkout_pb2.Shipment(tracking_number=f"t-{checkout.order_id}")
 
 
@@ -349,9 +358,9 @@ class WrongInventory(Inventory):
         return checkout_pb2.Charge(charge_id="not a reservation")
 
 
-def _input(order_id: str, card_token: str = "card-ok") -> checkout_pb2.CheckoutInput:
+def _input(order_id: str, card_token: str = "card-ok", address: str = "x") -> checkout_pb2.CheckoutInput:
     return checkout_pb2.CheckoutInput(
-        order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address="x",
+        order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address=address,
     )
 
 
@@ -421,6 +430,52 @@ async def test_a_typed_long_running_step_reports_later(typed_env: SagaTestEnviro
     run = await CheckoutSaga(typed_env.client).result(started.saga_id)
     assert run.succeeded, run.saga
     assert run.charge_card() == settled
+
+
+async def _held_payment(env: SagaTestEnvironment, count: int) -> Payment:
+    payment = env.participant("payment")
+    assert isinstance(payment, Payment)
+    await poll_until(lambda: len(payment.held) >= count, timeout=COMMAND_TIMEOUT_SECONDS)
+    return payment
+
+
+async def _compensated_or_stuck(env: SagaTestEnvironment, saga_id: str) -> saga_pb2.Saga:
+    """The saga once compensated, or once a compensation failed (retried forever otherwise)."""
+    async def settled() -> saga_pb2.Saga | None:
+        saga = await env.client.get(saga_id)
+        stuck = any(
+            step.state == saga_pb2.STEP_STATE_COMPENSATING and step.compensate_attempts for step in saga.steps
+        )
+        return saga if stuck or saga.state == saga_pb2.SAGA_STATE_COMPENSATED else None
+
+    found: saga_pb2.Saga = await poll_until(settled, timeout=COMMAND_TIMEOUT_SECONDS)
+    return found
+
+
+async def test_a_long_running_step_pending_with_no_output_is_undone_with_none(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    await typed_env.register(_checkout_definition())
+    started = await CheckoutSaga(typed_env.client).start(_input("later-1", card_token="later-1"))
+    payment = await _held_payment(typed_env, 1)
+    await typed_env.client.cancel(started.saga_id, reason="changed my mind")
+    saga = await _compensated_or_stuck(typed_env, started.saga_id)
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED, [(step.name, step.last_error) for step in saga.steps]
+    assert payment.undone == [None]
+
+
+async def test_a_long_running_step_pending_with_no_output_is_undone_with_the_output_it_completed_with(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    await typed_env.register(_checkout_definition())
+    started = await CheckoutSaga(typed_env.client).start(_input("later-2", card_token="later-2", address="nowhere"))
+    payment = await _held_payment(typed_env, 1)
+    settled = checkout_pb2.Charge(charge_id="settled-later", amount_cents=500)
+    await typed_env.client.complete_step(payment.held[0], output=settled)
+    saga = await _compensated_or_stuck(typed_env, started.saga_id)
+    # ship_order failed
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED, [(step.name, step.last_error) for step in saga.steps]
+    assert payment.undone == [settled]
 
 
 async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
