@@ -22,6 +22,7 @@ import pytest
 import sqlalchemy as sa
 from dashboard_rig import bearer, dashboard_rig
 from harness import poll_until
+from participant_helpers import StepCall, status_of
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.checkout.v1 import checkout_pb2
@@ -37,7 +38,7 @@ from compensa.orchestrator.store import ContractChange, SagaStore, SqlSagaStore,
 from compensa.orchestrator.store.schema import alerts, participant_changes, participant_contracts
 from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
-from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
+from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, participant_pb2_grpc, saga_pb2
 from compensa.v1.participant_pb2 import StepContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,6 +359,14 @@ class WrongInventory(Inventory):
         return checkout_pb2.Charge(charge_id="not a reservation")
 
 
+class WrongUndoInventory(Inventory):
+    async def undo_reserve_stock(  # type: ignore[override]  # the bug under test
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reservation: checkout_pb2.Reservation,
+        ctx: StepContext,
+    ) -> checkout_pb2.Refund:
+        return checkout_pb2.Refund(refund_id="not a release")
+
+
 def _input(order_id: str, card_token: str = "card-ok", address: str = "x") -> checkout_pb2.CheckoutInput:
     return checkout_pb2.CheckoutInput(
         order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address=address,
@@ -490,6 +499,56 @@ async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
         "step 'reserve_stock' (WrongInventory.reserve_stock) returned a compensa.checkout.v1.Charge;"
         " its contract compensa.checkout.v1.InventoryParticipant says compensa.checkout.v1.Reservation"
     ) in step.last_error, step.last_error
+
+
+async def test_an_undo_returning_the_wrong_type_is_reported_by_name() -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": WrongUndoInventory, "payment": Payment, "shipping": Shipping},
+        definitions=[_checkout_definition()],
+    ) as env:
+        started = await CheckoutSaga(env.client).start(_input("wrong-undo-1", card_token="flagged-1"))
+
+        async def undo_failed() -> saga_pb2.Step | None:
+            saga = await env.client.get(started.saga_id)
+            step = next(step for step in saga.steps if step.name == "reserve_stock")
+            return step if step.compensate_attempts else None
+
+        step = await poll_until(undo_failed, timeout=COMMAND_TIMEOUT_SECONDS)
+    assert (
+        "step 'reserve_stock' (WrongUndoInventory.undo_reserve_stock) returned a compensa.checkout.v1.Refund;"
+        " its contract compensa.checkout.v1.InventoryParticipant says compensa.checkout.v1.Release"
+    ) in step.last_error, step.last_error
+
+
+async def test_a_call_the_contract_does_not_fit_is_refused_by_the_participant(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    # Calls an orchestrator sends for a definition no contract was checked against.
+    undeclared = StepCall.new("ship_parcel")
+    async with grpc.aio.insecure_channel(typed_env.participants["inventory"].address) as channel:
+        inventory = participant_pb2_grpc.ParticipantServiceStub(channel)
+        code, details = await status_of(inventory.Execute(undeclared.execute()))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert details == (
+        "step 'ship_parcel' is not in the contract compensa.checkout.v1.InventoryParticipant (its steps:"
+        " reserve_stock); check the definition's step names and participants"
+    )
+    without_reservation = StepCall.new("charge_card")
+    charge = StepCall.new("charge_card")
+    with_reservation = charge.execute()
+    with_reservation.step_outputs["reserve_stock"].Pack(checkout_pb2.Reservation(reservation_id="r-1"))
+    async with grpc.aio.insecure_channel(typed_env.participants["payment"].address) as channel:
+        payment = participant_pb2_grpc.ParticipantServiceStub(channel)
+        code, details = await status_of(payment.Execute(without_reservation.execute()))
+        charged = await payment.Execute(with_reservation)
+        undo_code, undo_details = await status_of(payment.Compensate(charge.compensate(execute_output=charged.output)))
+    missing = (
+        "step 'charge_card' needs the output of step 'reserve_stock' (contract"
+        " compensa.checkout.v1.PaymentParticipant), and the call has none: in the definition, 'charge_card' must"
+        " depend on 'reserve_stock'"
+    )
+    assert (code, details) == (grpc.StatusCode.FAILED_PRECONDITION, missing)
+    assert (undo_code, undo_details) == (grpc.StatusCode.FAILED_PRECONDITION, missing)
 
 
 # --- definitions checked against stored contracts ----------------------------------
