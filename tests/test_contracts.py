@@ -112,7 +112,7 @@ TRAVEL_PARTICIPANT = """
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.orchestrator.client import SagaClient
 from compensa.v1.participant_pb2 import StepContext
@@ -163,6 +163,11 @@ ignore_errors = True
 [mypy-google.rpc.*]
 follow_untyped_imports = True
 """
+
+
+def _ruff(directory: Path, *files: str) -> subprocess.CompletedProcess[str]:
+    """ruff with the project's rules over `files`, as a user's project would run it."""
+    return _run([str(BIN / "ruff"), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), *files], directory)
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -225,13 +230,13 @@ def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
 
 def test_generated_stubs_and_a_participant_on_them_pass_ruff_and_mypy_strict(travel: Path) -> None:
     (travel / "hotel.py").write_text(textwrap.dedent(TRAVEL_PARTICIPANT))
-    checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "hotel.py", "travel/v1/trip_compensa.py"], travel)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    linted = _run(
-        [str(BIN / "ruff"), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
-         "travel/v1/trip_compensa.py"],
+    checked = _run(
+        [str(BIN / "mypy"), "--config-file", "mypy.ini", "hotel.py", "travel/v1/trip_compensa.py",
+         "travel/common/v1/common_compensa.py"],
         travel,
     )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    linted = _ruff(travel, "hotel.py", "travel/v1/trip_compensa.py", "travel/common/v1/common_compensa.py")
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
@@ -264,7 +269,7 @@ def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
 TUTORIAL_FILE = re.compile(r"<!-- tutorial:file (?P<name>\S+) -->\n```\w*\n(?P<body>.*?)```", re.S)
 
 
-def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: Path) -> None:
+def test_the_tutorial_participant_on_its_contract_passes_ruff_and_mypy_strict(tmp_path: Path) -> None:
     files = {match["name"]: match["body"] for match in TUTORIAL_FILE.finditer((ROOT / "README.md").read_text())}
     for name in ("trip.proto", "travel.py"):
         (tmp_path / name).write_text(files[name])
@@ -275,6 +280,8 @@ def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: P
     ))
     checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "travel.py", "trip_compensa.py"], tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    linted = _ruff(tmp_path, "travel.py", "trip_compensa.py")
+    assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
 def test_codegen_refuses_a_contract_that_is_not_one(tmp_path: Path) -> None:
