@@ -87,6 +87,9 @@ service HotelParticipant {
   rpc BookHotel(TripInput) returns (HotelBooking) {
     option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE undo_output: "travel.v1.HotelCancellation"};
   }
+  rpc HoldRoom(TripInput) returns (HotelBooking) {
+    option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE long_running: true};
+  }
 }
 
 service PaymentParticipant {
@@ -115,10 +118,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.orchestrator.client import SagaClient
+from compensa.participants.sdk import Pending
 from compensa.v1.participant_pb2 import StepContext
 from travel.common.v1.common_pb2 import Money
 from travel.v1.trip_compensa import HotelParticipantBase, PaymentParticipantBase, TripSaga
 from travel.v1.trip_pb2 import HotelBooking, HotelCancellation, Payment, TripInput
+
+#: The bookings undone, by reference.
+RELEASED: list[str] = []
 
 
 class Hotel(HotelParticipantBase):
@@ -129,6 +136,17 @@ class Hotel(HotelParticipantBase):
         self, conn: AsyncConnection, trip: TripInput, hotel_booking: HotelBooking, ctx: StepContext
     ) -> HotelCancellation:
         return HotelCancellation(booking_id=hotel_booking.booking_id)
+
+    async def hold_room(
+        self, conn: AsyncConnection, trip: TripInput, completion_token: str, ctx: StepContext
+    ) -> HotelBooking | Pending:
+        return Pending()
+
+    async def undo_hold_room(
+        self, conn: AsyncConnection, trip: TripInput, hotel_booking: HotelBooking | None, ctx: StepContext
+    ) -> None:
+        if hotel_booking is not None:  # None: held, then compensated before anything was booked
+            RELEASED.append(hotel_booking.booking_id)
 
 
 class Pay(PaymentParticipantBase):
@@ -217,6 +235,8 @@ def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
         ") -> google.protobuf.timestamp_pb2.Timestamp:",
         "leg: travel.v1.trip_pb2.TripInput.Leg,",
         "async def undo_book_hotel(",
+        # A long-running step's undo: a bare Pending compensated before any report left no output.
+        "        hotel_booking: travel.v1.trip_pb2.HotelBooking | None,\n        ctx: StepContext,\n    ) -> None:",
         ") -> travel.v1.trip_pb2.HotelCancellation:",
         # The rpc Notify, whose step is named "notify-traveller".
         '"notify-traveller": TypedStep(',
