@@ -20,7 +20,9 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
+from dashboard_rig import bearer, dashboard_rig
 from harness import poll_until
+from participant_helpers import StepCall, status_of
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from compensa.checkout.v1 import checkout_pb2
@@ -33,9 +35,10 @@ from compensa.checkout.v1.participants_compensa import (
 from compensa.orchestrator.cli.demo import DEFINITIONS_DIR
 from compensa.orchestrator.definitions import compile_proto_files, definition_fingerprint, load_definition_file
 from compensa.orchestrator.store import ContractChange, SagaStore, SqlSagaStore, open_store
+from compensa.orchestrator.store.schema import alerts, participant_changes, participant_contracts
 from compensa.participants.sdk import Pending, StepFailed
 from compensa.testing import SagaTestEnvironment
-from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, saga_pb2
+from compensa.v1 import contract_pb2, definition_pb2, orchestrator_pb2, participant_pb2_grpc, saga_pb2
 from compensa.v1.participant_pb2 import StepContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +87,9 @@ service HotelParticipant {
   rpc BookHotel(TripInput) returns (HotelBooking) {
     option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE undo_output: "travel.v1.HotelCancellation"};
   }
+  rpc HoldRoom(TripInput) returns (HotelBooking) {
+    option (compensa.v1.step) = {kind: STEP_KIND_COMPENSABLE long_running: true};
+  }
 }
 
 service PaymentParticipant {
@@ -109,13 +115,17 @@ TRAVEL_PARTICIPANT = """
 from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.orchestrator.client import SagaClient
+from compensa.participants.sdk import Pending
 from compensa.v1.participant_pb2 import StepContext
 from travel.common.v1.common_pb2 import Money
 from travel.v1.trip_compensa import HotelParticipantBase, PaymentParticipantBase, TripSaga
 from travel.v1.trip_pb2 import HotelBooking, HotelCancellation, Payment, TripInput
+
+#: The bookings undone, by reference.
+RELEASED: list[str] = []
 
 
 class Hotel(HotelParticipantBase):
@@ -126,6 +136,17 @@ class Hotel(HotelParticipantBase):
         self, conn: AsyncConnection, trip: TripInput, hotel_booking: HotelBooking, ctx: StepContext
     ) -> HotelCancellation:
         return HotelCancellation(booking_id=hotel_booking.booking_id)
+
+    async def hold_room(
+        self, conn: AsyncConnection, trip: TripInput, completion_token: str, ctx: StepContext
+    ) -> HotelBooking | Pending:
+        return Pending()
+
+    async def undo_hold_room(
+        self, conn: AsyncConnection, trip: TripInput, hotel_booking: HotelBooking | None, ctx: StepContext
+    ) -> None:
+        if hotel_booking is not None:  # None: held, then compensated before anything was booked
+            RELEASED.append(hotel_booking.booking_id)
 
 
 class Pay(PaymentParticipantBase):
@@ -160,6 +181,11 @@ ignore_errors = True
 [mypy-google.rpc.*]
 follow_untyped_imports = True
 """
+
+
+def _ruff(directory: Path, *files: str) -> subprocess.CompletedProcess[str]:
+    """ruff with the project's rules over `files`, as a user's project would run it."""
+    return _run([str(BIN / "ruff"), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"), *files], directory)
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -209,6 +235,8 @@ def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
         ") -> google.protobuf.timestamp_pb2.Timestamp:",
         "leg: travel.v1.trip_pb2.TripInput.Leg,",
         "async def undo_book_hotel(",
+        # A long-running step's undo: a bare Pending compensated before any report left no output.
+        "        hotel_booking: travel.v1.trip_pb2.HotelBooking | None,\n        ctx: StepContext,\n    ) -> None:",
         ") -> travel.v1.trip_pb2.HotelCancellation:",
         # The rpc Notify, whose step is named "notify-traveller".
         '"notify-traveller": TypedStep(',
@@ -222,13 +250,13 @@ def test_codegen_writes_typed_bases_and_starters(travel: Path) -> None:
 
 def test_generated_stubs_and_a_participant_on_them_pass_ruff_and_mypy_strict(travel: Path) -> None:
     (travel / "hotel.py").write_text(textwrap.dedent(TRAVEL_PARTICIPANT))
-    checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "hotel.py", "travel/v1/trip_compensa.py"], travel)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    linted = _run(
-        [str(BIN / "ruff"), "check", "--no-cache", "--config", str(ROOT / "pyproject.toml"),
-         "travel/v1/trip_compensa.py"],
+    checked = _run(
+        [str(BIN / "mypy"), "--config-file", "mypy.ini", "hotel.py", "travel/v1/trip_compensa.py",
+         "travel/common/v1/common_compensa.py"],
         travel,
     )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    linted = _ruff(travel, "hotel.py", "travel/v1/trip_compensa.py", "travel/common/v1/common_compensa.py")
     assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
@@ -261,7 +289,7 @@ def test_the_plugin_runs_under_protoc(travel: Path, tmp_path: Path) -> None:
 TUTORIAL_FILE = re.compile(r"<!-- tutorial:file (?P<name>\S+) -->\n```\w*\n(?P<body>.*?)```", re.S)
 
 
-def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: Path) -> None:
+def test_the_tutorial_participant_on_its_contract_passes_ruff_and_mypy_strict(tmp_path: Path) -> None:
     files = {match["name"]: match["body"] for match in TUTORIAL_FILE.finditer((ROOT / "README.md").read_text())}
     for name in ("trip.proto", "travel.py"):
         (tmp_path / name).write_text(files[name])
@@ -272,6 +300,8 @@ def test_the_tutorial_participant_on_its_contract_passes_mypy_strict(tmp_path: P
     ))
     checked = _run([str(BIN / "mypy"), "--config-file", "mypy.ini", "travel.py", "trip_compensa.py"], tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    linted = _ruff(tmp_path, "travel.py", "trip_compensa.py")
+    assert linted.returncode == 0, linted.stdout + linted.stderr
 
 
 def test_codegen_refuses_a_contract_that_is_not_one(tmp_path: Path) -> None:
@@ -312,6 +342,8 @@ class Payment(PaymentParticipantBase):
         super().__init__(engine)
         #: The completion tokens of the charges held for review.
         self.held: list[str] = []
+        #: What each undo of charge_card received as the charge it undoes.
+        self.undone: list[checkout_pb2.Charge | None] = []
 
     async def charge_card(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reserve_stock: checkout_pb2.Reservation,
@@ -324,19 +356,26 @@ class Payment(PaymentParticipantBase):
         if checkout.card_token.startswith("review"):
             self.held.append(completion_token)
             return Pending(charge)
+        if checkout.card_token.startswith("later"):
+            # Nothing known yet: the charge arrives with the outcome, if ever.
+            self.held.append(completion_token)
+            return Pending()
         return charge
 
     async def undo_charge_card(
-        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge,
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, charge: checkout_pb2.Charge | None,
         reserve_stock: checkout_pb2.Reservation, ctx: StepContext,
     ) -> checkout_pb2.Refund:
-        return checkout_pb2.Refund(refund_id="refund", charge_id=charge.charge_id)
+        self.undone.append(charge)
+        return checkout_pb2.Refund(refund_id="refund", charge_id=charge.charge_id if charge is not None else "")
 
 
 class Shipping(ShippingParticipantBase):
     async def ship_order(
         self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, ctx: StepContext
     ) -> checkout_pb2.Shipment:
+        if checkout.shipping_address == "nowhere":
+            raise StepFailed("no such address")
         return checkout_pb2.Shipment(tracking_number=f"t-{checkout.order_id}")
 
 
@@ -347,9 +386,17 @@ class WrongInventory(Inventory):
         return checkout_pb2.Charge(charge_id="not a reservation")
 
 
-def _input(order_id: str, card_token: str = "card-ok") -> checkout_pb2.CheckoutInput:
+class WrongUndoInventory(Inventory):
+    async def undo_reserve_stock(  # type: ignore[override]  # the bug under test
+        self, conn: AsyncConnection, checkout: checkout_pb2.CheckoutInput, reservation: checkout_pb2.Reservation,
+        ctx: StepContext,
+    ) -> checkout_pb2.Refund:
+        return checkout_pb2.Refund(refund_id="not a release")
+
+
+def _input(order_id: str, card_token: str = "card-ok", address: str = "x") -> checkout_pb2.CheckoutInput:
     return checkout_pb2.CheckoutInput(
-        order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address="x",
+        order_id=order_id, sku="sku-1", quantity=1, amount_cents=500, card_token=card_token, shipping_address=address,
     )
 
 
@@ -421,6 +468,52 @@ async def test_a_typed_long_running_step_reports_later(typed_env: SagaTestEnviro
     assert run.charge_card() == settled
 
 
+async def _held_payment(env: SagaTestEnvironment, count: int) -> Payment:
+    payment = env.participant("payment")
+    assert isinstance(payment, Payment)
+    await poll_until(lambda: len(payment.held) >= count, timeout=COMMAND_TIMEOUT_SECONDS)
+    return payment
+
+
+async def _compensated_or_stuck(env: SagaTestEnvironment, saga_id: str) -> saga_pb2.Saga:
+    """The saga once compensated, or once a compensation failed (retried forever otherwise)."""
+    async def settled() -> saga_pb2.Saga | None:
+        saga = await env.client.get(saga_id)
+        stuck = any(
+            step.state == saga_pb2.STEP_STATE_COMPENSATING and step.compensate_attempts for step in saga.steps
+        )
+        return saga if stuck or saga.state == saga_pb2.SAGA_STATE_COMPENSATED else None
+
+    found: saga_pb2.Saga = await poll_until(settled, timeout=COMMAND_TIMEOUT_SECONDS)
+    return found
+
+
+async def test_a_long_running_step_pending_with_no_output_is_undone_with_none(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    await typed_env.register(_checkout_definition())
+    started = await CheckoutSaga(typed_env.client).start(_input("later-1", card_token="later-1"))
+    payment = await _held_payment(typed_env, 1)
+    await typed_env.client.cancel(started.saga_id, reason="changed my mind")
+    saga = await _compensated_or_stuck(typed_env, started.saga_id)
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED, [(step.name, step.last_error) for step in saga.steps]
+    assert payment.undone == [None]
+
+
+async def test_a_long_running_step_pending_with_no_output_is_undone_with_the_output_it_completed_with(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    await typed_env.register(_checkout_definition())
+    started = await CheckoutSaga(typed_env.client).start(_input("later-2", card_token="later-2", address="nowhere"))
+    payment = await _held_payment(typed_env, 1)
+    settled = checkout_pb2.Charge(charge_id="settled-later", amount_cents=500)
+    await typed_env.client.complete_step(payment.held[0], output=settled)
+    saga = await _compensated_or_stuck(typed_env, started.saga_id)
+    # ship_order failed
+    assert saga.state == saga_pb2.SAGA_STATE_COMPENSATED, [(step.name, step.last_error) for step in saga.steps]
+    assert payment.undone == [settled]
+
+
 async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
     async with SagaTestEnvironment.start(
         participants={"inventory": WrongInventory, "payment": Payment, "shipping": Shipping},
@@ -433,6 +526,56 @@ async def test_a_step_returning_the_wrong_type_is_reported_by_name() -> None:
         "step 'reserve_stock' (WrongInventory.reserve_stock) returned a compensa.checkout.v1.Charge;"
         " its contract compensa.checkout.v1.InventoryParticipant says compensa.checkout.v1.Reservation"
     ) in step.last_error, step.last_error
+
+
+async def test_an_undo_returning_the_wrong_type_is_reported_by_name() -> None:
+    async with SagaTestEnvironment.start(
+        participants={"inventory": WrongUndoInventory, "payment": Payment, "shipping": Shipping},
+        definitions=[_checkout_definition()],
+    ) as env:
+        started = await CheckoutSaga(env.client).start(_input("wrong-undo-1", card_token="flagged-1"))
+
+        async def undo_failed() -> saga_pb2.Step | None:
+            saga = await env.client.get(started.saga_id)
+            step = next(step for step in saga.steps if step.name == "reserve_stock")
+            return step if step.compensate_attempts else None
+
+        step = await poll_until(undo_failed, timeout=COMMAND_TIMEOUT_SECONDS)
+    assert (
+        "step 'reserve_stock' (WrongUndoInventory.undo_reserve_stock) returned a compensa.checkout.v1.Refund;"
+        " its contract compensa.checkout.v1.InventoryParticipant says compensa.checkout.v1.Release"
+    ) in step.last_error, step.last_error
+
+
+async def test_a_call_the_contract_does_not_fit_is_refused_by_the_participant(
+    typed_env: SagaTestEnvironment,
+) -> None:
+    # Calls an orchestrator sends for a definition no contract was checked against.
+    undeclared = StepCall.new("ship_parcel")
+    async with grpc.aio.insecure_channel(typed_env.participants["inventory"].address) as channel:
+        inventory = participant_pb2_grpc.ParticipantServiceStub(channel)
+        code, details = await status_of(inventory.Execute(undeclared.execute()))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert details == (
+        "step 'ship_parcel' is not in the contract compensa.checkout.v1.InventoryParticipant (its steps:"
+        " reserve_stock); check the definition's step names and participants"
+    )
+    without_reservation = StepCall.new("charge_card")
+    charge = StepCall.new("charge_card")
+    with_reservation = charge.execute()
+    with_reservation.step_outputs["reserve_stock"].Pack(checkout_pb2.Reservation(reservation_id="r-1"))
+    async with grpc.aio.insecure_channel(typed_env.participants["payment"].address) as channel:
+        payment = participant_pb2_grpc.ParticipantServiceStub(channel)
+        code, details = await status_of(payment.Execute(without_reservation.execute()))
+        charged = await payment.Execute(with_reservation)
+        undo_code, undo_details = await status_of(payment.Compensate(charge.compensate(execute_output=charged.output)))
+    missing = (
+        "step 'charge_card' needs the output of step 'reserve_stock' (contract"
+        " compensa.checkout.v1.PaymentParticipant), and the call has none: in the definition, 'charge_card' must"
+        " depend on 'reserve_stock'"
+    )
+    assert (code, details) == (grpc.StatusCode.FAILED_PRECONDITION, missing)
+    assert (undo_code, undo_details) == (grpc.StatusCode.FAILED_PRECONDITION, missing)
 
 
 # --- definitions checked against stored contracts ----------------------------------
@@ -536,11 +679,20 @@ async def test_a_contract_change_that_breaks_a_registered_definition_is_refused(
         " needs a compensa.checkout.v1.Reservation from step 'reserve_stock', whose contract says it outputs a"
         " compensa.checkout.v1.Shipment"
     ) in (refused.value.details() or "")
+    assert "; to store the contract anyway, breaking them, set it with --force" in (refused.value.details() or "")
     listed: orchestrator_pb2.ListParticipantsResponse = await typed_env.client.stub.ListParticipants(
         orchestrator_pb2.ListParticipantsRequest()
     )
     kept = {participant.name: participant.contract_service for participant in listed.participants}
     assert kept["inventory"] == CHECKOUT_SERVICES["inventory"], "a refused contract changes nothing"
+
+    # Forced from the CLI, as an operator does it: stored.
+    forced = await _compensa_command(
+        "--address", typed_env.address, "participants", "set", "inventory", typed_env.participants["inventory"].address,
+        "--proto", str(tmp_path / "other.proto"), "--proto-path", str(PROTOS), "--force", "--actor", "night shift",
+    )
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.strip().endswith("(contract other.v1.OtherInventory)"), forced.stdout
 
 
 async def test_participants_without_a_contract_are_not_checked() -> None:
@@ -564,6 +716,84 @@ async def test_a_cleared_contract_is_no_longer_checked(typed_env: SagaTestEnviro
     _step(definition, "ship_order").name = "ship_parcel"
     assert (await typed_env.register(definition)).version == 1
 
+
+
+async def _forced_records(url: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """The participant change log, the alert log and the stored contracts."""
+    store = open_store(url)
+    assert isinstance(store, SqlSagaStore)
+    try:
+        async with store.engine.connect() as conn:
+            changes = (await conn.execute(sa.select(participant_changes))).all()
+            logged = (await conn.execute(sa.select(alerts))).all()
+            contracts = (await conn.execute(sa.select(participant_contracts.c.name))).all()
+    finally:
+        await store.close()
+    return list(changes), list(logged), list(contracts)
+
+
+async def test_a_breaking_contract_is_stored_only_when_an_operator_forces_it_and_is_then_alerted(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    url = make_postgres_url()
+    # The rig's definition "board" has the steps reserve, notify and charge on "scripted".
+    async with dashboard_rig(tmp_path, make_postgres_url, database_url=url) as rig:
+        address = rig.orchestrator.engine.client.address_of("scripted")
+        breaking = orchestrator_pb2.SetParticipantRequest(
+            name="scripted", address=address, contract=_contract(CHECKOUT_SERVICES["inventory"]), force=True,
+            actor="incident 42",
+        )
+        denied = await _refusal(rig.stub.SetParticipant(breaking, metadata=bearer("starter")))
+        assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (denied.details() or "").startswith("SetParticipant needs role operator"), denied.details()
+
+        unforced = orchestrator_pb2.SetParticipantRequest()
+        unforced.CopyFrom(breaking)
+        unforced.force = False
+        refused = await _refusal(rig.stub.SetParticipant(unforced, metadata=bearer("operator")))
+        assert refused.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            "definition 'board' step 'reserve': participant 'scripted' (compensa.checkout.v1.InventoryParticipant)"
+            " has no step 'reserve'; its steps are 'reserve_stock'"
+        ) in (refused.details() or "")
+        assert (refused.details() or "").endswith(
+            "; to store the contract anyway, breaking them, set it with --force (SetParticipantRequest.force)"
+        ), refused.details()
+
+        without_contract = orchestrator_pb2.SetParticipantRequest(name="scripted", address=address, force=True)
+        pointless = await _refusal(rig.stub.SetParticipant(without_contract, metadata=bearer("operator")))
+        assert pointless.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "give contract or contract_from_reflection with it" in (pointless.details() or "")
+        assert await _forced_records(url) == ([], [], []), "a refused change writes nothing"
+
+        stored = await rig.stub.SetParticipant(breaking, metadata=bearer("operator"))
+        assert stored.participant.contract_service == CHECKOUT_SERVICES["inventory"]
+        watch = rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(), metadata=bearer("reader"))
+        alert = (await watch.read()).alert
+        watch.cancel()
+
+    assert alert.kind == orchestrator_pb2.ALERT_KIND_PARTICIPANT_CONTRACT_FORCED
+    assert (alert.participant, alert.address) == ("scripted", address)
+    assert alert.message.startswith(
+        "participant 'scripted': contract compensa.checkout.v1.InventoryParticipant stored by"
+        ' token:alice as "incident 42" with force, though it breaks definition \'board\' (steps \'reserve\','
+        " 'notify', 'charge'): definition 'board' step 'reserve': participant 'scripted'"
+    ), alert.message
+    assert "step 'charge': participant 'scripted' (compensa.checkout.v1.InventoryParticipant) has no step" in (
+        alert.message
+    )
+    changes, logged, contracts = await _forced_records(url)
+    assert [(row.participant, row.changed_by, row.change) for row in changes] == [
+        ("scripted", 'token:alice as "incident 42"', alert.message)
+    ]
+    assert [(row.kind, row.message) for row in logged] == [("PARTICIPANT_CONTRACT_FORCED", alert.message)]
+    assert [row.name for row in contracts] == ["scripted"]
+
+
+async def _refusal(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await call
+    return error.value
 
 
 # --- a contract read from the participant's server reflection ------------------------------

@@ -101,7 +101,9 @@ class StepContract(_message.Message):
     """The step may go on on the participant's side: its method gets the call's
     completion token and may return the SDK's Pending(output), the outcome
     being reported later (OrchestratorService.CompleteStep). A definition
-    step that names it must be long_running.
+    step that names it must be long_running. Its undo receives the Pending's
+    output, else the output the outcome was reported with, else nothing
+    (None in generated code: a bare Pending compensated before any report).
     """
     @_builtins.property
     def needs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EarlierOutput]:

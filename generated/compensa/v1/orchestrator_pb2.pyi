@@ -45,6 +45,11 @@ class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.V
     """`compensa audit` found the log and a participant's barrier rows
     disagreeing about a saga (the message quotes both sides).
     """
+    ALERT_KIND_PARTICIPANT_CONTRACT_FORCED: _AlertKind.ValueType  # 5
+    """An operator stored a participant's contract that registered definitions
+    do not fit (SetParticipantRequest.force): the message names who did it,
+    each definition and step it breaks, and each mismatch.
+    """
 
 class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
     """What an alert is about."""
@@ -61,6 +66,11 @@ ALERT_KIND_PARTICIPANT_RECOVERED: AlertKind.ValueType  # 3
 ALERT_KIND_AUDIT: AlertKind.ValueType  # 4
 """`compensa audit` found the log and a participant's barrier rows
 disagreeing about a saga (the message quotes both sides).
+"""
+ALERT_KIND_PARTICIPANT_CONTRACT_FORCED: AlertKind.ValueType  # 5
+"""An operator stored a participant's contract that registered definitions
+do not fit (SetParticipantRequest.force): the message names who did it,
+each definition and step it breaks, and each mismatch.
 """
 Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 
@@ -193,7 +203,8 @@ class Alert(_message.Message):
     """ALERT_KIND_AUDIT: the saga and step (saga_id, definition_name,
     step_name), and the participant whose records disagree (participant,
     address), each empty when the discrepancy is not about one.
-    ALERT_KIND_PARTICIPANT_*: the participant and the address probed.
+    ALERT_KIND_PARTICIPANT_*: the participant and the address probed (for
+    PARTICIPANT_CONTRACT_FORCED, the address it was set to).
     """
     address: _builtins.str
     @_builtins.property
@@ -555,12 +566,21 @@ class SetParticipantRequest(_message.Message):
     CONTRACT_FIELD_NUMBER: _builtins.int
     CLEAR_CONTRACT_FIELD_NUMBER: _builtins.int
     CONTRACT_FROM_REFLECTION_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     address: _builtins.str
     actor: _builtins.str
     clear_contract: _builtins.bool
     """Removes the stored contract (with `contract` unset): the participant is
     then checked at run time only.
+    """
+    force: _builtins.bool
+    """With `contract` or `contract_from_reflection`: stores the contract even
+    though registered definitions do not fit it (they fail at run time where
+    they do not). The change is logged with who made it, and raises an
+    ALERT_KIND_PARTICIPANT_CONTRACT_FORCED alert naming who, each definition
+    and step it breaks and each mismatch, in the transaction that stores it.
+    A contract that breaks nothing is stored as without `force`, with no alert.
     """
     @_builtins.property
     def contract(self) -> _contract_pb2.ParticipantContract:
@@ -586,10 +606,11 @@ class SetParticipantRequest(_message.Message):
         contract: _contract_pb2.ParticipantContract | None = ...,
         clear_contract: _builtins.bool = ...,
         contract_from_reflection: Global___ContractFromReflection | None = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["contract", b"contract", "contract_from_reflection", b"contract_from_reflection"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "contract_from_reflection", b"contract_from_reflection", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "address", b"address", "clear_contract", b"clear_contract", "contract", b"contract", "contract_from_reflection", b"contract_from_reflection", "force", b"force", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

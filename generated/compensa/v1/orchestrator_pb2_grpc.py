@@ -429,7 +429,9 @@ class OrchestratorServiceServicer:
         every replica, which call the new address within a second. Definitions
         name participants; registering one that names a participant with no
         address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
-        that is not one, an address that is not HOST:PORT).
+        that is not one, an address that is not HOST:PORT, `force` without a
+        contract), FAILED_PRECONDITION (a contract that a registered definition
+        does not fit, unless `force`: nothing is stored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

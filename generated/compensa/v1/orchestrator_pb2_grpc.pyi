@@ -166,7 +166,9 @@ class OrchestratorServiceStub:
     every replica, which call the new address within a second. Definitions
     name participants; registering one that names a participant with no
     address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
-    that is not one, an address that is not HOST:PORT).
+    that is not one, an address that is not HOST:PORT, `force` without a
+    contract), FAILED_PRECONDITION (a contract that a registered definition
+    does not fit, unless `force`: nothing is stored).
     """
     ListParticipants: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]
     """Every named participant and its address, by name, with its health,
@@ -381,7 +383,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     every replica, which call the new address within a second. Definitions
     name participants; registering one that names a participant with no
     address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
-    that is not one, an address that is not HOST:PORT).
+    that is not one, an address that is not HOST:PORT, `force` without a
+    contract), FAILED_PRECONDITION (a contract that a registered definition
+    does not fit, unless `force`: nothing is stored).
     """
     ListParticipants: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.ListParticipantsRequest, _orchestrator_pb2.ListParticipantsResponse]  # type: ignore[assignment]
     """Every named participant and its address, by name, with its health,
@@ -701,7 +705,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         every replica, which call the new address within a second. Definitions
         name participants; registering one that names a participant with no
         address answers FAILED_PRECONDITION. Errors: INVALID_ARGUMENT (a name
-        that is not one, an address that is not HOST:PORT).
+        that is not one, an address that is not HOST:PORT, `force` without a
+        contract), FAILED_PRECONDITION (a contract that a registered definition
+        does not fit, unless `force`: nothing is stored).
         """
 
     @_abc_1.abstractmethod

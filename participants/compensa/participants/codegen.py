@@ -191,7 +191,15 @@ def _step_methods(writer: _Writer, step: ContractStep, method: str, undo: str | 
     if undo is None:
         return lines
     executed = _identifier(snake_case(step.output_type.rpartition(".")[2]), used)
+    executed_type = writer.type_of(step.output_type) + (" | None" if step.long_running else "")
     undo_returns = writer.type_of(step.undo_output) if step.undo_output else "None"
+    undo_doc = f'        """Undoes step "{step.name}" through `conn`, given what its Execute returned."""'
+    if step.long_running:
+        undo_doc = "\n".join([
+            f'        """Undoes step "{step.name}" through `conn`, given what its Execute returned: the',
+            "        output of its Pending, else the output its outcome was reported with, else None.",
+            '        """',
+        ])
     return [
         *lines,
         "",
@@ -200,11 +208,11 @@ def _step_methods(writer: _Writer, step: ContractStep, method: str, undo: str | 
         "        self,",
         "        conn: AsyncConnection,",
         f"        {saga_input}: {writer.type_of(step.input_type)},",
-        f"        {executed}: {writer.type_of(step.output_type)},",
+        f"        {executed}: {executed_type},",
         *needs,
         "        ctx: StepContext,",
         f"    ) -> {undo_returns}:",
-        f'        """Undoes step "{step.name}" through `conn`, given what its Execute returned."""',
+        undo_doc,
     ]
 
 

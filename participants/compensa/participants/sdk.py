@@ -641,11 +641,15 @@ class Participant(participant_pb2_grpc.ParticipantServiceServicer):
 
             executed, stored_execute = claims.execute
             if executed in _APPLIED:
-                # The barrier's copy is authoritative: the orchestrator may never
-                # have received Execute's answer (a lost answer, a deadline).
                 undo = participant_pb2.CompensateRequest()
                 undo.CopyFrom(request)
-                undo.execute_output.CopyFrom(participant_pb2.ExecuteResponse.FromString(stored_execute).output)
+                stored_output = participant_pb2.ExecuteResponse.FromString(stored_execute).output
+                # The barrier's copy is authoritative: the orchestrator may never
+                # have received Execute's answer (a lost answer, a deadline).
+                # A Pending with no output leaves it empty; the orchestrator's
+                # copy is then the output reported later (CompleteStep), if any.
+                if stored_output.type_url:
+                    undo.execute_output.CopyFrom(stored_output)
                 details = await self.compensate_step(barrier.conn, undo)
                 if details is not None:
                     response.output.CopyFrom(pack(_returned_message(step, "compensate_step", details)))

@@ -124,9 +124,13 @@ class TypedParticipant(Participant):
         if step.undo is None:
             return await super().compensate_step(conn, request)
         needs = self._needed(request.context.step_name, step, request.step_outputs)
+        executed: message.Message | None = None
+        # A long-running step may have answered Pending with no output, and no
+        # outcome with one reported since: its undo is told so with None.
+        if request.execute_output.type_url or not step.long_running:
+            executed = unpack_as(request.execute_output, step.output)
         details = await self._method(step.undo)(
-            conn, unpack_as(request.saga_input, step.input), unpack_as(request.execute_output, step.output),
-            *needs, request.context,
+            conn, unpack_as(request.saga_input, step.input), executed, *needs, request.context
         )
         if step.undo_output is None:
             if details is not None:

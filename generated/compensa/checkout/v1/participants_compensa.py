@@ -115,11 +115,13 @@ class PaymentParticipantBase(TypedParticipant):
         self,
         conn: AsyncConnection,
         checkout: compensa.checkout.v1.checkout_pb2.CheckoutInput,
-        charge: compensa.checkout.v1.checkout_pb2.Charge,
+        charge: compensa.checkout.v1.checkout_pb2.Charge | None,
         reserve_stock: compensa.checkout.v1.checkout_pb2.Reservation,
         ctx: StepContext,
     ) -> compensa.checkout.v1.checkout_pb2.Refund:
-        """Undoes step "charge_card" through `conn`, given what its Execute returned."""
+        """Undoes step "charge_card" through `conn`, given what its Execute returned: the
+        output of its Pending, else the output its outcome was reported with, else None.
+        """
 
 
 class ShippingParticipantBase(TypedParticipant):

@@ -970,6 +970,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         from_reflection = request.HasField("contract_from_reflection")
         if sum((request.clear_contract, request.HasField("contract"), from_reflection)) > 1:
             raise InvalidArgument("give one of contract, contract_from_reflection or clear_contract, not several")
+        if request.force and not (request.HasField("contract") or from_reflection):
+            raise InvalidArgument("force stores a contract that breaks definitions: give contract or"
+                                  " contract_from_reflection with it (`--proto` or `--contract-from-reflection`)")
         _check_contract_size(request.contract)
         if identity.definitions:
             named = await self._store.definition_participants()
@@ -982,7 +985,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             _check_contract_size(contract)
         stored = await self._engine.set_participant(
             request.name, request.address, updated_by=actor or "unknown",
-            contract=contract, clear_contract=request.clear_contract,
+            contract=contract, clear_contract=request.clear_contract, force=request.force,
         )
         log.info("participant %s set to %s by %s", stored.name, stored.address, actor or "unknown")
         services = await self._engine.contract_services()

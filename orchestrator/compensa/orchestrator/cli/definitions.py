@@ -153,7 +153,7 @@ def participants(args: argparse.Namespace) -> int:
                 raise CompensaError("participants set needs a NAME and an ADDRESS (HOST:PORT)")
             request = orchestrator_pb2.SetParticipantRequest(
                 name=args.name, address=args.participant_address, actor=args.actor,
-                clear_contract=args.clear_contract,
+                clear_contract=args.clear_contract, force=args.force,
             )
             if args.proto is not None:
                 request.contract.service = args.service

@@ -883,6 +883,12 @@ def _add_participants(parser: argparse.ArgumentParser) -> None:
     )
     contract.add_argument("--clear-contract", action="store_true", help="with set: remove the stored contract")
     parser.add_argument(
+        "--force", action="store_true",
+        help="with set and --proto or --contract-from-reflection: store the contract even though registered"
+             " definitions do not fit it (they fail at run time where they do not); logged with who did it and"
+             " raised as an alert listing what it breaks",
+    )
+    parser.add_argument(
         "--proto-path", action="append", type=Path, default=[], metavar="DIR",
         help="with --proto: a directory imports are relative to (repeatable)",
     )

@@ -50,6 +50,8 @@ from compensa.common.contracts import NAME_PATTERN
 from compensa.orchestrator.definitions._contracts import (
     ContractMismatch,
     check_against_contracts,
+    contract_change_breaks,
+    forced_contract_message,
     read_contract,
     stored_contract,
 )
@@ -108,12 +110,14 @@ __all__ = [
     "backoff_seconds",
     "check_against_contracts",
     "compile_proto_files",
+    "contract_change_breaks",
     "default_compensate_retry_policy",
     "default_retry_policy",
     "definition_diff",
     "definition_fingerprint",
     "definition_graph",
     "duration_seconds",
+    "forced_contract_message",
     "key_value",
     "load_definition_file",
     "load_definitions",

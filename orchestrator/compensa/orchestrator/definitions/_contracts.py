@@ -7,7 +7,7 @@ it needs, when their participants have contracts too)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from google.protobuf import message
 
@@ -18,7 +18,15 @@ from compensa.orchestrator.shared.errors import FailedPrecondition, InvalidArgum
 from compensa.orchestrator.shared.payloads import build_pool
 from compensa.v1 import contract_pb2, definition_pb2
 
-__all__ = ["ContractMismatch", "check_against_contracts", "read_contract", "stored_contract"]
+__all__ = [
+    "ContractMismatch",
+    "check_against_contracts",
+    "contract_change_breaks",
+    "contract_mismatches",
+    "forced_contract_message",
+    "read_contract",
+    "stored_contract",
+]
 
 
 class ContractMismatch(FailedPrecondition):
@@ -73,7 +81,18 @@ def check_against_contracts(
     """ContractMismatch listing every way `definition` (normalized) does not
     fit the `contracts` of the participants it names (by participant name);
     steps on participants without a contract are not checked."""
-    mismatches: list[str] = []
+    mismatches = contract_mismatches(definition, contracts)
+    if mismatches:
+        raise ContractMismatch("; ".join(mismatch for _, mismatch in mismatches))
+
+
+def contract_mismatches(
+    definition: definition_pb2.SagaDefinition, contracts: Mapping[str, ContractService]
+) -> list[tuple[str, str]]:
+    """Every way `definition` (normalized) does not fit `contracts`, as (step
+    name, a message naming the definition, the step, the participant and what
+    each says)."""
+    mismatches: list[tuple[str, str]] = []
     outputs = {
         step.name: found.output_type
         for step in definition.steps
@@ -87,36 +106,71 @@ def check_against_contracts(
             f"definition {definition.name!r} step {step.name!r}: participant {step.participant!r}"
             f" ({contract.full_name})"
         )
+        wrong: list[str] = []
         declared = contract.step(step.name)
         if declared is None:
             steps = ", ".join(repr(each.name) for each in contract.steps)
-            mismatches.append(f"{where} has no step {step.name!r}; its steps are {steps}")
+            mismatches.append((step.name, f"{where} has no step {step.name!r}; its steps are {steps}"))
             continue
         if declared.input_type != definition.input_type:
-            mismatches.append(
+            wrong.append(
                 f"{where} accepts a saga input of type {declared.input_type}; the definition's input_type is"
                 f" {definition.input_type}"
             )
         if kind_name(declared.kind) != kind_name(step.kind):
-            mismatches.append(
+            wrong.append(
                 f"{where} is {kind_name(declared.kind)} in the contract; the definition says {kind_name(step.kind)}"
             )
         if declared.long_running and not step.long_running:
-            mismatches.append(
+            wrong.append(
                 f"{where} is long-running in the contract (it may answer Pending); the definition's step must say"
                 " long_running: true"
             )
         earlier = ancestors(definition, step.name)
         for need in declared.needs:
             if need.step not in earlier:
-                mismatches.append(
+                wrong.append(
                     f"{where} needs the output of step {need.step!r} (a {need.type}), and the definition does not"
                     f" make it depend on {need.step!r}"
                 )
             elif need.step in outputs and outputs[need.step] != need.type:
-                mismatches.append(
+                wrong.append(
                     f"{where} needs a {need.type} from step {need.step!r}, whose contract says it outputs a"
                     f" {outputs[need.step]}"
                 )
-    if mismatches:
-        raise ContractMismatch("; ".join(mismatches))
+        mismatches.extend((step.name, mismatch) for mismatch in wrong)
+    return mismatches
+
+
+def contract_change_breaks(
+    definitions: Sequence[definition_pb2.SagaDefinition], contracts: Mapping[str, ContractService]
+) -> list[tuple[str, str, str]]:
+    """(definition name, step name, message) for each way one of
+    `definitions` (registered versions) does not fit `contracts`; a mismatch
+    several versions share is listed once."""
+    breaks: dict[str, tuple[str, str, str]] = {}
+    for definition in definitions:
+        for step, mismatch in contract_mismatches(definition, contracts):
+            breaks.setdefault(mismatch, (definition.name, step, mismatch))
+    return list(breaks.values())
+
+
+def forced_contract_message(
+    participant: str, service: str, actor: str, breaks: Sequence[tuple[str, str, str]]
+) -> str:
+    """What a forced contract change is logged and alerted as: who stored it,
+    the definitions and steps it breaks, and each mismatch."""
+    steps: dict[str, list[str]] = {}
+    for definition, step, _ in breaks:
+        named = steps.setdefault(definition, [])
+        if step not in named:
+            named.append(step)
+    broken = ", ".join(
+        f"definition {definition!r} (step{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))})"
+        for definition, names in steps.items()
+    )
+    mismatches = "; ".join(mismatch for _, _, mismatch in breaks)
+    return (
+        f"participant {participant!r}: contract {service} stored by {actor} with force, though it breaks"
+        f" {broken}: {mismatches}"
+    )

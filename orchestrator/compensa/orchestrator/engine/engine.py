@@ -26,9 +26,12 @@ from compensa.common.health import DatabaseLoss
 from compensa.common.retry import Backoff
 from compensa.common.tracing import trace_id_of
 from compensa.orchestrator.definitions import (
+    ContractMismatch,
     check_against_contracts,
+    contract_change_breaks,
     definition_diff,
     definition_fingerprint,
+    forced_contract_message,
     key_value,
     read_contract,
     stored_contract,
@@ -244,25 +247,39 @@ class SagaEngine:
 
     async def set_participant(
         self, name: str, address: str, *, updated_by: str,
-        contract: contract_pb2.ParticipantContract | None = None, clear_contract: bool = False,
+        contract: contract_pb2.ParticipantContract | None = None, clear_contract: bool = False, force: bool = False,
     ) -> ParticipantAddress:
         """Stores where `name` is served; this replica calls it there at once,
         the others within `_PARTICIPANTS_SECONDS`. With `contract`, stores it
         too once every registered definition naming `name` fits it
-        (ContractMismatch otherwise, and nothing is stored); the check and the
-        write are one transaction, so a definition registered meanwhile is
-        either checked here or checked against this contract. `clear_contract`
+        (ContractMismatch otherwise, and nothing is stored), or, with `force`,
+        even though some do not: the change is then logged with what it breaks
+        and alerted (PARTICIPANT_CONTRACT_FORCED). The check and the write are
+        one transaction, so a definition registered meanwhile is either
+        checked here or checked against this contract. `clear_contract`
         removes the stored one."""
         change = None
+        forced: list[str] = []
         if contract is not None:
             chosen = read_contract(name, contract)
             kept = contract_pb2.ParticipantContract(service=chosen.full_name, types=contract.types)
 
-            async def check(definitions: Sequence[definition_pb2.SagaDefinition], others: Mapping[str, bytes]) -> None:
+            async def check(
+                definitions: Sequence[definition_pb2.SagaDefinition], others: Mapping[str, bytes]
+            ) -> str | None:
                 contracts = {other: stored_contract(other, serialized) for other, serialized in others.items()}
                 contracts[name] = chosen
-                for definition in definitions:
-                    check_against_contracts(definition, contracts)
+                breaks = contract_change_breaks(definitions, contracts)
+                if not breaks:
+                    return None
+                if not force:
+                    mismatches = "; ".join(mismatch for _, _, mismatch in breaks)
+                    raise ContractMismatch(
+                        f"{mismatches}; to store the contract anyway, breaking them, set it with --force"
+                        " (SetParticipantRequest.force)"
+                    )
+                forced[:] = [forced_contract_message(name, chosen.full_name, updated_by, breaks)]
+                return forced[0]
 
             change = ContractChange(chosen.full_name, kept.SerializeToString(), check)
         elif clear_contract:
@@ -270,6 +287,9 @@ class SagaEngine:
         stored = await self.store.set_participant(
             name, address, updated_by=updated_by, now=self.clock.now(), contract=change
         )
+        if forced:
+            log.warning("ALERT participant %s at %s: %s", name, address, forced[0], extra={"participant": name})
+            self._alert_committed()
         await self.refresh_participants()
         return stored
 

@@ -3,6 +3,7 @@
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, parse_database_url
 from compensa.orchestrator.store.base import (
     AUDIT_ALERT,
+    CONTRACT_FORCED,
     DEFAULT_PRIORITY,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
@@ -50,6 +51,7 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
 
 __all__ = [
     "AUDIT_ALERT",
+    "CONTRACT_FORCED",
     "DEFAULT_PRIORITY",
     "PARTICIPANT_RECOVERED",
     "PARTICIPANT_UNHEALTHY",

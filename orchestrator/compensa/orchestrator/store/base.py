@@ -184,14 +184,19 @@ class SagaFlow:
 DefinitionCheck = Callable[[Mapping[str, bytes]], Awaitable[None]]
 #: Checks a participant's new contract against every registered version of
 #: every definition naming the participant, given every other stored contract;
-#: raises to refuse it.
-ContractCheck = Callable[[Sequence[definition_pb2.SagaDefinition], Mapping[str, bytes]], Awaitable[None]]
+#: raises to refuse it. Returns None when it breaks nothing, or, for a change
+#: forced though it breaks some, what it breaks: the change is then logged
+#: with that and raised as a PARTICIPANT_CONTRACT_FORCED alert.
+ContractCheck = Callable[
+    [Sequence[definition_pb2.SagaDefinition], Mapping[str, bytes]], Awaitable[str | None]
+]
 
 
 @dataclass(frozen=True)
 class ContractChange:
     """A participant's contract, stored with its address once `check` accepts
-    it; `contract` None removes the stored one (which breaks no definition)."""
+    it (see ContractCheck); `contract` None removes the stored one (which
+    breaks no definition)."""
 
     service: str
     contract: bytes | None
@@ -220,6 +225,7 @@ SAGA_ALERT = "SAGA"
 PARTICIPANT_UNHEALTHY = "PARTICIPANT_UNHEALTHY"
 PARTICIPANT_RECOVERED = "PARTICIPANT_RECOVERED"
 AUDIT_ALERT = "AUDIT"
+CONTRACT_FORCED = "PARTICIPANT_CONTRACT_FORCED"
 
 
 @dataclass(frozen=True)
@@ -472,7 +478,9 @@ class SagaStore(abc.ABC):
         awaited first in that transaction, with every registered definition
         naming `name` and every other stored contract, none of which can
         change until the transaction ends: what it raises refuses the
-        change, and nothing is written."""
+        change, and nothing is written. What a forced change breaks (the
+        check's answer) is logged as a change by `updated_by` and raised as
+        a PARTICIPANT_CONTRACT_FORCED alert, in the same transaction."""
 
     @abc.abstractmethod
     async def list_participants(self) -> list[ParticipantAddress]:

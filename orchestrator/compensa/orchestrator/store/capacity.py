@@ -113,6 +113,13 @@ def describe_limits(limits: ParticipantLimits) -> str:
     return ", ".join(parts) if parts else "no limits"
 
 
+async def log_participant_change(conn: AsyncConnection, name: str, *, by: str, now: float, change: str) -> None:
+    """Logs a change of participant `name` by `by`, in the caller's transaction."""
+    await conn.execute(
+        sa.insert(participant_changes).values(participant=name, changed_at=now, changed_by=by, change=change)
+    )
+
+
 class CapacityStatements(abc.ABC):
     """The flow-control half of the SQL store (mixed into SqlSagaStore)."""
 
@@ -139,9 +146,7 @@ class CapacityStatements(abc.ABC):
             ).one_or_none()
             if row is None:
                 return None
-            await conn.execute(
-                sa.insert(participant_changes).values(participant=name, changed_at=now, changed_by=by, change=change)
-            )
+            await log_participant_change(conn, name, by=by, now=now, change=change)
         return participant_from_row(row)
 
     async def set_participant_limits(

@@ -180,7 +180,8 @@ participant_grants = Table(
     Column("lease_until", Float, nullable=False),
 )
 
-#: Every change of a participant's limits or hold, with who made it.
+#: Every change of a participant's limits or hold, and every contract forced
+#: on it though definitions do not fit it, with who made it.
 participant_changes = Table(
     "compensa_participant_changes",
     metadata,
@@ -235,7 +236,7 @@ participant_contracts = Table(
 #: event) and of participants, at a position taken under the ALERT_LOG row
 #: lock of compensa_log_head, so positions follow commit order as the event
 #: log's do. `kind` is an AlertKind's name without its prefix (SAGA,
-#: PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED).
+#: PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED, AUDIT, PARTICIPANT_CONTRACT_FORCED).
 alerts = Table(
     "compensa_alerts",
     metadata,

@@ -51,6 +51,7 @@ from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     AUDIT_ALERT,
+    CONTRACT_FORCED,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     AuditFinding,
@@ -70,7 +71,7 @@ from compensa.orchestrator.store.base import (
     StoredAlert,
     StoredEvent,
 )
-from compensa.orchestrator.store.capacity import CapacityStatements, participant_from_row
+from compensa.orchestrator.store.capacity import CapacityStatements, log_participant_change, participant_from_row
 from compensa.orchestrator.store.rows import (
     ALERT_RAISED,
     alert_row,
@@ -537,10 +538,11 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     ) -> ParticipantAddress:
         values = {"address": address, "updated_at": now, "updated_by": updated_by}
         async with self._transaction() as conn:
+            breaks = None
             if contract is not None and contract.check is not None:
                 await self._hold_contracts(conn, exclusive=True)
                 others = {key: value for key, value in (await self._contracts(conn)).items() if key != name}
-                await contract.check(await self._definitions_naming(conn, name), others)
+                breaks = await contract.check(await self._definitions_naming(conn, name), others)
             row = (
                 await conn.execute(
                     self._insert(participants)
@@ -551,6 +553,9 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).one()
             if contract is not None:
                 await self._store_contract(conn, name, contract, now)
+            if breaks is not None:
+                await log_participant_change(conn, name, by=updated_by, now=now, change=breaks)
+                await self._raise_participant_alert(conn, CONTRACT_FORCED, name, address, now, breaks)
         return participant_from_row(row)
 
     async def _store_contract(self, conn: AsyncConnection, name: str, change: ContractChange, now: float) -> None:
