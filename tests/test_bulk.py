@@ -468,6 +468,71 @@ async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_nothing_is_acted_on_once_a_pause_or_cancel_has_returned(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    # A lease far longer than the job's batches: a pause noticed only when the
+    # lease is renewed would let the job act on every saga before it stops.
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None, lease_seconds=30) as rig:
+        slow_ids = [f"slow-{n}" for n in range(10)]
+        await _failed_sagas(rig, *slow_ids, "clock-a-1", "clock-a-2", "clock-b-1", "clock-b-2")
+        stub = rig.stub
+
+        async def job(job_id: str) -> bulk_pb2.BulkAction:
+            return (await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
+
+        async def resolved_by(job_id: str) -> set[str]:
+            return {
+                saga_id for saga_id in slow_ids
+                if (await rig.saga(saga_id)).resolution_note.startswith(f"bulk action {job_id}")
+            }
+
+        async def completed(job_id: str) -> bulk_pb2.BulkAction | None:
+            found = await job(job_id)
+            return found if found.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+
+        def counts(found: bulk_pb2.BulkAction) -> tuple[int, int, int, int]:
+            return found.done_count, found.skipped_count, found.failed_count, found.pending_count
+
+        async def seconds_pass(prefix: str) -> None:
+            """Another job, of two sagas at one a second, runs to its end."""
+            tick = _start("resolve", f"id_prefix={prefix}", note="tick", max_sagas_per_second=1)
+            clock = await stub.StartBulkAction(tick)
+            await poll_until(lambda: completed(clock.bulk_action.bulk_action_id), timeout=30)
+
+        async def stops_at_once(stop: Callable[[str], Awaitable[bulk_pb2.BulkAction]], clock: str) -> str:
+            started = await stub.StartBulkAction(
+                _start("resolve", "id_prefix=slow-", note="slowly", max_sagas_per_second=2)
+            )
+            job_id = started.bulk_action.bulk_action_id
+            await poll_until(lambda: _done_at_least(job(job_id), 2), timeout=30)
+            stopped = await stop(job_id)
+            acted_on = await resolved_by(job_id)
+            assert len(acted_on) == stopped.done_count < stopped.selected_count
+            assert stopped.pending_count == stopped.selected_count - len(acted_on)
+            await seconds_pass(clock)
+            assert await resolved_by(job_id) == acted_on
+            assert counts(await job(job_id)) == counts(stopped)
+            return job_id
+
+        async def pause(job_id: str) -> bulk_pb2.BulkAction:
+            request = bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id)
+            return (await stub.PauseBulkAction(request)).bulk_action
+
+        async def cancel(job_id: str) -> bulk_pb2.BulkAction:
+            request = bulk_pb2.CancelBulkActionRequest(bulk_action_id=job_id)
+            return (await stub.CancelBulkAction(request)).bulk_action
+
+        cancelled_id = await stops_at_once(cancel, "clock-a-")
+        paused_id = await stops_at_once(pause, "clock-b-")
+        # Resumed, the paused job acts on the rest (what the cancelled one left), each once.
+        await stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=paused_id))
+        done = await poll_until(lambda: completed(paused_id), timeout=30)
+        assert counts(done) == (done.selected_count, 0, 0, 0)
+        by_cancelled, by_paused = await resolved_by(cancelled_id), await resolved_by(paused_id)
+        assert not by_cancelled & by_paused and by_cancelled | by_paused == set(slow_ids)
+
+
 async def test_two_jobs_that_select_the_same_sagas_act_on_each_once(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:

@@ -5,7 +5,10 @@ A job is a row leased like a saga (owner, lease_until, epoch), and the sagas
 it selected are rows too, each with the sequence the saga had then. A
 replica's `BulkRunner` claims a RUNNING job nobody holds and works through its
 pending sagas at a bounded rate; if the replica dies, its lease lapses and
-another replica claims the job and carries on.
+another replica claims the job and carries on. Each batch runs only while the
+job is RUNNING and held by this replica at its epoch, and a pause, cancel or
+takeover waits for the batch in flight (`SagaStore.run_bulk_batch`): once one
+has returned, the job acts on no more sagas and its counts stay put.
 
 No saga is acted on twice, and none from a stale view: each action is the
 engine's operator path (`apply_external_once`), guarded on the sequence the
@@ -192,21 +195,27 @@ class BulkRunner:
             del self._jobs[bulk_action_id]
 
     async def _work(self, job: BulkJob) -> None:
-        held = asyncio.Event()
-        held.set()
-        renewing = asyncio.create_task(self._renew(job, held))
+        renewing = asyncio.create_task(self._renew(job))
         try:
             batch = max(1, min(_BATCH, int(job.max_per_second)))
-            while held.is_set():
+            while True:
+                started = time.monotonic()
                 # A batch is at most a second's worth: the rate holds at every second.
-                items = await self._store.pending_bulk_items(job.bulk_action_id, batch)
-                if not items:
+                acted_on = await self._store.run_bulk_batch(
+                    job.bulk_action_id, self._engine.owner, job.epoch, batch,
+                    functools.partial(self._act_on_batch, job),
+                )
+                if acted_on is None:
+                    log.info("bulk action %s: stopped here (paused, cancelled, or taken over)", job.bulk_action_id)
+                    return
+                if not acted_on:
                     if await self._store.complete_bulk_job(
                         job.bulk_action_id, self._engine.owner, job.epoch, self._engine.clock.now()
                     ):
                         log.info("bulk action %s: completed", job.bulk_action_id)
                     return
-                await self._act_on_batch(job, items)
+                # The rate bounds the actions, however fast the database answers.
+                await asyncio.sleep(max(0.0, acted_on / job.max_per_second - (time.monotonic() - started)))
         except StoreUnavailable as error:
             log.warning("bulk action %s: %s; another try after its lease", job.bulk_action_id, error)
         except asyncio.CancelledError:
@@ -218,8 +227,9 @@ class BulkRunner:
         finally:
             renewing.cancel()
 
-    async def _renew(self, job: BulkJob, held: asyncio.Event) -> None:
-        """Keeps the job's lease; clears `held` once it is lost, paused or cancelled."""
+    async def _renew(self, job: BulkJob) -> None:
+        """Keeps the job's lease while the job runs here (a batch learns
+        itself whether the job is still its to run)."""
         while True:
             await asyncio.sleep(self._lease_seconds / 3)
             try:
@@ -230,12 +240,12 @@ class BulkRunner:
                 log.debug("bulk action %s: lease not renewed (%s)", job.bulk_action_id, error)
                 continue
             if not renewed:
-                log.info("bulk action %s: stopped here (paused, cancelled, or taken over)", job.bulk_action_id)
-                held.clear()
                 return
 
-    async def _act_on_batch(self, job: BulkJob, items: list[BulkItem]) -> None:
-        started = time.monotonic()
+    async def _act_on_batch(
+        self, job: BulkJob, items: list[BulkItem]
+    ) -> tuple[list[tuple[str, int, str]], float]:
+        """Acts on the batch's sagas; their outcomes, and when."""
         loaded = await self._store.load_many_with_owner([item.saga_id for item in items])
         # A saga whose sequence moved since selection is not acted on.
         chosen = [
@@ -252,9 +262,7 @@ class BulkRunner:
             outcome for item in items
             if (outcome := await self._outcome(job, item, acted.get(item.saga_id))) is not None
         ]
-        await self._store.record_bulk_outcomes(job.bulk_action_id, outcomes, self._engine.clock.now())
-        # The rate bounds the actions, however fast the database answers.
-        await asyncio.sleep(max(0.0, len(items) / job.max_per_second - (time.monotonic() - started)))
+        return outcomes, self._engine.clock.now()
 
     async def _outcome(self, job: BulkJob, item: BulkItem, acted: Acted) -> tuple[str, int, str] | None:
         """The outcome of acting on one saga; None to leave it pending (the
