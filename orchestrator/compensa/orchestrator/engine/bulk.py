@@ -45,13 +45,16 @@ from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.engine.migration import NotMoved, move_sagas
 from compensa.orchestrator.engine.replay import read_move
 from compensa.orchestrator.shared import records
-from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
+from compensa.orchestrator.shared.errors import CompensaError, FailedPrecondition, NotFound, StoreUnavailable, quote
 from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import BulkItem, BulkJob
+from compensa.orchestrator.store import BulkItem, BulkJob, SagaStore
 from compensa.v1 import bulk_pb2, saga_pb2
 
-__all__ = ["BulkRunner", "bulk_action_message", "bulk_item_message", "bulk_tag", "is_bulk_event"]
+__all__ = [
+    "JOB_COMMANDS", "BulkRunner", "bulk_action_message", "bulk_item_message", "bulk_tag", "command_bulk_job",
+    "is_bulk_event",
+]
 
 log = logging.getLogger("compensa.bulk")
 
@@ -301,6 +304,32 @@ class BulkRunner:
             what = saga_pb2.EventType.Name(first.type).removeprefix("EVENT_TYPE_")  # type: ignore[arg-type]
             reason += f": {what}" + (f" by {first.actor}" if first.actor else "")
         return item.saga_id, SKIPPED, reason
+
+
+#: What each command of a person does to a job: the states it applies in, and
+#: the state it leaves the job in.
+JOB_COMMANDS: dict[str, tuple[frozenset[int], int]] = {
+    "pause": (frozenset({bulk_pb2.BULK_ACTION_STATE_RUNNING}), bulk_pb2.BULK_ACTION_STATE_PAUSED),
+    "resume": (frozenset({bulk_pb2.BULK_ACTION_STATE_PAUSED}), bulk_pb2.BULK_ACTION_STATE_RUNNING),
+    "cancel": (
+        frozenset({bulk_pb2.BULK_ACTION_STATE_RUNNING, bulk_pb2.BULK_ACTION_STATE_PAUSED}),
+        bulk_pb2.BULK_ACTION_STATE_CANCELLED,
+    ),
+}
+
+
+async def command_bulk_job(store: SagaStore, job: BulkJob, command: str, now: float) -> BulkJob:
+    """The job after `command` (a key of JOB_COMMANDS): already in the state
+    it leads to is a no-op, any state it does not apply in FailedPrecondition.
+    A pause or cancel returns once a batch in flight has ended: from then on
+    the job acts on no saga."""
+    allowed_from, to = JOB_COMMANDS[command]
+    moved, changed = await store.change_bulk_job_state(job.bulk_action_id, allowed_from=allowed_from, to=to, now=now)
+    assert moved is not None  # jobs are never deleted
+    if not changed and moved.state != to:
+        state = bulk_pb2.BulkActionState.Name(moved.state).removeprefix("BULK_ACTION_STATE_")  # type: ignore[arg-type]
+        raise FailedPrecondition(f"bulk action {quote(job.bulk_action_id)} is {state}; it cannot {command}")
+    return moved
 
 
 def bulk_action_message(job: BulkJob) -> bulk_pb2.BulkAction:
