@@ -270,7 +270,8 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
         """Lets the statements of this transaction run up to `seconds` each
-        (a database that bounds each statement by `timeout`)."""
+        (a database that bounds each statement by `timeout`), and no longer
+        its waits for the client between them."""
 
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         """For the rest of the transaction, plans that read a whole table are
