@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 from dashboard_rig import TOKENS, DashboardRig, bearer, dashboard_rig
 from google.protobuf import any_pb2, wrappers_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from harness import checkout_input, poll_until
 from processes import ProcessSet
 from scripted_participant import ScriptedParticipant, serve_scripted
@@ -468,6 +470,71 @@ async def test_a_job_pauses_resumes_skips_a_saga_that_changed_and_cancels(
         assert unknown.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_nothing_is_acted_on_once_a_pause_or_cancel_has_returned(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    # A lease far longer than the job's batches: a pause noticed only when the
+    # lease is renewed would let the job act on every saga before it stops.
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None, lease_seconds=30) as rig:
+        slow_ids = [f"slow-{n}" for n in range(10)]
+        await _failed_sagas(rig, *slow_ids, "clock-a-1", "clock-a-2", "clock-b-1", "clock-b-2")
+        stub = rig.stub
+
+        async def job(job_id: str) -> bulk_pb2.BulkAction:
+            return (await stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
+
+        async def resolved_by(job_id: str) -> set[str]:
+            return {
+                saga_id for saga_id in slow_ids
+                if (await rig.saga(saga_id)).resolution_note.startswith(f"bulk action {job_id}")
+            }
+
+        async def completed(job_id: str) -> bulk_pb2.BulkAction | None:
+            found = await job(job_id)
+            return found if found.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+
+        def counts(found: bulk_pb2.BulkAction) -> tuple[int, int, int, int]:
+            return found.done_count, found.skipped_count, found.failed_count, found.pending_count
+
+        async def seconds_pass(prefix: str) -> None:
+            """Another job, of two sagas at one a second, runs to its end."""
+            tick = _start("resolve", f"id_prefix={prefix}", note="tick", max_sagas_per_second=1)
+            clock = await stub.StartBulkAction(tick)
+            await poll_until(lambda: completed(clock.bulk_action.bulk_action_id), timeout=30)
+
+        async def stops_at_once(stop: Callable[[str], Awaitable[bulk_pb2.BulkAction]], clock: str) -> str:
+            started = await stub.StartBulkAction(
+                _start("resolve", "id_prefix=slow-", note="slowly", max_sagas_per_second=2)
+            )
+            job_id = started.bulk_action.bulk_action_id
+            await poll_until(lambda: _done_at_least(job(job_id), 2), timeout=30)
+            stopped = await stop(job_id)
+            acted_on = await resolved_by(job_id)
+            assert len(acted_on) == stopped.done_count < stopped.selected_count
+            assert stopped.pending_count == stopped.selected_count - len(acted_on)
+            await seconds_pass(clock)
+            assert await resolved_by(job_id) == acted_on
+            assert counts(await job(job_id)) == counts(stopped)
+            return job_id
+
+        async def pause(job_id: str) -> bulk_pb2.BulkAction:
+            request = bulk_pb2.PauseBulkActionRequest(bulk_action_id=job_id)
+            return (await stub.PauseBulkAction(request)).bulk_action
+
+        async def cancel(job_id: str) -> bulk_pb2.BulkAction:
+            request = bulk_pb2.CancelBulkActionRequest(bulk_action_id=job_id)
+            return (await stub.CancelBulkAction(request)).bulk_action
+
+        cancelled_id = await stops_at_once(cancel, "clock-a-")
+        paused_id = await stops_at_once(pause, "clock-b-")
+        # Resumed, the paused job acts on the rest (what the cancelled one left), each once.
+        await stub.ResumeBulkAction(bulk_pb2.ResumeBulkActionRequest(bulk_action_id=paused_id))
+        done = await poll_until(lambda: completed(paused_id), timeout=30)
+        assert counts(done) == (done.selected_count, 0, 0, 0)
+        by_cancelled, by_paused = await resolved_by(cancelled_id), await resolved_by(paused_id)
+        assert not by_cancelled & by_paused and by_cancelled | by_paused == set(slow_ids)
+
+
 async def test_two_jobs_that_select_the_same_sagas_act_on_each_once(
     tmp_path: Path, make_postgres_url: Callable[[], str]
 ) -> None:
@@ -513,3 +580,124 @@ async def test_bulk_actions_run_on_the_embedded_sqlite_too(tmp_path: Path) -> No
         assert (job.selected_count, job.done_count) == (2, 2)
         for saga_id in ("f-1", "f-2"):  # reserve's compensation runs again, and succeeds now
             assert (await rig.final(saga_id)).state == S.SAGA_STATE_COMPENSATED
+
+
+def _between(earlier: Timestamp, later: Timestamp) -> str:
+    """An RFC 3339 time halfway between two of a saga's times."""
+    middle = (earlier.ToMicroseconds() + later.ToMicroseconds()) // 2
+    return datetime.datetime.fromtimestamp(middle / 1e6, tz=datetime.UTC).isoformat()
+
+
+async def test_the_reason_and_time_terms_select_what_they_say_end_to_end(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url, token_file=None) as rig:
+        # Each fails for a person: reserve's compensation fails (early-1, late-1),
+        # or notify's cannot reach its participant (early-2, late-2).
+        for saga_id, step, answer in (
+            ("early-1", "reserve", "fail"), ("early-2", "notify", "unavailable"),
+            ("late-1", "reserve", "fail"), ("late-2", "notify", "unavailable"),
+        ):
+            rig.participant.script("execute", "charge", "fail")
+            rig.participant.script("compensate", step, answer, answer, answer)
+            await rig.begin(saga_id)
+            assert (await rig.final(saga_id)).state == S.SAGA_STATE_FAILED
+        sagas = {saga_id: await rig.saga(saga_id) for saga_id in ("early-1", "early-2", "late-1", "late-2")}
+        late = _between(sagas["early-2"].create_time, sagas["late-1"].create_time)
+        # early-1 fails again after a retry: only its update time moves.
+        rig.participant.script("compensate", "reserve", "fail", "fail", "fail")
+        await rig.stub.RetrySaga(orchestrator_pb2.RetrySagaRequest(saga_id="early-1", reason="try again"))
+        before = sagas["early-1"].update_time
+        retried = await rig.until(
+            "early-1", lambda saga: saga.state == S.SAGA_STATE_FAILED and saga.update_time != before
+        )
+        last_update = max((saga.update_time for saga in sagas.values()), key=Timestamp.ToMicroseconds)
+        touched = _between(last_update, retried.update_time)
+
+        async def selected(text: str) -> list[str]:
+            dry = await rig.stub.StartBulkAction(_start("retry", text, validate_only=True))
+            assert dry.selected_count == len(dry.sample)
+            return sorted(saga.saga_id for saga in dry.sample)
+
+        assert await selected('reason:"scripted compensation failure"') == ["early-1", "late-1"]
+        assert await selected("reason:outage") == ["early-2", "late-2"]
+        assert len(await selected('reason:"business failure"')) == 4  # the saga's own failure reason
+        assert await selected('reason:"no such failure"') == []
+        assert await selected(f"created>={late}") == ["late-1", "late-2"]
+        assert await selected(f"created<{late}") == ["early-1", "early-2"]
+        assert await selected(f"updated>={touched}") == ["early-1"]
+        assert await selected(f"updated<{touched}") == ["early-2", "late-1", "late-2"]
+        assert await selected(f'reason:outage created>={late} updated<{touched}') == ["late-2"]
+        # The same terms in a job that acts.
+        started = await rig.stub.StartBulkAction(
+            _start("resolve", f'reason:"compensation failure" created<{late}', note="by reason and time")
+        )
+        assert started.bulk_action.selected_count == 1
+        await rig.until("early-1", lambda saga: bool(saga.resolution_note))
+        for saga_id in ("early-2", "late-1", "late-2"):
+            assert not (await rig.saga(saga_id)).resolution_note
+
+
+#: A definition whose `ship` cannot be undone: a saga past it can only go forward.
+GATE = """\
+name: gate
+input_type: compensa.checkout.v1.CheckoutInput
+steps:
+  - name: reserve
+    participant: scripted
+    long_running: true
+    step_timeout: 30m
+  - name: ship
+    participant: scripted
+    kind: PIVOT
+  - name: deliver
+    participant: scripted
+    kind: RETRIABLE
+    long_running: true
+    step_timeout: 30m
+"""
+
+
+async def test_a_bulk_cancel_compensates_and_refuses_a_saga_past_its_pivot_saying_why(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    (tmp_path / "gate.yaml").write_text(GATE)
+    async with dashboard_rig(
+        tmp_path, make_postgres_url, token_file=None, definition_paths=(tmp_path / "board.yaml", tmp_path / "gate.yaml")
+    ) as rig:
+
+        async def waiting_at(saga_id: str, step: str) -> None:
+            """`saga_id` started on gate, its `step` waiting for a late answer."""
+            rig.participant.script("execute", step, "pending")
+            request = orchestrator_pb2.StartSagaRequest(saga_id=saga_id, definition_name="gate", input=checkout_input())
+            await rig.stub.StartSaga(request)
+            await rig.until(
+                saga_id, lambda saga: any(s.name == step and s.state == S.STEP_STATE_WAITING for s in saga.steps)
+            )
+
+        await waiting_at("before-1", "reserve")
+        await waiting_at("before-2", "reserve")
+        await waiting_at("after-1", "deliver")  # reserve and ship done
+        started = await rig.stub.StartBulkAction(_start("cancel", "definition=gate", note="withdrawn", actor="ops"))
+        job_id = started.bulk_action.bulk_action_id
+        assert started.bulk_action.selected_count == 3
+
+        async def completed() -> bulk_pb2.BulkAction | None:
+            job = (await rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).bulk_action
+            return job if job.state == bulk_pb2.BULK_ACTION_STATE_COMPLETED else None
+
+        job = await poll_until(completed, timeout=30)
+        assert (job.done_count, job.skipped_count, job.failed_count) == (2, 0, 1)
+        for saga_id in ("before-1", "before-2"):
+            saga = await rig.final(saga_id)
+            assert saga.state == S.SAGA_STATE_COMPENSATED
+            assert [s.state for s in saga.steps if s.name == "reserve"] == [S.STEP_STATE_COMPENSATED]
+            assert [c.saga_id for c in rig.participant.of("compensate", "reserve")].count(saga_id) == 1
+            cancels = [e for e in await rig.events(saga_id) if e.type == S.EVENT_TYPE_CANCEL_REQUESTED]
+            assert [(e.actor, e.message) for e in cancels] == [("ops", f"bulk action {job_id}: withdrawn")]
+        problems = (await rig.stub.GetBulkAction(bulk_pb2.GetBulkActionRequest(bulk_action_id=job_id))).problems
+        assert [(item.saga_id, item.outcome) for item in problems] == [("after-1", bulk_pb2.BULK_ITEM_OUTCOME_FAILED)]
+        assert "step 'ship' cannot be undone" in problems[0].reason
+        after = await rig.saga("after-1")
+        assert after.state == S.SAGA_STATE_RUNNING
+        assert not [c for c in rig.participant.calls if c.operation == "compensate" and c.saga_id == "after-1"]

@@ -37,6 +37,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from google.protobuf import any_pb2, json_format, timestamp_pb2
+from harness import replay_divergences
 from processes import FAST_RECONNECT, ManagedProcess, ProcessSet
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -44,7 +45,6 @@ from compensa.checkout.v1 import checkout_pb2
 from compensa.examples.inventory import RESERVATIONS, STOCK
 from compensa.examples.payment import CHARGES, REFUNDS
 from compensa.examples.shipping import SHIPMENTS
-from compensa.orchestrator.api.history_checks import check_history
 from compensa.orchestrator.shared.records import ENDING_EVENTS, FINAL_SAGA_STATES
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -321,28 +321,6 @@ async def read_event_logs(
 
     await asyncio.wait_for(asyncio.gather(*(check(saga) for saga in sagas.values())), 60.0)
     return logs, problems
-
-
-async def replay_divergences(
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, sagas: dict[str, saga_pb2.Saga]
-) -> tuple[list[str], collections.Counter[str]]:
-    """Every saga's history replayed through the state machine under its own
-    version: what diverged or ended elsewhere (nothing may), and how many
-    replayed sagas hold each kind of event."""
-    problems: list[str] = []
-    kinds: collections.Counter[str] = collections.Counter()
-    gate = asyncio.Semaphore(16)
-
-    async def replay(saga_id: str) -> None:
-        async with gate:
-            response = await stub.GetSagaHistory(orchestrator_pb2.GetSagaHistoryRequest(saga_id=saga_id), timeout=10.0)
-        check = check_history(response.history)
-        kinds.update({S.EventType.Name(event.type).removeprefix("EVENT_TYPE_") for event in response.history.events})
-        if not check.ok:
-            problems.append(f"{saga_id}: replay: {check.summary()}")
-
-    await asyncio.wait_for(asyncio.gather(*(replay(saga_id) for saga_id in sagas)), 60.0)
-    return problems, kinds
 
 
 def timeline(events: Sequence[saga_pb2.SagaEvent]) -> str:

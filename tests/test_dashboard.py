@@ -18,7 +18,7 @@ from dashboard_rig import TOKENS, dashboard_rig
 from harness import REPO, checkout_stack, poll_until
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
-from compensa.v1 import orchestrator_pb2, saga_pb2
+from compensa.v1 import bulk_pb2, orchestrator_pb2, saga_pb2
 
 S = saga_pb2
 
@@ -405,3 +405,68 @@ async def test_the_demo_prints_its_dashboard_and_stays_up_until_interrupted(tmp_
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_bulk_action_page_shows_why_sagas_were_skipped_and_operators_pause_resume_and_cancel_it(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    async with dashboard_rig(tmp_path, make_postgres_url) as rig:
+        for saga_id in ("f-1", "f-2", "f-3", "f-4"):
+            await rig.failed_for_a_person(saga_id)
+        operator = (("authorization", f"Bearer {TOKENS['operator']}"),)
+        start = bulk_pb2.StartBulkActionRequest(
+            kind=bulk_pb2.BULK_ACTION_KIND_RESOLVE, filter="id_prefix=f-", note="refunded", max_sagas_per_second=1,
+            request_id="inc-9",
+        )
+        await rig.stub.StartBulkAction(start, metadata=operator)
+        page_url = rig.url + "/bulk/inc-9"
+        async with _session("operator") as session:
+
+            async def page(query: str = "") -> str:
+                async with session.get(page_url + query) as answer:
+                    assert answer.status == 200, await answer.text()
+                    return await answer.text()
+
+            async def command(name: str, **headers: str) -> aiohttp.ClientResponse:
+                form = {"form_token": _form_token(await page())}
+                return await session.post(f"{page_url}/{name}", data=form, headers=headers, allow_redirects=False)
+
+            async with session.get(rig.url + "/bulk") as listed:
+                assert 'href="/bulk/inc-9"' in await listed.text()
+            html = await page()
+            assert 'id="pause-form"' in html and 'id="cancel-form"' in html and 'id="resume-form"' not in html
+            token = _form_token(html)  # the same on every page for one identity
+            for what, (name, headers, form) in {
+                "no form token": ("pause", {}, {}),
+                "another origin": ("pause", {"Origin": "http://evil.example"}, {"form_token": _form_token(html)}),
+            }.items():
+                answer = await session.post(f"{page_url}/{name}", data=form, headers=headers, allow_redirects=False)
+                assert answer.status == 403, what
+            assert (await command("stop")).status == 404
+            answer = await command("pause", Origin=rig.url)
+            assert answer.status == 303 and answer.headers["Location"] == "/bulk/inc-9?done=pause"
+            html = await page("?done=pause")
+            assert "Done: pause." in html and '<strong id="job-state">paused</strong>' in html
+            assert 'id="resume-form"' in html and 'id="pause-form"' not in html
+            # While it is paused a person resolves f-4: the job skips it, and the page says why.
+            await rig.stub.ResolveSaga(
+                orchestrator_pb2.ResolveSagaRequest(saga_id="f-4", note="mine", actor="bob"), metadata=operator
+            )
+            assert (await command("resume")).status == 303
+
+            async def completed() -> str | None:
+                html = await page()
+                return html if '<strong id="job-state">completed</strong>' in html else None
+
+            html = await poll_until(completed, timeout=30)
+            problems = re.findall(r'<tr data-saga="([^"]+)">.*?<td>(\w+)</td>\s*<td>([^<]*)</td>', html, re.S)
+            assert [(saga_id, outcome) for saga_id, outcome, _ in problems] == [("f-4", "skipped")]
+            assert "changed since it was selected" in problems[0][2]
+            assert "OPERATOR_RESOLVED by token:alice as &#34;bob&#34;" in problems[0][2]  # escaped
+            assert 'id="job-commands"' not in html
+            answer = await session.post(f"{page_url}/cancel", data={"form_token": token}, allow_redirects=False)
+            assert answer.status == 409 and "is COMPLETED; it cannot cancel" in await answer.text()
+
+        # Readers may not see jobs; a token limited to another definition finds none.
+        assert (await _get(page_url, "reader"))[0] == 403
+        assert (await _get(page_url, "elsewhere"))[0] == 404

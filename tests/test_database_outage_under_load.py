@@ -22,7 +22,7 @@ import pg
 import psycopg
 import pytest
 from grpc_health.v1 import health_pb2
-from harness import checkout_input, checkout_stack, poll_until
+from harness import assert_replays_without_divergence, checkout_input, checkout_stack, poll_until
 from psycopg import sql
 from tcp_proxy import TcpProxy
 from test_database_full import HealthRecord
@@ -53,6 +53,7 @@ async def test_a_database_outage_under_load_is_one_loss_and_one_return(
     proxied = url.set(port=proxy.port).render_as_string(hide_password=False)
     # (ended at, status code) of every call.
     answers: list[tuple[float, grpc.StatusCode]] = []
+    started: list[str] = []
     calling = True
     try:
         async with checkout_stack(make_postgres_url, orchestrator_url=proxied) as stack:
@@ -66,6 +67,7 @@ async def test_a_database_outage_under_load_is_one_loss_and_one_return(
                         await stack.stub.StartSaga(orchestrator_pb2.StartSagaRequest(
                             saga_id=saga_id, definition_name="checkout", input=checkout_input()
                         ), timeout=30)
+                        started.append(saga_id)
                         await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id), timeout=30)
                     except grpc.aio.AioRpcError as error:
                         code = error.code()
@@ -88,6 +90,15 @@ async def test_a_database_outage_under_load_is_one_loss_and_one_return(
                 calling = False
                 await asyncio.gather(*callers, return_exceptions=True)
                 await health.close()
+            # Every saga started through the outage replays to where it ended.
+            following = asyncio.Semaphore(16)
+
+            async def final(saga_id: str) -> None:
+                async with following:
+                    await stack.wait_final(saga_id, timeout=60)
+
+            await asyncio.gather(*(final(saga_id) for saga_id in started))
+            await assert_replays_without_divergence(stack.stub, started)
     finally:
         with contextlib.suppress(Exception):
             await proxy.close()

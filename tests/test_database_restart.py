@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import pg
 import psycopg
 import pytest
-from harness import FINAL, checkout_stack, poll_until
+from harness import FINAL, assert_replays_without_divergence, checkout_stack, poll_until
 from psycopg import sql
 
 from compensa.participants.faults import FaultPlan
@@ -79,3 +79,4 @@ async def test_sagas_survive_a_crash_restart_of_postgresql(
                 assert charges == [] and shipments == []
             sequences = [e.sequence for e in await stack.events(saga_id)]
             assert sequences == list(range(1, len(sequences) + 1))
+        await assert_replays_without_divergence(stack.stub, ids)

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import poll_until
+from harness import assert_replays_without_divergence, poll_until
 from participant_helpers import checkout_input
 from pg import ReplicatedPair, find_server_bindir, start_primary_with_standby
 from processes import ManagedProcess, ProcessSet
@@ -179,6 +179,7 @@ async def test_a_failover_to_a_synchronous_standby_loses_no_saga_and_repeats_no_
                     return not await unfinished()
 
                 await poll_until(all_finished, timeout=60.0, interval=0.5)
+                await assert_replays_without_divergence(stub, acknowledged)
 
         # Each step's effect happened once per saga: duplicates after the
         # failover were answered from the participant's barrier.

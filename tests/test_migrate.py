@@ -421,3 +421,91 @@ async def test_a_move_refuses_bad_input_before_anything_is_written(
             assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
             assert text in (raised.value.details() or ""), raised.value.details()
         assert await stack.get(held) == before
+
+
+def _split(tmp_path: Path, name: str, *, confirm: list[str], charge: list[str], ship: list[str]) -> Path:
+    """reserve_stock split into hold_stock (the step renamed) and confirm_stock
+    (new), each step after those given."""
+    definition = _checkout()
+    definition["description"] = f"checkout, reserve_stock split ({name})"
+    reserve, charge_card, ship_order = definition["steps"]
+    charge_card["depends_on"], ship_order["depends_on"] = charge, ship
+    definition["steps"] = [
+        {**reserve, "name": "hold_stock"}, {**reserve, "name": "confirm_stock", "depends_on": confirm},
+        charge_card, ship_order,
+    ]
+    return _write(tmp_path, f"split_{name}", definition)
+
+
+async def test_a_split_step_moves_only_when_its_new_half_comes_after_what_is_done(
+    make_postgres_url: Callable[[], str], tmp_path: Path
+) -> None:
+    """Sagas wait on charge_card, reserve_stock done. Split into hold_stock
+    (mapped from reserve_stock) and a new confirm_stock: compatible with the
+    mapping when confirm_stock comes after charge_card; incompatible when the
+    new version would have started it before or beside a step the saga has
+    already started."""
+    files = {
+        "after": _split(tmp_path, "after", confirm=["charge_card"], charge=["hold_stock"], ship=["confirm_stock"]),
+        "before": _split(tmp_path, "before", confirm=["hold_stock"], charge=["confirm_stock"], ship=["charge_card"]),
+        "first": _split(tmp_path, "first", confirm=[], charge=["hold_stock", "confirm_stock"], ship=["charge_card"]),
+        "beside": _split(
+            tmp_path, "beside", confirm=["hold_stock"], charge=["hold_stock"], ship=["charge_card", "confirm_stock"]
+        ),
+    }
+    started_late = "the log has STEP_STARTED of step 'charge_card' (attempt 1); the definition would have written"
+    refusals = {
+        "before": (4, f"{started_late} STEP_STARTED of step 'confirm_stock' (attempt 1) (step 'charge_card' started"
+                      " before 'confirm_stock', which it depends on there)"),
+        "beside": (4, f"{started_late} STEP_STARTED of step 'confirm_stock' (attempt 1)"),
+        "first": (3, "the log has STEP_SUCCEEDED of step 'hold_stock' (attempt 1); the definition would have written"
+                     " STEP_STARTED of step 'confirm_stock' (attempt 1)"),
+    }
+    async with checkout_stack(make_postgres_url) as stack, SagaClient(stack.orchestrator.address) as client:
+        payment = stack.participants["payment"].participant
+        assert isinstance(payment, PaymentParticipant)
+        payment.complete_step = client.complete_step
+        held = [await stack.start(f"split-{n}", card_token=f"review-s{n}") for n in range(2)]
+        for saga_id in held:
+            await _until(stack, saga_id, _waiting)
+        version = {kind: await _register(stack, path) for kind, path in files.items()}
+
+        plans = await _plans(stack, files["after"], "id_prefix=split-", "reserve_stock=hold_stock")
+        assert {(plan.verdict, plan.reason) for plan in plans.values()} == {
+            (API.MIGRATION_VERDICT_COMPATIBLE_WITH_MAPPING, "with reserve_stock=hold_stock")
+        }
+        split, mapping = "id_prefix=split-", "reserve_stock=hold_stock"
+        for kind, (sequence, reason) in refusals.items():
+            plans = await _plans(stack, files[kind], split, mapping)
+            assert {(plan.verdict, plan.diverging_sequence, plan.reason) for plan in plans.values()} == {
+                (API.MIGRATION_VERDICT_INCOMPATIBLE, sequence, reason)
+            }, kind
+            job, problems = await _move(stack, f"definition=checkout {split}", version[kind], mapping)
+            assert (job.done_count, job.failed_count) == (0, 2), kind
+            assert {item.reason for item in problems.values()} == {
+                f"incompatible with version {version[kind]} at event {sequence}: {reason}"
+            }, kind
+        # Without the mapping, the split is refused: reserve_stock is gone.
+        job, problems = await _move(stack, f"definition=checkout id={held[0]}", version["after"])
+        assert job.failed_count == 1 and "(if it was renamed, map it to its new name)" in problems[held[0]].reason
+        job, _ = await _move(stack, f"definition=checkout id={held[0]}", version["after"], "reserve_stock=hold_stock")
+        assert job.done_count == 1
+
+        # Once charged, the moved saga runs the new half, then ships; the other stays on version 1.
+        for saga_id in held:
+            (charge,) = await stack.rows("payment", "payment_charges", saga_id=saga_id)
+            assert await payment.review(charge.charge_id, approve=True)
+        moved, stayed = [await stack.wait_final(saga_id) for saga_id in held]
+        assert (moved.state, moved.definition_version) == (S.SAGA_STATE_SUCCEEDED, version["after"])
+        assert {step.name: step.state for step in moved.steps} == {
+            name: S.STEP_STATE_SUCCEEDED for name in ("hold_stock", "confirm_stock", "charge_card", "ship_order")
+        }
+        assert (stayed.state, stayed.definition_version) == (S.SAGA_STATE_SUCCEEDED, 1)
+        events = (await _history(stack, held[0])).events
+        started = [event.step_name for event in events if event.type == S.EVENT_TYPE_STEP_STARTED]
+        assert started == ["reserve_stock", "charge_card", "confirm_stock", "ship_order"]
+        reservations = await stack.rows("inventory", "inventory_reservations", saga_id=held[0])
+        assert [row.status for row in reservations] == ["reserved", "reserved"]
+        for saga_id in held:
+            check = check_history(await _history(stack, saga_id))
+            assert check.ok, check.summary()

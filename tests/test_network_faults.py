@@ -32,7 +32,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from harness import FINAL, Stack, checkout_input, checkout_stack, poll_until
+from harness import FINAL, Stack, assert_replays_without_divergence, checkout_input, checkout_stack, poll_until
 from participant_helpers import StepCall, connected, status_of
 from processes import ProcessSet
 from sqlalchemy.engine import make_url
@@ -157,6 +157,7 @@ async def assert_ends_as_predicted(
             events.append(response.event)
         assert [e.sequence for e in events] == list(range(1, len(events) + 1)), saga_id
         logs[saga_id] = events
+    await assert_replays_without_divergence(stub, sagas)
     return logs
 
 
@@ -403,6 +404,7 @@ async def test_an_operator_action_on_another_replica_logs_the_takeover(
                 orchestrator_pb2.WatchSagaRequest(saga_id=saga_id, replay_history=True)
             )
         ]
+        await assert_replays_without_divergence(replica_b, [saga_id])
     taken = [event for event in events if event.type == S.EVENT_TYPE_TAKEN_OVER]
     assert len(taken) == 1, [S.EventType.Name(event.type) for event in events]
     assert taken[0].actor == name_b

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from harness import checkout_stack, poll_until, scrape
+from harness import assert_replays_without_divergence, checkout_stack, poll_until, scrape
 
 from compensa.examples.server import start_participant
 from compensa.participants.faults import FaultPlan
@@ -63,6 +63,7 @@ async def test_a_payment_outage_longer_than_the_old_compensation_window_ends_com
         assert stack.orchestrator.metrics_port is not None
         samples = await scrape(stack.orchestrator.metrics_port)
         assert samples[("compensa_alerts_total", frozenset({("definition", "checkout"), ("reason", "saga")}))] == 0
+        await assert_replays_without_divergence(stack.stub, [saga_id])
 
 
 async def test_alerts_and_the_counts_people_page_on_are_exported_before_anything_happens(
@@ -87,3 +88,4 @@ async def test_alerts_and_the_counts_people_page_on_are_exported_before_anything
         assert samples[("compensa_sagas_stuck", frozenset())] == 0
         await stack.stub.ResolveSaga(orchestrator_pb2.ResolveSagaRequest(saga_id=saga_id, note="shipped by hand"))
         assert (await scrape(port))[("compensa_sagas_awaiting_person", frozenset())] == 0
+        await assert_replays_without_divergence(stack.stub, [saga_id])

@@ -22,7 +22,7 @@ from harness import CHECKOUT, Stack, checkout_stack, poll_until
 from compensa.orchestrator.api.history_checks import check_history, read_history_file
 from compensa.orchestrator.definitions import load_definition_file
 from compensa.participants.faults import FaultPlan
-from compensa.testing import assert_histories_replay
+from compensa.testing import assert_histories_replay, replay_saved_history
 from compensa.v1 import bulk_pb2, orchestrator_pb2, saga_pb2
 
 pytestmark = pytest.mark.postgres
@@ -142,6 +142,26 @@ async def test_every_saga_of_a_mixed_run_replays_to_where_it_is(
     assert_histories_replay(files[:5], CHECKOUT)
     assert_histories_replay(files[5:], fragile_path)
     assert_histories_replay(files)
+
+    # A definition change that the past sagas would not have followed fails,
+    # naming each saga, its first diverging event and why.
+    versions = _versions(tmp_path)
+    with pytest.raises(AssertionError) as failure:
+        assert_histories_replay(files[:2], versions["order"])
+    said = str(failure.value)
+    assert said.startswith(f"2 of 2 saved histories do not replay under {versions['order']}:\n"), said
+    for path, saga_id in zip(files[:2], (ok, flagged), strict=True):
+        assert (
+            f"{path}: saga {saga_id} ({len(histories[saga_id].events)} events, version 1): diverges at event 2:"
+            " the log has STEP_STARTED of step 'reserve_stock' (attempt 1); the definition would have written"
+            " STEP_STARTED of step 'charge_card' (attempt 1)"
+        ) in said, said
+    check = replay_saved_history(files[0], versions["order"])
+    assert (check.ok, check.saga_id, check.divergence and check.divergence.sequence) == (False, ok, 2)
+    # A renamed step diverges until it is mapped.
+    with pytest.raises(AssertionError, match="step 'reserve_stock' is not in the definition"):
+        assert_histories_replay(files[:1], versions["renamed"])
+    assert_histories_replay(files[:1], versions["renamed"], renames={"reserve_stock": "hold_stock"})
 
 
 def _versions(tmp_path: Path) -> dict[str, Path]:

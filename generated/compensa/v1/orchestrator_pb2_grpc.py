@@ -524,8 +524,9 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PauseBulkAction(self, request, context):
-        """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
-        PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+        """Operator: stops a RUNNING bulk action; it answers once the sagas in hand
+        are done, and from then on the action acts on no saga. Pausing a PAUSED
+        one is a no-op; a finished one answers FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -539,7 +540,8 @@ class OrchestratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelBulkAction(self, request, context):
-        """Operator: stops a bulk action for good; sagas already acted on stay so.
+        """Operator: stops a bulk action for good, as PauseBulkAction stops it;
+        sagas already acted on stay so.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -224,13 +224,16 @@ class OrchestratorServiceStub:
     ListBulkActions: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.ListBulkActionsRequest, _bulk_pb2.ListBulkActionsResponse]
     """Operator: bulk actions, newest first."""
     PauseBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.PauseBulkActionRequest, _bulk_pb2.PauseBulkActionResponse]
-    """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
-    PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+    """Operator: stops a RUNNING bulk action; it answers once the sagas in hand
+    are done, and from then on the action acts on no saga. Pausing a PAUSED
+    one is a no-op; a finished one answers FAILED_PRECONDITION.
     """
     ResumeBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.ResumeBulkActionRequest, _bulk_pb2.ResumeBulkActionResponse]
     """Operator: a PAUSED bulk action goes on where it stopped."""
     CancelBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]
-    """Operator: stops a bulk action for good; sagas already acted on stay so."""
+    """Operator: stops a bulk action for good, as PauseBulkAction stops it;
+    sagas already acted on stay so.
+    """
     AuditSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]
     """Operator: audits the saga log against each participant's own barrier
     rows (compensa.v1.BarrierAuditService), in this replica, and answers
@@ -441,13 +444,16 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     ListBulkActions: _aio.UnaryUnaryMultiCallable[_bulk_pb2.ListBulkActionsRequest, _bulk_pb2.ListBulkActionsResponse]  # type: ignore[assignment]
     """Operator: bulk actions, newest first."""
     PauseBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.PauseBulkActionRequest, _bulk_pb2.PauseBulkActionResponse]  # type: ignore[assignment]
-    """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
-    PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+    """Operator: stops a RUNNING bulk action; it answers once the sagas in hand
+    are done, and from then on the action acts on no saga. Pausing a PAUSED
+    one is a no-op; a finished one answers FAILED_PRECONDITION.
     """
     ResumeBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.ResumeBulkActionRequest, _bulk_pb2.ResumeBulkActionResponse]  # type: ignore[assignment]
     """Operator: a PAUSED bulk action goes on where it stopped."""
     CancelBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.CancelBulkActionRequest, _bulk_pb2.CancelBulkActionResponse]  # type: ignore[assignment]
-    """Operator: stops a bulk action for good; sagas already acted on stay so."""
+    """Operator: stops a bulk action for good, as PauseBulkAction stops it;
+    sagas already acted on stay so.
+    """
     AuditSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]  # type: ignore[assignment]
     """Operator: audits the saga log against each participant's own barrier
     rows (compensa.v1.BarrierAuditService), in this replica, and answers
@@ -817,8 +823,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bulk_pb2.PauseBulkActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bulk_pb2.PauseBulkActionResponse, _abc.Awaitable[_bulk_pb2.PauseBulkActionResponse]]:
-        """Operator: stops a RUNNING bulk action after the sagas in hand; pausing a
-        PAUSED one is a no-op; a finished one answers FAILED_PRECONDITION.
+        """Operator: stops a RUNNING bulk action; it answers once the sagas in hand
+        are done, and from then on the action acts on no saga. Pausing a PAUSED
+        one is a no-op; a finished one answers FAILED_PRECONDITION.
         """
 
     @_abc_1.abstractmethod
@@ -835,7 +842,9 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _bulk_pb2.CancelBulkActionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_bulk_pb2.CancelBulkActionResponse, _abc.Awaitable[_bulk_pb2.CancelBulkActionResponse]]:
-        """Operator: stops a bulk action for good; sagas already acted on stay so."""
+        """Operator: stops a bulk action for good, as PauseBulkAction stops it;
+        sagas already acted on stay so.
+        """
 
     @_abc_1.abstractmethod
     def AuditSagas(

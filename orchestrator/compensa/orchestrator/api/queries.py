@@ -1,6 +1,6 @@
 """The one read path of both faces: the gRPC service and the dashboard load
-the sagas and participants a caller may see through it, with the access check
-inside, and build a saga's view the same way."""
+the sagas, bulk actions and participants a caller may see through it, with the
+access check inside, and build a saga's view the same way."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from compensa.orchestrator.api.views import saga_message
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.shared import records
-from compensa.orchestrator.shared.errors import saga_not_found
-from compensa.orchestrator.shared.limits import SAGA_ID_PATTERN, is_possible
-from compensa.orchestrator.store import SagaFlow
+from compensa.orchestrator.shared.errors import NotFound, quote, saga_not_found
+from compensa.orchestrator.shared.limits import BULK_ACTION_ID_PATTERN, SAGA_ID_PATTERN, is_possible
+from compensa.orchestrator.store import BulkJob, SagaFlow
 from compensa.v1 import saga_pb2
 
 
@@ -36,6 +36,17 @@ class SagaQueries:
         self._access.require_visible(identity, saga_id, saga.definition_name)
         return saga
 
+    async def visible_bulk_job(
+        self, identity: Identity | None, bulk_action_id: str, *, field: str = "bulk_action_id"
+    ) -> BulkJob:
+        """The bulk action, if it exists and `identity` (None: an open API)
+        may see it; NotFound alike otherwise."""
+        possible = is_possible(bulk_action_id, field, BULK_ACTION_ID_PATTERN)
+        job = await self._store.get_bulk_job(bulk_action_id) if possible else None
+        if job is None or (identity is not None and not visible_bulk_job(identity, job)):
+            raise NotFound(f"bulk action {quote(bulk_action_id)} not found")
+        return job
+
     async def plan_of(self, saga: records.SagaRecord) -> machine.Plan:
         """The plan of the definition version `saga` runs (cached by the engine)."""
         return await self._engine.plan_for(saga.definition_name, saga.definition_version)
@@ -53,3 +64,9 @@ class SagaQueries:
         if identity is None or not identity.definitions:
             return None
         return self._access.visible_participants(identity, await self._store.definition_participants())
+
+
+def visible_bulk_job(identity: Identity, job: BulkJob) -> bool:
+    """Whether `identity` may see `job`: a job over every definition ("") is
+    not one for a caller limited to some."""
+    return identity.may_see(job.definition_name)

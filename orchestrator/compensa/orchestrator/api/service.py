@@ -29,7 +29,7 @@ from compensa.common.tracing import traceparent_in
 from compensa.orchestrator.api.admission import SagaAdmission
 from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
-from compensa.orchestrator.api.queries import SagaQueries
+from compensa.orchestrator.api.queries import SagaQueries, visible_bulk_job
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
@@ -40,7 +40,7 @@ from compensa.orchestrator.definitions import (
 )
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.auditor import AuditOptions, run_audit
-from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_message
+from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_message, command_bulk_job
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.flow import HIGHEST_PRIORITY, LOWEST_PRIORITY
@@ -63,6 +63,7 @@ from compensa.orchestrator.shared.errors import (
     saga_not_found,
 )
 from compensa.orchestrator.shared.limits import (
+    BULK_ACTION_ID_PATTERN,
     MAX_PARTICIPANT_BURST,
     MAX_PARTICIPANT_CALLS_PER_SECOND,
     MAX_PARTICIPANT_IN_FLIGHT,
@@ -1191,10 +1192,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: bulk_pb2.PauseBulkActionRequest,
         context: Context[bulk_pb2.PauseBulkActionRequest, bulk_pb2.PauseBulkActionResponse],
     ) -> bulk_pb2.PauseBulkActionResponse:
-        job = await self._move_bulk_job(
-            request.bulk_action_id, context, "pause", {bulk_pb2.BULK_ACTION_STATE_RUNNING},
-            bulk_pb2.BULK_ACTION_STATE_PAUSED,
-        )
+        job = await self._command_bulk_job(request.bulk_action_id, context, "pause")
         return bulk_pb2.PauseBulkActionResponse(bulk_action=job)
 
     @_answer_errors
@@ -1203,10 +1201,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: bulk_pb2.ResumeBulkActionRequest,
         context: Context[bulk_pb2.ResumeBulkActionRequest, bulk_pb2.ResumeBulkActionResponse],
     ) -> bulk_pb2.ResumeBulkActionResponse:
-        job = await self._move_bulk_job(
-            request.bulk_action_id, context, "resume", {bulk_pb2.BULK_ACTION_STATE_PAUSED},
-            bulk_pb2.BULK_ACTION_STATE_RUNNING,
-        )
+        job = await self._command_bulk_job(request.bulk_action_id, context, "resume")
         return bulk_pb2.ResumeBulkActionResponse(bulk_action=job)
 
     @_answer_errors
@@ -1215,43 +1210,24 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: bulk_pb2.CancelBulkActionRequest,
         context: Context[bulk_pb2.CancelBulkActionRequest, bulk_pb2.CancelBulkActionResponse],
     ) -> bulk_pb2.CancelBulkActionResponse:
-        job = await self._move_bulk_job(
-            request.bulk_action_id, context, "cancel",
-            {bulk_pb2.BULK_ACTION_STATE_RUNNING, bulk_pb2.BULK_ACTION_STATE_PAUSED},
-            bulk_pb2.BULK_ACTION_STATE_CANCELLED,
-        )
+        job = await self._command_bulk_job(request.bulk_action_id, context, "cancel")
         return bulk_pb2.CancelBulkActionResponse(bulk_action=job)
 
     async def _bulk_job(self, bulk_action_id: str, context: Context[Request, Response]) -> BulkJob:
         """The job, if it exists and the caller may see it; NotFound alike otherwise."""
-        possible = is_possible(bulk_action_id, "bulk_action_id", BULK_ACTION_ID_PATTERN)
-        job = await self._store.get_bulk_job(bulk_action_id) if possible else None
-        if job is None:
-            raise NotFound(f"bulk action {quote(bulk_action_id)} not found")
-        if not self._access.open:
-            self._visible_bulk_job(self._caller(context), job)
-        return job
+        caller = None if self._access.open else self._caller(context)
+        return await self._queries.visible_bulk_job(caller, bulk_action_id)
 
     @staticmethod
     def _visible_bulk_job(identity: Identity, job: BulkJob) -> None:
-        # A job over every definition ("") is not one for a caller limited to some.
-        if not identity.may_see(job.definition_name):
+        if not visible_bulk_job(identity, job):
             raise NotFound(f"bulk action {quote(job.bulk_action_id)} not found")
 
-    async def _move_bulk_job(
-        self, bulk_action_id: str, context: Context[Request, Response], verb: str, allowed_from: set[int], to: int
+    async def _command_bulk_job(
+        self, bulk_action_id: str, context: Context[Request, Response], command: str
     ) -> bulk_pb2.BulkAction:
-        """Moves a job to state `to` from one of `allowed_from`; already in
-        `to` is a no-op, any other state FailedPrecondition."""
         job = await self._bulk_job(bulk_action_id, context)
-        moved, changed = await self._store.change_bulk_job_state(
-            job.bulk_action_id, allowed_from=frozenset(allowed_from), to=to, now=self._engine.clock.now()
-        )
-        assert moved is not None  # jobs are never deleted
-        if not changed and moved.state != to:
-            state = bulk_pb2.BulkActionState.Name(moved.state).removeprefix("BULK_ACTION_STATE_")  # type: ignore[arg-type]
-            raise FailedPrecondition(f"bulk action {quote(bulk_action_id)} is {state}; it cannot {verb}")
-        return bulk_action_message(moved)
+        return bulk_action_message(await command_bulk_job(self._store, job, command, self._engine.clock.now()))
 
 
 #: StartBulkAction's default and highest rate, in sagas per second.
@@ -1261,7 +1237,6 @@ MAX_BULK_RATE = 10_000.0
 BULK_SAMPLE_SIZE = 10
 #: Skipped and failed sagas GetBulkAction shows.
 BULK_PROBLEMS_SHOWN = 100
-BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def _planned_selection(text: str, name: str) -> SagaSelection:

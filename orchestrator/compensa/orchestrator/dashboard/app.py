@@ -39,7 +39,7 @@ from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
 from compensa.orchestrator.engine.audit import finding_sides
-from compensa.orchestrator.engine.bulk import bulk_action_message
+from compensa.orchestrator.engine.bulk import JOB_COMMANDS, bulk_action_message, bulk_item_message, command_bulk_job
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
 from compensa.orchestrator.engine.operations import operator_event
 from compensa.orchestrator.shared import payloads, records
@@ -94,6 +94,10 @@ _ACTIONS = {"cancel": "CancelSaga", "retry": "RetrySaga", "resolve": "ResolveSag
 #: What a saga page may say was done (`?done=` after an action): only these,
 #: never text from the link.
 _DONE_NOTICES = {action: action for action in _ACTIONS}
+#: The bulk action commands a job page offers, with the call each is.
+_JOB_COMMANDS = {"pause": "PauseBulkAction", "resume": "ResumeBulkAction", "cancel": "CancelBulkAction"}
+#: Skipped and failed sagas a job page shows, most recent first.
+_JOB_PROBLEMS_SHOWN = 100
 _STATES = [state for state in saga_pb2.SagaState.values() if state]
 _HERE = Path(__file__).parent
 
@@ -240,6 +244,7 @@ class Dashboard:
             step_state=step_state_name,
             bulk_kind=lambda kind: bulk_pb2.BulkActionKind.Name(kind).removeprefix("BULK_ACTION_KIND_").lower(),
             bulk_state=lambda state: bulk_pb2.BulkActionState.Name(state).removeprefix("BULK_ACTION_STATE_").lower(),
+            bulk_outcome=lambda item: bulk_pb2.BulkItemOutcome.Name(item).removeprefix("BULK_ITEM_OUTCOME_").lower(),
         )
         self.app = web.Application(middlewares=[self._answer_errors])
         self.app.add_routes([
@@ -248,6 +253,8 @@ class Dashboard:
             web.get("/live", self._live),
             web.get("/sagas/{saga_id}", self._saga),
             web.get("/bulk", self._bulk),
+            web.get("/bulk/{bulk_action_id}", self._bulk_job),
+            web.post("/bulk/{bulk_action_id}/{command}", self._command_bulk_job),
             web.get("/audit", self._audit),
             web.post("/sagas/{saga_id}/{action}", self._act),
             web.get("/login", self._login_form),
@@ -435,6 +442,37 @@ class Dashboard:
             "bulk.html", title="Bulk actions", identity=identity, jobs=jobs, actions=list(ACTIONS), action=action,
             filter=text, preview=preview,
         )
+
+    async def _bulk_job(self, request: web.Request) -> web.Response:
+        """One bulk action: its progress, the sagas it skipped or failed on
+        with each reason, and the commands its state allows."""
+        identity = self._identify(request)
+        self._access.authorize(identity, "GetBulkAction")
+        job = await self._queries.visible_bulk_job(identity, request.match_info["bulk_action_id"], field="job id")
+        problems = await self._store.bulk_problems(job.bulk_action_id, _JOB_PROBLEMS_SHOWN)
+        commands = [command for command, (allowed_from, _) in JOB_COMMANDS.items() if job.state in allowed_from]
+        done = request.query.get("done", "")
+        return self._page(
+            "bulk_job.html", title=f"Bulk action {job.bulk_action_id}", identity=identity,
+            form_token=self._form_token(identity), job=bulk_action_message(job),
+            problems=[bulk_item_message(item) for item in problems], problems_shown=_JOB_PROBLEMS_SHOWN,
+            commands=commands, done=done if done in _JOB_COMMANDS else "",
+        )
+
+    async def _command_bulk_job(self, request: web.Request) -> web.StreamResponse:
+        identity = self._identify(request)
+        self._same_origin(request)
+        command = request.match_info["command"]
+        if command not in _JOB_COMMANDS:
+            raise NotFound(f"no command {quote(command)}: use {', '.join(_JOB_COMMANDS)}")
+        form = await request.post()
+        if not hmac.compare_digest(str(form.get("form_token", "")), self._form_token(identity)):
+            raise PermissionDenied("the form is stale or not from this dashboard: reload the page and try again")
+        self._access.authorize(identity, _JOB_COMMANDS[command])
+        job = await self._queries.visible_bulk_job(identity, request.match_info["bulk_action_id"], field="job id")
+        await command_bulk_job(self._store, job, command, self._engine.clock.now())
+        log.info("%s of bulk action %s by %s from the dashboard", command, job.bulk_action_id, identity.describe())
+        raise web.HTTPSeeOther(f"/bulk/{job.bulk_action_id}?done={command}")
 
     async def _audit(self, request: web.Request) -> web.Response:
         """The audit (`compensa audit`, `serve --audit-interval`): where each

@@ -5,7 +5,10 @@ A job is a row leased like a saga (owner, lease_until, epoch), and the sagas
 it selected are rows too, each with the sequence the saga had then. A
 replica's `BulkRunner` claims a RUNNING job nobody holds and works through its
 pending sagas at a bounded rate; if the replica dies, its lease lapses and
-another replica claims the job and carries on.
+another replica claims the job and carries on. Each batch runs only while the
+job is RUNNING and held by this replica at its epoch, and a pause, cancel or
+takeover waits for the batch in flight (`SagaStore.run_bulk_batch`): once one
+has returned, the job acts on no more sagas and its counts stay put.
 
 No saga is acted on twice, and none from a stale view: each action is the
 engine's operator path (`apply_external_once`), guarded on the sequence the
@@ -42,13 +45,16 @@ from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.engine.migration import NotMoved, move_sagas
 from compensa.orchestrator.engine.replay import read_move
 from compensa.orchestrator.shared import records
-from compensa.orchestrator.shared.errors import CompensaError, NotFound, StoreUnavailable
+from compensa.orchestrator.shared.errors import CompensaError, FailedPrecondition, NotFound, StoreUnavailable, quote
 from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import BulkItem, BulkJob
+from compensa.orchestrator.store import BulkItem, BulkJob, SagaStore
 from compensa.v1 import bulk_pb2, saga_pb2
 
-__all__ = ["BulkRunner", "bulk_action_message", "bulk_item_message", "bulk_tag", "is_bulk_event"]
+__all__ = [
+    "JOB_COMMANDS", "BulkRunner", "bulk_action_message", "bulk_item_message", "bulk_tag", "command_bulk_job",
+    "is_bulk_event",
+]
 
 log = logging.getLogger("compensa.bulk")
 
@@ -192,21 +198,27 @@ class BulkRunner:
             del self._jobs[bulk_action_id]
 
     async def _work(self, job: BulkJob) -> None:
-        held = asyncio.Event()
-        held.set()
-        renewing = asyncio.create_task(self._renew(job, held))
+        renewing = asyncio.create_task(self._renew(job))
         try:
             batch = max(1, min(_BATCH, int(job.max_per_second)))
-            while held.is_set():
+            while True:
+                started = time.monotonic()
                 # A batch is at most a second's worth: the rate holds at every second.
-                items = await self._store.pending_bulk_items(job.bulk_action_id, batch)
-                if not items:
+                acted_on = await self._store.run_bulk_batch(
+                    job.bulk_action_id, self._engine.owner, job.epoch, batch,
+                    functools.partial(self._act_on_batch, job),
+                )
+                if acted_on is None:
+                    log.info("bulk action %s: stopped here (paused, cancelled, or taken over)", job.bulk_action_id)
+                    return
+                if not acted_on:
                     if await self._store.complete_bulk_job(
                         job.bulk_action_id, self._engine.owner, job.epoch, self._engine.clock.now()
                     ):
                         log.info("bulk action %s: completed", job.bulk_action_id)
                     return
-                await self._act_on_batch(job, items)
+                # The rate bounds the actions, however fast the database answers.
+                await asyncio.sleep(max(0.0, acted_on / job.max_per_second - (time.monotonic() - started)))
         except StoreUnavailable as error:
             log.warning("bulk action %s: %s; another try after its lease", job.bulk_action_id, error)
         except asyncio.CancelledError:
@@ -218,8 +230,9 @@ class BulkRunner:
         finally:
             renewing.cancel()
 
-    async def _renew(self, job: BulkJob, held: asyncio.Event) -> None:
-        """Keeps the job's lease; clears `held` once it is lost, paused or cancelled."""
+    async def _renew(self, job: BulkJob) -> None:
+        """Keeps the job's lease while the job runs here (a batch learns
+        itself whether the job is still its to run)."""
         while True:
             await asyncio.sleep(self._lease_seconds / 3)
             try:
@@ -230,12 +243,12 @@ class BulkRunner:
                 log.debug("bulk action %s: lease not renewed (%s)", job.bulk_action_id, error)
                 continue
             if not renewed:
-                log.info("bulk action %s: stopped here (paused, cancelled, or taken over)", job.bulk_action_id)
-                held.clear()
                 return
 
-    async def _act_on_batch(self, job: BulkJob, items: list[BulkItem]) -> None:
-        started = time.monotonic()
+    async def _act_on_batch(
+        self, job: BulkJob, items: list[BulkItem]
+    ) -> tuple[list[tuple[str, int, str]], float]:
+        """Acts on the batch's sagas; their outcomes, and when."""
         loaded = await self._store.load_many_with_owner([item.saga_id for item in items])
         # A saga whose sequence moved since selection is not acted on.
         chosen = [
@@ -252,9 +265,7 @@ class BulkRunner:
             outcome for item in items
             if (outcome := await self._outcome(job, item, acted.get(item.saga_id))) is not None
         ]
-        await self._store.record_bulk_outcomes(job.bulk_action_id, outcomes, self._engine.clock.now())
-        # The rate bounds the actions, however fast the database answers.
-        await asyncio.sleep(max(0.0, len(items) / job.max_per_second - (time.monotonic() - started)))
+        return outcomes, self._engine.clock.now()
 
     async def _outcome(self, job: BulkJob, item: BulkItem, acted: Acted) -> tuple[str, int, str] | None:
         """The outcome of acting on one saga; None to leave it pending (the
@@ -293,6 +304,32 @@ class BulkRunner:
             what = saga_pb2.EventType.Name(first.type).removeprefix("EVENT_TYPE_")  # type: ignore[arg-type]
             reason += f": {what}" + (f" by {first.actor}" if first.actor else "")
         return item.saga_id, SKIPPED, reason
+
+
+#: What each command of a person does to a job: the states it applies in, and
+#: the state it leaves the job in.
+JOB_COMMANDS: dict[str, tuple[frozenset[int], int]] = {
+    "pause": (frozenset({bulk_pb2.BULK_ACTION_STATE_RUNNING}), bulk_pb2.BULK_ACTION_STATE_PAUSED),
+    "resume": (frozenset({bulk_pb2.BULK_ACTION_STATE_PAUSED}), bulk_pb2.BULK_ACTION_STATE_RUNNING),
+    "cancel": (
+        frozenset({bulk_pb2.BULK_ACTION_STATE_RUNNING, bulk_pb2.BULK_ACTION_STATE_PAUSED}),
+        bulk_pb2.BULK_ACTION_STATE_CANCELLED,
+    ),
+}
+
+
+async def command_bulk_job(store: SagaStore, job: BulkJob, command: str, now: float) -> BulkJob:
+    """The job after `command` (a key of JOB_COMMANDS): already in the state
+    it leads to is a no-op, any state it does not apply in FailedPrecondition.
+    A pause or cancel returns once a batch in flight has ended: from then on
+    the job acts on no saga."""
+    allowed_from, to = JOB_COMMANDS[command]
+    moved, changed = await store.change_bulk_job_state(job.bulk_action_id, allowed_from=allowed_from, to=to, now=now)
+    assert moved is not None  # jobs are never deleted
+    if not changed and moved.state != to:
+        state = bulk_pb2.BulkActionState.Name(moved.state).removeprefix("BULK_ACTION_STATE_")  # type: ignore[arg-type]
+        raise FailedPrecondition(f"bulk action {quote(job.bulk_action_id)} is {state}; it cannot {command}")
+    return moved
 
 
 def bulk_action_message(job: BulkJob) -> bulk_pb2.BulkAction:

@@ -20,6 +20,8 @@ from compensa.orchestrator.shared.errors import InvalidArgument, quote
 SAGA_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 #: The longest saga id (the column's size).
 MAX_SAGA_ID_CHARS = 128
+#: Bulk action ids (a StartBulkAction request_id): 1-64 letters, digits, '.', '_' and '-'.
+BULK_ACTION_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The longest `actor` a request may claim; the log's column also holds the
 #: client certificate's name next to it.
 MAX_ACTOR_CHARS = 128

@@ -315,6 +315,11 @@ class BulkItem:
     acted_at: float | None = None
 
 
+#: What a batch of a bulk action does with its items: (saga id, outcome,
+#: reason) of those it settled (an item left out stays pending), and the time.
+BulkBatchAction = Callable[[list[BulkItem]], Awaitable[tuple[Sequence[tuple[str, int, str]], float]]]
+
+
 @dataclass(frozen=True)
 class AuditProgress:
     """Where a participant's audit stands: every saga created up to `clean_through`
@@ -747,16 +752,17 @@ class SagaStore(abc.ABC):
         """Gives up `owner`'s lease of the job, if it still holds it."""
 
     @abc.abstractmethod
-    async def pending_bulk_items(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
-        """Up to `limit` items not acted on yet, by saga id."""
-
-    @abc.abstractmethod
-    async def record_bulk_outcomes(
-        self, bulk_action_id: str, outcomes: Sequence[tuple[str, int, str]], now: float
-    ) -> int:
-        """Sets (saga id, outcome, reason) on items still PENDING and counts
-        them in the job's counters, in one transaction; how many it set (an
-        item set before, by another replica, is not counted again)."""
+    async def run_bulk_batch(
+        self, bulk_action_id: str, owner: str, epoch: int, limit: int, act: BulkBatchAction
+    ) -> int | None:
+        """One batch of the job, if `owner` holds it at `epoch` and it is
+        RUNNING: `act` on up to `limit` items not acted on yet (by saga id),
+        then their outcomes set on the items still PENDING and counted in the
+        job's counters (an item set before, by another replica, is not counted
+        again). A pause, cancel or takeover of the job waits for a batch in
+        flight and stops the next one: once it has returned, nothing more is
+        acted on. How many items the batch had (0: none left); None when the
+        job is not (or no longer) `owner`'s to run."""
 
     @abc.abstractmethod
     async def complete_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, now: float) -> bool:

@@ -275,7 +275,11 @@ class PostgresSagaStore(SqlSagaStore):
         await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
 
     async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
-        await conn.execute(sa.text(f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"))
+        milliseconds = max(1, round(seconds * 1000))
+        await conn.execute(sa.text(f"SET LOCAL statement_timeout = {milliseconds}"))
+        # A bulk action's batch holds its job's row while it acts: a replica
+        # cut off mid-batch must not hold it past the bound.
+        await conn.execute(sa.text(f"SET LOCAL idle_in_transaction_session_timeout = {milliseconds}"))
 
 
 

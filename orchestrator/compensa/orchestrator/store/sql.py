@@ -56,6 +56,7 @@ from compensa.orchestrator.store.base import (
     PARTICIPANT_UNHEALTHY,
     AuditFinding,
     AuditProgress,
+    BulkBatchAction,
     BulkItem,
     BulkJob,
     Claimed,
@@ -113,6 +114,9 @@ _ID_CHUNK = 900
 _SELECTION_SECONDS = 120.0
 # Sagas per guarded UPDATE of a batch of moves (a few parameters each).
 _MOVE_CHUNK = 150
+# A batch of a bulk action holds its job this long at most (a pause waits for
+# it): a second's worth of sagas acted on, far less on a database that answers.
+_BULK_BATCH_SECONDS = 30.0
 
 
 _ACTIVE_STATES = tuple(sorted(ACTIVE_SAGA_STATES))
@@ -267,7 +271,8 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     async def _allow_statements_of(self, conn: AsyncConnection, seconds: float) -> None:
         """Lets the statements of this transaction run up to `seconds` each
-        (a database that bounds each statement by `timeout`)."""
+        (a database that bounds each statement by `timeout`), and no longer
+        its waits for the client between them."""
 
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         """For the rest of the transaction, plans that read a whole table are
@@ -1250,7 +1255,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         values: dict[str, Any] = {"state": to, "updated_at": now}
         if to != bulk_pb2.BULK_ACTION_STATE_RUNNING:
             values.update(owner=None, lease_until=None)
-        async with self._transaction() as conn:
+        async with self._transaction(long=_BULK_BATCH_SECONDS) as conn:
             moved = (
                 await conn.execute(
                     sa.update(bulk_actions)
@@ -1313,42 +1318,66 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 .values(owner=None, lease_until=None)
             )
 
-    async def pending_bulk_items(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
+    async def run_bulk_batch(
+        self, bulk_action_id: str, owner: str, epoch: int, limit: int, act: BulkBatchAction
+    ) -> int | None:
+        # The job's row stays locked while the batch acts: a pause (an UPDATE
+        # of it) waits for the batch, and the next batch finds it paused.
+        async with self._transaction(long=_BULK_BATCH_SECONDS) as conn:
+            if not await self._lock_held_bulk_job(conn, bulk_action_id, owner, epoch):
+                return None
+            items = await self._pending_bulk_items(conn, bulk_action_id, limit)
+            if items:
+                outcomes, now = await act(items)
+                await self._record_bulk_outcomes(conn, bulk_action_id, owner, epoch, outcomes, now)
+        return len(items)
+
+    async def _lock_held_bulk_job(self, conn: AsyncConnection, bulk_action_id: str, owner: str, epoch: int) -> bool:
+        held = sa.select(bulk_actions.c.bulk_action_id).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
+        return (await conn.execute(held.with_for_update(key_share=True))).first() is not None
+
+    async def _pending_bulk_items(self, conn: AsyncConnection, bulk_action_id: str, limit: int) -> list[BulkItem]:
         query = (
             sa.select(bulk_items)
             .where(bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.outcome == _PENDING)
             .order_by(bulk_items.c.saga_id)
             .limit(limit)
         )
-        async with self._transaction() as conn:
-            return [_bulk_item(row) for row in (await conn.execute(query)).all()]
+        return [_bulk_item(row) for row in (await conn.execute(query)).all()]
 
-    async def record_bulk_outcomes(
-        self, bulk_action_id: str, outcomes: Sequence[tuple[str, int, str]], now: float
-    ) -> int:
+    async def _record_bulk_outcomes(
+        self, conn: AsyncConnection, bulk_action_id: str, owner: str, epoch: int,
+        outcomes: Sequence[tuple[str, int, str]], now: float,
+    ) -> None:
+        """Sets the outcomes if `owner` still holds the job at `epoch` (else
+        nothing: whoever holds it now learns them from the sagas' logs)."""
+        held = await conn.execute(
+            sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
+            .values(updated_at=now).returning(bulk_actions.c.bulk_action_id)
+        )
+        if held.first() is None:
+            return
         counted = dict.fromkeys(_OUTCOME_COUNTERS.values(), 0)
         # One statement per (outcome, reason): a batch is mostly "done", alike.
         alike: dict[tuple[int, str], list[str]] = {}
         for saga_id, outcome, reason in outcomes:
             alike.setdefault((outcome, reason), []).append(saga_id)
-        async with self._transaction() as conn:
-            for (outcome, reason), saga_ids in alike.items():
-                landed = await conn.execute(
-                    sa.update(bulk_items)
-                    .where(
-                        bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.saga_id.in_(saga_ids),
-                        bulk_items.c.outcome == _PENDING,
-                    )
-                    .values(outcome=outcome, reason=reason, acted_at=now)
-                    .returning(bulk_items.c.saga_id)
+        for (outcome, reason), saga_ids in alike.items():
+            landed = await conn.execute(
+                sa.update(bulk_items)
+                .where(
+                    bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.saga_id.in_(saga_ids),
+                    bulk_items.c.outcome == _PENDING,
                 )
-                counted[_OUTCOME_COUNTERS[outcome]] += len(landed.all())
-            if any(counted.values()):
-                await conn.execute(
-                    sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
-                    .values(updated_at=now, **{name: bulk_actions.c[name] + n for name, n in counted.items()})
-                )
-        return sum(counted.values())
+                .values(outcome=outcome, reason=reason, acted_at=now)
+                .returning(bulk_items.c.saga_id)
+            )
+            counted[_OUTCOME_COUNTERS[outcome]] += len(landed.all())
+        if any(counted.values()):
+            await conn.execute(
+                sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
+                .values(**{name: bulk_actions.c[name] + n for name, n in counted.items()})
+            )
 
     async def complete_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, now: float) -> bool:
         pending = sa.exists().where(bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.outcome == _PENDING)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.shared.records import DELIVERY_POSSIBLE, LogEvent, SagaRecord
-from compensa.orchestrator.store.base import SagaWrite, WriteResult
+from compensa.orchestrator.store.base import BulkBatchAction, BulkJob, SagaWrite, WriteResult
 from compensa.orchestrator.store.rows import ALERT_RAISED, rejected, saga_alert, saga_values, step_row
 from compensa.orchestrator.store.schema import ALERT_LOG, participant_contracts, saga_steps, sagas
 from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts, take_positions
@@ -187,8 +188,33 @@ class SqliteSagaStore(TableByTableCommit):
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
+        # What the row lock of a job is on PostgreSQL: the process is the
+        # only one on the file, and a transaction held across a batch would
+        # hold the write lock the batch's own writes wait for.
+        self._bulk_batches = asyncio.Lock()
+
     def _insert(self, table: sa.Table) -> Any:
         return sqlite.insert(table)
+
+    async def run_bulk_batch(
+        self, bulk_action_id: str, owner: str, epoch: int, limit: int, act: BulkBatchAction
+    ) -> int | None:
+        async with self._bulk_batches:
+            async with self._transaction() as conn:
+                if not await self._lock_held_bulk_job(conn, bulk_action_id, owner, epoch):
+                    return None
+                items = await self._pending_bulk_items(conn, bulk_action_id, limit)
+            if items:
+                outcomes, now = await act(items)
+                async with self._transaction() as conn:
+                    await self._record_bulk_outcomes(conn, bulk_action_id, owner, epoch, outcomes, now)
+            return len(items)
+
+    async def change_bulk_job_state(
+        self, bulk_action_id: str, *, allowed_from: frozenset[int], to: int, now: float
+    ) -> tuple[BulkJob | None, bool]:
+        async with self._bulk_batches:
+            return await super().change_bulk_job_state(bulk_action_id, allowed_from=allowed_from, to=to, now=now)
 
     async def _hold_contracts(self, conn: AsyncConnection, *, exclusive: bool) -> None:
         """The database's write lock, taken now by a write that matches no row
