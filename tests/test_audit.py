@@ -384,6 +384,63 @@ async def test_a_run_audits_the_sagas_created_before_it_began(make_postgres_url:
         assert all(p["sagas"] == 2 for p in report["participants"]), report
 
 
+class _GatedAudit(barrier_audit_pb2_grpc.BarrierAuditServiceServicer):
+    """A participant whose barrier listing waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def ListBarrierRows(
+        self, request: barrier_audit_pb2.ListBarrierRowsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> barrier_audit_pb2.ListBarrierRowsResponse:
+        self.asked.set()
+        await self.gate.wait()
+        return barrier_audit_pb2.ListBarrierRowsResponse()
+
+    async def SetPurgeWatermark(
+        self, request: barrier_audit_pb2.SetPurgeWatermarkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> barrier_audit_pb2.SetPurgeWatermarkResponse:
+        return barrier_audit_pb2.SetPurgeWatermarkResponse(purge_watermark=request.purge_before)
+
+
+async def test_the_watermark_stays_below_sagas_created_after_the_run_began(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """A run audits the sagas created before it began; one created while it
+    audits an earlier participant was never audited, and may be in flight:
+    the later participant's purge watermark must stay below it."""
+    gated = _GatedAudit()
+    server = grpc.aio.server()
+    barrier_audit_pb2_grpc.add_BarrierAuditServiceServicer_to_server(gated, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with checkout_stack(make_postgres_url) as stack:
+            # Audited first (participants go by name).
+            await stack.stub.SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="a-slow", address=f"127.0.0.1:{port}")
+            )
+            await _run_to_end(stack, 2)
+            await _past_the_commit_lag()
+            running = asyncio.create_task(
+                _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+            )
+            await asyncio.wait_for(gated.asked.wait(), 60.0)
+            in_flight = await _waiting_on_review(stack)
+            await _past_the_commit_lag()
+            gated.gate.set()
+            status, report = await running
+            assert status == 0, report
+            saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=in_flight))).saga
+            watermark = _participants(report)["payment"]["purge_watermark"]
+            purge_before = datetime.datetime.fromisoformat(watermark.replace("Z", "+00:00"))
+            assert purge_before < saga.create_time.ToDatetime(datetime.UTC), (watermark, saga.create_time)
+    finally:
+        gated.gate.set()
+        await server.stop(None)
+
+
 async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
     """Rounds of sagas, each followed by an audit that moves the purge watermark:
     the participants' purge loops (serve's purge_interval) keep their barrier

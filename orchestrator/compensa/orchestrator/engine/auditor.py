@@ -22,7 +22,7 @@ AUDIT: alert log, webhook, metric).
 
 Barrier retention: with `barrier_retention`, the participant is told that
 its rows created before
-  min(creation time of the first saga not clean, now - commit_lag, now - barrier_retention)
+  min(creation time of the first saga not clean, run start - commit_lag, now - barrier_retention)
   - clock_skew_margin
 may be deleted: every row older than that belongs to a saga that is final,
 audited clean and created longer ago than the retention (a saga's rows are
@@ -235,8 +235,10 @@ async def _audit_participant(
     now = await store.clock()
     # A saga created before this has committed: the prefix never passes one
     # whose creation may still be in flight (its created_at is taken before
-    # its commit), and so never leaves it behind, unaudited.
-    cutoff = now - options.commit_lag
+    # its commit), and so never leaves it behind, unaudited. Capped at the
+    # run's start: the sagas created since were never audited (this run reads
+    # none of them) and may be in flight, so the watermark must stay below them.
+    cutoff = min(now, created_until) - options.commit_lag
     progress = await store.audit_progress(participant.name)
     # A run over some sagas (since a time, of one definition) reports only:
     # the clean prefix is about every saga.
