@@ -88,6 +88,16 @@ async def test_bad_requests_are_refused_with_invalid_argument(database_url: str)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in details
         code, details = await status_of(audit.SetPurgeWatermark(barrier_audit_pb2.SetPurgeWatermarkRequest()))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "purge_before" in details
+        # A watermark ahead of the participant's clock would purge rows of sagas not yet
+        # audited, or not yet begun, and never move back: refused, nothing kept.
+        ahead = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        code, details = await status_of(
+            audit.SetPurgeWatermark(barrier_audit_pb2.SetPurgeWatermarkRequest(purge_before=_stamp(ahead)))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "purge_before" in details and "ahead of this participant's clock" in details, details
+        listed = await audit.ListBarrierRows(barrier_audit_pb2.ListBarrierRowsRequest())
+        assert not listed.HasField("purge_watermark")
 
 
 async def test_rows_are_purged_only_below_the_watermark_and_a_late_execute_is_refused(database_url: str) -> None:
