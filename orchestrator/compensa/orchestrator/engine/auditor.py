@@ -77,7 +77,7 @@ class AuditOptions:
     #: the rest, so that the engine it shares a process and a database with
     #: keeps its pace.
     busy_fraction: float = 0.2
-    #: A saga in flight this long after its saga_timeout is PAST_DEADLINE.
+    #: A saga in flight this long after all its deadlines (audit.past_deadline) is PAST_DEADLINE.
     deadline_grace: float = 60.0
     #: A step settled at the participant and still waiting in a saga unchanged this long is reported.
     settle_grace: float = 60.0
@@ -357,7 +357,7 @@ async def _sagas_past_deadline(
     store: SagaStore, options: AuditOptions, definitions: _Definitions, after: tuple[float, str] | None,
     created_until: float,
 ) -> list[AuditFinding]:
-    """PAST_DEADLINE for the sagas after `after` still in flight past their saga_timeout (the
+    """PAST_DEADLINE for the sagas after `after` still in flight past all their deadlines (the
     sagas before every participant's clean prefix are final)."""
     now = await store.clock()
     findings: list[AuditFinding] = []
