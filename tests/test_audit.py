@@ -26,6 +26,7 @@ import pytest
 import sqlalchemy as sa
 from harness import Stack, checkout_stack, poll_until, scrape
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from webhook_receiver import WebhookReceiver
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
@@ -313,6 +314,33 @@ async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callabl
         assert any(line.startswith("payment (") and line.endswith(": 1 discrepancies") for line in lines), lines
         assert f"  ORPHAN_ROW: saga {ghost} step 'charge_card' at payment: a row for a saga the orchestrator does not"\
             " know; the log says: no such saga; the participant says: Execute row succeeded (sha256:" in printed.stdout
+
+
+async def test_an_audit_alert_reaches_the_webhook_once(make_postgres_url: Callable[[], str]) -> None:
+    with WebhookReceiver(script=["503"]).serving() as webhook:
+        async with checkout_stack(
+            make_postgres_url, alert_webhook=webhook.url, alert_webhook_timeout=1.0
+        ) as stack:
+            await _run_to_end(stack, 1)
+            ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+            await _change(stack, "payment", _barrier(stack, "payment").insert().values(
+                idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost,
+                step_name="charge_card", outcome="succeeded", response=b"",
+                created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            status, report = await _audit(stack)
+            assert status == 1 and _found(report) == {("ORPHAN_ROW", "payment", ghost, "charge_card")}, report
+            # The first delivery is answered 503: the outbox sends it again.
+            await poll_until(lambda: [d for d in webhook.of_kind("AUDIT") if d.status == 200], timeout=60.0)
+    bodies = [delivery.body for delivery in webhook.of_kind("AUDIT")]
+    assert [delivery.status for delivery in webhook.of_kind("AUDIT")] == [503, 200]
+    (alert_id,) = {body["alert_id"] for body in bodies}
+    assert str(alert_id).startswith("audit/")
+    for delivery in webhook.of_kind("AUDIT"):
+        body = delivery.body
+        assert delivery.idempotency_key == alert_id
+        assert body["type"] == "ALERT_RAISED" and body["saga_id"] == ghost and body["participant"] == "payment"
+        assert str(body["message"]).startswith(f"ORPHAN_ROW: saga {ghost} step 'charge_card' at payment: ")
 
 
 async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:

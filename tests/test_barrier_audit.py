@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -209,3 +211,32 @@ async def test_a_barrier_table_of_an_earlier_release_is_kept_and_gains_its_index
         assert [(row.idempotency_key, row.outcome) for row in listed.rows] == [
             (step.key, barrier_audit_pb2.BARRIER_OUTCOME_FAILED)
         ]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nosuch://somewhere/db", "--db"),
+        ("postgresql://127.0.0.1:1/nothing", "127.0.0.1"),
+    ],
+)
+def test_the_purge_command_answers_a_bad_database_in_one_line(url: str, says: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "compensa.participants.purge", "--db", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+
+
+def test_the_purge_command_answers_a_database_without_a_barrier_in_one_line(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "compensa.participants.purge", "--db", make_postgres_url()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "participant_barrier" in lines[0], done.stderr

@@ -1035,7 +1035,6 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.ReleaseParticipantResponse(participant=_participant_message(stored))
 
     @_answer_errors
-    @_answer_errors
     async def AuditSagas(
         self,
         request: orchestrator_pb2.AuditSagasRequest,
