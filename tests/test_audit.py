@@ -24,18 +24,27 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from harness import Stack, checkout_stack, poll_until, scrape
+from harness import Stack, checkout_input, checkout_stack, poll_until, scrape
+from processes import ProcessSet
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from webhook_receiver import WebhookReceiver
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.examples.server import start_participant
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
 from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
 from compensa.orchestrator.store.schema import sagas as sagas_table
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import pack
-from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
+from compensa.v1 import (
+    barrier_audit_pb2,
+    barrier_audit_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    participant_pb2,
+    saga_pb2,
+)
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 COMMAND_TIMEOUT_SECONDS = 180.0
@@ -418,10 +427,12 @@ class _GatedAudit(barrier_audit_pb2_grpc.BarrierAuditServiceServicer):
     def __init__(self) -> None:
         self.asked = asyncio.Event()
         self.gate = asyncio.Event()
+        self.calls = 0
 
     async def ListBarrierRows(
         self, request: barrier_audit_pb2.ListBarrierRowsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> barrier_audit_pb2.ListBarrierRowsResponse:
+        self.calls += 1
         self.asked.set()
         await self.gate.wait()
         return barrier_audit_pb2.ListBarrierRowsResponse()
@@ -467,6 +478,105 @@ async def test_the_watermark_stays_below_sagas_created_after_the_run_began(
     finally:
         gated.gate.set()
         await server.stop(None)
+
+
+async def test_an_audit_job_survives_the_kill_of_the_replica_running_it(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """Two replicas as processes; the one that claimed the audit job is
+    SIGKILLed while it audits the second participant. The other takes the job
+    over when the lease lapses and finishes it from its last saved batch: the
+    participant done before the kill is not audited again (its counts are the
+    saved ones), the one in progress goes on after the sagas it had walked;
+    only its orphan scan is asked again (harmless: each discrepancy is
+    recorded and alerted once). A call with the job's id on the survivor
+    follows it to its report."""
+    gated = _GatedAudit()
+    gate_server = grpc.aio.server()
+    barrier_audit_pb2_grpc.add_BarrierAuditServiceServicer_to_server(gated, gate_server)
+    gate_port = gate_server.add_insecure_port("127.0.0.1:0")
+    await gate_server.start()
+    participants = {
+        kind: await start_participant(kind, make_postgres_url()) for kind in ("inventory", "payment", "shipping")
+    }
+    database_url = make_postgres_url()
+    channels: list[grpc.aio.Channel] = []
+    try:
+        with ProcessSet(tmp_path) as processes:
+            replicas = {
+                name: processes.orchestrator(
+                    database_url, {kind: p.address for kind, p in participants.items()}, name=name,
+                    options=["--replica-id", name],
+                )
+                for name in ("a", "b")
+            }
+            for replica in replicas.values():
+                replica.start()
+            for replica in replicas.values():
+                await replica.wait_serving(60)
+            stubs = {}
+            for name, replica in replicas.items():
+                channels.append(channel := grpc.aio.insecure_channel(replica.address))
+                stubs[name] = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            # Audited in name order: inventory, then the gated one, then payment and shipping.
+            await stubs["a"].SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="p-gated", address=f"127.0.0.1:{gate_port}")
+            )
+            saga_ids = [f"checkout-{n}" for n in range(6)]
+            for saga_id in saga_ids:
+                await stubs["a"].StartSaga(orchestrator_pb2.StartSagaRequest(
+                    saga_id=saga_id, definition_name="checkout", input=checkout_input()
+                ))
+
+            async def all_final() -> bool:
+                for saga_id in saga_ids:
+                    saga = (await stubs["a"].GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+                    if saga.state != saga_pb2.SAGA_STATE_SUCCEEDED:
+                        return False
+                return True
+
+            await poll_until(all_final, timeout=60.0)
+            await _past_the_commit_lag()
+            audit_id = "audit-killed"
+            first_call = stubs["a"].AuditSagas(orchestrator_pb2.AuditSagasRequest(audit_id=audit_id), timeout=120)
+            await asyncio.wait_for(gated.asked.wait(), 60.0)
+            async with open_store_engine(database_url) as engine, engine.connect() as conn:
+                job = (await conn.execute(sa.text(
+                    "SELECT owner, report FROM compensa_audit_jobs WHERE audit_id = :id"
+                ), {"id": audit_id})).one()
+            victim = job.owner
+            saved = json.loads(job.report)
+            assert [(p["participant"], p["sagas"]) for p in saved["participants"]] == [("inventory", 6)]
+            replicas[victim].kill()
+            gated.gate.set()
+            survivor = "b" if victim == "a" else "a"
+            report = await stubs[survivor].AuditSagas(
+                orchestrator_pb2.AuditSagasRequest(audit_id=audit_id), timeout=120
+            )
+            if victim == "a":  # the call was cut off with its replica
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await first_call
+            else:  # its replica took the job over, and answers it
+                assert await first_call == report
+            assert report.audit_id == audit_id
+            counts = {
+                each.participant: (each.audited, each.sagas, len(each.discrepancies)) for each in report.participants
+            }
+            assert counts == {
+                "inventory": (True, 6, 0), "p-gated": (True, 0, 0), "payment": (True, 6, 0), "shipping": (True, 6, 0),
+            }, report
+            assert not report.saga_discrepancies
+            assert replicas[survivor].log_lines(f"audit {audit_id}: working on it")
+            assert replicas[survivor].log_lines(f"audit {audit_id}: completed")
+            # Asked once by the victim, once more by the survivor (that scan is redone).
+            assert gated.calls == 2
+    finally:
+        for channel in channels:
+            await channel.close()
+        gated.gate.set()
+        await gate_server.stop(None)
+        for participant in participants.values():
+            await participant.stop(0)
 
 
 async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
