@@ -221,7 +221,7 @@ class _Cursor:
             return None
         values = json.loads(text)
         after = tuple(values["after"]) if values["after"] is not None else None
-        return cls(_participant_of(values["audit"]), after, values["first_unclean"], values["walked"])  # type: ignore[arg-type]
+        return cls(_participant_of(values["audit"]), after, values["first_unclean"], values["walked"])
 
 
 class _LostJob(Exception):
