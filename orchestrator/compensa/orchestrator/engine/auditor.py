@@ -206,13 +206,15 @@ class _Cursor:
 
     audit: ParticipantAudit
     after: tuple[float, str] | None
+    #: Where its walk began: rows created since (less the clock-skew margin) are looked at for orphans.
+    start: float
     first_unclean: float | None = None
     walked: bool = False
 
     def to_json(self) -> str:
         return json.dumps({
-            "audit": _participant_json(self.audit), "after": self.after, "first_unclean": self.first_unclean,
-            "walked": self.walked,
+            "audit": _participant_json(self.audit), "after": self.after, "start": self.start,
+            "first_unclean": self.first_unclean, "walked": self.walked,
         })
 
     @classmethod
@@ -221,7 +223,9 @@ class _Cursor:
             return None
         values = json.loads(text)
         after = tuple(values["after"]) if values["after"] is not None else None
-        return cls(_participant_of(values["audit"]), after, values["first_unclean"], values["walked"])
+        return cls(
+            _participant_of(values["audit"]), after, values["start"], values["first_unclean"], values["walked"]
+        )
 
 
 class _LostJob(Exception):
@@ -511,7 +515,9 @@ async def _audit_participant(
         (progress.clean_through if progress is not None else None) if resuming else (options.since or 0.0, "")
     )
     if cursor is None:
-        cursor = _Cursor(ParticipantAudit(participant.name, participant.address), start)
+        cursor = _Cursor(
+            ParticipantAudit(participant.name, participant.address), start, start[0] if start is not None else 0.0
+        )
         # Moves only while every saga so far is final and clean (and only when resuming).
         cursor.audit.clean_through = progress.clean_through if progress is not None and resuming else None
     audit = cursor.audit
@@ -544,7 +550,7 @@ async def _audit_participant(
                 progress = saved
             if batch:
                 await _pace(len(batch), began, options)
-        orphans_from = (start[0] if start is not None else 0.0) - options.clock_skew_margin
+        orphans_from = cursor.start - options.clock_skew_margin
         audit.findings += await _orphans(store, stub, known, participant, orphans_from, definitions)
         clean_through = audit.clean_through
         if resuming and clean_through is not None and not audit.findings and options.barrier_retention is not None:
