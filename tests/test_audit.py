@@ -24,17 +24,27 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from harness import Stack, checkout_stack, poll_until, scrape
+from harness import Stack, checkout_input, checkout_stack, poll_until, scrape
+from processes import ProcessSet
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from webhook_receiver import WebhookReceiver
 
 from compensa.checkout.v1 import checkout_pb2
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
+from compensa.examples.server import start_participant
 from compensa.orchestrator.store import AUDIT_ALERT, open_store
 from compensa.orchestrator.store.schema import saga_steps as saga_steps_table
 from compensa.orchestrator.store.schema import sagas as sagas_table
 from compensa.participants.faults import FaultPlan
 from compensa.participants.sdk import pack
-from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc, orchestrator_pb2, participant_pb2, saga_pb2
+from compensa.v1 import (
+    barrier_audit_pb2,
+    barrier_audit_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    participant_pb2,
+    saga_pb2,
+)
 
 COMPENSA = Path(sys.executable).parent / "compensa"
 COMMAND_TIMEOUT_SECONDS = 180.0
@@ -315,6 +325,33 @@ async def test_serve_audits_every_interval_and_alerts(make_postgres_url: Callabl
             " know; the log says: no such saga; the participant says: Execute row succeeded (sha256:" in printed.stdout
 
 
+async def test_an_audit_alert_reaches_the_webhook_once(make_postgres_url: Callable[[], str]) -> None:
+    with WebhookReceiver(script=["503"]).serving() as webhook:
+        async with checkout_stack(
+            make_postgres_url, alert_webhook=webhook.url, alert_webhook_timeout=1.0
+        ) as stack:
+            await _run_to_end(stack, 1)
+            ghost = f"saga-ghost-{uuid.uuid4().hex[:8]}"
+            await _change(stack, "payment", _barrier(stack, "payment").insert().values(
+                idempotency_key=f"{ghost}/charge_card", operation="execute", saga_id=ghost,
+                step_name="charge_card", outcome="succeeded", response=b"",
+                created_at=datetime.datetime.now(datetime.UTC),
+            ))
+            status, report = await _audit(stack)
+            assert status == 1 and _found(report) == {("ORPHAN_ROW", "payment", ghost, "charge_card")}, report
+            # The first delivery is answered 503: the outbox sends it again.
+            await poll_until(lambda: [d for d in webhook.of_kind("AUDIT") if d.status == 200], timeout=60.0)
+    bodies = [delivery.body for delivery in webhook.of_kind("AUDIT")]
+    assert [delivery.status for delivery in webhook.of_kind("AUDIT")] == [503, 200]
+    (alert_id,) = {body["alert_id"] for body in bodies}
+    assert str(alert_id).startswith("audit/")
+    for delivery in webhook.of_kind("AUDIT"):
+        body = delivery.body
+        assert delivery.idempotency_key == alert_id
+        assert body["type"] == "ALERT_RAISED" and body["saga_id"] == ghost and body["participant"] == "payment"
+        assert str(body["message"]).startswith(f"ORPHAN_ROW: saga {ghost} step 'charge_card' at payment: ")
+
+
 async def test_bad_requests_are_refused_in_one_line_and_change_nothing(make_postgres_url: Callable[[], str]) -> None:
     async with checkout_stack(make_postgres_url) as stack:
         address = stack.orchestrator.address
@@ -384,6 +421,164 @@ async def test_a_run_audits_the_sagas_created_before_it_began(make_postgres_url:
         assert all(p["sagas"] == 2 for p in report["participants"]), report
 
 
+class _GatedAudit(barrier_audit_pb2_grpc.BarrierAuditServiceServicer):
+    """A participant whose barrier listing waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.gate = asyncio.Event()
+        self.calls = 0
+
+    async def ListBarrierRows(
+        self, request: barrier_audit_pb2.ListBarrierRowsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> barrier_audit_pb2.ListBarrierRowsResponse:
+        self.calls += 1
+        self.asked.set()
+        await self.gate.wait()
+        return barrier_audit_pb2.ListBarrierRowsResponse()
+
+    async def SetPurgeWatermark(
+        self, request: barrier_audit_pb2.SetPurgeWatermarkRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> barrier_audit_pb2.SetPurgeWatermarkResponse:
+        return barrier_audit_pb2.SetPurgeWatermarkResponse(purge_watermark=request.purge_before)
+
+
+async def test_the_watermark_stays_below_sagas_created_after_the_run_began(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """A run audits the sagas created before it began; one created while it
+    audits an earlier participant was never audited, and may be in flight:
+    the later participant's purge watermark must stay below it."""
+    gated = _GatedAudit()
+    server = grpc.aio.server()
+    barrier_audit_pb2_grpc.add_BarrierAuditServiceServicer_to_server(gated, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with checkout_stack(make_postgres_url) as stack:
+            # Audited first (participants go by name).
+            await stack.stub.SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="a-slow", address=f"127.0.0.1:{port}")
+            )
+            await _run_to_end(stack, 2)
+            await _past_the_commit_lag()
+            running = asyncio.create_task(
+                _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+            )
+            await asyncio.wait_for(gated.asked.wait(), 60.0)
+            in_flight = await _waiting_on_review(stack)
+            await _past_the_commit_lag()
+            gated.gate.set()
+            status, report = await running
+            assert status == 0, report
+            saga = (await stack.stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=in_flight))).saga
+            watermark = _participants(report)["payment"]["purge_watermark"]
+            purge_before = datetime.datetime.fromisoformat(watermark.replace("Z", "+00:00"))
+            assert purge_before < saga.create_time.ToDatetime(datetime.UTC), (watermark, saga.create_time)
+    finally:
+        gated.gate.set()
+        await server.stop(None)
+
+
+async def test_an_audit_job_survives_the_kill_of_the_replica_running_it(
+    tmp_path: Path, make_postgres_url: Callable[[], str]
+) -> None:
+    """Two replicas as processes; the one that claimed the audit job is
+    SIGKILLed while it audits the second participant. The other takes the job
+    over when the lease lapses and finishes it from its last saved batch: the
+    participant done before the kill is not audited again (its counts are the
+    saved ones), the one in progress goes on after the sagas it had walked;
+    only its orphan scan is asked again (harmless: each discrepancy is
+    recorded and alerted once). A call with the job's id on the survivor
+    follows it to its report."""
+    gated = _GatedAudit()
+    gate_server = grpc.aio.server()
+    barrier_audit_pb2_grpc.add_BarrierAuditServiceServicer_to_server(gated, gate_server)
+    gate_port = gate_server.add_insecure_port("127.0.0.1:0")
+    await gate_server.start()
+    participants = {
+        kind: await start_participant(kind, make_postgres_url()) for kind in ("inventory", "payment", "shipping")
+    }
+    database_url = make_postgres_url()
+    channels: list[grpc.aio.Channel] = []
+    try:
+        with ProcessSet(tmp_path) as processes:
+            replicas = {
+                name: processes.orchestrator(
+                    database_url, {kind: p.address for kind, p in participants.items()}, name=name,
+                    options=["--replica-id", name],
+                )
+                for name in ("a", "b")
+            }
+            for replica in replicas.values():
+                replica.start()
+            for replica in replicas.values():
+                await replica.wait_serving(60)
+            stubs = {}
+            for name, replica in replicas.items():
+                channels.append(channel := grpc.aio.insecure_channel(replica.address))
+                stubs[name] = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            # Audited in name order: inventory, then the gated one, then payment and shipping.
+            await stubs["a"].SetParticipant(
+                orchestrator_pb2.SetParticipantRequest(name="p-gated", address=f"127.0.0.1:{gate_port}")
+            )
+            saga_ids = [f"checkout-{n}" for n in range(6)]
+            for saga_id in saga_ids:
+                await stubs["a"].StartSaga(orchestrator_pb2.StartSagaRequest(
+                    saga_id=saga_id, definition_name="checkout", input=checkout_input()
+                ))
+
+            async def all_final() -> bool:
+                for saga_id in saga_ids:
+                    saga = (await stubs["a"].GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=saga_id))).saga
+                    if saga.state != saga_pb2.SAGA_STATE_SUCCEEDED:
+                        return False
+                return True
+
+            await poll_until(all_final, timeout=60.0)
+            await _past_the_commit_lag()
+            audit_id = "audit-killed"
+            first_call = stubs["a"].AuditSagas(orchestrator_pb2.AuditSagasRequest(audit_id=audit_id), timeout=120)
+            await asyncio.wait_for(gated.asked.wait(), 60.0)
+            async with open_store_engine(database_url) as engine, engine.connect() as conn:
+                job = (await conn.execute(sa.text(
+                    "SELECT owner, report FROM compensa_audit_jobs WHERE audit_id = :id"
+                ), {"id": audit_id})).one()
+            victim = job.owner
+            saved = json.loads(job.report)
+            assert [(p["participant"], p["sagas"]) for p in saved["participants"]] == [("inventory", 6)]
+            replicas[victim].kill()
+            gated.gate.set()
+            survivor = "b" if victim == "a" else "a"
+            report = await stubs[survivor].AuditSagas(
+                orchestrator_pb2.AuditSagasRequest(audit_id=audit_id), timeout=120
+            )
+            if victim == "a":  # the call was cut off with its replica
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await first_call
+            else:  # its replica took the job over, and answers it
+                assert await first_call == report
+            assert report.audit_id == audit_id
+            counts = {
+                each.participant: (each.audited, each.sagas, len(each.discrepancies)) for each in report.participants
+            }
+            assert counts == {
+                "inventory": (True, 6, 0), "p-gated": (True, 0, 0), "payment": (True, 6, 0), "shipping": (True, 6, 0),
+            }, report
+            assert not report.saga_discrepancies
+            assert replicas[survivor].log_lines(f"audit {audit_id}: working on it")
+            assert replicas[survivor].log_lines(f"audit {audit_id}: completed")
+            # Asked once by the victim, once more by the survivor (that scan is redone).
+            assert gated.calls == 2
+    finally:
+        for channel in channels:
+            await channel.close()
+        gated.gate.set()
+        await gate_server.stop(None)
+        for participant in participants.values():
+            await participant.stop(0)
+
+
 async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
     """Rounds of sagas, each followed by an audit that moves the purge watermark:
     the participants' purge loops (serve's purge_interval) keep their barrier
@@ -406,3 +601,44 @@ async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_p
 
 async def _at_most(count: Any, most: int) -> bool:
     return int(await count) <= most
+
+
+async def test_a_purging_participant_keeps_its_barrier_size_bounded(make_postgres_url: Callable[[], str]) -> None:
+    """Not only the rows: the barrier table's size on disk (heap, indexes and
+    TOAST, after a plain VACUUM as autovacuum would run) stops growing once
+    the audit moves the watermark and the participant purges each round; it
+    would grow with every round's rows otherwise."""
+    async with checkout_stack(make_postgres_url, participant_purge_interval=0.2) as stack:
+        barrier = _barrier(stack, "inventory")
+        engine = stack.engine_of("inventory")
+
+        async def rows() -> int:
+            async with engine.connect() as conn:
+                return int((await conn.execute(sa.select(sa.func.count()).select_from(barrier))).scalar_one())
+
+        async def size_after_vacuum() -> int:
+            async with engine.connect() as conn:
+                autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await autocommit.execute(sa.text(f"VACUUM {barrier.name}"))
+                return int((await autocommit.execute(
+                    sa.text("SELECT pg_total_relation_size(:table)"), {"table": barrier.name}
+                )).scalar_one())
+
+        sizes: list[int] = []
+        peak_rows = 0
+        for _round in range(ROUNDS):
+            await _run_to_end(stack, SAGAS_PER_ROUND)
+            peak_rows = max(peak_rows, await rows())
+            await _past_the_commit_lag()
+            status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
+            assert status == 0, report
+            assert await poll_until(lambda: _at_most(rows(), 0), timeout=30.0)
+            sizes.append(await size_after_vacuum())
+        # Every round wrote as many rows; what the table holds on disk stays
+        # within what the first rounds needed (the space freed is used again).
+        assert peak_rows >= SAGAS_PER_ROUND
+        assert max(sizes[ROUNDS // 2:]) <= max(sizes[:2]), sizes
+
+
+ROUNDS = 6
+SAGAS_PER_ROUND = 40

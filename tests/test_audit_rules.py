@@ -131,6 +131,59 @@ def test_a_saga_in_flight_past_its_saga_timeout_is_past_deadline() -> None:
     assert past_deadline(_saga(records.SUCCEEDED, records.STEP_SUCCEEDED), T0 + 1000, grace=60) is None
 
 
+def _trip(*steps: definition_pb2.StepDefinition, saga_timeout: int | None = None) -> definition_pb2.SagaDefinition:
+    definition = definition_pb2.SagaDefinition(name="trip", version=1, steps=steps)
+    if saga_timeout is not None:
+        definition.saga_timeout.FromSeconds(saga_timeout)
+    return definition
+
+
+def _step(name: str, kind: int = definition_pb2.STEP_KIND_COMPENSABLE, step_timeout: int | None = None) -> (
+    definition_pb2.StepDefinition
+):
+    step = definition_pb2.StepDefinition(
+        name=name, participant="hotel", kind=kind, execute_timeout=duration_pb2.Duration(seconds=10),
+        compensate_timeout=duration_pb2.Duration(seconds=10),
+    )
+    if step_timeout is not None:
+        step.step_timeout.FromSeconds(step_timeout)
+    return step
+
+
+def test_past_its_pivot_the_saga_timeout_no_longer_applies() -> None:
+    definition = _trip(
+        _step("book", definition_pb2.STEP_KIND_PIVOT), _step("pay", definition_pb2.STEP_KIND_RETRIABLE),
+        saga_timeout=60,
+    )
+    # The pivot took effect; pay retries (forever, a retriable step), its next attempt due at T0 + 500.
+    steps = (
+        records.StepRecord("book", state=records.STEP_SUCCEEDED),
+        records.StepRecord("pay", state=records.STEP_RUNNING, attempts=7, next_attempt_at=T0 + 500),
+    )
+    saga = records.SagaRecord("s1", "trip", 1, records.RUNNING, 9, b"", T0, T0 + 100, steps)
+    going_on = AuditedSaga(saga, definition)
+    assert past_deadline(going_on, T0 + 400, grace=60) is None
+    # Its retry due and its call's timeout (10s) passed, by more than the grace: the engine stopped driving it.
+    assert past_deadline(going_on, T0 + 500 + 10 + 59, grace=60) is None
+    late = past_deadline(going_on, T0 + 500 + 10 + 61, grace=60)
+    assert late is not None and "RUNNING 61s after its step 'pay''s retry timing out" in late.message, late
+
+
+def test_without_a_saga_timeout_a_saga_past_its_step_timeouts_is_past_deadline() -> None:
+    definition = _trip(_step("book", step_timeout=30), _step("pay"))
+    steps = (
+        records.StepRecord("book", state=records.STEP_WAITING, started_at=T0, next_attempt_at=T0 + 30),
+        records.StepRecord("pay"),
+    )
+    waiting = AuditedSaga(records.SagaRecord("s1", "trip", 1, records.RUNNING, 9, b"", T0, T0 + 1, steps), definition)
+    assert past_deadline(waiting, T0 + 30 + 59, grace=60) is None
+    late = past_deadline(waiting, T0 + 30 + 61, grace=60)
+    assert late is not None and "RUNNING 61s after its step 'book''s step_timeout" in late.message, late
+    # A step that waits without a step_timeout has no deadline to be past.
+    forever = replace(waiting, definition=_trip(_step("book"), _step("pay")))
+    assert past_deadline(forever, T0 + 100_000, grace=60) is None
+
+
 def test_a_message_splits_into_what_is_wrong_and_each_sides_word() -> None:
     (missing,) = compare_saga(
         _saga(records.SUCCEEDED, records.STEP_SUCCEEDED, output=OUTPUT.SerializeToString()), "hotel", "h:1", [],

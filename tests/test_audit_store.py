@@ -13,7 +13,17 @@ from compensa.examples import DEFINITIONS_DIR
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.machine import Plan
-from compensa.orchestrator.store import AUDIT_ALERT, AuditFinding, AuditProgress, SagaWrite, SqlSagaStore, open_store
+from compensa.orchestrator.store import (
+    AUDIT_ALERT,
+    AUDIT_JOB_COMPLETED,
+    AUDIT_JOB_RUNNING,
+    AuditFinding,
+    AuditJob,
+    AuditProgress,
+    SagaWrite,
+    SqlSagaStore,
+    open_store,
+)
 
 T0 = 1_700_000_000.0
 
@@ -77,3 +87,40 @@ async def test_each_finding_is_alerted_once(store: SqlSagaStore) -> None:
     assert [alert.alert_id for alert in logged] == [f"audit/{alert.position}" for alert in first]
     claimed = await store.claim_alerts(T0 + 2, T0 + 10, 10)
     assert sorted(pending.alert.position for pending in claimed) == sorted(alert.position for alert in first)
+
+
+def _job(audit_id: str) -> AuditJob:
+    return AuditJob(audit_id, b"{}", "ops", AUDIT_JOB_RUNNING, began=T0, created_at=T0, updated_at=T0)
+
+
+async def test_one_audit_job_runs_at_a_time_and_only_its_holder_writes(store: SqlSagaStore) -> None:
+    first, created = await store.create_audit_job(_job("audit-1"))
+    assert created and first.state == AUDIT_JOB_RUNNING
+    # Another while it runs: the running one is answered, nothing stored.
+    running, created = await store.create_audit_job(_job("audit-2"))
+    assert not created and running.audit_id == "audit-1"
+    assert await store.get_audit_job("audit-2") is None
+
+    held = await store.claim_audit_job("r1", T0, T0 + 5)
+    assert held is not None and held.epoch == 1
+    assert await store.claim_audit_job("r2", T0 + 1, T0 + 6) is None  # r1's lease is live
+    taken = await store.claim_audit_job("r2", T0 + 6, T0 + 11)  # it lapsed: r2 takes over
+    assert taken is not None and taken.epoch == 2
+    # r1 comes back: its writes are refused, its progress with them.
+    stale = await store.save_audit_job(
+        "audit-1", "r1", 1, report=b"stale", cursor="{}", now=T0 + 7,
+        progress=AuditProgress("payment", (T0, "z"), T0 + 7),
+    )
+    assert not stale and await store.audit_progress("payment") is None
+    assert not await store.renew_audit_job("audit-1", "r1", 1, T0 + 20)
+    assert await store.save_audit_job(
+        "audit-1", "r2", 2, report=b"{}", cursor="", now=T0 + 8, progress=AuditProgress("payment", (T0, "a"), T0 + 8)
+    )
+    progress = await store.audit_progress("payment")
+    assert progress is not None and progress.clean_through == (T0, "a")
+    assert await store.save_audit_job("audit-1", "r2", 2, report=b"done", cursor="", now=T0 + 9, complete=True)
+    done = await store.get_audit_job("audit-1")
+    assert done is not None and done.state == AUDIT_JOB_COMPLETED and done.report == b"done" and done.owner is None
+    # Once it is done, the next one may start.
+    _, created = await store.create_audit_job(_job("audit-2"))
+    assert created

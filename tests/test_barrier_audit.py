@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -88,6 +90,16 @@ async def test_bad_requests_are_refused_with_invalid_argument(database_url: str)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in details
         code, details = await status_of(audit.SetPurgeWatermark(barrier_audit_pb2.SetPurgeWatermarkRequest()))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "purge_before" in details
+        # A watermark ahead of the participant's clock would purge rows of sagas not yet
+        # audited, or not yet begun, and never move back: refused, nothing kept.
+        ahead = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        code, details = await status_of(
+            audit.SetPurgeWatermark(barrier_audit_pb2.SetPurgeWatermarkRequest(purge_before=_stamp(ahead)))
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "purge_before" in details and "ahead of this participant's clock" in details, details
+        listed = await audit.ListBarrierRows(barrier_audit_pb2.ListBarrierRowsRequest())
+        assert not listed.HasField("purge_watermark")
 
 
 async def test_rows_are_purged_only_below_the_watermark_and_a_late_execute_is_refused(database_url: str) -> None:
@@ -199,3 +211,32 @@ async def test_a_barrier_table_of_an_earlier_release_is_kept_and_gains_its_index
         assert [(row.idempotency_key, row.outcome) for row in listed.rows] == [
             (step.key, barrier_audit_pb2.BARRIER_OUTCOME_FAILED)
         ]
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("nosuch://somewhere/db", "--db"),
+        ("postgresql://127.0.0.1:1/nothing", "127.0.0.1"),
+    ],
+)
+def test_the_purge_command_answers_a_bad_database_in_one_line(url: str, says: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "compensa.participants.purge", "--db", url],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], done.stderr
+
+
+def test_the_purge_command_answers_a_database_without_a_barrier_in_one_line(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "compensa.participants.purge", "--db", make_postgres_url()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "participant_barrier" in lines[0], done.stderr

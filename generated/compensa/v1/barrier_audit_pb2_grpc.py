@@ -35,7 +35,8 @@ class BarrierAuditServiceStub:
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 
@@ -67,7 +68,8 @@ class BarrierAuditServiceServicer:
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 
@@ -85,6 +87,10 @@ class BarrierAuditServiceServicer:
         older than the operator's retention. The watermark only moves forward
         (an older one is kept as it is, and answered). The participant deletes
         below it in small batches, and refuses a late Execute for a key below it.
+        A purge_before more than a minute ahead of the participant's clock is
+        refused (INVALID_ARGUMENT): it would purge rows never audited. The
+        service has no roles: serve it with mutual TLS whose CA signs only the
+        orchestrator's certificates.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,7 +127,8 @@ class BarrierAuditService:
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 

@@ -36,7 +36,8 @@ class BarrierAuditServiceStub:
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 
@@ -54,6 +55,10 @@ class BarrierAuditServiceStub:
     older than the operator's retention. The watermark only moves forward
     (an older one is kept as it is, and answered). The participant deletes
     below it in small batches, and refuses a late Execute for a key below it.
+    A purge_before more than a minute ahead of the participant's clock is
+    refused (INVALID_ARGUMENT): it would purge rows never audited. The
+    service has no roles: serve it with mutual TLS whose CA signs only the
+    orchestrator's certificates.
     """
 
 @_typing.type_check_only
@@ -67,7 +72,8 @@ class BarrierAuditServiceAsyncStub(BarrierAuditServiceStub):
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 
@@ -82,6 +88,10 @@ class BarrierAuditServiceAsyncStub(BarrierAuditServiceStub):
     older than the operator's retention. The watermark only moves forward
     (an older one is kept as it is, and answered). The participant deletes
     below it in small batches, and refuses a late Execute for a key below it.
+    A purge_before more than a minute ahead of the participant's clock is
+    refused (INVALID_ARGUMENT): it would purge rows never audited. The
+    service has no roles: serve it with mutual TLS whose CA signs only the
+    orchestrator's certificates.
     """
 
 class BarrierAuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -94,7 +104,8 @@ class BarrierAuditServiceServicer(metaclass=_abc_1.ABCMeta):
     answers UNIMPLEMENTED and is reported as not audited, never as wrong.
 
     Errors: INVALID_ARGUMENT (a page_token this service did not issue for the
-    same query, a page_size out of range, too many saga_ids), UNAVAILABLE (the
+    same query, a page_size out of range, too many saga_ids, a purge_before
+    more than a minute ahead of the participant's clock), UNAVAILABLE (the
     participant's database does not answer; retry).
     """
 
@@ -119,6 +130,10 @@ class BarrierAuditServiceServicer(metaclass=_abc_1.ABCMeta):
         older than the operator's retention. The watermark only moves forward
         (an older one is kept as it is, and answered). The participant deletes
         below it in small batches, and refuses a late Execute for a key below it.
+        A purge_before more than a minute ahead of the participant's clock is
+        refused (INVALID_ARGUMENT): it would purge rows never audited. The
+        service has no roles: serve it with mutual TLS whose CA signs only the
+        orchestrator's certificates.
         """
 
 def add_BarrierAuditServiceServicer_to_server(servicer: BarrierAuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

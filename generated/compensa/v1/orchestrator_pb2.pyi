@@ -1832,8 +1832,16 @@ class AuditSagasRequest(_message.Message):
     BARRIER_RETENTION_FIELD_NUMBER: _builtins.int
     SETTLE_GRACE_FIELD_NUMBER: _builtins.int
     CLOCK_SKEW_MARGIN_FIELD_NUMBER: _builtins.int
+    AUDIT_ID_FIELD_NUMBER: _builtins.int
     definition_name: _builtins.str
     """Only sagas of this definition (and report only, as with `since`)."""
+    audit_id: _builtins.str
+    """The audit job's id (1-64 letters, digits, '.', '_' or '-'; unset: one is
+    made). A call with the id of a job already stored follows that job (the
+    other fields are not read): a call cut off, e.g. by its replica's end, is
+    made again with the same id, on any replica, and answers once the job
+    (carried on by another replica) is done.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Audit the sagas created since this time and report only, leaving the
@@ -1871,10 +1879,11 @@ class AuditSagasRequest(_message.Message):
         barrier_retention: _duration_pb2.Duration | None = ...,
         settle_grace: _duration_pb2.Duration | None = ...,
         clock_skew_margin: _duration_pb2.Duration | None = ...,
+        audit_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["barrier_retention", b"barrier_retention", "clock_skew_margin", b"clock_skew_margin", "settle_grace", b"settle_grace", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["barrier_retention", b"barrier_retention", "clock_skew_margin", b"clock_skew_margin", "definition_name", b"definition_name", "participants", b"participants", "settle_grace", b"settle_grace", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_id", b"audit_id", "barrier_retention", b"barrier_retention", "clock_skew_margin", b"clock_skew_margin", "definition_name", b"definition_name", "participants", b"participants", "settle_grace", b"settle_grace", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1984,6 +1993,9 @@ class AuditSagasResponse(_message.Message):
 
     PARTICIPANTS_FIELD_NUMBER: _builtins.int
     SAGA_DISCREPANCIES_FIELD_NUMBER: _builtins.int
+    AUDIT_ID_FIELD_NUMBER: _builtins.int
+    audit_id: _builtins.str
+    """The audit job this reports on."""
     @_builtins.property
     def participants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ParticipantAudit]: ...
     @_builtins.property
@@ -1995,10 +2007,11 @@ class AuditSagasResponse(_message.Message):
         *,
         participants: _abc.Iterable[Global___ParticipantAudit] | None = ...,
         saga_discrepancies: _abc.Iterable[Global___AuditDiscrepancy] | None = ...,
+        audit_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["participants", b"participants", "saga_discrepancies", b"saga_discrepancies"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_id", b"audit_id", "participants", b"participants", "saga_discrepancies", b"saga_discrepancies"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -236,12 +236,15 @@ class OrchestratorServiceStub:
     """
     AuditSagas: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]
     """Operator: audits the saga log against each participant's own barrier
-    rows (compensa.v1.BarrierAuditService), in this replica, and answers
-    what it found once done. Each discrepancy is recorded and raised once as
+    rows (compensa.v1.BarrierAuditService) as a durable job, and answers
+    what it found once done. One audit runs at a time: a call made while
+    another runs waits for it, then starts its own. Any replica runs the job,
+    under a lease; if that replica dies, another carries it on from its last
+    batch, and a call made again with the answer's (or its own) `audit_id`
+    follows it. Each discrepancy is recorded and raised once as
     an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
     audit resumes where the last one found every saga clean, and moves that
-    point (durable, per participant): a call cut off by a replica's end is
-    called again, on any replica, and goes on from there. A participant that
+    point (durable, per participant). A participant that
     does not serve BarrierAuditService is reported as not audited. With
     `barrier_retention`, participants audited clean are told their purge
     watermark. Errors: INVALID_ARGUMENT (a participant with no stored
@@ -456,12 +459,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """
     AuditSagas: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.AuditSagasRequest, _orchestrator_pb2.AuditSagasResponse]  # type: ignore[assignment]
     """Operator: audits the saga log against each participant's own barrier
-    rows (compensa.v1.BarrierAuditService), in this replica, and answers
-    what it found once done. Each discrepancy is recorded and raised once as
+    rows (compensa.v1.BarrierAuditService) as a durable job, and answers
+    what it found once done. One audit runs at a time: a call made while
+    another runs waits for it, then starts its own. Any replica runs the job,
+    under a lease; if that replica dies, another carries it on from its last
+    batch, and a call made again with the answer's (or its own) `audit_id`
+    follows it. Each discrepancy is recorded and raised once as
     an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
     audit resumes where the last one found every saga clean, and moves that
-    point (durable, per participant): a call cut off by a replica's end is
-    called again, on any replica, and goes on from there. A participant that
+    point (durable, per participant). A participant that
     does not serve BarrierAuditService is reported as not audited. With
     `barrier_retention`, participants audited clean are told their purge
     watermark. Errors: INVALID_ARGUMENT (a participant with no stored
@@ -853,12 +859,15 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_pb2.AuditSagasResponse, _abc.Awaitable[_orchestrator_pb2.AuditSagasResponse]]:
         """Operator: audits the saga log against each participant's own barrier
-        rows (compensa.v1.BarrierAuditService), in this replica, and answers
-        what it found once done. Each discrepancy is recorded and raised once as
+        rows (compensa.v1.BarrierAuditService) as a durable job, and answers
+        what it found once done. One audit runs at a time: a call made while
+        another runs waits for it, then starts its own. Any replica runs the job,
+        under a lease; if that replica dies, another carries it on from its last
+        batch, and a call made again with the answer's (or its own) `audit_id`
+        follows it. Each discrepancy is recorded and raised once as
         an ALERT_KIND_AUDIT alert. Without `since` and `definition_name` the
         audit resumes where the last one found every saga clean, and moves that
-        point (durable, per participant): a call cut off by a replica's end is
-        called again, on any replica, and goes on from there. A participant that
+        point (durable, per participant). A participant that
         does not serve BarrierAuditService is reported as not audited. With
         `barrier_retention`, participants audited clean are told their purge
         watermark. Errors: INVALID_ARGUMENT (a participant with no stored

@@ -23,6 +23,7 @@ from compensa.orchestrator.api.service import OrchestratorService, service_handl
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.dashboard import RunningDashboard, start_dashboard
 from compensa.orchestrator.definitions import load_definitions
+from compensa.orchestrator.engine.auditor import AuditRunner
 from compensa.orchestrator.engine.bulk import BulkRunner
 from compensa.orchestrator.engine.engine import SagaEngine
 from compensa.orchestrator.shared import payloads
@@ -54,6 +55,8 @@ class RunningOrchestrator:
     dashboard: RunningDashboard | None = None
     #: Works on bulk actions once the engine runs.
     bulk: BulkRunner | None = None
+    #: Runs audit jobs once the engine runs.
+    audits: AuditRunner | None = None
     #: Done once the database is reached and the engine started; holds the
     #: exception of a start-up that cannot succeed (e.g. a schema to migrate).
     ready: asyncio.Future[None] | None = None
@@ -72,6 +75,8 @@ class RunningOrchestrator:
         await self.service.stop()
         if self.bulk is not None:
             await self.bulk.stop()
+        if self.audits is not None:
+            await self.audits.stop()
         await self.engine.stop()
         await self.engine.store.close()
         self.engine.metrics.close()
@@ -120,6 +125,13 @@ async def _wait_for_database(
     running.engine.start()
     running.bulk = BulkRunner(running.engine)
     running.bulk.start()
+    engine = running.engine
+    running.audits = AuditRunner(
+        engine.store, engine.owner, lease_seconds=engine.config.lease_seconds,
+        participant_tls=engine.config.participant_tls, commit_lag=engine.config.database_timeout,
+        metrics=engine.metrics,
+    )
+    running.audits.start()
     await running.database_health.ready()
     store = running.engine.store
     running.database_health.probe_every(running.config.health_probe_seconds, store.ping, store.probe_writes)

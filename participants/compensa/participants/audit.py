@@ -22,13 +22,18 @@ from compensa.participants.retention import (
 from compensa.participants.sdk import InvalidRequest, Participant, status_of
 from compensa.v1 import barrier_audit_pb2, barrier_audit_pb2_grpc
 
-__all__ = ["MAX_PAGE_SIZE", "MAX_SAGA_IDS", "BarrierAudit"]
+__all__ = ["MAX_PAGE_SIZE", "MAX_SAGA_IDS", "WATERMARK_AHEAD_LIMIT", "BarrierAudit"]
 
 _R = TypeVar("_R")
 
 MAX_PAGE_SIZE = 1000
 _DEFAULT_PAGE_SIZE = 500
 MAX_SAGA_IDS = 1000
+#: How far ahead of this participant's clock a purge watermark may be (the
+#: orchestrator's clock may run a little ahead; its own watermark is already
+#: behind it by its commit lag and clock-skew margin). A stray call further
+#: ahead would purge the rows of sagas never audited, and the watermark never moves back.
+WATERMARK_AHEAD_LIMIT = datetime.timedelta(seconds=60)
 
 _OPERATIONS = {
     "execute": barrier_audit_pb2.BARRIER_OPERATION_EXECUTE,
@@ -123,9 +128,17 @@ class BarrierAudit(barrier_audit_pb2_grpc.BarrierAuditServiceServicer):
         async def set_watermark() -> barrier_audit_pb2.SetPurgeWatermarkResponse:
             if not request.HasField("purge_before"):
                 raise InvalidRequest("purge_before is required: rows created before it may be deleted")
+            purge_before = _moment(request.purge_before)
+            latest = datetime.datetime.now(datetime.UTC) + WATERMARK_AHEAD_LIMIT
+            if purge_before > latest:
+                raise InvalidRequest(
+                    f"purge_before {purge_before.isoformat()} is ahead of this participant's clock"
+                    f" ({latest.isoformat()} with the {WATERMARK_AHEAD_LIMIT.total_seconds():.0f}s allowed for"
+                    " clock skew): it would purge rows of sagas not yet audited, and a watermark never moves back;"
+                    " send one derived from rows already audited (check the clocks)"
+                )
             in_force = await raise_watermark(
-                participant.engine, participant.barrier_watermark, _moment(request.purge_before),
-                participant.database_timeout,
+                participant.engine, participant.barrier_watermark, purge_before, participant.database_timeout
             )
             participant.purge_watermark = in_force
             return barrier_audit_pb2.SetPurgeWatermarkResponse(purge_watermark=_timestamp(in_force))

@@ -5,7 +5,9 @@ orchestrator set, once, then exits (`compensa.participants.retention`):
 
 for operators who run it from a scheduled job instead of the
 `purge_interval` option of `compensa.participants.serve`. Without a
-watermark it deletes nothing.
+watermark it deletes nothing. A database it cannot use (a bad URL,
+unreachable, without the barrier's tables) is said in one line on stderr,
+exit status 2.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Sequence
 
 import sqlalchemy
 
+from compensa.common.database import database_error_text
+from compensa.common.startup import DatabaseMisconfigured
 from compensa.participants.barrier import barrier_table
 from compensa.participants.retention import DEFAULT_PURGE_BATCH, purge_below_watermark, watermark_table
 from compensa.participants.serving import create_participant_engine
@@ -50,7 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             await engine.dispose()
 
-    print(f"deleted {asyncio.run(purge())} barrier row(s) below the purge watermark")
+    try:
+        deleted = asyncio.run(purge())
+    except DatabaseMisconfigured as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (sqlalchemy.exc.SQLAlchemyError, OSError) as error:
+        # Unreachable, timed out, or not a participant's database (no barrier
+        # or watermark table): one line, as the driver said it.
+        print(f"error: {args.barrier_table} at --db: {database_error_text(error)}", file=sys.stderr)
+        return 2
+    print(f"deleted {deleted} barrier row(s) below the purge watermark")
     return 0
 
 

@@ -39,7 +39,7 @@ from compensa.orchestrator.definitions import (
     validate_definition,
 )
 from compensa.orchestrator.engine import machine
-from compensa.orchestrator.engine.auditor import AuditOptions, run_audit
+from compensa.orchestrator.engine.auditor import AuditOptions, check_participants, enqueue_audit, report_of
 from compensa.orchestrator.engine.bulk import bulk_action_message, bulk_item_message, command_bulk_job
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.engine.engine import DEFAULT_STUCK_SECONDS, SagaEngine
@@ -80,13 +80,22 @@ from compensa.orchestrator.shared.limits import (
 )
 from compensa.orchestrator.shared.selection import SagaSelection, for_action, parse_filter
 from compensa.orchestrator.shared.timestamps import timestamp
-from compensa.orchestrator.store import DEFAULT_PRIORITY, BulkJob, ParticipantAddress, ParticipantLimits
+from compensa.orchestrator.store import (
+    AUDIT_JOB_COMPLETED,
+    DEFAULT_PRIORITY,
+    AuditJob,
+    BulkJob,
+    ParticipantAddress,
+    ParticipantLimits,
+)
 from compensa.v1 import bulk_pb2, contract_pb2, definition_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 log = logging.getLogger("compensa.service")
 
 SERVICE_DESCRIPTOR = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"]
 DEFAULT_PAGE_SIZE = 50
+# How often AuditSagas looks whether its audit job is done.
+_AUDIT_POLL_SECONDS = 0.2
 MAX_PAGE_SIZE = 1000
 #: A List page stops before this many bytes of items (AIP-158 lets a page be
 #: shorter than page_size); it always holds at least one item.
@@ -1039,16 +1048,44 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return orchestrator_pb2.ReleaseParticipantResponse(participant=_participant_message(stored))
 
     @_answer_errors
-    @_answer_errors
     async def AuditSagas(
         self,
         request: orchestrator_pb2.AuditSagasRequest,
         context: Context[orchestrator_pb2.AuditSagasRequest, orchestrator_pb2.AuditSagasResponse],
     ) -> orchestrator_pb2.AuditSagasResponse:
+        identity = self._caller(context)
         if not self._access.open:
-            self._access.require_whole_deployment(self._caller(context), "AuditSagas")
-        options = _audit_options(request, self._engine.config)
-        return audit_report_message(await run_audit(self._store, options, metrics=self._engine.metrics))
+            self._access.require_whole_deployment(identity, "AuditSagas")
+        if request.audit_id and not BULK_ACTION_ID_PATTERN.fullmatch(request.audit_id):
+            raise InvalidArgument(
+                f"audit_id must be 1-64 letters, digits, '.', '_' or '-', got {quote(request.audit_id)}"
+            )
+        job = await self._store.get_audit_job(request.audit_id) if request.audit_id else None
+        if job is None:
+            options = _audit_options(request, self._engine.config)
+            await check_participants(self._store, options.participants)
+            while True:
+                job, created = await enqueue_audit(
+                    self._store, options, started_by=identity.actor(""), audit_id=request.audit_id
+                )
+                if created or job.audit_id == request.audit_id:
+                    break
+                # Another audit runs: one at a time, so this one starts after it.
+                await self._audit_done(job.audit_id)
+        done = await self._audit_done(job.audit_id)
+        answer = audit_report_message(report_of(done))
+        answer.audit_id = done.audit_id
+        return answer
+
+    async def _audit_done(self, audit_id: str) -> AuditJob:
+        """The audit job once COMPLETED (whichever replica runs it), polled."""
+        while True:
+            job = await self._store.get_audit_job(audit_id)
+            if job is None:
+                raise NotFound(f"no audit job {quote(audit_id)}")
+            if job.state == AUDIT_JOB_COMPLETED:
+                return job
+            await asyncio.sleep(_AUDIT_POLL_SECONDS)
 
     async def ListParticipants(
         self,

@@ -452,8 +452,9 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--audit-interval", type=_duration, metavar="DURATION",
-        help="audit the saga log against the participants' barrier rows this often, resuming where the last audit"
-             " stopped (as `compensa audit`; default: never)",
+        help="enqueue an audit of the saga log against the participants' barrier rows this often, unless one is"
+             " running, resuming where the last audit stopped (as `compensa audit`; any replica runs it; default:"
+             " never)",
     )
     parser.add_argument(
         "--barrier-retention", type=_duration, metavar="DURATION",
@@ -548,7 +549,8 @@ def _add_audit(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--wait", type=_duration, default=duration_pb2.Duration(seconds=3600), metavar="DURATION",
-        help="how long to wait for the audit's answer (default 1h; an audit cut short resumes where it stopped)",
+        help="how long to follow the audit job until its report (default 1h; the job goes on without the"
+             " command, on any replica, and a later audit starts after it)",
     )
 
 

@@ -18,7 +18,8 @@ succeeded, pending, or settled as succeeded):
     applied E is a HANGING_EXECUTE, or SETTLED_NOT_REPORTED when the
     participant settled a Pending step whose outcome never reached the log;
   - a row for a saga or a step the log does not know is an ORPHAN_ROW.
-And for any saga: one in flight past its saga_timeout is PAST_DEADLINE; a
+And for any saga: one in flight past all its deadlines (its saga_timeout
+before its pivot, step timeouts, retries due, calls in flight) is PAST_DEADLINE; a
 step the log still shows waiting for CompleteStep while the participant has
 settled it is SETTLED_NOT_REPORTED.
 """
@@ -32,6 +33,7 @@ from typing import Protocol
 
 from google.protobuf import any_pb2
 
+from compensa.orchestrator.engine.machine import Plan, last_deadline
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.timeline import saga_state_name
 from compensa.orchestrator.store import AuditFinding
@@ -288,14 +290,17 @@ def orphan_rows(
 
 
 def past_deadline(audited: AuditedSaga, now: float, grace: float) -> AuditFinding | None:
-    """PAST_DEADLINE for a saga in flight more than `grace` seconds past its saga_timeout."""
+    """PAST_DEADLINE for a saga in flight more than `grace` seconds past all its
+    deadlines as the engine knows them (machine.last_deadline): its saga_timeout
+    before its pivot, its steps' step_timeouts, retries and calls in flight."""
     saga, definition = audited.saga, audited.definition
-    if saga.is_final or definition is None or not definition.HasField("saga_timeout"):
+    if saga.is_final or definition is None:
         return None
-    deadline = saga.created_at + definition.saga_timeout.ToNanoseconds() / 1e9
-    if deadline + grace >= now:
+    last = last_deadline(Plan.of(definition), saga)
+    if last is None or last[0] + grace >= now:
         return None
+    deadline, which = last
     return _finding(
         audited, "", "", "", PAST_DEADLINE, "in flight past all its deadlines",
-        f"{saga_state_name(saga.state)} {now - deadline:.0f}s after its saga_timeout", "(not asked)",
+        f"{saga_state_name(saga.state)} {now - deadline:.0f}s after its {which}", "(not asked)",
     )

@@ -1,7 +1,8 @@
 """Bulk actions run by the server: durable jobs that apply one operator
 action to every saga a filter selected.
 
-A job is a row leased like a saga (owner, lease_until, epoch), and the sagas
+A job is a row leased like a saga (owner, lease_until, epoch; jobs.py, shared
+with the audit's jobs), and the sagas
 it selected are rows too, each with the sequence the saga had then. A
 replica's `BulkRunner` claims a RUNNING job nobody holds and works through its
 pending sagas at a bounded rate; if the replica dies, its lease lapses and
@@ -42,6 +43,7 @@ from collections.abc import Awaitable, Callable
 
 from compensa.orchestrator.engine import machine
 from compensa.orchestrator.engine.engine import SagaEngine
+from compensa.orchestrator.engine.jobs import keep_lease
 from compensa.orchestrator.engine.migration import NotMoved, move_sagas
 from compensa.orchestrator.engine.replay import read_move
 from compensa.orchestrator.shared import records
@@ -233,17 +235,13 @@ class BulkRunner:
     async def _renew(self, job: BulkJob) -> None:
         """Keeps the job's lease while the job runs here (a batch learns
         itself whether the job is still its to run)."""
-        while True:
-            await asyncio.sleep(self._lease_seconds / 3)
-            try:
-                renewed = await self._store.renew_bulk_job(
-                    job.bulk_action_id, self._engine.owner, job.epoch, self._engine.clock.now() + self._lease_seconds
-                )
-            except StoreUnavailable as error:
-                log.debug("bulk action %s: lease not renewed (%s)", job.bulk_action_id, error)
-                continue
-            if not renewed:
-                return
+
+        async def renew() -> bool:
+            return await self._store.renew_bulk_job(
+                job.bulk_action_id, self._engine.owner, job.epoch, self._engine.clock.now() + self._lease_seconds
+            )
+
+        await keep_lease(renew, self._lease_seconds, None, log, f"bulk action {job.bulk_action_id}")
 
     async def _act_on_batch(
         self, job: BulkJob, items: list[BulkItem]

@@ -381,7 +381,7 @@ class SagaEngine:
                 commit_lag=self.config.database_timeout,
             )
             self._tasks.append(asyncio.create_task(
-                audit_every(self.store, audits, self.config.audit_interval_seconds, self.metrics), name="compensa-audit"
+                audit_every(self.store, audits, self.config.audit_interval_seconds), name="compensa-audit"
             ))
 
     def _people_counts(self) -> tuple[int, int] | None:

@@ -377,6 +377,38 @@ def wake_at(plan: Plan, saga: SagaRecord) -> float | None:
     return min(times) if times else None
 
 
+def last_deadline(plan: Plan, saga: SagaRecord) -> tuple[float, str] | None:
+    """When every deadline ahead of an unfinished saga will have passed, and
+    which is last: its saga_timeout (before its pivot took effect), each step's
+    step_timeout, each retry due and each call in flight ending by its timeout;
+    at each the engine changes the saga. None for a final saga, or one with
+    nothing ahead that ends its wait (a step WAITING without a step_timeout)."""
+    if saga.is_final:
+        return None
+    times: list[tuple[float, str]] = []
+    if saga.state == RUNNING and plan.saga_timeout is not None and pivot_in_effect(plan, saga.steps) is None:
+        times.append((saga.created_at + plan.saga_timeout, "saga_timeout"))
+    for step in saga.steps:
+        definition = plan.steps.get(step.name)
+        if definition is None:
+            continue
+        ends: list[tuple[float, str]] = []
+        if step.state in (STEP_RUNNING, STEP_WAITING):
+            deadline = _step_deadline(plan, step)
+            if deadline is not None:
+                ends.append((deadline, f"step {step.name!r}'s step_timeout"))
+        calling = step.state == STEP_COMPENSATING or (step.state == STEP_RUNNING and saga.state == RUNNING)
+        if calling:
+            # The call is sent when due, and answered or timed out within its timeout.
+            sent_by = max(step.next_attempt_at or saga.updated_at, saga.updated_at)
+            timeout = definition.compensate_timeout if step.state == STEP_COMPENSATING else definition.execute_timeout
+            what = "retry" if step.next_attempt_at is not None else "call"
+            ends.append((sent_by + duration_seconds(timeout), f"step {step.name!r}'s {what} timing out"))
+        if ends:
+            times.append(min(ends))
+    return max(times) if times else None
+
+
 def _retries_exhausted(policy: definition_pb2.RetryPolicy, attempts: int) -> bool:
     """Whether failed attempt `attempts` is the policy's last: its attempts are
     used up, or the next wait would take the waits past give_up_after."""

@@ -3,12 +3,15 @@
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, parse_database_url
 from compensa.orchestrator.store.base import (
     AUDIT_ALERT,
+    AUDIT_JOB_COMPLETED,
+    AUDIT_JOB_RUNNING,
     CONTRACT_FORCED,
     DEFAULT_PRIORITY,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
     AuditFinding,
+    AuditJob,
     AuditProgress,
     BulkItem,
     BulkJob,
@@ -51,12 +54,15 @@ def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABAS
 
 __all__ = [
     "AUDIT_ALERT",
+    "AUDIT_JOB_COMPLETED",
+    "AUDIT_JOB_RUNNING",
     "CONTRACT_FORCED",
     "DEFAULT_PRIORITY",
     "PARTICIPANT_RECOVERED",
     "PARTICIPANT_UNHEALTHY",
     "SAGA_ALERT",
     "AuditFinding",
+    "AuditJob",
     "AuditProgress",
     "BulkItem",
     "BulkJob",

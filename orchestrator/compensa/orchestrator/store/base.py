@@ -333,6 +333,32 @@ class AuditProgress:
     purge_before: float | None = None
 
 
+#: An audit job's states (compensa_audit_jobs.state).
+AUDIT_JOB_RUNNING = 1
+AUDIT_JOB_COMPLETED = 2
+
+
+@dataclass(frozen=True)
+class AuditJob:
+    """An audit run as a durable job, leased like a bulk action (auditor.py)."""
+
+    audit_id: str
+    request: bytes  # serialized AuditSagasRequest
+    started_by: str
+    state: int
+    #: The run's start (the database's clock): it audits the sagas created before.
+    began: float
+    created_at: float
+    updated_at: float
+    #: Serialized AuditSagasResponse: the participants done so far (all, once COMPLETED).
+    report: bytes = b""
+    #: JSON: where the participant in progress stands ("" : none yet).
+    cursor: str = ""
+    owner: str | None = None
+    lease_until: float | None = None
+    epoch: int = 0
+
+
 @dataclass(frozen=True)
 class AuditFinding:
     """A discrepancy an audit found between the log and a participant's rows."""
@@ -791,7 +817,40 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def save_audit_progress(self, progress: AuditProgress) -> None:
-        """Stores where a participant's audit stands (replacing what was)."""
+        """Stores where a participant's audit stands (replacing what was),
+        unfenced: for tools and tests; an audit job writes with save_audit_job."""
+
+    @abc.abstractmethod
+    async def create_audit_job(self, job: AuditJob) -> tuple[AuditJob, bool]:
+        """Stores `job` as RUNNING; (it, True). When its id is taken: (that
+        job, False); when another audit is RUNNING: (that one, False)."""
+
+    @abc.abstractmethod
+    async def get_audit_job(self, audit_id: str) -> AuditJob | None:
+        """The job, or None."""
+
+    @abc.abstractmethod
+    async def claim_audit_job(self, owner: str, now: float, lease_until: float) -> AuditJob | None:
+        """Takes the RUNNING audit job if no replica holds it under a live
+        lease, bumping its epoch; None when there is none to take."""
+
+    @abc.abstractmethod
+    async def renew_audit_job(self, audit_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+        """Extends `owner`'s lease of the RUNNING job held at `epoch`; False when it lost it."""
+
+    @abc.abstractmethod
+    async def release_audit_job(self, audit_id: str, owner: str, epoch: int) -> None:
+        """Gives up `owner`'s lease of the job, if it still holds it."""
+
+    @abc.abstractmethod
+    async def save_audit_job(
+        self, audit_id: str, owner: str, epoch: int, *, report: bytes, cursor: str, now: float,
+        progress: AuditProgress | None = None, complete: bool = False,
+    ) -> bool:
+        """If `owner` still holds the RUNNING job at `epoch`: stores its report
+        and cursor, and `progress` (a participant's, replacing what was), in
+        one transaction; with `complete`, COMPLETED and released. Whether it
+        held it (when not, nothing is written)."""
 
     @abc.abstractmethod
     async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:

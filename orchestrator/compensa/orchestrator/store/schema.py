@@ -341,6 +341,31 @@ audit_progress = Table(
     Column("purge_before", Float, nullable=True),
 )
 
+#: Audit runs as durable jobs (auditor.py), leased like bulk actions (owner,
+#: lease_until, epoch): `request` is the AuditSagasRequest; `began` the run's
+#: start (it audits the sagas created before); `report` the AuditSagasResponse
+#: of the participants done; `cursor` (JSON) where the one in progress stands.
+#: `running` is true while RUNNING and NULL after: unique, so at most one
+#: audit runs at a time.
+audit_jobs = Table(
+    "compensa_audit_jobs",
+    metadata,
+    Column("audit_id", String(64), primary_key=True),
+    Column("request", LargeBinary, nullable=False),
+    Column("started_by", String(256), nullable=False),
+    Column("state", Integer, nullable=False),
+    Column("running", Boolean, nullable=True),
+    Column("began", Float, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("owner", String(128), nullable=True),
+    Column("lease_until", Float, nullable=True),
+    Column("epoch", BigInteger, nullable=False),
+    Column("report", LargeBinary, nullable=False),
+    Column("cursor", Text, nullable=False),
+    UniqueConstraint("running", name="compensa_audit_jobs_one_running"),
+)
+
 #: Each discrepancy an audit found, once: a later run that finds it again
 #: raises no second alert. `participant` and `step_name` are empty for a
 #: discrepancy of the saga alone (in flight past its deadlines).

@@ -17,6 +17,7 @@ import functools
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -51,10 +52,13 @@ from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store import migrations
 from compensa.orchestrator.store.base import (
     AUDIT_ALERT,
+    AUDIT_JOB_COMPLETED,
+    AUDIT_JOB_RUNNING,
     CONTRACT_FORCED,
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     AuditFinding,
+    AuditJob,
     AuditProgress,
     BulkBatchAction,
     BulkItem,
@@ -89,6 +93,7 @@ from compensa.orchestrator.store.schema import (
     alert_outbox,
     alerts,
     audit_findings,
+    audit_jobs,
     audit_progress,
     bulk_actions,
     bulk_items,
@@ -181,6 +186,30 @@ def _selected(selection: SagaSelection, now: float) -> list[sa.ColumnElement[boo
 def _by_saga(chunk: dict[str, SagaMove], value: Callable[[SagaMove], Any], column: sa.Column[Any]) -> sa.Case[Any]:
     """`column` set, in one UPDATE of the chunk's sagas, to each one's value."""
     return sa.case({saga_id: value(move) for saga_id, move in chunk.items()}, value=sagas.c.saga_id, else_=column)
+
+
+@dataclass(frozen=True)
+class _LeasedJobs:
+    """A table of jobs leased to one replica at a time (owner, lease_until,
+    epoch, created_at columns), `key` its id, `running` the jobs one may hold."""
+
+    table: sa.Table
+    key: sa.Column[str]
+    running: sa.ColumnElement[bool]
+
+    def held(self, key: str, owner: str, epoch: int) -> list[sa.ColumnElement[bool]]:
+        """The job `key`, still RUNNING and held by `owner` at `epoch`."""
+        return [self.key == key, self.table.c.owner == owner, self.table.c.epoch == epoch, self.running]
+
+
+_BULK_JOBS = _LeasedJobs(
+    bulk_actions, bulk_actions.c.bulk_action_id, bulk_actions.c.state == bulk_pb2.BULK_ACTION_STATE_RUNNING
+)
+_AUDIT_JOBS = _LeasedJobs(audit_jobs, audit_jobs.c.audit_id, audit_jobs.c.state == AUDIT_JOB_RUNNING)
+
+
+def _audit_job(row: sa.Row[Any]) -> AuditJob:
+    return AuditJob(**{field.name: getattr(row, field.name) for field in dataclasses.fields(AuditJob)})
 
 
 def _bulk_job(row: sa.Row[Any]) -> BulkJob:
@@ -1003,17 +1032,76 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         return None if row is None else _audit_progress_of(row)
 
     async def save_audit_progress(self, progress: AuditProgress) -> None:
+        async with self._transaction() as conn:
+            await self._save_audit_progress(conn, progress)
+
+    async def _save_audit_progress(self, conn: AsyncConnection, progress: AuditProgress) -> None:
         created_at, saga_id = progress.clean_through
         values = {
             "clean_created_at": created_at, "clean_saga_id": saga_id, "audited_at": progress.audited_at,
             "purge_before": progress.purge_before,
         }
+        await conn.execute(
+            self._insert(audit_progress)
+            .values(participant=progress.participant, **values)
+            .on_conflict_do_update(index_elements=[audit_progress.c.participant], set_=values)
+        )
+
+    async def create_audit_job(self, job: AuditJob) -> tuple[AuditJob, bool]:
+        values = {field.name: getattr(job, field.name) for field in dataclasses.fields(AuditJob)}
         async with self._transaction() as conn:
-            await conn.execute(
-                self._insert(audit_progress)
-                .values(participant=progress.participant, **values)
-                .on_conflict_do_update(index_elements=[audit_progress.c.participant], set_=values)
+            # The id, then the one RUNNING audit (`running` is unique): either conflict keeps the one stored.
+            inserted = (
+                await conn.execute(
+                    self._insert(audit_jobs).values(**values, running=True).on_conflict_do_nothing()
+                    .returning(*audit_jobs.c)
+                )
+            ).one_or_none()
+            if inserted is not None:
+                return _audit_job(inserted), True
+            existing = (
+                await conn.execute(
+                    sa.select(audit_jobs).where(
+                        sa.or_(audit_jobs.c.audit_id == job.audit_id, audit_jobs.c.running.is_(True))
+                    ).order_by((audit_jobs.c.audit_id == job.audit_id).desc()).limit(1)
+                )
+            ).one_or_none()
+        if existing is None:  # the running one ended meanwhile
+            return await self.create_audit_job(job)
+        return _audit_job(existing), False
+
+    async def get_audit_job(self, audit_id: str) -> AuditJob | None:
+        async with self._transaction() as conn:
+            row = (await conn.execute(sa.select(audit_jobs).where(audit_jobs.c.audit_id == audit_id))).one_or_none()
+        return None if row is None else _audit_job(row)
+
+    async def claim_audit_job(self, owner: str, now: float, lease_until: float) -> AuditJob | None:
+        row = await self._claim_leased(_AUDIT_JOBS, owner, now, lease_until)
+        return None if row is None else _audit_job(row)
+
+    async def renew_audit_job(self, audit_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+        return await self._renew_leased(_AUDIT_JOBS, audit_id, owner, epoch, lease_until)
+
+    async def release_audit_job(self, audit_id: str, owner: str, epoch: int) -> None:
+        await self._release_leased(_AUDIT_JOBS, audit_id, owner, epoch)
+
+    async def save_audit_job(
+        self, audit_id: str, owner: str, epoch: int, *, report: bytes, cursor: str, now: float,
+        progress: AuditProgress | None = None, complete: bool = False,
+    ) -> bool:
+        values: dict[str, Any] = {"report": report, "cursor": cursor, "updated_at": now}
+        if complete:
+            values.update(state=AUDIT_JOB_COMPLETED, running=None, owner=None, lease_until=None)
+        async with self._transaction() as conn:
+            saved = await conn.execute(
+                sa.update(audit_jobs).where(*_AUDIT_JOBS.held(audit_id, owner, epoch))
+                .values(**values).returning(audit_jobs.c.audit_id)
             )
+            if saved.first() is None:
+                return False
+            if progress is not None:
+                await self._save_audit_progress(conn, progress)
+        return True
 
     async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
         raised: list[StoredAlert] = []
@@ -1271,50 +1359,54 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         return (None if row is None else _bulk_job(row)), False
 
     async def claim_bulk_job(self, owner: str, now: float, lease_until: float) -> BulkJob | None:
+        row = await self._claim_leased(_BULK_JOBS, owner, now, lease_until)
+        return None if row is None else _bulk_job(row)
+
+    async def renew_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+        return await self._renew_leased(_BULK_JOBS, bulk_action_id, owner, epoch, lease_until)
+
+    async def release_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> None:
+        await self._release_leased(_BULK_JOBS, bulk_action_id, owner, epoch)
+
+    # -- leased jobs (bulk actions, audits): one replica works on a job at a
+    # time, under a lease; each claim bumps the epoch, and every write of the
+    # holder is guarded on (owner, epoch), so a replica that lost the job
+    # writes nothing.
+
+    async def _claim_leased(self, jobs: _LeasedJobs, owner: str, now: float, lease_until: float) -> sa.Row[Any] | None:
+        table = jobs.table
         free = self._skip_locked(
-            sa.select(bulk_actions.c.bulk_action_id)
-            .where(
-                bulk_actions.c.state == bulk_pb2.BULK_ACTION_STATE_RUNNING,
-                sa.or_(bulk_actions.c.owner.is_(None), bulk_actions.c.lease_until < now),
-            )
-            .order_by(bulk_actions.c.created_at)
+            sa.select(jobs.key)
+            .where(jobs.running, sa.or_(table.c.owner.is_(None), table.c.lease_until < now))
+            .order_by(table.c.created_at)
             .limit(1)
         )
         async with self._transaction() as conn:
-            bulk_action_id = (await conn.execute(free)).scalar_one_or_none()
-            if bulk_action_id is None:
+            key = (await conn.execute(free)).scalar_one_or_none()
+            if key is None:
                 return None
-            row = (
+            return (
                 await conn.execute(
-                    sa.update(bulk_actions).where(bulk_actions.c.bulk_action_id == bulk_action_id)
-                    .values(owner=owner, lease_until=lease_until, epoch=bulk_actions.c.epoch + 1)
-                    .returning(*bulk_actions.c)
+                    sa.update(table).where(jobs.key == key)
+                    .values(owner=owner, lease_until=lease_until, epoch=table.c.epoch + 1)
+                    .returning(*table.c)
                 )
             ).one()
-        return _bulk_job(row)
 
-    def _held_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> list[sa.ColumnElement[bool]]:
-        return [
-            bulk_actions.c.bulk_action_id == bulk_action_id, bulk_actions.c.owner == owner,
-            bulk_actions.c.epoch == epoch, bulk_actions.c.state == bulk_pb2.BULK_ACTION_STATE_RUNNING,
-        ]
-
-    async def renew_bulk_job(self, bulk_action_id: str, owner: str, epoch: int, lease_until: float) -> bool:
+    async def _renew_leased(self, jobs: _LeasedJobs, key: str, owner: str, epoch: int, lease_until: float) -> bool:
         async with self._transaction() as conn:
             renewed = await conn.execute(
-                sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
-                .values(lease_until=lease_until).returning(bulk_actions.c.bulk_action_id)
+                sa.update(jobs.table).where(*jobs.held(key, owner, epoch))
+                .values(lease_until=lease_until).returning(jobs.key)
             )
             return renewed.first() is not None
 
-    async def release_bulk_job(self, bulk_action_id: str, owner: str, epoch: int) -> None:
+    async def _release_leased(self, jobs: _LeasedJobs, key: str, owner: str, epoch: int) -> None:
+        table = jobs.table
         async with self._transaction() as conn:
             await conn.execute(
-                sa.update(bulk_actions)
-                .where(
-                    bulk_actions.c.bulk_action_id == bulk_action_id, bulk_actions.c.owner == owner,
-                    bulk_actions.c.epoch == epoch,
-                )
+                sa.update(table)
+                .where(jobs.key == key, table.c.owner == owner, table.c.epoch == epoch)
                 .values(owner=None, lease_until=None)
             )
 
@@ -1333,7 +1425,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         return len(items)
 
     async def _lock_held_bulk_job(self, conn: AsyncConnection, bulk_action_id: str, owner: str, epoch: int) -> bool:
-        held = sa.select(bulk_actions.c.bulk_action_id).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
+        held = sa.select(bulk_actions.c.bulk_action_id).where(*_BULK_JOBS.held(bulk_action_id, owner, epoch))
         return (await conn.execute(held.with_for_update(key_share=True))).first() is not None
 
     async def _pending_bulk_items(self, conn: AsyncConnection, bulk_action_id: str, limit: int) -> list[BulkItem]:
@@ -1352,7 +1444,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         """Sets the outcomes if `owner` still holds the job at `epoch` (else
         nothing: whoever holds it now learns them from the sagas' logs)."""
         held = await conn.execute(
-            sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch))
+            sa.update(bulk_actions).where(*_BULK_JOBS.held(bulk_action_id, owner, epoch))
             .values(updated_at=now).returning(bulk_actions.c.bulk_action_id)
         )
         if held.first() is None:
@@ -1383,7 +1475,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         pending = sa.exists().where(bulk_items.c.bulk_action_id == bulk_action_id, bulk_items.c.outcome == _PENDING)
         async with self._transaction() as conn:
             completed = await conn.execute(
-                sa.update(bulk_actions).where(*self._held_bulk_job(bulk_action_id, owner, epoch), ~pending)
+                sa.update(bulk_actions).where(*_BULK_JOBS.held(bulk_action_id, owner, epoch), ~pending)
                 .values(state=bulk_pb2.BULK_ACTION_STATE_COMPLETED, updated_at=now, owner=None, lease_until=None)
                 .returning(bulk_actions.c.bulk_action_id)
             )
