@@ -187,7 +187,9 @@ class _Gate:
         self.tokens -= 1
         self.slots_free -= 1
         self.made += 1
-        if not self.refill and min(self.tokens, self.slots_free) < self.refill_below:
+        # Tokens only: slots come back as calls end, and the calls in
+        # flight hold as many as the pace needs.
+        if not self.refill and self.tokens < self.refill_below:
             self.refill = True
             self.wake.set()
         return True
