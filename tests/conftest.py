@@ -139,6 +139,24 @@ def make_postgres_url(_postgres_server: pg.PostgresServer) -> Iterator[Callable[
         factory.drop_all()
 
 
+@pytest.fixture
+def private_postgres() -> Iterator[pg.PostgresServer]:
+    """A cluster of the test's own (`pg_ctl` on a free port), for what would
+    disturb the shared server's other tests: a crash-restart, a full
+    tablespace (whose dirty pages any backend of the cluster may have to
+    write, failing where it does)."""
+    bindir = pg.find_server_bindir()
+    if bindir is None:
+        if _in_ci():
+            pytest.fail("PostgreSQL server binaries not found; CI needs them for a cluster of the test's own")
+        pytest.skip("PostgreSQL server binaries not found: cannot start a cluster of the test's own")
+    server = pg.start_throwaway_cluster(bindir)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_url(make_postgres_url: Callable[[], str]) -> str:
     """A fresh empty database for this test run, dropped at session end."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import pg
 import psycopg
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -81,8 +82,11 @@ class SmallDisk:
 
 
 @pytest.fixture
-def small_disk(admin_postgres_url: str) -> Iterator[SmallDisk]:
-    admin = make_url(admin_postgres_url)
+def small_disk(private_postgres: pg.PostgresServer) -> Iterator[SmallDisk]:
+    # A cluster of its own: once the tablespace is full, any backend of the
+    # cluster that has to write one of its dirty pages fails (seen: another
+    # test's CREATE DATABASE on the shared server, DiskFull).
+    admin = private_postgres.admin_url
     if admin.host not in ("127.0.0.1", "localhost", None):
         _cannot_mount(f"the test server {admin.host} is not on this machine")
     if os.geteuid() != 0:

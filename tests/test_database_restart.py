@@ -4,8 +4,7 @@ orchestrator reconnects and every saga still ends consistently."""
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pg
 import psycopg
@@ -21,21 +20,6 @@ S = saga_pb2
 
 # A cluster of its own, crash-restarted under sagas: one at a time (make test's --dist loadgroup).
 pytestmark = pytest.mark.xdist_group("heavy")
-
-
-@pytest.fixture
-def private_postgres() -> Iterator[pg.PostgresServer]:
-    """A cluster of our own, so restarting it disturbs nobody else."""
-    bindir = pg.find_server_bindir()
-    if bindir is None:
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail("PostgreSQL server binaries not found; CI needs them for the restart test")
-        pytest.skip("PostgreSQL server binaries not found: cannot start a private cluster to restart")
-    server = pg.start_throwaway_cluster(bindir)
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 async def test_sagas_survive_a_crash_restart_of_postgresql(
