@@ -579,26 +579,6 @@ async def test_an_audit_job_survives_the_kill_of_the_replica_running_it(
             await participant.stop(0)
 
 
-async def test_a_participant_purging_on_its_own_keeps_its_barrier_bounded(make_postgres_url: Callable[[], str]) -> None:
-    """Rounds of sagas, each followed by an audit that moves the purge watermark:
-    the participants' purge loops (serve's purge_interval) keep their barrier
-    tables from growing with the sagas run."""
-    async with checkout_stack(make_postgres_url, participant_purge_interval=0.2) as stack:
-        barrier = _barrier(stack, "inventory")
-        engine = stack.engine_of("inventory")
-
-        async def rows() -> int:
-            async with engine.connect() as conn:
-                return int((await conn.execute(sa.select(sa.func.count()).select_from(barrier))).scalar_one())
-
-        for _round in range(3):
-            await _run_to_end(stack, 5)
-            await _past_the_commit_lag()
-            status, report = await _audit(stack, "--barrier-retention", "1ms", "--clock-skew-margin", "0s")
-            assert status == 0, report
-            assert await poll_until(lambda: _at_most(rows(), 0), timeout=30.0)
-
-
 async def _at_most(count: Any, most: int) -> bool:
     return int(await count) <= most
 
