@@ -215,6 +215,28 @@ class ProcessSet:
             args += ["--participant", f"{participant}={participant_address}"]
         return self.add(name, args, address)
 
+    async def replicas(
+        self,
+        database_url: str,
+        participants: Mapping[str, str],
+        names: Sequence[str],
+        *,
+        definitions: Sequence[Path] = (CHECKOUT_DEFINITION,),
+    ) -> dict[str, ManagedProcess]:
+        """Replicas `names` of one deployment (`--replica-id NAME`), started
+        together and serving when this returns."""
+        replicas = {
+            name: self.orchestrator(
+                database_url, participants, definitions=definitions, name=name, options=["--replica-id", name]
+            )
+            for name in names
+        }
+        for replica in replicas.values():
+            replica.start()
+        for replica in replicas.values():
+            await replica.wait_serving(60)
+        return replicas
+
     def print_tails(self, lines: int = 40) -> None:
         for process in self.processes.values():
             print(f"----- last {lines} lines of {process.log_path}")

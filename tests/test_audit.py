@@ -503,17 +503,9 @@ async def test_an_audit_job_survives_the_kill_of_the_replica_running_it(
     channels: list[grpc.aio.Channel] = []
     try:
         with ProcessSet(tmp_path) as processes:
-            replicas = {
-                name: processes.orchestrator(
-                    database_url, {kind: p.address for kind, p in participants.items()}, name=name,
-                    options=["--replica-id", name],
-                )
-                for name in ("a", "b")
-            }
-            for replica in replicas.values():
-                replica.start()
-            for replica in replicas.values():
-                await replica.wait_serving(60)
+            replicas = await processes.replicas(
+                database_url, {kind: p.address for kind, p in participants.items()}, ("a", "b")
+            )
             stubs = {}
             for name, replica in replicas.items():
                 channels.append(channel := grpc.aio.insecure_channel(replica.address))

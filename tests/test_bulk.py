@@ -137,17 +137,9 @@ async def test_a_repair_of_many_sagas_survives_the_kill_of_the_replica_running_i
     stuck = [f"stuck-{n:05d}" for n in range(SAGAS // 2)]
     declined = [f"declined-{n:05d}" for n in range(SAGAS - SAGAS // 2)]
     with ProcessSet(tmp_path) as processes:
-        replicas = {
-            name: processes.orchestrator(
-                database_url, {"planted": address}, definitions=[tmp_path / "repairs.yaml"], name=name,
-                options=["--replica-id", name],
-            )
-            for name in ("a", "b")
-        }
-        for replica in replicas.values():
-            replica.start()
-        for replica in replicas.values():
-            await replica.wait_serving(60)
+        replicas = await processes.replicas(
+            database_url, {"planted": address}, ("a", "b"), definitions=[tmp_path / "repairs.yaml"]
+        )
         channels = {name: grpc.aio.insecure_channel(replica.address) for name, replica in replicas.items()}
         stubs = {name: orchestrator_pb2_grpc.OrchestratorServiceStub(channel) for name, channel in channels.items()}
         try:
