@@ -97,7 +97,11 @@ def print_alert(args: argparse.Namespace, alert: orchestrator_pb2.Alert) -> None
     else:
         about = f"participant {alert.participant} at {alert.address}"
     when = alert.raise_time.ToDatetime(datetime.UTC).isoformat(timespec="seconds")
-    print(f"@{alert.position:<6} {when} {kind:<21} {about}: {alert.message}", flush=True)
+    print(f"@{alert.position:<6} {when} {kind:<{_ALERT_KIND_WIDTH}} {about}: {alert.message}", flush=True)
+
+
+# The kind column fits the longest kind.
+_ALERT_KIND_WIDTH = max(len(name.removeprefix("ALERT_KIND_")) for name in orchestrator_pb2.AlertKind.keys())
 
 
 def print_saga_table(sagas: Sequence[saga_pb2.Saga]) -> None:
