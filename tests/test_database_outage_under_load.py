@@ -26,7 +26,6 @@ from harness import assert_replays_without_divergence, checkout_input, checkout_
 from psycopg import sql
 from tcp_proxy import TcpProxy
 from test_database_full import HealthRecord
-from test_database_restart import private_postgres  # noqa: F401  (a fixture)
 
 from compensa.v1 import orchestrator_pb2
 
@@ -42,7 +41,7 @@ _AFTER_RETURN_SECONDS = 1.0
 
 
 async def test_a_database_outage_under_load_is_one_loss_and_one_return(
-    private_postgres: pg.PostgresServer,  # noqa: F811  (the fixture)
+    private_postgres: pg.PostgresServer,
     make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="compensa.server")
