@@ -304,7 +304,7 @@ async def run_audit(
 ) -> AuditReport:
     """Audits each participant (see the module docstring); records and alerts
     what it finds. As `job`: from where it stopped, saving as it goes, and
-    completing it."""
+    completing it; without one, it reports only (no progress, no watermark)."""
     if job is None:
         participants = await check_participants(store, options.participants)
         gone: list[str] = []
@@ -509,8 +509,10 @@ async def _audit_participant(
     cutoff = min(now, created_until) - options.commit_lag
     progress = await store.audit_progress(participant.name)
     # A run over some sagas (since a time, of one definition) reports only:
-    # the clean prefix is about every saga.
-    resuming = options.since is None and not options.definition_name
+    # the clean prefix is about every saga. So does a run outside a job (the
+    # bench's flat-out audit): progress and watermarks are written only by a
+    # job's holder, fenced on its lease.
+    resuming = job is not None and options.since is None and not options.definition_name
     start: tuple[float, str] | None = (
         (progress.clean_through if progress is not None else None) if resuming else (options.since or 0.0, "")
     )
@@ -544,8 +546,6 @@ async def _audit_participant(
             ) if moved and audit.clean_through is not None else None
             if job is not None:
                 await job.save(cursor, saved)
-            elif saved is not None:
-                await store.save_audit_progress(saved)
             if saved is not None:
                 progress = saved
             if batch:
@@ -558,12 +558,8 @@ async def _audit_participant(
             limit = min(first_unclean, cutoff) if first_unclean is not None else cutoff
             purge_before = min(limit, now - options.barrier_retention) - options.clock_skew_margin
             audit.purge_before = await _tell_watermark(stub, participant.name, purge_before)
-            if audit.purge_before is not None:
-                told = AuditProgress(participant.name, clean_through, now, audit.purge_before)
-                if job is not None:
-                    await job.save(cursor, told)
-                else:
-                    await store.save_audit_progress(told)
+            if audit.purge_before is not None and job is not None:
+                await job.save(cursor, AuditProgress(participant.name, clean_through, now, audit.purge_before))
     except _NotAudited as reason:
         audit.audited = False
         audit.reason = str(reason)
