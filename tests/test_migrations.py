@@ -172,11 +172,22 @@ def test_the_migrations_make_the_schema_the_code_declares(database_url: str) -> 
     engine = sa.create_engine(_sync_url(database_url))
     try:
         with engine.connect() as connection:
-            context = MigrationContext.configure(connection, opts={"version_table": migrations.VERSION_TABLE})
+            context = MigrationContext.configure(
+                connection,
+                opts={"version_table": migrations.VERSION_TABLE, "include_object": _declared_for(connection)},
+            )
             differences = compare_metadata(context, metadata)
     finally:
         engine.dispose()
     assert differences == []
+
+
+def _declared_for(connection: sa.Connection) -> Callable[..., bool]:
+    """The objects of schema.py a database of this dialect has: PostgreSQL's
+    positions need no counter table."""
+    def include(value: object, name: str | None, kind: str, reflected: bool, compare_to: object) -> bool:
+        return not (connection.dialect.name == "postgresql" and kind == "table" and name == schema.log_head.name)
+    return include
 
 
 async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
@@ -295,13 +306,13 @@ async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_afte
     (delivered,) = webhook.deliveries
     assert delivered.body["alert_id"] == "mig-alerted/7" and delivered.body["delivery_attempt"] == 3
     assert (delivered.body["kind"], delivered.body["position"], delivered.body["sequence"]) == ("SAGA", 41, 7)
-    # A new alert takes the next position of the log.
+    # A new alert takes a later position of the log.
     store = open_store(database_url)
     try:
         await store.set_participant("p", "127.0.0.1:9", updated_by="test", now=now)
         await store.participant_failing("p", now)
         raised = await store.alert_participant_unhealthy("p", unhealthy_before=now, now=now, message="down")
-        assert raised is not None and raised.position == 2
+        assert raised is not None and raised.position > 1
     finally:
         await store.close()
 

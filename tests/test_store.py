@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -33,6 +34,7 @@ from compensa.orchestrator.store import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
+    PostgresSagaStore,
     SagaMove,
     SagaWrite,
     SqlSagaStore,
@@ -155,6 +157,28 @@ async def _all_events(store: SqlSagaStore, saga_id: str) -> list[StoredEvent]:
     return await store.read_saga_events(saga_id, 0, 1000)
 
 
+_SNAPSHOT_XMAX = sa.text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+_SNAPSHOT_XMIN = sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+
+
+async def _caught_up(store: SqlSagaStore) -> None:
+    """Waits until the logs read everything committed so far. On PostgreSQL a
+    read stops below the oldest transaction still open (see store/postgres.py),
+    any database's: another test's, here, for a few milliseconds."""
+    if not isinstance(store, PostgresSagaStore):
+        return
+    async with store.engine.connect() as conn:
+        committed_below = (await conn.execute(_SNAPSHOT_XMAX)).scalar_one()
+        deadline = time.monotonic() + 10
+        while (await conn.execute(_SNAPSHOT_XMIN)).scalar_one() < committed_below:
+            assert time.monotonic() < deadline, "a transaction held the log back for 10 s"
+            await asyncio.sleep(0.005)  # ok-sleep: another session's transaction ends on its own
+
+
+def _increasing(positions: list[int]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(positions))
+
+
 async def _column(store: SqlSagaStore, saga_id: str, column: str) -> object:
     async with store.engine.connect() as conn:
         return (
@@ -179,9 +203,12 @@ async def test_a_creating_write_inserts_the_saga_its_steps_and_its_first_events(
         (2, S.EVENT_TYPE_STEP_STARTED, "reserve_stock"),
         (3, S.EVENT_TYPE_STEP_STARTED, "fraud_check"),
     ]
-    assert [e.position for e in events] == [1, 2, 3]
+    first = events[0].position
+    assert [e.position for e in events] == [first, first + 1, first + 2]  # one transaction's, in order
     assert {e.definition_name for e in events} == {"checkout-parallel"}
-    assert await store.head_position() == 3
+    await _caught_up(store)
+    assert await store.head_position() >= events[-1].position
+    assert await store.read_log(events[-1].position, 10) == []
 
 
 async def test_second_create_with_the_same_id_writes_nothing(store: SqlSagaStore) -> None:
@@ -196,8 +223,9 @@ async def test_second_create_with_the_same_id_writes_nothing(store: SqlSagaStore
     assert fingerprint == "fp-s1"
     assert saga == first
     assert saga.input == b"input-s1"
+    await _caught_up(store)
+    assert await store.read_log(0, 100) == await _all_events(store, "s1")
     assert len(await _all_events(store, "s1")) == 2
-    assert await store.head_position() == 2
     assert await store.load_saga("s1") == first
 
 
@@ -207,8 +235,11 @@ async def test_read_log_pages_by_position_and_filters(store: SqlSagaStore) -> No
     await _create(store, plan, "s1")
     await _create(store, parallel, "s2")
     await _finish(store, plan, (await store.load_saga("s1")) or pytest.fail("s1 missing"), T0 + 1)
+    await _caught_up(store)
     everything = await store.read_log(0, 1000)
-    assert [e.position for e in everything] == list(range(1, await store.head_position() + 1))
+    assert _increasing([e.position for e in everything])
+    assert len(everything) == sum([len(await _all_events(store, saga_id)) for saga_id in ("s1", "s2")])
+    assert everything[-1].position <= await store.head_position()
     paged: list[StoredEvent] = []
     while page := await store.read_log(paged[-1].position if paged else 0, 4):
         assert len(page) <= 4
@@ -224,6 +255,7 @@ async def test_read_events_finds_the_events_at_given_keys(store: SqlSagaStore) -
     plan = await _plan(store)
     await _create(store, plan, "s1")
     await _create(store, plan, "s2")
+    await _caught_up(store)
     everything = {(e.saga_id, e.event.sequence): e for e in await store.read_log(0, 1000)}
     keys = [("s1", 2), ("s2", 1), ("s2", 99), ("nobody", 1)]
     found = await store.read_events(keys)
@@ -239,13 +271,14 @@ async def test_a_guarded_write_lands_with_its_events_and_step_changes(store: Sql
     saga = await _create(store, plan, "s1")
     transition = _succeed_first(plan, saga, T0 + 1)
     (result,) = await store.commit([_write(transition, saga.sequence, epoch=1, now=T0 + 1)])
-    assert result == WriteResult(ok=True, epoch=1, positions=(3, 4))
+    assert result.ok and result.epoch == 1
     loaded = await store.load_saga("s1")
     assert loaded == transition.saga
     assert loaded is not None and loaded.step("reserve_stock").output == b"out"
     events = await _all_events(store, "s1")
     assert [e.event.sequence for e in events] == [1, 2, 3, 4]
-    assert [e.position for e in events] == [1, 2, 3, 4]
+    assert tuple(e.position for e in events[2:]) == result.positions
+    assert _increasing([e.position for e in events])
     assert [e.event for e in events[2:]] == list(transition.events)
 
 
@@ -278,6 +311,7 @@ async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_se
         event = records.LogEvent(moved.sequence, S.EVENT_TYPE_SAGA_MOVED, T0 + 2, saga.state, message="moved")
         return SagaMove(moved, event, expected, T0 + 50)
 
+    await _caught_up(store)
     head = await store.head_position()
     epoch = await _column(store, rest[0], "epoch")
     results = await store.move_sagas([
@@ -286,7 +320,7 @@ async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_se
         move(waiting[rest[1]], waiting[rest[1]].sequence - 1),
     ])
     assert results[1:] == [None, None]
-    assert results[0] is not None and results[0].position == head + 1
+    assert results[0] is not None and results[0].position > head
     loaded = await store.load_saga(rest[0])
     assert loaded == move(waiting[rest[0]], 0).saga
     assert [(step.name, step.state, step.idempotency_name) for step in loaded.steps] == [
@@ -302,7 +336,8 @@ async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_se
     assert [stored.event.sequence for stored in logs[rest[0]]] == list(range(1, loaded.sequence + 1))
     assert logs[rest[0]][-1].event.type == S.EVENT_TYPE_SAGA_MOVED
     assert len(logs[held]) == claimed.saga.sequence
-    assert await store.head_position() == head + 1
+    await _caught_up(store)
+    assert [stored.position for stored in await store.read_log(head, 10)] == [results[0].position]
 
 
 @pytest.mark.parametrize("guard", ["stale sequence", "wrong epoch"])
@@ -311,6 +346,7 @@ async def test_a_write_that_fails_its_guard_writes_nothing(store: SqlSagaStore, 
     saga = await _create(store, plan, "s1")
     first = _succeed_first(plan, saga, T0 + 1)
     assert (await store.commit([_write(first, saga.sequence, epoch=1)]))[0].ok
+    await _caught_up(store)
     head = await store.head_position()
     # A second transition computed from the saga as it was before `first`.
     late = machine.decide(plan, saga, machine.ExecuteFailed("reserve_stock", "no"), T0 + 2)
@@ -323,7 +359,7 @@ async def test_a_write_that_fails_its_guard_writes_nothing(store: SqlSagaStore, 
     assert result == WriteResult(ok=False)
     assert await store.load_saga("s1") == first.saga
     assert len(await _all_events(store, "s1")) == first.saga.sequence
-    assert await store.head_position() == head
+    assert await store.read_log(head, 10) == []
 
 
 async def test_one_commit_lands_the_writes_whose_guards_hold_and_skips_the_others(store: SqlSagaStore) -> None:
@@ -340,20 +376,24 @@ async def test_one_commit_lands_the_writes_whose_guards_hold_and_skips_the_other
         _write(succeed_three, three.sequence, epoch=1),
         _write(cancel_three, three.sequence, epoch=None, owner="replica-ops"),
     ]
+    head = await store.head_position()
     results = await store.commit(writes)
     assert [r.ok for r in results[:3]] == [True, False, False]
     assert results[3].ok != results[4].ok, results
     winner = writes[3] if results[3].ok else writes[4]
-    assert results[0].positions == (9, 10)
+    assert len(results[0].positions) == 2 and results[0].positions[0] > head
     landed_positions = [p for r in results if r.ok for p in r.positions]
-    assert landed_positions == list(range(9, 9 + len(landed_positions)))
+    first = landed_positions[0]
+    assert landed_positions == list(range(first, first + len(landed_positions)))  # one transaction's, in order
     for refused in (two, four):
         assert await store.load_saga(refused.saga_id) == refused
         assert len(await _all_events(store, refused.saga_id)) == 2
     assert await store.load_saga("s3") == winner.saga
     assert [e.event for e in await _all_events(store, "s3")][2:] == list(winner.events)
+    await _caught_up(store)
     log = await store.read_log(0, 100)
-    assert [e.position for e in log] == list(range(1, await store.head_position() + 1))
+    assert _increasing([e.position for e in log])
+    assert len(log) == sum([len(await _all_events(store, saga_id)) for saga_id in ("s1", "s2", "s3", "s4")])
 
 
 # --- fencing ---------------------------------------------------------------------------------------------
@@ -368,7 +408,8 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     taken = replace(saga, sequence=saga.sequence + 1)
     assert (claimed.saga, claimed.epoch, claimed.taken_from) == (taken, 2, "replica-a")
     (logged,) = claimed.events
-    assert (logged.saga_id, logged.position, logged.event.sequence) == ("s1", 3, taken.sequence)
+    assert (logged.saga_id, logged.event.sequence) == ("s1", taken.sequence)
+    assert logged.position > (await _all_events(store, "s1"))[-2].position
     assert (logged.event.type, logged.event.actor, logged.event.saga_state) == (
         S.EVENT_TYPE_TAKEN_OVER, "replica-b", saga.state
     )
@@ -385,9 +426,8 @@ async def test_a_takeover_bumps_the_epoch_and_fences_the_old_owner(store: SqlSag
     assert await store.load_saga("s1") == taken
 
     current = _succeed_first(plan, taken, T0 + 33)
-    assert (await store.commit([_write(current, taken.sequence, epoch=2, owner="replica-b")]))[0] == WriteResult(
-        ok=True, epoch=2, positions=(4, 5)
-    )
+    (result,) = await store.commit([_write(current, taken.sequence, epoch=2, owner="replica-b")])
+    assert (result.ok, result.epoch, len(result.positions)) == (True, 2, 2)
 
     # An operator write takes the saga over whoever holds it.
     operator = machine.decide(plan, current.saga, machine.CancelRequested("ops", "stop"), T0 + 34)
@@ -576,12 +616,12 @@ async def test_the_global_log_is_read_in_commit_order_by_a_concurrent_reader(
         reads = 0
         while True:
             finished = done.is_set()
-            page = await reader_store.read_log(last, 50)
+            page = await reader_store.read_log_page(last, 50)
             reads += 1
-            seen.extend(page)
-            if page:
-                last = page[-1].position
-            elif finished:
+            seen.extend(page.events)
+            if page.events:
+                last = page.events[-1].position
+            elif finished and not page.held_back:
                 assert reads > 10, "the reader never ran alongside the writers"
                 return seen
 
@@ -595,10 +635,84 @@ async def test_the_global_log_is_read_in_commit_order_by_a_concurrent_reader(
         keys = [(event.saga_id, event.event.sequence) for event in seen]
         assert len(keys) == len(set(keys)), "an event was read twice"
         assert set(keys) == written, f"{len(written - set(keys))} committed events were skipped by the reader"
-        head = await reader_store.head_position()
-        assert positions == list(range(1, head + 1))
+        assert positions[-1] <= await reader_store.head_position()
     finally:
         await _close(stores)
+
+
+async def test_a_reader_never_skips_an_event_that_commits_after_a_later_one(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """Eight writers run the group commit's own statement in transactions
+    they hold open for random times and end in random order, a fifth of them
+    rolled back; a reader reads the log all along. Positions come from the
+    writers' transaction ids, which is not the order they commit in: the
+    reader must still get every committed event once, in increasing
+    positions, and never one that was rolled back."""
+    from compensa.orchestrator.store.postgres import flush_statement  # PostgreSQL's own
+
+    writers, transactions = 8, 25
+    url = make_postgres_url()
+    store = open_store(url)
+    await store.ensure_schema()
+    conninfo = store.database.conninfo
+    assert conninfo is not None
+    plan = await _plan(store)
+    done = asyncio.Event()
+    committed: set[tuple[str, int, float]] = set()
+    rolled_back: set[tuple[str, int, float]] = set()
+
+    async def write(index: int) -> None:
+        rng = random.Random(index)
+        saga = await _create(store, plan, f"w{index}")
+        committed.update((saga.saga_id, sequence, T0) for sequence in range(1, saga.sequence + 1))
+        async with await psycopg.AsyncConnection.connect(conninfo) as conn:
+            for number in range(transactions):
+                # Its time tells a transaction's events from a rolled-back one's at the same sequences.
+                transition = _filler(saga, rng.randint(1, 4), T0 + 1000 * index + number)
+                statement, arguments = flush_statement([_write(transition, saga.sequence, epoch=1)])
+                async with conn.cursor() as cursor:
+                    await cursor.execute(statement, arguments)
+                    assert len(await cursor.fetchall()) == 1, "the write did not land"
+                await asyncio.sleep(rng.uniform(0, 0.03))  # ok-sleep: the transaction stays open
+                keys = {(saga.saga_id, event.sequence, event.time) for event in transition.events}
+                if rng.random() < 0.2:
+                    await conn.rollback()
+                    rolled_back.update(keys)
+                else:
+                    await conn.commit()
+                    committed.update(keys)
+                    saga = transition.saga
+
+    async def read() -> tuple[list[StoredEvent], int]:
+        seen: list[StoredEvent] = []
+        last, held_back = 0, 0
+        while True:
+            finished = done.is_set()
+            page = await store.read_log_page(last, 50)
+            seen.extend(page.events)
+            held_back += page.held_back
+            if page.events:
+                last = page.events[-1].position
+            elif finished and not page.held_back:
+                return seen, held_back
+            else:
+                await asyncio.sleep(0.001)  # ok-sleep: a reader polling as writers commit
+
+    try:
+        reader = asyncio.create_task(read())
+        await asyncio.gather(*(write(index) for index in range(writers)))
+        done.set()
+        seen, held_back = await reader
+        assert held_back > 0, "no read found a later transaction committed before an earlier one"
+        positions = [event.position for event in seen]
+        assert _increasing(positions), "positions not strictly increasing"
+        keys = [(event.saga_id, event.event.sequence, event.event.time) for event in seen]
+        assert len(keys) == len(set(keys)), "an event was read twice"
+        assert not set(keys) & rolled_back, "an event of a rolled-back transaction was read"
+        assert set(keys) == committed, f"{len(committed - set(keys))} committed events were skipped by the reader"
+    finally:
+        await store.close()
 
 
 # --- listing ---------------------------------------------------------------------------------------------------
@@ -847,8 +961,9 @@ async def test_an_alert_event_lands_in_the_alert_log_and_outbox_with_it_and_is_c
         _write(stale, quiet.sequence - 1, epoch=1, now=T0 + 1),  # its guard fails: no event, no alert
     ])
     assert landed.ok and not skipped.ok
+    await _caught_up(store)
     (logged,) = await store.read_alerts(0, 10)
-    assert (logged.position, logged.kind, logged.alert_id) == (1, SAGA_ALERT, f"s1/{alert.saga.sequence}")
+    assert (logged.kind, logged.alert_id) == (SAGA_ALERT, f"s1/{alert.saga.sequence}")
     assert (logged.saga_id, logged.sequence, logged.event_position) == ("s1", alert.saga.sequence, landed.positions[0])
     assert (logged.definition_name, logged.message, logged.raised_at) == ("checkout", "a person must act", T0 + 1)
     assert await store.claim_alerts(T0 + 0.5, T0 + 10, 10) == []  # not due before it was raised
@@ -879,6 +994,7 @@ async def test_purge_removes_the_undelivered_alerts_of_the_sagas_it_deletes(stor
     assert await store.purge_finished(finished_before=T0 + 50, limit=10) == 1
     assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
     # Delivered (gone from the outbox) and old: retention deletes it from the log.
+    await _caught_up(store)
     assert [a.saga_id for a in await store.read_alerts(0, 10)] == ["s1"]
     assert await store.purge_alerts(raised_before=T0 + 1, limit=10) == 0
     assert await store.purge_alerts(raised_before=T0 + 50, limit=10) == 1
@@ -926,8 +1042,12 @@ async def test_a_participant_outage_is_alerted_once_and_its_recovery_once(store:
     # An outage that ends before its threshold raises nothing, then or at its end.
     await store.participant_failing("pay", T0 + 20)
     assert await store.participant_serving("pay", now=T0 + 21, message="x") is None
+    await _caught_up(store)
     logged = await store.read_alerts(0, 10)
-    assert [(a.position, a.kind) for a in logged] == [(1, PARTICIPANT_UNHEALTHY), (2, PARTICIPANT_RECOVERED)]
+    assert [(a.position, a.kind) for a in logged] == [
+        (unhealthy.position, PARTICIPANT_UNHEALTHY), (recovered.position, PARTICIPANT_RECOVERED)
+    ]
+    assert unhealthy.position < recovered.position
     assert [pending.alert for pending in await store.claim_alerts(T0 + 30, T0 + 40, 10)] == logged
 
 
@@ -945,6 +1065,7 @@ async def test_replicas_racing_on_one_outage_raise_its_alert_once(make_postgres_
             opened.participant_serving("pay", now=T0 + 20, message="up") for opened in stores
         ))
         assert len([alert for alert in ended if alert is not None]) == 1
+        await _caught_up(stores[0])
         assert [a.kind for a in await stores[0].read_alerts(0, 10)] == [PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED]
     finally:
         await _close(stores)
@@ -960,10 +1081,14 @@ async def test_alert_positions_follow_commit_order_across_saga_and_participant_a
     assert await store.alert_participant_unhealthy("pay", unhealthy_before=T0 + 2, now=T0 + 2, message="down")
     second = _alert(first.saga, T0 + 3, "again")
     assert (await store.commit([_write(second, first.saga.sequence, epoch=1, now=T0 + 3)]))[0].ok
+    await _caught_up(store)
     logged = await store.read_alerts(0, 10)
-    assert [(a.position, a.kind) for a in logged] == [(1, SAGA_ALERT), (2, PARTICIPANT_UNHEALTHY), (3, SAGA_ALERT)]
-    assert [a.position for a in await store.read_alerts(1, 1)] == [2]
-    assert await store.read_alerts(3, 10) == []
+    assert [a.kind for a in logged] == [SAGA_ALERT, PARTICIPANT_UNHEALTHY, SAGA_ALERT]
+    assert [a.message for a in logged] == ["a person must act", "down", "again"]
+    positions = [a.position for a in logged]
+    assert _increasing(positions)
+    assert [a.position for a in await store.read_alerts(positions[0], 1)] == positions[1:2]
+    assert await store.read_alerts(positions[2], 10) == []
 
 
 async def test_a_database_error_is_told_in_one_line_without_the_statement(tmp_path: Path) -> None:

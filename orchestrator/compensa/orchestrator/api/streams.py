@@ -8,8 +8,11 @@ A subscriber that falls more than a buffer behind its feed serves itself from
 the log (catch-up) until it is back at the tail: a slow reader holds no memory
 and never slows the engine.
 
-Ordering: positions are handed out in commit order (see store/sql.py), so a
-reader that delivers strictly increasing positions misses nothing.
+Ordering: a read of the log stops where the store can prove nothing will
+appear below (`LogPage.horizon`: on PostgreSQL, below the oldest transaction
+still open), so a reader that delivers strictly increasing positions misses
+nothing, and this process's own commits are handed over without a read only
+once everything below them is known.
 """
 
 from __future__ import annotations
@@ -28,6 +31,10 @@ log = logging.getLogger("compensa.streams")
 
 #: Events per read of the log; `read` callbacks must use it as their limit.
 READ_BATCH = 500
+#: While committed events wait behind an open transaction, the tail reads
+#: again after this, doubling up to its re-read interval: the transaction
+#: that ends the wait may send no notice (it need not be Compensa's).
+HELD_BACK_FIRST_REREAD_SECONDS = 0.005
 
 
 #: (definition_name, saga_state) a subscriber to every saga filters on; "" and 0 mean any.
@@ -97,17 +104,25 @@ class LogTail:
         # dashboards share it.
         self._of_all: dict[Filter, _Feed] = {}
         self._position: int | None = None
+        # Every event below this has been fanned out (or precedes the start).
+        self._horizon = 0
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
 
     def _take_committed(self, events: list[StoredEvent]) -> bool:
-        """This process's own commits, without reading them back: usable
-        when they follow on from what the tail has, else it re-reads."""
-        if self._position is None or not events or events[0].position != self._position + 1:
+        """This process's own commits (one transaction's), without reading
+        them back: usable when the tail has everything below their
+        transaction's positions, else it re-reads."""
+        if self._position is None or not events:
             return False
-        self._position = events[-1].position
-        self._fan_out(events)
+        if self._horizon < self._store.transaction_positions(events[0].position).start:
+            return False
+        fresh = [event for event in events if event.position > self._position]
+        if fresh:
+            self._position = fresh[-1].position
+            self._fan_out(fresh)
+        self._horizon = max(self._horizon, self._store.transaction_positions(events[-1].position).stop)
         return True
 
     async def stop(self) -> None:
@@ -124,14 +139,16 @@ class LogTail:
 
     async def _run(self) -> None:
         changed = asyncio.Event()
+        held_back_wait = HELD_BACK_FIRST_REREAD_SECONDS
         with self._changes.on_change(changed.set):
             while True:
                 try:
                     if self._position is None:
                         self._position = await self._store.head_position()
+                        self._horizon = self._position + 1
                         self._started.set()
                     changed.clear()
-                    events = await self._store.read_log(self._position, READ_BATCH)
+                    page = await self._store.read_log_page(self._position, READ_BATCH)
                 except Exception as error:  # the store comes back; subscribers catch up
                     # Not at WARNING every second: the database's health logs an outage once.
                     level = logging.DEBUG if isinstance(error, StoreUnavailable) else logging.WARNING
@@ -139,14 +156,21 @@ class LogTail:
                     await asyncio.sleep(1.0)
                     continue
                 # Commits of this process may have been handed over meanwhile.
-                fresh = [event for event in events if event.position > self._position]
+                fresh = [event for event in page.events if event.position > self._position]
                 if fresh:
                     self._position = fresh[-1].position
                     self._fan_out(fresh)
-                if len(events) == READ_BATCH:
+                self._horizon = max(self._horizon, page.horizon)
+                if len(page.events) == READ_BATCH:
                     continue
+                wait = self._reread_seconds
+                if page.held_back:
+                    wait = min(held_back_wait, wait)
+                    held_back_wait *= 2
+                else:
+                    held_back_wait = HELD_BACK_FIRST_REREAD_SECONDS
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self._reread_seconds)
+                    await asyncio.wait_for(changed.wait(), wait)
 
     def _fan_out(self, events: list[StoredEvent]) -> None:
         touched: set[_Feed] = set()

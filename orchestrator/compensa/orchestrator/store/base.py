@@ -24,6 +24,33 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class LogPage:
+    """One read of the global log."""
+
+    events: list[StoredEvent]
+    #: Every event that will ever have a position below this one has been
+    #: read (it is in `events`, or at or before the read's `after_position`):
+    #: a reader that resumes from here misses nothing.
+    horizon: int
+    #: Committed events past `horizon` were not read because a transaction
+    #: that began before them is still open (PostgreSQL): read again soon.
+    held_back: bool = False
+
+
+@dataclass(frozen=True)
+class LogHoldup:
+    """What keeps the global log's readers from its newest events: the
+    oldest open transaction that writes (any of the database's, not only
+    Compensa's), while committed events wait behind it."""
+
+    #: The transaction's id (xid8), the same for every replica that looks.
+    transaction: int
+    #: Who holds it, as PostgreSQL tells (pid, user, application, state, how
+    #: long open), or why it cannot ("a prepared transaction", "not visible").
+    holder: str
+
+
+@dataclass(frozen=True)
 class DefinitionChange:
     """A version of a definition became the latest: "registered" or "promoted"."""
 
@@ -226,6 +253,7 @@ PARTICIPANT_UNHEALTHY = "PARTICIPANT_UNHEALTHY"
 PARTICIPANT_RECOVERED = "PARTICIPANT_RECOVERED"
 AUDIT_ALERT = "AUDIT"
 CONTRACT_FORCED = "PARTICIPANT_CONTRACT_FORCED"
+LOG_HELD_BACK = "EVENT_LOG_HELD_BACK"
 
 
 @dataclass(frozen=True)
@@ -247,11 +275,13 @@ class StoredAlert:
     @property
     def alert_id(self) -> str:
         """Stable across deliveries: `<saga_id>/<sequence>` (a saga id has no
-        '/'), `audit/<position>`, or `participant/<name>/<position>`."""
+        '/'), `audit/<position>`, `log/<position>`, or `participant/<name>/<position>`."""
         if self.kind == SAGA_ALERT:
             return f"{self.saga_id}/{self.sequence}"
         if self.kind == AUDIT_ALERT:
             return f"audit/{self.position}"
+        if self.kind == LOG_HELD_BACK:
+            return f"log/{self.position}"
         return f"participant/{self.participant}/{self.position}"
 
 
@@ -880,17 +910,44 @@ class SagaStore(abc.ABC):
     async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
         """The events at these (saga id, sequence) keys that exist, in no particular order."""
 
-    @abc.abstractmethod
     async def read_log(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
     ) -> list[StoredEvent]:
         """Up to `limit` events of every saga after `after_position`, in log
         order; the filters keep the events of one definition, or those that
-        left their saga in `saga_state`."""
+        left their saga in `saga_state`. An event never appears after a read
+        that went past its position (see `read_log_page`)."""
+        page = await self.read_log_page(
+            after_position, limit, definition_name=definition_name, saga_state=saga_state
+        )
+        return page.events
+
+    @abc.abstractmethod
+    async def read_log_page(
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+    ) -> LogPage:
+        """`read_log`, with how far the read proves the log known."""
 
     @abc.abstractmethod
     async def head_position(self) -> int:
-        """The position of the last event in the log (0 when empty)."""
+        """A position to follow the log from "now": no event that becomes
+        visible later has a position at or below it (0 when empty)."""
+
+    def transaction_positions(self, position: int) -> range:
+        """The positions the transaction that took `position` could have
+        taken: the log's own commits are handed over a transaction at a time
+        (the default: positions are handed out one after another)."""
+        return range(position, position + 1)
+
+    async def log_holdup(self) -> LogHoldup | None:
+        """The open transaction holding committed events back from the log's
+        readers, if one does (never, by default: writes are serial)."""
+        return None
+
+    async def alert_log_holdup(self, holdup: LogHoldup, *, now: float, message: str) -> StoredAlert | None:
+        """Raises an EVENT_LOG_HELD_BACK alert for `holdup`, once per holding
+        transaction across every replica; None when already raised."""
+        raise NotImplementedError("the log is never held back here")
 
     async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
         """Calls `on_change(saga_ids)` whenever another process commits events

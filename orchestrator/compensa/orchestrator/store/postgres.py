@@ -31,10 +31,10 @@ from compensa.common.database import (
 )
 from compensa.common.retry import Backoff
 from compensa.orchestrator.shared.records import RUNNING
-from compensa.orchestrator.store.base import SAGA_ALERT, SagaWrite, WriteResult
+from compensa.orchestrator.store.base import LOG_HELD_BACK, SAGA_ALERT, LogHoldup, SagaWrite, StoredAlert, WriteResult
 from compensa.orchestrator.store.rows import ALERT_RAISED, event_row, rejected, saga_values, step_row
-from compensa.orchestrator.store.schema import ALERT_LOG, EVENT_LOG
-from compensa.orchestrator.store.sql import SqlSagaStore
+from compensa.orchestrator.store.schema import alerts, log_holdups
+from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts
 
 log = logging.getLogger("compensa.store")
 
@@ -242,16 +242,11 @@ class PostgresSagaStore(SqlSagaStore):
         """Group commit as ONE statement of fixed text (arrays + unnest, data-
         modifying CTEs), prepared once and run in autocommit: a flush of any
         size is one round trip and one atomic transaction."""
-        creates: dict[str, int] = {}
-        for index, write in enumerate(writes):
-            if write.request_fingerprint is not None:
-                creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
-        updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
         try:
-            params = _flush_params(writes, list(creates.values()), updates)
+            statement, arguments = flush_statement(writes)
             async with self._writing() as driver:
                 async with driver.cursor() as cursor:
-                    await cursor.execute(_FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS])
+                    await cursor.execute(statement, arguments)
                     rows = await cursor.fetchall()
         except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
             raise rejected(error) from error
@@ -270,6 +265,63 @@ class PostgresSagaStore(SqlSagaStore):
 
     def _skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
         return query.with_for_update(skip_locked=True)
+
+    # -- positions in the logs (see _RANK_BITS)
+
+    async def _take_positions(self, conn: AsyncConnection, log: sa.Table, count: int) -> range:
+        # What this transaction took already: its own rows, and (not written
+        # yet) what it was handed before, kept with the connection.
+        probe = sa.text(
+            f"SELECT x.base, coalesce(max(t.position), x.base) FROM (SELECT {_TRANSACTION_BASE} AS base) x"
+            f" LEFT JOIN {log.name} t ON t.position > x.base AND t.position < x.base + {_RANKS} GROUP BY x.base"
+        )
+        base, last = (await conn.execute(probe)).one()
+        handed: dict[str, tuple[int, int]] = conn.info.setdefault("compensa_positions", {})
+        taken_base, taken_last = handed.get(log.name, (base, base))
+        if taken_base == base:
+            last = max(last, taken_last)
+        if last + count >= base + _RANKS:
+            raise ValueError(f"more than {_RANKS - 1} positions of {log.name} in one transaction")
+        handed[log.name] = (base, last + count)
+        return range(last + 1, last + count + 1)
+
+    def _readable_below(self) -> sa.ColumnElement[int]:
+        return sa.literal_column(_READABLE_BELOW, sa.BigInteger)
+
+    def transaction_positions(self, position: int) -> range:
+        first = position >> _RANK_BITS << _RANK_BITS
+        return range(first, first + _RANKS)
+
+    async def log_holdup(self) -> LogHoldup | None:
+        async with self._transaction() as conn:
+            row = (await conn.execute(_HOLDUP)).one()
+        if not row.held:
+            return None
+        if row.holder is not None:
+            holder = row.holder
+        elif row.prepared:
+            holder = "a prepared transaction (pg_prepared_xacts): COMMIT PREPARED or ROLLBACK PREPARED it"
+        else:
+            holder = "a session this role may not see (pg_read_all_stats shows it)"
+        return LogHoldup(int(row.xmin), holder)
+
+    async def alert_log_holdup(self, holdup: LogHoldup, *, now: float, message: str) -> StoredAlert | None:
+        async with self._transaction() as conn:
+            first = (
+                await conn.execute(
+                    postgresql.insert(log_holdups)
+                    .values(transaction=holdup.transaction, holder=holdup.holder, alerted_at=now)
+                    .on_conflict_do_nothing()
+                    .returning(log_holdups.c.transaction)
+                )
+            ).first()
+            if first is None:
+                return None  # another replica raised it
+            (position,) = await self._take_positions(conn, alerts, 1)
+            alert = StoredAlert(position=position, kind=LOG_HELD_BACK, raised_at=now, message=message)
+            await log_alerts(conn, [alert])
+            await self._announce(conn, ["*"])
+            return alert
 
     async def _index_only_planning(self, conn: AsyncConnection) -> None:
         await conn.execute(sa.text("SET LOCAL enable_seqscan = off"))
@@ -310,6 +362,18 @@ _RECORDS = {
 def _step_value(name: str) -> str:
     return "decode(w.output, 'base64')" if name == "output" else f"w.{name}"
 
+
+# A position here is the id of the transaction that wrote the event (xid8)
+# times 2^20, plus the event's rank in that transaction (1, 2, ...): taking
+# one locks nothing. Ids are handed out as transactions first write, not as
+# they commit, so a reader reads only below the oldest transaction still
+# open (the snapshot's xmin): everything there has committed or never will.
+# A long-open transaction therefore holds readers back (LogHoldup says who).
+# (2^43 transaction ids fit; a 64-bit position holds ranks of 20 bits.)
+_RANK_BITS = 20
+_RANKS = 1 << _RANK_BITS
+_TRANSACTION_BASE = f"(pg_current_xact_id()::text::bigint << {_RANK_BITS})"
+_READABLE_BELOW = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {_RANK_BITS})"
 
 _FLUSH = f"""
 WITH v AS (
@@ -358,9 +422,9 @@ WITH v AS (
     FROM json_to_recordset(%(events)b::json) AS e({_RECORDS["e"]})
     JOIN landed ON landed.idx = e.idx
 ), head AS (
-    -- The log_head row lock is held to commit: positions follow commit order.
-    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM ev) WHERE id = {EVENT_LOG}
-    RETURNING position - (SELECT count(*) FROM ev) AS base
+    -- Positions from this transaction's id (the flush is its transaction's
+    -- only statement): no row that every flush of every replica must lock.
+    SELECT {_TRANSACTION_BASE} AS base
 ), events AS (
     INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
         attempt, message, actor, definition_name)
@@ -368,23 +432,45 @@ WITH v AS (
         ev.attempt, ev.message, ev.actor, ev.definition_name
     FROM ev, head
 ), r AS (
-    -- The ALERT_RAISED events, numbered for the alert log.
+    -- The ALERT_RAISED events, ranked in the transaction for the alert log.
     SELECT ev.*, head.base + ev.k AS p, row_number() OVER (ORDER BY ev.k) AS a
     FROM ev, head WHERE ev.type = {ALERT_RAISED}
-), ah AS (
-    -- The alert log's counter, locked only by a flush that raises alerts.
-    UPDATE compensa_log_head SET position = position + (SELECT count(*) FROM r)
-    WHERE id = {ALERT_LOG} AND EXISTS (SELECT 1 FROM r) RETURNING position - (SELECT count(*) FROM r) AS base
 ), al AS (
     -- An alert commits with its event and its outbox row, or none does.
     -- Values in the tables' column order (see schema.py).
-    INSERT INTO compensa_alerts SELECT ah.base + r.a, '{SAGA_ALERT}', r.time, r.message, r.saga_id, r.sequence, r.p,
-        r.definition_name, r.step_name, '', '' FROM r, ah RETURNING position, raised_at
+    INSERT INTO compensa_alerts SELECT head.base + r.a, '{SAGA_ALERT}', r.time, r.message, r.saga_id, r.sequence,
+        r.p, r.definition_name, r.step_name, '', '' FROM r, head RETURNING position, raised_at
 ), ob AS (
     INSERT INTO compensa_alert_outbox SELECT position, 0, raised_at, '' FROM al
 )
 SELECT landed.idx, landed.epoch, head.base FROM landed, head
 """
+
+
+# The oldest transaction still open, whether committed events wait behind it,
+# and who holds it (backend_xid is the 32-bit form of a transaction's id).
+_HOLDUP = sa.text(f"""
+SELECT x.xmin, coalesce((SELECT max(position) FROM compensa_saga_events) >= x.xmin << {_RANK_BITS}, false) AS held,
+    (SELECT format('pid %s, user %s, application %s, database %s, %s, open %ss', a.pid, a.usename,
+            coalesce(nullif(a.application_name, ''), '-'), a.datname, a.state,
+            round(extract(epoch FROM clock_timestamp() - a.xact_start)))
+        FROM pg_stat_activity a WHERE a.backend_xid = x.xmin::text::xid8::xid LIMIT 1) AS holder,
+    EXISTS (SELECT 1 FROM pg_prepared_xacts p WHERE p.transaction = x.xmin::text::xid8::xid) AS prepared
+FROM (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) x
+""")
+
+
+def flush_statement(writes: Sequence[SagaWrite]) -> tuple[str, list[Any]]:
+    """The group commit's statement for `writes` and its arguments: it
+    answers a row (write index, epoch, position base) per write that landed.
+    (Tests also run it inside transactions of their own.)"""
+    creates: dict[str, int] = {}
+    for index, write in enumerate(writes):
+        if write.request_fingerprint is not None:
+            creates.setdefault(write.saga.saga_id, index)  # a repeated id in one batch lands once
+    updates = [index for index, write in enumerate(writes) if write.request_fingerprint is None]
+    params = _flush_params(writes, list(creates.values()), updates)
+    return _FLUSH_SENT, [params[name] for name in _FLUSH_PARAMS]
 
 
 def _compact(query: str) -> tuple[str, tuple[str, ...]]:
@@ -457,6 +543,8 @@ def _flush_params(writes: Sequence[SagaWrite], creates: Sequence[int], updates: 
             row["idx"], row["n"] = index, len(events)
             del row["position"]
             events.append(row)
+    if len(events) >= _RANKS:
+        raise ValueError(f"{len(events)} events in one flush: a transaction ranks fewer than {_RANKS}")
     return {
         "updates": _json(updated), "creates": _json(created), "steps": _json(_step_rows(writes, updates, creates)),
         "events": _json(events),

@@ -116,8 +116,9 @@ saga_events = Table(
     metadata,
     Column("saga_id", String(128), primary_key=True),
     Column("sequence", BigInteger, primary_key=True),
-    # Global position: assigned under the log_head row lock, so positions
-    # follow commit order and a reader never skips a late commit.
+    # Global position: a reader past position N never misses an event that
+    # commits later (SQLite: a counter in compensa_log_head, in commit order;
+    # PostgreSQL: from the writing transaction's id, see store/postgres.py).
     Column("position", BigInteger, nullable=False, unique=True),
     Column("type", Integer, nullable=False),
     Column("time", Float, nullable=False),
@@ -130,7 +131,9 @@ saga_events = Table(
     Column("definition_name", String(64), nullable=False),
 )
 
-#: The compensa_log_head rows: the saga event log's counter, and the alert log's.
+#: The compensa_log_head rows: the saga event log's counter, and the alert
+#: log's. SQLite's only: PostgreSQL's positions need no counter (migration
+#: 0015 drops the table there).
 EVENT_LOG = 1
 ALERT_LOG = 2
 
@@ -233,10 +236,10 @@ participant_contracts = Table(
 )
 
 #: The alert log: every alert, of sagas (written with their ALERT_RAISED
-#: event) and of participants, at a position taken under the ALERT_LOG row
-#: lock of compensa_log_head, so positions follow commit order as the event
-#: log's do. `kind` is an AlertKind's name without its prefix (SAGA,
-#: PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED, AUDIT, PARTICIPANT_CONTRACT_FORCED).
+#: event) and of participants, at a position taken as the event log's are
+#: (a reader past N misses no later commit). `kind` is an AlertKind's name without its prefix (SAGA,
+#: PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED, AUDIT, PARTICIPANT_CONTRACT_FORCED,
+#: EVENT_LOG_HELD_BACK).
 alerts = Table(
     "compensa_alerts",
     metadata,
@@ -254,6 +257,17 @@ alerts = Table(
 )
 Index("compensa_alerts_raised", alerts.c.raised_at)
 Index("compensa_alerts_saga", alerts.c.saga_id)
+
+#: Open transactions that held the event log's readers back long enough to
+#: be alerted (PostgreSQL): a row per transaction, so that every replica
+#: that sees it raises the alert once between them.
+log_holdups = Table(
+    "compensa_log_holdups",
+    metadata,
+    Column("transaction", BigInteger, primary_key=True, autoincrement=False),
+    Column("holder", Text, nullable=False),
+    Column("alerted_at", Float, nullable=False),
+)
 
 #: Alerts to deliver to the webhook: one row per alert of the log, written
 #: in the transaction that writes the alert, deleted once delivered. A

@@ -67,6 +67,7 @@ from compensa.orchestrator.store.base import (
     ContractChange,
     DefinitionChange,
     DefinitionCheck,
+    LogPage,
     ParticipantAddress,
     PendingAlert,
     RecordedAuditFinding,
@@ -307,6 +308,28 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         """For the rest of the transaction, plans that read a whole table are
         out: the scheduler's claim runs every second, and a plan cached while
         the tables were small must not scan them once they are large."""
+
+    async def _take_positions(self, conn: AsyncConnection, log: sa.Table, count: int) -> range:
+        """The next `count` positions of `log` (saga_events or alerts) for a
+        write in `conn`'s transaction. Here, a counter row of compensa_log_head
+        whose lock is held to commit: positions follow commit order, and a
+        reader past position N never misses a late commit. (PostgreSQL's
+        replicas would all queue on that row: it takes positions from the
+        transaction's id instead.)"""
+        end = (
+            await conn.execute(
+                sa.update(log_head)
+                .where(log_head.c.id == (EVENT_LOG if log is saga_events else ALERT_LOG))
+                .values(position=log_head.c.position + count)
+                .returning(log_head.c.position)
+            )
+        ).scalar_one()
+        return range(end - count + 1, end + 1)
+
+    def _readable_below(self) -> sa.ColumnElement[int] | None:
+        """In a reading statement, the position below which every event that
+        will ever be visible already is (None: every committed one is)."""
+        return None
 
     # Reads the database's wall clock in seconds since the epoch.
     _CLOCK_QUERY: str
@@ -680,7 +703,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def _raise_participant_alert(
         self, conn: AsyncConnection, kind: str, name: str, address: str, now: float, message: str
     ) -> StoredAlert:
-        (position,) = await take_positions(conn, ALERT_LOG, 1)
+        (position,) = await self._take_positions(conn, alerts, 1)
         alert = StoredAlert(
             position=position, kind=kind, raised_at=now, message=message, participant=name, address=address
         )
@@ -820,15 +843,13 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def _append_events(
         self, conn: AsyncConnection, batch: Sequence[tuple[SagaRecord, tuple[LogEvent, ...]]]
     ) -> list[tuple[int, ...]]:
-        """Inserts events with global positions, last in the transaction.
-
-        The log_head row lock is held from here to commit, so transactions
-        take positions in the order they commit.
-        """
+        """Inserts events with global positions, last in the transaction
+        (a counter's lock, where positions take one, is held from here to
+        commit)."""
         count = sum(len(events) for _, events in batch)
         if count == 0:
             return [() for _ in batch]
-        position = (await take_positions(conn, EVENT_LOG, count)).start - 1
+        position = (await self._take_positions(conn, saga_events, count)).start - 1
         rows: list[dict[str, Any]] = []
         out: list[tuple[int, ...]] = []
         for saga, events in batch:
@@ -1121,7 +1142,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 ).first()
                 if inserted is None:
                     continue  # found (and alerted) by an earlier run
-                (position,) = await take_positions(conn, ALERT_LOG, 1)
+                (position,) = await self._take_positions(conn, alerts, 1)
                 raised.append(
                     StoredAlert(
                         position=position, kind=AUDIT_ALERT, raised_at=now, message=finding.message,
@@ -1203,7 +1224,11 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     # -- the alert log and its outbox
 
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
-        query = sa.select(alerts).where(alerts.c.position > after_position).order_by(alerts.c.position).limit(limit)
+        query = sa.select(alerts).where(alerts.c.position > after_position)
+        below = self._readable_below()
+        if below is not None:
+            query = query.where(alerts.c.position < below)
+        query = query.order_by(alerts.c.position).limit(limit)
         async with self._transaction() as conn:
             return [stored_alert(row) for row in (await conn.execute(query)).all()]
 
@@ -1513,37 +1538,46 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         async with self._transaction() as conn:
             return [stored_event(row) for row in (await conn.execute(query)).all()]
 
-    async def read_log(
+    async def read_log_page(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
-    ) -> list[StoredEvent]:
-        query = sa.select(saga_events).where(saga_events.c.position > after_position)
+    ) -> LogPage:
+        page = sa.select(saga_events).where(saga_events.c.position > after_position)
         if definition_name:
-            query = query.where(saga_events.c.definition_name == definition_name)
+            page = page.where(saga_events.c.definition_name == definition_name)
         if saga_state:
-            query = query.where(saga_events.c.saga_state == saga_state)
-        query = query.order_by(saga_events.c.position).limit(limit)
+            page = page.where(saga_events.c.saga_state == saga_state)
+        below = self._readable_below()
+        if below is None:
+            query = page.order_by(saga_events.c.position).limit(limit)
+            async with self._transaction() as conn:
+                events = [stored_event(row) for row in (await conn.execute(query)).all()]
+            return LogPage(events, (events[-1].position if events else after_position) + 1)
+        # One statement, so that the bound and the rows are of one snapshot,
+        # with a row for the bound even when no event is there.
+        bound = sa.select(
+            below.label("below"), sa.select(sa.func.max(saga_events.c.position)).scalar_subquery().label("last")
+        ).subquery("bound")
+        rows = (
+            page.where(saga_events.c.position < bound.c.below)
+            .order_by(saga_events.c.position).limit(limit).lateral("page")
+        )
+        query = sa.select(bound.c.below, bound.c.last, rows).select_from(bound.outerjoin(rows, sa.true()))
         async with self._transaction() as conn:
-            return [stored_event(row) for row in (await conn.execute(query)).all()]
+            found = (await conn.execute(query)).all()
+        events = [stored_event(row) for row in found if row.position is not None]
+        if len(events) == limit:
+            return LogPage(events, events[-1].position + 1)
+        readable, last = int(found[0].below), found[0].last or 0
+        return LogPage(events, max(readable, after_position + 1), held_back=last >= readable)
 
     async def head_position(self) -> int:
+        below = self._readable_below()
         async with self._transaction() as conn:
-            head = sa.select(log_head.c.position).where(log_head.c.id == EVENT_LOG)
-            return int((await conn.execute(head)).scalar_one())
+            if below is None:
+                head = sa.select(log_head.c.position).where(log_head.c.id == EVENT_LOG)
+                return int((await conn.execute(head)).scalar_one())
+            return int((await conn.execute(sa.select(below))).scalar_one()) - 1
 
-
-async def take_positions(conn: AsyncConnection, log_id: int, count: int) -> range:
-    """The next `count` positions of the log `log_id` (a compensa_log_head row).
-    The row's lock is held to commit, so transactions take positions in the
-    order they commit and a reader past position N never misses a late one."""
-    end = (
-        await conn.execute(
-            sa.update(log_head)
-            .where(log_head.c.id == log_id)
-            .values(position=log_head.c.position + count)
-            .returning(log_head.c.position)
-        )
-    ).scalar_one()
-    return range(end - count + 1, end + 1)
 
 
 async def log_alerts(conn: AsyncConnection, logged: Sequence[StoredAlert]) -> None:

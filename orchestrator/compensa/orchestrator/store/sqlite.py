@@ -15,8 +15,8 @@ from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.shared.records import DELIVERY_POSSIBLE, LogEvent, SagaRecord
 from compensa.orchestrator.store.base import BulkBatchAction, BulkJob, SagaWrite, WriteResult
 from compensa.orchestrator.store.rows import ALERT_RAISED, rejected, saga_alert, saga_values, step_row
-from compensa.orchestrator.store.schema import ALERT_LOG, participant_contracts, saga_steps, sagas
-from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts, take_positions
+from compensa.orchestrator.store.schema import alerts, participant_contracts, saga_steps, sagas
+from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts
 
 
 class TableByTableCommit(SqlSagaStore):
@@ -66,7 +66,7 @@ class TableByTableCommit(SqlSagaStore):
         ]
         if not raised:
             return
-        taken = await take_positions(conn, ALERT_LOG, len(raised))
+        taken = await self._take_positions(conn, alerts, len(raised))
         logged = [
             saga_alert(saga, event, event_position, position)
             for (saga, event, event_position), position in zip(raised, taken, strict=True)
