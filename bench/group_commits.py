@@ -3,7 +3,7 @@ PostgreSQL takes a second when N writers commit side by side, each flushing
 small batches as a replica with little to do does.
 
     .venv/bin/python bench/group_commits.py [--writers 1,4,16,64] [--seconds 10] [--batch 4]
-                                            [--processes P] [--quick]
+                                            [--processes P] [--database-timeout S] [--quick]
 
 Store level: no gRPC, no participants. It creates a fresh database, lets the
 store create its schema as `compensa serve` does (ensure_schema), registers
@@ -25,7 +25,10 @@ events each. So one transition in four creates a saga and the other three
 advance sagas this writer holds: with --batch 4, every flush is one new saga
 and three step successes of three others, the steady mix of a replica running
 that definition. Every write must land (a guard that fails is a bug of this
-bench: it stops). Each writer starts with a few sagas of its own and a
+bench: it stops). A flush the store gives up on (StoreUnavailable: it waited
+past --database-timeout, 3 s as `compensa serve`'s default, for the log's
+lock, say) is counted as failed, as a replica's writer would fail it; its
+sagas are dropped, their outcome unknown, and the writer goes on. Each writer starts with a few sagas of its own and a
 warm-up, unmeasured; its sagas are its own, so writers contend on nothing but
 what the flush itself shares between them.
 
@@ -68,9 +71,11 @@ import psycopg
 from common import STEP_NAMES, cpu_seconds, host_busy_seconds, percentile, saga_input
 from run import _STEP, BENCH_DEFINITION, PG_ADMIN_DSN, PG_HOST, BenchFailed, Lab, machine_description, warn_if_busy
 
+from compensa.common.database import DEFAULT_DATABASE_TIMEOUT
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.definitions import definition_fingerprint, load_definition_file
 from compensa.orchestrator.engine import machine
+from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.records import STEP_RUNNING, SagaRecord
 from compensa.orchestrator.store import PostgresSagaStore, SagaWrite
 from compensa.v1 import definition_pb2
@@ -94,8 +99,8 @@ SPARE_CONNECTIONS = 5
 class Replica:
     """One writer: a store of its own, as a replica has, and the sagas it holds."""
 
-    def __init__(self, url: str, plan: machine.Plan, name: str, batch: int) -> None:
-        self.store = PostgresSagaStore(url, notifier=name)
+    def __init__(self, url: str, plan: machine.Plan, name: str, batch: int, timeout: float) -> None:
+        self.store = PostgresSagaStore(url, notifier=name, timeout=timeout)
         _silence_change_notices(self.store)
         self.plan = plan
         self.name = name
@@ -153,7 +158,8 @@ class Replica:
         )
 
     async def flush(self, writes: list[SagaWrite]) -> None:
-        """Commits `writes`; every one must land."""
+        """Commits `writes`; every one must land. StoreUnavailable when the
+        store gave up: the writes' sagas are dropped (they may have landed)."""
         results = await self.store.commit(writes)
         missed = [write.saga.saga_id for write, result in zip(writes, results, strict=True) if not result.ok]
         if missed:
@@ -176,6 +182,9 @@ class WriterFigures:
     """What one worker process's writers did in the measured window."""
 
     commits: int = 0
+    #: Flushes the store gave up on (StoreUnavailable), and the first one's error.
+    failed: int = 0
+    first_error: str = ""
     transitions: int = 0
     events: int = 0
     #: From the common start to this process's last flush ending.
@@ -192,8 +201,14 @@ async def _drive(replicas: list[Replica], start: float, deadline: float) -> tupl
         while time.monotonic() < deadline:
             writes = replica.next_batch()
             began = time.perf_counter()
-            await replica.flush(writes)
-            latencies_ms.append((time.perf_counter() - began) * 1000)
+            try:
+                await replica.flush(writes)
+            except StoreUnavailable as error:
+                figures.failed += 1
+                figures.first_error = figures.first_error or str(error)
+                continue
+            finally:
+                latencies_ms.append((time.perf_counter() - began) * 1000)
             figures.commits += 1
             figures.transitions += len(writes)
             figures.events += sum(len(write.events) for write in writes)
@@ -207,18 +222,21 @@ async def _drive(replicas: list[Replica], start: float, deadline: float) -> tupl
 
 
 async def _worker(
-    url: str, definition: bytes, names: Sequence[str], batch: int, to_parent: Any, from_parent: Any
+    url: str, definition: bytes, names: Sequence[str], batch: int, timeout: float, to_parent: Any, from_parent: Any
 ) -> None:
     stored = definition_pb2.SagaDefinition.FromString(definition)
     plan = machine.Plan.of(stored)
-    replicas = [Replica(url, plan, name, batch) for name in names]
+    replicas = [Replica(url, plan, name, batch, timeout) for name in names]
     try:
         # Its first sagas and a warm-up, unmeasured: a flush's plan is cached
-        # and its connection open before the run.
+        # and its connection open before the run. A flush the store gives up
+        # on here is one more of the run's own (it would fail those too).
         for replica in replicas:
-            await replica.flush(replica.first_sagas())
+            with contextlib.suppress(StoreUnavailable):
+                await replica.flush(replica.first_sagas())
             for _ in range(WARMUP_FLUSHES):
-                await replica.flush(replica.next_batch())
+                with contextlib.suppress(StoreUnavailable):
+                    await replica.flush(replica.next_batch())
         to_parent.put(("ready", os.getpid()))
         window: tuple[float, float] | None = await asyncio.to_thread(from_parent.get)
         if window is None:
@@ -233,12 +251,12 @@ async def _worker(
 
 
 def worker_main(
-    url: str, definition: bytes, names: Sequence[str], batch: int, to_parent: Any, from_parent: Any
+    url: str, definition: bytes, names: Sequence[str], batch: int, timeout: float, to_parent: Any, from_parent: Any
 ) -> None:
     """A worker process: its writers, run when the parent says when."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the bench
     try:
-        asyncio.run(_worker(url, definition, names, batch, to_parent, from_parent))
+        asyncio.run(_worker(url, definition, names, batch, timeout, to_parent, from_parent))
     except BaseException as error:
         to_parent.put(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -253,9 +271,12 @@ class Level:
     writers: int
     processes: int
     commits: int
+    failed: int
+    first_error: str
     transitions: int
     events: int
     seconds: float
+    #: Of every flush, failed ones included.
     latencies_ms: list[float]
     bench_cpu_seconds: float
     busiest_process_cpu_seconds: float
@@ -315,9 +336,10 @@ def backends_cpu(pids: Sequence[int]) -> dict[int, float]:
 
 
 def cpu_between(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds of the backends seen at both readings (NaN: none was)."""
-    both = before.keys() & after.keys()
-    return sum(after[pid] - before[pid] for pid in both) if both else float("nan")
+    """CPU seconds the backends of the second reading used since the first
+    (those connected since, all of theirs: a store reconnects after a failed
+    flush; those gone since are missed). NaN when /proc showed none."""
+    return sum(after[pid] - before.get(pid, 0.0) for pid in after) if after else float("nan")
 
 
 def check_connections(writers: int) -> None:
@@ -336,7 +358,8 @@ def check_connections(writers: int) -> None:
 
 
 def run_level(
-    database: str, definition: bytes, writers: int, processes: int, batch: int, seconds: float, tag: str
+    database: str, definition: bytes, writers: int, processes: int, batch: int, seconds: float, timeout: float,
+    tag: str,
 ) -> Level:
     """N writers spread over `processes` processes, for `seconds`."""
     check_connections(writers)
@@ -347,7 +370,7 @@ def run_level(
     channels = [context.Queue() for _ in shares]
     workers: list[SpawnProcess] = [
         context.Process(
-            target=worker_main, args=(database_url(database), definition, share, batch, to_parent, channel),
+            target=worker_main, args=(database_url(database), definition, share, batch, timeout, to_parent, channel),
             name=f"group-commit-writers-{index}", daemon=True,
         )
         for index, (share, channel) in enumerate(zip(shares, channels, strict=True))
@@ -364,7 +387,7 @@ def run_level(
         for channel in channels:
             channel.put((start, start + seconds))
         answers = [_expect(to_parent, "done", seconds + 60, workers) for _ in workers]
-        database_after, host_after = backends_cpu(pids), host_busy_seconds()
+        database_after, host_after = backends_cpu(backend_pids(database)), host_busy_seconds()
     finally:
         for channel in channels:
             channel.put(None)
@@ -377,6 +400,8 @@ def run_level(
     figures = [WriterFigures(**answer[1]) for answer in answers]
     return Level(
         writers=writers, processes=processes, commits=sum(each.commits for each in figures),
+        failed=sum(each.failed for each in figures),
+        first_error=next((each.first_error for each in figures if each.failed), ""),
         transitions=sum(each.transitions for each in figures), events=sum(each.events for each in figures),
         seconds=max(each.seconds for each in figures), latencies_ms=latencies,
         bench_cpu_seconds=sum(each.cpu_seconds for each in figures),
@@ -406,7 +431,7 @@ def _expect(answers: Any, kind: str, timeout: float, workers: Sequence[SpawnProc
 
 
 HEADER = (
-    f"{'writers':>7} {'procs':>5} {'commits/s':>10} {'transitions/s':>13} {'events/s':>9} {'p50 ms':>7}"
+    f"{'writers':>7} {'procs':>5} {'commits/s':>10} {'failed':>6} {'transitions/s':>13} {'events/s':>9} {'p50 ms':>7}"
     f" {'p99 ms':>7} {'bench CPU':>9} {'busiest':>7} {'DB CPU':>7} {'machine':>7}"
 )
 
@@ -414,7 +439,7 @@ HEADER = (
 def print_level(level: Level) -> None:
     latencies = level.latencies_ms
     print(
-        f"{level.writers:>7} {level.processes:>5} {level.rate(level.commits):>10.0f}"
+        f"{level.writers:>7} {level.processes:>5} {level.rate(level.commits):>10.0f} {level.failed:>6}"
         f" {level.rate(level.transitions):>13.0f} {level.rate(level.events):>9.0f}"
         f" {percentile(latencies, 0.5):>7.2f} {percentile(latencies, 0.99):>7.2f}"
         f" {level.cores(level.bench_cpu_seconds):>9.2f} {level.cores(level.busiest_process_cpu_seconds):>7.2f}"
@@ -430,6 +455,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4, help="transitions per flush (default 4)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
                         help="most processes the writers run in (default: the CPUs)")
+    parser.add_argument("--database-timeout", type=float, default=DEFAULT_DATABASE_TIMEOUT, metavar="SECONDS",
+                        help="the store's bound on one flush, as serve's --database-timeout"
+                             f" (default {DEFAULT_DATABASE_TIMEOUT:g})")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 seconds per N")
     args = parser.parse_args(argv)
     args.levels = [int(level) for level in args.writers.split(",") if level]
@@ -456,16 +484,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" creates a saga), writers in up to {args.processes} processes; CPU in cores (CPU seconds per second)",
             flush=True,
         )
+        failures: list[str] = []
         print(HEADER)
         print("-" * len(HEADER), flush=True)
         for writers in args.levels:
             processes = min(writers, args.processes)
-            print_level(run_level(database, definition, writers, processes, args.batch, args.seconds, f"n{writers}"))
+            level = run_level(
+                database, definition, writers, processes, args.batch, args.seconds, args.database_timeout,
+                f"n{writers}",
+            )
+            print_level(level)
+            if level.failed:
+                failures.append(f"N={writers}: {level.failed} flush(es) failed, the first with: {level.first_error}")
         print(
-            "bench: bench CPU is all writer processes', busiest the one that used most (near 1.00, the client was"
-            " the limit); DB CPU the writers' PostgreSQL backends'; machine every process's, of"
-            f" {os.cpu_count()} CPUs"
+            "bench: failed: flushes the store gave up on (StoreUnavailable), in p50/p99 with the time they took;"
+            " bench CPU: all writer processes'; busiest: the one that used most (near 1.00: the client was the"
+            f" limit); DB CPU: the writers' PostgreSQL backends'; machine: every process's, of {os.cpu_count()} CPUs"
         )
+        for failure in failures:
+            print(f"bench: {failure}")
         warn_if_busy("end")
         failed = False
         return 0
