@@ -50,6 +50,13 @@ class _AlertKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AlertKind.V
     do not fit (SetParticipantRequest.force): the message names who did it,
     each definition and step it breaks, and each mismatch.
     """
+    ALERT_KIND_EVENT_LOG_HELD_BACK: _AlertKind.ValueType  # 6
+    """Committed events have waited longer than the threshold behind a
+    transaction still open on the orchestrator's PostgreSQL (any session's,
+    in any database of the server): WatchSagas and WatchAlerts deliver
+    nothing past it until it ends. The message names the transaction and who
+    holds it; raised once per transaction.
+    """
 
 class AlertKind(_AlertKind, metaclass=_AlertKindEnumTypeWrapper):
     """What an alert is about."""
@@ -71,6 +78,13 @@ ALERT_KIND_PARTICIPANT_CONTRACT_FORCED: AlertKind.ValueType  # 5
 """An operator stored a participant's contract that registered definitions
 do not fit (SetParticipantRequest.force): the message names who did it,
 each definition and step it breaks, and each mismatch.
+"""
+ALERT_KIND_EVENT_LOG_HELD_BACK: AlertKind.ValueType  # 6
+"""Committed events have waited longer than the threshold behind a
+transaction still open on the orchestrator's PostgreSQL (any session's,
+in any database of the server): WatchSagas and WatchAlerts deliver
+nothing past it until it ends. The message names the transaction and who
+holds it; raised once per transaction.
 """
 Global___AlertKind: _TypeAlias = AlertKind  # noqa: Y015
 

@@ -126,12 +126,15 @@ class OrchestratorServiceStub:
     WatchSagas: _grpc.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagasRequest, _orchestrator_pb2.WatchSagasResponse]
     """Streams every saga's events, resumable from a position (SagaEvent.position,
     a durable cursor into the global log, not a time).
-    Ordering: per saga, strict sequence order; across sagas, the commit order
-    of the log: positions are handed out in the order the transactions that
-    wrote them commit, and are sent strictly increasing, so resuming at
-    "position > N" never skips an event that committed later. Positions may
-    have gaps when a filter is set (filtered events are skipped) or where the
-    server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    Ordering: per saga, strict sequence order; across sagas, log order, sent
+    strictly increasing, so resuming at "position > N" never skips an event
+    that commits later. On PostgreSQL log order is the order in which the
+    writing transactions began writing, not the order they committed in (no
+    lock is shared by every commit): an event is sent only once every
+    transaction that began before it has ended, so a transaction left open
+    on the database holds the stream back (an ALERT_KIND_EVENT_LOG_HELD_BACK
+    alert says who). Positions have gaps (they are not counts), and are
+    opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
@@ -197,7 +200,7 @@ class OrchestratorServiceStub:
     """Streams every alert (a saga's ALERT_RAISED, a participant failing its
     health checks past `serve --alert-participant-unhealthy-after`, and its
     recovery), resumable from a position (Alert.position, a durable cursor
-    into the alert log, in commit order): those after `after_position` from
+    into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
@@ -349,12 +352,15 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     WatchSagas: _aio.UnaryStreamMultiCallable[_orchestrator_pb2.WatchSagasRequest, _orchestrator_pb2.WatchSagasResponse]  # type: ignore[assignment]
     """Streams every saga's events, resumable from a position (SagaEvent.position,
     a durable cursor into the global log, not a time).
-    Ordering: per saga, strict sequence order; across sagas, the commit order
-    of the log: positions are handed out in the order the transactions that
-    wrote them commit, and are sent strictly increasing, so resuming at
-    "position > N" never skips an event that committed later. Positions may
-    have gaps when a filter is set (filtered events are skipped) or where the
-    server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
+    Ordering: per saga, strict sequence order; across sagas, log order, sent
+    strictly increasing, so resuming at "position > N" never skips an event
+    that commits later. On PostgreSQL log order is the order in which the
+    writing transactions began writing, not the order they committed in (no
+    lock is shared by every commit): an event is sent only once every
+    transaction that began before it has ended, so a transaction left open
+    on the database holds the stream back (an ALERT_KIND_EVENT_LOG_HELD_BACK
+    alert says who). Positions have gaps (they are not counts), and are
+    opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
     """
@@ -420,7 +426,7 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Streams every alert (a saga's ALERT_RAISED, a participant failing its
     health checks past `serve --alert-participant-unhealthy-after`, and its
     recovery), resumable from a position (Alert.position, a durable cursor
-    into the alert log, in commit order): those after `after_position` from
+    into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
     (PERMISSION_DENIED): the alert log is the whole deployment's.
@@ -623,12 +629,15 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_orchestrator_pb2.WatchSagasResponse], _abc.AsyncIterator[_orchestrator_pb2.WatchSagasResponse]]:
         """Streams every saga's events, resumable from a position (SagaEvent.position,
         a durable cursor into the global log, not a time).
-        Ordering: per saga, strict sequence order; across sagas, the commit order
-        of the log: positions are handed out in the order the transactions that
-        wrote them commit, and are sent strictly increasing, so resuming at
-        "position > N" never skips an event that committed later. Positions may
-        have gaps when a filter is set (filtered events are skipped) or where the
-        server's retention deleted finished sagas, never otherwise. A high-volume consumer (a dashboard of every saga) asks for
+        Ordering: per saga, strict sequence order; across sagas, log order, sent
+        strictly increasing, so resuming at "position > N" never skips an event
+        that commits later. On PostgreSQL log order is the order in which the
+        writing transactions began writing, not the order they committed in (no
+        lock is shared by every commit): an event is sent only once every
+        transaction that began before it has ended, so a transaction left open
+        on the database holds the stream back (an ALERT_KIND_EVENT_LOG_HELD_BACK
+        alert says who). Positions have gaps (they are not counts), and are
+        opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
         """
@@ -778,7 +787,7 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams every alert (a saga's ALERT_RAISED, a participant failing its
         health checks past `serve --alert-participant-unhealthy-after`, and its
         recovery), resumable from a position (Alert.position, a durable cursor
-        into the alert log, in commit order): those after `after_position` from
+        into the alert log, in log order as WatchSagas'): those after `after_position` from
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
         (PERMISSION_DENIED): the alert log is the whole deployment's.

@@ -100,6 +100,11 @@ class ServerConfig:
     # raises an alert, once per outage, and another when it recovers; None
     # raises none.
     alert_participant_unhealthy_seconds: float | None = 60.0
+    # Committed events that wait this long behind a transaction left open
+    # (PostgreSQL's log readers stop below the oldest open one) raise an
+    # alert, once per transaction; None raises none (the metric and the log
+    # line remain).
+    alert_log_held_back_seconds: float | None = 60.0
     # Sagas this replica takes on at once (being started, or driven); a
     # StartSaga over it is refused with RESOURCE_EXHAUSTED and a retry delay
     # (admission.py). 0 sets no limit.
@@ -134,6 +139,7 @@ class ServerConfig:
             alert_stuck_seconds=self.alert_stuck_seconds,
             participant_health_seconds=self.participant_health_seconds,
             alert_participant_unhealthy_seconds=self.alert_participant_unhealthy_seconds,
+            alert_log_held_back_seconds=self.alert_log_held_back_seconds,
             retention_seconds=self.retention_seconds,
             audit_interval_seconds=self.audit_interval_seconds,
             barrier_retention_seconds=self.barrier_retention_seconds,

@@ -90,6 +90,23 @@ def _passes(event: StoredEvent, wanted: Filter) -> bool:
     )
 
 
+def _in_order(
+    live: list[StoredEvent], last: int, key: Callable[[StoredEvent], int], *, one_saga: bool
+) -> tuple[list[StoredEvent], bool]:
+    """The events of `live` to send after key `last`, and whether one is
+    missing before the rest: a saga's sequence has no gaps, so one of its
+    events past the next one means that one must be read from its log."""
+    if not one_saga:
+        return [event for event in live if key(event) > last], False
+    ready: list[StoredEvent] = []
+    for event in live:
+        if key(event) == last + len(ready) + 1:
+            ready.append(event)
+        elif key(event) > last + len(ready) + 1:
+            return ready, True
+    return ready, False
+
+
 class LogTail:
     """Reads the global log as it grows and fans it out to subscribers."""
 
@@ -106,6 +123,10 @@ class LogTail:
         self._position: int | None = None
         # Every event below this has been fanned out (or precedes the start).
         self._horizon = 0
+        # While an open transaction holds the log back, the events committed
+        # past it are read for the subscribers of one saga (their order is the
+        # saga's sequence, which holds there), from after this position.
+        self._past_open = 0
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
@@ -163,6 +184,8 @@ class LogTail:
                 self._horizon = max(self._horizon, page.horizon)
                 if len(page.events) == READ_BATCH:
                     continue
+                if page.held_back and self._of_saga:
+                    await self._read_past_open_transactions()
                 wait = self._reread_seconds
                 if page.held_back:
                     wait = min(held_back_wait, wait)
@@ -172,13 +195,32 @@ class LogTail:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), wait)
 
-    def _fan_out(self, events: list[StoredEvent]) -> None:
+    async def _read_past_open_transactions(self) -> None:
+        """The events committed past an open transaction, to the subscribers
+        of their saga only: a forgotten session holds every-saga streams back,
+        not a caller waiting for its saga's end. A saga's events may arrive
+        here with a gap (a transaction that began earlier commits later, below
+        what was read): its subscribers then read their saga's log."""
+        try:
+            page = await self._store.read_log_page(
+                max(self._position or 0, self._past_open), READ_BATCH, past_open_transactions=True
+            )
+        except Exception as error:  # the next read of the tail says it
+            log.debug("log tail, past open transactions: %s", error)
+            return
+        if page.events:
+            self._past_open = page.events[-1].position
+            self._fan_out(page.events, of_every_saga=False)
+
+    def _fan_out(self, events: list[StoredEvent], *, of_every_saga: bool = True) -> None:
         touched: set[_Feed] = set()
         for event in events:
             feed = self._of_saga.get(event.saga_id)
             if feed is not None:
                 feed.append(event)
                 touched.add(feed)
+            if not of_every_saga:
+                continue
             for wanted, feed in self._of_all.items():
                 if _passes(event, wanted):
                     feed.append(event)
@@ -252,11 +294,13 @@ class LogTail:
                         if more is None:
                             break  # fell behind while waiting: the log has it all
                         live += more
-                    ready = [event for event in live if key(event) > last]
+                    ready, gap = _in_order(live, last, key, one_saga=saga_id is not None)
                     if ready:
                         last = key(ready[-1])
                         yield ready
-                    elif not live:
+                    if gap:
+                        break  # a saga's event came before one it follows: read its log
+                    if not ready and not live:
                         # No timeout: subscribed before catching up, so every
                         # later event reaches the feed; a missed wake-up is
                         # the tail's to recover (it re-reads on its own), once

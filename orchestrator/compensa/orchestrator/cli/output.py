@@ -94,6 +94,8 @@ def print_alert(args: argparse.Namespace, alert: orchestrator_pb2.Alert) -> None
     kind = orchestrator_pb2.AlertKind.Name(alert.kind).removeprefix("ALERT_KIND_")
     if alert.kind == orchestrator_pb2.ALERT_KIND_SAGA:
         about = f"saga {alert.saga_id}" + (f" step {alert.step_name}" if alert.step_name else "")
+    elif alert.kind == orchestrator_pb2.ALERT_KIND_EVENT_LOG_HELD_BACK:
+        about = "the event log"
     else:
         about = f"participant {alert.participant} at {alert.address}"
     when = alert.raise_time.ToDatetime(datetime.UTC).isoformat(timespec="seconds")

@@ -471,6 +471,12 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
              " replica), once per outage, and another when it recovers (default 1m; 0 or off: none)",
     )
     parser.add_argument(
+        "--alert-log-held-back-after", type=_duration_or_off, metavar="DURATION",
+        help="raise an alert when committed events have waited this long behind a transaction left open on the"
+             " database (PostgreSQL: watch streams and alerts wait for it), once per transaction, naming who"
+             " holds it (default 1m; 0 or off: none)",
+    )
+    parser.add_argument(
         "--alert-webhook-timeout", type=_duration, metavar="DURATION",
         help="how long one delivery may take (default 5s); a replica killed while delivering leaves the alert"
              " to another replica after about this long",

@@ -83,6 +83,9 @@ def serve(args: argparse.Namespace) -> int:
     if args.alert_participant_unhealthy_after is not None:
         seconds = args.alert_participant_unhealthy_after.ToNanoseconds() / 1e9
         config = dataclasses.replace(config, alert_participant_unhealthy_seconds=seconds or None)
+    if args.alert_log_held_back_after is not None:
+        seconds = args.alert_log_held_back_after.ToNanoseconds() / 1e9
+        config = dataclasses.replace(config, alert_log_held_back_seconds=seconds or None)
     if args.alert_webhook_timeout is not None:
         config = dataclasses.replace(
             config, alert_webhook_timeout=_positive_seconds(args.alert_webhook_timeout, "--alert-webhook-timeout")

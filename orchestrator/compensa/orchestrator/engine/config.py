@@ -26,6 +26,7 @@ class EngineConfig:
     alert_stuck_seconds: float | None
     participant_health_seconds: float
     alert_participant_unhealthy_seconds: float | None
+    alert_log_held_back_seconds: float | None = 60.0
     retention_seconds: float | None
     audit_interval_seconds: float | None
     barrier_retention_seconds: float | None

@@ -67,6 +67,7 @@ from compensa.orchestrator.store import (
     PARTICIPANT_UNHEALTHY,
     Claimed,
     ContractChange,
+    LogHoldup,
     ParticipantAddress,
     ParticipantLimits,
     SagaFlow,
@@ -109,6 +110,8 @@ _COMMIT_BACKOFF = Backoff(initial=0.05, cap=2.0)
 _KEY_TURN_SECONDS = 0.5
 # Stuck sagas are looked for at most this often (and four times per threshold).
 _STUCK_CHECK_SECONDS = 30.0
+# How often a replica asks whether an open transaction holds the log back.
+_HOLDUP_CHECK_SECONDS = 1.0
 
 
 async def purge_finished(store: SagaStore, finished_before: float) -> int:
@@ -367,6 +370,8 @@ class SagaEngine:
         if self.alerts is not None:
             self._tasks.append(asyncio.create_task(self.alerts.run(), name="compensa-alerts"))
         self._tasks.append(asyncio.create_task(self.participant_health.run(), name="compensa-participant-health"))
+        if self.store.log_can_be_held_back:
+            self._tasks.append(asyncio.create_task(self._watch_log_holdups(), name="compensa-log-holdups"))
         if self.config.alert_stuck_seconds is not None:
             self._tasks.append(
                 asyncio.create_task(self._alert_stuck(self.config.alert_stuck_seconds), name="compensa-stuck")
@@ -774,6 +779,43 @@ class SagaEngine:
                     await self._take_over(plan, saga, stuck_alert(saga, now), now)
             except StoreUnavailable as error:
                 log.warning("stuck sagas: %s", error)
+
+    async def _watch_log_holdups(self) -> None:
+        """Says when committed events wait behind a transaction left open
+        (the log's readers stop below the oldest open one): a metric of how
+        long, a log line when it passes the threshold and another when it
+        ends, and an alert raised once per transaction by all replicas."""
+        threshold = self.config.alert_log_held_back_seconds
+        held: LogHoldup | None = None
+        since, alerted = 0.0, False
+        while True:
+            await asyncio.sleep(_HOLDUP_CHECK_SECONDS)
+            try:
+                holdup = await self.store.log_holdup()
+                now = self.clock.now()
+                if holdup is None or (held is not None and holdup.transaction != held.transaction):
+                    if held is not None and alerted:
+                        log.info("the event log's readers go on: transaction %d ended", held.transaction)
+                    held, alerted = None, False
+                if holdup is None:
+                    self.metrics.log_held_back(0.0)
+                    continue
+                if held is None:
+                    held, since = holdup, now
+                self.metrics.log_held_back(now - since)
+                if threshold is None or alerted or now - since < threshold:
+                    continue
+                message = (
+                    f"committed events have waited {now - since:.0f}s behind transaction {holdup.transaction},"
+                    f" still open ({holdup.holder}): watch streams and alerts deliver nothing past it until it ends"
+                )
+                log.warning("the event log's readers are held back: %s", message)
+                alerted = True
+                if await self.store.alert_log_holdup(holdup, now=now, message=message) is not None:
+                    log.error("ALERT %s", message)
+                    self._alert_committed()
+            except StoreUnavailable as error:
+                log.debug("log holdups: %s", error)
 
     # -- driving
 

@@ -161,6 +161,13 @@ class Metrics:
             " participant.",
             ["participant"], registry=self.registry,
         )
+        self._log_held_back = Gauge(
+            "compensa_event_log_held_back_seconds",
+            "How long committed events have waited behind the oldest transaction still open on the database, as"
+            " this replica last looked (0: none waits; PostgreSQL's watch streams and alerts read nothing past"
+            " it).",
+            registry=self.registry,
+        )
         self._event_children: dict[int, Counter] = {}
         self._server: WSGIServer | None = None
 
@@ -202,6 +209,9 @@ class Metrics:
                 pass
         else:
             self._participant_serving.labels(participant).set(1 if serving else 0)
+
+    def log_held_back(self, seconds: float) -> None:
+        self._log_held_back.set(seconds)
 
     def count_for_people(self, count: Callable[[], tuple[int, int] | None]) -> None:
         """Exports, at each scrape, `count()`: the FAILED sagas nobody resolved

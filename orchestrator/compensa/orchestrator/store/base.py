@@ -924,9 +924,14 @@ class SagaStore(abc.ABC):
 
     @abc.abstractmethod
     async def read_log_page(
-        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
+        past_open_transactions: bool = False,
     ) -> LogPage:
-        """`read_log`, with how far the read proves the log known."""
+        """`read_log`, with how far the read proves the log known; or, past
+        open transactions, every committed event after `after_position`: the
+        order of each saga's events holds there, not that of the log (a
+        transaction still open may commit events below them later), and the
+        horizon proves nothing."""
 
     @abc.abstractmethod
     async def head_position(self) -> int:
@@ -938,6 +943,10 @@ class SagaStore(abc.ABC):
         taken: the log's own commits are handed over a transaction at a time
         (the default: positions are handed out one after another)."""
         return range(position, position + 1)
+
+    #: Whether an open transaction can hold committed events back from the
+    #: log's readers (then `log_holdup` says when one does).
+    log_can_be_held_back = False
 
     async def log_holdup(self) -> LogHoldup | None:
         """The open transaction holding committed events back from the log's

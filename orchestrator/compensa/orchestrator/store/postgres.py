@@ -288,6 +288,8 @@ class PostgresSagaStore(SqlSagaStore):
     def _readable_below(self) -> sa.ColumnElement[int]:
         return sa.literal_column(_READABLE_BELOW, sa.BigInteger)
 
+    log_can_be_held_back = True
+
     def transaction_positions(self, position: int) -> range:
         first = position >> _RANK_BITS << _RANK_BITS
         return range(first, first + _RANKS)

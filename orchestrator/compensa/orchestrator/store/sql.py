@@ -1539,14 +1539,15 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             return [stored_event(row) for row in (await conn.execute(query)).all()]
 
     async def read_log_page(
-        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
+        past_open_transactions: bool = False,
     ) -> LogPage:
         page = sa.select(saga_events).where(saga_events.c.position > after_position)
         if definition_name:
             page = page.where(saga_events.c.definition_name == definition_name)
         if saga_state:
             page = page.where(saga_events.c.saga_state == saga_state)
-        below = self._readable_below()
+        below = None if past_open_transactions else self._readable_below()
         if below is None:
             query = page.order_by(saga_events.c.position).limit(limit)
             async with self._transaction() as conn:
