@@ -11,6 +11,7 @@ and real participants.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import subprocess
 import sys
 import time
@@ -24,6 +25,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from harness import CHECKOUT, checkout_input, checkout_stack
+from sqlalchemy.ext.asyncio import AsyncConnection
 from webhook_receiver import WebhookReceiver
 
 from compensa.orchestrator.config import ServerConfig
@@ -33,7 +35,15 @@ from compensa.orchestrator.engine.tokens import completion_token
 from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.shared import records
 from compensa.orchestrator.shared.errors import SchemaMismatch
-from compensa.orchestrator.store import PostgresSagaStore, SagaWrite, SqliteSagaStore, migrations, open_store, schema
+from compensa.orchestrator.store import (
+    PostgresSagaStore,
+    SagaWrite,
+    SqliteSagaStore,
+    SqlSagaStore,
+    migrations,
+    open_store,
+    schema,
+)
 from compensa.orchestrator.store.schema import metadata
 from compensa.orchestrator.store.sqlite import TableByTableCommit
 from compensa.v1 import definition_pb2, orchestrator_pb2, saga_pb2
@@ -114,7 +124,11 @@ def _register_as_the_first_release(
 
 
 class _OldReleasePostgresStore(TableByTableCommit, PostgresSagaStore):
-    """PostgreSQL as a release before its one-statement flush wrote it."""
+    """PostgreSQL as a release before its one-statement flush wrote it, with
+    positions from the counter of the releases before 0015."""
+
+    async def _take_positions(self, conn: AsyncConnection, log: sa.Table, count: int) -> range:
+        return await SqlSagaStore._take_positions(self, conn, log, count)
 
 
 def _old_release_store(database_url: str) -> TableByTableCommit:
@@ -254,6 +268,60 @@ async def test_sagas_in_flight_survive_an_upgrade_from_the_first_revision(
         events = await stack.events("mig-done")
         assert [event.sequence for event in events] == list(range(1, len(events) + 1))
         assert events[-1].saga_state == S.SAGA_STATE_SUCCEEDED
+
+
+async def test_a_subscriber_resumes_across_the_upgrade_to_positions_without_a_counter(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """Revision 0015 drops PostgreSQL's position counter: sagas written with
+    the counter's positions, in flight at the upgrade, finish after it, and a
+    WatchSagas resumed from a position of the old log gets every later event
+    once, old ones first, in increasing positions."""
+    database_url = make_postgres_url()
+    _upgrade_to(database_url, "0014")
+    old = _OldReleasePostgresStore(database_url)
+    now = time.time()
+    try:
+        definition = load_definition_file(CHECKOUT)
+        stored, _ = await old.register_definition(definition, definition_fingerprint(definition), now)
+        release = _OldRelease(old, machine.Plan.of(stored))
+        in_flight = [f"up-{n}" for n in range(4)]
+        for saga_id in in_flight:
+            await release.write(release.start(saga_id, now), now, lease_until=now - 1)
+        old_log = await old.read_log(0, 100)
+    finally:
+        await old.close()
+    assert [event.position for event in old_log] == list(range(1, len(old_log) + 1))  # the counter's
+    resume_after = old_log[len(old_log) // 2].position
+
+    upgraded = open_store(database_url)
+    try:
+        assert await upgraded.upgrade_schema() == ("0014", migrations.head())
+    finally:
+        await upgraded.close()
+    async with checkout_stack(make_postgres_url, orchestrator_url=database_url) as stack:
+        finals = {saga_id: await stack.wait_final(saga_id) for saga_id in in_flight}
+        assert {final.state for final in finals.values()} == {S.SAGA_STATE_SUCCEEDED}
+        wanted = sum(final.sequence for final in finals.values()) - sum(
+            1 for event in old_log if event.position <= resume_after
+        )
+        resumed: list[S.SagaEvent] = []
+        stream = stack.stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(after_position=resume_after))
+        async with asyncio.timeout(20):
+            async for message in stream:
+                resumed.append(message.event)
+                if len(resumed) == wanted:
+                    break
+        stream.cancel()
+    assert all(a.position < b.position for a, b in itertools.pairwise(resumed))
+    old_after = [event.position for event in old_log if event.position > resume_after]
+    assert [event.position for event in resumed[:len(old_after)]] == old_after
+    before = {(event.saga_id, event.event.sequence) for event in old_log if event.position <= resume_after}
+    after = [(event.saga_id, event.sequence) for event in resumed]
+    assert len(after) == len(set(after)) and not before & set(after)
+    assert before | set(after) == {
+        (saga_id, sequence) for saga_id, final in finals.items() for sequence in range(1, final.sequence + 1)
+    }
 
 
 async def test_an_alert_waiting_in_the_outbox_of_revision_0003_is_delivered_after_the_upgrade(

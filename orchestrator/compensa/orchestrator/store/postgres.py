@@ -366,13 +366,14 @@ def _step_value(name: str) -> str:
 
 
 # A position here is the id of the transaction that wrote the event (xid8)
-# times 2^20, plus the event's rank in that transaction (1, 2, ...): taking
+# times 2^16, plus the event's rank in that transaction (1, 2, ...): taking
 # one locks nothing. Ids are handed out as transactions first write, not as
 # they commit, so a reader reads only below the oldest transaction still
 # open (the snapshot's xmin): everything there has committed or never will.
 # A long-open transaction therefore holds readers back (LogHoldup says who).
-# (2^43 transaction ids fit; a 64-bit position holds ranks of 20 bits.)
-_RANK_BITS = 20
+# 16 bits of rank hold a flush (at most 256 transitions); positions stay
+# below 2^53 (exact in JSON's doubles) for the first 2^37 transaction ids.
+_RANK_BITS = 16
 _RANKS = 1 << _RANK_BITS
 _TRANSACTION_BASE = f"(pg_current_xact_id()::text::bigint << {_RANK_BITS})"
 _READABLE_BELOW = f"(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {_RANK_BITS})"

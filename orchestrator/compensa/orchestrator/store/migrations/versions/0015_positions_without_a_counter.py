@@ -9,7 +9,7 @@ previous release that is between its position and its commit finishes
 before; one still running after the upgrade fails its writes (the table is
 gone) instead of writing positions below those of this release. Every
 position written so far is below those to come (checked: the new ones start
-at this transaction's id times 2^20), so a subscriber resumes from a
+at this transaction's id times 2^16), so a subscriber resumes from a
 position of the old log and misses nothing. SQLite keeps its counter: one
 process writes, one transaction at a time.
 
@@ -27,7 +27,7 @@ down_revision = "0014"
 branch_labels = None
 depends_on = None
 
-_RANK_BITS = 20  # as store/postgres.py's
+_RANK_BITS = 16  # as store/postgres.py's
 
 
 def upgrade() -> None:
@@ -48,7 +48,7 @@ def upgrade() -> None:
         if last[0] >= last[1]:
             raise RuntimeError(
                 f"{table} has positions up to {last[0]}, past where this release's begin ({last[1]}):"
-                " run the migration again after more transactions, or ask the developers"
+                " this database has written more events than it has run transactions, which Compensa never does"
             )
     op.drop_table("compensa_log_head")
 
