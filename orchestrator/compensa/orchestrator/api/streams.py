@@ -138,6 +138,8 @@ class LogTail:
         if self._position is None or not events:
             return False
         if self._horizon < self._store.transaction_positions(events[0].position).start:
+            # Not yet for every-saga streams; one saga's need only its order.
+            self._fan_out([event for event in events if event.position > self._position], of_every_saga=False)
             return False
         fresh = [event for event in events if event.position > self._position]
         if fresh:
