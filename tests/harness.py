@@ -28,6 +28,7 @@ from compensa.orchestrator.api.history_checks import check_history
 from compensa.orchestrator.config import ServerConfig
 from compensa.orchestrator.server import RunningOrchestrator, start_orchestrator
 from compensa.orchestrator.shared.records import FINAL_SAGA_STATES
+from compensa.orchestrator.store import PostgresSagaStore, SagaStore
 from compensa.participants.faults import FaultPlan
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
@@ -247,3 +248,21 @@ async def assert_replays_without_divergence(
     assert chosen, "no saga to replay"
     problems, _ = await replay_divergences(stub, chosen)
     assert problems == [], "\n".join(problems)
+
+
+_SNAPSHOT_XMAX = sa.text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+_SNAPSHOT_XMIN = sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+
+
+async def log_caught_up(store: SagaStore) -> None:
+    """Waits until the logs read everything committed so far. On PostgreSQL a
+    read stops below the oldest transaction still open (see store/postgres.py),
+    any database's: another test's, here, for a few milliseconds."""
+    if not isinstance(store, PostgresSagaStore):
+        return
+    async with store.engine.connect() as conn:
+        committed_below = (await conn.execute(_SNAPSHOT_XMAX)).scalar_one()
+        deadline = time.monotonic() + 10
+        while (await conn.execute(_SNAPSHOT_XMIN)).scalar_one() < committed_below:
+            assert time.monotonic() < deadline, "a transaction held the log back for 10 s"
+            await asyncio.sleep(0.005)  # ok-sleep: another session's transaction ends on its own

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 import sqlalchemy as sa
-from harness import Stack, checkout_input, checkout_stack, poll_until, scrape
+from harness import Stack, checkout_input, checkout_stack, log_caught_up, poll_until, scrape
 from processes import ProcessSet
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from webhook_receiver import WebhookReceiver
@@ -221,6 +221,7 @@ async def test_audit_names_each_planted_discrepancy_and_nothing_else(make_postgr
             assert status == 1 and _found(again) == _found(report)
             store = open_store(stack.orchestrator_url)
             try:
+                await log_caught_up(store)
                 alerts = [alert for alert in await store.read_alerts(0, 1000) if alert.kind == AUDIT_ALERT]
             finally:
                 await store.close()

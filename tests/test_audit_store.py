@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from harness import log_caught_up
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 from compensa.examples import DEFINITIONS_DIR
@@ -83,6 +84,7 @@ async def test_each_finding_is_alerted_once(store: SqlSagaStore) -> None:
     assert first[0].saga_id == "s1" and first[0].participant == "payment" and first[0].definition_name == "checkout"
     again = await store.record_audit_findings([orphan], T0 + 1)
     assert again == []
+    await log_caught_up(store)
     logged = await store.read_alerts(0, 10)
     assert [alert.alert_id for alert in logged] == [f"audit/{alert.position}" for alert in first]
     claimed = await store.claim_alerts(T0 + 2, T0 + 10, 10)

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from harness import log_caught_up
 
 import compensa.checkout.v1.checkout_pb2  # noqa: F401  (registers the definitions' input_type)
 from compensa.examples import DEFINITIONS_DIR
@@ -34,7 +35,6 @@ from compensa.orchestrator.store import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
-    PostgresSagaStore,
     SagaMove,
     SagaWrite,
     SqlSagaStore,
@@ -157,24 +157,6 @@ async def _all_events(store: SqlSagaStore, saga_id: str) -> list[StoredEvent]:
     return await store.read_saga_events(saga_id, 0, 1000)
 
 
-_SNAPSHOT_XMAX = sa.text("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-_SNAPSHOT_XMIN = sa.text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-
-
-async def _caught_up(store: SqlSagaStore) -> None:
-    """Waits until the logs read everything committed so far. On PostgreSQL a
-    read stops below the oldest transaction still open (see store/postgres.py),
-    any database's: another test's, here, for a few milliseconds."""
-    if not isinstance(store, PostgresSagaStore):
-        return
-    async with store.engine.connect() as conn:
-        committed_below = (await conn.execute(_SNAPSHOT_XMAX)).scalar_one()
-        deadline = time.monotonic() + 10
-        while (await conn.execute(_SNAPSHOT_XMIN)).scalar_one() < committed_below:
-            assert time.monotonic() < deadline, "a transaction held the log back for 10 s"
-            await asyncio.sleep(0.005)  # ok-sleep: another session's transaction ends on its own
-
-
 def _increasing(positions: list[int]) -> bool:
     return all(a < b for a, b in itertools.pairwise(positions))
 
@@ -206,7 +188,7 @@ async def test_a_creating_write_inserts_the_saga_its_steps_and_its_first_events(
     first = events[0].position
     assert [e.position for e in events] == [first, first + 1, first + 2]  # one transaction's, in order
     assert {e.definition_name for e in events} == {"checkout-parallel"}
-    await _caught_up(store)
+    await log_caught_up(store)
     assert await store.head_position() >= events[-1].position
     assert await store.read_log(events[-1].position, 10) == []
 
@@ -223,7 +205,7 @@ async def test_second_create_with_the_same_id_writes_nothing(store: SqlSagaStore
     assert fingerprint == "fp-s1"
     assert saga == first
     assert saga.input == b"input-s1"
-    await _caught_up(store)
+    await log_caught_up(store)
     assert await store.read_log(0, 100) == await _all_events(store, "s1")
     assert len(await _all_events(store, "s1")) == 2
     assert await store.load_saga("s1") == first
@@ -235,7 +217,7 @@ async def test_read_log_pages_by_position_and_filters(store: SqlSagaStore) -> No
     await _create(store, plan, "s1")
     await _create(store, parallel, "s2")
     await _finish(store, plan, (await store.load_saga("s1")) or pytest.fail("s1 missing"), T0 + 1)
-    await _caught_up(store)
+    await log_caught_up(store)
     everything = await store.read_log(0, 1000)
     assert _increasing([e.position for e in everything])
     assert len(everything) == sum([len(await _all_events(store, saga_id)) for saga_id in ("s1", "s2")])
@@ -255,7 +237,7 @@ async def test_read_events_finds_the_events_at_given_keys(store: SqlSagaStore) -
     plan = await _plan(store)
     await _create(store, plan, "s1")
     await _create(store, plan, "s2")
-    await _caught_up(store)
+    await log_caught_up(store)
     everything = {(e.saga_id, e.event.sequence): e for e in await store.read_log(0, 1000)}
     keys = [("s1", 2), ("s2", 1), ("s2", 99), ("nobody", 1)]
     found = await store.read_events(keys)
@@ -311,7 +293,7 @@ async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_se
         event = records.LogEvent(moved.sequence, S.EVENT_TYPE_SAGA_MOVED, T0 + 2, saga.state, message="moved")
         return SagaMove(moved, event, expected, T0 + 50)
 
-    await _caught_up(store)
+    await log_caught_up(store)
     head = await store.head_position()
     epoch = await _column(store, rest[0], "epoch")
     results = await store.move_sagas([
@@ -336,7 +318,7 @@ async def test_moves_rewrite_version_and_steps_only_for_sagas_unheld_at_their_se
     assert [stored.event.sequence for stored in logs[rest[0]]] == list(range(1, loaded.sequence + 1))
     assert logs[rest[0]][-1].event.type == S.EVENT_TYPE_SAGA_MOVED
     assert len(logs[held]) == claimed.saga.sequence
-    await _caught_up(store)
+    await log_caught_up(store)
     assert [stored.position for stored in await store.read_log(head, 10)] == [results[0].position]
 
 
@@ -346,7 +328,7 @@ async def test_a_write_that_fails_its_guard_writes_nothing(store: SqlSagaStore, 
     saga = await _create(store, plan, "s1")
     first = _succeed_first(plan, saga, T0 + 1)
     assert (await store.commit([_write(first, saga.sequence, epoch=1)]))[0].ok
-    await _caught_up(store)
+    await log_caught_up(store)
     head = await store.head_position()
     # A second transition computed from the saga as it was before `first`.
     late = machine.decide(plan, saga, machine.ExecuteFailed("reserve_stock", "no"), T0 + 2)
@@ -390,7 +372,7 @@ async def test_one_commit_lands_the_writes_whose_guards_hold_and_skips_the_other
         assert len(await _all_events(store, refused.saga_id)) == 2
     assert await store.load_saga("s3") == winner.saga
     assert [e.event for e in await _all_events(store, "s3")][2:] == list(winner.events)
-    await _caught_up(store)
+    await log_caught_up(store)
     log = await store.read_log(0, 100)
     assert _increasing([e.position for e in log])
     assert len(log) == sum([len(await _all_events(store, saga_id)) for saga_id in ("s1", "s2", "s3", "s4")])
@@ -961,7 +943,7 @@ async def test_an_alert_event_lands_in_the_alert_log_and_outbox_with_it_and_is_c
         _write(stale, quiet.sequence - 1, epoch=1, now=T0 + 1),  # its guard fails: no event, no alert
     ])
     assert landed.ok and not skipped.ok
-    await _caught_up(store)
+    await log_caught_up(store)
     (logged,) = await store.read_alerts(0, 10)
     assert (logged.kind, logged.alert_id) == (SAGA_ALERT, f"s1/{alert.saga.sequence}")
     assert (logged.saga_id, logged.sequence, logged.event_position) == ("s1", alert.saga.sequence, landed.positions[0])
@@ -994,7 +976,7 @@ async def test_purge_removes_the_undelivered_alerts_of_the_sagas_it_deletes(stor
     assert await store.purge_finished(finished_before=T0 + 50, limit=10) == 1
     assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
     # Delivered (gone from the outbox) and old: retention deletes it from the log.
-    await _caught_up(store)
+    await log_caught_up(store)
     assert [a.saga_id for a in await store.read_alerts(0, 10)] == ["s1"]
     assert await store.purge_alerts(raised_before=T0 + 1, limit=10) == 0
     assert await store.purge_alerts(raised_before=T0 + 50, limit=10) == 1
@@ -1042,7 +1024,7 @@ async def test_a_participant_outage_is_alerted_once_and_its_recovery_once(store:
     # An outage that ends before its threshold raises nothing, then or at its end.
     await store.participant_failing("pay", T0 + 20)
     assert await store.participant_serving("pay", now=T0 + 21, message="x") is None
-    await _caught_up(store)
+    await log_caught_up(store)
     logged = await store.read_alerts(0, 10)
     assert [(a.position, a.kind) for a in logged] == [
         (unhealthy.position, PARTICIPANT_UNHEALTHY), (recovered.position, PARTICIPANT_RECOVERED)
@@ -1065,7 +1047,7 @@ async def test_replicas_racing_on_one_outage_raise_its_alert_once(make_postgres_
             opened.participant_serving("pay", now=T0 + 20, message="up") for opened in stores
         ))
         assert len([alert for alert in ended if alert is not None]) == 1
-        await _caught_up(stores[0])
+        await log_caught_up(stores[0])
         assert [a.kind for a in await stores[0].read_alerts(0, 10)] == [PARTICIPANT_UNHEALTHY, PARTICIPANT_RECOVERED]
     finally:
         await _close(stores)
@@ -1081,7 +1063,7 @@ async def test_alert_positions_follow_commit_order_across_saga_and_participant_a
     assert await store.alert_participant_unhealthy("pay", unhealthy_before=T0 + 2, now=T0 + 2, message="down")
     second = _alert(first.saga, T0 + 3, "again")
     assert (await store.commit([_write(second, first.saga.sequence, epoch=1, now=T0 + 3)]))[0].ok
-    await _caught_up(store)
+    await log_caught_up(store)
     logged = await store.read_alerts(0, 10)
     assert [a.kind for a in logged] == [SAGA_ALERT, PARTICIPANT_UNHEALTHY, SAGA_ALERT]
     assert [a.message for a in logged] == ["a person must act", "down", "again"]
