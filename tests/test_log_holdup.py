@@ -17,6 +17,7 @@ import itertools
 import logging
 from collections.abc import Callable
 
+import pg
 import psycopg
 import pytest
 from harness import checkout_stack, poll_until
@@ -30,12 +31,18 @@ HOLDER = "a-forgotten-psql-session"
 
 
 async def test_an_open_transaction_holds_watchers_back_is_alerted_once_and_loses_nothing(
-    make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
+    private_postgres: pg.PostgresServer, make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The orchestrator's database on a server of its own: another test's
+    # transactions on a shared one would hold the log back too.
+    with psycopg.connect(private_postgres.admin_conninfo(), autocommit=True) as conn:
+        conn.execute("CREATE DATABASE orchestrator")
+    orchestrator_url = private_postgres.admin_url.set(database="orchestrator").render_as_string(hide_password=False)
     caplog.set_level(logging.INFO, logger="compensa.engine")
     with WebhookReceiver(script=[]).serving() as webhook:
         async with checkout_stack(
-            make_postgres_url, alert_webhook=webhook.url, alert_log_held_back_seconds=1.0
+            make_postgres_url, orchestrator_url=orchestrator_url, alert_webhook=webhook.url,
+            alert_log_held_back_seconds=1.0,
         ) as stack:
             conninfo = parse_database_url(stack.orchestrator_url).conninfo
             assert conninfo is not None

@@ -127,6 +127,10 @@ class LogTail:
         # past it are read for the subscribers of one saga (their order is the
         # saga's sequence, which holds there), from after this position.
         self._past_open = 0
+        # Transactions (their first positions) of this process's commits
+        # handed to the subscribers of one saga ahead of the log's order:
+        # the tail's read leaves their events out for those subscribers.
+        self._handed: set[int] = set()
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
@@ -137,10 +141,14 @@ class LogTail:
         transaction's positions, else it re-reads."""
         if self._position is None or not events:
             return False
-        if self._horizon < self._store.transaction_positions(events[0].position).start:
-            # Not yet for every-saga streams; one saga's need only its order.
+        transaction = self._store.transaction_positions(events[0].position).start
+        if self._horizon < transaction:
+            # Not yet for every-saga streams; one saga's need only its order
+            # (the tail's next read leaves these out for them). Without an
+            # every-saga stream nobody needs that read soon.
             self._fan_out([event for event in events if event.position > self._position], of_every_saga=False)
-            return False
+            self._handed.add(transaction)
+            return not self._of_all
         fresh = [event for event in events if event.position > self._position]
         if fresh:
             self._position = fresh[-1].position
@@ -171,7 +179,9 @@ class LogTail:
                         self._horizon = self._position + 1
                         self._started.set()
                     changed.clear()
-                    page = await self._store.read_log_page(self._position, READ_BATCH)
+                    # With every-saga streams the handed commits are read too: those streams need them.
+                    skipping = () if self._of_all else sorted(self._handed)
+                    page = await self._store.read_log_page(self._position, READ_BATCH, skipping=skipping)
                 except Exception as error:  # the store comes back; subscribers catch up
                     # Not at WARNING every second: the database's health logs an outage once.
                     level = logging.DEBUG if isinstance(error, StoreUnavailable) else logging.WARNING
@@ -186,6 +196,10 @@ class LogTail:
                 self._horizon = max(self._horizon, page.horizon)
                 if len(page.events) == READ_BATCH:
                     continue
+                if skipping:
+                    # Everything below the horizon is known, what was left out included.
+                    self._position = max(self._position, self._horizon - 1)
+                self._handed = {start for start in self._handed if start >= self._horizon}
                 if page.held_back and self._of_saga:
                     await self._read_past_open_transactions()
                 wait = self._reread_seconds
@@ -205,7 +219,8 @@ class LogTail:
         what was read): its subscribers then read their saga's log."""
         try:
             page = await self._store.read_log_page(
-                max(self._position or 0, self._past_open), READ_BATCH, past_open_transactions=True
+                max(self._position or 0, self._past_open), READ_BATCH, past_open_transactions=True,
+                skipping=sorted(self._handed),
             )
         except Exception as error:  # the next read of the tail says it
             log.debug("log tail, past open transactions: %s", error)
@@ -216,9 +231,12 @@ class LogTail:
 
     def _fan_out(self, events: list[StoredEvent], *, of_every_saga: bool = True) -> None:
         touched: set[_Feed] = set()
+        handed = self._handed if of_every_saga else ()
         for event in events:
             feed = self._of_saga.get(event.saga_id)
-            if feed is not None:
+            if feed is not None and not (
+                handed and self._store.transaction_positions(event.position).start in handed
+            ):
                 feed.append(event)
                 touched.add(feed)
             if not of_every_saga:

@@ -925,13 +925,15 @@ class SagaStore(abc.ABC):
     @abc.abstractmethod
     async def read_log_page(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
-        past_open_transactions: bool = False,
+        past_open_transactions: bool = False, skipping: Sequence[int] = (),
     ) -> LogPage:
         """`read_log`, with how far the read proves the log known; or, past
         open transactions, every committed event after `after_position`: the
         order of each saga's events holds there, not that of the log (a
         transaction still open may commit events below them later), and the
-        horizon proves nothing."""
+        horizon proves nothing. The events of the transactions whose
+        positions begin at `skipping` (see `transaction_positions`) may be
+        left out: the reader has them."""
 
     @abc.abstractmethod
     async def head_position(self) -> int:

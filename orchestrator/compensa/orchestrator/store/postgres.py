@@ -33,7 +33,7 @@ from compensa.common.retry import Backoff
 from compensa.orchestrator.shared.records import RUNNING
 from compensa.orchestrator.store.base import LOG_HELD_BACK, SAGA_ALERT, LogHoldup, SagaWrite, StoredAlert, WriteResult
 from compensa.orchestrator.store.rows import ALERT_RAISED, event_row, rejected, saga_values, step_row
-from compensa.orchestrator.store.schema import alerts, log_holdups
+from compensa.orchestrator.store.schema import alerts, log_holdups, saga_events
 from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts
 
 log = logging.getLogger("compensa.store")
@@ -284,6 +284,10 @@ class PostgresSagaStore(SqlSagaStore):
             raise ValueError(f"more than {_RANKS - 1} positions of {log.name} in one transaction")
         handed[log.name] = (base, last + count)
         return range(last + 1, last + count + 1)
+
+    def _outside_transactions(self, starts: Sequence[int]) -> sa.ColumnElement[bool]:
+        transactions = sa.literal([start >> _RANK_BITS for start in starts], postgresql.ARRAY(sa.BigInteger))
+        return saga_events.c.position.op(">>")(_RANK_BITS) != sa.all_(transactions)
 
     def _readable_below(self) -> sa.ColumnElement[int]:
         return sa.literal_column(_READABLE_BELOW, sa.BigInteger)

@@ -326,6 +326,11 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         ).scalar_one()
         return range(end - count + 1, end + 1)
 
+    def _outside_transactions(self, starts: Sequence[int]) -> sa.ColumnElement[bool] | None:
+        """Leaves out the events of the transactions whose positions begin at
+        `starts` (None: this database cannot tell a transaction's events)."""
+        return None
+
     def _readable_below(self) -> sa.ColumnElement[int] | None:
         """In a reading statement, the position below which every event that
         will ever be visible already is (None: every committed one is)."""
@@ -1540,9 +1545,12 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     async def read_log_page(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
-        past_open_transactions: bool = False,
+        past_open_transactions: bool = False, skipping: Sequence[int] = (),
     ) -> LogPage:
         page = sa.select(saga_events).where(saga_events.c.position > after_position)
+        outside = self._outside_transactions(skipping) if skipping else None
+        if outside is not None:
+            page = page.where(outside)
         if definition_name:
             page = page.where(saga_events.c.definition_name == definition_name)
         if saga_state:
