@@ -46,10 +46,12 @@ def test_the_change_signal_hands_commits_to_its_takers_and_wakes_readers_when_on
     changes = ChangeSignal()
     woken: list[str] = []
     taken: list[list[int]] = []
+    preceded: list[int | None] = []
     usable = True
 
-    def take(events: list[StoredEvent]) -> bool:
+    def take(events: list[StoredEvent], preceded_by: int | None) -> bool:
         taken.append([event.position for event in events])
+        preceded.append(preceded_by)
         return usable
 
     with changes.on_change(lambda: woken.append("wake")):
@@ -61,8 +63,9 @@ def test_the_change_signal_hands_commits_to_its_takers_and_wakes_readers_when_on
         changes.committed([_event(2), _event(3)])
         assert taken == [[2, 3]] and woken == ["wake"]
         usable = False
-        changes.committed([_event(5)])
+        changes.committed([_event(5)], preceded_by=3)
         assert taken == [[2, 3], [5]] and woken == ["wake", "wake"]
+        assert preceded == [None, 3]
         subscription.cancel()
         subscription.cancel()
         assert not changes.wants_committed()

@@ -135,13 +135,16 @@ class LogTail:
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
 
-    def _take_committed(self, events: list[StoredEvent]) -> bool:
+    def _take_committed(self, events: list[StoredEvent], preceded_by: int | None) -> bool:
         """This process's own commits (one transaction's), without reading
         them back: usable when the tail has everything below their
-        transaction's positions, else it re-reads."""
+        transaction's positions (it read that far, or what precedes them is
+        known to be no further than it read), else it re-reads."""
         if self._position is None or not events:
             return False
         transaction = self._store.transaction_positions(events[0].position).start
+        if preceded_by is not None and (preceded_by < self._horizon or preceded_by <= self._position):
+            self._horizon = max(self._horizon, transaction)
         if self._horizon < transaction:
             # Not yet for every-saga streams; one saga's need only its order
             # (the tail's next read leaves these out for them). Without an

@@ -16,9 +16,11 @@ from typing import TypeVar
 
 from compensa.orchestrator.store import StoredEvent
 
-#: Takes events this process just committed, in position order; returns
-#: False when it cannot use them (then readers are woken to re-read).
-CommitTaker = Callable[[list[StoredEvent]], bool]
+#: Takes events this process just committed (one transaction's), in position
+#: order, and when known the position every earlier event is at or below
+#: (WriteResult.preceded_by); returns False when it cannot use them (then
+#: readers are woken to re-read).
+CommitTaker = Callable[[list[StoredEvent], int | None], bool]
 _Callback = TypeVar("_Callback", Callable[[], None], CommitTaker)
 
 
@@ -79,9 +81,9 @@ class ChangeSignal:
         the committer need not build the events)."""
         return bool(self._takers)
 
-    def committed(self, events: list[StoredEvent]) -> None:
+    def committed(self, events: list[StoredEvent], preceded_by: int | None = None) -> None:
         """Events this process just committed: handed to every taker, and a
         wake-up for all when one of them could not use them."""
-        used = [take(events) for take in list(self._takers.values())]
+        used = [take(events, preceded_by) for take in list(self._takers.values())]
         if not used or not all(used):
             self.notify(None)

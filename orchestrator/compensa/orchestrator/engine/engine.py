@@ -441,7 +441,7 @@ class SagaEngine:
             for event, position in zip(write.events, result.positions, strict=True)
         ]
         events.sort(key=lambda stored: stored.position)
-        self.changes.committed(events)
+        self.changes.committed(events, landed[0][1].preceded_by)
 
     def _alert_raised(self, saga: records.SagaRecord, event: records.LogEvent) -> None:
         """An ALERT_RAISED event committed here (its outbox row with it)."""

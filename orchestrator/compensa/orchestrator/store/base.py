@@ -105,6 +105,9 @@ class WriteResult:
     ok: bool
     epoch: int = 0
     positions: tuple[int, ...] = ()
+    #: When known: every event ever to have a lower position than this
+    #: write's transaction's is at or below this one (0: there is none).
+    preceded_by: int | None = None
 
 
 @dataclass(frozen=True)

@@ -251,13 +251,13 @@ class PostgresSagaStore(SqlSagaStore):
         except (psycopg.DataError, psycopg.IntegrityError, orjson.JSONEncodeError) as error:
             raise rejected(error) from error
         epochs = {row[0]: row[1] for row in rows}
-        base = rows[0][2] if rows else 0
+        base, preceded_by = (rows[0][2], rows[0][3]) if rows else (0, None)
         results: list[WriteResult] = []
         for index, write in enumerate(writes):
             if index in epochs:
                 positions = tuple(range(base + 1, base + 1 + len(write.events)))
                 base += len(write.events)
-                results.append(WriteResult(ok=True, epoch=epochs[index], positions=positions))
+                results.append(WriteResult(ok=True, epoch=epochs[index], positions=positions, preceded_by=preceded_by))
             else:
                 results.append(WriteResult(ok=False))
         self._announcer.announce(writes[index].saga.saga_id for index in epochs)
@@ -431,7 +431,11 @@ WITH v AS (
 ), head AS (
     -- Positions from this transaction's id (the flush is its transaction's
     -- only statement): no row that every flush of every replica must lock.
-    SELECT {_TRANSACTION_BASE} AS base
+    -- When every transaction before this one had ended as it began, the
+    -- last event below it is the last there will ever be (`preceded_by`).
+    SELECT x.base, CASE WHEN x.ended_below >= x.base
+        THEN coalesce((SELECT max(position) FROM compensa_saga_events WHERE position < x.base), 0) END AS preceded_by
+    FROM (SELECT {_TRANSACTION_BASE} AS base, {_READABLE_BELOW} AS ended_below) x
 ), events AS (
     INSERT INTO compensa_saga_events (saga_id, sequence, position, type, time, saga_state, step_name, step_state,
         attempt, message, actor, definition_name)
@@ -450,7 +454,7 @@ WITH v AS (
 ), ob AS (
     INSERT INTO compensa_alert_outbox SELECT position, 0, raised_at, '' FROM al
 )
-SELECT landed.idx, landed.epoch, head.base FROM landed, head
+SELECT landed.idx, landed.epoch, head.base, head.preceded_by FROM landed, head
 """
 
 
