@@ -35,6 +35,7 @@ from compensa.orchestrator.store import (
     PARTICIPANT_RECOVERED,
     PARTICIPANT_UNHEALTHY,
     SAGA_ALERT,
+    PostgresSagaStore,
     SagaMove,
     SagaWrite,
     SqlSagaStore,
@@ -231,6 +232,22 @@ async def test_read_log_pages_by_position_and_filters(store: SqlSagaStore) -> No
     assert {e.saga_id for e in only_parallel} == {"s2"} and len(only_parallel) == 3
     succeeded = await store.read_log(0, 1000, saga_state=records.SUCCEEDED)
     assert [e.event.type for e in succeeded] == [S.EVENT_TYPE_SAGA_SUCCEEDED]
+
+
+async def test_a_read_of_the_log_may_leave_out_transactions_the_reader_has(store: SqlSagaStore) -> None:
+    plan = await _plan(store)
+    first = await _create(store, plan, "s1")
+    await _create(store, plan, "s2")
+    await log_caught_up(store)
+    everything = await store.read_log_page(0, 100)
+    first_transaction = store.transaction_positions(everything.events[0].position)
+    assert {event.saga_id for event in everything.events if event.position in first_transaction} == {first.saga_id}
+    page = await store.read_log_page(0, 100, skipping=[first_transaction.start])
+    if isinstance(store, PostgresSagaStore):
+        assert [event.saga_id for event in page.events] == ["s2", "s2"]
+    else:  # it may return them: the reader has them anyway
+        assert page.events == everything.events
+    assert page.horizon >= everything.horizon
 
 
 async def test_read_events_finds_the_events_at_given_keys(store: SqlSagaStore) -> None:

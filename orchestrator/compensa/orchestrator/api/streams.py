@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from compensa.orchestrator.engine.changes import ChangeSignal
 from compensa.orchestrator.shared.errors import StoreUnavailable
-from compensa.orchestrator.store import SagaStore, StoredEvent
+from compensa.orchestrator.store import LogPage, SagaStore, StoredEvent
 
 log = logging.getLogger("compensa.streams")
 
@@ -127,10 +127,11 @@ class LogTail:
         # past it are read for the subscribers of one saga (their order is the
         # saga's sequence, which holds there), from after this position.
         self._past_open = 0
-        # Transactions (their first positions) of this process's commits
-        # handed to the subscribers of one saga ahead of the log's order:
-        # the tail's read leaves their events out for those subscribers.
-        self._handed: set[int] = set()
+        # This process's commits (by their transaction's first position)
+        # handed to the subscribers of one saga ahead of the log's order, kept
+        # for every-saga streams until a read proves nothing comes before
+        # them: reads leave their rows out.
+        self._handed: dict[int, list[StoredEvent]] = {}
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
@@ -146,11 +147,11 @@ class LogTail:
         if preceded_by is not None and (preceded_by < self._horizon or preceded_by <= self._position):
             self._horizon = max(self._horizon, transaction)
         if self._horizon < transaction:
-            # Not yet for every-saga streams; one saga's need only its order
-            # (the tail's next read leaves these out for them). Without an
-            # every-saga stream nobody needs that read soon.
-            self._fan_out([event for event in events if event.position > self._position], of_every_saga=False)
-            self._handed.add(transaction)
+            # Not yet for every-saga streams; one saga's need only its order.
+            # Without an every-saga stream nobody needs the read soon.
+            fresh = [event for event in events if event.position > self._position]
+            self._fan_out(fresh, of_every_saga=False)
+            self._handed[transaction] = fresh
             return not self._of_all
         fresh = [event for event in events if event.position > self._position]
         if fresh:
@@ -182,8 +183,7 @@ class LogTail:
                         self._horizon = self._position + 1
                         self._started.set()
                     changed.clear()
-                    # With every-saga streams the handed commits are read too: those streams need them.
-                    skipping = () if self._of_all else sorted(self._handed)
+                    skipping = sorted(self._handed)
                     page = await self._store.read_log_page(self._position, READ_BATCH, skipping=skipping)
                 except Exception as error:  # the store comes back; subscribers catch up
                     # Not at WARNING every second: the database's health logs an outage once.
@@ -191,18 +191,9 @@ class LogTail:
                     log.log(level, "log tail: %s", error)
                     await asyncio.sleep(1.0)
                     continue
-                # Commits of this process may have been handed over meanwhile.
-                fresh = [event for event in page.events if event.position > self._position]
-                if fresh:
-                    self._position = fresh[-1].position
-                    self._fan_out(fresh)
-                self._horizon = max(self._horizon, page.horizon)
+                self._take_read(page)
                 if len(page.events) == READ_BATCH:
                     continue
-                if skipping:
-                    # Everything below the horizon is known, what was left out included.
-                    self._position = max(self._position, self._horizon - 1)
-                self._handed = {start for start in self._handed if start >= self._horizon}
                 if page.held_back and self._of_saga:
                     await self._read_past_open_transactions()
                 wait = self._reread_seconds
@@ -213,6 +204,31 @@ class LogTail:
                     held_back_wait = HELD_BACK_FIRST_REREAD_SECONDS
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), wait)
+
+    def _take_read(self, page: LogPage) -> None:
+        """Fans out what a read found, with the handed commits it proved
+        nothing comes before, in log order."""
+        position = self._position or 0
+        # Commits of this process may have been taken meanwhile.
+        found = [event for event in page.events if event.position > position]
+        # The read left the handed commits out: those below its horizon are in place now.
+        placed = {start: self._handed.pop(start) for start in sorted(self._handed) if start < page.horizon}
+        if placed:
+            transaction_of = self._store.transaction_positions
+            self._fan_out([e for e in found if transaction_of(e.position).start not in placed], of_every_saga=False)
+            merged = {event.position: event for event in found}
+            for events in placed.values():
+                merged.update((event.position, event) for event in events if event.position > position)
+            found = [merged[key] for key in sorted(merged)]
+            self._fan_out(found, of_one_saga=False)
+        else:
+            self._fan_out(found)
+        if found:
+            self._position = max(position, found[-1].position)
+        if len(page.events) < READ_BATCH:
+            # Everything below the horizon is known, what was left out included.
+            self._position = max(self._position or 0, page.horizon - 1)
+        self._horizon = max(self._horizon, page.horizon)
 
     async def _read_past_open_transactions(self) -> None:
         """The events committed past an open transaction, to the subscribers
@@ -232,14 +248,13 @@ class LogTail:
             self._past_open = page.events[-1].position
             self._fan_out(page.events, of_every_saga=False)
 
-    def _fan_out(self, events: list[StoredEvent], *, of_every_saga: bool = True) -> None:
+    def _fan_out(
+        self, events: list[StoredEvent], *, of_one_saga: bool = True, of_every_saga: bool = True
+    ) -> None:
         touched: set[_Feed] = set()
-        handed = self._handed if of_every_saga else ()
         for event in events:
-            feed = self._of_saga.get(event.saga_id)
-            if feed is not None and not (
-                handed and self._store.transaction_positions(event.position).start in handed
-            ):
+            feed = self._of_saga.get(event.saga_id) if of_one_saga else None
+            if feed is not None:
                 feed.append(event)
                 touched.add(feed)
             if not of_every_saga:

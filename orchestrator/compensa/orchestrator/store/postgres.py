@@ -287,7 +287,8 @@ class PostgresSagaStore(SqlSagaStore):
 
     def _outside_transactions(self, starts: Sequence[int]) -> sa.ColumnElement[bool]:
         transactions = sa.literal([start >> _RANK_BITS for start in starts], postgresql.ARRAY(sa.BigInteger))
-        return saga_events.c.position.op(">>")(_RANK_BITS) != sa.all_(transactions)
+        transaction = sa.literal_column(f"{saga_events.name}.position >> {_RANK_BITS}", sa.BigInteger)
+        return transaction != sa.all_(transactions)
 
     def _readable_below(self) -> sa.ColumnElement[int]:
         return sa.literal_column(_READABLE_BELOW, sa.BigInteger)
