@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -207,7 +208,7 @@ def lag_tolerant(read: _Read) -> _Read:
         reading = reading_on.set(read_database)
         try:
             return await read(self, *args, **kwargs)
-        except (sa.exc.DBAPIError, sa.exc.TimeoutError, OSError) as error:
+        except (sa.exc.DBAPIError, sa.exc.TimeoutError, psycopg.Error, OSError) as error:
             read_database.failed(error)
             tolerance.give_up()
         finally:
