@@ -256,3 +256,23 @@ def test_serve_refuses_a_read_database_without_a_postgresql_database(tmp_path: o
     assert result.stderr.strip().splitlines() == [
         "error: --read-db needs a PostgreSQL --db: a read database is a streaming standby of it, and SQLite has none"
     ]
+
+
+async def test_a_read_database_that_is_no_standby_is_not_used(
+    make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The primary itself, say, or a standby since promoted: its positions are
+    # not the primary's past, whatever its WAL position says.
+    caplog.set_level(logging.INFO, logger="compensa.store")
+    url = make_postgres_url()
+    async with checkout_stack(make_postgres_url, orchestrator_url=url, read_database_url=url) as stack:
+        saga_ids = await _run_sagas(stack, 1)
+        await poll_until(lambda: _judged(caplog))
+        assert await _listed(stack) == set(saga_ids)
+        assert not _read_database_in_use(stack)
+        [away] = _messages(caplog, logging.WARNING, _AWAY)
+        assert "it is not a standby (not in recovery)" in away
+
+
+def _judged(caplog: pytest.LogCaptureFixture) -> bool:
+    return bool(_messages(caplog, logging.WARNING, _AWAY) or _messages(caplog, logging.INFO, _BACK))
