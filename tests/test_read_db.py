@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -254,15 +255,26 @@ def _checked_again(stack: Stack) -> bool:
     return status is not None and math.isnan(status[1])
 
 
-def test_serve_refuses_a_read_database_without_a_postgresql_database(tmp_path: object) -> None:
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            ["--read-db", "postgresql://reader@standby/compensa"],
+            "--read-db needs a PostgreSQL --db: a read database is a streaming standby of it, and SQLite has none",
+        ),
+        (["--read-db-max-lag", "2s"], "--read-db-max-lag needs --read-db: it bounds how far that database may lag"),
+    ],
+)
+def test_serve_refuses_a_read_database_without_a_postgresql_database(
+    tmp_path: Path, options: list[str], error: str
+) -> None:
     result = subprocess.run(
-        [str(COMPENSA), "serve", "--read-db", "postgresql://reader@standby/compensa", "--listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=30, cwd=str(tmp_path),
+        [str(COMPENSA), "serve", *options, "--listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: --read-db needs a PostgreSQL --db: a read database is a streaming standby of it, and SQLite has none"
-    ]
+    assert result.stderr.strip().splitlines() == [f"error: {error}"]
+    assert not (tmp_path / ".compensa").exists()  # no SQLite file was made
 
 
 async def test_a_read_database_that_is_no_standby_is_not_used(

@@ -21,6 +21,9 @@ the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
 `compensa_refused_calls_total` counts the calls refused by reason: a rise
 shows someone probing (each reason is also logged, at most once per 10 s).
+With `serve --read-db`, `compensa_read_database_in_use` is 0 while the reads
+that may lag go to the primary instead (the standby lags past its bound, or
+fails), and `compensa_read_database_lag_seconds` is its last measured lag.
 """
 
 from __future__ import annotations

@@ -435,7 +435,7 @@ class SagaStore(abc.ABC):
 
     def tolerating_lag(self) -> contextlib.AbstractContextManager[None]:
         """Within the block, the reads marked lag-tolerant (`lag_tolerant`
-        in sql.py) may be answered by a read database: a streaming standby
+        in standby.py) may be answered by a read database: a streaming standby
         at most its lag bound behind the primary (`serve --read-db`), never
         older than a read before it in the same block. Other calls, writes
         among them, go to the primary as always. The default, for a store
