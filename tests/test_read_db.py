@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -19,8 +18,8 @@ import psycopg
 import pytest
 from harness import Stack, checkout_stack, poll_until, scrape
 from pg import ReplicatedPair, find_server_bindir, start_primary_with_standby
-from processes import COMPENSA
 
+from compensa.orchestrator.cli import main
 from compensa.orchestrator.store import SagaStore
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
@@ -264,18 +263,17 @@ def _checked_again(stack: Stack) -> bool:
         ),
         (["--read-db-max-lag", "2s"], "--read-db-max-lag needs --read-db: it bounds how far that database may lag"),
     ],
+    ids=["read-db-over-sqlite", "max-lag-alone"],
 )
 def test_serve_refuses_a_read_database_without_a_postgresql_database(
-    tmp_path: Path, options: list[str], error: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], options: list[str],
+    error: str,
 ) -> None:
-    result = subprocess.run(
-        [str(COMPENSA), "serve", *options, "--listen", "127.0.0.1:0"],
-        capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: {error}"]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COMPENSA_DATABASE_URL", raising=False)
+    assert main(["serve", *options, "--listen", "127.0.0.1:0"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {error}"]
     assert not (tmp_path / ".compensa").exists()  # no SQLite file was made
-
 
 async def test_a_read_database_that_is_no_standby_is_not_used(
     make_postgres_url: Callable[[], str], caplog: pytest.LogCaptureFixture
