@@ -19,7 +19,10 @@ import pytest
 from harness import Stack, checkout_stack, poll_until, scrape
 from pg import ReplicatedPair, find_server_bindir, start_primary_with_standby
 
+from compensa.common.startup import DatabaseMisconfigured
 from compensa.orchestrator.cli import main
+from compensa.orchestrator.config import ServerConfig
+from compensa.orchestrator.server import start_orchestrator
 from compensa.orchestrator.store import SagaStore
 from compensa.v1 import orchestrator_pb2, saga_pb2
 
@@ -293,3 +296,13 @@ async def test_a_read_database_that_is_no_standby_is_not_used(
 
 def _judged(caplog: pytest.LogCaptureFixture) -> bool:
     return bool(_messages(caplog, logging.WARNING, _AWAY) or _messages(caplog, logging.INFO, _BACK))
+
+
+async def test_an_orchestrator_refuses_a_read_database_over_sqlite(tmp_path: Path) -> None:
+    config = ServerConfig(
+        listen="127.0.0.1:0", database_url=f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}",
+        read_database_url="postgresql://reader@standby/compensa",
+    )
+    with pytest.raises(DatabaseMisconfigured, match=r"^--read-db needs a PostgreSQL --db"):
+        await start_orchestrator(config)
+    assert not (tmp_path / "compensa.db").exists()
