@@ -124,6 +124,7 @@ async def _wait_for_database(
 
     await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)
     running.engine.start()
+    running.engine.store.check_read_database()
     running.bulk = BulkRunner(running.engine)
     running.bulk.start()
     engine = running.engine

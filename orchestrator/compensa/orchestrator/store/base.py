@@ -446,6 +446,12 @@ class SagaStore(abc.ABC):
         The block must not span a `yield` (a context variable carries it)."""
         return contextlib.nullcontext()
 
+    def check_read_database(self) -> None:
+        """Starts checking the read database's lag in the background, if there
+        is one (else does nothing); from a running event loop. Otherwise the
+        checks start with the first `tolerating_lag` block."""
+        return None
+
     def read_database_status(self) -> tuple[bool, float] | None:
         """Whether `tolerating_lag` reads go to the read database now, and its
         lag last measured in seconds (NaN: unknown); None without one."""

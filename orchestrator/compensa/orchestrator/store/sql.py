@@ -298,6 +298,10 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         finally:
             lag_tolerated.reset(block)
 
+    def check_read_database(self) -> None:
+        if self.read_database is not None:
+            self.read_database.start()
+
     def read_database_status(self) -> tuple[bool, float] | None:
         return None if self.read_database is None else (self.read_database.in_use, self.read_database.lag)
 

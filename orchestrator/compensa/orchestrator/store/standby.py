@@ -116,15 +116,23 @@ class ReadDatabase:
                 self.lag = math.nan
                 self._out_of_use(f"its lag could not be measured ({database_error_text(error)})")
             else:
-                self.lag = lag
-                if lag > self.max_lag:
+                if lag is None:
+                    # Behind every sample, and they are younger than the bound
+                    # (the first checks): how far behind is not known yet.
+                    self.lag = math.nan
+                elif lag > self.max_lag:
+                    self.lag = lag
                     self._out_of_use(f"it lags {lag:.1f}s, past the bound of {self.max_lag:g}s (--read-db-max-lag)")
-                elif lag <= self.max_lag / 2 or self.in_use:
-                    self._into_use(lag)
+                else:
+                    self.lag = lag
+                    if lag <= self.max_lag / 2 or self.in_use:
+                        self._into_use(lag)
             await asyncio.sleep(max(0.0, self.check_seconds - (time.monotonic() - began)))
 
-    async def _measure(self) -> float:
-        """Seconds the standby is behind the primary at most (see the module)."""
+    async def _measure(self) -> float | None:
+        """Seconds the standby is behind the primary at most (see the module),
+        or at least when it has not replayed even the oldest sample kept;
+        None when that oldest sample is not as old as the bound: not known."""
         sampled_at = time.monotonic()
         async with bounded_transaction(self._primary, self.timeout) as conn:
             position = int((await conn.execute(sa.text(_PRIMARY_POSITION))).scalar_one())
@@ -140,7 +148,8 @@ class ReadDatabase:
         caught_up_to = [at for at, sampled in self._samples if sampled <= int(replayed)]
         if caught_up_to:
             return now - caught_up_to[-1]
-        return now - self._samples[0][0]  # behind every sample kept: at least this far
+        at_least = now - self._samples[0][0]
+        return at_least if at_least > self.max_lag else None
 
     def _out_of_use(self, why: str) -> None:
         if self.in_use or not self._judged:
