@@ -1,4 +1,4 @@
-"""Reads off the primary (`serve --read-db`): lists, summaries and the history
+"""Reads off the primary (`serve --read-db`): lists, summaries, the dashboard and the history
 of watch streams are read on a streaming standby of the orchestrator's
 PostgreSQL while it keeps within its lag bound; a watch stream goes on from
 the standby's history to the primary's tail with no gap and no duplicate;
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 from harness import Stack, checkout_stack, poll_until, scrape
@@ -131,7 +133,9 @@ async def test_lists_come_from_the_standby_and_from_the_primary_once_it_lags_pas
     make_postgres_url: Callable[[], str], standby_pair: ReplicatedPair, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="compensa.store")
-    async with _stack_reading_the_standby(make_postgres_url, standby_pair, max_lag=3.0) as stack:
+    async with _stack_reading_the_standby(
+        make_postgres_url, standby_pair, max_lag=3.0, http_listen="127.0.0.1:0"
+    ) as stack:
         first = await _run_sagas(stack, 3)
         await _standby_in_use_with(stack, first)
         assert await _succeeded(stack) == 3
@@ -144,10 +148,12 @@ async def test_lists_come_from_the_standby_and_from_the_primary_once_it_lags_pas
         # GetSaga, which callers act on, reads the primary.
         assert await _listed(stack) == set(first)
         assert await _succeeded(stack) == 3
+        assert await _dashboard_listed(stack) == set(first)
         assert (await stack.get(late)).state == _SUCCEEDED
         # Past the bound, they are the primary's: said once, not per read.
         await poll_until(lambda: _has(stack, late), timeout=15.0, interval=0.1)
         assert await _succeeded(stack) == 4
+        assert late in await _dashboard_listed(stack)
         for _ in range(3):
             assert late in await _listed(stack)
         away = _messages(caplog, logging.WARNING, _AWAY)
@@ -159,6 +165,15 @@ async def test_lists_come_from_the_standby_and_from_the_primary_once_it_lags_pas
         assert late in await _listed(stack)
         assert len(_messages(caplog, logging.INFO, _BACK)) == 2
         assert len(_messages(caplog, logging.WARNING, _AWAY)) == 1
+
+
+async def _dashboard_listed(stack: Stack) -> set[str]:
+    """The sagas the dashboard's front page lists."""
+    assert stack.orchestrator.dashboard is not None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.get(stack.orchestrator.dashboard.url) as response:
+            assert response.status == 200
+            return set(re.findall(r'<tr data-saga-id="([^"]+)"', await response.text()))
 
 
 async def _has(stack: Stack, saga_id: str) -> bool:
