@@ -1,9 +1,9 @@
-"""Reads off the primary (`serve --read-db`): lists, summaries, the dashboard and the history
-of watch streams are read on a streaming standby of the orchestrator's
-PostgreSQL while it keeps within its lag bound; a watch stream goes on from
-the standby's history to the primary's tail with no gap and no duplicate;
-a standby that lags past the bound, or stops, sends those reads back to the
-primary, said once in the log."""
+"""Reads off the primary (`serve --read-db`): lists, summaries, the
+dashboard and the history of watch streams are read on a streaming standby of
+the orchestrator's PostgreSQL while it keeps within its lag bound; a watch
+stream goes on from the standby's history to the primary's tail with no gap
+and no duplicate; a standby that lags past the bound, or stops, sends those
+reads back to the primary, said once in the log."""
 
 from __future__ import annotations
 
