@@ -10,6 +10,12 @@ position it has replayed, so its lag is at most the time since that sample
 Past the bound, or when the standby fails, lag-tolerant reads go to the
 primary (one WARNING), and come back once it is within half the bound again
 (one INFO): half, so that a lag hovering at the bound does not flap.
+
+Routing is by connection, not by statement: `lag_tolerant` marks the store's
+methods that may read here, a caller opts in with the store's
+`tolerating_lag()` block, and the store's `_transaction` opens the marked
+method's transaction on the standby (context variables carry both), so no
+query is written twice.
 """
 
 from __future__ import annotations
