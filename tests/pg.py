@@ -271,8 +271,9 @@ def _run(command: Sequence[str], as_user: str | None) -> None:
 
 @dataclass
 class ReplicatedPair:
-    """A throwaway primary and its synchronous standby (streaming replication,
-    `pg_basebackup -R`), each a cluster of its own on a free 127.0.0.1 port."""
+    """A throwaway primary and its standby (streaming replication,
+    `pg_basebackup -R`; synchronous or not), each a cluster of its own on a
+    free 127.0.0.1 port."""
 
     bindir: Path
     workdir: Path
@@ -290,6 +291,15 @@ class ReplicatedPair:
 
     def conninfo(self, port: int, database: str = "postgres") -> str:
         return f"host=127.0.0.1 port={port} user={_ADMIN_USER} dbname={database}"
+
+    def url(self, port: int, database: str) -> str:
+        """The SQLAlchemy URL of `database` on one of the two."""
+        return f"postgresql+psycopg://{_ADMIN_USER}@127.0.0.1:{port}/{database}"
+
+    def stop_standby(self) -> None:
+        """`pg_ctl stop -m immediate` of the standby (the primary goes on alone)."""
+        _run([str(self.bindir / "pg_ctl"), "-D", str(self.workdir / "standby"), "-m", "immediate", "-w", "stop"],
+             self._as_user)
 
     def kill_primary(self) -> None:
         """SIGKILL of the primary's postmaster (its backends end with it)."""
@@ -309,11 +319,12 @@ class ReplicatedPair:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_primary_with_standby(bindir: Path) -> ReplicatedPair:
-    """A primary whose commits wait for a synchronous standby
-    (`synchronous_standby_names = '*'`), and that standby, streaming; both
-    started and the standby in sync when this returns. As root, both belong
-    to the ``postgres`` user (initdb refuses root)."""
+def start_primary_with_standby(bindir: Path, *, synchronous: bool = True) -> ReplicatedPair:
+    """A primary and a standby streaming from it, both started and the
+    standby streaming when this returns. `synchronous`: the primary's commits
+    wait for the standby (`synchronous_standby_names = '*'`); otherwise the
+    standby follows asynchronously, and the primary goes on without it. As
+    root, both belong to the ``postgres`` user (initdb refuses root)."""
     as_user = _CLUSTER_USER if os.geteuid() == 0 else None
     workdir = Path(tempfile.mkdtemp(prefix="compensa-pg-pair-"))
     pair = ReplicatedPair(bindir, workdir, _free_port(), _free_port(), as_user)
@@ -326,10 +337,9 @@ def start_primary_with_standby(bindir: Path) -> ReplicatedPair:
         _run([str(bindir / "initdb"), "-D", str(primary), "-U", _ADMIN_USER, "--auth=trust", "-E", "UTF8", "--no-sync"],
              as_user)
         common = f"-k {workdir} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=on"
-        primary_options = (
-            f"-p {pair.primary_port} {common} -c wal_level=replica -c max_wal_senders=4"
-            " -c synchronous_standby_names='*' -c synchronous_commit=on"
-        )
+        primary_options = f"-p {pair.primary_port} {common} -c wal_level=replica -c max_wal_senders=4"
+        if synchronous:
+            primary_options += " -c synchronous_standby_names='*' -c synchronous_commit=on"
         _run([pg_ctl, "-D", str(primary), "-l", str(workdir / "primary.log"), "-o", primary_options, "-w", "-t", "60",
               "start"], as_user)
         _run([str(bindir / "pg_basebackup"), "-D", str(standby), "-R", "-X", "stream", "-c", "fast",
@@ -338,9 +348,10 @@ def start_primary_with_standby(bindir: Path) -> ReplicatedPair:
               "-w", "-t", "60", "start"], as_user)
         with psycopg.connect(pair.conninfo(pair.primary_port), autocommit=True) as conn:
             deadline = time.monotonic() + 60
-            while conn.execute("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'").fetchone() != (1,):
+            wanted = "sync_state = 'sync'" if synchronous else "state = 'streaming'"
+            while conn.execute(f"SELECT count(*) FROM pg_stat_replication WHERE {wanted}").fetchone() != (1,):
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the standby did not become synchronous within 60s")
+                    raise RuntimeError(f"no standby with {wanted} within 60s")
                 time.sleep(0.1)  # ok-sleep: polling interval with a deadline
     except (KeyError, OSError, subprocess.CalledProcessError, RuntimeError, psycopg.Error) as exc:
         logs = "".join(

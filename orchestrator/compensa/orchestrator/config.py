@@ -16,6 +16,7 @@ from compensa.orchestrator.api.auth import AccessPolicy, Role, load_jwt_keys, lo
 from compensa.orchestrator.api.service import ServiceSettings
 from compensa.orchestrator.engine.config import EngineConfig
 from compensa.orchestrator.shared.payloads import DEFAULT_PROTO_MODULES
+from compensa.orchestrator.store import DEFAULT_MAX_LAG_SECONDS
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_SQLITE_PATH = Path(".compensa") / "compensa.db"
@@ -121,6 +122,11 @@ class ServerConfig:
     # transaction, a group commit), in seconds: a call on a replica that
     # cannot reach its database answers UNAVAILABLE within about this long.
     database_timeout: float = DEFAULT_DATABASE_TIMEOUT
+    # A streaming standby of the PostgreSQL database (`--read-db`): the reads
+    # that tolerate a bounded lag go there while it is at most
+    # `read_max_lag_seconds` behind (see store/standby.py); None: none.
+    read_database_url: str | None = None
+    read_max_lag_seconds: float = DEFAULT_MAX_LAG_SECONDS
     # grpc.health.v1 follows the database: it is probed this often (seconds)
     # when no real work reached it, and real failures count at once.
     health_probe_seconds: float = DEFAULT_PROBE_SECONDS

@@ -15,6 +15,7 @@ import sqlalchemy
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from compensa.common.database import parse_database_url, with_async_driver
 from compensa.common.health import DatabaseHealth
 from compensa.common.serving import GRPC_SERVER_OPTIONS, ensure_sqlite_directory, listen_on
 from compensa.common.startup import DatabaseMisconfigured, ServingError, first_line, wait_for_database
@@ -123,6 +124,7 @@ async def _wait_for_database(
 
     await wait_for_database(prepare, unreachable=(StoreUnavailable,), logger=log)
     running.engine.start()
+    running.engine.store.check_read_database()
     running.bulk = BulkRunner(running.engine)
     running.bulk.start()
     engine = running.engine
@@ -142,6 +144,23 @@ async def _wait_for_database(
             " (give roles with --operator/--role and client certificates, or --tokens FILE)"
         )
     log.info("orchestrator %s serving on %s", running.config.replica_id, running.address)
+
+
+def _read_database_url(config: ServerConfig, url: str) -> str | None:
+    """--read-db with its driver, checked against --db (`url`): both PostgreSQL."""
+    if not config.read_database_url:
+        return None
+    if not parse_database_url(url).is_postgres:
+        raise DatabaseMisconfigured(
+            "--read-db needs a PostgreSQL --db: a read database is a streaming standby of it, and SQLite has none"
+        )
+    read_url = with_async_driver(config.read_database_url)
+    if not parse_database_url(read_url).is_postgres:
+        raise DatabaseMisconfigured(
+            f"--read-db {parse_database_url(read_url).shown!r} is not a PostgreSQL URL: a read database is a"
+            " streaming standby of --db (postgresql+psycopg://USER@HOST/DATABASE)"
+        )
+    return read_url
 
 
 async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -> RunningOrchestrator:
@@ -164,9 +183,13 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
     if not config.database_url:
         log.info("no --db: sagas are kept in the embedded SQLite database %s (give --db URL for another)",
                  url.partition(":///")[2])
+    read_url = _read_database_url(config, url)
     ensure_sqlite_directory(url)
     try:
-        store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
+        store = open_store(
+            url, notifier=config.replica_id, timeout=config.database_timeout, read_url=read_url,
+            read_max_lag=config.read_max_lag_seconds,
+        )
     except (
         ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError,
         sqlalchemy.exc.InvalidRequestError,
@@ -176,6 +199,8 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
             "use postgresql+psycopg://USER@HOST/DATABASE or sqlite+aiosqlite:///FILE"
         ) from None
     engine = SagaEngine(store, config.engine_config())
+    if read_url is not None:
+        engine.metrics.read_database(store.read_database_status)
     limit = config.max_payload_bytes * 4
     server = grpc.aio.server(
         options=[

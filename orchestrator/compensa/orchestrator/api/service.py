@@ -541,7 +541,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                 async for saga in listed:
                     yield await self._saga_view(saga), [saga.created_at, saga.saga_id]
 
-        page, last = await _fill_page(sagas(), page_size)
+        with self._store.tolerating_lag():
+            page, last = await _fill_page(sagas(), page_size)
         return orchestrator_pb2.ListSagasResponse(
             sagas=page,  # type: ignore[arg-type]
             next_page_token=issue_page_token(self._page_key(), query, last) if last is not None else "",
@@ -656,7 +657,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
         self._all_in_scope(context, "SummarizeSagas", definition_name)
         now = self._engine.clock.now()
-        summaries = await self._store.summarize_sagas(definition_name=definition_name, stuck_before=now - stuck)
+        with self._store.tolerating_lag():
+            summaries = await self._store.summarize_sagas(definition_name=definition_name, stuck_before=now - stuck)
         response = orchestrator_pb2.SummarizeSagasResponse(
             states=[
                 orchestrator_pb2.SagaStateSummary(
@@ -838,16 +840,26 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             self._access.require_whole_deployment(self._caller(context), "WatchAlerts")
         last = request.after_position
         woken = asyncio.Event()
+        # The history may come from the read database, until it has no more;
+        # from then on the primary goes on from the same position.
+        from_history = self._store.read_database_status() is not None
         # Subscribed before the first read: an alert committed meanwhile wakes it.
         with self._engine.alert_signal.on_change(woken.set), self._engine.changes.on_change(woken.set):
             while True:
                 woken.clear()
                 # Positions follow commit order: reading past the last one sent misses nothing.
-                batch = await self._store.read_alerts(last, READ_BATCH)
+                if from_history:
+                    with self._store.tolerating_lag():
+                        batch = await self._store.read_alerts(last, READ_BATCH)
+                else:
+                    batch = await self._store.read_alerts(last, READ_BATCH)
                 for alert in batch:
                     last = alert.position
                     yield orchestrator_pb2.WatchAlertsResponse(alert=alert_message(alert))
                 if len(batch) == READ_BATCH:
+                    continue
+                if from_history:
+                    from_history = False
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), _ALERT_POLL_SECONDS)

@@ -306,20 +306,33 @@ class LogTail:
         is ready that long after the first live event of a batch.
 
         `key` is the sequence (one saga) or the position (all sagas); `read(k)`
-        reads a batch with key > k from the store, for catch-up.
+        reads a batch with key > k from the store, for catch-up: a read the
+        store may answer from its read database (in `tolerating_lag`), as
+        keys are the same there.
         """
         last = after
         while True:
             async with self._subscription(saga_id, wanted) as reader:
                 # Catch up from the log; the feed collects what commits meanwhile.
+                # The history comes from the read database, if there is one,
+                # until it has no more; then the primary, which has every
+                # commit, goes on from the same key to the feed (which the
+                # tail fills from the primary): no gap between the two.
+                from_history = self._store.read_database_status() is not None
                 while True:
-                    batch = await read(last)
+                    if from_history:
+                        with self._store.tolerating_lag():
+                            batch = await read(last)
+                    else:
+                        batch = await read(last)
                     for start in range(0, len(batch), max_batch):
                         chunk = batch[start:start + max_batch]
                         last = key(chunk[-1])
                         yield chunk
                     if len(batch) < READ_BATCH:
-                        break
+                        if not from_history:
+                            break
+                        from_history = False
                 # Then live, from the feed, skipping what catch-up already sent.
                 while True:
                     reader.wake.clear()

@@ -423,6 +423,16 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
         "--lease-seconds", type=_positive_float, help="how long this replica owns a saga without renewing"
     )
     _add_database_timeout_option(parser)
+    parser.add_argument(
+        "--read-db", metavar="URL",
+        help="a streaming standby of --db (PostgreSQL only): lists, summaries, the dashboard's pages and the history"
+             " that watch streams replay are read there while it is at most --read-db-max-lag behind; everything"
+             " else, and everything while it lags or fails, is read on --db (see README, Scaling out)",
+    )
+    parser.add_argument(
+        "--read-db-max-lag", type=_duration, metavar="DURATION",
+        help="how far --read-db may be behind --db and still be read (default 5s)",
+    )
     parser.add_argument("--replica-id", help="this replica's id in saga leases (default: host-pid-random)")
     _add_server_tls_options(parser, "this orchestrator")
     parser.add_argument("--participant-tls-ca", type=Path, metavar="FILE",

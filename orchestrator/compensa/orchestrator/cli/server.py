@@ -50,6 +50,7 @@ def serve(args: argparse.Namespace) -> int:
         jwt_issuer=args.jwt_issuer,
         http_listen=args.http,
     )
+    config = _read_database(args, config)
     if args.max_streams_per_client < 0:
         raise CompensaError("--max-streams-per-client must be 0 (no limit) or positive")
     config = dataclasses.replace(config, max_streams_per_client=args.max_streams_per_client)
@@ -92,6 +93,26 @@ def serve(args: argparse.Namespace) -> int:
         )
     asyncio.run(serve_orchestrator(config))
     return EXIT_OK
+
+
+def _read_database(args: argparse.Namespace, config: ServerConfig) -> ServerConfig:
+    """--read-db and --read-db-max-lag, checked: a standby of a PostgreSQL --db."""
+    from compensa.common.database import parse_database_url, with_async_driver
+
+    if args.read_db is None:
+        if args.read_db_max_lag is not None:
+            raise CompensaError("--read-db-max-lag needs --read-db: it bounds how far that database may lag")
+        return config
+    if not args.db or not parse_database_url(with_async_driver(args.db)).is_postgres:
+        raise CompensaError(
+            "--read-db needs a PostgreSQL --db: a read database is a streaming standby of it, and SQLite has none"
+        )
+    config = dataclasses.replace(config, read_database_url=args.read_db)
+    if args.read_db_max_lag is not None:
+        config = dataclasses.replace(
+            config, read_max_lag_seconds=_positive_seconds(args.read_db_max_lag, "--read-db-max-lag")
+        )
+    return config
 
 
 def migrate(args: argparse.Namespace) -> int:

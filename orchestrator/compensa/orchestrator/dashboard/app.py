@@ -382,32 +382,36 @@ class Dashboard:
     async def _index(self, request: web.Request) -> web.Response:
         identity = self._identify(request)
         filters = _Filters.of(request, identity)
-        # The live list resumes from here: whatever commits after this read
-        # reaches the page through /live, even if the list below misses it.
-        position = await self._store.head_position()
-        now = self._engine.clock.now()
-        sagas = await self._store.list_sagas(
-            state=filters.state,
-            definition_name=filters.definition,
-            updated_before=None if filters.stuck_seconds is None else now - filters.stuck_seconds,
-            page_size=LIST_SIZE,
-            after=None,
-            id_contains=filters.search,
-        )
-        last_events = {
-            stored.saga_id: stored
-            for stored in await self._store.read_events([(saga.saga_id, saga.sequence) for saga in sagas])
-        }
-        definitions = [
-            definition.name for definition in await self._store.list_definitions(1000, "")
-            if identity.may_see(definition.name)
-        ]
+        # What people look at, read where reads may lag; each read in the block
+        # is no older than the one before it.
+        with self._store.tolerating_lag():
+            # The live list resumes from here: whatever commits after this read
+            # reaches the page through /live, even if the list below misses it.
+            position = await self._store.head_position()
+            now = self._engine.clock.now()
+            sagas = await self._store.list_sagas(
+                state=filters.state,
+                definition_name=filters.definition,
+                updated_before=None if filters.stuck_seconds is None else now - filters.stuck_seconds,
+                page_size=LIST_SIZE,
+                after=None,
+                id_contains=filters.search,
+            )
+            last_events = {
+                stored.saga_id: stored
+                for stored in await self._store.read_events([(saga.saga_id, saga.sequence) for saga in sagas])
+            }
+            definitions = [
+                definition.name for definition in await self._store.list_definitions(1000, "")
+                if identity.may_see(definition.name)
+            ]
+            summary = await self._summary(identity, filters.definition)
         return self._page(
             "index.html",
             title="Sagas",
             identity=identity,
             form_token=self._form_token(identity),
-            summary=await self._summary(identity, filters.definition),
+            summary=summary,
             sagas=[_row(saga, last_events.get(saga.saga_id)) for saga in sagas],
             filters=filters,
             definitions=definitions,
@@ -422,10 +426,9 @@ class Dashboard:
         `action` in the query, what that action would touch (a dry run)."""
         identity = self._identify(request)
         self._access.authorize(identity, "ListBulkActions")
-        jobs = [
-            bulk_action_message(job) for job in await self._store.list_bulk_jobs(LIST_SIZE, None)
-            if identity.may_see(job.definition_name)
-        ]
+        with self._store.tolerating_lag():
+            listed = await self._store.list_bulk_jobs(LIST_SIZE, None)
+        jobs = [bulk_action_message(job) for job in listed if identity.may_see(job.definition_name)]
         text = request.query.get("filter", "")
         action = request.query.get("action", "retry")
         preview = None
@@ -482,14 +485,15 @@ class Dashboard:
         identity = self._identify(request)
         self._access.authorize(identity, "WatchAlerts")
         self._access.require_whole_deployment(identity, "The audit page")
-        progress = {each.participant: each for each in await self._store.list_audit_progress()}
-        counts = await self._store.count_audit_findings()
-        addresses = {participant.name: participant.address for participant in await self._store.list_participants()}
-        names = sorted(addresses.keys() | progress.keys() | (counts.keys() - {""}))
-        wanted = request.query.get("participant", "")
-        if wanted and wanted not in names:
-            raise NotFound(f"no participant {quote(wanted)} with a stored address or an audit")
-        findings = await self._store.list_audit_findings(LIST_SIZE, participant=wanted or None)
+        with self._store.tolerating_lag():
+            progress = {each.participant: each for each in await self._store.list_audit_progress()}
+            counts = await self._store.count_audit_findings()
+            addresses = {each.name: each.address for each in await self._store.list_participants()}
+            names = sorted(addresses.keys() | progress.keys() | (counts.keys() - {""}))
+            wanted = request.query.get("participant", "")
+            if wanted and wanted not in names:
+                raise NotFound(f"no participant {quote(wanted)} with a stored address or an audit")
+            findings = await self._store.list_audit_findings(LIST_SIZE, participant=wanted or None)
         return self._page(
             "audit.html",
             title="Audit",
@@ -512,7 +516,9 @@ class Dashboard:
     async def _counts(self, request: web.Request) -> web.Response:
         identity = self._identify(request)
         filters = _Filters.of(request, identity)
-        return self._page("counts.html", summary=await self._summary(identity, filters.definition))
+        with self._store.tolerating_lag():
+            summary = await self._summary(identity, filters.definition)
+        return self._page("counts.html", summary=summary)
 
     async def _saga(self, request: web.Request) -> web.Response:
         identity = self._identify(request)

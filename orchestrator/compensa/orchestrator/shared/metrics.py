@@ -21,11 +21,15 @@ the database at each scrape, for the whole deployment; `compensa status` and
 `compensa list --state failed` show which sagas they are.
 `compensa_refused_calls_total` counts the calls refused by reason: a rise
 shows someone probing (each reason is also logged, at most once per 10 s).
+With `serve --read-db`, `compensa_read_database_in_use` is 0 while the reads
+that may lag go to the primary instead (the standby lags past its bound, or
+fails), and `compensa_read_database_lag_seconds` is its last measured lag.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -178,6 +182,33 @@ class Metrics:
         """Exports the bound on sagas in flight and, at each scrape, how many are."""
         self._max_in_flight.set(limit)
         self._in_flight.set_function(in_flight)
+
+    def read_database(self, status: Callable[[], tuple[bool, float] | None]) -> None:
+        """Exports, at each scrape, whether the read database (serve --read-db)
+        is in use and its lag (see `status`); only with one."""
+
+        in_use_gauge = Gauge(
+            "compensa_read_database_in_use",
+            "1 while the lag-tolerant reads (lists, counts, watch streams' history) go to the read database"
+            " (serve --read-db), 0 while they go to the primary (it lags past its bound, or fails).",
+            registry=self.registry,
+        )
+        lag_gauge = Gauge(
+            "compensa_read_database_lag_seconds",
+            "How far the read database was behind the primary at its last check, at most (NaN: unknown).",
+            registry=self.registry,
+        )
+
+        def in_use() -> float:
+            now = status()
+            return 1.0 if now is not None and now[0] else 0.0
+
+        def lag() -> float:
+            now = status()
+            return now[1] if now is not None else math.nan
+
+        in_use_gauge.set_function(in_use)
+        lag_gauge.set_function(lag)
 
     def start_refused(self) -> None:
         self._starts_refused.inc()

@@ -42,16 +42,25 @@ from compensa.orchestrator.store.base import (
 from compensa.orchestrator.store.postgres import PostgresSagaStore
 from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.orchestrator.store.sqlite import SqliteSagaStore
+from compensa.orchestrator.store.standby import DEFAULT_MAX_LAG_SECONDS
 
 
-def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SagaStore:
+def open_store(
+    url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT, read_url: str | None = None,
+    read_max_lag: float = DEFAULT_MAX_LAG_SECONDS,
+) -> SagaStore:
     """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
 
     `notifier` names this process in change notifications, so it can ignore
     its own. `timeout` bounds every wait on the database, in seconds.
-    DatabaseMisconfigured (one line) for a URL that is neither."""
+    `read_url`, PostgreSQL only, is a streaming standby of `url` for the
+    lag-tolerant reads, while it is at most `read_max_lag` seconds behind.
+    DatabaseMisconfigured (one line) for a URL that is neither; ValueError
+    for a `read_url` with SQLite, or that is not PostgreSQL's."""
     if parse_database_url(url).is_postgres:
-        return PostgresSagaStore(url, notifier=notifier, timeout=timeout)
+        return PostgresSagaStore(url, notifier=notifier, timeout=timeout, read_url=read_url, read_max_lag=read_max_lag)
+    if read_url is not None:
+        raise ValueError("a read database is a PostgreSQL standby: it needs a PostgreSQL primary")
     return SqliteSagaStore(url, timeout=timeout)
 
 
@@ -60,6 +69,7 @@ __all__ = [
     "AUDIT_JOB_COMPLETED",
     "AUDIT_JOB_RUNNING",
     "CONTRACT_FORCED",
+    "DEFAULT_MAX_LAG_SECONDS",
     "DEFAULT_PRIORITY",
     "LOG_HELD_BACK",
     "PARTICIPANT_RECOVERED",

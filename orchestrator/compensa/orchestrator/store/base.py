@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -434,6 +435,30 @@ class SagaStore(abc.ABC):
     """
 
     _reachability_listeners: tuple[ReachabilityListener, ...] = ()
+
+    def tolerating_lag(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block, the reads marked lag-tolerant (`lag_tolerant`
+        in standby.py) may be answered by a read database: a streaming standby
+        at most its lag bound behind the primary (`serve --read-db`), never
+        older than a read before it in the same block. Other calls, writes
+        among them, go to the primary as always. The default, for a store
+        without a read database, changes nothing.
+
+        Only for what a person or a client looks at (lists, counts, the
+        history a watch stream replays), never for what a caller acts on.
+        The block must not span a `yield` (a context variable carries it)."""
+        return contextlib.nullcontext()
+
+    def check_read_database(self) -> None:
+        """Starts checking the read database's lag in the background, if there
+        is one (else does nothing); from a running event loop. Otherwise the
+        checks start with the first `tolerating_lag` block."""
+        return None
+
+    def read_database_status(self) -> tuple[bool, float] | None:
+        """Whether `tolerating_lag` reads go to the read database now, and its
+        lag last measured in seconds (NaN: unknown); None without one."""
+        return None
 
     def subscribe_reachability(self, listener: ReachabilityListener) -> None:
         """Calls `listener` after every database wait: with None when the

@@ -43,6 +43,7 @@ from compensa.orchestrator.store.schema import (
     saga_flow,
     sagas,
 )
+from compensa.orchestrator.store.standby import lag_tolerant
 
 # A saga waiting for its key's turn asks again at most this many
 # retry_seconds later.
@@ -277,6 +278,7 @@ class CapacityStatements(abc.ABC):
                 ).on_conflict_do_nothing()
             )
 
+    @lag_tolerant
     async def flow_of(self, saga_id: str, *, with_waits: bool = True) -> SagaFlow:
         async with self._transaction() as conn:
             row = (

@@ -35,6 +35,7 @@ from compensa.orchestrator.store.base import LOG_HELD_BACK, SAGA_ALERT, LogHoldu
 from compensa.orchestrator.store.rows import ALERT_RAISED, event_row, rejected, saga_values, step_row
 from compensa.orchestrator.store.schema import alerts, log_holdups, saga_events
 from compensa.orchestrator.store.sql import SqlSagaStore, log_alerts
+from compensa.orchestrator.store.standby import DEFAULT_MAX_LAG_SECONDS, ReadDatabase
 
 log = logging.getLogger("compensa.store")
 
@@ -127,11 +128,16 @@ class PostgresSagaStore(SqlSagaStore):
     # transaction's start.
     _CLOCK_QUERY = "SELECT extract(epoch FROM clock_timestamp())::float8"
 
-    def __init__(self, url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT,
+        read_url: str | None = None, read_max_lag: float = DEFAULT_MAX_LAG_SECONDS,
+    ) -> None:
         # No pre-ping: it costs a round trip per transaction. A dead
         # connection fails its transaction, SQLAlchemy drops it from the pool,
         # and the caller retries (StoreUnavailable).
         super().__init__(url, timeout=timeout, pool_size=10, max_overflow=10)
+        if read_url is not None:
+            self.read_database = ReadDatabase(read_url, self.engine, max_lag=read_max_lag, timeout=timeout)
         self.notifier = notifier
         assert self.database.conninfo is not None, "a PostgreSQL URL"
         self._conninfo = self.database.conninfo

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ from compensa.orchestrator.store.schema import (
     sagas,
     secrets,
 )
+from compensa.orchestrator.store.standby import LagTolerance, ReadDatabase, lag_tolerant, lag_tolerated, reading_on
 from compensa.v1 import bulk_pb2, definition_pb2
 
 # Ids per IN list, well under the drivers' bound-parameter limits.
@@ -281,6 +282,28 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         self.engine: AsyncEngine = create_async_engine(
             self.database.engine_url, **engine_options(self.database, timeout), **options
         )
+        #: Where `lag_tolerant` reads go in a `tolerating_lag` block while it
+        #: keeps up (PostgreSQL's `--read-db`); None: every read on the primary.
+        self.read_database: ReadDatabase | None = None
+
+    @contextlib.contextmanager
+    def tolerating_lag(self) -> Iterator[None]:
+        if self.read_database is None or lag_tolerated.get() is not None:
+            yield  # no read database, or an enclosing block decides
+            return
+        self.read_database.start()
+        block = lag_tolerated.set(LagTolerance(self.read_database if self.read_database.in_use else None))
+        try:
+            yield
+        finally:
+            lag_tolerated.reset(block)
+
+    def check_read_database(self) -> None:
+        if self.read_database is not None:
+            self.read_database.start()
+
+    def read_database_status(self) -> tuple[bool, float] | None:
+        return None if self.read_database is None else (self.read_database.in_use, self.read_database.lag)
 
     # -- dialect hooks
 
@@ -345,7 +368,16 @@ class SqlSagaStore(CapacityStatements, SagaStore):
     async def _transaction(self, long: float | None = None) -> AsyncIterator[AsyncConnection]:
         """One transaction, bounded by `timeout` (and so is getting its
         connection), or by `long` seconds for one whose statements are known
-        to take long (a bulk action's selection of many sagas)."""
+        to take long (a bulk action's selection of many sagas).
+
+        On the read database for a `lag_tolerant` read routed there: its
+        failures are not the primary's, so they are told to no reachability
+        listener, and the read is made again on the primary."""
+        read_database = reading_on.get()
+        if read_database is not None:
+            async with bounded_transaction(read_database.engine, self.timeout) as conn:
+                yield conn
+            return
         began = time.monotonic()
         try:
             async with bounded_transaction(self.engine, long or self.timeout) as conn:
@@ -434,6 +466,8 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         """Fails (out of space) unless the database can grow its files now."""
 
     async def close(self) -> None:
+        if self.read_database is not None:
+            await self.read_database.close()
         await self.engine.dispose()
 
     # -- definitions
@@ -565,6 +599,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             body = (await conn.execute(query)).scalar_one_or_none()
         return None if body is None else definition_pb2.SagaDefinition.FromString(body)
 
+    @lag_tolerant
     async def list_definitions(self, page_size: int, after_name: str) -> list[definition_pb2.SagaDefinition]:
         latest = (
             sa.select(definitions.c.name, sa.func.max(definitions.c.promotion).label("promotion"))
@@ -631,6 +666,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             .on_conflict_do_update(index_elements=[participant_contracts.c.name], set_=values)
         )
 
+    @lag_tolerant
     async def list_participants(self) -> list[ParticipantAddress]:
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(participants).order_by(participants.c.name))).all()
@@ -987,6 +1023,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 await conn.execute(sa.delete(sagas).where(sagas.c.saga_id.in_(saga_ids)))
         return len(saga_ids)
 
+    @lag_tolerant
     async def list_sagas(
         self,
         *,
@@ -1166,11 +1203,13 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                 await self._announce(conn, ["*"])
         return raised
 
+    @lag_tolerant
     async def list_audit_progress(self) -> list[AuditProgress]:
         async with self._transaction() as conn:
             rows = (await conn.execute(sa.select(audit_progress).order_by(audit_progress.c.participant))).all()
         return [_audit_progress_of(row) for row in rows]
 
+    @lag_tolerant
     async def list_audit_findings(self, limit: int, *, participant: str | None = None) -> list[RecordedAuditFinding]:
         query = sa.select(audit_findings).order_by(audit_findings.c.alert_position.desc()).limit(limit)
         if participant is not None:
@@ -1184,12 +1223,14 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             for row in rows
         ]
 
+    @lag_tolerant
     async def count_audit_findings(self) -> dict[str, int]:
         query = sa.select(audit_findings.c.participant, sa.func.count()).group_by(audit_findings.c.participant)
         async with self._transaction() as conn:
             rows = (await conn.execute(query)).all()
         return {participant: count for participant, count in rows}
 
+    @lag_tolerant
     async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
         def how_many(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[int]:
             return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
@@ -1228,6 +1269,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     # -- the alert log and its outbox
 
+    @lag_tolerant
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
         query = sa.select(alerts).where(alerts.c.position > after_position)
         below = self._readable_below()
@@ -1355,6 +1397,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).one_or_none()
         return None if row is None else _bulk_job(row)
 
+    @lag_tolerant
     async def list_bulk_jobs(self, page_size: int, after: tuple[float, str] | None) -> list[BulkJob]:
         query = sa.select(bulk_actions)
         if after is not None:
@@ -1511,6 +1554,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             )
             return completed.first() is not None
 
+    @lag_tolerant
     async def bulk_problems(self, bulk_action_id: str, limit: int) -> list[BulkItem]:
         query = (
             sa.select(bulk_items)
@@ -1526,6 +1570,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
 
     # -- the event log
 
+    @lag_tolerant
     async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]:
         query = (
             sa.select(saga_events)
@@ -1536,6 +1581,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         async with self._transaction() as conn:
             return [stored_event(row) for row in (await conn.execute(query)).all()]
 
+    @lag_tolerant
     async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
         if not keys:
             return []
@@ -1543,6 +1589,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         async with self._transaction() as conn:
             return [stored_event(row) for row in (await conn.execute(query)).all()]
 
+    @lag_tolerant
     async def read_log_page(
         self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
         past_open_transactions: bool = False, skipping: Sequence[int] = (),
@@ -1579,6 +1626,7 @@ class SqlSagaStore(CapacityStatements, SagaStore):
         readable, last = int(found[0].below), found[0].last or 0
         return LogPage(events, max(readable, after_position + 1), held_back=last >= readable)
 
+    @lag_tolerant
     async def head_position(self) -> int:
         below = self._readable_below()
         async with self._transaction() as conn:
