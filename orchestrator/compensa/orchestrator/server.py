@@ -165,8 +165,11 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         log.info("no --db: sagas are kept in the embedded SQLite database %s (give --db URL for another)",
                  url.partition(":///")[2])
     ensure_sqlite_directory(url)
+    partition_urls = config.resolved_partition_urls()
     try:
-        store = open_store(url, notifier=config.replica_id, timeout=config.database_timeout)
+        store = open_store(
+            url, notifier=config.replica_id, timeout=config.database_timeout, partition_urls=partition_urls
+        )
     except (
         ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError,
         sqlalchemy.exc.InvalidRequestError,

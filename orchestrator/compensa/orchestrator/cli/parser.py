@@ -404,6 +404,11 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     )
     _add_db_option(parser)
     parser.add_argument(
+        "--partition-db", action="append", default=[], metavar="URL", dest="partition_db",
+        help="another PostgreSQL database holding partitions of the sagas (repeatable; --db is the home database,"
+        " holding the partition map, definitions and participants, and partitions too); see docs/partitions.md",
+    )
+    parser.add_argument(
         "--definitions",
         action="append",
         type=Path,

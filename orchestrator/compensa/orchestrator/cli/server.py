@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         listen=args.listen,
         database_url=args.db,
+        partition_database_urls=tuple(args.partition_db),
         definition_paths=tuple(definition_paths),
         participants=dict(participants),
         proto_modules=tuple(dict.fromkeys(args.proto_module)),

@@ -1,6 +1,9 @@
 """Durable state: the store interface and its SQL implementations, one per database."""
 
+from collections.abc import Sequence
+
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, parse_database_url
+from compensa.common.startup import DatabaseMisconfigured
 from compensa.orchestrator.store.base import (
     AUDIT_ALERT,
     AUDIT_JOB_COMPLETED,
@@ -39,17 +42,29 @@ from compensa.orchestrator.store.base import (
     StoredEvent,
     WriteResult,
 )
+from compensa.orchestrator.store.partition_map import PARTITION_COUNT, partition_of
+from compensa.orchestrator.store.partitioned import PartitionedStore
 from compensa.orchestrator.store.postgres import PostgresSagaStore
 from compensa.orchestrator.store.sql import SqlSagaStore
 from compensa.orchestrator.store.sqlite import SqliteSagaStore
 
 
-def open_store(url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT) -> SagaStore:
+def open_store(
+    url: str, *, notifier: str = "", timeout: float = DEFAULT_DATABASE_TIMEOUT, partition_urls: Sequence[str] = ()
+) -> SagaStore:
     """A store for a SQLAlchemy URL: postgresql+psycopg://... or sqlite+aiosqlite:///...
 
     `notifier` names this process in change notifications, so it can ignore
     its own. `timeout` bounds every wait on the database, in seconds.
+    With `partition_urls`, sagas are partitioned over `url` (the home
+    database) and those (docs/partitions.md), all PostgreSQL.
     DatabaseMisconfigured (one line) for a URL that is neither."""
+    if partition_urls:
+        if not all(parse_database_url(each).is_postgres for each in (url, *partition_urls)):
+            raise DatabaseMisconfigured("sagas are partitioned over PostgreSQL databases only (--db, --partition-db)")
+        return PartitionedStore(
+            [PostgresSagaStore(each, notifier=notifier, timeout=timeout) for each in (url, *partition_urls)]
+        )
     if parse_database_url(url).is_postgres:
         return PostgresSagaStore(url, notifier=notifier, timeout=timeout)
     return SqliteSagaStore(url, timeout=timeout)
@@ -64,6 +79,7 @@ __all__ = [
     "LOG_HELD_BACK",
     "PARTICIPANT_RECOVERED",
     "PARTICIPANT_UNHEALTHY",
+    "PARTITION_COUNT",
     "SAGA_ALERT",
     "AuditFinding",
     "AuditJob",
@@ -82,6 +98,7 @@ __all__ = [
     "ParticipantAddress",
     "ParticipantHold",
     "ParticipantLimits",
+    "PartitionedStore",
     "PendingAlert",
     "PostgresSagaStore",
     "RecordedAuditFinding",
@@ -96,4 +113,5 @@ __all__ = [
     "StoredEvent",
     "WriteResult",
     "open_store",
+    "partition_of",
 ]

@@ -1,0 +1,300 @@
+"""A SagaStore over several databases, each holding some partitions of the
+sagas (docs/partitions.md).
+
+Saga-keyed calls go to the database of the saga's partition; calls about
+every saga ask every database and merge; everything else is the home
+database's (partitioned_home.py). A replica serves every partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import replace
+from typing import TypeVar
+
+from compensa.orchestrator.shared.records import SagaRecord
+from compensa.orchestrator.shared.selection import SagaSelection
+from compensa.orchestrator.store.base import (
+    CapacityGrant,
+    CapacityWait,
+    Claimed,
+    ReachabilityListener,
+    SagaFlow,
+    SagaMove,
+    SagaWrite,
+    StateSummary,
+    StoredEvent,
+    WriteResult,
+)
+from compensa.orchestrator.store.partition_map import PartitionMap, database_id, load_partition_map
+from compensa.orchestrator.store.partitioned_home import HomeDatabaseCalls
+from compensa.orchestrator.store.sql import SqlSagaStore
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+class PartitionedStore(HomeDatabaseCalls):
+    """Sagas spread over `databases` by partition; the first is home (it
+    holds the map, definitions, participants and jobs, and partitions too).
+
+    Usable once `ensure_schema` has read (or made) the partition map."""
+
+    def __init__(self, databases: Sequence[SqlSagaStore]) -> None:
+        if len(databases) < 2:
+            raise ValueError("a partitioned store needs the home database and at least one more")
+        self.databases: tuple[SqlSagaStore, ...] = tuple(databases)
+        self._home: SqlSagaStore = self.databases[0]
+        self._map: PartitionMap | None = None
+        self._first_claimed = itertools.cycle(range(len(self.databases)))
+
+    @property
+    def partition_map(self) -> PartitionMap:
+        if self._map is None:
+            raise RuntimeError("the partition map is read by ensure_schema, which has not run")
+        return self._map
+
+    def database_index(self, saga_id: str) -> int:
+        """The index in `databases` of the database holding the saga."""
+        return self.partition_map.database_of(saga_id)
+
+    def database_of(self, saga_id: str) -> SqlSagaStore:
+        return self.databases[self.database_index(saga_id)]
+
+    def _by_database(self, items: Iterable[_Item], saga_id: Callable[[_Item], str]) -> dict[int, list[int]]:
+        """The indexes of `items` by the database of their saga."""
+        groups: dict[int, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(self.database_index(saga_id(item)), []).append(index)
+        return groups
+
+    async def _each(self, call: Callable[[SqlSagaStore], Awaitable[_Result]]) -> list[_Result]:
+        """`call` on every database at once, results in database order."""
+        return list(await asyncio.gather(*(call(database) for database in self.databases)))
+
+    async def _routed(
+        self, items: Sequence[_Item], saga_id: Callable[[_Item], str],
+        call: Callable[[SqlSagaStore, list[_Item]], Awaitable[list[_Result]]],
+    ) -> list[_Result]:
+        """`call` on each database with its share of `items` (one transaction
+        each, at once), the answers put back in the order of `items`."""
+        groups = self._by_database(items, saga_id)
+        answers = await asyncio.gather(
+            *(call(self.databases[db], [items[i] for i in indexes]) for db, indexes in groups.items())
+        )
+        results: list[_Result | None] = [None] * len(items)
+        for indexes, answer in zip(groups.values(), answers, strict=True):
+            for index, result in zip(indexes, answer, strict=True):
+                results[index] = result
+        return results  # type: ignore[return-value]  # every index was filled
+
+    # -- the databases themselves
+
+    def subscribe_reachability(self, listener: ReachabilityListener) -> None:
+        for database in self.databases:
+            database.subscribe_reachability(listener)
+
+    async def ensure_schema(self) -> None:
+        await self._each(lambda database: database.ensure_schema())
+        ids = await self._each(database_id)
+        self._map = await load_partition_map(self._home, ids)
+
+    async def upgrade_schema(self) -> tuple[str | None, str]:
+        revisions = await self._each(lambda database: database.upgrade_schema())
+        return revisions[0]
+
+    async def ping(self) -> None:
+        await self._each(lambda database: database.ping())
+
+    async def probe_writes(self) -> None:
+        await self._each(lambda database: database.probe_writes())
+
+    async def close(self) -> None:
+        await self._each(lambda database: database.close())
+
+    async def listen(self, on_change: Callable[[list[str] | None], None], *, ignore_from: str) -> None:
+        await self._each(lambda database: database.listen(on_change, ignore_from=ignore_from))
+
+    # -- one saga: its database
+
+    async def record_saga_flow(
+        self, saga_id: str, definition_name: str, *, concurrency_key: str | None, priority: int, now: float
+    ) -> None:
+        await self.database_of(saga_id).record_saga_flow(
+            saga_id, definition_name, concurrency_key=concurrency_key, priority=priority, now=now
+        )
+
+    async def flow_of(self, saga_id: str, *, with_waits: bool = True) -> SagaFlow:
+        return await self.database_of(saga_id).flow_of(saga_id, with_waits=with_waits)
+
+    async def take_key_turn(
+        self, saga_id: str, max_running: int, *, owner: str, epoch: int, now: float, retry_seconds: float
+    ) -> float | None:
+        return await self.database_of(saga_id).take_key_turn(
+            saga_id, max_running, owner=owner, epoch=epoch, now=now, retry_seconds=retry_seconds
+        )
+
+    async def exchange_capacity(
+        self, participant: str, replica: str, *, returned: int, wanted: int, now: float, lease_until: float,
+        waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
+        priorities_of: Sequence[str] = (), spare: int = 0,
+    ) -> CapacityGrant:
+        # The budget is home's; the sagas' priorities are in their databases.
+        grant = await self._home.exchange_capacity(
+            participant, replica, returned=returned, wanted=wanted, now=now, lease_until=lease_until,
+            waits_started=waits_started, waits_ended=waits_ended, spare=spare,
+        )
+        if not priorities_of:
+            return grant
+        flows = await asyncio.gather(*(self.flow_of(saga_id, with_waits=False) for saga_id in priorities_of))
+        return replace(
+            grant, priorities={saga_id: flow.priority for saga_id, flow in zip(priorities_of, flows, strict=True)}
+        )
+
+    async def load_saga(self, saga_id: str) -> SagaRecord | None:
+        return await self.database_of(saga_id).load_saga(saga_id)
+
+    async def load_start(self, saga_id: str) -> tuple[SagaRecord, str] | None:
+        return await self.database_of(saga_id).load_start(saga_id)
+
+    async def load_with_owner(self, saga_id: str) -> tuple[SagaRecord, str | None, float | None] | None:
+        return await self.database_of(saga_id).load_with_owner(saga_id)
+
+    async def load_owned(self, saga_id: str, owner: str, epoch: int) -> SagaRecord | None:
+        return await self.database_of(saga_id).load_owned(saga_id, owner, epoch)
+
+    async def read_saga_events(self, saga_id: str, after_sequence: int, limit: int) -> list[StoredEvent]:
+        return await self.database_of(saga_id).read_saga_events(saga_id, after_sequence, limit)
+
+    # -- many sagas: each database its share, in one transaction each
+
+    async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
+        """One transaction per database holding some of the writes; each
+        saga's write lands (or not) atomically in its own database."""
+        return await self._routed(writes, lambda write: write.saga.saga_id, lambda db, share: db.commit(share))
+
+    async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
+        return await self._routed(moves, lambda move: move.saga.saga_id, lambda db, share: db.move_sagas(share))
+
+    async def load_many_with_owner(
+        self, saga_ids: Sequence[str]
+    ) -> dict[str, tuple[SagaRecord, str | None, float | None]]:
+        found: dict[str, tuple[SagaRecord, str | None, float | None]] = {}
+        for share in await self._shares(saga_ids, lambda db, ids: db.load_many_with_owner(ids)):
+            found.update(share)
+        return found
+
+    async def read_saga_logs(self, saga_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        logs: dict[str, list[StoredEvent]] = {}
+        for share in await self._shares(saga_ids, lambda db, ids: db.read_saga_logs(ids)):
+            logs.update(share)
+        return logs
+
+    async def load_sagas(self, saga_ids: Sequence[str]) -> list[SagaRecord]:
+        shares = await self._shares(saga_ids, lambda db, ids: db.load_sagas(ids))
+        return [saga for share in shares for saga in share]
+
+    async def read_events(self, keys: Sequence[tuple[str, int]]) -> list[StoredEvent]:
+        groups = self._by_database(keys, lambda key: key[0])
+        shares = await asyncio.gather(
+            *(self.databases[db].read_events([keys[i] for i in indexes]) for db, indexes in groups.items())
+        )
+        return [event for share in shares for event in share]
+
+    async def renew_leases(self, owner: str, saga_ids: Sequence[str], lease_until: float) -> int:
+        return sum(await self._shares(saga_ids, lambda db, ids: db.renew_leases(owner, ids, lease_until)))
+
+    async def _shares(
+        self, saga_ids: Sequence[str], call: Callable[[SqlSagaStore, list[str]], Awaitable[_Result]]
+    ) -> list[_Result]:
+        groups = self._by_database(saga_ids, lambda saga_id: saga_id)
+        return list(await asyncio.gather(
+            *(call(self.databases[db], [saga_ids[i] for i in indexes]) for db, indexes in groups.items())
+        ))
+
+    # -- every saga: every database
+
+    async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
+        """Due sagas from every database, up to `limit` in all; the database
+        asked first takes turns, so a busy one does not starve the others."""
+        first = next(self._first_claimed)
+        claimed: list[Claimed] = []
+        for offset in range(len(self.databases)):
+            if len(claimed) >= limit:
+                break
+            database = self.databases[(first + offset) % len(self.databases)]
+            claimed += await database.claim_due(owner, now, lease_until, limit - len(claimed))
+        return claimed
+
+    async def release_all(self, owner: str, now: float) -> None:
+        await self._each(lambda database: database.release_all(owner, now))
+
+    async def purge_finished(self, *, finished_before: float, limit: int) -> int:
+        purged = 0
+        for database in self.databases:
+            if purged >= limit:
+                break
+            purged += await database.purge_finished(finished_before=finished_before, limit=limit - purged)
+        return purged
+
+    async def list_sagas(
+        self,
+        *,
+        state: int,
+        definition_name: str,
+        updated_before: float | None,
+        page_size: int,
+        after: tuple[float, str] | None,
+        id_contains: str = "",
+        selection: SagaSelection | None = None,
+        now: float = 0.0,
+    ) -> list[SagaRecord]:
+        """A merge of every database's page: (created_at, saga_id) orders
+        every saga, so the cursor `after` means the same in each of them."""
+        pages = await self._each(lambda database: database.list_sagas(
+            state=state, definition_name=definition_name, updated_before=updated_before, page_size=page_size,
+            after=after, id_contains=id_contains, selection=selection, now=now,
+        ))
+        newest_first = heapq.merge(*pages, key=lambda saga: (saga.created_at, saga.saga_id), reverse=True)
+        return list(itertools.islice(newest_first, page_size))
+
+    async def sagas_in_creation_order(
+        self, *, after: tuple[float, str] | None, definition_name: str, limit: int
+    ) -> list[SagaRecord]:
+        pages = await self._each(lambda database: database.sagas_in_creation_order(
+            after=after, definition_name=definition_name, limit=limit
+        ))
+        oldest_first = heapq.merge(*pages, key=lambda saga: (saga.created_at, saga.saga_id))
+        return list(itertools.islice(oldest_first, limit))
+
+    async def find_stuck(self, *, stuck_before: float, now: float, limit: int) -> list[SagaRecord]:
+        found = await self._each(lambda database: database.find_stuck(stuck_before=stuck_before, now=now, limit=limit))
+        oldest_first = heapq.merge(*found, key=lambda saga: saga.updated_at)
+        return list(itertools.islice(oldest_first, limit))
+
+    async def summarize_sagas(self, *, definition_name: str, stuck_before: float) -> list[StateSummary]:
+        answers = await self._each(lambda database: database.summarize_sagas(
+            definition_name=definition_name, stuck_before=stuck_before
+        ))
+        totals: dict[tuple[str, int], StateSummary] = {}
+        for summary in (summary for answer in answers for summary in answer):
+            key = (summary.definition_name, summary.state)
+            seen = totals.get(key)
+            totals[key] = summary if seen is None else replace(
+                seen, count=seen.count + summary.count, stuck=seen.stuck + summary.stuck,
+                unresolved=seen.unresolved + summary.unresolved,
+                oldest_updated_at=min(seen.oldest_updated_at, summary.oldest_updated_at),
+            )
+        return [totals[key] for key in sorted(totals)]
+
+    async def count_selection(
+        self, selection: SagaSelection, *, now: float, sample_size: int
+    ) -> tuple[int, list[SagaRecord]]:
+        answers = await self._each(lambda database: database.count_selection(
+            selection, now=now, sample_size=sample_size
+        ))
+        by_id = heapq.merge(*(sample for _, sample in answers), key=lambda saga: saga.saga_id)
+        return sum(count for count, _ in answers), list(itertools.islice(by_id, sample_size))
