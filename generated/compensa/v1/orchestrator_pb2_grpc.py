@@ -360,6 +360,10 @@ class OrchestratorServiceServicer:
         opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+        Sagas partitioned over several databases (docs/partitions.md) have a log
+        per database: the order above holds within each database's log, and the
+        stream resumes from `resume_token` (a position per database), not from
+        `after_position`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

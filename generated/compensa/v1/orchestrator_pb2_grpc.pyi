@@ -137,6 +137,10 @@ class OrchestratorServiceStub:
     opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+    Sagas partitioned over several databases (docs/partitions.md) have a log
+    per database: the order above holds within each database's log, and the
+    stream resumes from `resume_token` (a position per database), not from
+    `after_position`.
     """
     CompleteStep: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -363,6 +367,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+    Sagas partitioned over several databases (docs/partitions.md) have a log
+    per database: the order above holds within each database's log, and the
+    stream resumes from `resume_token` (a position per database), not from
+    `after_position`.
     """
     CompleteStep: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]  # type: ignore[assignment]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -640,6 +648,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+        Sagas partitioned over several databases (docs/partitions.md) have a log
+        per database: the order above holds within each database's log, and the
+        stream resumes from `resume_token` (a position per database), not from
+        `after_position`.
         """
 
     @_abc_1.abstractmethod

@@ -28,8 +28,10 @@ from google.protobuf import duration_pb2, message, message_factory
 from compensa.common.tracing import traceparent_in
 from compensa.orchestrator.api.admission import SagaAdmission
 from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries, visible_bulk_job
+from compensa.orchestrator.api.resume_tokens import issue_resume_token, read_resume_token
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
@@ -328,7 +330,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._store = engine.store
         self._settings = settings
         self._max_payload = settings.max_payload_bytes
-        self._tail = LogTail(
+        self._logs = DeploymentLogs(
             engine.store,
             engine.changes,
             buffer_size=settings.watch_buffer_events,
@@ -344,9 +346,9 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
 
     @property
     def log_tail(self) -> LogTail:
-        """The process's one reader of the event log (the dashboard's live
-        list subscribes to it too)."""
-        return self._tail
+        """The process's reader of the (home database's) event log: the
+        dashboard's live list subscribes to it too."""
+        return self._logs.home
 
     @property
     def stream_limit(self) -> StreamLimit:
@@ -359,8 +361,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return self._refused_calls
 
     async def stop(self) -> None:
-        """Stops the log reader behind the watch streams."""
-        await self._tail.stop()
+        """Stops the log readers behind the watch streams."""
+        await self._logs.stop()
 
     async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
         return await self._queries.saga_view(saga)
@@ -767,7 +769,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if saga.is_final and not request.follow_after_end:
                 return
             after = saga.sequence
-        async for batch in self._tail.follow(
+        async for batch in self._logs.tail_of(saga_id).follow(
             after,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
@@ -791,8 +793,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.WatchSagasRequest,
         context: Context[orchestrator_pb2.WatchSagasRequest, orchestrator_pb2.WatchSagasResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
-        if request.after_position < 0:
-            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        after = await self._watch_start(request)
         if not 0 <= request.max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
             raise InvalidArgument(
                 f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
@@ -810,21 +811,42 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
         saga_state = request.saga_state
         self._all_in_scope(context, "WatchSagas", definition_name)
-        async for batch in self._tail.follow(
-            request.after_position,
-            saga_id=None,
-            wanted=(definition_name, saga_state),
-            key=lambda stored: stored.position,
-            read=lambda after: self._store.read_log(
-                after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
-            ),
-            max_batch=request.max_events_per_message if batched else 1,
+        database_ids = await self._logs.database_ids()
+        positions = {database_ids[index]: position for index, position in after.items()}
+        followed = self._logs.follow_all(
+            after, wanted=(definition_name, saga_state), max_batch=request.max_events_per_message if batched else 1,
             window=window,
-        ):
-            if batched:
-                yield orchestrator_pb2.WatchSagasResponse(events=[self._event_views.of(stored) for stored in batch])
-            else:
-                yield orchestrator_pb2.WatchSagasResponse(event=self._event_views.of(batch[0]))
+        )
+        async with contextlib.aclosing(followed):
+            async for index, batch in followed:
+                positions[database_ids[index]] = batch[-1].position
+                resume_token = issue_resume_token(positions)
+                if batched:
+                    yield orchestrator_pb2.WatchSagasResponse(
+                        events=[self._event_views.of(stored) for stored in batch], resume_token=resume_token
+                    )
+                else:
+                    yield orchestrator_pb2.WatchSagasResponse(
+                        event=self._event_views.of(batch[0]), resume_token=resume_token
+                    )
+
+    async def _watch_start(self, request: orchestrator_pb2.WatchSagasRequest) -> dict[int, int]:
+        """Where a WatchSagas stream starts: the position after which each
+        database's log is read, by database index (0 when left out)."""
+        if request.after_position < 0:
+            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        if request.resume_token:
+            if request.after_position:
+                raise InvalidArgument("set after_position or resume_token, not both")
+            positions = read_resume_token(request.resume_token)
+            database_ids = await self._logs.database_ids()
+            return {index: positions.get(database, 0) for index, database in enumerate(database_ids)}
+        if request.after_position and self._logs.partitioned:
+            raise InvalidArgument(
+                "the sagas are partitioned over several databases, each with its own log positions: resume with"
+                " a WatchSagasResponse's resume_token (after_position 0 reads from the start)"
+            )
+        return {0: request.after_position}
 
     @_answer_stream_errors
     async def WatchAlerts(

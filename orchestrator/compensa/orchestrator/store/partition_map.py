@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from compensa.common.startup import DatabaseMisconfigured
+from compensa.orchestrator.store.base import SagaStore
 from compensa.orchestrator.store.sql import SqlSagaStore
 
 #: Virtual partitions. Never changed once sagas exist: a saga's partition
@@ -46,7 +47,7 @@ def partition_of(saga_id: str) -> int:
     return int.from_bytes(digest, "big") % PARTITION_COUNT
 
 
-async def database_id(store: SqlSagaStore) -> str:
+async def database_id(store: SagaStore) -> str:
     """The id `store`'s database gives itself on first use: the same for
     every replica whatever URL reaches it, different for every database."""
     return (await store.secret(_DATABASE_ID_SECRET))[:8].hex()
