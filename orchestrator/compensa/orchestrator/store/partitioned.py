@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
+from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
@@ -54,7 +55,9 @@ class PartitionedStore(HomeDatabaseCalls):
     @property
     def partition_map(self) -> PartitionMap:
         if self._map is None:
-            raise RuntimeError("the partition map is read by ensure_schema, which has not run")
+            # A call that came before the start-up read the map: like a
+            # database not reached yet, the client retries.
+            raise StoreUnavailable("database unavailable: the partition map is not read yet (starting); retry")
         return self._map
 
     def database_index(self, saga_id: str) -> int:
@@ -97,13 +100,15 @@ class PartitionedStore(HomeDatabaseCalls):
         for database in self.databases:
             database.subscribe_reachability(listener)
 
+    # One database at a time: Alembic's `op` and `context` are process-wide.
     async def ensure_schema(self) -> None:
-        await self._each(lambda database: database.ensure_schema())
+        for database in self.databases:
+            await database.ensure_schema()
         ids = await self._each(database_id)
         self._map = await load_partition_map(self._home, ids)
 
     async def upgrade_schema(self) -> tuple[str | None, str]:
-        revisions = await self._each(lambda database: database.upgrade_schema())
+        revisions = [await database.upgrade_schema() for database in self.databases]
         return revisions[0]
 
     async def ping(self) -> None:
