@@ -1,0 +1,211 @@
+"""Sagas partitioned over two PostgreSQL clusters (issue 27, docs/partitions.md).
+
+One `compensa serve` with `--db` on one throwaway cluster and `--partition-db`
+on another, real participants: sagas started through it land in both
+databases (read directly in each), and GetSaga, ListSagas (paged across both)
+and WatchSagas (from the start, and resumed from a token taken midway while
+sagas still ran) see every saga and every event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pg
+import psycopg
+import pytest
+from processes import FAST_RECONNECT, ProcessSet
+from sqlalchemy.engine import make_url
+from test_crash import SKUS, Order, start_stack, wait_all_final
+
+from compensa.orchestrator.store import PARTITION_COUNT, partition_of
+from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+
+pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
+
+SAGA_COUNT = 60
+#: Events read before the first stream is closed and its token kept.
+MIDWAY_EVENTS = 120
+STREAM_TIMEOUT = 60.0
+
+EventKey = tuple[str, int]  # (saga_id, sequence)
+
+
+def _conninfo(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _rows(url: str, query: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(_conninfo(url)) as conn:
+        return list(conn.execute(query).fetchall())
+
+
+async def _read_stream(
+    stub: orchestrator_pb2_grpc.OrchestratorServiceStub, request: orchestrator_pb2.WatchSagasRequest,
+    *, until: Callable[[list[saga_pb2.SagaEvent]], bool],
+) -> tuple[list[saga_pb2.SagaEvent], str]:
+    """Events of a WatchSagas stream until `until(events)`, and the resume
+    token of the last message read."""
+    events: list[saga_pb2.SagaEvent] = []
+    token = ""
+    stream = stub.WatchSagas(request)
+    try:
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            async for response in stream:
+                events += [response.event] if response.HasField("event") else list(response.events)
+                assert response.resume_token, "every message carries a resume token"
+                token = response.resume_token
+                if until(events):
+                    break
+    finally:
+        stream.cancel()
+    return events, token
+
+
+def _once_each(events: list[saga_pb2.SagaEvent]) -> collections.Counter[EventKey]:
+    return collections.Counter((event.saga_id, event.sequence) for event in events)
+
+
+async def test_sagas_spread_over_two_databases_are_served_as_one(
+    tmp_path: Path, make_postgres_url: Callable[[], str],
+    private_postgres_pair: tuple[pg.PostgresServer, pg.PostgresServer],
+) -> None:
+    home_server, other_server = private_postgres_pair
+    home_url = pg.DatabaseFactory(home_server).create()
+    other_url = pg.DatabaseFactory(other_server).create()
+    orders = [Order(f"part-{n:03d}", "ok", SKUS[n % len(SKUS)], 1, 1_000 + n, f"tok-{n}") for n in range(SAGA_COUNT)]
+    with ProcessSet(tmp_path) as processes:
+        stack = await start_stack(
+            processes, make_postgres_url, {}, orchestrator_url=home_url,
+            orchestrator_options=["--partition-db", other_url],
+        )
+        async with grpc.aio.insecure_channel(stack.orchestrator.address, options=FAST_RECONNECT) as channel:
+            stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
+            # A stream from the start, opened before any saga: it is cut
+            # midway while sagas still run, and its token resumes it later.
+            first_part = asyncio.create_task(_read_stream(
+                stub, orchestrator_pb2.WatchSagasRequest(after_position=0),
+                until=lambda events: len(events) >= MIDWAY_EVENTS,
+            ))
+            started = await asyncio.gather(*(stub.StartSaga(order.request(), timeout=20.0) for order in orders))
+            assert all(response.created for response in started)
+            midway_events, midway_token = await first_part
+            sagas = await wait_all_final(stub, orders)
+            assert {saga.state for saga in sagas.values()} == {saga_pb2.SAGA_STATE_SUCCEEDED}
+            every_event = {(saga.saga_id, sequence) for saga in sagas.values() for sequence in
+                           range(1, saga.sequence + 1)}
+
+            # Each database holds sagas, each saga in the database its partition says.
+            held = {url: {row[0] for row in _rows(url, "SELECT saga_id FROM compensa_sagas")}
+                    for url in (home_url, other_url)}
+            assert all(held.values()), f"a database holds no saga: {[len(ids) for ids in held.values()]}"
+            assert held[home_url].isdisjoint(held[other_url])
+            assert held[home_url] | held[other_url] == {order.saga_id for order in orders}
+            partition_map = dict(_rows(home_url, "SELECT partition_no, database_id FROM compensa_partition_map"))
+            assert len(partition_map) == PARTITION_COUNT
+            home_id = partition_map[partition_of(next(iter(held[home_url])))]
+            for url, saga_ids in held.items():
+                assert {partition_map[partition_of(saga_id)] == home_id for saga_id in saga_ids} == {url == home_url}
+            # Each database's events are its own sagas' only.
+            for url, saga_ids in held.items():
+                logged = {row[0] for row in _rows(url, "SELECT DISTINCT saga_id FROM compensa_saga_events")}
+                assert logged == saga_ids
+
+            # GetSaga finds every saga, wherever it is.
+            for order in orders:
+                saga = (await stub.GetSaga(orchestrator_pb2.GetSagaRequest(saga_id=order.saga_id), timeout=5.0)).saga
+                assert saga.state == saga_pb2.SAGA_STATE_SUCCEEDED and saga.saga_id == order.saga_id
+
+            # ListSagas in small pages: every saga once, newest first across both.
+            listed: list[saga_pb2.Saga] = []
+            request = orchestrator_pb2.ListSagasRequest(page_size=7)
+            pages = 0
+            while True:
+                response = await stub.ListSagas(request, timeout=10.0)
+                listed += response.sagas
+                pages += 1
+                if not response.next_page_token:
+                    break
+                request.page_token = response.next_page_token
+            assert collections.Counter(saga.saga_id for saga in listed) == collections.Counter(
+                order.saga_id for order in orders
+            )
+            assert pages >= SAGA_COUNT // 7
+            order_keys = [(saga.create_time.ToNanoseconds(), saga.saga_id) for saga in listed]
+            assert order_keys == sorted(order_keys, reverse=True)
+
+            # WatchSagas from the start: every event exactly once, each
+            # saga's in sequence order.
+            from_start, _ = await _read_stream(
+                stub, orchestrator_pb2.WatchSagasRequest(max_events_per_message=50),
+                until=lambda events: len(events) >= len(every_event),
+            )
+            assert _once_each(from_start) == collections.Counter(every_event)
+            for saga_id in sagas:
+                sequences = [event.sequence for event in from_start if event.saga_id == saga_id]
+                assert sequences == sorted(sequences)
+
+            # Resumed from the token taken midway: the rest, no gap, no duplicate.
+            assert 0 < len(midway_events) < len(every_event)
+            rest, _ = await _read_stream(
+                stub, orchestrator_pb2.WatchSagasRequest(resume_token=midway_token),
+                until=lambda events: len(midway_events) + len(events) >= len(every_event),
+            )
+            assert _once_each(midway_events + rest) == collections.Counter(every_event)
+
+            # Nothing more is pending after the last token: a stream resumed
+            # there is quiet until a new saga starts, and then sends only it.
+            _, last_token = await _read_stream(
+                stub, orchestrator_pb2.WatchSagasRequest(resume_token=midway_token),
+                until=lambda events: len(events) >= len(every_event) - len(midway_events),
+            )
+            late = Order("part-late", "ok", SKUS[0], 1, 999, "tok-late")
+            following = asyncio.create_task(_read_stream(
+                stub, orchestrator_pb2.WatchSagasRequest(resume_token=last_token),
+                until=lambda events: any(event.type == saga_pb2.EVENT_TYPE_SAGA_SUCCEEDED for event in events),
+            ))
+            await stub.StartSaga(late.request(), timeout=20.0)
+            late_events, _ = await following
+            assert {event.saga_id for event in late_events} == {late.saga_id}
+            assert [event.sequence for event in late_events] == list(range(1, len(late_events) + 1))
+
+            # One int64 cannot say where two logs stand.
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await _read_stream(stub, orchestrator_pb2.WatchSagasRequest(after_position=5), until=bool)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "resume_token" in (refused.value.details() or "")
+
+
+async def test_a_restart_reads_the_map_it_made(
+    private_postgres_pair: tuple[pg.PostgresServer, pg.PostgresServer],
+) -> None:
+    """The map is made once; a restart naming the databases in another order
+    reads it unchanged, and one that leaves a database out is refused."""
+    from compensa.common.startup import DatabaseMisconfigured
+    from compensa.orchestrator.store import PartitionedStore, open_store
+
+    home_server, other_server = private_postgres_pair
+    home_url = pg.DatabaseFactory(home_server).create()
+    other_url = pg.DatabaseFactory(other_server).create()
+    third_url = pg.DatabaseFactory(other_server).create()
+
+    async def map_of(url: str, *partition_urls: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        store = open_store(url, partition_urls=partition_urls)
+        assert isinstance(store, PartitionedStore)
+        try:
+            await store.ensure_schema()
+            chosen = store.partition_map
+            return chosen.databases, tuple(chosen.databases[owner] for owner in chosen.owners)
+        finally:
+            await store.close()
+
+    databases, placed = await map_of(home_url, other_url)
+    assert collections.Counter(placed) == {databases[0]: PARTITION_COUNT // 2, databases[1]: PARTITION_COUNT // 2}
+    _, placed_again = await map_of(home_url, third_url, other_url)
+    assert placed_again == placed  # a database added holds nothing until partitions move to it
+    with pytest.raises(DatabaseMisconfigured, match="neither --db nor any --partition-db"):
+        await map_of(home_url, third_url)
