@@ -209,3 +209,51 @@ async def test_a_restart_reads_the_map_it_made(
     assert placed_again == placed  # a database added holds nothing until partitions move to it
     with pytest.raises(DatabaseMisconfigured, match="neither --db nor any --partition-db"):
         await map_of(home_url, third_url)
+
+
+async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_are_delivered_from_each(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """The store alone, two databases on the shared server: one flush with
+    writes for sagas of both is answered in order, each write in its saga's
+    database; a saga's alert is claimed from its database's outbox and its
+    delivery is told to that database."""
+    from test_store import T0, _alert, _create, _plan, _write
+
+    from compensa.orchestrator.store import PartitionedStore, open_store
+    from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
+
+    store = open_store(make_postgres_url(), partition_urls=[make_postgres_url()])
+    assert isinstance(store, PartitionedStore)
+    try:
+        await store.ensure_schema()
+        plan = await _plan(store)
+        ids = [f"g-{n}" for n in range(40)]
+        by_database = {index: [i for i in ids if store.database_index(i) == index] for index in (0, 1)}
+        assert all(by_database.values())
+        home_id, other_id = by_database[0][0], by_database[1][0]
+        sagas = [await _create(store, plan, saga_id) for saga_id in (home_id, other_id)]
+
+        # One flush: an alert for each saga, and a stale write between them.
+        alerts = [_alert(saga, T0 + 1) for saga in sagas]
+        results = await store.commit([
+            _write(alerts[0], sagas[0].sequence, epoch=1, now=T0 + 1),
+            _write(_alert(sagas[1], T0 + 1), sagas[1].sequence - 1, epoch=1, now=T0 + 1),
+            _write(alerts[1], sagas[1].sequence, epoch=1, now=T0 + 1),
+        ])
+        assert [result.ok for result in results] == [True, False, True]
+        for index, saga in enumerate(sagas):
+            stored = await store.databases[index].load_saga(saga.saga_id) or pytest.fail(saga.saga_id)
+            assert stored.sequence == saga.sequence + 1
+            assert await store.databases[1 - index].load_saga(saga.saga_id) is None
+
+        claimed = await store.claim_alerts(T0 + 1, T0 + 10, 10)
+        assert sorted(pending.alert.saga_id for pending in claimed) == sorted((home_id, other_id))
+        assert {pending.alert.position % ALERT_POSITION_SLOTS: pending.alert.saga_id for pending in claimed} == {
+            0: home_id, 1: other_id
+        }
+        for pending in claimed:
+            await store.alert_delivered(pending.alert.position)
+        assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
+    finally:
+        await store.close()

@@ -19,20 +19,28 @@ from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
+    AuditFinding,
     CapacityGrant,
     CapacityWait,
     Claimed,
+    PendingAlert,
     ReachabilityListener,
     SagaFlow,
     SagaMove,
     SagaWrite,
     StateSummary,
+    StoredAlert,
     StoredEvent,
     WriteResult,
 )
 from compensa.orchestrator.store.partition_map import PartitionMap, database_id, load_partition_map
 from compensa.orchestrator.store.partitioned_home import HomeDatabaseCalls
 from compensa.orchestrator.store.sql import SqlSagaStore
+
+#: Alert positions are (position in its database) x this + the database's
+#: index: a saga's alert is in its database's outbox, and its position must
+#: say which one to tell of its delivery. The most databases a store takes.
+ALERT_POSITION_SLOTS = 64
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -45,12 +53,13 @@ class PartitionedStore(HomeDatabaseCalls):
     Usable once `ensure_schema` has read (or made) the partition map."""
 
     def __init__(self, databases: Sequence[SqlSagaStore]) -> None:
-        if len(databases) < 2:
-            raise ValueError("a partitioned store needs the home database and at least one more")
+        if not 2 <= len(databases) <= ALERT_POSITION_SLOTS:
+            raise ValueError(f"a partitioned store takes the home database and 1 to {ALERT_POSITION_SLOTS - 1} more")
         self.databases: tuple[SqlSagaStore, ...] = tuple(databases)
         self._home: SqlSagaStore = self.databases[0]
         self._map: PartitionMap | None = None
         self._first_claimed = itertools.cycle(range(len(self.databases)))
+        self._first_alerted = itertools.cycle(range(len(self.databases)))
 
     @property
     def partition_map(self) -> PartitionMap:
@@ -219,6 +228,68 @@ class PartitionedStore(HomeDatabaseCalls):
         return list(await asyncio.gather(
             *(call(self.databases[db], [saga_ids[i] for i in indexes]) for db, indexes in groups.items())
         ))
+
+    # -- alerts: each saga's in its database's outbox (it commits with its
+    # event); the others, of participants and audits, in home's
+
+    @staticmethod
+    def _alert_in(index: int, alert: StoredAlert) -> StoredAlert:
+        return replace(alert, position=alert.position * ALERT_POSITION_SLOTS + index)
+
+    def _alert_at(self, position: int) -> tuple[SqlSagaStore, int]:
+        """The database of an alert's position, and its position there."""
+        index, local = position % ALERT_POSITION_SLOTS, position // ALERT_POSITION_SLOTS
+        if index >= len(self.databases):
+            raise ValueError(f"alert position {position} names no database of this deployment")
+        return self.databases[index], local
+
+    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
+        first = next(self._first_alerted)
+        claimed: list[PendingAlert] = []
+        for offset in range(len(self.databases)):
+            if len(claimed) >= limit:
+                break
+            index = (first + offset) % len(self.databases)
+            pending = await self.databases[index].claim_alerts(now, claimed_until, limit - len(claimed))
+            claimed += [replace(each, alert=self._alert_in(index, each.alert)) for each in pending]
+        return claimed
+
+    async def alert_delivered(self, position: int) -> None:
+        database, local = self._alert_at(position)
+        await database.alert_delivered(local)
+
+    async def alert_not_delivered(self, position: int, attempts: int, next_attempt_at: float, error: str) -> None:
+        database, local = self._alert_at(position)
+        await database.alert_not_delivered(local, attempts, next_attempt_at, error)
+
+    async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
+        purged = 0
+        for database in self.databases:
+            if purged >= limit:
+                break
+            purged += await database.purge_alerts(raised_before=raised_before, limit=limit - purged)
+        return purged
+
+    async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
+        """Home's alert log only (WatchAlerts): one position cannot say where
+        several databases' alert logs stand (docs/partitions.md)."""
+        alerts = await self._home.read_alerts(after_position // ALERT_POSITION_SLOTS, limit)
+        return [self._alert_in(0, alert) for alert in alerts]
+
+    async def alert_participant_unhealthy(
+        self, name: str, *, unhealthy_before: float, now: float, message: str
+    ) -> StoredAlert | None:
+        alert = await self._home.alert_participant_unhealthy(
+            name, unhealthy_before=unhealthy_before, now=now, message=message
+        )
+        return None if alert is None else self._alert_in(0, alert)
+
+    async def participant_serving(self, name: str, *, now: float, message: str) -> StoredAlert | None:
+        alert = await self._home.participant_serving(name, now=now, message=message)
+        return None if alert is None else self._alert_in(0, alert)
+
+    async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
+        return [self._alert_in(0, alert) for alert in await self._home.record_audit_findings(findings, now)]
 
     # -- every saga: every database
 

@@ -1,14 +1,10 @@
 """The calls a partitioned store answers from the home database alone:
-definitions, participants and their budget, alerts, bulk actions and the
-audit (docs/partitions.md, "What lives where")."""
+definitions, participants and their budget, bulk actions and the audit (docs/partitions.md, "What lives where")."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
-    AuditFinding,
     AuditJob,
     AuditProgress,
     BulkBatchAction,
@@ -19,10 +15,8 @@ from compensa.orchestrator.store.base import (
     DefinitionCheck,
     ParticipantAddress,
     ParticipantLimits,
-    PendingAlert,
     RecordedAuditFinding,
     SagaStore,
-    StoredAlert,
     StoredEvent,
 )
 from compensa.v1 import definition_pb2
@@ -97,33 +91,8 @@ class HomeDatabaseCalls(SagaStore):
     async def participant_contracts(self) -> dict[str, bytes]:
         return await self._home.participant_contracts()
 
-    async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
-        return await self._home.read_alerts(after_position, limit)
-
-    async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
-        return await self._home.purge_alerts(raised_before=raised_before, limit=limit)
-
-    async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
-        return await self._home.claim_alerts(now, claimed_until, limit)
-
-    async def alert_delivered(self, position: int) -> None:
-        return await self._home.alert_delivered(position)
-
-    async def alert_not_delivered(self, position: int, attempts: int, next_attempt_at: float, error: str) -> None:
-        return await self._home.alert_not_delivered(position, attempts, next_attempt_at, error)
-
     async def participant_failing(self, name: str, now: float) -> None:
         return await self._home.participant_failing(name, now)
-
-    async def alert_participant_unhealthy(
-        self, name: str, *, unhealthy_before: float, now: float, message: str
-    ) -> StoredAlert | None:
-        return await self._home.alert_participant_unhealthy(
-            name, unhealthy_before=unhealthy_before, now=now, message=message
-        )
-
-    async def participant_serving(self, name: str, *, now: float, message: str) -> StoredAlert | None:
-        return await self._home.participant_serving(name, now=now, message=message)
 
     async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
         return await self._home.create_bulk_job(job, selection)
@@ -187,9 +156,6 @@ class HomeDatabaseCalls(SagaStore):
         return await self._home.save_audit_job(
             audit_id, owner, epoch, report=report, cursor=cursor, now=now, progress=progress, complete=complete
         )
-
-    async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
-        return await self._home.record_audit_findings(findings, now)
 
     async def list_audit_progress(self) -> list[AuditProgress]:
         return await self._home.list_audit_progress()
