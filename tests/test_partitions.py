@@ -257,3 +257,44 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
         assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
     finally:
         await store.close()
+
+
+async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """The budget is home's; a saga's priority and the waits of its calls are
+    in its own database, written and read there through one exchange."""
+    from test_store import T0, _create, _plan
+
+    from compensa.orchestrator.store import CapacityWait, ParticipantLimits, PartitionedStore, open_store
+
+    store = open_store(make_postgres_url(), partition_urls=[make_postgres_url()])
+    assert isinstance(store, PartitionedStore)
+    try:
+        await store.ensure_schema()
+        plan = await _plan(store)
+        ids = [f"f-{n}" for n in range(40)]
+        chosen = [next(i for i in ids if store.database_index(i) == index) for index in (0, 1)]
+        for priority, saga_id in enumerate(chosen, start=1):
+            await store.record_saga_flow(saga_id, "checkout", concurrency_key=None, priority=priority, now=T0)
+            await _create(store, plan, saga_id)
+        await store.set_participant("pay", "127.0.0.1:1", updated_by="test", now=T0)
+        await store.set_participant_limits("pay", ParticipantLimits(max_in_flight=1), updated_by="test", now=T0)
+
+        waits = [CapacityWait(saga_id, "charge_card", "pay", "max_in_flight", T0) for saga_id in chosen]
+        grant = await store.exchange_capacity(
+            "pay", "replica-a", returned=0, wanted=2, now=T0, lease_until=T0 + 30, waits_started=waits,
+            priorities_of=chosen,
+        )
+        assert grant.granted == 1  # home's budget: one in flight at most
+        assert dict(grant.priorities) == {chosen[0]: 1, chosen[1]: 2}
+        for saga_id in chosen:
+            assert [wait.step_name for wait in (await store.flow_of(saga_id)).waits] == ["charge_card"]
+        await store.exchange_capacity(
+            "pay", "replica-a", returned=1, wanted=0, now=T0 + 1, lease_until=T0 + 30,
+            waits_ended=[(saga_id, "charge_card") for saga_id in chosen],
+        )
+        for saga_id in chosen:
+            assert (await store.flow_of(saga_id)).waits == ()
+    finally:
+        await store.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
@@ -41,6 +42,8 @@ from compensa.orchestrator.store.sql import SqlSagaStore
 #: index: a saga's alert is in its database's outbox, and its position must
 #: say which one to tell of its delivery. The most databases a store takes.
 ALERT_POSITION_SLOTS = 64
+
+log = logging.getLogger("compensa.store")
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -156,17 +159,42 @@ class PartitionedStore(HomeDatabaseCalls):
         waits_started: Sequence[CapacityWait] = (), waits_ended: Sequence[tuple[str, str]] = (),
         priorities_of: Sequence[str] = (), spare: int = 0,
     ) -> CapacityGrant:
-        # The budget is home's; the sagas' priorities are in their databases.
-        grant = await self._home.exchange_capacity(
-            participant, replica, returned=returned, wanted=wanted, now=now, lease_until=lease_until,
-            waits_started=waits_started, waits_ended=waits_ended, spare=spare,
+        """The budget is home's; the sagas' waits and priorities are in their
+        databases. Every other database is asked for nothing (the participant
+        is not stored there, so nothing is granted or counted): its exchange
+        records its sagas' waits and reads their priorities. Those are for
+        views and ordering only: when one fails the grant still stands (its
+        sagas keep the default priority), as home has counted it."""
+        started = self._by_database(waits_started, lambda wait: wait.saga_id)
+        ended = self._by_database(waits_ended, lambda key: key[0])
+        prioritized = self._by_database(priorities_of, lambda saga_id: saga_id)
+
+        def exchange(index: int) -> Awaitable[CapacityGrant]:
+            home = index == 0
+            return self.databases[index].exchange_capacity(
+                participant, replica, returned=returned if home else 0, wanted=wanted if home else 0, now=now,
+                lease_until=lease_until, spare=spare if home else 0,
+                waits_started=[waits_started[i] for i in started.get(index, ())],
+                waits_ended=[waits_ended[i] for i in ended.get(index, ())],
+                priorities_of=[priorities_of[i] for i in prioritized.get(index, ())],
+            )
+
+        others = sorted((set(started) | set(ended) | set(prioritized)) - {0})
+        grant, *sagas_sides = await asyncio.gather(
+            exchange(0), *(exchange(index) for index in others), return_exceptions=True
         )
-        if not priorities_of:
-            return grant
-        flows = await asyncio.gather(*(self.flow_of(saga_id, with_waits=False) for saga_id in priorities_of))
-        return replace(
-            grant, priorities={saga_id: flow.priority for saga_id, flow in zip(priorities_of, flows, strict=True)}
-        )
+        if isinstance(grant, BaseException):
+            raise grant
+        priorities = dict(grant.priorities)
+        for side in sagas_sides:
+            if isinstance(side, BaseException):
+                log.debug("capacity exchange: a partition database did not answer: %s", side)
+            else:
+                priorities.update(side.priorities)
+        return replace(grant, priorities=priorities)
+
+    async def forget_capacity(self, replica: str) -> None:
+        await self._each(lambda database: database.forget_capacity(replica))
 
     async def load_saga(self, saga_id: str) -> SagaRecord | None:
         return await self.database_of(saga_id).load_saga(saga_id)

@@ -85,9 +85,6 @@ class HomeDatabaseCalls(SagaStore):
     async def renew_capacity(self, replica: str, lease_until: float) -> None:
         return await self._home.renew_capacity(replica, lease_until)
 
-    async def forget_capacity(self, replica: str) -> None:
-        return await self._home.forget_capacity(replica)
-
     async def participant_contracts(self) -> dict[str, bytes]:
         return await self._home.participant_contracts()
 
