@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import grpc
 import pg
 import psycopg
 import pytest
-from processes import FAST_RECONNECT, ProcessSet
+from processes import COMPENSA, FAST_RECONNECT, ProcessSet
 from sqlalchemy.engine import make_url
 from test_crash import SKUS, Order, start_stack, wait_all_final
 
@@ -180,6 +181,17 @@ async def test_sagas_spread_over_two_databases_are_served_as_one(
             assert "resume_token" in (refused.value.details() or "")
 
 
+def test_migrate_upgrades_every_database(make_postgres_url: Callable[[], str]) -> None:
+    home_url, other_url = make_postgres_url(), make_postgres_url()
+    migrated = subprocess.run(
+        [str(COMPENSA), "migrate", "--db", home_url, "--partition-db", other_url],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert migrated.returncode == 0, migrated.stderr
+    for url in (home_url, other_url):
+        assert _rows(url, "SELECT count(*) FROM compensa_sagas") == [(0,)]
+
+
 async def test_a_restart_reads_the_map_it_made(
     private_postgres_pair: tuple[pg.PostgresServer, pg.PostgresServer],
 ) -> None:
@@ -220,7 +232,9 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
     delivery is told to that database."""
     from test_store import T0, _alert, _create, _plan, _write
 
-    from compensa.orchestrator.store import PartitionedStore, open_store
+    from compensa.orchestrator.shared.errors import NotYetPartitioned
+    from compensa.orchestrator.shared.selection import SagaSelection
+    from compensa.orchestrator.store import BulkJob, PartitionedStore, open_store
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
     store = open_store(make_postgres_url(), partition_urls=[make_postgres_url()])
@@ -255,6 +269,15 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
         for pending in claimed:
             await store.alert_delivered(pending.alert.position)
         assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
+
+        # A bulk action's selection is counted across both; storing one is
+        # refused until its items can span databases.
+        selection = SagaSelection(definition_name="checkout")
+        count, sample = await store.count_selection(selection, now=T0 + 2, sample_size=10)
+        assert (count, sorted(saga.saga_id for saga in sample)) == (2, sorted((home_id, other_id)))
+        job = BulkJob("job-1", 1, "definition=checkout", b"", "checkout", "", "test", 1, 0.0, T0 + 2, T0 + 2)
+        with pytest.raises(NotYetPartitioned):
+            await store.create_bulk_job(job, selection)
     finally:
         await store.close()
 

@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from compensa.orchestrator.shared.errors import StoreUnavailable
+from compensa.orchestrator.shared.errors import NotYetPartitioned, StoreUnavailable
 from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
     AuditFinding,
+    BulkJob,
     CapacityGrant,
     CapacityWait,
     Claimed,
@@ -256,6 +257,14 @@ class PartitionedStore(HomeDatabaseCalls):
         return list(await asyncio.gather(
             *(call(self.databases[db], [saga_ids[i] for i in indexes]) for db, indexes in groups.items())
         ))
+
+    async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
+        # Home's items would name home's sagas only: refused rather than half done.
+        raise NotYetPartitioned(
+            "bulk actions select their sagas in one database, and this deployment's sagas are partitioned over"
+            f" {len(self.databases)}: act on them one by one (CancelSaga, RetrySaga) until bulk actions span"
+            " partitions"
+        )
 
     # -- alerts: each saga's in its database's outbox (it commits with its
     # event); the others, of participants and audits, in home's

@@ -3,7 +3,6 @@ definitions, participants and their budget, bulk actions and the audit (docs/par
 
 from __future__ import annotations
 
-from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
     AuditJob,
     AuditProgress,
@@ -90,9 +89,6 @@ class HomeDatabaseCalls(SagaStore):
 
     async def participant_failing(self, name: str, now: float) -> None:
         return await self._home.participant_failing(name, now)
-
-    async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
-        return await self._home.create_bulk_job(job, selection)
 
     async def get_bulk_job(self, bulk_action_id: str) -> BulkJob | None:
         return await self._home.get_bulk_job(bulk_action_id)
