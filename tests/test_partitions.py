@@ -321,3 +321,40 @@ async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(
             assert (await store.flow_of(saga_id)).waits == ()
     finally:
         await store.close()
+
+
+async def test_a_database_that_fails_fails_only_its_own_writes(
+    make_postgres_url: Callable[[], str], admin_postgres_url: str,
+) -> None:
+    """The writer commits each database's share of a batch on its own: with
+    one database gone, the other's writes still land and are answered."""
+    from test_store import T0, _alert, _create, _plan, _write
+
+    from compensa.orchestrator.engine.writer import TransitionWriter
+    from compensa.orchestrator.shared.errors import StoreUnavailable
+    from compensa.orchestrator.shared.metrics import Metrics
+    from compensa.orchestrator.store import PartitionedStore, open_store
+
+    home_url, other_url = make_postgres_url(), make_postgres_url()
+    store = open_store(home_url, partition_urls=[other_url], timeout=2.0)
+    assert isinstance(store, PartitionedStore)
+    writer = TransitionWriter(store, lambda landed: None, Metrics(), timeout=5.0)
+    try:
+        await store.ensure_schema()
+        plan = await _plan(store)
+        ids = [f"w-{n}" for n in range(40)]
+        chosen = [next(i for i in ids if store.database_index(i) == index) for index in (0, 1)]
+        sagas = [await _create(store, plan, saga_id) for saga_id in chosen]
+        with psycopg.connect(_conninfo(admin_postgres_url), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE "{make_url(other_url).database}" WITH (FORCE)')
+        writer.start()
+        home_write, other_write = await asyncio.gather(
+            *(writer.submit(_write(_alert(saga, T0 + 1), saga.sequence, epoch=1, now=T0 + 1)) for saga in sagas),
+            return_exceptions=True,
+        )
+        assert not isinstance(home_write, BaseException) and home_write.ok, home_write
+        assert isinstance(other_write, StoreUnavailable), other_write
+        assert (await store.load_saga(chosen[0]) or pytest.fail("gone")).sequence == sagas[0].sequence + 1
+    finally:
+        await writer.stop()
+        await store.close()

@@ -214,9 +214,14 @@ class PartitionedStore(HomeDatabaseCalls):
 
     # -- many sagas: each database its share, in one transaction each
 
+    def commit_groups(self, writes: Sequence[SagaWrite]) -> list[list[int]]:
+        return list(self._by_database(writes, lambda write: write.saga.saga_id).values())
+
     async def commit(self, writes: Sequence[SagaWrite]) -> list[WriteResult]:
         """One transaction per database holding some of the writes; each
-        saga's write lands (or not) atomically in its own database."""
+        saga's write lands (or not) atomically in its own database. (The
+        writer commits each database's share on its own, see commit_groups,
+        so that one database's failure fails only its writes.)"""
         return await self._routed(writes, lambda write: write.saga.saga_id, lambda db, share: db.commit(share))
 
     async def move_sagas(self, moves: Sequence[SagaMove]) -> list[StoredEvent | None]:
