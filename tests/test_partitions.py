@@ -327,7 +327,8 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
     make_postgres_url: Callable[[], str], admin_postgres_url: str,
 ) -> None:
     """The writer commits each database's share of a batch on its own: with
-    one database gone, the other's writes still land and are answered."""
+    one database gone, the other's writes still land and are answered; and
+    the deployment is not reported reachable while one database is gone."""
     from test_store import T0, _alert, _create, _plan, _write
 
     from compensa.orchestrator.engine.writer import TransitionWriter
@@ -339,6 +340,8 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
     store = open_store(home_url, partition_urls=[other_url], timeout=2.0)
     assert isinstance(store, PartitionedStore)
     writer = TransitionWriter(store, lambda landed: None, Metrics(), timeout=5.0)
+    outcomes: list[BaseException | None] = []
+    store.subscribe_reachability(lambda error, began: outcomes.append(error))
     try:
         await store.ensure_schema()
         plan = await _plan(store)
@@ -355,6 +358,9 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
         assert not isinstance(home_write, BaseException) and home_write.ok, home_write
         assert isinstance(other_write, StoreUnavailable), other_write
         assert (await store.load_saga(chosen[0]) or pytest.fail("gone")).sequence == sagas[0].sequence + 1
+        assert outcomes[-1] is not None  # home answered last, but the other database is still out
+        await store.clock()
+        assert outcomes[-1] is not None
     finally:
         await writer.stop()
         await store.close()

@@ -110,8 +110,25 @@ class PartitionedStore(HomeDatabaseCalls):
     # -- the databases themselves
 
     def subscribe_reachability(self, listener: ReachabilityListener) -> None:
-        for database in self.databases:
-            database.subscribe_reachability(listener)
+        """`listener` hears of every database's failures, and of an answer
+        only while no other database is failing: the deployment answers when
+        all its databases do (else one database's answers would hide
+        another's outage, flapping the health between them)."""
+        failing: dict[int, float] = {}  # database index -> when its failing wait began
+
+        def of_database(index: int) -> ReachabilityListener:
+            def told(error: BaseException | None, began: float) -> None:
+                if error is not None:
+                    failing[index] = began
+                elif began >= failing.get(index, began):
+                    failing.pop(index, None)
+                if error is not None or not failing:
+                    listener(error, began)
+
+            return told
+
+        for index, database in enumerate(self.databases):
+            database.subscribe_reachability(of_database(index))
 
     # One database at a time: Alembic's `op` and `context` are process-wide.
     async def ensure_schema(self) -> None:
