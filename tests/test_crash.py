@@ -590,6 +590,12 @@ async def test_orchestrator_killed_repeatedly_loses_nothing(
         orchestrator_url=orchestrator_url,
         orchestrator_options=orchestrator_options,
     )
+    if orchestrator_store == "partitioned":
+        held = [
+            (await _select(url, sa.select(sa.func.count()).select_from(sa.table("compensa_sagas"))))[0][0]
+            for url in (orchestrator_url, orchestrator_options[1])
+        ]
+        assert all(held) and sum(held) == SAGA_COUNT, f"sagas per database: {held}"
 
 
 async def test_participants_killed_mid_run_lose_nothing(
