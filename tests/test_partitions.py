@@ -222,6 +222,19 @@ async def test_a_restart_reads_the_map_it_made(
     with pytest.raises(DatabaseMisconfigured, match="neither --db nor any --partition-db"):
         await map_of(home_url, third_url)
 
+    # A deployment that ran on one database keeps its sagas where they are.
+    from test_store import _create, _plan
+
+    alone_url = pg.DatabaseFactory(home_server).create()
+    alone = open_store(alone_url)
+    try:
+        await alone.ensure_schema()
+        await _create(alone, await _plan(alone), "from-before")
+    finally:
+        await alone.close()
+    databases, placed = await map_of(alone_url, pg.DatabaseFactory(other_server).create())
+    assert set(placed) == {databases[0]}
+
 
 async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_are_delivered_from_each(
     make_postgres_url: Callable[[], str],

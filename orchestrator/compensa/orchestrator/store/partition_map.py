@@ -8,6 +8,7 @@ database and is what moves when databases are added (docs/partitions.md).
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,11 +16,14 @@ import sqlalchemy as sa
 
 from compensa.common.startup import DatabaseMisconfigured
 from compensa.orchestrator.store.base import SagaStore
+from compensa.orchestrator.store.schema import sagas
 from compensa.orchestrator.store.sql import SqlSagaStore
 
 #: Virtual partitions. Never changed once sagas exist: a saga's partition
 #: is computed from its id alone.
 PARTITION_COUNT = 1024
+
+log = logging.getLogger("compensa.store")
 
 #: The secret whose value names a database in the map (see `database_id`).
 _DATABASE_ID_SECRET = "partition-database-id"
@@ -69,9 +73,11 @@ class PartitionMap:
 
 
 async def load_partition_map(home: SqlSagaStore, database_ids: Sequence[str]) -> PartitionMap:
-    """The stored map, made at the first start (partition p to database p mod
-    D of `database_ids`, the home's first); DatabaseMisconfigured when it
-    names a database that is not among `database_ids`."""
+    """The stored map, made at the first start: partition p to database p mod
+    D of `database_ids` (the home's first), or every partition to home when
+    home already holds sagas (a deployment that had one database: its sagas
+    stay where they are, and the others hold nothing until partitions move).
+    DatabaseMisconfigured when it names a database not among `database_ids`."""
     if len(set(database_ids)) != len(database_ids):
         raise DatabaseMisconfigured("a database is given twice (--db and --partition-db name the same one)")
     async with home._transaction() as conn:
@@ -80,7 +86,14 @@ async def load_partition_map(home: SqlSagaStore, database_ids: Sequence[str]) ->
         rows = await conn.execute(sa.select(partition_map.c.partition_no, partition_map.c.database_id))
         stored: list[tuple[int, str]] = [(row.partition_no, row.database_id) for row in rows]
         if not stored:
-            stored = [(p, database_ids[p % len(database_ids)]) for p in range(PARTITION_COUNT)]
+            had_sagas = (await conn.execute(sa.select(sa.exists().select_from(sagas)))).scalar_one()
+            spread = 1 if had_sagas else len(database_ids)
+            stored = [(p, database_ids[p % spread]) for p in range(PARTITION_COUNT)]
+            if had_sagas:
+                log.warning(
+                    "the home database holds sagas already: every partition stays there, and the other databases"
+                    " hold none until partitions are moved to them (docs/partitions.md)"
+                )
             await conn.execute(
                 sa.insert(partition_map), [{"partition_no": p, "database_id": db} for p, db in stored]
             )
