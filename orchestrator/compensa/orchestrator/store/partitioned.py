@@ -25,6 +25,7 @@ from compensa.orchestrator.store.base import (
     CapacityGrant,
     CapacityWait,
     Claimed,
+    LogHoldup,
     PendingAlert,
     ReachabilityListener,
     SagaFlow,
@@ -64,6 +65,9 @@ class PartitionedStore(HomeDatabaseCalls):
         self._map: PartitionMap | None = None
         self._first_claimed = itertools.cycle(range(len(self.databases)))
         self._first_alerted = itertools.cycle(range(len(self.databases)))
+        self.log_can_be_held_back = any(database.log_can_be_held_back for database in self.databases)
+        # The database of each holdup `log_holdup` last found.
+        self._held_back_in: dict[LogHoldup, int] = {}
 
     @property
     def partition_map(self) -> PartitionMap:
@@ -349,6 +353,20 @@ class PartitionedStore(HomeDatabaseCalls):
 
     async def record_audit_findings(self, findings: Sequence[AuditFinding], now: float) -> list[StoredAlert]:
         return [self._alert_in(0, alert) for alert in await self._home.record_audit_findings(findings, now)]
+
+    # -- open transactions holding a database's log back (each has its own)
+
+    async def log_holdup(self) -> LogHoldup | None:
+        holdups = await self._each(lambda database: database.log_holdup())
+        self._held_back_in = {holdup: index for index, holdup in enumerate(holdups) if holdup is not None}
+        return next(iter(self._held_back_in), None)
+
+    async def alert_log_holdup(self, holdup: LogHoldup, *, now: float, message: str) -> StoredAlert | None:
+        """Raised in the database whose log is held back, where the holding
+        transaction's id means something."""
+        index = self._held_back_in.get(holdup, 0)
+        alert = await self.databases[index].alert_log_holdup(holdup, now=now, message=message)
+        return None if alert is None else self._alert_in(index, alert)
 
     # -- every saga: every database
 

@@ -12,11 +12,11 @@ from compensa.orchestrator.store.base import (
     ContractChange,
     DefinitionChange,
     DefinitionCheck,
+    LogPage,
     ParticipantAddress,
     ParticipantLimits,
     RecordedAuditFinding,
     SagaStore,
-    StoredEvent,
 )
 from compensa.v1 import definition_pb2
 
@@ -160,11 +160,18 @@ class HomeDatabaseCalls(SagaStore):
         return await self._home.count_audit_findings()
 
     # The dashboard's live log: home's alone until it reads per database too.
-    async def read_log(
-        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0
-    ) -> list[StoredEvent]:
-        return await self._home.read_log(after_position, limit, definition_name=definition_name, saga_state=saga_state)
+    async def read_log_page(
+        self, after_position: int, limit: int, *, definition_name: str = "", saga_state: int = 0,
+        past_open_transactions: bool = False,
+    ) -> LogPage:
+        return await self._home.read_log_page(
+            after_position, limit, definition_name=definition_name, saga_state=saga_state,
+            past_open_transactions=past_open_transactions,
+        )
 
     async def head_position(self) -> int:
         return await self._home.head_position()
+
+    def transaction_positions(self, position: int) -> range:
+        return self._home.transaction_positions(position)
 
