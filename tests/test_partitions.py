@@ -377,3 +377,38 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
     finally:
         await writer.stop()
         await store.close()
+
+
+async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted_there(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """Each database's log is held back by its own open transactions: the
+    holdup is found in the database it is in, and alerted (and delivered)
+    from there."""
+    from test_store import T0, _create, _plan
+
+    from compensa.orchestrator.store import LOG_HELD_BACK, PartitionedStore, open_store
+    from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
+
+    home_url, other_url = make_postgres_url(), make_postgres_url()
+    store = open_store(home_url, partition_urls=[other_url])
+    assert isinstance(store, PartitionedStore)
+    try:
+        await store.ensure_schema()
+        assert store.log_can_be_held_back
+        plan = await _plan(store)
+        other_saga = next(f"h-{n}" for n in range(40) if store.database_index(f"h-{n}") == 1)
+        async with await psycopg.AsyncConnection.connect(_conninfo(other_url)) as holder:
+            held = await (await holder.execute("SELECT pg_current_xact_id()::text::bigint")).fetchone()
+            assert held is not None
+            await _create(store, plan, other_saga)
+            holdup = await store.log_holdup()
+            assert holdup is not None and holdup.transaction == held[0]
+            alert = await store.alert_log_holdup(holdup, now=T0 + 1, message="held back")
+            assert alert is not None and alert.kind == LOG_HELD_BACK
+            assert alert.position % ALERT_POSITION_SLOTS == 1
+            (pending,) = await store.claim_alerts(T0 + 1, T0 + 10, 10)
+            assert pending.alert.position == alert.position
+        assert await store.log_holdup() is None
+    finally:
+        await store.close()
