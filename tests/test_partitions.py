@@ -416,3 +416,56 @@ async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted
         assert await store.log_holdup() is None
     finally:
         await store.close()
+
+
+async def test_watch_alerts_streams_every_databases_alert_log_and_resumes_from_a_token(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """A saga's alert is in its own database's alert log: WatchAlerts reads
+    them all, and resumes from a token with a position per database."""
+    from harness import checkout_stack
+    from test_store import _alert, _create, _plan, _write
+
+    from compensa.orchestrator.store import PartitionedStore
+    from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
+
+    async with checkout_stack(make_postgres_url, partition_database_urls=(make_postgres_url(),)) as stack:
+        store = stack.orchestrator.engine.store
+        assert isinstance(store, PartitionedStore)
+        plan = await _plan(store)
+        now = await store.clock()
+        # Released until long after the test, so the engine leaves them be.
+        later = now + 3600
+        chosen = [next(f"a-{n}" for n in range(40) if store.database_index(f"a-{n}") == index) for index in (0, 1)]
+        for saga_id in chosen:
+            saga = await _create(store, plan, saga_id, now=now, release=True, due_at=later)
+            (raised,) = await store.commit(
+                [_write(_alert(saga, now, f"alert of {saga_id}"), saga.sequence, epoch=1, now=now, release=True,
+                        due_at=later)]
+            )
+            assert raised.ok
+
+        async def read(request: orchestrator_pb2.WatchAlertsRequest, count: int) -> list[
+            orchestrator_pb2.WatchAlertsResponse
+        ]:
+            stream = stack.stub.WatchAlerts(request)
+            try:
+                async with asyncio.timeout(STREAM_TIMEOUT):
+                    return [await stream.read() for _ in range(count)]
+            finally:
+                stream.cancel()
+
+        both = await read(orchestrator_pb2.WatchAlertsRequest(), 2)
+        assert sorted(response.alert.saga_id for response in both) == sorted(chosen)
+        assert {response.alert.position % ALERT_POSITION_SLOTS: response.alert.saga_id for response in both} == {
+            0: chosen[0], 1: chosen[1]
+        }
+        (rest,) = await read(orchestrator_pb2.WatchAlertsRequest(resume_token=both[0].resume_token), 1)
+        assert rest.alert == both[1].alert
+
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await read(orchestrator_pb2.WatchAlertsRequest(after_position=both[0].alert.position), 1)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.aio.AioRpcError) as refused:  # a token of the other stream
+            await read(orchestrator_pb2.WatchAlertsRequest(resume_token=both[0].resume_token.replace("a1.", "w1.")), 1)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -252,18 +252,26 @@ class WatchAlertsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     after_position: _builtins.int
     """Send alerts whose position is greater; 0 from the beginning (of what
-    retention kept).
+    retention kept). Only 0 when the sagas are partitioned over several
+    databases: resume with `resume_token` then (INVALID_ARGUMENT otherwise).
+    """
+    resume_token: _builtins.str
+    """A response's resume_token, unchanged: send the alerts after that
+    response's. Set at most one of this and `after_position`. At most 4096
+    characters.
     """
     def __init__(
         self,
         *,
         after_position: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,16 +282,22 @@ class WatchAlertsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Where the stream stands after this alert: the last position sent from
+    each database's alert log, opaque.
+    """
     @_builtins.property
     def alert(self) -> Global___Alert: ...
     def __init__(
         self,
         *,
         alert: Global___Alert | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -494,7 +494,10 @@ class OrchestratorServiceServicer:
         into the alert log, in log order as WatchSagas'): those after `after_position` from
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
-        (PERMISSION_DENIED): the alert log is the whole deployment's.
+        (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+        partitioned over several databases have an alert log per database (a
+        saga's alert commits with its event): the stream then resumes from
+        `resume_token`, as WatchSagas does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -209,7 +209,10 @@ class OrchestratorServiceStub:
     into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
-    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+    partitioned over several databases have an alert log per database (a
+    saga's alert commits with its event): the stream then resumes from
+    `resume_token`, as WatchSagas does.
     """
     StartBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]
     """Operator: starts a bulk action, a durable job that applies one action to
@@ -441,7 +444,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
-    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+    partitioned over several databases have an alert log per database (a
+    saga's alert commits with its event): the stream then resumes from
+    `resume_token`, as WatchSagas does.
     """
     StartBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]  # type: ignore[assignment]
     """Operator: starts a bulk action, a durable job that applies one action to
@@ -808,7 +814,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         into the alert log, in log order as WatchSagas'): those after `after_position` from
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
-        (PERMISSION_DENIED): the alert log is the whole deployment's.
+        (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+        partitioned over several databases have an alert log per database (a
+        saga's alert commits with its event): the stream then resumes from
+        `resume_token`, as WatchSagas does.
         """
 
     @_abc_1.abstractmethod

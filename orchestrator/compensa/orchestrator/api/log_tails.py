@@ -1,4 +1,5 @@
-"""The deployment's event logs: one per database, each with its LogTail.
+"""The deployment's event logs: one per database, each with its LogTail
+(and its alert log).
 
 With one database this is one tail, as it always was. With sagas partitioned
 over several (docs/partitions.md) each database keeps its own commit-ordered
@@ -14,7 +15,7 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequen
 
 from compensa.orchestrator.api.streams import READ_BATCH, Filter, LogTail
 from compensa.orchestrator.engine.changes import ChangeSignal
-from compensa.orchestrator.store import PartitionedStore, SagaStore, StoredEvent
+from compensa.orchestrator.store import PartitionedStore, SagaStore, StoredAlert, StoredEvent
 from compensa.orchestrator.store.partition_map import database_id
 
 
@@ -75,6 +76,15 @@ class DeploymentLogs:
         if self._ids is None:
             self._ids = list(await asyncio.gather(*(database_id(database) for database in self.databases)))
         return self._ids
+
+    async def read_alerts(self, index: int, after: int) -> list[tuple[int, StoredAlert]]:
+        """Up to READ_BATCH alerts of database `index`'s alert log after its
+        own position `after`, each with that position."""
+        partitioned = self._partitioned
+        if partitioned is None:
+            return [(alert.position, alert) for alert in await self.databases[0].read_alerts(after, READ_BATCH)]
+        alerts = await partitioned.read_alerts_of(index, after, READ_BATCH)
+        return [(partitioned.position_in_database(alert.position), alert) for alert in alerts]
 
     async def follow_all(
         self, after: Mapping[int, int], *, wanted: Filter, max_batch: int, window: float

@@ -1,4 +1,5 @@
-"""WatchSagas resume tokens: where a stream stands in each database's log.
+"""Resume tokens of WatchSagas and WatchAlerts: where a stream stands in
+each database's log (of events, or of alerts).
 
 A token is a position per database, keyed by the id the database gives
 itself (docs/partitions.md), so it stays valid while databases are added
@@ -16,21 +17,27 @@ from collections.abc import Mapping
 from compensa.orchestrator.shared.errors import InvalidArgument
 from compensa.orchestrator.shared.limits import INT64_MAX, MAX_RESUME_TOKEN_CHARS
 
-_VERSION = "w1"
-_MALFORMED = "resume_token is not one this server issued: pass back, unchanged, a WatchSagasResponse's resume_token"
+#: The logs a token is a position in, by the prefix that says which (and
+#: which version of the format): a token of one is refused by the other.
+EVENT_LOG = "w1"
+ALERT_LOG = "a1"
+_MALFORMED = (
+    "resume_token is not one this server issued for this stream: pass back, unchanged, the resume_token of a"
+    " response of the same RPC"
+)
 
 
-def issue_resume_token(positions: Mapping[str, int]) -> str:
-    """The token of these positions (database id -> last position sent)."""
+def issue_resume_token(log: str, positions: Mapping[str, int]) -> str:
+    """The token of these positions in `log` (database id -> last position sent)."""
     payload = json.dumps(sorted(positions.items()), separators=(",", ":")).encode()
-    return f"{_VERSION}.{base64.urlsafe_b64encode(payload).decode().rstrip('=')}"
+    return f"{log}.{base64.urlsafe_b64encode(payload).decode().rstrip('=')}"
 
 
-def read_resume_token(token: str) -> dict[str, int]:
-    """The positions in a token `issue_resume_token` made; InvalidArgument
-    for any other string."""
+def read_resume_token(log: str, token: str) -> dict[str, int]:
+    """The positions in a token `issue_resume_token` made for `log`;
+    InvalidArgument for any other string."""
     version, dot, payload = token.partition(".")
-    if len(token) > MAX_RESUME_TOKEN_CHARS or version != _VERSION or not dot:
+    if len(token) > MAX_RESUME_TOKEN_CHARS or version != log or not dot:
         raise InvalidArgument(_MALFORMED)
     try:
         pairs = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))

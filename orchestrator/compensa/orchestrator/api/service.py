@@ -31,7 +31,7 @@ from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity
 from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries, visible_bulk_job
-from compensa.orchestrator.api.resume_tokens import issue_resume_token, read_resume_token
+from compensa.orchestrator.api.resume_tokens import ALERT_LOG, EVENT_LOG, issue_resume_token, read_resume_token
 from compensa.orchestrator.api.streams import READ_BATCH, LogTail
 from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
@@ -793,7 +793,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.WatchSagasRequest,
         context: Context[orchestrator_pb2.WatchSagasRequest, orchestrator_pb2.WatchSagasResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
-        after = await self._watch_start(request)
+        after = await self._resumed_from(request.after_position, request.resume_token, EVENT_LOG)
         if not 0 <= request.max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
             raise InvalidArgument(
                 f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
@@ -820,7 +820,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         async with contextlib.aclosing(followed):
             async for index, batch in followed:
                 positions[database_ids[index]] = batch[-1].position
-                resume_token = issue_resume_token(positions)
+                resume_token = issue_resume_token(EVENT_LOG, positions)
                 if batched:
                     yield orchestrator_pb2.WatchSagasResponse(
                         events=[self._event_views.of(stored) for stored in batch], resume_token=resume_token
@@ -830,23 +830,24 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
                         event=self._event_views.of(batch[0]), resume_token=resume_token
                     )
 
-    async def _watch_start(self, request: orchestrator_pb2.WatchSagasRequest) -> dict[int, int]:
-        """Where a WatchSagas stream starts: the position after which each
-        database's log is read, by database index (0 when left out)."""
-        if request.after_position < 0:
-            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
-        if request.resume_token:
-            if request.after_position:
+    async def _resumed_from(self, after_position: int, resume_token: str, log: str) -> dict[int, int]:
+        """Where a stream of every saga's events (or alerts) starts: the
+        position after which each database's `log` is read, by database
+        index (0 when left out)."""
+        if after_position < 0:
+            raise InvalidArgument(f"after_position must be 0 or positive, got {after_position}")
+        if resume_token:
+            if after_position:
                 raise InvalidArgument("set after_position or resume_token, not both")
-            positions = read_resume_token(request.resume_token)
+            positions = read_resume_token(log, resume_token)
             database_ids = await self._logs.database_ids()
             return {index: positions.get(database, 0) for index, database in enumerate(database_ids)}
-        if request.after_position and self._logs.partitioned:
+        if after_position and self._logs.partitioned:
             raise InvalidArgument(
                 "the sagas are partitioned over several databases, each with its own log positions: resume with"
-                " a WatchSagasResponse's resume_token (after_position 0 reads from the start)"
+                " a response's resume_token (after_position 0 reads from the start)"
             )
-        return {0: request.after_position}
+        return {0: after_position}
 
     @_answer_stream_errors
     async def WatchAlerts(
@@ -854,22 +855,28 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.WatchAlertsRequest,
         context: Context[orchestrator_pb2.WatchAlertsRequest, orchestrator_pb2.WatchAlertsResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchAlertsResponse]:
-        if request.after_position < 0:
-            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        after = await self._resumed_from(request.after_position, request.resume_token, ALERT_LOG)
         if not self._access.open:
             self._access.require_whole_deployment(self._caller(context), "WatchAlerts")
-        last = request.after_position
+        database_ids = await self._logs.database_ids()
+        positions = {database: after.get(index, 0) for index, database in enumerate(database_ids)}
         woken = asyncio.Event()
         # Subscribed before the first read: an alert committed meanwhile wakes it.
         with self._engine.alert_signal.on_change(woken.set), self._engine.changes.on_change(woken.set):
             while True:
                 woken.clear()
-                # Positions follow commit order: reading past the last one sent misses nothing.
-                batch = await self._store.read_alerts(last, READ_BATCH)
-                for alert in batch:
-                    last = alert.position
-                    yield orchestrator_pb2.WatchAlertsResponse(alert=alert_message(alert))
-                if len(batch) == READ_BATCH:
+                more = False
+                for index, database in enumerate(database_ids):
+                    # Positions follow commit order in each database's alert
+                    # log: reading past the last one sent misses nothing.
+                    batch = await self._logs.read_alerts(index, positions[database])
+                    for position, alert in batch:
+                        positions[database] = position
+                        yield orchestrator_pb2.WatchAlertsResponse(
+                            alert=alert_message(alert), resume_token=issue_resume_token(ALERT_LOG, positions)
+                        )
+                    more = more or len(batch) == READ_BATCH
+                if more:
                     continue
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), _ALERT_POLL_SECONDS)

@@ -334,10 +334,22 @@ class PartitionedStore(HomeDatabaseCalls):
         return purged
 
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
-        """Home's alert log only (WatchAlerts): one position cannot say where
-        several databases' alert logs stand (docs/partitions.md)."""
-        alerts = await self._home.read_alerts(after_position // ALERT_POSITION_SLOTS, limit)
-        return [self._alert_in(0, alert) for alert in alerts]
+        """Home's alert log only: one position cannot say where several
+        databases' alert logs stand (WatchAlerts reads each with
+        `read_alerts_of`)."""
+        return await self.read_alerts_of(0, after_position // ALERT_POSITION_SLOTS, limit)
+
+    async def read_alerts_of(self, index: int, after_position: int, limit: int) -> list[StoredAlert]:
+        """Up to `limit` alerts of database `index`'s alert log after its own
+        `after_position`, in its log order; each alert's `position` is the
+        deployment's (see ALERT_POSITION_SLOTS)."""
+        alerts = await self.databases[index].read_alerts(after_position, limit)
+        return [self._alert_in(index, alert) for alert in alerts]
+
+    @staticmethod
+    def position_in_database(position: int) -> int:
+        """An alert's position in its own database's alert log."""
+        return position // ALERT_POSITION_SLOTS
 
     async def alert_participant_unhealthy(
         self, name: str, *, unhealthy_before: float, now: float, message: str
