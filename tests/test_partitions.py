@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pg
@@ -23,8 +25,9 @@ import pytest
 from processes import COMPENSA, FAST_RECONNECT, ProcessSet
 from sqlalchemy.engine import make_url
 from test_crash import SKUS, Order, start_stack, wait_all_final
+from test_store import T0, _alert, _create, _plan, _write
 
-from compensa.orchestrator.store import PARTITION_COUNT, partition_of
+from compensa.orchestrator.store import PARTITION_COUNT, PartitionedStore, open_store, partition_of
 from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
@@ -66,6 +69,18 @@ async def _read_stream(
     finally:
         stream.cancel()
     return events, token
+
+
+@contextlib.asynccontextmanager
+async def partitioned_store(home_url: str, *partition_urls: str, **options: Any) -> AsyncIterator[PartitionedStore]:
+    """A PartitionedStore over these databases, its schema and map ready."""
+    store = open_store(home_url, partition_urls=partition_urls, **options)
+    assert isinstance(store, PartitionedStore)
+    try:
+        await store.ensure_schema()
+        yield store
+    finally:
+        await store.close()
 
 
 def _once_each(events: list[saga_pb2.SagaEvent]) -> collections.Counter[EventKey]:
@@ -202,7 +217,6 @@ async def test_a_restart_reads_the_map_it_made(
     """The map is made once; a restart naming the databases in another order
     reads it unchanged, and one that leaves a database out is refused."""
     from compensa.common.startup import DatabaseMisconfigured
-    from compensa.orchestrator.store import PartitionedStore, open_store
 
     home_server, other_server = private_postgres_pair
     home_url = pg.DatabaseFactory(home_server).create()
@@ -210,14 +224,9 @@ async def test_a_restart_reads_the_map_it_made(
     third_url = pg.DatabaseFactory(other_server).create()
 
     async def map_of(url: str, *partition_urls: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
-        store = open_store(url, partition_urls=partition_urls)
-        assert isinstance(store, PartitionedStore)
-        try:
-            await store.ensure_schema()
+        async with partitioned_store(url, *partition_urls) as store:
             chosen = store.partition_map
             return chosen.databases, tuple(chosen.databases[owner] for owner in chosen.owners)
-        finally:
-            await store.close()
 
     databases, placed = await map_of(home_url, other_url)
     assert collections.Counter(placed) == {databases[0]: PARTITION_COUNT // 2, databases[1]: PARTITION_COUNT // 2}
@@ -227,7 +236,6 @@ async def test_a_restart_reads_the_map_it_made(
         await map_of(home_url, third_url)
 
     # A deployment that ran on one database keeps its sagas where they are.
-    from test_store import _create, _plan
 
     alone_url = pg.DatabaseFactory(home_server).create()
     alone = open_store(alone_url)
@@ -247,17 +255,13 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
     writes for sagas of both is answered in order, each write in its saga's
     database; a saga's alert is claimed from its database's outbox and its
     delivery is told to that database."""
-    from test_store import T0, _alert, _create, _plan, _write
 
     from compensa.orchestrator.shared.errors import NotYetPartitioned
     from compensa.orchestrator.shared.selection import SagaSelection
-    from compensa.orchestrator.store import BulkJob, PartitionedStore, open_store
+    from compensa.orchestrator.store import BulkJob
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
-    store = open_store(make_postgres_url(), partition_urls=[make_postgres_url()])
-    assert isinstance(store, PartitionedStore)
-    try:
-        await store.ensure_schema()
+    async with partitioned_store(make_postgres_url(), make_postgres_url()) as store:
         plan = await _plan(store)
         ids = [f"g-{n}" for n in range(40)]
         by_database = {index: [i for i in ids if store.database_index(i) == index] for index in (0, 1)}
@@ -295,8 +299,6 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
         job = BulkJob("job-1", 1, "definition=checkout", b"", "checkout", "", "test", 1, 0.0, T0 + 2, T0 + 2)
         with pytest.raises(NotYetPartitioned):
             await store.create_bulk_job(job, selection)
-    finally:
-        await store.close()
 
 
 async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(
@@ -304,14 +306,10 @@ async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(
 ) -> None:
     """The budget is home's; a saga's priority and the waits of its calls are
     in its own database, written and read there through one exchange."""
-    from test_store import T0, _create, _plan
 
-    from compensa.orchestrator.store import CapacityWait, ParticipantLimits, PartitionedStore, open_store
+    from compensa.orchestrator.store import CapacityWait, ParticipantLimits
 
-    store = open_store(make_postgres_url(), partition_urls=[make_postgres_url()])
-    assert isinstance(store, PartitionedStore)
-    try:
-        await store.ensure_schema()
+    async with partitioned_store(make_postgres_url(), make_postgres_url()) as store:
         plan = await _plan(store)
         ids = [f"f-{n}" for n in range(40)]
         chosen = [next(i for i in ids if store.database_index(i) == index) for index in (0, 1)]
@@ -336,8 +334,6 @@ async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(
         )
         for saga_id in chosen:
             assert (await store.flow_of(saga_id)).waits == ()
-    finally:
-        await store.close()
 
 
 async def test_a_database_that_fails_fails_only_its_own_writes(
@@ -346,21 +342,16 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
     """The writer commits each database's share of a batch on its own: with
     one database gone, the other's writes still land and are answered; and
     the deployment is not reported reachable while one database is gone."""
-    from test_store import T0, _alert, _create, _plan, _write
 
     from compensa.orchestrator.engine.writer import TransitionWriter
     from compensa.orchestrator.shared.errors import StoreUnavailable
     from compensa.orchestrator.shared.metrics import Metrics
-    from compensa.orchestrator.store import PartitionedStore, open_store
 
     home_url, other_url = make_postgres_url(), make_postgres_url()
-    store = open_store(home_url, partition_urls=[other_url], timeout=2.0)
-    assert isinstance(store, PartitionedStore)
-    writer = TransitionWriter(store, lambda landed: None, Metrics(), timeout=5.0)
     outcomes: list[BaseException | None] = []
-    store.subscribe_reachability(lambda error, began: outcomes.append(error))
-    try:
-        await store.ensure_schema()
+    async with partitioned_store(home_url, other_url, timeout=2.0) as store:
+        store.subscribe_reachability(lambda error, began: outcomes.append(error))
+        writer = TransitionWriter(store, lambda landed: None, Metrics(), timeout=5.0)
         plan = await _plan(store)
         ids = [f"w-{n}" for n in range(40)]
         chosen = [next(i for i in ids if store.database_index(i) == index) for index in (0, 1)]
@@ -368,19 +359,19 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
         with psycopg.connect(_conninfo(admin_postgres_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE "{make_url(other_url).database}" WITH (FORCE)')
         writer.start()
-        home_write, other_write = await asyncio.gather(
-            *(writer.submit(_write(_alert(saga, T0 + 1), saga.sequence, epoch=1, now=T0 + 1)) for saga in sagas),
-            return_exceptions=True,
-        )
+        try:
+            home_write, other_write = await asyncio.gather(
+                *(writer.submit(_write(_alert(saga, T0 + 1), saga.sequence, epoch=1, now=T0 + 1)) for saga in sagas),
+                return_exceptions=True,
+            )
+        finally:
+            await writer.stop()
         assert not isinstance(home_write, BaseException) and home_write.ok, home_write
         assert isinstance(other_write, StoreUnavailable), other_write
         assert (await store.load_saga(chosen[0]) or pytest.fail("gone")).sequence == sagas[0].sequence + 1
         assert outcomes[-1] is not None  # home answered last, but the other database is still out
         await store.clock()
         assert outcomes[-1] is not None
-    finally:
-        await writer.stop()
-        await store.close()
 
 
 async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted_there(
@@ -389,16 +380,12 @@ async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted
     """Each database's log is held back by its own open transactions: the
     holdup is found in the database it is in, and alerted (and delivered)
     from there."""
-    from test_store import T0, _create, _plan
 
-    from compensa.orchestrator.store import LOG_HELD_BACK, PartitionedStore, open_store
+    from compensa.orchestrator.store import LOG_HELD_BACK
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
     home_url, other_url = make_postgres_url(), make_postgres_url()
-    store = open_store(home_url, partition_urls=[other_url])
-    assert isinstance(store, PartitionedStore)
-    try:
-        await store.ensure_schema()
+    async with partitioned_store(home_url, other_url) as store:
         assert store.log_can_be_held_back
         plan = await _plan(store)
         other_saga = next(f"h-{n}" for n in range(40) if store.database_index(f"h-{n}") == 1)
@@ -414,8 +401,6 @@ async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted
             (pending,) = await store.claim_alerts(T0 + 1, T0 + 10, 10)
             assert pending.alert.position == alert.position
         assert await store.log_holdup() is None
-    finally:
-        await store.close()
 
 
 async def test_watch_alerts_streams_every_databases_alert_log_and_resumes_from_a_token(
@@ -424,9 +409,7 @@ async def test_watch_alerts_streams_every_databases_alert_log_and_resumes_from_a
     """A saga's alert is in its own database's alert log: WatchAlerts reads
     them all, and resumes from a token with a position per database."""
     from harness import checkout_stack
-    from test_store import _alert, _create, _plan, _write
 
-    from compensa.orchestrator.store import PartitionedStore
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
     async with checkout_stack(make_postgres_url, partition_database_urls=(make_postgres_url(),)) as stack:

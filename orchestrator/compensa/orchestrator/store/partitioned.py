@@ -111,6 +111,29 @@ class PartitionedStore(HomeDatabaseCalls):
                 results[index] = result
         return results  # type: ignore[return-value]  # every index was filled
 
+    async def _in_turn(
+        self, first: int, limit: int, take: Callable[[int, int], Awaitable[list[_Item]]]
+    ) -> list[_Item]:
+        """Up to `limit` items taken from the databases one after another
+        (`take(index, how_many)`, one transaction each), from `first` on: the
+        database asked first takes turns, so a busy one does not starve the
+        others of the limit."""
+        taken: list[_Item] = []
+        for offset in range(len(self.databases)):
+            if len(taken) >= limit:
+                break
+            taken += await take((first + offset) % len(self.databases), limit - len(taken))
+        return taken
+
+    async def _purged(self, limit: int, purge: Callable[[SqlSagaStore, int], Awaitable[int]]) -> int:
+        """Up to `limit` deleted by `purge(database, how_many)`, database after database."""
+        purged = 0
+        for database in self.databases:
+            if purged >= limit:
+                break
+            purged += await purge(database, limit - purged)
+        return purged
+
     # -- the databases themselves
 
     def subscribe_reachability(self, listener: ReachabilityListener) -> None:
@@ -307,15 +330,11 @@ class PartitionedStore(HomeDatabaseCalls):
         return self.databases[index], local
 
     async def claim_alerts(self, now: float, claimed_until: float, limit: int) -> list[PendingAlert]:
-        first = next(self._first_alerted)
-        claimed: list[PendingAlert] = []
-        for offset in range(len(self.databases)):
-            if len(claimed) >= limit:
-                break
-            index = (first + offset) % len(self.databases)
-            pending = await self.databases[index].claim_alerts(now, claimed_until, limit - len(claimed))
-            claimed += [replace(each, alert=self._alert_in(index, each.alert)) for each in pending]
-        return claimed
+        async def claim(index: int, wanted: int) -> list[PendingAlert]:
+            pending = await self.databases[index].claim_alerts(now, claimed_until, wanted)
+            return [replace(each, alert=self._alert_in(index, each.alert)) for each in pending]
+
+        return await self._in_turn(next(self._first_alerted), limit, claim)
 
     async def alert_delivered(self, position: int) -> None:
         database, local = self._alert_at(position)
@@ -326,12 +345,9 @@ class PartitionedStore(HomeDatabaseCalls):
         await database.alert_not_delivered(local, attempts, next_attempt_at, error)
 
     async def purge_alerts(self, *, raised_before: float, limit: int) -> int:
-        purged = 0
-        for database in self.databases:
-            if purged >= limit:
-                break
-            purged += await database.purge_alerts(raised_before=raised_before, limit=limit - purged)
-        return purged
+        return await self._purged(limit, lambda database, left: database.purge_alerts(
+            raised_before=raised_before, limit=left
+        ))
 
     async def read_alerts(self, after_position: int, limit: int) -> list[StoredAlert]:
         """Home's alert log only: one position cannot say where several
@@ -383,27 +399,19 @@ class PartitionedStore(HomeDatabaseCalls):
     # -- every saga: every database
 
     async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
-        """Due sagas from every database, up to `limit` in all; the database
-        asked first takes turns, so a busy one does not starve the others."""
-        first = next(self._first_claimed)
-        claimed: list[Claimed] = []
-        for offset in range(len(self.databases)):
-            if len(claimed) >= limit:
-                break
-            database = self.databases[(first + offset) % len(self.databases)]
-            claimed += await database.claim_due(owner, now, lease_until, limit - len(claimed))
-        return claimed
+        """Due sagas from every database, up to `limit` in all."""
+        return await self._in_turn(
+            next(self._first_claimed), limit,
+            lambda index, wanted: self.databases[index].claim_due(owner, now, lease_until, wanted),
+        )
 
     async def release_all(self, owner: str, now: float) -> None:
         await self._each(lambda database: database.release_all(owner, now))
 
     async def purge_finished(self, *, finished_before: float, limit: int) -> int:
-        purged = 0
-        for database in self.databases:
-            if purged >= limit:
-                break
-            purged += await database.purge_finished(finished_before=finished_before, limit=limit - purged)
-        return purged
+        return await self._purged(limit, lambda database, left: database.purge_finished(
+            finished_before=finished_before, limit=left
+        ))
 
     async def list_sagas(
         self,
