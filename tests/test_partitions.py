@@ -28,7 +28,7 @@ from test_crash import SKUS, Order, start_stack, wait_all_final
 from test_store import T0, _alert, _create, _plan, _write
 
 from compensa.orchestrator.store import PARTITION_COUNT, PartitionedStore, open_store, partition_of
-from compensa.v1 import orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
+from compensa.v1 import bulk_pb2, orchestrator_pb2, orchestrator_pb2_grpc, saga_pb2
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.xdist_group("heavy")]
 
@@ -254,11 +254,10 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
     """The store alone, two databases on the shared server: one flush with
     writes for sagas of both is answered in order, each write in its saga's
     database; a saga's alert is claimed from its database's outbox and its
-    delivery is told to that database."""
-
-    from compensa.orchestrator.shared.errors import NotYetPartitioned
+    delivery is told to that database; a bulk action selects the sagas of
+    both."""
     from compensa.orchestrator.shared.selection import SagaSelection
-    from compensa.orchestrator.store import BulkJob
+    from compensa.orchestrator.store import BulkItem, BulkJob
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
     async with partitioned_store(make_postgres_url(), make_postgres_url()) as store:
@@ -291,14 +290,27 @@ async def test_a_group_commit_lands_each_write_in_its_own_database_and_alerts_ar
             await store.alert_delivered(pending.alert.position)
         assert await store.claim_alerts(T0 + 1000, T0 + 1010, 10) == []
 
-        # A bulk action's selection is counted across both; storing one is
-        # refused until its items can span databases.
+        # A bulk action selects the sagas of both; its job and items are
+        # home's, and its batches get every item.
         selection = SagaSelection(definition_name="checkout")
         count, sample = await store.count_selection(selection, now=T0 + 2, sample_size=10)
         assert (count, sorted(saga.saga_id for saga in sample)) == (2, sorted((home_id, other_id)))
-        job = BulkJob("job-1", 1, "definition=checkout", b"", "checkout", "", "test", 1, 0.0, T0 + 2, T0 + 2)
-        with pytest.raises(NotYetPartitioned):
-            await store.create_bulk_job(job, selection)
+        job = BulkJob(
+            "job-1", bulk_pb2.BULK_ACTION_KIND_CANCEL, "definition=checkout", b"", "checkout", "", "test",
+            bulk_pb2.BULK_ACTION_STATE_RUNNING, 0.0, T0 + 2, T0 + 2,
+        )
+        stored, created = await store.create_bulk_job(job, selection)
+        assert created and stored is not None and stored.selected == 2
+        claimed = await store.claim_bulk_job("replica-a", T0 + 3, T0 + 30)
+        assert claimed is not None and claimed.bulk_action_id == "job-1"
+        acted: list[tuple[str, int]] = []
+
+        async def act(items: list[BulkItem]) -> tuple[list[tuple[str, int, str]], float]:
+            acted.extend((item.saga_id, item.selected_sequence) for item in items)
+            return [(item.saga_id, bulk_pb2.BULK_ITEM_OUTCOME_DONE, "") for item in items], T0 + 3
+        assert await store.run_bulk_batch("job-1", "replica-a", claimed.epoch, 10, act) == 2
+        assert sorted(acted) == sorted((saga.saga_id, saga.sequence + 1) for saga in sagas)
+        assert await store.complete_bulk_job("job-1", "replica-a", claimed.epoch, T0 + 4)
 
 
 async def test_flow_control_reads_and_records_each_sagas_side_in_its_database(

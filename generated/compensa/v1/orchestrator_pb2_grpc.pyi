@@ -45,14 +45,12 @@ class OrchestratorServiceStub:
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
     SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
-    REPLICA_AT_CAPACITY, NOT_YET_PARTITIONED, INTERNAL_ERROR. An error worth retrying after a known
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
     wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
-      - UNIMPLEMENTED (NOT_YET_PARTITIONED): what a deployment whose sagas are
-        partitioned over several databases cannot do yet: StartBulkAction.
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
@@ -283,14 +281,12 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
     SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
-    REPLICA_AT_CAPACITY, NOT_YET_PARTITIONED, INTERNAL_ERROR. An error worth retrying after a known
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
     wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
-      - UNIMPLEMENTED (NOT_YET_PARTITIONED): what a deployment whose sagas are
-        partitioned over several databases cannot do yet: StartBulkAction.
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).
@@ -517,14 +513,12 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
     not on the message. Reasons: INVALID_REQUEST, INVALID_DEFINITION (metadata
     source, step, field), VALUE_REFUSED_BY_DATABASE, NOT_FOUND, SAGA_ID_TAKEN,
     SAGA_STATE_FORBIDS, NOT_AN_OPERATOR, DATABASE_UNAVAILABLE,
-    REPLICA_AT_CAPACITY, NOT_YET_PARTITIONED, INTERNAL_ERROR. An error worth retrying after a known
+    REPLICA_AT_CAPACITY, INTERNAL_ERROR. An error worth retrying after a known
     wait also carries a google.rpc.RetryInfo with it.
       - ALREADY_EXISTS: StartSaga with an existing saga_id and a different
         request.
       - FAILED_PRECONDITION: the saga is not in a state that allows the action
         (e.g. ResolveSaga on a RUNNING saga).
-      - UNIMPLEMENTED (NOT_YET_PARTITIONED): what a deployment whose sagas are
-        partitioned over several databases cannot do yet: StartBulkAction.
       - PERMISSION_DENIED: an operator action (cancel, retry, resolve,
         register a definition, set a participant's address) from a client certificate the server was not
         told to accept as an operator's (serve --operator).

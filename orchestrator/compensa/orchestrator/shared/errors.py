@@ -179,14 +179,6 @@ class SchemaMismatch(CompensaError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class NotYetPartitioned(CompensaError):
-    """What the deployment cannot do yet with its sagas partitioned over
-    several databases (docs/partitions.md says what it takes)."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_YET_PARTITIONED"
-
-
 class RejectedWrite(InvalidArgument):
     """The database refused the values of one write (a value out of a column's
     range, say): nothing of it was stored. Requests are validated before they

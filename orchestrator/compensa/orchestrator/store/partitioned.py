@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
-from compensa.orchestrator.shared.errors import NotYetPartitioned, StoreUnavailable
+from compensa.orchestrator.shared.errors import StoreUnavailable
 from compensa.orchestrator.shared.records import SagaRecord
 from compensa.orchestrator.shared.selection import SagaSelection
 from compensa.orchestrator.store.base import (
@@ -308,11 +308,15 @@ class PartitionedStore(HomeDatabaseCalls):
         ))
 
     async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
-        # Home's items would name home's sagas only: refused rather than half done.
-        raise NotYetPartitioned(
-            "bulk actions select their sagas in one database, and this deployment's sagas are partitioned over"
-            f" {len(self.databases)}: act on them one by one (CancelSaga, RetrySaga) until bulk actions span"
-            " partitions"
+        """The job and its items in home, in one transaction: home's sagas
+        selected there, the other databases' read from each beforehand (each
+        at the job's time, as home's are). Its batches act on each saga
+        through its own database."""
+        elsewhere = await asyncio.gather(
+            *(database.selected_sagas(selection, job.created_at) for database in self.databases[1:])
+        )
+        return await self._home.create_bulk_job(
+            job, selection, selected_elsewhere=[item for items in elsewhere for item in items]
         )
 
     # -- alerts: each saga's in its database's outbox (it commits with its
