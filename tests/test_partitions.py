@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -464,3 +465,64 @@ async def test_watch_alerts_streams_every_databases_alert_log_and_resumes_from_a
         with pytest.raises(grpc.aio.AioRpcError) as refused:  # a token of the other stream
             await read(orchestrator_pb2.WatchAlertsRequest(resume_token=both[0].resume_token.replace("a1.", "w1.")), 1)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_dashboards_live_list_follows_every_database_and_resumes_from_its_token(
+    make_postgres_url: Callable[[], str],
+) -> None:
+    """The live list's server-sent events follow both databases' logs; their
+    ids (and the page's starting point) are resume tokens."""
+    import re
+
+    import aiohttp
+    from harness import checkout_stack
+
+    async def live(url: str) -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            assert response.status == 200, await response.text()
+            message: dict[str, str] = {}
+            async for raw in response.content:
+                line = raw.decode().rstrip("\n")
+                if line:
+                    field, _, value = line.partition(": ")
+                    message[field] = value
+                elif "data" in message:
+                    yield message["id"], json.loads(message["data"])
+                    message = {}
+
+    async def until_succeeded(url: str, saga_ids: set[str]) -> tuple[str, set[str]]:
+        """The last message's id once every one of `saga_ids` is SUCCEEDED, and every saga seen."""
+        seen: set[str] = set()
+        done: set[str] = set()
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            async for message_id, events in live(url):
+                seen |= {event["saga_id"] for event in events}
+                done |= {event["saga_id"] for event in events if event["state"] == "SUCCEEDED"}
+                if saga_ids <= done:
+                    return message_id, seen
+        raise AssertionError("the live list ended")
+
+    async with checkout_stack(
+        make_postgres_url, partition_database_urls=(make_postgres_url(),), http_listen="127.0.0.1:0"
+    ) as stack:
+        store = stack.orchestrator.engine.store
+        assert isinstance(store, PartitionedStore)
+        dashboard = stack.orchestrator.dashboard
+        assert dashboard is not None
+        async with aiohttp.ClientSession() as session, session.get(dashboard.url) as page:
+            html = await page.text()
+        after = (re.search(r'data-after="([^"]+)"', html) or pytest.fail("no data-after")).group(1)
+        ids = [f"d-{n}" for n in range(40)]
+        chosen = {next(i for i in ids if store.database_index(i) == index) for index in (0, 1)}
+        for saga_id in sorted(chosen):
+            await stack.start(saga_id)
+        last_id, seen = await until_succeeded(f"{dashboard.url}live?after={after}", chosen)
+        assert seen == chosen
+
+        # From the last message's id: only what came after it (whenever the
+        # list subscribes: it reads the logs from the token first).
+        late = next(i for i in ids if i not in chosen)
+        following = asyncio.create_task(until_succeeded(f"{dashboard.url}live?after={last_id}", {late}))
+        await stack.start(late)
+        _, seen_late = await following
+        assert seen_late == {late}

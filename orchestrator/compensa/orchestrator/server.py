@@ -206,7 +206,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
         if config.http_listen:
             dashboard = await start_dashboard(
-                config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
+                config.http_listen, engine, service.logs, access, service.stream_limit, service.refused_calls,
                 config.tls, live_buffer_events=settings.watch_buffer_events,
             )
             log.info("dashboard at %s", dashboard.url)

@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 
+from compensa.orchestrator.api.resume_tokens import EVENT_LOG, issue_resume_token, read_resume_token
 from compensa.orchestrator.api.streams import READ_BATCH, Filter, LogTail
 from compensa.orchestrator.engine.changes import ChangeSignal
+from compensa.orchestrator.shared.limits import check_position
 from compensa.orchestrator.store import PartitionedStore, SagaStore, StoredAlert, StoredEvent
 from compensa.orchestrator.store.partition_map import database_id
 
@@ -76,6 +78,26 @@ class DeploymentLogs:
         if self._ids is None:
             self._ids = list(await asyncio.gather(*(database_id(database) for database in self.databases)))
         return self._ids
+
+    async def heads(self) -> dict[int, int]:
+        """A position to follow each database's log from "now", by index."""
+        return dict(enumerate(await asyncio.gather(*(database.head_position() for database in self.databases))))
+
+    async def cursor_text(self, positions: Mapping[int, int]) -> str:
+        """Where a follow of every database's log stands, as a client passes
+        it back: the position itself with one database (as always), else a
+        resume token."""
+        if not self.partitioned:
+            return str(positions.get(0, 0))
+        ids = await self.database_ids()
+        return issue_resume_token(EVENT_LOG, {ids[index]: position for index, position in positions.items()})
+
+    async def read_cursor(self, text: str, what: str) -> dict[int, int]:
+        """The positions in a `cursor_text`; InvalidArgument for anything else."""
+        if not self.partitioned:
+            return {0: check_position(text, what)}
+        positions = read_resume_token(EVENT_LOG, text)
+        return {index: positions.get(database, 0) for index, database in enumerate(await self.database_ids())}
 
     async def read_alerts(self, index: int, after: int) -> list[tuple[int, StoredAlert]]:
         """Up to READ_BATCH alerts of database `index`'s alert log after its

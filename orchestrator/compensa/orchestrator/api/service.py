@@ -32,7 +32,7 @@ from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries, visible_bulk_job
 from compensa.orchestrator.api.resume_tokens import ALERT_LOG, EVENT_LOG, issue_resume_token, read_resume_token
-from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.streams import READ_BATCH
 from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
@@ -345,10 +345,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._event_views = EventViews(size=4 * settings.watch_buffer_events)
 
     @property
-    def log_tail(self) -> LogTail:
-        """The process's reader of the (home database's) event log: the
-        dashboard's live list subscribes to it too."""
-        return self._logs.home
+    def logs(self) -> DeploymentLogs:
+        """The process's readers of the event log (one per database): the
+        dashboard's live list follows them too."""
+        return self._logs
 
     @property
     def stream_limit(self) -> StreamLimit:
