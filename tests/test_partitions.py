@@ -388,16 +388,17 @@ async def test_a_database_that_fails_fails_only_its_own_writes(
 
 
 async def test_a_transaction_holding_one_databases_log_back_is_found_and_alerted_there(
-    make_postgres_url: Callable[[], str],
+    private_postgres_pair: tuple[pg.PostgresServer, pg.PostgresServer],
 ) -> None:
     """Each database's log is held back by its own open transactions: the
     holdup is found in the database it is in, and alerted (and delivered)
-    from there."""
+    from there. (Clusters of the test's own: the oldest open transaction is
+    the whole cluster's, and the shared server's other tests open theirs.)"""
 
     from compensa.orchestrator.store import LOG_HELD_BACK
     from compensa.orchestrator.store.partitioned import ALERT_POSITION_SLOTS
 
-    home_url, other_url = make_postgres_url(), make_postgres_url()
+    home_url, other_url = (pg.DatabaseFactory(server).create() for server in private_postgres_pair)
     async with partitioned_store(home_url, other_url) as store:
         assert store.log_can_be_held_back
         plan = await _plan(store)
