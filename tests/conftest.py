@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 import pg  # tests/ has no __init__.py, so pytest puts it on sys.path (prepend import mode)
 import pytest
@@ -139,22 +141,44 @@ def make_postgres_url(_postgres_server: pg.PostgresServer) -> Iterator[Callable[
         factory.drop_all()
 
 
+def _server_bindir() -> Path:
+    bindir = pg.find_server_bindir()
+    if bindir is None:
+        if _in_ci():
+            pytest.fail("PostgreSQL server binaries not found; CI needs them for a cluster of the test's own")
+        pytest.skip("PostgreSQL server binaries not found: cannot start a cluster of the test's own")
+    return bindir
+
+
 @pytest.fixture
 def private_postgres() -> Iterator[pg.PostgresServer]:
     """A cluster of the test's own (`pg_ctl` on a free port), for what would
     disturb the shared server's other tests: a crash-restart, a full
     tablespace (whose dirty pages any backend of the cluster may have to
     write, failing where it does)."""
-    bindir = pg.find_server_bindir()
-    if bindir is None:
-        if _in_ci():
-            pytest.fail("PostgreSQL server binaries not found; CI needs them for a cluster of the test's own")
-        pytest.skip("PostgreSQL server binaries not found: cannot start a cluster of the test's own")
-    server = pg.start_throwaway_cluster(bindir)
+    server = pg.start_throwaway_cluster(_server_bindir())
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def private_postgres_pair() -> Iterator[tuple[pg.PostgresServer, pg.PostgresServer]]:
+    """Two clusters of the test's own, started together: two databases that
+    share nothing (sagas partitioned over two PostgreSQL servers)."""
+    bindir = _server_bindir()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        starting = [pool.submit(pg.start_throwaway_cluster, bindir) for _ in range(2)]
+        wait(starting)
+    servers = [future.result() for future in starting if future.exception() is None]
+    try:
+        for future in starting:
+            future.result()  # re-raises a start that failed, after the other is in `servers`
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.close()
 
 
 @pytest.fixture(scope="session")

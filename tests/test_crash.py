@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pg
 import pytest
 import sqlalchemy as sa
 from google.protobuf import any_pb2, json_format, timestamp_pb2
@@ -451,7 +452,8 @@ class CrashStack:
 
 
 async def start_stack(
-    processes: ProcessSet, make_url: Callable[[], str], faults: dict[str, str], *, orchestrator_url: str | None = None
+    processes: ProcessSet, make_url: Callable[[], str], faults: dict[str, str], *, orchestrator_url: str | None = None,
+    orchestrator_options: Sequence[str] = (),
 ) -> CrashStack:
     urls = {kind: make_url() for kind in ("inventory", "payment", "shipping")}
     urls["orchestrator"] = orchestrator_url or make_url()
@@ -460,7 +462,8 @@ async def start_stack(
         for kind in ("inventory", "payment", "shipping")
     }
     orchestrator = processes.orchestrator(
-        urls["orchestrator"], {kind: p.address for kind, p in participants.items()}, lease_seconds=1.0
+        urls["orchestrator"], {kind: p.address for kind, p in participants.items()}, lease_seconds=1.0,
+        options=orchestrator_options,
     )
     for process in (*participants.values(), orchestrator):
         process.start()
@@ -491,6 +494,7 @@ async def run_crash_scenario(
     pause: tuple[float, float],
     min_success: float,
     orchestrator_url: str | None = None,
+    orchestrator_options: Sequence[str] = (),
 ) -> None:
     seed = _seed()
     rng = random.Random(seed)
@@ -499,7 +503,10 @@ async def run_crash_scenario(
     orders = make_orders(rng, f"{name}-{seed}")
     faults = f"{PAYMENT_FAULTS},seed={rng.randrange(2**31)}"
     with ProcessSet(tmp_path) as processes:
-        stack = await start_stack(processes, make_url, {"payment": faults}, orchestrator_url=orchestrator_url)
+        stack = await start_stack(
+            processes, make_url, {"payment": faults}, orchestrator_url=orchestrator_url,
+            orchestrator_options=orchestrator_options,
+        )
         async with grpc.aio.insecure_channel(stack.orchestrator.address, options=FAST_RECONNECT) as channel:
             stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
             stats = LoadStats()
@@ -552,17 +559,26 @@ async def run_crash_scenario(
 # --- the tests ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("orchestrator_store", ["postgresql", "sqlite"])
+@pytest.mark.parametrize("orchestrator_store", ["postgresql", "sqlite", "partitioned"])
 async def test_orchestrator_killed_repeatedly_loses_nothing(
-    tmp_path: Path, make_postgres_url: Callable[[], str], orchestrator_store: str
+    tmp_path: Path, make_postgres_url: Callable[[], str], orchestrator_store: str, request: pytest.FixtureRequest
 ) -> None:
     """The orchestrator is SIGKILLed 4 times during 240 checkouts; each restart
     is a new replica that takes the sagas over when their 1s leases expire.
 
     Once on PostgreSQL, once on the embedded default store, a SQLite file (WAL,
     synchronous=NORMAL: a committed transaction survives the death of the
-    process); the participants keep their PostgreSQL databases either way."""
-    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}"
+    process), once with the sagas partitioned over two PostgreSQL clusters
+    (docs/partitions.md); the participants keep their PostgreSQL databases
+    on the shared server throughout."""
+    orchestrator_url: str | None = None
+    orchestrator_options: list[str] = []
+    if orchestrator_store == "sqlite":
+        orchestrator_url = f"sqlite+aiosqlite:///{tmp_path / 'compensa.db'}"
+    elif orchestrator_store == "partitioned":
+        home, other = request.getfixturevalue("private_postgres_pair")
+        orchestrator_url = pg.DatabaseFactory(home).create()
+        orchestrator_options = ["--partition-db", pg.DatabaseFactory(other).create()]
     await run_crash_scenario(
         tmp_path,
         make_postgres_url,
@@ -571,8 +587,15 @@ async def test_orchestrator_killed_repeatedly_loses_nothing(
         between=(0.3, 2.0),
         pause=(0.05, 0.8),
         min_success=0.8,
-        orchestrator_url=sqlite_url if orchestrator_store == "sqlite" else None,
+        orchestrator_url=orchestrator_url,
+        orchestrator_options=orchestrator_options,
     )
+    if orchestrator_store == "partitioned":
+        held = [
+            (await _select(url, sa.select(sa.func.count()).select_from(sa.table("compensa_sagas"))))[0][0]
+            for url in (orchestrator_url, orchestrator_options[1])
+        ]
+        assert all(held) and sum(held) == SAGA_COUNT, f"sagas per database: {held}"
 
 
 async def test_participants_killed_mid_run_lose_nothing(

@@ -252,18 +252,26 @@ class WatchAlertsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     after_position: _builtins.int
     """Send alerts whose position is greater; 0 from the beginning (of what
-    retention kept).
+    retention kept). Only 0 when the sagas are partitioned over several
+    databases: resume with `resume_token` then (INVALID_ARGUMENT otherwise).
+    """
+    resume_token: _builtins.str
+    """A response's resume_token, unchanged: send the alerts after that
+    response's. Set at most one of this and `after_position`. At most 4096
+    characters.
     """
     def __init__(
         self,
         *,
         after_position: _builtins.int = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,16 +282,22 @@ class WatchAlertsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ALERT_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Where the stream stands after this alert: the last position sent from
+    each database's alert log, opaque.
+    """
     @_builtins.property
     def alert(self) -> Global___Alert: ...
     def __init__(
         self,
         *,
         alert: Global___Alert | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1328,18 +1342,27 @@ class WatchSagasRequest(_message.Message):
     AFTER_POSITION_FIELD_NUMBER: _builtins.int
     MAX_EVENTS_PER_MESSAGE_FIELD_NUMBER: _builtins.int
     BATCH_WINDOW_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     definition_name: _builtins.str
     """Only events of sagas of this definition; empty means all."""
     saga_state: _saga_pb2.SagaState.ValueType
     """Only events whose saga_state is this; unspecified means all."""
     after_position: _builtins.int
-    """Send events whose position is greater; 0 from the beginning."""
+    """Send events whose position is greater; 0 from the beginning. Only 0 when
+    the sagas are partitioned over several databases: resume with
+    `resume_token` then (INVALID_ARGUMENT otherwise).
+    """
     max_events_per_message: _builtins.int
     """0 or 1: one event per message, in `event`. From 2 to 1000: up to that
     many events per message, in `events`: whatever is ready when a message
     is sent, so a consumer that keeps up still sees each event as it
     commits, and one that falls behind costs a message per batch rather than
     per event.
+    """
+    resume_token: _builtins.str
+    """A response's resume_token, unchanged: send the events after that
+    response's (with the same filters). Set at most one of this and
+    `after_position`. At most 4096 characters.
     """
     @_builtins.property
     def batch_window(self) -> _duration_pb2.Duration:
@@ -1357,10 +1380,11 @@ class WatchSagasRequest(_message.Message):
         after_position: _builtins.int = ...,
         max_events_per_message: _builtins.int = ...,
         batch_window: _duration_pb2.Duration | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["batch_window", b"batch_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "batch_window", b"batch_window", "definition_name", b"definition_name", "max_events_per_message", b"max_events_per_message", "saga_state", b"saga_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_position", b"after_position", "batch_window", b"batch_window", "definition_name", b"definition_name", "max_events_per_message", b"max_events_per_message", "resume_token", b"resume_token", "saga_state", b"saga_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1372,6 +1396,11 @@ class WatchSagasResponse(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     EVENTS_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    resume_token: _builtins.str
+    """Where the stream stands after this message: the last position sent from
+    each database's log, opaque. Works with one database as with several.
+    """
     @_builtins.property
     def event(self) -> _saga_pb2.SagaEvent:
         """Set when the request's max_events_per_message is 0 or 1."""
@@ -1385,10 +1414,11 @@ class WatchSagasResponse(_message.Message):
         *,
         event: _saga_pb2.SagaEvent | None = ...,
         events: _abc.Iterable[_saga_pb2.SagaEvent] | None = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events", "resume_token", b"resume_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -360,6 +360,10 @@ class OrchestratorServiceServicer:
         opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+        Sagas partitioned over several databases (docs/partitions.md) have a log
+        per database: the order above holds within each database's log, and the
+        stream resumes from `resume_token` (a position per database), not from
+        `after_position`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -486,7 +490,10 @@ class OrchestratorServiceServicer:
         into the alert log, in log order as WatchSagas'): those after `after_position` from
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
-        (PERMISSION_DENIED): the alert log is the whole deployment's.
+        (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+        partitioned over several databases have an alert log per database (a
+        saga's alert commits with its event): the stream then resumes from
+        `resume_token`, as WatchSagas does.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

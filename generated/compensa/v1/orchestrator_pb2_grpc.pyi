@@ -137,6 +137,10 @@ class OrchestratorServiceStub:
     opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+    Sagas partitioned over several databases (docs/partitions.md) have a log
+    per database: the order above holds within each database's log, and the
+    stream resumes from `resume_token` (a position per database), not from
+    `after_position`.
     """
     CompleteStep: _grpc.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -203,7 +207,10 @@ class OrchestratorServiceStub:
     into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
-    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+    partitioned over several databases have an alert log per database (a
+    saga's alert commits with its event): the stream then resumes from
+    `resume_token`, as WatchSagas does.
     """
     StartBulkAction: _grpc.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]
     """Operator: starts a bulk action, a durable job that applies one action to
@@ -363,6 +370,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
     several events per message with `max_events_per_message`. Errors as for
     WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+    Sagas partitioned over several databases (docs/partitions.md) have a log
+    per database: the order above holds within each database's log, and the
+    stream resumes from `resume_token` (a position per database), not from
+    `after_position`.
     """
     CompleteStep: _aio.UnaryUnaryMultiCallable[_orchestrator_pb2.CompleteStepRequest, _orchestrator_pb2.CompleteStepResponse]  # type: ignore[assignment]
     """Reports the outcome of a step whose Execute answered PENDING.
@@ -429,7 +440,10 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     into the alert log, in log order as WatchSagas'): those after `after_position` from
     the log, then live ones as they are raised, by any replica. No gaps, no
     duplicates. Reader role; a caller limited to some definitions is refused
-    (PERMISSION_DENIED): the alert log is the whole deployment's.
+    (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+    partitioned over several databases have an alert log per database (a
+    saga's alert commits with its event): the stream then resumes from
+    `resume_token`, as WatchSagas does.
     """
     StartBulkAction: _aio.UnaryUnaryMultiCallable[_bulk_pb2.StartBulkActionRequest, _bulk_pb2.StartBulkActionResponse]  # type: ignore[assignment]
     """Operator: starts a bulk action, a durable job that applies one action to
@@ -640,6 +654,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         opaque: compare them, do not count with them. A high-volume consumer (a dashboard of every saga) asks for
         several events per message with `max_events_per_message`. Errors as for
         WatchSaga, and INVALID_ARGUMENT for a max_events_per_message out of range.
+        Sagas partitioned over several databases (docs/partitions.md) have a log
+        per database: the order above holds within each database's log, and the
+        stream resumes from `resume_token` (a position per database), not from
+        `after_position`.
         """
 
     @_abc_1.abstractmethod
@@ -790,7 +808,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         into the alert log, in log order as WatchSagas'): those after `after_position` from
         the log, then live ones as they are raised, by any replica. No gaps, no
         duplicates. Reader role; a caller limited to some definitions is refused
-        (PERMISSION_DENIED): the alert log is the whole deployment's.
+        (PERMISSION_DENIED): the alert log is the whole deployment's. Sagas
+        partitioned over several databases have an alert log per database (a
+        saga's alert commits with its event): the stream then resumes from
+        `resume_token`, as WatchSagas does.
         """
 
     @_abc_1.abstractmethod

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from compensa.common.database import DEFAULT_DATABASE_TIMEOUT, with_async_driver
 from compensa.common.health import DEFAULT_PROBE_SECONDS
+from compensa.common.startup import DatabaseMisconfigured
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.api.auth import AccessPolicy, Role, load_jwt_keys, load_token_file
 from compensa.orchestrator.api.service import ServiceSettings
@@ -37,6 +38,9 @@ class ServerConfig:
 
     listen: str = DEFAULT_LISTEN
     database_url: str | None = None
+    #: Further PostgreSQL databases holding partitions of the sagas
+    #: (docs/partitions.md); `database_url` is then the home database.
+    partition_database_urls: tuple[str, ...] = ()
     definition_paths: tuple[Path, ...] = ()
     participants: Mapping[str, str] = field(default_factory=dict)
     proto_modules: tuple[str, ...] = DEFAULT_PROTO_MODULES
@@ -179,3 +183,9 @@ class ServerConfig:
             return with_async_driver(self.database_url)
         DEFAULT_SQLITE_PATH.parent.mkdir(parents=True, exist_ok=True)
         return f"sqlite+aiosqlite:///{DEFAULT_SQLITE_PATH}"
+
+    def resolved_partition_urls(self) -> tuple[str, ...]:
+        """The SQLAlchemy URLs of the partition databases besides the home one."""
+        if self.partition_database_urls and not self.database_url:
+            raise DatabaseMisconfigured("--partition-db needs --db: the home database, PostgreSQL too")
+        return tuple(with_async_driver(url) for url in self.partition_database_urls)

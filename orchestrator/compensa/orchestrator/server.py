@@ -185,10 +185,11 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
                  url.partition(":///")[2])
     read_url = _read_database_url(config, url)
     ensure_sqlite_directory(url)
+    partition_urls = config.resolved_partition_urls()
     try:
         store = open_store(
             url, notifier=config.replica_id, timeout=config.database_timeout, read_url=read_url,
-            read_max_lag=config.read_max_lag_seconds,
+            read_max_lag=config.read_max_lag_seconds, partition_urls=partition_urls,
         )
     except (
         ValueError, ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError,
@@ -228,7 +229,7 @@ async def start_orchestrator(config: ServerConfig, *, wait_ready: bool = True) -
         metrics_port = engine.metrics.serve(config.metrics_listen, config.tls) if config.metrics_listen else None
         if config.http_listen:
             dashboard = await start_dashboard(
-                config.http_listen, engine, service.log_tail, access, service.stream_limit, service.refused_calls,
+                config.http_listen, engine, service.logs, access, service.stream_limit, service.refused_calls,
                 config.tls, live_buffer_events=settings.watch_buffer_events,
             )
             log.info("dashboard at %s", dashboard.url)

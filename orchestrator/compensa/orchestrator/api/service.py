@@ -28,9 +28,11 @@ from google.protobuf import duration_pb2, message, message_factory
 from compensa.common.tracing import traceparent_in
 from compensa.orchestrator.api.admission import SagaAdmission
 from compensa.orchestrator.api.auth import REQUIRED_ROLE, AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.api.page_tokens import issue_page_token, read_page_token
 from compensa.orchestrator.api.queries import SagaQueries, visible_bulk_job
-from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.resume_tokens import ALERT_LOG, EVENT_LOG, issue_resume_token, read_resume_token
+from compensa.orchestrator.api.streams import READ_BATCH
 from compensa.orchestrator.api.views import EventViews, alert_message, audit_report_message, saga_message
 from compensa.orchestrator.definitions import (
     MAX_DEFINITION_BYTES,
@@ -328,7 +330,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._store = engine.store
         self._settings = settings
         self._max_payload = settings.max_payload_bytes
-        self._tail = LogTail(
+        self._logs = DeploymentLogs(
             engine.store,
             engine.changes,
             buffer_size=settings.watch_buffer_events,
@@ -343,10 +345,10 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         self._event_views = EventViews(size=4 * settings.watch_buffer_events)
 
     @property
-    def log_tail(self) -> LogTail:
-        """The process's one reader of the event log (the dashboard's live
-        list subscribes to it too)."""
-        return self._tail
+    def logs(self) -> DeploymentLogs:
+        """The process's readers of the event log (one per database): the
+        dashboard's live list follows them too."""
+        return self._logs
 
     @property
     def stream_limit(self) -> StreamLimit:
@@ -359,8 +361,8 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return self._refused_calls
 
     async def stop(self) -> None:
-        """Stops the log reader behind the watch streams."""
-        await self._tail.stop()
+        """Stops the log readers behind the watch streams."""
+        await self._logs.stop()
 
     async def _saga_view(self, saga: records.SagaRecord) -> saga_pb2.Saga:
         return await self._queries.saga_view(saga)
@@ -769,7 +771,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             if saga.is_final and not request.follow_after_end:
                 return
             after = saga.sequence
-        async for batch in self._tail.follow(
+        async for batch in self._logs.tail_of(saga_id).follow(
             after,
             saga_id=saga_id,
             key=lambda stored: stored.event.sequence,
@@ -793,8 +795,7 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.WatchSagasRequest,
         context: Context[orchestrator_pb2.WatchSagasRequest, orchestrator_pb2.WatchSagasResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchSagasResponse]:
-        if request.after_position < 0:
-            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        after = await self._resumed_from(request.after_position, request.resume_token, EVENT_LOG)
         if not 0 <= request.max_events_per_message <= MAX_EVENTS_PER_MESSAGE:
             raise InvalidArgument(
                 f"max_events_per_message must be from 0 to {MAX_EVENTS_PER_MESSAGE}, "
@@ -812,21 +813,43 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         definition_name = check_filter(request.definition_name, "definition_name", NAME_PATTERN, "definition")
         saga_state = request.saga_state
         self._all_in_scope(context, "WatchSagas", definition_name)
-        async for batch in self._tail.follow(
-            request.after_position,
-            saga_id=None,
-            wanted=(definition_name, saga_state),
-            key=lambda stored: stored.position,
-            read=lambda after: self._store.read_log(
-                after, READ_BATCH, definition_name=definition_name, saga_state=saga_state
-            ),
-            max_batch=request.max_events_per_message if batched else 1,
+        database_ids = await self._logs.database_ids()
+        positions = {database_ids[index]: position for index, position in after.items()}
+        followed = self._logs.follow_all(
+            after, wanted=(definition_name, saga_state), max_batch=request.max_events_per_message if batched else 1,
             window=window,
-        ):
-            if batched:
-                yield orchestrator_pb2.WatchSagasResponse(events=[self._event_views.of(stored) for stored in batch])
-            else:
-                yield orchestrator_pb2.WatchSagasResponse(event=self._event_views.of(batch[0]))
+        )
+        async with contextlib.aclosing(followed):
+            async for index, batch in followed:
+                positions[database_ids[index]] = batch[-1].position
+                resume_token = issue_resume_token(EVENT_LOG, positions)
+                if batched:
+                    yield orchestrator_pb2.WatchSagasResponse(
+                        events=[self._event_views.of(stored) for stored in batch], resume_token=resume_token
+                    )
+                else:
+                    yield orchestrator_pb2.WatchSagasResponse(
+                        event=self._event_views.of(batch[0]), resume_token=resume_token
+                    )
+
+    async def _resumed_from(self, after_position: int, resume_token: str, log: str) -> dict[int, int]:
+        """Where a stream of every saga's events (or alerts) starts: the
+        position after which each database's `log` is read, by database
+        index (0 when left out)."""
+        if after_position < 0:
+            raise InvalidArgument(f"after_position must be 0 or positive, got {after_position}")
+        if resume_token:
+            if after_position:
+                raise InvalidArgument("set after_position or resume_token, not both")
+            positions = read_resume_token(log, resume_token)
+            database_ids = await self._logs.database_ids()
+            return {index: positions.get(database, 0) for index, database in enumerate(database_ids)}
+        if after_position and self._logs.partitioned:
+            raise InvalidArgument(
+                "the sagas are partitioned over several databases, each with its own log positions: resume with"
+                " a response's resume_token (after_position 0 reads from the start)"
+            )
+        return {0: after_position}
 
     @_answer_stream_errors
     async def WatchAlerts(
@@ -834,11 +857,11 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         request: orchestrator_pb2.WatchAlertsRequest,
         context: Context[orchestrator_pb2.WatchAlertsRequest, orchestrator_pb2.WatchAlertsResponse],
     ) -> AsyncIterator[orchestrator_pb2.WatchAlertsResponse]:
-        if request.after_position < 0:
-            raise InvalidArgument(f"after_position must be 0 or positive, got {request.after_position}")
+        after = await self._resumed_from(request.after_position, request.resume_token, ALERT_LOG)
         if not self._access.open:
             self._access.require_whole_deployment(self._caller(context), "WatchAlerts")
-        last = request.after_position
+        database_ids = await self._logs.database_ids()
+        positions = {database: after.get(index, 0) for index, database in enumerate(database_ids)}
         woken = asyncio.Event()
         # The history may come from the read database, until it has no more;
         # from then on the primary goes on from the same position.
@@ -847,16 +870,22 @@ class OrchestratorService(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         with self._engine.alert_signal.on_change(woken.set), self._engine.changes.on_change(woken.set):
             while True:
                 woken.clear()
-                # Positions follow commit order: reading past the last one sent misses nothing.
-                if from_history:
-                    with self._store.tolerating_lag():
-                        batch = await self._store.read_alerts(last, READ_BATCH)
-                else:
-                    batch = await self._store.read_alerts(last, READ_BATCH)
-                for alert in batch:
-                    last = alert.position
-                    yield orchestrator_pb2.WatchAlertsResponse(alert=alert_message(alert))
-                if len(batch) == READ_BATCH:
+                more = False
+                for index, database in enumerate(database_ids):
+                    # Each database's alert log in its order: reading past
+                    # the last one sent misses nothing.
+                    if from_history:
+                        with self._store.tolerating_lag():
+                            batch = await self._logs.read_alerts(index, positions[database])
+                    else:
+                        batch = await self._logs.read_alerts(index, positions[database])
+                    for position, alert in batch:
+                        positions[database] = position
+                        yield orchestrator_pb2.WatchAlertsResponse(
+                            alert=alert_message(alert), resume_token=issue_resume_token(ALERT_LOG, positions)
+                        )
+                    more = more or len(batch) == READ_BATCH
+                if more:
                     continue
                 if from_history:
                     from_history = False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from compensa.orchestrator.engine.changes import ChangeSignal
@@ -110,8 +110,15 @@ def _in_order(
 class LogTail:
     """Reads the global log as it grows and fans it out to subscribers."""
 
-    def __init__(self, store: SagaStore, changes: ChangeSignal, *, buffer_size: int, reread_seconds: float) -> None:
+    def __init__(
+        self, store: SagaStore, changes: ChangeSignal, *, buffer_size: int, reread_seconds: float,
+        holds: Callable[[StoredEvent], bool] | None = None,
+    ) -> None:
+        """`store`'s log is the one read; `holds` says which of this process's
+        commits went to it (when the sagas are spread over several
+        databases, each with its own log and its own tail)."""
         self._store = store
+        self._holds = holds
         self._changes = changes
         self._buffer_size = buffer_size
         self._reread_seconds = reread_seconds
@@ -141,6 +148,10 @@ class LogTail:
         them back: usable when the tail has everything below their
         transaction's positions (it read that far, or what precedes them is
         known to be no further than it read), else it re-reads."""
+        if self._holds is not None and events:
+            events = [event for event in events if self._holds(event)]
+            if not events:
+                return True  # none went to this tail's database
         if self._position is None or not events:
             return False
         transaction = self._store.transaction_positions(events[0].position).start
@@ -299,7 +310,7 @@ class LogTail:
         wanted: Filter = ("", 0),
         max_batch: int = READ_BATCH,
         window: float = 0.0,
-    ) -> AsyncIterator[list[StoredEvent]]:
+    ) -> AsyncGenerator[list[StoredEvent], None]:
         """Every event of `saga_id` (None: of every saga, passing `wanted`)
         with key > `after`, in key order, forever, in batches of at most
         `max_batch`: whatever is ready, or, with a `window` (seconds), what

@@ -14,20 +14,22 @@ __all__ = ["EventViews", "alert_message", "audit_report_message", "event_message
 class EventViews:
     """API views of log events, each built once however many streams send it.
 
-    Keyed by log position, which names one event forever; the oldest views
-    are dropped first.
+    Keyed by saga and log position, which name one event forever (a position
+    alone does not once sagas are partitioned over databases, each with its
+    own log); the oldest views are dropped first.
     """
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._views: dict[int, saga_pb2.SagaEvent] = {}
+        self._views: dict[tuple[str, int], saga_pb2.SagaEvent] = {}
 
     def of(self, stored: StoredEvent) -> saga_pb2.SagaEvent:
-        view = self._views.get(stored.position)
+        key = (stored.saga_id, stored.position)
+        view = self._views.get(key)
         if view is None:
             if len(self._views) >= self._size:
                 del self._views[next(iter(self._views))]
-            view = self._views[stored.position] = event_message(stored)
+            view = self._views[key] = event_message(stored)
         return view
 
 

@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_serve(add("serve", server.serve, "Run the orchestrator until SIGINT or SIGTERM.",
                    client=False, runs_a_server=True))
-    _add_db_option(
+    _add_databases_options(
         add("migrate", server.migrate, "Upgrade the database's schema from any earlier release to this one (or create"
             " it), then exit. Sagas in flight are carried over; serve creates the schema only in an empty database.",
             client=False)
@@ -349,6 +349,16 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_databases_options(parser: argparse.ArgumentParser) -> None:
+    """--db, and --partition-db for the other databases of sagas partitioned over several."""
+    _add_db_option(parser)
+    parser.add_argument(
+        "--partition-db", action="append", default=[], metavar="URL", dest="partition_db",
+        help="another PostgreSQL database holding partitions of the sagas (repeatable; --db is the home database,"
+        " holding the partition map, definitions and participants, and partitions too); see docs/partitions.md",
+    )
+
+
 def _add_database_timeout_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--database-timeout", type=_duration, metavar="DURATION",
@@ -402,7 +412,7 @@ def _add_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen", type=_host_port, default=DEFAULT_LISTEN, help=f"HOST:PORT to serve on (default: {DEFAULT_LISTEN})"
     )
-    _add_db_option(parser)
+    _add_databases_options(parser)
     parser.add_argument(
         "--definitions",
         action="append",
@@ -529,7 +539,7 @@ def _add_access_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_purge(parser: argparse.ArgumentParser) -> None:
-    _add_db_option(parser)
+    _add_databases_options(parser)
     parser.add_argument(
         "--older-than", type=_duration, required=True, metavar="DURATION",
         help="delete sagas that are SUCCEEDED, COMPENSATED, or FAILED and resolved, and last changed longer"

@@ -265,17 +265,23 @@ def _watch_saga(args: argparse.Namespace, stub: orchestrator_pb2_grpc.Orchestrat
 
 def _watch_all(args: argparse.Namespace, stub: orchestrator_pb2_grpc.OrchestratorServiceStub) -> None:
     """Prints every saga's events in log order, forever, resuming after the
-    last position printed when the stream breaks (an orchestrator restart)."""
+    last message printed when the stream breaks (an orchestrator restart):
+    from its resume token, which says where each database's log stands when
+    the sagas are partitioned over several."""
     last: int = args.after
+    resume_token = ""
 
     def open_stream() -> Iterable[orchestrator_pb2.WatchSagasResponse]:
         return stub.WatchSagas(orchestrator_pb2.WatchSagasRequest(
-            definition_name=args.definition, after_position=last, max_events_per_message=_WATCH_ALL_BATCH,
+            definition_name=args.definition, after_position=0 if resume_token else last, resume_token=resume_token,
+            max_events_per_message=_WATCH_ALL_BATCH,
         ))
 
     def show(batch: orchestrator_pb2.WatchSagasResponse) -> bool:
-        nonlocal last
-        fresh = [event for event in batch.events if event.position > last]
+        nonlocal last, resume_token
+        # A server without resume tokens is resumed by position (one log).
+        fresh = list(batch.events) if batch.resume_token else [e for e in batch.events if e.position > last]
+        resume_token = batch.resume_token
         if fresh:
             last = fresh[-1].position
             print_events(args, fresh, with_saga_id=True)

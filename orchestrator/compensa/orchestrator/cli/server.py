@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         listen=args.listen,
         database_url=args.db,
+        partition_database_urls=tuple(args.partition_db),
         definition_paths=tuple(definition_paths),
         participants=dict(participants),
         proto_modules=tuple(dict.fromkeys(args.proto_module)),
@@ -120,7 +121,8 @@ def migrate(args: argparse.Namespace) -> int:
     from compensa.orchestrator.store import open_store
 
     async def upgrade() -> tuple[str | None, str]:
-        store = open_store(ServerConfig(database_url=args.db).resolved_database_url())
+        config = ServerConfig(database_url=args.db, partition_database_urls=tuple(args.partition_db))
+        store = open_store(config.resolved_database_url(), partition_urls=config.resolved_partition_urls())
         try:
             return await store.upgrade_schema()
         finally:
@@ -143,14 +145,16 @@ def purge(args: argparse.Namespace) -> int:
     from compensa.orchestrator.store import open_store
 
     older_than = _positive_seconds(args.older_than, "--older-than")
-    url = ServerConfig(database_url=args.db).resolved_database_url()
+    config = ServerConfig(database_url=args.db, partition_database_urls=tuple(args.partition_db))
+    url = config.resolved_database_url()
+    partition_urls = config.resolved_partition_urls()
     database = parse_database_url(url)
     sqlite_file = None if database.is_postgres else database.engine_url.database
     if sqlite_file and not Path(sqlite_file).exists():  # connecting would create it
         raise CompensaError(f"no database at {sqlite_file}; check --db")
 
     async def purge_sagas() -> int:
-        store = open_store(url)
+        store = open_store(url, partition_urls=partition_urls)
         try:
             if not await store.has_schema():
                 raise CompensaError("no Compensa tables in this database; check --db (or run compensa migrate)")

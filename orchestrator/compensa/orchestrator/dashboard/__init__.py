@@ -12,7 +12,7 @@ from aiohttp import web
 from compensa.common.startup import AddressInUse, ServingError
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.api.auth import AccessPolicy, RefusedCalls, StreamLimit
-from compensa.orchestrator.api.streams import LogTail
+from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.dashboard.app import Dashboard, server_ssl_context
 from compensa.orchestrator.engine.engine import SagaEngine
 
@@ -37,7 +37,7 @@ class RunningDashboard:
 async def start_dashboard(
     listen: str,
     engine: SagaEngine,
-    tail: LogTail,
+    logs: DeploymentLogs,
     access: AccessPolicy,
     streams: StreamLimit,
     refused_calls: RefusedCalls,
@@ -48,7 +48,7 @@ async def start_dashboard(
     """Serves the dashboard on `listen` (HOST:PORT; port 0 picks one), over
     TLS with the server's certificate when `tls` is given."""
     dashboard = Dashboard(
-        engine, tail, access, streams, refused_calls, live_buffer_events=live_buffer_events, tls=tls is not None
+        engine, logs, access, streams, refused_calls, live_buffer_events=live_buffer_events, tls=tls is not None
     )
     # Cancel a handler when its client goes away: a closed live list stops
     # following the log at once instead of at its next write.

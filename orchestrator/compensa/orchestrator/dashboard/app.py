@@ -3,7 +3,9 @@
 Pages are rendered on the server (Jinja2, autoescaped); a small script keeps
 the saga list live from `/live`, a server-sent event stream of the global log
 that resumes after a reconnect from the browser's Last-Event-ID (the log
-position of the last batch it got), through the same `LogTail` as WatchSagas.
+position of the last batch it got; with sagas partitioned over several
+databases, a resume token holding one per database), through the same log
+tails as WatchSagas.
 Who may look and act is the `AccessPolicy` of the gRPC API: a bearer token
 (header, or a sign-in session of the login form: sessions.py) or a client
 certificate over TLS. Operator actions are POSTed forms carrying a
@@ -33,8 +35,9 @@ from google.protobuf import any_pb2, descriptor_pool
 
 from compensa.common.tls import TlsFiles
 from compensa.orchestrator.api.auth import AccessPolicy, Identity, RefusedCalls, Role, StreamLimit
+from compensa.orchestrator.api.log_tails import DeploymentLogs
 from compensa.orchestrator.api.queries import SagaQueries
-from compensa.orchestrator.api.streams import READ_BATCH, LogTail
+from compensa.orchestrator.api.streams import READ_BATCH
 from compensa.orchestrator.dashboard import gantt
 from compensa.orchestrator.dashboard.sessions import SESSION_COOKIE, Sessions
 from compensa.orchestrator.definitions import NAME_PATTERN, shorthand_to_json
@@ -55,7 +58,6 @@ from compensa.orchestrator.shared.limits import (
     MAX_SAGA_ID_CHARS,
     MAX_STUCK_FOR_SECONDS,
     check_filter,
-    check_position,
     check_text,
 )
 from compensa.orchestrator.shared.selection import ACTIONS, for_action, parse_filter
@@ -137,19 +139,21 @@ def _payload_json(payload: any_pb2.Any, pool: descriptor_pool.DescriptorPool) ->
 
 class _LiveItems:
     """Each event's JSON for the live lists, encoded once however many lists
-    send it (keyed by log position; the oldest are dropped first)."""
+    send it (keyed by saga and log position, as EventViews; the oldest are
+    dropped first)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
-        self._items: dict[int, str] = {}
+        self._items: dict[tuple[str, int], str] = {}
 
     def of(self, stored: StoredEvent) -> str:
-        item = self._items.get(stored.position)
+        key = (stored.saga_id, stored.position)
+        item = self._items.get(key)
         if item is None:
             if len(self._items) >= self._size:
                 del self._items[next(iter(self._items))]
             event = stored.event
-            item = self._items[stored.position] = json.dumps(
+            item = self._items[key] = json.dumps(
                 {
                     "saga_id": stored.saga_id,
                     "definition": stored.definition_name,
@@ -164,11 +168,12 @@ class _LiveItems:
             )
         return item
 
-    def message(self, latest: Iterable[StoredEvent], position: int) -> bytes:
-        """One server-sent message of these events, with `position` (the last
-        the list has seen) as its id, where a reconnect resumes."""
+    def message(self, latest: Iterable[StoredEvent], seen: str) -> bytes:
+        """One server-sent message of these events, with `seen` (where the
+        list stands in the log: DeploymentLogs.cursor_text) as its id, where
+        a reconnect resumes."""
         data = ",".join(self.of(stored) for stored in latest)
-        return f"id: {position}\ndata: [{data}]\n\n".encode()
+        return f"id: {seen}\ndata: [{data}]\n\n".encode()
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,7 @@ class Dashboard:
     def __init__(
         self,
         engine: SagaEngine,
-        tail: LogTail,
+        logs: DeploymentLogs,
         access: AccessPolicy,
         streams: StreamLimit,
         refused_calls: RefusedCalls,
@@ -225,7 +230,7 @@ class Dashboard:
     ) -> None:
         self._engine = engine
         self._store = engine.store
-        self._tail = tail
+        self._logs = logs
         self._access = access
         self._queries = SagaQueries(engine, access)
         self._streams = streams
@@ -387,7 +392,7 @@ class Dashboard:
         with self._store.tolerating_lag():
             # The live list resumes from here: whatever commits after this read
             # reaches the page through /live, even if the list below misses it.
-            position = await self._store.head_position()
+            position = await self._logs.cursor_text(await self._logs.heads())
             now = self._engine.clock.now()
             sagas = await self._store.list_sagas(
                 state=filters.state,
@@ -589,8 +594,9 @@ class Dashboard:
     async def _live(self, request: web.Request) -> web.StreamResponse:
         identity = self._identify(request)
         filters = _Filters.of(request, identity)
-        resume = check_position(request.headers.get("Last-Event-ID") or request.query.get("after", "0"),
-                                "Last-Event-ID or after")
+        resume = await self._logs.read_cursor(
+            request.headers.get("Last-Event-ID") or request.query.get("after", "0"), "Last-Event-ID or after"
+        )
         wanted = (filters.definition, filters.state)
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no",
@@ -602,32 +608,29 @@ class Dashboard:
             await self._send_live(response, resume, wanted)
         return response
 
-    async def _send_live(self, response: web.StreamResponse, after: int, wanted: tuple[str, int]) -> None:
-        """Follows the log from `after` and sends, at most once per window,
-        the latest event of each saga that changed meanwhile. The reader keeps
-        up with the log's tail between messages (it never falls a buffer
-        behind and re-reads the database); only the sending waits."""
+    async def _send_live(self, response: web.StreamResponse, after: dict[int, int], wanted: tuple[str, int]) -> None:
+        """Follows the log (each database's) from `after` and sends, at most
+        once per window, the latest event of each saga that changed
+        meanwhile. The reader keeps up with the log's tail between messages
+        (it never falls a buffer behind and re-reads the database); only the
+        sending waits."""
         latest: dict[str, StoredEvent] = {}
-        seen = [after]
+        seen = dict(after)
         changed = asyncio.Event()
 
         async def collect() -> None:
-            async for batch in self._tail.follow(
-                after,
-                saga_id=None,
-                wanted=wanted,
-                key=_position,
-                read=lambda position: self._store.read_log(
-                    position, READ_BATCH, definition_name=wanted[0], saga_state=wanted[1]
-                ),
+            followed = self._logs.follow_all(
+                after, wanted=wanted, max_batch=READ_BATCH,
                 # Woken once per window rather than once per group commit
                 # (hundreds a second at full load), and well inside the feed's
                 # buffer, so it never falls behind into reading the database.
                 window=LIVE_READ_WINDOW_SECONDS,
-            ):
-                latest.update((stored.saga_id, stored) for stored in batch)
-                seen[0] = batch[-1].position
-                changed.set()
+            )
+            async with contextlib.aclosing(followed):
+                async for index, batch in followed:
+                    latest.update((stored.saga_id, stored) for stored in batch)
+                    seen[index] = batch[-1].position
+                    changed.set()
 
         collector = asyncio.create_task(collect(), name="compensa-dashboard-live")
         try:
@@ -639,8 +642,10 @@ class Dashboard:
                     collector.result()  # its error, if it failed
                     return
                 changed.clear()
-                # In log order: the page puts each new saga on top as it comes.
-                message = self._live_items.message(sorted(latest.values(), key=_position), seen[0])
+                # In log order (commit time across databases): the page puts
+                # each new saga on top as it comes.
+                in_order = sorted(latest.values(), key=_position if not self._logs.partitioned else _event_time)
+                message = self._live_items.message(in_order, await self._logs.cursor_text(seen))
                 latest.clear()
                 await response.write(message)
                 await asyncio.sleep(LIVE_WINDOW_SECONDS)  # a message per window at most
@@ -676,6 +681,10 @@ class Dashboard:
 
 def _position(stored: StoredEvent) -> int:
     return stored.position
+
+
+def _event_time(stored: StoredEvent) -> float:
+    return stored.event.time
 
 
 def _stream_client(identity: Identity, request: web.Request) -> str:

@@ -441,7 +441,11 @@ class SagaEngine:
             for event, position in zip(write.events, result.positions, strict=True)
         ]
         events.sort(key=lambda stored: stored.position)
-        self.changes.committed(events, landed[0][1].preceded_by)
+        # One flush is one transaction per database: what precedes it is
+        # told only when every database's answer agrees (one database, or a
+        # partition map over several).
+        preceded = {result.preceded_by for _, result in landed}
+        self.changes.committed(events, preceded.pop() if len(preceded) == 1 else None)
 
     def _alert_raised(self, saga: records.SagaRecord, event: records.LogEvent) -> None:
         """An ALERT_RAISED event committed here (its outbox row with it)."""

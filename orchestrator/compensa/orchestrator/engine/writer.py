@@ -74,8 +74,13 @@ class TransitionWriter:
                 batch.append(self._queue.get_nowait())
             # Submitters that stopped waiting (their timeout) were told it failed.
             batch = [item for item in batch if not item[1].done()]
-            if batch:
+            if not batch:
+                continue
+            groups = self._store.commit_groups([write for write, _ in batch])
+            if len(groups) == 1:
                 await self._flush(batch)
+            else:  # one flush per database: each lands or fails on its own
+                await asyncio.gather(*(self._flush([batch[index] for index in group]) for group in groups))
 
     async def _flush(self, batch: list[tuple[SagaWrite, asyncio.Future[WriteResult]]]) -> None:
         """Commits `batch`. When the database refuses a value of one write,

@@ -38,6 +38,8 @@ INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 #: The longest page token the server issues (far shorter in practice).
 MAX_PAGE_TOKEN_CHARS = 1024
+#: The longest WatchSagas resume token accepted (about 150 databases).
+MAX_RESUME_TOKEN_CHARS = 4096
 #: The longest `stuck_for` (ListSagas, SummarizeSagas): ten years.
 MAX_STUCK_FOR_SECONDS = 3650 * 86400
 

@@ -691,6 +691,13 @@ class SagaStore(abc.ABC):
         a value of some write (StoreUnavailable when it cannot be reached).
         """
 
+    def commit_groups(self, writes: Sequence[SagaWrite]) -> list[list[int]]:
+        """The indexes of `writes` by the transaction `commit` would put them
+        in: each group lands, or fails, apart from the others, so a group
+        commit is best made one `commit` per group. One group, unless the
+        sagas are spread over several databases."""
+        return [list(range(len(writes)))]
+
     @abc.abstractmethod
     async def claim_due(self, owner: str, now: float, lease_until: float, limit: int) -> list[Claimed]:
         """Takes over sagas that are due and not held under a live lease. A

@@ -1353,7 +1353,19 @@ class SqlSagaStore(CapacityStatements, SagaStore):
             ).all()
             return int(count), await self._load_many(conn, rows)
 
-    async def create_bulk_job(self, job: BulkJob, selection: SagaSelection) -> tuple[BulkJob | None, bool]:
+    async def selected_sagas(self, selection: SagaSelection, now: float) -> list[tuple[str, int]]:
+        """(saga id, sequence) of every saga `selection` selects at `now`:
+        a bulk action's items among this database's sagas, when its job is
+        stored in another (sagas partitioned over several databases)."""
+        async with self._transaction(long=_SELECTION_SECONDS) as conn:
+            rows = await conn.execute(sa.select(sagas.c.saga_id, sagas.c.sequence).where(*_selected(selection, now)))
+            return [(row.saga_id, row.sequence) for row in rows]
+
+    async def create_bulk_job(
+        self, job: BulkJob, selection: SagaSelection, *, selected_elsewhere: Sequence[tuple[str, int]] = ()
+    ) -> tuple[BulkJob | None, bool]:
+        """With `selected_elsewhere`, (saga id, sequence) of sagas another
+        database's `selected_sagas` chose, which are items of the job too."""
         values = {field.name: getattr(job, field.name) for field in dataclasses.fields(BulkJob)}
         async with self._transaction(long=_SELECTION_SECONDS) as conn:
             inserted = (
@@ -1375,6 +1387,12 @@ class SqlSagaStore(CapacityStatements, SagaStore):
                     ["bulk_action_id", "saga_id", "selected_sequence", "outcome", "reason"], chosen
                 )
             )
+            if selected_elsewhere:
+                await conn.execute(bulk_items.insert(), [
+                    {"bulk_action_id": job.bulk_action_id, "saga_id": saga_id, "selected_sequence": sequence,
+                     "outcome": _PENDING, "reason": ""}
+                    for saga_id, sequence in selected_elsewhere
+                ])
             selected = (
                 await conn.execute(
                     sa.select(sa.func.count()).select_from(bulk_items)
