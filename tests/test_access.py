@@ -267,13 +267,14 @@ async def test_a_reader_watches_the_alert_log_from_a_position_without_gaps_or_du
         now = time.time()
         await store.set_participant("payments", "127.0.0.1:9", updated_by="test", now=now)
 
-        async def outage(at: float) -> None:
+        async def outage(at: float) -> list[int]:
             await store.participant_failing("payments", at)
-            assert await store.alert_participant_unhealthy("payments", unhealthy_before=at, now=at, message="down")
-            assert await store.participant_serving("payments", now=at + 1, message="up")
+            down = await store.alert_participant_unhealthy("payments", unhealthy_before=at, now=at, message="down")
+            up = await store.participant_serving("payments", now=at + 1, message="up")
+            assert down is not None and up is not None
+            return [down.position, up.position]
 
-        await outage(now)
-        await outage(now + 2)
+        raised = await outage(now) + await outage(now + 2)
         nobody = await _refusal(rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest()).read())
         assert nobody.code() == grpc.StatusCode.UNAUTHENTICATED
         scoped = await _refusal(
@@ -286,16 +287,18 @@ async def test_a_reader_watches_the_alert_log_from_a_position_without_gaps_or_du
         ).read())
         assert negative.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-        stream = rig.stub.WatchAlerts(orchestrator_pb2.WatchAlertsRequest(after_position=1), metadata=bearer("reader"))
+        stream = rig.stub.WatchAlerts(
+            orchestrator_pb2.WatchAlertsRequest(after_position=raised[0]), metadata=bearer("reader")
+        )
         read = [(await stream.read()).alert for _ in range(3)]
-        assert [alert.position for alert in read] == [2, 3, 4]
+        assert [alert.position for alert in read] == raised[1:]
         assert [alert.kind for alert in read] == [
             orchestrator_pb2.ALERT_KIND_PARTICIPANT_RECOVERED, orchestrator_pb2.ALERT_KIND_PARTICIPANT_UNHEALTHY,
             orchestrator_pb2.ALERT_KIND_PARTICIPANT_RECOVERED,
         ]
-        assert read[1].alert_id == "participant/payments/3" and read[1].address == "127.0.0.1:9"
+        assert read[1].alert_id == f"participant/payments/{raised[2]}" and read[1].address == "127.0.0.1:9"
         # Live: an alert raised after the stream caught up reaches it, once.
-        await outage(now + 4)
+        more = await outage(now + 4)
         live = [(await stream.read()).alert for _ in range(2)]
-        assert [alert.position for alert in live] == [5, 6]
+        assert [alert.position for alert in live] == more
         stream.cancel()

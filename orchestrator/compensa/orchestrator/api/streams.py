@@ -139,6 +139,10 @@ class LogTail:
         # for every-saga streams until a read proves nothing comes before
         # them: reads leave their rows out.
         self._handed: dict[int, list[StoredEvent]] = {}
+        # For each, when known, the last event of the log before it
+        # (WriteResult.preceded_by): once the tail has that one, it has
+        # everything before the commit, which may go on without a read.
+        self._preceded_by: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
@@ -163,13 +167,31 @@ class LogTail:
             fresh = [event for event in events if event.position > self._position]
             self._fan_out(fresh, of_every_saga=False)
             self._handed[transaction] = fresh
+            if preceded_by is not None:
+                self._preceded_by[transaction] = preceded_by
             return not self._of_all
         fresh = [event for event in events if event.position > self._position]
         if fresh:
             self._position = fresh[-1].position
             self._fan_out(fresh)
         self._horizon = max(self._horizon, self._store.transaction_positions(events[-1].position).stop)
+        self._place_handed()
         return True
+
+    def _place_handed(self) -> None:
+        """Sends the handed commits on to every-saga streams, oldest first,
+        while what precedes each is known to be no further than the tail has."""
+        while self._handed and self._position is not None:
+            first = min(self._handed)
+            preceded_by = self._preceded_by.get(first)
+            if preceded_by is None or not (preceded_by < self._horizon or preceded_by <= self._position):
+                return
+            events = [event for event in self._handed.pop(first) if event.position > self._position]
+            del self._preceded_by[first]
+            if events:
+                self._position = events[-1].position
+                self._fan_out(events, of_one_saga=False)
+            self._horizon = max(self._horizon, self._store.transaction_positions(first).stop)
 
     async def stop(self) -> None:
         self._commits.cancel()
@@ -224,6 +246,8 @@ class LogTail:
         found = [event for event in page.events if event.position > position]
         # The read left the handed commits out: those below its horizon are in place now.
         placed = {start: self._handed.pop(start) for start in sorted(self._handed) if start < page.horizon}
+        for start in placed:
+            self._preceded_by.pop(start, None)
         if placed:
             transaction_of = self._store.transaction_positions
             self._fan_out([e for e in found if transaction_of(e.position).start not in placed], of_every_saga=False)
@@ -240,6 +264,7 @@ class LogTail:
             # Everything below the horizon is known, what was left out included.
             self._position = max(self._position or 0, page.horizon - 1)
         self._horizon = max(self._horizon, page.horizon)
+        self._place_handed()
 
     async def _read_past_open_transactions(self) -> None:
         """The events committed past an open transaction, to the subscribers
