@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from compensa.common.startup import DatabaseMisconfigured
 from compensa.orchestrator.store.base import SagaStore
-from compensa.orchestrator.store.schema import sagas
+from compensa.orchestrator.store.schema import partition_map, sagas
 from compensa.orchestrator.store.sql import SqlSagaStore
 
 #: Virtual partitions. Never changed once sagas exist: a saga's partition
@@ -27,19 +27,6 @@ log = logging.getLogger("compensa.store")
 
 #: The secret whose value names a database in the map (see `database_id`).
 _DATABASE_ID_SECRET = "partition-database-id"
-
-# Kept out of the Alembic migrations while partitioning is a core under
-# test: it joins them (with a `partition` column on sagas) when replicas own
-# partitions. Only the home database has it.
-_metadata = sa.MetaData()
-partition_map = sa.Table(
-    "compensa_partition_map",
-    _metadata,
-    sa.Column("partition_no", sa.Integer, primary_key=True),
-    sa.Column("database_id", sa.String(64), nullable=False),
-    # Bumped by every move of the partition (docs/partitions.md).
-    sa.Column("epoch", sa.Integer, nullable=False, server_default="0"),
-)
 
 # Serializes replicas that create the map together (pg_advisory_xact_lock).
 _MAP_LOCK = 0x636F6D70_70617274 & 0x7FFFFFFFFFFFFFFF
@@ -82,7 +69,6 @@ async def load_partition_map(home: SqlSagaStore, database_ids: Sequence[str]) ->
         raise DatabaseMisconfigured("a database is given twice (--db and --partition-db name the same one)")
     async with home._transaction() as conn:
         await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MAP_LOCK})
-        await conn.run_sync(lambda sync: _metadata.create_all(sync, checkfirst=True))
         rows = await conn.execute(sa.select(partition_map.c.partition_no, partition_map.c.database_id))
         stored: list[tuple[int, str]] = [(row.partition_no, row.database_id) for row in rows]
         if not stored:

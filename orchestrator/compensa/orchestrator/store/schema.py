@@ -269,6 +269,18 @@ log_holdups = Table(
     Column("alerted_at", Float, nullable=False),
 )
 
+#: Where each virtual partition of the sagas lives (a partitioned deployment:
+#: docs/partitions.md), by the id the database gave itself; made at the first
+#: start, and only in the home database.
+partition_map = Table(
+    "compensa_partition_map",
+    metadata,
+    Column("partition_no", Integer, primary_key=True, autoincrement=False),
+    Column("database_id", String(64), nullable=False),
+    # Bumped by every move of the partition (docs/partitions.md).
+    Column("epoch", Integer, nullable=False, server_default="0"),
+)
+
 #: Alerts to deliver to the webhook: one row per alert of the log, written
 #: in the transaction that writes the alert, deleted once delivered. A
 #: replica claims a row by moving `next_attempt_at` past the delivery's
