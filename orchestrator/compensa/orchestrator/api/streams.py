@@ -137,12 +137,11 @@ class LogTail:
         # This process's commits (by their transaction's first position)
         # handed to the subscribers of one saga ahead of the log's order, kept
         # for every-saga streams until a read proves nothing comes before
-        # them: reads leave their rows out.
-        self._handed: dict[int, list[StoredEvent]] = {}
-        # For each, when known, the last event of the log before it
-        # (WriteResult.preceded_by): once the tail has that one, it has
-        # everything before the commit, which may go on without a read.
-        self._preceded_by: dict[int, int] = {}
+        # them: reads leave their rows out. With each, when known, the last
+        # event of the log before it (WriteResult.preceded_by): once the tail
+        # has that one, it has everything before the commit, which may go on
+        # without a read.
+        self._handed: dict[int, tuple[list[StoredEvent], int | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._commits = changes.on_commit(self._take_committed)
@@ -166,9 +165,7 @@ class LogTail:
             # Without an every-saga stream nobody needs the read soon.
             fresh = [event for event in events if event.position > self._position]
             self._fan_out(fresh, of_every_saga=False)
-            self._handed[transaction] = fresh
-            if preceded_by is not None:
-                self._preceded_by[transaction] = preceded_by
+            self._handed[transaction] = (fresh, preceded_by)
             return not self._of_all
         fresh = [event for event in events if event.position > self._position]
         if fresh:
@@ -183,11 +180,11 @@ class LogTail:
         while what precedes each is known to be no further than the tail has."""
         while self._handed and self._position is not None:
             first = min(self._handed)
-            preceded_by = self._preceded_by.get(first)
+            handed, preceded_by = self._handed[first]
             if preceded_by is None or not (preceded_by < self._horizon or preceded_by <= self._position):
                 return
-            events = [event for event in self._handed.pop(first) if event.position > self._position]
-            del self._preceded_by[first]
+            del self._handed[first]
+            events = [event for event in handed if event.position > self._position]
             if events:
                 self._position = events[-1].position
                 self._fan_out(events, of_one_saga=False)
@@ -245,9 +242,7 @@ class LogTail:
         # Commits of this process may have been taken meanwhile.
         found = [event for event in page.events if event.position > position]
         # The read left the handed commits out: those below its horizon are in place now.
-        placed = {start: self._handed.pop(start) for start in sorted(self._handed) if start < page.horizon}
-        for start in placed:
-            self._preceded_by.pop(start, None)
+        placed = {start: self._handed.pop(start)[0] for start in sorted(self._handed) if start < page.horizon}
         if placed:
             transaction_of = self._store.transaction_positions
             self._fan_out([e for e in found if transaction_of(e.position).start not in placed], of_every_saga=False)
